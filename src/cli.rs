@@ -1,0 +1,300 @@
+//! The command line: parses arguments (clap derive), loads the config, sets up
+//! logging and signals, and calls into the modules that do the work.
+//!
+//! Every error is printed once as `error: <what>: <why>` and exits 1; a
+//! `--once` run with failed uploads exits 1 too, so cron notices.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Loaded;
+use crate::restore::{RestoreOptions, RestoreOutcome};
+use crate::scheduler::Replicator;
+use crate::storage::Replica;
+use crate::{bench, demo, restore, Error, Result};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "litefleet",
+    version,
+    about = "Continuous backup of very many SQLite databases to S3 or a directory"
+)]
+pub struct Cli {
+    /// Config file (YAML, `multi-db:` section).
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "litefleet.yml",
+        env = "LITEFLEET_CONFIG"
+    )]
+    pub config: PathBuf,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter). Overridden by LITEFLEET_LOG.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch the databases and replicate changes.
+    Replicate {
+        /// Run one scan-and-upload cycle (and a retention pass), then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Restore a database from the replica.
+    Restore(RestoreArgs),
+    /// List the databases and snapshots in the replica.
+    List {
+        /// Only keys under this prefix.
+        prefix: Option<String>,
+        /// Show every snapshot, not only a summary line per database.
+        #[arg(long, short)]
+        snapshots: bool,
+    },
+    /// Create sample databases for the demo config (examples/litefleet.yml).
+    Demo {
+        /// How many databases to create.
+        #[arg(long, default_value_t = 100)]
+        databases: usize,
+        /// Root of the demo tree.
+        #[arg(long, default_value = "demo-data")]
+        dir: PathBuf,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Database key (e.g. p1/orders/main/t1) or the path of a database matched by a pattern.
+    pub target: String,
+    /// Where to write the restored database.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Restore the newest snapshot uploaded at or before this time (RFC 3339).
+    #[arg(long, value_parser = parse_timestamp)]
+    pub timestamp: Option<DateTime<Utc>>,
+    /// Exit successfully if the replica has no snapshot of the database.
+    #[arg(long)]
+    pub if_replica_exists: bool,
+    /// Exit successfully, doing nothing, if the output already exists.
+    #[arg(long)]
+    pub if_db_not_exists: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Rescan cost and tracking memory for a tree of tiny databases.
+    Scan {
+        #[arg(long, default_value_t = 100_000)]
+        databases: usize,
+        /// Tree location (reused when it already holds that many databases).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Timed rescans (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        iterations: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_listing(
+    out: &mut impl std::io::Write,
+    dbs: &std::collections::BTreeMap<String, Vec<restore::SnapshotInfo>>,
+    snapshots: bool,
+) -> std::io::Result<()> {
+    for (key, snaps) in dbs {
+        let Some(newest) = snaps.last() else { continue };
+        writeln!(
+            out,
+            "{key}\t{} snapshot(s)\tnewest {}\t{} bytes",
+            snaps.len(),
+            newest.hour.format("%Y-%m-%dT%H:%M:%SZ"),
+            newest.size
+        )?;
+        if snapshots {
+            for s in snaps {
+                writeln!(
+                    out,
+                    "  {}\t{} bytes\tuploaded {}",
+                    s.location,
+                    s.size,
+                    s.uploaded.to_rfc3339()
+                )?;
+            }
+        }
+    }
+    out.flush()
+}
+
+fn parse_timestamp(s: &str) -> std::result::Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp (e.g. 2026-11-22T13:00:00Z): {e}"))
+}
+
+fn init_logging(level: &str) {
+    let filter = std::env::var("LITEFLEET_LOG").unwrap_or_else(|_| level.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Cancels the token on the first SIGINT/SIGTERM; a second one exits at once.
+fn install_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!(
+            "shutdown requested: finishing in-flight uploads (signal again to exit now)"
+        );
+        token.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(130);
+    });
+}
+
+/// Entry point used by `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Replicate { once } => {
+            let loaded = Loaded::from_file(&cli.config)?;
+            let token = CancellationToken::new();
+            install_signals(token.clone());
+            let replicator = Arc::new(Replicator::new(loaded)?);
+            replicator.run(once, token).await
+        }
+        Command::Restore(args) => {
+            let loaded = Loaded::from_file(&cli.config)?;
+            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let opts = RestoreOptions {
+                target: args.target,
+                output: args.output,
+                timestamp: args.timestamp,
+                if_replica_exists: args.if_replica_exists,
+                if_db_not_exists: args.if_db_not_exists,
+            };
+            match restore::restore(&loaded, &replica, &opts).await? {
+                RestoreOutcome::Restored {
+                    key,
+                    object,
+                    bytes,
+                    uploaded,
+                } => {
+                    tracing::info!(%key, %object, bytes, uploaded = %uploaded.to_rfc3339(), output = %opts.output.display(), "restored; integrity_check ok");
+                }
+                RestoreOutcome::OutputExists => {
+                    tracing::info!(output = %opts.output.display(), "output exists; nothing to do (--if-db-not-exists)");
+                }
+                RestoreOutcome::NoReplica => {
+                    tracing::info!(target = %opts.target, "no snapshot in the replica; nothing to do (--if-replica-exists)");
+                }
+            }
+            Ok(())
+        }
+        Command::List { prefix, snapshots } => {
+            let loaded = Loaded::from_file(&cli.config)?;
+            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let dbs = restore::list(&replica, prefix.as_deref()).await?;
+            let mut out = std::io::stdout().lock();
+            // A closed pipe (`litefleet list | head`) just ends the listing.
+            let _ = print_listing(&mut out, &dbs, snapshots);
+            eprintln!("{} database(s) in {replica}", dbs.len());
+            Ok(())
+        }
+        Command::Demo { databases, dir } => {
+            let made = tokio::task::spawn_blocking(move || {
+                demo::create(&dir, databases).map(|v| (v, dir))
+            })
+            .await
+            .map_err(|e| Error::invalid("demo", e.to_string()))??;
+            println!(
+                "created {} demo databases under {}",
+                made.0.len(),
+                made.1.display()
+            );
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Scan {
+            databases,
+            dir,
+            iterations,
+            json,
+        }) => {
+            let dir = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("litefleet-bench-{databases}"))
+            });
+            let r = tokio::task::spawn_blocking(move || {
+                bench::scan(&dir, databases, iterations.max(1))
+            })
+            .await
+            .map_err(|e| Error::invalid("bench", e.to_string()))??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                println!("databases                     {}", r.databases);
+                println!("first scan (new table)        {:.1} ms", r.first_scan_ms);
+                println!(
+                    "rescan, unchanged (median/{}) {:.1} ms",
+                    r.iterations, r.rescan_median_ms
+                );
+                match r.find_median_ms {
+                    Some(f) => println!("find -printf (median/{})      {:.1} ms", r.iterations, f),
+                    None => println!("find -printf                  (find not available)"),
+                }
+                println!("table bytes per database      {:.1}", r.table_bytes_per_db);
+                println!(
+                    "RSS growth per database       {:.1}",
+                    r.rss_delta_bytes_per_db
+                );
+                println!("peak RSS                      {:.1} MiB", r.peak_rss_mib);
+            }
+            Ok(())
+        }
+    }
+}

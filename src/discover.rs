@@ -1,0 +1,464 @@
+//! Discovery: glob patterns compiled into one matcher per directory level, and
+//! a `read_dir` walker that visits only directories a pattern can reach.
+//!
+//! A pattern such as `/data/*/databases/*/branches/*/tenants/*.db` is split at
+//! `/`. Literal levels (`databases`) are joined without listing their parent;
+//! wildcard levels are listed with `read_dir` and filtered with a per-level
+//! [`globset::GlobMatcher`]. The walker therefore costs one `getdents` per
+//! directory on the way and one `fstatat` per candidate file, the same work as
+//! `find -printf '%s %T@'`, and never descends into unrelated trees.
+//!
+//! Each wildcard level binds one template variable (see [`crate::layout`]):
+//! a level that is one `*` between literal text (`*.db`, `tenant-*`) binds the
+//! text matched by the `*`; any other wildcard level binds the whole name.
+//!
+//! Files are not followed through symlinks, and names ending in `-wal`,
+//! `-shm` or `-journal` are SQLite's side files, never databases.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, Metadata};
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use globset::{GlobBuilder, GlobMatcher};
+
+/// SQLite's side files next to a database; never treated as databases.
+pub const AUX_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// The 16-byte header every SQLite 3 database file starts with.
+pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+#[derive(Debug, Clone)]
+enum Level {
+    Literal(OsString),
+    Glob {
+        text: String,
+        matcher: GlobMatcher,
+        /// `Some((prefix, suffix))` when the level is `prefix*suffix`: binds the middle.
+        affix: Option<(String, String)>,
+    },
+}
+
+/// A compiled discovery pattern.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    source: String,
+    /// The longest literal directory prefix; walking starts here.
+    root: PathBuf,
+    /// The levels below `root`; the last one names files.
+    levels: Vec<Level>,
+}
+
+fn has_glob_meta(s: &str) -> bool {
+    s.contains(['*', '?', '[', '{'])
+}
+
+/// True for SQLite's `-wal`, `-shm` and `-journal` side files.
+pub fn is_aux(name: &OsStr) -> bool {
+    let b = name.as_encoded_bytes();
+    AUX_SUFFIXES.iter().any(|s| b.ends_with(s.as_bytes()))
+}
+
+impl Pattern {
+    /// Compiles `pattern`; relative patterns are resolved against `base`.
+    pub fn compile(pattern: &str, base: &Path) -> Result<Pattern, String> {
+        if pattern.trim().is_empty() {
+            return Err("empty pattern".into());
+        }
+        let full = if Path::new(pattern).is_absolute() {
+            PathBuf::from(pattern)
+        } else {
+            base.join(pattern)
+        };
+        let mut root = PathBuf::new();
+        let mut levels = Vec::new();
+        for comp in full.components() {
+            match comp {
+                Component::RootDir | Component::Prefix(_) => root.push(comp),
+                Component::CurDir => {}
+                Component::ParentDir if levels.is_empty() => root.push(".."),
+                Component::ParentDir => return Err("`..` after a wildcard is not supported".into()),
+                Component::Normal(name) => {
+                    let s = name
+                        .to_str()
+                        .ok_or_else(|| "pattern is not valid UTF-8".to_string())?;
+                    if s.contains("**") {
+                        return Err("`**` is not supported: use one `*` per directory level".into());
+                    }
+                    if has_glob_meta(s) {
+                        let matcher = GlobBuilder::new(s)
+                            .literal_separator(true)
+                            .build()
+                            .map_err(|e| e.to_string())?
+                            .compile_matcher();
+                        let affix = match s.matches('*').count() {
+                            1 if !s.contains(['?', '[', '{']) => {
+                                let (p, x) = s.split_once('*').unwrap_or_default();
+                                Some((p.to_string(), x.to_string()))
+                            }
+                            _ => None,
+                        };
+                        levels.push(Level::Glob {
+                            text: s.to_string(),
+                            matcher,
+                            affix,
+                        });
+                    } else if levels.is_empty() {
+                        root.push(name);
+                    } else {
+                        levels.push(Level::Literal(name.to_os_string()));
+                    }
+                }
+            }
+        }
+        if levels.is_empty() {
+            // A pattern with no wildcard names one file: its parent is the root.
+            let name = root
+                .file_name()
+                .ok_or_else(|| "pattern names no file".to_string())?
+                .to_os_string();
+            root.pop();
+            levels.push(Level::Literal(name));
+        }
+        Ok(Pattern {
+            source: pattern.to_string(),
+            root,
+            levels,
+        })
+    }
+
+    /// The pattern as written in the config.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Directory where walking starts.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Number of wildcard levels, i.e. of template variables to bind.
+    pub fn wildcards(&self) -> usize {
+        self.levels
+            .iter()
+            .filter(|l| matches!(l, Level::Glob { .. }))
+            .count()
+    }
+
+    /// The text of the `n`th wildcard level (for error messages).
+    pub fn wildcard_text(&self, n: usize) -> Option<&str> {
+        self.levels
+            .iter()
+            .filter_map(|l| match l {
+                Level::Glob { text, .. } => Some(text.as_str()),
+                Level::Literal(_) => None,
+            })
+            .nth(n)
+    }
+
+    /// Matches a concrete path and returns the values bound by each wildcard level.
+    pub fn captures(&self, path: &Path) -> Option<Vec<String>> {
+        let rest = path.strip_prefix(&self.root).ok()?;
+        let comps: Vec<&OsStr> = rest
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        if comps.len() != self.levels.len() || rest.components().count() != comps.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for (level, name) in self.levels.iter().zip(comps) {
+            match level {
+                Level::Literal(l) if l == name => {}
+                Level::Literal(_) => return None,
+                Level::Glob { matcher, affix, .. } => {
+                    if !matcher.is_match(Path::new(name)) {
+                        return None;
+                    }
+                    let s = name.to_string_lossy();
+                    let v = match affix {
+                        Some((p, x)) => s[p.len()..s.len() - x.len()].to_string(),
+                        None => s.into_owned(),
+                    };
+                    out.push(v);
+                }
+            }
+        }
+        let last = path.file_name()?;
+        (!is_aux(last)).then_some(out)
+    }
+
+    /// Walks the tree and reports every candidate database file to `visitor`.
+    pub fn walk(&self, visitor: &mut dyn Visitor) {
+        let mut buf = self.root.clone();
+        let mut leaf = Vec::new();
+        self.walk_level(&mut buf, 0, &mut leaf, visitor);
+    }
+
+    fn walk_level(
+        &self,
+        buf: &mut PathBuf,
+        i: usize,
+        leaf: &mut Vec<(OsString, fs::DirEntry)>,
+        visitor: &mut dyn Visitor,
+    ) {
+        let last = i + 1 == self.levels.len();
+        match (&self.levels[i], last) {
+            (Level::Literal(name), false) => {
+                buf.push(name);
+                self.walk_level(buf, i + 1, leaf, visitor);
+                buf.pop();
+            }
+            (Level::Literal(name), true) => {
+                buf.push(name);
+                match fs::symlink_metadata(&*buf) {
+                    Ok(md) => {
+                        let mut wal = buf.clone().into_os_string();
+                        wal.push("-wal");
+                        let wal = fs::symlink_metadata(&wal).ok();
+                        buf.pop();
+                        report(buf, name, &md, wal.as_ref(), visitor);
+                        return;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => visitor.error(buf, e),
+                }
+                buf.pop();
+            }
+            (Level::Glob { matcher, .. }, false) => {
+                let Some(rd) = read_dir(buf, visitor) else {
+                    return;
+                };
+                for entry in rd {
+                    let Ok(entry) = entry else { continue };
+                    let name = entry.file_name();
+                    if !matcher.is_match(Path::new(&name)) {
+                        continue;
+                    }
+                    match entry.file_type() {
+                        Ok(t) if t.is_dir() => {}
+                        Ok(t) if t.is_symlink() => {
+                            buf.push(&name);
+                            visitor.skipped(buf, "symlinked directory (not followed)");
+                            buf.pop();
+                            continue;
+                        }
+                        _ => continue,
+                    }
+                    buf.push(&name);
+                    self.walk_level(buf, i + 1, leaf, visitor);
+                    buf.pop();
+                }
+            }
+            (Level::Glob { matcher, .. }, true) => {
+                let Some(rd) = read_dir(buf, visitor) else {
+                    return;
+                };
+                leaf.clear();
+                leaf.extend(rd.filter_map(|e| e.ok()).map(|e| (e.file_name(), e)));
+                leaf.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                let mut wal_name = OsString::new();
+                for (name, entry) in leaf.iter() {
+                    if is_aux(name) || !matcher.is_match(Path::new(name)) {
+                        continue;
+                    }
+                    let md = match entry.metadata() {
+                        Ok(md) => md,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            buf.push(name);
+                            visitor.error(buf, e);
+                            buf.pop();
+                            continue;
+                        }
+                    };
+                    wal_name.clear();
+                    wal_name.push(name);
+                    wal_name.push("-wal");
+                    let wal = leaf
+                        .binary_search_by(|(n, _)| n.as_os_str().cmp(&wal_name))
+                        .ok()
+                        .and_then(|k| leaf[k].1.metadata().ok());
+                    report(buf, name, &md, wal.as_ref(), visitor);
+                }
+            }
+        }
+    }
+}
+
+fn report(
+    dir: &mut PathBuf,
+    name: &OsStr,
+    md: &Metadata,
+    wal: Option<&Metadata>,
+    visitor: &mut dyn Visitor,
+) {
+    if md.file_type().is_symlink() {
+        dir.push(name);
+        visitor.skipped(dir, "symlink (not followed)");
+        dir.pop();
+    } else if md.is_file() {
+        visitor.database(dir, name, md, wal);
+    }
+}
+
+fn read_dir(dir: &Path, visitor: &mut dyn Visitor) -> Option<fs::ReadDir> {
+    match fs::read_dir(dir) {
+        Ok(rd) => Some(rd),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => None,
+        Err(e) => {
+            visitor.error(dir, e);
+            None
+        }
+    }
+}
+
+/// Receives what a [`Pattern::walk`] finds.
+pub trait Visitor {
+    /// A regular file matching the pattern, with the metadata of its `-wal` if present.
+    fn database(&mut self, dir: &Path, name: &OsStr, db: &Metadata, wal: Option<&Metadata>);
+    /// A matching path that is deliberately not tracked.
+    fn skipped(&mut self, path: &Path, reason: &str);
+    /// A directory or file that could not be read.
+    fn error(&mut self, path: &Path, err: io::Error);
+}
+
+/// True if the file starts with the SQLite 3 header. `Ok(false)` for short or foreign files.
+pub fn has_sqlite_header(path: &Path) -> io::Result<bool> {
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
+    let mut buf = [0u8; 16];
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => return Ok(false),
+            k => n += k,
+        }
+    }
+    Ok(&buf == SQLITE_HEADER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Collect {
+        found: Vec<(PathBuf, bool)>,
+        skipped: Vec<PathBuf>,
+    }
+    impl Visitor for Collect {
+        fn database(&mut self, dir: &Path, name: &OsStr, _: &Metadata, wal: Option<&Metadata>) {
+            self.found.push((dir.join(name), wal.is_some()));
+        }
+        fn skipped(&mut self, path: &Path, _: &str) {
+            self.skipped.push(path.to_path_buf());
+        }
+        fn error(&mut self, path: &Path, err: io::Error) {
+            panic!("{}: {err}", path.display());
+        }
+    }
+
+    #[test]
+    fn walks_only_matching_levels_and_binds_captures() {
+        let t = tempfile::tempdir().unwrap();
+        let mk = |p: &str| {
+            let p = t.path().join(p);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"x").unwrap();
+        };
+        mk("p1/databases/d1/branches/main/tenants/t1.db");
+        mk("p1/databases/d1/branches/main/tenants/t1.db-wal");
+        mk("p1/databases/d1/branches/main/tenants/t2.db");
+        mk("p1/databases/d1/branches/main/tenants/t2.db-shm");
+        mk("p1/databases/d1/branches/main/tenants/notes.txt");
+        mk("p1/other/d1/branches/main/tenants/t3.db");
+        mk("p2/databases/d9/branches/dev/tenants/t4.db");
+        let pat = Pattern::compile("*/databases/*/branches/*/tenants/*.db", t.path()).unwrap();
+        assert_eq!(pat.wildcards(), 4);
+        assert_eq!(pat.root(), t.path());
+        let mut c = Collect::default();
+        pat.walk(&mut c);
+        c.found.sort();
+        let rel: Vec<_> = c
+            .found
+            .iter()
+            .map(|(p, w)| {
+                (
+                    p.strip_prefix(t.path())
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                    *w,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rel,
+            vec![
+                (
+                    "p1/databases/d1/branches/main/tenants/t1.db".to_string(),
+                    true
+                ),
+                (
+                    "p1/databases/d1/branches/main/tenants/t2.db".to_string(),
+                    false
+                ),
+                (
+                    "p2/databases/d9/branches/dev/tenants/t4.db".to_string(),
+                    false
+                ),
+            ]
+        );
+        let caps = pat.captures(&c.found[0].0).unwrap();
+        assert_eq!(caps, vec!["p1", "d1", "main", "t1"]);
+        assert!(pat
+            .captures(&t.path().join("p1/other/d1/branches/main/tenants/t3.db"))
+            .is_none());
+        assert!(pat
+            .captures(
+                &t.path()
+                    .join("p1/databases/d1/branches/main/tenants/t1.db-wal")
+            )
+            .is_none());
+    }
+
+    #[test]
+    fn literal_pattern_and_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("app.db"), b"x").unwrap();
+        std::os::unix::fs::symlink(t.path().join("app.db"), t.path().join("link.db")).unwrap();
+        let one = Pattern::compile("app.db", t.path()).unwrap();
+        assert_eq!(one.wildcards(), 0);
+        let mut c = Collect::default();
+        one.walk(&mut c);
+        assert_eq!(c.found.len(), 1);
+        let all = Pattern::compile("*.db", t.path()).unwrap();
+        let mut c = Collect::default();
+        all.walk(&mut c);
+        assert_eq!(c.found.len(), 1);
+        assert_eq!(c.skipped, vec![t.path().join("link.db")]);
+    }
+
+    #[test]
+    fn rejects_double_star() {
+        assert!(Pattern::compile("/data/**/x.db", Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn header_check() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("x");
+        fs::write(&p, b"SQLite format 3\0rest").unwrap();
+        assert!(has_sqlite_header(&p).unwrap());
+        fs::write(&p, b"SQLite").unwrap();
+        assert!(!has_sqlite_header(&p).unwrap());
+        fs::write(&p, b"not a database at all").unwrap();
+        assert!(!has_sqlite_header(&p).unwrap());
+    }
+}

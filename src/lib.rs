@@ -1,0 +1,54 @@
+//! litefleet continuously backs up very many SQLite databases on one host to
+//! S3-compatible object storage (or a local directory), and restores them.
+//!
+//! Litestream gives every database its own goroutines, connection, S3 client
+//! and metrics. That is the right shape for ten databases and the wrong one for
+//! a hundred thousand. litefleet keeps *one* compact table of every database it
+//! tracks (about 50 bytes each), *one* object store client, and opens a
+//! database only while it is being snapshotted.
+//!
+//! # Layout
+//!
+//! Each module owns one concern; data flows top to bottom:
+//!
+//! * [`config`]: the YAML file (`multi-db:` section), `${VAR}` expansion and
+//!   validation. Everything later receives an already validated [`config::Config`].
+//! * [`discover`]: compiles the glob patterns into per-directory-level matchers,
+//!   walks only the directories a pattern can reach, and binds the `*`
+//!   segments to the key template's variables.
+//! * [`track`]: the compact in-memory table of tracked databases and the
+//!   fingerprint (size + mtime + inode of the database and its `-wal`) that
+//!   makes change detection a pure `stat` pass.
+//! * [`snapshot`]: a consistent copy of one database through the SQLite backup
+//!   API, LZ4-compressed (frame format) into a temporary file.
+//! * [`layout`]: where objects live in the replica: key rendering and parsing
+//!   of the `<db>-YYYYMMDD-HH0000.db.lz4` snapshot names.
+//! * [`storage`]: builds the `object_store` client for `s3://` and `file://`
+//!   replicas and does streaming uploads and downloads.
+//! * [`scheduler`]: the replicate loop: scan, pick changed databases, upload
+//!   with bounded concurrency, retry failures next cycle, shut down gracefully.
+//! * [`retention`]: deletes snapshots older than the retention period, always
+//!   keeping the newest snapshot of each database.
+//! * [`restore`]: picks a snapshot (latest or at a timestamp), writes the
+//!   database atomically and checks its integrity; also the `list` command.
+//! * [`demo`] and [`bench`]: sample data for a first run, and the scan benchmark.
+//! * [`cli`]: the command line (clap) that wires all of the above together.
+//!
+//! Errors that reach the user are [`Error`]s: each names the path, key or
+//! config key it is about and never contains a credential.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod discover;
+pub mod error;
+pub mod layout;
+pub mod restore;
+pub mod retention;
+pub mod scheduler;
+pub mod snapshot;
+pub mod storage;
+pub mod track;
+
+pub use error::{Error, Result};

@@ -1,0 +1,747 @@
+//! Tracking: the compact in-memory table of every database litefleet knows,
+//! and change detection by fingerprint.
+//!
+//! Memory per database is the product's scaling limit, so an entry is a
+//! fixed 32-byte record ([`Entry`]): the directory is an index into a table of
+//! interned directories (databases share their directory with their siblings),
+//! the file name lives in one shared byte arena, and the stat results are
+//! folded into a 64-bit fingerprint of `(size, mtime, inode)` of the database
+//! and of its `-wal`. A hash table of `u32` entry indices gives lookups by
+//! `(directory, name)` for about 5 bytes more per entry. Nothing here holds a
+//! file descriptor or a SQLite connection.
+//!
+//! A database is *pending* while the fingerprint seen by the last scan differs
+//! from the one recorded at its last successful upload. A failed upload leaves
+//! it pending, so it is retried by the next cycle; a database that changes
+//! while it is being uploaded stays pending too.
+//!
+//! Racy timestamps: a file written within [`RACY_WINDOW`] of the scan that
+//! saw it could be written again within the same mtime tick without changing
+//! its size, which would look "unchanged". Such an upload is recorded as not
+//! quite synced, so the next scan uploads once more (the same trick as git's
+//! racy-index handling). It costs one extra upload after a burst of writes
+//! and guarantees no write is ever missed.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::Metadata;
+use std::hash::BuildHasher;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+
+use crate::discover::{has_sqlite_header, Pattern, Visitor};
+
+/// Writes this close to a scan are "racy" (see the module docs). Two seconds
+/// covers coarse-mtime filesystems (FAT: 2 s; ext4/xfs: one kernel tick).
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// Compact the name arena once this many bytes are dead and they are over
+/// half of it: keeps churn from growing it without bound.
+const ARENA_COMPACT_MIN: usize = 64 * 1024;
+
+/// First bytes of the state file (format version 1).
+const STATE_MAGIC: &[u8; 8] = b"LFSTATE1";
+
+const LIVE: u8 = 1;
+const IN_FLIGHT: u8 = 2;
+const RACY: u8 = 4;
+
+/// One tracked database: 32 bytes.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Fingerprint from the most recent scan.
+    seen: u64,
+    /// Fingerprint at the last successful upload (0: never uploaded).
+    synced: u64,
+    /// Index into `Tracker::dirs`.
+    dir: u32,
+    /// Offset of the file name in `Tracker::names`.
+    name_off: u32,
+    /// Unix seconds of the first change not yet uploaded (0: none).
+    pending_since: u32,
+    name_len: u16,
+    /// Scan epoch that last saw this file; older ones are swept.
+    epoch: u8,
+    flags: u8,
+}
+
+/// Handle of a tracked database (stable while the database exists).
+pub type Id = u32;
+
+/// What an upload has to remember to report back.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    pub id: Id,
+    fingerprint: u64,
+    racy: bool,
+}
+
+/// Counts from one scan.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Databases tracked after the scan.
+    pub databases: usize,
+    /// Databases seen for the first time.
+    pub new: usize,
+    /// Known databases whose fingerprint changed.
+    pub changed: usize,
+    /// Databases that disappeared and left the table.
+    pub removed: usize,
+    /// Databases waiting for an upload after the scan.
+    pub pending: usize,
+    /// Errors met while walking (each logged once until it clears).
+    pub errors: usize,
+}
+
+/// The table of tracked databases.
+pub struct Tracker {
+    entries: Vec<Entry>,
+    free: Vec<Id>,
+    names: Vec<u8>,
+    dead_name_bytes: usize,
+    table: HashTable<Id>,
+    dirs: Vec<Box<Path>>,
+    dir_table: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    epoch: u8,
+    live: usize,
+    /// Matching files that are not databases (yet): fingerprint and epoch, so
+    /// each is logged once and rechecked only when it changes.
+    skipped: HashMap<PathBuf, (u64, u8)>,
+    /// Paths with an error logged already, and the epoch that last saw it.
+    problems: HashMap<PathBuf, u8>,
+    /// Upload records from the state file, consumed by the first scan.
+    preload: HashMap<PathBuf, u64>,
+    /// Upload records changed since the state file was last written.
+    state_dirty: bool,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u32 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0)
+}
+
+impl Tracker {
+    pub fn new() -> Tracker {
+        Tracker {
+            entries: Vec::new(),
+            free: Vec::new(),
+            names: Vec::new(),
+            dead_name_bytes: 0,
+            table: HashTable::new(),
+            dirs: Vec::new(),
+            dir_table: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            epoch: 0,
+            live: 0,
+            skipped: HashMap::new(),
+            problems: HashMap::new(),
+            preload: HashMap::new(),
+            state_dirty: false,
+        }
+    }
+
+    /// Number of tracked databases.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    fn name(&self, e: &Entry) -> &[u8] {
+        &self.names[e.name_off as usize..e.name_off as usize + e.name_len as usize]
+    }
+
+    fn key_hash(&self, dir: u32, name: &[u8]) -> u64 {
+        self.hasher.hash_one((dir, name))
+    }
+
+    /// Full path of a tracked database.
+    pub fn path(&self, id: Id) -> PathBuf {
+        let e = &self.entries[id as usize];
+        self.dirs[e.dir as usize].join(OsStr::from_bytes(self.name(e)))
+    }
+
+    /// Looks up a database by path.
+    pub fn find(&self, path: &Path) -> Option<Id> {
+        let (dir, name) = (path.parent()?, path.file_name()?.as_bytes());
+        let dh = self.hasher.hash_one(dir);
+        let d = *self
+            .dir_table
+            .find(dh, |&i| &*self.dirs[i as usize] == dir)?;
+        let h = self.key_hash(d, name);
+        self.table
+            .find(h, |&i| {
+                let e = &self.entries[i as usize];
+                e.dir == d && self.name(e) == name
+            })
+            .copied()
+    }
+
+    fn intern_dir(&mut self, dir: &Path) -> u32 {
+        let h = self.hasher.hash_one(dir);
+        if let Some(&i) = self.dir_table.find(h, |&i| &*self.dirs[i as usize] == dir) {
+            return i;
+        }
+        let i = self.dirs.len() as u32;
+        self.dirs.push(dir.into());
+        let (dirs, hasher) = (&self.dirs, &self.hasher);
+        self.dir_table
+            .insert_unique(h, i, |&j| hasher.hash_one(&*dirs[j as usize]));
+        i
+    }
+
+    fn insert(&mut self, dir: u32, name: &[u8], fingerprint: u64, racy: bool, now: u32) -> Id {
+        let name_off = self.names.len() as u32;
+        self.names.extend_from_slice(name);
+        let entry = Entry {
+            seen: fingerprint,
+            synced: 0,
+            dir,
+            name_off,
+            pending_since: now,
+            name_len: name.len() as u16,
+            epoch: self.epoch,
+            flags: LIVE | if racy { RACY } else { 0 },
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.entries[id as usize] = entry;
+                id
+            }
+            None => {
+                self.entries.push(entry);
+                (self.entries.len() - 1) as Id
+            }
+        };
+        let h = self.key_hash(dir, name);
+        let hasher = &self.hasher;
+        let (entries, names) = (&self.entries, &self.names);
+        self.table.insert_unique(h, id, |&i| {
+            let e = &entries[i as usize];
+            hasher.hash_one((
+                e.dir,
+                &names[e.name_off as usize..e.name_off as usize + e.name_len as usize],
+            ))
+        });
+        self.live += 1;
+        id
+    }
+
+    fn remove(&mut self, id: Id) {
+        let e = self.entries[id as usize];
+        let h = self.key_hash(e.dir, self.name(&e));
+        if let Ok(entry) = self.table.find_entry(h, |&i| i == id) {
+            entry.remove();
+        }
+        self.entries[id as usize].flags = 0;
+        self.dead_name_bytes += e.name_len as usize;
+        self.free.push(id);
+        self.live -= 1;
+        self.state_dirty = true;
+    }
+
+    fn compact_names(&mut self) {
+        if self.dead_name_bytes < ARENA_COMPACT_MIN || self.dead_name_bytes * 2 < self.names.len() {
+            return;
+        }
+        let mut names = Vec::with_capacity(self.names.len() - self.dead_name_bytes);
+        for e in self.entries.iter_mut().filter(|e| e.flags & LIVE != 0) {
+            let off = names.len() as u32;
+            names.extend_from_slice(
+                &self.names[e.name_off as usize..e.name_off as usize + e.name_len as usize],
+            );
+            e.name_off = off;
+        }
+        self.names = names;
+        self.dead_name_bytes = 0;
+    }
+
+    /// Walks every pattern, updates fingerprints, adds new databases and drops deleted ones.
+    pub fn scan(&mut self, patterns: &[Pattern]) -> ScanReport {
+        self.epoch = self.epoch.wrapping_add(1);
+        let now = SystemTime::now();
+        let mut v = ScanVisitor {
+            t: self,
+            now_secs: unix_secs(now),
+            racy_after: unix_nanos(now.checked_sub(RACY_WINDOW).unwrap_or(UNIX_EPOCH)),
+            report: ScanReport::default(),
+            last_dir: None,
+        };
+        for p in patterns {
+            p.walk(&mut v);
+        }
+        let mut report = v.report;
+        let epoch = self.epoch;
+        let stale: Vec<Id> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.flags & LIVE != 0 && e.flags & IN_FLIGHT == 0 && e.epoch != epoch)
+            .map(|(i, _)| i as Id)
+            .collect();
+        for id in &stale {
+            tracing::info!(path = %self.path(*id).display(), "database removed; no longer tracked");
+            self.remove(*id);
+        }
+        report.removed = stale.len();
+        self.compact_names();
+        self.skipped.retain(|_, (_, e)| *e == epoch);
+        if !self.preload.is_empty() {
+            self.preload = HashMap::new();
+        }
+        self.problems.retain(|_, e| *e == epoch);
+        report.databases = self.live;
+        report.pending = self.pending_count();
+        report
+    }
+
+    fn is_pending(e: &Entry) -> bool {
+        e.flags & LIVE != 0 && e.seen != e.synced
+    }
+
+    /// Databases waiting for an upload and not being uploaded now.
+    pub fn pending(&self) -> Vec<Id> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| Self::is_pending(e) && e.flags & IN_FLIGHT == 0)
+            .map(|(i, _)| i as Id)
+            .collect()
+    }
+
+    /// Databases with changes not yet in the replica (including in-flight ones).
+    pub fn pending_count(&self) -> usize {
+        self.entries.iter().filter(|e| Self::is_pending(e)).count()
+    }
+
+    /// Unix seconds of the oldest change not yet in the replica.
+    pub fn oldest_pending(&self) -> Option<u32> {
+        self.entries
+            .iter()
+            .filter(|e| Self::is_pending(e) && e.pending_since != 0)
+            .map(|e| e.pending_since)
+            .min()
+    }
+
+    /// Marks a database as being uploaded; the ticket remembers what was seen.
+    pub fn begin_upload(&mut self, id: Id) -> Ticket {
+        let e = &mut self.entries[id as usize];
+        e.flags |= IN_FLIGHT;
+        Ticket {
+            id,
+            fingerprint: e.seen,
+            racy: e.flags & RACY != 0,
+        }
+    }
+
+    /// Records the outcome of an upload. On failure the database stays pending.
+    pub fn finish_upload(&mut self, ticket: Ticket, ok: bool) {
+        let e = &mut self.entries[ticket.id as usize];
+        e.flags &= !IN_FLIGHT;
+        if ok {
+            // A racy upload is recorded as "almost synced" (any value but the
+            // fingerprint) so the next scan uploads once more.
+            e.synced = if ticket.racy {
+                !ticket.fingerprint
+            } else {
+                ticket.fingerprint
+            };
+            if e.synced == e.seen {
+                e.pending_since = 0;
+            }
+            self.state_dirty = true;
+        }
+    }
+
+    /// True when upload records changed since the last [`Tracker::save_state`].
+    pub fn state_dirty(&self) -> bool {
+        self.state_dirty
+    }
+
+    /// Writes the upload records (path and fingerprint at the last upload) to
+    /// `path` atomically, so a restart does not re-upload unchanged databases.
+    /// `tag` identifies the replica and key layout the records are valid for.
+    pub fn save_state(&mut self, path: &Path, tag: u64) -> io::Result<()> {
+        use std::io::Write;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let mut w = io::BufWriter::new(tmp.as_file());
+        w.write_all(STATE_MAGIC)?;
+        w.write_all(&tag.to_le_bytes())?;
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.flags & LIVE == 0 || e.synced == 0 {
+                continue;
+            }
+            let p = self.path(i as Id);
+            let b = p.as_os_str().as_bytes();
+            w.write_all(&e.synced.to_le_bytes())?;
+            w.write_all(&(b.len() as u32).to_le_bytes())?;
+            w.write_all(b)?;
+        }
+        w.flush()?;
+        drop(w);
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        self.state_dirty = false;
+        Ok(())
+    }
+
+    /// Reads upload records written by [`Tracker::save_state`]; the next scan
+    /// applies them to the databases it finds. A missing file, another tag or
+    /// a damaged file just means "nothing uploaded yet" (never data loss: the
+    /// worst case is one redundant upload per database). Returns the record count.
+    pub fn load_state(&mut self, path: &Path, tag: u64) -> io::Result<usize> {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, "damaged state file");
+        let rest = data.strip_prefix(STATE_MAGIC).ok_or_else(bad)?;
+        if rest.len() < 8 || rest[..8] != tag.to_le_bytes() {
+            return Ok(0);
+        }
+        let mut rest = &rest[8..];
+        let mut map = HashMap::new();
+        while !rest.is_empty() {
+            if rest.len() < 12 {
+                return Err(bad());
+            }
+            let fp = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
+            let p = rest.get(12..12 + len).ok_or_else(bad)?;
+            map.insert(PathBuf::from(OsStr::from_bytes(p)), fp);
+            rest = &rest[12 + len..];
+        }
+        let n = map.len();
+        self.preload = map;
+        Ok(n)
+    }
+
+    /// Heap bytes held by the table (entries, names, indexes, directories).
+    pub fn heap_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.free.capacity() * std::mem::size_of::<Id>()
+            + self.names.capacity()
+            + self.table.allocation_size()
+            + self.dir_table.allocation_size()
+            + self.dirs.capacity() * std::mem::size_of::<Box<Path>>()
+            + self.dirs.iter().map(|d| d.as_os_str().len()).sum::<usize>()
+    }
+}
+
+/// Folds stat values into a 64-bit fingerprint. Deterministic across runs (it
+/// is persisted in the state file), so not a randomly seeded hasher: a
+/// multiply-rotate fold finished with the murmur3 avalanche.
+pub fn fingerprint(values: &[u64]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15; // 2^64 / golden ratio
+    let mut h: u64 = 0x243F_6A88_85A3_08D3;
+    for &v in values {
+        h = (h ^ v).wrapping_mul(K).rotate_left(29);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    h ^= h >> 33;
+    // Never 0: that value means "never uploaded".
+    h.max(1)
+}
+
+fn unix_nanos(t: SystemTime) -> i128 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn mtime_nanos(m: &Metadata) -> i128 {
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+struct ScanVisitor<'a> {
+    t: &'a mut Tracker,
+    now_secs: u32,
+    racy_after: i128,
+    report: ScanReport,
+    last_dir: Option<(u32, PathBuf)>,
+}
+
+impl ScanVisitor<'_> {
+    fn fingerprint(&self, db: &Metadata, wal: Option<&Metadata>) -> (u64, bool) {
+        let w = wal.map(|w| (w.len(), mtime_nanos(w), w.ino()));
+        let (wl, wm, wi) = w.unwrap_or((u64::MAX, 0, 0));
+        let fp = fingerprint(&[
+            db.len(),
+            mtime_nanos(db) as u64,
+            db.ino(),
+            wl,
+            wm as u64,
+            wi,
+        ]);
+        let newest = mtime_nanos(db).max(wm);
+        (fp, newest >= self.racy_after)
+    }
+
+    fn dir_id(&mut self, dir: &Path) -> u32 {
+        if let Some((id, d)) = &self.last_dir {
+            if d == dir {
+                return *id;
+            }
+        }
+        let id = self.t.intern_dir(dir);
+        self.last_dir = Some((id, dir.to_path_buf()));
+        id
+    }
+
+    fn new_file(&mut self, dir: &Path, name: &OsStr, fp: u64, racy: bool) {
+        let path = dir.join(name);
+        let epoch = self.t.epoch;
+        if let Some((old, e)) = self.t.skipped.get_mut(&path) {
+            *e = epoch;
+            if *old == fp {
+                return;
+            }
+            *old = fp;
+        }
+        match has_sqlite_header(&path) {
+            Ok(true) => {
+                self.t.skipped.remove(&path);
+                let d = self.dir_id(dir);
+                let id = self.t.insert(d, name.as_bytes(), fp, racy, self.now_secs);
+                if let Some(synced) = self.t.preload.remove(&path) {
+                    let e = &mut self.t.entries[id as usize];
+                    e.synced = synced;
+                    if synced == fp {
+                        e.pending_since = 0;
+                    }
+                }
+                self.report.new += 1;
+            }
+            Ok(false) => {
+                if self.t.skipped.insert(path.clone(), (fp, epoch)).is_none() {
+                    tracing::warn!(path = %path.display(), "skipping: not a SQLite database (no SQLite header)");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => self.error(&path, e),
+        }
+    }
+}
+
+impl Visitor for ScanVisitor<'_> {
+    fn database(&mut self, dir: &Path, name: &OsStr, db: &Metadata, wal: Option<&Metadata>) {
+        let (fp, racy) = self.fingerprint(db, wal);
+        let d = self.dir_id(dir);
+        let h = self.t.key_hash(d, name.as_bytes());
+        let t = &*self.t;
+        let found = t
+            .table
+            .find(h, |&i| {
+                let e = &t.entries[i as usize];
+                e.dir == d && t.name(e) == name.as_bytes()
+            })
+            .copied();
+        match found {
+            Some(id) => {
+                let epoch = self.t.epoch;
+                let e = &mut self.t.entries[id as usize];
+                e.epoch = epoch;
+                if e.seen != fp {
+                    if e.seen == e.synced || e.pending_since == 0 {
+                        e.pending_since = self.now_secs;
+                    }
+                    e.seen = fp;
+                    self.report.changed += 1;
+                }
+                if racy {
+                    e.flags |= RACY;
+                } else {
+                    e.flags &= !RACY;
+                }
+            }
+            None => self.new_file(dir, name, fp, racy),
+        }
+    }
+
+    fn skipped(&mut self, path: &Path, reason: &str) {
+        let epoch = self.t.epoch;
+        if self
+            .t
+            .skipped
+            .insert(path.to_path_buf(), (0, epoch))
+            .is_none()
+        {
+            tracing::warn!(path = %path.display(), "skipping: {reason}");
+        }
+    }
+
+    fn error(&mut self, path: &Path, err: io::Error) {
+        self.report.errors += 1;
+        let epoch = self.t.epoch;
+        if self.t.problems.insert(path.to_path_buf(), epoch).is_none() {
+            tracing::warn!(path = %path.display(), error = %err, "cannot read; will retry every scan (logged once)");
+        }
+    }
+}
+
+/// Time a closure; used by the scheduler and the benchmark.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let v = f();
+    (v, start.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn header_file(p: &Path, extra: &[u8]) {
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let mut b = SQLITE_HEADER_BYTES.to_vec();
+        b.extend_from_slice(extra);
+        fs::write(p, b).unwrap();
+    }
+    const SQLITE_HEADER_BYTES: &[u8] = crate::discover::SQLITE_HEADER;
+
+    #[test]
+    fn entry_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    }
+
+    #[test]
+    fn detects_new_changed_removed_and_skips_foreign_files() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*/*.db", t.path()).unwrap()];
+        header_file(&t.path().join("a/one.db"), b"1");
+        header_file(&t.path().join("a/two.db"), b"2");
+        fs::write(t.path().join("a/text.db"), b"hello, not sqlite").unwrap();
+        let mut tr = Tracker::new();
+        let r = tr.scan(&pat);
+        assert_eq!((r.databases, r.new, r.pending), (2, 2, 2));
+        let one = tr.find(&t.path().join("a/one.db")).unwrap();
+        assert_eq!(tr.path(one), t.path().join("a/one.db"));
+        assert!(tr.find(&t.path().join("a/text.db")).is_none());
+
+        // Upload both (not racy: pretend by clearing the flag via a rescan later).
+        for id in tr.pending() {
+            let tk = tr.begin_upload(id);
+            tr.finish_upload(Ticket { racy: false, ..tk }, true);
+        }
+        let r = tr.scan(&pat);
+        assert_eq!((r.new, r.changed, r.pending), (0, 0, 0));
+
+        // A WAL appearing is a change of that database only.
+        fs::write(t.path().join("a/one.db-wal"), b"frames").unwrap();
+        let r = tr.scan(&pat);
+        assert_eq!((r.changed, r.pending), (1, 1));
+        assert_eq!(tr.pending(), vec![one]);
+
+        // A failed upload keeps it pending.
+        let tk = tr.begin_upload(one);
+        assert!(tr.pending().is_empty());
+        tr.finish_upload(tk, false);
+        assert_eq!(tr.pending(), vec![one]);
+
+        // Deleting removes it from the table.
+        fs::remove_file(t.path().join("a/two.db")).unwrap();
+        let r = tr.scan(&pat);
+        assert_eq!((r.removed, r.databases), (1, 1));
+    }
+
+    #[test]
+    fn state_file_survives_restart_and_is_tag_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
+        header_file(&t.path().join("a.db"), b"");
+        header_file(&t.path().join("b.db"), b"");
+        let mut tr = Tracker::new();
+        tr.scan(&pat);
+        let a = tr.find(&t.path().join("a.db")).unwrap();
+        let tk = tr.begin_upload(a);
+        tr.finish_upload(Ticket { racy: false, ..tk }, true);
+        assert!(tr.state_dirty());
+        let state = t.path().join("state/x.state");
+        tr.save_state(&state, 7).unwrap();
+        assert!(!tr.state_dirty());
+
+        let mut again = Tracker::new();
+        assert_eq!(again.load_state(&state, 7).unwrap(), 1);
+        let r = again.scan(&pat);
+        assert_eq!(
+            (r.databases, r.pending),
+            (2, 1),
+            "only b.db still needs an upload"
+        );
+        assert_eq!(
+            again.pending(),
+            vec![again.find(&t.path().join("b.db")).unwrap()]
+        );
+
+        let mut other = Tracker::new();
+        assert_eq!(
+            other.load_state(&state, 8).unwrap(),
+            0,
+            "another replica's records are ignored"
+        );
+        assert_eq!(other.scan(&pat).pending, 2);
+        std::fs::write(&state, b"garbage").unwrap();
+        assert!(Tracker::new().load_state(&state, 7).is_err());
+    }
+
+    #[test]
+    fn racy_upload_is_uploaded_once_more() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
+        header_file(&t.path().join("x.db"), b"");
+        let mut tr = Tracker::new();
+        tr.scan(&pat);
+        let id = tr.pending()[0];
+        let tk = tr.begin_upload(id);
+        assert!(tk.racy, "file written just now must be racy");
+        tr.finish_upload(tk, true);
+        assert_eq!(tr.scan(&pat).pending, 1);
+    }
+
+    #[test]
+    fn in_flight_entries_survive_deletion_until_finished() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
+        header_file(&t.path().join("x.db"), b"");
+        let mut tr = Tracker::new();
+        tr.scan(&pat);
+        let id = tr.pending()[0];
+        let tk = tr.begin_upload(id);
+        fs::remove_file(t.path().join("x.db")).unwrap();
+        assert_eq!(tr.scan(&pat).databases, 1);
+        tr.finish_upload(tk, false);
+        assert_eq!(tr.scan(&pat).databases, 0);
+    }
+
+    #[test]
+    fn a_file_that_becomes_a_database_is_picked_up() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
+        fs::write(t.path().join("x.db"), b"").unwrap();
+        let mut tr = Tracker::new();
+        assert_eq!(tr.scan(&pat).databases, 0);
+        header_file(&t.path().join("x.db"), b"now a database");
+        assert_eq!(tr.scan(&pat).databases, 1);
+    }
+}

@@ -277,22 +277,31 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else {
-                println!("databases                     {}", r.databases);
-                println!("first scan (new table)        {:.1} ms", r.first_scan_ms);
-                println!(
-                    "rescan, unchanged (median/{}) {:.1} ms",
-                    r.iterations, r.rescan_median_ms
+                let n = r.iterations;
+                let row = |label: String, value: String| println!("{label:<34}{value}");
+                row("databases".into(), r.databases.to_string());
+                row(
+                    "first scan (new table)".into(),
+                    format!("{:.1} ms", r.first_scan_ms),
                 );
-                match r.find_median_ms {
-                    Some(f) => println!("find -printf (median/{})      {:.1} ms", r.iterations, f),
-                    None => println!("find -printf                  (find not available)"),
-                }
-                println!("table bytes per database      {:.1}", r.table_bytes_per_db);
-                println!(
-                    "RSS growth per database       {:.1}",
-                    r.rss_delta_bytes_per_db
+                row(
+                    format!("rescan, unchanged (median of {n})"),
+                    format!("{:.1} ms", r.rescan_median_ms),
                 );
-                println!("peak RSS                      {:.1} MiB", r.peak_rss_mib);
+                row(
+                    format!("find -printf (median of {n})"),
+                    r.find_median_ms
+                        .map_or("(find not available)".into(), |f| format!("{f:.1} ms")),
+                );
+                row(
+                    "table bytes per database".into(),
+                    format!("{:.1}", r.table_bytes_per_db),
+                );
+                row(
+                    "RSS growth per database".into(),
+                    format!("{:.1}", r.rss_delta_bytes_per_db),
+                );
+                row("peak RSS".into(), format!("{:.1} MiB", r.peak_rss_mib));
             }
             Ok(())
         }

@@ -178,17 +178,19 @@ impl Replicator {
         while let Some(done) = set.join_next().await {
             self.reap(done, &mut report);
         }
-        let t = lock(&self.tracker);
-        let pending = t.pending_count();
-        self.stats.pending.store(pending as u64, Ordering::Relaxed);
-        self.stats
-            .oldest_pending_unix
-            .store(t.oldest_pending().unwrap_or(0) as u64, Ordering::Relaxed);
+        let pending = {
+            let t = lock(&self.tracker);
+            let pending = t.pending_count();
+            self.stats.pending.store(pending as u64, Ordering::Relaxed);
+            self.stats
+                .oldest_pending_unix
+                .store(t.oldest_pending().unwrap_or(0) as u64, Ordering::Relaxed);
+            pending
+        };
         self.stats.last_scan_unix.store(
             chrono::Utc::now().timestamp().max(0) as u64,
             Ordering::Relaxed,
         );
-        drop(t);
         self.save_state().await;
         if report.uploaded + report.failed > 0 {
             tracing::info!(

@@ -23,21 +23,27 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
-use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig,
+    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    WriteMultipart,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncReadExt;
 
 use crate::config::{ReplicaConfig, ReplicaUrl};
 use crate::error::IoContext;
 use crate::{Error, Result};
 
-/// Multipart part size: S3's minimum is 5 MiB; 10 MiB keeps a 1 GiB database
-/// at ~100 parts while bounding per-upload memory (two parts in flight).
+/// Multipart part size, and the largest snapshot sent as a single PUT.
+/// S3's minimum part is 5 MiB; 10 MiB keeps a 1 GiB database at ~100 parts.
+/// An upload buffers at most one part (or the whole small file) plus the
+/// parts in flight, so memory is bounded by `max-concurrent` x 50 MiB even
+/// in the worst case where every database is large.
 pub const UPLOAD_PART: usize = 10 * 1024 * 1024;
+/// Parts of one multipart upload in flight at once: enough to keep a link
+/// busy for one large database without letting it hog memory.
+const MULTIPART_PARALLEL: usize = 4;
 /// Region used when neither the config nor `AWS_REGION` names one; S3-compatible
 /// stores ignore it, and AWS redirects are not needed for path-style requests.
 pub const DEFAULT_REGION: &str = "us-east-1";
@@ -87,11 +93,15 @@ impl Replica {
                     })
                     .unwrap_or_else(|| DEFAULT_REGION.to_string());
                 b = b.with_region(region);
-                if let Some(ep) = cfg.endpoint.as_deref().filter(|e| !e.is_empty()) {
-                    b = b
-                        .with_endpoint(ep)
-                        .with_allow_http(ep.starts_with("http://"));
+                let endpoint = cfg.endpoint.as_deref().filter(|e| !e.is_empty());
+                if let Some(ep) = endpoint {
+                    b = b.with_endpoint(ep);
                 }
+                // Plain HTTP only when the user named an http:// endpoint
+                // (MinIO on a LAN, a test server); AWS itself stays HTTPS.
+                // Set on the client options because they replace the
+                // builder's own allow-http setting.
+                let allow_http = endpoint.is_some_and(|ep| ep.starts_with("http://"));
                 // Path-style is object_store's default; virtual-hosted only for AWS itself
                 // when the config does not force path style.
                 b = b.with_virtual_hosted_style_request(
@@ -123,6 +133,7 @@ impl Replica {
                     })
                     .with_client_options(
                         ClientOptions::new()
+                            .with_allow_http(allow_http)
                             .with_timeout(cfg.timeout)
                             .with_connect_timeout(CONNECT_TIMEOUT),
                     );
@@ -138,25 +149,49 @@ impl Replica {
         }
     }
 
-    /// Uploads a local file to `location`, streaming (multipart when large).
+    /// Uploads a local file to `location`: one PUT when it fits in
+    /// [`UPLOAD_PART`], otherwise a multipart upload that is aborted on error
+    /// so no parts are left behind. Either way the object appears atomically:
+    /// readers see the old version or the whole new one, never a prefix.
     pub async fn upload_file(&self, location: &ObjPath, file: &Path) -> Result<u64> {
-        let mut src = tokio::fs::File::open(file).await.at(file)?;
-        let mut w = BufWriter::with_capacity(self.store.clone(), location.clone(), UPLOAD_PART);
-        let copied = tokio::io::copy(&mut src, &mut w).await;
-        let result = match copied {
-            Ok(n) => w.shutdown().await.map(|_| n),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                let _ = w.abort().await;
-                Err(Error::invalid(
-                    format!("replica {location}"),
-                    format!("upload failed: {e}"),
-                ))
-            }
+        let ctx = || format!("replica {location}");
+        let len = tokio::fs::metadata(file).await.at(file)?.len();
+        if len <= UPLOAD_PART as u64 {
+            let bytes = tokio::fs::read(file).await.at(file)?;
+            self.store
+                .put(location, PutPayload::from(bytes))
+                .await
+                .map_err(|e| Error::store(ctx(), e))?;
+            return Ok(len);
         }
+        let mut src = tokio::fs::File::open(file).await.at(file)?;
+        let upload = self
+            .store
+            .put_multipart(location)
+            .await
+            .map_err(|e| Error::store(ctx(), e))?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut sent = 0u64;
+        loop {
+            let n = match src.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(Error::io(file, e));
+                }
+            };
+            if let Err(e) = w.wait_for_capacity(MULTIPART_PARALLEL).await {
+                let _ = w.abort().await;
+                return Err(Error::store(ctx(), e));
+            }
+            w.write(&buf[..n]);
+            sent += n as u64;
+        }
+        // On failure `finish` has already tried to abort the upload.
+        w.finish().await.map_err(|e| Error::store(ctx(), e))?;
+        Ok(sent)
     }
 
     /// Objects directly under `dir` (one LIST with delimiter; no recursion).

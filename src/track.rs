@@ -484,7 +484,13 @@ struct ScanVisitor<'a> {
 
 impl ScanVisitor<'_> {
     fn fingerprint(&self, db: &Metadata, wal: Option<&Metadata>) -> (u64, bool) {
-        let w = wal.map(|w| (w.len(), mtime_nanos(w), w.ino()));
+        // An empty `-wal` holds no frames, so it means the same as none. It
+        // matters: our own read-only snapshot connection creates an empty
+        // `-wal` and `-shm` (and, being read-only, cannot remove them), which
+        // must not count as a change of the database.
+        let w = wal
+            .filter(|w| w.len() > 0)
+            .map(|w| (w.len(), mtime_nanos(w), w.ino()));
         let (wl, wm, wi) = w.unwrap_or((u64::MAX, 0, 0));
         let fp = fingerprint(&[
             db.len(),

@@ -1,0 +1,192 @@
+//! The binary: config errors, demo + replicate + restore end to end, graceful shutdown.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fleet::{count_rows, create_db, Backend, Fleet};
+
+fn litefleet(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("LITEFLEET_CONFIG")
+        .env("LITEFLEET_LOG", "info")
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn bad_configs_are_clear_errors_not_panics() {
+    let t = tempfile::tempdir().unwrap();
+    let good = "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: s3://bucket/x\n    path: \"{{a}}/{{b}}\"\n";
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "unknown key",
+            good.replace("path:", "pth:"),
+            "unknown field `pth`",
+        ),
+        (
+            "bad duration",
+            good.replace("  replica:", "  scan-interval: soon\n  replica:"),
+            "multi-db.scan-interval",
+        ),
+        (
+            "unbound variable",
+            good.replace("{{b}}", "{{b}}/{{c}}"),
+            "{{c}}",
+        ),
+        (
+            "missing bucket",
+            good.replace("s3://bucket/x", "s3://"),
+            "no bucket",
+        ),
+        (
+            "unset env var",
+            good.replace("s3://bucket/x", "s3://${LITEFLEET_TEST_UNSET}/x"),
+            "LITEFLEET_TEST_UNSET",
+        ),
+        ("not yaml", "multi-db: [\n".to_string(), "litefleet.yml"),
+    ];
+    for (what, yaml, needle) in cases {
+        std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+        let o = litefleet(t.path(), &["replicate", "--once"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(needle), "{what}: expected {needle:?} in {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+    let o = litefleet(t.path(), &["--config", "missing.yml", "list"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("missing.yml"), "{}", stderr(&o));
+}
+
+#[test]
+fn secrets_never_reach_the_output() {
+    let t = tempfile::tempdir().unwrap();
+    // Nothing listens on this port: every request fails, and errors are logged.
+    let yaml = "multi-db:\n  patterns: [\"./data/*.db\"]\n  replica:\n    url: s3://bucket/x\n    endpoint: http://127.0.0.1:9\n    access-key-id: AKIDLEAKCHECK\n    secret-access-key: SECRETLEAKCHECK\n    retries: 0\n    timeout: 2s\n";
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    drop(create_db(&t.path().join("data/x.db"), 1));
+    let o = litefleet(t.path(), &["--log-level", "debug", "replicate", "--once"]);
+    let all = format!("{}{}", stderr(&o), String::from_utf8_lossy(&o.stdout));
+    assert_eq!(o.status.code(), Some(1), "{all}");
+    assert!(all.contains("upload failed"), "{all}");
+    assert!(!all.contains("SECRETLEAKCHECK"), "{all}");
+}
+
+#[test]
+fn demo_config_replicates_and_restores() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/litefleet.yml");
+    let cfg = cfg.to_str().unwrap();
+    let o = litefleet(t.path(), &["demo", "--databases", "30"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = litefleet(t.path(), &["--config", cfg, "replicate", "--once"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("uploaded=30"), "{}", stderr(&o));
+    let o = litefleet(t.path(), &["--config", cfg, "list"]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 30);
+    let o = litefleet(
+        t.path(),
+        &[
+            "--config",
+            cfg,
+            "restore",
+            "project0/db0/main/tenant00007",
+            "-o",
+            "out/t7.db",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let restored = rusqlite::Connection::open(t.path().join("out/t7.db")).unwrap();
+    let rows: i64 = restored
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, litefleet::demo::ROWS as i64);
+    // The object is a plain LZ4 frame of a SQLite database.
+    let obj = std::fs::read_dir(t.path().join("demo-replica/project0/db0/main/tenant00007"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut dec = lz4_flex::frame::FrameDecoder::new(std::fs::File::open(obj).unwrap());
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut dec, &mut head).unwrap();
+    assert_eq!(&head, litefleet::discover::SQLITE_HEADER);
+}
+
+/// SIGTERM while uploads are in flight: they finish, the process exits 0, and
+/// every object in the replica restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_uploads() {
+    let f = Fleet::with_yaml(Backend::S3, "").await;
+    for i in 0..12 {
+        drop(create_db(&f.db_path("p", "d", &format!("t{i}")), 5));
+    }
+    // Every request takes 300 ms, so uploads are surely in flight when we signal.
+    f.s3()
+        .set_fault(common::s3::Fault::Delay(Duration::from_millis(300)));
+    let cfg = f.config_path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .args(["--config", cfg.to_str().unwrap(), "replicate"])
+        .env("LITEFLEET_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.s3().request_count() == 0 {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("litefleet exited early ({status}): {err}");
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no upload started: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || {
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0), "{}", status.1);
+    assert!(status.1.contains("shut down cleanly"), "{}", status.1);
+    f.s3().set_fault(common::s3::Fault::None);
+    let listed = litefleet::restore::list(&f.replica(), None).await.unwrap();
+    assert!(
+        !listed.is_empty(),
+        "in-flight uploads must complete: {}",
+        status.1
+    );
+    let out = tempfile::tempdir().unwrap();
+    for key in listed.keys() {
+        let o = out.path().join(key.replace('/', "_"));
+        f.restore(key, &o, None).await.unwrap();
+        assert_eq!(count_rows(&o), 5);
+    }
+}

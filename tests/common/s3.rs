@@ -1,0 +1,200 @@
+//! A real S3 protocol server in-process: `s3s` over `s3s-fs` on 127.0.0.1
+//! (ephemeral port), with SigV4 auth and injectable faults.
+//!
+//! Faults are applied by a thin wrapper around the s3s service, so the client
+//! sees genuine HTTP responses (503/500 with S3 XML error bodies), genuine
+//! latency, or a genuinely closed port after [`S3Server::stop`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::{S3Service, S3ServiceBuilder};
+use tempfile::TempDir;
+use tokio::net::TcpSocket;
+use tokio::task::JoinSet;
+
+pub const ACCESS_KEY: &str = "litefleet-test-key";
+pub const SECRET_KEY: &str = "litefleet-test-secret-DO-NOT-LOG";
+pub const BUCKET: &str = "litefleet-test";
+
+/// What the server does with the next requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Every request: 503 ServiceUnavailable.
+    Unavailable,
+    /// Every request: 500 InternalError.
+    InternalError,
+    /// The next `n` requests pass, every later one gets 503.
+    FailAfter(u64),
+    /// Every request is served after this delay.
+    Delay(Duration),
+}
+
+struct Shared {
+    fault: Mutex<Fault>,
+    /// Requests that passed under `FailAfter` so far.
+    passed: AtomicU64,
+    requests: AtomicU64,
+    faults: AtomicU64,
+}
+
+pub struct S3Server {
+    root: TempDir,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    service: S3Service,
+    tasks: Option<JoinSet<()>>,
+}
+
+enum Action {
+    Serve,
+    Delay(Duration),
+    Fail(u16, &'static str),
+}
+
+impl Shared {
+    fn decide(&self) -> Action {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let fault = *self.fault.lock().unwrap();
+        let action = match fault {
+            Fault::None => Action::Serve,
+            Fault::Delay(d) => Action::Delay(d),
+            Fault::Unavailable => Action::Fail(503, "ServiceUnavailable"),
+            Fault::InternalError => Action::Fail(500, "InternalError"),
+            Fault::FailAfter(n) => {
+                if self.passed.fetch_add(1, Ordering::SeqCst) < n {
+                    Action::Serve
+                } else {
+                    Action::Fail(503, "ServiceUnavailable")
+                }
+            }
+        };
+        if let Action::Fail(..) = action {
+            self.faults.fetch_add(1, Ordering::SeqCst);
+        }
+        action
+    }
+}
+
+impl S3Server {
+    pub async fn start() -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
+        let mut b = S3ServiceBuilder::new(fs);
+        b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = b.build();
+        let shared = Arc::new(Shared {
+            fault: Mutex::new(Fault::None),
+            passed: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+        });
+        let mut s = S3Server {
+            root,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            shared,
+            service,
+            tasks: None,
+        };
+        s.listen().await;
+        s
+    }
+
+    async fn listen(&mut self) {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(self.addr).unwrap();
+        let listener = socket.listen(128).unwrap();
+        self.addr = listener.local_addr().unwrap();
+        assert!(self.addr.ip().is_loopback());
+        let mut tasks = JoinSet::new();
+        let (service, shared) = (self.service.clone(), self.shared.clone());
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let conns_for_accept = conns.clone();
+        tasks.spawn(async move {
+            // Connection tasks live in a set owned by the accept task, so
+            // aborting the accept task drops (and aborts) every connection.
+            let _keep = conns;
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (service, shared) = (service.clone(), shared.clone());
+                let handler = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (service, shared) = (service.clone(), shared.clone());
+                    async move {
+                        match shared.decide() {
+                            Action::Serve => {}
+                            Action::Delay(d) => tokio::time::sleep(d).await,
+                            Action::Fail(status, code) => {
+                                let body = format!(
+                                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected fault</Message></Error>"
+                                );
+                                return Ok(hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/xml")
+                                    .body(s3s::Body::from(body))
+                                    .unwrap());
+                            }
+                        }
+                        hyper::service::Service::call(&service, req).await
+                    }
+                });
+                conns_for_accept.lock().unwrap().spawn(async move {
+                    let _ = ConnBuilder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), handler)
+                        .await;
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn bucket(&self) -> &str {
+        BUCKET
+    }
+    pub fn access_key(&self) -> &str {
+        ACCESS_KEY
+    }
+    pub fn secret_key(&self) -> &str {
+        SECRET_KEY
+    }
+    /// The s3s-fs data root; objects are files under `root()/bucket()/`.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        *self.shared.fault.lock().unwrap() = fault;
+        self.shared.passed.store(0, Ordering::SeqCst);
+    }
+    pub fn request_count(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+    pub fn fault_count(&self) -> u64 {
+        self.shared.faults.load(Ordering::SeqCst)
+    }
+
+    /// Stops listening and drops every open connection.
+    pub async fn stop(&mut self) {
+        if let Some(mut t) = self.tasks.take() {
+            t.shutdown().await;
+        }
+    }
+
+    /// Listens again on the same port, with the same data.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.listen().await;
+    }
+}

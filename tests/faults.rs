@@ -1,0 +1,86 @@
+//! Faults at the object store: uploads fail, are retried next cycle, nothing is lost.
+
+mod common;
+
+use common::fleet::{age, count_rows, create_db, Backend, Fleet};
+use common::s3::Fault;
+use tokio_util::sync::CancellationToken;
+
+async fn restore_all(f: &Fleet, n: usize, rows: i64) {
+    let out = tempfile::tempdir().unwrap();
+    for i in 0..n {
+        let o = out.path().join(format!("{i}.db"));
+        f.restore(&format!("p/d/t{i}"), &o, None).await.unwrap();
+        assert_eq!(count_rows(&o), rows);
+    }
+}
+
+/// The server dies in the middle of a cycle: some uploads succeed, the rest
+/// fail; the next cycle after it is back uploads exactly the failed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_failing_mid_cycle_is_retried_next_cycle() {
+    let f = Fleet::new(Backend::S3).await;
+    let n = 10;
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, 3));
+        age(&p);
+    }
+    let rep = f.replicator();
+    let token = CancellationToken::new();
+    f.s3().set_fault(Fault::FailAfter(4));
+    let r = rep.cycle(&token).await;
+    assert_eq!(r.uploaded + r.failed, n);
+    assert!(r.uploaded >= 1 && r.failed >= 1, "{r:?}");
+    assert_eq!(r.uploaded, 4, "each small snapshot is one PUT: {r:?}");
+    f.s3().set_fault(Fault::None);
+    let r2 = rep.cycle(&token).await;
+    assert_eq!((r2.uploaded, r2.failed), (r.failed, 0));
+    assert_eq!(rep.cycle(&token).await.uploaded, 0);
+    restore_all(&f, n, 3).await;
+}
+
+/// The server is really gone (connection refused), then comes back on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_stopped_then_restarted() {
+    let mut f = Fleet::new(Backend::S3).await;
+    let n = 6;
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, 2));
+        age(&p);
+    }
+    let rep = f.replicator();
+    let token = CancellationToken::new();
+    f.s3.as_mut().unwrap().stop().await;
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.failed), (0, n));
+    assert_eq!(r.scan.pending, n);
+    f.s3.as_mut().unwrap().restart().await;
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.failed), (n, 0));
+    restore_all(&f, n, 2).await;
+}
+
+/// 500s and 503s for a while: uploads fail fast (bounded retries), the queue
+/// does not grow past the tracked set, and everything lands once healed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_for_several_cycles_then_heal() {
+    let f = Fleet::new(Backend::S3).await;
+    let n = 5;
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, 4));
+        age(&p);
+    }
+    let rep = f.replicator();
+    let token = CancellationToken::new();
+    for fault in [Fault::Unavailable, Fault::InternalError, Fault::Unavailable] {
+        f.s3().set_fault(fault);
+        let r = rep.cycle(&token).await;
+        assert_eq!((r.uploaded, r.failed, r.scan.pending), (0, n, n));
+    }
+    f.s3().set_fault(Fault::None);
+    assert_eq!(rep.cycle(&token).await.uploaded, n);
+    restore_all(&f, n, 4).await;
+}

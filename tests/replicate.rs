@@ -1,0 +1,351 @@
+//! Replicate, restore and retention against the in-process S3 server and file://.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::fleet::{age, count_rows, create_db, insert_rows, Fleet};
+use litefleet::layout;
+use litefleet::restore::RestoreOutcome;
+use tokio_util::sync::CancellationToken;
+
+both_backends!(replicate_then_restore_by_key_and_path, |b| async move {
+    let f = Fleet::new(b).await;
+    let mut paths = Vec::new();
+    for (i, (p, d, t)) in [
+        ("p1", "orders", "acme"),
+        ("p1", "orders", "zeta"),
+        ("p2", "users", "acme"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = f.db_path(p, d, t);
+        drop(create_db(&path, 10 + i));
+        paths.push((path, Fleet::key(p, d, t), 10 + i as i64));
+    }
+    let r = f.replicator().cycle(&CancellationToken::new()).await;
+    assert_eq!((r.scan.databases, r.uploaded, r.failed), (3, 3, 0));
+
+    let out = tempfile::tempdir().unwrap();
+    for (i, (path, key, rows)) in paths.iter().enumerate() {
+        let o = out.path().join(format!("by-key-{i}.db"));
+        let res = f.restore(key, &o, None).await.unwrap();
+        assert!(matches!(res, RestoreOutcome::Restored { .. }), "{res:?}");
+        assert_eq!(count_rows(&o), *rows);
+        let o = out.path().join(format!("by-path-{i}.db"));
+        f.restore(path.to_str().unwrap(), &o, None).await.unwrap();
+        assert_eq!(count_rows(&o), *rows);
+    }
+    let listed = litefleet::restore::list(&f.replica(), None).await.unwrap();
+    let keys: Vec<_> = listed.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        vec!["p1/orders/acme", "p1/orders/zeta", "p2/users/acme"]
+    );
+});
+
+both_backends!(unchanged_database_is_not_uploaded_again, |b| async move {
+    let f = Fleet::new(b).await;
+    let a = f.db_path("p", "d", "a");
+    let c = f.db_path("p", "d", "c");
+    drop(create_db(&a, 1));
+    drop(create_db(&c, 1));
+    age(&a);
+    age(&c);
+    let rep = f.replicator();
+    let token = CancellationToken::new();
+    assert_eq!(rep.cycle(&token).await.uploaded, 2);
+    let requests = f.s3.as_ref().map(|s| s.request_count());
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.scan.changed, r.scan.pending), (0, 0, 0));
+    // A scan of unchanged databases costs no request at all.
+    assert_eq!(f.s3.as_ref().map(|s| s.request_count()), requests);
+
+    // A write makes exactly that database upload again.
+    let conn = rusqlite::Connection::open(&a).unwrap();
+    insert_rows(&conn, 5);
+    drop(conn);
+    age(&a);
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.scan.changed, r.uploaded), (1, 1));
+    assert_eq!(rep.cycle(&token).await.uploaded, 0);
+
+    // A restarted replicator remembers what it uploaded (state file).
+    let again = f.replicator();
+    assert_eq!(again.cycle(&token).await.uploaded, 0);
+    let out = tempfile::tempdir().unwrap();
+    f.restore("p/d/a", &out.path().join("a.db"), None)
+        .await
+        .unwrap();
+    assert_eq!(count_rows(&out.path().join("a.db")), 6);
+});
+
+both_backends!(wal_frames_not_checkpointed_are_restored, |b| async move {
+    let f = Fleet::new(b).await;
+    let path = f.db_path("p", "d", "walled");
+    let conn = create_db(&path, 0);
+    conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    insert_rows(&conn, 123);
+    let wal = std::fs::metadata(path.with_extension("db-wal"))
+        .unwrap()
+        .len();
+    assert!(wal > 0, "writes must still be in the WAL");
+    let r = f.replicator().cycle(&CancellationToken::new()).await;
+    assert_eq!(r.uploaded, 1);
+    // The application's connection is still open and its WAL untouched.
+    assert_eq!(
+        std::fs::metadata(path.with_extension("db-wal"))
+            .unwrap()
+            .len(),
+        wal
+    );
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("r.db");
+    f.restore("p/d/walled", &o, None).await.unwrap();
+    assert_eq!(count_rows(&o), 123);
+    drop(conn);
+});
+
+both_backends!(
+    concurrent_writer_yields_a_committed_prefix,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let path = f.db_path("p", "d", "busy");
+        drop(create_db(&path, 0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let c = rusqlite::Connection::open(&path).unwrap();
+                c.busy_timeout(Duration::from_secs(5)).unwrap();
+                let mut n = 0i64;
+                // Numbered transactions: each inserts id n with a large-ish payload.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 50 {
+                    n += 1;
+                    c.execute("INSERT INTO t(id, v) VALUES (?1, randomblob(3000))", [n])
+                        .unwrap();
+                }
+                n
+            })
+        };
+        let rep = f.replicator();
+        let token = CancellationToken::new();
+        let out = tempfile::tempdir().unwrap();
+        for round in 0..4 {
+            let r = rep.cycle(&token).await;
+            assert_eq!(r.failed, 0);
+            let o = out.path().join(format!("r{round}.db"));
+            f.restore("p/d/busy", &o, None).await.unwrap();
+            // Prefix property: ids 1..=k with no gap, whatever k was at snapshot time.
+            let c = rusqlite::Connection::open(&o).unwrap();
+            let (count, max): (i64, Option<i64>) = c
+                .query_row("SELECT count(*), max(id) FROM t", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .unwrap();
+            assert_eq!(
+                max.unwrap_or(0),
+                count,
+                "round {round}: a gap in committed transactions"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let total = writer.join().unwrap();
+        assert!(total >= 50);
+    }
+);
+
+both_backends!(snapshot_named_after_the_next_hour, |b| async move {
+    let f = Fleet::new(b).await;
+    drop(create_db(&f.db_path("p", "d", "t1"), 1));
+    let before = Utc::now();
+    f.replicator().cycle(&CancellationToken::new()).await;
+    let after = Utc::now();
+    let prefix = match b {
+        common::fleet::Backend::S3 => object_store::path::Path::from("fleet"),
+        common::fleet::Backend::File => object_store::path::Path::default(),
+    };
+    let expected: Vec<String> = [before, after]
+        .iter()
+        .map(|t| layout::snapshot_path(&prefix, "p/d/t1", "t1", *t).to_string())
+        .collect();
+    let objects = f.objects().await;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert!(
+        expected.contains(&objects[0]),
+        "{objects:?} not in {expected:?}"
+    );
+    let name = objects[0].rsplit('/').next().unwrap();
+    let parsed = layout::parse_snapshot_name(name).unwrap();
+    assert!(parsed.hour > before && parsed.hour <= after + chrono::Duration::hours(1));
+    assert_eq!(parsed.hour.format("%M%S").to_string(), "0000");
+
+    // A second change within the hour overwrites the same object.
+    let p = f.db_path("p", "d", "t1");
+    let c = rusqlite::Connection::open(&p).unwrap();
+    insert_rows(&c, 3);
+    drop(c);
+    let r = f.replicator().cycle(&CancellationToken::new()).await;
+    assert_eq!(r.uploaded, 1);
+    if Utc::now() < parsed.hour {
+        assert_eq!(f.objects().await.len(), 1);
+    }
+});
+
+both_backends!(retention_deletes_old_and_keeps_newest, |b| async move {
+    let f = Fleet::new(b).await;
+    let replica = f.replica();
+    let now = Utc::now();
+    let days = |d: i64| now - chrono::Duration::days(d);
+    let put = |key: &'static str, stem: &'static str, t: chrono::DateTime<Utc>| {
+        let loc = layout::snapshot_path(&replica.prefix, key, stem, t);
+        let store = replica.store.clone();
+        async move {
+            use object_store::ObjectStoreExt;
+            store
+                .put(&loc, bytes::Bytes::from_static(b"x").into())
+                .await
+                .unwrap();
+            loc.to_string()
+        }
+    };
+    let a_old1 = put("p/d/a", "a", days(40)).await;
+    let a_old2 = put("p/d/a", "a", days(35)).await;
+    let a_new = put("p/d/a", "a", days(1)).await;
+    let b_old = put("p/d/b", "b", days(45)).await;
+    let b_newest_but_expired = put("p/d/b", "b", days(39)).await;
+    // Not a snapshot name: never touched.
+    let other = {
+        use object_store::ObjectStoreExt;
+        let loc = layout::key_path(&replica.prefix, "p/d/a").join("notes.txt");
+        replica
+            .store
+            .put(&loc, bytes::Bytes::from_static(b"keep").into())
+            .await
+            .unwrap();
+        loc.to_string()
+    };
+    let report = litefleet::retention::enforce(&replica, Duration::from_secs(30 * 86400), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.examined, report.deleted, report.kept_newest_expired),
+        (5, 3, 1)
+    );
+    let left = f.objects().await;
+    let mut want = vec![a_new, b_newest_but_expired, other];
+    want.sort();
+    assert_eq!(left, want);
+    for gone in [a_old1, a_old2, b_old] {
+        assert!(!left.contains(&gone));
+    }
+});
+
+both_backends!(non_sqlite_files_are_skipped, |b| async move {
+    let f = Fleet::new(b).await;
+    drop(create_db(&f.db_path("p", "d", "real"), 1));
+    let fake = f.db_path("p", "d", "fake");
+    std::fs::write(&fake, b"this is a text file that matches the glob").unwrap();
+    let empty = f.db_path("p", "d", "empty");
+    std::fs::write(&empty, b"").unwrap();
+    let rep = f.replicator();
+    let r = rep.cycle(&CancellationToken::new()).await;
+    assert_eq!((r.scan.databases, r.uploaded), (1, 1));
+    let r = rep.cycle(&CancellationToken::new()).await;
+    assert_eq!(r.scan.databases, 1);
+    assert_eq!(f.objects().await.len(), 1);
+});
+
+both_backends!(restore_flags_and_errors, |b| async move {
+    let f = Fleet::new(b).await;
+    drop(create_db(&f.db_path("p", "d", "x"), 2));
+    f.replicator().cycle(&CancellationToken::new()).await;
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("x.db");
+    f.restore("p/d/x", &o, None).await.unwrap();
+    // Output exists: an error unless --if-db-not-exists.
+    let e = f.restore("p/d/x", &o, None).await.unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    let opts = |target: &str, out: &std::path::Path| litefleet::restore::RestoreOptions {
+        target: target.into(),
+        output: out.into(),
+        timestamp: None,
+        if_replica_exists: true,
+        if_db_not_exists: true,
+    };
+    let r = litefleet::restore::restore(&f.loaded(), &f.replica(), &opts("p/d/x", &o))
+        .await
+        .unwrap();
+    assert_eq!(r, RestoreOutcome::OutputExists);
+    let missing = out.path().join("missing.db");
+    let r = litefleet::restore::restore(&f.loaded(), &f.replica(), &opts("p/d/nope", &missing))
+        .await
+        .unwrap();
+    assert_eq!(r, RestoreOutcome::NoReplica);
+    assert!(!missing.exists());
+    let e = f
+        .restore("p/d/nope", &missing, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no snapshot"), "{e}");
+    // Before the first upload: nothing to restore at that time.
+    let e = f
+        .restore(
+            "p/d/x",
+            &missing,
+            Some(Utc::now() - chrono::Duration::hours(2)),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at or before"), "{e}");
+    // Keys cannot escape the replica root.
+    let e = f
+        .restore("p/../../etc", &missing, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be relative"), "{e}");
+    // No temp files left behind.
+    let names: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("x.db")]);
+});
+
+both_backends!(deleted_database_leaves_the_table, |b| async move {
+    let f = Fleet::new(b).await;
+    let p = f.db_path("p", "d", "gone");
+    drop(create_db(&p, 1));
+    drop(create_db(&f.db_path("p", "d", "stays"), 1));
+    let rep = f.replicator();
+    assert_eq!(rep.cycle(&CancellationToken::new()).await.scan.databases, 2);
+    std::fs::remove_file(&p).unwrap();
+    let _ = std::fs::remove_file(p.with_extension("db-wal"));
+    let r = rep.cycle(&CancellationToken::new()).await;
+    assert_eq!((r.scan.removed, r.scan.databases), (1, 1));
+    assert_eq!(rep.tracked(), 1);
+});
+
+/// Interval logic with paused time: cycles happen every scan-interval, and
+/// cancelling stops the loop. No real sleeping.
+#[tokio::test(start_paused = true)]
+async fn run_loop_scans_every_interval_and_stops_on_cancel() {
+    let f = Fleet::new(common::fleet::Backend::File).await;
+    drop(create_db(&f.db_path("p", "d", "x"), 1));
+    let rep = std::sync::Arc::new(f.replicator());
+    let stats = rep.stats();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(rep.clone().run(false, token.clone()));
+    // Ticks at t = 0, 15, 30 and 45 s.
+    tokio::time::sleep(Duration::from_secs(46)).await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+    let scans = stats.scans.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(scans, 4);
+    assert!(stats.uploads_ok.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}

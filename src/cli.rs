@@ -107,6 +107,20 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Random writers and injected store faults, then restore everything and compare.
+    Soak {
+        #[arg(long, default_value_t = 10_000)]
+        databases: usize,
+        /// How long writers run (humantime: 60s, 5m).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Writer threads.
+        #[arg(long, default_value_t = 2)]
+        writers: usize,
+        /// Working directory (fleet, replica, restores); a fresh temp dir by default.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn print_listing(
@@ -206,8 +220,26 @@ async fn run(cli: Cli) -> Result<()> {
             let loaded = Loaded::from_file(&cli.config)?;
             let token = CancellationToken::new();
             install_signals(token.clone());
+            let addr = loaded.config.addr;
+            let scan_interval = loaded.multi_db().scan_interval;
             let replicator = Arc::new(Replicator::new(loaded)?);
-            replicator.run(once, token).await
+            // The endpoint outlives the loop's drain, so /healthz answers
+            // while in-flight uploads finish; it stops after `run` returns.
+            let ops_stop = CancellationToken::new();
+            let ops = match addr {
+                Some(addr) => Some(
+                    crate::server::serve(addr, replicator.stats(), scan_interval, ops_stop.clone())
+                        .await?
+                        .1,
+                ),
+                None => None,
+            };
+            let result = replicator.run(once, token).await;
+            ops_stop.cancel();
+            if let Some(task) = ops {
+                let _ = task.await;
+            }
+            result
         }
         Command::Restore(args) => {
             let loaded = Loaded::from_file(&cli.config)?;
@@ -259,6 +291,40 @@ async fn run(cli: Cli) -> Result<()> {
                 made.1.display()
             );
             Ok(())
+        }
+        Command::Bench(BenchCommand::Soak {
+            databases,
+            duration,
+            writers,
+            dir,
+        }) => {
+            let tmp;
+            let dir = match dir {
+                Some(d) => d,
+                None => {
+                    tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+                    tmp.path().to_path_buf()
+                }
+            };
+            let r = crate::soak::soak(crate::soak::SoakOptions {
+                databases,
+                duration,
+                writers,
+                dir,
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            if r.restored_exactly == r.databases {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    "bench soak",
+                    format!(
+                        "{} of {} databases restored exactly",
+                        r.restored_exactly, r.databases
+                    ),
+                ))
+            }
         }
         Command::Bench(BenchCommand::Scan {
             databases,

@@ -31,7 +31,10 @@
 //!   keeping the newest snapshot of each database.
 //! * [`restore`]: picks a snapshot (latest or at a timestamp), writes the
 //!   database atomically and checks its integrity; also the `list` command.
-//! * [`demo`] and [`bench`]: sample data for a first run, and the scan benchmark.
+//! * [`server`]: the operations endpoint (`/healthz`, `/stats`, `/metrics`),
+//!   aggregate counters only, so its cost does not grow with the fleet.
+//! * [`demo`], [`bench`] and [`soak`]: sample data for a first run, the scan
+//!   benchmark, and the soak (writers + injected store faults + full restore).
 //! * [`cli`]: the command line (clap) that wires all of the above together.
 //!
 //! Errors that reach the user are [`Error`]s: each names the path, key or
@@ -47,7 +50,9 @@ pub mod layout;
 pub mod restore;
 pub mod retention;
 pub mod scheduler;
+pub mod server;
 pub mod snapshot;
+pub mod soak;
 pub mod storage;
 pub mod track;
 

@@ -186,8 +186,8 @@ pub async fn restore(
             "already exists; remove it or pass --if-db-not-exists",
         ));
     }
-    let snaps = snapshots(replica, &key).await?;
-    let Some(snap) = choose(&snaps, opts.timestamp) else {
+    let mut snaps = snapshots(replica, &key).await?;
+    let Some(snap) = choose(&snaps, opts.timestamp).cloned() else {
         if opts.if_replica_exists {
             return Ok(RestoreOutcome::NoReplica);
         }
@@ -199,13 +199,32 @@ pub async fn restore(
             "no snapshot of {key:?}{when} in {replica}"
         )));
     };
-    let bytes = fetch_to(replica, &snap.location, &opts.output).await?;
-    Ok(RestoreOutcome::Restored {
-        key,
-        object: snap.location.to_string(),
-        bytes,
-        uploaded: snap.uploaded,
-    })
+    // A damaged object (a partial write by a store without atomic PUT, bit
+    // rot) fails the LZ4 content checksum or the integrity check; it is never
+    // installed. Fall back to the next older snapshot, loudly. Store and local
+    // I/O errors are not damage and stop the restore.
+    let mut snap = snap;
+    loop {
+        match fetch_to(replica, &snap.location, &opts.output).await {
+            Ok(bytes) => {
+                return Ok(RestoreOutcome::Restored {
+                    key,
+                    object: snap.location.to_string(),
+                    bytes,
+                    uploaded: snap.uploaded,
+                })
+            }
+            Err(e @ (Error::Invalid { .. } | Error::Sqlite { .. })) => {
+                snaps.retain(|s| s.location != snap.location);
+                let Some(older) = choose(&snaps, opts.timestamp).cloned() else {
+                    return Err(e);
+                };
+                tracing::warn!(object = %snap.location, error = %e, fallback = %older.location, "snapshot is damaged; restoring the next older one");
+                snap = older;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Downloads, decompresses, checks and atomically installs one snapshot at `output`.

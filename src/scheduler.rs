@@ -13,6 +13,7 @@
 //! upload starts, uploads already running are finished, then `run` returns.
 //! Retention runs beside the loop on its own interval.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,8 +36,11 @@ use crate::{Error, Result};
 /// here grows with the number of databases.
 #[derive(Debug, Default)]
 pub struct Stats {
+    pub started_unix: AtomicU64,
     pub scans: AtomicU64,
     pub databases: AtomicU64,
+    /// Databases in the hot tier (WAL streaming); the rest are cold.
+    pub hot: AtomicU64,
     pub pending: AtomicU64,
     pub uploads_ok: AtomicU64,
     pub uploads_failed: AtomicU64,
@@ -66,7 +70,17 @@ pub struct Replicator {
     stats: Arc<Stats>,
     temp_dir: PathBuf,
     state_file: PathBuf,
+    /// Databases whose last upload failed, with that error, so a failure that
+    /// repeats every cycle (permission denied, a corrupt file, a full disk) is
+    /// logged once at warn and then at debug until it changes or recovers.
+    /// Holds only failing databases, so it is empty in a healthy fleet.
+    failing: Mutex<HashMap<PathBuf, String>>,
 }
+
+/// At most this many individual upload failures are logged per cycle; the
+/// rest are counted in the cycle summary. An S3 outage fails every pending
+/// database at once, and 100,000 identical lines help nobody.
+const FAILURE_LINES_PER_CYCLE: usize = 20;
 
 fn lock(t: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
     // A panic while holding the lock cannot leave the table half-updated in a
@@ -77,7 +91,25 @@ fn lock(t: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
 impl Replicator {
     pub fn new(loaded: Loaded) -> Result<Replicator> {
         let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
-        let temp_dir = loaded.temp_dir();
+        Self::with_replica(loaded, replica)
+    }
+
+    /// A replicator writing to an already built replica (the soak benchmark
+    /// wraps the store to inject faults).
+    pub fn with_replica(loaded: Loaded, replica: Replica) -> Result<Replicator> {
+        // Staging files live in a directory of their own per replica set-up
+        // (the lease guarantees one process per replica root), so whatever a
+        // killed predecessor left there can be removed at start.
+        let temp_dir = loaded
+            .temp_dir()
+            .join(format!("{:016x}", loaded.state_tag()));
+        match std::fs::remove_dir_all(&temp_dir) {
+            Ok(()) => tracing::debug!(dir = %temp_dir.display(), "removed stale staging files"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %temp_dir.display(), error = %e, "cannot clean staging directory")
+            }
+        }
         let state_file = loaded.state_file();
         let mut tracker = Tracker::new();
         match tracker.load_state(&state_file, loaded.state_tag()) {
@@ -91,13 +123,19 @@ impl Replicator {
                 "cannot read upload records; every database will be uploaded once"
             ),
         }
+        let stats = Stats::default();
+        stats.started_unix.store(
+            chrono::Utc::now().timestamp().max(0) as u64,
+            Ordering::Relaxed,
+        );
         Ok(Replicator {
             loaded: Arc::new(loaded),
             replica,
             tracker: Arc::new(Mutex::new(tracker)),
-            stats: Arc::new(Stats::default()),
+            stats: Arc::new(stats),
             temp_dir,
             state_file,
+            failing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -146,7 +184,7 @@ impl Replicator {
         };
         let pending = lock(&self.tracker).pending();
         let max = self.loaded.multi_db().max_concurrent;
-        let mut set: JoinSet<(Ticket, Result<u64>)> = JoinSet::new();
+        let mut set: JoinSet<(Ticket, PathBuf, Result<u64>)> = JoinSet::new();
         for id in pending {
             if shutdown.is_cancelled() {
                 report.interrupted = true;
@@ -164,15 +202,17 @@ impl Replicator {
             let job = upload_one(
                 self.loaded.clone(),
                 self.replica.clone(),
-                path,
+                path.clone(),
                 self.temp_dir.clone(),
             );
             set.spawn(async move {
                 let r = AssertUnwindSafe(job)
                     .catch_unwind()
                     .await
-                    .unwrap_or_else(|_| Err(Error::invalid("upload", "task panicked")));
-                (ticket, r)
+                    .unwrap_or_else(|_| {
+                        Err(Error::invalid(path.display(), "upload task panicked"))
+                    });
+                (ticket, path, r)
             });
         }
         while let Some(done) = set.join_next().await {
@@ -180,6 +220,10 @@ impl Replicator {
         }
         let pending = {
             let t = lock(&self.tracker);
+            let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget failures of databases that left the table (deleted, renamed).
+            failing.retain(|path, _| t.find(path).is_some());
+            drop(failing);
             let pending = t.pending_count();
             self.stats.pending.store(pending as u64, Ordering::Relaxed);
             self.stats
@@ -206,12 +250,14 @@ impl Replicator {
 
     fn reap(
         &self,
-        done: std::result::Result<(Ticket, Result<u64>), tokio::task::JoinError>,
+        done: std::result::Result<(Ticket, PathBuf, Result<u64>), tokio::task::JoinError>,
         report: &mut CycleReport,
     ) {
         // The task body never panics through (catch_unwind above); a JoinError here
         // would mean the runtime is shutting down, and the ticket is lost with it.
-        let Ok((ticket, result)) = done else { return };
+        let Ok((ticket, path, result)) = done else {
+            return;
+        };
         let ok = result.is_ok();
         match result {
             Ok(bytes) => {
@@ -221,11 +267,23 @@ impl Replicator {
                 self.stats
                     .bytes_uploaded
                     .fetch_add(bytes, Ordering::Relaxed);
+                let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+                if !failing.is_empty() && failing.remove(&path).is_some() {
+                    tracing::debug!(path = %path.display(), "upload recovered");
+                }
             }
             Err(e) => {
                 report.failed += 1;
                 self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "upload failed; will retry next cycle");
+                let msg = e.to_string();
+                let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+                let repeated = failing.get(&path) == Some(&msg);
+                if repeated || report.failed > FAILURE_LINES_PER_CYCLE {
+                    tracing::debug!(error = %msg, "upload failed again; will retry next cycle");
+                } else {
+                    tracing::warn!(error = %msg, "upload failed; will retry next cycle");
+                }
+                failing.insert(path, msg);
             }
         }
         lock(&self.tracker).finish_upload(ticket, ok);

@@ -99,6 +99,14 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
         .at(tmp_dir)?
         .into_temp_path();
     backup_to(db, &copy)?;
+    // A corrupt or truncated source copies "successfully" page by page; never
+    // let such a copy overwrite a good snapshot of the same hour.
+    check(&copy, "quick_check").map_err(|e| {
+        Error::invalid(
+            db.display(),
+            format!("database is damaged, not uploading this copy ({e})"),
+        )
+    })?;
     let db_bytes = std::fs::metadata(&copy).at(&*copy)?.len();
     let out = NamedTempFile::with_prefix_in("snap-", tmp_dir).at(tmp_dir)?;
     compress(&copy, out.as_file())?;
@@ -147,9 +155,15 @@ pub fn decompress(src: impl Read, what: &str, dst: &mut File) -> Result<u64> {
 
 /// Runs `PRAGMA integrity_check` on a database file; `Err` names what failed.
 pub fn integrity_check(path: &Path) -> Result<()> {
+    check(path, "integrity_check")
+}
+
+/// Runs `PRAGMA <pragma>` (`integrity_check` or the cheaper `quick_check`,
+/// which skips index-content checks) and expects the single row `ok`.
+fn check(path: &Path, pragma: &str) -> Result<()> {
     let conn = Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
     let mut stmt = conn
-        .prepare("PRAGMA integrity_check")
+        .prepare(&format!("PRAGMA {pragma}"))
         .map_err(|e| Error::sqlite(path, e))?;
     let rows: Vec<String> = stmt
         .query_map([], |r| r.get(0))
@@ -162,7 +176,7 @@ pub fn integrity_check(path: &Path) -> Result<()> {
     } else {
         Err(Error::invalid(
             path.display(),
-            format!("integrity_check failed: {}", rows.join("; ")),
+            format!("{pragma} failed: {}", rows.join("; ")),
         ))
     }
 }

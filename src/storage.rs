@@ -149,12 +149,18 @@ impl Replica {
         }
     }
 
+    /// The same replica (prefix, description) over another store, e.g. a
+    /// wrapper that injects faults or counts requests.
+    pub fn with_store(self, store: Arc<dyn ObjectStore>) -> Replica {
+        Replica { store, ..self }
+    }
+
     /// Uploads a local file to `location`: one PUT when it fits in
     /// [`UPLOAD_PART`], otherwise a multipart upload that is aborted on error
     /// so no parts are left behind. Either way the object appears atomically:
     /// readers see the old version or the whole new one, never a prefix.
     pub async fn upload_file(&self, location: &ObjPath, file: &Path) -> Result<u64> {
-        let ctx = || format!("replica {location}");
+        let ctx = || location.to_string();
         let len = tokio::fs::metadata(file).await.at(file)?.len();
         if len <= UPLOAD_PART as u64 {
             let bytes = tokio::fs::read(file).await.at(file)?;

@@ -47,6 +47,12 @@ pub struct Fleet {
     pub work: TempDir,
     pub s3: Option<S3Server>,
     pub extra_yaml: String,
+    /// `replica.timeout` for S3 (per request).
+    pub timeout: &'static str,
+    pub max_concurrent: usize,
+    pub scan_interval: &'static str,
+    /// Appended at the top level of the config (e.g. `addr: ...`).
+    pub top_yaml: String,
 }
 
 impl Fleet {
@@ -66,6 +72,10 @@ impl Fleet {
             work: tempfile::tempdir().unwrap(),
             s3,
             extra_yaml: extra.to_string(),
+            timeout: "10s",
+            max_concurrent: 8,
+            scan_interval: "15s",
+            top_yaml: String::new(),
         }
     }
 
@@ -76,11 +86,12 @@ impl Fleet {
     pub fn replica_yaml(&self) -> String {
         match &self.s3 {
             Some(s) => format!(
-                "    url: s3://{}/fleet\n    endpoint: {}\n    force-path-style: true\n    region: us-east-1\n    access-key-id: {}\n    secret-access-key: {}\n    retries: 0\n    timeout: 10s\n",
+                "    url: s3://{}/fleet\n    endpoint: {}\n    force-path-style: true\n    region: us-east-1\n    access-key-id: {}\n    secret-access-key: {}\n    retries: 0\n    timeout: {}\n",
                 s.bucket(),
                 s.endpoint(),
                 s.access_key(),
-                s.secret_key()
+                s.secret_key(),
+                self.timeout
             ),
             None => format!("    url: file://{}\n", self.work.path().join("replica").display()),
         }
@@ -88,12 +99,15 @@ impl Fleet {
 
     pub fn yaml(&self) -> String {
         format!(
-            "multi-db:\n  patterns: [\"{}/*/databases/*/tenants/*.db\"]\n  scan-interval: 15s\n  max-concurrent: 8\n  temp-dir: {}\n  state-dir: {}\n{}  replica:\n    path: \"{{{{project}}}}/{{{{database}}}}/{{{{tenant}}}}\"\n{}",
+            "multi-db:\n  patterns: [\"{}/*/databases/*/tenants/*.db\"]\n  scan-interval: {}\n  max-concurrent: {}\n  temp-dir: {}\n  state-dir: {}\n{}  replica:\n    path: \"{{{{project}}}}/{{{{database}}}}/{{{{tenant}}}}\"\n{}{}",
             self.data.path().display(),
+            self.scan_interval,
+            self.max_concurrent,
             self.work.path().join("tmp").display(),
             self.work.path().join("state").display(),
             self.extra_yaml,
-            self.replica_yaml()
+            self.replica_yaml(),
+            self.top_yaml
         )
     }
 

@@ -44,6 +44,25 @@ struct Shared {
     passed: AtomicU64,
     requests: AtomicU64,
     faults: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: Arc<Shared>) -> InFlight {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct S3Server {
@@ -97,6 +116,8 @@ impl S3Server {
             passed: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             faults: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
         });
         let mut s = S3Server {
             root,
@@ -130,6 +151,7 @@ impl S3Server {
                 let handler = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (service, shared) = (service.clone(), shared.clone());
                     async move {
+                        let _counted = InFlight::new(shared.clone());
                         match shared.decide() {
                             Action::Serve => {}
                             Action::Delay(d) => tokio::time::sleep(d).await,
@@ -180,6 +202,10 @@ impl S3Server {
     }
     pub fn request_count(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+    /// The most requests the server was ever handling at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
     }
     pub fn fault_count(&self) -> u64 {
         self.shared.faults.load(Ordering::SeqCst)

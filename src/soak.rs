@@ -1,0 +1,394 @@
+//! `litefleet bench soak`: random writers against a fleet while the store
+//! fails at random, then every database is restored and compared with its
+//! source. The figure that matters is "restored exactly": it must equal the
+//! number of databases.
+//!
+//! Faults are injected by [`FaultyStore`], an [`ObjectStore`] wrapper around
+//! the real replica store (a `file://` directory by default, or the replica
+//! of `--config`), so every layer above the store (retries, the pending
+//! table, the state file) is the production code path. Fault windows
+//! alternate with healthy ones, [`FAULT_WINDOW`] each.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Loaded;
+use crate::restore::{self, RestoreOptions, RestoreOutcome};
+use crate::scheduler::{key_for, Replicator};
+use crate::storage::Replica;
+use crate::{Error, Result};
+
+/// Length of each faulty and each healthy period: several scan intervals, so
+/// uploads fail, stay pending and are retried within one run.
+pub const FAULT_WINDOW: Duration = Duration::from_secs(3);
+/// Share of store calls that fail inside a fault window, in per mille.
+pub const FAULT_RATE_PER_MILLE: u32 = 300;
+/// Scan interval of the soak: short, so a 60 s soak runs dozens of cycles.
+const SOAK_SCAN_INTERVAL: &str = "1s";
+/// Restores running at once at the end.
+const RESTORE_CONCURRENCY: usize = 32;
+
+/// An [`ObjectStore`] that fails a share of calls with a generic error.
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    rate_per_mille: AtomicU32,
+    calls: AtomicU64,
+    faults: AtomicU64,
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
+    }
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> FaultyStore {
+        FaultyStore {
+            inner,
+            rate_per_mille: AtomicU32::new(0),
+            calls: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set_rate(&self, per_mille: u32) {
+        self.rate_per_mille.store(per_mille, Ordering::Relaxed);
+    }
+
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
+    fn check(&self) -> object_store::Result<()> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let rate = self.rate_per_mille.load(Ordering::Relaxed);
+        if rate > 0 && (splitmix(n) % 1000) < u64::from(rate) {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            return Err(object_store::Error::Generic {
+                store: "faulty",
+                source: "injected fault (bench soak)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A fixed pseudo-random sequence (splitmix64): reproducible runs, no RNG crate.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.check()?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.check()?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.check()?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        match self.check() {
+            Ok(()) => self.inner.list(prefix),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        }
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&ObjPath>,
+        offset: &ObjPath,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<ListResult> {
+        self.check()?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.check()?;
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: RenameOptions,
+    ) -> object_store::Result<()> {
+        self.check()?;
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+/// What a soak run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakReport {
+    pub databases: usize,
+    pub duration_seconds: f64,
+    pub writes: u64,
+    pub faults_injected: u64,
+    pub uploads_ok: u64,
+    pub uploads_failed: u64,
+    pub cycles: u64,
+    pub restored_exactly: usize,
+    pub mismatched: Vec<String>,
+    pub restore_seconds: f64,
+}
+
+/// Soak parameters.
+#[derive(Debug, Clone)]
+pub struct SoakOptions {
+    pub databases: usize,
+    pub duration: Duration,
+    pub writers: usize,
+    pub dir: PathBuf,
+}
+
+fn soak_path(root: &Path, i: usize) -> PathBuf {
+    root.join("data")
+        .join(format!("g{}", i / 100))
+        .join(format!("t{i:05}.db"))
+}
+
+fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
+    let c = rusqlite::Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
+    c.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| Error::sqlite(path, e))?;
+    c.execute_batch("PRAGMA journal_mode=wal; PRAGMA synchronous=normal;")
+        .map_err(|e| Error::sqlite(path, e))?;
+    Ok(c)
+}
+
+fn count(path: &Path) -> Result<i64> {
+    let c = rusqlite::Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
+    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .map_err(|e| Error::sqlite(path, e))
+}
+
+/// Runs a soak: creates the fleet, writes and replicates under faults for
+/// `duration`, drains, restores everything and compares row counts.
+pub async fn soak(opts: SoakOptions) -> Result<SoakReport> {
+    let root = opts.dir.clone();
+    let n = opts.databases;
+    tokio::task::spawn_blocking({
+        let root = root.clone();
+        move || -> Result<()> {
+            for i in 0..n {
+                let p = soak_path(&root, i);
+                if i % 100 == 0 {
+                    let d = p.parent().expect("has parent");
+                    std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+                }
+                let c = open_writer(&p)?;
+                c.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t(v) VALUES ('seed');",
+                )
+                .map_err(|e| Error::sqlite(&p, e))?;
+            }
+            Ok(())
+        }
+    })
+    .await
+    .map_err(|e| Error::invalid("bench soak", e.to_string()))??;
+    tracing::info!(databases = n, dir = %root.display(), "fleet ready");
+
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"{}/data/*/*.db\"]\n  scan-interval: {SOAK_SCAN_INTERVAL}\n  max-concurrent: 100\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    url: file://{}\n    path: \"{{{{group}}}}/{{{{db}}}}\"\n",
+        root.display(),
+        root.join("tmp").display(),
+        root.join("state").display(),
+        root.join("replica").display(),
+    );
+    let loaded = Loaded::from_str(&yaml, "bench-soak.yml", &root)?;
+    let plain = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+    let faulty = Arc::new(FaultyStore::new(plain.store.clone()));
+    let replicator = Arc::new(Replicator::with_replica(
+        loaded.clone(),
+        plain.clone().with_store(faulty.clone()),
+    )?);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..opts.writers.max(1) {
+        let (stop, writes, root) = (stop.clone(), writes.clone(), root.clone());
+        writers.push(std::thread::spawn(move || -> Result<()> {
+            let mut seq = (w as u64) << 40;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                let r = splitmix(seq);
+                let p = soak_path(&root, (r % n as u64) as usize);
+                let c = open_writer(&p)?;
+                let rows = 1 + (r >> 32) % 3;
+                c.execute_batch("BEGIN").map_err(|e| Error::sqlite(&p, e))?;
+                for _ in 0..rows {
+                    c.execute("INSERT INTO t(v) VALUES ('soak')", [])
+                        .map_err(|e| Error::sqlite(&p, e))?;
+                }
+                c.execute_batch("COMMIT")
+                    .map_err(|e| Error::sqlite(&p, e))?;
+                writes.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(replicator.clone().run(false, cancel.clone()));
+    let started = Instant::now();
+    let mut faulty_window = false;
+    while started.elapsed() < opts.duration {
+        faulty_window = !faulty_window;
+        faulty.set_rate(if faulty_window {
+            FAULT_RATE_PER_MILLE
+        } else {
+            0
+        });
+        tokio::time::sleep(FAULT_WINDOW.min(opts.duration.saturating_sub(started.elapsed()))).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join()
+            .map_err(|_| Error::invalid("bench soak", "writer thread panicked"))??;
+    }
+    faulty.set_rate(0);
+    cancel.cancel();
+    let _ = run.await;
+    let duration = started.elapsed();
+
+    // Drain: past the racy window, cycles until nothing is pending.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let token = CancellationToken::new();
+    for _ in 0..10 {
+        let r = replicator.cycle(&token).await;
+        if r.scan.pending == 0 || (r.uploaded == 0 && r.failed == 0) {
+            break;
+        }
+    }
+    let stats = replicator.stats();
+    tracing::info!("soak done; restoring every database");
+
+    let restore_start = Instant::now();
+    let out = root.join("restored");
+    let _ = std::fs::remove_dir_all(&out);
+    let loaded = Arc::new(loaded);
+    let plain = Arc::new(plain);
+    let mut mismatched = Vec::new();
+    let mut exact = 0;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        while set.len() >= RESTORE_CONCURRENCY {
+            tally(set.join_next().await, &mut exact, &mut mismatched);
+        }
+        let (loaded, plain, out) = (loaded.clone(), plain.clone(), out.clone());
+        let src = soak_path(&root, i);
+        set.spawn(async move {
+            let (key, _) = key_for(&loaded, &src).expect("soak path matches its pattern");
+            let output = out.join(format!("{i}.db"));
+            let opts = RestoreOptions {
+                target: key.clone(),
+                output: output.clone(),
+                timestamp: None,
+                if_replica_exists: false,
+                if_db_not_exists: false,
+            };
+            let r = restore::restore(&loaded, &plain, &opts).await;
+            let ok = matches!(r, Ok(RestoreOutcome::Restored { .. }))
+                && tokio::task::spawn_blocking(move || {
+                    count(&src).ok().is_some() && count(&src).ok() == count(&output).ok()
+                })
+                .await
+                .unwrap_or(false);
+            (key, ok)
+        });
+    }
+    while !set.is_empty() {
+        tally(set.join_next().await, &mut exact, &mut mismatched);
+    }
+    Ok(SoakReport {
+        databases: n,
+        duration_seconds: duration.as_secs_f64(),
+        writes: writes.load(Ordering::Relaxed),
+        faults_injected: faulty.faults(),
+        uploads_ok: stats.uploads_ok.load(Ordering::Relaxed),
+        uploads_failed: stats.uploads_failed.load(Ordering::Relaxed),
+        cycles: stats.scans.load(Ordering::Relaxed),
+        restored_exactly: exact,
+        mismatched,
+        restore_seconds: restore_start.elapsed().as_secs_f64(),
+    })
+}
+
+fn tally(
+    done: Option<std::result::Result<(String, bool), tokio::task::JoinError>>,
+    exact: &mut usize,
+    mismatched: &mut Vec<String>,
+) {
+    match done {
+        Some(Ok((_, true))) => *exact += 1,
+        Some(Ok((key, false))) => mismatched.push(key),
+        Some(Err(e)) => mismatched.push(format!("(task failed: {e})")),
+        None => {}
+    }
+}

@@ -1,0 +1,234 @@
+//! Hostile conditions: slow or failing S3, damaged objects in the replica,
+//! damaged or foreign files in the fleet, databases vanishing mid-cycle.
+//! Nothing may be lost, nothing may panic, and restore never installs a
+//! damaged snapshot.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::fleet::{age, count_rows, create_db, Backend, Fleet};
+use common::s3::Fault;
+use object_store::ObjectStoreExt;
+use tokio_util::sync::CancellationToken;
+
+async fn restore_all(f: &Fleet, keys: &[String], rows: i64) {
+    let out = tempfile::tempdir().unwrap();
+    for key in keys {
+        let o = out.path().join(key.replace('/', "_"));
+        f.restore(key, &o, None).await.unwrap();
+        assert_eq!(count_rows(&o), rows, "{key}");
+    }
+}
+
+/// Requests that time out for a while, then succeed: every database ends up
+/// in the replica, and the number of requests in flight never exceeded
+/// `max-concurrent` (the queue is the table, not an unbounded task list).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_then_recovery_lose_nothing_and_stay_bounded() {
+    let mut f = Fleet::new(Backend::S3).await;
+    f.timeout = "1s";
+    f.max_concurrent = 4;
+    let n = 10;
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, 6));
+        age(&p);
+        keys.push(format!("p/d/t{i}"));
+    }
+    let rep = f.replicator();
+    let token = CancellationToken::new();
+    f.s3().set_fault(Fault::Delay(Duration::from_secs(3)));
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.failed, r.scan.pending), (0, n, n));
+    assert!(f.s3().max_in_flight() <= 4, "{}", f.s3().max_in_flight());
+    f.s3().set_fault(Fault::Unavailable);
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.failed), (0, n));
+    f.s3().set_fault(Fault::None);
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.failed, r.scan.pending), (n, 0, n));
+    assert_eq!(rep.cycle(&token).await.uploaded, 0);
+    assert!(f.s3().max_in_flight() <= 4, "{}", f.s3().max_in_flight());
+    let stats = rep.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(stats.uploads_failed.load(Relaxed), 2 * n as u64);
+    assert_eq!(stats.pending.load(Relaxed), 0);
+    restore_all(&f, &keys, 6).await;
+}
+
+// The newest snapshot object is damaged (a partial write by a store without
+// atomic PUT, bit rot): the LZ4 content checksum recorded at upload exposes
+// it, and restore falls back to the next older snapshot instead of
+// installing it. With only damaged snapshots, restore fails and writes nothing.
+both_backends!(damaged_snapshot_is_never_chosen, |b| async move {
+    let f = Fleet::new(b).await;
+    let p = f.db_path("p", "d", "a");
+    drop(create_db(&p, 3));
+    age(&p);
+    let rep = f.replicator();
+    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, 1);
+    let good = f.objects().await.pop().unwrap();
+    let store = f.replica().store.clone();
+    let bytes = store
+        .get(&good.as_str().into())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    // Same database, a later hour, cut short: as if the upload died halfway.
+    let name = litefleet::layout::parse_snapshot_name(good.rsplit('/').next().unwrap()).unwrap();
+    let later = name.hour + chrono::Duration::hours(1);
+    let damaged = format!(
+        "{}/a-{}.db.lz4",
+        good.rsplit_once('/').unwrap().0,
+        later.format("%Y%m%d-%H%M%S")
+    );
+    store
+        .put(
+            &damaged.as_str().into(),
+            bytes.slice(..bytes.len() / 2).into(),
+        )
+        .await
+        .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("a.db");
+    f.restore("p/d/a", &o, None).await.unwrap();
+    assert_eq!(count_rows(&o), 3);
+
+    // Flip one byte in the middle of the good object instead: checksum mismatch.
+    let mut flipped = bytes.to_vec();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x55;
+    store.delete(&damaged.as_str().into()).await.unwrap();
+    store
+        .put(&good.as_str().into(), flipped.into())
+        .await
+        .unwrap();
+    let o2 = out.path().join("b.db");
+    let err = f.restore("p/d/a", &o2, None).await.unwrap_err().to_string();
+    assert!(err.contains(&good) || err.contains("integrity"), "{err}");
+    assert!(!o2.exists());
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        1,
+        "no temp file left"
+    );
+});
+
+// Damaged and foreign files matching the pattern: the healthy database is
+// replicated, corrupt and truncated ones fail cleanly every cycle (and are
+// never uploaded over a good snapshot), a non-SQLite file and a symlink
+// pointing outside the tree are skipped.
+both_backends!(damaged_and_foreign_files, |b| async move {
+    let f = Fleet::new(b).await;
+    let good = f.db_path("p", "d", "good");
+    drop(create_db(&good, 4));
+
+    // Corrupt: a valid header, garbage in the b-tree pages.
+    let corrupt = f.db_path("p", "d", "corrupt");
+    drop(create_db(&corrupt, 400));
+    let mut bytes = std::fs::read(&corrupt).unwrap();
+    assert!(bytes.len() > 3 * 4096, "needs several pages");
+    for (i, b) in bytes[4096..].iter_mut().enumerate() {
+        *b = (i * 7 + 13) as u8;
+    }
+    std::fs::write(&corrupt, &bytes).unwrap();
+
+    // Truncated: the header promises more pages than the file has.
+    let truncated = f.db_path("p", "d", "truncated");
+    drop(create_db(&truncated, 400));
+    let len = std::fs::metadata(&truncated).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&truncated)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    // Foreign: matches the glob, is not SQLite.
+    let foreign = f.db_path("p", "d", "notes");
+    std::fs::write(&foreign, "just some text, not a database").unwrap();
+
+    // A symlink to a real database outside the pattern root.
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("secret.db");
+    drop(create_db(&target, 1));
+    std::os::unix::fs::symlink(&target, f.db_path("p", "d", "link")).unwrap();
+
+    for p in [&good, &corrupt, &truncated, &foreign] {
+        age(p);
+    }
+    let rep = f.replicator();
+    let token = CancellationToken::new();
+    let r = rep.cycle(&token).await;
+    assert_eq!(
+        r.scan.databases, 3,
+        "good, corrupt, truncated are SQLite files"
+    );
+    assert_eq!((r.uploaded, r.failed), (1, 2));
+    // Retried (and failing) every cycle; still no panic, still pending.
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.failed, r.scan.pending), (0, 2, 2));
+    let objects = f.objects().await;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert!(objects[0].contains("p/d/good/good-"), "{objects:?}");
+    restore_all(&f, &["p/d/good".to_string()], 4).await;
+    let out = tempfile::tempdir().unwrap();
+    let err = f
+        .restore("p/d/corrupt", &out.path().join("c.db"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, litefleet::Error::NotFound(_)), "{err}");
+});
+
+/// Databases deleted while a cycle is running (after the scan selected them):
+/// their uploads fail cleanly, the in-flight one completes, and the next scan
+/// drops them from the table without further errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_deleted_mid_cycle() {
+    let mut f = Fleet::new(Backend::S3).await;
+    f.max_concurrent = 1;
+    let n = 5;
+    let mut paths = Vec::new();
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, 2));
+        age(&p);
+        paths.push(p);
+    }
+    let rep = Arc::new(f.replicator());
+    f.s3().set_fault(Fault::Delay(Duration::from_millis(500)));
+    let cycle = {
+        let rep = rep.clone();
+        tokio::spawn(async move { rep.cycle(&CancellationToken::new()).await })
+    };
+    // The first upload is on the wire (its snapshot is staged): delete them all.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while f.s3().request_count() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no upload started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for p in &paths {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut s = p.as_os_str().to_owned();
+            s.push(suffix);
+            let _ = std::fs::remove_file(s);
+        }
+    }
+    let r = cycle.await.unwrap();
+    assert_eq!((r.uploaded, r.failed), (1, n - 1), "{r:?}");
+    f.s3().set_fault(Fault::None);
+    let r = rep.cycle(&CancellationToken::new()).await;
+    assert_eq!(
+        (r.scan.removed, r.scan.databases, r.failed, r.uploaded),
+        (n, 0, 0, 0)
+    );
+    let listed = litefleet::restore::list(&f.replica(), None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let key: Vec<String> = listed.keys().cloned().collect();
+    restore_all(&f, &key, 2).await;
+}

@@ -1,0 +1,288 @@
+//! The running daemon: the operations endpoint, secrets kept out of every
+//! output, and a SIGKILL in the middle of uploads followed by a restart.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::fleet::{count_rows, create_db, Backend, Fleet};
+use common::s3::Fault;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A `litefleet replicate` child whose stderr is collected as it arrives.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn start(f: &Fleet, args: &[&str]) -> Daemon {
+        Self::start_with(f, args, &[])
+    }
+
+    /// `wrapper` runs the binary (e.g. `setpriv --reuid ...`).
+    fn start_with(f: &Fleet, args: &[&str], wrapper: &[&str]) -> Daemon {
+        let cfg = f.config_path();
+        let bin = env!("CARGO_BIN_EXE_litefleet");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
+            .args(["--config", cfg.to_str().unwrap(), "--log-level", "debug"])
+            .args(args)
+            .env_remove("LITEFLEET_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Daemon {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for exit; returns the exit code and the whole log.
+    async fn wait(mut self) -> (Option<i32>, String) {
+        let status = tokio::task::spawn_blocking(move || {
+            let status = self.child.wait().unwrap();
+            self.reader.take().unwrap().join().unwrap();
+            (status.code(), self.log())
+        });
+        status.await.unwrap()
+    }
+}
+
+/// Polls `cond` (without sleeping a fixed time in place of a condition).
+async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// `/healthz`, `/stats` and `/metrics` on the configured address, reflecting
+/// real uploads; no credential in any response or in the debug log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_endpoint_reports_and_never_leaks_credentials() {
+    let mut f = Fleet::new(Backend::S3).await;
+    let addr = free_port();
+    f.top_yaml = format!("addr: {addr}\n");
+    f.scan_interval = "500ms";
+    for i in 0..3 {
+        drop(create_db(&f.db_path("p", "d", &format!("t{i}")), 2));
+    }
+    let d = Daemon::start(&f, &["replicate"]);
+    until("three uploads in /stats", async || {
+        match http_get(addr, "/stats").await {
+            Some((200, body)) => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                v["uploads_ok"].as_u64() >= Some(3) && v["pending"].as_u64() == Some(0)
+            }
+            _ => false,
+        }
+    })
+    .await;
+    let (code, health) = http_get(addr, "/healthz").await.unwrap();
+    assert_eq!((code, health.as_str()), (200, "ok\n"));
+    let (_, stats) = http_get(addr, "/stats").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(v["databases"], 3);
+    assert_eq!(v["cold"], 3);
+    assert_eq!(v["healthy"], true);
+    assert!(v["scans"].as_u64().unwrap() >= 1);
+    let (code, metrics) = http_get(addr, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("litefleet_databases{tier=\"cold\"} 3\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE litefleet_uploads_total counter"),
+        "{metrics}"
+    );
+    let (code, _) = http_get(addr, "/nope").await.unwrap();
+    assert_eq!(code, 404);
+
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(0), "{log}");
+    for out in [&log, &stats, &metrics, &health] {
+        assert!(!out.contains(f.s3().secret_key()), "secret leaked: {out}");
+        assert!(
+            !out.contains(f.s3().access_key()),
+            "access key leaked: {out}"
+        );
+    }
+    assert!(log.contains("operations endpoint"), "{log}");
+}
+
+/// SIGKILL while uploads are on the wire, then a restart: the restarted run
+/// uploads everything and every database restores with all its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_upload_then_restart_loses_nothing() {
+    let f = Fleet::new(Backend::S3).await;
+    let n = 8;
+    for i in 0..n {
+        drop(create_db(&f.db_path("p", "d", &format!("t{i}")), 3 + i));
+    }
+    f.s3().set_fault(Fault::Delay(Duration::from_millis(400)));
+    let d = Daemon::start(&f, &["replicate"]);
+    until("an upload on the wire", async || f.s3().request_count() > 0).await;
+    d.signal("-KILL");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, None, "killed by a signal: {log}");
+    f.s3().set_fault(Fault::None);
+
+    let d = Daemon::start(&f, &["replicate", "--once"]);
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(0), "{log}");
+    // Staging files of the killed run were swept at start; this run's are gone.
+    let staged: Vec<_> = walk_files(&f.work.path().join("tmp"));
+    assert!(staged.is_empty(), "{staged:?}");
+    let out = tempfile::tempdir().unwrap();
+    for i in 0..n {
+        let o = out.path().join(format!("{i}.db"));
+        f.restore(&format!("p/d/t{i}"), &o, None).await.unwrap();
+        assert_eq!(count_rows(&o), 3 + i as i64);
+    }
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn chmod(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chmod_tree(dir: &std::path::Path, mode: u32) {
+    chmod(dir, mode);
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            chmod_tree(&e.path(), mode);
+        } else {
+            chmod(&e.path(), 0o666);
+        }
+    }
+}
+
+/// A database file and a directory the daemon may not read: each is logged
+/// once (not once per scan) and every other database is replicated. Root
+/// ignores permissions, so as root the daemon runs as `nobody` via `setpriv`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_is_logged_once_and_others_continue() {
+    let mut f = Fleet::new(Backend::File).await;
+    f.scan_interval = "100ms";
+    for i in 0..3 {
+        drop(create_db(&f.db_path("p", "d", &format!("t{i}")), 2));
+    }
+    let locked_db = f.db_path("p", "d", "locked");
+    drop(create_db(&locked_db, 1));
+    let hidden = f.db_path("p", "hidden", "x");
+    drop(create_db(&hidden, 1));
+    for dir in [f.data.path(), f.work.path()] {
+        chmod_tree(dir, 0o777);
+    }
+    std::fs::create_dir_all(f.work.path().join("replica")).unwrap();
+    chmod(&f.work.path().join("replica"), 0o777);
+    chmod(&locked_db, 0o000);
+    let hidden_dir = hidden.parent().unwrap().to_path_buf();
+    chmod(&hidden_dir, 0o000);
+
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let wrapper: &[&str] = if as_root {
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        &[]
+    };
+    let d = Daemon::start_with(&f, &["replicate"], wrapper);
+    until("five scans", async || {
+        d.log().matches("scan complete").count() >= 5
+    })
+    .await;
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    chmod(&hidden_dir, 0o755);
+    assert_eq!(code, Some(0), "{log}");
+    let warns_about = |needle: &str| {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains(needle))
+            .count()
+    };
+    assert_eq!(warns_about(locked_db.to_str().unwrap()), 1, "{log}");
+    assert_eq!(warns_about(hidden_dir.to_str().unwrap()), 1, "{log}");
+    assert!(log.to_lowercase().contains("permission denied"), "{log}");
+    let out = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let o = out.path().join(format!("{i}.db"));
+        f.restore(&format!("p/d/t{i}"), &o, None).await.unwrap();
+        assert_eq!(count_rows(&o), 2);
+    }
+}

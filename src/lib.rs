@@ -29,6 +29,11 @@
 //!   with bounded concurrency, retry failures next cycle, shut down gracefully.
 //! * [`retention`]: deletes snapshots older than the retention period, always
 //!   keeping the newest snapshot of each database.
+//! * [`wal`]: the SQLite WAL file format for the hot tier: header and
+//!   checksum validation, reading only committed frames from a position, noticing
+//!   when the WAL was restarted under us, and replaying frames onto a database.
+//! * [`generation`]: the hot tier's replica layout (generations of a snapshot
+//!   plus WAL segments, newest-first ids) and point-in-time restore from it.
 //! * [`restore`]: picks a snapshot (latest or at a timestamp), writes the
 //!   database atomically and checks its integrity; also the `list` command.
 //! * [`server`]: the operations endpoint (`/healthz`, `/stats`, `/metrics`),
@@ -46,6 +51,7 @@ pub mod config;
 pub mod demo;
 pub mod discover;
 pub mod error;
+pub mod generation;
 pub mod layout;
 pub mod restore;
 pub mod retention;
@@ -55,5 +61,6 @@ pub mod snapshot;
 pub mod soak;
 pub mod storage;
 pub mod track;
+pub mod wal;
 
 pub use error::{Error, Result};

@@ -68,7 +68,7 @@ pub struct SnapshotInfo {
     pub size: u64,
 }
 
-fn check_key(key: &str) -> Result<()> {
+pub(crate) fn check_key(key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::invalid("key", "empty key"));
     }

@@ -121,7 +121,7 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
 
 /// LZ4 frame settings: independent 4 MiB blocks and a content checksum, so a
 /// damaged object fails loudly on restore instead of yielding a bad database.
-fn frame_info() -> lz4_flex::frame::FrameInfo {
+pub(crate) fn frame_info() -> lz4_flex::frame::FrameInfo {
     lz4_flex::frame::FrameInfo::new()
         .block_size(lz4_flex::frame::BlockSize::Max4MB)
         .content_checksum(true)

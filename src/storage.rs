@@ -210,6 +210,44 @@ impl Replica {
         Ok(r.objects)
     }
 
+    /// The "subdirectories" and objects directly under `dir` (one LIST with
+    /// delimiter; no recursion).
+    pub async fn list_children(&self, dir: &ObjPath) -> Result<(Vec<ObjPath>, Vec<ObjectMeta>)> {
+        let r = self
+            .store
+            .list_with_delimiter(Some(dir))
+            .await
+            .map_err(|e| Error::store(dir, e))?;
+        Ok((r.common_prefixes, r.objects))
+    }
+
+    /// Uploads a small object held in memory with one PUT (atomic, like
+    /// [`Replica::upload_file`]).
+    pub async fn put_bytes(
+        &self,
+        location: &ObjPath,
+        bytes: impl Into<bytes::Bytes>,
+    ) -> Result<()> {
+        self.store
+            .put(location, PutPayload::from(bytes.into()))
+            .await
+            .map_err(|e| Error::store(location, e))?;
+        Ok(())
+    }
+
+    /// Downloads a whole object into memory; `None` if it does not exist.
+    pub async fn get_bytes(&self, location: &ObjPath) -> Result<Option<bytes::Bytes>> {
+        let got = match self.store.get(location).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::store(location, e)),
+        };
+        got.bytes()
+            .await
+            .map(Some)
+            .map_err(|e| Error::store(location, e))
+    }
+
     /// Every object under `prefix`, streamed.
     pub fn list_all(
         &self,

@@ -1,0 +1,1309 @@
+//! Hot-tier replica layout: WAL generations, and restore from them.
+//!
+//! A *generation* is one unbroken history of a database: snapshots plus every
+//! committed WAL frame after them, as long as the shipper never lost track of
+//! the WAL (see [`crate::wal::Lost`]). When it does, it starts a new
+//! generation with a fresh snapshot. Under the database's key:
+//!
+//! ```text
+//! <prefix>/<key>/generations/<gen>/metadata.json
+//! <prefix>/<key>/generations/<gen>/snapshots/<index:016x>.snapshot.lz4
+//! <prefix>/<key>/generations/<gen>/wal/<index:016x>_<offset:016x>.wal.lz4
+//! ```
+//!
+//! * `<gen>` is 24 lowercase hex digits: `u64::MAX - unix_millis` of its
+//!   creation (16) and 32 random bits (8). Names therefore sort **newest
+//!   first**, so restore reads the generation list once (one LIST with
+//!   delimiter) and looks at the newest candidates first, never at all history.
+//! * A snapshot with index `i` is an LZ4 frame (as [`crate::snapshot::compress`]
+//!   writes it) of the whole database as of the *start* of WAL file `i`:
+//!   replay after it starts at WAL `i`, offset 32.
+//! * A WAL segment is an LZ4 frame of committed frames only, starting at byte
+//!   `offset` of WAL file `index` (so the first segment of a WAL is at 32).
+//!   Its end is `offset` + its decompressed length; the next segment starts
+//!   there, or at offset 32 of WAL `index + 1` after SQLite restarted the WAL.
+//!   Replay after snapshot `i` starts with segment `(i, 32)`, and WAL `i + 1`
+//!   may only follow a segment of WAL `i`: the shipper moves to the next index
+//!   only after shipping frames of the current WAL (a WAL restart it did not
+//!   cause itself is [`crate::wal::Lost`], i.e. a new generation).
+//! * `metadata.json` ([`Metadata`]) describes the generation for people and
+//!   tools. Restore does not need it (the page size comes from the snapshot's
+//!   own header), so a generation is restorable even before it is written.
+//!
+//! Snapshot checksum: the LZ4 frame's content checksum, which is the xxHash32
+//! of the uncompressed database and is stored in the frame's last 4 bytes
+//! (we write frames with content checksums on). [`upload_snapshot`] reads it
+//! from there and records it as `xxh32:<8 hex>`; restore verifies it for free
+//! because the LZ4 decoder checks it. No hash crate is needed.
+//!
+//! Point in time: an object's `last_modified` is when its upload finished. A
+//! restore at `T` uses the newest generation with a snapshot uploaded at or
+//! before `T`, its newest such snapshot, and every segment of it uploaded at or
+//! before `T`, in `(index, offset)` order. The segments must be contiguous from
+//! where the snapshot ends; a gap is an error naming the missing position,
+//! never skipped. Each segment's frames are also checked to continue the
+//! previous segment's checksum chain within one WAL.
+//!
+//! Limitation: a missing *last* segment of a WAL file followed by the first
+//! segment of the next one cannot be detected from names alone (the end of a
+//! WAL is not recorded anywhere), and a missing last segment overall looks
+//! like an earlier restore point.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectMeta, ObjectStoreExt};
+use serde::{Deserialize, Serialize};
+
+use crate::error::IoContext;
+use crate::layout::key_path;
+use crate::restore::check_key;
+use crate::snapshot;
+use crate::storage::Replica;
+use crate::wal::{self, ChainLink, Position, WAL_HEADER_SIZE};
+use crate::{Error, Result};
+
+/// Directory under a key that holds its generations.
+pub const GENERATIONS_DIR: &str = "generations";
+/// Directory of a generation holding its snapshots.
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+/// Directory of a generation holding its WAL segments.
+pub const WAL_DIR: &str = "wal";
+/// Name of a generation's metadata object.
+pub const METADATA_FILE: &str = "metadata.json";
+/// Suffix of snapshot objects.
+pub const SNAPSHOT_SUFFIX: &str = ".snapshot.lz4";
+/// Suffix of WAL segment objects.
+pub const SEGMENT_SUFFIX: &str = ".wal.lz4";
+/// Hex digits of an index or offset in an object name (a whole `u64`).
+const HEX_DIGITS: usize = 16;
+/// Hex digits of a generation id: 16 for the inverted time, 8 random.
+pub const GENERATION_ID_LEN: usize = 24;
+/// Segments downloaded ahead of the one being applied during restore: enough
+/// to hide request latency, few enough that memory stays at a handful of
+/// segments.
+const SEGMENT_PREFETCH: usize = 4;
+/// Size of the SQLite database header (we need its page size field).
+const DB_HEADER_SIZE: usize = 100;
+
+/// A generation id: newest sorts first. See the module docs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GenerationId {
+    id: String,
+    created: DateTime<Utc>,
+}
+
+impl GenerationId {
+    /// Parses a generation directory name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<GenerationId> {
+        if s.len() != GENERATION_ID_LEN
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        let inverted = u64::from_str_radix(&s[..HEX_DIGITS], 16).ok()?;
+        let millis = i64::try_from(u64::MAX - inverted).ok()?;
+        let created = DateTime::from_timestamp_millis(millis)?;
+        Some(GenerationId {
+            id: s.to_string(),
+            created,
+        })
+    }
+
+    /// When the generation was created (millisecond precision, host clock).
+    pub fn created(&self) -> DateTime<Utc> {
+        self.created
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::fmt::Display for GenerationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+impl TryFrom<String> for GenerationId {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<GenerationId, String> {
+        GenerationId::parse(&s).ok_or_else(|| format!("invalid generation id {s:?}"))
+    }
+}
+
+impl From<GenerationId> for String {
+    fn from(g: GenerationId) -> String {
+        g.id
+    }
+}
+
+/// 32 random bits without a `rand` dependency: std's `RandomState` is seeded
+/// from the OS once per thread and differs for every instance; we also mix in
+/// the pid, a process-wide counter and the clock.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    let x = h.finish();
+    (x >> 32) as u32 ^ x as u32
+}
+
+/// A new generation id for a generation created at `now`.
+pub fn new_generation_id(now: DateTime<Utc>) -> GenerationId {
+    let millis = now.timestamp_millis().max(0) as u64;
+    let id = format!("{:016x}{:08x}", u64::MAX - millis, random_u32());
+    // Millisecond precision, exactly what `parse` will read back.
+    let created = DateTime::from_timestamp_millis(millis as i64).unwrap_or(now);
+    GenerationId { id, created }
+}
+
+/// `<prefix>/<key>/generations`
+pub fn generations_dir(prefix: &ObjPath, key: &str) -> ObjPath {
+    key_path(prefix, key).join(GENERATIONS_DIR)
+}
+
+/// `<prefix>/<key>/generations/<gen>`
+pub fn generation_dir(prefix: &ObjPath, key: &str, gen: &GenerationId) -> ObjPath {
+    generations_dir(prefix, key).join(gen.as_str())
+}
+
+/// `<prefix>/<key>/generations/<gen>/snapshots/<index:016x>.snapshot.lz4`
+pub fn snapshot_path(prefix: &ObjPath, key: &str, gen: &GenerationId, index: u64) -> ObjPath {
+    generation_dir(prefix, key, gen)
+        .join(SNAPSHOTS_DIR)
+        .join(format!("{index:016x}{SNAPSHOT_SUFFIX}").as_str())
+}
+
+/// `<prefix>/<key>/generations/<gen>/wal/<index:016x>_<offset:016x>.wal.lz4`
+pub fn segment_path(prefix: &ObjPath, key: &str, gen: &GenerationId, pos: Position) -> ObjPath {
+    generation_dir(prefix, key, gen)
+        .join(WAL_DIR)
+        .join(format!("{pos}{SEGMENT_SUFFIX}").as_str())
+}
+
+/// `<prefix>/<key>/generations/<gen>/metadata.json`
+pub fn metadata_path(prefix: &ObjPath, key: &str, gen: &GenerationId) -> ObjPath {
+    generation_dir(prefix, key, gen).join(METADATA_FILE)
+}
+
+fn parse_hex16(s: &str) -> Option<u64> {
+    if s.len() != HEX_DIGITS
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
+}
+
+/// The index in a snapshot object name (`<index:016x>.snapshot.lz4`).
+pub fn parse_snapshot_name(name: &str) -> Option<u64> {
+    parse_hex16(name.strip_suffix(SNAPSHOT_SUFFIX)?)
+}
+
+/// The position in a segment object name (`<index:016x>_<offset:016x>.wal.lz4`).
+/// Offsets before the first frame (32) are rejected.
+pub fn parse_segment_name(name: &str) -> Option<Position> {
+    let (i, o) = name.strip_suffix(SEGMENT_SUFFIX)?.split_once('_')?;
+    let pos = Position {
+        index: parse_hex16(i)?,
+        offset: parse_hex16(o)?,
+    };
+    (pos.offset >= WAL_HEADER_SIZE).then_some(pos)
+}
+
+/// RFC 3339 (de)serialization for `chrono` without its `serde` feature.
+mod rfc3339 {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One snapshot as recorded in [`Metadata`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    pub index: u64,
+    /// Bytes of the uncompressed database.
+    pub size: u64,
+    /// Bytes of the stored LZ4 object.
+    pub compressed_size: u64,
+    /// `xxh32:<8 hex>`: the LZ4 frame content checksum of the database.
+    pub checksum: String,
+}
+
+/// `metadata.json` of a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub generation: GenerationId,
+    pub page_size: u32,
+    #[serde(with = "rfc3339")]
+    pub created: DateTime<Utc>,
+    /// Where the generation's history starts (start of the first snapshot's WAL).
+    pub first: Position,
+    /// End of the last segment shipped when this was written.
+    pub last: Position,
+    pub snapshots: Vec<SnapshotEntry>,
+}
+
+/// A snapshot object found in the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotObject {
+    pub index: u64,
+    pub location: ObjPath,
+    pub uploaded: DateTime<Utc>,
+    pub size: u64,
+}
+
+/// A WAL segment object found in the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentObject {
+    pub pos: Position,
+    pub location: ObjPath,
+    pub uploaded: DateTime<Utc>,
+    pub size: u64,
+}
+
+/// The objects of one generation, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationListing {
+    pub id: GenerationId,
+    pub snapshots: Vec<SnapshotObject>,
+    pub segments: Vec<SegmentObject>,
+}
+
+/// A summary of one generation, for `litefleet generations` / `snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationInfo {
+    pub id: GenerationId,
+    pub created: DateTime<Utc>,
+    /// Oldest index first.
+    pub snapshots: Vec<SnapshotObject>,
+    pub segments: usize,
+    /// Start of the last segment, if any.
+    pub last_segment: Option<Position>,
+    /// Earliest and latest `last_modified` of its snapshots and segments.
+    pub first_upload: Option<DateTime<Utc>>,
+    pub last_upload: Option<DateTime<Utc>>,
+}
+
+/// What restore will read: a snapshot and the segments after it, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub generation: GenerationId,
+    pub snapshot: SnapshotObject,
+    pub segments: Vec<SegmentObject>,
+}
+
+/// What [`restore_generation`] restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestorePoint {
+    pub generation: GenerationId,
+    pub snapshot_index: u64,
+    /// End of the last segment replayed (start of the snapshot's WAL if none).
+    pub position: Position,
+    /// Upload time of the last object used (snapshot or segment).
+    pub time: DateTime<Utc>,
+    pub segments: usize,
+    /// Size of the restored database file.
+    pub bytes: u64,
+}
+
+fn snapshot_object(meta: ObjectMeta) -> Option<SnapshotObject> {
+    Some(SnapshotObject {
+        index: parse_snapshot_name(meta.location.filename()?)?,
+        uploaded: meta.last_modified,
+        size: meta.size,
+        location: meta.location,
+    })
+}
+
+fn segment_object(meta: ObjectMeta) -> Option<SegmentObject> {
+    Some(SegmentObject {
+        pos: parse_segment_name(meta.location.filename()?)?,
+        uploaded: meta.last_modified,
+        size: meta.size,
+        location: meta.location,
+    })
+}
+
+/// The generations of `key`, newest first (one LIST with delimiter).
+/// Directories whose names are not generation ids are ignored.
+pub async fn list_generation_ids(replica: &Replica, key: &str) -> Result<Vec<GenerationId>> {
+    check_key(key)?;
+    let (dirs, _) = replica
+        .list_children(&generations_dir(&replica.prefix, key))
+        .await?;
+    let mut ids: Vec<GenerationId> = dirs
+        .iter()
+        .filter_map(|d| GenerationId::parse(d.filename()?))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// The snapshots of one generation, oldest index first.
+pub async fn list_snapshots(
+    replica: &Replica,
+    key: &str,
+    gen: &GenerationId,
+) -> Result<Vec<SnapshotObject>> {
+    let dir = generation_dir(&replica.prefix, key, gen).join(SNAPSHOTS_DIR);
+    let mut v: Vec<SnapshotObject> = replica
+        .list_dir(&dir)
+        .await?
+        .into_iter()
+        .filter_map(snapshot_object)
+        .collect();
+    v.sort_by_key(|s| s.index);
+    Ok(v)
+}
+
+/// The WAL segments of one generation, in `(index, offset)` order.
+pub async fn list_segments(
+    replica: &Replica,
+    key: &str,
+    gen: &GenerationId,
+) -> Result<Vec<SegmentObject>> {
+    let dir = generation_dir(&replica.prefix, key, gen).join(WAL_DIR);
+    let mut v: Vec<SegmentObject> = replica
+        .list_dir(&dir)
+        .await?
+        .into_iter()
+        .filter_map(segment_object)
+        .collect();
+    v.sort_by_key(|s| s.pos);
+    Ok(v)
+}
+
+/// One generation's snapshots and segments (two LISTs).
+pub async fn list_generation(
+    replica: &Replica,
+    key: &str,
+    gen: &GenerationId,
+) -> Result<GenerationListing> {
+    let (snapshots, segments) = futures::try_join!(
+        list_snapshots(replica, key, gen),
+        list_segments(replica, key, gen)
+    )?;
+    Ok(GenerationListing {
+        id: gen.clone(),
+        snapshots,
+        segments,
+    })
+}
+
+/// Every generation of `key`, newest first, summarized.
+pub async fn list_generations(replica: &Replica, key: &str) -> Result<Vec<GenerationInfo>> {
+    let mut out = Vec::new();
+    for id in list_generation_ids(replica, key).await? {
+        let l = list_generation(replica, key, &id).await?;
+        let times = l
+            .snapshots
+            .iter()
+            .map(|s| s.uploaded)
+            .chain(l.segments.iter().map(|s| s.uploaded));
+        let first_upload = times.clone().min();
+        let last_upload = times.max();
+        out.push(GenerationInfo {
+            created: id.created(),
+            id,
+            segments: l.segments.len(),
+            last_segment: l.segments.last().map(|s| s.pos),
+            snapshots: l.snapshots,
+            first_upload,
+            last_upload,
+        });
+    }
+    Ok(out)
+}
+
+/// Where the next segment may start during replay.
+#[derive(Debug, Clone, Copy)]
+struct Expect {
+    index: u64,
+    /// Known end of the previous segment of `index` (`None` while planning,
+    /// before lengths are known).
+    offset: Option<u64>,
+    /// Whether a segment of `index` was seen: only then may WAL `index + 1` follow.
+    started: bool,
+}
+
+/// Why a segment cannot follow: the position that should have come first.
+enum Break {
+    Missing(Position),
+    Overlaps(Position),
+}
+
+fn check_next(e: Expect, pos: Position) -> std::result::Result<(), Break> {
+    if pos.index == e.index {
+        match e.offset {
+            Some(o) if pos.offset == o => Ok(()),
+            Some(o) if pos.offset < o => Err(Break::Overlaps(Position {
+                index: e.index,
+                offset: o,
+            })),
+            Some(o) => Err(Break::Missing(Position {
+                index: e.index,
+                offset: o,
+            })),
+            None => Ok(()),
+        }
+    } else if !e.started {
+        Err(Break::Missing(Position::start(e.index)))
+    } else if pos.index == e.index + 1 && pos.offset == WAL_HEADER_SIZE {
+        Ok(())
+    } else {
+        Err(Break::Missing(Position::start(e.index + 1)))
+    }
+}
+
+fn describe(p: Position) -> String {
+    format!("{p}{SEGMENT_SUFFIX} (WAL {} offset {})", p.index, p.offset)
+}
+
+fn gap_error(
+    key: &str,
+    listing: &GenerationListing,
+    at: Option<DateTime<Utc>>,
+    brk: Break,
+    found: &SegmentObject,
+) -> Error {
+    let what = format!("generation {} of {key:?}", listing.id);
+    let reason = match brk {
+        Break::Overlaps(end) => format!(
+            "WAL segment {} overlaps the previous segment, which ends at {}; refusing to restore",
+            describe(found.pos),
+            describe(end)
+        ),
+        Break::Missing(missing) => {
+            let mut r = format!(
+                "WAL segment {} is missing (the next segment present is {}); refusing to restore past a gap",
+                describe(missing),
+                describe(found.pos)
+            );
+            if let (Some(t), Some(late)) = (at, listing.segments.iter().find(|s| s.pos == missing))
+            {
+                r.push_str(&format!(
+                    "; it was uploaded at {}, after the restore time {}: restore at or after that time, \
+                     or before {}",
+                    late.uploaded.to_rfc3339(),
+                    t.to_rfc3339(),
+                    found.uploaded.to_rfc3339()
+                ));
+            }
+            r
+        }
+    };
+    Error::invalid(what, reason)
+}
+
+/// Chooses what to restore from one generation at `at` (`None`: latest): its
+/// newest snapshot uploaded at or before `at`, and every segment after that
+/// snapshot uploaded at or before `at`, in order. `Ok(None)` when no snapshot
+/// qualifies. Fails on gaps visible from names alone (a WAL whose first
+/// segment is not at offset 32, a skipped WAL index); gaps inside a WAL are
+/// found during replay, when segment lengths are known.
+pub fn plan(
+    listing: &GenerationListing,
+    key: &str,
+    at: Option<DateTime<Utc>>,
+) -> Result<Option<Plan>> {
+    let ok = |t: DateTime<Utc>| at.is_none_or(|a| t <= a);
+    let Some(snapshot) = listing
+        .snapshots
+        .iter()
+        .filter(|s| ok(s.uploaded))
+        .max_by_key(|s| (s.index, s.uploaded))
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    let mut segments: Vec<SegmentObject> = listing
+        .segments
+        .iter()
+        .filter(|s| s.pos.index >= snapshot.index && ok(s.uploaded))
+        .cloned()
+        .collect();
+    segments.sort_by_key(|s| s.pos);
+    let mut e = Expect {
+        index: snapshot.index,
+        offset: Some(WAL_HEADER_SIZE),
+        started: false,
+    };
+    for s in &segments {
+        check_next(e, s.pos).map_err(|b| gap_error(key, listing, at, b, s))?;
+        e = Expect {
+            index: s.pos.index,
+            offset: None,
+            started: true,
+        };
+    }
+    Ok(Some(Plan {
+        generation: listing.id.clone(),
+        snapshot,
+        segments,
+    }))
+}
+
+fn output_error(what: &str, e: std::io::Error) -> Error {
+    Error::invalid("restore output file", format!("{what}: {e}"))
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::invalid("restore", format!("task failed: {e}"))
+}
+
+/// The page size in a SQLite database file's header.
+fn db_page_size(file: &File, what: &str) -> Result<u32> {
+    let mut h = [0u8; DB_HEADER_SIZE];
+    file.read_exact_at(&mut h, 0)
+        .map_err(|e| Error::invalid(what, format!("not a SQLite database: {e}")))?;
+    if &h[..16] != b"SQLite format 3\0" {
+        return Err(Error::invalid(what, "not a SQLite database (bad header)"));
+    }
+    let raw = u32::from(u16::from_be_bytes([h[16], h[17]]));
+    let page_size = if raw == 1 { wal::MAX_PAGE_SIZE } else { raw };
+    if !wal::valid_page_size(page_size) {
+        return Err(Error::invalid(what, format!("invalid page size {raw}")));
+    }
+    Ok(page_size)
+}
+
+/// Restores `key` into `out` (opened for reading and writing; its contents
+/// are replaced) from the newest generation with a snapshot uploaded at or
+/// before `at` (`None`: the latest state). See the module docs for the rules.
+/// `out` is synced but not integrity-checked: the caller owns its path.
+pub async fn restore_generation(
+    replica: &Replica,
+    key: &str,
+    at: Option<DateTime<Utc>>,
+    out: &mut File,
+) -> Result<RestorePoint> {
+    for id in list_generation_ids(replica, key).await? {
+        let snapshots = list_snapshots(replica, key, &id).await?;
+        if !snapshots.iter().any(|s| at.is_none_or(|t| s.uploaded <= t)) {
+            continue;
+        }
+        let listing = GenerationListing {
+            segments: list_segments(replica, key, &id).await?,
+            id,
+            snapshots,
+        };
+        if let Some(p) = plan(&listing, key, at)? {
+            return replay(replica, key, &listing, &p, at, out).await;
+        }
+    }
+    let when = at
+        .map(|t| format!(" uploaded at or before {}", t.to_rfc3339()))
+        .unwrap_or_default();
+    Err(Error::NotFound(format!(
+        "no WAL generation of {key:?} has a snapshot{when} in {replica}"
+    )))
+}
+
+async fn replay(
+    replica: &Replica,
+    key: &str,
+    listing: &GenerationListing,
+    plan: &Plan,
+    at: Option<DateTime<Utc>>,
+    out: &mut File,
+) -> Result<RestorePoint> {
+    let snap = &plan.snapshot;
+    let mut file = out
+        .try_clone()
+        .map_err(|e| output_error("duplicating the handle", e))?;
+    let got = replica
+        .store
+        .get(&snap.location)
+        .await
+        .map_err(|e| Error::store(&snap.location, e))?;
+    let stream = got
+        .into_stream()
+        .map_err(|e| std::io::Error::other(e.to_string()));
+    let bridge = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let what = snap.location.to_string();
+    let (mut file, page_size) = tokio::task::spawn_blocking(move || -> Result<(File, u32)> {
+        file.set_len(0)
+            .and_then(|_| file.seek(SeekFrom::Start(0)).map(|_| ()))
+            .map_err(|e| output_error("truncating", e))?;
+        snapshot::decompress(bridge, &what, &mut file)?;
+        let page_size = db_page_size(&file, &what)?;
+        Ok((file, page_size))
+    })
+    .await
+    .map_err(join_error)??;
+
+    let store = replica.store.clone();
+    let mut fetches = futures::stream::iter(plan.segments.clone())
+        .map(move |s| {
+            let store = store.clone();
+            async move {
+                let got = store
+                    .get(&s.location)
+                    .await
+                    .map_err(|e| Error::store(&s.location, e))?;
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::store(&s.location, e))?;
+                Ok::<_, Error>((s, bytes))
+            }
+        })
+        .buffered(SEGMENT_PREFETCH);
+
+    let mut pos = Position::start(snap.index);
+    let mut started = false;
+    let mut chain: Option<ChainLink> = None;
+    let mut time = snap.uploaded;
+    let mut applied = 0usize;
+    while let Some(next) = fetches.next().await {
+        let (seg, compressed) = next?;
+        let e = Expect {
+            index: pos.index,
+            offset: Some(pos.offset),
+            started,
+        };
+        check_next(e, seg.pos).map_err(|b| gap_error(key, listing, at, b, &seg))?;
+        if seg.pos.index != pos.index {
+            chain = None;
+        }
+        let what = seg.location.to_string();
+        let (f, info, len) = tokio::task::spawn_blocking(move || {
+            let mut frames = Vec::new();
+            lz4_flex::frame::FrameDecoder::new(&compressed[..])
+                .read_to_end(&mut frames)
+                .map_err(|e| Error::invalid(&what, format!("not a valid LZ4 segment: {e}")))?;
+            let info = wal::verify_frames(&what, &frames, page_size, chain)?;
+            wal::apply_frames(&mut file, page_size, &frames)?;
+            Ok::<_, Error>((file, info, frames.len() as u64))
+        })
+        .await
+        .map_err(join_error)??;
+        file = f;
+        chain = Some(info.into());
+        pos = Position {
+            index: seg.pos.index,
+            offset: seg.pos.offset + len,
+        };
+        time = time.max(seg.uploaded);
+        started = true;
+        applied += 1;
+    }
+    let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
+        file.sync_all().map_err(|e| output_error("fsync", e))?;
+        file.metadata()
+            .map(|m| m.len())
+            .map_err(|e| output_error("stat", e))
+    })
+    .await
+    .map_err(join_error)??;
+    Ok(RestorePoint {
+        generation: plan.generation.clone(),
+        snapshot_index: snap.index,
+        position: pos,
+        time,
+        segments: applied,
+        bytes,
+    })
+}
+
+/// Reads the LZ4 content checksum (xxHash32 of the uncompressed data) from
+/// the end of a frame written with content checksums on.
+fn lz4_content_checksum(path: &Path) -> Result<u32> {
+    let mut f = File::open(path).at(path)?;
+    let len = f.metadata().at(path)?.len();
+    if len < 8 {
+        return Err(Error::invalid(path.display(), "LZ4 frame too short"));
+    }
+    let mut tail = [0u8; 8];
+    f.seek(SeekFrom::Start(len - 8))
+        .and_then(|_| f.read_exact(&mut tail))
+        .at(path)?;
+    if tail[..4] != [0, 0, 0, 0] {
+        return Err(Error::invalid(
+            path.display(),
+            "LZ4 frame does not end with an end mark and content checksum",
+        ));
+    }
+    Ok(u32::from_le_bytes([tail[4], tail[5], tail[6], tail[7]]))
+}
+
+/// Compresses the database file `db` (which must not change meanwhile: a
+/// copy made for this purpose) into `tmp_dir` and uploads it as snapshot
+/// `index` of `gen`. Returns its [`Metadata`] entry.
+pub async fn upload_snapshot(
+    replica: &Replica,
+    key: &str,
+    gen: &GenerationId,
+    index: u64,
+    db: &Path,
+    tmp_dir: &Path,
+) -> Result<SnapshotEntry> {
+    check_key(key)?;
+    let (db, tmp_dir) = (db.to_path_buf(), tmp_dir.to_path_buf());
+    let (tmp, size, compressed_size, sum) = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&tmp_dir).at(&tmp_dir)?;
+        let size = std::fs::metadata(&db).at(&db)?.len();
+        let out = tempfile::NamedTempFile::with_prefix_in("gensnap-", &tmp_dir).at(&tmp_dir)?;
+        snapshot::compress(&db, out.as_file())?;
+        let tmp = out.into_temp_path();
+        let compressed = std::fs::metadata(&tmp).at(&*tmp)?.len();
+        let sum = lz4_content_checksum(&tmp)?;
+        Ok::<_, Error>((tmp, size, compressed, sum))
+    })
+    .await
+    .map_err(|e| Error::invalid("snapshot", format!("task failed: {e}")))??;
+    let location = snapshot_path(&replica.prefix, key, gen, index);
+    replica.upload_file(&location, &tmp).await?;
+    Ok(SnapshotEntry {
+        index,
+        size,
+        compressed_size,
+        checksum: format!("xxh32:{sum:08x}"),
+    })
+}
+
+/// LZ4-compresses committed WAL frames read at `pos` (as
+/// [`wal::read_committed`] returns them) and uploads them as one segment.
+/// Returns the end position, where the next segment of this WAL starts.
+/// Compression runs inline: LZ4 handles a few hundred MB/s per core, so a
+/// segment costs milliseconds.
+pub async fn upload_segment(
+    replica: &Replica,
+    key: &str,
+    gen: &GenerationId,
+    pos: Position,
+    frames: &[u8],
+) -> Result<Position> {
+    check_key(key)?;
+    let location = segment_path(&replica.prefix, key, gen, pos);
+    if frames.is_empty() || pos.offset < WAL_HEADER_SIZE {
+        return Err(Error::invalid(
+            &location,
+            "a segment needs committed frames at offset 32 or later",
+        ));
+    }
+    let mut enc =
+        lz4_flex::frame::FrameEncoder::with_frame_info(snapshot::frame_info(), Vec::new());
+    enc.write_all(frames)
+        .map_err(|e| Error::invalid(&location, format!("lz4: {e}")))?;
+    let compressed = enc
+        .finish()
+        .map_err(|e| Error::invalid(&location, format!("lz4: {e}")))?;
+    replica.put_bytes(&location, compressed).await?;
+    Ok(Position {
+        index: pos.index,
+        offset: pos.offset + frames.len() as u64,
+    })
+}
+
+/// Writes (replaces) the generation's `metadata.json`.
+pub async fn write_metadata(replica: &Replica, key: &str, meta: &Metadata) -> Result<()> {
+    check_key(key)?;
+    let location = metadata_path(&replica.prefix, key, &meta.generation);
+    let json = serde_json::to_vec_pretty(meta)
+        .map_err(|e| Error::invalid(&location, format!("serializing: {e}")))?;
+    replica.put_bytes(&location, json).await
+}
+
+/// Reads a generation's `metadata.json`; `None` if it was not written yet.
+pub async fn read_metadata(
+    replica: &Replica,
+    key: &str,
+    gen: &GenerationId,
+) -> Result<Option<Metadata>> {
+    check_key(key)?;
+    let location = metadata_path(&replica.prefix, key, gen);
+    let Some(bytes) = replica.get_bytes(&location).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::invalid(&location, format!("invalid metadata: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ReplicaConfig, ReplicaUrl};
+    use crate::wal::{ReadOutcome, WalCursor};
+    use chrono::{Duration, TimeZone};
+    use rusqlite::Connection;
+    use std::path::PathBuf;
+
+    fn t(sec: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap() + Duration::seconds(sec)
+    }
+
+    #[test]
+    fn generation_ids_sort_newest_first_and_parse() {
+        let a = new_generation_id(t(0));
+        let b = new_generation_id(t(1));
+        assert_eq!(a.as_str().len(), GENERATION_ID_LEN);
+        assert!(b < a, "newer sorts first: {b} < {a}");
+        assert_eq!(GenerationId::parse(a.as_str()), Some(a.clone()));
+        assert_eq!(a.created(), t(0));
+        // Same millisecond: different ids.
+        assert_ne!(new_generation_id(t(0)), new_generation_id(t(0)));
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(json, format!("\"{a}\""));
+        assert_eq!(serde_json::from_str::<GenerationId>(&json).unwrap(), a);
+        assert!(serde_json::from_str::<GenerationId>("\"zz\"").is_err());
+        for bad in [
+            "",
+            "abc",
+            "FFFFFE6B2F5C7E1F0123ABCD",
+            "fffffe6b2f5c7e1f0123abc",
+            "fffffe6b2f5c7e1f0123abcde",
+            "+ffffe6b2f5c7e1f0123abcd",
+            "fffffe6b2f5c7e1f0123abcé",
+            "0000000000000000deadbeef", // millis beyond i64
+        ] {
+            assert!(GenerationId::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths_and_names() {
+        let g = GenerationId::parse("fffffe6b2f5c7e1f0123abcd").unwrap();
+        let p = ObjPath::from("pre");
+        assert_eq!(
+            snapshot_path(&p, "a/b", &g, 3).as_ref(),
+            "pre/a/b/generations/fffffe6b2f5c7e1f0123abcd/snapshots/0000000000000003.snapshot.lz4"
+        );
+        let pos = Position {
+            index: 2,
+            offset: 4152,
+        };
+        let s = segment_path(&p, "a/b", &g, pos);
+        assert_eq!(
+            s.as_ref(),
+            "pre/a/b/generations/fffffe6b2f5c7e1f0123abcd/wal/0000000000000002_0000000000001038.wal.lz4"
+        );
+        assert_eq!(parse_segment_name(s.filename().unwrap()), Some(pos));
+        assert_eq!(
+            metadata_path(&p, "a/b", &g).as_ref(),
+            "pre/a/b/generations/fffffe6b2f5c7e1f0123abcd/metadata.json"
+        );
+        assert_eq!(
+            parse_snapshot_name("00000000000000ff.snapshot.lz4"),
+            Some(255)
+        );
+        for bad in [
+            "ff.snapshot.lz4",
+            "00000000000000FF.snapshot.lz4",
+            "+0000000000000ff.snapshot.lz4",
+            "00000000000000ff.snapshot",
+            "00000000000000ff.wal.lz4",
+        ] {
+            assert!(parse_snapshot_name(bad).is_none(), "{bad}");
+        }
+        for bad in [
+            "0000000000000002_0000000000000000.wal.lz4", // before the first frame
+            "0000000000000002-0000000000001038.wal.lz4",
+            "0000000000000002_0000000000001038_1.wal.lz4",
+            "0000000000000002_00000000000010é.wal.lz4",
+            "_.wal.lz4",
+            "0000000000000002_0000000000001038.snapshot.lz4",
+        ] {
+            assert!(parse_segment_name(bad).is_none(), "{bad}");
+        }
+    }
+
+    fn snap(index: u64, up: i64) -> SnapshotObject {
+        SnapshotObject {
+            index,
+            location: ObjPath::from(format!("s/{index}")),
+            uploaded: t(up),
+            size: 1,
+        }
+    }
+
+    fn seg(index: u64, offset: u64, up: i64) -> SegmentObject {
+        let pos = Position { index, offset };
+        SegmentObject {
+            pos,
+            location: ObjPath::from(format!("w/{pos}")),
+            uploaded: t(up),
+            size: 1,
+        }
+    }
+
+    fn listing(snapshots: Vec<SnapshotObject>, segments: Vec<SegmentObject>) -> GenerationListing {
+        GenerationListing {
+            id: GenerationId::parse("fffffe6b2f5c7e1f0123abcd").unwrap(),
+            snapshots,
+            segments,
+        }
+    }
+
+    fn positions(p: &Plan) -> Vec<(u64, u64)> {
+        p.segments
+            .iter()
+            .map(|s| (s.pos.index, s.pos.offset))
+            .collect()
+    }
+
+    #[test]
+    fn plan_picks_snapshot_and_segments_by_time() {
+        let l = listing(
+            vec![snap(0, 0), snap(2, 50)],
+            vec![
+                seg(0, 32, 10),
+                seg(0, 1000, 20),
+                seg(1, 32, 30),
+                seg(2, 32, 60),
+                seg(2, 500, 70),
+            ],
+        );
+        assert!(plan(&l, "k", Some(t(-1))).unwrap().is_none());
+        let p = plan(&l, "k", Some(t(0))).unwrap().unwrap();
+        assert_eq!((p.snapshot.index, positions(&p)), (0, vec![]));
+        let p = plan(&l, "k", Some(t(25))).unwrap().unwrap();
+        assert_eq!(positions(&p), vec![(0, 32), (0, 1000)]);
+        let p = plan(&l, "k", Some(t(49))).unwrap().unwrap();
+        assert_eq!(p.snapshot.index, 0);
+        assert_eq!(positions(&p), vec![(0, 32), (0, 1000), (1, 32)]);
+        // Snapshot 2 replaces WALs 0 and 1.
+        let p = plan(&l, "k", Some(t(60))).unwrap().unwrap();
+        assert_eq!((p.snapshot.index, positions(&p)), (2, vec![(2, 32)]));
+        let p = plan(&l, "k", None).unwrap().unwrap();
+        assert_eq!(positions(&p), vec![(2, 32), (2, 500)]);
+        // Each WAL from the snapshot's on must have segments before the next.
+        let l = listing(vec![snap(0, 0)], vec![seg(1, 32, 1)]);
+        let e = plan(&l, "k", None).unwrap_err().to_string();
+        assert!(e.contains("(WAL 0 offset 32) is missing"), "{e}");
+    }
+
+    #[test]
+    fn plan_refuses_gaps_visible_from_names() {
+        // First segment of the snapshot's WAL missing.
+        let l = listing(vec![snap(3, 0)], vec![seg(3, 1000, 1)]);
+        let e = plan(&l, "k", None).unwrap_err().to_string();
+        assert!(
+            e.contains("0000000000000003_0000000000000020.wal.lz4 (WAL 3 offset 32) is missing"),
+            "{e}"
+        );
+        // A whole WAL index skipped.
+        let l = listing(vec![snap(0, 0)], vec![seg(0, 32, 1), seg(2, 32, 2)]);
+        let e = plan(&l, "k", None).unwrap_err().to_string();
+        assert!(e.contains("(WAL 1 offset 32) is missing"), "{e}");
+        // A new WAL not starting at 32.
+        let l = listing(vec![snap(0, 0)], vec![seg(0, 32, 1), seg(1, 64, 2)]);
+        assert!(plan(&l, "k", None).is_err());
+        // The missing segment exists but was uploaded after the restore time.
+        let l = listing(vec![snap(0, 0)], vec![seg(0, 32, 9), seg(1, 32, 2)]);
+        let e = plan(&l, "k", Some(t(5))).unwrap_err().to_string();
+        assert!(e.contains("after the restore time"), "{e}");
+    }
+
+    // ---- end to end against file:// ----
+
+    fn file_replica(dir: &Path) -> Replica {
+        let cfg: ReplicaConfig =
+            serde_yaml_ng::from_str(&format!("url: file://{}", dir.display())).unwrap();
+        Replica::open(
+            &ReplicaUrl::File {
+                dir: dir.to_path_buf(),
+            },
+            &cfg,
+        )
+        .unwrap()
+    }
+
+    struct Writer {
+        db: PathBuf,
+        conn: Connection,
+        rows: i64,
+        index: u64,
+        cursor: Option<WalCursor>,
+        gen: GenerationId,
+    }
+
+    /// Upload times are file mtimes; keep them apart so cutoffs are exact.
+    async fn tick() {
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+
+    impl Writer {
+        fn commit(&mut self, n: i64) {
+            let tx = self.conn.unchecked_transaction().unwrap();
+            for _ in 0..n {
+                self.rows += 1;
+                tx.execute(
+                    "INSERT INTO t(id, v) VALUES (?1, ?2)",
+                    rusqlite::params![self.rows, format!("{:>300}", self.rows)],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+
+        fn wal(&self) -> PathBuf {
+            PathBuf::from(format!("{}-wal", self.db.display()))
+        }
+
+        /// Ships everything committed as one segment; returns its upload time.
+        async fn ship(&mut self, r: &Replica) -> DateTime<Utc> {
+            let wp = self.wal();
+            let f = File::open(&wp).unwrap();
+            let cur = match self.cursor {
+                Some(c) => c,
+                None => {
+                    WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap())
+                }
+            };
+            let ReadOutcome::Frames { bytes, next, .. } =
+                wal::read_committed(&f, &wp, &cur, u64::MAX).unwrap()
+            else {
+                panic!("continuity lost")
+            };
+            let end = upload_segment(r, "k", &self.gen, cur.pos, &bytes)
+                .await
+                .unwrap();
+            assert_eq!(end, next.pos);
+            self.cursor = Some(next);
+            tick().await;
+            let loc = segment_path(&r.prefix, "k", &self.gen, cur.pos);
+            r.store.head(&loc).await.unwrap().last_modified
+        }
+
+        /// TRUNCATE checkpoint (after shipping everything), then snapshot the
+        /// database file as snapshot `index` of the next WAL.
+        async fn checkpoint_and_snapshot(
+            &mut self,
+            r: &Replica,
+            tmp: &Path,
+            new_wal: bool,
+        ) -> DateTime<Utc> {
+            let busy: i64 = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(busy, 0);
+            if new_wal {
+                self.index += 1;
+            }
+            self.cursor = None;
+            let copy = tmp.join("copy.db");
+            std::fs::copy(&self.db, &copy).unwrap();
+            upload_snapshot(r, "k", &self.gen, self.index, &copy, tmp)
+                .await
+                .unwrap();
+            tick().await;
+            let loc = snapshot_path(&r.prefix, "k", &self.gen, self.index);
+            r.store.head(&loc).await.unwrap().last_modified
+        }
+    }
+
+    async fn restore_rows(
+        r: &Replica,
+        at: Option<DateTime<Utc>>,
+        dir: &Path,
+    ) -> Result<(RestorePoint, i64)> {
+        let out = tempfile::Builder::new()
+            .suffix(".db")
+            .tempfile_in(dir)
+            .unwrap();
+        let path = out.path().to_path_buf();
+        let mut f = out.reopen().unwrap();
+        let point = restore_generation(r, "k", at, &mut f).await?;
+        drop(f);
+        assert!(!PathBuf::from(format!("{}-wal", path.display())).exists());
+        snapshot::integrity_check(&path).unwrap();
+        let c = Connection::open(&path).unwrap();
+        let (n, max): (i64, i64) = c
+            .query_row("SELECT count(*), coalesce(max(id), 0) FROM t", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(n, max, "rows are 1..=n");
+        Ok((point, n))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn build_restore_and_detect_gaps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = file_replica(&tmp.path().join("replica"));
+        let db = tmp.path().join("app.db");
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "page_size", 1024).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        let mut w = Writer {
+            db,
+            conn,
+            rows: 0,
+            index: 0,
+            cursor: None,
+            gen: new_generation_id(Utc::now()),
+        };
+        w.commit(10);
+        // (upload time, rows restorable at that time, snapshot index used)
+        let mut points = vec![(
+            w.checkpoint_and_snapshot(&r, tmp.path(), false).await,
+            10,
+            0,
+        )];
+        for n in [3, 40, 1] {
+            w.commit(n);
+            w.commit(2);
+            points.push((w.ship(&r).await, w.rows, 0));
+        }
+        // WAL 0 ends; snapshot 1 is the database at the start of WAL 1.
+        points.push((
+            w.checkpoint_and_snapshot(&r, tmp.path(), true).await,
+            w.rows,
+            1,
+        ));
+        let mut wal1 = Vec::new();
+        for n in [5, 1, 30] {
+            w.commit(n);
+            wal1.push(w.cursor.map_or(Position::start(1), |c| c.pos));
+            points.push((w.ship(&r).await, w.rows, 1));
+        }
+        for pair in points.windows(2) {
+            assert!(pair[0].0 < pair[1].0, "upload times are distinct");
+        }
+
+        for &(time, rows, index) in &points {
+            let (p, n) = restore_rows(&r, Some(time), tmp.path()).await.unwrap();
+            assert_eq!((n, p.snapshot_index, p.time), (rows, index, time));
+            // Until the next upload, the same point is restored.
+            let (_, n) = restore_rows(&r, Some(time + Duration::milliseconds(10)), tmp.path())
+                .await
+                .unwrap();
+            assert_eq!(n, rows);
+        }
+        let (latest, n) = restore_rows(&r, None, tmp.path()).await.unwrap();
+        assert_eq!((n, latest.segments, latest.snapshot_index), (w.rows, 3, 1));
+        assert_eq!(latest.position, w.cursor.unwrap().pos);
+        let e = restore_rows(&r, Some(points[0].0 - Duration::seconds(1)), tmp.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+
+        // Listing.
+        let gens = list_generations(&r, "k").await.unwrap();
+        assert_eq!(gens.len(), 1);
+        assert_eq!((gens[0].snapshots.len(), gens[0].segments), (2, 6));
+        assert_eq!(gens[0].first_upload, Some(points[0].0));
+        assert_eq!(gens[0].last_upload, Some(points.last().unwrap().0));
+        assert_eq!(gens[0].last_segment, Some(wal1[2]));
+
+        // Metadata round trip.
+        let meta = Metadata {
+            generation: w.gen.clone(),
+            page_size: 1024,
+            created: w.gen.created(),
+            first: Position::start(0),
+            last: w.cursor.unwrap().pos,
+            snapshots: vec![SnapshotEntry {
+                index: 0,
+                size: 4096,
+                compressed_size: 100,
+                checksum: "xxh32:00000000".into(),
+            }],
+        };
+        assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), None);
+        write_metadata(&r, "k", &meta).await.unwrap();
+        assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), Some(meta));
+
+        // A middle segment of WAL 1 goes missing: restore fails and names it.
+        let middle = segment_path(&r.prefix, "k", &w.gen, wal1[1]);
+        r.delete(&middle).await.unwrap();
+        let e = restore_rows(&r, None, tmp.path())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "{}.wal.lz4 (WAL 1 offset {}) is missing",
+                wal1[1], wal1[1].offset
+            )),
+            "{e}"
+        );
+        // Points before the gap still restore.
+        let (time, rows, _) = points[5];
+        let (_, n) = restore_rows(&r, Some(time), tmp.path()).await.unwrap();
+        assert_eq!(n, rows);
+
+        // A new generation (continuity lost) wins for later times only.
+        w.gen = new_generation_id(Utc::now());
+        w.index = 0;
+        w.commit(7);
+        let g2 = w.checkpoint_and_snapshot(&r, tmp.path(), false).await;
+        let (p, n) = restore_rows(&r, None, tmp.path()).await.unwrap();
+        assert_eq!((p.generation.clone(), n), (w.gen.clone(), w.rows));
+        let (p, n) = restore_rows(&r, Some(points[5].0), tmp.path())
+            .await
+            .unwrap();
+        assert_ne!(p.generation, w.gen);
+        assert_eq!(n, points[5].1);
+        assert!(points[5].0 < g2);
+        let gens = list_generations(&r, "k").await.unwrap();
+        assert_eq!(gens[0].id, w.gen);
+        assert_eq!(gens.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn snapshot_entry_checksum_is_the_lz4_content_checksum() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = file_replica(&tmp.path().join("replica"));
+        let db = tmp.path().join("x.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let g = new_generation_id(Utc::now());
+        let e = upload_snapshot(&r, "k", &g, 0, &db, tmp.path())
+            .await
+            .unwrap();
+        assert_eq!(e.size, std::fs::metadata(&db).unwrap().len());
+        assert!(e.checksum.starts_with("xxh32:") && e.checksum.len() == 14);
+        // Corrupting the stored checksum makes the decoder refuse the object.
+        let loc = snapshot_path(&r.prefix, "k", &g, 0);
+        let mut obj = r.get_bytes(&loc).await.unwrap().unwrap().to_vec();
+        assert_eq!(obj.len() as u64, e.compressed_size);
+        let n = obj.len();
+        obj[n - 1] ^= 0xff;
+        let mut sink = tempfile::tempfile().unwrap();
+        assert!(snapshot::decompress(&obj[..], "x", &mut sink).is_err());
+        assert!(upload_segment(&r, "k", &g, Position::start(0), &[])
+            .await
+            .is_err());
+        assert!(list_generation_ids(&r, "../x").await.is_err());
+    }
+}

@@ -59,6 +59,16 @@ pub enum Command {
         #[arg(long, short)]
         snapshots: bool,
     },
+    /// WAL generations of one database (hot tier), newest first.
+    Generations {
+        /// Database key or path.
+        target: String,
+    },
+    /// Every snapshot of one database: hourly (cold) and per generation (hot).
+    Snapshots {
+        /// Database key or path.
+        target: String,
+    },
     /// Create sample databases for the demo config (examples/litefleet.yml).
     Demo {
         /// How many databases to create.
@@ -277,6 +287,55 @@ async fn run(cli: Cli) -> Result<()> {
             // A closed pipe (`litefleet list | head`) just ends the listing.
             let _ = print_listing(&mut out, &dbs, snapshots);
             eprintln!("{} database(s) in {replica}", dbs.len());
+            Ok(())
+        }
+        Command::Generations { target } => {
+            let loaded = Loaded::from_file(&cli.config)?;
+            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let key = restore::resolve_key(&loaded, &target)?;
+            let gens = crate::generation::list_generations(&replica, &key).await?;
+            let rfc = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
+            for g in &gens {
+                println!(
+                    "{}  created {}  snapshots {}  wal segments {}  last position {}  uploads {} .. {}",
+                    g.id.as_str(),
+                    g.created.to_rfc3339(),
+                    g.snapshots.len(),
+                    g.segments,
+                    g.last_segment.map_or("-".to_string(), |p| p.to_string()),
+                    rfc(g.first_upload),
+                    rfc(g.last_upload),
+                );
+            }
+            eprintln!("{} generation(s) of {key} in {replica}", gens.len());
+            Ok(())
+        }
+        Command::Snapshots { target } => {
+            let loaded = Loaded::from_file(&cli.config)?;
+            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let key = restore::resolve_key(&loaded, &target)?;
+            let mut n = 0;
+            for s in restore::snapshots(&replica, &key).await? {
+                n += 1;
+                println!(
+                    "cold  {}  uploaded {}  {} bytes",
+                    s.location,
+                    s.uploaded.to_rfc3339(),
+                    s.size
+                );
+            }
+            for g in crate::generation::list_generations(&replica, &key).await? {
+                for s in &g.snapshots {
+                    n += 1;
+                    println!(
+                        "hot   {}  uploaded {}  {} bytes",
+                        s.location,
+                        s.uploaded.to_rfc3339(),
+                        s.size
+                    );
+                }
+            }
+            eprintln!("{n} snapshot(s) of {key} in {replica}");
             Ok(())
         }
         Command::Demo { databases, dir } => {

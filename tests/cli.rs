@@ -112,6 +112,33 @@ fn demo_config_replicates_and_restores() {
         .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, litefleet::demo::ROWS as i64);
+    let o = litefleet(
+        t.path(),
+        &[
+            "--config",
+            cfg,
+            "snapshots",
+            "project0/db0/main/tenant00007",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.starts_with("cold  project0/db0/main/tenant00007/tenant00007-"),
+        "{out}"
+    );
+    let o = litefleet(
+        t.path(),
+        &[
+            "--config",
+            cfg,
+            "generations",
+            "project0/db0/main/tenant00007",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("0 generation(s)"), "{}", stderr(&o));
     // The object is a plain LZ4 frame of a SQLite database.
     let obj = std::fs::read_dir(t.path().join("demo-replica/project0/db0/main/tenant00007"))
         .unwrap()

@@ -29,8 +29,12 @@
 //!   with bounded concurrency, retry failures next cycle, shut down gracefully.
 //! * [`retention`]: deletes snapshots older than the retention period, always
 //!   keeping the newest snapshot of each database.
+//! * [`lease`]: the replica lease that keeps a second replicator off the same
+//!   replica root (conditional puts, renewal, takeover of expired leases).
 //! * [`restore`]: picks a snapshot (latest or at a timestamp), writes the
-//!   database atomically and checks its integrity; also the `list` command.
+//!   database atomically and checks its integrity; bulk restore of a key
+//!   prefix; also the `list` command.
+//! * [`progress`]: restore progress, a bar on a terminal or log lines otherwise.
 //! * [`demo`] and [`bench`]: sample data for a first run, and the scan benchmark.
 //! * [`cli`]: the command line (clap) that wires all of the above together.
 //!
@@ -44,6 +48,8 @@ pub mod demo;
 pub mod discover;
 pub mod error;
 pub mod layout;
+pub mod lease;
+pub mod progress;
 pub mod restore;
 pub mod retention;
 pub mod scheduler;

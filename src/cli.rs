@@ -16,7 +16,7 @@ use crate::config::Loaded;
 use crate::restore::{RestoreOptions, RestoreOutcome};
 use crate::scheduler::Replicator;
 use crate::storage::Replica;
-use crate::{bench, demo, restore, Error, Result};
+use crate::{bench, demo, progress, restore, Error, Result};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,19 +86,85 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// Database key (e.g. p1/orders/main/t1) or the path of a database matched by a pattern.
-    pub target: String,
-    /// Where to write the restored database.
+    #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+    pub target: Option<String>,
+    /// Restore every database under this key prefix (`/` for all) into the
+    /// directory given by -o, as OUTPUT/<key>.db.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Where to write the restored database (with --prefix: a directory).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// With --prefix: databases restored at once [default: 16].
+    #[arg(long, value_parser = parse_concurrency)]
+    pub concurrency: Option<usize>,
     /// Restore the newest snapshot uploaded at or before this time (RFC 3339).
     #[arg(long, value_parser = parse_timestamp)]
     pub timestamp: Option<DateTime<Utc>>,
-    /// Exit successfully if the replica has no snapshot of the database.
+    /// Exit successfully if the replica has no snapshot of the database
+    /// (with --prefix: no database under the prefix).
     #[arg(long)]
     pub if_replica_exists: bool,
-    /// Exit successfully, doing nothing, if the output already exists.
+    /// Exit successfully, doing nothing, if the output already exists
+    /// (with --prefix: skip databases whose output exists).
     #[arg(long)]
     pub if_db_not_exists: bool,
+}
+
+/// Upper bound for --concurrency: beyond this the blocking thread pool and
+/// open files, not the network, are the limit.
+const MAX_RESTORE_CONCURRENCY: usize = 1024;
+
+fn parse_concurrency(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_RESTORE_CONCURRENCY).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a number from 1 to {MAX_RESTORE_CONCURRENCY}"
+        )),
+    }
+}
+
+/// `restore --prefix`: every database under a prefix, with progress.
+async fn restore_prefix(replica: &Replica, prefix: String, args: RestoreArgs) -> Result<()> {
+    let opts = restore::BulkOptions {
+        prefix,
+        output_dir: args.output,
+        timestamp: args.timestamp,
+        concurrency: args
+            .concurrency
+            .unwrap_or(restore::DEFAULT_BULK_CONCURRENCY),
+        if_db_not_exists: args.if_db_not_exists,
+        if_replica_exists: args.if_replica_exists,
+    };
+    tracing::info!(prefix = %opts.prefix, output = %opts.output_dir.display(), concurrency = opts.concurrency, "bulk restore from {replica}");
+    let reporter = progress::BulkReporter::for_stderr();
+    let result = restore::restore_bulk(replica, &opts, &reporter).await;
+    reporter.finish();
+    let report = result?;
+    if report.databases == 0 {
+        tracing::info!(prefix = %opts.prefix, "no databases under the prefix; nothing to do (--if-replica-exists)");
+        return Ok(());
+    }
+    tracing::info!(
+        bytes = report.bytes,
+        "bulk restore finished: restored {}, skipped {}, failed {}",
+        report.restored,
+        report.skipped,
+        report.failed.len()
+    );
+    if report.failed.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        format!("restore --prefix {:?}", opts.prefix),
+        format!(
+            "{} of {} database(s) failed; first: {}: {}",
+            report.failed.len(),
+            report.databases,
+            report.failed[0].0,
+            report.failed[0].1
+        ),
+    ))
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,7 +298,13 @@ async fn run(cli: Cli) -> Result<()> {
             install_signals(token.clone());
             let addr = loaded.config.addr;
             let scan_interval = loaded.multi_db().scan_interval;
-            let replicator = Arc::new(Replicator::new(loaded)?);
+            // One writer per replica root: take the lease before anything
+            // touches the replica or the staging directory.
+            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let lease = crate::lease::Lease::acquire(&replica, chrono::Utc::now()).await?;
+            tracing::info!(holder = %lease.record().owner, expires = %lease.expires().to_rfc3339(), "replica lease acquired");
+            let renewer = crate::lease::spawn_renewer(lease, token.clone());
+            let replicator = Arc::new(Replicator::with_replica(loaded, replica)?);
             // The endpoint outlives the loop's drain, so /healthz answers
             // while in-flight uploads finish; it stops after `run` returns.
             let ops_stop = CancellationToken::new();
@@ -245,23 +317,59 @@ async fn run(cli: Cli) -> Result<()> {
                 None => None,
             };
             let result = replicator.run(once, token).await;
+            // Uploads have finished: now the lease may go.
+            let released = renewer.release().await;
             ops_stop.cancel();
             if let Some(task) = ops {
                 let _ = task.await;
             }
-            result
+            // A lost lease is the more important error: it explains why the
+            // loop stopped.
+            match (result, released) {
+                (_, Err(e @ Error::LeaseLost { .. })) => Err(e),
+                (Err(e), _) => Err(e),
+                (Ok(()), Err(e)) => {
+                    tracing::warn!(error = %e, "could not release the replica lease; it expires by itself");
+                    Ok(())
+                }
+                (Ok(()), Ok(())) => Ok(()),
+            }
         }
         Command::Restore(args) => {
             let loaded = Loaded::from_file(&cli.config)?;
             let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let target = match (args.prefix.clone(), args.target.clone()) {
+                (Some(prefix), _) => return restore_prefix(&replica, prefix, args).await,
+                (None, _) if args.concurrency.is_some() => {
+                    return Err(Error::invalid(
+                        "restore --concurrency",
+                        "only applies with --prefix",
+                    ))
+                }
+                (None, Some(t)) => t,
+                (None, None) => {
+                    return Err(Error::invalid("restore", "name a database or --prefix"))
+                }
+            };
             let opts = RestoreOptions {
-                target: args.target,
+                target,
                 output: args.output,
                 timestamp: args.timestamp,
                 if_replica_exists: args.if_replica_exists,
                 if_db_not_exists: args.if_db_not_exists,
             };
-            match restore::restore(&loaded, &replica, &opts).await? {
+            let bar = progress::download_bar(&opts.target);
+            let result = restore::restore_with_progress(
+                &loaded,
+                &replica,
+                &opts,
+                bar.as_ref().map(|(_, hook)| hook.clone()),
+            )
+            .await;
+            if let Some((bar, _)) = &bar {
+                bar.finish_and_clear();
+            }
+            match result? {
                 RestoreOutcome::Restored {
                     key,
                     object,

@@ -51,6 +51,16 @@ pub enum Error {
     /// Nothing in the replica matches what was asked for.
     #[error("{0}")]
     NotFound(String),
+
+    /// Another process holds the replica lease; `object` is the lease object,
+    /// `reason` names the holder (host, pid) and when its lease expires.
+    #[error("replica lease {object}: {reason}")]
+    LeaseHeld { object: String, reason: String },
+
+    /// This process held the replica lease and no longer does (another process
+    /// took it over or it was removed): it must stop writing to the replica.
+    #[error("replica lease {object} lost: {reason}")]
+    LeaseLost { object: String, reason: String },
 }
 
 impl Error {

@@ -34,8 +34,12 @@
 //!   when the WAL was restarted under us, and replaying frames onto a database.
 //! * [`generation`]: the hot tier's replica layout (generations of a snapshot
 //!   plus WAL segments, newest-first ids) and point-in-time restore from it.
+//! * [`lease`]: the replica lease that keeps a second replicator off the same
+//!   replica root (conditional puts, renewal, takeover of expired leases).
 //! * [`restore`]: picks a snapshot (latest or at a timestamp), writes the
-//!   database atomically and checks its integrity; also the `list` command.
+//!   database atomically and checks its integrity; bulk restore of a key
+//!   prefix; also the `list` command.
+//! * [`progress`]: restore progress, a bar on a terminal or log lines otherwise.
 //! * [`server`]: the operations endpoint (`/healthz`, `/stats`, `/metrics`),
 //!   aggregate counters only, so its cost does not grow with the fleet.
 //! * [`demo`], [`bench`] and [`soak`]: sample data for a first run, the scan
@@ -53,6 +57,8 @@ pub mod discover;
 pub mod error;
 pub mod generation;
 pub mod layout;
+pub mod lease;
+pub mod progress;
 pub mod restore;
 pub mod retention;
 pub mod scheduler;

@@ -15,12 +15,26 @@
 //! Point in time: a snapshot's object `last_modified` is when its upload
 //! finished, which is after the copy was taken, so "uploaded at or before T"
 //! guarantees the copy holds nothing written after T.
+//!
+//! Bulk restore ([`restore_bulk`]) restores every database under a key prefix
+//! into a directory that mirrors the keys (`DIR/<key>.db`), a bounded number
+//! at a time. One database failing (a bad key, a corrupt snapshot, an
+//! existing output) is reported and the others go on. Keys come from object
+//! names, which anyone with write access to the bucket controls, so every
+//! key is checked before it becomes a path: no `.`, `..` or empty segments,
+//! not absolute, no backslash ([`output_path`]), and the result must stay inside
+//! the directory.
+//!
+//! Progress is reported through hooks ([`OnBytes`] for one download,
+//! [`BulkProgress`] for a bulk restore); this module never draws anything.
+//! [`crate::progress`] decides between a terminal bar and log lines.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
@@ -68,17 +82,55 @@ pub struct SnapshotInfo {
     pub size: u64,
 }
 
+/// Databases restored at once by a bulk restore unless told otherwise. Each
+/// one is a GET stream plus a blocking decompress-and-check thread; 16 keeps
+/// a link busy with small databases without oversubscribing a small host.
+pub const DEFAULT_BULK_CONCURRENCY: usize = 16;
+
 pub(crate) fn check_key(key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::invalid("key", "empty key"));
     }
-    if key.starts_with('/') || key.split('/').any(|p| p == ".." || p == ".") || key.contains('\\') {
+    if key.starts_with('/')
+        || key
+            .split('/')
+            .any(|p| p == ".." || p == "." || p.is_empty())
+        || key.contains('\\')
+    {
         return Err(Error::invalid(
             format!("key {key:?}"),
-            "must be relative and must not contain `.` or `..` segments",
+            "must be relative and must not contain `.`, `..` or empty segments or `\\`",
         ));
     }
     Ok(())
+}
+
+/// Where bulk restore writes the database with `key`: `dir/<key>.db`, the
+/// key's segments as directories and its last segment + `.db` as the file.
+/// Refuses any key that could name a path outside `dir`.
+pub fn output_path(dir: &Path, key: &str) -> Result<PathBuf> {
+    check_key(key)?;
+    let mut out = dir.to_path_buf();
+    let mut parts = key.split('/').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_some() {
+            out.push(part);
+        } else {
+            out.push(format!("{part}.db"));
+        }
+    }
+    // check_key leaves only normal segments; make sure the OS agrees.
+    let inside = out
+        .strip_prefix(dir)
+        .map(|rest| rest.components().all(|c| matches!(c, Component::Normal(_))))
+        .unwrap_or(false);
+    if !inside {
+        return Err(Error::invalid(
+            format!("key {key:?}"),
+            format!("would be restored outside {}", dir.display()),
+        ));
+    }
+    Ok(out)
 }
 
 /// Resolves a restore target (key or database path) to a key.
@@ -170,11 +222,25 @@ pub fn choose(snaps: &[SnapshotInfo], at: Option<DateTime<Utc>>) -> Option<&Snap
         .max_by_key(|s| (s.hour, s.uploaded))
 }
 
+/// Download progress hook: called with (compressed bytes received so far,
+/// compressed object size) as the object streams in.
+pub type OnBytes = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// Restores one database.
 pub async fn restore(
     loaded: &Loaded,
     replica: &Replica,
     opts: &RestoreOptions,
+) -> Result<RestoreOutcome> {
+    restore_with_progress(loaded, replica, opts, None).await
+}
+
+/// [`restore`], reporting download progress to `on_bytes`.
+pub async fn restore_with_progress(
+    loaded: &Loaded,
+    replica: &Replica,
+    opts: &RestoreOptions,
+    on_bytes: Option<OnBytes>,
 ) -> Result<RestoreOutcome> {
     let key = resolve_key(loaded, &opts.target)?;
     if opts.output.exists() {
@@ -186,7 +252,7 @@ pub async fn restore(
             "already exists; remove it or pass --if-db-not-exists",
         ));
     }
-    let mut snaps = snapshots(replica, &key).await?;
+    let snaps = snapshots(replica, &key).await?;
     let Some(snap) = choose(&snaps, opts.timestamp).cloned() else {
         if opts.if_replica_exists {
             return Ok(RestoreOutcome::NoReplica);
@@ -199,24 +265,38 @@ pub async fn restore(
             "no snapshot of {key:?}{when} in {replica}"
         )));
     };
-    // A damaged object (a partial write by a store without atomic PUT, bit
-    // rot) fails the LZ4 content checksum or the integrity check; it is never
-    // installed. Fall back to the next older snapshot, loudly. Store and local
-    // I/O errors are not damage and stop the restore.
-    let mut snap = snap;
+    let (snap, bytes) =
+        fetch_newest_valid(replica, snaps, snap, opts.timestamp, &opts.output, on_bytes).await?;
+    Ok(RestoreOutcome::Restored {
+        key,
+        object: snap.location.to_string(),
+        bytes,
+        uploaded: snap.uploaded,
+    })
+}
+
+/// Installs `first` at `output`, or, if it turns out damaged, the next older
+/// snapshot in `snaps` (at or before `at`), and so on.
+///
+/// A damaged object (a partial write by a store without atomic PUT, bit rot)
+/// fails the LZ4 content checksum recorded at upload or the integrity check,
+/// so it is never installed; the fallback is logged as a warning. Store and
+/// local I/O errors are not damage and stop the restore.
+async fn fetch_newest_valid(
+    replica: &Replica,
+    mut snaps: Vec<SnapshotInfo>,
+    first: SnapshotInfo,
+    at: Option<DateTime<Utc>>,
+    output: &Path,
+    on_bytes: Option<OnBytes>,
+) -> Result<(SnapshotInfo, u64)> {
+    let mut snap = first;
     loop {
-        match fetch_to(replica, &snap.location, &opts.output).await {
-            Ok(bytes) => {
-                return Ok(RestoreOutcome::Restored {
-                    key,
-                    object: snap.location.to_string(),
-                    bytes,
-                    uploaded: snap.uploaded,
-                })
-            }
+        match fetch_to_with_progress(replica, &snap.location, output, on_bytes.clone()).await {
+            Ok(bytes) => return Ok((snap, bytes)),
             Err(e @ (Error::Invalid { .. } | Error::Sqlite { .. })) => {
                 snaps.retain(|s| s.location != snap.location);
-                let Some(older) = choose(&snaps, opts.timestamp).cloned() else {
+                let Some(older) = choose(&snaps, at).cloned() else {
                     return Err(e);
                 };
                 tracing::warn!(object = %snap.location, error = %e, fallback = %older.location, "snapshot is damaged; restoring the next older one");
@@ -229,6 +309,16 @@ pub async fn restore(
 
 /// Downloads, decompresses, checks and atomically installs one snapshot at `output`.
 pub async fn fetch_to(replica: &Replica, location: &ObjPath, output: &Path) -> Result<u64> {
+    fetch_to_with_progress(replica, location, output, None).await
+}
+
+/// [`fetch_to`], calling `on_bytes` as compressed bytes arrive.
+pub async fn fetch_to_with_progress(
+    replica: &Replica,
+    location: &ObjPath,
+    output: &Path,
+    on_bytes: Option<OnBytes>,
+) -> Result<u64> {
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).at(dir)?;
     }
@@ -237,8 +327,16 @@ pub async fn fetch_to(replica: &Replica, location: &ObjPath, output: &Path) -> R
         .get(location)
         .await
         .map_err(|e| Error::store(location, e))?;
+    let total = got.meta.size;
+    let mut received = 0u64;
     let stream = got
         .into_stream()
+        .inspect_ok(move |chunk| {
+            if let Some(f) = &on_bytes {
+                received += chunk.len() as u64;
+                f(received, total);
+            }
+        })
         .map_err(|e| std::io::Error::other(e.to_string()));
     let reader = tokio_util::io::StreamReader::new(stream);
     let bridge = tokio_util::io::SyncIoBridge::new(reader);
@@ -317,6 +415,169 @@ pub async fn list(
     Ok(split)
 }
 
+/// What to restore in bulk and how.
+#[derive(Debug, Clone)]
+pub struct BulkOptions {
+    /// Key prefix (`p1/orders`); empty or `/` for the whole replica.
+    pub prefix: String,
+    /// Directory the keys are mirrored into.
+    pub output_dir: PathBuf,
+    pub timestamp: Option<DateTime<Utc>>,
+    /// Databases restored at once (at least 1).
+    pub concurrency: usize,
+    /// Skip databases whose output already exists (else they fail).
+    pub if_db_not_exists: bool,
+    /// Succeed with nothing to do when the prefix holds no database (else an error).
+    pub if_replica_exists: bool,
+}
+
+/// How one database of a bulk restore ended.
+#[derive(Debug)]
+pub enum BulkOutcome {
+    Restored {
+        object: String,
+        bytes: u64,
+        uploaded: DateTime<Utc>,
+    },
+    /// The output exists and `if_db_not_exists` was given.
+    SkippedExists,
+    /// No snapshot was uploaded at or before `--timestamp` (the database is newer).
+    SkippedNoSnapshotAtTime,
+    Failed(Error),
+}
+
+/// One database of a bulk restore, as reported to [`BulkProgress::finished`].
+#[derive(Debug)]
+pub struct BulkItem {
+    pub key: String,
+    /// `None` when the key was refused before it became a path.
+    pub output: Option<PathBuf>,
+    pub outcome: BulkOutcome,
+}
+
+/// Totals of a bulk restore; `failed` holds (key, error) in completion order.
+#[derive(Debug, Default)]
+pub struct BulkReport {
+    pub databases: usize,
+    pub restored: usize,
+    pub skipped: usize,
+    pub failed: Vec<(String, Error)>,
+    /// Decompressed bytes written.
+    pub bytes: u64,
+}
+
+/// Receives bulk restore progress (implemented by [`crate::progress`]).
+pub trait BulkProgress: Send + Sync {
+    /// The listing is done: `total` databases will be restored.
+    fn started(&self, total: usize);
+    /// One database is done (restored, skipped or failed).
+    fn finished(&self, item: &BulkItem);
+}
+
+/// A [`BulkProgress`] that reports nothing.
+pub struct NoProgress;
+
+impl BulkProgress for NoProgress {
+    fn started(&self, _: usize) {}
+    fn finished(&self, _: &BulkItem) {}
+}
+
+async fn restore_one(
+    replica: &Replica,
+    opts: &BulkOptions,
+    key: String,
+    snaps: Vec<SnapshotInfo>,
+) -> BulkItem {
+    let output = match output_path(&opts.output_dir, &key) {
+        Ok(p) => p,
+        Err(e) => {
+            return BulkItem {
+                key,
+                output: None,
+                outcome: BulkOutcome::Failed(e),
+            }
+        }
+    };
+    let outcome = if output.exists() {
+        if opts.if_db_not_exists {
+            BulkOutcome::SkippedExists
+        } else {
+            BulkOutcome::Failed(Error::invalid(
+                output.display(),
+                "already exists; remove it or pass --if-db-not-exists",
+            ))
+        }
+    } else {
+        match choose(&snaps, opts.timestamp).cloned() {
+            None => BulkOutcome::SkippedNoSnapshotAtTime,
+            Some(first) => {
+                match fetch_newest_valid(replica, snaps, first, opts.timestamp, &output, None).await
+                {
+                    Ok((snap, bytes)) => BulkOutcome::Restored {
+                        object: snap.location.to_string(),
+                        bytes,
+                        uploaded: snap.uploaded,
+                    },
+                    Err(e) => BulkOutcome::Failed(e),
+                }
+            }
+        }
+    };
+    BulkItem {
+        key,
+        output: Some(output),
+        outcome,
+    }
+}
+
+/// Restores every database under `opts.prefix` into `opts.output_dir`.
+///
+/// Errors only when nothing can be attempted (bad prefix, listing failed, no
+/// database under the prefix); per-database failures are in the report.
+pub async fn restore_bulk(
+    replica: &Replica,
+    opts: &BulkOptions,
+    progress: &dyn BulkProgress,
+) -> Result<BulkReport> {
+    let prefix = opts.prefix.trim_matches('/');
+    let dbs = list(replica, Some(prefix)).await?;
+    let mut report = BulkReport {
+        databases: dbs.len(),
+        ..BulkReport::default()
+    };
+    if dbs.is_empty() {
+        if opts.if_replica_exists {
+            progress.started(0);
+            return Ok(report);
+        }
+        let under = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!(" under prefix {prefix:?}")
+        };
+        return Err(Error::NotFound(format!("no databases{under} in {replica}")));
+    }
+    std::fs::create_dir_all(&opts.output_dir).at(&opts.output_dir)?;
+    progress.started(dbs.len());
+    let mut done = futures::stream::iter(dbs)
+        .map(|(key, snaps)| restore_one(replica, opts, key, snaps))
+        .buffer_unordered(opts.concurrency.max(1));
+    while let Some(item) = done.next().await {
+        progress.finished(&item);
+        match item.outcome {
+            BulkOutcome::Restored { bytes, .. } => {
+                report.restored += 1;
+                report.bytes += bytes;
+            }
+            BulkOutcome::SkippedExists | BulkOutcome::SkippedNoSnapshotAtTime => {
+                report.skipped += 1
+            }
+            BulkOutcome::Failed(e) => report.failed.push((item.key, e)),
+        }
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,9 +607,28 @@ mod tests {
 
     #[test]
     fn keys_cannot_escape() {
-        for bad in ["../etc", "a/../../b", "/abs", "a/./b", "a\\b", ""] {
+        for bad in [
+            "../etc",
+            "a/../../b",
+            "/abs",
+            "a/./b",
+            "a\\b",
+            "",
+            "a//b",
+            "a/",
+            "..",
+        ] {
             assert!(check_key(bad).is_err(), "{bad}");
+            assert!(output_path(Path::new("/out"), bad).is_err(), "{bad}");
         }
         check_key("p1/d1/main/t1").unwrap();
+        assert_eq!(
+            output_path(Path::new("/out"), "p1/d1/t1").unwrap(),
+            Path::new("/out/p1/d1/t1.db")
+        );
+        assert_eq!(
+            output_path(Path::new("out"), "..x/t").unwrap(),
+            Path::new("out/..x/t.db")
+        );
     }
 }

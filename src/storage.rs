@@ -16,18 +16,46 @@
 //! the whole file in memory. An object becomes visible only when complete
 //! (S3 PUT and multipart completion are atomic; the local store writes a
 //! temporary file and renames it), so restore never sees a partial snapshot.
+//!
+//! # Conditional writes
+//!
+//! Small coordination objects (the replica lease, see [`crate::lease`]) need
+//! compare-and-swap: [`Replica::put_if_absent`], [`Replica::put_if_match`],
+//! [`Replica::delete_if_match`], with versions read by [`Replica::get_versioned`].
+//!
+//! * **S3**: the client is built with `S3ConditionalPut::ETagMatch` (already
+//!   object_store 0.14's default; set explicitly so an `AWS_CONDITIONAL_PUT`
+//!   environment variable cannot turn it off). `PutMode::Create` sends
+//!   `If-None-Match: *`, `PutMode::Update` sends `If-Match: <etag>`; the store
+//!   answers 412 when the condition fails. AWS S3 (since 2024), MinIO and R2
+//!   honour both. S3 has no conditional DELETE that object_store exposes, so
+//!   [`Replica::delete_if_match`] is read-compare-delete: not atomic, which is
+//!   why the lease only deletes a lease that is still valid for a margin (see
+//!   [`crate::lease`]).
+//! * **file://**: `LocalFileSystem` supports `PutMode::Create` (hard link)
+//!   but returns `NotImplemented` for `PutMode::Update`. So for `file://` the
+//!   three conditional operations are done here with `std::fs` under an
+//!   exclusive `flock` on `<object>.lock`, and the version is a hash of the
+//!   content (every lease write has unique content): read, compare, write a
+//!   temporary file, fsync, rename (or hard link for create), fsync the
+//!   directory. That is atomic for every process on the host that takes the
+//!   same lock (every litefleet does); across hosts only on filesystems with
+//!   coherent `flock` (local disks; not every network filesystem).
 
-use std::path::Path;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-    WriteMultipart,
+    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig, UpdateVersion, WriteMultipart,
 };
 use tokio::io::AsyncReadExt;
 
@@ -56,6 +84,9 @@ pub struct Replica {
     pub store: Arc<dyn ObjectStore>,
     pub prefix: ObjPath,
     description: String,
+    /// The same store as `store` when the replica is `file://`: conditional
+    /// writes need its filesystem paths (see the module docs).
+    local: Option<Arc<LocalFileSystem>>,
 }
 
 impl std::fmt::Display for Replica {
@@ -70,13 +101,16 @@ impl Replica {
         match url {
             ReplicaUrl::File { dir } => {
                 std::fs::create_dir_all(dir).at(dir)?;
-                let store = LocalFileSystem::new_with_prefix(dir)
-                    .map_err(|e| Error::store(dir.display(), e))?
-                    .with_automatic_cleanup(true);
+                let store = Arc::new(
+                    LocalFileSystem::new_with_prefix(dir)
+                        .map_err(|e| Error::store(dir.display(), e))?
+                        .with_automatic_cleanup(true),
+                );
                 Ok(Replica {
-                    store: Arc::new(store),
+                    store: store.clone(),
                     prefix: ObjPath::default(),
                     description: format!("file://{}", dir.display()),
+                    local: Some(store),
                 })
             }
             ReplicaUrl::S3 { bucket, prefix } => {
@@ -121,6 +155,8 @@ impl Replica {
                         ))
                     }
                 }
+                // If-None-Match / If-Match on PUT, for the replica lease.
+                b = b.with_conditional_put(S3ConditionalPut::ETagMatch);
                 b = b
                     .with_retry(RetryConfig {
                         backoff: BackoffConfig {
@@ -144,6 +180,7 @@ impl Replica {
                     store: Arc::new(store),
                     prefix: ObjPath::from(prefix.as_str()),
                     description: format!("s3://{bucket}/{prefix}"),
+                    local: None,
                 })
             }
         }
@@ -268,4 +305,240 @@ impl Replica {
             .await
             .map_err(|e| Error::store(location, e))
     }
+
+    /// The object's content and the version a conditional write must name,
+    /// or `None` if there is no such object.
+    pub async fn get_versioned(
+        &self,
+        location: &ObjPath,
+    ) -> Result<Option<(Bytes, UpdateVersion)>> {
+        if let Some(path) = self.local_path(location)? {
+            return tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+                Ok(b) => {
+                    let v = content_version(&b);
+                    Ok(Some((Bytes::from(b), v)))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io(&path, e)),
+            })
+            .await
+            .map_err(|e| Error::invalid(location, format!("task failed: {e}")))?;
+        }
+        let got = match self.store.get(location).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::store(location, e)),
+        };
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
+        let bytes = got.bytes().await.map_err(|e| Error::store(location, e))?;
+        Ok(Some((bytes, version)))
+    }
+
+    /// Creates `location` only if no object exists there (S3 `If-None-Match: *`).
+    /// `None`: an object already exists, nothing was written.
+    pub async fn put_if_absent(
+        &self,
+        location: &ObjPath,
+        bytes: Bytes,
+    ) -> Result<Option<UpdateVersion>> {
+        if let Some(path) = self.local_path(location)? {
+            return local_cas(path, bytes, None).await;
+        }
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.store.put_opts(location, bytes.into(), opts).await {
+            Ok(r) => s3_version(location, r.into()).map(Some),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(None),
+            Err(e) => Err(Error::store(location, e)),
+        }
+    }
+
+    /// Replaces `location` only if it is still at version `expected`
+    /// (S3 `If-Match`). `None`: it changed or is gone, nothing was written.
+    pub async fn put_if_match(
+        &self,
+        location: &ObjPath,
+        bytes: Bytes,
+        expected: &UpdateVersion,
+    ) -> Result<Option<UpdateVersion>> {
+        if let Some(path) = self.local_path(location)? {
+            return local_cas(path, bytes, Some(expected.clone())).await;
+        }
+        let opts = PutOptions {
+            mode: PutMode::Update(expected.clone()),
+            ..Default::default()
+        };
+        match self.store.put_opts(location, bytes.into(), opts).await {
+            Ok(r) => s3_version(location, r.into()).map(Some),
+            Err(object_store::Error::Precondition { .. })
+            | Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store(location, e)),
+        }
+    }
+
+    /// Deletes `location` only if it is still at version `expected`; `false`
+    /// if it changed or is gone. Atomic for `file://`; for S3 a read, a
+    /// comparison and a delete (see the module docs).
+    pub async fn delete_if_match(
+        &self,
+        location: &ObjPath,
+        expected: &UpdateVersion,
+    ) -> Result<bool> {
+        if let Some(path) = self.local_path(location)? {
+            let expected = expected.clone();
+            return tokio::task::spawn_blocking(move || {
+                with_flock(&path, || match std::fs::read(&path) {
+                    Ok(b) if content_version(&b) == expected => {
+                        std::fs::remove_file(&path).at(&path)?;
+                        sync_parent(&path)?;
+                        Ok(true)
+                    }
+                    Ok(_) => Ok(false),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(Error::io(&path, e)),
+                })
+            })
+            .await
+            .map_err(|e| Error::invalid(location, format!("task failed: {e}")))?;
+        }
+        match self.get_versioned(location).await? {
+            Some((_, v)) if v.e_tag.is_some() && v.e_tag == expected.e_tag => {
+                self.delete(location).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The filesystem path of `location` for a `file://` replica.
+    fn local_path(&self, location: &ObjPath) -> Result<Option<PathBuf>> {
+        match &self.local {
+            None => Ok(None),
+            Some(fs) => fs
+                .path_to_filesystem(location)
+                .map(Some)
+                .map_err(|e| Error::store(location, e)),
+        }
+    }
+}
+
+/// S3 conditional writes need the ETag of what was written to name it next time.
+fn s3_version(location: &ObjPath, v: UpdateVersion) -> Result<UpdateVersion> {
+    if v.e_tag.is_none() {
+        return Err(Error::invalid(
+            location,
+            "the store returned no ETag for a conditional write; it does not support conditional puts",
+        ));
+    }
+    Ok(v)
+}
+
+/// The version of a `file://` coordination object: a 64-bit FNV-1a hash of
+/// its content, plus its length. Coordination objects embed their writer and
+/// a time, so two writes never have the same content.
+fn content_version(bytes: &[u8]) -> UpdateVersion {
+    /// FNV-1a 64-bit offset basis and prime (from the FNV specification).
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = FNV_OFFSET;
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME);
+    }
+    UpdateVersion {
+        e_tag: Some(format!("\"{h:016x}-{:x}\"", bytes.len())),
+        version: None,
+    }
+}
+
+/// Runs `f` holding an exclusive `flock` on `<path>.lock` (created if needed,
+/// never deleted, so every process locks the same inode).
+fn with_flock<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).at(dir)?;
+    }
+    let mut lock_name = path.as_os_str().to_owned();
+    lock_name.push(".lock");
+    let lock_path = PathBuf::from(lock_name);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .at(&lock_path)?;
+    loop {
+        // SAFETY: flock on a file descriptor we own; released when `lock` is closed.
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::io(&lock_path, err));
+        }
+    }
+    let out = f();
+    drop(lock);
+    out
+}
+
+fn sync_parent(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .at(dir)?;
+    }
+    Ok(())
+}
+
+/// `file://` compare-and-swap under the lock: create when `expected` is
+/// `None` (only if absent), else replace only if the content still has
+/// version `expected`.
+async fn local_cas(
+    path: PathBuf,
+    bytes: Bytes,
+    expected: Option<UpdateVersion>,
+) -> Result<Option<UpdateVersion>> {
+    let what = path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        with_flock(&path, || {
+            let current = match std::fs::read(&path) {
+                Ok(b) => Some(content_version(&b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            if current != expected {
+                return Ok(None);
+            }
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".litefleet-tmp")
+                .tempfile_in(dir)
+                .at(dir)?;
+            tmp.write_all(&bytes).at(tmp.path())?;
+            tmp.as_file().sync_all().at(tmp.path())?;
+            if expected.is_none() {
+                // Hard link: fails if something appeared anyway.
+                match tmp.persist_noclobber(&path) {
+                    Ok(_) => {}
+                    Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(Error::io(&path, e.error)),
+                }
+            } else {
+                tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;
+            }
+            sync_parent(&path)?;
+            Ok(Some(content_version(&bytes)))
+        })
+    })
+    .await
+    .map_err(|e| Error::invalid(what, format!("task failed: {e}")))?
 }

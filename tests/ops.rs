@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::fleet::{count_rows, create_db, Backend, Fleet};
 use common::s3::Fault;
+use object_store::ObjectStoreExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A `litefleet replicate` child whose stderr is collected as it arrives.
@@ -177,11 +178,25 @@ async fn sigkill_mid_upload_then_restart_loses_nothing() {
     }
     f.s3().set_fault(Fault::Delay(Duration::from_millis(400)));
     let d = Daemon::start(&f, &["replicate"]);
-    until("an upload on the wire", async || f.s3().request_count() > 0).await;
+    // Two requests take the lease (GET, conditional PUT); the rest are uploads.
+    until("an upload on the wire", async || {
+        f.s3().request_count() >= 3
+    })
+    .await;
     d.signal("-KILL");
     let (code, log) = d.wait().await;
     assert_eq!(code, None, "killed by a signal: {log}");
     f.s3().set_fault(Fault::None);
+
+    // The dead process's lease is still valid: a restart is refused until it
+    // expires (TTL 60 s) ...
+    let d = Daemon::start(&f, &["replicate", "--once"]);
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("wait until its lease expires"), "{log}");
+    // ... or until an operator removes it, as here.
+    let lease = litefleet::lease::lease_path(&f.replica());
+    f.replica().store.delete(&lease).await.unwrap();
 
     let d = Daemon::start(&f, &["replicate", "--once"]);
     let (code, log) = d.wait().await;
@@ -284,5 +299,31 @@ async fn permission_denied_is_logged_once_and_others_continue() {
         let o = out.path().join(format!("{i}.db"));
         f.restore(&format!("p/d/t{i}"), &o, None).await.unwrap();
         assert_eq!(count_rows(&o), 2);
+    }
+}
+
+/// A second replicator on the same replica root is refused, naming the
+/// holder; after the first shuts down (releasing the lease) it may run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_replicator_on_the_same_root_is_refused() {
+    for backend in [Backend::File, Backend::S3] {
+        let f = Fleet::new(backend).await;
+        drop(create_db(&f.db_path("p", "d", "t0"), 1));
+        let first = Daemon::start(&f, &["replicate"]);
+        until("the first replicator's lease", async || {
+            first.log().contains("replica lease acquired")
+        })
+        .await;
+        let second = Daemon::start(&f, &["replicate", "--once"]);
+        let (code, log) = second.wait().await;
+        assert_eq!(code, Some(1), "{backend:?}: {log}");
+        let pid = format!("pid {}", first.child.id());
+        assert!(log.contains(&pid), "{backend:?}: holder not named: {log}");
+        first.signal("-TERM");
+        let (code, log) = first.wait().await;
+        assert_eq!(code, Some(0), "{backend:?}: {log}");
+        let again = Daemon::start(&f, &["replicate", "--once"]);
+        let (code, log) = again.wait().await;
+        assert_eq!(code, Some(0), "{backend:?}: {log}");
     }
 }

@@ -4,6 +4,15 @@
 //! Faults are applied by a thin wrapper around the s3s service, so the client
 //! sees genuine HTTP responses (503/500 with S3 XML error bodies), genuine
 //! latency, or a genuinely closed port after [`S3Server::stop`].
+//!
+//! Conditional writes: `s3s-fs` 0.14 itself answers PutObject with 412
+//! PreconditionFailed when `If-None-Match: *` meets an existing object or
+//! `If-Match` names another ETag (or a missing object), like S3. But its
+//! check and its write are separate steps (the ETag is even saved after the
+//! data is renamed into place), so two concurrent conditional PUTs could both
+//! pass. Real S3 decides them atomically; so the wrapper below runs PUTs that
+//! carry `If-Match` or `If-None-Match` one at a time. It adds no check of its
+//! own: every 412 comes from `s3s-fs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -40,6 +49,8 @@ pub enum Fault {
 
 struct Shared {
     fault: Mutex<Fault>,
+    /// Held while a conditional PUT is served (see the module docs).
+    conditional: tokio::sync::Mutex<()>,
     /// Requests that passed under `FailAfter` so far.
     passed: AtomicU64,
     requests: AtomicU64,
@@ -113,6 +124,7 @@ impl S3Server {
         let service = b.build();
         let shared = Arc::new(Shared {
             fault: Mutex::new(Fault::None),
+            conditional: tokio::sync::Mutex::new(()),
             passed: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -166,6 +178,14 @@ impl S3Server {
                                     .unwrap());
                             }
                         }
+                        let conditional = req.method() == hyper::Method::PUT
+                            && (req.headers().contains_key(hyper::header::IF_MATCH)
+                                || req.headers().contains_key(hyper::header::IF_NONE_MATCH));
+                        let _one_at_a_time = if conditional {
+                            Some(shared.conditional.lock().await)
+                        } else {
+                            None
+                        };
                         hyper::service::Service::call(&service, req).await
                     }
                 });

@@ -1,0 +1,479 @@
+//! The replica lease: at most one `litefleet replicate` writes to a replica root.
+//!
+//! Two replicators pointed at the same root would upload over each other and
+//! run retention against each other's snapshots. So `replicate` first takes a
+//! lease: the object `<prefix>/.litefleet/lease.json`, holding who owns it
+//! (an owner id unique to one acquisition: host, pid, start time and a
+//! counter), the host name and pid for people, and when it was acquired and
+//! expires. Every change to it is a compare-and-swap (see [`crate::storage`]):
+//!
+//! * **acquire**: create it only if absent (`PutMode::Create`, S3
+//!   `If-None-Match: *`). If it exists and has not expired, refuse with an
+//!   error naming the holder's host, pid and expiry. If it has expired, take
+//!   it over by replacing exactly the version that was read
+//!   (`PutMode::Update`, S3 `If-Match: <etag>`), so of two processes racing
+//!   for an expired lease exactly one wins.
+//! * **renew**: replace our own version with a later expiry (If-Match). If
+//!   that fails someone else took the lease over (ours had expired) or removed
+//!   it: [`Error::LeaseLost`], and the replicator must stop writing.
+//!   [`spawn_renewer`] renews every [`Lease::ttl`] / 3 and cancels the
+//!   replication token when the lease is lost, or when it cannot be renewed
+//!   before it would expire (store unreachable).
+//! * **release** (clean shutdown): delete the lease if it is still ours and
+//!   valid for at least [`RELEASE_MARGIN`]. S3 (through object_store) has no
+//!   conditional delete, so the delete is read-compare-delete; it is safe
+//!   because nobody takes over a lease before it expires, and the margin
+//!   covers clock skew and request time. A lease closer to expiry than that is
+//!   instead marked expired with an If-Match write, which any later acquirer
+//!   takes over.
+//!
+//! Expiry is wall-clock time written by the holder and read by contenders, so
+//! hosts' clocks must agree to well within [`RELEASE_MARGIN`] (NTP does).
+//!
+//! Backend support (object_store 0.14): S3 and S3-compatible stores do both
+//! conditional puts natively (AWS S3, MinIO, R2). `file://`'s
+//! `LocalFileSystem` has no `PutMode::Update`, so storage does the
+//! compare-and-swap itself under an `flock` (safe for every process on one
+//! host). The in-process test server (`s3s-fs` 0.14) checks `If-None-Match`
+//! and `If-Match` on PutObject and answers 412, but check and write are not
+//! atomic there, so the test wrapper serializes conditional PUTs the way
+//! real S3 does.
+//!
+//! All operations take `now` explicitly (`*_at`) so tests can move time
+//! without sleeping; the plain versions use the system clock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use object_store::path::Path as ObjPath;
+use object_store::UpdateVersion;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::Replica;
+use crate::{Error, Result};
+
+/// Where the lease lives under the replica prefix. A dot directory: no key
+/// template renders it, and restore, list and retention ignore objects
+/// whose names are not snapshot names.
+pub const LEASE_OBJECT: &str = ".litefleet/lease.json";
+/// Default lease lifetime. Long enough that a renewal every 20 s survives two
+/// failed requests (each bounded by the replica `timeout`), short enough that
+/// a crashed replicator's successor waits at most a minute.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// Release deletes the lease only if it stays valid at least this long, so a
+/// contender with a clock this far ahead cannot have taken it over between
+/// our read and our delete (see the module docs). A quarter of the default TTL.
+pub const RELEASE_MARGIN: Duration = Duration::from_secs(15);
+/// Acquisition attempts when the lease changes between our read and our
+/// conditional write (another process acquiring or releasing at that moment).
+const ACQUIRE_ATTEMPTS: usize = 3;
+
+/// What the lease object holds (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// Unique to one acquisition: `host:pid:start-nanos:counter`.
+    pub owner: String,
+    pub hostname: String,
+    pub pid: u32,
+    #[serde(with = "rfc3339")]
+    pub acquired: DateTime<Utc>,
+    #[serde(with = "rfc3339")]
+    pub expires: DateTime<Utc>,
+}
+
+impl LeaseRecord {
+    /// "host h, pid p, expires T (in 42s)" for messages.
+    pub fn describe(&self, now: DateTime<Utc>) -> String {
+        let left = (self.expires - now).num_seconds();
+        let when = if left >= 0 {
+            format!("in {left}s")
+        } else {
+            format!("{}s ago", -left)
+        };
+        format!(
+            "host {}, pid {}, expires {} ({when})",
+            self.hostname,
+            self.pid,
+            self.expires
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+    }
+}
+
+mod rfc3339 {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A held replica lease. Dropping it does not release it (use
+/// [`Lease::release`]); an unreleased lease simply expires.
+#[derive(Debug)]
+pub struct Lease {
+    replica: Replica,
+    location: ObjPath,
+    record: LeaseRecord,
+    version: UpdateVersion,
+    ttl: Duration,
+}
+
+/// The lease object's path under the replica prefix.
+pub fn lease_path(replica: &Replica) -> ObjPath {
+    crate::layout::key_path(&replica.prefix, LEASE_OBJECT)
+}
+
+/// The lease object as named in messages (`s3://bucket/prefix/.litefleet/lease.json`).
+fn lease_name(replica: &Replica) -> String {
+    format!(
+        "{}/{LEASE_OBJECT}",
+        replica.to_string().trim_end_matches('/')
+    )
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // unless truncated, and we stop at the first NUL or the end either way.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown-host".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn new_owner(host: &str, pid: u32) -> String {
+    /// Distinguishes acquisitions within one process (tests, restarts of the loop).
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{host}:{pid}:{nanos:x}:{n}")
+}
+
+fn parse(replica: &Replica, bytes: &[u8]) -> Result<LeaseRecord> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Error::invalid(
+            lease_name(replica),
+            format!(
+                "is not a litefleet lease ({e}); if no litefleet replicates to this replica, delete it"
+            ),
+        )
+    })
+}
+
+fn encode(record: &LeaseRecord) -> Bytes {
+    // Serializing a struct of strings and integers cannot fail.
+    Bytes::from(serde_json::to_vec_pretty(record).unwrap_or_default())
+}
+
+/// Times as stored (millisecond precision), so a record reads back equal.
+fn stored(t: DateTime<Utc>) -> DateTime<Utc> {
+    chrono::SubsecRound::trunc_subsecs(t, 3)
+}
+
+fn ttl_delta(ttl: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Lease {
+    /// Takes the lease with [`DEFAULT_TTL`] at `now`.
+    pub async fn acquire(replica: &Replica, now: DateTime<Utc>) -> Result<Lease> {
+        Self::acquire_with_ttl(replica, now, DEFAULT_TTL).await
+    }
+
+    /// Takes the lease at `now`, valid for `ttl`: creates it, or takes over an
+    /// expired one. [`Error::LeaseHeld`] if another process holds it.
+    pub async fn acquire_with_ttl(
+        replica: &Replica,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Lease> {
+        if ttl.is_zero() {
+            return Err(Error::invalid("lease ttl", "must be greater than zero"));
+        }
+        let location = lease_path(replica);
+        let host = hostname();
+        let pid = std::process::id();
+        let record = LeaseRecord {
+            owner: new_owner(&host, pid),
+            hostname: host,
+            pid,
+            acquired: stored(now),
+            expires: stored(now + ttl_delta(ttl)),
+        };
+        let body = encode(&record);
+        for _ in 0..ACQUIRE_ATTEMPTS {
+            let written = match replica.get_versioned(&location).await? {
+                None => replica.put_if_absent(&location, body.clone()).await?,
+                Some((bytes, version)) => {
+                    let held = parse(replica, &bytes)?;
+                    if held.expires > now {
+                        return Err(Error::LeaseHeld {
+                            object: lease_name(replica),
+                            reason: format!(
+                                "held by another litefleet ({}); stop it, or wait until its lease expires if it died",
+                                held.describe(now)
+                            ),
+                        });
+                    }
+                    let took = replica
+                        .put_if_match(&location, body.clone(), &version)
+                        .await?;
+                    if took.is_some() {
+                        tracing::warn!(
+                            lease = %lease_name(replica),
+                            previous = %held.describe(now),
+                            "took over an expired replica lease"
+                        );
+                    }
+                    took
+                }
+            };
+            if let Some(version) = written {
+                tracing::info!(
+                    lease = %lease_name(replica),
+                    owner = %record.owner,
+                    expires = %record.expires.to_rfc3339(),
+                    "acquired replica lease"
+                );
+                return Ok(Lease {
+                    replica: replica.clone(),
+                    location,
+                    record,
+                    version,
+                    ttl,
+                });
+            }
+            // Someone changed the lease between our read and our write: look again.
+        }
+        Err(Error::LeaseHeld {
+            object: lease_name(replica),
+            reason: format!(
+                "changed {ACQUIRE_ATTEMPTS} times while acquiring it; another litefleet is starting against this replica"
+            ),
+        })
+    }
+
+    /// What is stored in the replica's lease object now, if anything.
+    pub async fn current(replica: &Replica) -> Result<Option<LeaseRecord>> {
+        match replica.get_versioned(&lease_path(replica)).await? {
+            None => Ok(None),
+            Some((bytes, _)) => parse(replica, &bytes).map(Some),
+        }
+    }
+
+    /// Our record (owner, host, pid, acquired, expires as last written).
+    pub fn record(&self) -> &LeaseRecord {
+        &self.record
+    }
+
+    pub fn expires(&self) -> DateTime<Utc> {
+        self.record.expires
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Extends the lease to now + ttl.
+    pub async fn renew(&mut self) -> Result<()> {
+        self.renew_at(Utc::now()).await
+    }
+
+    /// Extends the lease to `now` + ttl, only if the stored lease is still the
+    /// version we wrote last. [`Error::LeaseLost`] if it is not.
+    pub async fn renew_at(&mut self, now: DateTime<Utc>) -> Result<()> {
+        let mut next = self.record.clone();
+        next.expires = stored(now + ttl_delta(self.ttl));
+        match self
+            .replica
+            .put_if_match(&self.location, encode(&next), &self.version)
+            .await?
+        {
+            Some(v) => {
+                if self.record.expires <= now {
+                    tracing::warn!(lease = %lease_name(&self.replica), "renewed a replica lease after it had expired (nobody took it over)");
+                }
+                self.version = v;
+                self.record = next;
+                Ok(())
+            }
+            None => Err(self.lost(now).await),
+        }
+    }
+
+    /// Explains why our conditional write failed: who holds the lease now.
+    async fn lost(&self, now: DateTime<Utc>) -> Error {
+        let reason = match Self::current(&self.replica).await {
+            Ok(Some(r)) if r.owner == self.record.owner => {
+                "it was changed by another writer with our owner id".to_string()
+            }
+            Ok(Some(r)) => format!("taken over by {}", r.describe(now)),
+            Ok(None) => "it was deleted".to_string(),
+            Err(e) => format!("it changed, and reading it failed: {e}"),
+        };
+        Error::LeaseLost {
+            object: lease_name(&self.replica),
+            reason,
+        }
+    }
+
+    /// Gives the lease up (clean shutdown), using the system clock.
+    pub async fn release(self) -> Result<()> {
+        self.release_at(Utc::now()).await
+    }
+
+    /// Gives the lease up at `now`: deletes it if it is still ours and valid
+    /// for [`RELEASE_MARGIN`], else marks it expired (If-Match) so the next
+    /// acquirer takes it over. [`Error::LeaseLost`] if it is no longer ours
+    /// (then nothing is changed).
+    pub async fn release_at(self, now: DateTime<Utc>) -> Result<()> {
+        let name = lease_name(&self.replica);
+        if now + ttl_delta(RELEASE_MARGIN) < self.record.expires {
+            if self
+                .replica
+                .delete_if_match(&self.location, &self.version)
+                .await?
+            {
+                tracing::info!(lease = %name, "released replica lease");
+                return Ok(());
+            }
+            return Err(self.lost(now).await);
+        }
+        let mut last = self.record.clone();
+        last.expires = stored(now).min(self.record.expires);
+        match self
+            .replica
+            .put_if_match(&self.location, encode(&last), &self.version)
+            .await?
+        {
+            Some(_) => {
+                tracing::info!(lease = %name, "released replica lease (marked expired)");
+                Ok(())
+            }
+            None => Err(self.lost(now).await),
+        }
+    }
+}
+
+/// The background task that keeps a lease alive; see [`spawn_renewer`].
+#[derive(Debug)]
+pub struct Renewer {
+    stop: CancellationToken,
+    task: JoinHandle<Result<Lease>>,
+}
+
+impl Renewer {
+    /// Stops renewing and hands the lease back (for [`Lease::release`]), or
+    /// the error that ended renewal (the replication token was cancelled then).
+    pub async fn stop(self) -> Result<Lease> {
+        self.stop.cancel();
+        self.task
+            .await
+            .map_err(|e| Error::invalid("lease renewer", format!("task failed: {e}")))?
+    }
+
+    /// Stops renewing and releases the lease: the clean-shutdown path, called
+    /// after replication (including in-flight uploads) has finished.
+    pub async fn release(self) -> Result<()> {
+        self.stop().await?.release().await
+    }
+
+    /// True once the task ended by itself (lease lost or unrenewable).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// Renews `lease` every ttl/3 until [`Renewer::stop`]. If the lease is lost
+/// (taken over or deleted), or cannot be renewed before it would expire
+/// because the store keeps failing, it cancels `cancel` (which stops
+/// replication) and ends with that error.
+///
+/// Stop it only after replication has finished: uploads that are still in
+/// flight after `cancel` must stay covered by the lease.
+pub fn spawn_renewer(mut lease: Lease, cancel: CancellationToken) -> Renewer {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        let interval = lease.ttl / 3;
+        // After a failed renewal, try again sooner: a few attempts fit before expiry.
+        let retry = (interval / 4).max(Duration::from_millis(100));
+        let mut wait = interval;
+        loop {
+            tokio::select! {
+                _ = stopped.cancelled() => return Ok(lease),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match lease.renew().await {
+                Ok(()) => wait = interval,
+                Err(e @ Error::LeaseLost { .. }) => {
+                    tracing::error!(error = %e, "replica lease lost: stopping replication");
+                    cancel.cancel();
+                    return Err(e);
+                }
+                Err(e) => {
+                    let left = (lease.expires() - Utc::now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO);
+                    if left <= retry {
+                        tracing::error!(error = %e, "cannot renew the replica lease before it expires: stopping replication");
+                        cancel.cancel();
+                        return Err(Error::LeaseLost {
+                            object: lease_name(&lease.replica),
+                            reason: format!("could not be renewed before it expired: {e}"),
+                        });
+                    }
+                    tracing::warn!(error = %e, left_secs = left.as_secs(), "replica lease renewal failed; retrying");
+                    wait = retry;
+                }
+            }
+        }
+    });
+    Renewer { stop, task }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn record_round_trips_and_describes_holder() {
+        let t = Utc.with_ymd_and_hms(2026, 11, 22, 13, 0, 0).unwrap();
+        let r = LeaseRecord {
+            owner: "h:1:ff:0".into(),
+            hostname: "h".into(),
+            pid: 1,
+            acquired: t,
+            expires: t + chrono::Duration::seconds(60),
+        };
+        let back: LeaseRecord = serde_json::from_slice(&encode(&r)).unwrap();
+        assert_eq!(back, r);
+        let d = r.describe(t + chrono::Duration::seconds(18));
+        assert_eq!(d, "host h, pid 1, expires 2026-11-22T13:01:00Z (in 42s)");
+    }
+
+    #[test]
+    fn owners_are_unique_within_a_process() {
+        assert_ne!(new_owner("h", 1), new_owner("h", 1));
+        assert!(!hostname().is_empty());
+    }
+}

@@ -1,0 +1,257 @@
+//! The replica lease against the in-process S3 server (conditional PUTs with
+//! If-None-Match / If-Match) and file:// (compare-and-swap under flock).
+//! Time is passed explicitly, so nothing here sleeps to make a lease expire.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use common::fleet::Fleet;
+use litefleet::lease::{lease_path, spawn_renewer, Lease, DEFAULT_TTL, LEASE_OBJECT};
+use litefleet::Error;
+use object_store::{ObjectStoreExt, PutPayload};
+use tokio_util::sync::CancellationToken;
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 22, 13, 0, 0).unwrap()
+}
+
+fn secs(n: i64) -> chrono::Duration {
+    chrono::Duration::seconds(n)
+}
+
+fn me() -> String {
+    format!("pid {}", std::process::id())
+}
+
+both_backends!(
+    second_acquire_is_refused_naming_the_holder,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let a = Lease::acquire(&r, t0()).await.unwrap();
+        assert_eq!(a.expires(), t0() + secs(60));
+        let stored = Lease::current(&r).await.unwrap().unwrap();
+        assert_eq!(&stored, a.record());
+
+        let err = Lease::acquire(&r, t0() + secs(18)).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::LeaseHeld { .. }), "{msg}");
+        assert!(msg.contains(LEASE_OBJECT), "{msg}");
+        assert!(
+            msg.contains(&format!("host {}", a.record().hostname)),
+            "{msg}"
+        );
+        assert!(msg.contains(&me()), "{msg}");
+        assert!(
+            msg.contains("expires 2026-11-22T13:01:00Z (in 42s)"),
+            "{msg}"
+        );
+        // The refused attempt changed nothing.
+        assert_eq!(Lease::current(&r).await.unwrap().unwrap(), stored);
+        // Lease objects are invisible to restore's listing.
+        assert!(litefleet::restore::list(&r, None).await.unwrap().is_empty());
+    }
+);
+
+both_backends!(after_release_acquire_succeeds, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let a = Lease::acquire(&r, t0()).await.unwrap();
+    a.release_at(t0() + secs(5)).await.unwrap();
+    assert!(Lease::current(&r).await.unwrap().is_none());
+    let b2 = Lease::acquire(&r, t0() + secs(6)).await.unwrap();
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *b2.record());
+
+    // Released close to expiry: marked expired instead of deleted, and the
+    // next acquirer takes it over at once.
+    b2.release_at(t0() + secs(60)).await.unwrap();
+    let left = Lease::current(&r).await.unwrap().unwrap();
+    assert!(left.expires <= t0() + secs(60), "{left:?}");
+    let c = Lease::acquire(&r, t0() + secs(60)).await.unwrap();
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *c.record());
+});
+
+both_backends!(
+    renewal_extends_and_expired_lease_is_taken_over,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut a = Lease::acquire(&r, t0()).await.unwrap();
+        a.renew_at(t0() + secs(30)).await.unwrap();
+        assert_eq!(a.expires(), t0() + secs(90));
+        assert_eq!(
+            Lease::current(&r).await.unwrap().unwrap().expires,
+            t0() + secs(90)
+        );
+        // Still valid at 61 s thanks to the renewal.
+        assert!(matches!(
+            Lease::acquire(&r, t0() + secs(61)).await,
+            Err(Error::LeaseHeld { .. })
+        ));
+
+        // Expired at 91 s: taken over.
+        let mut b2 = Lease::acquire(&r, t0() + secs(91)).await.unwrap();
+        assert_ne!(b2.record().owner, a.record().owner);
+
+        // The old holder's renewal fails and says who has it now.
+        let err = a.renew_at(t0() + secs(92)).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::LeaseLost { .. }), "{msg}");
+        assert!(msg.contains("taken over by host"), "{msg}");
+        assert!(msg.contains(&me()), "{msg}");
+        // ... and its release does not remove the new holder's lease.
+        assert!(matches!(
+            a.release_at(t0() + secs(93)).await,
+            Err(Error::LeaseLost { .. })
+        ));
+        assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *b2.record());
+        b2.renew_at(t0() + secs(100)).await.unwrap();
+        b2.release_at(t0() + secs(101)).await.unwrap();
+        assert!(Lease::current(&r).await.unwrap().is_none());
+    }
+);
+
+both_backends!(racing_acquirers_exactly_one_wins, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let race = |now: DateTime<Utc>| {
+        let r = r.clone();
+        async move {
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let r = r.clone();
+                    tokio::spawn(async move { Lease::acquire(&r, now).await })
+                })
+                .collect();
+            let mut won = Vec::new();
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(l) => won.push(l),
+                    Err(Error::LeaseHeld { .. }) => {}
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+            won
+        }
+    };
+    // Nothing there yet: If-None-Match: * lets exactly one create it.
+    let won = race(t0()).await;
+    assert_eq!(won.len(), 1);
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *won[0].record());
+    // Expired: If-Match on the expired version lets exactly one take it over.
+    let won = race(t0() + secs(120)).await;
+    assert_eq!(won.len(), 1);
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *won[0].record());
+});
+
+both_backends!(corrupt_lease_object_is_a_clear_error, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    r.store
+        .put(&lease_path(&r), PutPayload::from_static(b"not json"))
+        .await
+        .unwrap();
+    let msg = Lease::acquire(&r, t0()).await.unwrap_err().to_string();
+    assert!(msg.contains("is not a litefleet lease"), "{msg}");
+    assert!(msg.contains("delete it"), "{msg}");
+});
+
+both_backends!(
+    renewer_renews_and_cancels_replication_when_taken_over,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        // A short TTL so the renewer (every ttl/3) acts within the test.
+        let ttl = Duration::from_secs(3);
+        let lease = Lease::acquire_with_ttl(&r, Utc::now(), ttl).await.unwrap();
+        let first_expiry = lease.expires();
+        let token = CancellationToken::new();
+        let renewer = spawn_renewer(lease, token.clone());
+
+        // It renews: the stored expiry moves forward.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let cur = Lease::current(&r).await.unwrap().unwrap();
+                if cur.expires > first_expiry {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the renewer never renewed");
+        assert!(!token.is_cancelled());
+
+        // Another process whose clock says the lease expired takes it over; the
+        // renewer's next renewal fails and it cancels replication.
+        let other =
+            Lease::acquire_with_ttl(&r, Utc::now() + chrono::Duration::seconds(60), DEFAULT_TTL)
+                .await
+                .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), token.cancelled())
+            .await
+            .expect("the renewer did not cancel replication after losing the lease");
+        let err = renewer.stop().await.unwrap_err();
+        assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+        assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *other.record());
+
+        // A renewer stopped cleanly hands the lease back for release.
+        other
+            .release_at(Utc::now() + chrono::Duration::seconds(60))
+            .await
+            .unwrap();
+        let lease = Lease::acquire(&r, Utc::now()).await.unwrap();
+        let token = CancellationToken::new();
+        let renewer = spawn_renewer(lease, token.clone());
+        renewer.release().await.unwrap();
+        assert!(!token.is_cancelled());
+        assert!(Lease::current(&r).await.unwrap().is_none());
+    }
+);
+
+both_backends!(storage_conditional_puts_are_honoured, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let loc = litefleet::layout::key_path(&r.prefix, ".litefleet/cas-test");
+    let v1 = r
+        .put_if_absent(&loc, bytes::Bytes::from_static(b"one"))
+        .await
+        .unwrap()
+        .expect("created");
+    // If-None-Match: * on an existing object: refused, content unchanged.
+    assert!(r
+        .put_if_absent(&loc, bytes::Bytes::from_static(b"two"))
+        .await
+        .unwrap()
+        .is_none());
+    let (got, v) = r.get_versioned(&loc).await.unwrap().unwrap();
+    assert_eq!((&got[..], &v.e_tag), (&b"one"[..], &v1.e_tag));
+    // If-Match with the current ETag: written; with the old one: refused.
+    let v2 = r
+        .put_if_match(&loc, bytes::Bytes::from_static(b"three"), &v1)
+        .await
+        .unwrap()
+        .expect("updated");
+    assert_ne!(v2.e_tag, v1.e_tag);
+    assert!(r
+        .put_if_match(&loc, bytes::Bytes::from_static(b"four"), &v1)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(!r.delete_if_match(&loc, &v1).await.unwrap());
+    assert_eq!(
+        &r.get_versioned(&loc).await.unwrap().unwrap().0[..],
+        b"three"
+    );
+    assert!(r.delete_if_match(&loc, &v2).await.unwrap());
+    assert!(r.get_versioned(&loc).await.unwrap().is_none());
+    // If-Match on a missing object: refused, nothing created.
+    assert!(r
+        .put_if_match(&loc, bytes::Bytes::from_static(b"five"), &v2)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(r.get_versioned(&loc).await.unwrap().is_none());
+});

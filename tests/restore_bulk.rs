@@ -1,0 +1,389 @@
+//! Bulk restore (`restore --prefix`) and restore progress, against the
+//! in-process S3 server and file://.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::fleet::{count_rows, create_db, Fleet};
+use litefleet::restore::{
+    restore_bulk, restore_with_progress, BulkItem, BulkOptions, BulkProgress, NoProgress,
+    RestoreOptions, RestoreOutcome,
+};
+use litefleet::Error;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStoreExt, PutPayload};
+use tokio_util::sync::CancellationToken;
+
+const PROJECTS: usize = 2;
+const DATABASES: usize = 2;
+const TENANTS: usize = 5;
+
+/// (key, rows) of the fleet made by `fleet_of_20`.
+fn expected() -> Vec<(String, i64)> {
+    let mut v = Vec::new();
+    for p in 0..PROJECTS {
+        for d in 0..DATABASES {
+            for t in 0..TENANTS {
+                let rows = (1 + p * 100 + d * 10 + t) as i64;
+                v.push((
+                    Fleet::key(&format!("p{p}"), &format!("d{d}"), &format!("t{t}")),
+                    rows,
+                ));
+            }
+        }
+    }
+    v
+}
+
+/// 20 databases with distinct row counts, replicated once.
+async fn fleet_of_20(b: common::fleet::Backend) -> Fleet {
+    let f = Fleet::new(b).await;
+    for (key, rows) in expected() {
+        let parts: Vec<&str> = key.split('/').collect();
+        drop(create_db(
+            &f.db_path(parts[0], parts[1], parts[2]),
+            rows as usize,
+        ));
+    }
+    let r = f.replicator().cycle(&CancellationToken::new()).await;
+    assert_eq!((r.scan.databases, r.failed), (20, 0));
+    f
+}
+
+fn opts(prefix: &str, dir: &Path) -> BulkOptions {
+    BulkOptions {
+        prefix: prefix.to_string(),
+        output_dir: dir.to_path_buf(),
+        timestamp: None,
+        concurrency: 4,
+        if_db_not_exists: false,
+        if_replica_exists: false,
+    }
+}
+
+/// Records what a bulk restore reports.
+#[derive(Default)]
+struct Recorder {
+    total: Mutex<Option<usize>>,
+    keys: Mutex<Vec<String>>,
+}
+
+impl BulkProgress for Recorder {
+    fn started(&self, total: usize) {
+        *self.total.lock().unwrap() = Some(total);
+    }
+    fn finished(&self, item: &BulkItem) {
+        self.keys.lock().unwrap().push(item.key.clone());
+    }
+}
+
+both_backends!(
+    bulk_restores_every_database_under_a_prefix,
+    |b| async move {
+        let f = fleet_of_20(b).await;
+        let replica = f.replica();
+        let out = tempfile::tempdir().unwrap();
+
+        // One project: exactly its 10 databases, mirrored as directories.
+        let dir = out.path().join("p0");
+        let rec = Recorder::default();
+        let r = restore_bulk(&replica, &opts("p0", &dir), &rec)
+            .await
+            .unwrap();
+        assert_eq!((r.databases, r.restored, r.skipped), (10, 10, 0));
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert_eq!(*rec.total.lock().unwrap(), Some(10));
+        assert_eq!(rec.keys.lock().unwrap().len(), 10);
+        for (key, rows) in expected() {
+            let p = dir.join(format!("{key}.db"));
+            assert_eq!(p.exists(), key.starts_with("p0/"), "{}", p.display());
+            if key.starts_with("p0/") {
+                assert_eq!(count_rows(&p), rows, "{key}");
+            }
+        }
+
+        // The whole replica ("/"), every row count compared.
+        let all = out.path().join("all");
+        let r = restore_bulk(&replica, &opts("/", &all), &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((r.databases, r.restored, r.skipped), (20, 20, 0));
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert!(r.bytes > 0);
+        for (key, rows) in expected() {
+            assert_eq!(count_rows(&all.join(format!("{key}.db"))), rows, "{key}");
+        }
+
+        // As of a time before any upload: nothing to restore, every database skipped.
+        let early = out.path().join("early");
+        let mut o = opts("p1", &early);
+        o.timestamp = Some(chrono::Utc::now() - chrono::Duration::hours(1));
+        let r = restore_bulk(&replica, &o, &NoProgress).await.unwrap();
+        assert_eq!((r.restored, r.skipped, r.failed.len()), (0, 10, 0));
+    }
+);
+
+both_backends!(prefix_without_databases_is_a_clear_error, |b| async move {
+    let f = fleet_of_20(b).await;
+    let replica = f.replica();
+    let out = tempfile::tempdir().unwrap();
+    let err = restore_bulk(&replica, &opts("p7", out.path()), &NoProgress)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::NotFound(_)), "{msg}");
+    assert!(msg.contains("no databases under prefix \"p7\""), "{msg}");
+    // A prefix that is a prefix of a key segment ("p" of "p0") holds nothing either.
+    assert!(restore_bulk(&replica, &opts("p", out.path()), &NoProgress)
+        .await
+        .is_err());
+    // --if-replica-exists: nothing to do, no error.
+    let mut o = opts("p7", out.path());
+    o.if_replica_exists = true;
+    let r = restore_bulk(&replica, &o, &NoProgress).await.unwrap();
+    assert_eq!((r.databases, r.restored), (0, 0));
+    // A prefix that tries to climb out is refused before anything is listed.
+    let err = restore_bulk(&replica, &opts("p0/../..", out.path()), &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(".."), "{err}");
+});
+
+both_backends!(if_db_not_exists_skips_existing_outputs, |b| async move {
+    let f = fleet_of_20(b).await;
+    let replica = f.replica();
+    let out = tempfile::tempdir().unwrap();
+    let r = restore_bulk(&replica, &opts("p1", out.path()), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(r.restored, 10);
+
+    // Without the flag an existing output is a per-database failure.
+    let r = restore_bulk(&replica, &opts("p1", out.path()), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!((r.restored, r.skipped, r.failed.len()), (0, 0, 10));
+    assert!(
+        r.failed[0].1.to_string().contains("already exists"),
+        "{}",
+        r.failed[0].1
+    );
+
+    // Remove three, and mark one kept output so we can tell it is untouched.
+    for t in ["t0", "t1", "t2"] {
+        std::fs::remove_file(out.path().join(format!("p1/d0/{t}.db"))).unwrap();
+    }
+    let kept = out.path().join("p1/d1/t4.db");
+    rusqlite::Connection::open(&kept)
+        .unwrap()
+        .execute("DELETE FROM t", [])
+        .unwrap();
+    let mut o = opts("p1", out.path());
+    o.if_db_not_exists = true;
+    let r = restore_bulk(&replica, &o, &NoProgress).await.unwrap();
+    assert_eq!((r.restored, r.skipped, r.failed.len()), (3, 7, 0));
+    assert_eq!(count_rows(&kept), 0);
+    for (key, rows) in expected()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("p1/d0/"))
+    {
+        assert_eq!(
+            count_rows(&out.path().join(format!("{key}.db"))),
+            rows,
+            "{key}"
+        );
+    }
+});
+
+/// Copies a real snapshot of p0/d0/t0 to `p9/d9/t1` (fine) and to hostile
+/// names in the same directory: stems `..` and `.`, which `list` reports as
+/// keys `p9/d9/..` and `p9/d9/.`. (object_store itself refuses `.`, `..` and
+/// empty segments in the directories of listed keys, so a snapshot's stem is
+/// where such a segment can come from.)
+async fn plant_hostile_keys(f: &Fleet) {
+    let replica = f.replica();
+    let src = f
+        .objects()
+        .await
+        .into_iter()
+        .find(|o| o.contains("p0/d0/t0/"))
+        .unwrap();
+    let bytes = replica
+        .store
+        .get(&ObjPath::from(src.as_str()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    for stem in ["t1", "..", "."] {
+        let loc = litefleet::layout::key_path(&replica.prefix, "p9/d9")
+            .join(format!("{stem}-20261122-140000.db.lz4").as_str());
+        replica
+            .store
+            .put(&loc, PutPayload::from(bytes.clone()))
+            .await
+            .unwrap();
+    }
+}
+
+both_backends!(
+    keys_that_could_escape_the_directory_are_refused,
+    |b| async move {
+        let f = fleet_of_20(b).await;
+        plant_hostile_keys(&f).await;
+        let replica = f.replica();
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("out");
+        let rec = Recorder::default();
+        let r = restore_bulk(&replica, &opts("p9", &dir), &rec)
+            .await
+            .unwrap();
+        assert_eq!((r.databases, r.restored, r.skipped), (3, 1, 0));
+        let mut failed: Vec<&str> = r.failed.iter().map(|(k, _)| k.as_str()).collect();
+        failed.sort();
+        assert_eq!(failed, vec!["p9/d9/.", "p9/d9/.."]);
+        for (key, e) in &r.failed {
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("{key:?}")), "{msg}");
+            assert!(msg.contains("must not contain"), "{msg}");
+        }
+        // The good one is restored; nothing was written anywhere else.
+        assert_eq!(count_rows(&dir.join("p9/d9/t1.db")), 1);
+        let top: Vec<_> = std::fs::read_dir(base.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(top, vec!["out"]);
+        let inner: Vec<_> = std::fs::read_dir(dir.join("p9/d9"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(inner, vec!["t1.db"]);
+    }
+);
+
+both_backends!(single_restore_reports_download_bytes, |b| async move {
+    let f = fleet_of_20(b).await;
+    let out = tempfile::tempdir().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(Mutex::new((0u64, 0u64)));
+    let (c, l) = (calls.clone(), last.clone());
+    let hook: litefleet::restore::OnBytes = Arc::new(move |got, total| {
+        c.fetch_add(1, Ordering::SeqCst);
+        let mut last = l.lock().unwrap();
+        assert!(got >= last.0 && got <= total, "{got} of {total}");
+        *last = (got, total);
+    });
+    let o = RestoreOptions {
+        target: "p1/d1/t4".into(),
+        output: out.path().join("x.db"),
+        timestamp: None,
+        if_replica_exists: false,
+        if_db_not_exists: false,
+    };
+    let res = restore_with_progress(&f.loaded(), &f.replica(), &o, Some(hook))
+        .await
+        .unwrap();
+    assert!(matches!(res, RestoreOutcome::Restored { .. }), "{res:?}");
+    assert_eq!(count_rows(&o.output), 115);
+    let snaps = litefleet::restore::snapshots(&f.replica(), "p1/d1/t4")
+        .await
+        .unwrap();
+    let size = snaps.last().unwrap().size;
+    assert!(calls.load(Ordering::SeqCst) >= 1);
+    assert_eq!(*last.lock().unwrap(), (size, size));
+});
+
+fn litefleet(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("LITEFLEET_CONFIG")
+        .env("LITEFLEET_LOG", "info")
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .output()
+        .unwrap()
+}
+
+both_backends!(
+    cli_bulk_restore_logs_plain_lines_off_a_terminal,
+    |b| async move {
+        let f = fleet_of_20(b).await;
+        let cfg = f.config_path();
+        let cfg = cfg.to_str().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("restored");
+        let d = dir.to_str().unwrap();
+        let o = tokio::task::spawn_blocking({
+            let (w, cfg, d) = (f.work.path().to_path_buf(), cfg.to_string(), d.to_string());
+            move || litefleet(&w, &["-c", &cfg, "restore", "--prefix", "p0", "-o", &d])
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        assert!(
+            !err.contains('\u{1b}'),
+            "ANSI escape in non-tty output: {err:?}"
+        );
+        assert!(err.contains("bulk restore started"), "{err}");
+        assert!(err.contains("databases=10"), "{err}");
+        assert!(
+            err.contains("bulk restore finished: restored 10, skipped 0, failed 0"),
+            "{err}"
+        );
+        for (key, rows) in expected().into_iter().filter(|(k, _)| k.starts_with("p0/")) {
+            assert_eq!(count_rows(&dir.join(format!("{key}.db"))), rows, "{key}");
+        }
+
+        // Failures: exit 1, each failure logged, the summary still printed.
+        plant_hostile_keys(&f).await;
+        let o = tokio::task::spawn_blocking({
+            let (w, cfg, d) = (f.work.path().to_path_buf(), cfg.to_string(), d.to_string());
+            move || {
+                litefleet(
+                    &w,
+                    &[
+                        "-c",
+                        &cfg,
+                        "restore",
+                        "--prefix",
+                        "p9",
+                        "-o",
+                        &d,
+                        "--concurrency",
+                        "2",
+                    ],
+                )
+            }
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(!err.contains('\u{1b}'), "{err:?}");
+        assert!(err.contains("restored 1, skipped 0, failed 2"), "{err}");
+        assert!(err.contains("restore failed; continuing"), "{err}");
+        assert!(
+            err.contains("error: restore --prefix \"p9\": 2 of 3 database(s) failed"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+
+        // An empty prefix: a clear error, exit 1.
+        let o = tokio::task::spawn_blocking({
+            let (w, cfg, d) = (f.work.path().to_path_buf(), cfg.to_string(), d.to_string());
+            move || litefleet(&w, &["-c", &cfg, "restore", "--prefix", "nope", "-o", &d])
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("no databases under prefix \"nope\""), "{err}");
+    }
+);

@@ -72,7 +72,7 @@ pub struct Replicator {
     state_file: PathBuf,
     /// Databases whose last upload failed, with that error, so a failure that
     /// repeats every cycle (permission denied, a corrupt file, a full disk) is
-    /// logged once at warn and then at debug until it changes or recovers.
+    /// logged once at warn and then at debug until the database recovers.
     /// Holds only failing databases, so it is empty in a healthy fleet.
     failing: Mutex<HashMap<PathBuf, String>>,
 }
@@ -277,11 +277,13 @@ impl Replicator {
                 self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
                 let msg = e.to_string();
                 let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-                let repeated = failing.get(&path) == Some(&msg);
+                // Once per failing stretch: messages can differ between
+                // attempts (staging file names), the problem usually does not.
+                let repeated = failing.contains_key(&path);
                 if repeated || report.failed > FAILURE_LINES_PER_CYCLE {
-                    tracing::debug!(error = %msg, "upload failed again; will retry next cycle");
+                    tracing::debug!(path = %path.display(), error = %msg, "upload failed again; will retry next cycle");
                 } else {
-                    tracing::warn!(error = %msg, "upload failed; will retry next cycle");
+                    tracing::warn!(path = %path.display(), error = %msg, "upload failed; will retry next cycle (logged once until it recovers)");
                 }
                 failing.insert(path, msg);
             }

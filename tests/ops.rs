@@ -327,3 +327,56 @@ async fn second_replicator_on_the_same_root_is_refused() {
         assert_eq!(code, Some(0), "{backend:?}: {log}");
     }
 }
+
+/// The staging disk is full for one large database (a 256 KiB tmpfs in a
+/// private mount namespace): its failure is logged once while the small
+/// databases keep replicating. Needs root for the mount; skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_while_staging_is_logged_once_and_others_continue() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let mut f = Fleet::new(Backend::File).await;
+    f.scan_interval = "100ms";
+    f.max_concurrent = 1;
+    for i in 0..3 {
+        drop(create_db(&f.db_path("p", "d", &format!("t{i}")), 2));
+    }
+    let big = f.db_path("p", "d", "big");
+    let c = create_db(&big, 0);
+    c.execute_batch("CREATE TABLE b(x); INSERT INTO b VALUES (randomblob(600000));")
+        .unwrap();
+    drop(c);
+    let staging = f.work.path().join("tmp");
+    std::fs::create_dir_all(&staging).unwrap();
+    let script = "mount -t tmpfs -o size=256k tmpfs \"$0\" && exec \"$@\"";
+    let wrapper = [
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        script,
+        staging.to_str().unwrap(),
+    ];
+    let d = Daemon::start_with(&f, &["replicate"], &wrapper);
+    until("five scans", async || {
+        d.log().matches("scan complete").count() >= 5
+    })
+    .await;
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(0), "{log}");
+    let warns = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(big.to_str().unwrap()))
+        .count();
+    assert_eq!(warns, 1, "{log}");
+    assert!(log.contains("disk is full"), "{log}");
+    let out = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let o = out.path().join(format!("{i}.db"));
+        f.restore(&format!("p/d/t{i}"), &o, None).await.unwrap();
+        assert_eq!(count_rows(&o), 2);
+    }
+}

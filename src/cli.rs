@@ -300,7 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
             let scan_interval = loaded.multi_db().scan_interval;
             // One writer per replica root: take the lease before anything
             // touches the replica or the staging directory.
-            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let replica = Replica::for_config(&loaded)?;
             let lease = crate::lease::Lease::acquire(&replica, chrono::Utc::now()).await?;
             tracing::info!(holder = %lease.record().owner, expires = %lease.expires().to_rfc3339(), "replica lease acquired");
             let renewer = crate::lease::spawn_renewer(lease, token.clone());
@@ -337,7 +337,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Restore(args) => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let replica = Replica::for_config(&loaded)?;
             let target = match (args.prefix.clone(), args.target.clone()) {
                 (Some(prefix), _) => return restore_prefix(&replica, prefix, args).await,
                 (None, _) if args.concurrency.is_some() => {
@@ -389,7 +389,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::List { prefix, snapshots } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let replica = Replica::for_config(&loaded)?;
             let dbs = restore::list(&replica, prefix.as_deref()).await?;
             let mut out = std::io::stdout().lock();
             // A closed pipe (`litefleet list | head`) just ends the listing.
@@ -399,7 +399,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Generations { target } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let replica = Replica::for_config(&loaded)?;
             let key = restore::resolve_key(&loaded, &target)?;
             let gens = crate::generation::list_generations(&replica, &key).await?;
             let rfc = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
@@ -420,7 +420,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Snapshots { target } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+            let replica = Replica::for_config(&loaded)?;
             let key = restore::resolve_key(&loaded, &target)?;
             let mut n = 0;
             for s in restore::snapshots(&replica, &key).await? {

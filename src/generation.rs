@@ -231,23 +231,6 @@ pub fn parse_segment_name(name: &str) -> Option<Position> {
     (pos.offset >= WAL_HEADER_SIZE).then_some(pos)
 }
 
-/// RFC 3339 (de)serialization for `chrono` without its `serde` feature.
-mod rfc3339 {
-    use chrono::{DateTime, SecondsFormat, Utc};
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
-        let s = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&s)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(serde::de::Error::custom)
-    }
-}
-
 /// One snapshot as recorded in [`Metadata`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotEntry {
@@ -265,7 +248,7 @@ pub struct SnapshotEntry {
 pub struct Metadata {
     pub generation: GenerationId,
     pub page_size: u32,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub created: DateTime<Utc>,
     /// Where the generation's history starts (start of the first snapshot's WAL).
     pub first: Position,

@@ -79,9 +79,9 @@ pub struct LeaseRecord {
     pub owner: String,
     pub hostname: String,
     pub pid: u32,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub acquired: DateTime<Utc>,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub expires: DateTime<Utc>,
 }
 
@@ -101,22 +101,6 @@ impl LeaseRecord {
             self.expires
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         )
-    }
-}
-
-mod rfc3339 {
-    use chrono::{DateTime, SecondsFormat, Utc};
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
-        let s = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&s)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(serde::de::Error::custom)
     }
 }
 

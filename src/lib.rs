@@ -61,6 +61,7 @@ pub mod lease;
 pub mod progress;
 pub mod restore;
 pub mod retention;
+mod rfc3339;
 pub mod scheduler;
 pub mod server;
 pub mod snapshot;

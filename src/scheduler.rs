@@ -13,7 +13,7 @@
 //! upload starts, uploads already running are finished, then `run` returns.
 //! Retention runs beside the loop on its own interval.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,11 +70,11 @@ pub struct Replicator {
     stats: Arc<Stats>,
     temp_dir: PathBuf,
     state_file: PathBuf,
-    /// Databases whose last upload failed, with that error, so a failure that
-    /// repeats every cycle (permission denied, a corrupt file, a full disk) is
-    /// logged once at warn and then at debug until the database recovers.
+    /// Databases whose last upload failed, so a failure that repeats every
+    /// cycle (permission denied, a corrupt file, a full disk) is logged once
+    /// at warn and then at debug until the database recovers.
     /// Holds only failing databases, so it is empty in a healthy fleet.
-    failing: Mutex<HashMap<PathBuf, String>>,
+    failing: Mutex<HashSet<PathBuf>>,
 }
 
 /// At most this many individual upload failures are logged per cycle; the
@@ -90,7 +90,7 @@ fn lock(t: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
 
 impl Replicator {
     pub fn new(loaded: Loaded) -> Result<Replicator> {
-        let replica = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+        let replica = Replica::for_config(&loaded)?;
         Self::with_replica(loaded, replica)
     }
 
@@ -135,7 +135,7 @@ impl Replicator {
             stats: Arc::new(stats),
             temp_dir,
             state_file,
-            failing: Mutex::new(HashMap::new()),
+            failing: Mutex::new(HashSet::new()),
         })
     }
 
@@ -222,7 +222,7 @@ impl Replicator {
             let t = lock(&self.tracker);
             let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
             // Forget failures of databases that left the table (deleted, renamed).
-            failing.retain(|path, _| t.find(path).is_some());
+            failing.retain(|path| t.find(path).is_some());
             drop(failing);
             let pending = t.pending_count();
             self.stats.pending.store(pending as u64, Ordering::Relaxed);
@@ -268,24 +268,22 @@ impl Replicator {
                     .bytes_uploaded
                     .fetch_add(bytes, Ordering::Relaxed);
                 let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-                if !failing.is_empty() && failing.remove(&path).is_some() {
+                if !failing.is_empty() && failing.remove(&path) {
                     tracing::debug!(path = %path.display(), "upload recovered");
                 }
             }
             Err(e) => {
                 report.failed += 1;
                 self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
-                let msg = e.to_string();
                 let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
                 // Once per failing stretch: messages can differ between
                 // attempts (staging file names), the problem usually does not.
-                let repeated = failing.contains_key(&path);
+                let repeated = !failing.insert(path.clone());
                 if repeated || report.failed > FAILURE_LINES_PER_CYCLE {
-                    tracing::debug!(path = %path.display(), error = %msg, "upload failed again; will retry next cycle");
+                    tracing::debug!(path = %path.display(), error = %e, "upload failed again; will retry next cycle");
                 } else {
-                    tracing::warn!(path = %path.display(), error = %msg, "upload failed; will retry next cycle (logged once until it recovers)");
+                    tracing::warn!(path = %path.display(), error = %e, "upload failed; will retry next cycle (logged once until it recovers)");
                 }
-                failing.insert(path, msg);
             }
         }
         lock(&self.tracker).finish_upload(ticket, ok);

@@ -261,7 +261,7 @@ pub async fn soak(opts: SoakOptions) -> Result<SoakReport> {
         root.join("replica").display(),
     );
     let loaded = Loaded::from_str(&yaml, "bench-soak.yml", &root)?;
-    let plain = Replica::open(&loaded.replica, &loaded.multi_db().replica)?;
+    let plain = Replica::for_config(&loaded)?;
     let faulty = Arc::new(FaultyStore::new(plain.store.clone()));
     let replicator = Arc::new(Replicator::with_replica(
         loaded.clone(),
@@ -356,7 +356,8 @@ pub async fn soak(opts: SoakOptions) -> Result<SoakReport> {
             let r = restore::restore(&loaded, &plain, &opts).await;
             let ok = matches!(r, Ok(RestoreOutcome::Restored { .. }))
                 && tokio::task::spawn_blocking(move || {
-                    count(&src).ok().is_some() && count(&src).ok() == count(&output).ok()
+                    let source = count(&src).ok();
+                    source.is_some() && source == count(&output).ok()
                 })
                 .await
                 .unwrap_or(false);

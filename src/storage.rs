@@ -59,7 +59,7 @@ use object_store::{
 };
 use tokio::io::AsyncReadExt;
 
-use crate::config::{ReplicaConfig, ReplicaUrl};
+use crate::config::{Loaded, ReplicaConfig, ReplicaUrl};
 use crate::error::IoContext;
 use crate::{Error, Result};
 
@@ -96,6 +96,11 @@ impl std::fmt::Display for Replica {
 }
 
 impl Replica {
+    /// The replica a validated config names.
+    pub fn for_config(loaded: &Loaded) -> Result<Replica> {
+        Replica::open(&loaded.replica, &loaded.multi_db().replica)
+    }
+
     /// Builds the client for a parsed replica URL.
     pub fn open(url: &ReplicaUrl, cfg: &ReplicaConfig) -> Result<Replica> {
         match url {

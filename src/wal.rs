@@ -799,14 +799,7 @@ mod tests {
     }
 
     fn rows(path: &Path) -> Vec<(i64, String)> {
-        let c = Connection::open(path).unwrap();
-        let mut s = c.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-        let r = s
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .unwrap();
-        r
+        live_rows(&Connection::open(path).unwrap())
     }
 
     fn live_rows(c: &Connection) -> Vec<(i64, String)> {

@@ -3,25 +3,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fleet::{count_rows, create_db, Backend, Fleet};
-
-fn litefleet(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_litefleet"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("LITEFLEET_CONFIG")
-        .env("LITEFLEET_LOG", "info")
-        .env("XDG_STATE_HOME", dir.join("state"))
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{litefleet, stderr};
 
 #[test]
 fn bad_configs_are_clear_errors_not_panics() {

@@ -2,17 +2,13 @@
 
 mod common;
 
-use common::fleet::{age, count_rows, create_db, Backend, Fleet};
+use common::fleet::{age, create_db, Backend, Fleet};
 use common::s3::Fault;
 use tokio_util::sync::CancellationToken;
 
 async fn restore_all(f: &Fleet, n: usize, rows: i64) {
-    let out = tempfile::tempdir().unwrap();
-    for i in 0..n {
-        let o = out.path().join(format!("{i}.db"));
-        f.restore(&format!("p/d/t{i}"), &o, None).await.unwrap();
-        assert_eq!(count_rows(&o), rows);
-    }
+    let keys: Vec<String> = (0..n).map(|i| format!("p/d/t{i}")).collect();
+    f.assert_restores(&keys, rows).await;
 }
 
 /// The server dies in the middle of a cycle: some uploads succeed, the rest

@@ -13,15 +13,6 @@ use common::s3::Fault;
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
 
-async fn restore_all(f: &Fleet, keys: &[String], rows: i64) {
-    let out = tempfile::tempdir().unwrap();
-    for key in keys {
-        let o = out.path().join(key.replace('/', "_"));
-        f.restore(key, &o, None).await.unwrap();
-        assert_eq!(count_rows(&o), rows, "{key}");
-    }
-}
-
 /// Requests that time out for a while, then succeed: every database ends up
 /// in the replica, and the number of requests in flight never exceeded
 /// `max-concurrent` (the queue is the table, not an unbounded task list).
@@ -56,7 +47,7 @@ async fn timeouts_then_recovery_lose_nothing_and_stay_bounded() {
     use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(stats.uploads_failed.load(Relaxed), 2 * n as u64);
     assert_eq!(stats.pending.load(Relaxed), 0);
-    restore_all(&f, &keys, 6).await;
+    f.assert_restores(&keys, 6).await;
 }
 
 // The newest snapshot object is damaged (a partial write by a store without
@@ -176,7 +167,7 @@ both_backends!(damaged_and_foreign_files, |b| async move {
     let objects = f.objects().await;
     assert_eq!(objects.len(), 1, "{objects:?}");
     assert!(objects[0].contains("p/d/good/good-"), "{objects:?}");
-    restore_all(&f, &["p/d/good".to_string()], 4).await;
+    f.assert_restores(&["p/d/good"], 4).await;
     let out = tempfile::tempdir().unwrap();
     let err = f
         .restore("p/d/corrupt", &out.path().join("c.db"), None)
@@ -230,5 +221,5 @@ async fn databases_deleted_mid_cycle() {
     let listed = litefleet::restore::list(&f.replica(), None).await.unwrap();
     assert_eq!(listed.len(), 1);
     let key: Vec<String> = listed.keys().cloned().collect();
-    restore_all(&f, &key, 2).await;
+    f.assert_restores(&key, 2).await;
 }

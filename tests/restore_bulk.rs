@@ -4,11 +4,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::fleet::{count_rows, create_db, Fleet};
+use common::litefleet;
 use litefleet::restore::{
     restore_bulk, restore_with_progress, BulkItem, BulkOptions, BulkProgress, NoProgress,
     RestoreOptions, RestoreOutcome,
@@ -298,17 +298,6 @@ both_backends!(single_restore_reports_download_bytes, |b| async move {
     assert!(calls.load(Ordering::SeqCst) >= 1);
     assert_eq!(*last.lock().unwrap(), (size, size));
 });
-
-fn litefleet(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_litefleet"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("LITEFLEET_CONFIG")
-        .env("LITEFLEET_LOG", "info")
-        .env("XDG_STATE_HOME", dir.join("state"))
-        .output()
-        .unwrap()
-}
 
 both_backends!(
     cli_bulk_restore_logs_plain_lines_off_a_terminal,

@@ -126,8 +126,7 @@ impl Fleet {
     }
 
     pub fn replica(&self) -> Replica {
-        let l = self.loaded();
-        Replica::open(&l.replica, &l.multi_db().replica).unwrap()
+        Replica::for_config(&self.loaded()).unwrap()
     }
 
     pub fn db_path(&self, project: &str, database: &str, tenant: &str) -> PathBuf {
@@ -161,6 +160,17 @@ impl Fleet {
     }
 
     /// Every object key in the replica, sorted.
+    /// Restores each key into a temp dir and checks it holds `rows` rows.
+    pub async fn assert_restores<K: AsRef<str>>(&self, keys: &[K], rows: i64) {
+        let out = tempfile::tempdir().unwrap();
+        for key in keys {
+            let key = key.as_ref();
+            let o = out.path().join(key.replace('/', "_"));
+            self.restore(key, &o, None).await.unwrap();
+            assert_eq!(count_rows(&o), rows, "{key}");
+        }
+    }
+
     pub async fn objects(&self) -> Vec<String> {
         use futures::TryStreamExt;
         let r = self.replica();

@@ -3,3 +3,23 @@
 
 pub mod fleet;
 pub mod s3;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs the `litefleet` binary in `dir` with `args` (info logging, state
+/// under `dir/state`, no config from the environment).
+pub fn litefleet(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("LITEFLEET_CONFIG")
+        .env("LITEFLEET_LOG", "info")
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .output()
+        .unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

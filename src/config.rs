@@ -50,6 +50,29 @@ pub const DEFAULT_RETRIES: usize = 3;
 /// Default per-request timeout for the object store client.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Default hot duration: a database that changed within one default scan
+/// interval is "changing now" and worth streaming.
+pub const DEFAULT_HOT_DURATION: Duration = Duration::from_secs(15);
+/// Default cap on hot databases. Each costs two SQLite connections (about
+/// 4 file descriptors and ~100 KB with our small page cache) and one sync per
+/// `sync-interval`; 1000 keeps that under ~100 MB and ~1000 syncs/s.
+pub const DEFAULT_MAX_HOT: usize = 1000;
+/// Default cold-after: five minutes without a change; long enough that a
+/// bursty writer does not flap between tiers (each promotion costs a full
+/// snapshot), short enough that idle databases give their handles back.
+pub const DEFAULT_COLD_AFTER: Duration = Duration::from_secs(300);
+/// Default sync interval for hot databases: the promise is "at most ~1 s of
+/// writes lost".
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Default PASSIVE checkpoint threshold in WAL frames: SQLite's own
+/// autocheckpoint default (1000 pages, ~4 MB at 4 KiB pages), so WAL sizes
+/// stay what applications are used to.
+pub const DEFAULT_CHECKPOINT_PAGES: u64 = 1000;
+/// Default TRUNCATE threshold: 10x the passive one (~40 MB). Restarting the
+/// WAL keeps its size bounded by the largest burst; truncating also gives
+/// that space back after a burst, at the cost of a short writer pause.
+pub const DEFAULT_TRUNCATE_PAGES: u64 = 10_000;
+
 /// A credential: never printed.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -98,6 +121,24 @@ pub struct MultiDb {
     /// (default: `$XDG_STATE_HOME/litefleet` or `~/.local/state/litefleet`).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// A database that changed within this long becomes hot (WAL streaming).
+    #[serde(default = "default_hot_duration", with = "humantime_serde")]
+    pub hot_duration: Duration,
+    /// At most this many hot databases; the most recently changed win. 0 turns the hot tier off.
+    #[serde(default = "default_max_hot")]
+    pub max_hot_databases: usize,
+    /// A hot database unchanged this long goes cold (handles closed).
+    #[serde(default = "default_cold_after", with = "humantime_serde")]
+    pub cold_after: Duration,
+    /// How often a hot database's new WAL frames are shipped.
+    #[serde(default = "default_sync_interval", with = "humantime_serde")]
+    pub sync_interval: Duration,
+    /// Run a PASSIVE checkpoint when the WAL holds at least this many frames.
+    #[serde(default = "default_checkpoint_pages")]
+    pub checkpoint_pages: u64,
+    /// Also truncate the WAL when it held at least this many frames.
+    #[serde(default = "default_truncate_pages")]
+    pub truncate_pages: u64,
     pub replica: ReplicaConfig,
 }
 
@@ -134,6 +175,24 @@ fn default_scan_interval() -> Duration {
 }
 fn default_max_concurrent() -> usize {
     DEFAULT_MAX_CONCURRENT
+}
+fn default_hot_duration() -> Duration {
+    DEFAULT_HOT_DURATION
+}
+fn default_max_hot() -> usize {
+    DEFAULT_MAX_HOT
+}
+fn default_cold_after() -> Duration {
+    DEFAULT_COLD_AFTER
+}
+fn default_sync_interval() -> Duration {
+    DEFAULT_SYNC_INTERVAL
+}
+fn default_checkpoint_pages() -> u64 {
+    DEFAULT_CHECKPOINT_PAGES
+}
+fn default_truncate_pages() -> u64 {
+    DEFAULT_TRUNCATE_PAGES
 }
 fn default_retention() -> Duration {
     DEFAULT_RETENTION
@@ -217,6 +276,27 @@ impl Loaded {
             return Err(err(
                 "multi-db.scan-interval",
                 "must be greater than zero".into(),
+            ));
+        }
+        for (key, d) in [
+            ("multi-db.sync-interval", m.sync_interval),
+            ("multi-db.hot-duration", m.hot_duration),
+            ("multi-db.cold-after", m.cold_after),
+        ] {
+            if d.is_zero() {
+                return Err(err(key, "must be greater than zero".into()));
+            }
+        }
+        if m.checkpoint_pages == 0 {
+            return Err(err(
+                "multi-db.checkpoint-pages",
+                "must be at least 1".into(),
+            ));
+        }
+        if m.truncate_pages < m.checkpoint_pages {
+            return Err(err(
+                "multi-db.truncate-pages",
+                format!("must be at least checkpoint-pages ({})", m.checkpoint_pages),
             ));
         }
         if m.replica.retention_check_interval.is_zero() {
@@ -416,6 +496,11 @@ multi-db:
         let m = l.multi_db();
         assert_eq!(m.scan_interval, Duration::from_secs(15));
         assert_eq!(m.max_concurrent, 100);
+        assert_eq!(m.hot_duration, Duration::from_secs(15));
+        assert_eq!(m.max_hot_databases, 1000);
+        assert_eq!(m.cold_after, Duration::from_secs(300));
+        assert_eq!(m.sync_interval, Duration::from_secs(1));
+        assert_eq!((m.checkpoint_pages, m.truncate_pages), (1000, 10_000));
         assert_eq!(m.replica.retention, Duration::from_secs(720 * 3600));
         assert_eq!(
             m.replica.retention_check_interval,

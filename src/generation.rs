@@ -255,6 +255,10 @@ pub struct Metadata {
     /// End of the last segment shipped when this was written.
     pub last: Position,
     pub snapshots: Vec<SnapshotEntry>,
+    /// Where each finished WAL ended (the end of its last segment), in order:
+    /// what names alone cannot tell (a missing last segment of a WAL).
+    #[serde(default)]
+    pub wal_ends: Vec<Position>,
 }
 
 /// A snapshot object found in the replica.
@@ -1218,6 +1222,10 @@ mod tests {
                 size: 4096,
                 compressed_size: 100,
                 checksum: "xxh32:00000000".into(),
+            }],
+            wal_ends: vec![Position {
+                index: 0,
+                offset: 4096,
             }],
         };
         assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), None);

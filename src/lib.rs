@@ -64,9 +64,11 @@ pub mod retention;
 mod rfc3339;
 pub mod scheduler;
 pub mod server;
+pub mod ship;
 pub mod snapshot;
 pub mod soak;
 pub mod storage;
+pub mod tier;
 pub mod track;
 pub mod wal;
 

@@ -13,23 +13,26 @@
 //! upload starts, uploads already running are finished, then `run` returns.
 //! Retention runs beside the loop on its own interval.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::FutureExt;
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Loaded;
 use crate::layout;
 use crate::retention;
+use crate::ship::{self, HotContext, HotExit, ShipConfig};
 use crate::snapshot;
 use crate::storage::Replica;
-use crate::track::{ScanReport, Ticket, Tracker};
+use crate::tier::{TierConfig, Tiers};
+use crate::track::{Id, ScanReport, Ticket, Tracker};
 use crate::{Error, Result};
 
 /// Counters shared with the operations surface. Aggregates only: nothing
@@ -49,6 +52,18 @@ pub struct Stats {
     pub last_scan_unix: AtomicU64,
     pub oldest_pending_unix: AtomicU64,
     pub retention_deleted: AtomicU64,
+    /// Promotions to and demotions from the hot tier.
+    pub hot_promotions: AtomicU64,
+    pub hot_demotions: AtomicU64,
+    /// WAL segments and bytes (uncompressed frames) shipped.
+    pub wal_segments: AtomicU64,
+    pub wal_bytes: AtomicU64,
+    /// WAL generations started (each with a snapshot).
+    pub generations: AtomicU64,
+    /// Our own checkpoints of hot databases.
+    pub checkpoints: AtomicU64,
+    /// Failed hot syncs (retried every sync interval).
+    pub hot_errors: AtomicU64,
 }
 
 /// What one cycle did.
@@ -75,6 +90,24 @@ pub struct Replicator {
     /// at warn and then at debug until the database recovers.
     /// Holds only failing databases, so it is empty in a healthy fleet.
     failing: Mutex<HashSet<PathBuf>>,
+    /// The hot tier: tiering decisions and one streaming task per hot database.
+    hot: HotTier,
+}
+
+/// The hot tier's moving parts (see [`crate::tier`] and [`crate::ship`]).
+struct HotTier {
+    tiers: Mutex<Tiers>,
+    /// `hot-duration`: how recently a file must have been written to stream.
+    recent: std::time::Duration,
+    running: Mutex<HashMap<Id, Running>>,
+    ctx: Arc<HotContext>,
+}
+
+/// A streaming task.
+struct Running {
+    path: PathBuf,
+    stop: CancellationToken,
+    task: JoinHandle<HotExit>,
 }
 
 /// At most this many individual upload failures are logged per cycle; the
@@ -128,14 +161,34 @@ impl Replicator {
             chrono::Utc::now().timestamp().max(0) as u64,
             Ordering::Relaxed,
         );
+        let stats = Arc::new(stats);
+        let m = loaded.multi_db();
+        let hot = HotTier {
+            tiers: Mutex::new(Tiers::new(TierConfig {
+                hot_duration: m.hot_duration,
+                max_hot: m.max_hot_databases,
+                cold_after: m.cold_after,
+            })),
+            recent: m.hot_duration,
+            running: Mutex::new(HashMap::new()),
+            ctx: Arc::new(HotContext {
+                replica: replica.clone(),
+                temp_dir: temp_dir.join("hot"),
+                cfg: ShipConfig::from_config(m),
+                stats: stats.clone(),
+                permits: Arc::new(Semaphore::new(m.max_concurrent)),
+                events: None,
+            }),
+        };
         Ok(Replicator {
             loaded: Arc::new(loaded),
             replica,
             tracker: Arc::new(Mutex::new(tracker)),
-            stats: Arc::new(stats),
+            stats,
             temp_dir,
             state_file,
             failing: Mutex::new(HashSet::new()),
+            hot,
         })
     }
 
@@ -182,7 +235,23 @@ impl Replicator {
             scan,
             ..Default::default()
         };
-        let pending = lock(&self.tracker).pending();
+        if !shutdown.is_cancelled() {
+            self.retier();
+        }
+        let pending = {
+            let mut t = lock(&self.tracker);
+            let streaming = self.streaming();
+            let mut pending = t.pending();
+            // Hot databases are in the replica through their WAL stream.
+            pending.retain(|id| {
+                let hot = streaming.contains(id);
+                if hot {
+                    t.mark_synced(*id);
+                }
+                !hot
+            });
+            pending
+        };
         let max = self.loaded.multi_db().max_concurrent;
         let mut set: JoinSet<(Ticket, PathBuf, Result<u64>)> = JoinSet::new();
         for id in pending {
@@ -289,6 +358,133 @@ impl Replicator {
         lock(&self.tracker).finish_upload(ticket, ok);
     }
 
+    /// Hot databases whose streaming task is running and not stopping.
+    fn streaming(&self) -> HashSet<Id> {
+        let running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .iter()
+            .filter(|(_, r)| !r.stop.is_cancelled() && !r.task.is_finished())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Feeds the last scan's changes to the tiering rules and makes the
+    /// streaming tasks match the hot set: finished tasks are reaped, demoted
+    /// ones stopped (they ship their last frames first), new ones started.
+    fn retier(&self) {
+        let now = tokio::time::Instant::now();
+        let mut tracker = lock(&self.tracker);
+        let mut tiers = self.hot.tiers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+        // Only recently written WAL-mode databases can stream; the others
+        // stay cold without being counted as promoted (a 20-byte read and two
+        // stats per changed file).
+        let recent = self.hot.recent;
+        let candidates: Vec<Id> = tracker
+            .changed()
+            .iter()
+            .copied()
+            .filter(|&id| tiers.is_hot(id) || ship::stream_candidate(&tracker.path(id), recent))
+            .collect();
+        tiers.observe(&candidates, now);
+        // Reap finished tasks.
+        let done: Vec<Id> = running
+            .iter()
+            .filter(|(_, r)| r.task.is_finished())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let r = running.remove(&id).expect("listed above");
+            let same_db = tracker.find(&r.path) == Some(id);
+            let exit = r
+                .task
+                .now_or_never()
+                .and_then(|j| j.ok())
+                .unwrap_or(HotExit::Unshipped);
+            match exit {
+                HotExit::Clean => {}
+                HotExit::Unshipped => {
+                    if same_db {
+                        tracker.mark_unsynced(id, std::time::SystemTime::now());
+                    }
+                }
+                HotExit::CannotStream(e) => {
+                    tracing::debug!(path = %r.path.display(), error = %e, "cannot stream this database; it stays cold");
+                    if same_db {
+                        tiers.bar(id, now);
+                    }
+                }
+            }
+            if !same_db {
+                tiers.forget(id);
+            }
+        }
+        // Databases that left the fleet (their ids may be reused).
+        for (id, r) in running.iter() {
+            if tracker.find(&r.path) != Some(*id) {
+                r.stop.cancel();
+                tiers.forget(*id);
+            }
+        }
+        let decision = tiers.decide(now);
+        for id in &decision.demote {
+            if let Some(r) = running.get(id) {
+                tracing::debug!(path = %r.path.display(), "hot -> cold");
+                r.stop.cancel();
+            }
+        }
+        let hot: Vec<Id> = tiers.hot_ids().collect();
+        for id in hot {
+            if running.contains_key(&id) {
+                continue;
+            }
+            let path = tracker.path(id);
+            let Some((key, _)) = key_for(&self.loaded, &path) else {
+                tiers.forget(id);
+                continue;
+            };
+            tracing::debug!(path = %path.display(), %key, "cold -> hot");
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(ship::stream(
+                self.hot.ctx.clone(),
+                u64::from(id),
+                path.clone(),
+                key,
+                stop.clone(),
+            ));
+            running.insert(id, Running { path, stop, task });
+        }
+        self.stats
+            .hot
+            .store(tiers.hot_count() as u64, Ordering::Relaxed);
+        self.stats
+            .hot_promotions
+            .store(tiers.promotions, Ordering::Relaxed);
+        self.stats
+            .hot_demotions
+            .store(tiers.demotions, Ordering::Relaxed);
+    }
+
+    /// Stops every streaming task and waits for their last syncs.
+    async fn stop_hot(&self) {
+        let tasks: Vec<(Id, Running)> = {
+            let mut running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+            running.drain().collect()
+        };
+        for (_, r) in &tasks {
+            r.stop.cancel();
+        }
+        for (id, r) in tasks {
+            if let Ok(HotExit::Unshipped) = r.task.await {
+                let mut t = lock(&self.tracker);
+                if t.find(&r.path) == Some(id) {
+                    t.mark_unsynced(id, std::time::SystemTime::now());
+                }
+            }
+        }
+        self.save_state().await;
+    }
+
     /// Persists upload records if they changed (a failure only costs re-uploads after a restart).
     async fn save_state(&self) {
         let tracker = self.tracker.clone();
@@ -377,6 +573,7 @@ impl Replicator {
             self.cycle(&shutdown).await;
         }
         let _ = retention_task.await;
+        self.stop_hot().await;
         tracing::info!("shut down cleanly: in-flight uploads finished");
         Ok(())
     }

@@ -63,9 +63,16 @@ pub fn open_read_only(path: &Path) -> Result<Connection> {
 /// Copies `src` consistently into a new file `dst` with the backup API.
 pub fn backup_to(src: &Path, dst: &Path) -> Result<()> {
     let source = open_read_only(src)?;
+    backup_from(&source, src, dst)
+}
+
+/// Copies the database of connection `source` (named `src` in errors) into a
+/// new file `dst`. If `source` is inside a read transaction, the copy is
+/// exactly that transaction's view (the hot tier relies on this).
+pub fn backup_from(source: &Connection, src: &Path, dst: &Path) -> Result<()> {
     let mut target = Connection::open(dst).map_err(|e| Error::sqlite(dst, e))?;
     {
-        let backup = rusqlite::backup::Backup::new(&source, &mut target)
+        let backup = rusqlite::backup::Backup::new(source, &mut target)
             .map_err(|e| Error::sqlite(src, e))?;
         // -1: all pages in one step, i.e. one read transaction -> one consistent version.
         // Busy/Locked (a writer holds an exclusive lock) is retried for BUSY_TIMEOUT.
@@ -160,7 +167,7 @@ pub fn integrity_check(path: &Path) -> Result<()> {
 
 /// Runs `PRAGMA <pragma>` (`integrity_check` or the cheaper `quick_check`,
 /// which skips index-content checks) and expects the single row `ok`.
-fn check(path: &Path, pragma: &str) -> Result<()> {
+pub(crate) fn check(path: &Path, pragma: &str) -> Result<()> {
     let conn = Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
     let mut stmt = conn
         .prepare(&format!("PRAGMA {pragma}"))

@@ -119,6 +119,9 @@ pub struct Tracker {
     preload: HashMap<PathBuf, u64>,
     /// Upload records changed since the state file was last written.
     state_dirty: bool,
+    /// Known databases whose fingerprint changed in the last scan (the hot
+    /// tier's input; new databases are not in it).
+    changed: Vec<Id>,
 }
 
 impl Default for Tracker {
@@ -150,6 +153,7 @@ impl Tracker {
             problems: HashMap::new(),
             preload: HashMap::new(),
             state_dirty: false,
+            changed: Vec::new(),
         }
     }
 
@@ -274,6 +278,7 @@ impl Tracker {
     /// Walks every pattern, updates fingerprints, adds new databases and drops deleted ones.
     pub fn scan(&mut self, patterns: &[Pattern]) -> ScanReport {
         self.epoch = self.epoch.wrapping_add(1);
+        self.changed.clear();
         let now = SystemTime::now();
         let mut v = ScanVisitor {
             t: self,
@@ -364,6 +369,35 @@ impl Tracker {
             if e.synced == e.seen {
                 e.pending_since = 0;
             }
+            self.state_dirty = true;
+        }
+    }
+
+    /// Known databases whose fingerprint changed in the last scan.
+    pub fn changed(&self) -> &[Id] {
+        &self.changed
+    }
+
+    /// Records that `id`'s current state is in the replica by other means (the
+    /// hot tier streams it), so the cold tier does not upload it.
+    pub fn mark_synced(&mut self, id: Id) {
+        let e = &mut self.entries[id as usize];
+        if e.flags & LIVE != 0 && e.synced != e.seen {
+            e.synced = e.seen;
+            e.pending_since = 0;
+            self.state_dirty = true;
+        }
+    }
+
+    /// Makes `id` pending again (the hot tier could not ship all of it), so
+    /// the cold tier uploads a snapshot.
+    pub fn mark_unsynced(&mut self, id: Id, now: SystemTime) {
+        let e = &mut self.entries[id as usize];
+        if e.flags & LIVE != 0 {
+            if e.synced == e.seen {
+                e.pending_since = unix_secs(now);
+            }
+            e.synced = !e.seen;
             self.state_dirty = true;
         }
     }
@@ -568,7 +602,8 @@ impl Visitor for ScanVisitor<'_> {
                 let epoch = self.t.epoch;
                 let e = &mut self.t.entries[id as usize];
                 e.epoch = epoch;
-                if e.seen != fp {
+                let changed = e.seen != fp;
+                if changed {
                     if e.seen == e.synced || e.pending_since == 0 {
                         e.pending_since = self.now_secs;
                     }
@@ -579,6 +614,9 @@ impl Visitor for ScanVisitor<'_> {
                     e.flags |= RACY;
                 } else {
                     e.flags &= !RACY;
+                }
+                if changed {
+                    self.t.changed.push(id);
                 }
             }
             None => self.new_file(dir, name, fp, racy),

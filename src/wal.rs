@@ -257,7 +257,7 @@ impl WalCursor {
         }
     }
 
-    fn frame_size(&self) -> u64 {
+    pub fn frame_size(&self) -> u64 {
         FRAME_HEADER_SIZE + u64::from(self.page_size)
     }
 }

@@ -1,0 +1,776 @@
+//! The hot tier's WAL shipper: one per hot database, streaming committed WAL
+//! frames into the generation layout of [`crate::generation`].
+//!
+//! A [`Shipper`] owns two SQLite connections to the database and nothing of
+//! the application's. It never writes to the database; it only holds read
+//! transactions, takes the write lock for the span of a checkpoint, and runs
+//! checkpoints. The rules it keeps, and why they leave no silent gap:
+//!
+//! * **Always hold a read transaction.** SQLite cannot checkpoint frames past
+//!   the oldest read mark in use, and cannot restart the WAL (write it again
+//!   from the front) while a reader uses it. So while we read, every frame we
+//!   have not copied yet stays in the WAL file. We move forward by
+//!   *leapfrogging*: begin a read on the spare connection, then end the read on
+//!   the active one, so some read transaction of ours is always open.
+//! * **Copy only committed frames**, validated by [`crate::wal::read_committed`]
+//!   (header salts and the checksum chain, cut after the last commit frame).
+//!   Each sync's frames go up as one segment object, in order; a failed upload
+//!   is kept in memory and retried before anything else is read.
+//! * **A WAL restart at the tip is continuity, anything else is a new
+//!   generation.** Once a read reached the end of the valid frames and a read
+//!   transaction has been held continuously since, the WAL can only be
+//!   restarted if every frame in it had been checkpointed *and* none was
+//!   appended after our read: a reader using the WAL (read mark > 0) blocks
+//!   any restart, and a reader on the database file alone (read mark 0) blocks
+//!   every checkpoint of frames appended after it began. So the old WAL ended
+//!   exactly where we stopped reading, and the next WAL continues the same
+//!   generation at index + 1, offset 32; its end is recorded in the
+//!   generation's metadata. Any other change (salts changed without the tip,
+//!   WAL truncated under a cursor, a frame overwritten, the database file
+//!   replaced) means frames we never saw may be gone: we start a new
+//!   generation with a fresh snapshot.
+//! * **Our own checkpoints** keep the WAL bounded without the application's
+//!   help. Above `checkpoint-pages` frames the spare connection takes the write
+//!   lock (`BEGIN IMMEDIATE`, giving up after [`WRITE_LOCK_WAIT`]), we read the
+//!   last frames (nothing can be appended now), end our read, run a PASSIVE
+//!   checkpoint, begin a new read and release the lock. Writers wait for that
+//!   span only: one checkpoint. If every frame was checkpointed, the next
+//!   writer restarts the WAL, which is a restart at the tip. Above
+//!   `truncate-pages` we then also try `wal_checkpoint(TRUNCATE)` with the same
+//!   short wait, to give the file's space back.
+//!
+//! Application checkpoints keep working: PASSIVE ones (including SQLite's
+//! autocheckpoint) stop at our read mark; RESTART and TRUNCATE ones wait for
+//! our reader like for any other and may report SQLITE_BUSY, as with
+//! Litestream.
+//!
+//! A shipper is blocking code; [`stream`] drives one on tokio's blocking pool
+//! every `sync-interval` and does the uploads.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use tempfile::{NamedTempFile, TempPath};
+use tokio::sync::Semaphore;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MultiDb;
+use crate::error::IoContext;
+use crate::generation::{self, GenerationId, Metadata};
+use crate::scheduler::Stats;
+use crate::snapshot;
+use crate::storage::Replica;
+use crate::wal::{self, Position, ReadOutcome, WalCursor, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
+use crate::{Error, Result};
+
+/// Most bytes of frames read into one segment. Bounds memory per hot
+/// database during a burst; a single larger transaction is still read whole
+/// (a segment must end at a commit frame).
+pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
+/// How long our checkpoint waits for the application's writer to finish its
+/// transaction before trying again at the next sync. Short, because while we
+/// wait for the write lock, nobody else can take it either.
+pub const WRITE_LOCK_WAIT: Duration = Duration::from_millis(100);
+/// Page cache of our connections, in pages. We read almost nothing through
+/// SQLite (the WAL is read directly), and 1000 hot databases must stay cheap.
+const CACHE_PAGES: i64 = 16;
+
+/// The hot tier knobs (see [`crate::config::MultiDb`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShipConfig {
+    pub sync_interval: Duration,
+    pub checkpoint_pages: u64,
+    pub truncate_pages: u64,
+}
+
+impl ShipConfig {
+    pub fn from_config(m: &MultiDb) -> ShipConfig {
+        ShipConfig {
+            sync_interval: m.sync_interval,
+            checkpoint_pages: m.checkpoint_pages,
+            truncate_pages: m.truncate_pages,
+        }
+    }
+}
+
+/// Where reading stands in the WAL.
+#[derive(Debug, Clone, Copy)]
+enum WalState {
+    /// WAL `index` has no header yet (no WAL, or truncated by a checkpoint).
+    Awaiting {
+        index: u64,
+    },
+    Reading(WalCursor),
+}
+
+/// What a read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing new.
+    Idle,
+    /// New committed frames are waiting to be uploaded.
+    Frames,
+    /// Continuity is lost (the reason); a new generation is needed.
+    Lost(String),
+}
+
+/// What [`Shipper::checkpoint`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// Frames in the WAL and frames checkpointed by the PASSIVE pass.
+    pub log: i64,
+    pub checkpointed: i64,
+    /// Whether the WAL was also truncated.
+    pub truncated: bool,
+}
+
+/// The shipper of one hot database. See the module docs.
+pub struct Shipper {
+    db: PathBuf,
+    wal: PathBuf,
+    key: String,
+    /// Device and inode of the database when we opened it.
+    ident: (u64, u64),
+    active: Connection,
+    spare: Connection,
+    generation: Option<GenerationId>,
+    meta: Option<Metadata>,
+    state: WalState,
+    /// Frames read but not uploaded yet, and where they start.
+    pending: Option<(Position, Vec<u8>)>,
+    /// The generation's snapshot, not uploaded yet.
+    snapshot: Option<TempPath>,
+    /// The last read reached the end of the valid frames and a read
+    /// transaction has been held continuously since.
+    tip: bool,
+    /// Frames were read since the active read transaction began.
+    moved: bool,
+    meta_dirty: bool,
+}
+
+fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| Error::sqlite(path, e)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+fn begin_read(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN DEFERRED")?;
+    // A read transaction starts at its first read.
+    let r = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+        r.get::<_, i64>(0)
+    });
+    if r.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    r.map(|_| ())
+}
+
+fn end_read(conn: &Connection) -> rusqlite::Result<()> {
+    if conn.is_autocommit() {
+        Ok(())
+    } else {
+        conn.execute_batch("ROLLBACK")
+    }
+}
+
+fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-wal");
+    PathBuf::from(s)
+}
+
+fn open_conn(db: &Path) -> Result<Connection> {
+    // Read-write (a checkpoint needs it) but never create: a database deleted
+    // under us must not come back as an empty file.
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sqlite(db))?;
+    conn.busy_timeout(WRITE_LOCK_WAIT).map_err(sqlite(db))?;
+    conn.pragma_update(None, "cache_size", CACHE_PAGES)
+        .map_err(sqlite(db))?;
+    Ok(conn)
+}
+
+/// Number of commit frames in `frames` (whole frames of `page_size` pages).
+pub fn commit_frames(frames: &[u8], page_size: u32) -> u64 {
+    let size = (FRAME_HEADER_SIZE + u64::from(page_size)) as usize;
+    frames
+        .chunks_exact(size)
+        .filter(|f| f[4..8] != [0, 0, 0, 0])
+        .count() as u64
+}
+
+/// True if `path` may stream: its header says WAL mode (bytes 18 and 19, the
+/// file format read/write versions, are 2) and it or its `-wal` was written
+/// within `recent` (a change seen now to a file last written an hour ago, e.g.
+/// a restored or copied file, is not a busy database). Unreadable or short
+/// files are `false`: the cold tier reports their errors.
+pub fn stream_candidate(path: &Path, recent: Duration) -> bool {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    let wal_mode = File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .map(|()| header[18] == 2 && header[19] == 2)
+        .unwrap_or(false);
+    if !wal_mode {
+        return false;
+    }
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let newest = [path, Path::new(&wal)]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max();
+    newest.is_some_and(|t| t.elapsed().map_or(true, |age| age < recent))
+}
+
+impl Shipper {
+    /// Opens `db` for streaming under `key`. Fails (and the database stays
+    /// cold) if it is not in WAL mode.
+    pub fn open(db: &Path, key: &str) -> Result<Shipper> {
+        let ident = identity(db).at(db)?;
+        let active = open_conn(db)?;
+        let mode: String = active
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(sqlite(db))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::invalid(
+                db.display(),
+                format!("journal_mode is {mode}, not wal: WAL streaming needs WAL mode; the database stays in the cold tier"),
+            ));
+        }
+        let spare = open_conn(db)?;
+        Ok(Shipper {
+            db: db.to_path_buf(),
+            wal: wal_path(db),
+            key: key.to_string(),
+            ident,
+            active,
+            spare,
+            generation: None,
+            meta: None,
+            state: WalState::Awaiting { index: 0 },
+            pending: None,
+            snapshot: None,
+            tip: false,
+            moved: false,
+            meta_dirty: false,
+        })
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.db
+    }
+
+    pub fn generation(&self) -> Option<&GenerationId> {
+        self.generation.as_ref()
+    }
+
+    /// Frames read but not yet uploaded (or a snapshot not yet uploaded).
+    pub fn has_unshipped(&self) -> bool {
+        self.pending.is_some() || self.snapshot.is_some() || self.generation.is_none()
+    }
+
+    /// Where the next read starts.
+    pub fn position(&self) -> Position {
+        match self.state {
+            WalState::Awaiting { index } => Position::start(index),
+            WalState::Reading(c) => c.pos,
+        }
+    }
+
+    /// Starts a new generation: a snapshot of the database as of a new read
+    /// transaction (kept open), then the committed frames already in the WAL.
+    /// Nothing is uploaded here; see [`stream`].
+    pub fn begin_generation(&mut self, tmp_dir: &Path) -> Result<()> {
+        let db = self.db.clone();
+        end_read(&self.spare).map_err(sqlite(&db))?;
+        end_read(&self.active).map_err(sqlite(&db))?;
+        self.tip = false;
+        self.pending = None;
+        self.snapshot = None;
+        self.generation = None;
+        self.meta = None;
+        begin_read(&self.active).map_err(sqlite(&db))?;
+        self.moved = false;
+        // The header read after our transaction began: its frames are either in
+        // our snapshot already (replaying them again is harmless) or newer.
+        let header = match File::open(&self.wal) {
+            Ok(f) => wal::read_header(&f, &self.wal)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(&self.wal, e)),
+        };
+        std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
+        let copy = NamedTempFile::with_prefix_in("hot-", tmp_dir)
+            .at(tmp_dir)?
+            .into_temp_path();
+        snapshot::backup_from(&self.active, &db, &copy)?;
+        snapshot::check(&copy, "quick_check").map_err(|e| {
+            Error::invalid(
+                db.display(),
+                format!("database is damaged, not starting a generation ({e})"),
+            )
+        })?;
+        let page_size: u32 = self
+            .active
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sqlite(&db))?;
+        let now = Utc::now();
+        let id = generation::new_generation_id(now);
+        self.meta = Some(Metadata {
+            generation: id.clone(),
+            page_size,
+            created: id.created(),
+            first: Position::start(0),
+            last: Position::start(0),
+            snapshots: Vec::new(),
+            wal_ends: Vec::new(),
+        });
+        self.generation = Some(id);
+        self.snapshot = Some(copy);
+        self.meta_dirty = true;
+        self.state = match header {
+            Some(h) => WalState::Reading(WalCursor::at_start(0, &h)),
+            None => WalState::Awaiting { index: 0 },
+        };
+        match self.read()? {
+            Step::Lost(reason) => Err(Error::invalid(
+                self.wal.display(),
+                format!("WAL changed while starting a generation: {reason}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the committed frames after the current position into the
+    /// pending segment. Does nothing while a segment is pending.
+    pub fn read(&mut self) -> Result<Step> {
+        if self.pending.is_some() {
+            return Ok(Step::Frames);
+        }
+        match identity(&self.db) {
+            Ok(id) if id == self.ident => {}
+            Ok(_) => return Ok(Step::Lost("the database file was replaced".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Step::Lost("the database file is gone".into()))
+            }
+            Err(e) => return Err(Error::io(&self.db, e)),
+        }
+        let file = match File::open(&self.wal) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(&self.wal, e)),
+        };
+        // At most two rounds: a restart at the tip moves to the next WAL once.
+        for _ in 0..2 {
+            match self.state {
+                WalState::Awaiting { index } => {
+                    let Some(f) = &file else {
+                        return Ok(Step::Idle);
+                    };
+                    let Some(h) = wal::read_header(f, &self.wal)? else {
+                        return Ok(Step::Idle);
+                    };
+                    self.state = WalState::Reading(WalCursor::at_start(index, &h));
+                }
+                WalState::Reading(cur) => {
+                    let Some(f) = &file else {
+                        return Ok(Step::Lost("the WAL file was deleted".into()));
+                    };
+                    match wal::read_committed(f, &self.wal, &cur, MAX_SEGMENT_BYTES)? {
+                        ReadOutcome::Frames { bytes, next, .. } => {
+                            // A read cut short by the size limit is not the tip.
+                            self.tip = (bytes.len() as u64) < MAX_SEGMENT_BYTES;
+                            if bytes.is_empty() {
+                                return Ok(Step::Idle);
+                            }
+                            self.pending = Some((cur.pos, bytes));
+                            self.state = WalState::Reading(next);
+                            self.moved = true;
+                            return Ok(Step::Frames);
+                        }
+                        ReadOutcome::Lost(lost) => {
+                            let restarted = match &lost {
+                                wal::Lost::Reset { .. } => true,
+                                wal::Lost::Truncated { len, .. } => *len < WAL_HEADER_SIZE,
+                                _ => false,
+                            };
+                            if !(self.tip && restarted) {
+                                return Ok(Step::Lost(lost.to_string()));
+                            }
+                            tracing::debug!(path = %self.db.display(), end = %cur.pos, "WAL restarted after our last frame; continuing in the next WAL");
+                            if let Some(m) = &mut self.meta {
+                                m.wal_ends.push(cur.pos);
+                            }
+                            self.meta_dirty = true;
+                            self.state = WalState::Awaiting {
+                                index: cur.pos.index + 1,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Step::Idle)
+    }
+
+    /// The pending segment, taken for upload (put it back with
+    /// [`Shipper::unshipped`] if the upload fails).
+    pub fn take_pending(&mut self) -> Option<(Position, Vec<u8>)> {
+        self.pending.take()
+    }
+
+    pub fn unshipped(&mut self, pos: Position, bytes: Vec<u8>) {
+        self.pending = Some((pos, bytes));
+    }
+
+    /// After uploads: moves our read transaction forward (leapfrog) and runs
+    /// our own checkpoint when the WAL is large enough.
+    pub fn advance(&mut self, cfg: &ShipConfig) -> Result<Option<CheckpointReport>> {
+        if self.pending.is_some() {
+            return Ok(None);
+        }
+        if self.moved {
+            begin_read(&self.spare).map_err(sqlite(&self.db))?;
+            end_read(&self.active).map_err(sqlite(&self.db))?;
+            std::mem::swap(&mut self.active, &mut self.spare);
+            self.moved = false;
+        }
+        let WalState::Reading(cur) = self.state else {
+            return Ok(None);
+        };
+        let frames = (cur.pos.offset - WAL_HEADER_SIZE) / cur.frame_size();
+        if frames < cfg.checkpoint_pages || !self.tip {
+            return Ok(None);
+        }
+        self.checkpoint(frames >= cfg.truncate_pages)
+    }
+
+    /// Our checkpoint; see the module docs. `Ok(None)` when the application
+    /// held the write lock longer than [`WRITE_LOCK_WAIT`] (try again later).
+    /// Frames read under the lock are left pending.
+    pub fn checkpoint(&mut self, truncate: bool) -> Result<Option<CheckpointReport>> {
+        let db = self.db.clone();
+        match self.spare.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {}
+            Err(e) if is_busy(&e) => return Ok(None),
+            Err(e) => return Err(Error::sqlite(&db, e)),
+        }
+        let under_lock = (|| -> Result<Option<(i64, i64, i64)>> {
+            if let Step::Lost(_) = self.read()? {
+                // Handled by the next sync, which starts a new generation.
+                return Ok(None);
+            }
+            end_read(&self.active).map_err(sqlite(&db))?;
+            let r = self
+                .active
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                });
+            // Our read must be back before the lock goes, whatever happened.
+            begin_read(&self.active).map_err(sqlite(&db))?;
+            self.moved = false;
+            r.map(Some).map_err(sqlite(&db))
+        })();
+        let released = self.spare.execute_batch("ROLLBACK");
+        let Some((busy, log, checkpointed)) = under_lock? else {
+            return Ok(None);
+        };
+        released.map_err(sqlite(&db))?;
+        let mut truncated = false;
+        if truncate && busy == 0 && log == checkpointed {
+            // Everything is in the database file and our reader (read mark 0)
+            // blocks checkpointing anything appended since: truncating cannot
+            // drop a frame we have not read.
+            match self
+                .spare
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                }) {
+                Ok(b) => truncated = b == 0,
+                Err(e) if is_busy(&e) => {}
+                Err(e) => return Err(Error::sqlite(&db, e)),
+            }
+        }
+        Ok(Some(CheckpointReport {
+            log,
+            checkpointed,
+            truncated,
+        }))
+    }
+
+    /// Releases our read transactions, as after an error: the next read
+    /// cannot trust a WAL restart any more and starts a new generation if the
+    /// WAL moved on without us.
+    pub fn interrupt(&mut self) {
+        let _ = end_read(&self.spare);
+        let _ = end_read(&self.active);
+        self.tip = false;
+    }
+}
+
+/// One event per uploaded segment, for the lag benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct ShipEvent {
+    /// The `tag` passed to [`stream`].
+    pub tag: u64,
+    /// Commit frames (transactions) in the segment.
+    pub commits: u64,
+    pub at: std::time::Instant,
+}
+
+/// What [`stream`] needs besides the database.
+pub struct HotContext {
+    pub replica: Replica,
+    pub temp_dir: PathBuf,
+    pub cfg: ShipConfig,
+    pub stats: Arc<Stats>,
+    /// Shared with the cold tier's uploads: `max-concurrent` in all.
+    pub permits: Arc<Semaphore>,
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<ShipEvent>>,
+}
+
+/// How a [`stream`] ended.
+#[derive(Debug)]
+pub enum HotExit {
+    /// Everything read was shipped.
+    Clean,
+    /// Something was not shipped (uploads failing at shutdown): the caller
+    /// must let the cold tier upload a snapshot.
+    Unshipped,
+    /// The database cannot be streamed (not WAL mode, unreadable).
+    CannotStream(Error),
+}
+
+async fn blocking<T: Send + 'static>(
+    slot: &mut Option<Shipper>,
+    f: impl FnOnce(&mut Shipper) -> T + Send + 'static,
+) -> Result<T> {
+    let Some(mut s) = slot.take() else {
+        return Err(Error::invalid(
+            "hot tier",
+            "shipper lost after a failed task",
+        ));
+    };
+    let (s, r) = tokio::task::spawn_blocking(move || {
+        let r = f(&mut s);
+        (s, r)
+    })
+    .await
+    .map_err(|e| Error::invalid("hot tier", format!("task failed: {e}")))?;
+    *slot = Some(s);
+    Ok(r)
+}
+
+/// Streams `db` until `stop` is cancelled, syncing every `sync-interval`; the
+/// last sync runs after `stop`, so a demoted or shut-down database leaves
+/// nothing behind. `tag` identifies it in [`ShipEvent`]s.
+pub async fn stream(
+    ctx: Arc<HotContext>,
+    tag: u64,
+    db: PathBuf,
+    key: String,
+    stop: CancellationToken,
+) -> HotExit {
+    let (d, k) = (db.clone(), key.clone());
+    let opened = tokio::task::spawn_blocking(move || Shipper::open(&d, &k)).await;
+    let mut slot = match opened {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => return HotExit::CannotStream(e),
+        Err(e) => {
+            return HotExit::CannotStream(Error::invalid(db.display(), format!("task failed: {e}")))
+        }
+    };
+    let mut tick = tokio::time::interval(ctx.cfg.sync_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tick.tick() => {}
+        }
+        let last = stop.is_cancelled();
+        if last {
+            // Record where the generation ends.
+            if let Some(s) = slot.as_mut() {
+                s.meta_dirty = true;
+            }
+        }
+        match sync(&ctx, tag, &mut slot).await {
+            Ok(()) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!(path = %db.display(), "WAL streaming recovered");
+                }
+            }
+            Err(e) => {
+                ctx.stats.hot_errors.fetch_add(1, Ordering::Relaxed);
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(path = %db.display(), error = %e, "WAL sync failed again");
+                } else {
+                    tracing::warn!(path = %db.display(), error = %e, "WAL sync failed; retrying every sync interval (logged once until it recovers)");
+                }
+                if slot.is_none() {
+                    return HotExit::Unshipped;
+                }
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    match slot {
+        Some(s) if !s.has_unshipped() => HotExit::Clean,
+        _ => HotExit::Unshipped,
+    }
+}
+
+/// One sync: start a generation if needed, read, upload, move forward.
+async fn sync(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<()> {
+    // Bounded: a generation start, a segment, and the frames our checkpoint read.
+    for _ in 0..4 {
+        let needs_generation = slot.as_ref().is_some_and(|s| s.generation.is_none());
+        if needs_generation {
+            let tmp = ctx.temp_dir.clone();
+            blocking(slot, move |s| s.begin_generation(&tmp)).await??;
+            ctx.stats.generations.fetch_add(1, Ordering::Relaxed);
+            let s = slot.as_ref().expect("present after a successful task");
+            tracing::debug!(path = %s.db.display(), generation = %s.generation.as_ref().map(|g| g.to_string()).unwrap_or_default(), "started a WAL generation");
+        }
+        upload(ctx, tag, slot).await?;
+        let step = blocking(slot, |s| s.read()).await??;
+        if let Step::Lost(reason) = step {
+            let s = slot.as_mut().expect("present after a successful task");
+            tracing::info!(path = %s.db.display(), %reason, "WAL continuity lost; starting a new generation with a fresh snapshot");
+            // Reopen: the file may have been replaced.
+            let (db, key) = (s.db.clone(), s.key.clone());
+            let fresh = tokio::task::spawn_blocking(move || Shipper::open(&db, &key))
+                .await
+                .map_err(|e| Error::invalid("hot tier", format!("task failed: {e}")))??;
+            *slot = Some(fresh);
+            continue;
+        }
+        upload(ctx, tag, slot).await?;
+        let cfg = ctx.cfg;
+        let ckpt = blocking(slot, move |s| s.advance(&cfg)).await??;
+        let Some(c) = ckpt else { return Ok(()) };
+        ctx.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            log = c.log,
+            checkpointed = c.checkpointed,
+            truncated = c.truncated,
+            "checkpoint"
+        );
+        upload(ctx, tag, slot).await?;
+        return Ok(());
+    }
+    Ok(())
+}
+
+/// Uploads what is waiting, in order: snapshot, segment, metadata.
+async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<()> {
+    let Some(s) = slot.as_mut() else {
+        return Err(Error::invalid(
+            "hot tier",
+            "shipper lost after a failed task",
+        ));
+    };
+    let Some(gen) = s.generation.clone() else {
+        return Ok(());
+    };
+    if let Some(copy) = s.snapshot.take() {
+        let r = {
+            let _permit = ctx.permits.acquire().await;
+            generation::upload_snapshot(&ctx.replica, &s.key, &gen, 0, &copy, &ctx.temp_dir).await
+        };
+        match r {
+            Ok(entry) => {
+                ctx.stats.uploads_ok.fetch_add(1, Ordering::Relaxed);
+                ctx.stats
+                    .bytes_uploaded
+                    .fetch_add(entry.compressed_size, Ordering::Relaxed);
+                if let Some(m) = &mut s.meta {
+                    m.snapshots.push(entry);
+                }
+                s.meta_dirty = true;
+            }
+            Err(e) => {
+                ctx.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
+                s.snapshot = Some(copy);
+                return Err(e);
+            }
+        }
+    }
+    if let Some((pos, bytes)) = s.take_pending() {
+        let r = {
+            let _permit = ctx.permits.acquire().await;
+            generation::upload_segment(&ctx.replica, &s.key, &gen, pos, &bytes).await
+        };
+        match r {
+            Ok(_end) => {
+                ctx.stats.wal_segments.fetch_add(1, Ordering::Relaxed);
+                ctx.stats
+                    .wal_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                if let Some(tx) = &ctx.events {
+                    let page_size = s.meta.as_ref().map_or(4096, |m| m.page_size);
+                    let _ = tx.send(ShipEvent {
+                        tag,
+                        commits: commit_frames(&bytes, page_size),
+                        at: std::time::Instant::now(),
+                    });
+                }
+            }
+            Err(e) => {
+                ctx.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
+                s.unshipped(pos, bytes);
+                return Err(e);
+            }
+        }
+    }
+    if s.meta_dirty {
+        // Written with the snapshot, at each WAL restart and at close; not per
+        // segment, which would double the request count.
+        let last = s.position_shipped();
+        if let Some(m) = &mut s.meta {
+            m.last = last;
+            let _permit = ctx.permits.acquire().await;
+            generation::write_metadata(&ctx.replica, &s.key, m).await?;
+        }
+        s.meta_dirty = false;
+    }
+    Ok(())
+}
+
+impl Shipper {
+    /// End of what has been shipped (the start of the pending segment, if any).
+    fn position_shipped(&self) -> Position {
+        match &self.pending {
+            Some((pos, _)) => *pos,
+            None => self.position(),
+        }
+    }
+}

@@ -147,10 +147,12 @@ async fn restore_prefix(replica: &Replica, prefix: String, args: RestoreArgs) ->
     }
     tracing::info!(
         bytes = report.bytes,
-        "bulk restore finished: restored {}, skipped {}, failed {}",
+        "bulk restore finished: restored {}, skipped {}, failed {} (restored from the hot tier: {}, from cold snapshots: {})",
         report.restored,
         report.skipped,
-        report.failed.len()
+        report.failed.len(),
+        report.restored_hot,
+        report.restored - report.restored_hot,
     );
     if report.failed.is_empty() {
         return Ok(());
@@ -372,11 +374,18 @@ async fn run(cli: Cli) -> Result<()> {
             match result? {
                 RestoreOutcome::Restored {
                     key,
+                    tier,
                     object,
                     bytes,
                     uploaded,
                 } => {
-                    tracing::info!(%key, %object, bytes, uploaded = %uploaded.to_rfc3339(), output = %opts.output.display(), "restored; integrity_check ok");
+                    let from = match tier {
+                        restore::Tier::Cold => "the cold tier (hourly snapshot)",
+                        restore::Tier::Hot => {
+                            "the hot tier (WAL generation: snapshot + WAL replay)"
+                        }
+                    };
+                    tracing::info!(%key, %tier, %object, bytes, uploaded = %uploaded.to_rfc3339(), output = %opts.output.display(), "restored from {from}; integrity_check ok");
                 }
                 RestoreOutcome::OutputExists => {
                     tracing::info!(output = %opts.output.display(), "output exists; nothing to do (--if-db-not-exists)");

@@ -308,9 +308,27 @@ pub struct Plan {
     pub generation: GenerationId,
     pub snapshot: SnapshotObject,
     pub segments: Vec<SegmentObject>,
+    /// The restore time the plan was made for (`None`: latest).
+    at: Option<DateTime<Utc>>,
+    /// Segments from the snapshot's WAL on that were uploaded after `at`:
+    /// not replayed, only named in gap errors ("uploaded after the restore
+    /// time"). Empty when `at` is `None`.
+    late: Vec<SegmentObject>,
 }
 
-/// What [`restore_generation`] restored.
+impl Plan {
+    /// The state the plan restores, as an upload time: the latest
+    /// `last_modified` of its snapshot and segments (what
+    /// [`RestorePoint::time`] will be if replay succeeds).
+    pub fn time(&self) -> DateTime<Utc> {
+        self.segments
+            .iter()
+            .map(|s| s.uploaded)
+            .fold(self.snapshot.uploaded, DateTime::max)
+    }
+}
+
+/// What [`restore_plan`] (or [`restore_generation`]) restored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestorePoint {
     pub generation: GenerationId,
@@ -477,14 +495,17 @@ fn describe(p: Position) -> String {
     format!("{p}{SEGMENT_SUFFIX} (WAL {} offset {})", p.index, p.offset)
 }
 
+/// `others`: segments not in the plan; one at the missing position was
+/// uploaded after `at` and is named as such.
 fn gap_error(
     key: &str,
-    listing: &GenerationListing,
+    gen: &GenerationId,
+    others: &[SegmentObject],
     at: Option<DateTime<Utc>>,
     brk: Break,
     found: &SegmentObject,
 ) -> Error {
-    let what = format!("generation {} of {key:?}", listing.id);
+    let what = format!("generation {gen} of {key:?}");
     let reason = match brk {
         Break::Overlaps(end) => format!(
             "WAL segment {} overlaps the previous segment, which ends at {}; refusing to restore",
@@ -497,8 +518,7 @@ fn gap_error(
                 describe(missing),
                 describe(found.pos)
             );
-            if let (Some(t), Some(late)) = (at, listing.segments.iter().find(|s| s.pos == missing))
-            {
+            if let (Some(t), Some(late)) = (at, others.iter().find(|s| s.pos == missing)) {
                 r.push_str(&format!(
                     "; it was uploaded at {}, after the restore time {}: restore at or after that time, \
                      or before {}",
@@ -534,12 +554,12 @@ pub fn plan(
     else {
         return Ok(None);
     };
-    let mut segments: Vec<SegmentObject> = listing
+    let (mut segments, late): (Vec<SegmentObject>, Vec<SegmentObject>) = listing
         .segments
         .iter()
-        .filter(|s| s.pos.index >= snapshot.index && ok(s.uploaded))
+        .filter(|s| s.pos.index >= snapshot.index)
         .cloned()
-        .collect();
+        .partition(|s| ok(s.uploaded));
     segments.sort_by_key(|s| s.pos);
     let mut e = Expect {
         index: snapshot.index,
@@ -547,7 +567,7 @@ pub fn plan(
         started: false,
     };
     for s in &segments {
-        check_next(e, s.pos).map_err(|b| gap_error(key, listing, at, b, s))?;
+        check_next(e, s.pos).map_err(|b| gap_error(key, &listing.id, &late, at, b, s))?;
         e = Expect {
             index: s.pos.index,
             offset: None,
@@ -558,6 +578,8 @@ pub fn plan(
         generation: listing.id.clone(),
         snapshot,
         segments,
+        at,
+        late,
     }))
 }
 
@@ -585,16 +607,17 @@ fn db_page_size(file: &File, what: &str) -> Result<u32> {
     Ok(page_size)
 }
 
-/// Restores `key` into `out` (opened for reading and writing; its contents
-/// are replaced) from the newest generation with a snapshot uploaded at or
-/// before `at` (`None`: the latest state). See the module docs for the rules.
-/// `out` is synced but not integrity-checked: the caller owns its path.
-pub async fn restore_generation(
+/// Plans a restore of `key` at `at` (`None`: the latest state) without
+/// downloading anything: the newest generation with a snapshot uploaded at
+/// or before `at`, planned by [`plan`]. Lists the generation ids once, then
+/// the snapshots of generations newest first until one qualifies, and the
+/// segments of that one only. `Ok(None)` when no generation has such a
+/// snapshot; gaps visible from names are errors, not `None`.
+pub async fn plan_latest(
     replica: &Replica,
     key: &str,
     at: Option<DateTime<Utc>>,
-    out: &mut File,
-) -> Result<RestorePoint> {
+) -> Result<Option<Plan>> {
     for id in list_generation_ids(replica, key).await? {
         let snapshots = list_snapshots(replica, key, &id).await?;
         if !snapshots.iter().any(|s| at.is_none_or(|t| s.uploaded <= t)) {
@@ -605,24 +628,41 @@ pub async fn restore_generation(
             id,
             snapshots,
         };
-        if let Some(p) = plan(&listing, key, at)? {
-            return replay(replica, key, &listing, &p, at, out).await;
-        }
+        return plan(&listing, key, at);
     }
-    let when = at
-        .map(|t| format!(" uploaded at or before {}", t.to_rfc3339()))
-        .unwrap_or_default();
-    Err(Error::NotFound(format!(
-        "no WAL generation of {key:?} has a snapshot{when} in {replica}"
-    )))
+    Ok(None)
 }
 
-async fn replay(
+/// Restores `key` into `out` (opened for reading and writing; its contents
+/// are replaced) from the newest generation with a snapshot uploaded at or
+/// before `at` (`None`: the latest state). See the module docs for the rules.
+/// `out` is synced but not integrity-checked: the caller owns its path.
+/// [`plan_latest`] then [`restore_plan`].
+pub async fn restore_generation(
     replica: &Replica,
     key: &str,
-    listing: &GenerationListing,
-    plan: &Plan,
     at: Option<DateTime<Utc>>,
+    out: &mut File,
+) -> Result<RestorePoint> {
+    match plan_latest(replica, key, at).await? {
+        Some(p) => restore_plan(replica, key, &p, out).await,
+        None => Err(Error::NotFound(format!(
+            "no WAL generation of {key:?} has a snapshot{} in {replica}",
+            crate::restore::uploaded_by(at)
+        ))),
+    }
+}
+
+/// Executes a plan made by [`plan`] or [`plan_latest`] for `key`: downloads
+/// the snapshot into `out` (opened for reading and writing; its contents are
+/// replaced) and replays the segments, checking that each continues where the
+/// previous one ended (a gap is an error naming the missing position).
+/// `out` is synced but not integrity-checked or renamed: the caller owns its
+/// path (see [`crate::restore`] for the atomic install).
+pub async fn restore_plan(
+    replica: &Replica,
+    key: &str,
+    plan: &Plan,
     out: &mut File,
 ) -> Result<RestorePoint> {
     let snap = &plan.snapshot;
@@ -680,7 +720,8 @@ async fn replay(
             offset: Some(pos.offset),
             started,
         };
-        check_next(e, seg.pos).map_err(|b| gap_error(key, listing, at, b, &seg))?;
+        check_next(e, seg.pos)
+            .map_err(|b| gap_error(key, &plan.generation, &plan.late, plan.at, b, &seg))?;
         if seg.pos.index != pos.index {
             chain = None;
         }

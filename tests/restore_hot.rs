@@ -1,0 +1,557 @@
+//! Restore choosing between the cold tier (hourly snapshots) and the hot
+//! tier (WAL generations), against the in-process S3 server and file://.
+//!
+//! Generations are built without a shipper, with [`litefleet::generation`]
+//! directly: a real WAL-mode database, committed frames read with
+//! [`wal::read_committed`], uploaded as snapshots and segments. Cold
+//! snapshots are [`snapshot::capture`]d and uploaded under
+//! [`layout::snapshot_path`].
+
+mod common;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::fleet::{count_rows, Fleet};
+use common::{litefleet, stderr};
+use litefleet::generation::{self, GenerationId};
+use litefleet::restore::{
+    list, list_databases, restore_bulk, BulkItem, BulkOptions, BulkOutcome, BulkProgress,
+    RestoreOutcome, Tier,
+};
+use litefleet::storage::Replica;
+use litefleet::wal::{self, Position, ReadOutcome, WalCursor};
+use litefleet::{layout, snapshot, Error};
+use object_store::path::Path as ObjPath;
+use rusqlite::Connection;
+use tempfile::TempDir;
+
+/// Upload times are file mtimes (file://, and s3s-fs behind S3), which the
+/// kernel takes from a clock that may lag by a few milliseconds, listed
+/// with millisecond precision. Events this far apart are ordered exactly.
+const SEPARATION: Duration = Duration::from_millis(25);
+
+/// A time after every upload so far and before every later one.
+async fn mark() -> DateTime<Utc> {
+    let t = Utc::now();
+    tokio::time::sleep(SEPARATION).await;
+    t
+}
+
+/// A WAL-mode database whose history is uploaded to both tiers by hand.
+struct Db {
+    key: String,
+    dir: TempDir,
+    conn: Connection,
+    rows: i64,
+    /// WAL index of the next generation snapshot.
+    index: u64,
+    cursor: Option<WalCursor>,
+    gen: GenerationId,
+    /// Cold snapshots taken so far (each is named one hour later).
+    colds: i64,
+}
+
+impl Db {
+    fn new(key: &str) -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("db.db")).unwrap();
+        conn.pragma_update(None, "page_size", 1024).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        Db {
+            key: key.to_string(),
+            dir,
+            conn,
+            rows: 0,
+            index: 0,
+            cursor: None,
+            gen: generation::new_generation_id(Utc::now()),
+            colds: 0,
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("db.db")
+    }
+
+    /// One transaction of `n` rows (ids stay 1..=rows).
+    fn commit(&mut self, n: i64) {
+        let tx = self.conn.unchecked_transaction().unwrap();
+        for _ in 0..n {
+            self.rows += 1;
+            tx.execute(
+                "INSERT INTO t(id, v) VALUES (?1, ?2)",
+                rusqlite::params![self.rows, format!("{:>200}", self.rows)],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    /// TRUNCATE-checkpoints (everything committed so far moves into the
+    /// database file) and uploads the file as the generation's next snapshot.
+    async fn gen_snapshot(&mut self, r: &Replica) -> DateTime<Utc> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 0);
+        if self.cursor.take().is_some() {
+            self.index += 1;
+        }
+        let copy = self.dir.path().join("copy.db");
+        std::fs::copy(self.path(), &copy).unwrap();
+        generation::upload_snapshot(r, &self.key, &self.gen, self.index, &copy, self.dir.path())
+            .await
+            .unwrap();
+        mark().await
+    }
+
+    /// Ships every committed frame not shipped yet as one segment.
+    async fn ship(&mut self, r: &Replica) -> (Position, DateTime<Utc>) {
+        let wp = PathBuf::from(format!("{}-wal", self.path().display()));
+        let f = File::open(&wp).unwrap();
+        let cur = match self.cursor {
+            Some(c) => c,
+            None => WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap()),
+        };
+        let ReadOutcome::Frames { bytes, next, .. } =
+            wal::read_committed(&f, &wp, &cur, u64::MAX).unwrap()
+        else {
+            panic!("WAL continuity lost")
+        };
+        let end = generation::upload_segment(r, &self.key, &self.gen, cur.pos, &bytes)
+            .await
+            .unwrap();
+        assert_eq!(end, next.pos);
+        self.cursor = Some(next);
+        (cur.pos, mark().await)
+    }
+
+    /// Uploads a consistent copy (uncheckpointed WAL frames included) as a
+    /// cold snapshot, named one hour after the previous one.
+    async fn cold(&mut self, r: &Replica) -> (ObjPath, DateTime<Utc>) {
+        let snap = snapshot::capture(&self.path(), &self.dir.path().join("tmp")).unwrap();
+        let hour = Utc::now() - chrono::Duration::hours(24 - self.colds);
+        self.colds += 1;
+        let loc = layout::snapshot_path(&r.prefix, &self.key, "db", hour);
+        r.upload_file(&loc, &snap.file).await.unwrap();
+        (loc, mark().await)
+    }
+
+    fn gen_snapshot_path(&self, r: &Replica, index: u64) -> ObjPath {
+        generation::snapshot_path(&r.prefix, &self.key, &self.gen, index)
+    }
+}
+
+/// Restores `key` at `at` into a fresh file in `dir`; checks the output's
+/// integrity, that it holds rows 1..=n and that nothing else was left in
+/// `dir`; returns (tier, rows, outcome).
+async fn restore_at(
+    f: &Fleet,
+    key: &str,
+    at: Option<DateTime<Utc>>,
+) -> litefleet::Result<(Tier, i64, RestoreOutcome)> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.db");
+    let res = f.restore(key, &out, at).await;
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => {
+            assert!(names.is_empty(), "a failed restore left {names:?}");
+            return Err(e);
+        }
+    };
+    assert_eq!(names, vec!["out.db".to_string()]);
+    let RestoreOutcome::Restored { tier, bytes, .. } = &res else {
+        panic!("{res:?}")
+    };
+    assert_eq!(*bytes, std::fs::metadata(&out).unwrap().len());
+    snapshot::integrity_check(&out).unwrap();
+    let c = Connection::open(&out).unwrap();
+    let (n, max): (i64, i64) = c
+        .query_row("SELECT count(*), coalesce(max(id), 0) FROM t", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(n, max, "rows are 1..=n");
+    Ok((*tier, n, res))
+}
+
+fn restored_parts(res: &RestoreOutcome) -> (String, DateTime<Utc>) {
+    match res {
+        RestoreOutcome::Restored {
+            object, uploaded, ..
+        } => (object.clone(), *uploaded),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Listed upload time of an object (listings carry milliseconds on both
+/// backends; a HEAD over S3 only has seconds).
+async fn listed_time(r: &Replica, loc: &ObjPath) -> DateTime<Utc> {
+    let dir = ObjPath::from(loc.as_ref().rsplit_once('/').unwrap().0);
+    r.list_dir(&dir)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| &m.location == loc)
+        .unwrap()
+        .last_modified
+}
+
+both_backends!(generation_newer_than_cold_is_restored, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    db.cold(&r).await;
+    db.commit(5);
+    db.gen_snapshot(&r).await;
+    db.commit(7);
+    db.ship(&r).await;
+    db.commit(4);
+    let (last, _) = db.ship(&r).await;
+
+    let (tier, rows, res) = restore_at(&f, "p/d/t", None).await.unwrap();
+    assert_eq!((tier, rows), (Tier::Hot, 26));
+    let (object, uploaded) = restored_parts(&res);
+    assert_eq!(
+        object,
+        format!("{} + 2 WAL segments", db.gen_snapshot_path(&r, 0))
+    );
+    let last = generation::segment_path(&r.prefix, "p/d/t", &db.gen, last);
+    assert_eq!(uploaded, listed_time(&r, &last).await);
+});
+
+both_backends!(cold_newer_than_generation_is_restored, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    db.gen_snapshot(&r).await;
+    db.commit(5);
+    db.ship(&r).await;
+    // Committed but not shipped: only the cold snapshot holds these.
+    db.commit(3);
+    let (cold, _) = db.cold(&r).await;
+
+    let (tier, rows, res) = restore_at(&f, "p/d/t", None).await.unwrap();
+    assert_eq!((tier, rows), (Tier::Cold, 18));
+    let (object, uploaded) = restored_parts(&res);
+    assert_eq!(object, cold.to_string());
+    assert_eq!(uploaded, listed_time(&r, &cold).await);
+});
+
+both_backends!(
+    timestamp_picks_the_later_tier_at_each_point,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        let before = mark().await;
+        // (time, tier, rows restorable at that time)
+        let mut points = Vec::new();
+        db.commit(10);
+        points.push((db.cold(&r).await.1, Tier::Cold, 10));
+        db.commit(5);
+        points.push((db.gen_snapshot(&r).await, Tier::Hot, 15));
+        db.commit(7);
+        points.push((db.ship(&r).await.1, Tier::Hot, 22));
+        db.commit(3);
+        points.push((db.cold(&r).await.1, Tier::Cold, 25));
+        // The same three rows shipped: the generation is later again.
+        points.push((db.ship(&r).await.1, Tier::Hot, 25));
+        db.commit(4);
+        points.push((db.cold(&r).await.1, Tier::Cold, 29));
+
+        let e = restore_at(&f, "p/d/t", Some(before)).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        assert!(
+            e.to_string().contains("no snapshot or WAL generation"),
+            "{e}"
+        );
+        for &(at, tier, rows) in &points {
+            let (t, n, _) = restore_at(&f, "p/d/t", Some(at)).await.unwrap();
+            assert_eq!((t, n), (tier, rows), "at {at}");
+        }
+        let (t, n, _) = restore_at(&f, "p/d/t", None).await.unwrap();
+        assert_eq!((t, n), (Tier::Cold, 29));
+    }
+);
+
+both_backends!(gap_fails_loudly_and_leaves_no_output, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    let (cold, _) = db.cold(&r).await;
+    db.commit(5);
+    db.gen_snapshot(&r).await;
+    db.commit(2);
+    let (_, after_first) = db.ship(&r).await;
+    db.commit(3);
+    let (middle, _) = db.ship(&r).await;
+    db.commit(4);
+    db.ship(&r).await;
+    r.delete(&generation::segment_path(
+        &r.prefix, "p/d/t", &db.gen, middle,
+    ))
+    .await
+    .unwrap();
+
+    let e = restore_at(&f, "p/d/t", None).await.unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!(
+            "{middle}.wal.lz4 (WAL 0 offset {}) is missing",
+            middle.offset
+        )),
+        "{msg}"
+    );
+    // Not silently replaced by the older cold snapshot, but named.
+    let cold_time = listed_time(&r, &cold).await;
+    let t = cold_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    assert!(msg.contains(&cold.to_string()), "{msg}");
+    assert!(msg.contains(&format!("--timestamp {t}")), "{msg}");
+
+    // Points before the gap restore; so does the cold snapshot at its time.
+    let (tier, rows, _) = restore_at(&f, "p/d/t", Some(after_first)).await.unwrap();
+    assert_eq!((tier, rows), (Tier::Hot, 17));
+    let (tier, rows, _) = restore_at(&f, "p/d/t", Some(cold_time)).await.unwrap();
+    assert_eq!((tier, rows), (Tier::Cold, 10));
+});
+
+both_backends!(damaged_generation_snapshot_fails, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    let (_, after_cold) = db.cold(&r).await;
+    db.commit(5);
+    db.gen_snapshot(&r).await;
+    let loc = db.gen_snapshot_path(&r, 0);
+    let mut obj = r.get_bytes(&loc).await.unwrap().unwrap().to_vec();
+    let n = obj.len();
+    obj[n - 1] ^= 0xff; // the LZ4 content checksum
+    r.put_bytes(&loc, obj).await.unwrap();
+
+    let e = restore_at(&f, "p/d/t", None).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("{loc}: not a valid LZ4 snapshot")),
+        "{msg}"
+    );
+    assert!(msg.contains("not falling back"), "{msg}");
+    let (tier, rows, _) = restore_at(&f, "p/d/t", Some(after_cold)).await.unwrap();
+    assert_eq!((tier, rows), (Tier::Cold, 10));
+});
+
+both_backends!(
+    damaged_cold_snapshot_falls_back_to_the_generation,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        db.commit(4);
+        db.cold(&r).await;
+        db.commit(6);
+        db.gen_snapshot(&r).await;
+        db.commit(5);
+        db.ship(&r).await;
+        db.commit(3);
+        let (cold, _) = db.cold(&r).await;
+        r.put_bytes(&cold, b"not an lz4 frame".to_vec())
+            .await
+            .unwrap();
+        // The newest cold snapshot is damaged; the next later state is the
+        // generation's (15 rows), not the older cold snapshot's (4 rows).
+        let (tier, rows, _) = restore_at(&f, "p/d/t", None).await.unwrap();
+        assert_eq!((tier, rows), (Tier::Hot, 15));
+    }
+);
+
+/// Records the tier of every restored database of a bulk restore.
+#[derive(Default)]
+struct Tiers(Mutex<Vec<(String, Option<Tier>)>>);
+
+impl BulkProgress for Tiers {
+    fn started(&self, _: usize) {}
+    fn finished(&self, item: &BulkItem) {
+        let tier = match &item.outcome {
+            BulkOutcome::Restored { tier, .. } => Some(*tier),
+            BulkOutcome::Failed(e) => panic!("{}: {e}", item.key),
+            _ => None,
+        };
+        self.0.lock().unwrap().push((item.key.clone(), tier));
+    }
+}
+
+impl Tiers {
+    fn sorted(&self) -> Vec<(String, Option<Tier>)> {
+        let mut v = self.0.lock().unwrap().clone();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+fn bulk(prefix: &str, dir: &Path, at: Option<DateTime<Utc>>) -> BulkOptions {
+    BulkOptions {
+        prefix: prefix.to_string(),
+        output_dir: dir.to_path_buf(),
+        timestamp: at,
+        concurrency: 2,
+        if_db_not_exists: false,
+        if_replica_exists: false,
+    }
+}
+
+both_backends!(bulk_restore_includes_generation_only_keys, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut cold = Db::new("p1/d/cold");
+    cold.commit(10);
+    cold.cold(&r).await;
+    let mut both = Db::new("p1/d/both");
+    both.commit(7);
+    both.cold(&r).await;
+    let mut other = Db::new("p2/d/other");
+    other.commit(1);
+    other.cold(&r).await;
+    let colds_only = mark().await;
+    let mut hot = Db::new("p1/d/hot");
+    hot.commit(20);
+    hot.gen_snapshot(&r).await;
+    hot.commit(5);
+    hot.ship(&r).await;
+    both.commit(3);
+    both.gen_snapshot(&r).await;
+    both.commit(2);
+    both.ship(&r).await;
+
+    let listed = list_databases(&r, Some("p1")).await.unwrap();
+    let summary: Vec<(&str, usize, Vec<&GenerationId>)> = listed
+        .iter()
+        .map(|(k, l)| {
+            (
+                k.as_str(),
+                l.snapshots.len(),
+                l.generations.iter().collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("p1/d/both", 1, vec![&both.gen]),
+            ("p1/d/cold", 1, vec![]),
+            ("p1/d/hot", 0, vec![&hot.gen]),
+        ]
+    );
+    let keys: Vec<String> = list(&r, None).await.unwrap().into_keys().collect();
+    assert_eq!(keys, ["p1/d/both", "p1/d/cold", "p1/d/hot", "p2/d/other"]);
+
+    let out = tempfile::tempdir().unwrap();
+    let tiers = Tiers::default();
+    let rep = restore_bulk(&r, &bulk("p1", &out.path().join("now"), None), &tiers)
+        .await
+        .unwrap();
+    assert_eq!((rep.databases, rep.restored, rep.restored_hot), (3, 3, 2));
+    assert!(rep.failed.is_empty(), "{:?}", rep.failed);
+    assert_eq!(
+        tiers.sorted(),
+        vec![
+            ("p1/d/both".to_string(), Some(Tier::Hot)),
+            ("p1/d/cold".to_string(), Some(Tier::Cold)),
+            ("p1/d/hot".to_string(), Some(Tier::Hot)),
+        ]
+    );
+    for (key, rows) in [("both", 12), ("cold", 10), ("hot", 25)] {
+        let p = out.path().join(format!("now/p1/d/{key}.db"));
+        assert_eq!(count_rows(&p), rows, "{key}");
+    }
+
+    // Before any generation existed: the cold snapshots, and the hot-only
+    // database has nothing yet.
+    let tiers = Tiers::default();
+    let dir = out.path().join("then");
+    let rep = restore_bulk(&r, &bulk("p1", &dir, Some(colds_only)), &tiers)
+        .await
+        .unwrap();
+    assert_eq!((rep.restored, rep.restored_hot, rep.skipped), (2, 0, 1));
+    assert_eq!(
+        tiers.sorted(),
+        vec![
+            ("p1/d/both".to_string(), Some(Tier::Cold)),
+            ("p1/d/cold".to_string(), Some(Tier::Cold)),
+            ("p1/d/hot".to_string(), None),
+        ]
+    );
+    assert_eq!(count_rows(&dir.join("p1/d/both.db")), 7);
+    assert!(!dir.join("p1/d/hot.db").exists());
+});
+
+both_backends!(cli_restore_names_the_tier, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(3);
+    db.cold(&r).await;
+    db.commit(4);
+    db.gen_snapshot(&r).await;
+    db.commit(5);
+    db.ship(&r).await;
+    let cfg = f.config_path().to_str().unwrap().to_string();
+    let out = f.work.path().join("out");
+    let o = tokio::task::spawn_blocking({
+        let (w, out) = (f.work.path().to_path_buf(), out.clone());
+        move || {
+            let one = out.join("one.db");
+            let dir = out.join("bulk");
+            (
+                litefleet(
+                    &w,
+                    &["-c", &cfg, "restore", "p/d/t", "-o", one.to_str().unwrap()],
+                ),
+                litefleet(
+                    &w,
+                    &[
+                        "-c",
+                        &cfg,
+                        "restore",
+                        "--prefix",
+                        "p",
+                        "-o",
+                        dir.to_str().unwrap(),
+                    ],
+                ),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let err = stderr(&o.0);
+    assert_eq!(o.0.status.code(), Some(0), "{err}");
+    assert!(err.contains("restored from the hot tier"), "{err}");
+    assert!(err.contains("tier=hot"), "{err}");
+    assert!(err.contains("+ 1 WAL segment"), "{err}");
+    assert_eq!(count_rows(&out.join("one.db")), 12);
+    let err = stderr(&o.1);
+    assert_eq!(o.1.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("restored 1, skipped 0, failed 0 (restored from the hot tier: 1, from cold snapshots: 0)"),
+        "{err}"
+    );
+    assert_eq!(count_rows(&out.join("bulk/p/d/t.db")), 12);
+});

@@ -231,6 +231,27 @@ pub fn parse_segment_name(name: &str) -> Option<Position> {
     (pos.offset >= WAL_HEADER_SIZE).then_some(pos)
 }
 
+/// A known object of a generation (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerationObject {
+    Snapshot(u64),
+    Segment(Position),
+    Metadata,
+}
+
+/// Parses a path relative to a generation directory (`snapshots/<name>`,
+/// `wal/<name>` or `metadata.json`); `None` for anything else.
+pub fn parse_generation_object(rel: &str) -> Option<GenerationObject> {
+    if rel == METADATA_FILE {
+        return Some(GenerationObject::Metadata);
+    }
+    match rel.split_once('/')? {
+        (SNAPSHOTS_DIR, name) => parse_snapshot_name(name).map(GenerationObject::Snapshot),
+        (WAL_DIR, name) => parse_segment_name(name).map(GenerationObject::Segment),
+        _ => None,
+    }
+}
+
 /// One snapshot as recorded in [`Metadata`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotEntry {

@@ -1,37 +1,108 @@
-//! Retention: delete snapshots older than the retention period, but never the
-//! newest snapshot of a database, however old it is.
+//! Retention: delete what only serves restore points older than the retention
+//! period, but never what the newest state of a database needs.
 //!
-//! A pass streams one listing of the replica prefix and keeps, per database,
-//! only the newest snapshot seen so far (a small map: one entry per database,
-//! dropped at the end of the pass). Everything else older than the cutoff is
-//! deleted in batches, so memory does not grow with the number of objects.
-//! Ages come from the names (`<stem>-YYYYMMDD-HH0000.db.lz4`), which sort and
-//! compare without a HEAD request per object.
+//! The cutoff is `now - retention`. A pass has two parts.
 //!
-//! Objects that are not snapshot names are never touched.
+//! **Cold snapshots** (`<key>/<stem>-YYYYMMDD-HH0000.db.lz4`): those older
+//! than the cutoff are deleted, but never the newest snapshot of a database,
+//! however old it is. Ages come from the names (the hour in the name), which
+//! sort and compare without a HEAD request per object.
+//!
+//! **Hot generations** (`<key>/generations/<gen>/...`, see
+//! [`crate::generation`]): a restore at `T` uses the newest generation with a
+//! snapshot uploaded at or before `T`, its newest such snapshot, and the
+//! segments from that snapshot's WAL index on. Retention keeps whatever a
+//! restore at any `T` at or after the cutoff could use, and deletes the rest:
+//!
+//! * Within a generation, let *base* be its newest snapshot uploaded at or
+//!   before the cutoff. Every restore at or after the cutoff that uses this
+//!   generation starts from *base* or a later snapshot, so snapshots with a
+//!   lower index than *base* and segments of WAL indexes below *base*'s are
+//!   deleted. *base* and everything after it stay. A generation without such
+//!   a snapshot loses nothing.
+//! * A generation other than the newest (the first id of
+//!   [`list_generation_ids`]) is deleted entirely, `metadata.json` included,
+//!   when its newest object was uploaded before the cutoff **and** a newer
+//!   generation has a snapshot uploaded at or before the cutoff. The second
+//!   condition is what makes this safe: from the cutoff on, restore always
+//!   finds that newer generation first (and keeps its *base*). Without it, a
+//!   database that was idle past the cutoff and only then started a new
+//!   generation would lose the restore points between the cutoff and the new
+//!   generation's first snapshot, and a newest generation without any
+//!   snapshot yet would leave nothing to restore.
+//! * The newest generation is therefore never deleted entirely: it keeps its
+//!   newest snapshot and every segment after it, however old they are.
+//! * `metadata.json` of a generation that stays is not rewritten, so it may
+//!   still list snapshots that were deleted; restore does not read it.
+//!
+//! Objects whose names do not parse (neither a cold snapshot name nor a
+//! generation's snapshot, segment or metadata) are never deleted; objects
+//! inside a generation directory are never treated as cold snapshots.
+//!
+//! Memory and requests per pass:
+//!
+//! * One streaming LIST of the whole replica prefix (one request per 1000
+//!   objects). It keeps the newest cold snapshot per database and the set of
+//!   keys that have generations: one small entry per database, dropped at the
+//!   end of the pass. Cold deletions are sent while listing.
+//! * Per key with generations: one LIST with delimiter for the generation ids.
+//! * Per generation: one streaming LIST of the generation directory, which
+//!   keeps a few counters only. A generation with something to delete gets a
+//!   second streaming LIST that deletes as it goes; the decision is a rule
+//!   (index below *base*, or the whole generation), not a list of names.
+//! * Deletions go out in batches of [`DELETE_BATCH`] (one DeleteObjects
+//!   request each on S3), so memory does not grow with the number of objects.
+//!   Up to [`KEY_CONCURRENCY`] keys are handled at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 
+use crate::generation::{
+    generation_dir, list_generation_ids, parse_generation_object, GenerationId, GenerationObject,
+    GENERATIONS_DIR,
+};
 use crate::layout::parse_snapshot_name;
+use crate::restore::check_key;
 use crate::storage::Replica;
 use crate::{Error, Result};
 
 /// Deletions are sent in batches of this size: S3's DeleteObjects limit.
 pub const DELETE_BATCH: usize = 1000;
+/// Keys whose generations are examined at the same time.
+pub const KEY_CONCURRENCY: usize = 8;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionReport {
-    /// Snapshot objects looked at.
+    /// Cold snapshot objects looked at.
     pub examined: usize,
-    /// Snapshot objects deleted.
+    /// Cold snapshot objects deleted.
     pub deleted: usize,
-    /// Databases whose newest snapshot is older than the cutoff and was kept.
+    /// Databases whose newest cold snapshot is older than the cutoff and was kept.
     pub kept_newest_expired: usize,
+    /// Keys that have a `generations/` directory.
+    pub generation_keys: usize,
+    /// Generations looked at.
+    pub generations: usize,
+    /// Generations deleted entirely (superseded before the cutoff).
+    pub generations_deleted: usize,
+    /// Generation snapshot objects deleted (in deleted generations too).
+    pub generation_snapshots_deleted: usize,
+    /// WAL segment objects deleted (in deleted generations too).
+    pub wal_deleted: usize,
+}
+
+impl RetentionReport {
+    /// Adds the generation counters of `other` (the cold ones stay).
+    fn add_hot(&mut self, other: RetentionReport) {
+        self.generations += other.generations;
+        self.generations_deleted += other.generations_deleted;
+        self.generation_snapshots_deleted += other.generation_snapshots_deleted;
+        self.wal_deleted += other.wal_deleted;
+    }
 }
 
 /// Enforces `retention` at time `now` over the whole replica.
@@ -41,11 +112,37 @@ pub async fn enforce(
     now: DateTime<Utc>,
 ) -> Result<RetentionReport> {
     let cutoff = now - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    let (mut report, keys) = enforce_cold(replica, cutoff).await?;
+    report.generation_keys = keys.len();
+    let hot = futures::stream::iter(keys)
+        .map(|key| enforce_key(replica, key, cutoff))
+        .buffer_unordered(KEY_CONCURRENCY)
+        .try_fold(RetentionReport::default(), |mut acc, r| async move {
+            acc.add_hot(r);
+            Ok(acc)
+        })
+        .await?;
+    report.add_hot(hot);
+    Ok(report)
+}
+
+/// The streaming pass: cold snapshots, and the keys that have generations.
+async fn enforce_cold(
+    replica: &Replica,
+    cutoff: DateTime<Utc>,
+) -> Result<(RetentionReport, BTreeSet<String>)> {
     let mut newest: HashMap<String, (DateTime<Utc>, ObjPath)> = HashMap::new();
-    let mut doomed: Vec<ObjPath> = Vec::new();
+    let mut keys: BTreeSet<String> = BTreeSet::new();
+    let mut deleter = Deleter::default();
     let mut report = RetentionReport::default();
     let mut listing = replica.list_all(&replica.prefix);
     while let Some(meta) = listing.try_next().await? {
+        if let Some(key) = relative(&meta.location, &replica.prefix).and_then(generation_key) {
+            if !keys.contains(key) {
+                keys.insert(key.to_string());
+            }
+            continue;
+        }
         let Some(name) = meta.location.filename() else {
             continue;
         };
@@ -73,32 +170,272 @@ pub async fn enforce(
         };
         if let Some((hour, loc)) = candidate {
             if hour < cutoff {
-                doomed.push(loc);
-                if doomed.len() >= DELETE_BATCH {
-                    report.deleted += delete_batch(replica, &mut doomed).await?;
-                }
+                deleter.push(replica, loc).await?;
+                report.deleted += 1;
             }
         }
     }
-    report.deleted += delete_batch(replica, &mut doomed).await?;
+    deleter.flush(replica).await?;
     report.kept_newest_expired = newest.values().filter(|(h, _)| *h < cutoff).count();
+    Ok((report, keys))
+}
+
+/// `path` relative to `dir` (`None` if it is not under `dir`).
+fn relative<'a>(path: &'a ObjPath, dir: &ObjPath) -> Option<&'a str> {
+    let (path, dir) = (path.as_ref(), dir.as_ref());
+    if dir.is_empty() {
+        return Some(path);
+    }
+    path.strip_prefix(dir)?.strip_prefix('/')
+}
+
+/// The key of `<key>/generations/<gen>/<more>` (relative to the replica
+/// prefix); `None` for any other object. The last such `generations` level
+/// wins, since nothing under a generation directory has one.
+fn generation_key(rel: &str) -> Option<&str> {
+    rel.rmatch_indices(GENERATIONS_DIR).find_map(|(i, _)| {
+        let key = rel[..i].strip_suffix('/')?;
+        let (gen, more) = rel[i + GENERATIONS_DIR.len()..]
+            .strip_prefix('/')?
+            .split_once('/')?;
+        (!key.is_empty() && !more.is_empty() && GenerationId::parse(gen).is_some()).then_some(key)
+    })
+}
+
+/// Applies the generation rules (module docs) to one key.
+async fn enforce_key(
+    replica: &Replica,
+    key: String,
+    cutoff: DateTime<Utc>,
+) -> Result<RetentionReport> {
+    if let Err(e) = check_key(&key) {
+        tracing::warn!(key, error = %e, "retention: skipping generations under an unusable key");
+        return Ok(RetentionReport::default());
+    }
+    let ids = list_generation_ids(replica, &key).await?;
+    let mut report = RetentionReport {
+        generations: ids.len(),
+        ..RetentionReport::default()
+    };
+    // Whether a newer generation has a snapshot uploaded at or before the
+    // cutoff: always false for the newest one, so it is never deleted whole.
+    let mut covered = false;
+    for id in &ids {
+        let dir = generation_dir(&replica.prefix, &key, id);
+        let scan = Scan::of(replica, &dir, cutoff).await?;
+        let rule = if covered && scan.newest.is_some_and(|t| t < cutoff) {
+            Some(Rule::Whole)
+        } else {
+            scan.base.map(Rule::Before)
+        };
+        covered |= scan.base.is_some();
+        let Some(rule) = rule.filter(|r| scan.would_delete(*r)) else {
+            continue;
+        };
+        let swept = sweep(replica, &dir, rule, cutoff).await?;
+        match rule {
+            Rule::Whole => tracing::info!(
+                key,
+                generation = %id,
+                snapshots = swept.generation_snapshots_deleted,
+                segments = swept.wal_deleted,
+                "retention: deleted a generation superseded before the cutoff"
+            ),
+            Rule::Before(base) => tracing::debug!(
+                key,
+                generation = %id,
+                base,
+                snapshots = swept.generation_snapshots_deleted,
+                segments = swept.wal_deleted,
+                "retention: deleted history before the snapshot at the cutoff"
+            ),
+        }
+        report.add_hot(swept);
+    }
     Ok(report)
 }
 
-async fn delete_batch(replica: &Replica, doomed: &mut Vec<ObjPath>) -> Result<usize> {
-    if doomed.is_empty() {
-        return Ok(0);
+/// What to delete from one generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    /// Every snapshot, segment and `metadata.json` uploaded before the cutoff.
+    Whole,
+    /// Snapshots and segments of WAL indexes below this snapshot index.
+    Before(u64),
+}
+
+/// What one listing of a generation found (a few counters, whatever its size).
+#[derive(Debug, Default)]
+struct Scan {
+    /// Upload time of its newest object, known or not.
+    newest: Option<DateTime<Utc>>,
+    /// Index of its newest snapshot uploaded at or before the cutoff.
+    base: Option<u64>,
+    /// Lowest snapshot index and lowest segment WAL index.
+    lowest_snapshot: Option<u64>,
+    lowest_segment: Option<u64>,
+    /// Snapshots, segments and `metadata.json` (what [`Rule::Whole`] deletes).
+    known: usize,
+}
+
+impl Scan {
+    async fn of(replica: &Replica, dir: &ObjPath, cutoff: DateTime<Utc>) -> Result<Scan> {
+        let mut scan = Scan::default();
+        let mut listing = replica.list_all(dir);
+        while let Some(meta) = listing.try_next().await? {
+            let up = meta.last_modified;
+            scan.newest = scan.newest.max(Some(up));
+            let Some(obj) = relative(&meta.location, dir).and_then(parse_generation_object) else {
+                continue;
+            };
+            scan.known += 1;
+            match obj {
+                GenerationObject::Snapshot(i) => {
+                    if up <= cutoff {
+                        scan.base = scan.base.max(Some(i));
+                    }
+                    scan.lowest_snapshot = Some(scan.lowest_snapshot.map_or(i, |l| l.min(i)));
+                }
+                GenerationObject::Segment(p) => {
+                    scan.lowest_segment =
+                        Some(scan.lowest_segment.map_or(p.index, |l| l.min(p.index)));
+                }
+                GenerationObject::Metadata => {}
+            }
+        }
+        Ok(scan)
     }
-    let paths: Vec<ObjPath> = std::mem::take(doomed);
-    let n = paths.len();
-    let input = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
-    let mut results = replica.store.delete_stream(input);
-    while let Some(r) = results.next().await {
-        match r {
-            Ok(_) => {}
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(Error::store("retention delete", e)),
+
+    fn would_delete(&self, rule: Rule) -> bool {
+        match rule {
+            Rule::Whole => self.known > 0,
+            Rule::Before(base) => [self.lowest_snapshot, self.lowest_segment]
+                .into_iter()
+                .flatten()
+                .any(|i| i < base),
         }
     }
-    Ok(n)
+}
+
+/// Lists the generation at `dir` again and deletes what `rule` covers.
+/// Deciding by rule rather than by names from the first listing keeps memory
+/// flat, and objects uploaded in between are safe: new snapshots and segments
+/// have indexes at or above the base, and [`Rule::Whole`] spares anything
+/// uploaded at or after the cutoff.
+async fn sweep(
+    replica: &Replica,
+    dir: &ObjPath,
+    rule: Rule,
+    cutoff: DateTime<Utc>,
+) -> Result<RetentionReport> {
+    let mut report = RetentionReport::default();
+    let mut deleter = Deleter::default();
+    let mut listing = replica.list_all(dir);
+    while let Some(meta) = listing.try_next().await? {
+        let Some(obj) = relative(&meta.location, dir).and_then(parse_generation_object) else {
+            continue;
+        };
+        let doomed = match (rule, obj) {
+            (Rule::Whole, _) => meta.last_modified < cutoff,
+            (Rule::Before(base), GenerationObject::Snapshot(i)) => i < base,
+            (Rule::Before(base), GenerationObject::Segment(p)) => p.index < base,
+            (Rule::Before(_), GenerationObject::Metadata) => false,
+        };
+        if !doomed {
+            continue;
+        }
+        match obj {
+            GenerationObject::Snapshot(_) => report.generation_snapshots_deleted += 1,
+            GenerationObject::Segment(_) => report.wal_deleted += 1,
+            GenerationObject::Metadata => {}
+        }
+        deleter.push(replica, meta.location).await?;
+    }
+    deleter.flush(replica).await?;
+    if rule == Rule::Whole {
+        report.generations_deleted = 1;
+    }
+    Ok(report)
+}
+
+/// Paths waiting to be deleted, sent in batches of [`DELETE_BATCH`].
+#[derive(Default)]
+struct Deleter {
+    doomed: Vec<ObjPath>,
+}
+
+impl Deleter {
+    async fn push(&mut self, replica: &Replica, location: ObjPath) -> Result<()> {
+        self.doomed.push(location);
+        if self.doomed.len() >= DELETE_BATCH {
+            self.flush(replica).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes everything pending (a missing object counts as deleted).
+    async fn flush(&mut self, replica: &Replica) -> Result<()> {
+        if self.doomed.is_empty() {
+            return Ok(());
+        }
+        let paths: Vec<ObjPath> = std::mem::take(&mut self.doomed);
+        let input = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
+        let mut results = replica.store.delete_stream(input);
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::store("retention delete", e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_key_finds_the_key() {
+        let g = "fffffe6b2f5c7e1f0123abcd";
+        let cases = [
+            (format!("p/d/t/generations/{g}/wal/x"), Some("p/d/t")),
+            (format!("k/generations/{g}/metadata.json"), Some("k")),
+            (format!("k/generations/{g}/anything"), Some("k")),
+            // A key may itself contain a `generations` level.
+            (
+                format!("a/generations/b/generations/{g}/x"),
+                Some("a/generations/b"),
+            ),
+            (format!("generations/{g}/metadata.json"), None),
+            (format!("k/generations/{g}"), None),
+            ("k/generations/not-a-generation/x".into(), None),
+            ("k/oldgenerations/fffffe6b2f5c7e1f0123abcd/x".into(), None),
+            ("k/t-20260101-000000.db.lz4".into(), None),
+        ];
+        for (rel, want) in cases {
+            assert_eq!(generation_key(&rel), want, "{rel}");
+        }
+        let p = ObjPath::from("fleet/k/x");
+        assert_eq!(relative(&p, &ObjPath::from("fleet")), Some("k/x"));
+        assert_eq!(relative(&p, &ObjPath::from("fle")), None);
+        assert_eq!(relative(&p, &ObjPath::default()), Some("fleet/k/x"));
+    }
+
+    #[test]
+    fn scan_decides_what_to_delete() {
+        let scan = Scan {
+            base: Some(2),
+            lowest_snapshot: Some(2),
+            lowest_segment: Some(1),
+            known: 4,
+            ..Scan::default()
+        };
+        assert!(scan.would_delete(Rule::Before(2)));
+        assert!(!scan.would_delete(Rule::Before(1)));
+        assert!(scan.would_delete(Rule::Whole));
+        let empty = Scan::default();
+        assert!(!empty.would_delete(Rule::Whole) && !empty.would_delete(Rule::Before(9)));
+    }
 }

@@ -199,18 +199,7 @@ both_backends!(retention_deletes_old_and_keeps_newest, |b| async move {
     let replica = f.replica();
     let now = Utc::now();
     let days = |d: i64| now - chrono::Duration::days(d);
-    let put = |key: &'static str, stem: &'static str, t: chrono::DateTime<Utc>| {
-        let loc = layout::snapshot_path(&replica.prefix, key, stem, t);
-        let store = replica.store.clone();
-        async move {
-            use object_store::ObjectStoreExt;
-            store
-                .put(&loc, bytes::Bytes::from_static(b"x").into())
-                .await
-                .unwrap();
-            loc.to_string()
-        }
-    };
+    let put = |key, stem, t| f.put_cold_snapshot(key, stem, t);
     let a_old1 = put("p/d/a", "a", days(40)).await;
     let a_old2 = put("p/d/a", "a", days(35)).await;
     let a_new = put("p/d/a", "a", days(1)).await;

@@ -171,6 +171,24 @@ impl Fleet {
         }
     }
 
+    /// Puts a placeholder cold snapshot of `key`/`stem` taken at `taken`;
+    /// returns its object key.
+    pub async fn put_cold_snapshot(
+        &self,
+        key: &str,
+        stem: &str,
+        taken: chrono::DateTime<chrono::Utc>,
+    ) -> String {
+        use object_store::ObjectStoreExt;
+        let r = self.replica();
+        let loc = litefleet::layout::snapshot_path(&r.prefix, key, stem, taken);
+        r.store
+            .put(&loc, bytes::Bytes::from_static(b"x").into())
+            .await
+            .unwrap();
+        loc.to_string()
+    }
+
     pub async fn objects(&self) -> Vec<String> {
         use futures::TryStreamExt;
         let r = self.replica();

@@ -25,10 +25,17 @@
 //!   of the `<db>-YYYYMMDD-HH0000.db.lz4` snapshot names.
 //! * [`storage`]: builds the `object_store` client for `s3://` and `file://`
 //!   replicas and does streaming uploads and downloads.
+//! * [`tier`]: which databases are hot (written within `hot-duration`, at
+//!   most `max-hot-databases`, most recent wins) and when they go cold again
+//!   (`cold-after`). Pure bookkeeping on ids and instants, no I/O.
+//! * [`ship`]: WAL streaming of one hot database: a held read transaction,
+//!   committed frames every `sync-interval`, our own checkpoints, a new
+//!   generation whenever continuity is lost.
 //! * [`scheduler`]: the replicate loop: scan, pick changed databases, upload
-//!   with bounded concurrency, retry failures next cycle, shut down gracefully.
-//! * [`retention`]: deletes snapshots older than the retention period, always
-//!   keeping the newest snapshot of each database.
+//!   with bounded concurrency, retry failures next cycle, start and stop the
+//!   hot tier's streams, shut down gracefully.
+//! * [`retention`]: deletes snapshots and generations older than the
+//!   retention period, always keeping what restores the newest state.
 //! * [`wal`]: the SQLite WAL file format for the hot tier: header and
 //!   checksum validation, reading only committed frames from a position, noticing
 //!   when the WAL was restarted under us, and replaying frames onto a database.

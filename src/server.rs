@@ -54,6 +54,13 @@ pub struct StatsView {
     pub last_scan_age_seconds: Option<u64>,
     pub oldest_pending_age_seconds: Option<u64>,
     pub retention_deleted: u64,
+    pub hot_promotions: u64,
+    pub hot_demotions: u64,
+    pub wal_segments: u64,
+    pub wal_bytes: u64,
+    pub generations: u64,
+    pub checkpoints: u64,
+    pub hot_errors: u64,
     pub healthy: bool,
 }
 
@@ -85,6 +92,13 @@ impl StatsView {
             last_scan_age_seconds: age(last_scan),
             oldest_pending_age_seconds: age(oldest),
             retention_deleted: stats.retention_deleted.load(Relaxed),
+            hot_promotions: stats.hot_promotions.load(Relaxed),
+            hot_demotions: stats.hot_demotions.load(Relaxed),
+            wal_segments: stats.wal_segments.load(Relaxed),
+            wal_bytes: stats.wal_bytes.load(Relaxed),
+            generations: stats.generations.load(Relaxed),
+            checkpoints: stats.checkpoints.load(Relaxed),
+            hot_errors: stats.hot_errors.load(Relaxed),
             healthy: now.saturating_sub(since) <= limit,
         }
     }
@@ -152,6 +166,45 @@ impl StatsView {
             "counter",
             "Objects deleted by retention.",
             &[("", f(self.retention_deleted))],
+        );
+        metric(
+            "litefleet_tier_changes_total",
+            "counter",
+            "Hot-tier promotions and demotions.",
+            &[
+                ("{to=\"hot\"}", f(self.hot_promotions)),
+                ("{to=\"cold\"}", f(self.hot_demotions)),
+            ],
+        );
+        metric(
+            "litefleet_wal_segments_total",
+            "counter",
+            "WAL segments shipped by the hot tier.",
+            &[("", f(self.wal_segments))],
+        );
+        metric(
+            "litefleet_wal_bytes_total",
+            "counter",
+            "Uncompressed WAL bytes shipped by the hot tier.",
+            &[("", f(self.wal_bytes))],
+        );
+        metric(
+            "litefleet_generations_total",
+            "counter",
+            "WAL generations started (each with a snapshot).",
+            &[("", f(self.generations))],
+        );
+        metric(
+            "litefleet_checkpoints_total",
+            "counter",
+            "Checkpoints run by the hot tier.",
+            &[("", f(self.checkpoints))],
+        );
+        metric(
+            "litefleet_hot_errors_total",
+            "counter",
+            "Failed hot-tier syncs (retried every sync interval).",
+            &[("", f(self.hot_errors))],
         );
         metric(
             "litefleet_healthy",
@@ -261,6 +314,8 @@ mod tests {
         s.pending.store(3, Relaxed);
         s.oldest_pending_unix.store(90, Relaxed);
         s.uploads_ok.store(12, Relaxed);
+        s.hot_promotions.store(4, Relaxed);
+        s.wal_segments.store(30, Relaxed);
         let v = StatsView::read(&s, Duration::from_secs(15), 100);
         assert_eq!((v.hot, v.cold, v.pending), (7, 99_993, 3));
         assert_eq!(v.oldest_pending_age_seconds, Some(10));
@@ -269,8 +324,10 @@ mod tests {
         assert!(text.contains("litefleet_databases{tier=\"cold\"} 99993\n"));
         assert!(text.contains("litefleet_uploads_total{result=\"ok\"} 12\n"));
         assert!(text.contains("litefleet_oldest_pending_age_seconds 10\n"));
+        assert!(text.contains("litefleet_tier_changes_total{to=\"hot\"} 4\n"));
+        assert!(text.contains("litefleet_wal_segments_total 30\n"));
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 11);
+        assert_eq!(samples, 18);
     }
 }

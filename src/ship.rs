@@ -533,13 +533,16 @@ impl Shipper {
     }
 }
 
-/// One event per uploaded segment, for the lag benchmark.
+/// One event per uploaded snapshot or segment, for the lag benchmark and
+/// tests that wait for a sync instead of sleeping.
 #[derive(Debug, Clone, Copy)]
 pub struct ShipEvent {
     /// The `tag` passed to [`stream`].
     pub tag: u64,
-    /// Commit frames (transactions) in the segment.
+    /// Commit frames (transactions) in the segment; 0 for a snapshot.
     pub commits: u64,
+    /// A generation snapshot (rather than a WAL segment) was uploaded.
+    pub snapshot: bool,
     pub at: std::time::Instant,
 }
 
@@ -701,6 +704,7 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
     let Some(gen) = s.generation.clone() else {
         return Ok(());
     };
+    let mut snapshot_shipped = false;
     if let Some(copy) = s.snapshot.take() {
         let r = {
             let _permit = ctx.permits.acquire().await;
@@ -716,6 +720,7 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
                     m.snapshots.push(entry);
                 }
                 s.meta_dirty = true;
+                snapshot_shipped = true;
             }
             Err(e) => {
                 ctx.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
@@ -740,6 +745,7 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
                     let _ = tx.send(ShipEvent {
                         tag,
                         commits: commit_frames(&bytes, page_size),
+                        snapshot: false,
                         at: std::time::Instant::now(),
                     });
                 }
@@ -761,6 +767,15 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
             generation::write_metadata(&ctx.replica, &s.key, m).await?;
         }
         s.meta_dirty = false;
+    }
+    // After the metadata: a restore that sees the event sees the generation.
+    if let (true, Some(tx)) = (snapshot_shipped, &ctx.events) {
+        let _ = tx.send(ShipEvent {
+            tag,
+            commits: 0,
+            snapshot: true,
+            at: std::time::Instant::now(),
+        });
     }
     Ok(())
 }

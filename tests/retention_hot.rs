@@ -71,6 +71,7 @@ impl<'a> Names<'a> {
             first: Position::start(0),
             last: Position::start(0),
             snapshots: vec![],
+            wal_ends: vec![],
         };
         generation::write_metadata(self.r, KEY, &meta)
             .await

@@ -185,6 +185,21 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Commit-to-replica lag of the hot tier (WAL streaming), one commit per second per database.
+    Lag {
+        /// Hot databases (each streamed by its own task).
+        #[arg(long, default_value_t = 1000)]
+        hot: usize,
+        /// How long writers run (seconds, or humantime: 20s, 2m).
+        #[arg(long, default_value = "20s", value_parser = parse_secs)]
+        duration: std::time::Duration,
+        /// The shipper's sync interval (seconds, or humantime: 1s, 500ms).
+        #[arg(long, default_value = "1s", value_parser = parse_secs)]
+        sync_interval: std::time::Duration,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Random writers and injected store faults, then restore everything and compare.
     Soak {
         #[arg(long, default_value_t = 10_000)]
@@ -199,6 +214,15 @@ pub enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// A duration: plain seconds (`20`, `0.5`) or humantime (`20s`, `500ms`).
+fn parse_secs(s: &str) -> std::result::Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 0.0 => Ok(std::time::Duration::from_secs_f64(f)),
+        Ok(_) => Err(format!("invalid duration {s:?}")),
+        Err(_) => humantime::parse_duration(s).map_err(|e| e.to_string()),
+    }
 }
 
 fn print_listing(
@@ -296,6 +320,17 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Replicate { once } => {
             let loaded = Loaded::from_file(&cli.config)?;
+            // Each hot database holds ~5 descriptors: 1000 of them exceed the
+            // common soft limit of 1024, never the hard one.
+            let nofile = bench::raise_nofile_limit();
+            let hot = loaded.multi_db().max_hot_databases as u64;
+            if let Some(n) = nofile.filter(|&n| n < hot * 6 + 256) {
+                tracing::warn!(
+                    limit = n,
+                    max_hot_databases = hot,
+                    "open file limit may be too low for the hot tier; raise `ulimit -n`"
+                );
+            }
             let token = CancellationToken::new();
             install_signals(token.clone());
             let addr = loaded.config.addr;
@@ -501,6 +536,66 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                 ))
             }
+        }
+        Command::Bench(BenchCommand::Lag {
+            hot,
+            duration,
+            sync_interval,
+            json,
+        }) => {
+            if sync_interval.is_zero() {
+                return Err(Error::invalid("bench lag --sync-interval", "must be > 0"));
+            }
+            let nofile = bench::raise_nofile_limit();
+            tracing::debug!(?nofile, "open file limit");
+            let r = bench::lag(bench::LagOptions {
+                hot,
+                duration,
+                sync_interval,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                let row = |label: &str, value: String| println!("{label:<34}{value}");
+                row("hot databases", r.databases.to_string());
+                row(
+                    "duration / sync interval",
+                    format!("{:.0}s / {}s", r.duration_s, r.sync_interval_s),
+                );
+                row(
+                    "initial snapshots",
+                    format!("{:.1} s", r.initial_snapshots_s),
+                );
+                row(
+                    "commits (shipped)",
+                    format!(
+                        "{} ({}, {} unmatched, {} write errors)",
+                        r.commits, r.shipped, r.unmatched, r.write_errors
+                    ),
+                );
+                row(
+                    "lag median / p90 / p99 / max",
+                    format!(
+                        "{:.3} / {:.3} / {:.3} / {:.3} s",
+                        r.lag_median_s, r.lag_p90_s, r.lag_p99_s, r.lag_max_s
+                    ),
+                );
+                row(
+                    "checkpoints / new generations",
+                    format!("{} / {}", r.checkpoints, r.extra_snapshots),
+                );
+                row("sync errors", r.hot_errors.to_string());
+                row(
+                    "open fds (steady state)",
+                    r.open_fds.map_or("(unknown)".into(), |n| n.to_string()),
+                );
+                row(
+                    "RSS (steady state / peak)",
+                    format!("{:.1} / {:.1} MiB", r.rss_mib, r.peak_rss_mib),
+                );
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Scan {
             databases,

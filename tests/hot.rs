@@ -318,3 +318,65 @@ fn wal_reset_behind_our_back_is_lost_continuity() {
         }
     }
 }
+
+/// Polls `done` every 20 ms until it holds, failing after [`EVENT_TIMEOUT`].
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut done: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+both_backends!(replicator_promotes_a_written_database, |b| async move {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut f = Fleet::with_yaml(
+        b,
+        "  hot-duration: 1h\n  cold-after: 1h\n  sync-interval: 50ms\n",
+    )
+    .await;
+    f.scan_interval = "100ms";
+    let path = f.db_path("p", "d", "a");
+    let key = Fleet::key("p", "d", "a");
+    let w = create_db(&path, 1);
+    let rep = Arc::new(f.replicator());
+    let stats = rep.stats();
+    let token = CancellationToken::new();
+    let run = tokio::spawn(rep.clone().run(false, token.clone()));
+    eventually("the first cold upload", || async {
+        stats.uploads_ok.load(Relaxed) >= 1
+    })
+    .await;
+    // A write seen by a scan promotes it: it streams instead of snapshotting.
+    insert_rows(&w, 5);
+    eventually("promotion", || async { stats.hot.load(Relaxed) == 1 }).await;
+    insert_rows(&w, 5);
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("a.db");
+    let restores = |rows: i64| {
+        let (f, key, o) = (&f, &key, &o);
+        async move {
+            let _ = std::fs::remove_file(o);
+            match f.restore(key, o, None).await {
+                Ok(RestoreOutcome::Restored {
+                    tier: Tier::Hot, ..
+                }) => count_rows(o) == rows,
+                _ => false,
+            }
+        }
+    };
+    eventually("11 rows in the hot tier", || restores(11)).await;
+    assert_eq!(stats.hot_promotions.load(Relaxed), 1);
+    assert!(stats.wal_segments.load(Relaxed) >= 1);
+    // Graceful shutdown ships the last writes of hot databases.
+    insert_rows(&w, 4);
+    token.cancel();
+    run.await.unwrap().unwrap();
+    assert!(restores(15).await, "last writes shipped at shutdown");
+});

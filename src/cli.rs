@@ -225,22 +225,35 @@ fn parse_secs(s: &str) -> std::result::Result<std::time::Duration, String> {
     }
 }
 
+/// One line per database: its cold snapshots and hot-tier generations (a
+/// database that only ever streamed has no cold snapshot).
 fn print_listing(
     out: &mut impl std::io::Write,
-    dbs: &std::collections::BTreeMap<String, Vec<restore::SnapshotInfo>>,
+    dbs: &std::collections::BTreeMap<String, restore::KeyListing>,
     snapshots: bool,
 ) -> std::io::Result<()> {
-    for (key, snaps) in dbs {
-        let Some(newest) = snaps.last() else { continue };
-        writeln!(
-            out,
-            "{key}\t{} snapshot(s)\tnewest {}\t{} bytes",
-            snaps.len(),
-            newest.hour.format("%Y-%m-%dT%H:%M:%SZ"),
-            newest.size
-        )?;
+    for (key, l) in dbs {
+        let cold = match l.snapshots.last() {
+            Some(newest) => format!(
+                "{} snapshot(s)\tnewest {}\t{} bytes",
+                l.snapshots.len(),
+                newest.hour.format("%Y-%m-%dT%H:%M:%SZ"),
+                newest.size
+            ),
+            None => "0 snapshot(s)".to_string(),
+        };
+        let hot = match l.generations.first() {
+            Some(g) => format!(
+                "\t{} generation(s)\tnewest {} created {}",
+                l.generations.len(),
+                g,
+                g.created().format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+            None => String::new(),
+        };
+        writeln!(out, "{key}\t{cold}{hot}")?;
         if snapshots {
-            for s in snaps {
+            for s in &l.snapshots {
                 writeln!(
                     out,
                     "  {}\t{} bytes\tuploaded {}",
@@ -434,7 +447,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::List { prefix, snapshots } => {
             let loaded = Loaded::from_file(&cli.config)?;
             let replica = Replica::for_config(&loaded)?;
-            let dbs = restore::list(&replica, prefix.as_deref()).await?;
+            let dbs = restore::list_databases(&replica, prefix.as_deref()).await?;
             let mut out = std::io::stdout().lock();
             // A closed pipe (`litefleet list | head`) just ends the listing.
             let _ = print_listing(&mut out, &dbs, snapshots);

@@ -512,9 +512,10 @@ impl Replicator {
             chrono::Utc::now(),
         )
         .await?;
-        self.stats
-            .retention_deleted
-            .fetch_add(r.deleted as u64, Ordering::Relaxed);
+        self.stats.retention_deleted.fetch_add(
+            (r.deleted + r.generation_snapshots_deleted + r.wal_deleted) as u64,
+            Ordering::Relaxed,
+        );
         Ok(r)
     }
 
@@ -581,8 +582,15 @@ impl Replicator {
 
 fn log_retention(r: Result<retention::RetentionReport>) {
     match r {
-        Ok(r) if r.deleted > 0 => {
-            tracing::info!(deleted = r.deleted, examined = r.examined, "retention pass")
+        Ok(r) if r.deleted + r.generation_snapshots_deleted + r.wal_deleted > 0 => {
+            tracing::info!(
+                deleted = r.deleted,
+                examined = r.examined,
+                generations_deleted = r.generations_deleted,
+                generation_snapshots_deleted = r.generation_snapshots_deleted,
+                wal_deleted = r.wal_deleted,
+                "retention pass"
+            )
         }
         Ok(r) => tracing::debug!(examined = r.examined, "retention pass: nothing to delete"),
         Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry next interval"),

@@ -406,8 +406,10 @@ impl Shipper {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(&self.wal, e)),
         };
-        // At most two rounds: a restart at the tip moves to the next WAL once.
-        for _ in 0..2 {
+        // At most three rounds: a restart at the tip moves to the next WAL
+        // once (Reading -> Awaiting), its header starts a cursor (-> Reading)
+        // and the frames already in it are read in the same sync.
+        for _ in 0..3 {
             match self.state {
                 WalState::Awaiting { index } => {
                     let Some(f) = &file else {

@@ -319,6 +319,34 @@ fn wal_reset_behind_our_back_is_lost_continuity() {
     }
 }
 
+/// A restart we caused ourselves (our TRUNCATE, at the tip of what we
+/// shipped) continues the generation in the next WAL index, and the frames
+/// already written there are read by the same sync.
+#[test]
+fn restart_at_the_tip_continues_in_the_next_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let w = create_db(&path, 3);
+    let mut s = Shipper::open(&path, "k").unwrap();
+    s.begin_generation(dir.path()).unwrap();
+    s.take_pending().expect("the frames already in the WAL");
+    insert_rows(&w, 2);
+    assert_eq!(s.read().unwrap(), Step::Frames);
+    assert_eq!(s.take_pending().expect("frames").0.index, 0);
+    let cfg = ShipConfig {
+        sync_interval: Duration::from_secs(1),
+        checkpoint_pages: 1,
+        truncate_pages: 1,
+    };
+    let report = s.advance(&cfg).unwrap().expect("a checkpoint");
+    assert!(report.truncated, "{report:?}");
+    insert_rows(&w, 2);
+    assert_eq!(s.read().unwrap(), Step::Frames);
+    let (pos, bytes) = s.take_pending().expect("frames");
+    assert_eq!((pos.index, pos.offset), (1, 32));
+    assert!(!bytes.is_empty());
+}
+
 /// Polls `done` every 20 ms until it holds, failing after [`EVENT_TIMEOUT`].
 async fn eventually<F: std::future::Future<Output = bool>>(
     what: &str,

@@ -9,13 +9,13 @@
 
 mod common;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::fleet::{count_rows, Fleet};
+use common::generations::GenWriter;
 use common::{litefleet, stderr};
 use litefleet::generation::{self, GenerationId};
 use litefleet::restore::{
@@ -23,7 +23,7 @@ use litefleet::restore::{
     RestoreOutcome, Tier,
 };
 use litefleet::storage::Replica;
-use litefleet::wal::{self, Position, ReadOutcome, WalCursor};
+use litefleet::wal::Position;
 use litefleet::{layout, snapshot, Error};
 use object_store::path::Path as ObjPath;
 use rusqlite::Connection;
@@ -41,37 +41,34 @@ async fn mark() -> DateTime<Utc> {
     t
 }
 
-/// A WAL-mode database whose history is uploaded to both tiers by hand.
+/// A WAL-mode database whose history is uploaded to both tiers by hand:
+/// its generation through [`GenWriter`], cold snapshots beside it.
 struct Db {
-    key: String,
+    w: GenWriter,
     dir: TempDir,
-    conn: Connection,
-    rows: i64,
-    /// WAL index of the next generation snapshot.
-    index: u64,
-    cursor: Option<WalCursor>,
-    gen: GenerationId,
     /// Cold snapshots taken so far (each is named one hour later).
     colds: i64,
+}
+
+impl std::ops::Deref for Db {
+    type Target = GenWriter;
+    fn deref(&self) -> &GenWriter {
+        &self.w
+    }
+}
+
+impl std::ops::DerefMut for Db {
+    fn deref_mut(&mut self) -> &mut GenWriter {
+        &mut self.w
+    }
 }
 
 impl Db {
     fn new(key: &str) -> Db {
         let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open(dir.path().join("db.db")).unwrap();
-        conn.pragma_update(None, "page_size", 1024).unwrap();
-        conn.pragma_update(None, "journal_mode", "wal").unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-            .unwrap();
         Db {
-            key: key.to_string(),
+            w: GenWriter::create(dir.path().join("db.db"), key, 200),
             dir,
-            conn,
-            rows: 0,
-            index: 0,
-            cursor: None,
-            gen: generation::new_generation_id(Utc::now()),
             colds: 0,
         }
     }
@@ -80,31 +77,11 @@ impl Db {
         self.dir.path().join("db.db")
     }
 
-    /// One transaction of `n` rows (ids stay 1..=rows).
-    fn commit(&mut self, n: i64) {
-        let tx = self.conn.unchecked_transaction().unwrap();
-        for _ in 0..n {
-            self.rows += 1;
-            tx.execute(
-                "INSERT INTO t(id, v) VALUES (?1, ?2)",
-                rusqlite::params![self.rows, format!("{:>200}", self.rows)],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
-    }
-
     /// TRUNCATE-checkpoints (everything committed so far moves into the
     /// database file) and uploads the file as the generation's next snapshot.
     async fn gen_snapshot(&mut self, r: &Replica) -> DateTime<Utc> {
-        let busy: i64 = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(busy, 0);
-        if self.cursor.take().is_some() {
-            self.index += 1;
-        }
+        let shipped = self.cursor.is_some();
+        self.w.checkpoint(shipped);
         let copy = self.dir.path().join("copy.db");
         std::fs::copy(self.path(), &copy).unwrap();
         generation::upload_snapshot(r, &self.key, &self.gen, self.index, &copy, self.dir.path())
@@ -115,23 +92,8 @@ impl Db {
 
     /// Ships every committed frame not shipped yet as one segment.
     async fn ship(&mut self, r: &Replica) -> (Position, DateTime<Utc>) {
-        let wp = PathBuf::from(format!("{}-wal", self.path().display()));
-        let f = File::open(&wp).unwrap();
-        let cur = match self.cursor {
-            Some(c) => c,
-            None => WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap()),
-        };
-        let ReadOutcome::Frames { bytes, next, .. } =
-            wal::read_committed(&f, &wp, &cur, u64::MAX).unwrap()
-        else {
-            panic!("WAL continuity lost")
-        };
-        let end = generation::upload_segment(r, &self.key, &self.gen, cur.pos, &bytes)
-            .await
-            .unwrap();
-        assert_eq!(end, next.pos);
-        self.cursor = Some(next);
-        (cur.pos, mark().await)
+        let pos = self.w.ship(r).await;
+        (pos, mark().await)
     }
 
     /// Uploads a consistent copy (uncheckpointed WAL frames included) as a

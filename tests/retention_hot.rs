@@ -3,19 +3,18 @@
 
 mod common;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::fleet::Fleet;
+use common::generations::GenWriter;
 use futures::TryStreamExt;
 use litefleet::generation::{self, GenerationId, Metadata};
 use litefleet::retention::{enforce, RetentionReport};
 use litefleet::storage::Replica;
-use litefleet::wal::{self, Position, ReadOutcome, WalCursor};
+use litefleet::wal::Position;
 use object_store::ObjectStoreExt;
-use rusqlite::Connection;
 
 const KEY: &str = "p/d/a";
 const MONTH: Duration = Duration::from_secs(30 * 86400);
@@ -325,87 +324,32 @@ both_backends!(
     }
 );
 
-/// Ships a real WAL-mode database into one generation, the way the shipper
-/// will: snapshots after TRUNCATE checkpoints, committed frames as segments.
+/// Ships a real WAL-mode database into one generation ([`GenWriter`]) and
+/// uploads its snapshots after TRUNCATE checkpoints.
 struct Writer {
-    db: PathBuf,
+    w: GenWriter,
     tmp: PathBuf,
-    conn: Connection,
-    rows: i64,
-    index: u64,
-    cursor: Option<WalCursor>,
-    gen: GenerationId,
+}
+
+impl std::ops::Deref for Writer {
+    type Target = GenWriter;
+    fn deref(&self) -> &GenWriter {
+        &self.w
+    }
+}
+
+impl std::ops::DerefMut for Writer {
+    fn deref_mut(&mut self) -> &mut GenWriter {
+        &mut self.w
+    }
 }
 
 impl Writer {
     fn new(dir: &Path) -> Writer {
-        let db = dir.join("app.db");
-        let conn = Connection::open(&db).unwrap();
-        conn.pragma_update(None, "page_size", 1024).unwrap();
-        conn.pragma_update(None, "journal_mode", "wal").unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-            .unwrap();
         Writer {
-            db,
+            w: GenWriter::create(dir.join("app.db"), KEY, 300),
             tmp: dir.to_path_buf(),
-            conn,
-            rows: 0,
-            index: 0,
-            cursor: None,
-            gen: generation::new_generation_id(Utc::now()),
         }
-    }
-
-    fn commit(&mut self, n: i64) {
-        let tx = self.conn.unchecked_transaction().unwrap();
-        for _ in 0..n {
-            self.rows += 1;
-            tx.execute(
-                "INSERT INTO t(id, v) VALUES (?1, ?2)",
-                rusqlite::params![self.rows, format!("{:>300}", self.rows)],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
-    }
-
-    /// Ships everything committed as one segment.
-    async fn ship(&mut self, r: &Replica) -> Position {
-        let wp = PathBuf::from(format!("{}-wal", self.db.display()));
-        let file = File::open(&wp).unwrap();
-        let cur = match self.cursor {
-            Some(c) => c,
-            None => {
-                WalCursor::at_start(self.index, &wal::read_header(&file, &wp).unwrap().unwrap())
-            }
-        };
-        let ReadOutcome::Frames { bytes, next, .. } =
-            wal::read_committed(&file, &wp, &cur, u64::MAX).unwrap()
-        else {
-            panic!("continuity lost")
-        };
-        let end = generation::upload_segment(r, KEY, &self.gen, cur.pos, &bytes)
-            .await
-            .unwrap();
-        assert_eq!(end, next.pos);
-        self.cursor = Some(next);
-        cur.pos
-    }
-
-    /// TRUNCATE checkpoint (everything was shipped): the database file holds
-    /// every commit, and SQLite starts a new WAL with the next one, numbered
-    /// `index + 1` if `new_wal` (`false` only before the first WAL is shipped).
-    fn checkpoint(&mut self, new_wal: bool) {
-        let busy: i64 = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(busy, 0);
-        if new_wal {
-            self.index += 1;
-        }
-        self.cursor = None;
     }
 
     /// Uploads the database file as the snapshot of the current WAL index;

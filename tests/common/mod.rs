@@ -2,6 +2,7 @@
 //! Shared test support: an in-process S3 server and a tree of databases.
 
 pub mod fleet;
+pub mod generations;
 pub mod s3;
 
 use std::path::Path;

@@ -1,0 +1,102 @@
+//! A real WAL-mode database shipped into one generation by hand, the way the
+//! shipper does it (committed frames as segments, a new WAL index after a
+//! TRUNCATE checkpoint), for tests that need a precise generation history
+//! without a running stream.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use chrono::Utc;
+use litefleet::generation::{self, GenerationId};
+use litefleet::storage::Replica;
+use litefleet::wal::{self, Position, ReadOutcome, WalCursor};
+use rusqlite::Connection;
+
+pub struct GenWriter {
+    pub db: PathBuf,
+    pub key: String,
+    pub conn: Connection,
+    /// Rows committed; ids are 1..=rows.
+    pub rows: i64,
+    /// WAL index of the current (or next) WAL.
+    pub index: u64,
+    /// Where the next segment starts; `None` before the current WAL's first.
+    pub cursor: Option<WalCursor>,
+    pub gen: GenerationId,
+    /// Width of each row's text value (pads pages to the size a test needs).
+    row_width: usize,
+}
+
+impl GenWriter {
+    /// Creates `db` (1 KiB pages, WAL mode, no automatic checkpoints) with a
+    /// table `t(id INTEGER PRIMARY KEY, v TEXT)`, in a new generation of `key`.
+    pub fn create(db: PathBuf, key: &str, row_width: usize) -> GenWriter {
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "page_size", 1024).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        GenWriter {
+            db,
+            key: key.to_string(),
+            conn,
+            rows: 0,
+            index: 0,
+            cursor: None,
+            gen: generation::new_generation_id(Utc::now()),
+            row_width,
+        }
+    }
+
+    /// One transaction of `n` rows (ids stay 1..=rows).
+    pub fn commit(&mut self, n: i64) {
+        let tx = self.conn.unchecked_transaction().unwrap();
+        for _ in 0..n {
+            self.rows += 1;
+            tx.execute(
+                "INSERT INTO t(id, v) VALUES (?1, ?2)",
+                rusqlite::params![self.rows, format!("{:>1$}", self.rows, self.row_width)],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    /// Ships every committed frame not shipped yet as one segment; returns
+    /// where it starts.
+    pub async fn ship(&mut self, r: &Replica) -> Position {
+        let wp = PathBuf::from(format!("{}-wal", self.db.display()));
+        let f = File::open(&wp).unwrap();
+        let cur = match self.cursor {
+            Some(c) => c,
+            None => WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap()),
+        };
+        let ReadOutcome::Frames { bytes, next, .. } =
+            wal::read_committed(&f, &wp, &cur, u64::MAX).unwrap()
+        else {
+            panic!("WAL continuity lost")
+        };
+        let end = generation::upload_segment(r, &self.key, &self.gen, cur.pos, &bytes)
+            .await
+            .unwrap();
+        assert_eq!(end, next.pos);
+        self.cursor = Some(next);
+        cur.pos
+    }
+
+    /// TRUNCATE checkpoint (everything was shipped): the database file holds
+    /// every commit, and SQLite starts a new WAL with the next one, numbered
+    /// `index + 1` if `new_wal`.
+    pub fn checkpoint(&mut self, new_wal: bool) {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 0);
+        if new_wal {
+            self.index += 1;
+        }
+        self.cursor = None;
+    }
+}

@@ -9,6 +9,14 @@
 //! 3. records each outcome: success marks the database synced *as of the scan
 //!    that selected it*; failure leaves it pending, so the next cycle retries it.
 //!
+//! A hot database's pending change is handed to its WAL stream instead, with
+//! the same kind of ticket: it is marked synced only when a sync that began
+//! after that scan has uploaded everything (checked at the next cycles), and
+//! goes back to the cold tier when the stream fails or ends without that. So
+//! neither the table nor the state file ever says "synced" for something that
+//! was not uploaded, and a crash before a stream shipped leaves the database
+//! pending for the next run.
+//!
 //! Shutdown (SIGINT/SIGTERM, see [`crate::cli`]) cancels a token: no new
 //! upload starts, uploads already running are finished, then `run` returns.
 //! Retention runs beside the loop on its own interval.
@@ -28,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Loaded;
 use crate::layout;
 use crate::retention;
-use crate::ship::{self, HotContext, HotExit, ShipConfig};
+use crate::ship::{self, HotContext, HotExit, ShipConfig, StreamProgress};
 use crate::snapshot;
 use crate::storage::Replica;
 use crate::tier::{TierConfig, Tiers};
@@ -108,6 +116,35 @@ struct Running {
     path: PathBuf,
     stop: CancellationToken,
     task: JoinHandle<HotExit>,
+    /// What the stream has shipped (see [`ship::StreamProgress`]).
+    progress: Arc<StreamProgress>,
+    /// The database's pending change, handed to the stream: the ticket of
+    /// the scan that saw it, and the [`ship::stamp`] taken after that scan.
+    /// Settled by [`Running::settle`].
+    ticket: Option<(Ticket, u64)>,
+}
+
+impl Running {
+    /// The task is running and not stopping.
+    fn streaming(&self) -> bool {
+        !self.stop.is_cancelled() && !self.task.is_finished()
+    }
+
+    /// Records the ticket's outcome once it is known: synced when a sync that
+    /// began after the ticket shipped everything; back to pending (for the
+    /// cold tier) when the stream is failing or has ended without that.
+    fn settle(&mut self, tracker: &mut Tracker, ended: bool) {
+        let Some((ticket, since)) = self.ticket.take() else {
+            return;
+        };
+        if self.progress.shipped_since(since) {
+            tracker.finish_upload(ticket, true);
+        } else if ended || self.progress.failing() {
+            tracker.finish_upload(ticket, false);
+        } else {
+            self.ticket = Some((ticket, since));
+        }
+    }
 }
 
 /// At most this many individual upload failures are logged per cycle; the
@@ -240,15 +277,20 @@ impl Replicator {
         }
         let pending = {
             let mut t = lock(&self.tracker);
-            let streaming = self.streaming();
+            let mut running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
             let mut pending = t.pending();
-            // Hot databases are in the replica through their WAL stream.
-            pending.retain(|id| {
-                let hot = streaming.contains(id);
-                if hot {
-                    t.mark_synced(*id);
+            // A hot database's change goes to the replica through its WAL
+            // stream: the stream takes the ticket, and the database counts as
+            // synced only once a sync that began after this point shipped
+            // everything (settled at the next cycles). A stream that is
+            // failing leaves its database to the cold tier meanwhile.
+            let since = ship::stamp();
+            pending.retain(|id| match running.get_mut(id) {
+                Some(r) if r.streaming() && !r.progress.failing() => {
+                    r.ticket = Some((t.begin_upload(*id), since));
+                    false
                 }
-                !hot
+                _ => true,
             });
             pending
         };
@@ -358,16 +400,6 @@ impl Replicator {
         lock(&self.tracker).finish_upload(ticket, ok);
     }
 
-    /// Hot databases whose streaming task is running and not stopping.
-    fn streaming(&self) -> HashSet<Id> {
-        let running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
-        running
-            .iter()
-            .filter(|(_, r)| !r.stop.is_cancelled() && !r.task.is_finished())
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
     /// Feeds the last scan's changes to the tiering rules and makes the
     /// streaming tasks match the hot set: finished tasks are reaped, demoted
     /// ones stopped (they ship their last frames first), new ones started.
@@ -387,6 +419,10 @@ impl Replicator {
             .filter(|&id| tiers.is_hot(id) || ship::stream_candidate(&tracker.path(id), recent))
             .collect();
         tiers.observe(&candidates, now);
+        // Settle what the streams have shipped since the last cycle.
+        for r in running.values_mut() {
+            r.settle(&mut tracker, false);
+        }
         // Reap finished tasks.
         let done: Vec<Id> = running
             .iter()
@@ -394,7 +430,8 @@ impl Replicator {
             .map(|(id, _)| *id)
             .collect();
         for id in done {
-            let r = running.remove(&id).expect("listed above");
+            let mut r = running.remove(&id).expect("listed above");
+            r.settle(&mut tracker, true);
             let same_db = tracker.find(&r.path) == Some(id);
             let exit = r
                 .task
@@ -412,6 +449,9 @@ impl Replicator {
                     tracing::debug!(path = %r.path.display(), error = %e, "cannot stream this database; it stays cold");
                     if same_db {
                         tiers.bar(id, now);
+                        // Whatever the scans saw while it was "hot" was
+                        // never shipped: the cold tier uploads it.
+                        tracker.mark_unsynced(id, std::time::SystemTime::now());
                     }
                 }
             }
@@ -445,14 +485,25 @@ impl Replicator {
             };
             tracing::debug!(path = %path.display(), %key, "cold -> hot");
             let stop = CancellationToken::new();
-            let task = tokio::spawn(ship::stream(
+            let progress = Arc::new(StreamProgress::default());
+            let task = tokio::spawn(ship::stream_reporting(
                 self.hot.ctx.clone(),
                 u64::from(id),
                 path.clone(),
                 key,
                 stop.clone(),
+                progress.clone(),
             ));
-            running.insert(id, Running { path, stop, task });
+            running.insert(
+                id,
+                Running {
+                    path,
+                    stop,
+                    task,
+                    progress,
+                    ticket: None,
+                },
+            );
         }
         self.stats
             .hot
@@ -474,9 +525,11 @@ impl Replicator {
         for (_, r) in &tasks {
             r.stop.cancel();
         }
-        for (id, r) in tasks {
-            if let Ok(HotExit::Unshipped) = r.task.await {
-                let mut t = lock(&self.tracker);
+        for (id, mut r) in tasks {
+            let exit = (&mut r.task).await;
+            let mut t = lock(&self.tracker);
+            r.settle(&mut t, true);
+            if let Ok(HotExit::Unshipped) = exit {
                 if t.find(&r.path) == Some(id) {
                     t.mark_unsynced(id, std::time::SystemTime::now());
                 }

@@ -50,8 +50,8 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -152,6 +152,8 @@ pub struct Shipper {
     tip: bool,
     /// Frames were read since the active read transaction began.
     moved: bool,
+    /// The last read stopped at [`MAX_SEGMENT_BYTES`] with more frames behind.
+    cut_short: bool,
     meta_dirty: bool,
 }
 
@@ -295,6 +297,7 @@ impl Shipper {
             snapshot: None,
             tip: false,
             moved: false,
+            cut_short: false,
             meta_dirty: false,
         })
     }
@@ -316,6 +319,12 @@ impl Shipper {
         self.pending.is_some() || self.snapshot.is_some() || self.generation.is_none()
     }
 
+    /// Everything committed when the last read began is uploaded: nothing is
+    /// unshipped and that read was not cut short by [`MAX_SEGMENT_BYTES`].
+    pub fn caught_up(&self) -> bool {
+        !self.has_unshipped() && !self.cut_short
+    }
+
     /// Where the next read starts.
     pub fn position(&self) -> Position {
         match self.state {
@@ -332,6 +341,7 @@ impl Shipper {
         end_read(&self.spare).map_err(sqlite(&db))?;
         end_read(&self.active).map_err(sqlite(&db))?;
         self.tip = false;
+        self.cut_short = false;
         self.pending = None;
         self.snapshot = None;
         self.generation = None;
@@ -427,7 +437,8 @@ impl Shipper {
                     match wal::read_committed(f, &self.wal, &cur, MAX_SEGMENT_BYTES)? {
                         ReadOutcome::Frames { bytes, next, .. } => {
                             // A read cut short by the size limit is not the tip.
-                            self.tip = (bytes.len() as u64) < MAX_SEGMENT_BYTES;
+                            self.cut_short = (bytes.len() as u64) >= MAX_SEGMENT_BYTES;
+                            self.tip = !self.cut_short;
                             if bytes.is_empty() {
                                 return Ok(Step::Idle);
                             }
@@ -612,6 +623,44 @@ async fn blocking<T: Send + 'static>(
     Ok(r)
 }
 
+/// A point on a process-wide monotonic clock, in nanoseconds; only compared
+/// with other stamps (see [`StreamProgress`]).
+pub fn stamp() -> u64 {
+    static BASE: OnceLock<std::time::Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    // Saturates after 584 years of uptime.
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What a running [`stream`] tells its owner without being asked: up to when
+/// everything the database had committed is in the replica. The scheduler
+/// marks a hot database synced only through this (see
+/// [`crate::scheduler`]), so a stream that has not shipped yet, or keeps
+/// failing, never makes a database look backed up, in memory or in the state
+/// file.
+#[derive(Debug, Default)]
+pub struct StreamProgress {
+    /// [`stamp`] taken before the start of the last sync that read the WAL to
+    /// its end and left nothing unshipped (+1, so 0 means "never").
+    clean: AtomicU64,
+    /// The last sync failed.
+    failing: AtomicBool,
+}
+
+impl StreamProgress {
+    /// True when every transaction committed before `since` (a [`stamp`]) has
+    /// been uploaded.
+    pub fn shipped_since(&self, since: u64) -> bool {
+        self.clean.load(Ordering::Acquire) > since
+    }
+
+    /// True while the stream's syncs fail (uploads, reads): the cold tier
+    /// should not count on it.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+}
+
 /// Streams `db` until `stop` is cancelled, syncing every `sync-interval`; the
 /// last sync runs after `stop`, so a demoted or shut-down database leaves
 /// nothing behind. `tag` identifies it in [`ShipEvent`]s.
@@ -621,6 +670,18 @@ pub async fn stream(
     db: PathBuf,
     key: String,
     stop: CancellationToken,
+) -> HotExit {
+    stream_reporting(ctx, tag, db, key, stop, Arc::default()).await
+}
+
+/// [`stream`], reporting what has been shipped through `progress`.
+pub async fn stream_reporting(
+    ctx: Arc<HotContext>,
+    tag: u64,
+    db: PathBuf,
+    key: String,
+    stop: CancellationToken,
+    progress: Arc<StreamProgress>,
 ) -> HotExit {
     let (d, k) = (db.clone(), key.clone());
     let opened = tokio::task::spawn_blocking(move || Shipper::open(&d, &k)).await;
@@ -646,13 +707,19 @@ pub async fn stream(
                 s.meta_dirty = true;
             }
         }
+        let started = stamp();
         match sync(&ctx, tag, &mut slot).await {
             Ok(()) => {
+                progress.failing.store(false, Ordering::Release);
+                if slot.as_ref().is_some_and(|s| s.caught_up()) {
+                    progress.clean.fetch_max(started + 1, Ordering::AcqRel);
+                }
                 if std::mem::take(&mut failing) {
                     tracing::info!(path = %db.display(), "WAL streaming recovered");
                 }
             }
             Err(e) => {
+                progress.failing.store(true, Ordering::Release);
                 ctx.stats.hot_errors.fetch_add(1, Ordering::Relaxed);
                 if std::mem::replace(&mut failing, true) {
                     tracing::debug!(path = %db.display(), error = %e, "WAL sync failed again");

@@ -378,17 +378,6 @@ impl Tracker {
         &self.changed
     }
 
-    /// Records that `id`'s current state is in the replica by other means (the
-    /// hot tier streams it), so the cold tier does not upload it.
-    pub fn mark_synced(&mut self, id: Id) {
-        let e = &mut self.entries[id as usize];
-        if e.flags & LIVE != 0 && e.synced != e.seen {
-            e.synced = e.seen;
-            e.pending_since = 0;
-            self.state_dirty = true;
-        }
-    }
-
     /// Makes `id` pending again (the hot tier could not ship all of it), so
     /// the cold tier uploads a snapshot.
     pub fn mark_unsynced(&mut self, id: Id, now: SystemTime) {

@@ -327,6 +327,17 @@ impl Loaded {
                 )
             })?;
         }
+        if let Some((i, j, key)) = crate::keys::certain_collision(&patterns, &template) {
+            return Err(err(
+                "multi-db.replica.path",
+                format!(
+                    "patterns multi-db.patterns[{i}] {:?} and multi-db.patterns[{j}] {:?} \
+                     both give key {key:?}: each database needs its own key",
+                    patterns[i].source(),
+                    patterns[j].source()
+                ),
+            ));
+        }
         let replica =
             parse_replica_url(&m.replica.url, base).map_err(|r| err("multi-db.replica.url", r))?;
         if let ReplicaUrl::File { .. } = replica {

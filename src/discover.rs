@@ -137,6 +137,18 @@ impl Pattern {
         &self.root
     }
 
+    /// The one file a pattern without wildcards names.
+    pub fn literal_path(&self) -> Option<PathBuf> {
+        let mut path = self.root.clone();
+        for level in &self.levels {
+            match level {
+                Level::Literal(name) => path.push(name),
+                Level::Glob { .. } => return None,
+            }
+        }
+        Some(path)
+    }
+
     /// Number of wildcard levels, i.e. of template variables to bind.
     pub fn wildcards(&self) -> usize {
         self.levels

@@ -63,6 +63,7 @@ pub mod demo;
 pub mod discover;
 pub mod error;
 pub mod generation;
+pub mod keys;
 pub mod layout;
 pub mod lease;
 pub mod progress;

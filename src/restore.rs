@@ -95,8 +95,8 @@ use tempfile::TempPath;
 use crate::config::Loaded;
 use crate::error::IoContext;
 use crate::generation::{self, GenerationId, Plan, RestorePoint};
+use crate::keys::key_for;
 use crate::layout::{key_path, parse_snapshot_name};
-use crate::scheduler::key_for;
 use crate::snapshot;
 use crate::storage::Replica;
 use crate::{Error, Result};
@@ -227,12 +227,24 @@ pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
             .components()
             .filter(|c| *c != Component::CurDir)
             .collect();
-        return key_for(loaded, &abs).map(|(k, _)| k).ok_or_else(|| {
+        let key = key_for(loaded, &abs).map(|(k, _)| k).ok_or_else(|| {
             Error::invalid(
                 abs.display(),
                 "is not matched by any pattern in the config; pass its replica key instead (see `litefleet list`)",
             )
-        });
+        })?;
+        if let Some(other) = crate::keys::shared_with(loaded, &abs) {
+            return Err(Error::invalid(
+                abs.display(),
+                format!(
+                    "shares its replica key {key:?} with {}, so the replica holds only one of \
+                     them (the first one found; the other is refused and logged by `replicate`); \
+                     restore by key and check which, and give each database its own key",
+                    other.display()
+                ),
+            ));
+        }
+        return Ok(key);
     }
     let key = target.trim_matches('/').to_string();
     check_key(&key)?;

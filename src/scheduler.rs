@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -34,6 +34,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Loaded;
+use crate::keys::{key_for, Owners};
 use crate::layout;
 use crate::retention;
 use crate::ship::{self, HotContext, HotExit, ShipConfig, StreamProgress};
@@ -72,6 +73,9 @@ pub struct Stats {
     pub checkpoints: AtomicU64,
     /// Failed hot syncs (retried every sync interval).
     pub hot_errors: AtomicU64,
+    /// Databases refused because another database owns their key (see
+    /// [`crate::keys`]).
+    pub key_collisions: AtomicU64,
 }
 
 /// What one cycle did.
@@ -100,6 +104,8 @@ pub struct Replicator {
     failing: Mutex<HashSet<PathBuf>>,
     /// The hot tier: tiering decisions and one streaming task per hot database.
     hot: HotTier,
+    /// Databases refused for sharing a key with another (multi-pattern fleets).
+    owners: Mutex<Owners>,
 }
 
 /// The hot tier's moving parts (see [`crate::tier`] and [`crate::ship`]).
@@ -226,6 +232,7 @@ impl Replicator {
             state_file,
             failing: Mutex::new(HashSet::new()),
             hot,
+            owners: Mutex::new(Owners::default()),
         })
     }
 
@@ -268,6 +275,9 @@ impl Replicator {
             "scan complete"
         );
 
+        if scan.new > 0 || scan.removed > 0 {
+            self.check_keys();
+        }
         let mut report = CycleReport {
             scan,
             ..Default::default()
@@ -285,6 +295,8 @@ impl Replicator {
             // everything (settled at the next cycles). A stream that is
             // failing leaves its database to the cold tier meanwhile.
             let since = ship::stamp();
+            let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+            pending.retain(|id| !owners.is_refused(*id));
             pending.retain(|id| match running.get_mut(id) {
                 Some(r) if r.streaming() && !r.progress.failing() => {
                     r.ticket = Some((t.begin_upload(*id), since));
@@ -400,6 +412,25 @@ impl Replicator {
         lock(&self.tracker).finish_upload(ticket, ok);
     }
 
+    /// Finds databases that share a key with another and refuses all but the
+    /// key's owner (see [`crate::keys`]); each newly refused one is logged once.
+    fn check_keys(&self) {
+        let tracker = lock(&self.tracker);
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        for (path, r) in owners.update(&self.loaded, &tracker) {
+            tracing::error!(
+                path = %path.display(),
+                key = %r.key,
+                owner = %r.owner.display(),
+                "database not backed up: its key belongs to another database; \
+                 change multi-db.patterns or multi-db.replica.path so each database gets its own key"
+            );
+        }
+        self.stats
+            .key_collisions
+            .store(owners.refused().len() as u64, Ordering::Relaxed);
+    }
+
     /// Feeds the last scan's changes to the tiering rules and makes the
     /// streaming tasks match the hot set: finished tasks are reaped, demoted
     /// ones stopped (they ship their last frames first), new ones started.
@@ -412,12 +443,15 @@ impl Replicator {
         // stay cold without being counted as promoted (a 20-byte read and two
         // stats per changed file).
         let recent = self.hot.recent;
+        let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
         let candidates: Vec<Id> = tracker
             .changed()
             .iter()
             .copied()
+            .filter(|&id| !owners.is_refused(id))
             .filter(|&id| tiers.is_hot(id) || ship::stream_candidate(&tracker.path(id), recent))
             .collect();
+        drop(owners);
         tiers.observe(&candidates, now);
         // Settle what the streams have shipped since the last cycle.
         for r in running.values_mut() {
@@ -648,16 +682,6 @@ fn log_retention(r: Result<retention::RetentionReport>) {
         Ok(r) => tracing::debug!(examined = r.examined, "retention pass: nothing to delete"),
         Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry next interval"),
     }
-}
-
-/// The object key (`<rendered template>`) and stem of a database path.
-pub fn key_for(loaded: &Loaded, path: &Path) -> Option<(String, String)> {
-    let name = path.file_name()?.to_str()?;
-    let stem = layout::stem(name).to_string();
-    loaded.patterns.iter().find_map(|p| {
-        let caps = p.captures(path)?;
-        Some((loaded.template.render(&caps, &stem), stem.clone()))
-    })
 }
 
 /// Snapshot one database and upload it under its next-hour name.

@@ -61,6 +61,8 @@ pub struct StatsView {
     pub generations: u64,
     pub checkpoints: u64,
     pub hot_errors: u64,
+    /// Databases refused because another database owns their key.
+    pub key_collisions: u64,
     pub healthy: bool,
 }
 
@@ -99,6 +101,7 @@ impl StatsView {
             generations: stats.generations.load(Relaxed),
             checkpoints: stats.checkpoints.load(Relaxed),
             hot_errors: stats.hot_errors.load(Relaxed),
+            key_collisions: stats.key_collisions.load(Relaxed),
             healthy: now.saturating_sub(since) <= limit,
         }
     }
@@ -205,6 +208,12 @@ impl StatsView {
             "counter",
             "Failed hot-tier syncs (retried every sync interval).",
             &[("", f(self.hot_errors))],
+        );
+        metric(
+            "litefleet_key_collisions",
+            "gauge",
+            "Databases not backed up because another database owns their key.",
+            &[("", f(self.key_collisions))],
         );
         metric(
             "litefleet_healthy",

@@ -27,8 +27,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Loaded;
+use crate::keys::key_for;
 use crate::restore::{self, RestoreOptions, RestoreOutcome};
-use crate::scheduler::{key_for, Replicator};
+use crate::scheduler::Replicator;
 use crate::storage::Replica;
 use crate::{Error, Result};
 

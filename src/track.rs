@@ -180,6 +180,21 @@ impl Tracker {
         self.dirs[e.dir as usize].join(OsStr::from_bytes(self.name(e)))
     }
 
+    /// Every tracked database.
+    pub fn ids(&self) -> impl Iterator<Item = Id> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.flags & LIVE != 0)
+            .map(|(i, _)| i as Id)
+    }
+
+    /// True when `id` was uploaded once (in this run or, per the state file,
+    /// an earlier one).
+    pub fn has_upload_record(&self, id: Id) -> bool {
+        self.entries[id as usize].synced != 0
+    }
+
     /// Looks up a database by path.
     pub fn find(&self, path: &Path) -> Option<Id> {
         let (dir, name) = (path.parent()?, path.file_name()?.as_bytes());

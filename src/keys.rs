@@ -1,0 +1,215 @@
+//! Which database a replica key belongs to.
+//!
+//! A key is the key template rendered from a path's wildcard values and file
+//! stem ([`key_for`]). Within one pattern two databases never share a key
+//! (the template must bind every wildcard level, see
+//! [`crate::layout::KeyTemplate::check_binds`]), but across patterns they can:
+//! with `*/*.db` and `*/*.sqlite`, `p1/app.db` and `p1/app.sqlite` both render
+//! `p1/app`, and whichever uploaded last would overwrite the other's objects,
+//! so a restore of one would return the other.
+//!
+//! This module owns the rule that prevents it:
+//! * at config load, patterns that name single files and render the same key
+//!   are a config error ([`certain_collision`]): the collision is certain;
+//! * at every scan that adds or drops databases, [`Owners::update`] groups the
+//!   tracked databases by key; in a group of more than one, the database that
+//!   owned the key already keeps it (else the one with an upload record, else
+//!   the one of the earlier pattern, else the smaller path), and every other
+//!   one is **refused**: never uploaded, never streamed, logged once;
+//! * a restore by path ([`crate::restore::resolve_key`]) of a path that shares
+//!   its key with another file fails instead of returning the other's data
+//!   ([`shared_with`]).
+//!
+//! Single-pattern configs pay nothing: collisions need two patterns.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::Metadata;
+use std::hash::BuildHasher;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::config::Loaded;
+use crate::discover::{Pattern, Visitor};
+use crate::layout::{self, KeyTemplate};
+use crate::track::{Id, Tracker};
+
+/// The object key (`<rendered template>`) and stem of a database path, from
+/// the first pattern that matches it.
+pub fn key_for(loaded: &Loaded, path: &Path) -> Option<(String, String)> {
+    keyed(&loaded.patterns, &loaded.template, path).map(|(_, key, stem)| (key, stem))
+}
+
+/// [`key_for`] with the index of the matching pattern.
+fn keyed(
+    patterns: &[Pattern],
+    template: &KeyTemplate,
+    path: &Path,
+) -> Option<(usize, String, String)> {
+    let name = path.file_name()?.to_str()?;
+    let stem = layout::stem(name);
+    patterns.iter().enumerate().find_map(|(i, p)| {
+        let caps = p.captures(path)?;
+        Some((i, template.render(&caps, stem), stem.to_string()))
+    })
+}
+
+/// Two patterns that each name one file (no wildcard) and render the same
+/// key: `(i, j, key)` with `i < j`.
+pub fn certain_collision(
+    patterns: &[Pattern],
+    template: &KeyTemplate,
+) -> Option<(usize, usize, String)> {
+    let mut seen: HashMap<String, (usize, PathBuf)> = HashMap::new();
+    for (j, p) in patterns.iter().enumerate() {
+        let Some(path) = p.literal_path() else {
+            continue;
+        };
+        let Some((_, key, _)) = keyed(std::slice::from_ref(p), template, &path) else {
+            continue;
+        };
+        match seen.get(&key) {
+            Some((i, other)) if *other != path => return Some((*i, j, key)),
+            Some(_) => {}
+            None => {
+                seen.insert(key, (j, path));
+            }
+        }
+    }
+    None
+}
+
+/// A database refused because another one owns its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub key: String,
+    /// The database that owns the key.
+    pub owner: PathBuf,
+}
+
+/// The key owners of a multi-pattern fleet and the databases refused for
+/// sharing a key with one (see the module docs).
+#[derive(Debug, Default)]
+pub struct Owners {
+    /// Owners of keys that more than one database renders. Kept across
+    /// scans so the first owner stays the owner.
+    owners: HashSet<PathBuf>,
+    refused: HashMap<Id, Refused>,
+}
+
+impl Owners {
+    /// Databases refused at the last [`Owners::update`].
+    pub fn refused(&self) -> &HashMap<Id, Refused> {
+        &self.refused
+    }
+
+    pub fn is_refused(&self, id: Id) -> bool {
+        self.refused.contains_key(&id)
+    }
+
+    /// Recomputes owners and refusals over every tracked database; returns
+    /// the databases refused now that were not refused before (to log).
+    /// Costs one key rendering per database (24 bytes each while it runs),
+    /// so call it only when the set of databases changed.
+    pub fn update(&mut self, loaded: &Loaded, tracker: &Tracker) -> Vec<(PathBuf, Refused)> {
+        if loaded.patterns.len() < 2 {
+            self.refused.clear();
+            self.owners.clear();
+            return Vec::new();
+        }
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut rows: Vec<(u64, usize, Id)> = Vec::with_capacity(tracker.len());
+        for id in tracker.ids() {
+            if let Some((pattern, key, _)) =
+                keyed(&loaded.patterns, &loaded.template, &tracker.path(id))
+            {
+                rows.push((hasher.hash_one(key.as_str()), pattern, id));
+            }
+        }
+        rows.sort_unstable_by_key(|r| r.0);
+        let mut refused = HashMap::new();
+        let mut owners = HashSet::new();
+        for same_hash in rows.chunk_by(|a, b| a.0 == b.0).filter(|c| c.len() > 1) {
+            // Equal hashes: group by the real key.
+            let mut groups: HashMap<String, Vec<(usize, Id, PathBuf)>> = HashMap::new();
+            for &(_, pattern, id) in same_hash {
+                let path = tracker.path(id);
+                if let Some((_, key, _)) = keyed(&loaded.patterns, &loaded.template, &path) {
+                    groups.entry(key).or_default().push((pattern, id, path));
+                }
+            }
+            for (key, mut group) in groups.into_iter().filter(|(_, g)| g.len() > 1) {
+                group.sort_by(|a, b| {
+                    let rank = |x: &(usize, Id, PathBuf)| {
+                        (
+                            !self.owners.contains(&x.2),
+                            !tracker.has_upload_record(x.1),
+                            x.0,
+                        )
+                    };
+                    rank(a).cmp(&rank(b)).then_with(|| a.2.cmp(&b.2))
+                });
+                let owner = group[0].2.clone();
+                for (_, id, _) in &group[1..] {
+                    refused.insert(
+                        *id,
+                        Refused {
+                            key: key.clone(),
+                            owner: owner.clone(),
+                        },
+                    );
+                }
+                owners.insert(owner);
+            }
+        }
+        let new = refused
+            .iter()
+            .filter(|(id, r)| self.refused.get(id) != Some(r))
+            .map(|(id, r)| (tracker.path(*id), r.clone()))
+            .collect();
+        self.refused = refused;
+        self.owners = owners;
+        new
+    }
+}
+
+/// Another database file that renders the same key as `path`, found by
+/// walking every pattern (a restore by path pays this; replication does not).
+pub fn shared_with(loaded: &Loaded, path: &Path) -> Option<PathBuf> {
+    if loaded.patterns.len() < 2 {
+        return None;
+    }
+    let (_, key, _) = keyed(&loaded.patterns, &loaded.template, path)?;
+    struct Find<'a> {
+        loaded: &'a Loaded,
+        key: &'a str,
+        path: &'a Path,
+        found: Option<PathBuf>,
+    }
+    impl Visitor for Find<'_> {
+        fn database(&mut self, dir: &Path, name: &OsStr, _: &Metadata, _: Option<&Metadata>) {
+            if self.found.is_some() {
+                return;
+            }
+            let candidate = dir.join(name);
+            if candidate != self.path
+                && key_for(self.loaded, &candidate).is_some_and(|(k, _)| k == self.key)
+                && crate::discover::has_sqlite_header(&candidate).unwrap_or(false)
+            {
+                self.found = Some(candidate);
+            }
+        }
+        fn skipped(&mut self, _: &Path, _: &str) {}
+        fn error(&mut self, _: &Path, _: io::Error) {}
+    }
+    let mut find = Find {
+        loaded,
+        key: &key,
+        path,
+        found: None,
+    };
+    for p in &loaded.patterns {
+        p.walk(&mut find);
+    }
+    find.found
+}

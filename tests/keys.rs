@@ -1,0 +1,167 @@
+//! Two databases never share a replica key: a collision the config makes
+//! certain is a config error; one found at scan time refuses every database
+//! but the key's owner, which keeps its objects.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use common::fleet::{count_rows, create_db, Fleet};
+use common::{litefleet, stderr};
+use litefleet::config::Loaded;
+use litefleet::scheduler::Replicator;
+use tokio_util::sync::CancellationToken;
+
+/// Config with patterns `*/*.db` then `*/*.sqlite`, both keyed
+/// `{{project}}/{{tenant}}`: `p1/app.db` and `p1/app.sqlite` share `p1/app`.
+fn yaml(f: &Fleet) -> String {
+    let d = f.data.path().display();
+    format!(
+        "multi-db:\n  patterns: [\"{d}/*/*.db\", \"{d}/*/*.sqlite\"]\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    path: \"{{{{project}}}}/{{{{tenant}}}}\"\n{}",
+        f.work.path().join("tmp").display(),
+        f.work.path().join("state").display(),
+        f.replica_yaml()
+    )
+}
+
+fn loaded(f: &Fleet) -> Loaded {
+    Loaded::from_str(&yaml(f), "test.yml", f.data.path()).unwrap()
+}
+
+/// Restores `target` with the binary; the row count, or the error output.
+fn restore(f: &Fleet, target: &str) -> Result<i64, String> {
+    let config = f.work.path().join("keys.yml");
+    std::fs::write(&config, yaml(f)).unwrap();
+    let out = f.work.path().join(format!("out-{}.db", rand_suffix()));
+    let o = litefleet(
+        f.work.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "restore",
+            target,
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    if o.status.success() {
+        Ok(count_rows(&out))
+    } else {
+        Err(stderr(&o))
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn db(f: &Fleet, name: &str, rows: usize) -> PathBuf {
+    let p = f.data.path().join("p1").join(name);
+    create_db(&p, rows);
+    // Not "just written" (racy), so one upload each suffices.
+    common::fleet::age(&p);
+    p
+}
+
+async fn cycle(r: &Replicator) -> litefleet::scheduler::CycleReport {
+    r.cycle(&CancellationToken::new()).await
+}
+
+both_backends!(
+    same_scan_the_earlier_pattern_owns_the_key,
+    |backend| async move {
+        let f = Fleet::new(backend).await;
+        let _db = db(&f, "app.db", 10);
+        let sqlite = db(&f, "app.sqlite", 3);
+        let r = Replicator::new(loaded(&f)).unwrap();
+        let report = cycle(&r).await;
+        assert_eq!(
+            report.uploaded, 1,
+            "only the key's owner is uploaded: {report:?}"
+        );
+        assert_eq!(r.stats().key_collisions.load(Ordering::Relaxed), 1);
+        assert_eq!(restore(&f, "p1/app"), Ok(10), "the key holds app.db");
+        // Restoring the refused database by path fails instead of returning app.db.
+        let err = restore(&f, sqlite.to_str().unwrap()).unwrap_err();
+        assert!(err.contains("shares its replica key"), "{err}");
+        assert!(err.contains("app.db"), "{err}");
+        // Later writes to the refused database never reach the replica.
+        create_db(&sqlite, 50);
+        common::fleet::age(&sqlite);
+        assert_eq!(cycle(&r).await.uploaded, 0);
+        assert_eq!(restore(&f, "p1/app"), Ok(10));
+    }
+);
+
+both_backends!(
+    a_later_database_never_takes_an_uploaded_key,
+    |backend| async move {
+        let f = Fleet::new(backend).await;
+        let _sqlite = db(&f, "app.sqlite", 3);
+        let r = Replicator::new(loaded(&f)).unwrap();
+        assert_eq!(cycle(&r).await.uploaded, 1);
+        // app.db (the earlier pattern) appears later: app.sqlite owns the key.
+        let _db = db(&f, "app.db", 10);
+        let report = cycle(&r).await;
+        assert_eq!(report.uploaded, 0, "{report:?}");
+        assert_eq!(r.stats().key_collisions.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            restore(&f, "p1/app"),
+            Ok(3),
+            "app.sqlite's objects are intact"
+        );
+        // After a restart (upload records from the state file) the owner is the same.
+        drop(r);
+        let r = Replicator::new(loaded(&f)).unwrap();
+        assert_eq!(cycle(&r).await.uploaded, 0);
+        assert_eq!(r.stats().key_collisions.load(Ordering::Relaxed), 1);
+        assert_eq!(restore(&f, "p1/app"), Ok(3));
+    }
+);
+
+#[test]
+fn refused_database_is_logged_once_per_path() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    for name in ["app.db", "app.sqlite", "web.db", "web.sqlite", "only.db"] {
+        create_db(&data.join("p1").join(name), 1);
+    }
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"{d}/*/*.db\", \"{d}/*/*.sqlite\"]\n  scan-interval: 100ms\n  replica:\n    url: file://{r}\n    path: \"{{{{project}}}}/{{{{tenant}}}}\"\n",
+        d = data.display(),
+        r = t.path().join("replica").display()
+    );
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    for refused in ["app.sqlite", "web.sqlite"] {
+        let lines = err
+            .lines()
+            .filter(|l| l.contains("not backed up") && l.contains(refused))
+            .count();
+        assert_eq!(lines, 1, "{refused}: {err}");
+    }
+}
+
+#[test]
+fn a_certain_collision_is_a_config_error() {
+    let t = tempfile::tempdir().unwrap();
+    let yaml = "multi-db:\n  patterns: [\"/srv/a/app.db\", \"/srv/b/app.db\"]\n  replica:\n    url: file:///tmp/x\n";
+    let err = Loaded::from_str(yaml, "test.yml", t.path())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("multi-db.replica.path"), "{err}");
+    assert!(
+        err.contains("/srv/a/app.db") && err.contains("/srv/b/app.db"),
+        "{err}"
+    );
+    assert!(err.contains("\"app\""), "{err}");
+    // The same file twice is no collision.
+    let yaml = "multi-db:\n  patterns: [\"/srv/a/app.db\", \"/srv/a/app.db\"]\n  replica:\n    url: file:///tmp/x\n";
+    assert!(Loaded::from_str(yaml, "test.yml", t.path()).is_ok());
+}

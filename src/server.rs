@@ -337,6 +337,6 @@ mod tests {
         assert!(text.contains("litefleet_wal_segments_total 30\n"));
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 18);
+        assert_eq!(samples, 19);
     }
 }

@@ -7,8 +7,8 @@
 //!
 //! ```text
 //! <prefix>/<key>/generations/<gen>/metadata.json
-//! <prefix>/<key>/generations/<gen>/snapshots/<index:016x>.snapshot.lz4
-//! <prefix>/<key>/generations/<gen>/wal/<index:016x>_<offset:016x>.wal.lz4
+//! <prefix>/<key>/generations/<gen>/snapshots/<index:016x>_<time:016x>.snapshot.lz4
+//! <prefix>/<key>/generations/<gen>/wal/<index:016x>_<offset:016x>_<time:016x>.wal.lz4
 //! ```
 //!
 //! * `<gen>` is 24 lowercase hex digits: `u64::MAX - unix_millis` of its
@@ -26,9 +26,20 @@
 //!   may only follow a segment of WAL `i`: the shipper moves to the next index
 //!   only after shipping frames of the current WAL (a WAL restart it did not
 //!   cause itself is [`crate::wal::Lost`], i.e. a new generation).
-//! * `metadata.json` ([`Metadata`]) describes the generation for people and
-//!   tools. Restore does not need it (the page size comes from the snapshot's
-//!   own header), so a generation is restorable even before it is written.
+//! * `<time>` is the object's **commit time** in Unix milliseconds (rounded
+//!   up): every transaction it holds had committed by then. For a segment it
+//!   is taken just before the WAL was read, for a snapshot just after the copy
+//!   was complete. Point-in-time restore selects by it, never by the store's
+//!   listing time, which S3 gives in whole seconds (an object uploaded at
+//!   12:00:00.9 lists as 12:00:00) and which says when the upload finished,
+//!   not what the object holds. Names without `_<time>` (written by earlier
+//!   versions) fall back to the listing time.
+//! * `metadata.json` ([`Metadata`]) describes the generation, and records
+//!   where each finished WAL ended (`wal_ends`), which names cannot tell: it
+//!   is written before the first segment of the next WAL is uploaded, so a
+//!   restore that replays past the end of a WAL can prove that WAL's last
+//!   segment is present. A generation that never restarted its WAL is
+//!   restorable before its metadata is written.
 //!
 //! Snapshot checksum: the LZ4 frame's content checksum, which is the xxHash32
 //! of the uncompressed database and is stored in the frame's last 4 bytes
@@ -36,18 +47,25 @@
 //! from there and records it as `xxh32:<8 hex>`; restore verifies it for free
 //! because the LZ4 decoder checks it. No hash crate is needed.
 //!
-//! Point in time: an object's `last_modified` is when its upload finished. A
-//! restore at `T` uses the newest generation with a snapshot uploaded at or
-//! before `T`, its newest such snapshot, and every segment of it uploaded at or
-//! before `T`, in `(index, offset)` order. The segments must be contiguous from
-//! where the snapshot ends; a gap is an error naming the missing position,
-//! never skipped. Each segment's frames are also checked to continue the
-//! previous segment's checksum chain within one WAL.
+//! Point in time: a restore at `T` uses the newest generation with a
+//! snapshot committed at or before `T`, its newest such snapshot, and every
+//! segment of it committed at or before `T`, in `(index, offset)` order.
 //!
-//! Limitation: a missing *last* segment of a WAL file followed by the first
-//! segment of the next one cannot be detected from names alone (the end of a
-//! WAL is not recorded anywhere), and a missing last segment overall looks
-//! like an earlier restore point.
+//! Continuity, proven before a restore succeeds:
+//! * the segments are contiguous from where the snapshot ends (each starts
+//!   where the previous one ended, by decompressed length); a gap is an error
+//!   naming the missing position, never skipped;
+//! * each segment's frames continue the previous segment's checksum chain
+//!   and salts within one WAL;
+//! * replay moves from WAL `i` to WAL `i + 1` only where `metadata.json` says
+//!   WAL `i` ended; a missing or different end is an error naming the range;
+//! * a restore of the latest state reaches at least the `last` position the
+//!   metadata recorded as shipped.
+//!
+//! What cannot be proven: that segments were uploaded after the metadata was
+//! last written (a live generation). A missing newest segment of a live
+//! generation therefore restores the state before it: a state the database
+//! really had, but not the newest.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -175,6 +193,16 @@ pub fn new_generation_id(now: DateTime<Utc>) -> GenerationId {
     GenerationId { id, created }
 }
 
+/// A new generation id for a generation created at `now` that sorts before
+/// (is newer than) `newest`, the newest generation already in the replica:
+/// if this host's clock is behind the one that created `newest`, the id is
+/// `newest`'s time plus 1 ms, so restore of the latest state never picks a
+/// stale generation because of a clock.
+pub fn new_generation_id_after(now: DateTime<Utc>, newest: Option<&GenerationId>) -> GenerationId {
+    let floor = newest.map(|g| g.created() + chrono::Duration::milliseconds(1));
+    new_generation_id(floor.map_or(now, |f| now.max(f)))
+}
+
 /// `<prefix>/<key>/generations`
 pub fn generations_dir(prefix: &ObjPath, key: &str) -> ObjPath {
     key_path(prefix, key).join(GENERATIONS_DIR)
@@ -185,18 +213,46 @@ pub fn generation_dir(prefix: &ObjPath, key: &str, gen: &GenerationId) -> ObjPat
     generations_dir(prefix, key).join(gen.as_str())
 }
 
-/// `<prefix>/<key>/generations/<gen>/snapshots/<index:016x>.snapshot.lz4`
-pub fn snapshot_path(prefix: &ObjPath, key: &str, gen: &GenerationId, index: u64) -> ObjPath {
-    generation_dir(prefix, key, gen)
-        .join(SNAPSHOTS_DIR)
-        .join(format!("{index:016x}{SNAPSHOT_SUFFIX}").as_str())
+/// A commit time as it is written in names: Unix milliseconds, rounded up,
+/// so the recorded time is never before the real one.
+pub fn commit_millis(t: DateTime<Utc>) -> u64 {
+    let ms = t.timestamp_millis();
+    let rounded_up = if t.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
+        ms
+    } else {
+        ms + 1
+    };
+    rounded_up.max(0) as u64
 }
 
-/// `<prefix>/<key>/generations/<gen>/wal/<index:016x>_<offset:016x>.wal.lz4`
-pub fn segment_path(prefix: &ObjPath, key: &str, gen: &GenerationId, pos: Position) -> ObjPath {
+/// `<prefix>/<key>/generations/<gen>/snapshots/<index:016x>_<time:016x>.snapshot.lz4`
+/// for a snapshot whose every transaction had committed at `committed`.
+pub fn snapshot_path(
+    prefix: &ObjPath,
+    key: &str,
+    gen: &GenerationId,
+    index: u64,
+    committed: DateTime<Utc>,
+) -> ObjPath {
+    let t = commit_millis(committed);
+    generation_dir(prefix, key, gen)
+        .join(SNAPSHOTS_DIR)
+        .join(format!("{index:016x}_{t:016x}{SNAPSHOT_SUFFIX}").as_str())
+}
+
+/// `<prefix>/<key>/generations/<gen>/wal/<index:016x>_<offset:016x>_<time:016x>.wal.lz4`
+/// for frames that had all committed at `committed`.
+pub fn segment_path(
+    prefix: &ObjPath,
+    key: &str,
+    gen: &GenerationId,
+    pos: Position,
+    committed: DateTime<Utc>,
+) -> ObjPath {
+    let t = commit_millis(committed);
     generation_dir(prefix, key, gen)
         .join(WAL_DIR)
-        .join(format!("{pos}{SEGMENT_SUFFIX}").as_str())
+        .join(format!("{pos}_{t:016x}{SEGMENT_SUFFIX}").as_str())
 }
 
 /// `<prefix>/<key>/generations/<gen>/metadata.json`
@@ -215,20 +271,50 @@ fn parse_hex16(s: &str) -> Option<u64> {
     u64::from_str_radix(s, 16).ok()
 }
 
-/// The index in a snapshot object name (`<index:016x>.snapshot.lz4`).
-pub fn parse_snapshot_name(name: &str) -> Option<u64> {
-    parse_hex16(name.strip_suffix(SNAPSHOT_SUFFIX)?)
+/// `<time:016x>` of a name: a commit time in Unix milliseconds.
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(i64::try_from(parse_hex16(s)?).ok()?)
 }
 
-/// The position in a segment object name (`<index:016x>_<offset:016x>.wal.lz4`).
-/// Offsets before the first frame (32) are rejected.
-pub fn parse_segment_name(name: &str) -> Option<Position> {
-    let (i, o) = name.strip_suffix(SEGMENT_SUFFIX)?.split_once('_')?;
+/// The index and commit time in a snapshot object name
+/// (`<index:016x>_<time:016x>.snapshot.lz4`, or `<index:016x>.snapshot.lz4`
+/// of earlier versions, without a time).
+pub fn parse_snapshot_name_time(name: &str) -> Option<(u64, Option<DateTime<Utc>>)> {
+    let stem = name.strip_suffix(SNAPSHOT_SUFFIX)?;
+    match stem.split_once('_') {
+        None => Some((parse_hex16(stem)?, None)),
+        Some((i, t)) => Some((parse_hex16(i)?, Some(parse_time(t)?))),
+    }
+}
+
+/// The index in a snapshot object name; see [`parse_snapshot_name_time`].
+pub fn parse_snapshot_name(name: &str) -> Option<u64> {
+    parse_snapshot_name_time(name).map(|(i, _)| i)
+}
+
+/// The position and commit time in a segment object name
+/// (`<index:016x>_<offset:016x>_<time:016x>.wal.lz4`, or without `_<time>`
+/// as earlier versions wrote it). Offsets before the first frame (32) are
+/// rejected.
+pub fn parse_segment_name_time(name: &str) -> Option<(Position, Option<DateTime<Utc>>)> {
+    let mut parts = name.strip_suffix(SEGMENT_SUFFIX)?.split('_');
     let pos = Position {
-        index: parse_hex16(i)?,
-        offset: parse_hex16(o)?,
+        index: parse_hex16(parts.next()?)?,
+        offset: parse_hex16(parts.next()?)?,
     };
-    (pos.offset >= WAL_HEADER_SIZE).then_some(pos)
+    let time = match parts.next() {
+        None => None,
+        Some(t) => Some(parse_time(t)?),
+    };
+    if parts.next().is_some() || pos.offset < WAL_HEADER_SIZE {
+        return None;
+    }
+    Some((pos, time))
+}
+
+/// The position in a segment object name; see [`parse_segment_name_time`].
+pub fn parse_segment_name(name: &str) -> Option<Position> {
+    parse_segment_name_time(name).map(|(p, _)| p)
 }
 
 /// A known object of a generation (see the module docs).
@@ -287,7 +373,11 @@ pub struct Metadata {
 pub struct SnapshotObject {
     pub index: u64,
     pub location: ObjPath,
+    /// Listing time (when the upload finished, at the store's precision).
     pub uploaded: DateTime<Utc>,
+    /// Commit time from the name (see the module docs); `uploaded` for names
+    /// of earlier versions.
+    pub time: DateTime<Utc>,
     pub size: u64,
 }
 
@@ -296,7 +386,11 @@ pub struct SnapshotObject {
 pub struct SegmentObject {
     pub pos: Position,
     pub location: ObjPath,
+    /// Listing time (when the upload finished, at the store's precision).
     pub uploaded: DateTime<Utc>,
+    /// Commit time from the name (see the module docs); `uploaded` for names
+    /// of earlier versions.
+    pub time: DateTime<Utc>,
     pub size: u64,
 }
 
@@ -331,21 +425,21 @@ pub struct Plan {
     pub segments: Vec<SegmentObject>,
     /// The restore time the plan was made for (`None`: latest).
     at: Option<DateTime<Utc>>,
-    /// Segments from the snapshot's WAL on that were uploaded after `at`:
-    /// not replayed, only named in gap errors ("uploaded after the restore
+    /// Segments from the snapshot's WAL on that were committed after `at`:
+    /// not replayed, only named in gap errors ("committed after the restore
     /// time"). Empty when `at` is `None`.
     late: Vec<SegmentObject>,
 }
 
 impl Plan {
-    /// The state the plan restores, as an upload time: the latest
-    /// `last_modified` of its snapshot and segments (what
-    /// [`RestorePoint::time`] will be if replay succeeds).
+    /// The state the plan restores, as a commit time: the latest commit time
+    /// of its snapshot and segments (what [`RestorePoint::time`] will be if
+    /// replay succeeds). Everything restored had committed by then.
     pub fn time(&self) -> DateTime<Utc> {
         self.segments
             .iter()
-            .map(|s| s.uploaded)
-            .fold(self.snapshot.uploaded, DateTime::max)
+            .map(|s| s.time)
+            .fold(self.snapshot.time, DateTime::max)
     }
 }
 
@@ -356,7 +450,7 @@ pub struct RestorePoint {
     pub snapshot_index: u64,
     /// End of the last segment replayed (start of the snapshot's WAL if none).
     pub position: Position,
-    /// Upload time of the last object used (snapshot or segment).
+    /// Commit time of the newest object used (snapshot or segment).
     pub time: DateTime<Utc>,
     pub segments: usize,
     /// Size of the restored database file.
@@ -364,18 +458,22 @@ pub struct RestorePoint {
 }
 
 fn snapshot_object(meta: ObjectMeta) -> Option<SnapshotObject> {
+    let (index, time) = parse_snapshot_name_time(meta.location.filename()?)?;
     Some(SnapshotObject {
-        index: parse_snapshot_name(meta.location.filename()?)?,
+        index,
         uploaded: meta.last_modified,
+        time: time.unwrap_or(meta.last_modified),
         size: meta.size,
         location: meta.location,
     })
 }
 
 fn segment_object(meta: ObjectMeta) -> Option<SegmentObject> {
+    let (pos, time) = parse_segment_name_time(meta.location.filename()?)?;
     Some(SegmentObject {
-        pos: parse_segment_name(meta.location.filename()?)?,
+        pos,
         uploaded: meta.last_modified,
+        time: time.unwrap_or(meta.last_modified),
         size: meta.size,
         location: meta.location,
     })
@@ -479,8 +577,6 @@ struct Expect {
     /// Known end of the previous segment of `index` (`None` while planning,
     /// before lengths are known).
     offset: Option<u64>,
-    /// Whether a segment of `index` was seen: only then may WAL `index + 1` follow.
-    started: bool,
 }
 
 /// Why a segment cannot follow: the position that should have come first.
@@ -503,9 +599,8 @@ fn check_next(e: Expect, pos: Position) -> std::result::Result<(), Break> {
             })),
             None => Ok(()),
         }
-    } else if !e.started {
-        Err(Break::Missing(Position::start(e.index)))
     } else if pos.index == e.index + 1 && pos.offset == WAL_HEADER_SIZE {
+        // Where WAL `index` ended is proven during replay, from `wal_ends`.
         Ok(())
     } else {
         Err(Break::Missing(Position::start(e.index + 1)))
@@ -513,11 +608,11 @@ fn check_next(e: Expect, pos: Position) -> std::result::Result<(), Break> {
 }
 
 fn describe(p: Position) -> String {
-    format!("{p}{SEGMENT_SUFFIX} (WAL {} offset {})", p.index, p.offset)
+    format!("{p}_* (WAL {} offset {})", p.index, p.offset)
 }
 
 /// `others`: segments not in the plan; one at the missing position was
-/// uploaded after `at` and is named as such.
+/// committed after `at` and is named as such.
 fn gap_error(
     key: &str,
     gen: &GenerationId,
@@ -541,11 +636,11 @@ fn gap_error(
             );
             if let (Some(t), Some(late)) = (at, others.iter().find(|s| s.pos == missing)) {
                 r.push_str(&format!(
-                    "; it was uploaded at {}, after the restore time {}: restore at or after that time, \
+                    "; it holds commits up to {}, after the restore time {}: restore at or after that time, \
                      or before {}",
-                    late.uploaded.to_rfc3339(),
+                    late.time.to_rfc3339(),
                     t.to_rfc3339(),
-                    found.uploaded.to_rfc3339()
+                    found.time.to_rfc3339()
                 ));
             }
             r
@@ -554,9 +649,52 @@ fn gap_error(
     Error::invalid(what, reason)
 }
 
+/// Replay reached `end` in WAL `end.index` and the next segment is in the
+/// next WAL: the metadata must record that WAL `end.index` ended exactly
+/// there, or segments at its end may be missing.
+fn check_wal_end(key: &str, plan: &Plan, meta: Option<&Metadata>, end: Position) -> Result<()> {
+    let what = || format!("generation {} of {key:?}", plan.generation);
+    let Some(m) = meta else {
+        return Err(Error::invalid(
+            what(),
+            format!(
+                "metadata.json is missing, so nothing proves that WAL {} ended at {}; refusing to replay into WAL {}",
+                end.index,
+                describe(end),
+                end.index + 1
+            ),
+        ));
+    };
+    match m.wal_ends.iter().find(|p| p.index == end.index) {
+        Some(recorded) if *recorded == end => Ok(()),
+        Some(recorded) => Err(Error::invalid(
+            what(),
+            format!(
+                "WAL {} ended at {} (metadata.json), but the segments present end at {}: \
+                 WAL segment(s) from {} to {} are missing; refusing to restore past a gap",
+                end.index,
+                describe(*recorded),
+                describe(end),
+                describe(end),
+                describe(*recorded)
+            ),
+        )),
+        None => Err(Error::invalid(
+            what(),
+            format!(
+                "metadata.json does not record where WAL {} ended (segments present end at {}); \
+                 refusing to replay into WAL {}",
+                end.index,
+                describe(end),
+                end.index + 1
+            ),
+        )),
+    }
+}
+
 /// Chooses what to restore from one generation at `at` (`None`: latest): its
-/// newest snapshot uploaded at or before `at`, and every segment after that
-/// snapshot uploaded at or before `at`, in order. `Ok(None)` when no snapshot
+/// newest snapshot committed at or before `at`, and every segment after that
+/// snapshot committed at or before `at`, in order. `Ok(None)` when no snapshot
 /// qualifies. Fails on gaps visible from names alone (a WAL whose first
 /// segment is not at offset 32, a skipped WAL index); gaps inside a WAL are
 /// found during replay, when segment lengths are known.
@@ -569,8 +707,8 @@ pub fn plan(
     let Some(snapshot) = listing
         .snapshots
         .iter()
-        .filter(|s| ok(s.uploaded))
-        .max_by_key(|s| (s.index, s.uploaded))
+        .filter(|s| ok(s.time))
+        .max_by_key(|s| (s.index, s.time))
         .cloned()
     else {
         return Ok(None);
@@ -580,19 +718,32 @@ pub fn plan(
         .iter()
         .filter(|s| s.pos.index >= snapshot.index)
         .cloned()
-        .partition(|s| ok(s.uploaded));
+        .partition(|s| ok(s.time));
     segments.sort_by_key(|s| s.pos);
+    // Commit times grow with positions; a segment committed after `at`
+    // before one committed at or before it (a clock that went back) would
+    // be skipped in the middle of the history: a gap, named as such.
+    if let Some(first_late) = late.iter().min_by_key(|s| s.pos) {
+        if let Some(after) = segments.iter().find(|s| s.pos > first_late.pos) {
+            return Err(gap_error(
+                key,
+                &listing.id,
+                &late,
+                at,
+                Break::Missing(first_late.pos),
+                after,
+            ));
+        }
+    }
     let mut e = Expect {
         index: snapshot.index,
         offset: Some(WAL_HEADER_SIZE),
-        started: false,
     };
     for s in &segments {
         check_next(e, s.pos).map_err(|b| gap_error(key, &listing.id, &late, at, b, s))?;
         e = Expect {
             index: s.pos.index,
             offset: None,
-            started: true,
         };
     }
     Ok(Some(Plan {
@@ -629,7 +780,7 @@ fn db_page_size(file: &File, what: &str) -> Result<u32> {
 }
 
 /// Plans a restore of `key` at `at` (`None`: the latest state) without
-/// downloading anything: the newest generation with a snapshot uploaded at
+/// downloading anything: the newest generation with a snapshot committed at
 /// or before `at`, planned by [`plan`]. Lists the generation ids once, then
 /// the snapshots of generations newest first until one qualifies, and the
 /// segments of that one only. `Ok(None)` when no generation has such a
@@ -641,7 +792,7 @@ pub async fn plan_latest(
 ) -> Result<Option<Plan>> {
     for id in list_generation_ids(replica, key).await? {
         let snapshots = list_snapshots(replica, key, &id).await?;
-        if !snapshots.iter().any(|s| at.is_none_or(|t| s.uploaded <= t)) {
+        if !snapshots.iter().any(|s| at.is_none_or(|t| s.time <= t)) {
             continue;
         }
         let listing = GenerationListing {
@@ -655,7 +806,7 @@ pub async fn plan_latest(
 }
 
 /// Restores `key` into `out` (opened for reading and writing; its contents
-/// are replaced) from the newest generation with a snapshot uploaded at or
+/// are replaced) from the newest generation with a snapshot committed at or
 /// before `at` (`None`: the latest state). See the module docs for the rules.
 /// `out` is synced but not integrity-checked: the caller owns its path.
 /// [`plan_latest`] then [`restore_plan`].
@@ -687,6 +838,14 @@ pub async fn restore_plan(
     out: &mut File,
 ) -> Result<RestorePoint> {
     let snap = &plan.snapshot;
+    // Needed to prove where each replayed WAL ended, and how far the latest
+    // state reaches.
+    let crosses = plan.segments.iter().any(|s| s.pos.index != snap.index);
+    let meta = if crosses || plan.at.is_none() {
+        read_metadata(replica, key, &plan.generation).await?
+    } else {
+        None
+    };
     let mut file = out
         .try_clone()
         .map_err(|e| output_error("duplicating the handle", e))?;
@@ -730,20 +889,19 @@ pub async fn restore_plan(
         .buffered(SEGMENT_PREFETCH);
 
     let mut pos = Position::start(snap.index);
-    let mut started = false;
     let mut chain: Option<ChainLink> = None;
-    let mut time = snap.uploaded;
+    let mut time = snap.time;
     let mut applied = 0usize;
     while let Some(next) = fetches.next().await {
         let (seg, compressed) = next?;
         let e = Expect {
             index: pos.index,
             offset: Some(pos.offset),
-            started,
         };
         check_next(e, seg.pos)
             .map_err(|b| gap_error(key, &plan.generation, &plan.late, plan.at, b, &seg))?;
         if seg.pos.index != pos.index {
+            check_wal_end(key, plan, meta.as_ref(), pos)?;
             chain = None;
         }
         let what = seg.location.to_string();
@@ -764,9 +922,25 @@ pub async fn restore_plan(
             index: seg.pos.index,
             offset: seg.pos.offset + len,
         };
-        time = time.max(seg.uploaded);
-        started = true;
+        time = time.max(seg.time);
         applied += 1;
+    }
+    if let (None, Some(m)) = (plan.at, &meta) {
+        // The latest state reaches at least what was recorded as shipped
+        // (the start of the next WAL is where the previous one ended).
+        let next_wal = m.last == Position::start(pos.index + 1) && m.wal_ends.contains(&pos);
+        if m.last > pos && !next_wal {
+            return Err(Error::invalid(
+                format!("generation {} of {key:?}", plan.generation),
+                format!(
+                    "metadata.json records WAL frames shipped up to {}, but the segments present end at {}: \
+                     WAL segment(s) from {} on are missing; refusing to restore",
+                    describe(m.last),
+                    describe(pos),
+                    describe(pos)
+                ),
+            ));
+        }
     }
     let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
         file.sync_all().map_err(|e| output_error("fsync", e))?;
@@ -808,13 +982,14 @@ fn lz4_content_checksum(path: &Path) -> Result<u32> {
 }
 
 /// Compresses the database file `db` (which must not change meanwhile: a
-/// copy made for this purpose) into `tmp_dir` and uploads it as snapshot
-/// `index` of `gen`. Returns its [`Metadata`] entry.
+/// copy made for this purpose, complete at `committed`) into `tmp_dir` and
+/// uploads it as snapshot `index` of `gen`. Returns its [`Metadata`] entry.
 pub async fn upload_snapshot(
     replica: &Replica,
     key: &str,
     gen: &GenerationId,
     index: u64,
+    committed: DateTime<Utc>,
     db: &Path,
     tmp_dir: &Path,
 ) -> Result<SnapshotEntry> {
@@ -832,7 +1007,7 @@ pub async fn upload_snapshot(
     })
     .await
     .map_err(|e| Error::invalid("snapshot", format!("task failed: {e}")))??;
-    let location = snapshot_path(&replica.prefix, key, gen, index);
+    let location = snapshot_path(&replica.prefix, key, gen, index, committed);
     replica.upload_file(&location, &tmp).await?;
     Ok(SnapshotEntry {
         index,
@@ -843,8 +1018,9 @@ pub async fn upload_snapshot(
 }
 
 /// LZ4-compresses committed WAL frames read at `pos` (as
-/// [`wal::read_committed`] returns them) and uploads them as one segment.
-/// Returns the end position, where the next segment of this WAL starts.
+/// [`wal::read_committed`] returns them, from a read that began at
+/// `committed`) and uploads them as one segment. Returns the end position,
+/// where the next segment of this WAL starts.
 /// Compression runs inline: LZ4 handles a few hundred MB/s per core, so a
 /// segment costs milliseconds.
 pub async fn upload_segment(
@@ -852,10 +1028,11 @@ pub async fn upload_segment(
     key: &str,
     gen: &GenerationId,
     pos: Position,
+    committed: DateTime<Utc>,
     frames: &[u8],
 ) -> Result<Position> {
     check_key(key)?;
-    let location = segment_path(&replica.prefix, key, gen, pos);
+    let location = segment_path(&replica.prefix, key, gen, pos, committed);
     if frames.is_empty() || pos.offset < WAL_HEADER_SIZE {
         return Err(Error::invalid(
             &location,
@@ -946,20 +1123,40 @@ mod tests {
     fn paths_and_names() {
         let g = GenerationId::parse("fffffe6b2f5c7e1f0123abcd").unwrap();
         let p = ObjPath::from("pre");
+        // 0x19aab6f76e8 ms; a time between milliseconds is rounded up.
+        let at = DateTime::from_timestamp_millis(1_763_812_800_232).unwrap();
+        let just_after = at - Duration::nanoseconds(999_999);
+        let snap = snapshot_path(&p, "a/b", &g, 3, just_after);
         assert_eq!(
-            snapshot_path(&p, "a/b", &g, 3).as_ref(),
-            "pre/a/b/generations/fffffe6b2f5c7e1f0123abcd/snapshots/0000000000000003.snapshot.lz4"
+            snap.as_ref(),
+            "pre/a/b/generations/fffffe6b2f5c7e1f0123abcd/snapshots/0000000000000003_0000019aab6f76e8.snapshot.lz4"
+        );
+        assert_eq!(
+            parse_snapshot_name_time(snap.filename().unwrap()),
+            Some((3, Some(at)))
         );
         let pos = Position {
             index: 2,
             offset: 4152,
         };
-        let s = segment_path(&p, "a/b", &g, pos);
+        let s = segment_path(&p, "a/b", &g, pos, at);
         assert_eq!(
             s.as_ref(),
-            "pre/a/b/generations/fffffe6b2f5c7e1f0123abcd/wal/0000000000000002_0000000000001038.wal.lz4"
+            "pre/a/b/generations/fffffe6b2f5c7e1f0123abcd/wal/0000000000000002_0000000000001038_0000019aab6f76e8.wal.lz4"
         );
-        assert_eq!(parse_segment_name(s.filename().unwrap()), Some(pos));
+        assert_eq!(
+            parse_segment_name_time(s.filename().unwrap()),
+            Some((pos, Some(at)))
+        );
+        // Names of earlier versions carry no time.
+        assert_eq!(
+            parse_segment_name_time("0000000000000002_0000000000001038.wal.lz4"),
+            Some((pos, None))
+        );
+        assert_eq!(
+            parse_snapshot_name_time("0000000000000003.snapshot.lz4"),
+            Some((3, None))
+        );
         assert_eq!(
             metadata_path(&p, "a/b", &g).as_ref(),
             "pre/a/b/generations/fffffe6b2f5c7e1f0123abcd/metadata.json"
@@ -981,6 +1178,7 @@ mod tests {
             "0000000000000002_0000000000000000.wal.lz4", // before the first frame
             "0000000000000002-0000000000001038.wal.lz4",
             "0000000000000002_0000000000001038_1.wal.lz4",
+            "0000000000000002_0000000000001038_0000019aab6f76e8_0.wal.lz4",
             "0000000000000002_00000000000010é.wal.lz4",
             "_.wal.lz4",
             "0000000000000002_0000000000001038.snapshot.lz4",
@@ -989,11 +1187,17 @@ mod tests {
         }
     }
 
+    /// A commit time as names record it (whole milliseconds).
+    fn named_time(t: DateTime<Utc>) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(commit_millis(t) as i64).unwrap()
+    }
+
     fn snap(index: u64, up: i64) -> SnapshotObject {
         SnapshotObject {
             index,
             location: ObjPath::from(format!("s/{index}")),
             uploaded: t(up),
+            time: t(up),
             size: 1,
         }
     }
@@ -1004,6 +1208,7 @@ mod tests {
             pos,
             location: ObjPath::from(format!("w/{pos}")),
             uploaded: t(up),
+            time: t(up),
             size: 1,
         }
     }
@@ -1048,10 +1253,13 @@ mod tests {
         assert_eq!((p.snapshot.index, positions(&p)), (2, vec![(2, 32)]));
         let p = plan(&l, "k", None).unwrap().unwrap();
         assert_eq!(positions(&p), vec![(2, 32), (2, 500)]);
-        // Each WAL from the snapshot's on must have segments before the next.
+        // A WAL without segments (restarted before any frame) may be followed
+        // by the next one: replay proves where it ended from the metadata.
         let l = listing(vec![snap(0, 0)], vec![seg(1, 32, 1)]);
-        let e = plan(&l, "k", None).unwrap_err().to_string();
-        assert!(e.contains("(WAL 0 offset 32) is missing"), "{e}");
+        assert_eq!(
+            positions(&plan(&l, "k", None).unwrap().unwrap()),
+            vec![(1, 32)]
+        );
     }
 
     #[test]
@@ -1060,7 +1268,7 @@ mod tests {
         let l = listing(vec![snap(3, 0)], vec![seg(3, 1000, 1)]);
         let e = plan(&l, "k", None).unwrap_err().to_string();
         assert!(
-            e.contains("0000000000000003_0000000000000020.wal.lz4 (WAL 3 offset 32) is missing"),
+            e.contains("0000000000000003_0000000000000020_* (WAL 3 offset 32) is missing"),
             "{e}"
         );
         // A whole WAL index skipped.
@@ -1122,8 +1330,9 @@ mod tests {
             PathBuf::from(format!("{}-wal", self.db.display()))
         }
 
-        /// Ships everything committed as one segment; returns its upload time.
+        /// Ships everything committed as one segment; returns its commit time.
         async fn ship(&mut self, r: &Replica) -> DateTime<Utc> {
+            let committed = named_time(Utc::now());
             let wp = self.wal();
             let f = File::open(&wp).unwrap();
             let cur = match self.cursor {
@@ -1137,14 +1346,13 @@ mod tests {
             else {
                 panic!("continuity lost")
             };
-            let end = upload_segment(r, "k", &self.gen, cur.pos, &bytes)
+            let end = upload_segment(r, "k", &self.gen, cur.pos, committed, &bytes)
                 .await
                 .unwrap();
             assert_eq!(end, next.pos);
             self.cursor = Some(next);
             tick().await;
-            let loc = segment_path(&r.prefix, "k", &self.gen, cur.pos);
-            r.store.head(&loc).await.unwrap().last_modified
+            committed
         }
 
         /// TRUNCATE checkpoint (after shipping everything), then snapshot the
@@ -1166,12 +1374,12 @@ mod tests {
             self.cursor = None;
             let copy = tmp.join("copy.db");
             std::fs::copy(&self.db, &copy).unwrap();
-            upload_snapshot(r, "k", &self.gen, self.index, &copy, tmp)
+            let committed = named_time(Utc::now());
+            upload_snapshot(r, "k", &self.gen, self.index, committed, &copy, tmp)
                 .await
                 .unwrap();
             tick().await;
-            let loc = snapshot_path(&r.prefix, "k", &self.gen, self.index);
-            r.store.head(&loc).await.unwrap().last_modified
+            committed
         }
     }
 
@@ -1240,8 +1448,10 @@ mod tests {
         let mut wal1 = Vec::new();
         for n in [5, 1, 30] {
             w.commit(n);
-            wal1.push(w.cursor.map_or(Position::start(1), |c| c.pos));
-            points.push((w.ship(&r).await, w.rows, 1));
+            let pos = w.cursor.map_or(Position::start(1), |c| c.pos);
+            let committed = w.ship(&r).await;
+            wal1.push((pos, committed));
+            points.push((committed, w.rows, 1));
         }
         for pair in points.windows(2) {
             assert!(pair[0].0 < pair[1].0, "upload times are distinct");
@@ -1268,9 +1478,9 @@ mod tests {
         let gens = list_generations(&r, "k").await.unwrap();
         assert_eq!(gens.len(), 1);
         assert_eq!((gens[0].snapshots.len(), gens[0].segments), (2, 6));
-        assert_eq!(gens[0].first_upload, Some(points[0].0));
-        assert_eq!(gens[0].last_upload, Some(points.last().unwrap().0));
-        assert_eq!(gens[0].last_segment, Some(wal1[2]));
+        // Listing times: when the uploads finished.
+        assert!(gens[0].first_upload < gens[0].last_upload);
+        assert_eq!(gens[0].last_segment, Some(wal1[2].0));
 
         // Metadata round trip.
         let meta = Metadata {
@@ -1295,7 +1505,7 @@ mod tests {
         assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), Some(meta));
 
         // A middle segment of WAL 1 goes missing: restore fails and names it.
-        let middle = segment_path(&r.prefix, "k", &w.gen, wal1[1]);
+        let middle = segment_path(&r.prefix, "k", &w.gen, wal1[1].0, wal1[1].1);
         r.delete(&middle).await.unwrap();
         let e = restore_rows(&r, None, tmp.path())
             .await
@@ -1303,8 +1513,8 @@ mod tests {
             .to_string();
         assert!(
             e.contains(&format!(
-                "{}.wal.lz4 (WAL 1 offset {}) is missing",
-                wal1[1], wal1[1].offset
+                "{}_* (WAL 1 offset {}) is missing",
+                wal1[1].0, wal1[1].0.offset
             )),
             "{e}"
         );
@@ -1341,20 +1551,21 @@ mod tests {
             .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
             .unwrap();
         let g = new_generation_id(Utc::now());
-        let e = upload_snapshot(&r, "k", &g, 0, &db, tmp.path())
+        let now = Utc::now();
+        let e = upload_snapshot(&r, "k", &g, 0, now, &db, tmp.path())
             .await
             .unwrap();
         assert_eq!(e.size, std::fs::metadata(&db).unwrap().len());
         assert!(e.checksum.starts_with("xxh32:") && e.checksum.len() == 14);
         // Corrupting the stored checksum makes the decoder refuse the object.
-        let loc = snapshot_path(&r.prefix, "k", &g, 0);
+        let loc = snapshot_path(&r.prefix, "k", &g, 0, now);
         let mut obj = r.get_bytes(&loc).await.unwrap().unwrap().to_vec();
         assert_eq!(obj.len() as u64, e.compressed_size);
         let n = obj.len();
         obj[n - 1] ^= 0xff;
         let mut sink = tempfile::tempfile().unwrap();
         assert!(snapshot::decompress(&obj[..], "x", &mut sink).is_err());
-        assert!(upload_segment(&r, "k", &g, Position::start(0), &[])
+        assert!(upload_segment(&r, "k", &g, Position::start(0), now, &[])
             .await
             .is_err());
         assert!(list_generation_ids(&r, "../x").await.is_err());

@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tempfile::{NamedTempFile, TempPath};
 use tokio::sync::Semaphore;
@@ -145,8 +145,16 @@ pub struct Shipper {
     state: WalState,
     /// Frames read but not uploaded yet, and where they start.
     pending: Option<(Position, Vec<u8>)>,
+    /// When the read of `pending` began: every frame in it had committed by
+    /// then (its commit time, see [`crate::generation`]).
+    pending_time: DateTime<Utc>,
     /// The generation's snapshot, not uploaded yet.
     snapshot: Option<TempPath>,
+    /// When the snapshot copy was complete (its commit time).
+    snapshot_time: DateTime<Utc>,
+    /// The newest generation already in the replica (listed before a new
+    /// one starts): a new id never sorts older than it, whatever the clock.
+    newest: Option<GenerationId>,
     /// The last read reached the end of the valid frames and a read
     /// transaction has been held continuously since.
     tip: bool,
@@ -294,7 +302,10 @@ impl Shipper {
             meta: None,
             state: WalState::Awaiting { index: 0 },
             pending: None,
+            pending_time: DateTime::UNIX_EPOCH,
             snapshot: None,
+            snapshot_time: DateTime::UNIX_EPOCH,
+            newest: None,
             tip: false,
             moved: false,
             cut_short: false,
@@ -371,7 +382,10 @@ impl Shipper {
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(sqlite(&db))?;
         let now = Utc::now();
-        let id = generation::new_generation_id(now);
+        let id = generation::new_generation_id_after(now, self.newest.as_ref());
+        // Never before the id's time, so the new generation's objects do not
+        // sort before the older generation's on a clock that went back.
+        self.snapshot_time = now.max(id.created());
         self.meta = Some(Metadata {
             generation: id.clone(),
             page_size,
@@ -434,6 +448,7 @@ impl Shipper {
                     let Some(f) = &file else {
                         return Ok(Step::Lost("the WAL file was deleted".into()));
                     };
+                    let read_at = Utc::now();
                     match wal::read_committed(f, &self.wal, &cur, MAX_SEGMENT_BYTES)? {
                         ReadOutcome::Frames { bytes, next, .. } => {
                             // A read cut short by the size limit is not the tip.
@@ -443,6 +458,7 @@ impl Shipper {
                                 return Ok(Step::Idle);
                             }
                             self.pending = Some((cur.pos, bytes));
+                            self.pending_time = read_at.max(self.snapshot_time);
                             self.state = WalState::Reading(next);
                             self.moved = true;
                             return Ok(Step::Frames);
@@ -747,6 +763,15 @@ async fn sync(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<
     for _ in 0..4 {
         let needs_generation = slot.as_ref().is_some_and(|s| s.generation.is_none());
         if needs_generation {
+            if let Some(s) = slot.as_mut() {
+                // One LIST per generation start (rare): the new id must sort
+                // first even if this host's clock is behind the one that
+                // created the newest generation.
+                s.newest = generation::list_generation_ids(&ctx.replica, &s.key)
+                    .await?
+                    .into_iter()
+                    .next();
+            }
             let tmp = ctx.temp_dir.clone();
             blocking(slot, move |s| s.begin_generation(&tmp)).await??;
             ctx.stats.generations.fetch_add(1, Ordering::Relaxed);
@@ -798,7 +823,16 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
     if let Some(copy) = s.snapshot.take() {
         let r = {
             let _permit = ctx.permits.acquire().await;
-            generation::upload_snapshot(&ctx.replica, &s.key, &gen, 0, &copy, &ctx.temp_dir).await
+            generation::upload_snapshot(
+                &ctx.replica,
+                &s.key,
+                &gen,
+                0,
+                s.snapshot_time,
+                &copy,
+                &ctx.temp_dir,
+            )
+            .await
         };
         match r {
             Ok(entry) => {
@@ -819,10 +853,20 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
             }
         }
     }
+    let starts_wal = s
+        .pending
+        .as_ref()
+        .is_some_and(|(pos, _)| pos.index > 0 && pos.offset == WAL_HEADER_SIZE);
+    if starts_wal && s.meta_dirty {
+        // Where the previous WAL ended must be in the replica before any
+        // segment of the next one: restore proves continuity from it.
+        write_meta(ctx, s).await?;
+    }
     if let Some((pos, bytes)) = s.take_pending() {
         let r = {
             let _permit = ctx.permits.acquire().await;
-            generation::upload_segment(&ctx.replica, &s.key, &gen, pos, &bytes).await
+            generation::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, &bytes)
+                .await
         };
         match r {
             Ok(_end) => {
@@ -850,13 +894,7 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
     if s.meta_dirty {
         // Written with the snapshot, at each WAL restart and at close; not per
         // segment, which would double the request count.
-        let last = s.position_shipped();
-        if let Some(m) = &mut s.meta {
-            m.last = last;
-            let _permit = ctx.permits.acquire().await;
-            generation::write_metadata(&ctx.replica, &s.key, m).await?;
-        }
-        s.meta_dirty = false;
+        write_meta(ctx, s).await?;
     }
     // After the metadata: a restore that sees the event sees the generation.
     if let (true, Some(tx)) = (snapshot_shipped, &ctx.events) {
@@ -867,6 +905,18 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
             at: std::time::Instant::now(),
         });
     }
+    Ok(())
+}
+
+/// Writes the generation's metadata, with `last` at what was shipped.
+async fn write_meta(ctx: &HotContext, s: &mut Shipper) -> Result<()> {
+    let last = s.position_shipped();
+    if let Some(m) = &mut s.meta {
+        m.last = last;
+        let _permit = ctx.permits.acquire().await;
+        generation::write_metadata(&ctx.replica, &s.key, m).await?;
+    }
+    s.meta_dirty = false;
     Ok(())
 }
 

@@ -48,6 +48,8 @@ struct Db {
     dir: TempDir,
     /// Cold snapshots taken so far (each is named one hour later).
     colds: i64,
+    /// Commit time of each generation snapshot uploaded, by index.
+    gen_snapshots: Vec<(u64, DateTime<Utc>)>,
 }
 
 impl std::ops::Deref for Db {
@@ -70,6 +72,7 @@ impl Db {
             w: GenWriter::create(dir.path().join("db.db"), key, 200),
             dir,
             colds: 0,
+            gen_snapshots: Vec::new(),
         }
     }
 
@@ -84,9 +87,20 @@ impl Db {
         self.w.checkpoint(shipped);
         let copy = self.dir.path().join("copy.db");
         std::fs::copy(self.path(), &copy).unwrap();
-        generation::upload_snapshot(r, &self.key, &self.gen, self.index, &copy, self.dir.path())
-            .await
-            .unwrap();
+        let committed = Utc::now();
+        let index = self.index;
+        generation::upload_snapshot(
+            r,
+            &self.key,
+            &self.gen,
+            index,
+            committed,
+            &copy,
+            self.dir.path(),
+        )
+        .await
+        .unwrap();
+        self.gen_snapshots.push((index, committed));
         mark().await
     }
 
@@ -108,7 +122,12 @@ impl Db {
     }
 
     fn gen_snapshot_path(&self, r: &Replica, index: u64) -> ObjPath {
-        generation::snapshot_path(&r.prefix, &self.key, &self.gen, index)
+        let (_, committed) = self
+            .gen_snapshots
+            .iter()
+            .find(|(i, _)| *i == index)
+            .unwrap();
+        generation::snapshot_path(&r.prefix, &self.key, &self.gen, index, *committed)
     }
 }
 
@@ -192,8 +211,9 @@ both_backends!(generation_newer_than_cold_is_restored, |b| async move {
         object,
         format!("{} + 2 WAL segments", db.gen_snapshot_path(&r, 0))
     );
-    let last = generation::segment_path(&r.prefix, "p/d/t", &db.gen, last);
-    assert_eq!(uploaded, listed_time(&r, &last).await);
+    // The commit time of the last segment (taken when its WAL read began).
+    let (pos, committed) = *db.shipped.last().unwrap();
+    assert_eq!((pos, uploaded), (last, committed));
 });
 
 both_backends!(cold_newer_than_generation_is_restored, |b| async move {
@@ -266,18 +286,14 @@ both_backends!(gap_fails_loudly_and_leaves_no_output, |b| async move {
     let (middle, _) = db.ship(&r).await;
     db.commit(4);
     db.ship(&r).await;
-    r.delete(&generation::segment_path(
-        &r.prefix, "p/d/t", &db.gen, middle,
-    ))
-    .await
-    .unwrap();
+    r.delete(&db.segment_path(&r, middle)).await.unwrap();
 
     let e = restore_at(&f, "p/d/t", None).await.unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(
         msg.contains(&format!(
-            "{middle}.wal.lz4 (WAL 0 offset {}) is missing",
+            "{middle}_* (WAL 0 offset {}) is missing",
             middle.offset
         )),
         "{msg}"

@@ -48,18 +48,28 @@ impl<'a> Names<'a> {
     }
 
     async fn snapshot(&self, gen: &GenerationId, index: u64) -> String {
-        generation::upload_snapshot(self.r, KEY, gen, index, &self.tmp.join("db"), &self.tmp)
-            .await
-            .unwrap();
-        generation::snapshot_path(&self.r.prefix, KEY, gen, index).to_string()
+        let now = Utc::now();
+        generation::upload_snapshot(
+            self.r,
+            KEY,
+            gen,
+            index,
+            now,
+            &self.tmp.join("db"),
+            &self.tmp,
+        )
+        .await
+        .unwrap();
+        generation::snapshot_path(&self.r.prefix, KEY, gen, index, now).to_string()
     }
 
     async fn segment(&self, gen: &GenerationId, index: u64, offset: u64) -> String {
         let pos = Position { index, offset };
-        generation::upload_segment(self.r, KEY, gen, pos, &[7u8; 100])
+        let now = Utc::now();
+        generation::upload_segment(self.r, KEY, gen, pos, now, &[7u8; 100])
             .await
             .unwrap();
-        generation::segment_path(&self.r.prefix, KEY, gen, pos).to_string()
+        generation::segment_path(&self.r.prefix, KEY, gen, pos, now).to_string()
     }
 
     async fn metadata(&self, gen: &GenerationId) -> String {
@@ -353,22 +363,20 @@ impl Writer {
     }
 
     /// Uploads the database file as the snapshot of the current WAL index;
-    /// returns its upload time as listed.
-    async fn snapshot(&self, r: &Replica) -> DateTime<Utc> {
+    /// returns its listing time (retention decides by it) and a time at which
+    /// it is both uploaded and committed (restore selects by commit time).
+    async fn snapshot(&self, r: &Replica) -> (DateTime<Utc>, DateTime<Utc>) {
         let copy = self.tmp.join("copy.db");
         std::fs::copy(&self.db, &copy).unwrap();
-        generation::upload_snapshot(r, KEY, &self.gen, self.index, &copy, &self.tmp)
+        generation::upload_snapshot(r, KEY, &self.gen, self.index, Utc::now(), &copy, &self.tmp)
             .await
             .unwrap();
         // Upload times are file mtimes or S3 times in milliseconds: keep the
         // next upload in a later tick so point-in-time restores are exact.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let listed = generation::list_snapshots(r, KEY, &self.gen).await.unwrap();
-        listed
-            .iter()
-            .find(|s| s.index == self.index)
-            .unwrap()
-            .uploaded
+        let s = listed.iter().find(|s| s.index == self.index).unwrap();
+        (s.uploaded, s.uploaded.max(s.time))
     }
 }
 
@@ -403,7 +411,7 @@ both_backends!(
         let mut w = Writer::new(f.work.path());
         w.commit(10);
         w.checkpoint(false);
-        let snap0 = w.snapshot(&r).await;
+        let (_, snap0) = w.snapshot(&r).await;
         w.commit(5);
         w.ship(&r).await;
         w.commit(3);
@@ -414,13 +422,13 @@ both_backends!(
         w.ship(&r).await;
         // WAL 2 starts with snapshot 2.
         w.checkpoint(true);
-        let snap2 = w.snapshot(&r).await;
+        let (snap2_up, snap2) = w.snapshot(&r).await;
         w.commit(6);
         let wal2_first = w.ship(&r).await;
         w.commit(2);
         let wal2_second = w.ship(&r).await;
         assert_eq!(w.rows, 30);
-        assert!(snap0 < snap2 - chrono::Duration::milliseconds(1));
+        assert!(snap0 < snap2_up - chrono::Duration::milliseconds(1));
         let before = generation::list_generation(&r, KEY, &w.gen).await.unwrap();
         assert_eq!(
             before.snapshots.iter().map(|s| s.index).collect::<Vec<_>>(),
@@ -436,7 +444,7 @@ both_backends!(
         let report = enforce(
             &r,
             MONTH,
-            now_for_cutoff(snap2 - chrono::Duration::milliseconds(1)),
+            now_for_cutoff(snap2_up - chrono::Duration::milliseconds(1)),
         )
         .await
         .unwrap();
@@ -454,14 +462,14 @@ both_backends!(
         );
 
         // Cutoff at snapshot 2's upload: snapshot 0 and WALs 0 and 1 go.
-        let report = enforce(&r, MONTH, now_for_cutoff(snap2)).await.unwrap();
+        let report = enforce(&r, MONTH, now_for_cutoff(snap2_up)).await.unwrap();
         assert_eq!(report, hot(1, 0, 1, 3));
         let after = generation::list_generation(&r, KEY, &w.gen).await.unwrap();
         assert_eq!(
             after.snapshots.iter().map(|s| s.index).collect::<Vec<_>>(),
             vec![2]
         );
-        assert_eq!(after.snapshots[0].uploaded, snap2);
+        assert_eq!(after.snapshots[0].uploaded, snap2_up);
         assert_eq!(
             segment_positions(&after),
             vec![

@@ -6,8 +6,8 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use chrono::Utc;
-use litefleet::generation::{self, GenerationId};
+use chrono::{DateTime, Utc};
+use litefleet::generation::{self, GenerationId, Metadata};
 use litefleet::storage::Replica;
 use litefleet::wal::{self, Position, ReadOutcome, WalCursor};
 use rusqlite::Connection;
@@ -23,6 +23,11 @@ pub struct GenWriter {
     /// Where the next segment starts; `None` before the current WAL's first.
     pub cursor: Option<WalCursor>,
     pub gen: GenerationId,
+    /// Every segment shipped: where it starts and its commit time.
+    pub shipped: Vec<(Position, DateTime<Utc>)>,
+    /// Where each finished WAL ended, as the shipper records it in the
+    /// generation's metadata.
+    pub wal_ends: Vec<Position>,
     /// Width of each row's text value (pads pages to the size a test needs).
     row_width: usize,
 }
@@ -45,6 +50,8 @@ impl GenWriter {
             index: 0,
             cursor: None,
             gen: generation::new_generation_id(Utc::now()),
+            shipped: Vec::new(),
+            wal_ends: Vec::new(),
             row_width,
         }
     }
@@ -66,6 +73,14 @@ impl GenWriter {
     /// Ships every committed frame not shipped yet as one segment; returns
     /// where it starts.
     pub async fn ship(&mut self, r: &Replica) -> Position {
+        // As names record it: whole milliseconds, rounded up.
+        let committed =
+            DateTime::from_timestamp_millis(generation::commit_millis(Utc::now()) as i64).unwrap();
+        if self.cursor.is_none() && self.index > 0 {
+            // As the shipper does: where the previous WAL ended is recorded
+            // before the first segment of the next one.
+            self.write_metadata(r).await;
+        }
         let wp = PathBuf::from(format!("{}-wal", self.db.display()));
         let f = File::open(&wp).unwrap();
         let cur = match self.cursor {
@@ -77,12 +92,39 @@ impl GenWriter {
         else {
             panic!("WAL continuity lost")
         };
-        let end = generation::upload_segment(r, &self.key, &self.gen, cur.pos, &bytes)
+        let end = generation::upload_segment(r, &self.key, &self.gen, cur.pos, committed, &bytes)
             .await
             .unwrap();
         assert_eq!(end, next.pos);
         self.cursor = Some(next);
+        self.shipped.push((cur.pos, committed));
         cur.pos
+    }
+
+    /// The object of the segment shipped at `pos`.
+    pub fn segment_path(&self, r: &Replica, pos: Position) -> object_store::path::Path {
+        let (_, committed) = self
+            .shipped
+            .iter()
+            .find(|(p, _)| *p == pos)
+            .expect("a segment shipped at that position");
+        generation::segment_path(&r.prefix, &self.key, &self.gen, pos, *committed)
+    }
+
+    /// Writes the generation's metadata as the shipper would now.
+    pub async fn write_metadata(&self, r: &Replica) {
+        let meta = Metadata {
+            generation: self.gen.clone(),
+            page_size: 1024,
+            created: self.gen.created(),
+            first: Position::start(0),
+            last: self.cursor.map_or(Position::start(self.index), |c| c.pos),
+            snapshots: Vec::new(),
+            wal_ends: self.wal_ends.clone(),
+        };
+        generation::write_metadata(r, &self.key, &meta)
+            .await
+            .unwrap();
     }
 
     /// TRUNCATE checkpoint (everything was shipped): the database file holds
@@ -95,6 +137,8 @@ impl GenWriter {
             .unwrap();
         assert_eq!(busy, 0);
         if new_wal {
+            self.wal_ends
+                .push(self.cursor.map_or(Position::start(self.index), |c| c.pos));
             self.index += 1;
         }
         self.cursor = None;

@@ -98,7 +98,8 @@ pub struct RestoreArgs {
     /// With --prefix: databases restored at once [default: 16].
     #[arg(long, value_parser = parse_concurrency)]
     pub concurrency: Option<usize>,
-    /// Restore the newest snapshot uploaded at or before this time (RFC 3339).
+    /// Restore the newest state the replica holds as of this time (RFC 3339):
+    /// nothing committed after it is included.
     #[arg(long, value_parser = parse_timestamp)]
     pub timestamp: Option<DateTime<Utc>>,
     /// Exit successfully if the replica has no snapshot of the database
@@ -109,6 +110,10 @@ pub struct RestoreArgs {
     /// (with --prefix: skip databases whose output exists).
     #[arg(long)]
     pub if_db_not_exists: bool,
+    /// If the newest cold snapshot is damaged, restore the next older state
+    /// (with a warning) instead of failing.
+    #[arg(long)]
+    pub allow_older: bool,
 }
 
 /// Upper bound for --concurrency: beyond this the blocking thread pool and
@@ -135,6 +140,7 @@ async fn restore_prefix(replica: &Replica, prefix: String, args: RestoreArgs) ->
             .unwrap_or(restore::DEFAULT_BULK_CONCURRENCY),
         if_db_not_exists: args.if_db_not_exists,
         if_replica_exists: args.if_replica_exists,
+        allow_older: args.allow_older,
     };
     tracing::info!(prefix = %opts.prefix, output = %opts.output_dir.display(), concurrency = opts.concurrency, "bulk restore from {replica}");
     let reporter = progress::BulkReporter::for_stderr();
@@ -407,6 +413,7 @@ async fn run(cli: Cli) -> Result<()> {
                 timestamp: args.timestamp,
                 if_replica_exists: args.if_replica_exists,
                 if_db_not_exists: args.if_db_not_exists,
+                allow_older: args.allow_older,
             };
             let bar = progress::download_bar(&opts.target);
             let result = restore::restore_with_progress(

@@ -48,6 +48,14 @@ pub enum Error {
     #[error("{what}: {reason}")]
     Invalid { what: String, reason: String },
 
+    /// A replica object failed a content check: its LZ4 frame is malformed
+    /// or fails its checksum, or what it holds is not a SQLite database or
+    /// fails `PRAGMA integrity_check`. The only error restore may answer by
+    /// trying an older copy (and only when asked to, `--allow-older`);
+    /// transport and local errors are never taken for damage.
+    #[error("{what}: {reason}")]
+    Damaged { what: String, reason: String },
+
     /// Nothing in the replica matches what was asked for.
     #[error("{0}")]
     NotFound(String),
@@ -82,6 +90,13 @@ impl Error {
         Error::Store {
             key: key.to_string(),
             source,
+        }
+    }
+
+    pub fn damaged(what: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        Error::Damaged {
+            what: what.to_string(),
+            reason: reason.into(),
         }
     }
 

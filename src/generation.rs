@@ -1081,7 +1081,6 @@ pub async fn read_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ReplicaConfig, ReplicaUrl};
     use crate::wal::{ReadOutcome, WalCursor};
     use chrono::{Duration, TimeZone};
     use rusqlite::Connection;
@@ -1287,15 +1286,7 @@ mod tests {
     // ---- end to end against file:// ----
 
     fn file_replica(dir: &Path) -> Replica {
-        let cfg: ReplicaConfig =
-            serde_yaml_ng::from_str(&format!("url: file://{}", dir.display())).unwrap();
-        Replica::open(
-            &ReplicaUrl::File {
-                dir: dir.to_path_buf(),
-            },
-            &cfg,
-        )
-        .unwrap()
+        Replica::for_test_dir(dir)
     }
 
     struct Writer {

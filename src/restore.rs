@@ -11,35 +11,52 @@
 //! that one of the patterns matches) to a key and finds, at the restore time
 //! `T` (`--timestamp`, or now):
 //!
-//! * the newest cold snapshot uploaded at or before `T` ([`choose`]);
+//! * the newest cold snapshot taken at or before `T` ([`choose_cold`]): each
+//!   cold object records when its copy began and was complete
+//!   ([`snapshot::SnapshotTimes`], read with a ranged GET of its first
+//!   bytes). An object named hour `H` was complete before `H`; objects
+//!   without the record (earlier versions) are used only if `H <= T`;
 //! * the newest generation restore point at or before `T`
 //!   ([`generation::plan_latest`]): the newest generation with a snapshot
-//!   uploaded at or before `T`, that snapshot and its segments uploaded at or
-//!   before `T`.
+//!   committed at or before `T`, that snapshot and its segments committed at
+//!   or before `T` (commit times are in the object names).
 //!
-//! Both are decided from listings alone, nothing is downloaded to choose.
+//! The store's listing times are never used to decide what a restore at `T`
+//! may include: S3 gives them in whole seconds.
 //! Whichever represents the **later state** is restored ([`choose_tier`]):
-//! a cold snapshot's state is its upload time, a generation restore point's
-//! is the latest upload time of the snapshot and segments it uses
-//! ([`generation::Plan::time`]). On a tie the generation wins. Either way the
-//! output is written atomically:
+//! a cold snapshot's state is when its copy began (it holds every commit
+//! before), a generation restore point's is the commit time of the newest
+//! object it uses ([`generation::Plan::time`]). On a tie the generation wins.
+//! Either way the output is written atomically:
 //!
+//! 0. refuse an output that exists, and an output whose `-wal`, `-shm` or
+//!    `-journal` exists: SQLite would replay or roll back such a leftover
+//!    onto the restored file when it is first opened;
 //! 1. write it into a temporary file next to the output: stream a cold
 //!    snapshot through the LZ4 frame decoder, or download the generation
 //!    snapshot and replay its WAL segments ([`generation::restore_plan`]);
 //!    LZ4 content checksums are verified by the decoder,
 //! 2. `fsync` it, check the SQLite header and run `PRAGMA integrity_check`,
-//! 3. rename it over the output name and `fsync` the directory.
+//! 3. rename it to the output name **without replacing** anything (an output
+//!    that appeared meanwhile is an error, never overwritten), `fsync` the
+//!    directory, and check the database again at its final path
+//!    (`quick_check`, with no side file present).
 //!
 //! A crash or an error at any point leaves either no output or a complete,
 //! checked one.
 //!
 //! Failures:
 //!
-//! * A damaged **cold** snapshot (LZ4 checksum or integrity check fails) is
-//!   skipped with a warning and the choice is made again without it: the
-//!   next older cold snapshot, or the generation if that is now the later
-//!   state.
+//! * Only **damage** ([`Error::Damaged`]: a malformed LZ4 frame, a failed
+//!   checksum, not a SQLite database, a failed integrity check) is taken for
+//!   a bad copy. A damaged cold snapshot fails the restore, naming it and
+//!   the older state that could be restored instead; with `--allow-older`
+//!   it is skipped with a warning and the choice is made again without it
+//!   (the next older cold snapshot, or the generation if that is now the
+//!   later state).
+//! * Transport errors while downloading are retried ([`DOWNLOAD_ATTEMPTS`])
+//!   and then fail the restore; local errors (disk full at the output) fail
+//!   it at once; so does any error that is not classified as damage.
 //! * Any failure of the **hot** tier once it was chosen (a gap in the WAL
 //!   segments, a broken checksum chain, a damaged generation snapshot or
 //!   segment, a failed integrity check) fails the restore loudly. It never
@@ -50,11 +67,6 @@
 //!   (`--timestamp` at its upload time, or `lz4 -d` of the object).
 //! * Nothing in either tier at or before `T` is [`Error::NotFound`] (or
 //!   [`RestoreOutcome::NoReplica`] with `--if-replica-exists`).
-//!
-//! Point in time: an object's `last_modified` is when its upload finished,
-//! which is after the copy was taken (cold) or the frames were committed
-//! (hot), so "uploaded at or before T" guarantees the output holds nothing
-//! written after T.
 //!
 //! Listing ([`list_databases`], [`list`]) reads every object under a prefix
 //! once, as a stream: cold snapshots give their key (or `dir/stem` when
@@ -112,6 +124,9 @@ pub struct RestoreOptions {
     pub if_replica_exists: bool,
     /// Succeed quietly when the output already exists.
     pub if_db_not_exists: bool,
+    /// Restore the next older state when the newest cold snapshot is damaged
+    /// (else that is an error naming both).
+    pub allow_older: bool,
 }
 
 /// Which tier of the replica a database was restored from.
@@ -305,15 +320,103 @@ pub async fn snapshots(replica: &Replica, key: &str) -> Result<Vec<SnapshotInfo>
     Ok(found)
 }
 
-/// Picks the snapshot to restore: the newest, or the newest uploaded at or before `at`.
-pub fn choose(snaps: &[SnapshotInfo], at: Option<DateTime<Utc>>) -> Option<&SnapshotInfo> {
-    snaps
-        .iter()
-        .filter(|s| at.is_none_or(|t| s.uploaded <= t))
-        .max_by_key(|s| (s.hour, s.uploaded))
+/// How many times a download interrupted by a transport error (a reset
+/// connection, a 5xx in the middle of a body) is tried in all. The S3 client
+/// already retries each request before it returns; this covers a body that
+/// breaks after the response started, which it cannot retry.
+pub const DOWNLOAD_ATTEMPTS: u32 = 3;
+/// Wait before the first retry of a download; doubled for each further one.
+const RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
+/// One hour: an object named hour `H` holds a copy completed in `[H - 1h, H)`.
+const HOUR_SECS: i64 = 3600;
+
+/// A cold snapshot chosen for a restore.
+#[derive(Debug, Clone)]
+struct ColdChoice {
+    info: SnapshotInfo,
+    /// The times it recorded; `None` for objects of earlier versions, or
+    /// when they were not needed (a latest restore with no hot tier).
+    times: Option<snapshot::SnapshotTimes>,
 }
 
-/// Picks the tier holding the later state, given the upload time of the
+impl ColdChoice {
+    /// The state it holds, to compare with the hot tier: when its copy began
+    /// (it holds every commit before); the listing time without a record.
+    fn state_time(&self) -> DateTime<Utc> {
+        self.times.map_or(self.info.uploaded, |t| t.started)
+    }
+
+    /// A `--timestamp` that selects it: when its copy was complete, or its
+    /// hour name for objects without a record.
+    fn restorable_at(&self) -> DateTime<Utc> {
+        self.times.map_or(self.info.hour, |t| t.taken)
+    }
+}
+
+/// Reads the times recorded at the start of a cold snapshot object (a
+/// ranged GET of a few bytes); `None` when it has none.
+async fn recorded_times(
+    replica: &Replica,
+    s: &SnapshotInfo,
+) -> Result<Option<snapshot::SnapshotTimes>> {
+    if s.size < snapshot::RECORD_LEN as u64 {
+        return Ok(None);
+    }
+    let head = replica
+        .store
+        .get_range(&s.location, 0..snapshot::RECORD_LEN as u64)
+        .await
+        .map_err(|e| Error::store(&s.location, e))?;
+    Ok(snapshot::SnapshotTimes::decode(&head))
+}
+
+/// The cold snapshot to restore: the newest, or the newest whose copy was
+/// complete at or before `at` (see the module docs). `with_times`: read the
+/// record of the newest one too (needed to compare it with the hot tier).
+async fn choose_cold(
+    replica: &Replica,
+    snaps: &[SnapshotInfo],
+    at: Option<DateTime<Utc>>,
+    with_times: bool,
+) -> Result<Option<ColdChoice>> {
+    let mut newest_first: Vec<&SnapshotInfo> = snaps.iter().collect();
+    newest_first.sort_by_key(|s| std::cmp::Reverse((s.hour, s.uploaded)));
+    let Some(t) = at else {
+        let Some(&s) = newest_first.first() else {
+            return Ok(None);
+        };
+        let times = if with_times {
+            recorded_times(replica, s).await?
+        } else {
+            None
+        };
+        return Ok(Some(ColdChoice {
+            info: s.clone(),
+            times,
+        }));
+    };
+    for s in newest_first {
+        if s.hour - chrono::Duration::seconds(HOUR_SECS) > t {
+            // Completed at or after the hour before its name: after `at`.
+            continue;
+        }
+        let times = recorded_times(replica, s).await?;
+        let usable = match times {
+            Some(r) => r.taken <= t,
+            // Earlier versions: only the name is certain.
+            None => s.hour <= t,
+        };
+        if usable {
+            return Ok(Some(ColdChoice {
+                info: s.clone(),
+                times,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Picks the tier holding the later state, given the state time of the
 /// chosen cold snapshot and the [`Plan::time`] of the chosen generation
 /// restore point (each `None` when that tier has nothing). A tie goes to the
 /// hot tier: its state is at least as new and it is never older than the
@@ -329,12 +432,12 @@ pub fn choose_tier(cold: Option<DateTime<Utc>>, hot: Option<DateTime<Utc>>) -> O
 
 /// What a database is restored from.
 enum Source<'a> {
-    Cold(&'a SnapshotInfo),
+    Cold(&'a ColdChoice),
     Hot(&'a Plan),
 }
 
-fn pick<'a>(cold: Option<&'a SnapshotInfo>, hot: Option<&'a Plan>) -> Option<Source<'a>> {
-    match choose_tier(cold.map(|s| s.uploaded), hot.map(Plan::time))? {
+fn pick<'a>(cold: Option<&'a ColdChoice>, hot: Option<&'a Plan>) -> Option<Source<'a>> {
+    match choose_tier(cold.map(ColdChoice::state_time), hot.map(Plan::time))? {
         Tier::Cold => cold.map(Source::Cold),
         Tier::Hot => hot.map(Source::Hot),
     }
@@ -377,9 +480,15 @@ pub async fn restore_with_progress(
             "already exists; remove it or pass --if-db-not-exists",
         ));
     }
+    refuse_side_files(&opts.output)?;
     let snaps = snapshots(replica, &key).await?;
     let at = opts.timestamp;
-    match restore_key(replica, &key, snaps, true, at, &opts.output, on_bytes).await? {
+    let how = How {
+        hot: true,
+        at,
+        allow_older: opts.allow_older,
+    };
+    match restore_key(replica, &key, snaps, how, &opts.output, on_bytes).await? {
         Some(r) => Ok(RestoreOutcome::Restored {
             key,
             tier: r.tier,
@@ -395,11 +504,52 @@ pub async fn restore_with_progress(
     }
 }
 
-/// ` uploaded at or before <at>` for messages about what a restore at `at`
-/// found nothing of; empty for the latest state.
+/// ` at or before <at>` for messages about what a restore at `at` found
+/// nothing of; empty for the latest state.
 pub(crate) fn uploaded_by(at: Option<DateTime<Utc>>) -> String {
-    at.map(|t| format!(" uploaded at or before {}", t.to_rfc3339()))
+    at.map(|t| format!(" at or before {}", t.to_rfc3339()))
         .unwrap_or_default()
+}
+
+/// The side files SQLite would apply to a database at `output` when it is
+/// first opened: a leftover `-wal` is replayed onto it, a `-journal` rolled
+/// back into it, a `-shm` taken for its WAL index.
+pub fn side_files(output: &Path) -> Vec<PathBuf> {
+    ["-wal", "-shm", "-journal"]
+        .iter()
+        .map(|suffix| {
+            let mut p = output.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+}
+
+/// Fails when `output` has side files (see [`side_files`]), naming them.
+fn refuse_side_files(output: &Path) -> Result<()> {
+    let found = side_files(output);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::invalid(
+        output.display(),
+        format!(
+            "leftover {} of an earlier database exist(s) next to the output; SQLite would apply \
+             them to the restored database when it is first opened. Move or delete them first",
+            names.join(", ")
+        ),
+    ))
+}
+
+/// What [`restore_key`] is asked to do.
+#[derive(Debug, Clone, Copy)]
+struct How {
+    /// List and plan the key's generations too.
+    hot: bool,
+    at: Option<DateTime<Utc>>,
+    allow_older: bool,
 }
 
 /// What [`restore_key`] installed.
@@ -410,59 +560,77 @@ struct Restored {
     uploaded: DateTime<Utc>,
 }
 
-/// Restores `key` at `at` into `output` from the tier holding the later
+/// Restores `key` at `how.at` into `output` from the tier holding the later
 /// state (see the module docs); `Ok(None)` when neither tier has anything at
 /// or before `at`. `snaps` are its cold snapshots; its generations are only
-/// listed when `hot` is set.
+/// listed when `how.hot` is set.
 ///
-/// A damaged cold snapshot (a partial write by a store without atomic PUT,
-/// bit rot) fails the LZ4 content checksum recorded at upload or the
-/// integrity check, so it is never installed: it is dropped, the choice is
-/// made again and the fallback is logged as a warning. Store and local I/O
-/// errors are not damage and stop the restore, and so does any failure of
+/// A damaged cold snapshot ([`Error::Damaged`]: a partial write by a store
+/// without atomic PUT, bit rot) fails the LZ4 content checksum recorded at
+/// upload or the integrity check, so it is never installed. The restore then
+/// fails naming it and the next older state, unless `how.allow_older`: then
+/// it is dropped, the choice is made again and the fallback is logged as a
+/// warning. Every other error stops the restore, and so does any failure of
 /// the hot tier (see [`hot_failed`]).
 async fn restore_key(
     replica: &Replica,
     key: &str,
     mut snaps: Vec<SnapshotInfo>,
-    hot: bool,
-    at: Option<DateTime<Utc>>,
+    how: How,
     output: &Path,
     on_bytes: Option<OnBytes>,
 ) -> Result<Option<Restored>> {
-    let plan = if hot {
-        generation::plan_latest(replica, key, at)
-            .await
-            .map_err(|e| hot_failed(e, choose(&snaps, at)))?
+    let at = how.at;
+    let plan = if how.hot {
+        match generation::plan_latest(replica, key, at).await {
+            Ok(p) => p,
+            Err(e) => {
+                let cold = choose_cold(replica, &snaps, at, false).await.ok().flatten();
+                return Err(hot_failed(e, cold.as_ref()));
+            }
+        }
     } else {
         None
     };
     let mut damaged: Option<(SnapshotInfo, Error)> = None;
     loop {
-        let cold = choose(&snaps, at);
-        let source = pick(cold, plan.as_ref());
+        let cold = choose_cold(replica, &snaps, at, plan.is_some()).await?;
+        let source = pick(cold.as_ref(), plan.as_ref());
         if let Some((bad, e)) = damaged.take() {
             let fallback = match &source {
                 None => return Err(e),
-                Some(Source::Cold(s)) => s.location.to_string(),
+                Some(Source::Cold(c)) => c.info.location.to_string(),
                 Some(Source::Hot(p)) => describe_plan(p),
             };
-            tracing::warn!(object = %bad.location, error = %e, %fallback, "snapshot is damaged; restoring the next older state");
+            if !how.allow_older {
+                return Err(Error::damaged(
+                    &bad.location,
+                    format!(
+                        "{e}; not restoring the next older state ({fallback}) by itself: \
+                         pass --allow-older to restore it"
+                    ),
+                ));
+            }
+            tracing::warn!(object = %bad.location, error = %e, %fallback, "snapshot is damaged; restoring the next older state (--allow-older)");
         }
         let snap = match source {
             None => return Ok(None),
             Some(Source::Hot(p)) => {
-                return match install_plan(replica, key, p, output, on_bytes).await {
+                let installed = with_retries(&describe_plan(p), || {
+                    install_plan(replica, key, p, output, on_bytes.clone())
+                })
+                .await;
+                return match installed {
                     Ok(point) => Ok(Some(Restored {
                         tier: Tier::Hot,
                         object: describe_plan(p),
                         bytes: point.bytes,
                         uploaded: point.time,
                     })),
-                    Err(e) => Err(hot_failed(e, cold)),
+                    Err(e) => Err(hot_failed(e, cold.as_ref())),
                 };
             }
-            Some(Source::Cold(s)) => s.clone(),
+            Some(Source::Cold(c)) => c.info.clone(),
         };
         match fetch_to_with_progress(replica, &snap.location, output, on_bytes.clone()).await {
             Ok(bytes) => {
@@ -473,7 +641,7 @@ async fn restore_key(
                     uploaded: snap.uploaded,
                 }))
             }
-            Err(e @ (Error::Invalid { .. } | Error::Sqlite { .. })) => {
+            Err(e @ Error::Damaged { .. }) => {
                 snaps.retain(|s| s.location != snap.location);
                 damaged = Some((snap, e));
             }
@@ -482,23 +650,62 @@ async fn restore_key(
     }
 }
 
+/// Whether an error of a download is worth trying again: the store failed
+/// in a way that is not an answer about the object (a reset connection, a
+/// body cut short, a 5xx after the client's own retries).
+fn transient(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Store {
+            source: object_store::Error::Generic { .. },
+            ..
+        }
+    )
+}
+
+/// Runs a download (which writes a fresh temporary file each time) up to
+/// [`DOWNLOAD_ATTEMPTS`] times while it fails with a [`transient`] error.
+async fn with_retries<T, F, Fut>(what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(e) if n < DOWNLOAD_ATTEMPTS && transient(&e) => {
+                tracing::warn!(object = %what, attempt = n, error = %e, "download failed; retrying");
+                tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(n - 1)).await;
+                n += 1;
+            }
+            Err(e) if transient(&e) => {
+                return Err(Error::invalid(
+                    what,
+                    format!("download failed {DOWNLOAD_ATTEMPTS} times, the last with: {e}"),
+                ))
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The error of a failed hot-tier restore. Damage (a gap, a broken chain, a
 /// bad object, a failed check) is never papered over with an older cold
 /// snapshot; when there is one, the error says how to restore it on
 /// purpose. Store and local I/O errors are returned as they are.
-fn hot_failed(e: Error, cold: Option<&SnapshotInfo>) -> Error {
+fn hot_failed(e: Error, cold: Option<&ColdChoice>) -> Error {
     match (&e, cold) {
-        (Error::Invalid { .. } | Error::Sqlite { .. }, Some(c)) => {
+        (Error::Invalid { .. } | Error::Damaged { .. } | Error::Sqlite { .. }, Some(c)) => {
             let t = c
-                .uploaded
+                .restorable_at()
                 .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
             Error::invalid(
                 "hot-tier restore (WAL generation)",
                 format!(
-                    "{e}; not falling back to the older cold snapshot {} (uploaded {t}) by \
+                    "{e}; not falling back to the older cold snapshot {} (taken {t}) by \
                      itself: to restore that one, pass --timestamp {t}, or decompress the \
                      object with `lz4 -d`",
-                    c.location
+                    c.info.location
                 ),
             )
         }
@@ -537,26 +744,105 @@ impl Staged {
     }
 
     /// `fsync`s the temporary file, checks the SQLite header and runs
-    /// `PRAGMA integrity_check`, renames it over the output and `fsync`s the
-    /// directory (blocking). `what` names the source in errors.
+    /// `PRAGMA integrity_check`, renames it to the output without replacing
+    /// anything, `fsync`s the directory and checks the database again at its
+    /// final path (blocking). `what` names the source in errors.
     fn install(self, what: &str) -> Result<()> {
         let Staged { file, tmp, output } = self;
         file.sync_all().at(&*tmp)?;
         drop(file);
         if !crate::discover::has_sqlite_header(&tmp).at(&*tmp)? {
-            return Err(Error::invalid(
+            return Err(Error::damaged(
                 what,
                 "restored data is not a SQLite database",
             ));
         }
-        snapshot::integrity_check(&tmp)?;
-        tmp.persist(&output)
-            .map_err(|e| Error::io(&output, e.error))?;
+        snapshot::integrity_check(&tmp).map_err(|e| as_damage(what, e))?;
+        // Side files that appeared since the restore began would be applied
+        // to the restored database on its first open.
+        refuse_side_files(&output)?;
+        let tmp = tmp.keep().map_err(|e| Error::io(&output, e.error))?;
+        if let Err(e) = rename_noreplace(&tmp, &output) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::invalid(
+                    output.display(),
+                    "appeared while the restore ran; not overwritten (the restored copy was discarded)",
+                )
+            } else {
+                Error::io(&output, e)
+            });
+        }
         if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
         }
+        // What a reader of the output will see: with no side file present,
+        // the database as installed.
+        let checked = refuse_side_files(&output)
+            .and_then(|()| snapshot::check(&output, "quick_check").map_err(|e| as_damage(what, e)));
+        if let Err(e) = checked {
+            // Ours since the rename: nothing else can have it yet.
+            let _ = std::fs::remove_file(&output);
+            for f in side_files(&output) {
+                tracing::warn!(path = %f.display(), "side file next to a restore output that failed its final check; left in place");
+            }
+            return Err(e);
+        }
         Ok(())
     }
+}
+
+/// A failed check of restored data is damage of what it came from; SQLite
+/// errors that say the file is not a sound database are too. Anything else
+/// (a local I/O error, disk full) is not.
+fn as_damage(what: &str, e: Error) -> Error {
+    let corrupt = |e: &rusqlite::Error| {
+        matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+        )
+    };
+    match e {
+        Error::Invalid { reason, .. } => Error::damaged(what, reason),
+        Error::Sqlite { ref source, .. } if corrupt(source) => Error::damaged(what, e.to_string()),
+        other => other,
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), so an
+/// output that appeared after the existence check is never overwritten:
+/// `renameat2(RENAME_NOREPLACE)` where the kernel and filesystem have it,
+/// else a hard link (which fails if `to` exists) and an unlink of `from`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+        };
+        let (f, t) = (c(from)?, c(to)?);
+        // SAFETY: both are valid NUL-terminated paths that outlive the call.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL | libc::ENOSYS | libc::ENOTSUP) => {}
+            _ => return Err(e),
+        }
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
 }
 
 /// Restores a generation plan of `key` and installs it at `output` like a
@@ -597,6 +883,19 @@ pub async fn fetch_to_with_progress(
     output: &Path,
     on_bytes: Option<OnBytes>,
 ) -> Result<u64> {
+    with_retries(location.as_ref(), || {
+        fetch_once(replica, location, output, on_bytes.clone())
+    })
+    .await
+}
+
+/// One attempt of [`fetch_to_with_progress`].
+async fn fetch_once(
+    replica: &Replica,
+    location: &ObjPath,
+    output: &Path,
+    on_bytes: Option<OnBytes>,
+) -> Result<u64> {
     let got = replica
         .store
         .get(location)
@@ -612,14 +911,15 @@ pub async fn fetch_to_with_progress(
                 f(received, total);
             }
         })
-        .map_err(|e| std::io::Error::other(e.to_string()));
+        .map_err(snapshot::StreamError::io);
     let reader = tokio_util::io::StreamReader::new(stream);
     let bridge = tokio_util::io::SyncIoBridge::new(reader);
     let output = output.to_path_buf();
     let what = location.to_string();
     blocking(move || {
         let mut staged = Staged::new(&output)?;
-        let n = snapshot::decompress(bridge, &what, &mut staged.file)?;
+        let tmp = staged.tmp.to_path_buf();
+        let n = snapshot::decompress_to(bridge, &what, &mut staged.file, &tmp)?;
         staged.install(&what)?;
         Ok(n)
     })
@@ -753,6 +1053,8 @@ pub struct BulkOptions {
     pub if_db_not_exists: bool,
     /// Succeed with nothing to do when the prefix holds no database (else an error).
     pub if_replica_exists: bool,
+    /// As [`RestoreOptions::allow_older`], for every database.
+    pub allow_older: bool,
 }
 
 /// How one database of a bulk restore ended.
@@ -836,10 +1138,15 @@ async fn restore_one(
                 "already exists; remove it or pass --if-db-not-exists",
             ))
         }
+    } else if let Err(e) = refuse_side_files(&output) {
+        BulkOutcome::Failed(e)
     } else {
-        let hot = !listed.generations.is_empty();
-        let at = opts.timestamp;
-        match restore_key(replica, &key, listed.snapshots, hot, at, &output, None).await {
+        let how = How {
+            hot: !listed.generations.is_empty(),
+            at: opts.timestamp,
+            allow_older: opts.allow_older,
+        };
+        match restore_key(replica, &key, listed.snapshots, how, &output, None).await {
             Ok(None) => BulkOutcome::SkippedNoSnapshotAtTime,
             Ok(Some(r)) => BulkOutcome::Restored {
                 tier: r.tier,
@@ -923,14 +1230,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn chooses_newest_at_or_before() {
+    #[tokio::test]
+    async fn without_a_record_only_the_hour_name_counts() {
+        // Objects of earlier versions (too small to hold a record, so nothing
+        // is read): usable at T only if their hour name is at or before T,
+        // whatever their listing time says.
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(dir.path());
         let s = vec![snap(2, 10), snap(3, 50), snap(4, 5)];
-        assert_eq!(choose(&s, None).unwrap().hour, s[2].hour);
+        let hour = |c: Option<ColdChoice>| c.map(|c| c.info.hour);
+        let pick = |t| choose_cold(&r, &s, t, true);
+        assert_eq!(hour(pick(None).await.unwrap()), Some(s[2].hour));
         let t = Utc.with_ymd_and_hms(2026, 11, 22, 2, 55, 0).unwrap();
-        assert_eq!(choose(&s, Some(t)).unwrap().hour, s[1].hour);
+        assert_eq!(hour(pick(Some(t)).await.unwrap()), Some(s[0].hour));
+        let t = Utc.with_ymd_and_hms(2026, 11, 22, 3, 0, 0).unwrap();
+        assert_eq!(hour(pick(Some(t)).await.unwrap()), Some(s[1].hour));
         let t = Utc.with_ymd_and_hms(2026, 11, 22, 1, 9, 0).unwrap();
-        assert!(choose(&s, Some(t)).is_none());
+        assert!(pick(Some(t)).await.unwrap().is_none());
     }
 
     #[test]

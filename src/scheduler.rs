@@ -693,12 +693,13 @@ async fn upload_one(
 ) -> Result<u64> {
     let (key, stem) = key_for(&loaded, &path)
         .ok_or_else(|| Error::invalid(path.display(), "matches no pattern any more"))?;
-    let taken = chrono::Utc::now();
     let src = path.clone();
     let snap = tokio::task::spawn_blocking(move || snapshot::capture(&src, &temp_dir))
         .await
         .map_err(|e| Error::invalid(path.display(), format!("snapshot task failed: {e}")))??;
-    let location = layout::snapshot_path(&replica.prefix, &key, &stem, taken);
+    // Named by the hour after the copy was complete: an object named `H`
+    // holds nothing committed at or after `H`.
+    let location = layout::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);
     let bytes = replica.upload_file(&location, &snap.file).await?;
     tracing::debug!(
         path = %path.display(),

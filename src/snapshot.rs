@@ -13,6 +13,18 @@
 //! temporary file and then compressed in the LZ4 *frame* format (with content
 //! checksum) so `lz4 -d` can read any snapshot without litefleet.
 //!
+//! Every cold snapshot starts with a [`SnapshotTimes`] record in an LZ4
+//! *skippable frame* (which `lz4 -d` and every LZ4 frame decoder skip): when
+//! the copy began and when it was complete. Point-in-time restore selects by
+//! the recorded completion time, never by the store's listing time (whole
+//! seconds on S3, and the end of the upload rather than of the copy).
+//!
+//! [`decompress`] classifies what goes wrong: a malformed frame, a failed
+//! checksum or an object that ends early is [`Error::Damaged`]; an error of
+//! the download stream is [`Error::Store`] (the caller may retry); an error
+//! writing the output is [`Error::Io`]. Only damage may make a restore try an
+//! older copy.
+//!
 //! Everything here is blocking file I/O; the scheduler runs it on tokio's
 //! blocking pool.
 
@@ -21,6 +33,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 use tempfile::{NamedTempFile, TempPath};
 
@@ -35,6 +48,62 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// syscalls rare, small enough that 100 concurrent uploads cost little.
 pub const IO_BUFFER: usize = 256 * 1024;
 
+/// Magic of the skippable frame holding a [`SnapshotTimes`] record: one of
+/// the sixteen the LZ4 frame format reserves for user data
+/// (`0x184D2A50..=0x184D2A5F`), which decoders skip.
+const RECORD_MAGIC: u32 = 0x184D_2A5A;
+/// First bytes of the record's payload: names the format and its version.
+const RECORD_TAG: &[u8; 8] = b"lfsnap01";
+/// Payload: the tag and two times in Unix milliseconds (little endian).
+const RECORD_PAYLOAD: usize = 8 + 8 + 8;
+/// Bytes of the whole record frame at the start of a cold snapshot object:
+/// magic, payload length, payload. A ranged GET of this many bytes reads it.
+pub const RECORD_LEN: usize = 4 + 4 + RECORD_PAYLOAD;
+/// Any skippable frame: the magic without its low nibble.
+const SKIPPABLE_MASK: u32 = 0xFFFF_FFF0;
+const SKIPPABLE_BASE: u32 = 0x184D_2A50;
+
+/// When a cold snapshot's copy began and when it was complete: it holds
+/// every transaction committed before `started` and none committed after
+/// `taken`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotTimes {
+    pub started: DateTime<Utc>,
+    pub taken: DateTime<Utc>,
+}
+
+impl SnapshotTimes {
+    /// The record frame (see [`RECORD_LEN`]). `taken` is rounded up and
+    /// `started` down to the millisecond, so both stay true bounds.
+    fn encode(&self) -> [u8; RECORD_LEN] {
+        let mut b = [0u8; RECORD_LEN];
+        b[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&(RECORD_PAYLOAD as u32).to_le_bytes());
+        b[8..16].copy_from_slice(RECORD_TAG);
+        b[16..24].copy_from_slice(&self.started.timestamp_millis().to_le_bytes());
+        let taken = crate::generation::commit_millis(self.taken) as i64;
+        b[24..32].copy_from_slice(&taken.to_le_bytes());
+        b
+    }
+
+    /// The record at the start of an object (its first [`RECORD_LEN`] bytes
+    /// or more); `None` when the object has none (written by an earlier
+    /// version) or it is not ours.
+    pub fn decode(head: &[u8]) -> Option<SnapshotTimes> {
+        let b = head.get(..RECORD_LEN)?;
+        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let long = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if word(0) != RECORD_MAGIC || word(4) as usize != RECORD_PAYLOAD || &b[8..16] != RECORD_TAG
+        {
+            return None;
+        }
+        Some(SnapshotTimes {
+            started: DateTime::from_timestamp_millis(long(16))?,
+            taken: DateTime::from_timestamp_millis(long(24))?,
+        })
+    }
+}
+
 /// A compressed snapshot waiting in a temporary file.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -44,6 +113,8 @@ pub struct Snapshot {
     pub db_bytes: u64,
     /// Size of the compressed file.
     pub compressed_bytes: u64,
+    /// When the copy began and was complete (also recorded in the file).
+    pub times: SnapshotTimes,
 }
 
 /// Opens `path` read-only (no checkpoint on close, no WAL deletion).
@@ -105,7 +176,12 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
     let copy = NamedTempFile::with_prefix_in("copy-", tmp_dir)
         .at(tmp_dir)?
         .into_temp_path();
+    let started = Utc::now();
     backup_to(db, &copy)?;
+    let times = SnapshotTimes {
+        started,
+        taken: Utc::now(),
+    };
     // A corrupt or truncated source copies "successfully" page by page; never
     // let such a copy overwrite a good snapshot of the same hour.
     check(&copy, "quick_check").map_err(|e| {
@@ -116,6 +192,9 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
     })?;
     let db_bytes = std::fs::metadata(&copy).at(&*copy)?.len();
     let out = NamedTempFile::with_prefix_in("snap-", tmp_dir).at(tmp_dir)?;
+    (&mut out.as_file())
+        .write_all(&times.encode())
+        .at(out.path())?;
     compress(&copy, out.as_file())?;
     let file = out.into_temp_path();
     let compressed_bytes = std::fs::metadata(&file).at(&*file)?.len();
@@ -123,6 +202,7 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
         file,
         db_bytes,
         compressed_bytes,
+        times,
     })
 }
 
@@ -149,15 +229,108 @@ pub fn compress(src: &Path, out: &File) -> Result<()> {
     Ok(())
 }
 
-/// Decompresses an LZ4 frame stream into `dst`; returns the bytes written.
-pub fn decompress(src: impl Read, what: &str, dst: &mut File) -> Result<u64> {
-    let mut dec = lz4_flex::frame::FrameDecoder::new(BufReader::with_capacity(IO_BUFFER, src));
-    let mut w = BufWriter::with_capacity(IO_BUFFER, dst);
-    let n = std::io::copy(&mut dec, &mut w)
-        .map_err(|e| Error::invalid(what, format!("not a valid LZ4 snapshot: {e}")))?;
-    w.flush()
-        .map_err(|e| Error::invalid(what, format!("write failed: {e}")))?;
+/// Reads past leading skippable frames (such as the [`SnapshotTimes`]
+/// record); returns the first bytes of the LZ4 frame after them.
+fn skip_skippable(src: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    loop {
+        let mut magic = [0u8; 4];
+        let n = read_full(src, &mut magic)?;
+        if n < 4 || u32::from_le_bytes(magic) & SKIPPABLE_MASK != SKIPPABLE_BASE {
+            return Ok(magic[..n].to_vec());
+        }
+        let mut len = [0u8; 4];
+        src.read_exact(&mut len)?;
+        let len = u64::from(u32::from_le_bytes(len));
+        let skipped = std::io::copy(&mut src.take(len), &mut std::io::sink())?;
+        if skipped < len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// `read_exact` that reports how much it read at end of input.
+fn read_full(src: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match src.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(n)
+}
+
+/// An error of the stream a snapshot is read from (the download): carried
+/// through the decoder's `io::Error` and turned back into [`Error::Store`].
+#[derive(Debug)]
+pub struct StreamError(pub object_store::Error);
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+impl StreamError {
+    /// An `io::Error` for a stream of object bytes.
+    pub fn io(e: object_store::Error) -> std::io::Error {
+        std::io::Error::other(StreamError(e))
+    }
+}
+
+/// Classifies an error reading (and decoding) `what`; see the module docs.
+fn read_error(what: &str, e: std::io::Error) -> Error {
+    let inner = e.get_ref();
+    if inner.is_some_and(|i| i.is::<StreamError>()) {
+        let source = e
+            .into_inner()
+            .and_then(|i| i.downcast::<StreamError>().ok())
+            .map(|s| s.0)
+            .expect("checked above");
+        return Error::store(what, source);
+    }
+    if inner.is_some_and(|i| i.is::<lz4_flex::frame::Error>())
+        || e.kind() == std::io::ErrorKind::UnexpectedEof
+    {
+        return Error::damaged(what, format!("not a valid LZ4 snapshot: {e}"));
+    }
+    Error::invalid(what, format!("reading failed: {e}"))
+}
+
+/// Decompresses an LZ4 frame stream into `dst` (named `out` in errors),
+/// skipping leading skippable frames; returns the bytes written. Errors are
+/// classified (see the module docs).
+pub fn decompress_to(src: impl Read, what: &str, dst: &mut File, out: &Path) -> Result<u64> {
+    let mut src = BufReader::with_capacity(IO_BUFFER, src);
+    let head = skip_skippable(&mut src).map_err(|e| read_error(what, e))?;
+    let mut dec = lz4_flex::frame::FrameDecoder::new(std::io::Cursor::new(head).chain(src));
+    let mut w = BufWriter::with_capacity(IO_BUFFER, dst);
+    let mut buf = vec![0u8; IO_BUFFER];
+    let mut n = 0u64;
+    loop {
+        let k = match dec.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(what, e)),
+        };
+        w.write_all(&buf[..k]).at(out)?;
+        n += k as u64;
+    }
+    if n == 0 {
+        return Err(Error::damaged(what, "not a valid LZ4 snapshot: no frame"));
+    }
+    w.flush().at(out)?;
+    Ok(n)
+}
+
+/// [`decompress_to`] for an output without a path of its own.
+pub fn decompress(src: impl Read, what: &str, dst: &mut File) -> Result<u64> {
+    decompress_to(src, what, dst, Path::new("(restore output)"))
 }
 
 /// Runs `PRAGMA integrity_check` on a database file; `Err` names what failed.

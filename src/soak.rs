@@ -353,6 +353,7 @@ pub async fn soak(opts: SoakOptions) -> Result<SoakReport> {
                 timestamp: None,
                 if_replica_exists: false,
                 if_db_not_exists: false,
+                allow_older: false,
             };
             let r = restore::restore(&loaded, &plain, &opts).await;
             let ok = matches!(r, Ok(RestoreOutcome::Restored { .. }))

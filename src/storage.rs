@@ -96,6 +96,17 @@ impl std::fmt::Display for Replica {
 }
 
 impl Replica {
+    /// A `file://` replica at `dir`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test_dir(dir: &std::path::Path) -> Replica {
+        let cfg: crate::config::ReplicaConfig =
+            serde_yaml_ng::from_str(&format!("url: file://{}", dir.display())).unwrap();
+        let url = crate::config::ReplicaUrl::File {
+            dir: dir.to_path_buf(),
+        };
+        Replica::open(&url, &cfg).unwrap()
+    }
+
     /// The replica a validated config names.
     pub fn for_config(loaded: &Loaded) -> Result<Replica> {
         Replica::open(&loaded.replica, &loaded.multi_db().replica)

@@ -127,17 +127,40 @@ fn demo_config_replicates_and_restores() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("0 generation(s)"), "{}", stderr(&o));
-    // The object is a plain LZ4 frame of a SQLite database.
+    // The object is an LZ4 skippable frame (the snapshot's times, which LZ4
+    // decoders skip) and an LZ4 frame of a SQLite database.
     let obj = std::fs::read_dir(t.path().join("demo-replica/project0/db0/main/tenant00007"))
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
         .path();
-    let mut dec = lz4_flex::frame::FrameDecoder::new(std::fs::File::open(obj).unwrap());
+    let bytes = std::fs::read(&obj).unwrap();
+    let times = litefleet::snapshot::SnapshotTimes::decode(&bytes).expect("a times record");
+    assert!(times.started <= times.taken);
+    let record = litefleet::snapshot::RECORD_LEN;
+    assert_eq!(
+        bytes[..4],
+        0x184D_2A5Au32.to_le_bytes(),
+        "a skippable frame magic"
+    );
+    assert_eq!(
+        u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize,
+        record - 8
+    );
+    let mut dec = lz4_flex::frame::FrameDecoder::new(&bytes[record..]);
     let mut head = [0u8; 16];
     std::io::Read::read_exact(&mut dec, &mut head).unwrap();
     assert_eq!(&head, litefleet::discover::SQLITE_HEADER);
+    // The README's `lz4 -d`, where the lz4 tool is installed.
+    if let Ok(o) = std::process::Command::new("lz4")
+        .args(["-d", "-c"])
+        .arg(&obj)
+        .output()
+    {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(&o.stdout[..16], litefleet::discover::SQLITE_HEADER);
+    }
 }
 
 /// SIGTERM while uploads are in flight: they finish, the process exits 0, and

@@ -87,7 +87,14 @@ both_backends!(damaged_snapshot_is_never_chosen, |b| async move {
         .unwrap();
     let out = tempfile::tempdir().unwrap();
     let o = out.path().join("a.db");
-    f.restore("p/d/a", &o, None).await.unwrap();
+    // Never installed; the older snapshot only when asked for.
+    let e = f.restore("p/d/a", &o, None).await.unwrap_err();
+    assert!(matches!(e, litefleet::Error::Damaged { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains(&damaged) && msg.contains(&good), "{msg}");
+    assert!(msg.contains("--allow-older"), "{msg}");
+    assert!(!o.exists());
+    f.restore_allowing_older("p/d/a", &o).await.unwrap();
     assert_eq!(count_rows(&o), 3);
 
     // Flip one byte in the middle of the good object instead: checksum mismatch.

@@ -263,6 +263,7 @@ both_backends!(restore_flags_and_errors, |b| async move {
         timestamp: None,
         if_replica_exists: true,
         if_db_not_exists: true,
+        allow_older: false,
     };
     let r = litefleet::restore::restore(&f.loaded(), &f.replica(), &opts("p/d/x", &o))
         .await

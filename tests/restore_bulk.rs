@@ -61,6 +61,7 @@ fn opts(prefix: &str, dir: &Path) -> BulkOptions {
         timestamp: None,
         concurrency: 4,
         if_db_not_exists: false,
+        allow_older: false,
         if_replica_exists: false,
     }
 }
@@ -285,6 +286,7 @@ both_backends!(single_restore_reports_download_bytes, |b| async move {
         timestamp: None,
         if_replica_exists: false,
         if_db_not_exists: false,
+        allow_older: false,
     };
     let res = restore_with_progress(&f.loaded(), &f.replica(), &o, Some(hook))
         .await

@@ -34,8 +34,11 @@ use tempfile::TempDir;
 /// with millisecond precision. Events this far apart are ordered exactly.
 const SEPARATION: Duration = Duration::from_millis(25);
 
-/// A time after every upload so far and before every later one.
+/// A time after every upload so far and before every later one. Commit
+/// times in names are rounded up to the millisecond, so the time is taken
+/// only after the next millisecond began.
 async fn mark() -> DateTime<Utc> {
+    tokio::time::sleep(Duration::from_millis(2)).await;
     let t = Utc::now();
     tokio::time::sleep(SEPARATION).await;
     t
@@ -298,8 +301,10 @@ both_backends!(gap_fails_loudly_and_leaves_no_output, |b| async move {
         )),
         "{msg}"
     );
-    // Not silently replaced by the older cold snapshot, but named.
-    let cold_time = listed_time(&r, &cold).await;
+    // Not silently replaced by the older cold snapshot, but named, with the
+    // time its copy was complete (recorded at the start of the object).
+    let head = r.get_bytes(&cold).await.unwrap().unwrap();
+    let cold_time = snapshot::SnapshotTimes::decode(&head).unwrap().taken;
     let t = cold_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     assert!(msg.contains(&cold.to_string()), "{msg}");
     assert!(msg.contains(&format!("--timestamp {t}")), "{msg}");
@@ -355,8 +360,20 @@ both_backends!(
             .unwrap();
         // The newest cold snapshot is damaged; the next later state is the
         // generation's (15 rows), not the older cold snapshot's (4 rows).
-        let (tier, rows, _) = restore_at(&f, "p/d/t", None).await.unwrap();
-        assert_eq!((tier, rows), (Tier::Hot, 15));
+        let e = restore_at(&f, "p/d/t", None).await.unwrap_err();
+        assert!(matches!(e, Error::Damaged { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains(&cold.to_string()), "{msg}");
+        assert!(msg.contains("pass --allow-older"), "{msg}");
+        // Asked for: the next later state is the generation's (15 rows), not
+        // the older cold snapshot's (4 rows).
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.db");
+        let res = f.restore_allowing_older("p/d/t", &out).await.unwrap();
+        let RestoreOutcome::Restored { tier, .. } = res else {
+            panic!("{res:?}")
+        };
+        assert_eq!((tier, count_rows(&out)), (Tier::Hot, 15));
     }
 );
 
@@ -391,6 +408,7 @@ fn bulk(prefix: &str, dir: &Path, at: Option<DateTime<Utc>>) -> BulkOptions {
         timestamp: at,
         concurrency: 2,
         if_db_not_exists: false,
+        allow_older: false,
         if_replica_exists: false,
     }
 }

@@ -149,12 +149,33 @@ impl Fleet {
         out: &Path,
         at: Option<chrono::DateTime<chrono::Utc>>,
     ) -> litefleet::Result<RestoreOutcome> {
+        self.restore_with(target, out, at, false).await
+    }
+
+    /// The latest state, or the next older one if the newest cold snapshot
+    /// is damaged (`--allow-older`).
+    pub async fn restore_allowing_older(
+        &self,
+        target: &str,
+        out: &Path,
+    ) -> litefleet::Result<RestoreOutcome> {
+        self.restore_with(target, out, None, true).await
+    }
+
+    async fn restore_with(
+        &self,
+        target: &str,
+        out: &Path,
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        allow_older: bool,
+    ) -> litefleet::Result<RestoreOutcome> {
         let opts = RestoreOptions {
             target: target.to_string(),
             output: out.to_path_buf(),
             timestamp: at,
             if_replica_exists: false,
             if_db_not_exists: false,
+            allow_older,
         };
         litefleet::restore::restore(&self.loaded(), &self.replica(), &opts).await
     }

@@ -1250,6 +1250,22 @@ mod tests {
     }
 
     #[test]
+    fn install_rename_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("tmp"), dir.path().join("out.db"));
+        std::fs::write(&from, b"restored").unwrap();
+        std::fs::write(&to, b"appeared meanwhile").unwrap();
+        let e = rename_noreplace(&from, &to).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&to).unwrap(), b"appeared meanwhile");
+        assert!(from.exists());
+        std::fs::remove_file(&to).unwrap();
+        rename_noreplace(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"restored");
+        assert!(!from.exists());
+    }
+
+    #[test]
     fn later_tier_wins_and_ties_go_to_the_generation() {
         let t = |m| Utc.with_ymd_and_hms(2026, 11, 22, 12, m, 0).unwrap();
         assert_eq!(choose_tier(None, None), None);

@@ -17,6 +17,13 @@
 //! (S3 PUT and multipart completion are atomic; the local store writes a
 //! temporary file and renames it), so restore never sees a partial snapshot.
 //!
+//! Durability: an upload returns only once the object is durable, because
+//! callers record it as uploaded then. On S3 that is the completed PUT. The
+//! local store does not `fsync`, so for `file://` every written object is
+//! `fsync`ed, and so are its directory and each one above it up to the
+//! replica root (which makes a newly created directory's entry durable too)
+//! before the upload returns ([`Replica::sync_local`]).
+//!
 //! # Conditional writes
 //!
 //! Small coordination objects (the replica lease, see [`crate::lease`]) need
@@ -77,6 +84,15 @@ const MULTIPART_PARALLEL: usize = 4;
 pub const DEFAULT_REGION: &str = "us-east-1";
 /// Connect timeout: a dead endpoint should fail a cycle fast, not hang it.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Objects made durable by [`Replica::sync_local`] in this process (for
+/// tests and diagnostics: every `file://` write must pass there).
+static LOCAL_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many `file://` objects this process has `fsync`ed so far.
+pub fn local_syncs() -> u64 {
+    LOCAL_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The replica: an object store and the key prefix everything lives under.
 #[derive(Debug, Clone)]
@@ -221,6 +237,7 @@ impl Replica {
                 .put(location, PutPayload::from(bytes))
                 .await
                 .map_err(|e| Error::store(ctx(), e))?;
+            self.sync_local(location).await?;
             return Ok(len);
         }
         let mut src = tokio::fs::File::open(file).await.at(file)?;
@@ -250,7 +267,38 @@ impl Replica {
         }
         // On failure `finish` has already tried to abort the upload.
         w.finish().await.map_err(|e| Error::store(ctx(), e))?;
+        self.sync_local(location).await?;
         Ok(sent)
+    }
+
+    /// For a `file://` replica, `fsync`s the object at `location`, its
+    /// directory and every directory above it up to the replica root (see the
+    /// module docs); nothing for other stores, whose completed PUT is durable.
+    pub async fn sync_local(&self, location: &ObjPath) -> Result<()> {
+        let Some(path) = self.local_path(location)? else {
+            return Ok(());
+        };
+        let root = self
+            .local
+            .as_ref()
+            .and_then(|fs| fs.path_to_filesystem(&ObjPath::default()).ok());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .at(&path)?;
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                std::fs::File::open(d).and_then(|f| f.sync_all()).at(d)?;
+                if root.as_deref().is_none_or(|r| d == r || !d.starts_with(r)) {
+                    break;
+                }
+                dir = d.parent();
+            }
+            LOCAL_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::invalid(location, format!("fsync task failed: {e}")))?
     }
 
     /// Objects directly under `dir` (one LIST with delimiter; no recursion).
@@ -285,7 +333,7 @@ impl Replica {
             .put(location, PutPayload::from(bytes.into()))
             .await
             .map_err(|e| Error::store(location, e))?;
-        Ok(())
+        self.sync_local(location).await
     }
 
     /// Downloads a whole object into memory; `None` if it does not exist.
@@ -557,4 +605,33 @@ async fn local_cas(
     })
     .await
     .map_err(|e| Error::invalid(what, format!("task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `file://` write path reaches the fsync of the object and its
+    /// directories, and an `fsync` failure fails the write. (Whether the
+    /// kernel persisted anything cannot be observed from a test.)
+    #[tokio::test]
+    async fn file_writes_are_synced_before_they_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(dir.path());
+        let before = local_syncs();
+        r.put_bytes(&ObjPath::from("k/a/b/meta.json"), b"{}".to_vec())
+            .await
+            .unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, vec![7u8; 1000]).unwrap();
+        r.upload_file(&ObjPath::from("k/x/snap.lz4"), &src)
+            .await
+            .unwrap();
+        assert!(local_syncs() >= before + 2);
+        assert!(dir.path().join("k/a/b/meta.json").exists());
+        // An object that is gone by the time it is synced: an error, not a
+        // silent success.
+        let e = r.sync_local(&ObjPath::from("k/missing")).await.unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    }
 }

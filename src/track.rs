@@ -436,6 +436,8 @@ impl Tracker {
         drop(w);
         tmp.as_file().sync_all()?;
         tmp.persist(path).map_err(|e| e.error)?;
+        // The rename itself is durable only once the directory is.
+        std::fs::File::open(dir)?.sync_all()?;
         self.state_dirty = false;
         Ok(())
     }

@@ -412,3 +412,32 @@ both_backends!(replicator_promotes_a_written_database, |b| async move {
     run.await.unwrap().unwrap();
     assert!(restores(15).await, "last writes shipped at shutdown");
 });
+
+// A generation written while this host's clock was an hour ahead (or by a
+// host whose clock is): the stream's new generation must still sort as the
+// newest, so the latest restore is the live database, not the stale 5 rows.
+both_backends!(
+    a_clock_behind_never_makes_a_stale_generation_newest,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let key = Fleet::key("p", "d", "a");
+        let stale = f.work.path().join("stale.db");
+        drop(create_db(&stale, 5));
+        let ahead = Utc::now() + chrono::Duration::hours(1);
+        let gen = litefleet::generation::new_generation_id(ahead);
+        litefleet::generation::upload_snapshot(&r, &key, &gen, 0, ahead, &stale, f.work.path())
+            .await
+            .unwrap();
+        // The live database has 1 row; the stream's generation must win.
+        let mut h = Hot::start(f, 1000, 10000).await;
+        insert_rows(&Connection::open(&h.path).unwrap(), 49);
+        h.until_shipped(50).await;
+        let gens = litefleet::generation::list_generation_ids(&h.f.replica(), &h.key)
+            .await
+            .unwrap();
+        assert_eq!(gens.len(), 2);
+        assert!(gens[0].created() > gen.created(), "{gens:?}");
+        h.stop.cancel();
+    }
+);

@@ -551,3 +551,206 @@ both_backends!(cli_restore_names_the_tier, |b| async move {
     );
     assert_eq!(count_rows(&out.join("bulk/p/d/t.db")), 12);
 });
+
+/// Restores `key` at `at` through `replica` (a wrapped store) into a fresh
+/// file; returns the rows restored.
+async fn rows_via(
+    f: &Fleet,
+    replica: &Replica,
+    key: &str,
+    at: Option<DateTime<Utc>>,
+) -> litefleet::Result<i64> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.db");
+    let opts = litefleet::restore::RestoreOptions {
+        target: key.to_string(),
+        output: out.clone(),
+        timestamp: at,
+        if_replica_exists: false,
+        if_db_not_exists: false,
+        allow_older: false,
+    };
+    litefleet::restore::restore(&f.loaded(), replica, &opts).await?;
+    Ok(count_rows(&out))
+}
+
+// A WAL's last segment goes missing while the next WAL's are there: names
+// cannot show it, the metadata's record of where the WAL ended does.
+both_backends!(missing_last_segment_of_a_wal_fails, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    db.gen_snapshot(&r).await;
+    db.commit(5);
+    db.ship(&r).await;
+    db.commit(3);
+    let (last_of_wal0, _) = db.ship(&r).await;
+    db.w.checkpoint(true);
+    db.commit(4);
+    db.ship(&r).await;
+    assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 22);
+
+    r.delete(&db.segment_path(&r, last_of_wal0)).await.unwrap();
+    let msg = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+    assert!(
+        msg.contains(&format!(
+            "segments present end at {last_of_wal0}_* (WAL 0 offset {}): WAL segment(s) from",
+            last_of_wal0.offset
+        )),
+        "{msg}"
+    );
+    // Without the metadata nothing proves where WAL 0 ended.
+    r.delete(&generation::metadata_path(&r.prefix, "p/d/t", &db.gen))
+        .await
+        .unwrap();
+    let msg = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+    assert!(msg.contains("metadata.json is missing"), "{msg}");
+});
+
+// The newest segment of a generation goes missing after the metadata
+// recorded it as shipped: the latest restore fails instead of returning the
+// state before it.
+both_backends!(missing_newest_recorded_segment_fails, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    db.gen_snapshot(&r).await;
+    db.commit(5);
+    db.ship(&r).await;
+    db.commit(3);
+    let (newest, _) = db.ship(&r).await;
+    db.w.write_metadata(&r).await;
+    assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 18);
+    r.delete(&db.segment_path(&r, newest)).await.unwrap();
+    let msg = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+    assert!(
+        msg.contains("metadata.json records WAL frames shipped up to"),
+        "{msg}"
+    );
+});
+
+// Listing times in whole seconds (as on AWS S3): a point-in-time restore
+// holds exactly what was committed by `T`, for hot segments written several
+// times a second and for a cold snapshot overwritten within the second.
+both_backends!(
+    whole_second_listing_times_are_never_trusted,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let coarse = r
+            .clone()
+            .with_store(std::sync::Arc::new(common::stores::CoarseTimes::new(
+                r.store.clone(),
+                common::stores::Coarse,
+            )));
+        let mut db = Db::new("p/d/t");
+        db.commit(10);
+        db.gen_snapshot(&r).await;
+        let mut marks = Vec::new();
+        for _ in 0..8 {
+            db.commit(1);
+            db.ship(&r).await;
+            marks.push((mark().await, db.rows));
+        }
+        for &(at, rows) in &marks {
+            assert_eq!(
+                rows_via(&f, &coarse, "p/d/t", Some(at)).await.unwrap(),
+                rows,
+                "at {at}"
+            );
+        }
+
+        // Cold: an older snapshot, then `T`, then a newer copy of the same hour
+        // (named, as the replicator names it, by the hour after it was taken).
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let coarse = r
+            .clone()
+            .with_store(std::sync::Arc::new(common::stores::CoarseTimes::new(
+                r.store.clone(),
+                common::stores::Coarse,
+            )));
+        let mut db = Db::new("p/d/c");
+        db.commit(10);
+        db.cold(&r).await;
+        let at = mark().await;
+        db.commit(5);
+        let snap = snapshot::capture(&db.path(), &db.dir.path().join("tmp")).unwrap();
+        assert!(snap.times.taken > at);
+        let loc = layout::snapshot_path(&r.prefix, "p/d/c", "db", snap.times.taken);
+        r.upload_file(&loc, &snap.file).await.unwrap();
+        assert_eq!(rows_via(&f, &coarse, "p/d/c", Some(at)).await.unwrap(), 10);
+        assert_eq!(rows_via(&f, &coarse, "p/d/c", None).await.unwrap(), 15);
+    }
+);
+
+// A download cut by a transport error is retried; one that keeps failing
+// fails the restore, never falling back to the older snapshot.
+both_backends!(broken_downloads_are_retried_then_fail, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    db.cold(&r).await;
+    db.commit(2000);
+    db.cold(&r).await;
+    let cut = std::sync::Arc::new(common::stores::CutGets::new(
+        r.store.clone(),
+        common::stores::Cut::default(),
+    ));
+    let flaky = r.clone().with_store(cut.clone());
+    cut.rewrite
+        .left
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(rows_via(&f, &flaky, "p/d/t", None).await.unwrap(), 2010);
+    assert_eq!(cut.rewrite.cut.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    cut.rewrite
+        .left
+        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    let e = rows_via(&f, &flaky, "p/d/t", None).await.unwrap_err();
+    assert!(!matches!(e, Error::Damaged { .. }), "{e:?}");
+    assert!(e.to_string().contains("download failed 3 times"), "{e}");
+});
+
+// A leftover -wal, -shm or -journal at the output would be applied to the
+// restored file when it is first opened: refused, naming the file, for a
+// single and a bulk restore.
+both_backends!(stale_side_files_at_the_output_are_refused, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    db.cold(&r).await;
+    let dir = tempfile::tempdir().unwrap();
+    for side in ["-wal", "-shm", "-journal"] {
+        let out = dir.path().join("out.db");
+        let stale = dir.path().join(format!("out.db{side}"));
+        std::fs::write(&stale, b"frames of the database that was here before").unwrap();
+        let e = f
+            .restore("p/d/t", &out, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&stale.display().to_string()), "{e}");
+        assert!(!out.exists());
+        std::fs::remove_file(&stale).unwrap();
+    }
+    let bulk_dir = dir.path().join("bulk");
+    std::fs::create_dir_all(bulk_dir.join("p/d")).unwrap();
+    let stale = bulk_dir.join("p/d/t.db-wal");
+    std::fs::write(&stale, b"old frames").unwrap();
+    let report = restore_bulk(
+        &r,
+        &bulk("p", &bulk_dir, None),
+        &litefleet::restore::NoProgress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.failed.len(), 1);
+    let e = report.failed[0].1.to_string();
+    assert!(e.contains(&stale.display().to_string()), "{e}");
+    assert!(!bulk_dir.join("p/d/t.db").exists());
+});

@@ -4,6 +4,7 @@
 pub mod fleet;
 pub mod generations;
 pub mod s3;
+pub mod stores;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,0 +1,213 @@
+//! `ObjectStore` wrappers that make a real store (the in-process S3 server
+//! or `file://`) behave like other stores or like a bad network, for tests
+//! of what restore may trust.
+//!
+//! * [`CoarseTimes`]: listing and HEAD times truncated to whole seconds, as
+//!   AWS S3 (and moto) report them; the in-process server and `file://`
+//!   report milliseconds, which hides any use of listing times as commit
+//!   times.
+//! * [`CutGets`]: the next `n` GET bodies break after their first chunk with
+//!   a transport error, as after a connection reset mid-download.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chrono::{DurationRound, TimeDelta};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+};
+
+/// What a wrapper changes; everything else goes to the inner store.
+pub trait Rewrite: Send + Sync + fmt::Debug + 'static {
+    fn meta(&self, m: ObjectMeta) -> ObjectMeta {
+        m
+    }
+    fn get(&self, r: GetResult) -> GetResult {
+        r
+    }
+}
+
+/// Listing times in whole seconds.
+#[derive(Debug, Default)]
+pub struct Coarse;
+
+impl Rewrite for Coarse {
+    fn meta(&self, mut m: ObjectMeta) -> ObjectMeta {
+        m.last_modified = m
+            .last_modified
+            .duration_trunc(TimeDelta::seconds(1))
+            .expect("in range");
+        m
+    }
+    fn get(&self, mut r: GetResult) -> GetResult {
+        r.meta = self.meta(r.meta);
+        r
+    }
+}
+
+/// Breaks the next `left` GET bodies after their first chunk.
+#[derive(Debug, Default)]
+pub struct Cut {
+    pub left: AtomicU64,
+    pub cut: AtomicU64,
+}
+
+impl Rewrite for Cut {
+    fn get(&self, r: GetResult) -> GetResult {
+        let take = self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if !take {
+            return r;
+        }
+        self.cut.fetch_add(1, Ordering::SeqCst);
+        let (meta, range, attributes, extensions) = (
+            r.meta.clone(),
+            r.range.clone(),
+            r.attributes.clone(),
+            r.extensions.clone(),
+        );
+        let reset = futures::stream::once(async {
+            Err(object_store::Error::Generic {
+                store: "test",
+                source: "connection reset by peer (injected)".into(),
+            })
+        });
+        let stream = r.into_stream().take(1).chain(reset).boxed();
+        GetResult {
+            payload: GetResultPayload::Stream(stream),
+            meta,
+            range,
+            attributes,
+            extensions,
+        }
+    }
+}
+
+/// An `ObjectStore` passing everything to `inner` but what `rewrite` changes.
+#[derive(Debug)]
+pub struct Wrapped<R> {
+    inner: Arc<dyn ObjectStore>,
+    pub rewrite: Arc<R>,
+}
+
+pub type CoarseTimes = Wrapped<Coarse>;
+pub type CutGets = Wrapped<Cut>;
+
+impl<R: Rewrite> Wrapped<R> {
+    pub fn new(inner: Arc<dyn ObjectStore>, rewrite: R) -> Wrapped<R> {
+        Wrapped {
+            inner,
+            rewrite: Arc::new(rewrite),
+        }
+    }
+}
+
+impl<R: Rewrite> fmt::Display for Wrapped<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}({})", self.rewrite, self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl<R: Rewrite> ObjectStore for Wrapped<R> {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        let head = options.head;
+        let r = self.inner.get_opts(location, options).await?;
+        Ok(if head {
+            let mut r = r;
+            r.meta = self.rewrite.meta(r.meta);
+            r
+        } else {
+            self.rewrite.get(r)
+        })
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let rw = self.rewrite.clone();
+        self.inner
+            .list(prefix)
+            .map(move |m| m.map(|m| rw.meta(m)))
+            .boxed()
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&ObjPath>,
+        offset: &ObjPath,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let rw = self.rewrite.clone();
+        self.inner
+            .list_with_offset(prefix, offset)
+            .map(move |m| m.map(|m| rw.meta(m)))
+            .boxed()
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<ListResult> {
+        let mut r = self.inner.list_with_delimiter(prefix).await?;
+        r.objects = r
+            .objects
+            .into_iter()
+            .map(|m| self.rewrite.meta(m))
+            .collect();
+        Ok(r)
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: RenameOptions,
+    ) -> object_store::Result<()> {
+        self.inner.rename_opts(from, to, options).await
+    }
+}

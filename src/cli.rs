@@ -357,8 +357,12 @@ async fn run(cli: Cli) -> Result<()> {
             // One writer per replica root: take the lease before anything
             // touches the replica or the staging directory.
             let replica = Replica::for_config(&loaded)?;
-            let lease = crate::lease::Lease::acquire(&replica, chrono::Utc::now()).await?;
+            let ttl = loaded.multi_db().replica.lease_ttl;
+            let lease =
+                crate::lease::Lease::acquire_with_ttl(&replica, chrono::Utc::now(), ttl).await?;
             tracing::info!(holder = %lease.record().owner, expires = %lease.expires().to_rfc3339(), "replica lease acquired");
+            // Every write of the replicator stops when the lease does.
+            let replica = replica.with_fence(lease.fence());
             let renewer = crate::lease::spawn_renewer(lease, token.clone());
             let replicator = Arc::new(Replicator::with_replica(loaded, replica)?);
             // The endpoint outlives the loop's drain, so /healthz answers

@@ -168,6 +168,10 @@ pub struct ReplicaConfig {
     pub retries: usize,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Lifetime of the replica lease (see [`crate::lease`]): renewed every
+    /// third of it; a crashed replicator's successor waits at most this long.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 fn default_scan_interval() -> Duration {
@@ -205,6 +209,9 @@ fn default_retries() -> usize {
 }
 fn default_request_timeout() -> Duration {
     DEFAULT_REQUEST_TIMEOUT
+}
+fn default_lease_ttl() -> Duration {
+    crate::lease::DEFAULT_TTL
 }
 
 /// The parsed replica URL.
@@ -303,6 +310,15 @@ impl Loaded {
             return Err(err(
                 "multi-db.replica.retention-check-interval",
                 "must be greater than zero".into(),
+            ));
+        }
+        if m.replica.lease_ttl < crate::lease::MIN_TTL {
+            return Err(err(
+                "multi-db.replica.lease-ttl",
+                format!(
+                    "must be at least {:?}: the lease is renewed every third of it",
+                    crate::lease::MIN_TTL
+                ),
             ));
         }
         let mut patterns = Vec::with_capacity(m.patterns.len());
@@ -517,6 +533,7 @@ multi-db:
             m.replica.retention_check_interval,
             Duration::from_secs(3600)
         );
+        assert_eq!(m.replica.lease_ttl, Duration::from_secs(60));
         assert_eq!(
             l.replica,
             ReplicaUrl::S3 {

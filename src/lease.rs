@@ -19,6 +19,25 @@
 //!   [`spawn_renewer`] renews every [`Lease::ttl`] / 3 and cancels the
 //!   replication token when the lease is lost, or when it cannot be renewed
 //!   before it would expire (store unreachable).
+//! * **fence**: every write of the replicator goes through a replica with the
+//!   lease's [`Fence`] (see [`crate::storage`]). It is open until the
+//!   *local* expiry: the monotonic instant at which the last successful
+//!   acquisition or renewal was *sent*, plus the TTL, minus [`Lease::margin`]
+//!   (a quarter of the TTL). A renewal is bounded by that instant too: if
+//!   none succeeds before it, writes stop there, whatever the store is
+//!   doing, and a write in flight is abandoned. A successor can take the
+//!   lease only after the expiry written in it (sent time + TTL by the
+//!   holder's wall clock), so the margin separates the last write of the old
+//!   holder from the first of the new one, as long as the hosts' clocks
+//!   agree to within it and no single request outlives it after being sent
+//!   (a request the store applies later than that cannot be fenced).
+//! * **lost**: the fence closes at once, in-flight writes are abandoned, the
+//!   final hot sync and retention do not run (their writes are refused), and
+//!   the replicator exits non-zero without recording anything as uploaded
+//!   that was not confirmed before.
+//! * A conditional write whose response was lost but which the store applied
+//!   (a retry then sees 412) is recognized by reading the lease back: if it
+//!   holds our owner id (and, for a renewal, the expiry we wrote), it is ours.
 //! * **release** (clean shutdown): delete the lease if it is still ours and
 //!   valid for at least [`RELEASE_MARGIN`]. S3 (through object_store) has no
 //!   conditional delete, so the delete is read-compare-delete; it is safe
@@ -53,8 +72,10 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::Replica;
+use crate::storage::{Fence, Replica};
 use crate::{Error, Result};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Where the lease lives under the replica prefix. A dot directory: no key
 /// template renders it, and restore, list and retention ignore objects
@@ -68,6 +89,9 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 /// contender with a clock this far ahead cannot have taken it over between
 /// our read and our delete (see the module docs). A quarter of the default TTL.
 pub const RELEASE_MARGIN: Duration = Duration::from_secs(15);
+/// Shortest `lease-ttl`: renewal runs every third of it, and the fence
+/// margin is a quarter of it.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
 /// Acquisition attempts when the lease changes between our read and our
 /// conditional write (another process acquiring or releasing at that moment).
 const ACQUIRE_ATTEMPTS: usize = 3;
@@ -113,6 +137,8 @@ pub struct Lease {
     record: LeaseRecord,
     version: UpdateVersion,
     ttl: Duration,
+    /// Open while the lease is held; see the module docs.
+    fence: Arc<Fence>,
 }
 
 /// The lease object's path under the replica prefix.
@@ -172,6 +198,11 @@ fn stored(t: DateTime<Utc>) -> DateTime<Utc> {
     chrono::SubsecRound::trunc_subsecs(t, 3)
 }
 
+/// See [`Lease::margin`].
+fn margin(ttl: Duration) -> Duration {
+    ttl / 4
+}
+
 fn ttl_delta(ttl: Duration) -> chrono::Duration {
     chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
 }
@@ -192,6 +223,10 @@ impl Lease {
         if ttl.is_zero() {
             return Err(Error::invalid("lease ttl", "must be greater than zero"));
         }
+        let replica = &replica.unfenced();
+        // Before anything is sent: the fence must not outlive the expiry the
+        // store will hold, whatever the requests' latency.
+        let sent = Instant::now();
         let location = lease_path(replica);
         let host = hostname();
         let pid = std::process::id();
@@ -208,7 +243,11 @@ impl Lease {
                 None => replica.put_if_absent(&location, body.clone()).await?,
                 Some((bytes, version)) => {
                     let held = parse(replica, &bytes)?;
-                    if held.expires > now {
+                    if held == record {
+                        // Our own write of a moment ago, applied although
+                        // its response was lost.
+                        Some(version)
+                    } else if held.expires > now {
                         return Err(Error::LeaseHeld {
                             object: lease_name(replica),
                             reason: format!(
@@ -216,18 +255,19 @@ impl Lease {
                                 held.describe(now)
                             ),
                         });
+                    } else {
+                        let took = replica
+                            .put_if_match(&location, body.clone(), &version)
+                            .await?;
+                        if took.is_some() {
+                            tracing::warn!(
+                                lease = %lease_name(replica),
+                                previous = %held.describe(now),
+                                "took over an expired replica lease"
+                            );
+                        }
+                        took
                     }
-                    let took = replica
-                        .put_if_match(&location, body.clone(), &version)
-                        .await?;
-                    if took.is_some() {
-                        tracing::warn!(
-                            lease = %lease_name(replica),
-                            previous = %held.describe(now),
-                            "took over an expired replica lease"
-                        );
-                    }
-                    took
                 }
             };
             if let Some(version) = written {
@@ -237,12 +277,17 @@ impl Lease {
                     expires = %record.expires.to_rfc3339(),
                     "acquired replica lease"
                 );
+                let fence = Arc::new(Fence::new(
+                    lease_name(replica),
+                    sent + ttl.saturating_sub(margin(ttl)),
+                ));
                 return Ok(Lease {
                     replica: replica.clone(),
                     location,
                     record,
                     version,
                     ttl,
+                    fence,
                 });
             }
             // Someone changed the lease between our read and our write: look again.
@@ -276,6 +321,17 @@ impl Lease {
         self.ttl
     }
 
+    /// How long before the written expiry our writes stop: a quarter of the
+    /// TTL (15 s at the default), for clock skew and request time.
+    pub fn margin(&self) -> Duration {
+        margin(self.ttl)
+    }
+
+    /// The write fence of this lease, for [`Replica::with_fence`].
+    pub fn fence(&self) -> Arc<Fence> {
+        self.fence.clone()
+    }
+
     /// Extends the lease to now + ttl.
     pub async fn renew(&mut self) -> Result<()> {
         self.renew_at(Utc::now()).await
@@ -284,14 +340,27 @@ impl Lease {
     /// Extends the lease to `now` + ttl, only if the stored lease is still the
     /// version we wrote last. [`Error::LeaseLost`] if it is not.
     pub async fn renew_at(&mut self, now: DateTime<Utc>) -> Result<()> {
+        let sent = Instant::now();
         let mut next = self.record.clone();
         next.expires = stored(now + ttl_delta(self.ttl));
-        match self
+        let written = match self
             .replica
             .put_if_match(&self.location, encode(&next), &self.version)
             .await?
         {
+            Some(v) => Some(v),
+            // Applied although its response was lost (a retry got 412)?
+            None => match self.replica.get_versioned(&self.location).await {
+                Ok(Some((bytes, v))) if parse(&self.replica, &bytes).ok() == Some(next.clone()) => {
+                    Some(v)
+                }
+                _ => None,
+            },
+        };
+        match written {
             Some(v) => {
+                self.fence
+                    .extend(sent + self.ttl.saturating_sub(self.margin()));
                 if self.record.expires <= now {
                     tracing::warn!(lease = %lease_name(&self.replica), "renewed a replica lease after it had expired (nobody took it over)");
                 }
@@ -305,6 +374,7 @@ impl Lease {
 
     /// Explains why our conditional write failed: who holds the lease now.
     async fn lost(&self, now: DateTime<Utc>) -> Error {
+        self.fence.close();
         let reason = match Self::current(&self.replica).await {
             Ok(Some(r)) if r.owner == self.record.owner => {
                 "it was changed by another writer with our owner id".to_string()
@@ -406,27 +476,38 @@ pub fn spawn_renewer(mut lease: Lease, cancel: CancellationToken) -> Renewer {
                 _ = stopped.cancelled() => return Ok(lease),
                 _ = tokio::time::sleep(wait) => {}
             }
-            match lease.renew().await {
+            // Bounded by the local expiry: a renewal still pending then is
+            // too late, whatever the store does with it.
+            let fence = lease.fence();
+            let deadline = tokio::time::Instant::from_std(fence.until());
+            let renewed = match tokio::time::timeout_at(deadline, lease.renew()).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::invalid(
+                    lease_name(&lease.replica),
+                    "the renewal did not complete before the lease expired locally",
+                )),
+            };
+            match renewed {
                 Ok(()) => wait = interval,
                 Err(e @ Error::LeaseLost { .. }) => {
+                    fence.close();
                     tracing::error!(error = %e, "replica lease lost: stopping replication");
                     cancel.cancel();
                     return Err(e);
                 }
                 Err(e) => {
-                    let left = (lease.expires() - Utc::now())
-                        .to_std()
-                        .unwrap_or(Duration::ZERO);
+                    let left = fence.until().saturating_duration_since(Instant::now());
                     if left <= retry {
-                        tracing::error!(error = %e, "cannot renew the replica lease before it expires: stopping replication");
+                        fence.close();
+                        tracing::error!(error = %e, "cannot renew the replica lease before it expires locally: stopping all writes");
                         cancel.cancel();
                         return Err(Error::LeaseLost {
                             object: lease_name(&lease.replica),
-                            reason: format!("could not be renewed before it expired: {e}"),
+                            reason: format!("could not be renewed before it expired locally: {e}"),
                         });
                     }
-                    tracing::warn!(error = %e, left_secs = left.as_secs(), "replica lease renewal failed; retrying");
-                    wait = retry;
+                    tracing::warn!(error = %e, left_ms = left.as_millis() as u64, "replica lease renewal failed; retrying");
+                    wait = retry.min(left / 2);
                 }
             }
         }

@@ -68,7 +68,7 @@ use crate::generation::{
 use crate::layout::parse_snapshot_name;
 use crate::restore::check_key;
 use crate::storage::Replica;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Deletions are sent in batches of this size: S3's DeleteObjects limit.
 pub const DELETE_BATCH: usize = 1000;
@@ -379,16 +379,7 @@ impl Deleter {
             return Ok(());
         }
         let paths: Vec<ObjPath> = std::mem::take(&mut self.doomed);
-        let input = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
-        let mut results = replica.store.delete_stream(input);
-        while let Some(r) = results.next().await {
-            match r {
-                Ok(_) => {}
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(Error::store("retention delete", e)),
-            }
-        }
-        Ok(())
+        replica.delete_many(paths).await
     }
 }
 

@@ -24,6 +24,18 @@
 //! replica root (which makes a newly created directory's entry durable too)
 //! before the upload returns ([`Replica::sync_local`]).
 //!
+//! # Write fence
+//!
+//! A replicator writes only while it holds the replica lease
+//! ([`crate::lease`]). The lease's renewer keeps a [`Fence`] up to date: the
+//! monotonic instant until which writes are allowed, and whether the lease
+//! was lost. A replica with a fence ([`Replica::with_fence`]) checks it
+//! before every write (PUT, upload, delete, conditional write) and fails with
+//! [`Error::LeaseLost`] once it is closed; a write in flight when the fence
+//! closes is abandoned (its request dropped). The lease object itself (the
+//! only user of the conditional writes below) is written through a replica
+//! without the fence.
+//!
 //! # Conditional writes
 //!
 //! Small coordination objects (the replica lease, see [`crate::lease`]) need
@@ -85,6 +97,99 @@ pub const DEFAULT_REGION: &str = "us-east-1";
 /// Connect timeout: a dead endpoint should fail a cycle fast, not hang it.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The write fence of a lease holder; see the module docs.
+#[derive(Debug)]
+pub struct Fence {
+    /// Nanoseconds after [`mono_epoch`] until which writes are allowed.
+    valid_until: std::sync::atomic::AtomicU64,
+    /// Cancelled when the lease is lost: every write stops at once.
+    lost: tokio_util::sync::CancellationToken,
+    /// The lease object, for errors.
+    lease: String,
+}
+
+/// The process's monotonic time origin for [`Fence`] instants.
+fn mono_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+impl Fence {
+    /// A fence open until `until` (monotonic), for the lease object `lease`.
+    pub fn new(lease: impl Into<String>, until: std::time::Instant) -> Fence {
+        let f = Fence {
+            valid_until: std::sync::atomic::AtomicU64::new(0),
+            lost: tokio_util::sync::CancellationToken::new(),
+            lease: lease.into(),
+        };
+        f.extend(until);
+        f
+    }
+
+    /// Writes are allowed until `until` (a renewal succeeded).
+    pub fn extend(&self, until: std::time::Instant) {
+        let nanos = until.saturating_duration_since(mono_epoch()).as_nanos();
+        self.valid_until.store(
+            u64::try_from(nanos).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// The lease is gone: no write from now on, and writes in flight stop.
+    pub fn close(&self) {
+        self.lost.cancel();
+    }
+
+    /// Until when writes are allowed (monotonic).
+    pub fn until(&self) -> std::time::Instant {
+        mono_epoch()
+            + Duration::from_nanos(self.valid_until.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Whether writes are allowed now.
+    pub fn is_open(&self) -> bool {
+        !self.lost.is_cancelled() && std::time::Instant::now() < self.until()
+    }
+
+    fn refused(&self, location: &ObjPath) -> Error {
+        let reason = if self.lost.is_cancelled() {
+            format!("lost; not writing {location}")
+        } else {
+            format!("expired locally without a successful renewal; not writing {location}")
+        };
+        Error::LeaseLost {
+            object: self.lease.clone(),
+            reason,
+        }
+    }
+
+    /// Runs the write `op` while the fence is open: refuses it if closed,
+    /// and abandons it if the fence closes before it completes.
+    async fn guard<T>(
+        &self,
+        location: &ObjPath,
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if !self.is_open() {
+            return Err(self.refused(location));
+        }
+        tokio::pin!(op);
+        loop {
+            let until = tokio::time::Instant::from_std(self.until());
+            tokio::select! {
+                r = &mut op => return r,
+                _ = self.lost.cancelled() => return Err(self.refused(location)),
+                _ = tokio::time::sleep_until(until) => {
+                    if !self.is_open() {
+                        return Err(self.refused(location));
+                    }
+                    // Renewed meanwhile: keep going under the new validity.
+                }
+            }
+        }
+    }
+}
+
 /// Objects made durable by [`Replica::sync_local`] in this process (for
 /// tests and diagnostics: every `file://` write must pass there).
 static LOCAL_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -103,6 +208,8 @@ pub struct Replica {
     /// The same store as `store` when the replica is `file://`: conditional
     /// writes need its filesystem paths (see the module docs).
     local: Option<Arc<LocalFileSystem>>,
+    /// The lease holder's write fence, if writes need one (see the module docs).
+    fence: Option<Arc<Fence>>,
 }
 
 impl std::fmt::Display for Replica {
@@ -143,6 +250,7 @@ impl Replica {
                     prefix: ObjPath::default(),
                     description: format!("file://{}", dir.display()),
                     local: Some(store),
+                    fence: None,
                 })
             }
             ReplicaUrl::S3 { bucket, prefix } => {
@@ -213,6 +321,7 @@ impl Replica {
                     prefix: ObjPath::from(prefix.as_str()),
                     description: format!("s3://{bucket}/{prefix}"),
                     local: None,
+                    fence: None,
                 })
             }
         }
@@ -224,11 +333,44 @@ impl Replica {
         Replica { store, ..self }
     }
 
+    /// The same replica, writing only while `fence` is open.
+    pub fn with_fence(self, fence: Arc<Fence>) -> Replica {
+        Replica {
+            fence: Some(fence),
+            ..self
+        }
+    }
+
+    /// The same replica without a write fence (for the lease object itself).
+    pub fn unfenced(&self) -> Replica {
+        Replica {
+            fence: None,
+            ..self.clone()
+        }
+    }
+
+    /// Runs the write `op` on `location` under the fence, if there is one.
+    async fn fenced<T>(
+        &self,
+        location: &ObjPath,
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match &self.fence {
+            None => op.await,
+            Some(f) => f.guard(location, op).await,
+        }
+    }
+
     /// Uploads a local file to `location`: one PUT when it fits in
     /// [`UPLOAD_PART`], otherwise a multipart upload that is aborted on error
     /// so no parts are left behind. Either way the object appears atomically:
     /// readers see the old version or the whole new one, never a prefix.
     pub async fn upload_file(&self, location: &ObjPath, file: &Path) -> Result<u64> {
+        self.fenced(location, self.upload_file_unfenced(location, file))
+            .await
+    }
+
+    async fn upload_file_unfenced(&self, location: &ObjPath, file: &Path) -> Result<u64> {
         let ctx = || location.to_string();
         let len = tokio::fs::metadata(file).await.at(file)?.len();
         if len <= UPLOAD_PART as u64 {
@@ -329,11 +471,15 @@ impl Replica {
         location: &ObjPath,
         bytes: impl Into<bytes::Bytes>,
     ) -> Result<()> {
-        self.store
-            .put(location, PutPayload::from(bytes.into()))
-            .await
-            .map_err(|e| Error::store(location, e))?;
-        self.sync_local(location).await
+        let bytes = bytes.into();
+        self.fenced(location, async {
+            self.store
+                .put(location, PutPayload::from(bytes))
+                .await
+                .map_err(|e| Error::store(location, e))?;
+            self.sync_local(location).await
+        })
+        .await
     }
 
     /// Downloads a whole object into memory; `None` if it does not exist.
@@ -364,10 +510,33 @@ impl Replica {
 
     /// Deletes one object.
     pub async fn delete(&self, location: &ObjPath) -> Result<()> {
-        self.store
-            .delete(location)
-            .await
-            .map_err(|e| Error::store(location, e))
+        self.fenced(location, async {
+            self.store
+                .delete(location)
+                .await
+                .map_err(|e| Error::store(location, e))
+        })
+        .await
+    }
+
+    /// Deletes a batch of objects (bulk deletes where the store has them); a
+    /// missing object counts as deleted.
+    pub async fn delete_many(&self, paths: Vec<ObjPath>) -> Result<()> {
+        let Some(first) = paths.first().cloned() else {
+            return Ok(());
+        };
+        self.fenced(&first, async {
+            let input = futures::stream::iter(paths.into_iter().map(Ok));
+            let mut results = self.store.delete_stream(Box::pin(input));
+            while let Some(r) = futures::StreamExt::next(&mut results).await {
+                match r {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(Error::store("delete", e)),
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The object's content and the version a conditional write must name,

@@ -255,3 +255,128 @@ both_backends!(storage_conditional_puts_are_honoured, |b| async move {
         .is_none());
     assert!(r.get_versioned(&loc).await.unwrap().is_none());
 });
+
+/// A renewal stalled past the lease's local expiry: the holder stops every
+/// write there (a write in flight is abandoned, new ones are refused without
+/// a request), before a second replicator can take the lease over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_renewal_stops_writes_before_a_successor_can_write() {
+    let f = Fleet::new(common::fleet::Backend::S3).await;
+    let r = f.replica();
+    let ttl = litefleet::lease::MIN_TTL;
+    let lease = Lease::acquire_with_ttl(&r, Utc::now(), ttl).await.unwrap();
+    let fence = lease.fence();
+    let written_expiry = lease.expires();
+    let a = r.clone().with_fence(fence.clone());
+    let token = CancellationToken::new();
+    let renewer = spawn_renewer(lease, token.clone());
+    a.put_bytes(&"a/1".into(), b"ok".to_vec()).await.unwrap();
+
+    // Every request now takes far longer than the lease lives.
+    let s3 = f.s3.as_ref().unwrap();
+    s3.set_fault(common::s3::Fault::Delay(Duration::from_secs(30)));
+    let in_flight = tokio::spawn({
+        let a = a.clone();
+        async move { a.put_bytes(&"a/2".into(), b"late".to_vec()).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), token.cancelled())
+        .await
+        .expect("the renewer never gave up");
+    assert!(!fence.is_open());
+    let stopped_at = Utc::now();
+    // Stopped at the local expiry, a margin before the written one.
+    assert!(stopped_at < written_expiry + chrono::Duration::seconds(1));
+    let e = tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .expect("the write in flight was not abandoned")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    let e = renewer.stop().await.unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+
+    // The store comes back; a successor takes the lease once it expired.
+    s3.set_fault(common::s3::Fault::None);
+    let b = loop {
+        match Lease::acquire_with_ttl(&r, Utc::now(), ttl).await {
+            Ok(l) => break l,
+            Err(Error::LeaseHeld { .. }) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(b.record().acquired >= written_expiry);
+    // The old holder writes nothing, without even asking the store.
+    let requests = s3.request_count();
+    let e = a
+        .put_bytes(&"a/3".into(), b"no".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    let e = a.delete(&"a/1".into()).await.unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    assert_eq!(s3.request_count(), requests);
+    assert!(r.get_bytes(&"a/3".into()).await.unwrap().is_none());
+    assert!(r.get_bytes(&"a/1".into()).await.unwrap().is_some());
+}
+
+// A lease taken over: the holder's writes are refused at once (no final
+// sync, no retention, no upload gets through after the loss).
+both_backends!(lost_lease_closes_the_write_fence, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let ttl = Duration::from_secs(3);
+    let lease = Lease::acquire_with_ttl(&r, Utc::now(), ttl).await.unwrap();
+    let a = r.clone().with_fence(lease.fence());
+    let token = CancellationToken::new();
+    let renewer = spawn_renewer(lease, token.clone());
+    a.put_bytes(&"k/before".into(), b"ok".to_vec())
+        .await
+        .unwrap();
+    // Another process whose clock says the lease expired takes it over.
+    let _other =
+        Lease::acquire_with_ttl(&r, Utc::now() + chrono::Duration::seconds(60), DEFAULT_TTL)
+            .await
+            .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), token.cancelled())
+        .await
+        .expect("the renewer did not notice the loss");
+    let e = a
+        .put_bytes(&"k/after".into(), b"no".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    assert!(e.to_string().contains("lost"), "{e}");
+    assert!(r.get_bytes(&"k/after".into()).await.unwrap().is_none());
+    assert!(renewer.stop().await.is_err());
+});
+
+/// A conditional PUT applied by the store whose response was lost (the
+/// client's retry gets 412): acquiring and renewing recognize their own
+/// write instead of reporting the lease as held by another or lost.
+#[tokio::test]
+async fn own_write_behind_a_lost_response_is_recognized() {
+    let f = Fleet::new(common::fleet::Backend::S3).await;
+    let r = f.replica();
+    let lost = std::sync::Arc::new(common::stores::LostPuts::new(
+        r.store.clone(),
+        common::stores::LostPut::default(),
+    ));
+    let r = r.with_store(lost.clone());
+    lost.rewrite
+        .left
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let mut lease = Lease::acquire(&r, t0()).await.unwrap();
+    assert_eq!(
+        lost.rewrite.left.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
+    lost.rewrite
+        .left
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    lease.renew_at(t0() + secs(20)).await.unwrap();
+    assert_eq!(lease.expires(), t0() + secs(80));
+    // And the renewed version is the one the next write must name.
+    lease.renew_at(t0() + secs(40)).await.unwrap();
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
+}

@@ -8,6 +8,9 @@
 //!   times.
 //! * [`CutGets`]: the next `n` GET bodies break after their first chunk with
 //!   a transport error, as after a connection reset mid-download.
+//! * [`LostPuts`]: the next `n` conditional PUTs are applied, but answered
+//!   with 412 Precondition Failed, as when the response to the first attempt
+//!   is lost and the client's retry finds its own write.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +31,41 @@ pub trait Rewrite: Send + Sync + fmt::Debug + 'static {
         m
     }
     fn get(&self, r: GetResult) -> GetResult {
+        r
+    }
+    /// The answer to a conditional PUT that the inner store answered `r`.
+    fn conditional_put(
+        &self,
+        _location: &ObjPath,
+        r: object_store::Result<PutResult>,
+    ) -> object_store::Result<PutResult> {
+        r
+    }
+}
+
+/// Answers the next `left` successful conditional PUTs with 412.
+#[derive(Debug, Default)]
+pub struct LostPut {
+    pub left: AtomicU64,
+}
+
+impl Rewrite for LostPut {
+    fn conditional_put(
+        &self,
+        location: &ObjPath,
+        r: object_store::Result<PutResult>,
+    ) -> object_store::Result<PutResult> {
+        let lose = r.is_ok()
+            && self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if lose {
+            return Err(object_store::Error::Precondition {
+                path: location.to_string(),
+                source: "applied, but the response was lost (injected)".into(),
+            });
+        }
         r
     }
 }
@@ -99,6 +137,7 @@ pub struct Wrapped<R> {
 
 pub type CoarseTimes = Wrapped<Coarse>;
 pub type CutGets = Wrapped<Cut>;
+pub type LostPuts = Wrapped<LostPut>;
 
 impl<R: Rewrite> Wrapped<R> {
     pub fn new(inner: Arc<dyn ObjectStore>, rewrite: R) -> Wrapped<R> {
@@ -123,7 +162,13 @@ impl<R: Rewrite> ObjectStore for Wrapped<R> {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        self.inner.put_opts(location, payload, opts).await
+        let conditional = !matches!(opts.mode, object_store::PutMode::Overwrite);
+        let r = self.inner.put_opts(location, payload, opts).await;
+        if conditional {
+            self.rewrite.conditional_put(location, r)
+        } else {
+            r
+        }
     }
 
     async fn put_multipart_opts(

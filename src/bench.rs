@@ -371,6 +371,7 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
             sync_interval: opts.sync_interval,
             checkpoint_pages: 1000,
             truncate_pages: 10_000,
+            release_after: crate::config::DEFAULT_RELEASE_AFTER,
         },
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(100)),

@@ -72,6 +72,12 @@ pub const DEFAULT_CHECKPOINT_PAGES: u64 = 1000;
 /// WAL keeps its size bounded by the largest burst; truncating also gives
 /// that space back after a burst, at the cost of a short writer pause.
 pub const DEFAULT_TRUNCATE_PAGES: u64 = 10_000;
+/// Default release-after: how long a hot database's syncs may keep failing
+/// (the store is down) before its stream lets go of its read transaction.
+/// While held, the application's checkpoints cannot pass it and the WAL
+/// grows with every write; two minutes rides out a blip without a new
+/// generation, and bounds the growth to two minutes of writes.
+pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(120);
 
 /// A credential: never printed.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
@@ -139,6 +145,10 @@ pub struct MultiDb {
     /// Also truncate the WAL when it held at least this many frames.
     #[serde(default = "default_truncate_pages")]
     pub truncate_pages: u64,
+    /// A hot database whose syncs keep failing this long releases its read
+    /// transaction and goes back to the cold tier (see [`DEFAULT_RELEASE_AFTER`]).
+    #[serde(default = "default_release_after", with = "humantime_serde")]
+    pub release_after: Duration,
     pub replica: ReplicaConfig,
 }
 
@@ -197,6 +207,9 @@ fn default_checkpoint_pages() -> u64 {
 }
 fn default_truncate_pages() -> u64 {
     DEFAULT_TRUNCATE_PAGES
+}
+fn default_release_after() -> Duration {
+    DEFAULT_RELEASE_AFTER
 }
 fn default_retention() -> Duration {
     DEFAULT_RETENTION
@@ -287,6 +300,7 @@ impl Loaded {
         }
         for (key, d) in [
             ("multi-db.sync-interval", m.sync_interval),
+            ("multi-db.release-after", m.release_after),
             ("multi-db.hot-duration", m.hot_duration),
             ("multi-db.cold-after", m.cold_after),
         ] {

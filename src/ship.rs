@@ -88,6 +88,8 @@ pub struct ShipConfig {
     pub sync_interval: Duration,
     pub checkpoint_pages: u64,
     pub truncate_pages: u64,
+    /// Failing this long, a stream lets go of the database (see [`stream`]).
+    pub release_after: Duration,
 }
 
 impl ShipConfig {
@@ -96,6 +98,7 @@ impl ShipConfig {
             sync_interval: m.sync_interval,
             checkpoint_pages: m.checkpoint_pages,
             truncate_pages: m.truncate_pages,
+            release_after: m.release_after,
         }
     }
 }
@@ -372,7 +375,7 @@ impl Shipper {
             .into_temp_path();
         snapshot::backup_from(&self.active, &db, &copy)?;
         snapshot::check(&copy, "quick_check").map_err(|e| {
-            Error::invalid(
+            Error::damaged(
                 db.display(),
                 format!("database is damaged, not starting a generation ({e})"),
             )
@@ -430,6 +433,16 @@ impl Shipper {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(&self.wal, e)),
         };
+        // Replaced between the check above and the open: the WAL we hold may
+        // be the new file's. Checked again now that it is open.
+        match identity(&self.db) {
+            Ok(id) if id == self.ident => {}
+            Ok(_) => return Ok(Step::Lost("the database file was replaced".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Step::Lost("the database file is gone".into()))
+            }
+            Err(e) => return Err(Error::io(&self.db, e)),
+        }
         // At most three rounds: a restart at the tip moves to the next WAL
         // once (Reading -> Awaiting), its header starts a cursor (-> Reading)
         // and the frames already in it are read in the same sync.
@@ -547,6 +560,11 @@ impl Shipper {
             r.map(Some).map_err(sqlite(&db))
         })();
         let released = self.spare.execute_batch("ROLLBACK");
+        if under_lock.is_err() {
+            // Our read may not be back: a WAL restart seen later cannot be
+            // trusted to be at our tip any more.
+            self.tip = false;
+        }
         let Some((busy, log, checkpointed)) = under_lock? else {
             return Ok(None);
         };
@@ -711,6 +729,7 @@ pub async fn stream_reporting(
     let mut tick = tokio::time::interval(ctx.cfg.sync_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => {}
@@ -726,6 +745,7 @@ pub async fn stream_reporting(
         let started = stamp();
         match sync(&ctx, tag, &mut slot).await {
             Ok(()) => {
+                failing_since = None;
                 progress.failing.store(false, Ordering::Release);
                 if slot.as_ref().is_some_and(|s| s.caught_up()) {
                     progress.clean.fetch_max(started + 1, Ordering::AcqRel);
@@ -734,9 +754,24 @@ pub async fn stream_reporting(
                     tracing::info!(path = %db.display(), "WAL streaming recovered");
                 }
             }
+            Err(e @ Error::Damaged { .. }) => {
+                // A damaged database would be copied again every sync
+                // interval: hand it to the cold tier, which checks it once
+                // per scan and logs the damage.
+                progress.failing.store(true, Ordering::Release);
+                ctx.stats.hot_errors.fetch_add(1, Ordering::Relaxed);
+                return HotExit::CannotStream(e);
+            }
             Err(e) => {
                 progress.failing.store(true, Ordering::Release);
                 ctx.stats.hot_errors.fetch_add(1, Ordering::Relaxed);
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if !last && since.elapsed() >= ctx.cfg.release_after {
+                    tracing::warn!(path = %db.display(), error = %e, after = ?ctx.cfg.release_after,
+                        "WAL syncs kept failing: releasing the database (its WAL can be checkpointed again); \
+                         it goes back to the cold tier and streams in a new generation when the store is back");
+                    return HotExit::Unshipped;
+                }
                 if std::mem::replace(&mut failing, true) {
                     tracing::debug!(path = %db.display(), error = %e, "WAL sync failed again");
                 } else {

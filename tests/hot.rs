@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::fleet::{count_rows, create_db, insert_rows, Fleet};
+use litefleet::config::DEFAULT_RELEASE_AFTER;
 use litefleet::restore::{RestoreOutcome, Tier};
 use litefleet::scheduler::Stats;
 use litefleet::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent, Shipper, Step};
@@ -44,6 +45,13 @@ struct Hot {
 
 impl Hot {
     async fn start(f: Fleet, checkpoint_pages: u64, truncate_pages: u64) -> Hot {
+        let mut h = Hot::spawn(f, checkpoint_pages, truncate_pages, DEFAULT_RELEASE_AFTER);
+        h.until_shipped(1).await;
+        h
+    }
+
+    /// Starts streaming a new 1-row database without waiting for anything.
+    fn spawn(f: Fleet, checkpoint_pages: u64, truncate_pages: u64, release_after: Duration) -> Hot {
         let path = f.db_path("p", "d", "a");
         let key = Fleet::key("p", "d", "a");
         drop(create_db(&path, 1));
@@ -56,6 +64,7 @@ impl Hot {
                 sync_interval: Duration::from_millis(50),
                 checkpoint_pages,
                 truncate_pages,
+                release_after,
             },
             stats: stats.clone(),
             permits: Arc::new(Semaphore::new(4)),
@@ -69,7 +78,7 @@ impl Hot {
             key.clone(),
             stop.clone(),
         ));
-        let mut h = Hot {
+        Hot {
             f,
             path,
             key,
@@ -78,9 +87,20 @@ impl Hot {
             stop,
             task,
             out: tempfile::tempdir().unwrap(),
-        };
-        h.until_shipped(1).await;
-        h
+        }
+    }
+
+    /// Waits for the upload of the stream's generation snapshot.
+    async fn until_generation_snapshot(&mut self) {
+        loop {
+            let ev = tokio::time::timeout(EVENT_TIMEOUT, self.events.recv())
+                .await
+                .expect("no generation snapshot uploaded")
+                .expect("stream running");
+            if ev.snapshot {
+                return;
+            }
+        }
     }
 
     /// Restores at `at` (latest if `None`) and returns the row count.
@@ -341,6 +361,7 @@ fn restart_at_the_tip_continues_in_the_next_wal() {
         sync_interval: Duration::from_secs(1),
         checkpoint_pages: 1,
         truncate_pages: 1,
+        release_after: DEFAULT_RELEASE_AFTER,
     };
     let report = s.advance(&cfg).unwrap().expect("a checkpoint");
     assert!(report.truncated, "{report:?}");
@@ -430,7 +451,9 @@ both_backends!(
             .await
             .unwrap();
         // The live database has 1 row; the stream's generation must win.
-        let mut h = Hot::start(f, 1000, 10000).await;
+        let mut h = Hot::spawn(f, 1000, 10000, DEFAULT_RELEASE_AFTER);
+        h.until_generation_snapshot().await;
+        h.until_shipped(1).await;
         insert_rows(&Connection::open(&h.path).unwrap(), 49);
         h.until_shipped(50).await;
         let gens = litefleet::generation::list_generation_ids(&h.f.replica(), &h.key)
@@ -439,5 +462,89 @@ both_backends!(
         assert_eq!(gens.len(), 2);
         assert!(gens[0].created() > gen.created(), "{gens:?}");
         h.stop.cancel();
+    }
+);
+
+// The store is down: after `release-after` of failed syncs the stream lets
+// go of the database, so the application's checkpoints pass again and its
+// WAL stops growing; the database goes back to the cold tier (Unshipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_releases_the_read_transaction() {
+    let f = Fleet::new(common::fleet::Backend::S3).await;
+    let mut h = Hot::spawn(f, 1000, 10_000, Duration::from_millis(500));
+    h.until_shipped(1).await;
+    h.f.s3
+        .as_ref()
+        .unwrap()
+        .set_fault(common::s3::Fault::Unavailable);
+    let w = writer(&h.path);
+    insert_rows(&w, 20);
+    let exit = tokio::time::timeout(EVENT_TIMEOUT, &mut h.task)
+        .await
+        .expect("the stream kept holding the database")
+        .unwrap();
+    assert!(matches!(exit, HotExit::Unshipped), "{exit:?}");
+    let (busy, _, _): (i64, i64, i64) = w
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(
+        busy, 0,
+        "the application's checkpoint is not blocked any more"
+    );
+    assert_eq!(
+        std::fs::metadata(format!("{}-wal", h.path.display()))
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+// A database that fails its quick_check is not copied again every sync
+// interval: the stream hands it to the cold tier at once.
+both_backends!(
+    a_damaged_database_is_handed_to_the_cold_tier,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let path = f.db_path("p", "d", "a");
+        let c = create_db(&path, 400);
+        c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        drop(c);
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 3 * 4096, "needs several pages");
+        for (i, b) in bytes[4096..].iter_mut().enumerate() {
+            *b = (i * 7 + 13) as u8;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = Arc::new(HotContext {
+            replica: f.replica(),
+            temp_dir: f.work.path().join("tmp"),
+            cfg: ShipConfig {
+                sync_interval: Duration::from_millis(20),
+                checkpoint_pages: 1000,
+                truncate_pages: 10_000,
+                release_after: DEFAULT_RELEASE_AFTER,
+            },
+            stats: stats.clone(),
+            permits: Arc::new(Semaphore::new(4)),
+            events: None,
+        });
+        let exit = tokio::time::timeout(
+            EVENT_TIMEOUT,
+            ship::stream(ctx, 0, path, "p/d/a".into(), CancellationToken::new()),
+        )
+        .await
+        .expect("the stream kept copying a damaged database");
+        let HotExit::CannotStream(e) = exit else {
+            panic!("{exit:?}")
+        };
+        assert!(e.to_string().contains("damaged"), "{e}");
+        assert_eq!(
+            stats.hot_errors.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 );

@@ -77,6 +77,7 @@ async fn thousand_hot_databases_stay_bounded() {
             sync_interval: Duration::from_secs(1),
             checkpoint_pages: 1000,
             truncate_pages: 10_000,
+            release_after: litefleet::config::DEFAULT_RELEASE_AFTER,
         },
         stats: Arc::new(Stats::default()),
         permits: Arc::new(Semaphore::new(100)),

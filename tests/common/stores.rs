@@ -6,8 +6,8 @@
 //!   AWS S3 (and moto) report them; the in-process server and `file://`
 //!   report milliseconds, which hides any use of listing times as commit
 //!   times.
-//! * [`CutGets`]: the next `n` GET bodies break after their first chunk with
-//!   a transport error, as after a connection reset mid-download.
+//! * [`CutGets`]: the next `n` GET bodies break halfway through their first
+//!   chunk with a transport error, as after a connection reset mid-download.
 //! * [`LostPuts`]: the next `n` conditional PUTs are applied, but answered
 //!   with 412 Precondition Failed, as when the response to the first attempt
 //!   is lost and the client's retry finds its own write.
@@ -88,7 +88,7 @@ impl Rewrite for Coarse {
     }
 }
 
-/// Breaks the next `left` GET bodies after their first chunk.
+/// Breaks the next `left` GET bodies halfway through their first chunk.
 #[derive(Debug, Default)]
 pub struct Cut {
     pub left: AtomicU64,
@@ -117,7 +117,13 @@ impl Rewrite for Cut {
                 source: "connection reset by peer (injected)".into(),
             })
         });
-        let stream = r.into_stream().take(1).chain(reset).boxed();
+        // Half of the first chunk, then the reset: always inside the body.
+        let stream = r
+            .into_stream()
+            .take(1)
+            .map(|chunk| chunk.map(|b| b.slice(..b.len() / 2)))
+            .chain(reset)
+            .boxed();
         GetResult {
             payload: GetResultPayload::Stream(stream),
             meta,

@@ -1,0 +1,467 @@
+//! Crash consistency: the real `litefleet replicate` binary is SIGKILLed and
+//! restarted at random moments while writers commit numbered rows into many
+//! databases, and the store fails for windows of time. Afterwards every
+//! database is restored, latest and at random points in time, and checked
+//! against the writers' commit log.
+//!
+//! The databases cover what the replicator must follow: WAL and
+//! rollback-journal modes, page sizes 1024 to 65536, application PASSIVE and
+//! TRUNCATE checkpoints, a VACUUM, and a file replaced by rename.
+//!
+//! Each row records `t0`, the time just before its transaction began (in
+//! the commit log also `t1`, when its COMMIT returned), so a state holding
+//! it cannot be from before `t0`. What is checked, for every database:
+//!
+//! * after the writers stop and the replicator is stopped gracefully
+//!   (SIGTERM, exit 0), the latest restore equals the source exactly;
+//! * every point-in-time restore at `T` holds exactly rows `1..=n` of the
+//!   commit log (a state the database really had), none with `t0 > T`;
+//! * a hot restore at `T` holds every row committed (`t1`) more than
+//!   [`lag`] before `T`, unless `T` falls in a crash window (from a kill to
+//!   the restart plus [`lag`]) or a store fault window: those restores are
+//!   counted as "within a window", never as mismatches. A restore that
+//!   fails because nothing is old enough is counted too; one that returns
+//!   wrong data is a mismatch.
+//!
+//! Sizing comes from the environment: `LITEFLEET_CRASH_SECS` (writing time
+//! per backend, default 20), `LITEFLEET_CRASH_DBS` (default 12),
+//! `LITEFLEET_CRASH_SEED` (default: from the clock; printed), and
+//! `LITEFLEET_CRASH_POINTS` (point-in-time restores per database, default 8).
+//! The README's figures come from a 10-minute run in release mode.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::fleet::{Backend, Fleet};
+use common::s3::Fault;
+use litefleet::restore::{RestoreOptions, RestoreOutcome, Tier};
+use rusqlite::Connection;
+
+/// Replicator settings: short, so a short run sees many scans and syncs.
+const SCAN_INTERVAL: &str = "500ms";
+const SYNC_INTERVAL_MS: i64 = 250;
+const SCAN_INTERVAL_MS: i64 = 500;
+/// Extra allowance for a loaded 2-core machine (a scan, a snapshot and an
+/// upload queued behind others).
+const MARGIN_MS: i64 = 4000;
+
+/// How long a commit may take to reach the replica outside crash and fault
+/// windows: a scan to notice the database, a sync to ship it, and a margin.
+fn lag() -> i64 {
+    SCAN_INTERVAL_MS + SYNC_INTERVAL_MS + MARGIN_MS
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// xorshift64*: a seeded generator, so a failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn range_ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+}
+
+/// One committed row: id, before BEGIN, after COMMIT (ms since the epoch).
+#[derive(Debug, Clone, Copy)]
+struct Commit {
+    id: i64,
+    t0: i64,
+    t1: i64,
+}
+
+/// A database under test.
+struct Db {
+    path: PathBuf,
+    key: String,
+    wal: bool,
+    page_size: u32,
+    log: Mutex<Vec<Commit>>,
+}
+
+fn open(db: &Db) -> Connection {
+    let c = Connection::open(&db.path).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.pragma_update(None, "journal_mode", if db.wal { "WAL" } else { "DELETE" })
+        .unwrap();
+    c
+}
+
+fn create(db: &Db) {
+    std::fs::create_dir_all(db.path.parent().unwrap()).unwrap();
+    let c = Connection::open(&db.path).unwrap();
+    c.pragma_update(None, "page_size", db.page_size).unwrap();
+    c.execute_batch("CREATE TABLE log(id INTEGER PRIMARY KEY, t0 INTEGER NOT NULL, pad BLOB)")
+        .unwrap();
+    drop(c);
+    drop(open(db));
+}
+
+/// Commits one row into `db` through `c`.
+fn commit(db: &Db, c: &Connection, rng: &mut Rng) {
+    let id = db.log.lock().unwrap().last().map_or(1, |r| r.id + 1);
+    let pad = vec![(id % 251) as u8; 50 + rng.below(3000) as usize];
+    let t0 = now_ms();
+    c.execute(
+        "INSERT INTO log(id, t0, pad) VALUES (?1, ?2, ?3)",
+        rusqlite::params![id, t0, pad],
+    )
+    .unwrap();
+    let t1 = now_ms();
+    db.log.lock().unwrap().push(Commit { id, t0, t1 });
+}
+
+/// A writer thread: round-robin over its databases, one row per commit,
+/// with the occasional checkpoint, VACUUM and replacement by rename.
+fn writer(dbs: Vec<Arc<Db>>, stop: Arc<AtomicBool>, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    let mut conns: Vec<Connection> = dbs.iter().map(|d| open(d)).collect();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let i = rng.below(dbs.len() as u64) as usize;
+        let db = &dbs[i];
+        commit(db, &conns[i], &mut rng);
+        n += 1;
+        match rng.below(400) {
+            0..=3 if db.wal => {
+                let mode = if rng.below(2) == 0 { "PASSIVE" } else { "TRUNCATE" };
+                // Busy while the replicator reads is fine (SQLITE_BUSY row).
+                let _ = conns[i].query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()));
+            }
+            4 => conns[i].execute_batch("VACUUM").unwrap(),
+            5 if n > 200 => {
+                // Replaced by rename: same rows, a new file (new inode).
+                let tmp = db.path.with_extension("tmp");
+                let _ = std::fs::remove_file(&tmp);
+                conns[i]
+                    .execute("VACUUM INTO ?1", [tmp.to_str().unwrap()])
+                    .unwrap();
+                let old = std::mem::replace(&mut conns[i], Connection::open_in_memory().unwrap());
+                drop(old);
+                std::fs::rename(&tmp, &db.path).unwrap();
+                conns[i] = open(db);
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(8)));
+    }
+}
+
+/// The replicator process, restarted after every kill.
+struct Replicator {
+    config: PathBuf,
+    work: PathBuf,
+    child: Option<Child>,
+}
+
+impl Replicator {
+    /// Starts it and waits until it holds the lease (a restart right after a
+    /// kill is refused until the dead holder's short lease expires).
+    async fn start(&mut self) {
+        for _ in 0..200 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.work.join("replicate.log"))
+                .unwrap();
+            let mut child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
+                .current_dir(&self.work)
+                .args(["-c", self.config.to_str().unwrap(), "replicate"])
+                .env_remove("LITEFLEET_CONFIG")
+                .env("LITEFLEET_LOG", "info")
+                .env("XDG_STATE_HOME", self.work.join("state"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            // Refused quickly when the lease is still held; else it runs.
+            let mut refused = false;
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(!status.success());
+                    refused = true;
+                    break;
+                }
+            }
+            if !refused {
+                self.child = Some(child);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("the replicator never started; see {}", self.work.join("replicate.log").display());
+    }
+
+    fn kill(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap(); // SIGKILL
+        c.wait().unwrap();
+    }
+
+    async fn terminate(&mut self) {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let status = tokio::task::spawn_blocking(move || c.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            status.success(),
+            "graceful stop failed ({status}); see {}",
+            self.work.join("replicate.log").display()
+        );
+    }
+}
+
+/// Rows of a restored database (`id`, `t0`), in id order.
+fn rows(path: &Path) -> Vec<(i64, i64)> {
+    let c = Connection::open(path).unwrap();
+    let mut s = c.prepare("SELECT id, t0 FROM log ORDER BY id").unwrap();
+    let v = s
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .unwrap();
+    v
+}
+
+async fn restore(f: &Fleet, key: &str, out: &Path, at: Option<i64>) -> litefleet::Result<Tier> {
+    let _ = std::fs::remove_file(out);
+    let opts = RestoreOptions {
+        target: key.to_string(),
+        output: out.to_path_buf(),
+        timestamp: at.map(|t| DateTime::from_timestamp_millis(t).unwrap()),
+        if_replica_exists: false,
+        if_db_not_exists: false,
+        allow_older: false,
+    };
+    match litefleet::restore::restore(&f.loaded(), &f.replica(), &opts).await? {
+        RestoreOutcome::Restored { tier, .. } => Ok(tier),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    commits: usize,
+    kills: usize,
+    faults: usize,
+    restores: usize,
+    hot_checked: usize,
+    in_window: usize,
+    none_old_enough: usize,
+    mismatches: Vec<String>,
+}
+
+async fn run(backend: Backend, seed: u64) -> Tally {
+    let secs = env_num("LITEFLEET_CRASH_SECS", 20);
+    let n_dbs = env_num("LITEFLEET_CRASH_DBS", 12) as usize;
+    let points = env_num("LITEFLEET_CRASH_POINTS", 8);
+    let mut rng = Rng(seed);
+    let mut f = Fleet::new(backend).await;
+    f.scan_interval = SCAN_INTERVAL;
+    f.extra_yaml = format!(
+        "  sync-interval: {SYNC_INTERVAL_MS}ms\n  hot-duration: 30s\n  cold-after: 1h\n  max-hot-databases: 1000\n  checkpoint-pages: 200\n  truncate-pages: 1000\n"
+    );
+    // Inside `replica:`: a short lease, so a restart after SIGKILL waits
+    // seconds, not a minute.
+    f.top_yaml = "    lease-ttl: 2s\n".into();
+    let config = f.config_path();
+    let page_sizes = [1024u32, 4096, 8192, 16384, 65536];
+    let dbs: Vec<Arc<Db>> = (0..n_dbs)
+        .map(|i| {
+            let tenant = format!("t{i:02}");
+            Arc::new(Db {
+                path: f.db_path("p", "d", &tenant),
+                key: Fleet::key("p", "d", &tenant),
+                wal: i % 4 != 3,
+                page_size: page_sizes[i % page_sizes.len()],
+                log: Mutex::new(Vec::new()),
+            })
+        })
+        .collect();
+    for db in &dbs {
+        create(db);
+    }
+    let mut windows: Vec<(i64, i64)> = Vec::new();
+    let mut tally = Tally::default();
+    let mut rep = Replicator {
+        config,
+        work: f.work.path().to_path_buf(),
+        child: None,
+    };
+    rep.start().await;
+    let start = now_ms();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let mine: Vec<Arc<Db>> = dbs.iter().skip(w).step_by(2).cloned().collect();
+            let stop = stop.clone();
+            let s = seed.wrapping_add(w as u64 + 1);
+            std::thread::spawn(move || writer(mine, stop, s))
+        })
+        .collect();
+
+    // Kills, restarts and store faults at random moments.
+    let end = start + secs as i64 * 1000;
+    while now_ms() < end {
+        tokio::time::sleep(rng.range_ms(1500, 5000)).await;
+        if now_ms() >= end {
+            break;
+        }
+        match (backend, rng.below(3)) {
+            (Backend::S3, 0) => {
+                let from = now_ms();
+                f.s3().set_fault(Fault::Unavailable);
+                tokio::time::sleep(rng.range_ms(300, 2000)).await;
+                f.s3().set_fault(Fault::None);
+                windows.push((from, now_ms() + lag()));
+                tally.faults += 1;
+            }
+            _ => {
+                let from = now_ms();
+                rep.kill();
+                tally.kills += 1;
+                tokio::time::sleep(rng.range_ms(0, 1000)).await;
+                rep.start().await;
+                windows.push((from, now_ms() + lag()));
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let written = now_ms();
+
+    // Catch up, then stop gracefully.
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out.db");
+    for db in &dbs {
+        let want = db.log.lock().unwrap().len();
+        let deadline = now_ms() + 120_000;
+        loop {
+            let got = match restore(&f, &db.key, &out, None).await {
+                Ok(_) => rows(&out).len(),
+                Err(_) => 0,
+            };
+            if got == want {
+                break;
+            }
+            assert!(now_ms() < deadline, "{} never caught up: {got} of {want} rows", db.key);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    rep.terminate().await;
+
+    for db in &dbs {
+        let log = db.log.lock().unwrap().clone();
+        tally.commits += log.len();
+        let source: Vec<(i64, i64)> = rows(&db.path);
+        let expected: Vec<(i64, i64)> = log.iter().map(|c| (c.id, c.t0)).collect();
+        assert_eq!(source, expected, "{}: the source itself", db.key);
+        restore(&f, &db.key, &out, None).await.unwrap();
+        tally.restores += 1;
+        if rows(&out) != expected {
+            tally.mismatches.push(format!("{}: latest restore differs from the source", db.key));
+        }
+        for _ in 0..points {
+            let t = start + rng.below((written - start) as u64) as i64;
+            tally.restores += 1;
+            let tier = match restore(&f, &db.key, &out, Some(t)).await {
+                Ok(tier) => tier,
+                Err(litefleet::Error::NotFound(_)) => {
+                    tally.none_old_enough += 1;
+                    continue;
+                }
+                Err(e) => {
+                    tally.mismatches.push(format!("{} at {t}: restore failed: {e}", db.key));
+                    continue;
+                }
+            };
+            let got = rows(&out);
+            let n = got.len();
+            if got[..] != expected[..n.min(expected.len())] {
+                tally.mismatches.push(format!(
+                    "{} at {t}: {n} rows that are not rows 1..={n} of the log",
+                    db.key
+                ));
+                continue;
+            }
+            if let Some(late) = got.iter().find(|(_, t0)| *t0 > t) {
+                tally.mismatches.push(format!(
+                    "{} at {t}: row {} began at {} (after T)",
+                    db.key, late.0, late.1
+                ));
+                continue;
+            }
+            let due = log.iter().filter(|c| c.t1 < t - lag()).count();
+            let windowed = windows.iter().any(|(a, b)| t >= *a && t <= *b);
+            if tier == Tier::Hot && windowed {
+                tally.in_window += 1;
+            } else if tier == Tier::Hot {
+                tally.hot_checked += 1;
+                if n < due {
+                    tally.mismatches.push(format!(
+                        "{} at {t}: {n} rows, but {due} were committed more than {} ms before",
+                        db.key,
+                        lag()
+                    ));
+                }
+            }
+        }
+    }
+    tally
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_and_faults_never_produce_a_wrong_restore() {
+    let seed = std::env::var("LITEFLEET_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_ms() as u64);
+    for backend in [Backend::File, Backend::S3] {
+        let t = run(backend, seed).await;
+        println!(
+            "crash harness ({backend:?}, seed {seed}): databases {}, commits {}, kills {}, store faults {}, \
+             restores checked {}, hot point-in-time restores checked for completeness {}, within a crash/fault window {}, \
+             none old enough {}, mismatches {}",
+            env_num("LITEFLEET_CRASH_DBS", 12),
+            t.commits,
+            t.kills,
+            t.faults,
+            t.restores,
+            t.hot_checked,
+            t.in_window,
+            t.none_old_enough,
+            t.mismatches.len()
+        );
+        assert!(t.mismatches.is_empty(), "seed {seed}: {:#?}", t.mismatches);
+        assert!(t.kills > 0, "seed {seed}: no kill happened");
+    }
+}

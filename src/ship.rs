@@ -45,7 +45,17 @@
 //! Litestream.
 //!
 //! A shipper is blocking code; [`stream`] drives one on tokio's blocking pool
-//! every `sync-interval` and does the uploads.
+//! every `sync-interval` and does the uploads. Every object is named with its
+//! commit time (see [`crate::generation`]): a segment's is taken just before
+//! its WAL read, a snapshot's just after its copy.
+//!
+//! When syncs keep failing for `release-after` (the store is down), the
+//! stream ends ([`HotExit::Unshipped`]) and closes its connections: holding
+//! the read transaction longer would let the application's WAL grow without
+//! bound. The cold tier takes the database over; it streams again, in a new
+//! generation, once the store is back. A database that fails `quick_check`
+//! when a generation starts ends the stream at once
+//! ([`HotExit::CannotStream`]) instead of being copied every sync.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -414,19 +424,27 @@ impl Shipper {
         }
     }
 
+    /// `Some(Step::Lost)` when the database file is gone or is another file
+    /// (another inode) than the one we opened.
+    fn replaced(&self) -> Result<Option<Step>> {
+        match identity(&self.db) {
+            Ok(id) if id == self.ident => Ok(None),
+            Ok(_) => Ok(Some(Step::Lost("the database file was replaced".into()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Some(Step::Lost("the database file is gone".into())))
+            }
+            Err(e) => Err(Error::io(&self.db, e)),
+        }
+    }
+
     /// Reads the committed frames after the current position into the
     /// pending segment. Does nothing while a segment is pending.
     pub fn read(&mut self) -> Result<Step> {
         if self.pending.is_some() {
             return Ok(Step::Frames);
         }
-        match identity(&self.db) {
-            Ok(id) if id == self.ident => {}
-            Ok(_) => return Ok(Step::Lost("the database file was replaced".into())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Step::Lost("the database file is gone".into()))
-            }
-            Err(e) => return Err(Error::io(&self.db, e)),
+        if let Some(lost) = self.replaced()? {
+            return Ok(lost);
         }
         let file = match File::open(&self.wal) {
             Ok(f) => Some(f),
@@ -435,13 +453,8 @@ impl Shipper {
         };
         // Replaced between the check above and the open: the WAL we hold may
         // be the new file's. Checked again now that it is open.
-        match identity(&self.db) {
-            Ok(id) if id == self.ident => {}
-            Ok(_) => return Ok(Step::Lost("the database file was replaced".into())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Step::Lost("the database file is gone".into()))
-            }
-            Err(e) => return Err(Error::io(&self.db, e)),
+        if let Some(lost) = self.replaced()? {
+            return Ok(lost);
         }
         // At most three rounds: a restart at the tip moves to the next WAL
         // once (Reading -> Awaiting), its header starts a cursor (-> Reading)

@@ -148,9 +148,14 @@ fn writer(dbs: Vec<Arc<Db>>, stop: Arc<AtomicBool>, seed: u64) {
         n += 1;
         match rng.below(400) {
             0..=3 if db.wal => {
-                let mode = if rng.below(2) == 0 { "PASSIVE" } else { "TRUNCATE" };
+                let mode = if rng.below(2) == 0 {
+                    "PASSIVE"
+                } else {
+                    "TRUNCATE"
+                };
                 // Busy while the replicator reads is fine (SQLITE_BUSY row).
-                let _ = conns[i].query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()));
+                let _ =
+                    conns[i].query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()));
             }
             4 => conns[i].execute_batch("VACUUM").unwrap(),
             5 if n > 200 => {
@@ -214,7 +219,10 @@ impl Replicator {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        panic!("the replicator never started; see {}", self.work.join("replicate.log").display());
+        panic!(
+            "the replicator never started; see {}",
+            self.work.join("replicate.log").display()
+        );
     }
 
     fn kill(&mut self) {
@@ -373,7 +381,11 @@ async fn run(backend: Backend, seed: u64) -> Tally {
             if got == want {
                 break;
             }
-            assert!(now_ms() < deadline, "{} never caught up: {got} of {want} rows", db.key);
+            assert!(
+                now_ms() < deadline,
+                "{} never caught up: {got} of {want} rows",
+                db.key
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -388,7 +400,10 @@ async fn run(backend: Backend, seed: u64) -> Tally {
         restore(&f, &db.key, &out, None).await.unwrap();
         tally.restores += 1;
         if rows(&out) != expected {
-            tally.mismatches.push(format!("{}: latest restore differs from the source", db.key));
+            tally.mismatches.push(format!(
+                "{}: latest restore differs from the source",
+                db.key
+            ));
         }
         for _ in 0..points {
             let t = start + rng.below((written - start) as u64) as i64;
@@ -400,7 +415,9 @@ async fn run(backend: Backend, seed: u64) -> Tally {
                     continue;
                 }
                 Err(e) => {
-                    tally.mismatches.push(format!("{} at {t}: restore failed: {e}", db.key));
+                    tally
+                        .mismatches
+                        .push(format!("{} at {t}: restore failed: {e}", db.key));
                     continue;
                 }
             };

@@ -664,14 +664,6 @@ both_backends!(
 
         // Cold: an older snapshot, then `T`, then a newer copy of the same hour
         // (named, as the replicator names it, by the hour after it was taken).
-        let f = Fleet::new(b).await;
-        let r = f.replica();
-        let coarse = r
-            .clone()
-            .with_store(std::sync::Arc::new(common::stores::CoarseTimes::new(
-                r.store.clone(),
-                common::stores::Coarse,
-            )));
         let mut db = Db::new("p/d/c");
         db.commit(10);
         db.cold(&r).await;

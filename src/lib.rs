@@ -19,12 +19,16 @@
 //! * [`track`]: the compact in-memory table of tracked databases and the
 //!   fingerprint (size + mtime + inode of the database and its `-wal`) that
 //!   makes change detection a pure `stat` pass.
+//! * [`keys`]: which database a replica key belongs to: key rendering, and
+//!   the rule that refuses a second database rendering the same key.
 //! * [`snapshot`]: a consistent copy of one database through the SQLite backup
-//!   API, LZ4-compressed (frame format) into a temporary file.
+//!   API, LZ4-compressed (frame format) into a temporary file, recording
+//!   when the copy began and was complete; damage-classifying decompression.
 //! * [`layout`]: where objects live in the replica: key rendering and parsing
 //!   of the `<db>-YYYYMMDD-HH0000.db.lz4` snapshot names.
 //! * [`storage`]: builds the `object_store` client for `s3://` and `file://`
-//!   replicas and does streaming uploads and downloads.
+//!   replicas and does streaming uploads and downloads; `file://` writes are
+//!   fsynced; every write passes the lease's write fence.
 //! * [`tier`]: which databases are hot (written within `hot-duration`, at
 //!   most `max-hot-databases`, most recent wins) and when they go cold again
 //!   (`cold-after`). Pure bookkeeping on ids and instants, no I/O.
@@ -42,10 +46,13 @@
 //! * [`generation`]: the hot tier's replica layout (generations of a snapshot
 //!   plus WAL segments, newest-first ids) and point-in-time restore from it.
 //! * [`lease`]: the replica lease that keeps a second replicator off the same
-//!   replica root (conditional puts, renewal, takeover of expired leases).
-//! * [`restore`]: picks a snapshot (latest or at a timestamp), writes the
-//!   database atomically and checks its integrity; bulk restore of a key
-//!   prefix; also the `list` command.
+//!   replica root (conditional puts, renewal, takeover of expired leases) and
+//!   drives the write fence that stops every write when it is not renewed.
+//! * [`restore`]: picks a snapshot (latest or at a timestamp, by recorded
+//!   commit times), writes the database atomically without replacing
+//!   anything and checks its integrity; only damage may make it consider an
+//!   older copy (`--allow-older`); bulk restore of a key prefix; also the
+//!   `list` command.
 //! * [`progress`]: restore progress, a bar on a terminal or log lines otherwise.
 //! * [`server`]: the operations endpoint (`/healthz`, `/stats`, `/metrics`),
 //!   aggregate counters only, so its cost does not grow with the fleet.

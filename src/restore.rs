@@ -11,7 +11,7 @@
 //! that one of the patterns matches) to a key and finds, at the restore time
 //! `T` (`--timestamp`, or now):
 //!
-//! * the newest cold snapshot taken at or before `T` ([`choose_cold`]): each
+//! * the newest cold snapshot taken at or before `T` (`choose_cold`): each
 //!   cold object records when its copy began and was complete
 //!   ([`snapshot::SnapshotTimes`], read with a ranged GET of its first
 //!   bytes). An object named hour `H` was complete before `H`; objects

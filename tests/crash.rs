@@ -231,6 +231,17 @@ impl Replicator {
         c.wait().unwrap();
     }
 
+    /// Whether it ended by itself (as it must when its lease could not be
+    /// renewed during a long store fault): a supervisor restarts it then.
+    fn exited(&mut self) -> bool {
+        let c = self.child.as_mut().expect("running");
+        if c.try_wait().unwrap().is_some() {
+            self.child = None;
+            return true;
+        }
+        false
+    }
+
     async fn terminate(&mut self) {
         let mut c = self.child.take().expect("running");
         // SAFETY: signalling our own child by its pid.
@@ -278,6 +289,8 @@ async fn restore(f: &Fleet, key: &str, out: &Path, at: Option<i64>) -> litefleet
 struct Tally {
     commits: usize,
     kills: usize,
+    /// Times the replicator exited by itself (a lease it could not renew).
+    self_exits: usize,
     faults: usize,
     restores: usize,
     hot_checked: usize,
@@ -297,8 +310,9 @@ async fn run(backend: Backend, seed: u64) -> Tally {
         "  sync-interval: {SYNC_INTERVAL_MS}ms\n  hot-duration: 30s\n  cold-after: 1h\n  max-hot-databases: 1000\n  checkpoint-pages: 200\n  truncate-pages: 1000\n"
     );
     // Inside `replica:`: a short lease, so a restart after SIGKILL waits
-    // seconds, not a minute.
-    f.top_yaml = "    lease-ttl: 2s\n".into();
+    // seconds, not a minute; longer than a store fault window, so a fault
+    // alone does not cost the lease.
+    f.top_yaml = "    lease-ttl: 6s\n".into();
     let config = f.config_path();
     let page_sizes = [1024u32, 4096, 8192, 16384, 65536];
     let dbs: Vec<Arc<Db>> = (0..n_dbs)
@@ -337,8 +351,16 @@ async fn run(backend: Backend, seed: u64) -> Tally {
 
     // Kills, restarts and store faults at random moments.
     let end = start + secs as i64 * 1000;
+    let mut seen_alive = now_ms();
     while now_ms() < end {
         tokio::time::sleep(rng.range_ms(1500, 5000)).await;
+        if rep.exited() {
+            // Since the last time it was seen running: a crash window.
+            tally.self_exits += 1;
+            rep.start().await;
+            windows.push((seen_alive, now_ms() + lag()));
+        }
+        seen_alive = now_ms();
         if now_ms() >= end {
             break;
         }
@@ -366,6 +388,10 @@ async fn run(backend: Backend, seed: u64) -> Tally {
         w.join().unwrap();
     }
     let written = now_ms();
+    if rep.exited() {
+        tally.self_exits += 1;
+        rep.start().await;
+    }
 
     // Catch up, then stop gracefully.
     let out_dir = tempfile::tempdir().unwrap();
@@ -465,12 +491,13 @@ async fn kills_and_faults_never_produce_a_wrong_restore() {
     for backend in [Backend::File, Backend::S3] {
         let t = run(backend, seed).await;
         println!(
-            "crash harness ({backend:?}, seed {seed}): databases {}, commits {}, kills {}, store faults {}, \
+            "crash harness ({backend:?}, seed {seed}): databases {}, commits {}, kills {}, exits by itself {}, store faults {}, \
              restores checked {}, hot point-in-time restores checked for completeness {}, within a crash/fault window {}, \
              none old enough {}, mismatches {}",
             env_num("LITEFLEET_CRASH_DBS", 12),
             t.commits,
             t.kills,
+            t.self_exits,
             t.faults,
             t.restores,
             t.hot_checked,

@@ -380,3 +380,55 @@ async fn disk_full_while_staging_is_logged_once_and_others_continue() {
         assert_eq!(count_rows(&o), 2);
     }
 }
+
+/// The restore output's disk is full (a 64 KiB tmpfs in a private mount
+/// namespace): a local write error fails the restore, never taken for a
+/// damaged snapshot, so the small older snapshot that would fit is not
+/// restored in its place. Needs root for the mount; skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_at_the_restore_output_fails_without_falling_back() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let f = Fleet::new(Backend::File).await;
+    let path = f.db_path("p", "d", "a");
+    let c = create_db(&path, 2);
+    let token = tokio_util::sync::CancellationToken::new();
+    assert_eq!(f.replicator().cycle(&token).await.uploaded, 1);
+    // The small snapshot becomes an hour older; the newest one is large.
+    let small = f.objects().await.pop().unwrap();
+    let name = litefleet::layout::parse_snapshot_name(small.rsplit('/').next().unwrap()).unwrap();
+    let older = format!(
+        "{}/a-{}.db.lz4",
+        small.rsplit_once('/').unwrap().0,
+        (name.hour - chrono::Duration::hours(1)).format("%Y%m%d-%H%M%S")
+    );
+    let store = f.replica().store.clone();
+    store
+        .copy(&small.as_str().into(), &older.as_str().into())
+        .await
+        .unwrap();
+    c.execute_batch("CREATE TABLE b(x); INSERT INTO b VALUES (randomblob(600000));")
+        .unwrap();
+    drop(c);
+    assert_eq!(f.replicator().cycle(&token).await.uploaded, 1);
+
+    let out_dir = f.work.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let cfg = f.config_path();
+    let script = "mount -t tmpfs -o size=64k tmpfs \"$0\" && exec \"$@\"";
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c", script, out_dir.to_str().unwrap()])
+        .arg(env!("CARGO_BIN_EXE_litefleet"))
+        .args(["-c", cfg.to_str().unwrap(), "restore", "p/d/a", "-o"])
+        .arg(out_dir.join("a.db"))
+        .env_remove("LITEFLEET_CONFIG")
+        .env("XDG_STATE_HOME", f.work.path().join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!err.contains("damaged") && !err.contains("older"), "{err}");
+}

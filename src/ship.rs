@@ -446,6 +446,12 @@ impl Shipper {
         if let Some(lost) = self.replaced()? {
             return Ok(lost);
         }
+        #[cfg(test)]
+        tests::BETWEEN_CHECK_AND_OPEN.with(|h| {
+            if let Some(f) = h.borrow_mut().take() {
+                f()
+            }
+        });
         let file = match File::open(&self.wal) {
             Ok(f) => Some(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -568,6 +574,10 @@ impl Shipper {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 });
             // Our read must be back before the lock goes, whatever happened.
+            #[cfg(test)]
+            if tests::FAIL_READ_AFTER_CHECKPOINT.with(|f| f.take()) {
+                return Err(Error::invalid(&db.display(), "injected: read not resumed"));
+            }
             begin_read(&self.active).map_err(sqlite(&db))?;
             self.moved = false;
             r.map(Some).map_err(sqlite(&db))
@@ -975,5 +985,89 @@ impl Shipper {
             Some((pos, _)) => *pos,
             None => self.position(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Runs once between the identity check of [`Shipper::read`] and its
+        /// opening of the `-wal`: the window a replacement by rename can hit.
+        pub(super) static BETWEEN_CHECK_AND_OPEN: RefCell<Option<Box<dyn FnOnce()>>> =
+            RefCell::new(None);
+        /// Makes our checkpoint fail where resuming its read transaction
+        /// could (SQLITE_BUSY, I/O), after the checkpoint itself ran.
+        pub(super) static FAIL_READ_AFTER_CHECKPOINT: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
+
+    /// Our checkpoint fails after releasing our read transaction: the WAL
+    /// can now be restarted with frames we never read, so a restart seen
+    /// later is continuity lost, not the next WAL of the generation.
+    #[test]
+    fn a_failed_checkpoint_forgets_the_tip() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        let app = wal_db(&a, 3);
+        let mut s = Shipper::open(&a, "k").unwrap();
+        s.begin_generation(dir.path()).unwrap();
+        s.take_pending().expect("the frames already in the WAL");
+        assert!(s.tip);
+        FAIL_READ_AFTER_CHECKPOINT.with(|f| f.set(true));
+        assert!(s.checkpoint(false).is_err());
+        // Unseen frames, checkpointed away, and a new WAL.
+        app.execute("INSERT INTO t VALUES (100)", []).unwrap();
+        app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        app.execute("INSERT INTO t VALUES (101)", []).unwrap();
+        assert!(
+            matches!(s.read().unwrap(), Step::Lost(_)),
+            "a restart after frames we never read must not continue the generation"
+        );
+    }
+
+    fn wal_db(path: &Path, rows: i64) -> Connection {
+        let c = Connection::open(path).unwrap();
+        c.pragma_update(None, "journal_mode", "wal").unwrap();
+        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        c.execute_batch("CREATE TABLE IF NOT EXISTS t(x)").unwrap();
+        for i in 0..rows {
+            c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+        }
+        c
+    }
+
+    /// A database replaced by rename between the identity check and the
+    /// opening of its `-wal`: the other file's WAL is never read into this
+    /// generation.
+    #[test]
+    fn a_replacement_after_the_identity_check_is_continuity_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        let app = wal_db(&a, 3);
+        // Everything checkpointed and the WAL emptied: the shipper waits
+        // for a WAL header.
+        app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let mut s = Shipper::open(&a, "k").unwrap();
+        s.begin_generation(dir.path()).unwrap();
+        assert!(matches!(s.state, WalState::Awaiting { index: 0 }));
+        let other = dir.path().join("b.db");
+        let _b = wal_db(&other, 5);
+        let (a2, other2) = (a.clone(), other.clone());
+        BETWEEN_CHECK_AND_OPEN.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                std::fs::rename(wal_path(&other2), wal_path(&a2)).unwrap();
+                std::fs::rename(&other2, &a2).unwrap();
+            }))
+        });
+        assert_eq!(
+            s.read().unwrap(),
+            Step::Lost("the database file was replaced".into())
+        );
+        assert!(s.take_pending().is_none());
     }
 }

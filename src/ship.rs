@@ -576,7 +576,7 @@ impl Shipper {
             // Our read must be back before the lock goes, whatever happened.
             #[cfg(test)]
             if tests::FAIL_READ_AFTER_CHECKPOINT.with(|f| f.take()) {
-                return Err(Error::invalid(&db.display(), "injected: read not resumed"));
+                return Err(Error::invalid(db.display(), "injected: read not resumed"));
             }
             begin_read(&self.active).map_err(sqlite(&db))?;
             self.moved = false;

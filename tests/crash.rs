@@ -353,7 +353,9 @@ async fn run(backend: Backend, seed: u64) -> Tally {
     let end = start + secs as i64 * 1000;
     let mut seen_alive = now_ms();
     while now_ms() < end {
-        tokio::time::sleep(rng.range_ms(1500, 5000)).await;
+        // Longer apart than a crash window, so that most points in time
+        // fall outside one and get the completeness check.
+        tokio::time::sleep(rng.range_ms(3000, 15000)).await;
         if rep.exited() {
             // Since the last time it was seen running: a crash window.
             tally.self_exits += 1;
@@ -377,6 +379,12 @@ async fn run(backend: Backend, seed: u64) -> Tally {
                 let from = now_ms();
                 rep.kill();
                 tally.kills += 1;
+                // As an operator who knows the holder is dead may: delete
+                // its lease instead of waiting for it to expire.
+                f.replica()
+                    .delete(&litefleet::lease::lease_path(&f.replica()))
+                    .await
+                    .unwrap();
                 tokio::time::sleep(rng.range_ms(0, 1000)).await;
                 rep.start().await;
                 windows.push((from, now_ms() + lag()));

@@ -26,7 +26,10 @@
 //! Sizing comes from the environment: `LITEFLEET_CRASH_SECS` (writing time
 //! per backend, default 20), `LITEFLEET_CRASH_DBS` (default 12),
 //! `LITEFLEET_CRASH_SEED` (default: from the clock; printed), and
-//! `LITEFLEET_CRASH_POINTS` (point-in-time restores per database, default 8).
+//! `LITEFLEET_CRASH_POINTS` (point-in-time restores per database, default 8),
+//! `LITEFLEET_CRASH_BACKENDS` (`file`, `s3`, default both) and
+//! `LITEFLEET_CRASH_KEEP_LOG` (set: the replicator's log is copied to the
+//! temp directory).
 //! The README's figures come from a 10-minute run in release mode.
 
 mod common;
@@ -332,6 +335,7 @@ async fn run(backend: Backend, seed: u64) -> Tally {
     }
     let mut windows: Vec<(i64, i64)> = Vec::new();
     let mut tally = Tally::default();
+    let keep_log = std::env::var_os("LITEFLEET_CRASH_KEEP_LOG").is_some();
     let mut rep = Replicator {
         config,
         work: f.work.path().to_path_buf(),
@@ -478,14 +482,27 @@ async fn run(backend: Backend, seed: u64) -> Tally {
             } else if tier == Tier::Hot {
                 tally.hot_checked += 1;
                 if n < due {
+                    let since_window = windows
+                        .iter()
+                        .filter(|(_, b)| *b < t)
+                        .map(|(_, b)| t - b)
+                        .min();
+                    let newest = n.checked_sub(1).map(|i| t - log[i].t1);
                     tally.mismatches.push(format!(
-                        "{} at {t}: {n} rows, but {due} were committed more than {} ms before",
+                        "{} at {t}: {n} rows, but {due} were committed more than {} ms before \
+                         (the newest restored row committed {newest:?} ms before T; the last \
+                         window ended {since_window:?} ms before T)",
                         db.key,
                         lag()
                     ));
                 }
             }
         }
+    }
+    if keep_log {
+        let kept = std::env::temp_dir().join(format!("litefleet-crash-{backend:?}.log"));
+        std::fs::copy(f.work.path().join("replicate.log"), &kept).unwrap();
+        println!("replicator log kept at {}", kept.display());
     }
     tally
 }
@@ -496,7 +513,12 @@ async fn kills_and_faults_never_produce_a_wrong_restore() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| now_ms() as u64);
-    for backend in [Backend::File, Backend::S3] {
+    let backends = match std::env::var("LITEFLEET_CRASH_BACKENDS").as_deref() {
+        Ok("file") => vec![Backend::File],
+        Ok("s3") => vec![Backend::S3],
+        _ => vec![Backend::File, Backend::S3],
+    };
+    for backend in backends {
         let t = run(backend, seed).await;
         println!(
             "crash harness ({backend:?}, seed {seed}): databases {}, commits {}, kills {}, exits by itself {}, store faults {}, \

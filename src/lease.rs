@@ -23,7 +23,9 @@
 //!   lease's [`Fence`] (see [`crate::storage`]). It is open until the
 //!   *local* expiry: the monotonic instant at which the last successful
 //!   acquisition or renewal was *sent*, plus the TTL, minus [`Lease::margin`]
-//!   (a quarter of the TTL). A renewal is bounded by that instant too: if
+//!   (a quarter of the TTL), and no later than the written expiry minus the
+//!   margin on the wall clock (the monotonic clock stands still while the
+//!   host is suspended). A renewal is bounded by that instant too: if
 //!   none succeeds before it, writes stop there, whatever the store is
 //!   doing, and a write in flight is abandoned. A successor can take the
 //!   lease only after the expiry written in it (sent time + TTL by the
@@ -280,6 +282,7 @@ impl Lease {
                 let fence = Arc::new(Fence::new(
                     lease_name(replica),
                     sent + ttl.saturating_sub(margin(ttl)),
+                    record.expires - ttl_delta(margin(ttl)),
                 ));
                 return Ok(Lease {
                     replica: replica.clone(),
@@ -359,8 +362,10 @@ impl Lease {
         };
         match written {
             Some(v) => {
-                self.fence
-                    .extend(sent + self.ttl.saturating_sub(self.margin()));
+                self.fence.extend(
+                    sent + self.ttl.saturating_sub(self.margin()),
+                    next.expires - ttl_delta(self.margin()),
+                );
                 if self.record.expires <= now {
                     tracing::warn!(lease = %lease_name(&self.replica), "renewed a replica lease after it had expired (nobody took it over)");
                 }

@@ -102,6 +102,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Fence {
     /// Nanoseconds after [`mono_epoch`] until which writes are allowed.
     valid_until: std::sync::atomic::AtomicU64,
+    /// The same limit on the wall clock (Unix ms): the monotonic clock
+    /// stops while the host is suspended, the lease's expiry does not.
+    wall_until: std::sync::atomic::AtomicI64,
     /// Cancelled when the lease is lost: every write stops at once.
     lost: tokio_util::sync::CancellationToken,
     /// The lease object, for errors.
@@ -115,20 +118,30 @@ fn mono_epoch() -> std::time::Instant {
 }
 
 impl Fence {
-    /// A fence open until `until` (monotonic), for the lease object `lease`.
-    pub fn new(lease: impl Into<String>, until: std::time::Instant) -> Fence {
+    /// A fence open until `until` (monotonic) and `wall_until` (wall
+    /// clock), whichever comes first, for the lease object `lease`.
+    pub fn new(
+        lease: impl Into<String>,
+        until: std::time::Instant,
+        wall_until: chrono::DateTime<chrono::Utc>,
+    ) -> Fence {
         let f = Fence {
             valid_until: std::sync::atomic::AtomicU64::new(0),
+            wall_until: std::sync::atomic::AtomicI64::new(0),
             lost: tokio_util::sync::CancellationToken::new(),
             lease: lease.into(),
         };
-        f.extend(until);
+        f.extend(until, wall_until);
         f
     }
 
-    /// Writes are allowed until `until` (a renewal succeeded).
-    pub fn extend(&self, until: std::time::Instant) {
+    /// Writes are allowed until `until` and `wall_until` (a renewal succeeded).
+    pub fn extend(&self, until: std::time::Instant, wall_until: chrono::DateTime<chrono::Utc>) {
         let nanos = until.saturating_duration_since(mono_epoch()).as_nanos();
+        self.wall_until.store(
+            wall_until.timestamp_millis(),
+            std::sync::atomic::Ordering::Release,
+        );
         self.valid_until.store(
             u64::try_from(nanos).unwrap_or(u64::MAX),
             std::sync::atomic::Ordering::Release,
@@ -148,7 +161,10 @@ impl Fence {
 
     /// Whether writes are allowed now.
     pub fn is_open(&self) -> bool {
-        !self.lost.is_cancelled() && std::time::Instant::now() < self.until()
+        !self.lost.is_cancelled()
+            && std::time::Instant::now() < self.until()
+            && chrono::Utc::now().timestamp_millis()
+                < self.wall_until.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn refused(&self, location: &ObjPath) -> Error {
@@ -779,6 +795,33 @@ async fn local_cas(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fence closes at whichever limit comes first: the monotonic one,
+    /// or the wall-clock one (a host suspended past its lease's expiry wakes
+    /// with a monotonic clock that stood still).
+    #[tokio::test]
+    async fn the_fence_closes_at_the_first_of_its_limits() {
+        let later = std::time::Instant::now() + Duration::from_secs(60);
+        let soon = chrono::Utc::now() + chrono::Duration::seconds(60);
+        let ago = chrono::Utc::now() - chrono::Duration::seconds(1);
+        assert!(Fence::new("lease", later, soon).is_open());
+        let f = Fence::new("lease", later, ago);
+        assert!(!f.is_open());
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(dir.path()).with_fence(Arc::new(f));
+        let e = r
+            .put_bytes(&ObjPath::from("k/x"), b"no".to_vec())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { .. }), "{e:?}");
+        assert!(!dir.path().join("k/x").exists());
+        let f = Fence::new("lease", std::time::Instant::now(), soon);
+        assert!(!f.is_open());
+        f.extend(later, soon);
+        assert!(f.is_open());
+        f.close();
+        assert!(!f.is_open());
+    }
 
     /// Every `file://` write path reaches the fsync of the object and its
     /// directories, and an `fsync` failure fails the write. (Whether the

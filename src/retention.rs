@@ -10,12 +10,14 @@
 //!
 //! **Hot generations** (`<key>/generations/<gen>/...`, see
 //! [`crate::generation`]): a restore at `T` uses the newest generation with a
-//! snapshot uploaded at or before `T`, its newest such snapshot, and the
+//! snapshot committed at or before `T` (the time in its name), its newest
+//! such snapshot, and the
 //! segments from that snapshot's WAL index on. Retention keeps whatever a
 //! restore at any `T` at or after the cutoff could use, and deletes the rest:
 //!
-//! * Within a generation, let *base* be its newest snapshot uploaded at or
-//!   before the cutoff. Every restore at or after the cutoff that uses this
+//! * Within a generation, let *base* be its newest snapshot both uploaded
+//!   and committed at or before the cutoff (a whole-second listing time can
+//!   precede the commit time). Every restore at or after the cutoff that uses this
 //!   generation starts from *base* or a later snapshot, so snapshots with a
 //!   lower index than *base* and segments of WAL indexes below *base*'s are
 //!   deleted. *base* and everything after it stay. A generation without such
@@ -62,8 +64,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 
 use crate::generation::{
-    generation_dir, list_generation_ids, parse_generation_object, GenerationId, GenerationObject,
-    GENERATIONS_DIR,
+    generation_dir, list_generation_ids, parse_generation_object, parse_snapshot_name_time,
+    GenerationId, GenerationObject, GENERATIONS_DIR,
 };
 use crate::layout::parse_snapshot_name;
 use crate::restore::check_key;
@@ -217,8 +219,9 @@ async fn enforce_key(
         generations: ids.len(),
         ..RetentionReport::default()
     };
-    // Whether a newer generation has a snapshot uploaded at or before the
-    // cutoff: always false for the newest one, so it is never deleted whole.
+    // Whether a newer generation has a snapshot uploaded and committed at or
+    // before the cutoff: always false for the newest one, so it is never
+    // deleted whole.
     let mut covered = false;
     for id in &ids {
         let dir = generation_dir(&replica.prefix, &key, id);
@@ -291,7 +294,16 @@ impl Scan {
             scan.known += 1;
             match obj {
                 GenerationObject::Snapshot(i) => {
-                    if up <= cutoff {
+                    // A restore at the cutoff selects by commit time (in the
+                    // name), which a listing time in whole seconds can
+                    // precede: the base must be committed by the cutoff.
+                    let committed = meta
+                        .location
+                        .filename()
+                        .and_then(parse_snapshot_name_time)
+                        .and_then(|(_, t)| t)
+                        .unwrap_or(up);
+                    if committed.max(up) <= cutoff {
                         scan.base = scan.base.max(Some(i));
                     }
                     scan.lowest_snapshot = Some(scan.lowest_snapshot.map_or(i, |l| l.min(i)));

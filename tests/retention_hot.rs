@@ -48,7 +48,16 @@ impl<'a> Names<'a> {
     }
 
     async fn snapshot(&self, gen: &GenerationId, index: u64) -> String {
-        let now = Utc::now();
+        self.snapshot_committed(gen, index, Utc::now()).await
+    }
+
+    /// A snapshot whose name records `now` as its commit time.
+    async fn snapshot_committed(
+        &self,
+        gen: &GenerationId,
+        index: u64,
+        now: DateTime<Utc>,
+    ) -> String {
         generation::upload_snapshot(
             self.r,
             KEY,
@@ -217,7 +226,8 @@ both_backends!(
         let new_snap = n.snapshot(&new, 0).await;
         all.push(new_snap.clone());
         let listed = generation::list_snapshots(&r, KEY, &new).await.unwrap();
-        let snap_time = listed[0].uploaded;
+        // Uploaded and committed (the base is chosen by both).
+        let snap_time = listed[0].uploaded.max(listed[0].time);
         let old_dir = generation::generation_dir(&r.prefix, KEY, &old);
         let old_newest = r
             .list_all(&old_dir)
@@ -444,7 +454,7 @@ both_backends!(
         let report = enforce(
             &r,
             MONTH,
-            now_for_cutoff(snap2_up - chrono::Duration::milliseconds(1)),
+            now_for_cutoff(snap2 - chrono::Duration::milliseconds(1)),
         )
         .await
         .unwrap();
@@ -462,7 +472,7 @@ both_backends!(
         );
 
         // Cutoff at snapshot 2's upload: snapshot 0 and WALs 0 and 1 go.
-        let report = enforce(&r, MONTH, now_for_cutoff(snap2_up)).await.unwrap();
+        let report = enforce(&r, MONTH, now_for_cutoff(snap2)).await.unwrap();
         assert_eq!(report, hot(1, 0, 1, 3));
         let after = generation::list_generation(&r, KEY, &w.gen).await.unwrap();
         assert_eq!(
@@ -498,3 +508,32 @@ both_backends!(
         assert_eq!(restore_rows(&r, None, tmp.path()).await.unwrap(), 30);
     }
 );
+
+// The base snapshot at the cutoff is chosen by the commit time in its name:
+// a snapshot listed before the cutoff (whole-second listing times can show
+// that) but committed after it cannot serve a restore at the cutoff, so the
+// history before it must stay.
+both_backends!(base_snapshot_is_chosen_by_commit_time, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let names = Names::new(&r, f.work.path());
+    let gen = gen_at(10);
+    let s0 = names.snapshot(&gen, 0).await;
+    let w0 = names.segment(&gen, 0, 32).await;
+    let cutoff = Utc::now() + chrono::Duration::seconds(5);
+    let s1 = names
+        .snapshot_committed(&gen, 1, cutoff + chrono::Duration::seconds(5))
+        .await;
+    let report = enforce(&r, MONTH, now_for_cutoff(cutoff)).await.unwrap();
+    assert_eq!(
+        (report.generation_snapshots_deleted, report.wal_deleted),
+        (0, 0),
+        "{report:?}"
+    );
+    for kept in [s0, w0, s1] {
+        assert!(
+            r.get_bytes(&kept.as_str().into()).await.unwrap().is_some(),
+            "{kept}"
+        );
+    }
+});

@@ -18,7 +18,9 @@
 //!   commit log (a state the database really had), none with `t0 > T`;
 //! * a hot restore at `T` holds every row committed (`t1`) more than
 //!   [`lag`] before `T`, unless `T` falls in a crash window (from a kill to
-//!   the restart plus [`lag`]) or a store fault window: those restores are
+//!   the restart plus [`lag`], and for each hot database until the restarted
+//!   replicator's new generation of it has its snapshot, plus [`lag`]) or a
+//!   store fault window: those restores are
 //!   counted as "within a window", never as mismatches. A restore that
 //!   fails because nothing is old enough is counted too; one that returns
 //!   wrong data is a mismatch.
@@ -334,6 +336,8 @@ async fn run(backend: Backend, seed: u64) -> Tally {
         create(db);
     }
     let mut windows: Vec<(i64, i64)> = Vec::new();
+    // When the replicator was started again after a kill or an exit.
+    let mut restarts: Vec<i64> = Vec::new();
     let mut tally = Tally::default();
     let keep_log = std::env::var_os("LITEFLEET_CRASH_KEEP_LOG").is_some();
     let mut rep = Replicator {
@@ -364,6 +368,7 @@ async fn run(backend: Backend, seed: u64) -> Tally {
             // Since the last time it was seen running: a crash window.
             tally.self_exits += 1;
             rep.start().await;
+            restarts.push(now_ms());
             windows.push((seen_alive, now_ms() + lag()));
         }
         seen_alive = now_ms();
@@ -391,6 +396,7 @@ async fn run(backend: Backend, seed: u64) -> Tally {
                     .unwrap();
                 tokio::time::sleep(rng.range_ms(0, 1000)).await;
                 rep.start().await;
+                restarts.push(now_ms());
                 windows.push((from, now_ms() + lag()));
             }
         }
@@ -430,6 +436,27 @@ async fn run(backend: Backend, seed: u64) -> Tally {
     rep.terminate().await;
 
     for db in &dbs {
+        // A restarted replicator recovers a hot database by starting a new
+        // generation of it (a snapshot plus the WAL it finds): until that
+        // snapshot, plus the lag, the database is still in its crash window.
+        let mut started: Vec<i64> = litefleet::generation::list_generations(&f.replica(), &db.key)
+            .await
+            .unwrap()
+            .iter()
+            .flat_map(|g| g.snapshots.iter().map(|s| s.time.timestamp_millis()))
+            .collect();
+        started.sort_unstable();
+        let recovering: Vec<(i64, i64)> = restarts
+            .iter()
+            .map(|&r| {
+                let done = started
+                    .iter()
+                    .copied()
+                    .find(|&t| t >= r)
+                    .unwrap_or(i64::MAX / 2);
+                (r, done + lag())
+            })
+            .collect();
         let log = db.log.lock().unwrap().clone();
         tally.commits += log.len();
         let source: Vec<(i64, i64)> = rows(&db.path);
@@ -476,7 +503,10 @@ async fn run(backend: Backend, seed: u64) -> Tally {
                 continue;
             }
             let due = log.iter().filter(|c| c.t1 < t - lag()).count();
-            let windowed = windows.iter().any(|(a, b)| t >= *a && t <= *b);
+            let windowed = windows
+                .iter()
+                .chain(&recovering)
+                .any(|(a, b)| t >= *a && t <= *b);
             if tier == Tier::Hot && windowed {
                 tally.in_window += 1;
             } else if tier == Tier::Hot {

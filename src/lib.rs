@@ -63,28 +63,13 @@
 //! Errors that reach the user are [`Error`]s: each names the path, key or
 //! config key it is about and never contains a credential.
 
-pub mod bench;
+pub mod capture;
 pub mod cli;
-pub mod config;
-pub mod demo;
-pub mod discover;
+pub mod daemon;
 pub mod error;
-pub mod generation;
-pub mod keys;
-pub mod layout;
-pub mod lease;
-pub mod progress;
+pub mod replica;
 pub mod restore;
-pub mod retention;
 mod rfc3339;
-pub mod scheduler;
-pub mod server;
-pub mod ship;
-pub mod snapshot;
-pub mod soak;
-pub mod storage;
-pub mod tier;
-pub mod track;
-pub mod wal;
+pub mod source;
 
 pub use error::{Error, Result};

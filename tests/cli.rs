@@ -99,7 +99,7 @@ fn demo_config_replicates_and_restores() {
     let rows: i64 = restored
         .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(rows, litefleet::demo::ROWS as i64);
+    assert_eq!(rows, litefleet::cli::demo::ROWS as i64);
     let o = litefleet(
         t.path(),
         &[
@@ -136,9 +136,10 @@ fn demo_config_replicates_and_restores() {
         .unwrap()
         .path();
     let bytes = std::fs::read(&obj).unwrap();
-    let times = litefleet::snapshot::SnapshotTimes::decode(&bytes).expect("a times record");
+    let times =
+        litefleet::capture::snapshot::SnapshotTimes::decode(&bytes).expect("a times record");
     assert!(times.started <= times.taken);
-    let record = litefleet::snapshot::RECORD_LEN;
+    let record = litefleet::capture::snapshot::RECORD_LEN;
     assert_eq!(
         bytes[..4],
         0x184D_2A5Au32.to_le_bytes(),
@@ -151,7 +152,7 @@ fn demo_config_replicates_and_restores() {
     let mut dec = lz4_flex::frame::FrameDecoder::new(&bytes[record..]);
     let mut head = [0u8; 16];
     std::io::Read::read_exact(&mut dec, &mut head).unwrap();
-    assert_eq!(&head, litefleet::discover::SQLITE_HEADER);
+    assert_eq!(&head, litefleet::source::discover::SQLITE_HEADER);
     // The README's `lz4 -d`, where the lz4 tool is installed.
     if let Ok(o) = std::process::Command::new("lz4")
         .args(["-d", "-c"])
@@ -159,7 +160,7 @@ fn demo_config_replicates_and_restores() {
         .output()
     {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(&o.stdout[..16], litefleet::discover::SQLITE_HEADER);
+        assert_eq!(&o.stdout[..16], litefleet::source::discover::SQLITE_HEADER);
     }
 }
 

@@ -391,7 +391,7 @@ async fn run(backend: Backend, seed: u64) -> Tally {
                 // As an operator who knows the holder is dead may: delete
                 // its lease instead of waiting for it to expire.
                 f.replica()
-                    .delete(&litefleet::lease::lease_path(&f.replica()))
+                    .delete(&litefleet::replica::lease::lease_path(&f.replica()))
                     .await
                     .unwrap();
                 tokio::time::sleep(rng.range_ms(0, 1000)).await;
@@ -439,12 +439,13 @@ async fn run(backend: Backend, seed: u64) -> Tally {
         // A restarted replicator recovers a hot database by starting a new
         // generation of it (a snapshot plus the WAL it finds): until that
         // snapshot, plus the lag, the database is still in its crash window.
-        let mut started: Vec<i64> = litefleet::generation::list_generations(&f.replica(), &db.key)
-            .await
-            .unwrap()
-            .iter()
-            .flat_map(|g| g.snapshots.iter().map(|s| s.time.timestamp_millis()))
-            .collect();
+        let mut started: Vec<i64> =
+            litefleet::replica::hot::list_generations(&f.replica(), &db.key)
+                .await
+                .unwrap()
+                .iter()
+                .flat_map(|g| g.snapshots.iter().map(|s| s.time.timestamp_millis()))
+                .collect();
         started.sort_unstable();
         let recovering: Vec<(i64, i64)> = restarts
             .iter()

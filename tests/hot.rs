@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::fleet::{count_rows, create_db, insert_rows, Fleet};
-use litefleet::config::DEFAULT_RELEASE_AFTER;
+use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent, Shipper, Step};
+use litefleet::daemon::scheduler::Stats;
 use litefleet::restore::{RestoreOutcome, Tier};
-use litefleet::scheduler::Stats;
-use litefleet::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent, Shipper, Step};
+use litefleet::source::config::DEFAULT_RELEASE_AFTER;
 use rusqlite::Connection;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::Semaphore;
@@ -446,8 +446,8 @@ both_backends!(
         let stale = f.work.path().join("stale.db");
         drop(create_db(&stale, 5));
         let ahead = Utc::now() + chrono::Duration::hours(1);
-        let gen = litefleet::generation::new_generation_id(ahead);
-        litefleet::generation::upload_snapshot(&r, &key, &gen, 0, ahead, &stale, f.work.path())
+        let gen = litefleet::replica::hot::new_generation_id(ahead);
+        litefleet::replica::hot::upload_snapshot(&r, &key, &gen, 0, ahead, &stale, f.work.path())
             .await
             .unwrap();
         // The live database has 1 row; the stream's generation must win.
@@ -456,7 +456,7 @@ both_backends!(
         h.until_shipped(1).await;
         insert_rows(&Connection::open(&h.path).unwrap(), 49);
         h.until_shipped(50).await;
-        let gens = litefleet::generation::list_generation_ids(&h.f.replica(), &h.key)
+        let gens = litefleet::replica::hot::list_generation_ids(&h.f.replica(), &h.key)
             .await
             .unwrap();
         assert_eq!(gens.len(), 2);

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{create_db, insert_rows, Backend, Fleet};
-use litefleet::scheduler::Stats;
-use litefleet::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent};
+use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent};
+use litefleet::daemon::scheduler::Stats;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +59,7 @@ async fn round(events: &mut UnboundedReceiver<ShipEvent>, want_snapshot: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousand_hot_databases_stay_bounded() {
-    litefleet::bench::raise_nofile_limit();
+    litefleet::cli::bench::raise_nofile_limit();
     let f = Fleet::new(Backend::File).await;
     let paths: Vec<_> = (0..DATABASES)
         .map(|i| f.db_path("p", "d", &format!("t{i}")))
@@ -77,7 +77,7 @@ async fn thousand_hot_databases_stay_bounded() {
             sync_interval: Duration::from_secs(1),
             checkpoint_pages: 1000,
             truncate_pages: 10_000,
-            release_after: litefleet::config::DEFAULT_RELEASE_AFTER,
+            release_after: litefleet::source::config::DEFAULT_RELEASE_AFTER,
         },
         stats: Arc::new(Stats::default()),
         permits: Arc::new(Semaphore::new(100)),

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{create_db, insert_rows, Fleet};
-use litefleet::scheduler::Replicator;
-use litefleet::soak::FaultyStore;
+use litefleet::cli::soak::FaultyStore;
+use litefleet::daemon::scheduler::Replicator;
 use tokio_util::sync::CancellationToken;
 
 /// Polls `cond` until it holds; fails the test after 20 s.

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 
 use common::fleet::{count_rows, create_db, Fleet};
 use common::{litefleet, stderr};
-use litefleet::config::Loaded;
-use litefleet::scheduler::Replicator;
+use litefleet::daemon::scheduler::Replicator;
+use litefleet::source::config::Loaded;
 use tokio_util::sync::CancellationToken;
 
 /// Config with patterns `*/*.db` then `*/*.sqlite`, both keyed
@@ -66,7 +66,7 @@ fn db(f: &Fleet, name: &str, rows: usize) -> PathBuf {
     p
 }
 
-async fn cycle(r: &Replicator) -> litefleet::scheduler::CycleReport {
+async fn cycle(r: &Replicator) -> litefleet::daemon::scheduler::CycleReport {
     r.cycle(&CancellationToken::new()).await
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use common::fleet::Fleet;
-use litefleet::lease::{lease_path, spawn_renewer, Lease, DEFAULT_TTL, LEASE_OBJECT};
+use litefleet::replica::lease::{lease_path, spawn_renewer, Lease, DEFAULT_TTL, LEASE_OBJECT};
 use litefleet::Error;
 use object_store::{ObjectStoreExt, PutPayload};
 use tokio_util::sync::CancellationToken;
@@ -214,7 +214,7 @@ both_backends!(
 both_backends!(storage_conditional_puts_are_honoured, |b| async move {
     let f = Fleet::new(b).await;
     let r = f.replica();
-    let loc = litefleet::layout::key_path(&r.prefix, ".litefleet/cas-test");
+    let loc = litefleet::replica::layout::key_path(&r.prefix, ".litefleet/cas-test");
     let v1 = r
         .put_if_absent(&loc, bytes::Bytes::from_static(b"one"))
         .await
@@ -263,7 +263,7 @@ both_backends!(storage_conditional_puts_are_honoured, |b| async move {
 async fn stalled_renewal_stops_writes_before_a_successor_can_write() {
     let f = Fleet::new(common::fleet::Backend::S3).await;
     let r = f.replica();
-    let ttl = litefleet::lease::MIN_TTL;
+    let ttl = litefleet::replica::lease::MIN_TTL;
     let lease = Lease::acquire_with_ttl(&r, Utc::now(), ttl).await.unwrap();
     let fence = lease.fence();
     let written_expiry = lease.expires();

@@ -195,7 +195,7 @@ async fn sigkill_mid_upload_then_restart_loses_nothing() {
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("wait until its lease expires"), "{log}");
     // ... or until an operator removes it, as here.
-    let lease = litefleet::lease::lease_path(&f.replica());
+    let lease = litefleet::replica::lease::lease_path(&f.replica());
     f.replica().store.delete(&lease).await.unwrap();
 
     let d = Daemon::start(&f, &["replicate", "--once"]);
@@ -398,7 +398,8 @@ async fn disk_full_at_the_restore_output_fails_without_falling_back() {
     assert_eq!(f.replicator().cycle(&token).await.uploaded, 1);
     // The small snapshot becomes an hour older; the newest one is large.
     let small = f.objects().await.pop().unwrap();
-    let name = litefleet::layout::parse_snapshot_name(small.rsplit('/').next().unwrap()).unwrap();
+    let name =
+        litefleet::replica::layout::parse_snapshot_name(small.rsplit('/').next().unwrap()).unwrap();
     let older = format!(
         "{}/a-{}.db.lz4",
         small.rsplit_once('/').unwrap().0,

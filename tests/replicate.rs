@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::fleet::{age, count_rows, create_db, insert_rows, Fleet};
-use litefleet::layout;
+use litefleet::replica::layout;
 use litefleet::restore::RestoreOutcome;
 use tokio_util::sync::CancellationToken;
 
@@ -216,9 +216,10 @@ both_backends!(retention_deletes_old_and_keeps_newest, |b| async move {
             .unwrap();
         loc.to_string()
     };
-    let report = litefleet::retention::enforce(&replica, Duration::from_secs(30 * 86400), now)
-        .await
-        .unwrap();
+    let report =
+        litefleet::replica::retention::enforce(&replica, Duration::from_secs(30 * 86400), now)
+            .await
+            .unwrap();
     assert_eq!(
         (report.examined, report.deleted, report.kept_newest_expired),
         (5, 3, 1)

@@ -222,7 +222,7 @@ async fn plant_hostile_keys(f: &Fleet) {
         .await
         .unwrap();
     for stem in ["t1", "..", "."] {
-        let loc = litefleet::layout::key_path(&replica.prefix, "p9/d9")
+        let loc = litefleet::replica::layout::key_path(&replica.prefix, "p9/d9")
             .join(format!("{stem}-20261122-140000.db.lz4").as_str());
         replica
             .store

@@ -1,7 +1,7 @@
 //! Restore choosing between the cold tier (hourly snapshots) and the hot
 //! tier (WAL generations), against the in-process S3 server and file://.
 //!
-//! Generations are built without a shipper, with [`litefleet::generation`]
+//! Generations are built without a shipper, with [`litefleet::replica::hot`]
 //! directly: a real WAL-mode database, committed frames read with
 //! [`wal::read_committed`], uploaded as snapshots and segments. Cold
 //! snapshots are [`snapshot::capture`]d and uploaded under
@@ -17,14 +17,14 @@ use chrono::{DateTime, Utc};
 use common::fleet::{count_rows, Fleet};
 use common::generations::GenWriter;
 use common::{litefleet, stderr};
-use litefleet::generation::{self, GenerationId};
+use litefleet::capture::wal::Position;
+use litefleet::replica::hot::{self, GenerationId};
+use litefleet::replica::storage::Replica;
 use litefleet::restore::{
     list, list_databases, restore_bulk, BulkItem, BulkOptions, BulkOutcome, BulkProgress,
     RestoreOutcome, Tier,
 };
-use litefleet::storage::Replica;
-use litefleet::wal::Position;
-use litefleet::{layout, snapshot, Error};
+use litefleet::{capture::snapshot, replica::layout, Error};
 use object_store::path::Path as ObjPath;
 use rusqlite::Connection;
 use tempfile::TempDir;
@@ -92,7 +92,7 @@ impl Db {
         std::fs::copy(self.path(), &copy).unwrap();
         let committed = Utc::now();
         let index = self.index;
-        generation::upload_snapshot(
+        hot::upload_snapshot(
             r,
             &self.key,
             &self.gen,
@@ -130,7 +130,7 @@ impl Db {
             .iter()
             .find(|(i, _)| *i == index)
             .unwrap();
-        generation::snapshot_path(&r.prefix, &self.key, &self.gen, index, *committed)
+        hot::snapshot_path(&r.prefix, &self.key, &self.gen, index, *committed)
     }
 }
 
@@ -601,7 +601,7 @@ both_backends!(missing_last_segment_of_a_wal_fails, |b| async move {
         "{msg}"
     );
     // Without the metadata nothing proves where WAL 0 ended.
-    r.delete(&generation::metadata_path(&r.prefix, "p/d/t", &db.gen))
+    r.delete(&hot::metadata_path(&r.prefix, "p/d/t", &db.gen))
         .await
         .unwrap();
     let msg = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();

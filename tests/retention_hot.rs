@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use common::fleet::Fleet;
 use common::generations::GenWriter;
 use futures::TryStreamExt;
-use litefleet::generation::{self, GenerationId, Metadata};
-use litefleet::retention::{enforce, RetentionReport};
-use litefleet::storage::Replica;
-use litefleet::wal::Position;
+use litefleet::capture::wal::Position;
+use litefleet::replica::hot::{self, GenerationId, Metadata};
+use litefleet::replica::retention::{enforce, RetentionReport};
+use litefleet::replica::storage::Replica;
 use object_store::ObjectStoreExt;
 
 const KEY: &str = "p/d/a";
@@ -30,7 +30,7 @@ fn now_for_cutoff(cutoff: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 fn gen_at(minutes_ago: i64) -> GenerationId {
-    generation::new_generation_id(Utc::now() - chrono::Duration::minutes(minutes_ago))
+    hot::new_generation_id(Utc::now() - chrono::Duration::minutes(minutes_ago))
 }
 
 /// Generation objects that only need their names: arbitrary bytes.
@@ -58,7 +58,7 @@ impl<'a> Names<'a> {
         index: u64,
         now: DateTime<Utc>,
     ) -> String {
-        generation::upload_snapshot(
+        hot::upload_snapshot(
             self.r,
             KEY,
             gen,
@@ -69,16 +69,16 @@ impl<'a> Names<'a> {
         )
         .await
         .unwrap();
-        generation::snapshot_path(&self.r.prefix, KEY, gen, index, now).to_string()
+        hot::snapshot_path(&self.r.prefix, KEY, gen, index, now).to_string()
     }
 
     async fn segment(&self, gen: &GenerationId, index: u64, offset: u64) -> String {
         let pos = Position { index, offset };
         let now = Utc::now();
-        generation::upload_segment(self.r, KEY, gen, pos, now, &[7u8; 100])
+        hot::upload_segment(self.r, KEY, gen, pos, now, &[7u8; 100])
             .await
             .unwrap();
-        generation::segment_path(&self.r.prefix, KEY, gen, pos, now).to_string()
+        hot::segment_path(&self.r.prefix, KEY, gen, pos, now).to_string()
     }
 
     async fn metadata(&self, gen: &GenerationId) -> String {
@@ -91,15 +91,13 @@ impl<'a> Names<'a> {
             snapshots: vec![],
             wal_ends: vec![],
         };
-        generation::write_metadata(self.r, KEY, &meta)
-            .await
-            .unwrap();
-        generation::metadata_path(&self.r.prefix, KEY, gen).to_string()
+        hot::write_metadata(self.r, KEY, &meta).await.unwrap();
+        hot::metadata_path(&self.r.prefix, KEY, gen).to_string()
     }
 
     /// Any object at `<key>/generations/<rel>`.
     async fn raw(&self, rel: &str) -> String {
-        let dir = generation::generations_dir(&self.r.prefix, KEY);
+        let dir = hot::generations_dir(&self.r.prefix, KEY);
         let loc = object_store::path::Path::from(format!("{dir}/{rel}"));
         self.r
             .store
@@ -165,7 +163,7 @@ both_backends!(old_generation_deleted_entirely, |b| async move {
     }
     assert_eq!(f.objects().await, sorted(kept.clone()));
     assert_eq!(
-        generation::list_generation_ids(&r, KEY).await.unwrap(),
+        hot::list_generation_ids(&r, KEY).await.unwrap(),
         vec![new.clone()]
     );
     // A second pass finds nothing more to do.
@@ -225,10 +223,10 @@ both_backends!(
         tokio::time::sleep(Duration::from_millis(20)).await;
         let new_snap = n.snapshot(&new, 0).await;
         all.push(new_snap.clone());
-        let listed = generation::list_snapshots(&r, KEY, &new).await.unwrap();
+        let listed = hot::list_snapshots(&r, KEY, &new).await.unwrap();
         // Uploaded and committed (the base is chosen by both).
         let snap_time = listed[0].uploaded.max(listed[0].time);
-        let old_dir = generation::generation_dir(&r.prefix, KEY, &old);
+        let old_dir = hot::generation_dir(&r.prefix, KEY, &old);
         let old_newest = r
             .list_all(&old_dir)
             .try_fold(DateTime::<Utc>::MIN_UTC, |t, m| async move {
@@ -378,13 +376,13 @@ impl Writer {
     async fn snapshot(&self, r: &Replica) -> (DateTime<Utc>, DateTime<Utc>) {
         let copy = self.tmp.join("copy.db");
         std::fs::copy(&self.db, &copy).unwrap();
-        generation::upload_snapshot(r, KEY, &self.gen, self.index, Utc::now(), &copy, &self.tmp)
+        hot::upload_snapshot(r, KEY, &self.gen, self.index, Utc::now(), &copy, &self.tmp)
             .await
             .unwrap();
         // Upload times are file mtimes or S3 times in milliseconds: keep the
         // next upload in a later tick so point-in-time restores are exact.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let listed = generation::list_snapshots(r, KEY, &self.gen).await.unwrap();
+        let listed = hot::list_snapshots(r, KEY, &self.gen).await.unwrap();
         let s = listed.iter().find(|s| s.index == self.index).unwrap();
         (s.uploaded, s.uploaded.max(s.time))
     }
@@ -401,12 +399,12 @@ async fn restore_rows(
         .tempfile_in(dir)
         .unwrap();
     let mut file = out.reopen().unwrap();
-    generation::restore_generation(r, KEY, at, &mut file).await?;
+    hot::restore_generation(r, KEY, at, &mut file).await?;
     drop(file);
     Ok(common::fleet::count_rows(out.path()))
 }
 
-fn segment_positions(l: &generation::GenerationListing) -> Vec<(u64, u64)> {
+fn segment_positions(l: &hot::GenerationListing) -> Vec<(u64, u64)> {
     l.segments
         .iter()
         .map(|s| (s.pos.index, s.pos.offset))
@@ -439,7 +437,7 @@ both_backends!(
         let wal2_second = w.ship(&r).await;
         assert_eq!(w.rows, 30);
         assert!(snap0 < snap2_up - chrono::Duration::milliseconds(1));
-        let before = generation::list_generation(&r, KEY, &w.gen).await.unwrap();
+        let before = hot::list_generation(&r, KEY, &w.gen).await.unwrap();
         assert_eq!(
             before.snapshots.iter().map(|s| s.index).collect::<Vec<_>>(),
             vec![0, 2]
@@ -466,15 +464,12 @@ both_backends!(
             ),
             (1, 0, 0)
         );
-        assert_eq!(
-            generation::list_generation(&r, KEY, &w.gen).await.unwrap(),
-            before
-        );
+        assert_eq!(hot::list_generation(&r, KEY, &w.gen).await.unwrap(), before);
 
         // Cutoff at snapshot 2's upload: snapshot 0 and WALs 0 and 1 go.
         let report = enforce(&r, MONTH, now_for_cutoff(snap2)).await.unwrap();
         assert_eq!(report, hot(1, 0, 1, 3));
-        let after = generation::list_generation(&r, KEY, &w.gen).await.unwrap();
+        let after = hot::list_generation(&r, KEY, &w.gen).await.unwrap();
         assert_eq!(
             after.snapshots.iter().map(|s| s.index).collect::<Vec<_>>(),
             vec![2]
@@ -501,10 +496,7 @@ both_backends!(
             (report.generation_snapshots_deleted, report.wal_deleted),
             (0, 0)
         );
-        assert_eq!(
-            generation::list_generation(&r, KEY, &w.gen).await.unwrap(),
-            after
-        );
+        assert_eq!(hot::list_generation(&r, KEY, &w.gen).await.unwrap(), after);
         assert_eq!(restore_rows(&r, None, tmp.path()).await.unwrap(), 30);
     }
 );

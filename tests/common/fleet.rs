@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use litefleet::config::Loaded;
+use litefleet::daemon::scheduler::Replicator;
+use litefleet::replica::storage::Replica;
 use litefleet::restore::{RestoreOptions, RestoreOutcome};
-use litefleet::scheduler::Replicator;
-use litefleet::storage::Replica;
+use litefleet::source::config::Loaded;
 use rusqlite::Connection;
 use tempfile::TempDir;
 
@@ -202,7 +202,7 @@ impl Fleet {
     ) -> String {
         use object_store::ObjectStoreExt;
         let r = self.replica();
-        let loc = litefleet::layout::snapshot_path(&r.prefix, key, stem, taken);
+        let loc = litefleet::replica::layout::snapshot_path(&r.prefix, key, stem, taken);
         r.store
             .put(&loc, bytes::Bytes::from_static(b"x").into())
             .await

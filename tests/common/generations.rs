@@ -7,9 +7,9 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
-use litefleet::generation::{self, GenerationId, Metadata};
-use litefleet::storage::Replica;
-use litefleet::wal::{self, Position, ReadOutcome, WalCursor};
+use litefleet::capture::wal::{self, Position, ReadOutcome, WalCursor};
+use litefleet::replica::hot::{self, GenerationId, Metadata};
+use litefleet::replica::storage::Replica;
 use rusqlite::Connection;
 
 pub struct GenWriter {
@@ -49,7 +49,7 @@ impl GenWriter {
             rows: 0,
             index: 0,
             cursor: None,
-            gen: generation::new_generation_id(Utc::now()),
+            gen: hot::new_generation_id(Utc::now()),
             shipped: Vec::new(),
             wal_ends: Vec::new(),
             row_width,
@@ -75,7 +75,7 @@ impl GenWriter {
     pub async fn ship(&mut self, r: &Replica) -> Position {
         // As names record it: whole milliseconds, rounded up.
         let committed =
-            DateTime::from_timestamp_millis(generation::commit_millis(Utc::now()) as i64).unwrap();
+            DateTime::from_timestamp_millis(hot::commit_millis(Utc::now()) as i64).unwrap();
         if self.cursor.is_none() && self.index > 0 {
             // As the shipper does: where the previous WAL ended is recorded
             // before the first segment of the next one.
@@ -92,7 +92,7 @@ impl GenWriter {
         else {
             panic!("WAL continuity lost")
         };
-        let end = generation::upload_segment(r, &self.key, &self.gen, cur.pos, committed, &bytes)
+        let end = hot::upload_segment(r, &self.key, &self.gen, cur.pos, committed, &bytes)
             .await
             .unwrap();
         assert_eq!(end, next.pos);
@@ -108,7 +108,7 @@ impl GenWriter {
             .iter()
             .find(|(p, _)| *p == pos)
             .expect("a segment shipped at that position");
-        generation::segment_path(&r.prefix, &self.key, &self.gen, pos, *committed)
+        hot::segment_path(&r.prefix, &self.key, &self.gen, pos, *committed)
     }
 
     /// Writes the generation's metadata as the shipper would now.
@@ -122,9 +122,7 @@ impl GenWriter {
             snapshots: Vec::new(),
             wal_ends: self.wal_ends.clone(),
         };
-        generation::write_metadata(r, &self.key, &meta)
-            .await
-            .unwrap();
+        hot::write_metadata(r, &self.key, &meta).await.unwrap();
     }
 
     /// TRUNCATE checkpoint (everything was shipped): the database file holds

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ReplicaConfig, ReplicaUrl};
-use crate::discover::Pattern;
-use crate::scheduler::Stats;
-use crate::ship::{self, HotContext, ShipConfig, ShipEvent};
-use crate::storage::Replica;
-use crate::track::Tracker;
+use crate::capture::ship::{self, HotContext, ShipConfig, ShipEvent};
+use crate::daemon::scheduler::Stats;
+use crate::replica::storage::Replica;
+use crate::source::config::{ReplicaConfig, ReplicaUrl};
+use crate::source::discover::Pattern;
+use crate::source::track::Tracker;
 use crate::{Error, Result};
 
 /// Databases per leaf directory in the benchmark tree (10 x 10 x 10 x 100 = 100k).
@@ -371,7 +371,7 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
             sync_interval: opts.sync_interval,
             checkpoint_pages: 1000,
             truncate_pages: 10_000,
-            release_after: crate::config::DEFAULT_RELEASE_AFTER,
+            release_after: crate::source::config::DEFAULT_RELEASE_AFTER,
         },
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(100)),

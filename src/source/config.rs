@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::discover::Pattern;
-use crate::layout::KeyTemplate;
+use crate::replica::layout::KeyTemplate;
+use crate::source::discover::Pattern;
 use crate::{Error, Result};
 
 /// Default scan interval: the product promise is "changes reach the replica
@@ -178,7 +178,7 @@ pub struct ReplicaConfig {
     pub retries: usize,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// Lifetime of the replica lease (see [`crate::lease`]): renewed every
+    /// Lifetime of the replica lease (see [`crate::replica::lease`]): renewed every
     /// third of it; a crashed replicator's successor waits at most this long.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
@@ -224,7 +224,7 @@ fn default_request_timeout() -> Duration {
     DEFAULT_REQUEST_TIMEOUT
 }
 fn default_lease_ttl() -> Duration {
-    crate::lease::DEFAULT_TTL
+    crate::replica::lease::DEFAULT_TTL
 }
 
 /// The parsed replica URL.
@@ -326,12 +326,12 @@ impl Loaded {
                 "must be greater than zero".into(),
             ));
         }
-        if m.replica.lease_ttl < crate::lease::MIN_TTL {
+        if m.replica.lease_ttl < crate::replica::lease::MIN_TTL {
             return Err(err(
                 "multi-db.replica.lease-ttl",
                 format!(
                     "must be at least {:?}: the lease is renewed every third of it",
-                    crate::lease::MIN_TTL
+                    crate::replica::lease::MIN_TTL
                 ),
             ));
         }
@@ -357,7 +357,7 @@ impl Loaded {
                 )
             })?;
         }
-        if let Some((i, j, key)) = crate::keys::certain_collision(&patterns, &template) {
+        if let Some((i, j, key)) = crate::source::keys::certain_collision(&patterns, &template) {
             return Err(err(
                 "multi-db.replica.path",
                 format!(
@@ -390,7 +390,7 @@ impl Loaded {
         &self.config.multi_db
     }
 
-    /// The state file for this replica and key layout (see [`crate::track`]).
+    /// The state file for this replica and key layout (see [`crate::source::track`]).
     pub fn state_file(&self) -> PathBuf {
         let dir = self.config.multi_db.state_dir.clone().unwrap_or_else(|| {
             std::env::var_os("XDG_STATE_HOME")
@@ -427,7 +427,7 @@ impl Loaded {
                 u64::from_le_bytes(b)
             })
             .collect();
-        crate::track::fingerprint(&words)
+        crate::source::track::fingerprint(&words)
     }
 
     /// Where snapshots are staged before upload.

@@ -4,6 +4,11 @@
 //! Every error is printed once as `error: <what>: <why>` and exits 1; a
 //! `--once` run with failed uploads exits 1 too, so cron notices.
 
+pub mod bench;
+pub mod demo;
+pub mod progress;
+pub mod soak;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,11 +17,11 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Loaded;
+use crate::daemon::scheduler::Replicator;
+use crate::replica::storage::Replica;
 use crate::restore::{RestoreOptions, RestoreOutcome};
-use crate::scheduler::Replicator;
-use crate::storage::Replica;
-use crate::{bench, demo, progress, restore, Error, Result};
+use crate::source::config::Loaded;
+use crate::{restore, Error, Result};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -359,20 +364,26 @@ async fn run(cli: Cli) -> Result<()> {
             let replica = Replica::for_config(&loaded)?;
             let ttl = loaded.multi_db().replica.lease_ttl;
             let lease =
-                crate::lease::Lease::acquire_with_ttl(&replica, chrono::Utc::now(), ttl).await?;
+                crate::replica::lease::Lease::acquire_with_ttl(&replica, chrono::Utc::now(), ttl)
+                    .await?;
             tracing::info!(holder = %lease.record().owner, expires = %lease.expires().to_rfc3339(), "replica lease acquired");
             // Every write of the replicator stops when the lease does.
             let replica = replica.with_fence(lease.fence());
-            let renewer = crate::lease::spawn_renewer(lease, token.clone());
+            let renewer = crate::replica::lease::spawn_renewer(lease, token.clone());
             let replicator = Arc::new(Replicator::with_replica(loaded, replica)?);
             // The endpoint outlives the loop's drain, so /healthz answers
             // while in-flight uploads finish; it stops after `run` returns.
             let ops_stop = CancellationToken::new();
             let ops = match addr {
                 Some(addr) => Some(
-                    crate::server::serve(addr, replicator.stats(), scan_interval, ops_stop.clone())
-                        .await?
-                        .1,
+                    crate::daemon::server::serve(
+                        addr,
+                        replicator.stats(),
+                        scan_interval,
+                        ops_stop.clone(),
+                    )
+                    .await?
+                    .1,
                 ),
                 None => None,
             };
@@ -469,7 +480,7 @@ async fn run(cli: Cli) -> Result<()> {
             let loaded = Loaded::from_file(&cli.config)?;
             let replica = Replica::for_config(&loaded)?;
             let key = restore::resolve_key(&loaded, &target)?;
-            let gens = crate::generation::list_generations(&replica, &key).await?;
+            let gens = crate::replica::hot::list_generations(&replica, &key).await?;
             let rfc = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
             for g in &gens {
                 println!(
@@ -500,7 +511,7 @@ async fn run(cli: Cli) -> Result<()> {
                     s.size
                 );
             }
-            for g in crate::generation::list_generations(&replica, &key).await? {
+            for g in crate::replica::hot::list_generations(&replica, &key).await? {
                 for s in &g.snapshots {
                     n += 1;
                     println!(
@@ -541,7 +552,7 @@ async fn run(cli: Cli) -> Result<()> {
                     tmp.path().to_path_buf()
                 }
             };
-            let r = crate::soak::soak(crate::soak::SoakOptions {
+            let r = crate::cli::soak::soak(crate::cli::soak::SoakOptions {
                 databases,
                 duration,
                 writers,

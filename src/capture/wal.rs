@@ -1,7 +1,7 @@
 //! The SQLite WAL file format: reading committed frames and replaying them.
 //!
 //! This is the pure core of the hot tier (Litestream-style WAL streaming). It
-//! knows nothing about object stores or scheduling; [`crate::generation`]
+//! knows nothing about object stores or scheduling; [`crate::replica::hot`]
 //! stores what this module reads, and replays it on restore.
 //!
 //! Format (<https://www.sqlite.org/fileformat2.html#walformat>): a 32-byte
@@ -1100,7 +1100,7 @@ mod tests {
             u64::from(k2.db_pages) * 1024
         );
         assert!(!wal_path(&snap).exists());
-        crate::snapshot::integrity_check(&snap).unwrap();
+        crate::capture::snapshot::integrity_check(&snap).unwrap();
         let restored = rows(&snap);
         assert_eq!(restored, live_rows(&c));
         assert_eq!(restored.len(), 102);

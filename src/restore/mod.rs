@@ -3,9 +3,9 @@
 //! A database key (`p1/orders/main/t1`) can have backups in two tiers:
 //!
 //! * **cold**: hourly snapshots `<key>/<stem>-YYYYMMDD-HH0000.db.lz4`
-//!   ([`crate::layout`]);
+//!   ([`crate::replica::layout`]);
 //! * **hot**: WAL generations `<key>/generations/<gen>/...`, a snapshot plus
-//!   the WAL segments shipped after it ([`crate::generation`]).
+//!   the WAL segments shipped after it ([`crate::replica::hot`]).
 //!
 //! `restore` resolves what the user named (a key, or the path of a database
 //! that one of the patterns matches) to a key and finds, at the restore time
@@ -17,7 +17,7 @@
 //!   bytes). An object named hour `H` was complete before `H`; objects
 //!   without the record (earlier versions) are used only if `H <= T`;
 //! * the newest generation restore point at or before `T`
-//!   ([`generation::plan_latest`]): the newest generation with a snapshot
+//!   ([`hot::plan_latest`]): the newest generation with a snapshot
 //!   committed at or before `T`, that snapshot and its segments committed at
 //!   or before `T` (commit times are in the object names).
 //!
@@ -26,7 +26,7 @@
 //! Whichever represents the **later state** is restored ([`choose_tier`]):
 //! a cold snapshot's state is when its copy began (it holds every commit
 //! before), a generation restore point's is the commit time of the newest
-//! object it uses ([`generation::Plan::time`]). On a tie the generation wins.
+//! object it uses ([`hot::Plan::time`]). On a tie the generation wins.
 //! Either way the output is written atomically:
 //!
 //! 0. refuse an output that exists, and an output whose `-wal`, `-shm` or
@@ -34,7 +34,7 @@
 //!    onto the restored file when it is first opened;
 //! 1. write it into a temporary file next to the output: stream a cold
 //!    snapshot through the LZ4 frame decoder, or download the generation
-//!    snapshot and replay its WAL segments ([`generation::restore_plan`]);
+//!    snapshot and replay its WAL segments ([`hot::restore_plan`]);
 //!    LZ4 content checksums are verified by the decoder,
 //! 2. `fsync` it, check the SQLite header and run `PRAGMA integrity_check`,
 //! 3. rename it to the output name **without replacing** anything (an output
@@ -89,7 +89,7 @@
 //!
 //! Progress is reported through hooks ([`OnBytes`] for one download,
 //! [`BulkProgress`] for a bulk restore); this module never draws anything.
-//! [`crate::progress`] decides between a terminal bar and log lines. A
+//! [`crate::cli::progress`] decides between a terminal bar and log lines. A
 //! generation restore reports its compressed size (snapshot and segments) at
 //! the start and at the end only.
 
@@ -104,13 +104,13 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStoreExt};
 use tempfile::TempPath;
 
-use crate::config::Loaded;
+use crate::capture::snapshot;
 use crate::error::IoContext;
-use crate::generation::{self, GenerationId, Plan, RestorePoint};
-use crate::keys::key_for;
-use crate::layout::{key_path, parse_snapshot_name};
-use crate::snapshot;
-use crate::storage::Replica;
+use crate::replica::hot::{self, GenerationId, Plan, RestorePoint};
+use crate::replica::layout::{key_path, parse_snapshot_name};
+use crate::replica::storage::Replica;
+use crate::source::config::Loaded;
+use crate::source::keys::key_for;
 use crate::{Error, Result};
 
 /// What to restore and how.
@@ -248,7 +248,7 @@ pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
                 "is not matched by any pattern in the config; pass its replica key instead (see `litefleet list`)",
             )
         })?;
-        if let Some(other) = crate::keys::shared_with(loaded, &abs) {
+        if let Some(other) = crate::source::keys::shared_with(loaded, &abs) {
             return Err(Error::invalid(
                 abs.display(),
                 format!(
@@ -582,7 +582,7 @@ async fn restore_key(
 ) -> Result<Option<Restored>> {
     let at = how.at;
     let plan = if how.hot {
-        match generation::plan_latest(replica, key, at).await {
+        match hot::plan_latest(replica, key, at).await {
             Ok(p) => p,
             Err(e) => {
                 let cold = choose_cold(replica, &snaps, at, false).await.ok().flatten();
@@ -751,7 +751,7 @@ impl Staged {
         let Staged { file, tmp, output } = self;
         file.sync_all().at(&*tmp)?;
         drop(file);
-        if !crate::discover::has_sqlite_header(&tmp).at(&*tmp)? {
+        if !crate::source::discover::has_sqlite_header(&tmp).at(&*tmp)? {
             return Err(Error::damaged(
                 what,
                 "restored data is not a SQLite database",
@@ -864,7 +864,7 @@ async fn install_plan(
     progress(0);
     let out = output.to_path_buf();
     let mut staged = blocking(move || Staged::new(&out)).await?;
-    let point = generation::restore_plan(replica, key, plan, &mut staged.file).await?;
+    let point = hot::restore_plan(replica, key, plan, &mut staged.file).await?;
     let what = format!("generation {} of {key:?}", plan.generation);
     blocking(move || staged.install(&what)).await?;
     progress(total);
@@ -944,10 +944,10 @@ fn in_generation(dir: &str) -> bool {
     let is_gen = |p: Option<&str>| p.and_then(GenerationId::parse).is_some();
     let is = |p: Option<&str>, name: &str| p == Some(name);
     match up.next() {
-        Some(generation::SNAPSHOTS_DIR | generation::WAL_DIR) => {
-            is_gen(up.next()) && is(up.next(), generation::GENERATIONS_DIR)
+        Some(hot::SNAPSHOTS_DIR | hot::WAL_DIR) => {
+            is_gen(up.next()) && is(up.next(), hot::GENERATIONS_DIR)
         }
-        last => is_gen(last) && is(up.next(), generation::GENERATIONS_DIR),
+        last => is_gen(last) && is(up.next(), hot::GENERATIONS_DIR),
     }
 }
 
@@ -961,9 +961,9 @@ fn generation_snapshot(rel: &str) -> Option<(&str, GenerationId)> {
     let gen = GenerationId::parse(up.next()?)?;
     let gens = up.next()?;
     let key = up.next()?;
-    let shape = dir == generation::SNAPSHOTS_DIR
-        && gens == generation::GENERATIONS_DIR
-        && generation::parse_snapshot_name(name).is_some();
+    let shape = dir == hot::SNAPSHOTS_DIR
+        && gens == hot::GENERATIONS_DIR
+        && hot::parse_snapshot_name(name).is_some();
     (shape && !key.is_empty()).then_some((key, gen))
 }
 
@@ -1097,7 +1097,7 @@ pub struct BulkReport {
     pub bytes: u64,
 }
 
-/// Receives bulk restore progress (implemented by [`crate::progress`]).
+/// Receives bulk restore progress (implemented by [`crate::cli::progress`]).
 pub trait BulkProgress: Send + Sync {
     /// The listing is done: `total` databases will be restored.
     fn started(&self, total: usize);

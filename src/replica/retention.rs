@@ -9,7 +9,7 @@
 //! sort and compare without a HEAD request per object.
 //!
 //! **Hot generations** (`<key>/generations/<gen>/...`, see
-//! [`crate::generation`]): a restore at `T` uses the newest generation with a
+//! [`crate::replica::hot`]): a restore at `T` uses the newest generation with a
 //! snapshot committed at or before `T` (the time in its name), its newest
 //! such snapshot, and the
 //! segments from that snapshot's WAL index on. Retention keeps whatever a
@@ -63,13 +63,13 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 
-use crate::generation::{
+use crate::replica::hot::{
     generation_dir, list_generation_ids, parse_generation_object, parse_snapshot_name_time,
     GenerationId, GenerationObject, GENERATIONS_DIR,
 };
-use crate::layout::parse_snapshot_name;
+use crate::replica::layout::parse_snapshot_name;
+use crate::replica::storage::Replica;
 use crate::restore::check_key;
-use crate::storage::Replica;
 use crate::Result;
 
 /// Deletions are sent in batches of this size: S3's DeleteObjects limit.

@@ -27,7 +27,7 @@
 //! # Write fence
 //!
 //! A replicator writes only while it holds the replica lease
-//! ([`crate::lease`]). The lease's renewer keeps a [`Fence`] up to date: the
+//! ([`crate::replica::lease`]). The lease's renewer keeps a [`Fence`] up to date: the
 //! monotonic instant until which writes are allowed, and whether the lease
 //! was lost. A replica with a fence ([`Replica::with_fence`]) checks it
 //! before every write (PUT, upload, delete, conditional write) and fails with
@@ -38,7 +38,7 @@
 //!
 //! # Conditional writes
 //!
-//! Small coordination objects (the replica lease, see [`crate::lease`]) need
+//! Small coordination objects (the replica lease, see [`crate::replica::lease`]) need
 //! compare-and-swap: [`Replica::put_if_absent`], [`Replica::put_if_match`],
 //! [`Replica::delete_if_match`], with versions read by [`Replica::get_versioned`].
 //!
@@ -50,7 +50,7 @@
 //!   honour both. S3 has no conditional DELETE that object_store exposes, so
 //!   [`Replica::delete_if_match`] is read-compare-delete: not atomic, which is
 //!   why the lease only deletes a lease that is still valid for a margin (see
-//!   [`crate::lease`]).
+//!   [`crate::replica::lease`]).
 //! * **file://**: `LocalFileSystem` supports `PutMode::Create` (hard link)
 //!   but returns `NotImplemented` for `PutMode::Update`. So for `file://` the
 //!   three conditional operations are done here with `std::fs` under an
@@ -78,8 +78,8 @@ use object_store::{
 };
 use tokio::io::AsyncReadExt;
 
-use crate::config::{Loaded, ReplicaConfig, ReplicaUrl};
 use crate::error::IoContext;
+use crate::source::config::{Loaded, ReplicaConfig, ReplicaUrl};
 use crate::{Error, Result};
 
 /// Multipart part size, and the largest snapshot sent as a single PUT.
@@ -238,9 +238,9 @@ impl Replica {
     /// A `file://` replica at `dir`, for unit tests.
     #[cfg(test)]
     pub(crate) fn for_test_dir(dir: &std::path::Path) -> Replica {
-        let cfg: crate::config::ReplicaConfig =
+        let cfg: crate::source::config::ReplicaConfig =
             serde_yaml_ng::from_str(&format!("url: file://{}", dir.display())).unwrap();
-        let url = crate::config::ReplicaUrl::File {
+        let url = crate::source::config::ReplicaUrl::File {
             dir: dir.to_path_buf(),
         };
         Replica::open(&url, &cfg).unwrap()

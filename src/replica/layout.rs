@@ -23,7 +23,7 @@
 use chrono::{DateTime, Duration as ChronoDuration, NaiveDateTime, TimeZone, Timelike, Utc};
 use object_store::path::Path as ObjPath;
 
-use crate::discover::Pattern;
+use crate::source::discover::Pattern;
 
 /// Suffix of cold-tier snapshot objects.
 pub const SNAPSHOT_SUFFIX: &str = ".db.lz4";

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use crate::discover::{has_sqlite_header, Pattern, Visitor};
+use crate::source::discover::{has_sqlite_header, Pattern, Visitor};
 
 /// Writes this close to a scan are "racy" (see the module docs). Two seconds
 /// covers coarse-mtime filesystems (FAT: 2 s; ext4/xfs: one kernel tick).
@@ -668,7 +668,7 @@ mod tests {
         b.extend_from_slice(extra);
         fs::write(p, b).unwrap();
     }
-    const SQLITE_HEADER_BYTES: &[u8] = crate::discover::SQLITE_HEADER;
+    const SQLITE_HEADER_BYTES: &[u8] = crate::source::discover::SQLITE_HEADER;
 
     #[test]
     fn entry_is_32_bytes() {

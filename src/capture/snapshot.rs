@@ -81,7 +81,7 @@ impl SnapshotTimes {
         b[4..8].copy_from_slice(&(RECORD_PAYLOAD as u32).to_le_bytes());
         b[8..16].copy_from_slice(RECORD_TAG);
         b[16..24].copy_from_slice(&self.started.timestamp_millis().to_le_bytes());
-        let taken = crate::generation::commit_millis(self.taken) as i64;
+        let taken = crate::replica::hot::commit_millis(self.taken) as i64;
         b[24..32].copy_from_slice(&taken.to_le_bytes());
         b
     }

@@ -1,5 +1,5 @@
 //! The hot tier's WAL shipper: one per hot database, streaming committed WAL
-//! frames into the generation layout of [`crate::generation`].
+//! frames into the generation layout of [`crate::replica::hot`].
 //!
 //! A [`Shipper`] owns two SQLite connections to the database and nothing of
 //! the application's. It never writes to the database; it only holds read
@@ -12,7 +12,7 @@
 //!   have not copied yet stays in the WAL file. We move forward by
 //!   *leapfrogging*: begin a read on the spare connection, then end the read on
 //!   the active one, so some read transaction of ours is always open.
-//! * **Copy only committed frames**, validated by [`crate::wal::read_committed`]
+//! * **Copy only committed frames**, validated by [`crate::capture::wal::read_committed`]
 //!   (header salts and the checksum chain, cut after the last commit frame).
 //!   Each sync's frames go up as one segment object, in order; a failed upload
 //!   is kept in memory and retried before anything else is read.
@@ -46,7 +46,7 @@
 //!
 //! A shipper is blocking code; [`stream`] drives one on tokio's blocking pool
 //! every `sync-interval` and does the uploads. Every object is named with its
-//! commit time (see [`crate::generation`]): a segment's is taken just before
+//! commit time (see [`crate::replica::hot`]): a segment's is taken just before
 //! its WAL read, a snapshot's just after its copy.
 //!
 //! When syncs keep failing for `release-after` (the store is down), the
@@ -71,13 +71,15 @@ use tokio::sync::Semaphore;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MultiDb;
+use crate::capture::snapshot;
+use crate::capture::wal::{
+    self, Position, ReadOutcome, WalCursor, FRAME_HEADER_SIZE, WAL_HEADER_SIZE,
+};
+use crate::daemon::scheduler::Stats;
 use crate::error::IoContext;
-use crate::generation::{self, GenerationId, Metadata};
-use crate::scheduler::Stats;
-use crate::snapshot;
-use crate::storage::Replica;
-use crate::wal::{self, Position, ReadOutcome, WalCursor, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
+use crate::replica::hot::{self, GenerationId, Metadata};
+use crate::replica::storage::Replica;
+use crate::source::config::MultiDb;
 use crate::{Error, Result};
 
 /// Most bytes of frames read into one segment. Bounds memory per hot
@@ -92,7 +94,7 @@ pub const WRITE_LOCK_WAIT: Duration = Duration::from_millis(100);
 /// SQLite (the WAL is read directly), and 1000 hot databases must stay cheap.
 const CACHE_PAGES: i64 = 16;
 
-/// The hot tier knobs (see [`crate::config::MultiDb`]).
+/// The hot tier knobs (see [`crate::source::config::MultiDb`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShipConfig {
     pub sync_interval: Duration,
@@ -159,7 +161,7 @@ pub struct Shipper {
     /// Frames read but not uploaded yet, and where they start.
     pending: Option<(Position, Vec<u8>)>,
     /// When the read of `pending` began: every frame in it had committed by
-    /// then (its commit time, see [`crate::generation`]).
+    /// then (its commit time, see [`crate::replica::hot`]).
     pending_time: DateTime<Utc>,
     /// The generation's snapshot, not uploaded yet.
     snapshot: Option<TempPath>,
@@ -395,7 +397,7 @@ impl Shipper {
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(sqlite(&db))?;
         let now = Utc::now();
-        let id = generation::new_generation_id_after(now, self.newest.as_ref());
+        let id = hot::new_generation_id_after(now, self.newest.as_ref());
         // Never before the id's time, so the new generation's objects do not
         // sort before the older generation's on a clock that went back.
         self.snapshot_time = now.max(id.created());
@@ -692,7 +694,7 @@ pub fn stamp() -> u64 {
 /// What a running [`stream`] tells its owner without being asked: up to when
 /// everything the database had committed is in the replica. The scheduler
 /// marks a hot database synced only through this (see
-/// [`crate::scheduler`]), so a stream that has not shipped yet, or keeps
+/// [`crate::daemon::scheduler`]), so a stream that has not shipped yet, or keeps
 /// failing, never makes a database look backed up, in memory or in the state
 /// file.
 #[derive(Debug, Default)]
@@ -825,7 +827,7 @@ async fn sync(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<
                 // One LIST per generation start (rare): the new id must sort
                 // first even if this host's clock is behind the one that
                 // created the newest generation.
-                s.newest = generation::list_generation_ids(&ctx.replica, &s.key)
+                s.newest = hot::list_generation_ids(&ctx.replica, &s.key)
                     .await?
                     .into_iter()
                     .next();
@@ -881,7 +883,7 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
     if let Some(copy) = s.snapshot.take() {
         let r = {
             let _permit = ctx.permits.acquire().await;
-            generation::upload_snapshot(
+            hot::upload_snapshot(
                 &ctx.replica,
                 &s.key,
                 &gen,
@@ -923,8 +925,7 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
     if let Some((pos, bytes)) = s.take_pending() {
         let r = {
             let _permit = ctx.permits.acquire().await;
-            generation::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, &bytes)
-                .await
+            hot::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, &bytes).await
         };
         match r {
             Ok(_end) => {
@@ -972,7 +973,7 @@ async fn write_meta(ctx: &HotContext, s: &mut Shipper) -> Result<()> {
     if let Some(m) = &mut s.meta {
         m.last = last;
         let _permit = ctx.permits.acquire().await;
-        generation::write_metadata(&ctx.replica, &s.key, m).await?;
+        hot::write_metadata(&ctx.replica, &s.key, m).await?;
     }
     s.meta_dirty = false;
     Ok(())

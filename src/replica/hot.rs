@@ -2,7 +2,7 @@
 //!
 //! A *generation* is one unbroken history of a database: snapshots plus every
 //! committed WAL frame after them, as long as the shipper never lost track of
-//! the WAL (see [`crate::wal::Lost`]). When it does, it starts a new
+//! the WAL (see [`crate::capture::wal::Lost`]). When it does, it starts a new
 //! generation with a fresh snapshot. Under the database's key:
 //!
 //! ```text
@@ -15,7 +15,7 @@
 //!   creation (16) and 32 random bits (8). Names therefore sort **newest
 //!   first**, so restore reads the generation list once (one LIST with
 //!   delimiter) and looks at the newest candidates first, never at all history.
-//! * A snapshot with index `i` is an LZ4 frame (as [`crate::snapshot::compress`]
+//! * A snapshot with index `i` is an LZ4 frame (as [`crate::capture::snapshot::compress`]
 //!   writes it) of the whole database as of the *start* of WAL file `i`:
 //!   replay after it starts at WAL `i`, offset 32.
 //! * A WAL segment is an LZ4 frame of committed frames only, starting at byte
@@ -25,7 +25,7 @@
 //!   Replay after snapshot `i` starts with segment `(i, 32)`, and WAL `i + 1`
 //!   may only follow a segment of WAL `i`: the shipper moves to the next index
 //!   only after shipping frames of the current WAL (a WAL restart it did not
-//!   cause itself is [`crate::wal::Lost`], i.e. a new generation).
+//!   cause itself is [`crate::capture::wal::Lost`], i.e. a new generation).
 //! * `<time>` is the object's **commit time** in Unix milliseconds (rounded
 //!   up): every transaction it holds had committed by then. For a segment it
 //!   is taken just before the WAL was read, for a snapshot just after the copy
@@ -78,12 +78,12 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
+use crate::capture::snapshot;
+use crate::capture::wal::{self, ChainLink, Position, WAL_HEADER_SIZE};
 use crate::error::IoContext;
-use crate::layout::key_path;
+use crate::replica::layout::key_path;
+use crate::replica::storage::Replica;
 use crate::restore::check_key;
-use crate::snapshot;
-use crate::storage::Replica;
-use crate::wal::{self, ChainLink, Position, WAL_HEADER_SIZE};
 use crate::{Error, Result};
 
 /// Directory under a key that holds its generations.
@@ -1081,7 +1081,7 @@ pub async fn read_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::{ReadOutcome, WalCursor};
+    use crate::capture::wal::{ReadOutcome, WalCursor};
     use chrono::{Duration, TimeZone};
     use rusqlite::Connection;
     use std::path::PathBuf;

@@ -26,11 +26,11 @@ use object_store::{
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Loaded;
-use crate::keys::key_for;
+use crate::daemon::scheduler::Replicator;
+use crate::replica::storage::Replica;
 use crate::restore::{self, RestoreOptions, RestoreOutcome};
-use crate::scheduler::Replicator;
-use crate::storage::Replica;
+use crate::source::config::Loaded;
+use crate::source::keys::key_for;
 use crate::{Error, Result};
 
 /// Length of each faulty and each healthy period: several scan intervals, so

@@ -8,7 +8,7 @@
 //! directory on the way and one `fstatat` per candidate file, the same work as
 //! `find -printf '%s %T@'`, and never descends into unrelated trees.
 //!
-//! Each wildcard level binds one template variable (see [`crate::layout`]):
+//! Each wildcard level binds one template variable (see [`crate::replica::layout`]):
 //! a level that is one `*` between literal text (`*.db`, `tenant-*`) binds the
 //! text matched by the `*`; any other wildcard level binds the whole name.
 //!

@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::track::Id;
+use crate::source::track::Id;
 
-/// The tiering knobs (see [`crate::config::MultiDb`]).
+/// The tiering knobs (see [`crate::source::config::MultiDb`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TierConfig {
     pub hot_duration: Duration,

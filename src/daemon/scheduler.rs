@@ -33,15 +33,15 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Loaded;
-use crate::keys::{key_for, Owners};
-use crate::layout;
-use crate::retention;
-use crate::ship::{self, HotContext, HotExit, ShipConfig, StreamProgress};
-use crate::snapshot;
-use crate::storage::Replica;
-use crate::tier::{TierConfig, Tiers};
-use crate::track::{Id, ScanReport, Ticket, Tracker};
+use crate::capture::ship::{self, HotContext, HotExit, ShipConfig, StreamProgress};
+use crate::capture::snapshot;
+use crate::replica::layout;
+use crate::replica::retention;
+use crate::replica::storage::Replica;
+use crate::source::config::Loaded;
+use crate::source::keys::{key_for, Owners};
+use crate::source::tier::{TierConfig, Tiers};
+use crate::source::track::{Id, ScanReport, Ticket, Tracker};
 use crate::{Error, Result};
 
 /// Counters shared with the operations surface. Aggregates only: nothing
@@ -74,7 +74,7 @@ pub struct Stats {
     /// Failed hot syncs (retried every sync interval).
     pub hot_errors: AtomicU64,
     /// Databases refused because another database owns their key (see
-    /// [`crate::keys`]).
+    /// [`crate::source::keys`]).
     pub key_collisions: AtomicU64,
 }
 
@@ -108,7 +108,7 @@ pub struct Replicator {
     owners: Mutex<Owners>,
 }
 
-/// The hot tier's moving parts (see [`crate::tier`] and [`crate::ship`]).
+/// The hot tier's moving parts (see [`crate::source::tier`] and [`crate::capture::ship`]).
 struct HotTier {
     tiers: Mutex<Tiers>,
     /// `hot-duration`: how recently a file must have been written to stream.
@@ -254,7 +254,7 @@ impl Replicator {
         let tracker = self.tracker.clone();
         let loaded = self.loaded.clone();
         let (scan, took) = tokio::task::spawn_blocking(move || {
-            crate::track::timed(|| lock(&tracker).scan(&loaded.patterns))
+            crate::source::track::timed(|| lock(&tracker).scan(&loaded.patterns))
         })
         .await
         .expect("scan task panicked");
@@ -413,7 +413,7 @@ impl Replicator {
     }
 
     /// Finds databases that share a key with another and refuses all but the
-    /// key's owner (see [`crate::keys`]); each newly refused one is logged once.
+    /// key's owner (see [`crate::source::keys`]); each newly refused one is logged once.
     fn check_keys(&self) {
         let tracker = lock(&self.tracker);
         let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());

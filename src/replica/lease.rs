@@ -5,7 +5,7 @@
 //! lease: the object `<prefix>/.litefleet/lease.json`, holding who owns it
 //! (an owner id unique to one acquisition: host, pid, start time and a
 //! counter), the host name and pid for people, and when it was acquired and
-//! expires. Every change to it is a compare-and-swap (see [`crate::storage`]):
+//! expires. Every change to it is a compare-and-swap (see [`crate::replica::storage`]):
 //!
 //! * **acquire**: create it only if absent (`PutMode::Create`, S3
 //!   `If-None-Match: *`). If it exists and has not expired, refuse with an
@@ -20,7 +20,7 @@
 //!   replication token when the lease is lost, or when it cannot be renewed
 //!   before it would expire (store unreachable).
 //! * **fence**: every write of the replicator goes through a replica with the
-//!   lease's [`Fence`] (see [`crate::storage`]). It is open until the
+//!   lease's [`Fence`] (see [`crate::replica::storage`]). It is open until the
 //!   *local* expiry: the monotonic instant at which the last successful
 //!   acquisition or renewal was *sent*, plus the TTL, minus [`Lease::margin`]
 //!   (a quarter of the TTL), and no later than the written expiry minus the
@@ -74,7 +74,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::{Fence, Replica};
+use crate::replica::storage::{Fence, Replica};
 use crate::{Error, Result};
 use std::sync::Arc;
 use std::time::Instant;
@@ -145,7 +145,7 @@ pub struct Lease {
 
 /// The lease object's path under the replica prefix.
 pub fn lease_path(replica: &Replica) -> ObjPath {
-    crate::layout::key_path(&replica.prefix, LEASE_OBJECT)
+    crate::replica::layout::key_path(&replica.prefix, LEASE_OBJECT)
 }
 
 /// The lease object as named in messages (`s3://bucket/prefix/.litefleet/lease.json`).

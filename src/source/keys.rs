@@ -3,7 +3,7 @@
 //! A key is the key template rendered from a path's wildcard values and file
 //! stem ([`key_for`]). Within one pattern two databases never share a key
 //! (the template must bind every wildcard level, see
-//! [`crate::layout::KeyTemplate::check_binds`]), but across patterns they can:
+//! [`crate::replica::layout::KeyTemplate::check_binds`]), but across patterns they can:
 //! with `*/*.db` and `*/*.sqlite`, `p1/app.db` and `p1/app.sqlite` both render
 //! `p1/app`, and whichever uploaded last would overwrite the other's objects,
 //! so a restore of one would return the other.
@@ -29,10 +29,10 @@ use std::hash::BuildHasher;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::config::Loaded;
-use crate::discover::{Pattern, Visitor};
-use crate::layout::{self, KeyTemplate};
-use crate::track::{Id, Tracker};
+use crate::replica::layout::{self, KeyTemplate};
+use crate::source::config::Loaded;
+use crate::source::discover::{Pattern, Visitor};
+use crate::source::track::{Id, Tracker};
 
 /// The object key (`<rendered template>`) and stem of a database path, from
 /// the first pattern that matches it.
@@ -194,7 +194,7 @@ pub fn shared_with(loaded: &Loaded, path: &Path) -> Option<PathBuf> {
             let candidate = dir.join(name);
             if candidate != self.path
                 && key_for(self.loaded, &candidate).is_some_and(|(k, _)| k == self.key)
-                && crate::discover::has_sqlite_header(&candidate).unwrap_or(false)
+                && crate::source::discover::has_sqlite_header(&candidate).unwrap_or(false)
             {
                 self.found = Some(candidate);
             }

@@ -1,0 +1,4 @@
+//! capture
+pub mod ship;
+pub mod snapshot;
+pub mod wal;

@@ -1,0 +1,3 @@
+//! daemon
+pub mod scheduler;
+pub mod server;

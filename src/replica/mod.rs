@@ -1,0 +1,6 @@
+//! replica
+pub mod hot;
+pub mod layout;
+pub mod lease;
+pub mod retention;
+pub mod storage;

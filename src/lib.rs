@@ -71,5 +71,6 @@ pub mod replica;
 pub mod restore;
 mod rfc3339;
 pub mod source;
+pub mod stats;
 
 pub use error::{Error, Result};

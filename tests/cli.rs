@@ -136,10 +136,9 @@ fn demo_config_replicates_and_restores() {
         .unwrap()
         .path();
     let bytes = std::fs::read(&obj).unwrap();
-    let times =
-        litefleet::capture::snapshot::SnapshotTimes::decode(&bytes).expect("a times record");
+    let times = litefleet::replica::cold::SnapshotTimes::decode(&bytes).expect("a times record");
     assert!(times.started <= times.taken);
-    let record = litefleet::capture::snapshot::RECORD_LEN;
+    let record = litefleet::replica::cold::RECORD_LEN;
     assert_eq!(
         bytes[..4],
         0x184D_2A5Au32.to_le_bytes(),

@@ -72,7 +72,7 @@ both_backends!(damaged_snapshot_is_never_chosen, |b| async move {
         .unwrap();
     // Same database, a later hour, cut short: as if the upload died halfway.
     let name =
-        litefleet::replica::layout::parse_snapshot_name(good.rsplit('/').next().unwrap()).unwrap();
+        litefleet::replica::cold::parse_snapshot_name(good.rsplit('/').next().unwrap()).unwrap();
     let later = name.hour + chrono::Duration::hours(1);
     let damaged = format!(
         "{}/a-{}.db.lz4",

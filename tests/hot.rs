@@ -15,9 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::fleet::{count_rows, create_db, insert_rows, Fleet};
 use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent, Shipper, Step};
-use litefleet::daemon::scheduler::Stats;
 use litefleet::restore::{RestoreOutcome, Tier};
 use litefleet::source::config::DEFAULT_RELEASE_AFTER;
+use litefleet::stats::Stats;
 use rusqlite::Connection;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::Semaphore;
@@ -447,9 +447,17 @@ both_backends!(
         drop(create_db(&stale, 5));
         let ahead = Utc::now() + chrono::Duration::hours(1);
         let gen = litefleet::replica::hot::new_generation_id(ahead);
-        litefleet::replica::hot::upload_snapshot(&r, &key, &gen, 0, ahead, &stale, f.work.path())
-            .await
-            .unwrap();
+        litefleet::capture::upload::upload_snapshot(
+            &r,
+            &key,
+            &gen,
+            0,
+            ahead,
+            &stale,
+            f.work.path(),
+        )
+        .await
+        .unwrap();
         // The live database has 1 row; the stream's generation must win.
         let mut h = Hot::spawn(f, 1000, 10000, DEFAULT_RELEASE_AFTER);
         h.until_generation_snapshot().await;

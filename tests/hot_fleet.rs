@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::fleet::{create_db, insert_rows, Backend, Fleet};
 use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent};
-use litefleet::daemon::scheduler::Stats;
+use litefleet::stats::Stats;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;

@@ -399,7 +399,7 @@ async fn disk_full_at_the_restore_output_fails_without_falling_back() {
     // The small snapshot becomes an hour older; the newest one is large.
     let small = f.objects().await.pop().unwrap();
     let name =
-        litefleet::replica::layout::parse_snapshot_name(small.rsplit('/').next().unwrap()).unwrap();
+        litefleet::replica::cold::parse_snapshot_name(small.rsplit('/').next().unwrap()).unwrap();
     let older = format!(
         "{}/a-{}.db.lz4",
         small.rsplit_once('/').unwrap().0,

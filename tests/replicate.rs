@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::fleet::{age, count_rows, create_db, insert_rows, Fleet};
-use litefleet::replica::layout;
+use litefleet::replica::{cold, layout};
 use litefleet::restore::RestoreOutcome;
 use tokio_util::sync::CancellationToken;
 
@@ -169,7 +169,7 @@ both_backends!(snapshot_named_after_the_next_hour, |b| async move {
     };
     let expected: Vec<String> = [before, after]
         .iter()
-        .map(|t| layout::snapshot_path(&prefix, "p/d/t1", "t1", *t).to_string())
+        .map(|t| cold::snapshot_path(&prefix, "p/d/t1", "t1", *t).to_string())
         .collect();
     let objects = f.objects().await;
     assert_eq!(objects.len(), 1, "{objects:?}");
@@ -178,7 +178,7 @@ both_backends!(snapshot_named_after_the_next_hour, |b| async move {
         "{objects:?} not in {expected:?}"
     );
     let name = objects[0].rsplit('/').next().unwrap();
-    let parsed = layout::parse_snapshot_name(name).unwrap();
+    let parsed = cold::parse_snapshot_name(name).unwrap();
     assert!(parsed.hour > before && parsed.hour <= after + chrono::Duration::hours(1));
     assert_eq!(parsed.hour.format("%M%S").to_string(), "0000");
 

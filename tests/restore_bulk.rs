@@ -293,7 +293,7 @@ both_backends!(single_restore_reports_download_bytes, |b| async move {
         .unwrap();
     assert!(matches!(res, RestoreOutcome::Restored { .. }), "{res:?}");
     assert_eq!(count_rows(&o.output), 115);
-    let snaps = litefleet::restore::snapshots(&f.replica(), "p1/d1/t4")
+    let snaps = litefleet::replica::cold::snapshots(&f.replica(), "p1/d1/t4")
         .await
         .unwrap();
     let size = snaps.last().unwrap().size;

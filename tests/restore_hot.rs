@@ -24,7 +24,7 @@ use litefleet::restore::{
     list, list_databases, restore_bulk, BulkItem, BulkOptions, BulkOutcome, BulkProgress,
     RestoreOutcome, Tier,
 };
-use litefleet::{capture::snapshot, replica::layout, Error};
+use litefleet::{capture::snapshot, replica::cold, Error};
 use object_store::path::Path as ObjPath;
 use rusqlite::Connection;
 use tempfile::TempDir;
@@ -92,7 +92,7 @@ impl Db {
         std::fs::copy(self.path(), &copy).unwrap();
         let committed = Utc::now();
         let index = self.index;
-        hot::upload_snapshot(
+        litefleet::capture::upload::upload_snapshot(
             r,
             &self.key,
             &self.gen,
@@ -119,7 +119,7 @@ impl Db {
         let snap = snapshot::capture(&self.path(), &self.dir.path().join("tmp")).unwrap();
         let hour = Utc::now() - chrono::Duration::hours(24 - self.colds);
         self.colds += 1;
-        let loc = layout::snapshot_path(&r.prefix, &self.key, "db", hour);
+        let loc = cold::snapshot_path(&r.prefix, &self.key, "db", hour);
         r.upload_file(&loc, &snap.file).await.unwrap();
         (loc, mark().await)
     }
@@ -304,7 +304,7 @@ both_backends!(gap_fails_loudly_and_leaves_no_output, |b| async move {
     // Not silently replaced by the older cold snapshot, but named, with the
     // time its copy was complete (recorded at the start of the object).
     let head = r.get_bytes(&cold).await.unwrap().unwrap();
-    let cold_time = snapshot::SnapshotTimes::decode(&head).unwrap().taken;
+    let cold_time = cold::SnapshotTimes::decode(&head).unwrap().taken;
     let t = cold_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     assert!(msg.contains(&cold.to_string()), "{msg}");
     assert!(msg.contains(&format!("--timestamp {t}")), "{msg}");
@@ -671,7 +671,7 @@ both_backends!(
         db.commit(5);
         let snap = snapshot::capture(&db.path(), &db.dir.path().join("tmp")).unwrap();
         assert!(snap.times.taken > at);
-        let loc = layout::snapshot_path(&r.prefix, "p/d/c", "db", snap.times.taken);
+        let loc = cold::snapshot_path(&r.prefix, "p/d/c", "db", snap.times.taken);
         r.upload_file(&loc, &snap.file).await.unwrap();
         assert_eq!(rows_via(&f, &coarse, "p/d/c", Some(at)).await.unwrap(), 10);
         assert_eq!(rows_via(&f, &coarse, "p/d/c", None).await.unwrap(), 15);

@@ -58,7 +58,7 @@ impl<'a> Names<'a> {
         index: u64,
         now: DateTime<Utc>,
     ) -> String {
-        hot::upload_snapshot(
+        litefleet::capture::upload::upload_snapshot(
             self.r,
             KEY,
             gen,
@@ -75,7 +75,7 @@ impl<'a> Names<'a> {
     async fn segment(&self, gen: &GenerationId, index: u64, offset: u64) -> String {
         let pos = Position { index, offset };
         let now = Utc::now();
-        hot::upload_segment(self.r, KEY, gen, pos, now, &[7u8; 100])
+        litefleet::capture::upload::upload_segment(self.r, KEY, gen, pos, now, &[7u8; 100])
             .await
             .unwrap();
         hot::segment_path(&self.r.prefix, KEY, gen, pos, now).to_string()
@@ -376,9 +376,17 @@ impl Writer {
     async fn snapshot(&self, r: &Replica) -> (DateTime<Utc>, DateTime<Utc>) {
         let copy = self.tmp.join("copy.db");
         std::fs::copy(&self.db, &copy).unwrap();
-        hot::upload_snapshot(r, KEY, &self.gen, self.index, Utc::now(), &copy, &self.tmp)
-            .await
-            .unwrap();
+        litefleet::capture::upload::upload_snapshot(
+            r,
+            KEY,
+            &self.gen,
+            self.index,
+            Utc::now(),
+            &copy,
+            &self.tmp,
+        )
+        .await
+        .unwrap();
         // Upload times are file mtimes or S3 times in milliseconds: keep the
         // next upload in a later tick so point-in-time restores are exact.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -399,7 +407,7 @@ async fn restore_rows(
         .tempfile_in(dir)
         .unwrap();
     let mut file = out.reopen().unwrap();
-    hot::restore_generation(r, KEY, at, &mut file).await?;
+    litefleet::restore::replay::restore_generation(r, KEY, at, &mut file).await?;
     drop(file);
     Ok(common::fleet::count_rows(out.path()))
 }

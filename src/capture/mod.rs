@@ -1,4 +1,5 @@
 //! capture
 pub mod ship;
 pub mod snapshot;
+pub mod upload;
 pub mod wal;

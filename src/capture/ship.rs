@@ -71,15 +71,15 @@ use tokio::sync::Semaphore;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::snapshot;
 use crate::capture::wal::{
     self, Position, ReadOutcome, WalCursor, FRAME_HEADER_SIZE, WAL_HEADER_SIZE,
 };
-use crate::daemon::scheduler::Stats;
+use crate::capture::{snapshot, upload};
 use crate::error::IoContext;
 use crate::replica::hot::{self, GenerationId, Metadata};
 use crate::replica::storage::Replica;
 use crate::source::config::MultiDb;
+use crate::stats::Stats;
 use crate::{Error, Result};
 
 /// Most bytes of frames read into one segment. Bounds memory per hot
@@ -883,7 +883,7 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
     if let Some(copy) = s.snapshot.take() {
         let r = {
             let _permit = ctx.permits.acquire().await;
-            hot::upload_snapshot(
+            upload::upload_snapshot(
                 &ctx.replica,
                 &s.key,
                 &gen,
@@ -925,7 +925,7 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
     if let Some((pos, bytes)) = s.take_pending() {
         let r = {
             let _permit = ctx.permits.acquire().await;
-            hot::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, &bytes).await
+            upload::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, &bytes).await
         };
         match r {
             Ok(_end) => {

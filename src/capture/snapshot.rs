@@ -33,11 +33,12 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use rusqlite::{Connection, OpenFlags};
 use tempfile::{NamedTempFile, TempPath};
 
 use crate::error::IoContext;
+use crate::replica::cold::SnapshotTimes;
 use crate::{Error, Result};
 
 /// How long to wait on a locked database (e.g. during a rollback-journal
@@ -48,61 +49,9 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// syscalls rare, small enough that 100 concurrent uploads cost little.
 pub const IO_BUFFER: usize = 256 * 1024;
 
-/// Magic of the skippable frame holding a [`SnapshotTimes`] record: one of
-/// the sixteen the LZ4 frame format reserves for user data
-/// (`0x184D2A50..=0x184D2A5F`), which decoders skip.
-const RECORD_MAGIC: u32 = 0x184D_2A5A;
-/// First bytes of the record's payload: names the format and its version.
-const RECORD_TAG: &[u8; 8] = b"lfsnap01";
-/// Payload: the tag and two times in Unix milliseconds (little endian).
-const RECORD_PAYLOAD: usize = 8 + 8 + 8;
-/// Bytes of the whole record frame at the start of a cold snapshot object:
-/// magic, payload length, payload. A ranged GET of this many bytes reads it.
-pub const RECORD_LEN: usize = 4 + 4 + RECORD_PAYLOAD;
 /// Any skippable frame: the magic without its low nibble.
 const SKIPPABLE_MASK: u32 = 0xFFFF_FFF0;
 const SKIPPABLE_BASE: u32 = 0x184D_2A50;
-
-/// When a cold snapshot's copy began and when it was complete: it holds
-/// every transaction committed before `started` and none committed after
-/// `taken`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SnapshotTimes {
-    pub started: DateTime<Utc>,
-    pub taken: DateTime<Utc>,
-}
-
-impl SnapshotTimes {
-    /// The record frame (see [`RECORD_LEN`]). `taken` is rounded up and
-    /// `started` down to the millisecond, so both stay true bounds.
-    fn encode(&self) -> [u8; RECORD_LEN] {
-        let mut b = [0u8; RECORD_LEN];
-        b[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&(RECORD_PAYLOAD as u32).to_le_bytes());
-        b[8..16].copy_from_slice(RECORD_TAG);
-        b[16..24].copy_from_slice(&self.started.timestamp_millis().to_le_bytes());
-        let taken = crate::replica::hot::commit_millis(self.taken) as i64;
-        b[24..32].copy_from_slice(&taken.to_le_bytes());
-        b
-    }
-
-    /// The record at the start of an object (its first [`RECORD_LEN`] bytes
-    /// or more); `None` when the object has none (written by an earlier
-    /// version) or it is not ours.
-    pub fn decode(head: &[u8]) -> Option<SnapshotTimes> {
-        let b = head.get(..RECORD_LEN)?;
-        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let long = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        if word(0) != RECORD_MAGIC || word(4) as usize != RECORD_PAYLOAD || &b[8..16] != RECORD_TAG
-        {
-            return None;
-        }
-        Some(SnapshotTimes {
-            started: DateTime::from_timestamp_millis(long(16))?,
-            taken: DateTime::from_timestamp_millis(long(24))?,
-        })
-    }
-}
 
 /// A compressed snapshot waiting in a temporary file.
 #[derive(Debug)]

@@ -48,10 +48,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::replica::hot::Position;
 use crate::{Error, Result};
 
 /// Size of the WAL file header; the first frame starts here.
 pub const WAL_HEADER_SIZE: u64 = 32;
+const _: () = assert!(WAL_HEADER_SIZE == crate::replica::hot::FIRST_FRAME);
 /// Size of the header in front of every page in the WAL.
 pub const FRAME_HEADER_SIZE: u64 = 24;
 /// WAL magic when checksums read 32-bit words little-endian (written by
@@ -200,35 +202,6 @@ impl FrameHeader {
             salt: [be32(b, 8), be32(b, 12)],
             checksum: Checksum(be32(b, 16), be32(b, 20)),
         })
-    }
-}
-
-/// A place in the stream of WAL files: WAL file number `index` (counted by
-/// litefleet, +1 each time SQLite restarts the WAL) and a byte offset in it.
-/// Offsets are file offsets, so the first frame is at 32. Ordered by
-/// `(index, offset)`; displays as `<index:016x>_<offset:016x>`, the segment
-/// object name stem.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
-pub struct Position {
-    pub index: u64,
-    pub offset: u64,
-}
-
-impl Position {
-    /// The first frame of WAL `index`.
-    pub fn start(index: u64) -> Position {
-        Position {
-            index,
-            offset: WAL_HEADER_SIZE,
-        }
-    }
-}
-
-impl std::fmt::Display for Position {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}_{:016x}", self.index, self.offset)
     }
 }
 

@@ -21,11 +21,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::ship::{self, HotContext, ShipConfig, ShipEvent};
-use crate::daemon::scheduler::Stats;
 use crate::replica::storage::Replica;
-use crate::source::config::{ReplicaConfig, ReplicaUrl};
 use crate::source::discover::Pattern;
 use crate::source::track::Tracker;
+use crate::stats::Stats;
 use crate::{Error, Result};
 
 /// Databases per leaf directory in the benchmark tree (10 x 10 x 10 x 100 = 100k).
@@ -356,10 +355,7 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
     );
 
     let replica_dir = root.join("replica");
-    let cfg: ReplicaConfig =
-        serde_yaml_ng::from_str(&format!("url: file://{}", replica_dir.display()))
-            .map_err(|e| Error::invalid("bench lag", e.to_string()))?;
-    let replica = Replica::open(&ReplicaUrl::File { dir: replica_dir }, &cfg)?;
+    let replica = Replica::open_dir(&replica_dir)?;
     let temp_dir = root.join("tmp");
     std::fs::create_dir_all(&temp_dir).map_err(|e| Error::io(&temp_dir, e))?;
     let stats = Arc::new(Stats::default());

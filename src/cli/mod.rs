@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::scheduler::Replicator;
+use crate::replica::cold;
 use crate::replica::storage::Replica;
 use crate::restore::{RestoreOptions, RestoreOutcome};
 use crate::source::config::Loaded;
@@ -361,7 +362,7 @@ async fn run(cli: Cli) -> Result<()> {
             let scan_interval = loaded.multi_db().scan_interval;
             // One writer per replica root: take the lease before anything
             // touches the replica or the staging directory.
-            let replica = Replica::for_config(&loaded)?;
+            let replica = loaded.open_replica()?;
             let ttl = loaded.multi_db().replica.lease_ttl;
             let lease =
                 crate::replica::lease::Lease::acquire_with_ttl(&replica, chrono::Utc::now(), ttl)
@@ -408,7 +409,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Restore(args) => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = Replica::for_config(&loaded)?;
+            let replica = loaded.open_replica()?;
             let target = match (args.prefix.clone(), args.target.clone()) {
                 (Some(prefix), _) => return restore_prefix(&replica, prefix, args).await,
                 (None, _) if args.concurrency.is_some() => {
@@ -468,7 +469,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::List { prefix, snapshots } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = Replica::for_config(&loaded)?;
+            let replica = loaded.open_replica()?;
             let dbs = restore::list_databases(&replica, prefix.as_deref()).await?;
             let mut out = std::io::stdout().lock();
             // A closed pipe (`litefleet list | head`) just ends the listing.
@@ -478,7 +479,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Generations { target } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = Replica::for_config(&loaded)?;
+            let replica = loaded.open_replica()?;
             let key = restore::resolve_key(&loaded, &target)?;
             let gens = crate::replica::hot::list_generations(&replica, &key).await?;
             let rfc = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
@@ -499,10 +500,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Snapshots { target } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = Replica::for_config(&loaded)?;
+            let replica = loaded.open_replica()?;
             let key = restore::resolve_key(&loaded, &target)?;
             let mut n = 0;
-            for s in restore::snapshots(&replica, &key).await? {
+            for s in cold::snapshots(&replica, &key).await? {
                 n += 1;
                 println!(
                     "cold  {}  uploaded {}  {} bytes",

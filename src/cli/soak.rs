@@ -27,7 +27,6 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::scheduler::Replicator;
-use crate::replica::storage::Replica;
 use crate::restore::{self, RestoreOptions, RestoreOutcome};
 use crate::source::config::Loaded;
 use crate::source::keys::key_for;
@@ -262,7 +261,7 @@ pub async fn soak(opts: SoakOptions) -> Result<SoakReport> {
         root.join("replica").display(),
     );
     let loaded = Loaded::from_str(&yaml, "bench-soak.yml", &root)?;
-    let plain = Replica::for_config(&loaded)?;
+    let plain = loaded.open_replica()?;
     let faulty = Arc::new(FaultyStore::new(plain.store.clone()));
     let replicator = Arc::new(Replicator::with_replica(
         loaded.clone(),
@@ -345,7 +344,8 @@ pub async fn soak(opts: SoakOptions) -> Result<SoakReport> {
         let (loaded, plain, out) = (loaded.clone(), plain.clone(), out.clone());
         let src = soak_path(&root, i);
         set.spawn(async move {
-            let (key, _) = key_for(&loaded, &src).expect("soak path matches its pattern");
+            let (key, _) = key_for(&loaded.patterns, &loaded.template, &src)
+                .expect("soak path matches its pattern");
             let output = out.join(format!("{i}.db"));
             let opts = RestoreOptions {
                 target: key.clone(),

@@ -24,7 +24,7 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::FutureExt;
@@ -35,48 +35,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::ship::{self, HotContext, HotExit, ShipConfig, StreamProgress};
 use crate::capture::snapshot;
-use crate::replica::layout;
+use crate::replica::cold;
 use crate::replica::retention;
 use crate::replica::storage::Replica;
 use crate::source::config::Loaded;
 use crate::source::keys::{key_for, Owners};
 use crate::source::tier::{TierConfig, Tiers};
 use crate::source::track::{Id, ScanReport, Ticket, Tracker};
+use crate::stats::Stats;
 use crate::{Error, Result};
-
-/// Counters shared with the operations surface. Aggregates only: nothing
-/// here grows with the number of databases.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub started_unix: AtomicU64,
-    pub scans: AtomicU64,
-    pub databases: AtomicU64,
-    /// Databases in the hot tier (WAL streaming); the rest are cold.
-    pub hot: AtomicU64,
-    pub pending: AtomicU64,
-    pub uploads_ok: AtomicU64,
-    pub uploads_failed: AtomicU64,
-    pub bytes_uploaded: AtomicU64,
-    pub last_scan_micros: AtomicU64,
-    pub last_scan_unix: AtomicU64,
-    pub oldest_pending_unix: AtomicU64,
-    pub retention_deleted: AtomicU64,
-    /// Promotions to and demotions from the hot tier.
-    pub hot_promotions: AtomicU64,
-    pub hot_demotions: AtomicU64,
-    /// WAL segments and bytes (uncompressed frames) shipped.
-    pub wal_segments: AtomicU64,
-    pub wal_bytes: AtomicU64,
-    /// WAL generations started (each with a snapshot).
-    pub generations: AtomicU64,
-    /// Our own checkpoints of hot databases.
-    pub checkpoints: AtomicU64,
-    /// Failed hot syncs (retried every sync interval).
-    pub hot_errors: AtomicU64,
-    /// Databases refused because another database owns their key (see
-    /// [`crate::source::keys`]).
-    pub key_collisions: AtomicU64,
-}
 
 /// What one cycle did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -166,7 +133,7 @@ fn lock(t: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
 
 impl Replicator {
     pub fn new(loaded: Loaded) -> Result<Replicator> {
-        let replica = Replica::for_config(&loaded)?;
+        let replica = loaded.open_replica()?;
         Self::with_replica(loaded, replica)
     }
 
@@ -417,7 +384,7 @@ impl Replicator {
     fn check_keys(&self) {
         let tracker = lock(&self.tracker);
         let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        for (path, r) in owners.update(&self.loaded, &tracker) {
+        for (path, r) in owners.update(&self.loaded.patterns, &self.loaded.template, &tracker) {
             tracing::error!(
                 path = %path.display(),
                 key = %r.key,
@@ -513,7 +480,8 @@ impl Replicator {
                 continue;
             }
             let path = tracker.path(id);
-            let Some((key, _)) = key_for(&self.loaded, &path) else {
+            let Some((key, _)) = key_for(&self.loaded.patterns, &self.loaded.template, &path)
+            else {
                 tiers.forget(id);
                 continue;
             };
@@ -691,7 +659,7 @@ async fn upload_one(
     path: PathBuf,
     temp_dir: PathBuf,
 ) -> Result<u64> {
-    let (key, stem) = key_for(&loaded, &path)
+    let (key, stem) = key_for(&loaded.patterns, &loaded.template, &path)
         .ok_or_else(|| Error::invalid(path.display(), "matches no pattern any more"))?;
     let src = path.clone();
     let snap = tokio::task::spawn_blocking(move || snapshot::capture(&src, &temp_dir))
@@ -699,7 +667,7 @@ async fn upload_one(
         .map_err(|e| Error::invalid(path.display(), format!("snapshot task failed: {e}")))??;
     // Named by the hour after the copy was complete: an object named `H`
     // holds nothing committed at or after `H`.
-    let location = layout::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);
+    let location = cold::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);
     let bytes = replica.upload_file(&location, &snap.file).await?;
     tracing::debug!(
         path = %path.display(),

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::scheduler::Stats;
+use crate::stats::Stats;
 use crate::{Error, Result};
 
 /// A scan must complete at least once per this many scan intervals for

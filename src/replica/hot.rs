@@ -67,23 +67,13 @@
 //! generation therefore restores the state before it: a state the database
 //! really had, but not the newest.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectMeta, ObjectStoreExt};
+use object_store::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use crate::capture::snapshot;
-use crate::capture::wal::{self, ChainLink, Position, WAL_HEADER_SIZE};
-use crate::error::IoContext;
-use crate::replica::layout::key_path;
+use crate::replica::layout::{check_key, commit_millis, key_path};
 use crate::replica::storage::Replica;
-use crate::restore::check_key;
 use crate::{Error, Result};
 
 /// Directory under a key that holds its generations.
@@ -102,12 +92,39 @@ pub const SEGMENT_SUFFIX: &str = ".wal.lz4";
 const HEX_DIGITS: usize = 16;
 /// Hex digits of a generation id: 16 for the inverted time, 8 random.
 pub const GENERATION_ID_LEN: usize = 24;
-/// Segments downloaded ahead of the one being applied during restore: enough
-/// to hide request latency, few enough that memory stays at a handful of
-/// segments.
-const SEGMENT_PREFETCH: usize = 4;
-/// Size of the SQLite database header (we need its page size field).
-const DB_HEADER_SIZE: usize = 100;
+/// Where the first frame of a WAL starts, after its 32-byte header: the
+/// offset of a WAL's first segment (the WAL format's header size,
+/// `capture::wal::WAL_HEADER_SIZE`, asserted equal there).
+pub const FIRST_FRAME: u64 = 32;
+
+/// A place in the stream of WAL files: WAL file number `index` (counted by
+/// litefleet, +1 each time SQLite restarts the WAL) and a byte offset in it.
+/// Offsets are file offsets, so the first frame is at 32. Ordered by
+/// `(index, offset)`; displays as `<index:016x>_<offset:016x>`, the segment
+/// object name stem.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct Position {
+    pub index: u64,
+    pub offset: u64,
+}
+
+impl Position {
+    /// The first frame of WAL `index`.
+    pub fn start(index: u64) -> Position {
+        Position {
+            index,
+            offset: FIRST_FRAME,
+        }
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}_{:016x}", self.index, self.offset)
+    }
+}
 
 /// A generation id: newest sorts first. See the module docs.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -213,18 +230,6 @@ pub fn generation_dir(prefix: &ObjPath, key: &str, gen: &GenerationId) -> ObjPat
     generations_dir(prefix, key).join(gen.as_str())
 }
 
-/// A commit time as it is written in names: Unix milliseconds, rounded up,
-/// so the recorded time is never before the real one.
-pub fn commit_millis(t: DateTime<Utc>) -> u64 {
-    let ms = t.timestamp_millis();
-    let rounded_up = if t.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
-        ms
-    } else {
-        ms + 1
-    };
-    rounded_up.max(0) as u64
-}
-
 /// `<prefix>/<key>/generations/<gen>/snapshots/<index:016x>_<time:016x>.snapshot.lz4`
 /// for a snapshot whose every transaction had committed at `committed`.
 pub fn snapshot_path(
@@ -306,7 +311,7 @@ pub fn parse_segment_name_time(name: &str) -> Option<(Position, Option<DateTime<
         None => None,
         Some(t) => Some(parse_time(t)?),
     };
-    if parts.next().is_some() || pos.offset < WAL_HEADER_SIZE {
+    if parts.next().is_some() || pos.offset < FIRST_FRAME {
         return None;
     }
     Some((pos, time))
@@ -599,7 +604,7 @@ fn check_next(e: Expect, pos: Position) -> std::result::Result<(), Break> {
             })),
             None => Ok(()),
         }
-    } else if pos.index == e.index + 1 && pos.offset == WAL_HEADER_SIZE {
+    } else if pos.index == e.index + 1 && pos.offset == FIRST_FRAME {
         // Where WAL `index` ended is proven during replay, from `wal_ends`.
         Ok(())
     } else {
@@ -737,7 +742,7 @@ pub fn plan(
     }
     let mut e = Expect {
         index: snapshot.index,
-        offset: Some(WAL_HEADER_SIZE),
+        offset: Some(FIRST_FRAME),
     };
     for s in &segments {
         check_next(e, s.pos).map_err(|b| gap_error(key, &listing.id, &late, at, b, s))?;
@@ -753,30 +758,6 @@ pub fn plan(
         at,
         late,
     }))
-}
-
-fn output_error(what: &str, e: std::io::Error) -> Error {
-    Error::invalid("restore output file", format!("{what}: {e}"))
-}
-
-fn join_error(e: tokio::task::JoinError) -> Error {
-    Error::invalid("restore", format!("task failed: {e}"))
-}
-
-/// The page size in a SQLite database file's header.
-fn db_page_size(file: &File, what: &str) -> Result<u32> {
-    let mut h = [0u8; DB_HEADER_SIZE];
-    file.read_exact_at(&mut h, 0)
-        .map_err(|e| Error::invalid(what, format!("not a SQLite database: {e}")))?;
-    if &h[..16] != b"SQLite format 3\0" {
-        return Err(Error::invalid(what, "not a SQLite database (bad header)"));
-    }
-    let raw = u32::from(u16::from_be_bytes([h[16], h[17]]));
-    let page_size = if raw == 1 { wal::MAX_PAGE_SIZE } else { raw };
-    if !wal::valid_page_size(page_size) {
-        return Err(Error::invalid(what, format!("invalid page size {raw}")));
-    }
-    Ok(page_size)
 }
 
 /// Plans a restore of `key` at `at` (`None`: the latest state) without
@@ -805,252 +786,102 @@ pub async fn plan_latest(
     Ok(None)
 }
 
-/// Restores `key` into `out` (opened for reading and writing; its contents
-/// are replaced) from the newest generation with a snapshot committed at or
-/// before `at` (`None`: the latest state). See the module docs for the rules.
-/// `out` is synced but not integrity-checked: the caller owns its path.
-/// [`plan_latest`] then [`restore_plan`].
-pub async fn restore_generation(
-    replica: &Replica,
-    key: &str,
-    at: Option<DateTime<Utc>>,
-    out: &mut File,
-) -> Result<RestorePoint> {
-    match plan_latest(replica, key, at).await? {
-        Some(p) => restore_plan(replica, key, &p, out).await,
-        None => Err(Error::NotFound(format!(
-            "no WAL generation of {key:?} has a snapshot{} in {replica}",
-            crate::restore::uploaded_by(at)
-        ))),
-    }
+/// The continuity proof of a replay (see the module docs), fed each segment
+/// of a [`Plan`] in order. A restore composes it with the downloads and the
+/// frame checks: [`Replay::admit`] before applying a segment,
+/// [`Replay::applied`] after, [`Replay::finish`] at the end. Every failure
+/// names the missing range.
+pub struct Replay<'a> {
+    key: &'a str,
+    plan: &'a Plan,
+    meta: Option<Metadata>,
+    pos: Position,
+    time: DateTime<Utc>,
+    applied: usize,
 }
 
-/// Executes a plan made by [`plan`] or [`plan_latest`] for `key`: downloads
-/// the snapshot into `out` (opened for reading and writing; its contents are
-/// replaced) and replays the segments, checking that each continues where the
-/// previous one ended (a gap is an error naming the missing position).
-/// `out` is synced but not integrity-checked or renamed: the caller owns its
-/// path (see [`crate::restore`] for the atomic install).
-pub async fn restore_plan(
-    replica: &Replica,
-    key: &str,
-    plan: &Plan,
-    out: &mut File,
-) -> Result<RestorePoint> {
-    let snap = &plan.snapshot;
-    // Needed to prove where each replayed WAL ended, and how far the latest
-    // state reaches.
-    let crosses = plan.segments.iter().any(|s| s.pos.index != snap.index);
-    let meta = if crosses || plan.at.is_none() {
-        read_metadata(replica, key, &plan.generation).await?
-    } else {
-        None
-    };
-    let mut file = out
-        .try_clone()
-        .map_err(|e| output_error("duplicating the handle", e))?;
-    let got = replica
-        .store
-        .get(&snap.location)
-        .await
-        .map_err(|e| Error::store(&snap.location, e))?;
-    let stream = got
-        .into_stream()
-        .map_err(|e| std::io::Error::other(e.to_string()));
-    let bridge = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-    let what = snap.location.to_string();
-    let (mut file, page_size) = tokio::task::spawn_blocking(move || -> Result<(File, u32)> {
-        file.set_len(0)
-            .and_then(|_| file.seek(SeekFrom::Start(0)).map(|_| ()))
-            .map_err(|e| output_error("truncating", e))?;
-        snapshot::decompress(bridge, &what, &mut file)?;
-        let page_size = db_page_size(&file, &what)?;
-        Ok((file, page_size))
-    })
-    .await
-    .map_err(join_error)??;
-
-    let store = replica.store.clone();
-    let mut fetches = futures::stream::iter(plan.segments.clone())
-        .map(move |s| {
-            let store = store.clone();
-            async move {
-                let got = store
-                    .get(&s.location)
-                    .await
-                    .map_err(|e| Error::store(&s.location, e))?;
-                let bytes = got
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::store(&s.location, e))?;
-                Ok::<_, Error>((s, bytes))
-            }
-        })
-        .buffered(SEGMENT_PREFETCH);
-
-    let mut pos = Position::start(snap.index);
-    let mut chain: Option<ChainLink> = None;
-    let mut time = snap.time;
-    let mut applied = 0usize;
-    while let Some(next) = fetches.next().await {
-        let (seg, compressed) = next?;
-        let e = Expect {
-            index: pos.index,
-            offset: Some(pos.offset),
+impl<'a> Replay<'a> {
+    /// Starts the proof at the plan's snapshot; reads `metadata.json` when
+    /// the proof needs it (the plan crosses a WAL restart, or it restores
+    /// the latest state).
+    pub async fn start(replica: &Replica, key: &'a str, plan: &'a Plan) -> Result<Replay<'a>> {
+        let snap = &plan.snapshot;
+        let crosses = plan.segments.iter().any(|s| s.pos.index != snap.index);
+        let meta = if crosses || plan.at.is_none() {
+            read_metadata(replica, key, &plan.generation).await?
+        } else {
+            None
         };
-        check_next(e, seg.pos)
-            .map_err(|b| gap_error(key, &plan.generation, &plan.late, plan.at, b, &seg))?;
-        if seg.pos.index != pos.index {
-            check_wal_end(key, plan, meta.as_ref(), pos)?;
-            chain = None;
-        }
-        let what = seg.location.to_string();
-        let (f, info, len) = tokio::task::spawn_blocking(move || {
-            let mut frames = Vec::new();
-            lz4_flex::frame::FrameDecoder::new(&compressed[..])
-                .read_to_end(&mut frames)
-                .map_err(|e| Error::invalid(&what, format!("not a valid LZ4 segment: {e}")))?;
-            let info = wal::verify_frames(&what, &frames, page_size, chain)?;
-            wal::apply_frames(&mut file, page_size, &frames)?;
-            Ok::<_, Error>((file, info, frames.len() as u64))
+        Ok(Replay {
+            key,
+            plan,
+            meta,
+            pos: Position::start(snap.index),
+            time: snap.time,
+            applied: 0,
         })
-        .await
-        .map_err(join_error)??;
-        file = f;
-        chain = Some(info.into());
-        pos = Position {
+    }
+
+    /// Checks that `seg` continues where the replay is. `Ok(true)`: it
+    /// starts the next WAL (whose end was proven here), so its checksum
+    /// chain starts afresh.
+    pub fn admit(&self, seg: &SegmentObject) -> Result<bool> {
+        let e = Expect {
+            index: self.pos.index,
+            offset: Some(self.pos.offset),
+        };
+        check_next(e, seg.pos).map_err(|b| {
+            gap_error(
+                self.key,
+                &self.plan.generation,
+                &self.plan.late,
+                self.plan.at,
+                b,
+                seg,
+            )
+        })?;
+        if seg.pos.index != self.pos.index {
+            check_wal_end(self.key, self.plan, self.meta.as_ref(), self.pos)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Records `seg` as applied: `len` bytes of frames (its decompressed length).
+    pub fn applied(&mut self, seg: &SegmentObject, len: u64) {
+        self.pos = Position {
             index: seg.pos.index,
             offset: seg.pos.offset + len,
         };
-        time = time.max(seg.time);
-        applied += 1;
+        self.time = self.time.max(seg.time);
+        self.applied += 1;
     }
-    if let (None, Some(m)) = (plan.at, &meta) {
-        // The latest state reaches at least what was recorded as shipped
-        // (the start of the next WAL is where the previous one ended).
-        let next_wal = m.last == Position::start(pos.index + 1) && m.wal_ends.contains(&pos);
-        if m.last > pos && !next_wal {
-            return Err(Error::invalid(
-                format!("generation {} of {key:?}", plan.generation),
-                format!(
-                    "metadata.json records WAL frames shipped up to {}, but the segments present end at {}: \
-                     WAL segment(s) from {} on are missing; refusing to restore",
-                    describe(m.last),
-                    describe(pos),
-                    describe(pos)
-                ),
-            ));
+
+    /// After the last segment: a restore of the latest state must reach at
+    /// least what `metadata.json` recorded as shipped. Returns where the
+    /// replay ended, the commit time of the state it restored, and how many
+    /// segments it applied.
+    pub fn finish(self) -> Result<(Position, DateTime<Utc>, usize)> {
+        let (key, pos) = (self.key, self.pos);
+        if let (None, Some(m)) = (self.plan.at, &self.meta) {
+            // The latest state reaches at least what was recorded as shipped
+            // (the start of the next WAL is where the previous one ended).
+            let next_wal = m.last == Position::start(pos.index + 1) && m.wal_ends.contains(&pos);
+            if m.last > pos && !next_wal {
+                return Err(Error::invalid(
+                    format!("generation {} of {key:?}", self.plan.generation),
+                    format!(
+                        "metadata.json records WAL frames shipped up to {}, but the segments present end at {}: \
+                         WAL segment(s) from {} on are missing; refusing to restore",
+                        describe(m.last),
+                        describe(pos),
+                        describe(pos)
+                    ),
+                ));
+            }
         }
+        Ok((pos, self.time, self.applied))
     }
-    let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
-        file.sync_all().map_err(|e| output_error("fsync", e))?;
-        file.metadata()
-            .map(|m| m.len())
-            .map_err(|e| output_error("stat", e))
-    })
-    .await
-    .map_err(join_error)??;
-    Ok(RestorePoint {
-        generation: plan.generation.clone(),
-        snapshot_index: snap.index,
-        position: pos,
-        time,
-        segments: applied,
-        bytes,
-    })
-}
-
-/// Reads the LZ4 content checksum (xxHash32 of the uncompressed data) from
-/// the end of a frame written with content checksums on.
-fn lz4_content_checksum(path: &Path) -> Result<u32> {
-    let mut f = File::open(path).at(path)?;
-    let len = f.metadata().at(path)?.len();
-    if len < 8 {
-        return Err(Error::invalid(path.display(), "LZ4 frame too short"));
-    }
-    let mut tail = [0u8; 8];
-    f.seek(SeekFrom::Start(len - 8))
-        .and_then(|_| f.read_exact(&mut tail))
-        .at(path)?;
-    if tail[..4] != [0, 0, 0, 0] {
-        return Err(Error::invalid(
-            path.display(),
-            "LZ4 frame does not end with an end mark and content checksum",
-        ));
-    }
-    Ok(u32::from_le_bytes([tail[4], tail[5], tail[6], tail[7]]))
-}
-
-/// Compresses the database file `db` (which must not change meanwhile: a
-/// copy made for this purpose, complete at `committed`) into `tmp_dir` and
-/// uploads it as snapshot `index` of `gen`. Returns its [`Metadata`] entry.
-pub async fn upload_snapshot(
-    replica: &Replica,
-    key: &str,
-    gen: &GenerationId,
-    index: u64,
-    committed: DateTime<Utc>,
-    db: &Path,
-    tmp_dir: &Path,
-) -> Result<SnapshotEntry> {
-    check_key(key)?;
-    let (db, tmp_dir) = (db.to_path_buf(), tmp_dir.to_path_buf());
-    let (tmp, size, compressed_size, sum) = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&tmp_dir).at(&tmp_dir)?;
-        let size = std::fs::metadata(&db).at(&db)?.len();
-        let out = tempfile::NamedTempFile::with_prefix_in("gensnap-", &tmp_dir).at(&tmp_dir)?;
-        snapshot::compress(&db, out.as_file())?;
-        let tmp = out.into_temp_path();
-        let compressed = std::fs::metadata(&tmp).at(&*tmp)?.len();
-        let sum = lz4_content_checksum(&tmp)?;
-        Ok::<_, Error>((tmp, size, compressed, sum))
-    })
-    .await
-    .map_err(|e| Error::invalid("snapshot", format!("task failed: {e}")))??;
-    let location = snapshot_path(&replica.prefix, key, gen, index, committed);
-    replica.upload_file(&location, &tmp).await?;
-    Ok(SnapshotEntry {
-        index,
-        size,
-        compressed_size,
-        checksum: format!("xxh32:{sum:08x}"),
-    })
-}
-
-/// LZ4-compresses committed WAL frames read at `pos` (as
-/// [`wal::read_committed`] returns them, from a read that began at
-/// `committed`) and uploads them as one segment. Returns the end position,
-/// where the next segment of this WAL starts.
-/// Compression runs inline: LZ4 handles a few hundred MB/s per core, so a
-/// segment costs milliseconds.
-pub async fn upload_segment(
-    replica: &Replica,
-    key: &str,
-    gen: &GenerationId,
-    pos: Position,
-    committed: DateTime<Utc>,
-    frames: &[u8],
-) -> Result<Position> {
-    check_key(key)?;
-    let location = segment_path(&replica.prefix, key, gen, pos, committed);
-    if frames.is_empty() || pos.offset < WAL_HEADER_SIZE {
-        return Err(Error::invalid(
-            &location,
-            "a segment needs committed frames at offset 32 or later",
-        ));
-    }
-    let mut enc =
-        lz4_flex::frame::FrameEncoder::with_frame_info(snapshot::frame_info(), Vec::new());
-    enc.write_all(frames)
-        .map_err(|e| Error::invalid(&location, format!("lz4: {e}")))?;
-    let compressed = enc
-        .finish()
-        .map_err(|e| Error::invalid(&location, format!("lz4: {e}")))?;
-    replica.put_bytes(&location, compressed).await?;
-    Ok(Position {
-        index: pos.index,
-        offset: pos.offset + frames.len() as u64,
-    })
 }
 
 /// Writes (replaces) the generation's `metadata.json`.
@@ -1081,10 +912,7 @@ pub async fn read_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::wal::{ReadOutcome, WalCursor};
     use chrono::{Duration, TimeZone};
-    use rusqlite::Connection;
-    use std::path::PathBuf;
 
     fn t(sec: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap() + Duration::seconds(sec)
@@ -1186,11 +1014,6 @@ mod tests {
         }
     }
 
-    /// A commit time as names record it (whole milliseconds).
-    fn named_time(t: DateTime<Utc>) -> DateTime<Utc> {
-        DateTime::from_timestamp_millis(commit_millis(t) as i64).unwrap()
-    }
-
     fn snap(index: u64, up: i64) -> SnapshotObject {
         SnapshotObject {
             index,
@@ -1281,284 +1104,5 @@ mod tests {
         let l = listing(vec![snap(0, 0)], vec![seg(0, 32, 9), seg(1, 32, 2)]);
         let e = plan(&l, "k", Some(t(5))).unwrap_err().to_string();
         assert!(e.contains("after the restore time"), "{e}");
-    }
-
-    // ---- end to end against file:// ----
-
-    fn file_replica(dir: &Path) -> Replica {
-        Replica::for_test_dir(dir)
-    }
-
-    struct Writer {
-        db: PathBuf,
-        conn: Connection,
-        rows: i64,
-        index: u64,
-        cursor: Option<WalCursor>,
-        gen: GenerationId,
-    }
-
-    /// Upload times are file mtimes; keep them apart so cutoffs are exact.
-    async fn tick() {
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-
-    impl Writer {
-        fn commit(&mut self, n: i64) {
-            let tx = self.conn.unchecked_transaction().unwrap();
-            for _ in 0..n {
-                self.rows += 1;
-                tx.execute(
-                    "INSERT INTO t(id, v) VALUES (?1, ?2)",
-                    rusqlite::params![self.rows, format!("{:>300}", self.rows)],
-                )
-                .unwrap();
-            }
-            tx.commit().unwrap();
-        }
-
-        fn wal(&self) -> PathBuf {
-            PathBuf::from(format!("{}-wal", self.db.display()))
-        }
-
-        /// Ships everything committed as one segment; returns its commit time.
-        async fn ship(&mut self, r: &Replica) -> DateTime<Utc> {
-            let committed = named_time(Utc::now());
-            let wp = self.wal();
-            let f = File::open(&wp).unwrap();
-            let cur = match self.cursor {
-                Some(c) => c,
-                None => {
-                    WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap())
-                }
-            };
-            let ReadOutcome::Frames { bytes, next, .. } =
-                wal::read_committed(&f, &wp, &cur, u64::MAX).unwrap()
-            else {
-                panic!("continuity lost")
-            };
-            let end = upload_segment(r, "k", &self.gen, cur.pos, committed, &bytes)
-                .await
-                .unwrap();
-            assert_eq!(end, next.pos);
-            self.cursor = Some(next);
-            tick().await;
-            committed
-        }
-
-        /// TRUNCATE checkpoint (after shipping everything), then snapshot the
-        /// database file as snapshot `index` of the next WAL.
-        async fn checkpoint_and_snapshot(
-            &mut self,
-            r: &Replica,
-            tmp: &Path,
-            new_wal: bool,
-        ) -> DateTime<Utc> {
-            let busy: i64 = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(busy, 0);
-            if new_wal {
-                self.index += 1;
-            }
-            self.cursor = None;
-            let copy = tmp.join("copy.db");
-            std::fs::copy(&self.db, &copy).unwrap();
-            let committed = named_time(Utc::now());
-            upload_snapshot(r, "k", &self.gen, self.index, committed, &copy, tmp)
-                .await
-                .unwrap();
-            tick().await;
-            committed
-        }
-    }
-
-    async fn restore_rows(
-        r: &Replica,
-        at: Option<DateTime<Utc>>,
-        dir: &Path,
-    ) -> Result<(RestorePoint, i64)> {
-        let out = tempfile::Builder::new()
-            .suffix(".db")
-            .tempfile_in(dir)
-            .unwrap();
-        let path = out.path().to_path_buf();
-        let mut f = out.reopen().unwrap();
-        let point = restore_generation(r, "k", at, &mut f).await?;
-        drop(f);
-        assert!(!PathBuf::from(format!("{}-wal", path.display())).exists());
-        snapshot::integrity_check(&path).unwrap();
-        let c = Connection::open(&path).unwrap();
-        let (n, max): (i64, i64) = c
-            .query_row("SELECT count(*), coalesce(max(id), 0) FROM t", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .unwrap();
-        assert_eq!(n, max, "rows are 1..=n");
-        Ok((point, n))
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn build_restore_and_detect_gaps() {
-        let tmp = tempfile::tempdir().unwrap();
-        let r = file_replica(&tmp.path().join("replica"));
-        let db = tmp.path().join("app.db");
-        let conn = Connection::open(&db).unwrap();
-        conn.pragma_update(None, "page_size", 1024).unwrap();
-        conn.pragma_update(None, "journal_mode", "wal").unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-            .unwrap();
-        let mut w = Writer {
-            db,
-            conn,
-            rows: 0,
-            index: 0,
-            cursor: None,
-            gen: new_generation_id(Utc::now()),
-        };
-        w.commit(10);
-        // (upload time, rows restorable at that time, snapshot index used)
-        let mut points = vec![(
-            w.checkpoint_and_snapshot(&r, tmp.path(), false).await,
-            10,
-            0,
-        )];
-        for n in [3, 40, 1] {
-            w.commit(n);
-            w.commit(2);
-            points.push((w.ship(&r).await, w.rows, 0));
-        }
-        // WAL 0 ends; snapshot 1 is the database at the start of WAL 1.
-        points.push((
-            w.checkpoint_and_snapshot(&r, tmp.path(), true).await,
-            w.rows,
-            1,
-        ));
-        let mut wal1 = Vec::new();
-        for n in [5, 1, 30] {
-            w.commit(n);
-            let pos = w.cursor.map_or(Position::start(1), |c| c.pos);
-            let committed = w.ship(&r).await;
-            wal1.push((pos, committed));
-            points.push((committed, w.rows, 1));
-        }
-        for pair in points.windows(2) {
-            assert!(pair[0].0 < pair[1].0, "upload times are distinct");
-        }
-
-        for &(time, rows, index) in &points {
-            let (p, n) = restore_rows(&r, Some(time), tmp.path()).await.unwrap();
-            assert_eq!((n, p.snapshot_index, p.time), (rows, index, time));
-            // Until the next upload, the same point is restored.
-            let (_, n) = restore_rows(&r, Some(time + Duration::milliseconds(10)), tmp.path())
-                .await
-                .unwrap();
-            assert_eq!(n, rows);
-        }
-        let (latest, n) = restore_rows(&r, None, tmp.path()).await.unwrap();
-        assert_eq!((n, latest.segments, latest.snapshot_index), (w.rows, 3, 1));
-        assert_eq!(latest.position, w.cursor.unwrap().pos);
-        let e = restore_rows(&r, Some(points[0].0 - Duration::seconds(1)), tmp.path())
-            .await
-            .unwrap_err();
-        assert!(matches!(e, Error::NotFound(_)), "{e}");
-
-        // Listing.
-        let gens = list_generations(&r, "k").await.unwrap();
-        assert_eq!(gens.len(), 1);
-        assert_eq!((gens[0].snapshots.len(), gens[0].segments), (2, 6));
-        // Listing times: when the uploads finished.
-        assert!(gens[0].first_upload < gens[0].last_upload);
-        assert_eq!(gens[0].last_segment, Some(wal1[2].0));
-
-        // Metadata round trip.
-        let meta = Metadata {
-            generation: w.gen.clone(),
-            page_size: 1024,
-            created: w.gen.created(),
-            first: Position::start(0),
-            last: w.cursor.unwrap().pos,
-            snapshots: vec![SnapshotEntry {
-                index: 0,
-                size: 4096,
-                compressed_size: 100,
-                checksum: "xxh32:00000000".into(),
-            }],
-            wal_ends: vec![Position {
-                index: 0,
-                offset: 4096,
-            }],
-        };
-        assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), None);
-        write_metadata(&r, "k", &meta).await.unwrap();
-        assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), Some(meta));
-
-        // A middle segment of WAL 1 goes missing: restore fails and names it.
-        let middle = segment_path(&r.prefix, "k", &w.gen, wal1[1].0, wal1[1].1);
-        r.delete(&middle).await.unwrap();
-        let e = restore_rows(&r, None, tmp.path())
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains(&format!(
-                "{}_* (WAL 1 offset {}) is missing",
-                wal1[1].0, wal1[1].0.offset
-            )),
-            "{e}"
-        );
-        // Points before the gap still restore.
-        let (time, rows, _) = points[5];
-        let (_, n) = restore_rows(&r, Some(time), tmp.path()).await.unwrap();
-        assert_eq!(n, rows);
-
-        // A new generation (continuity lost) wins for later times only.
-        w.gen = new_generation_id(Utc::now());
-        w.index = 0;
-        w.commit(7);
-        let g2 = w.checkpoint_and_snapshot(&r, tmp.path(), false).await;
-        let (p, n) = restore_rows(&r, None, tmp.path()).await.unwrap();
-        assert_eq!((p.generation.clone(), n), (w.gen.clone(), w.rows));
-        let (p, n) = restore_rows(&r, Some(points[5].0), tmp.path())
-            .await
-            .unwrap();
-        assert_ne!(p.generation, w.gen);
-        assert_eq!(n, points[5].1);
-        assert!(points[5].0 < g2);
-        let gens = list_generations(&r, "k").await.unwrap();
-        assert_eq!(gens[0].id, w.gen);
-        assert_eq!(gens.len(), 2);
-    }
-
-    #[tokio::test]
-    async fn snapshot_entry_checksum_is_the_lz4_content_checksum() {
-        let tmp = tempfile::tempdir().unwrap();
-        let r = file_replica(&tmp.path().join("replica"));
-        let db = tmp.path().join("x.db");
-        Connection::open(&db)
-            .unwrap()
-            .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
-            .unwrap();
-        let g = new_generation_id(Utc::now());
-        let now = Utc::now();
-        let e = upload_snapshot(&r, "k", &g, 0, now, &db, tmp.path())
-            .await
-            .unwrap();
-        assert_eq!(e.size, std::fs::metadata(&db).unwrap().len());
-        assert!(e.checksum.starts_with("xxh32:") && e.checksum.len() == 14);
-        // Corrupting the stored checksum makes the decoder refuse the object.
-        let loc = snapshot_path(&r.prefix, "k", &g, 0, now);
-        let mut obj = r.get_bytes(&loc).await.unwrap().unwrap().to_vec();
-        assert_eq!(obj.len() as u64, e.compressed_size);
-        let n = obj.len();
-        obj[n - 1] ^= 0xff;
-        let mut sink = tempfile::tempfile().unwrap();
-        assert!(snapshot::decompress(&obj[..], "x", &mut sink).is_err());
-        assert!(upload_segment(&r, "k", &g, Position::start(0), now, &[])
-            .await
-            .is_err());
-        assert!(list_generation_ids(&r, "../x").await.is_err());
     }
 }

@@ -1,4 +1,5 @@
 //! replica
+pub mod cold;
 pub mod hot;
 pub mod layout;
 pub mod lease;

@@ -63,13 +63,13 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 
+use crate::replica::cold::parse_snapshot_name;
 use crate::replica::hot::{
     generation_dir, list_generation_ids, parse_generation_object, parse_snapshot_name_time,
     GenerationId, GenerationObject, GENERATIONS_DIR,
 };
-use crate::replica::layout::parse_snapshot_name;
+use crate::replica::layout::check_key;
 use crate::replica::storage::Replica;
-use crate::restore::check_key;
 use crate::Result;
 
 /// Deletions are sent in batches of this size: S3's DeleteObjects limit.

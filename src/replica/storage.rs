@@ -79,7 +79,6 @@ use object_store::{
 use tokio::io::AsyncReadExt;
 
 use crate::error::IoContext;
-use crate::source::config::{Loaded, ReplicaConfig, ReplicaUrl};
 use crate::{Error, Result};
 
 /// Multipart part size, and the largest snapshot sent as a single PUT.
@@ -96,6 +95,64 @@ const MULTIPART_PARALLEL: usize = 4;
 pub const DEFAULT_REGION: &str = "us-east-1";
 /// Connect timeout: a dead endpoint should fail a cycle fast, not hang it.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The parsed replica URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaUrl {
+    S3 { bucket: String, prefix: String },
+    File { dir: PathBuf },
+}
+
+/// A credential: never printed.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret value, for handing to the object store client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// What the object store client is built from: the connection part of
+/// `multi-db.replica` (see `crate::source::config::ReplicaConfig`).
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub force_path_style: bool,
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+    /// Retries of a failed request (S3 only).
+    pub retries: usize,
+    /// Timeout of one request, and of its retries together (S3 only).
+    pub timeout: Duration,
+}
+
+impl StoreOptions {
+    /// Options for a `file://` replica, which uses none of them.
+    pub fn local() -> StoreOptions {
+        StoreOptions {
+            region: None,
+            endpoint: None,
+            force_path_style: false,
+            access_key_id: None,
+            secret_access_key: None,
+            retries: 0,
+            timeout: Duration::ZERO,
+        }
+    }
+}
 
 /// The write fence of a lease holder; see the module docs.
 #[derive(Debug)]
@@ -238,21 +295,21 @@ impl Replica {
     /// A `file://` replica at `dir`, for unit tests.
     #[cfg(test)]
     pub(crate) fn for_test_dir(dir: &std::path::Path) -> Replica {
-        let cfg: crate::source::config::ReplicaConfig =
-            serde_yaml_ng::from_str(&format!("url: file://{}", dir.display())).unwrap();
-        let url = crate::source::config::ReplicaUrl::File {
-            dir: dir.to_path_buf(),
-        };
-        Replica::open(&url, &cfg).unwrap()
+        Replica::open_dir(dir).unwrap()
     }
 
-    /// The replica a validated config names.
-    pub fn for_config(loaded: &Loaded) -> Result<Replica> {
-        Replica::open(&loaded.replica, &loaded.multi_db().replica)
+    /// A `file://` replica at `dir` (created if missing).
+    pub fn open_dir(dir: &std::path::Path) -> Result<Replica> {
+        Replica::open(
+            &ReplicaUrl::File {
+                dir: dir.to_path_buf(),
+            },
+            &StoreOptions::local(),
+        )
     }
 
     /// Builds the client for a parsed replica URL.
-    pub fn open(url: &ReplicaUrl, cfg: &ReplicaConfig) -> Result<Replica> {
+    pub fn open(url: &ReplicaUrl, cfg: &StoreOptions) -> Result<Replica> {
         match url {
             ReplicaUrl::File { dir } => {
                 std::fs::create_dir_all(dir).at(dir)?;

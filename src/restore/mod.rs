@@ -101,17 +101,20 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectMeta, ObjectStoreExt};
+use object_store::ObjectStoreExt;
 use tempfile::TempPath;
 
 use crate::capture::snapshot;
 use crate::error::IoContext;
+use crate::replica::cold::{self, choose_cold, ColdChoice, SnapshotInfo};
 use crate::replica::hot::{self, GenerationId, Plan, RestorePoint};
-use crate::replica::layout::{key_path, parse_snapshot_name};
+use crate::replica::layout::{check_key, key_path};
 use crate::replica::storage::Replica;
 use crate::source::config::Loaded;
 use crate::source::keys::key_for;
 use crate::{Error, Result};
+
+pub mod replay;
 
 /// What to restore and how.
 #[derive(Debug, Clone)]
@@ -166,38 +169,10 @@ pub enum RestoreOutcome {
     NoReplica,
 }
 
-/// One snapshot object of a database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotInfo {
-    pub location: ObjPath,
-    pub stem: String,
-    pub hour: DateTime<Utc>,
-    pub uploaded: DateTime<Utc>,
-    pub size: u64,
-}
-
 /// Databases restored at once by a bulk restore unless told otherwise. Each
 /// one is a GET stream plus a blocking decompress-and-check thread; 16 keeps
 /// a link busy with small databases without oversubscribing a small host.
 pub const DEFAULT_BULK_CONCURRENCY: usize = 16;
-
-pub(crate) fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::invalid("key", "empty key"));
-    }
-    if key.starts_with('/')
-        || key
-            .split('/')
-            .any(|p| p == ".." || p == "." || p.is_empty())
-        || key.contains('\\')
-    {
-        return Err(Error::invalid(
-            format!("key {key:?}"),
-            "must be relative and must not contain `.`, `..` or empty segments or `\\`",
-        ));
-    }
-    Ok(())
-}
 
 /// Where bulk restore writes the database with `key`: `dir/<key>.db`, the
 /// key's segments as directories and its last segment + `.db` as the file.
@@ -242,13 +217,15 @@ pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
             .components()
             .filter(|c| *c != Component::CurDir)
             .collect();
-        let key = key_for(loaded, &abs).map(|(k, _)| k).ok_or_else(|| {
+        let key = key_for(&loaded.patterns, &loaded.template, &abs).map(|(k, _)| k).ok_or_else(|| {
             Error::invalid(
                 abs.display(),
                 "is not matched by any pattern in the config; pass its replica key instead (see `litefleet list`)",
             )
         })?;
-        if let Some(other) = crate::source::keys::shared_with(loaded, &abs) {
+        if let Some(other) =
+            crate::source::keys::shared_with(&loaded.patterns, &loaded.template, &abs)
+        {
             return Err(Error::invalid(
                 abs.display(),
                 format!(
@@ -266,60 +243,6 @@ pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
     Ok(key)
 }
 
-fn to_info(meta: ObjectMeta) -> Option<SnapshotInfo> {
-    let name = parse_snapshot_name(meta.location.filename()?)?;
-    Some(SnapshotInfo {
-        stem: name.stem,
-        hour: name.hour,
-        uploaded: meta.last_modified,
-        size: meta.size,
-        location: meta.location,
-    })
-}
-
-/// The snapshots of the database with `key`, oldest first.
-///
-/// A key usually names a directory holding one database's snapshots. If two
-/// databases share a directory (different stems), `dir/stem` selects one.
-pub async fn snapshots(replica: &Replica, key: &str) -> Result<Vec<SnapshotInfo>> {
-    check_key(key)?;
-    let mut found: Vec<SnapshotInfo> = replica
-        .list_dir(&key_path(&replica.prefix, key))
-        .await?
-        .into_iter()
-        .filter_map(to_info)
-        .collect();
-    if found.is_empty() {
-        if let Some((dir, stem)) = key.rsplit_once('/') {
-            found = replica
-                .list_dir(&key_path(&replica.prefix, dir))
-                .await?
-                .into_iter()
-                .filter_map(to_info)
-                .filter(|s| s.stem == stem)
-                .collect();
-        }
-    }
-    let mut stems: Vec<&str> = found.iter().map(|s| s.stem.as_str()).collect();
-    stems.sort_unstable();
-    stems.dedup();
-    if stems.len() > 1 {
-        return Err(Error::invalid(
-            format!("key {key:?}"),
-            format!(
-                "holds snapshots of several databases; name one of: {}",
-                stems
-                    .iter()
-                    .map(|s| format!("{key}/{s}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
-    }
-    found.sort_by_key(|s| (s.hour, s.uploaded));
-    Ok(found)
-}
-
 /// How many times a download interrupted by a transport error (a reset
 /// connection, a 5xx in the middle of a body) is tried in all. The S3 client
 /// already retries each request before it returns; this covers a body that
@@ -327,95 +250,6 @@ pub async fn snapshots(replica: &Replica, key: &str) -> Result<Vec<SnapshotInfo>
 pub const DOWNLOAD_ATTEMPTS: u32 = 3;
 /// Wait before the first retry of a download; doubled for each further one.
 const RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
-/// One hour: an object named hour `H` holds a copy completed in `[H - 1h, H)`.
-const HOUR_SECS: i64 = 3600;
-
-/// A cold snapshot chosen for a restore.
-#[derive(Debug, Clone)]
-struct ColdChoice {
-    info: SnapshotInfo,
-    /// The times it recorded; `None` for objects of earlier versions, or
-    /// when they were not needed (a latest restore with no hot tier).
-    times: Option<snapshot::SnapshotTimes>,
-}
-
-impl ColdChoice {
-    /// The state it holds, to compare with the hot tier: when its copy began
-    /// (it holds every commit before); the listing time without a record.
-    fn state_time(&self) -> DateTime<Utc> {
-        self.times.map_or(self.info.uploaded, |t| t.started)
-    }
-
-    /// A `--timestamp` that selects it: when its copy was complete, or its
-    /// hour name for objects without a record.
-    fn restorable_at(&self) -> DateTime<Utc> {
-        self.times.map_or(self.info.hour, |t| t.taken)
-    }
-}
-
-/// Reads the times recorded at the start of a cold snapshot object (a
-/// ranged GET of a few bytes); `None` when it has none.
-async fn recorded_times(
-    replica: &Replica,
-    s: &SnapshotInfo,
-) -> Result<Option<snapshot::SnapshotTimes>> {
-    if s.size < snapshot::RECORD_LEN as u64 {
-        return Ok(None);
-    }
-    let head = replica
-        .store
-        .get_range(&s.location, 0..snapshot::RECORD_LEN as u64)
-        .await
-        .map_err(|e| Error::store(&s.location, e))?;
-    Ok(snapshot::SnapshotTimes::decode(&head))
-}
-
-/// The cold snapshot to restore: the newest, or the newest whose copy was
-/// complete at or before `at` (see the module docs). `with_times`: read the
-/// record of the newest one too (needed to compare it with the hot tier).
-async fn choose_cold(
-    replica: &Replica,
-    snaps: &[SnapshotInfo],
-    at: Option<DateTime<Utc>>,
-    with_times: bool,
-) -> Result<Option<ColdChoice>> {
-    let mut newest_first: Vec<&SnapshotInfo> = snaps.iter().collect();
-    newest_first.sort_by_key(|s| std::cmp::Reverse((s.hour, s.uploaded)));
-    let Some(t) = at else {
-        let Some(&s) = newest_first.first() else {
-            return Ok(None);
-        };
-        let times = if with_times {
-            recorded_times(replica, s).await?
-        } else {
-            None
-        };
-        return Ok(Some(ColdChoice {
-            info: s.clone(),
-            times,
-        }));
-    };
-    for s in newest_first {
-        if s.hour - chrono::Duration::seconds(HOUR_SECS) > t {
-            // Completed at or after the hour before its name: after `at`.
-            continue;
-        }
-        let times = recorded_times(replica, s).await?;
-        let usable = match times {
-            Some(r) => r.taken <= t,
-            // Earlier versions: only the name is certain.
-            None => s.hour <= t,
-        };
-        if usable {
-            return Ok(Some(ColdChoice {
-                info: s.clone(),
-                times,
-            }));
-        }
-    }
-    Ok(None)
-}
-
 /// Picks the tier holding the later state, given the state time of the
 /// chosen cold snapshot and the [`Plan::time`] of the chosen generation
 /// restore point (each `None` when that tier has nothing). A tie goes to the
@@ -481,7 +315,7 @@ pub async fn restore_with_progress(
         ));
     }
     refuse_side_files(&opts.output)?;
-    let snaps = snapshots(replica, &key).await?;
+    let snaps = cold::snapshots(replica, &key).await?;
     let at = opts.timestamp;
     let how = How {
         hot: true,
@@ -864,7 +698,7 @@ async fn install_plan(
     progress(0);
     let out = output.to_path_buf();
     let mut staged = blocking(move || Staged::new(&out)).await?;
-    let point = hot::restore_plan(replica, key, plan, &mut staged.file).await?;
+    let point = replay::restore_plan(replica, key, plan, &mut staged.file).await?;
     let what = format!("generation {} of {key:?}", plan.generation);
     blocking(move || staged.install(&what)).await?;
     progress(total);
@@ -997,7 +831,7 @@ pub async fn list_databases(
             continue;
         }
         let dir = dir.to_string();
-        if let Some(info) = to_info(meta) {
+        if let Some(info) = cold::to_info(meta) {
             cold.entry(dir).or_default().push(info);
         }
     }

@@ -28,8 +28,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::replica::layout::KeyTemplate;
+use crate::replica::storage::{Replica, ReplicaUrl, Secret, StoreOptions};
 use crate::source::discover::Pattern;
+use crate::source::template::KeyTemplate;
 use crate::{Error, Result};
 
 /// Default scan interval: the product promise is "changes reach the replica
@@ -78,27 +79,6 @@ pub const DEFAULT_TRUNCATE_PAGES: u64 = 10_000;
 /// grows with every write; two minutes rides out a blip without a new
 /// generation, and bounds the growth to two minutes of writes.
 pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(120);
-
-/// A credential: never printed.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    /// The secret value, for handing to the object store client only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -184,6 +164,21 @@ pub struct ReplicaConfig {
     pub lease_ttl: Duration,
 }
 
+impl ReplicaConfig {
+    /// What the object store client is built from.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            region: self.region.clone(),
+            endpoint: self.endpoint.clone(),
+            force_path_style: self.force_path_style,
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.clone(),
+            retries: self.retries,
+            timeout: self.timeout,
+        }
+    }
+}
+
 fn default_scan_interval() -> Duration {
     DEFAULT_SCAN_INTERVAL
 }
@@ -225,13 +220,6 @@ fn default_request_timeout() -> Duration {
 }
 fn default_lease_ttl() -> Duration {
     crate::replica::lease::DEFAULT_TTL
-}
-
-/// The parsed replica URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicaUrl {
-    S3 { bucket: String, prefix: String },
-    File { dir: PathBuf },
 }
 
 /// A validated configuration with its compiled patterns and template.
@@ -384,6 +372,11 @@ impl Loaded {
             template,
             replica,
         })
+    }
+
+    /// The replica this config names.
+    pub fn open_replica(&self) -> Result<Replica> {
+        Replica::open(&self.replica, &self.multi_db().replica.store_options())
     }
 
     pub fn multi_db(&self) -> &MultiDb {

@@ -29,15 +29,18 @@ use std::hash::BuildHasher;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::replica::layout::{self, KeyTemplate};
-use crate::source::config::Loaded;
 use crate::source::discover::{Pattern, Visitor};
+use crate::source::template::{self, KeyTemplate};
 use crate::source::track::{Id, Tracker};
 
 /// The object key (`<rendered template>`) and stem of a database path, from
 /// the first pattern that matches it.
-pub fn key_for(loaded: &Loaded, path: &Path) -> Option<(String, String)> {
-    keyed(&loaded.patterns, &loaded.template, path).map(|(_, key, stem)| (key, stem))
+pub fn key_for(
+    patterns: &[Pattern],
+    template: &KeyTemplate,
+    path: &Path,
+) -> Option<(String, String)> {
+    keyed(patterns, template, path).map(|(_, key, stem)| (key, stem))
 }
 
 /// [`key_for`] with the index of the matching pattern.
@@ -47,7 +50,7 @@ fn keyed(
     path: &Path,
 ) -> Option<(usize, String, String)> {
     let name = path.file_name()?.to_str()?;
-    let stem = layout::stem(name);
+    let stem = template::stem(name);
     patterns.iter().enumerate().find_map(|(i, p)| {
         let caps = p.captures(path)?;
         Some((i, template.render(&caps, stem), stem.to_string()))
@@ -111,8 +114,13 @@ impl Owners {
     /// the databases refused now that were not refused before (to log).
     /// Costs one key rendering per database (24 bytes each while it runs),
     /// so call it only when the set of databases changed.
-    pub fn update(&mut self, loaded: &Loaded, tracker: &Tracker) -> Vec<(PathBuf, Refused)> {
-        if loaded.patterns.len() < 2 {
+    pub fn update(
+        &mut self,
+        patterns: &[Pattern],
+        template: &KeyTemplate,
+        tracker: &Tracker,
+    ) -> Vec<(PathBuf, Refused)> {
+        if patterns.len() < 2 {
             self.refused.clear();
             self.owners.clear();
             return Vec::new();
@@ -120,9 +128,7 @@ impl Owners {
         let hasher = std::collections::hash_map::RandomState::new();
         let mut rows: Vec<(u64, usize, Id)> = Vec::with_capacity(tracker.len());
         for id in tracker.ids() {
-            if let Some((pattern, key, _)) =
-                keyed(&loaded.patterns, &loaded.template, &tracker.path(id))
-            {
+            if let Some((pattern, key, _)) = keyed(patterns, template, &tracker.path(id)) {
                 rows.push((hasher.hash_one(key.as_str()), pattern, id));
             }
         }
@@ -134,7 +140,7 @@ impl Owners {
             let mut groups: HashMap<String, Vec<(usize, Id, PathBuf)>> = HashMap::new();
             for &(_, pattern, id) in same_hash {
                 let path = tracker.path(id);
-                if let Some((_, key, _)) = keyed(&loaded.patterns, &loaded.template, &path) {
+                if let Some((_, key, _)) = keyed(patterns, template, &path) {
                     groups.entry(key).or_default().push((pattern, id, path));
                 }
             }
@@ -175,13 +181,14 @@ impl Owners {
 
 /// Another database file that renders the same key as `path`, found by
 /// walking every pattern (a restore by path pays this; replication does not).
-pub fn shared_with(loaded: &Loaded, path: &Path) -> Option<PathBuf> {
-    if loaded.patterns.len() < 2 {
+pub fn shared_with(patterns: &[Pattern], template: &KeyTemplate, path: &Path) -> Option<PathBuf> {
+    if patterns.len() < 2 {
         return None;
     }
-    let (_, key, _) = keyed(&loaded.patterns, &loaded.template, path)?;
+    let (_, key, _) = keyed(patterns, template, path)?;
     struct Find<'a> {
-        loaded: &'a Loaded,
+        patterns: &'a [Pattern],
+        template: &'a KeyTemplate,
         key: &'a str,
         path: &'a Path,
         found: Option<PathBuf>,
@@ -193,7 +200,8 @@ pub fn shared_with(loaded: &Loaded, path: &Path) -> Option<PathBuf> {
             }
             let candidate = dir.join(name);
             if candidate != self.path
-                && key_for(self.loaded, &candidate).is_some_and(|(k, _)| k == self.key)
+                && key_for(self.patterns, self.template, &candidate)
+                    .is_some_and(|(k, _)| k == self.key)
                 && crate::source::discover::has_sqlite_header(&candidate).unwrap_or(false)
             {
                 self.found = Some(candidate);
@@ -203,12 +211,13 @@ pub fn shared_with(loaded: &Loaded, path: &Path) -> Option<PathBuf> {
         fn error(&mut self, _: &Path, _: io::Error) {}
     }
     let mut find = Find {
-        loaded,
+        patterns,
+        template,
         key: &key,
         path,
         found: None,
     };
-    for p in &loaded.patterns {
+    for p in patterns {
         p.walk(&mut find);
     }
     find.found

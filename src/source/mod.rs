@@ -2,5 +2,6 @@
 pub mod config;
 pub mod discover;
 pub mod keys;
+pub mod template;
 pub mod tier;
 pub mod track;

@@ -126,7 +126,7 @@ impl Fleet {
     }
 
     pub fn replica(&self) -> Replica {
-        Replica::for_config(&self.loaded()).unwrap()
+        self.loaded().open_replica().unwrap()
     }
 
     pub fn db_path(&self, project: &str, database: &str, tenant: &str) -> PathBuf {
@@ -202,7 +202,7 @@ impl Fleet {
     ) -> String {
         use object_store::ObjectStoreExt;
         let r = self.replica();
-        let loc = litefleet::replica::layout::snapshot_path(&r.prefix, key, stem, taken);
+        let loc = litefleet::replica::cold::snapshot_path(&r.prefix, key, stem, taken);
         r.store
             .put(&loc, bytes::Bytes::from_static(b"x").into())
             .await

@@ -74,8 +74,10 @@ impl GenWriter {
     /// where it starts.
     pub async fn ship(&mut self, r: &Replica) -> Position {
         // As names record it: whole milliseconds, rounded up.
-        let committed =
-            DateTime::from_timestamp_millis(hot::commit_millis(Utc::now()) as i64).unwrap();
+        let committed = DateTime::from_timestamp_millis(litefleet::replica::layout::commit_millis(
+            Utc::now(),
+        ) as i64)
+        .unwrap();
         if self.cursor.is_none() && self.index > 0 {
             // As the shipper does: where the previous WAL ended is recorded
             // before the first segment of the next one.
@@ -92,9 +94,11 @@ impl GenWriter {
         else {
             panic!("WAL continuity lost")
         };
-        let end = hot::upload_segment(r, &self.key, &self.gen, cur.pos, committed, &bytes)
-            .await
-            .unwrap();
+        let end = litefleet::capture::upload::upload_segment(
+            r, &self.key, &self.gen, cur.pos, committed, &bytes,
+        )
+        .await
+        .unwrap();
         assert_eq!(end, next.pos);
         self.cursor = Some(next);
         self.shipped.push((cur.pos, committed));

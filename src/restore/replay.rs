@@ -1,0 +1,471 @@
+//! Replay of a hot-tier restore plan: download the generation snapshot,
+//! then apply its WAL segments one after the other.
+//!
+//! What to replay and the proof that it is continuous belong to the hot
+//! layout ([`crate::replica::hot::plan`], [`crate::replica::hot::Replay`]);
+//! this module does the I/O: it streams the snapshot through the LZ4 decoder
+//! into the output, prefetches segments, verifies each segment's frames
+//! (salts and checksum chain, [`crate::capture::wal::verify_frames`]) and
+//! writes their pages into the database. The output is synced but not
+//! integrity-checked or renamed: [`super`] owns the atomic install.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+
+use crate::capture::snapshot;
+use crate::capture::wal::{self, ChainLink};
+use crate::replica::hot::{plan_latest, Plan, Replay, RestorePoint};
+use crate::replica::storage::Replica;
+use crate::{Error, Result};
+
+/// Segments downloaded ahead of the one being applied during restore: enough
+/// to hide request latency, few enough that memory stays at a handful of
+/// segments.
+const SEGMENT_PREFETCH: usize = 4;
+/// Size of the SQLite database header (we need its page size field).
+const DB_HEADER_SIZE: usize = 100;
+
+fn output_error(what: &str, e: std::io::Error) -> Error {
+    Error::invalid("restore output file", format!("{what}: {e}"))
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::invalid("restore", format!("task failed: {e}"))
+}
+
+/// The page size in a SQLite database file's header.
+fn db_page_size(file: &File, what: &str) -> Result<u32> {
+    let mut h = [0u8; DB_HEADER_SIZE];
+    file.read_exact_at(&mut h, 0)
+        .map_err(|e| Error::invalid(what, format!("not a SQLite database: {e}")))?;
+    if &h[..16] != b"SQLite format 3\0" {
+        return Err(Error::invalid(what, "not a SQLite database (bad header)"));
+    }
+    let raw = u32::from(u16::from_be_bytes([h[16], h[17]]));
+    let page_size = if raw == 1 { wal::MAX_PAGE_SIZE } else { raw };
+    if !wal::valid_page_size(page_size) {
+        return Err(Error::invalid(what, format!("invalid page size {raw}")));
+    }
+    Ok(page_size)
+}
+
+/// Restores `key` into `out` (opened for reading and writing; its contents
+/// are replaced) from the newest generation with a snapshot committed at or
+/// before `at` (`None`: the latest state). See the module docs for the rules.
+/// `out` is synced but not integrity-checked: the caller owns its path.
+/// [`plan_latest`] then [`restore_plan`].
+pub async fn restore_generation(
+    replica: &Replica,
+    key: &str,
+    at: Option<DateTime<Utc>>,
+    out: &mut File,
+) -> Result<RestorePoint> {
+    match plan_latest(replica, key, at).await? {
+        Some(p) => restore_plan(replica, key, &p, out).await,
+        None => Err(Error::NotFound(format!(
+            "no WAL generation of {key:?} has a snapshot{} in {replica}",
+            crate::restore::uploaded_by(at)
+        ))),
+    }
+}
+
+/// Executes a plan made by [`plan`] or [`plan_latest`] for `key`: downloads
+/// the snapshot into `out` (opened for reading and writing; its contents are
+/// replaced) and replays the segments, checking that each continues where the
+/// previous one ended (a gap is an error naming the missing position).
+/// `out` is synced but not integrity-checked or renamed: the caller owns its
+/// path (see [`crate::restore`] for the atomic install).
+pub async fn restore_plan(
+    replica: &Replica,
+    key: &str,
+    plan: &Plan,
+    out: &mut File,
+) -> Result<RestorePoint> {
+    let snap = &plan.snapshot;
+    let mut replay = Replay::start(replica, key, plan).await?;
+    let mut file = out
+        .try_clone()
+        .map_err(|e| output_error("duplicating the handle", e))?;
+    let got = replica
+        .store
+        .get(&snap.location)
+        .await
+        .map_err(|e| Error::store(&snap.location, e))?;
+    let stream = got
+        .into_stream()
+        .map_err(|e| std::io::Error::other(e.to_string()));
+    let bridge = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let what = snap.location.to_string();
+    let (mut file, page_size) = tokio::task::spawn_blocking(move || -> Result<(File, u32)> {
+        file.set_len(0)
+            .and_then(|_| file.seek(SeekFrom::Start(0)).map(|_| ()))
+            .map_err(|e| output_error("truncating", e))?;
+        snapshot::decompress(bridge, &what, &mut file)?;
+        let page_size = db_page_size(&file, &what)?;
+        Ok((file, page_size))
+    })
+    .await
+    .map_err(join_error)??;
+
+    let store = replica.store.clone();
+    let mut fetches = futures::stream::iter(plan.segments.clone())
+        .map(move |s| {
+            let store = store.clone();
+            async move {
+                let got = store
+                    .get(&s.location)
+                    .await
+                    .map_err(|e| Error::store(&s.location, e))?;
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::store(&s.location, e))?;
+                Ok::<_, Error>((s, bytes))
+            }
+        })
+        .buffered(SEGMENT_PREFETCH);
+
+    let mut chain: Option<ChainLink> = None;
+    while let Some(next) = fetches.next().await {
+        let (seg, compressed) = next?;
+        if replay.admit(&seg)? {
+            chain = None;
+        }
+        let what = seg.location.to_string();
+        let (f, info, len) = tokio::task::spawn_blocking(move || {
+            let mut frames = Vec::new();
+            lz4_flex::frame::FrameDecoder::new(&compressed[..])
+                .read_to_end(&mut frames)
+                .map_err(|e| Error::invalid(&what, format!("not a valid LZ4 segment: {e}")))?;
+            let info = wal::verify_frames(&what, &frames, page_size, chain)?;
+            wal::apply_frames(&mut file, page_size, &frames)?;
+            Ok::<_, Error>((file, info, frames.len() as u64))
+        })
+        .await
+        .map_err(join_error)??;
+        file = f;
+        chain = Some(info.into());
+        replay.applied(&seg, len);
+    }
+    let (pos, time, applied) = replay.finish()?;
+    let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
+        file.sync_all().map_err(|e| output_error("fsync", e))?;
+        file.metadata()
+            .map(|m| m.len())
+            .map_err(|e| output_error("stat", e))
+    })
+    .await
+    .map_err(join_error)??;
+    Ok(RestorePoint {
+        generation: plan.generation.clone(),
+        snapshot_index: snap.index,
+        position: pos,
+        time,
+        segments: applied,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::upload::{upload_segment, upload_snapshot};
+    use crate::capture::wal::{ReadOutcome, WalCursor};
+    use crate::replica::hot::{
+        list_generation_ids, list_generations, new_generation_id, read_metadata, segment_path,
+        snapshot_path, write_metadata, GenerationId, Metadata, Position, SnapshotEntry,
+    };
+    use crate::replica::layout::commit_millis;
+    use chrono::Duration;
+    use rusqlite::Connection;
+    use std::path::{Path, PathBuf};
+
+    /// A commit time as names record it (whole milliseconds).
+    fn named_time(t: DateTime<Utc>) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(commit_millis(t) as i64).unwrap()
+    }
+
+    // ---- end to end against file:// ----
+
+    fn file_replica(dir: &Path) -> Replica {
+        Replica::for_test_dir(dir)
+    }
+
+    struct Writer {
+        db: PathBuf,
+        conn: Connection,
+        rows: i64,
+        index: u64,
+        cursor: Option<WalCursor>,
+        gen: GenerationId,
+    }
+
+    /// Upload times are file mtimes; keep them apart so cutoffs are exact.
+    async fn tick() {
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+
+    impl Writer {
+        fn commit(&mut self, n: i64) {
+            let tx = self.conn.unchecked_transaction().unwrap();
+            for _ in 0..n {
+                self.rows += 1;
+                tx.execute(
+                    "INSERT INTO t(id, v) VALUES (?1, ?2)",
+                    rusqlite::params![self.rows, format!("{:>300}", self.rows)],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+
+        fn wal(&self) -> PathBuf {
+            PathBuf::from(format!("{}-wal", self.db.display()))
+        }
+
+        /// Ships everything committed as one segment; returns its commit time.
+        async fn ship(&mut self, r: &Replica) -> DateTime<Utc> {
+            let committed = named_time(Utc::now());
+            let wp = self.wal();
+            let f = File::open(&wp).unwrap();
+            let cur = match self.cursor {
+                Some(c) => c,
+                None => {
+                    WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap())
+                }
+            };
+            let ReadOutcome::Frames { bytes, next, .. } =
+                wal::read_committed(&f, &wp, &cur, u64::MAX).unwrap()
+            else {
+                panic!("continuity lost")
+            };
+            let end = upload_segment(r, "k", &self.gen, cur.pos, committed, &bytes)
+                .await
+                .unwrap();
+            assert_eq!(end, next.pos);
+            self.cursor = Some(next);
+            tick().await;
+            committed
+        }
+
+        /// TRUNCATE checkpoint (after shipping everything), then snapshot the
+        /// database file as snapshot `index` of the next WAL.
+        async fn checkpoint_and_snapshot(
+            &mut self,
+            r: &Replica,
+            tmp: &Path,
+            new_wal: bool,
+        ) -> DateTime<Utc> {
+            let busy: i64 = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(busy, 0);
+            if new_wal {
+                self.index += 1;
+            }
+            self.cursor = None;
+            let copy = tmp.join("copy.db");
+            std::fs::copy(&self.db, &copy).unwrap();
+            let committed = named_time(Utc::now());
+            upload_snapshot(r, "k", &self.gen, self.index, committed, &copy, tmp)
+                .await
+                .unwrap();
+            tick().await;
+            committed
+        }
+    }
+
+    async fn restore_rows(
+        r: &Replica,
+        at: Option<DateTime<Utc>>,
+        dir: &Path,
+    ) -> Result<(RestorePoint, i64)> {
+        let out = tempfile::Builder::new()
+            .suffix(".db")
+            .tempfile_in(dir)
+            .unwrap();
+        let path = out.path().to_path_buf();
+        let mut f = out.reopen().unwrap();
+        let point = restore_generation(r, "k", at, &mut f).await?;
+        drop(f);
+        assert!(!PathBuf::from(format!("{}-wal", path.display())).exists());
+        snapshot::integrity_check(&path).unwrap();
+        let c = Connection::open(&path).unwrap();
+        let (n, max): (i64, i64) = c
+            .query_row("SELECT count(*), coalesce(max(id), 0) FROM t", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(n, max, "rows are 1..=n");
+        Ok((point, n))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn build_restore_and_detect_gaps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = file_replica(&tmp.path().join("replica"));
+        let db = tmp.path().join("app.db");
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "page_size", 1024).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        let mut w = Writer {
+            db,
+            conn,
+            rows: 0,
+            index: 0,
+            cursor: None,
+            gen: new_generation_id(Utc::now()),
+        };
+        w.commit(10);
+        // (upload time, rows restorable at that time, snapshot index used)
+        let mut points = vec![(
+            w.checkpoint_and_snapshot(&r, tmp.path(), false).await,
+            10,
+            0,
+        )];
+        for n in [3, 40, 1] {
+            w.commit(n);
+            w.commit(2);
+            points.push((w.ship(&r).await, w.rows, 0));
+        }
+        // WAL 0 ends; snapshot 1 is the database at the start of WAL 1.
+        points.push((
+            w.checkpoint_and_snapshot(&r, tmp.path(), true).await,
+            w.rows,
+            1,
+        ));
+        let mut wal1 = Vec::new();
+        for n in [5, 1, 30] {
+            w.commit(n);
+            let pos = w.cursor.map_or(Position::start(1), |c| c.pos);
+            let committed = w.ship(&r).await;
+            wal1.push((pos, committed));
+            points.push((committed, w.rows, 1));
+        }
+        for pair in points.windows(2) {
+            assert!(pair[0].0 < pair[1].0, "upload times are distinct");
+        }
+
+        for &(time, rows, index) in &points {
+            let (p, n) = restore_rows(&r, Some(time), tmp.path()).await.unwrap();
+            assert_eq!((n, p.snapshot_index, p.time), (rows, index, time));
+            // Until the next upload, the same point is restored.
+            let (_, n) = restore_rows(&r, Some(time + Duration::milliseconds(10)), tmp.path())
+                .await
+                .unwrap();
+            assert_eq!(n, rows);
+        }
+        let (latest, n) = restore_rows(&r, None, tmp.path()).await.unwrap();
+        assert_eq!((n, latest.segments, latest.snapshot_index), (w.rows, 3, 1));
+        assert_eq!(latest.position, w.cursor.unwrap().pos);
+        let e = restore_rows(&r, Some(points[0].0 - Duration::seconds(1)), tmp.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+
+        // Listing.
+        let gens = list_generations(&r, "k").await.unwrap();
+        assert_eq!(gens.len(), 1);
+        assert_eq!((gens[0].snapshots.len(), gens[0].segments), (2, 6));
+        // Listing times: when the uploads finished.
+        assert!(gens[0].first_upload < gens[0].last_upload);
+        assert_eq!(gens[0].last_segment, Some(wal1[2].0));
+
+        // Metadata round trip.
+        let meta = Metadata {
+            generation: w.gen.clone(),
+            page_size: 1024,
+            created: w.gen.created(),
+            first: Position::start(0),
+            last: w.cursor.unwrap().pos,
+            snapshots: vec![SnapshotEntry {
+                index: 0,
+                size: 4096,
+                compressed_size: 100,
+                checksum: "xxh32:00000000".into(),
+            }],
+            wal_ends: vec![Position {
+                index: 0,
+                offset: 4096,
+            }],
+        };
+        assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), None);
+        write_metadata(&r, "k", &meta).await.unwrap();
+        assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), Some(meta));
+
+        // A middle segment of WAL 1 goes missing: restore fails and names it.
+        let middle = segment_path(&r.prefix, "k", &w.gen, wal1[1].0, wal1[1].1);
+        r.delete(&middle).await.unwrap();
+        let e = restore_rows(&r, None, tmp.path())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "{}_* (WAL 1 offset {}) is missing",
+                wal1[1].0, wal1[1].0.offset
+            )),
+            "{e}"
+        );
+        // Points before the gap still restore.
+        let (time, rows, _) = points[5];
+        let (_, n) = restore_rows(&r, Some(time), tmp.path()).await.unwrap();
+        assert_eq!(n, rows);
+
+        // A new generation (continuity lost) wins for later times only.
+        w.gen = new_generation_id(Utc::now());
+        w.index = 0;
+        w.commit(7);
+        let g2 = w.checkpoint_and_snapshot(&r, tmp.path(), false).await;
+        let (p, n) = restore_rows(&r, None, tmp.path()).await.unwrap();
+        assert_eq!((p.generation.clone(), n), (w.gen.clone(), w.rows));
+        let (p, n) = restore_rows(&r, Some(points[5].0), tmp.path())
+            .await
+            .unwrap();
+        assert_ne!(p.generation, w.gen);
+        assert_eq!(n, points[5].1);
+        assert!(points[5].0 < g2);
+        let gens = list_generations(&r, "k").await.unwrap();
+        assert_eq!(gens[0].id, w.gen);
+        assert_eq!(gens.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn snapshot_entry_checksum_is_the_lz4_content_checksum() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = file_replica(&tmp.path().join("replica"));
+        let db = tmp.path().join("x.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let g = new_generation_id(Utc::now());
+        let now = Utc::now();
+        let e = upload_snapshot(&r, "k", &g, 0, now, &db, tmp.path())
+            .await
+            .unwrap();
+        assert_eq!(e.size, std::fs::metadata(&db).unwrap().len());
+        assert!(e.checksum.starts_with("xxh32:") && e.checksum.len() == 14);
+        // Corrupting the stored checksum makes the decoder refuse the object.
+        let loc = snapshot_path(&r.prefix, "k", &g, 0, now);
+        let mut obj = r.get_bytes(&loc).await.unwrap().unwrap().to_vec();
+        assert_eq!(obj.len() as u64, e.compressed_size);
+        let n = obj.len();
+        obj[n - 1] ^= 0xff;
+        let mut sink = tempfile::tempfile().unwrap();
+        assert!(snapshot::decompress(&obj[..], "x", &mut sink).is_err());
+        assert!(upload_segment(&r, "k", &g, Position::start(0), now, &[])
+            .await
+            .is_err());
+        assert!(list_generation_ids(&r, "../x").await.is_err());
+    }
+}

@@ -1,0 +1,40 @@
+//! The replicator's counters: one set for the whole fleet, written by every
+//! stage (scans and cold uploads in the daemon, WAL shipping in capture) and
+//! read by the operations server. It sits below every stage so that each can
+//! count without depending on the daemon that owns the loop.
+
+use std::sync::atomic::AtomicU64;
+
+/// Counters shared with the operations surface. Aggregates only: nothing
+/// here grows with the number of databases.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub started_unix: AtomicU64,
+    pub scans: AtomicU64,
+    pub databases: AtomicU64,
+    /// Databases in the hot tier (WAL streaming); the rest are cold.
+    pub hot: AtomicU64,
+    pub pending: AtomicU64,
+    pub uploads_ok: AtomicU64,
+    pub uploads_failed: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub last_scan_micros: AtomicU64,
+    pub last_scan_unix: AtomicU64,
+    pub oldest_pending_unix: AtomicU64,
+    pub retention_deleted: AtomicU64,
+    /// Promotions to and demotions from the hot tier.
+    pub hot_promotions: AtomicU64,
+    pub hot_demotions: AtomicU64,
+    /// WAL segments and bytes (uncompressed frames) shipped.
+    pub wal_segments: AtomicU64,
+    pub wal_bytes: AtomicU64,
+    /// WAL generations started (each with a snapshot).
+    pub generations: AtomicU64,
+    /// Our own checkpoints of hot databases.
+    pub checkpoints: AtomicU64,
+    /// Failed hot syncs (retried every sync interval).
+    pub hot_errors: AtomicU64,
+    /// Databases refused because another database owns their key (see
+    /// [`crate::source::keys`]).
+    pub key_collisions: AtomicU64,
+}

@@ -9,56 +9,62 @@
 //!
 //! # Layout
 //!
-//! Each module owns one concern; data flows top to bottom:
+//! Folders are the stages of the pipeline; data flows left to right and
+//! dependencies point down, from the command line to storage, with no
+//! import circle:
 //!
-//! * [`config`]: the YAML file (`multi-db:` section), `${VAR}` expansion and
-//!   validation. Everything later receives an already validated [`config::Config`].
-//! * [`discover`]: compiles the glob patterns into per-directory-level matchers,
-//!   walks only the directories a pattern can reach, and binds the `*`
-//!   segments to the key template's variables.
-//! * [`track`]: the compact in-memory table of tracked databases and the
-//!   fingerprint (size + mtime + inode of the database and its `-wal`) that
-//!   makes change detection a pure `stat` pass.
-//! * [`keys`]: which database a replica key belongs to: key rendering, and
-//!   the rule that refuses a second database rendering the same key.
-//! * [`snapshot`]: a consistent copy of one database through the SQLite backup
-//!   API, LZ4-compressed (frame format) into a temporary file, recording
-//!   when the copy began and was complete; damage-classifying decompression.
-//! * [`layout`]: where objects live in the replica: key rendering and parsing
-//!   of the `<db>-YYYYMMDD-HH0000.db.lz4` snapshot names.
-//! * [`storage`]: builds the `object_store` client for `s3://` and `file://`
-//!   replicas and does streaming uploads and downloads; `file://` writes are
-//!   fsynced; every write passes the lease's write fence.
-//! * [`tier`]: which databases are hot (written within `hot-duration`, at
-//!   most `max-hot-databases`, most recent wins) and when they go cold again
-//!   (`cold-after`). Pure bookkeeping on ids and instants, no I/O.
-//! * [`ship`]: WAL streaming of one hot database: a held read transaction,
-//!   committed frames every `sync-interval`, our own checkpoints, a new
-//!   generation whenever continuity is lost.
-//! * [`scheduler`]: the replicate loop: scan, pick changed databases, upload
-//!   with bounded concurrency, retry failures next cycle, start and stop the
-//!   hot tier's streams, shut down gracefully.
-//! * [`retention`]: deletes snapshots and generations older than the
-//!   retention period, always keeping what restores the newest state.
-//! * [`wal`]: the SQLite WAL file format for the hot tier: header and
-//!   checksum validation, reading only committed frames from a position, noticing
-//!   when the WAL was restarted under us, and replaying frames onto a database.
-//! * [`generation`]: the hot tier's replica layout (generations of a snapshot
-//!   plus WAL segments, newest-first ids) and point-in-time restore from it.
-//! * [`lease`]: the replica lease that keeps a second replicator off the same
-//!   replica root (conditional puts, renewal, takeover of expired leases) and
-//!   drives the write fence that stops every write when it is not renewed.
-//! * [`restore`]: picks a snapshot (latest or at a timestamp, by recorded
-//!   commit times), writes the database atomically without replacing
-//!   anything and checks its integrity; only damage may make it consider an
-//!   older copy (`--allow-older`); bulk restore of a key prefix; also the
-//!   `list` command.
-//! * [`progress`]: restore progress, a bar on a terminal or log lines otherwise.
-//! * [`server`]: the operations endpoint (`/healthz`, `/stats`, `/metrics`),
-//!   aggregate counters only, so its cost does not grow with the fleet.
-//! * [`demo`], [`bench`] and [`soak`]: sample data for a first run, the scan
-//!   benchmark, and the soak (writers + injected store faults + full restore).
-//! * [`cli`]: the command line (clap) that wires all of the above together.
+//! ```text
+//!            source ──▶ capture ──▶ replica ──▶ restore
+//!        (what exists) (read it)   (store it)  (get it back)
+//!
+//!   cli      command line, bench / soak / demo harness, progress
+//!    │
+//!   daemon   scheduler loop, operations server         restore
+//!    │                                                    │
+//!   capture  snapshot, wal, ship, upload  ◀───────────────┤ (formats)
+//!    │                                                    │
+//!   source   config, discover, template, keys, track, tier│
+//!    │                                                    │
+//!   replica  storage, layout, cold, hot, lease, retention ◀┘
+//!    │
+//!   stats, error   shared by every stage
+//! ```
+//!
+//! * [`source`]: which databases exist and what each is called: the YAML
+//!   config ([`source::config`], `${VAR}` expansion, validation), discovery
+//!   from glob patterns ([`source::discover`]), key templates
+//!   ([`source::template`]) and the rule against two databases sharing a
+//!   key ([`source::keys`]), the compact table of tracked databases and
+//!   their fingerprints ([`source::track`]), and hot/cold tiering
+//!   ([`source::tier`]).
+//! * [`capture`]: reading live databases consistently: the cold snapshot
+//!   through the SQLite backup API, LZ4-compressed with its recorded times
+//!   ([`capture::snapshot`]); the WAL format and committed-frame reader
+//!   ([`capture::wal`]); the hot stream of one database ([`capture::ship`]);
+//!   compressing and uploading hot objects ([`capture::upload`]).
+//! * [`replica`]: the object store and what lives in it: the client and its
+//!   write fence ([`replica::storage`]), key to path ([`replica::layout`]),
+//!   one layout module per tier owning its naming, listing and planning
+//!   ([`replica::cold`], [`replica::hot`]), the lease ([`replica::lease`])
+//!   and retention ([`replica::retention`]).
+//! * [`restore`]: back to a database file: choosing the tier and installing
+//!   atomically ([`restore`], [`restore::install`]), replaying a generation
+//!   ([`restore::replay`]), listing ([`mod@restore::list`]) and bulk restore
+//!   ([`restore::bulk`]). It composes the tier layouts; it never writes to
+//!   the replica.
+//! * [`daemon`]: the `replicate` process: the scan/upload/stream loop
+//!   ([`daemon::scheduler`]) and `/healthz`, `/stats`, `/metrics`
+//!   ([`daemon::server`]).
+//! * [`cli`]: the command line (clap) that wires it together, and the
+//!   harness that drives it from the outside ([`cli::bench`],
+//!   [`cli::soak`], [`cli::demo`]).
+//! * [`stats`]: the fleet's counters, written by every stage and read by the
+//!   operations server; [`error`]: the one error type.
+//!
+//! Where a change goes: a new kind of source or a config key → `source`;
+//! how a database is read → `capture`; an object name, a listing or what a
+//! restore at `T` may use → `replica`; how the result is written → `restore`;
+//! when things happen → `daemon`.
 //!
 //! Errors that reach the user are [`Error`]s: each names the path, key or
 //! config key it is about and never contains a credential.

@@ -39,7 +39,7 @@ fn lz4_content_checksum(path: &Path) -> Result<u32> {
 
 /// Compresses the database file `db` (which must not change meanwhile: a
 /// copy made for this purpose, complete at `committed`) into `tmp_dir` and
-/// uploads it as snapshot `index` of `gen`. Returns its [`Metadata`] entry.
+/// uploads it as snapshot `index` of `gen`. Returns its [`crate::replica::hot::Metadata`] entry.
 pub async fn upload_snapshot(
     replica: &Replica,
     key: &str,
@@ -74,7 +74,7 @@ pub async fn upload_snapshot(
 }
 
 /// LZ4-compresses committed WAL frames read at `pos` (as
-/// [`wal::read_committed`] returns them, from a read that began at
+/// [`crate::capture::wal::read_committed`] returns them, from a read that began at
 /// `committed`) and uploads them as one segment. Returns the end position,
 /// where the next segment of this WAL starts.
 /// Compression runs inline: LZ4 handles a few hundred MB/s per core, so a

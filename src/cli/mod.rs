@@ -3,6 +3,12 @@
 //!
 //! Every error is printed once as `error: <what>: <why>` and exits 1; a
 //! `--once` run with failed uploads exits 1 too, so cron notices.
+//!
+//! The top of the tree: it may use every stage, and nothing uses it. Its
+//! submodules are the presentation and the harness, kept out of the
+//! product stages: [`progress`] (restore progress on a terminal or as log
+//! lines), and the `bench`, `soak` and `demo` subcommands ([`mod@bench`],
+//! [`soak`], [`demo`]), which drive the product code from the outside.
 
 pub mod bench;
 pub mod demo;
@@ -95,7 +101,7 @@ pub struct RestoreArgs {
     #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
     pub target: Option<String>,
     /// Restore every database under this key prefix (`/` for all) into the
-    /// directory given by -o, as OUTPUT/<key>.db.
+    /// directory given by -o, as `OUTPUT/<key>.db`.
     #[arg(long)]
     pub prefix: Option<String>,
     /// Where to write the restored database (with --prefix: a directory).

@@ -15,7 +15,7 @@
 //!   and every LZ4 frame decoder skip): when the copy began and when it was
 //!   complete. Capture writes it ([`crate::capture::snapshot`]).
 //!
-//! Choosing ([`choose`]): the newest object, or for a restore at `T` the
+//! Choosing ([`choose_cold`]): the newest object, or for a restore at `T` the
 //! newest whose copy was complete at or before `T`, read from its record
 //! with a ranged GET of its first bytes. An object named hour `H` was
 //! complete before `H`; objects without a record (earlier versions) are used
@@ -310,5 +310,36 @@ mod tests {
         assert!(parse_snapshot_name("x-2026112-140000.db.lz4").is_none());
         assert!(parse_snapshot_name("x.db").is_none());
         assert!(parse_snapshot_name("-20261122-140000.db.lz4").is_none());
+    }
+
+    fn snap(hour: u32, up_min: u32) -> SnapshotInfo {
+        SnapshotInfo {
+            location: ObjPath::from(format!("k/x-202611220{hour}0000.db.lz4")),
+            stem: "x".into(),
+            hour: Utc.with_ymd_and_hms(2026, 11, 22, hour, 0, 0).unwrap(),
+            uploaded: Utc
+                .with_ymd_and_hms(2026, 11, 22, hour - 1, up_min, 0)
+                .unwrap(),
+            size: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_record_only_the_hour_name_counts() {
+        // Objects of earlier versions (too small to hold a record, so nothing
+        // is read): usable at T only if their hour name is at or before T,
+        // whatever their listing time says.
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(dir.path());
+        let s = vec![snap(2, 10), snap(3, 50), snap(4, 5)];
+        let hour = |c: Option<ColdChoice>| c.map(|c| c.info.hour);
+        let pick = |t| choose_cold(&r, &s, t, true);
+        assert_eq!(hour(pick(None).await.unwrap()), Some(s[2].hour));
+        let t = Utc.with_ymd_and_hms(2026, 11, 22, 2, 55, 0).unwrap();
+        assert_eq!(hour(pick(Some(t)).await.unwrap()), Some(s[0].hour));
+        let t = Utc.with_ymd_and_hms(2026, 11, 22, 3, 0, 0).unwrap();
+        assert_eq!(hour(pick(Some(t)).await.unwrap()), Some(s[1].hour));
+        let t = Utc.with_ymd_and_hms(2026, 11, 22, 1, 9, 0).unwrap();
+        assert!(pick(Some(t)).await.unwrap().is_none());
     }
 }

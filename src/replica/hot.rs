@@ -1,4 +1,8 @@
-//! Hot-tier replica layout: WAL generations, and restore from them.
+//! Hot-tier replica layout: WAL generations, their naming, listing and
+//! metadata, planning a restore at `T`, and the continuity proof a replay
+//! must pass ([`Replay`]). Writing the objects is capture's
+//! ([`crate::capture::upload`]); downloading and applying them is
+//! restore's ([`crate::restore::replay`]).
 //!
 //! A *generation* is one unbroken history of a database: snapshots plus every
 //! committed WAL frame after them, as long as the shipper never lost track of
@@ -43,7 +47,8 @@
 //!
 //! Snapshot checksum: the LZ4 frame's content checksum, which is the xxHash32
 //! of the uncompressed database and is stored in the frame's last 4 bytes
-//! (we write frames with content checksums on). [`upload_snapshot`] reads it
+//! (we write frames with content checksums on). The uploader
+//! ([`crate::capture::upload::upload_snapshot`]) reads it
 //! from there and records it as `xxh32:<8 hex>`; restore verifies it for free
 //! because the LZ4 decoder checks it. No hash crate is needed.
 //!
@@ -51,7 +56,8 @@
 //! snapshot committed at or before `T`, its newest such snapshot, and every
 //! segment of it committed at or before `T`, in `(index, offset)` order.
 //!
-//! Continuity, proven before a restore succeeds:
+//! Continuity, proven before a restore succeeds ([`Replay`] and the frame
+//! checks of the replay):
 //! * the segments are contiguous from where the snapshot ends (each starts
 //!   where the previous one ended, by decompressed length); a gap is an error
 //!   naming the missing position, never skipped;
@@ -448,7 +454,8 @@ impl Plan {
     }
 }
 
-/// What [`restore_plan`] (or [`restore_generation`]) restored.
+/// What [`crate::restore::replay::restore_plan`] (or
+/// [`crate::restore::replay::restore_generation`]) restored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestorePoint {
     pub generation: GenerationId,
@@ -909,6 +916,34 @@ pub async fn read_metadata(
         .map_err(|e| Error::invalid(&location, format!("invalid metadata: {e}")))
 }
 
+/// Whether `dir` (a path relative to the replica prefix) is a generation's
+/// directory or one of its `snapshots`/`wal` directories: nothing in there
+/// is a cold snapshot or names a key of its own.
+pub fn in_generation(dir: &str) -> bool {
+    let mut up = dir.rsplit('/');
+    let is_gen = |p: Option<&str>| p.and_then(GenerationId::parse).is_some();
+    let is = |p: Option<&str>, name: &str| p == Some(name);
+    match up.next() {
+        Some(SNAPSHOTS_DIR | WAL_DIR) => is_gen(up.next()) && is(up.next(), GENERATIONS_DIR),
+        last => is_gen(last) && is(up.next(), GENERATIONS_DIR),
+    }
+}
+
+/// The key and generation of a generation snapshot object
+/// (`<key>/generations/<gen>/snapshots/<index>.snapshot.lz4`, relative to
+/// the replica prefix); `None` for any other object.
+pub fn generation_snapshot(rel: &str) -> Option<(&str, GenerationId)> {
+    let mut up = rel.rsplitn(5, '/');
+    let name = up.next()?;
+    let dir = up.next()?;
+    let gen = GenerationId::parse(up.next()?)?;
+    let gens = up.next()?;
+    let key = up.next()?;
+    let shape =
+        dir == SNAPSHOTS_DIR && gens == GENERATIONS_DIR && parse_snapshot_name(name).is_some();
+    (shape && !key.is_empty()).then_some((key, gen))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1104,5 +1139,39 @@ mod tests {
         let l = listing(vec![snap(0, 0)], vec![seg(0, 32, 9), seg(1, 32, 2)]);
         let e = plan(&l, "k", Some(t(5))).unwrap_err().to_string();
         assert!(e.contains("after the restore time"), "{e}");
+    }
+
+    #[test]
+    fn generation_objects_name_their_key_only() {
+        let g = "fffffe6b2f5c7e1f0123abcd";
+        let snap = format!("a/b/generations/{g}/snapshots/0000000000000003.snapshot.lz4");
+        let (key, id) = generation_snapshot(&snap).unwrap();
+        assert_eq!((key, id.as_str()), ("a/b", g));
+        for other in [
+            format!("a/b/generations/{g}/wal/0000000000000003_0000000000000020.wal.lz4"),
+            format!("a/b/generations/{g}/metadata.json"),
+            format!("generations/{g}/snapshots/0000000000000003.snapshot.lz4"),
+            format!("a/b/generations/{g}x/snapshots/0000000000000003.snapshot.lz4"),
+            format!("a/b/gens/{g}/snapshots/0000000000000003.snapshot.lz4"),
+            "a/b/x-20261122-140000.db.lz4".to_string(),
+        ] {
+            assert!(generation_snapshot(&other).is_none(), "{other}");
+        }
+        for dir in [
+            format!("a/generations/{g}"),
+            format!("a/generations/{g}/snapshots"),
+            format!("a/generations/{g}/wal"),
+        ] {
+            assert!(in_generation(&dir), "{dir}");
+        }
+        for dir in [
+            "a/generations",
+            "a/snapshots",
+            "",
+            "a/b",
+            "generations/x/wal",
+        ] {
+            assert!(!in_generation(dir), "{dir}");
+        }
     }
 }

@@ -74,7 +74,7 @@ pub async fn restore_generation(
     }
 }
 
-/// Executes a plan made by [`plan`] or [`plan_latest`] for `key`: downloads
+/// Executes a plan made by [`crate::replica::hot::plan`] or [`plan_latest`] for `key`: downloads
 /// the snapshot into `out` (opened for reading and writing; its contents are
 /// replaced) and replays the segments, checking that each continues where the
 /// previous one ended (a gap is an error naming the missing position).

@@ -3,7 +3,7 @@
 //! A key is the key template rendered from a path's wildcard values and file
 //! stem ([`key_for`]). Within one pattern two databases never share a key
 //! (the template must bind every wildcard level, see
-//! [`crate::replica::layout::KeyTemplate::check_binds`]), but across patterns they can:
+//! [`crate::source::template::KeyTemplate::check_binds`]), but across patterns they can:
 //! with `*/*.db` and `*/*.sqlite`, `p1/app.db` and `p1/app.sqlite` both render
 //! `p1/app`, and whichever uploaded last would overwrite the other's objects,
 //! so a restore of one would return the other.

@@ -1,4 +1,17 @@
-//! Source: which databases exist and how each one is keyed.
+//! Source: which databases exist on this host, what each one is called in
+//! the replica, and how hot each one is.
+//!
+//! Owns the configuration file ([`config`]), discovery from glob patterns
+//! ([`discover`]), key templates ([`template`]) and the rule that refuses two
+//! databases rendering one key ([`keys`]), the compact table of tracked
+//! databases with their change fingerprints ([`track`]), and the choice of
+//! which databases are streamed ([`tier`]).
+//!
+//! Everything here is local: it stats and reads database files but never
+//! opens a database for writing and never talks to the replica. It may use
+//! [`crate::replica`]'s settings types (the config file names the replica),
+//! nothing above it.
+
 pub mod config;
 pub mod discover;
 pub mod keys;

@@ -2,7 +2,7 @@
 //! and change detection by fingerprint.
 //!
 //! Memory per database is the product's scaling limit, so an entry is a
-//! fixed 32-byte record ([`Entry`]): the directory is an index into a table of
+//! fixed 32-byte record (`Entry`): the directory is an index into a table of
 //! interned directories (databases share their directory with their siblings),
 //! the file name lives in one shared byte arena, and the stat results are
 //! folded into a 64-bit fingerprint of `(size, mtime, inode)` of the database

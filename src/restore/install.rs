@@ -1,0 +1,193 @@
+//! Installing a restored database: it is written into a temporary file
+//! next to the output, synced and checked, and only then renamed to the
+//! output without replacing anything; then checked again where it now is.
+//! A crash or an error at any point leaves either no output or a complete,
+//! checked one. Refuses outputs with SQLite side files (`-wal`, `-shm`,
+//! `-journal`) that SQLite would apply to the restored file.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use tempfile::TempPath;
+
+use crate::capture::snapshot;
+use crate::error::IoContext;
+use crate::{Error, Result};
+
+/// The side files SQLite would apply to a database at `output` when it is
+/// first opened: a leftover `-wal` is replayed onto it, a `-journal` rolled
+/// back into it, a `-shm` taken for its WAL index.
+pub fn side_files(output: &Path) -> Vec<PathBuf> {
+    ["-wal", "-shm", "-journal"]
+        .iter()
+        .map(|suffix| {
+            let mut p = output.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+}
+
+/// Fails when `output` has side files (see [`side_files`]), naming them.
+pub fn refuse_side_files(output: &Path) -> Result<()> {
+    let found = side_files(output);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::invalid(
+        output.display(),
+        format!(
+            "leftover {} of an earlier database exist(s) next to the output; SQLite would apply \
+             them to the restored database when it is first opened. Move or delete them first",
+            names.join(", ")
+        ),
+    ))
+}
+
+/// The output being written: a temporary file next to it that becomes the
+/// output only once complete and checked ([`Staged::install`]). Dropped
+/// without installing, it deletes the temporary file.
+pub struct Staged {
+    pub file: File,
+    pub tmp: TempPath,
+    output: PathBuf,
+}
+
+impl Staged {
+    /// Creates the output's directory and the temporary file (blocking).
+    pub fn new(output: &Path) -> Result<Staged> {
+        if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        let (file, tmp) = snapshot::temp_sibling(output)?;
+        Ok(Staged {
+            file,
+            tmp,
+            output: output.to_path_buf(),
+        })
+    }
+
+    /// `fsync`s the temporary file, checks the SQLite header and runs
+    /// `PRAGMA integrity_check`, renames it to the output without replacing
+    /// anything, `fsync`s the directory and checks the database again at its
+    /// final path (blocking). `what` names the source in errors.
+    pub fn install(self, what: &str) -> Result<()> {
+        let Staged { file, tmp, output } = self;
+        file.sync_all().at(&*tmp)?;
+        drop(file);
+        if !crate::source::discover::has_sqlite_header(&tmp).at(&*tmp)? {
+            return Err(Error::damaged(
+                what,
+                "restored data is not a SQLite database",
+            ));
+        }
+        snapshot::integrity_check(&tmp).map_err(|e| as_damage(what, e))?;
+        // Side files that appeared since the restore began would be applied
+        // to the restored database on its first open.
+        refuse_side_files(&output)?;
+        let tmp = tmp.keep().map_err(|e| Error::io(&output, e.error))?;
+        if let Err(e) = rename_noreplace(&tmp, &output) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::invalid(
+                    output.display(),
+                    "appeared while the restore ran; not overwritten (the restored copy was discarded)",
+                )
+            } else {
+                Error::io(&output, e)
+            });
+        }
+        if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+        }
+        // What a reader of the output will see: with no side file present,
+        // the database as installed.
+        let checked = refuse_side_files(&output)
+            .and_then(|()| snapshot::check(&output, "quick_check").map_err(|e| as_damage(what, e)));
+        if let Err(e) = checked {
+            // Ours since the rename: nothing else can have it yet.
+            let _ = std::fs::remove_file(&output);
+            for f in side_files(&output) {
+                tracing::warn!(path = %f.display(), "side file next to a restore output that failed its final check; left in place");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// A failed check of restored data is damage of what it came from; SQLite
+/// errors that say the file is not a sound database are too. Anything else
+/// (a local I/O error, disk full) is not.
+fn as_damage(what: &str, e: Error) -> Error {
+    let corrupt = |e: &rusqlite::Error| {
+        matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+        )
+    };
+    match e {
+        Error::Invalid { reason, .. } => Error::damaged(what, reason),
+        Error::Sqlite { ref source, .. } if corrupt(source) => Error::damaged(what, e.to_string()),
+        other => other,
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), so an
+/// output that appeared after the existence check is never overwritten:
+/// `renameat2(RENAME_NOREPLACE)` where the kernel and filesystem have it,
+/// else a hard link (which fails if `to` exists) and an unlink of `from`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+        };
+        let (f, t) = (c(from)?, c(to)?);
+        // SAFETY: both are valid NUL-terminated paths that outlive the call.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL | libc::ENOSYS | libc::ENOTSUP) => {}
+            _ => return Err(e),
+        }
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_rename_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("tmp"), dir.path().join("out.db"));
+        std::fs::write(&from, b"restored").unwrap();
+        std::fs::write(&to, b"appeared meanwhile").unwrap();
+        let e = rename_noreplace(&from, &to).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&to).unwrap(), b"appeared meanwhile");
+        assert!(from.exists());
+        std::fs::remove_file(&to).unwrap();
+        rename_noreplace(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"restored");
+        assert!(!from.exists());
+    }
+}

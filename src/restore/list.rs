@@ -1,0 +1,102 @@
+//! Listing: which databases the replica holds, read from every object
+//! under a prefix once, as a stream.
+//!
+//! Cold snapshots give their key (or `dir/stem` when several databases
+//! share a directory); hot-tier objects (`<key>/generations/<gen>/...`)
+//! give `<key>`, never a key of their own, and only the generation ids are
+//! kept, so memory per key stays small however many WAL segments there are.
+//! A key with generations but no cold snapshot is listed too. Which object
+//! belongs to which key is each tier layout's rule
+//! ([`crate::replica::cold::to_info`], [`crate::replica::hot::generation_snapshot`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::TryStreamExt;
+
+use crate::replica::cold::{self, SnapshotInfo};
+use crate::replica::hot::{generation_snapshot, in_generation, GenerationId};
+use crate::replica::layout::{check_key, key_path};
+use crate::replica::storage::Replica;
+use crate::Result;
+
+/// What the replica holds for one database key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyListing {
+    /// Cold snapshots, oldest first; empty for a key with only generations.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Its generations that hold at least one snapshot, newest first. Only
+    /// the ids: their segments are listed when the key is restored.
+    pub generations: Vec<GenerationId>,
+}
+
+/// Databases in the replica, optionally under `prefix`: every key with a
+/// cold snapshot or a generation snapshot (see the module docs).
+pub async fn list_databases(
+    replica: &Replica,
+    prefix: Option<&str>,
+) -> Result<BTreeMap<String, KeyListing>> {
+    let root = match prefix {
+        Some(p) if !p.trim_matches('/').is_empty() => {
+            let p = p.trim_matches('/');
+            check_key(p)?;
+            key_path(&replica.prefix, p)
+        }
+        _ => replica.prefix.clone(),
+    };
+    let base = replica.prefix.as_ref().len();
+    let mut cold: BTreeMap<String, Vec<SnapshotInfo>> = BTreeMap::new();
+    let mut hot: BTreeMap<String, BTreeSet<GenerationId>> = BTreeMap::new();
+    let mut stream = replica.list_all(&root);
+    while let Some(meta) = stream.try_next().await? {
+        let loc = meta.location.as_ref();
+        let rel = loc.get(base..).unwrap_or("").trim_start_matches('/');
+        if let Some((key, gen)) = generation_snapshot(rel) {
+            hot.entry(key.to_string()).or_default().insert(gen);
+            continue;
+        }
+        let dir = rel.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        if in_generation(dir) {
+            continue;
+        }
+        let dir = dir.to_string();
+        if let Some(info) = cold::to_info(meta) {
+            cold.entry(dir).or_default().push(info);
+        }
+    }
+    let mut out: BTreeMap<String, KeyListing> = BTreeMap::new();
+    // A directory holding several databases' snapshots lists them as dir/stem.
+    for (key, mut snaps) in cold {
+        snaps.sort_by_key(|s| (s.hour, s.uploaded));
+        let first = snaps[0].stem.clone();
+        if snaps.iter().all(|s| s.stem == first) {
+            out.entry(key).or_default().snapshots = snaps;
+        } else {
+            for s in snaps {
+                let k = if key.is_empty() {
+                    s.stem.clone()
+                } else {
+                    format!("{key}/{}", s.stem)
+                };
+                out.entry(k).or_default().snapshots.push(s);
+            }
+        }
+    }
+    for (key, gens) in hot {
+        out.entry(key).or_default().generations = gens.into_iter().collect();
+    }
+    Ok(out)
+}
+
+/// Databases in the replica (key -> cold snapshots, oldest first),
+/// optionally under `prefix`. Keys with only WAL generations are included
+/// with no snapshots; [`list_databases`] also names their generations.
+pub async fn list(
+    replica: &Replica,
+    prefix: Option<&str>,
+) -> Result<BTreeMap<String, Vec<SnapshotInfo>>> {
+    Ok(list_databases(replica, prefix)
+        .await?
+        .into_iter()
+        .map(|(k, l)| (k, l.snapshots))
+        .collect())
+}

@@ -11,7 +11,7 @@
 //!
 //! Folders are the stages of the pipeline; data flows left to right and
 //! dependencies point down, from the command line to storage, with no
-//! import circle:
+//! import circle (`tests/layers.rs` checks it):
 //!
 //! ```text
 //!            source ──▶ capture ──▶ replica ──▶ restore
@@ -47,8 +47,8 @@
 //!   one layout module per tier owning its naming, listing and planning
 //!   ([`replica::cold`], [`replica::hot`]), the lease ([`replica::lease`])
 //!   and retention ([`replica::retention`]).
-//! * [`restore`]: back to a database file: choosing the tier and installing
-//!   atomically ([`restore`], [`restore::install`]), replaying a generation
+//! * [`restore`]: back to a database file: choosing the tier, retries and
+//!   damage ([`restore::single`]), installing atomically ([`restore::install`]), replaying a generation
 //!   ([`restore::replay`]), listing ([`mod@restore::list`]) and bulk restore
 //!   ([`restore::bulk`]). It composes the tier layouts; it never writes to
 //!   the replica.

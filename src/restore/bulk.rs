@@ -16,7 +16,7 @@ use futures::StreamExt;
 
 use super::install::refuse_side_files;
 use super::list::{list_databases, KeyListing};
-use super::{restore_key, How, Tier};
+use super::single::{restore_key, How, Tier};
 use crate::error::IoContext;
 use crate::replica::layout::check_key;
 use crate::replica::storage::Replica;

@@ -69,7 +69,7 @@ pub async fn restore_generation(
         Some(p) => restore_plan(replica, key, &p, out).await,
         None => Err(Error::NotFound(format!(
             "no WAL generation of {key:?} has a snapshot{} in {replica}",
-            crate::restore::uploaded_by(at)
+            uploaded_by(at)
         ))),
     }
 }
@@ -169,6 +169,13 @@ pub async fn restore_plan(
         segments: applied,
         bytes,
     })
+}
+
+/// ` at or before <at>` for messages about what a restore at `at` found
+/// nothing of; empty for the latest state.
+pub fn uploaded_by(at: Option<DateTime<Utc>>) -> String {
+    at.map(|t| format!(" at or before {}", t.to_rfc3339()))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

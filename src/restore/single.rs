@@ -1,0 +1,487 @@
+//! Restore of one database: resolve what the user named to a key, choose
+//! the tier holding the later state at `T`, download with retries, and tell
+//! damage from every other error (see the [module docs](super) for the
+//! rules).
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::ObjectStoreExt;
+
+use super::install::{refuse_side_files, Staged};
+use super::replay::{self, uploaded_by};
+use crate::capture::snapshot;
+use crate::replica::cold::{self, choose_cold, ColdChoice, SnapshotInfo};
+use crate::replica::hot::{self, Plan, RestorePoint};
+use crate::replica::layout::check_key;
+use crate::replica::storage::Replica;
+use crate::source::config::Loaded;
+use crate::source::keys::key_for;
+use crate::{Error, Result};
+
+/// What to restore and how.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// A database key, or a path matched by one of the patterns.
+    pub target: String,
+    pub output: PathBuf,
+    pub timestamp: Option<DateTime<Utc>>,
+    /// Succeed quietly when the replica has no snapshot.
+    pub if_replica_exists: bool,
+    /// Succeed quietly when the output already exists.
+    pub if_db_not_exists: bool,
+    /// Restore the next older state when the newest cold snapshot is damaged
+    /// (else that is an error naming both).
+    pub allow_older: bool,
+}
+
+/// Which tier of the replica a database was restored from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// An hourly snapshot (`<key>/<stem>-YYYYMMDD-HH0000.db.lz4`).
+    Cold,
+    /// A WAL generation: its snapshot plus the WAL segments replayed onto it.
+    Hot,
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tier::Cold => "cold",
+            Tier::Hot => "hot",
+        })
+    }
+}
+
+/// How a restore ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    Restored {
+        key: String,
+        tier: Tier,
+        /// The cold snapshot object, or the generation snapshot object and
+        /// the number of WAL segments replayed (`<path> + 3 WAL segments`).
+        object: String,
+        /// Size of the restored database file.
+        bytes: u64,
+        /// The state restored, as an upload time: the cold snapshot's, or the
+        /// latest of the generation snapshot and segments used.
+        uploaded: DateTime<Utc>,
+    },
+    OutputExists,
+    NoReplica,
+}
+
+/// Resolves a restore target (key or database path) to a key.
+pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
+    let p = Path::new(target);
+    let looks_like_path =
+        p.is_absolute() || target.starts_with("./") || target.starts_with("../") || p.exists();
+    if looks_like_path {
+        let abs = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        };
+        let abs: PathBuf = abs
+            .components()
+            .filter(|c| *c != Component::CurDir)
+            .collect();
+        let key = key_for(&loaded.patterns, &loaded.template, &abs).map(|(k, _)| k).ok_or_else(|| {
+            Error::invalid(
+                abs.display(),
+                "is not matched by any pattern in the config; pass its replica key instead (see `litefleet list`)",
+            )
+        })?;
+        if let Some(other) =
+            crate::source::keys::shared_with(&loaded.patterns, &loaded.template, &abs)
+        {
+            return Err(Error::invalid(
+                abs.display(),
+                format!(
+                    "shares its replica key {key:?} with {}, so the replica holds only one of \
+                     them (the first one found; the other is refused and logged by `replicate`); \
+                     restore by key and check which, and give each database its own key",
+                    other.display()
+                ),
+            ));
+        }
+        return Ok(key);
+    }
+    let key = target.trim_matches('/').to_string();
+    check_key(&key)?;
+    Ok(key)
+}
+
+/// How many times a download interrupted by a transport error (a reset
+/// connection, a 5xx in the middle of a body) is tried in all. The S3 client
+/// already retries each request before it returns; this covers a body that
+/// breaks after the response started, which it cannot retry.
+pub const DOWNLOAD_ATTEMPTS: u32 = 3;
+/// Wait before the first retry of a download; doubled for each further one.
+const RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
+/// Picks the tier holding the later state, given the state time of the
+/// chosen cold snapshot and the [`Plan::time`] of the chosen generation
+/// restore point (each `None` when that tier has nothing). A tie goes to the
+/// hot tier: its state is at least as new and it is never older than the
+/// point in time asked for.
+pub fn choose_tier(cold: Option<DateTime<Utc>>, hot: Option<DateTime<Utc>>) -> Option<Tier> {
+    match (cold, hot) {
+        (Some(c), Some(h)) if c > h => Some(Tier::Cold),
+        (_, Some(_)) => Some(Tier::Hot),
+        (Some(_), None) => Some(Tier::Cold),
+        (None, None) => None,
+    }
+}
+
+/// What a database is restored from.
+enum Source<'a> {
+    Cold(&'a ColdChoice),
+    Hot(&'a Plan),
+}
+
+fn pick<'a>(cold: Option<&'a ColdChoice>, hot: Option<&'a Plan>) -> Option<Source<'a>> {
+    match choose_tier(cold.map(ColdChoice::state_time), hot.map(Plan::time))? {
+        Tier::Cold => cold.map(Source::Cold),
+        Tier::Hot => hot.map(Source::Hot),
+    }
+}
+
+/// `<generation snapshot> + N WAL segments`: what a hot restore used.
+fn describe_plan(plan: &Plan) -> String {
+    let n = plan.segments.len();
+    let s = if n == 1 { "" } else { "s" };
+    format!("{} + {n} WAL segment{s}", plan.snapshot.location)
+}
+
+/// Download progress hook: called with (compressed bytes received so far,
+/// compressed object size) as the object streams in.
+pub type OnBytes = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Restores one database.
+pub async fn restore(
+    loaded: &Loaded,
+    replica: &Replica,
+    opts: &RestoreOptions,
+) -> Result<RestoreOutcome> {
+    restore_with_progress(loaded, replica, opts, None).await
+}
+
+/// [`restore`], reporting download progress to `on_bytes`.
+pub async fn restore_with_progress(
+    loaded: &Loaded,
+    replica: &Replica,
+    opts: &RestoreOptions,
+    on_bytes: Option<OnBytes>,
+) -> Result<RestoreOutcome> {
+    let key = resolve_key(loaded, &opts.target)?;
+    if opts.output.exists() {
+        if opts.if_db_not_exists {
+            return Ok(RestoreOutcome::OutputExists);
+        }
+        return Err(Error::invalid(
+            opts.output.display(),
+            "already exists; remove it or pass --if-db-not-exists",
+        ));
+    }
+    refuse_side_files(&opts.output)?;
+    let snaps = cold::snapshots(replica, &key).await?;
+    let at = opts.timestamp;
+    let how = How {
+        hot: true,
+        at,
+        allow_older: opts.allow_older,
+    };
+    match restore_key(replica, &key, snaps, how, &opts.output, on_bytes).await? {
+        Some(r) => Ok(RestoreOutcome::Restored {
+            key,
+            tier: r.tier,
+            object: r.object,
+            bytes: r.bytes,
+            uploaded: r.uploaded,
+        }),
+        None if opts.if_replica_exists => Ok(RestoreOutcome::NoReplica),
+        None => Err(Error::NotFound(format!(
+            "no snapshot or WAL generation of {key:?}{} in {replica}",
+            uploaded_by(at)
+        ))),
+    }
+}
+
+/// What [`restore_key`] is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct How {
+    /// List and plan the key's generations too.
+    pub(super) hot: bool,
+    pub(super) at: Option<DateTime<Utc>>,
+    pub(super) allow_older: bool,
+}
+
+/// What [`restore_key`] installed.
+pub(super) struct Restored {
+    pub(super) tier: Tier,
+    pub(super) object: String,
+    pub(super) bytes: u64,
+    pub(super) uploaded: DateTime<Utc>,
+}
+
+/// Restores `key` at `how.at` into `output` from the tier holding the later
+/// state (see the module docs); `Ok(None)` when neither tier has anything at
+/// or before `at`. `snaps` are its cold snapshots; its generations are only
+/// listed when `how.hot` is set.
+///
+/// A damaged cold snapshot ([`Error::Damaged`]: a partial write by a store
+/// without atomic PUT, bit rot) fails the LZ4 content checksum recorded at
+/// upload or the integrity check, so it is never installed. The restore then
+/// fails naming it and the next older state, unless `how.allow_older`: then
+/// it is dropped, the choice is made again and the fallback is logged as a
+/// warning. Every other error stops the restore, and so does any failure of
+/// the hot tier (see [`hot_failed`]).
+pub(super) async fn restore_key(
+    replica: &Replica,
+    key: &str,
+    mut snaps: Vec<SnapshotInfo>,
+    how: How,
+    output: &Path,
+    on_bytes: Option<OnBytes>,
+) -> Result<Option<Restored>> {
+    let at = how.at;
+    let plan = if how.hot {
+        match hot::plan_latest(replica, key, at).await {
+            Ok(p) => p,
+            Err(e) => {
+                let cold = choose_cold(replica, &snaps, at, false).await.ok().flatten();
+                return Err(hot_failed(e, cold.as_ref()));
+            }
+        }
+    } else {
+        None
+    };
+    let mut damaged: Option<(SnapshotInfo, Error)> = None;
+    loop {
+        let cold = choose_cold(replica, &snaps, at, plan.is_some()).await?;
+        let source = pick(cold.as_ref(), plan.as_ref());
+        if let Some((bad, e)) = damaged.take() {
+            let fallback = match &source {
+                None => return Err(e),
+                Some(Source::Cold(c)) => c.info.location.to_string(),
+                Some(Source::Hot(p)) => describe_plan(p),
+            };
+            if !how.allow_older {
+                return Err(Error::damaged(
+                    &bad.location,
+                    format!(
+                        "{e}; not restoring the next older state ({fallback}) by itself: \
+                         pass --allow-older to restore it"
+                    ),
+                ));
+            }
+            tracing::warn!(object = %bad.location, error = %e, %fallback, "snapshot is damaged; restoring the next older state (--allow-older)");
+        }
+        let snap = match source {
+            None => return Ok(None),
+            Some(Source::Hot(p)) => {
+                let installed = with_retries(&describe_plan(p), || {
+                    install_plan(replica, key, p, output, on_bytes.clone())
+                })
+                .await;
+                return match installed {
+                    Ok(point) => Ok(Some(Restored {
+                        tier: Tier::Hot,
+                        object: describe_plan(p),
+                        bytes: point.bytes,
+                        uploaded: point.time,
+                    })),
+                    Err(e) => Err(hot_failed(e, cold.as_ref())),
+                };
+            }
+            Some(Source::Cold(c)) => c.info.clone(),
+        };
+        match fetch_to_with_progress(replica, &snap.location, output, on_bytes.clone()).await {
+            Ok(bytes) => {
+                return Ok(Some(Restored {
+                    tier: Tier::Cold,
+                    object: snap.location.to_string(),
+                    bytes,
+                    uploaded: snap.uploaded,
+                }))
+            }
+            Err(e @ Error::Damaged { .. }) => {
+                snaps.retain(|s| s.location != snap.location);
+                damaged = Some((snap, e));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether an error of a download is worth trying again: the store failed
+/// in a way that is not an answer about the object (a reset connection, a
+/// body cut short, a 5xx after the client's own retries).
+fn transient(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Store {
+            source: object_store::Error::Generic { .. },
+            ..
+        }
+    )
+}
+
+/// Runs a download (which writes a fresh temporary file each time) up to
+/// [`DOWNLOAD_ATTEMPTS`] times while it fails with a [`transient`] error.
+async fn with_retries<T, F, Fut>(what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(e) if n < DOWNLOAD_ATTEMPTS && transient(&e) => {
+                tracing::warn!(object = %what, attempt = n, error = %e, "download failed; retrying");
+                tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(n - 1)).await;
+                n += 1;
+            }
+            Err(e) if transient(&e) => {
+                return Err(Error::invalid(
+                    what,
+                    format!("download failed {DOWNLOAD_ATTEMPTS} times, the last with: {e}"),
+                ))
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The error of a failed hot-tier restore. Damage (a gap, a broken chain, a
+/// bad object, a failed check) is never papered over with an older cold
+/// snapshot; when there is one, the error says how to restore it on
+/// purpose. Store and local I/O errors are returned as they are.
+fn hot_failed(e: Error, cold: Option<&ColdChoice>) -> Error {
+    match (&e, cold) {
+        (Error::Invalid { .. } | Error::Damaged { .. } | Error::Sqlite { .. }, Some(c)) => {
+            let t = c
+                .restorable_at()
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            Error::invalid(
+                "hot-tier restore (WAL generation)",
+                format!(
+                    "{e}; not falling back to the older cold snapshot {} (taken {t}) by \
+                     itself: to restore that one, pass --timestamp {t}, or decompress the \
+                     object with `lz4 -d`",
+                    c.info.location
+                ),
+            )
+        }
+        _ => e,
+    }
+}
+
+/// Runs blocking file work off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::invalid("restore", format!("task failed: {e}")))?
+}
+
+/// Restores a generation plan of `key` and installs it at `output` like a
+/// cold snapshot ([`Staged`]). Progress: the plan's compressed size at the
+/// start and at the end.
+async fn install_plan(
+    replica: &Replica,
+    key: &str,
+    plan: &Plan,
+    output: &Path,
+    on_bytes: Option<OnBytes>,
+) -> Result<RestorePoint> {
+    let total = plan.snapshot.size + plan.segments.iter().map(|s| s.size).sum::<u64>();
+    let progress = |n| {
+        if let Some(f) = &on_bytes {
+            f(n, total)
+        }
+    };
+    progress(0);
+    let out = output.to_path_buf();
+    let mut staged = blocking(move || Staged::new(&out)).await?;
+    let point = replay::restore_plan(replica, key, plan, &mut staged.file).await?;
+    let what = format!("generation {} of {key:?}", plan.generation);
+    blocking(move || staged.install(&what)).await?;
+    progress(total);
+    Ok(point)
+}
+
+/// Downloads, decompresses, checks and atomically installs one snapshot at `output`.
+pub async fn fetch_to(replica: &Replica, location: &ObjPath, output: &Path) -> Result<u64> {
+    fetch_to_with_progress(replica, location, output, None).await
+}
+
+/// [`fetch_to`], calling `on_bytes` as compressed bytes arrive.
+pub async fn fetch_to_with_progress(
+    replica: &Replica,
+    location: &ObjPath,
+    output: &Path,
+    on_bytes: Option<OnBytes>,
+) -> Result<u64> {
+    with_retries(location.as_ref(), || {
+        fetch_once(replica, location, output, on_bytes.clone())
+    })
+    .await
+}
+
+/// One attempt of [`fetch_to_with_progress`].
+async fn fetch_once(
+    replica: &Replica,
+    location: &ObjPath,
+    output: &Path,
+    on_bytes: Option<OnBytes>,
+) -> Result<u64> {
+    let got = replica
+        .store
+        .get(location)
+        .await
+        .map_err(|e| Error::store(location, e))?;
+    let total = got.meta.size;
+    let mut received = 0u64;
+    let stream = got
+        .into_stream()
+        .inspect_ok(move |chunk| {
+            if let Some(f) = &on_bytes {
+                received += chunk.len() as u64;
+                f(received, total);
+            }
+        })
+        .map_err(snapshot::StreamError::io);
+    let reader = tokio_util::io::StreamReader::new(stream);
+    let bridge = tokio_util::io::SyncIoBridge::new(reader);
+    let output = output.to_path_buf();
+    let what = location.to_string();
+    blocking(move || {
+        let mut staged = Staged::new(&output)?;
+        let tmp = staged.tmp.to_path_buf();
+        let n = snapshot::decompress_to(bridge, &what, &mut staged.file, &tmp)?;
+        staged.install(&what)?;
+        Ok(n)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn later_tier_wins_and_ties_go_to_the_generation() {
+        let t = |m| Utc.with_ymd_and_hms(2026, 11, 22, 12, m, 0).unwrap();
+        assert_eq!(choose_tier(None, None), None);
+        assert_eq!(choose_tier(Some(t(5)), None), Some(Tier::Cold));
+        assert_eq!(choose_tier(None, Some(t(5))), Some(Tier::Hot));
+        assert_eq!(choose_tier(Some(t(6)), Some(t(5))), Some(Tier::Cold));
+        assert_eq!(choose_tier(Some(t(5)), Some(t(6))), Some(Tier::Hot));
+        assert_eq!(choose_tier(Some(t(5)), Some(t(5))), Some(Tier::Hot));
+    }
+}

@@ -48,10 +48,10 @@
 //!   ([`replica::cold`], [`replica::hot`]), the lease ([`replica::lease`])
 //!   and retention ([`replica::retention`]).
 //! * [`restore`]: back to a database file: choosing the tier, retries and
-//!   damage ([`restore::single`]), installing atomically ([`restore::install`]), replaying a generation
-//!   ([`restore::replay`]), listing ([`mod@restore::list`]) and bulk restore
-//!   ([`restore::bulk`]). It composes the tier layouts; it never writes to
-//!   the replica.
+//!   damage ([`restore::single`]), installing atomically
+//!   ([`restore::install`]), replaying a generation ([`restore::replay`]),
+//!   listing ([`mod@restore::list`]) and bulk restore ([`restore::bulk`]).
+//!   It composes the tier layouts; it never writes to the replica.
 //! * [`daemon`]: the `replicate` process: the scan/upload/stream loop
 //!   ([`daemon::scheduler`]) and `/healthz`, `/stats`, `/metrics`
 //!   ([`daemon::server`]).

@@ -23,8 +23,8 @@
 //! that one of the patterns matches) to a key and finds, at the restore time
 //! `T` (`--timestamp`, or now):
 //!
-//! * the newest cold snapshot taken at or before `T` ([`crate::replica::cold::choose_cold`]): each
-//!   cold object records when its copy began and was complete
+//! * the newest cold snapshot taken at or before `T`
+//!   ([`crate::replica::cold::choose_cold`]): each cold object records when its copy began and was complete
 //!   ([`crate::replica::cold::SnapshotTimes`], read with a ranged GET of its first
 //!   bytes). An object named hour `H` was complete before `H`; objects
 //!   without the record (earlier versions) are used only if `H <= T`;

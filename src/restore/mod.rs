@@ -24,14 +24,15 @@
 //! `T` (`--timestamp`, or now):
 //!
 //! * the newest cold snapshot taken at or before `T`
-//!   ([`crate::replica::cold::choose_cold`]): each cold object records when its copy began and was complete
-//!   ([`crate::replica::cold::SnapshotTimes`], read with a ranged GET of its first
-//!   bytes). An object named hour `H` was complete before `H`; objects
-//!   without the record (earlier versions) are used only if `H <= T`;
+//!   ([`crate::replica::cold::choose_cold`]): each cold object records when
+//!   its copy began and was complete ([`crate::replica::cold::SnapshotTimes`],
+//!   read with a ranged GET of its first bytes). An object named hour `H` was
+//!   complete before `H`; objects without the record (earlier versions) are
+//!   used only if `H <= T`;
 //! * the newest generation restore point at or before `T`
-//!   ([`crate::replica::hot::plan_latest`]): the newest generation with a snapshot
-//!   committed at or before `T`, that snapshot and its segments committed at
-//!   or before `T` (commit times are in the object names).
+//!   ([`crate::replica::hot::plan_latest`]): the newest generation with a
+//!   snapshot committed at or before `T`, that snapshot and its segments
+//!   committed at or before `T` (commit times are in the object names).
 //!
 //! The store's listing times are never used to decide what a restore at `T`
 //! may include: S3 gives them in whole seconds.

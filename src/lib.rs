@@ -14,20 +14,17 @@
 //! import circle (`tests/layers.rs` checks it):
 //!
 //! ```text
-//!            source ──▶ capture ──▶ replica ──▶ restore
-//!        (what exists) (read it)   (store it)  (get it back)
+//!    source ──────▶ capture ──────▶ replica ──────▶ restore     data flow
+//!  what exists      read it         store it         get it back
 //!
-//!   cli      command line, bench / soak / demo harness, progress
-//!    │
-//!   daemon   scheduler loop, operations server         restore
-//!    │                                                    │
-//!   capture  snapshot, wal, ship, upload  ◀───────────────┤ (formats)
-//!    │                                                    │
-//!   source   config, discover, template, keys, track, tier│
-//!    │                                                    │
-//!   replica  storage, layout, cold, hot, lease, retention ◀┘
-//!    │
-//!   stats, error   shared by every stage
+//!  stage     modules                                       may use
+//!  cli       mod, bench, soak, demo, progress              everything below
+//!  daemon    scheduler, server                             capture and below
+//!  restore   single, install, replay, list, bulk           capture and below
+//!  capture   snapshot, wal, ship, upload                   source and below
+//!  source    config, discover, template, keys, track, tier replica and below
+//!  replica   storage, layout, cold, hot, lease, retention  error, rfc3339
+//!  stats, error: shared vocabulary, use nothing
 //! ```
 //!
 //! * [`source`]: which databases exist and what each is called: the YAML

@@ -608,6 +608,94 @@ both_backends!(missing_last_segment_of_a_wal_fails, |b| async move {
     assert!(msg.contains("metadata.json is missing"), "{msg}");
 });
 
+// A WAL's first segment replaced by the first segment of another WAL with
+// frames of the same length (another database that went through the same
+// writes): without the WAL's recorded header nothing ties those frames to
+// this database. The restore fails naming the segment; so it does when the
+// metadata lost the header record.
+both_backends!(a_foreign_first_segment_of_a_wal_fails, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let (mut a, mut other) = (Db::new("p/d/a"), Db::new("p/d/other"));
+    let mut wal1 = Vec::new();
+    for db in [&mut a, &mut other] {
+        db.commit(10);
+        db.gen_snapshot(&r).await;
+        db.commit(5);
+        db.ship(&r).await;
+        db.w.checkpoint(true);
+        db.commit(4);
+        wal1.push(db.ship(&r).await.0);
+    }
+    assert_eq!(wal1[0], wal1[1], "same history, same positions");
+    assert_eq!(restore_at(&f, "p/d/a", None).await.unwrap().1, 19);
+    let theirs = r
+        .get_bytes(&other.segment_path(&r, wal1[1]))
+        .await
+        .unwrap()
+        .unwrap();
+    r.put_bytes(&a.segment_path(&r, wal1[0]), theirs.to_vec())
+        .await
+        .unwrap();
+    let msg = restore_at(&f, "p/d/a", None).await.unwrap_err().to_string();
+    assert!(
+        msg.contains("checksum chain broken") || msg.contains("salts"),
+        "{msg}"
+    );
+    assert!(msg.contains(&wal1[0].to_string()), "{msg}");
+
+    // The header record of WAL 1 lost: its first frames cannot be checked.
+    let mut b2 = Db::new("p/d/b");
+    b2.commit(10);
+    b2.gen_snapshot(&r).await;
+    b2.commit(5);
+    b2.ship(&r).await;
+    b2.w.checkpoint(true);
+    b2.commit(4);
+    b2.ship(&r).await;
+    assert_eq!(restore_at(&f, "p/d/b", None).await.unwrap().1, 19);
+    b2.w.wal_starts.retain(|s| s.index != 1);
+    b2.w.write_metadata(&r).await;
+    let msg = restore_at(&f, "p/d/b", None).await.unwrap_err().to_string();
+    assert!(msg.contains("records no header of WAL 1"), "{msg}");
+});
+
+// A latest restore of a generation that is still being shipped: after the
+// segments were listed, the stream uploads another segment and rewrites the
+// metadata. The restore returns the state the listing saw instead of
+// refusing because the newer metadata names a segment it did not list.
+both_backends!(
+    a_live_generation_moving_on_after_the_listing_restores,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/live");
+        db.commit(10);
+        db.gen_snapshot(&r).await;
+        db.commit(5);
+        db.ship(&r).await;
+        db.w.write_metadata(&r).await;
+        let plan = hot::plan_latest(&r, "p/d/live", None)
+            .await
+            .unwrap()
+            .unwrap();
+        db.commit(3);
+        db.ship(&r).await;
+        db.w.write_metadata(&r).await;
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let mut file = out.reopen().unwrap();
+        litefleet::restore::replay::restore_plan(&r, "p/d/live", &plan, &mut file)
+            .await
+            .unwrap();
+        drop(file);
+        let c = rusqlite::Connection::open(out.path()).unwrap();
+        let rows: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 15);
+    }
+);
+
 // The newest segment of a generation goes missing after the metadata
 // recorded it as shipped: the latest restore fails instead of returning the
 // state before it.

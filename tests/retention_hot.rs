@@ -90,6 +90,7 @@ impl<'a> Names<'a> {
             last: Position::start(0),
             snapshots: vec![],
             wal_ends: vec![],
+            wal_starts: None,
         };
         hot::write_metadata(self.r, KEY, &meta).await.unwrap();
         hot::metadata_path(&self.r.prefix, KEY, gen).to_string()

@@ -409,12 +409,19 @@ impl Shipper {
             last: Position::start(0),
             snapshots: Vec::new(),
             wal_ends: Vec::new(),
+            wal_starts: Some(Vec::new()),
         });
         self.generation = Some(id);
         self.snapshot = Some(copy);
         self.meta_dirty = true;
         self.state = match header {
-            Some(h) => WalState::Reading(WalCursor::at_start(0, &h)),
+            Some(h) => {
+                let cur = WalCursor::at_start(0, &h);
+                if let Some(m) = &mut self.meta {
+                    m.record_wal_start(cur.wal_start());
+                }
+                WalState::Reading(cur)
+            }
             None => WalState::Awaiting { index: 0 },
         };
         match self.read()? {
@@ -476,7 +483,13 @@ impl Shipper {
                     let Some(h) = wal::read_header(f, &self.wal)? else {
                         return Ok(Step::Idle);
                     };
-                    self.state = WalState::Reading(WalCursor::at_start(index, &h));
+                    let cur = WalCursor::at_start(index, &h);
+                    if let Some(m) = &mut self.meta {
+                        // Recorded before the WAL's first segment is uploaded.
+                        m.record_wal_start(cur.wal_start());
+                    }
+                    self.meta_dirty = true;
+                    self.state = WalState::Reading(cur);
                 }
                 WalState::Reading(cur) => {
                     let Some(f) = &file else {
@@ -916,10 +929,11 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
     let starts_wal = s
         .pending
         .as_ref()
-        .is_some_and(|(pos, _)| pos.index > 0 && pos.offset == WAL_HEADER_SIZE);
+        .is_some_and(|(pos, _)| pos.offset == WAL_HEADER_SIZE);
     if starts_wal && s.meta_dirty {
-        // Where the previous WAL ended must be in the replica before any
-        // segment of the next one: restore proves continuity from it.
+        // Where the previous WAL ended, and the header of this one, must be
+        // in the replica before any segment of it: restore proves
+        // continuity from them.
         write_meta(ctx, s).await?;
     }
     if let Some((pos, bytes)) = s.take_pending() {

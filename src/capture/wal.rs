@@ -49,6 +49,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use crate::replica::hot::Position;
+use crate::replica::hot::WalStart;
 use crate::{Error, Result};
 
 /// Size of the WAL file header; the first frame starts here.
@@ -227,6 +228,17 @@ impl WalCursor {
             checksum: header.checksum,
             order: header.order,
             page_size: header.page_size,
+        }
+    }
+
+    /// What the metadata records of this cursor's WAL, for a cursor at
+    /// its start (see [`WalStart`]).
+    pub fn wal_start(&self) -> WalStart {
+        WalStart {
+            index: self.pos.index,
+            salt: self.salt,
+            checksum: [self.checksum.0, self.checksum.1],
+            big_endian: self.order == ByteOrder::Big,
         }
     }
 
@@ -569,6 +581,20 @@ pub struct ChainLink {
     pub salt: [u32; 2],
     pub checksum: Checksum,
     pub order: Option<ByteOrder>,
+}
+
+impl From<WalStart> for ChainLink {
+    fn from(s: WalStart) -> ChainLink {
+        ChainLink {
+            salt: s.salt,
+            checksum: Checksum(s.checksum[0], s.checksum[1]),
+            order: Some(if s.big_endian {
+                ByteOrder::Big
+            } else {
+                ByteOrder::Little
+            }),
+        }
+    }
 }
 
 impl From<FramesInfo> for ChainLink {

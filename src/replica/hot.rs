@@ -62,11 +62,15 @@
 //!   where the previous one ended, by decompressed length); a gap is an error
 //!   naming the missing position, never skipped;
 //! * each segment's frames continue the previous segment's checksum chain
-//!   and salts within one WAL;
+//!   and salts within one WAL, and the first segment of each WAL continues
+//!   the header `metadata.json` recorded for it ([`WalStart`], recorded
+//!   before that segment was uploaded; metadata of earlier versions has
+//!   none, and those first frames are checked for their shape only);
 //! * replay moves from WAL `i` to WAL `i + 1` only where `metadata.json` says
 //!   WAL `i` ended; a missing or different end is an error naming the range;
 //! * a restore of the latest state reaches at least the `last` position the
-//!   metadata recorded as shipped.
+//!   metadata recorded as shipped, read *before* the segments are listed
+//!   ([`plan_latest`]), so a stream still shipping cannot make it fail.
 //!
 //! What cannot be proven: that segments were uploaded after the metadata was
 //! last written (a live generation). A missing newest segment of a live
@@ -377,6 +381,44 @@ pub struct Metadata {
     /// what names alone cannot tell (a missing last segment of a WAL).
     #[serde(default)]
     pub wal_ends: Vec<Position>,
+    /// The header of each WAL the generation ships ([`WalStart`]), recorded
+    /// before the first segment of that WAL. `None` in metadata written by
+    /// earlier versions, whose WALs' first frames cannot be checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_starts: Option<Vec<WalStart>>,
+}
+
+/// What the header of WAL `index` says about its frames: the salts every
+/// frame carries and the checksum that seeds the first frame's, in the
+/// chain's byte order. Segments hold frames only; with this a restore checks
+/// the first frames of every WAL too, so a segment from another WAL (another
+/// database, an earlier life of this one) cannot start a WAL unnoticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalStart {
+    pub index: u64,
+    pub salt: [u32; 2],
+    pub checksum: [u32; 2],
+    pub big_endian: bool,
+}
+
+impl Metadata {
+    /// Records the header of WAL `start.index` (once).
+    pub fn record_wal_start(&mut self, start: WalStart) {
+        let starts = self.wal_starts.get_or_insert_with(Vec::new);
+        if !starts.iter().any(|s| s.index == start.index) {
+            starts.push(start);
+        }
+    }
+}
+
+/// How a segment continues a replay ([`Replay::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continues {
+    /// The next frames of the WAL being replayed: its checksum chain goes on.
+    SameWal,
+    /// The first frames of a WAL: their chain starts from the WAL's header,
+    /// when the metadata recorded it (`None`: earlier versions).
+    WalStart(Option<WalStart>),
 }
 
 /// A snapshot object found in the replica.
@@ -440,6 +482,12 @@ pub struct Plan {
     /// not replayed, only named in gap errors ("committed after the restore
     /// time"). Empty when `at` is `None`.
     late: Vec<SegmentObject>,
+    /// For a latest restore, the metadata as read *before* the segments
+    /// were listed ([`plan_latest`]): everything it records as shipped was
+    /// uploaded before it was written, so the listing must hold it. (Read
+    /// after the listing, a live stream's newer metadata would name segments
+    /// the listing could not see.)
+    recorded: Option<Metadata>,
 }
 
 impl Plan {
@@ -764,6 +812,7 @@ pub fn plan(
         segments,
         at,
         late,
+        recorded: None,
     }))
 }
 
@@ -783,12 +832,17 @@ pub async fn plan_latest(
         if !snapshots.iter().any(|s| at.is_none_or(|t| s.time <= t)) {
             continue;
         }
+        // Before the segments are listed: see `Plan::recorded`.
+        let recorded = match at {
+            None => read_metadata(replica, key, &id).await?,
+            Some(_) => None,
+        };
         let listing = GenerationListing {
             segments: list_segments(replica, key, &id).await?,
             id,
             snapshots,
         };
-        return plan(&listing, key, at);
+        return Ok(plan(&listing, key, at)?.map(|p| Plan { recorded, ..p }));
     }
     Ok(None)
 }
@@ -808,17 +862,11 @@ pub struct Replay<'a> {
 }
 
 impl<'a> Replay<'a> {
-    /// Starts the proof at the plan's snapshot; reads `metadata.json` when
-    /// the proof needs it (the plan crosses a WAL restart, or it restores
-    /// the latest state).
+    /// Starts the proof at the plan's snapshot, with the generation's
+    /// `metadata.json` (where each WAL ended and began).
     pub async fn start(replica: &Replica, key: &'a str, plan: &'a Plan) -> Result<Replay<'a>> {
         let snap = &plan.snapshot;
-        let crosses = plan.segments.iter().any(|s| s.pos.index != snap.index);
-        let meta = if crosses || plan.at.is_none() {
-            read_metadata(replica, key, &plan.generation).await?
-        } else {
-            None
-        };
+        let meta = read_metadata(replica, key, &plan.generation).await?;
         Ok(Replay {
             key,
             plan,
@@ -829,10 +877,11 @@ impl<'a> Replay<'a> {
         })
     }
 
-    /// Checks that `seg` continues where the replay is. `Ok(true)`: it
-    /// starts the next WAL (whose end was proven here), so its checksum
-    /// chain starts afresh.
-    pub fn admit(&self, seg: &SegmentObject) -> Result<bool> {
+    /// Checks that `seg` continues where the replay is, and says how its
+    /// frames' checksum chain continues: a segment at the start of a WAL
+    /// starts from that WAL's recorded header, which metadata written by
+    /// this version must have.
+    pub fn admit(&self, seg: &SegmentObject) -> Result<Continues> {
         let e = Expect {
             index: self.pos.index,
             offset: Some(self.pos.offset),
@@ -849,9 +898,24 @@ impl<'a> Replay<'a> {
         })?;
         if seg.pos.index != self.pos.index {
             check_wal_end(self.key, self.plan, self.meta.as_ref(), self.pos)?;
-            return Ok(true);
         }
-        Ok(false)
+        if seg.pos.offset != FIRST_FRAME {
+            return Ok(Continues::SameWal);
+        }
+        let Some(starts) = self.meta.as_ref().and_then(|m| m.wal_starts.as_ref()) else {
+            return Ok(Continues::WalStart(None));
+        };
+        match starts.iter().find(|s| s.index == seg.pos.index) {
+            Some(s) => Ok(Continues::WalStart(Some(*s))),
+            None => Err(Error::invalid(
+                format!("generation {} of {:?}", self.plan.generation, self.key),
+                format!(
+                    "metadata.json records no header of WAL {} ({}): its first frames cannot \
+                     be proven to belong to this database; refusing to restore",
+                    seg.pos.index, seg.location
+                ),
+            )),
+        }
     }
 
     /// Records `seg` as applied: `len` bytes of frames (its decompressed length).
@@ -870,7 +934,7 @@ impl<'a> Replay<'a> {
     /// segments it applied.
     pub fn finish(self) -> Result<(Position, DateTime<Utc>, usize)> {
         let (key, pos) = (self.key, self.pos);
-        if let (None, Some(m)) = (self.plan.at, &self.meta) {
+        if let (None, Some(m)) = (self.plan.at, &self.plan.recorded) {
             // The latest state reaches at least what was recorded as shipped
             // (the start of the next WAL is where the previous one ended).
             let next_wal = m.last == Position::start(pos.index + 1) && m.wal_ends.contains(&pos);

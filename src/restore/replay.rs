@@ -19,7 +19,7 @@ use object_store::ObjectStoreExt;
 
 use crate::capture::snapshot;
 use crate::capture::wal::{self, ChainLink};
-use crate::replica::hot::{plan_latest, Plan, Replay, RestorePoint};
+use crate::replica::hot::{plan_latest, Continues, Plan, Replay, RestorePoint};
 use crate::replica::storage::Replica;
 use crate::{Error, Result};
 
@@ -133,8 +133,9 @@ pub async fn restore_plan(
     let mut chain: Option<ChainLink> = None;
     while let Some(next) = fetches.next().await {
         let (seg, compressed) = next?;
-        if replay.admit(&seg)? {
-            chain = None;
+        match replay.admit(&seg)? {
+            Continues::SameWal => {}
+            Continues::WalStart(start) => chain = start.map(ChainLink::from),
         }
         let what = seg.location.to_string();
         let (f, info, len) = tokio::task::spawn_blocking(move || {
@@ -400,6 +401,7 @@ mod tests {
                 compressed_size: 100,
                 checksum: "xxh32:00000000".into(),
             }],
+            wal_starts: None,
             wal_ends: vec![Position {
                 index: 0,
                 offset: 4096,

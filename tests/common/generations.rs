@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use litefleet::capture::wal::{self, Position, ReadOutcome, WalCursor};
-use litefleet::replica::hot::{self, GenerationId, Metadata};
+use litefleet::replica::hot::{self, GenerationId, Metadata, WalStart};
 use litefleet::replica::storage::Replica;
 use rusqlite::Connection;
 
@@ -28,6 +28,9 @@ pub struct GenWriter {
     /// Where each finished WAL ended, as the shipper records it in the
     /// generation's metadata.
     pub wal_ends: Vec<Position>,
+    /// The header of each WAL, as the shipper records it before the WAL's
+    /// first segment.
+    pub wal_starts: Vec<WalStart>,
     /// Width of each row's text value (pads pages to the size a test needs).
     row_width: usize,
 }
@@ -52,6 +55,7 @@ impl GenWriter {
             gen: hot::new_generation_id(Utc::now()),
             shipped: Vec::new(),
             wal_ends: Vec::new(),
+            wal_starts: Vec::new(),
             row_width,
         }
     }
@@ -78,16 +82,19 @@ impl GenWriter {
             Utc::now(),
         ) as i64)
         .unwrap();
-        if self.cursor.is_none() && self.index > 0 {
-            // As the shipper does: where the previous WAL ended is recorded
-            // before the first segment of the next one.
-            self.write_metadata(r).await;
-        }
         let wp = PathBuf::from(format!("{}-wal", self.db.display()));
         let f = File::open(&wp).unwrap();
         let cur = match self.cursor {
             Some(c) => c,
-            None => WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap()),
+            None => {
+                // As the shipper does: where the previous WAL ended and the
+                // header of this one are recorded before its first segment.
+                let c =
+                    WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap());
+                self.wal_starts.push(c.wal_start());
+                self.write_metadata(r).await;
+                c
+            }
         };
         let ReadOutcome::Frames { bytes, next, .. } =
             wal::read_committed(&f, &wp, &cur, u64::MAX).unwrap()
@@ -125,6 +132,7 @@ impl GenWriter {
             last: self.cursor.map_or(Position::start(self.index), |c| c.pos),
             snapshots: Vec::new(),
             wal_ends: self.wal_ends.clone(),
+            wal_starts: Some(self.wal_starts.clone()),
         };
         hot::write_metadata(r, &self.key, &meta).await.unwrap();
     }

@@ -18,11 +18,13 @@
 //! temporary file and renames it), so restore never sees a partial snapshot.
 //!
 //! Durability: an upload returns only once the object is durable, because
-//! callers record it as uploaded then. On S3 that is the completed PUT. The
-//! local store does not `fsync`, so for `file://` every written object is
-//! `fsync`ed, and so are its directory and each one above it up to the
-//! replica root (which makes a newly created directory's entry durable too)
-//! before the upload returns ([`Replica::sync_local`]).
+//! callers record it as uploaded then. On S3 that is the completed PUT. On
+//! `file://` the local store runs with `fsync` on: it syncs each staged file
+//! before renaming it over the object's name (so a power cut never leaves a
+//! partial object where a complete one was) and the parent directory after;
+//! then the object, its directory and each one above it up to the replica
+//! root (which makes a newly created directory's entry durable too) are
+//! synced before the upload returns ([`Replica::sync_local`]).
 //!
 //! # Write fence
 //!
@@ -316,7 +318,13 @@ impl Replica {
                 let store = Arc::new(
                     LocalFileSystem::new_with_prefix(dir)
                         .map_err(|e| Error::store(dir.display(), e))?
-                        .with_automatic_cleanup(true),
+                        .with_automatic_cleanup(true)
+                        // The staged file is synced *before* it is renamed
+                        // over the object's name: a power cut can never
+                        // leave a partial object under a name that held a
+                        // complete one. `sync_local` then syncs the
+                        // directories up to the replica root.
+                        .with_fsync(true),
                 );
                 Ok(Replica {
                     store: store.clone(),

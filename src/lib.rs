@@ -22,7 +22,8 @@
 //!  daemon    scheduler, server                             capture and below
 //!  restore   single, install, replay, list, bulk           capture and below
 //!  capture   snapshot, wal, ship, upload                   source and below
-//!  source    config, discover, template, keys, track, tier replica and below
+//!  source    config, discover, template, keys, track,      replica and below
+//!            tier, watch
 //!  replica   storage, layout, cold, hot, lease, retention  error, rfc3339
 //!  stats, error: shared vocabulary, use nothing
 //! ```
@@ -32,8 +33,8 @@
 //!   from glob patterns ([`source::discover`]), key templates
 //!   ([`source::template`]) and the rule against two databases sharing a
 //!   key ([`source::keys`]), the compact table of tracked databases and
-//!   their fingerprints ([`source::track`]), and hot/cold tiering
-//!   ([`source::tier`]).
+//!   their fingerprints ([`source::track`]), change notifications
+//!   ([`source::watch`]), and hot/cold tiering ([`source::tier`]).
 //! * [`capture`]: reading live databases consistently: the cold snapshot
 //!   through the SQLite backup API, LZ4-compressed with its recorded times
 //!   ([`capture::snapshot`]); the WAL format and committed-frame reader

@@ -37,4 +37,9 @@ pub struct Stats {
     /// Databases refused because another database owns their key (see
     /// [`crate::source::keys`]).
     pub key_collisions: AtomicU64,
+    /// Directories watched for change notifications.
+    pub watched_dirs: AtomicU64,
+    /// Re-checks of databases named by change notifications that found a
+    /// change (each is a cycle without a scan).
+    pub rechecks: AtomicU64,
 }

@@ -42,6 +42,7 @@ use crate::source::config::Loaded;
 use crate::source::keys::{key_for, Owners};
 use crate::source::tier::{TierConfig, Tiers};
 use crate::source::track::{Id, ScanReport, Ticket, Tracker};
+use crate::source::watch::{Batch, Watch};
 use crate::stats::Stats;
 use crate::{Error, Result};
 
@@ -73,6 +74,9 @@ pub struct Replicator {
     hot: HotTier,
     /// Databases refused for sharing a key with another (multi-pattern fleets).
     owners: Mutex<Owners>,
+    /// Rounds of the `run` loop completed (a cycle, or a re-check after
+    /// change notifications), for whoever waits on the loop.
+    rounds: tokio::sync::watch::Sender<u64>,
 }
 
 /// The hot tier's moving parts (see [`crate::source::tier`] and [`crate::capture::ship`]).
@@ -191,6 +195,7 @@ impl Replicator {
             }),
         };
         Ok(Replicator {
+            rounds: tokio::sync::watch::Sender::new(0),
             loaded: Arc::new(loaded),
             replica,
             tracker: Arc::new(Mutex::new(tracker)),
@@ -212,6 +217,13 @@ impl Replicator {
     }
 
     /// Number of databases currently tracked.
+    /// Counts the rounds of [`Replicator::run`]: it changes after each
+    /// cycle or notified re-check, once its effects (uploads, watches) are
+    /// complete.
+    pub fn rounds(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rounds.subscribe()
+    }
+
     pub fn tracked(&self) -> usize {
         lock(&self.tracker).len()
     }
@@ -245,6 +257,55 @@ impl Replicator {
         if scan.new > 0 || scan.removed > 0 {
             self.check_keys();
         }
+        let report = self.dispatch(scan, shutdown).await;
+        self.stats.last_scan_unix.store(
+            chrono::Utc::now().timestamp().max(0) as u64,
+            Ordering::Relaxed,
+        );
+        report
+    }
+
+    /// A cycle for the files change notifications named (see
+    /// [`crate::source::watch`]): re-checks only those databases, then
+    /// hands what changed to the hot tier or uploads it, as a cycle does.
+    /// New and deleted databases wait for the next full cycle.
+    pub async fn recheck(
+        &self,
+        files: Vec<(u32, std::ffi::OsString)>,
+        shutdown: &CancellationToken,
+    ) -> CycleReport {
+        // A streaming database's stream ships its writes every sync
+        // interval; the scans keep its ticket. Re-checking it at every write
+        // would only churn its ticket.
+        let streaming: HashSet<Id> = {
+            let running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+            running
+                .iter()
+                .filter(|(_, r)| r.streaming())
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let tracker = self.tracker.clone();
+        let changed = tokio::task::spawn_blocking(move || {
+            lock(&tracker).recheck(&files, |id| streaming.contains(&id))
+        })
+        .await
+        .expect("recheck task panicked");
+        if changed == 0 {
+            return CycleReport::default();
+        }
+        self.stats.rechecks.fetch_add(1, Ordering::Relaxed);
+        let scan = ScanReport {
+            databases: self.tracked(),
+            changed,
+            ..Default::default()
+        };
+        self.dispatch(scan, shutdown).await
+    }
+
+    /// After a scan or a re-check: retier, then upload or hand to streams
+    /// what is pending, record the outcomes and save the state.
+    async fn dispatch(&self, scan: ScanReport, shutdown: &CancellationToken) -> CycleReport {
         let mut report = CycleReport {
             scan,
             ..Default::default()
@@ -321,10 +382,6 @@ impl Replicator {
                 .store(t.oldest_pending().unwrap_or(0) as u64, Ordering::Relaxed);
             pending
         };
-        self.stats.last_scan_unix.store(
-            chrono::Utc::now().timestamp().max(0) as u64,
-            Ordering::Relaxed,
-        );
         self.save_state().await;
         if report.uploaded + report.failed > 0 {
             tracing::info!(
@@ -619,19 +676,55 @@ impl Replicator {
                 }
             })
         };
+        let mut watch = if m.watch {
+            match Watch::new() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "change notifications unavailable; writes are noticed at each scan");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut tick = tokio::time::interval(m.scan_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    self.cycle(&shutdown).await;
+                    if let Some(w) = &mut watch {
+                        let dirs = w.new_dirs(&lock(&self.tracker));
+                        if !dirs.is_empty() {
+                            w.add(&dirs);
+                            self.stats.watched_dirs.store(w.watched() as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+                batch = next_change(&mut watch) => match batch {
+                    Batch::Changed(files) => {
+                        self.recheck(files, &shutdown).await;
+                    }
+                    Batch::Overflow => {
+                        self.cycle(&shutdown).await;
+                    }
+                },
             }
-            self.cycle(&shutdown).await;
+            self.rounds.send_modify(|n| *n += 1);
         }
         let _ = retention_task.await;
         self.stop_hot().await;
         tracing::info!("shut down cleanly: in-flight uploads finished");
         Ok(())
+    }
+}
+
+/// The next batch of change notifications; never, without a watcher.
+async fn next_change(watch: &mut Option<Watch>) -> Batch {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -63,6 +63,10 @@ pub struct StatsView {
     pub hot_errors: u64,
     /// Databases refused because another database owns their key.
     pub key_collisions: u64,
+    /// Directories watched for change notifications.
+    pub watched_dirs: u64,
+    /// Writes noticed by change notifications between scans.
+    pub rechecks: u64,
     pub healthy: bool,
 }
 
@@ -102,6 +106,8 @@ impl StatsView {
             checkpoints: stats.checkpoints.load(Relaxed),
             hot_errors: stats.hot_errors.load(Relaxed),
             key_collisions: stats.key_collisions.load(Relaxed),
+            watched_dirs: stats.watched_dirs.load(Relaxed),
+            rechecks: stats.rechecks.load(Relaxed),
             healthy: now.saturating_sub(since) <= limit,
         }
     }
@@ -214,6 +220,18 @@ impl StatsView {
             "gauge",
             "Databases not backed up because another database owns their key.",
             &[("", f(self.key_collisions))],
+        );
+        metric(
+            "litefleet_watched_directories",
+            "gauge",
+            "Directories watched for change notifications (inotify).",
+            &[("", f(self.watched_dirs))],
+        );
+        metric(
+            "litefleet_notified_rechecks_total",
+            "counter",
+            "Changes noticed by change notifications between scans.",
+            &[("", f(self.rechecks))],
         );
         metric(
             "litefleet_healthy",
@@ -337,6 +355,6 @@ mod tests {
         assert!(text.contains("litefleet_wal_segments_total 30\n"));
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 19);
+        assert_eq!(samples, 21);
     }
 }

@@ -129,6 +129,11 @@ pub struct MultiDb {
     /// transaction and goes back to the cold tier (see [`DEFAULT_RELEASE_AFTER`]).
     #[serde(default = "default_release_after", with = "humantime_serde")]
     pub release_after: Duration,
+    /// Change notifications (inotify) on the directories of tracked
+    /// databases: a write is noticed at once instead of at the next scan
+    /// (see [`crate::source::watch`]). On by default.
+    #[serde(default = "default_watch")]
+    pub watch: bool,
     pub replica: ReplicaConfig,
 }
 
@@ -202,6 +207,9 @@ fn default_checkpoint_pages() -> u64 {
 }
 fn default_truncate_pages() -> u64 {
     DEFAULT_TRUNCATE_PAGES
+}
+fn default_watch() -> bool {
+    true
 }
 fn default_release_after() -> Duration {
     DEFAULT_RELEASE_AFTER

@@ -4,8 +4,9 @@
 //! Owns the configuration file ([`config`]), discovery from glob patterns
 //! ([`discover`]), key templates ([`template`]) and the rule that refuses two
 //! databases rendering one key ([`keys`]), the compact table of tracked
-//! databases with their change fingerprints ([`track`]), and the choice of
-//! which databases are streamed ([`tier`]).
+//! databases with their change fingerprints ([`track`]), change
+//! notifications that name the databases to re-check between scans
+//! ([`watch`]), and the choice of which databases are streamed ([`tier`]).
 //!
 //! Everything here is local: it stats and reads database files but never
 //! opens a database for writing and never talks to the replica. It may use
@@ -18,3 +19,4 @@ pub mod keys;
 pub mod template;
 pub mod tier;
 pub mod track;
+pub mod watch;

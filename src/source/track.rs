@@ -180,6 +180,16 @@ impl Tracker {
         self.dirs[e.dir as usize].join(OsStr::from_bytes(self.name(e)))
     }
 
+    /// Number of directories interned so far (their indices never change).
+    pub fn dir_count(&self) -> usize {
+        self.dirs.len()
+    }
+
+    /// Directory number `i` (see [`Tracker::dir_count`]).
+    pub fn dir(&self, i: u32) -> &Path {
+        &self.dirs[i as usize]
+    }
+
     /// Every tracked database.
     pub fn ids(&self) -> impl Iterator<Item = Id> + '_ {
         self.entries
@@ -328,6 +338,75 @@ impl Tracker {
         report.databases = self.live;
         report.pending = self.pending_count();
         report
+    }
+
+    /// Re-checks only the tracked databases that `files` name (a database,
+    /// or its `-wal` or `-journal`, as (directory index, file name)): the
+    /// same stat and fingerprint as a scan, without walking anything.
+    /// Files of untracked databases are left to the next scan, which finds
+    /// new databases and drops deleted ones; so are those `skip` names. Replaces [`Tracker::changed`]
+    /// with what changed here; returns how many did.
+    pub fn recheck(
+        &mut self,
+        files: &[(u32, std::ffi::OsString)],
+        skip: impl Fn(Id) -> bool,
+    ) -> usize {
+        self.changed.clear();
+        let now = SystemTime::now();
+        let now_secs = unix_secs(now);
+        let racy_after = unix_nanos(now.checked_sub(RACY_WINDOW).unwrap_or(UNIX_EPOCH));
+        let mut done: Vec<Id> = Vec::new();
+        for (dir, file) in files {
+            if *dir as usize >= self.dirs.len() {
+                continue;
+            }
+            let name = database_name(file).as_bytes();
+            let h = self.key_hash(*dir, name);
+            let Some(id) = self
+                .table
+                .find(h, |&i| {
+                    let e = &self.entries[i as usize];
+                    e.dir == *dir && self.name(e) == name
+                })
+                .copied()
+            else {
+                continue;
+            };
+            if done.contains(&id) || skip(id) {
+                continue;
+            }
+            done.push(id);
+            let path = self.path(id);
+            let Ok(db) = std::fs::symlink_metadata(&path) else {
+                continue; // gone or unreadable: the scan decides
+            };
+            let mut wal = path.clone().into_os_string();
+            wal.push("-wal");
+            let wal = std::fs::symlink_metadata(&wal).ok();
+            let (fp, racy) = fingerprint_of(&db, wal.as_ref(), racy_after);
+            if self.observe(id, fp, racy, now_secs) {
+                self.changed.push(id);
+            }
+        }
+        self.changed.len()
+    }
+
+    /// Records what a scan or a re-check saw of `id`; true if it changed.
+    fn observe(&mut self, id: Id, fp: u64, racy: bool, now_secs: u32) -> bool {
+        let e = &mut self.entries[id as usize];
+        let changed = e.seen != fp;
+        if changed {
+            if e.seen == e.synced || e.pending_since == 0 {
+                e.pending_since = now_secs;
+            }
+            e.seen = fp;
+        }
+        if racy {
+            e.flags |= RACY;
+        } else {
+            e.flags &= !RACY;
+        }
+        changed
     }
 
     fn is_pending(e: &Entry) -> bool {
@@ -514,6 +593,40 @@ fn mtime_nanos(m: &Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
+/// The name of the database a changed file belongs to: itself, or the
+/// database beside a `-wal` or `-journal`.
+pub fn database_name(name: &OsStr) -> &OsStr {
+    let b = name.as_bytes();
+    let db = b
+        .strip_suffix(b"-wal")
+        .or_else(|| b.strip_suffix(b"-journal"))
+        .unwrap_or(b);
+    OsStr::from_bytes(db)
+}
+
+/// The fingerprint of a database and its `-wal`, and whether either was
+/// written after `racy_after` (see [`RACY_WINDOW`]).
+fn fingerprint_of(db: &Metadata, wal: Option<&Metadata>, racy_after: i128) -> (u64, bool) {
+    // An empty `-wal` holds no frames, so it means the same as none. It
+    // matters: our own read-only snapshot connection creates an empty
+    // `-wal` and `-shm` (and, being read-only, cannot remove them), which
+    // must not count as a change of the database.
+    let w = wal
+        .filter(|w| w.len() > 0)
+        .map(|w| (w.len(), mtime_nanos(w), w.ino()));
+    let (wl, wm, wi) = w.unwrap_or((u64::MAX, 0, 0));
+    let fp = fingerprint(&[
+        db.len(),
+        mtime_nanos(db) as u64,
+        db.ino(),
+        wl,
+        wm as u64,
+        wi,
+    ]);
+    let newest = mtime_nanos(db).max(wm);
+    (fp, newest >= racy_after)
+}
+
 struct ScanVisitor<'a> {
     t: &'a mut Tracker,
     now_secs: u32,
@@ -524,24 +637,7 @@ struct ScanVisitor<'a> {
 
 impl ScanVisitor<'_> {
     fn fingerprint(&self, db: &Metadata, wal: Option<&Metadata>) -> (u64, bool) {
-        // An empty `-wal` holds no frames, so it means the same as none. It
-        // matters: our own read-only snapshot connection creates an empty
-        // `-wal` and `-shm` (and, being read-only, cannot remove them), which
-        // must not count as a change of the database.
-        let w = wal
-            .filter(|w| w.len() > 0)
-            .map(|w| (w.len(), mtime_nanos(w), w.ino()));
-        let (wl, wm, wi) = w.unwrap_or((u64::MAX, 0, 0));
-        let fp = fingerprint(&[
-            db.len(),
-            mtime_nanos(db) as u64,
-            db.ino(),
-            wl,
-            wm as u64,
-            wi,
-        ]);
-        let newest = mtime_nanos(db).max(wm);
-        (fp, newest >= self.racy_after)
+        fingerprint_of(db, wal, self.racy_after)
     }
 
     fn dir_id(&mut self, dir: &Path) -> u32 {
@@ -606,22 +702,9 @@ impl Visitor for ScanVisitor<'_> {
         match found {
             Some(id) => {
                 let epoch = self.t.epoch;
-                let e = &mut self.t.entries[id as usize];
-                e.epoch = epoch;
-                let changed = e.seen != fp;
-                if changed {
-                    if e.seen == e.synced || e.pending_since == 0 {
-                        e.pending_since = self.now_secs;
-                    }
-                    e.seen = fp;
+                self.t.entries[id as usize].epoch = epoch;
+                if self.t.observe(id, fp, racy, self.now_secs) {
                     self.report.changed += 1;
-                }
-                if racy {
-                    e.flags |= RACY;
-                } else {
-                    e.flags &= !RACY;
-                }
-                if changed {
                     self.t.changed.push(id);
                 }
             }

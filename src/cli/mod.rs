@@ -7,10 +7,12 @@
 //! The top of the tree: it may use every stage, and nothing uses it. Its
 //! submodules are the presentation and the harness, kept out of the
 //! product stages: [`progress`] (restore progress on a terminal or as log
-//! lines), and the `bench`, `soak` and `demo` subcommands ([`mod@bench`],
-//! [`soak`], [`demo`]), which drive the product code from the outside.
+//! lines), and the `bench` (with `bench cost`), `soak` and `demo`
+//! subcommands ([`mod@bench`], [`cost`], [`soak`], [`demo`]), which drive
+//! the product code from the outside.
 
 pub mod bench;
+pub mod cost;
 pub mod demo;
 pub mod progress;
 pub mod soak;
@@ -214,6 +216,29 @@ pub enum BenchCommand {
         /// The shipper's sync interval (seconds, or humantime: 1s, 500ms).
         #[arg(long, default_value = "1s", value_parser = parse_secs)]
         sync_interval: std::time::Duration,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The S3 request bill: an idle fleet, then hot databases at one commit per second each.
+    Cost {
+        #[arg(long, default_value_t = 10_000)]
+        databases: usize,
+        /// Databases written, one commit per second each.
+        #[arg(long, default_value_t = 250)]
+        hot: usize,
+        /// How long they are written (seconds, or humantime: 60s, 5m).
+        #[arg(long, default_value = "60s", value_parser = parse_secs)]
+        duration: std::time::Duration,
+        /// The hot tier's sync interval.
+        #[arg(long, default_value = "1s", value_parser = parse_secs)]
+        sync_interval: std::time::Duration,
+        /// The scan interval (also the length of the idle measurement).
+        #[arg(long, default_value = "15s", value_parser = parse_secs)]
+        scan_interval: std::time::Duration,
+        /// Working directory; a fresh temp dir by default.
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -578,6 +603,82 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                 ))
             }
+        }
+        Command::Bench(BenchCommand::Cost {
+            databases,
+            hot,
+            duration,
+            sync_interval,
+            scan_interval,
+            dir,
+            json,
+        }) => {
+            if sync_interval.is_zero() || scan_interval.is_zero() {
+                return Err(Error::invalid("bench cost", "intervals must be > 0"));
+            }
+            let nofile = bench::raise_nofile_limit();
+            tracing::debug!(?nofile, "open file limit");
+            let tmp;
+            let dir = match dir {
+                Some(d) => d,
+                None => {
+                    tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+                    tmp.path().to_path_buf()
+                }
+            };
+            let r = cost::cost(cost::CostOptions {
+                databases,
+                hot,
+                duration,
+                sync_interval,
+                scan_interval,
+                dir,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                let row = |label: &str, value: String| println!("{label:<40}{value}");
+                let reqs = |q: &soak::Requests| {
+                    format!(
+                        "PUT {} / GET {} / LIST {} / DELETE {}",
+                        q.put, q.get, q.list, q.delete
+                    )
+                };
+                row("databases / hot", format!("{} / {}", r.databases, r.hot));
+                row(
+                    "sync interval / scan interval",
+                    format!("{}s / {}s", r.sync_interval_s, r.scan_interval_s),
+                );
+                row(
+                    &format!("idle fleet, {:.1} s", r.idle_window_s),
+                    reqs(&r.idle),
+                );
+                row(
+                    "requests per idle database per day",
+                    format!("{:.3}", r.requests_per_idle_db_per_day),
+                );
+                row(
+                    &format!("hot phase, {:.0} s, {} commits", r.duration_s, r.commits),
+                    reqs(&r.hot_phase),
+                );
+                row(
+                    "PUT per hot database per second",
+                    format!("{:.3}", r.put_per_hot_db_per_s),
+                );
+                row(
+                    "scenario: 100k DBs, 250 hot, 30 days",
+                    format!(
+                        "${:.2} (hot ${:.2} + idle ${:.2} + lease ${:.2}); target <= ${:.0}",
+                        r.scenario_total_usd,
+                        r.scenario_hot_usd,
+                        r.scenario_idle_usd,
+                        r.scenario_lease_usd,
+                        r.target_usd
+                    ),
+                );
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Lag {
             hot,

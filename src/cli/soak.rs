@@ -49,6 +49,21 @@ pub struct FaultyStore {
     rate_per_mille: AtomicU32,
     calls: AtomicU64,
     faults: AtomicU64,
+    /// Requests by S3 price class, for `bench cost`: PUT (puts, multipart
+    /// starts, copies, renames), GET, LIST, DELETE.
+    puts: AtomicU64,
+    gets: AtomicU64,
+    lists: AtomicU64,
+    deletes: Arc<AtomicU64>,
+}
+
+/// Requests a [`FaultyStore`] passed on, by S3 price class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Requests {
+    pub put: u64,
+    pub get: u64,
+    pub list: u64,
+    pub delete: u64,
 }
 
 impl fmt::Display for FaultyStore {
@@ -64,6 +79,20 @@ impl FaultyStore {
             rate_per_mille: AtomicU32::new(0),
             calls: AtomicU64::new(0),
             faults: AtomicU64::new(0),
+            puts: AtomicU64::new(0),
+            gets: AtomicU64::new(0),
+            lists: AtomicU64::new(0),
+            deletes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Requests passed on so far (failed injected ones are not requests).
+    pub fn requests(&self) -> Requests {
+        Requests {
+            put: self.puts.load(Ordering::Relaxed),
+            get: self.gets.load(Ordering::Relaxed),
+            list: self.lists.load(Ordering::Relaxed),
+            delete: self.deletes.load(Ordering::Relaxed),
         }
     }
 
@@ -106,6 +135,7 @@ impl ObjectStore for FaultyStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.check()?;
+        self.puts.fetch_add(1, Ordering::Relaxed);
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -115,6 +145,7 @@ impl ObjectStore for FaultyStore {
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.check()?;
+        self.puts.fetch_add(1, Ordering::Relaxed);
         self.inner.put_multipart_opts(location, opts).await
     }
 
@@ -124,6 +155,7 @@ impl ObjectStore for FaultyStore {
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
         self.check()?;
+        self.gets.fetch_add(1, Ordering::Relaxed);
         self.inner.get_opts(location, options).await
     }
 
@@ -131,7 +163,17 @@ impl ObjectStore for FaultyStore {
         &self,
         locations: BoxStream<'static, object_store::Result<ObjPath>>,
     ) -> BoxStream<'static, object_store::Result<ObjPath>> {
-        self.inner.delete_stream(locations)
+        // One DELETE per object: what a single-object delete costs; S3's
+        // batch delete would be one request per 1,000, but is free anyway.
+        let deletes = self.deletes.clone();
+        self.inner
+            .delete_stream(locations)
+            .inspect(move |r| {
+                if r.is_ok() {
+                    deletes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .boxed()
     }
 
     fn list(
@@ -139,7 +181,11 @@ impl ObjectStore for FaultyStore {
         prefix: Option<&ObjPath>,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         match self.check() {
-            Ok(()) => self.inner.list(prefix),
+            Ok(()) => {
+                // At least one request; one per 1,000 keys listed.
+                self.lists.fetch_add(1, Ordering::Relaxed);
+                self.inner.list(prefix)
+            }
             Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
         }
     }
@@ -157,6 +203,7 @@ impl ObjectStore for FaultyStore {
         prefix: Option<&ObjPath>,
     ) -> object_store::Result<ListResult> {
         self.check()?;
+        self.lists.fetch_add(1, Ordering::Relaxed);
         self.inner.list_with_delimiter(prefix).await
     }
 
@@ -167,6 +214,7 @@ impl ObjectStore for FaultyStore {
         options: CopyOptions,
     ) -> object_store::Result<()> {
         self.check()?;
+        self.puts.fetch_add(1, Ordering::Relaxed);
         self.inner.copy_opts(from, to, options).await
     }
 
@@ -177,6 +225,7 @@ impl ObjectStore for FaultyStore {
         options: RenameOptions,
     ) -> object_store::Result<()> {
         self.check()?;
+        self.puts.fetch_add(1, Ordering::Relaxed);
         self.inner.rename_opts(from, to, options).await
     }
 }
@@ -205,13 +254,13 @@ pub struct SoakOptions {
     pub dir: PathBuf,
 }
 
-fn soak_path(root: &Path, i: usize) -> PathBuf {
+pub(crate) fn soak_path(root: &Path, i: usize) -> PathBuf {
     root.join("data")
         .join(format!("g{}", i / 100))
         .join(format!("t{i:05}.db"))
 }
 
-fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
+pub(crate) fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
     let c = rusqlite::Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
     c.busy_timeout(Duration::from_secs(5))
         .map_err(|e| Error::sqlite(path, e))?;
@@ -226,31 +275,35 @@ fn count(path: &Path) -> Result<i64> {
         .map_err(|e| Error::sqlite(path, e))
 }
 
+/// Creates `n` WAL databases of one row each under `root/data/g<i/100>/`
+/// ([`soak_path`]), for `soak` and `bench cost`.
+pub(crate) async fn create_fleet(root: &Path, n: usize, what: &'static str) -> Result<()> {
+    let root = root.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        for i in 0..n {
+            let p = soak_path(&root, i);
+            if i % 100 == 0 {
+                let d = p.parent().expect("has parent");
+                std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            }
+            let c = open_writer(&p)?;
+            c.execute_batch(
+                "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t(v) VALUES ('seed');",
+            )
+            .map_err(|e| Error::sqlite(&p, e))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::invalid(what, e.to_string()))?
+}
+
 /// Runs a soak: creates the fleet, writes and replicates under faults for
 /// `duration`, drains, restores everything and compares row counts.
 pub async fn soak(opts: SoakOptions) -> Result<SoakReport> {
     let root = opts.dir.clone();
     let n = opts.databases;
-    tokio::task::spawn_blocking({
-        let root = root.clone();
-        move || -> Result<()> {
-            for i in 0..n {
-                let p = soak_path(&root, i);
-                if i % 100 == 0 {
-                    let d = p.parent().expect("has parent");
-                    std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-                }
-                let c = open_writer(&p)?;
-                c.execute_batch(
-                    "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t(v) VALUES ('seed');",
-                )
-                .map_err(|e| Error::sqlite(&p, e))?;
-            }
-            Ok(())
-        }
-    })
-    .await
-    .map_err(|e| Error::invalid("bench soak", e.to_string()))??;
+    create_fleet(&root, n, "bench soak").await?;
     tracing::info!(databases = n, dir = %root.display(), "fleet ready");
 
     let yaml = format!(

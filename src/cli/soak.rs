@@ -448,3 +448,42 @@ fn tally(
         None => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::ObjectStoreExt;
+
+    #[tokio::test]
+    async fn requests_are_counted_by_price_class() {
+        let store = FaultyStore::new(Arc::new(object_store::memory::InMemory::new()));
+        let (a, b) = (ObjPath::from("k/a"), ObjPath::from("k/b"));
+        store.put(&a, b"x".to_vec().into()).await.unwrap();
+        store.put(&b, b"y".to_vec().into()).await.unwrap();
+        store.get(&a).await.unwrap();
+        store
+            .list_with_delimiter(Some(&ObjPath::from("k")))
+            .await
+            .unwrap();
+        let listed: Vec<_> = store.list(Some(&ObjPath::from("k"))).collect().await;
+        assert_eq!(listed.len(), 2);
+        let gone: Vec<_> = store
+            .delete_stream(futures::stream::iter([Ok(a.clone()), Ok(b.clone())]).boxed())
+            .collect()
+            .await;
+        assert!(gone.iter().all(|r| r.is_ok()));
+        assert_eq!(
+            store.requests(),
+            Requests {
+                put: 2,
+                get: 1,
+                list: 2,
+                delete: 2
+            }
+        );
+        // An injected fault is not a request that reached the store.
+        store.set_rate(1000);
+        assert!(store.get(&a).await.is_err());
+        assert_eq!(store.requests().get, 1);
+    }
+}

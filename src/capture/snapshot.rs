@@ -91,6 +91,12 @@ pub fn backup_to(src: &Path, dst: &Path) -> Result<()> {
 /// exactly that transaction's view (the hot tier relies on this).
 pub fn backup_from(source: &Connection, src: &Path, dst: &Path) -> Result<()> {
     let mut target = Connection::open(dst).map_err(|e| Error::sqlite(dst, e))?;
+    // The copy is a throwaway file until it is compressed: a crash leaves a
+    // temporary file to discard, never one to recover. No rollback journal
+    // (created, synced and deleted per snapshot otherwise) and no fsync.
+    target
+        .execute_batch("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;")
+        .map_err(|e| Error::sqlite(dst, e))?;
     {
         let backup = rusqlite::backup::Backup::new(source, &mut target)
             .map_err(|e| Error::sqlite(src, e))?;

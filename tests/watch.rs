@@ -82,8 +82,25 @@ both_backends!(
         .expect("the write reached the replica within the bound");
         assert_eq!(rep.stats().scans.load(Ordering::Relaxed), 1);
         assert!(rep.stats().rechecks.load(Ordering::Relaxed) >= 1);
+
+        // Written again within the scan interval: the notification is
+        // noticed (a round runs) but the upload waits for the scan, so a
+        // database written all the time costs one upload per scan, not one
+        // per write.
+        let uploads = rep.stats().uploads_ok.load(Ordering::Relaxed);
+        insert_rows(&c, 2);
+        tokio::time::timeout(WITHIN, rounds.changed())
+            .await
+            .expect("a round for the notification")
+            .unwrap();
+        assert_eq!(rep.stats().uploads_ok.load(Ordering::Relaxed), uploads);
+        assert_eq!(restored_rows(&f, &key).await, Some(7));
         token.cancel();
         task.await.unwrap().unwrap();
+        // The scan uploads it.
+        let r = rep.cycle(&CancellationToken::new()).await;
+        assert_eq!(r.uploaded, 1);
+        assert_eq!(restored_rows(&f, &key).await, Some(9));
     }
 );
 

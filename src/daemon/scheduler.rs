@@ -77,6 +77,10 @@ pub struct Replicator {
     /// Rounds of the `run` loop completed (a cycle, or a re-check after
     /// change notifications), for whoever waits on the loop.
     rounds: tokio::sync::watch::Sender<u64>,
+    /// Databases a re-check uploaded or handed on, and when: for one scan
+    /// interval after that, notifications about them wait for the scan.
+    /// Holds only recently notified databases.
+    notified: Mutex<HashMap<Id, tokio::time::Instant>>,
 }
 
 /// The hot tier's moving parts (see [`crate::source::tier`] and [`crate::capture::ship`]).
@@ -196,6 +200,7 @@ impl Replicator {
         };
         Ok(Replicator {
             rounds: tokio::sync::watch::Sender::new(0),
+            notified: Mutex::new(HashMap::new()),
             loaded: Arc::new(loaded),
             replica,
             tracker: Arc::new(Mutex::new(tracker)),
@@ -257,7 +262,7 @@ impl Replicator {
         if scan.new > 0 || scan.removed > 0 {
             self.check_keys();
         }
-        let report = self.dispatch(scan, shutdown).await;
+        let report = self.dispatch(scan, None, shutdown).await;
         self.stats.last_scan_unix.store(
             chrono::Utc::now().timestamp().max(0) as u64,
             Ordering::Relaxed,
@@ -277,35 +282,62 @@ impl Replicator {
         // A streaming database's stream ships its writes every sync
         // interval; the scans keep its ticket. Re-checking it at every write
         // would only churn its ticket.
-        let streaming: HashSet<Id> = {
-            let running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
-            running
-                .iter()
-                .filter(|(_, r)| r.streaming())
-                .map(|(id, _)| *id)
-                .collect()
+        //
+        // A database a notification already had uploaded within the last
+        // scan interval waits for the scan: the first write after a quiet
+        // spell is protected at once, a database written all the time is
+        // uploaded once per scan as before, not at every write (each upload
+        // is a PUT).
+        let now = tokio::time::Instant::now();
+        let window = self.loaded.multi_db().scan_interval;
+        let mut skip: HashSet<Id> = {
+            let mut notified = self.notified.lock().unwrap_or_else(|p| p.into_inner());
+            notified.retain(|_, at| now.duration_since(*at) < window);
+            notified.keys().copied().collect()
         };
+        {
+            let running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+            skip.extend(
+                running
+                    .iter()
+                    .filter(|(_, r)| r.streaming())
+                    .map(|(id, _)| *id),
+            );
+        }
         let tracker = self.tracker.clone();
         let changed = tokio::task::spawn_blocking(move || {
-            lock(&tracker).recheck(&files, |id| streaming.contains(&id))
+            let mut t = lock(&tracker);
+            t.recheck(&files, |id| skip.contains(&id));
+            t.changed().iter().copied().collect::<HashSet<Id>>()
         })
         .await
         .expect("recheck task panicked");
-        if changed == 0 {
+        if changed.is_empty() {
             return CycleReport::default();
         }
         self.stats.rechecks.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut notified = self.notified.lock().unwrap_or_else(|p| p.into_inner());
+            notified.extend(changed.iter().map(|id| (*id, now)));
+        }
         let scan = ScanReport {
             databases: self.tracked(),
-            changed,
+            changed: changed.len(),
             ..Default::default()
         };
-        self.dispatch(scan, shutdown).await
+        self.dispatch(scan, Some(&changed), shutdown).await
     }
 
     /// After a scan or a re-check: retier, then upload or hand to streams
-    /// what is pending, record the outcomes and save the state.
-    async fn dispatch(&self, scan: ScanReport, shutdown: &CancellationToken) -> CycleReport {
+    /// what is pending (after a re-check, `only` what it found changed:
+    /// failed uploads are retried at the scans), record the outcomes and
+    /// save the state.
+    async fn dispatch(
+        &self,
+        scan: ScanReport,
+        only: Option<&HashSet<Id>>,
+        shutdown: &CancellationToken,
+    ) -> CycleReport {
         let mut report = CycleReport {
             scan,
             ..Default::default()
@@ -317,6 +349,9 @@ impl Replicator {
             let mut t = lock(&self.tracker);
             let mut running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
             let mut pending = t.pending();
+            if let Some(only) = only {
+                pending.retain(|id| only.contains(id));
+            }
             // A hot database's change goes to the replica through its WAL
             // stream: the stream takes the ticket, and the database counts as
             // synced only once a sync that began after this point shipped

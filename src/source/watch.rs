@@ -9,6 +9,9 @@
 //! else stays with the periodic scan, which remains the safety net: new
 //! files are discovered by it, deleted ones dropped by it, and any event
 //! that is lost (a full kernel queue, [`Batch::Overflow`]) costs a full scan.
+//! The scheduler bounds what notifications cost: a database they already
+//! had uploaded within the last scan interval waits for the scan, and
+//! streaming databases are left to their streams.
 //!
 //! Limits: the kernel bounds the watches per user
 //! (`fs.inotify.max_user_watches`). When a watch cannot be added for that

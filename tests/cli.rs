@@ -54,6 +54,32 @@ fn bad_configs_are_clear_errors_not_panics() {
     assert!(stderr(&o).contains("missing.yml"), "{}", stderr(&o));
 }
 
+/// A config whose patterns match no database backs up nothing: `--once`
+/// (what cron runs) says so and exits 1 instead of reporting success.
+#[test]
+fn once_with_no_matching_database_fails() {
+    let t = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+        t.path().join("replica").display()
+    );
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    std::fs::create_dir_all(t.path().join("data/x")).unwrap();
+    std::fs::write(t.path().join("data/x/notes.db"), b"not sqlite").unwrap();
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no SQLite database matched the patterns"),
+        "{err}"
+    );
+    assert!(err.contains("./data/*/*.db"), "{err}");
+    // Once a database exists, the same config succeeds.
+    drop(create_db(&t.path().join("data/x/app.db"), 1));
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 #[test]
 fn secrets_never_reach_the_output() {
     let t = tempfile::tempdir().unwrap();

@@ -222,6 +222,15 @@ impl Replicator {
     }
 
     /// Number of databases currently tracked.
+    /// The patterns as the config gave them, for messages (relative ones
+    /// were resolved against the config file's directory).
+    fn patterns_text(&self) -> String {
+        format!(
+            "{:?} (relative patterns are resolved against the config file's directory)",
+            self.loaded.multi_db().patterns
+        )
+    }
+
     /// Counts the rounds of [`Replicator::run`]: it changes after each
     /// cycle or notified re-check, once its effects (uploads, watches) are
     /// complete.
@@ -692,6 +701,15 @@ impl Replicator {
                     "replicate --once",
                     format!("{} uploads failed", r.failed),
                 ))
+            } else if r.scan.databases == 0 {
+                // A cron job must notice a config that backs up nothing.
+                Err(Error::invalid(
+                    "replicate --once",
+                    format!(
+                        "no SQLite database matched the patterns {}",
+                        self.patterns_text()
+                    ),
+                ))
             } else {
                 Ok(())
             };
@@ -724,11 +742,19 @@ impl Replicator {
         };
         let mut tick = tokio::time::interval(m.scan_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut empty_warned = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    self.cycle(&shutdown).await;
+                    let r = self.cycle(&shutdown).await;
+                    if r.scan.databases == 0 && !empty_warned {
+                        empty_warned = true;
+                        tracing::warn!(
+                            patterns = %self.patterns_text(),
+                            "no SQLite database matched the patterns; nothing is backed up until one does"
+                        );
+                    }
                     if let Some(w) = &mut watch {
                         let dirs = w.new_dirs(&lock(&self.tracker));
                         if !dirs.is_empty() {

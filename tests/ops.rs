@@ -433,3 +433,21 @@ async fn disk_full_at_the_restore_output_fails_without_falling_back() {
     assert!(err.contains("No space left on device"), "{err}");
     assert!(!err.contains("damaged") && !err.contains("older"), "{err}");
 }
+
+/// A start that fails after taking the replica lease (here: the operations
+/// port is in use) gives the lease back: the next start does not have to
+/// wait for it to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_releases_the_lease() {
+    let mut f = Fleet::new(Backend::File).await;
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    f.top_yaml = format!("addr: {}\n", busy.local_addr().unwrap());
+    drop(create_db(&f.db_path("p", "d", "t0"), 1));
+    let (code, log) = Daemon::start(&f, &["replicate"]).wait().await;
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("replica lease acquired"), "{log}");
+    drop(busy);
+    f.top_yaml = String::new();
+    let (code, log) = Daemon::start(&f, &["replicate", "--once"]).wait().await;
+    assert_eq!(code, Some(0), "the lease was left behind: {log}");
+}

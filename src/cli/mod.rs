@@ -402,22 +402,38 @@ async fn run(cli: Cli) -> Result<()> {
             // Every write of the replicator stops when the lease does.
             let replica = replica.with_fence(lease.fence());
             let renewer = crate::replica::lease::spawn_renewer(lease, token.clone());
-            let replicator = Arc::new(Replicator::with_replica(loaded, replica)?);
             // The endpoint outlives the loop's drain, so /healthz answers
             // while in-flight uploads finish; it stops after `run` returns.
             let ops_stop = CancellationToken::new();
-            let ops = match addr {
-                Some(addr) => Some(
-                    crate::daemon::server::serve(
-                        addr,
-                        replicator.stats(),
-                        scan_interval,
-                        ops_stop.clone(),
-                    )
-                    .await?
-                    .1,
-                ),
-                None => None,
+            let started = async {
+                let replicator = Arc::new(Replicator::with_replica(loaded, replica)?);
+                let ops = match addr {
+                    Some(addr) => Some(
+                        crate::daemon::server::serve(
+                            addr,
+                            replicator.stats(),
+                            scan_interval,
+                            ops_stop.clone(),
+                        )
+                        .await?
+                        .1,
+                    ),
+                    None => None,
+                };
+                Ok::<_, Error>((replicator, ops))
+            }
+            .await;
+            let (replicator, ops) = match started {
+                Ok(v) => v,
+                Err(e) => {
+                    // A start that fails (the operations port in use, say)
+                    // gives the lease back, so the next start need not wait
+                    // for it to expire.
+                    if let Err(r) = renewer.release().await {
+                        tracing::warn!(error = %r, "could not release the replica lease; it expires by itself");
+                    }
+                    return Err(e);
+                }
             };
             let result = replicator.run(once, token).await;
             // Uploads have finished: now the lease may go.

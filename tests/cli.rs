@@ -255,3 +255,33 @@ async fn sigterm_finishes_in_flight_uploads() {
         assert_eq!(count_rows(&o), 5);
     }
 }
+
+/// Reading commands never create a replica, and say when there is nothing:
+/// `list` of a `file://` directory that does not exist fails instead of
+/// creating it; `snapshots` and `generations` of a key without backups
+/// exit 1.
+#[test]
+fn reading_commands_report_missing_replicas_and_keys() {
+    let t = tempfile::tempdir().unwrap();
+    let replica = t.path().join("replica-typo");
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+        replica.display()
+    );
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    let o = litefleet(t.path(), &["list"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no such directory"), "{}", stderr(&o));
+    assert!(!replica.exists(), "list created the replica directory");
+
+    drop(create_db(&t.path().join("data/x/app.db"), 1));
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for cmd in ["snapshots", "generations"] {
+        let o = litefleet(t.path(), &[cmd, "x/app"]);
+        assert_eq!(o.status.code(), Some(0), "{cmd}: {}", stderr(&o));
+        let o = litefleet(t.path(), &[cmd, "x/nope"]);
+        assert_eq!(o.status.code(), Some(1), "{cmd}: {}", stderr(&o));
+        assert!(stderr(&o).contains("x/nope"), "{cmd}: {}", stderr(&o));
+    }
+}

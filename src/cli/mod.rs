@@ -516,7 +516,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::List { prefix, snapshots } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = loaded.open_replica()?;
+            let replica = loaded.open_existing_replica()?;
             let dbs = restore::list_databases(&replica, prefix.as_deref()).await?;
             let mut out = std::io::stdout().lock();
             // A closed pipe (`litefleet list | head`) just ends the listing.
@@ -526,7 +526,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Generations { target } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = loaded.open_replica()?;
+            let replica = loaded.open_existing_replica()?;
             let key = restore::resolve_key(&loaded, &target)?;
             let gens = crate::replica::hot::list_generations(&replica, &key).await?;
             let rfc = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
@@ -543,11 +543,16 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             eprintln!("{} generation(s) of {key} in {replica}", gens.len());
+            if gens.is_empty() && cold::snapshots(&replica, &key).await?.is_empty() {
+                return Err(Error::NotFound(format!(
+                    "no backup of {key:?} in {replica} (see `litefleet list`)"
+                )));
+            }
             Ok(())
         }
         Command::Snapshots { target } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = loaded.open_replica()?;
+            let replica = loaded.open_existing_replica()?;
             let key = restore::resolve_key(&loaded, &target)?;
             let mut n = 0;
             for s in cold::snapshots(&replica, &key).await? {
@@ -571,6 +576,11 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             eprintln!("{n} snapshot(s) of {key} in {replica}");
+            if n == 0 {
+                return Err(Error::NotFound(format!(
+                    "no snapshot of {key:?} in {replica} (see `litefleet list`)"
+                )));
+            }
             Ok(())
         }
         Command::Demo { databases, dir } => {

@@ -387,6 +387,21 @@ impl Loaded {
         Replica::open(&self.replica, &self.multi_db().replica.store_options())
     }
 
+    /// The replica this config names, for commands that only read it: a
+    /// `file://` directory that does not exist is an error (a mistyped
+    /// path), not a new empty replica.
+    pub fn open_existing_replica(&self) -> Result<Replica> {
+        if let ReplicaUrl::File { dir } = &self.replica {
+            if !dir.is_dir() {
+                return Err(Error::invalid(
+                    format!("multi-db.replica.url file://{}", dir.display()),
+                    "no such directory: nothing was replicated there (check the path)",
+                ));
+            }
+        }
+        self.open_replica()
+    }
+
     pub fn multi_db(&self) -> &MultiDb {
         &self.config.multi_db
     }

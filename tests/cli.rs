@@ -285,3 +285,31 @@ fn reading_commands_report_missing_replicas_and_keys() {
         assert!(stderr(&o).contains("x/nope"), "{cmd}: {}", stderr(&o));
     }
 }
+
+/// A restored database gets the mode SQLite would give a new database
+/// (0666 minus the umask), not the temporary file's 0600.
+#[test]
+fn restored_files_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+        t.path().join("replica").display()
+    );
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    drop(create_db(&t.path().join("data/x/app.db"), 3));
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = t.path().join("restored.db");
+    let o = litefleet(t.path(), &["restore", "x/app", "-o", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+        .unwrap();
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666 & !umask, "mode {mode:o}, umask {umask:o}");
+    assert_eq!(count_rows(&out), 3);
+}

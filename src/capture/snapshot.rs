@@ -326,7 +326,14 @@ pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = NamedTempFile::with_prefix_in(format!(".{name}.litefleet-"), &dir).at(&dir)?;
+    // 0666 minus the umask, as SQLite creates a database (tempfile's own
+    // default, 0600, would leave a restored database unreadable to the group
+    // that reads the original).
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.litefleet-"))
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(&dir)
+        .at(&dir)?;
     let (file, path) = tmp.into_parts();
     Ok((file, path))
 }

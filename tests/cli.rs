@@ -313,3 +313,27 @@ fn restored_files_follow_the_umask() {
     assert_eq!(mode, 0o666 & !umask, "mode {mode:o}, umask {umask:o}");
     assert_eq!(count_rows(&out), 3);
 }
+
+/// A staging or state directory that cannot be used is a clear error at
+/// start, naming the config key and the path, not a failure at the first
+/// upload.
+#[test]
+fn unusable_temp_and_state_dirs_fail_at_start() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("a-file"), b"x").unwrap();
+    drop(create_db(&t.path().join("data/x/app.db"), 1));
+    for (key, line) in [
+        ("multi-db.temp-dir", "  temp-dir: ./a-file/tmp\n"),
+        ("multi-db.state-dir", "  state-dir: ./a-file/state\n"),
+    ] {
+        let yaml = format!(
+            "multi-db:\n  patterns: [\"./data/*/*.db\"]\n{line}  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+            t.path().join("replica").display()
+        );
+        std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+        let o = litefleet(t.path(), &["replicate", "--once"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{key}: {err}");
+        assert!(err.contains(key) && err.contains("a-file"), "{key}: {err}");
+    }
+}

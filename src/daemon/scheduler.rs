@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -161,7 +161,25 @@ impl Replicator {
                 tracing::warn!(dir = %temp_dir.display(), error = %e, "cannot clean staging directory")
             }
         }
+        // Both must be writable: say so now, naming the directory and the
+        // config key, not at the first upload.
         let state_file = loaded.state_file();
+        for (dir, key) in [
+            (temp_dir.as_path(), "multi-db.temp-dir"),
+            (
+                state_file.parent().unwrap_or(Path::new(".")),
+                "multi-db.state-dir",
+            ),
+        ] {
+            std::fs::create_dir_all(dir)
+                .and_then(|()| tempfile::tempfile_in(dir).map(drop))
+                .map_err(|e| {
+                    Error::invalid(
+                        key,
+                        format!("{} is not a writable directory: {e}", dir.display()),
+                    )
+                })?;
+        }
         let mut tracker = Tracker::new();
         match tracker.load_state(&state_file, loaded.state_tag()) {
             Ok(0) => {}

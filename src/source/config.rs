@@ -452,7 +452,12 @@ impl Loaded {
             .multi_db
             .temp_dir
             .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join("litefleet"))
+            // One per user: another user's run must not own our staging.
+            .unwrap_or_else(|| {
+                // SAFETY: getuid has no preconditions and cannot fail.
+                let uid = unsafe { libc::getuid() };
+                std::env::temp_dir().join(format!("litefleet-{uid}"))
+            })
     }
 }
 

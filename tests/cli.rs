@@ -48,6 +48,10 @@ fn bad_configs_are_clear_errors_not_panics() {
         assert_eq!(o.status.code(), Some(1), "{what}: {err}");
         assert!(err.contains(needle), "{what}: expected {needle:?} in {err}");
         assert!(!err.contains("panicked"), "{what}: {err}");
+        assert!(
+            !err.contains("pth: multi-db"),
+            "{what}: key path said twice: {err}"
+        );
     }
     let o = litefleet(t.path(), &["--config", "missing.yml", "list"]);
     assert_eq!(o.status.code(), Some(1));

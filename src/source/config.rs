@@ -276,7 +276,14 @@ impl Loaded {
             } else {
                 key
             };
-            err(&key, e.into_inner().to_string())
+            // The YAML error names the parent mapping again
+            // ("multi-db: unknown field ..."): the key path already says it.
+            let msg = e.into_inner().to_string();
+            let msg = match msg.split_once(": ") {
+                Some((head, rest)) if key.starts_with(head) => rest.to_string(),
+                _ => msg,
+            };
+            err(&key, msg)
         })?;
         let m = &config.multi_db;
         if m.patterns.is_empty() {

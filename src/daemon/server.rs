@@ -8,7 +8,9 @@
 //!
 //! Health: the loop is healthy while a scan has completed within
 //! [`HEALTHY_INTERVALS`] scan intervals (counting from start-up before the
-//! first scan). A stuck filesystem, a deadlock or a dead loop turns it 503.
+//! first scan). A stuck filesystem, a deadlock or a dead loop turns it 503;
+//! so does a fleet in which the last scan found no database at all (a
+//! pattern that matches nothing backs nothing up).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -108,7 +110,7 @@ impl StatsView {
             key_collisions: stats.key_collisions.load(Relaxed),
             watched_dirs: stats.watched_dirs.load(Relaxed),
             rechecks: stats.rechecks.load(Relaxed),
-            healthy: now.saturating_sub(since) <= limit,
+            healthy: now.saturating_sub(since) <= limit && !(last_scan > 0 && databases == 0),
         }
     }
 
@@ -258,10 +260,14 @@ async fn healthz(State(ops): State<Ops>) -> Response {
     if v.healthy {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        let msg = format!(
-            "unhealthy: no scan completed in {} intervals of {:?}\n",
-            HEALTHY_INTERVALS, ops.scan_interval
-        );
+        let msg = if v.last_scan_age_seconds.is_some() && v.databases == 0 {
+            "unhealthy: the last scan found no SQLite database matching the patterns\n".to_string()
+        } else {
+            format!(
+                "unhealthy: no scan completed in {} intervals of {:?}\n",
+                HEALTHY_INTERVALS, ops.scan_interval
+            )
+        };
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     }
 }
@@ -328,9 +334,13 @@ mod tests {
         // Before any scan: healthy during the grace period from start-up.
         assert!(StatsView::read(&s, iv, 1045).healthy);
         assert!(!StatsView::read(&s, iv, 1046).healthy);
+        s.databases.store(1, Relaxed);
         s.last_scan_unix.store(2000, Relaxed);
         assert!(StatsView::read(&s, iv, 2045).healthy);
         assert!(!StatsView::read(&s, iv, 2046).healthy);
+        // A scan that found nothing: a config that backs up nothing.
+        s.databases.store(0, Relaxed);
+        assert!(!StatsView::read(&s, iv, 2001).healthy);
     }
 
     #[test]

@@ -451,3 +451,25 @@ async fn a_failed_start_releases_the_lease() {
     let (code, log) = Daemon::start(&f, &["replicate", "--once"]).wait().await;
     assert_eq!(code, Some(0), "the lease was left behind: {log}");
 }
+
+/// A daemon whose patterns match nothing backs nothing up: `/healthz` says
+/// so (503) once a scan has run, and the log warns once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_fleet_is_unhealthy() {
+    let mut f = Fleet::new(Backend::File).await;
+    let addr = free_port();
+    f.top_yaml = format!("addr: {addr}\n");
+    let d = Daemon::start(&f, &["replicate"]);
+    until("a 503 from /healthz after the first scan", async || {
+        matches!(http_get(addr, "/healthz").await, Some((503, body)) if body.contains("no SQLite database"))
+    })
+    .await;
+    assert!(
+        d.log().contains("no SQLite database matched the patterns"),
+        "{}",
+        d.log()
+    );
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(0), "{log}");
+}

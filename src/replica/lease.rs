@@ -273,7 +273,7 @@ impl Lease {
                 }
             };
             if let Some(version) = written {
-                tracing::info!(
+                tracing::debug!(
                     lease = %lease_name(replica),
                     owner = %record.owner,
                     expires = %record.expires.to_rfc3339(),

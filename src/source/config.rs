@@ -495,12 +495,19 @@ pub fn parse_replica_url(url: &str, base: &Path) -> std::result::Result<ReplicaU
         return Err(format!("{url:?} names no directory"));
     }
     let dir = Path::new(path);
+    let dir = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        base.join(dir)
+    };
+    // `file://./r` relative to /etc/litefleet is /etc/litefleet/r, not
+    // /etc/litefleet/./r (in logs and in the lease's name). `..` stays: only
+    // the filesystem knows where it leads through a symlink.
     Ok(ReplicaUrl::File {
-        dir: if dir.is_absolute() {
-            dir.to_path_buf()
-        } else {
-            base.join(dir)
-        },
+        dir: dir
+            .components()
+            .filter(|c| *c != std::path::Component::CurDir)
+            .collect(),
     })
 }
 
@@ -670,12 +677,12 @@ multi-db:
     #[test]
     fn file_urls() {
         let base = Path::new("/base");
-        assert_eq!(
-            parse_replica_url("file://./demo-replica", base).unwrap(),
-            ReplicaUrl::File {
-                dir: "/base/./demo-replica".into()
-            }
-        );
+        let ReplicaUrl::File { dir } = parse_replica_url("file://./demo-replica", base).unwrap()
+        else {
+            panic!("a file:// URL")
+        };
+        // Without the `./`, also as text (logs, the lease's name).
+        assert_eq!(dir.display().to_string(), "/base/demo-replica");
         assert_eq!(
             parse_replica_url("file:///var/b", base).unwrap(),
             ReplicaUrl::File {

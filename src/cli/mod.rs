@@ -317,7 +317,14 @@ fn parse_timestamp(s: &str) -> std::result::Result<DateTime<Utc>, String> {
 }
 
 fn init_logging(level: &str) {
-    let filter = std::env::var("LITEFLEET_LOG").unwrap_or_else(|_| level.to_string());
+    // At `info`, the object store client's line per retried request is
+    // noise: the request's final failure is ours to log. A full filter, or
+    // `debug`/`trace`, is taken as given.
+    let level = match level {
+        "info" => "info,object_store=warn".to_string(),
+        other => other.to_string(),
+    };
+    let filter = std::env::var("LITEFLEET_LOG").unwrap_or(level);
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

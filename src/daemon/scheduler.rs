@@ -788,6 +788,13 @@ impl Replicator {
                     Batch::Overflow => {
                         self.cycle(&shutdown).await;
                     }
+                    Batch::Failed => {
+                        // Not again and again: a broken stream would turn
+                        // every round into a full scan.
+                        watch = None;
+                        self.stats.watched_dirs.store(0, Ordering::Relaxed);
+                        self.cycle(&shutdown).await;
+                    }
                 },
             }
             self.rounds.send_modify(|n| *n += 1);

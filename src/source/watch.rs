@@ -52,6 +52,9 @@ pub enum Batch {
     Changed(Vec<(u32, OsString)>),
     /// The kernel dropped events: only a full scan can tell what changed.
     Overflow,
+    /// The notification stream failed or ended: the scans are all there is
+    /// from now on (after one full scan, as for an overflow).
+    Failed,
 }
 
 /// The inotify watcher of the tracked directories.
@@ -137,13 +140,18 @@ impl Watch {
             let mut seen: HashSet<(u32, OsString)> = HashSet::new();
             let mut overflow = false;
             let first = self.events.next().await;
-            if self.take(first, &mut seen, &mut overflow) {
+            let mut alive = self.take(first, &mut seen, &mut overflow);
+            if alive {
                 let deadline = tokio::time::Instant::now() + DEBOUNCE;
                 while let Ok(ev) = tokio::time::timeout_at(deadline, self.events.next()).await {
                     if !self.take(ev, &mut seen, &mut overflow) {
+                        alive = false;
                         break;
                     }
                 }
+            }
+            if !alive {
+                return Batch::Failed;
             }
             if overflow {
                 return Batch::Overflow;
@@ -154,8 +162,7 @@ impl Watch {
         }
     }
 
-    /// Adds one event to a batch; false when the stream failed or ended
-    /// (reported as an overflow: only a scan can tell what changed).
+    /// Adds one event to a batch; false when the stream failed or ended.
     fn take(
         &mut self,
         ev: Option<io::Result<inotify::EventOwned>>,
@@ -179,12 +186,13 @@ impl Watch {
                 true
             }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "reading change notifications failed; relying on the scan");
-                *overflow = true;
+                tracing::warn!(error = %e, "reading change notifications failed; from now on writes are noticed at each scan");
                 false
             }
             None => {
-                *overflow = true;
+                tracing::warn!(
+                    "change notifications ended; from now on writes are noticed at each scan"
+                );
                 false
             }
         }

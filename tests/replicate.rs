@@ -340,3 +340,33 @@ async fn run_loop_scans_every_interval_and_stops_on_cancel() {
     assert_eq!(scans, 4);
     assert!(stats.uploads_ok.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }
+
+// The replica is emptied behind litefleet's back (a new bucket, a wiped
+// directory): the upload records of the state file no longer describe it, so
+// a restart uploads every database again instead of trusting them for good.
+both_backends!(
+    an_emptied_replica_gets_every_database_again,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let keys = ["p/d/a", "p/d/b"];
+        for t in ["a", "b"] {
+            let p = f.db_path("p", "d", t);
+            drop(create_db(&p, 2));
+            age(&p);
+        }
+        let token = CancellationToken::new();
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 2);
+        // A restart trusts its records while the replica holds the backups.
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 0);
+        let r = f.replica();
+        for name in f.objects().await {
+            if !name.contains(".litefleet") {
+                r.delete(&object_store::path::Path::from(name))
+                    .await
+                    .unwrap();
+            }
+        }
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 2);
+        f.assert_restores(&keys, 2).await;
+    }
+);

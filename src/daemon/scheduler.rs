@@ -81,6 +81,10 @@ pub struct Replicator {
     /// interval after that, notifications about them wait for the scan.
     /// Holds only recently notified databases.
     notified: Mutex<HashMap<Id, tokio::time::Instant>>,
+    /// Upload records loaded from the state file, checked against the
+    /// replica before the first scan ([`Replicator::check_records`]).
+    preloaded: usize,
+    first_cycle: std::sync::atomic::AtomicBool,
 }
 
 /// The hot tier's moving parts (see [`crate::source::tier`] and [`crate::capture::ship`]).
@@ -181,9 +185,11 @@ impl Replicator {
                 })?;
         }
         let mut tracker = Tracker::new();
+        let mut preloaded = 0;
         match tracker.load_state(&state_file, loaded.state_tag()) {
             Ok(0) => {}
             Ok(n) => {
+                preloaded = n;
                 tracing::info!(records = n, file = %state_file.display(), "loaded upload records")
             }
             Err(e) => tracing::warn!(
@@ -219,6 +225,8 @@ impl Replicator {
         Ok(Replicator {
             rounds: tokio::sync::watch::Sender::new(0),
             notified: Mutex::new(HashMap::new()),
+            preloaded,
+            first_cycle: std::sync::atomic::AtomicBool::new(true),
             loaded: Arc::new(loaded),
             replica,
             tracker: Arc::new(Mutex::new(tracker)),
@@ -249,6 +257,38 @@ impl Replicator {
         )
     }
 
+    /// Before the first scan: upload records from the state file are only
+    /// trusted while the replica holds backups at all. A replica emptied
+    /// behind our back (a new bucket, a wiped directory, a fixed prefix)
+    /// would otherwise never get the databases that do not change again.
+    /// One LIST with delimiter at the replica root; a replica that cannot be
+    /// listed keeps the records (the uploads will tell).
+    async fn check_records(&self) {
+        if self.preloaded == 0 {
+            return;
+        }
+        let root = self.replica.prefix.clone();
+        let holds_backups = match self.replica.list_children(&root).await {
+            Ok((dirs, objects)) => {
+                let lease_dir =
+                    crate::replica::layout::key_path(&root, crate::replica::lease::LEASE_DIR);
+                !objects.is_empty() || dirs.iter().any(|d| *d != lease_dir)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the replica root; keeping the upload records");
+                true
+            }
+        };
+        if !holds_backups {
+            let n = lock(&self.tracker).forget_upload_records();
+            tracing::warn!(
+                records = n,
+                replica = %self.replica,
+                "the replica holds no backup although the state file records uploads: uploading every database again"
+            );
+        }
+    }
+
     /// Counts the rounds of [`Replicator::run`]: it changes after each
     /// cycle or notified re-check, once its effects (uploads, watches) are
     /// complete.
@@ -262,6 +302,9 @@ impl Replicator {
 
     /// One scan and the uploads it calls for.
     pub async fn cycle(&self, shutdown: &CancellationToken) -> CycleReport {
+        if self.first_cycle.swap(false, Ordering::AcqRel) {
+            self.check_records().await;
+        }
         let tracker = self.tracker.clone();
         let loaded = self.loaded.clone();
         let (scan, took) = tokio::task::spawn_blocking(move || {

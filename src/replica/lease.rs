@@ -79,6 +79,9 @@ use crate::{Error, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// The directory of litefleet's own objects under the replica root (the
+/// lease); never a database key.
+pub const LEASE_DIR: &str = ".litefleet";
 /// Where the lease lives under the replica prefix. A dot directory: no key
 /// template renders it, and restore, list and retention ignore objects
 /// whose names are not snapshot names.

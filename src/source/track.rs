@@ -553,6 +553,12 @@ impl Tracker {
         Ok(n)
     }
 
+    /// Forgets the upload records loaded from the state file (before the
+    /// first scan): every database counts as never uploaded.
+    pub fn forget_upload_records(&mut self) -> usize {
+        std::mem::take(&mut self.preload).len()
+    }
+
     /// Heap bytes held by the table (entries, names, indexes, directories).
     pub fn heap_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<Entry>()

@@ -79,6 +79,8 @@ pub struct Ticket {
     pub id: Id,
     fingerprint: u64,
     racy: bool,
+    /// When the upload began (Unix seconds): what it uploads was seen then.
+    begun: u32,
 }
 
 /// Counts from one scan.
@@ -445,6 +447,7 @@ impl Tracker {
             id,
             fingerprint: e.seen,
             racy: e.flags & RACY != 0,
+            begun: unix_secs(SystemTime::now()),
         }
     }
 
@@ -460,9 +463,18 @@ impl Tracker {
             } else {
                 ticket.fingerprint
             };
-            if e.synced == e.seen {
-                e.pending_since = 0;
-            }
+            // Still pending (a racy upload, or written since): the replica
+            // holds everything up to when this upload began, less the racy
+            // window, so that is how far behind it is; a database written
+            // all the time is not "pending since" its first write forever.
+            e.pending_since = if e.synced == e.seen {
+                0
+            } else {
+                ticket
+                    .begun
+                    .saturating_sub(RACY_WINDOW.as_secs() as u32)
+                    .max(e.pending_since)
+            };
             self.state_dirty = true;
         }
     }
@@ -856,6 +868,33 @@ mod tests {
         assert!(tk.racy, "file written just now must be racy");
         tr.finish_upload(tk, true);
         assert_eq!(tr.scan(&pat).pending, 1);
+    }
+
+    #[test]
+    fn a_database_written_all_the_time_is_pending_since_its_last_upload() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
+        header_file(&t.path().join("x.db"), b"");
+        let mut tr = Tracker::new();
+        tr.scan(&pat);
+        let id = tr.pending()[0];
+        // Pending since long ago (a busy database, changed at every scan).
+        tr.entries[id as usize].pending_since = 1_000;
+        let tk = tr.begin_upload(id);
+        assert!(tk.racy);
+        tr.finish_upload(tk, true);
+        // Still pending (racy), but only since the upload began.
+        let now = unix_secs(SystemTime::now());
+        let since = tr.oldest_pending().unwrap();
+        assert!(
+            since + RACY_WINDOW.as_secs() as u32 + 1 >= now,
+            "{since} vs {now}"
+        );
+        // A failed upload changes nothing.
+        let tk = tr.begin_upload(id);
+        tr.entries[id as usize].pending_since = 1_000;
+        tr.finish_upload(tk, false);
+        assert_eq!(tr.oldest_pending(), Some(1_000));
     }
 
     #[test]

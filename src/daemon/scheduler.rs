@@ -81,10 +81,10 @@ pub struct Replicator {
     /// interval after that, notifications about them wait for the scan.
     /// Holds only recently notified databases.
     notified: Mutex<HashMap<Id, tokio::time::Instant>>,
-    /// Upload records loaded from the state file, checked against the
-    /// replica before the first scan ([`Replicator::check_records`]).
-    preloaded: usize,
-    first_cycle: std::sync::atomic::AtomicBool,
+    /// Upload records were loaded from the state file and are still to be
+    /// checked against the replica, before the first scan
+    /// ([`Replicator::check_records`]).
+    records_unchecked: std::sync::atomic::AtomicBool,
 }
 
 /// The hot tier's moving parts (see [`crate::source::tier`] and [`crate::capture::ship`]).
@@ -225,8 +225,7 @@ impl Replicator {
         Ok(Replicator {
             rounds: tokio::sync::watch::Sender::new(0),
             notified: Mutex::new(HashMap::new()),
-            preloaded,
-            first_cycle: std::sync::atomic::AtomicBool::new(true),
+            records_unchecked: std::sync::atomic::AtomicBool::new(preloaded > 0),
             loaded: Arc::new(loaded),
             replica,
             tracker: Arc::new(Mutex::new(tracker)),
@@ -247,7 +246,6 @@ impl Replicator {
         self.stats.clone()
     }
 
-    /// Number of databases currently tracked.
     /// The patterns as the config gave them, for messages (relative ones
     /// were resolved against the config file's directory).
     fn patterns_text(&self) -> String {
@@ -264,9 +262,6 @@ impl Replicator {
     /// One LIST with delimiter at the replica root; a replica that cannot be
     /// listed keeps the records (the uploads will tell).
     async fn check_records(&self) {
-        if self.preloaded == 0 {
-            return;
-        }
         let root = self.replica.prefix.clone();
         let holds_backups = match self.replica.list_children(&root).await {
             Ok((dirs, objects)) => {
@@ -296,13 +291,14 @@ impl Replicator {
         self.rounds.subscribe()
     }
 
+    /// Number of databases currently tracked.
     pub fn tracked(&self) -> usize {
         lock(&self.tracker).len()
     }
 
     /// One scan and the uploads it calls for.
     pub async fn cycle(&self, shutdown: &CancellationToken) -> CycleReport {
-        if self.first_cycle.swap(false, Ordering::AcqRel) {
+        if self.records_unchecked.swap(false, Ordering::AcqRel) {
             self.check_records().await;
         }
         let tracker = self.tracker.clone();
@@ -376,9 +372,11 @@ impl Replicator {
         }
         let tracker = self.tracker.clone();
         let changed = tokio::task::spawn_blocking(move || {
-            let mut t = lock(&tracker);
-            t.recheck(&files, |id| skip.contains(&id));
-            t.changed().iter().copied().collect::<HashSet<Id>>()
+            lock(&tracker)
+                .recheck(&files, |id| skip.contains(&id))
+                .iter()
+                .copied()
+                .collect::<HashSet<Id>>()
         })
         .await
         .expect("recheck task panicked");
@@ -805,40 +803,44 @@ impl Replicator {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut empty_warned = false;
         loop {
-            tokio::select! {
+            // A full cycle at each tick, and when notifications cannot say
+            // what changed; otherwise a re-check of what they name.
+            let full = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    let r = self.cycle(&shutdown).await;
-                    if r.scan.databases == 0 && !empty_warned {
-                        empty_warned = true;
-                        tracing::warn!(
-                            patterns = %self.patterns_text(),
-                            "no SQLite database matched the patterns; nothing is backed up until one does"
-                        );
-                    }
-                    if let Some(w) = &mut watch {
-                        let dirs = w.new_dirs(&lock(&self.tracker));
-                        if !dirs.is_empty() {
-                            w.add(&dirs);
-                            self.stats.watched_dirs.store(w.watched() as u64, Ordering::Relaxed);
-                        }
-                    }
-                }
+                _ = tick.tick() => true,
                 batch = next_change(&mut watch) => match batch {
                     Batch::Changed(files) => {
                         self.recheck(files, &shutdown).await;
+                        false
                     }
-                    Batch::Overflow => {
-                        self.cycle(&shutdown).await;
-                    }
+                    Batch::Overflow => true,
                     Batch::Failed => {
                         // Not again and again: a broken stream would turn
                         // every round into a full scan.
                         watch = None;
                         self.stats.watched_dirs.store(0, Ordering::Relaxed);
-                        self.cycle(&shutdown).await;
+                        true
                     }
                 },
+            };
+            if full {
+                let r = self.cycle(&shutdown).await;
+                if r.scan.databases == 0 && !empty_warned {
+                    empty_warned = true;
+                    tracing::warn!(
+                        patterns = %self.patterns_text(),
+                        "no SQLite database matched the patterns; nothing is backed up until one does"
+                    );
+                }
+                if let Some(w) = &mut watch {
+                    let dirs = w.new_dirs(&lock(&self.tracker));
+                    if !dirs.is_empty() {
+                        w.add(&dirs);
+                        self.stats
+                            .watched_dirs
+                            .store(w.watched() as u64, Ordering::Relaxed);
+                    }
+                }
             }
             self.rounds.send_modify(|n| *n += 1);
         }

@@ -214,11 +214,16 @@ impl Tracker {
         let d = *self
             .dir_table
             .find(dh, |&i| &*self.dirs[i as usize] == dir)?;
-        let h = self.key_hash(d, name);
+        self.lookup(d, name)
+    }
+
+    /// The database named `name` in directory number `dir`.
+    fn lookup(&self, dir: u32, name: &[u8]) -> Option<Id> {
+        let h = self.key_hash(dir, name);
         self.table
             .find(h, |&i| {
                 let e = &self.entries[i as usize];
-                e.dir == d && self.name(e) == name
+                e.dir == dir && self.name(e) == name
             })
             .copied()
     }
@@ -346,38 +351,30 @@ impl Tracker {
     /// or its `-wal` or `-journal`, as (directory index, file name)): the
     /// same stat and fingerprint as a scan, without walking anything.
     /// Files of untracked databases are left to the next scan, which finds
-    /// new databases and drops deleted ones; so are those `skip` names. Replaces [`Tracker::changed`]
-    /// with what changed here; returns how many did.
+    /// new databases and drops deleted ones; so are the databases `skip`
+    /// names. Replaces [`Tracker::changed`] with what changed here, and
+    /// returns it.
     pub fn recheck(
         &mut self,
         files: &[(u32, std::ffi::OsString)],
         skip: impl Fn(Id) -> bool,
-    ) -> usize {
+    ) -> &[Id] {
         self.changed.clear();
         let now = SystemTime::now();
         let now_secs = unix_secs(now);
         let racy_after = unix_nanos(now.checked_sub(RACY_WINDOW).unwrap_or(UNIX_EPOCH));
-        let mut done: Vec<Id> = Vec::new();
+        // A database and its `-wal` both name it: one stat each time.
+        let mut done: std::collections::HashSet<Id> = std::collections::HashSet::new();
         for (dir, file) in files {
             if *dir as usize >= self.dirs.len() {
                 continue;
             }
-            let name = database_name(file).as_bytes();
-            let h = self.key_hash(*dir, name);
-            let Some(id) = self
-                .table
-                .find(h, |&i| {
-                    let e = &self.entries[i as usize];
-                    e.dir == *dir && self.name(e) == name
-                })
-                .copied()
-            else {
+            let Some(id) = self.lookup(*dir, database_name(file).as_bytes()) else {
                 continue;
             };
-            if done.contains(&id) || skip(id) {
+            if skip(id) || !done.insert(id) {
                 continue;
             }
-            done.push(id);
             let path = self.path(id);
             let Ok(db) = std::fs::symlink_metadata(&path) else {
                 continue; // gone or unreadable: the scan decides
@@ -390,7 +387,7 @@ impl Tracker {
                 self.changed.push(id);
             }
         }
-        self.changed.len()
+        &self.changed
     }
 
     /// Records what a scan or a re-check saw of `id`; true if it changed.
@@ -708,16 +705,7 @@ impl Visitor for ScanVisitor<'_> {
     fn database(&mut self, dir: &Path, name: &OsStr, db: &Metadata, wal: Option<&Metadata>) {
         let (fp, racy) = self.fingerprint(db, wal);
         let d = self.dir_id(dir);
-        let h = self.t.key_hash(d, name.as_bytes());
-        let t = &*self.t;
-        let found = t
-            .table
-            .find(h, |&i| {
-                let e = &t.entries[i as usize];
-                e.dir == d && t.name(e) == name.as_bytes()
-            })
-            .copied();
-        match found {
+        match self.t.lookup(d, name.as_bytes()) {
             Some(id) => {
                 let epoch = self.t.epoch;
                 self.t.entries[id as usize].epoch = epoch;

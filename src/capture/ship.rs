@@ -495,8 +495,18 @@ impl Shipper {
                     let Some(f) = &file else {
                         return Ok(Step::Lost("the WAL file was deleted".into()));
                     };
+                    #[cfg(test)]
+                    tests::BEFORE_WAL_READ.with(|h| {
+                        if let Some(f) = h.borrow_mut().take() {
+                            f()
+                        }
+                    });
+                    let outcome = wal::read_committed(f, &self.wal, &cur, MAX_SEGMENT_BYTES)?;
+                    // The segment's commit time: taken once the read is
+                    // done, so every transaction it holds had committed by
+                    // then (a commit landing during the read is in it).
                     let read_at = Utc::now();
-                    match wal::read_committed(f, &self.wal, &cur, MAX_SEGMENT_BYTES)? {
+                    match outcome {
                         ReadOutcome::Frames { bytes, next, .. } => {
                             // A read cut short by the size limit is not the tip.
                             self.cut_short = (bytes.len() as u64) >= MAX_SEGMENT_BYTES;
@@ -1017,6 +1027,44 @@ mod tests {
         /// could (SQLITE_BUSY, I/O), after the checkpoint itself ran.
         pub(super) static FAIL_READ_AFTER_CHECKPOINT: std::cell::Cell<bool> =
             const { std::cell::Cell::new(false) };
+        /// Runs once just before [`Shipper::read`] reads the WAL.
+        pub(super) static BEFORE_WAL_READ: RefCell<Option<Box<dyn FnOnce()>>> =
+            RefCell::new(None);
+    }
+
+    /// A transaction that commits while the shipper is about to read the
+    /// WAL is in the segment, so the segment's commit time (what a
+    /// point-in-time restore selects by) is no earlier than that commit.
+    /// With the time taken before the read, a restore at a time just before
+    /// the commit included a transaction begun after it (crash harness).
+    #[test]
+    fn a_segment_commit_time_covers_a_commit_made_during_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        let app = wal_db(&a, 3);
+        let mut s = Shipper::open(&a, "k").unwrap();
+        s.begin_generation(dir.path()).unwrap();
+        s.take_pending().expect("the frames already in the WAL");
+        let committed = std::rc::Rc::new(std::cell::Cell::new(None));
+        let (c, app_path) = (committed.clone(), a.clone());
+        BEFORE_WAL_READ.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                let w = Connection::open(&app_path).unwrap();
+                w.execute("INSERT INTO t VALUES (42)", []).unwrap();
+                c.set(Some(Utc::now()));
+            }))
+        });
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        let (_, frames) = s.take_pending().expect("the new commit");
+        assert!(commit_frames(&frames, 4096) >= 1);
+        let done = committed.get().expect("the hook ran");
+        assert!(
+            s.pending_time >= done,
+            "segment time {} before its commit at {}",
+            s.pending_time,
+            done
+        );
+        drop(app);
     }
 
     /// Our checkpoint fails after releasing our read transaction: the WAL

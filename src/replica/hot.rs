@@ -32,7 +32,7 @@
 //!   cause itself is [`crate::capture::wal::Lost`], i.e. a new generation).
 //! * `<time>` is the object's **commit time** in Unix milliseconds (rounded
 //!   up): every transaction it holds had committed by then. For a segment it
-//!   is taken just before the WAL was read, for a snapshot just after the copy
+//!   is taken just after the WAL was read, for a snapshot just after the copy
 //!   was complete. Point-in-time restore selects by it, never by the store's
 //!   listing time, which S3 gives in whole seconds (an object uploaded at
 //!   12:00:00.9 lists as 12:00:00) and which says when the upload finished,

@@ -36,10 +36,12 @@ pub enum Error {
         source: rusqlite::Error,
     },
 
-    /// The object store failed; `key` is the object or prefix.
-    #[error("replica {key}: {source}")]
+    /// The object store failed; `key` is the object or prefix, `hint` says
+    /// in plain words what a well-known cause means (see [`store_hint`]).
+    #[error("replica {key}: {hint}{source}")]
     Store {
         key: String,
+        hint: &'static str,
         #[source]
         source: object_store::Error,
     },
@@ -89,6 +91,7 @@ impl Error {
     pub fn store(key: impl std::fmt::Display, source: object_store::Error) -> Self {
         Error::Store {
             key: key.to_string(),
+            hint: store_hint(&source),
             source,
         }
     }
@@ -106,6 +109,37 @@ impl Error {
             reason: reason.into(),
         }
     }
+}
+
+/// Without credentials in the config or the environment, the S3 client asks
+/// the EC2 instance metadata service for them (at `169.254.169.254`, or
+/// `AWS_METADATA_ENDPOINT`), under these fixed paths; a failure there means
+/// no credentials were found, whatever the request said.
+const INSTANCE_METADATA_PATHS: [&str; 2] = ["/latest/api/token", "/latest/meta-data/iam/"];
+
+/// What the object store's own message does not say plainly: that no
+/// credentials were found (its message is a failed request to an address the
+/// user never configured), or that the endpoint refused the connection (its
+/// message ends at "error sending request"; the cause is deeper in the chain).
+pub fn store_hint(source: &object_store::Error) -> &'static str {
+    let text = source.to_string();
+    if INSTANCE_METADATA_PATHS.iter().any(|p| text.contains(p)) {
+        return "no S3 credentials found: set access-key-id and secret-access-key in \
+                multi-db.replica, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the \
+                environment (or AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or \
+                AWS_CONTAINER_CREDENTIALS_RELATIVE_URI); without them the instance metadata \
+                service is asked, and it gave none: ";
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return "connection refused (is the endpoint right and its server running?): ";
+            }
+        }
+        cause = e.source();
+    }
+    ""
 }
 
 /// Adds the path to `std::io::Result`s.

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fleet::{count_rows, create_db, Backend, Fleet};
-use common::{litefleet, stderr};
+use common::{chmod, litefleet, stderr, walk_files};
 
 #[test]
 fn bad_configs_are_clear_errors_not_panics() {
@@ -107,12 +107,23 @@ fn demo_config_replicates_and_restores() {
     let cfg = cfg.to_str().unwrap();
     let o = litefleet(t.path(), &["demo", "--databases", "30"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let hour = || chrono::Utc::now().format("%Y-%m-%dT%H:").to_string();
+    let before = hour();
     let o = litefleet(t.path(), &["--config", cfg, "replicate", "--once"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("uploaded=30"), "{}", stderr(&o));
     let o = litefleet(t.path(), &["--config", cfg, "list"]);
     assert!(o.status.success());
-    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 30);
+    let listing = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(listing.lines().count(), 30);
+    // The upload time, not the next-hour object name, is what "newest" says.
+    let line = listing.lines().next().unwrap();
+    assert!(
+        [before, hour()]
+            .iter()
+            .any(|h| line.contains(&format!("newest uploaded {h}"))),
+        "{line}"
+    );
     let o = litefleet(
         t.path(),
         &[
@@ -340,4 +351,103 @@ fn unusable_temp_and_state_dirs_fail_at_start() {
         assert_eq!(o.status.code(), Some(1), "{key}: {err}");
         assert!(err.contains(key) && err.contains("a-file"), "{key}: {err}");
     }
+}
+
+/// A database the scan cannot read was not backed up: `--once` counts it
+/// and exits 1, so a cron job can tell that not everything was saved. As
+/// root (CI) the run drops to `nobody`, for whom mode 000 really is
+/// unreadable.
+#[test]
+fn once_with_unreadable_databases_fails() {
+    use std::os::unix::process::CommandExt;
+    let t = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let db = t.path().join(format!("data/x/db{i}.db"));
+        drop(create_db(&db, 1));
+        chmod(&db, if i == 0 { 0o666 } else { 0o000 });
+    }
+    for d in ["", "data", "data/x"] {
+        chmod(&t.path().join(d), 0o777);
+    }
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+        t.path().join("replica").display()
+    );
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_litefleet"));
+    cmd.current_dir(t.path())
+        .args(["replicate", "--once"])
+        .env_remove("LITEFLEET_CONFIG")
+        .env("LITEFLEET_LOG", "info")
+        .env("XDG_STATE_HOME", t.path().join("state"));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.uid(65534).gid(65534);
+    }
+    let o = cmd.output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("2 path(s) could not be read"), "{err}");
+    assert!(err.contains("db1.db") && err.contains("db2.db"), "{err}");
+    // The readable one was still backed up.
+    let backed_up: Vec<_> = walk_files(&t.path().join("replica"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("db0"))
+        .collect();
+    assert_eq!(backed_up.len(), 1, "{backed_up:?}\n{err}");
+}
+
+/// A port on 127.0.0.1 where nothing listens (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Runs `litefleet list` against an S3 config with an empty environment
+/// (no AWS_* variables from the machine), plus `env`.
+fn list_s3(yaml_replica: &str, env: &[(&str, String)]) -> (Option<i32>, String) {
+    let t = tempfile::tempdir().unwrap();
+    let yaml = format!("multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n{yaml_replica}");
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .current_dir(t.path())
+        .arg("list")
+        .env_clear()
+        .env("XDG_STATE_HOME", t.path().join("state"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    (o.status.code(), stderr(&o))
+}
+
+/// No credentials anywhere: the error says so and where they are looked
+/// for, instead of a failed request to an address the user never named.
+/// (The metadata service is pointed at a closed local port: tests never
+/// send traffic off 127.0.0.1.)
+#[test]
+fn missing_s3_credentials_are_named() {
+    let replica = format!(
+        "    url: s3://bucket/x\n    endpoint: http://127.0.0.1:{}\n    retries: 0\n",
+        closed_port()
+    );
+    let metadata = format!("http://127.0.0.1:{}", closed_port());
+    let (code, err) = list_s3(&replica, &[("AWS_METADATA_ENDPOINT", metadata)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no S3 credentials found"), "{err}");
+    assert!(err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+    assert!(err.contains("access-key-id"), "{err}");
+}
+
+/// An endpoint where nothing listens: "connection refused" and the endpoint.
+#[test]
+fn refused_endpoint_is_named() {
+    let port = closed_port();
+    let replica = format!(
+        "    url: s3://bucket/x\n    endpoint: http://127.0.0.1:{port}\n    retries: 0\n    access-key-id: AKIDTEST\n    secret-access-key: not-shown-anywhere\n"
+    );
+    let (code, err) = list_s3(&replica, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("connection refused"), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(!err.contains("not-shown-anywhere"), "{err}");
 }

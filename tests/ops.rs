@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::fleet::{count_rows, create_db, Backend, Fleet};
 use common::s3::Fault;
+use common::{chmod, walk_files};
 use object_store::ObjectStoreExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -210,26 +211,6 @@ async fn sigkill_mid_upload_then_restart_loses_nothing() {
         f.restore(&format!("p/d/t{i}"), &o, None).await.unwrap();
         assert_eq!(count_rows(&o), 3 + i as i64);
     }
-}
-
-fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk_files(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn chmod(p: &std::path::Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn chmod_tree(dir: &std::path::Path, mode: u32) {

@@ -277,10 +277,13 @@ fn print_listing(
 ) -> std::io::Result<()> {
     for (key, l) in dbs {
         let cold = match l.snapshots.last() {
+            // The object's name is the hour *after* its upload (at most
+            // one object per hour): show when it was uploaded, and the name.
             Some(newest) => format!(
-                "{} snapshot(s)\tnewest {}\t{} bytes",
+                "{} snapshot(s)\tnewest uploaded {} (hourly object {})\t{} bytes",
                 l.snapshots.len(),
-                newest.hour.format("%Y-%m-%dT%H:%M:%SZ"),
+                newest.uploaded.format("%Y-%m-%dT%H:%M:%SZ"),
+                newest.hour.format("%Y%m%d-%H0000"),
                 newest.size
             ),
             None => "0 snapshot(s)".to_string(),

@@ -753,12 +753,25 @@ impl Replicator {
                 databases = r.scan.databases,
                 uploaded = r.uploaded,
                 failed = r.failed,
+                unreadable = r.scan.errors,
                 "single cycle done"
             );
-            return if r.failed > 0 {
+            // A path the scan could not read (permission denied, an I/O
+            // error) was not backed up either: cron must see it as a failure.
+            return if r.failed + r.scan.errors > 0 {
+                let mut parts = Vec::new();
+                if r.failed > 0 {
+                    parts.push(format!("{} upload(s) failed", r.failed));
+                }
+                if r.scan.errors > 0 {
+                    parts.push(format!(
+                        "{} path(s) could not be read (see the \"cannot read\" warnings)",
+                        r.scan.errors
+                    ));
+                }
                 Err(Error::invalid(
                     "replicate --once",
-                    format!("{} uploads failed", r.failed),
+                    format!("not everything was backed up: {}", parts.join(", ")),
                 ))
             } else if r.scan.databases == 0 {
                 // A cron job must notice a config that backs up nothing.

@@ -18,7 +18,8 @@
 //!  what exists      read it         store it         get it back
 //!
 //!  stage     modules                                       may use
-//!  cli       mod, bench, cost, soak, demo, progress        everything below
+//!  cli       mod, bench, cost, throughput, soak, demo,     everything below
+//!            progress
 //!  daemon    scheduler, server                             capture and below
 //!  restore   single, install, replay, list, bulk           capture and below
 //!  capture   snapshot, wal, ship, upload                   source and below

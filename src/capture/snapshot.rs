@@ -48,6 +48,9 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Copy buffer for compression and decompression: large enough to keep
 /// syscalls rare, small enough that 100 concurrent uploads cost little.
 pub const IO_BUFFER: usize = 256 * 1024;
+/// The smallest copy buffer, for tiny files: one page of the largest usual
+/// SQLite page size.
+const MIN_IO_BUFFER: usize = 8 * 1024;
 
 /// Any skippable frame: the magic without its low nibble.
 const SKIPPABLE_MASK: u32 = 0xFFFF_FFF0;
@@ -161,20 +164,38 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
     })
 }
 
-/// LZ4 frame settings: independent 4 MiB blocks and a content checksum, so a
-/// damaged object fails loudly on restore instead of yielding a bad database.
-pub(crate) fn frame_info() -> lz4_flex::frame::FrameInfo {
+/// LZ4 frame settings for `len` bytes of input: independent blocks and a
+/// content checksum, so a damaged object fails loudly on restore instead of
+/// yielding a bad database. The block is the smallest of 64 KiB, 256 KiB,
+/// 1 MiB and 4 MiB that holds the whole input (4 MiB above that): the
+/// encoder reserves about twice the block size up front, so a 16 KiB
+/// database or a one-commit WAL segment costs ~130 KiB of buffers instead of
+/// ~8 MiB, and the output is the same (the input fits one block either way).
+pub(crate) fn frame_info(len: u64) -> lz4_flex::frame::FrameInfo {
+    use lz4_flex::frame::BlockSize;
+    let block = [
+        (64 << 10, BlockSize::Max64KB),
+        (256 << 10, BlockSize::Max256KB),
+        (1 << 20, BlockSize::Max1MB),
+    ]
+    .into_iter()
+    .find(|&(size, _)| len <= size)
+    .map_or(BlockSize::Max4MB, |(_, b)| b);
     lz4_flex::frame::FrameInfo::new()
-        .block_size(lz4_flex::frame::BlockSize::Max4MB)
+        .block_size(block)
         .content_checksum(true)
 }
 
 /// Compresses file `src` into `out` (LZ4 frame format).
 pub fn compress(src: &Path, out: &File) -> Result<()> {
-    let mut input = BufReader::with_capacity(IO_BUFFER, File::open(src).at(src)?);
+    let input = File::open(src).at(src)?;
+    let len = input.metadata().at(src)?.len();
+    // No larger than the file: a 256 KiB buffer is its own mmap per snapshot.
+    let buffer = (len as usize).clamp(MIN_IO_BUFFER, IO_BUFFER);
+    let mut input = BufReader::with_capacity(buffer, input);
     let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
-        frame_info(),
-        BufWriter::with_capacity(IO_BUFFER, out),
+        frame_info(len),
+        BufWriter::with_capacity(buffer, out),
     );
     std::io::copy(&mut input, &mut enc).at(src)?;
     let mut w = enc
@@ -341,6 +362,34 @@ pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The block (and with it the encoder's buffers) fits the input; data
+    /// of any size round-trips through the frame decoder.
+    #[test]
+    fn lz4_blocks_fit_the_input() {
+        use lz4_flex::frame::BlockSize;
+        let block = |len| frame_info(len).block_size;
+        assert_eq!(block(0), BlockSize::Max64KB);
+        assert_eq!(block(16 << 10), BlockSize::Max64KB);
+        assert_eq!(block((64 << 10) + 1), BlockSize::Max256KB);
+        assert_eq!(block(1 << 20), BlockSize::Max1MB);
+        assert_eq!(block(600 << 20), BlockSize::Max4MB);
+        let t = tempfile::tempdir().unwrap();
+        for len in [0usize, 100, 70_000, 5 << 20] {
+            let src = t.path().join(format!("in-{len}"));
+            let data: Vec<u8> = (0..len)
+                .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+                .collect();
+            std::fs::write(&src, &data).unwrap();
+            let out = t.path().join(format!("out-{len}.lz4"));
+            compress(&src, &File::create(&out).unwrap()).unwrap();
+            let mut back = Vec::new();
+            lz4_flex::frame::FrameDecoder::new(File::open(&out).unwrap())
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(back, data, "{len} bytes");
+        }
+    }
 
     #[test]
     fn wal_frames_are_captured_and_frame_is_valid() {

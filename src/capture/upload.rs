@@ -95,8 +95,10 @@ pub async fn upload_segment(
             "a segment needs committed frames at offset 32 or later",
         ));
     }
-    let mut enc =
-        lz4_flex::frame::FrameEncoder::with_frame_info(snapshot::frame_info(), Vec::new());
+    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
+        snapshot::frame_info(frames.len() as u64),
+        Vec::with_capacity(frames.len() / 2),
+    );
     enc.write_all(frames)
         .map_err(|e| Error::invalid(&location, format!("lz4: {e}")))?;
     let compressed = enc

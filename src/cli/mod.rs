@@ -7,8 +7,8 @@
 //! The top of the tree: it may use every stage, and nothing uses it. Its
 //! submodules are the presentation and the harness, kept out of the
 //! product stages: [`progress`] (restore progress on a terminal or as log
-//! lines), and the `bench` (with `bench cost`), `soak` and `demo`
-//! subcommands ([`mod@bench`], [`cost`], [`soak`], [`demo`]), which drive
+//! lines), and the `bench` (with `bench cost` and `bench snapshot`), `soak` and `demo`
+//! subcommands ([`mod@bench`], [`cost`], [`throughput`], [`soak`], [`demo`]), which drive
 //! the product code from the outside.
 
 pub mod bench;
@@ -16,6 +16,7 @@ pub mod cost;
 pub mod demo;
 pub mod progress;
 pub mod soak;
+pub mod throughput;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -237,6 +238,24 @@ pub enum BenchCommand {
         #[arg(long, default_value = "15s", value_parser = parse_secs)]
         scan_interval: std::time::Duration,
         /// Working directory; a fresh temp dir by default.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cold-tier snapshot and restore speed against lz4 and sqlite3, side by side.
+    Snapshot {
+        /// Small databases for the many-databases round.
+        #[arg(long, default_value_t = 3_000)]
+        databases: usize,
+        /// Size of the one large database, in MB.
+        #[arg(long, default_value_t = 256)]
+        large_mb: u64,
+        /// Rounds (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Working directory (reused: the generated databases are kept); a fresh temp dir by default.
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Print JSON instead of a table.
@@ -639,6 +658,35 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                 ))
             }
+        }
+        Command::Bench(BenchCommand::Snapshot {
+            databases,
+            large_mb,
+            repeat,
+            dir,
+            json,
+        }) => {
+            let tmp;
+            let dir = match dir {
+                Some(d) => d,
+                None => {
+                    tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+                    tmp.path().to_path_buf()
+                }
+            };
+            let r = throughput::snapshot_bench(throughput::SnapshotBenchOptions {
+                databases,
+                large_mb,
+                repeat,
+                dir,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                throughput::print(&r);
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Cost {
             databases,

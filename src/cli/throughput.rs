@@ -1,0 +1,385 @@
+//! `litefleet bench snapshot`: cold-tier throughput against the reference
+//! tools, side by side in one run.
+//!
+//! This machine is shared and noisy, so every figure is a ratio to a
+//! reference command run in the same round, on the same files, alternating
+//! with litefleet; each round is repeated and the median reported:
+//!
+//! * **many small databases**: one `replicate --once` cycle (the real
+//!   [`Replicator`], cold tier only, to a fresh `file://` replica, fsyncs
+//!   included) against `find -print0 | xargs -0 -P2 -n 500 lz4 -q -m` over
+//!   a copy of the same files (compression only: no consistency, no
+//!   durability; the floor for "read, compress, write every file");
+//! * **one large database**: the same cycle on one database against
+//!   `sqlite3 .backup` + `lz4` (a consistent compressed copy with the stock
+//!   tools) and raw `lz4` of the file (the limit: one read, one write);
+//! * **restore** of that database (download, decompress, fsync,
+//!   `integrity_check`, atomic install) against `lz4 -d` alone and `lz4 -d`
+//!   followed by `sqlite3 'PRAGMA integrity_check'` (the floor for a checked
+//!   restore).
+//!
+//! The reference tools must be on `PATH` (`apt install lz4 sqlite3`).
+//! Everything runs warm (the files are read once before the first round):
+//! the figures compare CPU and syscall work, not the disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::bench::{build_tree, PATTERN};
+use crate::daemon::scheduler::Replicator;
+use crate::restore::{RestoreOptions, RestoreOutcome};
+use crate::source::config::Loaded;
+use crate::{Error, Result};
+
+/// Files per `lz4` process in the small-database reference: large enough
+/// that process start-up is not what is measured, as the issue's reference.
+const LZ4_BATCH: usize = 500;
+/// Bytes per row of the large database: 400 random bytes (incompressible)
+/// and 600 zero bytes, so it compresses about 2.3x like typical table data.
+const ROW_RANDOM: usize = 400;
+const ROW_ZERO: usize = 600;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct SnapshotBenchOptions {
+    pub databases: usize,
+    pub large_mb: u64,
+    pub repeat: usize,
+    pub dir: PathBuf,
+}
+
+/// One measured pair (or triple): median seconds of each command.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub what: String,
+    pub litefleet_s: f64,
+    pub reference: String,
+    pub reference_s: f64,
+    /// litefleet time / reference time: below 1 is faster than the reference.
+    pub ratio: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotBenchReport {
+    pub databases: usize,
+    pub small_db_bytes: u64,
+    pub large_db_bytes: u64,
+    pub repeat: usize,
+    pub rows: Vec<Row>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `sh -c script` and returns its wall time; a failure is an error.
+fn timed_sh(script: &str) -> Result<f64> {
+    let start = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .map_err(|e| Error::invalid("bench snapshot", format!("cannot run sh: {e}")))?;
+    let secs = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(Error::invalid(
+            "bench snapshot",
+            format!(
+                "reference command failed: {script}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(secs)
+}
+
+fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+fn require_tools() -> Result<()> {
+    for tool in ["lz4", "sqlite3", "find", "xargs"] {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !found {
+            return Err(Error::invalid(
+                "bench snapshot",
+                format!("the reference tool `{tool}` is not on PATH (apt install lz4 sqlite3)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A cold-tier-only config for `pattern`, replicating to `replica`.
+fn config(pattern: &Path, work: &Path, replica: &Path) -> Result<Loaded> {
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"{}\"]\n  max-hot-databases: 0\n  watch: false\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    url: file://{}\n",
+        pattern.display(),
+        work.join("tmp").display(),
+        replica.with_extension("state").display(),
+        replica.display(),
+    );
+    Loaded::from_str(&yaml, "bench-snapshot.yml", work)
+}
+
+/// One `replicate --once` cycle into a fresh replica; returns seconds.
+async fn litefleet_cycle(pattern: &Path, work: &Path, round: usize, expect: usize) -> Result<f64> {
+    let replica = work.join(format!("replica-{round}"));
+    let loaded = config(pattern, work, &replica)?;
+    let replicator = Replicator::new(loaded)?;
+    let start = Instant::now();
+    let r = replicator.cycle(&CancellationToken::new()).await;
+    let secs = start.elapsed().as_secs_f64();
+    if r.uploaded != expect || r.failed > 0 {
+        return Err(Error::invalid(
+            "bench snapshot",
+            format!(
+                "expected {expect} uploads, got {} ({} failed)",
+                r.uploaded, r.failed
+            ),
+        ));
+    }
+    Ok(secs)
+}
+
+fn remove(p: &Path) -> Result<()> {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e)),
+        Ok(_) => std::fs::remove_file(p).map_err(|e| Error::io(p, e)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Builds the large database (reused when it already has the size).
+fn build_large(path: &Path, mb: u64) -> Result<()> {
+    let rows = mb * 1024 * 1024 / (ROW_RANDOM + ROW_ZERO) as u64;
+    let marker = path.with_extension("rows");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(&rows.to_string()) {
+        return Ok(());
+    }
+    remove(path)?;
+    let dir = path.parent().expect("has parent");
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let c = rusqlite::Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
+    c.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF;
+         CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < {rows})
+         INSERT INTO t SELECT x, randomblob({ROW_RANDOM}) || zeroblob({ROW_ZERO}) FROM n;
+         PRAGMA wal_checkpoint(TRUNCATE);"
+    ))
+    .map_err(|e| Error::sqlite(path, e))?;
+    drop(c);
+    std::fs::write(&marker, rows.to_string()).map_err(|e| Error::io(&marker, e))
+}
+
+/// Runs the benchmark (see the module docs).
+pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchReport> {
+    require_tools()?;
+    if opts.repeat == 0 || opts.databases == 0 {
+        return Err(Error::invalid(
+            "bench snapshot",
+            "--repeat and --databases must be at least 1",
+        ));
+    }
+    let dir = opts.dir.clone();
+    let small = dir.join("small");
+    let large_dir = dir.join("large");
+    let large = large_dir.join("big.db");
+    let work = dir.join("work");
+    let (n, mb) = (opts.databases, opts.large_mb);
+    {
+        let (small, large) = (small.clone(), large.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            build_tree(&small, n)?;
+            build_large(&large, mb)
+        })
+        .await
+        .map_err(|e| Error::invalid("bench snapshot", e.to_string()))??;
+    }
+    let copy = dir.join("small-lz4");
+    remove(&copy)?;
+    timed_sh(&format!("cp -r {} {}", sh_quote(&small), sh_quote(&copy)))?;
+    // Warm the page cache for everyone.
+    timed_sh(&format!(
+        "cat {} >/dev/null && find {} -type f -exec cat {{}} + >/dev/null",
+        sh_quote(&large),
+        sh_quote(&small)
+    ))?;
+
+    let small_pattern = small.join(PATTERN);
+    let large_pattern = large_dir.join("*.db");
+    let mut rows = Vec::new();
+    let (mut lf, mut rf) = (Vec::new(), Vec::new());
+    for round in 0..opts.repeat {
+        remove(&work)?;
+        std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+        lf.push(litefleet_cycle(&small_pattern, &work, round, n).await?);
+        timed_sh(&format!("find {} -name '*.lz4' -delete", sh_quote(&copy)))?;
+        rf.push(timed_sh(&format!(
+            "find {} -name '*.db' -print0 | xargs -0 -P2 -n {LZ4_BATCH} lz4 -q -m",
+            sh_quote(&copy)
+        ))?);
+    }
+    rows.push(row(
+        format!("{n} small databases, replicate --once"),
+        &lf,
+        format!("find | xargs -0 -P2 -n {LZ4_BATCH} lz4 -q -m"),
+        &rf,
+    ));
+
+    let (mut lf, mut backup, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    let ref_copy = work.join("ref-copy.db");
+    let ref_lz4 = work.join("ref-copy.db.lz4");
+    let raw_lz4 = dir.join("raw.db.lz4");
+    for round in 0..opts.repeat {
+        remove(&work)?;
+        std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+        lf.push(litefleet_cycle(&large_pattern, &work, round, 1).await?);
+        backup.push(timed_sh(&format!(
+            "sqlite3 {} \".backup {}\" && lz4 -q -f {} {}",
+            sh_quote(&large),
+            ref_copy.display(),
+            sh_quote(&ref_copy),
+            sh_quote(&ref_lz4)
+        ))?);
+        remove(&raw_lz4)?;
+        raw.push(timed_sh(&format!(
+            "lz4 -q -f {} {}",
+            sh_quote(&large),
+            sh_quote(&raw_lz4)
+        ))?);
+    }
+    let large_bytes = std::fs::metadata(&large)
+        .map_err(|e| Error::io(&large, e))?
+        .len();
+    rows.push(row(
+        format!(
+            "one {} MB database, replicate --once",
+            large_bytes / 1_000_000
+        ),
+        &lf,
+        "sqlite3 .backup + lz4".into(),
+        &backup,
+    ));
+    rows.push(row(
+        format!(
+            "one {} MB database, replicate --once",
+            large_bytes / 1_000_000
+        ),
+        &lf,
+        "raw lz4 of the file".into(),
+        &raw,
+    ));
+
+    // Restore the large database from the last round's replica.
+    let replica = work.join(format!("replica-{}", opts.repeat - 1));
+    let loaded = config(&large_pattern, &work, &replica)?;
+    let store = loaded.open_existing_replica()?;
+    let (mut lf, mut dec, mut dec_check) = (Vec::new(), Vec::new(), Vec::new());
+    let out = dir.join("restored.db");
+    let ref_out = dir.join("ref-restored.db");
+    for _ in 0..opts.repeat {
+        remove(&out)?;
+        let ropts = RestoreOptions {
+            target: "big".into(),
+            output: out.clone(),
+            timestamp: None,
+            if_replica_exists: false,
+            if_db_not_exists: false,
+            allow_older: false,
+        };
+        let start = Instant::now();
+        match crate::restore::restore(&loaded, &store, &ropts).await? {
+            RestoreOutcome::Restored { .. } => {}
+            other => {
+                return Err(Error::invalid(
+                    "bench snapshot",
+                    format!("restore did not restore: {other:?}"),
+                ))
+            }
+        }
+        lf.push(start.elapsed().as_secs_f64());
+        remove(&ref_out)?;
+        dec.push(timed_sh(&format!(
+            "lz4 -d -q -f {} {}",
+            sh_quote(&raw_lz4),
+            sh_quote(&ref_out)
+        ))?);
+        remove(&ref_out)?;
+        dec_check.push(timed_sh(&format!(
+            "lz4 -d -q -f {} {} && sqlite3 {} 'PRAGMA integrity_check' | grep -qx ok",
+            sh_quote(&raw_lz4),
+            sh_quote(&ref_out),
+            sh_quote(&ref_out)
+        ))?);
+    }
+    rows.push(row(
+        "restore of that database".into(),
+        &lf,
+        "lz4 -d".into(),
+        &dec,
+    ));
+    rows.push(row(
+        "restore of that database".into(),
+        &lf,
+        "lz4 -d + sqlite3 integrity_check".into(),
+        &dec_check,
+    ));
+    for p in [&out, &ref_out, &raw_lz4, &work, &copy] {
+        remove(p)?;
+    }
+    let small_db_bytes = std::fs::metadata(super::bench::bench_path(&small, 0))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok(SnapshotBenchReport {
+        databases: n,
+        small_db_bytes,
+        large_db_bytes: large_bytes,
+        repeat: opts.repeat,
+        rows,
+    })
+}
+
+fn row(what: String, lf: &[f64], reference: String, rf: &[f64]) -> Row {
+    let (l, r) = (median(lf.to_vec()), median(rf.to_vec()));
+    Row {
+        what,
+        litefleet_s: l,
+        reference,
+        reference_s: r,
+        ratio: l / r.max(f64::EPSILON),
+    }
+}
+
+/// The report as a table.
+pub fn print(r: &SnapshotBenchReport) {
+    println!(
+        "bench snapshot: {} small databases ({} B each), one {:.0} MB database, median of {}",
+        r.databases,
+        r.small_db_bytes,
+        r.large_db_bytes as f64 / 1e6,
+        r.repeat
+    );
+    println!(
+        "{:<44} {:>11} {:<36} {:>11} {:>7}",
+        "what", "litefleet", "reference", "reference", "ratio"
+    );
+    for row in &r.rows {
+        println!(
+            "{:<44} {:>10.3}s {:<36} {:>10.3}s {:>6.2}x",
+            row.what, row.litefleet_s, row.reference, row.reference_s, row.ratio
+        );
+    }
+}

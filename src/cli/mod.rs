@@ -278,6 +278,19 @@ pub enum BenchCommand {
     },
 }
 
+/// A benchmark's working directory: `dir`, or a fresh temporary one that is
+/// removed when the returned guard drops.
+fn work_dir(dir: Option<PathBuf>) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match dir {
+        Some(d) => Ok((None, d)),
+        None => {
+            let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            let path = tmp.path().to_path_buf();
+            Ok((Some(tmp), path))
+        }
+    }
+}
+
 /// A duration: plain seconds (`20`, `0.5`) or humantime (`20s`, `500ms`).
 fn parse_secs(s: &str) -> std::result::Result<std::time::Duration, String> {
     match s.parse::<f64>() {
@@ -631,14 +644,7 @@ async fn run(cli: Cli) -> Result<()> {
             writers,
             dir,
         }) => {
-            let tmp;
-            let dir = match dir {
-                Some(d) => d,
-                None => {
-                    tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-                    tmp.path().to_path_buf()
-                }
-            };
+            let (_tmp, dir) = work_dir(dir)?;
             let r = crate::cli::soak::soak(crate::cli::soak::SoakOptions {
                 databases,
                 duration,
@@ -666,14 +672,7 @@ async fn run(cli: Cli) -> Result<()> {
             dir,
             json,
         }) => {
-            let tmp;
-            let dir = match dir {
-                Some(d) => d,
-                None => {
-                    tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-                    tmp.path().to_path_buf()
-                }
-            };
+            let (_tmp, dir) = work_dir(dir)?;
             let r = throughput::snapshot_bench(throughput::SnapshotBenchOptions {
                 databases,
                 large_mb,
@@ -702,14 +701,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let nofile = bench::raise_nofile_limit();
             tracing::debug!(?nofile, "open file limit");
-            let tmp;
-            let dir = match dir {
-                Some(d) => d,
-                None => {
-                    tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-                    tmp.path().to_path_buf()
-                }
-            };
+            let (_tmp, dir) = work_dir(dir)?;
             let r = cost::cost(cost::CostOptions {
                 databases,
                 hot,

@@ -120,7 +120,7 @@ impl Db {
         let hour = Utc::now() - chrono::Duration::hours(24 - self.colds);
         self.colds += 1;
         let loc = cold::snapshot_path(&r.prefix, &self.key, "db", hour);
-        r.upload_file(&loc, &snap.file).await.unwrap();
+        snap.upload(&r, &loc).await.unwrap();
         (loc, mark().await)
     }
 
@@ -760,7 +760,7 @@ both_backends!(
         let snap = snapshot::capture(&db.path(), &db.dir.path().join("tmp")).unwrap();
         assert!(snap.times.taken > at);
         let loc = cold::snapshot_path(&r.prefix, "p/d/c", "db", snap.times.taken);
-        r.upload_file(&loc, &snap.file).await.unwrap();
+        snap.upload(&r, &loc).await.unwrap();
         assert_eq!(rows_via(&f, &coarse, "p/d/c", Some(at)).await.unwrap(), 10);
         assert_eq!(rows_via(&f, &coarse, "p/d/c", None).await.unwrap(), 15);
     }

@@ -905,7 +905,7 @@ async fn upload_one(
     // Named by the hour after the copy was complete: an object named `H`
     // holds nothing committed at or after `H`.
     let location = cold::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);
-    let bytes = replica.upload_file(&location, &snap.file).await?;
+    let bytes = snap.upload(&replica, &location).await?;
     tracing::debug!(
         path = %path.display(),
         object = %location,

@@ -19,7 +19,7 @@
 //!
 //!  stage     modules                                       may use
 //!  cli       mod, bench, cost, throughput, soak, demo,     everything below
-//!            progress
+//!            progress, explain
 //!  daemon    scheduler, server                             capture and below
 //!  restore   single, install, replay, list, bulk           capture and below
 //!  capture   snapshot, wal, ship, upload                   source and below
@@ -56,7 +56,8 @@
 //!   ([`daemon::server`]).
 //! * [`cli`]: the command line (clap) that wires it together, and the
 //!   harness that drives it from the outside ([`cli::bench`],
-//!   [`cli::cost`], [`cli::soak`], [`cli::demo`]).
+//!   [`cli::cost`], [`cli::soak`], [`cli::demo`]); [`cli::explain`]
+//!   previews what a config will do and cost.
 //! * [`stats`]: the fleet's counters, written by every stage and read by the
 //!   operations server; [`error`]: the one error type.
 //!

@@ -211,28 +211,41 @@ pub struct LagBench {
     pub peak_rss_mib: f64,
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
-pub fn raise_nofile_limit() -> Option<u64> {
+/// Open files `replicate` wants for `max_hot` hot databases: each holds ~6
+/// descriptors (two connections, the `-wal` and `-shm` of each; measured in
+/// `tests/hot_fleet.rs`), plus 256 for the cold tier's uploads, the store
+/// client's sockets and the rest. 1000 hot databases exceed the common soft
+/// limit of 1024, rarely the hard one.
+pub fn nofile_needed(max_hot: usize) -> u64 {
+    max_hot as u64 * 6 + 256
+}
+
+/// The soft and hard `RLIMIT_NOFILE` of this process, unchanged.
+pub fn nofile_limits() -> Option<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit only read and write `lim`.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return None;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
-        }
+    // SAFETY: getrlimit only writes `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
     }
-    Some(lim.rlim_cur)
+    Some((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> Option<u64> {
+    let (cur, max) = nofile_limits()?;
+    if cur >= max {
+        return Some(cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: max,
+        rlim_max: max,
+    };
+    // SAFETY: setrlimit only reads `raised`.
+    let ok = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0;
+    Some(if ok { max } else { cur })
 }
 
 /// Open file descriptors of this process (entries of /proc/self/fd).

@@ -22,6 +22,14 @@
 //! Counted at the object-store API, one call per request: a multipart upload
 //! is counted as one PUT (its parts are more: small objects here never use
 //! it), a listing as one LIST per call.
+//!
+//! The extrapolation is [`CostModel`], the one cost model of the project:
+//! `bench cost` feeds it the rates it measured, `litefleet explain`
+//! ([`super::explain`]) the rates last measured (documented in the README,
+//! [`CostModel::default`]) and the fleet it finds on disk ([`FleetLoad`]).
+//! Besides the measured hot and idle rates the model counts what the
+//! benchmark is too short to see: cold-tier uploads (next-hour names), the
+//! lease's renewals and the retention passes' listings.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,6 +54,302 @@ pub const PUT_USD: f64 = 0.005 / 1000.0;
 pub const GET_USD: f64 = 0.0004 / 1000.0;
 /// The description's promise for the whole S3 bill of the scenario.
 pub const TARGET_USD: f64 = 16.0;
+/// PUT requests per hot database per second, last measured by `bench cost`
+/// (README, 2026-11-24: 15,750 PUT for 250 databases x 60 s, one commit per
+/// second each, sync interval 1 s): one segment per sync plus each stream's
+/// generation snapshot and metadata.
+pub const MEASURED_HOT_PUT_PER_S: f64 = 1.05;
+/// LIST requests per hot database per second, same run: 250 LIST (one per
+/// stream start, listing its generations) in 15,000 hot database-seconds.
+pub const MEASURED_HOT_LIST_PER_S: f64 = 250.0 / 15_000.0;
+/// The sync interval of that run.
+pub const MEASURED_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Objects one S3 LIST call returns at most (ListObjectsV2 page size).
+pub const LIST_PAGE: f64 = 1000.0;
+/// Objects one DeleteObjects request removes at most.
+pub const DELETE_BATCH: f64 = 1000.0;
+
+/// Requests by S3 price class, as estimates (per second, or over a period).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct RequestRates {
+    pub put: f64,
+    pub get: f64,
+    pub list: f64,
+    pub delete: f64,
+}
+
+impl RequestRates {
+    /// Measured counts over `unit_secs` (database-seconds): a rate per unit.
+    pub fn per(r: &Requests, unit_secs: f64) -> RequestRates {
+        let d = unit_secs.max(f64::MIN_POSITIVE);
+        RequestRates {
+            put: r.put as f64 / d,
+            get: r.get as f64 / d,
+            list: r.list as f64 / d,
+            delete: r.delete as f64 / d,
+        }
+    }
+
+    pub fn scale(self, k: f64) -> RequestRates {
+        RequestRates {
+            put: self.put * k,
+            get: self.get * k,
+            list: self.list * k,
+            delete: self.delete * k,
+        }
+    }
+
+    pub fn plus(self, o: RequestRates) -> RequestRates {
+        RequestRates {
+            put: self.put + o.put,
+            get: self.get + o.get,
+            list: self.list + o.list,
+            delete: self.delete + o.delete,
+        }
+    }
+
+    /// Dollars at S3 Standard list prices (DELETE at the PUT price, an
+    /// upper bound: it is free on S3).
+    pub fn usd(&self) -> f64 {
+        (self.put + self.list + self.delete) * PUT_USD + self.get * GET_USD
+    }
+}
+
+/// Request rates per database, from measurements (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CostModel {
+    /// Requests per hot database per second, one commit per second each,
+    /// measured at [`CostModel::hot_sync_interval_s`].
+    pub hot: RequestRates,
+    /// The sync interval `hot` was measured at. At a longer one a hot
+    /// database's PUTs shrink in proportion (one segment per sync with new
+    /// frames); at a shorter one they do not grow past one per commit.
+    pub hot_sync_interval_s: f64,
+    /// Requests per idle (unchanged) database per second.
+    pub idle: RequestRates,
+}
+
+impl Default for CostModel {
+    /// The figures last measured by `bench cost` (see [`MEASURED_HOT_PUT_PER_S`]);
+    /// an idle database measured 0 requests.
+    fn default() -> Self {
+        CostModel {
+            hot: RequestRates {
+                put: MEASURED_HOT_PUT_PER_S,
+                list: MEASURED_HOT_LIST_PER_S,
+                ..RequestRates::default()
+            },
+            hot_sync_interval_s: MEASURED_SYNC_INTERVAL.as_secs_f64(),
+            idle: RequestRates::default(),
+        }
+    }
+}
+
+/// What a fleet does, as the model needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FleetLoad {
+    /// Every database.
+    pub databases: u64,
+    /// Databases in the hot tier (at most `max-hot-databases`).
+    pub hot: u64,
+    /// Cold databases that change about once an hour.
+    pub cold_changing: u64,
+    /// Databases that change all the time but find no room in the hot
+    /// tier: one cold upload per scan interval each.
+    pub over_max_hot: u64,
+    pub sync_interval_s: f64,
+    pub scan_interval_s: f64,
+    pub lease_ttl_s: f64,
+    pub retention_s: f64,
+    pub retention_check_interval_s: f64,
+    /// The period billed (30 days).
+    pub period_s: f64,
+}
+
+impl FleetLoad {
+    /// A fleet under `m`'s intervals, billed for 30 days.
+    pub fn new(
+        m: &crate::source::config::MultiDb,
+        databases: u64,
+        hot: u64,
+        cold_changing: u64,
+        over_max_hot: u64,
+    ) -> FleetLoad {
+        FleetLoad {
+            databases,
+            hot,
+            cold_changing,
+            over_max_hot,
+            sync_interval_s: m.sync_interval.as_secs_f64(),
+            scan_interval_s: m.scan_interval.as_secs_f64(),
+            lease_ttl_s: m.replica.lease_ttl.as_secs_f64(),
+            retention_s: m.replica.retention.as_secs_f64(),
+            retention_check_interval_s: m.replica.retention_check_interval.as_secs_f64(),
+            period_s: MONTH_SECS as f64,
+        }
+    }
+
+    /// The product description's scenario under `m`'s intervals: 100,000
+    /// databases of which 250 change (all hot), the rest idle.
+    pub fn scenario(m: &crate::source::config::MultiDb) -> FleetLoad {
+        Self::new(m, SCENARIO_DATABASES, SCENARIO_HOT, 0, 0)
+    }
+
+    /// Databases with no change: the fleet less the changing ones.
+    pub fn idle(&self) -> u64 {
+        self.databases
+            .saturating_sub(self.hot + self.cold_changing + self.over_max_hot)
+    }
+}
+
+/// One part of a [`Bill`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BillLine {
+    /// `hot`, `cold`, `over-max-hot`, `idle`, `lease` or `retention`.
+    pub part: &'static str,
+    /// How the count was reached.
+    pub basis: String,
+    /// Requests over the period.
+    pub requests: RequestRates,
+    pub usd: f64,
+}
+
+/// The requests and dollars of a [`FleetLoad`] over its period.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Bill {
+    pub lines: Vec<BillLine>,
+    pub total: RequestRates,
+    pub total_usd: f64,
+    /// Objects the replica holds after one retention period, which each
+    /// retention pass lists (the basis of the `retention` line).
+    pub objects_held: f64,
+}
+
+impl Bill {
+    /// The dollars of one part (0 when it is not in the bill).
+    pub fn usd(&self, part: &str) -> f64 {
+        self.line(part).map_or(0.0, |l| l.usd)
+    }
+
+    pub fn line(&self, part: &str) -> Option<&BillLine> {
+        self.lines.iter().find(|l| l.part == part)
+    }
+}
+
+impl CostModel {
+    /// PUTs per hot database per second at `sync_interval_s` (see
+    /// [`CostModel::hot_sync_interval_s`]).
+    pub fn hot_put_per_s(&self, sync_interval_s: f64) -> f64 {
+        let slower = self.hot_sync_interval_s / sync_interval_s.max(f64::MIN_POSITIVE);
+        self.hot.put * slower.min(1.0)
+    }
+
+    /// The bill of `load` (see the module docs for what each line counts).
+    pub fn bill(&self, load: &FleetLoad) -> Bill {
+        let t = load.period_s;
+        let hours = t / 3600.0;
+        let mut lines = Vec::new();
+        let mut line = |part, basis: String, requests: RequestRates| {
+            lines.push(BillLine {
+                part,
+                basis,
+                requests,
+                usd: requests.usd(),
+            })
+        };
+        let hot_put = self.hot_put_per_s(load.sync_interval_s);
+        let hot_rate = RequestRates {
+            put: hot_put,
+            ..self.hot
+        };
+        line(
+            "hot",
+            format!(
+                "{} hot x {:.3} PUT + {:.4} LIST per second (WAL segments at sync-interval {}s)",
+                load.hot, hot_put, self.hot.list, load.sync_interval_s
+            ),
+            hot_rate.scale(load.hot as f64 * t),
+        );
+        line(
+            "cold",
+            format!(
+                "{} changing cold x 1 PUT per hour (next-hour snapshot names)",
+                load.cold_changing
+            ),
+            RequestRates {
+                put: load.cold_changing as f64 * hours,
+                ..RequestRates::default()
+            },
+        );
+        line(
+            "over-max-hot",
+            format!(
+                "{} busy beyond max-hot-databases x 1 PUT per scan-interval {}s",
+                load.over_max_hot, load.scan_interval_s
+            ),
+            RequestRates {
+                put: load.over_max_hot as f64 * t / load.scan_interval_s.max(f64::MIN_POSITIVE),
+                ..RequestRates::default()
+            },
+        );
+        line(
+            "idle",
+            format!(
+                "{} idle x {:.3} requests per day",
+                load.idle(),
+                (self.idle.put + self.idle.get + self.idle.list + self.idle.delete) * 86_400.0
+            ),
+            self.idle.scale(load.idle() as f64 * t),
+        );
+        // The lease is renewed every third of its lifetime: one conditional PUT.
+        line(
+            "lease",
+            format!("1 PUT per lease-ttl/3 = {:.0}s", load.lease_ttl_s / 3.0),
+            RequestRates {
+                put: t / (load.lease_ttl_s / 3.0).max(f64::MIN_POSITIVE),
+                ..RequestRates::default()
+            },
+        );
+        // Retention (see crate::replica::retention): each pass lists the
+        // whole prefix, then per key with generations its generation ids,
+        // then each generation's directory. What is held after one
+        // retention period: the newest snapshot of every database, an
+        // hourly snapshot per changing database, one object per hot PUT.
+        let retention_h = load.retention_s / 3600.0;
+        let hot_objects_per_db = hot_put * load.retention_s;
+        let objects_held = load.databases as f64
+            + (load.cold_changing + load.over_max_hot) as f64 * retention_h
+            + load.hot as f64 * hot_objects_per_db;
+        let passes = t / load.retention_check_interval_s.max(f64::MIN_POSITIVE);
+        let per_pass = (objects_held / LIST_PAGE).ceil()
+            + load.hot as f64 * (1.0 + (hot_objects_per_db / LIST_PAGE).ceil());
+        let expired_cold = (load.cold_changing + load.over_max_hot) as f64 * hours;
+        line(
+            "retention",
+            format!(
+                "{passes:.0} passes (every {}s) x {} LIST ({} objects held after retention {}h)",
+                load.retention_check_interval_s,
+                thousands(per_pass),
+                thousands(objects_held),
+                retention_h
+            ),
+            RequestRates {
+                list: passes * per_pass,
+                delete: (expired_cold / DELETE_BATCH).ceil(),
+                ..RequestRates::default()
+            },
+        );
+        let total = lines
+            .iter()
+            .fold(RequestRates::default(), |a, l| a.plus(l.requests));
+        Bill {
+            total_usd: total.usd(),
+            total,
+            lines,
+            objects_held,
+        }
+    }
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -75,12 +379,9 @@ pub struct CostReport {
     pub scenario_hot_usd: f64,
     pub scenario_idle_usd: f64,
     pub scenario_lease_usd: f64,
+    pub scenario_retention_usd: f64,
     pub scenario_total_usd: f64,
     pub target_usd: f64,
-}
-
-fn usd(r: &Requests) -> f64 {
-    (r.put + r.list + r.delete) as f64 * PUT_USD + r.get as f64 * GET_USD
 }
 
 fn minus(a: Requests, b: Requests) -> Requests {
@@ -90,6 +391,26 @@ fn minus(a: Requests, b: Requests) -> Requests {
         list: a.list - b.list,
         delete: a.delete - b.delete,
     }
+}
+
+/// `1234.567` -> `$1,234.57`.
+pub fn usd_text(usd: f64) -> String {
+    let cents = (usd * 100.0).round().max(0.0) as u64;
+    format!("${}.{:02}", thousands((cents / 100) as f64), cents % 100)
+}
+
+/// `1234567.8` -> `1,234,568`.
+pub fn thousands(v: f64) -> String {
+    let n = v.round().max(0.0) as u64;
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Runs the benchmark (see the module docs).
@@ -130,7 +451,7 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
         root.join("replica").display(),
     );
     let loaded = Loaded::from_str(&yaml, "bench-cost.yml", &root)?;
-    let lease_ttl = loaded.multi_db().replica.lease_ttl;
+    let multi_db = loaded.multi_db().clone();
     let plain = loaded.open_replica()?;
     let counted = Arc::new(FaultyStore::new(plain.store.clone()));
     let replicator = Arc::new(Replicator::with_replica(
@@ -197,15 +518,14 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
     let hot_phase = minus(counted.requests(), before);
 
     let hot_db_secs = (opts.hot.max(1) as f64) * duration.as_secs_f64();
-    let put_per_hot_db_per_s = hot_phase.put as f64 / hot_db_secs;
-    let scenario_hot_usd = usd(&hot_phase) / hot_db_secs * (SCENARIO_HOT * MONTH_SECS) as f64;
     let idle_db_secs = (n.max(1) as f64) * idle_window.as_secs_f64();
     let idle_total = (idle.put + idle.get + idle.list + idle.delete) as f64;
-    let scenario_idle_usd =
-        usd(&idle) / idle_db_secs * ((SCENARIO_DATABASES - SCENARIO_HOT) * MONTH_SECS) as f64;
-    // The lease is renewed every third of its lifetime: one conditional PUT.
-    let renewals = MONTH_SECS as f64 / (lease_ttl.as_secs_f64() / 3.0);
-    let scenario_lease_usd = renewals * PUT_USD;
+    let model = CostModel {
+        hot: RequestRates::per(&hot_phase, hot_db_secs),
+        hot_sync_interval_s: opts.sync_interval.as_secs_f64(),
+        idle: RequestRates::per(&idle, idle_db_secs),
+    };
+    let scenario = model.bill(&FleetLoad::scenario(&multi_db));
     Ok(CostReport {
         databases: n,
         hot: opts.hot,
@@ -216,12 +536,127 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
         idle_window_s: idle_window.as_secs_f64(),
         idle,
         hot_phase,
-        put_per_hot_db_per_s,
+        put_per_hot_db_per_s: model.hot.put,
         requests_per_idle_db_per_day: idle_total / idle_db_secs * 86_400.0,
-        scenario_hot_usd,
-        scenario_idle_usd,
-        scenario_lease_usd,
-        scenario_total_usd: scenario_hot_usd + scenario_idle_usd + scenario_lease_usd,
+        scenario_hot_usd: scenario.usd("hot"),
+        scenario_idle_usd: scenario.usd("idle"),
+        scenario_lease_usd: scenario.usd("lease"),
+        scenario_retention_usd: scenario.usd("retention"),
+        scenario_total_usd: scenario.total_usd,
         target_usd: TARGET_USD,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: f64 = 86_400.0;
+
+    /// A fleet under the default config's intervals (sync 1 s, scan 15 s,
+    /// lease 60 s, retention 30 days checked hourly).
+    fn load(databases: u64, hot: u64, cold: u64, over: u64) -> FleetLoad {
+        let yaml = "multi-db:\n  patterns: [\"/x/*.db\"]\n  replica:\n    url: s3://b/p\n";
+        let loaded =
+            crate::source::config::Loaded::from_str(yaml, "t.yml", std::path::Path::new("/"))
+                .unwrap();
+        FleetLoad::new(loaded.multi_db(), databases, hot, cold, over)
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(680_400_000.0), "680,400,000");
+        assert_eq!(usd_text(3402.0), "$3,402.00");
+        assert_eq!(usd_text(0.646), "$0.65");
+    }
+
+    #[test]
+    fn hot_tier_at_the_measured_rate() {
+        let bill = CostModel::default().bill(&load(100_000, 250, 0, 0));
+        let hot = bill.line("hot").unwrap();
+        // 250 hot x 1.05 PUT/s x 30 days.
+        let puts = 250.0 * 1.05 * DAY * 30.0;
+        assert_eq!(puts, 680_400_000.0);
+        assert!((hot.requests.put - puts).abs() < 1.0, "{hot:?}");
+        // One LIST per stream start, measured as 250 per 15,000 hot DB-seconds.
+        let lists = 250.0 * (250.0 / 15_000.0) * DAY * 30.0;
+        assert!((hot.requests.list - lists).abs() < 1.0, "{hot:?}");
+        // $3,402 of PUTs + $54 of LISTs.
+        assert!((hot.usd - (3402.0 + 54.0)).abs() < 0.01, "{}", hot.usd);
+        assert_eq!(bill.usd("idle"), 0.0);
+        assert_eq!(bill.line("cold").unwrap().requests.put, 0.0);
+    }
+
+    #[test]
+    fn sync_interval_scales_hot_puts_down_never_up() {
+        let m = CostModel::default();
+        assert!((m.hot_put_per_s(2.0) - 0.525).abs() < 1e-9);
+        assert_eq!(m.hot_put_per_s(0.5), 1.05);
+        let mut l = load(10, 10, 0, 0);
+        l.sync_interval_s = 10.0;
+        let hot = m.bill(&l).line("hot").unwrap().requests.put;
+        assert!((hot - 10.0 * 0.105 * DAY * 30.0).abs() < 1.0, "{hot}");
+    }
+
+    #[test]
+    fn cold_lease_over_and_retention() {
+        let m = CostModel::default();
+        let bill = m.bill(&load(1000, 0, 10, 2));
+        // 10 changing cold databases: one PUT an hour each, 720 hours.
+        assert_eq!(bill.line("cold").unwrap().requests.put, 7200.0);
+        // 2 busy ones without room in the hot tier: one PUT per 15 s scan.
+        assert_eq!(
+            bill.line("over-max-hot").unwrap().requests.put,
+            2.0 * 172_800.0
+        );
+        // Renewed every 20 s.
+        let lease = bill.line("lease").unwrap();
+        assert_eq!(lease.requests.put, 129_600.0);
+        assert!((lease.usd - 0.648).abs() < 1e-9);
+        // Held after 720 h: 1000 newest snapshots + 12 x 720 hourly ones:
+        // 9,640 objects, 10 LIST pages per hourly pass.
+        assert_eq!(bill.objects_held, 1000.0 + 12.0 * 720.0);
+        let r = bill.line("retention").unwrap();
+        assert_eq!(r.requests.list, 720.0 * 10.0);
+        // 8,640 expired hourly snapshots a month, deleted 1,000 per request.
+        assert_eq!(r.requests.delete, 9.0);
+        assert_eq!(
+            bill.line("idle").unwrap().basis.split(' ').next(),
+            Some("988")
+        );
+        let sum: f64 = bill.lines.iter().map(|l| l.usd).sum();
+        assert!((bill.total_usd - sum).abs() < 1e-9);
+    }
+
+    #[test]
+    fn retention_lists_grow_with_hot_segments() {
+        let bill = CostModel::default().bill(&load(100, 1, 0, 0));
+        // One hot database holds 1.05 x 30 days of segments, listed twice
+        // per pass (whole prefix, then its generation) plus its generation ids.
+        let segments = 1.05 * DAY * 30.0;
+        assert_eq!(bill.objects_held, 100.0 + segments);
+        let per_pass = ((100.0 + segments) / 1000.0).ceil() + 1.0 + (segments / 1000.0).ceil();
+        assert_eq!(
+            bill.line("retention").unwrap().requests.list,
+            720.0 * per_pass
+        );
+    }
+
+    #[test]
+    fn measured_requests_become_rates() {
+        let r = RequestRates::per(
+            &Requests {
+                put: 15_750,
+                get: 0,
+                list: 250,
+                delete: 0,
+            },
+            250.0 * 60.0,
+        );
+        assert_eq!(r.put, 1.05);
+        assert_eq!(r.list, MEASURED_HOT_LIST_PER_S);
+    }
 }

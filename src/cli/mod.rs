@@ -9,11 +9,12 @@
 //! product stages: [`progress`] (restore progress on a terminal or as log
 //! lines), and the `bench` (with `bench cost` and `bench snapshot`), `soak` and `demo`
 //! subcommands ([`mod@bench`], [`cost`], [`throughput`], [`soak`], [`demo`]), which drive
-//! the product code from the outside.
+//! the product code from the outside; [`mod@explain`] previews a config.
 
 pub mod bench;
 pub mod cost;
 pub mod demo;
+pub mod explain;
 pub mod progress;
 pub mod soak;
 pub mod throughput;
@@ -96,6 +97,20 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Preview what the config will do and cost: resolved settings, matches
+    /// per pattern, key collisions, limits, likely hot databases and the
+    /// monthly S3 bill. Sends no request to the replica and writes nothing.
+    Explain {
+        /// Bill this many hot databases instead of those written within hot-duration.
+        #[arg(long)]
+        hot: Option<u64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when there is any warning (no match, collision, limit).
+        #[arg(long)]
+        strict: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -418,11 +433,10 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Replicate { once } => {
             let loaded = Loaded::from_file(&cli.config)?;
-            // Each hot database holds ~5 descriptors: 1000 of them exceed the
-            // common soft limit of 1024, never the hard one.
+            // See bench::nofile_needed (and `litefleet explain`).
             let nofile = bench::raise_nofile_limit();
-            let hot = loaded.multi_db().max_hot_databases as u64;
-            if let Some(n) = nofile.filter(|&n| n < hot * 6 + 256) {
+            let hot = loaded.multi_db().max_hot_databases;
+            if let Some(n) = nofile.filter(|&n| n < bench::nofile_needed(hot)) {
                 tracing::warn!(
                     limit = n,
                     max_hot_databases = hot,
@@ -625,6 +639,17 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Explain { hot, json, strict } => {
+            let loaded = Loaded::from_file(&cli.config)?;
+            explain::command(
+                cli.config,
+                loaded,
+                explain::ExplainOptions { hot },
+                json,
+                strict,
+            )
+            .await
+        }
         Command::Demo { databases, dir } => {
             let made = tokio::task::spawn_blocking(move || {
                 demo::create(&dir, databases).map(|v| (v, dir))
@@ -745,11 +770,12 @@ async fn run(cli: Cli) -> Result<()> {
                 row(
                     "scenario: 100k DBs, 250 hot, 30 days",
                     format!(
-                        "${:.2} (hot ${:.2} + idle ${:.2} + lease ${:.2}); target <= ${:.0}",
+                        "${:.2} (hot ${:.2} + idle ${:.2} + lease ${:.2} + retention ${:.2}); target <= ${:.0}",
                         r.scenario_total_usd,
                         r.scenario_hot_usd,
                         r.scenario_idle_usd,
                         r.scenario_lease_usd,
+                        r.scenario_retention_usd,
                         r.target_usd
                     ),
                 );

@@ -1,0 +1,294 @@
+//! `litefleet explain`: what a config matches and costs, with no request to
+//! the replica and nothing written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::fleet::{age, create_db};
+use common::s3::S3Server;
+use common::{litefleet, stderr};
+use litefleet::cli::cost::{CostModel, FleetLoad};
+use litefleet::source::config::Loaded;
+
+const ACCESS_KEY: &str = "AKIAEXPLAINTEST12345";
+const SECRET_KEY: &str = "EXPLAIN-SECRET-DO-NOT-PRINT";
+
+/// A fleet under `data`: four `.db` databases of two projects, a `.sqlite`
+/// one that renders the same key as `p1/orders/t1.db`, and a matching file
+/// that is not a database. Only `t1.db` was written just now.
+fn make_fleet(data: &Path) {
+    let db = |p: &str| data.join(p);
+    for p in [
+        "p1/databases/orders/tenants/t1.db",
+        "p1/databases/orders/tenants/t2.db",
+        "p1/databases/orders/tenants/t3.db",
+        "p2/databases/billing/tenants/t4.db",
+        "p1/databases/orders/tenants/t1.sqlite",
+    ] {
+        drop(create_db(&db(p), 2));
+    }
+    for p in [
+        "p1/databases/orders/tenants/t2.db",
+        "p1/databases/orders/tenants/t3.db",
+        "p2/databases/billing/tenants/t4.db",
+        "p1/databases/orders/tenants/t1.sqlite",
+    ] {
+        age(&db(p));
+    }
+    std::fs::write(db("p2/databases/billing/tenants/notes.db"), b"not sqlite").unwrap();
+}
+
+/// Patterns: the fleet's `.db` and `.sqlite` files, and two that match
+/// nothing (one absolute, one relative to the working directory).
+fn yaml(data: &Path, replica: &str) -> String {
+    format!(
+        "multi-db:\n  patterns:\n    - \"{d}/*/databases/*/tenants/*.db\"\n    - \"{d}/*/databases/*/tenants/*.sqlite\"\n    - \"{d}/missing/*/databases/*/tenants/*.db\"\n    - \"./nowhere/*/databases/*/tenants/*.db\"\n  hot-duration: 10m\n  replica:\n    path: \"{{{{project}}}}/{{{{database}}}}/{{{{tenant}}}}\"\n{replica}",
+        d = data.display()
+    )
+}
+
+fn s3_replica(s3: &S3Server) -> String {
+    format!(
+        "    url: s3://{}/fleet\n    endpoint: {}\n    force-path-style: true\n    region: us-east-1\n    access-key-id: {ACCESS_KEY}\n    secret-access-key: {SECRET_KEY}\n",
+        s3.bucket(),
+        s3.endpoint()
+    )
+}
+
+/// Runs the binary off the runtime's threads (the S3 server lives there).
+async fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    let (dir, args): (PathBuf, Vec<String>) = (
+        dir.to_path_buf(),
+        args.iter().map(|s| s.to_string()).collect(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        litefleet(&dir, &args)
+    })
+    .await
+    .unwrap()
+}
+
+/// Asserts that `out` holds `needle`, showing `out` when not.
+fn has(out: &str, needle: &str) {
+    assert!(out.contains(needle), "expected {needle:?} in:\n{out}");
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explains_matches_keys_and_collisions_without_a_request() {
+    let s3 = S3Server::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    make_fleet(data.path());
+    std::fs::write(
+        work.path().join("litefleet.yml"),
+        yaml(data.path(), &s3_replica(&s3)),
+    )
+    .unwrap();
+
+    let o = run(work.path(), &["explain"]).await;
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    let all = format!("{out}{err}");
+    // Credentials: masked, never the values.
+    assert!(!all.contains(SECRET_KEY), "{all}");
+    assert!(!all.contains(ACCESS_KEY), "{all}");
+    has(&out, "AKIA…(masked)");
+    // The resolved replica.
+    has(&out, &format!("s3://{}/fleet", s3.bucket()));
+    has(&out, &s3.endpoint());
+    // Defaults filled in.
+    has(&out, "multi-db.scan-interval            * 15s");
+    has(&out, "multi-db.hot-duration               10m");
+    has(&out, "state file");
+    // Match counts per pattern (only real SQLite files) and example keys.
+    has(
+        &out,
+        "4 SQLite database(s), 1 matching file(s) not SQLite (skipped)",
+    );
+    has(&out, "1 SQLite database(s)\n");
+    let t1 = data.path().join("p1/databases/orders/tenants/t1.db");
+    has(&out, &format!("{} -> p1/orders/t1", t1.display()));
+    let t2 = data.path().join("p1/databases/orders/tenants/t2.db");
+    has(&out, &format!("{} -> p1/orders/t2", t2.display()));
+    // The collision, in the keys section and as a warning.
+    has(&out, "5 database(s), 4 distinct key(s), 1 collision(s)");
+    let sqlite = data.path().join("p1/databases/orders/tenants/t1.sqlite");
+    has(
+        &out,
+        &format!(
+            "warning: key collision: 2 databases would get key \"p1/orders/t1\": {}, {}",
+            t1.display(),
+            sqlite.display()
+        ),
+    );
+    // Patterns that match nothing are flagged; the relative one says what
+    // it resolved to.
+    let missing = data.path().join("missing");
+    has(
+        &out,
+        &format!(
+            "warning: multi-db.patterns[2] \"{}/*/databases/*/tenants/*.db\" matches no SQLite database (resolved to {0}/*/databases/*/tenants/*.db: {0} does not exist)",
+            missing.display()
+        ),
+    );
+    let nowhere = work.path().join("nowhere/*/databases/*/tenants/*.db");
+    has(
+        &out,
+        &format!(
+            "warning: multi-db.patterns[3] \"./nowhere/*/databases/*/tenants/*.db\" matches no SQLite database (resolved to {}: {} does not exist)",
+            nowhere.display(),
+            work.path().join("nowhere").display()
+        ),
+    );
+    // Activity: only t1.db was written within hot-duration; the directories
+    // holding databases are two.
+    has(&out, "written within hot-duration: 1 in WAL mode");
+    has(&out, "inotify: 2 directories to watch");
+    has(&out, "scenario (description: 100,000 databases, 250 hot");
+
+    // --strict: the same warnings are an error.
+    let o = run(work.path(), &["explain", "--strict"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("explain --strict"), "{}", stderr(&o));
+
+    // --json parses, and its bill is the shared model's for its inputs.
+    let o = run(work.path(), &["explain", "--json", "--hot", "3"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(!text.contains(SECRET_KEY) && !text.contains(ACCESS_KEY));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let counts: Vec<u64> = v["patterns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["databases"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [4, 1, 0, 0]);
+    assert_eq!(v["databases"], 5);
+    assert_eq!(v["collisions"][0]["key"], "p1/orders/t1");
+    assert_eq!(v["activity"]["hot"], 3);
+    assert_eq!(v["activity"]["hot_overridden"], true);
+    let load = &v["cost"]["load"];
+    assert_eq!(load["hot"], 3);
+    let num = |x: &serde_json::Value| x.as_u64().unwrap();
+    let loaded =
+        Loaded::from_str(&yaml(data.path(), &s3_replica(&s3)), "t.yml", work.path()).unwrap();
+    let expected = CostModel::default().bill(&FleetLoad::new(
+        loaded.multi_db(),
+        num(&load["databases"]),
+        3,
+        num(&load["cold_changing"]),
+        num(&load["over_max_hot"]),
+    ));
+    let total = v["cost"]["bill"]["total_usd"].as_f64().unwrap();
+    assert!(
+        (total - expected.total_usd).abs() < 1e-6,
+        "{total} vs {}",
+        expected.total_usd
+    );
+    let hot_puts = v["cost"]["bill"]["lines"][0]["requests"]["put"]
+        .as_f64()
+        .unwrap();
+    assert_eq!(v["cost"]["bill"]["lines"][0]["part"], "hot");
+    assert!(
+        (hot_puts - 3.0 * 1.05 * 86_400.0 * 30.0).abs() < 1.0,
+        "{hot_puts}"
+    );
+
+    // Not one request reached the replica.
+    assert_eq!(s3.request_count(), 0);
+}
+
+#[test]
+fn touches_no_file_replica_state_or_staging() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    make_fleet(data.path());
+    let replica = work.path().join("replica");
+    let extra = format!(
+        "  temp-dir: {}\n  state-dir: {}\n",
+        work.path().join("tmp").display(),
+        work.path().join("state-dir").display()
+    );
+    let y = yaml(
+        data.path(),
+        &format!("    url: file://{}\n", replica.display()),
+    )
+    .replace("  replica:\n", &format!("{extra}  replica:\n"));
+    std::fs::write(work.path().join("litefleet.yml"), y).unwrap();
+    let o = litefleet(work.path(), &["explain"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    has(
+        &out,
+        &format!("file://{} (does not exist yet", replica.display()),
+    );
+    has(&out, "(absent: the first run uploads every database)");
+    for p in ["replica", "tmp", "state-dir", "state"] {
+        assert!(!work.path().join(p).exists(), "{p} was created");
+    }
+    // No SQLite side file was left next to any database.
+    let tenants = data.path().join("p1/databases/orders/tenants");
+    let names: Vec<String> = std::fs::read_dir(&tenants)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-wal") || n.ends_with("-shm"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}
+
+#[test]
+fn config_errors_exit_1_and_limits_warn() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    make_fleet(data.path());
+    let cfg = work.path().join("litefleet.yml");
+    let s3 = "    url: s3://bucket/x\n    endpoint: http://127.0.0.1:9\n";
+    // A lone access key is refused as replicate would refuse it.
+    std::fs::write(
+        &cfg,
+        yaml(
+            data.path(),
+            &format!("{s3}    access-key-id: {ACCESS_KEY}\n"),
+        ),
+    )
+    .unwrap();
+    let o = litefleet(work.path(), &["explain"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("must be set together"), "{err}");
+    assert!(!err.contains(ACCESS_KEY), "{err}");
+    // A bad value names its key.
+    std::fs::write(
+        &cfg,
+        yaml(data.path(), s3).replace("hot-duration: 10m", "hot-duration: soon"),
+    )
+    .unwrap();
+    let o = litefleet(work.path(), &["explain"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("multi-db.hot-duration"),
+        "{}",
+        stderr(&o)
+    );
+    // More hot databases than any open-file limit allows: a warning, exit 0.
+    std::fs::write(
+        &cfg,
+        yaml(data.path(), s3).replace(
+            "hot-duration: 10m",
+            "hot-duration: 10m\n  max-hot-databases: 1000000000",
+        ),
+    )
+    .unwrap();
+    let o = litefleet(work.path(), &["explain"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    has(&out, "warning: open files: the hard limit");
+    has(&out, "6000000256 that max-hot-databases 1000000000 needs");
+}

@@ -383,6 +383,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Replicate { once } => {
             let loaded = Loaded::from_file(&cli.config)?;
+            loaded.check_enabled(&cli.config)?;
             // Each hot database holds ~5 descriptors: 1000 of them exceed the
             // common soft limit of 1024, never the hard one.
             let nofile = bench::raise_nofile_limit();

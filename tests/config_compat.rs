@@ -312,6 +312,36 @@ fn real_litestream_configs_parse() {
 }
 
 #[test]
+fn litestream_recursive_directory_scan() {
+    // Litestream's DirectoryMetaDir test config, verbatim.
+    let y = r#"dbs:
+  - dir: /path/to/dbs
+    pattern: "*.db"
+    recursive: true
+    meta-dir: /path/to/litestream-state
+    replica:
+      url: file:///path/to/replicas
+"#;
+    let l = load(y).unwrap();
+    assert_eq!(l.multi_db().patterns, vec!["/path/to/dbs/**/*.db"]);
+    assert_eq!(
+        l.replica,
+        ReplicaUrl::File {
+            dir: "/path/to/replicas".into()
+        }
+    );
+    let key = |p: &str| {
+        litefleet::source::keys::key_for(&l.patterns, &l.template, Path::new(p)).map(|(k, _)| k)
+    };
+    assert_eq!(key("/path/to/dbs/t1.db").as_deref(), Some("t1"));
+    assert_eq!(
+        key("/path/to/dbs/eu/acme/t1.db").as_deref(),
+        Some("eu/acme/t1")
+    );
+    assert_eq!(key("/path/to/dbs/eu/notes.txt"), None);
+}
+
+#[test]
 fn litestream_directory_scan_and_file_replica() {
     let y =
         "dbs:\n  - dir: tenants\n    pattern: \"*.db\"\n    replica:\n      url: file://backups\n";
@@ -334,11 +364,6 @@ fn litestream_errors_name_the_key() {
             "nats (Litestream's own test config)",
             LITESTREAM_NATS.to_string(),
             &["dbs[0].replica.type", "\"nats\""],
-        ),
-        (
-            "recursive directory scan (Litestream's DirectoryMetaDir test config)",
-            "dbs:\n  - dir: /path/to/dbs\n    pattern: \"*.db\"\n    recursive: true\n    meta-dir: /path/to/litestream-state\n    replica:\n      url: file:///path/to/replicas\n".into(),
-            &["dbs[0].recursive"],
         ),
         (
             "sftp url",
@@ -617,13 +642,13 @@ dbs:
 async fn litestream_directory_scan_replicates_to_a_file_replica() {
     let work = tempfile::tempdir().unwrap();
     let conf = work.path().join("conf");
-    for (t, rows) in [("a", 2), ("b", 9)] {
+    for (t, rows) in [("a", 2), ("b", 9), ("eu/c", 4)] {
         drop(create_db(&conf.join(format!("tenants/{t}.db")), rows));
     }
     let config = conf.join("litestream.yml");
     std::fs::write(
         &config,
-        "dbs:\n  - dir: ./tenants\n    pattern: \"*.db\"\n    watch: true\n    replica:\n      type: file\n      path: ./backups\n",
+        "dbs:\n  - dir: ./tenants\n    pattern: \"*.db\"\n    recursive: true\n    watch: true\n    replica:\n      type: file\n      path: ./backups\n",
     )
     .unwrap();
     let o = litefleet(
@@ -632,10 +657,12 @@ async fn litestream_directory_scan_replicates_to_a_file_replica() {
     );
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("uploaded=2"), "{err}");
+    assert!(err.contains("uploaded=3"), "{err}");
     assert_eq!(err.matches("dbs[0].watch").count(), 1, "{err}");
     let objs = objects(&conf.join("backups"));
     assert!(objs.iter().any(|o| o.starts_with("a/a-")), "{objs:?}");
     assert!(objs.iter().any(|o| o.starts_with("b/b-")), "{objs:?}");
+    assert!(objs.iter().any(|o| o.starts_with("eu/c/c-")), "{objs:?}");
     assert_eq!(restore_rows(work.path(), &config, "b", &[]).await, 9);
+    assert_eq!(restore_rows(work.path(), &config, "eu/c", &[]).await, 4);
 }

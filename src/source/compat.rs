@@ -13,7 +13,7 @@
 //!   block's `sync-interval` is `multi-db.sync-interval`. The same
 //!   `type`/`bucket` spelling is accepted in `multi-db.replica`.
 //! * **Litestream**: top-level `dbs:` with `path:` or `dir:` + `pattern:`
-//!   entries, each with exactly one replica (`replica:` or a one-element
+//!   (+ `recursive:`, mapped onto a `**` level) entries, each with exactly one replica (`replica:` or a one-element
 //!   `replicas:`). Every entry must go to one destination (one bucket or one
 //!   directory tree, one set of credentials), because the replicator has one
 //!   store client. Keys we do not act on give one warning each; settings
@@ -727,17 +727,22 @@ fn db_source(entry: &Mapping, key: &str) -> Result<(String, Source, String), Fai
                     format!("{pattern:?}: a file name pattern (e.g. \"*.db\"), without `/`"),
                 ));
             }
-            if entry.get("recursive") == Some(&Value::Bool(true)) {
-                return Err((
-                    format!("{key}.recursive"),
-                    format!(
-                        "true is not supported: litefleet patterns match a fixed depth; \
-                         use a native config with one pattern per depth (e.g. {0}/*/{pattern})",
-                        dir.trim_end_matches('/')
-                    ),
-                ));
-            }
-            let full = format!("{}/{pattern}", home(&dir).trim_end_matches('/'));
+            // Litestream's recursive scan matches the pattern at any depth:
+            // `**` binds the directories in between (keys `sub/dir/t1`).
+            let recursive = match entry.get("recursive") {
+                None | Some(Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(_) => {
+                    return Err((format!("{key}.recursive"), "must be true or false".into()))
+                }
+            };
+            let dir = home(&dir);
+            let dir = dir.trim_end_matches('/');
+            let full = if recursive {
+                format!("{dir}/**/{pattern}")
+            } else {
+                format!("{dir}/{pattern}")
+            };
             Ok((full, Source::Dir, format!("{key}.dir")))
         }
         (None, None) => Err((

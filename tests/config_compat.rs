@@ -666,3 +666,24 @@ async fn litestream_directory_scan_replicates_to_a_file_replica() {
     assert_eq!(restore_rows(work.path(), &config, "b", &[]).await, 9);
     assert_eq!(restore_rows(work.path(), &config, "eu/c", &[]).await, 4);
 }
+
+#[test]
+fn shipped_litestream_example_parses() {
+    set_aws_env();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/litestream.yml");
+    let l = Loaded::from_file(&path).unwrap();
+    assert_eq!(
+        l.replica,
+        ReplicaUrl::S3 {
+            bucket: "my-backup-bucket".into(),
+            prefix: "app".into()
+        }
+    );
+    assert_eq!(l.multi_db().replica.path, None);
+    let key = |p: &str| {
+        litefleet::source::keys::key_for(&l.patterns, &l.template, Path::new(p)).map(|(k, _)| k)
+    };
+    assert_eq!(key("/var/lib/app/orders.db").as_deref(), Some("orders"));
+    let r = &l.multi_db().replica;
+    assert_eq!(r.access_key_id.as_ref().unwrap().expose(), KEY_ID);
+}

@@ -23,14 +23,15 @@
 //!  daemon    scheduler, server                             capture and below
 //!  restore   single, install, replay, list, bulk           capture and below
 //!  capture   snapshot, wal, ship, upload                   source and below
-//!  source    config, discover, template, keys, track,      replica and below
-//!            tier, watch
+//!  source    config, compat, discover, template, keys,     replica and below
+//!            track, tier, watch
 //!  replica   storage, layout, cold, hot, lease, retention  error, rfc3339
 //!  stats, error: shared vocabulary, use nothing
 //! ```
 //!
 //! * [`source`]: which databases exist and what each is called: the YAML
-//!   config ([`source::config`], `${VAR}` expansion, validation), discovery
+//!   config ([`source::config`], `${VAR}` expansion, validation; other
+//!   spellings translated by [`source::compat`]), discovery
 //!   from glob patterns ([`source::discover`]), key templates
 //!   ([`source::template`]) and the rule against two databases sharing a
 //!   key ([`source::keys`]), the compact table of tracked databases and

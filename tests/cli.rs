@@ -103,7 +103,15 @@ fn secrets_never_reach_the_output() {
 #[test]
 fn demo_config_replicates_and_restores() {
     let t = tempfile::tempdir().unwrap();
-    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/litefleet.yml");
+    // The config's relative paths resolve against its directory: placed in
+    // `examples/` under the demo's directory, as in the repository.
+    std::fs::create_dir(t.path().join("examples")).unwrap();
+    let cfg = t.path().join("examples/litefleet.yml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/litefleet.yml"),
+        &cfg,
+    )
+    .unwrap();
     let cfg = cfg.to_str().unwrap();
     let o = litefleet(t.path(), &["demo", "--databases", "30"]);
     assert!(o.status.success(), "{}", stderr(&o));

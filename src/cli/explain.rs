@@ -223,7 +223,7 @@ impl Visitor for Collect {
 }
 
 /// `file` as the config file was named; relative patterns and paths
-/// resolved against the working directory (as [`Loaded::from_file`] does).
+/// resolved against the config file's directory (as [`Loaded::from_file`] does).
 pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Explanation> {
     let m = loaded.multi_db();
     // The S3 client is built (not used) so that what `replicate` would
@@ -232,7 +232,7 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
     if let ReplicaUrl::S3 { .. } = loaded.replica {
         drop(loaded.open_replica()?);
     }
-    let base = std::env::current_dir().unwrap_or_default();
+    let base = loaded.base.clone();
     let mut warnings = Vec::new();
 
     // 2. Patterns: the real walker, one pattern at a time.
@@ -703,7 +703,11 @@ fn settings(loaded: &Loaded, base: &Path) -> Vec<Setting> {
             }),
         loaded.config.addr.is_none(),
     );
-    set("working directory", base.display().to_string(), false);
+    set(
+        "relative paths resolve against",
+        base.display().to_string(),
+        false,
+    );
     out
 }
 

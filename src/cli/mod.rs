@@ -433,6 +433,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Replicate { once } => {
             let loaded = Loaded::from_file(&cli.config)?;
+            loaded.check_enabled(&cli.config)?;
             // See bench::nofile_needed (and `litefleet explain`).
             let nofile = bench::raise_nofile_limit();
             let hot = loaded.multi_db().max_hot_databases;

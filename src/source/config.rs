@@ -1,6 +1,8 @@
 //! Configuration: the YAML file, `${VAR}` expansion, defaults and validation.
 //!
-//! The file follows Litestream's multi-database shape:
+//! The native file follows Litestream's multi-database shape (the product
+//! description's `replica-template` spelling and Litestream's own `dbs:`
+//! list are translated into it first, by [`crate::source::compat`]):
 //!
 //! ```yaml
 //! multi-db:
@@ -29,6 +31,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::replica::storage::{Replica, ReplicaUrl, Secret, StoreOptions};
+use crate::source::compat;
 use crate::source::discover::Pattern;
 use crate::source::template::KeyTemplate;
 use crate::{Error, Result};
@@ -94,6 +97,11 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MultiDb {
+    /// `false` turns replication off: `replicate` refuses to start (with
+    /// an error naming this key), while `list` and `restore` still read the
+    /// replica. The product description's spelling; default `true`.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
     /// Glob patterns; each `*` segment is bound, in order, to a template variable.
     pub patterns: Vec<String>,
     #[serde(default = "default_scan_interval", with = "humantime_serde")]
@@ -208,6 +216,9 @@ fn default_checkpoint_pages() -> u64 {
 fn default_truncate_pages() -> u64 {
     DEFAULT_TRUNCATE_PAGES
 }
+fn default_enabled() -> bool {
+    true
+}
 fn default_watch() -> bool {
     true
 }
@@ -237,24 +248,33 @@ pub struct Loaded {
     pub patterns: Vec<Pattern>,
     pub template: KeyTemplate,
     pub replica: ReplicaUrl,
+    /// What relative paths in the config were resolved against (the config
+    /// file's directory).
+    pub base: PathBuf,
 }
 
 impl Loaded {
-    /// Reads, expands and validates a config file.
+    /// Reads, expands and validates a config file. Relative paths in it
+    /// (patterns, `file://` replicas, Litestream's `path:`/`dir:`) resolve
+    /// against the file's own directory, so a config means the same thing
+    /// whatever directory `litefleet` is started from.
     pub fn from_file(path: &Path) -> Result<Loaded> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
             file: path.display().to_string(),
             key: "(file)".into(),
             reason: format!("cannot read: {e}"),
         })?;
-        Self::from_str(
-            &text,
-            &path.display().to_string(),
-            &std::env::current_dir().unwrap_or_default(),
-        )
+        let base = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        Self::from_str(&text, &path.display().to_string(), &base)
     }
 
     /// Parses config text; `file` names it in errors, relative paths resolve against `base`.
+    /// Foreign spellings (see [`crate::source::compat`]) are translated first;
+    /// errors then name the keys as written, and ignored keys are logged
+    /// once each as warnings.
     #[allow(clippy::should_implement_trait)]
     pub fn from_str(text: &str, file: &str, base: &Path) -> Result<Loaded> {
         let err = |key: &str, reason: String| Error::Config {
@@ -268,7 +288,38 @@ impl Loaded {
                 format!("environment variable ${{{var}}} is not set (use ${{{var}:-default}} for a default)"),
             )
         })?;
-        let de = serde_yaml_ng::Deserializer::from_str(&expanded);
+        // A document that does not parse as YAML at all is reported by the
+        // typed parse below, with its line.
+        let tree: Option<serde_yaml_ng::Value> = serde_yaml_ng::from_str(&expanded).ok();
+        let translated = match &tree {
+            Some(tree) => {
+                compat::translate(tree, base).map_err(|(key, reason)| err(&key, reason))?
+            }
+            None => None,
+        };
+        let Some(translated) = translated else {
+            let de = serde_yaml_ng::Deserializer::from_str(&expanded);
+            return Self::validate(de, &err, base);
+        };
+        for w in &translated.warnings {
+            tracing::warn!(file, "{w}");
+        }
+        Self::validate(translated.doc.clone(), &err, base).map_err(|e| match e {
+            Error::Config { file, key, reason } => Error::Config {
+                file,
+                key: translated.written(&key),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// The native config from `de`, checked (see the module docs).
+    fn validate<'de>(
+        de: impl serde::Deserializer<'de>,
+        err: &dyn Fn(&str, String) -> Error,
+        base: &Path,
+    ) -> Result<Loaded> {
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." {
@@ -386,6 +437,7 @@ impl Loaded {
             patterns,
             template,
             replica,
+            base: base.to_path_buf(),
         })
     }
 
@@ -407,6 +459,21 @@ impl Loaded {
             }
         }
         self.open_replica()
+    }
+
+    /// `Ok` unless the config turns replication off (`multi-db.enabled: false`):
+    /// `replicate` calls this before touching anything.
+    pub fn check_enabled(&self, file: &Path) -> Result<()> {
+        if self.config.multi_db.enabled {
+            return Ok(());
+        }
+        Err(Error::Config {
+            file: file.display().to_string(),
+            key: "multi-db.enabled".into(),
+            reason: "is false: replication is disabled in this config, so `replicate` does not \
+                     run (set it to true; list and restore still work)"
+                .into(),
+        })
     }
 
     pub fn multi_db(&self) -> &MultiDb {

@@ -11,6 +11,10 @@
 //! Each wildcard level binds one template variable (see [`crate::replica::layout`]):
 //! a level that is one `*` between literal text (`*.db`, `tenant-*`) binds the
 //! text matched by the `*`; any other wildcard level binds the whole name.
+//! One level may be `**`: any number of directories (none included), bound
+//! to the directory names joined by `/` (empty for none). It exists for
+//! Litestream's `recursive: true` directory scans and walks the whole
+//! subtree below it, so it costs what `find` costs there.
 //!
 //! Files are not followed through symlinks, and names ending in `-wal`,
 //! `-shm` or `-journal` are SQLite's side files, never databases.
@@ -31,6 +35,8 @@ pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 #[derive(Debug, Clone)]
 enum Level {
     Literal(OsString),
+    /// `**`: zero or more directories.
+    Any,
     Glob {
         text: String,
         matcher: GlobMatcher,
@@ -82,8 +88,18 @@ impl Pattern {
                     let s = name
                         .to_str()
                         .ok_or_else(|| "pattern is not valid UTF-8".to_string())?;
+                    if s == "**" {
+                        if levels.iter().any(|l| matches!(l, Level::Any)) {
+                            return Err("at most one `**` level".into());
+                        }
+                        levels.push(Level::Any);
+                        continue;
+                    }
                     if s.contains("**") {
-                        return Err("`**` is not supported: use one `*` per directory level".into());
+                        return Err(
+                            "`**` must be a whole level (`dir/**/*.db`); use one `*` per directory level otherwise"
+                                .into(),
+                        );
                     }
                     if has_glob_meta(s) {
                         let matcher = GlobBuilder::new(s)
@@ -110,6 +126,9 @@ impl Pattern {
                     }
                 }
             }
+        }
+        if matches!(levels.last(), Some(Level::Any)) {
+            return Err("`**` must be followed by a file name (`dir/**/*.db`)".into());
         }
         if levels.is_empty() {
             // A pattern with no wildcard names one file: its parent is the root.
@@ -143,7 +162,7 @@ impl Pattern {
         for level in &self.levels {
             match level {
                 Level::Literal(name) => path.push(name),
-                Level::Glob { .. } => return None,
+                Level::Glob { .. } | Level::Any => return None,
             }
         }
         Some(path)
@@ -153,7 +172,7 @@ impl Pattern {
     pub fn wildcards(&self) -> usize {
         self.levels
             .iter()
-            .filter(|l| matches!(l, Level::Glob { .. }))
+            .filter(|l| matches!(l, Level::Glob { .. } | Level::Any))
             .count()
     }
 
@@ -163,6 +182,7 @@ impl Pattern {
             .iter()
             .filter_map(|l| match l {
                 Level::Glob { text, .. } => Some(text.as_str()),
+                Level::Any => Some("**"),
                 Level::Literal(_) => None,
             })
             .nth(n)
@@ -178,29 +198,59 @@ impl Pattern {
                 _ => None,
             })
             .collect();
-        if comps.len() != self.levels.len() || rest.components().count() != comps.len() {
+        if rest.components().count() != comps.len() {
             return None;
         }
-        let mut out = Vec::new();
-        for (level, name) in self.levels.iter().zip(comps) {
-            match level {
-                Level::Literal(l) if l == name => {}
-                Level::Literal(_) => return None,
-                Level::Glob { matcher, affix, .. } => {
-                    if !matcher.is_match(Path::new(name)) {
-                        return None;
-                    }
-                    let s = name.to_string_lossy();
-                    let v = match affix {
-                        Some((p, x)) => s[p.len()..s.len() - x.len()].to_string(),
-                        None => s.into_owned(),
-                    };
-                    out.push(v);
+        // With `**` at level k, the last `levels.len() - k - 1` names match
+        // the levels after it and the names between bind it.
+        let (before, any) = match self.levels.iter().position(|l| matches!(l, Level::Any)) {
+            Some(k) => {
+                let tail = self.levels.len() - k - 1;
+                if comps.len() < k + tail {
+                    return None;
                 }
+                (k, Some(comps.len() - tail))
+            }
+            None if comps.len() == self.levels.len() => (comps.len(), None),
+            None => return None,
+        };
+        let mut out = Vec::new();
+        for (level, name) in self.levels[..before].iter().zip(&comps[..before]) {
+            out.push(Self::bind(level, name)?);
+        }
+        if let Some(end) = any {
+            let dirs: Vec<_> = comps[before..end]
+                .iter()
+                .map(|c| c.to_string_lossy())
+                .collect();
+            out.push(Some(dirs.join("/")));
+            let levels = &self.levels[before + 1..];
+            for (level, name) in levels.iter().zip(&comps[end..]) {
+                out.push(Self::bind(level, name)?);
             }
         }
+        let out: Vec<String> = out.into_iter().flatten().collect();
         let last = path.file_name()?;
         (!is_aux(last)).then_some(out)
+    }
+
+    /// Matches one name against one level: `None` if it does not match,
+    /// `Some(None)` for a literal, `Some(Some(value))` for a wildcard.
+    fn bind(level: &Level, name: &OsStr) -> Option<Option<String>> {
+        match level {
+            Level::Literal(l) if l == name => Some(None),
+            Level::Literal(_) | Level::Any => None,
+            Level::Glob { matcher, affix, .. } => {
+                if !matcher.is_match(Path::new(name)) {
+                    return None;
+                }
+                let s = name.to_string_lossy();
+                Some(Some(match affix {
+                    Some((p, x)) => s[p.len()..s.len() - x.len()].to_string(),
+                    None => s.into_owned(),
+                }))
+            }
+        }
     }
 
     /// Walks the tree and reports every candidate database file to `visitor`.
@@ -219,6 +269,33 @@ impl Pattern {
     ) {
         let last = i + 1 == self.levels.len();
         match (&self.levels[i], last) {
+            (Level::Any, _) => {
+                // No more directories here, then each subdirectory at this level again.
+                self.walk_level(buf, i + 1, leaf, visitor);
+                let Some(rd) = read_dir(buf, visitor) else {
+                    return;
+                };
+                let mut dirs = Vec::new();
+                for entry in rd.flatten() {
+                    match entry.file_type() {
+                        Ok(t) if t.is_dir() => dirs.push(entry.file_name()),
+                        Ok(t) if t.is_symlink() => {
+                            buf.push(entry.file_name());
+                            if buf.is_dir() {
+                                visitor.skipped(buf, "symlinked directory (not followed)");
+                            }
+                            buf.pop();
+                        }
+                        _ => {}
+                    }
+                }
+                dirs.sort_unstable();
+                for name in dirs {
+                    buf.push(&name);
+                    self.walk_level(buf, i, leaf, visitor);
+                    buf.pop();
+                }
+            }
             (Level::Literal(name), false) => {
                 buf.push(name);
                 self.walk_level(buf, i + 1, leaf, visitor);
@@ -458,8 +535,52 @@ mod tests {
     }
 
     #[test]
-    fn rejects_double_star() {
-        assert!(Pattern::compile("/data/**/x.db", Path::new("/")).is_err());
+    fn double_star_rules() {
+        for bad in ["/data/a**/x.db", "/data/**/x/**/y.db", "/data/**"] {
+            assert!(Pattern::compile(bad, Path::new("/")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn double_star_matches_any_depth() {
+        let t = tempfile::tempdir().unwrap();
+        for p in [
+            "top.db",
+            "a/one.db",
+            "a/b/two.db",
+            "a/b/notes.txt",
+            "c/d/e/three.db",
+        ] {
+            let p = t.path().join(p);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"x").unwrap();
+        }
+        std::os::unix::fs::symlink(t.path().join("a"), t.path().join("link")).unwrap();
+        let pat = Pattern::compile("**/*.db", t.path()).unwrap();
+        assert_eq!(pat.wildcards(), 2);
+        let mut c = Collect::default();
+        pat.walk(&mut c);
+        let mut found: Vec<_> = c.found.iter().map(|(p, _)| p.clone()).collect();
+        found.sort();
+        let rel: Vec<_> = found
+            .iter()
+            .map(|p| p.strip_prefix(t.path()).unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(rel, ["a/b/two.db", "a/one.db", "c/d/e/three.db", "top.db"]);
+        assert_eq!(c.skipped, vec![t.path().join("link")]);
+        let caps = |p: &str| pat.captures(&t.path().join(p));
+        assert_eq!(caps("top.db").unwrap(), ["", "top"]);
+        assert_eq!(caps("a/b/two.db").unwrap(), ["a/b", "two"]);
+        assert_eq!(caps("a/b/notes.txt"), None);
+        // Levels after `**` still match by position.
+        let pat = Pattern::compile("x/**/tenants/*.db", t.path()).unwrap();
+        let p = t.path().join("x/p1/q/tenants/t1.db");
+        assert_eq!(pat.captures(&p).unwrap(), ["p1/q", "t1"]);
+        assert_eq!(
+            pat.captures(&t.path().join("x/tenants/t1.db")).unwrap(),
+            ["", "t1"]
+        );
+        assert_eq!(pat.captures(&t.path().join("x/p1/other/t1.db")), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Source: which databases exist on this host, what each one is called in
 //! the replica, and how hot each one is.
 //!
-//! Owns the configuration file ([`config`]), discovery from glob patterns
+//! Owns the configuration file ([`config`]) and its other spellings
+//! (the description's and Litestream's, translated by [`compat`]), discovery from glob patterns
 //! ([`discover`]), key templates ([`template`]) and the rule that refuses two
 //! databases rendering one key ([`keys`]), the compact table of tracked
 //! databases with their change fingerprints ([`track`]), change
@@ -13,6 +14,7 @@
 //! [`crate::replica`]'s settings types (the config file names the replica),
 //! nothing above it.
 
+pub mod compat;
 pub mod config;
 pub mod discover;
 pub mod keys;

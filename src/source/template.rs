@@ -109,14 +109,19 @@ impl KeyTemplate {
     }
 
     /// Renders the key for a database given its bound values and file stem.
+    /// A variable that is empty (a `**` level that matched no directory)
+    /// also drops the `/` after it, so `{{dir}}/{{name}}` renders `t1`, not `/t1`.
     pub fn render(&self, captures: &[String], stem: &str) -> String {
         let mut out = String::new();
+        let mut empty_var = false;
         for p in &self.parts {
             match p {
+                Part::Lit(s) if empty_var => out.push_str(s.strip_prefix('/').unwrap_or(s)),
                 Part::Lit(s) => out.push_str(s),
                 Part::Var(i) => out.push_str(captures.get(*i).map(String::as_str).unwrap_or("")),
                 Part::Stem => out.push_str(stem),
             }
+            empty_var = matches!(p, Part::Var(i) if captures.get(*i).is_none_or(|c| c.is_empty()));
         }
         out
     }
@@ -156,6 +161,10 @@ mod tests {
         let d = KeyTemplate::default_for(4);
         d.check_binds(&pat).unwrap();
         assert_eq!(d.render(&caps, "t42"), "acme/orders/main/t42");
+        // An empty value (`**` matching no directory) drops its `/`.
+        let d = KeyTemplate::default_for(2);
+        assert_eq!(d.render(&["".into(), "t1".into()], "t1"), "t1");
+        assert_eq!(d.render(&["a/b".into(), "t1".into()], "t1"), "a/b/t1");
     }
 
     #[test]

@@ -12,12 +12,18 @@ use std::process::{Command, Output};
 /// Runs the `litefleet` binary in `dir` with `args` (info logging, state
 /// under `dir/state`, no config from the environment).
 pub fn litefleet(dir: &Path, args: &[&str]) -> Output {
+    litefleet_env(dir, args, &[])
+}
+
+/// [`litefleet`] with extra environment variables (e.g. for `${VAR}` in a config).
+pub fn litefleet_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_litefleet"))
         .current_dir(dir)
         .args(args)
         .env_remove("LITEFLEET_CONFIG")
         .env("LITEFLEET_LOG", "info")
         .env("XDG_STATE_HOME", dir.join("state"))
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }

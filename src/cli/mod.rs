@@ -4,7 +4,7 @@
 //! Every error is printed once as `error: <what>: <why>` and exits 1; a
 //! `--once` run with failed uploads exits 1 too, so cron notices. `verify`
 //! has exit codes of its own (0 all proven, 1 problems, 2 could not check;
-//! see [`crate::restore::verify`]).
+//! see [`mod@crate::restore::verify`]).
 //!
 //! The top of the tree: it may use every stage, and nothing uses it. Its
 //! submodules are the presentation and the harness, kept out of the

@@ -11,7 +11,7 @@
 //! * [`install`]: the atomic, checked, no-clobber install of the output;
 //! * [`mod@list`]: which keys the replica holds, across both tiers;
 //! * [`bulk`]: every database under a key prefix;
-//! * [`verify`]: restore drills: every database restored into scratch
+//! * [`mod@verify`]: restore drills: every database restored into scratch
 //!   space through the bulk path, checked, compared with its source on this
 //!   host, and deleted.
 //!

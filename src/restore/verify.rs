@@ -107,6 +107,8 @@ pub struct VerifyOptions {
     pub compare_source: bool,
     /// See [`SOURCE_MARGIN`] (the default); tests of the comparison shorten it.
     pub source_margin: Duration,
+    /// See [`NEW_DATABASE_GRACE`] (the default).
+    pub new_database_grace: Duration,
 }
 
 impl VerifyOptions {
@@ -121,6 +123,7 @@ impl VerifyOptions {
             scratch_parent: loaded.temp_dir(),
             compare_source: true,
             source_margin: SOURCE_MARGIN,
+            new_database_grace: NEW_DATABASE_GRACE,
         }
     }
 }
@@ -425,7 +428,11 @@ pub async fn verify(
     } else {
         BTreeMap::new()
     };
-    let mut jobs = drop_new(jobs(listed, local, opts.since.is_none())).await;
+    let mut jobs = drop_new(
+        jobs(listed, local, opts.since.is_none()),
+        opts.new_database_grace,
+    )
+    .await;
     if let Some(since) = opts.since {
         let cutoff = started - chrono::Duration::from_std(since).unwrap_or(chrono::Duration::MAX);
         jobs = recent(replica, jobs, cutoff, opts.concurrency).await;
@@ -613,7 +620,7 @@ async fn check_one(
 ) -> KeyResult {
     let result = KeyResult::new(job.key.clone());
     let Some(listed) = job.listed else {
-        return missing(result, &job.sources);
+        return missing(result, &job.sources, opts.new_database_grace);
     };
     let how = How {
         hot: !listed.generations.is_empty(),
@@ -705,9 +712,10 @@ async fn check_one(
 
 /// Drops the keys of databases on this host that the replica does not hold
 /// and that may simply not be uploaded yet: files changed within
-/// [`NEW_DATABASE_GRACE`], or that are not SQLite databases (`replicate`
-/// uploads nothing else). The others stay, to be reported "not found".
-async fn drop_new(jobs: Vec<Job>) -> Vec<Job> {
+/// `grace` ([`NEW_DATABASE_GRACE`]), or that are not SQLite databases
+/// (`replicate` uploads nothing else). The others stay, to be reported
+/// "not found".
+async fn drop_new(jobs: Vec<Job>, grace: Duration) -> Vec<Job> {
     let now = SystemTime::now();
     tokio::task::spawn_blocking(move || {
         jobs.into_iter()
@@ -715,9 +723,8 @@ async fn drop_new(jobs: Vec<Job>) -> Vec<Job> {
                 j.listed.is_some()
                     || j.sources.iter().any(|p| {
                         has_sqlite_header(p).unwrap_or(false)
-                            && last_change(p).is_some_and(|t| {
-                                now.duration_since(t).unwrap_or_default() >= NEW_DATABASE_GRACE
-                            })
+                            && last_change(p)
+                                .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= grace)
                     })
             })
             .collect()
@@ -727,12 +734,12 @@ async fn drop_new(jobs: Vec<Job>) -> Vec<Job> {
 }
 
 /// A database on this host that the replica does not hold (see [`drop_new`]).
-fn missing(result: KeyResult, sources: &[PathBuf]) -> KeyResult {
+fn missing(result: KeyResult, sources: &[PathBuf], grace: Duration) -> KeyResult {
     let names: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
     result.failed(&Error::NotFound(format!(
         "no snapshot or WAL generation in the replica for {} (unchanged for more than {})",
         names.join(", "),
-        humantime::format_duration(NEW_DATABASE_GRACE)
+        humantime::format_duration(grace)
     )))
 }
 
@@ -760,7 +767,9 @@ fn skipped(path: &Path, detail: impl Into<String>) -> SourceCheck {
 }
 
 /// The latest `mtime` or `ctime` of a database and its `-wal`; `None` when
-/// the database is gone.
+/// the database is gone. An empty `-wal` holds no commit and is left out:
+/// a read-only connection (the replicator's snapshot, this comparison)
+/// creates one where there was none.
 fn last_change(db: &Path) -> Option<SystemTime> {
     let at = |secs: i64, nanos: i64| {
         let d = Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32);
@@ -769,6 +778,7 @@ fn last_change(db: &Path) -> Option<SystemTime> {
     let of = |p: &Path| {
         std::fs::metadata(p)
             .ok()
+            .filter(|m| p == db || m.len() > 0)
             .map(|m| at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec())))
     };
     let mut wal = db.as_os_str().to_owned();
@@ -1049,6 +1059,16 @@ mod tests {
         let c = compare(&src, &rst, Utc::now(), SOURCE_MARGIN);
         assert_eq!(c.result, SourceResult::Newer, "{c:?}");
         // Equal content matches.
+        let c = compare(&src, &src, later, SOURCE_MARGIN);
+        assert_eq!(c.result, SourceResult::Match, "{c:?}");
+        assert!(c.detail.contains("2 table(s)"), "{c:?}");
+        // A WAL-mode source: reading it leaves an empty -wal behind, which
+        // is no change.
+        let conn = Connection::open(&src).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.execute("INSERT INTO t VALUES (9)", []).unwrap();
+        drop(conn);
+        let later = Utc::now() + chrono::Duration::seconds(10);
         let c = compare(&src, &src, later, SOURCE_MARGIN);
         assert_eq!(c.result, SourceResult::Match, "{c:?}");
         assert!(c.detail.contains("2 table(s)"), "{c:?}");

@@ -444,3 +444,33 @@ async fn drills_run_every_interval_and_are_counted() {
     task.await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+// `replicate` with `verify-interval`: the command line's drill runs beside
+// the loop and its counts reach the stats the endpoint serves.
+both_backends!(replicate_runs_drills_on_its_interval, |b| async move {
+    let f = Fleet::with_yaml(b, "  verify-interval: 100ms\n  verify-sample: 2\n").await;
+    cold_fleet(&f, 3).await;
+    let loaded = f.loaded();
+    let job = litefleet::cli::verify_job(Arc::new(loaded.clone()), f.replica());
+    let replicator = Arc::new(
+        litefleet::daemon::scheduler::Replicator::with_replica(loaded, f.replica())
+            .unwrap()
+            .with_verify(job),
+    );
+    let stats = replicator.stats();
+    let token = CancellationToken::new();
+    let run = tokio::spawn(replicator.run(false, token.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stats.verify_runs.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no drill ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    token.cancel();
+    run.await.unwrap().unwrap();
+    // A sample of two, both good.
+    assert_eq!(stats.verify_last_ok.load(Ordering::SeqCst), 2);
+    assert_eq!(stats.verify_last_problems.load(Ordering::SeqCst), 0);
+    assert_eq!(stats.verify_last_failed.load(Ordering::SeqCst), 0);
+    let view = litefleet::daemon::server::StatsView::read(&stats, Duration::from_secs(15), 0);
+    assert_eq!(view.verify_last_ok, Some(true));
+});

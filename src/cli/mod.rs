@@ -166,7 +166,7 @@ async fn verify_command(config: &std::path::Path, args: VerifyArgs) -> u8 {
 /// random keys (every key with 0) of the whole replica, scratch space in
 /// the replicator's staging directory (cleared at each start), each
 /// failure logged as a warning.
-fn verify_job(loaded: Arc<Loaded>, replica: Replica) -> crate::daemon::scheduler::VerifyJob {
+pub fn verify_job(loaded: Arc<Loaded>, replica: Replica) -> crate::daemon::scheduler::VerifyJob {
     Arc::new(move || {
         let (loaded, replica) = (loaded.clone(), replica.clone());
         Box::pin(async move {

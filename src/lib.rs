@@ -21,7 +21,7 @@
 //!  cli       mod, bench, cost, throughput, soak, demo,     everything below
 //!            progress, explain
 //!  daemon    scheduler, server                             capture and below
-//!  restore   single, install, replay, list, bulk           capture and below
+//!  restore   single, install, replay, list, bulk, verify   capture and below
 //!  capture   snapshot, wal, ship, upload                   source and below
 //!  source    config, compat, discover, template, keys,     replica and below
 //!            track, tier, watch
@@ -50,7 +50,8 @@
 //! * [`restore`]: back to a database file: choosing the tier, retries and
 //!   damage ([`restore::single`]), installing atomically
 //!   ([`restore::install`]), replaying a generation ([`restore::replay`]),
-//!   listing ([`mod@restore::list`]) and bulk restore ([`restore::bulk`]).
+//!   listing ([`mod@restore::list`]), bulk restore ([`restore::bulk`]) and
+//!   restore drills ([`mod@restore::verify`]).
 //!   It composes the tier layouts; it never writes to the replica.
 //! * [`daemon`]: the `replicate` process: the scan/upload/stream loop
 //!   ([`daemon::scheduler`]) and `/healthz`, `/stats`, `/metrics`

@@ -42,4 +42,14 @@ pub struct Stats {
     /// Re-checks of databases named by change notifications that found a
     /// change (each is a cycle without a scan).
     pub rechecks: AtomicU64,
+    /// Restore drills run by `verify-interval` (the daemon's
+    /// `verify_loop`), and the last one's end
+    /// (unix seconds, 0 before the first) and counts; `verify_last_failed`
+    /// is 1 when the last drill could not run at all.
+    pub verify_runs: AtomicU64,
+    pub verify_last_unix: AtomicU64,
+    pub verify_last_ok: AtomicU64,
+    pub verify_last_problems: AtomicU64,
+    pub verify_last_unverifiable: AtomicU64,
+    pub verify_last_failed: AtomicU64,
 }

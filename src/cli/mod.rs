@@ -2,7 +2,9 @@
 //! logging and signals, and calls into the modules that do the work.
 //!
 //! Every error is printed once as `error: <what>: <why>` and exits 1; a
-//! `--once` run with failed uploads exits 1 too, so cron notices.
+//! `--once` run with failed uploads exits 1 too, so cron notices. `verify`
+//! has exit codes of its own (0 all proven, 1 problems, 2 could not check;
+//! see [`mod@crate::restore::verify`]).
 //!
 //! The top of the tree: it may use every stage, and nothing uses it. Its
 //! submodules are the presentation and the harness, kept out of the
@@ -111,6 +113,97 @@ pub enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Restore drill: restore every database (or a sample) into scratch
+    /// space, check it and compare it with its source on this host. Exit
+    /// 0: all ok, 1: problems found, 2: could not check.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only keys under this prefix (default: every key).
+    pub prefix: Option<String>,
+    /// Check this many keys picked at random.
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// Only keys with an object uploaded within this long (humantime: 24h, 30m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Databases checked at once [default: 16].
+    #[arg(long, value_parser = parse_concurrency)]
+    pub concurrency: Option<usize>,
+    /// Print one JSON document (per-key results and the summary) instead of lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `litefleet verify`: runs the drill, prints a line per failure and the
+/// summary (or the JSON document), and returns the exit code: 0 every
+/// database proven, 1 problems found, 2 could not run or could not check.
+async fn verify_command(config: &std::path::Path, args: VerifyArgs) -> u8 {
+    let run = async {
+        let loaded = Loaded::from_file(config)?;
+        let replica = loaded.open_existing_replica()?;
+        let mut opts = restore::VerifyOptions::new(&loaded, args.prefix.as_deref().unwrap_or(""));
+        opts.sample = args.sample;
+        opts.since = args.since;
+        opts.concurrency = args.concurrency.unwrap_or(opts.concurrency);
+        tracing::info!(prefix = %opts.prefix, sample = ?opts.sample, concurrency = opts.concurrency, "verifying backups in {replica}");
+        let reporter = progress::BulkReporter::verify_for_stderr();
+        let report = restore::verify(&loaded, &replica, &opts, &reporter).await;
+        reporter.finish();
+        report
+    };
+    let report = match run.await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if args.json {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+            }
+            return 2;
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        for line in report.results.iter().filter_map(|r| r.failure_line()) {
+            println!("{line}");
+        }
+        println!("{}", report.summary.line());
+    }
+    report.summary.exit_code()
+}
+
+/// The drill `replicate` runs every `verify-interval`: `verify-sample`
+/// random keys (every key with 0) of the whole replica, scratch space in
+/// the replicator's staging directory (cleared at each start), each
+/// failure logged as a warning.
+pub fn verify_job(loaded: Arc<Loaded>, replica: Replica) -> crate::daemon::scheduler::VerifyJob {
+    Arc::new(move || {
+        let (loaded, replica) = (loaded.clone(), replica.clone());
+        Box::pin(async move {
+            let mut opts = restore::VerifyOptions::new(&loaded, "");
+            let sample = loaded.multi_db().verify_sample;
+            opts.sample = (sample > 0).then_some(sample);
+            opts.scratch_parent = loaded
+                .temp_dir()
+                .join(format!("{:016x}", loaded.state_tag()));
+            let report = restore::verify(&loaded, &replica, &opts, &restore::verify::Quiet).await?;
+            for line in report.results.iter().filter_map(|r| r.failure_line()) {
+                tracing::warn!("verify: {line}");
+            }
+            let s = &report.summary;
+            Ok(crate::daemon::scheduler::VerifyCounts {
+                ok: s.ok as u64,
+                problems: s.problems as u64,
+                could_not_check: s.could_not_check as u64,
+            })
+        })
+    })
 }
 
 #[derive(Debug, Args)]
@@ -420,6 +513,12 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let cli = match cli.command {
+        Command::Verify(args) => {
+            return ExitCode::from(rt.block_on(verify_command(&cli.config, args)))
+        }
+        command => Cli { command, ..cli },
+    };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -431,6 +530,10 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Verify(args) => match verify_command(&cli.config, args).await {
+            0 => Ok(()),
+            code => Err(Error::invalid("verify", format!("exit code {code}"))),
+        },
         Command::Replicate { once } => {
             let loaded = Loaded::from_file(&cli.config)?;
             loaded.check_enabled(&cli.config)?;
@@ -462,8 +565,10 @@ async fn run(cli: Cli) -> Result<()> {
             // The endpoint outlives the loop's drain, so /healthz answers
             // while in-flight uploads finish; it stops after `run` returns.
             let ops_stop = CancellationToken::new();
+            let verify = verify_job(Arc::new(loaded.clone()), replica.unfenced());
             let started = async {
-                let replicator = Arc::new(Replicator::with_replica(loaded, replica)?);
+                let replicator =
+                    Arc::new(Replicator::with_replica(loaded, replica)?.with_verify(verify));
                 let ops = match addr {
                     Some(addr) => Some(
                         crate::daemon::server::serve(

@@ -2,7 +2,8 @@
 //! when a machine is.
 //!
 //! If stderr is a terminal, [`indicatif`] draws a bar on it: bytes of the
-//! object for a single restore, databases for a bulk restore. Otherwise
+//! object for a single restore, databases for a bulk restore or a restore
+//! drill (`verify`, the same [`BulkReporter`]). Otherwise
 //! (cron, CI, `2>file`, systemd) nothing is drawn and a bulk restore logs a
 //! plain `tracing` line at the start, every [`LOG_EVERY`] databases and at
 //! the end; a single restore logs exactly what it logged before progress
@@ -18,7 +19,8 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::restore::{BulkItem, BulkOutcome, BulkProgress, OnBytes};
+use crate::restore::verify::{KeyResult, Status};
+use crate::restore::{BulkItem, BulkOutcome, BulkProgress, OnBytes, VerifyProgress};
 
 /// Without a terminal, a bulk restore logs one progress line per this many
 /// databases: 200 lines for a 100,000-database fleet, a line every few
@@ -28,9 +30,10 @@ pub const LOG_EVERY: usize = 500;
 /// Bar template for bytes of one download.
 const BYTES_TEMPLATE: &str =
     "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
-/// Bar template for databases of a bulk restore.
+/// Bar template for databases of a bulk restore or a drill (`{prefix}`
+/// says which).
 const DATABASES_TEMPLATE: &str =
-    "{spinner} restoring [{bar:30}] {pos}/{len} databases {per_sec} eta {eta} {msg}";
+    "{spinner} {prefix} [{bar:30}] {pos}/{len} databases {per_sec} eta {eta} {msg}";
 
 /// True when a person is probably watching stderr.
 pub fn stderr_is_terminal() -> bool {
@@ -62,9 +65,11 @@ pub fn download_bar(label: &str) -> Option<(ProgressBar, OnBytes)> {
     Some((bar, hook))
 }
 
-/// Bulk restore progress: a bar on a terminal, log lines otherwise.
+/// Bulk restore or drill progress: a bar on a terminal, log lines otherwise.
 pub struct BulkReporter {
     bar: Option<ProgressBar>,
+    /// `bulk restore` or `verify`, in log lines.
+    label: &'static str,
     total: AtomicUsize,
     done: AtomicUsize,
     failed: AtomicUsize,
@@ -78,10 +83,29 @@ impl BulkReporter {
         Self::new(stderr_is_terminal(), LOG_EVERY)
     }
 
+    /// Drill (`verify`) progress, a bar or log lines as [`Self::for_stderr`].
+    pub fn verify_for_stderr() -> BulkReporter {
+        Self::labeled(stderr_is_terminal(), LOG_EVERY, "verify", "verifying")
+    }
+
     /// `bar`: draw a bar; else log a line every `log_every` databases.
     pub fn new(bar: bool, log_every: usize) -> BulkReporter {
+        Self::labeled(bar, log_every, "bulk restore", "restoring")
+    }
+
+    fn labeled(
+        bar: bool,
+        log_every: usize,
+        label: &'static str,
+        doing: &'static str,
+    ) -> BulkReporter {
         BulkReporter {
-            bar: bar.then(|| ProgressBar::new(0).with_style(style(DATABASES_TEMPLATE))),
+            bar: bar.then(|| {
+                ProgressBar::new(0)
+                    .with_style(style(DATABASES_TEMPLATE))
+                    .with_prefix(doing)
+            }),
+            label,
             total: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
@@ -103,42 +127,22 @@ impl BulkReporter {
             None => f(),
         }
     }
-}
 
-impl BulkProgress for BulkReporter {
-    fn started(&self, total: usize) {
+    fn start(&self, total: usize) {
         self.total.store(total, Ordering::Relaxed);
         match &self.bar {
             Some(bar) => bar.set_length(total as u64),
-            None => tracing::info!(databases = total, "bulk restore started"),
+            None => tracing::info!(databases = total, "{} started", self.label),
         }
     }
 
-    fn finished(&self, item: &BulkItem) {
+    /// One database is done: moves the bar, or logs every `log_every`.
+    fn tick(&self, failed: bool) {
         let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
-        let output = item
-            .output
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        match &item.outcome {
-            BulkOutcome::Failed(e) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                self.out_of_band(|| {
-                    tracing::warn!(key = %item.key, error = %e, "restore failed; continuing with the others")
-                });
-            }
-            BulkOutcome::Restored { bytes, .. } => {
-                tracing::debug!(key = %item.key, %output, bytes, "restored");
-            }
-            BulkOutcome::SkippedExists => {
-                tracing::debug!(key = %item.key, %output, "output exists; skipped");
-            }
-            BulkOutcome::SkippedNoSnapshotAtTime => {
-                tracing::debug!(key = %item.key, "no snapshot at or before --timestamp; skipped");
-            }
-        }
-        let failed = self.failed.load(Ordering::Relaxed);
+        let failed = self
+            .failed
+            .fetch_add(usize::from(failed), Ordering::Relaxed)
+            + usize::from(failed);
         match &self.bar {
             Some(bar) => {
                 bar.inc(1);
@@ -154,10 +158,55 @@ impl BulkProgress for BulkReporter {
                         total,
                         failed,
                         elapsed_s = self.start.elapsed().as_secs(),
-                        "bulk restore progress"
+                        "{} progress",
+                        self.label
                     );
                 }
             }
         }
+    }
+}
+
+impl VerifyProgress for BulkReporter {
+    fn started(&self, total: usize) {
+        self.start(total);
+    }
+
+    fn finished(&self, r: &KeyResult) {
+        if let Some(line) = r.failure_line() {
+            tracing::debug!("{line}");
+        }
+        self.tick(r.status != Status::Ok);
+    }
+}
+
+impl BulkProgress for BulkReporter {
+    fn started(&self, total: usize) {
+        self.start(total);
+    }
+
+    fn finished(&self, item: &BulkItem) {
+        let output = item
+            .output
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        match &item.outcome {
+            BulkOutcome::Failed(e) => {
+                self.out_of_band(|| {
+                    tracing::warn!(key = %item.key, error = %e, "restore failed; continuing with the others")
+                });
+            }
+            BulkOutcome::Restored { bytes, .. } => {
+                tracing::debug!(key = %item.key, %output, bytes, "restored");
+            }
+            BulkOutcome::SkippedExists => {
+                tracing::debug!(key = %item.key, %output, "output exists; skipped");
+            }
+            BulkOutcome::SkippedNoSnapshotAtTime => {
+                tracing::debug!(key = %item.key, "no snapshot at or before --timestamp; skipped");
+            }
+        }
+        self.tick(matches!(item.outcome, BulkOutcome::Failed(_)));
     }
 }

@@ -19,7 +19,12 @@
 //!
 //! Shutdown (SIGINT/SIGTERM, see [`crate::cli`]) cancels a token: no new
 //! upload starts, uploads already running are finished, then `run` returns.
-//! Retention runs beside the loop on its own interval.
+//! Retention runs beside the loop on its own interval, and so do restore
+//! drills when `verify-interval` is set ([`verify_loop`]). What a drill does
+//! is the restore stage's (`litefleet verify`), which sits above this one:
+//! the command line hands the drill in as a [`VerifyJob`]
+//! ([`Replicator::with_verify`]); this module owns when it runs and
+//! records its counts in [`Stats`].
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -85,6 +90,82 @@ pub struct Replicator {
     /// checked against the replica, before the first scan
     /// ([`Replicator::check_records`]).
     records_unchecked: std::sync::atomic::AtomicBool,
+    /// The restore drill run every `verify-interval` (see [`verify_loop`]).
+    verify: Option<VerifyJob>,
+}
+
+/// The counts of one restore drill, as the daemon records them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyCounts {
+    pub ok: u64,
+    pub problems: u64,
+    pub could_not_check: u64,
+}
+
+/// One restore drill: `Err` when it could not run at all (the replica is
+/// unreachable, nothing to verify).
+pub type VerifyJob =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<VerifyCounts>> + Send + Sync>;
+
+/// Runs `job` every `every` (the first after one interval) until
+/// `shutdown`, one drill at a time (a drill longer than the interval delays
+/// the next), and records each in `stats`. A drill still running at
+/// shutdown is abandoned: it only reads the replica, and its scratch space
+/// is removed as it is dropped.
+pub async fn verify_loop(
+    every: std::time::Duration,
+    job: VerifyJob,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = job() => r,
+        };
+        let c = match &result {
+            Ok(c) => *c,
+            Err(_) => VerifyCounts::default(),
+        };
+        stats.verify_last_ok.store(c.ok, Ordering::Relaxed);
+        stats
+            .verify_last_problems
+            .store(c.problems, Ordering::Relaxed);
+        stats
+            .verify_last_unverifiable
+            .store(c.could_not_check, Ordering::Relaxed);
+        stats
+            .verify_last_failed
+            .store(u64::from(result.is_err()), Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        stats.verify_last_unix.store(now, Ordering::Relaxed);
+        stats.verify_runs.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(c) if c.problems > 0 => tracing::error!(
+                ok = c.ok,
+                problems = c.problems,
+                could_not_check = c.could_not_check,
+                "restore drill found problems (run `litefleet verify` for the details)"
+            ),
+            Ok(c) if c.could_not_check > 0 => tracing::warn!(
+                ok = c.ok,
+                could_not_check = c.could_not_check,
+                "restore drill could not check every database"
+            ),
+            Ok(c) => tracing::info!(ok = c.ok, "restore drill: every database checked is ok"),
+            Err(e) => {
+                tracing::warn!(error = %e, "restore drill could not run; will retry next interval")
+            }
+        }
+    }
 }
 
 /// The hot tier's moving parts (see [`crate::source::tier`] and [`crate::capture::ship`]).
@@ -226,6 +307,7 @@ impl Replicator {
             rounds: tokio::sync::watch::Sender::new(0),
             notified: Mutex::new(HashMap::new()),
             records_unchecked: std::sync::atomic::AtomicBool::new(preloaded > 0),
+            verify: None,
             loaded: Arc::new(loaded),
             replica,
             tracker: Arc::new(Mutex::new(tracker)),
@@ -236,6 +318,13 @@ impl Replicator {
             hot,
             owners: Mutex::new(Owners::default()),
         })
+    }
+
+    /// Runs `job` every `verify-interval` beside the loop (not with
+    /// `--once`); without it, or with the interval unset, no drill runs.
+    pub fn with_verify(mut self, job: VerifyJob) -> Replicator {
+        self.verify = Some(job);
+        self
     }
 
     pub fn replica(&self) -> &Replica {
@@ -801,6 +890,18 @@ impl Replicator {
                 }
             })
         };
+        let verify_task = match (&self.verify, m.verify_interval) {
+            (Some(job), Some(every)) if !every.is_zero() => {
+                tracing::info!(every = ?every, sample = m.verify_sample, "restore drills scheduled");
+                Some(tokio::spawn(verify_loop(
+                    every,
+                    job.clone(),
+                    self.stats.clone(),
+                    shutdown.clone(),
+                )))
+            }
+            _ => None,
+        };
         let mut watch = if m.watch {
             match Watch::new() {
                 Ok(w) => Some(w),
@@ -858,6 +959,9 @@ impl Replicator {
             self.rounds.send_modify(|n| *n += 1);
         }
         let _ = retention_task.await;
+        if let Some(t) = verify_task {
+            let _ = t.await;
+        }
         self.stop_hot().await;
         tracing::info!("shut down cleanly: in-flight uploads finished");
         Ok(())

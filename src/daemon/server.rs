@@ -69,6 +69,17 @@ pub struct StatsView {
     pub watched_dirs: u64,
     /// Writes noticed by change notifications between scans.
     pub rechecks: u64,
+    /// Restore drills run (`verify-interval`).
+    pub verify_runs: u64,
+    /// When the last drill ended (unix seconds); `null` before the first.
+    pub verify_last_run_unix: Option<u64>,
+    /// Whether the last drill proved every database it checked (no
+    /// problem, none unchecked, and it ran); `null` before the first.
+    pub verify_last_ok: Option<bool>,
+    /// The last drill's databases by result.
+    pub verify_ok: u64,
+    pub verify_problems: u64,
+    pub verify_could_not_check: u64,
     pub healthy: bool,
 }
 
@@ -80,7 +91,8 @@ impl StatsView {
         let hot = stats.hot.load(Relaxed).min(databases);
         let last_scan = stats.last_scan_unix.load(Relaxed);
         let oldest = stats.oldest_pending_unix.load(Relaxed);
-        let age = |t: u64| (t > 0).then(|| now.saturating_sub(t));
+        let age_base = |t: u64| (t > 0).then_some(t);
+        let age = |t: u64| age_base(t).map(|t| now.saturating_sub(t));
         let since = if last_scan > 0 {
             last_scan
         } else {
@@ -110,6 +122,16 @@ impl StatsView {
             key_collisions: stats.key_collisions.load(Relaxed),
             watched_dirs: stats.watched_dirs.load(Relaxed),
             rechecks: stats.rechecks.load(Relaxed),
+            verify_runs: stats.verify_runs.load(Relaxed),
+            verify_last_run_unix: age_base(stats.verify_last_unix.load(Relaxed)),
+            verify_last_ok: (stats.verify_runs.load(Relaxed) > 0).then(|| {
+                stats.verify_last_failed.load(Relaxed) == 0
+                    && stats.verify_last_problems.load(Relaxed) == 0
+                    && stats.verify_last_unverifiable.load(Relaxed) == 0
+            }),
+            verify_ok: stats.verify_last_ok.load(Relaxed),
+            verify_problems: stats.verify_last_problems.load(Relaxed),
+            verify_could_not_check: stats.verify_last_unverifiable.load(Relaxed),
             healthy: now.saturating_sub(since) <= limit && !(last_scan > 0 && databases == 0),
         }
     }
@@ -235,6 +257,40 @@ impl StatsView {
             "Changes noticed by change notifications between scans.",
             &[("", f(self.rechecks))],
         );
+        metric(
+            "litefleet_verify_runs_total",
+            "counter",
+            "Restore drills run by verify-interval.",
+            &[("", f(self.verify_runs))],
+        );
+        metric(
+            "litefleet_verify_last_run_timestamp_seconds",
+            "gauge",
+            "When the last restore drill ended (unix time; 0 before the first).",
+            &[("", f(self.verify_last_run_unix.unwrap_or(0)))],
+        );
+        // Only once a drill has run: a 0 before the first is no finding.
+        if let Some(ok) = self.verify_last_ok {
+            metric(
+                "litefleet_verify_last_ok",
+                "gauge",
+                "1 when the last restore drill proved every database it checked.",
+                &[("", if ok { 1.0 } else { 0.0 })],
+            );
+            metric(
+                "litefleet_verify_databases",
+                "gauge",
+                "Databases of the last restore drill, by result.",
+                &[
+                    ("{result=\"ok\"}", f(self.verify_ok)),
+                    ("{result=\"problem\"}", f(self.verify_problems)),
+                    (
+                        "{result=\"could_not_check\"}",
+                        f(self.verify_could_not_check),
+                    ),
+                ],
+            );
+        }
         metric(
             "litefleet_healthy",
             "gauge",
@@ -365,6 +421,29 @@ mod tests {
         assert!(text.contains("litefleet_wal_segments_total 30\n"));
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 21);
+        assert_eq!(samples, 23);
+        assert!(text.contains("litefleet_verify_last_run_timestamp_seconds 0\n"));
+        assert!(!text.contains("litefleet_verify_last_ok"));
+    }
+
+    #[test]
+    fn verify_results_are_shown_after_the_first_drill() {
+        let s = Stats::default();
+        s.verify_runs.store(2, Relaxed);
+        s.verify_last_unix.store(1_700_000_000, Relaxed);
+        s.verify_last_ok.store(97, Relaxed);
+        s.verify_last_problems.store(3, Relaxed);
+        let v = StatsView::read(&s, Duration::from_secs(15), 100);
+        assert_eq!(v.verify_last_run_unix, Some(1_700_000_000));
+        assert_eq!(v.verify_last_ok, Some(false));
+        let text = v.prometheus();
+        assert!(text.contains("litefleet_verify_last_run_timestamp_seconds 1700000000\n"));
+        assert!(text.contains("litefleet_verify_last_ok 0\n"));
+        assert!(text.contains("litefleet_verify_databases{result=\"problem\"} 3\n"));
+        assert!(text.contains("litefleet_verify_databases{result=\"ok\"} 97\n"));
+        s.verify_last_problems.store(0, Relaxed);
+        let v = StatsView::read(&s, Duration::from_secs(15), 100);
+        assert_eq!(v.verify_last_ok, Some(true));
+        assert!(v.prometheus().contains("litefleet_verify_last_ok 1\n"));
     }
 }

@@ -10,7 +10,10 @@
 //!   segments under the hot layout's continuity proof;
 //! * [`install`]: the atomic, checked, no-clobber install of the output;
 //! * [`mod@list`]: which keys the replica holds, across both tiers;
-//! * [`bulk`]: every database under a key prefix.
+//! * [`bulk`]: every database under a key prefix;
+//! * [`mod@verify`]: restore drills: every database restored into scratch
+//!   space through the bulk path, checked, compared with its source on this
+//!   host, and deleted.
 //!
 //! A database key (`p1/orders/main/t1`) can have backups in two tiers:
 //!
@@ -92,6 +95,7 @@ pub mod install;
 pub mod list;
 pub mod replay;
 pub mod single;
+pub mod verify;
 
 pub use bulk::{
     output_path, restore_bulk, BulkItem, BulkOptions, BulkOutcome, BulkProgress, BulkReport,
@@ -102,3 +106,4 @@ pub use single::{
     choose_tier, fetch_to, fetch_to_with_progress, resolve_key, restore, restore_with_progress,
     OnBytes, RestoreOptions, RestoreOutcome, Tier, DOWNLOAD_ATTEMPTS,
 };
+pub use verify::{verify, VerifyOptions, VerifyProgress, VerifyReport};

@@ -82,6 +82,12 @@ pub const DEFAULT_TRUNCATE_PAGES: u64 = 10_000;
 /// grows with every write; two minutes rides out a blip without a new
 /// generation, and bounds the growth to two minutes of writes.
 pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(120);
+/// Default keys per scheduled restore drill: a random 100 finds a fault
+/// that affects 3% of the fleet with 95% probability per run ((0.97)^100 is
+/// about 5%), while costing 100 restores (seconds of work and ~300 GET/LIST
+/// requests) whatever the fleet's size; a drill of every key of a 100,000
+/// database fleet is a job for `litefleet verify` at a quiet hour.
+pub const DEFAULT_VERIFY_SAMPLE: usize = 100;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +148,14 @@ pub struct MultiDb {
     /// (see [`crate::source::watch`]). On by default.
     #[serde(default = "default_watch")]
     pub watch: bool,
+    /// Run a restore drill (`litefleet verify`) inside `replicate` this
+    /// often; off when unset or `0s`.
+    #[serde(default, with = "humantime_serde")]
+    pub verify_interval: Option<Duration>,
+    /// Keys each drill of `verify-interval` checks, picked at random; 0
+    /// checks every key (see [`DEFAULT_VERIFY_SAMPLE`]).
+    #[serde(default = "default_verify_sample")]
+    pub verify_sample: usize,
     pub replica: ReplicaConfig,
 }
 
@@ -221,6 +235,9 @@ fn default_enabled() -> bool {
 }
 fn default_watch() -> bool {
     true
+}
+fn default_verify_sample() -> usize {
+    DEFAULT_VERIFY_SAMPLE
 }
 fn default_release_after() -> Duration {
     DEFAULT_RELEASE_AFTER

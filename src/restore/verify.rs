@@ -1,0 +1,1076 @@
+//! Restore drills: prove that the backups restore, and that what they
+//! restore is what the source held.
+//!
+//! [`verify`] restores every database key under a prefix (or a random
+//! sample, or only keys uploaded recently) into a scratch directory
+//! **through the same code path as `restore --prefix`** ([`super::bulk`]:
+//! the tier choice, the hot tier's continuity proof, the LZ4 checksums,
+//! `PRAGMA integrity_check` and the checked install), deletes each restore
+//! after its check, and reports per key one of:
+//!
+//! * **ok**: the key restored and passed every check;
+//! * **problem**: the replica cannot give the database back, or gives back
+//!   something else ([`Problem`]): a damaged object (LZ4 frame or checksum,
+//!   not a SQLite database, a broken WAL checksum chain), a continuity gap
+//!   (a missing WAL segment), an integrity failure, nothing in the replica
+//!   for a database on this host (not found), or a restore whose content
+//!   differs from an unchanged source;
+//! * **could not check** ([`Unverifiable`]): the drill itself failed, not the
+//!   backup: a transport error after the retries, a local disk error in the
+//!   scratch directory. The backup is neither proven good nor bad.
+//!
+//! # The source comparison
+//!
+//! When the key belongs to a database on this host (the config's patterns,
+//! walked like `replicate` walks them, rendered through the key template),
+//! the restore is compared with it: page size, text encoding, `user_version`
+//! and `application_id`, the schema (`sqlite_master`), and the row count of
+//! every table. A live database moves on after its last upload, and a
+//! difference then is lag, not a bad backup. So the comparison is made only
+//! when the source **has not changed since the replicated state**: the
+//! latest `mtime`/`ctime` of the database file and its `-wal` is earlier
+//! than the restored state's time by at least [`SOURCE_MARGIN`]. The
+//! restored state's time is when the cold snapshot's copy began (recorded in
+//! the object; it holds every commit before), or the commit time of the
+//! newest generation object replayed (taken after its WAL was read). Else
+//! the result says "source newer than replica (lag Ns)": information, not a
+//! problem. `ctime` is used beside `mtime` because a file put in place with
+//! an old `mtime` (`cp -p`, `mv`) still gets a new `ctime`. The source is
+//! read in one read transaction, and its times are read again afterwards; a
+//! source that changed meanwhile is not compared either.
+//!
+//! A database on this host whose key the replica does not hold is a problem
+//! ("not found") once it is older than [`NEW_DATABASE_GRACE`]; a newer one
+//! may simply not have been uploaded yet and is left out.
+//!
+//! This module never draws anything and never writes to the replica; the
+//! command line prints the report, the daemon counts it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::hash::BuildHasher;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use rusqlite::Connection;
+use serde::Serialize;
+
+use super::list::{list_databases, KeyListing};
+use super::single::{restore_key, How, Tier};
+use crate::capture::snapshot;
+use crate::error::IoContext;
+use crate::replica::cold;
+use crate::replica::hot;
+use crate::replica::layout::check_key;
+use crate::replica::storage::Replica;
+use crate::source::config::Loaded;
+use crate::source::discover::{has_sqlite_header, Visitor};
+use crate::source::keys::key_for;
+use crate::{Error, Result};
+
+/// How much earlier than the restored state's time the source's last change
+/// must be for a difference to count as a problem. It covers the kernel's
+/// coarse file-time clock (a few milliseconds behind the wall clock), the
+/// time between reading a WAL and stamping its segment, and stores that
+/// keep upload times in whole seconds; a source written within it of its
+/// last upload is reported as lag instead.
+pub const SOURCE_MARGIN: Duration = Duration::from_secs(2);
+
+/// A database on this host that the replica does not hold is reported as
+/// "not found" only once its files are older than this: `replicate` uploads
+/// a change within one scan interval (15 s by default) and retries failed
+/// uploads every scan, so a database unchanged for ten minutes and still
+/// absent is not waiting for its first upload.
+pub const NEW_DATABASE_GRACE: Duration = Duration::from_secs(600);
+
+/// Databases checked at once by default: as many as a bulk restore restores
+/// ([`super::DEFAULT_BULK_CONCURRENCY`]), for the same reasons.
+pub const DEFAULT_VERIFY_CONCURRENCY: usize = super::DEFAULT_BULK_CONCURRENCY;
+
+/// What to verify and how.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Key prefix (`p1/orders`); empty or `/` for the whole replica.
+    pub prefix: String,
+    /// Check this many keys picked at random (after `since`), not all.
+    pub sample: Option<usize>,
+    /// Only keys with an object uploaded within this long.
+    pub since: Option<Duration>,
+    /// Keys checked at once (at least 1).
+    pub concurrency: usize,
+    /// Where the scratch directory of the restores is made.
+    pub scratch_parent: PathBuf,
+    /// Compare restores with the databases on this host (see the module docs).
+    pub compare_source: bool,
+    /// See [`SOURCE_MARGIN`] (the default); tests of the comparison shorten it.
+    pub source_margin: Duration,
+    /// See [`NEW_DATABASE_GRACE`] (the default).
+    pub new_database_grace: Duration,
+}
+
+impl VerifyOptions {
+    /// Every key under `prefix`, compared with the source, scratch space
+    /// under the config's `temp-dir`.
+    pub fn new(loaded: &Loaded, prefix: &str) -> VerifyOptions {
+        VerifyOptions {
+            prefix: prefix.to_string(),
+            sample: None,
+            since: None,
+            concurrency: DEFAULT_VERIFY_CONCURRENCY,
+            scratch_parent: loaded.temp_dir(),
+            compare_source: true,
+            source_margin: SOURCE_MARGIN,
+            new_database_grace: NEW_DATABASE_GRACE,
+        }
+    }
+}
+
+/// How one key ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Ok,
+    Problem,
+    CouldNotCheck,
+}
+
+/// What is wrong with a key's backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Problem {
+    /// An object fails its checksums or is not what it should be.
+    Damaged,
+    /// A WAL segment is missing: the generation cannot be replayed to its end.
+    Gap,
+    /// The restored database fails `PRAGMA integrity_check`.
+    Integrity,
+    /// Nothing in the replica to restore.
+    NotFound,
+    /// The restore differs from a source unchanged since the replicated state.
+    Mismatch,
+    /// Restore refused for another reason about the replica's content
+    /// (invalid metadata, say).
+    Unrestorable,
+}
+
+impl Problem {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Problem::Damaged => "damaged object",
+            Problem::Gap => "continuity gap",
+            Problem::Integrity => "integrity failure",
+            Problem::NotFound => "not found",
+            Problem::Mismatch => "differs from source",
+            Problem::Unrestorable => "cannot be restored",
+        }
+    }
+}
+
+/// Why a key could not be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unverifiable {
+    /// The store failed (after the client's and the download's retries).
+    Transport,
+    /// A local error: the scratch directory, disk full, a task that failed.
+    Local,
+}
+
+impl Unverifiable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unverifiable::Transport => "could not check (transport)",
+            Unverifiable::Local => "could not check (local)",
+        }
+    }
+}
+
+/// What a failed restore says about the backup: a [`Problem`] with it, or
+/// that the drill could not tell ([`Unverifiable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Problem(Problem),
+    Unverifiable(Unverifiable),
+}
+
+/// Classifies a restore error (see the module docs). Restore's errors name
+/// their kind by variant where they can ([`Error::Damaged`],
+/// [`Error::Store`], [`Error::Io`], [`Error::NotFound`]); the hot tier's
+/// continuity proof and the download retries report [`Error::Invalid`], told
+/// apart by the words their messages are built from (and a hot-tier
+/// failure that names a cold fallback wraps the original message).
+pub fn classify(e: &Error) -> Verdict {
+    let text = e.to_string();
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    let integrity = || has(&["integrity_check failed", "quick_check failed"]);
+    match e {
+        Error::Store { .. } => Verdict::Unverifiable(Unverifiable::Transport),
+        Error::Io { .. } | Error::Config { .. } => Verdict::Unverifiable(Unverifiable::Local),
+        Error::NotFound(_) => Verdict::Problem(Problem::NotFound),
+        Error::Damaged { .. } if integrity() => Verdict::Problem(Problem::Integrity),
+        Error::Damaged { .. } => Verdict::Problem(Problem::Damaged),
+        Error::Sqlite { source, .. }
+            if matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+            ) =>
+        {
+            Verdict::Problem(Problem::Integrity)
+        }
+        Error::Sqlite { .. } | Error::LeaseHeld { .. } | Error::LeaseLost { .. } => {
+            Verdict::Unverifiable(Unverifiable::Local)
+        }
+        Error::Invalid { what, reason } => {
+            if reason.starts_with("download failed") {
+                Verdict::Unverifiable(Unverifiable::Transport)
+            } else if what == "restore output file"
+                || (what == "restore" && reason.starts_with("task failed"))
+            {
+                Verdict::Unverifiable(Unverifiable::Local)
+            } else if has(&[
+                "past a gap",
+                "refusing to replay into WAL",
+                "overlaps the previous segment",
+            ]) {
+                Verdict::Problem(Problem::Gap)
+            } else if integrity() {
+                Verdict::Problem(Problem::Integrity)
+            } else if has(&[
+                "not a valid LZ4",
+                "checksum",
+                "not a SQLite database",
+                "invalid page size",
+                "salts",
+                "WAL header",
+            ]) {
+                Verdict::Problem(Problem::Damaged)
+            } else {
+                Verdict::Problem(Problem::Unrestorable)
+            }
+        }
+    }
+}
+
+/// How the restore compared with the database on this host.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceCheck {
+    pub path: PathBuf,
+    /// `match`, `mismatch`, `newer` (the source changed after the replicated
+    /// state: lag, not a problem) or `skipped`.
+    pub result: SourceResult,
+    pub detail: String,
+    /// For `newer`: how much later the source's last change is.
+    pub lag_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceResult {
+    Match,
+    Mismatch,
+    Newer,
+    Skipped,
+}
+
+/// The result of one key.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyResult {
+    pub key: String,
+    pub status: Status,
+    /// For a problem or could-not-check: what kind ([`Problem::as_str`],
+    /// [`Unverifiable::as_str`]).
+    pub what: Option<String>,
+    /// For a problem or could-not-check: the error, naming the object.
+    pub why: Option<String>,
+    /// Where the restore came from (`cold` or `hot`) and its object(s).
+    pub tier: Option<String>,
+    pub object: Option<String>,
+    /// The restored state's time (see [`super::RestoreOutcome::Restored`]).
+    pub state: Option<DateTime<Utc>>,
+    /// Size of the restored database.
+    pub bytes: Option<u64>,
+    /// The comparison with the database on this host, when there is one.
+    pub source: Option<SourceCheck>,
+}
+
+impl KeyResult {
+    fn new(key: String) -> KeyResult {
+        KeyResult {
+            key,
+            status: Status::Ok,
+            what: None,
+            why: None,
+            tier: None,
+            object: None,
+            state: None,
+            bytes: None,
+            source: None,
+        }
+    }
+
+    fn failed(mut self, e: &Error) -> KeyResult {
+        let (status, what) = match classify(e) {
+            Verdict::Problem(p) => (Status::Problem, p.as_str()),
+            Verdict::Unverifiable(u) => (Status::CouldNotCheck, u.as_str()),
+        };
+        self.status = status;
+        self.what = Some(what.to_string());
+        self.why = Some(e.to_string());
+        self
+    }
+
+    /// `key: what: why` for a problem or could-not-check, else `None`.
+    pub fn failure_line(&self) -> Option<String> {
+        (self.status != Status::Ok).then(|| {
+            format!(
+                "{}: {}: {}",
+                self.key,
+                self.what.as_deref().unwrap_or(""),
+                self.why.as_deref().unwrap_or("")
+            )
+        })
+    }
+}
+
+/// Totals of a verify run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub databases: usize,
+    pub ok: usize,
+    pub problems: usize,
+    pub could_not_check: usize,
+}
+
+impl Summary {
+    /// `verified N databases: X ok, Y problems, Z could not be checked`.
+    pub fn line(&self) -> String {
+        format!(
+            "verified {} databases: {} ok, {} problems, {} could not be checked",
+            self.databases, self.ok, self.problems, self.could_not_check
+        )
+    }
+
+    /// The exit code of `litefleet verify`: 0 when every database was
+    /// proven good, 1 when a problem was found, 2 when nothing was found
+    /// wrong but some (or all) databases could not be checked.
+    pub fn exit_code(&self) -> u8 {
+        if self.problems > 0 {
+            1
+        } else if self.could_not_check > 0 || self.databases == 0 {
+            2
+        } else {
+            0
+        }
+    }
+}
+
+/// What [`verify`] found: the results by key, and the totals.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub summary: Summary,
+    pub started: DateTime<Utc>,
+    pub seconds: f64,
+    /// Sorted by key.
+    pub results: Vec<KeyResult>,
+}
+
+/// Receives verify progress (implemented by [`crate::cli::progress`]).
+pub trait VerifyProgress: Send + Sync {
+    /// `total` keys will be checked.
+    fn started(&self, total: usize);
+    /// One key is done.
+    fn finished(&self, result: &KeyResult);
+}
+
+/// A [`VerifyProgress`] that reports nothing (the daemon's runs).
+pub struct Quiet;
+
+impl VerifyProgress for Quiet {
+    fn started(&self, _: usize) {}
+    fn finished(&self, _: &KeyResult) {}
+}
+
+/// One key to check: what the replica lists for it (`None`: nothing, the
+/// key comes from a database on this host) and its files on this host.
+struct Job {
+    key: String,
+    listed: Option<KeyListing>,
+    sources: Vec<PathBuf>,
+}
+
+/// Verifies the databases under `opts.prefix` (see the module docs).
+///
+/// Errors only when nothing can be attempted: a bad prefix, the listing
+/// failed (the replica is unreachable), the scratch directory cannot be
+/// made, or there is nothing to verify.
+pub async fn verify(
+    loaded: &Loaded,
+    replica: &Replica,
+    opts: &VerifyOptions,
+    progress: &dyn VerifyProgress,
+) -> Result<VerifyReport> {
+    let started = Utc::now();
+    let clock = std::time::Instant::now();
+    let prefix = opts.prefix.trim_matches('/').to_string();
+    if !prefix.is_empty() {
+        check_key(&prefix)?;
+    }
+    let listed = list_databases(replica, Some(&prefix)).await?;
+    let local = if opts.compare_source {
+        let (patterns, template) = (loaded.patterns.clone(), loaded.template.clone());
+        let prefix = prefix.clone();
+        tokio::task::spawn_blocking(move || local_databases(&patterns, &template, &prefix))
+            .await
+            .map_err(|e| Error::invalid("verify", format!("discovery task failed: {e}")))?
+    } else {
+        BTreeMap::new()
+    };
+    let mut jobs = drop_new(
+        jobs(listed, local, opts.since.is_none()),
+        opts.new_database_grace,
+    )
+    .await;
+    if let Some(since) = opts.since {
+        let cutoff = started - chrono::Duration::from_std(since).unwrap_or(chrono::Duration::MAX);
+        jobs = recent(replica, jobs, cutoff, opts.concurrency).await;
+    }
+    if let Some(n) = opts.sample {
+        jobs = sample(jobs, n);
+    }
+    if jobs.is_empty() {
+        let under = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!(" under prefix {prefix:?}")
+        };
+        let since = opts
+            .since
+            .map(|d| format!(" with an upload within {}", humantime::format_duration(d)))
+            .unwrap_or_default();
+        return Err(Error::NotFound(format!(
+            "no databases{under}{since} in {replica} to verify"
+        )));
+    }
+    std::fs::create_dir_all(&opts.scratch_parent).at(&opts.scratch_parent)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("verify-")
+        .tempdir_in(&opts.scratch_parent)
+        .at(&opts.scratch_parent)?;
+    progress.started(jobs.len());
+    let mut done = futures::stream::iter(jobs.into_iter().enumerate())
+        .map(|(i, job)| check_one(replica, opts, job, scratch.path().join(format!("{i}.db"))))
+        .buffer_unordered(opts.concurrency.max(1));
+    let mut results = Vec::new();
+    while let Some(r) = done.next().await {
+        progress.finished(&r);
+        results.push(r);
+    }
+    results.sort_by(|a, b| a.key.cmp(&b.key));
+    let count = |s: Status| results.iter().filter(|r| r.status == s).count();
+    let summary = Summary {
+        databases: results.len(),
+        ok: count(Status::Ok),
+        problems: count(Status::Problem),
+        could_not_check: count(Status::CouldNotCheck),
+    };
+    Ok(VerifyReport {
+        summary,
+        started,
+        seconds: clock.elapsed().as_secs_f64(),
+        results,
+    })
+}
+
+/// The keys to check: every key the replica lists, with its files on this
+/// host, and (when `with_missing`) the keys of databases on this host that
+/// the replica does not hold.
+fn jobs(
+    listed: BTreeMap<String, KeyListing>,
+    mut local: BTreeMap<String, Vec<PathBuf>>,
+    with_missing: bool,
+) -> Vec<Job> {
+    let mut out: Vec<Job> = listed
+        .into_iter()
+        .map(|(key, l)| Job {
+            sources: local.remove(&key).unwrap_or_default(),
+            key,
+            listed: Some(l),
+        })
+        .collect();
+    if with_missing {
+        out.extend(local.into_iter().map(|(key, sources)| Job {
+            key,
+            listed: None,
+            sources,
+        }));
+    }
+    out
+}
+
+/// Keeps the jobs with an object uploaded at or after `cutoff`: a cold
+/// snapshot, a generation created since, or else an object of the key's
+/// newest generation (one LIST of it; done `concurrency` at a time). A key
+/// whose newest generation cannot be listed is kept: its check will say why.
+async fn recent(
+    replica: &Replica,
+    jobs: Vec<Job>,
+    cutoff: DateTime<Utc>,
+    concurrency: usize,
+) -> Vec<Job> {
+    futures::stream::iter(jobs)
+        .map(|job| async move {
+            let l = job.listed.as_ref()?;
+            if l.snapshots.iter().any(|s| s.uploaded >= cutoff)
+                || l.generations.iter().any(|g| g.created() >= cutoff)
+            {
+                return Some(job);
+            }
+            let newest = l.generations.first()?;
+            match hot::list_generation(replica, &job.key, newest).await {
+                Ok(g) => g
+                    .snapshots
+                    .iter()
+                    .map(|s| s.uploaded)
+                    .chain(g.segments.iter().map(|s| s.uploaded))
+                    .any(|t| t >= cutoff)
+                    .then_some(job),
+                Err(_) => Some(job),
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .filter_map(std::future::ready)
+        .collect()
+        .await
+}
+
+/// `n` jobs picked at random: ordered by a hash keyed with this process's
+/// random seed, so each run draws another sample.
+fn sample(mut jobs: Vec<Job>, n: usize) -> Vec<Job> {
+    let seed = std::collections::hash_map::RandomState::new();
+    jobs.sort_by_cached_key(|j| seed.hash_one(&j.key));
+    jobs.truncate(n);
+    jobs
+}
+
+/// The databases on this host under `prefix`, by key: every file the
+/// config's patterns match (as `replicate` walks them), rendered through
+/// the key template. A key rendered by several files maps to all of them.
+fn local_databases(
+    patterns: &[crate::source::discover::Pattern],
+    template: &crate::source::template::KeyTemplate,
+    prefix: &str,
+) -> BTreeMap<String, Vec<PathBuf>> {
+    struct Collect<'a> {
+        patterns: &'a [crate::source::discover::Pattern],
+        template: &'a crate::source::template::KeyTemplate,
+        prefix: &'a str,
+        found: BTreeMap<String, Vec<PathBuf>>,
+    }
+    impl Visitor for Collect<'_> {
+        fn database(
+            &mut self,
+            dir: &Path,
+            name: &OsStr,
+            _: &std::fs::Metadata,
+            _: Option<&std::fs::Metadata>,
+        ) {
+            let path = dir.join(name);
+            let Some((key, _)) = key_for(self.patterns, self.template, &path) else {
+                return;
+            };
+            let under = self.prefix.is_empty()
+                || key == self.prefix
+                || key
+                    .strip_prefix(self.prefix)
+                    .is_some_and(|rest| rest.starts_with('/'));
+            if under && check_key(&key).is_ok() {
+                let paths = self.found.entry(key).or_default();
+                if !paths.contains(&path) {
+                    paths.push(path);
+                }
+            }
+        }
+        fn skipped(&mut self, _: &Path, _: &str) {}
+        fn error(&mut self, path: &Path, err: std::io::Error) {
+            tracing::debug!(path = %path.display(), error = %err, "verify: cannot read while discovering sources");
+        }
+    }
+    let mut c = Collect {
+        patterns,
+        template,
+        prefix,
+        found: BTreeMap::new(),
+    };
+    for p in patterns {
+        p.walk(&mut c);
+    }
+    c.found
+}
+
+/// Restores one key into `output`, checks it, compares it with its source
+/// and deletes it.
+async fn check_one(
+    replica: &Replica,
+    opts: &VerifyOptions,
+    job: Job,
+    output: PathBuf,
+) -> KeyResult {
+    let result = KeyResult::new(job.key.clone());
+    let Some(listed) = job.listed else {
+        return missing(result, &job.sources, opts.new_database_grace);
+    };
+    let how = How {
+        hot: !listed.generations.is_empty(),
+        at: None,
+        allow_older: false,
+    };
+    let restored = restore_key(
+        replica,
+        &job.key,
+        listed.snapshots.clone(),
+        how,
+        &output,
+        None,
+    )
+    .await;
+    let mut result = match restored {
+        Err(e) => result.failed(&e),
+        Ok(None) => result.failed(&Error::NotFound(format!(
+            "no snapshot or WAL generation of {:?} in {replica}",
+            job.key
+        ))),
+        Ok(Some(r)) => {
+            let mut result = result;
+            result.tier = Some(r.tier.to_string());
+            result.object = Some(r.object.clone());
+            result.bytes = Some(r.bytes);
+            result.state = Some(r.uploaded);
+            if let Some(source) = job.sources.first() {
+                result.source = Some(if job.sources.len() > 1 {
+                    skipped(
+                        source,
+                        format!(
+                            "{} files on this host render this key; not comparing",
+                            job.sources.len()
+                        ),
+                    )
+                } else {
+                    let state = match r.tier {
+                        Tier::Hot => Ok(Some(r.uploaded)),
+                        Tier::Cold => cold_state(replica, &listed.snapshots, &r.object).await,
+                    };
+                    match state {
+                        Ok(Some(state)) => {
+                            let (source, restored, margin) =
+                                (source.clone(), output.clone(), opts.source_margin);
+                            tokio::task::spawn_blocking(move || {
+                                compare(&source, &restored, state, margin)
+                            })
+                            .await
+                            .unwrap_or_else(|e| {
+                                skipped(&job.sources[0], format!("comparison task failed: {e}"))
+                            })
+                        }
+                        Ok(None) => skipped(
+                            source,
+                            "the snapshot records no copy time (written by an earlier version)",
+                        ),
+                        Err(e) => skipped(source, format!("cannot read the snapshot's times: {e}")),
+                    }
+                });
+            }
+            if let Some(SourceCheck {
+                result: SourceResult::Mismatch,
+                detail,
+                path,
+                ..
+            }) = &result.source
+            {
+                result.status = Status::Problem;
+                result.what = Some(Problem::Mismatch.as_str().to_string());
+                result.why = Some(format!(
+                    "restored {} ({}) differs from {}, unchanged since: {detail}",
+                    r.object,
+                    r.uploaded.to_rfc3339(),
+                    path.display()
+                ));
+            }
+            result
+        }
+    };
+    if let Err(e) = remove_restore(&output) {
+        tracing::warn!(path = %output.display(), error = %e, "verify: cannot delete a scratch restore");
+        if result.status == Status::Ok {
+            result = result.failed(&e);
+        }
+    }
+    result
+}
+
+/// Drops the keys of databases on this host that the replica does not hold
+/// and that may simply not be uploaded yet: files changed within
+/// `grace` ([`NEW_DATABASE_GRACE`]), or that are not SQLite databases
+/// (`replicate` uploads nothing else). The others stay, to be reported
+/// "not found".
+async fn drop_new(jobs: Vec<Job>, grace: Duration) -> Vec<Job> {
+    let now = SystemTime::now();
+    tokio::task::spawn_blocking(move || {
+        jobs.into_iter()
+            .filter(|j| {
+                j.listed.is_some()
+                    || j.sources.iter().any(|p| {
+                        has_sqlite_header(p).unwrap_or(false)
+                            && last_change(p)
+                                .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= grace)
+                    })
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// A database on this host that the replica does not hold (see [`drop_new`]).
+fn missing(result: KeyResult, sources: &[PathBuf], grace: Duration) -> KeyResult {
+    let names: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
+    result.failed(&Error::NotFound(format!(
+        "no snapshot or WAL generation in the replica for {} (unchanged for more than {})",
+        names.join(", "),
+        humantime::format_duration(grace)
+    )))
+}
+
+/// The state time of the cold snapshot `object`: when its copy began.
+async fn cold_state(
+    replica: &Replica,
+    snaps: &[cold::SnapshotInfo],
+    object: &str,
+) -> Result<Option<DateTime<Utc>>> {
+    let Some(info) = snaps.iter().find(|s| s.location.as_ref() == object) else {
+        return Ok(None);
+    };
+    Ok(cold::recorded_times(replica, info)
+        .await?
+        .map(|t| t.started))
+}
+
+fn skipped(path: &Path, detail: impl Into<String>) -> SourceCheck {
+    SourceCheck {
+        path: path.to_path_buf(),
+        result: SourceResult::Skipped,
+        detail: detail.into(),
+        lag_seconds: None,
+    }
+}
+
+/// The latest `mtime` or `ctime` of a database and its `-wal`; `None` when
+/// the database is gone. An empty `-wal` holds no commit and is left out:
+/// a read-only connection (the replicator's snapshot, this comparison)
+/// creates one where there was none.
+fn last_change(db: &Path) -> Option<SystemTime> {
+    let at = |secs: i64, nanos: i64| {
+        let d = Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32);
+        SystemTime::UNIX_EPOCH + d
+    };
+    let of = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .filter(|m| p == db || m.len() > 0)
+            .map(|m| at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec())))
+    };
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let db_time = of(db)?;
+    Some(of(Path::new(&wal)).map_or(db_time, |w| w.max(db_time)))
+}
+
+/// What the comparison reads of a database: header fields, the schema and
+/// the number of rows in every table.
+#[derive(Debug, PartialEq, Eq)]
+struct Facts {
+    page_size: i64,
+    encoding: String,
+    user_version: i64,
+    application_id: i64,
+    /// (type, name, sql) of every schema object, sorted.
+    schema: Vec<(String, String, Option<String>)>,
+    /// Rows per table (virtual tables are left out: their module may be
+    /// missing here; their shadow tables are counted).
+    rows: BTreeMap<String, i64>,
+}
+
+/// Reads [`Facts`] in one read transaction.
+fn facts(path: &Path, conn: &Connection) -> Result<Facts> {
+    let q = |e: rusqlite::Error| Error::sqlite(path, e);
+    conn.execute_batch("BEGIN").map_err(q)?;
+    let read = || -> rusqlite::Result<Facts> {
+        let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0));
+        let mut stmt =
+            conn.prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")?;
+        let schema: Vec<(String, String, Option<String>)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut rows = BTreeMap::new();
+        for (kind, name, sql) in &schema {
+            let is_virtual = sql
+                .as_deref()
+                .is_some_and(|s| s.to_ascii_uppercase().starts_with("CREATE VIRTUAL"));
+            if kind == "table" && !is_virtual {
+                let quoted = name.replace('"', "\"\"");
+                let n: i64 =
+                    conn.query_row(&format!("SELECT count(*) FROM \"{quoted}\""), [], |r| {
+                        r.get(0)
+                    })?;
+                rows.insert(name.clone(), n);
+            }
+        }
+        Ok(Facts {
+            page_size: pragma("page_size")?,
+            encoding: conn.query_row("PRAGMA encoding", [], |r| r.get(0))?,
+            user_version: pragma("user_version")?,
+            application_id: pragma("application_id")?,
+            schema,
+            rows,
+        })
+    };
+    let got = read();
+    let _ = conn.execute_batch("COMMIT");
+    got.map_err(q)
+}
+
+/// The first difference between two [`Facts`], in words.
+fn difference(source: &Facts, restored: &Facts) -> Option<String> {
+    let field = |name: &str, s: &dyn std::fmt::Debug, r: &dyn std::fmt::Debug| {
+        format!("{name}: source {s:?}, restored {r:?}")
+    };
+    if source.page_size != restored.page_size {
+        return Some(field("page size", &source.page_size, &restored.page_size));
+    }
+    if source.encoding != restored.encoding {
+        return Some(field("encoding", &source.encoding, &restored.encoding));
+    }
+    if source.user_version != restored.user_version {
+        return Some(field(
+            "user_version",
+            &source.user_version,
+            &restored.user_version,
+        ));
+    }
+    if source.application_id != restored.application_id {
+        return Some(field(
+            "application_id",
+            &source.application_id,
+            &restored.application_id,
+        ));
+    }
+    if source.schema != restored.schema {
+        let names = |f: &Facts| -> BTreeSet<String> {
+            f.schema
+                .iter()
+                .map(|(k, n, _)| format!("{k} {n}"))
+                .collect()
+        };
+        let (s, r) = (names(source), names(restored));
+        let only_s: Vec<_> = s.difference(&r).collect();
+        let only_r: Vec<_> = r.difference(&s).collect();
+        return Some(format!(
+            "schema differs (only in source: {only_s:?}; only in restore: {only_r:?}; or a definition changed)"
+        ));
+    }
+    source
+        .rows
+        .iter()
+        .find(|(t, n)| restored.rows.get(*t) != Some(n))
+        .map(|(t, n)| {
+            format!(
+                "table {t:?}: source {n} rows, restored {} rows",
+                restored.rows.get(t).copied().unwrap_or(0)
+            )
+        })
+}
+
+/// Compares the restore at `restored` (state time `state`) with `source`
+/// (see the module docs).
+fn compare(source: &Path, restored: &Path, state: DateTime<Utc>, margin: Duration) -> SourceCheck {
+    let result = |result, detail: String, lag: Option<f64>| SourceCheck {
+        path: source.to_path_buf(),
+        result,
+        detail,
+        lag_seconds: lag,
+    };
+    let Some(before) = last_change(source) else {
+        return skipped(source, "the source database is gone");
+    };
+    let changed: DateTime<Utc> = before.into();
+    let limit = state - chrono::Duration::from_std(margin).unwrap_or_default();
+    if changed >= limit {
+        let lag = (changed - state).num_milliseconds().max(0) as f64 / 1000.0;
+        return result(
+            SourceResult::Newer,
+            format!("source newer than replica (lag {lag:.1}s)"),
+            Some(lag),
+        );
+    }
+    let src = snapshot::open_read_only(source).and_then(|c| facts(source, &c));
+    if last_change(source) != Some(before) {
+        return result(
+            SourceResult::Newer,
+            "the source changed while it was read".into(),
+            None,
+        );
+    }
+    let src = match src {
+        Ok(f) => f,
+        Err(e) => return skipped(source, format!("cannot read the source: {e}")),
+    };
+    let rst = match Connection::open(restored)
+        .map_err(|e| Error::sqlite(restored, e))
+        .and_then(|c| facts(restored, &c))
+    {
+        Ok(f) => f,
+        Err(e) => return skipped(source, format!("cannot read the restore: {e}")),
+    };
+    match difference(&src, &rst) {
+        None => result(
+            SourceResult::Match,
+            format!(
+                "page size, schema and row counts of {} table(s) match",
+                src.rows.len()
+            ),
+            None,
+        ),
+        Some(d) => result(SourceResult::Mismatch, d, None),
+    }
+}
+
+/// Deletes a scratch restore and any side file opening it left.
+fn remove_restore(output: &Path) -> Result<()> {
+    let mut files = super::install::side_files(output);
+    files.push(output.to_path_buf());
+    for f in files {
+        match std::fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(f, e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(what: &str, reason: &str) -> Error {
+        Error::invalid(what, reason)
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        use Problem::*;
+        use Unverifiable::*;
+        let p = Verdict::Problem;
+        let u = Verdict::Unverifiable;
+        let cases = [
+            (
+                invalid(
+                    "generation g of \"k\"",
+                    "WAL segment 0000_* is missing (the next segment present is x); refusing to restore past a gap",
+                ),
+                p(Gap),
+            ),
+            (
+                invalid(
+                    "hot-tier restore (WAL generation)",
+                    "generation g: WAL 0 ended at a (metadata.json), but the segments present end at b: WAL segment(s) from b to a are missing; refusing to restore past a gap; not falling back",
+                ),
+                p(Gap),
+            ),
+            (Error::damaged("k/db.lz4", "not a valid LZ4 snapshot: bad checksum"), p(Damaged)),
+            (Error::damaged("k/db.lz4", "integrity_check failed: row 3 missing"), p(Integrity)),
+            (
+                invalid("hot-tier restore (WAL generation)", "k/gen/s.lz4: not a valid LZ4 snapshot: x; not falling back"),
+                p(Damaged),
+            ),
+            (invalid("seg", "WAL checksum chain broken at frame 2 of 3"), p(Damaged)),
+            (Error::NotFound("nothing".into()), p(NotFound)),
+            (invalid("k/x.lz4", "download failed 3 times, the last with: reset"), u(Transport)),
+            (invalid("restore output file", "fsync: no space"), u(Local)),
+            (Error::io("/tmp/x", std::io::Error::other("disk full")), u(Local)),
+            (
+                Error::store("k", object_store::Error::Generic { store: "S3", source: "down".into() }),
+                u(Transport),
+            ),
+            (invalid("k/metadata.json", "invalid metadata: eof"), p(Unrestorable)),
+        ];
+        for (e, want) in cases {
+            assert_eq!(classify(&e), want, "{e}");
+        }
+    }
+
+    #[test]
+    fn exit_codes() {
+        let s = |ok, problems, could_not_check| Summary {
+            databases: ok + problems + could_not_check,
+            ok,
+            problems,
+            could_not_check,
+        };
+        assert_eq!(s(3, 0, 0).exit_code(), 0);
+        assert_eq!(s(3, 1, 0).exit_code(), 1);
+        assert_eq!(s(3, 1, 2).exit_code(), 1);
+        assert_eq!(s(3, 0, 1).exit_code(), 2);
+        assert_eq!(s(0, 0, 3).exit_code(), 2);
+        assert_eq!(
+            s(2, 1, 0).line(),
+            "verified 3 databases: 2 ok, 1 problems, 0 could not be checked"
+        );
+    }
+
+    #[test]
+    fn comparison_waits_for_an_unchanged_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, rst) = (dir.path().join("s.db"), dir.path().join("r.db"));
+        for (p, rows) in [(&src, 3), (&rst, 2)] {
+            let c = Connection::open(p).unwrap();
+            c.execute_batch("CREATE TABLE t(x); CREATE TABLE \"we\"\"ird\"(y);")
+                .unwrap();
+            for i in 0..rows {
+                c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+            }
+        }
+        let later = Utc::now() + chrono::Duration::seconds(10);
+        let c = compare(&src, &rst, later, SOURCE_MARGIN);
+        assert_eq!(c.result, SourceResult::Mismatch, "{c:?}");
+        assert!(
+            c.detail
+                .contains("table \"t\": source 3 rows, restored 2 rows"),
+            "{c:?}"
+        );
+        // A state older than the source's last change: lag, not a problem.
+        let earlier = Utc::now() - chrono::Duration::seconds(30);
+        let c = compare(&src, &rst, earlier, SOURCE_MARGIN);
+        assert_eq!(c.result, SourceResult::Newer, "{c:?}");
+        assert!(c.lag_seconds.unwrap() >= 29.0, "{c:?}");
+        // Within the margin of the state: lag too.
+        let c = compare(&src, &rst, Utc::now(), SOURCE_MARGIN);
+        assert_eq!(c.result, SourceResult::Newer, "{c:?}");
+        // Equal content matches.
+        let c = compare(&src, &src, later, SOURCE_MARGIN);
+        assert_eq!(c.result, SourceResult::Match, "{c:?}");
+        assert!(c.detail.contains("2 table(s)"), "{c:?}");
+        // A WAL-mode source: reading it leaves an empty -wal behind, which
+        // is no change.
+        let conn = Connection::open(&src).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.execute("INSERT INTO t VALUES (9)", []).unwrap();
+        drop(conn);
+        let later = Utc::now() + chrono::Duration::seconds(10);
+        let c = compare(&src, &src, later, SOURCE_MARGIN);
+        assert_eq!(c.result, SourceResult::Match, "{c:?}");
+        assert!(c.detail.contains("2 table(s)"), "{c:?}");
+    }
+}

@@ -1,0 +1,477 @@
+//! `litefleet verify`, the restore drill, against the in-process S3 server
+//! and file://: a clean fleet in both tiers passes (exit 0); a damaged cold
+//! snapshot, a damaged generation snapshot and a deleted WAL segment are
+//! problems naming the key and the object or gap (exit 1); a replica that
+//! cannot be reached exits 2; `--json` and `--sample`; a replica whose
+//! content differs from an unchanged source is caught. And the daemon's
+//! drill schedule, in paused time.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::fleet::{create_db, Fleet};
+use common::generations::GenWriter;
+use common::litefleet;
+use litefleet::capture::snapshot;
+use litefleet::capture::wal::Position;
+use litefleet::daemon::scheduler::{verify_loop, VerifyCounts, VerifyJob};
+use litefleet::replica::cold;
+use litefleet::replica::hot;
+use litefleet::replica::storage::Replica;
+use litefleet::restore::verify::Quiet;
+use litefleet::restore::VerifyOptions;
+use litefleet::stats::Stats;
+use object_store::path::Path as ObjPath;
+use object_store::ObjectStoreExt;
+use tokio_util::sync::CancellationToken;
+
+/// Runs `litefleet verify ARGS` on the fleet's config.
+fn verify(f: &Fleet, args: &[&str]) -> Output {
+    let cfg = f.config_path();
+    let mut all = vec!["--config", cfg.to_str().unwrap(), "verify"];
+    all.extend_from_slice(args);
+    litefleet(f.work.path(), &all)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `verify --json ARGS`: exit code and the parsed document.
+fn verify_json(f: &Fleet, args: &[&str]) -> (i32, serde_json::Value) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let o = verify(f, &all);
+    let doc = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", stdout(&o), common::stderr(&o)));
+    (o.status.code().unwrap(), doc)
+}
+
+/// The summary counts (databases, ok, problems, could not check).
+fn counts(doc: &serde_json::Value) -> (u64, u64, u64, u64) {
+    let s = &doc["summary"];
+    let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {doc}"));
+    (n("databases"), n("ok"), n("problems"), n("could_not_check"))
+}
+
+fn result<'a>(doc: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    doc["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == key)
+        .unwrap_or_else(|| panic!("no result for {key} in {doc}"))
+}
+
+/// `n` tenants of p0/d0, each with its own row count, replicated once to
+/// the cold tier.
+async fn cold_fleet(f: &Fleet, n: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for t in 0..n {
+        drop(create_db(&f.db_path("p0", "d0", &format!("t{t}")), 3 + t));
+        keys.push(Fleet::key("p0", "d0", &format!("t{t}")));
+    }
+    let r = f.replicator().cycle(&CancellationToken::new()).await;
+    assert_eq!((r.scan.databases, r.failed), (n, 0));
+    keys
+}
+
+/// A database of the fleet streamed into a generation by hand: a
+/// generation snapshot, then two WAL segments (rows 1..=18).
+struct HotDb {
+    w: GenWriter,
+    /// Generation snapshot object.
+    snapshot: ObjPath,
+    /// Where the two segments start.
+    segments: [Position; 2],
+    _copies: tempfile::TempDir,
+}
+
+async fn hot_db(f: &Fleet, r: &Replica, tenant: &str) -> HotDb {
+    let path = f.db_path("p1", "d0", tenant);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut w = GenWriter::create(path, &Fleet::key("p1", "d0", tenant), 100);
+    w.commit(10);
+    w.checkpoint(false);
+    let copies = tempfile::tempdir().unwrap();
+    let copy = copies.path().join("copy.db");
+    std::fs::copy(&w.db, &copy).unwrap();
+    let committed = Utc::now();
+    litefleet::capture::upload::upload_snapshot(
+        r,
+        &w.key,
+        &w.gen,
+        0,
+        committed,
+        &copy,
+        copies.path(),
+    )
+    .await
+    .unwrap();
+    let snapshot = hot::snapshot_path(&r.prefix, &w.key, &w.gen, 0, committed);
+    w.commit(5);
+    let first = w.ship(r).await;
+    w.commit(3);
+    let second = w.ship(r).await;
+    HotDb {
+        w,
+        snapshot,
+        segments: [first, second],
+        _copies: copies,
+    }
+}
+
+/// The cold snapshot object of `key` (the fleet's only one).
+async fn cold_object(r: &Replica, key: &str) -> ObjPath {
+    let snaps = cold::snapshots(r, key).await.unwrap();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    snaps[0].location.clone()
+}
+
+/// Flips a byte in the middle of an object.
+async fn flip(r: &Replica, loc: &ObjPath) {
+    let mut bytes = r.get_bytes(loc).await.unwrap().unwrap().to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    r.store.put(loc, bytes.into()).await.unwrap();
+}
+
+both_backends!(clean_fleet_in_both_tiers_verifies, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut keys = cold_fleet(&f, 3).await;
+    let hot = hot_db(&f, &r, "t0").await;
+    keys.push(hot.w.key.clone());
+
+    let o = verify(&f, &[]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", common::stderr(&o));
+    assert_eq!(
+        out,
+        "verified 4 databases: 4 ok, 0 problems, 0 could not be checked\n"
+    );
+
+    let (code, doc) = verify_json(&f, &[]);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(counts(&doc), (4, 4, 0, 0));
+    for key in &keys {
+        assert_eq!(result(&doc, key)["status"], "ok", "{doc}");
+    }
+    let h = result(&doc, &hot.w.key);
+    assert_eq!(h["tier"], "hot", "{h}");
+    assert_eq!(
+        h["object"],
+        format!("{} + 2 WAL segments", hot.snapshot).as_str()
+    );
+    // Written just before its upload: lag, not a finding.
+    assert_eq!(h["source"]["result"], "newer", "{h}");
+    assert_eq!(result(&doc, &keys[0])["tier"], "cold");
+
+    // A prefix narrows the drill; scratch restores are gone afterwards.
+    let (code, doc) = verify_json(&f, &["p1"]);
+    assert_eq!((code, counts(&doc)), (0, (1, 1, 0, 0)), "{doc}");
+    let tmp = f.work.path().join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.iter()
+            .all(|n| !n.to_string_lossy().starts_with("verify-")),
+        "{left:?}"
+    );
+});
+
+both_backends!(
+    damaged_cold_snapshot_is_a_problem_naming_the_object,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let keys = cold_fleet(&f, 3).await;
+        let bad = cold_object(&r, &keys[1]).await;
+        flip(&r, &bad).await;
+
+        let o = verify(&f, &[]);
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}{}", common::stderr(&o));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert!(
+            lines[0].starts_with(&format!("{}: damaged object: ", keys[1])),
+            "{out}"
+        );
+        assert!(lines[0].contains(bad.as_ref()), "{out}");
+        assert_eq!(
+            lines[1],
+            "verified 3 databases: 2 ok, 1 problems, 0 could not be checked"
+        );
+
+        let (code, doc) = verify_json(&f, &[]);
+        assert_eq!((code, counts(&doc)), (1, (3, 2, 1, 0)), "{doc}");
+        let res = result(&doc, &keys[1]);
+        assert_eq!(res["status"], "problem");
+        assert_eq!(res["what"], "damaged object");
+        assert_eq!(doc["results"].as_array().unwrap().len(), 3);
+
+        // --sample checks exactly that many keys, picked from all of them.
+        let (_, doc) = verify_json(&f, &["--sample", "2"]);
+        assert_eq!(counts(&doc).0, 2, "{doc}");
+        assert_eq!(doc["results"].as_array().unwrap().len(), 2);
+        // Everything was uploaded just now.
+        let (_, doc) = verify_json(&f, &["--since", "1h"]);
+        assert_eq!(counts(&doc).0, 3, "{doc}");
+    }
+);
+
+both_backends!(
+    damaged_generation_and_missing_segment_are_problems,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let cold = cold_fleet(&f, 1).await;
+        let damaged = hot_db(&f, &r, "t0").await;
+        flip(&r, &damaged.snapshot).await;
+        let gap = hot_db(&f, &r, "t1").await;
+        let missing = gap.segments[0];
+        r.delete(&gap.w.segment_path(&r, missing)).await.unwrap();
+
+        let o = verify(&f, &[]);
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}{}", common::stderr(&o));
+        let line = |key: &str| {
+            out.lines()
+                .find(|l| l.starts_with(&format!("{key}: ")))
+                .unwrap_or_else(|| panic!("no line for {key}: {out}"))
+                .to_string()
+        };
+        let d = line(&damaged.w.key);
+        assert!(
+            d.starts_with(&format!("{}: damaged object: ", damaged.w.key)),
+            "{d}"
+        );
+        assert!(d.contains(damaged.snapshot.as_ref()), "{d}");
+        let g = line(&gap.w.key);
+        assert!(
+            g.starts_with(&format!("{}: continuity gap: ", gap.w.key)),
+            "{g}"
+        );
+        assert!(
+            g.contains(&format!(
+                "{missing}_* (WAL 0 offset {}) is missing",
+                missing.offset
+            )),
+            "{g}"
+        );
+        assert!(!out.contains(&format!("{}: ", cold[0])), "{out}");
+        assert!(
+            out.ends_with("verified 3 databases: 1 ok, 2 problems, 0 could not be checked\n"),
+            "{out}"
+        );
+    }
+);
+
+both_backends!(unreachable_replica_exits_2, |b| async move {
+    let mut f = Fleet::new(b).await;
+    cold_fleet(&f, 2).await;
+    match b {
+        common::fleet::Backend::S3 => f.s3.as_mut().unwrap().stop().await,
+        common::fleet::Backend::File => {
+            std::fs::remove_dir_all(f.work.path().join("replica")).unwrap()
+        }
+    }
+    let o = verify(&f, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("error: "),
+        "{}",
+        common::stderr(&o)
+    );
+    let (code, doc) = verify_json(&f, &[]);
+    assert_eq!(code, 2);
+    assert!(doc["error"].as_str().is_some(), "{doc}");
+});
+
+/// Uploads a consistent copy of `db` as the cold snapshot of `key`, recorded
+/// as begun `ahead` from now (so the source's last change is well before
+/// it), under the name the replicator would give it (replacing its object).
+async fn put_cold(r: &Replica, key: &str, db: &Path, ahead: chrono::Duration) {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = snapshot::capture(db, tmp.path()).unwrap();
+    let times = cold::SnapshotTimes {
+        started: Utc::now() + ahead,
+        taken: Utc::now() + ahead,
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut snap.reader().unwrap(), &mut bytes).unwrap();
+    let record = times.encode();
+    bytes[..record.len()].copy_from_slice(&record);
+    let stem = db.file_stem().unwrap().to_str().unwrap();
+    let loc = cold::snapshot_path(&r.prefix, key, stem, times.taken);
+    r.store.put(&loc, bytes.into()).await.unwrap();
+}
+
+both_backends!(
+    replica_differing_from_an_unchanged_source_is_a_problem,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let keys = cold_fleet(&f, 2).await;
+        let ahead = chrono::Duration::seconds(10);
+        // t0: a valid snapshot of another database (one more row).
+        let other = tempfile::tempdir().unwrap();
+        let other_db = other.path().join("t0.db");
+        drop(create_db(&other_db, 4));
+        put_cold(&r, &keys[0], &other_db, ahead).await;
+        // t1: a true copy, so the comparison has something to match.
+        put_cold(&r, &keys[1], &f.db_path("p0", "d0", "t1"), ahead).await;
+
+        let (code, doc) = verify_json(&f, &[]);
+        assert_eq!((code, counts(&doc)), (1, (2, 1, 1, 0)), "{doc}");
+        let bad = result(&doc, &keys[0]);
+        assert_eq!(bad["what"], "differs from source", "{bad}");
+        assert_eq!(bad["source"]["result"], "mismatch", "{bad}");
+        assert!(
+            bad["why"]
+                .as_str()
+                .unwrap()
+                .contains("table \"t\": source 3 rows, restored 4 rows"),
+            "{bad}"
+        );
+        let good = result(&doc, &keys[1]);
+        assert_eq!(good["status"], "ok");
+        assert_eq!(good["source"]["result"], "match", "{good}");
+
+        let o = verify(&f, &[]);
+        let out = stdout(&o);
+        assert!(
+            out.starts_with(&format!("{}: differs from source: ", keys[0])),
+            "{out}"
+        );
+    }
+);
+
+// A fleet database the replica does not hold is left out while it may
+// still be waiting for its first upload, and "not found" after that.
+both_backends!(database_without_backup_is_not_found, |b| async move {
+    let f = Fleet::new(b).await;
+    cold_fleet(&f, 1).await;
+    let new = f.db_path("p2", "d0", "t0");
+    drop(create_db(&new, 1));
+    // An old mtime is not enough (a copy keeps it): ctime says "new" too.
+    common::fleet::age(&new);
+    let (code, doc) = verify_json(&f, &[]);
+    assert_eq!((code, counts(&doc)), (0, (1, 1, 0, 0)), "{doc}");
+
+    let loaded = f.loaded();
+    let mut opts = VerifyOptions::new(&loaded, "");
+    opts.new_database_grace = Duration::ZERO;
+    let report = litefleet::restore::verify(&loaded, &f.replica(), &opts, &Quiet)
+        .await
+        .unwrap();
+    assert_eq!(report.summary.exit_code(), 1);
+    assert_eq!((report.summary.ok, report.summary.problems), (1, 1));
+    let missing = report.results.iter().find(|r| r.key == "p2/d0/t0").unwrap();
+    assert_eq!(missing.what.as_deref(), Some("not found"));
+    assert!(
+        missing
+            .why
+            .as_deref()
+            .unwrap()
+            .contains(&new.display().to_string()),
+        "{missing:?}"
+    );
+});
+
+/// The daemon's drill: none before the first interval, one per interval,
+/// each recorded in the stats; a drill that cannot run is recorded as such.
+#[tokio::test(start_paused = true)]
+async fn drills_run_every_interval_and_are_counted() {
+    let stats = Arc::new(Stats::default());
+    let (tx, mut ran) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = calls.clone();
+    let job: VerifyJob = Arc::new(move || {
+        let tx = tx.clone();
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let _ = tx.send(());
+            if n == 0 {
+                Ok(VerifyCounts {
+                    ok: 99,
+                    problems: 1,
+                    could_not_check: 0,
+                })
+            } else {
+                Err(litefleet::Error::NotFound("nothing to verify".into()))
+            }
+        })
+    });
+    let hour = Duration::from_secs(3600);
+    let token = CancellationToken::new();
+    let task = tokio::spawn(verify_loop(hour, job, stats.clone(), token.clone()));
+    // Let it start its clock.
+    tokio::task::yield_now().await;
+    let runs = |s: &Stats| s.verify_runs.load(Ordering::SeqCst);
+    async fn settle(stats: &Stats, want: u64) {
+        while stats.verify_runs.load(Ordering::SeqCst) < want {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    tokio::time::advance(hour - Duration::from_secs(1)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    ran.recv().await.unwrap();
+    settle(&stats, 1).await;
+    assert_eq!(stats.verify_last_ok.load(Ordering::SeqCst), 99);
+    assert_eq!(stats.verify_last_problems.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.verify_last_failed.load(Ordering::SeqCst), 0);
+    assert!(stats.verify_last_unix.load(Ordering::SeqCst) > 0);
+
+    tokio::time::advance(hour).await;
+    ran.recv().await.unwrap();
+    settle(&stats, 2).await;
+    assert_eq!(runs(&stats), 2);
+    assert_eq!(stats.verify_last_failed.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.verify_last_problems.load(Ordering::SeqCst), 0);
+
+    token.cancel();
+    task.await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+// `replicate` with `verify-interval`: the command line's drill runs beside
+// the loop and its counts reach the stats the endpoint serves.
+both_backends!(replicate_runs_drills_on_its_interval, |b| async move {
+    let f = Fleet::with_yaml(b, "  verify-interval: 100ms\n  verify-sample: 2\n").await;
+    cold_fleet(&f, 3).await;
+    let loaded = f.loaded();
+    let job = litefleet::cli::verify_job(Arc::new(loaded.clone()), f.replica());
+    let replicator = Arc::new(
+        litefleet::daemon::scheduler::Replicator::with_replica(loaded, f.replica())
+            .unwrap()
+            .with_verify(job),
+    );
+    let stats = replicator.stats();
+    let token = CancellationToken::new();
+    let run = tokio::spawn(replicator.run(false, token.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stats.verify_runs.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no drill ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    token.cancel();
+    run.await.unwrap().unwrap();
+    // A sample of two, both good.
+    assert_eq!(stats.verify_last_ok.load(Ordering::SeqCst), 2);
+    assert_eq!(stats.verify_last_problems.load(Ordering::SeqCst), 0);
+    assert_eq!(stats.verify_last_failed.load(Ordering::SeqCst), 0);
+    let view = litefleet::daemon::server::StatsView::read(&stats, Duration::from_secs(15), 0);
+    assert_eq!(view.verify_last_ok, Some(true));
+});

@@ -120,7 +120,7 @@ impl Db {
         let hour = Utc::now() - chrono::Duration::hours(24 - self.colds);
         self.colds += 1;
         let loc = cold::snapshot_path(&r.prefix, &self.key, "db", hour);
-        snap.upload(&r, &loc).await.unwrap();
+        snap.upload(r, &loc).await.unwrap();
         (loc, mark().await)
     }
 

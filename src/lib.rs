@@ -19,7 +19,7 @@
 //!
 //!  stage     modules                                       may use
 //!  cli       mod, bench, cost, soak, demo, progress        everything below
-//!  daemon    scheduler, server                             capture and below
+//!  daemon    scheduler, server, notify                     capture and below
 //!  restore   single, install, replay, list, bulk           capture and below
 //!  capture   snapshot, wal, ship, upload                   source and below
 //!  source    config, discover, template, keys, track,      replica and below
@@ -51,8 +51,8 @@
 //!   listing ([`mod@restore::list`]) and bulk restore ([`restore::bulk`]).
 //!   It composes the tier layouts; it never writes to the replica.
 //! * [`daemon`]: the `replicate` process: the scan/upload/stream loop
-//!   ([`daemon::scheduler`]) and `/healthz`, `/stats`, `/metrics`
-//!   ([`daemon::server`]).
+//!   ([`daemon::scheduler`]), `/healthz`, `/stats`, `/metrics`
+//!   ([`daemon::server`]) and systemd readiness ([`daemon::notify`]).
 //! * [`cli`]: the command line (clap) that wires it together, and the
 //!   harness that drives it from the outside ([`cli::bench`],
 //!   [`cli::cost`], [`cli::soak`], [`cli::demo`]).

@@ -20,7 +20,7 @@
 //!  stage     modules                                       may use
 //!  cli       mod, bench, cost, throughput, soak, demo,     everything below
 //!            progress, explain
-//!  daemon    scheduler, server                             capture and below
+//!  daemon    scheduler, server, notify                     capture and below
 //!  restore   single, install, replay, list, bulk, verify   capture and below
 //!  capture   snapshot, wal, ship, upload                   source and below
 //!  source    config, compat, discover, template, keys,     replica and below
@@ -54,8 +54,8 @@
 //!   restore drills ([`mod@restore::verify`]).
 //!   It composes the tier layouts; it never writes to the replica.
 //! * [`daemon`]: the `replicate` process: the scan/upload/stream loop
-//!   ([`daemon::scheduler`]) and `/healthz`, `/stats`, `/metrics`
-//!   ([`daemon::server`]).
+//!   ([`daemon::scheduler`]), `/healthz`, `/stats`, `/metrics`
+//!   ([`daemon::server`]) and systemd readiness ([`daemon::notify`]).
 //! * [`cli`]: the command line (clap) that wires it together, and the
 //!   harness that drives it from the outside ([`cli::bench`],
 //!   [`cli::cost`], [`cli::soak`], [`cli::demo`]); [`cli::explain`]

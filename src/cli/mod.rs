@@ -43,7 +43,8 @@ use crate::{restore, Error, Result};
     about = "Continuous backup of very many SQLite databases to S3 or a directory"
 )]
 pub struct Cli {
-    /// Config file (YAML, `multi-db:` section).
+    /// Config file (YAML, `multi-db:` section). Read by replicate,
+    /// restore, list, generations and snapshots.
     #[arg(
         long,
         short,
@@ -55,6 +56,16 @@ pub struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter). Overridden by LITEFLEET_LOG.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// Log lines as text, or as one JSON object per line (for a log
+    /// collector).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "LITEFLEET_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -117,6 +128,13 @@ pub enum Command {
     /// space, check it and compare it with its source on this host. Exit
     /// 0: all ok, 1: problems found, 2: could not check.
     Verify(VerifyArgs),
+    /// Print a shell completion script (e.g. `litefleet completions bash >
+    /// /etc/bash_completion.d/litefleet`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +222,39 @@ pub fn verify_job(loaded: Arc<Loaded>, replica: Replica) -> crate::daemon::sched
             })
         })
     })
+}
+
+/// How log lines are written to stderr (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (ANSI colours on a terminal).
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, and
+    /// `fields` (with `message`).
+    Json,
+}
+
+/// Subcommands that never read the config file: the global `--config` is
+/// hidden from their help (a local, hidden `--config` stands in for it, so
+/// passing one is still accepted and ignored).
+const WITHOUT_CONFIG: [&str; 3] = ["demo", "bench", "completions"];
+
+/// The command line as parsed: the derived [`Cli`], with `--config` hidden
+/// from the subcommands that do not read it (demo, bench, completions).
+pub fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    for name in WITHOUT_CONFIG {
+        cmd = cmd.mut_subcommand(name, |sub| {
+            sub.arg(
+                clap::Arg::new("config")
+                    .long("config")
+                    .short('c')
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .hide(true),
+            )
+        });
+    }
+    cmd
 }
 
 #[derive(Debug, Args)]
@@ -459,7 +510,7 @@ fn parse_timestamp(s: &str) -> std::result::Result<DateTime<Utc>, String> {
         .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp (e.g. 2026-11-22T13:00:00Z): {e}"))
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: LogFormat) {
     // At `info`, the object store client's line per retried request is
     // noise: the request's final failure is ours to log. A full filter, or
     // `debug`/`trace`, is taken as given.
@@ -470,11 +521,15 @@ fn init_logging(level: &str) {
     let filter = std::env::var("LITEFLEET_LOG").unwrap_or(level);
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => fmt.json().try_init(),
+    };
 }
 
 /// Cancels the token on the first SIGINT/SIGTERM; a second one exits at once.
@@ -501,8 +556,15 @@ fn install_signals(token: CancellationToken) {
 
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    let cli = match command()
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_logging(&cli.log_level, cli.log_format);
+    let format = cli.log_format;
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -521,6 +583,12 @@ pub fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // With JSON logs the final error is a log line too, so a collector
+        // reading stderr sees only JSON.
+        Err(e) if format == LogFormat::Json => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -597,7 +665,20 @@ async fn run(cli: Cli) -> Result<()> {
                     return Err(e);
                 }
             };
+            // READY=1 / STOPPING=1 for systemd's `Type=notify`: the lease
+            // is held and the endpoint listens by now.
+            let notify = crate::daemon::notify::spawn(&replicator, token.clone());
+            let stopping = token.clone();
             let result = replicator.run(once, token).await;
+            if let Some(task) = notify {
+                // After a signal it has said STOPPING=1 (or is about to);
+                // otherwise it would wait for one for ever.
+                if stopping.is_cancelled() {
+                    let _ = task.await;
+                } else {
+                    task.abort();
+                }
+            }
             // Uploads have finished: now the lease may go.
             let released = renewer.release().await;
             ops_stop.cancel();
@@ -755,6 +836,13 @@ async fn run(cli: Cli) -> Result<()> {
                 strict,
             )
             .await
+        }
+        Command::Completions { shell } => {
+            // Into a buffer: `generate` panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command(), "litefleet", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+                .map_err(|e| Error::invalid("completions", format!("cannot write to stdout: {e}")))
         }
         Command::Demo { databases, dir } => {
             let made = tokio::task::spawn_blocking(move || {

@@ -82,6 +82,9 @@ pub struct Replicator {
     /// Rounds of the `run` loop completed (a cycle, or a re-check after
     /// change notifications), for whoever waits on the loop.
     rounds: tokio::sync::watch::Sender<u64>,
+    /// Scans begun: the service manager is told the daemon is ready once
+    /// the first one has (see [`crate::daemon::notify`]).
+    scans_started: tokio::sync::watch::Sender<u64>,
     /// Databases a re-check uploaded or handed on, and when: for one scan
     /// interval after that, notifications about them wait for the scan.
     /// Holds only recently notified databases.
@@ -305,6 +308,7 @@ impl Replicator {
         };
         Ok(Replicator {
             rounds: tokio::sync::watch::Sender::new(0),
+            scans_started: tokio::sync::watch::Sender::new(0),
             notified: Mutex::new(HashMap::new()),
             records_unchecked: std::sync::atomic::AtomicBool::new(preloaded > 0),
             verify: None,
@@ -380,6 +384,12 @@ impl Replicator {
         self.rounds.subscribe()
     }
 
+    /// Counts the scans begun by [`Replicator::cycle`]: it changes as each
+    /// scan starts, before its uploads.
+    pub fn scans_started(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.scans_started.subscribe()
+    }
+
     /// Number of databases currently tracked.
     pub fn tracked(&self) -> usize {
         lock(&self.tracker).len()
@@ -390,6 +400,7 @@ impl Replicator {
         if self.records_unchecked.swap(false, Ordering::AcqRel) {
             self.check_records().await;
         }
+        self.scans_started.send_modify(|n| *n += 1);
         let tracker = self.tracker.clone();
         let loaded = self.loaded.clone();
         let (scan, took) = tokio::task::spawn_blocking(move || {

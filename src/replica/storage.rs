@@ -62,6 +62,13 @@
 //!   directory. That is atomic for every process on the host that takes the
 //!   same lock (every litefleet does); across hosts only on filesystems with
 //!   coherent `flock` (local disks; not every network filesystem).
+//!
+//! # TLS
+//!
+//! HTTPS is rustls with the `ring` crypto provider (object_store signs
+//! requests with `ring` too); no OpenSSL and no aws-lc C build. reqwest is
+//! built without a provider of its own, so [`install_tls_provider`] makes
+//! `ring` the process default before the S3 client is built.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -293,6 +300,16 @@ impl std::fmt::Display for Replica {
     }
 }
 
+/// Makes rustls' `ring` provider the process-wide default, once; the S3
+/// client's TLS configuration is built from it (see the module docs). A
+/// provider installed earlier by someone else is left as it is.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 impl Replica {
     /// A `file://` replica at `dir`, for unit tests.
     #[cfg(test)]
@@ -335,6 +352,7 @@ impl Replica {
                 })
             }
             ReplicaUrl::S3 { bucket, prefix } => {
+                install_tls_provider();
                 let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
                 let region = cfg
                     .region

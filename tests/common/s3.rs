@@ -11,8 +11,13 @@
 //! check and its write are separate steps (the ETag is even saved after the
 //! data is renamed into place), so two concurrent conditional PUTs could both
 //! pass. Real S3 decides them atomically; so the wrapper below runs PUTs that
-//! carry `If-Match` or `If-None-Match` one at a time. It adds no check of its
-//! own: every 412 comes from `s3s-fs`.
+//! carry `If-Match` or `If-None-Match` one at a time. Its GET is not atomic
+//! either: it opens the data, then reads the ETag from a side file, so a GET
+//! overlapping a conditional PUT could return the old content with the new
+//! ETag, and a compare-and-swap on that ETag would then wrongly succeed (two
+//! lease winners, once in ~40 races). So GETs and HEADs wait while a
+//! conditional PUT is served (they run concurrently with each other). The
+//! wrapper adds no check of its own: every 412 comes from `s3s-fs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -49,8 +54,9 @@ pub enum Fault {
 
 struct Shared {
     fault: Mutex<Fault>,
-    /// Held while a conditional PUT is served (see the module docs).
-    conditional: tokio::sync::Mutex<()>,
+    /// Written while a conditional PUT is served, read while a GET or HEAD
+    /// is (see the module docs).
+    conditional: tokio::sync::RwLock<()>,
     /// Requests that passed under `FailAfter` so far.
     passed: AtomicU64,
     requests: AtomicU64,
@@ -124,7 +130,7 @@ impl S3Server {
         let service = b.build();
         let shared = Arc::new(Shared {
             fault: Mutex::new(Fault::None),
-            conditional: tokio::sync::Mutex::new(()),
+            conditional: tokio::sync::RwLock::new(()),
             passed: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -181,8 +187,17 @@ impl S3Server {
                         let conditional = req.method() == hyper::Method::PUT
                             && (req.headers().contains_key(hyper::header::IF_MATCH)
                                 || req.headers().contains_key(hyper::header::IF_NONE_MATCH));
-                        let _one_at_a_time = if conditional {
-                            Some(shared.conditional.lock().await)
+                        let reads = matches!(
+                            *req.method(),
+                            hyper::Method::GET | hyper::Method::HEAD
+                        );
+                        let _write = if conditional {
+                            Some(shared.conditional.write().await)
+                        } else {
+                            None
+                        };
+                        let _read = if reads {
+                            Some(shared.conditional.read().await)
                         } else {
                             None
                         };

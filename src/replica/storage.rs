@@ -21,10 +21,12 @@
 //! callers record it as uploaded then. On S3 that is the completed PUT. On
 //! `file://` the local store runs with `fsync` on: it syncs each staged file
 //! before renaming it over the object's name (so a power cut never leaves a
-//! partial object where a complete one was) and the parent directory after;
-//! then the object, its directory and each one above it up to the replica
-//! root (which makes a newly created directory's entry durable too) are
-//! synced before the upload returns ([`Replica::sync_local`]).
+//! partial object where a complete one was) and the parent directory after,
+//! and syncs every directory it creates with its parent. Then, before the
+//! upload returns ([`Replica::sync_local`]), each directory above the
+//! object's up to the replica root has its entry made durable: its parent
+//! is synced, once per replica and directory (a directory left unsynced by a
+//! crashed process is covered too).
 //!
 //! # Write fence
 //!
@@ -272,6 +274,50 @@ impl Fence {
     }
 }
 
+/// `file://` directories whose entry in their parent is known durable (this
+/// replica synced the parent after the directory existed), so
+/// [`Replica::sync_local`] syncs each parent once instead of every directory
+/// up to the root for every object: on ext4 even the `fsync` of a clean
+/// directory sends the disk a cache flush. The store itself syncs the
+/// object, its directory and every directory it creates; the walk covers a
+/// directory left by a process that crashed before syncing it. Bounded: at
+/// [`DURABLE_DIRS_MAX`] entries it starts again (more syncs, never fewer);
+/// emptied by every delete, which may remove empty directories.
+#[derive(Debug, Default)]
+struct DurableDirs {
+    dirs: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    /// Parent directories synced so far (for tests).
+    synced: std::sync::atomic::AtomicU64,
+}
+
+/// About 100 bytes each: at most ~400 KB, enough for every level above the
+/// key directories of a large fleet and many key directories besides.
+const DURABLE_DIRS_MAX: usize = 4096;
+
+impl DurableDirs {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<PathBuf>> {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn contains(&self, d: &Path) -> bool {
+        self.set().contains(d)
+    }
+
+    fn insert(&self, d: &Path) {
+        self.synced
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut set = self.set();
+        if set.len() >= DURABLE_DIRS_MAX {
+            set.clear();
+        }
+        set.insert(d.to_path_buf());
+    }
+
+    fn forget(&self) {
+        self.set().clear();
+    }
+}
+
 /// Objects made durable by [`Replica::sync_local`] in this process (for
 /// tests and diagnostics: every `file://` write must pass there).
 static LOCAL_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -292,6 +338,8 @@ pub struct Replica {
     local: Option<Arc<LocalFileSystem>>,
     /// The lease holder's write fence, if writes need one (see the module docs).
     fence: Option<Arc<Fence>>,
+    /// `file://` only: directories [`Replica::sync_local`] need not sync again.
+    durable_dirs: Arc<DurableDirs>,
 }
 
 impl std::fmt::Display for Replica {
@@ -349,6 +397,7 @@ impl Replica {
                     description: format!("file://{}", dir.display()),
                     local: Some(store),
                     fence: None,
+                    durable_dirs: Arc::default(),
                 })
             }
             ReplicaUrl::S3 { bucket, prefix } => {
@@ -421,6 +470,7 @@ impl Replica {
                     description: format!("s3://{bucket}/{prefix}"),
                     local: None,
                     fence: None,
+                    durable_dirs: Arc::default(),
                 })
             }
         }
@@ -512,9 +562,10 @@ impl Replica {
         Ok(sent)
     }
 
-    /// For a `file://` replica, `fsync`s the object at `location`, its
-    /// directory and every directory above it up to the replica root (see the
-    /// module docs); nothing for other stores, whose completed PUT is durable.
+    /// For a `file://` replica, `fsync`s the object at `location` and makes
+    /// the entry of every directory above it durable, up to the replica root
+    /// (each parent once per replica: see the module docs); nothing for other
+    /// stores, whose completed PUT is durable.
     pub async fn sync_local(&self, location: &ObjPath) -> Result<()> {
         let Some(path) = self.local_path(location)? else {
             return Ok(());
@@ -522,18 +573,33 @@ impl Replica {
         let root = self
             .local
             .as_ref()
-            .and_then(|fs| fs.path_to_filesystem(&ObjPath::default()).ok());
+            // The store does not map the empty path: the root is the
+            // parent of a top-level name.
+            .and_then(|fs| fs.path_to_filesystem(&ObjPath::from("_")).ok())
+            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let durable = self.durable_dirs.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
+            // Cheap when the store already synced it; fails for an object
+            // that is gone.
             std::fs::File::open(&path)
                 .and_then(|f| f.sync_all())
                 .at(&path)?;
+            // The object's directory was synced by the store's rename. Each
+            // directory above it up to the root: its entry in its parent is
+            // made durable once per replica (see [`DurableDirs`]).
             let mut dir = path.parent();
             while let Some(d) = dir {
-                std::fs::File::open(d).and_then(|f| f.sync_all()).at(d)?;
-                if root.as_deref().is_none_or(|r| d == r || !d.starts_with(r)) {
+                if root.as_deref().is_none_or(|r| d == r || !d.starts_with(r))
+                    || durable.contains(d)
+                {
                     break;
                 }
-                dir = d.parent();
+                let Some(parent) = d.parent() else { break };
+                std::fs::File::open(parent)
+                    .and_then(|f| f.sync_all())
+                    .at(parent)?;
+                durable.insert(d);
+                dir = Some(parent);
             }
             LOCAL_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(())
@@ -609,6 +675,7 @@ impl Replica {
 
     /// Deletes one object.
     pub async fn delete(&self, location: &ObjPath) -> Result<()> {
+        self.durable_dirs.forget();
         self.fenced(location, async {
             self.store
                 .delete(location)
@@ -624,6 +691,7 @@ impl Replica {
         let Some(first) = paths.first().cloned() else {
             return Ok(());
         };
+        self.durable_dirs.forget();
         self.fenced(&first, async {
             let input = futures::stream::iter(paths.into_iter().map(Ok));
             let mut results = self.store.delete_stream(Box::pin(input));
@@ -904,6 +972,38 @@ mod tests {
         assert!(f.is_open());
         f.close();
         assert!(!f.is_open());
+    }
+
+    /// Above the object's directory (which the store syncs), each
+    /// directory's entry is made durable once per replica, and again after a
+    /// delete (which may remove empty directories).
+    #[tokio::test]
+    async fn each_parent_directory_is_synced_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(dir.path());
+        let synced = || {
+            r.durable_dirs
+                .synced
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let put = |name: &'static str| {
+            let r = r.clone();
+            async move { r.put_bytes(&ObjPath::from(name), b"x".to_vec()).await }
+        };
+        put("k/a/b/one").await.unwrap();
+        // k/a/b in k/a, k/a in k, k in the root.
+        assert_eq!(synced(), 3);
+        for d in ["k/a/b", "k/a", "k"] {
+            assert!(r.durable_dirs.contains(&dir.path().join(d)), "{d}");
+        }
+        put("k/a/b/two").await.unwrap();
+        assert_eq!(synced(), 3, "nothing new above the object's directory");
+        put("k/a/c/three").await.unwrap();
+        assert_eq!(synced(), 4, "only k/a/c's entry in k/a");
+        // A delete may remove empty directories: everything is synced again.
+        r.delete(&ObjPath::from("k/a/c/three")).await.unwrap();
+        put("k/a/b/four").await.unwrap();
+        assert_eq!(synced(), 7);
     }
 
     /// Every `file://` write path reaches the fsync of the object and its

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fleet::{count_rows, create_db, Backend, Fleet};
-use common::{chmod, litefleet, stderr, walk_files};
+use common::{chmod, litefleet, litefleet_command, stderr, walk_files};
 
 #[test]
 fn bad_configs_are_clear_errors_not_panics() {
@@ -382,12 +382,7 @@ fn once_with_unreadable_databases_fails() {
         t.path().join("replica").display()
     );
     std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_litefleet"));
-    cmd.current_dir(t.path())
-        .args(["replicate", "--once"])
-        .env_remove("LITEFLEET_CONFIG")
-        .env("LITEFLEET_LOG", "info")
-        .env("XDG_STATE_HOME", t.path().join("state"));
+    let mut cmd = litefleet_command(t.path(), &["replicate", "--once"]);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         cmd.uid(65534).gid(65534);

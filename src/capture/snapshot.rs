@@ -245,9 +245,12 @@ pub(crate) fn frame_info(len: u64) -> lz4_flex::frame::FrameInfo {
 /// Compresses file `src` into `out` (LZ4 frame format).
 pub fn compress(src: &Path, out: &File) -> Result<()> {
     let (input, len) = open_sized(src)?;
-    // No larger than the file: a 256 KiB buffer is its own mmap per snapshot.
-    let buffer = (len as usize).clamp(MIN_IO_BUFFER, IO_BUFFER);
-    let mut w = compress_stream(src, input, len, BufWriter::with_capacity(buffer, out))?;
+    let mut w = compress_stream(
+        src,
+        input,
+        len,
+        BufWriter::with_capacity(io_buffer(len), out),
+    )?;
     w.flush().at(src)
 }
 
@@ -259,6 +262,12 @@ fn compress_into(src: &Path, out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
+/// A copy buffer for a file of `len` bytes: no larger than the file (a
+/// 256 KiB buffer is its own mmap per snapshot), within the bounds above.
+fn io_buffer(len: u64) -> usize {
+    (len as usize).clamp(MIN_IO_BUFFER, IO_BUFFER)
+}
+
 fn open_sized(src: &Path) -> Result<(File, u64)> {
     let input = File::open(src).at(src)?;
     let len = input.metadata().at(src)?.len();
@@ -267,8 +276,7 @@ fn open_sized(src: &Path) -> Result<(File, u64)> {
 
 /// Compresses `len` bytes of `input` (the file `src`) into `w`; returns `w`.
 fn compress_stream<W: Write>(src: &Path, input: File, len: u64, w: W) -> Result<W> {
-    let buffer = (len as usize).clamp(MIN_IO_BUFFER, IO_BUFFER);
-    let mut input = BufReader::with_capacity(buffer, input);
+    let mut input = BufReader::with_capacity(io_buffer(len), input);
     let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(frame_info(len), w);
     std::io::copy(&mut input, &mut enc).at(src)?;
     enc.finish()

@@ -17,15 +17,21 @@ pub fn litefleet(dir: &Path, args: &[&str]) -> Output {
 
 /// [`litefleet`] with extra environment variables (e.g. for `${VAR}` in a config).
 pub fn litefleet_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_litefleet"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("LITEFLEET_CONFIG")
-        .env("LITEFLEET_LOG", "info")
-        .env("XDG_STATE_HOME", dir.join("state"))
+    litefleet_command(dir, args)
         .envs(env.iter().copied())
         .output()
         .unwrap()
+}
+
+/// The command [`litefleet`] runs, for a test that sets more (a user id).
+pub fn litefleet_command(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_litefleet"));
+    cmd.current_dir(dir)
+        .args(args)
+        .env_remove("LITEFLEET_CONFIG")
+        .env("LITEFLEET_LOG", "info")
+        .env("XDG_STATE_HOME", dir.join("state"));
+    cmd
 }
 
 pub fn stderr(o: &Output) -> String {

@@ -22,10 +22,11 @@
 //!            progress, explain
 //!  daemon    scheduler, server, notify                     capture and below
 //!  restore   single, install, replay, list, bulk, verify   capture and below
-//!  capture   snapshot, wal, ship, upload                   source and below
+//!  capture   snapshot, wal, ship, upload, fleetlog         source and below
 //!  source    config, compat, discover, template, keys,     replica and below
 //!            track, tier, watch
-//!  replica   storage, layout, cold, hot, lease, retention  error, rfc3339
+//!  replica   storage, layout, cold, hot, pack, lease,      error, rfc3339
+//!            retention
 //!  stats, error: shared vocabulary, use nothing
 //! ```
 //!
@@ -41,11 +42,14 @@
 //!   through the SQLite backup API, LZ4-compressed with its recorded times
 //!   ([`capture::snapshot`]); the WAL format and committed-frame reader
 //!   ([`capture::wal`]); the hot stream of one database ([`capture::ship`]);
-//!   compressing and uploading hot objects ([`capture::upload`]).
+//!   compressing and uploading hot objects ([`capture::upload`]); the fleet
+//!   log that ships every hot database's frames of one sync in one object
+//!   ([`capture::fleetlog`]).
 //! * [`replica`]: the object store and what lives in it: the client and its
 //!   write fence ([`replica::storage`]), key to path ([`replica::layout`]),
 //!   one layout module per tier owning its naming, listing and planning
-//!   ([`replica::cold`], [`replica::hot`]), the lease ([`replica::lease`])
+//!   ([`replica::cold`], [`replica::hot`]), packs of many segments (the
+//!   fleet log, [`replica::pack`]), the lease ([`replica::lease`])
 //!   and retention ([`replica::retention`]).
 //! * [`restore`]: back to a database file: choosing the tier, retries and
 //!   damage ([`restore::single`]), installing atomically

@@ -34,6 +34,11 @@ pub struct Stats {
     pub checkpoints: AtomicU64,
     /// Failed hot syncs (retried every sync interval).
     pub hot_errors: AtomicU64,
+    /// Fleet log objects written, consolidated packs written, and log
+    /// objects deleted once consolidated (see [`crate::capture::fleetlog`]).
+    pub log_objects: AtomicU64,
+    pub log_packs: AtomicU64,
+    pub log_deleted: AtomicU64,
     /// Databases refused because another database owns their key (see
     /// [`crate::source::keys`]).
     pub key_collisions: AtomicU64,

@@ -231,8 +231,9 @@ async fn sigterm_finishes_in_flight_uploads() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    // Two requests take the replica lease (GET, conditional PUT); a third is an upload.
-    while f.s3().request_count() < 3 {
+    // Two requests take the replica lease (GET, conditional PUT), one lists
+    // the fleet log (what an earlier run left); a fourth is an upload.
+    while f.s3().request_count() < 4 {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();

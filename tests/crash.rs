@@ -532,6 +532,33 @@ async fn run(backend: Backend, seed: u64) -> Tally {
             }
         }
     }
+    if !tally.mismatches.is_empty() && std::env::var_os("LITEFLEET_CRASH_DEBUG").is_some() {
+        let dump = std::env::temp_dir().join(format!("litefleet-crash-{backend:?}-objects.txt"));
+        let mut text = String::new();
+        let r = f.replica();
+        for o in f.objects().await {
+            text.push_str(&o);
+            text.push('\n');
+            if o.ends_with(".pack") {
+                let b = r
+                    .get_bytes(&object_store::path::Path::from(o.as_str()))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let i = litefleet::replica::pack::decode_index(&b, &o).unwrap();
+                for (p, range) in i.parts {
+                    text.push_str(&format!(
+                        "    {} {} {}:{} {:?} t={}\n",
+                        p.key, p.generation, p.index, p.offset, range, p.time
+                    ));
+                }
+            }
+        }
+        std::fs::write(&dump, text).unwrap();
+        let kept = std::env::temp_dir().join(format!("litefleet-crash-{backend:?}.log"));
+        std::fs::copy(f.work.path().join("replicate.log"), &kept).unwrap();
+        println!("objects dumped to {}", dump.display());
+    }
     if keep_log {
         let kept = std::env::temp_dir().join(format!("litefleet-crash-{backend:?}.log"));
         std::fs::copy(f.work.path().join("replicate.log"), &kept).unwrap();

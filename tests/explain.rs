@@ -179,7 +179,7 @@ async fn explains_matches_keys_and_collisions_without_a_request() {
     let num = |x: &serde_json::Value| x.as_u64().unwrap();
     let loaded =
         Loaded::from_str(&yaml(data.path(), &s3_replica(&s3)), "t.yml", work.path()).unwrap();
-    let expected = CostModel::default().bill(&FleetLoad::new(
+    let expected = CostModel::for_config(loaded.multi_db()).bill(&FleetLoad::new(
         loaded.multi_db(),
         num(&load["databases"]),
         3,
@@ -196,10 +196,19 @@ async fn explains_matches_keys_and_collisions_without_a_request() {
         .as_f64()
         .unwrap();
     assert_eq!(v["cost"]["bill"]["lines"][0]["part"], "hot");
+    // Through the fleet log (the default): per hot database one
+    // consolidated pack an hour and one stream a day; the log's objects are
+    // the fleet's, one per sync.
+    let per_stream = litefleet::cli::cost::MEASURED_LOG_PER_STREAM.put;
     assert!(
-        (hot_puts - 3.0 * 1.05 * 86_400.0 * 30.0).abs() < 1.0,
+        (hot_puts - 3.0 * (24.0 + per_stream) * 30.0).abs() < 1.0,
         "{hot_puts}"
     );
+    assert_eq!(v["cost"]["bill"]["lines"][1]["part"], "fleet log");
+    let log_puts = v["cost"]["bill"]["lines"][1]["requests"]["put"]
+        .as_f64()
+        .unwrap();
+    assert!((log_puts - 86_400.0 * 30.0).abs() < 1.0, "{log_puts}");
 
     // Not one request reached the replica.
     assert_eq!(s3.request_count(), 0);

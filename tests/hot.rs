@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::fleet::{count_rows, create_db, insert_rows, Fleet};
+use litefleet::capture::fleetlog::FleetLog;
 use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent, Shipper, Step};
 use litefleet::restore::{RestoreOutcome, Tier};
 use litefleet::source::config::DEFAULT_RELEASE_AFTER;
@@ -57,6 +58,11 @@ impl Hot {
         drop(create_db(&path, 1));
         let (tx, events) = unbounded_channel();
         let stats = Arc::new(Stats::default());
+        // Through the fleet log, the default, consolidated every few syncs
+        // so that restores here read log objects, consolidated packs and
+        // both at once.
+        let (log, writer) = FleetLog::new(f.replica(), Duration::from_millis(50), stats.clone());
+        tokio::spawn(writer.run(CancellationToken::new()));
         let ctx = Arc::new(HotContext {
             replica: f.replica(),
             temp_dir: f.work.path().join("tmp"),
@@ -65,10 +71,12 @@ impl Hot {
                 checkpoint_pages,
                 truncate_pages,
                 release_after,
+                consolidate_every: Duration::from_millis(300),
             },
             stats: stats.clone(),
             permits: Arc::new(Semaphore::new(4)),
             events: Some(tx),
+            log: Some(log),
         });
         let stop = CancellationToken::new();
         let task = tokio::spawn(ship::stream(
@@ -272,15 +280,23 @@ both_backends!(own_checkpoints_advance_the_wal_index, |b| async move {
         assert_eq!(h.restored_rows(Some(*at)).await, *expected);
     }
     assert_eq!(h.generations().await, 1);
-    let indexes: std::collections::BTreeSet<String> =
-        h.f.objects()
+    let key = h.key.clone();
+    let (f, stats) = h.finish().await;
+    // Stopped, every segment is in the generation (consolidated from the
+    // fleet log): the positions they start at span several WAL indexes.
+    let r = f.replica();
+    let gen = litefleet::replica::hot::list_generation_ids(&r, &key)
+        .await
+        .unwrap()
+        .remove(0);
+    let indexes: std::collections::BTreeSet<u64> =
+        litefleet::replica::hot::list_segments(&r, &key, &gen)
             .await
+            .unwrap()
             .iter()
-            .filter_map(|o| o.split("/wal/").nth(1))
-            .map(|s| s[..16].to_string())
+            .map(|s| s.pos.index)
             .collect();
     assert!(indexes.len() > 2, "WAL index never advanced: {indexes:?}");
-    let (_, stats) = h.finish().await;
     assert!(stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed) > 0);
     // 8 × 50 rows of 200 bytes is ~25 pages per batch: without our TRUNCATE
     // the WAL would hold them all.
@@ -362,6 +378,7 @@ fn restart_at_the_tip_continues_in_the_next_wal() {
         checkpoint_pages: 1,
         truncate_pages: 1,
         release_after: DEFAULT_RELEASE_AFTER,
+        consolidate_every: Duration::from_secs(3600),
     };
     let report = s.advance(&cfg).unwrap().expect("a checkpoint");
     assert!(report.truncated, "{report:?}");
@@ -535,10 +552,12 @@ both_backends!(
                 checkpoint_pages: 1000,
                 truncate_pages: 10_000,
                 release_after: DEFAULT_RELEASE_AFTER,
+                consolidate_every: Duration::from_secs(3600),
             },
             stats: stats.clone(),
             permits: Arc::new(Semaphore::new(4)),
             events: None,
+            log: None,
         });
         let exit = tokio::time::timeout(
             EVENT_TIMEOUT,

@@ -70,6 +70,13 @@ async fn thousand_hot_databases_stay_bounded() {
     let fds_before = open_fds();
     let rss_before = rss_kib();
     let (tx, mut events) = unbounded_channel();
+    let stats = Arc::new(Stats::default());
+    let (log, writer) = litefleet::capture::fleetlog::FleetLog::new(
+        f.replica(),
+        Duration::from_secs(1),
+        stats.clone(),
+    );
+    tokio::spawn(writer.run(CancellationToken::new()));
     let ctx = Arc::new(HotContext {
         replica: f.replica(),
         temp_dir: f.work.path().join("tmp"),
@@ -78,10 +85,12 @@ async fn thousand_hot_databases_stay_bounded() {
             checkpoint_pages: 1000,
             truncate_pages: 10_000,
             release_after: litefleet::source::config::DEFAULT_RELEASE_AFTER,
+            consolidate_every: litefleet::source::config::DEFAULT_LOG_CONSOLIDATE,
         },
-        stats: Arc::new(Stats::default()),
+        stats,
         permits: Arc::new(Semaphore::new(100)),
         events: Some(tx),
+        log: Some(log),
     });
     let stop = CancellationToken::new();
     let tasks: Vec<_> = paths

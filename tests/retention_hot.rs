@@ -90,6 +90,7 @@ impl<'a> Names<'a> {
             last: Position::start(0),
             snapshots: vec![],
             wal_ends: vec![],
+            logged: false,
             wal_starts: None,
         };
         hot::write_metadata(self.r, KEY, &meta).await.unwrap();

@@ -71,12 +71,14 @@ use tokio::sync::Semaphore;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::fleetlog::{FleetLog, Spool};
 use crate::capture::wal::{
     self, Position, ReadOutcome, WalCursor, FRAME_HEADER_SIZE, WAL_HEADER_SIZE,
 };
 use crate::capture::{snapshot, upload};
 use crate::error::IoContext;
 use crate::replica::hot::{self, GenerationId, Metadata};
+use crate::replica::pack::Part;
 use crate::replica::storage::Replica;
 use crate::source::config::MultiDb;
 use crate::stats::Stats;
@@ -102,6 +104,9 @@ pub struct ShipConfig {
     pub truncate_pages: u64,
     /// Failing this long, a stream lets go of the database (see [`stream`]).
     pub release_after: Duration,
+    /// With the fleet log: how often a stream's parts are consolidated into
+    /// a pack of its own (see [`crate::capture::fleetlog`]).
+    pub consolidate_every: Duration,
 }
 
 impl ShipConfig {
@@ -111,6 +116,7 @@ impl ShipConfig {
             checkpoint_pages: m.checkpoint_pages,
             truncate_pages: m.truncate_pages,
             release_after: m.release_after,
+            consolidate_every: m.log_consolidate_interval,
         }
     }
 }
@@ -409,6 +415,7 @@ impl Shipper {
             last: Position::start(0),
             snapshots: Vec::new(),
             wal_ends: Vec::new(),
+            logged: false,
             wal_starts: Some(Vec::new()),
         });
         self.generation = Some(id);
@@ -671,6 +678,86 @@ pub struct HotContext {
     /// Shared with the cold tier's uploads: `max-concurrent` in all.
     pub permits: Arc<Semaphore>,
     pub events: Option<tokio::sync::mpsc::UnboundedSender<ShipEvent>>,
+    /// The fleet log: when set, streams sync at its ticks and append their
+    /// segments to it instead of writing one object each.
+    pub log: Option<Arc<FleetLog>>,
+}
+
+/// A stream's place in the fleet log.
+struct LogStream {
+    log: Arc<FleetLog>,
+    id: u64,
+    ticks: tokio::sync::watch::Receiver<u64>,
+    /// The tick being served.
+    tick: u64,
+    spool: Spool,
+}
+
+impl LogStream {
+    fn open(ctx: &HotContext, key: &str) -> Option<LogStream> {
+        let log = ctx.log.clone()?;
+        let id = log.register();
+        let dir = ctx.temp_dir.join("spool");
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the fleet log spool directory");
+        }
+        let spool = Spool::new(dir.join(format!("{}-{id}.spool", std::process::id())), key);
+        Some(LogStream {
+            ticks: log.ticks(),
+            tick: 0,
+            log,
+            id,
+            spool,
+        })
+    }
+}
+
+/// Writes a stream's spooled parts as a pack of its own and releases their
+/// log objects.
+async fn consolidate(ctx: &HotContext, ls: &mut LogStream) -> Result<()> {
+    if ls.spool.is_empty() {
+        return Ok(());
+    }
+    let _permit = ctx.permits.acquire().await;
+    if let Some(upto) = ls.spool.consolidate(&ctx.replica).await? {
+        ctx.stats.log_packs.fetch_add(1, Ordering::Relaxed);
+        ls.log.consolidated(ls.id, upto);
+    }
+    Ok(())
+}
+
+/// Appends one segment to the fleet log and keeps it for consolidation.
+async fn log_segment(
+    ctx: &HotContext,
+    ls: &mut LogStream,
+    key: &str,
+    gen: &GenerationId,
+    pos: Position,
+    committed: DateTime<Utc>,
+    frames: &[u8],
+) -> Result<()> {
+    if ls.spool.generation().is_some_and(|g| g != gen.as_str()) {
+        // The previous generation's parts go into its own pack first.
+        if let Err(e) = consolidate(ctx, ls).await {
+            tracing::warn!(key, error = %e, "cannot consolidate the previous generation's fleet log parts; they stay in the log");
+            ls.spool.abandon();
+        }
+    }
+    let compressed = bytes::Bytes::from(upload::compress_segment(key, pos, frames)?);
+    let part = Part::new(
+        key,
+        gen.as_str(),
+        pos.index,
+        pos.offset,
+        committed,
+        compressed.len() as u64,
+    );
+    let seq = ls
+        .log
+        .append(ls.id, ls.tick, part.clone(), compressed.clone())
+        .await?;
+    ls.spool.add(&part, &compressed, seq);
+    Ok(())
 }
 
 /// How a [`stream`] ended.
@@ -776,12 +863,23 @@ pub async fn stream_reporting(
     };
     let mut tick = tokio::time::interval(ctx.cfg.sync_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ls = LogStream::open(&ctx, &key);
     let mut failing = false;
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = tick.tick() => {}
+        match ls.as_mut() {
+            Some(l) => tokio::select! {
+                _ = stop.cancelled() => {}
+                r = l.ticks.changed() => match r {
+                    Ok(()) => l.tick = *l.ticks.borrow_and_update(),
+                    // The writer is gone: only the stop is left to wait for.
+                    Err(_) => stop.cancelled().await,
+                },
+            },
+            None => tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tick.tick() => {}
+            },
         }
         let last = stop.is_cancelled();
         if last {
@@ -791,7 +889,17 @@ pub async fn stream_reporting(
             }
         }
         let started = stamp();
-        match sync(&ctx, tag, &mut slot).await {
+        let r = sync(&ctx, tag, &mut slot, &mut ls).await;
+        if let Some(l) = &ls {
+            l.log.synced(l.id, l.tick);
+        }
+        let r = match (r, ls.as_mut()) {
+            (Ok(()), Some(l)) if l.spool.due(ctx.cfg.consolidate_every) && !last => {
+                consolidate(&ctx, l).await
+            }
+            (r, _) => r,
+        };
+        match r {
             Ok(()) => {
                 failing_since = None;
                 progress.failing.store(false, Ordering::Release);
@@ -808,6 +916,7 @@ pub async fn stream_reporting(
                 // per scan and logs the damage.
                 progress.failing.store(true, Ordering::Release);
                 ctx.stats.hot_errors.fetch_add(1, Ordering::Relaxed);
+                close_log(&ctx, &mut ls, &mut slot).await;
                 return HotExit::CannotStream(e);
             }
             Err(e) => {
@@ -818,6 +927,7 @@ pub async fn stream_reporting(
                     tracing::warn!(path = %db.display(), error = %e, after = ?ctx.cfg.release_after,
                         "WAL syncs kept failing: releasing the database (its WAL can be checkpointed again); \
                          it goes back to the cold tier and streams in a new generation when the store is back");
+                    close_log(&ctx, &mut ls, &mut slot).await;
                     return HotExit::Unshipped;
                 }
                 if std::mem::replace(&mut failing, true) {
@@ -826,6 +936,7 @@ pub async fn stream_reporting(
                     tracing::warn!(path = %db.display(), error = %e, "WAL sync failed; retrying every sync interval (logged once until it recovers)");
                 }
                 if slot.is_none() {
+                    close_log(&ctx, &mut ls, &mut slot).await;
                     return HotExit::Unshipped;
                 }
             }
@@ -834,14 +945,49 @@ pub async fn stream_reporting(
             break;
         }
     }
+    close_log(&ctx, &mut ls, &mut slot).await;
     match slot {
         Some(s) if !s.has_unshipped() => HotExit::Clean,
         _ => HotExit::Unshipped,
     }
 }
 
+/// At a stream's end: its spooled parts become a pack of its own, and the
+/// generation's metadata says the log holds nothing more of it (so a restore
+/// does not read the log). Failures leave the parts in the log, where
+/// restore reads them, and a restart consolidates them.
+async fn close_log(ctx: &HotContext, ls: &mut Option<LogStream>, slot: &mut Option<Shipper>) {
+    let Some(l) = ls.as_mut() else { return };
+    let consolidated = match consolidate(ctx, l).await {
+        Ok(()) => !l.spool.is_broken(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot consolidate a stream's fleet log parts at its end; they stay in the log until the next restart");
+            l.spool.abandon();
+            false
+        }
+    };
+    l.log.unregister(l.id);
+    if let Some(s) = slot.as_mut() {
+        let done = consolidated && !s.has_unshipped();
+        if done && s.meta.as_ref().is_some_and(|m| m.logged) {
+            if let Some(m) = &mut s.meta {
+                m.logged = false;
+            }
+            if let Err(e) = write_meta(ctx, s).await {
+                tracing::debug!(error = %e, "cannot record that a generation left the fleet log");
+            }
+        }
+    }
+    *ls = None;
+}
+
 /// One sync: start a generation if needed, read, upload, move forward.
-async fn sync(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<()> {
+async fn sync(
+    ctx: &HotContext,
+    tag: u64,
+    slot: &mut Option<Shipper>,
+    ls: &mut Option<LogStream>,
+) -> Result<()> {
     // Bounded: a generation start, a segment, and the frames our checkpoint read.
     for _ in 0..4 {
         let needs_generation = slot.as_ref().is_some_and(|s| s.generation.is_none());
@@ -857,11 +1003,16 @@ async fn sync(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<
             }
             let tmp = ctx.temp_dir.clone();
             blocking(slot, move |s| s.begin_generation(&tmp)).await??;
+            if let (Some(s), Some(_)) = (slot.as_mut(), ls.as_ref()) {
+                if let Some(m) = &mut s.meta {
+                    m.logged = true;
+                }
+            }
             ctx.stats.generations.fetch_add(1, Ordering::Relaxed);
             let s = slot.as_ref().expect("present after a successful task");
             tracing::debug!(path = %s.db.display(), generation = %s.generation.as_ref().map(|g| g.to_string()).unwrap_or_default(), "started a WAL generation");
         }
-        upload(ctx, tag, slot).await?;
+        upload(ctx, tag, slot, ls).await?;
         let step = blocking(slot, |s| s.read()).await??;
         if let Step::Lost(reason) = step {
             let s = slot.as_mut().expect("present after a successful task");
@@ -874,7 +1025,7 @@ async fn sync(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<
             *slot = Some(fresh);
             continue;
         }
-        upload(ctx, tag, slot).await?;
+        upload(ctx, tag, slot, ls).await?;
         let cfg = ctx.cfg;
         let ckpt = blocking(slot, move |s| s.advance(&cfg)).await??;
         let Some(c) = ckpt else { return Ok(()) };
@@ -885,14 +1036,19 @@ async fn sync(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<
             truncated = c.truncated,
             "checkpoint"
         );
-        upload(ctx, tag, slot).await?;
+        upload(ctx, tag, slot, ls).await?;
         return Ok(());
     }
     Ok(())
 }
 
 /// Uploads what is waiting, in order: snapshot, segment, metadata.
-async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Result<()> {
+async fn upload(
+    ctx: &HotContext,
+    tag: u64,
+    slot: &mut Option<Shipper>,
+    ls: &mut Option<LogStream>,
+) -> Result<()> {
     let Some(s) = slot.as_mut() else {
         return Err(Error::invalid(
             "hot tier",
@@ -947,12 +1103,17 @@ async fn upload(ctx: &HotContext, tag: u64, slot: &mut Option<Shipper>) -> Resul
         write_meta(ctx, s).await?;
     }
     if let Some((pos, bytes)) = s.take_pending() {
-        let r = {
-            let _permit = ctx.permits.acquire().await;
-            upload::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, &bytes).await
+        let r = match ls.as_mut() {
+            Some(l) => log_segment(ctx, l, &s.key, &gen, pos, s.pending_time, &bytes).await,
+            None => {
+                let _permit = ctx.permits.acquire().await;
+                upload::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, &bytes)
+                    .await
+                    .map(|_| ())
+            }
         };
         match r {
-            Ok(_end) => {
+            Ok(()) => {
                 ctx.stats.wal_segments.fetch_add(1, Ordering::Relaxed);
                 ctx.stats
                     .wal_bytes

@@ -95,18 +95,23 @@ pub async fn upload_segment(
             "a segment needs committed frames at offset 32 or later",
         ));
     }
-    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
-        snapshot::frame_info(frames.len() as u64),
-        Vec::with_capacity(frames.len() / 2),
-    );
-    enc.write_all(frames)
-        .map_err(|e| Error::invalid(&location, format!("lz4: {e}")))?;
-    let compressed = enc
-        .finish()
-        .map_err(|e| Error::invalid(&location, format!("lz4: {e}")))?;
+    let compressed = compress_segment(key, pos, frames)?;
     replica.put_bytes(&location, compressed).await?;
     Ok(Position {
         index: pos.index,
         offset: pos.offset + frames.len() as u64,
     })
+}
+
+/// The LZ4 frame of a segment (what a segment object or a pack part holds).
+pub fn compress_segment(key: &str, pos: Position, frames: &[u8]) -> Result<Vec<u8>> {
+    let what = || format!("WAL segment {pos} of {key:?}");
+    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
+        snapshot::frame_info(frames.len() as u64),
+        Vec::with_capacity(frames.len() / 2),
+    );
+    enc.write_all(frames)
+        .map_err(|e| Error::invalid(what(), format!("lz4: {e}")))?;
+    enc.finish()
+        .map_err(|e| Error::invalid(what(), format!("lz4: {e}")))
 }

@@ -180,6 +180,9 @@ pub struct LagOptions {
     pub duration: Duration,
     /// The shipper's `sync-interval`.
     pub sync_interval: Duration,
+    /// Ship through the fleet log (the default) rather than one object per
+    /// database per sync.
+    pub fleet_log: bool,
 }
 
 /// Results of `bench lag`. Lags are seconds from a commit returning to the
@@ -209,6 +212,8 @@ pub struct LagBench {
     /// RSS sampled mid-run, and the peak.
     pub rss_mib: f64,
     pub peak_rss_mib: f64,
+    /// Fleet log objects written (0 without the fleet log).
+    pub log_objects: u64,
 }
 
 /// Open files `replicate` wants for `max_hot` hot databases: each holds ~6
@@ -373,6 +378,17 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
     std::fs::create_dir_all(&temp_dir).map_err(|e| Error::io(&temp_dir, e))?;
     let stats = Arc::new(Stats::default());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let log_stop = CancellationToken::new();
+    let (log, writer) = if opts.fleet_log {
+        let (log, writer) = crate::capture::fleetlog::FleetLog::new(
+            replica.clone(),
+            opts.sync_interval,
+            stats.clone(),
+        );
+        (Some(log), Some(tokio::spawn(writer.run(log_stop.clone()))))
+    } else {
+        (None, None)
+    };
     let ctx = Arc::new(HotContext {
         replica,
         temp_dir,
@@ -381,10 +397,12 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
             checkpoint_pages: 1000,
             truncate_pages: 10_000,
             release_after: crate::source::config::DEFAULT_RELEASE_AFTER,
+            consolidate_every: crate::source::config::DEFAULT_LOG_CONSOLIDATE,
         },
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(100)),
         events: Some(tx),
+        log,
     });
 
     let stop = CancellationToken::new();
@@ -484,6 +502,10 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
     for s in streams {
         let _ = s.await;
     }
+    log_stop.cancel();
+    if let Some(w) = writer {
+        let _ = w.await;
+    }
     let shipped = collector
         .await
         .map_err(|e| Error::invalid("bench lag", e.to_string()))?;
@@ -521,6 +543,7 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
         write_errors,
         extra_snapshots,
         checkpoints: stats.checkpoints.load(Ordering::Relaxed),
+        log_objects: stats.log_objects.load(Ordering::Relaxed),
         hot_errors: stats.hot_errors.load(Ordering::Relaxed),
         lag_median_s: secs(percentile(&lags, 50.0)),
         lag_p90_s: secs(percentile(&lags, 90.0)),

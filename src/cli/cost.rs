@@ -64,6 +64,21 @@ pub const MEASURED_HOT_PUT_PER_S: f64 = 1.05;
 pub const MEASURED_HOT_LIST_PER_S: f64 = 250.0 / 15_000.0;
 /// The sync interval of that run.
 pub const MEASURED_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// With the fleet log (the default): requests per hot database's stream,
+/// from its start to its end, last measured by `bench cost` (see the
+/// README): the LIST of its generations, the generation snapshot, its
+/// metadata (at the start and at the end) and the consolidated pack written
+/// when it ends. Set by the run in the README.
+pub const MEASURED_LOG_PER_STREAM: RequestRates = RequestRates {
+    put: 4.0,
+    get: 0.0,
+    list: 1.0,
+    delete: 0.0,
+};
+/// Stream starts per hot database per day the bill assumes: a database that
+/// is written all the time streams without a break, so one a day stands for
+/// a daily restart of the daemon or one wake-up after `cold-after` of quiet.
+pub const STREAMS_PER_DAY: f64 = 1.0;
 /// Objects one S3 LIST call returns at most (ListObjectsV2 page size).
 pub const LIST_PAGE: f64 = 1000.0;
 /// Objects one DeleteObjects request removes at most.
@@ -127,6 +142,38 @@ pub struct CostModel {
     pub hot_sync_interval_s: f64,
     /// Requests per idle (unchanged) database per second.
     pub idle: RequestRates,
+    /// With the fleet log: what it costs instead of per-database segments
+    /// (`hot` is then what a hot database costs per second besides these,
+    /// about nothing).
+    pub log: Option<LogRates>,
+}
+
+/// The fleet log's requests (see [`crate::capture::fleetlog`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LogRates {
+    /// The whole fleet's requests per sync tick with changes: one log
+    /// object PUT (and its deletion once consolidated).
+    pub per_tick: RequestRates,
+    /// Requests per hot database's stream, start to end (see
+    /// [`MEASURED_LOG_PER_STREAM`]).
+    pub per_stream: RequestRates,
+    /// `log-consolidate-interval`: one pack PUT per hot database each.
+    pub consolidate_s: f64,
+}
+
+impl LogRates {
+    /// The measured rates, consolidating every `consolidate_s`.
+    pub fn measured(consolidate_s: f64) -> LogRates {
+        LogRates {
+            per_tick: RequestRates {
+                put: 1.0,
+                delete: 1.0,
+                ..RequestRates::default()
+            },
+            per_stream: MEASURED_LOG_PER_STREAM,
+            consolidate_s,
+        }
+    }
 }
 
 impl Default for CostModel {
@@ -141,6 +188,22 @@ impl Default for CostModel {
             },
             hot_sync_interval_s: MEASURED_SYNC_INTERVAL.as_secs_f64(),
             idle: RequestRates::default(),
+            log: None,
+        }
+    }
+}
+
+impl CostModel {
+    /// The last measured model for `m`'s hot tier: the fleet log's when it
+    /// is on, else one segment per database per sync.
+    pub fn for_config(m: &crate::source::config::MultiDb) -> CostModel {
+        if !m.fleet_log {
+            return CostModel::default();
+        }
+        CostModel {
+            hot: RequestRates::default(),
+            log: Some(LogRates::measured(m.log_consolidate_interval.as_secs_f64())),
+            ..CostModel::default()
         }
     }
 }
@@ -262,14 +325,57 @@ impl CostModel {
             put: hot_put,
             ..self.hot
         };
-        line(
-            "hot",
-            format!(
-                "{} hot x {:.3} PUT + {:.4} LIST per second (WAL segments at sync-interval {}s)",
-                load.hot, hot_put, self.hot.list, load.sync_interval_s
-            ),
-            hot_rate.scale(load.hot as f64 * t),
-        );
+        // Objects each hot database adds per second (what retention lists).
+        let hot_objects_per_s;
+        match &self.log {
+            None => {
+                hot_objects_per_s = hot_put;
+                line(
+                    "hot",
+                    format!(
+                        "{} hot x {:.3} PUT + {:.4} LIST per second (WAL segments at sync-interval {}s)",
+                        load.hot, hot_put, self.hot.list, load.sync_interval_s
+                    ),
+                    hot_rate.scale(load.hot as f64 * t),
+                );
+            }
+            Some(log) => {
+                let consolidate = 1.0 / log.consolidate_s.max(f64::MIN_POSITIVE);
+                let streams = STREAMS_PER_DAY / 86_400.0;
+                let per_db = hot_rate
+                    .plus(log.per_stream.scale(streams))
+                    .plus(RequestRates {
+                        put: consolidate,
+                        ..RequestRates::default()
+                    });
+                hot_objects_per_s = consolidate + streams * (log.per_stream.put);
+                line(
+                    "hot",
+                    format!(
+                        "{} hot x (1 consolidated pack per {}s + {} stream start a day x {} PUT + {} LIST)",
+                        load.hot,
+                        log.consolidate_s,
+                        STREAMS_PER_DAY,
+                        log.per_stream.put,
+                        log.per_stream.list
+                    ),
+                    per_db.scale(load.hot as f64 * t),
+                );
+                let ticks = if load.hot > 0 {
+                    t / load.sync_interval_s.max(f64::MIN_POSITIVE)
+                } else {
+                    0.0
+                };
+                line(
+                    "fleet log",
+                    format!(
+                        "1 log object per sync-interval {}s with changes, for all hot databases together (deleted once consolidated)",
+                        load.sync_interval_s
+                    ),
+                    log.per_tick.scale(ticks),
+                );
+            }
+        }
         line(
             "cold",
             format!(
@@ -316,7 +422,7 @@ impl CostModel {
         // retention period: the newest snapshot of every database, an
         // hourly snapshot per changing database, one object per hot PUT.
         let retention_h = load.retention_s / 3600.0;
-        let hot_objects_per_db = hot_put * load.retention_s;
+        let hot_objects_per_db = hot_objects_per_s * load.retention_s;
         let objects_held = load.databases as f64
             + (load.cold_changing + load.over_max_hot) as f64 * retention_h
             + load.hot as f64 * hot_objects_per_db;
@@ -360,6 +466,8 @@ pub struct CostOptions {
     pub sync_interval: Duration,
     pub scan_interval: Duration,
     pub dir: PathBuf,
+    /// Ship through the fleet log (the default).
+    pub fleet_log: bool,
 }
 
 /// What it measured, and the scenario's bill.
@@ -374,9 +482,14 @@ pub struct CostReport {
     pub idle_window_s: f64,
     pub idle: Requests,
     pub hot_phase: Requests,
+    /// Every PUT of the hot phase (log objects included) per hot database
+    /// per second.
     pub put_per_hot_db_per_s: f64,
+    /// Fleet log objects written in the hot phase.
+    pub log_objects: u64,
     pub requests_per_idle_db_per_day: f64,
     pub scenario_hot_usd: f64,
+    pub scenario_log_usd: f64,
     pub scenario_idle_usd: f64,
     pub scenario_lease_usd: f64,
     pub scenario_retention_usd: f64,
@@ -442,8 +555,9 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
     .await
     .map_err(|e| Error::invalid("bench cost", e.to_string()))??;
     let yaml = format!(
-        "multi-db:\n  patterns: [\"{}/data/*/*.db\"]\n  scan-interval: {}ms\n  sync-interval: {}ms\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    url: file://{}\n    path: \"{{{{group}}}}/{{{{db}}}}\"\n",
+        "multi-db:\n  patterns: [\"{}/data/*/*.db\"]\n  fleet-log: {}\n  scan-interval: {}ms\n  sync-interval: {}ms\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    url: file://{}\n    path: \"{{{{group}}}}/{{{{db}}}}\"\n",
         root.display(),
+        opts.fleet_log,
         opts.scan_interval.as_millis(),
         opts.sync_interval.as_millis(),
         root.join("tmp").display(),
@@ -458,6 +572,7 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
         loaded,
         plain.with_store(counted.clone()),
     )?);
+    let stats = replicator.stats();
     let mut rounds = replicator.rounds();
     let cancel = CancellationToken::new();
     let run = tokio::spawn(replicator.clone().run(false, cancel.clone()));
@@ -478,6 +593,7 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
 
     tracing::info!(hot = opts.hot, "writing");
     let before = counted.requests();
+    let log_before = stats.log_objects.load(Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let commits = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -516,14 +632,41 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
     run.await
         .map_err(|e| Error::invalid("bench cost", e.to_string()))??;
     let hot_phase = minus(counted.requests(), before);
+    let log_objects = stats.log_objects.load(Ordering::Relaxed) - log_before;
 
     let hot_db_secs = (opts.hot.max(1) as f64) * duration.as_secs_f64();
     let idle_db_secs = (n.max(1) as f64) * idle_window.as_secs_f64();
     let idle_total = (idle.put + idle.get + idle.list + idle.delete) as f64;
-    let model = CostModel {
-        hot: RequestRates::per(&hot_phase, hot_db_secs),
-        hot_sync_interval_s: opts.sync_interval.as_secs_f64(),
-        idle: RequestRates::per(&idle, idle_db_secs),
+    let model = if multi_db.fleet_log {
+        // The log's objects are the fleet's; everything else a hot database
+        // did in the run happens once per stream (start and end).
+        let ticks = duration.as_secs_f64() / opts.sync_interval.as_secs_f64();
+        let per_stream = Requests {
+            put: hot_phase.put.saturating_sub(log_objects),
+            ..hot_phase
+        };
+        let per_tick = log_objects as f64 / ticks.max(1.0);
+        CostModel {
+            hot: RequestRates::default(),
+            hot_sync_interval_s: opts.sync_interval.as_secs_f64(),
+            idle: RequestRates::per(&idle, idle_db_secs),
+            log: Some(LogRates {
+                per_tick: RequestRates {
+                    put: per_tick,
+                    delete: per_tick,
+                    ..RequestRates::default()
+                },
+                per_stream: RequestRates::per(&per_stream, opts.hot.max(1) as f64),
+                consolidate_s: multi_db.log_consolidate_interval.as_secs_f64(),
+            }),
+        }
+    } else {
+        CostModel {
+            hot: RequestRates::per(&hot_phase, hot_db_secs),
+            hot_sync_interval_s: opts.sync_interval.as_secs_f64(),
+            idle: RequestRates::per(&idle, idle_db_secs),
+            log: None,
+        }
     };
     let scenario = model.bill(&FleetLoad::scenario(&multi_db));
     Ok(CostReport {
@@ -536,9 +679,11 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
         idle_window_s: idle_window.as_secs_f64(),
         idle,
         hot_phase,
-        put_per_hot_db_per_s: model.hot.put,
+        put_per_hot_db_per_s: (hot_phase.put as f64) / hot_db_secs,
+        log_objects,
         requests_per_idle_db_per_day: idle_total / idle_db_secs * 86_400.0,
         scenario_hot_usd: scenario.usd("hot"),
+        scenario_log_usd: scenario.usd("fleet log"),
         scenario_idle_usd: scenario.usd("idle"),
         scenario_lease_usd: scenario.usd("lease"),
         scenario_retention_usd: scenario.usd("retention"),

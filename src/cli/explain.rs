@@ -421,7 +421,7 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
         cold_changing,
     };
     let databases = all.len() as u64;
-    let model = CostModel::default();
+    let model = CostModel::for_config(m);
     let load = FleetLoad::new(
         m,
         databases.max(busy + cold_changing),
@@ -626,6 +626,11 @@ fn settings(loaded: &Loaded, base: &Path) -> Vec<Setting> {
             m.release_after,
             config::DEFAULT_RELEASE_AFTER,
         ),
+        (
+            "multi-db.log-consolidate-interval",
+            m.log_consolidate_interval,
+            config::DEFAULT_LOG_CONSOLIDATE,
+        ),
     ] {
         set(key, dur(d), d == default);
     }
@@ -657,6 +662,16 @@ fn settings(loaded: &Loaded, base: &Path) -> Vec<Setting> {
         };
         set(key, value, n == default);
     }
+    set(
+        "multi-db.fleet-log",
+        if m.fleet_log {
+            "on (one object per sync for every hot database)"
+        } else {
+            "off (one object per hot database per sync)"
+        }
+        .into(),
+        m.fleet_log,
+    );
     set(
         "multi-db.watch",
         if m.watch {

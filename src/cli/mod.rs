@@ -376,6 +376,10 @@ pub enum BenchCommand {
         /// The shipper's sync interval (seconds, or humantime: 1s, 500ms).
         #[arg(long, default_value = "1s", value_parser = parse_secs)]
         sync_interval: std::time::Duration,
+        /// One object per database per sync instead of the fleet log (the
+        /// layout before the fleet log, for comparison).
+        #[arg(long)]
+        no_fleet_log: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -399,6 +403,10 @@ pub enum BenchCommand {
         /// Working directory; a fresh temp dir by default.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// One object per database per sync instead of the fleet log (the
+        /// layout before the fleet log, for comparison).
+        #[arg(long)]
+        no_fleet_log: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -913,6 +921,7 @@ async fn run(cli: Cli) -> Result<()> {
             sync_interval,
             scan_interval,
             dir,
+            no_fleet_log,
             json,
         }) => {
             if sync_interval.is_zero() || scan_interval.is_zero() {
@@ -928,6 +937,7 @@ async fn run(cli: Cli) -> Result<()> {
                 sync_interval,
                 scan_interval,
                 dir,
+                fleet_log: !no_fleet_log,
             })
             .await?;
             if json {
@@ -959,14 +969,16 @@ async fn run(cli: Cli) -> Result<()> {
                 );
                 row(
                     "PUT per hot database per second",
-                    format!("{:.3}", r.put_per_hot_db_per_s),
+                    format!("{:.4}", r.put_per_hot_db_per_s),
                 );
+                row("fleet log objects", r.log_objects.to_string());
                 row(
                     "scenario: 100k DBs, 250 hot, 30 days",
                     format!(
-                        "${:.2} (hot ${:.2} + idle ${:.2} + lease ${:.2} + retention ${:.2}); target <= ${:.0}",
+                        "${:.2} (hot ${:.2} + fleet log ${:.2} + idle ${:.2} + lease ${:.2} + retention ${:.2}); target <= ${:.0}",
                         r.scenario_total_usd,
                         r.scenario_hot_usd,
+                        r.scenario_log_usd,
                         r.scenario_idle_usd,
                         r.scenario_lease_usd,
                         r.scenario_retention_usd,
@@ -980,6 +992,7 @@ async fn run(cli: Cli) -> Result<()> {
             hot,
             duration,
             sync_interval,
+            no_fleet_log,
             json,
         }) => {
             if sync_interval.is_zero() {
@@ -991,6 +1004,7 @@ async fn run(cli: Cli) -> Result<()> {
                 hot,
                 duration,
                 sync_interval,
+                fleet_log: !no_fleet_log,
             })
             .await?;
             if json {
@@ -1025,6 +1039,7 @@ async fn run(cli: Cli) -> Result<()> {
                     format!("{} / {}", r.checkpoints, r.extra_snapshots),
                 );
                 row("sync errors", r.hot_errors.to_string());
+                row("fleet log objects", r.log_objects.to_string());
                 row(
                     "open fds (steady state)",
                     r.open_fds.map_or("(unknown)".into(), |n| n.to_string()),

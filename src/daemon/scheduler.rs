@@ -38,6 +38,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::fleetlog;
 use crate::capture::ship::{self, HotContext, HotExit, ShipConfig, StreamProgress};
 use crate::capture::snapshot;
 use crate::replica::cold;
@@ -178,6 +179,10 @@ struct HotTier {
     recent: std::time::Duration,
     running: Mutex<HashMap<Id, Running>>,
     ctx: Arc<HotContext>,
+    /// The fleet log's writer, until the first cycle starts it (see
+    /// [`Replicator::start_log`]), and then its task and stop token.
+    log_writer: Mutex<Option<fleetlog::LogWriter>>,
+    log_task: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
 }
 
 /// A streaming task.
@@ -289,7 +294,16 @@ impl Replicator {
         );
         let stats = Arc::new(stats);
         let m = loaded.multi_db();
+        let (log, log_writer) = if m.fleet_log {
+            let (log, writer) =
+                fleetlog::FleetLog::new(replica.clone(), m.sync_interval, stats.clone());
+            (Some(log), Some(writer))
+        } else {
+            (None, None)
+        };
         let hot = HotTier {
+            log_writer: Mutex::new(log_writer),
+            log_task: Mutex::new(None),
             tiers: Mutex::new(Tiers::new(TierConfig {
                 hot_duration: m.hot_duration,
                 max_hot: m.max_hot_databases,
@@ -304,6 +318,7 @@ impl Replicator {
                 stats: stats.clone(),
                 permits: Arc::new(Semaphore::new(m.max_concurrent)),
                 events: None,
+                log,
             }),
         };
         Ok(Replicator {
@@ -511,6 +526,7 @@ impl Replicator {
             ..Default::default()
         };
         if !shutdown.is_cancelled() {
+            self.start_log().await;
             self.retier();
         }
         let pending = {
@@ -778,6 +794,32 @@ impl Replicator {
             .store(tiers.demotions, Ordering::Relaxed);
     }
 
+    /// Starts the fleet log's writer once, before the first stream: first
+    /// the log objects an earlier run left are consolidated (every log
+    /// object is an orphan now, as no stream of ours has started).
+    async fn start_log(&self) {
+        let writer = self
+            .hot
+            .log_writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(w) = writer else { return };
+        match fleetlog::recover(&self.replica, &self.hot.ctx.temp_dir).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                objects = n,
+                "consolidated the fleet log left by an earlier run"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot consolidate the fleet log left by an earlier run; restores read it where it is, the next start tries again")
+            }
+        }
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(w.run(stop.clone()));
+        *self.hot.log_task.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop, task));
+    }
+
     /// Stops every streaming task and waits for their last syncs.
     async fn stop_hot(&self) {
         let tasks: Vec<(Id, Running)> = {
@@ -974,6 +1016,16 @@ impl Replicator {
             let _ = t.await;
         }
         self.stop_hot().await;
+        let log_task = self
+            .hot
+            .log_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((stop, task)) = log_task {
+            stop.cancel();
+            let _ = task.await;
+        }
         tracing::info!("shut down cleanly: in-flight uploads finished");
         Ok(())
     }

@@ -63,6 +63,11 @@ pub struct StatsView {
     pub generations: u64,
     pub checkpoints: u64,
     pub hot_errors: u64,
+    /// Fleet log objects written, consolidated packs written, log objects
+    /// deleted after consolidation.
+    pub log_objects: u64,
+    pub log_packs: u64,
+    pub log_deleted: u64,
     /// Databases refused because another database owns their key.
     pub key_collisions: u64,
     /// Directories watched for change notifications.
@@ -119,6 +124,9 @@ impl StatsView {
             generations: stats.generations.load(Relaxed),
             checkpoints: stats.checkpoints.load(Relaxed),
             hot_errors: stats.hot_errors.load(Relaxed),
+            log_objects: stats.log_objects.load(Relaxed),
+            log_packs: stats.log_packs.load(Relaxed),
+            log_deleted: stats.log_deleted.load(Relaxed),
             key_collisions: stats.key_collisions.load(Relaxed),
             watched_dirs: stats.watched_dirs.load(Relaxed),
             rechecks: stats.rechecks.load(Relaxed),
@@ -238,6 +246,24 @@ impl StatsView {
             "counter",
             "Failed hot-tier syncs (retried every sync interval).",
             &[("", f(self.hot_errors))],
+        );
+        metric(
+            "litefleet_log_objects_total",
+            "counter",
+            "Fleet log objects written (one per sync with changes, for every hot database).",
+            &[("", f(self.log_objects))],
+        );
+        metric(
+            "litefleet_log_packs_total",
+            "counter",
+            "Consolidated per-database packs written from the fleet log.",
+            &[("", f(self.log_packs))],
+        );
+        metric(
+            "litefleet_log_deleted_total",
+            "counter",
+            "Fleet log objects deleted once every part in them was consolidated.",
+            &[("", f(self.log_deleted))],
         );
         metric(
             "litefleet_key_collisions",
@@ -409,6 +435,7 @@ mod tests {
         s.uploads_ok.store(12, Relaxed);
         s.hot_promotions.store(4, Relaxed);
         s.wal_segments.store(30, Relaxed);
+        s.log_objects.store(9, Relaxed);
         let v = StatsView::read(&s, Duration::from_secs(15), 100);
         assert_eq!((v.hot, v.cold, v.pending), (7, 99_993, 3));
         assert_eq!(v.oldest_pending_age_seconds, Some(10));
@@ -419,9 +446,10 @@ mod tests {
         assert!(text.contains("litefleet_oldest_pending_age_seconds 10\n"));
         assert!(text.contains("litefleet_tier_changes_total{to=\"hot\"} 4\n"));
         assert!(text.contains("litefleet_wal_segments_total 30\n"));
+        assert!(text.contains("litefleet_log_objects_total 9\n"));
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 23);
+        assert_eq!(samples, 26);
         assert!(text.contains("litefleet_verify_last_run_timestamp_seconds 0\n"));
         assert!(!text.contains("litefleet_verify_last_ok"));
     }

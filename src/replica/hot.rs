@@ -82,7 +82,8 @@ use object_store::path::Path as ObjPath;
 use object_store::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use crate::replica::layout::{check_key, commit_millis, key_path};
+use crate::replica::layout::{check_key, commit_millis, key_path, random_u32};
+use crate::replica::pack::{self, PackIndex};
 use crate::replica::storage::Replica;
 use crate::{Error, Result};
 
@@ -190,25 +191,6 @@ impl From<GenerationId> for String {
     fn from(g: GenerationId) -> String {
         g.id
     }
-}
-
-/// 32 random bits without a `rand` dependency: std's `RandomState` is seeded
-/// from the OS once per thread and differs for every instance; we also mix in
-/// the pid, a process-wide counter and the clock.
-fn random_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u32(std::process::id());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.write_u128(nanos);
-    let x = h.finish();
-    (x >> 32) as u32 ^ x as u32
 }
 
 /// A new generation id for a generation created at `now`.
@@ -337,6 +319,9 @@ pub fn parse_segment_name(name: &str) -> Option<Position> {
 pub enum GenerationObject {
     Snapshot(u64),
     Segment(Position),
+    /// A consolidated pack of parts ([`crate::replica::pack`]), by the
+    /// position of its first part.
+    Pack(Position),
     Metadata,
 }
 
@@ -348,7 +333,9 @@ pub fn parse_generation_object(rel: &str) -> Option<GenerationObject> {
     }
     match rel.split_once('/')? {
         (SNAPSHOTS_DIR, name) => parse_snapshot_name(name).map(GenerationObject::Snapshot),
-        (WAL_DIR, name) => parse_segment_name(name).map(GenerationObject::Segment),
+        (WAL_DIR, name) => parse_segment_name(name)
+            .map(GenerationObject::Segment)
+            .or_else(|| pack_position(name).map(GenerationObject::Pack)),
         _ => None,
     }
 }
@@ -386,6 +373,12 @@ pub struct Metadata {
     /// earlier versions, whose WALs' first frames cannot be checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_starts: Option<Vec<WalStart>>,
+    /// Parts of this generation may be in the fleet log only
+    /// ([`crate::replica::pack`]): a restore must read the log too. Written
+    /// `true` while the generation streams through the log, `false` once
+    /// its stream ended with everything consolidated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logged: bool,
 }
 
 /// What the header of WAL `index` says about its frames: the salts every
@@ -434,7 +427,18 @@ pub struct SnapshotObject {
     pub size: u64,
 }
 
-/// A WAL segment object found in the replica.
+/// Where a segment lies inside a pack ([`crate::replica::pack`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartRange {
+    /// Its bytes in the pack object.
+    pub range: std::ops::Range<u64>,
+    /// The pack holds this database's parts only (a consolidated pack): a
+    /// restore downloads it whole, once, rather than each part by range.
+    pub whole: bool,
+}
+
+/// A WAL segment found in the replica: an object of its own, or a part of
+/// a pack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentObject {
     pub pos: Position,
@@ -445,6 +449,9 @@ pub struct SegmentObject {
     /// of earlier versions.
     pub time: DateTime<Utc>,
     pub size: u64,
+    /// Inside a pack: where (`location` is the pack). `None`: the whole
+    /// object is the segment.
+    pub part: Option<PartRange>,
 }
 
 /// The objects of one generation, as listed.
@@ -536,6 +543,7 @@ fn segment_object(meta: ObjectMeta) -> Option<SegmentObject> {
         time: time.unwrap_or(meta.last_modified),
         size: meta.size,
         location: meta.location,
+        part: None,
     })
 }
 
@@ -571,21 +579,134 @@ pub async fn list_snapshots(
     Ok(v)
 }
 
-/// The WAL segments of one generation, in `(index, offset)` order.
+/// The WAL segments of one generation, in `(index, offset)` order: segment
+/// objects and the parts of its consolidated packs (one GET or two per pack
+/// for its index). Not the fleet log's parts: see [`plan_latest`].
 pub async fn list_segments(
     replica: &Replica,
     key: &str,
     gen: &GenerationId,
 ) -> Result<Vec<SegmentObject>> {
     let dir = generation_dir(&replica.prefix, key, gen).join(WAL_DIR);
-    let mut v: Vec<SegmentObject> = replica
-        .list_dir(&dir)
-        .await?
-        .into_iter()
-        .filter_map(segment_object)
-        .collect();
-    v.sort_by_key(|s| s.pos);
-    Ok(v)
+    let mut v = Vec::new();
+    let mut packs = Vec::new();
+    for meta in replica.list_dir(&dir).await? {
+        let is_pack = meta.location.filename().and_then(pack_position).is_some();
+        if is_pack {
+            packs.push(meta);
+        } else if let Some(s) = segment_object(meta) {
+            v.push(s);
+        }
+    }
+    for meta in packs {
+        // Gone meanwhile: retention deleted the generation.
+        if let Some(index) = pack::read_index(replica, &meta).await? {
+            v.extend(segments_of(&meta, &index, key, gen, true));
+        }
+    }
+    Ok(dedup_segments(v))
+}
+
+/// `<prefix>/<key>/generations/<gen>/wal/<index>_<offset>_<time>_<random>.pack`:
+/// a new consolidated pack of `key`'s generation `gen` whose first part is
+/// at `first` and newest part committed at `newest` (see
+/// [`crate::replica::pack`]).
+pub fn pack_path(
+    prefix: &ObjPath,
+    key: &str,
+    gen: &GenerationId,
+    first: Position,
+    newest: DateTime<Utc>,
+) -> ObjPath {
+    generation_dir(prefix, key, gen)
+        .join(WAL_DIR)
+        .join(pack::pack_name(first.index, first.offset, newest).as_str())
+}
+
+/// The position of a consolidated pack's first part, from its name.
+fn pack_position(name: &str) -> Option<Position> {
+    pack::parse_pack_name(name).map(|(index, offset)| Position { index, offset })
+}
+
+/// Index reads in flight while a restore looks through the fleet log.
+const INDEX_READS: usize = 16;
+
+/// The parts of `key`'s generation `gen` in `index` (of the pack `meta`),
+/// as segments. `whole`: the pack holds one database's parts, so a restore
+/// downloads it once rather than by range.
+fn segments_of(
+    meta: &ObjectMeta,
+    index: &PackIndex,
+    key: &str,
+    gen: &GenerationId,
+    whole: bool,
+) -> Vec<SegmentObject> {
+    index
+        .parts
+        .iter()
+        .filter(|(p, _)| p.key == key && p.generation == gen.as_str())
+        .map(|(p, range)| SegmentObject {
+            pos: Position {
+                index: p.index,
+                offset: p.offset,
+            },
+            location: meta.location.clone(),
+            uploaded: meta.last_modified,
+            time: p.commit_time(),
+            size: p.len,
+            part: Some(PartRange {
+                range: range.clone(),
+                whole,
+            }),
+        })
+        .collect()
+}
+
+/// Every part of `key`'s generation `gen` in the fleet log objects `log`,
+/// as segments. `Ok(None)` when a listed log object was gone before its
+/// index was read: it was consolidated meanwhile, and the caller must list
+/// again (the consolidated pack may have been written after it listed the
+/// generation).
+async fn log_segments(
+    replica: &Replica,
+    log: &[ObjectMeta],
+    key: &str,
+    gen: &GenerationId,
+) -> Result<Option<Vec<SegmentObject>>> {
+    use futures::{StreamExt, TryStreamExt};
+    let reads: Vec<Option<Vec<SegmentObject>>> = futures::stream::iter(log.iter().cloned())
+        .map(|meta| async move {
+            Ok::<_, Error>(
+                pack::read_index(replica, &meta)
+                    .await?
+                    .map(|i| segments_of(&meta, &i, key, gen, false)),
+            )
+        })
+        .buffered(INDEX_READS)
+        .try_collect()
+        .await?;
+    let mut out = Vec::new();
+    for r in reads {
+        match r {
+            Some(v) => out.extend(v),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Sorted by position, one segment per position: a part can be in a log
+/// object and in a consolidated pack at once, with the same bytes; the
+/// consolidated copy (or a segment object) is kept.
+fn dedup_segments(mut v: Vec<SegmentObject>) -> Vec<SegmentObject> {
+    let rank = |s: &SegmentObject| match &s.part {
+        None => 0,
+        Some(p) if p.whole => 1,
+        Some(_) => 2,
+    };
+    v.sort_by(|a, b| a.pos.cmp(&b.pos).then(rank(a).cmp(&rank(b))));
+    v.dedup_by(|later, kept| later.pos == kept.pos);
+    v
 }
 
 /// One generation's snapshots and segments (two LISTs).
@@ -832,13 +953,41 @@ pub async fn plan_latest(
         if !snapshots.iter().any(|s| at.is_none_or(|t| s.time <= t)) {
             continue;
         }
-        // Before the segments are listed: see `Plan::recorded`.
+        let mut tries = 0;
+        let segments = loop {
+            // Before the segments are listed: see `Plan::recorded`.
+            let meta = read_metadata(replica, key, &id).await?;
+            // The log is listed before the generation: a part consolidated
+            // after the log was listed is in a log object listed here, or
+            // (that object gone when its index is read) the listing is redone.
+            let logged = meta.as_ref().is_none_or(|m| m.logged);
+            let log = if logged {
+                pack::list_log(replica).await?
+            } else {
+                Vec::new()
+            };
+            let mut segments = list_segments(replica, key, &id).await?;
+            match log_segments(replica, &log, key, &id).await? {
+                Some(parts) => {
+                    segments.extend(parts);
+                    break (meta, dedup_segments(segments));
+                }
+                None if tries < LOG_RELISTS => tries += 1,
+                None => {
+                    return Err(Error::invalid(
+                        format!("generation {id} of {key:?}"),
+                        "the fleet log kept changing while it was read; try again",
+                    ))
+                }
+            }
+        };
+        let (meta, segments) = segments;
         let recorded = match at {
-            None => read_metadata(replica, key, &id).await?,
+            None => meta,
             Some(_) => None,
         };
         let listing = GenerationListing {
-            segments: list_segments(replica, key, &id).await?,
+            segments,
             id,
             snapshots,
         };
@@ -846,6 +995,11 @@ pub async fn plan_latest(
     }
     Ok(None)
 }
+
+/// Times [`plan_latest`] lists again when a log object it listed was
+/// consolidated and deleted before its index was read (once an hour per
+/// database at most, so more than one retry means something else is wrong).
+const LOG_RELISTS: usize = 5;
 
 /// The continuity proof of a replay (see the module docs), fed each segment
 /// of a [`Plan`] in order. A restore composes it with the downloads and the
@@ -1131,6 +1285,7 @@ mod tests {
             uploaded: t(up),
             time: t(up),
             size: 1,
+            part: None,
         }
     }
 

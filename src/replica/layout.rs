@@ -64,3 +64,22 @@ pub fn commit_millis(t: DateTime<Utc>) -> u64 {
     };
     rounded_up.max(0) as u64
 }
+
+/// 32 random bits without a `rand` dependency: std's `RandomState` is seeded
+/// from the OS once per thread and differs for every instance; we also mix in
+/// the pid, a process-wide counter and the clock.
+pub fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    let x = h.finish();
+    (x >> 32) as u32 ^ x as u32
+}

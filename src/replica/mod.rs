@@ -11,6 +11,9 @@
 //!   each records, and which one a restore at `T` uses;
 //! * [`hot`]: the hot tier's WAL generations: naming, listing, metadata,
 //!   planning a restore at `T`, and the continuity proof a replay must pass;
+//! * [`pack`]: objects holding many segments with an index in front: the
+//!   fleet log (every hot database's frames of one sync in one object) and
+//!   its consolidated per-database packs;
 //! * [`lease`]: one replicator per replica root;
 //! * [`retention`]: deleting what is older than the retention period,
 //!   never what restores the newest state.
@@ -22,5 +25,6 @@ pub mod cold;
 pub mod hot;
 pub mod layout;
 pub mod lease;
+pub mod pack;
 pub mod retention;
 pub mod storage;

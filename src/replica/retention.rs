@@ -308,7 +308,7 @@ impl Scan {
                     }
                     scan.lowest_snapshot = Some(scan.lowest_snapshot.map_or(i, |l| l.min(i)));
                 }
-                GenerationObject::Segment(p) => {
+                GenerationObject::Segment(p) | GenerationObject::Pack(p) => {
                     scan.lowest_segment =
                         Some(scan.lowest_segment.map_or(p.index, |l| l.min(p.index)));
                 }
@@ -351,14 +351,15 @@ async fn sweep(
             (Rule::Whole, _) => meta.last_modified < cutoff,
             (Rule::Before(base), GenerationObject::Snapshot(i)) => i < base,
             (Rule::Before(base), GenerationObject::Segment(p)) => p.index < base,
-            (Rule::Before(_), GenerationObject::Metadata) => false,
+            // A pack may hold parts of later WALs too: kept.
+            (Rule::Before(_), GenerationObject::Metadata | GenerationObject::Pack(_)) => false,
         };
         if !doomed {
             continue;
         }
         match obj {
             GenerationObject::Snapshot(_) => report.generation_snapshots_deleted += 1,
-            GenerationObject::Segment(_) => report.wal_deleted += 1,
+            GenerationObject::Segment(_) | GenerationObject::Pack(_) => report.wal_deleted += 1,
             GenerationObject::Metadata => {}
         }
         deleter.push(replica, meta.location).await?;

@@ -660,6 +660,19 @@ impl Replica {
             .map_err(|e| Error::store(location, e))
     }
 
+    /// Downloads bytes `range` of an object; `None` if it does not exist.
+    pub async fn get_range_bytes(
+        &self,
+        location: &ObjPath,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<bytes::Bytes>> {
+        match self.store.get_range(location, range).await {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store(location, e)),
+        }
+    }
+
     /// Every object under `prefix`, streamed.
     pub fn list_all(
         &self,

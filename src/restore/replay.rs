@@ -19,7 +19,7 @@ use object_store::ObjectStoreExt;
 
 use crate::capture::snapshot;
 use crate::capture::wal::{self, ChainLink};
-use crate::replica::hot::{plan_latest, Continues, Plan, Replay, RestorePoint};
+use crate::replica::hot::{plan_latest, Continues, Plan, Replay, RestorePoint, SegmentObject};
 use crate::replica::storage::Replica;
 use crate::{Error, Result};
 
@@ -112,23 +112,11 @@ pub async fn restore_plan(
     .await
     .map_err(join_error)??;
 
-    let store = replica.store.clone();
-    let mut fetches = futures::stream::iter(plan.segments.clone())
-        .map(move |s| {
-            let store = store.clone();
-            async move {
-                let got = store
-                    .get(&s.location)
-                    .await
-                    .map_err(|e| Error::store(&s.location, e))?;
-                let bytes = got
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::store(&s.location, e))?;
-                Ok::<_, Error>((s, bytes))
-            }
-        })
-        .buffered(SEGMENT_PREFETCH);
+    let mut fetches = futures::stream::iter(fetch_units(&plan.segments))
+        .map(move |unit| fetch_unit(replica, unit))
+        .buffered(SEGMENT_PREFETCH)
+        .map_ok(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Error>)))
+        .try_flatten();
 
     let mut chain: Option<ChainLink> = None;
     while let Some(next) = fetches.next().await {
@@ -170,6 +158,76 @@ pub async fn restore_plan(
         segments: applied,
         bytes,
     })
+}
+
+/// Why a restore failed when a pack it planned with was gone when its
+/// parts were downloaded (see [`is_part_gone`]).
+const LOG_PART_GONE: &str =
+    "is gone (a fleet log object consolidated meanwhile, or deleted): plan again";
+
+/// The restore failed because a pack was gone when its parts were
+/// downloaded: a fleet log object consolidated and deleted after the plan
+/// was made. Planning again finds its parts in the consolidated pack.
+pub fn is_part_gone(e: &Error) -> bool {
+    matches!(e, Error::Invalid { reason, .. } if reason == LOG_PART_GONE)
+}
+
+/// Segments downloaded together: one segment object, one part of a fleet
+/// log object (by range), or the consecutive parts of one consolidated pack
+/// (the pack downloaded once).
+fn fetch_units(segments: &[SegmentObject]) -> Vec<Vec<SegmentObject>> {
+    let mut units: Vec<Vec<SegmentObject>> = Vec::new();
+    for s in segments {
+        let whole = s.part.as_ref().is_some_and(|p| p.whole);
+        match units.last_mut() {
+            Some(u) if whole && u[0].location == s.location => u.push(s.clone()),
+            _ => units.push(vec![s.clone()]),
+        }
+    }
+    units
+}
+
+async fn fetch_unit(
+    replica: &Replica,
+    unit: Vec<SegmentObject>,
+) -> Result<Vec<(SegmentObject, bytes::Bytes)>> {
+    let first = &unit[0];
+    let loc = first.location.clone();
+    let missing = || Error::invalid(&loc, LOG_PART_GONE);
+    match &first.part {
+        None => {
+            let got = replica
+                .store
+                .get(&loc)
+                .await
+                .map_err(|e| Error::store(&loc, e))?;
+            let bytes = got.bytes().await.map_err(|e| Error::store(&loc, e))?;
+            Ok(vec![(unit.into_iter().next().expect("one"), bytes)])
+        }
+        Some(p) if !p.whole => {
+            let bytes = replica
+                .get_range_bytes(&loc, p.range.clone())
+                .await?
+                .ok_or_else(missing)?;
+            Ok(vec![(unit.into_iter().next().expect("one"), bytes)])
+        }
+        Some(_) => {
+            let all = replica.get_bytes(&loc).await?.ok_or_else(missing)?;
+            unit.into_iter()
+                .map(|s| {
+                    let r = s.part.as_ref().map(|p| p.range.clone()).unwrap_or(0..0);
+                    if r.end > all.len() as u64 {
+                        return Err(Error::invalid(
+                            &loc,
+                            format!("pack is shorter than its index says (part at {})", s.pos),
+                        ));
+                    }
+                    let b = all.slice(r.start as usize..r.end as usize);
+                    Ok((s, b))
+                })
+                .collect()
+        }
+    }
 }
 
 /// ` at or before <at>` for messages about what a restore at `at` found
@@ -406,6 +464,7 @@ mod tests {
                 index: 0,
                 offset: 4096,
             }],
+            logged: false,
         };
         assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), None);
         write_metadata(&r, "k", &meta).await.unwrap();

@@ -284,19 +284,36 @@ pub(super) async fn restore_key(
         let snap = match source {
             None => return Ok(None),
             Some(Source::Hot(p)) => {
-                let installed = with_retries(&describe_plan(p), || {
-                    install_plan(replica, key, p, output, on_bytes.clone())
-                })
-                .await;
-                return match installed {
-                    Ok(point) => Ok(Some(Restored {
-                        tier: Tier::Hot,
-                        object: describe_plan(p),
-                        bytes: point.bytes,
-                        uploaded: point.time,
-                    })),
-                    Err(e) => Err(hot_failed(e, cold.as_ref())),
-                };
+                let mut p = p.clone();
+                let mut replans = 0;
+                loop {
+                    let installed = with_retries(&describe_plan(&p), || {
+                        install_plan(replica, key, &p, output, on_bytes.clone())
+                    })
+                    .await;
+                    return match installed {
+                        Ok(point) => Ok(Some(Restored {
+                            tier: Tier::Hot,
+                            object: describe_plan(&p),
+                            bytes: point.bytes,
+                            uploaded: point.time,
+                        })),
+                        // A fleet log object consolidated since the plan:
+                        // its parts are in a pack now.
+                        Err(e) if replay::is_part_gone(&e) && replans < REPLANS => {
+                            replans += 1;
+                            match hot::plan_latest(replica, key, at).await {
+                                Ok(Some(again)) => {
+                                    p = again;
+                                    continue;
+                                }
+                                Ok(None) => Err(hot_failed(e, cold.as_ref())),
+                                Err(e) => Err(hot_failed(e, cold.as_ref())),
+                            }
+                        }
+                        Err(e) => Err(hot_failed(e, cold.as_ref())),
+                    };
+                }
             }
             Some(Source::Cold(c)) => c.info.clone(),
         };
@@ -380,6 +397,11 @@ fn hot_failed(e: Error, cold: Option<&ColdChoice>) -> Error {
         _ => e,
     }
 }
+
+/// Plans made again when a fleet log object went away during a restore
+/// (each consolidation moves a database's parts once an hour, so a second
+/// time in a row means something else deletes them).
+const REPLANS: usize = 3;
 
 /// Runs blocking file work off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

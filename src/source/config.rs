@@ -82,6 +82,13 @@ pub const DEFAULT_TRUNCATE_PAGES: u64 = 10_000;
 /// grows with every write; two minutes rides out a blip without a new
 /// generation, and bounds the growth to two minutes of writes.
 pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(120);
+/// Default consolidation interval of the fleet log: each hot database's
+/// frames are rewritten from the shared log objects into one object of its
+/// own this often (and when its stream ends). Hourly matches the cold tier's
+/// next-hour snapshots: one PUT per changed database per hour, which is
+/// $0.90/month for 250 always-hot databases, while the log objects it lets
+/// go of bound how much a restore must read from the shared log.
+pub const DEFAULT_LOG_CONSOLIDATE: Duration = Duration::from_secs(3600);
 /// Default keys per scheduled restore drill: a random 100 finds a fault
 /// that affects 3% of the fleet with 95% probability per run ((0.97)^100 is
 /// about 5%), while costing 100 restores (seconds of work and ~300 GET/LIST
@@ -143,6 +150,16 @@ pub struct MultiDb {
     /// transaction and goes back to the cold tier (see [`DEFAULT_RELEASE_AFTER`]).
     #[serde(default = "default_release_after", with = "humantime_serde")]
     pub release_after: Duration,
+    /// Ship every hot database's frames of one sync into one shared object
+    /// (the fleet log, see [`crate::replica::pack`]) instead of one object
+    /// per database per sync. On by default; `false` writes per-database
+    /// segments every sync, one PUT each.
+    #[serde(default = "default_fleet_log")]
+    pub fleet_log: bool,
+    /// How often a hot database's frames move from the fleet log into an
+    /// object of its own (see [`DEFAULT_LOG_CONSOLIDATE`]).
+    #[serde(default = "default_log_consolidate", with = "humantime_serde")]
+    pub log_consolidate_interval: Duration,
     /// Change notifications (inotify) on the directories of tracked
     /// databases: a write is noticed at once instead of at the next scan
     /// (see [`crate::source::watch`]). On by default.
@@ -232,6 +249,12 @@ fn default_truncate_pages() -> u64 {
 }
 fn default_enabled() -> bool {
     true
+}
+fn default_fleet_log() -> bool {
+    true
+}
+fn default_log_consolidate() -> Duration {
+    DEFAULT_LOG_CONSOLIDATE
 }
 fn default_watch() -> bool {
     true
@@ -372,6 +395,10 @@ impl Loaded {
         for (key, d) in [
             ("multi-db.sync-interval", m.sync_interval),
             ("multi-db.release-after", m.release_after),
+            (
+                "multi-db.log-consolidate-interval",
+                m.log_consolidate_interval,
+            ),
             ("multi-db.hot-duration", m.hot_duration),
             ("multi-db.cold-after", m.cold_after),
         ] {

@@ -132,6 +132,7 @@ impl GenWriter {
             last: self.cursor.map_or(Position::start(self.index), |c| c.pos),
             snapshots: Vec::new(),
             wal_ends: self.wal_ends.clone(),
+            logged: false,
             wal_starts: Some(self.wal_starts.clone()),
         };
         hot::write_metadata(r, &self.key, &meta).await.unwrap();

@@ -1,0 +1,391 @@
+//! The fleet log (see `litefleet::replica::pack` and
+//! `litefleet::capture::fleetlog`) against the in-process S3 server and
+//! file://: several hot databases share one log object per sync; their parts
+//! are consolidated into packs of their own and the log objects deleted; a
+//! crash leaves log objects that restore reads and the next start
+//! consolidates; a missing log object fails the restore instead of skipping.
+//!
+//! Waiting is on upload events ([`ShipEvent`]), never on a fixed sleep.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::fleet::{count_rows, create_db, insert_rows, Fleet};
+use litefleet::capture::fleetlog::{self, FleetLog};
+use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent};
+use litefleet::replica::hot::read_metadata;
+use litefleet::restore::RestoreOutcome;
+use litefleet::source::config::DEFAULT_RELEASE_AFTER;
+use litefleet::stats::Stats;
+use rusqlite::Connection;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+const SYNC: Duration = Duration::from_millis(50);
+/// Marks this far from any commit order restores exactly (see tests/hot.rs).
+const SEPARATION: Duration = Duration::from_millis(25);
+
+struct Streams {
+    f: Fleet,
+    paths: Vec<PathBuf>,
+    keys: Vec<String>,
+    writers: Vec<Connection>,
+    rows: Vec<i64>,
+    stats: Arc<Stats>,
+    events: UnboundedReceiver<ShipEvent>,
+    stop: CancellationToken,
+    /// Each stream's own stop (children of `stop`).
+    stops: Vec<CancellationToken>,
+    tasks: Vec<tokio::task::JoinHandle<HotExit>>,
+    /// Per database: commits shipped so far (from the events).
+    shipped: Vec<u64>,
+    out: tempfile::TempDir,
+}
+
+impl Streams {
+    async fn start(f: Fleet, n: usize, consolidate_every: Duration) -> Streams {
+        let stats = Arc::new(Stats::default());
+        let (log, writer) = FleetLog::new(f.replica(), SYNC, stats.clone());
+        tokio::spawn(writer.run(CancellationToken::new()));
+        let (tx, events) = unbounded_channel();
+        let ctx = Arc::new(HotContext {
+            replica: f.replica(),
+            temp_dir: f.work.path().join("tmp"),
+            cfg: ShipConfig {
+                sync_interval: SYNC,
+                checkpoint_pages: 1000,
+                truncate_pages: 10_000,
+                release_after: DEFAULT_RELEASE_AFTER,
+                consolidate_every,
+            },
+            stats: stats.clone(),
+            permits: Arc::new(Semaphore::new(4)),
+            events: Some(tx),
+            log: Some(log),
+        });
+        let stop = CancellationToken::new();
+        let mut s = Streams {
+            paths: Vec::new(),
+            keys: Vec::new(),
+            writers: Vec::new(),
+            rows: Vec::new(),
+            stats,
+            events,
+            stop: stop.clone(),
+            stops: Vec::new(),
+            tasks: Vec::new(),
+            shipped: vec![0; n],
+            out: tempfile::tempdir().unwrap(),
+            f,
+        };
+        for i in 0..n {
+            let t = format!("t{i}");
+            let path = s.f.db_path("p", "d", &t);
+            let c = create_db(&path, 1);
+            c.execute_batch("PRAGMA wal_autocheckpoint=0").unwrap();
+            s.writers.push(c);
+            s.rows.push(1);
+            s.keys.push(Fleet::key("p", "d", &t));
+            let own = stop.child_token();
+            s.stops.push(own.clone());
+            s.tasks.push(tokio::spawn(ship::stream(
+                ctx.clone(),
+                i as u64,
+                path.clone(),
+                Fleet::key("p", "d", &t),
+                own,
+            )));
+            s.paths.push(path);
+        }
+        // Every generation snapshot is up.
+        let mut snapshots = 0;
+        while snapshots < n {
+            let ev = s.next_event().await;
+            snapshots += usize::from(ev.snapshot);
+        }
+        // The frames already in each WAL ship before its snapshot's event;
+        // count the tests' own commits only.
+        s.shipped = vec![0; n];
+        s
+    }
+
+    async fn next_event(&mut self) -> ShipEvent {
+        let ev = tokio::time::timeout(EVENT_TIMEOUT, self.events.recv())
+            .await
+            .expect("no upload in time")
+            .expect("streams running");
+        self.shipped[ev.tag as usize] += ev.commits;
+        ev
+    }
+
+    /// One commit of `rows` rows into each database.
+    fn commit_all(&mut self, rows: usize) {
+        for (c, n) in self.writers.iter().zip(self.rows.iter_mut()) {
+            insert_rows(c, rows);
+            *n += rows as i64;
+        }
+    }
+
+    /// One commit of one row into database `i`.
+    fn commit_one(&mut self, i: usize) {
+        insert_rows(&self.writers[i], 1);
+        self.rows[i] += 1;
+    }
+
+    /// Waits until every database shipped `commits` commits (beyond the
+    /// frames already in its WAL when its generation began).
+    async fn until_shipped(&mut self, commits: u64) {
+        while self.shipped.iter().any(|s| *s < commits) {
+            self.next_event().await;
+        }
+    }
+
+    async fn mark(&self) -> DateTime<Utc> {
+        tokio::time::sleep(SEPARATION).await;
+        let t = Utc::now();
+        tokio::time::sleep(SEPARATION).await;
+        t
+    }
+
+    async fn restore(&self, i: usize, at: Option<DateTime<Utc>>) -> Result<i64, String> {
+        let out = self.out.path().join("restored.db");
+        let _ = std::fs::remove_file(&out);
+        match self.f.restore(&self.keys[i], &out, at).await {
+            Ok(RestoreOutcome::Restored { .. }) => Ok(count_rows(&out)),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn objects_ending(&self, suffix: &str, within: &str) -> Vec<String> {
+        self.f
+            .objects()
+            .await
+            .into_iter()
+            .filter(|o| o.ends_with(suffix) && o.contains(within))
+            .collect()
+    }
+}
+
+both_backends!(
+    many_databases_share_log_objects_and_restore_exactly,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 4, Duration::from_secs(3600)).await;
+        let mut marks = Vec::new();
+        for round in 1..=4u64 {
+            s.commit_all(round as usize);
+            s.until_shipped(round).await;
+            marks.push((s.mark().await, s.rows.clone()));
+        }
+        // No object per database per sync: segments live in the log.
+        assert!(s.objects_ending(".wal.lz4", "").await.is_empty());
+        let log = s.objects_ending(".pack", ".litefleet/log/").await;
+        assert!(!log.is_empty());
+        let parts = s.stats.wal_segments.load(Ordering::Relaxed);
+        assert!(
+            (log.len() as u64) < parts,
+            "{} log objects for {parts} segments",
+            log.len()
+        );
+        for (at, rows) in &marks {
+            for (i, expected) in rows.iter().enumerate() {
+                assert_eq!(
+                    s.restore(i, Some(*at)).await.unwrap(),
+                    *expected,
+                    "db {i} at {at}"
+                );
+            }
+        }
+        for i in 0..4 {
+            assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
+        }
+    }
+);
+
+both_backends!(
+    consolidation_keeps_every_point_and_empties_the_log,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 2, Duration::from_millis(200)).await;
+        let mut marks = Vec::new();
+        let mut round = 0u64;
+        // Until a consolidation released log objects, then a bit more.
+        while s.stats.log_deleted.load(Ordering::Relaxed) == 0 || round < 6 {
+            round += 1;
+            s.commit_all(1);
+            s.until_shipped(round).await;
+            marks.push((s.mark().await, s.rows.clone()));
+        }
+        assert!(!s.objects_ending(".pack", "/generations/").await.is_empty());
+        for (at, rows) in &marks {
+            for (i, expected) in rows.iter().enumerate() {
+                assert_eq!(
+                    s.restore(i, Some(*at)).await.unwrap(),
+                    *expected,
+                    "db {i} at {at}"
+                );
+            }
+        }
+        // A clean stop consolidates everything: the log is empty and the
+        // metadata says a restore need not read it.
+        s.stop.cancel();
+        for t in std::mem::take(&mut s.tasks) {
+            assert!(matches!(t.await.unwrap(), HotExit::Clean));
+        }
+        // The writer deletes on the streams' last messages.
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !s
+            .objects_ending(".pack", ".litefleet/log/")
+            .await
+            .is_empty()
+        {
+            assert!(std::time::Instant::now() < deadline, "log objects left");
+            tokio::time::sleep(SYNC).await;
+        }
+        let replica = s.f.replica();
+        for i in 0..2 {
+            let gens = litefleet::replica::hot::list_generation_ids(&replica, &s.keys[i])
+                .await
+                .unwrap();
+            let meta = read_metadata(&replica, &s.keys[i], &gens[0])
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(!meta.logged);
+            assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
+        }
+        for (at, rows) in &marks {
+            for (i, expected) in rows.iter().enumerate() {
+                assert_eq!(s.restore(i, Some(*at)).await.unwrap(), *expected);
+            }
+        }
+    }
+);
+
+both_backends!(
+    a_crash_leaves_a_log_that_restores_and_recovery_consolidates,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 3, Duration::from_secs(3600)).await;
+        let mut marks = Vec::new();
+        for round in 1..=3u64 {
+            s.commit_all(2);
+            s.until_shipped(round).await;
+            marks.push((s.mark().await, s.rows.clone()));
+        }
+        // A crash: the streams vanish without consolidating.
+        for t in std::mem::take(&mut s.tasks) {
+            t.abort();
+        }
+        let log = s.objects_ending(".pack", ".litefleet/log/").await;
+        assert!(!log.is_empty());
+        for i in 0..3 {
+            assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let n = fleetlog::recover(&s.f.replica(), tmp.path()).await.unwrap();
+        assert_eq!(n, log.len());
+        assert!(s
+            .objects_ending(".pack", ".litefleet/log/")
+            .await
+            .is_empty());
+        assert!(!s.objects_ending(".pack", "/generations/").await.is_empty());
+        for i in 0..3 {
+            assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
+        }
+        for (at, rows) in &marks {
+            for (i, expected) in rows.iter().enumerate() {
+                assert_eq!(s.restore(i, Some(*at)).await.unwrap(), *expected);
+            }
+        }
+        // Nothing left: a second recovery has nothing to do.
+        assert_eq!(
+            fleetlog::recover(&s.f.replica(), tmp.path()).await.unwrap(),
+            0
+        );
+    }
+);
+
+both_backends!(a_missing_log_object_fails_the_restore, |b| async move {
+    let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
+    let mut marks = Vec::new();
+    for round in 1..=3u64 {
+        s.commit_all(1);
+        s.until_shipped(round).await;
+        marks.push((s.mark().await, s.rows.clone()));
+    }
+    for t in std::mem::take(&mut s.tasks) {
+        t.abort();
+    }
+    // One object per shipped commit here: one database, one commit per
+    // sync. The middle one goes missing.
+    let log = s.objects_ending(".pack", ".litefleet/log/").await;
+    assert!(log.len() >= 3, "{log:?}");
+    let middle = &log[log.len() - 2];
+    s.f.replica()
+        .delete(&object_store::path::Path::from(middle.as_str()))
+        .await
+        .unwrap();
+    let e = s.restore(0, None).await.unwrap_err();
+    assert!(e.contains("is missing"), "{e}");
+    // A point before the gap still restores.
+    let (at, rows) = &marks[0];
+    assert_eq!(s.restore(0, Some(*at)).await.unwrap(), rows[0]);
+});
+
+// A stream that ended consolidated its parts into a complete pack, and the
+// log objects holding only its parts were deleted; then the process
+// crashed with other streams' parts (and some of its own) still in the
+// log. The consolidation after the crash sees only those, and writes a
+// pack with fewer parts starting at the same position: it must never
+// replace the complete one (pack names are unique; found by the crash
+// harness, where the partial pack overwrote the complete one and a
+// restore met a gap).
+both_backends!(
+    recovery_never_replaces_a_complete_pack_with_a_partial_one,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 2, Duration::from_secs(3600)).await;
+        // Log objects holding both databases' parts, then one with only
+        // database 0's, then both again.
+        s.commit_all(1);
+        s.until_shipped(1).await;
+        s.commit_one(0);
+        while s.shipped[0] < 2 {
+            s.next_event().await;
+        }
+        s.commit_all(1);
+        s.until_shipped(2).await;
+        while s.shipped[0] < 3 {
+            s.next_event().await;
+        }
+        // Database 0's stream ends: complete pack, and the object with its
+        // part alone is deleted (nobody else has parts in it).
+        s.stops[0].cancel();
+        let t0 = s.tasks.remove(0);
+        assert!(matches!(t0.await.unwrap(), HotExit::Clean));
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while s.stats.log_deleted.load(Ordering::Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log object deleted"
+            );
+            tokio::time::sleep(SYNC).await;
+        }
+        // Crash of the rest, then the next start's recovery.
+        for t in std::mem::take(&mut s.tasks) {
+            t.abort();
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(fleetlog::recover(&s.f.replica(), tmp.path()).await.unwrap() > 0);
+        let dir = format!("{}/generations/", s.keys[0]);
+        let packs = s.objects_ending(".pack", &dir).await;
+        assert!(packs.len() >= 2, "{packs:?}");
+        assert_eq!(s.restore(0, None).await.unwrap(), s.rows[0]);
+        assert_eq!(s.restore(1, None).await.unwrap(), s.rows[1]);
+    }
+);

@@ -14,9 +14,8 @@
 //!
 //! The bill is extrapolated to the product description's scenario
 //! (100,000 databases of which 250 change, 30 days) at S3 Standard list
-//! prices: PUT, COPY, LIST and DELETE $0.005 per 1,000 requests, GET $0.0004
-//! per 1,000 (DELETE is free on S3; counted at the PUT price here, an upper
-//! bound). The replica lease, which the `replicate` command holds and this
+//! prices: PUT, COPY and LIST $0.005 per 1,000 requests, GET $0.0004 per
+//! 1,000, DELETE free (counted, not charged). The replica lease, which the `replicate` command holds and this
 //! benchmark does not, is added from its renewal interval.
 //!
 //! Counted at the object-store API, one call per request: a multipart upload
@@ -123,10 +122,10 @@ impl RequestRates {
         }
     }
 
-    /// Dollars at S3 Standard list prices (DELETE at the PUT price, an
-    /// upper bound: it is free on S3).
+    /// Dollars at S3 Standard list prices. DELETE requests are counted but
+    /// cost nothing: S3 does not charge for them.
     pub fn usd(&self) -> f64 {
-        (self.put + self.list + self.delete) * PUT_USD + self.get * GET_USD
+        (self.put + self.list) * PUT_USD + self.get * GET_USD
     }
 }
 
@@ -417,18 +416,19 @@ impl CostModel {
             },
         );
         // Retention (see crate::replica::retention): each pass lists the
-        // whole prefix, then per key with generations its generation ids,
-        // then each generation's directory. What is held after one
-        // retention period: the newest snapshot of every database, an
-        // hourly snapshot per changing database, one object per hot PUT.
+        // whole prefix once; a generation gets a LIST of its own only when
+        // something in it is deleted (rare, not counted). What is held
+        // after one retention period: the newest snapshot of every
+        // database, an hourly snapshot per changing database, and what each
+        // hot database adds (a segment per sync without the fleet log, a
+        // pack per consolidation with it).
         let retention_h = load.retention_s / 3600.0;
         let hot_objects_per_db = hot_objects_per_s * load.retention_s;
         let objects_held = load.databases as f64
             + (load.cold_changing + load.over_max_hot) as f64 * retention_h
             + load.hot as f64 * hot_objects_per_db;
         let passes = t / load.retention_check_interval_s.max(f64::MIN_POSITIVE);
-        let per_pass = (objects_held / LIST_PAGE).ceil()
-            + load.hot as f64 * (1.0 + (hot_objects_per_db / LIST_PAGE).ceil());
+        let per_pass = (objects_held / LIST_PAGE).ceil();
         let expired_cold = (load.cold_changing + load.over_max_hot) as f64 * hours;
         line(
             "retention",
@@ -487,6 +487,9 @@ pub struct CostReport {
     pub put_per_hot_db_per_s: f64,
     /// Fleet log objects written in the hot phase.
     pub log_objects: u64,
+    /// Fleet log objects per sync interval over the hot phase's second half
+    /// (every stream running).
+    pub log_objects_per_tick: f64,
     pub requests_per_idle_db_per_day: f64,
     pub scenario_hot_usd: f64,
     pub scenario_log_usd: f64,
@@ -622,7 +625,14 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
         })
     };
     let started = Instant::now();
-    tokio::time::sleep(opts.duration).await;
+    // The log's steady rate is taken over the second half, after every
+    // stream has started (a stream's start ships on its own, outside the
+    // ticks' batches: that is counted per stream).
+    tokio::time::sleep(opts.duration / 2).await;
+    let (log_mid, mid) = (stats.log_objects.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(opts.duration - opts.duration / 2).await;
+    let steady_log = stats.log_objects.load(Ordering::Relaxed) - log_mid;
+    let steady_ticks = mid.elapsed().as_secs_f64() / opts.sync_interval.as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     writer
         .join()
@@ -641,11 +651,13 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
         // The log's objects are the fleet's; everything else a hot database
         // did in the run happens once per stream (start and end).
         let ticks = duration.as_secs_f64() / opts.sync_interval.as_secs_f64();
+        let per_tick = steady_log as f64 / steady_ticks.max(1.0);
+        let steady_puts = (per_tick * ticks).round() as u64;
         let per_stream = Requests {
-            put: hot_phase.put.saturating_sub(log_objects),
+            put: hot_phase.put.saturating_sub(steady_puts),
+            delete: hot_phase.delete.saturating_sub(steady_puts),
             ..hot_phase
         };
-        let per_tick = log_objects as f64 / ticks.max(1.0);
         CostModel {
             hot: RequestRates::default(),
             hot_sync_interval_s: opts.sync_interval.as_secs_f64(),
@@ -681,6 +693,7 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
         hot_phase,
         put_per_hot_db_per_s: (hot_phase.put as f64) / hot_db_secs,
         log_objects,
+        log_objects_per_tick: steady_log as f64 / steady_ticks.max(1.0),
         requests_per_idle_db_per_day: idle_total / idle_db_secs * 86_400.0,
         scenario_hot_usd: scenario.usd("hot"),
         scenario_log_usd: scenario.usd("fleet log"),
@@ -779,15 +792,42 @@ mod tests {
     #[test]
     fn retention_lists_grow_with_hot_segments() {
         let bill = CostModel::default().bill(&load(100, 1, 0, 0));
-        // One hot database holds 1.05 x 30 days of segments, listed twice
-        // per pass (whole prefix, then its generation) plus its generation ids.
+        // One hot database holds 1.05 x 30 days of segments, listed once per
+        // pass with the whole prefix.
         let segments = 1.05 * DAY * 30.0;
         assert_eq!(bill.objects_held, 100.0 + segments);
-        let per_pass = ((100.0 + segments) / 1000.0).ceil() + 1.0 + (segments / 1000.0).ceil();
+        let per_pass = ((100.0 + segments) / 1000.0).ceil();
         assert_eq!(
             bill.line("retention").unwrap().requests.list,
             720.0 * per_pass
         );
+    }
+
+    #[test]
+    fn the_fleet_log_bills_one_object_per_sync_for_the_whole_fleet() {
+        let l = load(100_000, 250, 0, 0);
+        let m = CostModel {
+            log: Some(LogRates::measured(3600.0)),
+            hot: RequestRates::default(),
+            ..CostModel::default()
+        };
+        let bill = m.bill(&l);
+        // One log object per second for all 250 together: 2,592,000 PUTs.
+        let log = bill.line("fleet log").unwrap();
+        assert_eq!(log.requests.put, DAY * 30.0);
+        assert!((log.usd - 12.96).abs() < 1e-9, "{}", log.usd);
+        // Per hot database: 720 hourly packs, one stream start a day.
+        let hot = bill.line("hot").unwrap();
+        let per_db = 720.0 + 30.0 * MEASURED_LOG_PER_STREAM.put;
+        assert!((hot.requests.put - 250.0 * per_db).abs() < 1e-6, "{hot:?}");
+        // Without hot databases, no log objects.
+        assert_eq!(m.bill(&load(100, 0, 0, 0)).usd("fleet log"), 0.0);
+        // DELETE is counted, never charged.
+        let deletes = RequestRates {
+            delete: 1e9,
+            ..RequestRates::default()
+        };
+        assert_eq!(deletes.usd(), 0.0);
     }
 
     #[test]

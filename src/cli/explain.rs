@@ -459,14 +459,26 @@ fn read_proc_number(path: &str) -> Option<u64> {
 }
 
 fn assumptions(model: &CostModel, load: &FleetLoad) -> Vec<String> {
-    vec![
-        format!(
+    let hot = match &model.log {
+        None => format!(
             "a hot database commits about once a second and costs {:.3} PUT + {:.4} LIST per second at sync-interval {}s (measured by `bench cost` at {}s; a longer sync-interval ships fewer, larger segments)",
             model.hot_put_per_s(load.sync_interval_s),
             model.hot.list,
             load.sync_interval_s,
             model.hot_sync_interval_s
         ),
+        Some(log) => format!(
+            "hot databases share the fleet log: {:.2} object per sync-interval {}s for all of them together, plus per hot database one consolidated pack per {}s and, per stream start (assumed {} a day), {:.1} PUT + {:.1} LIST (measured by `bench cost`)",
+            log.per_tick.put,
+            load.sync_interval_s,
+            log.consolidate_s,
+            crate::cli::cost::STREAMS_PER_DAY,
+            log.per_stream.put,
+            log.per_stream.list
+        ),
+    };
+    vec![
+        hot,
         "a changing cold database changes about once an hour: one PUT per hour (every upload within an hour goes to the same next-hour name; one changing at every scan costs one PUT per scan)".into(),
         format!(
             "a database busy beyond max-hot-databases is uploaded at every scan-interval ({}s)",
@@ -480,9 +492,9 @@ fn assumptions(model: &CostModel, load: &FleetLoad) -> Vec<String> {
             "the replica lease is renewed every lease-ttl/3 ({:.0}s): one conditional PUT",
             load.lease_ttl_s / 3.0
         ),
-        "each retention pass lists the whole replica (1 LIST per 1,000 objects), then each hot database's generations (1 LIST, plus 1 per 1,000 objects); objects held: what one retention period accumulates (a database that never leaves the hot tier keeps one generation, whose segments are never deleted, so it grows past this)".into(),
+        "each retention pass lists the whole replica once (1 LIST per 1,000 objects; a generation gets a LIST of its own only when something in it is deleted); objects held: what one retention period accumulates (a database that never leaves the hot tier keeps one generation, whose objects are never deleted, so it grows past this)".into(),
         format!(
-            "S3 Standard list prices: PUT, LIST, DELETE ${:.3} per 1,000 (DELETE is free on S3: an upper bound), GET ${:.4} per 1,000; 30 days",
+            "S3 Standard list prices: PUT, LIST ${:.3} per 1,000, GET ${:.4} per 1,000, DELETE free; 30 days",
             PUT_USD * 1000.0,
             GET_USD * 1000.0
         ),

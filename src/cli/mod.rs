@@ -971,7 +971,10 @@ async fn run(cli: Cli) -> Result<()> {
                     "PUT per hot database per second",
                     format!("{:.4}", r.put_per_hot_db_per_s),
                 );
-                row("fleet log objects", r.log_objects.to_string());
+                row(
+                    "fleet log objects (per sync, steady)",
+                    format!("{} ({:.2})", r.log_objects, r.log_objects_per_tick),
+                );
                 row(
                     "scenario: 100k DBs, 250 hot, 30 days",
                     format!(

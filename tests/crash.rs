@@ -31,7 +31,9 @@
 //! `LITEFLEET_CRASH_POINTS` (point-in-time restores per database, default 8),
 //! `LITEFLEET_CRASH_BACKENDS` (`file`, `s3`, default both) and
 //! `LITEFLEET_CRASH_KEEP_LOG` (set: the replicator's log is copied to the
-//! temp directory).
+//! temp directory) and `LITEFLEET_CRASH_DEBUG` (set: on a mismatch, every
+//! object of the replica, with the parts each pack holds, is listed in a
+//! file in the temp directory, and the replicator's log copied there).
 //! The README's figures come from a 10-minute run in release mode.
 
 mod common;

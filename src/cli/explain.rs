@@ -468,7 +468,7 @@ fn assumptions(model: &CostModel, load: &FleetLoad) -> Vec<String> {
             model.hot_sync_interval_s
         ),
         Some(log) => format!(
-            "hot databases share the fleet log: {:.2} object per sync-interval {}s for all of them together, plus per hot database one consolidated pack per {}s and, per stream start (assumed {} a day), {:.1} PUT + {:.1} LIST (measured by `bench cost`)",
+            "hot databases share the fleet log: {:.2} object per sync-interval {}s for all of them together, plus per hot database one consolidated pack per {}s and, per stream start (assumed {} a day), {} PUT + {} LIST (measured by `bench cost`)",
             log.per_tick.put,
             load.sync_interval_s,
             log.consolidate_s,
@@ -880,11 +880,12 @@ impl Explanation {
         )?;
         writeln!(
             out,
-            "  scenario (description: {} databases, {} hot, these settings): {}/month (hot {}, retention {}, lease {})",
+            "  scenario (description: {} databases, {} hot, these settings): {}/month (hot {}, fleet log {}, retention {}, lease {})",
             thousands(c.scenario_load.databases as f64),
             c.scenario_load.hot,
             usd_text(c.scenario.total_usd),
             usd_text(c.scenario.usd("hot")),
+            usd_text(c.scenario.usd("fleet log")),
             usd_text(c.scenario.usd("retention")),
             usd_text(c.scenario.usd("lease"))
         )?;
@@ -904,7 +905,7 @@ fn write_bill(out: &mut impl Write, bill: &Bill) -> io::Result<()> {
     let row = |out: &mut dyn Write, part: &str, r: &RequestRates, usd: f64, basis: &str| {
         writeln!(
             out,
-            "  {part:<13}{:>15}{:>9}{:>15}{:>9}{:>12}  {basis}",
+            "  {part:<13}{:>15}{:>9}{:>15}{:>12}{:>12}  {basis}",
             thousands(r.put),
             thousands(r.get),
             thousands(r.list),
@@ -914,7 +915,7 @@ fn write_bill(out: &mut impl Write, bill: &Bill) -> io::Result<()> {
     };
     writeln!(
         out,
-        "  {:<13}{:>15}{:>9}{:>15}{:>9}{:>12}  basis",
+        "  {:<13}{:>15}{:>9}{:>15}{:>12}{:>12}  basis",
         "part", "PUT", "GET", "LIST", "DELETE", "USD"
     )?;
     for l in &bill.lines {

@@ -179,9 +179,10 @@ async fn sigkill_mid_upload_then_restart_loses_nothing() {
     }
     f.s3().set_fault(Fault::Delay(Duration::from_millis(400)));
     let d = Daemon::start(&f, &["replicate"]);
-    // Two requests take the lease (GET, conditional PUT); the rest are uploads.
+    // Two requests take the lease (GET, conditional PUT), one lists the
+    // fleet log an earlier run may have left; the rest are uploads.
     until("an upload on the wire", async || {
-        f.s3().request_count() >= 3
+        f.s3().request_count() >= 4
     })
     .await;
     d.signal("-KILL");

@@ -217,6 +217,13 @@ pub fn decode_index(bytes: &[u8], what: &str) -> Result<PackIndex> {
 /// the object is gone.
 pub async fn read_index(replica: &Replica, meta: &ObjectMeta) -> Result<Option<PackIndex>> {
     let what = meta.location.to_string();
+    if meta.size < HEADER_LEN {
+        // Not even a header (an empty object, say): no range to ask for.
+        return Err(Error::invalid(
+            &what,
+            format!("not a valid pack: {} bytes", meta.size),
+        ));
+    }
     let probe = INDEX_PROBE.min(meta.size);
     let Some(head) = replica.get_range_bytes(&meta.location, 0..probe).await? else {
         return Ok(None);

@@ -18,8 +18,8 @@
 //!  what exists      read it         store it         get it back
 //!
 //!  stage     modules                                       may use
-//!  cli       mod, bench, cost, throughput, soak, demo,     everything below
-//!            progress, explain
+//!  cli       mod, bench, cost, loss, throughput, soak,     everything below
+//!            demo, progress, explain
 //!  daemon    scheduler, server, notify                     capture and below
 //!  restore   single, install, replay, list, bulk, verify   capture and below
 //!  capture   snapshot, wal, ship, upload, fleetlog         source and below

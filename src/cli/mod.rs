@@ -17,6 +17,7 @@ pub mod bench;
 pub mod cost;
 pub mod demo;
 pub mod explain;
+pub mod loss;
 pub mod progress;
 pub mod soak;
 pub mod throughput;
@@ -407,6 +408,31 @@ pub enum BenchCommand {
         /// layout before the fleet log, for comparison).
         #[arg(long)]
         no_fleet_log: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a SIGKILL of `replicate` loses: hot databases and databases waking from idle.
+    Loss {
+        /// Databases written once a second each, all along.
+        #[arg(long, default_value_t = 50)]
+        hot: usize,
+        /// Databases idle until each round, then written 5 times.
+        #[arg(long, default_value_t = 50)]
+        waking: usize,
+        /// Rounds, each ending with a SIGKILL.
+        #[arg(long, default_value_t = 3)]
+        kills: usize,
+        /// From the waking databases' writes to the SIGKILL.
+        #[arg(long, default_value = "2s", value_parser = parse_secs)]
+        kill_after: std::time::Duration,
+        #[arg(long, default_value = "1s", value_parser = parse_secs)]
+        sync_interval: std::time::Duration,
+        #[arg(long, default_value = "15s", value_parser = parse_secs)]
+        scan_interval: std::time::Duration,
+        /// Working directory; a fresh temp dir by default.
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -988,6 +1014,58 @@ async fn run(cli: Cli) -> Result<()> {
                         r.target_usd
                     ),
                 );
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Loss {
+            hot,
+            waking,
+            kills,
+            kill_after,
+            sync_interval,
+            scan_interval,
+            dir,
+            json,
+        }) => {
+            if sync_interval.is_zero() || scan_interval.is_zero() {
+                return Err(Error::invalid("bench loss", "intervals must be > 0"));
+            }
+            let (_tmp, dir) = work_dir(dir)?;
+            let r = loss::loss(loss::LossOptions {
+                hot,
+                waking,
+                kills,
+                kill_after,
+                sync_interval,
+                scan_interval,
+                dir,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "{} kills, sync interval {}s, target: nothing older than {}s lost",
+                    r.kills, r.sync_interval_s, r.target_s
+                );
+                println!(
+                    "{:<8}{:>10}{:>10}{:>8}{:>16}{:>22}",
+                    "class", "databases", "commits", "lost", "beyond target", "window p50/p99/max"
+                );
+                for c in &r.classes {
+                    println!(
+                        "{:<8}{:>10}{:>10}{:>8}{:>16}{:>22}",
+                        c.class,
+                        c.databases,
+                        c.commits,
+                        c.lost,
+                        c.lost_beyond_target,
+                        format!(
+                            "{:.2}/{:.2}/{:.2} s",
+                            c.window_p50_s, c.window_p99_s, c.window_max_s
+                        )
+                    );
+                }
             }
             Ok(())
         }

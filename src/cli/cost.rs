@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::soak::{create_fleet, open_writer, soak_path, FaultyStore, Requests};
+use super::soak::{create_fleet, soak_path, spawn_hot_writer, FaultyStore, Requests};
 use crate::daemon::scheduler::Replicator;
 use crate::source::config::Loaded;
 use crate::{Error, Result};
@@ -602,28 +602,9 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
     let stop = Arc::new(AtomicBool::new(false));
     let commits = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (stop, commits, root, hot) = (stop.clone(), commits.clone(), root.clone(), opts.hot);
-        std::thread::spawn(move || -> Result<()> {
-            let conns = (0..hot)
-                .map(|i| open_writer(&soak_path(&root, i)))
-                .collect::<Result<Vec<_>>>()?;
-            let start = Instant::now();
-            let mut second = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                for (i, c) in conns.iter().enumerate() {
-                    // Commits spread evenly over each second.
-                    let at = Duration::from_secs(second)
-                        + Duration::from_secs_f64(i as f64 / hot.max(1) as f64);
-                    if let Some(wait) = at.checked_sub(start.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                    c.execute("INSERT INTO t(v) VALUES ('cost')", [])
-                        .map_err(|e| Error::sqlite(soak_path(&root, i), e))?;
-                    commits.fetch_add(1, Ordering::Relaxed);
-                }
-                second += 1;
-            }
-            Ok(())
+        let commits = commits.clone();
+        spawn_hot_writer(root.clone(), opts.hot, stop.clone(), move |_| {
+            commits.fetch_add(1, Ordering::Relaxed);
         })
     };
     let started = Instant::now();

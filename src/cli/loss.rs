@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::soak::{create_fleet, open_writer, soak_path};
+use super::soak::{create_fleet, open_writer, soak_path, spawn_hot_writer};
 use crate::restore::{self, RestoreOptions, RestoreOutcome};
 use crate::source::config::Loaded;
 use crate::{Error, Result};
@@ -165,26 +165,9 @@ pub async fn loss(opts: LossOptions) -> Result<LossReport> {
     let log: Log = Arc::new(Mutex::new(vec![Vec::new(); n]));
     let halt = Arc::new(AtomicBool::new(false));
     let hot_writer = {
-        let (log, halt, root, hot) = (log.clone(), halt.clone(), root.clone(), opts.hot);
-        std::thread::spawn(move || -> Result<()> {
-            let conns = (0..hot)
-                .map(|i| open_writer(&soak_path(&root, i)))
-                .collect::<Result<Vec<_>>>()?;
-            let begin = Instant::now();
-            let mut second = 0u64;
-            while !halt.load(Ordering::Relaxed) {
-                for (i, c) in conns.iter().enumerate() {
-                    let at = Duration::from_secs(second)
-                        + Duration::from_secs_f64(i as f64 / hot.max(1) as f64);
-                    if let Some(wait) = at.checked_sub(begin.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                    commit(c, &soak_path(&root, i))?;
-                    log.lock().unwrap_or_else(|p| p.into_inner())[i].push(Instant::now());
-                }
-                second += 1;
-            }
-            Ok(())
+        let log = log.clone();
+        spawn_hot_writer(root.clone(), opts.hot, halt.clone(), move |i| {
+            log.lock().unwrap_or_else(|p| p.into_inner())[i].push(Instant::now());
         })
     };
     let waking: Vec<rusqlite::Connection> = (opts.hot..n)

@@ -269,6 +269,39 @@ pub(crate) fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
     Ok(c)
 }
 
+/// Commits one row into each of the fleet's first `hot` databases
+/// ([`soak_path`]) every second, spread evenly over the second, until
+/// `stop`; calls `on_commit(i)` as each commit into database `i` returns.
+/// For `bench cost` and `bench loss`.
+pub(crate) fn spawn_hot_writer(
+    root: PathBuf,
+    hot: usize,
+    stop: Arc<AtomicBool>,
+    mut on_commit: impl FnMut(usize) + Send + 'static,
+) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(move || -> Result<()> {
+        let conns = (0..hot)
+            .map(|i| open_writer(&soak_path(&root, i)))
+            .collect::<Result<Vec<_>>>()?;
+        let begin = Instant::now();
+        let mut second = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for (i, c) in conns.iter().enumerate() {
+                let at = Duration::from_secs(second)
+                    + Duration::from_secs_f64(i as f64 / hot.max(1) as f64);
+                if let Some(wait) = at.checked_sub(begin.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                c.execute("INSERT INTO t(v) VALUES ('hot')", [])
+                    .map_err(|e| Error::sqlite(soak_path(&root, i), e))?;
+                on_commit(i);
+            }
+            second += 1;
+        }
+        Ok(())
+    })
+}
+
 fn count(path: &Path) -> Result<i64> {
     let c = rusqlite::Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
     c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))

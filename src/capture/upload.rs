@@ -89,12 +89,6 @@ pub async fn upload_segment(
 ) -> Result<Position> {
     check_key(key)?;
     let location = segment_path(&replica.prefix, key, gen, pos, committed);
-    if frames.is_empty() || pos.offset < crate::replica::hot::FIRST_FRAME {
-        return Err(Error::invalid(
-            &location,
-            "a segment needs committed frames at offset 32 or later",
-        ));
-    }
     let compressed = compress_segment(key, pos, frames)?;
     replica.put_bytes(&location, compressed).await?;
     Ok(Position {
@@ -103,9 +97,17 @@ pub async fn upload_segment(
     })
 }
 
-/// The LZ4 frame of a segment (what a segment object or a pack part holds).
+/// The LZ4 frame of a segment (what a segment object or a pack part holds):
+/// committed frames starting at `pos`, which must be at or after the first
+/// frame of its WAL.
 pub fn compress_segment(key: &str, pos: Position, frames: &[u8]) -> Result<Vec<u8>> {
     let what = || format!("WAL segment {pos} of {key:?}");
+    if frames.is_empty() || pos.offset < crate::replica::hot::FIRST_FRAME {
+        return Err(Error::invalid(
+            what(),
+            "a segment needs committed frames at offset 32 or later",
+        ));
+    }
     let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
         snapshot::frame_info(frames.len() as u64),
         Vec::with_capacity(frames.len() / 2),

@@ -598,12 +598,14 @@ pub async fn list_segments(
             v.push(s);
         }
     }
-    for meta in packs {
-        // Gone meanwhile: retention deleted the generation.
-        if let Some(index) = pack::read_index(replica, &meta).await? {
-            v.extend(segments_of(&meta, &index, key, gen, true));
-        }
-    }
+    // A pack gone meanwhile: retention deleted the generation.
+    v.extend(
+        pack_segments(replica, &packs, key, gen, true)
+            .await?
+            .into_iter()
+            .flatten()
+            .flatten(),
+    );
     Ok(dedup_segments(v))
 }
 
@@ -628,7 +630,8 @@ fn pack_position(name: &str) -> Option<Position> {
     pack::parse_pack_name(name).map(|(index, offset)| Position { index, offset })
 }
 
-/// Index reads in flight while a restore looks through the fleet log.
+/// Pack index reads in flight while a restore lists a generation's packs or
+/// looks through the fleet log.
 const INDEX_READS: usize = 16;
 
 /// The parts of `key`'s generation `gen` in `index` (of the pack `meta`),
@@ -662,6 +665,30 @@ fn segments_of(
         .collect()
 }
 
+/// The parts of `key`'s generation `gen` in each of the packs `metas`
+/// ([`segments_of`]), their indexes read [`INDEX_READS`] at a time; `None`
+/// for a pack gone before its index was read.
+async fn pack_segments(
+    replica: &Replica,
+    metas: &[ObjectMeta],
+    key: &str,
+    gen: &GenerationId,
+    whole: bool,
+) -> Result<Vec<Option<Vec<SegmentObject>>>> {
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(metas.iter().cloned())
+        .map(|meta| async move {
+            Ok::<_, Error>(
+                pack::read_index(replica, &meta)
+                    .await?
+                    .map(|i| segments_of(&meta, &i, key, gen, whole)),
+            )
+        })
+        .buffered(INDEX_READS)
+        .try_collect()
+        .await
+}
+
 /// Every part of `key`'s generation `gen` in the fleet log objects `log`,
 /// as segments. `Ok(None)` when a listed log object was gone before its
 /// index was read: it was consolidated meanwhile, and the caller must list
@@ -673,26 +700,11 @@ async fn log_segments(
     key: &str,
     gen: &GenerationId,
 ) -> Result<Option<Vec<SegmentObject>>> {
-    use futures::{StreamExt, TryStreamExt};
-    let reads: Vec<Option<Vec<SegmentObject>>> = futures::stream::iter(log.iter().cloned())
-        .map(|meta| async move {
-            Ok::<_, Error>(
-                pack::read_index(replica, &meta)
-                    .await?
-                    .map(|i| segments_of(&meta, &i, key, gen, false)),
-            )
-        })
-        .buffered(INDEX_READS)
-        .try_collect()
-        .await?;
-    let mut out = Vec::new();
-    for r in reads {
-        match r {
-            Some(v) => out.extend(v),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(out))
+    let reads = pack_segments(replica, log, key, gen, false).await?;
+    Ok(reads
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .map(|v| v.into_iter().flatten().collect()))
 }
 
 /// Sorted by position, one segment per position: a part can be in a log
@@ -954,7 +966,7 @@ pub async fn plan_latest(
             continue;
         }
         let mut tries = 0;
-        let segments = loop {
+        let (meta, segments) = loop {
             // Before the segments are listed: see `Plan::recorded`.
             let meta = read_metadata(replica, key, &id).await?;
             // The log is listed before the generation: a part consolidated
@@ -981,7 +993,6 @@ pub async fn plan_latest(
                 }
             }
         };
-        let (meta, segments) = segments;
         let recorded = match at {
             None => meta,
             Some(_) => None,

@@ -423,3 +423,172 @@ both_backends!(a_damaged_log_object_fails_loudly, |b| async move {
     assert!(fleetlog::recover(&r, tmp.path()).await.unwrap() > 0);
     assert_eq!(s.restore(0, None).await.unwrap(), s.rows[0]);
 });
+
+/// Holds the first range read of a fleet log object until the test lets it
+/// go: with `index`, the read of its index (at the object's start, while a
+/// restore plans), else the read of a part (after the plan was made). The
+/// window in which a consolidation can delete the object under a restore.
+#[derive(Debug)]
+struct HoldFirstLogRead {
+    inner: Arc<dyn object_store::ObjectStore>,
+    index: bool,
+    armed: std::sync::atomic::AtomicBool,
+    reached: tokio::sync::Notify,
+    go: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Display for HoldFirstLogRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HoldFirstLogRead({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for HoldFirstLogRead {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        let held = location.as_ref().contains(".litefleet/log/")
+            && matches!(&options.range,
+                Some(object_store::GetRange::Bounded(r)) if (r.start == 0) == self.index);
+        if held && self.armed.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            let _ = self.go.acquire().await;
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+        offset: &object_store::path::Path,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::RenameOptions,
+    ) -> object_store::Result<()> {
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+/// A restore of database 0 of `s` (whose stream is gone, its parts in the
+/// fleet log only) during which, at the first log read of the kind `index`
+/// selects, the log is consolidated and deleted. Returns the rows restored.
+async fn restore_across_a_consolidation(s: &Streams, index: bool) -> i64 {
+    let plain = s.f.replica();
+    let hold = Arc::new(HoldFirstLogRead {
+        inner: plain.store.clone(),
+        index,
+        armed: std::sync::atomic::AtomicBool::new(true),
+        reached: tokio::sync::Notify::new(),
+        go: tokio::sync::Semaphore::new(0),
+    });
+    let held = plain.clone().with_store(hold.clone());
+    let out = s.out.path().join("raced.db");
+    let opts = litefleet::restore::RestoreOptions {
+        target: s.keys[0].clone(),
+        output: out.clone(),
+        timestamp: None,
+        if_replica_exists: false,
+        if_db_not_exists: false,
+        allow_older: false,
+    };
+    let loaded = s.f.loaded();
+    let restore =
+        tokio::spawn(async move { litefleet::restore::restore(&loaded, &held, &opts).await });
+    tokio::time::timeout(EVENT_TIMEOUT, hold.reached.notified())
+        .await
+        .expect("the restore never read the log");
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(fleetlog::recover(&plain, tmp.path()).await.unwrap() > 0);
+    assert!(s
+        .objects_ending(".pack", ".litefleet/log/")
+        .await
+        .is_empty());
+    hold.go.add_permits(1);
+    let outcome = restore.await.unwrap().unwrap();
+    assert!(
+        matches!(outcome, RestoreOutcome::Restored { .. }),
+        "{outcome:?}"
+    );
+    count_rows(&out)
+}
+
+// A restore lists the fleet log, and a log object is consolidated and
+// deleted before its index is read (while planning) or before its part is
+// downloaded (after planning). Either way the restore lists or plans again
+// and finds the parts in the consolidated pack: the same rows, no error.
+both_backends!(
+    a_log_object_consolidated_during_a_restore_is_found_again,
+    |b| async move {
+        for index in [true, false] {
+            let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
+            for round in 1..=2u64 {
+                s.commit_all(1);
+                s.until_shipped(round).await;
+            }
+            // The stream is gone, its parts only in the log.
+            for t in std::mem::take(&mut s.tasks) {
+                t.abort();
+            }
+            assert_eq!(restore_across_a_consolidation(&s, index).await, s.rows[0]);
+        }
+    }
+);

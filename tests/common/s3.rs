@@ -18,6 +18,13 @@
 //! lease winners, once in ~40 races). So GETs and HEADs wait while a
 //! conditional PUT is served (they run concurrently with each other). The
 //! wrapper adds no check of its own: every 412 comes from `s3s-fs`.
+//!
+//! Listings: `s3s-fs` walks the directories and stats each file, so a LIST
+//! overlapping a DELETE of a listed object fails with 500 InternalError
+//! (the file vanished between the directory read and the stat). Real S3
+//! lists consistently whatever is deleted meanwhile; so DELETEs (single and
+//! bulk, `POST ?delete`) are served like conditional PUTs: alone, while
+//! GETs (listings included) wait.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -54,9 +61,9 @@ pub enum Fault {
 
 struct Shared {
     fault: Mutex<Fault>,
-    /// Written while a conditional PUT is served, read while a GET or HEAD
-    /// is (see the module docs).
-    conditional: tokio::sync::RwLock<()>,
+    /// Written while a conditional PUT or a DELETE is served, read while a
+    /// GET (a listing too) or HEAD is (see the module docs).
+    exclusive: tokio::sync::RwLock<()>,
     /// Requests that passed under `FailAfter` so far.
     passed: AtomicU64,
     requests: AtomicU64,
@@ -130,7 +137,7 @@ impl S3Server {
         let service = b.build();
         let shared = Arc::new(Shared {
             fault: Mutex::new(Fault::None),
-            conditional: tokio::sync::RwLock::new(()),
+            exclusive: tokio::sync::RwLock::new(()),
             passed: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -187,17 +194,23 @@ impl S3Server {
                         let conditional = req.method() == hyper::Method::PUT
                             && (req.headers().contains_key(hyper::header::IF_MATCH)
                                 || req.headers().contains_key(hyper::header::IF_NONE_MATCH));
+                        let deletes = req.method() == hyper::Method::DELETE
+                            || (req.method() == hyper::Method::POST
+                                && req
+                                    .uri()
+                                    .query()
+                                    .is_some_and(|q| q.split('&').any(|p| p == "delete" || p.starts_with("delete="))));
                         let reads = matches!(
                             *req.method(),
                             hyper::Method::GET | hyper::Method::HEAD
                         );
-                        let _write = if conditional {
-                            Some(shared.conditional.write().await)
+                        let _write = if conditional || deletes {
+                            Some(shared.exclusive.write().await)
                         } else {
                             None
                         };
                         let _read = if reads {
-                            Some(shared.conditional.read().await)
+                            Some(shared.exclusive.read().await)
                         } else {
                             None
                         };

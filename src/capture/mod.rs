@@ -19,3 +19,38 @@ pub mod ship;
 pub mod snapshot;
 pub mod upload;
 pub mod wal;
+
+/// Process-wide SQLite settings, applied once, before the first connection
+/// opens (later calls, and calls after another part of the process opened a
+/// connection first, change nothing).
+///
+/// * No bulk page-cache allocation: by default every connection reserves
+///   room for 20 pages (~88 KB at 4 KiB pages) at its first read, whatever
+///   its `cache_size`, and keeps it until it closes. A hot database's
+///   connection reads a page or two, so that reservation was most of its
+///   memory; without it pages are allocated as they are used. Connections
+///   that read many pages (snapshots, restores) lose only the saving of a
+///   few `malloc` calls.
+pub fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SQLITE_CONFIG_PAGECACHE takes (void*, int, int); a null
+        // buffer with 0 pages is documented as "no bulk allocation". It is
+        // only legal before SQLite initialises, and then returns
+        // SQLITE_MISUSE without changing anything, which is fine.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_PAGECACHE,
+                std::ptr::null_mut::<std::ffi::c_void>(),
+                0 as std::ffi::c_int,
+                0 as std::ffi::c_int,
+            )
+        };
+        if rc != rusqlite::ffi::SQLITE_OK {
+            tracing::debug!(
+                rc,
+                "SQLite was initialised already; its page-cache settings stay"
+            );
+        }
+    });
+}

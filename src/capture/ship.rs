@@ -1,21 +1,24 @@
 //! The hot tier's WAL shipper: one per hot database, streaming committed WAL
 //! frames into the generation layout of [`crate::replica::hot`].
 //!
-//! A [`Shipper`] owns two SQLite connections to the database and nothing of
-//! the application's. It never writes to the database; it only holds read
-//! transactions, takes the write lock for the span of a checkpoint, and runs
-//! checkpoints. The rules it keeps, and why they leave no silent gap:
+//! A [`Shipper`] owns one SQLite connection to the database and nothing of
+//! the application's: three file descriptors (the database, `-wal` and
+//! `-shm`; the WAL is also opened for each read of frames, and closed again).
+//! It never writes to the database; it only holds a read transaction, takes
+//! the WAL write lock for the span of a checkpoint, and runs checkpoints. The
+//! rules it keeps, and why they leave no silent gap:
 //!
-//! * **Always hold a read transaction.** SQLite cannot checkpoint frames past
-//!   the oldest read mark in use, and cannot restart the WAL (write it again
-//!   from the front) while a reader uses it. So while we read, every frame we
-//!   have not copied yet stays in the WAL file. We move forward by
-//!   *leapfrogging*: begin a read on the spare connection, then end the read on
-//!   the active one, so some read transaction of ours is always open.
+//! * **Always hold a read transaction**, from the start of a generation to
+//!   the stream's end, except inside our own checkpoint. SQLite cannot
+//!   checkpoint frames past the oldest read mark in use, and cannot restart
+//!   the WAL (write it again from the front) while a reader uses it. So while
+//!   we read, every frame we have not copied yet stays in the WAL file. New
+//!   frames are read from the `-wal` file directly, so the read transaction
+//!   never needs to move except to let a checkpoint through.
 //! * **Copy only committed frames**, validated by [`crate::capture::wal::read_committed`]
 //!   (header salts and the checksum chain, cut after the last commit frame).
-//!   Each sync's frames go up as one segment object, in order; a failed upload
-//!   is kept in memory and retried before anything else is read.
+//!   Each sync's frames go up as one segment, in order; a failed upload is
+//!   kept in memory and retried before anything else is read.
 //! * **A WAL restart at the tip is continuity, anything else is a new
 //!   generation.** Once a read reached the end of the valid frames and a read
 //!   transaction has been held continuously since, the WAL can only be
@@ -30,14 +33,23 @@
 //!   replaced) means frames we never saw may be gone: we start a new
 //!   generation with a fresh snapshot.
 //! * **Our own checkpoints** keep the WAL bounded without the application's
-//!   help. Above `checkpoint-pages` frames the spare connection takes the write
-//!   lock (`BEGIN IMMEDIATE`, giving up after [`WRITE_LOCK_WAIT`]), we read the
-//!   last frames (nothing can be appended now), end our read, run a PASSIVE
-//!   checkpoint, begin a new read and release the lock. Writers wait for that
-//!   span only: one checkpoint. If every frame was checkpointed, the next
-//!   writer restarts the WAL, which is a restart at the tip. Above
-//!   `truncate-pages` we then also try `wal_checkpoint(TRUNCATE)` with the same
-//!   short wait, to give the file's space back.
+//!   help. Above `checkpoint-pages` frames we take the WAL write lock
+//!   ([`WalWriteLock`]: SQLite's own lock, taken on the `-shm` file through
+//!   its VFS, giving up after [`WRITE_LOCK_WAIT`]), read the last frames
+//!   (nothing can be appended now), end our read, run a PASSIVE checkpoint,
+//!   begin a new read and release the lock. Writers wait for that span only:
+//!   one checkpoint. Holding the lock ourselves, rather than through a second
+//!   connection's `BEGIN IMMEDIATE`, is what lets one connection (three file
+//!   descriptors) do it: SQLite cannot checkpoint on a connection that is
+//!   inside a transaction. If every frame was checkpointed, the next writer
+//!   restarts the WAL, which is a restart at the tip.
+//! * Above `truncate-pages` we then also try `wal_checkpoint(TRUNCATE)` to
+//!   give the file's space back. It needs the write lock itself, so for its
+//!   span we hold neither lock nor read; `PRAGMA data_version` before and
+//!   after tells whether any other connection committed meanwhile. If none
+//!   did, every frame it removed was one we had read (a restart at the tip);
+//!   if one did, its frames may have been truncated unseen, so the tip is
+//!   forgotten and a WAL that moved on starts a new generation.
 //!
 //! Application checkpoints keep working: PASSIVE ones (including SQLite's
 //! autocheckpoint) stop at our read mark; RESTART and TRUNCATE ones wait for
@@ -50,7 +62,7 @@
 //! its WAL read, a snapshot's just after its copy.
 //!
 //! When syncs keep failing for `release-after` (the store is down), the
-//! stream ends ([`HotExit::Unshipped`]) and closes its connections: holding
+//! stream ends ([`HotExit::Unshipped`]) and closes its connection: holding
 //! the read transaction longer would let the application's WAL grow without
 //! bound. The cold tier takes the database over; it streams again, in a new
 //! generation, once the store is back. A database that fails `quick_check`
@@ -92,9 +104,11 @@ pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
 /// transaction before trying again at the next sync. Short, because while we
 /// wait for the write lock, nobody else can take it either.
 pub const WRITE_LOCK_WAIT: Duration = Duration::from_millis(100);
-/// Page cache of our connections, in pages. We read almost nothing through
-/// SQLite (the WAL is read directly), and 1000 hot databases must stay cheap.
-const CACHE_PAGES: i64 = 16;
+/// Page cache of our connection, in pages. We read almost nothing through
+/// SQLite (the WAL is read directly; a read transaction starts on page 1),
+/// and 1000 hot databases must stay cheap. Below 3 SQLite also skips its
+/// bulk allocation of cache room (see [`crate::capture::configure_sqlite`]).
+const CACHE_PAGES: i64 = 2;
 
 /// The hot tier knobs (see [`crate::source::config::MultiDb`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,8 +173,8 @@ pub struct Shipper {
     key: String,
     /// Device and inode of the database when we opened it.
     ident: (u64, u64),
-    active: Connection,
-    spare: Connection,
+    /// Our only connection; holds the read transaction (see the module docs).
+    conn: Connection,
     generation: Option<GenerationId>,
     meta: Option<Metadata>,
     state: WalState,
@@ -179,8 +193,6 @@ pub struct Shipper {
     /// The last read reached the end of the valid frames and a read
     /// transaction has been held continuously since.
     tip: bool,
-    /// Frames were read since the active read transaction began.
-    moved: bool,
     /// The last read stopped at [`MAX_SEGMENT_BYTES`] with more frames behind.
     cut_short: bool,
     meta_dirty: bool,
@@ -200,9 +212,7 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 fn begin_read(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("BEGIN DEFERRED")?;
     // A read transaction starts at its first read.
-    let r = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
-        r.get::<_, i64>(0)
-    });
+    let r = conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0));
     if r.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
     }
@@ -300,9 +310,10 @@ impl Shipper {
     /// Opens `db` for streaming under `key`. Fails (and the database stays
     /// cold) if it is not in WAL mode.
     pub fn open(db: &Path, key: &str) -> Result<Shipper> {
+        crate::capture::configure_sqlite();
         let ident = identity(db).at(db)?;
-        let active = open_conn(db)?;
-        let mode: String = active
+        let conn = open_conn(db)?;
+        let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(sqlite(db))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -311,14 +322,12 @@ impl Shipper {
                 format!("journal_mode is {mode}, not wal: WAL streaming needs WAL mode; the database stays in the cold tier"),
             ));
         }
-        let spare = open_conn(db)?;
         Ok(Shipper {
             db: db.to_path_buf(),
             wal: wal_path(db),
             key: key.to_string(),
             ident,
-            active,
-            spare,
+            conn,
             generation: None,
             meta: None,
             state: WalState::Awaiting { index: 0 },
@@ -328,7 +337,6 @@ impl Shipper {
             snapshot_time: DateTime::UNIX_EPOCH,
             newest: None,
             tip: false,
-            moved: false,
             cut_short: false,
             meta_dirty: false,
         })
@@ -370,16 +378,14 @@ impl Shipper {
     /// Nothing is uploaded here; see [`stream`].
     pub fn begin_generation(&mut self, tmp_dir: &Path) -> Result<()> {
         let db = self.db.clone();
-        end_read(&self.spare).map_err(sqlite(&db))?;
-        end_read(&self.active).map_err(sqlite(&db))?;
+        end_read(&self.conn).map_err(sqlite(&db))?;
         self.tip = false;
         self.cut_short = false;
         self.pending = None;
         self.snapshot = None;
         self.generation = None;
         self.meta = None;
-        begin_read(&self.active).map_err(sqlite(&db))?;
-        self.moved = false;
+        begin_read(&self.conn).map_err(sqlite(&db))?;
         // The header read after our transaction began: its frames are either in
         // our snapshot already (replaying them again is harmless) or newer.
         let header = match File::open(&self.wal) {
@@ -391,7 +397,7 @@ impl Shipper {
         let copy = NamedTempFile::with_prefix_in("hot-", tmp_dir)
             .at(tmp_dir)?
             .into_temp_path();
-        snapshot::backup_from(&self.active, &db, &copy)?;
+        snapshot::backup_from(&self.conn, &db, &copy)?;
         snapshot::check(&copy, "quick_check").map_err(|e| {
             Error::damaged(
                 db.display(),
@@ -399,7 +405,7 @@ impl Shipper {
             )
         })?;
         let page_size: u32 = self
-            .active
+            .conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(sqlite(&db))?;
         let now = Utc::now();
@@ -524,7 +530,6 @@ impl Shipper {
                             self.pending = Some((cur.pos, bytes));
                             self.pending_time = read_at.max(self.snapshot_time);
                             self.state = WalState::Reading(next);
-                            self.moved = true;
                             return Ok(Step::Frames);
                         }
                         ReadOutcome::Lost(lost) => {
@@ -562,17 +567,10 @@ impl Shipper {
         self.pending = Some((pos, bytes));
     }
 
-    /// After uploads: moves our read transaction forward (leapfrog) and runs
-    /// our own checkpoint when the WAL is large enough.
+    /// After uploads: runs our own checkpoint when the WAL is large enough.
     pub fn advance(&mut self, cfg: &ShipConfig) -> Result<Option<CheckpointReport>> {
         if self.pending.is_some() {
             return Ok(None);
-        }
-        if self.moved {
-            begin_read(&self.spare).map_err(sqlite(&self.db))?;
-            end_read(&self.active).map_err(sqlite(&self.db))?;
-            std::mem::swap(&mut self.active, &mut self.spare);
-            self.moved = false;
         }
         let WalState::Reading(cur) = self.state else {
             return Ok(None);
@@ -589,19 +587,17 @@ impl Shipper {
     /// Frames read under the lock are left pending.
     pub fn checkpoint(&mut self, truncate: bool) -> Result<Option<CheckpointReport>> {
         let db = self.db.clone();
-        match self.spare.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => {}
-            Err(e) if is_busy(&e) => return Ok(None),
-            Err(e) => return Err(Error::sqlite(&db, e)),
-        }
-        let under_lock = (|| -> Result<Option<(i64, i64, i64)>> {
+        let Some(lock) = WalWriteLock::wait(&self.conn, &db)? else {
+            return Ok(None);
+        };
+        let under_lock = (|| -> Result<Option<(i64, i64, i64, i64)>> {
             if let Step::Lost(_) = self.read()? {
                 // Handled by the next sync, which starts a new generation.
                 return Ok(None);
             }
-            end_read(&self.active).map_err(sqlite(&db))?;
+            end_read(&self.conn).map_err(sqlite(&db))?;
             let r = self
-                .active
+                .conn
                 .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 });
@@ -610,34 +606,26 @@ impl Shipper {
             if tests::FAIL_READ_AFTER_CHECKPOINT.with(|f| f.take()) {
                 return Err(Error::invalid(db.display(), "injected: read not resumed"));
             }
-            begin_read(&self.active).map_err(sqlite(&db))?;
-            self.moved = false;
-            r.map(Some).map_err(sqlite(&db))
+            begin_read(&self.conn).map_err(sqlite(&db))?;
+            let (busy, log, checkpointed) = r.map_err(sqlite(&db))?;
+            // Read under the lock: nobody else can have committed since.
+            let version = data_version(&self.conn).map_err(sqlite(&db))?;
+            Ok(Some((busy, log, checkpointed, version)))
         })();
-        let released = self.spare.execute_batch("ROLLBACK");
         if under_lock.is_err() {
             // Our read may not be back: a WAL restart seen later cannot be
             // trusted to be at our tip any more.
             self.tip = false;
         }
-        let Some((busy, log, checkpointed)) = under_lock? else {
+        let released = lock.release();
+        let Some((busy, log, checkpointed, version)) = under_lock? else {
+            released?;
             return Ok(None);
         };
-        released.map_err(sqlite(&db))?;
+        released?;
         let mut truncated = false;
         if truncate && busy == 0 && log == checkpointed {
-            // Everything is in the database file and our reader (read mark 0)
-            // blocks checkpointing anything appended since: truncating cannot
-            // drop a frame we have not read.
-            match self
-                .spare
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                }) {
-                Ok(b) => truncated = b == 0,
-                Err(e) if is_busy(&e) => {}
-                Err(e) => return Err(Error::sqlite(&db, e)),
-            }
+            truncated = self.truncate(version)?;
         }
         Ok(Some(CheckpointReport {
             log,
@@ -646,13 +634,185 @@ impl Shipper {
         }))
     }
 
-    /// Releases our read transactions, as after an error: the next read
+    /// `wal_checkpoint(TRUNCATE)`, right after our checkpoint backfilled
+    /// every frame, all of which we had read; `version` is the
+    /// `data_version` our read saw then. True if the WAL was truncated.
+    fn truncate(&mut self, version: i64) -> Result<bool> {
+        let db = self.db.clone();
+        // TRUNCATE needs the write lock and no reader: ours must end. From
+        // here until our next read, another connection could commit frames
+        // that TRUNCATE then removes unseen.
+        self.tip = false;
+        end_read(&self.conn).map_err(sqlite(&db))?;
+        #[cfg(test)]
+        tests::BEFORE_TRUNCATE.with(|h| {
+            if let Some(f) = h.borrow_mut().take() {
+                f()
+            }
+        });
+        let r = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        begin_read(&self.conn).map_err(sqlite(&db))?;
+        let busy = match r {
+            Ok(b) => b,
+            Err(e) if is_busy(&e) => 1,
+            Err(e) => return Err(Error::sqlite(&db, e)),
+        };
+        // Nobody else committed: every frame the WAL lost was one we had
+        // read, and the read we hold now blocks the next restart as before.
+        self.tip = data_version(&self.conn).map_err(sqlite(&db))? == version;
+        Ok(busy == 0)
+    }
+
+    /// Releases our read transaction, as after an error: the next read
     /// cannot trust a WAL restart any more and starts a new generation if the
     /// WAL moved on without us.
     pub fn interrupt(&mut self) {
-        let _ = end_read(&self.spare);
-        let _ = end_read(&self.active);
+        let _ = end_read(&self.conn);
         self.tip = false;
+    }
+}
+
+/// `PRAGMA data_version`: changes between two calls on one connection if and
+/// only if another connection committed in between.
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+}
+
+/// SQLite's WAL write lock on a database, held without a transaction.
+///
+/// This is the lock `BEGIN IMMEDIATE` takes in WAL mode (lock 0 of the
+/// `-shm` file's eight, `WAL_WRITE_LOCK` in SQLite's WAL-index format), taken
+/// through the connection's VFS (`xShmLock`), so SQLite in every process
+/// honours it and the connection stays free to end and begin reads and to
+/// checkpoint while we hold it. SQLite's own connection does not know we
+/// hold it; nothing it does under our lock (ending and beginning a read, a
+/// PASSIVE checkpoint) takes this lock, and if it ever tried (recovering a
+/// damaged WAL-index) it would get SQLITE_BUSY, not a deadlock.
+struct WalWriteLock {
+    file: *mut rusqlite::ffi::sqlite3_file,
+    lock: unsafe extern "C" fn(
+        *mut rusqlite::ffi::sqlite3_file,
+        std::ffi::c_int,
+        std::ffi::c_int,
+        std::ffi::c_int,
+    ) -> std::ffi::c_int,
+    released: bool,
+}
+
+/// `WAL_WRITE_LOCK`: index 0 of the WAL-index locks (SQLite's file format,
+/// <https://www.sqlite.org/walformat.html>).
+const WAL_WRITE_LOCK: std::ffi::c_int = 0;
+/// Pause between two attempts at the write lock: SQLite's own busy handler
+/// starts at 1 ms too.
+const WRITE_LOCK_POLL: Duration = Duration::from_millis(1);
+
+impl WalWriteLock {
+    /// Takes the lock, trying for up to [`WRITE_LOCK_WAIT`]; `None` if the
+    /// application held it all that time. `conn` must have read the database
+    /// in WAL mode already (its `-shm` is open) and must outlive the lock.
+    fn wait(conn: &Connection, db: &Path) -> Result<Option<WalWriteLock>> {
+        use rusqlite::ffi;
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        // SAFETY: the handle is valid for `conn`'s lifetime; FILE_POINTER
+        // writes the main database's sqlite3_file pointer, owned by SQLite
+        // for as long as the connection is open.
+        let rc = unsafe {
+            ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_FILE_POINTER,
+                (&mut file as *mut *mut ffi::sqlite3_file).cast(),
+            )
+        };
+        let shm_lock = if rc == ffi::SQLITE_OK && !file.is_null() {
+            // SAFETY: `file` is the open database file; its methods table
+            // is SQLite's, valid while the file is open.
+            unsafe {
+                let methods = (*file).pMethods;
+                if methods.is_null() || (*methods).iVersion < 2 {
+                    None
+                } else {
+                    (*methods).xShmLock
+                }
+            }
+        } else {
+            None
+        };
+        let Some(lock) = shm_lock else {
+            return Err(Error::invalid(
+                db.display(),
+                "the SQLite VFS has no shared-memory locks; WAL streaming needs them",
+            ));
+        };
+        let deadline = std::time::Instant::now() + WRITE_LOCK_WAIT;
+        loop {
+            // SAFETY: as above; SQLite serialises lock calls on the
+            // shared-memory node itself.
+            let rc = unsafe {
+                lock(
+                    file,
+                    WAL_WRITE_LOCK,
+                    1,
+                    ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE,
+                )
+            };
+            match rc {
+                ffi::SQLITE_OK => {
+                    return Ok(Some(WalWriteLock {
+                        file,
+                        lock,
+                        released: false,
+                    }))
+                }
+                ffi::SQLITE_BUSY if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(WRITE_LOCK_POLL)
+                }
+                ffi::SQLITE_BUSY => return Ok(None),
+                rc => {
+                    return Err(Error::sqlite(
+                        db,
+                        rusqlite::Error::SqliteFailure(ffi::Error::new(rc), None),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn unlock(&mut self) -> std::ffi::c_int {
+        use rusqlite::ffi;
+        if self.released {
+            return ffi::SQLITE_OK;
+        }
+        self.released = true;
+        // SAFETY: taken by `wait` on this file, which is still open.
+        unsafe {
+            (self.lock)(
+                self.file,
+                WAL_WRITE_LOCK,
+                1,
+                ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE,
+            )
+        }
+    }
+
+    fn release(mut self) -> Result<()> {
+        match self.unlock() {
+            rusqlite::ffi::SQLITE_OK => Ok(()),
+            rc => Err(Error::invalid(
+                "WAL write lock",
+                format!("releasing it failed (SQLite code {rc})"),
+            )),
+        }
+    }
+}
+
+impl Drop for WalWriteLock {
+    fn drop(&mut self) {
+        let _ = self.unlock();
     }
 }
 
@@ -772,8 +932,68 @@ pub enum HotExit {
     CannotStream(Error),
 }
 
+/// Syncs (WAL reads, our checkpoints) of all hot databases running at once
+/// on the blocking pool, per core. They are short and mostly wait on the page
+/// cache or the disk, so a few per core keep the disk busy; without a bound,
+/// the 1000 streams a fleet-log tick wakes together grew the pool to ~500
+/// threads, whose stacks and allocator arenas were most of a hot database's
+/// memory.
+const SYNCS_PER_CORE: usize = 4;
+/// Fewest concurrent syncs, whatever the core count.
+const MIN_SYNCS: usize = 8;
+
+/// Streams opening their database or starting a generation (a snapshot of
+/// the whole database: CPU and disk bound) at once, per core. When the daemon
+/// starts with 1000 hot databases they all start together; one or two per
+/// core already keep the cores and the disk busy.
+const STARTS_PER_CORE: usize = 2;
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The bound on concurrent syncs (see [`SYNCS_PER_CORE`]).
+fn sync_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| Semaphore::new((cores() * SYNCS_PER_CORE).max(MIN_SYNCS)))
+}
+
+/// The bound on concurrent starts (see [`STARTS_PER_CORE`]); separate from
+/// [`sync_slots`], so a long snapshot never holds the other streams' syncs up.
+fn start_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| Semaphore::new(cores() * STARTS_PER_CORE))
+}
+
+/// Which bound a blocking task counts against.
+#[derive(Clone, Copy)]
+enum Work {
+    Sync,
+    Start,
+}
+
+/// Runs `f` on the blocking pool once `work`'s bound lets it.
+async fn bounded<T: Send + 'static>(
+    work: Work,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let slots = match work {
+        Work::Sync => sync_slots(),
+        Work::Start => start_slots(),
+    };
+    let _permit = slots
+        .acquire()
+        .await
+        .map_err(|e| Error::invalid("hot tier", format!("task slots closed: {e}")))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::invalid("hot tier", format!("task failed: {e}")))
+}
+
+/// Runs `f` on the shipper in `slot` (see [`bounded`]).
 async fn blocking<T: Send + 'static>(
     slot: &mut Option<Shipper>,
+    work: Work,
     f: impl FnOnce(&mut Shipper) -> T + Send + 'static,
 ) -> Result<T> {
     let Some(mut s) = slot.take() else {
@@ -782,12 +1002,11 @@ async fn blocking<T: Send + 'static>(
             "shipper lost after a failed task",
         ));
     };
-    let (s, r) = tokio::task::spawn_blocking(move || {
+    let (s, r) = bounded(work, move || {
         let r = f(&mut s);
         (s, r)
     })
-    .await
-    .map_err(|e| Error::invalid("hot tier", format!("task failed: {e}")))?;
+    .await?;
     *slot = Some(s);
     Ok(r)
 }
@@ -853,13 +1072,10 @@ pub async fn stream_reporting(
     progress: Arc<StreamProgress>,
 ) -> HotExit {
     let (d, k) = (db.clone(), key.clone());
-    let opened = tokio::task::spawn_blocking(move || Shipper::open(&d, &k)).await;
+    let opened = bounded(Work::Start, move || Shipper::open(&d, &k)).await;
     let mut slot = match opened {
         Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => return HotExit::CannotStream(e),
-        Err(e) => {
-            return HotExit::CannotStream(Error::invalid(db.display(), format!("task failed: {e}")))
-        }
+        Ok(Err(e)) | Err(e) => return HotExit::CannotStream(e),
     };
     let mut tick = tokio::time::interval(ctx.cfg.sync_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -1002,7 +1218,7 @@ async fn sync(
                     .next();
             }
             let tmp = ctx.temp_dir.clone();
-            blocking(slot, move |s| s.begin_generation(&tmp)).await??;
+            blocking(slot, Work::Start, move |s| s.begin_generation(&tmp)).await??;
             if let (Some(s), Some(_)) = (slot.as_mut(), ls.as_ref()) {
                 if let Some(m) = &mut s.meta {
                     m.logged = true;
@@ -1013,21 +1229,19 @@ async fn sync(
             tracing::debug!(path = %s.db.display(), generation = %s.generation.as_ref().map(|g| g.to_string()).unwrap_or_default(), "started a WAL generation");
         }
         upload(ctx, tag, slot, ls).await?;
-        let step = blocking(slot, |s| s.read()).await??;
+        let step = blocking(slot, Work::Sync, |s| s.read()).await??;
         if let Step::Lost(reason) = step {
             let s = slot.as_mut().expect("present after a successful task");
             tracing::info!(path = %s.db.display(), %reason, "WAL continuity lost; starting a new generation with a fresh snapshot");
             // Reopen: the file may have been replaced.
             let (db, key) = (s.db.clone(), s.key.clone());
-            let fresh = tokio::task::spawn_blocking(move || Shipper::open(&db, &key))
-                .await
-                .map_err(|e| Error::invalid("hot tier", format!("task failed: {e}")))??;
+            let fresh = bounded(Work::Start, move || Shipper::open(&db, &key)).await??;
             *slot = Some(fresh);
             continue;
         }
         upload(ctx, tag, slot, ls).await?;
         let cfg = ctx.cfg;
-        let ckpt = blocking(slot, move |s| s.advance(&cfg)).await??;
+        let ckpt = blocking(slot, Work::Sync, move |s| s.advance(&cfg)).await??;
         let Some(c) = ckpt else { return Ok(()) };
         ctx.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
@@ -1191,6 +1405,11 @@ mod tests {
         /// Runs once just before [`Shipper::read`] reads the WAL.
         pub(super) static BEFORE_WAL_READ: RefCell<Option<Box<dyn FnOnce()>>> =
             RefCell::new(None);
+        /// Runs once in [`Shipper::truncate`], after our read ended and
+        /// before the TRUNCATE checkpoint: the window another connection's
+        /// commit can hit.
+        pub(super) static BEFORE_TRUNCATE: RefCell<Option<Box<dyn FnOnce()>>> =
+            RefCell::new(None);
     }
 
     /// A transaction that commits while the shipper is about to read the
@@ -1200,12 +1419,7 @@ mod tests {
     /// the commit included a transaction begun after it (crash harness).
     #[test]
     fn a_segment_commit_time_covers_a_commit_made_during_the_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a.db");
-        let app = wal_db(&a, 3);
-        let mut s = Shipper::open(&a, "k").unwrap();
-        s.begin_generation(dir.path()).unwrap();
-        s.take_pending().expect("the frames already in the WAL");
+        let (_dir, a, app, mut s) = streaming();
         let committed = std::rc::Rc::new(std::cell::Cell::new(None));
         let (c, app_path) = (committed.clone(), a.clone());
         BEFORE_WAL_READ.with(|h| {
@@ -1233,12 +1447,7 @@ mod tests {
     /// later is continuity lost, not the next WAL of the generation.
     #[test]
     fn a_failed_checkpoint_forgets_the_tip() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a.db");
-        let app = wal_db(&a, 3);
-        let mut s = Shipper::open(&a, "k").unwrap();
-        s.begin_generation(dir.path()).unwrap();
-        s.take_pending().expect("the frames already in the WAL");
+        let (_dir, _, app, mut s) = streaming();
         assert!(s.tip);
         FAIL_READ_AFTER_CHECKPOINT.with(|f| f.set(true));
         assert!(s.checkpoint(false).is_err());
@@ -1251,6 +1460,91 @@ mod tests {
             matches!(s.read().unwrap(), Step::Lost(_)),
             "a restart after frames we never read must not continue the generation"
         );
+    }
+
+    /// Another connection commits while our TRUNCATE runs without our read
+    /// or lock (it needs both gone): its frames are truncated before we see
+    /// them, so the next WAL is continuity lost. Keeping the tip here would
+    /// continue the generation without that commit.
+    #[test]
+    fn a_commit_during_our_truncate_forgets_the_tip() {
+        let (_dir, a, app, mut s) = streaming();
+        let app_path = a.clone();
+        BEFORE_TRUNCATE.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                let w = Connection::open(&app_path).unwrap();
+                w.execute("INSERT INTO t VALUES (100)", []).unwrap();
+            }))
+        });
+        let report = s.checkpoint(true).unwrap().expect("a checkpoint");
+        assert!(report.truncated, "{report:?}");
+        assert!(s.take_pending().is_none());
+        assert!(!s.tip, "a commit during TRUNCATE must forget the tip");
+        app.execute("INSERT INTO t VALUES (101)", []).unwrap();
+        assert!(
+            matches!(s.read().unwrap(), Step::Lost(_)),
+            "the WAL holding row 100 was truncated unseen"
+        );
+    }
+
+    /// Nobody commits during our TRUNCATE: the tip holds and the next WAL
+    /// continues the generation at the next index.
+    #[test]
+    fn an_unraced_truncate_keeps_the_tip() {
+        let (_dir, _, app, mut s) = streaming();
+        let report = s.checkpoint(true).unwrap().expect("a checkpoint");
+        assert!(report.truncated, "{report:?}");
+        assert!(s.tip);
+        app.execute("INSERT INTO t VALUES (101)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        let (pos, _) = s.take_pending().expect("the new WAL's frames");
+        assert_eq!((pos.index, pos.offset), (1, 32));
+    }
+
+    /// Our write lock is SQLite's: while we hold it, writers in this process
+    /// and in another one get SQLITE_BUSY; once released, they write.
+    #[test]
+    fn our_write_lock_holds_writers_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        let app = wal_db(&a, 3);
+        let mut s = Shipper::open(&a, "k").unwrap();
+        s.begin_generation(dir.path()).unwrap();
+        let other_process = |path: &Path| {
+            // timeout=0: report the lock at once instead of waiting.
+            let script = "import sqlite3, sys\n\
+                c = sqlite3.connect(sys.argv[1], timeout=0)\n\
+                try:\n    c.execute('INSERT INTO t VALUES (7)'); c.commit(); print('wrote')\n\
+                except sqlite3.OperationalError as e:\n    print(e)\n";
+            let out = std::process::Command::new("python3")
+                .args(["-c", script])
+                .arg(path)
+                .output()
+                .expect("python3 runs");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let lock = WalWriteLock::wait(&s.conn, &a).unwrap().expect("free");
+        app.busy_timeout(Duration::ZERO).unwrap();
+        let e = app.execute("INSERT INTO t VALUES (5)", []).unwrap_err();
+        assert!(is_busy(&e), "{e}");
+        assert_eq!(other_process(&a), "database is locked");
+        // Taken already: a second attempt gives up after WRITE_LOCK_WAIT.
+        assert!(WalWriteLock::wait(&s.conn, &a).unwrap().is_none());
+        lock.release().unwrap();
+        app.execute("INSERT INTO t VALUES (5)", []).unwrap();
+        assert_eq!(other_process(&a), "wrote");
+    }
+
+    /// A WAL database of 3 rows (its application connection kept open) and
+    /// a shipper that started a generation and took the frames in the WAL.
+    fn streaming() -> (tempfile::TempDir, PathBuf, Connection, Shipper) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        let app = wal_db(&a, 3);
+        let mut s = Shipper::open(&a, "k").unwrap();
+        s.begin_generation(dir.path()).unwrap();
+        s.take_pending().expect("the frames already in the WAL");
+        (dir, a, app, s)
     }
 
     fn wal_db(path: &Path, rows: i64) -> Connection {

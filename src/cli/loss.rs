@@ -5,8 +5,10 @@
 //! they start cold) and runs the real `replicate` binary on a `file://`
 //! replica. Hot databases get one commit per second each, all along. Each
 //! round, every waking database gets 5 commits (the case: writes
-//! into databases that had been idle), `kill-after` later the replicator is
-//! SIGKILLed, every database is restored from the replica as it is, and each
+//! into databases that had been idle), and at a random time after them
+//! (uniform between 0 and twice `kill-after`, drawn from `seed`, so a kill
+//! lands anywhere in the sync cycle and the run can be repeated) the
+//! replicator is SIGKILLed, every database is restored from the replica as it is, and each
 //! commit made before the kill that the restore lacks is counted as lost.
 //! Then the lease is removed (as an operator who knows the process is dead
 //! may) and the replicator restarted for the next round.
@@ -14,8 +16,10 @@
 //! Per class it reports the commits made before a kill, the commits lost,
 //! and the *loss window*: per database and kill, how long before the kill
 //! its oldest lost commit returned (0 when nothing was lost); p50, p99 and
-//! max over databases and kills. The target: no commit older than
-//! `sync-interval` + 0.5 s lost, in either class.
+//! max over databases and kills. The loss window is the commit-to-replica
+//! lag seen at a random instant: the age of the oldest commit not yet in the
+//! replica. The target: no commit older than `sync-interval` + 0.5 s lost,
+//! in either class.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,8 +46,11 @@ pub struct LossOptions {
     pub hot: usize,
     pub waking: usize,
     pub kills: usize,
-    /// Time from the waking databases' commits to the SIGKILL.
+    /// Mean time from the waking databases' commits to the SIGKILL (each
+    /// round draws it uniformly from 0 to twice this).
     pub kill_after: Duration,
+    /// Seeds the kill times.
+    pub seed: u64,
     pub sync_interval: Duration,
     pub scan_interval: Duration,
     pub dir: PathBuf,
@@ -68,6 +75,9 @@ pub struct ClassLoss {
 #[derive(Debug, Clone, Serialize)]
 pub struct LossReport {
     pub kills: usize,
+    pub seed: u64,
+    /// Each round's time from the waking commits to the SIGKILL.
+    pub kill_after_s: Vec<f64>,
     pub sync_interval_s: f64,
     pub target_s: f64,
     pub classes: Vec<ClassLoss>,
@@ -177,6 +187,8 @@ pub async fn loss(opts: LossOptions) -> Result<LossReport> {
     let mut tallies = [(0u64, 0u64, 0u64, Vec::new()), (0, 0, 0, Vec::new())];
     let target = opts.sync_interval + TARGET_MARGIN;
     let out = root.join("restored.db");
+    let mut rng = opts.seed;
+    let mut delays = Vec::new();
     for round in 0..opts.kills {
         let _ = std::fs::remove_file(&lease);
         let mut child = start(&exe, &config, &root.join(format!("replicate-{round}.log")))?;
@@ -191,11 +203,25 @@ pub async fn loss(opts: LossOptions) -> Result<LossReport> {
                 log.lock().unwrap_or_else(|p| p.into_inner())[i].push(Instant::now());
             }
         }
-        tokio::time::sleep(opts.kill_after).await;
+        // splitmix64: a uniform draw in [0, 2 × kill-after].
+        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let delay = opts
+            .kill_after
+            .mul_f64(2.0 * (z >> 11) as f64 / (1u64 << 53) as f64);
+        delays.push(delay.as_secs_f64());
+        tokio::time::sleep(delay).await;
         let _ = child.kill();
         let killed = Instant::now();
         let _ = child.wait();
-        eprintln!("round {}: SIGKILL; restoring {n} databases", round + 1);
+        eprintln!(
+            "round {}: SIGKILL {:.2} s after the waking commits; restoring {n} databases",
+            round + 1,
+            delay.as_secs_f64()
+        );
         let commits: Vec<Vec<Instant>> = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for (i, times) in commits.iter().enumerate() {
             let class = usize::from(i >= opts.hot);
@@ -240,6 +266,8 @@ pub async fn loss(opts: LossOptions) -> Result<LossReport> {
         .collect();
     Ok(LossReport {
         kills: opts.kills,
+        seed: opts.seed,
+        kill_after_s: delays,
         sync_interval_s: opts.sync_interval.as_secs_f64(),
         target_s: target.as_secs_f64(),
         classes,

@@ -423,9 +423,13 @@ pub enum BenchCommand {
         /// Rounds, each ending with a SIGKILL.
         #[arg(long, default_value_t = 3)]
         kills: usize,
-        /// From the waking databases' writes to the SIGKILL.
+        /// Mean time from the waking databases' writes to the SIGKILL; each
+        /// round draws it uniformly from 0 to twice this.
         #[arg(long, default_value = "2s", value_parser = parse_secs)]
         kill_after: std::time::Duration,
+        /// Seed of the kill times (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
         #[arg(long, default_value = "1s", value_parser = parse_secs)]
         sync_interval: std::time::Duration,
         #[arg(long, default_value = "15s", value_parser = parse_secs)]
@@ -1022,11 +1026,17 @@ async fn run(cli: Cli) -> Result<()> {
             waking,
             kills,
             kill_after,
+            seed,
             sync_interval,
             scan_interval,
             dir,
             json,
         }) => {
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            });
             if sync_interval.is_zero() || scan_interval.is_zero() {
                 return Err(Error::invalid("bench loss", "intervals must be > 0"));
             }
@@ -1036,6 +1046,7 @@ async fn run(cli: Cli) -> Result<()> {
                 waking,
                 kills,
                 kill_after,
+                seed,
                 sync_interval,
                 scan_interval,
                 dir,
@@ -1045,8 +1056,16 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else {
                 println!(
-                    "{} kills, sync interval {}s, target: nothing older than {}s lost",
-                    r.kills, r.sync_interval_s, r.target_s
+                    "{} kills (seed {}; at {} s after the waking commits), sync interval {}s, target: nothing older than {}s lost",
+                    r.kills,
+                    r.seed,
+                    r.kill_after_s
+                        .iter()
+                        .map(|d| format!("{d:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    r.sync_interval_s,
+                    r.target_s
                 );
                 println!(
                     "{:<8}{:>10}{:>10}{:>8}{:>16}{:>22}",

@@ -193,6 +193,10 @@ pub struct Shipper {
     /// The last read reached the end of the valid frames and a read
     /// transaction has been held continuously since.
     tip: bool,
+    /// Our read transaction is open. Every [`Shipper::read`] begins one
+    /// first if it is not (after a failed checkpoint), and `tip` then only
+    /// holds once a read after it reached the end.
+    reading: bool,
     /// The last read stopped at [`MAX_SEGMENT_BYTES`] with more frames behind.
     cut_short: bool,
     meta_dirty: bool,
@@ -337,6 +341,7 @@ impl Shipper {
             snapshot_time: DateTime::UNIX_EPOCH,
             newest: None,
             tip: false,
+            reading: false,
             cut_short: false,
             meta_dirty: false,
         })
@@ -378,14 +383,13 @@ impl Shipper {
     /// Nothing is uploaded here; see [`stream`].
     pub fn begin_generation(&mut self, tmp_dir: &Path) -> Result<()> {
         let db = self.db.clone();
-        end_read(&self.conn).map_err(sqlite(&db))?;
-        self.tip = false;
+        self.end_read()?;
         self.cut_short = false;
         self.pending = None;
         self.snapshot = None;
         self.generation = None;
         self.meta = None;
-        begin_read(&self.conn).map_err(sqlite(&db))?;
+        self.begin_read()?;
         // The header read after our transaction began: its frames are either in
         // our snapshot already (replaying them again is harmless) or newer.
         let header = match File::open(&self.wal) {
@@ -467,6 +471,12 @@ impl Shipper {
         }
         if let Some(lost) = self.replaced()? {
             return Ok(lost);
+        }
+        if !self.reading {
+            // A checkpoint failed before our read was back. Frames written
+            // since are protected from here on; a restart that happened
+            // meanwhile is lost continuity (`tip` is unset).
+            self.begin_read()?;
         }
         #[cfg(test)]
         tests::BETWEEN_CHECK_AND_OPEN.with(|h| {
@@ -595,7 +605,13 @@ impl Shipper {
                 // Handled by the next sync, which starts a new generation.
                 return Ok(None);
             }
-            end_read(&self.conn).map_err(sqlite(&db))?;
+            if !self.tip {
+                // Cut short by MAX_SEGMENT_BYTES: frames we have not read
+                // are in the WAL, and a checkpoint now would let the next
+                // writer restart over them. The next sync reads on.
+                return Ok(None);
+            }
+            self.end_read()?;
             let r = self
                 .conn
                 .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -606,7 +622,10 @@ impl Shipper {
             if tests::FAIL_READ_AFTER_CHECKPOINT.with(|f| f.take()) {
                 return Err(Error::invalid(db.display(), "injected: read not resumed"));
             }
-            begin_read(&self.conn).map_err(sqlite(&db))?;
+            self.begin_read()?;
+            // Under the write lock nothing was appended or restarted while
+            // our read was away: we still have every frame of the WAL.
+            self.tip = true;
             let (busy, log, checkpointed) = r.map_err(sqlite(&db))?;
             // Read under the lock: nobody else can have committed since.
             let version = data_version(&self.conn).map_err(sqlite(&db))?;
@@ -642,8 +661,7 @@ impl Shipper {
         // TRUNCATE needs the write lock and no reader: ours must end. From
         // here until our next read, another connection could commit frames
         // that TRUNCATE then removes unseen.
-        self.tip = false;
-        end_read(&self.conn).map_err(sqlite(&db))?;
+        self.end_read()?;
         #[cfg(test)]
         tests::BEFORE_TRUNCATE.with(|h| {
             if let Some(f) = h.borrow_mut().take() {
@@ -655,7 +673,7 @@ impl Shipper {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 r.get::<_, i64>(0)
             });
-        begin_read(&self.conn).map_err(sqlite(&db))?;
+        self.begin_read()?;
         let busy = match r {
             Ok(b) => b,
             Err(e) if is_busy(&e) => 1,
@@ -671,8 +689,23 @@ impl Shipper {
     /// cannot trust a WAL restart any more and starts a new generation if the
     /// WAL moved on without us.
     pub fn interrupt(&mut self) {
-        let _ = end_read(&self.conn);
+        let _ = self.end_read();
+    }
+
+    /// Begins our read transaction. Whatever happened to the WAL before it
+    /// is unknown, so `tip` stays unset until a read reaches the end.
+    fn begin_read(&mut self) -> Result<()> {
         self.tip = false;
+        begin_read(&self.conn).map_err(sqlite(&self.db))?;
+        self.reading = true;
+        Ok(())
+    }
+
+    /// Ends our read transaction: from now on the WAL may restart under us.
+    fn end_read(&mut self) -> Result<()> {
+        self.tip = false;
+        self.reading = false;
+        end_read(&self.conn).map_err(sqlite(&self.db))
     }
 }
 
@@ -1460,6 +1493,31 @@ mod tests {
             matches!(s.read().unwrap(), Step::Lost(_)),
             "a restart after frames we never read must not continue the generation"
         );
+    }
+
+    /// After an error left us without a read transaction, the next read
+    /// begins one before it reads: the application's TRUNCATE then cannot
+    /// remove a frame we have not read (here row 101, written after that
+    /// read). Without it, the read would count as a tip while nothing held
+    /// the WAL, and row 101 would be truncated and skipped.
+    #[test]
+    fn a_read_after_an_interruption_holds_the_wal_again() {
+        let (_dir, _, app, mut s) = streaming();
+        s.interrupt();
+        app.execute("INSERT INTO t VALUES (100)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        s.take_pending().expect("row 100");
+        app.execute("INSERT INTO t VALUES (101)", []).unwrap();
+        app.busy_timeout(Duration::ZERO).unwrap();
+        let busy: i64 = app
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 1, "our read must hold the WAL again");
+        app.execute("INSERT INTO t VALUES (102)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        let (pos, frames) = s.take_pending().expect("rows 101 and 102");
+        assert_eq!(pos.index, 0, "the same WAL, not a restart");
+        assert_eq!(commit_frames(&frames, 4096), 2);
     }
 
     /// Another connection commits while our TRUNCATE runs without our read

@@ -7,7 +7,8 @@
 //! transaction, checkpoints and generations ([`ship`]), and compressing and
 //! uploading the hot tier's objects ([`upload`]), and the fleet log that
 //! gathers every hot database's frames of one sync into one object
-//! ([`fleetlog`]).
+//! ([`fleetlog`]), and the bounds on how much of that blocking work runs at
+//! once ([`work`]).
 //!
 //! It writes to the replica only through [`crate::replica::storage`], under
 //! the names the tier layouts give ([`crate::replica::cold`],
@@ -19,6 +20,7 @@ pub mod ship;
 pub mod snapshot;
 pub mod upload;
 pub mod wal;
+pub mod work;
 
 /// Process-wide SQLite settings, applied once, before the first connection
 /// opens (later calls, and calls after another part of the process opened a

@@ -87,6 +87,7 @@ use crate::capture::fleetlog::{FleetLog, Spool};
 use crate::capture::wal::{
     self, Position, ReadOutcome, WalCursor, FRAME_HEADER_SIZE, WAL_HEADER_SIZE,
 };
+use crate::capture::work::{bounded, Work};
 use crate::capture::{snapshot, upload};
 use crate::error::IoContext;
 use crate::replica::hot::{self, GenerationId, Metadata};
@@ -963,64 +964,6 @@ pub enum HotExit {
     Unshipped,
     /// The database cannot be streamed (not WAL mode, unreadable).
     CannotStream(Error),
-}
-
-/// Syncs (WAL reads, our checkpoints) of all hot databases running at once
-/// on the blocking pool, per core. They are short and mostly wait on the page
-/// cache or the disk, so a few per core keep the disk busy; without a bound,
-/// the 1000 streams a fleet-log tick wakes together grew the pool to ~500
-/// threads, whose stacks and allocator arenas were most of a hot database's
-/// memory.
-const SYNCS_PER_CORE: usize = 4;
-/// Fewest concurrent syncs, whatever the core count.
-const MIN_SYNCS: usize = 8;
-
-/// Streams opening their database or starting a generation (a snapshot of
-/// the whole database: CPU and disk bound) at once, per core. When the daemon
-/// starts with 1000 hot databases they all start together; one or two per
-/// core already keep the cores and the disk busy.
-const STARTS_PER_CORE: usize = 2;
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// The bound on concurrent syncs (see [`SYNCS_PER_CORE`]).
-fn sync_slots() -> &'static Semaphore {
-    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| Semaphore::new((cores() * SYNCS_PER_CORE).max(MIN_SYNCS)))
-}
-
-/// The bound on concurrent starts (see [`STARTS_PER_CORE`]); separate from
-/// [`sync_slots`], so a long snapshot never holds the other streams' syncs up.
-fn start_slots() -> &'static Semaphore {
-    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| Semaphore::new(cores() * STARTS_PER_CORE))
-}
-
-/// Which bound a blocking task counts against.
-#[derive(Clone, Copy)]
-enum Work {
-    Sync,
-    Start,
-}
-
-/// Runs `f` on the blocking pool once `work`'s bound lets it.
-async fn bounded<T: Send + 'static>(
-    work: Work,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
-    let slots = match work {
-        Work::Sync => sync_slots(),
-        Work::Start => start_slots(),
-    };
-    let _permit = slots
-        .acquire()
-        .await
-        .map_err(|e| Error::invalid("hot tier", format!("task slots closed: {e}")))?;
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::invalid("hot tier", format!("task failed: {e}")))
 }
 
 /// Runs `f` on the shipper in `slot` (see [`bounded`]).

@@ -24,7 +24,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +73,10 @@ pub struct SnapshotBenchReport {
     pub large_db_bytes: u64,
     pub repeat: usize,
     pub rows: Vec<Row>,
+    /// Most threads of this process during a small-database cycle (median
+    /// over rounds; the sampling thread not counted), and before the first.
+    pub small_peak_threads: u64,
+    pub idle_threads: u64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -133,14 +139,50 @@ fn config(pattern: &Path, work: &Path, replica: &Path) -> Result<Loaded> {
     Loaded::from_str(&yaml, "bench-snapshot.yml", work)
 }
 
-/// One `replicate --once` cycle into a fresh replica; returns seconds.
-async fn litefleet_cycle(pattern: &Path, work: &Path, round: usize, expect: usize) -> Result<f64> {
+/// Threads of this process now (`/proc/self/status`; 0 where there is none).
+fn threads() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// How often the thread count is sampled during a cycle.
+const THREAD_SAMPLE: Duration = Duration::from_millis(5);
+
+/// One `replicate --once` cycle into a fresh replica; returns seconds and
+/// the most threads the process had meanwhile.
+async fn litefleet_cycle(
+    pattern: &Path,
+    work: &Path,
+    round: usize,
+    expect: usize,
+) -> Result<(f64, u64)> {
     let replica = work.join(format!("replica-{round}"));
     let loaded = config(pattern, work, &replica)?;
     let replicator = Replicator::new(loaded)?;
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(threads());
+                std::thread::sleep(THREAD_SAMPLE);
+            }
+            // Not counting the sampler itself.
+            peak.saturating_sub(1)
+        })
+    };
     let start = Instant::now();
     let r = replicator.cycle(&CancellationToken::new()).await;
     let secs = start.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
     if r.uploaded != expect || r.failed > 0 {
         return Err(Error::invalid(
             "bench snapshot",
@@ -150,7 +192,7 @@ async fn litefleet_cycle(pattern: &Path, work: &Path, round: usize, expect: usiz
             ),
         ));
     }
-    Ok(secs)
+    Ok((secs, peak))
 }
 
 fn remove(p: &Path) -> Result<()> {
@@ -221,11 +263,14 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
     let small_pattern = small.join(PATTERN);
     let large_pattern = large_dir.join("*.db");
     let mut rows = Vec::new();
-    let (mut lf, mut rf) = (Vec::new(), Vec::new());
+    let (mut lf, mut rf, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
+    let idle_threads = threads();
     for round in 0..opts.repeat {
         remove(&work)?;
         std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-        lf.push(litefleet_cycle(&small_pattern, &work, round, n).await?);
+        let (secs, peak) = litefleet_cycle(&small_pattern, &work, round, n).await?;
+        lf.push(secs);
+        peaks.push(peak as f64);
         timed_sh(&format!("find {} -name '*.lz4' -delete", sh_quote(&copy)))?;
         rf.push(timed_sh(&format!(
             "find {} -name '*.db' -print0 | xargs -0 -P2 -n {LZ4_BATCH} lz4 -q -m",
@@ -246,7 +291,7 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
     for round in 0..opts.repeat {
         remove(&work)?;
         std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-        lf.push(litefleet_cycle(&large_pattern, &work, round, 1).await?);
+        lf.push(litefleet_cycle(&large_pattern, &work, round, 1).await?.0);
         backup.push(timed_sh(&format!(
             "sqlite3 {} \".backup {}\" && lz4 -q -f {} {}",
             sh_quote(&large),
@@ -349,6 +394,8 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
         large_db_bytes: large_bytes,
         repeat: opts.repeat,
         rows,
+        small_peak_threads: median(peaks) as u64,
+        idle_threads,
     })
 }
 
@@ -382,4 +429,8 @@ pub fn print(r: &SnapshotBenchReport) {
             row.what, row.litefleet_s, row.reference, row.reference_s, row.ratio
         );
     }
+    println!(
+        "threads during the small-database cycle: {} at most (median of rounds), {} before it",
+        r.small_peak_threads, r.idle_threads
+    );
 }

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capture::fleetlog;
 use crate::capture::ship::{self, HotContext, HotExit, ShipConfig, StreamProgress};
 use crate::capture::snapshot;
+use crate::capture::work::{bounded, Work};
 use crate::replica::cold;
 use crate::replica::retention;
 use crate::replica::storage::Replica;
@@ -1066,9 +1067,7 @@ async fn upload_one(
     let (key, stem) = key_for(&loaded.patterns, &loaded.template, &path)
         .ok_or_else(|| Error::invalid(path.display(), "matches no pattern any more"))?;
     let src = path.clone();
-    let snap = tokio::task::spawn_blocking(move || snapshot::capture(&src, &temp_dir))
-        .await
-        .map_err(|e| Error::invalid(path.display(), format!("snapshot task failed: {e}")))??;
+    let snap = bounded(Work::Snapshot, move || snapshot::capture(&src, &temp_dir)).await??;
     // Named by the hour after the copy was complete: an object named `H`
     // holds nothing committed at or after `H`.
     let location = cold::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);

@@ -22,7 +22,7 @@
 //!            demo, progress, explain
 //!  daemon    scheduler, server, notify                     capture and below
 //!  restore   single, install, replay, list, bulk, verify   capture and below
-//!  capture   snapshot, wal, ship, upload, fleetlog         source and below
+//!  capture   snapshot, wal, ship, upload, fleetlog, work   source and below
 //!  source    config, compat, discover, template, keys,     replica and below
 //!            track, tier, watch
 //!  replica   storage, layout, cold, hot, pack, lease,      error, rfc3339
@@ -44,7 +44,8 @@
 //!   ([`capture::wal`]); the hot stream of one database ([`capture::ship`]);
 //!   compressing and uploading hot objects ([`capture::upload`]); the fleet
 //!   log that ships every hot database's frames of one sync in one object
-//!   ([`capture::fleetlog`]).
+//!   ([`capture::fleetlog`]); how much of that blocking work runs at once
+//!   ([`capture::work`]).
 //! * [`replica`]: the object store and what lives in it: the client and its
 //!   write fence ([`replica::storage`]), key to path ([`replica::layout`]),
 //!   one layout module per tier owning its naming, listing and planning

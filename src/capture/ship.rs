@@ -34,7 +34,7 @@
 //!   generation with a fresh snapshot.
 //! * **Our own checkpoints** keep the WAL bounded without the application's
 //!   help. Above `checkpoint-pages` frames we take the WAL write lock
-//!   ([`WalWriteLock`]: SQLite's own lock, taken on the `-shm` file through
+//!   (`WalWriteLock`: SQLite's own lock, taken on the `-shm` file through
 //!   its VFS, giving up after [`WRITE_LOCK_WAIT`]), read the last frames
 //!   (nothing can be appended now), end our read, run a PASSIVE checkpoint,
 //!   begin a new read and release the lock. Writers wait for that span only:

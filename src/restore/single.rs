@@ -4,10 +4,8 @@
 //! rules).
 
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::ObjectStoreExt;
 
@@ -157,9 +155,7 @@ fn describe_plan(plan: &Plan) -> String {
     format!("{} + {n} WAL segment{s}", plan.snapshot.location)
 }
 
-/// Download progress hook: called with (compressed bytes received so far,
-/// compressed object size) as the object streams in.
-pub type OnBytes = Arc<dyn Fn(u64, u64) + Send + Sync>;
+pub use super::replay::OnBytes;
 
 /// Restores one database.
 pub async fn restore(
@@ -466,19 +462,7 @@ async fn fetch_once(
         .get(location)
         .await
         .map_err(|e| Error::store(location, e))?;
-    let total = got.meta.size;
-    let mut received = 0u64;
-    let stream = got
-        .into_stream()
-        .inspect_ok(move |chunk| {
-            if let Some(f) = &on_bytes {
-                received += chunk.len() as u64;
-                f(received, total);
-            }
-        })
-        .map_err(snapshot::StreamError::io);
-    let reader = tokio_util::io::StreamReader::new(stream);
-    let bridge = tokio_util::io::SyncIoBridge::new(reader);
+    let bridge = replay::object_reader(got, on_bytes);
     let output = output.to_path_buf();
     let what = location.to_string();
     blocking(move || {

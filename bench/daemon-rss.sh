@@ -13,18 +13,8 @@ set -euo pipefail
 BIN=$1; TREE=$2; N=$3; PORT=$4
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
-config() {
-cat > "$W/c.yml" <<Y
-addr: 127.0.0.1:$PORT
-multi-db:
-  patterns: ["$1"]
-  scan-interval: 5s
-  temp-dir: $W/tmp
-  state-dir: $W/state
-  replica:
-    url: file://$W/replica
-Y
-}
+. "$(dirname "$0")/common.sh"
+config() { daemon_config "$W/c.yml" "$PORT" "$1" 5s "$W"; }
 field() { awk -v f="$1" '$1 == f":" {print $2}' "/proc/$P/status"; }
 # The empty process: two scans of a pattern that matches nothing.
 mkdir -p "$W/none"

@@ -676,7 +676,21 @@ impl ScanVisitor<'_> {
             }
             *old = fp;
         }
-        match has_sqlite_header(&path) {
+        // A file the state file says we uploaded as a database, unchanged
+        // since (same size, mtime and inode, with its -wal): its header is
+        // the one we read then. Not opening it keeps a restart's first scan
+        // close to a plain directory walk.
+        let known = self
+            .t
+            .preload
+            .get(&path)
+            .is_some_and(|synced| *synced == fp);
+        let header = if known {
+            Ok(true)
+        } else {
+            has_sqlite_header(&path)
+        };
+        match header {
             Ok(true) => {
                 self.t.skipped.remove(&path);
                 let d = self.dir_id(dir);
@@ -842,6 +856,49 @@ mod tests {
         assert_eq!(other.scan(&pat).pending, 2);
         std::fs::write(&state, b"garbage").unwrap();
         assert!(Tracker::new().load_state(&state, 7).is_err());
+    }
+
+    /// After a restart, a file the state file recorded as uploaded is not
+    /// opened again while its fingerprint is unchanged (the header it had
+    /// then still holds), and is when it changed.
+    #[test]
+    fn restart_rereads_headers_of_changed_files_only() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
+        let (a, b) = (t.path().join("a.db"), t.path().join("b.db"));
+        header_file(&a, b"0123");
+        header_file(&b, b"0123");
+        let mut tr = Tracker::new();
+        tr.scan(&pat);
+        for p in [&a, &b] {
+            let tk = tr.begin_upload(tr.find(p).unwrap());
+            tr.finish_upload(Ticket { racy: false, ..tk }, true);
+        }
+        let state = t.path().join("state/x.state");
+        tr.save_state(&state, 7).unwrap();
+        // Both lose their header; a.db keeps size, mtime and inode (its
+        // fingerprint), b.db grows.
+        let mtime = fs::metadata(&a).unwrap().modified().unwrap();
+        let same_size = vec![b'x'; SQLITE_HEADER_BYTES.len() + 4];
+        fs::write(&a, &same_size).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        fs::write(&b, b"no longer a database").unwrap();
+
+        let mut again = Tracker::new();
+        assert_eq!(again.load_state(&state, 7).unwrap(), 2);
+        let r = again.scan(&pat);
+        assert_eq!(r.databases, 1, "b.db changed: its header is read again");
+        assert!(
+            again.find(&a).is_some(),
+            "a.db unchanged: trusted as uploaded"
+        );
+        assert!(again.find(&b).is_none());
+        assert!(again.pending().is_empty());
     }
 
     #[test]

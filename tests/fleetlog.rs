@@ -49,6 +49,9 @@ struct Streams {
     out: tempfile::TempDir,
 }
 
+/// A point in time and every database's row count there.
+type Mark = (DateTime<Utc>, Vec<i64>);
+
 impl Streams {
     async fn start(f: Fleet, n: usize, consolidate_every: Duration) -> Streams {
         let stats = Arc::new(Stats::default());
@@ -164,6 +167,34 @@ impl Streams {
         }
     }
 
+    /// One commit of `rows` rows into each database, waited for until every
+    /// database shipped `commits`; then a mark with the row counts there.
+    async fn round(&mut self, rows: usize, commits: u64) -> Mark {
+        self.commit_all(rows);
+        self.until_shipped(commits).await;
+        (self.mark().await, self.rows.clone())
+    }
+
+    /// Every mark restores exactly its row counts, in every database.
+    async fn assert_marks(&self, marks: &[Mark]) {
+        for (at, rows) in marks {
+            for (i, expected) in rows.iter().enumerate() {
+                assert_eq!(
+                    self.restore(i, Some(*at)).await.unwrap(),
+                    *expected,
+                    "db {i} at {at}"
+                );
+            }
+        }
+    }
+
+    /// A crash: the streams vanish without consolidating.
+    fn crash(&mut self) {
+        for t in std::mem::take(&mut self.tasks) {
+            t.abort();
+        }
+    }
+
     async fn objects_ending(&self, suffix: &str, within: &str) -> Vec<String> {
         self.f
             .objects()
@@ -180,9 +211,7 @@ both_backends!(
         let mut s = Streams::start(Fleet::new(b).await, 4, Duration::from_secs(3600)).await;
         let mut marks = Vec::new();
         for round in 1..=4u64 {
-            s.commit_all(round as usize);
-            s.until_shipped(round).await;
-            marks.push((s.mark().await, s.rows.clone()));
+            marks.push(s.round(round as usize, round).await);
         }
         // No object per database per sync: segments live in the log.
         assert!(s.objects_ending(".wal.lz4", "").await.is_empty());
@@ -194,15 +223,7 @@ both_backends!(
             "{} log objects for {parts} segments",
             log.len()
         );
-        for (at, rows) in &marks {
-            for (i, expected) in rows.iter().enumerate() {
-                assert_eq!(
-                    s.restore(i, Some(*at)).await.unwrap(),
-                    *expected,
-                    "db {i} at {at}"
-                );
-            }
-        }
+        s.assert_marks(&marks).await;
         for i in 0..4 {
             assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
         }
@@ -218,20 +239,10 @@ both_backends!(
         // Until a consolidation released log objects, then a bit more.
         while s.stats.log_deleted.load(Ordering::Relaxed) == 0 || round < 6 {
             round += 1;
-            s.commit_all(1);
-            s.until_shipped(round).await;
-            marks.push((s.mark().await, s.rows.clone()));
+            marks.push(s.round(1, round).await);
         }
         assert!(!s.objects_ending(".pack", "/generations/").await.is_empty());
-        for (at, rows) in &marks {
-            for (i, expected) in rows.iter().enumerate() {
-                assert_eq!(
-                    s.restore(i, Some(*at)).await.unwrap(),
-                    *expected,
-                    "db {i} at {at}"
-                );
-            }
-        }
+        s.assert_marks(&marks).await;
         // A clean stop consolidates everything: the log is empty and the
         // metadata says a restore need not read it.
         s.stop.cancel();
@@ -260,11 +271,7 @@ both_backends!(
             assert!(!meta.logged);
             assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
         }
-        for (at, rows) in &marks {
-            for (i, expected) in rows.iter().enumerate() {
-                assert_eq!(s.restore(i, Some(*at)).await.unwrap(), *expected);
-            }
-        }
+        s.assert_marks(&marks).await;
     }
 );
 
@@ -274,14 +281,9 @@ both_backends!(
         let mut s = Streams::start(Fleet::new(b).await, 3, Duration::from_secs(3600)).await;
         let mut marks = Vec::new();
         for round in 1..=3u64 {
-            s.commit_all(2);
-            s.until_shipped(round).await;
-            marks.push((s.mark().await, s.rows.clone()));
+            marks.push(s.round(2, round).await);
         }
-        // A crash: the streams vanish without consolidating.
-        for t in std::mem::take(&mut s.tasks) {
-            t.abort();
-        }
+        s.crash();
         let log = s.objects_ending(".pack", ".litefleet/log/").await;
         assert!(!log.is_empty());
         for i in 0..3 {
@@ -298,11 +300,7 @@ both_backends!(
         for i in 0..3 {
             assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
         }
-        for (at, rows) in &marks {
-            for (i, expected) in rows.iter().enumerate() {
-                assert_eq!(s.restore(i, Some(*at)).await.unwrap(), *expected);
-            }
-        }
+        s.assert_marks(&marks).await;
         // Nothing left: a second recovery has nothing to do.
         assert_eq!(
             fleetlog::recover(&s.f.replica(), tmp.path()).await.unwrap(),
@@ -315,13 +313,9 @@ both_backends!(a_missing_log_object_fails_the_restore, |b| async move {
     let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
     let mut marks = Vec::new();
     for round in 1..=3u64 {
-        s.commit_all(1);
-        s.until_shipped(round).await;
-        marks.push((s.mark().await, s.rows.clone()));
+        marks.push(s.round(1, round).await);
     }
-    for t in std::mem::take(&mut s.tasks) {
-        t.abort();
-    }
+    s.crash();
     // One object per shipped commit here: one database, one commit per
     // sync. The middle one goes missing.
     let log = s.objects_ending(".pack", ".litefleet/log/").await;
@@ -377,9 +371,7 @@ both_backends!(
             tokio::time::sleep(SYNC).await;
         }
         // Crash of the rest, then the next start's recovery.
-        for t in std::mem::take(&mut s.tasks) {
-            t.abort();
-        }
+        s.crash();
         let tmp = tempfile::tempdir().unwrap();
         assert!(fleetlog::recover(&s.f.replica(), tmp.path()).await.unwrap() > 0);
         let dir = format!("{}/generations/", s.keys[0]);
@@ -398,9 +390,7 @@ both_backends!(a_damaged_log_object_fails_loudly, |b| async move {
     let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
     s.commit_all(2);
     s.until_shipped(1).await;
-    for t in std::mem::take(&mut s.tasks) {
-        t.abort();
-    }
+    s.crash();
     let r = s.f.replica();
     let bad = litefleet::replica::pack::log_dir(&r.prefix).join("0000000000000000_00000000.pack");
     for content in [&b""[..], &b"LFPACK1\n\xff\xff\xff\x00{"[..]] {
@@ -585,9 +575,7 @@ both_backends!(
                 s.until_shipped(round).await;
             }
             // The stream is gone, its parts only in the log.
-            for t in std::mem::take(&mut s.tasks) {
-                t.abort();
-            }
+            s.crash();
             assert_eq!(restore_across_a_consolidation(&s, index).await, s.rows[0]);
         }
     }

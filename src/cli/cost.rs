@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::soak::{create_fleet, soak_path, spawn_hot_writer, FaultyStore, Requests};
+use super::soak::{age_databases, create_fleet, spawn_hot_writer, FaultyStore, Requests};
 use crate::daemon::scheduler::Replicator;
 use crate::source::config::Loaded;
 use crate::{Error, Result};
@@ -543,22 +543,9 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
     // "racy" (just written, uploaded once more at the next scan), so the idle
     // phase measures an idle fleet, not the tail of its first upload.
     let aged = root.clone();
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        let past = std::time::SystemTime::now() - Duration::from_secs(3600);
-        for i in 0..n {
-            let db = soak_path(&aged, i);
-            let mut wal = db.clone().into_os_string();
-            wal.push("-wal");
-            for p in [db.into_os_string(), wal] {
-                if let Ok(f) = std::fs::File::options().write(true).open(&p) {
-                    f.set_modified(past).map_err(|e| Error::io(&p, e))?;
-                }
-            }
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| Error::invalid("bench cost", e.to_string()))??;
+    tokio::task::spawn_blocking(move || age_databases(&aged, 0..n))
+        .await
+        .map_err(|e| Error::invalid("bench cost", e.to_string()))??;
     let yaml = format!(
         "multi-db:\n  patterns: [\"{}/data/*/*.db\"]\n  fleet-log: {}\n  scan-interval: {}ms\n  sync-interval: {}ms\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    url: file://{}\n    path: \"{{{{group}}}}/{{{{db}}}}\"\n",
         root.display(),

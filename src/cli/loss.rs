@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::soak::{create_fleet, open_writer, soak_path, spawn_hot_writer};
+use super::soak::{
+    age_databases, create_fleet, open_writer, soak_path, spawn_hot_writer, splitmix, SPLITMIX_GAMMA,
+};
 use crate::restore::{self, RestoreOptions, RestoreOutcome};
 use crate::source::config::Loaded;
 use crate::{Error, Result};
@@ -146,17 +148,7 @@ pub async fn loss(opts: LossOptions) -> Result<LossReport> {
     create_fleet(&root, n, "bench loss").await?;
     // The waking ones were written an hour ago, as far as the replicator
     // can tell: cold, not hot.
-    let past = std::time::SystemTime::now() - Duration::from_secs(3600);
-    for i in opts.hot..n {
-        let db = soak_path(&root, i);
-        let mut wal = db.clone().into_os_string();
-        wal.push("-wal");
-        for p in [db.into_os_string(), wal] {
-            if let Ok(f) = std::fs::File::options().write(true).open(&p) {
-                f.set_modified(past).map_err(|e| Error::io(&p, e))?;
-            }
-        }
-    }
+    age_databases(&root, opts.hot..n)?;
     let yaml = format!(
         "multi-db:\n  patterns: [\"{}/data/*/*.db\"]\n  scan-interval: {}ms\n  sync-interval: {}ms\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    url: file://{}\n    path: \"{{{{group}}}}/{{{{db}}}}\"\n",
         root.display(),
@@ -203,12 +195,9 @@ pub async fn loss(opts: LossOptions) -> Result<LossReport> {
                 log.lock().unwrap_or_else(|p| p.into_inner())[i].push(Instant::now());
             }
         }
-        // splitmix64: a uniform draw in [0, 2 × kill-after].
-        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        // A uniform draw in [0, 2 × kill-after].
+        let z = splitmix(rng);
+        rng = rng.wrapping_add(SPLITMIX_GAMMA);
         let delay = opts
             .kill_after
             .mul_f64(2.0 * (z >> 11) as f64 / (1u64 << 53) as f64);

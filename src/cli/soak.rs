@@ -118,9 +118,14 @@ impl FaultyStore {
     }
 }
 
-/// A fixed pseudo-random sequence (splitmix64): reproducible runs, no RNG crate.
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+/// splitmix64's increment: 2^64 / the golden ratio.
+pub(crate) const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// A fixed pseudo-random sequence (splitmix64): `splitmix(s)` for
+/// `s = seed, seed + SPLITMIX_GAMMA, ...` is splitmix64's stream from `seed`.
+/// Reproducible runs, no RNG crate.
+pub(crate) fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(SPLITMIX_GAMMA);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -306,6 +311,24 @@ fn count(path: &Path) -> Result<i64> {
     let c = rusqlite::Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
     c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
         .map_err(|e| Error::sqlite(path, e))
+}
+
+/// Sets the modification time of the fleet's databases `ids` and their
+/// `-wal` files (where there is one) to an hour ago: written long ago, as far
+/// as change detection can tell (blocking).
+pub(crate) fn age_databases(root: &Path, ids: std::ops::Range<usize>) -> Result<()> {
+    let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for i in ids {
+        let db = soak_path(root, i);
+        let mut wal = db.clone().into_os_string();
+        wal.push("-wal");
+        for p in [db.into_os_string(), wal] {
+            if let Ok(f) = std::fs::File::options().write(true).open(&p) {
+                f.set_modified(past).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Creates `n` WAL databases of one row each under `root/data/g<i/100>/`

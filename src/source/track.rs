@@ -676,16 +676,14 @@ impl ScanVisitor<'_> {
             }
             *old = fp;
         }
+        // The upload record from the state file, if any (the first scan
+        // consumes them; what it leaves is dropped at its end).
+        let preloaded = self.t.preload.remove(&path);
         // A file the state file says we uploaded as a database, unchanged
         // since (same size, mtime and inode, with its -wal): its header is
         // the one we read then. Not opening it keeps a restart's first scan
         // close to a plain directory walk.
-        let known = self
-            .t
-            .preload
-            .get(&path)
-            .is_some_and(|synced| *synced == fp);
-        let header = if known {
+        let header = if preloaded == Some(fp) {
             Ok(true)
         } else {
             has_sqlite_header(&path)
@@ -695,7 +693,7 @@ impl ScanVisitor<'_> {
                 self.t.skipped.remove(&path);
                 let d = self.dir_id(dir);
                 let id = self.t.insert(d, name.as_bytes(), fp, racy, self.now_secs);
-                if let Some(synced) = self.t.preload.remove(&path) {
+                if let Some(synced) = preloaded {
                     let e = &mut self.t.entries[id as usize];
                     e.synced = synced;
                     if synced == fp {

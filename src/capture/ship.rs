@@ -480,11 +480,7 @@ impl Shipper {
             self.begin_read()?;
         }
         #[cfg(test)]
-        tests::BETWEEN_CHECK_AND_OPEN.with(|h| {
-            if let Some(f) = h.borrow_mut().take() {
-                f()
-            }
-        });
+        tests::run(&tests::BETWEEN_CHECK_AND_OPEN);
         let file = match File::open(&self.wal) {
             Ok(f) => Some(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -520,11 +516,7 @@ impl Shipper {
                         return Ok(Step::Lost("the WAL file was deleted".into()));
                     };
                     #[cfg(test)]
-                    tests::BEFORE_WAL_READ.with(|h| {
-                        if let Some(f) = h.borrow_mut().take() {
-                            f()
-                        }
-                    });
+                    tests::run(&tests::BEFORE_WAL_READ);
                     let outcome = wal::read_committed(f, &self.wal, &cur, MAX_SEGMENT_BYTES)?;
                     // The segment's commit time: taken once the read is
                     // done, so every transaction it holds had committed by
@@ -664,11 +656,7 @@ impl Shipper {
         // that TRUNCATE then removes unseen.
         self.end_read()?;
         #[cfg(test)]
-        tests::BEFORE_TRUNCATE.with(|h| {
-            if let Some(f) = h.borrow_mut().take() {
-                f()
-            }
-        });
+        tests::run(&tests::BEFORE_TRUNCATE);
         let r = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
@@ -1369,6 +1357,23 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
 
+    /// A test hook: a closure a test sets and the code runs once at one
+    /// point (see the thread-locals below).
+    pub(super) type Hook = std::thread::LocalKey<RefCell<Option<Box<dyn FnOnce()>>>>;
+
+    /// Runs `hook` once if a test set it (the hook may set itself again).
+    pub(super) fn run(hook: &'static Hook) {
+        let f = hook.with(|h| h.borrow_mut().take());
+        if let Some(f) = f {
+            f()
+        }
+    }
+
+    /// Sets `hook` to run `f` once.
+    fn set(hook: &'static Hook, f: impl FnOnce() + 'static) {
+        hook.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
     thread_local! {
         /// Runs once between the identity check of [`Shipper::read`] and its
         /// opening of the `-wal`: the window a replacement by rename can hit.
@@ -1398,12 +1403,10 @@ mod tests {
         let (_dir, a, app, mut s) = streaming();
         let committed = std::rc::Rc::new(std::cell::Cell::new(None));
         let (c, app_path) = (committed.clone(), a.clone());
-        BEFORE_WAL_READ.with(|h| {
-            *h.borrow_mut() = Some(Box::new(move || {
-                let w = Connection::open(&app_path).unwrap();
-                w.execute("INSERT INTO t VALUES (42)", []).unwrap();
-                c.set(Some(Utc::now()));
-            }))
+        set(&BEFORE_WAL_READ, move || {
+            let w = Connection::open(&app_path).unwrap();
+            w.execute("INSERT INTO t VALUES (42)", []).unwrap();
+            c.set(Some(Utc::now()));
         });
         assert_eq!(s.read().unwrap(), Step::Frames);
         let (_, frames) = s.take_pending().expect("the new commit");
@@ -1471,11 +1474,9 @@ mod tests {
     fn a_commit_during_our_truncate_forgets_the_tip() {
         let (_dir, a, app, mut s) = streaming();
         let app_path = a.clone();
-        BEFORE_TRUNCATE.with(|h| {
-            *h.borrow_mut() = Some(Box::new(move || {
-                let w = Connection::open(&app_path).unwrap();
-                w.execute("INSERT INTO t VALUES (100)", []).unwrap();
-            }))
+        set(&BEFORE_TRUNCATE, move || {
+            let w = Connection::open(&app_path).unwrap();
+            w.execute("INSERT INTO t VALUES (100)", []).unwrap();
         });
         let report = s.checkpoint(true).unwrap().expect("a checkpoint");
         assert!(report.truncated, "{report:?}");
@@ -1577,11 +1578,9 @@ mod tests {
         let other = dir.path().join("b.db");
         let _b = wal_db(&other, 5);
         let (a2, other2) = (a.clone(), other.clone());
-        BETWEEN_CHECK_AND_OPEN.with(|h| {
-            *h.borrow_mut() = Some(Box::new(move || {
-                std::fs::rename(wal_path(&other2), wal_path(&a2)).unwrap();
-                std::fs::rename(&other2, &a2).unwrap();
-            }))
+        set(&BETWEEN_CHECK_AND_OPEN, move || {
+            std::fs::rename(wal_path(&other2), wal_path(&a2)).unwrap();
+            std::fs::rename(&other2, &a2).unwrap();
         });
         assert_eq!(
             s.read().unwrap(),

@@ -327,8 +327,13 @@ async fn disk_full_while_staging_is_logged_once_and_others_continue() {
     }
     let big = f.db_path("p", "d", "big");
     let c = create_db(&big, 0);
-    c.execute_batch("CREATE TABLE b(x); INSERT INTO b VALUES (randomblob(600000));")
-        .unwrap();
+    // Above IN_MEMORY_MAX, so its copy is staged on the full disk (smaller
+    // databases are copied in memory and stage nothing).
+    let blob = litefleet::capture::snapshot::IN_MEMORY_MAX + 500_000;
+    c.execute_batch(&format!(
+        "CREATE TABLE b(x); INSERT INTO b VALUES (randomblob({blob}));"
+    ))
+    .unwrap();
     drop(c);
     let staging = f.work.path().join("tmp");
     std::fs::create_dir_all(&staging).unwrap();
@@ -392,8 +397,13 @@ async fn disk_full_at_the_restore_output_fails_without_falling_back() {
         .copy(&small.as_str().into(), &older.as_str().into())
         .await
         .unwrap();
-    c.execute_batch("CREATE TABLE b(x); INSERT INTO b VALUES (randomblob(600000));")
-        .unwrap();
+    // Above IN_MEMORY_MAX, so its copy is staged on the full disk (smaller
+    // databases are copied in memory and stage nothing).
+    let blob = litefleet::capture::snapshot::IN_MEMORY_MAX + 500_000;
+    c.execute_batch(&format!(
+        "CREATE TABLE b(x); INSERT INTO b VALUES (randomblob({blob}));"
+    ))
+    .unwrap();
     drop(c);
     assert_eq!(f.replicator().cycle(&token).await.uploaded, 1);
 

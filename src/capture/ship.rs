@@ -94,6 +94,7 @@ use crate::replica::hot::{self, GenerationId, Metadata};
 use crate::replica::pack::Part;
 use crate::replica::storage::Replica;
 use crate::source::config::MultiDb;
+use crate::source::discover::wal_path;
 use crate::stats::Stats;
 use crate::{Error, Result};
 
@@ -235,12 +236,6 @@ fn end_read(conn: &Connection) -> rusqlite::Result<()> {
 fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
     let m = std::fs::metadata(path)?;
     Ok((m.dev(), m.ino()))
-}
-
-fn wal_path(db: &Path) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push("-wal");
-    PathBuf::from(s)
 }
 
 /// Turns off the connection's lookaside allocator: by default every

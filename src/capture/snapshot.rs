@@ -9,9 +9,14 @@
 //! (in WAL mode readers never block writers).
 //!
 //! The source is opened read-only so that closing our connection never
-//! checkpoints or deletes the application's WAL. The copy is written to a
-//! temporary file and then compressed in the LZ4 *frame* format (with content
-//! checksum) so `lz4 -d` can read any snapshot without litefleet.
+//! checkpoints or deletes the application's WAL. The copy is checked with
+//! `PRAGMA quick_check` and compressed in the LZ4 *frame* format (with
+//! content checksum) so `lz4 -d` can read any snapshot without litefleet.
+//! A database up to [`IN_MEMORY_MAX`] (file and `-wal`; almost every
+//! database of a fleet) is copied into an in-memory database, checked and
+//! compressed there: no temporary file is created, written, reopened or
+//! unlinked. A larger one is copied into a temporary file (no journal, no
+//! fsync: it is thrown away) and compressed into a second one.
 //!
 //! Every cold snapshot starts with a [`SnapshotTimes`] record in an LZ4
 //! *skippable frame* (which `lz4 -d` and every LZ4 frame decoder skip): when
@@ -26,8 +31,8 @@
 //! older copy.
 //!
 //! The compressed object is kept in memory for databases up to
-//! [`IN_MEMORY_MAX`] (almost every database of a fleet) and staged in a
-//! temporary file above that; [`Snapshot::upload`] sends either.
+//! [`IN_MEMORY_MAX`] and staged in a temporary file above that;
+//! [`Snapshot::upload`] sends either.
 //!
 //! Everything here except the upload is blocking file I/O; the scheduler
 //! runs it on tokio's blocking pool.
@@ -63,10 +68,12 @@ const MIN_IO_BUFFER: usize = 8 * 1024;
 const SKIPPABLE_MASK: u32 = 0xFFFF_FFF0;
 const SKIPPABLE_BASE: u32 = 0x184D_2A50;
 
-/// Databases up to this size are compressed into memory, not into a staged
-/// file: no temporary file to create, write, read back and unlink, and no
-/// extra trips through the blocking pool, for what is almost every database
-/// of a fleet. At `max-concurrent` 100 that bounds the buffers to ~100 MiB
+/// Databases up to this size (file and `-wal`) are copied, checked and
+/// compressed in memory, not through staged files: no temporary file to
+/// create, write, read back and unlink, for what is almost every database
+/// of a fleet. The copy lives only while its snapshot runs (a few at once,
+/// see [`crate::capture::work`]); the compressed objects wait for their
+/// upload, which at `max-concurrent` 100 bounds them to ~100 MiB
 /// (compressed objects are smaller than their database), within what the
 /// upload of a staged file already held (it reads objects up to
 /// [`crate::replica::storage::UPLOAD_PART`] into memory).
@@ -125,77 +132,129 @@ pub fn backup_from(source: &Connection, src: &Path, dst: &Path) -> Result<()> {
     target
         .execute_batch("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;")
         .map_err(|e| Error::sqlite(dst, e))?;
-    {
-        let backup = rusqlite::backup::Backup::new(source, &mut target)
-            .map_err(|e| Error::sqlite(src, e))?;
-        // -1: all pages in one step, i.e. one read transaction -> one consistent version.
-        // Busy/Locked (a writer holds an exclusive lock) is retried for BUSY_TIMEOUT.
-        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-        loop {
-            use rusqlite::backup::StepResult;
-            match backup.step(-1).map_err(|e| Error::sqlite(src, e))? {
-                StepResult::Done => break,
-                StepResult::More | StepResult::Busy | StepResult::Locked
-                    if std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                other => {
-                    return Err(Error::invalid(
-                        src.display(),
-                        format!("backup did not complete ({other:?}); will retry next cycle"),
-                    ))
-                }
-            }
-        }
-    }
+    copy_pages(source, src, &mut target)?;
     target.close().map_err(|(_, e)| Error::sqlite(dst, e))?;
     Ok(())
 }
 
+/// Copies the database of connection `source` (named `src` in errors) into
+/// a new in-memory database: no file to create, write, reopen and unlink,
+/// which is most of the cost of snapshotting a small database. The copy
+/// takes the source's page size (an in-memory backup target cannot change
+/// it).
+pub fn backup_in_memory(source: &Connection, src: &Path) -> Result<Connection> {
+    let mut target = Connection::open_in_memory().map_err(|e| Error::sqlite(src, e))?;
+    let page_size: i64 = source
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .map_err(|e| Error::sqlite(src, e))?;
+    target
+        .execute_batch(&format!("PRAGMA page_size={page_size}"))
+        .map_err(|e| Error::sqlite(src, e))?;
+    copy_pages(source, src, &mut target)?;
+    Ok(target)
+}
+
+/// Runs the backup from `source` into the empty `target` in one step.
+fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Result<()> {
+    let backup =
+        rusqlite::backup::Backup::new(source, target).map_err(|e| Error::sqlite(src, e))?;
+    // -1: all pages in one step, i.e. one read transaction -> one consistent version.
+    // Busy/Locked (a writer holds an exclusive lock) is retried for BUSY_TIMEOUT.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        use rusqlite::backup::StepResult;
+        match backup.step(-1).map_err(|e| Error::sqlite(src, e))? {
+            StepResult::Done => return Ok(()),
+            StepResult::More | StepResult::Busy | StepResult::Locked
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            other => {
+                return Err(Error::invalid(
+                    src.display(),
+                    format!("backup did not complete ({other:?}); will retry next cycle"),
+                ))
+            }
+        }
+    }
+}
+
 /// Takes a consistent, compressed snapshot of `db` using `tmp_dir` for staging.
+///
+/// A database whose file and `-wal` together fit in [`IN_MEMORY_MAX`] is
+/// copied into memory, checked there and compressed from there: no
+/// temporary file at all. A larger one is copied into a temporary file in
+/// `tmp_dir`, checked, and compressed into a second one.
 pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
+    let source = open_read_only(db)?;
+    let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
+    let started = Utc::now();
+    if on_disk <= IN_MEMORY_MAX {
+        let mut copy = backup_in_memory(&source, db)?;
+        drop(source);
+        let times = SnapshotTimes {
+            started,
+            taken: Utc::now(),
+        };
+        check_conn(&copy, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
+        let data = copy
+            .serialize(rusqlite::MAIN_DB)
+            .map_err(|e| Error::sqlite(db, e))?;
+        let db_bytes = data.len() as u64;
+        let mut out = times.encode().to_vec();
+        out.reserve(data.len() / 2);
+        let out = compress_stream(db, &data[..], db_bytes, out)?;
+        drop(data);
+        return Ok(Snapshot {
+            compressed_bytes: out.len() as u64,
+            staged: Staged::Memory(out.into()),
+            db_bytes,
+            times,
+        });
+    }
     std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
     let copy = NamedTempFile::with_prefix_in("copy-", tmp_dir)
         .at(tmp_dir)?
         .into_temp_path();
-    let started = Utc::now();
-    backup_to(db, &copy)?;
+    backup_from(&source, db, &copy)?;
+    drop(source);
     let times = SnapshotTimes {
         started,
         taken: Utc::now(),
     };
-    // A corrupt or truncated source copies "successfully" page by page; never
-    // let such a copy overwrite a good snapshot of the same hour.
-    check(&copy, "quick_check").map_err(|e| {
-        Error::invalid(
-            db.display(),
-            format!("database is damaged, not uploading this copy ({e})"),
-        )
-    })?;
+    check(&copy, "quick_check").map_err(|e| damaged_copy(db, e))?;
     let db_bytes = std::fs::metadata(&copy).at(&*copy)?.len();
-    let staged = if db_bytes <= IN_MEMORY_MAX {
-        let mut out = times.encode().to_vec();
-        compress_into(&copy, &mut out)?;
-        Staged::Memory(out.into())
-    } else {
-        let out = NamedTempFile::with_prefix_in("snap-", tmp_dir).at(tmp_dir)?;
-        (&mut out.as_file())
-            .write_all(&times.encode())
-            .at(out.path())?;
-        compress(&copy, out.as_file())?;
-        Staged::File(out.into_temp_path())
-    };
-    let compressed_bytes = match &staged {
-        Staged::Memory(b) => b.len() as u64,
-        Staged::File(f) => std::fs::metadata(f).at(&**f)?.len(),
-    };
+    let out = NamedTempFile::with_prefix_in("snap-", tmp_dir).at(tmp_dir)?;
+    (&mut out.as_file())
+        .write_all(&times.encode())
+        .at(out.path())?;
+    compress(&copy, out.as_file())?;
+    let staged = out.into_temp_path();
     Ok(Snapshot {
-        staged,
+        compressed_bytes: std::fs::metadata(&staged).at(&*staged)?.len(),
+        staged: Staged::File(staged),
         db_bytes,
-        compressed_bytes,
         times,
     })
+}
+
+/// A corrupt or truncated source copies "successfully" page by page; never
+/// let such a copy overwrite a good snapshot of the same hour.
+fn damaged_copy(db: &Path, e: Error) -> Error {
+    Error::invalid(
+        db.display(),
+        format!("database is damaged, not uploading this copy ({e})"),
+    )
+}
+
+/// The size of `path`, 0 if it does not exist.
+fn file_len(path: &Path) -> Result<u64> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io(path, e)),
+    }
 }
 
 impl Snapshot {
@@ -244,7 +303,9 @@ pub(crate) fn frame_info(len: u64) -> lz4_flex::frame::FrameInfo {
 
 /// Compresses file `src` into `out` (LZ4 frame format).
 pub fn compress(src: &Path, out: &File) -> Result<()> {
-    let (input, len) = open_sized(src)?;
+    let input = File::open(src).at(src)?;
+    let len = input.metadata().at(src)?.len();
+    let input = BufReader::with_capacity(io_buffer(len), input);
     let mut w = compress_stream(
         src,
         input,
@@ -254,29 +315,15 @@ pub fn compress(src: &Path, out: &File) -> Result<()> {
     w.flush().at(src)
 }
 
-/// Compresses file `src` (LZ4 frame format), appending to `out`.
-fn compress_into(src: &Path, out: &mut Vec<u8>) -> Result<()> {
-    let (input, len) = open_sized(src)?;
-    out.reserve(len as usize / 2);
-    compress_stream(src, input, len, out)?;
-    Ok(())
-}
-
 /// A copy buffer for a file of `len` bytes: no larger than the file (a
 /// 256 KiB buffer is its own mmap per snapshot), within the bounds above.
 fn io_buffer(len: u64) -> usize {
     (len as usize).clamp(MIN_IO_BUFFER, IO_BUFFER)
 }
 
-fn open_sized(src: &Path) -> Result<(File, u64)> {
-    let input = File::open(src).at(src)?;
-    let len = input.metadata().at(src)?.len();
-    Ok((input, len))
-}
-
-/// Compresses `len` bytes of `input` (the file `src`) into `w`; returns `w`.
-fn compress_stream<W: Write>(src: &Path, input: File, len: u64, w: W) -> Result<W> {
-    let mut input = BufReader::with_capacity(io_buffer(len), input);
+/// Compresses the `len` bytes of `input` (read from `src`) into `w`;
+/// returns `w`.
+fn compress_stream<R: Read, W: Write>(src: &Path, mut input: R, len: u64, w: W) -> Result<W> {
     let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(frame_info(len), w);
     std::io::copy(&mut input, &mut enc).at(src)?;
     enc.finish()
@@ -396,6 +443,12 @@ pub fn integrity_check(path: &Path) -> Result<()> {
 /// which skips index-content checks) and expects the single row `ok`.
 pub(crate) fn check(path: &Path, pragma: &str) -> Result<()> {
     let conn = Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
+    check_conn(&conn, path, pragma)?;
+    conn.close().map_err(|(_, e)| Error::sqlite(path, e))
+}
+
+/// [`check`] on an open connection (its database named `path` in errors).
+fn check_conn(conn: &Connection, path: &Path, pragma: &str) -> Result<()> {
     let mut stmt = conn
         .prepare(&format!("PRAGMA {pragma}"))
         .map_err(|e| Error::sqlite(path, e))?;
@@ -403,8 +456,6 @@ pub(crate) fn check(path: &Path, pragma: &str) -> Result<()> {
         .query_map([], |r| r.get(0))
         .and_then(|it| it.collect())
         .map_err(|e| Error::sqlite(path, e))?;
-    drop(stmt);
-    conn.close().map_err(|(_, e)| Error::sqlite(path, e))?;
     if rows.len() == 1 && rows[0] == "ok" {
         Ok(())
     } else {
@@ -533,6 +584,76 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 600);
+    }
+
+    /// Restores `snap` into `out` and returns its page size and rows of `t`.
+    fn restored(snap: &Snapshot, out: &Path) -> (i64, i64) {
+        let n = decompress(
+            snap.reader().unwrap(),
+            "snap",
+            &mut File::create(out).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(n, snap.db_bytes);
+        integrity_check(out).unwrap();
+        let c = Connection::open(out).unwrap();
+        let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        let rows: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        (page, rows)
+    }
+
+    /// A small database is copied, checked and compressed in memory: no
+    /// file appears in the temporary directory, and the copy keeps the
+    /// source's page size (an in-memory backup target cannot change it), be
+    /// it the smallest or the largest SQLite allows.
+    #[test]
+    fn small_snapshots_stay_in_memory_with_their_page_size() {
+        for page in [512, 4096, 65536] {
+            let t = tempfile::tempdir().unwrap();
+            let db = t.path().join("p.db");
+            let app = Connection::open(&db).unwrap();
+            app.execute_batch(&format!(
+                "PRAGMA page_size={page}; PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0;
+                 CREATE TABLE t(x); INSERT INTO t VALUES (1),(2);"
+            ))
+            .unwrap();
+            let tmp = t.path().join("tmp");
+            std::fs::create_dir(&tmp).unwrap();
+            let snap = capture(&db, &tmp).unwrap();
+            assert!(matches!(snap.staged, Staged::Memory(_)), "page {page}");
+            assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "page {page}");
+            let (restored_page, rows) = restored(&snap, &t.path().join("out.db"));
+            assert_eq!((restored_page, rows), (page, 2), "page {page}");
+        }
+    }
+
+    /// A damaged small database copies page by page without complaint; the
+    /// check of the in-memory copy refuses it, so it never replaces a good
+    /// snapshot.
+    #[test]
+    fn a_damaged_small_database_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("d.db");
+        let app = Connection::open(&db).unwrap();
+        app.execute_batch(
+            "PRAGMA page_size=4096; CREATE TABLE t(x); CREATE INDEX ti ON t(x);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+             INSERT INTO t SELECT i FROM n;",
+        )
+        .unwrap();
+        drop(app);
+        assert!(std::fs::metadata(&db).unwrap().len() <= IN_MEMORY_MAX);
+        // Scribble over the header and cell pointers of page 3 (a b-tree
+        // page of the table).
+        let mut bytes = std::fs::read(&db).unwrap();
+        bytes[2 * 4096 + 1..2 * 4096 + 64].fill(0xA5);
+        std::fs::write(&db, &bytes).unwrap();
+        match capture(&db, &t.path().join("tmp")) {
+            Ok(s) => panic!("a damaged database was captured ({} bytes)", s.db_bytes),
+            Err(e) => assert!(e.to_string().contains("damaged, not uploading"), "{e}"),
+        }
     }
 
     #[test]

@@ -772,11 +772,7 @@ mod tests {
         (path, c)
     }
 
-    fn wal_path(db: &Path) -> PathBuf {
-        let mut s = db.as_os_str().to_owned();
-        s.push("-wal");
-        PathBuf::from(s)
-    }
+    use crate::source::discover::wal_path;
 
     fn checkpoint(c: &Connection, mode: &str) {
         let busy: i64 = c

@@ -49,12 +49,14 @@ impl Work {
         static SYNC: OnceLock<Semaphore> = OnceLock::new();
         static START: OnceLock<Semaphore> = OnceLock::new();
         static SNAPSHOT: OnceLock<Semaphore> = OnceLock::new();
-        let (cell, n) = match self {
-            Work::Sync => (&SYNC, (cores() * SYNCS_PER_CORE).max(MIN_SYNCS)),
-            Work::Start => (&START, cores() * STARTS_PER_CORE),
-            Work::Snapshot => (&SNAPSHOT, cores() * SNAPSHOTS_PER_CORE),
+        // The count is worked out once: `available_parallelism` reads the
+        // cgroup files at every call.
+        let (cell, n): (_, fn(usize) -> usize) = match self {
+            Work::Sync => (&SYNC, |c| (c * SYNCS_PER_CORE).max(MIN_SYNCS)),
+            Work::Start => (&START, |c| c * STARTS_PER_CORE),
+            Work::Snapshot => (&SNAPSHOT, |c| c * SNAPSHOTS_PER_CORE),
         };
-        cell.get_or_init(|| Semaphore::new(n))
+        cell.get_or_init(|| Semaphore::new(n(cores())))
     }
 
     fn name(self) -> &'static str {

@@ -320,9 +320,8 @@ pub(crate) fn age_databases(root: &Path, ids: std::ops::Range<usize>) -> Result<
     let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
     for i in ids {
         let db = soak_path(root, i);
-        let mut wal = db.clone().into_os_string();
-        wal.push("-wal");
-        for p in [db.into_os_string(), wal] {
+        let wal = crate::source::discover::wal_path(&db);
+        for p in [db, wal] {
             if let Ok(f) = std::fs::File::options().write(true).open(&p) {
                 f.set_modified(past).map_err(|e| Error::io(&p, e))?;
             }

@@ -9,7 +9,9 @@
 //!   [`Replicator`], cold tier only, to a fresh `file://` replica, fsyncs
 //!   included) against `find -print0 | xargs -0 -P2 -n 500 lz4 -q -m` over
 //!   a copy of the same files (compression only: no consistency, no
-//!   durability; the floor for "read, compress, write every file");
+//!   durability; the floor for "read, compress, write every file"), by
+//!   wall time and by CPU time (user + system, `getrusage`), which other
+//!   jobs on a shared machine disturb less;
 //! * **one large database**: the same cycle on one database against
 //!   `sqlite3 .backup` + `lz4` (a consistent compressed copy with the stock
 //!   tools) and raw `lz4` of the file (the limit: one read, one write);
@@ -77,6 +79,24 @@ pub struct SnapshotBenchReport {
     /// over rounds; the sampling thread not counted), and before the first.
     pub small_peak_threads: u64,
     pub idle_threads: u64,
+    /// CPU seconds (user + system, median over rounds) of the small-database
+    /// cycle and of its reference: steadier than wall time on a shared
+    /// machine, where other jobs' load stretches both.
+    pub small_cpu_s: f64,
+    pub small_reference_cpu_s: f64,
+}
+
+/// User + system CPU seconds used so far by this process
+/// (`libc::RUSAGE_SELF`) or by its children that were waited for
+/// (`libc::RUSAGE_CHILDREN`); 0 if the system does not say.
+fn cpu_seconds(who: i32) -> f64 {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -264,18 +284,23 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
     let large_pattern = large_dir.join("*.db");
     let mut rows = Vec::new();
     let (mut lf, mut rf, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lf_cpu, mut rf_cpu) = (Vec::new(), Vec::new());
     let idle_threads = threads();
     for round in 0..opts.repeat {
         remove(&work)?;
         std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+        let cpu = cpu_seconds(libc::RUSAGE_SELF);
         let (secs, peak) = litefleet_cycle(&small_pattern, &work, round, n).await?;
+        lf_cpu.push(cpu_seconds(libc::RUSAGE_SELF) - cpu);
         lf.push(secs);
         peaks.push(peak as f64);
         timed_sh(&format!("find {} -name '*.lz4' -delete", sh_quote(&copy)))?;
+        let cpu = cpu_seconds(libc::RUSAGE_CHILDREN);
         rf.push(timed_sh(&format!(
             "find {} -name '*.db' -print0 | xargs -0 -P2 -n {LZ4_BATCH} lz4 -q -m",
             sh_quote(&copy)
         ))?);
+        rf_cpu.push(cpu_seconds(libc::RUSAGE_CHILDREN) - cpu);
     }
     rows.push(row(
         format!("{n} small databases, replicate --once"),
@@ -396,6 +421,8 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
         rows,
         small_peak_threads: median(peaks) as u64,
         idle_threads,
+        small_cpu_s: median(lf_cpu),
+        small_reference_cpu_s: median(rf_cpu),
     })
 }
 
@@ -432,5 +459,11 @@ pub fn print(r: &SnapshotBenchReport) {
     println!(
         "threads during the small-database cycle: {} at most (median of rounds), {} before it",
         r.small_peak_threads, r.idle_threads
+    );
+    println!(
+        "CPU (user + system) of the small-database cycle: {:.3}s, reference {:.3}s, ratio {:.2}x",
+        r.small_cpu_s,
+        r.small_reference_cpu_s,
+        r.small_cpu_s / r.small_reference_cpu_s.max(f64::EPSILON)
     );
 }

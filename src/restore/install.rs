@@ -1,6 +1,10 @@
 //! Installing a restored database: it is written into a temporary file
 //! next to the output, synced and checked, and only then renamed to the
-//! output without replacing anything; then checked again where it now is.
+//! output without replacing anything; then checked again where it now is:
+//! the output must be the very file that was checked (same inode and size)
+//! with no side file beside it. A rename moves no bytes, so that is the
+//! checked database; a second full read (`quick_check`) would only repeat
+//! the integrity check's work.
 //! A crash or an error at any point leaves either no output or a complete,
 //! checked one. Refuses outputs with SQLite side files (`-wal`, `-shm`,
 //! `-journal`) that SQLite would apply to the restored file.
@@ -71,11 +75,13 @@ impl Staged {
 
     /// `fsync`s the temporary file, checks the SQLite header and runs
     /// `PRAGMA integrity_check`, renames it to the output without replacing
-    /// anything, `fsync`s the directory and checks the database again at its
-    /// final path (blocking). `what` names the source in errors.
+    /// anything, `fsync`s the directory and checks the output again: the
+    /// checked file, no side file (blocking). `what` names the source in
+    /// errors.
     pub fn install(self, what: &str) -> Result<()> {
         let Staged { file, tmp, output } = self;
         file.sync_all().at(&*tmp)?;
+        let checked = file.metadata().at(&*tmp)?;
         drop(file);
         if !crate::source::discover::has_sqlite_header(&tmp).at(&*tmp)? {
             return Err(Error::damaged(
@@ -102,20 +108,35 @@ impl Staged {
         if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
         }
-        // What a reader of the output will see: with no side file present,
-        // the database as installed.
-        let checked = refuse_side_files(&output)
-            .and_then(|()| snapshot::check(&output, "quick_check").map_err(|e| as_damage(what, e)));
-        if let Err(e) = checked {
-            // Ours since the rename: nothing else can have it yet.
-            let _ = std::fs::remove_file(&output);
-            for f in side_files(&output) {
-                tracing::warn!(path = %f.display(), "side file next to a restore output that failed its final check; left in place");
-            }
-            return Err(e);
-        }
-        Ok(())
+        check_installed(&output, &checked)
     }
+}
+
+/// What a reader of the installed `output` will see: the file `checked`
+/// (same device, inode and size), with no side file that SQLite would apply
+/// to it. With a side file the output is removed (it is ours since the
+/// rename); a file that replaced ours is left alone.
+fn check_installed(output: &Path, checked: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let same = |m: std::fs::Metadata| {
+        (m.dev(), m.ino(), m.len()) == (checked.dev(), checked.ino(), checked.len())
+    };
+    if !std::fs::symlink_metadata(output).is_ok_and(same) {
+        // Replaced or removed since the rename: not ours to delete.
+        return Err(Error::invalid(
+            output.display(),
+            "changed while the restore installed it: it is not the file that was checked",
+        ));
+    }
+    if let Err(e) = refuse_side_files(output) {
+        // Ours since the rename: nothing else can have it yet.
+        let _ = std::fs::remove_file(output);
+        for f in side_files(output) {
+            tracing::warn!(path = %f.display(), "side file next to a restore output that failed its final check; left in place");
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// A failed check of restored data is damage of what it came from; SQLite
@@ -174,6 +195,30 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After the rename the output must be the checked file with no side
+    /// file: a side file that appeared removes our output (and stays), a
+    /// file that replaced ours is an error and is left alone.
+    #[test]
+    fn the_installed_output_is_the_checked_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.db");
+        std::fs::write(&out, b"checked").unwrap();
+        let checked = std::fs::metadata(&out).unwrap();
+        check_installed(&out, &checked).unwrap();
+
+        let wal = dir.path().join("out.db-wal");
+        std::fs::write(&wal, b"frames").unwrap();
+        let e = check_installed(&out, &checked).unwrap_err().to_string();
+        assert!(e.contains("out.db-wal"), "{e}");
+        assert!(!out.exists() && wal.exists());
+
+        std::fs::remove_file(&wal).unwrap();
+        std::fs::write(&out, b"someone else's").unwrap();
+        let e = check_installed(&out, &checked).unwrap_err().to_string();
+        assert!(e.contains("not the file that was checked"), "{e}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"someone else's");
+    }
 
     #[test]
     fn install_rename_never_replaces() {

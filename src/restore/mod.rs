@@ -55,8 +55,8 @@
 //! 2. `fsync` it, check the SQLite header and run `PRAGMA integrity_check`,
 //! 3. rename it to the output name **without replacing** anything (an output
 //!    that appeared meanwhile is an error, never overwritten), `fsync` the
-//!    directory, and check the database again at its final path
-//!    (`quick_check`, with no side file present).
+//!    directory, and check the output again: the very file that was checked
+//!    (same inode and size), with no side file present.
 //!
 //! A crash or an error at any point leaves either no output or a complete,
 //! checked one.

@@ -29,6 +29,13 @@ use globset::{GlobBuilder, GlobMatcher};
 /// SQLite's side files next to a database; never treated as databases.
 pub const AUX_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
 
+/// The `-wal` file next to database `db`.
+pub fn wal_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-wal");
+    PathBuf::from(s)
+}
+
 /// The 16-byte header every SQLite 3 database file starts with.
 pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
@@ -305,9 +312,7 @@ impl Pattern {
                 buf.push(name);
                 match fs::symlink_metadata(&*buf) {
                     Ok(md) => {
-                        let mut wal = buf.clone().into_os_string();
-                        wal.push("-wal");
-                        let wal = fs::symlink_metadata(&wal).ok();
+                        let wal = fs::symlink_metadata(wal_path(buf)).ok();
                         buf.pop();
                         report(buf, name, &md, wal.as_ref(), visitor);
                         return;

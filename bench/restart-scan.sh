@@ -14,24 +14,12 @@ W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 . "$(dirname "$0")/common.sh"
 daemon_config "$W/c.yml" "$PORT" "$TREE/*/databases/*/branches/*/tenants/*.db" 1h "$W"
-stat_of() {
-  curl -s "127.0.0.1:$PORT/stats" 2>/dev/null |
-    python3 -c "import json,sys; d=json.load(sys.stdin); print($1)" 2>/dev/null || echo "$2"
-}
 # First run: back everything up, then stop (the state file is written).
 "$BIN" --log-level warn replicate --config "$W/c.yml" &
 P=$!
-until [ "$(stat_of 'int(d["uploads_ok"] >= '"$N"' and d["pending"] == 0)' 0)" = 1 ]; do sleep 0.2; done
+until [ "$(stat_of "$PORT" 'int(d["uploads_ok"] >= '"$N"' and d["pending"] == 0)' 0)" = 1 ]; do sleep 0.2; done
 kill -TERM "$P"; wait "$P" || true
 for round in 1 2 3; do
-  "$BIN" --log-level warn replicate --config "$W/c.yml" &
-  P=$!
-  until [ "$(stat_of 'int(d["scans"] >= 1)' 0)" = 1 ]; do sleep 0.1; done
-  scan=$(stat_of 'd["last_scan_duration_seconds"]' '?')
-  pending=$(stat_of 'd["pending"]' '?')
-  kill -TERM "$P"; wait "$P" || true
-  s=$(date +%s.%N)
-  find "$TREE" -name '*.db' -printf '%s %T@\n' > /dev/null
-  f=$(echo "$(date +%s.%N) - $s" | bc)
-  echo "round $round: first scan after restart ${scan} s ($pending pending), find ${f} s"
+  read -r scan pending _ <<< "$(first_scan "$BIN" "$W/c.yml" "$PORT")"
+  echo "round $round: first scan after restart ${scan} s ($pending pending), find $(timed_find "$TREE") s"
 done

@@ -1,7 +1,8 @@
 //! The `litefleet` binary; everything lives in the library (see `lib.rs`).
 
 fn main() -> std::process::ExitCode {
-    // Before anything opens a database (see its docs).
+    // Before any thread starts or anything opens a database (see their docs).
+    litefleet::daemon::scheduler::configure_allocator();
     litefleet::capture::configure_sqlite();
     litefleet::cli::main()
 }

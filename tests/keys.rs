@@ -122,6 +122,36 @@ both_backends!(
     }
 );
 
+both_backends!(
+    a_file_that_is_no_database_takes_no_key,
+    |backend| async move {
+        // The daemon reads a new file's header only when it first uses it.
+        // app.db (the earlier pattern, the key's owner if it were a
+        // database) is text: it must neither refuse app.sqlite nor fail.
+        let f = Fleet::new(backend).await;
+        let text = f.data.path().join("p1/app.db");
+        std::fs::create_dir_all(text.parent().unwrap()).unwrap();
+        std::fs::write(&text, "notes, not a database").unwrap();
+        common::fleet::age(&text);
+        let _sqlite = db(&f, "app.sqlite", 3);
+        let r = Replicator::new(loaded(&f)).unwrap();
+        let report = cycle(&r).await;
+        assert_eq!((report.uploaded, report.failed), (1, 0), "{report:?}");
+        assert_eq!(r.stats().key_collisions.load(Ordering::Relaxed), 0);
+        assert_eq!(restore(&f, "p1/app"), Ok(3));
+        // A lone file that is no database: skipped at its first snapshot,
+        // neither uploaded nor failed, and not tried again.
+        let other = f.data.path().join("p1/other.db");
+        std::fs::write(&other, "also text").unwrap();
+        common::fleet::age(&other);
+        let report = cycle(&r).await;
+        assert_eq!((report.uploaded, report.failed), (0, 0), "{report:?}");
+        assert_eq!(r.tracked(), 1, "only app.sqlite is a database");
+        let report = cycle(&r).await;
+        assert_eq!((report.scan.new, report.failed), (0, 0), "{report:?}");
+    }
+);
+
 #[test]
 fn refused_database_is_logged_once_per_path() {
     let t = tempfile::tempdir().unwrap();

@@ -92,7 +92,7 @@ pub struct Refused {
 
 /// The key owners of a multi-pattern fleet and the databases refused for
 /// sharing a key with one (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Owners {
     /// Owners of keys that more than one database renders. Kept across
     /// scans so the first owner stays the owner.

@@ -50,6 +50,8 @@ const STATE_MAGIC: &[u8; 8] = b"LFSTATE1";
 const LIVE: u8 = 1;
 const IN_FLIGHT: u8 = 2;
 const RACY: u8 = 4;
+/// Its SQLite header has not been read yet (see [`Tracker::defer_header_checks`]).
+const UNCHECKED: u8 = 8;
 
 /// One tracked database: 32 bytes.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +126,9 @@ pub struct Tracker {
     /// Known databases whose fingerprint changed in the last scan (the hot
     /// tier's input; new databases are not in it).
     changed: Vec<Id>,
+    /// New files are tracked without reading their header; the header is
+    /// read when the file is first used ([`Tracker::is_checked`]).
+    defer_headers: bool,
 }
 
 impl Default for Tracker {
@@ -156,6 +161,55 @@ impl Tracker {
             preload: HashMap::new(),
             state_dirty: false,
             changed: Vec::new(),
+            defer_headers: false,
+        }
+    }
+
+    /// Tracks new files without opening them for their SQLite header; what
+    /// uses a file first checks it ([`Tracker::is_checked`], then
+    /// [`Tracker::reject`] if it is no database). The daemon does this: the
+    /// first snapshot opens every new file anyway, so the scan that finds
+    /// them stays a directory walk and a `stat` per file. Until its header is
+    /// read, a matching file counts as a database.
+    pub fn defer_header_checks(&mut self, on: bool) {
+        self.defer_headers = on;
+    }
+
+    /// False while `id`'s SQLite header has not been read (see
+    /// [`Tracker::defer_header_checks`]).
+    pub fn is_checked(&self, id: Id) -> bool {
+        self.entries[id as usize].flags & UNCHECKED == 0
+    }
+
+    /// Reads the header of `id` if it was not read yet: `Ok(true)` for a
+    /// SQLite database (now checked), `Ok(false)` for another file, which
+    /// [`Tracker::reject`] has dropped.
+    pub fn confirm(&mut self, id: Id) -> io::Result<bool> {
+        if self.is_checked(id) {
+            return Ok(true);
+        }
+        if has_sqlite_header(&self.path(id))? {
+            self.entries[id as usize].flags &= !UNCHECKED;
+            Ok(true)
+        } else {
+            self.reject(id);
+            Ok(false)
+        }
+    }
+
+    /// Drops `id`, found to be no SQLite database when it was first used:
+    /// it is skipped (and logged once) like a file whose header the scan
+    /// read, until it changes.
+    pub fn reject(&mut self, id: Id) {
+        let path = self.path(id);
+        let fp = self.entries[id as usize].seen;
+        self.remove(id);
+        if self
+            .skipped
+            .insert(path.clone(), (fp, self.epoch))
+            .is_none()
+        {
+            tracing::warn!(path = %path.display(), "skipping: not a SQLite database (no SQLite header)");
         }
     }
 
@@ -379,9 +433,7 @@ impl Tracker {
             let Ok(db) = std::fs::symlink_metadata(&path) else {
                 continue; // gone or unreadable: the scan decides
             };
-            let mut wal = path.clone().into_os_string();
-            wal.push("-wal");
-            let wal = std::fs::symlink_metadata(&wal).ok();
+            let wal = std::fs::symlink_metadata(super::discover::wal_path(&path)).ok();
             let (fp, racy) = fingerprint_of(&db, wal.as_ref(), racy_after);
             if self.observe(id, fp, racy, now_secs) {
                 self.changed.push(id);
@@ -667,6 +719,15 @@ impl ScanVisitor<'_> {
     }
 
     fn new_file(&mut self, dir: &Path, name: &OsStr, fp: u64, racy: bool) {
+        if self.t.defer_headers && self.t.skipped.is_empty() && self.t.preload.is_empty() {
+            // Nothing to look up by path (a new daemon's first scan): no
+            // path is even built.
+            let d = self.dir_id(dir);
+            let id = self.t.insert(d, name.as_bytes(), fp, racy, self.now_secs);
+            self.t.entries[id as usize].flags |= UNCHECKED;
+            self.report.new += 1;
+            return;
+        }
         let path = dir.join(name);
         let epoch = self.t.epoch;
         if let Some((old, e)) = self.t.skipped.get_mut(&path) {
@@ -683,7 +744,8 @@ impl ScanVisitor<'_> {
         // since (same size, mtime and inode, with its -wal): its header is
         // the one we read then. Not opening it keeps a restart's first scan
         // close to a plain directory walk.
-        let header = if preloaded == Some(fp) {
+        let deferred = preloaded != Some(fp) && self.t.defer_headers;
+        let header = if preloaded == Some(fp) || deferred {
             Ok(true)
         } else {
             has_sqlite_header(&path)
@@ -693,6 +755,9 @@ impl ScanVisitor<'_> {
                 self.t.skipped.remove(&path);
                 let d = self.dir_id(dir);
                 let id = self.t.insert(d, name.as_bytes(), fp, racy, self.now_secs);
+                if deferred {
+                    self.t.entries[id as usize].flags |= UNCHECKED;
+                }
                 if let Some(synced) = preloaded {
                     let e = &mut self.t.entries[id as usize];
                     e.synced = synced;
@@ -897,6 +962,39 @@ mod tests {
         );
         assert!(again.find(&b).is_none());
         assert!(again.pending().is_empty());
+    }
+
+    /// With deferred header checks a new file is tracked unread; the first
+    /// use reads its header once: a database stays (checked), another file
+    /// is dropped and skipped until it changes, then tracked (unread) again.
+    #[test]
+    fn deferred_headers_are_read_at_first_use() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
+        let (db, text) = (t.path().join("db.db"), t.path().join("text.db"));
+        header_file(&db, b"");
+        fs::write(&text, b"not a database at all").unwrap();
+        let mut tr = Tracker::new();
+        tr.defer_header_checks(true);
+        let r = tr.scan(&pat);
+        assert_eq!((r.databases, r.new), (2, 2), "nothing opened yet");
+        let (d, x) = (tr.find(&db).unwrap(), tr.find(&text).unwrap());
+        assert!(!tr.is_checked(d) && !tr.is_checked(x));
+        assert!(tr.confirm(d).unwrap());
+        assert!(tr.is_checked(d));
+        assert!(!tr.confirm(x).unwrap());
+        assert!(tr.find(&text).is_none());
+        assert_eq!(tr.len(), 1);
+        let r = tr.scan(&pat);
+        assert_eq!((r.databases, r.new), (1, 0), "skipped while unchanged");
+        fs::write(&text, b"not a database, still").unwrap();
+        let r = tr.scan(&pat);
+        assert_eq!((r.databases, r.new), (2, 1), "changed: tracked again");
+        assert!(!tr.is_checked(tr.find(&text).unwrap()));
+        // Without deferral the scan reads the header itself.
+        let mut plain = Tracker::new();
+        assert_eq!(plain.scan(&pat).databases, 1);
+        assert!(plain.is_checked(plain.find(&db).unwrap()));
     }
 
     #[test]

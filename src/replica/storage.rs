@@ -932,9 +932,7 @@ fn sync_parents(path: &Path, root: Option<&Path>, durable: &DurableDirs) -> Resu
             break;
         }
         let Some(parent) = d.parent() else { break };
-        std::fs::File::open(parent)
-            .and_then(|f| f.sync_all())
-            .at(parent)?;
+        sync_parent(d)?;
         durable.insert(d);
         dir = Some(parent);
     }
@@ -996,8 +994,7 @@ fn write_local(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&staged);
         return Err(e);
     }
-    drop(file);
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)
+    sync_parent(path)
 }
 
 fn sync_parent(path: &Path) -> Result<()> {

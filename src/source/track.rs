@@ -204,6 +204,12 @@ impl Tracker {
         let path = self.path(id);
         let fp = self.entries[id as usize].seen;
         self.remove(id);
+        self.skip_foreign(path, fp);
+    }
+
+    /// Skips `path`, a file without the SQLite header seen with fingerprint
+    /// `fp`, until it changes; logged once.
+    fn skip_foreign(&mut self, path: PathBuf, fp: u64) {
         if self
             .skipped
             .insert(path.clone(), (fp, self.epoch))
@@ -718,14 +724,23 @@ impl ScanVisitor<'_> {
         id
     }
 
-    fn new_file(&mut self, dir: &Path, name: &OsStr, fp: u64, racy: bool) {
+    /// Adds a new database in directory `d`; `unchecked` when its header
+    /// was not read.
+    fn add(&mut self, d: u32, name: &OsStr, fp: u64, racy: bool, unchecked: bool) -> Id {
+        let id = self.t.insert(d, name.as_bytes(), fp, racy, self.now_secs);
+        if unchecked {
+            self.t.entries[id as usize].flags |= UNCHECKED;
+        }
+        self.report.new += 1;
+        id
+    }
+
+    /// A file the table does not hold, in `dir` (interned as `d`).
+    fn new_file(&mut self, d: u32, dir: &Path, name: &OsStr, fp: u64, racy: bool) {
         if self.t.defer_headers && self.t.skipped.is_empty() && self.t.preload.is_empty() {
             // Nothing to look up by path (a new daemon's first scan): no
             // path is even built.
-            let d = self.dir_id(dir);
-            let id = self.t.insert(d, name.as_bytes(), fp, racy, self.now_secs);
-            self.t.entries[id as usize].flags |= UNCHECKED;
-            self.report.new += 1;
+            self.add(d, name, fp, racy, true);
             return;
         }
         let path = dir.join(name);
@@ -753,11 +768,7 @@ impl ScanVisitor<'_> {
         match header {
             Ok(true) => {
                 self.t.skipped.remove(&path);
-                let d = self.dir_id(dir);
-                let id = self.t.insert(d, name.as_bytes(), fp, racy, self.now_secs);
-                if deferred {
-                    self.t.entries[id as usize].flags |= UNCHECKED;
-                }
+                let id = self.add(d, name, fp, racy, deferred);
                 if let Some(synced) = preloaded {
                     let e = &mut self.t.entries[id as usize];
                     e.synced = synced;
@@ -765,13 +776,8 @@ impl ScanVisitor<'_> {
                         e.pending_since = 0;
                     }
                 }
-                self.report.new += 1;
             }
-            Ok(false) => {
-                if self.t.skipped.insert(path.clone(), (fp, epoch)).is_none() {
-                    tracing::warn!(path = %path.display(), "skipping: not a SQLite database (no SQLite header)");
-                }
-            }
+            Ok(false) => self.t.skip_foreign(path, fp),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => self.error(&path, e),
         }
@@ -791,7 +797,7 @@ impl Visitor for ScanVisitor<'_> {
                     self.t.changed.push(id);
                 }
             }
-            None => self.new_file(dir, name, fp, racy),
+            None => self.new_file(d, dir, name, fp, racy),
         }
     }
 

@@ -733,19 +733,8 @@ impl WalWriteLock {
     /// in WAL mode already (its `-shm` is open) and must outlive the lock.
     fn wait(conn: &Connection, db: &Path) -> Result<Option<WalWriteLock>> {
         use rusqlite::ffi;
-        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-        // SAFETY: the handle is valid for `conn`'s lifetime; FILE_POINTER
-        // writes the main database's sqlite3_file pointer, owned by SQLite
-        // for as long as the connection is open.
-        let rc = unsafe {
-            ffi::sqlite3_file_control(
-                conn.handle(),
-                c"main".as_ptr(),
-                ffi::SQLITE_FCNTL_FILE_POINTER,
-                (&mut file as *mut *mut ffi::sqlite3_file).cast(),
-            )
-        };
-        let shm_lock = if rc == ffi::SQLITE_OK && !file.is_null() {
+        let file = crate::capture::snapshot::main_file(conn).unwrap_or(std::ptr::null_mut());
+        let shm_lock = if !file.is_null() {
             // SAFETY: `file` is the open database file; its methods table
             // is SQLite's, valid while the file is open.
             unsafe {

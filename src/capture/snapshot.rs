@@ -15,8 +15,21 @@
 //! A database up to [`IN_MEMORY_MAX`] (file and `-wal`; almost every
 //! database of a fleet) is copied into an in-memory database, checked and
 //! compressed there: no temporary file is created, written, reopened or
-//! unlinked. A larger one is copied into a temporary file (no journal, no
-//! fsync: it is thrown away) and compressed into a second one.
+//! unlinked.
+//!
+//! A larger database is not copied where SQLite's locking allows it: inside
+//! one read transaction that sees the database file alone (no WAL frames in
+//! its view, see [`file_only`]), the file's pages *are* that transaction's
+//! consistent version, and nothing can write them until the transaction
+//! ends (a checkpoint needs the WAL's read-lock 0 exclusively, a rollback
+//! writer an exclusive lock on the file). So `quick_check` runs on that
+//! transaction and the file is then compressed straight from disk, read
+//! through SQLite's own handle: no copy. (Never through a descriptor of our
+//! own: closing it would drop every POSIX lock this process holds on the
+//! file, the hot tier's included.) When the view holds WAL frames (an
+//! application wrote since the last checkpoint), the database is copied
+//! into a temporary file (no journal, no fsync: it is thrown away), checked
+//! and compressed into a second one.
 //!
 //! Every cold snapshot starts with a [`SnapshotTimes`] record in an LZ4
 //! *skippable frame* (which `lz4 -d` and every LZ4 frame decoder skip): when
@@ -88,11 +101,26 @@ pub enum Staged {
     File(TempPath),
 }
 
+/// How a snapshot read its database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// The backup API copied it into an in-memory database (small ones).
+    InMemory,
+    /// The backup API copied it into a temporary file (its read transaction
+    /// saw WAL frames).
+    TempFile,
+    /// Its file was read directly, inside a read transaction that saw the
+    /// file alone.
+    Direct,
+}
+
 /// A compressed snapshot waiting for its upload.
 #[derive(Debug)]
 pub struct Snapshot {
     /// The compressed object: the [`SnapshotTimes`] record, then the LZ4 frame.
     pub staged: Staged,
+    /// How the database was read.
+    pub copied: Copied,
     /// Size of the uncompressed database copy.
     pub db_bytes: u64,
     /// Size of the compressed file.
@@ -171,8 +199,10 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 ///
 /// A database whose file and `-wal` together fit in [`IN_MEMORY_MAX`] is
 /// copied into memory, checked there and compressed from there: no
-/// temporary file at all. A larger one is copied into a temporary file in
-/// `tmp_dir`, checked, and compressed into a second one.
+/// temporary file at all. A larger one is compressed from its own file when
+/// a read transaction sees that file alone ([`file_only`]), and otherwise
+/// copied into a temporary file in `tmp_dir`, checked, and compressed into a
+/// second one.
 pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
     let source = open_read_only(db)?;
     let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
@@ -191,16 +221,20 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
         let db_bytes = data.len() as u64;
         let mut out = times.encode().to_vec();
         out.reserve(data.len() / 2);
-        let out = compress_stream(db, &data[..], db_bytes, out)?;
+        let out = compress_stream(db, &data[..], db_bytes, out, Path::new("(memory)"))?;
         drop(data);
         return Ok(Snapshot {
             compressed_bytes: out.len() as u64,
             staged: Staged::Memory(out.into()),
+            copied: Copied::InMemory,
             db_bytes,
             times,
         });
     }
     std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
+    if let Some(db_bytes) = file_only(&source, db)? {
+        return capture_file(source, db, db_bytes, started, tmp_dir);
+    }
     let copy = NamedTempFile::with_prefix_in("copy-", tmp_dir)
         .at(tmp_dir)?
         .into_temp_path();
@@ -212,15 +246,236 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
     };
     check(&copy, "quick_check").map_err(|e| damaged_copy(db, e))?;
     let db_bytes = std::fs::metadata(&copy).at(&*copy)?.len();
-    let out = NamedTempFile::with_prefix_in("snap-", tmp_dir).at(tmp_dir)?;
+    let out = staged_file(tmp_dir)?;
     (&mut out.as_file())
         .write_all(&times.encode())
         .at(out.path())?;
-    compress(&copy, out.as_file())?;
+    compress(&copy, out.as_file(), out.path())?;
     let staged = out.into_temp_path();
     Ok(Snapshot {
         compressed_bytes: std::fs::metadata(&staged).at(&*staged)?.len(),
         staged: Staged::File(staged),
+        copied: Copied::TempFile,
+        db_bytes,
+        times,
+    })
+}
+
+/// A new file in `tmp_dir` for a compressed snapshot. Created 0666 minus
+/// the umask, as `object_store` creates objects, because a `file://`
+/// replica may link it in as the object itself
+/// ([`Replica::upload_file`]); tempfile's default, 0600, would make such
+/// objects unreadable to anyone else.
+pub fn staged_file(tmp_dir: &Path) -> Result<NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix("snap-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(tmp_dir)
+        .at(tmp_dir)
+}
+
+/// Opens a read transaction on `source` (the database `db`) and returns the
+/// size of the transaction's version when that transaction sees the database
+/// file alone: then the file's first that many bytes are exactly that
+/// version, and stay so until the transaction ends. Otherwise (WAL frames in
+/// view) ends the transaction and returns `None`.
+///
+/// The transaction sees the file alone when, checked while it is open:
+/// - the connection is not in WAL mode (a rollback journal: our shared lock
+///   keeps every writer out of the file);
+/// - or the `-wal` is gone or empty (nothing can empty a WAL that a reader
+///   of its frames is using: truncation waits for every reader);
+/// - or the WAL-index says every frame of the WAL is in the file already
+///   (`nBackfill == mxFrame`, `SqliteFile::wal_backfilled`). A reader that uses frames
+///   up to `m` keeps checkpoints from backfilling past `m`, so if the
+///   backfill has reached the newest frame, `m` is the newest frame and the
+///   file holds it; a reader that uses no frame holds read-lock 0, which
+///   every backfill must take exclusively.
+///
+/// Nothing here opens the database or its `-shm` with a descriptor of its
+/// own: closing one would drop every POSIX lock this process holds on that
+/// file, the hot tier's among them. The file is read through SQLite's own
+/// handle (`SqliteFile`).
+pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
+    let sql = |e| Error::sqlite(db, e);
+    source.execute_batch("BEGIN").map_err(sql)?;
+    // The first read starts the transaction (and waits out a busy writer
+    // for BUSY_TIMEOUT).
+    let pages: i64 = source
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .map_err(sql)?;
+    let page_size: i64 = source
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .map_err(sql)?;
+    let mode: String = source
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(sql)?;
+    let alone = !mode.eq_ignore_ascii_case("wal")
+        || file_len(&crate::source::discover::wal_path(db))? == 0
+        || SqliteFile::of(source).is_some_and(|f| f.wal_backfilled());
+    if alone && pages > 0 && page_size > 0 {
+        return Ok(Some(pages as u64 * page_size as u64));
+    }
+    source.execute_batch("COMMIT").map_err(sql)?;
+    Ok(None)
+}
+
+/// The main database file of a connection, as SQLite's VFS has it open
+/// (`SQLITE_FCNTL_FILE_POINTER`): read through its own methods, so the
+/// bytes are those of the very file the connection's transaction protects
+/// (not of a file renamed over its path since), and no descriptor of ours
+/// is opened and closed on it.
+struct SqliteFile<'c> {
+    file: *mut rusqlite::ffi::sqlite3_file,
+    methods: &'c rusqlite::ffi::sqlite3_io_methods,
+}
+
+/// The `sqlite3_file` of `conn`'s main database (`SQLITE_FCNTL_FILE_POINTER`),
+/// owned by SQLite while the connection is open; `None` if the VFS gives
+/// none.
+pub(crate) fn main_file(conn: &Connection) -> Option<*mut rusqlite::ffi::sqlite3_file> {
+    use rusqlite::ffi;
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: the handle is valid while `conn` is borrowed; FILE_POINTER
+    // writes one pointer through the pointer given, which outlives the call.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_FILE_POINTER,
+            (&mut file as *mut *mut ffi::sqlite3_file).cast(),
+        )
+    };
+    (rc == ffi::SQLITE_OK && !file.is_null()).then_some(file)
+}
+
+/// SQLite's WAL-index page size (`WALINDEX_PGSZ`): the first region holds
+/// the header.
+const WAL_INDEX_REGION: std::ffi::c_int = 32 * 1024;
+/// The WAL-index format version SQLite writes (3.7.0).
+const WAL_INDEX_VERSION: u32 = 3_007_000;
+
+impl<'c> SqliteFile<'c> {
+    /// The main file of `conn`, `None` if the VFS gives none.
+    fn of(conn: &'c Connection) -> Option<SqliteFile<'c>> {
+        let file = main_file(conn)?;
+        // SAFETY: `file` is the open database file; its methods table is
+        // SQLite's, valid while the file is open.
+        let methods = unsafe { (*file).pMethods.as_ref()? };
+        Some(SqliteFile { file, methods })
+    }
+
+    /// Whether the WAL-index header says every WAL frame is in the database
+    /// file. The layout (<https://www.sqlite.org/walformat.html>, native
+    /// byte order): two copies of a 48-byte header (`iVersion` at 0,
+    /// `isInit` at 12, `mxFrame` at 16), then the checkpoint info
+    /// (`nBackfill` at 96). The copies must agree, as SQLite's own readers
+    /// require. Read from the region SQLite has mapped (`xShmMap`), only for
+    /// a connection in WAL mode inside a read transaction, which has it
+    /// mapped already.
+    fn wal_backfilled(&self) -> bool {
+        let Some(map) = self.methods.xShmMap.filter(|_| self.methods.iVersion >= 2) else {
+            return false;
+        };
+        let mut region: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: region 0 at SQLite's own region size, not extended: the
+        // connection mapped it when its read began; the pointer stays valid
+        // while the connection is open.
+        let rc = unsafe { map(self.file, 0, WAL_INDEX_REGION, 0, &mut region) };
+        if rc != rusqlite::ffi::SQLITE_OK || region.is_null() {
+            return false;
+        }
+        let mut head = [0u8; 100];
+        for (i, b) in head.iter_mut().enumerate() {
+            // SAFETY: inside the mapped region (32 KiB); volatile, as other
+            // processes write it.
+            *b = unsafe { std::ptr::read_volatile(region.cast::<u8>().add(i)) };
+        }
+        let word =
+            |at: usize| u32::from_ne_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        head[..48] == head[48..96]
+            && word(0) == WAL_INDEX_VERSION
+            && head[12] == 1
+            && word(16) == word(96)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (`xRead`); a read past the end of
+    /// the file is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let read = self
+            .methods
+            .xRead
+            .ok_or_else(|| std::io::Error::other("the SQLite VFS cannot read"))?;
+        let len = std::ffi::c_int::try_from(buf.len()).map_err(std::io::Error::other)?;
+        // SAFETY: `buf` is valid for `len` bytes; the file is open.
+        let rc = unsafe { read(self.file, buf.as_mut_ptr().cast(), len, offset as i64) };
+        match rc {
+            rusqlite::ffi::SQLITE_OK => Ok(()),
+            rusqlite::ffi::SQLITE_IOERR_SHORT_READ => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            rc => Err(std::io::Error::other(format!(
+                "SQLite VFS read failed (code {rc})"
+            ))),
+        }
+    }
+}
+
+/// The first `end` bytes of a [`SqliteFile`], as a reader.
+struct SqliteFileReader<'c> {
+    file: SqliteFile<'c>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for SqliteFileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.end - self.pos) as usize;
+        if n > 0 {
+            self.file.read_at(&mut buf[..n], self.pos)?;
+            self.pos += n as u64;
+        }
+        Ok(n)
+    }
+}
+
+/// Checks `source`, whose read transaction [`file_only`] opened, with
+/// `quick_check`, then compresses the first `db_bytes` of its file, read
+/// through SQLite's own handle inside the same transaction: one read of the
+/// data for the check and one (of the same, cached, pages) for the object,
+/// no copy. One after the other: SQLite promises its VFS that no two
+/// threads use a file at once.
+fn capture_file(
+    source: Connection,
+    db: &Path,
+    db_bytes: u64,
+    started: chrono::DateTime<Utc>,
+    tmp_dir: &Path,
+) -> Result<Snapshot> {
+    // The transaction's version is the file now: it existed at this time.
+    let times = SnapshotTimes {
+        started,
+        taken: Utc::now(),
+    };
+    check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
+    let file = SqliteFile::of(&source)
+        .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))?;
+    let out = staged_file(tmp_dir)?;
+    let mut w = BufWriter::with_capacity(IO_BUFFER, out.as_file());
+    w.write_all(&times.encode()).at(out.path())?;
+    let input = SqliteFileReader {
+        file,
+        pos: 0,
+        end: db_bytes,
+    };
+    let mut w = compress_stream(db, input, db_bytes, w, out.path())?;
+    w.flush().at(out.path())?;
+    drop(w);
+    // Ends the read transaction.
+    drop(source);
+    let staged = out.into_temp_path();
+    Ok(Snapshot {
+        compressed_bytes: std::fs::metadata(&staged).at(&*staged)?.len(),
+        staged: Staged::File(staged),
+        copied: Copied::Direct,
         db_bytes,
         times,
     })
@@ -288,18 +543,19 @@ pub(crate) fn frame_info(len: u64) -> lz4_flex::frame::FrameInfo {
         .content_checksum(true)
 }
 
-/// Compresses file `src` into `out` (LZ4 frame format).
-pub fn compress(src: &Path, out: &File) -> Result<()> {
+/// Compresses file `src` into `out`, the file at `out_path` (LZ4 frame
+/// format).
+pub fn compress(src: &Path, out: &File, out_path: &Path) -> Result<()> {
     let input = File::open(src).at(src)?;
     let len = input.metadata().at(src)?.len();
-    let input = BufReader::with_capacity(io_buffer(len), input);
     let mut w = compress_stream(
         src,
         input,
         len,
         BufWriter::with_capacity(io_buffer(len), out),
+        out_path,
     )?;
-    w.flush().at(src)
+    w.flush().at(out_path)
 }
 
 /// A copy buffer for a file of `len` bytes: no larger than the file (a
@@ -308,13 +564,31 @@ fn io_buffer(len: u64) -> usize {
     (len as usize).clamp(MIN_IO_BUFFER, IO_BUFFER)
 }
 
-/// Compresses the `len` bytes of `input` (read from `src`) into `w`;
-/// returns `w`.
-fn compress_stream<R: Read, W: Write>(src: &Path, mut input: R, len: u64, w: W) -> Result<W> {
+/// Compresses the `len` bytes of `input` (read from `src`) into `w`
+/// (written to `out`); returns `w`. A read error names `src`, a write error
+/// (a full disk, say) names `out`.
+fn compress_stream<R: Read, W: Write>(
+    src: &Path,
+    mut input: R,
+    len: u64,
+    w: W,
+    out: &Path,
+) -> Result<W> {
     let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(frame_info(len), w);
-    std::io::copy(&mut input, &mut enc).at(src)?;
-    enc.finish()
-        .map_err(|e| Error::invalid(src.display(), format!("lz4: {e}")))
+    let mut buf = vec![0u8; io_buffer(len)];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(src, e)),
+        };
+        enc.write_all(&buf[..n]).at(out)?;
+    }
+    enc.finish().map_err(|e| match e {
+        lz4_flex::frame::Error::IoError(e) => Error::io(out, e),
+        e => Error::invalid(src.display(), format!("lz4: {e}")),
+    })
 }
 
 /// Reads past leading skippable frames (such as the [`SnapshotTimes`]
@@ -498,7 +772,7 @@ mod tests {
                 .collect();
             std::fs::write(&src, &data).unwrap();
             let out = t.path().join(format!("out-{len}.lz4"));
-            compress(&src, &File::create(&out).unwrap()).unwrap();
+            compress(&src, &File::create(&out).unwrap(), &out).unwrap();
             let mut back = Vec::new();
             lz4_flex::frame::FrameDecoder::new(File::open(&out).unwrap())
                 .read_to_end(&mut back)
@@ -528,8 +802,10 @@ mod tests {
         assert_eq!(rows, 3);
     }
 
-    /// A database above [`IN_MEMORY_MAX`] is staged in a file, and its
-    /// object (times record, then the frame) restores every row.
+    /// A database above [`IN_MEMORY_MAX`] in rollback-journal mode is read
+    /// from its own file (our shared lock keeps writers out) and staged in
+    /// a file, and its object (times record, then the frame) restores every
+    /// row.
     #[test]
     fn a_large_snapshot_is_staged_in_a_file() {
         let t = tempfile::tempdir().unwrap();
@@ -543,6 +819,8 @@ mod tests {
         .unwrap();
         let snap = capture(&db, &t.path().join("tmp")).unwrap();
         assert!(snap.db_bytes > IN_MEMORY_MAX);
+        assert_eq!(snap.copied, Copied::Direct);
+        assert_eq!(snap.db_bytes, std::fs::metadata(&db).unwrap().len());
         let Staged::File(staged) = &snap.staged else {
             panic!("a {} byte database was kept in memory", snap.db_bytes);
         };
@@ -552,6 +830,230 @@ mod tests {
         );
         let (_, rows) = restored(&snap, &t.path().join("restored.db"));
         assert_eq!(rows, 600);
+    }
+
+    /// A large WAL database is read from its file only when every WAL frame
+    /// is in the file: with frames not yet checkpointed it is copied through
+    /// the backup API (and the copy has them); once a checkpoint has copied
+    /// them (the WAL still full of them, as SQLite leaves it), from the file.
+    #[test]
+    fn a_large_wal_database_is_read_from_its_file_once_checkpointed() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("wal.db");
+        let app = Connection::open(&db).unwrap();
+        app.execute_batch(
+            "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0;
+             CREATE TABLE t(x BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400)
+             INSERT INTO t SELECT randomblob(4000) FROM n;
+             PRAGMA wal_checkpoint(TRUNCATE);
+             INSERT INTO t SELECT randomblob(4000) FROM t LIMIT 100;",
+        )
+        .unwrap();
+        let wal = crate::source::discover::wal_path(&db);
+        assert!(file_len(&wal).unwrap() > 0);
+        let snap = capture(&db, &t.path().join("tmp")).unwrap();
+        assert_eq!(snap.copied, Copied::TempFile, "frames not in the file yet");
+        assert_eq!(restored(&snap, &t.path().join("copied.db")).1, 500);
+
+        let (busy, log, done): (i64, i64, i64) = app
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((busy, log), (0, done));
+        assert!(file_len(&wal).unwrap() > 0, "the WAL keeps its frames");
+        let snap = capture(&db, &t.path().join("tmp")).unwrap();
+        assert_eq!(snap.copied, Copied::Direct, "every frame is in the file");
+        assert_eq!(restored(&snap, &t.path().join("direct.db")).1, 500);
+    }
+
+    /// While an application commits and checkpoints as fast as it can, every
+    /// snapshot of a large WAL database, read from the file or copied, is
+    /// one of its committed versions, and not an older one than was
+    /// committed when the snapshot began. Each transaction counts itself in
+    /// `total` and stamps that count on a row of `t`, which it adds (the
+    /// file grows) or rewrites in place (it does not): in every restored
+    /// copy the newest stamp is the count, and the count is at least the
+    /// commits before the snapshot.
+    #[test]
+    fn large_snapshots_are_consistent_while_the_database_is_written() {
+        use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("busy.db");
+        let app = Connection::open(&db).unwrap();
+        app.execute_batch(
+            "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0;
+             CREATE TABLE t(x BLOB, n INTEGER); CREATE TABLE total(n);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
+             INSERT INTO t SELECT randomblob(4000), 0 FROM n;
+             INSERT INTO total VALUES (0);",
+        )
+        .unwrap();
+        let stop = AtomicBool::new(false);
+        let committed = AtomicI64::new(0);
+        let (mut direct, mut copied) = (0, 0);
+        std::thread::scope(|s| {
+            let (stop, committed) = (&stop, &committed);
+            let writer = s.spawn(move || {
+                let mut commits = 0i64;
+                while !stop.load(Ordering::Relaxed) && commits < 5_000 {
+                    app.execute_batch(if commits % 2 == 0 {
+                        "BEGIN; UPDATE total SET n = n + 1;
+                         INSERT INTO t VALUES (randomblob(4000), (SELECT n FROM total));
+                         COMMIT;"
+                    } else {
+                        "BEGIN; UPDATE total SET n = n + 1;
+                         UPDATE t SET x = randomblob(4000), n = (SELECT n FROM total)
+                           WHERE rowid = 1 + (SELECT n FROM total) % 300;
+                         COMMIT;"
+                    })
+                    .unwrap();
+                    commits += 1;
+                    committed.store(commits, Ordering::SeqCst);
+                    // Checkpoints (which write the database file) race
+                    // with the snapshots' reads of it.
+                    if commits % 3 == 0 {
+                        app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                            .unwrap();
+                    }
+                }
+                commits
+            });
+            for i in 0..16 {
+                let floor = committed.load(Ordering::SeqCst);
+                let snap = capture(&db, &t.path().join("tmp")).unwrap();
+                match snap.copied {
+                    Copied::Direct => direct += 1,
+                    _ => copied += 1,
+                }
+                let out = t.path().join(format!("r{i}.db"));
+                let n = decompress(
+                    snap.reader().unwrap(),
+                    "snap",
+                    &mut File::create(&out).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(n, snap.db_bytes);
+                integrity_check(&out).unwrap();
+                let c = Connection::open(&out).unwrap();
+                let (stamp, total): (i64, i64) = c
+                    .query_row("SELECT (SELECT max(n) FROM t), n FROM total", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .unwrap();
+                assert_eq!(stamp, total, "snapshot {i} ({:?}) is torn", snap.copied);
+                assert!(total >= floor, "snapshot {i} ({:?}) is older", snap.copied);
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(writer.join().unwrap() > 0);
+        });
+        eprintln!("{direct} snapshots read from the file, {copied} copied");
+    }
+
+    /// A database file replaced by a rename after SQLite opened the old one:
+    /// the snapshot is read through SQLite's own handle, so it holds the
+    /// file the read transaction protects, not the one now at the path.
+    #[test]
+    fn a_database_replaced_since_it_was_opened_is_read_through_sqlite() {
+        let t = tempfile::tempdir().unwrap();
+        let (db, other) = (t.path().join("r.db"), t.path().join("other.db"));
+        for (path, rows) in [(&db, 300), (&other, 500)] {
+            Connection::open(path)
+                .unwrap()
+                .execute_batch(&format!(
+                    "CREATE TABLE t(x BLOB);
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
+                     INSERT INTO t SELECT randomblob(4000) FROM n;"
+                ))
+                .unwrap();
+        }
+        let source = open_read_only(&db).unwrap();
+        std::fs::rename(&other, &db).unwrap();
+        let len = file_only(&source, &db).unwrap().expect("no WAL");
+        let snap = capture_file(source, &db, len, Utc::now(), t.path()).unwrap();
+        assert_eq!(snap.copied, Copied::Direct);
+        assert_eq!(restored(&snap, &t.path().join("out.db")).1, 300);
+    }
+
+    /// Whether another process can take the write lock of `db` right now.
+    fn writable_from_outside(db: &Path) -> bool {
+        let script = "import sqlite3, sys\n\
+            c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n\
+            try:\n    c.execute('BEGIN IMMEDIATE'); print('acquired')\n\
+            except sqlite3.OperationalError: print('locked')\n";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(db)
+            .output()
+            .expect("python3 runs");
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(said == "acquired" || said == "locked", "{said:?} {out:?}");
+        said == "acquired"
+    }
+
+    /// POSIX locks belong to the process, and closing any descriptor of a
+    /// file drops all of them: a snapshot must never open and close the
+    /// database or its `-shm` itself while a connection of this process
+    /// (the hot tier's, say) holds a lock there. An application connection
+    /// here holds the write lock (the `-shm` lock in WAL mode, the file's
+    /// RESERVED lock in rollback mode) across large snapshots; another
+    /// process must still find it locked afterwards.
+    #[test]
+    fn snapshots_keep_the_locks_this_process_holds() {
+        for wal in [true, false] {
+            let t = tempfile::tempdir().unwrap();
+            let db = t.path().join("locked.db");
+            let app = Connection::open(&db).unwrap();
+            let mode = if wal { "wal" } else { "delete" };
+            app.execute_batch(&format!(
+                "PRAGMA journal_mode={mode}; CREATE TABLE t(x BLOB);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400)
+                 INSERT INTO t SELECT randomblob(4000) FROM n;"
+            ))
+            .unwrap();
+            if wal {
+                // Every frame backfilled, the WAL kept: the WAL-index is read.
+                app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    .unwrap();
+                assert!(file_len(&crate::source::discover::wal_path(&db)).unwrap() > 0);
+            }
+            app.execute_batch("BEGIN IMMEDIATE").unwrap();
+            assert!(!writable_from_outside(&db), "wal {wal}: the lock is held");
+            let snap = capture(&db, &t.path().join("tmp")).unwrap();
+            assert_eq!(snap.copied, Copied::Direct, "wal {wal}");
+            assert!(
+                !writable_from_outside(&db),
+                "wal {wal}: a snapshot dropped the lock"
+            );
+            app.execute_batch("COMMIT").unwrap();
+            assert!(writable_from_outside(&db), "wal {wal}");
+            assert_eq!(restored(&snap, &t.path().join("out.db")).1, 400);
+        }
+    }
+
+    /// A damaged large database read from its own file is refused by the
+    /// `quick_check` that runs beside the compression.
+    #[test]
+    fn a_damaged_large_database_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("d.db");
+        let app = Connection::open(&db).unwrap();
+        app.execute_batch(
+            "PRAGMA page_size=4096; CREATE TABLE t(x, y BLOB); CREATE INDEX ti ON t(x);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+             INSERT INTO t SELECT i, randomblob(1000) FROM n;",
+        )
+        .unwrap();
+        drop(app);
+        assert!(std::fs::metadata(&db).unwrap().len() > IN_MEMORY_MAX);
+        let mut bytes = std::fs::read(&db).unwrap();
+        bytes[2 * 4096 + 1..2 * 4096 + 64].fill(0xA5);
+        std::fs::write(&db, &bytes).unwrap();
+        match capture(&db, &t.path().join("tmp")) {
+            Ok(s) => panic!("a damaged database was captured ({:?})", s.copied),
+            Err(e) => assert!(e.to_string().contains("damaged, not uploading"), "{e}"),
+        }
     }
 
     /// Restores `snap` into `out` and returns its page size and rows of `t`.

@@ -54,8 +54,8 @@ pub async fn upload_snapshot(
     let (tmp, size, compressed_size, sum) = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&tmp_dir).at(&tmp_dir)?;
         let size = std::fs::metadata(&db).at(&db)?.len();
-        let out = tempfile::NamedTempFile::with_prefix_in("gensnap-", &tmp_dir).at(&tmp_dir)?;
-        snapshot::compress(&db, out.as_file())?;
+        let out = snapshot::staged_file(&tmp_dir)?;
+        snapshot::compress(&db, out.as_file(), out.path())?;
         let tmp = out.into_temp_path();
         let compressed = std::fs::metadata(&tmp).at(&*tmp)?.len();
         let sum = lz4_content_checksum(&tmp)?;

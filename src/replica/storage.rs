@@ -25,7 +25,10 @@
 //! name (so a power cut never leaves a partial object where a complete one
 //! was), then the object's directory is synced. Multipart uploads (large
 //! snapshots) go through the local store, which runs with `fsync` on and
-//! does the same. Then, before the upload returns, each directory above the
+//! does the same; a staged file on the replica's filesystem (a large
+//! snapshot, compressed into the temp dir) is not copied at all but synced
+//! and hard-linked in as `<name>#<n>`, then renamed the same way
+//! (`link_local`). Then, before the upload returns, each directory above the
 //! object's up to the replica root has its entry made durable: its parent
 //! is synced, once per replica and directory (a directory left unsynced by a
 //! crashed process is covered too). An object in a new key directory costs
@@ -524,10 +527,12 @@ impl Replica {
         }
     }
 
-    /// Uploads a local file to `location`: one PUT when it fits in
-    /// [`UPLOAD_PART`], otherwise a multipart upload that is aborted on error
-    /// so no parts are left behind. Either way the object appears atomically:
-    /// readers see the old version or the whole new one, never a prefix.
+    /// Uploads a local file to `location`, which nobody changes any more: one
+    /// PUT when it fits in [`UPLOAD_PART`], otherwise a multipart upload that
+    /// is aborted on error so no parts are left behind; on a plain `file://`
+    /// replica on the same filesystem, the file itself is linked in
+    /// (`link_local`). Either way the object appears atomically: readers see
+    /// the old version or the whole new one, never a prefix.
     pub async fn upload_file(&self, location: &ObjPath, file: &Path) -> Result<u64> {
         self.fenced(location, self.upload_file_unfenced(location, file))
             .await
@@ -536,6 +541,9 @@ impl Replica {
     async fn upload_file_unfenced(&self, location: &ObjPath, file: &Path) -> Result<u64> {
         let ctx = || location.to_string();
         let len = tokio::fs::metadata(file).await.at(file)?.len();
+        if self.link_direct(location, file).await? {
+            return Ok(len);
+        }
         if len <= UPLOAD_PART as u64 {
             let bytes = tokio::fs::read(file).await.at(file)?;
             self.put_whole(location, bytes.into()).await?;
@@ -604,6 +612,32 @@ impl Replica {
             // parent of a top-level name.
             .and_then(|fs| fs.path_to_filesystem(&ObjPath::from("_")).ok())
             .and_then(|p| p.parent().map(Path::to_path_buf))
+    }
+
+    /// On a plain `file://` replica, makes the staged file `file` the object
+    /// at `location` by linking it in ([`link_local`]), durable when it
+    /// returns; `false` when that cannot be done (another store or
+    /// filesystem) and the caller must upload it.
+    async fn link_direct(&self, location: &ObjPath, file: &Path) -> Result<bool> {
+        if !self.direct {
+            return Ok(false);
+        }
+        let Some(path) = self.local_path(location)? else {
+            return Ok(false);
+        };
+        let root = self.local_root();
+        let durable = self.durable_dirs.clone();
+        let file = file.to_path_buf();
+        tokio::task::spawn_blocking(move || -> Result<bool> {
+            if !link_local(&path, &file)? {
+                return Ok(false);
+            }
+            sync_parents(&path, root.as_deref(), &durable)?;
+            LOCAL_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(true)
+        })
+        .await
+        .map_err(|e| Error::invalid(location, format!("link task failed: {e}")))?
     }
 
     /// One whole-object PUT, durable when it returns. On a plain `file://`
@@ -962,20 +996,61 @@ const CREATE_DIR_TRIES: usize = 3;
 /// for an object in a new directory and two in a known one, where the store
 /// and [`Replica::sync_local`] together made six and three.
 fn write_local(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (mut file, staged) = create_staged(path, |staged| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(staged)
+    })?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    publish_staged(path, &staged, written)
+}
+
+/// Makes the complete file `file` (which nobody changes any more) the
+/// `file://` object at `path` without copying it: `file` is synced,
+/// hard-linked as the staged name `<path>#<n>` and renamed over `path` as in
+/// [`write_local`]. `Ok(false)`, with nothing done but the sync, when the
+/// filesystem cannot link `file` there (another filesystem, or no hard
+/// links): the caller copies it instead.
+fn link_local(path: &Path, file: &Path) -> Result<bool> {
+    std::fs::File::open(file)
+        .and_then(|f| f.sync_all())
+        .at(file)?;
+    let staged = match create_staged(path, |staged| std::fs::hard_link(file, staged)) {
+        Ok(((), staged)) => staged,
+        Err(Error::Io { source, .. }) if cannot_link(&source) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    publish_staged(path, &staged, Ok(())).map(|()| true)
+}
+
+/// Errors of `link(2)` that mean "copy instead": another filesystem, a
+/// filesystem without hard links, or a file at its link limit.
+fn cannot_link(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV | libc::EPERM | libc::EOPNOTSUPP | libc::EMLINK)
+    )
+}
+
+/// Creates a staged file for the object at `path` with `create`, under the
+/// first free name `<path>#<n>`, creating the object's directory when it is
+/// missing (retention removes empty ones, so up to [`CREATE_DIR_TRIES`]
+/// times).
+fn create_staged<T>(
+    path: &Path,
+    mut create: impl FnMut(&Path) -> std::io::Result<T>,
+) -> Result<(T, PathBuf)> {
     let dir = path
         .parent()
         .ok_or_else(|| Error::invalid(path.display(), "an object path has a directory"))?;
     let (mut n, mut created) = (1u64, 0);
-    let (mut file, staged) = loop {
+    loop {
         let mut staged = path.as_os_str().to_owned();
         staged.push(format!("#{n}"));
         let staged = PathBuf::from(staged);
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&staged)
-        {
-            Ok(f) => break (f, staged),
+        match create(&staged) {
+            Ok(t) => return Ok((t, staged)),
             // Left by a crashed writer, or another one's: the next name.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && created < CREATE_DIR_TRIES => {
@@ -984,14 +1059,18 @@ fn write_local(path: &Path, bytes: &[u8]) -> Result<()> {
             }
             Err(e) => return Err(Error::io(&staged, e)),
         }
-    };
-    let written = file
-        .write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .at(&staged)
-        .and_then(|()| std::fs::rename(&staged, path).at(path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&staged);
+    }
+}
+
+/// Renames the staged file `staged`, once `written` (its content synced)
+/// succeeded, over `path`, and syncs the directory; removes `staged` on any
+/// error.
+fn publish_staged(path: &Path, staged: &Path, written: std::io::Result<()>) -> Result<()> {
+    let published = written
+        .at(staged)
+        .and_then(|()| std::fs::rename(staged, path).at(path));
+    if let Err(e) = published {
+        let _ = std::fs::remove_file(staged);
         return Err(e);
     }
     sync_parent(path)
@@ -1136,14 +1215,7 @@ mod tests {
                 .unwrap(),
             &b"whole"[..]
         );
-        let names: Vec<String> = r
-            .list_dir(&ObjPath::from("k/a"))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect();
-        assert_eq!(names, ["k/a/obj"]);
+        assert_eq!(listed(&r, "k/a").await, ["k/a/obj"]);
         let mut on_disk: Vec<_> = std::fs::read_dir(dir.path().join("k/a"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -1184,5 +1256,79 @@ mod tests {
         // silent success.
         let e = r.sync_local(&ObjPath::from("k/missing")).await.unwrap_err();
         assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    }
+
+    /// The names of the objects directly under `dir`.
+    async fn listed(r: &Replica, dir: &str) -> Vec<String> {
+        r.list_dir(&ObjPath::from(dir))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect()
+    }
+
+    /// A staged file on the replica's filesystem becomes the object without
+    /// a copy: the object is the same inode, complete, listed under its own
+    /// name only, and as readable as a file created here; a leftover staged
+    /// name from a crash is stepped over, and the staged file may go away
+    /// afterwards. Through a wrapped store the file is uploaded instead.
+    #[tokio::test]
+    async fn staged_files_are_linked_into_a_file_replica() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(&dir.path().join("replica"));
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        // As the cold tier stages snapshots: 0666 minus the umask.
+        let staged = tempfile::Builder::new()
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .tempfile_in(&tmp)
+            .unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        staged.as_file().write_all(&data).unwrap();
+        let staged = staged.into_temp_path();
+        let obj = dir.path().join("replica/k/a/snap.lz4");
+        std::fs::create_dir_all(obj.parent().unwrap()).unwrap();
+        std::fs::write(dir.path().join("replica/k/a/snap.lz4#1"), b"partial").unwrap();
+        let sent = r
+            .upload_file(&ObjPath::from("k/a/snap.lz4"), &staged)
+            .await
+            .unwrap();
+        assert_eq!(sent, data.len() as u64);
+        let (o, f) = (
+            std::fs::metadata(&obj).unwrap(),
+            std::fs::metadata(&staged).unwrap(),
+        );
+        assert_eq!((o.dev(), o.ino()), (f.dev(), f.ino()), "linked, not copied");
+        let made_here = dir.path().join("made-here");
+        std::fs::File::create(&made_here).unwrap();
+        let umasked = std::fs::metadata(&made_here).unwrap().mode() & 0o777;
+        assert_eq!(o.mode() & 0o777, umasked);
+        drop(staged);
+        assert_eq!(std::fs::read(&obj).unwrap(), data);
+        assert_eq!(listed(&r, "k/a").await, ["k/a/snap.lz4"]);
+        // Through a wrapped store: a copy.
+        let wrapped = r.clone().with_store(r.store.clone());
+        let src = tmp.join("plain");
+        std::fs::write(&src, &data[..1000]).unwrap();
+        wrapped
+            .upload_file(&ObjPath::from("k/b/snap.lz4"), &src)
+            .await
+            .unwrap();
+        let copied = std::fs::metadata(dir.path().join("replica/k/b/snap.lz4")).unwrap();
+        assert_ne!(copied.ino(), std::fs::metadata(&src).unwrap().ino());
+    }
+
+    /// Only the errors that mean "this filesystem cannot link it here" make
+    /// an upload fall back to a copy; others are failures.
+    #[test]
+    fn only_unlinkable_files_are_copied() {
+        for errno in [libc::EXDEV, libc::EPERM, libc::EOPNOTSUPP, libc::EMLINK] {
+            assert!(cannot_link(&std::io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::EIO, libc::ENOSPC, libc::EACCES, libc::ENOENT] {
+            assert!(!cannot_link(&std::io::Error::from_raw_os_error(errno)));
+        }
     }
 }

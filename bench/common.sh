@@ -40,3 +40,15 @@ timed_find() {
   find "$1" -name '*.db' -printf '%s %T@\n' > /dev/null
   echo "$(date +%s.%N) - $s" | bc
 }
+
+# backup_once BIN CONFIG PORT N: runs the daemon until /stats says N
+# databases are uploaded and nothing is pending, then stops it (its state
+# file is written).
+backup_once() {
+  "$1" --log-level warn replicate --config "$2" &
+  local pid=$!
+  until [ "$(stat_of "$3" 'int(d["uploads_ok"] >= '"$4"' and d["pending"] == 0)' 0)" = 1 ]; do
+    sleep 0.2
+  done
+  kill -TERM "$pid"; wait "$pid" || true
+}

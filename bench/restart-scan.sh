@@ -15,10 +15,7 @@ trap 'rm -rf "$W"' EXIT
 . "$(dirname "$0")/common.sh"
 daemon_config "$W/c.yml" "$PORT" "$TREE/*/databases/*/branches/*/tenants/*.db" 1h "$W"
 # First run: back everything up, then stop (the state file is written).
-"$BIN" --log-level warn replicate --config "$W/c.yml" &
-P=$!
-until [ "$(stat_of "$PORT" 'int(d["uploads_ok"] >= '"$N"' and d["pending"] == 0)' 0)" = 1 ]; do sleep 0.2; done
-kill -TERM "$P"; wait "$P" || true
+backup_once "$BIN" "$W/c.yml" "$PORT" "$N"
 for round in 1 2 3; do
   read -r scan pending _ <<< "$(first_scan "$BIN" "$W/c.yml" "$PORT")"
   echo "round $round: first scan after restart ${scan} s ($pending pending), find $(timed_find "$TREE") s"

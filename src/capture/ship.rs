@@ -733,22 +733,9 @@ impl WalWriteLock {
     /// in WAL mode already (its `-shm` is open) and must outlive the lock.
     fn wait(conn: &Connection, db: &Path) -> Result<Option<WalWriteLock>> {
         use rusqlite::ffi;
-        let file = crate::capture::snapshot::main_file(conn).unwrap_or(std::ptr::null_mut());
-        let shm_lock = if !file.is_null() {
-            // SAFETY: `file` is the open database file; its methods table
-            // is SQLite's, valid while the file is open.
-            unsafe {
-                let methods = (*file).pMethods;
-                if methods.is_null() || (*methods).iVersion < 2 {
-                    None
-                } else {
-                    (*methods).xShmLock
-                }
-            }
-        } else {
-            None
-        };
-        let Some(lock) = shm_lock else {
+        let shm_lock = crate::capture::snapshot::SqliteFile::of(conn)
+            .and_then(|f| Some((f.file, f.shm()?.xShmLock?)));
+        let Some((file, lock)) = shm_lock else {
             return Err(Error::invalid(
                 db.display(),
                 "the SQLite VFS has no shared-memory locks; WAL streaming needs them",

@@ -245,17 +245,32 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
         taken: Utc::now(),
     };
     check(&copy, "quick_check").map_err(|e| damaged_copy(db, e))?;
-    let db_bytes = std::fs::metadata(&copy).at(&*copy)?.len();
+    let input = File::open(&copy).at(&*copy)?;
+    let db_bytes = input.metadata().at(&*copy)?.len();
+    stage(&copy, input, db_bytes, times, tmp_dir, Copied::TempFile)
+}
+
+/// Compresses the `db_bytes` of `input` (read from `src`) behind the
+/// `times` record into a new staged file in `tmp_dir`.
+fn stage(
+    src: &Path,
+    input: impl Read,
+    db_bytes: u64,
+    times: SnapshotTimes,
+    tmp_dir: &Path,
+    copied: Copied,
+) -> Result<Snapshot> {
     let out = staged_file(tmp_dir)?;
-    (&mut out.as_file())
-        .write_all(&times.encode())
-        .at(out.path())?;
-    compress(&copy, out.as_file(), out.path())?;
+    let mut w = BufWriter::with_capacity(io_buffer(db_bytes), out.as_file());
+    w.write_all(&times.encode()).at(out.path())?;
+    let mut w = compress_stream(src, input, db_bytes, w, out.path())?;
+    w.flush().at(out.path())?;
+    drop(w);
     let staged = out.into_temp_path();
     Ok(Snapshot {
         compressed_bytes: std::fs::metadata(&staged).at(&*staged)?.len(),
         staged: Staged::File(staged),
-        copied: Copied::TempFile,
+        copied,
         db_bytes,
         times,
     })
@@ -325,28 +340,10 @@ pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
 /// bytes are those of the very file the connection's transaction protects
 /// (not of a file renamed over its path since), and no descriptor of ours
 /// is opened and closed on it.
-struct SqliteFile<'c> {
-    file: *mut rusqlite::ffi::sqlite3_file,
+pub(crate) struct SqliteFile<'c> {
+    /// SQLite's file, owned by SQLite while the connection is open.
+    pub(crate) file: *mut rusqlite::ffi::sqlite3_file,
     methods: &'c rusqlite::ffi::sqlite3_io_methods,
-}
-
-/// The `sqlite3_file` of `conn`'s main database (`SQLITE_FCNTL_FILE_POINTER`),
-/// owned by SQLite while the connection is open; `None` if the VFS gives
-/// none.
-pub(crate) fn main_file(conn: &Connection) -> Option<*mut rusqlite::ffi::sqlite3_file> {
-    use rusqlite::ffi;
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    // SAFETY: the handle is valid while `conn` is borrowed; FILE_POINTER
-    // writes one pointer through the pointer given, which outlives the call.
-    let rc = unsafe {
-        ffi::sqlite3_file_control(
-            conn.handle(),
-            c"main".as_ptr(),
-            ffi::SQLITE_FCNTL_FILE_POINTER,
-            (&mut file as *mut *mut ffi::sqlite3_file).cast(),
-        )
-    };
-    (rc == ffi::SQLITE_OK && !file.is_null()).then_some(file)
 }
 
 /// SQLite's WAL-index page size (`WALINDEX_PGSZ`): the first region holds
@@ -357,12 +354,33 @@ const WAL_INDEX_VERSION: u32 = 3_007_000;
 
 impl<'c> SqliteFile<'c> {
     /// The main file of `conn`, `None` if the VFS gives none.
-    fn of(conn: &'c Connection) -> Option<SqliteFile<'c>> {
-        let file = main_file(conn)?;
+    pub(crate) fn of(conn: &'c Connection) -> Option<SqliteFile<'c>> {
+        use rusqlite::ffi;
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        // SAFETY: the handle is valid while `conn` is borrowed;
+        // FILE_POINTER writes one pointer through the pointer given, which
+        // outlives the call.
+        let rc = unsafe {
+            ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_FILE_POINTER,
+                (&mut file as *mut *mut ffi::sqlite3_file).cast(),
+            )
+        };
+        if rc != ffi::SQLITE_OK || file.is_null() {
+            return None;
+        }
         // SAFETY: `file` is the open database file; its methods table is
         // SQLite's, valid while the file is open.
         let methods = unsafe { (*file).pMethods.as_ref()? };
         Some(SqliteFile { file, methods })
+    }
+
+    /// The file's methods when its VFS has shared memory (version 2 and
+    /// later: `xShmMap`, `xShmLock`), which WAL mode needs.
+    pub(crate) fn shm(&self) -> Option<&'c rusqlite::ffi::sqlite3_io_methods> {
+        (self.methods.iVersion >= 2).then_some(self.methods)
     }
 
     /// Whether the WAL-index header says every WAL frame is in the database
@@ -374,7 +392,7 @@ impl<'c> SqliteFile<'c> {
     /// a connection in WAL mode inside a read transaction, which has it
     /// mapped already.
     fn wal_backfilled(&self) -> bool {
-        let Some(map) = self.methods.xShmMap.filter(|_| self.methods.iVersion >= 2) else {
+        let Some(map) = self.shm().and_then(|m| m.xShmMap) else {
             return false;
         };
         let mut region: *mut std::ffi::c_void = std::ptr::null_mut();
@@ -458,27 +476,14 @@ fn capture_file(
     check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
     let file = SqliteFile::of(&source)
         .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))?;
-    let out = staged_file(tmp_dir)?;
-    let mut w = BufWriter::with_capacity(IO_BUFFER, out.as_file());
-    w.write_all(&times.encode()).at(out.path())?;
     let input = SqliteFileReader {
         file,
         pos: 0,
         end: db_bytes,
     };
-    let mut w = compress_stream(db, input, db_bytes, w, out.path())?;
-    w.flush().at(out.path())?;
-    drop(w);
-    // Ends the read transaction.
-    drop(source);
-    let staged = out.into_temp_path();
-    Ok(Snapshot {
-        compressed_bytes: std::fs::metadata(&staged).at(&*staged)?.len(),
-        staged: Staged::File(staged),
-        copied: Copied::Direct,
-        db_bytes,
-        times,
-    })
+    // `input` borrows `source`, whose read transaction lasts until the
+    // whole file is compressed.
+    stage(db, input, db_bytes, times, tmp_dir, Copied::Direct)
 }
 
 /// A corrupt or truncated source copies "successfully" page by page; never

@@ -541,7 +541,11 @@ impl Replica {
     async fn upload_file_unfenced(&self, location: &ObjPath, file: &Path) -> Result<u64> {
         let ctx = || location.to_string();
         let len = tokio::fs::metadata(file).await.at(file)?.len();
-        if self.link_direct(location, file).await? {
+        let staged = file.to_path_buf();
+        if self
+            .write_direct(location, move |path| link_local(path, &staged))
+            .await?
+        {
             return Ok(len);
         }
         if len <= UPLOAD_PART as u64 {
@@ -614,11 +618,16 @@ impl Replica {
             .and_then(|p| p.parent().map(Path::to_path_buf))
     }
 
-    /// On a plain `file://` replica, makes the staged file `file` the object
-    /// at `location` by linking it in ([`link_local`]), durable when it
-    /// returns; `false` when that cannot be done (another store or
-    /// filesystem) and the caller must upload it.
-    async fn link_direct(&self, location: &ObjPath, file: &Path) -> Result<bool> {
+    /// On a plain `file://` replica, writes the object at `location` with
+    /// `write` (given its path; `false` if it could not, and the caller
+    /// must go through the store), in one blocking task holding one of
+    /// [`LOCAL_WRITES`] slots, then makes the directories above it durable
+    /// ([`sync_parents`]). `false` for any other store.
+    async fn write_direct(
+        &self,
+        location: &ObjPath,
+        write: impl FnOnce(&Path) -> Result<bool> + Send + 'static,
+    ) -> Result<bool> {
         if !self.direct {
             return Ok(false);
         }
@@ -627,9 +636,12 @@ impl Replica {
         };
         let root = self.local_root();
         let durable = self.durable_dirs.clone();
-        let file = file.to_path_buf();
+        let _slot = local_write_slots()
+            .acquire()
+            .await
+            .map_err(|e| Error::invalid(location, format!("write slots closed: {e}")))?;
         tokio::task::spawn_blocking(move || -> Result<bool> {
-            if !link_local(&path, &file)? {
+            if !write(&path)? {
                 return Ok(false);
             }
             sync_parents(&path, root.as_deref(), &durable)?;
@@ -637,30 +649,21 @@ impl Replica {
             Ok(true)
         })
         .await
-        .map_err(|e| Error::invalid(location, format!("link task failed: {e}")))?
+        .map_err(|e| Error::invalid(location, format!("write task failed: {e}")))?
     }
 
     /// One whole-object PUT, durable when it returns. On a plain `file://`
-    /// store, written here in one blocking task ([`write_local`]); through
-    /// the store otherwise, followed by [`Replica::sync_local`].
+    /// store, written here ([`write_local`]); through the store otherwise,
+    /// followed by [`Replica::sync_local`].
     async fn put_whole(&self, location: &ObjPath, bytes: Bytes) -> Result<()> {
-        if self.direct {
-            if let Some(path) = self.local_path(location)? {
-                let root = self.local_root();
-                let durable = self.durable_dirs.clone();
-                let _slot = local_write_slots()
-                    .acquire()
-                    .await
-                    .map_err(|e| Error::invalid(location, format!("write slots closed: {e}")))?;
-                return tokio::task::spawn_blocking(move || -> Result<()> {
-                    write_local(&path, &bytes)?;
-                    sync_parents(&path, root.as_deref(), &durable)?;
-                    LOCAL_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Ok(())
-                })
-                .await
-                .map_err(|e| Error::invalid(location, format!("write task failed: {e}")))?;
-            }
+        let direct = bytes.clone();
+        if self
+            .write_direct(location, move |path| {
+                write_local(path, &direct).map(|()| true)
+            })
+            .await?
+        {
+            return Ok(());
         }
         self.store
             .put(location, PutPayload::from(bytes))
@@ -973,7 +976,7 @@ fn sync_parents(path: &Path, root: Option<&Path>, durable: &DurableDirs) -> Resu
     Ok(())
 }
 
-/// Direct `file://` writes ([`write_local`]) in flight at once. Each holds a
+/// Direct `file://` writes ([`write_local`], [`link_local`]) in flight at once. Each holds a
 /// blocking thread, mostly waiting in `fsync`; the filesystem's journal
 /// commits concurrent `fsync`s together, so a few in flight keep the disk
 /// as busy as `max-concurrent` (100) would, without 100 threads.

@@ -288,12 +288,11 @@ pub fn commit_frames(frames: &[u8], page_size: u32) -> u64 {
 /// a restored or copied file, is not a busy database). Unreadable or short
 /// files are `false`: the cold tier reports their errors.
 pub fn stream_candidate(path: &Path, recent: Duration) -> bool {
-    use std::io::Read;
     let mut header = [0u8; 20];
-    let wal_mode = File::open(path)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .map(|()| header[18] == 2 && header[19] == 2)
-        .unwrap_or(false);
+    // Through SQLite's VFS: a plain open and close here would drop the
+    // locks this process's connections hold on the file.
+    let wal_mode = crate::source::header::read_start(path, &mut header)
+        .is_ok_and(|n| n == header.len() && header[18] == 2 && header[19] == 2);
     if !wal_mode {
         return false;
     }

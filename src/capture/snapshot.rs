@@ -757,6 +757,7 @@ pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::header::writable_from_outside;
 
     /// The block (and with it the encoder's buffers) fits the input; data
     /// of any size round-trips through the frame decoder.
@@ -979,22 +980,6 @@ mod tests {
         let snap = capture_file(source, &db, len, Utc::now(), t.path()).unwrap();
         assert_eq!(snap.copied, Copied::Direct);
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 300);
-    }
-
-    /// Whether another process can take the write lock of `db` right now.
-    fn writable_from_outside(db: &Path) -> bool {
-        let script = "import sqlite3, sys\n\
-            c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n\
-            try:\n    c.execute('BEGIN IMMEDIATE'); print('acquired')\n\
-            except sqlite3.OperationalError: print('locked')\n";
-        let out = std::process::Command::new("python3")
-            .args(["-c", script])
-            .arg(db)
-            .output()
-            .expect("python3 runs");
-        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(said == "acquired" || said == "locked", "{said:?} {out:?}");
-        said == "acquired"
     }
 
     /// POSIX locks belong to the process, and closing any descriptor of a

@@ -46,7 +46,7 @@ use crate::replica::cold;
 use crate::replica::retention;
 use crate::replica::storage::Replica;
 use crate::source::config::Loaded;
-use crate::source::discover::has_sqlite_header;
+use crate::source::header::has_sqlite_header;
 use crate::source::keys::{key_for, Owners};
 use crate::source::tier::{TierConfig, Tiers};
 use crate::source::track::{Id, ScanReport, Ticket, Tracker};

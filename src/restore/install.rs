@@ -83,7 +83,7 @@ impl Staged {
         file.sync_all().at(&*tmp)?;
         let checked = file.metadata().at(&*tmp)?;
         drop(file);
-        if !crate::source::discover::has_sqlite_header(&tmp).at(&*tmp)? {
+        if !crate::source::header::has_sqlite_header(&tmp).at(&*tmp)? {
             return Err(Error::damaged(
                 what,
                 "restored data is not a SQLite database",

@@ -67,7 +67,8 @@ use crate::replica::hot;
 use crate::replica::layout::check_key;
 use crate::replica::storage::Replica;
 use crate::source::config::Loaded;
-use crate::source::discover::{has_sqlite_header, Visitor};
+use crate::source::discover::Visitor;
+use crate::source::header::has_sqlite_header;
 use crate::source::keys::key_for;
 use crate::{Error, Result};
 

@@ -36,9 +36,6 @@ pub fn wal_path(db: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The 16-byte header every SQLite 3 database file starts with.
-pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
-
 #[derive(Debug, Clone)]
 enum Level {
     Literal(OsString),
@@ -421,21 +418,6 @@ pub trait Visitor {
     fn error(&mut self, path: &Path, err: io::Error);
 }
 
-/// True if the file starts with the SQLite 3 header. `Ok(false)` for short or foreign files.
-pub fn has_sqlite_header(path: &Path) -> io::Result<bool> {
-    use std::io::Read;
-    let mut f = fs::File::open(path)?;
-    let mut buf = [0u8; 16];
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => return Ok(false),
-            k => n += k,
-        }
-    }
-    Ok(&buf == SQLITE_HEADER)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,17 +568,5 @@ mod tests {
             ["", "t1"]
         );
         assert_eq!(pat.captures(&t.path().join("x/p1/other/t1.db")), None);
-    }
-
-    #[test]
-    fn header_check() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("x");
-        fs::write(&p, b"SQLite format 3\0rest").unwrap();
-        assert!(has_sqlite_header(&p).unwrap());
-        fs::write(&p, b"SQLite").unwrap();
-        assert!(!has_sqlite_header(&p).unwrap());
-        fs::write(&p, b"not a database at all").unwrap();
-        assert!(!has_sqlite_header(&p).unwrap());
     }
 }

@@ -5,7 +5,8 @@
 //! (the description's and Litestream's, translated by [`compat`]), discovery from glob patterns
 //! ([`discover`]), key templates ([`template`]) and the rule that refuses two
 //! databases rendering one key ([`keys`]), the compact table of tracked
-//! databases with their change fingerprints ([`track`]), change
+//! databases with their change fingerprints ([`track`]), reading a file's
+//! header without dropping this process's SQLite locks ([`header`]), change
 //! notifications that name the databases to re-check between scans
 //! ([`watch`]), and the choice of which databases are streamed ([`tier`]).
 //!
@@ -17,6 +18,7 @@
 pub mod compat;
 pub mod config;
 pub mod discover;
+pub mod header;
 pub mod keys;
 pub mod template;
 pub mod tier;

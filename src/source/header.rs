@@ -1,0 +1,261 @@
+//! Reading the first bytes of a database file without dropping this
+//! process's SQLite locks on it.
+//!
+//! SQLite locks database files with POSIX advisory locks (`fcntl`), which
+//! belong to the process, not to a descriptor: closing *any* descriptor of a
+//! file drops every lock the process holds on it. The hot tier keeps
+//! connections open on the databases it streams (a shared lock on the file
+//! that stops another process's last close from checkpointing and deleting
+//! the WAL under it), and the cold tier holds read transactions while it
+//! snapshots. A plain `File::open` + `close` of such a file here, to read its
+//! header, would silently drop those locks.
+//!
+//! SQLite's own unix VFS knows this: when a file it opened is closed while a
+//! connection of the process still holds a lock on the same inode, it keeps
+//! the descriptor open until the last lock is released. So headers are read
+//! through that VFS (`xOpen` read-only as a main database, `xRead`,
+//! `xClose`): same system calls, one `stat` more, and no lock is lost.
+//! Nothing else (no journal, no WAL, no `-shm`) is opened.
+
+use std::ffi::{c_int, CString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rusqlite::ffi;
+
+/// The 16-byte header every SQLite 3 database file starts with.
+pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// True if the file starts with the SQLite 3 header. `Ok(false)` for short or
+/// foreign files.
+pub fn has_sqlite_header(path: &Path) -> io::Result<bool> {
+    let mut buf = [0u8; SQLITE_HEADER.len()];
+    Ok(read_start(path, &mut buf)? == buf.len() && &buf == SQLITE_HEADER)
+}
+
+/// Reads the first `buf.len()` bytes of the file at `path` into `buf` and
+/// returns how many it has (fewer for a shorter file), through SQLite's
+/// default VFS (see the module docs). The errors are the file system's:
+/// [`io::ErrorKind::NotFound`] for a file that is gone.
+pub fn read_start(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
+    let want = i64::try_from(buf.len()).map_err(io::Error::other)?;
+    let mut file = VfsFile::open(path)?;
+    let size = file.size()?;
+    let mut n = usize::try_from(size.clamp(0, want)).map_err(io::Error::other)?;
+    if !file.read(&mut buf[..n])? {
+        // Truncated meanwhile: SQLite zero-filled the rest.
+        n = n.min(usize::try_from(file.size()?.max(0)).map_err(io::Error::other)?);
+    }
+    Ok(n)
+}
+
+/// A file opened read-only through SQLite's default VFS, closed (by the VFS,
+/// which defers it while this process holds locks there) on drop.
+struct VfsFile {
+    /// `szOsFile` bytes, 8-aligned, that the VFS fills in (`sqlite3_file`
+    /// is the first member of its own structure).
+    mem: Vec<u64>,
+    /// The name passed to `xOpen`, which must outlive the open file.
+    name: ffi::sqlite3_filename,
+}
+
+impl VfsFile {
+    fn open(path: &Path) -> io::Result<VfsFile> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+        // SAFETY: sqlite3_vfs_find initializes SQLite and returns the
+        // registered default VFS, valid for the life of the process.
+        let vfs = unsafe { ffi::sqlite3_vfs_find(std::ptr::null()) };
+        // SAFETY: non-null pointers to SQLite's static VFS structure.
+        let Some(open) = (unsafe { vfs.as_ref() }).and_then(|v| v.xOpen) else {
+            return Err(io::Error::other("SQLite has no default VFS"));
+        };
+        // SAFETY: `vfs` is non-null here (checked above).
+        let size = usize::try_from(unsafe { (*vfs).szOsFile }).map_err(io::Error::other)?;
+        // The name in the form the VFS expects of a main database
+        // (sqlite3_create_filename: no journal, WAL or URI parameters).
+        // SAFETY: valid C strings; a null parameter array with count 0.
+        let name = unsafe {
+            ffi::sqlite3_create_filename(
+                c_path.as_ptr(),
+                c"".as_ptr(),
+                c"".as_ptr(),
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        if name.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        let mut file = VfsFile {
+            mem: vec![0u64; size.div_ceil(8).max(1)],
+            name,
+        };
+        let mut out_flags: c_int = 0;
+        // SAFETY: `mem` holds szOsFile bytes for the VFS to fill in; `name`
+        // lives as long as `file`. On failure the VFS leaves `pMethods`
+        // null, so dropping `file` does not close anything.
+        let rc = unsafe {
+            open(
+                vfs,
+                name,
+                file.raw(),
+                ffi::SQLITE_OPEN_READONLY | ffi::SQLITE_OPEN_MAIN_DB,
+                &mut out_flags,
+            )
+        };
+        if rc != ffi::SQLITE_OK {
+            // The cause, for the caller: what the file system says of the
+            // path (gone, not permitted), else the error open(2) left.
+            let errno = io::Error::last_os_error();
+            // SAFETY: a failed xOpen must not be closed; make sure drop
+            // sees no methods.
+            unsafe { (*file.raw()).pMethods = std::ptr::null() };
+            // Never a plain open here: closing it would drop the locks.
+            return Err(match std::fs::metadata(path) {
+                Err(e) => e,
+                Ok(_) if errno.raw_os_error().unwrap_or(0) != 0 => errno,
+                Ok(_) => io::Error::other(format!("SQLite could not open it (code {rc})")),
+            });
+        }
+        Ok(file)
+    }
+
+    fn raw(&mut self) -> *mut ffi::sqlite3_file {
+        self.mem.as_mut_ptr().cast()
+    }
+
+    fn methods(&self) -> io::Result<&ffi::sqlite3_io_methods> {
+        // SAFETY: `mem` starts with the `sqlite3_file` the VFS filled in;
+        // its methods table is SQLite's, valid while the file is open.
+        unsafe {
+            (*self.mem.as_ptr().cast::<ffi::sqlite3_file>())
+                .pMethods
+                .as_ref()
+        }
+        .ok_or_else(|| io::Error::other("the file is not open"))
+    }
+
+    fn size(&mut self) -> io::Result<i64> {
+        let size = self
+            .methods()?
+            .xFileSize
+            .ok_or_else(|| io::Error::other("the SQLite VFS cannot size files"))?;
+        let mut n: ffi::sqlite3_int64 = 0;
+        // SAFETY: the file is open; `n` outlives the call.
+        let rc = unsafe { size(self.raw(), &mut n) };
+        check(rc, "size")?;
+        Ok(n)
+    }
+
+    /// Reads `buf` from offset 0: `Ok(false)` if the file ended first.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let read = self
+            .methods()?
+            .xRead
+            .ok_or_else(|| io::Error::other("the SQLite VFS cannot read"))?;
+        let len = c_int::try_from(buf.len()).map_err(io::Error::other)?;
+        // SAFETY: `buf` is valid for `len` bytes; the file is open.
+        let rc = unsafe { read(self.raw(), buf.as_mut_ptr().cast(), len, 0) };
+        if rc == ffi::SQLITE_IOERR_SHORT_READ {
+            return Ok(false);
+        }
+        check(rc, "read").map(|()| true)
+    }
+}
+
+/// An `io::Error` for a failed VFS call: the system's error when SQLite's
+/// code is an I/O error (the unix VFS leaves `errno` set), else the code.
+fn check(rc: c_int, what: &str) -> io::Result<()> {
+    match rc {
+        ffi::SQLITE_OK => Ok(()),
+        rc => {
+            let errno = io::Error::last_os_error();
+            Err(match errno.raw_os_error() {
+                Some(e) if e != 0 => errno,
+                _ => io::Error::other(format!("SQLite VFS {what} failed (code {rc})")),
+            })
+        }
+    }
+}
+
+impl Drop for VfsFile {
+    fn drop(&mut self) {
+        if let Some(close) = self.methods().ok().and_then(|m| m.xClose) {
+            // SAFETY: the file is open and closed once; the VFS keeps the
+            // descriptor while this process holds locks on the inode.
+            unsafe { close(self.raw()) };
+        }
+        // SAFETY: made by sqlite3_create_filename, freed once, after the
+        // file that used it is closed.
+        unsafe { ffi::sqlite3_free_filename(self.name) };
+    }
+}
+
+/// Whether another process (python3's sqlite3) can take the write lock of
+/// `db` now: how tests see that this process still holds its locks.
+#[cfg(test)]
+pub(crate) fn writable_from_outside(db: &Path) -> bool {
+    let script = "import sqlite3, sys\n\
+        c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n\
+        try:\n    c.execute('BEGIN IMMEDIATE'); print('acquired')\n\
+        except sqlite3.OperationalError: print('locked')\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(db)
+        .output()
+        .expect("python3 runs");
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(said == "acquired" || said == "locked", "{said:?} {out:?}");
+    said == "acquired"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+
+    #[test]
+    fn header_check() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("x");
+        std::fs::write(&p, b"SQLite format 3\0rest").unwrap();
+        assert!(has_sqlite_header(&p).unwrap());
+        std::fs::write(&p, b"SQLite").unwrap();
+        assert!(!has_sqlite_header(&p).unwrap());
+        let mut buf = [7u8; 10];
+        assert_eq!(read_start(&p, &mut buf).unwrap(), 6);
+        assert_eq!(&buf[..6], b"SQLite");
+        std::fs::write(&p, b"").unwrap();
+        assert!(!has_sqlite_header(&p).unwrap());
+        std::fs::write(&p, b"not a database at all").unwrap();
+        assert!(!has_sqlite_header(&p).unwrap());
+        let gone = has_sqlite_header(&t.path().join("missing")).unwrap_err();
+        assert_eq!(gone.kind(), io::ErrorKind::NotFound);
+        assert!(has_sqlite_header(t.path()).is_err(), "a directory");
+    }
+
+    /// POSIX locks belong to the process and closing any descriptor of a
+    /// file drops them all: reading a header while a connection of this
+    /// process holds the file's RESERVED lock must leave it held. With a
+    /// plain `File::open` + close, the other process acquires the lock.
+    #[test]
+    fn reading_a_header_keeps_the_locks_this_process_holds() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("locked.db");
+        let app = Connection::open(&db).unwrap();
+        app.execute_batch("CREATE TABLE t(x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        assert!(!writable_from_outside(&db), "the lock is held");
+        for _ in 0..3 {
+            assert!(has_sqlite_header(&db).unwrap());
+        }
+        assert!(
+            !writable_from_outside(&db),
+            "reading the header dropped the lock"
+        );
+        app.execute_batch("COMMIT").unwrap();
+        assert!(writable_from_outside(&db));
+    }
+}

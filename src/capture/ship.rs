@@ -291,7 +291,7 @@ pub fn stream_candidate(path: &Path, recent: Duration) -> bool {
     let mut header = [0u8; 20];
     // Through SQLite's VFS: a plain open and close here would drop the
     // locks this process's connections hold on the file.
-    let wal_mode = crate::source::header::read_start(path, &mut header)
+    let wal_mode = crate::source::vfs::read_start(path, &mut header)
         .is_ok_and(|n| n == header.len() && header[18] == 2 && header[19] == 2);
     if !wal_mode {
         return false;

@@ -64,6 +64,7 @@ use object_store::path::Path as ObjPath;
 use crate::error::IoContext;
 use crate::replica::cold::SnapshotTimes;
 use crate::replica::storage::Replica;
+use crate::source::vfs::VfsFile;
 use crate::{Error, Result};
 
 /// How long to wait on a locked database (e.g. during a rollback-journal
@@ -110,8 +111,11 @@ pub enum Copied {
     /// saw WAL frames).
     TempFile,
     /// Its file was read directly, inside a read transaction that saw the
-    /// file alone.
+    /// file alone, while that transaction checked it.
     Direct,
+    /// The same, through the connection's own handle after the check (the
+    /// path names another file now, or no second handle could be opened).
+    DirectAfterCheck,
 }
 
 /// A compressed snapshot waiting for its upload.
@@ -244,10 +248,15 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
         started,
         taken: Utc::now(),
     };
-    check(&copy, "quick_check").map_err(|e| damaged_copy(db, e))?;
+    // The copy is ours alone: checked and compressed side by side.
     let input = File::open(&copy).at(&*copy)?;
     let db_bytes = input.metadata().at(&*copy)?.len();
-    stage(&copy, input, db_bytes, times, tmp_dir, Copied::TempFile)
+    let (snap, ()) = check_beside(
+        || (check(&copy, "quick_check"), ()),
+        || stage(&copy, input, db_bytes, times, tmp_dir, Copied::TempFile),
+        db,
+    )?;
+    Ok(snap)
 }
 
 /// Compresses the `db_bytes` of `input` (read from `src`) behind the
@@ -377,6 +386,26 @@ impl<'c> SqliteFile<'c> {
         Some(SqliteFile { file, methods })
     }
 
+    /// Whether the path the connection opened names another file now
+    /// (renamed over, or deleted): `SQLITE_FCNTL_HAS_MOVED`. `true` when
+    /// the VFS cannot tell.
+    pub(crate) fn has_moved(&self) -> bool {
+        let Some(control) = self.methods.xFileControl else {
+            return true;
+        };
+        let mut moved: std::ffi::c_int = 0;
+        // SAFETY: the file is open; HAS_MOVED writes one int through the
+        // pointer given, which outlives the call.
+        let rc = unsafe {
+            control(
+                self.file,
+                rusqlite::ffi::SQLITE_FCNTL_HAS_MOVED,
+                (&mut moved as *mut std::ffi::c_int).cast(),
+            )
+        };
+        rc != rusqlite::ffi::SQLITE_OK || moved != 0
+    }
+
     /// The file's methods when its VFS has shared memory (version 2 and
     /// later: `xShmMap`, `xShmLock`), which WAL mode needs.
     pub(crate) fn shm(&self) -> Option<&'c rusqlite::ffi::sqlite3_io_methods> {
@@ -456,11 +485,17 @@ impl Read for SqliteFileReader<'_> {
 }
 
 /// Checks `source`, whose read transaction [`file_only`] opened, with
-/// `quick_check`, then compresses the first `db_bytes` of its file, read
-/// through SQLite's own handle inside the same transaction: one read of the
-/// data for the check and one (of the same, cached, pages) for the object,
-/// no copy. One after the other: SQLite promises its VFS that no two
-/// threads use a file at once.
+/// `quick_check`, and compresses the first `db_bytes` of its file, which
+/// that transaction keeps unchanged until both are done: no copy.
+///
+/// The two run side by side when a second handle on the same file can be
+/// opened through SQLite's VFS ([`VfsFile`]: SQLite asks only that no two
+/// threads use one handle at once, and its VFS keeps this process's locks
+/// when the handle closes). That handle is opened by path, so it is used
+/// only if neither it nor the connection's file has moved since (checked
+/// connection, new handle, connection again: the path would have to be
+/// renamed away and back between two `stat`s). Otherwise the file is read
+/// through the connection's own handle after the check.
 fn capture_file(
     source: Connection,
     db: &Path,
@@ -473,6 +508,29 @@ fn capture_file(
         started,
         taken: Utc::now(),
     };
+    let moved = |c: &Connection| SqliteFile::of(c).is_none_or(|f| f.has_moved());
+    let beside = VfsFile::open(db).ok().and_then(|mut f| {
+        let same = !moved(&source) && !f.has_moved().unwrap_or(true) && !moved(&source);
+        same.then_some(f)
+    });
+    if let Some(file) = beside {
+        let input = VfsReader {
+            file,
+            pos: 0,
+            end: db_bytes,
+        };
+        // The connection comes back from the check, so its transaction
+        // lasts until the compression is done too.
+        let (snap, _source) = check_beside(
+            move || {
+                let checked = check_conn(&source, db, "quick_check");
+                (checked, source)
+            },
+            || stage(db, input, db_bytes, times, tmp_dir, Copied::Direct),
+            db,
+        )?;
+        return Ok(snap);
+    }
     check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
     let file = SqliteFile::of(&source)
         .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))?;
@@ -483,7 +541,54 @@ fn capture_file(
     };
     // `input` borrows `source`, whose read transaction lasts until the
     // whole file is compressed.
-    stage(db, input, db_bytes, times, tmp_dir, Copied::Direct)
+    stage(
+        db,
+        input,
+        db_bytes,
+        times,
+        tmp_dir,
+        Copied::DirectAfterCheck,
+    )
+}
+
+/// Runs `check` (a `quick_check` of `db`, returning its result and whatever
+/// must outlive the compression) on a thread of its own while `compress`
+/// runs here: on two cores the snapshot takes about as long as the longer
+/// of the two. A failed check discards the compressed snapshot.
+fn check_beside<K: Send>(
+    check: impl FnOnce() -> (Result<()>, K) + Send,
+    compress: impl FnOnce() -> Result<Snapshot>,
+    db: &Path,
+) -> Result<(Snapshot, K)> {
+    std::thread::scope(|s| {
+        let checking = s.spawn(check);
+        let snap = compress();
+        let (checked, keep) = checking
+            .join()
+            .map_err(|_| Error::invalid(db.display(), "the integrity check panicked"))?;
+        checked.map_err(|e| damaged_copy(db, e))?;
+        Ok((snap?, keep))
+    })
+}
+
+/// The first `end` bytes of a [`VfsFile`], as a reader.
+struct VfsReader {
+    file: VfsFile,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for VfsReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.end - self.pos) as usize;
+        if n > 0 {
+            if !self.file.read_at(&mut buf[..n], self.pos)? {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.pos += n as u64;
+        }
+        Ok(n)
+    }
 }
 
 /// A corrupt or truncated source copies "successfully" page by page; never
@@ -757,7 +862,7 @@ pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::header::writable_from_outside;
+    use crate::source::vfs::writable_from_outside;
 
     /// The block (and with it the encoder's buffers) fits the input; data
     /// of any size round-trips through the frame decoder.
@@ -978,8 +1083,18 @@ mod tests {
         std::fs::rename(&other, &db).unwrap();
         let len = file_only(&source, &db).unwrap().expect("no WAL");
         let snap = capture_file(source, &db, len, Utc::now(), t.path()).unwrap();
-        assert_eq!(snap.copied, Copied::Direct);
+        assert_eq!(
+            snap.copied,
+            Copied::DirectAfterCheck,
+            "no second handle by path"
+        );
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 300);
+        // Unmoved, the file is read through a second handle beside the check.
+        let source = open_read_only(&db).unwrap();
+        let len = file_only(&source, &db).unwrap().expect("no WAL");
+        let snap = capture_file(source, &db, len, Utc::now(), t.path()).unwrap();
+        assert_eq!(snap.copied, Copied::Direct);
+        assert_eq!(restored(&snap, &t.path().join("out.db")).1, 500);
     }
 
     /// POSIX locks belong to the process, and closing any descriptor of a

@@ -45,8 +45,8 @@ use super::cost::{
 use crate::replica::storage::{ReplicaUrl, Secret};
 use crate::source::config::{self, Loaded};
 use crate::source::discover::Visitor;
-use crate::source::header::has_sqlite_header;
 use crate::source::keys::key_for;
+use crate::source::vfs::has_sqlite_header;
 use crate::{Error, Result};
 
 /// Example `path -> key` mappings shown per pattern.

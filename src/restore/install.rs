@@ -73,23 +73,33 @@ impl Staged {
         })
     }
 
-    /// `fsync`s the temporary file, checks the SQLite header and runs
-    /// `PRAGMA integrity_check`, renames it to the output without replacing
+    /// Checks the SQLite header, `fsync`s the temporary file while
+    /// `PRAGMA integrity_check` runs, renames it to the output without replacing
     /// anything, `fsync`s the directory and checks the output again: the
     /// checked file, no side file (blocking). `what` names the source in
     /// errors.
     pub fn install(self, what: &str) -> Result<()> {
         let Staged { file, tmp, output } = self;
-        file.sync_all().at(&*tmp)?;
         let checked = file.metadata().at(&*tmp)?;
-        drop(file);
-        if !crate::source::header::has_sqlite_header(&tmp).at(&*tmp)? {
+        if !crate::source::vfs::has_sqlite_header(&tmp).at(&*tmp)? {
             return Err(Error::damaged(
                 what,
                 "restored data is not a SQLite database",
             ));
         }
-        snapshot::integrity_check(&tmp).map_err(|e| as_damage(what, e))?;
+        // The data is complete: the disk writes it back while the check
+        // reads it from the page cache, side by side. Both must succeed
+        // before anything is renamed.
+        let (synced, integrity) = std::thread::scope(|s| {
+            let syncing = s.spawn(|| file.sync_all());
+            let integrity = snapshot::integrity_check(&tmp);
+            (syncing.join(), integrity)
+        });
+        synced
+            .unwrap_or_else(|_| Err(std::io::Error::other("fsync panicked")))
+            .at(&*tmp)?;
+        drop(file);
+        integrity.map_err(|e| as_damage(what, e))?;
         // Side files that appeared since the restore began would be applied
         // to the restored database on its first open.
         refuse_side_files(&output)?;

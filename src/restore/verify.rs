@@ -68,8 +68,8 @@ use crate::replica::layout::check_key;
 use crate::replica::storage::Replica;
 use crate::source::config::Loaded;
 use crate::source::discover::Visitor;
-use crate::source::header::has_sqlite_header;
 use crate::source::keys::key_for;
+use crate::source::vfs::has_sqlite_header;
 use crate::{Error, Result};
 
 /// How much earlier than the restored state's time the source's last change

@@ -202,7 +202,7 @@ pub fn shared_with(patterns: &[Pattern], template: &KeyTemplate, path: &Path) ->
             if candidate != self.path
                 && key_for(self.patterns, self.template, &candidate)
                     .is_some_and(|(k, _)| k == self.key)
-                && crate::source::header::has_sqlite_header(&candidate).unwrap_or(false)
+                && crate::source::vfs::has_sqlite_header(&candidate).unwrap_or(false)
             {
                 self.found = Some(candidate);
             }

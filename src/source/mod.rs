@@ -5,8 +5,8 @@
 //! (the description's and Litestream's, translated by [`compat`]), discovery from glob patterns
 //! ([`discover`]), key templates ([`template`]) and the rule that refuses two
 //! databases rendering one key ([`keys`]), the compact table of tracked
-//! databases with their change fingerprints ([`track`]), reading a file's
-//! header without dropping this process's SQLite locks ([`header`]), change
+//! databases with their change fingerprints ([`track`]), reading files
+//! through SQLite's VFS without dropping this process's locks ([`vfs`]), change
 //! notifications that name the databases to re-check between scans
 //! ([`watch`]), and the choice of which databases are streamed ([`tier`]).
 //!
@@ -18,9 +18,9 @@
 pub mod compat;
 pub mod config;
 pub mod discover;
-pub mod header;
 pub mod keys;
 pub mod template;
 pub mod tier;
 pub mod track;
+pub mod vfs;
 pub mod watch;

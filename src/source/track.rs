@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::source::discover::{Pattern, Visitor};
-use crate::source::header::has_sqlite_header;
+use crate::source::vfs::has_sqlite_header;
 
 /// Writes this close to a scan are "racy" (see the module docs). Two seconds
 /// covers coarse-mtime filesystems (FAT: 2 s; ext4/xfs: one kernel tick).
@@ -841,7 +841,7 @@ mod tests {
         b.extend_from_slice(extra);
         fs::write(p, b).unwrap();
     }
-    const SQLITE_HEADER_BYTES: &[u8] = crate::source::header::SQLITE_HEADER;
+    const SQLITE_HEADER_BYTES: &[u8] = crate::source::vfs::SQLITE_HEADER;
 
     #[test]
     fn entry_is_32_bytes() {

@@ -43,7 +43,7 @@ pub fn read_start(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
     let mut file = VfsFile::open(path)?;
     let size = file.size()?;
     let mut n = usize::try_from(size.clamp(0, want)).map_err(io::Error::other)?;
-    if !file.read(&mut buf[..n])? {
+    if !file.read_at(&mut buf[..n], 0)? {
         // Truncated meanwhile: SQLite zero-filled the rest.
         n = n.min(usize::try_from(file.size()?.max(0)).map_err(io::Error::other)?);
     }
@@ -51,8 +51,11 @@ pub fn read_start(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// A file opened read-only through SQLite's default VFS, closed (by the VFS,
-/// which defers it while this process holds locks there) on drop.
-struct VfsFile {
+/// which defers it while this process holds locks there) on drop. Its
+/// own handle: it may be read on one thread while a connection of this
+/// process uses the same file on another (SQLite asks only that one handle
+/// is never used by two threads at once).
+pub struct VfsFile {
     /// `szOsFile` bytes, 8-aligned, that the VFS fills in (`sqlite3_file`
     /// is the first member of its own structure).
     mem: Vec<u64>,
@@ -60,8 +63,15 @@ struct VfsFile {
     name: ffi::sqlite3_filename,
 }
 
+// SAFETY: the handle is plain memory owned by this value; the unix VFS's
+// shared per-inode state is guarded by its own mutexes. It is never used
+// from two threads at once (`&mut self` methods).
+unsafe impl Send for VfsFile {}
+
 impl VfsFile {
-    fn open(path: &Path) -> io::Result<VfsFile> {
+    /// Opens `path` read-only as a main database file (no journal, WAL or
+    /// `-shm` is opened).
+    pub fn open(path: &Path) -> io::Result<VfsFile> {
         let c_path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
         // SAFETY: sqlite3_vfs_find initializes SQLite and returns the
@@ -137,7 +147,8 @@ impl VfsFile {
         .ok_or_else(|| io::Error::other("the file is not open"))
     }
 
-    fn size(&mut self) -> io::Result<i64> {
+    /// The file's size in bytes.
+    pub fn size(&mut self) -> io::Result<i64> {
         let size = self
             .methods()?
             .xFileSize
@@ -149,15 +160,38 @@ impl VfsFile {
         Ok(n)
     }
 
-    /// Reads `buf` from offset 0: `Ok(false)` if the file ended first.
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+    /// Whether the path it was opened at names another file now (renamed
+    /// over, or deleted): `SQLITE_FCNTL_HAS_MOVED`.
+    pub fn has_moved(&mut self) -> io::Result<bool> {
+        let control = self
+            .methods()?
+            .xFileControl
+            .ok_or_else(|| io::Error::other("the SQLite VFS has no file controls"))?;
+        let mut moved: c_int = 0;
+        // SAFETY: the file is open; HAS_MOVED writes one int through the
+        // pointer given, which outlives the call.
+        let rc = unsafe {
+            control(
+                self.raw(),
+                ffi::SQLITE_FCNTL_HAS_MOVED,
+                (&mut moved as *mut c_int).cast(),
+            )
+        };
+        check(rc, "file control")?;
+        Ok(moved != 0)
+    }
+
+    /// Reads `buf` at `offset`: `Ok(false)` if the file ended first (SQLite
+    /// zero-fills the rest).
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         let read = self
             .methods()?
             .xRead
             .ok_or_else(|| io::Error::other("the SQLite VFS cannot read"))?;
         let len = c_int::try_from(buf.len()).map_err(io::Error::other)?;
+        let offset = i64::try_from(offset).map_err(io::Error::other)?;
         // SAFETY: `buf` is valid for `len` bytes; the file is open.
-        let rc = unsafe { read(self.raw(), buf.as_mut_ptr().cast(), len, 0) };
+        let rc = unsafe { read(self.raw(), buf.as_mut_ptr().cast(), len, offset) };
         if rc == ffi::SQLITE_IOERR_SHORT_READ {
             return Ok(false);
         }

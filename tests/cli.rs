@@ -200,7 +200,7 @@ fn demo_config_replicates_and_restores() {
     let mut dec = lz4_flex::frame::FrameDecoder::new(&bytes[record..]);
     let mut head = [0u8; 16];
     std::io::Read::read_exact(&mut dec, &mut head).unwrap();
-    assert_eq!(&head, litefleet::source::header::SQLITE_HEADER);
+    assert_eq!(&head, litefleet::source::vfs::SQLITE_HEADER);
     // The README's `lz4 -d`, where the lz4 tool is installed.
     if let Ok(o) = std::process::Command::new("lz4")
         .args(["-d", "-c"])
@@ -208,7 +208,7 @@ fn demo_config_replicates_and_restores() {
         .output()
     {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(&o.stdout[..16], litefleet::source::header::SQLITE_HEADER);
+        assert_eq!(&o.stdout[..16], litefleet::source::vfs::SQLITE_HEADER);
     }
 }
 

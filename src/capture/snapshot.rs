@@ -466,18 +466,39 @@ impl<'c> SqliteFile<'c> {
     }
 }
 
-/// The first `end` bytes of a [`SqliteFile`], as a reader.
-struct SqliteFileReader<'c> {
-    file: SqliteFile<'c>,
+/// Reads at an offset, all of `buf` or an error: the two SQLite handles a
+/// snapshot reads a database file through.
+trait ReadAt {
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ReadAt for SqliteFile<'_> {
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_at(buf, offset)
+    }
+}
+
+impl ReadAt for VfsFile {
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self.read_at(buf, offset)? {
+            true => Ok(()),
+            false => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}
+
+/// The first `end` bytes of a file, as a reader.
+struct Prefix<F> {
+    file: F,
     pos: u64,
     end: u64,
 }
 
-impl Read for SqliteFileReader<'_> {
+impl<F: ReadAt> Read for Prefix<F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = (buf.len() as u64).min(self.end - self.pos) as usize;
         if n > 0 {
-            self.file.read_at(&mut buf[..n], self.pos)?;
+            self.file.read_exact_at(&mut buf[..n], self.pos)?;
             self.pos += n as u64;
         }
         Ok(n)
@@ -514,7 +535,7 @@ fn capture_file(
         same.then_some(f)
     });
     if let Some(file) = beside {
-        let input = VfsReader {
+        let input = Prefix {
             file,
             pos: 0,
             end: db_bytes,
@@ -534,7 +555,7 @@ fn capture_file(
     check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
     let file = SqliteFile::of(&source)
         .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))?;
-    let input = SqliteFileReader {
+    let input = Prefix {
         file,
         pos: 0,
         end: db_bytes,
@@ -569,26 +590,6 @@ fn check_beside<K: Send>(
         checked.map_err(|e| damaged_copy(db, e))?;
         Ok((snap?, keep))
     })
-}
-
-/// The first `end` bytes of a [`VfsFile`], as a reader.
-struct VfsReader {
-    file: VfsFile,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for VfsReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.end - self.pos) as usize;
-        if n > 0 {
-            if !self.file.read_at(&mut buf[..n], self.pos)? {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            self.pos += n as u64;
-        }
-        Ok(n)
-    }
 }
 
 /// A corrupt or truncated source copies "successfully" page by page; never

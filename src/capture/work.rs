@@ -29,8 +29,10 @@ const MIN_SYNCS: usize = 8;
 /// they all start together.
 const STARTS_PER_CORE: usize = 2;
 /// Cold-tier snapshots (backup copy and LZ4 compression) at once, per core:
-/// the same reasoning as [`STARTS_PER_CORE`]. Uploads are bounded separately
-/// by `max-concurrent`.
+/// the same reasoning as [`STARTS_PER_CORE`]. A large one runs its
+/// `quick_check` on a second thread of its own beside the compression, so
+/// this bounds those threads too. Uploads are bounded separately by
+/// `max-concurrent`.
 const SNAPSHOTS_PER_CORE: usize = 2;
 
 /// What a blocking task is, for its bound.

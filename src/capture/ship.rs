@@ -1011,13 +1011,22 @@ pub async fn stream_reporting(
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) | Err(e) => return HotExit::CannotStream(e),
     };
-    let mut tick = tokio::time::interval(ctx.cfg.sync_interval);
+    // Without the fleet log each stream syncs on a timer of its own. The
+    // first sync runs now; the next ones at the stream's phase of the
+    // interval, so streams started in one pass (a daemon starting with its
+    // hot databases) sync spread evenly over it, not all at once.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + next_sync_slot(ctx.cfg.sync_interval),
+        ctx.cfg.sync_interval,
+    );
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut first = true;
     let mut ls = LogStream::open(&ctx, &key);
     let mut failing = false;
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         match ls.as_mut() {
+            None if std::mem::take(&mut first) => {}
             Some(l) => tokio::select! {
                 _ = stop.cancelled() => {}
                 r = l.ticks.changed() => match r {
@@ -1100,6 +1109,34 @@ pub async fn stream_reporting(
         Some(s) if !s.has_unshipped() => HotExit::Clean,
         _ => HotExit::Unshipped,
     }
+}
+
+/// How long until the next sync slot of a new stream without the fleet log
+/// (see [`stream`]). Streams take phases of the interval from a Weyl
+/// sequence (the n-th stream of the process at n times the golden ratio,
+/// modulo 1), which spreads any run of consecutive streams about evenly
+/// over the interval (the gaps between neighbours take at most three
+/// sizes); a phase is a position within the wall clock's interval, the same
+/// reference for every stream, and the wait is less than one interval.
+fn next_sync_slot(interval: Duration) -> Duration {
+    static STREAMS: AtomicU64 = AtomicU64::new(0);
+    let n = STREAMS.fetch_add(1, Ordering::Relaxed);
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    sync_wait(n, since_epoch, interval)
+}
+
+/// The wait of the `n`-th stream at wall-clock time `now` (see
+/// [`next_sync_slot`]).
+fn sync_wait(n: u64, now: Duration, interval: Duration) -> Duration {
+    /// The golden ratio's fractional part.
+    const WEYL: f64 = 0.618_033_988_749_894_9;
+    let period = interval.as_nanos().max(1);
+    let phase = ((n as f64 * WEYL).fract() * period as f64) as u128 % period;
+    let at = now.as_nanos() % period;
+    let wait = (phase + period - at) % period;
+    Duration::from_nanos(u64::try_from(wait).unwrap_or(0))
 }
 
 /// At a stream's end: its spooled parts become a pack of its own, and the
@@ -1330,6 +1367,33 @@ mod tests {
     /// A test hook: a closure a test sets and the code runs once at one
     /// point (see the thread-locals below).
     pub(super) type Hook = std::thread::LocalKey<RefCell<Option<Box<dyn FnOnce()>>>>;
+
+    /// Without the fleet log, the syncs of 1000 streams started together
+    /// (within 50 ms) fall evenly over the interval: every tenth of it holds
+    /// 95-105 of them, and no two neighbours are more than 3 ms apart.
+    #[test]
+    fn syncs_are_spread_over_the_interval() {
+        let interval = Duration::from_secs(1);
+        let mut slots = Vec::new();
+        for n in 0..1000u64 {
+            let now = Duration::from_millis(1_700_000_000_000 + n * 37 % 50);
+            let wait = sync_wait(n, now, interval);
+            assert!(wait < interval);
+            slots.push(((now + wait).as_nanos() % interval.as_nanos()) as u64);
+        }
+        slots.sort_unstable();
+        let mut tenths = [0u32; 10];
+        for s in &slots {
+            tenths[(s / 100_000_000) as usize] += 1;
+        }
+        assert!(
+            tenths.iter().all(|&n| (95..=105).contains(&n)),
+            "{tenths:?}"
+        );
+        let widest = slots.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        assert!(widest <= 3_000_000, "gap of {widest} ns");
+        assert_eq!(sync_wait(5, Duration::ZERO, Duration::ZERO), Duration::ZERO);
+    }
 
     /// Runs `hook` once if a test set it (the hook may set itself again).
     pub(super) fn run(hook: &'static Hook) {

@@ -105,8 +105,12 @@ pub enum Staged {
 /// How a snapshot read its database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Copied {
-    /// The backup API copied it into an in-memory database (small ones).
+    /// The backup API copied it into an in-memory database (small ones
+    /// whose read transaction saw WAL frames).
     InMemory,
+    /// A small one, read from its file into memory inside a read
+    /// transaction that saw the file alone.
+    DirectInMemory,
     /// The backup API copied it into a temporary file (its read transaction
     /// saw WAL frames).
     TempFile,
@@ -202,9 +206,12 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 /// Takes a consistent, compressed snapshot of `db` using `tmp_dir` for staging.
 ///
 /// A database whose file and `-wal` together fit in [`IN_MEMORY_MAX`] is
-/// copied into memory, checked there and compressed from there: no
-/// temporary file at all. A larger one is compressed from its own file when
-/// a read transaction sees that file alone ([`file_only`]), and otherwise
+/// read into memory and compressed from there, with no temporary file at
+/// all: straight from its file when a read transaction sees that file
+/// alone ([`file_only`], checked on that transaction), else copied by the
+/// backup API into an in-memory database and checked there. A larger one
+/// is compressed from its own file when a read transaction sees that file
+/// alone ([`file_only`]), and otherwise
 /// copied into a temporary file in `tmp_dir`, checked, and compressed into a
 /// second one.
 pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
@@ -212,6 +219,9 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
     let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
     let started = Utc::now();
     if on_disk <= IN_MEMORY_MAX {
+        if let Some(db_bytes) = file_only(&source, db)? {
+            return capture_small(source, db, db_bytes, started);
+        }
         let mut copy = backup_in_memory(&source, db)?;
         drop(source);
         let times = SnapshotTimes {
@@ -222,18 +232,7 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
         let data = copy
             .serialize(rusqlite::MAIN_DB)
             .map_err(|e| Error::sqlite(db, e))?;
-        let db_bytes = data.len() as u64;
-        let mut out = times.encode().to_vec();
-        out.reserve(data.len() / 2);
-        let out = compress_stream(db, &data[..], db_bytes, out, Path::new("(memory)"))?;
-        drop(data);
-        return Ok(Snapshot {
-            compressed_bytes: out.len() as u64,
-            staged: Staged::Memory(out.into()),
-            copied: Copied::InMemory,
-            db_bytes,
-            times,
-        });
+        return in_memory(db, &data, times, Copied::InMemory);
     }
     std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
     if let Some(db_bytes) = file_only(&source, db)? {
@@ -589,6 +588,47 @@ fn check_beside<K: Send>(
             .map_err(|_| Error::invalid(db.display(), "the integrity check panicked"))?;
         checked.map_err(|e| damaged_copy(db, e))?;
         Ok((snap?, keep))
+    })
+}
+
+/// A small database whose read transaction sees its file alone
+/// ([`file_only`]): checked on that transaction, its file read into memory
+/// through the connection's own handle and compressed from there, with no
+/// second connection and no backup copy.
+fn capture_small(
+    source: Connection,
+    db: &Path,
+    db_bytes: u64,
+    started: chrono::DateTime<Utc>,
+) -> Result<Snapshot> {
+    let times = SnapshotTimes {
+        started,
+        taken: Utc::now(),
+    };
+    check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
+    let len = usize::try_from(db_bytes).map_err(|e| Error::invalid(db.display(), e.to_string()))?;
+    let mut data = vec![0u8; len];
+    SqliteFile::of(&source)
+        .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))?
+        .read_exact_at(&mut data, 0)
+        .at(db)?;
+    drop(source);
+    in_memory(db, &data, times, Copied::DirectInMemory)
+}
+
+/// A snapshot of `data`, the consistent bytes of `db`, compressed into
+/// memory behind its times record.
+fn in_memory(db: &Path, data: &[u8], times: SnapshotTimes, copied: Copied) -> Result<Snapshot> {
+    let db_bytes = data.len() as u64;
+    let mut out = times.encode().to_vec();
+    out.reserve(data.len() / 2);
+    let out = compress_stream(db, data, db_bytes, out, Path::new("(memory)"))?;
+    Ok(Snapshot {
+        compressed_bytes: out.len() as u64,
+        staged: Staged::Memory(out.into()),
+        copied,
+        db_bytes,
+        times,
     })
 }
 
@@ -1199,8 +1239,17 @@ mod tests {
             let tmp = db.join("tmp");
             let snap = capture(&db, &tmp).unwrap();
             assert!(matches!(snap.staged, Staged::Memory(_)), "page {page}");
+            assert_eq!(snap.copied, Copied::InMemory, "frames in the WAL");
             let (restored_page, rows) = restored(&snap, &t.path().join("out.db"));
             assert_eq!((restored_page, rows), (page, 2), "page {page}");
+            // Checkpointed (and one more row), the file alone is read.
+            app.execute_batch("INSERT INTO t VALUES (3); PRAGMA wal_checkpoint(TRUNCATE);")
+                .unwrap();
+            let snap = capture(&db, &tmp).unwrap();
+            assert!(matches!(snap.staged, Staged::Memory(_)), "page {page}");
+            assert_eq!(snap.copied, Copied::DirectInMemory, "page {page}");
+            let (restored_page, rows) = restored(&snap, &t.path().join("out2.db"));
+            assert_eq!((restored_page, rows), (page, 3), "page {page}");
         }
     }
 

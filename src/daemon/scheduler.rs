@@ -27,6 +27,7 @@
 //! records its counts in [`Stats`].
 
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -1172,25 +1173,31 @@ async fn upload_one(
     let (key, stem) = key_for(&loaded.patterns, &loaded.template, &path)
         .ok_or_else(|| Error::invalid(path.display(), "matches no pattern any more"))?;
     let src = path.clone();
-    let snap = bounded(Work::Snapshot, move || {
-        if unchecked {
-            match has_sqlite_header(&src) {
-                Ok(true) => {}
-                Ok(false) => return Ok(Err(Snapped::NotADatabase)),
-                // Gone: a failed upload, as for a checked database; the next
-                // scan drops it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(Error::io(&src, e))
+    // Break: the file is skipped with that outcome, nothing to upload.
+    let snap = bounded(
+        Work::Snapshot,
+        move || -> Result<ControlFlow<Snapped, _>> {
+            if unchecked {
+                match has_sqlite_header(&src) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(ControlFlow::Break(Snapped::NotADatabase)),
+                    // Gone: a failed upload, as for a checked database; the next
+                    // scan drops it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(Error::io(&src, e))
+                    }
+                    Err(e) => {
+                        return Ok(ControlFlow::Break(Snapped::Unreadable(Error::io(&src, e))))
+                    }
                 }
-                Err(e) => return Ok(Err(Snapped::Unreadable(Error::io(&src, e)))),
             }
-        }
-        snapshot::capture(&src, &temp_dir).map(Ok)
-    })
+            snapshot::capture(&src, &temp_dir).map(ControlFlow::Continue)
+        },
+    )
     .await??;
     let snap = match snap {
-        Ok(snap) => snap,
-        Err(outcome) => return Ok(outcome),
+        ControlFlow::Continue(snap) => snap,
+        ControlFlow::Break(outcome) => return Ok(outcome),
     };
     // Named by the hour after the copy was complete: an object named `H`
     // holds nothing committed at or after `H`.

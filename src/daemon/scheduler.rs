@@ -229,10 +229,12 @@ impl Running {
 /// database at once, and 100,000 identical lines help nobody.
 const FAILURE_LINES_PER_CYCLE: usize = 20;
 
-fn lock(t: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
-    // A panic while holding the lock cannot leave the table half-updated in a
-    // way that loses data (the worst case is a redundant upload), so go on.
-    t.lock().unwrap_or_else(|p| p.into_inner())
+/// Locks one of the scheduler's tables, going on after a panic poisoned it:
+/// none of them can be left half-updated in a way that loses data (the
+/// worst case is a redundant upload, or a tier decision the next scan makes
+/// again).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Replicator {
@@ -481,12 +483,12 @@ impl Replicator {
         let now = tokio::time::Instant::now();
         let window = self.loaded.multi_db().scan_interval;
         let mut skip: HashSet<Id> = {
-            let mut notified = self.notified.lock().unwrap_or_else(|p| p.into_inner());
+            let mut notified = lock(&self.notified);
             notified.retain(|_, at| now.duration_since(*at) < window);
             notified.keys().copied().collect()
         };
         {
-            let running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+            let running = lock(&self.hot.running);
             skip.extend(
                 running
                     .iter()
@@ -509,7 +511,7 @@ impl Replicator {
         }
         self.stats.rechecks.fetch_add(1, Ordering::Relaxed);
         {
-            let mut notified = self.notified.lock().unwrap_or_else(|p| p.into_inner());
+            let mut notified = lock(&self.notified);
             notified.extend(changed.iter().map(|id| (*id, now)));
         }
         let scan = ScanReport {
@@ -540,7 +542,7 @@ impl Replicator {
         }
         let pending = {
             let mut t = lock(&self.tracker);
-            let mut running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+            let mut running = lock(&self.hot.running);
             let mut pending = t.pending();
             if let Some(only) = only {
                 pending.retain(|id| only.contains(id));
@@ -551,7 +553,7 @@ impl Replicator {
             // everything (settled at the next cycles). A stream that is
             // failing leaves its database to the cold tier meanwhile.
             let since = ship::stamp();
-            let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+            let owners = lock(&self.owners);
             pending.retain(|id| !owners.is_refused(*id));
             pending.retain(|id| match running.get_mut(id) {
                 Some(r) if r.streaming() && !r.progress.failing() => {
@@ -600,7 +602,7 @@ impl Replicator {
         }
         let pending = {
             let t = lock(&self.tracker);
-            let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+            let mut failing = lock(&self.failing);
             // Forget failures of databases that left the table (deleted, renamed).
             failing.retain(|path| t.find(path).is_some());
             drop(failing);
@@ -652,7 +654,7 @@ impl Replicator {
                 // What the scan reported before it left headers to the first
                 // snapshot: a path it cannot read, retried every cycle.
                 report.scan.errors += 1;
-                let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+                let mut failing = lock(&self.failing);
                 if failing.insert(path.clone()) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot read; will retry every cycle (logged once until it recovers)");
                 }
@@ -664,7 +666,7 @@ impl Replicator {
                 self.stats
                     .bytes_uploaded
                     .fetch_add(bytes, Ordering::Relaxed);
-                let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+                let mut failing = lock(&self.failing);
                 if !failing.is_empty() && failing.remove(&path) {
                     tracing::debug!(path = %path.display(), "upload recovered");
                 }
@@ -672,7 +674,7 @@ impl Replicator {
             Err(e) => {
                 report.failed += 1;
                 self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
-                let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+                let mut failing = lock(&self.failing);
                 // Once per failing stretch: messages can differ between
                 // attempts (staging file names), the problem usually does not.
                 let repeated = !failing.insert(path.clone());
@@ -690,7 +692,7 @@ impl Replicator {
     /// key's owner (see [`crate::source::keys`]); each newly refused one is logged once.
     fn check_keys(&self) {
         let mut tracker = lock(&self.tracker);
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        let mut owners = lock(&self.owners);
         let before = owners.clone();
         let mut refused = owners.update(&self.loaded.patterns, &self.loaded.template, &tracker);
         // A file whose header was not read yet may be no database at all,
@@ -732,13 +734,13 @@ impl Replicator {
     fn retier(&self) {
         let now = tokio::time::Instant::now();
         let mut tracker = lock(&self.tracker);
-        let mut tiers = self.hot.tiers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tiers = lock(&self.hot.tiers);
+        let mut running = lock(&self.hot.running);
         // Only recently written WAL-mode databases can stream; the others
         // stay cold without being counted as promoted (a 20-byte read and two
         // stats per changed file).
         let recent = self.hot.recent;
-        let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        let owners = lock(&self.owners);
         let candidates: Vec<Id> = tracker
             .changed()
             .iter()
@@ -850,12 +852,7 @@ impl Replicator {
     /// the log objects an earlier run left are consolidated (every log
     /// object is an orphan now, as no stream of ours has started).
     async fn start_log(&self) {
-        let writer = self
-            .hot
-            .log_writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let writer = lock(&self.hot.log_writer).take();
         let Some(w) = writer else { return };
         match fleetlog::recover(&self.replica, &self.hot.ctx.temp_dir).await {
             Ok(0) => {}
@@ -869,13 +866,13 @@ impl Replicator {
         }
         let stop = CancellationToken::new();
         let task = tokio::spawn(w.run(stop.clone()));
-        *self.hot.log_task.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop, task));
+        *lock(&self.hot.log_task) = Some((stop, task));
     }
 
     /// Stops every streaming task and waits for their last syncs.
     async fn stop_hot(&self) {
         let tasks: Vec<(Id, Running)> = {
-            let mut running = self.hot.running.lock().unwrap_or_else(|p| p.into_inner());
+            let mut running = lock(&self.hot.running);
             running.drain().collect()
         };
         for (_, r) in &tasks {
@@ -1068,12 +1065,7 @@ impl Replicator {
             let _ = t.await;
         }
         self.stop_hot().await;
-        let log_task = self
-            .hot
-            .log_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let log_task = lock(&self.hot.log_task).take();
         if let Some((stop, task)) = log_task {
             stop.cancel();
             let _ = task.await;

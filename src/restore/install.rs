@@ -205,6 +205,7 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     /// After the rename the output must be the checked file with no side
     /// file: a side file that appeared removes our output (and stays), a
@@ -228,6 +229,40 @@ mod tests {
         let e = check_installed(&out, &checked).unwrap_err().to_string();
         assert!(e.contains("not the file that was checked"), "{e}");
         assert_eq!(std::fs::read(&out).unwrap(), b"someone else's");
+    }
+
+    /// A restored file with SQLite's header but damaged pages fails
+    /// `integrity_check` (which runs beside the `fsync`): nothing is
+    /// installed and no temporary file is left; a sound one is installed.
+    #[test]
+    fn only_a_checked_file_is_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.db");
+        let c = rusqlite::Connection::open(&src).unwrap();
+        c.execute_batch(
+            "PRAGMA page_size=4096; CREATE TABLE t(x); CREATE INDEX ti ON t(x);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+             INSERT INTO t SELECT i FROM n;",
+        )
+        .unwrap();
+        drop(c);
+        let sound = std::fs::read(&src).unwrap();
+        let mut damaged = sound.clone();
+        damaged[2 * 4096 + 1..2 * 4096 + 64].fill(0xA5);
+        let out = dir.path().join("out").join("restored.db");
+        for (bytes, ok) in [(&damaged, false), (&sound, true)] {
+            let mut staged = Staged::new(&out).unwrap();
+            staged.file.write_all(bytes).unwrap();
+            let r = staged.install("obj");
+            assert_eq!(r.is_ok(), ok, "{r:?}");
+            if let Err(e) = r {
+                assert!(matches!(e, Error::Damaged { .. }), "{e:?}");
+            }
+            assert_eq!(out.exists(), ok);
+            let left = std::fs::read_dir(out.parent().unwrap()).unwrap().count();
+            assert_eq!(left, usize::from(ok), "only the output, no temp file");
+        }
+        assert_eq!(std::fs::read(&out).unwrap(), sound);
     }
 
     #[test]

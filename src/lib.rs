@@ -24,7 +24,7 @@
 //!  restore   single, install, replay, list, bulk, verify   capture and below
 //!  capture   snapshot, wal, ship, upload, fleetlog, work   source and below
 //!  source    config, compat, discover, template, keys,     replica and below
-//!            track, tier, watch
+//!            track, tier, watch, vfs
 //!  replica   storage, layout, cold, hot, pack, lease,      error, rfc3339
 //!            retention
 //!  stats, error: shared vocabulary, use nothing
@@ -37,9 +37,12 @@
 //!   ([`source::template`]) and the rule against two databases sharing a
 //!   key ([`source::keys`]), the compact table of tracked databases and
 //!   their fingerprints ([`source::track`]), change notifications
-//!   ([`source::watch`]), and hot/cold tiering ([`source::tier`]).
+//!   ([`source::watch`]), hot/cold tiering ([`source::tier`]), and reading
+//!   files through SQLite's VFS, which keeps this process's locks
+//!   ([`source::vfs`]).
 //! * [`capture`]: reading live databases consistently: the cold snapshot
-//!   through the SQLite backup API, LZ4-compressed with its recorded times
+//!   from the file a read transaction protects, or through the SQLite
+//!   backup API, LZ4-compressed with its recorded times
 //!   ([`capture::snapshot`]); the WAL format and committed-frame reader
 //!   ([`capture::wal`]); the hot stream of one database ([`capture::ship`]);
 //!   compressing and uploading hot objects ([`capture::upload`]); the fleet

@@ -732,8 +732,8 @@ impl WalWriteLock {
     /// in WAL mode already (its `-shm` is open) and must outlive the lock.
     fn wait(conn: &Connection, db: &Path) -> Result<Option<WalWriteLock>> {
         use rusqlite::ffi;
-        let shm_lock = crate::capture::snapshot::SqliteFile::of(conn)
-            .and_then(|f| Some((f.file, f.shm()?.xShmLock?)));
+        let shm_lock = crate::source::vfs::VfsHandle::of(conn)
+            .and_then(|f| Some((f.raw(), f.shm()?.xShmLock?)));
         let Some((file, lock)) = shm_lock else {
             return Err(Error::invalid(
                 db.display(),

@@ -12,24 +12,25 @@
 //! checkpoints or deletes the application's WAL. The copy is checked with
 //! `PRAGMA quick_check` and compressed in the LZ4 *frame* format (with
 //! content checksum) so `lz4 -d` can read any snapshot without litefleet.
-//! A database up to [`IN_MEMORY_MAX`] (file and `-wal`; almost every
-//! database of a fleet) is copied into an in-memory database, checked and
-//! compressed there: no temporary file is created, written, reopened or
-//! unlinked.
-//!
-//! A larger database is not copied where SQLite's locking allows it: inside
-//! one read transaction that sees the database file alone (no WAL frames in
-//! its view, see [`file_only`]), the file's pages *are* that transaction's
+//! A database is not copied where SQLite's locking allows it: inside one
+//! read transaction that sees the database file alone (no WAL frames in its
+//! view, see [`file_only`]), the file's pages *are* that transaction's
 //! consistent version, and nothing can write them until the transaction
 //! ends (a checkpoint needs the WAL's read-lock 0 exclusively, a rollback
 //! writer an exclusive lock on the file). So `quick_check` runs on that
-//! transaction and the file is then compressed straight from disk, read
-//! through SQLite's own handle: no copy. (Never through a descriptor of our
-//! own: closing it would drop every POSIX lock this process holds on the
-//! file, the hot tier's included.) When the view holds WAL frames (an
-//! application wrote since the last checkpoint), the database is copied
-//! into a temporary file (no journal, no fsync: it is thrown away), checked
-//! and compressed into a second one.
+//! transaction and the file is read straight from disk, through SQLite's
+//! VFS (never through a descriptor of our own: closing it would drop every
+//! POSIX lock this process holds on the file, the hot tier's included). A
+//! database up to [`IN_MEMORY_MAX`] (file and `-wal`; almost every database
+//! of a fleet) is read into memory through the connection's handle and
+//! compressed there; a larger one is compressed while the check runs, from
+//! a second handle ([`VfsFile`]).
+//!
+//! When the view holds WAL frames (an application wrote since the last
+//! checkpoint), the backup API copies the database: a small one into an
+//! in-memory database, checked and compressed there (no temporary file is
+//! created), a larger one into a temporary file (no journal, no fsync: it
+//! is thrown away), checked and compressed into a second one.
 //!
 //! Every cold snapshot starts with a [`SnapshotTimes`] record in an LZ4
 //! *skippable frame* (which `lz4 -d` and every LZ4 frame decoder skip): when
@@ -64,7 +65,7 @@ use object_store::path::Path as ObjPath;
 use crate::error::IoContext;
 use crate::replica::cold::SnapshotTimes;
 use crate::replica::storage::Replica;
-use crate::source::vfs::VfsFile;
+use crate::source::vfs::{VfsFile, VfsHandle};
 use crate::{Error, Result};
 
 /// How long to wait on a locked database (e.g. during a rollback-journal
@@ -205,15 +206,12 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 
 /// Takes a consistent, compressed snapshot of `db` using `tmp_dir` for staging.
 ///
-/// A database whose file and `-wal` together fit in [`IN_MEMORY_MAX`] is
-/// read into memory and compressed from there, with no temporary file at
-/// all: straight from its file when a read transaction sees that file
-/// alone ([`file_only`], checked on that transaction), else copied by the
-/// backup API into an in-memory database and checked there. A larger one
-/// is compressed from its own file when a read transaction sees that file
-/// alone ([`file_only`]), and otherwise
-/// copied into a temporary file in `tmp_dir`, checked, and compressed into a
-/// second one.
+/// When a read transaction sees the database file alone ([`file_only`]),
+/// the file is read directly, checked on that transaction: into memory if
+/// the file and `-wal` together fit in [`IN_MEMORY_MAX`], else compressed
+/// into a staged file in `tmp_dir`. Otherwise the backup API copies it,
+/// into an in-memory database (small) or a temporary file in `tmp_dir`,
+/// where it is checked and compressed.
 pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
     let source = open_read_only(db)?;
     let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
@@ -309,7 +307,7 @@ pub fn staged_file(tmp_dir: &Path) -> Result<NamedTempFile> {
 /// - or the `-wal` is gone or empty (nothing can empty a WAL that a reader
 ///   of its frames is using: truncation waits for every reader);
 /// - or the WAL-index says every frame of the WAL is in the file already
-///   (`nBackfill == mxFrame`, `SqliteFile::wal_backfilled`). A reader that uses frames
+///   (`nBackfill == mxFrame`, `wal_backfilled`). A reader that uses frames
 ///   up to `m` keeps checkpoints from backfilling past `m`, so if the
 ///   backfill has reached the newest frame, `m` is the newest frame and the
 ///   file holds it; a reader that uses no frame holds read-lock 0, which
@@ -318,7 +316,7 @@ pub fn staged_file(tmp_dir: &Path) -> Result<NamedTempFile> {
 /// Nothing here opens the database or its `-shm` with a descriptor of its
 /// own: closing one would drop every POSIX lock this process holds on that
 /// file, the hot tier's among them. The file is read through SQLite's own
-/// handle (`SqliteFile`).
+/// handle ([`VfsHandle::of`]).
 pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
     let sql = |e| Error::sqlite(db, e);
     source.execute_batch("BEGIN").map_err(sql)?;
@@ -335,23 +333,12 @@ pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
         .map_err(sql)?;
     let alone = !mode.eq_ignore_ascii_case("wal")
         || file_len(&crate::source::discover::wal_path(db))? == 0
-        || SqliteFile::of(source).is_some_and(|f| f.wal_backfilled());
+        || VfsHandle::of(source).is_some_and(|f| wal_backfilled(&f));
     if alone && pages > 0 && page_size > 0 {
         return Ok(Some(pages as u64 * page_size as u64));
     }
     source.execute_batch("COMMIT").map_err(sql)?;
     Ok(None)
-}
-
-/// The main database file of a connection, as SQLite's VFS has it open
-/// (`SQLITE_FCNTL_FILE_POINTER`): read through its own methods, so the
-/// bytes are those of the very file the connection's transaction protects
-/// (not of a file renamed over its path since), and no descriptor of ours
-/// is opened and closed on it.
-pub(crate) struct SqliteFile<'c> {
-    /// SQLite's file, owned by SQLite while the connection is open.
-    pub(crate) file: *mut rusqlite::ffi::sqlite3_file,
-    methods: &'c rusqlite::ffi::sqlite3_io_methods,
 }
 
 /// SQLite's WAL-index page size (`WALINDEX_PGSZ`): the first region holds
@@ -360,129 +347,61 @@ const WAL_INDEX_REGION: std::ffi::c_int = 32 * 1024;
 /// The WAL-index format version SQLite writes (3.7.0).
 const WAL_INDEX_VERSION: u32 = 3_007_000;
 
-impl<'c> SqliteFile<'c> {
-    /// The main file of `conn`, `None` if the VFS gives none.
-    pub(crate) fn of(conn: &'c Connection) -> Option<SqliteFile<'c>> {
-        use rusqlite::ffi;
-        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-        // SAFETY: the handle is valid while `conn` is borrowed;
-        // FILE_POINTER writes one pointer through the pointer given, which
-        // outlives the call.
-        let rc = unsafe {
-            ffi::sqlite3_file_control(
-                conn.handle(),
-                c"main".as_ptr(),
-                ffi::SQLITE_FCNTL_FILE_POINTER,
-                (&mut file as *mut *mut ffi::sqlite3_file).cast(),
-            )
-        };
-        if rc != ffi::SQLITE_OK || file.is_null() {
-            return None;
-        }
-        // SAFETY: `file` is the open database file; its methods table is
-        // SQLite's, valid while the file is open.
-        let methods = unsafe { (*file).pMethods.as_ref()? };
-        Some(SqliteFile { file, methods })
+/// Whether the WAL-index header of the connection whose database file is
+/// `file` says every WAL frame is in the database file. The layout
+/// (<https://www.sqlite.org/walformat.html>, native byte order): two copies
+/// of a 48-byte header (`iVersion` at 0, `isInit` at 12, `mxFrame` at 16),
+/// then the checkpoint info (`nBackfill` at 96). The copies must agree, as
+/// SQLite's own readers require. Read from the region SQLite has mapped
+/// (`xShmMap`), only for a connection in WAL mode inside a read
+/// transaction, which has it mapped already: never through a descriptor of
+/// our own on the `-shm`.
+fn wal_backfilled(file: &VfsHandle) -> bool {
+    let Some(map) = file.shm().and_then(|m| m.xShmMap) else {
+        return false;
+    };
+    let mut region: *mut std::ffi::c_void = std::ptr::null_mut();
+    // SAFETY: region 0 at SQLite's own region size, not extended: the
+    // connection mapped it when its read began; the pointer stays valid
+    // while the connection is open.
+    let rc = unsafe { map(file.raw(), 0, WAL_INDEX_REGION, 0, &mut region) };
+    if rc != rusqlite::ffi::SQLITE_OK || region.is_null() {
+        return false;
     }
-
-    /// Whether the path the connection opened names another file now
-    /// (renamed over, or deleted): `SQLITE_FCNTL_HAS_MOVED`. `true` when
-    /// the VFS cannot tell.
-    pub(crate) fn has_moved(&self) -> bool {
-        let Some(control) = self.methods.xFileControl else {
-            return true;
-        };
-        let mut moved: std::ffi::c_int = 0;
-        // SAFETY: the file is open; HAS_MOVED writes one int through the
-        // pointer given, which outlives the call.
-        let rc = unsafe {
-            control(
-                self.file,
-                rusqlite::ffi::SQLITE_FCNTL_HAS_MOVED,
-                (&mut moved as *mut std::ffi::c_int).cast(),
-            )
-        };
-        rc != rusqlite::ffi::SQLITE_OK || moved != 0
+    let mut head = [0u8; 100];
+    for (i, b) in head.iter_mut().enumerate() {
+        // SAFETY: inside the mapped region (32 KiB); volatile, as other
+        // processes write it.
+        *b = unsafe { std::ptr::read_volatile(region.cast::<u8>().add(i)) };
     }
-
-    /// The file's methods when its VFS has shared memory (version 2 and
-    /// later: `xShmMap`, `xShmLock`), which WAL mode needs.
-    pub(crate) fn shm(&self) -> Option<&'c rusqlite::ffi::sqlite3_io_methods> {
-        (self.methods.iVersion >= 2).then_some(self.methods)
-    }
-
-    /// Whether the WAL-index header says every WAL frame is in the database
-    /// file. The layout (<https://www.sqlite.org/walformat.html>, native
-    /// byte order): two copies of a 48-byte header (`iVersion` at 0,
-    /// `isInit` at 12, `mxFrame` at 16), then the checkpoint info
-    /// (`nBackfill` at 96). The copies must agree, as SQLite's own readers
-    /// require. Read from the region SQLite has mapped (`xShmMap`), only for
-    /// a connection in WAL mode inside a read transaction, which has it
-    /// mapped already.
-    fn wal_backfilled(&self) -> bool {
-        let Some(map) = self.shm().and_then(|m| m.xShmMap) else {
-            return false;
-        };
-        let mut region: *mut std::ffi::c_void = std::ptr::null_mut();
-        // SAFETY: region 0 at SQLite's own region size, not extended: the
-        // connection mapped it when its read began; the pointer stays valid
-        // while the connection is open.
-        let rc = unsafe { map(self.file, 0, WAL_INDEX_REGION, 0, &mut region) };
-        if rc != rusqlite::ffi::SQLITE_OK || region.is_null() {
-            return false;
-        }
-        let mut head = [0u8; 100];
-        for (i, b) in head.iter_mut().enumerate() {
-            // SAFETY: inside the mapped region (32 KiB); volatile, as other
-            // processes write it.
-            *b = unsafe { std::ptr::read_volatile(region.cast::<u8>().add(i)) };
-        }
-        let word =
-            |at: usize| u32::from_ne_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
-        head[..48] == head[48..96]
-            && word(0) == WAL_INDEX_VERSION
-            && head[12] == 1
-            && word(16) == word(96)
-    }
-
-    /// Reads `buf.len()` bytes at `offset` (`xRead`); a read past the end of
-    /// the file is an error.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let read = self
-            .methods
-            .xRead
-            .ok_or_else(|| std::io::Error::other("the SQLite VFS cannot read"))?;
-        let len = std::ffi::c_int::try_from(buf.len()).map_err(std::io::Error::other)?;
-        // SAFETY: `buf` is valid for `len` bytes; the file is open.
-        let rc = unsafe { read(self.file, buf.as_mut_ptr().cast(), len, offset as i64) };
-        match rc {
-            rusqlite::ffi::SQLITE_OK => Ok(()),
-            rusqlite::ffi::SQLITE_IOERR_SHORT_READ => Err(std::io::ErrorKind::UnexpectedEof.into()),
-            rc => Err(std::io::Error::other(format!(
-                "SQLite VFS read failed (code {rc})"
-            ))),
-        }
-    }
+    let word = |at: usize| u32::from_ne_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    head[..48] == head[48..96]
+        && word(0) == WAL_INDEX_VERSION
+        && head[12] == 1
+        && word(16) == word(96)
 }
 
-/// Reads at an offset, all of `buf` or an error: the two SQLite handles a
-/// snapshot reads a database file through.
+/// The connection's own handle on `db`'s file (see [`VfsHandle::of`]).
+fn connection_file<'c>(source: &'c Connection, db: &Path) -> Result<VfsHandle<'c>> {
+    VfsHandle::of(source)
+        .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))
+}
+
+/// Reads all of `buf` at an offset: the two SQLite handles a snapshot reads
+/// a database file through, the connection's and one of its own.
 trait ReadAt {
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
 }
 
-impl ReadAt for SqliteFile<'_> {
+impl ReadAt for VfsHandle<'_> {
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.read_at(buf, offset)
+        VfsHandle::read_exact_at(self, buf, offset)
     }
 }
 
 impl ReadAt for VfsFile {
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        match self.read_at(buf, offset)? {
-            true => Ok(()),
-            false => Err(std::io::ErrorKind::UnexpectedEof.into()),
-        }
+        self.handle()?.read_exact_at(buf, offset)
     }
 }
 
@@ -528,9 +447,11 @@ fn capture_file(
         started,
         taken: Utc::now(),
     };
-    let moved = |c: &Connection| SqliteFile::of(c).is_none_or(|f| f.has_moved());
+    let moved = |f: Option<VfsHandle>| f.is_none_or(|f| f.has_moved().unwrap_or(true));
     let beside = VfsFile::open(db).ok().and_then(|mut f| {
-        let same = !moved(&source) && !f.has_moved().unwrap_or(true) && !moved(&source);
+        let same = !moved(VfsHandle::of(&source))
+            && !moved(f.handle().ok())
+            && !moved(VfsHandle::of(&source));
         same.then_some(f)
     });
     if let Some(file) = beside {
@@ -552,8 +473,7 @@ fn capture_file(
         return Ok(snap);
     }
     check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
-    let file = SqliteFile::of(&source)
-        .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))?;
+    let file = connection_file(&source, db)?;
     let input = Prefix {
         file,
         pos: 0,
@@ -608,8 +528,7 @@ fn capture_small(
     check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
     let len = usize::try_from(db_bytes).map_err(|e| Error::invalid(db.display(), e.to_string()))?;
     let mut data = vec![0u8; len];
-    SqliteFile::of(&source)
-        .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))?
+    connection_file(&source, db)?
         .read_exact_at(&mut data, 0)
         .at(db)?;
     drop(source);
@@ -900,6 +819,40 @@ pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
     Ok((file, path))
 }
 
+/// Test databases that `quick_check` and `integrity_check` must refuse,
+/// shared with the restore tests.
+#[cfg(test)]
+pub(crate) mod test_db {
+    use std::path::Path;
+
+    /// Creates at `path` a database of 4 KiB pages holding 2000 indexed
+    /// rows (with a random `blob` of that many bytes each, if given) and
+    /// returns its bytes.
+    pub(crate) fn indexed(path: &Path, blob: Option<usize>) -> Vec<u8> {
+        let (columns, values) = match blob {
+            Some(n) => ("x, y BLOB".to_string(), format!("i, randomblob({n})")),
+            None => ("x".to_string(), "i".to_string()),
+        };
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(&format!(
+                "PRAGMA page_size=4096; CREATE TABLE t({columns}); CREATE INDEX ti ON t(x);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+                 INSERT INTO t SELECT {values} FROM n;"
+            ))
+            .unwrap();
+        std::fs::read(path).unwrap()
+    }
+
+    /// `bytes` of such a database with the header and cell pointers of
+    /// page 3 (a b-tree page) scribbled over.
+    pub(crate) fn damaged(bytes: &[u8]) -> Vec<u8> {
+        let mut bytes = bytes.to_vec();
+        bytes[2 * 4096 + 1..2 * 4096 + 64].fill(0xA5);
+        bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1184,18 +1137,9 @@ mod tests {
     fn a_damaged_large_database_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let db = t.path().join("d.db");
-        let app = Connection::open(&db).unwrap();
-        app.execute_batch(
-            "PRAGMA page_size=4096; CREATE TABLE t(x, y BLOB); CREATE INDEX ti ON t(x);
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
-             INSERT INTO t SELECT i, randomblob(1000) FROM n;",
-        )
-        .unwrap();
-        drop(app);
-        assert!(std::fs::metadata(&db).unwrap().len() > IN_MEMORY_MAX);
-        let mut bytes = std::fs::read(&db).unwrap();
-        bytes[2 * 4096 + 1..2 * 4096 + 64].fill(0xA5);
-        std::fs::write(&db, &bytes).unwrap();
+        let sound = test_db::indexed(&db, Some(1000));
+        assert!(sound.len() as u64 > IN_MEMORY_MAX);
+        std::fs::write(&db, test_db::damaged(&sound)).unwrap();
         match capture(&db, &t.path().join("tmp")) {
             Ok(s) => panic!("a damaged database was captured ({:?})", s.copied),
             Err(e) => assert!(e.to_string().contains("damaged, not uploading"), "{e}"),
@@ -1253,27 +1197,16 @@ mod tests {
         }
     }
 
-    /// A damaged small database copies page by page without complaint; the
-    /// check of the in-memory copy refuses it, so it never replaces a good
+    /// A damaged small database reads (or copies page by page) without
+    /// complaint; the check refuses it, so it never replaces a good
     /// snapshot.
     #[test]
     fn a_damaged_small_database_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let db = t.path().join("d.db");
-        let app = Connection::open(&db).unwrap();
-        app.execute_batch(
-            "PRAGMA page_size=4096; CREATE TABLE t(x); CREATE INDEX ti ON t(x);
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
-             INSERT INTO t SELECT i FROM n;",
-        )
-        .unwrap();
-        drop(app);
-        assert!(std::fs::metadata(&db).unwrap().len() <= IN_MEMORY_MAX);
-        // Scribble over the header and cell pointers of page 3 (a b-tree
-        // page of the table).
-        let mut bytes = std::fs::read(&db).unwrap();
-        bytes[2 * 4096 + 1..2 * 4096 + 64].fill(0xA5);
-        std::fs::write(&db, &bytes).unwrap();
+        let sound = test_db::indexed(&db, None);
+        assert!(sound.len() as u64 <= IN_MEMORY_MAX);
+        std::fs::write(&db, test_db::damaged(&sound)).unwrap();
         match capture(&db, &t.path().join("tmp")) {
             Ok(s) => panic!("a damaged database was captured ({} bytes)", s.db_bytes),
             Err(e) => assert!(e.to_string().contains("damaged, not uploading"), "{e}"),

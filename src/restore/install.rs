@@ -237,18 +237,8 @@ mod tests {
     #[test]
     fn only_a_checked_file_is_installed() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src.db");
-        let c = rusqlite::Connection::open(&src).unwrap();
-        c.execute_batch(
-            "PRAGMA page_size=4096; CREATE TABLE t(x); CREATE INDEX ti ON t(x);
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
-             INSERT INTO t SELECT i FROM n;",
-        )
-        .unwrap();
-        drop(c);
-        let sound = std::fs::read(&src).unwrap();
-        let mut damaged = sound.clone();
-        damaged[2 * 4096 + 1..2 * 4096 + 64].fill(0xA5);
+        let sound = snapshot::test_db::indexed(&dir.path().join("src.db"), None);
+        let damaged = snapshot::test_db::damaged(&sound);
         let out = dir.path().join("out").join("restored.db");
         for (bytes, ok) in [(&damaged, false), (&sound, true)] {
             let mut staged = Staged::new(&out).unwrap();

@@ -22,7 +22,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use rusqlite::ffi;
+use rusqlite::{ffi, Connection};
 
 /// The 16-byte header every SQLite 3 database file starts with.
 pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
@@ -41,6 +41,7 @@ pub fn has_sqlite_header(path: &Path) -> io::Result<bool> {
 pub fn read_start(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
     let want = i64::try_from(buf.len()).map_err(io::Error::other)?;
     let mut file = VfsFile::open(path)?;
+    let file = file.handle()?;
     let size = file.size()?;
     let mut n = usize::try_from(size.clamp(0, want)).map_err(io::Error::other)?;
     if !file.read_at(&mut buf[..n], 0)? {
@@ -48,6 +49,125 @@ pub fn read_start(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
         n = n.min(usize::try_from(file.size()?.max(0)).map_err(io::Error::other)?);
     }
     Ok(n)
+}
+
+/// An open file of SQLite's VFS, borrowed for `'f`: the handle and the
+/// VFS's own methods on it. The one place litefleet calls them (`xRead`,
+/// `xFileSize`, `xFileControl`), for a connection's database file
+/// ([`VfsHandle::of`]) and for a [`VfsFile`] of its own alike.
+#[derive(Clone, Copy)]
+pub struct VfsHandle<'f> {
+    file: *mut ffi::sqlite3_file,
+    methods: &'f ffi::sqlite3_io_methods,
+}
+
+impl<'f> VfsHandle<'f> {
+    /// The main database file of `conn`, as SQLite's VFS has it open
+    /// (`SQLITE_FCNTL_FILE_POINTER`): reads through it see the very file the
+    /// connection's transaction protects, not one renamed over its path
+    /// since. `None` if the VFS gives none.
+    pub fn of(conn: &'f Connection) -> Option<VfsHandle<'f>> {
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        // SAFETY: the handle is valid while `conn` is borrowed;
+        // FILE_POINTER writes one pointer through the pointer given, which
+        // outlives the call.
+        let rc = unsafe {
+            ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_FILE_POINTER,
+                (&mut file as *mut *mut ffi::sqlite3_file).cast(),
+            )
+        };
+        if rc != ffi::SQLITE_OK {
+            return None;
+        }
+        // SAFETY: the connection's open main file, open while it is borrowed.
+        unsafe { VfsHandle::new(file) }
+    }
+
+    /// The open file at `file`, `None` for a null or closed one.
+    ///
+    /// # Safety
+    /// `file`, when not null, must be a `sqlite3_file` its VFS opened, that
+    /// stays open and is used by no other thread for `'f`.
+    unsafe fn new(file: *mut ffi::sqlite3_file) -> Option<VfsHandle<'f>> {
+        // SAFETY: per the contract; the methods table is the VFS's own,
+        // valid while the file is open.
+        let methods = unsafe { file.as_ref()?.pMethods.as_ref()? };
+        Some(VfsHandle { file, methods })
+    }
+
+    /// The handle, for the methods below it (shared memory, locks).
+    pub fn raw(&self) -> *mut ffi::sqlite3_file {
+        self.file
+    }
+
+    /// The file's methods when its VFS has shared memory (version 2 and
+    /// later: `xShmMap`, `xShmLock`), which WAL mode needs.
+    pub fn shm(&self) -> Option<&'f ffi::sqlite3_io_methods> {
+        (self.methods.iVersion >= 2).then_some(self.methods)
+    }
+
+    /// The file's size in bytes.
+    pub fn size(&self) -> io::Result<i64> {
+        let size = self
+            .methods
+            .xFileSize
+            .ok_or_else(|| io::Error::other("the SQLite VFS cannot size files"))?;
+        let mut n: ffi::sqlite3_int64 = 0;
+        // SAFETY: the file is open; `n` outlives the call.
+        let rc = unsafe { size(self.file, &mut n) };
+        check(rc, "size")?;
+        Ok(n)
+    }
+
+    /// Whether the path it was opened at names another file now (renamed
+    /// over, or deleted): `SQLITE_FCNTL_HAS_MOVED`.
+    pub fn has_moved(&self) -> io::Result<bool> {
+        let control = self
+            .methods
+            .xFileControl
+            .ok_or_else(|| io::Error::other("the SQLite VFS has no file controls"))?;
+        let mut moved: c_int = 0;
+        // SAFETY: the file is open; HAS_MOVED writes one int through the
+        // pointer given, which outlives the call.
+        let rc = unsafe {
+            control(
+                self.file,
+                ffi::SQLITE_FCNTL_HAS_MOVED,
+                (&mut moved as *mut c_int).cast(),
+            )
+        };
+        check(rc, "file control")?;
+        Ok(moved != 0)
+    }
+
+    /// Reads `buf` at `offset`: `Ok(false)` if the file ended first (SQLite
+    /// zero-fills the rest).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let read = self
+            .methods
+            .xRead
+            .ok_or_else(|| io::Error::other("the SQLite VFS cannot read"))?;
+        let len = c_int::try_from(buf.len()).map_err(io::Error::other)?;
+        let offset = i64::try_from(offset).map_err(io::Error::other)?;
+        // SAFETY: `buf` is valid for `len` bytes; the file is open.
+        let rc = unsafe { read(self.file, buf.as_mut_ptr().cast(), len, offset) };
+        if rc == ffi::SQLITE_IOERR_SHORT_READ {
+            return Ok(false);
+        }
+        check(rc, "read").map(|()| true)
+    }
+
+    /// Reads all of `buf` at `offset`; a file that ends first is an
+    /// [`io::ErrorKind::UnexpectedEof`].
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self.read_at(buf, offset)? {
+            true => Ok(()),
+            false => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
 }
 
 /// A file opened read-only through SQLite's default VFS, closed (by the VFS,
@@ -65,7 +185,7 @@ pub struct VfsFile {
 
 // SAFETY: the handle is plain memory owned by this value; the unix VFS's
 // shared per-inode state is guarded by its own mutexes. It is never used
-// from two threads at once (`&mut self` methods).
+// from two threads at once (`handle` borrows it mutably).
 unsafe impl Send for VfsFile {}
 
 impl VfsFile {
@@ -136,66 +256,13 @@ impl VfsFile {
         self.mem.as_mut_ptr().cast()
     }
 
-    fn methods(&self) -> io::Result<&ffi::sqlite3_io_methods> {
-        // SAFETY: `mem` starts with the `sqlite3_file` the VFS filled in;
-        // its methods table is SQLite's, valid while the file is open.
-        unsafe {
-            (*self.mem.as_ptr().cast::<ffi::sqlite3_file>())
-                .pMethods
-                .as_ref()
-        }
-        .ok_or_else(|| io::Error::other("the file is not open"))
-    }
-
-    /// The file's size in bytes.
-    pub fn size(&mut self) -> io::Result<i64> {
-        let size = self
-            .methods()?
-            .xFileSize
-            .ok_or_else(|| io::Error::other("the SQLite VFS cannot size files"))?;
-        let mut n: ffi::sqlite3_int64 = 0;
-        // SAFETY: the file is open; `n` outlives the call.
-        let rc = unsafe { size(self.raw(), &mut n) };
-        check(rc, "size")?;
-        Ok(n)
-    }
-
-    /// Whether the path it was opened at names another file now (renamed
-    /// over, or deleted): `SQLITE_FCNTL_HAS_MOVED`.
-    pub fn has_moved(&mut self) -> io::Result<bool> {
-        let control = self
-            .methods()?
-            .xFileControl
-            .ok_or_else(|| io::Error::other("the SQLite VFS has no file controls"))?;
-        let mut moved: c_int = 0;
-        // SAFETY: the file is open; HAS_MOVED writes one int through the
-        // pointer given, which outlives the call.
-        let rc = unsafe {
-            control(
-                self.raw(),
-                ffi::SQLITE_FCNTL_HAS_MOVED,
-                (&mut moved as *mut c_int).cast(),
-            )
-        };
-        check(rc, "file control")?;
-        Ok(moved != 0)
-    }
-
-    /// Reads `buf` at `offset`: `Ok(false)` if the file ended first (SQLite
-    /// zero-fills the rest).
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        let read = self
-            .methods()?
-            .xRead
-            .ok_or_else(|| io::Error::other("the SQLite VFS cannot read"))?;
-        let len = c_int::try_from(buf.len()).map_err(io::Error::other)?;
-        let offset = i64::try_from(offset).map_err(io::Error::other)?;
-        // SAFETY: `buf` is valid for `len` bytes; the file is open.
-        let rc = unsafe { read(self.raw(), buf.as_mut_ptr().cast(), len, offset) };
-        if rc == ffi::SQLITE_IOERR_SHORT_READ {
-            return Ok(false);
-        }
-        check(rc, "read").map(|()| true)
+    /// The open file, for reading (see [`VfsHandle`]).
+    pub fn handle(&mut self) -> io::Result<VfsHandle<'_>> {
+        // SAFETY: `mem` holds the file the VFS opened (or, after a failed
+        // open, null methods, giving `None`); it stays open while `self` is
+        // borrowed, and the mutable borrow keeps other threads off it.
+        unsafe { VfsHandle::new(self.raw()) }
+            .ok_or_else(|| io::Error::other("the file is not open"))
     }
 }
 
@@ -216,7 +283,7 @@ fn check(rc: c_int, what: &str) -> io::Result<()> {
 
 impl Drop for VfsFile {
     fn drop(&mut self) {
-        if let Some(close) = self.methods().ok().and_then(|m| m.xClose) {
+        if let Some(close) = self.handle().ok().and_then(|h| h.methods.xClose) {
             // SAFETY: the file is open and closed once; the VFS keeps the
             // descriptor while this process holds locks on the inode.
             unsafe { close(self.raw()) };
@@ -248,7 +315,6 @@ pub(crate) fn writable_from_outside(db: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rusqlite::Connection;
 
     #[test]
     fn header_check() {

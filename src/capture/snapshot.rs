@@ -57,6 +57,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::Utc;
+use lz4_flex::frame::FrameEncoder;
 use rusqlite::{Connection, OpenFlags};
 use tempfile::{NamedTempFile, TempPath};
 
@@ -213,7 +214,28 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 /// into an in-memory database (small) or a temporary file in `tmp_dir`,
 /// where it is checked and compressed.
 pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
+    capture_open(open_read_only(db)?, db, tmp_dir)
+}
+
+/// [`capture`] for a file whose header was never read: `None`, and nothing
+/// read past its first 16 bytes, if it does not start with SQLite's header.
+/// The header is read through the snapshot's own connection (its main file,
+/// [`VfsHandle::of`]), so a new database is opened once, not once for the
+/// header and again for the snapshot.
+pub fn capture_if_sqlite(db: &Path, tmp_dir: &Path) -> Result<Option<Snapshot>> {
     let source = open_read_only(db)?;
+    let header = VfsHandle::of(&source)
+        .ok_or_else(|| Error::invalid(db.display(), "SQLite gave no handle on its file"))?
+        .has_sqlite_header()
+        .at(db)?;
+    if !header {
+        return Ok(None);
+    }
+    capture_open(source, db, tmp_dir).map(Some)
+}
+
+/// [`capture`] on `source`, a connection [`open_read_only`] on `db`.
+fn capture_open(source: Connection, db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
     let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
     let started = Utc::now();
     if on_disk <= IN_MEMORY_MAX {
@@ -539,16 +561,53 @@ fn capture_small(
 /// memory behind its times record.
 fn in_memory(db: &Path, data: &[u8], times: SnapshotTimes, copied: Copied) -> Result<Snapshot> {
     let db_bytes = data.len() as u64;
-    let mut out = times.encode().to_vec();
-    out.reserve(data.len() / 2);
-    let out = compress_stream(db, data, db_bytes, out, Path::new("(memory)"))?;
+    let lz4 = |e| match e {
+        lz4_flex::frame::Error::IoError(e) => Error::io("(memory)", e),
+        e => Error::invalid(db.display(), format!("lz4: {e}")),
+    };
+    let out = if data.is_empty() || data.len() > SMALL_BLOCK {
+        let mut enc = FrameEncoder::with_frame_info(frame_info(db_bytes), times.encode().to_vec());
+        enc.write_all(data).at("(memory)")?;
+        bytes::Bytes::from(enc.finish().map_err(lz4)?)
+    } else {
+        SMALL_ENCODER.with(|cell| {
+            let mut cached = cell.borrow_mut();
+            // Taken out while in use: an error drops it, never reused half-way.
+            let mut enc = cached
+                .take()
+                .unwrap_or_else(|| FrameEncoder::with_frame_info(frame_info(0), Vec::new()));
+            enc.get_mut().clear();
+            enc.get_mut().extend_from_slice(&times.encode());
+            enc.write_all(data).at("(memory)")?;
+            enc.try_finish().map_err(lz4)?;
+            let out = bytes::Bytes::copy_from_slice(enc.get_ref());
+            *cached = Some(enc);
+            Ok::<_, Error>(out)
+        })?
+    };
     Ok(Snapshot {
         compressed_bytes: out.len() as u64,
-        staged: Staged::Memory(out.into()),
+        staged: Staged::Memory(out),
         copied,
         db_bytes,
         times,
     })
+}
+
+/// The smallest LZ4 block (64 KiB): a database up to this size is
+/// compressed into one block by [`SMALL_ENCODER`].
+const SMALL_BLOCK: usize = 64 << 10;
+
+thread_local! {
+    /// One frame encoder per snapshot thread for databases of one block: an
+    /// encoder holds ~150 KiB of buffers (input, output, match table) that
+    /// would otherwise be allocated, zeroed and freed for every small
+    /// database, a few percent of a first backup's CPU. `lz4_flex` starts a
+    /// new frame on an encoder after `try_finish` and resets its state (the
+    /// table cleared, the checksum restarted); only an empty input would not
+    /// start one, so it never comes here. Freed with the thread.
+    static SMALL_ENCODER: std::cell::RefCell<Option<FrameEncoder<Vec<u8>>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// A corrupt or truncated source copies "successfully" page by page; never
@@ -644,7 +703,7 @@ fn compress_stream<R: Read, W: Write>(
     w: W,
     out: &Path,
 ) -> Result<W> {
-    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(frame_info(len), w);
+    let mut enc = FrameEncoder::with_frame_info(frame_info(len), w);
     let mut buf = vec![0u8; io_buffer(len)];
     loop {
         let n = match input.read(&mut buf) {
@@ -883,6 +942,45 @@ mod tests {
                 .read_to_end(&mut back)
                 .unwrap();
             assert_eq!(back, data, "{len} bytes");
+        }
+    }
+
+    /// One thread compresses many databases in a row through its cached
+    /// encoder (one-block inputs), interleaved with larger and empty ones
+    /// (fresh encoders): every object holds its own times and decodes to
+    /// exactly its own bytes, checksum verified.
+    #[test]
+    fn a_reused_encoder_frames_every_snapshot_on_its_own() {
+        let mut inputs: Vec<Vec<u8>> = Vec::new();
+        for i in 0..40usize {
+            let len = match i % 5 {
+                0 => 512,
+                1 => SMALL_BLOCK,
+                2 => SMALL_BLOCK + 1,
+                3 => 0,
+                _ => 4096 * (1 + i % 7),
+            };
+            inputs.push((0..len).map(|j| ((j * (i + 3)) % 253) as u8).collect());
+        }
+        // Whole milliseconds, as the record keeps them.
+        let t0 = chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap();
+        for (i, data) in inputs.iter().enumerate() {
+            let times = SnapshotTimes {
+                started: t0 + chrono::Duration::milliseconds(i as i64),
+                taken: t0 + chrono::Duration::milliseconds(2 * i as i64),
+            };
+            let snap = in_memory(Path::new("x.db"), data, times, Copied::DirectInMemory).unwrap();
+            let Staged::Memory(obj) = &snap.staged else {
+                panic!("in memory")
+            };
+            assert_eq!(snap.compressed_bytes, obj.len() as u64);
+            let head = SnapshotTimes::decode(obj).expect("a times record");
+            assert_eq!(head, times, "input {i}");
+            let mut back = Vec::new();
+            lz4_flex::frame::FrameDecoder::new(&obj[crate::replica::cold::RECORD_LEN..])
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(&back, data, "input {i} ({} bytes)", data.len());
         }
     }
 
@@ -1129,6 +1227,46 @@ mod tests {
             assert!(writable_from_outside(&db), "wal {wal}");
             assert_eq!(restored(&snap, &t.path().join("out.db")).1, 400);
         }
+    }
+
+    /// A file whose header was never read is snapshotted only if its
+    /// snapshot's connection finds SQLite's header: foreign, empty and short
+    /// files (even the header's first 15 bytes) are `None`, nothing is made
+    /// in the temp dir for them, and a database holding the lock of another
+    /// connection of this process keeps it.
+    #[test]
+    fn only_files_with_sqlite_headers_are_captured_unchecked() {
+        let t = tempfile::tempdir().unwrap();
+        let tmp = t.path().join("tmp");
+        for (name, bytes) in [
+            ("text", b"just some text, not a database".to_vec()),
+            ("empty", Vec::new()),
+            ("short", crate::source::vfs::SQLITE_HEADER[..15].to_vec()),
+            ("pdf", b"%PDF-1.7 and then a lot more bytes".repeat(200)),
+        ] {
+            let f = t.path().join(format!("{name}.db"));
+            std::fs::write(&f, &bytes).unwrap();
+            assert!(capture_if_sqlite(&f, &tmp).unwrap().is_none(), "{name}");
+            assert_eq!(std::fs::read(&f).unwrap(), bytes, "{name} untouched");
+        }
+        assert!(!tmp.exists(), "nothing staged for a foreign file");
+        assert_eq!(
+            std::fs::read_dir(t.path()).unwrap().count(),
+            4,
+            "no -wal, -shm, -journal"
+        );
+        let db = t.path().join("real.db");
+        let app = Connection::open(&db).unwrap();
+        app.execute_batch(
+            "PRAGMA journal_mode=wal; CREATE TABLE t(x); INSERT INTO t VALUES (1),(2);
+             BEGIN IMMEDIATE;",
+        )
+        .unwrap();
+        let snap = capture_if_sqlite(&db, &tmp).unwrap().expect("a database");
+        assert!(!writable_from_outside(&db), "the lock is still held");
+        app.execute_batch("COMMIT").unwrap();
+        assert_eq!(restored(&snap, &t.path().join("out.db")).1, 2);
+        assert!(capture_if_sqlite(&t.path().join("gone.db"), &tmp).is_err());
     }
 
     /// A damaged large database read from its own file is refused by the

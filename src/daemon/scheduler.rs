@@ -1154,7 +1154,8 @@ enum Snapped {
 
 /// Snapshot one database and upload it under its next-hour name. When
 /// `unchecked` (its header was never read, see
-/// [`Tracker::defer_header_checks`]) the header is read first.
+/// [`Tracker::defer_header_checks`]) the snapshot's connection reads it
+/// first ([`snapshot::capture_if_sqlite`]).
 async fn upload_one(
     loaded: Arc<Loaded>,
     replica: Replica,
@@ -1169,21 +1170,25 @@ async fn upload_one(
     let snap = bounded(
         Work::Snapshot,
         move || -> Result<ControlFlow<Snapped, _>> {
-            if unchecked {
-                match has_sqlite_header(&src) {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(ControlFlow::Break(Snapped::NotADatabase)),
-                    // Gone: a failed upload, as for a checked database; the next
-                    // scan drops it.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(Error::io(&src, e))
-                    }
-                    Err(e) => {
-                        return Ok(ControlFlow::Break(Snapped::Unreadable(Error::io(&src, e))))
-                    }
-                }
+            if !unchecked {
+                return snapshot::capture(&src, &temp_dir).map(ControlFlow::Continue);
             }
-            snapshot::capture(&src, &temp_dir).map(ControlFlow::Continue)
+            let failed = match snapshot::capture_if_sqlite(&src, &temp_dir) {
+                Ok(Some(snap)) => return Ok(ControlFlow::Continue(snap)),
+                Ok(None) => return Ok(ControlFlow::Break(Snapped::NotADatabase)),
+                Err(e) => e,
+            };
+            // SQLite could not open or snapshot it: the header, read on its
+            // own, tells a file that is gone, unreadable or foreign from a
+            // database that failed its snapshot.
+            match has_sqlite_header(&src) {
+                Ok(true) => Err(failed),
+                Ok(false) => Ok(ControlFlow::Break(Snapped::NotADatabase)),
+                // Gone: a failed upload, as for a checked database; the next
+                // scan drops it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::io(&src, e)),
+                Err(e) => Ok(ControlFlow::Break(Snapped::Unreadable(Error::io(&src, e)))),
+            }
         },
     )
     .await??;

@@ -30,8 +30,7 @@ pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 /// True if the file starts with the SQLite 3 header. `Ok(false)` for short or
 /// foreign files.
 pub fn has_sqlite_header(path: &Path) -> io::Result<bool> {
-    let mut buf = [0u8; SQLITE_HEADER.len()];
-    Ok(read_start(path, &mut buf)? == buf.len() && &buf == SQLITE_HEADER)
+    VfsFile::open(path)?.handle()?.has_sqlite_header()
 }
 
 /// Reads the first `buf.len()` bytes of the file at `path` into `buf` and
@@ -39,16 +38,29 @@ pub fn has_sqlite_header(path: &Path) -> io::Result<bool> {
 /// default VFS (see the module docs). The errors are the file system's:
 /// [`io::ErrorKind::NotFound`] for a file that is gone.
 pub fn read_start(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
-    let want = i64::try_from(buf.len()).map_err(io::Error::other)?;
-    let mut file = VfsFile::open(path)?;
-    let file = file.handle()?;
-    let size = file.size()?;
-    let mut n = usize::try_from(size.clamp(0, want)).map_err(io::Error::other)?;
-    if !file.read_at(&mut buf[..n], 0)? {
-        // Truncated meanwhile: SQLite zero-filled the rest.
-        n = n.min(usize::try_from(file.size()?.max(0)).map_err(io::Error::other)?);
+    VfsFile::open(path)?.handle()?.read_start(buf)
+}
+
+impl VfsHandle<'_> {
+    /// True if the file starts with the SQLite 3 header. `Ok(false)` for
+    /// short or foreign files.
+    pub fn has_sqlite_header(&self) -> io::Result<bool> {
+        let mut buf = [0u8; SQLITE_HEADER.len()];
+        Ok(self.read_start(&mut buf)? == buf.len() && &buf == SQLITE_HEADER)
     }
-    Ok(n)
+
+    /// Reads the first `buf.len()` bytes of the file into `buf` and returns
+    /// how many it has (fewer for a shorter file).
+    pub fn read_start(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = i64::try_from(buf.len()).map_err(io::Error::other)?;
+        let size = self.size()?;
+        let mut n = usize::try_from(size.clamp(0, want)).map_err(io::Error::other)?;
+        if !self.read_at(&mut buf[..n], 0)? {
+            // Truncated meanwhile: SQLite zero-filled the rest.
+            n = n.min(usize::try_from(self.size()?.max(0)).map_err(io::Error::other)?);
+        }
+        Ok(n)
+    }
 }
 
 /// An open file of SQLite's VFS, borrowed for `'f`: the handle and the

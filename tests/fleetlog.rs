@@ -327,9 +327,14 @@ both_backends!(a_missing_log_object_fails_the_restore, |b| async move {
         .unwrap();
     let e = s.restore(0, None).await.unwrap_err();
     assert!(e.contains("is missing"), "{e}");
-    // A point before the gap still restores.
-    let (at, rows) = &marks[0];
-    assert_eq!(s.restore(0, Some(*at)).await.unwrap(), rows[0]);
+    // So does a point after the part before the gap and before the part
+    // after it: the missing part may hold commits at or before it.
+    let (at, _) = &marks[marks.len() - 2];
+    let e = s.restore(0, Some(*at)).await.unwrap_err();
+    assert!(
+        e.contains("is missing") && e.contains("may hold commits at or before it"),
+        "{e}"
+    );
 });
 
 // A stream that ended consolidated its parts into a complete pack, and the

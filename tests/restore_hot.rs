@@ -282,7 +282,7 @@ both_backends!(gap_fails_loudly_and_leaves_no_output, |b| async move {
     db.commit(10);
     let (cold, _) = db.cold(&r).await;
     db.commit(5);
-    db.gen_snapshot(&r).await;
+    let at_snapshot = db.gen_snapshot(&r).await;
     db.commit(2);
     let (_, after_first) = db.ship(&r).await;
     db.commit(3);
@@ -309,11 +309,55 @@ both_backends!(gap_fails_loudly_and_leaves_no_output, |b| async move {
     assert!(msg.contains(&cold.to_string()), "{msg}");
     assert!(msg.contains(&format!("--timestamp {t}")), "{msg}");
 
-    // Points before the gap restore; so does the cold snapshot at its time.
-    let (tier, rows, _) = restore_at(&f, "p/d/t", Some(after_first)).await.unwrap();
-    assert_eq!((tier, rows), (Tier::Hot, 17));
+    // A point in time between the segments around the gap fails too: what
+    // is missing may hold commits at or before it, so the segment before
+    // the gap is not proven to end that time's state.
+    let msg = restore_at(&f, "p/d/t", Some(after_first))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains(&format!(
+            "{middle}_* (WAL 0 offset {}) is missing",
+            middle.offset
+        )) && msg.contains("may hold commits at or before it"),
+        "{msg}"
+    );
+    // Before the first segment the history is proven (the first segment
+    // starts where the snapshot ends); so is the cold snapshot at its time.
+    let (tier, rows, _) = restore_at(&f, "p/d/t", Some(at_snapshot)).await.unwrap();
+    assert_eq!((tier, rows), (Tier::Hot, 15));
     let (tier, rows, _) = restore_at(&f, "p/d/t", Some(cold_time)).await.unwrap();
     assert_eq!((tier, rows), (Tier::Cold, 10));
+});
+
+// The metadata is written before a generation's first segment: segments
+// without it mean it is gone, and nothing proves how far the WAL was
+// shipped (a missing newest segment would go unnoticed). A generation that
+// holds its snapshot alone restores without it.
+both_backends!(segments_without_metadata_fail, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    let at_snapshot = db.gen_snapshot(&r).await;
+    let meta = hot::metadata_path(&r.prefix, "p/d/t", &db.gen);
+    assert_eq!(r.get_bytes(&meta).await.unwrap(), None);
+    let (tier, rows, _) = restore_at(&f, "p/d/t", None).await.unwrap();
+    assert_eq!((tier, rows), (Tier::Hot, 10));
+    db.commit(5);
+    let (_, after) = db.ship(&r).await;
+    db.commit(3);
+    db.ship(&r).await;
+    assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 18);
+    r.delete(&meta).await.unwrap();
+    for at in [None, Some(after), Some(at_snapshot)] {
+        let msg = restore_at(&f, "p/d/t", at).await.unwrap_err().to_string();
+        assert!(
+            msg.contains("metadata.json is missing, but 2 WAL segment(s) are present"),
+            "at {at:?}: {msg}"
+        );
+    }
 });
 
 both_backends!(damaged_generation_snapshot_fails, |b| async move {
@@ -697,8 +741,8 @@ both_backends!(
 );
 
 // The newest segment of a generation goes missing after the metadata
-// recorded it as shipped: the latest restore fails instead of returning the
-// state before it.
+// recorded it as shipped: the latest restore (and one at a time after
+// every segment) fails instead of returning the state before it.
 both_backends!(missing_newest_recorded_segment_fails, |b| async move {
     let f = Fleet::new(b).await;
     let r = f.replica();
@@ -708,15 +752,19 @@ both_backends!(missing_newest_recorded_segment_fails, |b| async move {
     db.commit(5);
     db.ship(&r).await;
     db.commit(3);
-    let (newest, _) = db.ship(&r).await;
+    let (newest, after) = db.ship(&r).await;
     db.w.write_metadata(&r).await;
     assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 18);
     r.delete(&db.segment_path(&r, newest)).await.unwrap();
-    let msg = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
-    assert!(
-        msg.contains("metadata.json records WAL frames shipped up to"),
-        "{msg}"
-    );
+    // Latest, and at a time after every segment listed: both stand for the
+    // state that reaches what was recorded as shipped.
+    for at in [None, Some(after)] {
+        let msg = restore_at(&f, "p/d/t", at).await.unwrap_err().to_string();
+        assert!(
+            msg.contains("metadata.json records WAL frames shipped up to"),
+            "at {at:?}: {msg}"
+        );
+    }
 });
 
 // Listing times in whole seconds (as on AWS S3): a point-in-time restore

@@ -40,10 +40,11 @@
 //!   versions) fall back to the listing time.
 //! * `metadata.json` ([`Metadata`]) describes the generation, and records
 //!   where each finished WAL ended (`wal_ends`), which names cannot tell: it
-//!   is written before the first segment of the next WAL is uploaded, so a
-//!   restore that replays past the end of a WAL can prove that WAL's last
-//!   segment is present. A generation that never restarted its WAL is
-//!   restorable before its metadata is written.
+//!   is written before the first segment of every WAL is uploaded (the
+//!   generation's first included), so a restore that replays past the end
+//!   of a WAL can prove that WAL's last segment is present. A generation
+//!   with segments and no metadata has lost it: restore refuses it. One
+//!   with its snapshot alone restores without it.
 //!
 //! Snapshot checksum: the LZ4 frame's content checksum, which is the xxHash32
 //! of the uncompressed database and is stored in the frame's last 4 bytes
@@ -68,9 +69,15 @@
 //!   none, and those first frames are checked for their shape only);
 //! * replay moves from WAL `i` to WAL `i + 1` only where `metadata.json` says
 //!   WAL `i` ended; a missing or different end is an error naming the range;
-//! * a restore of the latest state reaches at least the `last` position the
-//!   metadata recorded as shipped, read *before* the segments are listed
-//!   ([`plan_latest`]), so a stream still shipping cannot make it fail.
+//! * a restore of the latest state (or at a time after every segment
+//!   listed) reaches at least the `last` position the metadata recorded as
+//!   shipped, read *before* the segments are listed ([`plan_latest`]), so a
+//!   stream still shipping cannot make it fail;
+//! * a restore at a time before some segment listed stops exactly where
+//!   the first such segment starts (or where the metadata says the WAL
+//!   ended, if it starts the next WAL): a missing segment before it may
+//!   hold commits at or before that time, and restoring without it would be
+//!   a silently older state.
 //!
 //! What cannot be proven: that segments were uploaded after the metadata was
 //! last written (a live generation). A missing newest segment of a live
@@ -489,11 +496,12 @@ pub struct Plan {
     /// not replayed, only named in gap errors ("committed after the restore
     /// time"). Empty when `at` is `None`.
     late: Vec<SegmentObject>,
-    /// For a latest restore, the metadata as read *before* the segments
-    /// were listed ([`plan_latest`]): everything it records as shipped was
-    /// uploaded before it was written, so the listing must hold it. (Read
-    /// after the listing, a live stream's newer metadata would name segments
-    /// the listing could not see.)
+    /// The metadata as read *before* the segments were listed
+    /// ([`plan_latest`]): everything it records as shipped was uploaded
+    /// before it was written, so the listing must hold it. (Read after the
+    /// listing, a live stream's newer metadata would name segments the
+    /// listing could not see.) Checked when no segment committed after the
+    /// restore time was listed ([`Replay::finish`]).
     recorded: Option<Metadata>,
 }
 
@@ -835,6 +843,13 @@ fn gap_error(
                     t.to_rfc3339(),
                     found.time.to_rfc3339()
                 ));
+            } else if let Some(t) = at.filter(|t| found.time > *t) {
+                r.push_str(&format!(
+                    "; the next segment present holds commits up to {}, after the restore time {}, \
+                     but the missing one may hold commits at or before it",
+                    found.time.to_rfc3339(),
+                    t.to_rfc3339()
+                ));
             }
             r
         }
@@ -982,7 +997,28 @@ pub async fn plan_latest(
             match log_segments(replica, &log, key, &id).await? {
                 Some(parts) => {
                     segments.extend(parts);
-                    break (meta, dedup_segments(segments));
+                    let segments = dedup_segments(segments);
+                    if meta.is_none() && !segments.is_empty() {
+                        // The metadata is written before the first segment of
+                        // every WAL (`capture::ship`), so segments without it
+                        // mean it is gone, or was written just after it was
+                        // read here: then list again.
+                        if tries < LOG_RELISTS && read_metadata(replica, key, &id).await?.is_some()
+                        {
+                            tries += 1;
+                            continue;
+                        }
+                        return Err(Error::invalid(
+                            format!("generation {id} of {key:?}"),
+                            format!(
+                                "metadata.json is missing, but {} WAL segment(s) are present: nothing \
+                                 proves how far the WAL was shipped, or where each WAL began and ended; \
+                                 refusing to restore",
+                                segments.len()
+                            ),
+                        ));
+                    }
+                    break (meta, segments);
                 }
                 None if tries < LOG_RELISTS => tries += 1,
                 None => {
@@ -993,16 +1029,15 @@ pub async fn plan_latest(
                 }
             }
         };
-        let recorded = match at {
-            None => meta,
-            Some(_) => None,
-        };
         let listing = GenerationListing {
             segments,
             id,
             snapshots,
         };
-        return Ok(plan(&listing, key, at)?.map(|p| Plan { recorded, ..p }));
+        return Ok(plan(&listing, key, at)?.map(|p| Plan {
+            recorded: meta,
+            ..p
+        }));
     }
     Ok(None)
 }
@@ -1093,13 +1128,39 @@ impl<'a> Replay<'a> {
         self.applied += 1;
     }
 
-    /// After the last segment: a restore of the latest state must reach at
-    /// least what `metadata.json` recorded as shipped. Returns where the
-    /// replay ended, the commit time of the state it restored, and how many
-    /// segments it applied.
+    /// After the last segment, the replay must have stopped where the
+    /// history it was asked for ends:
+    /// - at a point in time with segments committed after it listed, the
+    ///   first of those must start exactly where the replay ended (in the
+    ///   next WAL only where the metadata says this one ended): otherwise a
+    ///   missing segment between them may hold commits at or before the
+    ///   restore time, and restoring without it would silently be older;
+    /// - otherwise (the latest state, or a time after every segment listed)
+    ///   it must reach at least what `metadata.json` recorded as shipped.
+    ///
+    /// Returns where the replay ended, the commit time of the state it
+    /// restored, and how many segments it applied.
     pub fn finish(self) -> Result<(Position, DateTime<Utc>, usize)> {
         let (key, pos) = (self.key, self.pos);
-        if let (None, Some(m)) = (self.plan.at, &self.plan.recorded) {
+        if let Some(next) = self.plan.late.iter().min_by_key(|s| s.pos) {
+            let e = Expect {
+                index: pos.index,
+                offset: Some(pos.offset),
+            };
+            check_next(e, next.pos).map_err(|b| {
+                gap_error(
+                    key,
+                    &self.plan.generation,
+                    &self.plan.late,
+                    self.plan.at,
+                    b,
+                    next,
+                )
+            })?;
+            if next.pos.index != pos.index {
+                check_wal_end(key, self.plan, self.meta.as_ref(), pos)?;
+            }
+        } else if let Some(m) = &self.plan.recorded {
             // The latest state reaches at least what was recorded as shipped
             // (the start of the next WAL is where the previous one ended).
             let next_wal = m.last == Position::start(pos.index + 1) && m.wal_ends.contains(&pos);

@@ -317,7 +317,7 @@ mod tests {
     use crate::capture::wal::{ReadOutcome, WalCursor};
     use crate::replica::hot::{
         list_generation_ids, list_generations, new_generation_id, read_metadata, segment_path,
-        snapshot_path, write_metadata, GenerationId, Metadata, Position, SnapshotEntry,
+        snapshot_path, write_metadata, GenerationId, Metadata, Position, SnapshotEntry, WalStart,
     };
     use crate::replica::layout::commit_millis;
     use chrono::Duration;
@@ -342,6 +342,10 @@ mod tests {
         index: u64,
         cursor: Option<WalCursor>,
         gen: GenerationId,
+        /// Where each finished WAL ended, and each WAL's header, as the
+        /// shipper records them in the metadata before a WAL's first segment.
+        wal_ends: Vec<Position>,
+        wal_starts: Vec<WalStart>,
     }
 
     /// Upload times are file mtimes; keep them apart so cutoffs are exact.
@@ -375,7 +379,13 @@ mod tests {
             let cur = match self.cursor {
                 Some(c) => c,
                 None => {
-                    WalCursor::at_start(self.index, &wal::read_header(&f, &wp).unwrap().unwrap())
+                    let c = WalCursor::at_start(
+                        self.index,
+                        &wal::read_header(&f, &wp).unwrap().unwrap(),
+                    );
+                    self.wal_starts.push(c.wal_start());
+                    self.write_metadata(r, c.pos).await;
+                    c
                 }
             };
             let ReadOutcome::Frames { bytes, next, .. } =
@@ -406,6 +416,7 @@ mod tests {
                 .unwrap();
             assert_eq!(busy, 0);
             if new_wal {
+                self.wal_ends.extend(self.cursor.map(|c| c.pos));
                 self.index += 1;
             }
             self.cursor = None;
@@ -417,6 +428,25 @@ mod tests {
                 .unwrap();
             tick().await;
             committed
+        }
+    }
+
+    impl Writer {
+        /// The generation's metadata as the shipper writes it before a WAL's
+        /// first segment, `last` at what was shipped.
+        async fn write_metadata(&self, r: &Replica, last: Position) {
+            let meta = Metadata {
+                generation: self.gen.clone(),
+                page_size: 1024,
+                created: self.gen.created(),
+                first: Position::start(0),
+                last,
+                snapshots: Vec::new(),
+                wal_starts: Some(self.wal_starts.clone()),
+                wal_ends: self.wal_ends.clone(),
+                logged: false,
+            };
+            write_metadata(r, "k", &meta).await.unwrap();
         }
     }
 
@@ -513,6 +543,8 @@ mod tests {
             index: 0,
             cursor: None,
             gen: new_generation_id(Utc::now()),
+            wal_ends: Vec::new(),
+            wal_starts: Vec::new(),
         };
         w.commit(10);
         // (upload time, rows restorable at that time, snapshot index used)
@@ -569,27 +601,24 @@ mod tests {
         assert!(gens[0].first_upload < gens[0].last_upload);
         assert_eq!(gens[0].last_segment, Some(wal1[2].0));
 
-        // Metadata round trip.
-        let meta = Metadata {
-            generation: w.gen.clone(),
-            page_size: 1024,
-            created: w.gen.created(),
-            first: Position::start(0),
-            last: w.cursor.unwrap().pos,
+        // Metadata: written before the first segment of each WAL, where
+        // the previous WAL ended; a round trip keeps it.
+        let meta = read_metadata(&r, "k", &w.gen)
+            .await
+            .unwrap()
+            .expect("written before WAL 1's first segment");
+        assert_eq!(meta.wal_ends, w.wal_ends);
+        assert_eq!((meta.wal_ends.len(), meta.last), (1, Position::start(1)));
+        let mut meta = Metadata {
             snapshots: vec![SnapshotEntry {
                 index: 0,
                 size: 4096,
                 compressed_size: 100,
                 checksum: "xxh32:00000000".into(),
             }],
-            wal_starts: None,
-            wal_ends: vec![Position {
-                index: 0,
-                offset: 4096,
-            }],
-            logged: false,
+            ..meta
         };
-        assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), None);
+        meta.last = w.cursor.unwrap().pos;
         write_metadata(&r, "k", &meta).await.unwrap();
         assert_eq!(read_metadata(&r, "k", &w.gen).await.unwrap(), Some(meta));
 
@@ -607,8 +636,16 @@ mod tests {
             )),
             "{e}"
         );
-        // Points before the gap still restore.
-        let (time, rows, _) = points[5];
+        // So does a point after the segment before it and before the one
+        // after it: the missing one may hold commits at or before it.
+        let e = restore_rows(&r, Some(points[5].0), tmp.path())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("may hold commits at or before it"), "{e}");
+        // A point whose next segment follows on (the snapshot of WAL 1)
+        // still restores.
+        let (time, rows, _) = points[4];
         let (_, n) = restore_rows(&r, Some(time), tmp.path()).await.unwrap();
         assert_eq!(n, rows);
 
@@ -619,12 +656,12 @@ mod tests {
         let g2 = w.checkpoint_and_snapshot(&r, tmp.path(), false).await;
         let (p, n) = restore_rows(&r, None, tmp.path()).await.unwrap();
         assert_eq!((p.generation.clone(), n), (w.gen.clone(), w.rows));
-        let (p, n) = restore_rows(&r, Some(points[5].0), tmp.path())
+        let (p, n) = restore_rows(&r, Some(points[4].0), tmp.path())
             .await
             .unwrap();
         assert_ne!(p.generation, w.gen);
-        assert_eq!(n, points[5].1);
-        assert!(points[5].0 < g2);
+        assert_eq!(n, points[4].1);
+        assert!(points[4].0 < g2);
         let gens = list_generations(&r, "k").await.unwrap();
         assert_eq!(gens[0].id, w.gen);
         assert_eq!(gens.len(), 2);

@@ -293,6 +293,28 @@ both_backends!(restore_flags_and_errors, |b| async move {
         .unwrap_err()
         .to_string();
     assert!(e.contains("at or before"), "{e}");
+    // --if-replica-exists excuses a key with nothing in the replica, not a
+    // time before everything the replica holds of it.
+    let before = litefleet::restore::RestoreOptions {
+        timestamp: Some(Utc::now() - chrono::Duration::hours(2)),
+        ..opts("p/d/x", &missing)
+    };
+    let e = litefleet::restore::restore(&f.loaded(), &f.replica(), &before)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, litefleet::Error::NotFound(m) if m.contains("at or before")),
+        "{e}"
+    );
+    let none = litefleet::restore::RestoreOptions {
+        timestamp: Some(Utc::now()),
+        ..opts("p/d/nope", &missing)
+    };
+    let r = litefleet::restore::restore(&f.loaded(), &f.replica(), &none)
+        .await
+        .unwrap();
+    assert_eq!(r, RestoreOutcome::NoReplica);
+    assert!(!missing.exists());
     // Keys cannot escape the replica root.
     let e = f
         .restore("p/../../etc", &missing, None)

@@ -185,6 +185,7 @@ pub async fn restore_with_progress(
     }
     refuse_side_files(&opts.output)?;
     let snaps = cold::snapshots(replica, &key).await?;
+    let has_cold = !snaps.is_empty();
     let at = opts.timestamp;
     let how = How {
         hot: true,
@@ -199,7 +200,14 @@ pub async fn restore_with_progress(
             bytes: r.bytes,
             uploaded: r.uploaded,
         }),
-        None if opts.if_replica_exists => Ok(RestoreOutcome::NoReplica),
+        // `--if-replica-exists` excuses a key the replica holds nothing of,
+        // not a time before everything it holds.
+        None if opts.if_replica_exists
+            && (at.is_none()
+                || !has_cold && hot::list_generation_ids(replica, &key).await?.is_empty()) =>
+        {
+            Ok(RestoreOutcome::NoReplica)
+        }
         None => Err(Error::NotFound(format!(
             "no snapshot or WAL generation of {key:?}{} in {replica}",
             uploaded_by(at)

@@ -34,23 +34,39 @@ pub fn key_path(prefix: &ObjPath, key: &str) -> ObjPath {
 
 /// Refuses a key that is empty, absolute, or has `.`, `..`, empty
 /// segments or a backslash: such a key could name a path outside a
-/// restore directory or an object of another key.
+/// restore directory or an object of another key ([`key_path`] drops empty
+/// segments, so `k/` would name `k`'s objects). The one rule for keys:
+/// `replicate` refuses a database whose key breaks it before anything is
+/// uploaded ([`crate::source::keys`]), `restore` refuses such a key.
 pub fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::invalid("key", "empty key"));
-    }
-    if key.starts_with('/')
-        || key
-            .split('/')
-            .any(|p| p == ".." || p == "." || p.is_empty())
-        || key.contains('\\')
-    {
-        return Err(Error::invalid(
+    match key_problem(key) {
+        None => Ok(()),
+        Some(why) => Err(Error::invalid(
             format!("key {key:?}"),
-            "must be relative and must not contain `.`, `..` or empty segments or `\\`",
-        ));
+            format!(
+                "{why}: keys must be relative and must not contain `.`, `..` or empty segments or `\\`"
+            ),
+        )),
     }
-    Ok(())
+}
+
+/// What [`check_key`] finds wrong with `key`, in a few words, or `None`.
+pub fn key_problem(key: &str) -> Option<&'static str> {
+    if key.is_empty() {
+        Some("empty key")
+    } else if key.starts_with('/') {
+        Some("absolute (starts with `/`)")
+    } else if key.ends_with('/') {
+        Some("empty segment at the end (trailing `/`)")
+    } else if key.split('/').any(str::is_empty) {
+        Some("empty segment (`//`)")
+    } else if key.split('/').any(|p| p == "." || p == "..") {
+        Some("`.` or `..` segment")
+    } else if key.contains('\\') {
+        Some("contains `\\`")
+    } else {
+        None
+    }
 }
 
 /// A commit time as it is written in names: Unix milliseconds, rounded up,
@@ -82,4 +98,37 @@ pub fn random_u32() -> u32 {
     h.write_u128(nanos);
     let x = h.finish();
     (x >> 32) as u32 ^ x as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key [`key_path`] would not map to itself is refused, with the
+    /// reason; `k/` above all, which would name `k`'s objects.
+    #[test]
+    fn key_problems_name_the_reason() {
+        for (key, why) in [
+            ("", "empty key"),
+            ("/k", "absolute"),
+            ("k/", "trailing `/`"),
+            ("a//b", "empty segment"),
+            (".", "`.` or `..`"),
+            ("a/../b", "`.` or `..`"),
+            ("a\\b", "contains `\\`"),
+        ] {
+            let problem = key_problem(key).unwrap_or_else(|| panic!("{key:?} accepted"));
+            assert!(problem.contains(why), "{key:?}: {problem}");
+            let err = check_key(key).unwrap_err().to_string();
+            assert!(
+                err.contains(problem) && err.contains("must not contain"),
+                "{err}"
+            );
+        }
+        let prefix = ObjPath::from("fleet");
+        for key in ["k", "p1/app", "..k/k..", ".hidden/x"] {
+            assert_eq!(key_problem(key), None, "{key:?}");
+            assert_eq!(key_path(&prefix, key).as_ref(), format!("fleet/{key}"));
+        }
+    }
 }

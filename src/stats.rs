@@ -42,6 +42,9 @@ pub struct Stats {
     /// Databases refused because another database owns their key (see
     /// [`crate::source::keys`]).
     pub key_collisions: AtomicU64,
+    /// Databases refused because their key breaks the key rule `restore`
+    /// applies (an empty, `.` or `..` segment; see [`crate::source::keys`]).
+    pub invalid_keys: AtomicU64,
     /// Directories watched for change notifications.
     pub watched_dirs: AtomicU64,
     /// Re-checks of databases named by change notifications that found a

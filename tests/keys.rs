@@ -1,10 +1,11 @@
 //! Two databases never share a replica key: a collision the config makes
 //! certain is a config error; one found at scan time refuses every database
-//! but the key's owner, which keeps its objects.
+//! but the key's owner, which keeps its objects. A database whose key
+//! `restore` would refuse (an empty, `.` or `..` segment) is refused too.
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use common::fleet::{count_rows, create_db, Fleet};
@@ -152,6 +153,23 @@ both_backends!(
     }
 );
 
+/// Runs `replicate --once` in `dir` (config `litefleet.yml` there, replica
+/// `dir/replica`) with `patterns` and the key template `template` (the
+/// default when empty): its exit code and log.
+fn replicate_once(dir: &Path, patterns: &[String], template: &str) -> (Option<i32>, String) {
+    let template = match template {
+        "" => String::new(),
+        t => format!("    path: {t:?}\n"),
+    };
+    let yaml = format!(
+        "multi-db:\n  patterns: {patterns:?}\n  replica:\n    url: file://{}\n{template}",
+        dir.join("replica").display()
+    );
+    std::fs::write(dir.join("litefleet.yml"), yaml).unwrap();
+    let o = litefleet(dir, &["replicate", "--once"]);
+    (o.status.code(), stderr(&o))
+}
+
 #[test]
 fn refused_database_is_logged_once_per_path() {
     let t = tempfile::tempdir().unwrap();
@@ -159,15 +177,15 @@ fn refused_database_is_logged_once_per_path() {
     for name in ["app.db", "app.sqlite", "web.db", "web.sqlite", "only.db"] {
         create_db(&data.join("p1").join(name), 1);
     }
-    let yaml = format!(
-        "multi-db:\n  patterns: [\"{d}/*/*.db\", \"{d}/*/*.sqlite\"]\n  scan-interval: 100ms\n  replica:\n    url: file://{r}\n    path: \"{{{{project}}}}/{{{{tenant}}}}\"\n",
-        d = data.display(),
-        r = t.path().join("replica").display()
+    let d = data.display();
+    let (code, err) = replicate_once(
+        t.path(),
+        &[format!("{d}/*/*.db"), format!("{d}/*/*.sqlite")],
+        "{{project}}/{{tenant}}",
     );
-    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
-    let o = litefleet(t.path(), &["replicate", "--once"]);
-    let err = stderr(&o);
-    assert!(o.status.success(), "{err}");
+    // Not everything matched was backed up: cron must see a failure.
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("2 database(s) refused"), "{err}");
     for refused in ["app.sqlite", "web.sqlite"] {
         let lines = err
             .lines()
@@ -175,6 +193,94 @@ fn refused_database_is_logged_once_per_path() {
             .count();
         assert_eq!(lines, 1, "{refused}: {err}");
     }
+}
+
+/// One pattern `<data>/**/*.db` with the default template: `k.db` renders
+/// `k`, `k/.db` renders `k/`, `..db` `.`, `...db` `..` and `.db` the empty key.
+fn deep_yaml(f: &Fleet) -> String {
+    format!(
+        "multi-db:\n  patterns: [\"{}/**/*.db\"]\n  temp-dir: {}\n  state-dir: {}\n  replica:\n{}",
+        f.data.path().display(),
+        f.work.path().join("tmp").display(),
+        f.work.path().join("state").display(),
+        f.replica_yaml()
+    )
+}
+
+/// Files whose keys `restore` would refuse, beside `k.db`.
+const BAD_KEYS: [&str; 4] = ["k/.db", "..db", "...db", ".db"];
+
+both_backends!(
+    keys_restore_would_refuse_are_refused_at_backup,
+    |backend| async move {
+        let f = Fleet::new(backend).await;
+        let good = f.data.path().join("k.db");
+        create_db(&good, 10);
+        common::fleet::age(&good);
+        for name in BAD_KEYS {
+            let p = f.data.path().join(name);
+            create_db(&p, 3);
+            common::fleet::age(&p);
+        }
+        let r =
+            Replicator::new(Loaded::from_str(&deep_yaml(&f), "test.yml", f.data.path()).unwrap())
+                .unwrap();
+        let report = cycle(&r).await;
+        assert_eq!(
+            (report.uploaded, report.failed, report.refused),
+            (1, 0, 4),
+            "{report:?}"
+        );
+        assert_eq!(r.stats().invalid_keys.load(Ordering::Relaxed), 4);
+        assert_eq!(r.stats().key_collisions.load(Ordering::Relaxed), 0);
+        // `k/` never reached the replica under `k`: k.db restores.
+        assert_eq!(restore(&f, "k"), Ok(10));
+        let objects = f.objects().await;
+        let backups: Vec<&String> = objects
+            .iter()
+            .filter(|o| !o.contains(".litefleet"))
+            .collect();
+        assert_eq!(backups.len(), 1, "{objects:?}");
+        let mut tail = backups[0].rsplit('/');
+        let (name, dir) = (tail.next().unwrap(), tail.next());
+        assert!(dir == Some("k") && name.starts_with("k-"), "{objects:?}");
+        // Later writes to a refused database are never uploaded either.
+        let bad = f.data.path().join(BAD_KEYS[0]);
+        create_db(&bad, 50);
+        common::fleet::age(&bad);
+        let report = cycle(&r).await;
+        assert_eq!((report.uploaded, report.refused), (0, 4), "{report:?}");
+        assert_eq!(restore(&f, "k"), Ok(10));
+    }
+);
+
+#[test]
+fn a_refused_key_fails_once_and_is_logged_once_per_path() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    create_db(&data.join("k.db"), 1);
+    for name in BAD_KEYS {
+        create_db(&data.join(name), 1);
+    }
+    let (code, err) = replicate_once(t.path(), &[format!("{}/**/*.db", data.display())], "");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("4 database(s) refused"), "{err}");
+    for (name, why) in [
+        ("k/.db", "empty segment"),
+        ("..db", "`.` or `..` segment"),
+        ("...db", "`.` or `..` segment"),
+        (".db", "empty key"),
+    ] {
+        let path = data.join(name).display().to_string();
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("not backed up") && l.contains(&format!("path={path} ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{name}: {err}");
+        assert!(lines[0].contains(why), "{name}: {}", lines[0]);
+    }
+    let good = format!("path={} ", data.join("k.db").display());
+    assert!(!err.contains(&good), "{err}");
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! logging and signals, and calls into the modules that do the work.
 //!
 //! Every error is printed once as `error: <what>: <why>` and exits 1; a
-//! `--once` run with failed uploads exits 1 too, so cron notices. `verify`
-//! has exit codes of its own (0 all proven, 1 problems, 2 could not check;
-//! see [`mod@crate::restore::verify`]).
+//! `--once` run that did not back up every matched database (an upload
+//! failed, a path was unreadable, a database was refused for its key) exits
+//! 1 too, so cron notices. `verify` has exit codes of its own (0 all proven,
+//! 1 problems, 2 could not check; see [`mod@crate::restore::verify`]).
 //!
 //! The top of the tree: it may use every stage, and nothing uses it. Its
 //! submodules are the presentation and the harness, kept out of the
@@ -75,7 +76,8 @@ pub struct Cli {
 pub enum Command {
     /// Watch the databases and replicate changes.
     Replicate {
-        /// Run one scan-and-upload cycle (and a retention pass), then exit.
+        /// Run one scan-and-upload cycle (and a retention pass), then exit;
+        /// exit 1 if a matched database was not backed up.
         #[arg(long)]
         once: bool,
     },

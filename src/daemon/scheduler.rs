@@ -47,7 +47,7 @@ use crate::replica::cold;
 use crate::replica::retention;
 use crate::replica::storage::Replica;
 use crate::source::config::Loaded;
-use crate::source::keys::{key_for, Owners};
+use crate::source::keys::{key_for, Owners, Refusal};
 use crate::source::tier::{TierConfig, Tiers};
 use crate::source::track::{Id, ScanReport, Ticket, Tracker};
 use crate::source::vfs::has_sqlite_header;
@@ -62,6 +62,10 @@ pub struct CycleReport {
     pub uploaded: usize,
     pub failed: usize,
     pub bytes: u64,
+    /// Databases refused for their key after this cycle (a key another
+    /// database owns, or one `restore` would refuse: see
+    /// [`crate::source::keys`]): matched, but not backed up.
+    pub refused: usize,
     /// Shutdown was requested before every pending database was dispatched.
     pub interrupted: bool,
 }
@@ -81,7 +85,8 @@ pub struct Replicator {
     failing: Mutex<HashSet<PathBuf>>,
     /// The hot tier: tiering decisions and one streaming task per hot database.
     hot: HotTier,
-    /// Databases refused for sharing a key with another (multi-pattern fleets).
+    /// Databases refused for their key: one another database owns
+    /// (multi-pattern fleets), or one that breaks the key rule.
     owners: Mutex<Owners>,
     /// Rounds of the `run` loop completed (a cycle, or a re-check after
     /// change notifications), for whoever waits on the loop.
@@ -554,6 +559,7 @@ impl Replicator {
             // failing leaves its database to the cold tier meanwhile.
             let since = ship::stamp();
             let owners = lock(&self.owners);
+            report.refused = owners.refused().len();
             pending.retain(|id| !owners.is_refused(*id));
             pending.retain(|id| match running.get_mut(id) {
                 Some(r) if r.streaming() && !r.progress.failing() => {
@@ -688,20 +694,21 @@ impl Replicator {
         lock(&self.tracker).finish_upload(ticket, ok);
     }
 
-    /// Finds databases that share a key with another and refuses all but the
-    /// key's owner (see [`crate::source::keys`]); each newly refused one is logged once.
+    /// Refuses databases whose key breaks the key rule, and of those that
+    /// share a key all but the key's owner (see [`crate::source::keys`]);
+    /// each newly refused one is logged once, at error level.
     fn check_keys(&self) {
         let mut tracker = lock(&self.tracker);
         let mut owners = lock(&self.owners);
         let before = owners.clone();
         let mut refused = owners.update(&self.loaded.patterns, &self.loaded.template, &tracker);
         // A file whose header was not read yet may be no database at all,
-        // and then it shares no key: read the headers of the (few) files in
-        // a collision, drop those that are not databases, and decide again.
+        // and then it has no key: read the headers of the (few) refused
+        // files and owners, drop those that are not databases, and decide again.
         let unread: Vec<Id> = owners
             .refused()
             .iter()
-            .flat_map(|(id, r)| [Some(*id), tracker.find(&r.owner)])
+            .flat_map(|(id, r)| [Some(*id), r.owner().and_then(|o| tracker.find(o))])
             .flatten()
             .filter(|&id| !tracker.is_checked(id))
             .collect();
@@ -715,17 +722,31 @@ impl Replicator {
             refused = owners.update(&self.loaded.patterns, &self.loaded.template, &tracker);
         }
         for (path, r) in refused {
-            tracing::error!(
-                path = %path.display(),
-                key = %r.key,
-                owner = %r.owner.display(),
-                "database not backed up: its key belongs to another database; \
-                 change multi-db.patterns or multi-db.replica.path so each database gets its own key"
-            );
+            match &r.why {
+                Refusal::Collision { owner } => tracing::error!(
+                    path = %path.display(),
+                    key = %r.key,
+                    owner = %owner.display(),
+                    "database not backed up: its key belongs to another database; \
+                     change multi-db.patterns or multi-db.replica.path so each database gets its own key"
+                ),
+                Refusal::InvalidKey(why) => tracing::error!(
+                    path = %path.display(),
+                    key = ?r.key,
+                    reason = %why,
+                    "database not backed up: its key is not a valid key (restore refuses keys with \
+                     empty, `.` or `..` segments); rename the file or change multi-db.patterns or \
+                     multi-db.replica.path"
+                ),
+            }
         }
+        let invalid = owners.invalid();
         self.stats
             .key_collisions
-            .store(owners.refused().len() as u64, Ordering::Relaxed);
+            .store((owners.refused().len() - invalid) as u64, Ordering::Relaxed);
+        self.stats
+            .invalid_keys
+            .store(invalid as u64, Ordering::Relaxed);
     }
 
     /// Feeds the last scan's changes to the tiering rules and makes the
@@ -945,12 +966,20 @@ impl Replicator {
                 uploaded = r.uploaded,
                 failed = r.failed,
                 unreadable = r.scan.errors,
+                refused = r.refused,
                 "single cycle done"
             );
             // A path the scan could not read (permission denied, an I/O
-            // error) was not backed up either: cron must see it as a failure.
-            return if r.failed + r.scan.errors > 0 {
+            // error), or a database refused for its key, was not backed up
+            // either: cron must see it as a failure.
+            return if r.failed + r.scan.errors + r.refused > 0 {
                 let mut parts = Vec::new();
+                if r.refused > 0 {
+                    parts.push(format!(
+                        "{} database(s) refused for their key (see the \"not backed up\" errors)",
+                        r.refused
+                    ));
+                }
                 if r.failed > 0 {
                     parts.push(format!("{} upload(s) failed", r.failed));
                 }
@@ -1165,6 +1194,9 @@ async fn upload_one(
 ) -> Result<Snapped> {
     let (key, stem) = key_for(&loaded.patterns, &loaded.template, &path)
         .ok_or_else(|| Error::invalid(path.display(), "matches no pattern any more"))?;
+    // Refused at the scan already (`check_keys`); never uploaded under a
+    // key `restore` would refuse, whatever the path to this point.
+    crate::replica::layout::check_key(&key)?;
     let src = path.clone();
     // Break: the file is skipped with that outcome, nothing to upload.
     let snap = bounded(

@@ -70,6 +70,9 @@ pub struct StatsView {
     pub log_deleted: u64,
     /// Databases refused because another database owns their key.
     pub key_collisions: u64,
+    /// Databases refused because their key breaks the key rule (an empty,
+    /// `.` or `..` segment).
+    pub invalid_keys: u64,
     /// Directories watched for change notifications.
     pub watched_dirs: u64,
     /// Writes noticed by change notifications between scans.
@@ -128,6 +131,7 @@ impl StatsView {
             log_packs: stats.log_packs.load(Relaxed),
             log_deleted: stats.log_deleted.load(Relaxed),
             key_collisions: stats.key_collisions.load(Relaxed),
+            invalid_keys: stats.invalid_keys.load(Relaxed),
             watched_dirs: stats.watched_dirs.load(Relaxed),
             rechecks: stats.rechecks.load(Relaxed),
             verify_runs: stats.verify_runs.load(Relaxed),
@@ -270,6 +274,12 @@ impl StatsView {
             "gauge",
             "Databases not backed up because another database owns their key.",
             &[("", f(self.key_collisions))],
+        );
+        metric(
+            "litefleet_invalid_keys",
+            "gauge",
+            "Databases not backed up because their key is one restore refuses (an empty, . or .. segment).",
+            &[("", f(self.invalid_keys))],
         );
         metric(
             "litefleet_watched_directories",
@@ -436,6 +446,7 @@ mod tests {
         s.hot_promotions.store(4, Relaxed);
         s.wal_segments.store(30, Relaxed);
         s.log_objects.store(9, Relaxed);
+        s.invalid_keys.store(2, Relaxed);
         let v = StatsView::read(&s, Duration::from_secs(15), 100);
         assert_eq!((v.hot, v.cold, v.pending), (7, 99_993, 3));
         assert_eq!(v.oldest_pending_age_seconds, Some(10));
@@ -447,9 +458,10 @@ mod tests {
         assert!(text.contains("litefleet_tier_changes_total{to=\"hot\"} 4\n"));
         assert!(text.contains("litefleet_wal_segments_total 30\n"));
         assert!(text.contains("litefleet_log_objects_total 9\n"));
+        assert!(text.contains("litefleet_invalid_keys 2\n"));
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 26);
+        assert_eq!(samples, 27);
         assert!(text.contains("litefleet_verify_last_run_timestamp_seconds 0\n"));
         assert!(!text.contains("litefleet_verify_last_ok"));
     }

@@ -1,26 +1,41 @@
-//! Which database a replica key belongs to.
+//! Which database a replica key belongs to, and which keys are refused.
 //!
 //! A key is the key template rendered from a path's wildcard values and file
-//! stem ([`key_for`]). Within one pattern two databases never share a key
-//! (the template must bind every wildcard level, see
-//! [`crate::source::template::KeyTemplate::check_binds`]), but across patterns they can:
-//! with `*/*.db` and `*/*.sqlite`, `p1/app.db` and `p1/app.sqlite` both render
-//! `p1/app`, and whichever uploaded last would overwrite the other's objects,
-//! so a restore of one would return the other.
+//! stem ([`key_for`]). Two things can make a rendered key unusable:
 //!
-//! This module owns the rule that prevents it:
+//! * **It breaks the key rule** [`crate::replica::layout::check_key`], the one
+//!   `restore` applies: an empty key, or an empty, `.` or `..` segment. With
+//!   `**/*.db`, `k/.db` renders `k/`, `..db` renders `.` and `.db` the empty
+//!   key. Uploaded, such a key would be unrestorable, or worse: object paths
+//!   drop empty segments, so `k/`'s objects would land among `k`'s and make
+//!   `k` unrestorable too.
+//! * **Another database renders it too.** Within one pattern two databases
+//!   never share a key (the template must bind every wildcard level, see
+//!   [`crate::source::template::KeyTemplate::check_binds`]), but across
+//!   patterns they can: with `*/*.db` and `*/*.sqlite`, `p1/app.db` and
+//!   `p1/app.sqlite` both render `p1/app`, and whichever uploaded last would
+//!   overwrite the other's objects, so a restore of one would return the other.
+//!
+//! This module owns the rules that prevent both:
 //! * at config load, patterns that name single files and render the same key
 //!   are a config error ([`certain_collision`]): the collision is certain;
-//! * at every scan that adds or drops databases, [`Owners::update`] groups the
-//!   tracked databases by key; in a group of more than one, the database that
-//!   owned the key already keeps it (else the one with an upload record, else
-//!   the one of the earlier pattern, else the smaller path), and every other
-//!   one is **refused**: never uploaded, never streamed, logged once;
+//! * at every scan that adds or drops databases, [`Owners::update`] renders
+//!   every tracked database's key. One that breaks the key rule is
+//!   **refused** ([`Refusal::InvalidKey`]). The others are grouped by key; in
+//!   a group of more than one, the database that owned the key already keeps
+//!   it (else the one with an upload record, else the one of the earlier
+//!   pattern, else the smaller path), and every other one is **refused**
+//!   ([`Refusal::Collision`]). A refused database is never uploaded, never
+//!   streamed, and logged once by the daemon. Keys that pass the rule are
+//!   their own object paths (no segment is dropped), so two of them that
+//!   differ never share objects;
 //! * a restore by path ([`crate::restore::resolve_key`]) of a path that shares
 //!   its key with another file fails instead of returning the other's data
 //!   ([`shared_with`]).
 //!
-//! Single-pattern configs pay nothing: collisions need two patterns.
+//! The update costs one key rendering per database when databases come or
+//! go; grouping by key (24 bytes per database while it runs) only when
+//! there are two patterns or more.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -29,6 +44,7 @@ use std::hash::BuildHasher;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::replica::layout::key_problem;
 use crate::source::discover::{Pattern, Visitor};
 use crate::source::template::{self, KeyTemplate};
 use crate::source::track::{Id, Tracker};
@@ -82,16 +98,36 @@ pub fn certain_collision(
     None
 }
 
-/// A database refused because another one owns its key.
+/// A database that is not backed up because of its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
+    /// The key it renders.
     pub key: String,
-    /// The database that owns the key.
-    pub owner: PathBuf,
+    pub why: Refusal,
 }
 
-/// The key owners of a multi-pattern fleet and the databases refused for
-/// sharing a key with one (see the module docs).
+/// Why a database's key is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another database owns the key: that database's path.
+    Collision { owner: PathBuf },
+    /// The key breaks [`crate::replica::layout::check_key`]; what is wrong
+    /// ([`crate::replica::layout::key_problem`]).
+    InvalidKey(&'static str),
+}
+
+impl Refused {
+    /// The database that owns the key, for a collision.
+    pub fn owner(&self) -> Option<&Path> {
+        match &self.why {
+            Refusal::Collision { owner } => Some(owner),
+            Refusal::InvalidKey(_) => None,
+        }
+    }
+}
+
+/// The key owners of a fleet and the databases refused for their key (see
+/// the module docs).
 #[derive(Debug, Default, Clone)]
 pub struct Owners {
     /// Owners of keys that more than one database renders. Kept across
@@ -110,30 +146,43 @@ impl Owners {
         self.refused.contains_key(&id)
     }
 
+    /// Databases refused at the last [`Owners::update`] for a key that
+    /// breaks the key rule.
+    pub fn invalid(&self) -> usize {
+        self.refused
+            .values()
+            .filter(|r| matches!(r.why, Refusal::InvalidKey(_)))
+            .count()
+    }
+
     /// Recomputes owners and refusals over every tracked database; returns
     /// the databases refused now that were not refused before (to log).
-    /// Costs one key rendering per database (24 bytes each while it runs),
-    /// so call it only when the set of databases changed.
+    /// Costs one key rendering per database (and, with two patterns or
+    /// more, 24 bytes each while it runs), so call it only when the set of
+    /// databases changed.
     pub fn update(
         &mut self,
         patterns: &[Pattern],
         template: &KeyTemplate,
         tracker: &Tracker,
     ) -> Vec<(PathBuf, Refused)> {
-        if patterns.len() < 2 {
-            self.refused.clear();
-            self.owners.clear();
-            return Vec::new();
-        }
+        let multi = patterns.len() > 1;
         let hasher = std::collections::hash_map::RandomState::new();
-        let mut rows: Vec<(u64, usize, Id)> = Vec::with_capacity(tracker.len());
+        let mut rows: Vec<(u64, usize, Id)> =
+            Vec::with_capacity(if multi { tracker.len() } else { 0 });
+        let mut refused = HashMap::new();
         for id in tracker.ids() {
-            if let Some((pattern, key, _)) = keyed(patterns, template, &tracker.path(id)) {
+            let Some((pattern, key, _)) = keyed(patterns, template, &tracker.path(id)) else {
+                continue;
+            };
+            if let Some(why) = key_problem(&key) {
+                let why = Refusal::InvalidKey(why);
+                refused.insert(id, Refused { key, why });
+            } else if multi {
                 rows.push((hasher.hash_one(key.as_str()), pattern, id));
             }
         }
         rows.sort_unstable_by_key(|r| r.0);
-        let mut refused = HashMap::new();
         let mut owners = HashSet::new();
         for same_hash in rows.chunk_by(|a, b| a.0 == b.0).filter(|c| c.len() > 1) {
             // Equal hashes: group by the real key.
@@ -161,7 +210,9 @@ impl Owners {
                         *id,
                         Refused {
                             key: key.clone(),
-                            owner: owner.clone(),
+                            why: Refusal::Collision {
+                                owner: owner.clone(),
+                            },
                         },
                     );
                 }

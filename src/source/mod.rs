@@ -3,8 +3,9 @@
 //!
 //! Owns the configuration file ([`config`]) and its other spellings
 //! (the description's and Litestream's, translated by [`compat`]), discovery from glob patterns
-//! ([`discover`]), key templates ([`template`]) and the rule that refuses two
-//! databases rendering one key ([`keys`]), the compact table of tracked
+//! ([`discover`]), key templates ([`template`]) and the rules that refuse a
+//! database for its key: one another database renders, or one `restore`
+//! would refuse ([`keys`]), the compact table of tracked
 //! databases with their change fingerprints ([`track`]), reading files
 //! through SQLite's VFS without dropping this process's locks ([`vfs`]), change
 //! notifications that name the databases to re-check between scans

@@ -79,6 +79,14 @@ fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Runs `explain` in `dir`, asserts it exits 0, and returns its output.
+fn explain_ok(dir: &Path) -> String {
+    let o = litefleet(dir, &["explain"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explains_matches_keys_and_collisions_without_a_request() {
     let s3 = S3Server::start().await;
@@ -231,9 +239,7 @@ fn touches_no_file_replica_state_or_staging() {
     )
     .replace("  replica:\n", &format!("{extra}  replica:\n"));
     std::fs::write(work.path().join("litefleet.yml"), y).unwrap();
-    let o = litefleet(work.path(), &["explain"]);
-    let out = stdout(&o);
-    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    let out = explain_ok(work.path());
     has(
         &out,
         &format!("file://{} (does not exist yet", replica.display()),
@@ -295,9 +301,56 @@ fn config_errors_exit_1_and_limits_warn() {
         ),
     )
     .unwrap();
-    let o = litefleet(work.path(), &["explain"]);
-    let out = stdout(&o);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = explain_ok(work.path());
     has(&out, "warning: open files: the hard limit");
     has(&out, "6000000256 that max-hot-databases 1000000000 needs");
+}
+
+/// Keys `restore` would refuse (`k/.db` renders `k/`, `..db` renders `.`)
+/// are reported with their reason, like collisions: a warning (exit 0, as
+/// every warning; 1 with `--strict`), not counted as keys, listed in JSON.
+#[test]
+fn keys_restore_would_refuse_are_reported() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    for name in ["k.db", "k/.db", "..db"] {
+        drop(create_db(&data.path().join(name), 1));
+    }
+    let y = format!(
+        "multi-db:\n  patterns: [\"{}/**/*.db\"]\n  replica:\n    url: file://{}\n",
+        data.path().display(),
+        work.path().join("replica").display()
+    );
+    std::fs::write(work.path().join("litefleet.yml"), y).unwrap();
+    let out = explain_ok(work.path());
+    has(
+        &out,
+        "3 database(s), 1 distinct key(s), 0 collision(s), 2 refused key(s)",
+    );
+    for (name, key, why) in [
+        ("k/.db", "k/", "empty segment"),
+        ("..db", ".", "`.` or `..` segment"),
+    ] {
+        let path = data.path().join(name).display().to_string();
+        has(&out, &format!("REFUSED {key:?}: {path}: "));
+        let warning = out
+            .lines()
+            .find(|l| l.starts_with("warning: refused key") && l.contains(&path))
+            .unwrap_or_else(|| panic!("no warning for {path}:\n{out}"));
+        assert!(warning.contains(why), "{warning}");
+        assert!(warning.contains("not back it up"), "{warning}");
+    }
+    let o = litefleet(work.path(), &["explain", "--strict"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = litefleet(work.path(), &["explain", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["distinct_keys"], 1);
+    let refused = v["refused_keys"].as_array().unwrap();
+    assert_eq!(refused.len(), 2, "{v}");
+    assert_eq!(refused[0]["key"], ".");
+    assert_eq!(refused[1]["key"], "k/");
+    assert!(refused[1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("empty segment"));
 }

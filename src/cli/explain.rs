@@ -13,10 +13,13 @@
 //!    SQLite header, as `replicate` does, with example `path -> key`
 //!    mappings ([`crate::source::keys::key_for`]); a pattern that matches
 //!    nothing is a warning, with what a relative pattern resolved to;
-//! 3. key collisions in the matched set (two databases rendering one key:
-//!    `replicate` would refuse all but one, see [`crate::source::keys`]);
-//!    patterns that name single files with one key are already a config
-//!    error ([`crate::source::keys::certain_collision`]);
+//! 3. the keys `replicate` would refuse in the matched set, as it would
+//!    (see [`crate::source::keys`]): keys that break the key rule `restore`
+//!    applies ([`crate::replica::layout::key_problem`]: an empty, `.` or
+//!    `..` segment), and key collisions (two databases rendering one key:
+//!    `replicate` would refuse all but one); patterns that name single
+//!    files with one key are already a config error
+//!    ([`crate::source::keys::certain_collision`]);
 //! 4. limits that will bite: open files against `max-hot-databases`
 //!    ([`super::bench::nofile_needed`], the check `replicate` makes) and,
 //!    with `watch` on, inotify's per-user watches against the directories
@@ -27,8 +30,9 @@
 //!    S3 bill of that fleet from [`super::cost::CostModel`], the model of
 //!    `bench cost`, with the description's scenario beside it.
 //!
-//! A config that does not load is an error (exit 1). Warnings are printed
-//! and exit 0, unless `--strict`.
+//! A config that does not load is an error (exit 1). Warnings (refused
+//! keys among them: the config loads, the files are the problem) are
+//! printed and exit 0, unless `--strict`.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -42,6 +46,7 @@ use serde::Serialize;
 use super::cost::{
     thousands, usd_text, Bill, CostModel, FleetLoad, RequestRates, GET_USD, PUT_USD,
 };
+use crate::replica::layout::key_problem;
 use crate::replica::storage::{ReplicaUrl, Secret};
 use crate::source::config::{self, Loaded};
 use crate::source::discover::Visitor;
@@ -114,6 +119,15 @@ pub struct Collision {
     pub paths: Vec<String>,
 }
 
+/// A database whose key breaks the key rule: `replicate` refuses it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefusedKey {
+    pub path: String,
+    pub key: String,
+    /// What is wrong with the key.
+    pub reason: String,
+}
+
 /// Process limits against what the config needs.
 #[derive(Debug, Clone, Serialize)]
 pub struct Limits {
@@ -169,8 +183,11 @@ pub struct Explanation {
     pub patterns: Vec<PatternReport>,
     /// Distinct databases over all patterns.
     pub databases: u64,
+    /// Distinct valid keys.
     pub distinct_keys: u64,
     pub collisions: Vec<Collision>,
+    /// Sorted by key, then path.
+    pub refused_keys: Vec<RefusedKey>,
     pub limits: Limits,
     pub activity: Activity,
     pub cost: CostEstimate,
@@ -316,10 +333,31 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
 
     // 3. Keys of the matched set.
     let mut by_key: HashMap<String, Vec<&Path>> = HashMap::with_capacity(all.len());
+    let mut refused_keys = Vec::new();
     for path in all.keys() {
         if let Some((key, _)) = key_for(&loaded.patterns, &loaded.template, path) {
-            by_key.entry(key).or_default().push(path);
+            match key_problem(&key) {
+                Some(why) => refused_keys.push(RefusedKey {
+                    path: path.display().to_string(),
+                    key,
+                    reason: why.to_string(),
+                }),
+                None => by_key.entry(key).or_default().push(path),
+            }
         }
+    }
+    refused_keys.sort_by(|a, b| (&a.key, &a.path).cmp(&(&b.key, &b.path)));
+    for r in refused_keys.iter().take(COLLISIONS_SHOWN) {
+        warnings.push(format!(
+            "refused key: {} renders key {:?}: {}; restore refuses such a key, so replicate does not back it up (rename the file or change multi-db.patterns or multi-db.replica.path)",
+            r.path, r.key, r.reason
+        ));
+    }
+    if refused_keys.len() > COLLISIONS_SHOWN {
+        warnings.push(format!(
+            "... and {} more refused key(s) (see --json)",
+            refused_keys.len() - COLLISIONS_SHOWN
+        ));
     }
     let distinct_keys = by_key.len() as u64;
     let mut collisions: Vec<Collision> = by_key
@@ -448,6 +486,7 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
         databases,
         distinct_keys,
         collisions,
+        refused_keys,
         limits,
         activity,
         cost,
@@ -798,13 +837,17 @@ impl Explanation {
         writeln!(out, "\nKeys")?;
         writeln!(
             out,
-            "  {} database(s), {} distinct key(s), {} collision(s)",
+            "  {} database(s), {} distinct key(s), {} collision(s), {} refused key(s)",
             self.databases,
             self.distinct_keys,
-            self.collisions.len()
+            self.collisions.len(),
+            self.refused_keys.len()
         )?;
         for c in self.collisions.iter().take(COLLISIONS_SHOWN) {
             writeln!(out, "  COLLISION {:?}: {}", c.key, c.paths.join(", "))?;
+        }
+        for r in self.refused_keys.iter().take(COLLISIONS_SHOWN) {
+            writeln!(out, "  REFUSED {:?}: {}: {}", r.key, r.path, r.reason)?;
         }
 
         let l = &self.limits;

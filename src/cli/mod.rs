@@ -114,8 +114,9 @@ pub enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Preview what the config will do and cost: resolved settings, matches
-    /// per pattern, key collisions, limits, likely hot databases and the
-    /// monthly S3 bill. Sends no request to the replica and writes nothing.
+    /// per pattern, key collisions and refused keys, limits, likely hot
+    /// databases and the monthly S3 bill. Sends no request to the replica
+    /// and writes nothing.
     Explain {
         /// Bill this many hot databases instead of those written within hot-duration.
         #[arg(long)]
@@ -123,7 +124,7 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// Exit 1 when there is any warning (no match, collision, limit).
+        /// Exit 1 when there is any warning (no match, collision, refused key, limit).
         #[arg(long)]
         strict: bool,
     },

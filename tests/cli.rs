@@ -40,6 +40,26 @@ fn bad_configs_are_clear_errors_not_panics() {
             "LITEFLEET_TEST_UNSET",
         ),
         ("not yaml", "multi-db: [\n".to_string(), "litefleet.yml"),
+        (
+            "s3 url with one slash",
+            good.replace("s3://bucket/x", "s3:/bucket/x"),
+            "multi-db.replica.url: \"s3:/bucket/x\" looks like an s3:// URL with one slash",
+        ),
+        (
+            "rfc 8089 file url without a path",
+            good.replace("s3://bucket/x", "file:rel"),
+            "multi-db.replica.url: \"file:rel\"",
+        ),
+        (
+            "file url with a host",
+            good.replace("s3://bucket/x", "file://somehost/tmp/x"),
+            "multi-db.replica.url: \"file://somehost/tmp/x\" names the host \"somehost\"",
+        ),
+        (
+            "unknown scheme, one slash",
+            good.replace("s3://bucket/x", "gopher:/x"),
+            "multi-db.replica.url: \"gopher:/x\": unsupported scheme \"gopher\"",
+        ),
     ];
     for (what, yaml, needle) in cases {
         std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
@@ -53,6 +73,12 @@ fn bad_configs_are_clear_errors_not_panics() {
             "{what}: key path said twice: {err}"
         );
     }
+    // None of them became a directory beside the config.
+    let names: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["litefleet.yml"], "{names:?}");
     let o = litefleet(t.path(), &["--config", "missing.yml", "list"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("missing.yml"), "{}", stderr(&o));

@@ -255,6 +255,14 @@ fn description_errors_name_the_written_key() {
             &["multi-db.replica-template.retention"],
         ),
         (
+            "type: file with a url-like path",
+            DESCRIPTION
+                .replace("type: s3", "type: file")
+                .replace("    bucket: my-backup-bucket\n", "")
+                .replace("path: \"{{project}}", "path: \"s3:/b/{{project}}"),
+            &["multi-db.replica-template.path", "one slash"],
+        ),
+        (
             "both spellings",
             DESCRIPTION.replace(
                 "  replica-template:",
@@ -344,7 +352,7 @@ fn litestream_recursive_directory_scan() {
 #[test]
 fn litestream_directory_scan_and_file_replica() {
     let y =
-        "dbs:\n  - dir: tenants\n    pattern: \"*.db\"\n    replica:\n      url: file://backups\n";
+        "dbs:\n  - dir: tenants\n    pattern: \"*.db\"\n    replica:\n      url: file://./backups\n";
     let l = load(y).unwrap();
     assert_eq!(l.multi_db().patterns, vec!["tenants/*.db"]);
     assert_eq!(l.patterns[0].root(), Path::new("/etc/litefleet/tenants"));
@@ -355,6 +363,14 @@ fn litestream_directory_scan_and_file_replica() {
         }
     );
     assert_eq!(l.multi_db().replica.path, None);
+    // RFC 8089's `file:/abs` is the directory `/abs`.
+    let l = load(&y.replace("file://./backups", "file:/srv/backups")).unwrap();
+    assert_eq!(
+        l.replica,
+        ReplicaUrl::File {
+            dir: "/srv/backups".into()
+        }
+    );
 }
 
 #[test]
@@ -405,6 +421,36 @@ fn litestream_errors_name_the_key() {
             "different sync intervals",
             "dbs:\n  - path: /a.db\n    replica:\n      url: s3://one/a\n      sync-interval: 1s\n  - path: /b.db\n    replica:\n      url: s3://one/b\n      sync-interval: 10s\n".into(),
             &["dbs[1].replica.sync-interval", "dbs[0].replica.sync-interval"],
+        ),
+        (
+            "s3 url with one slash",
+            LITESTREAM_ONE_DB.replace("s3://foo/bar", "s3:/foo/bar"),
+            &["dbs[0].replicas[0].url", "\"s3:/foo/bar\"", "one slash"],
+        ),
+        (
+            "file url with a host",
+            LITESTREAM_ONE_DB.replace("s3://foo/bar", "file://somehost/tmp/x"),
+            &["dbs[0].replicas[0].url", "host \"somehost\""],
+        ),
+        (
+            "file url with a relative host",
+            LITESTREAM_ONE_DB.replace("s3://foo/bar", "file://backups"),
+            &["dbs[0].replicas[0].url", "file://./backups"],
+        ),
+        (
+            "a scheme with one slash",
+            LITESTREAM_ONE_DB.replace("s3://foo/bar", "gopher:/x"),
+            &["dbs[0].replicas[0].url", "\"gopher\""],
+        ),
+        (
+            "a url as the file path",
+            "dbs:\n  - path: /db\n    replica:\n      path: s3://foo/bar\n".into(),
+            &["dbs[0].replica.path", "\"s3://foo/bar\"", "dbs[0].replica.url"],
+        ),
+        (
+            "a url typo as the file path",
+            "dbs:\n  - path: /db\n    replica:\n      type: file\n      path: s3:/foo/bar\n".into(),
+            &["dbs[0].replica.path", "one slash"],
         ),
         (
             "unknown top-level key",

@@ -33,6 +33,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_yaml_ng::{Mapping, Value};
 
+use super::config::{redact_userinfo, split_replica_url, UrlTarget};
+
 /// A failed translation: `(key as written, reason)`.
 pub type Fail = (String, String);
 
@@ -853,20 +855,21 @@ impl Litestream {
                     ));
                 }
             }
-            let (scheme, rest) = url.split_once("://").unwrap_or(("", &url));
-            let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-            match scheme {
-                "s3" => {
+            let (address, query) = url.split_once('?').unwrap_or((&url, ""));
+            // The same URL forms, and refusals, as the native `url`.
+            let is_s3 = match split_replica_url(address).map_err(|r| (ukey.clone(), r))? {
+                UrlTarget::S3(rest) => {
                     let (b, p) = rest.split_once('/').unwrap_or((rest, ""));
                     bucket = Some(b.to_string());
                     path = Some(p.to_string());
+                    true
                 }
-                "file" | "" => {
+                UrlTarget::Dir(dir) => {
                     bucket = None;
-                    path = Some(rest.to_string());
+                    path = Some(dir.to_string());
+                    false
                 }
-                other => return Err(unsupported_type(other, &ukey)),
-            }
+            };
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
                 let native = match k {
@@ -886,7 +889,7 @@ impl Litestream {
                 };
                 options.insert(native.into(), value);
             }
-            ty = Some(if scheme == "s3" { "s3" } else { "file" }.to_string());
+            ty = Some(if is_s3 { "s3" } else { "file" }.to_string());
         }
         let ty = ty.unwrap_or_else(|| if bucket.is_some() { "s3" } else { "file" }.to_string());
         if let Some(Value::String(e)) = options.get("endpoint") {
@@ -916,6 +919,20 @@ impl Litestream {
                         format!("{rkey}.path"),
                         "required for a file replica: the directory".into(),
                     ));
+                }
+                // A URL under `path:` is not taken for a directory name.
+                let pkey = format!("{rkey}.path");
+                match split_replica_url(&path).map_err(|r| (pkey.clone(), r))? {
+                    UrlTarget::Dir(d) if d == path => {}
+                    _ => {
+                        return Err((
+                            pkey,
+                            format!(
+                                "{:?} is a URL, not a directory: give it as {rkey}.url",
+                                redact_userinfo(&path)
+                            ),
+                        ))
+                    }
                 }
                 let dir = base.join(home(&path));
                 let mut segs = Vec::new();

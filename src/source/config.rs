@@ -179,7 +179,8 @@ pub struct MultiDb {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ReplicaConfig {
-    /// `s3://bucket/prefix`, `file:///abs/dir`, `file://./rel/dir` or a plain directory.
+    /// `s3://bucket/prefix`, `file:///abs/dir`, `file://./rel/dir` or a plain
+    /// directory (see [`split_replica_url`]).
     pub url: String,
     /// Key template, e.g. `{{project}}/{{database}}`; default: the `*` values joined by `/`.
     #[serde(default)]
@@ -579,28 +580,24 @@ impl Loaded {
     }
 }
 
-/// Parses `s3://bucket/prefix`, `file:///abs`, `file://./rel` or a plain path.
+/// Parses `s3://bucket/prefix`, `file:///abs`, `file:/abs`,
+/// `file://localhost/abs`, `file://./rel` or a plain path (see
+/// [`split_replica_url`] for what is refused).
 pub fn parse_replica_url(url: &str, base: &Path) -> std::result::Result<ReplicaUrl, String> {
-    if let Some(rest) = url.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(format!(
-                "{url:?} has no bucket (expected s3://bucket/prefix)"
-            ));
+    let path = match split_replica_url(url)? {
+        UrlTarget::S3(rest) => {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!(
+                    "{url:?} has no bucket (expected s3://bucket/prefix)"
+                ));
+            }
+            return Ok(ReplicaUrl::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
         }
-        return Ok(ReplicaUrl::S3 {
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-        });
-    }
-    let path = if let Some(rest) = url.strip_prefix("file://") {
-        rest
-    } else if url.contains("://") {
-        return Err(format!(
-            "{url:?}: unsupported scheme (use s3:// or file://)"
-        ));
-    } else {
-        url
+        UrlTarget::Dir(path) => path,
     };
     if path.is_empty() {
         return Err(format!("{url:?} names no directory"));
@@ -620,6 +617,132 @@ pub fn parse_replica_url(url: &str, base: &Path) -> std::result::Result<ReplicaU
             .filter(|c| *c != std::path::Component::CurDir)
             .collect(),
     })
+}
+
+/// Where a replica URL points, before a relative directory is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlTarget<'a> {
+    /// An `s3://` URL: what follows the scheme (`bucket/prefix`).
+    S3(&'a str),
+    /// A directory: absolute, or relative to the config file's directory.
+    Dir(&'a str),
+}
+
+/// Splits a replica URL into an S3 location or a directory, refusing
+/// anything that looks like a URL (`scheme:...`) but is not one of the
+/// supported forms, rather than taking it for a relative directory name:
+/// `s3:/bucket` (one slash), `S3://bucket`, `gs://bucket`, `gopher:/x`,
+/// `file://host/dir` (a remote host), `file:rel`. Accepted: `s3://...`,
+/// `file:///abs`, `file://localhost/abs`, `file:/abs` (RFC 8089),
+/// `file://./rel`, `file://../rel` and a plain path. A relative directory
+/// whose first segment has a `:` is written `./name:x`. Errors show the
+/// value with any `user:password@` replaced by `***@`.
+pub fn split_replica_url(url: &str) -> std::result::Result<UrlTarget<'_>, String> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        return Ok(UrlTarget::S3(rest));
+    }
+    if let Some(rest) = url.strip_prefix("file://") {
+        if let Some(dir) = file_url_dir(rest) {
+            return Ok(UrlTarget::Dir(dir));
+        }
+    } else if let Some(rest) = url.strip_prefix("file:") {
+        if rest.starts_with('/') {
+            return Ok(UrlTarget::Dir(rest));
+        }
+    } else if url_scheme(url).is_none() && !url.contains("://") {
+        return Ok(UrlTarget::Dir(url));
+    }
+    Err(url_refusal(&redact_userinfo(url)))
+}
+
+/// The directory of a `file://` URL after the `file://`: an absolute path
+/// (empty or `localhost` host), or litefleet's relative `./dir`, `../dir`.
+/// `None` for a remote host.
+fn file_url_dir(rest: &str) -> Option<&str> {
+    let relative = [".", ".."].contains(&rest) || rest.starts_with("./") || rest.starts_with("../");
+    if rest.is_empty() || rest.starts_with('/') || relative {
+        return Some(rest);
+    }
+    match rest.strip_prefix("localhost") {
+        Some("") => Some("/"),
+        Some(path) if path.starts_with('/') => Some(path),
+        _ => None,
+    }
+}
+
+/// `Some((scheme, rest))` when `value` starts like a URL: a scheme
+/// (`[A-Za-z][A-Za-z0-9+.-]*`), a `:` and something after it.
+fn url_scheme(value: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = value.split_once(':')?;
+    let mut chars = scheme.chars();
+    let starts = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    let valid = chars.all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c));
+    (starts && valid && !rest.is_empty()).then_some((scheme, rest))
+}
+
+/// Why [`split_replica_url`] refuses `url` (already redacted).
+fn url_refusal(url: &str) -> String {
+    const USE: &str = "use s3://bucket/prefix, file:///abs/dir, file://./rel/dir or a plain path";
+    if let Some(rest) = url.strip_prefix("file://") {
+        let host = rest.split('/').next().unwrap_or(rest);
+        return format!(
+            "{url:?} names the host {host:?}: remote file hosts are not supported \
+             (write file:///abs/dir, or file://./{rest} for a directory relative to the config)"
+        );
+    }
+    if let Some(rest) = url.strip_prefix("file:") {
+        return format!(
+            "{url:?}: a file: URL needs an absolute path (file:///abs/dir); \
+             for a directory relative to the config write file://./{rest}"
+        );
+    }
+    let Some((scheme, rest)) = url_scheme(url) else {
+        return format!("{url:?}: unsupported scheme ({USE})");
+    };
+    let after_slashes = rest.trim_start_matches('/');
+    if scheme == "s3" {
+        let what = if rest.starts_with('/') {
+            "with one slash"
+        } else {
+            "without the //"
+        };
+        return format!("{url:?} looks like an s3:// URL {what} (write s3://{after_slashes})");
+    }
+    if scheme.eq_ignore_ascii_case("s3") {
+        return format!(
+            "{url:?}: unsupported scheme {scheme:?}: schemes are lower case (write s3://{after_slashes})"
+        );
+    }
+    if scheme.eq_ignore_ascii_case("file") {
+        return format!(
+            "{url:?}: unsupported scheme {scheme:?}: schemes are lower case (write file:{rest})"
+        );
+    }
+    if rest.starts_with("//") {
+        format!("{url:?}: unsupported scheme {scheme:?} ({USE})")
+    } else {
+        format!(
+            "{url:?}: unsupported scheme {scheme:?} ({USE}; a relative directory whose name \
+             has a ':' is written ./{url})"
+        )
+    }
+}
+
+/// `url` with a `user:password@` before its host replaced by `***@`, for
+/// error messages.
+pub(crate) fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(colon) = url.find(':') else {
+        return url.into();
+    };
+    let after = &url[colon + 1..];
+    let start = url.len() - after.trim_start_matches('/').len();
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]).into(),
+        None => url.into(),
+    }
 }
 
 /// Expands `${VAR}` and `${VAR:-default}` in config text. Lines whose first
@@ -768,13 +891,17 @@ multi-db:
 
     #[test]
     fn missing_bucket() {
-        let e = load(&GOOD.replace("s3://bucket/some/prefix", "s3:///prefix"))
+        let e = url_error("s3:///prefix");
+        assert!(e.contains("no bucket"), "{e}");
+    }
+
+    /// The load error for [`GOOD`] with `url` as the replica URL: it names the key.
+    fn url_error(url: &str) -> String {
+        let e = load(&GOOD.replace("s3://bucket/some/prefix", url))
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("multi-db.replica.url") && e.contains("no bucket"),
-            "{e}"
-        );
+        assert!(e.contains("multi-db.replica.url"), "{e}");
+        e
     }
 
     #[test]
@@ -801,6 +928,78 @@ multi-db:
             }
         );
         assert!(parse_replica_url("gs://x", base).is_err());
+        // RFC 8089's one-slash form, and the `localhost` host.
+        for url in ["file:/var/b", "file://localhost/var/b"] {
+            assert_eq!(
+                parse_replica_url(url, base).unwrap(),
+                ReplicaUrl::File {
+                    dir: "/var/b".into()
+                },
+                "{url}"
+            );
+        }
+        // Plain paths, also with a ':' past the first segment or after `./`.
+        for (url, dir) in [
+            ("backups", "/base/backups"),
+            ("/var/b", "/var/b"),
+            ("./s3:/x", "/base/s3:/x"),
+            ("b/c:d", "/base/b/c:d"),
+            ("file://../r", "/base/../r"),
+        ] {
+            assert_eq!(
+                parse_replica_url(url, base).unwrap(),
+                ReplicaUrl::File { dir: dir.into() },
+                "{url}"
+            );
+        }
+    }
+
+    /// A value that starts like a URL is a supported URL or an error, never
+    /// a directory named after it under the config's directory.
+    #[test]
+    fn url_like_values_are_refused() {
+        let base = Path::new("/base");
+        for (url, needle) in [
+            (
+                "s3:/mybucket/prefix",
+                "s3:// URL with one slash (write s3://mybucket/prefix)",
+            ),
+            (
+                "s3:mybucket",
+                "s3:// URL without the // (write s3://mybucket)",
+            ),
+            ("S3://mybucket", "lower case (write s3://mybucket)"),
+            ("FILE:///x", "lower case (write file:///x)"),
+            ("gopher:/x", "unsupported scheme \"gopher\""),
+            ("gs://b/x", "unsupported scheme \"gs\""),
+            ("http://h/x", "unsupported scheme \"http\""),
+            ("data:v1", "./data:v1"),
+            ("file://somehost/tmp/x", "host \"somehost\""),
+            ("file://backups", "file://./backups"),
+            ("file://~/x", "host \"~\""),
+            ("file:rel", "absolute path"),
+            ("./a://b", "unsupported scheme"),
+        ] {
+            let e = parse_replica_url(url, base).unwrap_err();
+            assert!(e.contains(needle), "{url}: {e}");
+            assert!(e.contains(&format!("{url:?}")), "{url}: the value: {e}");
+        }
+        // Through the whole config the key is named.
+        let e = url_error("s3:/bucket/some/prefix");
+        assert!(e.contains("one slash"), "{e}");
+    }
+
+    #[test]
+    fn url_errors_hide_passwords() {
+        for url in [
+            "http://user:hunter2@h/x",
+            "file://user:hunter2@h/x",
+            "ftp:/user:hunter2@h",
+        ] {
+            let e = parse_replica_url(url, Path::new("/base")).unwrap_err();
+            assert!(!e.contains("hunter2") && e.contains("***@h"), "{e}");
+        }
+        assert_eq!(redact_userinfo("s3://b/k@x"), "s3://b/k@x");
     }
 
     #[test]

@@ -84,6 +84,33 @@ fn bad_configs_are_clear_errors_not_panics() {
     assert!(stderr(&o).contains("missing.yml"), "{}", stderr(&o));
 }
 
+/// A `file://` replica directory that cannot be created is a config error
+/// naming the key as written, the URL and the path in the way, not a bare
+/// `File exists` about some parent.
+#[test]
+fn replica_directory_that_cannot_be_created_names_the_key() {
+    let t = tempfile::tempdir().unwrap();
+    drop(create_db(&t.path().join("data/x/app.db"), 1));
+    let native = "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://./litefleet.yml/replica\n    path: \"{{a}}/{{b}}\"\n";
+    let litestream = "dbs:\n  - path: ./data/x/app.db\n    replica:\n      url: file://./litefleet.yml/replica/app\n";
+    for (yaml, key) in [
+        (native, "multi-db.replica.url"),
+        (litestream, "dbs[0].replica.url"),
+    ] {
+        std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+        let o = litefleet(t.path(), &["replicate", "--once"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        let cfg = t.path().join("litefleet.yml");
+        let want = format!(
+            "{key}: file://{}/replica: cannot create the replica directory: {}: Not a directory",
+            cfg.display(),
+            cfg.display()
+        );
+        assert!(err.contains(&want), "expected {want:?} in {err}");
+    }
+}
+
 /// A config whose patterns match no database backs up nothing: `--once`
 /// (what cron runs) says so and exits 1 instead of reporting success.
 #[test]

@@ -292,6 +292,9 @@ pub struct Loaded {
     /// What relative paths in the config were resolved against (the config
     /// file's directory).
     pub base: PathBuf,
+    /// The replica URL's key as the file spells it (`multi-db.replica.url`,
+    /// Litestream's `dbs[0].replica.url`), for errors about the replica.
+    pub replica_key: String,
 }
 
 impl Loaded {
@@ -345,14 +348,17 @@ impl Loaded {
         for w in &translated.warnings {
             tracing::warn!(file, "{w}");
         }
-        Self::validate(translated.doc.clone(), &err, base).map_err(|e| match e {
-            Error::Config { file, key, reason } => Error::Config {
-                file,
-                key: translated.written(&key),
-                reason,
-            },
-            other => other,
-        })
+        let mut loaded =
+            Self::validate(translated.doc.clone(), &err, base).map_err(|e| match e {
+                Error::Config { file, key, reason } => Error::Config {
+                    file,
+                    key: translated.written(&key),
+                    reason,
+                },
+                other => other,
+            })?;
+        loaded.replica_key = translated.written(&loaded.replica_key);
+        Ok(loaded)
     }
 
     /// The native config from `de`, checked (see the module docs).
@@ -483,11 +489,21 @@ impl Loaded {
             template,
             replica,
             base: base.to_path_buf(),
+            replica_key: "multi-db.replica.url".into(),
         })
     }
 
-    /// The replica this config names.
+    /// The replica this config names. A `file://` directory is created if
+    /// missing; when it cannot be, the error names the config key and why.
     pub fn open_replica(&self) -> Result<Replica> {
+        if let ReplicaUrl::File { dir } = &self.replica {
+            create_replica_dir(dir).map_err(|why| {
+                Error::invalid(
+                    format!("{}: file://{}", self.replica_key, dir.display()),
+                    format!("cannot create the replica directory: {why}"),
+                )
+            })?;
+        }
         Replica::open(&self.replica, &self.multi_db().replica.store_options())
     }
 
@@ -498,7 +514,7 @@ impl Loaded {
         if let ReplicaUrl::File { dir } = &self.replica {
             if !dir.is_dir() {
                 return Err(Error::invalid(
-                    format!("multi-db.replica.url file://{}", dir.display()),
+                    format!("{}: file://{}", self.replica_key, dir.display()),
                     "no such directory: nothing was replicated there (check the path)",
                 ));
             }
@@ -578,6 +594,24 @@ impl Loaded {
                 std::env::temp_dir().join(format!("litefleet-{uid}"))
             })
     }
+}
+
+/// Creates `dir` and its parents. On failure, says which path is at fault:
+/// the nearest existing ancestor when it is not a directory (`create_dir_all`
+/// reports that as `File exists`), else the first missing one and the error.
+fn create_replica_dir(dir: &Path) -> std::result::Result<(), String> {
+    let Err(e) = std::fs::create_dir_all(dir) else {
+        return Ok(());
+    };
+    let mut missing = dir;
+    for a in dir.ancestors() {
+        match std::fs::metadata(a) {
+            Ok(m) if !m.is_dir() => return Err(format!("{}: Not a directory", a.display())),
+            Ok(_) => break,
+            Err(_) => missing = a,
+        }
+    }
+    Err(format!("{}: {e}", missing.display()))
 }
 
 /// Parses `s3://bucket/prefix`, `file:///abs`, `file:/abs`,

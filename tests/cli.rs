@@ -84,6 +84,61 @@ fn bad_configs_are_clear_errors_not_panics() {
     assert!(stderr(&o).contains("missing.yml"), "{}", stderr(&o));
 }
 
+/// An invalid log filter, in `--log-level` or `LITEFLEET_LOG`, is a usage
+/// error (exit 2, like any bad flag) naming where it came from and the
+/// value; valid levels and tracing filters get past it to the config.
+#[test]
+fn bad_log_filters_are_usage_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let run = |level: Option<&str>, env: Option<&str>| {
+        let mut cmd = litefleet_command(t.path(), &["--config", "missing.yml", "list"]);
+        cmd.env_remove("LITEFLEET_LOG");
+        if let Some(l) = level {
+            cmd.args(["--log-level", l]);
+        }
+        if let Some(e) = env {
+            cmd.env("LITEFLEET_LOG", e);
+        }
+        cmd.output().unwrap()
+    };
+    for (level, env, needles) in [
+        (
+            Some("blah[[["),
+            None,
+            &["--log-level", "'blah[[['", "not a log filter"],
+        ),
+        (
+            None,
+            Some("====="),
+            &["LITEFLEET_LOG", "\"=====\"", "not a log filter"],
+        ),
+        (
+            Some("debug"),
+            Some("litefleet=nope"),
+            &["LITEFLEET_LOG", "\"litefleet=nope\"", "not a log filter"],
+        ),
+    ] {
+        let o = run(level, env);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{level:?} {env:?}: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{level:?} {env:?}: {n:?} not in {err}");
+        }
+    }
+    for (level, env) in [
+        (Some("warn"), None),
+        (Some("trace"), None),
+        (Some("litefleet=debug,info"), None),
+        (None, Some("error")),
+        (None, Some("litefleet=debug,info")),
+    ] {
+        let o = run(level, env);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{level:?} {env:?}: {err}");
+        assert!(err.contains("missing.yml"), "{level:?} {env:?}: {err}");
+    }
+}
+
 /// A `file://` replica directory that cannot be created is a config error
 /// naming the key as written, the URL and the path in the way, not a bare
 /// `File exists` about some parent.

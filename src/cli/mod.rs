@@ -55,8 +55,10 @@ pub struct Cli {
         env = "LITEFLEET_CONFIG"
     )]
     pub config: PathBuf,
-    /// Log filter (error, warn, info, debug, trace, or a tracing filter). Overridden by LITEFLEET_LOG.
-    #[arg(long, global = true, default_value = "info")]
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter such
+    /// as `litefleet=debug,info`). Overridden by LITEFLEET_LOG; an invalid
+    /// filter in either is a usage error.
+    #[arg(long, global = true, default_value = "info", value_parser = parse_log_level)]
     pub log_level: String,
     /// Log lines as text, or as one JSON object per line (for a log
     /// collector).
@@ -551,17 +553,45 @@ fn parse_timestamp(s: &str) -> std::result::Result<DateTime<Utc>, String> {
         .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp (e.g. 2026-11-22T13:00:00Z): {e}"))
 }
 
-fn init_logging(level: &str, format: LogFormat) {
-    // At `info`, the object store client's line per retried request is
-    // noise: the request's final failure is ours to log. A full filter, or
-    // `debug`/`trace`, is taken as given.
-    let level = match level {
-        "info" => "info,object_store=warn".to_string(),
-        other => other.to_string(),
+/// `filter` as a tracing filter, or why it is not one.
+fn log_filter(filter: &str) -> std::result::Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+        format!(
+            "not a log filter ({e}): use error, warn, info, debug, trace or a tracing \
+             filter such as litefleet=debug,info"
+        )
+    })
+}
+
+/// Checks `--log-level` when the command line is parsed.
+fn parse_log_level(level: &str) -> std::result::Result<String, String> {
+    log_filter(level).map(|_| level.to_string())
+}
+
+/// The log filter: `LITEFLEET_LOG` if set, else `level` (`--log-level`,
+/// already checked). An invalid `LITEFLEET_LOG` is a usage error, like a
+/// bad `--log-level`.
+fn log_filter_from_env(level: &str) -> std::result::Result<tracing_subscriber::EnvFilter, String> {
+    let filter = match std::env::var("LITEFLEET_LOG") {
+        Ok(v) => {
+            return log_filter(&v)
+                .map_err(|why| format!("invalid value {v:?} for LITEFLEET_LOG: {why}"))
+        }
+        Err(std::env::VarError::NotPresent) => match level {
+            // At `info`, the object store client's line per retried request
+            // is noise: the request's final failure is ours to log. A full
+            // filter, or `debug`/`trace`, is taken as given.
+            "info" => "info,object_store=warn".to_string(),
+            other => other.to_string(),
+        },
+        Err(std::env::VarError::NotUnicode(v)) => {
+            return Err(format!("invalid value {v:?} for LITEFLEET_LOG: not UTF-8"))
+        }
     };
-    let filter = std::env::var("LITEFLEET_LOG").unwrap_or(level);
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    log_filter(&filter)
+}
+
+fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -612,7 +642,13 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    init_logging(&cli.log_level, cli.log_format);
+    let filter = match log_filter_from_env(&cli.log_level) {
+        Ok(f) => f,
+        Err(why) => command()
+            .error(clap::error::ErrorKind::InvalidValue, why)
+            .exit(),
+    };
+    init_logging(filter, cli.log_format);
     let format = cli.log_format;
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -326,12 +326,8 @@ impl Loaded {
             key: key.to_string(),
             reason,
         };
-        let expanded = expand_env(text, |v| std::env::var(v).ok()).map_err(|(line, var)| {
-            err(
-                &format!("line {line}"),
-                format!("environment variable ${{{var}}} is not set (use ${{{var}:-default}} for a default)"),
-            )
-        })?;
+        let expanded = expand_env(text, |v| std::env::var(v).ok())
+            .map_err(|(line, reason)| err(&format!("line {line}"), reason))?;
         // A document that does not parse as YAML at all is reported by the
         // typed parse below, with its line.
         let tree: Option<serde_yaml_ng::Value> = serde_yaml_ng::from_str(&expanded).ok();
@@ -781,7 +777,10 @@ pub(crate) fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
 
 /// Expands `${VAR}` and `${VAR:-default}` in config text. Lines whose first
 /// non-blank character is `#` are left alone, so a commented-out line never
-/// fails on an unset variable. Returns `(line, var)` for an unset variable.
+/// fails on an unset variable. A value becomes exactly the string it holds
+/// ([`substitute`]): escaped inside quotes, quoted where YAML would read
+/// part of it as syntax. Returns `(line, reason)` for an unset variable or a
+/// value that cannot be placed where it stands.
 pub fn expand_env(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
@@ -792,13 +791,13 @@ pub fn expand_env(
             out.push_str(line);
             continue;
         }
-        let mut rest = line;
-        while let Some(start) = rest.find("${") {
-            out.push_str(&rest[..start]);
-            let after = &rest[start + 2..];
+        let mut done = 0;
+        while let Some(found) = line[done..].find("${") {
+            let start = done + found;
+            out.push_str(&line[done..start]);
+            let after = &line[start + 2..];
             let Some(end) = after.find('}') else {
-                out.push_str(&rest[start..]);
-                rest = "";
+                done = start;
                 break;
             };
             let inner = &after[..end];
@@ -806,16 +805,146 @@ pub fn expand_env(
                 Some((n, d)) => (n, Some(d)),
                 None => (inner, None),
             };
-            match (lookup(name), default) {
-                (Some(v), _) => out.push_str(&v),
-                (None, Some(d)) => out.push_str(d),
-                (None, None) => return Err((n + 1, name.to_string())),
-            }
-            rest = &after[end + 1..];
+            let value = match (lookup(name), default) {
+                (Some(v), _) => v,
+                (None, Some(d)) => d.to_string(),
+                (None, None) => {
+                    return Err((
+                        n + 1,
+                        format!(
+                            "environment variable ${{{name}}} is not set (use ${{{name}:-default}} for a default)"
+                        ),
+                    ))
+                }
+            };
+            done = start + 2 + end + 1;
+            let placed = substitute(&value, &line[..start], &line[done..])
+                .map_err(|why| (n + 1, format!("the value of ${{{name}}} {why}")))?;
+            out.push_str(&placed);
         }
-        out.push_str(rest);
+        out.push_str(&line[done..]);
     }
     Ok(out)
+}
+
+/// Where a `${VAR}` stands in its line, as YAML reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quoting {
+    Plain,
+    Double,
+    Single,
+}
+
+/// The quoting in effect at the end of `prefix` (the line before `${`). A
+/// quote opens a quoted scalar only where a scalar starts: at the start of
+/// the line or after `:`, `-`, `[`, `,` or `{`.
+fn quoting_at(prefix: &str) -> Quoting {
+    let mut q = Quoting::Plain;
+    let mut last = None::<char>;
+    let mut chars = prefix.chars().peekable();
+    while let Some(c) = chars.next() {
+        match q {
+            Quoting::Plain
+                if (c == '"' || c == '\'') && last.is_none_or(|l| ":-[,{".contains(l)) =>
+            {
+                q = if c == '"' {
+                    Quoting::Double
+                } else {
+                    Quoting::Single
+                };
+            }
+            Quoting::Plain if !c.is_whitespace() => last = Some(c),
+            Quoting::Plain => {}
+            Quoting::Double if c == '\\' => {
+                chars.next();
+            }
+            Quoting::Single if c == '\'' && chars.peek() == Some(&'\'') => {
+                chars.next();
+            }
+            Quoting::Double | Quoting::Single
+                if c == if q == Quoting::Double { '"' } else { '\'' } =>
+            {
+                q = Quoting::Plain;
+                last = Some(c);
+            }
+            Quoting::Double | Quoting::Single => {}
+        }
+    }
+    q
+}
+
+/// `value` written inside double quotes: `\`, `"` and control characters
+/// escaped.
+fn double_quoted_body(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether YAML would read `value`, written bare, as something other than
+/// that string: a line break, a comment (` #`), a mapping (`: `), blanks it
+/// trims, or a leading quote or indicator. A value that starts with `[` or
+/// `{` is left to YAML on purpose (a list or map given through the
+/// environment).
+fn changes_bare(value: &str) -> bool {
+    !value.starts_with(['[', '{'])
+        && (value.contains(['\n', '\r'])
+            || value.starts_with(['#', '\'', '"', '&', '*', '!', '|', '>', '%', '@', '`'])
+            || value.contains(" #")
+            || value.contains("\t#")
+            || value.contains(": ")
+            || value.ends_with(':')
+            || value != value.trim())
+}
+
+/// The text that puts `value` between `prefix` and `suffix` of its line so
+/// that YAML reads exactly `value` there: escaped inside double or single
+/// quotes; bare where that reads the same; double-quoted where the `${VAR}`
+/// is a whole bare value. Else why not.
+fn substitute(value: &str, prefix: &str, suffix: &str) -> std::result::Result<String, String> {
+    match quoting_at(prefix) {
+        Quoting::Double => Ok(double_quoted_body(value)),
+        Quoting::Single if value.contains(['\n', '\r']) => Err(
+            "holds a line break, which single quotes cannot keep; use double quotes: \"${...}\""
+                .into(),
+        ),
+        Quoting::Single => Ok(value.replace('\'', "''")),
+        Quoting::Plain if !changes_bare(value) => Ok(value.to_string()),
+        Quoting::Plain => {
+            // A whole value: after a key's `: ` or a list item's `- ` (blank
+            // after the indicator), or inside `[...]`/`{...}`.
+            let before = prefix.trim_end();
+            let spaced = before.len() < prefix.len();
+            let indicator = |c: char| {
+                before.strip_suffix(c).is_some_and(|b| {
+                    spaced && (c == ':' || b.is_empty() || b.ends_with(char::is_whitespace))
+                })
+            };
+            let after = suffix.trim_start();
+            let whole = (before.is_empty()
+                || indicator(':')
+                || indicator('-')
+                || before.ends_with(['[', ',', '{']))
+                && (after.is_empty() || after.starts_with(['#', ',', ']', '}']));
+            if whole {
+                Ok(format!("\"{}\"", double_quoted_body(value)))
+            } else {
+                Err("holds characters YAML would read as syntax here (a line break, ` #`, `: `, \
+                     or blanks at its ends); put the whole value in double quotes: \"...${...}...\""
+                    .into())
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -872,10 +1001,53 @@ multi-db:
             expand_env("# a: ${NOPE}\nb: 1\n", env).unwrap(),
             "# a: ${NOPE}\nb: 1\n"
         );
+        let (line, why) = expand_env("x: 1\na: ${NOPE}\n", env).unwrap_err();
+        assert_eq!(line, 2);
+        assert!(why.contains("${NOPE} is not set"), "{why}");
+    }
+
+    /// A value becomes exactly the string it holds wherever it stands: a
+    /// secret with ` #` is not cut at a comment, a line break cannot add
+    /// keys, quotes and backslashes inside quotes are escaped; numbers and
+    /// lists given through the environment keep working.
+    #[test]
+    fn values_are_placed_as_the_strings_they_hold() {
+        let vars: std::collections::HashMap<&str, &str> = [
+            ("HASH", "Super #tail"),
+            ("LINES", "a\nmulti-db: injected"),
+            ("QUOTES", "q\"uo'te\\"),
+            ("N", "100"),
+            ("LIST", "[\"/a/*.db\", \"/b/*.db\"]"),
+            ("COLON", "x: y"),
+        ]
+        .into_iter()
+        .collect();
+        let env = |v: &str| vars.get(v).map(|s| s.to_string());
+        let parse = |yaml: &str| -> serde_yaml_ng::Value {
+            serde_yaml_ng::from_str(&expand_env(yaml, env).unwrap()).unwrap()
+        };
+        let one = |yaml: &str| parse(yaml)["k"].clone();
+        assert_eq!(one("k: ${HASH}\n"), "Super #tail");
+        assert_eq!(one("k: ${HASH}   # a comment\n"), "Super #tail");
+        assert_eq!(one("k: ${LINES}\n"), "a\nmulti-db: injected");
+        assert!(parse("k: ${LINES}\n").get("multi-db").is_none());
+        assert_eq!(one("k: ${COLON}\n"), "x: y");
         assert_eq!(
-            expand_env("x: 1\na: ${NOPE}\n", env).unwrap_err(),
-            (2, "NOPE".to_string())
+            one("k: \"pre-${QUOTES}-${HASH}\"\n"),
+            "pre-q\"uo'te\\-Super #tail"
         );
+        assert_eq!(one("k: 'pre-${QUOTES}'\n"), "pre-q\"uo'te\\");
+        assert_eq!(one("k: [${HASH}, \"${LINES}\"]\n")[0], "Super #tail");
+        assert_eq!(one("k: ${N}\n"), 100);
+        assert_eq!(one("k: ${LIST}\n")[1], "/b/*.db");
+        // Part of a bare value: it cannot be quoted for the user.
+        let (line, why) = expand_env("a: 1\nk: pre-${HASH}\n", env).unwrap_err();
+        assert_eq!(line, 2);
+        assert!(
+            why.contains("${HASH}") && why.contains("double quotes"),
+            "{why}"
+        );
+        assert!(expand_env("k: 'x${LINES}'\n", env).is_err());
     }
 
     #[test]

@@ -222,6 +222,9 @@ both_backends!(
         let (_, doc) = verify_json(&f, &["--sample", "2"]);
         assert_eq!(counts(&doc).0, 2, "{doc}");
         assert_eq!(doc["results"].as_array().unwrap().len(), 2);
+        // --sample 0 is every key, as `verify-sample: 0` in the config.
+        let (_, doc) = verify_json(&f, &["--sample", "0"]);
+        assert_eq!(counts(&doc).0, 3, "{doc}");
         // Everything was uploaded just now.
         let (_, doc) = verify_json(&f, &["--since", "1h"]);
         assert_eq!(counts(&doc).0, 3, "{doc}");

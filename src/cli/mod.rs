@@ -147,7 +147,8 @@ pub enum Command {
 pub struct VerifyArgs {
     /// Only keys under this prefix (default: every key).
     pub prefix: Option<String>,
-    /// Check this many keys picked at random.
+    /// Check this many keys picked at random (0: every key, as
+    /// `verify-sample: 0` in the config).
     #[arg(long)]
     pub sample: Option<usize>,
     /// Only keys with an object uploaded within this long (humantime: 24h, 30m).
@@ -169,7 +170,7 @@ async fn verify_command(config: &std::path::Path, args: VerifyArgs) -> u8 {
         let loaded = Loaded::from_file(config)?;
         let replica = loaded.open_existing_replica()?;
         let mut opts = restore::VerifyOptions::new(&loaded, args.prefix.as_deref().unwrap_or(""));
-        opts.sample = args.sample;
+        opts.sample = args.sample.filter(|&n| n > 0);
         opts.since = args.since;
         opts.concurrency = args.concurrency.unwrap_or(opts.concurrency);
         tracing::info!(prefix = %opts.prefix, sample = ?opts.sample, concurrency = opts.concurrency, "verifying backups in {replica}");

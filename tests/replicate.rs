@@ -258,6 +258,17 @@ both_backends!(restore_flags_and_errors, |b| async move {
     // Output exists: an error unless --if-db-not-exists.
     let e = f.restore("p/d/x", &o, None).await.unwrap_err().to_string();
     assert!(e.contains("already exists"), "{e}");
+    // So does a dangling symlink: nothing is written through it.
+    let link = out.path().join("link.db");
+    std::os::unix::fs::symlink(out.path().join("nowhere.db"), &link).unwrap();
+    let e = f
+        .restore("p/d/x", &link, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already exists"), "{e}");
+    assert!(!out.path().join("nowhere.db").exists());
+    std::fs::remove_file(&link).unwrap();
     let opts = |target: &str, out: &std::path::Path| litefleet::restore::RestoreOptions {
         target: target.into(),
         output: out.into(),

@@ -145,7 +145,8 @@ async fn restore_one(
             }
         }
     };
-    let outcome = if output.exists() {
+    // A symlink (even a dangling one) is something at the path too.
+    let outcome = if output.symlink_metadata().is_ok() {
         if opts.if_db_not_exists {
             BulkOutcome::SkippedExists
         } else {

@@ -174,7 +174,8 @@ pub async fn restore_with_progress(
     on_bytes: Option<OnBytes>,
 ) -> Result<RestoreOutcome> {
     let key = resolve_key(loaded, &opts.target)?;
-    if opts.output.exists() {
+    // A symlink (even a dangling one) is something at the path too.
+    if opts.output.symlink_metadata().is_ok() {
         if opts.if_db_not_exists {
             return Ok(RestoreOutcome::OutputExists);
         }

@@ -293,7 +293,13 @@ fn demo_config_replicates_and_restores() {
         .unwrap()
         .path();
     let bytes = std::fs::read(&obj).unwrap();
-    let times = litefleet::replica::cold::SnapshotTimes::decode(&bytes).expect("a times record");
+    let name = obj.file_name().unwrap().to_str().unwrap();
+    let hour = litefleet::replica::cold::parse_snapshot_name(name)
+        .unwrap()
+        .hour;
+    let times = litefleet::replica::cold::SnapshotTimes::decode(&bytes, hour)
+        .expect("a sound record")
+        .expect("a times record");
     assert!(times.started <= times.taken);
     let record = litefleet::replica::cold::RECORD_LEN;
     assert_eq!(

@@ -8,8 +8,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fleet::{age, count_rows, create_db, Backend, Fleet};
+use common::fleet::{age, count_rows, create_db, insert_rows, Backend, Fleet};
 use common::s3::Fault;
+use litefleet::replica::cold;
+use litefleet::restore::{RestoreOptions, RestoreOutcome};
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
 
@@ -116,6 +118,117 @@ both_backends!(damaged_snapshot_is_never_chosen, |b| async move {
         1,
         "no temp file left"
     );
+});
+
+/// A capture of `db` with its record replaced by `record` (the times
+/// `started`, `taken`, as written by this version or, `v1`, the previous
+/// one), stored under the name those times give it; returns its location.
+async fn put_with_record(
+    f: &Fleet,
+    db: &std::path::Path,
+    times: cold::SnapshotTimes,
+    v1: bool,
+    flip_taken_bit: Option<u32>,
+) -> object_store::path::Path {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = litefleet::capture::snapshot::capture(db, tmp.path()).unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut snap.reader().unwrap(), &mut bytes).unwrap();
+    let frame = bytes.split_off(cold::RECORD_LEN);
+    let mut record = times.encode().to_vec();
+    if v1 {
+        // lfsnap01: the tag and the two times, no checksum.
+        record.truncate(32);
+        record[4..8].copy_from_slice(&24u32.to_le_bytes());
+        record[8..16].copy_from_slice(b"lfsnap01");
+    }
+    if let Some(bit) = flip_taken_bit {
+        record[24 + bit as usize / 8] ^= 1 << (bit % 8);
+    }
+    record.extend_from_slice(&frame);
+    let r = f.replica();
+    let loc = cold::snapshot_path(&r.prefix, "p/d/a", "a", times.taken);
+    r.store.put(&loc, record.into()).await.unwrap();
+    loc
+}
+
+// The times record at the start of a cold snapshot is checked: a flipped
+// bit of `taken` (new records: their checksum; old ones: `started` after
+// `taken`) is damage naming the object, never a reason to restore a state
+// committed after the asked time, nor read as "no record".
+both_backends!(damaged_times_record_is_never_trusted, |b| async move {
+    let f = Fleet::new(b).await;
+    let db = f.db_path("p", "d", "a");
+    let c = create_db(&db, 3);
+    let t =
+        |h, m, s| chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 11, 22, h, m, s).unwrap();
+    let v1_times = cold::SnapshotTimes {
+        started: t(9, 30, 0),
+        taken: t(9, 30, 1),
+    };
+    let older = put_with_record(&f, &db, v1_times, false, None).await;
+    insert_rows(&c, 2);
+    drop(c);
+    // Copied 10:39:10 to 10:39:20; bit 20 of `taken` makes it 10:21:51.
+    let v2_times = cold::SnapshotTimes {
+        started: t(10, 39, 10),
+        taken: t(10, 39, 20),
+    };
+    assert_ne!(v2_times.taken.timestamp_millis() & (1 << 20), 0);
+    let asked = t(10, 30, 0);
+    let out = tempfile::tempdir().unwrap();
+    for v1 in [false, true] {
+        let newer = put_with_record(&f, &db, v2_times, v1, Some(20)).await;
+        let o = out.path().join(format!("v1-{v1}.db"));
+        for at in [Some(asked), None] {
+            let e = f.restore("p/d/a", &o, at).await.unwrap_err();
+            assert!(matches!(e, litefleet::Error::Damaged { .. }), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.contains(newer.as_ref()), "{msg}");
+            assert!(msg.contains(older.as_ref()), "{msg}");
+            assert!(msg.contains("--allow-older"), "{msg}");
+            assert!(!o.exists());
+        }
+        // Asked for: the older state, at the asked time or now.
+        for at in [Some(asked), None] {
+            let opts = RestoreOptions {
+                target: "p/d/a".into(),
+                output: o.clone(),
+                timestamp: at,
+                if_replica_exists: false,
+                if_db_not_exists: false,
+                allow_older: true,
+            };
+            let res = litefleet::restore::restore(&f.loaded(), &f.replica(), &opts)
+                .await
+                .unwrap();
+            match res {
+                RestoreOutcome::Restored { object, .. } => assert_eq!(object, older.as_ref()),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(count_rows(&o), 3);
+            std::fs::remove_file(&o).unwrap();
+        }
+        // The same object with a sound record is restored at its time only.
+        put_with_record(&f, &db, v2_times, v1, None).await;
+        f.restore("p/d/a", &o, Some(asked)).await.unwrap();
+        assert_eq!(count_rows(&o), 3);
+        std::fs::remove_file(&o).unwrap();
+        f.restore("p/d/a", &o, Some(v2_times.taken)).await.unwrap();
+        assert_eq!(count_rows(&o), 5);
+        std::fs::remove_file(&o).unwrap();
+    }
+    // verify reports the object as damaged.
+    put_with_record(&f, &db, v2_times, false, Some(20)).await;
+    let cfg = f.config_path();
+    let o = common::litefleet(
+        f.work.path(),
+        &["--config", cfg.to_str().unwrap(), "verify"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{out}{}", common::stderr(&o));
+    assert!(out.contains("p/d/a: damaged object"), "{out}");
+    assert!(out.contains("checksum"), "{out}");
 });
 
 // Damaged and foreign files matching the pattern: the healthy database is

@@ -221,9 +221,11 @@ async fn plant_hostile_keys(f: &Fleet) {
         .bytes()
         .await
         .unwrap();
+    // The same hour as the source: the object's times record must agree.
+    let time = src.rsplit_once("/t0").unwrap().1;
     for stem in ["t1", "..", "."] {
         let loc = litefleet::replica::layout::key_path(&replica.prefix, "p9/d9")
-            .join(format!("{stem}-20261122-140000.db.lz4").as_str());
+            .join(format!("{stem}{time}").as_str());
         replica
             .store
             .put(&loc, PutPayload::from(bytes.clone()))

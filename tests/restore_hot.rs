@@ -39,7 +39,7 @@ const SEPARATION: Duration = Duration::from_millis(25);
 /// only after the next millisecond began.
 async fn mark() -> DateTime<Utc> {
     tokio::time::sleep(Duration::from_millis(2)).await;
-    let t = Utc::now();
+    let t = common::generations::now();
     tokio::time::sleep(SEPARATION).await;
     t
 }
@@ -49,8 +49,6 @@ async fn mark() -> DateTime<Utc> {
 struct Db {
     w: GenWriter,
     dir: TempDir,
-    /// Cold snapshots taken so far (each is named one hour later).
-    colds: i64,
     /// Commit time of each generation snapshot uploaded, by index.
     gen_snapshots: Vec<(u64, DateTime<Utc>)>,
 }
@@ -74,7 +72,6 @@ impl Db {
         Db {
             w: GenWriter::create(dir.path().join("db.db"), key, 200),
             dir,
-            colds: 0,
             gen_snapshots: Vec::new(),
         }
     }
@@ -90,7 +87,7 @@ impl Db {
         self.w.checkpoint(shipped);
         let copy = self.dir.path().join("copy.db");
         std::fs::copy(self.path(), &copy).unwrap();
-        let committed = Utc::now();
+        let committed = common::generations::now();
         let index = self.index;
         litefleet::capture::upload::upload_snapshot(
             r,
@@ -114,14 +111,29 @@ impl Db {
     }
 
     /// Uploads a consistent copy (uncheckpointed WAL frames included) as a
-    /// cold snapshot, named one hour after the previous one.
+    /// cold snapshot; then lets an hour pass on the test's clock, so the
+    /// next one is in an hour of its own.
     async fn cold(&mut self, r: &Replica) -> (ObjPath, DateTime<Utc>) {
         let snap = snapshot::capture(&self.path(), &self.dir.path().join("tmp")).unwrap();
-        let hour = Utc::now() - chrono::Duration::hours(24 - self.colds);
-        self.colds += 1;
-        let loc = cold::snapshot_path(&r.prefix, &self.key, "db", hour);
-        snap.upload(r, &loc).await.unwrap();
+        let loc = self.put_cold(r, &snap).await;
+        common::generations::move_clock_ahead(chrono::Duration::hours(1));
         (loc, mark().await)
+    }
+
+    /// Uploads `snap` as a cold snapshot at the test's clock: its times
+    /// record moved ahead as far as the clock, named by that hour.
+    async fn put_cold(&self, r: &Replica, snap: &snapshot::Snapshot) -> ObjPath {
+        let ahead = common::generations::clock_ahead();
+        let times = cold::SnapshotTimes {
+            started: snap.times.started + ahead,
+            taken: snap.times.taken + ahead,
+        };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut snap.reader().unwrap(), &mut bytes).unwrap();
+        bytes[..cold::RECORD_LEN].copy_from_slice(&times.encode());
+        let loc = cold::snapshot_path(&r.prefix, &self.key, "db", times.taken);
+        r.put_bytes(&loc, bytes).await.unwrap();
+        loc
     }
 
     fn gen_snapshot_path(&self, r: &Replica, index: u64) -> ObjPath {
@@ -304,7 +316,13 @@ both_backends!(gap_fails_loudly_and_leaves_no_output, |b| async move {
     // Not silently replaced by the older cold snapshot, but named, with the
     // time its copy was complete (recorded at the start of the object).
     let head = r.get_bytes(&cold).await.unwrap().unwrap();
-    let cold_time = cold::SnapshotTimes::decode(&head).unwrap().taken;
+    let hour = cold::parse_snapshot_name(cold.filename().unwrap())
+        .unwrap()
+        .hour;
+    let cold_time = cold::SnapshotTimes::decode(&head, hour)
+        .unwrap()
+        .unwrap()
+        .taken;
     let t = cold_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     assert!(msg.contains(&cold.to_string()), "{msg}");
     assert!(msg.contains(&format!("--timestamp {t}")), "{msg}");
@@ -411,13 +429,64 @@ both_backends!(
         assert!(msg.contains("pass --allow-older"), "{msg}");
         // Asked for: the next later state is the generation's (15 rows), not
         // the older cold snapshot's (4 rows).
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out.db");
-        let res = f.restore_allowing_older("p/d/t", &out).await.unwrap();
-        let RestoreOutcome::Restored { tier, .. } = res else {
-            panic!("{res:?}")
-        };
-        assert_eq!((tier, count_rows(&out)), (Tier::Hot, 15));
+        assert_eq!(restore_allowing_older(&f).await, (Tier::Hot, 15));
+    }
+);
+
+/// Restores `p/d/t` with `--allow-older`: the tier and the rows.
+async fn restore_allowing_older(f: &Fleet) -> (Tier, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.db");
+    let res = f.restore_allowing_older("p/d/t", &out).await.unwrap();
+    let RestoreOutcome::Restored { tier, .. } = res else {
+        panic!("{res:?}")
+    };
+    (tier, count_rows(&out))
+}
+
+/// Flips bit 20 of the `taken` time in the times record of `loc`.
+async fn flip_taken(r: &Replica, loc: &ObjPath) {
+    let mut obj = r.get_bytes(loc).await.unwrap().unwrap().to_vec();
+    obj[24 + 2] ^= 1 << 4;
+    r.put_bytes(loc, obj).await.unwrap();
+}
+
+// A cold snapshot whose times record is damaged: passed over when the
+// generation holds a later state whatever its times were; damage (named,
+// with the state restored instead) when it might be the later state.
+both_backends!(
+    damaged_cold_record_is_weighed_against_the_generation,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        db.commit(10);
+        let (old, _) = db.cold(&r).await;
+        flip_taken(&r, &old).await;
+        db.commit(5);
+        db.gen_snapshot(&r).await;
+        db.commit(3);
+        db.ship(&r).await;
+        let (tier, rows, _) = restore_at(&f, "p/d/t", None).await.unwrap();
+        assert_eq!((tier, rows), (Tier::Hot, 18));
+
+        db.commit(2);
+        let (new, _) = db.cold(&r).await;
+        flip_taken(&r, &new).await;
+        let e = restore_at(&f, "p/d/t", None).await.unwrap_err();
+        assert!(matches!(e, Error::Damaged { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.starts_with(&format!("{new}: ")), "{msg}");
+        assert!(msg.contains("fails its checksum"), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "next older state ({}",
+                db.gen_snapshot_path(&r, 0)
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("pass --allow-older"), "{msg}");
+        assert_eq!(restore_allowing_older(&f).await, (Tier::Hot, 18));
     }
 );
 
@@ -806,9 +875,8 @@ both_backends!(
         let at = mark().await;
         db.commit(5);
         let snap = snapshot::capture(&db.path(), &db.dir.path().join("tmp")).unwrap();
-        assert!(snap.times.taken > at);
-        let loc = cold::snapshot_path(&r.prefix, "p/d/c", "db", snap.times.taken);
-        snap.upload(&r, &loc).await.unwrap();
+        assert!(snap.times.taken + common::generations::clock_ahead() > at);
+        db.put_cold(&r, &snap).await;
         assert_eq!(rows_via(&f, &coarse, "p/d/c", Some(at)).await.unwrap(), 10);
         assert_eq!(rows_via(&f, &coarse, "p/d/c", None).await.unwrap(), 15);
     }

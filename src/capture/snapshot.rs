@@ -974,7 +974,9 @@ mod tests {
                 panic!("in memory")
             };
             assert_eq!(snap.compressed_bytes, obj.len() as u64);
-            let head = SnapshotTimes::decode(obj).expect("a times record");
+            let hour = crate::replica::cold::next_hour(times.taken);
+            let head = SnapshotTimes::decode(obj, hour).expect("a sound record");
+            let head = head.expect("a times record");
             assert_eq!(head, times, "input {i}");
             let mut back = Vec::new();
             lz4_flex::frame::FrameDecoder::new(&obj[crate::replica::cold::RECORD_LEN..])

@@ -13,7 +13,14 @@
 //! * Each object is an LZ4 frame of the whole database, preceded by a
 //!   [`SnapshotTimes`] record in an LZ4 *skippable frame* (which `lz4 -d`
 //!   and every LZ4 frame decoder skip): when the copy began and when it was
-//!   complete. Capture writes it ([`crate::capture::snapshot`]).
+//!   complete, and (`lfsnap02`) an xxHash32 of both. Capture writes it
+//!   ([`crate::capture::snapshot`]). Records of the previous version
+//!   (`lfsnap01`, no checksum) are still read.
+//! * Every record is checked when it is read ([`SnapshotTimes::decode`]):
+//!   checksum, `started <= taken`, and `taken` in the hour the name implies.
+//!   A record failing a check is [`Error::Damaged`], never "no record": a
+//!   flipped bit must not let a restore at `T` pick a copy completed after
+//!   `T`.
 //!
 //! Choosing ([`choose_cold`]): the newest object, or for a restore at `T` the
 //! newest whose copy was complete at or before `T`, read from its record
@@ -40,13 +47,30 @@ const TIME_LEN: usize = 15;
 /// the sixteen the LZ4 frame format reserves for user data
 /// (`0x184D2A50..=0x184D2A5F`), which decoders skip.
 const RECORD_MAGIC: u32 = 0x184D_2A5A;
+/// Magic of an LZ4 frame: an object of a version before the record starts
+/// with it.
+const LZ4_FRAME_MAGIC: u32 = 0x184D_2204;
 /// First bytes of the record's payload: names the format and its version.
-const RECORD_TAG: &[u8; 8] = b"lfsnap01";
-/// Payload: the tag and two times in Unix milliseconds (little endian).
-const RECORD_PAYLOAD: usize = 8 + 8 + 8;
+/// `lfsnap02`: the times and an xxHash32 of the tag and both times.
+const RECORD_TAG: &[u8; 8] = b"lfsnap02";
+/// The first version of the record: the times without a checksum. Still
+/// read (with the same sanity checks), never written.
+const RECORD_TAG_V1: &[u8; 8] = b"lfsnap01";
+/// Payload: the tag, two times in Unix milliseconds (little endian) and the
+/// xxHash32 (seed 0, little endian) of the 24 bytes before it.
+const RECORD_PAYLOAD: usize = 8 + 8 + 8 + 4;
+/// Payload of an `lfsnap01` record: the tag and the two times.
+const RECORD_PAYLOAD_V1: usize = 8 + 8 + 8;
 /// Bytes of the whole record frame at the start of a cold snapshot object:
-/// magic, payload length, payload. A ranged GET of this many bytes reads it.
+/// magic, payload length, payload. A ranged GET of this many bytes reads it
+/// (and the record of earlier objects, which is shorter).
 pub const RECORD_LEN: usize = 4 + 4 + RECORD_PAYLOAD;
+
+/// xxHash32 (seed 0) of a record's tag and times.
+fn record_checksum(tag_and_times: &[u8]) -> u32 {
+    twox_hash::XxHash32::oneshot(0, tag_and_times)
+}
+
 /// When a cold snapshot's copy began and when it was complete: it holds
 /// every transaction committed before `started` and none committed after
 /// `taken`.
@@ -67,25 +91,96 @@ impl SnapshotTimes {
         b[16..24].copy_from_slice(&self.started.timestamp_millis().to_le_bytes());
         let taken = crate::replica::layout::commit_millis(self.taken) as i64;
         b[24..32].copy_from_slice(&taken.to_le_bytes());
+        let sum = record_checksum(&b[8..32]);
+        b[32..36].copy_from_slice(&sum.to_le_bytes());
         b
     }
 
-    /// The record at the start of an object (its first [`RECORD_LEN`] bytes
-    /// or more); `None` when the object has none (written by an earlier
-    /// version) or it is not ours.
-    pub fn decode(head: &[u8]) -> Option<SnapshotTimes> {
-        let b = head.get(..RECORD_LEN)?;
-        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let long = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        if word(0) != RECORD_MAGIC || word(4) as usize != RECORD_PAYLOAD || &b[8..16] != RECORD_TAG
-        {
-            return None;
+    /// The record at the start of an object named hour `hour` (its first
+    /// [`RECORD_LEN`] bytes, or all of a shorter object). `Ok(None)` when
+    /// the object starts with an LZ4 frame instead (written by a version
+    /// before the record). Anything else is damage, and the reason is
+    /// returned: an object that starts with neither, a record of unknown
+    /// length or tag, cut short, failing its checksum (`lfsnap02`), or
+    /// whose times cannot be true: `started` after `taken`, or `taken`
+    /// outside the hour the name implies (`[hour - 1h, hour]`: the name is
+    /// the next full hour after the copy was complete, and `taken` is
+    /// rounded up to the millisecond, which can reach `hour` itself).
+    pub fn decode(
+        head: &[u8],
+        hour: DateTime<Utc>,
+    ) -> std::result::Result<Option<SnapshotTimes>, String> {
+        let word = |i: usize| {
+            head.get(i..i + 4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        };
+        let long = |i: usize| i64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+        match word(0) {
+            None => return Err(format!("{} bytes, too short for a snapshot", head.len())),
+            Some(LZ4_FRAME_MAGIC) => return Ok(None),
+            Some(RECORD_MAGIC) => {}
+            Some(m) => {
+                return Err(format!(
+                    "starts with neither a times record nor an LZ4 frame (magic {m:#010x})"
+                ))
+            }
         }
-        Some(SnapshotTimes {
-            started: DateTime::from_timestamp_millis(long(16))?,
-            taken: DateTime::from_timestamp_millis(long(24))?,
-        })
+        let payload = word(4).ok_or("times record cut short")? as usize;
+        let tag = head.get(8..16);
+        let v2 = payload == RECORD_PAYLOAD && tag == Some(&RECORD_TAG[..]);
+        let v1 = payload == RECORD_PAYLOAD_V1 && tag == Some(&RECORD_TAG_V1[..]);
+        if !v1 && !v2 {
+            return Err(format!(
+                "times record of unknown length {payload} or tag {:?}",
+                String::from_utf8_lossy(tag.unwrap_or_default())
+            ));
+        }
+        if head.len() < 8 + payload {
+            return Err("times record cut short".into());
+        }
+        if v2 {
+            let sum = word(32).expect("length checked");
+            if sum != record_checksum(&head[8..32]) {
+                return Err("times record fails its checksum".into());
+            }
+        }
+        let time = |ms: i64| {
+            DateTime::from_timestamp_millis(ms)
+                .ok_or_else(|| format!("times record: {ms} ms is out of range"))
+        };
+        let times = SnapshotTimes {
+            started: time(long(16))?,
+            taken: time(long(24))?,
+        };
+        let rfc = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        if times.started > times.taken {
+            return Err(format!(
+                "times record says the copy began ({}) after it was complete ({})",
+                rfc(times.started),
+                rfc(times.taken)
+            ));
+        }
+        if times.taken > hour || times.taken < hour - ChronoDuration::seconds(HOUR_SECS) {
+            return Err(format!(
+                "times record says the copy was complete at {}, outside the hour its name implies (before {})",
+                rfc(times.taken),
+                rfc(hour)
+            ));
+        }
+        Ok(Some(times))
     }
+}
+
+/// The times recorded at the start of the cold snapshot `location` (named
+/// hour `hour`), from `head`, its first [`RECORD_LEN`] bytes (or all of a
+/// shorter object): [`SnapshotTimes::decode`], a bad record being
+/// [`Error::Damaged`] naming the object.
+pub fn record(
+    location: &ObjPath,
+    hour: DateTime<Utc>,
+    head: &[u8],
+) -> Result<Option<SnapshotTimes>> {
+    SnapshotTimes::decode(head, hour).map_err(|why| Error::damaged(location, why))
 }
 
 /// The next full hour after `t` (a snapshot at 13:00:00 exactly is named 14:00).
@@ -221,39 +316,79 @@ impl ColdChoice {
 }
 
 /// Reads the times recorded at the start of a cold snapshot object (a
-/// ranged GET of a few bytes); `None` when it has none.
+/// ranged GET of a few bytes); `None` when it has none (an object of a
+/// version before the record). A record that fails its checksum or its
+/// sanity checks is [`Error::Damaged`] (see [`record`]), never `None`.
 pub async fn recorded_times(replica: &Replica, s: &SnapshotInfo) -> Result<Option<SnapshotTimes>> {
-    if s.size < RECORD_LEN as u64 {
-        return Ok(None);
+    let len = s.size.min(RECORD_LEN as u64);
+    let head = if len == 0 {
+        bytes::Bytes::new()
+    } else {
+        replica
+            .store
+            .get_range(&s.location, 0..len)
+            .await
+            .map_err(|e| Error::store(&s.location, e))?
+    };
+    record(&s.location, s.hour, &head)
+}
+
+/// Why [`choose_cold`] could not choose.
+#[derive(Debug)]
+pub enum ChooseError {
+    /// The times record of this snapshot, which the choice needed, is
+    /// damaged ([`Error::Damaged`], see [`recorded_times`]): whether it may
+    /// be restored at the asked time cannot be told, and it is never taken
+    /// for an object without a record.
+    Damaged(Box<SnapshotInfo>, Error),
+    /// Any other error (the store failed).
+    Other(Error),
+}
+
+impl ChooseError {
+    fn of(s: &SnapshotInfo, e: Error) -> ChooseError {
+        match e {
+            Error::Damaged { .. } => ChooseError::Damaged(Box::new(s.clone()), e),
+            e => ChooseError::Other(e),
+        }
     }
-    let head = replica
-        .store
-        .get_range(&s.location, 0..RECORD_LEN as u64)
-        .await
-        .map_err(|e| Error::store(&s.location, e))?;
-    Ok(SnapshotTimes::decode(&head))
+}
+
+impl From<ChooseError> for Error {
+    fn from(e: ChooseError) -> Error {
+        match e {
+            ChooseError::Damaged(_, e) | ChooseError::Other(e) => e,
+        }
+    }
 }
 
 /// The cold snapshot to restore: the newest, or the newest whose copy was
 /// complete at or before `at` (see the module docs). `with_times`: read the
 /// record of the newest one too (needed to compare it with the hot tier).
+/// A damaged record of a snapshot it had to read stops the choice
+/// ([`ChooseError::Damaged`]): the caller decides whether to go on without
+/// that snapshot.
 pub async fn choose_cold(
     replica: &Replica,
     snaps: &[SnapshotInfo],
     at: Option<DateTime<Utc>>,
     with_times: bool,
-) -> Result<Option<ColdChoice>> {
+) -> std::result::Result<Option<ColdChoice>, ChooseError> {
     let mut newest_first: Vec<&SnapshotInfo> = snaps.iter().collect();
     newest_first.sort_by_key(|s| std::cmp::Reverse((s.hour, s.uploaded)));
+    let read = |s: &SnapshotInfo| {
+        let s = s.clone();
+        async move {
+            recorded_times(replica, &s)
+                .await
+                .map_err(|e| ChooseError::of(&s, e))
+        }
+    };
     let Some(t) = at else {
         let Some(&s) = newest_first.first() else {
             return Ok(None);
         };
-        let times = if with_times {
-            recorded_times(replica, s).await?
-        } else {
-            None
-        };
+        let times = if with_times { read(s).await? } else { None };
         return Ok(Some(ColdChoice {
             info: s.clone(),
             times,
@@ -264,7 +399,7 @@ pub async fn choose_cold(
             // Completed at or after the hour before its name: after `at`.
             continue;
         }
-        let times = recorded_times(replica, s).await?;
+        let times = read(s).await?;
         let usable = match times {
             Some(r) => r.taken <= t,
             // Earlier versions: only the name is certain.
@@ -324,14 +459,27 @@ mod tests {
         }
     }
 
+    /// Stores `head` and an LZ4 frame as the object of `s`.
+    async fn put(r: &Replica, s: &mut SnapshotInfo, head: &[u8]) {
+        use std::io::Write;
+        let mut enc = lz4_flex::frame::FrameEncoder::new(head.to_vec());
+        enc.write_all(b"a database").unwrap();
+        let obj = enc.finish().unwrap();
+        s.size = obj.len() as u64;
+        r.store.put(&s.location, obj.into()).await.unwrap();
+    }
+
     #[tokio::test]
     async fn without_a_record_only_the_hour_name_counts() {
-        // Objects of earlier versions (too small to hold a record, so nothing
-        // is read): usable at T only if their hour name is at or before T,
-        // whatever their listing time says.
+        // Objects of earlier versions (an LZ4 frame, no record): usable at
+        // T only if their hour name is at or before T, whatever their
+        // listing time says.
         let dir = tempfile::tempdir().unwrap();
         let r = Replica::for_test_dir(dir.path());
-        let s = vec![snap(2, 10), snap(3, 50), snap(4, 5)];
+        let mut s = vec![snap(2, 10), snap(3, 50), snap(4, 5)];
+        for s in &mut s {
+            put(&r, s, &[]).await;
+        }
         let hour = |c: Option<ColdChoice>| c.map(|c| c.info.hour);
         let pick = |t| choose_cold(&r, &s, t, true);
         assert_eq!(hour(pick(None).await.unwrap()), Some(s[2].hour));
@@ -341,5 +489,123 @@ mod tests {
         assert_eq!(hour(pick(Some(t)).await.unwrap()), Some(s[1].hour));
         let t = Utc.with_ymd_and_hms(2026, 11, 22, 1, 9, 0).unwrap();
         assert!(pick(Some(t)).await.unwrap().is_none());
+    }
+
+    fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, h, m, s).unwrap()
+    }
+
+    /// An `lfsnap01` record, as the previous version wrote it.
+    fn v1(started: DateTime<Utc>, taken: DateTime<Utc>) -> Vec<u8> {
+        let mut b = RECORD_MAGIC.to_le_bytes().to_vec();
+        b.extend_from_slice(&(RECORD_PAYLOAD_V1 as u32).to_le_bytes());
+        b.extend_from_slice(RECORD_TAG_V1);
+        b.extend_from_slice(&started.timestamp_millis().to_le_bytes());
+        b.extend_from_slice(&taken.timestamp_millis().to_le_bytes());
+        b
+    }
+
+    /// A copy from 10:01:50 to 10:01:55.
+    fn sample() -> SnapshotTimes {
+        SnapshotTimes {
+            started: at(10, 1, 50),
+            taken: at(10, 1, 55),
+        }
+    }
+
+    #[test]
+    fn records_roundtrip_and_old_ones_are_read() {
+        let t = sample();
+        let hour = next_hour(t.taken);
+        let mut obj = t.encode().to_vec();
+        obj.extend_from_slice(&LZ4_FRAME_MAGIC.to_le_bytes());
+        assert_eq!(&obj[8..16], b"lfsnap02");
+        assert_eq!(SnapshotTimes::decode(&obj, hour), Ok(Some(t)));
+        assert_eq!(SnapshotTimes::decode(&obj[..RECORD_LEN], hour), Ok(Some(t)));
+        let old = v1(t.started, t.taken);
+        assert_eq!(SnapshotTimes::decode(&old, hour), Ok(Some(t)));
+        // No record: an LZ4 frame right away.
+        assert_eq!(
+            SnapshotTimes::decode(&LZ4_FRAME_MAGIC.to_le_bytes(), hour),
+            Ok(None)
+        );
+        // Rounded up to the hour itself: still its hour.
+        let edge = SnapshotTimes {
+            started: at(10, 59, 59),
+            taken: at(10, 59, 59) + ChronoDuration::microseconds(999_900),
+        };
+        assert_eq!(
+            SnapshotTimes::decode(&edge.encode(), next_hour(edge.taken))
+                .unwrap()
+                .unwrap()
+                .taken,
+            at(11, 0, 0)
+        );
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_record_is_damage() {
+        let t = sample();
+        let hour = next_hour(t.taken);
+        let good = t.encode();
+        for bit in 0..RECORD_LEN * 8 {
+            let mut b = good;
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(SnapshotTimes::decode(&b, hour).is_err(), "bit {bit}");
+        }
+        // The tester's flip: bit 20 of `taken`.
+        let mut b = good;
+        b[24 + 2] ^= 1 << 4;
+        let why = SnapshotTimes::decode(&b, hour).unwrap_err();
+        assert!(why.contains("checksum"), "{why}");
+        // Cut short, empty, or not ours.
+        for n in [0, 3, 8, 20, RECORD_LEN - 1] {
+            assert!(SnapshotTimes::decode(&good[..n], hour).is_err(), "{n}");
+        }
+        assert!(SnapshotTimes::decode(b"garbage!", hour).is_err());
+    }
+
+    #[test]
+    fn old_records_are_sanity_checked() {
+        let hour = at(11, 0, 0);
+        // The tester's flip on an `lfsnap01` record: taken 10:19:20 became
+        // 10:01:55, before the copy began.
+        let why = SnapshotTimes::decode(&v1(at(10, 19, 20), at(10, 1, 55)), hour).unwrap_err();
+        assert!(why.contains("after it was complete"), "{why}");
+        // Taken outside the hour the name implies, either way.
+        for taken in [at(9, 59, 59), at(11, 0, 1), at(2, 0, 0)] {
+            let why = SnapshotTimes::decode(&v1(at(1, 0, 0), taken), hour).unwrap_err();
+            assert!(why.contains("outside the hour"), "{why}");
+        }
+        assert!(SnapshotTimes::decode(&v1(at(10, 0, 0), at(10, 0, 0)), hour).is_ok());
+        // A v1 record cut short is damage too.
+        let old = v1(at(10, 1, 0), at(10, 2, 0));
+        assert!(SnapshotTimes::decode(&old[..31], hour).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_stops_the_choice() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(dir.path());
+        let (mut old, mut new) = (snap(2, 10), snap(3, 50));
+        put(&r, &mut old, &[]).await;
+        // Really taken 02:50; the flip says 02:01.
+        let mut rec = v1(at(2, 49, 0), at(2, 50, 0));
+        rec[24..32].copy_from_slice(&at(2, 1, 0).timestamp_millis().to_le_bytes());
+        put(&r, &mut new, &rec).await;
+        let s = vec![old.clone(), new.clone()];
+        for t in [Some(at(2, 30, 0)), None] {
+            match choose_cold(&r, &s, t, true).await {
+                Err(ChooseError::Damaged(info, e)) => {
+                    assert_eq!(info.location, new.location);
+                    assert!(matches!(e, Error::Damaged { .. }), "{e}");
+                    assert!(e.to_string().contains(new.location.as_ref()), "{e}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Before its hour began it is never read.
+        let c = choose_cold(&r, &s, Some(at(1, 59, 0)), true).await.unwrap();
+        assert!(c.is_none());
     }
 }

@@ -64,7 +64,8 @@
 //! Failures:
 //!
 //! * Only **damage** ([`crate::Error::Damaged`]: a malformed LZ4 frame, a failed
-//!   checksum, not a SQLite database, a failed integrity check) is taken for
+//!   checksum, a cold snapshot's times record failing its checksum or sanity
+//!   checks, not a SQLite database, a failed integrity check) is taken for
 //!   a bad copy. A damaged cold snapshot fails the restore, naming it and
 //!   the older state that could be restored instead; with `--allow-older`
 //!   it is skipped with a warning and the choice is made again without it

@@ -12,7 +12,7 @@ use object_store::ObjectStoreExt;
 use super::install::{refuse_side_files, Staged};
 use super::replay::{self, uploaded_by};
 use crate::capture::snapshot;
-use crate::replica::cold::{self, choose_cold, ColdChoice, SnapshotInfo};
+use crate::replica::cold::{self, choose_cold, ChooseError, ColdChoice, SnapshotInfo};
 use crate::replica::hot::{self, Plan, RestorePoint};
 use crate::replica::layout::check_key;
 use crate::replica::storage::Replica;
@@ -240,7 +240,8 @@ pub(super) struct Restored {
 ///
 /// A damaged cold snapshot ([`Error::Damaged`]: a partial write by a store
 /// without atomic PUT, bit rot) fails the LZ4 content checksum recorded at
-/// upload or the integrity check, so it is never installed. The restore then
+/// upload, the check of its times record (read when choosing, or checked
+/// as it is downloaded) or the integrity check, so it is never installed. The restore then
 /// fails naming it and the next older state, unless `how.allow_older`: then
 /// it is dropped, the choice is made again and the fallback is logged as a
 /// warning. Every other error stops the restore, and so does any failure of
@@ -265,26 +266,59 @@ pub(super) async fn restore_key(
     } else {
         None
     };
-    let mut damaged: Option<(SnapshotInfo, Error)> = None;
+    // Damaged cold snapshots met so far, newest first: passed over only
+    // with `how.allow_older`; else the restore fails naming the newest and
+    // the state that would be restored instead.
+    let mut damaged: Vec<(SnapshotInfo, Error)> = Vec::new();
     loop {
-        let cold = choose_cold(replica, &snaps, at, plan.is_some()).await?;
+        let cold = match choose_cold(replica, &snaps, at, plan.is_some()).await {
+            Ok(c) => c,
+            Err(ChooseError::Damaged(bad, e)) => {
+                // Its times record is damaged, so whether it may be
+                // restored at `at` is unknown: damage, like a damaged
+                // download. Unless the generation holds a later state
+                // whatever the times were (the copy began before the hour
+                // in its name): then it would not be restored anyway.
+                snaps.retain(|s| s.location != bad.location);
+                if plan.as_ref().is_none_or(|p| p.time() < bad.hour) {
+                    damaged.push((*bad, e));
+                }
+                continue;
+            }
+            Err(ChooseError::Other(e)) => return Err(e),
+        };
         let source = pick(cold.as_ref(), plan.as_ref());
-        if let Some((bad, e)) = damaged.take() {
+        if !damaged.is_empty() {
             let fallback = match &source {
-                None => return Err(e),
+                None => return Err(damaged.swap_remove(0).1),
                 Some(Source::Cold(c)) => c.info.location.to_string(),
                 Some(Source::Hot(p)) => describe_plan(p),
             };
             if !how.allow_older {
+                let (bad, e) = damaged.remove(0);
+                let also = if damaged.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<String> = damaged
+                        .iter()
+                        .map(|(s, _)| s.location.to_string())
+                        .collect();
+                    format!(
+                        " (older damaged snapshots passed over too: {})",
+                        names.join(", ")
+                    )
+                };
                 return Err(Error::damaged(
                     &bad.location,
                     format!(
-                        "{e}; not restoring the next older state ({fallback}) by itself: \
+                        "{e}; not restoring the next older state ({fallback}){also} by itself: \
                          pass --allow-older to restore it"
                     ),
                 ));
             }
-            tracing::warn!(object = %bad.location, error = %e, %fallback, "snapshot is damaged; restoring the next older state (--allow-older)");
+            for (bad, e) in damaged.drain(..) {
+                tracing::warn!(object = %bad.location, error = %e, %fallback, "snapshot is damaged; restoring the next older state (--allow-older)");
+            }
         }
         let snap = match source {
             None => return Ok(None),
@@ -333,7 +367,7 @@ pub(super) async fn restore_key(
             }
             Err(e @ Error::Damaged { .. }) => {
                 snaps.retain(|s| s.location != snap.location);
-                damaged = Some((snap, e));
+                damaged.push((snap, e));
             }
             Err(e) => return Err(e),
         }
@@ -471,17 +505,44 @@ async fn fetch_once(
         .get(location)
         .await
         .map_err(|e| Error::store(location, e))?;
-    let bridge = replay::object_reader(got, on_bytes);
+    let mut bridge = Head {
+        inner: replay::object_reader(got, on_bytes),
+        head: Vec::with_capacity(cold::RECORD_LEN),
+    };
     let output = output.to_path_buf();
-    let what = location.to_string();
+    let location = location.clone();
     blocking(move || {
+        let what = location.to_string();
         let mut staged = Staged::new(&output)?;
         let tmp = staged.tmp.to_path_buf();
-        let n = snapshot::decompress_to(bridge, &what, &mut staged.file, &tmp)?;
+        let n = snapshot::decompress_to(&mut bridge, &what, &mut staged.file, &tmp)?;
+        // The decoder skips the times record; a damaged one is damage of
+        // the object all the same (a restore at a time before it was
+        // taken could have chosen it), so it is never installed.
+        if let Some(name) = location.filename().and_then(cold::parse_snapshot_name) {
+            cold::record(&location, name.hour, &bridge.head)?;
+        }
         staged.install(&what)?;
         Ok(n)
     })
     .await
+}
+
+/// A reader that keeps the first [`cold::RECORD_LEN`] bytes read through
+/// it: the times record of a cold snapshot, checked after the download
+/// streamed through the decoder (no second request).
+struct Head<R> {
+    inner: R,
+    head: Vec<u8>,
+}
+
+impl<R: std::io::Read> std::io::Read for Head<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let keep = (cold::RECORD_LEN - self.head.len()).min(n);
+        self.head.extend_from_slice(&buf[..keep]);
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

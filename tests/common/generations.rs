@@ -12,6 +12,29 @@ use litefleet::replica::hot::{self, GenerationId, Metadata, WalStart};
 use litefleet::replica::storage::Replica;
 use rusqlite::Connection;
 
+thread_local! {
+    /// How far [`now`] is ahead of the real clock.
+    static AHEAD: std::cell::Cell<chrono::Duration> = const { std::cell::Cell::new(chrono::Duration::zero()) };
+}
+
+/// The clock commit times are taken from: the real one, moved ahead by
+/// [`move_clock_ahead`]. Per thread: a test's body runs on its own thread
+/// (`block_on`), so each test has a clock of its own.
+pub fn now() -> DateTime<Utc> {
+    Utc::now() + clock_ahead()
+}
+
+/// How far [`now`] is ahead of the real clock.
+pub fn clock_ahead() -> chrono::Duration {
+    AHEAD.with(|a| a.get())
+}
+
+/// Moves [`now`] ahead by `d`: a test that needs cold snapshots in
+/// several hours (each hour holds one per database) lets an hour pass.
+pub fn move_clock_ahead(d: chrono::Duration) {
+    AHEAD.with(|a| a.set(a.get() + d));
+}
+
 pub struct GenWriter {
     pub db: PathBuf,
     pub key: String,
@@ -79,7 +102,7 @@ impl GenWriter {
     pub async fn ship(&mut self, r: &Replica) -> Position {
         // As names record it: whole milliseconds, rounded up.
         let committed = DateTime::from_timestamp_millis(litefleet::replica::layout::commit_millis(
-            Utc::now(),
+            now(),
         ) as i64)
         .unwrap();
         let wp = PathBuf::from(format!("{}-wal", self.db.display()));

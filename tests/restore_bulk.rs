@@ -205,7 +205,9 @@ both_backends!(if_db_not_exists_skips_existing_outputs, |b| async move {
 /// keys `p9/d9/..` and `p9/d9/.`. (object_store itself refuses `.`, `..` and
 /// empty segments in the directories of listed keys, so a snapshot's stem is
 /// where such a segment can come from.)
-async fn plant_hostile_keys(f: &Fleet) {
+/// The object of `p0/d0/t0` and the `-YYYYMMDD-HHMMSS.db.lz4` end of its
+/// name: a copy under another stem keeps the hour its times record says.
+async fn source_object(f: &Fleet) -> (bytes::Bytes, String) {
     let replica = f.replica();
     let src = f
         .objects()
@@ -221,8 +223,12 @@ async fn plant_hostile_keys(f: &Fleet) {
         .bytes()
         .await
         .unwrap();
-    // The same hour as the source: the object's times record must agree.
-    let time = src.rsplit_once("/t0").unwrap().1;
+    (bytes, src.rsplit_once("/t0").unwrap().1.to_string())
+}
+
+async fn plant_hostile_keys(f: &Fleet) {
+    let replica = f.replica();
+    let (bytes, time) = source_object(f).await;
     for stem in ["t1", "..", "."] {
         let loc = litefleet::replica::layout::key_path(&replica.prefix, "p9/d9")
             .join(format!("{stem}{time}").as_str());
@@ -269,6 +275,154 @@ both_backends!(
         assert_eq!(inner, vec!["t1.db"]);
     }
 );
+
+/// Keys with characters object_store percent-encodes in object paths,
+/// with their rows.
+const SPECIAL_KEYS: [(&str, usize); 4] = [
+    ("p8/d1/h#x", 1),
+    ("p8/d1/é", 2),
+    ("p8/d1/p%2Fq", 3),
+    ("new\nline/d1/t", 4),
+];
+
+// Object paths are stored percent-encoded; keys are listed, printed, taken
+// by `restore`/`snapshots` and mirrored by a bulk restore decoded.
+both_backends!(keys_are_listed_used_and_restored_decoded, |b| async move {
+    let f = Fleet::new(b).await;
+    for (key, rows) in SPECIAL_KEYS {
+        let p: Vec<&str> = key.split('/').collect();
+        drop(create_db(&f.db_path(p[0], p[1], p[2]), rows));
+    }
+    let r = f.replicator().cycle(&CancellationToken::new()).await;
+    assert_eq!((r.scan.databases, r.failed), (4, 0));
+    let objects = f.objects().await;
+    assert!(
+        objects.iter().any(|o| o.contains("p8/d1/h%23x/h%23x-")),
+        "{objects:?}"
+    );
+    let replica = f.replica();
+    let listed = litefleet::restore::list_databases(&replica, None)
+        .await
+        .unwrap();
+    let mut want: Vec<&str> = SPECIAL_KEYS.iter().map(|(k, _)| *k).collect();
+    want.sort();
+    assert_eq!(listed.keys().collect::<Vec<_>>(), want);
+    assert!(listed.values().all(|l| l.refused.is_none()));
+
+    let cfg = f.config_path();
+    let cfg = cfg.to_str().unwrap();
+    let o = litefleet(f.work.path(), &["-c", cfg, "list"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let shown: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(
+        shown,
+        vec!["new\\nline/d1/t", "p8/d1/h#x", "p8/d1/p%2Fq", "p8/d1/é"],
+        "{out}"
+    );
+    for key in ["p8/d1/h#x", "p8/d1/é", "p8/d1/p%2Fq"] {
+        let o = litefleet(f.work.path(), &["-c", cfg, "snapshots", key]);
+        assert!(o.status.success(), "{key}: {}", common::stderr(&o));
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    for (i, (key, rows)) in SPECIAL_KEYS.iter().enumerate() {
+        let o = out.path().join(format!("{i}.db"));
+        f.restore(key, &o, None).await.unwrap();
+        assert_eq!(count_rows(&o), *rows as i64, "{key}");
+    }
+    let dir = out.path().join("bulk");
+    let r = restore_bulk(&replica, &opts("/", &dir), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!((r.databases, r.restored), (4, 4), "{:?}", r.failed);
+    for (key, rows) in SPECIAL_KEYS {
+        assert_eq!(
+            count_rows(&dir.join(format!("{key}.db"))),
+            rows as i64,
+            "{key}"
+        );
+    }
+    let mut files: Vec<String> = common::walk_files(&dir)
+        .iter()
+        .map(|p| p.strip_prefix(&dir).unwrap().to_str().unwrap().to_string())
+        .collect();
+    files.sort();
+    let mut want: Vec<String> = SPECIAL_KEYS
+        .iter()
+        .map(|(k, _)| format!("{k}.db"))
+        .collect();
+    want.sort();
+    assert_eq!(files, want);
+});
+
+// Parts of object paths that decode to `/`, `..` or NUL (object names no
+// litefleet wrote) never become keys or paths: each database is refused on
+// its own, saying why, and nothing is written outside the output
+// directory. S3 only: a file:// replica decodes such parts into its own
+// file names when it stores them, so it cannot hold these.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_parts_that_could_escape_are_refused() {
+    let f = fleet_of_20(common::fleet::Backend::S3).await;
+    let (bytes, time) = source_object(&f).await;
+    let replica = f.replica();
+    for rel in [
+        format!("p7/a%2Fb/t0{time}"),
+        format!("p7/%2E%2E/t0{time}"),
+        format!("p7/x%00y/t0{time}"),
+        format!("p7/m/ok{time}"),
+        format!("p7/m/a%2F..{time}"),
+    ] {
+        let loc = ObjPath::parse(format!("{}/{rel}", replica.prefix)).unwrap();
+        replica
+            .store
+            .put(&loc, PutPayload::from(bytes.clone()))
+            .await
+            .unwrap();
+    }
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("out");
+    let r = restore_bulk(&replica, &opts("p7", &dir), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!((r.databases, r.restored, r.skipped), (5, 1, 0));
+    let mut failed: Vec<&str> = r.failed.iter().map(|(k, _)| k.as_str()).collect();
+    failed.sort();
+    assert_eq!(
+        failed,
+        vec!["p7/%2E%2E", "p7/a%2Fb", "p7/m/a%2F..", "p7/x%00y"]
+    );
+    for (key, e) in &r.failed {
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("{key:?}")), "{msg}");
+        assert!(msg.contains("decodes to"), "{msg}");
+    }
+    assert_eq!(count_rows(&dir.join("p7/m/ok.db")), 1);
+    let all: Vec<_> = common::walk_files(base.path());
+    assert_eq!(all, vec![dir.join("p7/m/ok.db")]);
+
+    // `list` shows them as stored, saying why; `verify` fails each.
+    let cfg = f.config_path();
+    let cfg = cfg.to_str().unwrap();
+    let o = litefleet(f.work.path(), &["-c", cfg, "list", "p7"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("p7/a%2Fb\t") && l.contains("\trefused: ")),
+        "{out}"
+    );
+    let o = litefleet(f.work.path(), &["-c", cfg, "verify", "--json", "p7"]);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let failed: Vec<&str> = doc["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] != "ok")
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed.len(), 4, "{doc}");
+}
 
 both_backends!(single_restore_reports_download_bytes, |b| async move {
     let f = fleet_of_20(b).await;

@@ -505,6 +505,22 @@ fn parse_secs(s: &str) -> std::result::Result<std::time::Duration, String> {
 
 /// One line per database: its cold snapshots and hot-tier generations (a
 /// database that only ever streamed has no cold snapshot).
+/// A key as `list` shows it: decoded (the key `restore` takes), with
+/// control characters escaped (`\n`, `\u{1b}`) so that a key from a
+/// hostile object name can neither break the one-line-per-key output nor
+/// drive the terminal.
+fn shown(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn print_listing(
     out: &mut impl std::io::Write,
     dbs: &std::collections::BTreeMap<String, restore::KeyListing>,
@@ -532,7 +548,11 @@ fn print_listing(
             ),
             None => String::new(),
         };
-        writeln!(out, "{key}\t{cold}{hot}")?;
+        let refused = match &l.refused {
+            Some(why) => format!("\trefused: {}", shown(why)),
+            None => String::new(),
+        };
+        writeln!(out, "{}\t{cold}{hot}{refused}", shown(key))?;
         if snapshots {
             for s in &l.snapshots {
                 writeln!(

@@ -234,11 +234,13 @@ pub struct SnapshotInfo {
     pub size: u64,
 }
 
-/// The snapshot an object is, if its name is a cold snapshot name.
+/// The snapshot an object is, if its name is a cold snapshot name. Its
+/// stem is decoded ([`crate::replica::layout::decode_part`]: the stem the
+/// database file had); one that cannot be a key part is kept as listed.
 pub fn to_info(meta: ObjectMeta) -> Option<SnapshotInfo> {
     let name = parse_snapshot_name(meta.location.filename()?)?;
     Some(SnapshotInfo {
-        stem: name.stem,
+        stem: crate::replica::layout::decode_part(&name.stem).unwrap_or(name.stem),
         hour: name.hour,
         uploaded: meta.last_modified,
         size: meta.size,

@@ -33,7 +33,7 @@ pub fn key_path(prefix: &ObjPath, key: &str) -> ObjPath {
 }
 
 /// Refuses a key that is empty, absolute, or has `.`, `..`, empty
-/// segments or a backslash: such a key could name a path outside a
+/// segments, a backslash or a NUL: such a key could name a path outside a
 /// restore directory or an object of another key ([`key_path`] drops empty
 /// segments, so `k/` would name `k`'s objects). The one rule for keys:
 /// `replicate` refuses a database whose key breaks it before anything is
@@ -44,7 +44,7 @@ pub fn check_key(key: &str) -> Result<()> {
         Some(why) => Err(Error::invalid(
             format!("key {key:?}"),
             format!(
-                "{why}: keys must be relative and must not contain `.`, `..` or empty segments or `\\`"
+                "{why}: keys must be relative and must not contain `.`, `..` or empty segments, `\\` or NUL"
             ),
         )),
     }
@@ -64,9 +64,49 @@ pub fn key_problem(key: &str) -> Option<&'static str> {
         Some("`.` or `..` segment")
     } else if key.contains('\\') {
         Some("contains `\\`")
+    } else if key.contains('\0') {
+        Some("contains NUL")
     } else {
         None
     }
+}
+
+/// One part of a listed object path, decoded: object_store percent-encodes
+/// the parts of the paths it stores and lists (`h#x` is stored as `h%23x`,
+/// `%` as `%25`, a `.` part as `%2E`), so the key a user wrote is the
+/// decoded parts. `Err` (why) for a part that decodes to what no part of a
+/// key can be: not UTF-8, empty, `.`, `..`, or holding `/` or NUL. Such an
+/// object was not written by litefleet (every key passed [`check_key`]).
+pub fn decode_part(part: &str) -> std::result::Result<String, String> {
+    let decoded = percent_encoding::percent_decode_str(part)
+        .decode_utf8()
+        .map_err(|_| format!("object path part {part:?} does not decode to UTF-8"))?;
+    let bad = match decoded.as_ref() {
+        "" => Some("is empty"),
+        "." | ".." => Some("is `.` or `..`"),
+        d if d.contains('/') => Some("holds `/`"),
+        d if d.contains('\0') => Some("holds NUL"),
+        _ => None,
+    };
+    match bad {
+        Some(why) => Err(format!(
+            "object path part {part:?} decodes to {decoded:?}, which {why}: \
+             a key must not contain `.`, `..` or empty segments, `/` within a segment or NUL"
+        )),
+        None => Ok(decoded.into_owned()),
+    }
+}
+
+/// The key a listed object path (relative to the replica prefix, parts
+/// percent-encoded as object_store lists them) names: every part decoded
+/// ([`decode_part`]). The inverse of [`key_path`]; a path with a part that
+/// decodes to what no key part can be is refused, naming it.
+pub fn decode_key(encoded: &str) -> Result<String> {
+    let parts: std::result::Result<Vec<String>, String> =
+        encoded.split('/').map(decode_part).collect();
+    parts
+        .map(|p| p.join("/"))
+        .map_err(|why| Error::invalid(format!("key {encoded:?}"), why))
 }
 
 /// A commit time as it is written in names: Unix milliseconds, rounded up,
@@ -130,5 +170,37 @@ mod tests {
             assert_eq!(key_problem(key), None, "{key:?}");
             assert_eq!(key_path(&prefix, key).as_ref(), format!("fleet/{key}"));
         }
+    }
+
+    #[test]
+    fn listed_paths_decode_to_the_keys_that_made_them() {
+        let prefix = ObjPath::from("backups");
+        for key in [
+            "d1/h#x",
+            "d1/é",
+            "d1/p%2Fq",
+            "new\nline/t",
+            "a b/c~d",
+            "p1/d1/main/t1",
+        ] {
+            check_key(key).unwrap();
+            let p = key_path(&prefix, key);
+            let rel = &p.as_ref()["backups/".len()..];
+            assert_eq!(decode_key(rel).unwrap(), key, "{rel}");
+        }
+        assert_eq!(
+            key_path(&prefix, "d1/h#x").as_ref(),
+            "backups/d1/h%23x",
+            "object_store encodes parts"
+        );
+    }
+
+    #[test]
+    fn parts_that_cannot_be_key_parts_are_refused() {
+        for bad in ["p%2Fq", "%2E", "%2E%2E", "a%00b", "%FF", ""] {
+            let e = decode_key(&format!("d1/{bad}/t")).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+        assert!(check_key("a\0b").is_err());
     }
 }

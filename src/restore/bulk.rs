@@ -6,8 +6,11 @@
 //! output) is reported and the others go on. Keys come from object names,
 //! which anyone with write access to the bucket controls, so every key is
 //! checked before it becomes a path ([`output_path`]): no `.`, `..` or empty
-//! segments, not absolute, no backslash, and the result must stay inside the
-//! directory.
+//! segments, not absolute, no backslash or NUL, and the result must stay
+//! inside the directory. Keys are the decoded object path parts (`h#x`, not
+//! `h%23x`, see [`mod@super::list`]); a path whose part decodes to `/`, NUL,
+//! `.`, `..` or nothing is refused before anything else
+//! ([`KeyListing::refused`]).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -135,6 +138,14 @@ async fn restore_one(
     key: String,
     listed: KeyListing,
 ) -> BulkItem {
+    if let Some(why) = &listed.refused {
+        let outcome = BulkOutcome::Failed(Error::invalid(format!("key {key:?}"), why.clone()));
+        return BulkItem {
+            key,
+            output: None,
+            outcome,
+        };
+    }
     let output = match output_path(&opts.output_dir, &key) {
         Ok(p) => p,
         Err(e) => {

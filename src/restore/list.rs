@@ -8,6 +8,13 @@
 //! A key with generations but no cold snapshot is listed too. Which object
 //! belongs to which key is each tier layout's rule
 //! ([`crate::replica::cold::to_info`], [`crate::replica::hot::generation_snapshot`]).
+//!
+//! Object paths are listed percent-encoded (object_store encodes each part:
+//! `h#x` is stored as `h%23x`); keys are their decoded parts
+//! ([`crate::replica::layout::decode_key`]), the keys `restore` and
+//! `snapshots` take. A path with a part that decodes to `/`, NUL, `.`, `..`
+//! or nothing names no key: it is listed as stored, with
+//! [`KeyListing::refused`] saying why.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,7 +22,7 @@ use futures::TryStreamExt;
 
 use crate::replica::cold::{self, SnapshotInfo};
 use crate::replica::hot::{generation_snapshot, in_generation, GenerationId};
-use crate::replica::layout::{check_key, key_path};
+use crate::replica::layout::{check_key, decode_key, key_path};
 use crate::replica::storage::Replica;
 use crate::Result;
 
@@ -27,6 +34,43 @@ pub struct KeyListing {
     /// Its generations that hold at least one snapshot, newest first. Only
     /// the ids: their segments are listed when the key is restored.
     pub generations: Vec<GenerationId>,
+    /// Why its objects' path cannot be a key (a part decodes to `/`, NUL,
+    /// `.`, `..` or nothing, see [`crate::replica::layout::decode_part`]):
+    /// such a database is listed under its path as stored and never
+    /// restored.
+    pub refused: Option<String>,
+}
+
+/// The key of the listed (percent-encoded) path `encoded`, or, refused,
+/// `encoded` itself and why.
+fn key_of(encoded: &str) -> (String, Option<String>) {
+    if encoded.is_empty() {
+        // Objects at the prefix itself: the empty key, refused by restore.
+        return (String::new(), None);
+    }
+    match decode_key(encoded) {
+        Ok(k) => (k, None),
+        Err(crate::Error::Invalid { reason, .. }) => (encoded.to_string(), Some(reason)),
+        Err(e) => (encoded.to_string(), Some(e.to_string())),
+    }
+}
+
+/// The listing of `key`, refused if any of its paths is.
+fn entry(
+    out: &mut BTreeMap<String, KeyListing>,
+    (key, refused): (String, Option<String>),
+) -> &mut KeyListing {
+    let e = out.entry(key).or_default();
+    e.refused = e.refused.take().or(refused);
+    e
+}
+
+/// The stem of a cold snapshot object as listed (still percent-encoded).
+fn listed_stem(s: &SnapshotInfo) -> &str {
+    let name = s.location.filename().unwrap_or_default();
+    let time_and_suffix = "-YYYYMMDD-HHMMSS".len() + cold::SNAPSHOT_SUFFIX.len();
+    name.get(..name.len().saturating_sub(time_and_suffix))
+        .unwrap_or_default()
 }
 
 /// Databases in the replica, optionally under `prefix`: every key with a
@@ -63,26 +107,28 @@ pub async fn list_databases(
             cold.entry(dir).or_default().push(info);
         }
     }
+    // Keys are the decoded paths; a path that decodes to no key is listed
+    // as stored, with why (a decoded `/` must never become a directory).
     let mut out: BTreeMap<String, KeyListing> = BTreeMap::new();
     // A directory holding several databases' snapshots lists them as dir/stem.
-    for (key, mut snaps) in cold {
+    for (dir, mut snaps) in cold {
         snaps.sort_by_key(|s| (s.hour, s.uploaded));
         let first = snaps[0].stem.clone();
         if snaps.iter().all(|s| s.stem == first) {
-            out.entry(key).or_default().snapshots = snaps;
+            entry(&mut out, key_of(&dir)).snapshots = snaps;
         } else {
             for s in snaps {
-                let k = if key.is_empty() {
-                    s.stem.clone()
+                let path = if dir.is_empty() {
+                    listed_stem(&s).to_string()
                 } else {
-                    format!("{key}/{}", s.stem)
+                    format!("{dir}/{}", listed_stem(&s))
                 };
-                out.entry(k).or_default().snapshots.push(s);
+                entry(&mut out, key_of(&path)).snapshots.push(s);
             }
         }
     }
-    for (key, gens) in hot {
-        out.entry(key).or_default().generations = gens.into_iter().collect();
+    for (dir, gens) in hot {
+        entry(&mut out, key_of(&dir)).generations = gens.into_iter().collect();
     }
     Ok(out)
 }

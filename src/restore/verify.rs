@@ -623,6 +623,9 @@ async fn check_one(
     let Some(listed) = job.listed else {
         return missing(result, &job.sources, opts.new_database_grace);
     };
+    if let Some(why) = &listed.refused {
+        return result.failed(&Error::invalid(format!("key {:?}", job.key), why.clone()));
+    }
     let how = How {
         hot: !listed.generations.is_empty(),
         at: None,

@@ -82,13 +82,17 @@ pub struct SnapshotTimes {
 
 impl SnapshotTimes {
     /// The record frame (see [`RECORD_LEN`]). `taken` is rounded up and
-    /// `started` down to the millisecond, so both stay true bounds.
+    /// `started` down to the millisecond, so both stay true bounds; a
+    /// `started` after `taken` (the clock stepped back during the copy) is
+    /// written as `taken`, an earlier bound that is still true and that
+    /// [`SnapshotTimes::decode`] accepts.
     pub fn encode(&self) -> [u8; RECORD_LEN] {
         let mut b = [0u8; RECORD_LEN];
         b[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         b[4..8].copy_from_slice(&(RECORD_PAYLOAD as u32).to_le_bytes());
         b[8..16].copy_from_slice(RECORD_TAG);
-        b[16..24].copy_from_slice(&self.started.timestamp_millis().to_le_bytes());
+        let started = self.started.min(self.taken).timestamp_millis();
+        b[16..24].copy_from_slice(&started.to_le_bytes());
         let taken = crate::replica::layout::commit_millis(self.taken) as i64;
         b[24..32].copy_from_slice(&taken.to_le_bytes());
         let sum = record_checksum(&b[8..32]);
@@ -543,6 +547,16 @@ mod tests {
                 .taken,
             at(11, 0, 0)
         );
+        // The clock stepped back during the copy: `started` is written as
+        // `taken`, so the record stays sound.
+        let stepped = SnapshotTimes {
+            started: at(10, 1, 56),
+            taken: at(10, 1, 55),
+        };
+        let back = SnapshotTimes::decode(&stepped.encode(), hour)
+            .unwrap()
+            .unwrap();
+        assert_eq!((back.started, back.taken), (stepped.taken, stepped.taken));
     }
 
     #[test]

@@ -778,7 +778,7 @@ pub(crate) fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
 /// Expands `${VAR}` and `${VAR:-default}` in config text. Lines whose first
 /// non-blank character is `#` are left alone, so a commented-out line never
 /// fails on an unset variable. A value becomes exactly the string it holds
-/// ([`substitute`]): escaped inside quotes, quoted where YAML would read
+/// (see `substitute`): escaped inside quotes, quoted where YAML would read
 /// part of it as syntax. Returns `(line, reason)` for an unset variable or a
 /// value that cannot be placed where it stands.
 pub fn expand_env(

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::capture::ship::{self, HotContext, ShipConfig, ShipEvent};
 use crate::replica::storage::Replica;
 use crate::source::discover::Pattern;
+use crate::source::keys::Owners;
+use crate::source::template::KeyTemplate;
 use crate::source::track::Tracker;
 use crate::stats::Stats;
 use crate::{Error, Result};
@@ -99,6 +101,10 @@ pub struct ScanBench {
     /// A first scan that opens every new file for its SQLite header.
     pub first_scan_headers_ms: f64,
     pub rescan_median_ms: f64,
+    /// The key check a scan that found new or removed databases is followed
+    /// by (`source::keys::Owners::update`: every tracked database's key
+    /// rendered and checked), over the whole table.
+    pub key_check_ms: f64,
     pub find_median_ms: Option<f64>,
     pub table_bytes_per_db: f64,
     pub rss_delta_bytes_per_db: f64,
@@ -140,6 +146,19 @@ pub fn scan(dir: &Path, n: usize, iterations: usize) -> Result<ScanBench> {
             ));
         }
     }
+    let template = KeyTemplate::default_for(patterns[0].wildcards());
+    let t = Instant::now();
+    let refused = Owners::default().update(&patterns, &template, &tracker);
+    let key_check_ms = t.elapsed().as_secs_f64() * 1e3;
+    if !refused.is_empty() {
+        return Err(Error::invalid(
+            dir.display(),
+            format!(
+                "{} generated databases refused for their key",
+                refused.len()
+            ),
+        ));
+    }
     let mut rescans = Vec::new();
     for _ in 0..iterations {
         let t = Instant::now();
@@ -173,6 +192,7 @@ pub fn scan(dir: &Path, n: usize, iterations: usize) -> Result<ScanBench> {
         first_scan_ms: first_ms,
         first_scan_headers_ms: first_headers_ms,
         rescan_median_ms: median(rescans).as_secs_f64() * 1e3,
+        key_check_ms,
         find_median_ms: (!finds.is_empty()).then(|| median(finds).as_secs_f64() * 1e3),
         table_bytes_per_db: tracker.heap_bytes() as f64 / n as f64,
         rss_delta_bytes_per_db: rss_after.saturating_sub(rss_before) as f64 / n as f64,

@@ -1253,6 +1253,10 @@ async fn run(cli: Cli) -> Result<()> {
                     format!("{:.1} ms", r.rescan_median_ms),
                 );
                 row(
+                    "key check after a change".into(),
+                    format!("{:.1} ms", r.key_check_ms),
+                );
+                row(
                     format!("find -printf (median of {n})"),
                     r.find_median_ms
                         .map_or("(find not available)".into(), |f| format!("{f:.1} ms")),

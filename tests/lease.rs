@@ -380,3 +380,39 @@ async fn own_write_behind_a_lost_response_is_recognized() {
     lease.renew_at(t0() + secs(40)).await.unwrap();
     assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
 }
+
+// A renewal that timed out while the store stalled, applied by the store
+// after the client gave up: the next renewal meets our owner id with that
+// renewal's expiry and a version it does not know. The lease is still ours
+// (found by a black-box probe: a 10 s stall made the daemon exit, "changed
+// by another writer with our owner id"); another owner's record is not.
+both_backends!(
+    a_late_applied_renewal_of_ours_keeps_the_lease,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut lease = Lease::acquire(&r, t0()).await.unwrap();
+        let path = lease_path(&r);
+        let ours = lease.record().clone();
+        let late = |expires: DateTime<Utc>, owner: &str| {
+            let mut rec = ours.clone();
+            rec.expires = expires;
+            rec.owner = owner.to_string();
+            bytes::Bytes::from(serde_json::to_vec(&rec).unwrap())
+        };
+        // The late renewal lands on the version we know, as the store applies it.
+        let (_, v) = r.get_versioned(&path).await.unwrap().unwrap();
+        let body = late(t0() + secs(70), &ours.owner);
+        assert!(r.put_if_match(&path, body, &v).await.unwrap().is_some());
+        lease.renew_at(t0() + secs(40)).await.unwrap();
+        assert_eq!(lease.expires(), t0() + secs(100));
+        assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
+        // Another owner's record in its place: lost.
+        let (_, v) = r.get_versioned(&path).await.unwrap().unwrap();
+        let body = late(t0() + secs(200), "someone-else");
+        assert!(r.put_if_match(&path, body, &v).await.unwrap().is_some());
+        let e = lease.renew_at(t0() + secs(60)).await.unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+        assert!(!lease.fence().is_open());
+    }
+);

@@ -40,6 +40,10 @@
 //! * A conditional write whose response was lost but which the store applied
 //!   (a retry then sees 412) is recognized by reading the lease back: if it
 //!   holds our owner id (and, for a renewal, the expiry we wrote), it is ours.
+//!   A renewal that finds our owner id with another expiry (an earlier
+//!   renewal that timed out and was applied late, after a stall of the
+//!   store) renews again from the version it holds: every write since our
+//!   last known version was ours, each conditional on a version of ours.
 //! * **release** (clean shutdown): delete the lease if it is still ours and
 //!   valid for at least [`RELEASE_MARGIN`]. S3 (through object_store) has no
 //!   conditional delete, so the delete is read-compare-delete; it is safe
@@ -355,11 +359,24 @@ impl Lease {
             .await?
         {
             Some(v) => Some(v),
-            // Applied although its response was lost (a retry got 412)?
             None => match self.replica.get_versioned(&self.location).await {
-                Ok(Some((bytes, v))) if parse(&self.replica, &bytes).ok() == Some(next.clone()) => {
-                    Some(v)
-                }
+                Ok(Some((bytes, v))) => match parse(&self.replica, &bytes).ok() {
+                    // Applied although its response was lost (a retry got 412).
+                    Some(held) if held == next => Some(v),
+                    // An earlier renewal of ours that timed out here and
+                    // was applied by the store later (after a stall). Every
+                    // write since our last known version was ours: each was
+                    // conditional on a version of ours, and a successor
+                    // writes its own owner id. So the lease is still ours:
+                    // renew from the version it holds.
+                    Some(held) if held.owner == self.record.owner => {
+                        tracing::debug!(lease = %lease_name(&self.replica), expires = %held.expires.to_rfc3339(), "an earlier renewal was applied late; renewing from it");
+                        self.replica
+                            .put_if_match(&self.location, encode(&next), &v)
+                            .await?
+                    }
+                    _ => None,
+                },
                 _ => None,
             },
         };

@@ -379,6 +379,23 @@ impl Loaded {
             };
             err(&key, msg)
         })?;
+        // Relative directories resolve against the config's directory, as
+        // the patterns and a `file://./` replica do: a daemon started from
+        // another working directory (systemd's is `/`) must find the same
+        // upload records and staging.
+        let mut config = config;
+        for dir in [
+            &mut config.multi_db.state_dir,
+            &mut config.multi_db.temp_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if dir.is_relative() {
+                // `components` drops the `.` of `./state`.
+                *dir = base.join(&*dir).components().collect();
+            }
+        }
         let m = &config.multi_db;
         if m.patterns.is_empty() {
             return Err(err(
@@ -962,6 +979,21 @@ multi-db:
     url: s3://bucket/some/prefix
     path: "{{project}}/{{database}}/{{branch}}/{{tenant}}"
 "#;
+
+    /// Relative `state-dir` and `temp-dir` resolve against the config's
+    /// directory, like the patterns, whatever the working directory.
+    #[test]
+    fn relative_dirs_resolve_against_the_config() {
+        let l = load(&GOOD.replace(
+            "  replica:",
+            "  state-dir: ./state\n  temp-dir: tmp/stage\n  replica:",
+        ))
+        .unwrap();
+        assert_eq!(l.temp_dir(), Path::new("/base/tmp/stage"));
+        assert_eq!(l.state_file().parent(), Some(Path::new("/base/state")));
+        let l = load(&GOOD.replace("  replica:", "  state-dir: /abs/state\n  replica:")).unwrap();
+        assert_eq!(l.state_file().parent(), Some(Path::new("/abs/state")));
+    }
 
     #[test]
     fn defaults_and_parse() {

@@ -936,7 +936,6 @@ fn substitute(value: &str, prefix: &str, suffix: &str) -> std::result::Result<St
                 .into(),
         ),
         Quoting::Single => Ok(value.replace('\'', "''")),
-        Quoting::Plain if !changes_bare(value) => Ok(value.to_string()),
         Quoting::Plain => {
             // A whole value: after a key's `: ` or a list item's `- ` (blank
             // after the indicator), or inside `[...]`/`{...}`.
@@ -953,7 +952,13 @@ fn substitute(value: &str, prefix: &str, suffix: &str) -> std::result::Result<St
                 || indicator('-')
                 || before.ends_with(['[', ',', '{']))
                 && (after.is_empty() || after.starts_with(['#', ',', ']', '}']));
-            if whole {
+            // A whole `null` or `~` would be no value at all (the setting's
+            // default); an empty one is, on purpose (`${VAR:-}`).
+            let null_word = matches!(value, "~" | "null" | "Null" | "NULL");
+            let quote = changes_bare(value) || (whole && null_word);
+            if !quote {
+                Ok(value.to_string())
+            } else if whole {
                 Ok(format!("\"{}\"", double_quoted_body(value)))
             } else {
                 Err("holds characters YAML would read as syntax here (a line break, ` #`, `: `, \
@@ -1051,6 +1056,9 @@ multi-db:
             ("N", "100"),
             ("LIST", "[\"/a/*.db\", \"/b/*.db\"]"),
             ("COLON", "x: y"),
+            ("NULL", "null"),
+            ("TILDE", "~"),
+            ("EMPTY", ""),
         ]
         .into_iter()
         .collect();
@@ -1071,6 +1079,11 @@ multi-db:
         assert_eq!(one("k: 'pre-${QUOTES}'\n"), "pre-q\"uo'te\\");
         assert_eq!(one("k: [${HASH}, \"${LINES}\"]\n")[0], "Super #tail");
         assert_eq!(one("k: ${N}\n"), 100);
+        // The word `null` is a string; an empty value is no value (`${VAR:-}`).
+        assert_eq!(one("k: ${NULL}\n"), "null");
+        assert_eq!(one("k: ${TILDE}\n"), "~");
+        assert_eq!(one("k: pre-${NULL}\n"), "pre-null");
+        assert!(one("k: ${EMPTY}\n").is_null());
         assert_eq!(one("k: ${LIST}\n")[1], "/b/*.db");
         // Part of a bare value: it cannot be quoted for the user.
         let (line, why) = expand_env("a: 1\nk: pre-${HASH}\n", env).unwrap_err();

@@ -685,6 +685,16 @@ pub enum UrlTarget<'a> {
 /// whose first segment has a `:` is written `./name:x`. Errors show the
 /// value with any `user:password@` replaced by `***@`.
 pub fn split_replica_url(url: &str) -> std::result::Result<UrlTarget<'_>, String> {
+    // A query or fragment is not part of a bucket, prefix or directory
+    // name; taken literally it names the wrong place without a word.
+    if url_scheme(url).is_some() && url.contains(['?', '#']) {
+        return Err(format!(
+            "{:?}: a replica URL takes no query (`?`) or fragment (`#`): set the endpoint, \
+             region and path style as keys of their own (a directory whose name holds `?` \
+             or `#` can be given as a plain path)",
+            redact_userinfo(url)
+        ));
+    }
     if let Some(rest) = url.strip_prefix("s3://") {
         return Ok(UrlTarget::S3(rest));
     }
@@ -1230,6 +1240,9 @@ multi-db:
             ("file://~/x", "host \"~\""),
             ("file:rel", "absolute path"),
             ("./a://b", "unsupported scheme"),
+            ("s3://bucket?region=x", "no query (`?`) or fragment"),
+            ("s3://bucket/p#frag", "no query (`?`) or fragment"),
+            ("file:///d/r?x=1", "no query (`?`) or fragment"),
         ] {
             let e = parse_replica_url(url, base).unwrap_err();
             assert!(e.contains(needle), "{url}: {e}");

@@ -303,6 +303,8 @@ fn config_errors_exit_1_and_limits_warn() {
     .unwrap();
     let out = explain_ok(work.path());
     has(&out, "warning: open files: the hard limit");
+    // With an endpoint, requests are path-style whatever the flag says.
+    has(&out, "true (any endpoint is addressed path-style)");
     has(&out, "6000000256 that max-hot-databases 1000000000 needs");
 }
 

@@ -596,11 +596,14 @@ fn settings(loaded: &Loaded, base: &Path) -> Vec<Setting> {
                 r.endpoint.clone().unwrap_or_else(|| "(AWS S3)".into()),
                 r.endpoint.is_none(),
             );
-            set(
-                "replica.force-path-style",
-                r.force_path_style.to_string(),
-                !r.force_path_style,
-            );
+            // With an endpoint, requests are path-style whatever the flag
+            // says (`replica::storage`): show what is used.
+            let path_style = match (r.force_path_style, &r.endpoint) {
+                (true, _) => "true".to_string(),
+                (false, Some(_)) => "true (any endpoint is addressed path-style)".to_string(),
+                (false, None) => "false".to_string(),
+            };
+            set("replica.force-path-style", path_style, !r.force_path_style);
             let creds = match (&r.access_key_id, &r.secret_access_key) {
                 (Some(k), Some(_)) => {
                     format!("access-key-id {}, secret-access-key ****", mask_key_id(k))

@@ -92,6 +92,7 @@ impl<'a> Names<'a> {
             wal_ends: vec![],
             logged: false,
             wal_starts: None,
+            written: None,
         };
         hot::write_metadata(self.r, KEY, &meta).await.unwrap();
         hot::metadata_path(&self.r.prefix, KEY, gen).to_string()

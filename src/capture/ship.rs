@@ -422,6 +422,7 @@ impl Shipper {
             wal_ends: Vec::new(),
             logged: false,
             wal_starts: Some(Vec::new()),
+            written: None,
         });
         self.generation = Some(id);
         self.snapshot = Some(copy);
@@ -1342,6 +1343,7 @@ async fn write_meta(ctx: &HotContext, s: &mut Shipper) -> Result<()> {
     let last = s.position_shipped();
     if let Some(m) = &mut s.meta {
         m.last = last;
+        m.written = Some(Utc::now());
         let _permit = ctx.permits.acquire().await;
         hot::write_metadata(&ctx.replica, &s.key, m).await?;
     }

@@ -386,6 +386,13 @@ pub struct Metadata {
     /// its stream ended with everything consolidated.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub logged: bool,
+    /// When it was written, by the writer's clock, just before its upload:
+    /// everything `last` records had committed by then. A restore that
+    /// finds a cold snapshot whose copy began later knows that copy holds
+    /// all of it ([`Plan::recorded_after`]). `None` in metadata written by
+    /// earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<DateTime<Utc>>,
 }
 
 /// What the header of WAL `index` says about its frames: the salts every
@@ -506,6 +513,19 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether the generation's metadata recorded WAL frames shipped (past
+    /// the plan's snapshot) that may have committed at or after `t`: it was
+    /// written at or after `t`, or says not when. A cold snapshot whose copy
+    /// began at `t` then holds a newer state than the plan's objects show
+    /// only if those objects hold everything recorded, which only a replay
+    /// proves ([`Replay::finish`]): a missing segment would make the cold
+    /// copy look newer than the hot tier's real state.
+    pub fn recorded_after(&self, t: DateTime<Utc>) -> bool {
+        self.recorded.as_ref().is_some_and(|m| {
+            m.last > Position::start(self.snapshot.index) && m.written.is_none_or(|w| w >= t)
+        })
+    }
+
     /// The state the plan restores, as a commit time: the latest commit time
     /// of its snapshot and segments (what [`RestorePoint::time`] will be if
     /// replay succeeds). Everything restored had committed by then.

@@ -445,6 +445,7 @@ mod tests {
                 wal_starts: Some(self.wal_starts.clone()),
                 wal_ends: self.wal_ends.clone(),
                 logged: false,
+                written: Some(Utc::now()),
             };
             write_metadata(r, "k", &meta).await.unwrap();
         }

@@ -320,6 +320,18 @@ pub(super) async fn restore_key(
                 tracing::warn!(object = %bad.location, error = %e, %fallback, "snapshot is damaged; restoring the next older state (--allow-older)");
             }
         }
+        if let (Some(Source::Cold(c)), Some(p)) = (&source, &plan) {
+            if p.recorded_after(c.state_time()) {
+                // The cold copy looks newer than the generation's objects,
+                // but the generation recorded frames shipped after that
+                // copy began: unless its objects hold all of them (a
+                // replay proves it), the hot tier's real state is newer and
+                // something of it is missing. Never the cold copy then.
+                if let Err(e) = replays_in_full(replica, key, p, output).await {
+                    return Err(hot_failed(e, Some(c)));
+                }
+            }
+        }
         let snap = match source {
             None => return Ok(None),
             Some(Source::Hot(p)) => {
@@ -473,6 +485,16 @@ async fn install_plan(
     blocking(move || staged.install(&what)).await?;
     progress(total);
     Ok(point)
+}
+
+/// Replays `plan` into a scratch file beside `output` (removed after) to
+/// prove its objects hold everything the generation recorded as shipped
+/// ([`crate::replica::hot::Replay::finish`]).
+async fn replays_in_full(replica: &Replica, key: &str, plan: &Plan, output: &Path) -> Result<()> {
+    let out = output.to_path_buf();
+    let mut staged = blocking(move || Staged::new(&out)).await?;
+    replay::restore_plan(replica, key, plan, &mut staged.file).await?;
+    Ok(())
 }
 
 /// Downloads, decompresses, checks and atomically installs one snapshot at `output`.

@@ -157,6 +157,7 @@ impl GenWriter {
             wal_ends: self.wal_ends.clone(),
             logged: false,
             wal_starts: Some(self.wal_starts.clone()),
+            written: Some(now()),
         };
         hot::write_metadata(r, &self.key, &meta).await.unwrap();
     }

@@ -17,8 +17,12 @@
 //!   that fails someone else took the lease over (ours had expired) or removed
 //!   it: [`Error::LeaseLost`], and the replicator must stop writing.
 //!   [`spawn_renewer`] renews every [`Lease::ttl`] / 3 and cancels the
-//!   replication token when the lease is lost, or when it cannot be renewed
-//!   before it would expire (store unreachable).
+//!   replication token when the lease is lost. When it cannot be renewed
+//!   before it expires locally (store unreachable), the fence refuses
+//!   writes from then on, and renewals go on: the first that succeeds
+//!   (nobody took the lease over meanwhile: the compare-and-swap is on our
+//!   version) opens the fence again, so a store outage pauses replication
+//!   instead of ending it.
 //! * **fence**: every write of the replicator goes through a replica with the
 //!   lease's [`Fence`] (see [`crate::replica::storage`]). It is open until the
 //!   *local* expiry: the monotonic instant at which the last successful
@@ -27,7 +31,8 @@
 //!   margin on the wall clock (the monotonic clock stands still while the
 //!   host is suspended). A renewal is bounded by that instant too: if
 //!   none succeeds before it, writes stop there, whatever the store is
-//!   doing, and a write in flight is abandoned. A successor can take the
+//!   doing, and a write in flight is abandoned, until a later renewal
+//!   succeeds. A successor can take the
 //!   lease only after the expiry written in it (sent time + TTL by the
 //!   holder's wall clock), so the margin separates the last write of the old
 //!   holder from the first of the new one, as long as the hosts' clocks
@@ -482,9 +487,11 @@ impl Renewer {
 }
 
 /// Renews `lease` every ttl/3 until [`Renewer::stop`]. If the lease is lost
-/// (taken over or deleted), or cannot be renewed before it would expire
-/// because the store keeps failing, it cancels `cancel` (which stops
-/// replication) and ends with that error.
+/// (taken over or deleted), it cancels `cancel` (which stops replication)
+/// and ends with that error. If it cannot be renewed before it expires
+/// locally (the store keeps failing), the fence refuses writes from then on
+/// and renewals go on every ttl/12: one that succeeds (nobody took the
+/// lease over) opens the fence again.
 ///
 /// Stop it only after replication has finished: uploads that are still in
 /// flight after `cancel` must stay covered by the lease.
@@ -496,15 +503,20 @@ pub fn spawn_renewer(mut lease: Lease, cancel: CancellationToken) -> Renewer {
         // After a failed renewal, try again sooner: a few attempts fit before expiry.
         let retry = (interval / 4).max(Duration::from_millis(100));
         let mut wait = interval;
+        // The fence expired locally without a renewal (the store did not
+        // answer in time): writes are refused until a renewal succeeds.
+        let mut stalled = false;
         loop {
             tokio::select! {
                 _ = stopped.cancelled() => return Ok(lease),
                 _ = tokio::time::sleep(wait) => {}
             }
             // Bounded by the local expiry: a renewal still pending then is
-            // too late, whatever the store does with it.
+            // too late, whatever the store does with it. Once expired, each
+            // attempt is bounded by the renewal interval instead.
             let fence = lease.fence();
-            let deadline = tokio::time::Instant::from_std(fence.until());
+            let deadline = tokio::time::Instant::from_std(fence.until())
+                .max(tokio::time::Instant::now() + if stalled { interval } else { Duration::ZERO });
             let renewed = match tokio::time::timeout_at(deadline, lease.renew()).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::invalid(
@@ -513,7 +525,13 @@ pub fn spawn_renewer(mut lease: Lease, cancel: CancellationToken) -> Renewer {
                 )),
             };
             match renewed {
-                Ok(()) => wait = interval,
+                Ok(()) => {
+                    if stalled {
+                        tracing::warn!(lease = %lease_name(&lease.replica), "replica lease renewed after the store came back; writes resume");
+                    }
+                    stalled = false;
+                    wait = interval;
+                }
                 Err(e @ Error::LeaseLost { .. }) => {
                     fence.close();
                     tracing::error!(error = %e, "replica lease lost: stopping replication");
@@ -523,13 +541,20 @@ pub fn spawn_renewer(mut lease: Lease, cancel: CancellationToken) -> Renewer {
                 Err(e) => {
                     let left = fence.until().saturating_duration_since(Instant::now());
                     if left <= retry {
-                        fence.close();
-                        tracing::error!(error = %e, "cannot renew the replica lease before it expires locally: stopping all writes");
-                        cancel.cancel();
-                        return Err(Error::LeaseLost {
-                            object: lease_name(&lease.replica),
-                            reason: format!("could not be renewed before it expired locally: {e}"),
-                        });
+                        // Past the local expiry the fence refuses every
+                        // write by itself. The lease may still be ours: a
+                        // renewal is a compare-and-swap on our version, so
+                        // it succeeds only if nobody took the lease over
+                        // (which needs its written expiry to pass), and then
+                        // writes resume; if somebody did, it fails as lost
+                        // and replication stops. Meanwhile uploads fail and
+                        // are retried, as in any store outage.
+                        if !stalled {
+                            tracing::error!(error = %e, "cannot renew the replica lease before it expires locally: writes stop until the store answers and the lease is renewed");
+                        }
+                        stalled = true;
+                        wait = retry;
+                        continue;
                     }
                     tracing::warn!(error = %e, left_ms = left.as_millis() as u64, "replica lease renewal failed; retrying");
                     wait = retry.min(left / 2);

@@ -204,7 +204,11 @@ impl BulkProgress for BulkReporter {
                 tracing::debug!(key = %item.key, %output, "output exists; skipped");
             }
             BulkOutcome::SkippedNoSnapshotAtTime => {
-                tracing::debug!(key = %item.key, "no snapshot at or before --timestamp; skipped");
+                // Named, not only counted: a database that existed then but
+                // whose snapshot was replaced within the hour is skipped too.
+                self.out_of_band(|| {
+                    tracing::info!(key = %item.key, "nothing in the replica at or before --timestamp; skipped")
+                });
             }
         }
         self.tick(matches!(item.outcome, BulkOutcome::Failed(_)));

@@ -233,6 +233,7 @@ pub fn classify(e: &Error) -> Verdict {
                 Verdict::Unverifiable(Unverifiable::Local)
             } else if has(&[
                 "past a gap",
+                "WAL segment(s) from",
                 "refusing to replay into WAL",
                 "overlaps the previous segment",
             ]) {
@@ -990,6 +991,13 @@ mod tests {
                 invalid(
                     "hot-tier restore (WAL generation)",
                     "generation g: WAL 0 ended at a (metadata.json), but the segments present end at b: WAL segment(s) from b to a are missing; refusing to restore past a gap; not falling back",
+                ),
+                p(Gap),
+            ),
+            (
+                invalid(
+                    "generation g of \"k\"",
+                    "metadata.json records WAL frames shipped up to a, but the segments present end at b: WAL segment(s) from b on are missing; refusing to restore",
                 ),
                 p(Gap),
             ),

@@ -561,14 +561,10 @@ fn capture_small(
 /// memory behind its times record.
 fn in_memory(db: &Path, data: &[u8], times: SnapshotTimes, copied: Copied) -> Result<Snapshot> {
     let db_bytes = data.len() as u64;
-    let lz4 = |e| match e {
-        lz4_flex::frame::Error::IoError(e) => Error::io("(memory)", e),
-        e => Error::invalid(db.display(), format!("lz4: {e}")),
-    };
+    let memory = Path::new("(memory)");
     let out = if data.is_empty() || data.len() > SMALL_BLOCK {
-        let mut enc = FrameEncoder::with_frame_info(frame_info(db_bytes), times.encode().to_vec());
-        enc.write_all(data).at("(memory)")?;
-        bytes::Bytes::from(enc.finish().map_err(lz4)?)
+        let head = times.encode().to_vec();
+        bytes::Bytes::from(compress_stream(db, data, db_bytes, head, memory)?)
     } else {
         SMALL_ENCODER.with(|cell| {
             let mut cached = cell.borrow_mut();
@@ -578,8 +574,8 @@ fn in_memory(db: &Path, data: &[u8], times: SnapshotTimes, copied: Copied) -> Re
                 .unwrap_or_else(|| FrameEncoder::with_frame_info(frame_info(0), Vec::new()));
             enc.get_mut().clear();
             enc.get_mut().extend_from_slice(&times.encode());
-            enc.write_all(data).at("(memory)")?;
-            enc.try_finish().map_err(lz4)?;
+            enc.write_all(data).at(memory)?;
+            enc.try_finish().map_err(|e| lz4_error(e, db, memory))?;
             let out = bytes::Bytes::copy_from_slice(enc.get_ref());
             *cached = Some(enc);
             Ok::<_, Error>(out)
@@ -714,10 +710,16 @@ fn compress_stream<R: Read, W: Write>(
         };
         enc.write_all(&buf[..n]).at(out)?;
     }
-    enc.finish().map_err(|e| match e {
+    enc.finish().map_err(|e| lz4_error(e, src, out))
+}
+
+/// An LZ4 encoder's error: a write error names the output `out`, anything
+/// else the input `src`.
+fn lz4_error(e: lz4_flex::frame::Error, src: &Path, out: &Path) -> Error {
+    match e {
         lz4_flex::frame::Error::IoError(e) => Error::io(out, e),
         e => Error::invalid(src.display(), format!("lz4: {e}")),
-    })
+    }
 }
 
 /// Reads past leading skippable frames (such as the [`SnapshotTimes`]

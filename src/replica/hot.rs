@@ -1102,23 +1102,7 @@ impl<'a> Replay<'a> {
     /// starts from that WAL's recorded header, which metadata written by
     /// this version must have.
     pub fn admit(&self, seg: &SegmentObject) -> Result<Continues> {
-        let e = Expect {
-            index: self.pos.index,
-            offset: Some(self.pos.offset),
-        };
-        check_next(e, seg.pos).map_err(|b| {
-            gap_error(
-                self.key,
-                &self.plan.generation,
-                &self.plan.late,
-                self.plan.at,
-                b,
-                seg,
-            )
-        })?;
-        if seg.pos.index != self.pos.index {
-            check_wal_end(self.key, self.plan, self.meta.as_ref(), self.pos)?;
-        }
+        self.follows_on(seg)?;
         if seg.pos.offset != FIRST_FRAME {
             return Ok(Continues::SameWal);
         }
@@ -1136,6 +1120,30 @@ impl<'a> Replay<'a> {
                 ),
             )),
         }
+    }
+
+    /// Checks that `seg` starts exactly where the replay is: at the end of
+    /// the last segment applied, or at the start of the next WAL where the
+    /// metadata says this one ended. A gap names the missing position.
+    fn follows_on(&self, seg: &SegmentObject) -> Result<()> {
+        let e = Expect {
+            index: self.pos.index,
+            offset: Some(self.pos.offset),
+        };
+        check_next(e, seg.pos).map_err(|b| {
+            gap_error(
+                self.key,
+                &self.plan.generation,
+                &self.plan.late,
+                self.plan.at,
+                b,
+                seg,
+            )
+        })?;
+        if seg.pos.index != self.pos.index {
+            check_wal_end(self.key, self.plan, self.meta.as_ref(), self.pos)?;
+        }
+        Ok(())
     }
 
     /// Records `seg` as applied: `len` bytes of frames (its decompressed length).
@@ -1163,23 +1171,7 @@ impl<'a> Replay<'a> {
     pub fn finish(self) -> Result<(Position, DateTime<Utc>, usize)> {
         let (key, pos) = (self.key, self.pos);
         if let Some(next) = self.plan.late.iter().min_by_key(|s| s.pos) {
-            let e = Expect {
-                index: pos.index,
-                offset: Some(pos.offset),
-            };
-            check_next(e, next.pos).map_err(|b| {
-                gap_error(
-                    key,
-                    &self.plan.generation,
-                    &self.plan.late,
-                    self.plan.at,
-                    b,
-                    next,
-                )
-            })?;
-            if next.pos.index != pos.index {
-                check_wal_end(key, self.plan, self.meta.as_ref(), pos)?;
-            }
+            self.follows_on(next)?;
         } else if let Some(m) = &self.plan.recorded {
             // The latest state reaches at least what was recorded as shipped
             // (the start of the next WAL is where the previous one ended).

@@ -403,3 +403,59 @@ both_backends!(
         f.assert_restores(&keys, 2).await;
     }
 );
+
+// A cycle snapshots databases in batches, one blocking task per batch: each
+// database still gets an outcome of its own. Forty databases (three
+// batches) with a text file and a damaged database among them: every sound
+// one is uploaded and restores, the damaged one alone fails (and stays
+// pending), the text file is no database.
+both_backends!(
+    each_database_of_a_batch_has_its_own_outcome,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let mut keys = Vec::new();
+        for i in 0..40 {
+            let t = format!("t{i:02}");
+            let p = f.db_path("p", "d", &t);
+            match i {
+                7 => std::fs::write(&p, b"a text file the glob matches").unwrap(),
+                23 => {
+                    let c = create_db(&p, 300);
+                    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+                    drop(c);
+                    // Overwrite the second page (a b-tree page of `t`) with
+                    // garbage: the file keeps SQLite's header, the tree is broken.
+                    use std::os::unix::fs::FileExt;
+                    let file = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+                    file.write_all_at(&[0xA5; 512], 4096 + 8).unwrap();
+                }
+                _ => {
+                    drop(create_db(&p, 3));
+                    keys.push(format!("p/d/{t}"));
+                }
+            }
+            age(&p);
+        }
+        let rep = f.replicator();
+        let r = rep.cycle(&CancellationToken::new()).await;
+        assert_eq!(
+            (r.scan.databases, r.uploaded, r.failed),
+            (39, 38, 1),
+            "{r:?}"
+        );
+        let r = rep.cycle(&CancellationToken::new()).await;
+        assert_eq!(
+            (r.uploaded, r.failed),
+            (0, 1),
+            "only the damaged one again: {r:?}"
+        );
+        let names = f.objects().await;
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.contains("t23") && !n.contains("t07")),
+            "{names:?}"
+        );
+        f.assert_restores(&keys, 3).await;
+    }
+);

@@ -11,7 +11,13 @@
 //!   a copy of the same files (compression only: no consistency, no
 //!   durability; the floor for "read, compress, write every file"), by
 //!   wall time and by CPU time (user + system, `getrusage`), which other
-//!   jobs on a shared machine disturb less;
+//!   jobs on a shared machine disturb less; and against the *consistency
+//!   floor* (`consistency_floor`): the least a checked, consistent copy
+//!   of each database costs through SQLite (open read-only, one read
+//!   transaction with `quick_check`, read the file through SQLite's handle,
+//!   LZ4, write one file; one thread, no `fsync`, no directories), which
+//!   tells the part of the gap to `lz4` that SQLite's consistency takes
+//!   from the part that is litefleet's own;
 //! * **one large database**: the same cycle on one database against
 //!   `sqlite3 .backup` + `lz4` (a consistent compressed copy with the stock
 //!   tools) and raw `lz4` of the file (the limit: one read, one write);
@@ -84,11 +90,57 @@ pub struct SnapshotBenchReport {
     /// machine, where other jobs' load stretches both.
     pub small_cpu_s: f64,
     pub small_reference_cpu_s: f64,
+    /// CPU seconds of the consistency floor (see the module docs) over the same databases
+    /// (median over rounds).
+    pub small_floor_cpu_s: f64,
+}
+
+/// The consistency floor of one round: for each database of `paths`, on
+/// this thread, what any checked, consistent snapshot through SQLite must
+/// do (open it read-only, start one read transaction with `quick_check`,
+/// read the file through SQLite's own handle, LZ4-compress it) and write
+/// the result to one file in `out` (no `fsync`, no directory per
+/// database); returns the CPU seconds this thread used. A reference, not
+/// litefleet's code: it neither looks at the WAL nor syncs anything.
+fn consistency_floor(paths: &[PathBuf], out: &Path) -> Result<f64> {
+    use std::io::Write;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let cpu = cpu_seconds(libc::RUSAGE_THREAD);
+    for (i, p) in paths.iter().enumerate() {
+        let sql = |e| Error::sqlite(p, e);
+        let conn = rusqlite::Connection::open_with_flags(
+            p,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        conn.execute_batch("BEGIN").map_err(sql)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(sql)?;
+        let file = crate::source::vfs::VfsHandle::of(&conn)
+            .ok_or_else(|| Error::invalid(p.display(), "SQLite gave no handle on its file"))?;
+        let len = file.size().map_err(|e| Error::io(p, e))?;
+        let mut data = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        file.read_exact_at(&mut data, 0)
+            .map_err(|e| Error::io(p, e))?;
+        if check != "ok" {
+            return Err(Error::invalid(p.display(), format!("quick_check: {check}")));
+        }
+        let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        enc.write_all(&data).map_err(|e| Error::io(p, e))?;
+        let lz4 = enc
+            .finish()
+            .map_err(|e| Error::invalid(p.display(), format!("lz4: {e}")))?;
+        let dst = out.join(format!("{i}.db.lz4"));
+        std::fs::write(&dst, lz4).map_err(|e| Error::io(&dst, e))?;
+    }
+    Ok(cpu_seconds(libc::RUSAGE_THREAD) - cpu)
 }
 
 /// User + system CPU seconds used so far by this process
-/// (`libc::RUSAGE_SELF`) or by its children that were waited for
-/// (`libc::RUSAGE_CHILDREN`); 0 if the system does not say.
+/// (`libc::RUSAGE_SELF`), by its children that were waited for
+/// (`libc::RUSAGE_CHILDREN`) or by the calling thread
+/// (`libc::RUSAGE_THREAD`); 0 if the system does not say.
 fn cpu_seconds(who: i32) -> f64 {
     // SAFETY: getrusage only writes into the struct it is given.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
@@ -289,6 +341,13 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
     let mut rows = Vec::new();
     let (mut lf, mut rf, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
     let (mut lf_cpu, mut rf_cpu) = (Vec::new(), Vec::new());
+    let (mut floor, mut floor_cpu) = (Vec::new(), Vec::new());
+    let small_paths: Arc<Vec<PathBuf>> = Arc::new(
+        (0..n)
+            .map(|i| super::bench::bench_path(&small, i))
+            .collect(),
+    );
+    let floor_out = |round: usize| work.join(format!("floor-{round}"));
     let idle_threads = threads();
     // Each round writes into directories of its own and nothing is deleted
     // until the end. Where ext4 runs without a journal (this machine's
@@ -312,12 +371,25 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
             sh_quote(&copy)
         ))?);
         rf_cpu.push(cpu_seconds(libc::RUSAGE_CHILDREN) - cpu);
+        let (paths, out) = (small_paths.clone(), floor_out(round));
+        let start = Instant::now();
+        let cpu = tokio::task::spawn_blocking(move || consistency_floor(&paths, &out))
+            .await
+            .map_err(|e| Error::invalid("bench snapshot", e.to_string()))??;
+        floor.push(start.elapsed().as_secs_f64());
+        floor_cpu.push(cpu);
     }
     rows.push(row(
         format!("{n} small databases, replicate --once"),
         &lf,
         format!("find | xargs -0 -P2 -n {LZ4_BATCH} lz4 -q -m"),
         &rf,
+    ));
+    rows.push(row(
+        format!("{n} small databases, replicate --once"),
+        &lf,
+        "consistency floor, one thread".into(),
+        &floor,
     ));
 
     let (mut lf, mut backup, mut raw) = (Vec::new(), Vec::new(), Vec::new());
@@ -437,6 +509,7 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
         idle_threads,
         small_cpu_s: median(lf_cpu),
         small_reference_cpu_s: median(rf_cpu),
+        small_floor_cpu_s: median(floor_cpu),
     })
 }
 
@@ -479,5 +552,11 @@ pub fn print(r: &SnapshotBenchReport) {
         r.small_cpu_s,
         r.small_reference_cpu_s,
         r.small_cpu_s / r.small_reference_cpu_s.max(f64::EPSILON)
+    );
+    println!(
+        "CPU of the consistency floor: {:.3}s ({:.2}x the reference); the cycle is {:.2}x the floor",
+        r.small_floor_cpu_s,
+        r.small_floor_cpu_s / r.small_reference_cpu_s.max(f64::EPSILON),
+        r.small_cpu_s / r.small_floor_cpu_s.max(f64::EPSILON)
     );
 }

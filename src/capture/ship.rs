@@ -77,6 +77,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tempfile::{NamedTempFile, TempPath};
 use tokio::sync::Semaphore;
@@ -266,6 +267,16 @@ fn open_conn(db: &Path) -> Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(sqlite(db))?;
+    // SQLite's last connection to a WAL database checkpoints the WAL into
+    // the file and deletes the `-wal` and `-shm` by name when it closes, if
+    // it can lock the file. Ours must never: it would be our checkpoint of
+    // the application's WAL at a moment nobody chose, and when the file was
+    // replaced in place (same inode) since our read began, it writes the old
+    // WAL's pages into the new file and deletes the new WAL, committed
+    // writes and all. Our own checkpoints stay explicit, under the checks
+    // of `Shipper::checkpoint`.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .map_err(sqlite(db))?;
     disable_lookaside(&conn);
     conn.busy_timeout(WRITE_LOCK_WAIT).map_err(sqlite(db))?;
     conn.pragma_update(None, "cache_size", CACHE_PAGES)
@@ -459,6 +470,37 @@ impl Shipper {
         }
     }
 
+    /// `Some(Step::Lost)` when the file we opened no longer starts with
+    /// SQLite's header in WAL mode (file format versions 2 and 2): written
+    /// over in place, same inode, which [`Shipper::replaced`] cannot see.
+    /// While our read transaction is open nobody can take the database out
+    /// of WAL mode (that needs the file exclusively), and a checkpoint
+    /// rewrites page 1 with the same first 20 bytes, so anything else was
+    /// not written by SQLite. Read through the connection's own handle
+    /// (never a descriptor of ours; see [`crate::source::vfs`]): 20 bytes
+    /// per sync.
+    fn overwritten(&self) -> Result<Option<Step>> {
+        let Some(file) = crate::source::vfs::VfsHandle::of(&self.conn) else {
+            return Ok(None);
+        };
+        let mut head = [0u8; 20];
+        let lost = |what: &str| Ok(Some(Step::Lost(format!("the database file {what}"))));
+        match file.read_exact_at(&mut head, 0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return lost("was truncated under the stream")
+            }
+            Err(e) => return Err(Error::io(&self.db, e)),
+        }
+        if &head[..16] != b"SQLite format 3\0" {
+            return lost("no longer starts with SQLite's header (written over in place)");
+        }
+        if head[18] != 2 || head[19] != 2 {
+            return lost("is no longer in WAL mode (written over in place)");
+        }
+        Ok(None)
+    }
+
     /// Reads the committed frames after the current position into the
     /// pending segment. Does nothing while a segment is pending.
     pub fn read(&mut self) -> Result<Step> {
@@ -466,6 +508,9 @@ impl Shipper {
             return Ok(Step::Frames);
         }
         if let Some(lost) = self.replaced()? {
+            return Ok(lost);
+        }
+        if let Some(lost) = self.overwritten()? {
             return Ok(lost);
         }
         if !self.reading {
@@ -1365,6 +1410,7 @@ impl Shipper {
 mod tests {
     use super::*;
     use std::cell::RefCell;
+    use std::io::Write as _;
 
     /// A test hook: a closure a test sets and the code runs once at one
     /// point (see the thread-locals below).
@@ -1594,6 +1640,83 @@ mod tests {
             c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
         }
         c
+    }
+
+    /// An operator replaces a hot database in place (removes its `-wal` and
+    /// `-shm`, copies another database over the same inode) and the
+    /// application starts a new WAL. Our stream ends with the old WAL still
+    /// open: closing its connection must neither checkpoint those stale
+    /// frames into the new file nor delete the new `-wal` and `-shm` by name,
+    /// as SQLite's checkpoint on close does (black-box probe: the source
+    /// became the old rows at SIGTERM, and a committed write was deleted).
+    #[test]
+    fn closing_a_stream_never_touches_a_database_replaced_in_place() {
+        let (dir, a, app, mut s) = streaming();
+        for i in 10..40 {
+            app.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+        }
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        // Our read holds the WAL: the application's close cannot checkpoint.
+        drop(app);
+        let other = dir.path().join("new.db");
+        let n = Connection::open(&other).unwrap();
+        n.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES ('new');")
+            .unwrap();
+        drop(n);
+        let new = std::fs::read(&other).unwrap();
+        std::fs::remove_file(wal_path(&a)).unwrap();
+        std::fs::remove_file(shm_path(&a)).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&a)
+            .and_then(|mut f| f.write_all(&new))
+            .unwrap();
+        std::fs::write(wal_path(&a), b"the application's new WAL").unwrap();
+        std::fs::write(shm_path(&a), b"its new WAL-index").unwrap();
+        drop(s);
+        assert!(
+            std::fs::read(&a).unwrap() == new,
+            "the new file was written"
+        );
+        assert_eq!(
+            std::fs::read(wal_path(&a)).unwrap(),
+            b"the application's new WAL"
+        );
+        assert_eq!(std::fs::read(shm_path(&a)).unwrap(), b"its new WAL-index");
+    }
+
+    /// A hot database written over in place (same inode) with bytes that
+    /// are not SQLite's: the stream says so at its next read instead of
+    /// idling on a WAL that no longer has a database (black-box probe: no
+    /// log line, `hot` in `/stats`, while the source was garbage).
+    #[test]
+    fn a_database_written_over_in_place_is_continuity_lost() {
+        for (bytes, why) in [
+            (vec![0x5Au8; 8192], "header"),
+            (Vec::new(), "truncated"),
+            (b"SQLite format 3\0\x10\x00\x01\x01".to_vec(), "WAL mode"),
+        ] {
+            let (_dir, a, app, mut s) = streaming();
+            drop(app);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&a)
+                .and_then(|mut f| f.write_all(&bytes))
+                .unwrap();
+            match s.read().unwrap() {
+                Step::Lost(reason) => assert!(reason.contains(why), "{why}: {reason}"),
+                other => panic!("{why}: {other:?}"),
+            }
+            assert!(s.take_pending().is_none());
+        }
+    }
+
+    fn shm_path(db: &Path) -> PathBuf {
+        let mut p = db.as_os_str().to_owned();
+        p.push("-shm");
+        PathBuf::from(p)
     }
 
     /// A database replaced by rename between the identity check and the

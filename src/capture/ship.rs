@@ -1666,12 +1666,7 @@ mod tests {
         let new = std::fs::read(&other).unwrap();
         std::fs::remove_file(wal_path(&a)).unwrap();
         std::fs::remove_file(shm_path(&a)).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&a)
-            .and_then(|mut f| f.write_all(&new))
-            .unwrap();
+        write_in_place(&a, &new);
         std::fs::write(wal_path(&a), b"the application's new WAL").unwrap();
         std::fs::write(shm_path(&a), b"its new WAL-index").unwrap();
         drop(s);
@@ -1699,18 +1694,24 @@ mod tests {
         ] {
             let (_dir, a, app, mut s) = streaming();
             drop(app);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(&a)
-                .and_then(|mut f| f.write_all(&bytes))
-                .unwrap();
+            write_in_place(&a, &bytes);
             match s.read().unwrap() {
                 Step::Lost(reason) => assert!(reason.contains(why), "{why}: {reason}"),
                 other => panic!("{why}: {other:?}"),
             }
             assert!(s.take_pending().is_none());
         }
+    }
+
+    /// Writes `bytes` over the file at `path`, keeping its inode (as `cp`
+    /// over an existing file does).
+    fn write_in_place(path: &Path, bytes: &[u8]) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes))
+            .unwrap();
     }
 
     fn shm_path(db: &Path) -> PathBuf {

@@ -470,3 +470,53 @@ async fn an_empty_fleet_is_unhealthy() {
     let (code, log) = d.wait().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// A store that stalls past the lease's local expiry pauses every replica
+/// write: `/healthz` says so (503, not "ok"), `/stats` and `/metrics` show
+/// the pause, and all three are back once the store answers and the lease
+/// is renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_lease_makes_the_daemon_unhealthy_until_renewed() {
+    let mut f = Fleet::new(Backend::S3).await;
+    let addr = free_port();
+    // The shortest lease (`MIN_TTL`): its fence closes 1.5 s after the last
+    // renewal. The first line belongs to the replica section.
+    f.top_yaml = format!("    lease-ttl: 2s\naddr: {addr}\n");
+    f.scan_interval = "500ms";
+    drop(create_db(&f.db_path("p", "d", "t0"), 2));
+    let d = Daemon::start(&f, &["replicate"]);
+    let ok = Some((200, "ok\n".to_string()));
+    until("a healthy daemon", async || {
+        http_get(addr, "/healthz").await == ok
+    })
+    .await;
+    f.s3().set_fault(Fault::Delay(Duration::from_secs(30)));
+    until("a 503 naming the paused writes", async || {
+        matches!(http_get(addr, "/healthz").await, Some((503, body))
+            if body.contains("unhealthy: writes paused: the replica lease could not be renewed (expired locally at "))
+    })
+    .await;
+    let (_, stats) = http_get(addr, "/stats").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(
+        (&v["lease_writes_paused"], &v["healthy"]),
+        (&true.into(), &false.into())
+    );
+    let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("litefleet_lease_writes_paused 1\n"),
+        "{metrics}"
+    );
+    f.s3().set_fault(Fault::None);
+    until("health back after a renewal", async || {
+        http_get(addr, "/healthz").await == ok
+    })
+    .await;
+    let (_, stats) = http_get(addr, "/stats").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(v["lease_writes_paused"], false);
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("writes resume"), "{log}");
+}

@@ -734,8 +734,10 @@ async fn run(cli: Cli) -> Result<()> {
                 crate::replica::lease::Lease::acquire_with_ttl(&replica, chrono::Utc::now(), ttl)
                     .await?;
             tracing::info!(holder = %lease.record().owner, expires = %lease.expires().to_rfc3339(), "replica lease acquired");
-            // Every write of the replicator stops when the lease does.
-            let replica = replica.with_fence(lease.fence());
+            // Every write of the replicator stops when the lease does (and
+            // /healthz says so while it is stopped).
+            let fence = lease.fence();
+            let replica = replica.with_fence(fence.clone());
             let renewer = crate::replica::lease::spawn_renewer(lease, token.clone());
             // The endpoint outlives the loop's drain, so /healthz answers
             // while in-flight uploads finish; it stops after `run` returns.
@@ -750,6 +752,7 @@ async fn run(cli: Cli) -> Result<()> {
                             addr,
                             replicator.stats(),
                             scan_interval,
+                            Some(fence),
                             ops_stop.clone(),
                         )
                         .await?

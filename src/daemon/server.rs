@@ -10,7 +10,10 @@
 //! [`HEALTHY_INTERVALS`] scan intervals (counting from start-up before the
 //! first scan). A stuck filesystem, a deadlock or a dead loop turns it 503;
 //! so does a fleet in which the last scan found no database at all (a
-//! pattern that matches nothing backs nothing up).
+//! pattern that matches nothing backs nothing up), and so does a closed
+//! write fence of the replica lease ([`Fence`]): while the lease cannot be
+//! renewed (the store stalls) every replica write is refused, nothing is
+//! backed up, and `/healthz` says so until a renewal opens the fence again.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -22,10 +25,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::replica::storage::Fence;
 use crate::stats::Stats;
 use crate::{Error, Result};
 
@@ -39,6 +44,8 @@ pub const HEALTHY_INTERVALS: u32 = 3;
 struct Ops {
     stats: Arc<Stats>,
     scan_interval: Duration,
+    /// The replica lease's write fence; `None` when no lease is held.
+    fence: Option<Arc<Fence>>,
 }
 
 /// The `/stats` document. Ages are seconds, `null` when there is nothing to age.
@@ -88,11 +95,19 @@ pub struct StatsView {
     pub verify_ok: u64,
     pub verify_problems: u64,
     pub verify_could_not_check: u64,
+    /// Whether the replica lease's write fence is closed, so that every
+    /// replica write is refused: the lease could not be renewed before it
+    /// expired locally (writes resume at the next successful renewal), or
+    /// it was lost. `false` without a lease.
+    pub lease_writes_paused: bool,
+    /// Scans complete on schedule, the last one found a database, and
+    /// replica writes are not paused (the rules of `/healthz`).
     pub healthy: bool,
 }
 
 impl StatsView {
-    /// Reads the counters at `now` (unix seconds).
+    /// Reads the counters at `now` (unix seconds), as for a daemon without
+    /// a lease; [`StatsView::with_fence`] adds the lease's write fence.
     pub fn read(stats: &Stats, scan_interval: Duration, now: u64) -> StatsView {
         use std::sync::atomic::Ordering::Relaxed;
         let databases = stats.databases.load(Relaxed);
@@ -101,12 +116,6 @@ impl StatsView {
         let oldest = stats.oldest_pending_unix.load(Relaxed);
         let age_base = |t: u64| (t > 0).then_some(t);
         let age = |t: u64| age_base(t).map(|t| now.saturating_sub(t));
-        let since = if last_scan > 0 {
-            last_scan
-        } else {
-            stats.started_unix.load(Relaxed)
-        };
-        let limit = scan_interval.as_secs().max(1) * u64::from(HEALTHY_INTERVALS);
         StatsView {
             databases,
             hot,
@@ -144,8 +153,17 @@ impl StatsView {
             verify_ok: stats.verify_last_ok.load(Relaxed),
             verify_problems: stats.verify_last_problems.load(Relaxed),
             verify_could_not_check: stats.verify_last_unverifiable.load(Relaxed),
-            healthy: now.saturating_sub(since) <= limit && !(last_scan > 0 && databases == 0),
+            lease_writes_paused: false,
+            healthy: scan_problem(stats, scan_interval, now).is_none(),
         }
+    }
+
+    /// Adds the replica lease's write `fence` (`None`: no lease): while it
+    /// is closed, writes are paused and the daemon is not healthy.
+    pub fn with_fence(mut self, fence: Option<&Fence>) -> StatsView {
+        self.lease_writes_paused = fence.is_some_and(|f| !f.is_open());
+        self.healthy &= !self.lease_writes_paused;
+        self
     }
 
     /// Prometheus text exposition (format 0.0.4). Aggregate series only.
@@ -328,39 +346,107 @@ impl StatsView {
             );
         }
         metric(
+            "litefleet_lease_writes_paused",
+            "gauge",
+            "1 while the replica lease could not be renewed (or was lost): every replica write is refused.",
+            &[("", if self.lease_writes_paused { 1.0 } else { 0.0 })],
+        );
+        metric(
             "litefleet_healthy",
             "gauge",
-            "1 while scans complete on schedule.",
+            "1 while scans complete on schedule and replica writes are not paused.",
             &[("", if self.healthy { 1.0 } else { 0.0 })],
         );
         out
     }
 }
 
+/// The scan rules of `/healthz` at `now` (unix seconds): why they fail, as
+/// a line of its 503 body, or `None`.
+fn scan_problem(stats: &Stats, scan_interval: Duration, now: u64) -> Option<String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let last_scan = stats.last_scan_unix.load(Relaxed);
+    let since = if last_scan > 0 {
+        last_scan
+    } else {
+        stats.started_unix.load(Relaxed)
+    };
+    let limit = scan_interval.as_secs().max(1) * u64::from(HEALTHY_INTERVALS);
+    if last_scan > 0 && stats.databases.load(Relaxed) == 0 {
+        Some("unhealthy: the last scan found no SQLite database matching the patterns\n".into())
+    } else if now.saturating_sub(since) > limit {
+        Some(format!(
+            "unhealthy: no scan completed in {HEALTHY_INTERVALS} intervals of {scan_interval:?}\n"
+        ))
+    } else {
+        None
+    }
+}
+
+/// The lease rule of `/healthz`: why a closed write `fence` fails it, as a
+/// line of its 503 body, or `None` while the fence is open.
+fn lease_problem(fence: &Fence, now: DateTime<Utc>) -> Option<String> {
+    if fence.is_open() {
+        None
+    } else if fence.is_lost() {
+        Some(
+            "unhealthy: writes stopped: the replica lease was lost (taken over or removed); replication is stopping\n"
+                .into(),
+        )
+    } else {
+        let at = local_expiry(fence, now).to_rfc3339_opts(SecondsFormat::Secs, true);
+        Some(format!(
+            "unhealthy: writes paused: the replica lease could not be renewed (expired locally at {at}); retrying\n"
+        ))
+    }
+}
+
+/// When `fence` closes on the wall clock: the earlier of its wall-clock
+/// limit and its monotonic one (placed relative to `now`).
+fn local_expiry(fence: &Fence, now: DateTime<Utc>) -> DateTime<Utc> {
+    let (until, here) = (fence.until(), std::time::Instant::now());
+    let mono = if until >= here {
+        TimeDelta::from_std(until - here)
+            .ok()
+            .and_then(|d| now.checked_add_signed(d))
+    } else {
+        TimeDelta::from_std(here - until)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+    };
+    let wall = fence.wall_until();
+    mono.map_or(wall, |m| m.min(wall))
+}
+
 fn now_unix() -> u64 {
-    chrono::Utc::now().timestamp().max(0) as u64
+    Utc::now().timestamp().max(0) as u64
 }
 
 impl Ops {
     fn view(&self) -> StatsView {
         StatsView::read(&self.stats, self.scan_interval, now_unix())
+            .with_fence(self.fence.as_deref())
+    }
+
+    /// `/healthz`'s 503 body at `now`, a line per failing rule (the lease
+    /// first); empty while healthy. The same rules as [`StatsView::healthy`].
+    fn problems(&self, now: DateTime<Utc>) -> String {
+        let lease = self.fence.as_deref().and_then(|f| lease_problem(f, now));
+        let scans = scan_problem(
+            &self.stats,
+            self.scan_interval,
+            now.timestamp().max(0) as u64,
+        );
+        lease.into_iter().chain(scans).collect()
     }
 }
 
 async fn healthz(State(ops): State<Ops>) -> Response {
-    let v = ops.view();
-    if v.healthy {
+    let problems = ops.problems(Utc::now());
+    if problems.is_empty() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        let msg = if v.last_scan_age_seconds.is_some() && v.databases == 0 {
-            "unhealthy: the last scan found no SQLite database matching the patterns\n".to_string()
-        } else {
-            format!(
-                "unhealthy: no scan completed in {} intervals of {:?}\n",
-                HEALTHY_INTERVALS, ops.scan_interval
-            )
-        };
-        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, problems).into_response()
     }
 }
 
@@ -376,8 +462,9 @@ async fn metrics(State(ops): State<Ops>) -> Response {
         .into_response()
 }
 
-/// The endpoint's routes over `stats`.
-pub fn router(stats: Arc<Stats>, scan_interval: Duration) -> Router {
+/// The endpoint's routes over `stats` and the replica lease's write `fence`
+/// (`None` when no lease is held).
+pub fn router(stats: Arc<Stats>, scan_interval: Duration, fence: Option<Arc<Fence>>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/stats", get(stats_json))
@@ -385,6 +472,7 @@ pub fn router(stats: Arc<Stats>, scan_interval: Duration) -> Router {
         .with_state(Ops {
             stats,
             scan_interval,
+            fence,
         })
 }
 
@@ -394,13 +482,14 @@ pub async fn serve(
     addr: SocketAddr,
     stats: Arc<Stats>,
     scan_interval: Duration,
+    fence: Option<Arc<Fence>>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::invalid(format!("addr {addr}"), format!("cannot listen: {e}")))?;
     let bound = listener.local_addr().unwrap_or(addr);
-    let app = router(stats, scan_interval);
+    let app = router(stats, scan_interval, fence);
     let task = tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -461,7 +550,8 @@ mod tests {
         assert!(text.contains("litefleet_invalid_keys 2\n"));
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 27);
+        assert_eq!(samples, 28);
+        assert!(text.contains("litefleet_lease_writes_paused 0\n"));
         assert!(text.contains("litefleet_verify_last_run_timestamp_seconds 0\n"));
         assert!(!text.contains("litefleet_verify_last_ok"));
     }
@@ -485,5 +575,116 @@ mod tests {
         let v = StatsView::read(&s, Duration::from_secs(15), 100);
         assert_eq!(v.verify_last_ok, Some(true));
         assert!(v.prometheus().contains("litefleet_verify_last_ok 1\n"));
+    }
+
+    /// Endpoint state over fresh, healthy stats (a scan just found a
+    /// database) and `fence`.
+    fn ops(fence: Option<Arc<Fence>>) -> Ops {
+        let stats = Stats::default();
+        stats.databases.store(1, Relaxed);
+        stats.last_scan_unix.store(now_unix(), Relaxed);
+        Ops {
+            stats: Arc::new(stats),
+            scan_interval: Duration::from_secs(15),
+            fence,
+        }
+    }
+
+    /// What the three routes' handlers answer: `/healthz`'s status and
+    /// body, `/stats`' `lease_writes_paused`, and `/metrics`' gauge line.
+    async fn answers(ops: &Ops) -> (StatusCode, String, bool, bool) {
+        let health = healthz(State(ops.clone())).await;
+        let code = health.status();
+        let body = axum::body::to_bytes(health.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let Json(view) = stats_json(State(ops.clone())).await;
+        let text = axum::body::to_bytes(metrics(State(ops.clone())).await.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(text.to_vec()).unwrap();
+        let gauge = text.contains("litefleet_lease_writes_paused 1\n");
+        assert!(gauge || text.contains("litefleet_lease_writes_paused 0\n"));
+        assert_eq!(text.contains("litefleet_healthy 1\n"), view.healthy);
+        assert_eq!(view.healthy, code == StatusCode::OK);
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        (code, body, view.lease_writes_paused, gauge)
+    }
+
+    /// A fence that expired locally (the lease could not be renewed) turns
+    /// `/healthz` 503 with the local expiry, `/stats` and `/metrics` show
+    /// the pause, and a renewal (`extend`) makes the daemon healthy again; a
+    /// lost lease is 503 too.
+    #[tokio::test]
+    async fn a_closed_write_fence_is_unhealthy_until_the_lease_is_renewed() {
+        let later = std::time::Instant::now() + Duration::from_secs(60);
+        let soon = Utc::now() + chrono::Duration::seconds(60);
+        let open = (StatusCode::OK, "ok\n".to_string(), false, false);
+        assert_eq!(answers(&ops(None)).await, open);
+        let fence = Arc::new(Fence::new("lease", later, soon));
+        let ops = ops(Some(fence.clone()));
+        assert_eq!(answers(&ops).await, open);
+        // Expired on the wall clock (as after a suspend); the monotonic
+        // limit is later, so the wall-clock one is the local expiry.
+        let expired = DateTime::parse_from_rfc3339("2020-01-02T03:04:05.678Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        fence.extend(later, expired);
+        assert_eq!(
+            answers(&ops).await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unhealthy: writes paused: the replica lease could not be renewed \
+                 (expired locally at 2020-01-02T03:04:05Z); retrying\n"
+                    .to_string(),
+                true,
+                true
+            )
+        );
+        fence.extend(later, soon);
+        assert_eq!(answers(&ops).await, open);
+        fence.close();
+        let (code, body, paused, gauge) = answers(&ops).await;
+        assert_eq!(
+            (code, paused, gauge),
+            (StatusCode::SERVICE_UNAVAILABLE, true, true)
+        );
+        assert!(body.contains("the replica lease was lost"), "{body}");
+    }
+
+    /// The lease rule comes on top of the scan rules: each failing rule is a
+    /// line of the 503 body, the lease's first; the local expiry is the
+    /// earlier of the fence's two limits.
+    #[test]
+    fn every_failing_rule_is_a_line_of_the_answer() {
+        let soon = Utc::now() + chrono::Duration::seconds(60);
+        // Expired on the monotonic clock (an instant already past).
+        let fence = Fence::new("lease", std::time::Instant::now(), soon);
+        let now = Utc::now();
+        let at = local_expiry(&fence, now);
+        assert!(
+            at <= now && at > now - chrono::Duration::seconds(60),
+            "{at}"
+        );
+        let ops = ops(Some(Arc::new(fence)));
+        ops.stats.last_scan_unix.store(1000, Relaxed);
+        let problems = ops.problems(now);
+        let lines: Vec<&str> = problems.lines().collect();
+        assert_eq!(lines.len(), 2, "{problems}");
+        assert!(
+            lines[0].starts_with("unhealthy: writes paused: "),
+            "{problems}"
+        );
+        assert!(lines[1].starts_with("unhealthy: no scan completed in 3 intervals"));
+        let v = ops.view();
+        assert!(v.lease_writes_paused && !v.healthy);
+        // Without a lease only the scan rules count.
+        let v = StatsView::read(&ops.stats, ops.scan_interval, now_unix()).with_fence(None);
+        assert!(!v.lease_writes_paused && !v.healthy);
+        ops.stats.last_scan_unix.store(now_unix(), Relaxed);
+        assert!(ops
+            .problems(Utc::now())
+            .starts_with("unhealthy: writes paused: "));
+        assert!(StatsView::read(&ops.stats, ops.scan_interval, now_unix()).healthy);
     }
 }

@@ -234,6 +234,18 @@ impl Fence {
             + Duration::from_nanos(self.valid_until.load(std::sync::atomic::Ordering::Acquire))
     }
 
+    /// Until when writes are allowed on the wall clock (the limit that
+    /// stays exact across a suspend of the host).
+    pub fn wall_until(&self) -> chrono::DateTime<chrono::Utc> {
+        let ms = self.wall_until.load(std::sync::atomic::Ordering::Acquire);
+        chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+    }
+
+    /// Whether the lease was lost ([`Fence::close`]): closed for good.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
     /// Whether writes are allowed now.
     pub fn is_open(&self) -> bool {
         !self.lost.is_cancelled()

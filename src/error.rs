@@ -28,10 +28,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// SQLite refused an operation on a local database file.
-    #[error("{}: sqlite: {source}", path.display())]
+    /// SQLite refused an operation on a local database file; `hint` says
+    /// in plain words what a cause SQLite words obscurely means (see
+    /// [`sqlite_hint`]).
+    #[error("{}: sqlite: {hint}{source}", path.display())]
     Sqlite {
         path: PathBuf,
+        hint: &'static str,
         #[source]
         source: rusqlite::Error,
     },
@@ -84,6 +87,7 @@ impl Error {
     pub fn sqlite(path: impl Into<PathBuf>, source: rusqlite::Error) -> Self {
         Error::Sqlite {
             path: path.into(),
+            hint: sqlite_hint(&source),
             source,
         }
     }
@@ -116,6 +120,22 @@ impl Error {
 /// `AWS_METADATA_ENDPOINT`), under these fixed paths; a failure there means
 /// no credentials were found, whatever the request said.
 const INSTANCE_METADATA_PATHS: [&str; 2] = ["/latest/api/token", "/latest/meta-data/iam/"];
+
+/// Plain words for SQLite errors whose own text misleads (empty for the
+/// rest). A read-only connection that meets a hot rollback journal (a
+/// writer stopped mid-transaction, `-journal` left behind) must roll it back
+/// before it may read, and cannot: SQLite says "attempt to write a readonly
+/// database", which reads as if litefleet tried to write the database.
+pub fn sqlite_hint(e: &rusqlite::Error) -> &'static str {
+    match e.sqlite_error().map(|e| e.extended_code) {
+        Some(rusqlite::ffi::SQLITE_READONLY_ROLLBACK) => {
+            "a hot rollback journal (-journal) left by a writer that stopped mid-transaction \
+             must be rolled back by a read-write open of the database (the application's next \
+             one does it); litefleet only reads, and retries every cycle: "
+        }
+        _ => "",
+    }
+}
 
 /// What the object store's own message does not say plainly: that no
 /// credentials were found (its message is a failed request to an address the

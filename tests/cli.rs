@@ -139,6 +139,38 @@ fn bad_log_filters_are_usage_errors() {
     }
 }
 
+/// `--timestamp` without a time zone offset names what is missing
+/// (usage error, exit 2); other malformed times keep the parser's reason.
+#[test]
+fn timestamps_without_an_offset_say_so() {
+    let t = tempfile::tempdir().unwrap();
+    for (ts, needle) in [
+        ("2026-12-05 13:09:43", "has no time zone offset: add Z"),
+        ("2026-12-05T13:09:43", "has no time zone offset: add Z"),
+        ("2026-12-05T25:09:43Z", "is not an RFC 3339 timestamp"),
+        ("yesterday", "is not an RFC 3339 timestamp"),
+    ] {
+        let o = litefleet_command(
+            t.path(),
+            &[
+                "--config",
+                "missing.yml",
+                "restore",
+                "k",
+                "-o",
+                "x.db",
+                "--timestamp",
+                ts,
+            ],
+        )
+        .output()
+        .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{ts}: {err}");
+        assert!(err.contains(needle), "{ts}: {needle:?} not in {err}");
+    }
+}
+
 /// A `file://` replica directory that cannot be created is a config error
 /// naming the key as written, the URL and the path in the way, not a bare
 /// `File exists` about some parent.

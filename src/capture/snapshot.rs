@@ -1355,6 +1355,46 @@ mod tests {
         }
     }
 
+    /// A database a writer left mid-transaction (a hot rollback journal):
+    /// the snapshot fails, names the journal and says why, instead of
+    /// SQLite's "attempt to write a readonly database"; the database and
+    /// its journal are left as they were.
+    #[test]
+    fn a_hot_journal_is_explained_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.db");
+        let c = Connection::open(&live).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode=DELETE; PRAGMA cache_size=2;
+             CREATE TABLE t(v); INSERT INTO t VALUES (randomblob(3000));",
+        )
+        .unwrap();
+        c.execute_batch("BEGIN; UPDATE t SET v = randomblob(3000);")
+            .unwrap();
+        for _ in 0..40 {
+            c.execute("INSERT INTO t VALUES (randomblob(3000))", [])
+                .unwrap();
+        }
+        // The writer "stops" here: its files as a crash would leave them.
+        let db = dir.path().join("crashed.db");
+        std::fs::copy(&live, &db).unwrap();
+        let journal = dir.path().join("crashed.db-journal");
+        std::fs::copy(dir.path().join("live.db-journal"), &journal).unwrap();
+        drop(c);
+        let before = (
+            std::fs::read(&db).unwrap(),
+            std::fs::read(&journal).unwrap(),
+        );
+        let e = capture(&db, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("hot rollback journal"), "{e}");
+        assert!(e.contains("crashed.db"), "{e}");
+        let after = (
+            std::fs::read(&db).unwrap(),
+            std::fs::read(&journal).unwrap(),
+        );
+        assert!(before == after, "the database or its journal changed");
+    }
+
     #[test]
     fn corrupt_lz4_is_an_error() {
         let t = tempfile::tempdir().unwrap();

@@ -571,7 +571,15 @@ fn print_listing(
 fn parse_timestamp(s: &str) -> std::result::Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp (e.g. 2026-11-22T13:00:00Z): {e}"))
+        .map_err(|e| {
+            // A time without its offset would be read in some zone: say
+            // which part is missing rather than "premature end of input".
+            if DateTime::parse_from_rfc3339(&format!("{s}Z")).is_ok() {
+                format!("{s:?} has no time zone offset: add Z for UTC (e.g. {s}Z) or one such as +01:00")
+            } else {
+                format!("{s:?} is not an RFC 3339 timestamp (e.g. 2026-11-22T13:00:00Z): {e}")
+            }
+        })
 }
 
 /// `filter` as a tracing filter, or why it is not one.

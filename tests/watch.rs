@@ -2,7 +2,9 @@
 //! replica without waiting for the next scan (here an hour away), through
 //! the cold tier (a rollback-journal database, uploaded by the re-check
 //! itself) and through the hot tier (a WAL database, promoted by the
-//! re-check and streamed).
+//! re-check and streamed). A new database in a watched directory is added
+//! and uploaded by the re-check too, after the same key check as at a scan;
+//! a new file that is no database is rejected as at a scan.
 
 mod common;
 
@@ -131,5 +133,203 @@ both_backends!(
         assert!(rep.stats().hot_promotions.load(Ordering::Relaxed) >= 1);
         token.cancel();
         task.await.unwrap().unwrap();
+    }
+);
+
+/// Waits, round by round, until `done` holds; panics after [`WITHIN`].
+async fn until<F, Fut>(rounds: &mut tokio::sync::watch::Receiver<u64>, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    tokio::time::timeout(WITHIN, async {
+        while !done().await {
+            rounds.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} within {WITHIN:?}"));
+}
+
+/// Waits for the round of a notification, stops `run`, then runs one full
+/// cycle.
+async fn round_then_scan(
+    rep: &Replicator,
+    rounds: &mut tokio::sync::watch::Receiver<u64>,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<litefleet::Result<()>>,
+) -> litefleet::daemon::scheduler::CycleReport {
+    tokio::time::timeout(WITHIN, rounds.changed())
+        .await
+        .expect("a round for the notification")
+        .unwrap();
+    token.cancel();
+    task.await.unwrap().unwrap();
+    rep.cycle(&CancellationToken::new()).await
+}
+
+/// A fleet with one rollback-journal database, `p1/orders/acme` (3 rows),
+/// scans an hour apart.
+async fn one_database(backend: common::fleet::Backend) -> (Fleet, rusqlite::Connection) {
+    let mut f = Fleet::with_yaml(backend, "").await;
+    f.scan_interval = "1h";
+    let c = create(&f.db_path("p1", "orders", "acme"), "delete", 3);
+    (f, c)
+}
+
+both_backends!(
+    a_new_database_in_a_watched_directory_is_uploaded_without_a_scan,
+    |backend| async move {
+        let (f, _old) = one_database(backend).await;
+        let (rep, mut rounds, token, task) = start(&f).await;
+        assert_eq!(rep.stats().databases.load(Ordering::Relaxed), 1);
+
+        // Written in place by SQLite (created empty, then written), and
+        // made elsewhere and renamed into place.
+        let _newco = create(&f.db_path("p1", "orders", "newco"), "delete", 5);
+        let made = f.work.path().join("made.db");
+        drop(create(&made, "delete", 8));
+        std::fs::rename(&made, f.db_path("p1", "orders", "moved")).unwrap();
+        let (newco, moved) = (
+            Fleet::key("p1", "orders", "newco"),
+            Fleet::key("p1", "orders", "moved"),
+        );
+        let (fr, newco, moved) = (&f, newco.as_str(), moved.as_str());
+        until(
+            &mut rounds,
+            "both new databases reached the replica",
+            || async move {
+                restored_rows(fr, newco).await == Some(5)
+                    && restored_rows(fr, moved).await == Some(8)
+            },
+        )
+        .await;
+        assert_eq!(rep.stats().scans.load(Ordering::Relaxed), 1, "no scan ran");
+        assert!(rep.stats().rechecks.load(Ordering::Relaxed) >= 1);
+        assert_eq!(rep.tracked(), 3);
+        assert_eq!(rep.stats().databases.load(Ordering::Relaxed), 3);
+
+        token.cancel();
+        task.await.unwrap().unwrap();
+        // The scan finds nothing new.
+        let r = rep.cycle(&CancellationToken::new()).await;
+        assert_eq!((r.scan.new, r.scan.databases), (0, 3));
+    }
+);
+
+both_backends!(
+    a_new_file_that_is_no_database_in_a_watched_directory_is_not_uploaded,
+    |backend| async move {
+        let (f, _old) = one_database(backend).await;
+        let (rep, mut rounds, token, task) = start(&f).await;
+        let junk = f.db_path("p1", "orders", "junk");
+        std::fs::write(&junk, b"hello, not a database").unwrap();
+        // A file outside the patterns in the same directory: ignored.
+        let notes = junk.with_file_name("notes.txt");
+        std::fs::write(&notes, b"not matched").unwrap();
+        // A database after them, so a round has seen all three once it is uploaded.
+        let _new = create(&f.db_path("p1", "orders", "newco"), "delete", 2);
+        let newco = Fleet::key("p1", "orders", "newco");
+        let (fr, newco) = (&f, newco.as_str());
+        until(
+            &mut rounds,
+            "the new database reached the replica",
+            || async move { restored_rows(fr, newco).await == Some(2) },
+        )
+        .await;
+        assert_eq!(rep.stats().scans.load(Ordering::Relaxed), 1, "no scan ran");
+        assert_eq!(rep.tracked(), 2, "junk.db is not tracked");
+        assert_eq!(rep.stats().databases.load(Ordering::Relaxed), 2);
+        assert_eq!(rep.stats().uploads_failed.load(Ordering::Relaxed), 0);
+        let junk_key = Fleet::key("p1", "orders", "junk");
+        assert!(
+            !f.objects().await.iter().any(|o| o.contains(&junk_key)),
+            "{:?}",
+            f.objects().await
+        );
+
+        // Written again, still no database: nothing of it is uploaded, at
+        // the notification or at the scan (which may upload the others
+        // once more: they were written just now, see RACY_WINDOW).
+        std::fs::write(&junk, b"hello again, still not a database").unwrap();
+        let r = round_then_scan(&rep, &mut rounds, token, task).await;
+        assert_eq!((r.failed, r.scan.databases), (0, 2), "{r:?}");
+        assert!(!f.objects().await.iter().any(|o| o.contains(&junk_key)));
+        assert_eq!(rep.tracked(), 2);
+    }
+);
+
+/// Patterns `*/*.db` then `*/*.sqlite`, both keyed `{{project}}/{{tenant}}`
+/// (`p1/app.db` and `p1/app.sqlite` share `p1/app`), scans an hour apart.
+fn two_pattern_yaml(f: &Fleet) -> String {
+    let d = f.data.path().display();
+    format!(
+        "multi-db:\n  patterns: [\"{d}/*/*.db\", \"{d}/*/*.sqlite\"]\n  scan-interval: 1h\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    path: \"{{{{project}}}}/{{{{tenant}}}}\"\n{}",
+        f.work.path().join("tmp").display(),
+        f.work.path().join("state").display(),
+        f.replica_yaml()
+    )
+}
+
+fn two_pattern_loaded(f: &Fleet) -> litefleet::source::config::Loaded {
+    litefleet::source::config::Loaded::from_str(&two_pattern_yaml(f), "test.yml", f.data.path())
+        .unwrap()
+}
+
+/// Rows of `key` restored with the two-pattern config.
+async fn restored_app_rows(f: &Fleet, key: &str) -> i64 {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("r.db");
+    let loaded = two_pattern_loaded(f);
+    let opts = litefleet::restore::RestoreOptions {
+        target: key.to_string(),
+        output: o.clone(),
+        timestamp: None,
+        if_replica_exists: false,
+        if_db_not_exists: false,
+        allow_older: false,
+    };
+    litefleet::restore::restore(&loaded, &loaded.open_replica().unwrap(), &opts)
+        .await
+        .unwrap();
+    count_rows(&o)
+}
+
+both_backends!(
+    a_new_database_with_a_taken_key_is_refused_without_a_scan,
+    |backend| async move {
+        let f = Fleet::new(backend).await;
+        let loaded = two_pattern_loaded(&f);
+        let _owner = create(&f.data.path().join("p1/app.sqlite"), "delete", 3);
+        let rep = Arc::new(Replicator::new(loaded).unwrap());
+        let mut rounds = rep.rounds();
+        let token = CancellationToken::new();
+        let task = tokio::spawn(rep.clone().run(false, token.clone()));
+        rounds.changed().await.unwrap();
+        assert_eq!(rep.stats().uploads_ok.load(Ordering::Relaxed), 1);
+        assert_eq!(restored_app_rows(&f, "p1/app").await, 3);
+
+        // app.db (the earlier pattern) appears: app.sqlite keeps the key,
+        // and app.db is refused before anything of it is uploaded.
+        let taker = create(&f.data.path().join("p1/app.db"), "delete", 10);
+        let stats = rep.stats();
+        let stats = &stats;
+        until(&mut rounds, "app.db refused", || async move {
+            stats.key_collisions.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        assert_eq!(rep.stats().scans.load(Ordering::Relaxed), 1, "no scan ran");
+        assert_eq!(rep.tracked(), 2);
+        assert_eq!(rep.stats().databases.load(Ordering::Relaxed), 2);
+        assert_eq!(rep.stats().uploads_ok.load(Ordering::Relaxed), 1);
+        assert_eq!(restored_app_rows(&f, "p1/app").await, 3);
+
+        // Later writes to it are not uploaded either, nor at the scan
+        // (which uploads app.sqlite once more: it was written just now,
+        // see RACY_WINDOW).
+        insert_rows(&taker, 1);
+        let r = round_then_scan(&rep, &mut rounds, token, task).await;
+        assert_eq!((r.scan.new, r.failed, r.refused), (0, 0, 1), "{r:?}");
+        assert_eq!(restored_app_rows(&f, "p1/app").await, 3);
     }
 );

@@ -469,9 +469,11 @@ impl Replicator {
     }
 
     /// A cycle for the files change notifications named (see
-    /// [`crate::source::watch`]): re-checks only those databases, then
-    /// hands what changed to the hot tier or uploads it, as a cycle does.
-    /// New and deleted databases wait for the next full cycle.
+    /// [`crate::source::watch`]): re-checks only those databases, and adds
+    /// the new ones among them as a scan would, then checks the keys if it
+    /// added any and hands what changed to the hot tier or uploads it (the
+    /// new databases too), as a cycle does. Deleted databases wait for the
+    /// next full cycle.
     pub async fn recheck(
         &self,
         files: Vec<(u32, std::ffi::OsString)>,
@@ -503,29 +505,38 @@ impl Replicator {
             );
         }
         let tracker = self.tracker.clone();
-        let changed = tokio::task::spawn_blocking(move || {
-            lock(&tracker)
-                .recheck(&files, |id| skip.contains(&id))
-                .iter()
-                .copied()
-                .collect::<HashSet<Id>>()
+        let loaded = self.loaded.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            lock(&tracker).recheck(&files, &loaded.patterns, |id| skip.contains(&id))
         })
         .await
         .expect("recheck task panicked");
-        if changed.is_empty() {
+        if found.changed.is_empty() && found.added.is_empty() {
             return CycleReport::default();
         }
         self.stats.rechecks.fetch_add(1, Ordering::Relaxed);
+        if !found.added.is_empty() {
+            // As after a scan that adds databases: nothing is uploaded
+            // before its key is checked.
+            self.check_keys();
+            self.stats
+                .databases
+                .store(self.tracked() as u64, Ordering::Relaxed);
+        }
         {
+            // Not the new ones: the first writes after a creation (the
+            // rows after the schema) are uploaded at once too, once.
             let mut notified = lock(&self.notified);
-            notified.extend(changed.iter().map(|id| (*id, now)));
+            notified.extend(found.changed.iter().map(|id| (*id, now)));
         }
         let scan = ScanReport {
             databases: self.tracked(),
-            changed: changed.len(),
+            new: found.added.len(),
+            changed: found.changed.len(),
             ..Default::default()
         };
-        self.dispatch(scan, Some(&changed), shutdown).await
+        let only: HashSet<Id> = found.changed.into_iter().chain(found.added).collect();
+        self.dispatch(scan, Some(&only), shutdown).await
     }
 
     /// After a scan or a re-check: retier, then upload or hand to streams

@@ -10,8 +10,15 @@
 //! `(directory, name)` for about 5 bytes more per entry. Nothing here holds a
 //! file descriptor or a SQLite connection.
 //!
-//! A database is *pending* while the fingerprint seen by the last scan differs
-//! from the one recorded at its last successful upload. A failed upload leaves
+//! Between scans, change notifications name the files to look at again
+//! ([`Tracker::recheck`]): the same stat and fingerprint as a scan for a
+//! tracked database, and a database the table does not hold yet is added
+//! as the scan would add it (when a pattern matches it), so a new database
+//! is uploaded without waiting for the next scan. Deleted databases leave
+//! the table at the scans only.
+//!
+//! A database is *pending* while the fingerprint seen by the last scan (or
+//! re-check) differs from the one recorded at its last successful upload. A failed upload leaves
 //! it pending, so it is retried by the next cycle; a database that changes
 //! while it is being uploaded stays pending too.
 //!
@@ -34,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use crate::source::discover::{Pattern, Visitor};
+use crate::source::discover::{is_aux, Pattern, Visitor};
 use crate::source::vfs::has_sqlite_header;
 
 /// Writes this close to a scan are "racy" (see the module docs). Two seconds
@@ -103,6 +110,17 @@ pub struct ScanReport {
     pub errors: usize,
 }
 
+/// What a [`Tracker::recheck`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rechecked {
+    /// Tracked databases whose fingerprint changed (also
+    /// [`Tracker::changed`] until the next scan or re-check).
+    pub changed: Vec<Id>,
+    /// Databases the table did not hold, added as a scan would add them;
+    /// pending.
+    pub added: Vec<Id>,
+}
+
 /// The table of tracked databases.
 pub struct Tracker {
     entries: Vec<Entry>,
@@ -124,8 +142,8 @@ pub struct Tracker {
     preload: HashMap<PathBuf, u64>,
     /// Upload records changed since the state file was last written.
     state_dirty: bool,
-    /// Known databases whose fingerprint changed in the last scan (the hot
-    /// tier's input; new databases are not in it).
+    /// Known databases whose fingerprint changed in the last scan or
+    /// re-check (the hot tier's input; new databases are not in it).
     changed: Vec<Id>,
     /// New files are tracked without reading their header; the header is
     /// read when the file is first used ([`Tracker::is_checked`]).
@@ -278,6 +296,15 @@ impl Tracker {
         self.lookup(d, name)
     }
 
+    /// The number of directory `dir`, if interned.
+    #[cfg(test)]
+    fn find_dir(&self, dir: &Path) -> Option<u32> {
+        let h = self.hasher.hash_one(dir);
+        self.dir_table
+            .find(h, |&i| &*self.dirs[i as usize] == dir)
+            .copied()
+    }
+
     /// The database named `name` in directory number `dir`.
     fn lookup(&self, dir: u32, name: &[u8]) -> Option<Id> {
         let h = self.key_hash(dir, name);
@@ -408,29 +435,44 @@ impl Tracker {
         report
     }
 
-    /// Re-checks only the tracked databases that `files` name (a database,
-    /// or its `-wal` or `-journal`, as (directory index, file name)): the
-    /// same stat and fingerprint as a scan, without walking anything.
-    /// Files of untracked databases are left to the next scan, which finds
-    /// new databases and drops deleted ones; so are the databases `skip`
-    /// names. Replaces [`Tracker::changed`] with what changed here, and
-    /// returns it.
+    /// Re-checks only the databases that `files` name (a database, or its
+    /// `-wal` or `-journal`, as (directory index, file name)): the same stat
+    /// and fingerprint as a scan, without walking anything. A named database
+    /// the table does not hold yet is added as a scan would add it
+    /// ([`Tracker::scan`]), if one of `patterns` matches its path: same
+    /// fingerprint, header read deferred when the scan defers it, pending
+    /// until uploaded. Two things differ from a scan, both to keep
+    /// notifications from adding a file again and again while it is being
+    /// written: an empty file is left alone (it holds nothing yet, and its
+    /// first write is notified too), and a file already skipped as no
+    /// database has its header read here when it changed, so it is added
+    /// only once it is one. Deleted databases are left to the next scan, and
+    /// so are the tracked databases `skip` names. Replaces
+    /// [`Tracker::changed`] with the tracked databases that changed here
+    /// (new ones are not in it, as after a scan).
     pub fn recheck(
         &mut self,
         files: &[(u32, std::ffi::OsString)],
+        patterns: &[Pattern],
         skip: impl Fn(Id) -> bool,
-    ) -> &[Id] {
+    ) -> Rechecked {
         self.changed.clear();
         let now = SystemTime::now();
         let now_secs = unix_secs(now);
         let racy_after = unix_nanos(now.checked_sub(RACY_WINDOW).unwrap_or(UNIX_EPOCH));
+        let mut added = Vec::new();
         // A database and its `-wal` both name it: one stat each time.
         let mut done: std::collections::HashSet<Id> = std::collections::HashSet::new();
         for (dir, file) in files {
             if *dir as usize >= self.dirs.len() {
                 continue;
             }
-            let Some(id) = self.lookup(*dir, database_name(file).as_bytes()) else {
+            let name = database_name(file);
+            let Some(id) = self.lookup(*dir, name.as_bytes()) else {
+                if let Some(id) = self.recheck_new(*dir, name, patterns, now_secs, racy_after) {
+                    done.insert(id);
+                    added.push(id);
+                }
                 continue;
             };
             if skip(id) || !done.insert(id) {
@@ -446,7 +488,121 @@ impl Tracker {
                 self.changed.push(id);
             }
         }
-        &self.changed
+        Rechecked {
+            changed: self.changed.clone(),
+            added,
+        }
+    }
+
+    /// [`Tracker::recheck`] of `name` in directory `d`, a database the
+    /// table does not hold: its id if it was added.
+    fn recheck_new(
+        &mut self,
+        d: u32,
+        name: &OsStr,
+        patterns: &[Pattern],
+        now_secs: u32,
+        racy_after: i128,
+    ) -> Option<Id> {
+        if is_aux(name) {
+            return None;
+        }
+        let path = self.dirs[d as usize].join(name);
+        if !patterns.iter().any(|p| p.captures(&path).is_some()) {
+            return None;
+        }
+        // Gone or unreadable: the scan decides. Not a regular file (a
+        // symlink, which the scan logs once): the scan skips it.
+        let db = std::fs::symlink_metadata(&path).ok()?;
+        if !db.is_file() || db.len() == 0 {
+            return None;
+        }
+        let wal = std::fs::symlink_metadata(super::discover::wal_path(&path)).ok();
+        let (fp, racy) = fingerprint_of(&db, wal.as_ref(), racy_after);
+        let defer = self.defer_headers && !self.skipped.contains_key(&path);
+        match self.track_new(d, path, fp, racy, now_secs, defer) {
+            Ok(added) => added,
+            Err((path, e)) => {
+                tracing::debug!(path = %path.display(), error = %e, "cannot read the header; the scan retries");
+                None
+            }
+        }
+    }
+
+    /// A file the table does not hold, `path` in directory `d`, seen with
+    /// fingerprint `fp`: added unless it is a skipped file that did not
+    /// change, or (its header read unless `defer`, or unless the state file
+    /// vouches for it) no database. Its id if it was added; the error of
+    /// reading its header.
+    fn track_new(
+        &mut self,
+        d: u32,
+        path: PathBuf,
+        fp: u64,
+        racy: bool,
+        now_secs: u32,
+        defer: bool,
+    ) -> Result<Option<Id>, (PathBuf, io::Error)> {
+        let epoch = self.epoch;
+        if let Some((old, e)) = self.skipped.get_mut(&path) {
+            *e = epoch;
+            if *old == fp {
+                return Ok(None);
+            }
+            *old = fp;
+        }
+        // The upload record from the state file, if any (the first scan
+        // consumes them; what it leaves is dropped at its end).
+        let preloaded = self.preload.remove(&path);
+        // A file the state file says we uploaded as a database, unchanged
+        // since (same size, mtime and inode, with its -wal): its header is
+        // the one we read then. Not opening it keeps a restart's first scan
+        // close to a plain directory walk.
+        let deferred = preloaded != Some(fp) && defer;
+        let header = if preloaded == Some(fp) || deferred {
+            Ok(true)
+        } else {
+            has_sqlite_header(&path)
+        };
+        match header {
+            Ok(true) => {
+                self.skipped.remove(&path);
+                let name = path.file_name().unwrap_or_default();
+                let id = self.add(d, name, fp, racy, now_secs, deferred);
+                if let Some(synced) = preloaded {
+                    let e = &mut self.entries[id as usize];
+                    e.synced = synced;
+                    if synced == fp {
+                        e.pending_since = 0;
+                    }
+                }
+                Ok(Some(id))
+            }
+            Ok(false) => {
+                self.skip_foreign(path, fp);
+                Ok(None)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err((path, e)),
+        }
+    }
+
+    /// Adds a new database in directory `d`; `unchecked` when its header
+    /// was not read.
+    fn add(
+        &mut self,
+        d: u32,
+        name: &OsStr,
+        fp: u64,
+        racy: bool,
+        now_secs: u32,
+        unchecked: bool,
+    ) -> Id {
+        let id = self.insert(d, name.as_bytes(), fp, racy, now_secs);
+        if unchecked {
+            self.entries[id as usize].flags |= UNCHECKED;
+        }
+        id
     }
 
     /// Records what a scan or a re-check saw of `id`; true if it changed.
@@ -535,7 +691,8 @@ impl Tracker {
         }
     }
 
-    /// Known databases whose fingerprint changed in the last scan.
+    /// Known databases whose fingerprint changed in the last scan or
+    /// re-check (not the new ones).
     pub fn changed(&self) -> &[Id] {
         &self.changed
     }
@@ -725,62 +882,23 @@ impl ScanVisitor<'_> {
         id
     }
 
-    /// Adds a new database in directory `d`; `unchecked` when its header
-    /// was not read.
-    fn add(&mut self, d: u32, name: &OsStr, fp: u64, racy: bool, unchecked: bool) -> Id {
-        let id = self.t.insert(d, name.as_bytes(), fp, racy, self.now_secs);
-        if unchecked {
-            self.t.entries[id as usize].flags |= UNCHECKED;
-        }
-        self.report.new += 1;
-        id
-    }
-
     /// A file the table does not hold, in `dir` (interned as `d`).
     fn new_file(&mut self, d: u32, dir: &Path, name: &OsStr, fp: u64, racy: bool) {
         if self.t.defer_headers && self.t.skipped.is_empty() && self.t.preload.is_empty() {
             // Nothing to look up by path (a new daemon's first scan): no
             // path is even built.
-            self.add(d, name, fp, racy, true);
+            self.t.add(d, name, fp, racy, self.now_secs, true);
+            self.report.new += 1;
             return;
         }
-        let path = dir.join(name);
-        let epoch = self.t.epoch;
-        if let Some((old, e)) = self.t.skipped.get_mut(&path) {
-            *e = epoch;
-            if *old == fp {
-                return;
-            }
-            *old = fp;
-        }
-        // The upload record from the state file, if any (the first scan
-        // consumes them; what it leaves is dropped at its end).
-        let preloaded = self.t.preload.remove(&path);
-        // A file the state file says we uploaded as a database, unchanged
-        // since (same size, mtime and inode, with its -wal): its header is
-        // the one we read then. Not opening it keeps a restart's first scan
-        // close to a plain directory walk.
-        let deferred = preloaded != Some(fp) && self.t.defer_headers;
-        let header = if preloaded == Some(fp) || deferred {
-            Ok(true)
-        } else {
-            has_sqlite_header(&path)
-        };
-        match header {
-            Ok(true) => {
-                self.t.skipped.remove(&path);
-                let id = self.add(d, name, fp, racy, deferred);
-                if let Some(synced) = preloaded {
-                    let e = &mut self.t.entries[id as usize];
-                    e.synced = synced;
-                    if synced == fp {
-                        e.pending_since = 0;
-                    }
-                }
-            }
-            Ok(false) => self.t.skip_foreign(path, fp),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => self.error(&path, e),
+        let defer = self.t.defer_headers;
+        match self
+            .t
+            .track_new(d, dir.join(name), fp, racy, self.now_secs, defer)
+        {
+            Ok(Some(_)) => self.report.new += 1,
+            Ok(None) => {}
+            Err((path, e)) => self.error(&path, e),
         }
     }
 }
@@ -1058,6 +1176,98 @@ mod tests {
         assert_eq!(tr.scan(&pat).databases, 1);
         tr.finish_upload(tk, false);
         assert_eq!(tr.scan(&pat).databases, 0);
+    }
+
+    /// A notified file the table does not hold is added as a scan would
+    /// add it, when a pattern matches it: by its own name or its `-wal`'s,
+    /// header deferred as the scan defers it, pending. Files no pattern
+    /// matches, side files alone, empty files and files known to be no
+    /// database (until they become one) are not.
+    #[test]
+    fn recheck_adds_new_databases_as_a_scan_would() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*/*.db", t.path()).unwrap()];
+        header_file(&t.path().join("a/old.db"), b"");
+        let mut tr = Tracker::new();
+        tr.defer_header_checks(true);
+        assert_eq!(tr.scan(&pat).databases, 1);
+        let old = tr.find(&t.path().join("a/old.db")).unwrap();
+        let tk = tr.begin_upload(old);
+        tr.finish_upload(Ticket { racy: false, ..tk }, true);
+        let d = tr.find_dir(&t.path().join("a")).unwrap();
+        let named = |names: &[&str]| -> Vec<(u32, std::ffi::OsString)> {
+            names.iter().map(|n| (d, (*n).into())).collect()
+        };
+
+        header_file(&t.path().join("a/new.db"), b"");
+        header_file(&t.path().join("a/walled.db"), b"");
+        fs::write(t.path().join("a/walled.db-wal"), b"frames").unwrap();
+        header_file(&t.path().join("a/notes.txt"), b"");
+        fs::write(t.path().join("a/empty.db"), b"").unwrap();
+        fs::write(t.path().join("a/gone.db-journal"), b"x").unwrap();
+        let found = tr.recheck(
+            &named(&[
+                "new.db",
+                "new.db-journal",
+                "walled.db-wal",
+                "notes.txt",
+                "empty.db",
+                "gone.db-journal",
+            ]),
+            &pat,
+            |_| false,
+        );
+        let new = tr.find(&t.path().join("a/new.db")).unwrap();
+        let walled = tr.find(&t.path().join("a/walled.db")).unwrap();
+        assert_eq!(found.added, vec![new, walled]);
+        assert!(found.changed.is_empty() && tr.changed().is_empty());
+        assert_eq!(tr.len(), 3);
+        assert!(!tr.is_checked(new), "header deferred, as at the scan");
+        let mut pending = tr.pending();
+        pending.sort_unstable();
+        assert_eq!(pending, vec![new, walled]);
+        // The scan that follows sees the same fingerprints: nothing new
+        // (but the empty file, which it adds, and the first use rejects).
+        fs::remove_file(t.path().join("a/empty.db")).unwrap();
+        let r = tr.scan(&pat);
+        assert_eq!((r.new, r.changed, r.databases), (0, 0, 3), "{r:?}");
+
+        // A file that is no database: added unread, rejected at first use
+        // (one log line), then not added again while it stays no database,
+        // and added (read) once it is one.
+        let junk = t.path().join("a/junk.db");
+        fs::write(&junk, b"not a database").unwrap();
+        let found = tr.recheck(&named(&["junk.db"]), &pat, |_| false);
+        let id = tr.find(&junk).unwrap();
+        assert_eq!(found.added, vec![id]);
+        assert!(!tr.confirm(id).unwrap());
+        assert!(tr.find(&junk).is_none());
+        fs::write(&junk, b"not a database, still").unwrap();
+        assert!(tr
+            .recheck(&named(&["junk.db"]), &pat, |_| false)
+            .added
+            .is_empty());
+        assert_eq!(tr.scan(&pat).new, 0, "the scan knows it is no database");
+        header_file(&junk, b"a database now");
+        let found = tr.recheck(&named(&["junk.db"]), &pat, |_| false);
+        let id = tr.find(&junk).unwrap();
+        assert_eq!(found.added, vec![id]);
+        assert!(tr.is_checked(id), "its header was read");
+
+        // Without deferral the header is read at once, as the scan does.
+        let mut plain = Tracker::new();
+        plain.scan(&pat);
+        let d = plain.find_dir(&t.path().join("a")).unwrap();
+        fs::write(t.path().join("a/text.db"), b"hello").unwrap();
+        header_file(&t.path().join("a/more.db"), b"");
+        let found = plain.recheck(
+            &[(d, "text.db".into()), (d, "more.db".into())],
+            &pat,
+            |_| false,
+        );
+        assert_eq!(found.added.len(), 1);
+        assert!(plain.find(&t.path().join("a/text.db")).is_none());
+        assert!(plain.is_checked(found.added[0]));
     }
 
     #[test]

@@ -5,13 +5,19 @@
 //! database (one watch per directory, not per file). An event on a
 //! database, its `-wal` or its `-journal` names a file the scheduler
 //! re-checks at once ([`crate::source::track::Tracker::recheck`]): a stat of
-//! that database and its `-wal`, exactly as a scan would do it. Everything
-//! else stays with the periodic scan, which remains the safety net: new
-//! files are discovered by it, deleted ones dropped by it, and any event
-//! that is lost (a full kernel queue, [`Batch::Overflow`]) costs a full scan.
-//! The scheduler bounds what notifications cost: a database they already
-//! had uploaded within the last scan interval waits for the scan, and
-//! streaming databases are left to their streams.
+//! that database and its `-wal`, exactly as a scan would do it. A database
+//! created in (or renamed into) a watched directory is named the same way,
+//! by its own events or its `-wal`'s: if a pattern matches it, the re-check
+//! adds it as a scan would and the scheduler checks its key and uploads it
+//! at once, so what is written to a new database is not at risk until the
+//! next scan. Everything else stays with the periodic scan, which remains
+//! the safety net: it finds the databases in directories not watched yet (a
+//! directory is watched from the scan that finds its first database on) and
+//! drops deleted ones, and any event that is lost (a full kernel queue,
+//! [`Batch::Overflow`]) costs a full scan. The scheduler bounds what
+//! notifications cost: a database they already had uploaded within the
+//! last scan interval waits for the scan, and streaming databases are left
+//! to their streams.
 //!
 //! Limits: the kernel bounds the watches per user
 //! (`fs.inotify.max_user_watches`). When a watch cannot be added for that
@@ -48,7 +54,8 @@ const READ_BUFFER: usize = 16 * 1024;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Batch {
     /// Files that were written, created or renamed into place, as
-    /// (tracker directory index, file name): databases and their side files.
+    /// (tracker directory index, file name): databases (tracked or not yet)
+    /// and their side files, and any other file of a watched directory.
     Changed(Vec<(u32, OsString)>),
     /// The kernel dropped events: only a full scan can tell what changed.
     Overflow,

@@ -189,6 +189,25 @@ impl Hot {
     }
 }
 
+/// A WAL-mode database of 4 rows, all in its main file (checkpointed),
+/// beside the stream's: what an operator copies over it.
+fn older_copy(h: &Hot) -> PathBuf {
+    let other = h.out.path().join("other.db");
+    drop(create_db(&other, 4));
+    Connection::open(&other)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    other
+}
+
+/// Removes the `-wal` and `-shm` of the database at `path`.
+fn remove_side_files(path: &Path) {
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
 fn writer(path: &Path) -> Connection {
     let c = Connection::open(path).unwrap();
     c.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -311,17 +330,10 @@ both_backends!(replaced_database_starts_a_new_generation, |b| async move {
     let before = h.mark().await;
     drop(w);
     // Another process restores an older copy over the database.
-    let other = h.out.path().join("other.db");
-    drop(create_db(&other, 4));
-    Connection::open(&other)
-        .unwrap()
-        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
-        .unwrap();
+    let other = older_copy(&h);
     let tmp = h.path.with_extension("new");
     std::fs::copy(&other, &tmp).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", h.path.display()));
-    }
+    remove_side_files(&h.path);
     std::fs::rename(&tmp, &h.path).unwrap();
     let w = writer(&h.path);
     insert_rows(&w, 2);
@@ -333,6 +345,37 @@ both_backends!(replaced_database_starts_a_new_generation, |b| async move {
     assert_eq!(h.restored_rows(Some(before)).await, 10);
     h.finish().await;
 });
+
+// A hot database replaced in place: its `-wal` and `-shm` removed and
+// another WAL-mode database copied over the same inode (everything in its
+// main file). The stream must start a new generation of the new content.
+// It used to open the new connection while the old one was still open (in
+// one process they share the inode's WAL-index), fail with a disk I/O
+// error, and carry on with the old connection, which took the empty `-wal`
+// the failed open left for a WAL restart at its tip: the old generation
+// went on, restores gave the old rows with exit 0, and the new content was
+// recorded as shipped (black-box probe).
+both_backends!(
+    a_database_replaced_in_place_starts_a_new_generation,
+    |b| async move {
+        let mut h = Hot::start(Fleet::new(b).await, 1000, 10_000).await;
+        let w = writer(&h.path);
+        insert_rows(&w, 9);
+        h.until_shipped(10).await;
+        let before = h.mark().await;
+        drop(w);
+        let other = older_copy(&h);
+        remove_side_files(&h.path);
+        let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let inode = ino(&h.path);
+        std::fs::copy(&other, &h.path).unwrap();
+        assert_eq!(ino(&h.path), inode, "replaced in place");
+        h.until_restores(4, false).await;
+        assert!(h.generations().await >= 2);
+        assert_eq!(h.restored_rows(Some(before)).await, 10);
+        h.finish().await;
+    }
+);
 
 /// Each way the WAL can move on behind a shipper that lost its read
 /// transaction is reported as lost continuity, never skipped.

@@ -1248,11 +1248,22 @@ async fn sync(
         upload(ctx, tag, slot, ls).await?;
         let step = blocking(slot, Work::Sync, |s| s.read()).await??;
         if let Step::Lost(reason) = step {
-            let s = slot.as_mut().expect("present after a successful task");
+            let s = slot.take().expect("present after a successful task");
             tracing::info!(path = %s.db.display(), %reason, "WAL continuity lost; starting a new generation with a fresh snapshot");
-            // Reopen: the file may have been replaced.
+            // Reopen: the file may have been replaced. The old connection
+            // closes first (it never checkpoints on close, see `open_conn`):
+            // open beside it, a new connection to the same inode shares its
+            // WAL-index (the process's SQLite keeps one per inode), and when
+            // the file was replaced in place that index describes the old
+            // WAL. Should the open fail, the stream has no shipper and ends
+            // at this sync's error, handing the database to the cold tier;
+            // the old one must never carry on after lost continuity.
             let (db, key) = (s.db.clone(), s.key.clone());
-            let fresh = bounded(Work::Start, move || Shipper::open(&db, &key)).await??;
+            let fresh = bounded(Work::Start, move || {
+                drop(s);
+                Shipper::open(&db, &key)
+            })
+            .await??;
             *slot = Some(fresh);
             continue;
         }

@@ -267,6 +267,11 @@ fn open_conn(db: &Path) -> Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(sqlite(db))?;
+    // Before any statement: the first read would delete the `-wal` of an
+    // emptied file (see `snapshot::has_header`).
+    if !snapshot::has_header(&conn, db)? {
+        return Err(snapshot::no_header(db));
+    }
     // SQLite's last connection to a WAL database checkpoints the WAL into
     // the file and deletes the `-wal` and `-shm` by name when it closes, if
     // it can lock the file. Ours must never: it would be our checkpoint of
@@ -1712,6 +1717,31 @@ mod tests {
             }
             assert!(s.take_pending().is_none());
         }
+    }
+
+    /// A WAL database whose main file was truncated to 0 bytes, its `-wal`
+    /// still there: SQLite deletes such a `-wal` at the first read of any
+    /// connection. Neither a stream nor a snapshot may be that reader
+    /// (black-box probe: the `-wal` of 60 committed rows vanished within a
+    /// second of the truncation).
+    #[test]
+    fn an_emptied_database_is_never_read_so_its_wal_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        let app = wal_db(&a, 30);
+        let wal = std::fs::read(wal_path(&a)).unwrap();
+        assert!(wal.len() > 32);
+        write_in_place(&a, b"");
+        let e = Shipper::open(&a, "k").err().expect("no stream").to_string();
+        assert!(e.contains("SQLite's header"), "{e}");
+        let e = snapshot::capture(&a, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("SQLite's header"), "{e}");
+        assert_eq!(
+            std::fs::read(wal_path(&a)).unwrap(),
+            wal,
+            "the -wal is left alone"
+        );
+        drop(app);
     }
 
     /// Writes `bytes` over the file at `path`, keeping its inode (as `cp`

@@ -214,7 +214,32 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 /// into an in-memory database (small) or a temporary file in `tmp_dir`,
 /// where it is checked and compressed.
 pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
-    capture_open(open_read_only(db)?, db, tmp_dir)
+    let source = open_read_only(db)?;
+    if !has_header(&source, db)? {
+        return Err(no_header(db));
+    }
+    capture_open(source, db, tmp_dir)
+}
+
+/// Whether the main file of `conn` (the database `db`) starts with SQLite's
+/// header, read through the connection's own handle before any statement
+/// runs. Checked before the first read transaction because that is where
+/// SQLite, finding an empty database file beside a `-wal`, deletes the
+/// `-wal` (any connection, read-only too): litefleet never reads a file
+/// that is not (or no longer) a database, so it never deletes that WAL.
+pub fn has_header(conn: &Connection, db: &Path) -> Result<bool> {
+    VfsHandle::of(conn)
+        .ok_or_else(|| Error::invalid(db.display(), "SQLite gave no handle on its file"))?
+        .has_sqlite_header()
+        .at(db)
+}
+
+/// The error for a known database whose file lost SQLite's header.
+pub fn no_header(db: &Path) -> Error {
+    Error::invalid(
+        db.display(),
+        "no longer starts with SQLite's header (empty, or written over): not read, so its -wal is left alone",
+    )
 }
 
 /// [`capture`] for a file whose header was never read: `None`, and nothing
@@ -224,11 +249,7 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
 /// header and again for the snapshot.
 pub fn capture_if_sqlite(db: &Path, tmp_dir: &Path) -> Result<Option<Snapshot>> {
     let source = open_read_only(db)?;
-    let header = VfsHandle::of(&source)
-        .ok_or_else(|| Error::invalid(db.display(), "SQLite gave no handle on its file"))?
-        .has_sqlite_header()
-        .at(db)?;
-    if !header {
+    if !has_header(&source, db)? {
         return Ok(None);
     }
     capture_open(source, db, tmp_dir).map(Some)

@@ -807,7 +807,14 @@ async fn run(cli: Cli) -> Result<()> {
             // loop stopped.
             match (result, released) {
                 (_, Err(e @ Error::LeaseLost { .. })) => Err(e),
-                (Err(e), _) => Err(e),
+                (Err(e), released) => {
+                    // Said even when the run failed: the lease left behind
+                    // refuses the next run until it expires.
+                    if let Err(r) = released {
+                        tracing::warn!(error = %r, "could not release the replica lease; it expires by itself, and until then another replicate is refused");
+                    }
+                    Err(e)
+                }
                 (Ok(()), Err(e)) => {
                     tracing::warn!(error = %e, "could not release the replica lease; it expires by itself");
                     Ok(())

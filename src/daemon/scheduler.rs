@@ -456,6 +456,11 @@ impl Replicator {
 
         if scan.new > 0 || scan.removed > 0 {
             self.check_keys();
+            // It reads the headers of new files whose key it refuses, and
+            // drops those that are no database.
+            self.stats
+                .databases
+                .store(self.tracked() as u64, Ordering::Relaxed);
         }
         let report = self.dispatch(scan, None, shutdown).await;
         self.stats.last_scan_unix.store(

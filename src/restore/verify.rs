@@ -919,7 +919,14 @@ fn compare(source: &Path, restored: &Path, state: DateTime<Utc>, margin: Duratio
             Some(lag),
         );
     }
-    let src = snapshot::open_read_only(source).and_then(|c| facts(source, &c));
+    // Never read a file that lost SQLite's header: SQLite would delete the
+    // `-wal` beside an emptied one (see `snapshot::has_header`).
+    let src = snapshot::open_read_only(source).and_then(|c| {
+        if !snapshot::has_header(&c, source)? {
+            return Err(snapshot::no_header(source));
+        }
+        facts(source, &c)
+    });
     if last_change(source) != Some(before) {
         return result(
             SourceResult::Newer,

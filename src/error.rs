@@ -125,13 +125,20 @@ const INSTANCE_METADATA_PATHS: [&str; 2] = ["/latest/api/token", "/latest/meta-d
 /// rest). A read-only connection that meets a hot rollback journal (a
 /// writer stopped mid-transaction, `-journal` left behind) must roll it back
 /// before it may read, and cannot: SQLite says "attempt to write a readonly
-/// database", which reads as if litefleet tried to write the database.
+/// database", which reads as if litefleet tried to write the database. The
+/// same words come when SQLite must create a WAL database's side files in
+/// a directory the user may not write.
 pub fn sqlite_hint(e: &rusqlite::Error) -> &'static str {
     match e.sqlite_error().map(|e| e.extended_code) {
         Some(rusqlite::ffi::SQLITE_READONLY_ROLLBACK) => {
             "a hot rollback journal (-journal) left by a writer that stopped mid-transaction \
              must be rolled back by a read-write open of the database (the application's next \
              one does it); litefleet only reads, and retries every cycle: "
+        }
+        Some(rusqlite::ffi::SQLITE_READONLY_DIRECTORY) => {
+            "a WAL database with no -wal and -shm beside it needs them created for any reader, \
+             and this user may not create files in its directory (litefleet does not write the \
+             database itself; give the user write access to the directory): "
         }
         _ => "",
     }

@@ -203,6 +203,9 @@ pub struct Shipper {
     /// The last read stopped at [`MAX_SEGMENT_BYTES`] with more frames behind.
     cut_short: bool,
     meta_dirty: bool,
+    /// The `-wal` and `-shm` our connection has open (device, inode), taken
+    /// when it opened them: see [`Shipper::side_files_replaced`].
+    side: Option<[(u64, u64); 2]>,
 }
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -237,6 +240,13 @@ fn end_read(conn: &Connection) -> rusqlite::Result<()> {
 fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
     let m = std::fs::metadata(path)?;
     Ok((m.dev(), m.ino()))
+}
+
+/// The `-shm` (WAL-index) of the database `db`.
+fn shm_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-shm");
+    PathBuf::from(p)
 }
 
 /// Turns off the connection's lookaside allocator: by default every
@@ -337,9 +347,16 @@ impl Shipper {
                 format!("journal_mode is {mode}, not wal: WAL streaming needs WAL mode; the database stays in the cold tier"),
             ));
         }
+        // That read opened (or created) both side files; they stay open
+        // while the connection is.
+        let wal = wal_path(db);
+        let side = match (identity(&wal), identity(&shm_path(db))) {
+            (Ok(w), Ok(m)) => Some([w, m]),
+            _ => None,
+        };
         Ok(Shipper {
             db: db.to_path_buf(),
-            wal: wal_path(db),
+            wal,
             key: key.to_string(),
             ident,
             conn,
@@ -355,6 +372,7 @@ impl Shipper {
             reading: false,
             cut_short: false,
             meta_dirty: false,
+            side,
         })
     }
 
@@ -506,6 +524,43 @@ impl Shipper {
         Ok(None)
     }
 
+    /// `Some(Step::Lost)` when the `-wal` or `-shm` at their paths are no
+    /// longer the files our connection has open, given the `-wal` we just
+    /// opened (`wal`). While a connection of ours is open SQLite never
+    /// deletes or recreates them (a WAL restart rewrites the same `-wal`;
+    /// only the last connection to close deletes them), so other files
+    /// there mean the database was replaced or rolled back in place (its
+    /// side files removed, another database copied over the same inode) and
+    /// an application made new ones: a new WAL that only looks like a
+    /// restart of ours, whose frames belong to another database, while our
+    /// connection still reads the old WAL and WAL-index (black-box probe:
+    /// restores mixed the two, and our checkpoint wrote old pages into the
+    /// new file).
+    fn side_files_replaced(&self, wal: Option<&File>) -> Result<Option<Step>> {
+        let Some([ours_wal, ours_shm]) = self.side else {
+            return Ok(None);
+        };
+        let lost = |what: &str| {
+            Ok(Some(Step::Lost(format!(
+                "the {what} was replaced (the database was replaced or rolled back in place)"
+            ))))
+        };
+        let wal_now = match wal.map(File::metadata) {
+            Some(Ok(m)) => Some((m.dev(), m.ino())),
+            Some(Err(e)) => return Err(Error::io(&self.wal, e)),
+            None => None,
+        };
+        if wal_now.is_some_and(|w| w != ours_wal) {
+            return lost("-wal");
+        }
+        match identity(&shm_path(&self.db)) {
+            Ok(m) if m == ours_shm => Ok(None),
+            Ok(_) => lost("-shm (WAL-index)"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => lost("-shm (WAL-index)"),
+            Err(e) => Err(Error::io(shm_path(&self.db), e)),
+        }
+    }
+
     /// Reads the committed frames after the current position into the
     /// pending segment. Does nothing while a segment is pending.
     pub fn read(&mut self) -> Result<Step> {
@@ -534,6 +589,9 @@ impl Shipper {
         // Replaced between the check above and the open: the WAL we hold may
         // be the new file's. Checked again now that it is open.
         if let Some(lost) = self.replaced()? {
+            return Ok(lost);
+        }
+        if let Some(lost) = self.side_files_replaced(file.as_ref())? {
             return Ok(lost);
         }
         // At most three rounds: a restart at the tip moves to the next WAL
@@ -1136,7 +1194,7 @@ pub async fn stream_reporting(
                 if !last && since.elapsed() >= ctx.cfg.release_after {
                     tracing::warn!(path = %db.display(), error = %e, after = ?ctx.cfg.release_after,
                         "WAL syncs kept failing: releasing the database (its WAL can be checkpointed again); \
-                         it goes back to the cold tier and streams in a new generation when the store is back");
+                         it goes back to the cold tier and streams in a new generation once its syncs can succeed again (the error says why they failed)");
                     close_log(&ctx, &mut ls, &mut slot).await;
                     return HotExit::Unshipped;
                 }
@@ -1744,6 +1802,36 @@ mod tests {
         drop(app);
     }
 
+    /// A hot database rolled back in place (its `-wal` and `-shm` removed,
+    /// an older copy written over the same inode) and its application
+    /// restarted at once, so new side files are there before our next
+    /// read: the new WAL only looks like a restart of ours. Continuity is
+    /// lost; its frames must never join our generation (black-box probe:
+    /// restores mixed both databases, and our checkpoint through the old
+    /// connection wrote the old WAL's pages into the new file).
+    #[test]
+    fn new_side_files_after_an_in_place_rollback_are_continuity_lost() {
+        let (dir, a, app, mut s) = streaming();
+        app.execute("INSERT INTO t VALUES (9)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        s.take_pending().expect("the new frames");
+        drop(app);
+        // The older copy and the WAL its restarted application writes.
+        let other = dir.path().join("b.db");
+        let b = wal_db(&other, 2);
+        std::fs::remove_file(wal_path(&a)).unwrap();
+        std::fs::remove_file(shm_path(&a)).unwrap();
+        write_in_place(&a, &std::fs::read(&other).unwrap());
+        std::fs::copy(wal_path(&other), wal_path(&a)).unwrap();
+        std::fs::copy(shm_path(&other), shm_path(&a)).unwrap();
+        match s.read().unwrap() {
+            Step::Lost(reason) => assert!(reason.contains("was replaced"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.take_pending().is_none());
+        drop(b);
+    }
+
     /// Writes `bytes` over the file at `path`, keeping its inode (as `cp`
     /// over an existing file does).
     fn write_in_place(path: &Path, bytes: &[u8]) {
@@ -1753,12 +1841,6 @@ mod tests {
             .open(path)
             .and_then(|mut f| f.write_all(bytes))
             .unwrap();
-    }
-
-    fn shm_path(db: &Path) -> PathBuf {
-        let mut p = db.as_os_str().to_owned();
-        p.push("-shm");
-        PathBuf::from(p)
     }
 
     /// A database replaced by rename between the identity check and the

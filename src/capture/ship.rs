@@ -206,6 +206,12 @@ pub struct Shipper {
     /// The `-wal` and `-shm` our connection has open (device, inode), taken
     /// when it opened them: see [`Shipper::side_files_replaced`].
     side: Option<[(u64, u64); 2]>,
+    /// Where our last checkpoint found the WAL wholly backfilled (and, if
+    /// it wanted to, truncated nothing): until the WAL moves past it, a
+    /// checkpoint again would do nothing but take the application's write
+    /// lock (an idle database whose WAL stays above `checkpoint-pages`
+    /// was checkpointed at every sync, ~5 a second at 200 ms).
+    backfilled: Option<Position>,
 }
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -373,6 +379,7 @@ impl Shipper {
             cut_short: false,
             meta_dirty: false,
             side,
+            backfilled: None,
         })
     }
 
@@ -682,7 +689,7 @@ impl Shipper {
             return Ok(None);
         };
         let frames = (cur.pos.offset - WAL_HEADER_SIZE) / cur.frame_size();
-        if frames < cfg.checkpoint_pages || !self.tip {
+        if frames < cfg.checkpoint_pages || !self.tip || self.backfilled == Some(cur.pos) {
             return Ok(None);
         }
         self.checkpoint(frames >= cfg.truncate_pages)
@@ -742,6 +749,12 @@ impl Shipper {
         if truncate && busy == 0 && log == checkpointed {
             truncated = self.truncate(version)?;
         }
+        self.backfilled = match self.state {
+            WalState::Reading(cur) if busy == 0 && log == checkpointed && truncate == truncated => {
+                Some(cur.pos)
+            }
+            _ => None,
+        };
         Ok(Some(CheckpointReport {
             log,
             checkpointed,
@@ -1657,6 +1670,30 @@ mod tests {
         assert_eq!(s.read().unwrap(), Step::Frames);
         let (pos, _) = s.take_pending().expect("the new WAL's frames");
         assert_eq!((pos.index, pos.offset), (1, 32));
+    }
+
+    /// An idle database whose WAL stays above `checkpoint-pages`: one
+    /// checkpoint backfills it, and the next syncs leave it alone (and the
+    /// application's write lock free) until new frames arrive.
+    #[test]
+    fn a_backfilled_wal_is_not_checkpointed_again_until_it_moves() {
+        let (_dir, _, app, mut s) = streaming();
+        let cfg = ShipConfig {
+            sync_interval: Duration::from_millis(50),
+            checkpoint_pages: 1,
+            truncate_pages: 1_000_000,
+            release_after: Duration::from_secs(60),
+            consolidate_every: Duration::from_secs(60),
+        };
+        let report = s.advance(&cfg).unwrap().expect("a checkpoint");
+        assert_eq!(report.log, report.checkpointed);
+        assert_eq!(s.read().unwrap(), Step::Idle);
+        assert!(s.advance(&cfg).unwrap().is_none(), "nothing to backfill");
+        assert!(s.advance(&cfg).unwrap().is_none());
+        app.execute("INSERT INTO t VALUES (7)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        s.take_pending().expect("the new frames");
+        assert!(s.advance(&cfg).unwrap().is_some(), "the WAL moved");
     }
 
     /// Our write lock is SQLite's: while we hold it, writers in this process

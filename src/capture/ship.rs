@@ -95,7 +95,7 @@ use crate::replica::hot::{self, GenerationId, Metadata};
 use crate::replica::pack::Part;
 use crate::replica::storage::Replica;
 use crate::source::config::MultiDb;
-use crate::source::discover::wal_path;
+use crate::source::discover::{shm_path, wal_path};
 use crate::stats::Stats;
 use crate::{Error, Result};
 
@@ -246,13 +246,6 @@ fn end_read(conn: &Connection) -> rusqlite::Result<()> {
 fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
     let m = std::fs::metadata(path)?;
     Ok((m.dev(), m.ino()))
-}
-
-/// The `-shm` (WAL-index) of the database `db`.
-fn shm_path(db: &Path) -> PathBuf {
-    let mut p = db.as_os_str().to_owned();
-    p.push("-shm");
-    PathBuf::from(p)
 }
 
 /// Turns off the connection's lookaside allocator: by default every

@@ -228,10 +228,7 @@ pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
 /// `-wal` (any connection, read-only too): litefleet never reads a file
 /// that is not (or no longer) a database, so it never deletes that WAL.
 pub fn has_header(conn: &Connection, db: &Path) -> Result<bool> {
-    VfsHandle::of(conn)
-        .ok_or_else(|| Error::invalid(db.display(), "SQLite gave no handle on its file"))?
-        .has_sqlite_header()
-        .at(db)
+    connection_file(conn, db)?.has_sqlite_header().at(db)
 }
 
 /// The error for a known database whose file lost SQLite's header.
@@ -425,7 +422,7 @@ fn wal_backfilled(file: &VfsHandle) -> bool {
 }
 
 /// The connection's own handle on `db`'s file (see [`VfsHandle::of`]).
-fn connection_file<'c>(source: &'c Connection, db: &Path) -> Result<VfsHandle<'c>> {
+pub fn connection_file<'c>(source: &'c Connection, db: &Path) -> Result<VfsHandle<'c>> {
     VfsHandle::of(source)
         .ok_or_else(|| Error::invalid(db.display(), "SQLite gives no handle of the open file"))
 }

@@ -117,8 +117,7 @@ fn consistency_floor(paths: &[PathBuf], out: &Path) -> Result<f64> {
         let check: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(sql)?;
-        let file = crate::source::vfs::VfsHandle::of(&conn)
-            .ok_or_else(|| Error::invalid(p.display(), "SQLite gave no handle on its file"))?;
+        let file = crate::capture::snapshot::connection_file(&conn, p)?;
         let len = file.size().map_err(|e| Error::io(p, e))?;
         let mut data = vec![0u8; usize::try_from(len).unwrap_or(0)];
         file.read_exact_at(&mut data, 0)

@@ -441,9 +441,6 @@ impl Replicator {
         self.stats
             .last_scan_micros
             .store(took.as_micros() as u64, Ordering::Relaxed);
-        self.stats
-            .databases
-            .store(scan.databases as u64, Ordering::Relaxed);
         tracing::debug!(
             databases = scan.databases,
             new = scan.new,
@@ -455,13 +452,13 @@ impl Replicator {
         );
 
         if scan.new > 0 || scan.removed > 0 {
-            self.check_keys();
             // It reads the headers of new files whose key it refuses, and
-            // drops those that are no database.
-            self.stats
-                .databases
-                .store(self.tracked() as u64, Ordering::Relaxed);
+            // drops those that are no database: counted after it.
+            self.check_keys();
         }
+        self.stats
+            .databases
+            .store(self.tracked() as u64, Ordering::Relaxed);
         let report = self.dispatch(scan, None, shutdown).await;
         self.stats.last_scan_unix.store(
             chrono::Utc::now().timestamp().max(0) as u64,

@@ -31,8 +31,17 @@ pub const AUX_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
 
 /// The `-wal` file next to database `db`.
 pub fn wal_path(db: &Path) -> PathBuf {
+    side_path(db, "-wal")
+}
+
+/// The `-shm` file (WAL-index) next to database `db`.
+pub fn shm_path(db: &Path) -> PathBuf {
+    side_path(db, "-shm")
+}
+
+fn side_path(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
-    s.push("-wal");
+    s.push(suffix);
     PathBuf::from(s)
 }
 

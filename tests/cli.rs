@@ -601,3 +601,37 @@ fn refused_endpoint_is_named() {
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(!err.contains("not-shown-anywhere"), "{err}");
 }
+
+/// A database whose name holds a line break and a terminal control sequence
+/// is logged inside its own line, escaped: a file name cannot forge or hide
+/// a log line (text format; JSON escapes its strings itself).
+#[test]
+fn file_names_cannot_forge_log_lines() {
+    let t = tempfile::tempdir().unwrap();
+    let name = "evil\n2026-12-05T00:00:00.000000Z ERROR forged\u{1b}[2K.db";
+    // SQLite's header and nothing valid after it: its snapshot fails, and
+    // the failure is logged with the path.
+    let mut bytes = b"SQLite format 3\0".to_vec();
+    bytes.resize(4096, 0);
+    std::fs::create_dir_all(t.path().join("data/x")).unwrap();
+    std::fs::write(t.path().join("data/x").join(name), bytes).unwrap();
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+        t.path().join("replica").display()
+    );
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(r"evil\n2026-12-05T00:00:00.000000Z ERROR forged"),
+        "{err}"
+    );
+    for line in err.lines() {
+        assert!(
+            (line.starts_with(|c: char| c.is_ascii_digit()) || line.starts_with("error: "))
+                && !line.contains('\u{1b}'),
+            "a line that is not an event of ours: {line:?}\n{err}"
+        );
+    }
+}

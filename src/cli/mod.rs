@@ -18,6 +18,7 @@ pub mod bench;
 pub mod cost;
 pub mod demo;
 pub mod explain;
+pub mod logline;
 pub mod loss;
 pub mod progress;
 pub mod soak;
@@ -182,7 +183,7 @@ async fn verify_command(config: &std::path::Path, args: VerifyArgs) -> u8 {
     let report = match run.await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprint!("{}", logline::escape_line(&format!("error: {e}\n"), false));
             if args.json {
                 println!("{}", serde_json::json!({ "error": e.to_string() }));
             }
@@ -621,14 +622,15 @@ fn log_filter_from_env(level: &str) -> std::result::Result<tracing_subscriber::E
 }
 
 fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match format {
-        LogFormat::Text => fmt
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
-        LogFormat::Json => fmt.json().try_init(),
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            fmt.with_ansi(ansi)
+                .with_writer(move || logline::OneLine::new(std::io::stderr(), ansi))
+                .try_init()
+        }
+        LogFormat::Json => fmt.with_writer(std::io::stderr).json().try_init(),
     };
 }
 
@@ -705,7 +707,7 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprint!("{}", logline::escape_line(&format!("error: {e}\n"), false));
             ExitCode::FAILURE
         }
     }

@@ -378,6 +378,53 @@ both_backends!(segments_without_metadata_fail, |b| async move {
     }
 });
 
+// A generation whose snapshot object was lost (its metadata and segments
+// are there) is never skipped for an older state: the latest restore, and
+// one at a time the generation covers, fail naming it (black-box probe: the
+// cold snapshot was restored with exit 0, 42 of 899 rows). A generation
+// with nothing uploaded (a stream killed during its first upload) is
+// passed over as before.
+both_backends!(
+    a_lost_generation_snapshot_is_never_passed_over,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        db.commit(10);
+        db.cold(&r).await;
+        db.commit(5);
+        db.gen_snapshot(&r).await;
+        db.commit(7);
+        let (pos, after) = db.ship(&r).await;
+        db.write_metadata(&r).await;
+        assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 22);
+        r.delete(&db.gen_snapshot_path(&r, 0)).await.unwrap();
+        for at in [None, Some(after)] {
+            let msg = restore_at(&f, "p/d/t", at).await.unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("generation {}", db.gen)),
+                "{at:?}: {msg}"
+            );
+            assert!(msg.contains("its metadata.json records"), "{at:?}: {msg}");
+            assert!(msg.contains("it was lost"), "{at:?}: {msg}");
+            assert!(
+                msg.contains("not falling back to the older cold snapshot"),
+                "{at:?}: {msg}"
+            );
+        }
+        // Without its metadata, its segment is the proof.
+        r.delete(&hot::metadata_path(&r.prefix, "p/d/t", &db.gen))
+            .await
+            .unwrap();
+        let msg = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+        assert!(msg.contains("1 WAL segment(s) of it are present"), "{msg}");
+        // Nothing of it left: it never had anything to restore.
+        r.delete(&db.segment_path(&r, pos)).await.unwrap();
+        let (tier, rows, _) = restore_at(&f, "p/d/t", None).await.unwrap();
+        assert_eq!((tier, rows), (Tier::Cold, 10));
+    }
+);
+
 both_backends!(damaged_generation_snapshot_fails, |b| async move {
     let f = Fleet::new(b).await;
     let r = f.replica();

@@ -998,6 +998,7 @@ pub async fn plan_latest(
     for id in list_generation_ids(replica, key).await? {
         let snapshots = list_snapshots(replica, key, &id).await?;
         if !snapshots.iter().any(|s| at.is_none_or(|t| s.time <= t)) {
+            missing_snapshot(replica, key, &id, &snapshots, at).await?;
             continue;
         }
         let mut tries = 0;
@@ -1060,6 +1061,80 @@ pub async fn plan_latest(
         }));
     }
     Ok(None)
+}
+
+/// Fails when generation `id`, in which no snapshot at or before `at` is
+/// listed (`snapshots`: those that are), must have had one; `Ok` when it
+/// really begins after `at` or never had a snapshot uploaded (a stream
+/// killed while its first upload was in flight leaves at most a directory).
+///
+/// A generation's first snapshot is uploaded before its metadata and before
+/// any of its segments ([`crate::capture::ship`]), so a `metadata.json` or a
+/// segment proves that a snapshot was uploaded; with none listed it was
+/// lost, and the generation's newer states with it. Skipping it would
+/// restore an older generation or cold snapshot with exit 0: a state the
+/// database had, but not the newest one (black-box probe: a lost generation
+/// snapshot gave 42 of 899 rows). For a restore at `at`: a generation
+/// created after `at`, or whose first snapshot (index 0) is listed, holds
+/// nothing at or before `at`; one with later snapshots only lost its
+/// history before them (retention trims it so), and no older state stands
+/// in for it. One GET, and one LIST when it has no metadata; only for
+/// generations with no snapshot at or before `at`.
+async fn missing_snapshot(
+    replica: &Replica,
+    key: &str,
+    id: &GenerationId,
+    snapshots: &[SnapshotObject],
+    at: Option<DateTime<Utc>>,
+) -> Result<()> {
+    let Some(oldest) = snapshots.first() else {
+        return match at {
+            Some(t) if t < id.created() => Ok(()),
+            _ => lost_snapshot(replica, key, id, at).await,
+        };
+    };
+    match at {
+        Some(t) if t >= id.created() && oldest.index > 0 => Err(Error::NotFound(format!(
+            "{key:?} at {}: generation {id} holds that time, but its history before its \
+             oldest snapshot ({}) is no longer in the replica (deleted by retention, or lost); \
+             not restoring an older state in its place",
+            t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            oldest.location
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// [`missing_snapshot`] for a generation with no snapshot listed at all.
+async fn lost_snapshot(
+    replica: &Replica,
+    key: &str,
+    id: &GenerationId,
+    at: Option<DateTime<Utc>>,
+) -> Result<()> {
+    let why = match read_metadata(replica, key, id).await? {
+        Some(m) => format!(
+            "its metadata.json records {} snapshot(s) uploaded and the WAL shipped to {}",
+            m.snapshots.len(),
+            m.last
+        ),
+        None => match list_segments(replica, key, id).await?.len() {
+            0 => return Ok(()),
+            n => format!("{n} WAL segment(s) of it are present"),
+        },
+    };
+    Err(Error::invalid(
+        format!("generation {id} of {key:?}"),
+        format!(
+            "{why}, but no snapshot of it {}is in the replica: it was lost; refusing to \
+             restore an older generation or cold snapshot in its place",
+            if at.is_some() {
+                "at or before that time "
+            } else {
+                ""
+            }
+        ),
+    ))
 }
 
 /// Times [`plan_latest`] lists again when a log object it listed was

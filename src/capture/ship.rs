@@ -62,10 +62,10 @@
 //! its WAL read, a snapshot's just after its copy.
 //!
 //! When syncs keep failing for `release-after` (the store is down), the
-//! stream ends ([`HotExit::Unshipped`]) and closes its connection: holding
+//! stream ends ([`HotExit::Released`]) and closes its connection: holding
 //! the read transaction longer would let the application's WAL grow without
 //! bound. The cold tier takes the database over; it streams again, in a new
-//! generation, once the store is back. A database that fails `quick_check`
+//! generation, once the cold tier could upload it (the store is back). A database that fails `quick_check`
 //! when a generation starts ends the stream at once
 //! ([`HotExit::CannotStream`]) instead of being copied every sync.
 
@@ -1037,6 +1037,10 @@ pub enum HotExit {
     Unshipped,
     /// The database cannot be streamed (not WAL mode, unreadable).
     CannotStream(Error),
+    /// Syncs kept failing for `release-after` (the store is down), so the
+    /// stream let go; like [`HotExit::Unshipped`], and the database must not
+    /// stream again until the cold tier could upload it.
+    Released,
 }
 
 /// Runs `f` on the shipper in `slot` (see [`bounded`]).
@@ -1200,9 +1204,9 @@ pub async fn stream_reporting(
                 if !last && since.elapsed() >= ctx.cfg.release_after {
                     tracing::warn!(path = %db.display(), error = %e, after = ?ctx.cfg.release_after,
                         "WAL syncs kept failing: releasing the database (its WAL can be checkpointed again); \
-                         it goes back to the cold tier and streams in a new generation once its syncs can succeed again (the error says why they failed)");
+                         it goes back to the cold tier and streams in a new generation once the cold tier could upload it (the error says why the syncs failed)");
                     close_log(&ctx, &mut ls, &mut slot).await;
-                    return HotExit::Unshipped;
+                    return HotExit::Released;
                 }
                 if std::mem::replace(&mut failing, true) {
                     tracing::debug!(path = %db.display(), error = %e, "WAL sync failed again");

@@ -728,6 +728,9 @@ impl Replicator {
                 }
             }
         }
+        if ok {
+            lock(&self.hot.tiers).uploaded(ticket.id);
+        }
         lock(&self.tracker).finish_upload(ticket, ok);
     }
 
@@ -831,6 +834,16 @@ impl Replicator {
                 HotExit::Clean => {}
                 HotExit::Unshipped => {
                     if same_db {
+                        tracker.mark_unsynced(id, std::time::SystemTime::now());
+                    }
+                }
+                HotExit::Released => {
+                    if same_db {
+                        // Streaming again at once would hold the WAL for
+                        // another `release-after` while the store is down
+                        // (black-box probe: the -wal grew to 131 MB over
+                        // four generations in a 90 s outage).
+                        tiers.hold(id);
                         tracker.mark_unsynced(id, std::time::SystemTime::now());
                     }
                 }
@@ -940,7 +953,7 @@ impl Replicator {
             let exit = (&mut r.task).await;
             let mut t = lock(&self.tracker);
             r.settle(&mut t, true);
-            if let Ok(HotExit::Unshipped) = exit {
+            if let Ok(HotExit::Unshipped | HotExit::Released) = exit {
                 if t.find(&r.path) == Some(id) {
                     t.mark_unsynced(id, std::time::SystemTime::now());
                 }

@@ -9,13 +9,17 @@
 //! * at most `max-hot-databases` are hot, and the most recently changed win:
 //!   when the hot set is full, a candidate that changed more recently than
 //!   the stalest hot database takes its place;
-//! * a hot database unchanged for `cold-after` goes cold.
+//! * a hot database unchanged for `cold-after` goes cold;
+//! * a database whose stream let go because its syncs kept failing (the
+//!   store is down, `release-after`) is *held* cold until the cold tier has
+//!   uploaded it ([`Tiers::hold`]): streaming again at once would take the
+//!   application's WAL again and let it grow for another `release-after`.
 //!
 //! Memory is proportional to the hot set plus the databases that changed
 //! within `hot-duration`, never to the fleet. Times are [`tokio::time::Instant`]
 //! so tests drive the rules with paused time instead of sleeping.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -50,6 +54,8 @@ pub struct Tiers {
     /// Databases that cannot stream (not in WAL mode, say), until when; they
     /// stay cold without being offered again every scan.
     barred: HashMap<Id, Instant>,
+    /// Databases released by a failing stream, cold until uploaded.
+    held: HashSet<Id>,
     pub promotions: u64,
     pub demotions: u64,
 }
@@ -61,6 +67,7 @@ impl Tiers {
             hot: HashMap::new(),
             recent: HashMap::new(),
             barred: HashMap::new(),
+            held: HashSet::new(),
             promotions: 0,
             demotions: 0,
         }
@@ -102,7 +109,31 @@ impl Tiers {
     pub fn forget(&mut self, id: Id) -> bool {
         self.recent.remove(&id);
         self.barred.remove(&id);
+        self.held.remove(&id);
         self.hot.remove(&id).is_some()
+    }
+
+    /// Takes `id` out of the hot set because its stream let go after its
+    /// syncs kept failing; it stays cold until [`Tiers::uploaded`] says the
+    /// cold tier could upload it (the store works again).
+    pub fn hold(&mut self, id: Id) {
+        if self.hot.remove(&id).is_some() {
+            self.demotions += 1;
+        }
+        self.recent.remove(&id);
+        self.held.insert(id);
+    }
+
+    /// The cold tier uploaded `id`: a held database may stream again.
+    pub fn uploaded(&mut self, id: Id) {
+        if !self.held.is_empty() {
+            self.held.remove(&id);
+        }
+    }
+
+    /// Databases held cold by [`Tiers::hold`].
+    pub fn held_count(&self) -> usize {
+        self.held.len()
     }
 
     /// Takes `id` out of the hot set because it cannot stream; it stays cold
@@ -133,7 +164,7 @@ impl Tiers {
         let mut candidates: Vec<(Instant, Id)> = self
             .recent
             .iter()
-            .filter(|(id, _)| !self.barred.contains_key(id))
+            .filter(|(id, _)| !self.barred.contains_key(id) && !self.held.contains(id))
             .map(|(&id, &t)| (t, id))
             .collect();
         // Most recent first; ids break ties so the order is deterministic.
@@ -248,6 +279,26 @@ mod tests {
         assert!(t.decide(Instant::now()).promote.is_empty());
         tokio::time::advance(Duration::from_secs(291)).await;
         t.observe(&[4], Instant::now());
+        assert_eq!(t.decide(Instant::now()).promote, vec![4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_databases_stay_cold_until_uploaded() {
+        let mut t = tiers(10);
+        t.observe(&[4, 5], Instant::now());
+        assert_eq!(t.decide(Instant::now()).promote, vec![4, 5]);
+        t.hold(4);
+        assert!(!t.is_hot(4));
+        assert_eq!((t.demotions, t.held_count()), (1, 1));
+        // However long and however often it is written.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        t.observe(&[4], Instant::now());
+        assert!(t.decide(Instant::now()).promote.is_empty());
+        t.uploaded(5);
+        t.observe(&[4], Instant::now());
+        assert!(t.decide(Instant::now()).promote.is_empty());
+        t.uploaded(4);
+        assert_eq!(t.held_count(), 0);
         assert_eq!(t.decide(Instant::now()).promote, vec![4]);
     }
 

@@ -3,7 +3,7 @@
 //! read by the operations server. It sits below every stage so that each can
 //! count without depending on the daemon that owns the loop.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters shared with the operations surface. Aggregates only: nothing
 /// here grows with the number of databases.
@@ -17,6 +17,11 @@ pub struct Stats {
     pub pending: AtomicU64,
     pub uploads_ok: AtomicU64,
     pub uploads_failed: AtomicU64,
+    /// Unix seconds of the first failed upload since the last one that
+    /// succeeded; 0 while the last upload succeeded (see
+    /// [`Stats::upload_ok`]). `/healthz` fails when it is too old: the store
+    /// takes nothing.
+    pub uploads_failing_since_unix: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub last_scan_micros: AtomicU64,
     pub last_scan_unix: AtomicU64,
@@ -60,4 +65,27 @@ pub struct Stats {
     pub verify_last_problems: AtomicU64,
     pub verify_last_unverifiable: AtomicU64,
     pub verify_last_failed: AtomicU64,
+}
+
+impl Stats {
+    /// Counts an upload (snapshot, segment or log object) that succeeded.
+    pub fn upload_ok(&self) {
+        self.uploads_ok.fetch_add(1, Ordering::Relaxed);
+        self.uploads_failing_since_unix.store(0, Ordering::Relaxed);
+    }
+
+    /// Counts an upload that failed; the first since the last success
+    /// starts the failing stretch.
+    pub fn upload_failed(&self) {
+        self.uploads_failed.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs().max(1));
+        let _ = self.uploads_failing_since_unix.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
 }

@@ -520,3 +520,35 @@ async fn a_stalled_lease_makes_the_daemon_unhealthy_until_renewed() {
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("writes resume"), "{log}");
 }
+
+/// A replica that takes no data while its lease still renews (here a file
+/// where the database's key directory must go): once every upload has
+/// failed for 3 scan intervals `/healthz` is 503 and says so, and it is 200
+/// again after the next upload that succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_all_fail_make_the_daemon_unhealthy() {
+    let mut f = Fleet::new(Backend::File).await;
+    f.scan_interval = "1s";
+    let addr = free_port();
+    f.top_yaml = format!("addr: {addr}\n");
+    drop(create_db(&f.db_path("p", "d", "a"), 3));
+    let blocker = f.work.path().join("replica/p");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let d = Daemon::start(&f, &["replicate"]);
+    until("a 503 saying every upload failed", async || {
+        matches!(http_get(addr, "/healthz").await,
+            Some((503, body)) if body.starts_with("unhealthy: every upload has failed since "))
+    })
+    .await;
+    let (_, stats) = http_get(addr, "/stats").await.unwrap();
+    assert!(stats.contains("\"healthy\":false"), "{stats}");
+    std::fs::remove_file(&blocker).unwrap();
+    until("200 after an upload succeeded", async || {
+        matches!(http_get(addr, "/healthz").await, Some((200, _)))
+    })
+    .await;
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -1390,7 +1390,7 @@ async fn upload(
         };
         match r {
             Ok(entry) => {
-                ctx.stats.uploads_ok.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.upload_ok();
                 ctx.stats
                     .bytes_uploaded
                     .fetch_add(entry.compressed_size, Ordering::Relaxed);
@@ -1401,7 +1401,7 @@ async fn upload(
                 snapshot_shipped = true;
             }
             Err(e) => {
-                ctx.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.upload_failed();
                 s.snapshot = Some(copy);
                 return Err(e);
             }
@@ -1431,6 +1431,9 @@ async fn upload(
             Ok(()) => {
                 ctx.stats.wal_segments.fetch_add(1, Ordering::Relaxed);
                 ctx.stats
+                    .uploads_failing_since_unix
+                    .store(0, Ordering::Relaxed);
+                ctx.stats
                     .wal_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 if let Some(tx) = &ctx.events {
@@ -1444,7 +1447,7 @@ async fn upload(
                 }
             }
             Err(e) => {
-                ctx.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.upload_failed();
                 s.unshipped(pos, bytes);
                 return Err(e);
             }

@@ -705,7 +705,7 @@ impl Replicator {
             Ok(Snapped::Uploaded(bytes)) => {
                 report.uploaded += 1;
                 report.bytes += bytes;
-                self.stats.uploads_ok.fetch_add(1, Ordering::Relaxed);
+                self.stats.upload_ok();
                 self.stats
                     .bytes_uploaded
                     .fetch_add(bytes, Ordering::Relaxed);
@@ -716,7 +716,7 @@ impl Replicator {
             }
             Err(e) => {
                 report.failed += 1;
-                self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.upload_failed();
                 let mut failing = lock(&self.failing);
                 // Once per failing stretch: messages can differ between
                 // attempts (staging file names), the problem usually does not.

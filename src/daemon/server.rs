@@ -14,6 +14,9 @@
 //! write fence of the replica lease ([`Fence`]): while the lease cannot be
 //! renewed (the store stalls) every replica write is refused, nothing is
 //! backed up, and `/healthz` says so until a renewal opens the fence again.
+//! Last, every upload failing for [`HEALTHY_INTERVALS`] scan intervals (the
+//! store refuses data while the lease still renews, a full replica disk)
+//! is 503 until one succeeds.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -100,8 +103,9 @@ pub struct StatsView {
     /// expired locally (writes resume at the next successful renewal), or
     /// it was lost. `false` without a lease.
     pub lease_writes_paused: bool,
-    /// Scans complete on schedule, the last one found a database, and
-    /// replica writes are not paused (the rules of `/healthz`).
+    /// Scans complete on schedule, the last one found a database, replica
+    /// writes are not paused and uploads do not all fail (the rules of
+    /// `/healthz`).
     pub healthy: bool,
 }
 
@@ -154,7 +158,8 @@ impl StatsView {
             verify_problems: stats.verify_last_problems.load(Relaxed),
             verify_could_not_check: stats.verify_last_unverifiable.load(Relaxed),
             lease_writes_paused: false,
-            healthy: scan_problem(stats, scan_interval, now).is_none(),
+            healthy: scan_problem(stats, scan_interval, now).is_none()
+                && upload_problem(stats, scan_interval, now).is_none(),
         }
     }
 
@@ -354,7 +359,7 @@ impl StatsView {
         metric(
             "litefleet_healthy",
             "gauge",
-            "1 while scans complete on schedule and replica writes are not paused.",
+            "1 while scans complete on schedule, replica writes are not paused and uploads succeed.",
             &[("", if self.healthy { 1.0 } else { 0.0 })],
         );
         out
@@ -381,6 +386,29 @@ fn scan_problem(stats: &Stats, scan_interval: Duration, now: u64) -> Option<Stri
     } else {
         None
     }
+}
+
+/// The upload rule of `/healthz` at `now` (unix seconds): every upload has
+/// failed for longer than [`HEALTHY_INTERVALS`] scan intervals, so nothing
+/// reaches the replica (the store refuses writes, the replica's disk is
+/// full) while the loop itself runs on schedule (black-box probe: 177
+/// failed uploads in 70 s, and `/healthz` said 200). One blip (a store
+/// restart, a failed cycle) does not flap it; a success ends the stretch.
+fn upload_problem(stats: &Stats, scan_interval: Duration, now: u64) -> Option<String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let since = stats.uploads_failing_since_unix.load(Relaxed);
+    let limit = scan_interval.as_secs().max(1) * u64::from(HEALTHY_INTERVALS);
+    if since == 0 || now.saturating_sub(since) <= limit {
+        return None;
+    }
+    let at = DateTime::from_timestamp(since as i64, 0).map_or_else(
+        || since.to_string(),
+        |t| t.to_rfc3339_opts(SecondsFormat::Secs, true),
+    );
+    Some(format!(
+        "unhealthy: every upload has failed since {at} ({} failed so far; the log says why)\n",
+        stats.uploads_failed.load(Relaxed)
+    ))
 }
 
 /// The lease rule of `/healthz`: why a closed write `fence` fails it, as a
@@ -437,7 +465,12 @@ impl Ops {
             self.scan_interval,
             now.timestamp().max(0) as u64,
         );
-        lease.into_iter().chain(scans).collect()
+        let uploads = upload_problem(
+            &self.stats,
+            self.scan_interval,
+            now.timestamp().max(0) as u64,
+        );
+        lease.into_iter().chain(scans).chain(uploads).collect()
     }
 }
 
@@ -522,6 +555,35 @@ mod tests {
         // A scan that found nothing: a config that backs up nothing.
         s.databases.store(0, Relaxed);
         assert!(!StatsView::read(&s, iv, 2001).healthy);
+    }
+
+    #[test]
+    fn health_fails_when_every_upload_has_failed_for_three_intervals() {
+        let s = Stats::default();
+        let iv = Duration::from_secs(15);
+        s.databases.store(1, Relaxed);
+        s.upload_failed();
+        let since = s.uploads_failing_since_unix.load(Relaxed);
+        assert!(since > 0);
+        s.upload_failed();
+        assert_eq!(
+            s.uploads_failing_since_unix.load(Relaxed),
+            since,
+            "the first failure"
+        );
+        let t = since + 45;
+        s.last_scan_unix.store(t, Relaxed);
+        assert!(StatsView::read(&s, iv, t).healthy, "a short stretch");
+        s.last_scan_unix.store(t + 1, Relaxed);
+        assert!(!StatsView::read(&s, iv, t + 1).healthy);
+        let line = upload_problem(&s, iv, t + 1).unwrap();
+        assert!(
+            line.starts_with("unhealthy: every upload has failed since "),
+            "{line}"
+        );
+        assert!(line.contains("(2 failed so far;"), "{line}");
+        s.upload_ok();
+        assert!(StatsView::read(&s, iv, t + 1).healthy);
     }
 
     #[test]

@@ -346,3 +346,27 @@ async fn databases_deleted_mid_cycle() {
     let key: Vec<String> = listed.keys().cloned().collect();
     f.assert_restores(&key, 2).await;
 }
+
+/// A LIST response cut short (the connection drops mid-body) is read again:
+/// one such fault does not fail a restore; a store that cuts every attempt
+/// does, naming the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_cut_short_is_read_again() {
+    let f = Fleet::new(Backend::S3).await;
+    let p = f.db_path("p", "d", "a");
+    drop(create_db(&p, 7));
+    age(&p);
+    let rep = f.replicator();
+    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, 1);
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("a.db");
+    f.s3().set_fault(Fault::CutListBodies(1));
+    f.restore("p/d/a", &o, None).await.unwrap();
+    assert_eq!(count_rows(&o), 7);
+    assert_eq!(f.s3().fault_count(), 1, "the fault was injected");
+    f.s3().set_fault(Fault::CutListBodies(u64::MAX));
+    let o2 = out.path().join("b.db");
+    let e = f.restore("p/d/a", &o2, None).await.unwrap_err().to_string();
+    assert!(e.contains("p/d/a"), "{e}");
+    assert!(!o2.exists());
+}

@@ -686,20 +686,13 @@ impl Replica {
 
     /// Objects directly under `dir` (one LIST with delimiter; no recursion).
     pub async fn list_dir(&self, dir: &ObjPath) -> Result<Vec<ObjectMeta>> {
-        let r = self
-            .store
-            .list_with_delimiter(Some(dir))
-            .await
-            .map_err(|e| Error::store(dir, e))?;
-        Ok(r.objects)
+        Ok(self.list_children(dir).await?.1)
     }
 
     /// The "subdirectories" and objects directly under `dir` (one LIST with
     /// delimiter; no recursion).
     pub async fn list_children(&self, dir: &ObjPath) -> Result<(Vec<ObjPath>, Vec<ObjectMeta>)> {
-        let r = self
-            .store
-            .list_with_delimiter(Some(dir))
+        let r = read_retrying(|| self.store.list_with_delimiter(Some(dir)))
             .await
             .map_err(|e| Error::store(dir, e))?;
         Ok((r.common_prefixes, r.objects))
@@ -746,15 +739,12 @@ impl Replica {
 
     /// Downloads a whole object into memory; `None` if it does not exist.
     pub async fn get_bytes(&self, location: &ObjPath) -> Result<Option<bytes::Bytes>> {
-        let got = match self.store.get(location).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(Error::store(location, e)),
-        };
-        got.bytes()
-            .await
-            .map(Some)
-            .map_err(|e| Error::store(location, e))
+        let got = read_retrying(|| async { self.store.get(location).await?.bytes().await }).await;
+        match got {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store(location, e)),
+        }
     }
 
     /// Downloads bytes `range` of an object; `None` if it does not exist.
@@ -763,7 +753,7 @@ impl Replica {
         location: &ObjPath,
         range: std::ops::Range<u64>,
     ) -> Result<Option<bytes::Bytes>> {
-        match self.store.get_range(location, range).await {
+        match read_retrying(|| self.store.get_range(location, range.clone())).await {
             Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::store(location, e)),
@@ -1186,6 +1176,37 @@ async fn local_cas(
     })
     .await
     .map_err(|e| Error::invalid(what, format!("task failed: {e}")))?
+}
+
+/// Times a read (a listing, a small GET) is tried while the store fails
+/// without answering about the object. object_store retries a request
+/// whose response never came, but not a response body cut short (black-box
+/// probe: one dropped LIST body failed a whole restore, where the same fault
+/// on a snapshot's GET was retried by the restore and passed).
+const READ_ATTEMPTS: u32 = 3;
+/// Wait before the second attempt, doubled for the third: long enough for a
+/// reset connection to be replaced, short beside a restore.
+const READ_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs the read `attempt` up to [`READ_ATTEMPTS`] times while it fails with
+/// `Generic` (transport errors, bodies cut short, a 5xx after the client's
+/// own retries); every answer about the object (not found, denied) at once.
+async fn read_retrying<T, F, Fut>(mut attempt: F) -> object_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(e @ object_store::Error::Generic { .. }) if n < READ_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt = n, "store read failed; retrying");
+                tokio::time::sleep(READ_BACKOFF * 2u32.pow(n - 1)).await;
+                n += 1;
+            }
+            r => return r,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,9 @@ pub enum Fault {
     FailAfter(u64),
     /// Every request is served after this delay.
     Delay(Duration),
+    /// The next `n` LIST responses are cut short: headers and half the
+    /// body, then the connection ends (a dropped connection mid-response).
+    CutListBodies(u64),
 }
 
 struct Shared {
@@ -101,10 +104,11 @@ enum Action {
     Serve,
     Delay(Duration),
     Fail(u16, &'static str),
+    CutBody,
 }
 
 impl Shared {
-    fn decide(&self) -> Action {
+    fn decide(&self, is_list: bool) -> Action {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let fault = *self.fault.lock().unwrap();
         let action = match fault {
@@ -112,6 +116,13 @@ impl Shared {
             Fault::Delay(d) => Action::Delay(d),
             Fault::Unavailable => Action::Fail(503, "ServiceUnavailable"),
             Fault::InternalError => Action::Fail(500, "InternalError"),
+            Fault::CutListBodies(n) => {
+                if is_list && self.passed.fetch_add(1, Ordering::SeqCst) < n {
+                    Action::CutBody
+                } else {
+                    Action::Serve
+                }
+            }
             Fault::FailAfter(n) => {
                 if self.passed.fetch_add(1, Ordering::SeqCst) < n {
                     Action::Serve
@@ -120,7 +131,7 @@ impl Shared {
                 }
             }
         };
-        if let Action::Fail(..) = action {
+        if let Action::Fail(..) | Action::CutBody = action {
             self.faults.fetch_add(1, Ordering::SeqCst);
         }
         action
@@ -177,8 +188,12 @@ impl S3Server {
                     let (service, shared) = (service.clone(), shared.clone());
                     async move {
                         let _counted = InFlight::new(shared.clone());
-                        match shared.decide() {
+                        let is_list = req.method() == hyper::Method::GET
+                            && req.uri().query().is_some_and(|q| q.contains("list-type="));
+                        let mut cut = false;
+                        match shared.decide(is_list) {
                             Action::Serve => {}
+                            Action::CutBody => cut = true,
                             Action::Delay(d) => tokio::time::sleep(d).await,
                             Action::Fail(status, code) => {
                                 let body = format!(
@@ -214,7 +229,21 @@ impl S3Server {
                         } else {
                             None
                         };
-                        hyper::service::Service::call(&service, req).await
+                        let res = hyper::service::Service::call(&service, req).await;
+                        match res {
+                            Ok(r) if cut => {
+                                // The full length announced, half of it sent.
+                                let (mut parts, mut body) = r.into_parts();
+                                let bytes = body.store_all_limited(64 << 20).await.unwrap();
+                                parts.headers.insert(
+                                    hyper::header::CONTENT_LENGTH,
+                                    bytes.len().into(),
+                                );
+                                let half = bytes.slice(..bytes.len() / 2);
+                                Ok(hyper::Response::from_parts(parts, cut_short(half)))
+                            }
+                            other => other,
+                        }
                     }
                 });
                 conns_for_accept.lock().unwrap().spawn(async move {
@@ -271,4 +300,34 @@ impl S3Server {
         self.stop().await;
         self.listen().await;
     }
+}
+
+/// A body of `half`, then (once that had time to reach the client) a
+/// transport error: the server drops the connection mid-body, short of the
+/// length it announced.
+fn cut_short(half: bytes::Bytes) -> s3s::Body {
+    type Chunks = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<bytes::Bytes, s3s::StdError>> + Send + Sync>,
+    >;
+    struct Cut(Chunks);
+    impl futures::Stream for Cut {
+        type Item = Result<bytes::Bytes, s3s::StdError>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0.as_mut().poll_next(cx)
+        }
+    }
+    impl s3s::stream::ByteStream for Cut {}
+    let chunks = futures::stream::unfold(Some(half), |first| async move {
+        match first {
+            Some(b) => Some((Ok(b), None)),
+            None => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some((Err("connection dropped (injected fault)".into()), None))
+            }
+        }
+    });
+    s3s::Body::from(Box::pin(Cut(Box::pin(chunks))) as s3s::stream::DynByteStream)
 }

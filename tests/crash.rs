@@ -422,18 +422,24 @@ async fn run(backend: Backend, seed: u64) -> Tally {
         let want = db.log.lock().unwrap().len();
         let deadline = now_ms() + 120_000;
         loop {
-            let got = match restore(&f, &db.key, &out, None).await {
-                Ok(_) => rows(&out).len(),
-                Err(_) => 0,
+            let (got, error) = match restore(&f, &db.key, &out, None).await {
+                Ok(_) => (rows(&out).len(), None),
+                Err(e) => (0, Some(e.to_string())),
             };
             if got == want {
                 break;
             }
-            assert!(
-                now_ms() < deadline,
-                "{} never caught up: {got} of {want} rows",
-                db.key
-            );
+            if now_ms() >= deadline {
+                // What a failure needs to be repeated and understood.
+                let kept = std::env::temp_dir().join(format!("litefleet-crash-{backend:?}.log"));
+                let _ = std::fs::copy(f.work.path().join("replicate.log"), &kept);
+                panic!(
+                    "seed {seed} ({backend:?}): {} never caught up: {got} of {want} rows \
+                     (last restore error: {error:?}; replicator log kept at {})",
+                    db.key,
+                    kept.display()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

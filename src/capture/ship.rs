@@ -172,6 +172,9 @@ pub struct CheckpointReport {
 /// The shipper of one hot database. See the module docs.
 pub struct Shipper {
     db: PathBuf,
+    /// The database's directory, resolved when the stream began (see
+    /// [`Shipper::reopen`]).
+    dir: PathBuf,
     wal: PathBuf,
     key: String,
     /// Device and inode of the database when we opened it.
@@ -243,9 +246,45 @@ fn end_read(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
+/// (device, inode) of the file at `path` itself: a link put there is
+/// another file, never its target.
 fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
-    let m = std::fs::metadata(path)?;
+    let m = std::fs::symlink_metadata(path)?;
     Ok((m.dev(), m.ino()))
+}
+
+/// Opens the `-wal` at `path` for reading our frames: never through a link,
+/// and without blocking on a FIFO (`O_NONBLOCK`, which a regular file
+/// ignores). `Ok(None)` when there is none; an error naming what is there
+/// when it is no regular file.
+fn open_wal(path: &Path) -> Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let f = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            // ELOOP: a link; named by what the path holds.
+            return Err(match std::fs::symlink_metadata(path) {
+                Ok(m) if !m.file_type().is_file() => Error::invalid(
+                    path.display(),
+                    crate::source::discover::not_regular(&m).to_string(),
+                ),
+                _ => Error::io(path, e),
+            });
+        }
+    };
+    let m = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !m.file_type().is_file() {
+        return Err(Error::invalid(
+            path.display(),
+            crate::source::discover::not_regular(&m).to_string(),
+        ));
+    }
+    Ok(Some(f))
 }
 
 /// Turns off the connection's lookaside allocator: by default every
@@ -269,6 +308,10 @@ fn disable_lookaside(conn: &Connection) {
 }
 
 fn open_conn(db: &Path) -> Result<Connection> {
+    // Only regular files: SQLite would open the `-wal` beside a link's
+    // target while we read the one beside the link, and a FIFO blocks the
+    // open (see `check_regular_files`).
+    crate::source::discover::check_regular_files(db)?;
     // Read-write (a checkpoint needs it) but never create: a database deleted
     // under us must not come back as an empty file.
     let conn = Connection::open_with_flags(
@@ -334,7 +377,37 @@ impl Shipper {
     /// Opens `db` for streaming under `key`. Fails (and the database stays
     /// cold) if it is not in WAL mode.
     pub fn open(db: &Path, key: &str) -> Result<Shipper> {
+        Self::open_in(db, key, None)
+    }
+
+    /// [`Shipper::open`] again after lost continuity: refused when the
+    /// database's directory now resolves elsewhere than when the stream
+    /// began (a directory of its path replaced by a link, say to a tree
+    /// outside the pattern root, which the scan never follows: black-box
+    /// probe, the outside database was uploaded under this key and side
+    /// files were created beside it). The old connection is closed first
+    /// (see [`stream`]).
+    pub fn reopen(self) -> Result<Shipper> {
+        let (db, key, dir) = (self.db.clone(), self.key.clone(), self.dir.clone());
+        drop(self);
+        Self::open_in(&db, &key, Some(&dir))
+    }
+
+    fn open_in(db: &Path, key: &str, expect_dir: Option<&Path>) -> Result<Shipper> {
         crate::capture::configure_sqlite();
+        let parent = db.parent().unwrap_or(Path::new("."));
+        let dir = std::fs::canonicalize(parent).at(parent)?;
+        if let Some(was) = expect_dir.filter(|&was| was != dir) {
+            return Err(Error::invalid(
+                db.display(),
+                format!(
+                    "its directory now resolves to {} (it was {} when the stream began): a directory \
+                     of the path was replaced, perhaps by a link; not streamed from there",
+                    dir.display(),
+                    was.display()
+                ),
+            ));
+        }
         let ident = identity(db).at(db)?;
         let conn = open_conn(db)?;
         let mode: String = conn
@@ -355,6 +428,7 @@ impl Shipper {
         };
         Ok(Shipper {
             db: db.to_path_buf(),
+            dir,
             wal,
             key: key.to_string(),
             ident,
@@ -421,10 +495,9 @@ impl Shipper {
         self.begin_read()?;
         // The header read after our transaction began: its frames are either in
         // our snapshot already (replaying them again is harmless) or newer.
-        let header = match File::open(&self.wal) {
-            Ok(f) => wal::read_header(&f, &self.wal)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(Error::io(&self.wal, e)),
+        let header = match open_wal(&self.wal)? {
+            Some(f) => wal::read_header(&f, &self.wal)?,
+            None => None,
         };
         std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
         let copy = NamedTempFile::with_prefix_in("hot-", tmp_dir)
@@ -581,10 +654,13 @@ impl Shipper {
         }
         #[cfg(test)]
         tests::run(&tests::BETWEEN_CHECK_AND_OPEN);
-        let file = match File::open(&self.wal) {
-            Ok(f) => Some(f),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(Error::io(&self.wal, e)),
+        let file = match open_wal(&self.wal) {
+            Ok(f) => f,
+            // What SQLite never makes: another file put there.
+            Err(Error::Invalid { reason, .. }) => {
+                return Ok(Step::Lost(format!("the -wal {reason}")))
+            }
+            Err(e) => return Err(e),
         };
         // Replaced between the check above and the open: the WAL we hold may
         // be the new file's. Checked again now that it is open.
@@ -1331,12 +1407,7 @@ async fn sync(
             // WAL. Should the open fail, the stream has no shipper and ends
             // at this sync's error, handing the database to the cold tier;
             // the old one must never carry on after lost continuity.
-            let (db, key) = (s.db.clone(), s.key.clone());
-            let fresh = bounded(Work::Start, move || {
-                drop(s);
-                Shipper::open(&db, &key)
-            })
-            .await??;
+            let fresh = bounded(Work::Start, move || s.reopen()).await??;
             *slot = Some(fresh);
             continue;
         }
@@ -1812,6 +1883,143 @@ mod tests {
             }
             assert!(s.take_pending().is_none());
         }
+    }
+
+    /// Runs `f` on another thread; fails the test instead of hanging when it
+    /// blocks (an open of a FIFO waits for a writer forever).
+    fn within_seconds<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{what} blocked"))
+    }
+
+    /// A hot database replaced by a symbolic link to another WAL database
+    /// (a deploy-style `ln -s` + `mv -T`): SQLite would open the link's
+    /// target and its `-wal`, while the stream reads the `-wal` beside the
+    /// link, the replaced database's (black-box probe: restores mixed the
+    /// two with exit 0, and the target's side files were created outside
+    /// the pattern root). The stream loses continuity and never reopens
+    /// through the link; a snapshot refuses it too, and the target's
+    /// directory gets no file of ours.
+    #[test]
+    fn a_database_replaced_by_a_link_is_never_opened_through_it() {
+        let (dir, a, app, mut s) = streaming();
+        let outside = tempfile::tempdir().unwrap();
+        let y = outside.path().join("y.db");
+        drop(wal_db(&y, 5));
+        let before: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&y, &link).unwrap();
+        std::fs::rename(&link, &a).unwrap();
+        match s.read().unwrap() {
+            Step::Lost(reason) => assert!(reason.contains("replaced"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        drop(s);
+        let e = Shipper::open(&a, "k")
+            .err()
+            .expect("opened through a link")
+            .to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        let e = snapshot::capture(&a, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        let after: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        assert_eq!(before.len(), after.len(), "files made beside the target");
+        drop(app);
+    }
+
+    /// The directory of a hot database replaced by a link to a tree outside
+    /// the pattern root (which the scan never follows): the stream loses
+    /// continuity and does not reopen there, so nothing of the outside
+    /// database is streamed under this key and no file is made beside it.
+    #[test]
+    fn a_stream_never_reopens_through_a_directory_replaced_by_a_link() {
+        let top = tempfile::tempdir().unwrap();
+        let d = top.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        let a = d.join("a.db");
+        let app = wal_db(&a, 3);
+        let mut s = Shipper::open(&a, "k").unwrap();
+        s.begin_generation(top.path()).unwrap();
+        s.take_pending().expect("the frames already in the WAL");
+        let outside = tempfile::tempdir().unwrap();
+        drop(wal_db(&outside.path().join("a.db"), 5));
+        let before: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        std::fs::rename(&d, top.path().join("old")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), &d).unwrap();
+        match s.read().unwrap() {
+            Step::Lost(reason) => assert!(reason.contains("replaced"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let e = s
+            .reopen()
+            .err()
+            .expect("reopened through the link")
+            .to_string();
+        assert!(e.contains("its directory now resolves to"), "{e}");
+        let after: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        assert_eq!(before.len(), after.len(), "files made beside the target");
+        drop(app);
+    }
+
+    /// FIFOs where a database or its side files should be: nothing blocks
+    /// on them (black-box probe: an open of a FIFO renamed over a hot
+    /// database, or named like a database's `-journal`, stopped every scan
+    /// and SIGTERM), and each is named in the error.
+    #[test]
+    fn fifos_in_place_of_a_database_or_its_side_files_never_block() {
+        let fifo = |p: &Path| {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a valid C string; mkfifo has no other precondition.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        };
+        // A FIFO renamed over a hot database.
+        let (dir, a, app, mut s) = streaming();
+        let f = dir.path().join("f");
+        fifo(&f);
+        std::fs::rename(&f, &a).unwrap();
+        let (a2, tmp) = (a.clone(), dir.path().to_path_buf());
+        let (step, reopen, snap) = within_seconds("a stream over a FIFO", move || {
+            let step = s.read().unwrap();
+            drop(s);
+            let reopen = Shipper::open(&a2, "k").err().map(|e| e.to_string());
+            let snap = snapshot::capture(&a2, &tmp).err().map(|e| e.to_string());
+            (step, reopen, snap)
+        });
+        assert!(matches!(step, Step::Lost(_)), "{step:?}");
+        for e in [reopen, snap] {
+            assert!(e.as_deref().unwrap().contains("FIFO"), "{e:?}");
+        }
+        drop(app);
+        // A FIFO as the -wal of a hot database, and as the -journal of a
+        // database in rollback mode.
+        let (dir, a, app, mut s) = streaming();
+        std::fs::remove_file(wal_path(&a)).unwrap();
+        fifo(&wal_path(&a));
+        let step = within_seconds("a stream with a FIFO -wal", move || s.read().unwrap());
+        match step {
+            Step::Lost(reason) => assert!(reason.contains("FIFO"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        drop(app);
+        let b = dir.path().join("b.db");
+        drop(
+            Connection::open(&b)
+                .unwrap()
+                .execute_batch("CREATE TABLE t(x)"),
+        );
+        let mut journal = b.as_os_str().to_owned();
+        journal.push("-journal");
+        fifo(Path::new(&journal));
+        let tmp = dir.path().to_path_buf();
+        let e = within_seconds("a snapshot with a FIFO -journal", move || {
+            snapshot::capture(&b, &tmp).err().map(|e| e.to_string())
+        });
+        assert!(e.as_deref().unwrap().contains("-journal"), "{e:?}");
+        assert!(e.as_deref().unwrap().contains("FIFO"), "{e:?}");
     }
 
     /// A WAL database whose main file was truncated to 0 bytes, its `-wal`

@@ -140,7 +140,10 @@ pub struct Snapshot {
 }
 
 /// Opens `path` read-only (no checkpoint on close, no WAL deletion).
+/// Only regular files (see
+/// [`crate::source::discover::check_regular_files`]).
 pub fn open_read_only(path: &Path) -> Result<Connection> {
+    crate::source::discover::check_regular_files(path)?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY

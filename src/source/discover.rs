@@ -39,6 +39,56 @@ pub fn shm_path(db: &Path) -> PathBuf {
     side_path(db, "-shm")
 }
 
+/// Refuses `db` when it, or a side file SQLite would open beside it (`-wal`,
+/// `-shm`, `-journal`), is there but is no regular file at its own path: a
+/// symbolic link, a FIFO, a socket, a device or a directory. Checked just
+/// before SQLite opens a source (a stream, a snapshot, a drill), because:
+///
+/// * SQLite resolves a link to its target and opens the target's `-wal`,
+///   while a stream reads the `-wal` at the link's own path: restores mixed
+///   the target with frames of the database the link replaced, and the
+///   target's side files were created outside the pattern root (black-box
+///   probe). The scan never follows links either.
+/// * Opening a FIFO blocks until a writer comes: a FIFO renamed over a
+///   database, or named like its `-journal`, stopped every scan and
+///   SIGTERM (black-box probe).
+///
+/// A database that is gone is left to the open, which reports it as before.
+pub fn check_regular_files(db: &Path) -> crate::Result<()> {
+    let check = |path: &Path| match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(m) => Err(crate::Error::invalid(
+            path.display(),
+            format!("{}; not opened", not_regular(&m)),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(crate::Error::io(path, e)),
+    };
+    check(db)?;
+    AUX_SUFFIXES
+        .iter()
+        .try_for_each(|suffix| check(&side_path(db, suffix)))
+}
+
+/// What a file that is not a regular file is, for an error message.
+pub fn not_regular(m: &Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_symlink() {
+        "is a symbolic link, which litefleet never follows (a link could pull a file from outside the pattern root into the replica)"
+    } else if t.is_fifo() {
+        "is a FIFO (named pipe), not a regular file: opening it would block"
+    } else if t.is_dir() {
+        "is a directory, not a regular file"
+    } else if t.is_socket() {
+        "is a socket, not a regular file"
+    } else if t.is_block_device() || t.is_char_device() {
+        "is a device, not a regular file"
+    } else {
+        "is not a regular file"
+    }
+}
+
 fn side_path(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
     s.push(suffix);

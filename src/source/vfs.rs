@@ -204,6 +204,17 @@ impl VfsFile {
     /// Opens `path` read-only as a main database file (no journal, WAL or
     /// `-shm` is opened).
     pub fn open(path: &Path) -> io::Result<VfsFile> {
+        // SQLite's own open adds O_NOFOLLOW, but a FIFO would block it
+        // until a writer comes: only regular files (see
+        // `discover::check_regular_files`).
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_file() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    crate::source::discover::not_regular(&m),
+                ));
+            }
+        }
         let c_path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
         // SAFETY: sqlite3_vfs_find initializes SQLite and returns the

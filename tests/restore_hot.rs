@@ -51,6 +51,8 @@ struct Db {
     dir: TempDir,
     /// Commit time of each generation snapshot uploaded, by index.
     gen_snapshots: Vec<(u64, DateTime<Utc>)>,
+    /// What the shipper records of each in the generation's metadata.
+    entries: Vec<hot::SnapshotEntry>,
 }
 
 impl std::ops::Deref for Db {
@@ -73,6 +75,7 @@ impl Db {
             w: GenWriter::create(dir.path().join("db.db"), key, 200),
             dir,
             gen_snapshots: Vec::new(),
+            entries: Vec::new(),
         }
     }
 
@@ -89,7 +92,7 @@ impl Db {
         std::fs::copy(self.path(), &copy).unwrap();
         let committed = common::generations::now();
         let index = self.index;
-        litefleet::capture::upload::upload_snapshot(
+        let entry = litefleet::capture::upload::upload_snapshot(
             r,
             &self.key,
             &self.gen,
@@ -100,6 +103,7 @@ impl Db {
         )
         .await
         .unwrap();
+        self.entries.push(entry);
         self.gen_snapshots.push((index, committed));
         mark().await
     }
@@ -424,6 +428,50 @@ both_backends!(
         assert_eq!((tier, rows), (Tier::Cold, 10));
     }
 );
+
+// Another valid snapshot in place of a generation's (its older one,
+// another database's): what metadata.json recorded at the upload (size,
+// LZ4 content checksum) exposes it, instead of replaying the generation's
+// WAL over the wrong base (black-box probe: a state that never existed,
+// exit 0).
+both_backends!(a_snapshot_swapped_for_another_is_damage, |b| async move {
+    let f = Fleet::new(b).await;
+    let r = f.replica();
+    let mut db = Db::new("p/d/t");
+    db.commit(10);
+    db.gen_snapshot(&r).await;
+    db.commit(5);
+    db.ship(&r).await;
+    db.write_metadata(&r).await;
+    let meta_path = hot::metadata_path(&r.prefix, "p/d/t", &db.gen);
+    let mut meta = hot::read_metadata(&r, "p/d/t", &db.gen)
+        .await
+        .unwrap()
+        .unwrap();
+    meta.snapshots = db.entries.clone();
+    hot::write_metadata(&r, "p/d/t", &meta).await.unwrap();
+    assert!(r.get_bytes(&meta_path).await.unwrap().is_some());
+    assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 15);
+    let mut other = Db::new("p/d/u");
+    other.commit(40);
+    other.gen_snapshot(&r).await;
+    let theirs = r
+        .get_bytes(&other.gen_snapshot_path(&r, 0))
+        .await
+        .unwrap()
+        .unwrap();
+    let ours = db.gen_snapshot_path(&r, 0);
+    r.put_bytes(&ours, theirs.clone()).await.unwrap();
+    let e = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+    assert!(e.contains(&ours.to_string()), "{e}");
+    assert!(e.contains("not the snapshot that was uploaded"), "{e}");
+    // Same size, another content: the checksum tells.
+    let mut same_size = theirs.to_vec();
+    same_size.resize(db.entries[0].compressed_size as usize, 0);
+    r.put_bytes(&ours, same_size).await.unwrap();
+    let e = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+    assert!(e.contains("its content checksum is"), "{e}");
+});
 
 both_backends!(damaged_generation_snapshot_fails, |b| async move {
     let f = Fleet::new(b).await;

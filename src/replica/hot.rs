@@ -513,6 +513,16 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// What the generation's metadata recorded of the plan's snapshot when
+    /// it was uploaded (its size and content checksum), if it did.
+    pub fn recorded_snapshot(&self) -> Option<&SnapshotEntry> {
+        self.recorded
+            .as_ref()?
+            .snapshots
+            .iter()
+            .find(|e| e.index == self.snapshot.index)
+    }
+
     /// Whether the generation's metadata recorded WAL frames shipped (past
     /// the plan's snapshot) that may have committed at or after `t`: it was
     /// written at or after `t`, or says not when. A cold snapshot whose copy

@@ -164,6 +164,7 @@ pub async fn restore_plan(
 ) -> Result<RestorePoint> {
     let snap = &plan.snapshot;
     let mut replay = Replay::start(replica, key, plan).await?;
+    check_recorded_snapshot(replica, plan).await?;
     let mut file = out
         .try_clone()
         .map_err(|e| output_error("duplicating the handle", e))?;
@@ -231,6 +232,57 @@ pub async fn restore_plan(
         segments: applied,
         bytes,
     })
+}
+
+/// Checks the plan's snapshot object against what the generation's
+/// metadata recorded at its upload: its size, and the LZ4 content checksum
+/// in the frame's last four bytes (one ranged GET). The decoder checks the
+/// content against that trailer, so together they prove the object is the
+/// snapshot that was uploaded. Another valid snapshot put in its place (the
+/// generation's older one, another database's) is damage; before, it was
+/// replayed over and the restore gave a state that never existed, with
+/// exit 0 (black-box probe). Metadata that records nothing of the snapshot
+/// (written by earlier versions) is not checked.
+async fn check_recorded_snapshot(replica: &Replica, plan: &Plan) -> Result<()> {
+    let Some(entry) = plan.recorded_snapshot() else {
+        return Ok(());
+    };
+    let snap = &plan.snapshot;
+    let damaged = |what: &str, found: String, recorded: String| {
+        Err(Error::damaged(
+            &snap.location,
+            format!(
+                "its {what} is {found} where metadata.json recorded {recorded} at its upload: \
+                 not the snapshot that was uploaded"
+            ),
+        ))
+    };
+    if snap.size != entry.compressed_size {
+        return damaged(
+            "size",
+            format!("{} bytes", snap.size),
+            format!("{} bytes", entry.compressed_size),
+        );
+    }
+    let tail = match snap.size.checked_sub(4) {
+        Some(start) => {
+            replica
+                .get_range_bytes(&snap.location, start..snap.size)
+                .await?
+        }
+        None => None,
+    };
+    let sum = tail
+        .filter(|t| t.len() == 4)
+        .map(|t| format!("xxh32:{:08x}", u32::from_le_bytes([t[0], t[1], t[2], t[3]])));
+    match sum {
+        Some(sum) if sum == entry.checksum => Ok(()),
+        sum => damaged(
+            "content checksum",
+            sum.unwrap_or_else(|| "missing".into()),
+            entry.checksum.clone(),
+        ),
+    }
 }
 
 /// Why a restore failed when a pack it planned with was gone when its

@@ -635,3 +635,17 @@ fn file_names_cannot_forge_log_lines() {
         );
     }
 }
+
+/// A config path that names no config file (a device that never ends) is
+/// refused after a bounded read, not read until memory runs out.
+#[test]
+fn an_endless_config_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let o = litefleet(t.path(), &["--config", "/dev/zero", "explain"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("/dev/zero") && err.contains("longer than"),
+        "{err}"
+    );
+}

@@ -303,11 +303,21 @@ impl Loaded {
     /// against the file's own directory, so a config means the same thing
     /// whatever directory `litefleet` is started from.
     pub fn from_file(path: &Path) -> Result<Loaded> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        use std::io::Read;
+        let fail = |reason: String| Error::Config {
             file: path.display().to_string(),
             key: "(file)".into(),
-            reason: format!("cannot read: {e}"),
-        })?;
+            reason,
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(|e| fail(format!("cannot read: {e}")))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "longer than {MAX_CONFIG_BYTES} bytes: not a config file (a device or a log?)"
+            )));
+        }
         let base = std::path::absolute(path)
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -425,6 +435,48 @@ impl Loaded {
             if d.is_zero() {
                 return Err(err(key, "must be greater than zero".into()));
             }
+        }
+        let r = &m.replica;
+        for (key, d) in [
+            ("multi-db.scan-interval", Some(m.scan_interval)),
+            ("multi-db.sync-interval", Some(m.sync_interval)),
+            ("multi-db.release-after", Some(m.release_after)),
+            (
+                "multi-db.log-consolidate-interval",
+                Some(m.log_consolidate_interval),
+            ),
+            ("multi-db.hot-duration", Some(m.hot_duration)),
+            ("multi-db.cold-after", Some(m.cold_after)),
+            ("multi-db.verify-interval", m.verify_interval),
+            ("multi-db.replica.retention", Some(r.retention)),
+            (
+                "multi-db.replica.retention-check-interval",
+                Some(r.retention_check_interval),
+            ),
+            ("multi-db.replica.timeout", Some(r.timeout)),
+            ("multi-db.replica.lease-ttl", Some(r.lease_ttl)),
+        ] {
+            if d.is_some_and(|d| d > MAX_DURATION) {
+                return Err(err(key, "must be at most 100 years".into()));
+            }
+        }
+        if let Some(region) = &r.region {
+            if region.is_empty()
+                || !region
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(err(
+                    "multi-db.replica.region",
+                    format!(
+                        "{region:?} is not a region name (letters, digits, '-', '_' and '.' only, \
+                         e.g. us-east-1)"
+                    ),
+                ));
+            }
+        }
+        if let Some(endpoint) = &r.endpoint {
+            check_endpoint(endpoint).map_err(|why| err("multi-db.replica.endpoint", why))?;
         }
         if m.checkpoint_pages == 0 {
             return Err(err(
@@ -639,6 +691,19 @@ pub fn parse_replica_url(url: &str, base: &Path) -> std::result::Result<ReplicaU
                     "{url:?} has no bucket (expected s3://bucket/prefix)"
                 ));
             }
+            if bucket.contains('@') {
+                // Never echoed: what precedes the `@` is a secret.
+                return Err(format!("{}: {CREDENTIALS_IN_URL}", redact_userinfo(url)));
+            }
+            if let Some(c) = bucket
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+            {
+                return Err(format!(
+                    "{url:?}: {c:?} cannot be part of a bucket name (letters, digits, '-', '.' \
+                     and '_' only)"
+                ));
+            }
             return Ok(ReplicaUrl::S3 {
                 bucket: bucket.to_string(),
                 prefix: prefix.trim_matches('/').to_string(),
@@ -664,6 +729,53 @@ pub fn parse_replica_url(url: &str, base: &Path) -> std::result::Result<ReplicaU
             .filter(|c| *c != std::path::Component::CurDir)
             .collect(),
     })
+}
+
+/// Most bytes read of a config file: a config is a few hundred bytes, and
+/// `--config /dev/zero` grew memory by 1.5 GB/s until killed (black-box
+/// probe).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Longest duration a config key takes. Durations are added to clock times
+/// (the lease's expiry, retention's cutoff), and a sum past the calendar's
+/// end panicked (black-box probe: `lease-ttl: 9999999999999999s`).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Why credentials in a URL are refused (the refusal never shows them).
+const CREDENTIALS_IN_URL: &str = "credentials do not belong in a URL (`user:password@`), where \
+     every log line and error naming the replica would show them: set \
+     multi-db.replica.access-key-id and secret-access-key (or AWS_ACCESS_KEY_ID and \
+     AWS_SECRET_ACCESS_KEY)";
+
+/// Checks an S3 `endpoint`: `http://` or `https://` with a host, and
+/// nothing a URL of a request would carry further: no credentials, no
+/// query, no fragment. Malformed endpoints used to panic the S3 client at
+/// the first request, and credentials in one were printed by `explain` and
+/// every error (black-box probe). The reason never shows the value's
+/// credentials or query.
+fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    let shown = redact_userinfo(endpoint);
+    let shown = shown.split(['?', '#']).next().unwrap_or_default();
+    let parsed = url::Url::parse(endpoint).map_err(|e| {
+        format!("{shown:?} is not a URL ({e}); expected e.g. http://127.0.0.1:9000")
+    })?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!("{shown:?}: {CREDENTIALS_IN_URL}"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(
+            "an endpoint takes no query (`?`) or fragment (`#`) (a token in it would be shown \
+             in every error): credentials go in access-key-id and secret-access-key"
+                .into(),
+        );
+    }
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{shown:?}: the scheme must be http:// or https://"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{shown:?} names no host"));
+    }
+    Ok(())
 }
 
 /// Where a replica URL points, before a relative directory is resolved.
@@ -1264,6 +1376,63 @@ multi-db:
             assert!(!e.contains("hunter2") && e.contains("***@h"), "{e}");
         }
         assert_eq!(redact_userinfo("s3://b/k@x"), "s3://b/k@x");
+    }
+
+    /// Credentials or tokens in a URL are refused without being shown, and
+    /// malformed endpoints, regions and durations are config errors, not a
+    /// panic at the first request (black-box probe).
+    #[test]
+    fn urls_that_carry_secrets_or_break_the_client_are_refused() {
+        let with = |key: &str, value: &str| {
+            let yaml = GOOD.replace("    path:", &format!("    {key}: {value}\n    path:"));
+            load(&yaml).unwrap_err().to_string()
+        };
+        for (key, value, says) in [
+            (
+                "endpoint",
+                "'http://user:Pa55word@127.0.0.1:9/'",
+                "credentials do not belong",
+            ),
+            (
+                "endpoint",
+                "'http://127.0.0.1:9/?X-Amz-Security-Token=Pa55word'",
+                "no query",
+            ),
+            ("endpoint", "'http://127.0.0.1:9/#Pa55word'", "no query"),
+            ("endpoint", "'htp:/x@@:x'", "http:// or https://"),
+            ("endpoint", "'127.0.0.1:9000'", "expected e.g. http://"),
+            ("endpoint", "'not a url'", "is not a URL"),
+            ("region", "\"us-east-1\\n\"", "not a region name"),
+            ("lease-ttl", "9999999999999999s", "at most 100 years"),
+            ("retention", "300000000y", "at most 100 years"),
+        ] {
+            let e = with(key, value);
+            assert!(
+                e.contains(&format!("multi-db.replica.{key}")),
+                "{value}: {e}"
+            );
+            assert!(e.contains(says), "{value}: {e}");
+            assert!(!e.contains("Pa55word"), "{value}: {e}");
+        }
+        let e = load(&GOOD.replace("s3://bucket/some/prefix", "s3://AKIAUSER:Pa55word@bucket/p"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("credentials do not belong"), "{e}");
+        assert!(!e.contains("Pa55word") && !e.contains("AKIAUSER"), "{e}");
+        let e = load(&GOOD.replace("s3://bucket/some/prefix", "s3://b ucket/p"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be part of a bucket name"), "{e}");
+        // What works stays accepted.
+        for (key, value) in [
+            ("endpoint", "http://127.0.0.1:9000"),
+            ("endpoint", "https://s3.example.com/"),
+            ("region", "eu-west-1"),
+            ("lease-ttl", "1day"),
+        ] {
+            let yaml = GOOD.replace("    path:", &format!("    {key}: {value}\n    path:"));
+            load(&yaml).unwrap_or_else(|e| panic!("{key}: {value}: {e}"));
+        }
     }
 
     #[test]

@@ -634,6 +634,18 @@ fn file_names_cannot_forge_log_lines() {
             "a line that is not an event of ours: {line:?}\n{err}"
         );
     }
+    // explain's report names the file too, escaped the same way.
+    let o = litefleet(t.path(), &["explain"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains(r"evil\n2026-12-05T00:00:00.000000Z ERROR forged"),
+        "{out}"
+    );
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("2026-12-05T00:00:00") || l.contains('\u{1b}')),
+        "{out}"
+    );
 }
 
 /// A config path that names no config file (a device that never ends) is

@@ -38,6 +38,8 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::Metadata;
 use std::io::{self, Write};
+
+use crate::cli::logline::shown;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -800,14 +802,14 @@ impl Explanation {
         writeln!(out, "\nConfig (* = the built-in default)")?;
         for s in &self.settings {
             let mark = if s.default { "*" } else { " " };
-            writeln!(out, "  {:<34}{mark} {}", s.key, s.value)?;
+            writeln!(out, "  {:<34}{mark} {}", s.key, shown(&s.value))?;
         }
 
         writeln!(out, "\nPatterns")?;
         for p in &self.patterns {
-            writeln!(out, "  [{}] {}", p.index, p.pattern)?;
+            writeln!(out, "  [{}] {}", p.index, shown(&p.pattern))?;
             if p.resolved != p.pattern {
-                writeln!(out, "      resolved to {}", p.resolved)?;
+                writeln!(out, "      resolved to {}", shown(&p.resolved))?;
             }
             let mut line = format!("      {} SQLite database(s)", p.databases);
             if p.also_earlier > 0 {
@@ -824,7 +826,7 @@ impl Explanation {
                 writeln!(
                     out,
                     "      NO MATCH: walk root {} {}",
-                    p.root,
+                    shown(&p.root),
                     if p.root_exists {
                         "exists"
                     } else {
@@ -833,7 +835,7 @@ impl Explanation {
                 )?;
             }
             for e in &p.examples {
-                writeln!(out, "        {} -> {}", e.path, e.key)?;
+                writeln!(out, "        {} -> {}", shown(&e.path), shown(&e.key))?;
             }
         }
 
@@ -847,10 +849,21 @@ impl Explanation {
             self.refused_keys.len()
         )?;
         for c in self.collisions.iter().take(COLLISIONS_SHOWN) {
-            writeln!(out, "  COLLISION {:?}: {}", c.key, c.paths.join(", "))?;
+            writeln!(
+                out,
+                "  COLLISION {:?}: {}",
+                c.key,
+                shown(&c.paths.join(", "))
+            )?;
         }
         for r in self.refused_keys.iter().take(COLLISIONS_SHOWN) {
-            writeln!(out, "  REFUSED {:?}: {}: {}", r.key, r.path, r.reason)?;
+            writeln!(
+                out,
+                "  REFUSED {:?}: {}: {}",
+                r.key,
+                shown(&r.path),
+                shown(&r.reason)
+            )?;
         }
 
         let l = &self.limits;
@@ -942,7 +955,7 @@ impl Explanation {
             writeln!(out, "no warnings")?;
         }
         for w in &self.warnings {
-            writeln!(out, "warning: {w}")?;
+            writeln!(out, "warning: {}", shown(w))?;
         }
         out.flush()
     }

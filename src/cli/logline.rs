@@ -45,6 +45,17 @@ fn push_escaped(out: &mut String, c: char, ansi: bool) {
     }
 }
 
+/// `text` (a key, a path) for one line of output: control characters and
+/// line separators escaped, so it can neither break the line nor drive the
+/// terminal.
+pub fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        push_escaped(&mut out, c, false);
+    }
+    out
+}
+
 /// `line` with everything before its final `\n` escaped.
 pub fn escape_line(line: &str, ansi: bool) -> String {
     let (body, end) = match line.strip_suffix('\n') {

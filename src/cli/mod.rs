@@ -197,7 +197,7 @@ async fn verify_command(config: &std::path::Path, args: VerifyArgs) -> u8 {
         );
     } else {
         for line in report.results.iter().filter_map(|r| r.failure_line()) {
-            println!("{line}");
+            println!("{}", shown(&line));
         }
         println!("{}", report.summary.line());
     }
@@ -506,21 +506,11 @@ fn parse_secs(s: &str) -> std::result::Result<std::time::Duration, String> {
 
 /// One line per database: its cold snapshots and hot-tier generations (a
 /// database that only ever streamed has no cold snapshot).
-/// A key as `list` shows it: decoded (the key `restore` takes), with
-/// control characters escaped (`\n`, `\u{1b}`) so that a key from a
-/// hostile object name can neither break the one-line-per-key output nor
-/// drive the terminal.
-fn shown(key: &str) -> String {
-    key.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
+// A key as `list` shows it: decoded (the key `restore` takes), with
+// control characters escaped (`\n`, `\u{1b}`) so that a key from a
+// hostile object name can neither break the one-line-per-key output nor
+// drive the terminal.
+use logline::shown;
 
 fn print_listing(
     out: &mut impl std::io::Write,
@@ -912,7 +902,11 @@ async fn run(cli: Cli) -> Result<()> {
                     rfc(g.last_upload),
                 );
             }
-            eprintln!("{} generation(s) of {key} in {replica}", gens.len());
+            eprintln!(
+                "{} generation(s) of {} in {replica}",
+                gens.len(),
+                shown(&key)
+            );
             if gens.is_empty() && cold::snapshots(&replica, &key).await?.is_empty() {
                 return Err(Error::NotFound(format!(
                     "no backup of {key:?} in {replica} (see `litefleet list`)"
@@ -945,7 +939,7 @@ async fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
-            eprintln!("{n} snapshot(s) of {key} in {replica}");
+            eprintln!("{n} snapshot(s) of {} in {replica}", shown(&key));
             if n == 0 {
                 return Err(Error::NotFound(format!(
                     "no snapshot of {key:?} in {replica} (see `litefleet list`)"

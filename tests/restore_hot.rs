@@ -395,16 +395,27 @@ both_backends!(
         let r = f.replica();
         let mut db = Db::new("p/d/t");
         db.commit(10);
-        db.cold(&r).await;
+        let (cold_loc, _) = db.cold(&r).await;
         db.commit(5);
         db.gen_snapshot(&r).await;
         db.commit(7);
         let (pos, after) = db.ship(&r).await;
         db.write_metadata(&r).await;
         assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 22);
+        // The --timestamp an error suggests for the cold snapshot is when its
+        // copy was complete (its times record), never its hour name.
+        let hour = cold::parse_snapshot_name(cold_loc.filename().unwrap())
+            .unwrap()
+            .hour
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
         r.delete(&db.gen_snapshot_path(&r, 0)).await.unwrap();
         for at in [None, Some(after)] {
             let msg = restore_at(&f, "p/d/t", at).await.unwrap_err().to_string();
+            assert!(msg.contains("--timestamp "), "{at:?}: {msg}");
+            assert!(
+                !msg.contains(&format!("--timestamp {hour}")),
+                "{at:?}: {msg}"
+            );
             assert!(
                 msg.contains(&format!("generation {}", db.gen)),
                 "{at:?}: {msg}"

@@ -259,7 +259,9 @@ pub(super) async fn restore_key(
         match hot::plan_latest(replica, key, at).await {
             Ok(p) => p,
             Err(e) => {
-                let cold = choose_cold(replica, &snaps, at, false).await.ok().flatten();
+                // With its times record: the `--timestamp` the error suggests is
+                // when its copy was complete, not its hour name.
+                let cold = choose_cold(replica, &snaps, at, true).await.ok().flatten();
                 return Err(hot_failed(e, cold.as_ref()));
             }
         }

@@ -73,6 +73,35 @@ use crate::{Error, Result};
 /// write or an exclusive checkpoint) before giving up until the next cycle.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+thread_local! {
+    /// How long this thread's snapshots wait on a locked database: see
+    /// [`waiting_at_most`].
+    static BUSY_WAIT: std::cell::Cell<Duration> = const { std::cell::Cell::new(BUSY_TIMEOUT) };
+}
+
+/// Runs `f` with this thread's snapshots waiting at most `wait` on a locked
+/// database instead of [`BUSY_TIMEOUT`]. For a task that snapshots many
+/// databases one after the other: an application that keeps its database
+/// locked (`PRAGMA locking_mode=EXCLUSIVE`) costs the whole wait at every
+/// attempt, and a dozen of them in a row stalled every scan for a minute
+/// (black-box probe), so such a task spends one wait's worth in all (see
+/// `daemon::scheduler`).
+pub fn waiting_at_most<T>(wait: Duration, f: impl FnOnce() -> T) -> T {
+    struct Restore(Duration);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUSY_WAIT.with(|w| w.set(self.0));
+        }
+    }
+    let _restore = Restore(BUSY_WAIT.with(|w| w.replace(wait)));
+    f()
+}
+
+/// This thread's wait on a locked database (see [`waiting_at_most`]).
+fn busy_wait() -> Duration {
+    BUSY_WAIT.with(|w| w.get())
+}
+
 /// Copy buffer for compression and decompression: large enough to keep
 /// syscalls rare, small enough that 100 concurrent uploads cost little.
 pub const IO_BUFFER: usize = 256 * 1024;
@@ -151,7 +180,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection> {
             | OpenFlags::SQLITE_OPEN_URI,
     )
     .map_err(|e| Error::sqlite(path, e))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
+    conn.busy_timeout(busy_wait())
         .map_err(|e| Error::sqlite(path, e))?;
     Ok(conn)
 }
@@ -187,8 +216,9 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
     let backup =
         rusqlite::backup::Backup::new(source, target).map_err(|e| Error::sqlite(src, e))?;
     // -1: all pages in one step, i.e. one read transaction -> one consistent version.
-    // Busy/Locked (a writer holds an exclusive lock) is retried for BUSY_TIMEOUT.
-    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    // Busy/Locked (a writer holds an exclusive lock) is retried for this
+    // thread's wait (BUSY_TIMEOUT unless `waiting_at_most`).
+    let deadline = std::time::Instant::now() + busy_wait();
     loop {
         use rusqlite::backup::StepResult;
         match backup.step(-1).map_err(|e| Error::sqlite(src, e))? {

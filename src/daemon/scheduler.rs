@@ -1323,6 +1323,11 @@ fn uploaded(
 /// unchecked) one after the other in one blocking task ([`SNAPSHOT_BATCH`])
 /// and uploads what is left to upload, all at once; one outcome per
 /// database, in order. A panic fails only the database it happened on.
+/// Shortest wait on a locked database once a batch spent its wait: a
+/// writer's transaction commits within it (a database locked for good
+/// fails at once, and is tried again next cycle).
+const MIN_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 async fn upload_batch(
     loaded: Arc<Loaded>,
     replica: Replica,
@@ -1332,14 +1337,23 @@ async fn upload_batch(
     let n = batch.len();
     let snapper = replica.clone();
     let captured = bounded(Work::Snapshot, move || {
+        // One wait on locked databases for the whole batch: what failed
+        // snapshots took is spent (see `snapshot::waiting_at_most`).
+        let mut budget = snapshot::BUSY_TIMEOUT;
         batch
             .iter()
             .map(|(path, unchecked)| {
-                std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    snapshot_one(&loaded, &snapper, path, &temp_dir, *unchecked)
-                }))
-                .unwrap_or_else(|_| Err(Error::invalid(path.display(), "snapshot panicked")))
-                .map(|c| (path.clone(), c))
+                let started = std::time::Instant::now();
+                let r = snapshot::waiting_at_most(budget.max(MIN_BUSY_WAIT), || {
+                    std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        snapshot_one(&loaded, &snapper, path, &temp_dir, *unchecked)
+                    }))
+                    .unwrap_or_else(|_| Err(Error::invalid(path.display(), "snapshot panicked")))
+                });
+                if r.is_err() {
+                    budget = budget.saturating_sub(started.elapsed());
+                }
+                r.map(|c| (path.clone(), c))
             })
             .collect::<Vec<_>>()
     })

@@ -301,3 +301,30 @@ fn a_certain_collision_is_a_config_error() {
     let yaml = "multi-db:\n  patterns: [\"/srv/a/app.db\", \"/srv/a/app.db\"]\n  replica:\n    url: file:///tmp/x\n";
     assert!(Loaded::from_str(yaml, "test.yml", t.path()).is_ok());
 }
+
+/// A database whose name is not UTF-8 has no key (keys are text): it is
+/// refused like an invalid key, counted once, and never attempted every
+/// cycle as an upload that fails (black-box probe: "matches no pattern any
+/// more" at every cycle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_is_not_utf8_is_refused_not_failed() {
+    use std::os::unix::ffi::OsStrExt;
+    let f = Fleet::new(common::fleet::Backend::File).await;
+    let good = f.data.path().join("k.db");
+    create_db(&good, 10);
+    common::fleet::age(&good);
+    let bad = f
+        .data
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9.db"));
+    create_db(&bad, 3);
+    common::fleet::age(&bad);
+    let r = Replicator::new(Loaded::from_str(&deep_yaml(&f), "test.yml", f.data.path()).unwrap())
+        .unwrap();
+    for _ in 0..2 {
+        let report = cycle(&r).await;
+        assert_eq!((report.failed, report.refused), (0, 1), "{report:?}");
+    }
+    assert_eq!(r.stats().invalid_keys.load(Ordering::Relaxed), 1);
+    assert_eq!(restore(&f, "k"), Ok(10));
+}

@@ -172,7 +172,19 @@ impl Owners {
             Vec::with_capacity(if multi { tracker.len() } else { 0 });
         let mut refused = HashMap::new();
         for id in tracker.ids() {
-            let Some((pattern, key, _)) = keyed(patterns, template, &tracker.path(id)) else {
+            let path = tracker.path(id);
+            let Some((pattern, key, _)) = keyed(patterns, template, &path) else {
+                // Keys are text: a name that is not UTF-8 has none. Refused
+                // (and said so once) rather than failing every cycle with
+                // "matches no pattern any more" (black-box probe).
+                if path.to_str().is_none() {
+                    let why = Refusal::InvalidKey(
+                        "its path is not valid UTF-8, and keys are UTF-8 text: rename the file \
+                         (or the directory)",
+                    );
+                    let key = path.to_string_lossy().into_owned();
+                    refused.insert(id, Refused { key, why });
+                }
                 continue;
             };
             if let Some(why) = key_problem(&key) {

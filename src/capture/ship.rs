@@ -741,7 +741,12 @@ impl Shipper {
                                 return Ok(Step::Idle);
                             }
                             self.pending = Some((cur.pos, bytes));
-                            self.pending_time = read_at.max(self.snapshot_time);
+                            // Never earlier than the previous segment's: a
+                            // restore at a point in time relies on times
+                            // growing with positions (`hot::plan`), also
+                            // when this host's clock went back.
+                            self.pending_time =
+                                read_at.max(self.snapshot_time).max(self.pending_time);
                             self.state = WalState::Reading(next);
                             return Ok(Step::Frames);
                         }

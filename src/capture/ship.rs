@@ -489,7 +489,7 @@ impl Shipper {
     /// transaction (kept open), then the committed frames already in the WAL.
     /// Nothing is uploaded here; see [`stream`].
     ///
-    /// Tried up to [`GENERATION_STARTS`] times while the WAL changes under
+    /// Tried up to three times (`GENERATION_STARTS`) while the WAL changes under
     /// the start: when every frame was checkpointed as our read began (an
     /// application's PASSIVE checkpoint had just caught up), our read holds
     /// no frame, and a writer may restart the WAL between our read of its

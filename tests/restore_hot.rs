@@ -427,6 +427,21 @@ both_backends!(
                 "{at:?}: {msg}"
             );
         }
+        // A bulk restore refuses it too (it used to see only the cold tier).
+        let out = tempfile::tempdir().unwrap();
+        let rep = restore_bulk(
+            &r,
+            &bulk("p/d", out.path(), None),
+            &litefleet::restore::NoProgress,
+        )
+        .await
+        .unwrap();
+        assert_eq!((rep.databases, rep.restored), (1, 0), "{rep:?}");
+        let (key, e) = &rep.failed[0];
+        assert!(
+            key == "p/d/t" && e.to_string().contains("it was lost"),
+            "{e}"
+        );
         // Without its metadata, its segment is the proof.
         r.delete(&hot::metadata_path(&r.prefix, "p/d/t", &db.gen))
             .await

@@ -1363,6 +1363,20 @@ pub fn in_generation(dir: &str) -> bool {
     }
 }
 
+/// `<key>/generations/<gen>/<more>` (relative to the replica prefix); `None`
+/// for any other object. The last such `generations` level wins, since
+/// nothing under a generation directory has one.
+pub fn generation_parts(rel: &str) -> Option<(&str, GenerationId, &str)> {
+    rel.rmatch_indices(GENERATIONS_DIR).find_map(|(i, _)| {
+        let key = rel[..i].strip_suffix('/')?;
+        let (gen, more) = rel[i + GENERATIONS_DIR.len()..]
+            .strip_prefix('/')?
+            .split_once('/')?;
+        let gen = GenerationId::parse(gen)?;
+        (!key.is_empty() && !more.is_empty()).then_some((key, gen, more))
+    })
+}
+
 /// The key and generation of a generation snapshot object
 /// (`<key>/generations/<gen>/snapshots/<index>.snapshot.lz4`, relative to
 /// the replica prefix); `None` for any other object.

@@ -72,8 +72,8 @@ use object_store::path::Path as ObjPath;
 
 use crate::replica::cold::parse_snapshot_name;
 use crate::replica::hot::{
-    generation_dir, parse_generation_object, parse_snapshot_name_time, GenerationId,
-    GenerationObject, GENERATIONS_DIR,
+    generation_dir, generation_parts, parse_generation_object, parse_snapshot_name_time,
+    GenerationId, GenerationObject,
 };
 use crate::replica::layout::check_key;
 use crate::replica::storage::Replica;
@@ -211,20 +211,6 @@ fn relative<'a>(path: &'a ObjPath, dir: &ObjPath) -> Option<&'a str> {
 }
 
 /// The key, generation and path inside the generation of
-/// `<key>/generations/<gen>/<more>` (relative to the replica prefix); `None`
-/// for any other object. The last such `generations` level wins, since
-/// nothing under a generation directory has one.
-fn generation_parts(rel: &str) -> Option<(&str, GenerationId, &str)> {
-    rel.rmatch_indices(GENERATIONS_DIR).find_map(|(i, _)| {
-        let key = rel[..i].strip_suffix('/')?;
-        let (gen, more) = rel[i + GENERATIONS_DIR.len()..]
-            .strip_prefix('/')?
-            .split_once('/')?;
-        let gen = GenerationId::parse(gen)?;
-        (!key.is_empty() && !more.is_empty()).then_some((key, gen, more))
-    })
-}
-
 /// The key of `<key>/generations/<gen>/<more>`; see [`generation_parts`].
 #[cfg(test)]
 fn generation_key(rel: &str) -> Option<&str> {

@@ -7,7 +7,7 @@
 //! kept, so memory per key stays small however many WAL segments there are.
 //! A key with generations but no cold snapshot is listed too. Which object
 //! belongs to which key is each tier layout's rule
-//! ([`crate::replica::cold::to_info`], [`crate::replica::hot::generation_snapshot`]).
+//! ([`crate::replica::cold::to_info`], [`crate::replica::hot::generation_parts`]).
 //!
 //! Object paths are listed percent-encoded (object_store encodes each part:
 //! `h#x` is stored as `h%23x`); keys are their decoded parts
@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::TryStreamExt;
 
 use crate::replica::cold::{self, SnapshotInfo};
-use crate::replica::hot::{generation_snapshot, in_generation, GenerationId};
+use crate::replica::hot::{generation_parts, in_generation, GenerationId};
 use crate::replica::layout::{check_key, decode_key, key_path};
 use crate::replica::storage::Replica;
 use crate::Result;
@@ -94,7 +94,11 @@ pub async fn list_databases(
     while let Some(meta) = stream.try_next().await? {
         let loc = meta.location.as_ref();
         let rel = loc.get(base..).unwrap_or("").trim_start_matches('/');
-        if let Some((key, gen)) = generation_snapshot(rel) {
+        // Any object of a generation names it, not only its snapshots: a
+        // generation whose snapshot is lost must reach the restore, which
+        // refuses it, rather than leave the key cold (black-box probe: a
+        // bulk restore installed the cold snapshot, exit 0).
+        if let Some((key, gen, _)) = generation_parts(rel) {
             hot.entry(key.to_string()).or_default().insert(gen);
             continue;
         }

@@ -176,6 +176,9 @@ pub struct CheckpointReport {
 /// The shipper of one hot database. See the module docs.
 pub struct Shipper {
     db: PathBuf,
+    /// The root of the pattern it was found below, if known (see
+    /// [`Shipper::open_below`]).
+    root: Option<PathBuf>,
     /// The database's directory, resolved when the stream began (see
     /// [`Shipper::reopen`]).
     dir: PathBuf,
@@ -381,7 +384,15 @@ impl Shipper {
     /// Opens `db` for streaming under `key`. Fails (and the database stays
     /// cold) if it is not in WAL mode.
     pub fn open(db: &Path, key: &str) -> Result<Shipper> {
-        Self::open_in(db, key, None)
+        Self::open_in(db, key, None, None)
+    }
+
+    /// [`Shipper::open`] of a database found below the pattern root `root`:
+    /// refused when a directory between them is no longer a directory of
+    /// its own (see [`crate::source::discover::link_below`]); so is every
+    /// reopen.
+    pub fn open_below(db: &Path, key: &str, root: &Path) -> Result<Shipper> {
+        Self::open_in(db, key, Some(root), None)
     }
 
     /// [`Shipper::open`] again after lost continuity: refused when the
@@ -393,12 +404,19 @@ impl Shipper {
     /// (see [`stream`]).
     pub fn reopen(self) -> Result<Shipper> {
         let (db, key, dir) = (self.db.clone(), self.key.clone(), self.dir.clone());
+        let root = self.root.clone();
         drop(self);
-        Self::open_in(&db, &key, Some(&dir))
+        Self::open_in(&db, &key, root.as_deref(), Some(&dir))
     }
 
-    fn open_in(db: &Path, key: &str, expect_dir: Option<&Path>) -> Result<Shipper> {
+    fn open_in(
+        db: &Path,
+        key: &str,
+        root: Option<&Path>,
+        expect_dir: Option<&Path>,
+    ) -> Result<Shipper> {
         crate::capture::configure_sqlite();
+        crate::source::discover::check_no_link_below(root, db)?;
         let parent = db.parent().unwrap_or(Path::new("."));
         let dir = std::fs::canonicalize(parent).at(parent)?;
         if let Some(was) = expect_dir.filter(|&was| was != dir) {
@@ -432,6 +450,7 @@ impl Shipper {
         };
         Ok(Shipper {
             db: db.to_path_buf(),
+            root: root.map(Path::to_path_buf),
             dir,
             wal,
             key: key.to_string(),
@@ -1224,20 +1243,27 @@ pub async fn stream(
     key: String,
     stop: CancellationToken,
 ) -> HotExit {
-    stream_reporting(ctx, tag, db, key, stop, Arc::default()).await
+    stream_reporting(ctx, tag, db, None, key, stop, Arc::default()).await
 }
 
 /// [`stream`], reporting what has been shipped through `progress`.
+/// `root`: the root of the pattern `db` was found below (see
+/// [`Shipper::open_below`]).
 pub async fn stream_reporting(
     ctx: Arc<HotContext>,
     tag: u64,
     db: PathBuf,
+    root: Option<PathBuf>,
     key: String,
     stop: CancellationToken,
     progress: Arc<StreamProgress>,
 ) -> HotExit {
     let (d, k) = (db.clone(), key.clone());
-    let opened = bounded(Work::Start, move || Shipper::open(&d, &k)).await;
+    let opened = bounded(Work::Start, move || match &root {
+        Some(r) => Shipper::open_below(&d, &k, r),
+        None => Shipper::open(&d, &k),
+    })
+    .await;
     let mut slot = match opened {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) | Err(e) => return HotExit::CannotStream(e),
@@ -2034,6 +2060,37 @@ mod tests {
             .expect("reopened through the link")
             .to_string();
         assert!(e.contains("its directory now resolves to"), "{e}");
+        let after: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        assert_eq!(before.len(), after.len(), "files made beside the target");
+        drop(app);
+    }
+
+    /// A directory below the pattern root swapped for a link to a tree
+    /// outside it between the scan and the stream's start: the first open
+    /// refuses it (the scan never follows links below a root), while a root
+    /// that is itself reached through a link (`/srv -> /mnt/disk/srv`) is
+    /// fine.
+    #[test]
+    fn a_stream_never_opens_below_a_link_under_its_pattern_root() {
+        let real = tempfile::tempdir().unwrap();
+        std::fs::create_dir(real.path().join("d")).unwrap();
+        let app = wal_db(&real.path().join("d/a.db"), 3);
+        let top = tempfile::tempdir().unwrap();
+        let root = top.path().join("root");
+        std::os::unix::fs::symlink(real.path(), &root).unwrap();
+        let db = root.join("d/a.db");
+        let s = Shipper::open_below(&db, "k", &root).expect("a linked root is fine");
+        drop(s);
+        let outside = tempfile::tempdir().unwrap();
+        drop(wal_db(&outside.path().join("a.db"), 5));
+        let before: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        std::fs::rename(real.path().join("d"), real.path().join("old")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), real.path().join("d")).unwrap();
+        let e = Shipper::open_below(&db, "k", &root)
+            .err()
+            .expect("opened below a link")
+            .to_string();
+        assert!(e.contains("no directory of its own"), "{e}");
         let after: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
         assert_eq!(before.len(), after.len(), "files made beside the target");
         drop(app);

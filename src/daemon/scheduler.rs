@@ -48,6 +48,7 @@ use crate::replica::cold;
 use crate::replica::retention;
 use crate::replica::storage::Replica;
 use crate::source::config::Loaded;
+use crate::source::discover::{check_no_link_below, root_of};
 use crate::source::keys::{key_for, Owners, Refusal};
 use crate::source::tier::{TierConfig, Tiers};
 use crate::source::track::{Id, ScanReport, Ticket, Tracker};
@@ -889,10 +890,14 @@ impl Replicator {
             tracing::debug!(path = %path.display(), %key, "cold -> hot");
             let stop = CancellationToken::new();
             let progress = Arc::new(StreamProgress::default());
+            // The scan never follows links below this root; the stream's
+            // opens check that nothing there became one since.
+            let root = root_of(&self.loaded.patterns, &path).map(Path::to_path_buf);
             let task = tokio::spawn(ship::stream_reporting(
                 self.hot.ctx.clone(),
                 u64::from(id),
                 path.clone(),
+                root,
                 key,
                 stop.clone(),
                 progress.clone(),
@@ -1271,6 +1276,11 @@ fn snapshot_one(
     // Refused at the scan already (`check_keys`); never uploaded under a
     // key `restore` would refuse, whatever the path to this point.
     crate::replica::layout::check_key(&key)?;
+    // A directory below the pattern root swapped for a link since the scan
+    // (or the change notification) named this path: the scan never follows
+    // links there, so neither does its snapshot (black-box probe: a
+    // database outside the root was uploaded under this key).
+    check_no_link_below(root_of(&loaded.patterns, path), path)?;
     let snap = if !unchecked {
         snapshot::capture(path, temp_dir)?
     } else {

@@ -70,6 +70,51 @@ pub fn check_regular_files(db: &Path) -> crate::Result<()> {
         .try_for_each(|suffix| check(&side_path(db, suffix)))
 }
 
+/// The first directory of `db`'s path below the pattern root `root` that
+/// is not a directory of its own (a symbolic link, or gone): the scan never
+/// follows links below a pattern's root, so neither may anything that
+/// opens a database it found there later (black-box probe: a directory
+/// swapped for a link to a tree outside the root between a scan and a
+/// stream's start was streamed from outside). `None` when every one is a
+/// real directory, or `db` is not below `root`.
+pub fn link_below(root: &Path, db: &Path) -> Option<PathBuf> {
+    let rel = db.parent()?.strip_prefix(root).ok()?;
+    let mut dir = root.to_path_buf();
+    for part in rel.components() {
+        dir.push(part);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_dir() => {}
+            _ => return Some(dir),
+        }
+    }
+    None
+}
+
+/// [`link_below`] as an error naming `db` and the directory in the way;
+/// `Ok` without a root.
+pub fn check_no_link_below(root: Option<&Path>, db: &Path) -> crate::Result<()> {
+    match root.and_then(|r| link_below(r, db)) {
+        None => Ok(()),
+        Some(bad) => Err(crate::Error::invalid(
+            db.display(),
+            format!(
+                "{} is no directory of its own (a symbolic link?), and links below the pattern \
+                 root are never followed; not opened",
+                bad.display()
+            ),
+        )),
+    }
+}
+
+/// The root of the first of `patterns` that matches `path` (the one its
+/// key comes from), for [`link_below`].
+pub fn root_of<'p>(patterns: &'p [Pattern], path: &Path) -> Option<&'p Path> {
+    patterns
+        .iter()
+        .find(|p| p.captures(path).is_some())
+        .map(Pattern::root)
+}
+
 /// What a file that is not a regular file is, for an error message.
 pub fn not_regular(m: &Metadata) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
@@ -480,6 +525,31 @@ pub trait Visitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the directories below the root count: a root reached through a
+    /// link is the operator's choice; a link below it is what the scan
+    /// never follows.
+    #[test]
+    fn links_below_the_root_are_found() {
+        let real = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(real.path().join("a/b")).unwrap();
+        let top = tempfile::tempdir().unwrap();
+        let root = top.path().join("root");
+        std::os::unix::fs::symlink(real.path(), &root).unwrap();
+        let db = root.join("a/b/x.db");
+        assert_eq!(link_below(&root, &db), None);
+        assert!(check_no_link_below(Some(&root), &db).is_ok());
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::create_dir(elsewhere.path().join("b")).unwrap();
+        std::fs::rename(real.path().join("a"), real.path().join("old")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), real.path().join("a")).unwrap();
+        assert_eq!(link_below(&root, &db), Some(root.join("a")));
+        let e = check_no_link_below(Some(&root), &db)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no directory of its own"), "{e}");
+        assert!(check_no_link_below(None, &db).is_ok());
+    }
 
     #[derive(Default)]
     struct Collect {

@@ -74,8 +74,9 @@ impl Stats {
         self.uploads_failing_since_unix.store(0, Ordering::Relaxed);
     }
 
-    /// Counts an upload that failed; the first since the last success
-    /// starts the failing stretch.
+    /// Counts an upload the store did not take (not a source that could not
+    /// be read); the first since the last success starts the failing
+    /// stretch.
     pub fn upload_failed(&self) {
         self.uploads_failed.fetch_add(1, Ordering::Relaxed);
         let now = std::time::SystemTime::now()

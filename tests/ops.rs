@@ -552,3 +552,42 @@ async fn uploads_that_all_fail_make_the_daemon_unhealthy() {
     let (code, log) = d.wait().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// A database its application keeps locked fails its snapshot every
+/// cycle, in a fleet where nothing else changes: that is the source's
+/// failure, not the store's, and `/healthz` stays 200 (probe D: the
+/// "every upload has failed" rule turned it 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_is_not_a_store_failure() {
+    let mut f = Fleet::new(Backend::File).await;
+    f.scan_interval = "3s";
+    let addr = free_port();
+    f.top_yaml = format!("addr: {addr}\n");
+    drop(create_db(&f.db_path("p", "d", "idle"), 3));
+    let locked = create_db(&f.db_path("p", "d", "locked"), 1);
+    locked
+        .execute_batch(
+            "PRAGMA locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE; INSERT INTO t(v) VALUES ('x');",
+        )
+        .unwrap();
+    let d = Daemon::start(&f, &["replicate"]);
+    let failed = |stats: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(stats).unwrap();
+        v["uploads_failed"].as_u64().unwrap()
+    };
+    // Five failed cycles of about 5 s each (its busy wait): past the 3 scan
+    // intervals of the rule after the last success (the idle database's
+    // second upload, its first one being racy).
+    until(
+        "five failed snapshots of the locked database",
+        async || matches!(http_get(addr, "/stats").await, Some((200, s)) if failed(&s) >= 5),
+    )
+    .await;
+    let (code, body) = http_get(addr, "/healthz").await.unwrap();
+    let stats = http_get(addr, "/stats").await.unwrap().1;
+    assert_eq!(code, 200, "{body} {stats} {}", d.log());
+    drop(locked);
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -681,6 +681,7 @@ impl Replicator {
         report: &mut CycleReport,
     ) {
         let ok = matches!(result, Ok(Snapped::Uploaded(_)));
+        let store_failed = matches!(result, Ok(Snapped::StoreFailed(_)));
         match result {
             Ok(Snapped::NotADatabase) => {
                 // No SQLite header, seen at its first snapshot: not a
@@ -715,9 +716,17 @@ impl Replicator {
                     tracing::debug!(path = %path.display(), "upload recovered");
                 }
             }
-            Err(e) => {
+            Ok(Snapped::StoreFailed(e)) | Err(e) => {
                 report.failed += 1;
-                self.stats.upload_failed();
+                if store_failed {
+                    self.stats.upload_failed();
+                } else {
+                    // The source's failure (locked, damaged): not the
+                    // store's, so not `/healthz`'s "every upload failed"
+                    // (probe D: one locked database in an idle fleet
+                    // turned it 503).
+                    self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut failing = lock(&self.failing);
                 // Once per failing stretch: messages can differ between
                 // attempts (staging file names), the problem usually does not.
@@ -1234,6 +1243,10 @@ enum Snapped {
     NotADatabase,
     /// Its header could not be read (permission denied, an I/O error).
     Unreadable(Error),
+    /// The snapshot was taken, and the replica did not take it: the store's
+    /// failure, which `/healthz` counts (a database that cannot be read or
+    /// is damaged is the source's, an `Err`).
+    StoreFailed(Error),
 }
 
 /// Cold-tier snapshots taken one after the other by one blocking task
@@ -1306,9 +1319,13 @@ fn snapshot_one(
     // holds nothing committed at or after `H`.
     let location = cold::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);
     if let snapshot::Staged::Memory(bytes) = &snap.staged {
-        if replica.put_bytes_here(&location, bytes)? {
-            uploaded(path, &location, &snap, bytes.len() as u64);
-            return Ok(Captured::Done(Snapped::Uploaded(bytes.len() as u64)));
+        match replica.put_bytes_here(&location, bytes) {
+            Ok(true) => {
+                uploaded(path, &location, &snap, bytes.len() as u64);
+                return Ok(Captured::Done(Snapped::Uploaded(bytes.len() as u64)));
+            }
+            Ok(false) => {}
+            Err(e) => return Ok(Captured::Done(Snapped::StoreFailed(e))),
         }
     }
     Ok(Captured::Upload { snap, location })
@@ -1383,9 +1400,13 @@ async fn upload_batch(
             match c? {
                 (_, Captured::Done(outcome)) => Ok(outcome),
                 (path, Captured::Upload { snap, location }) => {
-                    let bytes = snap.upload(replica, &location).await?;
-                    uploaded(&path, &location, &snap, bytes);
-                    Ok(Snapped::Uploaded(bytes))
+                    match snap.upload(replica, &location).await {
+                        Ok(bytes) => {
+                            uploaded(&path, &location, &snap, bytes);
+                            Ok(Snapped::Uploaded(bytes))
+                        }
+                        Err(e) => Ok(Snapped::StoreFailed(e)),
+                    }
                 }
             }
         }

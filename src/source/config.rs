@@ -466,12 +466,11 @@ impl Loaded {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             {
+                // The value is not shown: a secret pasted in the wrong key.
                 return Err(err(
                     "multi-db.replica.region",
-                    format!(
-                        "{region:?} is not a region name (letters, digits, '-', '_' and '.' only, \
-                         e.g. us-east-1)"
-                    ),
+                    "not a region name (letters, digits, '-', '_' and '.' only, e.g. us-east-1)"
+                        .into(),
                 ));
             }
         }
@@ -756,6 +755,14 @@ const CREDENTIALS_IN_URL: &str = "credentials do not belong in a URL (`user:pass
 fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
     let shown = redact_userinfo(endpoint);
     let shown = shown.split(['?', '#']).next().unwrap_or_default();
+    // The S3 client takes the text as it is (no percent-encoding, no
+    // punycode), and panicked on a space or an `é` in it (probe D).
+    if !endpoint.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "{shown:?}: an endpoint is ASCII without spaces (write an international host \
+             name in its xn-- form)"
+        ));
+    }
     let parsed = url::Url::parse(endpoint).map_err(|e| {
         format!("{shown:?} is not a URL ({e}); expected e.g. http://127.0.0.1:9000")
     })?;
@@ -1401,8 +1408,15 @@ multi-db:
             ("endpoint", "'http://127.0.0.1:9/#Pa55word'", "no query"),
             ("endpoint", "'htp:/x@@:x'", "http:// or https://"),
             ("endpoint", "'127.0.0.1:9000'", "expected e.g. http://"),
-            ("endpoint", "'not a url'", "is not a URL"),
+            ("endpoint", "'not-a-url'", "is not a URL"),
             ("region", "\"us-east-1\\n\"", "not a region name"),
+            ("region", "\"Pa55word\\n\"", "not a region name"),
+            (
+                "endpoint",
+                "'http://127.0.0.1:9/a b'",
+                "ASCII without spaces",
+            ),
+            ("endpoint", "'http://é.localhost:9'", "ASCII without spaces"),
             ("lease-ttl", "9999999999999999s", "at most 100 years"),
             ("retention", "300000000y", "at most 100 years"),
         ] {

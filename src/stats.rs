@@ -71,6 +71,12 @@ impl Stats {
     /// Counts an upload (snapshot, segment or log object) that succeeded.
     pub fn upload_ok(&self) {
         self.uploads_ok.fetch_add(1, Ordering::Relaxed);
+        self.store_took_a_write();
+    }
+
+    /// The store took a write (an upload, a WAL segment): a failing stretch
+    /// ends.
+    pub fn store_took_a_write(&self) {
         self.uploads_failing_since_unix.store(0, Ordering::Relaxed);
     }
 

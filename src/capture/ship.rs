@@ -95,7 +95,7 @@ use crate::replica::hot::{self, GenerationId, Metadata};
 use crate::replica::pack::Part;
 use crate::replica::storage::Replica;
 use crate::source::config::MultiDb;
-use crate::source::discover::{shm_path, wal_path};
+use crate::source::discover::{not_regular_error, shm_path, wal_path};
 use crate::stats::Stats;
 use crate::{Error, Result};
 
@@ -276,20 +276,14 @@ fn open_wal(path: &Path) -> Result<Option<File>> {
         Err(e) => {
             // ELOOP: a link; named by what the path holds.
             return Err(match std::fs::symlink_metadata(path) {
-                Ok(m) if !m.file_type().is_file() => Error::invalid(
-                    path.display(),
-                    crate::source::discover::not_regular(&m).to_string(),
-                ),
+                Ok(m) if !m.file_type().is_file() => not_regular_error(path, &m),
                 _ => Error::io(path, e),
             });
         }
     };
     let m = f.metadata().map_err(|e| Error::io(path, e))?;
     if !m.file_type().is_file() {
-        return Err(Error::invalid(
-            path.display(),
-            crate::source::discover::not_regular(&m).to_string(),
-        ));
+        return Err(not_regular_error(path, &m));
     }
     Ok(Some(f))
 }
@@ -391,8 +385,8 @@ impl Shipper {
     /// refused when a directory between them is no longer a directory of
     /// its own (see [`crate::source::discover::link_below`]); so is every
     /// reopen.
-    pub fn open_below(db: &Path, key: &str, root: &Path) -> Result<Shipper> {
-        Self::open_in(db, key, Some(root), None)
+    pub fn open_below(db: &Path, key: &str, root: Option<&Path>) -> Result<Shipper> {
+        Self::open_in(db, key, root, None)
     }
 
     /// [`Shipper::open`] again after lost continuity: refused when the
@@ -1259,9 +1253,8 @@ pub async fn stream_reporting(
     progress: Arc<StreamProgress>,
 ) -> HotExit {
     let (d, k) = (db.clone(), key.clone());
-    let opened = bounded(Work::Start, move || match &root {
-        Some(r) => Shipper::open_below(&d, &k, r),
-        None => Shipper::open(&d, &k),
+    let opened = bounded(Work::Start, move || {
+        Shipper::open_below(&d, &k, root.as_deref())
     })
     .await;
     let mut slot = match opened {
@@ -1563,9 +1556,7 @@ async fn upload(
         match r {
             Ok(()) => {
                 ctx.stats.wal_segments.fetch_add(1, Ordering::Relaxed);
-                ctx.stats
-                    .uploads_failing_since_unix
-                    .store(0, Ordering::Relaxed);
+                ctx.stats.store_took_a_write();
                 ctx.stats
                     .wal_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -2079,14 +2070,14 @@ mod tests {
         let root = top.path().join("root");
         std::os::unix::fs::symlink(real.path(), &root).unwrap();
         let db = root.join("d/a.db");
-        let s = Shipper::open_below(&db, "k", &root).expect("a linked root is fine");
+        let s = Shipper::open_below(&db, "k", Some(&root)).expect("a linked root is fine");
         drop(s);
         let outside = tempfile::tempdir().unwrap();
         drop(wal_db(&outside.path().join("a.db"), 5));
         let before: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
         std::fs::rename(real.path().join("d"), real.path().join("old")).unwrap();
         std::os::unix::fs::symlink(outside.path(), real.path().join("d")).unwrap();
-        let e = Shipper::open_below(&db, "k", &root)
+        let e = Shipper::open_below(&db, "k", Some(&root))
             .err()
             .expect("opened below a link")
             .to_string();

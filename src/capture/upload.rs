@@ -69,7 +69,7 @@ pub async fn upload_snapshot(
         index,
         size,
         compressed_size,
-        checksum: format!("xxh32:{sum:08x}"),
+        checksum: crate::replica::hot::checksum_name(sum),
     })
 }
 

@@ -366,6 +366,12 @@ impl StatsView {
     }
 }
 
+/// Seconds a rule of `/healthz` tolerates: [`HEALTHY_INTERVALS`] scan
+/// intervals.
+fn health_limit(scan_interval: Duration) -> u64 {
+    scan_interval.as_secs().max(1) * u64::from(HEALTHY_INTERVALS)
+}
+
 /// The scan rules of `/healthz` at `now` (unix seconds): why they fail, as
 /// a line of its 503 body, or `None`.
 fn scan_problem(stats: &Stats, scan_interval: Duration, now: u64) -> Option<String> {
@@ -376,7 +382,7 @@ fn scan_problem(stats: &Stats, scan_interval: Duration, now: u64) -> Option<Stri
     } else {
         stats.started_unix.load(Relaxed)
     };
-    let limit = scan_interval.as_secs().max(1) * u64::from(HEALTHY_INTERVALS);
+    let limit = health_limit(scan_interval);
     if last_scan > 0 && stats.databases.load(Relaxed) == 0 {
         Some("unhealthy: the last scan found no SQLite database matching the patterns\n".into())
     } else if now.saturating_sub(since) > limit {
@@ -397,8 +403,7 @@ fn scan_problem(stats: &Stats, scan_interval: Duration, now: u64) -> Option<Stri
 fn upload_problem(stats: &Stats, scan_interval: Duration, now: u64) -> Option<String> {
     use std::sync::atomic::Ordering::Relaxed;
     let since = stats.uploads_failing_since_unix.load(Relaxed);
-    let limit = scan_interval.as_secs().max(1) * u64::from(HEALTHY_INTERVALS);
-    if since == 0 || now.saturating_sub(since) <= limit {
+    if since == 0 || now.saturating_sub(since) <= health_limit(scan_interval) {
         return None;
     }
     let at = DateTime::from_timestamp(since as i64, 0).map_or_else(

@@ -1363,6 +1363,12 @@ pub fn in_generation(dir: &str) -> bool {
     }
 }
 
+/// How a [`SnapshotEntry`] records an LZ4 frame's content checksum (the
+/// frame's last four bytes, little-endian): `xxh32:<8 hex>`.
+pub fn checksum_name(sum: u32) -> String {
+    format!("xxh32:{sum:08x}")
+}
+
 /// `<key>/generations/<gen>/<more>` (relative to the replica prefix); `None`
 /// for any other object. The last such `generations` level wins, since
 /// nothing under a generation directory has one.
@@ -1375,21 +1381,6 @@ pub fn generation_parts(rel: &str) -> Option<(&str, GenerationId, &str)> {
         let gen = GenerationId::parse(gen)?;
         (!key.is_empty() && !more.is_empty()).then_some((key, gen, more))
     })
-}
-
-/// The key and generation of a generation snapshot object
-/// (`<key>/generations/<gen>/snapshots/<index>.snapshot.lz4`, relative to
-/// the replica prefix); `None` for any other object.
-pub fn generation_snapshot(rel: &str) -> Option<(&str, GenerationId)> {
-    let mut up = rel.rsplitn(5, '/');
-    let name = up.next()?;
-    let dir = up.next()?;
-    let gen = GenerationId::parse(up.next()?)?;
-    let gens = up.next()?;
-    let key = up.next()?;
-    let shape =
-        dir == SNAPSHOTS_DIR && gens == GENERATIONS_DIR && parse_snapshot_name(name).is_some();
-    (shape && !key.is_empty()).then_some((key, gen))
 }
 
 #[cfg(test)]
@@ -1629,18 +1620,33 @@ mod tests {
     #[test]
     fn generation_objects_name_their_key_only() {
         let g = "fffffe6b2f5c7e1f0123abcd";
-        let snap = format!("a/b/generations/{g}/snapshots/0000000000000003.snapshot.lz4");
-        let (key, id) = generation_snapshot(&snap).unwrap();
-        assert_eq!((key, id.as_str()), ("a/b", g));
+        // Every object of a generation names it (a generation whose
+        // snapshot is lost is still listed, see `restore::list`).
+        for (object, rest) in [
+            (
+                format!("a/b/generations/{g}/snapshots/0000000000000003.snapshot.lz4"),
+                "snapshots/0000000000000003.snapshot.lz4",
+            ),
+            (
+                format!("a/b/generations/{g}/wal/0000000000000003_0000000000000020.wal.lz4"),
+                "wal/0000000000000003_0000000000000020.wal.lz4",
+            ),
+            (
+                format!("a/b/generations/{g}/metadata.json"),
+                "metadata.json",
+            ),
+        ] {
+            let (key, id, more) = generation_parts(&object).unwrap();
+            assert_eq!((key, id.as_str(), more), ("a/b", g, rest), "{object}");
+        }
         for other in [
-            format!("a/b/generations/{g}/wal/0000000000000003_0000000000000020.wal.lz4"),
-            format!("a/b/generations/{g}/metadata.json"),
             format!("generations/{g}/snapshots/0000000000000003.snapshot.lz4"),
             format!("a/b/generations/{g}x/snapshots/0000000000000003.snapshot.lz4"),
             format!("a/b/gens/{g}/snapshots/0000000000000003.snapshot.lz4"),
+            format!("a/b/generations/{g}"),
             "a/b/x-20261122-140000.db.lz4".to_string(),
         ] {
-            assert!(generation_snapshot(&other).is_none(), "{other}");
+            assert!(generation_parts(&other).is_none(), "{other}");
         }
         for dir in [
             format!("a/generations/{g}"),

@@ -1188,9 +1188,16 @@ const READ_ATTEMPTS: u32 = 3;
 /// reset connection to be replaced, short beside a restore.
 const READ_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Runs the read `attempt` up to [`READ_ATTEMPTS`] times while it fails with
-/// `Generic` (transport errors, bodies cut short, a 5xx after the client's
-/// own retries); every answer about the object (not found, denied) at once.
+/// Whether a store error is worth trying again: the store failed in a way
+/// that is not an answer about the object (`Generic`: a reset connection, a
+/// body cut short, a 5xx after the client's own retries), where not found
+/// or denied are answers.
+pub fn is_transient(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::Generic { .. })
+}
+
+/// Runs the read `attempt` up to [`READ_ATTEMPTS`] times while it fails
+/// with an [`is_transient`] error; every answer about the object at once.
 async fn read_retrying<T, F, Fut>(mut attempt: F) -> object_store::Result<T>
 where
     F: FnMut() -> Fut,
@@ -1199,7 +1206,7 @@ where
     let mut n = 1;
     loop {
         match attempt().await {
-            Err(e @ object_store::Error::Generic { .. }) if n < READ_ATTEMPTS => {
+            Err(e) if n < READ_ATTEMPTS && is_transient(&e) => {
                 tracing::debug!(error = %e, attempt = n, "store read failed; retrying");
                 tokio::time::sleep(READ_BACKOFF * 2u32.pow(n - 1)).await;
                 n += 1;

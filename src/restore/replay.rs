@@ -19,7 +19,9 @@ use object_store::ObjectStoreExt;
 
 use crate::capture::snapshot;
 use crate::capture::wal::{self, ChainLink};
-use crate::replica::hot::{plan_latest, Continues, Plan, Replay, RestorePoint, SegmentObject};
+use crate::replica::hot::{
+    self, plan_latest, Continues, Plan, Replay, RestorePoint, SegmentObject,
+};
 use crate::replica::storage::Replica;
 use crate::{Error, Result};
 
@@ -274,7 +276,7 @@ async fn check_recorded_snapshot(replica: &Replica, plan: &Plan) -> Result<()> {
     };
     let sum = tail
         .filter(|t| t.len() == 4)
-        .map(|t| format!("xxh32:{:08x}", u32::from_le_bytes([t[0], t[1], t[2], t[3]])));
+        .map(|t| hot::checksum_name(u32::from_le_bytes([t[0], t[1], t[2], t[3]])));
     match sum {
         Some(sum) if sum == entry.checksum => Ok(()),
         sum => damaged(

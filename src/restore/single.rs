@@ -392,13 +392,7 @@ pub(super) async fn restore_key(
 /// in a way that is not an answer about the object (a reset connection, a
 /// body cut short, a 5xx after the client's own retries).
 fn transient(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Store {
-            source: object_store::Error::Generic { .. },
-            ..
-        }
-    )
+    matches!(e, Error::Store { source, .. } if crate::replica::storage::is_transient(source))
 }
 
 /// Runs a download (which writes a fresh temporary file each time) up to

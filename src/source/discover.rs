@@ -57,10 +57,7 @@ pub fn shm_path(db: &Path) -> PathBuf {
 pub fn check_regular_files(db: &Path) -> crate::Result<()> {
     let check = |path: &Path| match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_file() => Ok(()),
-        Ok(m) => Err(crate::Error::invalid(
-            path.display(),
-            format!("{}; not opened", not_regular(&m)),
-        )),
+        Ok(m) => Err(not_regular_error(path, &m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(crate::Error::io(path, e)),
     };
@@ -113,6 +110,12 @@ pub fn root_of<'p>(patterns: &'p [Pattern], path: &Path) -> Option<&'p Path> {
         .iter()
         .find(|p| p.captures(path).is_some())
         .map(Pattern::root)
+}
+
+/// The error for `path`, which is there but is no regular file (`m`: its
+/// metadata); it is not opened.
+pub fn not_regular_error(path: &Path, m: &Metadata) -> crate::Error {
+    crate::Error::invalid(path.display(), format!("{}; not opened", not_regular(m)))
 }
 
 /// What a file that is not a regular file is, for an error message.

@@ -1413,3 +1413,53 @@ async fn upload_batch(
     });
     futures::future::join_all(uploads).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory below the pattern root swapped for a link to a tree
+    /// outside it after the scan (or the change notification) named the
+    /// database: its cold snapshot refuses it, uploads nothing and creates
+    /// nothing out there (probe D: the outside database was uploaded under
+    /// this key, with its side files created beside it).
+    #[test]
+    fn a_cold_snapshot_never_reads_below_a_link_under_its_pattern_root() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("d")).unwrap();
+        let db = data.join("d/x.db");
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(v); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let yaml = format!(
+            "multi-db:\n  patterns: [\"{}/*/*.db\"]\n  replica:\n    url: file://{}\n",
+            data.display(),
+            t.path().join("replica").display()
+        );
+        let loaded = Loaded::from_str(&yaml, "t.yml", t.path()).unwrap();
+        let replica = loaded.open_replica().unwrap();
+        let temp = t.path().join("tmp");
+        std::fs::create_dir_all(&temp).unwrap();
+        assert!(matches!(
+            snapshot_one(&loaded, &replica, &db, &temp, false),
+            Ok(Captured::Done(Snapped::Uploaded(_)))
+        ));
+        let outside = tempfile::tempdir().unwrap();
+        rusqlite::Connection::open(outside.path().join("x.db"))
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(v); INSERT INTO t VALUES (2);")
+            .unwrap();
+        let before: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        std::fs::rename(data.join("d"), data.join("old")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), data.join("d")).unwrap();
+        let e = match snapshot_one(&loaded, &replica, &db, &temp, false) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("snapshotted through the link"),
+        };
+        assert!(e.contains("no directory of its own"), "{e}");
+        let after: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        assert_eq!(before.len(), after.len(), "files made beside the target");
+    }
+}

@@ -34,10 +34,13 @@
 //! the object; it holds every commit before), or the commit time of the
 //! newest generation object replayed (taken after its WAL was read). Else
 //! the result says "source newer than replica (lag Ns)": information, not a
-//! problem. `ctime` is used beside `mtime` because a file put in place with
-//! an old `mtime` (`cp -p`, `mv`) still gets a new `ctime`. The source is
-//! read in one read transaction, and its times are read again afterwards; a
-//! source that changed meanwhile is not compared either.
+//! problem. The database file's `ctime` is used beside its `mtime` because a
+//! file put in place with an old `mtime` (`cp -p`, `mv`) still gets a new
+//! `ctime`. The `-wal`'s `ctime` is not: SQLite running as root `fchown`s
+//! the `-wal` at every open to keep its owner (`robustFchown`), so every
+//! snapshot, and this comparison's own read, would count as a change. The
+//! source is read in one read transaction, and its times are read again
+//! afterwards; a source that changed meanwhile is not compared either.
 //!
 //! A database on this host whose key the replica does not hold is a problem
 //! ("not found") once it is older than [`NEW_DATABASE_GRACE`]; a newer one
@@ -771,25 +774,26 @@ fn skipped(path: &Path, detail: impl Into<String>) -> SourceCheck {
     }
 }
 
-/// The latest `mtime` or `ctime` of a database and its `-wal`; `None` when
-/// the database is gone. An empty `-wal` holds no commit and is left out:
-/// a read-only connection (the replicator's snapshot, this comparison)
-/// creates one where there was none.
+/// The latest change of a database and its `-wal`: the database file's
+/// `mtime` or `ctime`, the `-wal`'s `mtime` (its `ctime` moves at every open
+/// by root, see the module docs); `None` when the database is gone. An
+/// empty `-wal` holds no commit and is left out: a read-only connection
+/// (the replicator's snapshot, this comparison) creates one where there was
+/// none.
 fn last_change(db: &Path) -> Option<SystemTime> {
     let at = |secs: i64, nanos: i64| {
         let d = Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32);
         SystemTime::UNIX_EPOCH + d
     };
-    let of = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .filter(|m| p == db || m.len() > 0)
-            .map(|m| at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec())))
-    };
+    let m = std::fs::metadata(db).ok()?;
+    let db_time = at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec()));
     let mut wal = db.as_os_str().to_owned();
     wal.push("-wal");
-    let db_time = of(db)?;
-    Some(of(Path::new(&wal)).map_or(db_time, |w| w.max(db_time)))
+    let wal_time = std::fs::metadata(&wal)
+        .ok()
+        .filter(|m| m.len() > 0)
+        .map(|m| at(m.mtime(), m.mtime_nsec()));
+    Some(wal_time.map_or(db_time, |w| w.max(db_time)))
 }
 
 /// What the comparison reads of a database: header fields, the schema and
@@ -1091,5 +1095,56 @@ mod tests {
         let c = compare(&src, &src, later, SOURCE_MARGIN);
         assert_eq!(c.result, SourceResult::Match, "{c:?}");
         assert!(c.detail.contains("2 table(s)"), "{c:?}");
+    }
+
+    /// The first file-system tick after `than`: file times come from a
+    /// coarse clock, so a change made right after `than` can carry its time.
+    fn a_tick_after(dir: &Path, than: SystemTime) -> SystemTime {
+        let probe = dir.join("tick");
+        loop {
+            std::fs::write(&probe, b"").unwrap();
+            let t = std::fs::metadata(&probe).unwrap().modified().unwrap();
+            if t > than {
+                return t;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// SQLite running as root `fchown`s a `-wal` at every open (the daemon's
+    /// snapshots, this comparison's own read), which moves its `ctime`: that
+    /// is no change of the database, or verify as root would never compare
+    /// a live WAL database. Done here with the owner the file already has,
+    /// which any user may do.
+    #[test]
+    fn an_owner_kept_on_the_wal_is_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("s.db");
+        let live = Connection::open(&src).unwrap();
+        live.pragma_update(None, "journal_mode", "wal").unwrap();
+        live.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let wal = dir.path().join("s.db-wal");
+        let written = std::fs::metadata(&wal).unwrap().modified().unwrap();
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        let state = a_tick_after(dir.path(), written);
+        let before = last_change(&src).unwrap();
+        assert!(before < state);
+        // A later open by root keeps the owner and moves the `ctime` only.
+        let moved = a_tick_after(dir.path(), state);
+        let m = std::fs::metadata(&wal).unwrap();
+        std::os::unix::fs::chown(&wal, Some(m.uid()), Some(m.gid())).unwrap();
+        let ctime = std::fs::metadata(&wal).unwrap().ctime();
+        assert!(
+            ctime
+                >= moved
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64
+        );
+        assert_eq!(last_change(&src), Some(before));
+        let c = compare(&src, &src, state.into(), Duration::ZERO);
+        assert_eq!(c.result, SourceResult::Match, "{c:?}");
+        drop(live);
     }
 }

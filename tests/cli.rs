@@ -484,6 +484,52 @@ fn restored_files_follow_the_umask() {
     assert_eq!(count_rows(&out), 3);
 }
 
+/// A restore target is a key unless it is written as a path or names a
+/// database file here that a pattern matches: a directory or an unrelated
+/// file named like the key in the current directory does not turn the key
+/// into a path ("is not matched by any pattern").
+#[test]
+fn a_key_is_not_taken_for_a_file_of_the_same_name() {
+    let t = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+        t.path().join("replica").display()
+    );
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    drop(create_db(&t.path().join("data/x/app.db"), 3));
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let restore = |target: &str, out: &str| {
+        let out = t.path().join(out);
+        let o = litefleet(t.path(), &["restore", target, "-o", out.to_str().unwrap()]);
+        (o, out)
+    };
+    // A directory named like the key.
+    std::fs::create_dir_all(t.path().join("x/app")).unwrap();
+    let (o, out) = restore("x/app", "r1.db");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(count_rows(&out), 3);
+    // A file named like the key that no pattern matches.
+    std::fs::remove_dir(t.path().join("x/app")).unwrap();
+    std::fs::write(t.path().join("x/app"), b"notes").unwrap();
+    let (o, out) = restore("x/app", "r2.db");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(count_rows(&out), 3);
+    // A matched database file, relative: its key.
+    let (o, out) = restore("data/x/app.db", "r3.db");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(count_rows(&out), 3);
+    // Written as a path and matched by nothing: an error naming it.
+    let (o, out) = restore("./x/app", "r4.db");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is not matched by any pattern"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
+
 /// A staging or state directory that cannot be used is a clear error at
 /// start, naming the config key and the path, not a failure at the first
 /// upload.

@@ -74,11 +74,16 @@ pub enum RestoreOutcome {
 }
 
 /// Resolves a restore target (key or database path) to a key.
+///
+/// A target written as a path (absolute, `./`, `../`) is a path and must be
+/// matched by a pattern. Any other target is a path only when it names a
+/// file here that a pattern matches; otherwise it is a key, so a key is not
+/// taken for a path because a directory or an unrelated file of that name
+/// happens to be in the current directory.
 pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
     let p = Path::new(target);
-    let looks_like_path =
-        p.is_absolute() || target.starts_with("./") || target.starts_with("../") || p.exists();
-    if looks_like_path {
+    let written_as_path = p.is_absolute() || target.starts_with("./") || target.starts_with("../");
+    if written_as_path || p.is_file() {
         let abs = if p.is_absolute() {
             p.to_path_buf()
         } else {
@@ -88,12 +93,16 @@ pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
             .components()
             .filter(|c| *c != Component::CurDir)
             .collect();
-        let key = key_for(&loaded.patterns, &loaded.template, &abs).map(|(k, _)| k).ok_or_else(|| {
-            Error::invalid(
-                abs.display(),
-                "is not matched by any pattern in the config; pass its replica key instead (see `litefleet list`)",
-            )
-        })?;
+        let key = match key_for(&loaded.patterns, &loaded.template, &abs) {
+            Some((key, _)) => key,
+            None if written_as_path => {
+                return Err(Error::invalid(
+                    abs.display(),
+                    "is not matched by any pattern in the config; pass its replica key instead (see `litefleet list`)",
+                ))
+            }
+            None => return key_target(target),
+        };
         if let Some(other) =
             crate::source::keys::shared_with(&loaded.patterns, &loaded.template, &abs)
         {
@@ -109,6 +118,11 @@ pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
         }
         return Ok(key);
     }
+    key_target(target)
+}
+
+/// A restore target taken as a key.
+fn key_target(target: &str) -> Result<String> {
     let key = target.trim_matches('/').to_string();
     check_key(&key)?;
     Ok(key)

@@ -81,6 +81,35 @@ both_backends!(damaged_snapshot_is_never_chosen, |b| async move {
         good.rsplit_once('/').unwrap().0,
         later.format("%Y%m%d-%H%M%S")
     );
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("a.db");
+    // Damage of the only snapshot, in place: cut short at the end of a
+    // block, where an LZ4 decoder quietly ends the frame (here: the whole
+    // database, without the end mark and content checksum), or followed by
+    // bytes of something else. Damage, not a database.
+    let mut trailing = bytes.to_vec();
+    trailing.extend_from_slice(b"more");
+    for (case, body) in [
+        ("end mark", bytes.slice(..bytes.len() - 8)),
+        ("trailing", trailing.into()),
+    ] {
+        store.put(&good.as_str().into(), body.into()).await.unwrap();
+        let e = f.restore("p/d/a", &o, None).await.unwrap_err();
+        assert!(
+            matches!(e, litefleet::Error::Damaged { .. }),
+            "{case}: {e:?}"
+        );
+        let msg = e.to_string();
+        assert!(msg.contains(&good), "{case}: {msg}");
+        assert!(msg.contains("not a valid LZ4 snapshot"), "{case}: {msg}");
+        assert!(!o.exists(), "{case}");
+    }
+    store
+        .put(&good.as_str().into(), bytes.clone().into())
+        .await
+        .unwrap();
+    // A later snapshot cut short in the middle, as if its upload died
+    // halfway: never installed; the older snapshot only when asked for.
     store
         .put(
             &damaged.as_str().into(),
@@ -88,9 +117,6 @@ both_backends!(damaged_snapshot_is_never_chosen, |b| async move {
         )
         .await
         .unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let o = out.path().join("a.db");
-    // Never installed; the older snapshot only when asked for.
     let e = f.restore("p/d/a", &o, None).await.unwrap_err();
     assert!(matches!(e, litefleet::Error::Damaged { .. }), "{e:?}");
     let msg = e.to_string();

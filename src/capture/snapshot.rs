@@ -845,13 +845,84 @@ fn read_error(what: &str, e: std::io::Error) -> Error {
     Error::invalid(what, format!("reading failed: {e}"))
 }
 
+/// The input of an LZ4 frame decoder, watched for its end.
+///
+/// `lz4_flex`'s decoder ends a frame quietly where its input ends before a
+/// block header, as if the frame were complete: an object cut short at a
+/// block boundary (an upload or a copy that stopped early, a damaged file)
+/// would decode to a prefix of the database or of a WAL segment, without its
+/// end mark and content checksum ever being read. A complete frame is read
+/// up to its checksum and no further, so the decoder never meets the end of
+/// its input: [`FrameInput::finish`] fails when it did, or when bytes follow
+/// the frame.
+pub(crate) struct FrameInput<R> {
+    inner: R,
+    ran_dry: bool,
+}
+
+impl<R: Read> FrameInput<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        FrameInput {
+            inner,
+            ran_dry: false,
+        }
+    }
+
+    /// After the decoder returned the end of its frame: the frame was whole
+    /// and nothing follows it.
+    pub(crate) fn finish(mut self) -> std::result::Result<(), FrameEnd> {
+        if self.ran_dry {
+            return Err(FrameEnd::CutShort);
+        }
+        let mut more = [0u8; 1];
+        match read_full(&mut self.inner, &mut more) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(FrameEnd::Trailing),
+            Err(e) => Err(FrameEnd::Read(e)),
+        }
+    }
+}
+
+/// Why [`FrameInput::finish`] refused the end of a frame.
+#[derive(Debug)]
+pub(crate) enum FrameEnd {
+    CutShort,
+    Trailing,
+    /// Reading past the frame failed (the download broke).
+    Read(std::io::Error),
+}
+
+impl std::fmt::Display for FrameEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameEnd::CutShort => {
+                f.write_str("the frame is cut short (no end mark and content checksum)")
+            }
+            FrameEnd::Trailing => f.write_str("bytes follow the end of its frame"),
+            FrameEnd::Read(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<R: Read> Read for FrameInput<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.ran_dry = true;
+        }
+        Ok(n)
+    }
+}
+
 /// Decompresses an LZ4 frame stream into `dst` (named `out` in errors),
-/// skipping leading skippable frames; returns the bytes written. Errors are
-/// classified (see the module docs).
+/// skipping leading skippable frames; returns the bytes written. The frame
+/// must be whole ([`FrameInput`]) and the last thing in the stream. Errors
+/// are classified (see the module docs).
 pub fn decompress_to(src: impl Read, what: &str, dst: &mut File, out: &Path) -> Result<u64> {
     let mut src = BufReader::with_capacity(IO_BUFFER, src);
     let head = skip_skippable(&mut src).map_err(|e| read_error(what, e))?;
-    let mut dec = lz4_flex::frame::FrameDecoder::new(std::io::Cursor::new(head).chain(src));
+    let mut dec =
+        lz4_flex::frame::FrameDecoder::new(FrameInput::new(std::io::Cursor::new(head).chain(src)));
     let mut w = BufWriter::with_capacity(IO_BUFFER, dst);
     let mut buf = vec![0u8; IO_BUFFER];
     let mut n = 0u64;
@@ -868,6 +939,10 @@ pub fn decompress_to(src: impl Read, what: &str, dst: &mut File, out: &Path) -> 
     if n == 0 {
         return Err(Error::damaged(what, "not a valid LZ4 snapshot: no frame"));
     }
+    dec.into_inner().finish().map_err(|e| match e {
+        FrameEnd::Read(e) => read_error(what, e),
+        e => Error::damaged(what, format!("not a valid LZ4 snapshot: {e}")),
+    })?;
     w.flush().at(out)?;
     Ok(n)
 }
@@ -1452,5 +1527,61 @@ mod tests {
         let mut f = File::create(t.path().join("x")).unwrap();
         let e = decompress(&b"garbage that is not lz4"[..], "obj", &mut f).unwrap_err();
         assert!(e.to_string().contains("not a valid LZ4"), "{e}");
+    }
+
+    /// A frame cut short at a block boundary decodes, in `lz4_flex`, to a
+    /// prefix of its content without an error: [`FrameInput`] makes it
+    /// damage, and bytes after a frame too.
+    #[test]
+    fn a_frame_cut_at_a_block_boundary_is_damage() {
+        use lz4_flex::frame::{BlockMode, BlockSize, FrameInfo};
+        let content: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let info = FrameInfo::new()
+            .block_size(BlockSize::Max64KB)
+            .block_mode(BlockMode::Independent)
+            .content_checksum(true);
+        let mut enc = FrameEncoder::with_frame_info(info, Vec::new());
+        enc.write_all(&content).unwrap();
+        let frame = enc.finish().unwrap();
+        // Walk the blocks: 7-byte header, then (size, data) until the end mark.
+        let mut at = 7;
+        let mut ends = Vec::new();
+        loop {
+            let word = u32::from_le_bytes(frame[at..at + 4].try_into().unwrap());
+            if word == 0 {
+                break;
+            }
+            at += 4 + (word & 0x7fff_ffff) as usize;
+            ends.push(at);
+        }
+        assert!(ends.len() > 2, "{ends:?}");
+        let decode = |bytes: &[u8]| -> (Vec<u8>, Result<()>) {
+            let mut dec = lz4_flex::frame::FrameDecoder::new(FrameInput::new(bytes));
+            let mut out = Vec::new();
+            if let Err(e) = dec.read_to_end(&mut out) {
+                return (out, Err(Error::damaged("obj", e.to_string())));
+            }
+            let end = dec.into_inner().finish();
+            (out, end.map_err(|e| Error::damaged("obj", e.to_string())))
+        };
+        let (whole, end) = decode(&frame);
+        assert_eq!(whole, content);
+        end.unwrap();
+        for cut in [ends[1], frame.len() - 8, frame.len() - 4] {
+            let (_, end) = decode(&frame[..cut]);
+            let e = end.unwrap_err().to_string();
+            assert!(
+                e.contains("cut short") || e.contains("fill whole buffer"),
+                "{cut}: {e}"
+            );
+            let t = tempfile::tempdir().unwrap();
+            let mut f = File::create(t.path().join("x")).unwrap();
+            let e = decompress(&frame[..cut], "obj", &mut f).unwrap_err();
+            assert!(matches!(e, Error::Damaged { .. }), "{cut}: {e:?}");
+        }
+        let mut more = frame.clone();
+        more.push(0);
+        let (_, end) = decode(&more);
+        assert!(end.unwrap_err().to_string().contains("bytes follow"));
     }
 }

@@ -157,6 +157,15 @@ pub fn store_hint(source: &object_store::Error) -> &'static str {
                 AWS_CONTAINER_CREDENTIALS_RELATIVE_URI); without them the instance metadata \
                 service is asked, and it gave none: ";
     }
+    if let object_store::Error::InvalidPath { .. } = source {
+        return "the replica holds an object whose name is no valid object path (an empty, \
+                `.` or `..` part, or a control character: litefleet never writes one, and the \
+                S3 client cannot list past it, so every listing that meets it fails): delete or \
+                rename that object: ";
+    }
+    if text.contains("<Code>NoSuchBucket</Code>") {
+        return "the bucket does not exist (create it, or correct multi-db.replica.url): ";
+    }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
     while let Some(e) = cause {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -177,5 +186,30 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Store answers whose own text hides what to do get plain words: a
+    /// foreign object whose name the S3 client cannot parse fails every
+    /// listing of its prefix (probe G: one `pfx//x` object broke `list`,
+    /// bulk restore, `verify` and retention), and a missing bucket showed
+    /// up as "lease.json not found".
+    #[test]
+    fn store_errors_say_what_to_do() {
+        let bad = object_store::path::Path::parse("pfx//x/x.db.lz4").unwrap_err();
+        let e = Error::store("pfx", object_store::Error::InvalidPath { source: bad });
+        let msg = e.to_string();
+        assert!(msg.contains("delete or rename that object"), "{msg}");
+        assert!(msg.contains("pfx//x/x.db.lz4"), "{msg}");
+        let gone = object_store::Error::NotFound {
+            path: "pfx/.litefleet/lease.json".into(),
+            source: "404 Not Found: <Error><Code>NoSuchBucket</Code></Error>".into(),
+        };
+        let msg = Error::store("pfx/.litefleet/lease.json", gone).to_string();
+        assert!(msg.contains("the bucket does not exist"), "{msg}");
     }
 }

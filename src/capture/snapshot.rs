@@ -984,16 +984,30 @@ fn check_conn(conn: &Connection, path: &Path, pragma: &str) -> Result<()> {
     }
 }
 
-/// A path next to `target` for writing it atomically.
+/// The most of the target's name a staging file's name repeats (see
+/// [`temp_sibling`]): with `.` before it and `.litefleet-XXXXXX` after it,
+/// 218 bytes, under the 255 bytes file systems allow.
+const STAGING_NAME_MAX: usize = 200;
+
+/// A path next to `target` for writing it atomically: `.NAME.litefleet-XXXXXX`.
 pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = target
+    let mut name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // A file name may have 255 bytes and the staging name adds 18: a target
+    // named near that limit is staged under the start of its name.
+    if name.len() > STAGING_NAME_MAX {
+        let cut = (0..=STAGING_NAME_MAX)
+            .rev()
+            .find(|&i| name.is_char_boundary(i))
+            .unwrap_or(0);
+        name.truncate(cut);
+    }
     // 0666 minus the umask, as SQLite creates a database (tempfile's own
     // default, 0600, would leave a restored database unreadable to the group
     // that reads the original).
@@ -1527,6 +1541,26 @@ mod tests {
         let mut f = File::create(t.path().join("x")).unwrap();
         let e = decompress(&b"garbage that is not lz4"[..], "obj", &mut f).unwrap_err();
         assert!(e.to_string().contains("not a valid LZ4"), "{e}");
+    }
+
+    /// A target whose name is near the file system's 255 bytes is staged
+    /// under a name that fits (probe G: a restore of a key with a 240-byte
+    /// last part failed with "File name too long" on its staging file).
+    #[test]
+    fn a_long_target_name_has_a_staging_name_that_fits() {
+        let t = tempfile::tempdir().unwrap();
+        for name in ["é".repeat(120) + ".db", "x".repeat(252)] {
+            let target = t.path().join(&name);
+            let (_, tmp) = temp_sibling(&target).unwrap();
+            let staged = tmp.file_name().unwrap().to_str().unwrap().to_string();
+            assert!(staged.len() <= 255, "{}", staged.len());
+            assert!(
+                staged.starts_with(&format!(".{}", &name[..100])),
+                "{staged}"
+            );
+            std::fs::rename(&tmp, &target).unwrap();
+            assert!(target.exists());
+        }
     }
 
     /// A frame cut short at a block boundary decodes, in `lz4_flex`, to a

@@ -100,6 +100,21 @@ impl Error {
         }
     }
 
+    /// SQLite found the database locked by another connection
+    /// (`SQLITE_BUSY`, `SQLITE_LOCKED`).
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            Error::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } if matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            )
+        )
+    }
+
     pub fn damaged(what: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Error::Damaged {
             what: what.to_string(),

@@ -422,6 +422,28 @@ async fn locked_databases_cost_one_wait_per_batch() {
     assert_eq!((r.uploaded, r.failed), (1, 4));
     // One wait is 5 s (snapshot::BUSY_TIMEOUT); four in a row were 20 s.
     assert!(took < Duration::from_secs(12), "the cycle took {took:?}");
+    // Still locked at the next cycle: found locked last time, each waits a
+    // moment only, not the batch's 5 s again (probe G: with a 2 s scan
+    // interval one such database kept cycles running back to back).
+    let c = rusqlite::Connection::open(f.db_path("p", "d", "free")).unwrap();
+    insert_rows(&c, 1);
+    drop(c);
+    age(&f.db_path("p", "d", "free"));
+    let started = std::time::Instant::now();
+    let r = rep.cycle(&CancellationToken::new()).await;
+    let took = started.elapsed();
+    assert_eq!((r.uploaded, r.failed), (1, 4));
+    assert!(
+        took < Duration::from_secs(3),
+        "the second cycle took {took:?}"
+    );
     drop(holders);
-    f.assert_restores(&["p/d/free"], 3).await;
+    for i in 0..4 {
+        age(&f.db_path("p", "d", &format!("locked{i}")));
+    }
+    // Released: all backed up.
+    let r = rep.cycle(&CancellationToken::new()).await;
+    assert_eq!((r.uploaded, r.failed), (4, 0));
+    f.assert_restores(&["p/d/free"], 4).await;
+    f.assert_restores(&["p/d/locked0", "p/d/locked3"], 1).await;
 }

@@ -85,6 +85,13 @@ pub struct Replicator {
     /// at warn and then at debug until the database recovers.
     /// Holds only failing databases, so it is empty in a healthy fleet.
     failing: Mutex<HashSet<PathBuf>>,
+    /// Databases whose last snapshot found them locked by their application
+    /// (`SQLITE_BUSY`): their next attempt waits only [`MIN_BUSY_WAIT`], so a
+    /// database kept locked (`locking_mode=EXCLUSIVE`) does not spend a
+    /// batch's whole wait at every cycle (probe G: with a 2 s scan interval,
+    /// cycles ran back to back and writes to other databases waited 9.6 s
+    /// for their upload). Empty unless databases are locked.
+    busy: Mutex<HashSet<PathBuf>>,
     /// The hot tier: tiering decisions and one streaming task per hot database.
     hot: HotTier,
     /// Databases refused for their key: one another database owns
@@ -349,6 +356,7 @@ impl Replicator {
             temp_dir,
             state_file,
             failing: Mutex::new(HashSet::new()),
+            busy: Mutex::new(HashSet::new()),
             hot,
             owners: Mutex::new(Owners::default()),
         })
@@ -606,10 +614,20 @@ impl Replicator {
                     .map(|&id| (t.begin_upload(id), t.path(id), !t.is_checked(id)))
                     .collect()
             };
+            let batch = {
+                let busy = lock(&self.busy);
+                jobs.iter()
+                    .map(|(_, p, unchecked)| BatchItem {
+                        path: p.clone(),
+                        unchecked: *unchecked,
+                        was_busy: !busy.is_empty() && busy.contains(p),
+                    })
+                    .collect()
+            };
             let job = upload_batch(
                 self.loaded.clone(),
                 self.replica.clone(),
-                jobs.iter().map(|(_, p, u)| (p.clone(), *u)).collect(),
+                batch,
                 self.temp_dir.clone(),
             );
             set.spawn(async move {
@@ -637,6 +655,7 @@ impl Replicator {
             // Forget failures of databases that left the table (deleted, renamed).
             failing.retain(|path| t.find(path).is_some());
             drop(failing);
+            lock(&self.busy).retain(|path| t.find(path).is_some());
             let pending = t.pending_count();
             self.stats.pending.store(pending as u64, Ordering::Relaxed);
             self.stats
@@ -682,6 +701,14 @@ impl Replicator {
     ) {
         let ok = matches!(result, Ok(Snapped::Uploaded(_)));
         let store_failed = matches!(result, Ok(Snapped::StoreFailed(_)));
+        {
+            let mut busy = lock(&self.busy);
+            if matches!(&result, Err(e) if e.is_busy()) {
+                busy.insert(path.clone());
+            } else if !busy.is_empty() {
+                busy.remove(&path);
+            }
+        }
         match result {
             Ok(Snapped::NotADatabase) => {
                 // No SQLite header, seen at its first snapshot: not a
@@ -1355,10 +1382,19 @@ fn uploaded(
 /// fails at once, and is tried again next cycle).
 const MIN_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// One database of an [`upload_batch`].
+struct BatchItem {
+    path: PathBuf,
+    /// Its SQLite header is not checked yet.
+    unchecked: bool,
+    /// Its last snapshot found it locked: wait [`MIN_BUSY_WAIT`] only.
+    was_busy: bool,
+}
+
 async fn upload_batch(
     loaded: Arc<Loaded>,
     replica: Replica,
-    batch: Vec<(PathBuf, bool)>,
+    batch: Vec<BatchItem>,
     temp_dir: PathBuf,
 ) -> Vec<Result<Snapped>> {
     let n = batch.len();
@@ -1369,11 +1405,17 @@ async fn upload_batch(
         let mut budget = snapshot::BUSY_TIMEOUT;
         batch
             .iter()
-            .map(|(path, unchecked)| {
+            .map(|item| {
+                let path = &item.path;
                 let started = std::time::Instant::now();
-                let r = snapshot::waiting_at_most(budget.max(MIN_BUSY_WAIT), || {
+                let wait = if item.was_busy {
+                    MIN_BUSY_WAIT
+                } else {
+                    budget.max(MIN_BUSY_WAIT)
+                };
+                let r = snapshot::waiting_at_most(wait, || {
                     std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        snapshot_one(&loaded, &snapper, path, &temp_dir, *unchecked)
+                        snapshot_one(&loaded, &snapper, path, &temp_dir, item.unchecked)
                     }))
                     .unwrap_or_else(|_| Err(Error::invalid(path.display(), "snapshot panicked")))
                 });

@@ -610,6 +610,16 @@ impl From<FramesInfo> for ChainLink {
 /// Structure shared by [`verify_frames`] and [`apply_frames`]: whole frames,
 /// page numbers, one pair of salts, a commit frame at the end.
 fn check_layout(frames: &[u8], page_size: u32) -> std::result::Result<([u32; 2], u32), String> {
+    let (salt, last_commit) = check_run(frames, page_size)?;
+    if last_commit == 0 {
+        return Err("the last frame is not a commit frame (uncommitted transaction)".into());
+    }
+    Ok((salt, last_commit))
+}
+
+/// [`check_layout`] for a run that may be followed by more of its segment:
+/// the last frame need not be a commit (its commit field is returned).
+fn check_run(frames: &[u8], page_size: u32) -> std::result::Result<([u32; 2], u32), String> {
     if !valid_page_size(page_size) {
         return Err(format!("invalid page size {page_size}"));
     }
@@ -633,9 +643,6 @@ fn check_layout(frames: &[u8], page_size: u32) -> std::result::Result<([u32; 2],
             return Err(format!("frame {i}: salts differ from the first frame's"));
         }
         last_commit = h.commit;
-    }
-    if last_commit == 0 {
-        return Err("the last frame is not a commit frame (uncommitted transaction)".into());
     }
     Ok((salt.unwrap_or_default(), last_commit))
 }
@@ -677,7 +684,19 @@ pub fn verify_frames(
     page_size: u32,
     prev: Option<ChainLink>,
 ) -> Result<FramesInfo> {
-    let (salt, db_pages) = check_layout(frames, page_size).map_err(|r| Error::invalid(what, r))?;
+    check_layout(frames, page_size).map_err(|r| Error::invalid(what, r))?;
+    verify_run(what, frames, page_size, prev)
+}
+
+/// [`verify_frames`] for a run that may be followed by more frames of its
+/// segment: the last frame need not be a commit (then `db_pages` is 0).
+fn verify_run(
+    what: &str,
+    frames: &[u8],
+    page_size: u32,
+    prev: Option<ChainLink>,
+) -> Result<FramesInfo> {
+    let (salt, db_pages) = check_run(frames, page_size).map_err(|r| Error::invalid(what, r))?;
     if let Some(p) = prev {
         if p.salt != salt {
             return Err(Error::invalid(
@@ -734,8 +753,94 @@ pub fn verify_frames(
 /// (whole frames, one pair of salts, last frame a commit) so a malformed run
 /// changes nothing; the checksum chain is [`verify_frames`]' job.
 pub fn apply_frames(db: &mut File, page_size: u32, frames: &[u8]) -> Result<()> {
-    const WHAT: &str = "applying WAL frames to the database file";
-    check_layout(frames, page_size).map_err(|r| Error::invalid(WHAT, r))?;
+    check_layout(frames, page_size).map_err(|r| Error::invalid(APPLYING, r))?;
+    apply_run(db, page_size, frames)
+}
+
+/// What [`apply_frames`] names in its errors.
+const APPLYING: &str = "applying WAL frames to the database file";
+
+/// Frames of one segment decoded, checked and applied at a time by
+/// [`replay_segment`]: bounds the memory a restore needs for a segment,
+/// whatever the segment's size (a transaction of gigabytes, or a tampered
+/// part that decompresses to far more than it should).
+pub const REPLAY_CHUNK: usize = 4 << 20;
+
+/// Decodes the LZ4 frame `compressed` (a WAL segment, `what` in errors)
+/// and replays its frames onto `db` (see [`apply_frames`]), a few MiB at a
+/// time ([`REPLAY_CHUNK`]): each run is verified (continuing the chain from
+/// `prev`, then from the run before) before it is applied, and the
+/// segment's last frame must be a commit. A segment that fails leaves `db`
+/// partly written: the caller discards it. Returns the chain state after
+/// the segment and its decompressed size.
+pub fn replay_segment(
+    what: &str,
+    compressed: &[u8],
+    db: &mut File,
+    page_size: u32,
+    prev: Option<ChainLink>,
+) -> Result<(FramesInfo, u64)> {
+    use std::io::Read;
+    if !valid_page_size(page_size) {
+        return Err(Error::invalid(
+            what,
+            format!("invalid page size {page_size}"),
+        ));
+    }
+    let invalid =
+        |e: &dyn std::fmt::Display| Error::invalid(what, format!("not a valid LZ4 segment: {e}"));
+    let fsize = FRAME_HEADER_SIZE as usize + page_size as usize;
+    let mut buf = vec![0u8; (REPLAY_CHUNK / fsize).max(1) * fsize];
+    let mut dec =
+        lz4_flex::frame::FrameDecoder::new(crate::capture::snapshot::FrameInput::new(compressed));
+    let mut link = prev;
+    let mut last: Option<FramesInfo> = None;
+    let mut total = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match dec.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(invalid(&e)),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        let run = &buf[..n];
+        let mut info = verify_run(what, run, page_size, link)?;
+        apply_run(db, page_size, run)?;
+        total += n as u64;
+        if let Some(before) = &last {
+            info.frames += before.frames;
+        }
+        link = Some(info.into());
+        last = Some(info);
+        if n < buf.len() {
+            break;
+        }
+    }
+    dec.into_inner().finish().map_err(|e| invalid(&e))?;
+    let info = last.ok_or_else(|| {
+        Error::invalid(
+            what,
+            "0 bytes is not a whole number of frames (an empty segment)",
+        )
+    })?;
+    if info.db_pages == 0 {
+        return Err(Error::invalid(
+            what,
+            "the last frame is not a commit frame (uncommitted transaction)",
+        ));
+    }
+    Ok((info, total))
+}
+
+/// Writes the pages of checked frames (see [`apply_frames`]).
+fn apply_run(db: &mut File, page_size: u32, frames: &[u8]) -> Result<()> {
+    const WHAT: &str = APPLYING;
     let fsize = FRAME_HEADER_SIZE as usize + page_size as usize;
     let ps = u64::from(page_size);
     for f in frames.chunks_exact(fsize) {
@@ -1054,6 +1159,91 @@ mod tests {
             Some(Lost::Truncated { len: 0, .. })
         ));
         assert_eq!(read_header(&f, &wp).unwrap(), None);
+    }
+
+    /// A segment is replayed a few MiB at a time: a segment larger than
+    /// [`REPLAY_CHUNK`] replays as `apply_frames` does, and a tampered part
+    /// that decompresses to far more than it holds fails at its first run,
+    /// never held whole in memory (probe G: 1 GiB of zeros in a 4 MiB pack
+    /// part took 1 GiB of memory before failing).
+    #[test]
+    fn segments_replay_in_bounded_runs() {
+        let t = tempfile::tempdir().unwrap();
+        let (db, c) = wal_db(t.path());
+        let wp = wal_path(&db);
+        insert(&c, 1, 10);
+        checkpoint(&c, "TRUNCATE");
+        let snap = std::fs::read(&db).unwrap();
+        // One transaction of ~20,000 rows: ~5,000 frames, over 5 MiB.
+        insert(&c, 100, 20_000);
+        let f = File::open(&wp).unwrap();
+        let h = read_header(&f, &wp).unwrap().unwrap();
+        let (k, seg, _) =
+            frames_of(read_committed(&f, &wp, &WalCursor::at_start(0, &h), u64::MAX).unwrap());
+        assert!(seg.len() > REPLAY_CHUNK + 1024, "{}", seg.len());
+        let frame = {
+            use std::io::Write;
+            let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
+                crate::capture::snapshot::frame_info(seg.len() as u64),
+                Vec::new(),
+            );
+            enc.write_all(&seg).unwrap();
+            enc.finish().unwrap()
+        };
+        let fresh = |name: &str| {
+            let p = t.path().join(name);
+            std::fs::write(&p, &snap).unwrap();
+            File::options().read(true).write(true).open(&p).unwrap()
+        };
+        let mut whole = fresh("whole.db");
+        apply_frames(&mut whole, 1024, &seg).unwrap();
+        let mut runs = fresh("runs.db");
+        let (info, len) = replay_segment("seg", &frame, &mut runs, 1024, None).unwrap();
+        assert_eq!(len, seg.len() as u64);
+        assert_eq!(info.frames, k.frames);
+        assert_eq!(info, verify_frames("seg", &seg, 1024, None).unwrap());
+        assert_eq!(
+            std::fs::read(t.path().join("runs.db")).unwrap(),
+            std::fs::read(t.path().join("whole.db")).unwrap()
+        );
+
+        // 64 MiB of zeros in a small frame: refused at its first run.
+        let zeros = {
+            use std::io::Write;
+            let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
+            let block = vec![0u8; 1 << 20];
+            for _ in 0..64 {
+                enc.write_all(&block).unwrap();
+            }
+            enc.finish().unwrap()
+        };
+        assert!(zeros.len() < 1 << 20);
+        let e = replay_segment("bomb", &zeros, &mut fresh("bomb.db"), 1024, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("page number 0"), "{e}");
+        // Cut short; ending inside a transaction.
+        let e = replay_segment(
+            "cut",
+            &frame[..frame.len() - 8],
+            &mut fresh("c.db"),
+            1024,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cut short"), "{e}");
+        let fsize = 24 + 1024;
+        let open = {
+            use std::io::Write;
+            let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
+            enc.write_all(&seg[..seg.len() - fsize]).unwrap();
+            enc.finish().unwrap()
+        };
+        let e = replay_segment("open", &open, &mut fresh("o.db"), 1024, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a commit frame"), "{e}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 
-use crate::capture::snapshot::{self, FrameInput};
+use crate::capture::snapshot;
 use crate::capture::wal::{self, ChainLink};
 use crate::replica::hot::{
     self, plan_latest, Continues, Plan, Replay, RestorePoint, SegmentObject,
@@ -203,16 +203,8 @@ pub async fn restore_plan(
         }
         let what = seg.location.to_string();
         let (f, info, len) = tokio::task::spawn_blocking(move || {
-            let mut frames = Vec::new();
-            let mut dec = lz4_flex::frame::FrameDecoder::new(FrameInput::new(&compressed[..]));
-            dec.read_to_end(&mut frames)
-                .map_err(|e| Error::invalid(&what, format!("not a valid LZ4 segment: {e}")))?;
-            dec.into_inner()
-                .finish()
-                .map_err(|e| Error::invalid(&what, format!("not a valid LZ4 segment: {e}")))?;
-            let info = wal::verify_frames(&what, &frames, page_size, chain)?;
-            wal::apply_frames(&mut file, page_size, &frames)?;
-            Ok::<_, Error>((file, info, frames.len() as u64))
+            let (info, len) = wal::replay_segment(&what, &compressed, &mut file, page_size, chain)?;
+            Ok::<_, Error>((file, info, len))
         })
         .await
         .map_err(join_error)??;

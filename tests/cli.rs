@@ -378,8 +378,9 @@ async fn sigterm_finishes_in_flight_uploads() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     // Two requests take the replica lease (GET, conditional PUT), one lists
-    // the fleet log (what an earlier run left); a fourth is an upload.
-    while f.s3().request_count() < 4 {
+    // the fleet log (what an earlier run left), two read and write the
+    // replica's identity; a sixth is an upload.
+    while f.s3().request_count() < 6 {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();

@@ -2,6 +2,7 @@
 
 mod common;
 
+use object_store::ObjectStoreExt;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -401,6 +402,49 @@ both_backends!(
         }
         assert_eq!(f.replicator().cycle(&token).await.uploaded, 2);
         f.assert_restores(&keys, 2).await;
+
+        // Emptied whole, and written to again before the restart (the
+        // daemon's own uploads before it noticed, or a restart killed while
+        // uploading everything again): the replica holds *something*, and
+        // the records are still not its (probe F: 290 of 300 databases were
+        // never uploaded again). Its identity tells.
+        let kept = f
+            .objects()
+            .await
+            .into_iter()
+            .find(|n| n.contains("p/d/a/"))
+            .unwrap();
+        let kept_bytes = r
+            .store
+            .get(&kept.as_str().into())
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        for name in f.objects().await {
+            r.delete(&object_store::path::Path::from(name))
+                .await
+                .unwrap();
+        }
+        r.store
+            .put(&kept.as_str().into(), kept_bytes.into())
+            .await
+            .unwrap();
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 2);
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 0);
+        f.assert_restores(&keys, 2).await;
+
+        // Only the identity deleted: every database once more, never one
+        // missing.
+        r.delete(&object_store::path::Path::from(format!(
+            "{}/.litefleet/replica.json",
+            r.prefix
+        )))
+        .await
+        .unwrap();
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 2);
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 0);
     }
 );
 

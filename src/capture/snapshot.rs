@@ -916,7 +916,7 @@ impl<R: Read> Read for FrameInput<R> {
 
 /// Decompresses an LZ4 frame stream into `dst` (named `out` in errors),
 /// skipping leading skippable frames; returns the bytes written. The frame
-/// must be whole ([`FrameInput`]) and the last thing in the stream. Errors
+/// must be whole (`FrameInput`) and the last thing in the stream. Errors
 /// are classified (see the module docs).
 pub fn decompress_to(src: impl Read, what: &str, dst: &mut File, out: &Path) -> Result<u64> {
     let mut src = BufReader::with_capacity(IO_BUFFER, src);

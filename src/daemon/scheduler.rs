@@ -292,15 +292,20 @@ impl Replicator {
                     )
                 })?;
         }
+        let leftovers = crate::source::track::remove_state_leftovers(&state_file);
+        if leftovers > 0 {
+            tracing::debug!(
+                files = leftovers,
+                "removed temporary state files of a killed run"
+            );
+        }
         let mut tracker = Tracker::new();
         // The first snapshot opens every new file anyway: it checks the
         // header then, and the scan stays a walk and a stat per file.
         tracker.defer_header_checks(true);
-        let mut preloaded = 0;
         match tracker.load_state(&state_file, loaded.state_tag()) {
             Ok(0) => {}
             Ok(n) => {
-                preloaded = n;
                 tracing::info!(records = n, file = %state_file.display(), "loaded upload records")
             }
             Err(e) => tracing::warn!(
@@ -347,7 +352,7 @@ impl Replicator {
             rounds: tokio::sync::watch::Sender::new(0),
             scans_started: tokio::sync::watch::Sender::new(0),
             notified: Mutex::new(HashMap::new()),
-            records_unchecked: std::sync::atomic::AtomicBool::new(preloaded > 0),
+            records_unchecked: std::sync::atomic::AtomicBool::new(true),
             verify: None,
             loaded: Arc::new(loaded),
             replica,
@@ -387,14 +392,82 @@ impl Replicator {
     }
 
     /// Before the first scan: upload records from the state file are only
-    /// trusted while the replica holds backups at all. A replica emptied
-    /// behind our back (a new bucket, a wiped directory, a fixed prefix)
+    /// trusted when they were made against this replica, as its identity
+    /// tells (see [`crate::replica::identity`]): a replica emptied behind our
+    /// back (a new bucket, a wiped directory, a store that lost its data)
     /// would otherwise never get the databases that do not change again.
-    /// One LIST with delimiter at the replica root; a replica that cannot be
-    /// listed keeps the records (the uploads will tell).
-    async fn check_records(&self) {
+    /// Then the identity is made sure of: written if the replica has none,
+    /// and recorded beside the state file. `false` when the replica could
+    /// not be read or written: the records are kept and the check runs
+    /// again at the next cycle (the uploads will tell).
+    async fn check_records(&self) -> bool {
+        use crate::replica::identity::{self, Identity};
+        let found = match identity::read(&self.replica).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the replica's identity; keeping the upload records");
+                return false;
+            }
+        };
+        let state_file = self.state_file.clone();
+        let recorded = crate::source::track::recorded_replica(&state_file);
+        // The identities agree (or both predate them), and the replica was
+        // not emptied of its keys alone.
+        let records = lock(&self.tracker).upload_records();
+        let trusted = match (&found, &recorded) {
+            (Some(found), Some(recorded)) => found.id == *recorded,
+            (None, None) => true,
+            // A replica without its identity (emptied, or its `.litefleet/`
+            // deleted), or records not known to belong to it.
+            _ => false,
+        } && (records == 0 || self.holds_backups().await);
+        if !trusted {
+            let n = lock(&self.tracker).forget_upload_records();
+            if n > 0 {
+                tracing::warn!(
+                    records = n,
+                    replica = %self.replica,
+                    "the state file's upload records were not made against this replica (it was emptied, or is another one): uploading every database again"
+                );
+            }
+            // Forgotten on disk before anything says they belong here.
+            if !self.save_state().await {
+                return false;
+            }
+        }
+        let identity = match found {
+            Some(found) => found,
+            None => {
+                let new = Identity::new();
+                if let Err(e) = identity::write(&self.replica, &new).await {
+                    tracing::debug!(error = %e, "cannot write the replica's identity; trying again next cycle");
+                    return false;
+                }
+                tracing::info!(replica = %self.replica, id = %new.id, "wrote the replica's identity");
+                new
+            }
+        };
+        if recorded.as_deref() != Some(identity.id.as_str()) {
+            let id = identity.id.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                crate::source::track::record_replica(&state_file, &id)
+            })
+            .await;
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::warn!(file = %self.state_file.display(), "cannot record the replica's identity beside the state file; trying again next cycle");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether the replica holds backups at all: the test for a state file
+    /// and replica that both predate identities. One LIST with delimiter at
+    /// the replica root; a replica that cannot be listed counts as holding
+    /// them (the records are kept).
+    async fn holds_backups(&self) -> bool {
         let root = self.replica.prefix.clone();
-        let holds_backups = match self.replica.list_children(&root).await {
+        match self.replica.list_children(&root).await {
             Ok((dirs, objects)) => {
                 let lease_dir =
                     crate::replica::layout::key_path(&root, crate::replica::lease::LEASE_DIR);
@@ -404,14 +477,6 @@ impl Replicator {
                 tracing::debug!(error = %e, "cannot list the replica root; keeping the upload records");
                 true
             }
-        };
-        if !holds_backups {
-            let n = lock(&self.tracker).forget_upload_records();
-            tracing::warn!(
-                records = n,
-                replica = %self.replica,
-                "the replica holds no backup although the state file records uploads: uploading every database again"
-            );
         }
     }
 
@@ -435,8 +500,8 @@ impl Replicator {
 
     /// One scan and the uploads it calls for.
     pub async fn cycle(&self, shutdown: &CancellationToken) -> CycleReport {
-        if self.records_unchecked.swap(false, Ordering::AcqRel) {
-            self.check_records().await;
+        if self.records_unchecked.swap(false, Ordering::AcqRel) && !self.check_records().await {
+            self.records_unchecked.store(true, Ordering::Release);
         }
         self.scans_started.send_modify(|n| *n += 1);
         let tracker = self.tracker.clone();
@@ -1003,8 +1068,9 @@ impl Replicator {
         self.save_state().await;
     }
 
-    /// Persists upload records if they changed (a failure only costs re-uploads after a restart).
-    async fn save_state(&self) {
+    /// Persists upload records if they changed (a failure only costs
+    /// re-uploads after a restart); `false` if that failed.
+    async fn save_state(&self) -> bool {
         let tracker = self.tracker.clone();
         let file = self.state_file.clone();
         let tag = self.loaded.state_tag();
@@ -1017,8 +1083,13 @@ impl Replicator {
             }
         })
         .await;
-        if let Ok(Err((file, e))) = r {
-            tracing::warn!(file = %file.display(), error = %e, "cannot save upload records");
+        match r {
+            Ok(Ok(())) => true,
+            Ok(Err((file, e))) => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot save upload records");
+                false
+            }
+            Err(_) => false,
         }
     }
 

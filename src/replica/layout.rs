@@ -4,6 +4,7 @@
 //! <prefix>/<key>/<stem>-YYYYMMDD-HH0000.db.lz4     cold tier  (super::cold)
 //! <prefix>/<key>/generations/<gen>/...             hot tier   (super::hot)
 //! <prefix>/.litefleet/lease.json                   the replica lease (super::lease)
+//! <prefix>/.litefleet/replica.json                 the replica's identity (super::identity)
 //! ```
 //!
 //! * `<prefix>` is the path part of the replica URL (`s3://bucket/<prefix>`).

@@ -15,6 +15,7 @@
 //!   fleet log (every hot database's frames of one sync in one object) and
 //!   its consolidated per-database packs;
 //! * [`lease`]: one replicator per replica root;
+//! * [`identity`]: which replica the state file's upload records belong to;
 //! * [`retention`]: deleting what is older than the retention period,
 //!   never what restores the newest state.
 //!
@@ -23,6 +24,7 @@
 
 pub mod cold;
 pub mod hot;
+pub mod identity;
 pub mod layout;
 pub mod lease;
 pub mod pack;

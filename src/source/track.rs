@@ -722,7 +722,9 @@ impl Tracker {
         use std::io::Write;
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&state_temp_prefix(path))
+            .tempfile_in(dir)?;
         let mut w = io::BufWriter::new(tmp.as_file());
         w.write_all(STATE_MAGIC)?;
         w.write_all(&tag.to_le_bytes())?;
@@ -778,9 +780,16 @@ impl Tracker {
         Ok(n)
     }
 
+    /// How many upload records the state file gave (before the first scan).
+    pub fn upload_records(&self) -> usize {
+        self.preload.len()
+    }
+
     /// Forgets the upload records loaded from the state file (before the
-    /// first scan): every database counts as never uploaded.
+    /// first scan): every database counts as never uploaded. The next
+    /// [`Tracker::save_state`] writes the state file without them.
     pub fn forget_upload_records(&mut self) -> usize {
+        self.state_dirty = true;
         std::mem::take(&mut self.preload).len()
     }
 
@@ -794,6 +803,73 @@ impl Tracker {
             + self.dirs.capacity() * std::mem::size_of::<Box<Path>>()
             + self.dirs.iter().map(|d| d.as_os_str().len()).sum::<usize>()
     }
+}
+
+/// The name prefix of the temporary files the state file at `path` (and
+/// its replica sidecar) are written through: `.<name>.tmp`, so a start can
+/// remove what a killed predecessor left ([`remove_state_leftovers`])
+/// without touching other files of the directory.
+pub fn state_temp_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.tmp")
+}
+
+/// Removes temporary files of the state file at `path` and of its replica
+/// sidecar left by a process killed while it saved them (each a whole copy
+/// of the state). Only one replicator uses a state file (the replica lease),
+/// so none of them is being written. Returns how many were removed.
+pub fn remove_state_leftovers(path: &Path) -> usize {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let prefixes = [
+        state_temp_prefix(path),
+        state_temp_prefix(&replica_sidecar(path)),
+    ];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            prefixes.iter().any(|p| name.starts_with(p.as_str()))
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
+/// The sidecar of the state file at `path`: the id of the replica identity
+/// its records were made against (see [`crate::replica::identity`]).
+pub fn replica_sidecar(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".replica");
+    PathBuf::from(s)
+}
+
+/// The replica identity the records of the state file at `path` belong to;
+/// `None` when its sidecar is missing or not an id.
+pub fn recorded_replica(path: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(replica_sidecar(path)).ok()?;
+    let id = s.trim();
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
+/// Records, atomically and durably, that the records of the state file at
+/// `path` belong to the replica identity `id`.
+pub fn record_replica(path: &Path, id: &str) -> io::Result<()> {
+    let sidecar = replica_sidecar(path);
+    let dir = sidecar.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&state_temp_prefix(&sidecar))
+        .tempfile_in(dir)?;
+    std::fs::write(tmp.path(), format!("{id}\n"))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(&sidecar).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Folds stat values into a 64-bit fingerprint. Deterministic across runs (it
@@ -1004,6 +1080,43 @@ mod tests {
         fs::remove_file(t.path().join("a/two.db")).unwrap();
         let r = tr.scan(&pat);
         assert_eq!((r.removed, r.databases), (1, 1));
+    }
+
+    /// Temporary files a killed save left beside the state file (each a
+    /// whole copy of it; probe F found them piling up over crashes) are
+    /// removed at start, and nothing else of the directory.
+    #[test]
+    fn a_killed_save_leaves_nothing_for_good() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("0123.state");
+        let mut tr = Tracker::new();
+        tr.save_state(&state, 7).unwrap();
+        record_replica(&state, &"ab".repeat(16)).unwrap();
+        assert_eq!(recorded_replica(&state), Some("ab".repeat(16)));
+        for name in [".0123.state.tmpA1b2C3", ".0123.state.replica.tmpX"] {
+            std::fs::write(t.path().join(name), b"partial").unwrap();
+        }
+        for keep in ["other.state", ".other.state.tmpQ", "0123.state.bak"] {
+            std::fs::write(t.path().join(keep), b"x").unwrap();
+        }
+        assert_eq!(remove_state_leftovers(&state), 2);
+        let mut left: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".other.state.tmpQ",
+                "0123.state",
+                "0123.state.bak",
+                "0123.state.replica",
+                "other.state"
+            ]
+        );
+        std::fs::write(replica_sidecar(&state), b"not an id\n").unwrap();
+        assert_eq!(recorded_replica(&state), None);
     }
 
     #[test]

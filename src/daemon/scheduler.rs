@@ -639,6 +639,16 @@ impl Replicator {
             let mut pending = t.pending();
             if let Some(only) = only {
                 pending.retain(|id| only.contains(id));
+            } else {
+                // What `/stats` says during the cycle (each upload takes one
+                // off; the end of the cycle counts again): a first backup
+                // used to show 0 pending until it was over (probe F).
+                self.stats
+                    .pending
+                    .store(pending.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .oldest_pending_unix
+                    .store(t.oldest_pending().unwrap_or(0) as u64, Ordering::Relaxed);
             }
             // A hot database's change goes to the replica through its WAL
             // stream: the stream takes the ticket, and the database counts as
@@ -800,6 +810,12 @@ impl Replicator {
                 report.uploaded += 1;
                 report.bytes += bytes;
                 self.stats.upload_ok();
+                let _ =
+                    self.stats
+                        .pending
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            Some(n.saturating_sub(1))
+                        });
                 self.stats
                     .bytes_uploaded
                     .fetch_add(bytes, Ordering::Relaxed);

@@ -457,6 +457,40 @@ fn reading_commands_report_missing_replicas_and_keys() {
     }
 }
 
+/// Output into a pipe its reader closed (`litefleet snapshots KEY | head
+/// -1`) ends the command quietly, as Unix tools do, not with a panic and
+/// exit 101 (probe E).
+#[test]
+fn output_into_a_closed_pipe_is_no_panic() {
+    let t = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+        t.path().join("replica").display()
+    );
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    drop(create_db(&t.path().join("data/x/app.db"), 1));
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for args in [
+        &["snapshots", "x/app"][..],
+        &["generations", "x/app"],
+        &["list"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = Command::new(env!("CARGO_BIN_EXE_litefleet"))
+            .args(args)
+            .current_dir(t.path())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_ne!(o.status.code(), Some(101), "{args:?}: {err}");
+    }
+}
+
 /// A restored database gets the mode SQLite would give a new database
 /// (0666 minus the umask), not the temporary file's 0600.
 #[test]

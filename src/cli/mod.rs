@@ -670,6 +670,16 @@ pub fn main() -> ExitCode {
             .exit(),
     };
     init_logging(filter, cli.log_format);
+    if !matches!(cli.command, Command::Replicate { .. }) {
+        // A command whose output is cut off (`litefleet snapshots KEY |
+        // head -3`) ends quietly, as Unix tools do, rather than panicking
+        // in `println!` with exit 101 (probe E). Not the daemon: it writes
+        // nothing a reader would close on it, and must never die of it.
+        // SAFETY: before any other thread exists; sets a signal disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let format = cli.log_format;
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -24,9 +24,9 @@ async fn s3_failing_mid_cycle_is_retried_next_cycle() {
     }
     let rep = f.replicator();
     let token = CancellationToken::new();
-    // The first request lists the fleet log an earlier run may have left;
-    // then four uploads succeed.
-    f.s3().set_fault(Fault::FailAfter(5));
+    // The first requests list the fleet log an earlier run may have left,
+    // and read and write the replica's identity; then four uploads succeed.
+    f.s3().set_fault(Fault::FailAfter(7));
     let r = rep.cycle(&token).await;
     assert_eq!(r.uploaded + r.failed, n);
     assert!(r.uploaded >= 1 && r.failed >= 1, "{r:?}");

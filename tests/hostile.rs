@@ -346,9 +346,10 @@ async fn databases_deleted_mid_cycle() {
     };
     // The first upload is on the wire (its snapshot is staged): delete them
     // all. The first request lists the fleet log an earlier run may have
-    // left; the second is that upload.
+    // left, the next two read and write the replica's identity; the fourth
+    // is that upload.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while f.s3().request_count() < 2 {
+    while f.s3().request_count() < 4 {
         assert!(std::time::Instant::now() < deadline, "no upload started");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

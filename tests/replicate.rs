@@ -422,7 +422,8 @@ both_backends!(
             .bytes()
             .await
             .unwrap();
-        for name in f.objects().await {
+        let identity = format!("{}/.litefleet/replica.json", r.prefix);
+        for name in f.objects().await.into_iter().chain([identity]) {
             r.delete(&object_store::path::Path::from(name))
                 .await
                 .unwrap();

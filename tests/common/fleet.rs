@@ -219,6 +219,8 @@ impl Fleet {
             .try_collect()
             .await
             .unwrap();
+        // The replica's identity, written at the first cycle, is no backup.
+        v.retain(|o| !o.ends_with(litefleet::replica::identity::IDENTITY_OBJECT));
         v.sort();
         v
     }

@@ -661,6 +661,63 @@ async fn an_outage_releases_the_read_transaction() {
     );
 }
 
+// A database deleted before its stream opened it is not "cannot stream"
+// (which keeps its path cold for `cold-after`): a database re-created there
+// streams at once (probe E: it stayed cold for ~20 s while written). One
+// that cannot stream (rollback journal) still says so.
+both_backends!(
+    a_database_gone_before_its_stream_is_not_barred,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let gone = f.db_path("p", "d", "gone");
+        let rollback = f.db_path("p", "d", "rollback");
+        let c = create_db(&rollback, 1);
+        c.execute_batch("PRAGMA journal_mode=DELETE").unwrap();
+        drop(c);
+        let ctx = Arc::new(HotContext {
+            replica: f.replica(),
+            temp_dir: f.work.path().join("tmp"),
+            cfg: ShipConfig {
+                sync_interval: Duration::from_millis(20),
+                checkpoint_pages: 1000,
+                truncate_pages: 10_000,
+                release_after: DEFAULT_RELEASE_AFTER,
+                consolidate_every: Duration::from_secs(3600),
+            },
+            stats: Arc::new(Stats::default()),
+            permits: Arc::new(Semaphore::new(4)),
+            events: None,
+            log: None,
+        });
+        let exit = tokio::time::timeout(
+            EVENT_TIMEOUT,
+            ship::stream(
+                ctx.clone(),
+                0,
+                gone,
+                "p/d/gone".into(),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(exit, HotExit::Unshipped), "{exit:?}");
+        let exit = tokio::time::timeout(
+            EVENT_TIMEOUT,
+            ship::stream(
+                ctx,
+                0,
+                rollback,
+                "p/d/rollback".into(),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(exit, HotExit::CannotStream(_)), "{exit:?}");
+    }
+);
+
 // A database that fails its quick_check is not copied again every sync
 // interval: the stream hands it to the cold tier at once.
 both_backends!(

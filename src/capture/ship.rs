@@ -1259,6 +1259,17 @@ pub async fn stream_reporting(
     .await;
     let mut slot = match opened {
         Ok(Ok(s)) => Some(s),
+        // Deleted (or renamed away) since it was found: nothing to stream,
+        // and nothing that stops a database created at this path next from
+        // streaming. `CannotStream` would keep the path cold for
+        // `cold-after` (probe E: a database re-created at once stayed cold
+        // for ~20 s while written); the cold tier and the scan deal with it.
+        Ok(Err(_)) | Err(_)
+            if std::fs::symlink_metadata(&db)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+        {
+            return HotExit::Unshipped
+        }
         Ok(Err(e)) | Err(e) => return HotExit::CannotStream(e),
     };
     // Without the fleet log each stream syncs on a timer of its own. The

@@ -358,6 +358,64 @@ fn demo_config_replicates_and_restores() {
     }
 }
 
+/// SIGTERM while the store does not answer: the stop ends after
+/// `shutdown-timeout` with exit 1 and a line saying why, not after every
+/// request's timeouts and retries (black-box probe: 424 s with the
+/// defaults, past systemd's stop timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_against_a_hung_store_ends_at_its_timeout() {
+    let mut f = Fleet::with_yaml(Backend::S3, "  shutdown-timeout: 2s\n").await;
+    f.timeout = "3600s";
+    for i in 0..4 {
+        drop(create_db(&f.db_path("p", "d", &format!("t{i}")), 5));
+    }
+    let cfg = f.config_path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .args(["--config", cfg.to_str().unwrap(), "replicate"])
+        .env("LITEFLEET_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The lease is taken (GET, conditional PUT): from now on the store
+    // holds every request for an hour.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.s3().request_count() < 2 {
+        assert!(Instant::now() < deadline, "no lease taken");
+        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f.s3()
+        .set_fault(common::s3::Fault::Delay(Duration::from_secs(3600)));
+    let held = f.s3().request_count() + 1;
+    while f.s3().request_count() < held {
+        assert!(Instant::now() < deadline, "no request held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let signalled = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (status, err) = tokio::task::spawn_blocking(move || {
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("multi-db.shutdown-timeout"), "{err}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the stop took {took:?}: {err}"
+    );
+    f.s3().set_fault(common::s3::Fault::None);
+}
+
 /// SIGTERM while uploads are in flight: they finish, the process exits 0, and
 /// every object in the replica restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

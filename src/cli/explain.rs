@@ -684,6 +684,11 @@ fn settings(loaded: &Loaded, base: &Path) -> Vec<Setting> {
             config::DEFAULT_RELEASE_AFTER,
         ),
         (
+            "multi-db.shutdown-timeout",
+            m.shutdown_timeout,
+            config::DEFAULT_SHUTDOWN_TIMEOUT,
+        ),
+        (
             "multi-db.log-consolidate-interval",
             m.log_consolidate_interval,
             config::DEFAULT_LOG_CONSOLIDATE,

@@ -646,6 +646,24 @@ fn install_signals(token: CancellationToken) {
     });
 }
 
+/// Exits the process `limit` after `token` is cancelled (a stop was asked
+/// for) if it is still draining then: a store that does not answer would
+/// otherwise hold the stop for the requests' timeouts and retries, past
+/// systemd's stop timeout and into its SIGKILL (see
+/// [`crate::source::config::DEFAULT_SHUTDOWN_TIMEOUT`]). Nothing is
+/// recorded as uploaded that was not, so this loses no more than a crash.
+fn spawn_shutdown_watchdog(token: CancellationToken, limit: std::time::Duration) {
+    tokio::spawn(async move {
+        token.cancelled().await;
+        tokio::time::sleep(limit).await;
+        tracing::error!(
+            timeout = ?limit,
+            "the stop took longer than multi-db.shutdown-timeout (the store does not answer?): exiting without waiting; what was not uploaded is uploaded at the next start"
+        );
+        std::process::exit(1);
+    });
+}
+
 /// How long an idle thread of tokio's blocking pool waits for more work
 /// before it exits (tokio's default: 10 s). Scans run every 15 s by
 /// default, and in the benches every 5 s, so with the default the threads
@@ -736,6 +754,7 @@ async fn run(cli: Cli) -> Result<()> {
             install_signals(token.clone());
             let addr = loaded.config.addr;
             let scan_interval = loaded.multi_db().scan_interval;
+            let shutdown_timeout = loaded.multi_db().shutdown_timeout;
             // One writer per replica root: take the lease before anything
             // touches the replica or the staging directory.
             let replica = loaded.open_replica()?;
@@ -789,6 +808,7 @@ async fn run(cli: Cli) -> Result<()> {
             // is held and the endpoint listens by now.
             let notify = crate::daemon::notify::spawn(&replicator, token.clone());
             let stopping = token.clone();
+            spawn_shutdown_watchdog(token.clone(), shutdown_timeout);
             let result = replicator.run(once, token).await;
             if let Some(task) = notify {
                 // After a signal it has said STOPPING=1 (or is about to);

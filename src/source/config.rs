@@ -82,6 +82,14 @@ pub const DEFAULT_TRUNCATE_PAGES: u64 = 10_000;
 /// grows with every write; two minutes rides out a blip without a new
 /// generation, and bounds the growth to two minutes of writes.
 pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(120);
+/// Default shutdown-timeout: the longest a SIGTERM's drain (in-flight
+/// uploads, the hot streams' last syncs, the lease's release) may take
+/// before the process exits without it. Below the 180 s `TimeoutStopSec`
+/// of the shipped systemd unit, so a store that does not answer ends in
+/// our own error line and exit 1, not in systemd's SIGKILL (black-box
+/// probe: a hung store with the default 60 s request timeout and 3
+/// retries made a stop take 424 s).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(150);
 /// Default consolidation interval of the fleet log: each hot database's
 /// frames are rewritten from the shared log objects into one object of its
 /// own this often (and when its stream ends). Hourly matches the cold tier's
@@ -150,6 +158,10 @@ pub struct MultiDb {
     /// transaction and goes back to the cold tier (see [`DEFAULT_RELEASE_AFTER`]).
     #[serde(default = "default_release_after", with = "humantime_serde")]
     pub release_after: Duration,
+    /// The longest a stop after SIGTERM/SIGINT may take (see
+    /// [`DEFAULT_SHUTDOWN_TIMEOUT`]).
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     /// Ship every hot database's frames of one sync into one shared object
     /// (the fleet log, see [`crate::replica::pack`]) instead of one object
     /// per database per sync. On by default; `false` writes per-database
@@ -265,6 +277,9 @@ fn default_verify_sample() -> usize {
 }
 fn default_release_after() -> Duration {
     DEFAULT_RELEASE_AFTER
+}
+fn default_shutdown_timeout() -> Duration {
+    DEFAULT_SHUTDOWN_TIMEOUT
 }
 fn default_retention() -> Duration {
     DEFAULT_RETENTION
@@ -425,6 +440,7 @@ impl Loaded {
         for (key, d) in [
             ("multi-db.sync-interval", m.sync_interval),
             ("multi-db.release-after", m.release_after),
+            ("multi-db.shutdown-timeout", m.shutdown_timeout),
             (
                 "multi-db.log-consolidate-interval",
                 m.log_consolidate_interval,
@@ -441,6 +457,7 @@ impl Loaded {
             ("multi-db.scan-interval", Some(m.scan_interval)),
             ("multi-db.sync-interval", Some(m.sync_interval)),
             ("multi-db.release-after", Some(m.release_after)),
+            ("multi-db.shutdown-timeout", Some(m.shutdown_timeout)),
             (
                 "multi-db.log-consolidate-interval",
                 Some(m.log_consolidate_interval),

@@ -1277,7 +1277,13 @@ impl Replicator {
             stop.cancel();
             let _ = task.await;
         }
-        tracing::info!("shut down cleanly: in-flight uploads finished");
+        if self.replica.writes_refused() {
+            // The fence closed (the lease could not be renewed, or was
+            // lost): uploads in flight were abandoned, not finished.
+            tracing::warn!("shut down with replica writes refused by the lease: uploads in flight were abandoned; the next start uploads what is missing");
+        } else {
+            tracing::info!("shut down cleanly: in-flight uploads finished");
+        }
         Ok(())
     }
 }

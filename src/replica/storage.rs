@@ -520,6 +520,12 @@ impl Replica {
     }
 
     /// The same replica without a write fence (for the lease object itself).
+    /// Whether this replica's writes are refused now by its lease's fence
+    /// (never, without a fence).
+    pub fn writes_refused(&self) -> bool {
+        self.fence.as_ref().is_some_and(|f| !f.is_open())
+    }
+
     pub fn unfenced(&self) -> Replica {
         Replica {
             fence: None,
@@ -1232,7 +1238,10 @@ mod tests {
         let f = Fence::new("lease", later, ago);
         assert!(!f.is_open());
         let dir = tempfile::tempdir().unwrap();
+        assert!(!Replica::for_test_dir(dir.path()).writes_refused());
         let r = Replica::for_test_dir(dir.path()).with_fence(Arc::new(f));
+        assert!(r.writes_refused());
+        assert!(!r.unfenced().writes_refused());
         let e = r
             .put_bytes(&ObjPath::from("k/x"), b"no".to_vec())
             .await

@@ -398,14 +398,21 @@ impl Replicator {
     /// would otherwise never get the databases that do not change again.
     /// Then the identity is made sure of: written if the replica has none,
     /// and recorded beside the state file. `false` when the replica could
-    /// not be read or written: the records are kept and the check runs
-    /// again at the next cycle (the uploads will tell).
+    /// not be read or written: the check runs again at the next cycle. The
+    /// records the state file gave are not kept when the replica could not
+    /// be read: the first scan would apply them, and a check that succeeds
+    /// later could no longer take them back (probe H: a store that failed
+    /// the first GETs and then answered "no identity" got a new identity
+    /// over the stale records, and 49 of 50 databases were never uploaded
+    /// again). Forgetting costs one upload of every database; keeping them
+    /// could cost backups.
     async fn check_records(&self) -> bool {
         use crate::replica::identity::{self, Identity};
         let found = match identity::read(&self.replica).await {
             Ok(found) => found,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot read the replica's identity; keeping the upload records");
+                self.distrust_records(&format!("cannot read the replica's identity: {e}"))
+                    .await;
                 return false;
             }
         };
@@ -414,26 +421,22 @@ impl Replicator {
         // The identities agree (or both predate them), and the replica was
         // not emptied of its keys alone.
         let records = lock(&self.tracker).upload_records();
-        let trusted = match (&found, &recorded) {
+        let same = match (&found, &recorded) {
             (Some(found), Some(recorded)) => found.id == *recorded,
             (None, None) => true,
             // A replica without its identity (emptied, or its `.litefleet/`
             // deleted), or records not known to belong to it.
             _ => false,
-        } && (records == 0 || self.holds_backups().await);
-        if !trusted {
-            let n = lock(&self.tracker).forget_upload_records();
-            if n > 0 {
-                tracing::warn!(
-                    records = n,
-                    replica = %self.replica,
-                    "the state file's upload records were not made against this replica (it was emptied, or is another one): uploading every database again"
-                );
-            }
-            // Forgotten on disk before anything says they belong here.
-            if !self.save_state().await {
-                return false;
-            }
+        };
+        let trusted = same && (records == 0 || self.holds_backups().await == Some(true));
+        if !trusted
+            && !self
+                .distrust_records(
+                    "the state file's upload records were not made against this replica (it was emptied, is another one, or could not be listed)",
+                )
+                .await
+        {
+            return false;
         }
         let identity = match found {
             Some(found) => found,
@@ -461,21 +464,36 @@ impl Replicator {
         true
     }
 
+    /// Forgets the upload records the state file gave, if any, and saves
+    /// the state without them before anything can say they belong to this
+    /// replica; `false` if that save failed.
+    async fn distrust_records(&self, why: &str) -> bool {
+        let n = lock(&self.tracker).forget_upload_records();
+        if n == 0 {
+            return true;
+        }
+        tracing::warn!(
+            records = n,
+            replica = %self.replica,
+            "{why}: uploading every database again"
+        );
+        self.save_state().await
+    }
+
     /// Whether the replica holds backups at all: the test for a state file
     /// and replica that both predate identities. One LIST with delimiter at
-    /// the replica root; a replica that cannot be listed counts as holding
-    /// them (the records are kept).
-    async fn holds_backups(&self) -> bool {
+    /// the replica root; `None` when it cannot be listed.
+    async fn holds_backups(&self) -> Option<bool> {
         let root = self.replica.prefix.clone();
         match self.replica.list_children(&root).await {
             Ok((dirs, objects)) => {
                 let lease_dir =
                     crate::replica::layout::key_path(&root, crate::replica::lease::LEASE_DIR);
-                !objects.is_empty() || dirs.iter().any(|d| *d != lease_dir)
+                Some(!objects.is_empty() || dirs.iter().any(|d| *d != lease_dir))
             }
             Err(e) => {
-                tracing::debug!(error = %e, "cannot list the replica root; keeping the upload records");
-                true
+                tracing::debug!(error = %e, "cannot list the replica root");
+                None
             }
         }
     }

@@ -124,7 +124,6 @@ async fn pending_is_counted_while_a_cycle_runs() {
 /// could not be taken back; 49 of 50 databases were never uploaded again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_not_trusted_while_the_replica_cannot_be_read() {
-    use object_store::ObjectStoreExt;
     let f = Fleet::new(Backend::S3).await;
     let n = 3;
     for i in 0..n {

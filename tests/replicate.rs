@@ -446,6 +446,19 @@ both_backends!(
         .unwrap();
         assert_eq!(f.replicator().cycle(&token).await.uploaded, 2);
         assert_eq!(f.replicator().cycle(&token).await.uploaded, 0);
+
+        // An identity that is no identity (damaged, foreign) identifies
+        // nothing: replaced, every database once more, then trusted.
+        let identity =
+            object_store::path::Path::from(format!("{}/.litefleet/replica.json", r.prefix));
+        r.store
+            .put(&identity, b"garbage{".to_vec().into())
+            .await
+            .unwrap();
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 2);
+        let now = r.get_bytes(&identity).await.unwrap().unwrap();
+        assert!(now.starts_with(b"{"), "{now:?}");
+        assert_eq!(f.replicator().cycle(&token).await.uploaded, 0);
     }
 );
 

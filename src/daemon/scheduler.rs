@@ -410,6 +410,13 @@ impl Replicator {
         use crate::replica::identity::{self, Identity};
         let found = match identity::read(&self.replica).await {
             Ok(found) => found,
+            // An object that is no identity (damaged, foreign) identifies
+            // nothing: replaced below like a missing one (probe H: it was
+            // ignored at debug level and read again every scan).
+            Err(e @ Error::Invalid { .. }) => {
+                tracing::warn!(error = %e, "the replica's identity is unreadable; writing a new one");
+                None
+            }
             Err(e) => {
                 self.distrust_records(&format!("cannot read the replica's identity: {e}"))
                     .await;

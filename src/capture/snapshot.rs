@@ -793,7 +793,7 @@ fn skip_skippable(src: &mut impl Read) -> std::io::Result<Vec<u8>> {
 }
 
 /// `read_exact` that reports how much it read at end of input.
-fn read_full(src: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full(src: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match src.read(&mut buf[n..]) {

@@ -780,7 +780,7 @@ pub fn replay_segment(
     page_size: u32,
     prev: Option<ChainLink>,
 ) -> Result<(FramesInfo, u64)> {
-    use std::io::Read;
+    use crate::capture::snapshot::{read_full, FrameInput};
     if !valid_page_size(page_size) {
         return Err(Error::invalid(
             what,
@@ -791,21 +791,12 @@ pub fn replay_segment(
         |e: &dyn std::fmt::Display| Error::invalid(what, format!("not a valid LZ4 segment: {e}"));
     let fsize = FRAME_HEADER_SIZE as usize + page_size as usize;
     let mut buf = vec![0u8; (REPLAY_CHUNK / fsize).max(1) * fsize];
-    let mut dec =
-        lz4_flex::frame::FrameDecoder::new(crate::capture::snapshot::FrameInput::new(compressed));
+    let mut dec = lz4_flex::frame::FrameDecoder::new(FrameInput::new(compressed));
     let mut link = prev;
     let mut last: Option<FramesInfo> = None;
     let mut total = 0u64;
     loop {
-        let mut n = 0;
-        while n < buf.len() {
-            match dec.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(invalid(&e)),
-            }
-        }
+        let n = read_full(&mut dec, &mut buf).map_err(|e| invalid(&e))?;
         if n == 0 {
             break;
         }
@@ -840,7 +831,6 @@ pub fn replay_segment(
 
 /// Writes the pages of checked frames (see [`apply_frames`]).
 fn apply_run(db: &mut File, page_size: u32, frames: &[u8]) -> Result<()> {
-    const WHAT: &str = APPLYING;
     let fsize = FRAME_HEADER_SIZE as usize + page_size as usize;
     let ps = u64::from(page_size);
     for f in frames.chunks_exact(fsize) {
@@ -849,10 +839,10 @@ fn apply_run(db: &mut File, page_size: u32, frames: &[u8]) -> Result<()> {
         };
         let at = (u64::from(h.pgno) - 1) * ps;
         db.write_all_at(&f[FRAME_HEADER_SIZE as usize..], at)
-            .map_err(|e| Error::invalid(WHAT, format!("writing page {}: {e}", h.pgno)))?;
+            .map_err(|e| Error::invalid(APPLYING, format!("writing page {}: {e}", h.pgno)))?;
         if h.commit != 0 {
             db.set_len(u64::from(h.commit) * ps).map_err(|e| {
-                Error::invalid(WHAT, format!("setting size to {} pages: {e}", h.commit))
+                Error::invalid(APPLYING, format!("setting size to {} pages: {e}", h.commit))
             })?;
         }
     }
@@ -1181,15 +1171,15 @@ mod tests {
         let (k, seg, _) =
             frames_of(read_committed(&f, &wp, &WalCursor::at_start(0, &h), u64::MAX).unwrap());
         assert!(seg.len() > REPLAY_CHUNK + 1024, "{}", seg.len());
-        let frame = {
-            use std::io::Write;
-            let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
-                crate::capture::snapshot::frame_info(seg.len() as u64),
-                Vec::new(),
-            );
-            enc.write_all(&seg).unwrap();
-            enc.finish().unwrap()
+        // Compressed as the stream uploads a segment.
+        let lz4 = |frames: &[u8]| {
+            let first = crate::replica::hot::Position {
+                index: 0,
+                offset: crate::replica::hot::FIRST_FRAME,
+            };
+            crate::capture::upload::compress_segment("p/d/a", first, frames).unwrap()
         };
+        let frame = lz4(&seg);
         let fresh = |name: &str| {
             let p = t.path().join(name);
             std::fs::write(&p, &snap).unwrap();
@@ -1208,15 +1198,7 @@ mod tests {
         );
 
         // 64 MiB of zeros in a small frame: refused at its first run.
-        let zeros = {
-            use std::io::Write;
-            let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
-            let block = vec![0u8; 1 << 20];
-            for _ in 0..64 {
-                enc.write_all(&block).unwrap();
-            }
-            enc.finish().unwrap()
-        };
+        let zeros = lz4(&vec![0u8; 64 << 20]);
         assert!(zeros.len() < 1 << 20);
         let e = replay_segment("bomb", &zeros, &mut fresh("bomb.db"), 1024, None)
             .unwrap_err()
@@ -1234,12 +1216,7 @@ mod tests {
         .to_string();
         assert!(e.contains("cut short"), "{e}");
         let fsize = 24 + 1024;
-        let open = {
-            use std::io::Write;
-            let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
-            enc.write_all(&seg[..seg.len() - fsize]).unwrap();
-            enc.finish().unwrap()
-        };
+        let open = lz4(&seg[..seg.len() - fsize]);
         let e = replay_segment("open", &open, &mut fresh("o.db"), 1024, None)
             .unwrap_err()
             .to_string();

@@ -720,30 +720,22 @@ impl Tracker {
     /// `tag` identifies the replica and key layout the records are valid for.
     pub fn save_state(&mut self, path: &Path, tag: u64) -> io::Result<()> {
         use std::io::Write;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let tmp = tempfile::Builder::new()
-            .prefix(&state_temp_prefix(path))
-            .tempfile_in(dir)?;
-        let mut w = io::BufWriter::new(tmp.as_file());
-        w.write_all(STATE_MAGIC)?;
-        w.write_all(&tag.to_le_bytes())?;
-        for (i, e) in self.entries.iter().enumerate() {
-            if e.flags & LIVE == 0 || e.synced == 0 {
-                continue;
+        write_state_file(path, |file| {
+            let mut w = io::BufWriter::new(file);
+            w.write_all(STATE_MAGIC)?;
+            w.write_all(&tag.to_le_bytes())?;
+            for (i, e) in self.entries.iter().enumerate() {
+                if e.flags & LIVE == 0 || e.synced == 0 {
+                    continue;
+                }
+                let p = self.path(i as Id);
+                let b = p.as_os_str().as_bytes();
+                w.write_all(&e.synced.to_le_bytes())?;
+                w.write_all(&(b.len() as u32).to_le_bytes())?;
+                w.write_all(b)?;
             }
-            let p = self.path(i as Id);
-            let b = p.as_os_str().as_bytes();
-            w.write_all(&e.synced.to_le_bytes())?;
-            w.write_all(&(b.len() as u32).to_le_bytes())?;
-            w.write_all(b)?;
-        }
-        w.flush()?;
-        drop(w);
-        tmp.as_file().sync_all()?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        // The rename itself is durable only once the directory is.
-        std::fs::File::open(dir)?.sync_all()?;
+            w.flush()
+        })?;
         self.state_dirty = false;
         Ok(())
     }
@@ -860,15 +852,29 @@ pub fn recorded_replica(path: &Path) -> Option<String> {
 /// Records, atomically and durably, that the records of the state file at
 /// `path` belong to the replica identity `id`.
 pub fn record_replica(path: &Path, id: &str) -> io::Result<()> {
-    let sidecar = replica_sidecar(path);
-    let dir = sidecar.parent().unwrap_or(Path::new("."));
+    use std::io::Write;
+    write_state_file(&replica_sidecar(path), |mut file| {
+        file.write_all(format!("{id}\n").as_bytes())
+    })
+}
+
+/// Writes the file at `path` (the state file, its sidecar) atomically and
+/// durably: `write` fills a temporary file beside it (named with
+/// [`state_temp_prefix`]), which is synced, renamed over `path`, and the
+/// directory synced, since the rename itself is durable only once the
+/// directory is.
+fn write_state_file(
+    path: &Path,
+    write: impl FnOnce(&std::fs::File) -> io::Result<()>,
+) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = tempfile::Builder::new()
-        .prefix(&state_temp_prefix(&sidecar))
+        .prefix(&state_temp_prefix(path))
         .tempfile_in(dir)?;
-    std::fs::write(tmp.path(), format!("{id}\n"))?;
+    write(tmp.as_file())?;
     tmp.as_file().sync_all()?;
-    tmp.persist(&sidecar).map_err(|e| e.error)?;
+    tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
 }
 

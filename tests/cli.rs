@@ -9,6 +9,26 @@ use std::time::{Duration, Instant};
 use common::fleet::{count_rows, create_db, Backend, Fleet};
 use common::{chmod, litefleet, litefleet_command, stderr, walk_files};
 
+/// Writes `dir/litefleet.yml`: the patterns `./data/*/*.db` (key
+/// `{{a}}/{{b}}`) replicated to the `file://` directory `replica`.
+fn write_file_config(dir: &Path, replica: &Path) {
+    let yaml = format!(
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
+        replica.display()
+    );
+    std::fs::write(dir.join("litefleet.yml"), yaml).unwrap();
+}
+
+/// In `dir`: the config of [`write_file_config`] with the replica at
+/// `dir/replica`, one database `data/x/app.db` (key `x/app`) of `rows` rows,
+/// and a `replicate --once` that backed it up.
+fn one_database_backed_up(dir: &Path, rows: usize) {
+    write_file_config(dir, &dir.join("replica"));
+    drop(create_db(&dir.join("data/x/app.db"), rows));
+    let o = litefleet(dir, &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 #[test]
 fn bad_configs_are_clear_errors_not_panics() {
     let t = tempfile::tempdir().unwrap();
@@ -203,11 +223,7 @@ fn replica_directory_that_cannot_be_created_names_the_key() {
 #[test]
 fn once_with_no_matching_database_fails() {
     let t = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
-        t.path().join("replica").display()
-    );
-    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    write_file_config(t.path(), &t.path().join("replica"));
     std::fs::create_dir_all(t.path().join("data/x")).unwrap();
     std::fs::write(t.path().join("data/x/notes.db"), b"not sqlite").unwrap();
     let o = litefleet(t.path(), &["replicate", "--once"]);
@@ -493,11 +509,7 @@ async fn sigterm_finishes_in_flight_uploads() {
 fn reading_commands_report_missing_replicas_and_keys() {
     let t = tempfile::tempdir().unwrap();
     let replica = t.path().join("replica-typo");
-    let yaml = format!(
-        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
-        replica.display()
-    );
-    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    write_file_config(t.path(), &replica);
     let o = litefleet(t.path(), &["list"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("no such directory"), "{}", stderr(&o));
@@ -521,14 +533,7 @@ fn reading_commands_report_missing_replicas_and_keys() {
 #[test]
 fn output_into_a_closed_pipe_is_no_panic() {
     let t = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
-        t.path().join("replica").display()
-    );
-    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
-    drop(create_db(&t.path().join("data/x/app.db"), 1));
-    let o = litefleet(t.path(), &["replicate", "--once"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    one_database_backed_up(t.path(), 1);
     for args in [
         &["snapshots", "x/app"][..],
         &["generations", "x/app"],
@@ -555,14 +560,7 @@ fn output_into_a_closed_pipe_is_no_panic() {
 fn restored_files_follow_the_umask() {
     use std::os::unix::fs::PermissionsExt;
     let t = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
-        t.path().join("replica").display()
-    );
-    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
-    drop(create_db(&t.path().join("data/x/app.db"), 3));
-    let o = litefleet(t.path(), &["replicate", "--once"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    one_database_backed_up(t.path(), 3);
     let out = t.path().join("restored.db");
     let o = litefleet(t.path(), &["restore", "x/app", "-o", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -584,14 +582,7 @@ fn restored_files_follow_the_umask() {
 #[test]
 fn a_key_is_not_taken_for_a_file_of_the_same_name() {
     let t = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
-        t.path().join("replica").display()
-    );
-    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
-    drop(create_db(&t.path().join("data/x/app.db"), 3));
-    let o = litefleet(t.path(), &["replicate", "--once"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    one_database_backed_up(t.path(), 3);
     let restore = |target: &str, out: &str| {
         let out = t.path().join(out);
         let o = litefleet(t.path(), &["restore", target, "-o", out.to_str().unwrap()]);
@@ -663,11 +654,7 @@ fn once_with_unreadable_databases_fails() {
     for d in ["", "data", "data/x"] {
         chmod(&t.path().join(d), 0o777);
     }
-    let yaml = format!(
-        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
-        t.path().join("replica").display()
-    );
-    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    write_file_config(t.path(), &t.path().join("replica"));
     let mut cmd = litefleet_command(t.path(), &["replicate", "--once"]);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -754,11 +741,7 @@ fn file_names_cannot_forge_log_lines() {
     bytes.resize(4096, 0);
     std::fs::create_dir_all(t.path().join("data/x")).unwrap();
     std::fs::write(t.path().join("data/x").join(name), bytes).unwrap();
-    let yaml = format!(
-        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
-        t.path().join("replica").display()
-    );
-    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    write_file_config(t.path(), &t.path().join("replica"));
     let o = litefleet(t.path(), &["replicate", "--once"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");

@@ -661,6 +661,26 @@ async fn an_outage_releases_the_read_transaction() {
     );
 }
 
+/// A stream context without events or fleet log: per-database segments,
+/// a sync every 20 ms, the default checkpoints and release.
+fn plain_context(f: &Fleet, stats: Arc<Stats>) -> Arc<HotContext> {
+    Arc::new(HotContext {
+        replica: f.replica(),
+        temp_dir: f.work.path().join("tmp"),
+        cfg: ShipConfig {
+            sync_interval: Duration::from_millis(20),
+            checkpoint_pages: 1000,
+            truncate_pages: 10_000,
+            release_after: DEFAULT_RELEASE_AFTER,
+            consolidate_every: Duration::from_secs(3600),
+        },
+        stats,
+        permits: Arc::new(Semaphore::new(4)),
+        events: None,
+        log: None,
+    })
+}
+
 // A database deleted before its stream opened it is not "cannot stream"
 // (which keeps its path cold for `cold-after`): a database re-created there
 // streams at once (probe E: it stayed cold for ~20 s while written). One
@@ -674,21 +694,7 @@ both_backends!(
         let c = create_db(&rollback, 1);
         c.execute_batch("PRAGMA journal_mode=DELETE").unwrap();
         drop(c);
-        let ctx = Arc::new(HotContext {
-            replica: f.replica(),
-            temp_dir: f.work.path().join("tmp"),
-            cfg: ShipConfig {
-                sync_interval: Duration::from_millis(20),
-                checkpoint_pages: 1000,
-                truncate_pages: 10_000,
-                release_after: DEFAULT_RELEASE_AFTER,
-                consolidate_every: Duration::from_secs(3600),
-            },
-            stats: Arc::new(Stats::default()),
-            permits: Arc::new(Semaphore::new(4)),
-            events: None,
-            log: None,
-        });
+        let ctx = plain_context(&f, Arc::new(Stats::default()));
         let exit = tokio::time::timeout(
             EVENT_TIMEOUT,
             ship::stream(
@@ -736,21 +742,7 @@ both_backends!(
         }
         std::fs::write(&path, &bytes).unwrap();
         let stats = Arc::new(Stats::default());
-        let ctx = Arc::new(HotContext {
-            replica: f.replica(),
-            temp_dir: f.work.path().join("tmp"),
-            cfg: ShipConfig {
-                sync_interval: Duration::from_millis(20),
-                checkpoint_pages: 1000,
-                truncate_pages: 10_000,
-                release_after: DEFAULT_RELEASE_AFTER,
-                consolidate_every: Duration::from_secs(3600),
-            },
-            stats: stats.clone(),
-            permits: Arc::new(Semaphore::new(4)),
-            events: None,
-            log: None,
-        });
+        let ctx = plain_context(&f, stats.clone());
         let exit = tokio::time::timeout(
             EVENT_TIMEOUT,
             ship::stream(ctx, 0, path, "p/d/a".into(), CancellationToken::new()),

@@ -6,6 +6,16 @@ use common::fleet::{age, create_db, Backend, Fleet};
 use common::s3::Fault;
 use tokio_util::sync::CancellationToken;
 
+/// Databases `p/d/t0` .. `p/d/t{n-1}` of `rows` rows each, last written
+/// an hour ago (cold, not racy).
+fn aged_databases(f: &Fleet, n: usize, rows: usize) {
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, rows));
+        age(&p);
+    }
+}
+
 async fn restore_all(f: &Fleet, n: usize, rows: i64) {
     let keys: Vec<String> = (0..n).map(|i| format!("p/d/t{i}")).collect();
     f.assert_restores(&keys, rows).await;
@@ -17,11 +27,7 @@ async fn restore_all(f: &Fleet, n: usize, rows: i64) {
 async fn s3_failing_mid_cycle_is_retried_next_cycle() {
     let f = Fleet::new(Backend::S3).await;
     let n = 10;
-    for i in 0..n {
-        let p = f.db_path("p", "d", &format!("t{i}"));
-        drop(create_db(&p, 3));
-        age(&p);
-    }
+    aged_databases(&f, n, 3);
     let rep = f.replicator();
     let token = CancellationToken::new();
     // The first requests list the fleet log an earlier run may have left,
@@ -43,11 +49,7 @@ async fn s3_failing_mid_cycle_is_retried_next_cycle() {
 async fn s3_stopped_then_restarted() {
     let mut f = Fleet::new(Backend::S3).await;
     let n = 6;
-    for i in 0..n {
-        let p = f.db_path("p", "d", &format!("t{i}"));
-        drop(create_db(&p, 2));
-        age(&p);
-    }
+    aged_databases(&f, n, 2);
     let rep = f.replicator();
     let token = CancellationToken::new();
     f.s3.as_mut().unwrap().stop().await;
@@ -66,11 +68,7 @@ async fn s3_stopped_then_restarted() {
 async fn server_errors_for_several_cycles_then_heal() {
     let f = Fleet::new(Backend::S3).await;
     let n = 5;
-    for i in 0..n {
-        let p = f.db_path("p", "d", &format!("t{i}"));
-        drop(create_db(&p, 4));
-        age(&p);
-    }
+    aged_databases(&f, n, 4);
     let rep = f.replicator();
     let token = CancellationToken::new();
     for fault in [Fault::Unavailable, Fault::InternalError, Fault::Unavailable] {
@@ -91,11 +89,7 @@ async fn pending_is_counted_while_a_cycle_runs() {
     use std::sync::atomic::Ordering::Relaxed;
     let f = Fleet::new(Backend::S3).await;
     let n = 6;
-    for i in 0..n {
-        let p = f.db_path("p", "d", &format!("t{i}"));
-        drop(create_db(&p, 2));
-        age(&p);
-    }
+    aged_databases(&f, n, 2);
     let rep = std::sync::Arc::new(f.replicator());
     let stats = rep.stats();
     // Every request takes 300 ms: the cycle is surely seen midway.
@@ -126,11 +120,7 @@ async fn pending_is_counted_while_a_cycle_runs() {
 async fn records_are_not_trusted_while_the_replica_cannot_be_read() {
     let f = Fleet::new(Backend::S3).await;
     let n = 3;
-    for i in 0..n {
-        let p = f.db_path("p", "d", &format!("t{i}"));
-        drop(create_db(&p, 2));
-        age(&p);
-    }
+    aged_databases(&f, n, 2);
     let token = CancellationToken::new();
     assert_eq!(f.replicator().cycle(&token).await.uploaded, n);
     // The store loses everything but one snapshot, its identity included.

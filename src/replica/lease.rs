@@ -124,21 +124,20 @@ pub struct LeaseRecord {
 }
 
 impl LeaseRecord {
-    /// "host h, pid p, expires T (in 42s)" for messages.
+    /// "host h, pid p, expires T (in 42s)" for messages; "expired T (3s
+    /// ago)" once it has (a takeover used to log an expired lease as
+    /// "expires T (in 0s)": seconds were cut toward zero).
     pub fn describe(&self, now: DateTime<Utc>) -> String {
-        let left = (self.expires - now).num_seconds();
-        let when = if left >= 0 {
-            format!("in {left}s")
+        let ms = (self.expires - now).num_milliseconds();
+        let at = self
+            .expires
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let when = if ms > 0 {
+            format!("expires {at} (in {}s)", (ms + 999) / 1000)
         } else {
-            format!("{}s ago", -left)
+            format!("expired {at} ({}s ago)", -ms / 1000)
         };
-        format!(
-            "host {}, pid {}, expires {} ({when})",
-            self.hostname,
-            self.pid,
-            self.expires
-                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-        )
+        format!("host {}, pid {}, {when}", self.hostname, self.pid)
     }
 }
 
@@ -584,6 +583,19 @@ mod tests {
         assert_eq!(back, r);
         let d = r.describe(t + chrono::Duration::seconds(18));
         assert_eq!(d, "host h, pid 1, expires 2026-11-22T13:01:00Z (in 42s)");
+        let late = |ms: i64| r.describe(t + chrono::Duration::milliseconds(60_000 + ms));
+        assert_eq!(
+            late(-300),
+            "host h, pid 1, expires 2026-11-22T13:01:00Z (in 1s)"
+        );
+        assert_eq!(
+            late(300),
+            "host h, pid 1, expired 2026-11-22T13:01:00Z (0s ago)"
+        );
+        assert_eq!(
+            late(4_000),
+            "host h, pid 1, expired 2026-11-22T13:01:00Z (4s ago)"
+        );
     }
 
     #[test]

@@ -554,6 +554,24 @@ fn output_into_a_closed_pipe_is_no_panic() {
     }
 }
 
+/// A bulk restore into a path that is a file says so (probe: it printed
+/// "File exists (os error 17)"), and leaves the file alone.
+#[test]
+fn a_bulk_restore_into_a_file_says_it_is_not_a_directory() {
+    let t = tempfile::tempdir().unwrap();
+    one_database_backed_up(t.path(), 1);
+    let file = t.path().join("existing");
+    std::fs::write(&file, b"mine").unwrap();
+    let o = litefleet(t.path(), &["restore", "--prefix", "", "-o", "existing"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("existing: exists and is not a directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
+}
+
 /// A restored database gets the mode SQLite would give a new database
 /// (0666 minus the umask), not the temporary file's 0600.
 #[test]

@@ -219,6 +219,12 @@ pub async fn restore_bulk(
         };
         return Err(Error::NotFound(format!("no databases{under} in {replica}")));
     }
+    if std::fs::metadata(&opts.output_dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(Error::invalid(
+            opts.output_dir.display(),
+            "exists and is not a directory: a bulk restore writes one database per key below a directory",
+        ));
+    }
     std::fs::create_dir_all(&opts.output_dir).at(&opts.output_dir)?;
     progress.started(dbs.len());
     let mut done = futures::stream::iter(dbs)

@@ -359,6 +359,12 @@ pub struct SnapshotEntry {
     pub checksum: String,
 }
 
+/// Largest `metadata.json` read. Ours grows by about 100 bytes per WAL
+/// the generation ships (one `wal_ends` and one `wal_starts` entry); 64 MiB
+/// is some 600,000 WALs, years of checkpoints every minute. A bigger one is
+/// refused before it is downloaded.
+pub const MAX_METADATA_BYTES: u64 = 64 << 20;
+
 /// `metadata.json` of a generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metadata {
@@ -1342,7 +1348,7 @@ pub async fn read_metadata(
 ) -> Result<Option<Metadata>> {
     check_key(key)?;
     let location = metadata_path(&replica.prefix, key, gen);
-    let Some(bytes) = replica.get_bytes(&location).await? else {
+    let Some(bytes) = replica.get_small(&location, MAX_METADATA_BYTES).await? else {
         return Ok(None);
     };
     serde_json::from_slice(&bytes)

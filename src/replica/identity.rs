@@ -35,6 +35,9 @@ use crate::{Error, Result};
 /// The identity object, under the lease's directory (which listings of
 /// keys pass over).
 pub const IDENTITY_OBJECT: &str = ".litefleet/replica.json";
+/// Largest identity object read: ours is under 100 bytes; a bigger one is
+/// not ours, and is refused before it is downloaded.
+const MAX_IDENTITY_BYTES: u64 = 64 << 10;
 
 /// What the identity object holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +82,7 @@ pub fn location(replica: &Replica) -> ObjPath {
 /// an identity is an error naming it.
 pub async fn read(replica: &Replica) -> Result<Option<Identity>> {
     let loc = location(replica);
-    let Some(bytes) = replica.get_bytes(&loc).await? else {
+    let Some(bytes) = replica.get_small(&loc, MAX_IDENTITY_BYTES).await? else {
         return Ok(None);
     };
     serde_json::from_slice(&bytes)

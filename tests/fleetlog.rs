@@ -67,6 +67,7 @@ impl Streams {
                 truncate_pages: 10_000,
                 release_after: DEFAULT_RELEASE_AFTER,
                 consolidate_every,
+                snapshot_interval: litefleet::source::config::DEFAULT_SNAPSHOT_INTERVAL,
             },
             stats: stats.clone(),
             permits: Arc::new(Semaphore::new(4)),

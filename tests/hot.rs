@@ -17,7 +17,7 @@ use common::fleet::{count_rows, create_db, insert_rows, Fleet};
 use litefleet::capture::fleetlog::FleetLog;
 use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent, Shipper, Step};
 use litefleet::restore::{RestoreOutcome, Tier};
-use litefleet::source::config::DEFAULT_RELEASE_AFTER;
+use litefleet::source::config::{DEFAULT_RELEASE_AFTER, DEFAULT_SNAPSHOT_INTERVAL};
 use litefleet::stats::Stats;
 use rusqlite::Connection;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -53,6 +53,21 @@ impl Hot {
 
     /// Starts streaming a new 1-row database without waiting for anything.
     fn spawn(f: Fleet, checkpoint_pages: u64, truncate_pages: u64, release_after: Duration) -> Hot {
+        Hot::spawn_with(
+            f,
+            ShipConfig {
+                sync_interval: Duration::from_millis(50),
+                checkpoint_pages,
+                truncate_pages,
+                release_after,
+                consolidate_every: Duration::from_millis(300),
+                snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+            },
+        )
+    }
+
+    /// [`Hot::spawn`] with the stream's settings.
+    fn spawn_with(f: Fleet, cfg: ShipConfig) -> Hot {
         let path = f.db_path("p", "d", "a");
         let key = Fleet::key("p", "d", "a");
         drop(create_db(&path, 1));
@@ -66,13 +81,7 @@ impl Hot {
         let ctx = Arc::new(HotContext {
             replica: f.replica(),
             temp_dir: f.work.path().join("tmp"),
-            cfg: ShipConfig {
-                sync_interval: Duration::from_millis(50),
-                checkpoint_pages,
-                truncate_pages,
-                release_after,
-                consolidate_every: Duration::from_millis(300),
-            },
+            cfg,
             stats: stats.clone(),
             permits: Arc::new(Semaphore::new(4)),
             events: Some(tx),
@@ -322,6 +331,81 @@ both_backends!(own_checkpoints_advance_the_wal_index, |b| async move {
     assert!(wal_size < 200 * 4096, "WAL grew to {wal_size} bytes");
 });
 
+// A database that never goes cold gets a new generation, with a fresh
+// snapshot, every `snapshot-interval`. Restores at points in time on both
+// sides of each change are exact; each ended generation's metadata says the
+// fleet log holds nothing more of it; and retention can then delete all but
+// the newest. Before, such a database kept one generation for ever: every
+// restore replayed all of its WAL since the stream began, and retention
+// could delete none of it.
+both_backends!(
+    a_database_always_hot_starts_a_generation_every_snapshot_interval,
+    |b| async move {
+        let mut h = Hot::spawn_with(
+            Fleet::new(b).await,
+            ShipConfig {
+                sync_interval: Duration::from_millis(50),
+                checkpoint_pages: 1000,
+                truncate_pages: 10_000,
+                release_after: DEFAULT_RELEASE_AFTER,
+                consolidate_every: Duration::from_secs(3600),
+                snapshot_interval: Duration::from_millis(400),
+            },
+        );
+        h.until_shipped(1).await;
+        let w = writer(&h.path);
+        let mut rows = 1;
+        let mut marks = Vec::new();
+        while h.generations().await < 3 {
+            assert!(
+                marks.len() < 300,
+                "no third generation in {} syncs",
+                marks.len()
+            );
+            insert_rows(&w, 2);
+            rows += 2;
+            h.until_shipped(rows).await;
+            marks.push((h.mark().await, rows));
+        }
+        for (at, expected) in &marks {
+            assert_eq!(h.restored_rows(Some(*at)).await, *expected, "at {at}");
+        }
+        let key = h.key.clone();
+        let (f, _) = h.finish().await;
+        let r = f.replica();
+        let gens = litefleet::replica::hot::list_generation_ids(&r, &key)
+            .await
+            .unwrap();
+        assert!(gens.len() >= 3, "{gens:?}");
+        for g in &gens {
+            let m = litefleet::replica::hot::read_metadata(&r, &key, g)
+                .await
+                .unwrap()
+                .expect("every generation has its metadata");
+            assert!(!m.logged, "generation {g} left in the fleet log");
+        }
+        // From a cutoff after the newest generation's snapshot, only that
+        // generation can serve a restore: retention deletes the others.
+        let now = Utc::now() + chrono::Duration::seconds(3);
+        litefleet::replica::retention::enforce(&r, Duration::from_secs(1), now)
+            .await
+            .unwrap();
+        let left = litefleet::replica::hot::list_generation_ids(&r, &key)
+            .await
+            .unwrap();
+        assert_eq!(left, gens[..1], "retention kept older generations");
+        let out = f.work.path().join("latest.db");
+        assert!(matches!(
+            f.restore(&key, &out, None).await.unwrap(),
+            RestoreOutcome::Restored {
+                tier: Tier::Hot,
+                ..
+            }
+        ));
+        assert_eq!(count_rows(&out), rows);
+    }
+);
+
 both_backends!(replaced_database_starts_a_new_generation, |b| async move {
     let mut h = Hot::start(Fleet::new(b).await, 1000, 10_000).await;
     let w = writer(&h.path);
@@ -422,6 +506,7 @@ fn restart_at_the_tip_continues_in_the_next_wal() {
         truncate_pages: 1,
         release_after: DEFAULT_RELEASE_AFTER,
         consolidate_every: Duration::from_secs(3600),
+        snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
     };
     let report = s.advance(&cfg).unwrap().expect("a checkpoint");
     assert!(report.truncated, "{report:?}");
@@ -673,6 +758,7 @@ fn plain_context(f: &Fleet, stats: Arc<Stats>) -> Arc<HotContext> {
             truncate_pages: 10_000,
             release_after: DEFAULT_RELEASE_AFTER,
             consolidate_every: Duration::from_secs(3600),
+            snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
         },
         stats,
         permits: Arc::new(Semaphore::new(4)),

@@ -123,6 +123,7 @@ async fn thousand_hot_databases_stay_bounded() {
             truncate_pages: 10_000,
             release_after: litefleet::source::config::DEFAULT_RELEASE_AFTER,
             consolidate_every: litefleet::source::config::DEFAULT_LOG_CONSOLIDATE,
+            snapshot_interval: litefleet::source::config::DEFAULT_SNAPSHOT_INTERVAL,
         },
         stats,
         permits: Arc::new(Semaphore::new(100)),

@@ -51,6 +51,11 @@
 //!   if one did, its frames may have been truncated unseen, so the tip is
 //!   forgotten and a WAL that moved on starts a new generation.
 //!
+//! A generation is renewed: once it is `snapshot-interval` old (a day by
+//! default), the next sync ends it (recording where) and starts a new one
+//! with a fresh snapshot, so a database that never goes cold does not keep
+//! one generation, and its whole WAL history, for ever.
+//!
 //! Application checkpoints keep working: PASSIVE ones (including SQLite's
 //! autocheckpoint) stop at our read mark; RESTART and TRUNCATE ones wait for
 //! our reader like for any other and may report SQLITE_BUSY, as with
@@ -128,6 +133,9 @@ pub struct ShipConfig {
     /// With the fleet log: how often a stream's parts are consolidated into
     /// a pack of its own (see [`crate::capture::fleetlog`]).
     pub consolidate_every: Duration,
+    /// A generation this old is ended and a new one started with a fresh
+    /// snapshot (see [`crate::source::config::DEFAULT_SNAPSHOT_INTERVAL`]).
+    pub snapshot_interval: Duration,
 }
 
 impl ShipConfig {
@@ -138,6 +146,7 @@ impl ShipConfig {
             truncate_pages: m.truncate_pages,
             release_after: m.release_after,
             consolidate_every: m.log_consolidate_interval,
+            snapshot_interval: m.snapshot_interval,
         }
     }
 }
@@ -222,6 +231,9 @@ pub struct Shipper {
     /// lock (an idle database whose WAL stays above `checkpoint-pages`
     /// was checkpointed at every sync, ~5 a second at 200 ms).
     backfilled: Option<Position>,
+    /// When the current generation started, by the runtime's clock (paused
+    /// in tests): it is renewed `snapshot-interval` later (see [`sync`]).
+    generation_started: Option<tokio::time::Instant>,
 }
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -464,6 +476,7 @@ impl Shipper {
             meta_dirty: false,
             side,
             backfilled: None,
+            generation_started: None,
         })
     }
 
@@ -1309,7 +1322,7 @@ pub async fn stream_reporting(
             }
         }
         let started = stamp();
-        let r = sync(&ctx, tag, &mut slot, &mut ls).await;
+        let r = sync(&ctx, tag, &mut slot, &mut ls, !last).await;
         if let Some(l) = &ls {
             l.log.synced(l.id, l.tick);
         }
@@ -1429,13 +1442,18 @@ async fn close_log(ctx: &HotContext, ls: &mut Option<LogStream>, slot: &mut Opti
     *ls = None;
 }
 
-/// One sync: start a generation if needed, read, upload, move forward.
+/// One sync: start a generation if needed (`renew`: also when the current
+/// one is `snapshot-interval` old), read, upload, move forward.
 async fn sync(
     ctx: &HotContext,
     tag: u64,
     slot: &mut Option<Shipper>,
     ls: &mut Option<LogStream>,
+    renew: bool,
 ) -> Result<()> {
+    if renew {
+        end_old_generation(ctx, slot, ls).await?;
+    }
     // Bounded: a generation start, a segment, and the frames our checkpoint read.
     for _ in 0..4 {
         let needs_generation = slot.as_ref().is_some_and(|s| s.generation.is_none());
@@ -1457,7 +1475,8 @@ async fn sync(
                 }
             }
             ctx.stats.generations.fetch_add(1, Ordering::Relaxed);
-            let s = slot.as_ref().expect("present after a successful task");
+            let s = slot.as_mut().expect("present after a successful task");
+            s.generation_started = Some(tokio::time::Instant::now());
             tracing::debug!(path = %s.db.display(), generation = %s.generation.as_ref().map(|g| g.to_string()).unwrap_or_default(), "started a WAL generation");
         }
         upload(ctx, tag, slot, ls).await?;
@@ -1491,6 +1510,52 @@ async fn sync(
         upload(ctx, tag, slot, ls).await?;
         return Ok(());
     }
+    Ok(())
+}
+
+/// Ends the stream's generation once it is `snapshot-interval` old (or
+/// has shipped [`hot::MAX_GENERATION_WALS`] WALs) and everything read from
+/// it is shipped, so that this sync starts a new one
+/// with a fresh snapshot: a restore then replays at most that much WAL, and
+/// retention can delete the older generation once it is past its period
+/// (it never deletes the newest). Its fleet log parts go into a pack of
+/// its own first, and its `metadata.json` records where it ends; frames
+/// committed since the last read are in the new generation's snapshot, so
+/// nothing falls between the two. A failure leaves the generation going on
+/// and fails the sync (tried again at the next one).
+async fn end_old_generation(
+    ctx: &HotContext,
+    slot: &mut Option<Shipper>,
+    ls: &mut Option<LogStream>,
+) -> Result<()> {
+    let Some(s) = slot.as_mut() else {
+        return Ok(());
+    };
+    let due = s
+        .generation_started
+        .is_some_and(|t| t.elapsed() >= ctx.cfg.snapshot_interval)
+        || s.meta
+            .as_ref()
+            .is_some_and(|m| m.wal_ends.len() >= hot::MAX_GENERATION_WALS);
+    if !due || s.generation.is_none() || !s.caught_up() {
+        return Ok(());
+    }
+    let mut logged = false;
+    if let Some(l) = ls.as_mut() {
+        consolidate(ctx, l).await?;
+        // Parts it could not spool stay in the log: restore must read it.
+        logged = l.spool.is_broken();
+    }
+    if let Some(m) = &mut s.meta {
+        m.logged = logged;
+    }
+    write_meta(ctx, s).await?;
+    tracing::info!(path = %s.db.display(), generation = %s.generation.as_ref().map(|g| g.to_string()).unwrap_or_default(),
+        interval = ?ctx.cfg.snapshot_interval,
+        "generation is snapshot-interval old: starting a new one with a fresh snapshot");
+    s.generation = None;
+    s.meta = None;
+    s.generation_started = None;
     Ok(())
 }
 
@@ -1857,6 +1922,7 @@ mod tests {
             truncate_pages: 1_000_000,
             release_after: Duration::from_secs(60),
             consolidate_every: Duration::from_secs(60),
+            snapshot_interval: crate::source::config::DEFAULT_SNAPSHOT_INTERVAL,
         };
         let report = s.advance(&cfg).unwrap().expect("a checkpoint");
         assert_eq!(report.log, report.checkpointed);

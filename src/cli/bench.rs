@@ -431,6 +431,7 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
             truncate_pages: 10_000,
             release_after: crate::source::config::DEFAULT_RELEASE_AFTER,
             consolidate_every: crate::source::config::DEFAULT_LOG_CONSOLIDATE,
+            snapshot_interval: crate::source::config::DEFAULT_SNAPSHOT_INTERVAL,
         },
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(100)),

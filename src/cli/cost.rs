@@ -76,10 +76,18 @@ pub const MEASURED_LOG_PER_STREAM: RequestRates = RequestRates {
     list: 1.0,
     delete: 0.0,
 };
-/// Stream starts per hot database per day the bill assumes: a database that
-/// is written all the time streams without a break, so one a day stands for
-/// a daily restart of the daemon or one wake-up after `cold-after` of quiet.
+/// Stream starts per hot database per day the bill assumes at least: a
+/// database written all the time streams without a break but starts a new
+/// generation every `snapshot-interval` (a day by default), which costs
+/// what a stream start does; one a day also stands for a daily restart of
+/// the daemon or one wake-up after `cold-after` of quiet.
 pub const STREAMS_PER_DAY: f64 = 1.0;
+
+/// Stream starts (or new generations) per hot database per day at
+/// `snapshot-interval` `snapshot_interval_s` (see [`STREAMS_PER_DAY`]).
+pub fn streams_per_day(snapshot_interval_s: f64) -> f64 {
+    (86_400.0 / snapshot_interval_s.max(f64::MIN_POSITIVE)).max(STREAMS_PER_DAY)
+}
 /// Objects one S3 LIST call returns at most (ListObjectsV2 page size).
 pub const LIST_PAGE: f64 = 1000.0;
 /// Objects one DeleteObjects request removes at most.
@@ -160,11 +168,15 @@ pub struct LogRates {
     pub per_stream: RequestRates,
     /// `log-consolidate-interval`: one pack PUT per hot database each.
     pub consolidate_s: f64,
+    /// Stream starts or new generations per hot database per day (see
+    /// [`streams_per_day`]).
+    pub streams_per_day: f64,
 }
 
 impl LogRates {
-    /// The measured rates, consolidating every `consolidate_s`.
-    pub fn measured(consolidate_s: f64) -> LogRates {
+    /// The measured rates, consolidating every `consolidate_s`, a new
+    /// generation every `snapshot_interval_s`.
+    pub fn measured(consolidate_s: f64, snapshot_interval_s: f64) -> LogRates {
         LogRates {
             per_tick: RequestRates {
                 put: 1.0,
@@ -173,6 +185,7 @@ impl LogRates {
             },
             per_stream: MEASURED_LOG_PER_STREAM,
             consolidate_s,
+            streams_per_day: streams_per_day(snapshot_interval_s),
         }
     }
 }
@@ -203,7 +216,10 @@ impl CostModel {
         }
         CostModel {
             hot: RequestRates::default(),
-            log: Some(LogRates::measured(m.log_consolidate_interval.as_secs_f64())),
+            log: Some(LogRates::measured(
+                m.log_consolidate_interval.as_secs_f64(),
+                m.snapshot_interval.as_secs_f64(),
+            )),
             ..CostModel::default()
         }
     }
@@ -342,7 +358,7 @@ impl CostModel {
             }
             Some(log) => {
                 let consolidate = 1.0 / log.consolidate_s.max(f64::MIN_POSITIVE);
-                let streams = STREAMS_PER_DAY / 86_400.0;
+                let streams = log.streams_per_day / 86_400.0;
                 let per_db = hot_rate
                     .plus(log.per_stream.scale(streams))
                     .plus(RequestRates {
@@ -356,7 +372,7 @@ impl CostModel {
                         "{} hot x (1 consolidated pack per {}s + {} stream start a day x {} PUT + {} LIST)",
                         load.hot,
                         log.consolidate_s,
-                        STREAMS_PER_DAY,
+                        log.streams_per_day,
                         log.per_stream.put,
                         log.per_stream.list
                     ),
@@ -640,6 +656,7 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
                 },
                 per_stream: RequestRates::per(&per_stream, opts.hot.max(1) as f64),
                 consolidate_s: multi_db.log_consolidate_interval.as_secs_f64(),
+                streams_per_day: streams_per_day(multi_db.snapshot_interval.as_secs_f64()),
             }),
         }
     } else {
@@ -777,7 +794,7 @@ mod tests {
     fn the_fleet_log_bills_one_object_per_sync_for_the_whole_fleet() {
         let l = load(100_000, 250, 0, 0);
         let m = CostModel {
-            log: Some(LogRates::measured(3600.0)),
+            log: Some(LogRates::measured(3600.0, 86_400.0)),
             hot: RequestRates::default(),
             ..CostModel::default()
         };

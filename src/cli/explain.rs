@@ -510,11 +510,11 @@ fn assumptions(model: &CostModel, load: &FleetLoad) -> Vec<String> {
             model.hot_sync_interval_s
         ),
         Some(log) => format!(
-            "hot databases share the fleet log: {:.2} object per sync-interval {}s for all of them together, plus per hot database one consolidated pack per {}s and, per stream start (assumed {} a day), {} PUT + {} LIST (measured by `bench cost`)",
+            "hot databases share the fleet log: {:.2} object per sync-interval {}s for all of them together, plus per hot database one consolidated pack per {}s and, per stream start or new generation (assumed {} a day: snapshot-interval, or a restart), {} PUT + {} LIST (measured by `bench cost`)",
             log.per_tick.put,
             load.sync_interval_s,
             log.consolidate_s,
-            crate::cli::cost::STREAMS_PER_DAY,
+            log.streams_per_day,
             log.per_stream.put,
             log.per_stream.list
         ),
@@ -534,7 +534,7 @@ fn assumptions(model: &CostModel, load: &FleetLoad) -> Vec<String> {
             "the replica lease is renewed every lease-ttl/3 ({:.0}s): one conditional PUT",
             load.lease_ttl_s / 3.0
         ),
-        "each retention pass lists the whole replica once (1 LIST per 1,000 objects; a generation gets a LIST of its own only when something in it is deleted); objects held: what one retention period accumulates (a database that never leaves the hot tier keeps one generation, whose objects are never deleted, so it grows past this)".into(),
+        "each retention pass lists the whole replica once (1 LIST per 1,000 objects; a generation gets a LIST of its own only when something in it is deleted); objects held: what one retention period accumulates (a database that never leaves the hot tier starts a new generation every snapshot-interval, and the older ones age out like cold snapshots)".into(),
         format!(
             "S3 Standard list prices: PUT, LIST ${:.3} per 1,000, GET ${:.4} per 1,000, DELETE free; 30 days",
             PUT_USD * 1000.0,
@@ -682,6 +682,11 @@ fn settings(loaded: &Loaded, base: &Path) -> Vec<Setting> {
             "multi-db.release-after",
             m.release_after,
             config::DEFAULT_RELEASE_AFTER,
+        ),
+        (
+            "multi-db.snapshot-interval",
+            m.snapshot_interval,
+            config::DEFAULT_SNAPSHOT_INTERVAL,
         ),
         (
             "multi-db.shutdown-timeout",

@@ -359,11 +359,20 @@ pub struct SnapshotEntry {
     pub checksum: String,
 }
 
-/// Largest `metadata.json` read. Ours grows by about 100 bytes per WAL
-/// the generation ships (one `wal_ends` and one `wal_starts` entry); 64 MiB
-/// is some 600,000 WALs, years of checkpoints every minute. A bigger one is
-/// refused before it is downloaded.
+/// Largest `metadata.json` read; a bigger one is refused before it is
+/// downloaded. Ours grows by one `wal_ends` and one `wal_starts` entry per
+/// WAL the generation ships (under 300 bytes), and a stream starts a new
+/// generation after [`MAX_GENERATION_WALS`] of them, so what we write stays
+/// under a quarter of this (`the_largest_metadata_we_write_is_read`).
 pub const MAX_METADATA_BYTES: u64 = 64 << 20;
+
+/// WALs one generation ships at most: a stream whose generation has
+/// shipped this many starts a new one (as at `snapshot-interval`, see
+/// [`crate::capture::ship`]). It bounds `metadata.json`, which is written
+/// again at each WAL restart: a writer that fills `checkpoint-pages` every
+/// second would otherwise upload a few more MB of it with every WAL, all
+/// day. 30,000 is at most 9 MB of metadata, eight hours of such a writer.
+pub const MAX_GENERATION_WALS: usize = 30_000;
 
 /// `metadata.json` of a generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1391,6 +1400,38 @@ pub fn generation_parts(rel: &str) -> Option<(&str, GenerationId, &str)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_largest_metadata_we_write_is_read() {
+        let id = GenerationId::parse("fffffe6b2f5c7e1f0123abcd").unwrap();
+        let mut m = Metadata {
+            generation: id.clone(),
+            page_size: 65536,
+            created: id.created(),
+            first: Position::start(0),
+            last: Position::start(0),
+            snapshots: Vec::new(),
+            wal_ends: Vec::new(),
+            wal_starts: Some(Vec::new()),
+            logged: true,
+            written: Some(id.created()),
+        };
+        for i in 0..MAX_GENERATION_WALS as u64 {
+            let index = u64::MAX - i;
+            m.wal_ends.push(Position {
+                index,
+                offset: u64::MAX,
+            });
+            m.wal_starts.get_or_insert_with(Vec::new).push(WalStart {
+                index,
+                salt: [u32::MAX; 2],
+                checksum: [u32::MAX; 2],
+                big_endian: true,
+            });
+        }
+        let written = serde_json::to_vec_pretty(&m).unwrap().len() as u64;
+        assert!(written < MAX_METADATA_BYTES / 4, "{written} bytes");
+    }
+
     use super::*;
     use chrono::{Duration, TimeZone};
 

@@ -366,7 +366,7 @@ const IGNORED_REPLICA: &[(&str, &str)] = &[
     ("name", "replicas are not named: each database has one"),
     (
         "snapshot-interval",
-        "cold snapshots are taken when a database changes",
+        "cold snapshots are taken when a database changes; a hot database starts a new generation every multi-db.snapshot-interval",
     ),
     (
         "validation-interval",

@@ -90,6 +90,15 @@ pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(120);
 /// probe: a hung store with the default 60 s request timeout and 3
 /// retries made a stop take 424 s).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(150);
+/// Default snapshot-interval: a hot database's stream that has shipped
+/// into one generation this long starts a new one with a fresh snapshot.
+/// Without it a database that never goes cold keeps one generation for
+/// ever: a restore replays every WAL segment since its stream began, and
+/// retention can delete none of them (it never deletes what restores the
+/// newest state). A day bounds the replay to a day of writes and lets
+/// retention drop history past its period, for one snapshot upload per
+/// hot database per day (the cost model's "daily stream restart").
+pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Default consolidation interval of the fleet log: each hot database's
 /// frames are rewritten from the shared log objects into one object of its
 /// own this often (and when its stream ends). Hourly matches the cold tier's
@@ -158,6 +167,10 @@ pub struct MultiDb {
     /// transaction and goes back to the cold tier (see [`DEFAULT_RELEASE_AFTER`]).
     #[serde(default = "default_release_after", with = "humantime_serde")]
     pub release_after: Duration,
+    /// A hot database's stream starts a new generation with a fresh
+    /// snapshot after this long (see [`DEFAULT_SNAPSHOT_INTERVAL`]).
+    #[serde(default = "default_snapshot_interval", with = "humantime_serde")]
+    pub snapshot_interval: Duration,
     /// The longest a stop after SIGTERM/SIGINT may take (see
     /// [`DEFAULT_SHUTDOWN_TIMEOUT`]).
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
@@ -277,6 +290,9 @@ fn default_verify_sample() -> usize {
 }
 fn default_release_after() -> Duration {
     DEFAULT_RELEASE_AFTER
+}
+fn default_snapshot_interval() -> Duration {
+    DEFAULT_SNAPSHOT_INTERVAL
 }
 fn default_shutdown_timeout() -> Duration {
     DEFAULT_SHUTDOWN_TIMEOUT
@@ -440,6 +456,7 @@ impl Loaded {
         for (key, d) in [
             ("multi-db.sync-interval", m.sync_interval),
             ("multi-db.release-after", m.release_after),
+            ("multi-db.snapshot-interval", m.snapshot_interval),
             ("multi-db.shutdown-timeout", m.shutdown_timeout),
             (
                 "multi-db.log-consolidate-interval",
@@ -457,6 +474,7 @@ impl Loaded {
             ("multi-db.scan-interval", Some(m.scan_interval)),
             ("multi-db.sync-interval", Some(m.sync_interval)),
             ("multi-db.release-after", Some(m.release_after)),
+            ("multi-db.snapshot-interval", Some(m.snapshot_interval)),
             ("multi-db.shutdown-timeout", Some(m.shutdown_timeout)),
             (
                 "multi-db.log-consolidate-interval",

@@ -406,6 +406,48 @@ both_backends!(
     }
 );
 
+// One transaction larger than a read may hold in memory is left in the
+// WAL, streamed from there into a segment object of its own (never through
+// the fleet log, whose objects are built in memory), and restores exactly,
+// as do the states before and after it. Before, its frames, their
+// compressed copy and the log object holding that were all in memory at
+// once (probe F: ~630 MB of RSS for a 200 MB transaction).
+both_backends!(
+    a_transaction_too_large_for_memory_ships_from_the_wal,
+    |b| async move {
+        let mut h = Hot::start(Fleet::new(b).await, 1_000_000, 10_000_000).await;
+        let w = writer(&h.path);
+        insert_rows(&w, 2);
+        h.until_shipped(3).await;
+        let before = h.mark().await;
+        w.execute_batch("BEGIN").unwrap();
+        let mib = ship::IN_MEMORY_SEGMENT_BYTES / (1 << 20) + 2;
+        for _ in 0..mib {
+            w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
+                .unwrap();
+        }
+        w.execute_batch("COMMIT").unwrap();
+        let rows = 3 + mib as i64;
+        h.until_shipped(rows).await;
+        let during = h.mark().await;
+        insert_rows(&w, 1);
+        h.until_shipped(rows + 1).await;
+        assert_eq!(h.restored_rows(Some(before)).await, 3);
+        assert_eq!(h.restored_rows(Some(during)).await, rows);
+        let own =
+            h.f.objects()
+                .await
+                .into_iter()
+                .filter(|o| o.contains("/generations/") && o.ends_with(".wal.lz4"))
+                .count();
+        assert_eq!(
+            own, 1,
+            "the large transaction in a segment object of its own"
+        );
+        h.finish().await;
+    }
+);
+
 both_backends!(replaced_database_starts_a_new_generation, |b| async move {
     let mut h = Hot::start(Fleet::new(b).await, 1000, 10_000).await;
     let w = writer(&h.path);

@@ -108,6 +108,14 @@ use crate::{Error, Result};
 /// database during a burst; a single larger transaction is still read whole
 /// (a segment must end at a commit frame).
 pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
+/// Most bytes of committed frames a read holds in memory. A larger segment
+/// (one transaction bigger than [`MAX_SEGMENT_BYTES`] allows for) is left
+/// in the WAL file, which our read transaction keeps as it is, and streamed
+/// from there into a staged file at upload, bypassing the fleet log (see
+/// [`crate::capture::upload::upload_wal_segment`]). Before, a 200 MB
+/// transaction cost ~630 MB of RSS (black-box probe): its frames, their
+/// compressed copy and the fleet log object holding that copy.
+pub const IN_MEMORY_SEGMENT_BYTES: u64 = 2 * MAX_SEGMENT_BYTES;
 /// Attempts at starting a generation while the WAL keeps changing under
 /// the start (see [`Shipper::begin_generation`]); then the stream's sync
 /// fails and is tried again at the next one.
@@ -182,6 +190,33 @@ pub struct CheckpointReport {
     pub truncated: bool,
 }
 
+/// Frames read but not uploaded yet.
+#[derive(Debug)]
+pub enum Segment {
+    /// Held in memory (at most [`IN_MEMORY_SEGMENT_BYTES`]).
+    Frames(Vec<u8>),
+    /// Left in the WAL file `wal` (still open): `frames` as read from `cursor`.
+    InWal {
+        wal: Arc<File>,
+        cursor: WalCursor,
+        frames: wal::Committed,
+    },
+}
+
+impl Segment {
+    /// Bytes of frames.
+    pub fn len(&self) -> u64 {
+        match self {
+            Segment::Frames(b) => b.len() as u64,
+            Segment::InWal { frames, .. } => frames.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The shipper of one hot database. See the module docs.
 pub struct Shipper {
     db: PathBuf,
@@ -201,7 +236,10 @@ pub struct Shipper {
     meta: Option<Metadata>,
     state: WalState,
     /// Frames read but not uploaded yet, and where they start.
-    pending: Option<(Position, Vec<u8>)>,
+    pending: Option<(Position, Segment)>,
+    /// Continuity was lost while shipping (a segment left in the WAL
+    /// changed before its upload): the next [`Shipper::read`] says so.
+    lost: Option<String>,
     /// When the read of `pending` began: every frame in it had committed by
     /// then (its commit time, see [`crate::replica::hot`]).
     pending_time: DateTime<Utc>,
@@ -466,6 +504,7 @@ impl Shipper {
             meta: None,
             state: WalState::Awaiting { index: 0 },
             pending: None,
+            lost: None,
             pending_time: DateTime::UNIX_EPOCH,
             snapshot: None,
             snapshot_time: DateTime::UNIX_EPOCH,
@@ -697,6 +736,9 @@ impl Shipper {
         if self.pending.is_some() {
             return Ok(Step::Frames);
         }
+        if let Some(reason) = self.lost.take() {
+            return Ok(Step::Lost(reason));
+        }
         if let Some(lost) = self.replaced()? {
             return Ok(lost);
         }
@@ -753,20 +795,40 @@ impl Shipper {
                     };
                     #[cfg(test)]
                     tests::run(&tests::BEFORE_WAL_READ);
-                    let outcome = wal::read_committed(f, &self.wal, &cur, MAX_SEGMENT_BYTES)?;
+                    let outcome = wal::read_committed_within(
+                        f,
+                        &self.wal,
+                        &cur,
+                        MAX_SEGMENT_BYTES,
+                        IN_MEMORY_SEGMENT_BYTES,
+                    )?;
                     // The segment's commit time: taken once the read is
                     // done, so every transaction it holds had committed by
                     // then (a commit landing during the read is in it).
                     let read_at = Utc::now();
                     match outcome {
-                        ReadOutcome::Frames { bytes, next, .. } => {
+                        ReadOutcome::Frames {
+                            bytes,
+                            next,
+                            committed,
+                            in_file,
+                        } => {
                             // A read cut short by the size limit is not the tip.
-                            self.cut_short = (bytes.len() as u64) >= MAX_SEGMENT_BYTES;
+                            self.cut_short = committed.len() >= MAX_SEGMENT_BYTES;
                             self.tip = !self.cut_short;
-                            if bytes.is_empty() {
+                            if committed.is_empty() {
                                 return Ok(Step::Idle);
                             }
-                            self.pending = Some((cur.pos, bytes));
+                            let segment = if in_file {
+                                Segment::InWal {
+                                    wal: Arc::new(f.try_clone().at(&self.wal)?),
+                                    cursor: cur,
+                                    frames: committed,
+                                }
+                            } else {
+                                Segment::Frames(bytes)
+                            };
+                            self.pending = Some((cur.pos, segment));
                             // Never earlier than the previous segment's: a
                             // restore at a point in time relies on times
                             // growing with positions (`hot::plan`), also
@@ -803,12 +865,12 @@ impl Shipper {
 
     /// The pending segment, taken for upload (put it back with
     /// [`Shipper::unshipped`] if the upload fails).
-    pub fn take_pending(&mut self) -> Option<(Position, Vec<u8>)> {
+    pub fn take_pending(&mut self) -> Option<(Position, Segment)> {
         self.pending.take()
     }
 
-    pub fn unshipped(&mut self, pos: Position, bytes: Vec<u8>) {
-        self.pending = Some((pos, bytes));
+    pub fn unshipped(&mut self, pos: Position, segment: Segment) {
+        self.pending = Some((pos, segment));
     }
 
     /// After uploads: runs our own checkpoint when the WAL is large enough.
@@ -843,6 +905,11 @@ impl Shipper {
                 // Cut short by MAX_SEGMENT_BYTES: frames we have not read
                 // are in the WAL, and a checkpoint now would let the next
                 // writer restart over them. The next sync reads on.
+                return Ok(None);
+            }
+            if matches!(self.pending, Some((_, Segment::InWal { .. }))) {
+                // Read just now but left in the WAL: the same, until the
+                // next sync has uploaded them.
                 return Ok(None);
             }
             self.end_read()?;
@@ -1619,36 +1686,72 @@ async fn upload(
         // continuity from them.
         write_meta(ctx, s).await?;
     }
-    if let Some((pos, bytes)) = s.take_pending() {
-        let r = match ls.as_mut() {
-            Some(l) => log_segment(ctx, l, &s.key, &gen, pos, s.pending_time, &bytes).await,
-            None => {
-                let _permit = ctx.permits.acquire().await;
-                upload::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, &bytes)
+    if let Some((pos, segment)) = s.take_pending() {
+        let page_size = s.meta.as_ref().map_or(4096, |m| m.page_size);
+        let r = match (&segment, ls.as_mut()) {
+            (Segment::Frames(bytes), Some(l)) => {
+                log_segment(ctx, l, &s.key, &gen, pos, s.pending_time, bytes)
                     .await
-                    .map(|_| ())
+                    .map(|()| commit_frames(bytes, page_size))
+            }
+            (Segment::Frames(bytes), None) => {
+                let _permit = ctx.permits.acquire().await;
+                upload::upload_segment(&ctx.replica, &s.key, &gen, pos, s.pending_time, bytes)
+                    .await
+                    .map(|_| commit_frames(bytes, page_size))
+            }
+            // Never through the fleet log, which holds its objects in
+            // memory: the log parts before it are durable already.
+            (
+                Segment::InWal {
+                    wal,
+                    cursor,
+                    frames,
+                },
+                _,
+            ) => {
+                let _permit = ctx.permits.acquire().await;
+                upload::upload_wal_segment(
+                    &ctx.replica,
+                    &s.key,
+                    &gen,
+                    pos,
+                    s.pending_time,
+                    (wal.clone(), &s.wal),
+                    *cursor,
+                    *frames,
+                    &ctx.temp_dir,
+                )
+                .await
             }
         };
         match r {
-            Ok(()) => {
+            Ok(commits) => {
                 ctx.stats.wal_segments.fetch_add(1, Ordering::Relaxed);
                 ctx.stats.store_took_a_write();
                 ctx.stats
                     .wal_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    .fetch_add(segment.len(), Ordering::Relaxed);
                 if let Some(tx) = &ctx.events {
-                    let page_size = s.meta.as_ref().map_or(4096, |m| m.page_size);
                     let _ = tx.send(ShipEvent {
                         tag,
-                        commits: commit_frames(&bytes, page_size),
+                        commits,
                         snapshot: false,
                         at: std::time::Instant::now(),
                     });
                 }
             }
+            // Frames left in the WAL that changed before their upload (not
+            // SQLite's doing): nothing of them was uploaded, and the
+            // generation cannot go on.
+            Err(Error::Invalid { what, reason }) if matches!(segment, Segment::InWal { .. }) => {
+                ctx.stats.upload_failed();
+                s.lost = Some(format!("{what}: {reason}"));
+                return Err(Error::Invalid { what, reason });
+            }
             Err(e) => {
                 ctx.stats.upload_failed();
-                s.unshipped(pos, bytes);
+                s.unshipped(pos, segment);
                 return Err(e);
             }
         }
@@ -1778,7 +1881,9 @@ mod tests {
             c.set(Some(Utc::now()));
         });
         assert_eq!(s.read().unwrap(), Step::Frames);
-        let (_, frames) = s.take_pending().expect("the new commit");
+        let Some((_, Segment::Frames(frames))) = s.take_pending() else {
+            panic!("the new commit, in memory");
+        };
         assert!(commit_frames(&frames, 4096) >= 1);
         let done = committed.get().expect("the hook ran");
         assert!(
@@ -1830,7 +1935,9 @@ mod tests {
         assert_eq!(busy, 1, "our read must hold the WAL again");
         app.execute("INSERT INTO t VALUES (102)", []).unwrap();
         assert_eq!(s.read().unwrap(), Step::Frames);
-        let (pos, frames) = s.take_pending().expect("rows 101 and 102");
+        let Some((pos, Segment::Frames(frames))) = s.take_pending() else {
+            panic!("rows 101 and 102, in memory");
+        };
         assert_eq!(pos.index, 0, "the same WAL, not a restart");
         assert_eq!(commit_frames(&frames, 4096), 2);
     }

@@ -10,6 +10,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 
 use crate::capture::snapshot;
+use crate::capture::wal::{self, Committed, WalCursor};
 use crate::error::IoContext;
 use crate::replica::hot::{segment_path, snapshot_path, GenerationId, Position, SnapshotEntry};
 use crate::replica::layout::check_key;
@@ -95,6 +96,48 @@ pub async fn upload_segment(
         index: pos.index,
         offset: pos.offset + frames.len() as u64,
     })
+}
+
+/// Uploads as one segment the committed frames a read left in the WAL file
+/// (one transaction larger than [`crate::capture::ship::IN_MEMORY_SEGMENT_BYTES`]):
+/// they are checked again and compressed into a staged file as they are
+/// read from the WAL, and the file is uploaded (in parts on S3), so memory
+/// stays at one LZ4 block whatever the transaction's size. Returns the
+/// number of transactions in it.
+#[allow(clippy::too_many_arguments)]
+pub async fn upload_wal_segment(
+    replica: &Replica,
+    key: &str,
+    gen: &GenerationId,
+    pos: Position,
+    committed_at: DateTime<Utc>,
+    wal: (std::sync::Arc<File>, &Path),
+    cursor: WalCursor,
+    frames: Committed,
+    tmp_dir: &Path,
+) -> Result<u64> {
+    check_key(key)?;
+    let (file, wal_path, tmp_dir) = (wal.0, wal.1.to_path_buf(), tmp_dir.to_path_buf());
+    let (tmp, commits) = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&tmp_dir).at(&tmp_dir)?;
+        let out = snapshot::staged_file(&tmp_dir)?;
+        let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
+            snapshot::frame_info(frames.len()),
+            std::io::BufWriter::new(out.as_file()),
+        );
+        let commits = wal::copy_committed(&file, &wal_path, &cursor, &frames, &mut enc)?;
+        let lz4 = |e: lz4_flex::frame::Error| Error::io(out.path(), std::io::Error::other(e));
+        enc.finish()
+            .map_err(lz4)?
+            .into_inner()
+            .map_err(|e| Error::io(out.path(), e.into_error()))?;
+        Ok::<_, Error>((out.into_temp_path(), commits))
+    })
+    .await
+    .map_err(|e| Error::invalid("WAL segment", format!("task failed: {e}")))??;
+    let location = segment_path(&replica.prefix, key, gen, pos, committed_at);
+    replica.upload_file(&location, &tmp).await?;
+    Ok(commits)
 }
 
 /// The LZ4 frame of a segment (what a segment object or a pack part holds):

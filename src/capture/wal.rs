@@ -42,7 +42,7 @@
 //! result is a plain database file that opens without a `-wal`.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -315,10 +315,13 @@ impl std::fmt::Display for Lost {
 pub enum ReadOutcome {
     /// The WAL continues from the cursor. `bytes` are the committed frames
     /// (`committed.len()` bytes, possibly none) and `next` is the cursor after them.
+    /// `in_file`: there were more than the read's memory limit, so `bytes`
+    /// is empty and the frames are left in the file ([`read_committed_within`]).
     Frames {
         committed: Committed,
         bytes: Vec<u8>,
         next: WalCursor,
+        in_file: bool,
     },
     /// The cursor's WAL is gone; start a new generation.
     Lost(Lost),
@@ -372,19 +375,19 @@ fn header_of<S: Source + ?Sized>(
     Ok(Some(WalHeader::parse_inner(&buf)))
 }
 
-/// Walks frames from `cur`, returning the committed prefix. Frame bytes are
-/// appended to `out` when given (and cut back to the committed prefix).
-/// Stops after the first commit frame at which at least `max_bytes` are
-/// committed, so a read always makes progress if any commit is there.
+/// Walks frames from `cur`, returning the committed prefix. Each valid
+/// frame read is passed to `out` (also those after the last commit, which
+/// the caller cuts off). Stops after the first commit frame at which at
+/// least `max_bytes` are committed, so a read always makes progress if any
+/// commit is there.
 fn scan<S: Source + ?Sized>(
     src: &S,
     cur: &WalCursor,
     max_bytes: u64,
-    mut out: Option<&mut Vec<u8>>,
+    mut out: impl FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<Committed> {
     let fsize = cur.frame_size();
     let mut buf = vec![0u8; fsize as usize];
-    let base = out.as_ref().map_or(0, |o| o.len());
     let mut off = cur.pos.offset;
     let mut running = cur.checksum;
     let mut frames = 0u64;
@@ -410,9 +413,7 @@ fn scan<S: Source + ?Sized>(
         running = c;
         off += fsize;
         frames += 1;
-        if let Some(o) = out.as_deref_mut() {
-            o.extend_from_slice(&buf);
-        }
+        out(&buf)?;
         if h.commit != 0 {
             committed = Committed {
                 start: committed.start,
@@ -425,9 +426,6 @@ fn scan<S: Source + ?Sized>(
                 break;
             }
         }
-    }
-    if let Some(o) = out {
-        o.truncate(base + committed.len() as usize);
     }
     Ok(committed)
 }
@@ -479,12 +477,35 @@ fn read_from<S: Source + ?Sized>(
     src: &S,
     cur: &WalCursor,
     max_bytes: u64,
+    keep_max: u64,
 ) -> io::Result<ReadOutcome> {
     if let Some(lost) = continuity(src, cur)? {
         return Ok(ReadOutcome::Lost(lost));
     }
     let mut bytes = Vec::new();
-    let committed = scan(src, cur, max_bytes, Some(&mut bytes))?;
+    let mut in_file = false;
+    let committed = scan(src, cur, max_bytes, |frame| {
+        if !in_file {
+            if (bytes.len() + frame.len()) as u64 > keep_max {
+                in_file = true;
+                bytes = Vec::new();
+            } else {
+                bytes.extend_from_slice(frame);
+            }
+        }
+        Ok(())
+    })?;
+    bytes.truncate(committed.len() as usize);
+    // Only the committed frames count: a large uncommitted tail does not
+    // leave a small committed run in the file.
+    if in_file && committed.is_empty() {
+        in_file = false;
+    }
+    if in_file && committed.len() <= keep_max {
+        // Read again up to that commit only: the frames before it cannot
+        // have changed, so this pass stops at the same frame.
+        return read_from(src, cur, committed.len(), keep_max);
+    }
     let next = WalCursor {
         pos: Position {
             index: cur.pos.index,
@@ -497,6 +518,7 @@ fn read_from<S: Source + ?Sized>(
         committed,
         bytes,
         next,
+        in_file,
     })
 }
 
@@ -532,12 +554,66 @@ pub fn read_committed(
     cursor: &WalCursor,
     max_bytes: u64,
 ) -> Result<ReadOutcome> {
-    read_from(file, cursor, max_bytes).map_err(|e| Error::io(path, e))
+    read_committed_within(file, path, cursor, max_bytes, u64::MAX)
+}
+
+/// [`read_committed`] holding at most `keep_max` bytes in memory: when the
+/// committed frames are more (one large transaction), they are validated
+/// and left in the file (`in_file`, `bytes` empty), to be streamed from
+/// there by [`copy_committed`].
+pub fn read_committed_within(
+    file: &File,
+    path: &Path,
+    cursor: &WalCursor,
+    max_bytes: u64,
+    keep_max: u64,
+) -> Result<ReadOutcome> {
+    read_from(file, cursor, max_bytes, keep_max).map_err(|e| Error::io(path, e))
+}
+
+/// Streams the committed frames a read left in the file (`committed`, read
+/// from `cursor`) into `out`, checking them again on the way: the same
+/// salts, the same checksum chain, ending at the same commit frame. Returns
+/// the number of commit frames (transactions). While the stream's read
+/// transaction is held, SQLite never rewrites committed frames after it;
+/// anything else having changed them is an error, and nothing written to
+/// `out` may then be used.
+pub fn copy_committed(
+    file: &File,
+    path: &Path,
+    cursor: &WalCursor,
+    committed: &Committed,
+    out: &mut impl Write,
+) -> Result<u64> {
+    let mut commits = 0u64;
+    let mut copied = 0u64;
+    let again = scan(file, cursor, committed.len(), |frame| {
+        copied += frame.len() as u64;
+        if copied > committed.len() {
+            return Err(io::Error::other("more frames than were read"));
+        }
+        if FrameHeader::parse(frame).is_some_and(|h| h.commit != 0) {
+            commits += 1;
+        }
+        out.write_all(frame)
+    })
+    .map_err(|e| Error::io(path, e))?;
+    if again != *committed || copied != committed.len() {
+        return Err(Error::invalid(
+            path.display(),
+            format!(
+                "the committed WAL frames from {} changed before they were shipped \
+                 (read to {}, now to {}); not written by SQLite",
+                cursor.pos, committed.end, again.end
+            ),
+        ));
+    }
+    Ok(commits)
 }
 
 /// [`read_committed`] over the bytes of a whole WAL file.
 pub fn read_committed_bytes(wal: &[u8], cursor: &WalCursor, max_bytes: u64) -> ReadOutcome {
-    match read_from(wal, cursor, max_bytes) {
+    match read_from(wal, cursor, max_bytes, u64::MAX) {
         Ok(o) => o,
         // A slice source never fails; keep the type total anyway.
         Err(e) => ReadOutcome::Lost(Lost::BadHeader {
@@ -554,7 +630,7 @@ pub fn scan_wal(wal: &[u8]) -> Result<Option<(WalHeader, Committed)>> {
     }
     let header = WalHeader::parse(wal)?;
     let cur = WalCursor::at_start(0, &header);
-    let committed = match scan(wal, &cur, u64::MAX, None) {
+    let committed = match scan(wal, &cur, u64::MAX, |_| Ok(())) {
         Ok(c) => c,
         Err(e) => return Err(Error::invalid("WAL", e.to_string())),
     };
@@ -908,6 +984,7 @@ mod tests {
                 committed,
                 bytes,
                 next,
+                ..
             } => (committed, bytes, next),
             ReadOutcome::Lost(l) => panic!("unexpected loss: {l}"),
         }
@@ -1004,7 +1081,10 @@ mod tests {
         // Read with the wrong order, the chain breaks at once.
         let mut wrong = WalCursor::at_start(0, &h);
         wrong.order = ByteOrder::Little;
-        assert_eq!(scan(&be[..], &wrong, u64::MAX, None).unwrap().frames, 0);
+        assert_eq!(
+            scan(&be[..], &wrong, u64::MAX, |_| Ok(())).unwrap().frames,
+            0
+        );
         // verify_frames works the order out by itself.
         let info = verify_frames("be", &be[32..committed.end as usize], 1024, None).unwrap();
         assert_eq!(info.order, Some(ByteOrder::Big));
@@ -1149,6 +1229,54 @@ mod tests {
             Some(Lost::Truncated { len: 0, .. })
         ));
         assert_eq!(read_header(&f, &wp).unwrap(), None);
+    }
+
+    /// Committed frames over a read's memory limit are left in the file and
+    /// copied from there, checked again: the copy is the bytes an unlimited
+    /// read returns, and frames changed in between fail it.
+    #[test]
+    fn frames_left_in_the_wal_copy_as_read_and_only_so() {
+        let t = tempfile::tempdir().unwrap();
+        let (db, c) = wal_db(t.path());
+        let wp = wal_path(&db);
+        insert(&c, 1, 10);
+        insert(&c, 100, 2_000);
+        let f = File::open(&wp).unwrap();
+        let cur = WalCursor::at_start(0, &read_header(&f, &wp).unwrap().unwrap());
+        let (all, bytes, next) = frames_of(read_committed(&f, &wp, &cur, u64::MAX).unwrap());
+        let limit = bytes.len() as u64 - 1;
+        let ReadOutcome::Frames {
+            committed,
+            bytes: kept,
+            next: next_too,
+            in_file,
+        } = read_committed_within(&f, &wp, &cur, u64::MAX, limit).unwrap()
+        else {
+            panic!("lost");
+        };
+        assert!(in_file && kept.is_empty());
+        assert_eq!((committed, next_too), (all, next));
+        let mut copy = Vec::new();
+        let commits = copy_committed(&f, &wp, &cur, &committed, &mut copy).unwrap();
+        assert_eq!(copy, bytes);
+        assert_eq!(
+            commits,
+            crate::capture::ship::commit_frames(&bytes, cur.page_size)
+        );
+        assert!(commits >= 2, "{commits}");
+        // Within the limit they are returned as before.
+        let (_, again, _) =
+            frames_of(read_committed_within(&f, &wp, &cur, u64::MAX, bytes.len() as u64).unwrap());
+        assert_eq!(again, bytes);
+        // A byte of a committed frame's page changed behind the read.
+        let w = File::options().write(true).open(&wp).unwrap();
+        w.write_all_at(b"x", WAL_HEADER_SIZE + cur.frame_size() + 100)
+            .unwrap();
+        let e = copy_committed(&f, &wp, &cur, &committed, &mut Vec::new()).unwrap_err();
+        assert!(
+            e.to_string().contains("changed before they were shipped"),
+            "{e}"
+        );
     }
 
     /// A segment is replayed a few MiB at a time: a segment larger than

@@ -319,12 +319,120 @@ async fn a_name_that_is_not_utf8_is_refused_not_failed() {
         .join(std::ffi::OsStr::from_bytes(b"caf\xe9.db"));
     create_db(&bad, 3);
     common::fleet::age(&bad);
+    // Directories whose names are not UTF-8 either: a lossy key would give
+    // both `b\u{FFFD}/t` (probe J: both uploaded into one object).
+    for dir in [&b"b\xff"[..], b"b\xfe"] {
+        let p = f
+            .data
+            .path()
+            .join(std::ffi::OsStr::from_bytes(dir))
+            .join("t.db");
+        create_db(&p, 2);
+        common::fleet::age(&p);
+    }
     let r = Replicator::new(Loaded::from_str(&deep_yaml(&f), "test.yml", f.data.path()).unwrap())
         .unwrap();
     for _ in 0..2 {
         let report = cycle(&r).await;
-        assert_eq!((report.failed, report.refused), (0, 1), "{report:?}");
+        assert_eq!((report.failed, report.refused), (0, 3), "{report:?}");
     }
-    assert_eq!(r.stats().invalid_keys.load(Ordering::Relaxed), 1);
+    assert_eq!(r.stats().invalid_keys.load(Ordering::Relaxed), 3);
     assert_eq!(restore(&f, "k"), Ok(10));
+    let objects = f.objects().await;
+    assert!(
+        objects
+            .iter()
+            .all(|o| o.starts_with("k/") || o.starts_with(".litefleet/")),
+        "{objects:?}"
+    );
 }
+
+// One pattern whose template puts two placeholders in one segment:
+// `{{p}}-{{t}}` renders `a-b-c` for both `a-b/c.db` and `a/b-c.db`. The
+// second is refused like a collision across patterns, and restoring it by
+// path fails (probe J: both were uploaded into one object, and the restore
+// by path returned the other database with exit 0).
+both_backends!(
+    two_databases_of_one_pattern_never_share_a_key,
+    |backend| async move {
+        let f = Fleet::new(backend).await;
+        let yaml = format!(
+            "multi-db:\n  patterns: [\"{}/*/*.db\"]\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    path: \"{{{{p}}}}-{{{{t}}}}\"\n{}",
+            f.data.path().display(),
+            f.work.path().join("tmp").display(),
+            f.work.path().join("state").display(),
+            f.replica_yaml()
+        );
+        let one = f.data.path().join("a-b/c.db");
+        let two = f.data.path().join("a/b-c.db");
+        create_db(&one, 10);
+        create_db(&two, 3);
+        common::fleet::age(&one);
+        common::fleet::age(&two);
+        let r =
+            Replicator::new(Loaded::from_str(&yaml, "test.yml", f.data.path()).unwrap()).unwrap();
+        let report = cycle(&r).await;
+        assert_eq!((report.uploaded, report.refused), (1, 1), "{report:?}");
+        assert_eq!(r.stats().key_collisions.load(Ordering::Relaxed), 1);
+        let config = f.work.path().join("one.yml");
+        std::fs::write(&config, &yaml).unwrap();
+        let restore = |target: &Path| {
+            let out = f.work.path().join(format!("out-{}.db", rand_suffix()));
+            let o = litefleet(
+                f.work.path(),
+                &[
+                    "--config",
+                    config.to_str().unwrap(),
+                    "restore",
+                    target.to_str().unwrap(),
+                    "-o",
+                    out.to_str().unwrap(),
+                ],
+            );
+            o.status
+                .success()
+                .then(|| count_rows(&out))
+                .ok_or(stderr(&o))
+        };
+        // The smaller path (`a` < `a-b`) owns the key and holds its objects.
+        assert_eq!(restore(Path::new("a-b-c")), Ok(3));
+        for path in [&one, &two] {
+            let err = restore(path).unwrap_err();
+            assert!(err.contains("shares its replica key"), "{err}");
+        }
+    }
+);
+
+// A key that was never backed up restores nothing, even when the key of
+// its parent directory holds a database of its name (probe J: with
+// `data/**/main.db`, `restore a/main` returned key `a`'s `main.db`, exit 0).
+both_backends!(
+    a_key_never_backed_up_is_not_found_under_its_parent,
+    |backend| async move {
+        let f = Fleet::new(backend).await;
+        let yaml = format!(
+            "multi-db:\n  patterns: [\"{}/**/main.db\"]\n  temp-dir: {}\n  state-dir: {}\n  replica:\n{}",
+            f.data.path().display(),
+            f.work.path().join("tmp").display(),
+            f.work.path().join("state").display(),
+            f.replica_yaml()
+        );
+        let parent = f.data.path().join("a/main.db");
+        create_db(&parent, 10);
+        common::fleet::age(&parent);
+        let r =
+            Replicator::new(Loaded::from_str(&yaml, "test.yml", f.data.path()).unwrap()).unwrap();
+        assert_eq!(cycle(&r).await.uploaded, 1);
+        let out = f.work.path().join("child.db");
+        let got = f.restore("a/main", &out, None).await;
+        assert!(
+            matches!(
+                got,
+                Ok(litefleet::restore::RestoreOutcome::NoReplica) | Err(_)
+            ),
+            "{got:?}"
+        );
+        assert!(!out.exists());
+        assert_eq!(restore(&f, "a").map_err(|_| ()), Ok(10));
+    }
+);

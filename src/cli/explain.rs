@@ -337,6 +337,15 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
     let mut by_key: HashMap<String, Vec<&Path>> = HashMap::with_capacity(all.len());
     let mut refused_keys = Vec::new();
     for path in all.keys() {
+        if path.to_str().is_none() {
+            // What `replicate` refuses (see `source::keys::Owners::update`).
+            refused_keys.push(RefusedKey {
+                path: path.display().to_string(),
+                key: path.to_string_lossy().into_owned(),
+                reason: "its path is not valid UTF-8, and keys are UTF-8 text".into(),
+            });
+            continue;
+        }
         if let Some((key, _)) = key_for(&loaded.patterns, &loaded.template, path) {
             match key_problem(&key) {
                 Some(why) => refused_keys.push(RefusedKey {

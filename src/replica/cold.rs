@@ -254,8 +254,12 @@ pub fn to_info(meta: ObjectMeta) -> Option<SnapshotInfo> {
 
 /// The snapshots of the database with `key`, oldest first.
 ///
-/// A key usually names a directory holding one database's snapshots. If two
-/// databases share a directory (different stems), `dir/stem` selects one.
+/// A key names a directory holding one database's snapshots. Where
+/// several databases share one (different stems, written by versions that
+/// did not refuse such keys), `dir/stem` selects one; only there: a key
+/// `dir/stem` whose own directory is empty is otherwise another database
+/// than `dir`'s (black-box probe: `restore a/main`, never backed up,
+/// returned key `a`'s database `main.db` with exit 0).
 pub async fn snapshots(replica: &Replica, key: &str) -> Result<Vec<SnapshotInfo>> {
     check_key(key)?;
     let mut found: Vec<SnapshotInfo> = replica
@@ -266,13 +270,15 @@ pub async fn snapshots(replica: &Replica, key: &str) -> Result<Vec<SnapshotInfo>
         .collect();
     if found.is_empty() {
         if let Some((dir, stem)) = key.rsplit_once('/') {
-            found = replica
+            let shared: Vec<SnapshotInfo> = replica
                 .list_dir(&key_path(&replica.prefix, dir))
                 .await?
                 .into_iter()
                 .filter_map(to_info)
-                .filter(|s| s.stem == stem)
                 .collect();
+            if shared.iter().any(|s| s.stem != shared[0].stem) {
+                found = shared.into_iter().filter(|s| s.stem == stem).collect();
+            }
         }
     }
     let mut stems: Vec<&str> = found.iter().map(|s| s.stem.as_str()).collect();

@@ -10,8 +10,11 @@
 //!   drop empty segments, so `k/`'s objects would land among `k`'s and make
 //!   `k` unrestorable too.
 //! * **Another database renders it too.** Within one pattern two databases
-//!   never share a key (the template must bind every wildcard level, see
-//!   [`crate::source::template::KeyTemplate::check_binds`]), but across
+//!   share a key only when a template segment holds two placeholders
+//!   ([`crate::source::template::KeyTemplate::may_collide_within_a_pattern`]:
+//!   with `{{p}}-{{t}}`, `a-b/c` and `a/b-c` both render `a-b-c`; the
+//!   template must bind every wildcard level, see
+//!   [`crate::source::template::KeyTemplate::check_binds`]), and across
 //!   patterns they can: with `*/*.db` and `*/*.sqlite`, `p1/app.db` and
 //!   `p1/app.sqlite` both render `p1/app`, and whichever uploaded last would
 //!   overwrite the other's objects, so a restore of one would return the other.
@@ -35,7 +38,7 @@
 //!
 //! The update costs one key rendering per database when databases come or
 //! go; grouping by key (24 bytes per database while it runs) only when
-//! there are two patterns or more.
+//! there are two patterns or more, or the template may collide within one.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -65,7 +68,9 @@ fn keyed(
     template: &KeyTemplate,
     path: &Path,
 ) -> Option<(usize, String, String)> {
-    let name = path.file_name()?.to_str()?;
+    // Keys are text: a path that is not UTF-8 anywhere has no key (a lossy
+    // conversion would give two such paths one key).
+    let name = path.to_str().and_then(|_| path.file_name()?.to_str())?;
     let stem = template::stem(name);
     patterns.iter().enumerate().find_map(|(i, p)| {
         let caps = p.captures(path)?;
@@ -166,7 +171,7 @@ impl Owners {
         template: &KeyTemplate,
         tracker: &Tracker,
     ) -> Vec<(PathBuf, Refused)> {
-        let multi = patterns.len() > 1;
+        let multi = patterns.len() > 1 || template.may_collide_within_a_pattern();
         let hasher = std::collections::hash_map::RandomState::new();
         let mut rows: Vec<(u64, usize, Id)> =
             Vec::with_capacity(if multi { tracker.len() } else { 0 });
@@ -245,7 +250,7 @@ impl Owners {
 /// Another database file that renders the same key as `path`, found by
 /// walking every pattern (a restore by path pays this; replication does not).
 pub fn shared_with(patterns: &[Pattern], template: &KeyTemplate, path: &Path) -> Option<PathBuf> {
-    if patterns.len() < 2 {
+    if patterns.len() < 2 && !template.may_collide_within_a_pattern() {
         return None;
     }
     let (_, key, _) = keyed(patterns, template, path)?;

@@ -108,6 +108,30 @@ impl KeyTemplate {
         Ok(())
     }
 
+    /// Whether two databases of one pattern can render the same key: when
+    /// one `/`-separated segment of the template holds two placeholders
+    /// (`{{p}}-{{t}}`: `a-b` + `c` and `a` + `b-c` both give `a-b-c`).
+    /// With at most one per segment, fixed text around it and `/` between
+    /// them, different bound values always render different keys (black-box
+    /// probe: two databases of one pattern were both uploaded to one key).
+    pub fn may_collide_within_a_pattern(&self) -> bool {
+        let mut in_segment = 0;
+        for p in &self.parts {
+            match p {
+                // Text between two placeholders: a `/` in it ends a segment.
+                Part::Lit(s) if s.contains('/') => in_segment = 0,
+                Part::Lit(_) => {}
+                Part::Var(_) | Part::Stem => {
+                    in_segment += 1;
+                    if in_segment > 1 {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
     /// Renders the key for a database given its bound values and file stem.
     /// A variable that is empty (a `**` level that matched no directory)
     /// also drops the `/` after it, so `{{dir}}/{{name}}` renders `t1`, not `/t1`.
@@ -139,6 +163,27 @@ pub fn stem(file_name: &str) -> &str {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn two_placeholders_in_one_segment_may_collide() {
+        let may = |t: &str| {
+            KeyTemplate::parse(t)
+                .unwrap()
+                .may_collide_within_a_pattern()
+        };
+        for t in ["{{p}}-{{t}}", "x/{{a}}{{b}}/y", "{{a}}/{{b}}_{{c}}"] {
+            assert!(may(t), "{t}");
+        }
+        for t in [
+            "{{p}}/{{t}}",
+            "pre-{{p}}/x/{{t}}.v1",
+            "{{a}}",
+            "lit/{{a}}/{{a}}",
+        ] {
+            assert!(!may(t), "{t}");
+        }
+        assert!(!KeyTemplate::default_for(3).may_collide_within_a_pattern());
+    }
 
     #[test]
     fn template_binding_by_position() {

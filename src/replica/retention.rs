@@ -3,10 +3,16 @@
 //!
 //! The cutoff is `now - retention`. A pass has two parts.
 //!
-//! **Cold snapshots** (`<key>/<stem>-YYYYMMDD-HH0000.db.lz4`): those older
-//! than the cutoff are deleted, but never the newest snapshot of a database,
-//! however old it is. Ages come from the names (the hour in the name), which
-//! sort and compare without a HEAD request per object.
+//! **Cold snapshots** (`<key>/<stem>-YYYYMMDD-HH0000.db.lz4`): a restore at
+//! any `T` at or after the cutoff uses the newest snapshot copied by `T`, so
+//! each database keeps every snapshot named after the cutoff and the newest
+//! one named at or before it (*base*: its copy was complete by the cutoff);
+//! the older ones are deleted. So the newest snapshot is never deleted,
+//! however old it is, and a database that changed 31 and 2 days ago still
+//! restores its 31-day-old state at 10 days ago (black-box probe: that
+//! snapshot was deleted, and the restore failed). Ages come from the names
+//! (the hour in the name), which sort and compare without a HEAD request
+//! per object.
 //!
 //! **Hot generations** (`<key>/generations/<gen>/...`, see
 //! [`crate::replica::hot`]): a restore at `T` uses the newest generation with a
@@ -144,7 +150,7 @@ async fn enforce_cold(
     replica: &Replica,
     cutoff: DateTime<Utc>,
 ) -> Result<(RetentionReport, Generations)> {
-    let mut newest: HashMap<String, (DateTime<Utc>, ObjPath)> = HashMap::new();
+    let mut cold: HashMap<String, ColdKey> = HashMap::new();
     let mut keys: Generations = BTreeMap::new();
     let mut deleter = Deleter::default();
     let mut report = RetentionReport::default();
@@ -178,27 +184,43 @@ async fn enforce_cold(
             .map(|(d, _)| d)
             .unwrap_or("");
         let db = format!("{dir}/{}", snap.stem);
-        let candidate = match newest.get_mut(&db) {
+        let seen = cold.entry(db).or_default();
+        seen.newest = seen.newest.max(Some(snap.hour));
+        if snap.hour > cutoff {
+            continue;
+        }
+        // At or before the cutoff: only the newest such one (the base)
+        // stays; the one it replaces as base, or this one, goes.
+        let gone = match &mut seen.base {
+            Some(base) if snap.hour > base.0 => {
+                Some(std::mem::replace(base, (snap.hour, meta.location)).1)
+            }
+            Some(_) => Some(meta.location),
             None => {
-                newest.insert(db, (snap.hour, meta.location));
+                seen.base = Some((snap.hour, meta.location));
                 None
             }
-            Some(cur) if snap.hour > cur.0 => {
-                let old = std::mem::replace(cur, (snap.hour, meta.location));
-                Some(old)
-            }
-            Some(_) => Some((snap.hour, meta.location)),
         };
-        if let Some((hour, loc)) = candidate {
-            if hour < cutoff {
-                deleter.push(replica, loc).await?;
-                report.deleted += 1;
-            }
+        if let Some(loc) = gone {
+            deleter.push(replica, loc).await?;
+            report.deleted += 1;
         }
     }
     deleter.flush(replica).await?;
-    report.kept_newest_expired = newest.values().filter(|(h, _)| *h < cutoff).count();
+    report.kept_newest_expired = cold
+        .values()
+        .filter(|k| k.newest.is_some_and(|h| h < cutoff))
+        .count();
     Ok((report, keys))
+}
+
+/// What a pass has seen of one database's cold snapshots.
+#[derive(Default)]
+struct ColdKey {
+    /// The newest hour name.
+    newest: Option<DateTime<Utc>>,
+    /// The newest snapshot named at or before the cutoff, kept.
+    base: Option<(DateTime<Utc>, ObjPath)>,
 }
 
 /// `path` relative to `dir` (`None` if it is not under `dir`).

@@ -45,11 +45,16 @@ pub fn check_key(key: &str) -> Result<()> {
         Some(why) => Err(Error::invalid(
             format!("key {key:?}"),
             format!(
-                "{why}: keys must be relative and must not contain `.`, `..` or empty segments, `\\` or NUL"
+                "{why}: keys must be relative and must not contain `.`, `..` or empty segments, `\\` or NUL, nor start with `.litefleet`"
             ),
         )),
     }
 }
+
+/// The directory of litefleet's own objects under a replica root (the
+/// lease, the replica's identity, the fleet log): never a key's first
+/// segment.
+pub const RESERVED_DIR: &str = ".litefleet";
 
 /// What [`check_key`] finds wrong with `key`, in a few words, or `None`.
 pub fn key_problem(key: &str) -> Option<&'static str> {
@@ -67,6 +72,11 @@ pub fn key_problem(key: &str) -> Option<&'static str> {
         Some("contains `\\`")
     } else if key.contains('\0') {
         Some("contains NUL")
+    } else if key.split('/').next() == Some(RESERVED_DIR) {
+        // The lease, the replica's identity and the fleet log live there:
+        // a database keyed into it failed every upload or had its own
+        // objects taken for fleet log objects (black-box probe).
+        Some("starts with `.litefleet`, the replica's own directory")
     } else {
         None
     }
@@ -157,6 +167,9 @@ mod tests {
             (".", "`.` or `..`"),
             ("a/../b", "`.` or `..`"),
             ("a\\b", "contains `\\`"),
+            (".litefleet/lease.json", "the replica's own directory"),
+            (".litefleet/log/t1", "the replica's own directory"),
+            (".litefleet", "the replica's own directory"),
         ] {
             let problem = key_problem(key).unwrap_or_else(|| panic!("{key:?} accepted"));
             assert!(problem.contains(why), "{key:?}: {problem}");
@@ -167,7 +180,14 @@ mod tests {
             );
         }
         let prefix = ObjPath::from("fleet");
-        for key in ["k", "p1/app", "..k/k..", ".hidden/x"] {
+        for key in [
+            "k",
+            "p1/app",
+            "..k/k..",
+            ".hidden/x",
+            "a/.litefleet",
+            ".litefleetx/y",
+        ] {
             assert_eq!(key_problem(key), None, "{key:?}");
             assert_eq!(key_path(&prefix, key).as_ref(), format!("fleet/{key}"));
         }

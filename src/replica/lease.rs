@@ -89,11 +89,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// The directory of litefleet's own objects under the replica root (the
-/// lease); never a database key.
-pub const LEASE_DIR: &str = ".litefleet";
-/// Where the lease lives under the replica prefix. A dot directory: no key
-/// template renders it, and restore, list and retention ignore objects
-/// whose names are not snapshot names.
+/// lease); never a database key ([`crate::replica::layout::key_problem`]).
+pub const LEASE_DIR: &str = crate::replica::layout::RESERVED_DIR;
+/// Where the lease lives under the replica prefix. Keys never start with
+/// its directory, and restore, list and retention ignore objects whose
+/// names are not snapshot names.
 pub const LEASE_OBJECT: &str = ".litefleet/lease.json";
 /// Default lease lifetime. Long enough that a renewal every 20 s survives two
 /// failed requests (each bounded by the replica `timeout`), short enough that

@@ -45,6 +45,11 @@ fn bad_configs_are_clear_errors_not_panics() {
             "multi-db.scan-interval",
         ),
         (
+            "zero request timeout",
+            good.replace("    path:", "    timeout: 0s\n    path:"),
+            "multi-db.replica.timeout: must be greater than zero",
+        ),
+        (
             "unbound variable",
             good.replace("{{b}}", "{{b}}/{{c}}"),
             "{{c}}",

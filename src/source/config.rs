@@ -530,6 +530,14 @@ impl Loaded {
                 "must be greater than zero".into(),
             ));
         }
+        if m.replica.timeout.is_zero() {
+            // Every request would fail with "error sending request", naming
+            // no setting (black-box probe).
+            return Err(err(
+                "multi-db.replica.timeout",
+                "must be greater than zero (the time one request may take)".into(),
+            ));
+        }
         if m.replica.lease_ttl < crate::replica::lease::MIN_TTL {
             return Err(err(
                 "multi-db.replica.lease-ttl",

@@ -195,6 +195,56 @@ both_backends!(snapshot_named_after_the_next_hour, |b| async move {
     }
 });
 
+// A cold snapshot named by a clock that ran ahead (two days here) would
+// hide every later upload named by the right time: a latest restore
+// returned its older state with exit 0 for two days (probe J). Such a
+// restore now fails naming it; one at a time picks the newest copy
+// complete by then.
+both_backends!(
+    a_snapshot_named_in_the_future_is_not_the_newest,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let db = f.db_path("p", "d", "a");
+        let c = create_db(&db, 3);
+        age(&db);
+        let r = f.replicator();
+        assert_eq!(r.cycle(&CancellationToken::new()).await.uploaded, 1);
+        let replica = f.replica();
+        let key = Fleet::key("p", "d", "a");
+        let now_obj = cold::snapshots(&replica, &key).await.unwrap().remove(0);
+        // The same copy, as a host two days ahead would have named and dated it.
+        let ahead = Utc::now() + chrono::Duration::days(2);
+        let mut bytes = replica
+            .get_bytes(&now_obj.location)
+            .await
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        let times = cold::SnapshotTimes {
+            started: ahead - chrono::Duration::seconds(1),
+            taken: ahead,
+        };
+        bytes[..cold::RECORD_LEN].copy_from_slice(&times.encode());
+        let future = cold::snapshot_path(&replica.prefix, &key, "a", ahead);
+        replica.store.put(&future, bytes.into()).await.unwrap();
+        insert_rows(&c, 4);
+        age(&db);
+        assert_eq!(r.cycle(&CancellationToken::new()).await.uploaded, 1);
+        let out = f.work.path().join("latest.db");
+        let e = f.restore(&key, &out, None).await.unwrap_err().to_string();
+        assert!(
+            e.contains(future.as_ref()) && e.contains("ran ahead"),
+            "{e}"
+        );
+        assert!(!out.exists());
+        assert!(matches!(
+            f.restore(&key, &out, Some(Utc::now())).await.unwrap(),
+            RestoreOutcome::Restored { .. }
+        ));
+        assert_eq!(count_rows(&out), 7);
+    }
+);
+
 both_backends!(retention_deletes_old_and_keeps_newest, |b| async move {
     let f = Fleet::new(b).await;
     let replica = f.replica();

@@ -303,6 +303,13 @@ pub async fn snapshots(replica: &Replica, key: &str) -> Result<Vec<SnapshotInfo>
 
 /// One hour: an object named hour `H` holds a copy completed in `[H - 1h, H)`.
 pub const HOUR_SECS: i64 = 3600;
+/// How far past now the newest name may lie for a restore of the newest
+/// state: one hour by design (the next hour's name), one more for the
+/// restoring host's clock. Beyond it, the object was named by a clock that
+/// ran ahead, and it would hide every later upload named by the right time
+/// (black-box probe: one `replicate` at +2 days pinned every latest restore
+/// to its state for two days).
+pub const FUTURE_NAME_SECS: i64 = 2 * HOUR_SECS;
 
 /// A cold snapshot chosen for a restore.
 #[derive(Debug, Clone)]
@@ -400,6 +407,20 @@ pub async fn choose_cold(
         let Some(&s) = newest_first.first() else {
             return Ok(None);
         };
+        let ahead = s.hour - Utc::now();
+        if ahead > chrono::Duration::seconds(FUTURE_NAME_SECS) {
+            return Err(ChooseError::Other(Error::invalid(
+                s.location.as_ref(),
+                format!(
+                    "the newest snapshot by name is named {}, {} hours from now: the clock of the host \
+                     that uploaded it ran ahead, and later uploads, named by the right time, may hold \
+                     newer states; not restoring it as the newest. Restore with --timestamp (the newest \
+                     copy complete by then), or delete that object",
+                    s.hour.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    ahead.num_hours()
+                ),
+            )));
+        }
         let times = if with_times { read(s).await? } else { None };
         return Ok(Some(ColdChoice {
             info: s.clone(),

@@ -70,7 +70,9 @@ impl Hot {
     fn spawn_with(f: Fleet, cfg: ShipConfig) -> Hot {
         let path = f.db_path("p", "d", "a");
         let key = Fleet::key("p", "d", "a");
-        drop(create_db(&path, 1));
+        if !path.exists() {
+            drop(create_db(&path, 1));
+        }
         let (tx, events) = unbounded_channel();
         let stats = Arc::new(Stats::default());
         // Through the fleet log, the default, consolidated every few syncs
@@ -445,6 +447,81 @@ both_backends!(
             "the large transaction in a segment object of its own"
         );
         h.finish().await;
+    }
+);
+
+// A generation that starts while the WAL holds more committed frames than
+// one segment takes: its snapshot holds them all, and the stream ships that
+// WAL from its first frame in parts, each with a later commit time. A
+// restore at a time between two parts returns the snapshot's state, never
+// the first part's older pages laid over it (probe I: a state the database
+// never had, with exit 0). Table z changes in the last two transactions
+// only: a restore that mixes states shows z's newest value beside m's old.
+both_backends!(
+    a_generation_started_on_a_long_wal_restores_whole_between_its_parts,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let path = f.db_path("p", "d", "a");
+        let w = create_db(&path, 0);
+        w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        w.execute_batch(
+            "CREATE TABLE m(v INTEGER); INSERT INTO m VALUES (0);
+             CREATE TABLE z(v INTEGER); INSERT INTO z VALUES (0);
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+        let n = (ship::MAX_SEGMENT_BYTES >> 20) as i64 + 8;
+        for i in 1..=n {
+            let z = if i > n - 2 {
+                format!("UPDATE z SET v = {i};")
+            } else {
+                String::new()
+            };
+            w.execute_batch(&format!(
+                "BEGIN; INSERT INTO t(v) VALUES (randomblob(1048576)); UPDATE m SET v = {i}; {z} COMMIT;"
+            ))
+            .unwrap();
+        }
+        let mut h = Hot::spawn(f, 1_000_000, 10_000_000, DEFAULT_RELEASE_AFTER);
+        h.until_shipped(n).await;
+        let key = h.key.clone();
+        let (f, _) = h.finish().await;
+        let r = f.replica();
+        let gen = litefleet::replica::hot::list_generation_ids(&r, &key)
+            .await
+            .unwrap()
+            .remove(0);
+        let mut segments = litefleet::replica::hot::list_segments(&r, &key, &gen)
+            .await
+            .unwrap();
+        segments.sort_by_key(|s| s.pos);
+        assert!(segments.len() >= 2, "one part only: {segments:?}");
+        for s in &segments[1..] {
+            let at = s.time - chrono::Duration::milliseconds(1);
+            let out = f.work.path().join(format!("at-{}.db", s.pos.offset));
+            assert!(matches!(
+                f.restore(&key, &out, Some(at)).await.unwrap(),
+                RestoreOutcome::Restored {
+                    tier: Tier::Hot,
+                    ..
+                }
+            ));
+            let c = Connection::open(&out).unwrap();
+            let (rows, m, z): (i64, i64, i64) = c
+                .query_row(
+                    "SELECT (SELECT count(*) FROM t), (SELECT v FROM m), (SELECT v FROM z)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (rows, m, z),
+                (n, n, n),
+                "restored at {at}, before {}",
+                s.pos
+            );
+        }
+        drop(w);
     }
 );
 

@@ -91,7 +91,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::fleetlog::{FleetLog, Spool};
 use crate::capture::wal::{
-    self, Position, ReadOutcome, WalCursor, FRAME_HEADER_SIZE, WAL_HEADER_SIZE,
+    self, Position, ReadOutcome, WalCursor, WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE,
 };
 use crate::capture::work::{bounded, Work};
 use crate::capture::{snapshot, upload};
@@ -247,6 +247,9 @@ pub struct Shipper {
     snapshot: Option<TempPath>,
     /// When the snapshot copy was complete (its commit time).
     snapshot_time: DateTime<Utc>,
+    /// Where in WAL 0 of the generation the snapshot's state is (see
+    /// [`crate::replica::hot::SnapshotEntry::covers`]).
+    snapshot_covers: Option<u64>,
     /// The newest generation already in the replica (listed before a new
     /// one starts): a new id never sorts older than it, whatever the clock.
     newest: Option<GenerationId>,
@@ -508,6 +511,7 @@ impl Shipper {
             pending_time: DateTime::UNIX_EPOCH,
             snapshot: None,
             snapshot_time: DateTime::UNIX_EPOCH,
+            snapshot_covers: None,
             newest: None,
             tip: false,
             reading: false,
@@ -591,13 +595,27 @@ impl Shipper {
         self.snapshot = None;
         self.generation = None;
         self.meta = None;
-        self.begin_read()?;
-        // The header read after our transaction began: its frames are either in
-        // our snapshot already (replaying them again is harmless) or newer.
-        let header = match open_wal(&self.wal)? {
-            Some(f) => wal::read_header(&f, &self.wal)?,
-            None => None,
+        // Where in the WAL our snapshot's state is: the WAL's committed end
+        // as our read begins. Under SQLite's write lock nobody commits, so a
+        // scan of the file then finds exactly that end; one scan before the
+        // lock reads most of the WAL, so writers wait only for what was
+        // committed since.
+        let before = committed_end(&self.wal, None)?;
+        let Some(lock) = WalWriteLock::wait(&self.conn, &db)? else {
+            return Ok(Err("the application held SQLite's write lock".into()));
         };
+        let under_lock = (|| -> Result<Option<(WalHeader, u64)>> {
+            self.begin_read()?;
+            Ok(committed_end(&self.wal, before)?.map(|c| (c.1, c.0.pos.offset)))
+        })();
+        let released = lock.release();
+        let at_read = under_lock?;
+        released?;
+        // The header read as our transaction began: the frames before
+        // `covers` are in our snapshot (a replay checks but does not apply
+        // them), later ones are newer.
+        let header = at_read.map(|(h, _)| h);
+        self.snapshot_covers = at_read.map(|(_, end)| end);
         std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
         let copy = NamedTempFile::with_prefix_in("hot-", tmp_dir)
             .at(tmp_dir)?
@@ -1014,6 +1032,39 @@ impl Shipper {
 
 /// `PRAGMA data_version`: changes between two calls on one connection if and
 /// only if another connection committed in between.
+/// The cursor at the committed end of the `-wal` at `wal` (numbered WAL 0)
+/// and its header; `None` when there is no WAL yet. `from`: a cursor from
+/// an earlier scan of the same WAL, to read on from (ignored if the WAL
+/// was restarted since).
+fn committed_end(
+    wal: &Path,
+    from: Option<(WalCursor, WalHeader)>,
+) -> Result<Option<(WalCursor, WalHeader)>> {
+    let Some(f) = open_wal(wal)? else {
+        return Ok(None);
+    };
+    let Some(h) = wal::read_header(&f, wal)? else {
+        return Ok(None);
+    };
+    let start = WalCursor::at_start(0, &h);
+    for cur in [
+        from.map(|(c, _)| c).filter(|c| c.salt == h.salt),
+        Some(start),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        match wal::read_committed_within(&f, wal, &cur, u64::MAX, 0)? {
+            ReadOutcome::Frames { next, .. } => return Ok(Some((next, h))),
+            ReadOutcome::Lost(_) => continue,
+        }
+    }
+    Err(Error::invalid(
+        wal.display(),
+        "the WAL changed while its committed end was read",
+    ))
+}
+
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA data_version", [], |r| r.get(0))
 }
@@ -1658,7 +1709,8 @@ async fn upload(
             .await
         };
         match r {
-            Ok(entry) => {
+            Ok(mut entry) => {
+                entry.covers = s.snapshot_covers;
                 ctx.stats.upload_ok();
                 ctx.stats
                     .bytes_uploaded

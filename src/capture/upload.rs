@@ -71,6 +71,7 @@ pub async fn upload_snapshot(
         size,
         compressed_size,
         checksum: crate::replica::hot::checksum_name(sum),
+        covers: None,
     })
 }
 

@@ -855,6 +855,7 @@ pub fn replay_segment(
     db: &mut File,
     page_size: u32,
     prev: Option<ChainLink>,
+    skip: u64,
 ) -> Result<(FramesInfo, u64)> {
     use crate::capture::snapshot::{read_full, FrameInput};
     if !valid_page_size(page_size) {
@@ -878,7 +879,15 @@ pub fn replay_segment(
         }
         let run = &buf[..n];
         let mut info = verify_run(what, run, page_size, link)?;
-        apply_run(db, page_size, run)?;
+        // Frames the database holds already: checked, not applied.
+        let held = usize::try_from(skip.saturating_sub(total)).map_or(n, |h| h.min(n));
+        if held % fsize != 0 {
+            return Err(Error::invalid(
+                what,
+                format!("the snapshot's position ({skip} bytes in) is not at a frame boundary"),
+            ));
+        }
+        apply_run(db, page_size, &run[held..])?;
         total += n as u64;
         if let Some(before) = &last {
             info.frames += before.frames;
@@ -1316,7 +1325,7 @@ mod tests {
         let mut whole = fresh("whole.db");
         apply_frames(&mut whole, 1024, &seg).unwrap();
         let mut runs = fresh("runs.db");
-        let (info, len) = replay_segment("seg", &frame, &mut runs, 1024, None).unwrap();
+        let (info, len) = replay_segment("seg", &frame, &mut runs, 1024, None, 0).unwrap();
         assert_eq!(len, seg.len() as u64);
         assert_eq!(info.frames, k.frames);
         assert_eq!(info, verify_frames("seg", &seg, 1024, None).unwrap());
@@ -1328,7 +1337,7 @@ mod tests {
         // 64 MiB of zeros in a small frame: refused at its first run.
         let zeros = lz4(&vec![0u8; 64 << 20]);
         assert!(zeros.len() < 1 << 20);
-        let e = replay_segment("bomb", &zeros, &mut fresh("bomb.db"), 1024, None)
+        let e = replay_segment("bomb", &zeros, &mut fresh("bomb.db"), 1024, None, 0)
             .unwrap_err()
             .to_string();
         assert!(e.contains("page number 0"), "{e}");
@@ -1339,13 +1348,14 @@ mod tests {
             &mut fresh("c.db"),
             1024,
             None,
+            0,
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("cut short"), "{e}");
         let fsize = 24 + 1024;
         let open = lz4(&seg[..seg.len() - fsize]);
-        let e = replay_segment("open", &open, &mut fresh("o.db"), 1024, None)
+        let e = replay_segment("open", &open, &mut fresh("o.db"), 1024, None, 0)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a commit frame"), "{e}");

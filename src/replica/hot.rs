@@ -357,6 +357,16 @@ pub struct SnapshotEntry {
     pub compressed_size: u64,
     /// `xxh32:<8 hex>`: the LZ4 frame content checksum of the database.
     pub checksum: String,
+    /// Where in WAL `index` the snapshot's state is: it holds every frame
+    /// committed before this offset. The stream ships that WAL from its
+    /// first frame anyway (segments chain from the WAL's header), so a
+    /// replay applies only frames from here on: replaying a prefix of the
+    /// frames before it over the snapshot would lay older pages over newer
+    /// ones (black-box probe: a point-in-time restore between two parts of
+    /// that WAL gave a state the database never had, with exit 0). `None`
+    /// in metadata of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covers: Option<u64>,
 }
 
 /// Largest `metadata.json` read; a bigger one is refused before it is

@@ -194,6 +194,15 @@ pub async fn restore_plan(
         .map_ok(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Error>)))
         .try_flatten();
 
+    // Where in its WAL the snapshot's state is (see `SnapshotEntry::covers`):
+    // frames before it are checked but not applied.
+    let covers = plan
+        .recorded_snapshot()
+        .and_then(|e| e.covers)
+        .map(|offset| crate::replica::hot::Position {
+            index: snap.index,
+            offset,
+        });
     let mut chain: Option<ChainLink> = None;
     while let Some(next) = fetches.next().await {
         let (seg, compressed) = next?;
@@ -202,8 +211,12 @@ pub async fn restore_plan(
             Continues::WalStart(start) => chain = start.map(ChainLink::from),
         }
         let what = seg.location.to_string();
+        let skip = covers
+            .filter(|c| c.index == seg.pos.index)
+            .map_or(0, |c| c.offset.saturating_sub(seg.pos.offset));
         let (f, info, len) = tokio::task::spawn_blocking(move || {
-            let (info, len) = wal::replay_segment(&what, &compressed, &mut file, page_size, chain)?;
+            let (info, len) =
+                wal::replay_segment(&what, &compressed, &mut file, page_size, chain, skip)?;
             Ok::<_, Error>((file, info, len))
         })
         .await
@@ -665,6 +678,7 @@ mod tests {
                 size: 4096,
                 compressed_size: 100,
                 checksum: "xxh32:00000000".into(),
+                covers: Some(32),
             }],
             ..meta
         };

@@ -666,12 +666,22 @@ impl Loaded {
     }
 
     /// Identifies the replica and key layout that upload records are valid for:
-    /// a different URL, template or pattern set starts from scratch.
+    /// a different URL, endpoint, template or pattern set starts from
+    /// scratch. The endpoint counts: `s3://b/p` on two S3 servers is two
+    /// stores, and two daemons sharing one state file (the per-user default
+    /// `state-dir`) trusted each other's records (black-box probe: a change
+    /// uploaded to one store was never uploaded to the other). Without an
+    /// endpoint the tag is what it was before it counted.
     pub fn state_tag(&self) -> u64 {
         let mut text = format!(
             "{:?}\n{:?}\n",
             self.replica, self.config.multi_db.replica.path
         );
+        if let Some(endpoint) = &self.config.multi_db.replica.endpoint {
+            text.push_str("endpoint ");
+            text.push_str(endpoint.trim_end_matches('/'));
+            text.push('\n');
+        }
         for p in &self.patterns {
             text.push_str(p.source());
             text.push('\n');
@@ -1159,6 +1169,25 @@ multi-db:
 
     /// Relative `state-dir` and `temp-dir` resolve against the config's
     /// directory, like the patterns, whatever the working directory.
+    #[test]
+    fn two_endpoints_never_share_upload_records() {
+        let yaml = |endpoint: &str| {
+            format!(
+                "multi-db:\n  patterns: [\"./data/*.db\"]\n  replica:\n    url: s3://b/p\n{endpoint}"
+            )
+        };
+        let tag = |y: String| {
+            Loaded::from_str(&y, "test.yml", Path::new("/base"))
+                .unwrap()
+                .state_tag()
+        };
+        let none = tag(yaml(""));
+        let one = tag(yaml("    endpoint: http://127.0.0.1:9000\n"));
+        let two = tag(yaml("    endpoint: http://127.0.0.1:9001\n"));
+        assert!(none != one && one != two && none != two);
+        assert_eq!(one, tag(yaml("    endpoint: http://127.0.0.1:9000/\n")));
+    }
+
     #[test]
     fn relative_dirs_resolve_against_the_config() {
         let l = load(&GOOD.replace(

@@ -25,6 +25,10 @@ pub struct Stats {
     pub bytes_uploaded: AtomicU64,
     pub last_scan_micros: AtomicU64,
     pub last_scan_unix: AtomicU64,
+    /// When the loop last showed progress: a scan completed, or an upload
+    /// ended (landed or failed). `/healthz` reads it, so a long cycle (a
+    /// first backup) that keeps uploading is healthy.
+    pub last_progress_unix: AtomicU64,
     pub oldest_pending_unix: AtomicU64,
     pub retention_deleted: AtomicU64,
     /// Promotions to and demotions from the hot tier.
@@ -69,8 +73,18 @@ pub struct Stats {
 
 impl Stats {
     /// Counts an upload (snapshot, segment or log object) that succeeded.
+    /// Records that the loop made progress now (see
+    /// [`Stats::last_progress_unix`]).
+    pub fn progressed(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs().max(1));
+        self.last_progress_unix.fetch_max(now, Ordering::Relaxed);
+    }
+
     pub fn upload_ok(&self) {
         self.uploads_ok.fetch_add(1, Ordering::Relaxed);
+        self.progressed();
         self.store_took_a_write();
     }
 
@@ -85,6 +99,7 @@ impl Stats {
     /// stretch.
     pub fn upload_failed(&self) {
         self.uploads_failed.fetch_add(1, Ordering::Relaxed);
+        self.progressed();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs().max(1));

@@ -540,6 +540,15 @@ impl Replicator {
         self.stats
             .last_scan_micros
             .store(took.as_micros() as u64, Ordering::Relaxed);
+        // When the scan completed, not the cycle: a first backup's uploads
+        // can take many scan intervals (black-box probe: `/healthz` said "no
+        // scan completed" while hundreds of uploads a second landed, and
+        // `/stats` showed `scans: 1` beside no last scan).
+        self.stats.last_scan_unix.store(
+            chrono::Utc::now().timestamp().max(0) as u64,
+            Ordering::Relaxed,
+        );
+        self.stats.progressed();
         tracing::debug!(
             databases = scan.databases,
             new = scan.new,
@@ -559,10 +568,6 @@ impl Replicator {
             .databases
             .store(self.tracked() as u64, Ordering::Relaxed);
         let report = self.dispatch(scan, None, shutdown).await;
-        self.stats.last_scan_unix.store(
-            chrono::Utc::now().timestamp().max(0) as u64,
-            Ordering::Relaxed,
-        );
         if report.uploaded + report.failed >= TRIM_AFTER_UPLOADS {
             give_back_freed_memory();
         }

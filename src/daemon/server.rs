@@ -377,17 +377,18 @@ fn health_limit(scan_interval: Duration) -> u64 {
 fn scan_problem(stats: &Stats, scan_interval: Duration, now: u64) -> Option<String> {
     use std::sync::atomic::Ordering::Relaxed;
     let last_scan = stats.last_scan_unix.load(Relaxed);
-    let since = if last_scan > 0 {
-        last_scan
-    } else {
-        stats.started_unix.load(Relaxed)
+    // A scan, or an upload of the cycle it started: a long cycle that keeps
+    // uploading is no stuck loop.
+    let since = match last_scan.max(stats.last_progress_unix.load(Relaxed)) {
+        0 => stats.started_unix.load(Relaxed),
+        t => t,
     };
     let limit = health_limit(scan_interval);
     if last_scan > 0 && stats.databases.load(Relaxed) == 0 {
         Some("unhealthy: the last scan found no SQLite database matching the patterns\n".into())
     } else if now.saturating_sub(since) > limit {
         Some(format!(
-            "unhealthy: no scan completed in {HEALTHY_INTERVALS} intervals of {scan_interval:?}\n"
+            "unhealthy: no scan or upload completed in {HEALTHY_INTERVALS} intervals of {scan_interval:?}\n"
         ))
     } else {
         None
@@ -557,6 +558,11 @@ mod tests {
         s.last_scan_unix.store(2000, Relaxed);
         assert!(StatsView::read(&s, iv, 2045).healthy);
         assert!(!StatsView::read(&s, iv, 2046).healthy);
+        // A long cycle that keeps uploading (a first backup) makes progress
+        // (black-box probe: 503 "no scan completed" while it uploaded).
+        s.last_progress_unix.store(2100, Relaxed);
+        assert!(StatsView::read(&s, iv, 2145).healthy);
+        assert!(!StatsView::read(&s, iv, 2146).healthy);
         // A scan that found nothing: a config that backs up nothing.
         s.databases.store(0, Relaxed);
         assert!(!StatsView::read(&s, iv, 2001).healthy);
@@ -742,7 +748,7 @@ mod tests {
             lines[0].starts_with("unhealthy: writes paused: "),
             "{problems}"
         );
-        assert!(lines[1].starts_with("unhealthy: no scan completed in 3 intervals"));
+        assert!(lines[1].starts_with("unhealthy: no scan or upload completed in 3 intervals"));
         let v = ops.view();
         assert!(v.lease_writes_paused && !v.healthy);
         // Without a lease only the scan rules count.

@@ -437,6 +437,90 @@ async fn a_stop_against_a_hung_store_ends_at_its_timeout() {
     f.s3().set_fault(common::s3::Fault::None);
 }
 
+/// SIGTERM while the lease is still being taken from a store that does not
+/// answer: the start stops at once, exit 0, nothing replicated (black-box
+/// probe: the stop waited for the slow lease GET and PUT, 62 s, and only
+/// then started its shutdown timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_lease_is_taken_is_prompt() {
+    let mut f = Fleet::with_yaml(Backend::S3, "").await;
+    f.timeout = "3600s";
+    drop(create_db(&f.db_path("p", "d", "t0"), 5));
+    let cfg = f.config_path();
+    f.s3()
+        .set_fault(common::s3::Fault::Delay(Duration::from_secs(3600)));
+    let child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .args(["--config", cfg.to_str().unwrap(), "replicate"])
+        .env("LITEFLEET_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.s3().request_count() < 1 {
+        assert!(Instant::now() < deadline, "the lease was never asked for");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut child = child;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Bounded: the code before this fix waited for the held request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("still running 10 s after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("stopped while taking the replica lease"),
+        "{err}"
+    );
+    f.s3().set_fault(common::s3::Fault::None);
+}
+
+/// SIGHUP stops the daemon like SIGTERM: exit 0 and the lease given back,
+/// so the next start is not refused (black-box probe: its default action
+/// killed the daemon like a crash, and restarts were refused for the
+/// lease's lifetime).
+#[test]
+fn sighup_stops_gracefully() {
+    let t = tempfile::tempdir().unwrap();
+    one_database_backed_up(t.path(), 1);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .args(["replicate"])
+        .current_dir(t.path())
+        .env("LITEFLEET_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for its first cycle (the lease is held by then).
+    let mut err = child.stderr.take().unwrap();
+    let mut log = String::new();
+    let mut buf = [0u8; 4096];
+    while !log.contains("cycle complete") {
+        let n = std::io::Read::read(&mut err, &mut buf).unwrap();
+        assert!(n > 0, "exited early: {log}");
+        log.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    std::io::Read::read_to_string(&mut err, &mut log).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{log}");
+    assert!(log.contains("shutdown requested"), "{log}");
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 /// SIGTERM while uploads are in flight: they finish, the process exits 0, and
 /// every object in the replica restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

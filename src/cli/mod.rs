@@ -624,23 +624,27 @@ fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
     };
 }
 
-/// Cancels the token on the first SIGINT/SIGTERM; a second one exits at once.
+/// Cancels the token on the first SIGINT/SIGTERM/SIGHUP; a second one exits
+/// at once. SIGHUP (a closed terminal, or `kill -HUP` meant as a reload)
+/// stops gracefully too: its default action killed the daemon like a crash,
+/// leaving its lease to refuse the next start (black-box probe).
 fn install_signals(token: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::warn!("cannot install signal handlers; stop with SIGKILL");
             return;
         };
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, _ = hup.recv() => {} }
         tracing::info!(
             "shutdown requested: finishing in-flight uploads (signal again to exit now)"
         );
         token.cancel();
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, _ = hup.recv() => {} }
         tracing::warn!("second signal: exiting without waiting");
         std::process::exit(130);
     });
@@ -755,13 +759,22 @@ async fn run(cli: Cli) -> Result<()> {
             let addr = loaded.config.addr;
             let scan_interval = loaded.multi_db().scan_interval;
             let shutdown_timeout = loaded.multi_db().shutdown_timeout;
+            // From the start: a stop while the lease is being taken is
+            // bounded too (black-box probe: a slow store held it 62 s).
+            spawn_shutdown_watchdog(token.clone(), shutdown_timeout);
             // One writer per replica root: take the lease before anything
             // touches the replica or the staging directory.
             let replica = loaded.open_replica()?;
             let ttl = loaded.multi_db().replica.lease_ttl;
-            let lease =
-                crate::replica::lease::Lease::acquire_with_ttl(&replica, chrono::Utc::now(), ttl)
-                    .await?;
+            let acquire =
+                crate::replica::lease::Lease::acquire_with_ttl(&replica, chrono::Utc::now(), ttl);
+            let lease = tokio::select! {
+                lease = acquire => lease?,
+                () = token.cancelled() => {
+                    tracing::info!("stopped while taking the replica lease: nothing was replicated (a lease write still in flight may hold the replica until it expires)");
+                    return Ok(());
+                }
+            };
             tracing::info!(holder = %lease.record().owner, expires = %lease.expires().to_rfc3339(), "replica lease acquired");
             // Every write of the replicator stops when the lease does (and
             // /healthz says so while it is stopped).
@@ -808,7 +821,6 @@ async fn run(cli: Cli) -> Result<()> {
             // is held and the endpoint listens by now.
             let notify = crate::daemon::notify::spawn(&replicator, token.clone());
             let stopping = token.clone();
-            spawn_shutdown_watchdog(token.clone(), shutdown_timeout);
             let result = replicator.run(once, token).await;
             if let Some(task) = notify {
                 // After a signal it has said STOPPING=1 (or is about to);

@@ -988,6 +988,14 @@ fn content_version(bytes: &[u8]) -> UpdateVersion {
 
 /// Runs `f` holding an exclusive `flock` on `<path>.lock` (created if needed,
 /// never deleted, so every process locks the same inode).
+/// Longest wait for the lock of a compare-and-swap on a file replica. The
+/// holder only reads, writes and syncs a file of a few hundred bytes;
+/// waiting longer means it is stopped or hung, and a start that waited for
+/// ever said nothing (black-box probe).
+const FLOCK_WAIT: Duration = Duration::from_secs(10);
+/// Pause between two tries at that lock.
+const FLOCK_POLL: Duration = Duration::from_millis(5);
+
 fn with_flock<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
@@ -1002,15 +1010,28 @@ fn with_flock<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
         .write(true)
         .open(&lock_path)
         .at(&lock_path)?;
+    let deadline = std::time::Instant::now() + FLOCK_WAIT;
     loop {
         // SAFETY: flock on a file descriptor we own; released when `lock` is closed.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 {
             break;
         }
         let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::io(&lock_path, err));
+        match err.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock if std::time::Instant::now() < deadline => {
+                std::thread::sleep(FLOCK_POLL)
+            }
+            std::io::ErrorKind::WouldBlock => {
+                return Err(Error::io(
+                    &lock_path,
+                    std::io::Error::other(format!(
+                        "locked by another process for {FLOCK_WAIT:?} (a litefleet that is stopped or hung in a lease update?)"
+                    )),
+                ))
+            }
+            _ => return Err(Error::io(&lock_path, err)),
         }
     }
     let out = f();

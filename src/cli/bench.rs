@@ -249,13 +249,14 @@ pub struct LagBench {
     pub log_objects: u64,
 }
 
-/// Open files `replicate` wants for `max_hot` hot databases: each holds ~6
-/// descriptors (two connections, the `-wal` and `-shm` of each; measured in
-/// `tests/hot_fleet.rs`), plus 256 for the cold tier's uploads, the store
-/// client's sockets and the rest. 1000 hot databases exceed the common soft
-/// limit of 1024, rarely the hard one.
+/// Open files `replicate` wants for `max_hot` hot databases: each holds 3
+/// descriptors (one connection: the database, its `-wal` and `-shm`;
+/// measured in `tests/hot_fleet.rs`) and a 4th while a sync reads its WAL
+/// or a large segment waits in it, plus 256 for the cold tier's uploads,
+/// the store client's sockets and the rest. 1000 hot databases exceed the
+/// common soft limit of 1024, rarely the hard one.
 pub fn nofile_needed(max_hot: usize) -> u64 {
-    max_hot as u64 * 6 + 256
+    max_hot as u64 * 4 + 256
 }
 
 /// The soft and hard `RLIMIT_NOFILE` of this process, unchanged.

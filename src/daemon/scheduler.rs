@@ -200,6 +200,8 @@ struct HotTier {
     /// [`Replicator::start_log`]), and then its task and stop token.
     log_writer: Mutex<Option<fleetlog::LogWriter>>,
     log_task: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
+    /// The fleet log an earlier run left has been consolidated (or tried).
+    log_recovered: std::sync::atomic::AtomicBool,
 }
 
 /// A streaming task.
@@ -331,6 +333,7 @@ impl Replicator {
         let hot = HotTier {
             log_writer: Mutex::new(log_writer),
             log_task: Mutex::new(None),
+            log_recovered: std::sync::atomic::AtomicBool::new(false),
             tiers: Mutex::new(Tiers::new(TierConfig {
                 hot_duration: m.hot_duration,
                 max_hot: m.max_hot_databases,
@@ -1071,22 +1074,26 @@ impl Replicator {
             .store(tiers.demotions, Ordering::Relaxed);
     }
 
-    /// Starts the fleet log's writer once, before the first stream: first
-    /// the log objects an earlier run left are consolidated (every log
-    /// object is an orphan now, as no stream of ours has started).
+    /// Before the first stream: the log objects an earlier run left are
+    /// consolidated (every log object is an orphan now, as no stream of
+    /// ours has started), with the fleet log on or off (black-box probe: a
+    /// start with `fleet-log: false` left a crashed run's log objects for
+    /// ever); then the fleet log's writer starts, if it is on.
     async fn start_log(&self) {
-        let writer = lock(&self.hot.log_writer).take();
-        let Some(w) = writer else { return };
-        match fleetlog::recover(&self.replica, &self.hot.ctx.temp_dir).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                objects = n,
-                "consolidated the fleet log left by an earlier run"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot consolidate the fleet log left by an earlier run; restores read it where it is, the next start tries again")
+        if !self.hot.log_recovered.swap(true, Ordering::AcqRel) {
+            match fleetlog::recover(&self.replica, &self.hot.ctx.temp_dir).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    objects = n,
+                    "consolidated the fleet log left by an earlier run"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consolidate the fleet log left by an earlier run; restores read it where it is, the next start tries again")
+                }
             }
         }
+        let writer = lock(&self.hot.log_writer).take();
+        let Some(w) = writer else { return };
         let stop = CancellationToken::new();
         let task = tokio::spawn(w.run(stop.clone()));
         *lock(&self.hot.log_task) = Some((stop, task));

@@ -1012,7 +1012,7 @@ pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
     // default, 0600, would leave a restored database unreadable to the group
     // that reads the original).
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.litefleet-"))
+        .prefix(&format!(".{name}{}", crate::source::discover::STAGING_MARK))
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
         .at(&dir)?;
@@ -1558,6 +1558,8 @@ mod tests {
                 staged.starts_with(&format!(".{}", &name[..100])),
                 "{staged}"
             );
+            // Never taken for a database by the scan.
+            assert!(crate::source::discover::is_aux(tmp.file_name().unwrap()));
             std::fs::rename(&tmp, &target).unwrap();
             assert!(target.exists());
         }

@@ -170,10 +170,26 @@ fn has_glob_meta(s: &str) -> bool {
     s.contains(['*', '?', '[', '{'])
 }
 
-/// True for SQLite's `-wal`, `-shm` and `-journal` side files.
+/// What a restore's staging file adds to the target's name (see
+/// [`crate::capture::snapshot::temp_sibling`]): `.<name>.litefleet-XXXXXX`.
+pub const STAGING_MARK: &str = ".litefleet-";
+
+/// True for names that are never a database of their own: SQLite's
+/// `-wal`, `-shm` and `-journal` side files, and a restore's staging file
+/// (`.<name>.litefleet-` and six random characters; black-box probe: with a
+/// pattern `*`, a restore into a watched directory had its staging file
+/// streamed and uploaded under a key of its own).
 pub fn is_aux(name: &OsStr) -> bool {
     let b = name.as_encoded_bytes();
-    AUX_SUFFIXES.iter().any(|s| b.ends_with(s.as_bytes()))
+    AUX_SUFFIXES.iter().any(|s| b.ends_with(s.as_bytes())) || is_staging(b)
+}
+
+fn is_staging(name: &[u8]) -> bool {
+    let mark = STAGING_MARK.as_bytes();
+    name.first() == Some(&b'.')
+        && name.len() >= mark.len() + 6
+        && name[name.len() - 6..].iter().all(u8::is_ascii_alphanumeric)
+        && name[..name.len() - 6].ends_with(mark)
 }
 
 impl Pattern {
@@ -528,6 +544,28 @@ pub trait Visitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staging_files_and_side_files_are_never_databases() {
+        use std::ffi::OsStr;
+        for name in [
+            "t.db-wal",
+            "t.db-shm",
+            "t.db-journal",
+            ".t.db.litefleet-a1B2c3",
+        ] {
+            assert!(is_aux(OsStr::new(name)), "{name}");
+        }
+        for name in [
+            "t.db",
+            ".t.db",
+            "x.litefleet-a1B2c3",
+            ".t.db.litefleet-abc",
+            "litefleet-abcdef",
+        ] {
+            assert!(!is_aux(OsStr::new(name)), "{name}");
+        }
+    }
 
     /// Only the directories below the root count: a root reached through a
     /// link is the operator's choice; a link below it is what the scan

@@ -990,6 +990,10 @@ pub fn expand_env(
             out.push_str(line);
             continue;
         }
+        if let Some(kept) = empty_setting(line, &lookup) {
+            out.push_str(&kept);
+            continue;
+        }
         let mut done = 0;
         while let Some(found) = line[done..].find("${") {
             let start = done + found;
@@ -1024,6 +1028,36 @@ pub fn expand_env(
         out.push_str(&line[done..]);
     }
     Ok(out)
+}
+
+/// A line `key: ${VAR:-}` (the whole value one variable, a comment after
+/// it allowed) whose value is empty, made a comment: the setting is then
+/// absent and keeps its default, whatever its type. YAML would read the
+/// empty value as null, which a duration, number or flag refuses (black-box
+/// probe: `retention: ${R:-}` was an error, though an empty value is
+/// documented as no value). The line stays, so line numbers do too.
+fn empty_setting(line: &str, lookup: &impl Fn(&str) -> Option<String>) -> Option<String> {
+    let body = line.trim_start();
+    let indent = &line[..line.len() - body.len()];
+    let (key, value) = body.split_once(": ")?;
+    if key.is_empty() || key.contains(['$', '#', '"', '\'', '{', '[']) || key.starts_with('-') {
+        return None;
+    }
+    let value = value.trim();
+    let rest = value.strip_prefix("${")?;
+    let end = rest.find('}')?;
+    let after = rest[end + 1..].trim_start();
+    if !(after.is_empty() || after.starts_with('#')) {
+        return None;
+    }
+    let inner = &rest[..end];
+    let empty = match inner.split_once(":-") {
+        Some((name, default)) => lookup(name).unwrap_or_else(|| default.to_string()),
+        None => lookup(inner)?,
+    };
+    empty
+        .is_empty()
+        .then(|| format!("{indent}# (empty: default) {body}"))
 }
 
 /// Where a `${VAR}` stands in its line, as YAML reads it.
@@ -1167,8 +1201,30 @@ multi-db:
     path: "{{project}}/{{database}}/{{branch}}/{{tenant}}"
 "#;
 
-    /// Relative `state-dir` and `temp-dir` resolve against the config's
-    /// directory, like the patterns, whatever the working directory.
+    /// An empty `${VAR:-}` is no value for every kind of setting: the
+    /// default (black-box probe: durations, numbers and flags refused it).
+    #[test]
+    fn an_empty_variable_keeps_every_default() {
+        let yaml = "multi-db:\n  patterns: [\"./data/*.db\"]\n  scan-interval: ${LF_TEST_UNSET_1:-} # comment\n  \
+                    watch: ${LF_TEST_UNSET_2:-}\n  max-concurrent: ${LF_TEST_UNSET_3:-}\n  replica:\n    \
+                    url: s3://b/p\n    retention: ${LF_TEST_UNSET_4:-}\n    lease-ttl: ${LF_TEST_UNSET_5:-}\n";
+        let l = Loaded::from_str(yaml, "test.yml", Path::new("/base")).unwrap();
+        let m = l.multi_db();
+        assert_eq!(m.scan_interval, DEFAULT_SCAN_INTERVAL);
+        assert!(m.watch);
+        assert_eq!(m.max_concurrent, 100);
+        assert_eq!(m.replica.retention, DEFAULT_RETENTION);
+        // A line number in an error still counts every line.
+        let bad = yaml.replace(
+            "retention: ${LF_TEST_UNSET_4:-}",
+            "retention: ${LF_TEST_UNSET_4}",
+        );
+        let e = Loaded::from_str(&bad, "test.yml", Path::new("/base"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 8"), "{e}");
+    }
+
     #[test]
     fn two_endpoints_never_share_upload_records() {
         let yaml = |endpoint: &str| {
@@ -1188,6 +1244,8 @@ multi-db:
         assert_eq!(one, tag(yaml("    endpoint: http://127.0.0.1:9000/\n")));
     }
 
+    /// Relative `state-dir` and `temp-dir` resolve against the config's
+    /// directory, like the patterns, whatever the working directory.
     #[test]
     fn relative_dirs_resolve_against_the_config() {
         let l = load(&GOOD.replace(

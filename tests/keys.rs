@@ -97,6 +97,26 @@ both_backends!(
     }
 );
 
+// The key's owner deleted: the database it refused stays refused, so its
+// first upload never replaces the owner's newest backup under the same
+// hour's name (probe J: restore then returned the other database, exit 0).
+both_backends!(
+    a_deleted_owner_keeps_its_key_from_the_refused,
+    |backend| async move {
+        let f = Fleet::new(backend).await;
+        let owner = db(&f, "app.db", 10);
+        let _refused = db(&f, "app.sqlite", 3);
+        let r = Replicator::new(loaded(&f)).unwrap();
+        assert_eq!(cycle(&r).await.uploaded, 1);
+        std::fs::remove_file(&owner).unwrap();
+        for _ in 0..2 {
+            let report = cycle(&r).await;
+            assert_eq!((report.uploaded, report.refused), (0, 1), "{report:?}");
+        }
+        assert_eq!(restore(&f, "p1/app"), Ok(10), "app.db's backup is intact");
+    }
+);
+
 both_backends!(
     a_later_database_never_takes_an_uploaded_key,
     |backend| async move {

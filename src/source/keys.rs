@@ -138,6 +138,12 @@ pub struct Owners {
     /// Owners of keys that more than one database renders. Kept across
     /// scans so the first owner stays the owner.
     owners: HashSet<PathBuf>,
+    /// Every key more than one database rendered since the start, and the
+    /// database that owned it. A refused database stays refused when the
+    /// owner is deleted: its first upload would replace the owner's newest
+    /// backup under the same hour's name (black-box probe: `restore`
+    /// then returned the other database with exit 0).
+    contested: HashMap<String, PathBuf>,
     refused: HashMap<Id, Refused>,
 }
 
@@ -222,6 +228,9 @@ impl Owners {
                     rank(a).cmp(&rank(b)).then_with(|| a.2.cmp(&b.2))
                 });
                 let owner = group[0].2.clone();
+                self.contested
+                    .entry(key.clone())
+                    .or_insert_with(|| owner.clone());
                 for (_, id, _) in &group[1..] {
                     refused.insert(
                         *id,
@@ -234,6 +243,32 @@ impl Owners {
                     );
                 }
                 owners.insert(owner);
+            }
+        }
+        // A contested key whose owner is gone: the others stay refused.
+        if !self.contested.is_empty() {
+            for &(_, _, id) in &rows {
+                if refused.contains_key(&id) {
+                    continue;
+                }
+                let path = tracker.path(id);
+                let Some((_, key, _)) = keyed(patterns, template, &path) else {
+                    continue;
+                };
+                match self.contested.get(&key) {
+                    Some(owner) if *owner != path && !owners.contains(owner) => {
+                        refused.insert(
+                            id,
+                            Refused {
+                                key,
+                                why: Refusal::Collision {
+                                    owner: owner.clone(),
+                                },
+                            },
+                        );
+                    }
+                    _ => {}
+                }
             }
         }
         let new = refused

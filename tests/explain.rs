@@ -305,7 +305,23 @@ fn config_errors_exit_1_and_limits_warn() {
     has(&out, "warning: open files: the hard limit");
     // With an endpoint, requests are path-style whatever the flag says.
     has(&out, "true (any endpoint is addressed path-style)");
-    has(&out, "6000000256 that max-hot-databases 1000000000 needs");
+    has(&out, "4000000256 that max-hot-databases 1000000000 needs");
+    // What replicate refuses at start is a warning (probe J: --strict
+    // passed them): a directory that cannot be made, replication disabled.
+    std::fs::write(
+        &cfg,
+        yaml(data.path(), s3).replace(
+            "hot-duration: 10m",
+            "hot-duration: 10m\n  state-dir: /dev/null/st\n  enabled: false",
+        ),
+    )
+    .unwrap();
+    let out = explain_ok(work.path());
+    has(&out, "multi-db.state-dir: /dev/null/st");
+    has(&out, "/dev/null is not a directory");
+    has(&out, "multi-db.enabled is false");
+    let o = litefleet(work.path(), &["explain", "--strict"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
 
 /// Keys `restore` would refuse (`k/.db` renders `k/`, `..db` renders `.`)

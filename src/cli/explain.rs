@@ -242,6 +242,25 @@ impl Visitor for Collect {
     }
 }
 
+/// Why `dir` cannot be created or written by this process, without
+/// creating anything: its nearest existing ancestor is no directory, or is
+/// not writable (when `dir` itself is missing) or `dir` is not writable.
+fn not_creatable(dir: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = dir
+        .ancestors()
+        .find(|a| std::fs::symlink_metadata(a).is_ok())?;
+    match std::fs::metadata(existing) {
+        Ok(m) if !m.is_dir() => return Some(format!("{} is not a directory", existing.display())),
+        Err(e) => return Some(format!("{}: {e}", existing.display())),
+        Ok(_) => {}
+    }
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    // SAFETY: access(2) on a NUL-terminated path; no other effect.
+    let writable = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+    (!writable).then(|| format!("{} is not writable", existing.display()))
+}
+
 /// `file` as the config file was named; relative patterns and paths
 /// resolved against the config file's directory (as [`Loaded::from_file`] does).
 pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Explanation> {
@@ -254,6 +273,33 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
     }
     let base = loaded.base.clone();
     let mut warnings = Vec::new();
+    // What `replicate` refuses at start, before it touches anything
+    // (black-box probe: `explain --strict` passed such configs).
+    if !m.enabled {
+        warnings.push(
+            "multi-db.enabled is false: replicate refuses to start (list and restore still work)"
+                .to_string(),
+        );
+    }
+    let state_file = loaded.state_file();
+    let mut dirs = vec![
+        ("multi-db.temp-dir", loaded.temp_dir()),
+        (
+            "multi-db.state-dir",
+            state_file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        ),
+    ];
+    if let ReplicaUrl::File { dir } = &loaded.replica {
+        dirs.push(("multi-db.replica.url", dir.clone()));
+    }
+    for (key, dir) in dirs {
+        if let Some(why) = not_creatable(&dir) {
+            warnings.push(format!(
+                "{key}: {} cannot be a writable directory ({why}): replicate refuses to start",
+                dir.display()
+            ));
+        }
+    }
 
     // 2. Patterns: the real walker, one pattern at a time.
     let mut all: HashMap<PathBuf, Found> = HashMap::new();

@@ -559,7 +559,30 @@ impl Loaded {
         }
         let template = match &m.replica.path {
             Some(t) => KeyTemplate::parse(t).map_err(|r| err("multi-db.replica.path", r))?,
-            None => KeyTemplate::default_for(patterns[0].wildcards()),
+            None => {
+                // The default joins the bound values, so every pattern must
+                // bind as many (black-box probe: the error named a variable
+                // `{{$2}}` nobody wrote, and changed with the patterns' order).
+                let w = patterns[0].wildcards();
+                if let Some((i, p)) = patterns
+                    .iter()
+                    .enumerate()
+                    .find(|(_, p)| p.wildcards() != w)
+                {
+                    return Err(err(
+                        "multi-db.replica.path",
+                        format!(
+                            "is not set, and the default key (the `*` values joined by `/`) needs every \
+                             pattern to have as many `*` levels: multi-db.patterns[0] {:?} has {w}, \
+                             multi-db.patterns[{i}] {:?} has {}; write a template that fits them all",
+                            patterns[0].source(),
+                            p.source(),
+                            p.wildcards()
+                        ),
+                    ));
+                }
+                KeyTemplate::default_for(w)
+            }
         };
         for (i, p) in patterns.iter().enumerate() {
             template.check_binds(p).map_err(|r| {
@@ -1223,6 +1246,26 @@ multi-db:
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 8"), "{e}");
+    }
+
+    #[test]
+    fn the_default_key_needs_patterns_of_one_depth() {
+        for patterns in [
+            r#"["./data/*/*.db", "./other/*.db"]"#,
+            r#"["./other/*.db", "./data/*/*.db"]"#,
+        ] {
+            let yaml =
+                format!("multi-db:\n  patterns: {patterns}\n  replica:\n    url: s3://b/p\n");
+            let Err(e) = Loaded::from_str(&yaml, "test.yml", Path::new("/base")) else {
+                panic!("accepted: {patterns}");
+            };
+            let e = e.to_string();
+            assert!(
+                e.contains("multi-db.replica.path: is not set") && e.contains("as many `*` levels"),
+                "{e}"
+            );
+            assert!(!e.contains("{{$"), "{e}");
+        }
     }
 
     #[test]

@@ -372,3 +372,27 @@ fn keys_restore_would_refuse_are_reported() {
         .unwrap()
         .contains("empty segment"));
 }
+
+/// A database whose object name on a file:// replica would pass the file
+/// name limit is a warning (probe J: every upload of it failed with "File
+/// name too long", and --strict passed).
+#[test]
+fn names_too_long_for_a_file_replica_are_warned_about() {
+    let t = tempfile::tempdir().unwrap();
+    let long = format!("{}.db", "x".repeat(240));
+    drop(create_db(&t.path().join("data/p").join(&long), 1));
+    drop(create_db(&t.path().join("data/p/short.db"), 1));
+    std::fs::write(
+        t.path().join("litefleet.yml"),
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://./replica\n",
+    )
+    .unwrap();
+    let o = litefleet(t.path(), &["explain", "--strict"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}{}", stderr(&o));
+    assert!(out.contains("longer than 255 bytes"), "{out}");
+    assert!(
+        out.contains(&long) && !out.contains("short.db: its object"),
+        "{out}"
+    );
+}

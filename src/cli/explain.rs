@@ -242,6 +242,9 @@ impl Visitor for Collect {
     }
 }
 
+/// Longest file name Linux file systems store (`NAME_MAX`).
+const FILE_NAME_MAX: usize = 255;
+
 /// Why `dir` cannot be created or written by this process, without
 /// creating anything: its nearest existing ancestor is no directory, or is
 /// not writable (when `dir` itself is missing) or `dir` is not writable.
@@ -415,6 +418,45 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
             "... and {} more refused key(s) (see --json)",
             refused_keys.len() - COLLISIONS_SHOWN
         ));
+    }
+    // A file:// replica stores each object path part as a file name, at
+    // most 255 bytes (black-box probe: a 243-byte database name failed
+    // every upload with "File name too long", and --strict passed).
+    if let ReplicaUrl::File { .. } = loaded.replica {
+        let mut long: Vec<String> = by_key
+            .iter()
+            .flat_map(|(key, paths)| paths.iter().map(move |p| (key, p)))
+            .filter(|(key, p)| {
+                let stem = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(crate::source::template::stem)
+                    .unwrap_or_default();
+                let object = crate::replica::cold::snapshot_path(
+                    &object_store::path::Path::default(),
+                    key,
+                    stem,
+                    chrono::Utc::now(),
+                );
+                object
+                    .parts()
+                    .any(|part| part.as_ref().len() > FILE_NAME_MAX)
+            })
+            .map(|(_, p)| p.display().to_string())
+            .collect();
+        long.sort();
+        for p in long.iter().take(COLLISIONS_SHOWN) {
+            warnings.push(format!(
+                "{p}: its object name on the file:// replica would be longer than {FILE_NAME_MAX} bytes, \
+                 which no file system stores: every upload of it fails (rename it, or shorten multi-db.replica.path)"
+            ));
+        }
+        if long.len() > COLLISIONS_SHOWN {
+            warnings.push(format!(
+                "... and {} more with object names too long for a file:// replica",
+                long.len() - COLLISIONS_SHOWN
+            ));
+        }
     }
     let distinct_keys = by_key.len() as u64;
     let mut collisions: Vec<Collision> = by_key

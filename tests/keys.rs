@@ -32,8 +32,13 @@ fn loaded(f: &Fleet) -> Loaded {
 
 /// Restores `target` with the binary; the row count, or the error output.
 fn restore(f: &Fleet, target: &str) -> Result<i64, String> {
-    let config = f.work.path().join("keys.yml");
-    std::fs::write(&config, yaml(f)).unwrap();
+    restore_with(f, &yaml(f), target)
+}
+
+/// [`restore`] with the config `yaml`.
+fn restore_with(f: &Fleet, yaml: &str, target: &str) -> Result<i64, String> {
+    let config = f.work.path().join(format!("keys-{}.yml", rand_suffix()));
+    std::fs::write(&config, yaml).unwrap();
     let out = f.work.path().join(format!("out-{}.db", rand_suffix()));
     let o = litefleet(
         f.work.path(),
@@ -218,8 +223,14 @@ fn refused_database_is_logged_once_per_path() {
 /// One pattern `<data>/**/*.db` with the default template: `k.db` renders
 /// `k`, `k/.db` renders `k/`, `..db` `.`, `...db` `..` and `.db` the empty key.
 fn deep_yaml(f: &Fleet) -> String {
+    one_pattern_yaml(f, "**/*.db", "")
+}
+
+/// Config with the one pattern `<data>/<pattern>` and the replica lines
+/// `extra` (a `path:` line, or nothing for the default template).
+fn one_pattern_yaml(f: &Fleet, pattern: &str, extra: &str) -> String {
     format!(
-        "multi-db:\n  patterns: [\"{}/**/*.db\"]\n  temp-dir: {}\n  state-dir: {}\n  replica:\n{}",
+        "multi-db:\n  patterns: [\"{}/{pattern}\"]\n  temp-dir: {}\n  state-dir: {}\n  replica:\n{extra}{}",
         f.data.path().display(),
         f.work.path().join("tmp").display(),
         f.work.path().join("state").display(),
@@ -376,13 +387,7 @@ both_backends!(
     two_databases_of_one_pattern_never_share_a_key,
     |backend| async move {
         let f = Fleet::new(backend).await;
-        let yaml = format!(
-            "multi-db:\n  patterns: [\"{}/*/*.db\"]\n  temp-dir: {}\n  state-dir: {}\n  replica:\n    path: \"{{{{p}}}}-{{{{t}}}}\"\n{}",
-            f.data.path().display(),
-            f.work.path().join("tmp").display(),
-            f.work.path().join("state").display(),
-            f.replica_yaml()
-        );
+        let yaml = one_pattern_yaml(&f, "*/*.db", "    path: \"{{p}}-{{t}}\"\n");
         let one = f.data.path().join("a-b/c.db");
         let two = f.data.path().join("a/b-c.db");
         create_db(&one, 10);
@@ -394,30 +399,10 @@ both_backends!(
         let report = cycle(&r).await;
         assert_eq!((report.uploaded, report.refused), (1, 1), "{report:?}");
         assert_eq!(r.stats().key_collisions.load(Ordering::Relaxed), 1);
-        let config = f.work.path().join("one.yml");
-        std::fs::write(&config, &yaml).unwrap();
-        let restore = |target: &Path| {
-            let out = f.work.path().join(format!("out-{}.db", rand_suffix()));
-            let o = litefleet(
-                f.work.path(),
-                &[
-                    "--config",
-                    config.to_str().unwrap(),
-                    "restore",
-                    target.to_str().unwrap(),
-                    "-o",
-                    out.to_str().unwrap(),
-                ],
-            );
-            o.status
-                .success()
-                .then(|| count_rows(&out))
-                .ok_or(stderr(&o))
-        };
         // The smaller path (`a` < `a-b`) owns the key and holds its objects.
-        assert_eq!(restore(Path::new("a-b-c")), Ok(3));
+        assert_eq!(restore_with(&f, &yaml, "a-b-c"), Ok(3));
         for path in [&one, &two] {
-            let err = restore(path).unwrap_err();
+            let err = restore_with(&f, &yaml, path.to_str().unwrap()).unwrap_err();
             assert!(err.contains("shares its replica key"), "{err}");
         }
     }
@@ -430,13 +415,7 @@ both_backends!(
     a_key_never_backed_up_is_not_found_under_its_parent,
     |backend| async move {
         let f = Fleet::new(backend).await;
-        let yaml = format!(
-            "multi-db:\n  patterns: [\"{}/**/main.db\"]\n  temp-dir: {}\n  state-dir: {}\n  replica:\n{}",
-            f.data.path().display(),
-            f.work.path().join("tmp").display(),
-            f.work.path().join("state").display(),
-            f.replica_yaml()
-        );
+        let yaml = one_pattern_yaml(&f, "**/main.db", "");
         let parent = f.data.path().join("a/main.db");
         create_db(&parent, 10);
         common::fleet::age(&parent);

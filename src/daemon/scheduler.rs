@@ -543,15 +543,6 @@ impl Replicator {
         self.stats
             .last_scan_micros
             .store(took.as_micros() as u64, Ordering::Relaxed);
-        // When the scan completed, not the cycle: a first backup's uploads
-        // can take many scan intervals (black-box probe: `/healthz` said "no
-        // scan completed" while hundreds of uploads a second landed, and
-        // `/stats` showed `scans: 1` beside no last scan).
-        self.stats.last_scan_unix.store(
-            chrono::Utc::now().timestamp().max(0) as u64,
-            Ordering::Relaxed,
-        );
-        self.stats.progressed();
         tracing::debug!(
             databases = scan.databases,
             new = scan.new,
@@ -570,6 +561,16 @@ impl Replicator {
         self.stats
             .databases
             .store(self.tracked() as u64, Ordering::Relaxed);
+        // When the scan completed (with its database count, which /healthz
+        // reads with it), not the cycle: a first backup's uploads can take
+        // many scan intervals (black-box probe: `/healthz` said "no scan
+        // completed" while hundreds of uploads a second landed, and `/stats`
+        // showed `scans: 1` beside no last scan).
+        self.stats.last_scan_unix.store(
+            chrono::Utc::now().timestamp().max(0) as u64,
+            Ordering::Relaxed,
+        );
+        self.stats.progressed();
         let report = self.dispatch(scan, None, shutdown).await;
         if report.uploaded + report.failed >= TRIM_AFTER_UPLOADS {
             give_back_freed_memory();

@@ -11,6 +11,25 @@ use common::{chmod, litefleet, litefleet_command, stderr, walk_files};
 
 /// Writes `dir/litefleet.yml`: the patterns `./data/*/*.db` (key
 /// `{{a}}/{{b}}`) replicated to the `file://` directory `replica`.
+/// `litefleet --config cfg replicate` running, its log (at info) piped.
+fn spawn_replicate(cfg: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_litefleet"))
+        .args(["--config", cfg.to_str().unwrap(), "replicate"])
+        .env("LITEFLEET_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends `sig` (`-TERM`, `-HUP`) to `child`.
+fn signal(child: &std::process::Child, sig: &str) {
+    let sent = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 fn write_file_config(dir: &Path, replica: &Path) {
     let yaml = format!(
         "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://{}\n    path: \"{{{{a}}}}/{{{{b}}}}\"\n",
@@ -391,12 +410,7 @@ async fn a_stop_against_a_hung_store_ends_at_its_timeout() {
         drop(create_db(&f.db_path("p", "d", &format!("t{i}")), 5));
     }
     let cfg = f.config_path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
-        .args(["--config", cfg.to_str().unwrap(), "replicate"])
-        .env("LITEFLEET_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_replicate(&cfg);
     // The lease is taken (GET, conditional PUT): from now on the store
     // holds every request for an hour.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -413,11 +427,7 @@ async fn a_stop_against_a_hung_store_ends_at_its_timeout() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let signalled = Instant::now();
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(&child, "-TERM");
     let (status, err) = tokio::task::spawn_blocking(move || {
         let out = child.wait_with_output().unwrap();
         (
@@ -449,23 +459,14 @@ async fn a_stop_while_the_lease_is_taken_is_prompt() {
     let cfg = f.config_path();
     f.s3()
         .set_fault(common::s3::Fault::Delay(Duration::from_secs(3600)));
-    let child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
-        .args(["--config", cfg.to_str().unwrap(), "replicate"])
-        .env("LITEFLEET_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_replicate(&cfg);
     let deadline = Instant::now() + Duration::from_secs(30);
     while f.s3().request_count() < 1 {
         assert!(Instant::now() < deadline, "the lease was never asked for");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut child = child;
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(&child, "-TERM");
     // Bounded: the code before this fix waited for the held request.
     let deadline = Instant::now() + Duration::from_secs(10);
     while child.try_wait().unwrap().is_none() {
@@ -493,13 +494,7 @@ async fn a_stop_while_the_lease_is_taken_is_prompt() {
 fn sighup_stops_gracefully() {
     let t = tempfile::tempdir().unwrap();
     one_database_backed_up(t.path(), 1);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
-        .args(["replicate"])
-        .current_dir(t.path())
-        .env("LITEFLEET_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_replicate(&t.path().join("litefleet.yml"));
     // Wait for its first cycle (the lease is held by then).
     let mut err = child.stderr.take().unwrap();
     let mut log = String::new();
@@ -509,11 +504,7 @@ fn sighup_stops_gracefully() {
         assert!(n > 0, "exited early: {log}");
         log.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    signal(&child, "-HUP");
     std::io::Read::read_to_string(&mut err, &mut log).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0), "{log}");
     assert!(log.contains("shutdown requested"), "{log}");
@@ -533,12 +524,7 @@ async fn sigterm_finishes_in_flight_uploads() {
     f.s3()
         .set_fault(common::s3::Fault::Delay(Duration::from_millis(300)));
     let cfg = f.config_path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_litefleet"))
-        .args(["--config", cfg.to_str().unwrap(), "replicate"])
-        .env("LITEFLEET_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_replicate(&cfg);
     let deadline = Instant::now() + Duration::from_secs(30);
     // Two requests take the replica lease (GET, conditional PUT), one lists
     // the fleet log (what an earlier run left), two read and write the
@@ -559,11 +545,7 @@ async fn sigterm_finishes_in_flight_uploads() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(&child, "-TERM");
     let status = tokio::task::spawn_blocking(move || {
         let out = child.wait_with_output().unwrap();
         (

@@ -745,12 +745,7 @@ impl Replica {
 
     /// Downloads a whole object into memory; `None` if it does not exist.
     pub async fn get_bytes(&self, location: &ObjPath) -> Result<Option<bytes::Bytes>> {
-        let got = read_retrying(|| async { self.store.get(location).await?.bytes().await }).await;
-        match got {
-            Ok(b) => Ok(Some(b)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::store(location, e)),
-        }
+        self.get_small(location, u64::MAX).await
     }
 
     /// Like [`Replica::get_bytes`] for an object litefleet writes small

@@ -119,6 +119,22 @@ both_backends!(
             assert_eq!((report.uploaded, report.refused), (0, 1), "{report:?}");
         }
         assert_eq!(restore(&f, "p1/app"), Ok(10), "app.db's backup is intact");
+        // Nor after a restart in the same hour (the owner is kept beside
+        // the state file; black-box probe: separate `--once` runs).
+        drop(r);
+        let r = Replicator::new(loaded(&f)).unwrap();
+        let report = cycle(&r).await;
+        assert_eq!((report.uploaded, report.refused), (0, 1), "{report:?}");
+        assert_eq!(restore(&f, "p1/app"), Ok(10), "app.db's backup is intact");
+        // Where that is kept cannot be read: the start fails naming it,
+        // rather than handing the key over.
+        drop(r);
+        let kept = litefleet::source::track::contested_file(&loaded(&f).state_file());
+        std::fs::write(&kept, "{ damaged").unwrap();
+        let e = Replicator::new(loaded(&f))
+            .err()
+            .expect("a start that fails");
+        assert!(e.to_string().contains(kept.to_str().unwrap()), "{e}");
     }
 );
 

@@ -316,6 +316,22 @@ impl Replicator {
                 "cannot read upload records; every database will be uploaded once"
             ),
         }
+        // Keys two databases rendered, and their owners: a restart must not
+        // hand a deleted owner's key to a database refused for it.
+        // Unreadable, it is an error, not "no key contested": a database
+        // refused for a deleted owner's key would take it.
+        let mut owners = Owners::default();
+        owners
+            .load_contested(&state_file, loaded.state_tag())
+            .map_err(|e| Error::Invalid {
+                what: crate::source::track::contested_file(&state_file)
+                    .display()
+                    .to_string(),
+                reason: format!(
+                    "cannot read the owners of contested keys ({e}); fix or remove the file \
+                     (without it, a database refused for a deleted owner's key takes the key)"
+                ),
+            })?;
         let stats = Stats::default();
         stats.started_unix.store(
             chrono::Utc::now().timestamp().max(0) as u64,
@@ -366,7 +382,7 @@ impl Replicator {
             failing: Mutex::new(HashSet::new()),
             busy: Mutex::new(HashSet::new()),
             hot,
-            owners: Mutex::new(Owners::default()),
+            owners: Mutex::new(owners),
         })
     }
 
@@ -930,6 +946,15 @@ impl Replicator {
                      empty, `.` or `..` segments); rename the file or change multi-db.patterns or \
                      multi-db.replica.path"
                 ),
+            }
+        }
+        if owners.contested_dirty() {
+            if let Err(e) = owners.save_contested(&self.state_file, self.loaded.state_tag()) {
+                tracing::warn!(
+                    file = %crate::source::track::contested_file(&self.state_file).display(),
+                    error = %e,
+                    "cannot save the owners of contested keys; trying again at the next change"
+                );
             }
         }
         let invalid = owners.invalid();

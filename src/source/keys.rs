@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use crate::replica::layout::key_problem;
 use crate::source::discover::{Pattern, Visitor};
 use crate::source::template::{self, KeyTemplate};
-use crate::source::track::{Id, Tracker};
+use crate::source::track::{contested_file, write_state_file, Id, Tracker};
 
 /// The object key (`<rendered template>`) and stem of a database path, from
 /// the first pattern that matches it.
@@ -138,13 +138,26 @@ pub struct Owners {
     /// Owners of keys that more than one database renders. Kept across
     /// scans so the first owner stays the owner.
     owners: HashSet<PathBuf>,
-    /// Every key more than one database rendered since the start, and the
-    /// database that owned it. A refused database stays refused when the
-    /// owner is deleted: its first upload would replace the owner's newest
-    /// backup under the same hour's name (black-box probe: `restore`
-    /// then returned the other database with exit 0).
+    /// Every key more than one database rendered, and the database that
+    /// owned it, until no tracked database renders the key. A refused
+    /// database stays refused when the owner is deleted: its first upload
+    /// would replace the owner's newest backup under the same hour's name
+    /// (black-box probe: `restore` then returned the other database with
+    /// exit 0). Kept beside the state file ([`contested_file`]) so a restart
+    /// does not hand the key over either.
     contested: HashMap<String, PathBuf>,
+    /// `contested` changed since it was last saved or loaded.
+    contested_dirty: bool,
     refused: HashMap<Id, Refused>,
+}
+
+/// What [`contested_file`] holds: the state tag it is valid for (the
+/// replica and key layout, as the state file's) and each contested key's
+/// owner.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ContestedFile {
+    tag: String,
+    owners: std::collections::BTreeMap<String, String>,
 }
 
 impl Owners {
@@ -155,6 +168,63 @@ impl Owners {
 
     pub fn is_refused(&self, id: Id) -> bool {
         self.refused.contains_key(&id)
+    }
+
+    /// Whether the contested keys changed since they were saved or loaded.
+    pub fn contested_dirty(&self) -> bool {
+        self.contested_dirty
+    }
+
+    /// Writes the contested keys and their owners to [`contested_file`] of
+    /// `state`, atomically and durably (or removes it when there are none).
+    pub fn save_contested(&mut self, state: &Path, tag: u64) -> io::Result<()> {
+        let path = contested_file(state);
+        if self.contested.is_empty() {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        } else {
+            let file = ContestedFile {
+                tag: format!("{tag:016x}"),
+                // Only UTF-8 paths render a key, so only those own one.
+                owners: self
+                    .contested
+                    .iter()
+                    .filter_map(|(k, p)| Some((k.clone(), p.to_str()?.to_string())))
+                    .collect(),
+            };
+            let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
+            write_state_file(&path, |mut f| {
+                use std::io::Write;
+                f.write_all(&json)
+            })?;
+        }
+        self.contested_dirty = false;
+        Ok(())
+    }
+
+    /// Reads the contested keys [`Owners::save_contested`] wrote for the
+    /// same `tag`; another tag or no file means none. Returns their count.
+    pub fn load_contested(&mut self, state: &Path, tag: u64) -> io::Result<usize> {
+        let path = contested_file(state);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let file: ContestedFile = serde_json::from_slice(&data)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if file.tag != format!("{tag:016x}") {
+            return Ok(0);
+        }
+        self.contested = file
+            .owners
+            .into_iter()
+            .map(|(k, p)| (k, PathBuf::from(p)))
+            .collect();
+        self.contested_dirty = false;
+        Ok(self.contested.len())
     }
 
     /// Databases refused at the last [`Owners::update`] for a key that
@@ -228,9 +298,10 @@ impl Owners {
                     rank(a).cmp(&rank(b)).then_with(|| a.2.cmp(&b.2))
                 });
                 let owner = group[0].2.clone();
-                self.contested
-                    .entry(key.clone())
-                    .or_insert_with(|| owner.clone());
+                if !self.contested.contains_key(&key) {
+                    self.contested.insert(key.clone(), owner.clone());
+                    self.contested_dirty = true;
+                }
                 for (_, id, _) in &group[1..] {
                     refused.insert(
                         *id,
@@ -244,6 +315,14 @@ impl Owners {
                 }
                 owners.insert(owner);
             }
+        }
+        // A contested key no tracked database renders any more is free again.
+        if !self.contested.is_empty() {
+            let rendered: HashSet<u64> = rows.iter().map(|r| r.0).collect();
+            let before = self.contested.len();
+            self.contested
+                .retain(|key, _| rendered.contains(&hasher.hash_one(key.as_str())));
+            self.contested_dirty |= self.contested.len() != before;
         }
         // A contested key whose owner is gone: the others stay refused.
         if !self.contested.is_empty() {

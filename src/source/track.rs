@@ -818,6 +818,7 @@ pub fn remove_state_leftovers(path: &Path) -> usize {
     let prefixes = [
         state_temp_prefix(path),
         state_temp_prefix(&replica_sidecar(path)),
+        state_temp_prefix(&contested_file(path)),
     ];
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -838,6 +839,14 @@ pub fn remove_state_leftovers(path: &Path) -> usize {
 pub fn replica_sidecar(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".replica");
+    PathBuf::from(s)
+}
+
+/// The sidecar of the state file at `path` that keeps the owners of
+/// contested keys (`crate::source::keys::Owners::save_contested`).
+pub fn contested_file(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".keys");
     PathBuf::from(s)
 }
 
@@ -863,7 +872,7 @@ pub fn record_replica(path: &Path, id: &str) -> io::Result<()> {
 /// [`state_temp_prefix`]), which is synced, renamed over `path`, and the
 /// directory synced, since the rename itself is durable only once the
 /// directory is.
-fn write_state_file(
+pub(crate) fn write_state_file(
     path: &Path,
     write: impl FnOnce(&std::fs::File) -> io::Result<()>,
 ) -> io::Result<()> {

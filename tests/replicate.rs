@@ -242,6 +242,30 @@ both_backends!(
             RestoreOutcome::Restored { .. }
         ));
         assert_eq!(count_rows(&out), 7);
+        // Three hours ahead, under the 12 hours a restore compares with its
+        // own clock: the store dated the later upload later.
+        std::fs::remove_file(&out).unwrap();
+        let db = f.db_path("p", "d", "b");
+        let c = create_db(&db, 2);
+        age(&db);
+        assert_eq!(r.cycle(&CancellationToken::new()).await.uploaded, 1);
+        let key = Fleet::key("p", "d", "b");
+        let now_obj = cold::snapshots(&replica, &key).await.unwrap().remove(0);
+        let ahead = Utc::now() + chrono::Duration::hours(3);
+        let bytes = replica.get_bytes(&now_obj.location).await.unwrap().unwrap();
+        let future = cold::snapshot_path(&replica.prefix, &key, "b", ahead);
+        replica.store.put(&future, bytes.into()).await.unwrap();
+        // Store dates have whole seconds on some backends.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        insert_rows(&c, 4);
+        age(&db);
+        assert_eq!(r.cycle(&CancellationToken::new()).await.uploaded, 1);
+        let e = f.restore(&key, &out, None).await.unwrap_err().to_string();
+        assert!(
+            e.contains(future.as_ref()) && e.contains("ran ahead"),
+            "{e}"
+        );
+        assert!(!out.exists());
     }
 );
 

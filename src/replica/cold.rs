@@ -313,6 +313,13 @@ pub const HOUR_SECS: i64 = 3600;
 /// caught.
 pub const FUTURE_NAME_SECS: i64 = 12 * HOUR_SECS;
 
+/// How far the store's clock may be behind the uploader's for a snapshot
+/// still to count as named by the right time: its name is the hour after
+/// its upload, so it is at most an hour after the date the store gives
+/// it, plus this. S3 refuses requests signed more than 15 minutes off its
+/// clock, so a store that accepted the upload was no further behind.
+pub const STORE_CLOCK_SLACK_SECS: i64 = 15 * 60;
+
 /// A cold snapshot chosen for a restore.
 #[derive(Debug, Clone)]
 pub struct ColdChoice {
@@ -422,6 +429,29 @@ pub async fn choose_cold(
                     ahead.num_hours()
                 ),
             )));
+        }
+        // Less far ahead: a name more than an hour after the store dated
+        // the object (the store's clock, not the uploader's) was given by a
+        // clock that ran ahead, and a snapshot the store dated later holds
+        // a newer state under an earlier name.
+        let early = s.hour - s.uploaded;
+        if early > chrono::Duration::seconds(HOUR_SECS + STORE_CLOCK_SLACK_SECS) {
+            if let Some(later) = newest_first.iter().find(|o| o.uploaded > s.uploaded) {
+                return Err(ChooseError::Other(Error::invalid(
+                    s.location.as_ref(),
+                    format!(
+                        "the newest snapshot by name is named {}, {} minutes after the store dated it \
+                         ({}): the clock of the host that uploaded it ran ahead, and {} (dated {}) \
+                         holds a newer state under an earlier name; not restoring it as the newest. \
+                         Restore with --timestamp (the newest copy complete by then), or delete that object",
+                        s.hour.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        early.num_minutes(),
+                        s.uploaded.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        later.location,
+                        later.uploaded.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    ),
+                )));
+            }
         }
         let times = if with_times { read(s).await? } else { None };
         return Ok(Some(ColdChoice {

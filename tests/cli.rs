@@ -69,6 +69,11 @@ fn bad_configs_are_clear_errors_not_panics() {
             "multi-db.replica.timeout: must be greater than zero",
         ),
         (
+            "snapshot-interval under sync-interval",
+            good.replace("  replica:", "  snapshot-interval: 1ms\n  replica:"),
+            "multi-db.snapshot-interval: 1ms is shorter than multi-db.sync-interval (1s)",
+        ),
+        (
             "unbound variable",
             good.replace("{{b}}", "{{b}}/{{c}}"),
             "{{c}}",

@@ -469,6 +469,19 @@ impl Loaded {
                 return Err(err(key, "must be greater than zero".into()));
             }
         }
+        if m.snapshot_interval < m.sync_interval {
+            // Each renewal uploads a whole snapshot: one per sync would be
+            // the cold tier's cost at every sync interval.
+            return Err(err(
+                "multi-db.snapshot-interval",
+                format!(
+                    "{} is shorter than multi-db.sync-interval ({}): every sync would start a new \
+                     generation with a full snapshot; the default is 24h",
+                    humantime::format_duration(m.snapshot_interval),
+                    humantime::format_duration(m.sync_interval)
+                ),
+            ));
+        }
         let r = &m.replica;
         for (key, d) in [
             ("multi-db.scan-interval", Some(m.scan_interval)),

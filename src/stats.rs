@@ -41,6 +41,9 @@ pub struct Stats {
     pub generations: AtomicU64,
     /// Our own checkpoints of hot databases.
     pub checkpoints: AtomicU64,
+    /// WAL parts shipped beyond a sync's first because the stream was
+    /// behind its writer (see `crate::capture::ship::CATCH_UP_PARTS`).
+    pub wal_catch_up_parts: AtomicU64,
     /// Failed hot syncs (retried every sync interval).
     pub hot_errors: AtomicU64,
     /// Fleet log objects written, consolidated packs written, and log

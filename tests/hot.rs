@@ -580,6 +580,51 @@ both_backends!(
     }
 );
 
+// A stream behind its writer ships every committed part in one sync, not
+// one 16 MiB part per sync (which capped a stream at 16 MiB per
+// sync-interval: a faster writer's WAL grew without end, never
+// checkpointed; black-box probe, 24 MB/s). Here the stream starts behind a
+// WAL of 40 MiB (three parts), all committed before it opened. What it
+// ships restores whole: the parts beyond the log's beside the log's.
+both_backends!(
+    a_stream_behind_its_writer_catches_up_in_one_sync,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let path = f.db_path("p", "d", "a");
+        let w = create_db(&path, 1);
+        w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        for _ in 0..40 {
+            w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
+                .unwrap();
+        }
+        let wal = std::fs::metadata(format!("{}-wal", path.display()))
+            .unwrap()
+            .len();
+        assert!(wal > 2 * ship::MAX_SEGMENT_BYTES, "{wal}");
+        let mut h = Hot::spawn(f, 1_000_000, 10_000_000, DEFAULT_RELEASE_AFTER);
+        h.until_shipped(41).await;
+        // The generation's snapshot holds all 41 rows; its WAL ships too
+        // (checked, not applied, by a restore).
+        let stats = h.stats.clone();
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        eventually("the whole WAL shipped", || {
+            let shipped = stats.wal_bytes.load(relaxed);
+            async move { shipped >= wal - 32 }
+        })
+        .await;
+        let (parts, beyond) = (
+            stats.wal_segments.load(relaxed),
+            stats.wal_catch_up_parts.load(relaxed),
+        );
+        // The first sync ships the part the generation start read, one
+        // more, and the rest as catch-up parts.
+        assert_eq!((parts, beyond), (3, 1));
+        assert_eq!(h.restored_rows(None).await, 41);
+        drop(w);
+        h.finish().await;
+    }
+);
+
 /// Each way the WAL can move on behind a shipper that lost its read
 /// transaction is reported as lost continuity, never skipped.
 #[test]

@@ -116,6 +116,12 @@ pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
 /// transaction cost ~630 MB of RSS (black-box probe): its frames, their
 /// compressed copy and the fleet log object holding that copy.
 pub const IN_MEMORY_SEGMENT_BYTES: u64 = 2 * MAX_SEGMENT_BYTES;
+
+/// Parts of at most [`MAX_SEGMENT_BYTES`] one sync ships beyond its first
+/// when the stream is behind its writer: 256 MiB a sync, so a stream keeps
+/// up with a writer of up to 256 MiB per `sync-interval` (more than a disk
+/// writes), and a sync still ends (the next one goes on).
+pub const CATCH_UP_PARTS: usize = 16;
 /// Attempts at starting a generation while the WAL keeps changing under
 /// the start (see [`Shipper::begin_generation`]); then the stream's sync
 /// fails and is tried again at the next one.
@@ -1595,8 +1601,10 @@ async fn sync(
     if renew {
         end_old_generation(ctx, slot, ls).await?;
     }
-    // Bounded: a generation start, a segment, and the frames our checkpoint read.
-    for _ in 0..4 {
+    // Bounded: a generation start, a segment, the parts of a stream behind
+    // its writer, and the frames our checkpoint read.
+    let mut catch_up = 0;
+    for _ in 0..5 {
         let needs_generation = slot.as_ref().is_some_and(|s| s.generation.is_none());
         if needs_generation {
             if let Some(s) = slot.as_mut() {
@@ -1651,6 +1659,29 @@ async fn sync(
             continue;
         }
         upload(ctx, tag, slot, ls).await?;
+        let mut lost = None;
+        while catch_up < CATCH_UP_PARTS && slot.as_ref().is_some_and(|s| s.cut_short) {
+            // Behind the writer: the read stopped at MAX_SEGMENT_BYTES with
+            // more committed frames behind it. One part a sync would cap the
+            // stream at 16 MiB per sync-interval, and a faster writer would
+            // grow the WAL without end, never checkpointed (that waits for
+            // the stream to catch up; black-box probe: 24 MB/s). The next
+            // parts go straight to the store, as segment objects a restore
+            // reads beside the log: the log's appends wait for its next tick.
+            catch_up += 1;
+            let step = blocking(slot, Work::Sync, |s| s.read()).await??;
+            if let Step::Lost(reason) = step {
+                lost = Some(reason);
+                break;
+            }
+            upload(ctx, tag, slot, &mut None).await?;
+            ctx.stats.wal_catch_up_parts.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Some(reason), Some(s)) = (lost, slot.as_mut()) {
+            // The next round's read reports it, and starts a new generation.
+            s.lost = Some(reason);
+            continue;
+        }
         let cfg = ctx.cfg;
         let ckpt = blocking(slot, Work::Sync, move |s| s.advance(&cfg)).await??;
         let Some(c) = ckpt else { return Ok(()) };

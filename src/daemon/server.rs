@@ -72,6 +72,8 @@ pub struct StatsView {
     pub wal_bytes: u64,
     pub generations: u64,
     pub checkpoints: u64,
+    /// WAL parts shipped beyond a sync's first, the stream behind its writer.
+    pub wal_catch_up_parts: u64,
     pub hot_errors: u64,
     /// Fleet log objects written, consolidated packs written, log objects
     /// deleted after consolidation.
@@ -139,6 +141,7 @@ impl StatsView {
             wal_bytes: stats.wal_bytes.load(Relaxed),
             generations: stats.generations.load(Relaxed),
             checkpoints: stats.checkpoints.load(Relaxed),
+            wal_catch_up_parts: stats.wal_catch_up_parts.load(Relaxed),
             hot_errors: stats.hot_errors.load(Relaxed),
             log_objects: stats.log_objects.load(Relaxed),
             log_packs: stats.log_packs.load(Relaxed),
@@ -267,6 +270,12 @@ impl StatsView {
             "counter",
             "Checkpoints run by the hot tier.",
             &[("", f(self.checkpoints))],
+        );
+        metric(
+            "litefleet_wal_catch_up_parts_total",
+            "counter",
+            "WAL parts shipped beyond a sync's first because a stream was behind its writer.",
+            &[("", f(self.wal_catch_up_parts))],
         );
         metric(
             "litefleet_hot_errors_total",

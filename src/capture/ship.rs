@@ -118,9 +118,10 @@ pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
 pub const IN_MEMORY_SEGMENT_BYTES: u64 = 2 * MAX_SEGMENT_BYTES;
 
 /// Parts of at most [`MAX_SEGMENT_BYTES`] one sync ships beyond its first
-/// when the stream is behind its writer: 256 MiB a sync, so a stream keeps
-/// up with a writer of up to 256 MiB per `sync-interval` (more than a disk
-/// writes), and a sync still ends (the next one goes on).
+/// when the stream is behind its writer: with the first, 272 MiB a sync,
+/// so a stream keeps up with a writer of up to that much per
+/// `sync-interval` (more than a disk writes in a second), and a sync still
+/// ends (the next one goes on).
 pub const CATCH_UP_PARTS: usize = 16;
 /// Attempts at starting a generation while the WAL keeps changing under
 /// the start (see [`Shipper::begin_generation`]); then the stream's sync
@@ -1590,7 +1591,9 @@ async fn close_log(ctx: &HotContext, ls: &mut Option<LogStream>, slot: &mut Opti
 }
 
 /// One sync: start a generation if needed (`renew`: also when the current
-/// one is `snapshot-interval` old), read, upload, move forward.
+/// one is `snapshot-interval` old), read, upload, move forward. `renew` is
+/// false only for a stream's last sync, which ships all that is behind
+/// instead of [`CATCH_UP_PARTS`] more parts at most.
 async fn sync(
     ctx: &HotContext,
     tag: u64,
@@ -1604,6 +1607,10 @@ async fn sync(
     // Bounded: a generation start, a segment, the parts of a stream behind
     // its writer, and the frames our checkpoint read.
     let mut catch_up = 0;
+    // The last sync, at a stop, ships all that is behind: what it leaves
+    // would wait for the next start's snapshot (the stop itself is bounded
+    // by `shutdown-timeout`).
+    let catch_up_limit = if renew { CATCH_UP_PARTS } else { usize::MAX };
     for _ in 0..5 {
         let needs_generation = slot.as_ref().is_some_and(|s| s.generation.is_none());
         if needs_generation {
@@ -1660,7 +1667,7 @@ async fn sync(
         }
         upload(ctx, tag, slot, ls).await?;
         let mut lost = None;
-        while catch_up < CATCH_UP_PARTS && slot.as_ref().is_some_and(|s| s.cut_short) {
+        while catch_up < catch_up_limit && slot.as_ref().is_some_and(|s| s.cut_short) {
             // Behind the writer: the read stopped at MAX_SEGMENT_BYTES with
             // more committed frames behind it. One part a sync would cap the
             // stream at 16 MiB per sync-interval, and a faster writer would

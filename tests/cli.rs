@@ -590,6 +590,18 @@ fn reading_commands_report_missing_replicas_and_keys() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("no such directory"), "{}", stderr(&o));
     assert!(!replica.exists(), "list created the replica directory");
+    // Nor restore, single or bulk, even with --if-replica-exists (a boot
+    // script with a mistyped path must not start on an empty database;
+    // black-box probe: exit 0, nothing restored, the directory created).
+    for args in [
+        &["restore", "x/app", "-o", "out.db", "--if-replica-exists"][..],
+        &["restore", "--prefix", "x", "-o", "outdir", "--if-replica-exists"][..],
+    ] {
+        let o = litefleet(t.path(), args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("no such directory"), "{}", stderr(&o));
+        assert!(!replica.exists(), "{args:?} created the replica directory");
+    }
 
     drop(create_db(&t.path().join("data/x/app.db"), 1));
     let o = litefleet(t.path(), &["replicate", "--once"]);

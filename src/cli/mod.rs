@@ -858,7 +858,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Restore(args) => {
             let loaded = Loaded::from_file(&cli.config)?;
-            let replica = loaded.open_replica()?;
+            // Reading: a mistyped file:// path fails, also with
+            // --if-replica-exists, rather than becoming an empty replica.
+            let replica = loaded.open_existing_replica()?;
             let target = match (args.prefix.clone(), args.target.clone()) {
                 (Some(prefix), _) => return restore_prefix(&replica, prefix, args).await,
                 (None, _) if args.concurrency.is_some() => {

@@ -2,8 +2,13 @@
 //!
 //! Each variant carries the thing it is about (a file path, an object key, a
 //! config key) so that a message is actionable on its own. Object store errors
-//! are wrapped, never formatted with credentials: `object_store` does not put
-//! secrets in its errors, and our own config type redacts them in `Debug`.
+//! are wrapped, never formatted with credentials: our own config type
+//! redacts them in `Debug`, and an object store error is shown through
+//! [`store_text`], which masks what S3 echoes of a request in its error
+//! bodies (AWS answers a bad signature with the access key id, the string
+//! to sign and the canonical request, and the S3 client quotes the body
+//! whole; black-box probe: the key id in `replicate`, `restore` and `list`
+//! messages) and every credential registered with [`mask_in_errors`].
 
 use std::path::PathBuf;
 
@@ -41,7 +46,7 @@ pub enum Error {
 
     /// The object store failed; `key` is the object or prefix, `hint` says
     /// in plain words what a well-known cause means (see [`store_hint`]).
-    #[error("replica {key}: {hint}{source}")]
+    #[error("replica {key}: {hint}{}", store_text(source))]
     Store {
         key: String,
         hint: &'static str,
@@ -163,6 +168,57 @@ pub fn sqlite_hint(e: &rusqlite::Error) -> &'static str {
 /// credentials were found (its message is a failed request to an address the
 /// user never configured), or that the endpoint refused the connection (its
 /// message ends at "error sending request"; the cause is deeper in the chain).
+/// Credentials [`store_text`] masks (see the module docs).
+static MASKED: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Masks `secret` (an access key id, a secret key, a session token) in
+/// every object store error shown from now on.
+pub fn mask_in_errors(secret: &str) {
+    // Shorter ones could mask unrelated text, and are no credential.
+    if secret.len() < 8 {
+        return;
+    }
+    let mut masked = MASKED.write().unwrap_or_else(|e| e.into_inner());
+    if !masked.iter().any(|m| m == secret) {
+        masked.push(secret.to_string());
+    }
+}
+
+/// Elements of an S3 error body that echo the request: its credential,
+/// what was signed and the signature.
+const ECHOED_ELEMENTS: [&str; 6] = [
+    "AWSAccessKeyId",
+    "StringToSign",
+    "StringToSignBytes",
+    "CanonicalRequest",
+    "CanonicalRequestBytes",
+    "SignatureProvided",
+];
+
+/// The text of an object store error with the elements of
+/// [`ECHOED_ELEMENTS`] emptied and every credential of [`mask_in_errors`]
+/// replaced by `(masked)`.
+pub fn store_text(source: &object_store::Error) -> String {
+    let mut text = source.to_string();
+    for name in ECHOED_ELEMENTS {
+        let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+        let mut from = 0;
+        while let Some(i) = text[from..].find(&open).map(|i| from + i + open.len()) {
+            let Some(j) = text[i..].find(&close).map(|j| i + j) else {
+                // Cut off: mask to the end.
+                text.replace_range(i.., "(masked)");
+                break;
+            };
+            text.replace_range(i..j, "(masked)");
+            from = i + "(masked)".len() + close.len();
+        }
+    }
+    for secret in MASKED.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        text = text.replace(secret.as_str(), "(masked)");
+    }
+    text
+}
+
 pub fn store_hint(source: &object_store::Error) -> &'static str {
     let text = source.to_string();
     if INSTANCE_METADATA_PATHS.iter().any(|p| text.contains(p)) {
@@ -226,5 +282,42 @@ mod tests {
         };
         let msg = Error::store("pfx/.litefleet/lease.json", gone).to_string();
         assert!(msg.contains("the bucket does not exist"), "{msg}");
+    }
+
+    /// What S3 echoes of a request in an error body, and the credentials
+    /// the client was given, never reach a message (black-box probe: AWS's
+    /// SignatureDoesNotMatch body quoted the access key id in `replicate`,
+    /// `restore` and `list` errors).
+    #[test]
+    fn store_errors_mask_credentials() {
+        mask_in_errors("AKIAEXAMPLEKEYID0001");
+        mask_in_errors("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
+        let body =
+            "403 Forbidden: <?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code>\
+            <AWSAccessKeyId>AKIAOTHERKEYID000002</AWSAccessKeyId><StringToSign>AWS4-HMAC-SHA256\n\
+            20261206T000000Z</StringToSign><SignatureProvided>abc123</SignatureProvided>\
+            <CanonicalRequest>PUT /b/k</CanonicalRequest><Message>key AKIAEXAMPLEKEYID0001 \
+            secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY</Message><StringToSignBytes>41 57";
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: body.into(),
+        };
+        let msg = Error::store("pfx/k", e).to_string();
+        for secret in [
+            "AKIAEXAMPLEKEYID0001",
+            "AKIAOTHERKEYID000002",
+            "wJalrXUtnFEMI",
+            "20261206T000000Z",
+            "abc123",
+            "PUT /b/k",
+            "41 57",
+        ] {
+            assert!(!msg.contains(secret), "{secret} in {msg}");
+        }
+        assert!(msg.contains("SignatureDoesNotMatch"), "{msg}");
+        assert!(
+            msg.contains("<AWSAccessKeyId>(masked)</AWSAccessKeyId>"),
+            "{msg}"
+        );
     }
 }

@@ -595,7 +595,14 @@ fn reading_commands_report_missing_replicas_and_keys() {
     // black-box probe: exit 0, nothing restored, the directory created).
     for args in [
         &["restore", "x/app", "-o", "out.db", "--if-replica-exists"][..],
-        &["restore", "--prefix", "x", "-o", "outdir", "--if-replica-exists"][..],
+        &[
+            "restore",
+            "--prefix",
+            "x",
+            "-o",
+            "outdir",
+            "--if-replica-exists",
+        ][..],
     ] {
         let o = litefleet(t.path(), args);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));

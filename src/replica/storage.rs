@@ -453,8 +453,21 @@ impl Replica {
                 b = b.with_virtual_hosted_style_request(
                     !cfg.force_path_style && cfg.endpoint.is_none(),
                 );
+                // Masked in errors, also when the client takes them from
+                // the environment.
+                for name in [
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY",
+                    "AWS_SESSION_TOKEN",
+                ] {
+                    if let Ok(v) = std::env::var(name) {
+                        crate::error::mask_in_errors(&v);
+                    }
+                }
                 match (&cfg.access_key_id, &cfg.secret_access_key) {
                     (Some(k), Some(s)) => {
+                        crate::error::mask_in_errors(k.expose());
+                        crate::error::mask_in_errors(s.expose());
                         b = b
                             .with_access_key_id(k.expose())
                             .with_secret_access_key(s.expose());

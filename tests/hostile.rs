@@ -398,6 +398,28 @@ async fn a_listing_cut_short_is_read_again() {
     assert!(!o2.exists());
 }
 
+/// The ranged read of a cold snapshot's times record (which a restore at a
+/// time, or one choosing between tiers, makes) is retried like every read:
+/// one response cut short does not fail the restore (black-box probe: one
+/// stalled range GET failed it at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_times_record_read_cut_short_is_read_again() {
+    let f = Fleet::new(Backend::S3).await;
+    let p = f.db_path("p", "d", "a");
+    drop(create_db(&p, 7));
+    age(&p);
+    let rep = f.replicator();
+    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, 1);
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("a.db");
+    f.s3().set_fault(Fault::CutRangeBodies(1));
+    f.restore("p/d/a", &o, Some(chrono::Utc::now()))
+        .await
+        .unwrap();
+    assert_eq!(count_rows(&o), 7);
+    assert_eq!(f.s3().fault_count(), 1, "the fault was injected");
+}
+
 /// Databases that applications keep locked (`PRAGMA locking_mode=EXCLUSIVE`,
 /// a transaction never ended) cost one busy wait per batch of snapshots, not
 /// one each: a cycle with four of them takes about one wait, not four, and

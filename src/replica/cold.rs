@@ -31,7 +31,7 @@
 
 use chrono::{DateTime, Duration as ChronoDuration, NaiveDateTime, TimeZone, Timelike, Utc};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectMeta, ObjectStoreExt};
+use object_store::ObjectMeta;
 
 use crate::replica::layout::{check_key, key_path};
 use crate::replica::storage::Replica;
@@ -352,11 +352,17 @@ pub async fn recorded_times(replica: &Replica, s: &SnapshotInfo) -> Result<Optio
     let head = if len == 0 {
         bytes::Bytes::new()
     } else {
+        // Retried like every read (black-box probe: one stalled range GET
+        // failed the whole restore at once).
         replica
-            .store
-            .get_range(&s.location, 0..len)
-            .await
-            .map_err(|e| Error::store(&s.location, e))?
+            .get_range_bytes(&s.location, 0..len)
+            .await?
+            .ok_or_else(|| {
+                Error::invalid(
+                    &s.location,
+                    "was listed but is gone (deleted meanwhile, by retention or by hand)",
+                )
+            })?
     };
     record(&s.location, s.hour, &head)
 }
@@ -483,6 +489,7 @@ pub async fn choose_cold(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object_store::ObjectStoreExt;
 
     #[test]
     fn next_hour_naming() {

@@ -60,6 +60,8 @@ pub enum Fault {
     /// The next `n` LIST responses are cut short: headers and half the
     /// body, then the connection ends (a dropped connection mid-response).
     CutListBodies(u64),
+    /// The same for the next `n` ranged GET responses (a `Range` header).
+    CutRangeBodies(u64),
 }
 
 struct Shared {
@@ -108,7 +110,7 @@ enum Action {
 }
 
 impl Shared {
-    fn decide(&self, is_list: bool) -> Action {
+    fn decide(&self, is_list: bool, is_range: bool) -> Action {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let fault = *self.fault.lock().unwrap();
         let action = match fault {
@@ -118,6 +120,13 @@ impl Shared {
             Fault::InternalError => Action::Fail(500, "InternalError"),
             Fault::CutListBodies(n) => {
                 if is_list && self.passed.fetch_add(1, Ordering::SeqCst) < n {
+                    Action::CutBody
+                } else {
+                    Action::Serve
+                }
+            }
+            Fault::CutRangeBodies(n) => {
+                if is_range && self.passed.fetch_add(1, Ordering::SeqCst) < n {
                     Action::CutBody
                 } else {
                     Action::Serve
@@ -191,7 +200,9 @@ impl S3Server {
                         let is_list = req.method() == hyper::Method::GET
                             && req.uri().query().is_some_and(|q| q.contains("list-type="));
                         let mut cut = false;
-                        match shared.decide(is_list) {
+                        let is_range = req.method() == hyper::Method::GET
+                            && req.headers().contains_key(hyper::header::RANGE);
+                        match shared.decide(is_list, is_range) {
                             Action::Serve => {}
                             Action::CutBody => cut = true,
                             Action::Delay(d) => tokio::time::sleep(d).await,

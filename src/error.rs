@@ -120,6 +120,38 @@ impl Error {
         )
     }
 
+    /// Whether a write that failed with this error may still have been
+    /// applied by the store, now or later: anything but a store that
+    /// answered the only attempt with an error status, or could not be
+    /// connected to (nothing was sent). A request the client gave up on
+    /// (a timeout, a connection lost after sending), or one retried after
+    /// such an attempt, may land after a later write of the same object.
+    pub fn may_have_landed(&self) -> bool {
+        let Error::Store { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cause {
+            // object_store's retry error is not public: what it says of the
+            // attempts is in its message (0.14: "after N retries,
+            // max_retries: ..", then the last attempt's error).
+            let text = e.to_string();
+            if text.contains(" retries, max_retries: ") {
+                return true;
+            }
+            if text.contains("Server returned non-2xx status code")
+                || text.contains("Server returned error response")
+            {
+                return false;
+            }
+            if let Some(h) = e.downcast_ref::<object_store::client::HttpError>() {
+                return h.kind() != object_store::client::HttpErrorKind::Connect;
+            }
+            cause = e.source();
+        }
+        true
+    }
+
     pub fn damaged(what: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Error::Damaged {
             what: what.to_string(),

@@ -149,3 +149,30 @@ async fn records_are_not_trusted_while_the_replica_cannot_be_read() {
     // And the restart after it trusts what it recorded.
     assert_eq!(f.replicator().cycle(&token).await.uploaded, 0);
 }
+
+/// An upload the client gave up on (the store did not answer within
+/// `replica.timeout`) may still be applied by the store later, over the
+/// next upload of the same hour's object (black-box probe: a PUT held 6 s
+/// and forwarded after a newer one put the older state back; restore
+/// returned it, exit 0, nothing pending). So the next successful upload is
+/// followed by one more at the next cycle. A store that answered with an
+/// error costs nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_given_up_on_is_uploaded_once_more() {
+    let mut f = Fleet::new(Backend::S3).await;
+    f.timeout = "1s";
+    aged_databases(&f, 1, 2);
+    let rep = f.replicator();
+    let token = CancellationToken::new();
+    f.s3()
+        .set_fault(Fault::Delay(std::time::Duration::from_secs(3)));
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.failed), (0, 1), "{r:?}");
+    f.s3().set_fault(Fault::None);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(rep.cycle(&token).await.uploaded);
+    }
+    assert_eq!(got, vec![1, 1, 0]);
+    restore_all(&f, 1, 2).await;
+}

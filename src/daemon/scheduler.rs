@@ -878,6 +878,9 @@ impl Replicator {
                 report.failed += 1;
                 if store_failed {
                     self.stats.upload_failed();
+                    if e.may_have_landed() {
+                        lock(&self.tracker).doubt(ticket.id);
+                    }
                 } else {
                     // The source's failure (locked, damaged): not the
                     // store's, so not `/healthz`'s "every upload failed"

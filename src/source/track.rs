@@ -60,6 +60,9 @@ const IN_FLIGHT: u8 = 2;
 const RACY: u8 = 4;
 /// Its SQLite header has not been read yet (see [`Tracker::defer_header_checks`]).
 const UNCHECKED: u8 = 8;
+/// An upload of it failed at the store since its last successful one (see
+/// [`Tracker::doubt`]).
+const DOUBT: u8 = 16;
 
 /// One tracked database: 32 bytes.
 #[derive(Debug, Clone, Copy)]
@@ -663,14 +666,29 @@ impl Tracker {
         }
     }
 
+    /// Records that an upload of `id` failed at the store, where the store
+    /// may still apply it later: a PUT the client gave up on (a timeout, a
+    /// connection lost after the body was sent) can land after the next
+    /// upload of the same hour's object and put the older state back
+    /// (black-box probe: restore returned it with exit 0, nothing pending).
+    /// The next successful upload is then recorded as "almost synced", so
+    /// the scan after it uploads once more.
+    pub fn doubt(&mut self, id: Id) {
+        self.entries[id as usize].flags |= DOUBT;
+    }
+
     /// Records the outcome of an upload. On failure the database stays pending.
     pub fn finish_upload(&mut self, ticket: Ticket, ok: bool) {
         let e = &mut self.entries[ticket.id as usize];
         e.flags &= !IN_FLIGHT;
         if ok {
-            // A racy upload is recorded as "almost synced" (any value but the
-            // fingerprint) so the next scan uploads once more.
-            e.synced = if ticket.racy {
+            let doubt = e.flags & DOUBT != 0;
+            e.flags &= !DOUBT;
+            // A racy upload, or the first since an upload the store may
+            // still apply ([`Tracker::doubt`]), is recorded as "almost
+            // synced" (any value but the fingerprint) so the next scan
+            // uploads once more.
+            e.synced = if ticket.racy || doubt {
                 !ticket.fingerprint
             } else {
                 ticket.fingerprint

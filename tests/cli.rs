@@ -896,3 +896,57 @@ fn an_endless_config_is_refused() {
         "{err}"
     );
 }
+
+/// A restore stopped by SIGINT or SIGTERM removes its staging file and
+/// fails (black-box probe: killed by the signal, it left the hidden
+/// `.out.db.litefleet-XXXXXX`, 12-31 MB there). Each signal is sent once the
+/// staging file exists; a restore that finished first is tried again.
+#[test]
+fn a_restore_stopped_by_a_signal_leaves_no_staging_file() {
+    let t = tempfile::tempdir().unwrap();
+    write_file_config(t.path(), &t.path().join("replica"));
+    let db = t.path().join("data/x/app.db");
+    let c = create_db(&db, 1);
+    for _ in 0..6 {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(8388608))", [])
+            .unwrap();
+    }
+    drop(c);
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let staged = |dir: &Path| {
+        std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".out.db.litefleet-")
+        })
+    };
+    for sig in ["-INT", "-TERM"] {
+        let mut stopped = false;
+        for _ in 0..3 {
+            let _ = std::fs::remove_file(t.path().join("out.db"));
+            let mut child = litefleet_command(t.path(), &["restore", "x/app", "-o", "out.db"])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !staged(t.path()) && child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "no staging file");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if child.try_wait().unwrap().is_none() {
+                signal(&child, sig);
+            }
+            let out = child.wait_with_output().unwrap();
+            if out.status.code() == Some(0) {
+                continue; // finished before the signal
+            }
+            assert_eq!(out.status.code(), Some(1), "{sig}: {}", stderr(&out));
+            assert!(stderr(&out).contains("stopped by SIG"), "{}", stderr(&out));
+            stopped = true;
+            break;
+        }
+        assert!(stopped, "{sig}: every restore finished before the signal");
+        assert!(!staged(t.path()), "{sig}: a staging file is left");
+    }
+}

@@ -650,6 +650,33 @@ fn install_signals(token: CancellationToken) {
     });
 }
 
+/// Runs a restore until it ends or SIGINT, SIGTERM or SIGHUP arrives, which
+/// fails it. Dropping the restore removes its staging files; a blocking step
+/// under way removes its own when it ends, and the runtime waits for it
+/// before the process exits. Killed by the signal instead, a restore left
+/// its `.NAME.litefleet-XXXXXX` file behind (black-box probe). An output
+/// already installed stays: installing is one rename.
+async fn interruptible<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return work.await;
+    };
+    let name = tokio::select! {
+        r = work => return r,
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = hup.recv() => "SIGHUP",
+    };
+    Err(Error::invalid(
+        "restore",
+        format!("stopped by {name}; its temporary files are removed"),
+    ))
+}
+
 /// Exits the process `limit` after `token` is cancelled (a stop was asked
 /// for) if it is still draining then: a store that does not answer would
 /// otherwise hold the stop for the requests' timeouts and retries, past
@@ -862,7 +889,9 @@ async fn run(cli: Cli) -> Result<()> {
             // --if-replica-exists, rather than becoming an empty replica.
             let replica = loaded.open_existing_replica()?;
             let target = match (args.prefix.clone(), args.target.clone()) {
-                (Some(prefix), _) => return restore_prefix(&replica, prefix, args).await,
+                (Some(prefix), _) => {
+                    return interruptible(restore_prefix(&replica, prefix, args)).await
+                }
                 (None, _) if args.concurrency.is_some() => {
                     return Err(Error::invalid(
                         "restore --concurrency",
@@ -883,12 +912,12 @@ async fn run(cli: Cli) -> Result<()> {
                 allow_older: args.allow_older,
             };
             let bar = progress::download_bar(&opts.target);
-            let result = restore::restore_with_progress(
+            let result = interruptible(restore::restore_with_progress(
                 &loaded,
                 &replica,
                 &opts,
                 bar.as_ref().map(|(_, hook)| hook.clone()),
-            )
+            ))
             .await;
             if let Some((bar, _)) = &bar {
                 bar.finish_and_clear();

@@ -411,6 +411,16 @@ both_backends!(restore_flags_and_errors, |b| async move {
         .unwrap_err()
         .to_string();
     assert!(e.contains("must be relative"), "{e}");
+    // Nor name one with an empty segment, at the end either (black-box
+    // probe: `p/t/` was trimmed and restored `p/t`, where `p//t` failed).
+    for key in ["p/d//x", "p/d/x/"] {
+        let e = f
+            .restore(key, &missing, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty segment"), "{key}: {e}");
+    }
     // No temp files left behind.
     let names: Vec<_> = std::fs::read_dir(out.path())
         .unwrap()

@@ -121,11 +121,11 @@ pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
     key_target(target)
 }
 
-/// A restore target taken as a key.
+/// A restore target taken as a key: as written, by the rule every key
+/// follows (a trailing `/` is an empty segment, refused like `p//t`).
 fn key_target(target: &str) -> Result<String> {
-    let key = target.trim_matches('/').to_string();
-    check_key(&key)?;
-    Ok(key)
+    check_key(target)?;
+    Ok(target.to_string())
 }
 
 /// How many times a download interrupted by a transport error (a reset

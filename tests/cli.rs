@@ -950,3 +950,27 @@ fn a_restore_stopped_by_a_signal_leaves_no_staging_file() {
         assert!(!staged(t.path()), "{sig}: a staging file is left");
     }
 }
+
+/// A restore target that names a matched database file here is a path,
+/// also run from a directory below the config's with `-c ../litefleet.yml`
+/// (black-box probe: the patterns' base was `data/..`, so `x/app.db` from
+/// `data/` matched no pattern and was taken for a key).
+#[test]
+fn a_relative_path_restores_from_any_directory() {
+    let t = tempfile::tempdir().unwrap();
+    one_database_backed_up(t.path(), 3);
+    let data = t.path().join("data");
+    let o = litefleet(
+        &data,
+        &[
+            "--config",
+            "../litefleet.yml",
+            "restore",
+            "x/app.db",
+            "-o",
+            "../out.db",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(count_rows(&t.path().join("out.db")), 3);
+}

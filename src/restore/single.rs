@@ -3,7 +3,7 @@
 //! damage from every other error (see the [module docs](super) for the
 //! rules).
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use object_store::path::Path as ObjPath;
@@ -89,10 +89,7 @@ pub fn resolve_key(loaded: &Loaded, target: &str) -> Result<String> {
         } else {
             std::env::current_dir().unwrap_or_default().join(p)
         };
-        let abs: PathBuf = abs
-            .components()
-            .filter(|c| *c != Component::CurDir)
-            .collect();
+        let abs = crate::source::config::lexical(&abs);
         let key = match key_for(&loaded.patterns, &loaded.template, &abs) {
             Some((key, _)) => key,
             None if written_as_path => {

@@ -351,7 +351,7 @@ impl Loaded {
         }
         let base = std::path::absolute(path)
             .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .and_then(|p| p.parent().map(lexical))
             .unwrap_or_default();
         Self::from_str(&text, &path.display().to_string(), &base)
     }
@@ -1221,9 +1221,45 @@ fn substitute(value: &str, prefix: &str, suffix: &str) -> std::result::Result<St
     }
 }
 
+/// `path` (absolute) without `.` and `..` components, resolved by name:
+/// `-c ../cfg.yml` from `/srv/data` gives the base `/srv`, not
+/// `/srv/data/..`, so the database paths the patterns match are the ones a
+/// restore by path (relative to any directory) renders the same way
+/// (black-box probe: run from a subdirectory, `restore p0/t3.db` was taken
+/// for a key). Symbolic links are not resolved, as before.
+pub fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                if out.file_name().is_some() {
+                    out.pop();
+                } else if !out.has_root() {
+                    out.push(c);
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lexical_paths_drop_dot_components() {
+        for (path, want) in [
+            ("/srv/data/..", "/srv"),
+            ("/srv/./data/../x/y", "/srv/x/y"),
+            ("/..", "/"),
+            ("/a/../..", "/"),
+        ] {
+            assert_eq!(lexical(Path::new(path)), PathBuf::from(want), "{path}");
+        }
+    }
 
     fn load(yaml: &str) -> Result<Loaded> {
         Loaded::from_str(yaml, "test.yml", Path::new("/base"))

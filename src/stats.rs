@@ -17,6 +17,9 @@ pub struct Stats {
     pub pending: AtomicU64,
     pub uploads_ok: AtomicU64,
     pub uploads_failed: AtomicU64,
+    /// Snapshots that failed at the source (a database locked, damaged or
+    /// unreadable), not at the store: no upload was tried.
+    pub snapshots_failed: AtomicU64,
     /// Unix seconds of the first failed upload since the last one that
     /// succeeded; 0 while the last upload succeeded (see
     /// [`Stats::upload_ok`]). `/healthz` fails when it is too old: the store

@@ -574,7 +574,7 @@ async fn a_locked_database_is_not_a_store_failure() {
     let d = Daemon::start(&f, &["replicate"]);
     let failed = |stats: &str| -> u64 {
         let v: serde_json::Value = serde_json::from_str(stats).unwrap();
-        v["uploads_failed"].as_u64().unwrap()
+        v["snapshots_failed"].as_u64().unwrap()
     };
     // Five failed cycles of about 5 s each (its busy wait): past the 3 scan
     // intervals of the rule after the last success (the idle database's
@@ -587,6 +587,16 @@ async fn a_locked_database_is_not_a_store_failure() {
     let (code, body) = http_get(addr, "/healthz").await.unwrap();
     let stats = http_get(addr, "/stats").await.unwrap().1;
     assert_eq!(code, 200, "{body} {stats} {}", d.log());
+    // Counted as a failed snapshot, not a failed upload (probe O: it grew
+    // `litefleet_uploads_total{result="failed"}`), and logged so.
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(v["uploads_failed"], 0, "{stats}");
+    assert!(
+        d.log()
+            .contains("snapshot failed (the database, not the store)"),
+        "{}",
+        d.log()
+    );
     drop(locked);
     d.signal("-TERM");
     let (code, log) = d.wait().await;

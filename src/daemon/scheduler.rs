@@ -886,16 +886,23 @@ impl Replicator {
                     // store's, so not `/healthz`'s "every upload failed"
                     // (probe D: one locked database in an idle fleet
                     // turned it 503).
-                    self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
+                    self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
                 }
                 let mut failing = lock(&self.failing);
                 // Once per failing stretch: messages can differ between
                 // attempts (staging file names), the problem usually does not.
                 let repeated = !failing.insert(path.clone());
-                if repeated || report.failed > FAILURE_LINES_PER_CYCLE {
-                    tracing::debug!(path = %path.display(), error = %e, "upload failed again; will retry next cycle");
+                // Which side failed, in words: the store, or the source
+                // database (probe O: a damaged database was "upload failed").
+                let what = if store_failed {
+                    "upload failed"
                 } else {
-                    tracing::warn!(path = %path.display(), error = %e, "upload failed; will retry next cycle (logged once until it recovers)");
+                    "snapshot failed (the database, not the store)"
+                };
+                if repeated || report.failed > FAILURE_LINES_PER_CYCLE {
+                    tracing::debug!(path = %path.display(), error = %e, "{what} again; will retry next cycle");
+                } else {
+                    tracing::warn!(path = %path.display(), error = %e, "{what}; will retry next cycle (logged once until it recovers)");
                 }
             }
         }
@@ -1225,7 +1232,10 @@ impl Replicator {
                     ));
                 }
                 if r.failed > 0 {
-                    parts.push(format!("{} upload(s) failed", r.failed));
+                    parts.push(format!(
+                        "{} database(s) failed to snapshot or upload (see the warnings)",
+                        r.failed
+                    ));
                 }
                 if r.scan.errors > 0 {
                     parts.push(format!(

@@ -60,6 +60,8 @@ pub struct StatsView {
     pub pending: u64,
     pub uploads_ok: u64,
     pub uploads_failed: u64,
+    /// Snapshots that failed at the source (locked, damaged): no upload.
+    pub snapshots_failed: u64,
     pub bytes_uploaded: u64,
     pub scans: u64,
     pub last_scan_duration_seconds: f64,
@@ -129,6 +131,7 @@ impl StatsView {
             pending: stats.pending.load(Relaxed),
             uploads_ok: stats.uploads_ok.load(Relaxed),
             uploads_failed: stats.uploads_failed.load(Relaxed),
+            snapshots_failed: stats.snapshots_failed.load(Relaxed),
             bytes_uploaded: stats.bytes_uploaded.load(Relaxed),
             scans: stats.scans.load(Relaxed),
             last_scan_duration_seconds: stats.last_scan_micros.load(Relaxed) as f64 / 1e6,
@@ -207,6 +210,12 @@ impl StatsView {
                 ("{result=\"ok\"}", f(self.uploads_ok)),
                 ("{result=\"failed\"}", f(self.uploads_failed)),
             ],
+        );
+        metric(
+            "litefleet_snapshots_failed_total",
+            "counter",
+            "Snapshots that failed at the source database (locked, damaged, unreadable): no upload was tried.",
+            &[("", f(self.snapshots_failed))],
         );
         metric(
             "litefleet_uploaded_bytes_total",

@@ -182,6 +182,35 @@ fn config_flag_only_where_it_is_read() {
         let h = help(&[cmd, "--help"]);
         assert!(h.contains("--config"), "{cmd} --help lacks --config:\n{h}");
     }
+    // The completion scripts agree (black-box probe: bash and fish offered
+    // it for demo, bench and completions).
+    let bash = help(&["completions", "bash"]);
+    let fish = help(&["completions", "fish"]);
+    let bash_opts = |cmd: &str| {
+        let at = bash.find(&format!("litefleet__subcmd__{cmd})")).unwrap();
+        bash[at..].lines().nth(1).unwrap().to_string()
+    };
+    for cmd in ["demo", "bench", "completions"] {
+        assert!(
+            !bash_opts(cmd).contains("--config"),
+            "{cmd}: {}",
+            bash_opts(cmd)
+        );
+        let using = format!("using_subcommand {cmd}\"");
+        assert!(
+            !fish
+                .lines()
+                .any(|l| l.contains(&using) && l.contains("-l config")),
+            "fish offers --config for {cmd}"
+        );
+    }
+    for cmd in ["replicate", "restore", "verify"] {
+        assert!(
+            bash_opts(cmd).contains("--config"),
+            "{cmd}: {}",
+            bash_opts(cmd)
+        );
+    }
     let out = litefleet(
         t.path(),
         &[

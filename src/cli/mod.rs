@@ -47,7 +47,7 @@ use crate::{restore, Error, Result};
 )]
 pub struct Cli {
     /// Config file (YAML, `multi-db:` section). Read by replicate,
-    /// restore, list, generations and snapshots.
+    /// restore, list, generations, snapshots, verify and explain.
     #[arg(
         long,
         short,
@@ -261,6 +261,31 @@ pub fn command() -> clap::Command {
                     .hide(true),
             )
         });
+    }
+    cmd
+}
+
+/// [`command`] as shell completions describe it: `--config` offered for
+/// the commands that read a config only. The parser's hidden `--config` of
+/// `demo`, `bench` and `completions` (which accept and ignore it) showed up
+/// in the bash and fish scripts anyway (black-box probe).
+fn completion_command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command().mut_arg("config", |a| a.global(false));
+    let Some(config) = cmd
+        .get_arguments()
+        .find(|a| a.get_id() == "config")
+        .cloned()
+    else {
+        return cmd;
+    };
+    let reading: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .filter(|n| !WITHOUT_CONFIG.contains(&n.as_str()))
+        .collect();
+    for name in reading {
+        let config = config.clone();
+        cmd = cmd.mut_subcommand(name, |sub| sub.arg(config));
     }
     cmd
 }
@@ -1034,7 +1059,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Completions { shell } => {
             // Into a buffer: `generate` panics on a failed write (a closed pipe).
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut command(), "litefleet", &mut script);
+            clap_complete::generate(shell, &mut completion_command(), "litefleet", &mut script);
             std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
                 .map_err(|e| Error::invalid("completions", format!("cannot write to stdout: {e}")))
         }

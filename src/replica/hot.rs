@@ -804,8 +804,28 @@ pub async fn list_generation(
 /// Every generation of `key`, newest first, summarized.
 pub async fn list_generations(replica: &Replica, key: &str) -> Result<Vec<GenerationInfo>> {
     let mut out = Vec::new();
+    // Listed once, for the generations whose metadata says their segments
+    // may be in the fleet log (black-box probe: a generation streaming, or
+    // left by a crash, showed `wal segments 0` where a restore replayed
+    // 1,274 segments from the log).
+    let mut log: Option<Vec<ObjectMeta>> = None;
     for id in list_generation_ids(replica, key).await? {
-        let l = list_generation(replica, key, &id).await?;
+        let mut l = list_generation(replica, key, &id).await?;
+        let logged = read_metadata(replica, key, &id)
+            .await?
+            .is_none_or(|m| m.logged);
+        if logged {
+            if log.is_none() {
+                log = Some(pack::list_log(replica).await?);
+            }
+            let listed = log.as_deref().unwrap_or_default();
+            // `None`: the log changed while it was read; the objects of the
+            // generation's own directory are shown.
+            if let Some(parts) = log_segments(replica, listed, key, &id).await? {
+                l.segments.extend(parts);
+                l.segments = dedup_segments(std::mem::take(&mut l.segments));
+            }
+        }
         let times = l
             .snapshots
             .iter()

@@ -146,7 +146,7 @@ both_backends!(clean_fleet_in_both_tiers_verifies, |b| async move {
     let f = Fleet::new(b).await;
     let r = f.replica();
     let mut keys = cold_fleet(&f, 3).await;
-    let hot = hot_db(&f, &r, "t0").await;
+    let mut hot = hot_db(&f, &r, "t0").await;
     keys.push(hot.w.key.clone());
 
     let o = verify(&f, &[]);
@@ -169,8 +169,18 @@ both_backends!(clean_fleet_in_both_tiers_verifies, |b| async move {
         h["object"],
         format!("{} + 2 WAL segments", hot.snapshot).as_str()
     );
-    // Written just before its upload: lag, not a finding.
-    assert_eq!(h["source"]["result"], "newer", "{h}");
+    // Written just before its last segment was read, and idle since: its
+    // -wal has the generation's header and commits up to where the restore
+    // ends, so it is compared, although its last change is within a moment
+    // of the state's time (before, "newer, lag 0.0s" for ever).
+    assert_eq!(h["source"]["result"], "match", "{h}");
+    assert!(
+        h["source"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("1 table(s) match"),
+        "{h}"
+    );
     assert_eq!(result(&doc, &keys[0])["tier"], "cold");
 
     // A prefix narrows the drill; scratch restores are gone afterwards.
@@ -184,6 +194,21 @@ both_backends!(clean_fleet_in_both_tiers_verifies, |b| async move {
         left.iter()
             .all(|n| !n.to_string_lossy().starts_with("verify-")),
         "{left:?}"
+    );
+
+    // A commit not shipped: the same WAL goes on past the restored end,
+    // so the source is newer, never compared (its row count differs).
+    hot.w.commit(2);
+    let (code, doc) = verify_json(&f, &["p1"]);
+    assert_eq!((code, counts(&doc)), (0, (1, 1, 0, 0)), "{doc}");
+    let h = result(&doc, &hot.w.key);
+    assert_eq!(h["source"]["result"], "newer", "{h}");
+    assert!(
+        h["source"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("commits after the restored state"),
+        "{h}"
     );
 });
 
@@ -478,3 +503,183 @@ both_backends!(replicate_runs_drills_on_its_interval, |b| async move {
     let view = litefleet::daemon::server::StatsView::read(&stats, Duration::from_secs(15), 0);
     assert_eq!(view.verify_last_ok, Some(true));
 });
+
+/// Waits (at most a minute) until `cond` holds.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The drill scratch directories under the fleet's temp-dir that hold
+/// their lock file (made by a drill that got that far).
+fn scratch_dirs(f: &Fleet) -> Vec<std::path::PathBuf> {
+    let tmp = f.work.path().join("tmp");
+    let mut dirs: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("verify-")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+/// Starts `litefleet verify` and returns it once its scratch directory
+/// exists and is locked (the drill is restoring).
+async fn running_drill(f: &Fleet) -> (std::process::Child, std::path::PathBuf) {
+    let cfg = f.config_path();
+    let before = scratch_dirs(f);
+    let child = common::litefleet_command(
+        f.work.path(),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "verify",
+            "--concurrency",
+            "1",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut dir = None;
+    until("the drill's scratch directory", || {
+        dir = scratch_dirs(f)
+            .into_iter()
+            .find(|d| !before.contains(d) && d.join(".lock").exists());
+        dir.is_some()
+    })
+    .await;
+    (child, dir.unwrap())
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// A drill stopped by SIGTERM removes its scratch directory (a full-size
+/// copy of a database) and exits 143; one killed outright leaves it, and
+/// the next drill or `replicate`'s start removes it, but never the
+/// directory of a drill still running. Before, an interrupted drill left
+/// `temp-dir/verify-XXXX` for ever (black-box probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_drills_leave_no_scratch() {
+    let f = Fleet::new(common::fleet::Backend::S3).await;
+    cold_fleet(&f, 20).await;
+    // Each request takes a while: a drill of 20 keys one at a time runs
+    // for several seconds after it made its scratch directory.
+    f.s3()
+        .set_fault(common::s3::Fault::Delay(Duration::from_millis(300)));
+
+    // SIGKILL: the directory stays, unlocked.
+    let (mut a, a_dir) = running_drill(&f).await;
+    signal(&a, libc::SIGKILL);
+    a.wait().unwrap();
+    assert!(a_dir.exists());
+
+    // The next drill removes it, not its own.
+    let (mut b, b_dir) = running_drill(&f).await;
+    assert!(!a_dir.exists(), "{:?}", scratch_dirs(&f));
+    assert_eq!(
+        litefleet::restore::verify::remove_stale_scratch(&f.work.path().join("tmp")),
+        0
+    );
+    assert!(b_dir.join(".lock").exists());
+
+    // `replicate`'s start removes a killed drill's directory, not a
+    // running one's.
+    signal(&b, libc::SIGKILL);
+    b.wait().unwrap();
+    let (mut c, c_dir) = running_drill(&f).await;
+    assert!(!b_dir.exists());
+    let (mut d, d_dir) = running_drill(&f).await;
+    signal(&c, libc::SIGKILL);
+    c.wait().unwrap();
+    f.s3().set_fault(common::s3::Fault::None);
+    drop(f.replicator());
+    assert_eq!(scratch_dirs(&f), vec![d_dir.clone()]);
+    assert!(!c_dir.exists());
+
+    // SIGTERM: the drill removes its own directory and says it stopped.
+    signal(&d, libc::SIGTERM);
+    let status = d.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    assert_eq!(scratch_dirs(&f), Vec::<std::path::PathBuf>::new());
+}
+
+/// An unusable temp-dir is an error naming the setting, as `replicate`'s
+/// (before: only `error: <path>: Not a directory`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_temp_dir_is_named() {
+    let f = Fleet::new(common::fleet::Backend::File).await;
+    cold_fleet(&f, 1).await;
+    let not_a_dir = f.work.path().join("a-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let yaml = f.yaml().replace(
+        &format!("temp-dir: {}", f.work.path().join("tmp").display()),
+        &format!("temp-dir: {}", not_a_dir.display()),
+    );
+    let cfg = f.work.path().join("bad-temp.yml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let o = litefleet(
+        f.work.path(),
+        &["--config", cfg.to_str().unwrap(), "verify"],
+    );
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "error: multi-db.temp-dir: {} is not a writable directory",
+            not_a_dir.display()
+        )),
+        "{err}"
+    );
+}
+
+/// With `--log-format json`, verify's final error is a JSON log line (level
+/// ERROR), as every other command's; before, a plain `error: ...` line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_end_with_a_json_error() {
+    let f = Fleet::new(common::fleet::Backend::File).await;
+    cold_fleet(&f, 1).await;
+    let cfg = f.config_path();
+    let o = litefleet(
+        f.work.path(),
+        &[
+            "--log-format",
+            "json",
+            "--config",
+            cfg.to_str().unwrap(),
+            "verify",
+            "nokey",
+        ],
+    );
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    for line in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}\n{err}"));
+        assert!(v["level"].is_string(), "{line}");
+    }
+    let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR", "{err}");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no databases under prefix \"nokey\""),
+        "{err}"
+    );
+}

@@ -165,8 +165,42 @@ pub struct VerifyArgs {
 
 /// `litefleet verify`: runs the drill, prints a line per failure and the
 /// summary (or the JSON document), and returns the exit code: 0 every
-/// database proven, 1 problems found, 2 could not run or could not check.
-async fn verify_command(config: &std::path::Path, args: VerifyArgs) -> u8 {
+/// database proven, 1 problems found, 2 could not run or could not check,
+/// 128 + the signal's number when SIGINT or SIGTERM stopped it (its scratch
+/// directory removed first). Its final error is a JSON log line with
+/// `--log-format json`, as other commands' are.
+async fn verify_command(config: &std::path::Path, args: VerifyArgs, format: LogFormat) -> u8 {
+    let error = |e: &dyn std::fmt::Display| {
+        if format == LogFormat::Json {
+            tracing::error!("{e}");
+        } else {
+            eprint!("{}", logline::escape_line(&format!("error: {e}\n"), false));
+        }
+    };
+    // Before anything is made: the drill's scratch space is a full copy of
+    // a database at a time, so an interrupted drill must not leave it.
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(int), Ok(term)) => Some((int, term)),
+            _ => {
+                tracing::warn!("cannot install signal handlers: an interrupted drill leaves its scratch directory to the next one");
+                None
+            }
+        }
+    };
+    let interrupted = async {
+        match signals {
+            Some((mut int, mut term)) => tokio::select! {
+                _ = int.recv() => ("SIGINT", libc::SIGINT),
+                _ = term.recv() => ("SIGTERM", libc::SIGTERM),
+            },
+            None => std::future::pending().await,
+        }
+    };
     let run = async {
         let loaded = Loaded::from_file(config)?;
         let replica = loaded.open_existing_replica()?;
@@ -180,10 +214,23 @@ async fn verify_command(config: &std::path::Path, args: VerifyArgs) -> u8 {
         reporter.finish();
         report
     };
-    let report = match run.await {
+    let report = tokio::select! {
+        report = run => report,
+        (name, number) = interrupted => {
+            // The drill (and its scratch directory, see
+            // `restore::verify::Scratch`) was dropped with `run`.
+            let e = Error::invalid("verify", format!("interrupted by {name}; scratch restores removed"));
+            error(&e);
+            if args.json {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+            }
+            return 128 + number as u8;
+        }
+    };
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
-            eprint!("{}", logline::escape_line(&format!("error: {e}\n"), false));
+            error(&e);
             if args.json {
                 println!("{}", serde_json::json!({ "error": e.to_string() }));
             }
@@ -768,7 +815,7 @@ pub fn main() -> ExitCode {
     };
     let cli = match cli.command {
         Command::Verify(args) => {
-            return ExitCode::from(rt.block_on(verify_command(&cli.config, args)))
+            return ExitCode::from(rt.block_on(verify_command(&cli.config, args, format)))
         }
         command => Cli { command, ..cli },
     };
@@ -789,7 +836,7 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Verify(args) => match verify_command(&cli.config, args).await {
+        Command::Verify(args) => match verify_command(&cli.config, args, cli.log_format).await {
             0 => Ok(()),
             code => Err(Error::invalid("verify", format!("exit code {code}"))),
         },

@@ -538,6 +538,18 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The header the generation's metadata (as the plan read it) recorded
+    /// for WAL `index`, if it did.
+    pub fn wal_start(&self, index: u64) -> Option<WalStart> {
+        self.recorded
+            .as_ref()?
+            .wal_starts
+            .as_ref()?
+            .iter()
+            .find(|s| s.index == index)
+            .copied()
+    }
+
     /// What the generation's metadata recorded of the plan's snapshot when
     /// it was uploaded (its size and content checksum), if it did.
     pub fn recorded_snapshot(&self) -> Option<&SnapshotEntry> {

@@ -242,6 +242,39 @@ pub(super) struct Restored {
     pub(super) object: String,
     pub(super) bytes: u64,
     pub(super) uploaded: DateTime<Utc>,
+    /// Hot tier: where in which WAL the restored state ends (the end of
+    /// the last segment replayed, and the header the generation's metadata
+    /// recorded for that WAL), when the metadata recorded that header.
+    pub(super) wal_end: Option<WalEnd>,
+}
+
+/// The end of a hot-tier restore in its WAL: the WAL's header (salts and
+/// checksum seed, which SQLite changes at every WAL restart) and the offset
+/// after the last frame replayed. A live source whose `-wal` has the same
+/// header and commits up to the same offset holds exactly that state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WalEnd {
+    pub(crate) start: hot::WalStart,
+    pub(crate) offset: u64,
+}
+
+/// Where the state `point` restored from `plan` ends in its WAL (see
+/// [`WalEnd`]). A generation snapshot may hold frames of its WAL past the
+/// WAL's start (`covers`): the state ends there at least. Unknown when the
+/// metadata recorded no header for that WAL, or, with no segment replayed,
+/// not what the snapshot covers (metadata of earlier versions).
+fn wal_end(plan: &Plan, point: &RestorePoint) -> Option<WalEnd> {
+    let start = plan.wal_start(point.position.index)?;
+    let covers = plan
+        .recorded_snapshot()
+        .and_then(|e| e.covers)
+        .filter(|_| point.position.index == plan.snapshot.index);
+    let offset = match covers {
+        Some(c) => c.max(point.position.offset),
+        None if point.segments == 0 => return None,
+        None => point.position.offset,
+    };
+    Some(WalEnd { start, offset })
 }
 
 /// Restores `key` at `how.at` into `output` from the tier holding the later
@@ -361,6 +394,7 @@ pub(super) async fn restore_key(
                             object: describe_plan(&p),
                             bytes: point.bytes,
                             uploaded: point.time,
+                            wal_end: wal_end(&p, &point),
                         })),
                         // A fleet log object consolidated since the plan:
                         // its parts are in a pack now.
@@ -388,6 +422,7 @@ pub(super) async fn restore_key(
                     object: snap.location.to_string(),
                     bytes,
                     uploaded: snap.uploaded,
+                    wal_end: None,
                 }))
             }
             Err(e @ Error::Damaged { .. }) => {

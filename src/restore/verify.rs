@@ -27,20 +27,46 @@
 //! and `application_id`, the schema (`sqlite_master`), and the row count of
 //! every table. A live database moves on after its last upload, and a
 //! difference then is lag, not a bad backup. So the comparison is made only
-//! when the source **has not changed since the replicated state**: the
-//! latest `mtime`/`ctime` of the database file and its `-wal` is earlier
-//! than the restored state's time by at least [`SOURCE_MARGIN`]. The
-//! restored state's time is when the cold snapshot's copy began (recorded in
-//! the object; it holds every commit before), or the commit time of the
-//! newest generation object replayed (taken after its WAL was read). Else
-//! the result says "source newer than replica (lag Ns)": information, not a
-//! problem. The database file's `ctime` is used beside its `mtime` because a
+//! when the source **has not changed since the replicated state**:
+//!
+//! * a hot-tier restore ends at a known place of a known WAL (the offset
+//!   after the last frame replayed, and the WAL header the generation's
+//!   metadata recorded: salts that SQLite renews at every WAL restart). A
+//!   source whose `-wal` has that header and commits up to exactly that
+//!   offset holds that state, however recently it was written: compared.
+//!   The same WAL with commits past it is newer. File times cannot tell
+//!   this for an idle hot database: its last segment's commit time is taken
+//!   just after the WAL was read, within a second of the last commit, so a
+//!   time margin never held (black-box probe: "newer, lag 0.0s" for a
+//!   database idle for ten minutes);
+//! * otherwise (cold tier, a `-wal` restarted, truncated or gone), by file
+//!   times: the latest `mtime`/`ctime` of the database file and its `-wal`
+//!   is earlier than the restored state's time by at least
+//!   [`SOURCE_MARGIN`]. The restored state's time is when the cold
+//!   snapshot's copy began (recorded in the object; it holds every commit
+//!   before), or the commit time of the newest generation object replayed
+//!   (taken after its WAL was read).
+//!
+//! A source changed after the state's time says "source newer than replica
+//! (lag Ns)": information, not a problem. One changed within the margin
+//! before it is not compared and not called newer either (the replica may
+//! well hold that change): "cannot tell". The database file's `ctime` is used beside its `mtime` because a
 //! file put in place with an old `mtime` (`cp -p`, `mv`) still gets a new
 //! `ctime`. The `-wal`'s `ctime` is not: SQLite running as root `fchown`s
 //! the `-wal` at every open to keep its owner (`robustFchown`), so every
 //! snapshot, and this comparison's own read, would count as a change. The
-//! source is read in one read transaction, and its times are read again
-//! afterwards; a source that changed meanwhile is not compared either.
+//! source is read in one read transaction, and its times (and its `-wal`'s
+//! committed end) are read again afterwards; a source that changed
+//! meanwhile is not compared either.
+//!
+//! # Scratch space
+//!
+//! Each drill restores into its own `verify-XXXXXX` directory under
+//! `temp-dir` ([`Scratch`]), locked (`flock`) while the drill runs and
+//! removed when it ends, also when `litefleet verify` is stopped by SIGINT
+//! or SIGTERM. What a killed drill (SIGKILL) left is removed by the next
+//! drill and by `replicate`'s start ([`remove_stale_scratch`]): a directory
+//! whose lock can be taken; never one whose drill still runs.
 //!
 //! A database on this host whose key the replica does not hold is a problem
 //! ("not found") once it is older than [`NEW_DATABASE_GRACE`]; a newer one
@@ -62,9 +88,9 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 use super::list::{list_databases, KeyListing};
-use super::single::{restore_key, How, Tier};
+use super::single::{restore_key, How, Tier, WalEnd};
 use crate::capture::snapshot;
-use crate::error::IoContext;
+use crate::capture::wal::{self, ReadOutcome, WalCursor};
 use crate::replica::cold;
 use crate::replica::hot;
 use crate::replica::layout::check_key;
@@ -459,14 +485,10 @@ pub async fn verify(
             "no databases{under}{since} in {replica} to verify"
         )));
     }
-    std::fs::create_dir_all(&opts.scratch_parent).at(&opts.scratch_parent)?;
-    let scratch = tempfile::Builder::new()
-        .prefix("verify-")
-        .tempdir_in(&opts.scratch_parent)
-        .at(&opts.scratch_parent)?;
+    let scratch = Scratch::new(&opts.scratch_parent)?;
     progress.started(jobs.len());
     let mut done = futures::stream::iter(jobs.into_iter().enumerate())
-        .map(|(i, job)| check_one(replica, opts, job, scratch.path().join(format!("{i}.db"))))
+        .map(|(i, job)| check_one(replica, opts, job, scratch.dir().join(format!("{i}.db"))))
         .buffer_unordered(opts.concurrency.max(1));
     let mut results = Vec::new();
     while let Some(r) = done.next().await {
@@ -666,6 +688,7 @@ async fn check_one(
                         ),
                     )
                 } else {
+                    let wal_end = r.wal_end;
                     let state = match r.tier {
                         Tier::Hot => Ok(Some(r.uploaded)),
                         Tier::Cold => cold_state(replica, &listed.snapshots, &r.object).await,
@@ -675,7 +698,7 @@ async fn check_one(
                             let (source, restored, margin) =
                                 (source.clone(), output.clone(), opts.source_margin);
                             tokio::task::spawn_blocking(move || {
-                                compare(&source, &restored, state, margin)
+                                compare(&source, &restored, state, margin, wal_end)
                             })
                             .await
                             .unwrap_or_else(|e| {
@@ -901,9 +924,57 @@ fn difference(source: &Facts, restored: &Facts) -> Option<String> {
         })
 }
 
-/// Compares the restore at `restored` (state time `state`) with `source`
-/// (see the module docs).
-fn compare(source: &Path, restored: &Path, state: DateTime<Utc>, margin: Duration) -> SourceCheck {
+/// What a live source's `-wal` says about a hot-tier restore ending at a
+/// [`WalEnd`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WalSays {
+    /// The same WAL (header), committed up to exactly the restored end:
+    /// nothing was committed since the replicated state.
+    Same,
+    /// The same WAL, with commits after the restored end: the source is newer.
+    Beyond,
+    /// No `-wal`, another WAL (SQLite restarted it, or checkpointed and
+    /// truncated it), or unreadable: the file times must tell.
+    Unknown,
+}
+
+/// Reads the header and the committed end of the `-wal` beside `db` (see
+/// [`WalSays`]). SQLite gives every restarted WAL new salts, and appends to
+/// a WAL without rewriting it until then, so the same header and committed
+/// end are the same commits.
+fn source_wal(db: &Path, end: &WalEnd) -> WalSays {
+    let mut path = db.as_os_str().to_owned();
+    path.push("-wal");
+    let path = PathBuf::from(path);
+    let Ok(f) = std::fs::File::open(&path) else {
+        return WalSays::Unknown;
+    };
+    let Ok(Some(h)) = wal::read_header(&f, &path) else {
+        return WalSays::Unknown;
+    };
+    let cur = WalCursor::at_start(end.start.index, &h);
+    if cur.wal_start() != end.start {
+        return WalSays::Unknown;
+    }
+    match wal::read_committed_within(&f, &path, &cur, u64::MAX, 0) {
+        Ok(ReadOutcome::Frames { next, .. }) => match next.pos.offset.cmp(&end.offset) {
+            std::cmp::Ordering::Equal => WalSays::Same,
+            std::cmp::Ordering::Greater => WalSays::Beyond,
+            std::cmp::Ordering::Less => WalSays::Unknown,
+        },
+        _ => WalSays::Unknown,
+    }
+}
+
+/// Compares the restore at `restored` (state time `state`; for the hot
+/// tier, its end in the WAL) with `source` (see the module docs).
+fn compare(
+    source: &Path,
+    restored: &Path,
+    state: DateTime<Utc>,
+    margin: Duration,
+    wal_end: Option<WalEnd>,
+) -> SourceCheck {
     let result = |result, detail: String, lag: Option<f64>| SourceCheck {
         path: source.to_path_buf(),
         result,
@@ -914,14 +985,41 @@ fn compare(source: &Path, restored: &Path, state: DateTime<Utc>, margin: Duratio
         return skipped(source, "the source database is gone");
     };
     let changed: DateTime<Utc> = before.into();
-    let limit = state - chrono::Duration::from_std(margin).unwrap_or_default();
-    if changed >= limit {
-        let lag = (changed - state).num_milliseconds().max(0) as f64 / 1000.0;
-        return result(
-            SourceResult::Newer,
-            format!("source newer than replica (lag {lag:.1}s)"),
-            Some(lag),
-        );
+    let lag = (changed - state).num_milliseconds().max(0) as f64 / 1000.0;
+    let says = wal_end.map_or(WalSays::Unknown, |e| source_wal(source, &e));
+    match says {
+        WalSays::Same => {}
+        WalSays::Beyond => {
+            return result(
+                SourceResult::Newer,
+                format!(
+                    "source newer than replica: its -wal holds commits after the restored state (lag {lag:.1}s)"
+                ),
+                Some(lag),
+            )
+        }
+        WalSays::Unknown if changed > state => {
+            return result(
+                SourceResult::Newer,
+                format!("source newer than replica (lag {lag:.1}s)"),
+                Some(lag),
+            )
+        }
+        WalSays::Unknown
+            if changed >= state - chrono::Duration::from_std(margin).unwrap_or_default() =>
+        {
+            return skipped(
+                source,
+                format!(
+                    "the source last changed at {}, within {} before the replicated state ({}): \
+                     cannot tell whether the replica holds that change; not compared",
+                    changed.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    humantime::format_duration(margin),
+                    state.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                ),
+            )
+        }
+        WalSays::Unknown => {}
     }
     // Never read a file that lost SQLite's header: SQLite would delete the
     // `-wal` beside an emptied one (see `snapshot::has_header`).
@@ -931,7 +1029,9 @@ fn compare(source: &Path, restored: &Path, state: DateTime<Utc>, margin: Duratio
         }
         facts(source, &c)
     });
-    if last_change(source) != Some(before) {
+    let moved =
+        says == WalSays::Same && wal_end.is_some_and(|e| source_wal(source, &e) != WalSays::Same);
+    if moved || last_change(source) != Some(before) {
         return result(
             SourceResult::Newer,
             "the source changed while it was read".into(),
@@ -960,6 +1060,133 @@ fn compare(source: &Path, restored: &Path, state: DateTime<Utc>, margin: Duratio
         ),
         Some(d) => result(SourceResult::Mismatch, d, None),
     }
+}
+
+/// Names of drill scratch directories start with this (in `temp-dir`, or
+/// the daemon's staging directory).
+pub const SCRATCH_PREFIX: &str = "verify-";
+
+/// The file in a scratch directory that its drill holds locked (`flock`)
+/// while it runs: a directory whose lock can be taken belongs to no running
+/// drill.
+const SCRATCH_LOCK: &str = ".lock";
+
+/// A scratch directory without a lock file (one made by an earlier
+/// version, or by a drill killed between making it and its lock) is
+/// removed as stale once it is unchanged for this long.
+const UNLOCKED_SCRATCH_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// A drill's scratch directory, locked for as long as it lives, deleted on
+/// drop (a drill interrupted by a signal is dropped too, see
+/// [`crate::cli`]). What a killed drill left is removed by the next drill
+/// and by `replicate`'s start ([`remove_stale_scratch`]).
+pub struct Scratch {
+    dir: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Scratch {
+    /// Makes `verify-XXXXXX` under `parent` and locks it. An unusable
+    /// `parent` is an error naming `multi-db.temp-dir`, as `replicate`'s.
+    pub fn new(parent: &Path) -> Result<Scratch> {
+        let named = |e: std::io::Error| {
+            Error::invalid(
+                "multi-db.temp-dir",
+                format!("{} is not a writable directory: {e}", parent.display()),
+            )
+        };
+        std::fs::create_dir_all(parent).map_err(named)?;
+        let stale = remove_stale_scratch(parent);
+        if stale > 0 {
+            tracing::info!(dir = %parent.display(), removed = stale, "removed the scratch directories of interrupted drills");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(SCRATCH_PREFIX)
+            .tempdir_in(parent)
+            .map_err(named)?
+            .keep();
+        let locked = std::fs::File::create(dir.join(SCRATCH_LOCK)).and_then(|f| {
+            f.try_lock().map_err(std::io::Error::from)?;
+            Ok(f)
+        });
+        match locked {
+            Ok(lock) => Ok(Scratch { dir, _lock: lock }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(named(e))
+            }
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // A restore task still running may add a file while the directory
+        // is emptied: try again. Whatever is left (unlocked once this
+        // process is gone) is the next drill's to remove.
+        for _ in 0..3 {
+            match std::fs::remove_dir_all(&self.dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => {}
+            }
+        }
+        tracing::warn!(dir = %self.dir.display(), "verify: cannot delete the scratch directory");
+    }
+}
+
+/// Removes the scratch directories under `parent` that belong to no running
+/// drill: their lock can be taken (the drill that held it is gone: killed,
+/// SIGKILL, power loss), or, without a lock file, they are unchanged for
+/// [`UNLOCKED_SCRATCH_AGE`]. A running drill's directory is never removed:
+/// its lock is held. Returns how many were removed.
+pub fn remove_stale_scratch(parent: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(SCRATCH_PREFIX)
+            || !entry.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        let dir = entry.path();
+        // Held while removing, so no two cleaners remove one directory.
+        let _lock = match std::fs::File::open(dir.join(SCRATCH_LOCK)) {
+            Ok(lock) => {
+                if lock.try_lock().is_err() {
+                    continue;
+                }
+                Some(lock)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= UNLOCKED_SCRATCH_AGE);
+                if !old {
+                    continue;
+                }
+                None
+            }
+            Err(_) => continue,
+        };
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the scratch directory of an interrupted drill")
+            }
+        }
+    }
+    removed
 }
 
 /// Deletes a scratch restore and any side file opening it left.
@@ -1066,7 +1293,7 @@ mod tests {
             }
         }
         let later = Utc::now() + chrono::Duration::seconds(10);
-        let c = compare(&src, &rst, later, SOURCE_MARGIN);
+        let c = compare(&src, &rst, later, SOURCE_MARGIN, None);
         assert_eq!(c.result, SourceResult::Mismatch, "{c:?}");
         assert!(
             c.detail
@@ -1075,14 +1302,16 @@ mod tests {
         );
         // A state older than the source's last change: lag, not a problem.
         let earlier = Utc::now() - chrono::Duration::seconds(30);
-        let c = compare(&src, &rst, earlier, SOURCE_MARGIN);
+        let c = compare(&src, &rst, earlier, SOURCE_MARGIN, None);
         assert_eq!(c.result, SourceResult::Newer, "{c:?}");
         assert!(c.lag_seconds.unwrap() >= 29.0, "{c:?}");
-        // Within the margin of the state: lag too.
-        let c = compare(&src, &rst, Utc::now(), SOURCE_MARGIN);
-        assert_eq!(c.result, SourceResult::Newer, "{c:?}");
+        // Within the margin before the state: not compared, and not called
+        // newer either (it may not be).
+        let c = compare(&src, &rst, Utc::now(), SOURCE_MARGIN, None);
+        assert_eq!(c.result, SourceResult::Skipped, "{c:?}");
+        assert!(c.detail.contains("cannot tell"), "{c:?}");
         // Equal content matches.
-        let c = compare(&src, &src, later, SOURCE_MARGIN);
+        let c = compare(&src, &src, later, SOURCE_MARGIN, None);
         assert_eq!(c.result, SourceResult::Match, "{c:?}");
         assert!(c.detail.contains("2 table(s)"), "{c:?}");
         // A WAL-mode source: reading it leaves an empty -wal behind, which
@@ -1092,7 +1321,7 @@ mod tests {
         conn.execute("INSERT INTO t VALUES (9)", []).unwrap();
         drop(conn);
         let later = Utc::now() + chrono::Duration::seconds(10);
-        let c = compare(&src, &src, later, SOURCE_MARGIN);
+        let c = compare(&src, &src, later, SOURCE_MARGIN, None);
         assert_eq!(c.result, SourceResult::Match, "{c:?}");
         assert!(c.detail.contains("2 table(s)"), "{c:?}");
     }
@@ -1143,7 +1372,7 @@ mod tests {
                     .as_secs() as i64
         );
         assert_eq!(last_change(&src), Some(before));
-        let c = compare(&src, &src, state.into(), Duration::ZERO);
+        let c = compare(&src, &src, state.into(), Duration::ZERO, None);
         assert_eq!(c.result, SourceResult::Match, "{c:?}");
         drop(live);
     }

@@ -43,6 +43,9 @@ async fn timeouts_then_recovery_lose_nothing_and_stay_bounded() {
     f.s3().set_fault(Fault::None);
     let r = rep.cycle(&token).await;
     assert_eq!((r.uploaded, r.failed, r.scan.pending), (n, 0, n));
+    // Once more: a PUT the client gave up on may still land, over these
+    // (`faults::an_upload_given_up_on_is_uploaded_once_more`).
+    assert_eq!(rep.cycle(&token).await.uploaded, n);
     assert_eq!(rep.cycle(&token).await.uploaded, 0);
     assert!(f.s3().max_in_flight() <= 4, "{}", f.s3().max_in_flight());
     let stats = rep.stats();

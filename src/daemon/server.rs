@@ -641,7 +641,7 @@ mod tests {
         assert!(text.contains("litefleet_invalid_keys 2\n"));
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 28);
+        assert_eq!(samples, 30);
         assert!(text.contains("litefleet_lease_writes_paused 0\n"));
         assert!(text.contains("litefleet_verify_last_run_timestamp_seconds 0\n"));
         assert!(!text.contains("litefleet_verify_last_ok"));

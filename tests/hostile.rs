@@ -401,6 +401,81 @@ async fn a_listing_cut_short_is_read_again() {
     assert!(!o2.exists());
 }
 
+/// A ListObjectsV2 page that says the listing is truncated but carries no
+/// continuation token fails the listing, naming it, instead of passing for
+/// its end (black-box probe N: `list`, `restore --prefix /` and `verify`
+/// saw 2 of 20 databases with exit 0, and a restore picked an older state
+/// whose newer objects were on the pages never read). Small pages with
+/// their tokens still list everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_truncated_without_a_token_fails() {
+    use litefleet::restore::{list, restore_bulk, BulkOptions, NoProgress};
+    let f = Fleet::new(Backend::S3).await;
+    let n = 5;
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, i + 1));
+        age(&p);
+    }
+    let rep = f.replicator();
+    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, n);
+    let replica = f.replica();
+    let out = tempfile::tempdir().unwrap();
+    let bulk = |dir: &str| BulkOptions {
+        prefix: "/".to_string(),
+        output_dir: out.path().join(dir),
+        timestamp: None,
+        concurrency: 2,
+        if_db_not_exists: false,
+        allow_older: false,
+        if_replica_exists: false,
+    };
+
+    // Pages of one key, tokens intact: everything is listed and restored.
+    f.s3().set_fault(Fault::ListPages(1));
+    let before = f.s3().request_count();
+    assert_eq!(list(&replica, None).await.unwrap().len(), n);
+    assert!(
+        f.s3().request_count() - before > 1,
+        "the listing came in several pages"
+    );
+    let r = restore_bulk(&replica, &bulk("all"), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!((r.databases, r.restored), (n, n), "{:?}", r.failed);
+    for i in 0..n {
+        let db = out.path().join(format!("all/p/d/t{i}.db"));
+        assert_eq!(count_rows(&db), i as i64 + 1);
+    }
+    assert_eq!(f.s3().fault_count(), 0);
+
+    // The same pages without their tokens: an error naming the listing.
+    f.s3().set_fault(Fault::ListPagesWithoutTokens(1));
+    let e = list(&replica, None).await.unwrap_err().to_string();
+    let named = |e: &str| {
+        e.contains("fleet")
+            && e.contains("truncated listing")
+            && e.contains("without a continuation token")
+    };
+    assert!(named(&e), "{e}");
+    let e = restore_bulk(&replica, &bulk("cut"), &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(named(&e), "{e}");
+    assert!(!out.path().join("cut").exists());
+    let loaded = f.loaded();
+    let opts = litefleet::restore::VerifyOptions::new(&loaded, "/");
+    let e =
+        litefleet::restore::verify(&loaded, &replica, &opts, &litefleet::restore::verify::Quiet)
+            .await
+            .map(|r| r.results.len())
+            .unwrap_err()
+            .to_string();
+    assert!(named(&e), "{e}");
+    assert!(f.s3().fault_count() >= 3, "the fault was injected");
+}
+
 /// The ranged read of a cold snapshot's times record (which a restore at a
 /// time, or one choosing between tiers, makes) is retried like every read:
 /// one response cut short does not fail the restore (black-box probe: one

@@ -498,6 +498,9 @@ impl Replica {
                             .with_timeout(cfg.timeout)
                             .with_connect_timeout(CONNECT_TIMEOUT),
                     );
+                // Every ListObjectsV2 page checked for a truncated listing
+                // without a continuation token (see [`CheckedListings`]).
+                b = b.with_http_connector(CheckedListings::default());
                 let store = b
                     .build()
                     .map_err(|e| Error::store(format!("s3://{bucket}"), e))?;
@@ -1237,6 +1240,135 @@ async fn local_cas(
     .map_err(|e| Error::invalid(what, format!("task failed: {e}")))?
 }
 
+/// The S3 client's HTTP connector: object_store's own (reqwest, built from
+/// the same [`ClientOptions`]), with every ListObjectsV2 response checked
+/// before the client reads it. object_store takes a page that says
+/// `<IsTruncated>true</IsTruncated>` but carries no (or an empty)
+/// `<NextContinuationToken>` as the last one, so a store that answers so
+/// (black-box probe N, through a proxy) made `list`, bulk restore and
+/// `verify` see 2 of 20 databases with exit 0, and a restore pick an older
+/// state because the newer objects were never listed. Such a page fails
+/// the request instead ([`TruncatedListing`]), never retried: nothing read
+/// again would carry the token. Every other response, and every listing
+/// page that is complete or has its token, passes through unchanged (a
+/// listing page's body is buffered first: at most 1000 keys).
+#[derive(Debug, Default)]
+struct CheckedListings(object_store::client::ReqwestConnector);
+
+impl object_store::client::HttpConnector for CheckedListings {
+    fn connect(
+        &self,
+        options: &ClientOptions,
+    ) -> object_store::Result<object_store::client::HttpClient> {
+        Ok(object_store::client::HttpClient::new(
+            CheckedListingService(self.0.connect(options)?),
+        ))
+    }
+}
+
+#[derive(Debug)]
+struct CheckedListingService(object_store::client::HttpClient);
+
+#[async_trait::async_trait]
+impl object_store::client::HttpService for CheckedListingService {
+    async fn call(
+        &self,
+        req: object_store::client::HttpRequest,
+    ) -> std::result::Result<object_store::client::HttpResponse, object_store::client::HttpError>
+    {
+        let listing = (req.method() == reqwest::Method::GET)
+            .then(|| list_v2_prefix(req.uri().query().unwrap_or("")))
+            .flatten();
+        let res = self.0.execute(req).await?;
+        let Some(prefix) = listing else {
+            return Ok(res);
+        };
+        if !res.status().is_success() {
+            return Ok(res);
+        }
+        let (parts, body) = res.into_parts();
+        let bytes = body.bytes().await?;
+        if truncated_without_token(&bytes) {
+            return Err(object_store::client::HttpError::new(
+                object_store::client::HttpErrorKind::Decode,
+                TruncatedListing { prefix },
+            ));
+        }
+        Ok(object_store::client::HttpResponse::from_parts(
+            parts,
+            bytes.into(),
+        ))
+    }
+}
+
+/// For the query of a ListObjectsV2 request (`list-type=2`), the prefix it
+/// lists (decoded; empty for the whole bucket); `None` for any other query.
+fn list_v2_prefix(query: &str) -> Option<String> {
+    let mut pairs = query
+        .split('&')
+        .map(|p| p.split_once('=').unwrap_or((p, "")));
+    if !pairs.clone().any(|(k, v)| k == "list-type" && v == "2") {
+        return None;
+    }
+    let prefix = pairs.find(|(k, _)| *k == "prefix").map_or("", |(_, v)| v);
+    Some(
+        percent_encoding::percent_decode_str(&prefix.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+/// Whether a ListObjectsV2 response body says the listing goes on
+/// (`IsTruncated` true) without saying where (no `NextContinuationToken`,
+/// or an empty one). Element names cannot appear inside keys or other
+/// text: XML escapes their `<`.
+fn truncated_without_token(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(body);
+    let element = |name: &str| -> Option<String> {
+        let open = format!("<{name}>");
+        let close = format!("</{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = start + text[start..].find(&close)?;
+        Some(text[start..end].trim().to_string())
+    };
+    let truncated = element("IsTruncated").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    truncated && element("NextContinuationToken").is_none_or(|t| t.is_empty())
+}
+
+/// A ListObjectsV2 page that says the listing is truncated but gives no
+/// continuation token: the rest of the listing cannot be read.
+#[derive(Debug)]
+pub struct TruncatedListing {
+    /// The prefix listed.
+    pub prefix: String,
+}
+
+impl std::fmt::Display for TruncatedListing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the store returned a truncated listing of prefix {:?} (IsTruncated true) without a \
+             continuation token (NextContinuationToken): the rest of the listing cannot be read, \
+             and a short listing is never taken as the whole",
+            self.prefix
+        )
+    }
+}
+
+impl std::error::Error for TruncatedListing {}
+
+/// Whether `e` is (caused by) a [`TruncatedListing`].
+pub fn is_truncated_listing(e: &object_store::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<TruncatedListing>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Times a read (a listing, a small GET) is tried while the store fails
 /// without answering about the object. object_store retries a request
 /// whose response never came, but not a response body cut short (black-box
@@ -1250,9 +1382,10 @@ const READ_BACKOFF: Duration = Duration::from_millis(100);
 /// Whether a store error is worth trying again: the store failed in a way
 /// that is not an answer about the object (`Generic`: a reset connection, a
 /// body cut short, a 5xx after the client's own retries), where not found
-/// or denied are answers.
+/// or denied are answers, and so is a truncated listing without a
+/// continuation token ([`TruncatedListing`]): the store's own answer.
 pub fn is_transient(e: &object_store::Error) -> bool {
-    matches!(e, object_store::Error::Generic { .. })
+    matches!(e, object_store::Error::Generic { .. }) && !is_truncated_listing(e)
 }
 
 /// Runs the read `attempt` up to [`READ_ATTEMPTS`] times while it fails
@@ -1278,6 +1411,70 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ListObjectsV2 page that is truncated without a continuation token
+    /// is recognised (missing, empty or self-closed token); complete pages
+    /// and pages with a token are not, nor are other requests.
+    #[test]
+    fn truncated_listings_without_a_token_are_recognised() {
+        let page = |truncated: &str, token: &str| {
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>b</Name>\
+                 <Prefix>p/</Prefix><KeyCount>1</KeyCount><MaxKeys>1</MaxKeys>\
+                 <IsTruncated>{truncated}</IsTruncated><Contents><Key>p/&lt;IsTruncated&gt;</Key>\
+                 </Contents>{token}</ListBucketResult>"
+            )
+        };
+        let bad = |t: &str, k: &str| truncated_without_token(page(t, k).as_bytes());
+        assert!(bad("true", ""));
+        assert!(bad(" true ", ""));
+        assert!(bad(
+            "true",
+            "<NextContinuationToken></NextContinuationToken>"
+        ));
+        assert!(bad(
+            "true",
+            "<NextContinuationToken> </NextContinuationToken>"
+        ));
+        assert!(bad("true", "<NextContinuationToken/>"));
+        assert!(!bad(
+            "true",
+            "<NextContinuationToken>p/a</NextContinuationToken>"
+        ));
+        assert!(!bad("false", ""));
+        assert!(!truncated_without_token(
+            b"<ListBucketResult></ListBucketResult>"
+        ));
+
+        assert_eq!(
+            list_v2_prefix("list-type=2&prefix=fleet%2Fp%2F").as_deref(),
+            Some("fleet/p/")
+        );
+        assert_eq!(
+            list_v2_prefix("continuation-token=x&delimiter=%2F&list-type=2").as_deref(),
+            Some("")
+        );
+        assert_eq!(list_v2_prefix("uploads"), None);
+        assert_eq!(list_v2_prefix(""), None);
+        assert_eq!(list_v2_prefix("list-type=1&prefix=p"), None);
+
+        // Never retried as transient: the store's own answer.
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(object_store::client::HttpError::new(
+                object_store::client::HttpErrorKind::Decode,
+                TruncatedListing {
+                    prefix: "fleet/".into(),
+                },
+            )),
+        };
+        assert!(is_truncated_listing(&e));
+        assert!(!is_transient(&e));
+        let text = Error::store("fleet", e).to_string();
+        assert!(text.contains("truncated listing"), "{text}");
+        assert!(text.contains("continuation token"), "{text}");
+        assert!(text.contains("\"fleet/\""), "{text}");
+    }
 
     /// The fence closes at whichever limit comes first: the monotonic one,
     /// or the wall-clock one (a host suspended past its lease's expiry wakes

@@ -62,6 +62,14 @@ pub enum Fault {
     CutListBodies(u64),
     /// The same for the next `n` ranged GET responses (a `Range` header).
     CutRangeBodies(u64),
+    /// Every ListObjectsV2 request is served as if it asked for at most
+    /// `n` keys (its `max-keys` rewritten after the signature was checked):
+    /// small pages, continuation tokens intact.
+    ListPages(i32),
+    /// The same, and every truncated page loses its
+    /// `<NextContinuationToken>` (still `<IsTruncated>true</IsTruncated>`):
+    /// a store that says the listing goes on without saying where.
+    ListPagesWithoutTokens(i32),
 }
 
 struct Shared {
@@ -107,6 +115,8 @@ enum Action {
     Delay(Duration),
     Fail(u16, &'static str),
     CutBody,
+    /// A listing page: its `NextContinuationToken` is dropped.
+    DropToken,
 }
 
 impl Shared {
@@ -132,6 +142,9 @@ impl Shared {
                     Action::Serve
                 }
             }
+            Fault::ListPages(_) => Action::Serve,
+            Fault::ListPagesWithoutTokens(_) if is_list => Action::DropToken,
+            Fault::ListPagesWithoutTokens(_) => Action::Serve,
             Fault::FailAfter(n) => {
                 if self.passed.fetch_add(1, Ordering::SeqCst) < n {
                     Action::Serve
@@ -152,9 +165,6 @@ impl S3Server {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join(BUCKET)).unwrap();
         let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
-        let mut b = S3ServiceBuilder::new(fs);
-        b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = b.build();
         let shared = Arc::new(Shared {
             fault: Mutex::new(Fault::None),
             exclusive: tokio::sync::RwLock::new(()),
@@ -164,6 +174,10 @@ impl S3Server {
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
         });
+        let mut b = S3ServiceBuilder::new(fs);
+        b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        b.set_access(PageSize(shared.clone()));
+        let service = b.build();
         let mut s = S3Server {
             root,
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -200,11 +214,13 @@ impl S3Server {
                         let is_list = req.method() == hyper::Method::GET
                             && req.uri().query().is_some_and(|q| q.contains("list-type="));
                         let mut cut = false;
+                        let mut drop_token = false;
                         let is_range = req.method() == hyper::Method::GET
                             && req.headers().contains_key(hyper::header::RANGE);
                         match shared.decide(is_list, is_range) {
                             Action::Serve => {}
                             Action::CutBody => cut = true,
+                            Action::DropToken => drop_token = true,
                             Action::Delay(d) => tokio::time::sleep(d).await,
                             Action::Fail(status, code) => {
                                 let body = format!(
@@ -252,6 +268,20 @@ impl S3Server {
                                 );
                                 let half = bytes.slice(..bytes.len() / 2);
                                 Ok(hyper::Response::from_parts(parts, cut_short(half)))
+                            }
+                            Ok(r) if drop_token && r.status().is_success() => {
+                                let (mut parts, mut body) = r.into_parts();
+                                let bytes = body.store_all_limited(64 << 20).await.unwrap();
+                                let text = String::from_utf8(bytes.to_vec()).unwrap();
+                                let text = without_token(&text);
+                                if text.len() != bytes.len() {
+                                    shared.faults.fetch_add(1, Ordering::SeqCst);
+                                }
+                                parts.headers.insert(
+                                    hyper::header::CONTENT_LENGTH,
+                                    text.len().into(),
+                                );
+                                Ok(hyper::Response::from_parts(parts, s3s::Body::from(text)))
                             }
                             other => other,
                         }
@@ -310,6 +340,42 @@ impl S3Server {
     pub async fn restart(&mut self) {
         self.stop().await;
         self.listen().await;
+    }
+}
+
+/// Serves listings in pages of the size a `ListPages` fault names: s3s
+/// calls this after the request's signature was checked, so the request's
+/// `max-keys` is rewritten here (not in the URL the client signed). Every
+/// signed request is allowed, as without it.
+struct PageSize(Arc<Shared>);
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for PageSize {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> s3s::S3Result<()> {
+        match cx.credentials() {
+            Some(_) => Ok(()),
+            None => Err(s3s::s3_error!(AccessDenied, "Signature is required")),
+        }
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: &mut s3s::S3Request<s3s::dto::ListObjectsV2Input>,
+    ) -> s3s::S3Result<()> {
+        let fault = *self.0.fault.lock().unwrap();
+        if let Fault::ListPages(n) | Fault::ListPagesWithoutTokens(n) = fault {
+            req.input.max_keys = Some(n);
+        }
+        Ok(())
+    }
+}
+
+/// A ListObjectsV2 response body without its `NextContinuationToken`.
+fn without_token(xml: &str) -> String {
+    let (open, close) = ("<NextContinuationToken>", "</NextContinuationToken>");
+    match (xml.find(open), xml.find(close)) {
+        (Some(i), Some(j)) if i < j => format!("{}{}", &xml[..i], &xml[j + close.len()..]),
+        _ => xml.to_string(),
     }
 }
 

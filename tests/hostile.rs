@@ -377,18 +377,24 @@ async fn databases_deleted_mid_cycle() {
     f.assert_restores(&key, 2).await;
 }
 
-/// A LIST response cut short (the connection drops mid-body) is read again:
-/// one such fault does not fail a restore; a store that cuts every attempt
-/// does, naming the listing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listing_cut_short_is_read_again() {
+/// On the S3 server: one cold database `p/d/a` of 7 rows, backed up, and a
+/// directory for restores.
+async fn one_cold_backup() -> (Fleet, tempfile::TempDir) {
     let f = Fleet::new(Backend::S3).await;
     let p = f.db_path("p", "d", "a");
     drop(create_db(&p, 7));
     age(&p);
     let rep = f.replicator();
     assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, 1);
-    let out = tempfile::tempdir().unwrap();
+    (f, tempfile::tempdir().unwrap())
+}
+
+/// A LIST response cut short (the connection drops mid-body) is read again:
+/// one such fault does not fail a restore; a store that cuts every attempt
+/// does, naming the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_cut_short_is_read_again() {
+    let (f, out) = one_cold_backup().await;
     let o = out.path().join("a.db");
     f.s3().set_fault(Fault::CutListBodies(1));
     f.restore("p/d/a", &o, None).await.unwrap();
@@ -482,13 +488,7 @@ async fn a_listing_truncated_without_a_token_fails() {
 /// stalled range GET failed it at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_times_record_read_cut_short_is_read_again() {
-    let f = Fleet::new(Backend::S3).await;
-    let p = f.db_path("p", "d", "a");
-    drop(create_db(&p, 7));
-    age(&p);
-    let rep = f.replicator();
-    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, 1);
-    let out = tempfile::tempdir().unwrap();
+    let (f, out) = one_cold_backup().await;
     let o = out.path().join("a.db");
     f.s3().set_fault(Fault::CutRangeBodies(1));
     f.restore("p/d/a", &o, Some(chrono::Utc::now()))

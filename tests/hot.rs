@@ -32,6 +32,20 @@ const SEPARATION: Duration = Duration::from_millis(25);
 /// Longest wait for one upload; a sync runs every 50 ms here.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The streams' settings here: a sync every 50 ms, the default
+/// checkpoints, release and snapshot interval, the fleet log consolidated
+/// every 300 ms (so restores read log objects, packs and both at once).
+fn fast() -> ShipConfig {
+    ShipConfig {
+        sync_interval: Duration::from_millis(50),
+        checkpoint_pages: 1000,
+        truncate_pages: 10_000,
+        release_after: DEFAULT_RELEASE_AFTER,
+        consolidate_every: Duration::from_millis(300),
+        snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+    }
+}
+
 /// One streamed database.
 struct Hot {
     f: Fleet,
@@ -56,12 +70,10 @@ impl Hot {
         Hot::spawn_with(
             f,
             ShipConfig {
-                sync_interval: Duration::from_millis(50),
                 checkpoint_pages,
                 truncate_pages,
                 release_after,
-                consolidate_every: Duration::from_millis(300),
-                snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+                ..fast()
             },
         )
     }
@@ -346,12 +358,9 @@ both_backends!(
         let mut h = Hot::spawn_with(
             Fleet::new(b).await,
             ShipConfig {
-                sync_interval: Duration::from_millis(50),
-                checkpoint_pages: 1000,
-                truncate_pages: 10_000,
-                release_after: DEFAULT_RELEASE_AFTER,
                 consolidate_every: Duration::from_secs(3600),
                 snapshot_interval: Duration::from_millis(400),
+                ..fast()
             },
         );
         h.until_shipped(1).await;
@@ -635,13 +644,9 @@ both_backends!(
         let mut h = Hot::spawn_with(
             Fleet::new(b).await,
             ShipConfig {
-                sync_interval: Duration::from_millis(50),
-                checkpoint_pages: 1000,
-                truncate_pages: 10_000,
-                release_after: DEFAULT_RELEASE_AFTER,
                 // Never consolidated while the test runs.
                 consolidate_every: Duration::from_secs(3600),
-                snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+                ..fast()
             },
         );
         let w = writer(&h.path);

@@ -228,7 +228,7 @@ const ECHOED_ELEMENTS: [&str; 6] = [
 ];
 
 /// The text of an object store error with the elements of
-/// [`ECHOED_ELEMENTS`] emptied and every credential of [`mask_in_errors`]
+/// `ECHOED_ELEMENTS` emptied and every credential of [`mask_in_errors`]
 /// replaced by `(masked)`.
 pub fn store_text(source: &object_store::Error) -> String {
     let mut text = source.to_string();

@@ -1142,7 +1142,7 @@ impl Drop for Scratch {
 /// Removes the scratch directories under `parent` that belong to no running
 /// drill: their lock can be taken (the drill that held it is gone: killed,
 /// SIGKILL, power loss), or, without a lock file, they are unchanged for
-/// [`UNLOCKED_SCRATCH_AGE`]. A running drill's directory is never removed:
+/// `UNLOCKED_SCRATCH_AGE`. A running drill's directory is never removed:
 /// its lock is held. Returns how many were removed.
 pub fn remove_stale_scratch(parent: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(parent) else {

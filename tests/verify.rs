@@ -608,7 +608,16 @@ async fn interrupted_drills_leave_no_scratch() {
     signal(&c, libc::SIGKILL);
     c.wait().unwrap();
     f.s3().set_fault(common::s3::Fault::None);
-    drop(f.replicator());
+    let cfg = f.config_path();
+    let o = litefleet(
+        f.work.path(),
+        &["--config", cfg.to_str().unwrap(), "replicate", "--once"],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("removed the scratch directories"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(scratch_dirs(&f), vec![d_dir.clone()]);
     assert!(!c_dir.exists());
 

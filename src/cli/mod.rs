@@ -883,6 +883,12 @@ async fn run(cli: Cli) -> Result<()> {
             // The endpoint outlives the loop's drain, so /healthz answers
             // while in-flight uploads finish; it stops after `run` returns.
             let ops_stop = CancellationToken::new();
+            // Scratch directories of `litefleet verify` runs that were killed
+            // (a running drill's is locked and stays).
+            let stale = crate::restore::verify::remove_stale_scratch(&loaded.temp_dir());
+            if stale > 0 {
+                tracing::info!(removed = stale, dir = %loaded.temp_dir().display(), "removed the scratch directories of interrupted verify runs");
+            }
             let verify = verify_job(Arc::new(loaded.clone()), replica.unfenced());
             let started = async {
                 let replicator =

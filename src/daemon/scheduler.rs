@@ -275,12 +275,6 @@ impl Replicator {
                 tracing::warn!(dir = %temp_dir.display(), error = %e, "cannot clean staging directory")
             }
         }
-        // Scratch directories of `litefleet verify` runs that were killed
-        // (a running drill's is locked and stays).
-        let stale = crate::restore::verify::remove_stale_scratch(&loaded.temp_dir());
-        if stale > 0 {
-            tracing::info!(removed = stale, dir = %loaded.temp_dir().display(), "removed the scratch directories of interrupted verify runs");
-        }
         // Both must be writable: say so now, naming the directory and the
         // config key, not at the first upload.
         let state_file = loaded.state_file();

@@ -204,8 +204,11 @@ impl Owners {
         Ok(())
     }
 
-    /// Reads the contested keys [`Owners::save_contested`] wrote for the
-    /// same `tag`; another tag or no file means none. Returns their count.
+    /// Reads the contested keys [`Owners::save_contested`] wrote; no file
+    /// means none. Returns their count. The file sits beside the state file,
+    /// which is named by its tag, so another tag in it is a file copied or
+    /// edited by hand: an error like a damaged one, not "none" (black-box
+    /// probe: the refused database then took the key).
     pub fn load_contested(&mut self, state: &Path, tag: u64) -> io::Result<usize> {
         let path = contested_file(state);
         let data = match std::fs::read(&path) {
@@ -216,7 +219,13 @@ impl Owners {
         let file: ContestedFile = serde_json::from_slice(&data)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if file.tag != format!("{tag:016x}") {
-            return Ok(0);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "its tag {:?} is not this config's {tag:016x} (a file of another config?)",
+                    file.tag
+                ),
+            ));
         }
         self.contested = file
             .owners

@@ -170,36 +170,18 @@ pub struct VerifyArgs {
 /// directory removed first). Its final error is a JSON log line with
 /// `--log-format json`, as other commands' are.
 async fn verify_command(config: &std::path::Path, args: VerifyArgs, format: LogFormat) -> u8 {
-    let error = |e: &dyn std::fmt::Display| {
+    // The error line (a JSON log line with JSON logs) and, with --json, the
+    // error document; then `code`.
+    let fail = |e: &Error, code: u8| {
         if format == LogFormat::Json {
             tracing::error!("{e}");
         } else {
             eprint!("{}", logline::escape_line(&format!("error: {e}\n"), false));
         }
-    };
-    // Before anything is made: the drill's scratch space is a full copy of
-    // a database at a time, so an interrupted drill must not leave it.
-    let signals = {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(int), Ok(term)) => Some((int, term)),
-            _ => {
-                tracing::warn!("cannot install signal handlers: an interrupted drill leaves its scratch directory to the next one");
-                None
-            }
+        if args.json {
+            println!("{}", serde_json::json!({ "error": e.to_string() }));
         }
-    };
-    let interrupted = async {
-        match signals {
-            Some((mut int, mut term)) => tokio::select! {
-                _ = int.recv() => ("SIGINT", libc::SIGINT),
-                _ = term.recv() => ("SIGTERM", libc::SIGTERM),
-            },
-            None => std::future::pending().await,
-        }
+        code
     };
     let run = async {
         let loaded = Loaded::from_file(config)?;
@@ -214,27 +196,19 @@ async fn verify_command(config: &std::path::Path, args: VerifyArgs, format: LogF
         reporter.finish();
         report
     };
-    let report = tokio::select! {
-        report = run => report,
-        (name, number) = interrupted => {
-            // The drill (and its scratch directory, see
-            // `restore::verify::Scratch`) was dropped with `run`.
-            let e = Error::invalid("verify", format!("interrupted by {name}; scratch restores removed"));
-            error(&e);
-            if args.json {
-                println!("{}", serde_json::json!({ "error": e.to_string() }));
-            }
-            return 128 + number as u8;
-        }
-    };
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            error(&e);
-            if args.json {
-                println!("{}", serde_json::json!({ "error": e.to_string() }));
-            }
-            return 2;
+    // The drill's scratch space is a full copy of a database at a time, so
+    // an interrupted drill must not leave it.
+    let report = match until_signal(run, &[libc::SIGINT, libc::SIGTERM]).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return fail(&e, 2),
+        // The drill (and its scratch directory, see
+        // `restore::verify::Scratch`) was dropped with `run`.
+        Err(n) => {
+            let why = format!(
+                "interrupted by {}; scratch restores removed",
+                signal_name(n)
+            );
+            return fail(&Error::invalid("verify", why), 128 + n as u8);
         }
     };
     if args.json {
@@ -722,31 +696,66 @@ fn install_signals(token: CancellationToken) {
     });
 }
 
-/// Runs a restore until it ends or SIGINT, SIGTERM or SIGHUP arrives, which
-/// fails it. Dropping the restore removes its staging files; a blocking step
-/// under way removes its own when it ends, and the runtime waits for it
-/// before the process exits. Killed by the signal instead, a restore left
-/// its `.NAME.litefleet-XXXXXX` file behind (black-box probe). An output
-/// already installed stays: installing is one rename.
-async fn interruptible<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+/// Runs `work` until it ends, or until one of `signals` arrives: then
+/// `work` is dropped, which removes what it staged (a restore's staging
+/// file, a drill's scratch directory; a blocking step under way removes its
+/// own when it ends, and the runtime waits for it before the process
+/// exits), and the signal's number is returned. Killed by the signal
+/// instead, a restore left its `.NAME.litefleet-XXXXXX` file behind and a
+/// drill its scratch copy (black-box probe). Without handlers (they could
+/// not be installed) `work` runs to its end.
+async fn until_signal<T>(
+    work: impl std::future::Future<Output = T>,
+    signals: &[libc::c_int],
+) -> std::result::Result<T, libc::c_int> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        return work.await;
+    let streams: std::io::Result<Vec<_>> = signals
+        .iter()
+        .map(|&n| signal(SignalKind::from_raw(n)).map(|s| (n, s)))
+        .collect();
+    let Ok(mut streams) = streams else {
+        tracing::warn!(
+            "cannot install signal handlers: a stop by signal leaves what the command staged"
+        );
+        return Ok(work.await);
     };
-    let name = tokio::select! {
-        r = work => return r,
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = hup.recv() => "SIGHUP",
-    };
-    Err(Error::invalid(
-        "restore",
-        format!("stopped by {name}; its temporary files are removed"),
-    ))
+    let any = futures::future::select_all(streams.iter_mut().map(|(n, s)| {
+        Box::pin(async move {
+            s.recv().await;
+            *n
+        })
+    }));
+    tokio::select! {
+        r = work => Ok(r),
+        (n, _, _) = any => Err(n),
+    }
+}
+
+/// The name of a stop signal [`until_signal`] returns.
+fn signal_name(n: libc::c_int) -> &'static str {
+    match n {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
+}
+
+/// A restore stopped by SIGINT, SIGTERM or SIGHUP fails (see
+/// [`until_signal`]). An output already installed stays: installing is one
+/// rename.
+async fn interruptible<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    until_signal(work, &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+        .await
+        .unwrap_or_else(|n| {
+            Err(Error::invalid(
+                "restore",
+                format!(
+                    "stopped by {}; its temporary files are removed",
+                    signal_name(n)
+                ),
+            ))
+        })
 }
 
 /// Exits the process `limit` after `token` is cancelled (a stop was asked

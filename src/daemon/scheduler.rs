@@ -323,14 +323,14 @@ impl Replicator {
         let mut owners = Owners::default();
         owners
             .load_contested(&state_file, loaded.state_tag())
-            .map_err(|e| Error::Invalid {
-                what: crate::source::track::contested_file(&state_file)
-                    .display()
-                    .to_string(),
-                reason: format!(
-                    "cannot read the owners of contested keys ({e}); fix or remove the file \
-                     (without it, a database refused for a deleted owner's key takes the key)"
-                ),
+            .map_err(|e| {
+                Error::invalid(
+                    crate::source::track::contested_file(&state_file).display(),
+                    format!(
+                        "cannot read the owners of contested keys ({e}); fix or remove the file \
+                         (without it, a database refused for a deleted owner's key takes the key)"
+                    ),
+                )
             })?;
         let stats = Stats::default();
         stats.started_unix.store(

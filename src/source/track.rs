@@ -860,17 +860,20 @@ pub fn remove_state_leftovers(path: &Path) -> usize {
 /// The sidecar of the state file at `path`: the id of the replica identity
 /// its records were made against (see [`crate::replica::identity`]).
 pub fn replica_sidecar(path: &Path) -> PathBuf {
+    sidecar(path, ".replica")
+}
+
+/// The file beside `path` named by it and `suffix`.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
-    s.push(".replica");
+    s.push(suffix);
     PathBuf::from(s)
 }
 
 /// The sidecar of the state file at `path` that keeps the owners of
 /// contested keys (`crate::source::keys::Owners::save_contested`).
 pub fn contested_file(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".keys");
-    PathBuf::from(s)
+    sidecar(path, ".keys")
 }
 
 /// The replica identity the records of the state file at `path` belong to;

@@ -416,10 +416,11 @@ async fn a_stop_against_a_hung_store_ends_at_its_timeout() {
     }
     let cfg = f.config_path();
     let mut child = spawn_replicate(&cfg);
-    // The lease is taken (GET, conditional PUT): from now on the store
+    // The lease is taken and its conditional writes checked (GET,
+    // conditional PUT, two refused conditional PUTs): from now on the store
     // holds every request for an hour.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while f.s3().request_count() < 2 {
+    while f.s3().request_count() < 4 {
         assert!(Instant::now() < deadline, "no lease taken");
         assert!(child.try_wait().unwrap().is_none(), "exited early");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -531,10 +532,11 @@ async fn sigterm_finishes_in_flight_uploads() {
     let cfg = f.config_path();
     let mut child = spawn_replicate(&cfg);
     let deadline = Instant::now() + Duration::from_secs(30);
-    // Two requests take the replica lease (GET, conditional PUT), one lists
-    // the fleet log (what an earlier run left), two read and write the
-    // replica's identity; a sixth is an upload.
-    while f.s3().request_count() < 6 {
+    // Four requests take the replica lease and check the store's
+    // conditional writes (GET, conditional PUT, two refused conditional
+    // PUTs), one lists the fleet log (what an earlier run left), two read
+    // and write the replica's identity; an eighth is an upload.
+    while f.s3().request_count() < 8 {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
@@ -973,4 +975,50 @@ fn a_relative_path_restores_from_any_directory() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(count_rows(&t.path().join("out.db")), 3);
+}
+
+/// A store that ignores conditional writes (`If-None-Match`, `If-Match`)
+/// cannot keep two replicators apart with the lease: `replicate` checks at
+/// start, refuses with exit 1 naming the lease and the setting, uploads
+/// nothing and gives the lease back; `check-conditional-writes: false`
+/// replicates there, with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_ignoring_conditional_writes_is_refused_at_start() {
+    let f = Fleet::with_yaml(Backend::S3, "").await;
+    drop(create_db(&f.db_path("p", "d", "t0"), 5));
+    let cfg = f.config_path();
+    f.s3().set_fault(common::s3::Fault::IgnoreConditions);
+    let run = |cfg: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            let o = litefleet_command(
+                cfg.parent().unwrap(),
+                &["--config", cfg.to_str().unwrap(), "replicate", "--once"],
+            )
+            .output()
+            .unwrap();
+            (o.status.code(), stderr(&o))
+        })
+    };
+    let (code, err) = run(cfg.clone()).await.unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(".litefleet/lease.json"), "{err}");
+    assert!(err.contains("ignores conditional writes"), "{err}");
+    assert!(err.contains("check-conditional-writes"), "{err}");
+    let listed = || async { litefleet::restore::list(&f.replica(), None).await.unwrap() };
+    assert!(listed().await.is_empty(), "uploaded to a store it refused");
+
+    // Given back: the next start does not wait for it to expire.
+    std::fs::write(
+        &cfg,
+        f.yaml().replace(
+            "    retries: 0\n",
+            "    retries: 0\n    check-conditional-writes: false\n",
+        ),
+    )
+    .unwrap();
+    let (code, err) = run(cfg).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("check-conditional-writes is false"), "{err}");
+    assert_eq!(listed().await.len(), 1);
+    f.s3().set_fault(common::s3::Fault::None);
 }

@@ -459,3 +459,54 @@ async fn a_stalled_lease_resumes_when_the_store_answers() {
     assert_eq!(Lease::current(&r).await.unwrap().unwrap().owner, owner);
     renewer.release().await.unwrap();
 }
+
+/// Some S3-compatible stores ignore `If-None-Match` and `If-Match` and
+/// write anyway: there two replicators would both take the lease. The
+/// check every start makes sends each condition where it must be refused;
+/// on a store that honours them it changes nothing (the lease renews and
+/// releases as before), and on one that ignores either it fails naming the
+/// ignored condition, leaving the lease ours (its new version kept).
+#[tokio::test]
+async fn a_store_ignoring_conditional_writes_fails_the_check() {
+    use common::fleet::Backend;
+    use common::s3::Fault;
+    let f = Fleet::new(Backend::S3).await;
+    let r = f.replica();
+    let mut a = Lease::acquire(&r, Utc::now()).await.unwrap();
+    a.check_conditional_writes().await.unwrap();
+    assert_eq!(&Lease::current(&r).await.unwrap().unwrap(), a.record());
+    assert_eq!(f.s3().fault_count(), 0);
+    a.renew().await.unwrap();
+    a.release().await.unwrap();
+
+    for (fault, named) in [
+        (Fault::IgnoreConditions, "If-None-Match: *"),
+        (Fault::IgnoreIfMatch, "(If-Match)"),
+    ] {
+        f.s3().set_fault(fault);
+        let mut b = Lease::acquire(&r, Utc::now()).await.unwrap();
+        let e = b.check_conditional_writes().await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Invalid { .. }), "{msg}");
+        assert!(msg.contains(LEASE_OBJECT), "{msg}");
+        assert!(msg.contains("ignores conditional writes"), "{msg}");
+        assert!(msg.contains(named), "{fault:?}: {msg}");
+        assert!(msg.contains("check-conditional-writes: false"), "{msg}");
+        // The write the store should have refused held our own bytes.
+        assert_eq!(&Lease::current(&r).await.unwrap().unwrap(), b.record());
+        f.s3().set_fault(Fault::None);
+        b.renew().await.unwrap();
+        b.release().await.unwrap();
+    }
+}
+
+/// A `file://` replica's compare-and-swap is litefleet's own: the check
+/// sends nothing and passes.
+#[tokio::test]
+async fn a_file_replica_passes_the_conditional_write_check() {
+    let f = Fleet::new(common::fleet::Backend::File).await;
+    let r = f.replica();
+    let mut a = Lease::acquire(&r, Utc::now()).await.unwrap();
+    a.check_conditional_writes().await.unwrap();
+    a.release().await.unwrap();
+}

@@ -217,3 +217,20 @@ async fn point_in_time_restore_holds_nothing_after_t() {
     }
     assert_eq!(checked, 12);
 }
+
+/// moto honours the conditional writes the replica lease stands on: the
+/// check every `replicate` start makes passes, and a second replicator is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_conditional_write_check_passes() {
+    let Some(endpoint) = endpoint() else { return };
+    use litefleet::replica::lease::Lease;
+    let f = MotoFleet::new(endpoint);
+    let replica = f.loaded().open_replica().unwrap();
+    let mut lease = Lease::acquire(&replica, Utc::now()).await.unwrap();
+    lease.check_conditional_writes().await.unwrap();
+    let e = Lease::acquire(&replica, Utc::now()).await.unwrap_err();
+    assert!(matches!(e, litefleet::Error::LeaseHeld { .. }), "{e}");
+    lease.renew().await.unwrap();
+    lease.release().await.unwrap();
+}

@@ -874,8 +874,24 @@ async fn run(cli: Cli) -> Result<()> {
             // touches the replica or the staging directory.
             let replica = loaded.open_replica()?;
             let ttl = loaded.multi_db().replica.lease_ttl;
-            let acquire =
-                crate::replica::lease::Lease::acquire_with_ttl(&replica, chrono::Utc::now(), ttl);
+            let check = loaded.multi_db().replica.check_conditional_writes;
+            let acquire = async {
+                let mut lease = crate::replica::lease::Lease::acquire_with_ttl(
+                    &replica,
+                    chrono::Utc::now(),
+                    ttl,
+                )
+                .await?;
+                if !check {
+                    tracing::warn!("multi-db.replica.check-conditional-writes is false: not checked that the store honours the lease's conditional writes");
+                } else if let Err(e) = lease.check_conditional_writes().await {
+                    if let Err(r) = lease.release().await {
+                        tracing::warn!(error = %r, "could not release the replica lease; it expires by itself");
+                    }
+                    return Err(e);
+                }
+                Ok(lease)
+            };
             let lease = tokio::select! {
                 lease = acquire => lease?,
                 () = token.cancelled() => {

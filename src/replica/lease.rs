@@ -106,6 +106,10 @@ pub const RELEASE_MARGIN: Duration = Duration::from_secs(15);
 /// Shortest `lease-ttl`: renewal runs every third of it, and the fence
 /// margin is a quarter of it.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
+/// The ETag the conditional-write check makes a replacement conditional on
+/// ([`Lease::check_conditional_writes`]): S3 ETags are quoted hex digests,
+/// so no object has this one.
+const NO_SUCH_ETAG: &str = "\"litefleet-conditional-write-check\"";
 /// Acquisition attempts when the lease changes between our read and our
 /// conditional write (another process acquiring or releasing at that moment).
 const ACQUIRE_ATTEMPTS: usize = 3;
@@ -312,6 +316,51 @@ impl Lease {
                 "changed {ACQUIRE_ATTEMPTS} times while acquiring it; another litefleet is starting against this replica"
             ),
         })
+    }
+
+    /// Checks that the store honours the two conditional writes the lease
+    /// stands on, by sending each where it must be refused: a create of the
+    /// lease we hold (`If-None-Match: *` on an existing object) and a
+    /// replacement of it conditional on an ETag it does not have
+    /// (`NO_SUCH_ETAG`). Some S3-compatible stores ignore these headers
+    /// and write anyway; there two replicators would both "win" the lease
+    /// and upload over each other. Both writes carry the lease's own bytes,
+    /// so a store that applies them changes nothing but its version, which
+    /// is kept. Two PUTs per start; `file://` replicas do their
+    /// compare-and-swap themselves and send nothing.
+    /// [`Error::Invalid`] naming the ignored condition if one was applied.
+    pub async fn check_conditional_writes(&mut self) -> Result<()> {
+        if self.replica.is_local() {
+            return Ok(());
+        }
+        let body = encode(&self.record);
+        let no_such = UpdateVersion {
+            e_tag: Some(NO_SUCH_ETAG.to_string()),
+            version: None,
+        };
+        let ignored = if let Some(v) = self
+            .replica
+            .put_if_absent(&self.location, body.clone())
+            .await?
+        {
+            self.version = v;
+            "a create conditional on no object existing (If-None-Match: *) replaced the existing lease"
+        } else if let Some(v) = self
+            .replica
+            .put_if_match(&self.location, body, &no_such)
+            .await?
+        {
+            self.version = v;
+            "a write conditional on an ETag the lease does not have (If-Match) was applied"
+        } else {
+            return Ok(());
+        };
+        Err(Error::invalid(
+            format!("replica lease {}", lease_name(&self.replica)),
+            format!(
+                "the store ignores conditional writes: {ignored}. On this store the lease cannot keep two replicators apart, so litefleet does not replicate to it; use a store that honours If-None-Match and If-Match (AWS S3, MinIO, R2), or set `multi-db.replica.check-conditional-writes: false` if you make sure yourself that only one replicator runs"
+            ),
+        ))
     }
 
     /// What is stored in the replica's lease object now, if anything.

@@ -957,6 +957,12 @@ impl Replica {
         }
     }
 
+    /// A `file://` replica: its conditional writes are litefleet's own
+    /// (under an `flock`), not the store's.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
     /// The filesystem path of `location` for a `file://` replica.
     fn local_path(&self, location: &ObjPath) -> Result<Option<PathBuf>> {
         match &self.local {

@@ -232,6 +232,12 @@ pub struct ReplicaConfig {
     /// third of it; a crashed replicator's successor waits at most this long.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// Check at every start that the store honours the conditional writes
+    /// the lease stands on (see [`crate::replica::lease::Lease::check_conditional_writes`]);
+    /// `false` skips the check on a store known not to, for someone who
+    /// keeps replicators apart by other means.
+    #[serde(default = "default_true")]
+    pub check_conditional_writes: bool,
 }
 
 impl ReplicaConfig {
@@ -308,6 +314,9 @@ fn default_retries() -> usize {
 }
 fn default_request_timeout() -> Duration {
     DEFAULT_REQUEST_TIMEOUT
+}
+fn default_true() -> bool {
+    true
 }
 fn default_lease_ttl() -> Duration {
     crate::replica::lease::DEFAULT_TTL

@@ -180,7 +180,6 @@ impl Fleet {
         litefleet::restore::restore(&self.loaded(), &self.replica(), &opts).await
     }
 
-    /// Every object key in the replica, sorted.
     /// Restores each key into a temp dir and checks it holds `rows` rows.
     pub async fn assert_restores<K: AsRef<str>>(&self, keys: &[K], rows: i64) {
         let out = tempfile::tempdir().unwrap();

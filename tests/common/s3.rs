@@ -70,6 +70,12 @@ pub enum Fault {
     /// `<NextContinuationToken>` (still `<IsTruncated>true</IsTruncated>`):
     /// a store that says the listing goes on without saying where.
     ListPagesWithoutTokens(i32),
+    /// PutObject ignores `If-None-Match` and `If-Match` (both dropped after
+    /// the signature was checked) and writes anyway, as some S3-compatible
+    /// stores do.
+    IgnoreConditions,
+    /// PutObject ignores `If-Match` only (`If-None-Match` still answers 412).
+    IgnoreIfMatch,
 }
 
 struct Shared {
@@ -142,7 +148,7 @@ impl Shared {
                     Action::Serve
                 }
             }
-            Fault::ListPages(_) => Action::Serve,
+            Fault::ListPages(_) | Fault::IgnoreConditions | Fault::IgnoreIfMatch => Action::Serve,
             Fault::ListPagesWithoutTokens(_) if is_list => Action::DropToken,
             Fault::ListPagesWithoutTokens(_) => Action::Serve,
             Fault::FailAfter(n) => {
@@ -176,7 +182,7 @@ impl S3Server {
         });
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        b.set_access(PageSize(shared.clone()));
+        b.set_access(Rewrite(shared.clone()));
         let service = b.build();
         let mut s = S3Server {
             root,
@@ -343,14 +349,15 @@ impl S3Server {
     }
 }
 
-/// Serves listings in pages of the size a `ListPages` fault names: s3s
-/// calls this after the request's signature was checked, so the request's
-/// `max-keys` is rewritten here (not in the URL the client signed). Every
-/// signed request is allowed, as without it.
-struct PageSize(Arc<Shared>);
+/// Serves listings in pages of the size a `ListPages` fault names, and
+/// drops PutObject's conditions under `IgnoreConditions`: s3s calls this
+/// after the request's signature was checked, so the request is rewritten
+/// here (not in the URL or headers the client signed). Every signed request
+/// is allowed, as without it.
+struct Rewrite(Arc<Shared>);
 
 #[async_trait::async_trait]
-impl s3s::access::S3Access for PageSize {
+impl s3s::access::S3Access for Rewrite {
     async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> s3s::S3Result<()> {
         match cx.credentials() {
             Some(_) => Ok(()),
@@ -365,6 +372,23 @@ impl s3s::access::S3Access for PageSize {
         let fault = *self.0.fault.lock().unwrap();
         if let Fault::ListPages(n) | Fault::ListPagesWithoutTokens(n) = fault {
             req.input.max_keys = Some(n);
+        }
+        Ok(())
+    }
+
+    async fn put_object(
+        &self,
+        req: &mut s3s::S3Request<s3s::dto::PutObjectInput>,
+    ) -> s3s::S3Result<()> {
+        let ignored = match *self.0.fault.lock().unwrap() {
+            Fault::IgnoreConditions => {
+                req.input.if_match.take().is_some() | req.input.if_none_match.take().is_some()
+            }
+            Fault::IgnoreIfMatch => req.input.if_match.take().is_some(),
+            _ => false,
+        };
+        if ignored {
+            self.0.faults.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
     }

@@ -68,6 +68,7 @@ impl Streams {
                 release_after: DEFAULT_RELEASE_AFTER,
                 consolidate_every,
                 snapshot_interval: litefleet::source::config::DEFAULT_SNAPSHOT_INTERVAL,
+                catch_up_parts: litefleet::capture::ship::CATCH_UP_PARTS,
             },
             stats: stats.clone(),
             permits: Arc::new(Semaphore::new(4)),

@@ -43,6 +43,7 @@ fn fast() -> ShipConfig {
         release_after: DEFAULT_RELEASE_AFTER,
         consolidate_every: Duration::from_millis(300),
         snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+        catch_up_parts: ship::CATCH_UP_PARTS,
     }
 }
 
@@ -634,6 +635,43 @@ both_backends!(
     }
 );
 
+// A stream's last sync, at a stop, ships everything behind it, not only
+// the parts a sync may add (a stop that left parts behind lost them until
+// the next start's snapshot, and for good on a host loss). Here no sync
+// runs between the generation start and the stop (an hour's interval) and
+// a sync may add no part: the 40 MiB written meanwhile (three parts) ship
+// at the stop, and the latest restore after it holds every row.
+both_backends!(the_last_sync_ships_all_that_is_behind, |b| async move {
+    let mut h = Hot::spawn_with(
+        Fleet::new(b).await,
+        ShipConfig {
+            sync_interval: Duration::from_secs(3600),
+            catch_up_parts: 0,
+            // No checkpoint either (one would start another round).
+            checkpoint_pages: 1_000_000,
+            truncate_pages: 10_000_000,
+            ..fast()
+        },
+    );
+    h.until_generation_snapshot().await;
+    let w = writer(&h.path);
+    w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    for _ in 0..40 {
+        w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
+            .unwrap();
+    }
+    let (f, stats) = h.finish().await;
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    assert!(stats.wal_segments.load(relaxed) >= 3);
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("a.db");
+    f.restore(&Fleet::key("p", "d", "a"), &o, None)
+        .await
+        .unwrap();
+    assert_eq!(count_rows(&o), 41, "rows restored");
+    drop(w);
+});
+
 // `generations` counts the segments a generation has in the fleet log,
 // not only those in its own directory (black-box probe: a generation
 // streaming, or left by a crash, showed `wal segments 0` where a restore
@@ -711,6 +749,7 @@ fn restart_at_the_tip_continues_in_the_next_wal() {
         release_after: DEFAULT_RELEASE_AFTER,
         consolidate_every: Duration::from_secs(3600),
         snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+        catch_up_parts: ship::CATCH_UP_PARTS,
     };
     let report = s.advance(&cfg).unwrap().expect("a checkpoint");
     assert!(report.truncated, "{report:?}");
@@ -963,6 +1002,7 @@ fn plain_context(f: &Fleet, stats: Arc<Stats>) -> Arc<HotContext> {
             release_after: DEFAULT_RELEASE_AFTER,
             consolidate_every: Duration::from_secs(3600),
             snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+            catch_up_parts: ship::CATCH_UP_PARTS,
         },
         stats,
         permits: Arc::new(Semaphore::new(4)),

@@ -124,6 +124,7 @@ async fn thousand_hot_databases_stay_bounded() {
             release_after: litefleet::source::config::DEFAULT_RELEASE_AFTER,
             consolidate_every: litefleet::source::config::DEFAULT_LOG_CONSOLIDATE,
             snapshot_interval: litefleet::source::config::DEFAULT_SNAPSHOT_INTERVAL,
+            catch_up_parts: litefleet::capture::ship::CATCH_UP_PARTS,
         },
         stats,
         permits: Arc::new(Semaphore::new(100)),

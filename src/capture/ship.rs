@@ -151,6 +151,9 @@ pub struct ShipConfig {
     /// A generation this old is ended and a new one started with a fresh
     /// snapshot (see [`crate::source::config::DEFAULT_SNAPSHOT_INTERVAL`]).
     pub snapshot_interval: Duration,
+    /// Parts a sync ships beyond its first when the stream is behind its
+    /// writer ([`CATCH_UP_PARTS`]); a stream's last sync ships all.
+    pub catch_up_parts: usize,
 }
 
 impl ShipConfig {
@@ -162,6 +165,7 @@ impl ShipConfig {
             release_after: m.release_after,
             consolidate_every: m.log_consolidate_interval,
             snapshot_interval: m.snapshot_interval,
+            catch_up_parts: CATCH_UP_PARTS,
         }
     }
 }
@@ -1610,7 +1614,11 @@ async fn sync(
     // The last sync, at a stop, ships all that is behind: what it leaves
     // would wait for the next start's snapshot (the stop itself is bounded
     // by `shutdown-timeout`).
-    let catch_up_limit = if renew { CATCH_UP_PARTS } else { usize::MAX };
+    let catch_up_limit = if renew {
+        ctx.cfg.catch_up_parts
+    } else {
+        usize::MAX
+    };
     for _ in 0..5 {
         let needs_generation = slot.as_ref().is_some_and(|s| s.generation.is_none());
         if needs_generation {
@@ -2156,6 +2164,7 @@ mod tests {
             release_after: Duration::from_secs(60),
             consolidate_every: Duration::from_secs(60),
             snapshot_interval: crate::source::config::DEFAULT_SNAPSHOT_INTERVAL,
+            catch_up_parts: CATCH_UP_PARTS,
         };
         let report = s.advance(&cfg).unwrap().expect("a checkpoint");
         assert_eq!(report.log, report.checkpointed);

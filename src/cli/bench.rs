@@ -433,6 +433,7 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
             release_after: crate::source::config::DEFAULT_RELEASE_AFTER,
             consolidate_every: crate::source::config::DEFAULT_LOG_CONSOLIDATE,
             snapshot_interval: crate::source::config::DEFAULT_SNAPSHOT_INTERVAL,
+            catch_up_parts: crate::capture::ship::CATCH_UP_PARTS,
         },
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(100)),

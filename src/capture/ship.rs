@@ -34,7 +34,7 @@
 //!   generation with a fresh snapshot.
 //! * **Our own checkpoints** keep the WAL bounded without the application's
 //!   help. Above `checkpoint-pages` frames we take the WAL write lock
-//!   (`WalWriteLock`: SQLite's own lock, taken on the `-shm` file through
+//!   (`ShmLock`: SQLite's own lock, taken on the `-shm` file through
 //!   its VFS, giving up after [`WRITE_LOCK_WAIT`]), read the last frames
 //!   (nothing can be appended now), end our read, run a PASSIVE checkpoint,
 //!   begin a new read and release the lock. Writers wait for that span only:
@@ -289,6 +289,29 @@ pub struct Shipper {
     /// The header's file format bytes when the connection opened (see
     /// [`Shipper::overwritten`]): besides 2/2, only these are SQLite's.
     opened_mode: Option<[u8; 2]>,
+    /// The database file as our read transaction last saw it, to tell
+    /// SQLite's writes to it from anyone else's (see
+    /// [`Shipper::written_outside`]).
+    file_seen: Option<FileSeen>,
+}
+
+/// The database file's size, modification and change times (ns), and the
+/// WAL-index's checkpoint state read just before them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileSeen {
+    index: crate::source::vfs::WalIndex,
+    stat: (u64, i128, i128),
+}
+
+/// Size, mtime and ctime (ns) of the file at `path` itself.
+fn file_times(path: &Path) -> std::io::Result<(u64, i128, i128)> {
+    let m = std::fs::symlink_metadata(path)?;
+    let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+    Ok((
+        m.len(),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec()),
+    ))
 }
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -542,6 +565,7 @@ impl Shipper {
             backfilled: None,
             generation_started: None,
             opened_mode,
+            file_seen: None,
         })
     }
 
@@ -623,7 +647,7 @@ impl Shipper {
         // lock reads most of the WAL, so writers wait only for what was
         // committed since.
         let before = committed_end(&self.wal, None)?;
-        let Some(lock) = WalWriteLock::wait(&self.conn, &db)? else {
+        let Some(lock) = ShmLock::wait(&self.conn, &db)? else {
             return Ok(Err("the application held SQLite's write lock".into()));
         };
         let under_lock = (|| -> Result<Option<(WalHeader, u64)>> {
@@ -797,6 +821,7 @@ impl Shipper {
         if let Some(lost) = self.overwritten()? {
             return Ok(lost);
         }
+        let was_reading = self.reading;
         if !self.reading {
             // A checkpoint failed before our read was back. Frames written
             // since are protected from here on; a restart that happened
@@ -820,6 +845,12 @@ impl Shipper {
         }
         if let Some(lost) = self.side_files_replaced(file.as_ref())? {
             return Ok(lost);
+        }
+        // (A read begun just now has just seen the file.)
+        if was_reading {
+            if let Some(lost) = self.written_outside()? {
+                return Ok(lost);
+            }
         }
         // At most three rounds: a restart at the tip moves to the next WAL
         // once (Reading -> Awaiting), its header starts a cursor (-> Reading)
@@ -870,6 +901,11 @@ impl Shipper {
                             self.tip = !self.cut_short;
                             if committed.is_empty() {
                                 return Ok(Step::Idle);
+                            }
+                            // Frames written after a copy put over the
+                            // file during the read belong to the copy.
+                            if let Some(lost) = self.written_outside()? {
+                                return Ok(lost);
                             }
                             let segment = if in_file {
                                 Segment::InWal {
@@ -945,7 +981,7 @@ impl Shipper {
     /// Frames read under the lock are left pending.
     pub fn checkpoint(&mut self, truncate: bool) -> Result<Option<CheckpointReport>> {
         let db = self.db.clone();
-        let Some(lock) = WalWriteLock::wait(&self.conn, &db)? else {
+        let Some(lock) = ShmLock::wait(&self.conn, &db)? else {
             return Ok(None);
         };
         let under_lock = (|| -> Result<Option<(i64, i64, i64, i64)>> {
@@ -1053,7 +1089,77 @@ impl Shipper {
         self.tip = false;
         begin_read(&self.conn).map_err(sqlite(&self.db))?;
         self.reading = true;
+        self.file_seen = self.see_file()?;
         Ok(())
+    }
+
+    /// The database file and the WAL-index's checkpoint state now: the
+    /// index first, so a checkpoint that ends between the two reads shows
+    /// as one that ended after both. `None` while the index cannot be read
+    /// (a writer is changing it).
+    fn see_file(&self) -> Result<Option<FileSeen>> {
+        let Some(index) = crate::source::vfs::VfsHandle::of(&self.conn).and_then(|f| f.wal_index())
+        else {
+            return Ok(None);
+        };
+        match file_times(&self.db) {
+            Ok(stat) => Ok(Some(FileSeen { index, stat })),
+            // Gone or replaced: `replaced` says so.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&self.db, e)),
+        }
+    }
+
+    /// `Some(Step::Lost)` when the database file was written since our read
+    /// transaction began (or since the last checkpoint seen), other than by
+    /// a checkpoint: copied over in place, same inode and a header SQLite
+    /// could have written, which neither [`Shipper::replaced`] nor
+    /// [`Shipper::overwritten`] can see (black-box probe: an older copy put
+    /// back with `cp` while the application was stopped; the stream went
+    /// on shipping the application's next frames on top of the old base,
+    /// and the latest restore returned a state the database never had).
+    ///
+    /// While our read transaction is open, SQLite writes the database file
+    /// only in a checkpoint, and a checkpoint copies only frames our read
+    /// covers, then advances the WAL-index's `nBackfill` (all under the
+    /// WAL-index's checkpoint lock; if our read uses no frame at all, no
+    /// checkpoint writes the file: it needs the read lock we hold). So a
+    /// change of the file's size, mtime or ctime with `nBackfill` not grown,
+    /// in the same WAL, was made by something else. It is judged under the
+    /// checkpoint lock, so a checkpoint half done is never taken for one;
+    /// when an application's checkpoint holds that lock, the next sync
+    /// looks again. Not seen: a write outside SQLite in the same interval as
+    /// a checkpoint, or one that keeps size, mtime and ctime (only a clock
+    /// set back can).
+    fn written_outside(&mut self) -> Result<Option<Step>> {
+        let Some(seen) = self.file_seen else {
+            self.file_seen = self.see_file()?;
+            return Ok(None);
+        };
+        match file_times(&self.db) {
+            Ok(stat) if stat == seen.stat => return Ok(None),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&self.db, e)),
+        }
+        let db = self.db.clone();
+        let Some(lock) = ShmLock::try_take(&self.conn, &db, WAL_CKPT_LOCK)? else {
+            return Ok(None);
+        };
+        let now = self.see_file();
+        lock.release()?;
+        let Some(now) = now? else {
+            return Ok(None);
+        };
+        let checkpointed =
+            now.index.salt == seen.index.salt && now.index.backfill > seen.index.backfill;
+        if now.stat != seen.stat && !checkpointed {
+            return Ok(Some(Step::Lost(
+                "the database file was written by something other than SQLite (a copy put over it in place?)".into(),
+            )));
+        }
+        self.file_seen = Some(now);
+        Ok(None)
     }
 
     /// Ends our read transaction: from now on the WAL may restart under us.
@@ -1103,9 +1209,11 @@ fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA data_version", [], |r| r.get(0))
 }
 
-/// SQLite's WAL write lock on a database, held without a transaction.
+/// One of SQLite's WAL-index locks on a database, held without a
+/// transaction: the write lock, or for a moment the checkpoint lock (see
+/// [`Shipper::written_outside`]).
 ///
-/// This is the lock `BEGIN IMMEDIATE` takes in WAL mode (lock 0 of the
+/// The write lock is the lock `BEGIN IMMEDIATE` takes in WAL mode (lock 0 of the
 /// `-shm` file's eight, `WAL_WRITE_LOCK` in SQLite's WAL-index format), taken
 /// through the connection's VFS (`xShmLock`), so SQLite in every process
 /// honours it and the connection stays free to end and begin reads and to
@@ -1113,8 +1221,10 @@ fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
 /// hold it; nothing it does under our lock (ending and beginning a read, a
 /// PASSIVE checkpoint) takes this lock, and if it ever tried (recovering a
 /// damaged WAL-index) it would get SQLITE_BUSY, not a deadlock.
-struct WalWriteLock {
+struct ShmLock {
     file: *mut rusqlite::ffi::sqlite3_file,
+    /// Which of the WAL-index's locks ([`WAL_WRITE_LOCK`], [`WAL_CKPT_LOCK`]).
+    index: std::ffi::c_int,
     lock: unsafe extern "C" fn(
         *mut rusqlite::ffi::sqlite3_file,
         std::ffi::c_int,
@@ -1127,15 +1237,32 @@ struct WalWriteLock {
 /// `WAL_WRITE_LOCK`: index 0 of the WAL-index locks (SQLite's file format,
 /// <https://www.sqlite.org/walformat.html>).
 const WAL_WRITE_LOCK: std::ffi::c_int = 0;
+/// `WAL_CKPT_LOCK`: index 1, held by a checkpoint from before it writes the
+/// database file until it has advanced `nBackfill`.
+const WAL_CKPT_LOCK: std::ffi::c_int = 1;
 /// Pause between two attempts at the write lock: SQLite's own busy handler
 /// starts at 1 ms too.
 const WRITE_LOCK_POLL: Duration = Duration::from_millis(1);
 
-impl WalWriteLock {
+impl ShmLock {
     /// Takes the lock, trying for up to [`WRITE_LOCK_WAIT`]; `None` if the
     /// application held it all that time. `conn` must have read the database
     /// in WAL mode already (its `-shm` is open) and must outlive the lock.
-    fn wait(conn: &Connection, db: &Path) -> Result<Option<WalWriteLock>> {
+    fn wait(conn: &Connection, db: &Path) -> Result<Option<ShmLock>> {
+        ShmLock::take(conn, db, WAL_WRITE_LOCK, WRITE_LOCK_WAIT)
+    }
+
+    /// Lock `index` if it is free now; `None` if someone holds it.
+    fn try_take(conn: &Connection, db: &Path, index: std::ffi::c_int) -> Result<Option<ShmLock>> {
+        ShmLock::take(conn, db, index, Duration::ZERO)
+    }
+
+    fn take(
+        conn: &Connection,
+        db: &Path,
+        index: std::ffi::c_int,
+        wait: Duration,
+    ) -> Result<Option<ShmLock>> {
         use rusqlite::ffi;
         let shm_lock = crate::source::vfs::VfsHandle::of(conn)
             .and_then(|f| Some((f.raw(), f.shm()?.xShmLock?)));
@@ -1145,22 +1272,23 @@ impl WalWriteLock {
                 "the SQLite VFS has no shared-memory locks; WAL streaming needs them",
             ));
         };
-        let deadline = std::time::Instant::now() + WRITE_LOCK_WAIT;
+        let deadline = std::time::Instant::now() + wait;
         loop {
             // SAFETY: as above; SQLite serialises lock calls on the
             // shared-memory node itself.
             let rc = unsafe {
                 lock(
                     file,
-                    WAL_WRITE_LOCK,
+                    index,
                     1,
                     ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE,
                 )
             };
             match rc {
                 ffi::SQLITE_OK => {
-                    return Ok(Some(WalWriteLock {
+                    return Ok(Some(ShmLock {
                         file,
+                        index,
                         lock,
                         released: false,
                     }))
@@ -1189,7 +1317,7 @@ impl WalWriteLock {
         unsafe {
             (self.lock)(
                 self.file,
-                WAL_WRITE_LOCK,
+                self.index,
                 1,
                 ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE,
             )
@@ -1200,14 +1328,14 @@ impl WalWriteLock {
         match self.unlock() {
             rusqlite::ffi::SQLITE_OK => Ok(()),
             rc => Err(Error::invalid(
-                "WAL write lock",
+                format!("WAL-index lock {}", self.index),
                 format!("releasing it failed (SQLite code {rc})"),
             )),
         }
     }
 }
 
-impl Drop for WalWriteLock {
+impl Drop for ShmLock {
     fn drop(&mut self) {
         let _ = self.unlock();
     }
@@ -2199,13 +2327,13 @@ mod tests {
                 .expect("python3 runs");
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         };
-        let lock = WalWriteLock::wait(&s.conn, &a).unwrap().expect("free");
+        let lock = ShmLock::wait(&s.conn, &a).unwrap().expect("free");
         app.busy_timeout(Duration::ZERO).unwrap();
         let e = app.execute("INSERT INTO t VALUES (5)", []).unwrap_err();
         assert!(is_busy(&e), "{e}");
         assert_eq!(other_process(&a), "database is locked");
         // Taken already: a second attempt gives up after WRITE_LOCK_WAIT.
-        assert!(WalWriteLock::wait(&s.conn, &a).unwrap().is_none());
+        assert!(ShmLock::wait(&s.conn, &a).unwrap().is_none());
         lock.release().unwrap();
         app.execute("INSERT INTO t VALUES (5)", []).unwrap();
         assert_eq!(other_process(&a), "wrote");
@@ -2516,6 +2644,58 @@ mod tests {
         }
         assert!(s.take_pending().is_none());
         drop(b);
+    }
+
+    /// An older copy of a hot database put back over it in place (`cp`:
+    /// same inode, the same WAL-mode header, its `-wal` and `-shm` left as
+    /// they were) while the stream had everything backfilled, then the
+    /// application writes on: its next frames belong to the copy, not to
+    /// the base our generation has. Continuity is lost (black-box probe:
+    /// the latest restore returned the generation's base with the copy's
+    /// later frames on it, a state the database never had).
+    #[test]
+    fn an_older_copy_put_over_a_hot_database_in_place_is_continuity_lost() {
+        let (_dir, a, app, mut s) = streaming();
+        s.checkpoint(false).unwrap().expect("checkpointed");
+        let older = std::fs::read(&a).unwrap();
+        app.execute("INSERT INTO t VALUES (9)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        s.take_pending().expect("the new frames");
+        s.checkpoint(false).unwrap().expect("checkpointed");
+        assert_eq!(s.read().unwrap(), Step::Idle);
+        write_in_place(&a, &older);
+        app.execute("INSERT INTO t VALUES (10)", []).unwrap();
+        match s.read().unwrap() {
+            Step::Lost(reason) => assert!(reason.contains("other than SQLite"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.take_pending().is_none());
+    }
+
+    /// The application's own checkpoints write the database file too (the
+    /// frames our read covers): never taken for a write from outside, nor
+    /// are ours.
+    #[test]
+    fn checkpoints_are_not_writes_from_outside() {
+        let (_dir, a, app, mut s) = streaming();
+        for round in 0..4 {
+            app.execute("INSERT INTO t VALUES (?1)", [round]).unwrap();
+            // Backfills what our read covers (the frames before it began).
+            let before = std::fs::metadata(&a).unwrap().len();
+            let (busy, _, done): (i64, i64, i64) = app
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .unwrap();
+            assert_eq!(busy, 0);
+            if round == 0 {
+                assert!(done > 0 && std::fs::metadata(&a).unwrap().len() >= before);
+            }
+            assert_eq!(s.read().unwrap(), Step::Frames, "round {round}");
+            s.take_pending().expect("the new frames");
+            s.checkpoint(false).unwrap().expect("checkpointed");
+            assert_eq!(s.read().unwrap(), Step::Idle, "round {round}");
+        }
     }
 
     /// Writes `bytes` over the file at `path`, keeping its inode (as `cp`

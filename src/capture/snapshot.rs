@@ -380,7 +380,7 @@ pub fn staged_file(tmp_dir: &Path) -> Result<NamedTempFile> {
 /// - or the `-wal` is gone or empty (nothing can empty a WAL that a reader
 ///   of its frames is using: truncation waits for every reader);
 /// - or the WAL-index says every frame of the WAL is in the file already
-///   (`nBackfill == mxFrame`, `wal_backfilled`). A reader that uses frames
+///   (`nBackfill == mxFrame`, [`VfsHandle::wal_index`]). A reader that uses frames
 ///   up to `m` keeps checkpoints from backfilling past `m`, so if the
 ///   backfill has reached the newest frame, `m` is the newest frame and the
 ///   file holds it; a reader that uses no frame holds read-lock 0, which
@@ -406,52 +406,14 @@ pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
         .map_err(sql)?;
     let alone = !mode.eq_ignore_ascii_case("wal")
         || file_len(&crate::source::discover::wal_path(db))? == 0
-        || VfsHandle::of(source).is_some_and(|f| wal_backfilled(&f));
+        || VfsHandle::of(source)
+            .and_then(|f| f.wal_index())
+            .is_some_and(|i| i.backfill == i.max_frame);
     if alone && pages > 0 && page_size > 0 {
         return Ok(Some(pages as u64 * page_size as u64));
     }
     source.execute_batch("COMMIT").map_err(sql)?;
     Ok(None)
-}
-
-/// SQLite's WAL-index page size (`WALINDEX_PGSZ`): the first region holds
-/// the header.
-const WAL_INDEX_REGION: std::ffi::c_int = 32 * 1024;
-/// The WAL-index format version SQLite writes (3.7.0).
-const WAL_INDEX_VERSION: u32 = 3_007_000;
-
-/// Whether the WAL-index header of the connection whose database file is
-/// `file` says every WAL frame is in the database file. The layout
-/// (<https://www.sqlite.org/walformat.html>, native byte order): two copies
-/// of a 48-byte header (`iVersion` at 0, `isInit` at 12, `mxFrame` at 16),
-/// then the checkpoint info (`nBackfill` at 96). The copies must agree, as
-/// SQLite's own readers require. Read from the region SQLite has mapped
-/// (`xShmMap`), only for a connection in WAL mode inside a read
-/// transaction, which has it mapped already: never through a descriptor of
-/// our own on the `-shm`.
-fn wal_backfilled(file: &VfsHandle) -> bool {
-    let Some(map) = file.shm().and_then(|m| m.xShmMap) else {
-        return false;
-    };
-    let mut region: *mut std::ffi::c_void = std::ptr::null_mut();
-    // SAFETY: region 0 at SQLite's own region size, not extended: the
-    // connection mapped it when its read began; the pointer stays valid
-    // while the connection is open.
-    let rc = unsafe { map(file.raw(), 0, WAL_INDEX_REGION, 0, &mut region) };
-    if rc != rusqlite::ffi::SQLITE_OK || region.is_null() {
-        return false;
-    }
-    let mut head = [0u8; 100];
-    for (i, b) in head.iter_mut().enumerate() {
-        // SAFETY: inside the mapped region (32 KiB); volatile, as other
-        // processes write it.
-        *b = unsafe { std::ptr::read_volatile(region.cast::<u8>().add(i)) };
-    }
-    let word = |at: usize| u32::from_ne_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
-    head[..48] == head[48..96]
-        && word(0) == WAL_INDEX_VERSION
-        && head[12] == 1
-        && word(16) == word(96)
 }
 
 /// The connection's own handle on `db`'s file (see [`VfsHandle::of`]).

@@ -182,6 +182,62 @@ impl<'f> VfsHandle<'f> {
     }
 }
 
+/// SQLite's WAL-index page size (`WALINDEX_PGSZ`): the first region holds
+/// the header.
+const WAL_INDEX_REGION: c_int = 32 * 1024;
+/// The WAL-index format version SQLite writes (3.7.0).
+const WAL_INDEX_VERSION: u32 = 3_007_000;
+
+/// What the WAL-index header (`-shm`) says of a database's WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalIndex {
+    /// `mxFrame`: the last valid (committed) frame of the WAL.
+    pub max_frame: u32,
+    /// `nBackfill`: the frames a checkpoint has copied into the database
+    /// file. It only grows, until the WAL restarts (back to 0).
+    pub backfill: u32,
+    /// `aSalt`: the WAL's salts, new at every restart.
+    pub salt: [u32; 2],
+}
+
+impl VfsHandle<'_> {
+    /// The WAL-index header of this connection's database file. The layout
+    /// (<https://www.sqlite.org/walformat.html>, native byte order): two
+    /// copies of a 48-byte header (`iVersion` at 0, `isInit` at 12,
+    /// `mxFrame` at 16, `aSalt` at 32), then the checkpoint info
+    /// (`nBackfill` at 96). The copies must agree, as SQLite's own readers
+    /// require (`None` if not: a writer is changing them). Read from the
+    /// region SQLite has mapped (`xShmMap`), only for a connection in WAL
+    /// mode inside a read transaction, which has it mapped already: never
+    /// through a descriptor of our own on the `-shm` (see the module docs).
+    pub fn wal_index(&self) -> Option<WalIndex> {
+        let map = self.shm()?.xShmMap?;
+        let mut region: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: region 0 at SQLite's own region size, not extended: the
+        // connection mapped it when its read began; the pointer stays valid
+        // while the connection is open.
+        let rc = unsafe { map(self.raw(), 0, WAL_INDEX_REGION, 0, &mut region) };
+        if rc != ffi::SQLITE_OK || region.is_null() {
+            return None;
+        }
+        let mut head = [0u8; 100];
+        for (i, b) in head.iter_mut().enumerate() {
+            // SAFETY: inside the mapped region (32 KiB); volatile, as other
+            // processes write it.
+            *b = unsafe { std::ptr::read_volatile(region.cast::<u8>().add(i)) };
+        }
+        let word =
+            |at: usize| u32::from_ne_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        (head[..48] == head[48..96] && word(0) == WAL_INDEX_VERSION && head[12] == 1).then(|| {
+            WalIndex {
+                max_frame: word(16),
+                backfill: word(96),
+                salt: [word(32), word(36)],
+            }
+        })
+    }
+}
+
 /// A file opened read-only through SQLite's default VFS, closed (by the VFS,
 /// which defers it while this process holds locks there) on drop. Its
 /// own handle: it may be read on one thread while a connection of this

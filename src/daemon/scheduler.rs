@@ -1335,10 +1335,11 @@ impl Replicator {
                     let dirs = w.new_dirs(&lock(&self.tracker));
                     if !dirs.is_empty() {
                         w.add(&dirs);
-                        self.stats
-                            .watched_dirs
-                            .store(w.watched() as u64, Ordering::Relaxed);
                     }
+                    // Also after watches ended (directories deleted).
+                    self.stats
+                        .watched_dirs
+                        .store(w.watched() as u64, Ordering::Relaxed);
                 }
             }
             self.rounds.send_modify(|n| *n += 1);

@@ -274,6 +274,19 @@ impl Tracker {
         &self.dirs[i as usize]
     }
 
+    /// The directories among `dirs` that hold a tracked database.
+    pub fn dirs_in_use(&self, dirs: &std::collections::HashSet<u32>) -> Vec<u32> {
+        let mut used: Vec<u32> = self
+            .entries
+            .iter()
+            .filter(|e| e.flags & LIVE != 0 && dirs.contains(&e.dir))
+            .map(|e| e.dir)
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        used
+    }
+
     /// Every tracked database.
     pub fn ids(&self) -> impl Iterator<Item = Id> + '_ {
         self.entries

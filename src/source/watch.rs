@@ -12,7 +12,9 @@
 //! at once, so what is written to a new database is not at risk until the
 //! next scan. Everything else stays with the periodic scan, which remains
 //! the safety net: it finds the databases in directories not watched yet (a
-//! directory is watched from the scan that finds its first database on) and
+//! directory is watched from the scan that finds its first database on,
+//! and again from the scan that finds one in it after it was deleted or
+//! moved away and made again at its path) and
 //! drops deleted ones, and any event that is lost (a full kernel queue,
 //! [`Batch::Overflow`]) costs a full scan. The scheduler bounds what
 //! notifications cost: a database they already had uploaded within the
@@ -72,6 +74,12 @@ pub struct Watch {
     dirs: HashMap<i32, u32>,
     /// Tracker directories `0..next_dir` have been considered.
     next_dir: usize,
+    /// Considered directories without a watch: gone when they were to be
+    /// watched, or whose watch ended (the directory was deleted or moved
+    /// away). Watched again once the tracker holds a database in them (a
+    /// directory deleted and made again at the same path has the same
+    /// tracker index, so it is not new).
+    lost: HashSet<u32>,
     /// Set when the kernel's watch limit was reached (logged once).
     full: bool,
 }
@@ -86,6 +94,7 @@ impl Watch {
             watches,
             dirs: HashMap::new(),
             next_dir: 0,
+            lost: HashSet::new(),
             full: false,
         })
     }
@@ -96,10 +105,16 @@ impl Watch {
     }
 
     /// Directories of `tracker` not considered yet (they only ever grow),
+    /// and those whose watch was lost that hold a tracked database again,
     /// to pass to [`Watch::add`] without holding the tracker meanwhile.
     pub fn new_dirs(&self, tracker: &Tracker) -> Vec<(u32, PathBuf)> {
-        (self.next_dir..tracker.dir_count())
-            .map(|i| (i as u32, tracker.dir(i as u32).to_path_buf()))
+        let again = match self.lost.is_empty() {
+            true => Vec::new(),
+            false => tracker.dirs_in_use(&self.lost),
+        };
+        (self.next_dir as u32..tracker.dir_count() as u32)
+            .chain(again)
+            .map(|i| (i, tracker.dir(i).to_path_buf()))
             .collect()
     }
 
@@ -107,7 +122,11 @@ impl Watch {
     /// is skipped (the scan drops its databases); the watch limit stops
     /// adding, with one warning.
     pub fn add(&mut self, dirs: &[(u32, PathBuf)]) {
-        let mask = WatchMask::MODIFY | WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::ONLYDIR;
+        let mask = WatchMask::MODIFY
+            | WatchMask::CREATE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVE_SELF
+            | WatchMask::ONLYDIR;
         for (n, (i, dir)) in dirs.iter().enumerate() {
             self.next_dir = self.next_dir.max(*i as usize + 1);
             if self.full {
@@ -116,6 +135,7 @@ impl Watch {
             match self.watches.add(dir, mask) {
                 Ok(wd) => {
                     self.dirs.insert(wd.get_watch_descriptor_id(), *i);
+                    self.lost.remove(i);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                     self.full = true;
@@ -131,7 +151,9 @@ impl Watch {
                          the number of directories holding databases"
                     );
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.lost.insert(*i);
+                }
                 Err(e) => {
                     tracing::debug!(dir = %dir.display(), error = %e, "cannot watch directory; the scan covers it");
                 }
@@ -182,7 +204,20 @@ impl Watch {
                 if ev.mask.contains(EventMask::Q_OVERFLOW) {
                     *overflow = true;
                 } else if ev.mask.contains(EventMask::IGNORED) {
-                    self.dirs.remove(&ev.wd.get_watch_descriptor_id());
+                    // Deleted (or its watch removed below): watched again
+                    // when a scan finds a database there.
+                    if let Some(dir) = self.dirs.remove(&ev.wd.get_watch_descriptor_id()) {
+                        self.lost.insert(dir);
+                    }
+                } else if ev.mask.contains(EventMask::MOVE_SELF) {
+                    // Moved away: its events no longer name files at its
+                    // path. A directory made again at the path is watched
+                    // anew; the moved one, if a pattern still matches it,
+                    // as the new directory a scan finds it to be.
+                    if let Some(dir) = self.dirs.remove(&ev.wd.get_watch_descriptor_id()) {
+                        self.lost.insert(dir);
+                        let _ = self.watches.remove(ev.wd.clone());
+                    }
                 } else if let (Some(name), Some(dir)) = (ev.name, dir) {
                     // `-shm` changes with every read transaction (ours
                     // included) and never holds data of its own.
@@ -202,6 +237,86 @@ impl Watch {
                 );
                 false
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::discover::Pattern;
+    use std::path::Path;
+
+    fn database(p: &Path) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let mut b = crate::source::vfs::SQLITE_HEADER.to_vec();
+        b.extend_from_slice(&[0; 84]);
+        std::fs::write(p, b).unwrap();
+    }
+
+    /// The next batch, which must come within seconds.
+    async fn next(w: &mut Watch) -> Batch {
+        tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("a notification")
+    }
+
+    /// Scans, then watches what the scan found (as the scheduler does
+    /// after each full cycle).
+    fn scan_and_watch(w: &mut Watch, tr: &mut Tracker, pat: &[Pattern]) {
+        tr.scan(pat);
+        let dirs = w.new_dirs(tr);
+        w.add(&dirs);
+    }
+
+    /// A watched directory deleted and made again at the same path, or
+    /// moved away and made again, is watched again from the scan that
+    /// finds a database in it (black-box probe: it kept the tracker index
+    /// of the first, which counted as considered, so its writes waited for
+    /// the scans for good).
+    #[tokio::test]
+    async fn a_directory_made_again_is_watched_again() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let pat = vec![Pattern::compile("*/*.db", &root).unwrap()];
+        let (dir, db) = (root.join("a"), root.join("a/app.db"));
+        database(&db);
+        let mut tr = Tracker::new();
+        let mut w = Watch::new().unwrap();
+        scan_and_watch(&mut w, &mut tr, &pat);
+        assert_eq!(w.watched(), 1);
+        let a = tr.find(&db).map(|_| 0u32).unwrap();
+
+        for how in ["deleted", "moved away"] {
+            match how {
+                "deleted" => std::fs::remove_dir_all(&dir).unwrap(),
+                _ => std::fs::rename(&dir, t.path().join("elsewhere")).unwrap(),
+            }
+            // The watch ends (IGNORED, or MOVE_SELF); the directory is
+            // not there for the scan.
+            // (`next` returns only with changed files: it is cut short
+            // each time to look.)
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while w.watched() > 0 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{how}: the watch did not end"
+                );
+                let _ = tokio::time::timeout(Duration::from_millis(50), w.next()).await;
+            }
+            scan_and_watch(&mut w, &mut tr, &pat);
+            assert_eq!(w.watched(), 0, "{how}");
+            database(&db);
+            scan_and_watch(&mut w, &mut tr, &pat);
+            assert_eq!(w.watched(), 1, "{how}: not watched again");
+            std::fs::write(&db, b"SQLite format 3\0written").unwrap();
+            match next(&mut w).await {
+                Batch::Changed(files) => {
+                    assert!(files.contains(&(a, "app.db".into())), "{how}: {files:?}")
+                }
+                other => panic!("{how}: {other:?}"),
+            }
+            let _ = std::fs::remove_dir_all(t.path().join("elsewhere"));
         }
     }
 }

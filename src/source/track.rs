@@ -5,7 +5,7 @@
 //! fixed 32-byte record (`Entry`): the directory is an index into a table of
 //! interned directories (databases share their directory with their siblings),
 //! the file name lives in one shared byte arena, and the stat results are
-//! folded into a 64-bit fingerprint of `(size, mtime, inode)` of the database
+//! folded into a 64-bit fingerprint of `(size, mtime, ctime, inode)` of the database
 //! and of its `-wal`. A hash table of `u32` entry indices gives lookups by
 //! `(directory, name)` for about 5 bytes more per entry. Nothing here holds a
 //! file descriptor or a SQLite connection.
@@ -413,9 +413,14 @@ impl Tracker {
 
     /// Walks every pattern, updates fingerprints, adds new databases and drops deleted ones.
     pub fn scan(&mut self, patterns: &[Pattern]) -> ScanReport {
+        self.scan_at(patterns, SystemTime::now())
+    }
+
+    /// [`Tracker::scan`] as if the clock said `now` (which only decides
+    /// what is racy).
+    pub fn scan_at(&mut self, patterns: &[Pattern], now: SystemTime) -> ScanReport {
         self.epoch = self.epoch.wrapping_add(1);
         self.changed.clear();
-        let now = SystemTime::now();
         let mut v = ScanVisitor {
             t: self,
             now_secs: unix_secs(now),
@@ -954,6 +959,10 @@ fn mtime_nanos(m: &Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
+fn ctime_nanos(m: &Metadata) -> i128 {
+    m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
+}
+
 /// The name of the database a changed file belongs to: itself, or the
 /// database beside a `-wal` or `-journal`.
 pub fn database_name(name: &OsStr) -> &OsStr {
@@ -972,19 +981,25 @@ fn fingerprint_of(db: &Metadata, wal: Option<&Metadata>, racy_after: i128) -> (u
     // matters: our own read-only snapshot connection creates an empty
     // `-wal` and `-shm` (and, being read-only, cannot remove them), which
     // must not count as a change of the database.
+    // The ctime too: a copy written over the file in place that keeps its
+    // size and sets its mtime back (`cp -p`, `touch -r`) changes only the
+    // ctime, which nobody can set (black-box probe: such a change was never
+    // uploaded). A `chmod` changes it as well and costs one upload.
     let w = wal
         .filter(|w| w.len() > 0)
-        .map(|w| (w.len(), mtime_nanos(w), w.ino()));
-    let (wl, wm, wi) = w.unwrap_or((u64::MAX, 0, 0));
+        .map(|w| (w.len(), mtime_nanos(w), ctime_nanos(w), w.ino()));
+    let (wl, wm, wc, wi) = w.unwrap_or((u64::MAX, 0, 0, 0));
     let fp = fingerprint(&[
         db.len(),
         mtime_nanos(db) as u64,
+        ctime_nanos(db) as u64,
         db.ino(),
         wl,
         wm as u64,
+        wc as u64,
         wi,
     ]);
-    let newest = mtime_nanos(db).max(wm);
+    let newest = mtime_nanos(db).max(ctime_nanos(db)).max(wm).max(wc);
     (fp, newest >= racy_after)
 }
 
@@ -1231,8 +1246,23 @@ mod tests {
         }
         let state = t.path().join("state/x.state");
         tr.save_state(&state, 7).unwrap();
-        // Both lose their header; a.db keeps size, mtime and inode (its
-        // fingerprint), b.db grows.
+        // b.db loses its header and grows; a.db is left alone.
+        fs::write(&b, b"no longer a database").unwrap();
+
+        let mut again = Tracker::new();
+        assert_eq!(again.load_state(&state, 7).unwrap(), 2);
+        let r = again.scan(&pat);
+        assert_eq!(r.databases, 1, "b.db changed: its header is read again");
+        let a_id = again.find(&a).expect("a.db unchanged: trusted as uploaded");
+        assert!(again.is_checked(a_id), "a.db's header is not read again");
+        assert!(again.find(&b).is_none());
+        assert!(again.pending().is_empty());
+
+        // A copy written over a.db in place that keeps its size and sets
+        // its mtime back (`cp -p`, `touch -r`) changed its ctime: changed,
+        // so its header is read again too (black-box probe: such a change
+        // was trusted as uploaded and never backed up).
+        again.save_state(&state, 7).unwrap();
         let mtime = fs::metadata(&a).unwrap().modified().unwrap();
         let same_size = vec![b'x'; SQLITE_HEADER_BYTES.len() + 4];
         fs::write(&a, &same_size).unwrap();
@@ -1242,18 +1272,9 @@ mod tests {
             .unwrap()
             .set_modified(mtime)
             .unwrap();
-        fs::write(&b, b"no longer a database").unwrap();
-
-        let mut again = Tracker::new();
-        assert_eq!(again.load_state(&state, 7).unwrap(), 2);
-        let r = again.scan(&pat);
-        assert_eq!(r.databases, 1, "b.db changed: its header is read again");
-        assert!(
-            again.find(&a).is_some(),
-            "a.db unchanged: trusted as uploaded"
-        );
-        assert!(again.find(&b).is_none());
-        assert!(again.pending().is_empty());
+        let mut third = Tracker::new();
+        assert_eq!(third.load_state(&state, 7).unwrap(), 1);
+        assert_eq!(third.scan(&pat).databases, 0, "a.db's header is read again");
     }
 
     /// With deferred header checks a new file is tracked unread; the first
@@ -1289,6 +1310,33 @@ mod tests {
         assert!(plain.is_checked(plain.find(&db).unwrap()));
     }
 
+    /// Content copied over a database in place that keeps its size, with
+    /// its mtime set back (`cp -p`, `touch -r`): a change, by its ctime
+    /// (black-box probe: never uploaded, `/stats` said synced).
+    #[test]
+    fn a_copy_that_keeps_size_and_mtime_is_a_change() {
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
+        let x = t.path().join("x.db");
+        header_file(&x, b"old!");
+        let later = || SystemTime::now() + Duration::from_secs(10);
+        let mut tr = Tracker::new();
+        tr.scan_at(&pat, later());
+        let tk = tr.begin_upload(tr.find(&x).unwrap());
+        assert!(!tk.racy);
+        tr.finish_upload(tk, true);
+        assert_eq!(tr.scan_at(&pat, later()).pending, 0);
+        let mtime = fs::metadata(&x).unwrap().modified().unwrap();
+        header_file(&x, b"new!");
+        fs::File::options()
+            .write(true)
+            .open(&x)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(tr.scan_at(&pat, later()).pending, 1);
+    }
+
     #[test]
     fn racy_upload_is_uploaded_once_more() {
         let t = tempfile::tempdir().unwrap();
@@ -1304,14 +1352,9 @@ mod tests {
         // Not within the window, where it would be racy again (black-box
         // probe: with a 2 s scan interval one write was uploaded 3 times).
         assert!(tr.pending().is_empty());
-        let old = SystemTime::now() - Duration::from_secs(10);
-        fs::File::options()
-            .write(true)
-            .open(t.path().join("x.db"))
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        tr.scan(&pat);
+        // Out of the window (with the file's mtime set back, its ctime
+        // would still be now, and a write's time is the later of the two).
+        tr.scan_at(&pat, SystemTime::now() + Duration::from_secs(10));
         assert_eq!(tr.pending(), vec![id]);
         let tk = tr.begin_upload(id);
         assert!(!tk.racy);

@@ -499,6 +499,54 @@ both_backends!(a_snapshot_swapped_for_another_is_damage, |b| async move {
     assert!(e.contains("its content checksum is"), "{e}");
 });
 
+// A generation's snapshot listed by the plan and deleted before it is
+// read (retention ended the generation during the restore): "gone, plan
+// again", never damage (black-box probe: "its content checksum is missing
+// ... not the snapshot that was uploaded", and verify said "damaged
+// object"). With metadata recording the snapshot and without.
+both_backends!(
+    a_snapshot_gone_after_the_plan_is_not_damage,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        db.commit(10);
+        db.gen_snapshot(&r).await;
+        db.commit(5);
+        db.ship(&r).await;
+        db.write_metadata(&r).await;
+        let mut meta = hot::read_metadata(&r, "p/d/t", &db.gen)
+            .await
+            .unwrap()
+            .unwrap();
+        for recorded in [false, true] {
+            if recorded {
+                meta.snapshots = db.entries.clone();
+                hot::write_metadata(&r, "p/d/t", &meta).await.unwrap();
+            }
+            let plan = hot::plan_latest(&r, "p/d/t", None)
+                .await
+                .unwrap()
+                .expect("a plan");
+            assert_eq!(plan.recorded_snapshot().is_some(), recorded);
+            let loc = db.gen_snapshot_path(&r, 0);
+            let kept = r.get_bytes(&loc).await.unwrap().unwrap();
+            r.delete(&loc).await.unwrap();
+            let out = tempfile::tempdir().unwrap();
+            let mut file = std::fs::File::create(out.path().join("o.db")).unwrap();
+            let e = litefleet::restore::replay::restore_plan(&r, "p/d/t", &plan, &mut file)
+                .await
+                .unwrap_err();
+            assert!(!matches!(e, litefleet::Error::Damaged { .. }), "{e}");
+            assert!(litefleet::restore::replay::is_part_gone(&e), "{e}");
+            assert!(e.to_string().contains(&loc.to_string()), "{e}");
+            assert!(e.to_string().contains("gone"), "{e}");
+            r.put_bytes(&loc, kept).await.unwrap();
+        }
+        assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 15);
+    }
+);
+
 both_backends!(damaged_generation_snapshot_fails, |b| async move {
     let f = Fleet::new(b).await;
     let r = f.replica();

@@ -170,11 +170,14 @@ pub async fn restore_plan(
     let mut file = out
         .try_clone()
         .map_err(|e| output_error("duplicating the handle", e))?;
-    let got = replica
-        .store
-        .get(&snap.location)
-        .await
-        .map_err(|e| Error::store(&snap.location, e))?;
+    let got = match replica.store.get(&snap.location).await {
+        Ok(g) => g,
+        // Listed, then deleted (retention ended the generation meanwhile).
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(Error::invalid(&snap.location, OBJECT_GONE))
+        }
+        Err(e) => return Err(Error::store(&snap.location, e)),
+    };
     let bridge = object_reader(got, None);
     let what = snap.location.to_string();
     let (mut file, page_size) = tokio::task::spawn_blocking(move || -> Result<(File, u32)> {
@@ -275,11 +278,16 @@ async fn check_recorded_snapshot(replica: &Replica, plan: &Plan) -> Result<()> {
         );
     }
     let tail = match snap.size.checked_sub(4) {
-        Some(start) => {
-            replica
-                .get_range_bytes(&snap.location, start..snap.size)
-                .await?
-        }
+        Some(start) => match replica
+            .get_range_bytes(&snap.location, start..snap.size)
+            .await?
+        {
+            Some(t) => Some(t),
+            // Listed, then deleted: not damage (black-box probe: a
+            // generation retention deleted during a restore was called
+            // "not the snapshot that was uploaded").
+            None => return Err(Error::invalid(&snap.location, OBJECT_GONE)),
+        },
         None => None,
     };
     let sum = tail
@@ -299,12 +307,18 @@ async fn check_recorded_snapshot(replica: &Replica, plan: &Plan) -> Result<()> {
 /// parts were downloaded (see [`is_part_gone`]).
 const LOG_PART_GONE: &str =
     "is gone (a fleet log object consolidated meanwhile, or deleted): plan again";
+/// Why a restore failed when an object of its plan other than a fleet log
+/// object was gone when it was read (see [`is_part_gone`]).
+const OBJECT_GONE: &str =
+    "was listed, but is gone now (deleted meanwhile, by retention or by hand): plan again";
 
-/// The restore failed because a pack was gone when its parts were
-/// downloaded: a fleet log object consolidated and deleted after the plan
-/// was made. Planning again finds its parts in the consolidated pack.
+/// The restore failed because an object it planned with was gone when it
+/// was read: a fleet log object consolidated and deleted after the plan was
+/// made (planning again finds its parts in the consolidated pack), or a
+/// generation's snapshot deleted by retention (planning again finds what
+/// is there now, or fails naming it). Never damage.
 pub fn is_part_gone(e: &Error) -> bool {
-    matches!(e, Error::Invalid { reason, .. } if reason == LOG_PART_GONE)
+    matches!(e, Error::Invalid { reason, .. } if reason == LOG_PART_GONE || reason == OBJECT_GONE)
 }
 
 /// Segments downloaded together: one segment object, one part of a fleet

@@ -254,7 +254,10 @@ pub fn classify(e: &Error) -> Verdict {
             Verdict::Unverifiable(Unverifiable::Local)
         }
         Error::Invalid { what, reason } => {
-            if reason.starts_with("download failed") {
+            // Also wrapped by a hot-tier failure that names a cold
+            // fallback (black-box probe: a store failing every GET of a
+            // generation's snapshot was "cannot be restored", exit 1).
+            if reason.starts_with("download failed") || reason.contains(": download failed ") {
                 Verdict::Unverifiable(Unverifiable::Transport)
             } else if what == "restore output file"
                 || (what == "restore" && reason.starts_with("task failed"))
@@ -1248,6 +1251,13 @@ mod tests {
             (invalid("seg", "WAL checksum chain broken at frame 2 of 3"), p(Damaged)),
             (Error::NotFound("nothing".into()), p(NotFound)),
             (invalid("k/x.lz4", "download failed 3 times, the last with: reset"), u(Transport)),
+            (
+                invalid(
+                    "hot-tier restore (WAL generation)",
+                    "k/gen/s.lz4: download failed 3 times, the last with: 500 checksum; not falling back",
+                ),
+                u(Transport),
+            ),
             (invalid("restore output file", "fsync: no space"), u(Local)),
             (Error::io("/tmp/x", std::io::Error::other("disk full")), u(Local)),
             (

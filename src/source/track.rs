@@ -5,8 +5,9 @@
 //! fixed 32-byte record (`Entry`): the directory is an index into a table of
 //! interned directories (databases share their directory with their siblings),
 //! the file name lives in one shared byte arena, and the stat results are
-//! folded into a 64-bit fingerprint of `(size, mtime, ctime, inode)` of the database
-//! and of its `-wal`. A hash table of `u32` entry indices gives lookups by
+//! folded into a 64-bit fingerprint of `(size, mtime, ctime, inode)` of the
+//! database and `(size, mtime, inode)` of its `-wal` (see `fingerprint_of`
+//! for why not its ctime). A hash table of `u32` entry indices gives lookups by
 //! `(directory, name)` for about 5 bytes more per entry. Nothing here holds a
 //! file descriptor or a SQLite connection.
 //!
@@ -984,11 +985,17 @@ fn fingerprint_of(db: &Metadata, wal: Option<&Metadata>, racy_after: i128) -> (u
     // The ctime too: a copy written over the file in place that keeps its
     // size and sets its mtime back (`cp -p`, `touch -r`) changes only the
     // ctime, which nobody can set (black-box probe: such a change was never
-    // uploaded). A `chmod` changes it as well and costs one upload.
+    // uploaded). A `chmod` changes it as well and costs one upload. The
+    // racy window stays on the mtime: only a second such copy within one
+    // timestamp tick of the first would escape it, and a file whose mtime
+    // was set back long ago is not written now. Not the `-wal`'s ctime:
+    // SQLite running as root `fchown`s a `-wal` at every open (ours
+    // included), which would make every WAL database look changed after
+    // each of its snapshots.
     let w = wal
         .filter(|w| w.len() > 0)
-        .map(|w| (w.len(), mtime_nanos(w), ctime_nanos(w), w.ino()));
-    let (wl, wm, wc, wi) = w.unwrap_or((u64::MAX, 0, 0, 0));
+        .map(|w| (w.len(), mtime_nanos(w), w.ino()));
+    let (wl, wm, wi) = w.unwrap_or((u64::MAX, 0, 0));
     let fp = fingerprint(&[
         db.len(),
         mtime_nanos(db) as u64,
@@ -996,10 +1003,9 @@ fn fingerprint_of(db: &Metadata, wal: Option<&Metadata>, racy_after: i128) -> (u
         db.ino(),
         wl,
         wm as u64,
-        wc as u64,
         wi,
     ]);
-    let newest = mtime_nanos(db).max(ctime_nanos(db)).max(wm).max(wc);
+    let newest = mtime_nanos(db).max(wm);
     (fp, newest >= racy_after)
 }
 
@@ -1352,8 +1358,7 @@ mod tests {
         // Not within the window, where it would be racy again (black-box
         // probe: with a 2 s scan interval one write was uploaded 3 times).
         assert!(tr.pending().is_empty());
-        // Out of the window (with the file's mtime set back, its ctime
-        // would still be now, and a write's time is the later of the two).
+        // Out of the window.
         tr.scan_at(&pat, SystemTime::now() + Duration::from_secs(10));
         assert_eq!(tr.pending(), vec![id]);
         let tk = tr.begin_upload(id);

@@ -416,11 +416,11 @@ async fn a_stop_against_a_hung_store_ends_at_its_timeout() {
     }
     let cfg = f.config_path();
     let mut child = spawn_replicate(&cfg);
-    // The lease is taken and its conditional writes checked (GET,
-    // conditional PUT, two refused conditional PUTs): from now on the store
-    // holds every request for an hour.
+    // The lease is taken and the start checked (GET, conditional PUT, two
+    // refused conditional PUTs, a HEAD for an enclosing replica root): from
+    // now on the store holds every request for an hour.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while f.s3().request_count() < 4 {
+    while f.s3().request_count() < 5 {
         assert!(Instant::now() < deadline, "no lease taken");
         assert!(child.try_wait().unwrap().is_none(), "exited early");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -532,11 +532,12 @@ async fn sigterm_finishes_in_flight_uploads() {
     let cfg = f.config_path();
     let mut child = spawn_replicate(&cfg);
     let deadline = Instant::now() + Duration::from_secs(30);
-    // Four requests take the replica lease and check the store's
-    // conditional writes (GET, conditional PUT, two refused conditional
-    // PUTs), one lists the fleet log (what an earlier run left), two read
-    // and write the replica's identity; an eighth is an upload.
-    while f.s3().request_count() < 8 {
+    // Five requests take the replica lease and check the start (GET,
+    // conditional PUT, two refused conditional PUTs, a HEAD for an
+    // enclosing replica root), one lists the fleet log (what an earlier run
+    // left), two read and write the replica's identity; a ninth is an
+    // upload.
+    while f.s3().request_count() < 9 {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
@@ -1021,4 +1022,61 @@ async fn a_store_ignoring_conditional_writes_is_refused_at_start() {
     assert!(err.contains("check-conditional-writes is false"), "{err}");
     assert_eq!(listed().await.len(), 1);
     f.s3().set_fault(common::s3::Fault::None);
+}
+
+/// A replica root inside another one (a parent directory, or a shorter
+/// prefix of the same bucket, holding a replica identity) is refused at
+/// start: the outer root's replicator would list its objects as databases
+/// of its own and delete them by its retention (black-box probe: a root
+/// with `retention: 1h` deleted a 7-hour-old snapshot of one nested in it).
+/// A root beside it is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_root_inside_another_is_refused() {
+    for backend in [Backend::File, Backend::S3] {
+        let f = Fleet::with_yaml(backend, "").await;
+        drop(create_db(&f.db_path("p", "d", "t0"), 5));
+        let cfg = f.config_path();
+        let run = |cfg: std::path::PathBuf| {
+            tokio::task::spawn_blocking(move || {
+                let o = litefleet_command(
+                    cfg.parent().unwrap(),
+                    &["--config", cfg.to_str().unwrap(), "replicate", "--once"],
+                )
+                .output()
+                .unwrap();
+                (o.status.code(), stderr(&o))
+            })
+        };
+        let (code, err) = run(cfg.clone()).await.unwrap();
+        assert_eq!(code, Some(0), "{backend:?}: {err}");
+        let yaml = f.yaml();
+        for (inner, refused) in [("/inner", true), ("-beside", false)] {
+            let nested = match backend {
+                Backend::File => {
+                    let root = f.work.path().join("replica");
+                    let at = format!("{}{inner}", root.display());
+                    yaml.replace(&root.display().to_string(), &at)
+                }
+                Backend::S3 => yaml.replace("/fleet\n", &format!("/fleet{inner}\n")),
+            };
+            assert_ne!(nested, yaml);
+            let label = &inner[1..];
+            let cfg2 = f.work.path().join(format!("{label}.yml"));
+            std::fs::write(&cfg2, nested.replace("/state", &format!("/state-{label}"))).unwrap();
+            let (code, err) = run(cfg2).await.unwrap();
+            if refused {
+                assert_eq!(code, Some(1), "{backend:?}: {err}");
+                assert!(
+                    err.contains("inside another replica root"),
+                    "{backend:?}: {err}"
+                );
+                assert!(
+                    err.contains(".litefleet/replica.json"),
+                    "{backend:?}: {err}"
+                );
+            } else {
+                assert_eq!(code, Some(0), "{backend:?}: {err}");
+            }
+        }
+    }
 }

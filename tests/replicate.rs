@@ -311,6 +311,43 @@ both_backends!(retention_deletes_old_and_keeps_newest, |b| async move {
     }
 });
 
+// Another replica root inside this one (its own `.litefleet/`): its
+// objects are another replicator's, kept for its own retention; ours never
+// deletes them (black-box probe: a root with `retention: 1h` deleted a
+// 7-hour-old snapshot of one nested in it, kept for 720h there).
+both_backends!(
+    retention_leaves_a_nested_replica_root_alone,
+    |b| async move {
+        use object_store::ObjectStoreExt;
+        let f = Fleet::new(b).await;
+        let replica = f.replica();
+        let now = Utc::now();
+        let days = |d: i64| now - chrono::Duration::days(d);
+        let put = |key, stem, t| f.put_cold_snapshot(key, stem, t);
+        // Past the cutoff, the older of two goes (the newer is the base).
+        let ours_old = put("p/d/a", "a", days(45)).await;
+        let ours_base = put("p/d/a", "a", days(40)).await;
+        let theirs_old = put("sub/x/b", "b", days(45)).await;
+        let theirs_base = put("sub/x/b", "b", days(40)).await;
+        let marker = layout::key_path(&replica.prefix, "sub/.litefleet/replica.json");
+        replica
+            .store
+            .put(&marker, bytes::Bytes::from_static(b"{}").into())
+            .await
+            .unwrap();
+        let report =
+            litefleet::replica::retention::enforce(&replica, Duration::from_secs(30 * 86400), now)
+                .await
+                .unwrap();
+        assert_eq!(report.deleted, 1);
+        let left = f.objects().await;
+        assert!(!left.contains(&ours_old), "{left:?}");
+        for kept in [ours_base, theirs_old, theirs_base] {
+            assert!(left.contains(&kept), "{kept}: {left:?}");
+        }
+    }
+);
+
 both_backends!(non_sqlite_files_are_skipped, |b| async move {
     let f = Fleet::new(b).await;
     drop(create_db(&f.db_path("p", "d", "real"), 1));

@@ -843,6 +843,15 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `e`, after giving back the replica lease taken for a start that failed
+/// (so the next start need not wait for it to expire).
+async fn given_back(lease: crate::replica::lease::Lease, e: Error) -> Error {
+    if let Err(r) = lease.release().await {
+        tracing::warn!(error = %r, "could not release the replica lease; it expires by itself");
+    }
+    e
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Verify(args) => match verify_command(&cli.config, args, cli.log_format).await {
@@ -885,12 +894,19 @@ async fn run(cli: Cli) -> Result<()> {
                 if !check {
                     tracing::warn!("multi-db.replica.check-conditional-writes is false: not checked that the store honours the lease's conditional writes");
                 } else if let Err(e) = lease.check_conditional_writes().await {
-                    if let Err(r) = lease.release().await {
-                        tracing::warn!(error = %r, "could not release the replica lease; it expires by itself");
-                    }
-                    return Err(e);
+                    return Err(given_back(lease, e).await);
                 }
-                Ok(lease)
+                match crate::replica::identity::enclosing_root(&replica).await {
+                    Ok(None) => Ok(lease),
+                    Ok(Some(outer)) => {
+                        let e = Error::invalid(
+                            format!("replica {replica}"),
+                            format!("lies inside another replica root, {outer} (it holds {}): its replicator would list this replica's objects as databases of its own and delete them by its retention; choose a replica URL outside it", crate::replica::identity::IDENTITY_OBJECT),
+                        );
+                        Err(given_back(lease, e).await)
+                    }
+                    Err(e) => Err(given_back(lease, e).await),
+                }
             };
             let lease = tokio::select! {
                 lease = acquire => lease?,

@@ -90,6 +90,46 @@ pub async fn read(replica: &Replica) -> Result<Option<Identity>> {
         .map_err(|e| Error::invalid(&loc, format!("not a replica identity: {e}")))
 }
 
+/// The replica root that `replica`'s lies inside, if any: a parent
+/// directory (`file://`) or a shorter prefix of the same bucket (S3) that
+/// holds an identity. A replicator of that root lists everything under it,
+/// so it would take this replica's objects for databases of its own and
+/// delete them by its retention (black-box probe: a root with `retention:
+/// 1h` deleted a 7-hour-old snapshot of one nested in it, kept for 720h).
+/// One HEAD per level of the prefix on S3, a `stat` per parent directory on
+/// `file://`; a parent that cannot be read holds no replica of ours.
+pub async fn enclosing_root(replica: &Replica) -> Result<Option<String>> {
+    if let Some(dir) = replica.local_root() {
+        let found = dir
+            .ancestors()
+            .skip(1)
+            .find(|d| std::fs::symlink_metadata(d.join(IDENTITY_OBJECT)).is_ok());
+        return Ok(found.map(|d| format!("file://{}", d.display())));
+    }
+    let parts: Vec<&str> = replica
+        .prefix
+        .as_ref()
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    for n in (0..parts.len()).rev() {
+        let outer = ObjPath::from(parts[..n].join("/"));
+        let loc = key_path(&outer, IDENTITY_OBJECT);
+        match object_store::ObjectStoreExt::head(&replica.store, &loc).await {
+            Ok(_) => return Ok(Some(format!("the prefix \"{outer}\" of the same bucket"))),
+            // Credentials for this prefix only may not read above it: a
+            // root there is not one these credentials replicate to.
+            Err(
+                object_store::Error::NotFound { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. },
+            ) => {}
+            Err(e) => return Err(Error::store(&loc, e)),
+        }
+    }
+    Ok(None)
+}
+
 /// Writes `identity` as the replica's (durable when it returns).
 pub async fn write(replica: &Replica, identity: &Identity) -> Result<()> {
     let body = serde_json::to_vec_pretty(identity)

@@ -154,8 +154,26 @@ async fn enforce_cold(
     let mut keys: Generations = BTreeMap::new();
     let mut deleter = Deleter::default();
     let mut report = RetentionReport::default();
+    let mut nested: Vec<String> = Vec::new();
+    let local_root = replica.local_root();
+    let mut on_disk: HashMap<String, bool> = HashMap::new();
     let mut listing = replica.list_all(&replica.prefix);
     while let Some(meta) = listing.try_next().await? {
+        if let Some(rel) = relative(&meta.location, &replica.prefix) {
+            if let Some(root) = nested_root(rel) {
+                if !nested.iter().any(|n| n == root) {
+                    tracing::warn!(
+                        root = %root,
+                        "another replica root lies inside this one: retention leaves everything under it alone"
+                    );
+                    nested.push(root.to_string());
+                }
+                continue;
+            }
+            if nested.iter().any(|n| under(rel, n)) {
+                continue;
+            }
+        }
         let in_generation = relative(&meta.location, &replica.prefix).and_then(generation_parts);
         if let Some((key, gen, rest)) = in_generation {
             let obj = parse_generation_object(rest);
@@ -182,7 +200,8 @@ async fn enforce_cold(
             .as_ref()
             .rsplit_once('/')
             .map(|(d, _)| d)
-            .unwrap_or("");
+            .unwrap_or("")
+            .to_string();
         let db = format!("{dir}/{}", snap.stem);
         let seen = cold.entry(db).or_default();
         seen.newest = seen.newest.max(Some(snap.hour));
@@ -202,11 +221,23 @@ async fn enforce_cold(
             }
         };
         if let Some(loc) = gone {
+            // A `file://` listing is not sorted: a nested root's
+            // `.litefleet/` may come after its keys' objects (S3 lists in
+            // order, so `nested` has it by then).
+            if local_root
+                .as_deref()
+                .is_some_and(|root| nested_on_disk(root, &dir, &mut on_disk, &mut nested))
+            {
+                continue;
+            }
             deleter.push(replica, loc).await?;
             report.deleted += 1;
         }
     }
     deleter.flush(replica).await?;
+    // Generations are decided after the listing, which has seen every
+    // nested root by then.
+    keys.retain(|key, _| !nested.iter().any(|n| under(key, n)));
     report.kept_newest_expired = cold
         .values()
         .filter(|k| k.newest.is_some_and(|h| h < cutoff))
@@ -221,6 +252,57 @@ struct ColdKey {
     newest: Option<DateTime<Utc>>,
     /// The newest snapshot named at or before the cutoff, kept.
     base: Option<(DateTime<Utc>, ObjPath)>,
+}
+
+/// The replica root inside ours that `rel` (relative to our prefix) is
+/// litefleet's own object of: the part before a `.litefleet/` that is not
+/// our own (not at the top). Objects under such a root are another
+/// replicator's (black-box probe: a root with `retention: 1h` deleted a
+/// 7-hour-old snapshot of one nested in it, kept for 720h there). Its
+/// `.litefleet/` sorts before most of its keys (names starting with a
+/// letter or digit), so a pass finds it before their objects.
+fn nested_root(rel: &str) -> Option<&str> {
+    let marker = format!("/{}/", crate::replica::layout::RESERVED_DIR);
+    rel.find(&marker).map(|i| &rel[..i])
+}
+
+/// Whether the directory `dir` (an object path) of a `file://` replica at
+/// `root` lies inside a nested replica root: one of its parents below our
+/// root holds an identity. Each parent is looked at once a pass (`seen`);
+/// found roots join `nested`.
+fn nested_on_disk(
+    root: &std::path::Path,
+    dir: &str,
+    seen: &mut HashMap<String, bool>,
+    nested: &mut Vec<String>,
+) -> bool {
+    let mut at = 0;
+    for part in dir.split('/') {
+        at += part.len();
+        let parent = &dir[..at];
+        at += 1;
+        let found = *seen.entry(parent.to_string()).or_insert_with(|| {
+            std::fs::symlink_metadata(
+                root.join(parent)
+                    .join(crate::replica::identity::IDENTITY_OBJECT),
+            )
+            .is_ok()
+        });
+        if found {
+            if !nested.iter().any(|n| n == parent) {
+                tracing::warn!(root = %parent, "another replica root lies inside this one: retention leaves everything under it alone");
+                nested.push(parent.to_string());
+            }
+            return true;
+        }
+    }
+    false
+}
+
+/// `rel` is `root` or below it.
+fn under(rel: &str, root: &str) -> bool {
+    rel.strip_prefix(root)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// `path` relative to `dir` (`None` if it is not under `dir`).

@@ -643,7 +643,7 @@ impl Replica {
     }
 
     /// The replica root directory of a `file://` replica.
-    fn local_root(&self) -> Option<PathBuf> {
+    pub fn local_root(&self) -> Option<PathBuf> {
         self.local
             .as_ref()
             // The store does not map the empty path: the root is the

@@ -310,7 +310,7 @@ const LOG_PART_GONE: &str =
 /// Why a restore failed when an object of its plan other than a fleet log
 /// object was gone when it was read (see [`is_part_gone`]).
 const OBJECT_GONE: &str =
-    "was listed, but is gone now (deleted meanwhile, by retention or by hand): plan again";
+    "was listed, but is gone now (deleted meanwhile, by retention or by hand)";
 
 /// The restore failed because an object it planned with was gone when it
 /// was read: a fleet log object consolidated and deleted after the plan was

@@ -978,6 +978,22 @@ fn a_relative_path_restores_from_any_directory() {
     assert_eq!(count_rows(&t.path().join("out.db")), 3);
 }
 
+/// `litefleet --config cfg replicate --once` off the runtime (an
+/// in-process S3 server may serve it): its exit code and stderr.
+async fn replicate_once(cfg: std::path::PathBuf) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        let o = litefleet_command(
+            cfg.parent().unwrap(),
+            &["--config", cfg.to_str().unwrap(), "replicate", "--once"],
+        )
+        .output()
+        .unwrap();
+        (o.status.code(), stderr(&o))
+    })
+    .await
+    .unwrap()
+}
+
 /// A store that ignores conditional writes (`If-None-Match`, `If-Match`)
 /// cannot keep two replicators apart with the lease: `replicate` checks at
 /// start, refuses with exit 1 naming the lease and the setting, uploads
@@ -989,18 +1005,7 @@ async fn a_store_ignoring_conditional_writes_is_refused_at_start() {
     drop(create_db(&f.db_path("p", "d", "t0"), 5));
     let cfg = f.config_path();
     f.s3().set_fault(common::s3::Fault::IgnoreConditions);
-    let run = |cfg: std::path::PathBuf| {
-        tokio::task::spawn_blocking(move || {
-            let o = litefleet_command(
-                cfg.parent().unwrap(),
-                &["--config", cfg.to_str().unwrap(), "replicate", "--once"],
-            )
-            .output()
-            .unwrap();
-            (o.status.code(), stderr(&o))
-        })
-    };
-    let (code, err) = run(cfg.clone()).await.unwrap();
+    let (code, err) = replicate_once(cfg.clone()).await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(".litefleet/lease.json"), "{err}");
     assert!(err.contains("ignores conditional writes"), "{err}");
@@ -1017,7 +1022,7 @@ async fn a_store_ignoring_conditional_writes_is_refused_at_start() {
         ),
     )
     .unwrap();
-    let (code, err) = run(cfg).await.unwrap();
+    let (code, err) = replicate_once(cfg).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("check-conditional-writes is false"), "{err}");
     assert_eq!(listed().await.len(), 1);
@@ -1036,18 +1041,7 @@ async fn a_replica_root_inside_another_is_refused() {
         let f = Fleet::with_yaml(backend, "").await;
         drop(create_db(&f.db_path("p", "d", "t0"), 5));
         let cfg = f.config_path();
-        let run = |cfg: std::path::PathBuf| {
-            tokio::task::spawn_blocking(move || {
-                let o = litefleet_command(
-                    cfg.parent().unwrap(),
-                    &["--config", cfg.to_str().unwrap(), "replicate", "--once"],
-                )
-                .output()
-                .unwrap();
-                (o.status.code(), stderr(&o))
-            })
-        };
-        let (code, err) = run(cfg.clone()).await.unwrap();
+        let (code, err) = replicate_once(cfg.clone()).await;
         assert_eq!(code, Some(0), "{backend:?}: {err}");
         let yaml = f.yaml();
         for (inner, refused) in [("/inner", true), ("-beside", false)] {
@@ -1063,7 +1057,7 @@ async fn a_replica_root_inside_another_is_refused() {
             let label = &inner[1..];
             let cfg2 = f.work.path().join(format!("{label}.yml"));
             std::fs::write(&cfg2, nested.replace("/state", &format!("/state-{label}"))).unwrap();
-            let (code, err) = run(cfg2).await.unwrap();
+            let (code, err) = replicate_once(cfg2).await;
             if refused {
                 assert_eq!(code, Some(1), "{backend:?}: {err}");
                 assert!(

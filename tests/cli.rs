@@ -1034,42 +1034,51 @@ async fn a_store_ignoring_conditional_writes_is_refused_at_start() {
 /// start: the outer root's replicator would list its objects as databases
 /// of its own and delete them by its retention (black-box probe: a root
 /// with `retention: 1h` deleted a 7-hour-old snapshot of one nested in it).
-/// A root beside it is fine.
+/// A root beside it is fine. A root that was there first is not refused
+/// when another is made around it later (probe T: the replicator that was
+/// there first failed at its next restart), only warned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_root_inside_another_is_refused() {
     for backend in [Backend::File, Backend::S3] {
-        let f = Fleet::with_yaml(backend, "").await;
-        drop(create_db(&f.db_path("p", "d", "t0"), 5));
-        let cfg = f.config_path();
-        let (code, err) = replicate_once(cfg.clone()).await;
-        assert_eq!(code, Some(0), "{backend:?}: {err}");
-        let yaml = f.yaml();
-        for (inner, refused) in [("/inner", true), ("-beside", false)] {
-            let nested = match backend {
-                Backend::File => {
-                    let root = f.work.path().join("replica");
-                    let at = format!("{}{inner}", root.display());
-                    yaml.replace(&root.display().to_string(), &at)
-                }
-                Backend::S3 => yaml.replace("/fleet\n", &format!("/fleet{inner}\n")),
+        for outer_first in [true, false] {
+            let f = Fleet::with_yaml(backend, "").await;
+            drop(create_db(&f.db_path("p", "d", "t0"), 5));
+            let outer = f.config_path();
+            let yaml = f.yaml();
+            // The config of a root at the outer one's URL + `suffix`.
+            let beside = |suffix: &str| {
+                let url = match backend {
+                    Backend::File => {
+                        let root = f.work.path().join("replica");
+                        let at = format!("{}{suffix}", root.display());
+                        yaml.replace(&root.display().to_string(), &at)
+                    }
+                    Backend::S3 => yaml.replace("/fleet\n", &format!("/fleet{suffix}\n")),
+                };
+                assert_ne!(url, yaml);
+                let label = &suffix[1..];
+                let cfg = f.work.path().join(format!("{label}.yml"));
+                std::fs::write(&cfg, url.replace("/state", &format!("/state-{label}"))).unwrap();
+                cfg
             };
-            assert_ne!(nested, yaml);
-            let label = &inner[1..];
-            let cfg2 = f.work.path().join(format!("{label}.yml"));
-            std::fs::write(&cfg2, nested.replace("/state", &format!("/state-{label}"))).unwrap();
-            let (code, err) = replicate_once(cfg2).await;
-            if refused {
-                assert_eq!(code, Some(1), "{backend:?}: {err}");
-                assert!(
-                    err.contains("inside another replica root"),
-                    "{backend:?}: {err}"
-                );
-                assert!(
-                    err.contains(".litefleet/replica.json"),
-                    "{backend:?}: {err}"
-                );
+            let (inner, sibling) = (beside("/inner"), beside("-beside"));
+            let case = format!("{backend:?}, outer first: {outer_first}");
+            if outer_first {
+                let (code, err) = replicate_once(outer.clone()).await;
+                assert_eq!(code, Some(0), "{case}: {err}");
+                let (code, err) = replicate_once(inner).await;
+                assert_eq!(code, Some(1), "{case}: {err}");
+                assert!(err.contains("inside another replica root"), "{case}: {err}");
+                assert!(err.contains(".litefleet/replica.json"), "{case}: {err}");
+                let (code, err) = replicate_once(sibling).await;
+                assert_eq!(code, Some(0), "{case}: {err}");
             } else {
-                assert_eq!(code, Some(0), "{backend:?}: {err}");
+                for cfg in [&inner, &outer, &inner] {
+                    let (code, err) = replicate_once(cfg.clone()).await;
+                    assert_eq!(code, Some(0), "{case}: {err}");
+                }
+                let (_, err) = replicate_once(inner).await;
+                assert!(err.contains("made around this one later"), "{case}: {err}");
             }
         }
     }

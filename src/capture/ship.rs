@@ -1155,7 +1155,7 @@ impl Shipper {
             now.index.salt == seen.index.salt && now.index.backfill > seen.index.backfill;
         if now.stat != seen.stat && !checkpointed {
             return Ok(Some(Step::Lost(
-                "the database file was written by something other than SQLite (a copy put over it in place?)".into(),
+                "the database file was changed by something other than SQLite (a copy put over it in place, or its owner or mode changed)".into(),
             )));
         }
         self.file_seen = Some(now);

@@ -843,6 +843,41 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Refuses a replica root that lies inside another one (see
+/// [`crate::replica::identity::enclosing_root`]), unless this one was made
+/// first: then the other is the newcomer (a start cannot find the roots
+/// inside its own without listing all of it), and refusing the replicator
+/// that was there first would stop its backups at its next restart (a
+/// crash loop under systemd); the newcomer's retention leaves it alone.
+async fn nested_in(replica: &Replica) -> Result<()> {
+    use crate::replica::identity;
+    let Some(outer) = identity::enclosing_root(replica).await? else {
+        return Ok(());
+    };
+    let ours = identity::read(replica)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|i| i.created_at());
+    if let (Some(ours), Some(theirs)) = (ours, outer.created) {
+        if ours < theirs {
+            tracing::warn!(
+                enclosing = %outer.name,
+                "another replica root was made around this one later; its retention leaves this one alone, but its `list` shows this one's databases: move one of them"
+            );
+            return Ok(());
+        }
+    }
+    Err(Error::invalid(
+        format!("replica {replica}"),
+        format!(
+            "lies inside another replica root, {} (it holds {}): its replicator would list this replica's objects as databases of its own and delete them by its retention; choose a replica URL outside it",
+            outer.name,
+            identity::IDENTITY_OBJECT
+        ),
+    ))
+}
+
 /// `e`, after giving back the replica lease taken for a start that failed
 /// (so the next start need not wait for it to expire).
 async fn given_back(lease: crate::replica::lease::Lease, e: Error) -> Error {
@@ -896,15 +931,8 @@ async fn run(cli: Cli) -> Result<()> {
                 } else if let Err(e) = lease.check_conditional_writes().await {
                     return Err(given_back(lease, e).await);
                 }
-                match crate::replica::identity::enclosing_root(&replica).await {
-                    Ok(None) => Ok(lease),
-                    Ok(Some(outer)) => {
-                        let e = Error::invalid(
-                            format!("replica {replica}"),
-                            format!("lies inside another replica root, {outer} (it holds {}): its replicator would list this replica's objects as databases of its own and delete them by its retention; choose a replica URL outside it", crate::replica::identity::IDENTITY_OBJECT),
-                        );
-                        Err(given_back(lease, e).await)
-                    }
+                match nested_in(&replica).await {
+                    Ok(()) => Ok(lease),
                     Err(e) => Err(given_back(lease, e).await),
                 }
             };

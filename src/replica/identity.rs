@@ -90,21 +90,50 @@ pub async fn read(replica: &Replica) -> Result<Option<Identity>> {
         .map_err(|e| Error::invalid(&loc, format!("not a replica identity: {e}")))
 }
 
+/// A replica root that another one lies inside (see [`enclosing_root`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnclosingRoot {
+    /// How to name it: `file:///dir` or the bucket prefix.
+    pub name: String,
+    /// When its identity was made, if it says so readably.
+    pub created: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Identity {
+    /// When it was made, if its `created` is an RFC 3339 time.
+    pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::DateTime::parse_from_rfc3339(&self.created)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    }
+}
+
 /// The replica root that `replica`'s lies inside, if any: a parent
 /// directory (`file://`) or a shorter prefix of the same bucket (S3) that
 /// holds an identity. A replicator of that root lists everything under it,
 /// so it would take this replica's objects for databases of its own and
 /// delete them by its retention (black-box probe: a root with `retention:
 /// 1h` deleted a 7-hour-old snapshot of one nested in it, kept for 720h).
-/// One HEAD per level of the prefix on S3, a `stat` per parent directory on
-/// `file://`; a parent that cannot be read holds no replica of ours.
-pub async fn enclosing_root(replica: &Replica) -> Result<Option<String>> {
+/// One request per level of the prefix on S3 (a GET of the identity where
+/// there is one), a read per parent directory on `file://`; a parent that
+/// cannot be read holds no replica of ours.
+pub async fn enclosing_root(replica: &Replica) -> Result<Option<EnclosingRoot>> {
+    let created = |bytes: &[u8]| {
+        serde_json::from_slice::<Identity>(bytes)
+            .ok()
+            .and_then(|i| i.created_at())
+    };
     if let Some(dir) = replica.local_root() {
-        let found = dir
-            .ancestors()
-            .skip(1)
-            .find(|d| std::fs::symlink_metadata(d.join(IDENTITY_OBJECT)).is_ok());
-        return Ok(found.map(|d| format!("file://{}", d.display())));
+        for d in dir.ancestors().skip(1) {
+            let path = d.join(IDENTITY_OBJECT);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                return Ok(Some(EnclosingRoot {
+                    name: format!("file://{}", d.display()),
+                    created: std::fs::read(&path).ok().and_then(|b| created(&b)),
+                }));
+            }
+        }
+        return Ok(None);
     }
     let parts: Vec<&str> = replica
         .prefix
@@ -115,16 +144,30 @@ pub async fn enclosing_root(replica: &Replica) -> Result<Option<String>> {
     for n in (0..parts.len()).rev() {
         let outer = ObjPath::from(parts[..n].join("/"));
         let loc = key_path(&outer, IDENTITY_OBJECT);
-        match object_store::ObjectStoreExt::head(&replica.store, &loc).await {
-            Ok(_) => return Ok(Some(format!("the prefix \"{outer}\" of the same bucket"))),
+        match replica.get_small(&loc, MAX_IDENTITY_BYTES).await {
+            Ok(Some(bytes)) => {
+                return Ok(Some(EnclosingRoot {
+                    name: format!("the prefix \"{outer}\" of the same bucket"),
+                    created: created(&bytes),
+                }))
+            }
+            Ok(None) => {}
             // Credentials for this prefix only may not read above it: a
             // root there is not one these credentials replicate to.
-            Err(
-                object_store::Error::NotFound { .. }
-                | object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. },
-            ) => {}
-            Err(e) => return Err(Error::store(&loc, e)),
+            Err(Error::Store {
+                source:
+                    object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. },
+                ..
+            }) => {}
+            // Too large to be an identity: still a root of someone's.
+            Err(Error::Invalid { .. }) => {
+                return Ok(Some(EnclosingRoot {
+                    name: format!("the prefix \"{outer}\" of the same bucket"),
+                    created: None,
+                }))
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(None)

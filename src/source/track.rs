@@ -149,6 +149,10 @@ pub struct Tracker {
     /// Known databases whose fingerprint changed in the last scan or
     /// re-check (the hot tier's input; new databases are not in it).
     changed: Vec<Id>,
+    /// Directories in which the last scan met files it did not track
+    /// (consecutive repeats dropped): the watcher looks at them again (see
+    /// [`crate::source::watch::Watch::new_dirs`]).
+    met_new: Vec<u32>,
     /// New files are tracked without reading their header; the header is
     /// read when the file is first used ([`Tracker::is_checked`]).
     defer_headers: bool,
@@ -184,6 +188,7 @@ impl Tracker {
             preload: HashMap::new(),
             state_dirty: false,
             changed: Vec::new(),
+            met_new: Vec::new(),
             defer_headers: false,
         }
     }
@@ -422,6 +427,7 @@ impl Tracker {
     pub fn scan_at(&mut self, patterns: &[Pattern], now: SystemTime) -> ScanReport {
         self.epoch = self.epoch.wrapping_add(1);
         self.changed.clear();
+        self.met_new.clear();
         let mut v = ScanVisitor {
             t: self,
             now_secs: unix_secs(now),
@@ -731,6 +737,11 @@ impl Tracker {
             };
             self.state_dirty = true;
         }
+    }
+
+    /// Directories in which the last scan met files it did not track yet.
+    pub fn met_new(&self) -> &[u32] {
+        &self.met_new
     }
 
     /// Known databases whose fingerprint changed in the last scan or
@@ -1067,7 +1078,12 @@ impl Visitor for ScanVisitor<'_> {
                     self.t.changed.push(id);
                 }
             }
-            None => self.new_file(d, dir, name, fp, racy),
+            None => {
+                if self.t.met_new.last() != Some(&d) {
+                    self.t.met_new.push(d);
+                }
+                self.new_file(d, dir, name, fp, racy)
+            }
         }
     }
 

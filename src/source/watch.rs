@@ -107,13 +107,27 @@ impl Watch {
     /// Directories of `tracker` not considered yet (they only ever grow),
     /// and those whose watch was lost that hold a tracked database again,
     /// to pass to [`Watch::add`] without holding the tracker meanwhile.
+    ///
+    /// And the directories already watched in which the last scan met a
+    /// new file: a directory at that path may be another one now (its
+    /// parent moved away and made again; the watch followed the old one,
+    /// and no event says so). Watching it again costs one system call: the
+    /// kernel answers with the same watch for the same directory.
     pub fn new_dirs(&self, tracker: &Tracker) -> Vec<(u32, PathBuf)> {
         let again = match self.lost.is_empty() {
             true => Vec::new(),
             false => tracker.dirs_in_use(&self.lost),
         };
-        (self.next_dir as u32..tracker.dir_count() as u32)
+        let considered = self.next_dir as u32;
+        let met: Vec<u32> = tracker
+            .met_new()
+            .iter()
+            .copied()
+            .filter(|d| *d < considered && !self.lost.contains(d))
+            .collect();
+        (considered..tracker.dir_count() as u32)
             .chain(again)
+            .chain(met)
             .map(|i| (i, tracker.dir(i).to_path_buf()))
             .collect()
     }
@@ -127,6 +141,8 @@ impl Watch {
             | WatchMask::MOVED_TO
             | WatchMask::MOVE_SELF
             | WatchMask::ONLYDIR;
+        // Directories below this were watched (or tried) before.
+        let considered = self.next_dir;
         for (n, (i, dir)) in dirs.iter().enumerate() {
             self.next_dir = self.next_dir.max(*i as usize + 1);
             if self.full {
@@ -134,7 +150,15 @@ impl Watch {
             }
             match self.watches.add(dir, mask) {
                 Ok(wd) => {
-                    self.dirs.insert(wd.get_watch_descriptor_id(), *i);
+                    let id = wd.get_watch_descriptor_id();
+                    if (*i as usize) < considered && !self.dirs.contains_key(&id) {
+                        // Another directory at the path than the one
+                        // watched for it so far: that watch's events are
+                        // no longer about this path (the kernel keeps it
+                        // on the moved directory; it is not ours to name).
+                        self.dirs.retain(|_, d| d != i);
+                    }
+                    self.dirs.insert(id, *i);
                     self.lost.remove(i);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
@@ -269,17 +293,18 @@ mod tests {
         w.add(&dirs);
     }
 
-    /// A watched directory deleted and made again at the same path, or
-    /// moved away and made again, is watched again from the scan that
-    /// finds a database in it (black-box probe: it kept the tracker index
-    /// of the first, which counted as considered, so its writes waited for
-    /// the scans for good).
+    /// A watched directory deleted and made again at the same path, moved
+    /// away and made again, or made again after its parent moved away
+    /// (which sends the watch no event at all), is watched again from the
+    /// scan that finds a database in it (black-box probes: it kept the
+    /// tracker index of the first, which counted as considered, so its
+    /// writes waited for the scans for good).
     #[tokio::test]
     async fn a_directory_made_again_is_watched_again() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path().join("root");
-        let pat = vec![Pattern::compile("*/*.db", &root).unwrap()];
-        let (dir, db) = (root.join("a"), root.join("a/app.db"));
+        let pat = vec![Pattern::compile("*/*/*.db", &root).unwrap()];
+        let (dir, db) = (root.join("eu/acme"), root.join("eu/acme/app.db"));
         database(&db);
         let mut tr = Tracker::new();
         let mut w = Watch::new().unwrap();
@@ -287,25 +312,27 @@ mod tests {
         assert_eq!(w.watched(), 1);
         let a = tr.find(&db).map(|_| 0u32).unwrap();
 
-        for how in ["deleted", "moved away"] {
+        for how in ["deleted", "moved away", "its parent moved away"] {
+            let elsewhere = t.path().join("elsewhere");
             match how {
                 "deleted" => std::fs::remove_dir_all(&dir).unwrap(),
-                _ => std::fs::rename(&dir, t.path().join("elsewhere")).unwrap(),
+                "moved away" => std::fs::rename(&dir, &elsewhere).unwrap(),
+                _ => std::fs::rename(root.join("eu"), &elsewhere).unwrap(),
             }
-            // The watch ends (IGNORED, or MOVE_SELF); the directory is
-            // not there for the scan.
-            // (`next` returns only with changed files: it is cut short
-            // each time to look.)
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while w.watched() > 0 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{how}: the watch did not end"
-                );
-                let _ = tokio::time::timeout(Duration::from_millis(50), w.next()).await;
+            if how != "its parent moved away" {
+                // The watch ends (IGNORED, or MOVE_SELF). (`next` returns
+                // only with changed files: it is cut short to look.)
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while w.watched() > 0 {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{how}: the watch did not end"
+                    );
+                    let _ = tokio::time::timeout(Duration::from_millis(50), w.next()).await;
+                }
             }
+            // A scan without the directory, then one that finds it again.
             scan_and_watch(&mut w, &mut tr, &pat);
-            assert_eq!(w.watched(), 0, "{how}");
             database(&db);
             scan_and_watch(&mut w, &mut tr, &pat);
             assert_eq!(w.watched(), 1, "{how}: not watched again");
@@ -316,7 +343,11 @@ mod tests {
                 }
                 other => panic!("{how}: {other:?}"),
             }
-            let _ = std::fs::remove_dir_all(t.path().join("elsewhere"));
+            let _ = std::fs::remove_dir_all(&elsewhere);
+            // (The events of the moved directory's removal, if any.)
+            while let Ok(b) = tokio::time::timeout(Duration::from_millis(50), w.next()).await {
+                drop(b);
+            }
         }
     }
 }

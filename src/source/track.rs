@@ -427,7 +427,8 @@ impl Tracker {
     pub fn scan_at(&mut self, patterns: &[Pattern], now: SystemTime) -> ScanReport {
         self.epoch = self.epoch.wrapping_add(1);
         self.changed.clear();
-        self.met_new.clear();
+        // Not `clear`: a first scan's list would keep its capacity.
+        self.met_new = Vec::new();
         let mut v = ScanVisitor {
             t: self,
             now_secs: unix_secs(now),

@@ -1108,10 +1108,16 @@ impl Scratch {
             .tempdir_in(parent)
             .map_err(named)?
             .keep();
-        let locked = std::fs::File::create(dir.join(SCRATCH_LOCK)).and_then(|f| {
+        // Locked before it gets its name: a cleaner that opened `.lock`
+        // between its creation and our lock took the lock first and
+        // removed a running drill's directory (CI, once).
+        let locked = (|| {
+            let fresh = dir.join(".lock.new");
+            let f = std::fs::File::create(&fresh)?;
             f.try_lock().map_err(std::io::Error::from)?;
+            std::fs::rename(&fresh, dir.join(SCRATCH_LOCK))?;
             Ok(f)
-        });
+        })();
         match locked {
             Ok(lock) => Ok(Scratch { dir, _lock: lock }),
             Err(e) => {

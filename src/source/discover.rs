@@ -92,6 +92,15 @@ pub fn link_below(root: &Path, db: &Path) -> Option<PathBuf> {
 pub fn check_no_link_below(root: Option<&Path>, db: &Path) -> crate::Result<()> {
     match root.and_then(|r| link_below(r, db)) {
         None => Ok(()),
+        // Moved away or deleted since the scan (black-box probe: this was
+        // reported as "a symbolic link?").
+        Some(bad) if fs::symlink_metadata(&bad).is_err() => Err(crate::Error::invalid(
+            db.display(),
+            format!(
+                "{} is gone (moved away or deleted); not opened",
+                bad.display()
+            ),
+        )),
         Some(bad) => Err(crate::Error::invalid(
             db.display(),
             format!(

@@ -149,8 +149,9 @@ pub struct Tracker {
     /// Known databases whose fingerprint changed in the last scan or
     /// re-check (the hot tier's input; new databases are not in it).
     changed: Vec<Id>,
-    /// Directories in which the last scan met files it did not track
-    /// (consecutive repeats dropped): the watcher looks at them again (see
+    /// Directories in which the last scan met files it did not track, or
+    /// tracked files that changed (consecutive repeats dropped): the
+    /// watcher looks at them again (see
     /// [`crate::source::watch::Watch::new_dirs`]).
     met_new: Vec<u32>,
     /// New files are tracked without reading their header; the header is
@@ -740,7 +741,8 @@ impl Tracker {
         }
     }
 
-    /// Directories in which the last scan met files it did not track yet.
+    /// Directories in which the last scan met files it did not track yet,
+    /// or tracked files that changed.
     pub fn met_new(&self) -> &[u32] {
         &self.met_new
     }
@@ -1077,6 +1079,11 @@ impl Visitor for ScanVisitor<'_> {
                 if self.t.observe(id, fp, racy, self.now_secs) {
                     self.report.changed += 1;
                     self.t.changed.push(id);
+                    // (Another inode at the path, say: its directory may
+                    // be another one too.)
+                    if self.t.met_new.last() != Some(&d) {
+                        self.t.met_new.push(d);
+                    }
                 }
             }
             None => {

@@ -305,13 +305,9 @@ struct FileSeen {
 
 /// Size, mtime and ctime (ns) of the file at `path` itself.
 fn file_times(path: &Path) -> std::io::Result<(u64, i128, i128)> {
+    use crate::source::track::{ctime_nanos, mtime_nanos};
     let m = std::fs::symlink_metadata(path)?;
-    let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
-    Ok((
-        m.len(),
-        ns(m.mtime(), m.mtime_nsec()),
-        ns(m.ctime(), m.ctime_nsec()),
-    ))
+    Ok((m.len(), mtime_nanos(&m), ctime_nanos(&m)))
 }
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -1142,8 +1138,7 @@ impl Shipper {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&self.db, e)),
         }
-        let db = self.db.clone();
-        let Some(lock) = ShmLock::try_take(&self.conn, &db, WAL_CKPT_LOCK)? else {
+        let Some(lock) = ShmLock::try_take(&self.conn, &self.db, WAL_CKPT_LOCK)? else {
             return Ok(None);
         };
         let now = self.see_file();
@@ -1245,8 +1240,8 @@ const WAL_CKPT_LOCK: std::ffi::c_int = 1;
 const WRITE_LOCK_POLL: Duration = Duration::from_millis(1);
 
 impl ShmLock {
-    /// Takes the lock, trying for up to [`WRITE_LOCK_WAIT`]; `None` if the
-    /// application held it all that time. `conn` must have read the database
+    /// Takes the write lock, trying for up to [`WRITE_LOCK_WAIT`]; `None` if
+    /// the application held it all that time. `conn` must have read the database
     /// in WAL mode already (its `-shm` is open) and must outlive the lock.
     fn wait(conn: &Connection, db: &Path) -> Result<Option<ShmLock>> {
         ShmLock::take(conn, db, WAL_WRITE_LOCK, WRITE_LOCK_WAIT)

@@ -144,10 +144,11 @@ pub async fn enclosing_root(replica: &Replica) -> Result<Option<EnclosingRoot>> 
     for n in (0..parts.len()).rev() {
         let outer = ObjPath::from(parts[..n].join("/"));
         let loc = key_path(&outer, IDENTITY_OBJECT);
+        let name = format!("the prefix \"{outer}\" of the same bucket");
         match replica.get_small(&loc, MAX_IDENTITY_BYTES).await {
             Ok(Some(bytes)) => {
                 return Ok(Some(EnclosingRoot {
-                    name: format!("the prefix \"{outer}\" of the same bucket"),
+                    name,
                     created: created(&bytes),
                 }))
             }
@@ -163,7 +164,7 @@ pub async fn enclosing_root(replica: &Replica) -> Result<Option<EnclosingRoot>> 
             // Too large to be an identity: still a root of someone's.
             Err(Error::Invalid { .. }) => {
                 return Ok(Some(EnclosingRoot {
-                    name: format!("the prefix \"{outer}\" of the same bucket"),
+                    name,
                     created: None,
                 }))
             }

@@ -159,22 +159,17 @@ async fn enforce_cold(
     let mut on_disk: HashMap<String, bool> = HashMap::new();
     let mut listing = replica.list_all(&replica.prefix);
     while let Some(meta) = listing.try_next().await? {
-        if let Some(rel) = relative(&meta.location, &replica.prefix) {
+        let rel = relative(&meta.location, &replica.prefix);
+        if let Some(rel) = rel {
             if let Some(root) = nested_root(rel) {
-                if !nested.iter().any(|n| n == root) {
-                    tracing::warn!(
-                        root = %root,
-                        "another replica root lies inside this one: retention leaves everything under it alone"
-                    );
-                    nested.push(root.to_string());
-                }
+                note_nested(&mut nested, root);
                 continue;
             }
             if nested.iter().any(|n| under(rel, n)) {
                 continue;
             }
         }
-        let in_generation = relative(&meta.location, &replica.prefix).and_then(generation_parts);
+        let in_generation = rel.and_then(generation_parts);
         if let Some((key, gen, rest)) = in_generation {
             let obj = parse_generation_object(rest);
             let scan = match keys.get_mut(key) {
@@ -262,8 +257,23 @@ struct ColdKey {
 /// `.litefleet/` sorts before most of its keys (names starting with a
 /// letter or digit), so a pass finds it before their objects.
 fn nested_root(rel: &str) -> Option<&str> {
-    let marker = format!("/{}/", crate::replica::layout::RESERVED_DIR);
-    rel.find(&marker).map(|i| &rel[..i])
+    let ours = crate::replica::layout::RESERVED_DIR;
+    rel.match_indices('/')
+        .map(|(i, _)| i)
+        .find(|&i| {
+            rel[i + 1..]
+                .strip_prefix(ours)
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+        .map(|i| &rel[..i])
+}
+
+/// Adds `root` to the nested roots a pass found, with one warning each.
+fn note_nested(nested: &mut Vec<String>, root: &str) {
+    if !nested.iter().any(|n| n == root) {
+        tracing::warn!(root = %root, "another replica root lies inside this one: retention leaves everything under it alone");
+        nested.push(root.to_string());
+    }
 }
 
 /// Whether the directory `dir` (an object path) of a `file://` replica at
@@ -289,10 +299,7 @@ fn nested_on_disk(
             .is_ok()
         });
         if found {
-            if !nested.iter().any(|n| n == parent) {
-                tracing::warn!(root = %parent, "another replica root lies inside this one: retention leaves everything under it alone");
-                nested.push(parent.to_string());
-            }
+            note_nested(nested, parent);
             return true;
         }
     }

@@ -236,7 +236,7 @@ pub struct ReplicaConfig {
     /// the lease stands on (see [`crate::replica::lease::Lease::check_conditional_writes`]);
     /// `false` skips the check on a store known not to, for someone who
     /// keeps replicators apart by other means.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_check_conditional_writes")]
     pub check_conditional_writes: bool,
 }
 
@@ -315,7 +315,7 @@ fn default_retries() -> usize {
 fn default_request_timeout() -> Duration {
     DEFAULT_REQUEST_TIMEOUT
 }
-fn default_true() -> bool {
+fn default_check_conditional_writes() -> bool {
     true
 }
 fn default_lease_ttl() -> Duration {

@@ -599,6 +599,16 @@ mod tests {
             .to_string();
         assert!(e.contains("no directory of its own"), "{e}");
         assert!(check_no_link_below(None, &db).is_ok());
+        // Gone (moved away or deleted) is said so, not taken for a link
+        // (black-box probe: "a symbolic link?" for a directory moved away).
+        std::fs::remove_file(real.path().join("a")).unwrap();
+        let e = check_no_link_below(Some(&root), &db)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{} is gone", root.join("a").display())),
+            "{e}"
+        );
     }
 
     #[derive(Default)]

@@ -153,7 +153,7 @@ pub struct Tracker {
     /// tracked files that changed (consecutive repeats dropped): the
     /// watcher looks at them again (see
     /// [`crate::source::watch::Watch::new_dirs`]).
-    met_new: Vec<u32>,
+    touched_dirs: Vec<u32>,
     /// New files are tracked without reading their header; the header is
     /// read when the file is first used ([`Tracker::is_checked`]).
     defer_headers: bool,
@@ -189,7 +189,7 @@ impl Tracker {
             preload: HashMap::new(),
             state_dirty: false,
             changed: Vec::new(),
-            met_new: Vec::new(),
+            touched_dirs: Vec::new(),
             defer_headers: false,
         }
     }
@@ -281,7 +281,7 @@ impl Tracker {
         &self.dirs[i as usize]
     }
 
-    /// The directories among `dirs` that hold a tracked database.
+    /// The directories among `dirs` that hold a tracked database, sorted.
     pub fn dirs_in_use(&self, dirs: &std::collections::HashSet<u32>) -> Vec<u32> {
         let mut used: Vec<u32> = self
             .entries
@@ -429,7 +429,7 @@ impl Tracker {
         self.epoch = self.epoch.wrapping_add(1);
         self.changed.clear();
         // Not `clear`: a first scan's list would keep its capacity.
-        self.met_new = Vec::new();
+        self.touched_dirs = Vec::new();
         let mut v = ScanVisitor {
             t: self,
             now_secs: unix_secs(now),
@@ -743,8 +743,8 @@ impl Tracker {
 
     /// Directories in which the last scan met files it did not track yet,
     /// or tracked files that changed.
-    pub fn met_new(&self) -> &[u32] {
-        &self.met_new
+    pub fn touched_dirs(&self) -> &[u32] {
+        &self.touched_dirs
     }
 
     /// Known databases whose fingerprint changed in the last scan or
@@ -970,11 +970,13 @@ fn unix_nanos(t: SystemTime) -> i128 {
         .unwrap_or(0)
 }
 
-fn mtime_nanos(m: &Metadata) -> i128 {
+/// A file's mtime in nanoseconds since the epoch.
+pub(crate) fn mtime_nanos(m: &Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
-fn ctime_nanos(m: &Metadata) -> i128 {
+/// A file's ctime (its last change, content or metadata) in nanoseconds.
+pub(crate) fn ctime_nanos(m: &Metadata) -> i128 {
     m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
 }
 
@@ -1032,6 +1034,13 @@ struct ScanVisitor<'a> {
 }
 
 impl ScanVisitor<'_> {
+    /// Notes directory `d` in [`Tracker::touched_dirs`].
+    fn touched(&mut self, d: u32) {
+        if self.t.touched_dirs.last() != Some(&d) {
+            self.t.touched_dirs.push(d);
+        }
+    }
+
     fn fingerprint(&self, db: &Metadata, wal: Option<&Metadata>) -> (u64, bool) {
         fingerprint_of(db, wal, self.racy_after)
     }
@@ -1081,15 +1090,11 @@ impl Visitor for ScanVisitor<'_> {
                     self.t.changed.push(id);
                     // (Another inode at the path, say: its directory may
                     // be another one too.)
-                    if self.t.met_new.last() != Some(&d) {
-                        self.t.met_new.push(d);
-                    }
+                    self.touched(d);
                 }
             }
             None => {
-                if self.t.met_new.last() != Some(&d) {
-                    self.t.met_new.push(d);
-                }
+                self.touched(d);
                 self.new_file(d, dir, name, fp, racy)
             }
         }

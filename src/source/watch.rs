@@ -106,29 +106,34 @@ impl Watch {
     }
 
     /// Directories of `tracker` not considered yet (they only ever grow),
-    /// and those whose watch was lost that hold a tracked database again,
-    /// to pass to [`Watch::add`] without holding the tracker meanwhile.
+    /// those whose watch was lost that hold a tracked database again, and
+    /// those already watched in which the last scan met a new or changed
+    /// file: a directory at that path may be another one now (its parent
+    /// moved away and made again; the watch followed the old one, and no
+    /// event says so). Watching it again costs one system call: the kernel
+    /// answers with the same watch for the same directory. To pass to
+    /// [`Watch::add`] without holding the tracker meanwhile.
     ///
-    /// And the directories already watched in which the last scan met a
-    /// new or changed file: a directory at that path may be another one
-    /// now (its parent moved away and made again; the watch followed the
-    /// old one, and no event says so). Watching it again costs one system call: the
-    /// kernel answers with the same watch for the same directory.
-    pub fn new_dirs(&self, tracker: &Tracker) -> Vec<(u32, PathBuf)> {
+    /// Called after a scan, which has dropped the databases of directories
+    /// that are gone: a lost directory without one is forgotten here (were
+    /// it made again, its databases would be new to the next scan, which
+    /// names it), so `lost` does not make every later call walk the table.
+    pub fn new_dirs(&mut self, tracker: &Tracker) -> Vec<(u32, PathBuf)> {
         let again = match self.lost.is_empty() {
             true => Vec::new(),
             false => tracker.dirs_in_use(&self.lost),
         };
+        self.lost.retain(|d| again.binary_search(d).is_ok());
         let considered = self.next_dir as u32;
-        let met: Vec<u32> = tracker
-            .met_new()
+        let touched: Vec<u32> = tracker
+            .touched_dirs()
             .iter()
             .copied()
             .filter(|d| *d < considered && !self.lost.contains(d))
             .collect();
         (considered..tracker.dir_count() as u32)
             .chain(again)
-            .chain(met)
+            .chain(touched)
             .map(|i| (i, tracker.dir(i).to_path_buf()))
             .collect()
     }

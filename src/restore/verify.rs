@@ -24,8 +24,9 @@
 //! When the key belongs to a database on this host (the config's patterns,
 //! walked like `replicate` walks them, rendered through the key template),
 //! the restore is compared with it: page size, text encoding, `user_version`
-//! and `application_id`, the schema (`sqlite_master`), and the row count of
-//! every table. A live database moves on after its last upload, and a
+//! and `application_id`, the schema (`sqlite_master`), and the rows of
+//! every table (their number and a digest of their content, `rowid`
+//! included, in whatever order they are stored). A live database moves on after its last upload, and a
 //! difference then is lag, not a bad backup. So the comparison is made only
 //! when the source **has not changed since the replicated state**:
 //!
@@ -823,7 +824,7 @@ fn last_change(db: &Path) -> Option<SystemTime> {
 }
 
 /// What the comparison reads of a database: header fields, the schema and
-/// the number of rows in every table.
+/// the rows of every table.
 #[derive(Debug, PartialEq, Eq)]
 struct Facts {
     page_size: i64,
@@ -834,7 +835,74 @@ struct Facts {
     schema: Vec<(String, String, Option<String>)>,
     /// Rows per table (virtual tables are left out: their module may be
     /// missing here; their shadow tables are counted).
-    rows: BTreeMap<String, i64>,
+    rows: BTreeMap<String, Rows>,
+}
+
+/// The rows of one table: how many, and a digest of their content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rows {
+    count: i64,
+    /// The wrapping sum of one [`row_digest`] per row: the same rows give
+    /// the same sum in whatever order a scan meets them (a `VACUUM`ed or
+    /// rebuilt copy stores them elsewhere), and a row changed, added or
+    /// removed changes it. A row holds its `rowid` beside its columns (an
+    /// application may refer to it); `WITHOUT ROWID` tables have none.
+    digest: u64,
+}
+
+/// One row's digest: each value's type, length and bytes, in column order
+/// (an integer and the text of its digits, a text and the blob of its bytes
+/// and a NULL and an empty text all differ).
+fn row_digest(row: &rusqlite::Row, columns: usize) -> rusqlite::Result<u64> {
+    use rusqlite::types::ValueRef;
+    use std::hash::Hasher;
+    let mut h = twox_hash::XxHash64::with_seed(0);
+    for i in 0..columns {
+        match row.get_ref(i)? {
+            ValueRef::Null => h.write_u8(0),
+            ValueRef::Integer(v) => {
+                h.write_u8(1);
+                h.write_i64(v);
+            }
+            ValueRef::Real(v) => {
+                h.write_u8(2);
+                h.write_u64(v.to_bits());
+            }
+            ValueRef::Text(b) => {
+                h.write_u8(3);
+                h.write_usize(b.len());
+                h.write(b);
+            }
+            ValueRef::Blob(b) => {
+                h.write_u8(4);
+                h.write_usize(b.len());
+                h.write(b);
+            }
+        }
+    }
+    Ok(h.finish())
+}
+
+/// Reads every row of table `name` (see [`Rows`]).
+fn table_rows(conn: &Connection, name: &str) -> rusqlite::Result<Rows> {
+    let quoted = name.replace('"', "\"\"");
+    // `rowid` names a column of that name where the table has one, which is
+    // then read twice; a `WITHOUT ROWID` table has no `rowid` to select.
+    let mut stmt = match conn.prepare(&format!("SELECT rowid, * FROM \"{quoted}\"")) {
+        Ok(s) => s,
+        Err(_) => conn.prepare(&format!("SELECT * FROM \"{quoted}\""))?,
+    };
+    let columns = stmt.column_count();
+    let mut rows = stmt.query([])?;
+    let mut out = Rows {
+        count: 0,
+        digest: 0,
+    };
+    while let Some(row) = rows.next()? {
+        out.count += 1;
+        out.digest = out.digest.wrapping_add(row_digest(row, columns)?);
+    }
+    Ok(out)
 }
 
 /// Reads [`Facts`] in one read transaction.
@@ -854,12 +922,7 @@ fn facts(path: &Path, conn: &Connection) -> Result<Facts> {
                 .as_deref()
                 .is_some_and(|s| s.to_ascii_uppercase().starts_with("CREATE VIRTUAL"));
             if kind == "table" && !is_virtual {
-                let quoted = name.replace('"', "\"\"");
-                let n: i64 =
-                    conn.query_row(&format!("SELECT count(*) FROM \"{quoted}\""), [], |r| {
-                        r.get(0)
-                    })?;
-                rows.insert(name.clone(), n);
+                rows.insert(name.clone(), table_rows(conn, name)?);
             }
         }
         Ok(Facts {
@@ -919,11 +982,16 @@ fn difference(source: &Facts, restored: &Facts) -> Option<String> {
         .rows
         .iter()
         .find(|(t, n)| restored.rows.get(*t) != Some(n))
-        .map(|(t, n)| {
-            format!(
-                "table {t:?}: source {n} rows, restored {} rows",
-                restored.rows.get(t).copied().unwrap_or(0)
-            )
+        .map(|(t, n)| match restored.rows.get(t) {
+            Some(r) if r.count == n.count => format!(
+                "table {t:?}: {} rows on both sides, but their content differs",
+                n.count
+            ),
+            r => format!(
+                "table {t:?}: source {} rows, restored {} rows",
+                n.count,
+                r.map_or(0, |r| r.count)
+            ),
         })
 }
 
@@ -1056,7 +1124,7 @@ fn compare(
         None => result(
             SourceResult::Match,
             format!(
-                "page size, schema and row counts of {} table(s) match",
+                "page size, schema and rows of {} table(s) match",
                 src.rows.len()
             ),
             None,
@@ -1340,6 +1408,82 @@ mod tests {
         let c = compare(&src, &src, later, SOURCE_MARGIN, None);
         assert_eq!(c.result, SourceResult::Match, "{c:?}");
         assert!(c.detail.contains("2 table(s)"), "{c:?}");
+    }
+
+    /// The same number of rows with other content is a mismatch (black-box
+    /// probe: a restore of another state with the same row counts was
+    /// reported as a match); the same rows stored elsewhere are not.
+    #[test]
+    fn content_is_compared_not_only_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, rst) = (dir.path().join("s.db"), dir.path().join("r.db"));
+        let fill = |p: &Path, reverse: bool, last: &str| {
+            let c = Connection::open(p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE t(x, y); CREATE TABLE w(k TEXT PRIMARY KEY, v) WITHOUT ROWID;",
+            )
+            .unwrap();
+            let mut ids: Vec<i64> = (1..=50).collect();
+            if reverse {
+                ids.reverse();
+            }
+            for i in ids {
+                c.execute(
+                    "INSERT INTO t(rowid, x, y) VALUES (?1, ?2, zeroblob(100))",
+                    rusqlite::params![i, i * 7],
+                )
+                .unwrap();
+                c.execute(
+                    "INSERT INTO w VALUES (?1, ?2)",
+                    rusqlite::params![format!("k{i}"), i],
+                )
+                .unwrap();
+            }
+            c.execute("UPDATE w SET v = ?1 WHERE k = 'k50'", [last])
+                .unwrap();
+        };
+        let later = || Utc::now() + chrono::Duration::seconds(10);
+        // The same rows, written in the other order: a match.
+        fill(&src, false, "end");
+        fill(&rst, true, "end");
+        let c = compare(&src, &rst, later(), SOURCE_MARGIN, None);
+        assert_eq!(c.result, SourceResult::Match, "{c:?}");
+        assert!(c.detail.contains("rows of 2 table(s) match"), "{c:?}");
+        // A rebuilt copy stores them elsewhere: still a match.
+        Connection::open(&rst)
+            .unwrap()
+            .execute_batch("VACUUM")
+            .unwrap();
+        let c = compare(&src, &rst, later(), SOURCE_MARGIN, None);
+        assert_eq!(c.result, SourceResult::Match, "{c:?}");
+        // One value of a WITHOUT ROWID table differs.
+        std::fs::remove_file(&rst).unwrap();
+        fill(&rst, false, "END");
+        let c = compare(&src, &rst, later(), SOURCE_MARGIN, None);
+        assert_eq!(c.result, SourceResult::Mismatch, "{c:?}");
+        assert!(
+            c.detail
+                .contains("table \"w\": 50 rows on both sides, but their content differs"),
+            "{c:?}"
+        );
+        // The same values under other rowids differ too; so do an integer
+        // and the text of its digits.
+        let edited = |sql: &str| {
+            Connection::open(&rst).unwrap().execute_batch(sql).unwrap();
+            compare(&src, &rst, later(), SOURCE_MARGIN, None)
+        };
+        let c = edited(
+            "UPDATE w SET v = 'end' WHERE k = 'k50'; UPDATE t SET rowid = 1000 WHERE rowid = 1;",
+        );
+        assert_eq!(c.result, SourceResult::Mismatch, "{c:?}");
+        assert!(
+            c.detail.contains("table \"t\": 50 rows on both sides"),
+            "{c:?}"
+        );
+        let c = edited(
+            "UPDATE t SET rowid = 1 WHERE rowid = 1000; UPDATE t SET x = '7' WHERE rowid = 1;",
+        );
+        assert_eq!(c.result, SourceResult::Mismatch, "{c:?}");
     }
 
     /// The first file-system tick after `than`: file times come from a

@@ -292,6 +292,25 @@ impl<T> IoContext<T> for std::io::Result<T> {
     }
 }
 
+/// What a file that is not a regular file is, for an error message.
+pub fn not_regular(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_symlink() {
+        "is a symbolic link, which litefleet never follows (a link could pull a file from outside the pattern root into the replica)"
+    } else if t.is_fifo() {
+        "is a FIFO (named pipe), not a regular file: opening it would block"
+    } else if t.is_dir() {
+        "is a directory, not a regular file"
+    } else if t.is_socket() {
+        "is a socket, not a regular file"
+    } else if t.is_block_device() || t.is_char_device() {
+        "is a device, not a regular file"
+    } else {
+        "is not a regular file"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -700,7 +700,8 @@ fn install_signals(token: CancellationToken) {
 /// `work` is dropped, which removes what it staged (a restore's staging
 /// file, a drill's scratch directory; a blocking step under way removes its
 /// own when it ends, and the runtime waits for it before the process
-/// exits), and the signal's number is returned. Killed by the signal
+/// exits; a second signal ends the process), and the signal's number is
+/// returned. Killed by the signal
 /// instead, a restore left its `.NAME.litefleet-XXXXXX` file behind and a
 /// drill its scratch copy (black-box probe). Without handlers (they could
 /// not be installed) `work` runs to its end.
@@ -727,7 +728,20 @@ async fn until_signal<T>(
     }));
     tokio::select! {
         r = work => Ok(r),
-        (n, _, _) = any => Err(n),
+        (n, _, _) = any => {
+            // A second signal ends the process at once, as it ends the
+            // daemon: the runtime waits for a blocking step under way
+            // before the process exits, and one that never ends (a read
+            // that hangs on the file system) held the command with every
+            // later SIGTERM caught (black-box probe).
+            for &s in signals {
+                // SAFETY: restores the default disposition of a signal.
+                unsafe {
+                    libc::signal(s, libc::SIG_DFL);
+                }
+            }
+            Err(n)
+        }
     }
 }
 

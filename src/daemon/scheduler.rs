@@ -952,8 +952,8 @@ impl Replicator {
                     path = %path.display(),
                     key = ?r.key,
                     reason = %why,
-                    "database not backed up: its key is not a valid key (restore refuses keys with \
-                     empty, `.` or `..` segments); rename the file or change multi-db.patterns or \
+                    "database not backed up: its key is not one restore accepts (the reason \
+                     says why); rename the file or change multi-db.patterns or \
                      multi-db.replica.path"
                 ),
             }

@@ -17,6 +17,12 @@
 //! Last, every upload failing for [`HEALTHY_INTERVALS`] scan intervals (the
 //! store refuses data while the lease still renews, a full replica disk)
 //! is 503 until one succeeds.
+//!
+//! Connections: at most [`MAX_CONNECTIONS`] at once, each closed after
+//! [`IDLE_TIMEOUT`] without a byte either way (`Bounded`). Without
+//! either, connections that never sent a request were kept for good, and
+//! enough of them took every file descriptor the daemon had: its scans,
+//! its upload records and its lease renewals failed (black-box probe).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -547,6 +553,11 @@ pub async fn serve(
         .map_err(|e| Error::invalid(format!("addr {addr}"), format!("cannot listen: {e}")))?;
     let bound = listener.local_addr().unwrap_or(addr);
     let app = router(stats, scan_interval, fence);
+    let listener = Bounded {
+        inner: listener,
+        slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        idle: IDLE_TIMEOUT,
+    };
     let task = tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -557,6 +568,168 @@ pub async fn serve(
     });
     tracing::info!(addr = %bound, "operations endpoint: /healthz /stats /metrics");
     Ok((bound, task))
+}
+
+/// Connections the endpoint serves at once; more wait in the kernel's
+/// accept queue, holding no descriptor of the daemon's. A monitor and a
+/// scraper or two need a handful.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// A connection with no byte read or written for this long is closed: long
+/// enough for a scraper's keep-alive between scrapes (Prometheus scrapes
+/// every 15 s by default, 60 s at most in common setups, and reconnects
+/// when it finds the connection closed), short enough that idle
+/// connections do not pile up.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// A listener that accepts a connection only while fewer than its `slots`
+/// are taken, and closes one idle for `idle` (see the module docs).
+struct Bounded {
+    inner: tokio::net::TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+    idle: Duration,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = IdleClosing;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (IdleClosing, SocketAddr) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            // Never closed; waiting for ever is what a closed one means.
+            return std::future::pending().await;
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    let idle = self.idle;
+                    let timer = Box::pin(tokio::time::sleep(idle));
+                    let io = IdleClosing {
+                        io,
+                        idle,
+                        timer,
+                        _slot: slot,
+                    };
+                    return (io, addr);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(e) => {
+                    // Out of descriptors, most likely: wait for some to
+                    // close rather than spin (what axum's own listener does).
+                    tracing::warn!(error = %e, "operations endpoint: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection of [`Bounded`]: reads fail with `TimedOut` once nothing
+/// moved either way for `idle` (the server then closes it), and its slot is
+/// given back when it is dropped.
+struct IdleClosing {
+    io: tokio::net::TcpStream,
+    idle: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl IdleClosing {
+    fn moved(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.timer.as_mut().reset(next);
+    }
+
+    /// What a read or write of the connection gave: progress restarts the
+    /// idle timer, waiting is bounded by it.
+    fn after<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match polled {
+            std::task::Poll::Pending => self.poll_idle(cx),
+            ready => {
+                self.moved();
+                ready
+            }
+        }
+    }
+
+    fn poll_idle<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match std::future::Future::poll(self.timer.as_mut(), cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "idle connection closed",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for IdleClosing {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        this.after(cx, polled)
+    }
+}
+
+impl tokio::io::AsyncWrite for IdleClosing {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        this.after(cx, polled)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.after(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 #[cfg(test)]
@@ -777,5 +950,78 @@ mod tests {
             .problems(Utc::now())
             .starts_with("unhealthy: writes paused: "));
         assert!(StatsView::read(&ops.stats, ops.scan_interval, now_unix()).healthy);
+    }
+
+    /// Connections beyond the cap wait, unaccepted, and idle ones are
+    /// closed, which frees their slots (black-box probe: idle connections
+    /// took every descriptor of the daemon).
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_capped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let idle = Duration::from_millis(400);
+        let listener = Bounded {
+            inner,
+            slots: Arc::new(tokio::sync::Semaphore::new(2)),
+            idle,
+        };
+        let app = router(Arc::new(Stats::default()), Duration::from_secs(15), None);
+        let stop = CancellationToken::new();
+        let server = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            }
+        });
+        let start = tokio::time::Instant::now();
+        // Two connections that never send a request take both slots.
+        let mut quiet = Vec::new();
+        for _ in 0..2 {
+            quiet.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let closed = async move {
+            let mut at = Vec::new();
+            for mut c in quiet {
+                let mut b = [0u8; 16];
+                // End of stream or a reset: closed by the server either way.
+                let n = c.read(&mut b).await.unwrap_or(0);
+                assert_eq!(n, 0, "an idle connection got bytes");
+                at.push(tokio::time::Instant::now());
+            }
+            at
+        };
+        let asked = async {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.unwrap();
+            (
+                tokio::time::Instant::now(),
+                String::from_utf8_lossy(&got).into_owned(),
+            )
+        };
+        let limit = Duration::from_secs(30);
+        let (closed, (answered, reply)) =
+            tokio::time::timeout(limit, async { tokio::join!(closed, asked) })
+                .await
+                .expect("idle connections were never closed");
+        assert!(reply.starts_with("HTTP/1.1 "), "{reply}");
+        for at in &closed {
+            assert!(
+                *at - start >= idle,
+                "closed before it was idle: {:?}",
+                *at - start
+            );
+        }
+        // The third connection was served only once a slot was free.
+        let first_closed = closed.iter().min().unwrap();
+        assert!(answered >= *first_closed, "served beyond the cap");
+        stop.cancel();
+        server.await.unwrap().unwrap();
     }
 }

@@ -403,7 +403,7 @@ impl Replica {
         match url {
             ReplicaUrl::File { dir } => {
                 std::fs::create_dir_all(dir).at(dir)?;
-                let store = Arc::new(
+                let fs = Arc::new(
                     LocalFileSystem::new_with_prefix(dir)
                         .map_err(|e| Error::store(dir.display(), e))?
                         .with_automatic_cleanup(true)
@@ -415,10 +415,10 @@ impl Replica {
                         .with_fsync(true),
                 );
                 Ok(Replica {
-                    store: store.clone(),
+                    store: Arc::new(LocalObjects(fs.clone())),
                     prefix: ObjPath::default(),
                     description: format!("file://{}", dir.display()),
-                    local: Some(store),
+                    local: Some(fs),
                     fence: None,
                     durable_dirs: Arc::default(),
                     direct: true,
@@ -975,6 +975,130 @@ impl Replica {
     }
 }
 
+/// The `file://` store: object_store's [`LocalFileSystem`], except that
+/// an object that is not a regular file (a FIFO, a socket or a device put
+/// into the replica by hand) is refused, naming it, before it is opened:
+/// opening a FIFO blocks until a writer comes, and held `restore` and
+/// `replicate`'s start for good, SIGTERM included (black-box probe). A
+/// listing shows such an entry (`list_with_delimiter`), so a restore
+/// planned with it fails here rather than hanging.
+#[derive(Debug)]
+struct LocalObjects(Arc<LocalFileSystem>);
+
+impl std::fmt::Display for LocalObjects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl LocalObjects {
+    /// Refuses `location` when something other than a regular file or a
+    /// directory is there (following links); what is missing is left to
+    /// the read, which reports it as before.
+    fn check_regular(&self, location: &ObjPath) -> object_store::Result<()> {
+        let path = self.0.path_to_filesystem(location)?;
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return Ok(());
+        };
+        if meta.is_file() || meta.is_dir() {
+            return Ok(());
+        }
+        Err(object_store::Error::NotSupported {
+            source: format!(
+                "{} {}: litefleet never writes one there, and does not open it",
+                path.display(),
+                crate::error::not_regular(&meta)
+            )
+            .into(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for LocalObjects {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.0.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.0.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.check_regular(location)?;
+        self.0.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &ObjPath,
+        ranges: &[std::ops::Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        self.check_regular(location)?;
+        self.0.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<ObjPath>> {
+        self.0.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.0.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&ObjPath>,
+        offset: &ObjPath,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.0.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.0.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.0.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: object_store::RenameOptions,
+    ) -> object_store::Result<()> {
+        self.0.rename_opts(from, to, options).await
+    }
+}
+
 /// S3 conditional writes need the ETag of what was written to name it next time.
 fn s3_version(location: &ObjPath, v: UpdateVersion) -> Result<UpdateVersion> {
     if v.e_tag.is_none() {
@@ -1510,6 +1634,56 @@ mod tests {
         assert!(f.is_open());
         f.close();
         assert!(!f.is_open());
+    }
+
+    /// A FIFO (or a socket) where an object should be is refused naming
+    /// it, at once: opening a FIFO waits for a writer, and a restore or a
+    /// start that read one hung for good, SIGTERM included (black-box
+    /// probe). Regular files and what is missing read as before.
+    #[tokio::test]
+    async fn objects_that_are_not_files_are_refused_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open_dir(dir.path()).unwrap();
+        let (good, fifo) = (ObjPath::from("k/good"), ObjPath::from("k/fifo"));
+        r.put_bytes(&good, b"ok".to_vec()).await.unwrap();
+        let c = std::ffi::CString::new(
+            dir.path()
+                .join("k/fifo")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let listed = r.list_dir(&ObjPath::from("k")).await.unwrap();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        let limit = Duration::from_secs(20);
+        let e = tokio::time::timeout(limit, r.get_bytes(&fifo))
+            .await
+            .expect("hung")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is a FIFO (named pipe), not a regular file"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("k/fifo"), "{e}");
+        let e = tokio::time::timeout(limit, r.get_range_bytes(&fifo, 0..1))
+            .await
+            .expect("hung")
+            .unwrap_err();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+        let e = tokio::time::timeout(limit, r.store.get_ranges(&fifo, &[0..1, 1..2]))
+            .await
+            .expect("hung")
+            .unwrap_err();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+        assert_eq!(r.get_bytes(&good).await.unwrap().unwrap().as_ref(), b"ok");
+        assert!(r
+            .get_bytes(&ObjPath::from("k/none"))
+            .await
+            .unwrap()
+            .is_none());
     }
 
     /// Above the object's directory (which the store syncs), each

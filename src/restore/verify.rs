@@ -469,8 +469,13 @@ pub async fn verify(
     )
     .await;
     if let Some(since) = opts.since {
-        let cutoff = started - chrono::Duration::from_std(since).unwrap_or(chrono::Duration::MAX);
-        jobs = recent(replica, jobs, cutoff, opts.concurrency).await;
+        jobs = recent(
+            replica,
+            jobs,
+            since_cutoff(started, since),
+            opts.concurrency,
+        )
+        .await;
     }
     if let Some(n) = opts.sample {
         jobs = sample(jobs, n);
@@ -1133,6 +1138,16 @@ fn compare(
     }
 }
 
+/// The earliest upload time `--since` takes in, `since` before `started`;
+/// the beginning of time when that is before chrono's first date
+/// (`--since 600000y` panicked: black-box probe).
+fn since_cutoff(started: DateTime<Utc>, since: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(since)
+        .ok()
+        .and_then(|d| started.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// Names of drill scratch directories start with this (in `temp-dir`, or
 /// the daemon's staging directory).
 pub const SCRATCH_PREFIX: &str = "verify-";
@@ -1408,6 +1423,18 @@ mod tests {
         let c = compare(&src, &src, later, SOURCE_MARGIN, None);
         assert_eq!(c.result, SourceResult::Match, "{c:?}");
         assert!(c.detail.contains("2 table(s)"), "{c:?}");
+    }
+
+    #[test]
+    fn any_since_has_a_cutoff() {
+        let now = Utc::now();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(since_cutoff(now, hour), now - chrono::Duration::hours(1));
+        for years in [600_000, 300_000_000] {
+            let since = Duration::from_secs(years * 365 * 86_400);
+            assert_eq!(since_cutoff(now, since), DateTime::<Utc>::MIN_UTC);
+        }
+        assert_eq!(since_cutoff(now, Duration::MAX), DateTime::<Utc>::MIN_UTC);
     }
 
     /// The same number of rows with other content is a mismatch (black-box

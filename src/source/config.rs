@@ -258,6 +258,15 @@ impl ReplicaConfig {
 fn default_scan_interval() -> Duration {
     DEFAULT_SCAN_INTERVAL
 }
+/// The most `max-concurrent` allows: uploads in flight at once, each with an
+/// open file or a buffer and a connection; far beyond what a host or a store
+/// serves.
+pub const MAX_CONCURRENT: usize = 100_000;
+
+/// The most `max-hot-databases` allows: ten times the largest fleet measured
+/// (1,000,000 databases), each hot one holding 3-4 open files.
+pub const MAX_HOT_DATABASES: usize = 10_000_000;
+
 fn default_max_concurrent() -> usize {
     DEFAULT_MAX_CONCURRENT
 }
@@ -455,6 +464,24 @@ impl Loaded {
         }
         if m.max_concurrent == 0 {
             return Err(err("multi-db.max-concurrent", "must be at least 1".into()));
+        }
+        // Larger values are no setting anyone needs, and overflow the counts
+        // built on them (a semaphore's permits, the open files a fleet
+        // wants): a start panicked holding the lease (black-box probe).
+        for (key, value, max) in [
+            ("multi-db.max-concurrent", m.max_concurrent, MAX_CONCURRENT),
+            (
+                "multi-db.max-hot-databases",
+                m.max_hot_databases,
+                MAX_HOT_DATABASES,
+            ),
+        ] {
+            if value > max {
+                return Err(err(
+                    key,
+                    format!("{value} is more than the most allowed, {max}"),
+                ));
+            }
         }
         if m.scan_interval.is_zero() {
             return Err(err(
@@ -801,9 +828,22 @@ pub fn parse_replica_url(url: &str, base: &Path) -> std::result::Result<ReplicaU
                      and '_' only)"
                 ));
             }
+            let prefix = prefix.trim_matches('/');
+            // Stored literally, `..` named a folder `%2E%2E` that every
+            // listing then refused, and `a//b` was quietly made `a/b`
+            // (black-box probe).
+            if let Some(seg) = prefix
+                .split('/')
+                .find(|s| !prefix.is_empty() && ["", ".", ".."].contains(s))
+            {
+                return Err(format!(
+                    "{url:?}: the prefix has an empty, `.` or `..` segment ({seg:?}); S3 keys \
+                     take them literally, and litefleet refuses keys holding them"
+                ));
+            }
             return Ok(ReplicaUrl::S3 {
                 bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
+                prefix: prefix.to_string(),
             });
         }
         UrlTarget::Dir(path) => path,
@@ -817,6 +857,20 @@ pub fn parse_replica_url(url: &str, base: &Path) -> std::result::Result<ReplicaU
     } else {
         base.join(dir)
     };
+    // The file system's root as a replica root: objects written among the
+    // system's own directories, and retention walking all of them, /proc
+    // included (black-box probe). By the names alone: `..` above the
+    // root is the root.
+    let depth = dir.components().fold(0usize, |d, c| match c {
+        std::path::Component::Normal(_) => d + 1,
+        std::path::Component::ParentDir => d.saturating_sub(1),
+        _ => d,
+    });
+    if depth == 0 {
+        return Err(format!(
+            "{url:?} is the file system's root directory: give the replica a directory of its own"
+        ));
+    }
     // `file://./r` relative to /etc/litefleet is /etc/litefleet/r, not
     // /etc/litefleet/./r (in logs and in the lease's name). `..` stays: only
     // the filesystem knows where it leads through a symlink.
@@ -904,12 +958,15 @@ pub enum UrlTarget<'a> {
 pub fn split_replica_url(url: &str) -> std::result::Result<UrlTarget<'_>, String> {
     // A query or fragment is not part of a bucket, prefix or directory
     // name; taken literally it names the wrong place without a word.
-    if url_scheme(url).is_some() && url.contains(['?', '#']) {
+    // Shown without them: they may carry a token or a secret key
+    // (`?secretAccessKey=...`; black-box probe), which would then be in
+    // every error.
+    if let Some(cut) = url.find(['?', '#']).filter(|_| url_scheme(url).is_some()) {
         return Err(format!(
-            "{:?}: a replica URL takes no query (`?`) or fragment (`#`): set the endpoint, \
-             region and path style as keys of their own (a directory whose name holds `?` \
-             or `#` can be given as a plain path)",
-            redact_userinfo(url)
+            "{:?} (the rest not shown): a replica URL takes no query (`?`) or fragment (`#`): \
+             set the endpoint, region and path style as keys of their own (a directory whose \
+             name holds `?` or `#` can be given as a plain path)",
+            format!("{}{}...", redact_userinfo(&url[..cut]), &url[cut..cut + 1])
         ));
     }
     if let Some(rest) = url.strip_prefix("s3://") {
@@ -1282,6 +1339,33 @@ multi-db:
     path: "{{project}}/{{database}}/{{branch}}/{{tenant}}"
 "#;
 
+    /// Counts beyond any fleet are config errors naming the key, not a
+    /// panic after the lease was taken (black-box probe).
+    #[test]
+    fn counts_beyond_any_fleet_are_refused() {
+        let with = |line: &str| {
+            load(&GOOD.replace("  replica:", &format!("  {line}\n  replica:")))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        for (line, key) in [
+            (
+                "max-concurrent: 2305843009213693952",
+                "multi-db.max-concurrent",
+            ),
+            ("max-concurrent: 100001", "multi-db.max-concurrent"),
+            (
+                "max-hot-databases: 18446744073709551615",
+                "multi-db.max-hot-databases",
+            ),
+        ] {
+            let e = with(line).unwrap_err();
+            assert!(e.contains(key) && e.contains("most allowed"), "{line}: {e}");
+        }
+        with("max-concurrent: 100000").unwrap();
+        with("max-hot-databases: 10000000").unwrap();
+    }
+
     /// An empty `${VAR:-}` is no value for every kind of setting: the
     /// default (black-box probe: durations, numbers and flags refused it).
     #[test]
@@ -1587,16 +1671,34 @@ multi-db:
             ("data:v1", "./data:v1"),
             ("file://somehost/tmp/x", "host \"somehost\""),
             ("file://backups", "file://./backups"),
+            ("file:///", "the file system's root directory"),
+            ("/", "the file system's root directory"),
+            ("file:///tmp/../..", "the file system's root directory"),
+            ("s3://b/../x", "an empty, `.` or `..` segment (\"..\")"),
+            ("s3://b/a//x", "an empty, `.` or `..` segment (\"\")"),
+            ("s3://b/a/./x/", "an empty, `.` or `..` segment (\".\")"),
             ("file://~/x", "host \"~\""),
             ("file:rel", "absolute path"),
             ("./a://b", "unsupported scheme"),
-            ("s3://bucket?region=x", "no query (`?`) or fragment"),
-            ("s3://bucket/p#frag", "no query (`?`) or fragment"),
-            ("file:///d/r?x=1", "no query (`?`) or fragment"),
         ] {
             let e = parse_replica_url(url, base).unwrap_err();
             assert!(e.contains(needle), "{url}: {e}");
             assert!(e.contains(&format!("{url:?}")), "{url}: the value: {e}");
+        }
+        // A query or fragment is named, not shown: it may hold a secret.
+        for (url, shown) in [
+            ("s3://bucket?region=x", "\"s3://bucket?...\""),
+            ("s3://bucket/p#frag", "\"s3://bucket/p#...\""),
+            ("file:///d/r?x=1", "\"file:///d/r?...\""),
+            (
+                "s3://b/p?secretAccessKey=hunter2",
+                "\"s3://b/p?...\" (the rest not shown)",
+            ),
+            ("s3://u:hunter2@b/p#hunter2", "\"s3://***@b/p#...\""),
+        ] {
+            let e = parse_replica_url(url, base).unwrap_err();
+            assert!(e.contains("no query (`?`) or fragment"), "{url}: {e}");
+            assert!(e.contains(shown) && !e.contains("hunter2"), "{url}: {e}");
         }
         // Through the whole config the key is named.
         let e = url_error("s3:/bucket/some/prefix");

@@ -127,24 +127,7 @@ pub fn not_regular_error(path: &Path, m: &Metadata) -> crate::Error {
     crate::Error::invalid(path.display(), format!("{}; not opened", not_regular(m)))
 }
 
-/// What a file that is not a regular file is, for an error message.
-pub fn not_regular(m: &Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_symlink() {
-        "is a symbolic link, which litefleet never follows (a link could pull a file from outside the pattern root into the replica)"
-    } else if t.is_fifo() {
-        "is a FIFO (named pipe), not a regular file: opening it would block"
-    } else if t.is_dir() {
-        "is a directory, not a regular file"
-    } else if t.is_socket() {
-        "is a socket, not a regular file"
-    } else if t.is_block_device() || t.is_char_device() {
-        "is a device, not a regular file"
-    } else {
-        "is not a regular file"
-    }
-}
+pub use crate::error::not_regular;
 
 fn side_path(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();

@@ -79,6 +79,14 @@ pub enum Error {
     /// took it over or it was removed): it must stop writing to the replica.
     #[error("replica lease {object} lost: {reason}")]
     LeaseLost { object: String, reason: String },
+
+    /// A write refused while the replica lease could not be renewed in
+    /// time: writes resume at the next renewal unless the lease was taken
+    /// over meanwhile (then [`Error::LeaseLost`] follows). Said apart from a
+    /// lost lease (black-box probe: every write refused during a pause was
+    /// logged as "lost").
+    #[error("replica lease {object} paused: {reason}")]
+    LeasePaused { object: String, reason: String },
 }
 
 impl Error {

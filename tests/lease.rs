@@ -290,7 +290,8 @@ async fn stalled_renewal_stops_writes_before_a_successor_can_write() {
         .expect("the write in flight was not abandoned")
         .unwrap()
         .unwrap_err();
-    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    // Expired, not known lost: a pause.
+    assert!(matches!(e, Error::LeasePaused { .. }), "{e}");
     // The renewer goes on trying (see the next test); stopped here, so a
     // successor can take the lease over.
     assert!(!token.is_cancelled());
@@ -312,9 +313,9 @@ async fn stalled_renewal_stops_writes_before_a_successor_can_write() {
         .put_bytes(&"a/3".into(), b"no".to_vec())
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    assert!(matches!(e, Error::LeasePaused { .. }), "{e}");
     let e = a.delete(&"a/1".into()).await.unwrap_err();
-    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    assert!(matches!(e, Error::LeasePaused { .. }), "{e}");
     assert_eq!(s3.request_count(), requests);
     assert!(r.get_bytes(&"a/3".into()).await.unwrap().is_none());
     assert!(r.get_bytes(&"a/1".into()).await.unwrap().is_some());
@@ -442,7 +443,11 @@ async fn a_stalled_lease_resumes_when_the_store_answers() {
         .put_bytes(&"a/1".into(), b"no".to_vec())
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    assert!(matches!(e, Error::LeasePaused { .. }), "{e}");
+    assert!(
+        e.to_string().contains("paused") && !e.to_string().contains("lost"),
+        "{e}"
+    );
     s3.set_fault(common::s3::Fault::None);
     // Renewals go on every ttl/12: the fence opens again at the first that
     // succeeds.

@@ -255,14 +255,18 @@ impl Fence {
     }
 
     fn refused(&self, location: &ObjPath) -> Error {
-        let reason = if self.lost.is_cancelled() {
-            format!("lost; not writing {location}")
-        } else {
-            format!("expired locally without a successful renewal; not writing {location}")
-        };
-        Error::LeaseLost {
+        if self.lost.is_cancelled() {
+            return Error::LeaseLost {
+                object: self.lease.clone(),
+                reason: format!("not writing {location}"),
+            };
+        }
+        Error::LeasePaused {
             object: self.lease.clone(),
-            reason,
+            reason: format!(
+                "expired locally without a successful renewal; not writing {location} \
+                 (writes resume at the next renewal)"
+            ),
         }
     }
 
@@ -1626,7 +1630,12 @@ mod tests {
             .put_bytes(&ObjPath::from("k/x"), b"no".to_vec())
             .await
             .unwrap_err();
-        assert!(matches!(e, Error::LeaseLost { .. }), "{e:?}");
+        // Expired, not lost: said as a pause (black-box probe: "lost").
+        assert!(matches!(e, Error::LeasePaused { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("paused") && !e.to_string().contains("lost"),
+            "{e}"
+        );
         assert!(!dir.path().join("k/x").exists());
         let f = Fence::new("lease", std::time::Instant::now(), soon);
         assert!(!f.is_open());

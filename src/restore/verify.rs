@@ -251,9 +251,10 @@ pub fn classify(e: &Error) -> Verdict {
         {
             Verdict::Problem(Problem::Integrity)
         }
-        Error::Sqlite { .. } | Error::LeaseHeld { .. } | Error::LeaseLost { .. } => {
-            Verdict::Unverifiable(Unverifiable::Local)
-        }
+        Error::Sqlite { .. }
+        | Error::LeaseHeld { .. }
+        | Error::LeaseLost { .. }
+        | Error::LeasePaused { .. } => Verdict::Unverifiable(Unverifiable::Local),
         Error::Invalid { what, reason } => {
             // Also wrapped by a hot-tier failure that names a cold
             // fallback (black-box probe: a store failing every GET of a

@@ -1082,4 +1082,30 @@ async fn a_replica_root_inside_another_is_refused() {
             }
         }
     }
+    // Prefixes with `%` and non-ASCII characters (probe V: the outer root's
+    // identity was looked for under a doubly encoded name, and the inner
+    // root was accepted).
+    let f = Fleet::with_yaml(Backend::S3, "").await;
+    drop(create_db(&f.db_path("p", "d", "t0"), 5));
+    let yaml = f.yaml();
+    let at = |prefix: &str, label: &str| {
+        let cfg = f.work.path().join(format!("{label}.yml"));
+        let text = yaml
+            .replace("/fleet\n", &format!("/{prefix}\n"))
+            .replace("/state", &format!("/state-{label}"));
+        assert_ne!(text, yaml);
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    for (outer, label) in [("fé日", "utf8"), ("p%q+r s", "percent")] {
+        let (code, err) = replicate_once(at(outer, &format!("{label}-outer"))).await;
+        assert_eq!(code, Some(0), "{outer}: {err}");
+        let (code, err) =
+            replicate_once(at(&format!("{outer}/sub"), &format!("{label}-inner"))).await;
+        assert_eq!(code, Some(1), "{outer}: {err}");
+        assert!(
+            err.contains("inside another replica root"),
+            "{outer}: {err}"
+        );
+    }
 }

@@ -135,16 +135,18 @@ pub async fn enclosing_root(replica: &Replica) -> Result<Option<EnclosingRoot>> 
         }
         return Ok(None);
     }
-    let parts: Vec<&str> = replica
-        .prefix
-        .as_ref()
-        .split('/')
-        .filter(|p| !p.is_empty())
-        .collect();
+    // The prefix's own parts, already encoded: a prefix rebuilt from its
+    // text was encoded twice where it holds `%` or non-ASCII characters,
+    // and the root above it was never found (black-box probe).
+    let parts: Vec<_> = replica.prefix.parts().collect();
     for n in (0..parts.len()).rev() {
-        let outer = ObjPath::from(parts[..n].join("/"));
+        let outer: ObjPath = parts[..n].iter().cloned().collect();
         let loc = key_path(&outer, IDENTITY_OBJECT);
-        let name = format!("the prefix \"{outer}\" of the same bucket");
+        let name = if n == 0 {
+            "the root of the same bucket".to_string()
+        } else {
+            format!("the prefix \"{outer}\" of the same bucket")
+        };
         match replica.get_small(&loc, MAX_IDENTITY_BYTES).await {
             Ok(Some(bytes)) => {
                 return Ok(Some(EnclosingRoot {

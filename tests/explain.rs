@@ -331,7 +331,7 @@ fn config_errors_exit_1_and_limits_warn() {
 fn keys_restore_would_refuse_are_reported() {
     let data = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    for name in ["k.db", "k/.db", "..db"] {
+    for name in ["k.db", "k/.db", "..db", "k/generations/x.db"] {
         drop(create_db(&data.path().join(name), 1));
     }
     let y = format!(
@@ -343,11 +343,17 @@ fn keys_restore_would_refuse_are_reported() {
     let out = explain_ok(work.path());
     has(
         &out,
-        "3 database(s), 1 distinct key(s), 0 collision(s), 2 refused key(s)",
+        "4 database(s), 1 distinct key(s), 0 collision(s), 3 refused key(s)",
     );
     for (name, key, why) in [
         ("k/.db", "k/", "empty segment"),
         ("..db", ".", "`.` or `..` segment"),
+        // Its objects would lie among `k`'s generations (probe V).
+        (
+            "k/generations/x.db",
+            "k/generations/x",
+            "`generations` segment after its first",
+        ),
     ] {
         let path = data.path().join(name).display().to_string();
         has(&out, &format!("REFUSED {key:?}: {path}: "));
@@ -364,9 +370,10 @@ fn keys_restore_would_refuse_are_reported() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["distinct_keys"], 1);
     let refused = v["refused_keys"].as_array().unwrap();
-    assert_eq!(refused.len(), 2, "{v}");
+    assert_eq!(refused.len(), 3, "{v}");
     assert_eq!(refused[0]["key"], ".");
     assert_eq!(refused[1]["key"], "k/");
+    assert_eq!(refused[2]["key"], "k/generations/x");
     assert!(refused[1]["reason"]
         .as_str()
         .unwrap()

@@ -13,7 +13,7 @@ use crate::capture::snapshot;
 use crate::capture::wal::{self, Committed, WalCursor};
 use crate::error::IoContext;
 use crate::replica::hot::{segment_path, snapshot_path, GenerationId, Position, SnapshotEntry};
-use crate::replica::layout::check_key;
+use crate::replica::layout::check_new_key;
 use crate::replica::storage::Replica;
 use crate::{Error, Result};
 
@@ -50,7 +50,7 @@ pub async fn upload_snapshot(
     db: &Path,
     tmp_dir: &Path,
 ) -> Result<SnapshotEntry> {
-    check_key(key)?;
+    check_new_key(key)?;
     let (db, tmp_dir) = (db.to_path_buf(), tmp_dir.to_path_buf());
     let (tmp, size, compressed_size, sum) = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&tmp_dir).at(&tmp_dir)?;
@@ -89,7 +89,7 @@ pub async fn upload_segment(
     committed: DateTime<Utc>,
     frames: &[u8],
 ) -> Result<Position> {
-    check_key(key)?;
+    check_new_key(key)?;
     let location = segment_path(&replica.prefix, key, gen, pos, committed);
     let compressed = compress_segment(key, pos, frames)?;
     replica.put_bytes(&location, compressed).await?;
@@ -117,7 +117,7 @@ pub async fn upload_wal_segment(
     frames: Committed,
     tmp_dir: &Path,
 ) -> Result<u64> {
-    check_key(key)?;
+    check_new_key(key)?;
     let (file, wal_path, tmp_dir) = (wal.0, wal.1.to_path_buf(), tmp_dir.to_path_buf());
     let (tmp, commits) = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&tmp_dir).at(&tmp_dir)?;

@@ -48,7 +48,7 @@ use serde::Serialize;
 use super::cost::{
     thousands, usd_text, Bill, CostModel, FleetLoad, RequestRates, GET_USD, PUT_USD,
 };
-use crate::replica::layout::key_problem;
+use crate::replica::layout::new_key_problem;
 use crate::replica::storage::{ReplicaUrl, Secret};
 use crate::source::config::{self, Loaded};
 use crate::source::discover::Visitor;
@@ -396,7 +396,7 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
             continue;
         }
         if let Some((key, _)) = key_for(&loaded.patterns, &loaded.template, path) {
-            match key_problem(&key) {
+            match new_key_problem(&key) {
                 Some(why) => refused_keys.push(RefusedKey {
                     path: path.display().to_string(),
                     key,

@@ -1485,7 +1485,7 @@ fn snapshot_one(
         .ok_or_else(|| Error::invalid(path.display(), "matches no pattern any more"))?;
     // Refused at the scan already (`check_keys`); never uploaded under a
     // key `restore` would refuse, whatever the path to this point.
-    crate::replica::layout::check_key(&key)?;
+    crate::replica::layout::check_new_key(&key)?;
     // A directory below the pattern root swapped for a link since the scan
     // (or the change notification) named this path: the scan never follows
     // links there, so neither does its snapshot (black-box probe: a

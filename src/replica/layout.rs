@@ -51,6 +51,37 @@ pub fn check_key(key: &str) -> Result<()> {
     }
 }
 
+/// [`check_key`] for a key about to be uploaded: also refuses a key with a
+/// `generations` segment after its first ([`new_key_problem`]). Restores
+/// still accept such keys, for what was uploaded before.
+pub fn check_new_key(key: &str) -> Result<()> {
+    check_key(key)?;
+    match new_key_problem(key) {
+        None => Ok(()),
+        Some(why) => Err(Error::invalid(format!("key {key:?}"), why)),
+    }
+}
+
+/// What [`check_new_key`] finds wrong with `key`: [`key_problem`], or a
+/// segment `generations` after the first. Each key keeps its hot tier
+/// under `<key>/generations/` ([`crate::replica::hot::GENERATIONS_DIR`]),
+/// so the objects of a key `K/generations/X` lie among `K`'s generations:
+/// `list`, bulk restore and `verify` counted that database as a generation
+/// of `K` and left it out (exit 0), and a point-in-time restore of `K`
+/// was planned from a generation that was not `K`'s (black-box probe).
+pub fn new_key_problem(key: &str) -> Option<&'static str> {
+    key_problem(key).or_else(|| {
+        key.split('/')
+            .skip(1)
+            .any(|s| s == crate::replica::hot::GENERATIONS_DIR)
+            .then_some(
+                "has a `generations` segment after its first: each key keeps its hot tier \
+                 under `<key>/generations/`, so this key's objects would be taken for another \
+                 key's (rename the directory, or change multi-db.replica.path)",
+            )
+    })
+}
+
 /// The directory of litefleet's own objects under a replica root (the
 /// lease, the replica's identity, the fleet log): never a key's first
 /// segment.
@@ -191,6 +222,35 @@ mod tests {
             assert_eq!(key_problem(key), None, "{key:?}");
             assert_eq!(key_path(&prefix, key).as_ref(), format!("fleet/{key}"));
         }
+    }
+
+    /// A key whose objects would lie among another key's generations is
+    /// not uploaded; restores still take it (probe V).
+    #[test]
+    fn keys_inside_another_keys_generations_are_not_uploaded() {
+        for key in [
+            "acme/generations/ffffe6a1",
+            "a/generations",
+            "a/b/generations/c/d",
+        ] {
+            let why = new_key_problem(key).unwrap_or_else(|| panic!("{key:?} accepted"));
+            assert!(
+                why.contains("`generations` segment after its first"),
+                "{key}: {why}"
+            );
+            assert!(check_new_key(key).is_err(), "{key}");
+            assert_eq!(key_problem(key), None, "{key}");
+            check_key(key).unwrap();
+        }
+        for key in [
+            "generations",
+            "generations/x",
+            "a/generation",
+            "a/my-generations/x",
+        ] {
+            assert_eq!(new_key_problem(key), None, "{key:?}");
+        }
+        assert_eq!(new_key_problem("a//b"), key_problem("a//b"));
     }
 
     #[test]

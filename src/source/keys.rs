@@ -47,7 +47,7 @@ use std::hash::BuildHasher;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::replica::layout::key_problem;
+use crate::replica::layout::new_key_problem;
 use crate::source::discover::{Pattern, Visitor};
 use crate::source::template::{self, KeyTemplate};
 use crate::source::track::{contested_file, write_state_file, Id, Tracker};
@@ -277,7 +277,7 @@ impl Owners {
                 }
                 continue;
             };
-            if let Some(why) = key_problem(&key) {
+            if let Some(why) = new_key_problem(&key) {
                 let why = Refusal::InvalidKey(why);
                 refused.insert(id, Refused { key, why });
             } else if multi {

@@ -384,7 +384,7 @@ fn keys_restore_would_refuse_are_reported() {
 /// name limit is a warning (probe J: every upload of it failed with "File
 /// name too long", and --strict passed).
 #[test]
-fn names_too_long_for_a_file_replica_are_warned_about() {
+fn names_too_long_for_the_replica_are_warned_about() {
     let t = tempfile::tempdir().unwrap();
     let long = format!("{}.db", "x".repeat(240));
     drop(create_db(&t.path().join("data/p").join(&long), 1));
@@ -400,6 +400,27 @@ fn names_too_long_for_a_file_replica_are_warned_about() {
     assert!(out.contains("longer than 255 bytes"), "{out}");
     assert!(
         out.contains(&long) && !out.contains("short.db: its object"),
+        "{out}"
+    );
+    // S3 takes names of at most 1,024 bytes, in which a CJK character
+    // takes 9 (probe V: every upload failed with KeyTooLongError).
+    let cjk = format!("{}.db", "日".repeat(80));
+    drop(create_db(&t.path().join("data/p").join(&cjk), 1));
+    std::fs::remove_file(t.path().join("data/p").join(&long)).unwrap();
+    std::fs::write(
+        t.path().join("litefleet.yml"),
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: s3://bucket/prefix\n",
+    )
+    .unwrap();
+    let o = litefleet(t.path(), &["explain", "--strict"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("on the S3 replica would be longer than 1024 bytes"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&cjk) && !out.contains("short.db: its object"),
         "{out}"
     );
 }

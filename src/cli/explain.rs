@@ -245,6 +245,14 @@ impl Visitor for Collect {
 /// Longest file name Linux file systems store (`NAME_MAX`).
 const FILE_NAME_MAX: usize = 255;
 
+/// Longest object name S3 takes, in bytes.
+const S3_NAME_MAX: usize = 1024;
+
+/// What the hot tier adds to a key's object path at most:
+/// `/generations/<24 hex>/wal/<16 hex>_<16 hex>_<16 hex>.wal.lz4`.
+const HOT_SUFFIX_MAX: usize =
+    "/generations/".len() + 24 + "/wal/".len() + 3 * 16 + 2 + ".wal.lz4".len();
+
 /// Why `dir` cannot be created or written by this process, without
 /// creating anything: its nearest existing ancestor is no directory, or is
 /// not writable (when `dir` itself is missing) or `dir` is not writable.
@@ -421,42 +429,65 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
     }
     // A file:// replica stores each object path part as a file name, at
     // most 255 bytes (black-box probe: a 243-byte database name failed
-    // every upload with "File name too long", and --strict passed).
-    if let ReplicaUrl::File { .. } = loaded.replica {
-        let mut long: Vec<String> = by_key
-            .iter()
-            .flat_map(|(key, paths)| paths.iter().map(move |p| (key, p)))
-            .filter(|(key, p)| {
-                let stem = p
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .map(crate::source::template::stem)
-                    .unwrap_or_default();
-                let object = crate::replica::cold::snapshot_path(
-                    &object_store::path::Path::default(),
-                    key,
-                    stem,
-                    chrono::Utc::now(),
-                );
-                object
+    // every upload with "File name too long", and --strict passed). S3
+    // takes object names of at most 1,024 bytes, and a key's characters
+    // that need encoding take 3 bytes each in them (probe V: an 80-character
+    // CJK tenant name failed every upload with KeyTooLongError).
+    let s3_prefix = match &loaded.replica {
+        ReplicaUrl::S3 { prefix, .. } => Some(prefix.len() + 1),
+        ReplicaUrl::File { .. } => None,
+    };
+    let mut long: Vec<String> = by_key
+        .iter()
+        .flat_map(|(key, paths)| paths.iter().map(move |p| (key, p)))
+        .filter(|(key, p)| {
+            let stem = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(crate::source::template::stem)
+                .unwrap_or_default();
+            let object = crate::replica::cold::snapshot_path(
+                &object_store::path::Path::default(),
+                key,
+                stem,
+                chrono::Utc::now(),
+            );
+            match s3_prefix {
+                None => object
                     .parts()
-                    .any(|part| part.as_ref().len() > FILE_NAME_MAX)
-            })
-            .map(|(_, p)| p.display().to_string())
-            .collect();
-        long.sort();
-        for p in long.iter().take(COLLISIONS_SHOWN) {
-            warnings.push(format!(
-                "{p}: its object name on the file:// replica would be longer than {FILE_NAME_MAX} bytes, \
-                 which no file system stores: every upload of it fails (rename it, or shorten multi-db.replica.path)"
-            ));
-        }
-        if long.len() > COLLISIONS_SHOWN {
-            warnings.push(format!(
-                "... and {} more with object names too long for a file:// replica",
-                long.len() - COLLISIONS_SHOWN
-            ));
-        }
+                    .any(|part| part.as_ref().len() > FILE_NAME_MAX),
+                Some(prefix) => {
+                    let key =
+                        crate::replica::layout::key_path(&object_store::path::Path::default(), key);
+                    let longest = object
+                        .as_ref()
+                        .len()
+                        .max(key.as_ref().len() + HOT_SUFFIX_MAX);
+                    prefix + longest > S3_NAME_MAX
+                }
+            }
+        })
+        .map(|(_, p)| p.display().to_string())
+        .collect();
+    long.sort();
+    let (store, limit) = match s3_prefix {
+        None => (
+            "file://",
+            format!("{FILE_NAME_MAX} bytes, which no file system stores"),
+        ),
+        Some(_) => ("S3", format!("{S3_NAME_MAX} bytes, which S3 refuses")),
+    };
+    for p in long.iter().take(COLLISIONS_SHOWN) {
+        warnings.push(format!(
+            "{p}: its object name on the {store} replica would be longer than {limit}: \
+             every upload of it fails (rename it, or shorten multi-db.replica.path)"
+        ));
+    }
+    if long.len() > COLLISIONS_SHOWN {
+        warnings.push(format!(
+            "... and {} more with object names too long for a {store} replica",
+            long.len() - COLLISIONS_SHOWN
+        ));
     }
     let distinct_keys = by_key.len() as u64;
     let mut collisions: Vec<Collision> = by_key

@@ -160,11 +160,11 @@ async fn put_with_record(
     flip_taken_bit: Option<u32>,
 ) -> object_store::path::Path {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = litefleet::capture::snapshot::capture(db, tmp.path()).unwrap();
+    let snap = litefleet::capture::snapshot::capture(db, "p/d/a", tmp.path()).unwrap();
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut snap.reader().unwrap(), &mut bytes).unwrap();
     let frame = bytes.split_off(cold::RECORD_LEN);
-    let mut record = times.encode().to_vec();
+    let mut record = times.encode_for("p/d/a").to_vec();
     if v1 {
         // lfsnap01: the tag and the two times, no checksum.
         record.truncate(32);

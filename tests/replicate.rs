@@ -224,7 +224,7 @@ both_backends!(
             started: ahead - chrono::Duration::seconds(1),
             taken: ahead,
         };
-        bytes[..cold::RECORD_LEN].copy_from_slice(&times.encode());
+        bytes[..cold::RECORD_LEN].copy_from_slice(&times.encode_for(&key));
         let future = cold::snapshot_path(&replica.prefix, &key, "a", ahead);
         replica.store.put(&future, bytes.into()).await.unwrap();
         insert_rows(&c, 4);

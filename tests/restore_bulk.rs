@@ -226,9 +226,26 @@ async fn source_object(f: &Fleet) -> (bytes::Bytes, String) {
     (bytes, src.rsplit_once("/t0").unwrap().1.to_string())
 }
 
+/// `bytes`, a cold snapshot object, with its times record rewritten for
+/// `key`: an object copied under another key is refused as another
+/// database's, so planted objects are written for the key they are put
+/// under.
+fn bound_to(bytes: &[u8], key: &str) -> bytes::Bytes {
+    let ms = |i: usize| i64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
+    let at = |ms| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+    let times = litefleet::replica::cold::SnapshotTimes {
+        started: at(ms(16)),
+        taken: at(ms(24)),
+    };
+    let mut out = bytes.to_vec();
+    out[..litefleet::replica::cold::RECORD_LEN].copy_from_slice(&times.encode_for(key));
+    out.into()
+}
+
 async fn plant_hostile_keys(f: &Fleet) {
     let replica = f.replica();
     let (bytes, time) = source_object(f).await;
+    let bytes = bound_to(&bytes, "p9/d9");
     for stem in ["t1", "..", "."] {
         let loc = litefleet::replica::layout::key_path(&replica.prefix, "p9/d9")
             .join(format!("{stem}{time}").as_str());
@@ -365,6 +382,7 @@ both_backends!(keys_are_listed_used_and_restored_decoded, |b| async move {
 async fn encoded_parts_that_could_escape_are_refused() {
     let f = fleet_of_20(common::fleet::Backend::S3).await;
     let (bytes, time) = source_object(&f).await;
+    let bytes = bound_to(&bytes, "p7/m");
     let replica = f.replica();
     for rel in [
         format!("p7/a%2Fb/t0{time}"),

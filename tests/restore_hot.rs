@@ -118,7 +118,8 @@ impl Db {
     /// cold snapshot; then lets an hour pass on the test's clock, so the
     /// next one is in an hour of its own.
     async fn cold(&mut self, r: &Replica) -> (ObjPath, DateTime<Utc>) {
-        let snap = snapshot::capture(&self.path(), &self.dir.path().join("tmp")).unwrap();
+        let snap =
+            snapshot::capture(&self.path(), &self.key, &self.dir.path().join("tmp")).unwrap();
         let loc = self.put_cold(r, &snap).await;
         common::generations::move_clock_ahead(chrono::Duration::hours(1));
         (loc, mark().await)
@@ -134,7 +135,7 @@ impl Db {
         };
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut snap.reader().unwrap(), &mut bytes).unwrap();
-        bytes[..cold::RECORD_LEN].copy_from_slice(&times.encode());
+        bytes[..cold::RECORD_LEN].copy_from_slice(&times.encode_for(&self.key));
         let loc = cold::snapshot_path(&r.prefix, &self.key, "db", times.taken);
         r.put_bytes(&loc, bytes).await.unwrap();
         loc
@@ -1094,7 +1095,7 @@ both_backends!(
         db.cold(&r).await;
         let at = mark().await;
         db.commit(5);
-        let snap = snapshot::capture(&db.path(), &db.dir.path().join("tmp")).unwrap();
+        let snap = snapshot::capture(&db.path(), &db.key, &db.dir.path().join("tmp")).unwrap();
         assert!(snap.times.taken + common::generations::clock_ahead() > at);
         db.put_cold(&r, &snap).await;
         assert_eq!(rows_via(&f, &coarse, "p/d/c", Some(at)).await.unwrap(), 10);

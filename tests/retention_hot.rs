@@ -93,6 +93,7 @@ impl<'a> Names<'a> {
             logged: false,
             wal_starts: None,
             written: None,
+            key: None,
         };
         hot::write_metadata(self.r, KEY, &meta).await.unwrap();
         hot::metadata_path(&self.r.prefix, KEY, gen).to_string()

@@ -329,14 +329,14 @@ both_backends!(unreachable_replica_exits_2, |b| async move {
 /// it), under the name the replicator would give it (replacing its object).
 async fn put_cold(r: &Replica, key: &str, db: &Path, ahead: chrono::Duration) {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = snapshot::capture(db, tmp.path()).unwrap();
+    let snap = snapshot::capture(db, key, tmp.path()).unwrap();
     let times = cold::SnapshotTimes {
         started: Utc::now() + ahead,
         taken: Utc::now() + ahead,
     };
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut snap.reader().unwrap(), &mut bytes).unwrap();
-    let record = times.encode();
+    let record = times.encode_for(key);
     bytes[..record.len()].copy_from_slice(&record);
     let stem = db.file_stem().unwrap().to_str().unwrap();
     let loc = cold::snapshot_path(&r.prefix, key, stem, times.taken);

@@ -689,6 +689,7 @@ impl Shipper {
             logged: false,
             wal_starts: Some(Vec::new()),
             written: None,
+            key: Some(self.key.clone()),
         });
         self.generation = Some(id);
         self.snapshot = Some(copy);
@@ -2457,7 +2458,9 @@ mod tests {
             .expect("opened through a link")
             .to_string();
         assert!(e.contains("symbolic link"), "{e}");
-        let e = snapshot::capture(&a, dir.path()).unwrap_err().to_string();
+        let e = snapshot::capture(&a, "k", dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("symbolic link"), "{e}");
         let after: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
         assert_eq!(before.len(), after.len(), "files made beside the target");
@@ -2550,7 +2553,9 @@ mod tests {
             let step = s.read().unwrap();
             drop(s);
             let reopen = Shipper::open(&a2, "k").err().map(|e| e.to_string());
-            let snap = snapshot::capture(&a2, &tmp).err().map(|e| e.to_string());
+            let snap = snapshot::capture(&a2, "k", &tmp)
+                .err()
+                .map(|e| e.to_string());
             (step, reopen, snap)
         });
         assert!(matches!(step, Step::Lost(_)), "{step:?}");
@@ -2580,7 +2585,9 @@ mod tests {
         fifo(Path::new(&journal));
         let tmp = dir.path().to_path_buf();
         let e = within_seconds("a snapshot with a FIFO -journal", move || {
-            snapshot::capture(&b, &tmp).err().map(|e| e.to_string())
+            snapshot::capture(&b, "k", &tmp)
+                .err()
+                .map(|e| e.to_string())
         });
         assert!(e.as_deref().unwrap().contains("-journal"), "{e:?}");
         assert!(e.as_deref().unwrap().contains("FIFO"), "{e:?}");
@@ -2601,7 +2608,9 @@ mod tests {
         write_in_place(&a, b"");
         let e = Shipper::open(&a, "k").err().expect("no stream").to_string();
         assert!(e.contains("SQLite's header"), "{e}");
-        let e = snapshot::capture(&a, dir.path()).unwrap_err().to_string();
+        let e = snapshot::capture(&a, "k", dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("SQLite's header"), "{e}");
         assert_eq!(
             std::fs::read(wal_path(&a)).unwrap(),

@@ -246,12 +246,12 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 /// into a staged file in `tmp_dir`. Otherwise the backup API copies it,
 /// into an in-memory database (small) or a temporary file in `tmp_dir`,
 /// where it is checked and compressed.
-pub fn capture(db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
+pub fn capture(db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
     let source = open_read_only(db)?;
     if !has_header(&source, db)? {
         return Err(no_header(db));
     }
-    capture_open(source, db, tmp_dir)
+    capture_open(source, db, key, tmp_dir)
 }
 
 /// Whether the main file of `conn` (the database `db`) starts with SQLite's
@@ -277,21 +277,21 @@ pub fn no_header(db: &Path) -> Error {
 /// The header is read through the snapshot's own connection (its main file,
 /// [`VfsHandle::of`]), so a new database is opened once, not once for the
 /// header and again for the snapshot.
-pub fn capture_if_sqlite(db: &Path, tmp_dir: &Path) -> Result<Option<Snapshot>> {
+pub fn capture_if_sqlite(db: &Path, key: &str, tmp_dir: &Path) -> Result<Option<Snapshot>> {
     let source = open_read_only(db)?;
     if !has_header(&source, db)? {
         return Ok(None);
     }
-    capture_open(source, db, tmp_dir).map(Some)
+    capture_open(source, db, key, tmp_dir).map(Some)
 }
 
 /// [`capture`] on `source`, a connection [`open_read_only`] on `db`.
-fn capture_open(source: Connection, db: &Path, tmp_dir: &Path) -> Result<Snapshot> {
+fn capture_open(source: Connection, db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
     let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
     let started = Utc::now();
     if on_disk <= IN_MEMORY_MAX {
         if let Some(db_bytes) = file_only(&source, db)? {
-            return capture_small(source, db, db_bytes, started);
+            return capture_small(source, db, key, db_bytes, started);
         }
         let mut copy = backup_in_memory(&source, db)?;
         drop(source);
@@ -303,11 +303,11 @@ fn capture_open(source: Connection, db: &Path, tmp_dir: &Path) -> Result<Snapsho
         let data = copy
             .serialize(rusqlite::MAIN_DB)
             .map_err(|e| Error::sqlite(db, e))?;
-        return in_memory(db, &data, times, Copied::InMemory);
+        return in_memory(db, key, &data, times, Copied::InMemory);
     }
     std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
     if let Some(db_bytes) = file_only(&source, db)? {
-        return capture_file(source, db, db_bytes, started, tmp_dir);
+        return capture_file(source, db, key, db_bytes, started, tmp_dir);
     }
     let copy = NamedTempFile::with_prefix_in("copy-", tmp_dir)
         .at(tmp_dir)?
@@ -323,7 +323,17 @@ fn capture_open(source: Connection, db: &Path, tmp_dir: &Path) -> Result<Snapsho
     let db_bytes = input.metadata().at(&*copy)?.len();
     let (snap, ()) = check_beside(
         || (check(&copy, "quick_check"), ()),
-        || stage(&copy, input, db_bytes, times, tmp_dir, Copied::TempFile),
+        || {
+            stage(
+                &copy,
+                key,
+                input,
+                db_bytes,
+                times,
+                tmp_dir,
+                Copied::TempFile,
+            )
+        },
         db,
     )?;
     Ok(snap)
@@ -333,6 +343,7 @@ fn capture_open(source: Connection, db: &Path, tmp_dir: &Path) -> Result<Snapsho
 /// `times` record into a new staged file in `tmp_dir`.
 fn stage(
     src: &Path,
+    key: &str,
     input: impl Read,
     db_bytes: u64,
     times: SnapshotTimes,
@@ -341,7 +352,7 @@ fn stage(
 ) -> Result<Snapshot> {
     let out = staged_file(tmp_dir)?;
     let mut w = BufWriter::with_capacity(io_buffer(db_bytes), out.as_file());
-    w.write_all(&times.encode()).at(out.path())?;
+    w.write_all(&times.encode_for(key)).at(out.path())?;
     let mut w = compress_stream(src, input, db_bytes, w, out.path())?;
     w.flush().at(out.path())?;
     drop(w);
@@ -473,6 +484,7 @@ impl<F: ReadAt> Read for Prefix<F> {
 fn capture_file(
     source: Connection,
     db: &Path,
+    key: &str,
     db_bytes: u64,
     started: chrono::DateTime<Utc>,
     tmp_dir: &Path,
@@ -502,7 +514,7 @@ fn capture_file(
                 let checked = check_conn(&source, db, "quick_check");
                 (checked, source)
             },
-            || stage(db, input, db_bytes, times, tmp_dir, Copied::Direct),
+            || stage(db, key, input, db_bytes, times, tmp_dir, Copied::Direct),
             db,
         )?;
         return Ok(snap);
@@ -518,6 +530,7 @@ fn capture_file(
     // whole file is compressed.
     stage(
         db,
+        key,
         input,
         db_bytes,
         times,
@@ -553,6 +566,7 @@ fn check_beside<K: Send>(
 fn capture_small(
     source: Connection,
     db: &Path,
+    key: &str,
     db_bytes: u64,
     started: chrono::DateTime<Utc>,
 ) -> Result<Snapshot> {
@@ -567,16 +581,22 @@ fn capture_small(
         .read_exact_at(&mut data, 0)
         .at(db)?;
     drop(source);
-    in_memory(db, &data, times, Copied::DirectInMemory)
+    in_memory(db, key, &data, times, Copied::DirectInMemory)
 }
 
 /// A snapshot of `data`, the consistent bytes of `db`, compressed into
 /// memory behind its times record.
-fn in_memory(db: &Path, data: &[u8], times: SnapshotTimes, copied: Copied) -> Result<Snapshot> {
+fn in_memory(
+    db: &Path,
+    key: &str,
+    data: &[u8],
+    times: SnapshotTimes,
+    copied: Copied,
+) -> Result<Snapshot> {
     let db_bytes = data.len() as u64;
     let memory = Path::new("(memory)");
     let out = if data.is_empty() || data.len() > SMALL_BLOCK {
-        let head = times.encode().to_vec();
+        let head = times.encode_for(key).to_vec();
         bytes::Bytes::from(compress_stream(db, data, db_bytes, head, memory)?)
     } else {
         SMALL_ENCODER.with(|cell| {
@@ -586,7 +606,7 @@ fn in_memory(db: &Path, data: &[u8], times: SnapshotTimes, copied: Copied) -> Re
                 .take()
                 .unwrap_or_else(|| FrameEncoder::with_frame_info(frame_info(0), Vec::new()));
             enc.get_mut().clear();
-            enc.get_mut().extend_from_slice(&times.encode());
+            enc.get_mut().extend_from_slice(&times.encode_for(key));
             enc.write_all(data).at(memory)?;
             enc.try_finish().map_err(|e| lz4_error(e, db, memory))?;
             let out = bytes::Bytes::copy_from_slice(enc.get_ref());
@@ -1073,7 +1093,8 @@ mod tests {
                 started: t0 + chrono::Duration::milliseconds(i as i64),
                 taken: t0 + chrono::Duration::milliseconds(2 * i as i64),
             };
-            let snap = in_memory(Path::new("x.db"), data, times, Copied::DirectInMemory).unwrap();
+            let snap =
+                in_memory(Path::new("x.db"), "k", data, times, Copied::DirectInMemory).unwrap();
             let Staged::Memory(obj) = &snap.staged else {
                 panic!("in memory")
             };
@@ -1100,7 +1121,7 @@ mod tests {
         app.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1),(2),(3);")
             .unwrap();
         assert!(std::fs::metadata(t.path().join("w.db-wal")).unwrap().len() > 0);
-        let snap = capture(&db, &t.path().join("tmp")).unwrap();
+        let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
         // The application's WAL is untouched by our read-only connection.
         assert!(std::fs::metadata(t.path().join("w.db-wal")).unwrap().len() > 0);
         assert!(
@@ -1126,7 +1147,7 @@ mod tests {
              INSERT INTO t SELECT randomblob(4000) FROM n;",
         )
         .unwrap();
-        let snap = capture(&db, &t.path().join("tmp")).unwrap();
+        let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
         assert!(snap.db_bytes > IN_MEMORY_MAX);
         assert_eq!(snap.copied, Copied::Direct);
         assert_eq!(snap.db_bytes, std::fs::metadata(&db).unwrap().len());
@@ -1161,7 +1182,7 @@ mod tests {
         .unwrap();
         let wal = crate::source::discover::wal_path(&db);
         assert!(file_len(&wal).unwrap() > 0);
-        let snap = capture(&db, &t.path().join("tmp")).unwrap();
+        let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
         assert_eq!(snap.copied, Copied::TempFile, "frames not in the file yet");
         assert_eq!(restored(&snap, &t.path().join("copied.db")).1, 500);
 
@@ -1172,7 +1193,7 @@ mod tests {
             .unwrap();
         assert_eq!((busy, log), (0, done));
         assert!(file_len(&wal).unwrap() > 0, "the WAL keeps its frames");
-        let snap = capture(&db, &t.path().join("tmp")).unwrap();
+        let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
         assert_eq!(snap.copied, Copied::Direct, "every frame is in the file");
         assert_eq!(restored(&snap, &t.path().join("direct.db")).1, 500);
     }
@@ -1231,7 +1252,7 @@ mod tests {
             });
             for i in 0..16 {
                 let floor = committed.load(Ordering::SeqCst);
-                let snap = capture(&db, &t.path().join("tmp")).unwrap();
+                let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
                 match snap.copied {
                     Copied::Direct => direct += 1,
                     _ => copied += 1,
@@ -1280,7 +1301,7 @@ mod tests {
         let source = open_read_only(&db).unwrap();
         std::fs::rename(&other, &db).unwrap();
         let len = file_only(&source, &db).unwrap().expect("no WAL");
-        let snap = capture_file(source, &db, len, Utc::now(), t.path()).unwrap();
+        let snap = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap();
         assert_eq!(
             snap.copied,
             Copied::DirectAfterCheck,
@@ -1290,7 +1311,7 @@ mod tests {
         // Unmoved, the file is read through a second handle beside the check.
         let source = open_read_only(&db).unwrap();
         let len = file_only(&source, &db).unwrap().expect("no WAL");
-        let snap = capture_file(source, &db, len, Utc::now(), t.path()).unwrap();
+        let snap = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap();
         assert_eq!(snap.copied, Copied::Direct);
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 500);
     }
@@ -1323,7 +1344,7 @@ mod tests {
             }
             app.execute_batch("BEGIN IMMEDIATE").unwrap();
             assert!(!writable_from_outside(&db), "wal {wal}: the lock is held");
-            let snap = capture(&db, &t.path().join("tmp")).unwrap();
+            let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
             assert_eq!(snap.copied, Copied::Direct, "wal {wal}");
             assert!(
                 !writable_from_outside(&db),
@@ -1352,7 +1373,10 @@ mod tests {
         ] {
             let f = t.path().join(format!("{name}.db"));
             std::fs::write(&f, &bytes).unwrap();
-            assert!(capture_if_sqlite(&f, &tmp).unwrap().is_none(), "{name}");
+            assert!(
+                capture_if_sqlite(&f, "k", &tmp).unwrap().is_none(),
+                "{name}"
+            );
             assert_eq!(std::fs::read(&f).unwrap(), bytes, "{name} untouched");
         }
         assert!(!tmp.exists(), "nothing staged for a foreign file");
@@ -1368,11 +1392,13 @@ mod tests {
              BEGIN IMMEDIATE;",
         )
         .unwrap();
-        let snap = capture_if_sqlite(&db, &tmp).unwrap().expect("a database");
+        let snap = capture_if_sqlite(&db, "k", &tmp)
+            .unwrap()
+            .expect("a database");
         assert!(!writable_from_outside(&db), "the lock is still held");
         app.execute_batch("COMMIT").unwrap();
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 2);
-        assert!(capture_if_sqlite(&t.path().join("gone.db"), &tmp).is_err());
+        assert!(capture_if_sqlite(&t.path().join("gone.db"), "k", &tmp).is_err());
     }
 
     /// A damaged large database read from its own file is refused by the
@@ -1384,7 +1410,7 @@ mod tests {
         let sound = test_db::indexed(&db, Some(1000));
         assert!(sound.len() as u64 > IN_MEMORY_MAX);
         std::fs::write(&db, test_db::damaged(&sound)).unwrap();
-        match capture(&db, &t.path().join("tmp")) {
+        match capture(&db, "k", &t.path().join("tmp")) {
             Ok(s) => panic!("a damaged database was captured ({:?})", s.copied),
             Err(e) => assert!(e.to_string().contains("damaged, not uploading"), "{e}"),
         }
@@ -1425,7 +1451,7 @@ mod tests {
             .unwrap();
             // Under a regular file: no directory can be made there.
             let tmp = db.join("tmp");
-            let snap = capture(&db, &tmp).unwrap();
+            let snap = capture(&db, "k", &tmp).unwrap();
             assert!(matches!(snap.staged, Staged::Memory(_)), "page {page}");
             assert_eq!(snap.copied, Copied::InMemory, "frames in the WAL");
             let (restored_page, rows) = restored(&snap, &t.path().join("out.db"));
@@ -1433,7 +1459,7 @@ mod tests {
             // Checkpointed (and one more row), the file alone is read.
             app.execute_batch("INSERT INTO t VALUES (3); PRAGMA wal_checkpoint(TRUNCATE);")
                 .unwrap();
-            let snap = capture(&db, &tmp).unwrap();
+            let snap = capture(&db, "k", &tmp).unwrap();
             assert!(matches!(snap.staged, Staged::Memory(_)), "page {page}");
             assert_eq!(snap.copied, Copied::DirectInMemory, "page {page}");
             let (restored_page, rows) = restored(&snap, &t.path().join("out2.db"));
@@ -1451,7 +1477,7 @@ mod tests {
         let sound = test_db::indexed(&db, None);
         assert!(sound.len() as u64 <= IN_MEMORY_MAX);
         std::fs::write(&db, test_db::damaged(&sound)).unwrap();
-        match capture(&db, &t.path().join("tmp")) {
+        match capture(&db, "k", &t.path().join("tmp")) {
             Ok(s) => panic!("a damaged database was captured ({} bytes)", s.db_bytes),
             Err(e) => assert!(e.to_string().contains("damaged, not uploading"), "{e}"),
         }
@@ -1487,7 +1513,7 @@ mod tests {
             std::fs::read(&db).unwrap(),
             std::fs::read(&journal).unwrap(),
         );
-        let e = capture(&db, dir.path()).unwrap_err().to_string();
+        let e = capture(&db, "k", dir.path()).unwrap_err().to_string();
         assert!(e.contains("hot rollback journal"), "{e}");
         assert!(e.contains("crashed.db"), "{e}");
         let after = (

@@ -1492,9 +1492,9 @@ fn snapshot_one(
     // database outside the root was uploaded under this key).
     check_no_link_below(root_of(&loaded.patterns, path), path)?;
     let snap = if !unchecked {
-        snapshot::capture(path, temp_dir)?
+        snapshot::capture(path, &key, temp_dir)?
     } else {
-        match snapshot::capture_if_sqlite(path, temp_dir) {
+        match snapshot::capture_if_sqlite(path, &key, temp_dir) {
             Ok(Some(snap)) => snap,
             Ok(None) => return Ok(Captured::Done(Snapped::NotADatabase)),
             // SQLite could not open or snapshot it: the header, read on its

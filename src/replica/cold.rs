@@ -13,11 +13,13 @@
 //! * Each object is an LZ4 frame of the whole database, preceded by a
 //!   [`SnapshotTimes`] record in an LZ4 *skippable frame* (which `lz4 -d`
 //!   and every LZ4 frame decoder skip): when the copy began and when it was
-//!   complete, and (`lfsnap02`) an xxHash32 of both. Capture writes it
-//!   ([`crate::capture::snapshot`]). Records of the previous version
-//!   (`lfsnap01`, no checksum) are still read.
-//! * Every record is checked when it is read ([`SnapshotTimes::decode`]):
-//!   checksum, `started <= taken`, and `taken` in the hour the name implies.
+//!   complete, (`lfsnap03`) a hash of the key it was written for
+//!   ([`key_hash`]), and an xxHash32 of all that. Capture writes it
+//!   ([`crate::capture::snapshot`]). Records of the previous versions
+//!   (`lfsnap02`: no key; `lfsnap01`: no checksum either) are still read.
+//! * Every record is checked when it is read ([`record`]): checksum,
+//!   `started <= taken`, `taken` in the hour the name implies, and the key
+//!   being the one the object is listed under.
 //!   A record failing a check is [`Error::Damaged`], never "no record": a
 //!   flipped bit must not let a restore at `T` pick a copy completed after
 //!   `T`.
@@ -51,20 +53,51 @@ const RECORD_MAGIC: u32 = 0x184D_2A5A;
 /// with it.
 const LZ4_FRAME_MAGIC: u32 = 0x184D_2204;
 /// First bytes of the record's payload: names the format and its version.
-/// `lfsnap02`: the times and an xxHash32 of the tag and both times.
-const RECORD_TAG: &[u8; 8] = b"lfsnap02";
+/// `lfsnap03`: the times, an xxHash32 of the key's object path (the key the
+/// object was written for), and an xxHash32 of the tag, the times and that.
+const RECORD_TAG: &[u8; 8] = b"lfsnap03";
+/// The second version: the times and an xxHash32 of the tag and both times,
+/// no key. Still read (without the key check), written only by
+/// [`SnapshotTimes::encode`] for tests of older objects.
+const RECORD_TAG_V2: &[u8; 8] = b"lfsnap02";
 /// The first version of the record: the times without a checksum. Still
 /// read (with the same sanity checks), never written.
 const RECORD_TAG_V1: &[u8; 8] = b"lfsnap01";
-/// Payload: the tag, two times in Unix milliseconds (little endian) and the
-/// xxHash32 (seed 0, little endian) of the 24 bytes before it.
-const RECORD_PAYLOAD: usize = 8 + 8 + 8 + 4;
+/// Payload: the tag, two times in Unix milliseconds (little endian), the
+/// key's hash ([`key_hash`]) and the xxHash32 (seed 0, little endian) of the
+/// 28 bytes before it.
+const RECORD_PAYLOAD: usize = 8 + 8 + 8 + 4 + 4;
+/// Payload of an `lfsnap02` record: the tag, the two times and the checksum.
+const RECORD_PAYLOAD_V2: usize = 8 + 8 + 8 + 4;
 /// Payload of an `lfsnap01` record: the tag and the two times.
 const RECORD_PAYLOAD_V1: usize = 8 + 8 + 8;
 /// Bytes of the whole record frame at the start of a cold snapshot object:
 /// magic, payload length, payload. A ranged GET of this many bytes reads it
 /// (and the record of earlier objects, which is shorter).
 pub const RECORD_LEN: usize = 4 + 4 + RECORD_PAYLOAD;
+/// Bytes of an `lfsnap02` record frame.
+pub const RECORD_LEN_V2: usize = 4 + 4 + RECORD_PAYLOAD_V2;
+
+/// The hash a record keeps of the key its object was written for: xxHash32
+/// (seed 0) of the key's object path below the replica's prefix
+/// ([`key_path`] of the key under an empty prefix: its parts encoded as in
+/// object names). An object copied or moved under another key no longer
+/// matches it (black-box probe: another database's snapshot copied under a
+/// key was restored as that key's, exit 0); a whole replica moved under
+/// another prefix still does.
+pub fn key_hash(key: &str) -> u32 {
+    twox_hash::XxHash32::oneshot(0, key_path(&ObjPath::default(), key).as_ref().as_bytes())
+}
+
+/// [`key_hash`] of the key a cold snapshot object at `location` is listed
+/// under, in a replica at `prefix`: the object's path below the prefix,
+/// without its name. `None` when `location` is not below `prefix`.
+fn listed_key_hash(prefix: &ObjPath, location: &ObjPath) -> Option<u32> {
+    let parts: Vec<_> = location.prefix_match(prefix)?.collect();
+    let (_, dirs) = parts.split_last()?;
+    let path: ObjPath = dirs.iter().cloned().collect();
+    Some(twox_hash::XxHash32::oneshot(0, path.as_ref().as_bytes()))
+}
 
 /// xxHash32 (seed 0) of a record's tag and times.
 fn record_checksum(tag_and_times: &[u8]) -> u32 {
@@ -86,17 +119,39 @@ impl SnapshotTimes {
     /// `started` after `taken` (the clock stepped back during the copy) is
     /// written as `taken`, an earlier bound that is still true and that
     /// [`SnapshotTimes::decode`] accepts.
-    pub fn encode(&self) -> [u8; RECORD_LEN] {
+    /// The record of an object written for `key` (`lfsnap03`).
+    pub fn encode_for(&self, key: &str) -> [u8; RECORD_LEN] {
         let mut b = [0u8; RECORD_LEN];
         b[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         b[4..8].copy_from_slice(&(RECORD_PAYLOAD as u32).to_le_bytes());
         b[8..16].copy_from_slice(RECORD_TAG);
-        let started = self.started.min(self.taken).timestamp_millis();
-        b[16..24].copy_from_slice(&started.to_le_bytes());
-        let taken = crate::replica::layout::commit_millis(self.taken) as i64;
-        b[24..32].copy_from_slice(&taken.to_le_bytes());
+        b[16..32].copy_from_slice(&self.times_bytes());
+        b[32..36].copy_from_slice(&key_hash(key).to_le_bytes());
+        let sum = record_checksum(&b[8..36]);
+        b[36..40].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    /// An `lfsnap02` record, as versions before the key's hash wrote it
+    /// (tests of older objects).
+    pub fn encode(&self) -> [u8; RECORD_LEN_V2] {
+        let mut b = [0u8; RECORD_LEN_V2];
+        b[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&(RECORD_PAYLOAD_V2 as u32).to_le_bytes());
+        b[8..16].copy_from_slice(RECORD_TAG_V2);
+        b[16..32].copy_from_slice(&self.times_bytes());
         let sum = record_checksum(&b[8..32]);
         b[32..36].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    /// `started` and `taken` as the record holds them.
+    fn times_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        let started = self.started.min(self.taken).timestamp_millis();
+        b[..8].copy_from_slice(&started.to_le_bytes());
+        let taken = crate::replica::layout::commit_millis(self.taken) as i64;
+        b[8..].copy_from_slice(&taken.to_le_bytes());
         b
     }
 
@@ -114,6 +169,15 @@ impl SnapshotTimes {
         head: &[u8],
         hour: DateTime<Utc>,
     ) -> std::result::Result<Option<SnapshotTimes>, String> {
+        Self::decode_keyed(head, hour).map(|r| r.map(|(t, _)| t))
+    }
+
+    /// [`SnapshotTimes::decode`], with the [`key_hash`] an `lfsnap03`
+    /// record holds (`None` for older ones).
+    pub fn decode_keyed(
+        head: &[u8],
+        hour: DateTime<Utc>,
+    ) -> std::result::Result<Option<(SnapshotTimes, Option<u32>)>, String> {
         let word = |i: usize| {
             head.get(i..i + 4)
                 .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
@@ -131,9 +195,10 @@ impl SnapshotTimes {
         }
         let payload = word(4).ok_or("times record cut short")? as usize;
         let tag = head.get(8..16);
-        let v2 = payload == RECORD_PAYLOAD && tag == Some(&RECORD_TAG[..]);
+        let v3 = payload == RECORD_PAYLOAD && tag == Some(&RECORD_TAG[..]);
+        let v2 = payload == RECORD_PAYLOAD_V2 && tag == Some(&RECORD_TAG_V2[..]);
         let v1 = payload == RECORD_PAYLOAD_V1 && tag == Some(&RECORD_TAG_V1[..]);
-        if !v1 && !v2 {
+        if !v1 && !v2 && !v3 {
             return Err(format!(
                 "times record of unknown length {payload} or tag {:?}",
                 String::from_utf8_lossy(tag.unwrap_or_default())
@@ -142,12 +207,13 @@ impl SnapshotTimes {
         if head.len() < 8 + payload {
             return Err("times record cut short".into());
         }
-        if v2 {
-            let sum = word(32).expect("length checked");
-            if sum != record_checksum(&head[8..32]) {
-                return Err("times record fails its checksum".into());
-            }
+        let checked = if v3 { 36 } else { 32 };
+        if (v2 || v3)
+            && word(checked).expect("length checked") != record_checksum(&head[8..checked])
+        {
+            return Err("times record fails its checksum".into());
         }
+        let key = v3.then(|| word(32).expect("length checked"));
         let time = |ms: i64| {
             DateTime::from_timestamp_millis(ms)
                 .ok_or_else(|| format!("times record: {ms} ms is out of range"))
@@ -171,20 +237,34 @@ impl SnapshotTimes {
                 rfc(hour)
             ));
         }
-        Ok(Some(times))
+        Ok(Some((times, key)))
     }
 }
 
 /// The times recorded at the start of the cold snapshot `location` (named
-/// hour `hour`), from `head`, its first [`RECORD_LEN`] bytes (or all of a
-/// shorter object): [`SnapshotTimes::decode`], a bad record being
-/// [`Error::Damaged`] naming the object.
+/// hour `hour`) of a replica at `prefix`, from `head`, its first
+/// [`RECORD_LEN`] bytes (or all of a shorter object):
+/// [`SnapshotTimes::decode`], a bad record being [`Error::Damaged`] naming
+/// the object, and so is a record written for another key than the one
+/// the object is listed under ([`key_hash`]).
 pub fn record(
+    prefix: &ObjPath,
     location: &ObjPath,
     hour: DateTime<Utc>,
     head: &[u8],
 ) -> Result<Option<SnapshotTimes>> {
-    SnapshotTimes::decode(head, hour).map_err(|why| Error::damaged(location, why))
+    let got =
+        SnapshotTimes::decode_keyed(head, hour).map_err(|why| Error::damaged(location, why))?;
+    match got {
+        Some((_, Some(recorded))) if listed_key_hash(prefix, location) != Some(recorded) => {
+            Err(Error::damaged(
+                location,
+                "its times record names another key than the one it is listed under: the \
+                 snapshot of another database, copied or moved here",
+            ))
+        }
+        got => Ok(got.map(|(t, _)| t)),
+    }
 }
 
 /// The next full hour after `t` (a snapshot at 13:00:00 exactly is named 14:00).
@@ -364,7 +444,7 @@ pub async fn recorded_times(replica: &Replica, s: &SnapshotInfo) -> Result<Optio
                 )
             })?
     };
-    record(&s.location, s.hour, &head)
+    record(&replica.prefix, &s.location, s.hour, &head)
 }
 
 /// Why [`choose_cold`] could not choose.
@@ -589,11 +669,15 @@ mod tests {
     fn records_roundtrip_and_old_ones_are_read() {
         let t = sample();
         let hour = next_hour(t.taken);
+        let mut obj = t.encode_for("k").to_vec();
+        obj.extend_from_slice(&LZ4_FRAME_MAGIC.to_le_bytes());
+        assert_eq!(&obj[8..16], b"lfsnap03");
+        assert_eq!(SnapshotTimes::decode(&obj, hour), Ok(Some(t)));
+        assert_eq!(SnapshotTimes::decode(&obj[..RECORD_LEN], hour), Ok(Some(t)));
         let mut obj = t.encode().to_vec();
         obj.extend_from_slice(&LZ4_FRAME_MAGIC.to_le_bytes());
         assert_eq!(&obj[8..16], b"lfsnap02");
         assert_eq!(SnapshotTimes::decode(&obj, hour), Ok(Some(t)));
-        assert_eq!(SnapshotTimes::decode(&obj[..RECORD_LEN], hour), Ok(Some(t)));
         let old = v1(t.started, t.taken);
         assert_eq!(SnapshotTimes::decode(&old, hour), Ok(Some(t)));
         // No record: an LZ4 frame right away.
@@ -629,7 +713,13 @@ mod tests {
     fn every_flipped_bit_of_a_record_is_damage() {
         let t = sample();
         let hour = next_hour(t.taken);
-        let good = t.encode();
+        let v2 = t.encode();
+        for bit in 0..RECORD_LEN_V2 * 8 {
+            let mut b = v2;
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(SnapshotTimes::decode(&b, hour).is_err(), "bit {bit}");
+        }
+        let good = t.encode_for("p/d/t");
         for bit in 0..RECORD_LEN * 8 {
             let mut b = good;
             b[bit / 8] ^= 1 << (bit % 8);
@@ -645,6 +735,39 @@ mod tests {
             assert!(SnapshotTimes::decode(&good[..n], hour).is_err(), "{n}");
         }
         assert!(SnapshotTimes::decode(b"garbage!", hour).is_err());
+    }
+
+    /// A record names the key its object was written for: listed under
+    /// another key (copied or moved there), the object is damage; a whole
+    /// replica under another prefix is not; records without a key (older
+    /// versions) are read as before (probe X: another database's snapshot
+    /// copied under a key was restored as that key's, exit 0).
+    #[test]
+    fn a_record_belongs_to_its_key() {
+        let t = sample();
+        let hour = next_hour(t.taken);
+        let head = t.encode_for("p/d/é t");
+        let prefix = ObjPath::from("fleet");
+        let at = |key: &str| snapshot_path(&prefix, key, "t", t.taken);
+        assert_eq!(
+            record(&prefix, &at("p/d/é t"), hour, &head).unwrap(),
+            Some(t)
+        );
+        let e = record(&prefix, &at("p/d/b"), hour, &head).unwrap_err();
+        assert!(matches!(e, Error::Damaged { .. }), "{e:?}");
+        assert!(e.to_string().contains("names another key"), "{e}");
+        assert!(e.to_string().contains("p/d/b"), "{e}");
+        // Below a prefix, or a part of it, that is not the replica's.
+        let e = record(&prefix, &at("d/é t"), hour, &head).unwrap_err();
+        assert!(e.to_string().contains("names another key"), "{e}");
+        let moved = ObjPath::from("new/place");
+        let loc = snapshot_path(&moved, "p/d/é t", "t", t.taken);
+        assert_eq!(record(&moved, &loc, hour, &head).unwrap(), Some(t));
+        // Older records carry no key.
+        assert_eq!(
+            record(&prefix, &at("p/d/b"), hour, &t.encode()).unwrap(),
+            Some(t)
+        );
     }
 
     #[test]

@@ -418,6 +418,13 @@ pub struct Metadata {
     /// earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written: Option<DateTime<Utc>>,
+    /// The key the generation was shipped for. A generation whose metadata
+    /// names another key (copied or moved under this one) is refused by
+    /// [`read_metadata`] (black-box probe: another database's generation
+    /// copied under a key was restored as that key's, exit 0). `None` in
+    /// metadata written by earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// What the header of WAL `index` says about its frames: the salts every
@@ -1402,9 +1409,29 @@ pub async fn read_metadata(
     let Some(bytes) = replica.get_small(&location, MAX_METADATA_BYTES).await? else {
         return Ok(None);
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| Error::invalid(&location, format!("invalid metadata: {e}")))
+    let meta: Metadata = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::invalid(&location, format!("invalid metadata: {e}")))?;
+    // Metadata that is not this generation's, or not this key's: a
+    // generation copied, moved or renamed from elsewhere.
+    if meta.generation != *gen {
+        return Err(Error::invalid(
+            &location,
+            format!(
+                "invalid metadata: it is generation {}'s, not {gen}'s (a generation renamed or moved here)",
+                meta.generation
+            ),
+        ));
+    }
+    if let Some(theirs) = meta.key.as_deref().filter(|k| *k != key) {
+        return Err(Error::invalid(
+            &location,
+            format!(
+                "invalid metadata: the generation was shipped for the key {theirs:?}, not {key:?} \
+                 (another database's generation, copied or moved here)"
+            ),
+        ));
+    }
+    Ok(Some(meta))
 }
 
 /// Whether `dir` (a path relative to the replica prefix) is a generation's
@@ -1456,6 +1483,7 @@ mod tests {
             wal_starts: Some(Vec::new()),
             logged: true,
             written: Some(id.created()),
+            key: Some("k/".repeat(512)),
         };
         for i in 0..MAX_GENERATION_WALS as u64 {
             let index = u64::MAX - i;
@@ -1476,6 +1504,63 @@ mod tests {
 
     use super::*;
     use chrono::{Duration, TimeZone};
+
+    /// Metadata names its generation and (since it holds it) its key: a
+    /// generation copied or moved under another key, or renamed, is
+    /// refused, naming the object (probe X: another database's generation
+    /// copied under a key was restored as that key's, exit 0).
+    #[tokio::test]
+    async fn a_generation_belongs_to_its_key_and_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open_dir(dir.path()).unwrap();
+        let gen = new_generation_id(t(0));
+        let meta = |key: Option<&str>| Metadata {
+            generation: gen.clone(),
+            page_size: 4096,
+            created: gen.created(),
+            first: Position::start(0),
+            last: Position::start(0),
+            snapshots: Vec::new(),
+            wal_ends: Vec::new(),
+            wal_starts: Some(Vec::new()),
+            logged: false,
+            written: None,
+            key: key.map(str::to_string),
+        };
+        write_metadata(&r, "p/a", &meta(Some("p/a"))).await.unwrap();
+        assert!(read_metadata(&r, "p/a", &gen).await.unwrap().is_some());
+        // Copied under another key.
+        write_metadata(&r, "p/b", &meta(Some("p/a"))).await.unwrap();
+        let e = read_metadata(&r, "p/b", &gen)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("shipped for the key \"p/a\", not \"p/b\""),
+            "{e}"
+        );
+        assert!(
+            e.contains(metadata_path(&r.prefix, "p/b", &gen).as_ref()),
+            "{e}"
+        );
+        // Renamed to another generation's name.
+        let other = new_generation_id(t(1));
+        let bytes = serde_json::to_vec(&meta(Some("p/a"))).unwrap();
+        r.put_bytes(&metadata_path(&r.prefix, "p/a", &other), bytes)
+            .await
+            .unwrap();
+        let e = read_metadata(&r, "p/a", &other)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("it is generation {gen}'s, not {other}'s")),
+            "{e}"
+        );
+        // Written by a version before the key: read as before.
+        write_metadata(&r, "p/c", &meta(None)).await.unwrap();
+        assert!(read_metadata(&r, "p/c", &gen).await.unwrap().is_some());
+    }
 
     fn t(sec: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap() + Duration::seconds(sec)

@@ -522,6 +522,7 @@ mod tests {
                 wal_ends: self.wal_ends.clone(),
                 logged: false,
                 written: Some(Utc::now()),
+                key: None,
             };
             write_metadata(r, "k", &meta).await.unwrap();
         }

@@ -575,6 +575,7 @@ async fn fetch_once(
     };
     let output = output.to_path_buf();
     let location = location.clone();
+    let prefix = replica.prefix.clone();
     blocking(move || {
         let what = location.to_string();
         let mut staged = Staged::new(&output)?;
@@ -584,7 +585,7 @@ async fn fetch_once(
         // the object all the same (a restore at a time before it was
         // taken could have chosen it), so it is never installed.
         if let Some(name) = location.filename().and_then(cold::parse_snapshot_name) {
-            cold::record(&location, name.hour, &bridge.head)?;
+            cold::record(&prefix, &location, name.hour, &bridge.head)?;
         }
         staged.install(&what)?;
         Ok(n)

@@ -158,6 +158,7 @@ impl GenWriter {
             logged: false,
             wal_starts: Some(self.wal_starts.clone()),
             written: Some(now()),
+            key: None,
         };
         hot::write_metadata(r, &self.key, &meta).await.unwrap();
     }

@@ -419,7 +419,7 @@ impl Replica {
                         .with_fsync(true),
                 );
                 Ok(Replica {
-                    store: Arc::new(LocalObjects(fs.clone())),
+                    store: Arc::new(LocalObjects(fs.clone(), dir.clone())),
                     prefix: ObjPath::default(),
                     description: format!("file://{}", dir.display()),
                     local: Some(fs),
@@ -987,7 +987,7 @@ impl Replica {
 /// listing shows such an entry (`list_with_delimiter`), so a restore
 /// planned with it fails here rather than hanging.
 #[derive(Debug)]
-struct LocalObjects(Arc<LocalFileSystem>);
+struct LocalObjects(Arc<LocalFileSystem>, PathBuf);
 
 impl std::fmt::Display for LocalObjects {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1016,6 +1016,30 @@ impl LocalObjects {
             .into(),
         })
     }
+}
+
+/// An entry of `dir` that object_store's listing of it leaves out or shows
+/// as a directory, where litefleet would have written an object: a link to
+/// nothing, or a directory named like an object (`.lz4`, `.json`, `.pack`).
+/// Listed objects are what a restore chooses from, so such an entry made it
+/// take an older object for the newest, exit 0 (black-box probe). One
+/// `read_dir`; entries are typed from it, with no stat of their own but for
+/// links.
+fn hidden_entry(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
+    let object_like = |n: &str| [".lz4", ".json", ".pack"].iter().any(|s| n.ends_with(s));
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let path = entry.path();
+        if kind.is_symlink() && std::fs::metadata(&path).is_err() {
+            return Some((path, "is a link to nothing"));
+        }
+        if kind.is_dir() && entry.file_name().to_str().is_some_and(object_like) {
+            return Some((path, "is a directory named like an object"));
+        }
+    }
+    None
 }
 
 #[async_trait::async_trait]
@@ -1081,7 +1105,24 @@ impl ObjectStore for LocalObjects {
         &self,
         prefix: Option<&ObjPath>,
     ) -> object_store::Result<object_store::ListResult> {
-        self.0.list_with_delimiter(prefix).await
+        let listed = self.0.list_with_delimiter(prefix).await?;
+        // object_store maps only a file's path (not the root, nor a name
+        // ending `#<digits>`, its staging files' form); those stay unchecked.
+        let dir = match prefix.filter(|p| p.parts().next().is_some()) {
+            None => Some(self.1.clone()),
+            Some(p) => self.0.path_to_filesystem(p).ok(),
+        };
+        match dir.and_then(|d| hidden_entry(&d)) {
+            None => Ok(listed),
+            Some((path, what)) => Err(object_store::Error::NotSupported {
+                source: format!(
+                    "{} {what}: litefleet never writes one there, and a listing would leave it \
+                     out without a word (a restore would take an older object for the newest)",
+                    path.display()
+                )
+                .into(),
+            }),
+        }
     }
 
     async fn copy_opts(
@@ -1693,6 +1734,49 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    /// A link to nothing, or a directory named like an object, where
+    /// objects are listed fails the listing naming it: the listing left
+    /// them out, and a restore took an older object for the newest, exit 0
+    /// (black-box probe). A link to a file and other directories list.
+    #[tokio::test]
+    async fn entries_a_listing_would_leave_out_fail_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open_dir(dir.path()).unwrap();
+        let k = ObjPath::from("k");
+        r.put_bytes(&ObjPath::from("k/a-20261206-090000.db.lz4"), b"x".to_vec())
+            .await
+            .unwrap();
+        let key_dir = dir.path().join("k");
+        std::fs::create_dir(key_dir.join("generations")).unwrap();
+        std::os::unix::fs::symlink(key_dir.join("a-20261206-090000.db.lz4"), key_dir.join("l"))
+            .unwrap();
+        assert_eq!(r.list_dir(&k).await.unwrap().len(), 2);
+        let newest = key_dir.join("a-20261206-100000.db.lz4");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &newest).unwrap();
+        let e = r.list_dir(&k).await.unwrap_err().to_string();
+        assert!(
+            e.contains("a-20261206-100000.db.lz4 is a link to nothing"),
+            "{e}"
+        );
+        std::fs::remove_file(&newest).unwrap();
+        std::fs::create_dir(&newest).unwrap();
+        let e = r.list_dir(&k).await.unwrap_err().to_string();
+        assert!(e.contains("is a directory named like an object"), "{e}");
+        // The replica's root is checked too.
+        std::fs::remove_dir(&newest).unwrap();
+        assert_eq!(
+            r.list_children(&ObjPath::default()).await.unwrap().0.len(),
+            1
+        );
+        std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("x.json")).unwrap();
+        let e = r
+            .list_children(&ObjPath::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.json is a link to nothing"), "{e}");
     }
 
     /// Above the object's directory (which the store syncs), each

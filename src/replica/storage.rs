@@ -1020,13 +1020,14 @@ impl LocalObjects {
 
 /// An entry of `dir` that object_store's listing of it leaves out or shows
 /// as a directory, where litefleet would have written an object: a link to
-/// nothing, or a directory named like an object (`.lz4`, `.json`, `.pack`).
+/// nothing, or a directory named like a cold snapshot (a key's directory
+/// may have any other name).
 /// Listed objects are what a restore chooses from, so such an entry made it
 /// take an older object for the newest, exit 0 (black-box probe). One
 /// `read_dir`; entries are typed from it, with no stat of their own but for
 /// links.
 fn hidden_entry(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
-    let object_like = |n: &str| [".lz4", ".json", ".pack"].iter().any(|s| n.ends_with(s));
+    let object_like = |n: &str| crate::replica::cold::parse_snapshot_name(n).is_some();
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let Ok(kind) = entry.file_type() else {
             continue;
@@ -1764,6 +1765,11 @@ mod tests {
         std::fs::create_dir(&newest).unwrap();
         let e = r.list_dir(&k).await.unwrap_err().to_string();
         assert!(e.contains("is a directory named like an object"), "{e}");
+        // A key's directory may be named like anything else.
+        std::fs::remove_dir(&newest).unwrap();
+        std::fs::create_dir(key_dir.join("config.json")).unwrap();
+        assert_eq!(r.list_dir(&k).await.unwrap().len(), 2);
+        std::fs::create_dir(&newest).unwrap();
         // The replica's root is checked too.
         std::fs::remove_dir(&newest).unwrap();
         assert_eq!(

@@ -19,10 +19,15 @@
 //! is 503 until one succeeds.
 //!
 //! Connections: at most [`MAX_CONNECTIONS`] at once, each closed after
-//! [`IDLE_TIMEOUT`] without a byte either way (`Bounded`). Without
-//! either, connections that never sent a request were kept for good, and
+//! [`IDLE_TIMEOUT`] without a byte either way (`Bounded`), and after its
+//! response (`Connection: close`: no keep-alive, so clients that poll
+//! hold a slot only while they are answered). Without a cap and a
+//! timeout, connections that never sent a request were kept for good, and
 //! enough of them took every file descriptor the daemon had: its scans,
-//! its upload records and its lease renewals failed (black-box probe).
+//! its upload records and its lease renewals failed; with keep-alive, 32
+//! polling clients held every slot (black-box probes). A stop waits at
+//! most [`STOP_GRACE`] for connections still open (one sending half a
+//! request held the daemon's exit).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -532,6 +537,16 @@ pub fn router(stats: Arc<Stats>, scan_interval: Duration, fence: Option<Arc<Fenc
         .route("/healthz", get(healthz))
         .route("/stats", get(stats_json))
         .route("/metrics", get(metrics))
+        // No keep-alive (see the module docs).
+        .layer(axum::middleware::map_response(
+            |mut r: Response| async move {
+                r.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+                r
+            },
+        ))
         .with_state(Ops {
             stats,
             scan_interval,
@@ -559,11 +574,20 @@ pub async fn serve(
         idle: IDLE_TIMEOUT,
     };
     let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "operations endpoint stopped");
+        let stopping = shutdown.clone();
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stopping.cancelled().await });
+        let cut = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        tokio::select! {
+            r = served => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "operations endpoint stopped");
+                }
+            }
+            () = cut => tracing::debug!("operations endpoint: connections still open at the stop are dropped"),
         }
     });
     tracing::info!(addr = %bound, "operations endpoint: /healthz /stats /metrics");
@@ -575,12 +599,14 @@ pub async fn serve(
 /// scraper or two need a handful.
 pub const MAX_CONNECTIONS: usize = 32;
 
-/// A connection with no byte read or written for this long is closed: long
-/// enough for a scraper's keep-alive between scrapes (Prometheus scrapes
-/// every 15 s by default, 60 s at most in common setups, and reconnects
-/// when it finds the connection closed), short enough that idle
-/// connections do not pile up.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// A connection with no byte read or written for this long is closed: a
+/// request is a few hundred bytes sent at once, and no connection is kept
+/// after its response, so only a client that connects and sends nothing
+/// (or half a request) waits this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a stop waits for the endpoint's open connections to end.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// A listener that accepts a connection only while fewer than its `slots`
 /// are taken, and closes one idle for `idle` (see the module docs).
@@ -1023,5 +1049,48 @@ mod tests {
         assert!(answered >= *first_closed, "served beyond the cap");
         stop.cancel();
         server.await.unwrap().unwrap();
+    }
+
+    /// Every response closes its connection (no keep-alive: polling clients
+    /// held every slot, probe Y), and a stop does not wait for a client that
+    /// sent half a request (it held the daemon's exit).
+    #[tokio::test]
+    async fn connections_end_with_their_response_and_at_the_stop() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stop = CancellationToken::new();
+        let stats = Arc::new(Stats::default());
+        let (addr, task) = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            stats,
+            Duration::from_secs(15),
+            None,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let limit = Duration::from_secs(30);
+        for path in ["/healthz", "/stats", "/metrics"] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let ask = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            c.write_all(ask.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(limit, c.read_to_end(&mut got))
+                .await
+                .expect("a kept-alive connection")
+                .unwrap();
+            let reply = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            assert!(reply.contains("\r\nconnection: close\r\n"), "{reply}");
+        }
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let stopped = tokio::time::Instant::now();
+        stop.cancel();
+        tokio::time::timeout(limit, task)
+            .await
+            .expect("the stop waited for a half-sent request")
+            .unwrap();
+        assert!(stopped.elapsed() < IDLE_TIMEOUT, "{:?}", stopped.elapsed());
     }
 }

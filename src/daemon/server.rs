@@ -330,7 +330,7 @@ impl StatsView {
         metric(
             "litefleet_invalid_keys",
             "gauge",
-            "Databases not backed up because their key is one restore refuses (an empty, . or .. segment).",
+            "Databases not backed up because their key is not one litefleet uploads (an empty, . or .. segment, a first segment .litefleet, a generations segment after the first).",
             &[("", f(self.invalid_keys))],
         );
         metric(

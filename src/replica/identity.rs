@@ -129,7 +129,9 @@ pub async fn enclosing_root(replica: &Replica) -> Result<Option<EnclosingRoot>> 
             if std::fs::symlink_metadata(&path).is_ok() {
                 return Ok(Some(EnclosingRoot {
                     name: format!("file://{}", d.display()),
-                    created: std::fs::read(&path).ok().and_then(|b| created(&b)),
+                    created: crate::replica::storage::read_regular(&path)
+                        .ok()
+                        .and_then(|b| created(&b)),
                 }));
             }
         }

@@ -858,7 +858,7 @@ impl Replica {
         location: &ObjPath,
     ) -> Result<Option<(Bytes, UpdateVersion)>> {
         if let Some(path) = self.local_path(location)? {
-            return tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+            return tokio::task::spawn_blocking(move || match read_regular(&path) {
                 Ok(b) => {
                     let v = content_version(&b);
                     Ok(Some((Bytes::from(b), v)))
@@ -938,7 +938,7 @@ impl Replica {
         if let Some(path) = self.local_path(location)? {
             let expected = expected.clone();
             return tokio::task::spawn_blocking(move || {
-                with_flock(&path, || match std::fs::read(&path) {
+                with_flock(&path, || match read_regular(&path) {
                     Ok(b) if content_version(&b) == expected => {
                         std::fs::remove_file(&path).at(&path)?;
                         sync_parent(&path)?;
@@ -1183,6 +1183,33 @@ const FLOCK_WAIT: Duration = Duration::from_secs(10);
 /// Pause between two tries at that lock.
 const FLOCK_POLL: Duration = Duration::from_millis(5);
 
+/// Reads a whole file of a `file://` replica that litefleet reads itself
+/// (the lease, the identity): opened without waiting (`O_NONBLOCK`, which
+/// changes nothing for a regular file), and refused unless it is a regular
+/// file. A FIFO at `.litefleet/lease.json` held `replicate`'s start for
+/// good, SIGTERM included (black-box probe).
+pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{}: litefleet never writes one there, and does not read it",
+                crate::error::not_regular(&meta)
+            ),
+        ));
+    }
+    let mut b = Vec::with_capacity(meta.len() as usize);
+    f.read_to_end(&mut b)?;
+    Ok(b)
+}
+
 fn with_flock<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
@@ -1381,7 +1408,7 @@ async fn local_cas(
     let what = path.display().to_string();
     tokio::task::spawn_blocking(move || {
         with_flock(&path, || {
-            let current = match std::fs::read(&path) {
+            let current = match read_regular(&path) {
                 Ok(b) => Some(content_version(&b)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(Error::io(&path, e)),
@@ -1720,6 +1747,17 @@ mod tests {
         );
         assert!(e.to_string().contains("k/fifo"), "{e}");
         let e = tokio::time::timeout(limit, r.get_range_bytes(&fifo, 0..1))
+            .await
+            .expect("hung")
+            .unwrap_err();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+        // Read by litefleet itself (the lease's compare-and-swap).
+        let e = tokio::time::timeout(limit, r.get_versioned(&fifo))
+            .await
+            .expect("hung")
+            .unwrap_err();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+        let e = tokio::time::timeout(limit, r.put_if_absent(&fifo, Bytes::from_static(b"x")))
             .await
             .expect("hung")
             .unwrap_err();

@@ -237,7 +237,21 @@ pub fn classify(e: &Error) -> Verdict {
     let text = e.to_string();
     let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
     let integrity = || has(&["integrity_check failed", "quick_check failed"]);
+    // An entry of a file:// replica that litefleet refuses to open or list
+    // (a FIFO, a link to nothing): the replica's content, not the drill
+    // (probe Y: "could not check (transport)").
+    let not_an_object = || {
+        has(&[
+            "not a regular file",
+            "is a link to nothing",
+            "is a directory named like an object",
+        ])
+    };
     match e {
+        Error::Store {
+            source: object_store::Error::NotSupported { .. },
+            ..
+        } => Verdict::Problem(Problem::Damaged),
         Error::Store { .. } => Verdict::Unverifiable(Unverifiable::Transport),
         Error::Io { .. } | Error::Config { .. } => Verdict::Unverifiable(Unverifiable::Local),
         Error::NotFound(_) => Verdict::Problem(Problem::NotFound),
@@ -259,7 +273,10 @@ pub fn classify(e: &Error) -> Verdict {
             // Also wrapped by a hot-tier failure that names a cold
             // fallback (black-box probe: a store failing every GET of a
             // generation's snapshot was "cannot be restored", exit 1).
-            if reason.starts_with("download failed") || reason.contains(": download failed ") {
+            if not_an_object() {
+                Verdict::Problem(Problem::Damaged)
+            } else if reason.starts_with("download failed") || reason.contains(": download failed ")
+            {
                 Verdict::Unverifiable(Unverifiable::Transport)
             } else if what == "restore output file"
                 || (what == "restore" && reason.starts_with("task failed"))
@@ -1333,6 +1350,23 @@ mod tests {
                 p(Gap),
             ),
             (Error::damaged("k/db.lz4", "not a valid LZ4 snapshot: bad checksum"), p(Damaged)),
+            // A FIFO or a link to nothing in a file:// replica (probe Y).
+            (
+                Error::store(
+                    "k/gen/metadata.json",
+                    object_store::Error::NotSupported {
+                        source: "/r/k/metadata.json is a FIFO (named pipe), not a regular file".into(),
+                    },
+                ),
+                p(Damaged),
+            ),
+            (
+                invalid(
+                    "hot-tier restore (WAL generation)",
+                    "download failed: /r/k/x.wal.lz4 is a FIFO (named pipe), not a regular file: opening it would block",
+                ),
+                p(Damaged),
+            ),
             (Error::damaged("k/db.lz4", "integrity_check failed: row 3 missing"), p(Integrity)),
             (
                 invalid("hot-tier restore (WAL generation)", "k/gen/s.lz4: not a valid LZ4 snapshot: x; not falling back"),

@@ -330,7 +330,7 @@ impl StatsView {
         metric(
             "litefleet_invalid_keys",
             "gauge",
-            "Databases not backed up because their key is not one litefleet uploads (an empty, . or .. segment, a first segment .litefleet, a generations segment after the first).",
+            "Databases not backed up because their key is not one litefleet uploads (an empty, . or .. segment, a first segment .litefleet, a generations segment after the first, a segment named like a cold snapshot).",
             &[("", f(self.invalid_keys))],
         );
         metric(

@@ -69,15 +69,30 @@ pub fn check_new_key(key: &str) -> Result<()> {
 /// `list`, bulk restore and `verify` counted that database as a generation
 /// of `K` and left it out (exit 0), and a point-in-time restore of `K`
 /// was planned from a generation that was not `K`'s (black-box probe).
+///
+/// Nor a segment named like a cold snapshot (`<stem>-YYYYMMDD-HH0000.db.lz4`):
+/// its directory would lie among another key's snapshots, where a
+/// `file://` listing refuses a directory of that name (black-box probe:
+/// `acme/acme-20260101-100000.db.lz4` made `acme` unrestorable).
 pub fn new_key_problem(key: &str) -> Option<&'static str> {
     key_problem(key).or_else(|| {
-        key.split('/')
+        if key
+            .split('/')
             .skip(1)
             .any(|s| s == crate::replica::hot::GENERATIONS_DIR)
-            .then_some(
+        {
+            return Some(
                 "has a `generations` segment after its first: each key keeps its hot tier \
                  under `<key>/generations/`, so this key's objects would be taken for another \
                  key's (rename the directory, or change multi-db.replica.path)",
+            );
+        }
+        key.split('/')
+            .any(|s| crate::replica::cold::parse_snapshot_name(s).is_some())
+            .then_some(
+                "has a segment named like a cold snapshot object (`<stem>-YYYYMMDD-HH0000.db.lz4`): \
+                 its directory would lie among another key's snapshots (rename the file or \
+                 directory, or change multi-db.replica.path)",
             )
     })
 }
@@ -242,11 +257,15 @@ mod tests {
             assert_eq!(key_problem(key), None, "{key}");
             check_key(key).unwrap();
         }
+        let why = new_key_problem("acme/acme-20260101-100000.db.lz4").unwrap();
+        assert!(why.contains("named like a cold snapshot"), "{why}");
         for key in [
             "generations",
             "generations/x",
             "a/generation",
             "a/my-generations/x",
+            "a/x.db.lz4",
+            "a/b-20260101.db.lz4",
         ] {
             assert_eq!(new_key_problem(key), None, "{key:?}");
         }

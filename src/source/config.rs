@@ -829,10 +829,12 @@ pub fn parse_replica_url(url: &str, base: &Path) -> std::result::Result<ReplicaU
                      and '_' only)"
                 ));
             }
-            let prefix = prefix.trim_matches('/');
+            // A trailing `/` is the usual way to write a folder; a leading
+            // one (`s3://bucket//p`) is an empty segment like `a//b`.
+            let prefix = prefix.trim_end_matches('/');
             // Stored literally, `..` named a folder `%2E%2E` that every
             // listing then refused, and `a//b` was quietly made `a/b`
-            // (black-box probe).
+            // (black-box probes).
             if let Some(seg) = prefix
                 .split('/')
                 .find(|s| !prefix.is_empty() && ["", ".", ".."].contains(s))
@@ -1677,6 +1679,7 @@ multi-db:
             ("file:///tmp/../..", "the file system's root directory"),
             ("s3://b/../x", "an empty, `.` or `..` segment (\"..\")"),
             ("s3://b/a//x", "an empty, `.` or `..` segment (\"\")"),
+            ("s3://b//x", "an empty, `.` or `..` segment (\"\")"),
             ("s3://b/a/./x/", "an empty, `.` or `..` segment (\".\")"),
             ("file://~/x", "host \"~\""),
             ("file:rel", "absolute path"),

@@ -86,7 +86,12 @@ pub const RECORD_LEN_V2: usize = 4 + 4 + RECORD_PAYLOAD_V2;
 /// key was restored as that key's, exit 0); a whole replica moved under
 /// another prefix still does.
 pub fn key_hash(key: &str) -> u32 {
-    twox_hash::XxHash32::oneshot(0, key_path(&ObjPath::default(), key).as_ref().as_bytes())
+    path_hash(&key_path(&ObjPath::default(), key))
+}
+
+/// xxHash32 (seed 0) of an object path's text, as [`key_hash`] takes it.
+fn path_hash(path: &ObjPath) -> u32 {
+    twox_hash::XxHash32::oneshot(0, path.as_ref().as_bytes())
 }
 
 /// [`key_hash`] of the key a cold snapshot object at `location` is listed
@@ -95,8 +100,7 @@ pub fn key_hash(key: &str) -> u32 {
 fn listed_key_hash(prefix: &ObjPath, location: &ObjPath) -> Option<u32> {
     let parts: Vec<_> = location.prefix_match(prefix)?.collect();
     let (_, dirs) = parts.split_last()?;
-    let path: ObjPath = dirs.iter().cloned().collect();
-    Some(twox_hash::XxHash32::oneshot(0, path.as_ref().as_bytes()))
+    Some(path_hash(&dirs.iter().cloned().collect()))
 }
 
 /// xxHash32 (seed 0) of a record's tag and times.

@@ -56,7 +56,7 @@ pub fn check_key(key: &str) -> Result<()> {
 /// still accept such keys, for what was uploaded before.
 pub fn check_new_key(key: &str) -> Result<()> {
     check_key(key)?;
-    match new_key_problem(key) {
+    match upload_problem(key) {
         None => Ok(()),
         Some(why) => Err(Error::invalid(format!("key {key:?}"), why)),
     }
@@ -75,26 +75,30 @@ pub fn check_new_key(key: &str) -> Result<()> {
 /// `file://` listing refuses a directory of that name (black-box probe:
 /// `acme/acme-20260101-100000.db.lz4` made `acme` unrestorable).
 pub fn new_key_problem(key: &str) -> Option<&'static str> {
-    key_problem(key).or_else(|| {
-        if key
-            .split('/')
-            .skip(1)
-            .any(|s| s == crate::replica::hot::GENERATIONS_DIR)
-        {
-            return Some(
-                "has a `generations` segment after its first: each key keeps its hot tier \
-                 under `<key>/generations/`, so this key's objects would be taken for another \
-                 key's (rename the directory, or change multi-db.replica.path)",
-            );
-        }
-        key.split('/')
-            .any(|s| crate::replica::cold::parse_snapshot_name(s).is_some())
-            .then_some(
-                "has a segment named like a cold snapshot object (`<stem>-YYYYMMDD-HH0000.db.lz4`): \
-                 its directory would lie among another key's snapshots (rename the file or \
-                 directory, or change multi-db.replica.path)",
-            )
-    })
+    key_problem(key).or_else(|| upload_problem(key))
+}
+
+/// The rules [`new_key_problem`] adds to [`key_problem`].
+fn upload_problem(key: &str) -> Option<&'static str> {
+    let mut segments = key.split('/');
+    if segments
+        .clone()
+        .skip(1)
+        .any(|s| s == crate::replica::hot::GENERATIONS_DIR)
+    {
+        return Some(
+            "has a `generations` segment after its first: each key keeps its hot tier \
+             under `<key>/generations/`, so this key's objects would be taken for another \
+             key's (rename the directory, or change multi-db.replica.path)",
+        );
+    }
+    segments
+        .any(|s| crate::replica::cold::parse_snapshot_name(s).is_some())
+        .then_some(
+            "has a segment named like a cold snapshot object (`<stem>-YYYYMMDD-HH0000.db.lz4`): \
+             its directory would lie among another key's snapshots (rename the file or \
+             directory, or change multi-db.replica.path)",
+        )
 }
 
 /// The directory of litefleet's own objects under a replica root (the

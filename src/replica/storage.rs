@@ -419,7 +419,10 @@ impl Replica {
                         .with_fsync(true),
                 );
                 Ok(Replica {
-                    store: Arc::new(LocalObjects(fs.clone(), dir.clone())),
+                    store: Arc::new(LocalObjects {
+                        fs: fs.clone(),
+                        root: dir.clone(),
+                    }),
                     prefix: ObjPath::default(),
                     description: format!("file://{}", dir.display()),
                     local: Some(fs),
@@ -987,11 +990,15 @@ impl Replica {
 /// listing shows such an entry (`list_with_delimiter`), so a restore
 /// planned with it fails here rather than hanging.
 #[derive(Debug)]
-struct LocalObjects(Arc<LocalFileSystem>, PathBuf);
+struct LocalObjects {
+    fs: Arc<LocalFileSystem>,
+    /// The replica's directory (object_store maps no path to it).
+    root: PathBuf,
+}
 
 impl std::fmt::Display for LocalObjects {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        self.fs.fmt(f)
     }
 }
 
@@ -1000,7 +1007,7 @@ impl LocalObjects {
     /// directory is there (following links); what is missing is left to
     /// the read, which reports it as before.
     fn check_regular(&self, location: &ObjPath) -> object_store::Result<()> {
-        let path = self.0.path_to_filesystem(location)?;
+        let path = self.fs.path_to_filesystem(location)?;
         let Ok(meta) = std::fs::metadata(&path) else {
             return Ok(());
         };
@@ -1018,6 +1025,12 @@ impl LocalObjects {
     }
 }
 
+/// What [`Replica::list_children`] says of a link to nothing in a
+/// `file://` listing (see `hidden_entry`).
+pub const LINK_TO_NOTHING: &str = "is a link to nothing";
+/// What it says of a directory named like a cold snapshot there.
+pub const DIRECTORY_LIKE_AN_OBJECT: &str = "is a directory named like an object";
+
 /// An entry of `dir` that object_store's listing of it leaves out or shows
 /// as a directory, where litefleet would have written an object: a link to
 /// nothing, or a directory named like a cold snapshot (a key's directory
@@ -1034,10 +1047,10 @@ fn hidden_entry(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
         };
         let path = entry.path();
         if kind.is_symlink() && std::fs::metadata(&path).is_err() {
-            return Some((path, "is a link to nothing"));
+            return Some((path, LINK_TO_NOTHING));
         }
         if kind.is_dir() && entry.file_name().to_str().is_some_and(object_like) {
-            return Some((path, "is a directory named like an object"));
+            return Some((path, DIRECTORY_LIKE_AN_OBJECT));
         }
     }
     None
@@ -1051,7 +1064,7 @@ impl ObjectStore for LocalObjects {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
-        self.0.put_opts(location, payload, opts).await
+        self.fs.put_opts(location, payload, opts).await
     }
 
     async fn put_multipart_opts(
@@ -1059,7 +1072,7 @@ impl ObjectStore for LocalObjects {
         location: &ObjPath,
         opts: object_store::PutMultipartOptions,
     ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-        self.0.put_multipart_opts(location, opts).await
+        self.fs.put_multipart_opts(location, opts).await
     }
 
     async fn get_opts(
@@ -1068,7 +1081,7 @@ impl ObjectStore for LocalObjects {
         options: object_store::GetOptions,
     ) -> object_store::Result<object_store::GetResult> {
         self.check_regular(location)?;
-        self.0.get_opts(location, options).await
+        self.fs.get_opts(location, options).await
     }
 
     async fn get_ranges(
@@ -1077,21 +1090,21 @@ impl ObjectStore for LocalObjects {
         ranges: &[std::ops::Range<u64>],
     ) -> object_store::Result<Vec<Bytes>> {
         self.check_regular(location)?;
-        self.0.get_ranges(location, ranges).await
+        self.fs.get_ranges(location, ranges).await
     }
 
     fn delete_stream(
         &self,
         locations: futures::stream::BoxStream<'static, object_store::Result<ObjPath>>,
     ) -> futures::stream::BoxStream<'static, object_store::Result<ObjPath>> {
-        self.0.delete_stream(locations)
+        self.fs.delete_stream(locations)
     }
 
     fn list(
         &self,
         prefix: Option<&ObjPath>,
     ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.0.list(prefix)
+        self.fs.list(prefix)
     }
 
     fn list_with_offset(
@@ -1099,19 +1112,19 @@ impl ObjectStore for LocalObjects {
         prefix: Option<&ObjPath>,
         offset: &ObjPath,
     ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.0.list_with_offset(prefix, offset)
+        self.fs.list_with_offset(prefix, offset)
     }
 
     async fn list_with_delimiter(
         &self,
         prefix: Option<&ObjPath>,
     ) -> object_store::Result<object_store::ListResult> {
-        let listed = self.0.list_with_delimiter(prefix).await?;
+        let listed = self.fs.list_with_delimiter(prefix).await?;
         // object_store maps only a file's path (not the root, nor a name
         // ending `#<digits>`, its staging files' form); those stay unchecked.
         let dir = match prefix.filter(|p| p.parts().next().is_some()) {
-            None => Some(self.1.clone()),
-            Some(p) => self.0.path_to_filesystem(p).ok(),
+            None => Some(self.root.clone()),
+            Some(p) => self.fs.path_to_filesystem(p).ok(),
         };
         match dir.and_then(|d| hidden_entry(&d)) {
             None => Ok(listed),
@@ -1132,7 +1145,7 @@ impl ObjectStore for LocalObjects {
         to: &ObjPath,
         options: object_store::CopyOptions,
     ) -> object_store::Result<()> {
-        self.0.copy_opts(from, to, options).await
+        self.fs.copy_opts(from, to, options).await
     }
 
     async fn rename_opts(
@@ -1141,7 +1154,7 @@ impl ObjectStore for LocalObjects {
         to: &ObjPath,
         options: object_store::RenameOptions,
     ) -> object_store::Result<()> {
-        self.0.rename_opts(from, to, options).await
+        self.fs.rename_opts(from, to, options).await
     }
 }
 

@@ -243,8 +243,8 @@ pub fn classify(e: &Error) -> Verdict {
     let not_an_object = || {
         has(&[
             "not a regular file",
-            "is a link to nothing",
-            "is a directory named like an object",
+            crate::replica::storage::LINK_TO_NOTHING,
+            crate::replica::storage::DIRECTORY_LIKE_AN_OBJECT,
         ])
     };
     match e {

@@ -257,6 +257,46 @@ async fn plant_hostile_keys(f: &Fleet) {
     }
 }
 
+// Another database's cold snapshot copied under a key is damage naming the
+// object, on both backends (black-box probe X: it restored as that key's,
+// exit 0); written for that key, the same bytes restore.
+both_backends!(
+    a_snapshot_copied_under_another_key_is_damage,
+    |b| async move {
+        let f = fleet_of_20(b).await;
+        let replica = f.replica();
+        let (bytes, time) = source_object(&f).await;
+        let loc = litefleet::replica::layout::key_path(&replica.prefix, "p9/d9/t1")
+            .join(format!("t1{time}").as_str());
+        replica
+            .store
+            .put(&loc, PutPayload::from(bytes.clone()))
+            .await
+            .unwrap();
+        let base = tempfile::tempdir().unwrap();
+        let r = restore_bulk(&replica, &opts("p9", &base.path().join("a")), &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((r.databases, r.restored), (1, 0));
+        let e = r.failed[0].1.to_string();
+        assert!(matches!(r.failed[0].1, Error::Damaged { .. }), "{e}");
+        assert!(
+            e.contains("names another key") && e.contains(loc.as_ref()),
+            "{e}"
+        );
+        let rebound = bound_to(&bytes, "p9/d9/t1");
+        replica
+            .store
+            .put(&loc, PutPayload::from(rebound))
+            .await
+            .unwrap();
+        let r = restore_bulk(&replica, &opts("p9", &base.path().join("b")), &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((r.databases, r.restored), (1, 1), "{:?}", r.failed);
+    }
+);
+
 both_backends!(
     keys_that_could_escape_the_directory_are_refused,
     |b| async move {

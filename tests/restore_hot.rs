@@ -548,6 +548,47 @@ both_backends!(
     }
 );
 
+// A generation copied under another key, or renamed, is refused naming
+// its metadata, on both backends (black-box probe X: another database's
+// generation restored as the key's, exit 0).
+both_backends!(
+    a_generation_of_another_key_or_name_is_refused,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        db.commit(10);
+        db.gen_snapshot(&r).await;
+        db.commit(5);
+        db.ship(&r).await;
+        db.write_metadata(&r).await;
+        assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 15);
+        let mut meta = hot::read_metadata(&r, "p/d/t", &db.gen)
+            .await
+            .unwrap()
+            .unwrap();
+        let metadata = hot::metadata_path(&r.prefix, "p/d/t", &db.gen);
+        meta.key = Some("p/d/other".into());
+        hot::write_metadata(&r, "p/d/t", &meta).await.unwrap();
+        let e = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+        assert!(e.contains("shipped for the key \"p/d/other\""), "{e}");
+        assert!(e.contains(metadata.as_ref()), "{e}");
+        // Another generation's metadata under this generation's name.
+        meta.key = Some("p/d/t".into());
+        let other = hot::new_generation_id(chrono::Utc::now());
+        meta.generation = other.clone();
+        r.put_bytes(&metadata, serde_json::to_vec(&meta).unwrap())
+            .await
+            .unwrap();
+        let e = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+        let gen = &db.gen;
+        assert!(
+            e.contains(&format!("it is generation {other}'s, not {gen}'s")),
+            "{e}"
+        );
+    }
+);
+
 both_backends!(damaged_generation_snapshot_fails, |b| async move {
     let f = Fleet::new(b).await;
     let r = f.replica();

@@ -987,8 +987,9 @@ impl Replica {
 /// into the replica by hand) is refused, naming it, before it is opened:
 /// opening a FIFO blocks until a writer comes, and held `restore` and
 /// `replicate`'s start for good, SIGTERM included (black-box probe). A
-/// listing shows such an entry (`list_with_delimiter`), so a restore
-/// planned with it fails here rather than hanging.
+/// listing of one directory shows such an entry (`list_with_delimiter`),
+/// so a restore planned with it fails here rather than hanging; a
+/// recursive listing, which would leave it out, fails ([`hidden_below`]).
 #[derive(Debug)]
 struct LocalObjects {
     fs: Arc<LocalFileSystem>,
@@ -1056,6 +1057,102 @@ fn hidden_entry(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
     None
 }
 
+/// The first entry below `dir`, at any depth, that object_store's
+/// recursive listing leaves out without a word: a link to nothing, or a
+/// FIFO, socket or device (its walk keeps regular files only). A listing
+/// of a whole prefix (`list`, bulk restore, `verify`, retention) then
+/// missed a key, or a key's newest object, and bulk restore returned an
+/// older state or none for it, exit 0 (black-box probe). Directories are
+/// typed from `read_dir` with no stat of their own; only links are
+/// followed, one level, to see what they name (not walked into: a link
+/// loop must not make this walk endless). A directory that cannot be read
+/// is left to object_store's own walk, which reports it.
+fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let path = entry.path();
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_symlink() {
+                match std::fs::metadata(&path) {
+                    Ok(m) if m.is_file() || m.is_dir() => {}
+                    Ok(m) => return Some((path, crate::error::not_regular(&m))),
+                    // Gone since the listing of its directory: not hidden.
+                    Err(_) if std::fs::symlink_metadata(&path).is_err() => {}
+                    Err(_) => return Some((path, LINK_TO_NOTHING)),
+                }
+            } else if !kind.is_file() {
+                if let Ok(m) = std::fs::symlink_metadata(&path) {
+                    return Some((path, crate::error::not_regular(&m)));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The error for an entry [`hidden_entry`] or [`hidden_below`] found.
+fn hidden_error(path: &std::path::Path, what: &str) -> object_store::Error {
+    object_store::Error::NotSupported {
+        source: format!(
+            "{} {what}: litefleet never writes one there, and a listing would leave it \
+             out without a word (a restore would take an older object for the newest)",
+            path.display()
+        )
+        .into(),
+    }
+}
+
+impl LocalObjects {
+    /// The directory of `prefix` (the root for none or an empty one);
+    /// `None` for a prefix object_store maps to no path (the form of its
+    /// own staging files, `#<digits>`), left unchecked.
+    fn prefix_dir(&self, prefix: Option<&ObjPath>) -> Option<PathBuf> {
+        match prefix.filter(|p| p.parts().next().is_some()) {
+            None => Some(self.root.clone()),
+            Some(p) => self.fs.path_to_filesystem(p).ok(),
+        }
+    }
+
+    /// `listing`, of everything below `prefix`, after a walk of the same
+    /// directories ([`hidden_below`]) that fails it, before its first
+    /// object, when something is there that it would leave out: callers
+    /// act on objects as they come (retention deletes), so the failure
+    /// must come first.
+    fn checked_listing(
+        &self,
+        prefix: Option<&ObjPath>,
+        listing: futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+        use futures::StreamExt;
+        let dir = self.prefix_dir(prefix);
+        let check = futures::stream::once(async move {
+            let found = match dir {
+                None => None,
+                Some(d) => tokio::task::spawn_blocking(move || hidden_below(&d))
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "LocalFileSystem",
+                        source: Box::new(e),
+                    })?,
+            };
+            match found {
+                None => Ok(None),
+                Some((path, what)) => Err(hidden_error(&path, what)),
+            }
+        })
+        .filter_map(|r: object_store::Result<Option<ObjectMeta>>| async move { r.transpose() });
+        Box::pin(check.chain(listing))
+    }
+}
+
 #[async_trait::async_trait]
 impl ObjectStore for LocalObjects {
     async fn put_opts(
@@ -1104,7 +1201,7 @@ impl ObjectStore for LocalObjects {
         &self,
         prefix: Option<&ObjPath>,
     ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.fs.list(prefix)
+        self.checked_listing(prefix, self.fs.list(prefix))
     }
 
     fn list_with_offset(
@@ -1112,7 +1209,7 @@ impl ObjectStore for LocalObjects {
         prefix: Option<&ObjPath>,
         offset: &ObjPath,
     ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.fs.list_with_offset(prefix, offset)
+        self.checked_listing(prefix, self.fs.list_with_offset(prefix, offset))
     }
 
     async fn list_with_delimiter(
@@ -1120,22 +1217,9 @@ impl ObjectStore for LocalObjects {
         prefix: Option<&ObjPath>,
     ) -> object_store::Result<object_store::ListResult> {
         let listed = self.fs.list_with_delimiter(prefix).await?;
-        // object_store maps only a file's path (not the root, nor a name
-        // ending `#<digits>`, its staging files' form); those stay unchecked.
-        let dir = match prefix.filter(|p| p.parts().next().is_some()) {
-            None => Some(self.root.clone()),
-            Some(p) => self.fs.path_to_filesystem(p).ok(),
-        };
-        match dir.and_then(|d| hidden_entry(&d)) {
+        match self.prefix_dir(prefix).and_then(|d| hidden_entry(&d)) {
             None => Ok(listed),
-            Some((path, what)) => Err(object_store::Error::NotSupported {
-                source: format!(
-                    "{} {what}: litefleet never writes one there, and a listing would leave it \
-                     out without a word (a restore would take an older object for the newest)",
-                    path.display()
-                )
-                .into(),
-            }),
+            Some((path, what)) => Err(hidden_error(&path, what)),
         }
     }
 
@@ -1834,6 +1918,72 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x.json is a link to nothing"), "{e}");
+    }
+
+    /// A listing of a whole prefix (what `list`, bulk restore, `verify` and
+    /// retention read) fails, naming it, before its first object, when a
+    /// FIFO or a link to nothing lies anywhere below: object_store's walk
+    /// left them out, and a key, or a key's newest object, vanished from
+    /// bulk restore with exit 0 (black-box probe). Links to files and
+    /// directories list as before.
+    #[tokio::test]
+    async fn whole_prefix_listings_fail_on_what_they_would_leave_out() {
+        use futures::{StreamExt, TryStreamExt};
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open_dir(dir.path()).unwrap();
+        let listed = |prefix: &'static str| {
+            let r = r.clone();
+            async move {
+                r.list_all(&ObjPath::from(prefix))
+                    .map_ok(|m| m.location.to_string())
+                    .try_collect::<Vec<_>>()
+                    .await
+            }
+        };
+        let old = "p/a/b/k-20261206-090000.db.lz4";
+        r.put_bytes(&ObjPath::from(old), b"x".to_vec())
+            .await
+            .unwrap();
+        let deep = dir.path().join("p/a/b");
+        std::os::unix::fs::symlink(deep.join("k-20261206-090000.db.lz4"), deep.join("l")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("p/a"), dir.path().join("p/d")).unwrap();
+        assert_eq!(listed("p").await.unwrap().len(), 4);
+        let newest = deep.join("k-20261206-100000.db.lz4");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &newest).unwrap();
+        for prefix in ["p", "p/a", ""] {
+            let e = listed(prefix).await.unwrap_err().to_string();
+            assert!(
+                e.contains("k-20261206-100000.db.lz4 is a link to nothing"),
+                "{prefix}: {e}"
+            );
+        }
+        std::fs::remove_file(&newest).unwrap();
+        let c =
+            std::ffi::CString::new(newest.clone().into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let e = listed("p").await.unwrap_err().to_string();
+        assert!(e.contains("k-20261206-100000.db.lz4 is a FIFO"), "{e}");
+        let from = ObjPath::from("p/a/b/k-20261206-000000.db.lz4");
+        let e: Vec<_> = r
+            .store
+            .list_with_offset(Some(&ObjPath::from("p")), &from)
+            .collect()
+            .await;
+        assert!(
+            e[0].as_ref()
+                .is_err_and(|e| e.to_string().contains("is a FIFO")),
+            "{e:?}"
+        );
+        // Another prefix's listing does not look there.
+        r.put_bytes(&ObjPath::from("q/k-20261206-090000.db.lz4"), b"x".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(listed("q").await.unwrap().len(), 1);
+        std::fs::remove_file(&newest).unwrap();
+        let back = listed("p").await.unwrap();
+        assert_eq!(back.len(), 4, "{back:?}");
+        assert!(back.contains(&old.to_string()), "{back:?}");
     }
 
     /// Above the object's directory (which the store syncs), each

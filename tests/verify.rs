@@ -433,6 +433,7 @@ async fn drills_run_every_interval_and_are_counted() {
                     ok: 99,
                     problems: 1,
                     could_not_check: 0,
+                    renew: vec!["/data/a.db".into()],
                 })
             } else {
                 Err(litefleet::Error::NotFound("nothing to verify".into()))
@@ -441,7 +442,10 @@ async fn drills_run_every_interval_and_are_counted() {
     });
     let hour = Duration::from_secs(3600);
     let token = CancellationToken::new();
-    let task = tokio::spawn(verify_loop(hour, job, stats.clone(), token.clone()));
+    let renewed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let to_renew = renewed.clone();
+    let renew = move |paths: &[std::path::PathBuf]| to_renew.lock().unwrap().push(paths.to_vec());
+    let task = tokio::spawn(verify_loop(hour, job, stats.clone(), renew, token.clone()));
     // Let it start its clock.
     tokio::task::yield_now().await;
     let runs = |s: &Stats| s.verify_runs.load(Ordering::SeqCst);
@@ -461,6 +465,11 @@ async fn drills_run_every_interval_and_are_counted() {
     assert_eq!(stats.verify_last_problems.load(Ordering::SeqCst), 1);
     assert_eq!(stats.verify_last_failed.load(Ordering::SeqCst), 0);
     assert!(stats.verify_last_unix.load(Ordering::SeqCst) > 0);
+    // The drill's problem keys' files go to the daemon to upload again.
+    assert_eq!(
+        *renewed.lock().unwrap(),
+        vec![vec![std::path::PathBuf::from("/data/a.db")]]
+    );
 
     tokio::time::advance(hour).await;
     ran.recv().await.unwrap();
@@ -474,11 +483,15 @@ async fn drills_run_every_interval_and_are_counted() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
-// `replicate` with `verify-interval`: the command line's drill runs beside
-// the loop and its counts reach the stats the endpoint serves.
-both_backends!(replicate_runs_drills_on_its_interval, |b| async move {
-    let f = Fleet::with_yaml(b, "  verify-interval: 100ms\n  verify-sample: 2\n").await;
-    cold_fleet(&f, 3).await;
+/// The daemon (`replicate`) on the fleet, with the command line's drill
+/// beside its loop: its stats, its stop token and its task.
+fn drilling_daemon(
+    f: &Fleet,
+) -> (
+    Arc<Stats>,
+    CancellationToken,
+    tokio::task::JoinHandle<litefleet::Result<()>>,
+) {
     let loaded = f.loaded();
     let job = litefleet::cli::verify_job(Arc::new(loaded.clone()), f.replica());
     let replicator = Arc::new(
@@ -489,6 +502,15 @@ both_backends!(replicate_runs_drills_on_its_interval, |b| async move {
     let stats = replicator.stats();
     let token = CancellationToken::new();
     let run = tokio::spawn(replicator.run(false, token.clone()));
+    (stats, token, run)
+}
+
+// `replicate` with `verify-interval`: the command line's drill runs beside
+// the loop and its counts reach the stats the endpoint serves.
+both_backends!(replicate_runs_drills_on_its_interval, |b| async move {
+    let f = Fleet::with_yaml(b, "  verify-interval: 100ms\n  verify-sample: 2\n").await;
+    cold_fleet(&f, 3).await;
+    let (stats, token, run) = drilling_daemon(&f);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while stats.verify_runs.load(Ordering::SeqCst) < 2 {
         assert!(std::time::Instant::now() < deadline, "no drill ran");
@@ -503,6 +525,107 @@ both_backends!(replicate_runs_drills_on_its_interval, |b| async move {
     let view = litefleet::daemon::server::StatsView::read(&stats, Duration::from_secs(15), 0);
     assert_eq!(view.verify_last_ok, Some(true));
 });
+
+// A drill of the daemon that finds a key's backup damaged uploads that
+// database again: an unchanged database was otherwise never uploaded
+// again, and its newest backup stayed unrestorable (left by session 17).
+both_backends!(a_drill_that_finds_damage_uploads_again, |b| async move {
+    let mut f = Fleet::with_yaml(
+        b,
+        "  verify-interval: 300ms\n  verify-sample: 0\n  max-hot-databases: 0\n",
+    )
+    .await;
+    f.scan_interval = "200ms";
+    let keys = cold_fleet(&f, 2).await;
+    let r = f.replica();
+    let (stats, token, run) = drilling_daemon(&f);
+    let runs = || stats.verify_runs.load(Ordering::SeqCst);
+    let good = || {
+        stats.verify_last_problems.load(Ordering::SeqCst) == 0
+            && stats.verify_last_ok.load(Ordering::SeqCst) == 2
+    };
+    // The daemon's own uploads (its first start uploads every database,
+    // and a racy one once more) done and proved.
+    until("a drill finds every key good, nothing pending", || {
+        runs() > 0 && good() && stats.pending.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    let damaged = cold_object(&r, &keys[0]).await;
+    flip(&r, &damaged).await;
+    let (code, doc) = verify_json(&f, &[]);
+    assert_eq!(code, 1, "{doc}");
+    assert_eq!(result(&doc, &keys[0])["what"], "damaged object", "{doc}");
+    // A drill finds the damage, the next cycle uploads the database again,
+    // and a later drill finds every key good.
+    until("a drill finds the damage", || {
+        stats.verify_last_problems.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let found = runs();
+    until("a later drill finds every key good", || {
+        runs() > found && good()
+    })
+    .await;
+    token.cancel();
+    run.await.unwrap().unwrap();
+    let (code, doc) = verify_json(&f, &[]);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(counts(&doc), (2, 2, 0, 0));
+});
+
+// The same for a streaming database whose generation snapshot is damaged:
+// its stream ends and it streams again in a new generation.
+both_backends!(
+    a_drill_that_finds_a_damaged_generation_streams_anew,
+    |b| async move {
+        let drills = "  verify-interval: 300ms\n  verify-sample: 0\n";
+        let streams = "  sync-interval: 100ms\n  hot-duration: 1h\n";
+        let mut f = Fleet::with_yaml(b, &format!("{drills}{streams}")).await;
+        f.scan_interval = "200ms";
+        let key = Fleet::key("p0", "d0", "t0");
+        let db = create_db(&f.db_path("p0", "d0", "t0"), 3);
+        let r = f.replica();
+        let (stats, token, run) = drilling_daemon(&f);
+        let runs = || stats.verify_runs.load(Ordering::SeqCst);
+        let good = || {
+            stats.verify_last_problems.load(Ordering::SeqCst) == 0
+                && stats.verify_last_ok.load(Ordering::SeqCst) == 1
+        };
+        // A known database that changes is promoted to the hot tier.
+        until("streaming", || {
+            common::fleet::insert_rows(&db, 1);
+            stats.hot.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let since = runs();
+        until("a drill finds it good", || runs() > since && good()).await;
+        let generations = stats.generations.load(Ordering::SeqCst);
+        let (code, doc) = verify_json(&f, &[]);
+        assert_eq!(code, 0, "{doc}");
+        let h = result(&doc, &key);
+        assert_eq!(h["tier"], "hot", "{h}");
+        let object = h["object"].as_str().unwrap();
+        let snapshot = object.split(" + ").next().unwrap();
+        flip(&r, &ObjPath::from(snapshot)).await;
+        until("a drill finds the damage", || {
+            stats.verify_last_problems.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let found = runs();
+        until("a later drill finds it good", || runs() > found && good()).await;
+        assert!(stats.generations.load(Ordering::SeqCst) > generations);
+        token.cancel();
+        run.await.unwrap().unwrap();
+        let (code, doc) = verify_json(&f, &[]);
+        assert_eq!(code, 0, "{doc}");
+        let h = result(&doc, &key);
+        assert_eq!(h["tier"], "hot", "{h}");
+        assert_ne!(
+            h["object"].as_str().unwrap().split(" + ").next(),
+            Some(snapshot)
+        );
+    }
+);
 
 /// Waits (at most a minute) until `cond` holds.
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {

@@ -244,10 +244,17 @@ pub fn verify_job(loaded: Arc<Loaded>, replica: Replica) -> crate::daemon::sched
                 tracing::warn!("verify: {line}");
             }
             let s = &report.summary;
+            let renew = report
+                .results
+                .iter()
+                .filter(|r| r.status == restore::verify::Status::Problem)
+                .flat_map(|r| r.sources.iter().cloned())
+                .collect();
             Ok(crate::daemon::scheduler::VerifyCounts {
                 ok: s.ok as u64,
                 problems: s.problems as u64,
                 could_not_check: s.could_not_check as u64,
+                renew,
             })
         })
     })

@@ -116,11 +116,15 @@ pub struct Replicator {
 }
 
 /// The counts of one restore drill, as the daemon records them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct VerifyCounts {
     pub ok: u64,
     pub problems: u64,
     pub could_not_check: u64,
+    /// The files on this host of the keys the drill found a problem with
+    /// (damaged, a gap, not found, differing from an unchanged source):
+    /// the daemon uploads them again ([`Replicator::renew`]).
+    pub renew: Vec<PathBuf>,
 }
 
 /// One restore drill: `Err` when it could not run at all (the replica is
@@ -137,6 +141,7 @@ pub async fn verify_loop(
     every: std::time::Duration,
     job: VerifyJob,
     stats: Arc<Stats>,
+    renew: impl Fn(&[PathBuf]),
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -151,9 +156,10 @@ pub async fn verify_loop(
             r = job() => r,
         };
         let c = match &result {
-            Ok(c) => *c,
+            Ok(c) => c.clone(),
             Err(_) => VerifyCounts::default(),
         };
+        renew(&c.renew);
         stats.verify_last_ok.store(c.ok, Ordering::Relaxed);
         stats
             .verify_last_problems
@@ -488,6 +494,30 @@ impl Replicator {
             }
         }
         true
+    }
+
+    /// Uploads the databases at `paths` again, whose backups a restore
+    /// drill found a problem with (a damaged newest object, a gap, nothing
+    /// there): left alone, an unchanged database was never uploaded again
+    /// and its backup stayed unusable until the application wrote to it. A
+    /// cold one counts as changed, so the next cycle takes a fresh snapshot
+    /// (the next hour's name: newer than, or in place of, the damaged one);
+    /// a streaming one's stream ends, and it streams again in a new
+    /// generation, which starts with a fresh snapshot.
+    pub fn renew(&self, paths: &[PathBuf]) {
+        let now = std::time::SystemTime::now();
+        let mut tracker = lock(&self.tracker);
+        let running = lock(&self.hot.running);
+        for path in paths {
+            let Some(id) = tracker.find(path) else {
+                continue;
+            };
+            if let Some(r) = running.get(&id) {
+                r.stop.cancel();
+            }
+            tracker.mark_unsynced(id, now);
+            tracing::warn!(path = %path.display(), "the restore drill found a problem with this database's backup; uploading it again");
+        }
     }
 
     /// Forgets the upload records the state file gave, if any, and saves
@@ -1278,10 +1308,12 @@ impl Replicator {
         let verify_task = match (&self.verify, m.verify_interval) {
             (Some(job), Some(every)) if !every.is_zero() => {
                 tracing::info!(every = ?every, sample = m.verify_sample, "restore drills scheduled");
+                let me = self.clone();
                 Some(tokio::spawn(verify_loop(
                     every,
                     job.clone(),
                     self.stats.clone(),
+                    move |paths| me.renew(paths),
                     shutdown.clone(),
                 )))
             }

@@ -347,6 +347,10 @@ pub struct KeyResult {
     pub bytes: Option<u64>,
     /// The comparison with the database on this host, when there is one.
     pub source: Option<SourceCheck>,
+    /// The files on this host that render this key (not in the report: the
+    /// daemon uploads those of a key with a problem again).
+    #[serde(skip)]
+    pub sources: Vec<PathBuf>,
 }
 
 impl KeyResult {
@@ -361,6 +365,7 @@ impl KeyResult {
             state: None,
             bytes: None,
             source: None,
+            sources: Vec::new(),
         }
     }
 
@@ -672,7 +677,8 @@ async fn check_one(
     job: Job,
     output: PathBuf,
 ) -> KeyResult {
-    let result = KeyResult::new(job.key.clone());
+    let mut result = KeyResult::new(job.key.clone());
+    result.sources = job.sources.clone();
     let Some(listed) = job.listed else {
         return missing(result, &job.sources, opts.new_database_grace);
     };

@@ -19,7 +19,8 @@
 //! is 503 until one succeeds.
 //!
 //! Connections: at most [`MAX_CONNECTIONS`] at once, each closed after
-//! [`IDLE_TIMEOUT`] without a byte either way (`Bounded`), and after its
+//! [`IDLE_TIMEOUT`] without a byte either way (`Bounded`), at the latest
+//! [`CONNECTION_LIFETIME`] after it was accepted, and after its
 //! response (`Connection: close`: no keep-alive, so clients that poll
 //! hold a slot only while they are answered). Without a cap and a
 //! timeout, connections that never sent a request were kept for good, and
@@ -572,6 +573,7 @@ pub async fn serve(
         inner: listener,
         slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         idle: IDLE_TIMEOUT,
+        lifetime: CONNECTION_LIFETIME,
     };
     let task = tokio::spawn(async move {
         let stopping = shutdown.clone();
@@ -605,6 +607,15 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// (or half a request) waits this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest a connection is kept, however it moves: a request and its
+/// response take milliseconds, and with no keep-alive a connection serves
+/// one. Without it, clients trickling a byte every few seconds (never idle
+/// for [`IDLE_TIMEOUT`]) held every slot for as long as they liked, and no
+/// health check was answered (left by session 17); now such a client
+/// holds a slot for this long at most, and a waiting check is accepted
+/// when one frees.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
 /// How long a stop waits for the endpoint's open connections to end.
 pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
@@ -614,6 +625,8 @@ struct Bounded {
     inner: tokio::net::TcpListener,
     slots: Arc<tokio::sync::Semaphore>,
     idle: Duration,
+    /// [`CONNECTION_LIFETIME`].
+    lifetime: Duration,
 }
 
 impl axum::serve::Listener for Bounded {
@@ -629,10 +642,13 @@ impl axum::serve::Listener for Bounded {
             match self.inner.accept().await {
                 Ok((io, addr)) => {
                     let idle = self.idle;
-                    let timer = Box::pin(tokio::time::sleep(idle));
+                    let now = tokio::time::Instant::now();
+                    let end = now + self.lifetime;
+                    let timer = Box::pin(tokio::time::sleep_until((now + idle).min(end)));
                     let io = IdleClosing {
                         io,
                         idle,
+                        end,
                         timer,
                         _slot: slot,
                     };
@@ -660,19 +676,21 @@ impl axum::serve::Listener for Bounded {
     }
 }
 
-/// A connection of [`Bounded`]: reads fail with `TimedOut` once nothing
-/// moved either way for `idle` (the server then closes it), and its slot is
-/// given back when it is dropped.
+/// A connection of [`Bounded`]: reads and writes fail with `TimedOut` once
+/// nothing moved either way for `idle`, or at its `end` (the server then
+/// closes it), and its slot is given back when it is dropped.
 struct IdleClosing {
     io: tokio::net::TcpStream,
     idle: Duration,
+    /// Accepted + [`CONNECTION_LIFETIME`].
+    end: tokio::time::Instant,
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl IdleClosing {
     fn moved(&mut self) {
-        let next = tokio::time::Instant::now() + self.idle;
+        let next = (tokio::time::Instant::now() + self.idle).min(self.end);
         self.timer.as_mut().reset(next);
     }
 
@@ -699,7 +717,7 @@ impl IdleClosing {
         match std::future::Future::poll(self.timer.as_mut(), cx) {
             std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "idle connection closed",
+                "idle or too long connection closed",
             ))),
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
@@ -978,19 +996,23 @@ mod tests {
         assert!(StatsView::read(&ops.stats, ops.scan_interval, now_unix()).healthy);
     }
 
-    /// Connections beyond the cap wait, unaccepted, and idle ones are
-    /// closed, which frees their slots (black-box probe: idle connections
-    /// took every descriptor of the daemon).
-    #[tokio::test]
-    async fn idle_connections_are_closed_and_capped() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The endpoint on an ephemeral port with two connection slots: its
+    /// address, stop token and task.
+    async fn two_slots(
+        idle: Duration,
+        lifetime: Duration,
+    ) -> (
+        SocketAddr,
+        CancellationToken,
+        JoinHandle<std::io::Result<()>>,
+    ) {
         let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = inner.local_addr().unwrap();
-        let idle = Duration::from_millis(400);
         let listener = Bounded {
             inner,
             slots: Arc::new(tokio::sync::Semaphore::new(2)),
             idle,
+            lifetime,
         };
         let app = router(Arc::new(Stats::default()), Duration::from_secs(15), None);
         let stop = CancellationToken::new();
@@ -1002,6 +1024,32 @@ mod tests {
                     .await
             }
         });
+        (addr, stop, server)
+    }
+
+    /// Asks `/healthz` at `addr`: when the answer ended, and the answer.
+    async fn health_check(addr: SocketAddr) -> (tokio::time::Instant, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        (
+            tokio::time::Instant::now(),
+            String::from_utf8_lossy(&got).into_owned(),
+        )
+    }
+
+    /// Connections beyond the cap wait, unaccepted, and idle ones are
+    /// closed, which frees their slots (black-box probe: idle connections
+    /// took every descriptor of the daemon).
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_capped() {
+        use tokio::io::AsyncReadExt;
+        let idle = Duration::from_millis(400);
+        let (addr, stop, server) = two_slots(idle, CONNECTION_LIFETIME).await;
         let start = tokio::time::Instant::now();
         // Two connections that never send a request take both slots.
         let mut quiet = Vec::new();
@@ -1019,18 +1067,7 @@ mod tests {
             }
             at
         };
-        let asked = async {
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await
-                .unwrap();
-            let mut got = Vec::new();
-            c.read_to_end(&mut got).await.unwrap();
-            (
-                tokio::time::Instant::now(),
-                String::from_utf8_lossy(&got).into_owned(),
-            )
-        };
+        let asked = health_check(addr);
         let limit = Duration::from_secs(30);
         let (closed, (answered, reply)) =
             tokio::time::timeout(limit, async { tokio::join!(closed, asked) })
@@ -1047,6 +1084,56 @@ mod tests {
         // The third connection was served only once a slot was free.
         let first_closed = closed.iter().min().unwrap();
         assert!(answered >= *first_closed, "served beyond the cap");
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    /// Clients that trickle a byte at a time, never idle, are closed at the
+    /// end of their lifetime, which frees their slots for a health check
+    /// waiting behind them (they held every slot for good).
+    #[tokio::test]
+    async fn trickling_connections_end_with_their_lifetime() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let lifetime = Duration::from_millis(600);
+        let (addr, stop, server) = two_slots(Duration::from_secs(10), lifetime).await;
+        let start = tokio::time::Instant::now();
+        let trickle = |mut c: tokio::net::TcpStream| async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let ask = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+            for b in ask.iter().chain(std::iter::repeat(&b'a')) {
+                tick.tick().await;
+                if c.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                // Closed by the server: the next read ends.
+                let mut buf = [0u8; 1];
+                if let Ok(Ok(0)) =
+                    tokio::time::timeout(Duration::from_millis(1), c.read(&mut buf)).await
+                {
+                    break;
+                }
+            }
+            tokio::time::Instant::now()
+        };
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            slow.push(tokio::spawn(trickle(c)));
+        }
+        let asked = health_check(addr);
+        let limit = Duration::from_secs(30);
+        let (answered, reply) = tokio::time::timeout(limit, asked)
+            .await
+            .expect("the health check was never answered");
+        assert!(reply.starts_with("HTTP/1.1 "), "{reply}");
+        assert!(answered - start >= lifetime, "{:?}", answered - start);
+        for t in slow {
+            let ended = tokio::time::timeout(limit, t)
+                .await
+                .expect("a trickling client was never closed")
+                .unwrap();
+            assert!(ended - start >= lifetime, "{:?}", ended - start);
+        }
         stop.cancel();
         server.await.unwrap().unwrap();
     }

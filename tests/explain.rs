@@ -423,4 +423,28 @@ fn names_too_long_for_the_replica_are_warned_about() {
         out.contains(&cjk) && !out.contains("short.db: its object"),
         "{out}"
     );
+    // At a bucket's root, names of exactly 1,024 bytes are taken (the
+    // check counted a `/` after the empty prefix): the key `p/<stem>` is in
+    // the cold object's name twice, `p/<stem>/<stem>-<time>.db.lz4`, so a
+    // stem of 499 bytes as object names hold it (55 CJK characters of 9,
+    // 4 ASCII) makes a name of 1,024 bytes, and one more byte 1,026.
+    std::fs::remove_file(t.path().join("data/p").join(&cjk)).unwrap();
+    let at = |ascii: usize| format!("{}{}.db", "日".repeat(55), "a".repeat(ascii));
+    drop(create_db(&t.path().join("data/p").join(at(4)), 1));
+    std::fs::write(
+        t.path().join("litefleet.yml"),
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: s3://bucket\n",
+    )
+    .unwrap();
+    let o = litefleet(t.path(), &["explain", "--strict"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("would be longer than"), "{out}");
+    std::fs::rename(
+        t.path().join("data/p").join(at(4)),
+        t.path().join("data/p").join(at(5)),
+    )
+    .unwrap();
+    let o = litefleet(t.path(), &["explain", "--strict"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("would be longer than 1024 bytes"), "{out}");
 }

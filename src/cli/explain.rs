@@ -434,7 +434,17 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
     // that need encoding take 3 bytes each in them (probe V: an 80-character
     // CJK tenant name failed every upload with KeyTooLongError).
     let s3_prefix = match &loaded.replica {
-        ReplicaUrl::S3 { prefix, .. } => Some(prefix.len() + 1),
+        // The prefix as object names hold it (encoded), and the `/` after
+        // it: none for a bucket's root.
+        ReplicaUrl::S3 { prefix, .. } => Some(
+            match object_store::path::Path::from(prefix.as_str())
+                .as_ref()
+                .len()
+            {
+                0 => 0,
+                n => n + 1,
+            },
+        ),
         ReplicaUrl::File { .. } => None,
     };
     let mut long: Vec<String> = by_key

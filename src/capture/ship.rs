@@ -273,6 +273,12 @@ pub struct Shipper {
     reading: bool,
     /// The last read stopped at [`MAX_SEGMENT_BYTES`] with more frames behind.
     cut_short: bool,
+    /// The last [`Shipper::read`]'s lost continuity was the WAL's own (it
+    /// restarted or was cut under our cursor), not the database's files
+    /// (replaced, written over, side files swapped): only then is a
+    /// generation start that saw it worth keeping (see
+    /// [`Shipper::begin_generation`]).
+    wal_lost: bool,
     meta_dirty: bool,
     /// The `-wal` and `-shm` our connection has open (device, inode), taken
     /// when it opened them: see [`Shipper::side_files_replaced`].
@@ -556,6 +562,7 @@ impl Shipper {
             tip: false,
             reading: false,
             cut_short: false,
+            wal_lost: false,
             meta_dirty: false,
             side,
             backfilled: None,
@@ -608,11 +615,22 @@ impl Shipper {
     /// frame of the old WAL), but the start failed and the stream waited a
     /// sync to start again (black-box probe: 4 of 20 streams started
     /// during application checkpoints did).
-    pub fn begin_generation(&mut self, tmp_dir: &Path) -> Result<()> {
+    ///
+    /// `Ok(false)` when the database's files changed under the start (the
+    /// file replaced, written over or its side files swapped: our
+    /// connection may have copied another database, the one now at another
+    /// path, with commits made there): nothing of the start is kept, no
+    /// generation is begun, and the next [`Shipper::read`] reports the lost
+    /// continuity, so the stream reopens the path and starts again. A
+    /// start kept after such a change was uploaded later, and
+    /// point-in-time restores returned another database's state, exit 0
+    /// (black-box probe: two databases swapped by renames while hot).
+    pub fn begin_generation(&mut self, tmp_dir: &Path) -> Result<bool> {
         let mut tries = 1;
         loop {
             match self.try_begin_generation(tmp_dir)? {
-                Ok(()) => return Ok(()),
+                Ok(true) => return Ok(true),
+                Ok(false) => return Ok(false),
                 Err(reason) if tries < GENERATION_STARTS => {
                     tracing::debug!(path = %self.db.display(), %reason, "the WAL changed while starting a generation; starting it again");
                     tries += 1;
@@ -628,8 +646,12 @@ impl Shipper {
     }
 
     /// One attempt of [`Shipper::begin_generation`]: `Ok(Err(why))` when
-    /// the WAL changed under it.
-    fn try_begin_generation(&mut self, tmp_dir: &Path) -> Result<std::result::Result<(), String>> {
+    /// the WAL changed under it, `Ok(Ok(false))`, with the start dropped,
+    /// when the database's files did.
+    fn try_begin_generation(
+        &mut self,
+        tmp_dir: &Path,
+    ) -> Result<std::result::Result<bool, String>> {
         let db = self.db.clone();
         self.end_read()?;
         self.cut_short = false;
@@ -663,6 +685,8 @@ impl Shipper {
             .at(tmp_dir)?
             .into_temp_path();
         snapshot::backup_from(&self.conn, &db, &copy)?;
+        #[cfg(test)]
+        tests::run(&tests::AFTER_START_COPY);
         snapshot::check(&copy, "quick_check").map_err(|e| {
             Error::damaged(
                 db.display(),
@@ -704,9 +728,21 @@ impl Shipper {
             }
             None => WalState::Awaiting { index: 0 },
         };
+        // The read checks, after the copy, that the path still holds the
+        // file our connection has open, and its side files.
         match self.read()? {
-            Step::Lost(reason) => Ok(Err(reason)),
-            _ => Ok(Ok(())),
+            Step::Lost(reason) if self.wal_lost => Ok(Err(reason)),
+            Step::Lost(reason) => {
+                self.pending = None;
+                self.snapshot = None;
+                self.generation = None;
+                self.meta = None;
+                self.meta_dirty = false;
+                self.state = WalState::Awaiting { index: 0 };
+                self.lost = Some(reason);
+                Ok(Ok(false))
+            }
+            _ => Ok(Ok(true)),
         }
     }
 
@@ -806,6 +842,7 @@ impl Shipper {
     /// Reads the committed frames after the current position into the
     /// pending segment. Does nothing while a segment is pending.
     pub fn read(&mut self) -> Result<Step> {
+        self.wal_lost = false;
         if self.pending.is_some() {
             return Ok(Step::Frames);
         }
@@ -930,6 +967,7 @@ impl Shipper {
                                 _ => false,
                             };
                             if !(self.tip && restarted) {
+                                self.wal_lost = true;
                                 return Ok(Step::Lost(lost.to_string()));
                             }
                             tracing::debug!(path = %self.db.display(), end = %cur.pos, "WAL restarted after our last frame; continuing in the next WAL");
@@ -1775,10 +1813,13 @@ async fn sync(
                     m.logged = true;
                 }
             }
-            started?;
-            ctx.stats.generations.fetch_add(1, Ordering::Relaxed);
-            let s = slot.as_ref().expect("present after a successful task");
-            tracing::debug!(path = %s.db.display(), generation = %s.generation.as_ref().map(|g| g.to_string()).unwrap_or_default(), "started a WAL generation");
+            // Not begun when the database's files changed under the start:
+            // the read below reports the lost continuity and reopens.
+            if started? {
+                ctx.stats.generations.fetch_add(1, Ordering::Relaxed);
+                let s = slot.as_ref().expect("present after a successful task");
+                tracing::debug!(path = %s.db.display(), generation = %s.generation.as_ref().map(|g| g.to_string()).unwrap_or_default(), "started a WAL generation");
+            }
         }
         upload(ctx, tag, slot, ls).await?;
         let step = blocking(slot, Work::Sync, |s| s.read()).await??;
@@ -2113,6 +2154,9 @@ mod tests {
         /// could (SQLITE_BUSY, I/O), after the checkpoint itself ran.
         pub(super) static FAIL_READ_AFTER_CHECKPOINT: std::cell::Cell<bool> =
             const { std::cell::Cell::new(false) };
+        /// Runs once in a generation start, after its copy of the database.
+        pub(super) static AFTER_START_COPY: RefCell<Option<Box<dyn FnOnce()>>> =
+            RefCell::new(None);
         /// Runs once just before [`Shipper::read`] reads the WAL.
         pub(super) static BEFORE_WAL_READ: RefCell<Option<Box<dyn FnOnce()>>> =
             RefCell::new(None);
@@ -2740,5 +2784,40 @@ mod tests {
             Step::Lost("the database file was replaced".into())
         );
         assert!(s.take_pending().is_none());
+    }
+
+    /// Two databases swapped by renames while a generation starts: the
+    /// copy our connection made is the file now at the other path, and
+    /// nothing of that start is kept (it was uploaded a sync later, and
+    /// point-in-time restores returned the other database's state, exit 0:
+    /// black-box probe). The next read reports the lost continuity, so the
+    /// stream reopens the path.
+    #[test]
+    fn a_start_the_files_changed_under_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+        let _apps = (wal_db(&a, 3), wal_db(&b, 5));
+        let mut s = Shipper::open(&a, "k").unwrap();
+        let (a2, b2) = (a.clone(), b.clone());
+        set(&AFTER_START_COPY, move || {
+            let t = a2.with_extension("swap");
+            for suffix in ["", "-wal", "-shm"] {
+                let side = |p: &Path| PathBuf::from(format!("{}{suffix}", p.display()));
+                std::fs::rename(side(&a2), side(&t)).unwrap();
+                std::fs::rename(side(&b2), side(&a2)).unwrap();
+                std::fs::rename(side(&t), side(&b2)).unwrap();
+            }
+        });
+        assert!(!s.begin_generation(dir.path()).unwrap());
+        assert!(s.generation().is_none());
+        assert!(s.snapshot.is_none() && s.meta.is_none() && !s.meta_dirty);
+        assert_eq!(
+            s.read().unwrap(),
+            Step::Lost("the database file was replaced".into())
+        );
+        // Reopened at its path, it starts on the file there now.
+        let mut s = s.reopen().unwrap();
+        assert!(s.begin_generation(dir.path()).unwrap());
+        assert!(s.generation().is_some());
     }
 }

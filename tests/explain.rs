@@ -380,6 +380,26 @@ fn keys_restore_would_refuse_are_reported() {
         .contains("empty segment"));
 }
 
+/// Writes `yaml` as the config in `t` and runs `explain --strict`: its
+/// exit code and output.
+fn explain(t: &tempfile::TempDir, yaml: &str) -> (Option<i32>, String) {
+    std::fs::write(t.path().join("litefleet.yml"), yaml).unwrap();
+    rerun(t)
+}
+
+/// `explain --strict` again on the config in `t`.
+fn rerun(t: &tempfile::TempDir) -> (Option<i32>, String) {
+    let o = litefleet(t.path(), &["explain", "--strict"]);
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    (o.status.code(), out)
+}
+
+/// Renames the database `from` in `t`'s `data/p` to `to`.
+fn rename_db(t: &tempfile::TempDir, from: &str, to: &str) {
+    let dir = t.path().join("data/p");
+    std::fs::rename(dir.join(from), dir.join(to)).unwrap();
+}
+
 /// A database whose object name on a file:// replica would pass the file
 /// name limit is a warning (probe J: every upload of it failed with "File
 /// name too long", and --strict passed).
@@ -389,14 +409,11 @@ fn names_too_long_for_the_replica_are_warned_about() {
     let long = format!("{}.db", "x".repeat(240));
     drop(create_db(&t.path().join("data/p").join(&long), 1));
     drop(create_db(&t.path().join("data/p/short.db"), 1));
-    std::fs::write(
-        t.path().join("litefleet.yml"),
+    let (code, out) = explain(
+        &t,
         "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://./replica\n",
-    )
-    .unwrap();
-    let o = litefleet(t.path(), &["explain", "--strict"]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{out}{}", stderr(&o));
+    );
+    assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("longer than 255 bytes"), "{out}");
     assert!(
         out.contains(&long) && !out.contains("short.db: its object"),
@@ -407,14 +424,11 @@ fn names_too_long_for_the_replica_are_warned_about() {
     let cjk = format!("{}.db", "日".repeat(80));
     drop(create_db(&t.path().join("data/p").join(&cjk), 1));
     std::fs::remove_file(t.path().join("data/p").join(&long)).unwrap();
-    std::fs::write(
-        t.path().join("litefleet.yml"),
+    let (code, out) = explain(
+        &t,
         "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: s3://bucket/prefix\n",
-    )
-    .unwrap();
-    let o = litefleet(t.path(), &["explain", "--strict"]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{out}{}", stderr(&o));
+    );
+    assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("on the S3 replica would be longer than 1024 bytes"),
         "{out}"
@@ -431,20 +445,90 @@ fn names_too_long_for_the_replica_are_warned_about() {
     std::fs::remove_file(t.path().join("data/p").join(&cjk)).unwrap();
     let at = |ascii: usize| format!("{}{}.db", "日".repeat(55), "a".repeat(ascii));
     drop(create_db(&t.path().join("data/p").join(at(4)), 1));
+    let (_, out) = explain(
+        &t,
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: s3://bucket\n",
+    );
+    assert!(!out.contains("would be longer than"), "{out}");
+    rename_db(&t, &at(4), &at(5));
+    let (_, out) = rerun(&t);
+    assert!(out.contains("would be longer than 1024 bytes"), "{out}");
+    // The hot tier's longest names are its fleet-log packs, 106 bytes
+    // after the key: a key of 924 bytes (as object names hold it) has cold
+    // names of 949 bytes and packs of 1,030 (probe: not warned about).
+    let (a, b) = (
+        format!("k1030{}", "日".repeat(53)),
+        format!("{}xx", "日".repeat(48)),
+    );
+    drop(create_db(
+        &t.path().join("deep").join(&a).join(&b).join("t.db"),
+        1,
+    ));
+    let (_, out) = explain(&t, "multi-db:\n  patterns: [\"./deep/*/*/*.db\"]\n  replica:\n    url: s3://bucket\n    path: \"{{a}}/{{b}}/{{t}}\"\n");
+    assert!(
+        out.contains("its cold snapshots fit, but every upload of its hot tier"),
+        "{out}"
+    );
+    // On file://, an object is written as `<name>#1` first: 253 bytes is
+    // the longest name that stores.
+    let stem = |n: usize| format!("{}.db", "s".repeat(n));
+    std::fs::remove_dir_all(t.path().join("deep")).unwrap();
+    std::fs::remove_dir_all(t.path().join("data")).unwrap();
+    drop(create_db(&t.path().join("data/p").join(stem(230)), 1));
+    let (_, out) = explain(
+        &t,
+        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: file://./replica\n",
+    );
+    assert!(!out.contains("would be longer than"), "{out}");
+    rename_db(&t, &stem(230), &stem(231));
+    let (_, out) = rerun(&t);
+    assert!(out.contains("longer than 255 bytes"), "{out}");
+}
+
+/// SQLite opens no database whose absolute path is longer than 504 bytes:
+/// `explain` names such databases, and their snapshots fail saying so
+/// (black-box probe: "unable to open database file", explain silent).
+#[test]
+fn paths_too_long_for_sqlite_are_named() {
+    let t = tempfile::tempdir().unwrap();
+    let short = t.path().join("short.db");
+    drop(create_db(&short, 1));
+    // Three directories of 100 bytes and one that makes the database's
+    // path 505 bytes long, and one of 504 beside it.
+    let base = t.path().join("data");
+    let mut dir = base.clone();
+    for _ in 0..3 {
+        dir.push("d".repeat(100));
+    }
+    let fill = 505 - dir.as_os_str().len() - "/x.db".len() - 1;
+    let (long, fits) = (
+        dir.join("e".repeat(fill)).join("x.db"),
+        dir.join("e".repeat(fill - 1)).join("x.db"),
+    );
+    assert_eq!((long.as_os_str().len(), fits.as_os_str().len()), (505, 504));
+    for p in [&long, &fits] {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::copy(&short, p).unwrap();
+    }
     std::fs::write(
         t.path().join("litefleet.yml"),
-        "multi-db:\n  patterns: [\"./data/*/*.db\"]\n  replica:\n    url: s3://bucket\n",
+        "multi-db:\n  patterns: [\"./data/*/*/*/*/*.db\"]\n  replica:\n    url: file://./replica\n    path: \"{{a}}/{{b}}/{{c}}/{{d}}/{{t}}\"\n",
     )
     .unwrap();
     let o = litefleet(t.path(), &["explain", "--strict"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(!out.contains("would be longer than"), "{out}");
-    std::fs::rename(
-        t.path().join("data/p").join(at(4)),
-        t.path().join("data/p").join(at(5)),
-    )
-    .unwrap();
-    let o = litefleet(t.path(), &["explain", "--strict"]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("would be longer than 1024 bytes"), "{out}");
+    let named = format!(
+        "{}: its absolute path is 505 bytes, and SQLite opens no database whose path is longer than 504 bytes",
+        long.display()
+    );
+    assert!(out.contains(&named), "{out}{}", stderr(&o));
+    assert!(!out.contains(&format!("{}:", fits.display())), "{out}");
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("SQLite opens no database whose path is longer than 504 bytes"),
+        "{err}"
+    );
+    assert!(!err.contains("unable to open database file"), "{err}");
 }

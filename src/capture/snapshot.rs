@@ -289,11 +289,14 @@ pub fn capture_if_sqlite(db: &Path, key: &str, tmp_dir: &Path) -> Result<Option<
 fn capture_open(source: Connection, db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
     let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
     let started = Utc::now();
+    #[cfg(test)]
+    tests::BEFORE_READ.with(|h| h.borrow_mut().take().map(|f| f()));
     if on_disk <= IN_MEMORY_MAX {
         if let Some(db_bytes) = file_only(&source, db)? {
             return capture_small(source, db, key, db_bytes, started);
         }
         let mut copy = backup_in_memory(&source, db)?;
+        still_there(&source, db)?;
         drop(source);
         let times = SnapshotTimes {
             started,
@@ -313,6 +316,7 @@ fn capture_open(source: Connection, db: &Path, key: &str, tmp_dir: &Path) -> Res
         .at(tmp_dir)?
         .into_temp_path();
     backup_from(&source, db, &copy)?;
+    still_there(&source, db)?;
     drop(source);
     let times = SnapshotTimes {
         started,
@@ -509,7 +513,7 @@ fn capture_file(
         };
         // The connection comes back from the check, so its transaction
         // lasts until the compression is done too.
-        let (snap, _source) = check_beside(
+        let (snap, source) = check_beside(
             move || {
                 let checked = check_conn(&source, db, "quick_check");
                 (checked, source)
@@ -517,6 +521,7 @@ fn capture_file(
             || stage(db, key, input, db_bytes, times, tmp_dir, Copied::Direct),
             db,
         )?;
+        still_there(&source, db)?;
         return Ok(snap);
     }
     check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
@@ -528,7 +533,7 @@ fn capture_file(
     };
     // `input` borrows `source`, whose read transaction lasts until the
     // whole file is compressed.
-    stage(
+    let snap = stage(
         db,
         key,
         input,
@@ -536,7 +541,29 @@ fn capture_file(
         times,
         tmp_dir,
         Copied::DirectAfterCheck,
-    )
+    )?;
+    still_there(&source, db)?;
+    Ok(snap)
+}
+
+/// Fails unless `db`'s path still names the file `source` has open (not
+/// renamed away, replaced or deleted), checked once the copy is complete.
+/// The connection opened the file at that path; if the path still holds
+/// it now, it held it all along, so the copy is a state of this database.
+/// A file renamed away between the open and the read took commits made
+/// at its new path (another database's, or an application's stragglers
+/// after a rotation), and its copy was uploaded as this database's state,
+/// which it never had (the hot tier's generation starts showed it: black-box
+/// probe). One `stat` (SQLite's `SQLITE_FCNTL_HAS_MOVED`).
+fn still_there(source: &Connection, db: &Path) -> Result<()> {
+    if connection_file(source, db)?.has_moved().at(db)? {
+        return Err(Error::invalid(
+            db.display(),
+            "was replaced, renamed or deleted while it was copied: not uploading this copy \
+             (the next cycle copies the file at this path then)",
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `check` (a `quick_check` of `db`, returning its result and whatever
@@ -580,6 +607,7 @@ fn capture_small(
     connection_file(&source, db)?
         .read_exact_at(&mut data, 0)
         .at(db)?;
+    still_there(&source, db)?;
     drop(source);
     in_memory(db, key, &data, times, Copied::DirectInMemory)
 }
@@ -1041,6 +1069,70 @@ mod tests {
     use super::*;
     use crate::source::vfs::writable_from_outside;
 
+    thread_local! {
+        /// Runs once in a capture, after the open and before the read.
+        pub(super) static BEFORE_READ: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+            std::cell::RefCell::new(None);
+    }
+
+    /// Two databases swapped by renames between a snapshot's open and its
+    /// read, and a commit made at the other path into the file our
+    /// connection has open: a state this path never had. The copy is
+    /// refused, small and large, and the next one takes the file now at
+    /// the path. (In WAL mode SQLite itself may fail such a read, opening
+    /// the other database's `-shm` by path: refused either way.)
+    #[test]
+    fn a_file_renamed_away_during_its_snapshot_is_not_uploaded() {
+        let t = tempfile::tempdir().unwrap();
+        for (rows, mode) in [
+            (10, "DELETE"),
+            (20_000, "DELETE"),
+            (10, "WAL"),
+            (20_000, "WAL"),
+        ] {
+            let (a, b) = (t.path().join("a.db"), t.path().join("b.db"));
+            for (p, n) in [(&a, rows), (&b, rows + 1)] {
+                Connection::open(p)
+                    .unwrap()
+                    .execute_batch(&format!(
+                        "PRAGMA journal_mode={mode}; CREATE TABLE t(x);
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n})
+                     INSERT INTO t SELECT randomblob(64) FROM n;"
+                    ))
+                    .unwrap();
+            }
+            let (a2, b2) = (a.clone(), b.clone());
+            BEFORE_READ.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move || {
+                    let tmp = a2.with_extension("swap");
+                    for suffix in ["", "-wal", "-shm"] {
+                        let side = |p: &Path| PathBuf::from(format!("{}{suffix}", p.display()));
+                        let _ = std::fs::rename(side(&a2), side(&tmp));
+                        let _ = std::fs::rename(side(&b2), side(&a2));
+                        let _ = std::fs::rename(side(&tmp), side(&b2));
+                    }
+                    // An application at b commits into the file that was a.
+                    Connection::open(&b2)
+                        .unwrap()
+                        .execute("INSERT INTO t VALUES (1)", [])
+                        .unwrap();
+                }))
+            });
+            let e = capture(&a, "k", t.path()).unwrap_err().to_string();
+            assert!(
+                mode == "WAL" || e.contains("was replaced, renamed or deleted while it was copied"),
+                "{rows} {mode}: {e}"
+            );
+            let snap = capture(&a, "k", t.path()).unwrap();
+            assert!(snap.db_bytes > 0);
+            for p in [&a, &b] {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+                }
+            }
+        }
+    }
+
     /// The block (and with it the encoder's buffers) fits the input; data
     /// of any size round-trips through the frame decoder.
     #[test]
@@ -1282,8 +1374,10 @@ mod tests {
     }
 
     /// A database file replaced by a rename after SQLite opened the old one:
-    /// the snapshot is read through SQLite's own handle, so it holds the
-    /// file the read transaction protects, not the one now at the path.
+    /// the snapshot is read through SQLite's own handle (the file the read
+    /// transaction protects, not the one now at the path), and then not
+    /// uploaded, as the path no longer names that file
+    /// ([`still_there`]).
     #[test]
     fn a_database_replaced_since_it_was_opened_is_read_through_sqlite() {
         let t = tempfile::tempdir().unwrap();
@@ -1301,13 +1395,11 @@ mod tests {
         let source = open_read_only(&db).unwrap();
         std::fs::rename(&other, &db).unwrap();
         let len = file_only(&source, &db).unwrap().expect("no WAL");
-        let snap = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap();
-        assert_eq!(
-            snap.copied,
-            Copied::DirectAfterCheck,
-            "no second handle by path"
+        let e = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("was replaced, renamed or deleted"),
+            "{e}"
         );
-        assert_eq!(restored(&snap, &t.path().join("out.db")).1, 300);
         // Unmoved, the file is read through a second handle beside the check.
         let source = open_read_only(&db).unwrap();
         let len = file_only(&source, &db).unwrap().expect("no WAL");

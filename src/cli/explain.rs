@@ -248,10 +248,37 @@ const FILE_NAME_MAX: usize = 255;
 /// Longest object name S3 takes, in bytes.
 const S3_NAME_MAX: usize = 1024;
 
-/// What the hot tier adds to a key's object path at most:
-/// `/generations/<24 hex>/wal/<16 hex>_<16 hex>_<16 hex>.wal.lz4`.
-const HOT_SUFFIX_MAX: usize =
-    "/generations/".len() + 24 + "/wal/".len() + 3 * 16 + 2 + ".wal.lz4".len();
+/// What a `file://` upload adds to an object's file name while it is
+/// written: it is staged as `<name>#<n>` (`#1` unless a crashed writer
+/// left one), so a name of 254 or 255 bytes never stores (black-box probe:
+/// `explain` said nothing, every upload failed with "File name too long").
+const STAGING_SUFFIX: usize = "#1".len();
+
+/// What the hot tier adds to a key's object path at most, measured on the
+/// names it writes (their fields are fixed-width hex): a fleet-log pack,
+/// `/generations/<id>/wal/<index>_<offset>_<time>_<random>.pack`, is the
+/// longest, 6 bytes more than a WAL segment (black-box probe: keys 919 to
+/// 924 bytes long were not warned about, and S3 would refuse every pack).
+fn hot_suffix_max() -> usize {
+    use crate::replica::hot;
+    let root = object_store::path::Path::default();
+    let now = chrono::Utc::now();
+    let gen = hot::new_generation_id_after(now, None);
+    let far = hot::Position {
+        index: u64::MAX,
+        offset: u64::MAX,
+    };
+    [
+        hot::segment_path(&root, "k", &gen, far, now),
+        hot::pack_path(&root, "k", &gen, far, now),
+        hot::snapshot_path(&root, "k", &gen, u64::MAX, now),
+        hot::metadata_path(&root, "k", &gen),
+    ]
+    .iter()
+    .map(|p| p.as_ref().len() - "k".len())
+    .max()
+    .unwrap_or(0)
+}
 
 /// Why `dir` cannot be created or written by this process, without
 /// creating anything: its nearest existing ancestor is no directory, or is
@@ -447,10 +474,30 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
         ),
         ReplicaUrl::File { .. } => None,
     };
-    let mut long: Vec<String> = by_key
+    let mut deep: Vec<(String, String)> = by_key
+        .values()
+        .flatten()
+        .filter_map(|p| {
+            crate::source::discover::path_too_long(p).map(|why| (p.display().to_string(), why))
+        })
+        .collect();
+    deep.sort();
+    for (p, why) in deep.iter().take(COLLISIONS_SHOWN) {
+        warnings.push(format!("{p}: {why}"));
+    }
+    if deep.len() > COLLISIONS_SHOWN {
+        warnings.push(format!(
+            "... and {} more databases whose paths are too long for SQLite",
+            deep.len() - COLLISIONS_SHOWN
+        ));
+    }
+    let hot_suffix = hot_suffix_max();
+    // The databases whose object names are too long, and whether their
+    // cold snapshots' are (else only the hot tier's).
+    let mut long: Vec<(String, bool)> = by_key
         .iter()
         .flat_map(|(key, paths)| paths.iter().map(move |p| (key, p)))
-        .filter(|(key, p)| {
+        .filter_map(|(key, p)| {
             let stem = p
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -462,35 +509,48 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
                 stem,
                 chrono::Utc::now(),
             );
-            match s3_prefix {
-                None => object
-                    .parts()
-                    .any(|part| part.as_ref().len() > FILE_NAME_MAX),
+            let (cold, hot) = match s3_prefix {
+                None => {
+                    let parts: Vec<_> = object.parts().collect();
+                    let last = parts.len().saturating_sub(1);
+                    let cold = parts.iter().enumerate().any(|(i, part)| {
+                        let staging = if i == last { STAGING_SUFFIX } else { 0 };
+                        part.as_ref().len() + staging > FILE_NAME_MAX
+                    });
+                    (cold, false)
+                }
                 Some(prefix) => {
                     let key =
                         crate::replica::layout::key_path(&object_store::path::Path::default(), key);
-                    let longest = object
-                        .as_ref()
-                        .len()
-                        .max(key.as_ref().len() + HOT_SUFFIX_MAX);
-                    prefix + longest > S3_NAME_MAX
+                    (
+                        prefix + object.as_ref().len() > S3_NAME_MAX,
+                        prefix + key.as_ref().len() + hot_suffix > S3_NAME_MAX,
+                    )
                 }
-            }
+            };
+            (cold || hot).then(|| (p.display().to_string(), cold))
         })
-        .map(|(_, p)| p.display().to_string())
         .collect();
     long.sort();
     let (store, limit) = match s3_prefix {
         None => (
             "file://",
-            format!("{FILE_NAME_MAX} bytes, which no file system stores"),
+            format!(
+                "{FILE_NAME_MAX} bytes with the `#1` it is written under first, which no file \
+                 system stores"
+            ),
         ),
         Some(_) => ("S3", format!("{S3_NAME_MAX} bytes, which S3 refuses")),
     };
-    for p in long.iter().take(COLLISIONS_SHOWN) {
+    for (p, cold) in long.iter().take(COLLISIONS_SHOWN) {
+        let fails = if *cold {
+            "every upload of it fails"
+        } else {
+            "its cold snapshots fit, but every upload of its hot tier (WAL, fleet-log packs) fails"
+        };
         warnings.push(format!(
             "{p}: its object name on the {store} replica would be longer than {limit}: \
-             every upload of it fails (rename it, or shorten multi-db.replica.path)"
+             {fails} (rename it, or shorten multi-db.replica.path)"
         ));
     }
     if long.len() > COLLISIONS_SHOWN {

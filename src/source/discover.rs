@@ -54,7 +54,13 @@ pub fn shm_path(db: &Path) -> PathBuf {
 ///   SIGTERM (black-box probe).
 ///
 /// A database that is gone is left to the open, which reports it as before.
+///
+/// A database whose absolute path is longer than [`SQLITE_PATH_MAX`] is
+/// refused too, naming the limit: SQLite cannot open it.
 pub fn check_regular_files(db: &Path) -> crate::Result<()> {
+    if let Some(why) = path_too_long(db) {
+        return Err(crate::Error::invalid(db.display(), why));
+    }
     let check = |path: &Path| match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_file() => Ok(()),
         Ok(m) => Err(not_regular_error(path, &m)),
@@ -70,6 +76,24 @@ pub fn check_regular_files(db: &Path) -> crate::Result<()> {
     AUX_SUFFIXES
         .iter()
         .try_for_each(|suffix| check(&side_path(db, suffix)))
+}
+
+/// The longest absolute path of a database SQLite opens, in bytes: its unix
+/// VFS takes paths of at most 512 bytes (`MAX_PATHNAME`, fixed at compile
+/// time), and the pager wants room for `-journal` (8 bytes) after it.
+/// A longer one failed every snapshot with SQLite's "unable to open
+/// database file", and `explain` said nothing (black-box probe).
+pub const SQLITE_PATH_MAX: usize = 512 - "-journal".len();
+
+/// Why SQLite cannot open `db` because of its path's length, if so.
+pub fn path_too_long(db: &Path) -> Option<String> {
+    let len = std::path::absolute(db).map_or(db.as_os_str().len(), |p| p.as_os_str().len());
+    (len > SQLITE_PATH_MAX).then(|| {
+        format!(
+            "its absolute path is {len} bytes, and SQLite opens no database whose path is longer \
+             than {SQLITE_PATH_MAX} bytes: never backed up (move it to a shorter path)"
+        )
+    })
 }
 
 /// The first directory of `db`'s path below the pattern root `root` that

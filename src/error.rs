@@ -106,8 +106,15 @@ impl Error {
     }
 
     pub fn store(key: impl std::fmt::Display, source: object_store::Error) -> Self {
+        let key = key.to_string();
         Error::Store {
-            key: key.to_string(),
+            // The empty object path is the replica's (or bucket's) root: a
+            // blank name read "replica : ..." (black-box probe).
+            key: if key.is_empty() {
+                "(its root)".to_string()
+            } else {
+                key
+            },
             hint: store_hint(&source),
             source,
         }
@@ -341,6 +348,10 @@ mod tests {
         };
         let msg = Error::store("pfx/.litefleet/lease.json", gone).to_string();
         assert!(msg.contains("the bucket does not exist"), "{msg}");
+        // The replica's root has a name too (it read "replica : ...").
+        let unsupported = object_store::Error::NotSupported { source: "x".into() };
+        let msg = Error::store("", unsupported).to_string();
+        assert!(msg.starts_with("replica (its root): "), "{msg}");
     }
 
     /// What S3 echoes of a request in an error body, and the credentials

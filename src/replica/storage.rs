@@ -1063,12 +1063,16 @@ fn hidden_entry(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
 /// of a whole prefix (`list`, bulk restore, `verify`, retention) then
 /// missed a key, or a key's newest object, and bulk restore returned an
 /// older state or none for it, exit 0 (black-box probe). Directories are
-/// typed from `read_dir` with no stat of their own; only links are
-/// followed, one level, to see what they name (not walked into: a link
-/// loop must not make this walk endless). A directory that cannot be read
-/// is left to object_store's own walk, which reports it.
+/// typed from `read_dir` with no stat of their own; links are followed to
+/// see what they name, and walked into when they name a directory, as
+/// object_store's walk does (else a key directory reached through a link
+/// hid its entries: probe), each directory a link names once (a link loop
+/// ends there). A directory that cannot be read is left to object_store's
+/// own walk, which reports it.
 fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
+    use std::os::unix::fs::MetadataExt;
     let mut dirs = vec![dir.to_path_buf()];
+    let mut linked = std::collections::HashSet::new();
     while let Some(d) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
@@ -1082,7 +1086,12 @@ fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
                 dirs.push(path);
             } else if kind.is_symlink() {
                 match std::fs::metadata(&path) {
-                    Ok(m) if m.is_file() || m.is_dir() => {}
+                    Ok(m) if m.is_dir() => {
+                        if linked.insert((m.dev(), m.ino())) {
+                            dirs.push(path);
+                        }
+                    }
+                    Ok(m) if m.is_file() => {}
                     Ok(m) => return Some((path, crate::error::not_regular(&m))),
                     // Gone since the listing of its directory: not hidden.
                     Err(_) if std::fs::symlink_metadata(&path).is_err() => {}
@@ -1984,6 +1993,23 @@ mod tests {
         let back = listed("p").await.unwrap();
         assert_eq!(back.len(), 4, "{back:?}");
         assert!(back.contains(&old.to_string()), "{back:?}");
+        // A key directory reached through a link is looked into too (as
+        // object_store's walk does), and a link loop ends the walk.
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("p/e")).unwrap();
+        // (object_store's walk fails a loop itself; this one just ends.)
+        let ring = outside.path().join("loop");
+        std::os::unix::fs::symlink(outside.path(), &ring).unwrap();
+        assert_eq!(hidden_below(dir.path()), None);
+        std::fs::remove_file(&ring).unwrap();
+        assert_eq!(listed("p").await.unwrap().len(), 4);
+        let hidden = outside.path().join("k-20261206-100000.db.lz4");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &hidden).unwrap();
+        let e = listed("p").await.unwrap_err().to_string();
+        assert!(
+            e.contains("k-20261206-100000.db.lz4 is a link to nothing"),
+            "{e}"
+        );
     }
 
     /// Above the object's directory (which the store syncs), each

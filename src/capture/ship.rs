@@ -729,21 +729,38 @@ impl Shipper {
             None => WalState::Awaiting { index: 0 },
         };
         // The read checks, after the copy, that the path still holds the
-        // file our connection has open, and its side files.
-        match self.read()? {
+        // file our connection has open, and its side files. A read that
+        // fails proves neither (SQLite's "disk I/O error" when the `-shm`
+        // was swapped): the start is dropped too, or the next sync would
+        // upload it (black-box probe: a generation snapshot of the file
+        // then at another path, restored with exit 0).
+        let step = match self.read() {
+            Ok(step) => step,
+            Err(e) => {
+                self.drop_start();
+                return Err(e);
+            }
+        };
+        match step {
             Step::Lost(reason) if self.wal_lost => Ok(Err(reason)),
             Step::Lost(reason) => {
-                self.pending = None;
-                self.snapshot = None;
-                self.generation = None;
-                self.meta = None;
-                self.meta_dirty = false;
-                self.state = WalState::Awaiting { index: 0 };
+                self.drop_start();
                 self.lost = Some(reason);
                 Ok(Ok(false))
             }
             _ => Ok(Ok(true)),
         }
+    }
+
+    /// Forgets a generation start: its snapshot (deleted), metadata and
+    /// cursor; nothing of it is uploaded.
+    fn drop_start(&mut self) {
+        self.pending = None;
+        self.snapshot = None;
+        self.generation = None;
+        self.meta = None;
+        self.meta_dirty = false;
+        self.state = WalState::Awaiting { index: 0 };
     }
 
     /// `Some(Step::Lost)` when the database file is gone or is another file
@@ -843,6 +860,10 @@ impl Shipper {
     /// pending segment. Does nothing while a segment is pending.
     pub fn read(&mut self) -> Result<Step> {
         self.wal_lost = false;
+        #[cfg(test)]
+        if tests::FAIL_START_READ.with(|f| f.take()) {
+            return Err(Error::invalid(self.db.display(), "injected: read failed"));
+        }
         if self.pending.is_some() {
             return Ok(Step::Frames);
         }
@@ -2152,6 +2173,9 @@ mod tests {
             RefCell::new(None);
         /// Makes our checkpoint fail where resuming its read transaction
         /// could (SQLITE_BUSY, I/O), after the checkpoint itself ran.
+        /// Makes the next [`Shipper::read`] fail.
+        pub(super) static FAIL_START_READ: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
         pub(super) static FAIL_READ_AFTER_CHECKPOINT: std::cell::Cell<bool> =
             const { std::cell::Cell::new(false) };
         /// Runs once in a generation start, after its copy of the database.
@@ -2819,5 +2843,12 @@ mod tests {
         let mut s = s.reopen().unwrap();
         assert!(s.begin_generation(dir.path()).unwrap());
         assert!(s.generation().is_some());
+        // A start whose read fails is dropped too (the probe's "disk I/O
+        // error" with swapped side files): nothing of it to upload.
+        let mut s = s.reopen().unwrap();
+        FAIL_START_READ.with(|f| f.set(true));
+        assert!(s.begin_generation(dir.path()).is_err());
+        assert!(s.generation().is_none());
+        assert!(s.snapshot.is_none() && s.meta.is_none() && !s.meta_dirty);
     }
 }

@@ -419,6 +419,17 @@ pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
     let mode: String = source
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .map_err(sql)?;
+    if pages <= 0 {
+        // The header was there when the file was opened: emptied since (a
+        // `cp` over it truncates it first). A copy would be a new, empty
+        // database, a state this one never had (black-box probe: uploaded
+        // as the latest backup, exit 0 on restore).
+        source.execute_batch("COMMIT").map_err(sql)?;
+        return Err(Error::invalid(
+            db.display(),
+            "is empty now (emptied or being written over while it was read): not uploading a copy",
+        ));
+    }
     let alone = !mode.eq_ignore_ascii_case("wal")
         || file_len(&crate::source::discover::wal_path(db))? == 0
         || VfsHandle::of(source)
@@ -1073,6 +1084,36 @@ mod tests {
         /// Runs once in a capture, after the open and before the read.
         pub(super) static BEFORE_READ: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
             std::cell::RefCell::new(None);
+    }
+
+    /// A database emptied between a snapshot's open (which saw its header)
+    /// and its read, as `cp` over it does first: no copy (it was a new,
+    /// empty database, uploaded as the latest backup).
+    #[test]
+    fn a_database_emptied_during_its_snapshot_is_not_uploaded() {
+        let t = tempfile::tempdir().unwrap();
+        for mode in ["DELETE", "WAL"] {
+            let db = t.path().join(format!("{mode}.db"));
+            Connection::open(&db)
+                .unwrap()
+                .execute_batch(&format!(
+                    "PRAGMA journal_mode={mode}; CREATE TABLE t(x); INSERT INTO t VALUES (1);"
+                ))
+                .unwrap();
+            let emptied = db.clone();
+            BEFORE_READ.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move || {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&emptied)
+                        .unwrap()
+                        .set_len(0)
+                        .unwrap();
+                }))
+            });
+            let e = capture(&db, "k", t.path()).unwrap_err().to_string();
+            assert!(e.contains("is empty now"), "{mode}: {e}");
+        }
     }
 
     /// Two databases swapped by renames between a snapshot's open and its

@@ -248,6 +248,23 @@ const FILE_NAME_MAX: usize = 255;
 /// Longest object name S3 takes, in bytes.
 const S3_NAME_MAX: usize = 1024;
 
+/// Adds a warning per item of `items` (at most [`COLLISIONS_SHOWN`]),
+/// then one counting the rest: "... and N more `more`".
+fn warn_capped<T>(
+    warnings: &mut Vec<String>,
+    items: &[T],
+    line: impl Fn(&T) -> String,
+    more: &str,
+) {
+    warnings.extend(items.iter().take(COLLISIONS_SHOWN).map(line));
+    if items.len() > COLLISIONS_SHOWN {
+        warnings.push(format!(
+            "... and {} more {more}",
+            items.len() - COLLISIONS_SHOWN
+        ));
+    }
+}
+
 /// What a `file://` upload adds to an object's file name while it is
 /// written: it is staged as `<name>#<n>` (`#1` unless a crashed writer
 /// left one), so a name of 254 or 255 bytes never stores (black-box probe:
@@ -442,18 +459,17 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
         }
     }
     refused_keys.sort_by(|a, b| (&a.key, &a.path).cmp(&(&b.key, &b.path)));
-    for r in refused_keys.iter().take(COLLISIONS_SHOWN) {
-        warnings.push(format!(
+    warn_capped(
+        &mut warnings,
+        &refused_keys,
+        |r| {
+            format!(
             "refused key: {} renders key {:?}: {}; restore refuses such a key, so replicate does not back it up (rename the file or change multi-db.patterns or multi-db.replica.path)",
             r.path, r.key, r.reason
-        ));
-    }
-    if refused_keys.len() > COLLISIONS_SHOWN {
-        warnings.push(format!(
-            "... and {} more refused key(s) (see --json)",
-            refused_keys.len() - COLLISIONS_SHOWN
-        ));
-    }
+        )
+        },
+        "refused key(s) (see --json)",
+    );
     // A file:// replica stores each object path part as a file name, at
     // most 255 bytes (black-box probe: a 243-byte database name failed
     // every upload with "File name too long", and --strict passed). S3
@@ -482,15 +498,12 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
         })
         .collect();
     deep.sort();
-    for (p, why) in deep.iter().take(COLLISIONS_SHOWN) {
-        warnings.push(format!("{p}: {why}"));
-    }
-    if deep.len() > COLLISIONS_SHOWN {
-        warnings.push(format!(
-            "... and {} more databases whose paths are too long for SQLite",
-            deep.len() - COLLISIONS_SHOWN
-        ));
-    }
+    warn_capped(
+        &mut warnings,
+        &deep,
+        |(p, why)| format!("{p}: {why}"),
+        "databases whose paths are too long for SQLite",
+    );
     let hot_suffix = hot_suffix_max();
     // The databases whose object names are too long, and whether their
     // cold snapshots' are (else only the hot tier's).
@@ -542,23 +555,22 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
         ),
         Some(_) => ("S3", format!("{S3_NAME_MAX} bytes, which S3 refuses")),
     };
-    for (p, cold) in long.iter().take(COLLISIONS_SHOWN) {
-        let fails = if *cold {
-            "every upload of it fails"
-        } else {
-            "its cold snapshots fit, but every upload of its hot tier (WAL, fleet-log packs) fails"
-        };
-        warnings.push(format!(
-            "{p}: its object name on the {store} replica would be longer than {limit}: \
-             {fails} (rename it, or shorten multi-db.replica.path)"
-        ));
-    }
-    if long.len() > COLLISIONS_SHOWN {
-        warnings.push(format!(
-            "... and {} more with object names too long for a {store} replica",
-            long.len() - COLLISIONS_SHOWN
-        ));
-    }
+    warn_capped(
+        &mut warnings,
+        &long,
+        |(p, cold)| {
+            let fails = if *cold {
+                "every upload of it fails"
+            } else {
+                "its cold snapshots fit, but every upload of its hot tier (WAL, fleet-log packs) fails"
+            };
+            format!(
+                "{p}: its object name on the {store} replica would be longer than {limit}: \
+                 {fails} (rename it, or shorten multi-db.replica.path)"
+            )
+        },
+        &format!("with object names too long for a {store} replica"),
+    );
     let distinct_keys = by_key.len() as u64;
     let mut collisions: Vec<Collision> = by_key
         .into_iter()
@@ -570,20 +582,19 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
         })
         .collect();
     collisions.sort_by(|a, b| a.key.cmp(&b.key));
-    for c in collisions.iter().take(COLLISIONS_SHOWN) {
-        warnings.push(format!(
+    warn_capped(
+        &mut warnings,
+        &collisions,
+        |c| {
+            format!(
             "key collision: {} databases would get key {:?}: {}; replicate backs up one and refuses the others",
             c.paths.len(),
             c.key,
             c.paths.join(", ")
-        ));
-    }
-    if collisions.len() > COLLISIONS_SHOWN {
-        warnings.push(format!(
-            "... and {} more key collision(s) (see --json)",
-            collisions.len() - COLLISIONS_SHOWN
-        ));
-    }
+        )
+        },
+        "key collision(s) (see --json)",
+    );
 
     // 4. Limits.
     let mut dirs: Vec<&Path> = all.keys().filter_map(|p| p.parent()).collect();

@@ -2824,13 +2824,7 @@ mod tests {
         let mut s = Shipper::open(&a, "k").unwrap();
         let (a2, b2) = (a.clone(), b.clone());
         set(&AFTER_START_COPY, move || {
-            let t = a2.with_extension("swap");
-            for suffix in ["", "-wal", "-shm"] {
-                let side = |p: &Path| PathBuf::from(format!("{}{suffix}", p.display()));
-                std::fs::rename(side(&a2), side(&t)).unwrap();
-                std::fs::rename(side(&b2), side(&a2)).unwrap();
-                std::fs::rename(side(&t), side(&b2)).unwrap();
-            }
+            crate::capture::snapshot::test_db::swap_with_side_files(&a2, &b2)
         });
         assert!(!s.begin_generation(dir.path()).unwrap());
         assert!(s.generation().is_none());

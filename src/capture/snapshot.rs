@@ -1066,6 +1066,28 @@ pub(crate) mod test_db {
         std::fs::read(path).unwrap()
     }
 
+    /// Swaps the databases at `a` and `b` by renames, each with its `-wal`
+    /// and `-shm` (side files that are not there are skipped; the
+    /// databases must be).
+    pub(crate) fn swap_with_side_files(a: &Path, b: &Path) {
+        let tmp = a.with_extension("swap");
+        for suffix in ["", "-wal", "-shm"] {
+            let side = |p: &Path| std::path::PathBuf::from(format!("{}{suffix}", p.display()));
+            for (from, to) in [
+                (side(a), side(&tmp)),
+                (side(b), side(a)),
+                (side(&tmp), side(b)),
+            ] {
+                match std::fs::rename(&from, &to) {
+                    Err(e) if suffix.is_empty() || e.kind() != std::io::ErrorKind::NotFound => {
+                        panic!("{}: {e}", from.display())
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// `bytes` of such a database with the header and cell pointers of
     /// page 3 (a b-tree page) scribbled over.
     pub(crate) fn damaged(bytes: &[u8]) -> Vec<u8> {
@@ -1145,13 +1167,7 @@ mod tests {
             let (a2, b2) = (a.clone(), b.clone());
             BEFORE_READ.with(|h| {
                 *h.borrow_mut() = Some(Box::new(move || {
-                    let tmp = a2.with_extension("swap");
-                    for suffix in ["", "-wal", "-shm"] {
-                        let side = |p: &Path| PathBuf::from(format!("{}{suffix}", p.display()));
-                        let _ = std::fs::rename(side(&a2), side(&tmp));
-                        let _ = std::fs::rename(side(&b2), side(&a2));
-                        let _ = std::fs::rename(side(&tmp), side(&b2));
-                    }
+                    test_db::swap_with_side_files(&a2, &b2);
                     // An application at b commits into the file that was a.
                     Connection::open(&b2)
                         .unwrap()

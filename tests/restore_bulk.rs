@@ -242,18 +242,28 @@ fn bound_to(bytes: &[u8], key: &str) -> bytes::Bytes {
     out.into()
 }
 
+/// Puts `bytes` as the object `name` in `key`'s directory, as is; its path.
+async fn put_in_key(
+    replica: &litefleet::replica::storage::Replica,
+    key: &str,
+    name: &str,
+    bytes: bytes::Bytes,
+) -> ObjPath {
+    let loc = litefleet::replica::layout::key_path(&replica.prefix, key).join(name);
+    replica
+        .store
+        .put(&loc, PutPayload::from(bytes))
+        .await
+        .unwrap();
+    loc
+}
+
 async fn plant_hostile_keys(f: &Fleet) {
     let replica = f.replica();
     let (bytes, time) = source_object(f).await;
     let bytes = bound_to(&bytes, "p9/d9");
     for stem in ["t1", "..", "."] {
-        let loc = litefleet::replica::layout::key_path(&replica.prefix, "p9/d9")
-            .join(format!("{stem}{time}").as_str());
-        replica
-            .store
-            .put(&loc, PutPayload::from(bytes.clone()))
-            .await
-            .unwrap();
+        put_in_key(&replica, "p9/d9", &format!("{stem}{time}"), bytes.clone()).await;
     }
 }
 
@@ -266,13 +276,8 @@ both_backends!(
         let f = fleet_of_20(b).await;
         let replica = f.replica();
         let (bytes, time) = source_object(&f).await;
-        let loc = litefleet::replica::layout::key_path(&replica.prefix, "p9/d9/t1")
-            .join(format!("t1{time}").as_str());
-        replica
-            .store
-            .put(&loc, PutPayload::from(bytes.clone()))
-            .await
-            .unwrap();
+        let name = format!("t1{time}");
+        let loc = put_in_key(&replica, "p9/d9/t1", &name, bytes.clone()).await;
         let base = tempfile::tempdir().unwrap();
         let r = restore_bulk(&replica, &opts("p9", &base.path().join("a")), &NoProgress)
             .await
@@ -284,12 +289,7 @@ both_backends!(
             e.contains("names another key") && e.contains(loc.as_ref()),
             "{e}"
         );
-        let rebound = bound_to(&bytes, "p9/d9/t1");
-        replica
-            .store
-            .put(&loc, PutPayload::from(rebound))
-            .await
-            .unwrap();
+        put_in_key(&replica, "p9/d9/t1", &name, bound_to(&bytes, "p9/d9/t1")).await;
         let r = restore_bulk(&replica, &opts("p9", &base.path().join("b")), &NoProgress)
             .await
             .unwrap();

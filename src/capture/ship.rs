@@ -101,6 +101,7 @@ use crate::replica::pack::Part;
 use crate::replica::storage::Replica;
 use crate::source::config::MultiDb;
 use crate::source::discover::{not_regular_error, shm_path, wal_path};
+use crate::source::shm::{ShmClaim, SourceFiles};
 use crate::stats::Stats;
 use crate::{Error, Result};
 
@@ -299,6 +300,9 @@ pub struct Shipper {
     /// SQLite's writes to it from anyone else's (see
     /// [`Shipper::written_outside`]).
     file_seen: Option<FileSeen>,
+    /// This process's claim on the `-shm` of `conn` (declared after it:
+    /// released once the connection is closed).
+    _shm: ShmClaim,
 }
 
 /// The database file's size, modification and change times (ns), and the
@@ -400,11 +404,14 @@ fn disable_lookaside(conn: &Connection) {
     }
 }
 
-fn open_conn(db: &Path) -> Result<Connection> {
+/// Opens the stream's connection to `db`, with the claim on its `-shm`
+/// ([`crate::source::shm`]) that must outlive it.
+fn open_conn(db: &Path) -> Result<(Connection, ShmClaim)> {
     // Only regular files: SQLite would open the `-wal` beside a link's
     // target while we read the one beside the link, and a FIFO blocks the
     // open (see `check_regular_files`).
-    crate::source::discover::check_regular_files(db)?;
+    let files = crate::source::discover::check_regular_files(db)?;
+    let shm = crate::source::shm::claim(db, files)?;
     // Read-write (a checkpoint needs it) but never create: a database deleted
     // under us must not come back as an empty file.
     let conn = Connection::open_with_flags(
@@ -431,7 +438,7 @@ fn open_conn(db: &Path) -> Result<Connection> {
     conn.busy_timeout(WRITE_LOCK_WAIT).map_err(sqlite(db))?;
     conn.pragma_update(None, "cache_size", CACHE_PAGES)
         .map_err(sqlite(db))?;
-    Ok(conn)
+    Ok((conn, shm))
 }
 
 /// Number of commit frames in `frames` (whole frames of `page_size` pages).
@@ -517,7 +524,7 @@ impl Shipper {
             ));
         }
         let ident = identity(db).at(db)?;
-        let conn = open_conn(db)?;
+        let (conn, mut shm) = open_conn(db)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(sqlite(db))?;
@@ -537,10 +544,18 @@ impl Shipper {
         // That read opened (or created) both side files; they stay open
         // while the connection is.
         let wal = wal_path(db);
-        let side = match (identity(&wal), identity(&shm_path(db))) {
-            (Ok(w), Ok(m)) => Some([w, m]),
+        let shm_id = identity(&shm_path(db)).ok();
+        let side = match (identity(&wal), shm_id) {
+            (Ok(w), Some(m)) => Some([w, m]),
             _ => None,
         };
+        // The `-shm` SQLite opened is, as far as a `stat` can tell, the one
+        // claimed (or, created by that read, claimed now).
+        let now = SourceFiles {
+            db: Some(ident),
+            shm: shm_id,
+        };
+        shm.confirm(db, now)?;
         Ok(Shipper {
             db: db.to_path_buf(),
             root: root.map(Path::to_path_buf),
@@ -569,6 +584,7 @@ impl Shipper {
             generation_started: None,
             opened_mode,
             file_seen: None,
+            _shm: shm,
         })
     }
 

@@ -66,6 +66,7 @@ use object_store::path::Path as ObjPath;
 use crate::error::IoContext;
 use crate::replica::cold::SnapshotTimes;
 use crate::replica::storage::Replica;
+use crate::source::shm::ShmClaim;
 use crate::source::vfs::{VfsFile, VfsHandle};
 use crate::{Error, Result};
 
@@ -168,11 +169,31 @@ pub struct Snapshot {
     pub times: SnapshotTimes,
 }
 
+/// A read-only connection to a source database, with the claim on its
+/// `-shm` that it holds while open ([`crate::source::shm`]). Used as the
+/// [`Connection`] it derefs to.
+pub struct ReadOnly {
+    /// Declared first: closed before the claim is released.
+    conn: Connection,
+    _shm: ShmClaim,
+}
+
+impl std::ops::Deref for ReadOnly {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
 /// Opens `path` read-only (no checkpoint on close, no WAL deletion).
 /// Only regular files (see
-/// [`crate::source::discover::check_regular_files`]).
-pub fn open_read_only(path: &Path) -> Result<Connection> {
-    crate::source::discover::check_regular_files(path)?;
+/// [`crate::source::discover::check_regular_files`]), and only while this
+/// process has its `-shm` open for no other database
+/// ([`crate::source::shm`]).
+pub fn open_read_only(path: &Path) -> Result<ReadOnly> {
+    let files = crate::source::discover::check_regular_files(path)?;
+    let shm = crate::source::shm::claim(path, files)?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY
@@ -182,7 +203,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection> {
     .map_err(|e| Error::sqlite(path, e))?;
     conn.busy_timeout(busy_wait())
         .map_err(|e| Error::sqlite(path, e))?;
-    Ok(conn)
+    Ok(ReadOnly { conn, _shm: shm })
 }
 
 /// Copies the database of connection `source` (named `src` in errors) into a
@@ -286,7 +307,7 @@ pub fn capture_if_sqlite(db: &Path, key: &str, tmp_dir: &Path) -> Result<Option<
 }
 
 /// [`capture`] on `source`, a connection [`open_read_only`] on `db`.
-fn capture_open(source: Connection, db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
+fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
     let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
     let started = Utc::now();
     #[cfg(test)]
@@ -497,7 +518,7 @@ impl<F: ReadAt> Read for Prefix<F> {
 /// renamed away and back between two `stat`s). Otherwise the file is read
 /// through the connection's own handle after the check.
 fn capture_file(
-    source: Connection,
+    source: ReadOnly,
     db: &Path,
     key: &str,
     db_bytes: u64,
@@ -602,7 +623,7 @@ fn check_beside<K: Send>(
 /// through the connection's own handle and compressed from there, with no
 /// second connection and no backup copy.
 fn capture_small(
-    source: Connection,
+    source: ReadOnly,
     db: &Path,
     key: &str,
     db_bytes: u64,
@@ -1463,6 +1484,56 @@ mod tests {
         let snap = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap();
         assert_eq!(snap.copied, Copied::Direct);
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 500);
+    }
+
+    /// Side files renamed between databases (probe D18's ring): a `-shm`
+    /// this process has open for one database is never opened for
+    /// another, by a snapshot or a stream. SQLite would take the second
+    /// open for the first (it cannot see its own process's locks),
+    /// truncate the index and rebuild it from the other database's WAL:
+    /// the first connection's next read then saw another state (37 rows
+    /// of 200 here), or died of SIGBUS while the file was short.
+    #[test]
+    fn a_shm_open_for_another_database_is_not_opened_for_a_second() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a.db"), t.path().join("b.db"));
+        for (path, rows) in [(&a, 200), (&b, 37)] {
+            // One commit per row, every frame left in the WAL, and the
+            // `-wal` and `-shm` left behind at close.
+            let app = Connection::open(path).unwrap();
+            app.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                true,
+            )
+            .unwrap();
+            app.execute_batch(
+                "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x)",
+            )
+            .unwrap();
+            for _ in 0..rows {
+                app.execute("INSERT INTO t VALUES (randomblob(100))", [])
+                    .unwrap();
+            }
+        }
+        let count = |c: &Connection| -> i64 {
+            c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap()
+        };
+        let reader = open_read_only(&a).unwrap();
+        assert_eq!(count(&reader), 200);
+        // Another connection to the same database shares its index.
+        assert_eq!(count(&open_read_only(&a).unwrap()), 200);
+        let shm = |db: &Path| crate::source::discover::shm_path(db);
+        std::fs::rename(shm(&a), shm(&b)).unwrap();
+        let e = capture(&b, "k", t.path()).unwrap_err().to_string();
+        assert!(e.contains("WAL index of") && e.contains("a.db"), "{e}");
+        let e = crate::capture::ship::Shipper::open(&b, "k").err().unwrap();
+        assert!(e.to_string().contains("WAL index of"), "{e}");
+        assert_eq!(count(&reader), 200, "the first connection's own state");
+        // Released with the connection: b is read with an index of its own.
+        drop(reader);
+        let snap = capture(&b, "k", t.path()).unwrap();
+        assert_eq!(restored(&snap, &t.path().join("out.db")).1, 37);
     }
 
     /// POSIX locks belong to the process, and closing any descriptor of a

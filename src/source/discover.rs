@@ -22,9 +22,12 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, Metadata};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use globset::{GlobBuilder, GlobMatcher};
+
+use crate::source::shm::SourceFiles;
 
 /// SQLite's side files next to a database; never treated as databases.
 pub const AUX_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
@@ -57,25 +60,35 @@ pub fn shm_path(db: &Path) -> PathBuf {
 ///
 /// A database whose absolute path is longer than [`SQLITE_PATH_MAX`] is
 /// refused too, naming the limit: SQLite cannot open it.
-pub fn check_regular_files(db: &Path) -> crate::Result<()> {
+///
+/// Returns what the checks saw of the database and its `-shm`, for
+/// [`crate::source::shm::claim`].
+pub fn check_regular_files(db: &Path) -> crate::Result<SourceFiles> {
     if let Some(why) = path_too_long(db) {
         return Err(crate::Error::invalid(db.display(), why));
     }
     let check = |path: &Path| match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(m) if m.file_type().is_file() => Ok(Some((m.dev(), m.ino()))),
         Ok(m) => Err(not_regular_error(path, &m)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         // A side file whose name is longer than the file system allows
         // cannot exist: a database named 248-251 bytes has a `-wal` but no
         // possible `-journal`, and SQLite uses it (black-box probe: such
         // databases were never backed up).
-        Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) && path != db => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) && path != db => Ok(None),
         Err(e) => Err(crate::Error::io(path, e)),
     };
-    check(db)?;
-    AUX_SUFFIXES
-        .iter()
-        .try_for_each(|suffix| check(&side_path(db, suffix)))
+    let mut files = SourceFiles {
+        db: check(db)?,
+        shm: None,
+    };
+    for suffix in AUX_SUFFIXES {
+        let seen = check(&side_path(db, suffix))?;
+        if suffix == "-shm" {
+            files.shm = seen;
+        }
+    }
+    Ok(files)
 }
 
 /// The longest absolute path of a database SQLite opens, in bytes: its unix

@@ -7,7 +7,9 @@
 //! database for its key: one another database renders, or one `restore`
 //! would refuse ([`keys`]), the compact table of tracked
 //! databases with their change fingerprints ([`track`]), reading files
-//! through SQLite's VFS without dropping this process's locks ([`vfs`]), change
+//! through SQLite's VFS without dropping this process's locks ([`vfs`]), the
+//! rule that this process opens each `-shm` for one database at a time
+//! ([`shm`]), change
 //! notifications that name the databases to re-check between scans
 //! ([`watch`]), and the choice of which databases are streamed ([`tier`]).
 //!
@@ -20,6 +22,7 @@ pub mod compat;
 pub mod config;
 pub mod discover;
 pub mod keys;
+pub mod shm;
 pub mod template;
 pub mod tier;
 pub mod track;

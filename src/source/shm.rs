@@ -1,0 +1,144 @@
+//! This process's claims on `-shm` files: one WAL-index file is only ever
+//! opened for one database at a time.
+//!
+//! SQLite keeps a WAL database's index in its `-shm`, mapped into memory,
+//! one mapping per database file (by inode) per process. When a connection
+//! is the first to open a `-shm`, SQLite truncates it and rebuilds it from
+//! its own `-wal`. It decides "first" with `F_GETLK`, which never reports the
+//! process's own locks. So if this process has a `-shm` open for one
+//! database, and a `-shm` renamed beside another database (side files
+//! swapped between databases, or rotated in a ring) makes a second
+//! connection of ours open the same file for that other database, SQLite
+//! truncates the first one's index under it and writes the other
+//! database's index there:
+//!
+//! * a read of the first connection at that moment dies of `SIGBUS` (its
+//!   mapping now lies past the file's end): the daemon's crash that
+//!   black-box probe D18 saw twice in 16 runs of such a ring;
+//! * its next transaction reads its own `-wal` through the other
+//!   database's index: an older or a mixed state of its database (a
+//!   scratch program read 37 rows of a 200-row database this way);
+//! * when the second connection closes, the process's locks on that file
+//!   go (POSIX locks belong to the process and the inode), and with them
+//!   the first connection's read lock, which stops an application's
+//!   checkpoint from overwriting the frames that read uses.
+//!
+//! So before SQLite opens a source, its `-shm` is claimed for its database
+//! ([`claim`]): refused while this process has that file open for another
+//! database, and held until the connection is closed. The check uses the
+//! `stat` that [`crate::source::discover::check_regular_files`] takes
+//! anyway; a rename between it and SQLite's own open (microseconds) is not
+//! seen.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// (device, inode) of a file.
+pub type FileId = (u64, u64);
+
+/// The files SQLite is about to open for a database, as one `stat` each saw
+/// them: `None` for one that is not there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceFiles {
+    /// The database file.
+    pub db: Option<FileId>,
+    /// Its `-shm`.
+    pub shm: Option<FileId>,
+}
+
+/// Who holds a `-shm`: the database it is open for, a path that names it
+/// (for the error), and how many of our connections hold it.
+struct Holder {
+    db: FileId,
+    path: PathBuf,
+    count: usize,
+}
+
+/// Every `-shm` this process has claimed, by (device, inode).
+static CLAIMS: Mutex<Option<HashMap<FileId, Holder>>> = Mutex::new(None);
+
+fn claims() -> MutexGuard<'static, Option<HashMap<FileId, Holder>>> {
+    // A panic elsewhere leaves the map as consistent as before it.
+    CLAIMS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A `-shm` claimed for one database, released on drop (after the
+/// connection that uses it, which must be dropped first). Claims nothing
+/// when the database or its `-shm` was not there.
+#[derive(Debug, Default)]
+pub struct ShmClaim {
+    shm: Option<FileId>,
+}
+
+/// Claims `files.shm` for `files.db` (the files of `db`): refused, naming
+/// the other database, while this process has that `-shm` open for
+/// another database file.
+pub fn claim(db: &Path, files: SourceFiles) -> crate::Result<ShmClaim> {
+    let (Some(db_id), Some(shm)) = (files.db, files.shm) else {
+        return Ok(ShmClaim::default());
+    };
+    let mut guard = claims();
+    let map = guard.get_or_insert_with(HashMap::new);
+    match map.get_mut(&shm) {
+        Some(holder) if holder.db == db_id => holder.count += 1,
+        Some(holder) => {
+            return Err(crate::Error::invalid(
+                db.display(),
+                format!(
+                    "its -shm is the file this process has open as the WAL index of {} \
+                     (another database file): side files were renamed between databases; \
+                     not read until they match again (SQLite would reset that database's \
+                     index under our connection to it)",
+                    holder.path.display()
+                ),
+            ))
+        }
+        None => {
+            map.insert(
+                shm,
+                Holder {
+                    db: db_id,
+                    path: db.to_path_buf(),
+                    count: 1,
+                },
+            );
+        }
+    }
+    Ok(ShmClaim { shm: Some(shm) })
+}
+
+impl ShmClaim {
+    /// Checks the claim against the `-shm` that is beside `db` now, after
+    /// SQLite opened it: a claim made when there was none (SQLite created
+    /// it) is made now; one for another file than the one there now is
+    /// refused (renamed while opened: which one SQLite has is unknown).
+    pub fn confirm(&mut self, db: &Path, files: SourceFiles) -> crate::Result<()> {
+        match self.shm {
+            claimed if claimed == files.shm => Ok(()),
+            None => {
+                *self = claim(db, files)?;
+                Ok(())
+            }
+            Some(_) => Err(crate::Error::invalid(
+                db.display(),
+                "its -shm was replaced while SQLite opened it: side files are being renamed; \
+                 not read until they settle",
+            )),
+        }
+    }
+}
+
+impl Drop for ShmClaim {
+    fn drop(&mut self) {
+        let Some(shm) = self.shm else { return };
+        let mut guard = claims();
+        let Some(map) = guard.as_mut() else { return };
+        if let Some(holder) = map.get_mut(&shm) {
+            holder.count -= 1;
+            if holder.count == 0 {
+                map.remove(&shm);
+            }
+        }
+    }
+}

@@ -1225,9 +1225,16 @@ impl Shipper {
         let checkpointed =
             now.index.salt == seen.index.salt && now.index.backfill > seen.index.backfill;
         if now.stat != seen.stat && !checkpointed {
-            return Ok(Some(Step::Lost(
-                "the database file was changed by something other than SQLite (a copy put over it in place, or its owner or mode changed)".into(),
-            )));
+            // A rename over the path shows here too when it lands between
+            // `replaced`'s look and this one (probe D18: logged as a write
+            // from outside).
+            let why = match identity(&self.db) {
+                Ok(id) if id == self.ident => {
+                    "the database file was changed by something other than SQLite (a copy put over it in place, or its owner or mode changed)"
+                }
+                _ => "the database file was replaced (renamed over, or deleted) under the stream",
+            };
+            return Ok(Some(Step::Lost(why.into())));
         }
         self.file_seen = Some(now);
         Ok(None)

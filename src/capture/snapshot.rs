@@ -252,7 +252,7 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
             other => {
                 return Err(Error::invalid(
                     src.display(),
-                    format!("backup did not complete ({other:?}); will retry next cycle"),
+                    format!("backup did not complete ({other:?}): the database stayed locked"),
                 ))
             }
         }

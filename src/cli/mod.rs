@@ -365,6 +365,37 @@ fn parse_concurrency(s: &str) -> std::result::Result<usize, String> {
 }
 
 /// `restore --prefix`: every database under a prefix, with progress.
+/// Warns when a restore's `--timestamp` is older than the config's
+/// retention period at `now`: retention deleted the restore points before
+/// it, but for the newest one of each database, so the state restored (the
+/// newest the replica still holds at or before that time, exit 0) may be
+/// much older than the database's state then (black-box probe B18: the
+/// first hourly snapshot, which outlives the generations, came back for a
+/// time weeks after it). `None` when nothing is said.
+fn retention_warning(
+    loaded: &Loaded,
+    at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    let at = at?;
+    let retention = loaded.multi_db().replica.retention;
+    let cutoff = now - chrono::Duration::from_std(retention).ok()?;
+    (at < cutoff).then(|| {
+        format!(
+            "--timestamp {} is before the retention period of this config's replica ({}, from {}):              restore points before then were deleted, so a database's state restored may be              older than its state at that time (the newest kept at or before it)",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            humantime::format_duration(retention),
+            cutoff.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+    })
+}
+
+fn warn_before_retention(loaded: &Loaded, at: Option<DateTime<Utc>>, now: DateTime<Utc>) {
+    if let Some(why) = retention_warning(loaded, at, now) {
+        tracing::warn!("{why}");
+    }
+}
+
 async fn restore_prefix(replica: &Replica, prefix: String, args: RestoreArgs) -> Result<()> {
     let opts = restore::BulkOptions {
         prefix,
@@ -1058,7 +1089,8 @@ async fn run(cli: Cli) -> Result<()> {
             let replica = loaded.open_existing_replica()?;
             let target = match (args.prefix.clone(), args.target.clone()) {
                 (Some(prefix), _) => {
-                    return interruptible(restore_prefix(&replica, prefix, args)).await
+                    warn_before_retention(&loaded, args.timestamp, Utc::now());
+                    return interruptible(restore_prefix(&replica, prefix, args)).await;
                 }
                 (None, _) if args.concurrency.is_some() => {
                     return Err(Error::invalid(
@@ -1071,6 +1103,7 @@ async fn run(cli: Cli) -> Result<()> {
                     return Err(Error::invalid("restore", "name a database or --prefix"))
                 }
             };
+            warn_before_retention(&loaded, args.timestamp, Utc::now());
             let opts = RestoreOptions {
                 target,
                 output: args.output,

@@ -251,6 +251,11 @@ impl Running {
 /// database at once, and 100,000 identical lines help nobody.
 const FAILURE_LINES_PER_CYCLE: usize = 20;
 
+/// At most this many failed databases are named in `replicate --once`'s
+/// closing error, the line a cron mail shows; the warnings name every one
+/// up to [`FAILURE_LINES_PER_CYCLE`].
+const FAILED_NAMED: usize = 3;
+
 /// Locks one of the scheduler's tables, going on after a panic poisoned it:
 /// none of them can be left half-updated in a way that loses data (the
 /// worst case is a redundant upload, or a tier decision the next scan makes
@@ -930,9 +935,9 @@ impl Replicator {
                     "snapshot failed (the database, not the store)"
                 };
                 if repeated || report.failed > FAILURE_LINES_PER_CYCLE {
-                    tracing::debug!(path = %path.display(), error = %e, "{what} again; will retry next cycle");
+                    tracing::debug!(path = %path.display(), error = %e, "{what} again");
                 } else {
-                    tracing::warn!(path = %path.display(), error = %e, "{what}; will retry next cycle (logged once until it recovers)");
+                    tracing::warn!(path = %path.display(), error = %e, "{what}; the daemon tries again next cycle (logged once until it recovers)");
                 }
             }
         }
@@ -1262,9 +1267,26 @@ impl Replicator {
                     ));
                 }
                 if r.failed > 0 {
+                    // Named here too (probe D18: the last line, the one a
+                    // cron mail shows, named none).
+                    let mut names: Vec<String> = lock(&self.failing)
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    names.sort();
+                    let more = names.len().saturating_sub(FAILED_NAMED);
+                    names.truncate(FAILED_NAMED);
+                    if more > 0 {
+                        names.push(format!("and {more} more"));
+                    }
+                    let listed = if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}; ", names.join(", "))
+                    };
                     parts.push(format!(
-                        "{} database(s) failed to snapshot or upload (see the warnings)",
-                        r.failed
+                        "{} database(s) failed to snapshot or upload ({listed}see the warnings)",
+                        r.failed,
                     ));
                 }
                 if r.scan.errors > 0 {

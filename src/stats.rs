@@ -34,6 +34,10 @@ pub struct Stats {
     pub last_progress_unix: AtomicU64,
     pub oldest_pending_unix: AtomicU64,
     pub retention_deleted: AtomicU64,
+    /// Retention passes that failed (a listing or a delete the store
+    /// refused), and whether the last one did (1) or not (0).
+    pub retention_failures: AtomicU64,
+    pub retention_last_failed: AtomicU64,
     /// Promotions to and demotions from the hot tier.
     pub hot_promotions: AtomicU64,
     pub hot_demotions: AtomicU64,

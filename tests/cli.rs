@@ -1166,3 +1166,43 @@ fn once_names_the_databases_that_failed() {
     }
     assert!(!last.contains("bad3.db"), "{last}");
 }
+
+/// A retention pass that fails (here: a FIFO in a `file://` replica, which
+/// every whole-replica listing refuses) fails `replicate --once`, naming
+/// why, and the daemon counts it for `/stats` and `/metrics`
+/// (`retention_failures`, `retention_last_failed`): it used to be a WARN
+/// line only, while the replica kept everything retention should delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_retention_pass_is_a_failure() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t = tempfile::tempdir().unwrap();
+    one_database_backed_up(t.path(), 3);
+    let fifo = t.path().join("replica/junk.fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o644) }, 0);
+    let dir = t.path().to_path_buf();
+    let o = tokio::task::spawn_blocking(move || litefleet(&dir, &["replicate", "--once"]))
+        .await
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("the retention pass failed") && last.contains("junk.fifo"),
+        "{last}"
+    );
+    assert!(!last.contains("not everything was backed up"), "{last}");
+
+    let loaded =
+        litefleet::source::config::Loaded::from_file(&t.path().join("litefleet.yml")).unwrap();
+    let r = litefleet::daemon::scheduler::Replicator::new(loaded).unwrap();
+    let stats = r.stats();
+    assert!(r.retention().await.is_err());
+    assert_eq!(stats.retention_failures.load(Relaxed), 1);
+    assert_eq!(stats.retention_last_failed.load(Relaxed), 1);
+    std::fs::remove_file(&fifo).unwrap();
+    r.retention().await.unwrap();
+    assert_eq!(stats.retention_failures.load(Relaxed), 1);
+    assert_eq!(stats.retention_last_failed.load(Relaxed), 0);
+}

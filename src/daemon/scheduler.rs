@@ -1224,7 +1224,17 @@ impl Replicator {
             self.loaded.multi_db().replica.retention,
             chrono::Utc::now(),
         )
-        .await?;
+        .await;
+        // Counted, not only logged: a retention that keeps failing lets the
+        // replica grow without bound, and nothing else would show it.
+        let failed = u64::from(r.is_err());
+        self.stats
+            .retention_failures
+            .fetch_add(failed, Ordering::Relaxed);
+        self.stats
+            .retention_last_failed
+            .store(failed, Ordering::Relaxed);
+        let r = r?;
         self.stats.retention_deleted.fetch_add(
             (r.deleted + r.generation_snapshots_deleted + r.wal_deleted) as u64,
             Ordering::Relaxed,
@@ -1244,8 +1254,11 @@ impl Replicator {
         );
         if once {
             let r = self.cycle(&shutdown).await;
+            let mut retention_failed = None;
             if !shutdown.is_cancelled() {
-                log_retention(self.retention().await);
+                let pass = self.retention().await;
+                retention_failed = pass.as_ref().err().map(ToString::to_string);
+                log_retention(pass);
             }
             tracing::info!(
                 databases = r.scan.databases,
@@ -1258,7 +1271,9 @@ impl Replicator {
             // A path the scan could not read (permission denied, an I/O
             // error), or a database refused for its key, was not backed up
             // either: cron must see it as a failure.
-            return if r.failed + r.scan.errors + r.refused > 0 {
+            // So is a retention pass that failed: the replica keeps what it
+            // should have deleted, and a cron job is the only one to tell.
+            return if r.failed + r.scan.errors + r.refused > 0 || retention_failed.is_some() {
                 let mut parts = Vec::new();
                 if r.refused > 0 {
                     parts.push(format!(
@@ -1295,10 +1310,17 @@ impl Replicator {
                         r.scan.errors
                     ));
                 }
-                Err(Error::invalid(
-                    "replicate --once",
-                    format!("not everything was backed up: {}", parts.join(", ")),
-                ))
+                let mut why = Vec::new();
+                if !parts.is_empty() {
+                    why.push(format!(
+                        "not everything was backed up: {}",
+                        parts.join(", ")
+                    ));
+                }
+                if let Some(e) = retention_failed {
+                    why.push(format!("the retention pass failed: {e}"));
+                }
+                Err(Error::invalid("replicate --once", why.join("; ")))
             } else if r.scan.databases == 0 {
                 // A cron job must notice a config that backs up nothing.
                 Err(Error::invalid(

@@ -80,6 +80,9 @@ pub struct StatsView {
     pub last_scan_age_seconds: Option<u64>,
     pub oldest_pending_age_seconds: Option<u64>,
     pub retention_deleted: u64,
+    /// Retention passes that failed, and whether the last one did.
+    pub retention_failures: u64,
+    pub retention_last_failed: bool,
     pub hot_promotions: u64,
     pub hot_demotions: u64,
     pub wal_segments: u64,
@@ -150,6 +153,8 @@ impl StatsView {
             last_scan_age_seconds: age(last_scan),
             oldest_pending_age_seconds: age(oldest),
             retention_deleted: stats.retention_deleted.load(Relaxed),
+            retention_failures: stats.retention_failures.load(Relaxed),
+            retention_last_failed: stats.retention_last_failed.load(Relaxed) != 0,
             hot_promotions: stats.hot_promotions.load(Relaxed),
             hot_demotions: stats.hot_demotions.load(Relaxed),
             wal_segments: stats.wal_segments.load(Relaxed),
@@ -258,6 +263,18 @@ impl StatsView {
             "counter",
             "Objects deleted by retention.",
             &[("", f(self.retention_deleted))],
+        );
+        metric(
+            "litefleet_retention_failures_total",
+            "counter",
+            "Retention passes that failed.",
+            &[("", f(self.retention_failures))],
+        );
+        metric(
+            "litefleet_retention_last_failed",
+            "gauge",
+            "1 when the last retention pass failed, else 0.",
+            &[("", f(u64::from(self.retention_last_failed)))],
         );
         metric(
             "litefleet_tier_changes_total",
@@ -844,6 +861,8 @@ mod tests {
         s.wal_segments.store(30, Relaxed);
         s.log_objects.store(9, Relaxed);
         s.invalid_keys.store(2, Relaxed);
+        s.retention_failures.store(5, Relaxed);
+        s.retention_last_failed.store(1, Relaxed);
         let v = StatsView::read(&s, Duration::from_secs(15), 100);
         assert_eq!((v.hot, v.cold, v.pending), (7, 99_993, 3));
         assert_eq!(v.oldest_pending_age_seconds, Some(10));
@@ -856,9 +875,12 @@ mod tests {
         assert!(text.contains("litefleet_wal_segments_total 30\n"));
         assert!(text.contains("litefleet_log_objects_total 9\n"));
         assert!(text.contains("litefleet_invalid_keys 2\n"));
+        assert!(text.contains("litefleet_retention_failures_total 5\n"));
+        assert!(text.contains("litefleet_retention_last_failed 1\n"));
+        assert!(v.retention_last_failed);
         // Every sample line belongs to a declared metric; no per-database series.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 30);
+        assert_eq!(samples, 32);
         assert!(text.contains("litefleet_lease_writes_paused 0\n"));
         assert!(text.contains("litefleet_verify_last_run_timestamp_seconds 0\n"));
         assert!(!text.contains("litefleet_verify_last_ok"));

@@ -105,10 +105,7 @@ use crate::source::shm::{ShmClaim, SourceFiles};
 use crate::stats::Stats;
 use crate::{Error, Result};
 
-/// Most bytes of frames read into one segment. Bounds memory per hot
-/// database during a burst; a single larger transaction is still read whole
-/// (a segment must end at a commit frame).
-pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
+pub use crate::replica::hot::MAX_SEGMENT_BYTES;
 /// Most bytes of committed frames a read holds in memory. A larger segment
 /// (one transaction bigger than [`MAX_SEGMENT_BYTES`] allows for) is left
 /// in the WAL file, which our read transaction keeps as it is, and streamed

@@ -115,6 +115,14 @@ pub const GENERATION_ID_LEN: usize = 24;
 /// `capture::wal::WAL_HEADER_SIZE`, asserted equal there).
 pub const FIRST_FRAME: u64 = 32;
 
+/// Most bytes of frames read into one segment. Bounds memory per hot
+/// database during a burst; a single larger transaction is still read whole
+/// (a segment must end at a commit frame). So a segment of at least this
+/// many bytes was cut there, with more frames behind it at the time, and a
+/// shorter one reached the WAL's committed end (what
+/// [`Plan::without_unproven_prefix`] relies on; every version wrote them so).
+pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
+
 /// A place in the stream of WAL files: WAL file number `index` (counted by
 /// litefleet, +1 each time SQLite restarts the WAL) and a byte offset in it.
 /// Offsets are file offsets, so the first frame is at 32. Ordered by
@@ -555,6 +563,71 @@ impl Plan {
             .iter()
             .find(|s| s.index == index)
             .copied()
+    }
+
+    /// The plan without a prefix of its snapshot's WAL that may end before
+    /// the snapshot's state, when the metadata does not record where that
+    /// state is (`covers`, missing in generations of earlier versions).
+    ///
+    /// A stream ships its snapshot's WAL from the first frame, and a WAL
+    /// longer than [`MAX_SEGMENT_BYTES`] goes in parts with later commit
+    /// times. Replaying only the first parts over the snapshot lays older
+    /// pages over newer ones (black-box probe E19: a replica written by an
+    /// earlier version restored, at a time between two parts, a state the
+    /// database never had, exit 0). Without `covers`, the end of the first
+    /// part shorter than [`MAX_SEGMENT_BYTES`] is the first place known to
+    /// be at or after the snapshot's state: it ended at the WAL's committed
+    /// end when it was read, after the snapshot. So segments that are all
+    /// such cut parts (their lengths read from the next part's offset) are
+    /// left out, and the snapshot's own state is restored, the newest
+    /// provable at or before the time. A part whose length the listing
+    /// cannot tell (the last one) is checked by the replay
+    /// ([`Plan::unproven_prefix`]).
+    pub fn without_unproven_prefix(mut self) -> Plan {
+        if self.recorded_snapshot().and_then(|e| e.covers).is_some() {
+            return self;
+        }
+        let index = self.snapshot.index;
+        if self.segments.iter().any(|s| s.pos.index != index) {
+            // A later WAL: this one was shipped to its end, past the state.
+            return self;
+        }
+        let mut chain: Vec<Position> = self
+            .segments
+            .iter()
+            .chain(&self.late)
+            .filter(|s| s.pos.index == index)
+            .map(|s| s.pos)
+            .collect();
+        chain.sort();
+        let cut = |pos: Position| {
+            chain
+                .iter()
+                .find(|p| **p > pos)
+                .is_some_and(|next| next.offset - pos.offset >= MAX_SEGMENT_BYTES)
+        };
+        if !self.segments.is_empty() && self.segments.iter().all(|s| cut(s.pos)) {
+            let mut left_out = std::mem::take(&mut self.segments);
+            left_out.append(&mut self.late);
+            self.late = left_out;
+        }
+        self
+    }
+
+    /// Whether a replay at a point in time that applied segments of lengths
+    /// `applied` (in bytes of frames, in order, from the snapshot's WAL on)
+    /// may have stopped before the snapshot's state: no `covers` recorded,
+    /// and every one was a cut part of the snapshot's own WAL (see
+    /// [`Plan::without_unproven_prefix`]). A latest restore replays all that
+    /// was shipped, as before: it stops short only if the stream did, mid
+    /// catch-up (and then the next generation holds the newer state).
+    pub fn unproven_prefix(&self, applied: &[(Position, u64)]) -> bool {
+        self.at.is_some()
+            && self.recorded_snapshot().and_then(|e| e.covers).is_none()
+            && !applied.is_empty()
+            && applied
+                .iter()
+                .all(|(pos, len)| pos.index == self.snapshot.index && *len >= MAX_SEGMENT_BYTES)
     }
 
     /// What the generation's metadata recorded of the plan's snapshot when
@@ -1176,10 +1249,12 @@ pub async fn plan_latest(
             id,
             snapshots,
         };
-        return Ok(plan(&listing, key, at)?.map(|p| Plan {
-            recorded: meta,
-            ..p
-        }));
+        return Ok(plan(&listing, key, at)?
+            .map(|p| Plan {
+                recorded: meta,
+                ..p
+            })
+            .map(Plan::without_unproven_prefix));
     }
     Ok(None)
 }
@@ -1697,6 +1772,70 @@ mod tests {
             .iter()
             .map(|s| (s.pos.index, s.pos.offset))
             .collect()
+    }
+
+    /// Metadata without `covers` (earlier versions): a point-in-time plan
+    /// whose segments are all cut parts of the snapshot's WAL (at least
+    /// MAX_SEGMENT_BYTES to the next part) leaves them out; one that
+    /// reaches a shorter part, or a later WAL, keeps them; a replay that
+    /// applied only cut parts of unknown length is unproven, at a point in
+    /// time only (probe E19).
+    #[test]
+    fn cut_parts_without_covers_are_not_replayed_alone() {
+        let m = MAX_SEGMENT_BYTES;
+        let l = listing(
+            vec![snap(0, 0)],
+            vec![
+                seg(0, 32, 10),
+                seg(0, 32 + m, 20),
+                seg(0, 32 + 2 * m + 4096, 30),
+                seg(0, 32 + 2 * m + 8192, 40),
+                seg(1, 32, 50),
+            ],
+        );
+        let at = |s: i64| plan(&l, "k", Some(t(s))).unwrap().unwrap();
+        let kept = |p: Plan| positions(&p.without_unproven_prefix());
+        assert_eq!(kept(at(15)), vec![]);
+        assert_eq!(kept(at(25)), vec![]);
+        // The third part is shorter: it reached the WAL's end.
+        assert_eq!(kept(at(35)).len(), 3);
+        assert_eq!(kept(at(55)).len(), 5);
+        let latest = plan(&l, "k", None).unwrap().unwrap();
+        assert_eq!(kept(latest).len(), 5);
+        // Recorded `covers`: replayed as planned, the prefix skipped.
+        let mut p = at(15);
+        let id = l.id.clone();
+        p.recorded = Some(Metadata {
+            generation: id.clone(),
+            page_size: 4096,
+            created: id.created(),
+            first: Position::start(0),
+            last: Position::start(0),
+            snapshots: vec![SnapshotEntry {
+                index: 0,
+                size: 0,
+                compressed_size: 0,
+                checksum: String::new(),
+                covers: Some(32),
+            }],
+            wal_ends: Vec::new(),
+            wal_starts: None,
+            logged: false,
+            written: None,
+            key: None,
+        });
+        assert_eq!(kept(p).len(), 1);
+        let pos = |o: u64| Position {
+            index: 0,
+            offset: o,
+        };
+        assert!(at(15).unproven_prefix(&[(pos(32), m)]));
+        assert!(!at(15).unproven_prefix(&[(pos(32), m - 1)]));
+        assert!(!latest_of(&l).unproven_prefix(&[(pos(32), m)]));
+    }
+
+    fn latest_of(l: &GenerationListing) -> Plan {
+        plan(l, "k", None).unwrap().unwrap()
     }
 
     #[test]

@@ -207,6 +207,7 @@ pub async fn restore_plan(
             offset,
         });
     let mut chain: Option<ChainLink> = None;
+    let mut lengths = Vec::new();
     while let Some(next) = fetches.next().await {
         let (seg, compressed) = next?;
         match replay.admit(&seg)? {
@@ -226,7 +227,17 @@ pub async fn restore_plan(
         .map_err(join_error)??;
         file = f;
         chain = Some(info.into());
+        lengths.push((seg.pos, len));
         replay.applied(&seg, len);
+    }
+    if plan.unproven_prefix(&lengths) {
+        return Err(Error::invalid(
+            format!("generation {} of {key:?}", plan.generation),
+            "it was written by an earlier version of litefleet, which did not record where in \
+             its first WAL its snapshot's state is, and the WAL it shipped ends inside the parts \
+             that re-ship that WAL: the replay could lay older pages over the snapshot; restore \
+             a later time, or one before the snapshot",
+        ));
     }
     let (pos, time, applied) = replay.finish()?;
     let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {

@@ -24,10 +24,11 @@
 //!  restore   single, install, replay, list, bulk, verify   capture and below
 //!  capture   snapshot, wal, ship, upload, fleetlog, work   source and below
 //!  source    config, compat, discover, template, keys,     replica and below
-//!            track, tier, watch, vfs
-//!  replica   storage, layout, cold, hot, pack, lease,      error, rfc3339
-//!            retention
+//!            track, tier, watch, vfs, shm
+//!  replica   storage, layout, cold, hot, pack, lease,      error, rfc3339,
+//!            retention                                     durable
 //!  stats, error: shared vocabulary, use nothing
+//!  durable: every fsync (tests see which paths were synced), uses nothing
 //! ```
 //!
 //! * [`source`]: which databases exist and what each is called: the YAML
@@ -82,6 +83,7 @@
 pub mod capture;
 pub mod cli;
 pub mod daemon;
+pub mod durable;
 pub mod error;
 pub mod replica;
 pub mod restore;

@@ -9,16 +9,22 @@ use std::path::{Path, PathBuf};
 
 /// Stages from the bottom up, each with what it may use besides itself.
 /// `stats` and `error` are shared vocabulary below every stage;
-/// `rfc3339` is a serde helper for times in replica metadata.
+/// `rfc3339` is a serde helper for times in replica metadata; `durable` is
+/// the one place that calls `fsync`, for the replica, the state file and
+/// restores alike.
 fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     BTreeMap::from([
         ("error", &[][..]),
         ("rfc3339", &[][..]),
         ("stats", &[][..]),
-        ("replica", &["error", "rfc3339"][..]),
-        ("source", &["error", "replica"][..]),
+        ("durable", &[][..]),
+        ("replica", &["error", "rfc3339", "durable"][..]),
+        ("source", &["error", "replica", "durable"][..]),
         ("capture", &["error", "stats", "replica", "source"][..]),
-        ("restore", &["error", "replica", "source", "capture"][..]),
+        (
+            "restore",
+            &["error", "replica", "source", "capture", "durable"][..],
+        ),
         (
             "daemon",
             &["error", "stats", "replica", "source", "capture"][..],
@@ -33,6 +39,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             "lib",
             &[
                 "error", "stats", "replica", "source", "capture", "restore", "daemon", "cli",
+                "durable",
             ][..],
         ),
         ("main", &[][..]),

@@ -579,6 +579,19 @@ both_backends!(
             "{err}"
         );
         assert!(!err.contains("panicked"), "{err}");
+        // Any failure fails the run, however many others were restored
+        // (audit F19: exit 0 for fewer failures than restores went unseen).
+        let everything = out.path().join("everything");
+        let o = tokio::task::spawn_blocking({
+            let (w, cfg) = (f.work.path().to_path_buf(), cfg.to_string());
+            let d = everything.to_str().unwrap().to_string();
+            move || litefleet(&w, &["-c", &cfg, "restore", "--prefix", "/", "-o", &d])
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("restored 21, skipped 0, failed 2"), "{err}");
 
         // An empty prefix: a clear error, exit 1.
         let o = tokio::task::spawn_blocking({

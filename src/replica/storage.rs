@@ -638,9 +638,7 @@ impl Replica {
         tokio::task::spawn_blocking(move || -> Result<()> {
             // Cheap when the store already synced it; fails for an object
             // that is gone.
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .at(&path)?;
+            crate::durable::sync_path(&path).at(&path)?;
             sync_parents(&path, root.as_deref(), &durable)?;
             LOCAL_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(())
@@ -1413,7 +1411,9 @@ fn write_local_if(path: &Path, bytes: &[u8], allowed: impl FnOnce() -> Result<()
             .create_new(true)
             .open(staged)
     })?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| crate::durable::sync_file(&file, &staged));
     if written.is_ok() {
         if let Err(e) = allowed() {
             drop(file);
@@ -1431,9 +1431,7 @@ fn write_local_if(path: &Path, bytes: &[u8], allowed: impl FnOnce() -> Result<()
 /// filesystem cannot link `file` there (another filesystem, or no hard
 /// links): the caller copies it instead.
 fn link_local(path: &Path, file: &Path) -> Result<bool> {
-    std::fs::File::open(file)
-        .and_then(|f| f.sync_all())
-        .at(file)?;
+    crate::durable::sync_path(file).at(file)?;
     let staged = match create_staged(path, |staged| std::fs::hard_link(file, staged)) {
         Ok(((), staged)) => staged,
         Err(Error::Io { source, .. }) if cannot_link(&source) => return Ok(false),
@@ -1496,9 +1494,7 @@ fn publish_staged(path: &Path, staged: &Path, written: std::io::Result<()>) -> R
 
 fn sync_parent(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .at(dir)?;
+        crate::durable::sync_path(dir).at(dir)?;
     }
     Ok(())
 }
@@ -1528,7 +1524,7 @@ async fn local_cas(
                 .tempfile_in(dir)
                 .at(dir)?;
             tmp.write_all(&bytes).at(tmp.path())?;
-            tmp.as_file().sync_all().at(tmp.path())?;
+            crate::durable::sync_file(tmp.as_file(), tmp.path()).at(tmp.path())?;
             if expected.is_none() {
                 // Hard link: fails if something appeared anyway.
                 match tmp.persist_noclobber(&path) {
@@ -2183,6 +2179,22 @@ mod tests {
             .unwrap();
         assert!(local_syncs() >= before + 2);
         assert!(dir.path().join("k/a/b/meta.json").exists());
+        // The object's content before its name, its directory after the
+        // rename, each new directory above it up to the root; a staged
+        // file linked in is synced before the link (audit F19: dropping
+        // any of these failed no test).
+        let synced = crate::durable::synced_below(dir.path());
+        let at = |p: &str| {
+            synced
+                .iter()
+                .position(|s| s == Path::new(p))
+                .unwrap_or_else(|| panic!("{p} not synced: {synced:?}"))
+        };
+        assert!(at("k/a/b/meta.json#1") < at("k/a/b"), "{synced:?}");
+        for dir in ["k/a", "k", ""] {
+            assert!(at("k/a/b") < at(dir), "{dir}: {synced:?}");
+        }
+        assert!(at("src") < at("k/x"), "{synced:?}");
         // An object that is gone by the time it is synced: an error, not a
         // silent success.
         let e = r.sync_local(&ObjPath::from("k/missing")).await.unwrap_err();

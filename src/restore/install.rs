@@ -91,7 +91,7 @@ impl Staged {
         // reads it from the page cache, side by side. Both must succeed
         // before anything is renamed.
         let (synced, integrity) = std::thread::scope(|s| {
-            let syncing = s.spawn(|| file.sync_all());
+            let syncing = s.spawn(|| crate::durable::sync_file(&file, &tmp));
             let integrity = snapshot::integrity_check(&tmp);
             (syncing.join(), integrity)
         });
@@ -116,7 +116,7 @@ impl Staged {
             });
         }
         if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+            crate::durable::sync_path(dir).at(dir)?;
         }
         check_installed(&output, &checked)
     }
@@ -253,6 +253,18 @@ mod tests {
             assert_eq!(left, usize::from(ok), "only the output, no temp file");
         }
         assert_eq!(std::fs::read(&out).unwrap(), sound);
+        // The installed file was synced under its temporary name (in
+        // `out/`), then its directory after the rename (audit F19: a
+        // restore that skipped the file's fsync failed no test).
+        let synced = crate::durable::synced_below(dir.path());
+        let file = synced
+            .iter()
+            .rposition(|p| p.parent() == Some(Path::new("out")))
+            .unwrap_or_else(|| panic!("the restored file was not synced: {synced:?}"));
+        assert!(
+            synced[file + 1..].iter().any(|p| p == Path::new("out")),
+            "{synced:?}"
+        );
     }
 
     #[test]

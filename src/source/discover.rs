@@ -750,6 +750,24 @@ mod tests {
         assert_eq!(c.skipped, vec![t.path().join("link.db")]);
     }
 
+    /// A link to a directory at a `*` level is skipped (named), never
+    /// walked: its databases would be backed up a second time under other
+    /// keys, or from outside the root (black-box audit F19: nothing failed
+    /// when the `*` level followed it).
+    #[test]
+    fn symlinked_directories_at_a_star_level_are_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("a")).unwrap();
+        fs::write(t.path().join("a/one.db"), b"x").unwrap();
+        std::os::unix::fs::symlink(t.path().join("a"), t.path().join("link")).unwrap();
+        let pat = Pattern::compile("*/*.db", t.path()).unwrap();
+        let mut c = Collect::default();
+        pat.walk(&mut c);
+        let found: Vec<_> = c.found.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(found, vec![t.path().join("a/one.db")]);
+        assert_eq!(c.skipped, vec![t.path().join("link")]);
+    }
+
     #[test]
     fn double_star_rules() {
         for bad in ["/data/a**/x.db", "/data/**/x/**/y.db", "/data/**"] {

@@ -941,9 +941,9 @@ pub(crate) fn write_state_file(
         .prefix(&state_temp_prefix(path))
         .tempfile_in(dir)?;
     write(tmp.as_file())?;
-    tmp.as_file().sync_all()?;
+    crate::durable::sync_file(tmp.as_file(), tmp.path())?;
     tmp.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::sync_path(dir)
 }
 
 /// Folds stat values into a 64-bit fingerprint. Deterministic across runs (it
@@ -1238,6 +1238,13 @@ mod tests {
         let state = t.path().join("state/x.state");
         tr.save_state(&state, 7).unwrap();
         assert!(!tr.state_dirty());
+        // Synced before its rename, its directory after (audit F19).
+        let synced = crate::durable::synced_below(&t.path().join("state"));
+        assert_eq!(synced.len(), 2, "{synced:?}");
+        assert!(
+            synced[0].to_string_lossy().starts_with(".x.state") && synced[1] == Path::new(""),
+            "{synced:?}"
+        );
 
         let mut again = Tracker::new();
         assert_eq!(again.load_state(&state, 7).unwrap(), 1);

@@ -36,7 +36,14 @@ async fn timeouts_then_recovery_lose_nothing_and_stay_bounded() {
     f.s3().set_fault(Fault::Delay(Duration::from_secs(3)));
     let r = rep.cycle(&token).await;
     assert_eq!((r.uploaded, r.failed, r.scan.pending), (0, n, n));
-    assert!(f.s3().max_in_flight() <= 4, "{}", f.s3().max_in_flight());
+    // The server counts a request the client gave up on (after 1 s) until
+    // it notices the closed connection, which under load can be after the
+    // client's next request arrives; its 3 s delay ends it at the latest.
+    // So at most 3 waves of 4 overlap there (a CI run under load saw 5);
+    // the exact bound is checked below, once those have ended, where no
+    // request is given up on.
+    assert!(f.s3().max_in_flight() <= 12, "{}", f.s3().max_in_flight());
+    f.s3().reset_max_in_flight().await;
     f.s3().set_fault(Fault::Unavailable);
     let r = rep.cycle(&token).await;
     assert_eq!((r.uploaded, r.failed), (0, n));

@@ -89,6 +89,8 @@ struct Shared {
     faults: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    /// Woken whenever a request ends.
+    ended: tokio::sync::Notify,
 }
 
 /// Counts a request as in flight until dropped.
@@ -105,6 +107,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.ended.notify_waiters();
     }
 }
 
@@ -179,6 +182,7 @@ impl S3Server {
             faults: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            ended: tokio::sync::Notify::new(),
         });
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
@@ -327,9 +331,24 @@ impl S3Server {
     pub fn request_count(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
     }
-    /// The most requests the server was ever handling at once.
+    /// The most requests the server was handling at once (since the last
+    /// [`S3Server::reset_max_in_flight`]).
     pub fn max_in_flight(&self) -> u64 {
         self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+    /// Waits until no request is in flight (those a client gave up on
+    /// included), then starts [`S3Server::max_in_flight`] again from 0.
+    pub async fn reset_max_in_flight(&self) {
+        loop {
+            let ended = self.shared.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.shared.in_flight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            ended.await;
+        }
+        self.shared.max_in_flight.store(0, Ordering::SeqCst);
     }
     pub fn fault_count(&self) -> u64 {
         self.shared.faults.load(Ordering::SeqCst)

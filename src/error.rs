@@ -277,7 +277,8 @@ pub fn store_hint(source: &object_store::Error) -> &'static str {
     }
     if let object_store::Error::InvalidPath { .. } = source {
         return "the replica holds an object whose name is no valid object path (an empty, \
-                `.` or `..` part, or a control character: litefleet never writes one, and the \
+                `.` or `..` part, a control character, or a file name that is not UTF-8: \
+                litefleet never writes one, and the \
                 S3 client cannot list past it, so every listing that meets it fails): delete or \
                 rename that object: ";
     }

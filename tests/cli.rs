@@ -1123,7 +1123,7 @@ fn a_timestamp_before_the_retention_period_is_warned_about() {
     let now = chrono::Utc::now();
     let past = (now - chrono::Duration::days(31)).to_rfc3339();
     let inside = (now + chrono::Duration::minutes(1)).to_rfc3339();
-    let warned = "is before the retention period of this config's replica (30days";
+    let warned = "is before the retention period of this config's replica (720h, from ";
     for (at, warns) in [(&past, true), (&inside, false)] {
         let single = ["restore", "x/app", "-o", "out.db", "--timestamp", at];
         let bulk = ["restore", "--prefix", "x", "-o", "bulk", "--timestamp", at];
@@ -1131,6 +1131,7 @@ fn a_timestamp_before_the_retention_period_is_warned_about() {
             let o = litefleet(t.path(), args);
             let err = stderr(&o);
             assert_eq!(err.contains(warned), warns, "{args:?}: {err}");
+            assert!(!err.contains("   "), "{err}");
             // Inside the period both restore; before it, nothing is that
             // old: the single restore fails, the bulk one skips the key.
             let code = if warns && args == single { 1 } else { 0 };

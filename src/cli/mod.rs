@@ -382,12 +382,23 @@ fn retention_warning(
     let cutoff = now - chrono::Duration::from_std(retention).ok()?;
     (at < cutoff).then(|| {
         format!(
-            "--timestamp {} is before the retention period of this config's replica ({}, from {}):              restore points before then were deleted, so a database's state restored may be              older than its state at that time (the newest kept at or before it)",
+            "--timestamp {} is before the retention period of this config's replica ({}, from {}): \
+             restore points before then were deleted, so a database's state restored may be \
+             older than its state at that time (the newest kept at or before it)",
             at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            humantime::format_duration(retention),
+            config_duration(retention),
             cutoff.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         )
     })
+}
+
+/// A duration as the config spells the defaults (`720h`): whole hours in
+/// hours, anything else as humantime writes it.
+fn config_duration(d: std::time::Duration) -> String {
+    match d.as_secs() {
+        s if s > 0 && s % 3600 == 0 && d.subsec_nanos() == 0 => format!("{}h", s / 3600),
+        _ => humantime::format_duration(d).to_string(),
+    }
 }
 
 fn warn_before_retention(loaded: &Loaded, at: Option<DateTime<Utc>>, now: DateTime<Utc>) {

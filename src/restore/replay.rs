@@ -233,10 +233,14 @@ pub async fn restore_plan(
     if plan.unproven_prefix(&lengths) {
         return Err(Error::invalid(
             format!("generation {} of {key:?}", plan.generation),
-            "it was written by an earlier version of litefleet, which did not record where in \
-             its first WAL its snapshot's state is, and the WAL it shipped ends inside the parts \
-             that re-ship that WAL: the replay could lay older pages over the snapshot; restore \
-             a later time, or one before the snapshot",
+            format!(
+                "it was written by an earlier version of litefleet, which did not record where \
+                 in its first WAL its snapshot's state is, and the WAL it shipped up to this \
+                 time ends inside the parts that re-ship that WAL: the replay could lay older \
+                 pages over the snapshot; its snapshot's state is restored with --timestamp {}",
+                snap.time
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ),
         ));
     }
     let (pos, time, applied) = replay.finish()?;

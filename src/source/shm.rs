@@ -29,6 +29,16 @@
 //! `stat` that [`crate::source::discover::check_regular_files`] takes
 //! anyway; a rename between it and SQLite's own open (microseconds) is not
 //! seen.
+//!
+//! A claim can outlive the file it names: the `-shm` seen before the open
+//! was deleted before SQLite opened one (which it then created anew), or
+//! the connection left WAL mode and closed it. A freed inode number is soon
+//! given to a new file, another database's new `-shm` say, which the stale
+//! claim then refused for as long as its connection lived (black-box probe
+//! G19, databases replaced and recreated in the same second). So a claim
+//! held for another database is honoured only while some descriptor of
+//! this process has that very file open (`/proc/self/fd`, read only then);
+//! otherwise it is stale and the new claim takes its place.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,12 +58,18 @@ pub struct SourceFiles {
 }
 
 /// Who holds a `-shm`: the database it is open for, a path that names it
-/// (for the error), and how many of our connections hold it.
+/// (for the error), how many of our connections hold it, and which claims
+/// are its (a holder found stale is replaced; its claims then release
+/// nothing).
 struct Holder {
     db: FileId,
     path: PathBuf,
     count: usize,
+    token: u64,
 }
+
+/// Tokens of holders, never reused.
+static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Every `-shm` this process has claimed, by (device, inode).
 static CLAIMS: Mutex<Option<HashMap<FileId, Holder>>> = Mutex::new(None);
@@ -68,7 +84,8 @@ fn claims() -> MutexGuard<'static, Option<HashMap<FileId, Holder>>> {
 /// when the database or its `-shm` was not there.
 #[derive(Debug, Default)]
 pub struct ShmClaim {
-    shm: Option<FileId>,
+    /// The `-shm` and its holder's token.
+    shm: Option<(FileId, u64)>,
 }
 
 /// Claims `files.shm` for `files.db` (the files of `db`): refused, naming
@@ -80,8 +97,22 @@ pub fn claim(db: &Path, files: SourceFiles) -> crate::Result<ShmClaim> {
     };
     let mut guard = claims();
     let map = guard.get_or_insert_with(HashMap::new);
-    match map.get_mut(&shm) {
-        Some(holder) if holder.db == db_id => holder.count += 1,
+    let holder = Holder {
+        db: db_id,
+        path: db.to_path_buf(),
+        count: 1,
+        token: TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    };
+    let token = match map.get_mut(&shm) {
+        Some(held) if held.db == db_id => {
+            held.count += 1;
+            held.token
+        }
+        Some(_) if process_has_open(shm) == Some(false) => {
+            let token = holder.token;
+            map.insert(shm, holder);
+            token
+        }
         Some(holder) => {
             return Err(crate::Error::invalid(
                 db.display(),
@@ -95,17 +126,26 @@ pub fn claim(db: &Path, files: SourceFiles) -> crate::Result<ShmClaim> {
             ))
         }
         None => {
-            map.insert(
-                shm,
-                Holder {
-                    db: db_id,
-                    path: db.to_path_buf(),
-                    count: 1,
-                },
-            );
+            let token = holder.token;
+            map.insert(shm, holder);
+            token
         }
-    }
-    Ok(ShmClaim { shm: Some(shm) })
+    };
+    Ok(ShmClaim {
+        shm: Some((shm, token)),
+    })
+}
+
+/// Whether a descriptor of this process has the file `id` open; `None`
+/// where `/proc/self/fd` cannot tell (then a claim is kept).
+fn process_has_open(id: FileId) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let fds = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some(fds.flatten().any(|fd| {
+        // The link's target, deleted or not (a descriptor closed meanwhile
+        // fails, and is not that file).
+        std::fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == id)
+    }))
 }
 
 impl ShmClaim {
@@ -114,7 +154,7 @@ impl ShmClaim {
     /// it) is made now; one for another file than the one there now is
     /// refused (renamed while opened: which one SQLite has is unknown).
     pub fn confirm(&mut self, db: &Path, files: SourceFiles) -> crate::Result<()> {
-        match self.shm {
+        match self.shm.map(|(shm, _)| shm) {
             claimed if claimed == files.shm => Ok(()),
             None => {
                 *self = claim(db, files)?;
@@ -131,14 +171,50 @@ impl ShmClaim {
 
 impl Drop for ShmClaim {
     fn drop(&mut self) {
-        let Some(shm) = self.shm else { return };
+        let Some((shm, token)) = self.shm else { return };
         let mut guard = claims();
         let Some(map) = guard.as_mut() else { return };
-        if let Some(holder) = map.get_mut(&shm) {
+        if let Some(holder) = map.get_mut(&shm).filter(|h| h.token == token) {
             holder.count -= 1;
             if holder.count == 0 {
                 map.remove(&shm);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A claim on a file no descriptor of this process has open is stale (a
+    /// `-shm` deleted before SQLite opened one, whose inode number went to
+    /// another database's new `-shm`: probe G19's false refusals): the next
+    /// claim for another database replaces it, and the stale claim's drop
+    /// releases nothing. One held open is honoured.
+    #[test]
+    fn a_claim_on_a_file_nobody_has_open_is_stale() {
+        let t = tempfile::tempdir().unwrap();
+        let shm = t.path().join("x.db-shm");
+        std::fs::write(&shm, b"").unwrap();
+        let m = std::fs::metadata(&shm).unwrap();
+        let id = (m.dev(), m.ino());
+        let files = |db: u64| SourceFiles {
+            db: Some((u64::MAX, db)),
+            shm: Some(id),
+        };
+        let stale = claim(&t.path().join("a.db"), files(1)).unwrap();
+        let b = claim(&t.path().join("b.db"), files(2)).unwrap();
+        drop(stale);
+        let open = std::fs::File::open(&shm).unwrap();
+        let e = claim(&t.path().join("c.db"), files(3))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.db"), "{e}");
+        // Another connection to b's database shares the claim.
+        let b2 = claim(&t.path().join("b.db"), files(2)).unwrap();
+        drop((b, b2, open));
+        claim(&t.path().join("c.db"), files(3)).unwrap();
     }
 }

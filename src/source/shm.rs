@@ -118,9 +118,10 @@ pub fn claim(db: &Path, files: SourceFiles) -> crate::Result<ShmClaim> {
                 db.display(),
                 format!(
                     "its -shm is the file this process has open as the WAL index of {} \
-                     (another database file): side files were renamed between databases; \
-                     not read until they match again (SQLite would reset that database's \
-                     index under our connection to it)",
+                     (another database file): side files were renamed between databases, or \
+                     both databases were replaced at the same moment; not read now, tried \
+                     again later (SQLite would reset that database's index under our \
+                     connection to it)",
                     holder.path.display()
                 ),
             ))

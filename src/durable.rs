@@ -41,21 +41,15 @@ fn record(path: &Path) {
         .push(path.to_path_buf());
 }
 
-/// Every path synced so far by this test process (all tests: filter by
-/// your own temporary directory), oldest first.
+/// The paths this test process synced below `dir` (every test's syncs are
+/// recorded: each looks below its own temporary directory), relative to
+/// it, oldest first.
 #[cfg(test)]
-pub fn synced() -> Vec<std::path::PathBuf> {
+pub fn synced_below(dir: &Path) -> Vec<std::path::PathBuf> {
     SYNCED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
-}
-
-/// The paths synced below `dir`, relative to it, oldest first.
-#[cfg(test)]
-pub fn synced_below(dir: &Path) -> Vec<std::path::PathBuf> {
-    synced()
-        .into_iter()
+        .iter()
         .filter_map(|p| p.strip_prefix(dir).ok().map(Path::to_path_buf))
         .collect()
 }

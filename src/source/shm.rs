@@ -97,23 +97,15 @@ pub fn claim(db: &Path, files: SourceFiles) -> crate::Result<ShmClaim> {
     };
     let mut guard = claims();
     let map = guard.get_or_insert_with(HashMap::new);
-    let holder = Holder {
-        db: db_id,
-        path: db.to_path_buf(),
-        count: 1,
-        token: TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-    };
-    let token = match map.get_mut(&shm) {
+    match map.get_mut(&shm) {
         Some(held) if held.db == db_id => {
             held.count += 1;
-            held.token
+            return Ok(ShmClaim {
+                shm: Some((shm, held.token)),
+            });
         }
-        Some(_) if process_has_open(shm) == Some(false) => {
-            let token = holder.token;
-            map.insert(shm, holder);
-            token
-        }
-        Some(holder) => {
+        // Held for another database, and that file still open here.
+        Some(holder) if process_has_open(shm) != Some(false) => {
             return Err(crate::Error::invalid(
                 db.display(),
                 format!(
@@ -126,12 +118,19 @@ pub fn claim(db: &Path, files: SourceFiles) -> crate::Result<ShmClaim> {
                 ),
             ))
         }
-        None => {
-            let token = holder.token;
-            map.insert(shm, holder);
-            token
-        }
-    };
+        // Unclaimed, or a stale claim this one replaces.
+        _ => {}
+    }
+    let token = TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    map.insert(
+        shm,
+        Holder {
+            db: db_id,
+            path: db.to_path_buf(),
+            count: 1,
+            token,
+        },
+    );
     Ok(ShmClaim {
         shm: Some((shm, token)),
     })

@@ -2241,6 +2241,32 @@ mod tests {
         drop(app);
     }
 
+    /// The host's clock went back between two segments (here: the last
+    /// segment is stamped an hour ahead of now, and the generation's
+    /// snapshot two hours ahead): the next segment's commit time is still
+    /// no earlier than either, so times keep growing with positions, which a
+    /// point-in-time plan relies on (`hot::plan` refuses times that go back,
+    /// so every restore into the generation would fail as damage).
+    #[test]
+    fn segment_times_never_go_back_with_the_clock() {
+        let (_dir, _, app, mut s) = streaming();
+        app.execute("INSERT INTO t VALUES (100)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        s.take_pending().expect("row 100");
+        let ahead = Utc::now() + chrono::Duration::hours(1);
+        s.pending_time = ahead;
+        app.execute("INSERT INTO t VALUES (101)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        s.take_pending().expect("row 101");
+        assert!(s.pending_time >= ahead, "{} < {ahead}", s.pending_time);
+        let snapshot_ahead = Utc::now() + chrono::Duration::hours(2);
+        s.snapshot_time = snapshot_ahead;
+        app.execute("INSERT INTO t VALUES (102)", []).unwrap();
+        assert_eq!(s.read().unwrap(), Step::Frames);
+        s.take_pending().expect("row 102");
+        assert_eq!(s.pending_time, snapshot_ahead);
+    }
+
     /// Our checkpoint fails after releasing our read transaction: the WAL
     /// can now be restarted with frames we never read, so a restart seen
     /// later is continuity lost, not the next WAL of the generation.

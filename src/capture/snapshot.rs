@@ -413,14 +413,16 @@ pub fn staged_file(tmp_dir: &Path) -> Result<NamedTempFile> {
 /// The transaction sees the file alone when, checked while it is open:
 /// - the connection is not in WAL mode (a rollback journal: our shared lock
 ///   keeps every writer out of the file);
-/// - or the `-wal` is gone or empty (nothing can empty a WAL that a reader
-///   of its frames is using: truncation waits for every reader);
 /// - or the WAL-index says every frame of the WAL is in the file already
 ///   (`nBackfill == mxFrame`, [`VfsHandle::wal_index`]). A reader that uses frames
 ///   up to `m` keeps checkpoints from backfilling past `m`, so if the
 ///   backfill has reached the newest frame, `m` is the newest frame and the
 ///   file holds it; a reader that uses no frame holds read-lock 0, which
-///   every backfill must take exclusively.
+///   every backfill must take exclusively. An empty WAL has no frame, so
+///   its index says so too (`0 == 0`). Not judged by the `-wal` at the
+///   path: one renamed or deleted from under the connection stays in its
+///   view through SQLite's handle
+///   (`a_wal_renamed_away_is_still_in_the_transactions_view`).
 ///
 /// Nothing here opens the database or its `-shm` with a descriptor of its
 /// own: closing one would drop every POSIX lock this process holds on that
@@ -452,7 +454,6 @@ pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
         ));
     }
     let alone = !mode.eq_ignore_ascii_case("wal")
-        || file_len(&crate::source::discover::wal_path(db))? == 0
         || VfsHandle::of(source)
             .and_then(|f| f.wal_index())
             .is_some_and(|i| i.backfill == i.max_frame);
@@ -1484,6 +1485,87 @@ mod tests {
         let snap = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap();
         assert_eq!(snap.copied, Copied::Direct);
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 500);
+    }
+
+    /// A database of 40 rows, every one of them (and its table) in WAL
+    /// frames, opened by a snapshot's connection, which then has the
+    /// `-wal` and `-shm` open.
+    fn wal_only_db(t: &Path) -> (PathBuf, Connection, ReadOnly) {
+        let db = t.join("r.db");
+        let app = Connection::open(&db).unwrap();
+        app.execute_batch(
+            "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x)",
+        )
+        .unwrap();
+        for _ in 0..40 {
+            app.execute("INSERT INTO t VALUES (randomblob(100))", [])
+                .unwrap();
+        }
+        let source = open_read_only(&db).unwrap();
+        let rows: i64 = source
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 40, "the WAL and its index are open");
+        (db, app, source)
+    }
+
+    /// The `-wal` renamed away from under open connections (a hostile
+    /// application, or a ring renaming side files): the read transaction
+    /// still sees its frames, through SQLite's handle. So the file alone is
+    /// not that transaction's version, and it is not read as the snapshot:
+    /// the copy holds the 40 rows. Judged by the `-wal`'s path, the main
+    /// file alone (no table at all) was uploaded as the latest state.
+    #[test]
+    fn a_wal_renamed_away_is_still_in_the_transactions_view() {
+        let t = tempfile::tempdir().unwrap();
+        let (db, app, source) = wal_only_db(t.path());
+        let wal = crate::source::discover::wal_path;
+        std::fs::rename(wal(&db), t.path().join("elsewhere")).unwrap();
+        assert!(file_only(&source, &db).unwrap().is_none(), "frames in view");
+        let snap = capture_open(source, &db, "k", t.path()).unwrap();
+        assert_eq!(snap.copied, Copied::InMemory);
+        assert_eq!(restored(&snap, &t.path().join("out.db")).1, 40);
+        drop(app);
+    }
+
+    /// A small database with frames in its WAL, renamed away with its side
+    /// files after SQLite opened it, and written at its new path before the
+    /// copy: the backup copy (through SQLite's handles, which follow the
+    /// files) holds a row the database never had at this path, so it is
+    /// not uploaded ([`still_there`] after [`backup_in_memory`]; without
+    /// that check a copy of 41 rows was uploaded for a path that only ever
+    /// held 40, or the replacement's 7: a surviving mutant of audit F19).
+    #[test]
+    fn a_copy_of_a_database_written_after_it_moved_away_is_not_uploaded() {
+        let t = tempfile::tempdir().unwrap();
+        let (db, app, source) = wal_only_db(t.path());
+        let (gone, other) = (t.path().join("q.db"), t.path().join("other.db"));
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE t(x);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 7)
+                 INSERT INTO t SELECT i FROM n;",
+            )
+            .unwrap();
+        let wal = crate::source::discover::wal_path;
+        let shm = crate::source::discover::shm_path;
+        for (from, to) in [
+            (db.clone(), gone.clone()),
+            (wal(&db), wal(&gone)),
+            (shm(&db), shm(&gone)),
+        ] {
+            std::fs::rename(from, to).unwrap();
+        }
+        app.execute("INSERT INTO t VALUES (randomblob(100))", [])
+            .unwrap();
+        std::fs::rename(&other, &db).unwrap();
+        let e = capture_open(source, &db, "k", t.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("was replaced, renamed or deleted"),
+            "{e}"
+        );
+        drop(app);
     }
 
     /// Side files renamed between databases (probe D18's ring): a `-shm`

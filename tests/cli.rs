@@ -1168,6 +1168,39 @@ fn once_names_the_databases_that_failed() {
     assert!(!last.contains("bad3.db"), "{last}");
 }
 
+/// An empty file is a database before its first write: `replicate --once`
+/// skips it without the "not a SQLite database" warning a file of other
+/// content gets (black-box probe I20: every new database caught between
+/// SQLite creating it and its first commit was warned about), and backs it
+/// up once it is written.
+#[test]
+fn an_empty_file_waits_for_its_first_write_without_a_warning() {
+    let t = tempfile::tempdir().unwrap();
+    drop(create_db(&t.path().join("data/x/a.db"), 10));
+    let empty = t.path().join("data/x/empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    std::fs::write(t.path().join("data/x/junk.db"), b"not a database at all").unwrap();
+    write_file_config(t.path(), &t.path().join("replica"));
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let warned: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("not a SQLite database"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(warned[0].contains("junk.db"), "{err}");
+    drop(create_db(&empty, 4));
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = t.path().join("restored.db");
+    let o = litefleet(
+        t.path(),
+        &["restore", "x/empty", "-o", out.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 /// A retention pass that fails (here: a FIFO in a `file://` replica, which
 /// every whole-replica listing refuses) fails `replicate --once`, naming
 /// why, and the daemon counts it for `/stats` and `/metrics`

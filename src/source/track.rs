@@ -237,14 +237,23 @@ impl Tracker {
     }
 
     /// Skips `path`, a file without the SQLite header seen with fingerprint
-    /// `fp`, until it changes; logged once.
+    /// `fp`, until it changes; logged once. An empty file is a database
+    /// before its first write (SQLite creates the file at the open and
+    /// writes it at the first commit; an application may also truncate its
+    /// database to nothing): it waits for that write with no warning, and
+    /// counts as new again once it changes, as any skipped file does.
     fn skip_foreign(&mut self, path: PathBuf, fp: u64) {
         if self
             .skipped
             .insert(path.clone(), (fp, self.epoch))
             .is_none()
         {
-            tracing::warn!(path = %path.display(), "skipping: not a SQLite database (no SQLite header)");
+            let empty = std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() == 0);
+            if empty {
+                tracing::debug!(path = %path.display(), "empty file: waiting for its first write");
+            } else {
+                tracing::warn!(path = %path.display(), "skipping: not a SQLite database (no SQLite header)");
+            }
         }
     }
 

@@ -1400,7 +1400,9 @@ impl Replicator {
             };
             if full {
                 let r = self.cycle(&shutdown).await;
-                if r.scan.databases == 0 && !empty_warned {
+                // A walk that could not read a directory says so itself
+                // ("cannot read"); "nothing matched" would mislead then.
+                if r.scan.databases == 0 && r.scan.errors == 0 && !empty_warned {
                     empty_warned = true;
                     tracing::warn!(
                         patterns = %self.patterns_text(),

@@ -437,7 +437,14 @@ impl Pattern {
                     return;
                 };
                 let mut dirs = Vec::new();
-                for entry in rd.flatten() {
+                for entry in rd {
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            visitor.error(buf, e);
+                            continue;
+                        }
+                    };
                     match entry.file_type() {
                         Ok(t) if t.is_dir() => dirs.push(entry.file_name()),
                         Ok(t) if t.is_symlink() => {
@@ -481,7 +488,13 @@ impl Pattern {
                     return;
                 };
                 for entry in rd {
-                    let Ok(entry) = entry else { continue };
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            visitor.error(buf, e);
+                            continue;
+                        }
+                    };
                     let name = entry.file_name();
                     if !matcher.is_match(Path::new(&name)) {
                         continue;
@@ -506,7 +519,12 @@ impl Pattern {
                     return;
                 };
                 leaf.clear();
-                leaf.extend(rd.filter_map(|e| e.ok()).map(|e| (e.file_name(), e)));
+                for entry in rd {
+                    match entry {
+                        Ok(e) => leaf.push((e.file_name(), e)),
+                        Err(e) => visitor.error(buf, e),
+                    }
+                }
                 leaf.sort_unstable_by(|a, b| a.0.cmp(&b.0));
                 let mut wal_name = OsString::new();
                 for (name, entry) in leaf.iter() {
@@ -554,6 +572,11 @@ fn report(
 }
 
 fn read_dir(dir: &Path, visitor: &mut dyn Visitor) -> Option<fs::ReadDir> {
+    #[cfg(test)]
+    if tests::UNREADABLE.with(|u| u.borrow().iter().any(|p| p == dir)) {
+        visitor.error(dir, io::Error::from_raw_os_error(libc::EMFILE));
+        return None;
+    }
     match fs::read_dir(dir) {
         Ok(rd) => Some(rd),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -576,8 +599,16 @@ pub trait Visitor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Directories whose listing fails (with `EMFILE`) on this
+        /// thread's walks: root bypasses permissions, so tests cannot make
+        /// a directory unreadable any other way.
+        pub(crate) static UNREADABLE: std::cell::RefCell<Vec<PathBuf>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
 
     /// A database named 248-251 bytes can have a `-wal` but no `-journal`
     /// (the name would pass 255 bytes): that side file is absent, not an

@@ -451,13 +451,31 @@ impl Tracker {
         }
         let mut report = v.report;
         let epoch = self.epoch;
-        let stale: Vec<Id> = self
+        let mut stale: Vec<Id> = self
             .entries
             .iter()
             .enumerate()
             .filter(|(_, e)| e.flags & LIVE != 0 && e.flags & IN_FLIGHT == 0 && e.epoch != epoch)
             .map(|(i, _)| i as Id)
             .collect();
+        // A database the walk could not see (its directory, or an ancestor,
+        // or the file itself could not be read: out of descriptors, a
+        // permission taken away, an I/O error) is not gone: kept, with what
+        // it was last seen as, until a scan reads it again (black-box probe
+        // J20: one `EMFILE` on the pattern's root dropped every database,
+        // hot streams with them).
+        let unreadable: Vec<&PathBuf> = self
+            .problems
+            .iter()
+            .filter(|(_, e)| **e == epoch)
+            .map(|(p, _)| p)
+            .collect();
+        if !unreadable.is_empty() {
+            stale.retain(|id| {
+                let path = self.path(*id);
+                !unreadable.iter().any(|u| path.starts_with(u))
+            });
+        }
         for id in &stale {
             tracing::info!(path = %self.path(*id).display(), "database removed; no longer tracked");
             self.remove(*id);
@@ -1193,6 +1211,55 @@ mod tests {
         fs::remove_file(t.path().join("a/two.db")).unwrap();
         let r = tr.scan(&pat);
         assert_eq!((r.removed, r.databases), (1, 1));
+    }
+
+    /// A directory the walk cannot list (out of descriptors, permission
+    /// taken away, an I/O error) hides its databases, it does not delete
+    /// them: they stay tracked, with their upload records, and the scan
+    /// counts the error (which fails `replicate --once`). Black-box probe
+    /// J20: one `EMFILE` on the pattern's root logged every database as
+    /// removed and ended the hot streams, though none was deleted.
+    #[test]
+    fn databases_behind_an_unreadable_directory_are_not_removed() {
+        use crate::source::discover::tests::UNREADABLE;
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*/*.db", t.path()).unwrap()];
+        for p in ["a/one.db", "a/two.db", "b/three.db"] {
+            header_file(&t.path().join(p), b"");
+        }
+        let mut tr = Tracker::new();
+        assert_eq!(tr.scan(&pat).databases, 3);
+        for id in tr.pending() {
+            let tk = tr.begin_upload(id);
+            tr.finish_upload(Ticket { racy: false, ..tk }, true);
+        }
+        let unreadable = |dirs: &[&Path]| {
+            UNREADABLE.with(|u| *u.borrow_mut() = dirs.iter().map(|d| d.to_path_buf()).collect())
+        };
+        // The directory of two of them, then the pattern's root.
+        for dir in [t.path().join("a"), t.path().to_path_buf()] {
+            unreadable(&[&dir]);
+            fs::remove_file(t.path().join("b/three.db")).ok();
+            let r = tr.scan(&pat);
+            assert_eq!(r.errors, 1, "{r:?}");
+            assert_eq!(r.pending, 0, "{r:?}");
+            assert!(tr.find(&t.path().join("a/one.db")).is_some());
+            assert!(tr.find(&t.path().join("a/two.db")).is_some());
+            if dir == t.path() {
+                assert_eq!((r.removed, r.databases), (0, 2), "{r:?}");
+            } else {
+                // b is read: its deleted database is removed.
+                assert_eq!((r.removed, r.databases), (1, 2), "{r:?}");
+            }
+        }
+        unreadable(&[]);
+        fs::remove_file(t.path().join("a/two.db")).unwrap();
+        let r = tr.scan(&pat);
+        assert_eq!(
+            (r.errors, r.removed, r.databases, r.pending),
+            (0, 1, 1, 0),
+            "{r:?}"
+        );
     }
 
     /// Temporary files a killed save left beside the state file (each a

@@ -438,12 +438,8 @@ impl Pattern {
                 };
                 let mut dirs = Vec::new();
                 for entry in rd {
-                    let entry = match entry {
-                        Ok(entry) => entry,
-                        Err(e) => {
-                            visitor.error(buf, e);
-                            continue;
-                        }
+                    let Some(entry) = listed(entry, buf, visitor) else {
+                        continue;
                     };
                     match entry.file_type() {
                         Ok(t) if t.is_dir() => dirs.push(entry.file_name()),
@@ -488,12 +484,8 @@ impl Pattern {
                     return;
                 };
                 for entry in rd {
-                    let entry = match entry {
-                        Ok(entry) => entry,
-                        Err(e) => {
-                            visitor.error(buf, e);
-                            continue;
-                        }
+                    let Some(entry) = listed(entry, buf, visitor) else {
+                        continue;
                     };
                     let name = entry.file_name();
                     if !matcher.is_match(Path::new(&name)) {
@@ -520,9 +512,8 @@ impl Pattern {
                 };
                 leaf.clear();
                 for entry in rd {
-                    match entry {
-                        Ok(e) => leaf.push((e.file_name(), e)),
-                        Err(e) => visitor.error(buf, e),
+                    if let Some(e) = listed(entry, buf, visitor) {
+                        leaf.push((e.file_name(), e));
                     }
                 }
                 leaf.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -586,6 +577,17 @@ fn read_dir(dir: &Path, visitor: &mut dyn Visitor) -> Option<fs::ReadDir> {
             None
         }
     }
+}
+
+/// An entry of `dir`'s listing; an error reading it (the listing stops
+/// short) goes to `visitor`, so the databases the listing could not show are
+/// not taken for deleted.
+fn listed(
+    entry: io::Result<fs::DirEntry>,
+    dir: &Path,
+    visitor: &mut dyn Visitor,
+) -> Option<fs::DirEntry> {
+    entry.map_err(|e| visitor.error(dir, e)).ok()
 }
 
 /// Receives what a [`Pattern::walk`] finds.

@@ -27,7 +27,26 @@ pub fn sync_file(file: &File, path: &Path) -> io::Result<()> {
 /// Opens `path` (a file or a directory) and `fsync`s it: for a directory,
 /// the entries created, renamed or removed in it.
 pub fn sync_path(path: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    if FAIL.with(|f| f.borrow().as_deref() == Some(path)) {
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    }
     sync_file(&File::open(path)?, path)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A path whose [`sync_path`] fails on this thread (as it does when the
+    /// process is out of descriptors), for tests of what a failed sync
+    /// leaves behind.
+    static FAIL: std::cell::RefCell<Option<std::path::PathBuf>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes [`sync_path`] of `path` fail on this thread (`None`: no more).
+#[cfg(test)]
+pub fn fail_sync_of(path: Option<&Path>) {
+    FAIL.with(|f| *f.borrow_mut() = path.map(Path::to_path_buf));
 }
 
 #[cfg(test)]

@@ -535,7 +535,8 @@ both_backends!(
             r.delete(&loc).await.unwrap();
             let out = tempfile::tempdir().unwrap();
             let mut file = std::fs::File::create(out.path().join("o.db")).unwrap();
-            let e = litefleet::restore::replay::restore_plan(&r, "p/d/t", &plan, &mut file)
+            let o = out.path().join("o.db");
+            let e = litefleet::restore::replay::restore_plan(&r, "p/d/t", &plan, &mut file, &o)
                 .await
                 .unwrap_err();
             assert!(!matches!(e, litefleet::Error::Damaged { .. }), "{e}");
@@ -1008,7 +1009,7 @@ both_backends!(
         db.w.write_metadata(&r).await;
         let out = tempfile::NamedTempFile::new().unwrap();
         let mut file = out.reopen().unwrap();
-        litefleet::restore::replay::restore_plan(&r, "p/d/live", &plan, &mut file)
+        litefleet::restore::replay::restore_plan(&r, "p/d/live", &plan, &mut file, out.path())
             .await
             .unwrap();
         drop(file);

@@ -412,7 +412,7 @@ async fn restore_rows(
         .tempfile_in(dir)
         .unwrap();
     let mut file = out.reopen().unwrap();
-    litefleet::restore::replay::restore_generation(r, KEY, at, &mut file).await?;
+    litefleet::restore::replay::restore_generation(r, KEY, at, &mut file, out.path()).await?;
     drop(file);
     Ok(common::fleet::count_rows(out.path()))
 }

@@ -830,7 +830,7 @@ fn verify_run(
 /// changes nothing; the checksum chain is [`verify_frames`]' job.
 pub fn apply_frames(db: &mut File, page_size: u32, frames: &[u8]) -> Result<()> {
     check_layout(frames, page_size).map_err(|r| Error::invalid(APPLYING, r))?;
-    apply_run(db, page_size, frames)
+    apply_run(db, page_size, frames).map_err(|e| Error::invalid(APPLYING, format!("writing: {e}")))
 }
 
 /// What [`apply_frames`] names in its errors.
@@ -852,7 +852,7 @@ pub const REPLAY_CHUNK: usize = 4 << 20;
 pub fn replay_segment(
     what: &str,
     compressed: &[u8],
-    db: &mut File,
+    (db, db_path): (&mut File, &Path),
     page_size: u32,
     prev: Option<ChainLink>,
     skip: u64,
@@ -887,7 +887,7 @@ pub fn replay_segment(
                 format!("the snapshot's position ({skip} bytes in) is not at a frame boundary"),
             ));
         }
-        apply_run(db, page_size, &run[held..])?;
+        apply_run(db, page_size, &run[held..]).map_err(|e| Error::io(db_path, e))?;
         total += n as u64;
         if let Some(before) = &last {
             info.frames += before.frames;
@@ -914,8 +914,9 @@ pub fn replay_segment(
     Ok((info, total))
 }
 
-/// Writes the pages of checked frames (see [`apply_frames`]).
-fn apply_run(db: &mut File, page_size: u32, frames: &[u8]) -> Result<()> {
+/// Writes the pages of checked frames (see [`apply_frames`]). Its errors
+/// are the output file's (full disk, I/O): the caller names that file.
+fn apply_run(db: &mut File, page_size: u32, frames: &[u8]) -> std::io::Result<()> {
     let fsize = FRAME_HEADER_SIZE as usize + page_size as usize;
     let ps = u64::from(page_size);
     for f in frames.chunks_exact(fsize) {
@@ -923,12 +924,9 @@ fn apply_run(db: &mut File, page_size: u32, frames: &[u8]) -> Result<()> {
             continue;
         };
         let at = (u64::from(h.pgno) - 1) * ps;
-        db.write_all_at(&f[FRAME_HEADER_SIZE as usize..], at)
-            .map_err(|e| Error::invalid(APPLYING, format!("writing page {}: {e}", h.pgno)))?;
+        db.write_all_at(&f[FRAME_HEADER_SIZE as usize..], at)?;
         if h.commit != 0 {
-            db.set_len(u64::from(h.commit) * ps).map_err(|e| {
-                Error::invalid(APPLYING, format!("setting size to {} pages: {e}", h.commit))
-            })?;
+            db.set_len(u64::from(h.commit) * ps)?;
         }
     }
     Ok(())
@@ -1325,7 +1323,15 @@ mod tests {
         let mut whole = fresh("whole.db");
         apply_frames(&mut whole, 1024, &seg).unwrap();
         let mut runs = fresh("runs.db");
-        let (info, len) = replay_segment("seg", &frame, &mut runs, 1024, None, 0).unwrap();
+        let (info, len) = replay_segment(
+            "seg",
+            &frame,
+            (&mut runs, Path::new("runs.db")),
+            1024,
+            None,
+            0,
+        )
+        .unwrap();
         assert_eq!(len, seg.len() as u64);
         assert_eq!(info.frames, k.frames);
         assert_eq!(info, verify_frames("seg", &seg, 1024, None).unwrap());
@@ -1334,18 +1340,42 @@ mod tests {
             std::fs::read(t.path().join("whole.db")).unwrap()
         );
 
+        // The output cannot be written (a full disk; here a read-only
+        // handle): the error is the output file's, by its path, never the
+        // segment's (probe J20: "(restore output)", no path; before that,
+        // verify took such a failure for a problem of the replica).
+        let ro = t.path().join("ro.db");
+        std::fs::write(&ro, &snap).unwrap();
+        let e = replay_segment(
+            "seg",
+            &frame,
+            (&mut File::open(&ro).unwrap(), &ro),
+            1024,
+            None,
+            0,
+        )
+        .unwrap_err();
+        assert!(matches!(&e, Error::Io { path, .. } if path == &ro), "{e:?}");
+
         // 64 MiB of zeros in a small frame: refused at its first run.
         let zeros = lz4(&vec![0u8; 64 << 20]);
         assert!(zeros.len() < 1 << 20);
-        let e = replay_segment("bomb", &zeros, &mut fresh("bomb.db"), 1024, None, 0)
-            .unwrap_err()
-            .to_string();
+        let e = replay_segment(
+            "bomb",
+            &zeros,
+            (&mut fresh("bomb.db"), Path::new("bomb.db")),
+            1024,
+            None,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("page number 0"), "{e}");
         // Cut short; ending inside a transaction.
         let e = replay_segment(
             "cut",
             &frame[..frame.len() - 8],
-            &mut fresh("c.db"),
+            (&mut fresh("c.db"), Path::new("c.db")),
             1024,
             None,
             0,
@@ -1355,9 +1385,16 @@ mod tests {
         assert!(e.contains("cut short"), "{e}");
         let fsize = 24 + 1024;
         let open = lz4(&seg[..seg.len() - fsize]);
-        let e = replay_segment("open", &open, &mut fresh("o.db"), 1024, None, 0)
-            .unwrap_err()
-            .to_string();
+        let e = replay_segment(
+            "open",
+            &open,
+            (&mut fresh("o.db"), Path::new("o.db")),
+            1024,
+            None,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("not a commit frame"), "{e}");
     }
 

@@ -57,19 +57,55 @@ pub struct Staged {
     pub file: File,
     pub tmp: TempPath,
     output: PathBuf,
+    _side: TempSideFiles,
+}
+
+/// Removes, when dropped, the side files SQLite may leave beside the
+/// temporary file (the integrity check opens it, and a restored database in
+/// WAL mode gets a `-wal` and `-shm` there): a check cut short by an error
+/// (out of descriptors) left them behind after a failed restore (black-box
+/// probe J20: 17-27 per bulk restore). The temporary name is ours alone, so
+/// are its side files.
+struct TempSideFiles(PathBuf);
+
+impl Drop for TempSideFiles {
+    fn drop(&mut self) {
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut p = self.0.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 impl Staged {
     /// Creates the output's directory and the temporary file (blocking).
+    /// Directories it creates are made durable: each one's entry in its
+    /// parent is synced, up to the first directory that existed (black-box
+    /// probe J20: a restore into new directories, exit 0, could vanish in a
+    /// power loss). The output's own directory is synced at the install.
     pub fn new(output: &Path) -> Result<Staged> {
         if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let missing: Vec<&Path> = dir
+                .ancestors()
+                .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+                .collect();
             std::fs::create_dir_all(dir).at(dir)?;
+            for created in missing.iter().rev() {
+                let parent = created
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                crate::durable::sync_path(parent).at(parent)?;
+            }
         }
         let (file, tmp) = snapshot::temp_sibling(output)?;
+        let side = TempSideFiles(tmp.to_path_buf());
         Ok(Staged {
             file,
             tmp,
             output: output.to_path_buf(),
+            _side: side,
         })
     }
 
@@ -79,7 +115,12 @@ impl Staged {
     /// checked file, no side file (blocking). `what` names the source in
     /// errors.
     pub fn install(self, what: &str) -> Result<()> {
-        let Staged { file, tmp, output } = self;
+        let Staged {
+            file,
+            tmp,
+            output,
+            _side,
+        } = self;
         let checked = file.metadata().at(&*tmp)?;
         if !crate::source::vfs::has_sqlite_header(&tmp).at(&*tmp)? {
             return Err(Error::damaged(
@@ -115,8 +156,16 @@ impl Staged {
                 Error::io(&output, e)
             });
         }
-        if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::durable::sync_path(dir).at(dir)?;
+        let dir = output
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let Err(e) = crate::durable::sync_path(dir) {
+            // Renamed, not durable: a restore that fails leaves no output
+            // (probe J20: a failure under EMFILE left its output installed,
+            // and the rerun refused it as existing). Ours since the rename.
+            let _ = std::fs::remove_file(&output);
+            return Err(Error::io(dir, e));
         }
         check_installed(&output, &checked)
     }
@@ -265,6 +314,69 @@ mod tests {
             synced[file + 1..].iter().any(|p| p == Path::new("out")),
             "{synced:?}"
         );
+    }
+
+    /// Directories a restore creates for its output are durable: each
+    /// one's entry is synced in its parent, down from the first that
+    /// existed, and the output's own directory after the rename (probe J20:
+    /// none of them was, so a restore into new directories that exited 0
+    /// could vanish in a power loss).
+    #[test]
+    fn directories_made_for_the_output_are_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let sound = snapshot::test_db::indexed(&dir.path().join("src.db"), None);
+        let out = dir.path().join("a/b/restored.db");
+        let mut staged = Staged::new(&out).unwrap();
+        staged.file.write_all(&sound).unwrap();
+        staged.install("obj").unwrap();
+        let synced = crate::durable::synced_below(dir.path());
+        let at = |p: &str| {
+            synced
+                .iter()
+                .position(|s| s == Path::new(p))
+                .unwrap_or_else(|| panic!("{p:?} not synced: {synced:?}"))
+        };
+        // The root's entry for a, a's for b, then b's for the output.
+        assert!(at("") < at("a") && at("a") < at("a/b"), "{synced:?}");
+    }
+
+    /// A restore whose last step (syncing the output's directory after the
+    /// rename) fails leaves no output, as any failed restore, and neither
+    /// the temporary file nor side files of it (probe J20: under EMFILE a
+    /// bulk restore reported such keys failed with their outputs installed,
+    /// so a rerun refused them as existing, and left `-wal` files of its
+    /// temporary files).
+    #[test]
+    fn a_restore_that_fails_at_its_last_sync_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sound = snapshot::test_db::indexed(&dir.path().join("src.db"), None);
+        let out = dir.path().join("out/restored.db");
+        let mut staged = Staged::new(&out).unwrap();
+        staged.file.write_all(&sound).unwrap();
+        let mut side = staged.tmp.as_os_str().to_owned();
+        side.push("-wal");
+        std::fs::write(&side, b"left by a check cut short").unwrap();
+        crate::durable::fail_sync_of(Some(&dir.path().join("out")));
+        let e = staged.install("obj").unwrap_err();
+        crate::durable::fail_sync_of(None);
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        let left = || -> Vec<_> {
+            std::fs::read_dir(dir.path().join("out"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect()
+        };
+        assert!(left().is_empty(), "{:?}", left());
+        // Given up before its install (a download failed), with side files
+        // a check cut short left.
+        let staged = Staged::new(&out).unwrap();
+        for suffix in ["-wal", "-shm"] {
+            let mut side = staged.tmp.as_os_str().to_owned();
+            side.push(suffix);
+            std::fs::write(&side, b"left by a check cut short").unwrap();
+        }
+        drop(staged);
+        assert!(left().is_empty(), "{:?}", left());
     }
 
     #[test]

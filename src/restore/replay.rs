@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
@@ -108,8 +109,10 @@ const SEGMENT_PREFETCH: usize = 4;
 /// Size of the SQLite database header (we need its page size field).
 const DB_HEADER_SIZE: usize = 100;
 
-fn output_error(what: &str, e: std::io::Error) -> Error {
-    Error::invalid("restore output file", format!("{what}: {e}"))
+/// A failure of the restore's own output file (full disk, I/O error): the
+/// local file system's, named by its path, never the replica's.
+fn output_error(out: &Path, e: std::io::Error) -> Error {
+    Error::io(out, e)
 }
 
 fn join_error(e: tokio::task::JoinError) -> Error {
@@ -135,16 +138,18 @@ fn db_page_size(file: &File, what: &str) -> Result<u32> {
 /// Restores `key` into `out` (opened for reading and writing; its contents
 /// are replaced) from the newest generation with a snapshot committed at or
 /// before `at` (`None`: the latest state). See the module docs for the rules.
-/// `out` is synced but not integrity-checked: the caller owns its path.
+/// `out` is synced but not integrity-checked: the caller owns its path,
+/// `out_path`, which errors of the file name.
 /// [`plan_latest`] then [`restore_plan`].
 pub async fn restore_generation(
     replica: &Replica,
     key: &str,
     at: Option<DateTime<Utc>>,
     out: &mut File,
+    out_path: &Path,
 ) -> Result<RestorePoint> {
     match plan_latest(replica, key, at).await? {
-        Some(p) => restore_plan(replica, key, &p, out).await,
+        Some(p) => restore_plan(replica, key, &p, out, out_path).await,
         None => Err(Error::NotFound(format!(
             "no WAL generation of {key:?} has a snapshot{} in {replica}",
             uploaded_by(at)
@@ -157,19 +162,19 @@ pub async fn restore_generation(
 /// replaced) and replays the segments, checking that each continues where the
 /// previous one ended (a gap is an error naming the missing position).
 /// `out` is synced but not integrity-checked or renamed: the caller owns its
-/// path (see [`crate::restore`] for the atomic install).
+/// path, `out_path`, which errors of the file name (see [`crate::restore`]
+/// for the atomic install).
 pub async fn restore_plan(
     replica: &Replica,
     key: &str,
     plan: &Plan,
     out: &mut File,
+    out_path: &Path,
 ) -> Result<RestorePoint> {
     let snap = &plan.snapshot;
     let mut replay = Replay::start(replica, key, plan).await?;
     check_recorded_snapshot(replica, plan).await?;
-    let mut file = out
-        .try_clone()
-        .map_err(|e| output_error("duplicating the handle", e))?;
+    let mut file = out.try_clone().map_err(|e| output_error(out_path, e))?;
     let got = match replica.store.get(&snap.location).await {
         Ok(g) => g,
         // Listed, then deleted (retention ended the generation meanwhile).
@@ -180,11 +185,12 @@ pub async fn restore_plan(
     };
     let bridge = object_reader(got, None);
     let what = snap.location.to_string();
+    let path = out_path.to_path_buf();
     let (mut file, page_size) = tokio::task::spawn_blocking(move || -> Result<(File, u32)> {
         file.set_len(0)
             .and_then(|_| file.seek(SeekFrom::Start(0)).map(|_| ()))
-            .map_err(|e| output_error("truncating", e))?;
-        snapshot::decompress(bridge, &what, &mut file)?;
+            .map_err(|e| output_error(&path, e))?;
+        snapshot::decompress_to(bridge, &what, &mut file, &path)?;
         let page_size = db_page_size(&file, &what)?;
         Ok((file, page_size))
     })
@@ -218,9 +224,16 @@ pub async fn restore_plan(
         let skip = covers
             .filter(|c| c.index == seg.pos.index)
             .map_or(0, |c| c.offset.saturating_sub(seg.pos.offset));
+        let path = out_path.to_path_buf();
         let (f, info, len) = tokio::task::spawn_blocking(move || {
-            let (info, len) =
-                wal::replay_segment(&what, &compressed, &mut file, page_size, chain, skip)?;
+            let (info, len) = wal::replay_segment(
+                &what,
+                &compressed,
+                (&mut file, &path),
+                page_size,
+                chain,
+                skip,
+            )?;
             Ok::<_, Error>((file, info, len))
         })
         .await
@@ -244,11 +257,12 @@ pub async fn restore_plan(
         ));
     }
     let (pos, time, applied) = replay.finish()?;
+    let path = out_path.to_path_buf();
     let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
-        file.sync_all().map_err(|e| output_error("fsync", e))?;
+        file.sync_all().map_err(|e| output_error(&path, e))?;
         file.metadata()
             .map(|m| m.len())
-            .map_err(|e| output_error("stat", e))
+            .map_err(|e| output_error(&path, e))
     })
     .await
     .map_err(join_error)??;
@@ -554,7 +568,7 @@ mod tests {
             .unwrap();
         let path = out.path().to_path_buf();
         let mut f = out.reopen().unwrap();
-        let point = restore_generation(r, "k", at, &mut f).await?;
+        let point = restore_generation(r, "k", at, &mut f, &path).await?;
         drop(f);
         assert!(!PathBuf::from(format!("{}-wal", path.display())).exists());
         snapshot::integrity_check(&path).unwrap();

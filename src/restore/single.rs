@@ -470,9 +470,18 @@ where
 /// The error of a failed hot-tier restore. Damage (a gap, a broken chain, a
 /// bad object, a failed check) is never papered over with an older cold
 /// snapshot; when there is one, the error says how to restore it on
-/// purpose. Store and local I/O errors are returned as they are.
+/// purpose. Store and local errors (I/O, and SQLite's that do not say the
+/// restored file is unsound: a full disk, out of descriptors) are returned
+/// as they are, so `verify` counts them as its own, not the replica's.
 fn hot_failed(e: Error, cold: Option<&ColdChoice>) -> Error {
+    let unsound = |e: &rusqlite::Error| {
+        matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+        )
+    };
     match (&e, cold) {
+        (Error::Sqlite { source, .. }, _) if !unsound(source) => e,
         (Error::Invalid { .. } | Error::Damaged { .. } | Error::Sqlite { .. }, Some(c)) => {
             let t = c
                 .restorable_at()
@@ -522,7 +531,7 @@ async fn install_plan(
     progress(0);
     let out = output.to_path_buf();
     let mut staged = blocking(move || Staged::new(&out)).await?;
-    let point = replay::restore_plan(replica, key, plan, &mut staged.file).await?;
+    let point = replay::restore_plan(replica, key, plan, &mut staged.file, &staged.tmp).await?;
     let what = format!("generation {} of {key:?}", plan.generation);
     blocking(move || staged.install(&what)).await?;
     progress(total);
@@ -535,7 +544,7 @@ async fn install_plan(
 async fn replays_in_full(replica: &Replica, key: &str, plan: &Plan, output: &Path) -> Result<()> {
     let out = output.to_path_buf();
     let mut staged = blocking(move || Staged::new(&out)).await?;
-    replay::restore_plan(replica, key, plan, &mut staged.file).await?;
+    replay::restore_plan(replica, key, plan, &mut staged.file, &staged.tmp).await?;
     Ok(())
 }
 
@@ -624,5 +633,56 @@ mod tests {
         assert_eq!(choose_tier(Some(t(6)), Some(t(5))), Some(Tier::Cold));
         assert_eq!(choose_tier(Some(t(5)), Some(t(6))), Some(Tier::Hot));
         assert_eq!(choose_tier(Some(t(5)), Some(t(5))), Some(Tier::Hot));
+    }
+
+    /// A hot-tier restore that failed while an older cold snapshot exists:
+    /// damage is reported with how to restore that snapshot on purpose,
+    /// while the host's own failures (an I/O error, SQLite out of disk or
+    /// descriptors during the check) stay what they are, so `verify` counts
+    /// them as "could not check (local)", not as a problem of the replica.
+    #[test]
+    fn only_damage_of_a_generation_names_the_cold_snapshot() {
+        use crate::restore::verify::{classify, Unverifiable, Verdict};
+        let hour = Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap();
+        let cold = ColdChoice {
+            info: crate::replica::cold::SnapshotInfo {
+                location: "k/x.lz4".into(),
+                stem: "x".into(),
+                hour,
+                uploaded: hour,
+                size: 1,
+            },
+            times: None,
+        };
+        let sqlite = |code| {
+            Error::sqlite(
+                "/out/.x.db.litefleet-1",
+                rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None),
+            )
+        };
+        let local = [
+            Error::io("/out/.x.db.litefleet-1", std::io::Error::other("no space")),
+            sqlite(rusqlite::ffi::SQLITE_FULL),
+            sqlite(rusqlite::ffi::SQLITE_CANTOPEN),
+        ];
+        for e in local {
+            let text = e.to_string();
+            let e = hot_failed(e, Some(&cold));
+            assert_eq!(e.to_string(), text);
+            assert_eq!(
+                classify(&e),
+                Verdict::Unverifiable(Unverifiable::Local),
+                "{e}"
+            );
+        }
+        let damaged = [
+            Error::damaged("k/gen/s.lz4", "not a valid LZ4 snapshot: x"),
+            sqlite(rusqlite::ffi::SQLITE_CORRUPT),
+        ];
+        for e in damaged {
+            let e = hot_failed(e, Some(&cold));
+            assert!(e.to_string().contains("--timestamp"), "{e}");
+            assert!(matches!(classify(&e), Verdict::Problem(_)), "{e}");
+        }
     }
 }

@@ -278,9 +278,7 @@ pub fn classify(e: &Error) -> Verdict {
             } else if reason.starts_with("download failed") || reason.contains(": download failed ")
             {
                 Verdict::Unverifiable(Unverifiable::Transport)
-            } else if what == "restore output file"
-                || (what == "restore" && reason.starts_with("task failed"))
-            {
+            } else if what == "restore" && reason.starts_with("task failed") {
                 Verdict::Unverifiable(Unverifiable::Local)
             } else if has(&[
                 "past a gap",
@@ -1388,7 +1386,11 @@ mod tests {
                 ),
                 u(Transport),
             ),
-            (invalid("restore output file", "fsync: no space"), u(Local)),
+            // The restore's output file (disk full): its path, by variant.
+            (
+                Error::io("/out/.x.db.litefleet-1", std::io::Error::other("no space")),
+                u(Local),
+            ),
             (Error::io("/tmp/x", std::io::Error::other("disk full")), u(Local)),
             (
                 Error::store("k", object_store::Error::Generic { store: "S3", source: "down".into() }),

@@ -1204,7 +1204,7 @@ impl Scratch {
             )
         };
         std::fs::create_dir_all(parent).map_err(named)?;
-        let stale = remove_stale_scratch(parent);
+        let stale = remove_stale_scratch(parent) + remove_stale_daemon_scratch(parent);
         if stale > 0 {
             tracing::info!(dir = %parent.display(), removed = stale, "removed the scratch directories of interrupted drills");
         }
@@ -1251,6 +1251,29 @@ impl Drop for Scratch {
         }
         tracing::warn!(dir = %self.dir.display(), "verify: cannot delete the scratch directory");
     }
+}
+
+/// [`remove_stale_scratch`] in each staging directory of a replicator
+/// under `temp_dir` (named by its 16 hex digit state tag), where the
+/// daemon's drills make their scratch: what a killed daemon's drill left
+/// (a restored copy of a database per slot) went only with that
+/// replicator's next start (black-box probe K20), though a standalone
+/// `verify` is documented to remove it too.
+fn remove_stale_daemon_scratch(temp_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(temp_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.len() == 16
+                && name.bytes().all(|b| b.is_ascii_hexdigit())
+                && e.file_type().is_ok_and(|t| t.is_dir())
+        })
+        .map(|e| remove_stale_scratch(&e.path()))
+        .sum()
 }
 
 /// Removes the scratch directories under `parent` that belong to no running
@@ -1323,6 +1346,34 @@ mod tests {
 
     fn invalid(what: &str, reason: &str) -> Error {
         Error::invalid(what, reason)
+    }
+
+    /// A drill (here `verify`'s) removes what killed drills left in the
+    /// temp-dir and in each replicator's staging directory under it (the
+    /// daemon's drills), but never a running drill's scratch (its lock is
+    /// held), nor other directories.
+    #[test]
+    fn a_drill_removes_what_killed_drills_left_in_the_daemons_staging_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let staging = tmp.path().join("8cca8ca68ceb0bb9");
+        let killed = |parent: &Path, name: &str| {
+            let d = parent.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(SCRATCH_LOCK), b"").unwrap();
+            std::fs::write(d.join(".1.db.litefleet-X1tio9"), b"a restored copy").unwrap();
+            d
+        };
+        let left = [killed(tmp.path(), "verify-a"), killed(&staging, "verify-b")];
+        let other = killed(&tmp.path().join("not-a-tag"), "verify-c");
+        let running = killed(&staging, "verify-r");
+        let lock = std::fs::File::open(running.join(SCRATCH_LOCK)).unwrap();
+        lock.try_lock().unwrap();
+        let scratch = Scratch::new(tmp.path()).unwrap();
+        for d in &left {
+            assert!(!d.exists(), "{d:?}");
+        }
+        assert!(running.exists() && scratch.dir().exists());
+        assert!(other.exists());
     }
 
     #[test]

@@ -554,6 +554,59 @@ async fn uploads_that_all_fail_make_the_daemon_unhealthy() {
     assert_eq!(code, Some(0), "{log}");
 }
 
+/// A staging directory that cannot take a snapshot's copy (here a file where
+/// the replicator's staging directory must be; a full disk in practice): the
+/// failure is this host's staging disk's, named so, and with nothing backed
+/// up `/healthz` turns 503 as for a store that takes nothing (probe J20: a
+/// full temp-dir was logged as "the database, not the store", counted in
+/// `snapshots_failed`, and `/healthz` stayed 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temp_dir_that_cannot_stage_makes_the_daemon_unhealthy() {
+    let mut f = Fleet::new(Backend::File).await;
+    f.scan_interval = "1s";
+    f.extra_yaml = "  max-hot-databases: 0\n".into();
+    let addr = free_port();
+    f.top_yaml = format!("addr: {addr}\n");
+    let d = Daemon::start(&f, &["replicate"]);
+    until("the daemon's endpoint", async || {
+        http_get(addr, "/healthz").await.is_some()
+    })
+    .await;
+    let tmp = f.work.path().join("tmp");
+    let staging: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(staging.len(), 1, "{staging:?}");
+    std::fs::remove_dir_all(&staging[0]).unwrap();
+    std::fs::write(&staging[0], b"in the way").unwrap();
+    // Over 1 MiB: staged in a file, not compressed in memory.
+    let c = create_db(&f.db_path("p", "d", "big"), 0);
+    c.execute_batch(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500)
+         INSERT INTO t(v) SELECT hex(randomblob(1000)) FROM n;",
+    )
+    .unwrap();
+    drop(c);
+    until("a 503 saying every upload failed", async || {
+        matches!(http_get(addr, "/healthz").await,
+            Some((503, body)) if body.contains("every upload has failed since "))
+    })
+    .await;
+    let (_, stats) = http_get(addr, "/stats").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(v["snapshots_failed"], 0, "{stats}");
+    assert!(
+        d.log()
+            .contains("snapshot failed staging its copy (multi-db.temp-dir"),
+        "{}",
+        d.log()
+    );
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
 /// A database its application keeps locked fails its snapshot every
 /// cycle, in a fleet where nothing else changes: that is the source's
 /// failure, not the store's, and `/healthz` stays 200 (probe D: the

@@ -217,9 +217,23 @@ pub fn backup_from(source: &Connection, src: &Path, dst: &Path) -> Result<()> {
     target
         .execute_batch("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;")
         .map_err(|e| Error::sqlite(dst, e))?;
-    copy_pages(source, src, &mut target)?;
+    copy_pages(source, src, &mut target).map_err(|e| copy_full(e, dst))?;
     target.close().map_err(|(_, e)| Error::sqlite(dst, e))?;
     Ok(())
+}
+
+/// A backup step that failed because the disk is full failed writing the
+/// copy, `dst`, not reading the source: named so (black-box probe J20: a
+/// full `temp-dir` read "<the source database>: database or disk is full").
+fn copy_full(e: Error, dst: &Path) -> Error {
+    match e {
+        Error::Sqlite { source, .. }
+            if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) =>
+        {
+            Error::sqlite(dst, source)
+        }
+        e => e,
+    }
 }
 
 /// Copies the database of connection `source` (named `src` in errors) into
@@ -1485,6 +1499,25 @@ mod tests {
         let snap = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap();
         assert_eq!(snap.copied, Copied::Direct);
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 500);
+    }
+
+    /// A backup step that fails for a full disk failed writing the copy,
+    /// so the error names the copy (in `temp-dir`), not the source (probe
+    /// J20: "<source>: database or disk is full" for a full temp-dir; the
+    /// disk is full here through the copy's `max_page_count`).
+    #[test]
+    fn a_copy_that_fills_its_disk_names_the_copy() {
+        let t = tempfile::tempdir().unwrap();
+        let (db, dst) = (t.path().join("src.db"), t.path().join("copy.db"));
+        drop(test_db::indexed(&db, None));
+        let source = open_read_only(&db).unwrap();
+        let mut target = Connection::open(&dst).unwrap();
+        target.pragma_update(None, "max_page_count", 1).unwrap();
+        let e = copy_full(copy_pages(&source, &db, &mut target).unwrap_err(), &dst);
+        assert!(
+            matches!(&e, Error::Sqlite { path, .. } if path == &dst),
+            "{e:?}"
+        );
     }
 
     /// A database of 40 rows, every one of them (and its table) in WAL

@@ -911,9 +911,13 @@ impl Replicator {
             }
             Ok(Snapped::StoreFailed(e)) | Err(e) => {
                 report.failed += 1;
-                if store_failed {
+                let staging = !store_failed && staging_failed(&e, &self.temp_dir);
+                if store_failed || staging {
+                    // A copy that cannot be staged cannot be uploaded: for
+                    // `/healthz` an upload that failed (probe J20: a full
+                    // temp-dir backed nothing up, and /healthz said 200).
                     self.stats.upload_failed();
-                    if e.may_have_landed() {
+                    if store_failed && e.may_have_landed() {
                         lock(&self.tracker).doubt(ticket.id);
                     }
                 } else {
@@ -931,6 +935,8 @@ impl Replicator {
                 // database (probe O: a damaged database was "upload failed").
                 let what = if store_failed {
                     "upload failed"
+                } else if staging {
+                    "snapshot failed staging its copy (multi-db.temp-dir, this host's disk: not the database, not the store)"
                 } else {
                     "snapshot failed (the database, not the store)"
                 };
@@ -1449,6 +1455,13 @@ async fn next_change(watch: &mut Option<Watch>) -> Batch {
         Some(w) => w.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// Whether a snapshot failed writing its staged copy in `temp_dir` (a full
+/// or read-only disk there), which is this host's staging disk, not the
+/// source database: the error names a file under `temp_dir`.
+fn staging_failed(e: &Error, temp_dir: &Path) -> bool {
+    matches!(e, Error::Io { path, .. } | Error::Sqlite { path, .. } if path.starts_with(temp_dir))
 }
 
 fn log_retention(r: Result<retention::RetentionReport>) {

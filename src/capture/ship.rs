@@ -415,7 +415,7 @@ fn open_conn(db: &Path) -> Result<(Connection, ShmClaim)> {
         db,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(sqlite(db))?;
+    .map_err(|e| snapshot::open_failed(db, e))?;
     // Before any statement: the first read would delete the `-wal` of an
     // emptied file (see `snapshot::has_header`).
     if !snapshot::has_header(&conn, db)? {

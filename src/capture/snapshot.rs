@@ -200,10 +200,26 @@ pub fn open_read_only(path: &Path) -> Result<ReadOnly> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI,
     )
-    .map_err(|e| Error::sqlite(path, e))?;
+    .map_err(|e| open_failed(path, e))?;
     conn.busy_timeout(busy_wait())
         .map_err(|e| Error::sqlite(path, e))?;
     Ok(ReadOnly { conn, _shm: shm })
+}
+
+/// The error of a failed open of the database `path`. SQLite says only
+/// "unable to open database file" and its connection, closed with the
+/// failure, takes the cause with it; the file system's cause (out of
+/// descriptors, permission, gone) is what a reader needs (black-box probe
+/// J20: under `EMFILE` snapshots failed as the database's fault, errno
+/// lost). Asked through SQLite's own VFS, never with a descriptor of ours
+/// (closing one would drop this process's locks on the file).
+pub fn open_failed(path: &Path, e: rusqlite::Error) -> Error {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen) {
+        if let Err(cause) = crate::source::vfs::VfsFile::open(path) {
+            return Error::io(path, cause);
+        }
+    }
+    Error::sqlite(path, e)
 }
 
 /// Copies the database of connection `source` (named `src` in errors) into a

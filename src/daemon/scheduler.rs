@@ -911,8 +911,12 @@ impl Replicator {
             }
             Ok(Snapped::StoreFailed(e)) | Err(e) => {
                 report.failed += 1;
-                let staging = !store_failed && staging_failed(&e, &self.temp_dir);
-                if store_failed || staging {
+                let host = if store_failed {
+                    None
+                } else {
+                    host_failed(&e, &self.temp_dir)
+                };
+                if store_failed || host.is_some() {
                     // A copy that cannot be staged cannot be uploaded: for
                     // `/healthz` an upload that failed (probe J20: a full
                     // temp-dir backed nothing up, and /healthz said 200).
@@ -935,10 +939,8 @@ impl Replicator {
                 // database (probe O: a damaged database was "upload failed").
                 let what = if store_failed {
                     "upload failed"
-                } else if staging {
-                    "snapshot failed staging its copy (multi-db.temp-dir, this host's disk: not the database, not the store)"
                 } else {
-                    "snapshot failed (the database, not the store)"
+                    host.unwrap_or("snapshot failed (the database, not the store)")
                 };
                 if repeated || report.failed > FAILURE_LINES_PER_CYCLE {
                     tracing::debug!(path = %path.display(), error = %e, "{what} again");
@@ -1457,11 +1459,26 @@ async fn next_change(watch: &mut Option<Watch>) -> Batch {
     }
 }
 
-/// Whether a snapshot failed writing its staged copy in `temp_dir` (a full
-/// or read-only disk there), which is this host's staging disk, not the
-/// source database: the error names a file under `temp_dir`.
-fn staging_failed(e: &Error, temp_dir: &Path) -> bool {
-    matches!(e, Error::Io { path, .. } | Error::Sqlite { path, .. } if path.starts_with(temp_dir))
+/// How to log a snapshot that failed for this host, not for its database
+/// or the store, or `None`: writing its staged copy in `temp_dir` (a full
+/// or read-only disk there; the error names a file under `temp_dir`), or
+/// out of file descriptors. Either way nothing can be backed up until it is
+/// fixed, so it counts for `/healthz` as a failed upload (black-box probe
+/// J20: both were "the database, not the store", and `/healthz` said 200).
+fn host_failed(e: &Error, temp_dir: &Path) -> Option<&'static str> {
+    match e {
+        Error::Io { path, .. } | Error::Sqlite { path, .. } if path.starts_with(temp_dir) => Some(
+            "snapshot failed staging its copy (multi-db.temp-dir, this host's disk: not the database, not the store)",
+        ),
+        Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
+        {
+            Some(
+                "snapshot failed: out of file descriptors (raise the limit: LimitNOFILE, ulimit -n; not the database, not the store)",
+            )
+        }
+        _ => None,
+    }
 }
 
 fn log_retention(r: Result<retention::RetentionReport>) {
@@ -1720,6 +1737,38 @@ async fn upload_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which snapshot failures are this host's (logged as such and counted
+    /// for `/healthz` as failed uploads): a file under the staging
+    /// directory, or no descriptor left; a database's own errors are not.
+    #[test]
+    fn host_failures_are_told_from_the_databases() {
+        let tmp = Path::new("/var/tmp/litefleet-0/8cca8ca68ceb0bb9");
+        let os = |n| std::io::Error::from_raw_os_error(n);
+        let staging = Error::io(tmp.join("snap-x"), os(libc::ENOSPC));
+        assert!(host_failed(&staging, tmp)
+            .unwrap()
+            .contains("multi-db.temp-dir"));
+        let fds = Error::io("/data/a.db", os(libc::EMFILE));
+        assert!(host_failed(&fds, tmp).unwrap().contains("file descriptors"));
+        for own in [
+            Error::io("/data/a.db", os(libc::EACCES)),
+            Error::invalid("/data/a.db", "quick_check failed"),
+        ] {
+            assert_eq!(host_failed(&own, tmp), None, "{own}");
+        }
+        // SQLite's "unable to open" carries the file system's cause.
+        let gone = Path::new("/nonexistent/litefleet/a.db");
+        let cantopen = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            None,
+        );
+        let e = crate::capture::snapshot::open_failed(gone, cantopen);
+        assert!(
+            matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{e:?}"
+        );
+    }
 
     /// A directory below the pattern root swapped for a link to a tree
     /// outside it after the scan (or the change notification) named the

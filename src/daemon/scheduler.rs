@@ -113,6 +113,10 @@ pub struct Replicator {
     records_unchecked: std::sync::atomic::AtomicBool,
     /// The restore drill run every `verify-interval` (see [`verify_loop`]).
     verify: Option<VerifyJob>,
+    /// The last save of upload records failed: the next failure is logged
+    /// at debug, until a save succeeds (probe J20: a full state-dir logged
+    /// it at every cycle and notification, 37 lines in 10 s).
+    state_save_failing: std::sync::atomic::AtomicBool,
 }
 
 /// The counts of one restore drill, as the daemon records them.
@@ -392,6 +396,7 @@ impl Replicator {
             state_file,
             failing: Mutex::new(HashSet::new()),
             busy: Mutex::new(HashSet::new()),
+            state_save_failing: std::sync::atomic::AtomicBool::new(false),
             hot,
             owners: Mutex::new(owners),
         })
@@ -1216,9 +1221,18 @@ impl Replicator {
         })
         .await;
         match r {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => {
+                if self.state_save_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("upload records saved again");
+                }
+                true
+            }
             Ok(Err((file, e))) => {
-                tracing::warn!(file = %file.display(), error = %e, "cannot save upload records");
+                if self.state_save_failing.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(file = %file.display(), error = %e, "cannot save upload records, again");
+                } else {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot save upload records (a restart uploads again what they miss; logged once until a save succeeds)");
+                }
                 false
             }
             Err(_) => false,

@@ -1517,14 +1517,19 @@ fn log_retention(r: Result<retention::RetentionReport>) {
 /// each arena keeps the pages its threads used: 16 arenas on 2 cores held
 /// ~65 bytes per tracked database at 100,000 idle databases
 /// (`bench/daemon-rss.sh`: 178 B per database above the empty process with
-/// the default, 113 B with one arena, 2026-12-05). The daemon's threads are
-/// few and mostly wait on I/O, and glibc's per-thread cache serves small
-/// allocations without the arena's lock, so one arena costs no measurable
-/// time (the same bench's first backup of 100,000 databases: 99 s with the
-/// default, 79 s with one).
-const MALLOC_ARENAS: i32 = 1;
+/// the default, 113 B with one arena, 2026-12-05). Two, not one: the
+/// snapshot threads (2 per core, `capture::work`) queue on a single arena's
+/// lock for SQLite's page-sized allocations, which glibc's per-thread cache
+/// does not serve (`perf`: ~10% of a small-database cycle in lock waits and
+/// the context switches they cause). 2026-12-06, same machine, builds
+/// alternating: `bench snapshot --databases 3000` small-database cycle
+/// 5.41x / 5.13x `xargs lz4` with two against 9.12x / 9.05x with one (CPU
+/// 0.544 / 0.503 s against 0.858 / 0.697 s), and `bench/daemon-rss.sh` at
+/// 100,000 idle databases 106 / 98 B per database against 97 / 96 B: within
+/// the 120 B the daemon is held to.
+const MALLOC_ARENAS: i32 = 2;
 
-/// Limits the allocator's arenas (to one: see `MALLOC_ARENAS`); call it first thing,
+/// Limits the allocator's arenas (to two: see `MALLOC_ARENAS`); call it first thing,
 /// before any thread starts. Nothing outside glibc.
 pub fn configure_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -1199,6 +1199,16 @@ fn an_empty_file_waits_for_its_first_write_without_a_warning() {
         &["restore", "x/empty", "-o", out.to_str().unwrap()],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // A backed-up database emptied is no new database: warned about (probe
+    // L20: skipped silently), and its backup stays.
+    std::fs::write(t.path().join("data/x/a.db"), b"").unwrap();
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    let err = stderr(&o);
+    assert!(
+        err.lines()
+            .any(|l| l.contains("not a SQLite database") && l.contains("a.db")),
+        "{err}"
+    );
 }
 
 /// A retention pass that fails (here: a FIFO in a `file://` replica, which

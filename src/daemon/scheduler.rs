@@ -1635,6 +1635,11 @@ fn snapshot_one(
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(Error::io(path, e))
                 }
+                // Out of descriptors: this host's failure, not a file it
+                // cannot read (probe L20: new databases were "cannot read").
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    return Err(Error::io(path, e))
+                }
                 Err(e) => return Ok(Captured::Done(Snapped::Unreadable(Error::io(path, e)))),
             },
         }

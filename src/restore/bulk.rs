@@ -20,7 +20,6 @@ use futures::StreamExt;
 use super::install::refuse_side_files;
 use super::list::{list_databases, KeyListing};
 use super::single::{restore_key, How, Tier};
-use crate::error::IoContext;
 use crate::replica::layout::check_key;
 use crate::replica::storage::Replica;
 use crate::{Error, Result};
@@ -225,7 +224,7 @@ pub async fn restore_bulk(
             "exists and is not a directory: a bulk restore writes one database per key below a directory",
         ));
     }
-    std::fs::create_dir_all(&opts.output_dir).at(&opts.output_dir)?;
+    super::install::create_dir_durably(&opts.output_dir)?;
     progress.started(dbs.len());
     let mut done = futures::stream::iter(dbs)
         .map(|(key, listed)| restore_one(replica, opts, key, listed))

@@ -86,18 +86,7 @@ impl Staged {
     /// power loss). The output's own directory is synced at the install.
     pub fn new(output: &Path) -> Result<Staged> {
         if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let missing: Vec<&Path> = dir
-                .ancestors()
-                .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
-                .collect();
-            std::fs::create_dir_all(dir).at(dir)?;
-            for created in missing.iter().rev() {
-                let parent = created
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                crate::durable::sync_path(parent).at(parent)?;
-            }
+            create_dir_durably(dir)?;
         }
         let (file, tmp) = snapshot::temp_sibling(output)?;
         let side = TempSideFiles(tmp.to_path_buf());
@@ -169,6 +158,27 @@ impl Staged {
         }
         check_installed(&output, &checked)
     }
+}
+
+/// Creates `dir` and its missing parents, and syncs each new directory's
+/// entry in its parent, down from the first directory that existed, so a
+/// restore into new directories survives a power loss (probe J20 for one
+/// output, L20 for a bulk restore's `-o`). The new directories' own
+/// entries are synced as files are installed in them.
+pub fn create_dir_durably(dir: &Path) -> Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .collect();
+    std::fs::create_dir_all(dir).at(dir)?;
+    for created in missing.iter().rev() {
+        let parent = created
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        crate::durable::sync_path(parent).at(parent)?;
+    }
+    Ok(())
 }
 
 /// What a reader of the installed `output` will see: the file `checked`

@@ -231,24 +231,31 @@ impl Tracker {
     /// read, until it changes.
     pub fn reject(&mut self, id: Id) {
         let path = self.path(id);
-        let fp = self.entries[id as usize].seen;
+        let e = &self.entries[id as usize];
+        let (fp, uploaded) = (e.seen, e.synced != 0);
         self.remove(id);
-        self.skip_foreign(path, fp);
+        self.skip_foreign(path, fp, uploaded);
     }
 
     /// Skips `path`, a file without the SQLite header seen with fingerprint
-    /// `fp`, until it changes; logged once. An empty file is a database
-    /// before its first write (SQLite creates the file at the open and
-    /// writes it at the first commit; an application may also truncate its
-    /// database to nothing): it waits for that write with no warning, and
-    /// counts as new again once it changes, as any skipped file does.
-    fn skip_foreign(&mut self, path: PathBuf, fp: u64) {
+    /// `fp`, until it changes; logged once. An empty file never `uploaded`
+    /// and without WAL frames is a database before its first write (SQLite
+    /// creates the file at the open and writes it at the first commit): it
+    /// waits for that write with no warning, and counts as new again once it
+    /// changes, as any skipped file does. A backed-up database emptied, or
+    /// one emptied beside a `-wal` that holds frames (its writer killed),
+    /// is warned about: its replica keeps the last backup (probe L20: such
+    /// a database was skipped silently).
+    fn skip_foreign(&mut self, path: PathBuf, fp: u64, uploaded: bool) {
         if self
             .skipped
             .insert(path.clone(), (fp, self.epoch))
             .is_none()
         {
-            let empty = std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() == 0);
+            let len = |p: &Path| std::fs::symlink_metadata(p).map_or(0, |m| m.len());
+            let empty = !uploaded
+                && std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() == 0)
+                && len(&super::discover::wal_path(&path)) == 0;
             if empty {
                 tracing::debug!(path = %path.display(), "empty file: waiting for its first write");
             } else {
@@ -484,7 +491,23 @@ impl Tracker {
         self.compact_names();
         self.skipped.retain(|_, (_, e)| *e == epoch);
         if !self.preload.is_empty() {
-            self.preload = HashMap::new();
+            // The upload records of databases this scan could not see stay
+            // (and are saved again) until a scan does: without them a
+            // directory unreadable at a start cost a new upload of every
+            // database below it once readable (probe L20; with `--once` from
+            // cron, at every such run).
+            let unreadable: Vec<&PathBuf> = self
+                .problems
+                .iter()
+                .filter(|(_, e)| **e == epoch)
+                .map(|(p, _)| p)
+                .collect();
+            if unreadable.is_empty() {
+                self.preload = HashMap::new();
+            } else {
+                self.preload
+                    .retain(|p, _| unreadable.iter().any(|u| p.starts_with(u)));
+            }
         }
         self.problems.retain(|_, e| *e == epoch);
         report.databases = self.live;
@@ -636,7 +659,7 @@ impl Tracker {
                 Ok(Some(id))
             }
             Ok(false) => {
-                self.skip_foreign(path, fp);
+                self.skip_foreign(path, fp, false);
                 Ok(None)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -814,6 +837,13 @@ impl Tracker {
                 let p = self.path(i as Id);
                 let b = p.as_os_str().as_bytes();
                 w.write_all(&e.synced.to_le_bytes())?;
+                w.write_all(&(b.len() as u32).to_le_bytes())?;
+                w.write_all(b)?;
+            }
+            // Records of databases no scan could see yet (see `scan_at`).
+            for (p, synced) in &self.preload {
+                let b = p.as_os_str().as_bytes();
+                w.write_all(&synced.to_le_bytes())?;
                 w.write_all(&(b.len() as u32).to_le_bytes())?;
                 w.write_all(b)?;
             }
@@ -1168,6 +1198,14 @@ mod tests {
     }
     const SQLITE_HEADER_BYTES: &[u8] = crate::source::vfs::SQLITE_HEADER;
 
+    /// Records every pending database as uploaded (not racy).
+    fn upload_all(tr: &mut Tracker) {
+        for id in tr.pending() {
+            let tk = tr.begin_upload(id);
+            tr.finish_upload(Ticket { racy: false, ..tk }, true);
+        }
+    }
+
     #[test]
     fn entry_is_32_bytes() {
         assert_eq!(std::mem::size_of::<Entry>(), 32);
@@ -1188,10 +1226,7 @@ mod tests {
         assert!(tr.find(&t.path().join("a/text.db")).is_none());
 
         // Upload both (not racy: pretend by clearing the flag via a rescan later).
-        for id in tr.pending() {
-            let tk = tr.begin_upload(id);
-            tr.finish_upload(Ticket { racy: false, ..tk }, true);
-        }
+        upload_all(&mut tr);
         let r = tr.scan(&pat);
         assert_eq!((r.new, r.changed, r.pending), (0, 0, 0));
 
@@ -1229,10 +1264,7 @@ mod tests {
         }
         let mut tr = Tracker::new();
         assert_eq!(tr.scan(&pat).databases, 3);
-        for id in tr.pending() {
-            let tk = tr.begin_upload(id);
-            tr.finish_upload(Ticket { racy: false, ..tk }, true);
-        }
+        upload_all(&mut tr);
         let unreadable = |dirs: &[&Path]| {
             UNREADABLE.with(|u| *u.borrow_mut() = dirs.iter().map(|d| d.to_path_buf()).collect())
         };
@@ -1260,6 +1292,43 @@ mod tests {
             (0, 1, 1, 0),
             "{r:?}"
         );
+    }
+
+    /// Upload records of databases a start's first scan cannot see (their
+    /// directory unreadable) are kept, in memory and in the state file
+    /// saved meanwhile, until a scan sees them: once readable, they are
+    /// not uploaded again (probe L20: every database below such a directory
+    /// was, and with `--once` from cron at every run).
+    #[test]
+    fn upload_records_behind_an_unreadable_directory_are_kept() {
+        use crate::source::discover::tests::UNREADABLE;
+        let t = tempfile::tempdir().unwrap();
+        let pat = vec![Pattern::compile("*/*.db", t.path()).unwrap()];
+        header_file(&t.path().join("a/one.db"), b"");
+        header_file(&t.path().join("b/two.db"), b"");
+        let state = t.path().join("state/x.state");
+        let mut tr = Tracker::new();
+        tr.scan(&pat);
+        upload_all(&mut tr);
+        tr.save_state(&state, 7).unwrap();
+
+        let a = t.path().join("a");
+        UNREADABLE.with(|u| *u.borrow_mut() = vec![a.clone()]);
+        let mut blind = Tracker::new();
+        assert_eq!(blind.load_state(&state, 7).unwrap(), 2);
+        let r = blind.scan(&pat);
+        assert_eq!((r.databases, r.pending, r.errors), (1, 0, 1), "{r:?}");
+        // b's database changed and was uploaded: the file is saved again.
+        header_file(&t.path().join("b/two.db"), b"more");
+        blind.scan(&pat);
+        upload_all(&mut blind);
+        blind.save_state(&state, 7).unwrap();
+        UNREADABLE.with(|u| u.borrow_mut().clear());
+
+        let mut seeing = Tracker::new();
+        assert_eq!(seeing.load_state(&state, 7).unwrap(), 2);
+        let r = seeing.scan(&pat);
+        assert_eq!((r.databases, r.pending), (2, 0), "{r:?}");
     }
 
     /// Temporary files a killed save left beside the state file (each a

@@ -1484,15 +1484,19 @@ fn host_failed(e: &Error, temp_dir: &Path) -> Option<&'static str> {
         Error::Io { path, .. } | Error::Sqlite { path, .. } if path.starts_with(temp_dir) => Some(
             "snapshot failed staging its copy (multi-db.temp-dir, this host's disk: not the database, not the store)",
         ),
-        Error::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
-        {
+        Error::Io { source, .. } if out_of_descriptors(source) => {
             Some(
                 "snapshot failed: out of file descriptors (raise the limit: LimitNOFILE, ulimit -n; not the database, not the store)",
             )
         }
         _ => None,
     }
+}
+
+/// Whether `e` says this process (`EMFILE`) or the system (`ENFILE`) has no
+/// file descriptor left.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 fn log_retention(r: Result<retention::RetentionReport>) {
@@ -1637,9 +1641,7 @@ fn snapshot_one(
                 }
                 // Out of descriptors: this host's failure, not a file it
                 // cannot read (probe L20: new databases were "cannot read").
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    return Err(Error::io(path, e))
-                }
+                Err(e) if out_of_descriptors(&e) => return Err(Error::io(path, e)),
                 Err(e) => return Ok(Captured::Done(Snapped::Unreadable(Error::io(path, e)))),
             },
         }

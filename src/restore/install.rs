@@ -70,10 +70,8 @@ struct TempSideFiles(PathBuf);
 
 impl Drop for TempSideFiles {
     fn drop(&mut self) {
-        for suffix in ["-wal", "-shm", "-journal"] {
-            let mut p = self.0.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
+        for f in side_files(&self.0) {
+            let _ = std::fs::remove_file(f);
         }
     }
 }
@@ -212,17 +210,23 @@ fn check_installed(output: &Path, checked: &std::fs::Metadata) -> Result<()> {
 /// errors that say the file is not a sound database are too. Anything else
 /// (a local I/O error, disk full) is not.
 fn as_damage(what: &str, e: Error) -> Error {
-    let corrupt = |e: &rusqlite::Error| {
-        matches!(
-            e.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
-        )
-    };
     match e {
         Error::Invalid { reason, .. } => Error::damaged(what, reason),
-        Error::Sqlite { ref source, .. } if corrupt(source) => Error::damaged(what, e.to_string()),
+        Error::Sqlite { ref source, .. } if says_unsound(source) => {
+            Error::damaged(what, e.to_string())
+        }
         other => other,
     }
+}
+
+/// Whether SQLite's error says the file is not a sound database (not one,
+/// or corrupt), as opposed to the host failing it (a full disk, no
+/// descriptor, a lock).
+pub fn says_unsound(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), so an

@@ -109,12 +109,6 @@ const SEGMENT_PREFETCH: usize = 4;
 /// Size of the SQLite database header (we need its page size field).
 const DB_HEADER_SIZE: usize = 100;
 
-/// A failure of the restore's own output file (full disk, I/O error): the
-/// local file system's, named by its path, never the replica's.
-fn output_error(out: &Path, e: std::io::Error) -> Error {
-    Error::io(out, e)
-}
-
 fn join_error(e: tokio::task::JoinError) -> Error {
     Error::invalid("restore", format!("task failed: {e}"))
 }
@@ -162,8 +156,9 @@ pub async fn restore_generation(
 /// replaced) and replays the segments, checking that each continues where the
 /// previous one ended (a gap is an error naming the missing position).
 /// `out` is synced but not integrity-checked or renamed: the caller owns its
-/// path, `out_path`, which errors of the file name (see [`crate::restore`]
-/// for the atomic install).
+/// path, `out_path`, which errors of the file name (as [`Error::Io`]: the
+/// host's failure, never the replica's; see [`crate::restore`] for the
+/// atomic install).
 pub async fn restore_plan(
     replica: &Replica,
     key: &str,
@@ -174,7 +169,7 @@ pub async fn restore_plan(
     let snap = &plan.snapshot;
     let mut replay = Replay::start(replica, key, plan).await?;
     check_recorded_snapshot(replica, plan).await?;
-    let mut file = out.try_clone().map_err(|e| output_error(out_path, e))?;
+    let mut file = out.try_clone().map_err(|e| Error::io(out_path, e))?;
     let got = match replica.store.get(&snap.location).await {
         Ok(g) => g,
         // Listed, then deleted (retention ended the generation meanwhile).
@@ -189,7 +184,7 @@ pub async fn restore_plan(
     let (mut file, page_size) = tokio::task::spawn_blocking(move || -> Result<(File, u32)> {
         file.set_len(0)
             .and_then(|_| file.seek(SeekFrom::Start(0)).map(|_| ()))
-            .map_err(|e| output_error(&path, e))?;
+            .map_err(|e| Error::io(&path, e))?;
         snapshot::decompress_to(bridge, &what, &mut file, &path)?;
         let page_size = db_page_size(&file, &what)?;
         Ok((file, page_size))
@@ -259,10 +254,10 @@ pub async fn restore_plan(
     let (pos, time, applied) = replay.finish()?;
     let path = out_path.to_path_buf();
     let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
-        file.sync_all().map_err(|e| output_error(&path, e))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
         file.metadata()
             .map(|m| m.len())
-            .map_err(|e| output_error(&path, e))
+            .map_err(|e| Error::io(&path, e))
     })
     .await
     .map_err(join_error)??;

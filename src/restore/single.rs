@@ -474,14 +474,8 @@ where
 /// restored file is unsound: a full disk, out of descriptors) are returned
 /// as they are, so `verify` counts them as its own, not the replica's.
 fn hot_failed(e: Error, cold: Option<&ColdChoice>) -> Error {
-    let unsound = |e: &rusqlite::Error| {
-        matches!(
-            e.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
-        )
-    };
     match (&e, cold) {
-        (Error::Sqlite { source, .. }, _) if !unsound(source) => e,
+        (Error::Sqlite { source, .. }, _) if !super::install::says_unsound(source) => e,
         (Error::Invalid { .. } | Error::Damaged { .. } | Error::Sqlite { .. }, Some(c)) => {
             let t = c
                 .restorable_at()

@@ -257,12 +257,7 @@ pub fn classify(e: &Error) -> Verdict {
         Error::NotFound(_) => Verdict::Problem(Problem::NotFound),
         Error::Damaged { .. } if integrity() => Verdict::Problem(Problem::Integrity),
         Error::Damaged { .. } => Verdict::Problem(Problem::Damaged),
-        Error::Sqlite { source, .. }
-            if matches!(
-                source.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
-            ) =>
-        {
+        Error::Sqlite { source, .. } if super::install::says_unsound(source) => {
             Verdict::Problem(Problem::Integrity)
         }
         Error::Sqlite { .. }

@@ -471,17 +471,16 @@ impl Tracker {
         // it was last seen as, until a scan reads it again (black-box probe
         // J20: one `EMFILE` on the pattern's root dropped every database,
         // hot streams with them).
-        let unreadable: Vec<&PathBuf> = self
+        // (A copy of the few paths: the table changes below.)
+        let unreadable: Vec<PathBuf> = self
             .problems
             .iter()
             .filter(|(_, e)| **e == epoch)
-            .map(|(p, _)| p)
+            .map(|(p, _)| p.clone())
             .collect();
+        let hidden = |path: &Path| unreadable.iter().any(|u| path.starts_with(u));
         if !unreadable.is_empty() {
-            stale.retain(|id| {
-                let path = self.path(*id);
-                !unreadable.iter().any(|u| path.starts_with(u))
-            });
+            stale.retain(|id| !hidden(&self.path(*id)));
         }
         for id in &stale {
             tracing::info!(path = %self.path(*id).display(), "database removed; no longer tracked");
@@ -496,17 +495,10 @@ impl Tracker {
             // directory unreadable at a start cost a new upload of every
             // database below it once readable (probe L20; with `--once` from
             // cron, at every such run).
-            let unreadable: Vec<&PathBuf> = self
-                .problems
-                .iter()
-                .filter(|(_, e)| **e == epoch)
-                .map(|(p, _)| p)
-                .collect();
             if unreadable.is_empty() {
                 self.preload = HashMap::new();
             } else {
-                self.preload
-                    .retain(|p, _| unreadable.iter().any(|u| p.starts_with(u)));
+                self.preload.retain(|p, _| hidden(p));
             }
         }
         self.problems.retain(|_, e| *e == epoch);
@@ -830,22 +822,21 @@ impl Tracker {
             let mut w = io::BufWriter::new(file);
             w.write_all(STATE_MAGIC)?;
             w.write_all(&tag.to_le_bytes())?;
+            let mut record = |synced: u64, p: &Path| -> io::Result<()> {
+                let b = p.as_os_str().as_bytes();
+                w.write_all(&synced.to_le_bytes())?;
+                w.write_all(&(b.len() as u32).to_le_bytes())?;
+                w.write_all(b)
+            };
             for (i, e) in self.entries.iter().enumerate() {
                 if e.flags & LIVE == 0 || e.synced == 0 {
                     continue;
                 }
-                let p = self.path(i as Id);
-                let b = p.as_os_str().as_bytes();
-                w.write_all(&e.synced.to_le_bytes())?;
-                w.write_all(&(b.len() as u32).to_le_bytes())?;
-                w.write_all(b)?;
+                record(e.synced, &self.path(i as Id))?;
             }
             // Records of databases no scan could see yet (see `scan_at`).
             for (p, synced) in &self.preload {
-                let b = p.as_os_str().as_bytes();
-                w.write_all(&synced.to_le_bytes())?;
-                w.write_all(&(b.len() as u32).to_le_bytes())?;
-                w.write_all(b)?;
+                record(*synced, p)?;
             }
             w.flush()
         })?;

@@ -963,10 +963,20 @@ async fn run(cli: Cli) -> Result<()> {
             let nofile = bench::raise_nofile_limit();
             let hot = loaded.multi_db().max_hot_databases;
             if let Some(n) = nofile.filter(|&n| n < bench::nofile_needed(hot)) {
+                // Without a hot tier the descriptors are the uploads' and
+                // the store's (black-box probe L20: "for the hot tier" with
+                // `max-hot-databases: 0`).
+                let what = if hot == 0 {
+                    "open file limit may be too low for the uploads and the store's connections; \
+                     raise `ulimit -n`"
+                } else {
+                    "open file limit may be too low for the hot tier; raise `ulimit -n`"
+                };
                 tracing::warn!(
                     limit = n,
+                    wanted = bench::nofile_needed(hot),
                     max_hot_databases = hot,
-                    "open file limit may be too low for the hot tier; raise `ulimit -n`"
+                    "{what}"
                 );
             }
             let token = CancellationToken::new();

@@ -591,6 +591,7 @@ pub async fn serve(
         slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         idle: IDLE_TIMEOUT,
         lifetime: CONNECTION_LIFETIME,
+        failing: None,
     };
     let task = tokio::spawn(async move {
         let stopping = shutdown.clone();
@@ -644,6 +645,10 @@ struct Bounded {
     idle: Duration,
     /// [`CONNECTION_LIFETIME`].
     lifetime: Duration,
+    /// The error of the accept failing since its last success, if any:
+    /// logged once, not at every retry (black-box probe L20: one warning a
+    /// second for as long as the daemon was out of descriptors).
+    failing: Option<std::io::ErrorKind>,
 }
 
 impl axum::serve::Listener for Bounded {
@@ -658,6 +663,9 @@ impl axum::serve::Listener for Bounded {
         loop {
             match self.inner.accept().await {
                 Ok((io, addr)) => {
+                    if self.failing.take().is_some() {
+                        tracing::info!("operations endpoint: accepting connections again");
+                    }
                     let idle = self.idle;
                     let now = tokio::time::Instant::now();
                     let end = now + self.lifetime;
@@ -681,7 +689,13 @@ impl axum::serve::Listener for Bounded {
                 Err(e) => {
                     // Out of descriptors, most likely: wait for some to
                     // close rather than spin (what axum's own listener does).
-                    tracing::warn!(error = %e, "operations endpoint: cannot accept a connection");
+                    if newly_failing(&mut self.failing, e.kind()) {
+                        tracing::warn!(
+                            error = %e,
+                            "operations endpoint: cannot accept a connection (retried every \
+                             second, logged again when it succeeds or fails otherwise)"
+                        );
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -691,6 +705,12 @@ impl axum::serve::Listener for Bounded {
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.local_addr()
     }
+}
+
+/// Records that accepting fails with `kind`: true (log it) unless it was
+/// already failing so.
+fn newly_failing(failing: &mut Option<std::io::ErrorKind>, kind: std::io::ErrorKind) -> bool {
+    failing.replace(kind) != Some(kind)
 }
 
 /// A connection of [`Bounded`]: reads and writes fail with `TimedOut` once
@@ -1018,6 +1038,19 @@ mod tests {
         assert!(StatsView::read(&ops.stats, ops.scan_interval, now_unix()).healthy);
     }
 
+    /// An accept that keeps failing the same way is logged once, until it
+    /// succeeds or fails another way.
+    #[test]
+    fn a_failing_accept_is_logged_once() {
+        use std::io::ErrorKind::{Other, OutOfMemory};
+        let mut failing = None;
+        assert!(newly_failing(&mut failing, Other));
+        assert!(!newly_failing(&mut failing, Other));
+        assert!(newly_failing(&mut failing, OutOfMemory));
+        failing.take();
+        assert!(newly_failing(&mut failing, OutOfMemory));
+    }
+
     /// The endpoint on an ephemeral port with two connection slots: its
     /// address, stop token and task.
     async fn two_slots(
@@ -1035,6 +1068,7 @@ mod tests {
             slots: Arc::new(tokio::sync::Semaphore::new(2)),
             idle,
             lifetime,
+            failing: None,
         };
         let app = router(Arc::new(Stats::default()), Duration::from_secs(15), None);
         let stop = CancellationToken::new();

@@ -291,11 +291,25 @@ pub fn store_hint(source: &object_store::Error) -> &'static str {
             if io.kind() == std::io::ErrorKind::ConnectionRefused {
                 return "connection refused (is the endpoint right and its server running?): ";
             }
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return TIMED_OUT;
+            }
+        }
+        // The S3 client's own message for a request that got no answer in
+        // time ends at "error sending request" (black-box probe M21).
+        if e.downcast_ref::<object_store::client::HttpError>()
+            .is_some_and(|h| h.kind() == object_store::client::HttpErrorKind::Timeout)
+        {
+            return TIMED_OUT;
         }
         cause = e.source();
     }
     ""
 }
+
+/// [`store_hint`] for a request that got no answer in time.
+const TIMED_OUT: &str = "the request timed out: no answer within multi-db.replica.timeout \
+                         (the store is slow or unreachable, or the timeout too short for it): ";
 
 /// Adds the path to `std::io::Result`s.
 pub trait IoContext<T> {
@@ -353,6 +367,28 @@ mod tests {
         let unsupported = object_store::Error::NotSupported { source: "x".into() };
         let msg = Error::store("", unsupported).to_string();
         assert!(msg.starts_with("replica (its root): "), "{msg}");
+        // A request without an answer in time says so (black-box probe
+        // M21: "HTTP error: error sending request").
+        use object_store::client::{HttpError, HttpErrorKind};
+        let late = HttpError::new(
+            HttpErrorKind::Timeout,
+            std::io::Error::other("error sending request"),
+        );
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(late),
+        };
+        let msg = Error::store("k/x.db.lz4", e).to_string();
+        assert!(
+            msg.contains("timed out") && msg.contains("replica.timeout"),
+            "{msg}"
+        );
+        let sent = HttpError::new(HttpErrorKind::Request, std::io::Error::other("reset"));
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(sent),
+        };
+        assert!(!Error::store("k", e).to_string().contains("timed out"));
     }
 
     /// What S3 echoes of a request in an error body, and the credentials

@@ -352,18 +352,29 @@ both_backends!(lost_lease_closes_the_write_fence, |b| async move {
     assert!(renewer.stop().await.is_err());
 });
 
+/// The fleet's replica through a [`common::stores::LostPuts`] (no fault
+/// until one is set), and that wrapper.
+fn with_lost_puts(
+    f: &Fleet,
+) -> (
+    litefleet::replica::storage::Replica,
+    std::sync::Arc<common::stores::LostPuts>,
+) {
+    let r = f.replica();
+    let lost = std::sync::Arc::new(common::stores::LostPuts::new(
+        r.store.clone(),
+        common::stores::LostPut::default(),
+    ));
+    (r.with_store(lost.clone()), lost)
+}
+
 /// A conditional PUT applied by the store whose response was lost (the
 /// client's retry gets 412): acquiring and renewing recognize their own
 /// write instead of reporting the lease as held by another or lost.
 #[tokio::test]
 async fn own_write_behind_a_lost_response_is_recognized() {
     let f = Fleet::new(common::fleet::Backend::S3).await;
-    let r = f.replica();
-    let lost = std::sync::Arc::new(common::stores::LostPuts::new(
-        r.store.clone(),
-        common::stores::LostPut::default(),
-    ));
-    let r = r.with_store(lost.clone());
+    let (r, lost) = with_lost_puts(&f);
     lost.rewrite
         .left
         .store(1, std::sync::atomic::Ordering::SeqCst);
@@ -381,6 +392,62 @@ async fn own_write_behind_a_lost_response_is_recognized() {
     // And the renewed version is the one the next write must name.
     lease.renew_at(t0() + secs(40)).await.unwrap();
     assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
+}
+
+/// Black-box probe M21, three ways a lone daemon lost its lease to a bad
+/// network (each fails without the fix):
+/// - a renewal that finds a late renewal of ours and writes on its version,
+///   applied, its answer lost too (the client's retry gets 412): "lost: it
+///   was changed by another writer with our owner id", exit 1;
+/// - a renewal applied with its answer lost, whose read-back then fails
+///   (503): taken for a lost lease; it is a failed renewal, and the next
+///   one renews;
+/// - a start whose lease write was applied but timed out failed, leaving a
+///   lease that held every later start off until it expired; it reads the
+///   lease back and finds its own.
+#[tokio::test]
+async fn unanswered_lease_writes_of_ours_never_lose_the_lease() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let f = Fleet::new(common::fleet::Backend::S3).await;
+    let (r, lost) = with_lost_puts(&f);
+    let faults = &lost.rewrite;
+
+    lost.rewrite.timed_out.store(1, SeqCst);
+    let mut lease = Lease::acquire(&r, t0()).await.unwrap();
+    assert_eq!(faults.timed_out.load(SeqCst), 0, "the write was applied");
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
+
+    // A renewal of ours applied late, then the write on its version
+    // applied with its answer lost.
+    let path = lease_path(&r);
+    let (_, v) = r.get_versioned(&path).await.unwrap().unwrap();
+    let mut late = lease.record().clone();
+    late.expires = t0() + secs(70);
+    let body = bytes::Bytes::from(serde_json::to_vec(&late).unwrap());
+    assert!(r.put_if_match(&path, body, &v).await.unwrap().is_some());
+    faults.left.store(1, SeqCst);
+    lease.renew_at(t0() + secs(20)).await.unwrap();
+    assert_eq!(faults.left.load(SeqCst), 0);
+    assert_eq!(lease.expires(), t0() + secs(80));
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
+
+    // Applied, answer lost, and the read-back fails: a failed renewal.
+    faults.left.store(1, SeqCst);
+    faults.failing_gets.store(1, SeqCst);
+    let e = lease.renew_at(t0() + secs(40)).await.unwrap_err();
+    assert!(!matches!(e, Error::LeaseLost { .. }), "{e}");
+    lease.renew_at(t0() + secs(45)).await.unwrap();
+    assert_eq!(lease.expires(), t0() + secs(105));
+    assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
+
+    // Another owner's lease is still lost, however the answers go.
+    let (_, v) = r.get_versioned(&path).await.unwrap().unwrap();
+    let mut other = lease.record().clone();
+    other.owner = "someone-else".to_string();
+    let body = bytes::Bytes::from(serde_json::to_vec(&other).unwrap());
+    assert!(r.put_if_match(&path, body, &v).await.unwrap().is_some());
+    let e = lease.renew_at(t0() + secs(60)).await.unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
 }
 
 // A renewal that timed out while the store stalled, applied by the store

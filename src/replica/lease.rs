@@ -48,7 +48,14 @@
 //!   A renewal that finds our owner id with another expiry (an earlier
 //!   renewal that timed out and was applied late, after a stall of the
 //!   store) renews again from the version it holds: every write since our
-//!   last known version was ours, each conditional on a version of ours.
+//!   last known version was ours, each conditional on a version of ours
+//!   (up to three writes, so the answer to that write may be
+//!   lost too). A read-back that fails is a failed renewal, tried again
+//!   like any other, never a lost lease: only a lease held by another owner
+//!   id, or deleted, is lost. An acquisition whose write got no answer (a
+//!   timeout, a connection lost after sending) reads the lease back before
+//!   it fails, so a start does not leave behind a lease it took without
+//!   hearing of it.
 //! * **release** (clean shutdown): delete the lease if it is still ours and
 //!   valid for at least [`RELEASE_MARGIN`]. S3 (through object_store) has no
 //!   conditional delete, so the delete is read-compare-delete; it is safe
@@ -111,8 +118,16 @@ pub const MIN_TTL: Duration = Duration::from_secs(2);
 /// so no object has this one.
 const NO_SUCH_ETAG: &str = "\"litefleet-conditional-write-check\"";
 /// Acquisition attempts when the lease changes between our read and our
-/// conditional write (another process acquiring or releasing at that moment).
+/// conditional write (another process acquiring or releasing at that moment),
+/// or a write fails without saying whether the store applied it.
 const ACQUIRE_ATTEMPTS: usize = 3;
+/// Conditional writes one renewal sends at most: after a refused one, the
+/// lease is read back, and if it still holds our owner id (every write of
+/// it since our last known version was one of ours that the store applied
+/// without our hearing of it), the renewal is written again on the version
+/// read. Three cover a late renewal of ours and a lost answer to the write
+/// that follows it (black-box probe M21).
+const RENEW_ATTEMPTS: usize = 3;
 
 /// What the lease object holds (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,15 +270,25 @@ impl Lease {
             expires: stored(now + ttl_delta(ttl)),
         };
         let body = encode(&record);
+        // A write that failed without an answer (a timeout, a connection
+        // lost after sending) may have been applied: the next attempt reads
+        // the lease back first, and finds our record if it was (black-box
+        // probe M21: the start failed, and the lease it had written held
+        // every later start off until it expired).
+        let mut unanswered: Option<Error> = None;
         for _ in 0..ACQUIRE_ATTEMPTS {
-            let written = match replica.get_versioned(&location).await? {
-                None => replica.put_if_absent(&location, body.clone()).await?,
+            let current = match replica.get_versioned(&location).await {
+                Ok(c) => c,
+                Err(e) => return Err(unanswered.unwrap_or(e)),
+            };
+            let written = match current {
+                None => replica.put_if_absent(&location, body.clone()).await,
                 Some((bytes, version)) => {
                     let held = parse(replica, &bytes)?;
                     if held == record {
                         // Our own write of a moment ago, applied although
                         // its response was lost.
-                        Some(version)
+                        Ok(Some(version))
                     } else if held.expires > now {
                         return Err(Error::LeaseHeld {
                             object: lease_name(replica),
@@ -275,8 +300,8 @@ impl Lease {
                     } else {
                         let took = replica
                             .put_if_match(&location, body.clone(), &version)
-                            .await?;
-                        if took.is_some() {
+                            .await;
+                        if let Ok(Some(_)) = took {
                             tracing::warn!(
                                 lease = %lease_name(replica),
                                 previous = %held.describe(now),
@@ -286,6 +311,14 @@ impl Lease {
                         took
                     }
                 }
+            };
+            let written = match written {
+                Ok(w) => w,
+                Err(e) if e.may_have_landed() => {
+                    unanswered = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             if let Some(version) = written {
                 tracing::debug!(
@@ -309,6 +342,9 @@ impl Lease {
                 });
             }
             // Someone changed the lease between our read and our write: look again.
+        }
+        if let Some(e) = unanswered {
+            return Err(e);
         }
         Err(Error::LeaseHeld {
             object: lease_name(replica),
@@ -406,33 +442,52 @@ impl Lease {
         let sent = Instant::now();
         let mut next = self.record.clone();
         next.expires = stored(now + ttl_delta(self.ttl));
-        let written = match self
-            .replica
-            .put_if_match(&self.location, encode(&next), &self.version)
-            .await?
-        {
-            Some(v) => Some(v),
-            None => match self.replica.get_versioned(&self.location).await {
-                Ok(Some((bytes, v))) => match parse(&self.replica, &bytes).ok() {
-                    // Applied although its response was lost (a retry got 412).
-                    Some(held) if held == next => Some(v),
-                    // An earlier renewal of ours that timed out here and
-                    // was applied by the store later (after a stall). Every
-                    // write since our last known version was ours: each was
-                    // conditional on a version of ours, and a successor
-                    // writes its own owner id. So the lease is still ours:
-                    // renew from the version it holds.
-                    Some(held) if held.owner == self.record.owner => {
-                        tracing::debug!(lease = %lease_name(&self.replica), expires = %held.expires.to_rfc3339(), "an earlier renewal was applied late; renewing from it");
-                        self.replica
-                            .put_if_match(&self.location, encode(&next), &v)
-                            .await?
+        let body = encode(&next);
+        let mut version = self.version.clone();
+        let mut written = None;
+        for attempt in 1..=RENEW_ATTEMPTS {
+            // An error here (no answer, or the store failing) is a failed
+            // renewal, tried again by the renewer: the lease may well be ours
+            // still. Only what the store holds can say it is lost.
+            if let Some(v) = self
+                .replica
+                .put_if_match(&self.location, body.clone(), &version)
+                .await?
+            {
+                written = Some(v);
+                break;
+            }
+            let Some((bytes, v)) = self.replica.get_versioned(&self.location).await? else {
+                break; // deleted: lost
+            };
+            match parse(&self.replica, &bytes).ok() {
+                // Applied although its response was lost (a retry got 412).
+                Some(held) if held == next => {
+                    written = Some(v);
+                    break;
+                }
+                // An earlier write of ours applied without our hearing of
+                // it: a renewal that timed out and landed late (after a
+                // stall), or the previous attempt of this one. Every write
+                // since our last known version was ours: each was
+                // conditional on a version of ours, and a successor writes
+                // its own owner id. So the lease is still ours: renew from
+                // the version it holds.
+                Some(held) if held.owner == self.record.owner => {
+                    tracing::debug!(lease = %lease_name(&self.replica), expires = %held.expires.to_rfc3339(), "an earlier write of ours was applied unanswered; renewing from it");
+                    if attempt == RENEW_ATTEMPTS {
+                        return Err(Error::invalid(
+                            lease_name(&self.replica),
+                            "the lease kept changing under our owner id while it was renewed \
+                             (writes of ours the store applied late); tried again later",
+                        ));
                     }
-                    _ => None,
-                },
-                _ => None,
-            },
-        };
+                    version = v;
+                }
+                // Another owner's record, or none we can read: not ours.
+                _ => break,
+            }
+        }
         match written {
             Some(v) => {
                 self.fence.extend(

@@ -10,7 +10,9 @@
 //!   chunk with a transport error, as after a connection reset mid-download.
 //! * [`LostPuts`]: the next `n` conditional PUTs are applied, but answered
 //!   with 412 Precondition Failed, as when the response to the first attempt
-//!   is lost and the client's retry finds its own write.
+//!   is lost and the client's retry finds its own write; or applied and
+//!   answered with a timeout; and the next `n` GETs can fail, as a store
+//!   answering 503 does.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +35,10 @@ pub trait Rewrite: Send + Sync + fmt::Debug + 'static {
     fn get(&self, r: GetResult) -> GetResult {
         r
     }
+    /// An error in place of the answer to a GET of `location`, if any.
+    fn fail_get(&self, _location: &ObjPath) -> Option<object_store::Error> {
+        None
+    }
     /// The answer to a conditional PUT that the inner store answered `r`.
     fn conditional_put(
         &self,
@@ -43,27 +49,48 @@ pub trait Rewrite: Send + Sync + fmt::Debug + 'static {
     }
 }
 
-/// Answers the next `left` successful conditional PUTs with 412.
+/// Answers the next `left` successful conditional PUTs with 412, the next
+/// `timed_out` ones with a timeout (both applied), and fails the next
+/// `failing_gets` GETs as a store answering 503 would.
 #[derive(Debug, Default)]
 pub struct LostPut {
     pub left: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub failing_gets: AtomicU64,
+}
+
+/// Takes one from `n` if it is above zero.
+fn take_one(n: &AtomicU64) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 impl Rewrite for LostPut {
+    fn fail_get(&self, location: &ObjPath) -> Option<object_store::Error> {
+        take_one(&self.failing_gets).then(|| object_store::Error::Generic {
+            store: "test",
+            source: format!(
+                "{location}: Server returned non-2xx status code: 503 Slow Down (injected)"
+            )
+            .into(),
+        })
+    }
+
     fn conditional_put(
         &self,
         location: &ObjPath,
         r: object_store::Result<PutResult>,
     ) -> object_store::Result<PutResult> {
-        let lose = r.is_ok()
-            && self
-                .left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        if lose {
+        if r.is_ok() && take_one(&self.left) {
             return Err(object_store::Error::Precondition {
                 path: location.to_string(),
                 source: "applied, but the response was lost (injected)".into(),
+            });
+        }
+        if r.is_ok() && take_one(&self.timed_out) {
+            return Err(object_store::Error::Generic {
+                store: "test",
+                source: "applied, but the request timed out before its answer (injected)".into(),
             });
         }
         r
@@ -190,6 +217,9 @@ impl<R: Rewrite> ObjectStore for Wrapped<R> {
         location: &ObjPath,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
+        if let Some(e) = self.rewrite.fail_get(location) {
+            return Err(e);
+        }
         let head = options.head;
         let r = self.inner.get_opts(location, options).await?;
         Ok(if head {

@@ -39,8 +39,8 @@
 //!   key ([`source::keys`]), the compact table of tracked databases and
 //!   their fingerprints ([`source::track`]), change notifications
 //!   ([`source::watch`]), hot/cold tiering ([`source::tier`]), and reading
-//!   files through SQLite's VFS, which keeps this process's locks, and the
-//!   VFS source connections open with ([`source::vfs`]).
+//!   files through SQLite's VFS, which keeps this process's locks
+//!   ([`source::vfs`]).
 //! * [`capture`]: reading live databases consistently: the cold snapshot
 //!   from the file a read transaction protects, or through the SQLite
 //!   backup API, LZ4-compressed with its recorded times

@@ -411,7 +411,7 @@ fn open_conn(db: &Path) -> Result<(Connection, ShmClaim)> {
     let shm = crate::source::shm::claim(db, files)?;
     // Read-write (a checkpoint needs it) but never create: a database deleted
     // under us must not come back as an empty file.
-    let conn = crate::source::vfs::open_source(
+    let conn = Connection::open_with_flags(
         db,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )

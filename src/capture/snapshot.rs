@@ -21,14 +21,13 @@
 //! transaction and the file is read straight from disk, through SQLite's
 //! VFS (never through a descriptor of our own: closing it would drop every
 //! POSIX lock this process holds on the file, the hot tier's included). A
-//! database of up to [`IN_MEMORY_MAX`] in that view (almost every database
+//! database up to [`IN_MEMORY_MAX`] (file and `-wal`; almost every database
 //! of a fleet) is read into memory through the connection's handle and
 //! compressed there; a larger one is compressed while the check runs, from
 //! a second handle ([`VfsFile`]).
 //!
 //! When the view holds WAL frames (an application wrote since the last
-//! checkpoint), the backup API copies the database: a small one (file and
-//! `-wal` up to [`IN_MEMORY_MAX`]) into an
+//! checkpoint), the backup API copies the database: a small one into an
 //! in-memory database, checked and compressed there (no temporary file is
 //! created), a larger one into a temporary file (no journal, no fsync: it
 //! is thrown away), checked and compressed into a second one.
@@ -195,7 +194,7 @@ impl std::ops::Deref for ReadOnly {
 pub fn open_read_only(path: &Path) -> Result<ReadOnly> {
     let files = crate::source::discover::check_regular_files(path)?;
     let shm = crate::source::shm::claim(path, files)?;
-    let conn = crate::source::vfs::open_source(
+    let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -294,10 +293,10 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 ///
 /// When a read transaction sees the database file alone ([`file_only`]),
 /// the file is read directly, checked on that transaction: into memory if
-/// that version fits in [`IN_MEMORY_MAX`], else compressed into a staged
-/// file in `tmp_dir`. Otherwise the backup API copies it, into an in-memory
-/// database (file and `-wal` together up to [`IN_MEMORY_MAX`]) or a
-/// temporary file in `tmp_dir`, where it is checked and compressed.
+/// the file and `-wal` together fit in [`IN_MEMORY_MAX`], else compressed
+/// into a staged file in `tmp_dir`. Otherwise the backup API copies it,
+/// into an in-memory database (small) or a temporary file in `tmp_dir`,
+/// where it is checked and compressed.
 pub fn capture(db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
     let source = open_read_only(db)?;
     if !has_header(&source, db)? {
@@ -339,20 +338,14 @@ pub fn capture_if_sqlite(db: &Path, key: &str, tmp_dir: &Path) -> Result<Option<
 
 /// [`capture`] on `source`, a connection [`open_read_only`] on `db`.
 fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
+    let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
     let started = Utc::now();
     #[cfg(test)]
     tests::BEFORE_READ.with(|h| h.borrow_mut().take().map(|f| f()));
-    if let Some(db_bytes) = file_only(&source, db)? {
-        if db_bytes <= IN_MEMORY_MAX {
+    if on_disk <= IN_MEMORY_MAX {
+        if let Some(db_bytes) = file_only(&source, db)? {
             return capture_small(source, db, key, db_bytes, started);
         }
-        std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
-        return capture_file(source, db, key, db_bytes, started, tmp_dir);
-    }
-    // WAL frames in view: a copy through the backup API, in memory if the
-    // file and its `-wal` are small.
-    let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
-    if on_disk <= IN_MEMORY_MAX {
         let mut copy = backup_in_memory(&source, db)?;
         still_there(&source, db)?;
         drop(source);
@@ -367,6 +360,9 @@ fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Resul
         return in_memory(db, key, &data, times, Copied::InMemory);
     }
     std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
+    if let Some(db_bytes) = file_only(&source, db)? {
+        return capture_file(source, db, key, db_bytes, started, tmp_dir);
+    }
     let copy = NamedTempFile::with_prefix_in("copy-", tmp_dir)
         .at(tmp_dir)?
         .into_temp_path();
@@ -464,14 +460,9 @@ pub fn staged_file(tmp_dir: &Path) -> Result<NamedTempFile> {
 /// handle ([`VfsHandle::of`]).
 pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
     let sql = |e| Error::sqlite(db, e);
+    source.execute_batch("BEGIN").map_err(sql)?;
     // The first read starts the transaction (and waits out a busy writer
-    // for BUSY_TIMEOUT). It reads a header field only: a statement that
-    // needs the schema (these pragmas, `quick_check`) read before the
-    // transaction began would load it in a transaction of its own, one
-    // more round of locks and reads per snapshot.
-    source
-        .execute_batch("BEGIN; PRAGMA schema_version;")
-        .map_err(sql)?;
+    // for BUSY_TIMEOUT).
     let pages: i64 = source
         .query_row("PRAGMA page_count", [], |r| r.get(0))
         .map_err(sql)?;

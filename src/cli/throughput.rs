@@ -97,9 +97,7 @@ pub struct SnapshotBenchReport {
 
 /// The consistency floor of one round: for each database of `paths`, on
 /// this thread, what any checked, consistent snapshot through SQLite must
-/// do (open it read-only, through the VFS litefleet opens sources with,
-/// [`crate::source::vfs::source_vfs`], so the floor gets its saving too;
-/// start one read transaction with `quick_check`,
+/// do (open it read-only, start one read transaction with `quick_check`,
 /// read the file through SQLite's own handle, LZ4-compress it) and write
 /// the result to one file in `out` (no `fsync`, no directory per
 /// database); returns the CPU seconds this thread used. A reference, not
@@ -110,7 +108,7 @@ fn consistency_floor(paths: &[PathBuf], out: &Path) -> Result<f64> {
     let cpu = cpu_seconds(libc::RUSAGE_THREAD);
     for (i, p) in paths.iter().enumerate() {
         let sql = |e| Error::sqlite(p, e);
-        let conn = crate::source::vfs::open_source(
+        let conn = rusqlite::Connection::open_with_flags(
             p,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )

@@ -864,7 +864,7 @@ impl Replicator {
         result: Result<Snapped>,
         report: &mut CycleReport,
     ) {
-        let ok = matches!(result, Ok(Snapped::Uploaded(_)));
+        let ok = matches!(result, Ok(Snapped::Uploaded(..)));
         let store_failed = matches!(result, Ok(Snapped::StoreFailed(_)));
         {
             let mut busy = lock(&self.busy);
@@ -896,7 +896,17 @@ impl Replicator {
                     tracing::warn!(path = %path.display(), error = %e, "cannot read; will retry every cycle (logged once until it recovers)");
                 }
             }
-            Ok(Snapped::Uploaded(bytes)) => {
+            Ok(Snapped::Uploaded(bytes, read)) => {
+                if read != ticket.fingerprint {
+                    // The files read were not the ones the scan saw (written
+                    // since, or the path led elsewhere meanwhile: a link
+                    // above the root retargeted, a directory renamed there
+                    // and back). Recorded as almost synced, so the next scan
+                    // uploads once more: with the scan's fingerprint, the
+                    // other files' state stood as this database's latest
+                    // once the path led back (black-box probe N21).
+                    lock(&self.tracker).doubt(ticket.id);
+                }
                 report.uploaded += 1;
                 report.bytes += bytes;
                 self.stats.upload_ok();
@@ -1565,8 +1575,9 @@ fn give_back_freed_memory() {
 /// What became of one database's snapshot.
 #[derive(Debug)]
 enum Snapped {
-    /// Uploaded: its compressed size.
-    Uploaded(u64),
+    /// Uploaded: its compressed size, and the fingerprint of the database's
+    /// files once its snapshot was read ([`crate::source::track::fingerprint_at`]).
+    Uploaded(u64, u64),
     /// Its header, read at its first snapshot, is not SQLite's.
     NotADatabase,
     /// Its header could not be read (permission denied, an I/O error).
@@ -1592,10 +1603,12 @@ const SNAPSHOT_BATCH: usize = 16;
 enum Captured {
     /// Nothing more to do (written already, or nothing to upload).
     Done(Snapped),
-    /// `snap` goes to the replica as `location`.
+    /// `snap` goes to the replica as `location`; `read` as in
+    /// [`Snapped::Uploaded`].
     Upload {
         snap: snapshot::Snapshot,
         location: object_store::path::Path,
+        read: u64,
     },
 }
 
@@ -1646,6 +1659,9 @@ fn snapshot_one(
             },
         }
     };
+    // What the path holds now: the snapshot checked, at its end, that the
+    // path still named the file it read (`still_there`).
+    let read = crate::source::track::fingerprint_at(path);
     // Named by the hour after the copy was complete: an object named `H`
     // holds nothing committed at or after `H`.
     let location = cold::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);
@@ -1653,13 +1669,17 @@ fn snapshot_one(
         match replica.put_bytes_here(&location, bytes) {
             Ok(true) => {
                 uploaded(path, &location, &snap, bytes.len() as u64);
-                return Ok(Captured::Done(Snapped::Uploaded(bytes.len() as u64)));
+                return Ok(Captured::Done(Snapped::Uploaded(bytes.len() as u64, read)));
             }
             Ok(false) => {}
             Err(e) => return Ok(Captured::Done(Snapped::StoreFailed(e))),
         }
     }
-    Ok(Captured::Upload { snap, location })
+    Ok(Captured::Upload {
+        snap,
+        location,
+        read,
+    })
 }
 
 fn uploaded(
@@ -1745,15 +1765,20 @@ async fn upload_batch(
         async move {
             match c? {
                 (_, Captured::Done(outcome)) => Ok(outcome),
-                (path, Captured::Upload { snap, location }) => {
-                    match snap.upload(replica, &location).await {
-                        Ok(bytes) => {
-                            uploaded(&path, &location, &snap, bytes);
-                            Ok(Snapped::Uploaded(bytes))
-                        }
-                        Err(e) => Ok(Snapped::StoreFailed(e)),
+                (
+                    path,
+                    Captured::Upload {
+                        snap,
+                        location,
+                        read,
+                    },
+                ) => match snap.upload(replica, &location).await {
+                    Ok(bytes) => {
+                        uploaded(&path, &location, &snap, bytes);
+                        Ok(Snapped::Uploaded(bytes, read))
                     }
-                }
+                    Err(e) => Ok(Snapped::StoreFailed(e)),
+                },
             }
         }
     });
@@ -1796,6 +1821,57 @@ mod tests {
         );
     }
 
+    /// A link above the pattern root retargeted between a scan and the
+    /// snapshot, and back after it: the snapshot read the other tree's
+    /// database, under the fingerprint the scan took of this one, so once
+    /// the link led back nothing was pending and the other tree's state
+    /// stood as this database's latest backup (black-box probe N21). The
+    /// snapshot's files are fingerprinted after it: not the scan's, so the
+    /// next scan uploads once more.
+    #[tokio::test]
+    async fn a_snapshot_of_other_files_than_the_scan_saw_is_uploaded_again() {
+        let t = tempfile::tempdir().unwrap();
+        for (tree, v) in [("a", 1), ("b", 2)] {
+            std::fs::create_dir_all(t.path().join(tree)).unwrap();
+            rusqlite::Connection::open(t.path().join(tree).join("x.db"))
+                .unwrap()
+                .execute_batch(&format!("CREATE TABLE t(v); INSERT INTO t VALUES ({v});"))
+                .unwrap();
+            // Written an hour ago: not racy (see `track::RACY_WINDOW`).
+            std::fs::File::options()
+                .write(true)
+                .open(t.path().join(tree).join("x.db"))
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+                .unwrap();
+        }
+        let link = t.path().join("data");
+        let point = |tree: &str| {
+            let tmp = t.path().join("data.new");
+            std::os::unix::fs::symlink(t.path().join(tree), &tmp).unwrap();
+            std::fs::rename(&tmp, &link).unwrap();
+        };
+        point("a");
+        let yaml = format!(
+            "multi-db:\n  patterns: [\"{}/*.db\"]\n  max-hot-databases: 0\n  watch: false\n  \
+             state-dir: {}\n  temp-dir: {}\n  replica:\n    url: file://{}\n",
+            link.display(),
+            t.path().join("state").display(),
+            t.path().join("tmp").display(),
+            t.path().join("replica").display()
+        );
+        let r = Replicator::new(Loaded::from_str(&yaml, "t.yml", t.path()).unwrap()).unwrap();
+        let stop = CancellationToken::new();
+        let scan = lock(&r.tracker).scan(&r.loaded.patterns);
+        assert_eq!(scan.new, 1);
+        point("b");
+        assert_eq!(r.dispatch(scan, None, &stop).await.uploaded, 1);
+        point("a");
+        let again = r.cycle(&stop).await;
+        assert_eq!(again.uploaded, 1, "a's own state is uploaded");
+        assert_eq!(r.cycle(&stop).await.uploaded, 0, "and then it is synced");
+    }
+
     /// A directory below the pattern root swapped for a link to a tree
     /// outside it after the scan (or the change notification) named the
     /// database: its cold snapshot refuses it, uploads nothing and creates
@@ -1822,7 +1898,7 @@ mod tests {
         std::fs::create_dir_all(&temp).unwrap();
         assert!(matches!(
             snapshot_one(&loaded, &replica, &db, &temp, false),
-            Ok(Captured::Done(Snapped::Uploaded(_)))
+            Ok(Captured::Done(Snapped::Uploaded(..)))
         ));
         let outside = tempfile::tempdir().unwrap();
         rusqlite::Connection::open(outside.path().join("x.db"))

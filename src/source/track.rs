@@ -91,7 +91,8 @@ pub type Id = u32;
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket {
     pub id: Id,
-    fingerprint: u64,
+    /// The database's fingerprint at the scan that made it pending.
+    pub fingerprint: u64,
     racy: bool,
     /// When the upload began (Unix seconds): what it uploads was seen then.
     begun: u32,
@@ -1037,6 +1038,19 @@ pub fn database_name(name: &OsStr) -> &OsStr {
         .or_else(|| b.strip_suffix(b"-journal"))
         .unwrap_or(b);
     OsStr::from_bytes(db)
+}
+
+/// The fingerprint a scan would give the database at `db` now (0 if it
+/// cannot be read): after a snapshot, what tells whether the snapshot read
+/// the files the scan had seen there.
+pub fn fingerprint_at(db: &Path) -> u64 {
+    let Ok(m) = std::fs::symlink_metadata(db) else {
+        return 0;
+    };
+    let wal = std::fs::symlink_metadata(crate::source::discover::wal_path(db))
+        .ok()
+        .filter(|w| w.is_file());
+    fingerprint_of(&m, wal.as_ref(), i128::MAX).0
 }
 
 /// The fingerprint of a database and its `-wal`, and whether either was

@@ -16,10 +16,6 @@
 //! through that VFS (`xOpen` read-only as a main database, `xRead`,
 //! `xClose`): same system calls, one `stat` more, and no lock is lost.
 //! Nothing else (no journal, no WAL, no `-shm`) is opened.
-//!
-//! Connections on source databases are opened through the same VFS under
-//! another name ([`source_vfs`]), which takes their paths as they are
-//! instead of resolving every link on them at each open.
 
 use std::ffi::{c_int, CString};
 use std::io;
@@ -27,116 +23,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rusqlite::{ffi, Connection};
-
-/// The name of the VFS litefleet opens source databases with
-/// ([`source_vfs`]).
-pub const SOURCE_VFS: &std::ffi::CStr = c"litefleet-unix";
-
-/// SQLite's unix VFS, registered once more as [`SOURCE_VFS`] with one
-/// method replaced, for the connections litefleet opens on source databases
-/// (snapshots, drills, hot streams): `None` if it cannot be registered
-/// (then the default VFS does). The other methods are the unix VFS's own,
-/// so files opened through either share its per-inode state: the locks of
-/// one connection of this process survive another's close, as the module
-/// docs require.
-///
-/// The replaced method is `xFullPathname`. The unix VFS resolves symbolic
-/// links in every path it opens: one `lstat` per component, from `/` down to
-/// the file (11 for `/data/p/databases/d/branches/b/tenants/t.db`), each
-/// walking the path again, at every open of every database: about a sixth
-/// of the system calls of a cold snapshot of a small database, and of its
-/// kernel time. Litefleet's paths need none of it: a database is opened
-/// only if it is a regular file ([`crate::source::discover::check_regular_files`],
-/// and SQLite adds `O_NOFOLLOW`), and nothing below a pattern root is a
-/// link (`check_no_link_below`), so the path, taken as it is, names the
-/// directory of the file and of its `-wal`, `-shm` and `-journal`, as the
-/// resolved one would. Resolving differs only where a link above the root
-/// is changed while the database is open: the side files are then looked
-/// up through the link as it is now, and `SQLITE_FCNTL_HAS_MOVED` (a
-/// snapshot's last check) says the path names another file, where the
-/// resolved path kept naming the old place. A path that is not absolute or
-/// has `.`, `..` or empty components goes to the unix VFS's own method.
-pub fn source_vfs() -> Option<&'static std::ffi::CStr> {
-    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    REGISTERED
-        .get_or_init(|| {
-            // SAFETY: finds the registered unix VFS (SQLite is initialized by
-            // the call); the pointer is valid for the life of the process.
-            let unix = unsafe { ffi::sqlite3_vfs_find(c"unix".as_ptr()) };
-            // SAFETY: a non-null pointer to SQLite's static VFS structure.
-            let Some(base) = (unsafe { unix.as_ref() }) else {
-                return false;
-            };
-            if base.xFullPathname.is_none() || UNIX_FULL_PATHNAME.set(base.xFullPathname).is_err() {
-                return false;
-            }
-            let mut ours = *base;
-            ours.pNext = std::ptr::null_mut();
-            ours.zName = SOURCE_VFS.as_ptr();
-            ours.xFullPathname = Some(full_pathname);
-            // Registered for the life of the process, never as the default:
-            // SQLite keeps the pointer, so the structure is never freed.
-            let ours: &'static mut ffi::sqlite3_vfs = Box::leak(Box::new(ours));
-            // SAFETY: a complete copy of the unix VFS, alive forever.
-            unsafe { ffi::sqlite3_vfs_register(ours, 0) == ffi::SQLITE_OK }
-        })
-        .then_some(SOURCE_VFS)
-}
-
-/// The unix VFS's own `xFullPathname`, for the paths [`full_pathname`]
-/// leaves to it.
-#[allow(clippy::type_complexity)]
-static UNIX_FULL_PATHNAME: std::sync::OnceLock<
-    Option<
-        unsafe extern "C" fn(
-            *mut ffi::sqlite3_vfs,
-            *const std::ffi::c_char,
-            c_int,
-            *mut std::ffi::c_char,
-        ) -> c_int,
-    >,
-> = std::sync::OnceLock::new();
-
-/// Whether `path` is absolute with no empty, `.` or `..` component: what
-/// [`full_pathname`] takes as it is.
-fn plain_absolute(path: &[u8]) -> bool {
-    path.strip_prefix(b"/").is_some_and(|rest| {
-        rest.split(|&b| b == b'/')
-            .all(|c| !matches!(c, b"" | b"." | b".."))
-    })
-}
-
-/// `xFullPathname` of [`SOURCE_VFS`]: a plain absolute path as it is, any
-/// other path through the unix VFS (see [`source_vfs`]).
-unsafe extern "C" fn full_pathname(
-    vfs: *mut ffi::sqlite3_vfs,
-    path: *const std::ffi::c_char,
-    n_out: c_int,
-    out: *mut std::ffi::c_char,
-) -> c_int {
-    // SAFETY: SQLite passes a NUL-terminated path and an output buffer of
-    // `n_out` bytes.
-    let bytes = unsafe { std::ffi::CStr::from_ptr(path) }.to_bytes_with_nul();
-    if plain_absolute(&bytes[..bytes.len() - 1]) && bytes.len() <= n_out.max(0) as usize {
-        // SAFETY: `bytes.len()` bytes fit in `out` (checked above).
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr().cast(), out, bytes.len()) };
-        return ffi::SQLITE_OK;
-    }
-    match UNIX_FULL_PATHNAME.get().copied().flatten() {
-        // SAFETY: the unix VFS's own method, with SQLite's own arguments.
-        Some(unix) => unsafe { unix(vfs, path, n_out, out) },
-        None => ffi::SQLITE_CANTOPEN,
-    }
-}
-
-/// Opens the source database `path` with `flags` through [`source_vfs`]
-/// (the default VFS if it could not be registered).
-pub fn open_source(path: &Path, flags: rusqlite::OpenFlags) -> rusqlite::Result<Connection> {
-    match source_vfs() {
-        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs),
-        None => Connection::open_with_flags(path, flags),
-    }
-}
 
 /// The 16-byte header every SQLite 3 database file starts with.
 pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
@@ -508,7 +394,6 @@ pub(crate) fn writable_from_outside(db: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     #[test]
     fn header_check() {
@@ -528,47 +413,6 @@ mod tests {
         let gone = has_sqlite_header(&t.path().join("missing")).unwrap_err();
         assert_eq!(gone.kind(), io::ErrorKind::NotFound);
         assert!(has_sqlite_header(t.path()).is_err(), "a directory");
-    }
-
-    /// The source VFS takes a plain absolute path as it is, where the unix
-    /// VFS resolves every link on it (one `lstat` per component); any other
-    /// path still goes through the unix VFS's own method.
-    #[test]
-    fn source_connections_take_plain_absolute_paths_as_they_are() {
-        assert!(plain_absolute(b"/a/b.db"));
-        for p in [
-            &b"a/b.db"[..],
-            b"/a//b.db",
-            b"/a/./b.db",
-            b"/a/../b.db",
-            b"/a/",
-            b"/",
-        ] {
-            assert!(!plain_absolute(p), "{}", String::from_utf8_lossy(p));
-        }
-        let t = tempfile::tempdir().unwrap();
-        let real = t.path().join("real");
-        std::fs::create_dir(&real).unwrap();
-        Connection::open(real.join("x.db"))
-            .unwrap()
-            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1);")
-            .unwrap();
-        let link = t.path().join("link");
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
-        let name = |c: &Connection| PathBuf::from(c.path().unwrap());
-        let ours = open_source(&link.join("x.db"), flags).unwrap();
-        assert_eq!(name(&ours), link.join("x.db"), "taken as it is");
-        let n: i64 = ours
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, 1, "read through the link, its WAL beside it");
-        let stock = Connection::open_with_flags(link.join("x.db"), flags).unwrap();
-        let real = real.canonicalize().unwrap();
-        assert_eq!(name(&stock), real.join("x.db"), "the unix VFS resolves it");
-        let dotted = link.join("..").join("link").join("x.db");
-        let resolved = open_source(&dotted, flags).unwrap();
-        assert_eq!(name(&resolved), real.join("x.db"), "`..` is resolved");
     }
 
     /// POSIX locks belong to the process and closing any descriptor of a

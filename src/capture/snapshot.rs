@@ -619,6 +619,8 @@ fn capture_file(
 /// which it never had (the hot tier's generation starts showed it: black-box
 /// probe). One `stat` (SQLite's `SQLITE_FCNTL_HAS_MOVED`).
 fn still_there(source: &Connection, db: &Path) -> Result<()> {
+    #[cfg(test)]
+    tests::BEFORE_CHECK.with(|h| h.borrow_mut().take().map(|f| f()));
     if connection_file(source, db)?.has_moved().at(db)? {
         return Err(Error::invalid(
             db.display(),
@@ -626,7 +628,62 @@ fn still_there(source: &Connection, db: &Path) -> Result<()> {
              (the next cycle copies the file at this path then)",
         ));
     }
+    if !same_wal(source, db)? {
+        return Err(Error::invalid(
+            db.display(),
+            "its -wal or -shm is not the one at its path now (replaced, or its directory \
+             exchanged and back while it was read): not uploading this copy (the next cycle \
+             copies the database as it is then)",
+        ));
+    }
     Ok(())
+}
+
+/// The bytes of a WAL header: magic, format, page size, checkpoint
+/// sequence, the two salts (new at every restart, random) and a checksum.
+const WAL_HEADER: usize = 32;
+
+/// Whether the WAL `source` reads (and the WAL-index it reads it with) are
+/// the ones at `db`'s path now. SQLite opens a database's `-wal` and `-shm`
+/// by name after the file itself, so a directory on the path exchanged for
+/// another tree holding a database of the same name, and exchanged back,
+/// within one snapshot gave one tree's file with the other's WAL frames;
+/// [`still_there`] sees the path as it was (black-box probe N21). Told by
+/// the WAL headers, read now through SQLite's handle and at the path (the
+/// salts differ between any two WALs that did not start as copies of one
+/// another), and by the WAL-index's salts, which are the header's while the
+/// index holds frames. A WAL restarted between the reads makes this say
+/// `false` once; the next cycle copies again. True when the connection has
+/// no WAL open (rollback mode).
+///
+/// The `-wal` at the path is read with a descriptor of our own: SQLite
+/// locks the database file and its `-shm`, never the `-wal`, so closing it
+/// drops no lock of this process.
+fn same_wal(source: &Connection, db: &Path) -> Result<bool> {
+    let Some(ours) = VfsHandle::wal_of(source) else {
+        return Ok(true);
+    };
+    let wal_path = crate::source::discover::wal_path(db);
+    let mut read = [0u8; WAL_HEADER];
+    let n = usize::try_from(ours.size().at(&wal_path)?.clamp(0, WAL_HEADER as i64)).unwrap_or(0);
+    ours.read_exact_at(&mut read[..n], 0).at(&wal_path)?;
+    let mut there = [0u8; WAL_HEADER];
+    let m = match File::open(&wal_path) {
+        Ok(mut f) => read_full(&mut f, &mut there).at(&wal_path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(Error::io(&wal_path, e)),
+    };
+    if read[..n] != there[..m] {
+        return Ok(false);
+    }
+    let index = VfsHandle::of(source).and_then(|f| f.wal_index());
+    Ok(match index {
+        Some(i) if i.max_frame > 0 && n == WAL_HEADER => {
+            let salts = [i.salt[0].to_ne_bytes(), i.salt[1].to_ne_bytes()].concat();
+            salts == read[16..24]
+        }
+        _ => true,
+    })
 }
 
 /// Runs `check` (a `quick_check` of `db`, returning its result and whatever
@@ -1158,6 +1215,10 @@ mod tests {
         /// Runs once in a capture, after the open and before the read.
         pub(super) static BEFORE_READ: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
             std::cell::RefCell::new(None);
+        /// Runs once in a capture, after the read and before its last
+        /// checks ([`still_there`]).
+        pub(super) static BEFORE_CHECK: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+            std::cell::RefCell::new(None);
     }
 
     /// A database emptied between a snapshot's open (which saw its header)
@@ -1571,10 +1632,73 @@ mod tests {
         let wal = crate::source::discover::wal_path;
         std::fs::rename(wal(&db), t.path().join("elsewhere")).unwrap();
         assert!(file_only(&source, &db).unwrap().is_none(), "frames in view");
-        let snap = capture_open(source, &db, "k", t.path()).unwrap();
-        assert_eq!(snap.copied, Copied::InMemory);
-        assert_eq!(restored(&snap, &t.path().join("out.db")).1, 40);
+        // Not the file alone, and not a copy either: the WAL read is no
+        // longer the one at the path ([`same_wal`]); the next cycle copies
+        // the database as it is then.
+        let e = capture_open(source, &db, "k", t.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("its -wal or -shm is not the one at its path"),
+            "{e}"
+        );
         drop(app);
+    }
+
+    /// The directory of a database exchanged for another tree holding a
+    /// database of the same name between the snapshot's open and its read,
+    /// and exchanged back before its end: SQLite opened this tree's file and
+    /// the other tree's `-wal` and `-shm` by name, and the copy held this
+    /// file's pages with the other's frames, a state neither database had,
+    /// while the path named this file again at the last check (black-box
+    /// probe N21). Refused; the database as it is afterwards is copied.
+    #[test]
+    fn a_directory_exchanged_and_back_during_a_snapshot_is_not_uploaded() {
+        let t = tempfile::tempdir().unwrap();
+        let (data, other) = (t.path().join("data"), t.path().join("other"));
+        for (dir, tag) in [(&data, "mine"), (&other, "theirs")] {
+            std::fs::create_dir(dir).unwrap();
+            let app = Connection::open(dir.join("x.db")).unwrap();
+            app.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                true,
+            )
+            .unwrap();
+            app.execute_batch(&format!(
+                "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x);
+                 PRAGMA wal_checkpoint(TRUNCATE); INSERT INTO t VALUES ('{tag}');"
+            ))
+            .unwrap();
+        }
+        let exchange = {
+            let (data, other, swap) = (data.clone(), other.clone(), t.path().join("swap"));
+            move || {
+                std::fs::rename(&data, &swap).unwrap();
+                std::fs::rename(&other, &data).unwrap();
+                std::fs::rename(&swap, &other).unwrap();
+            }
+        };
+        let back = exchange.clone();
+        BEFORE_READ.with(|h| *h.borrow_mut() = Some(Box::new(exchange)));
+        BEFORE_CHECK.with(|h| *h.borrow_mut() = Some(Box::new(back)));
+        let db = data.join("x.db");
+        let e = capture(&db, "k", t.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("its -wal or -shm is not the one at its path"),
+            "{e}"
+        );
+        let snap = capture(&db, "k", t.path()).unwrap();
+        let out = t.path().join("out.db");
+        restored(&snap, &out);
+        let rows: Vec<String> = Connection::open(&out)
+            .unwrap()
+            .prepare("SELECT x FROM t")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(rows, ["mine"]);
     }
 
     /// A small database with frames in its WAL, renamed away with its side

@@ -98,6 +98,32 @@ impl<'f> VfsHandle<'f> {
         unsafe { VfsHandle::new(file) }
     }
 
+    /// The WAL file `conn` reads, as SQLite's VFS has it open
+    /// (`SQLITE_FCNTL_JOURNAL_POINTER`): `None` unless the connection is in
+    /// WAL mode with its WAL open (in rollback mode the pointer is the
+    /// journal's, which a reader never opens).
+    pub fn wal_of(conn: &'f Connection) -> Option<VfsHandle<'f>> {
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        // SAFETY: as in `of`: JOURNAL_POINTER writes one pointer.
+        let rc = unsafe {
+            ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+                (&mut file as *mut *mut ffi::sqlite3_file).cast(),
+            )
+        };
+        let wal_mode = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
+            .is_ok_and(|m| m.eq_ignore_ascii_case("wal"));
+        if rc != ffi::SQLITE_OK || !wal_mode {
+            return None;
+        }
+        // SAFETY: the connection's open WAL file (or a closed one, whose
+        // methods are null: `None`), open while it is borrowed.
+        unsafe { VfsHandle::new(file) }
+    }
+
     /// The open file at `file`, `None` for a null or closed one.
     ///
     /// # Safety

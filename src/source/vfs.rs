@@ -79,23 +79,7 @@ impl<'f> VfsHandle<'f> {
     /// connection's transaction protects, not one renamed over its path
     /// since. `None` if the VFS gives none.
     pub fn of(conn: &'f Connection) -> Option<VfsHandle<'f>> {
-        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-        // SAFETY: the handle is valid while `conn` is borrowed;
-        // FILE_POINTER writes one pointer through the pointer given, which
-        // outlives the call.
-        let rc = unsafe {
-            ffi::sqlite3_file_control(
-                conn.handle(),
-                c"main".as_ptr(),
-                ffi::SQLITE_FCNTL_FILE_POINTER,
-                (&mut file as *mut *mut ffi::sqlite3_file).cast(),
-            )
-        };
-        if rc != ffi::SQLITE_OK {
-            return None;
-        }
-        // SAFETY: the connection's open main file, open while it is borrowed.
-        unsafe { VfsHandle::new(file) }
+        Self::pointer(conn, ffi::SQLITE_FCNTL_FILE_POINTER)
     }
 
     /// The WAL file `conn` reads, as SQLite's VFS has it open
@@ -103,24 +87,34 @@ impl<'f> VfsHandle<'f> {
     /// WAL mode with its WAL open (in rollback mode the pointer is the
     /// journal's, which a reader never opens).
     pub fn wal_of(conn: &'f Connection) -> Option<VfsHandle<'f>> {
+        let wal_mode = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
+            .is_ok_and(|m| m.eq_ignore_ascii_case("wal"));
+        wal_mode
+            .then(|| Self::pointer(conn, ffi::SQLITE_FCNTL_JOURNAL_POINTER))
+            .flatten()
+    }
+
+    /// The file of `conn`'s main database that the file control `op`
+    /// (`FILE_POINTER`, `JOURNAL_POINTER`) names, if open.
+    fn pointer(conn: &'f Connection, op: c_int) -> Option<VfsHandle<'f>> {
         let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-        // SAFETY: as in `of`: JOURNAL_POINTER writes one pointer.
+        // SAFETY: the handle is valid while `conn` is borrowed; both
+        // controls write one pointer through the pointer given, which
+        // outlives the call.
         let rc = unsafe {
             ffi::sqlite3_file_control(
                 conn.handle(),
                 c"main".as_ptr(),
-                ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+                op,
                 (&mut file as *mut *mut ffi::sqlite3_file).cast(),
             )
         };
-        let wal_mode = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
-            .is_ok_and(|m| m.eq_ignore_ascii_case("wal"));
-        if rc != ffi::SQLITE_OK || !wal_mode {
+        if rc != ffi::SQLITE_OK {
             return None;
         }
-        // SAFETY: the connection's open WAL file (or a closed one, whose
-        // methods are null: `None`), open while it is borrowed.
+        // SAFETY: a file of the connection (a closed one has null methods:
+        // `None`), open while it is borrowed.
         unsafe { VfsHandle::new(file) }
     }
 

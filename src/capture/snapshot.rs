@@ -167,6 +167,19 @@ pub struct Snapshot {
     pub compressed_bytes: u64,
     /// When the copy began and was complete (also recorded in the file).
     pub times: SnapshotTimes,
+    /// The fingerprint of the database's files at its path
+    /// ([`crate::source::track::fingerprint_at`]), taken right before the
+    /// last checks that the path names what was read ([`still_there`]):
+    /// what the snapshot holds, for telling it from what the scan saw.
+    pub read: u64,
+}
+
+impl Snapshot {
+    /// The snapshot with [`Snapshot::read`] set.
+    fn read(mut self, read: u64) -> Snapshot {
+        self.read = read;
+        self
+    }
 }
 
 /// A read-only connection to a source database, with the claim on its
@@ -347,7 +360,7 @@ fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Resul
             return capture_small(source, db, key, db_bytes, started);
         }
         let mut copy = backup_in_memory(&source, db)?;
-        still_there(&source, db)?;
+        let read = still_there(&source, db)?;
         drop(source);
         let times = SnapshotTimes {
             started,
@@ -357,7 +370,7 @@ fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Resul
         let data = copy
             .serialize(rusqlite::MAIN_DB)
             .map_err(|e| Error::sqlite(db, e))?;
-        return in_memory(db, key, &data, times, Copied::InMemory);
+        return in_memory(db, key, &data, times, Copied::InMemory).map(|s| s.read(read));
     }
     std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
     if let Some(db_bytes) = file_only(&source, db)? {
@@ -367,7 +380,7 @@ fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Resul
         .at(tmp_dir)?
         .into_temp_path();
     backup_from(&source, db, &copy)?;
-    still_there(&source, db)?;
+    let read = still_there(&source, db)?;
     drop(source);
     let times = SnapshotTimes {
         started,
@@ -391,7 +404,7 @@ fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Resul
         },
         db,
     )?;
-    Ok(snap)
+    Ok(snap.read(read))
 }
 
 /// Compresses the `db_bytes` of `input` (read from `src`) behind the
@@ -418,6 +431,7 @@ fn stage(
         copied,
         db_bytes,
         times,
+        read: 0,
     })
 }
 
@@ -584,8 +598,8 @@ fn capture_file(
             || stage(db, key, input, db_bytes, times, tmp_dir, Copied::Direct),
             db,
         )?;
-        still_there(&source, db)?;
-        return Ok(snap);
+        let read = still_there(&source, db)?;
+        return Ok(snap.read(read));
     }
     check_conn(&source, db, "quick_check").map_err(|e| damaged_copy(db, e))?;
     let file = connection_file(&source, db)?;
@@ -605,8 +619,8 @@ fn capture_file(
         tmp_dir,
         Copied::DirectAfterCheck,
     )?;
-    still_there(&source, db)?;
-    Ok(snap)
+    let read = still_there(&source, db)?;
+    Ok(snap.read(read))
 }
 
 /// Fails unless `db`'s path still names the file `source` has open (not
@@ -618,15 +632,46 @@ fn capture_file(
 /// after a rotation), and its copy was uploaded as this database's state,
 /// which it never had (the hot tier's generation starts showed it: black-box
 /// probe). One `stat` (SQLite's `SQLITE_FCNTL_HAS_MOVED`).
-fn still_there(source: &Connection, db: &Path) -> Result<()> {
+fn still_there(source: &Connection, db: &Path) -> Result<u64> {
     #[cfg(test)]
     tests::BEFORE_CHECK.with(|h| h.borrow_mut().take().map(|f| f()));
-    if connection_file(source, db)?.has_moved().at(db)? {
-        return Err(Error::invalid(
+    // SQLite resolved the path's links when it opened the file, and its
+    // own check (`has_moved`, below) looks at that resolved path: a link
+    // above the pattern root retargeted since is invisible to it
+    // (black-box probe N21). So the path as given must lead to the file at
+    // the resolved one; the fingerprint for [`Snapshot::read`] comes from
+    // that very `stat`.
+    let moved = || {
+        Error::invalid(
             db.display(),
             "was replaced, renamed or deleted while it was copied: not uploading this copy \
              (the next cycle copies the file at this path then)",
-        ));
+        )
+    };
+    let here = match std::fs::symlink_metadata(db) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(moved()),
+        Err(e) => return Err(Error::io(db, e)),
+    };
+    let resolved = source.path().map(PathBuf::from);
+    if let Some(resolved) = resolved.filter(|r| r != db) {
+        use std::os::unix::fs::MetadataExt;
+        let there = std::fs::symlink_metadata(&resolved).at(&resolved)?;
+        if (here.dev(), here.ino()) != (there.dev(), there.ino()) {
+            return Err(Error::invalid(
+                db.display(),
+                format!(
+                    "its path leads to another file now than the one read ({}): a link or \
+                     directory on its path changed while it was read; not uploading this copy \
+                     (the next cycle copies the database as it is then)",
+                    resolved.display()
+                ),
+            ));
+        }
+    }
+    let read = crate::source::track::fingerprint_with(db, &here);
+    if connection_file(source, db)?.has_moved().at(db)? {
+        return Err(moved());
     }
     if !same_wal(source, db)? {
         return Err(Error::invalid(
@@ -636,7 +681,7 @@ fn still_there(source: &Connection, db: &Path) -> Result<()> {
              copies the database as it is then)",
         ));
     }
-    Ok(())
+    Ok(read)
 }
 
 /// The bytes of a WAL header: magic, format, page size, checkpoint
@@ -727,9 +772,9 @@ fn capture_small(
     connection_file(&source, db)?
         .read_exact_at(&mut data, 0)
         .at(db)?;
-    still_there(&source, db)?;
+    let read = still_there(&source, db)?;
     drop(source);
-    in_memory(db, key, &data, times, Copied::DirectInMemory)
+    in_memory(db, key, &data, times, Copied::DirectInMemory).map(|s| s.read(read))
 }
 
 /// A snapshot of `data`, the consistent bytes of `db`, compressed into
@@ -768,6 +813,7 @@ fn in_memory(
         copied,
         db_bytes,
         times,
+        read: 0,
     })
 }
 
@@ -1643,6 +1689,42 @@ mod tests {
             "{e}"
         );
         drop(app);
+    }
+
+    /// A link above the pattern root retargeted while a snapshot read the
+    /// database it led to: SQLite checks the path it resolved at the open,
+    /// which still names the file read, so the copy of the other tree's
+    /// database went out as the state of the database the path leads to
+    /// now (black-box probe N21). Refused.
+    #[test]
+    fn a_link_retargeted_during_a_snapshot_is_seen() {
+        let t = tempfile::tempdir().unwrap();
+        for tree in ["a", "b"] {
+            std::fs::create_dir(t.path().join(tree)).unwrap();
+            Connection::open(t.path().join(tree).join("x.db"))
+                .unwrap()
+                .execute_batch(&format!(
+                    "CREATE TABLE t(x); INSERT INTO t VALUES ('{tree}');"
+                ))
+                .unwrap();
+        }
+        let link = t.path().join("data");
+        let point = {
+            let (root, link) = (t.path().to_path_buf(), link.clone());
+            move |tree: &str| {
+                let tmp = root.join("data.new");
+                std::os::unix::fs::symlink(root.join(tree), &tmp).unwrap();
+                std::fs::rename(&tmp, &link).unwrap();
+            }
+        };
+        point("b");
+        let back = point.clone();
+        BEFORE_CHECK.with(|h| *h.borrow_mut() = Some(Box::new(move || back("a"))));
+        let db = link.join("x.db");
+        let e = capture(&db, "k", t.path()).unwrap_err().to_string();
+        assert!(e.contains("its path leads to another file now"), "{e}");
+        let snap = capture(&db, "k", t.path()).unwrap();
+        assert_eq!(snap.read, crate::source::track::fingerprint_at(&db));
     }
 
     /// The directory of a database exchanged for another tree holding a

@@ -1576,7 +1576,7 @@ fn give_back_freed_memory() {
 #[derive(Debug)]
 enum Snapped {
     /// Uploaded: its compressed size, and the fingerprint of the database's
-    /// files once its snapshot was read ([`crate::source::track::fingerprint_at`]).
+    /// files once its snapshot was read ([`snapshot::Snapshot::read`]).
     Uploaded(u64, u64),
     /// Its header, read at its first snapshot, is not SQLite's.
     NotADatabase,
@@ -1659,9 +1659,7 @@ fn snapshot_one(
             },
         }
     };
-    // What the path holds now: the snapshot checked, at its end, that the
-    // path still named the file it read (`still_there`).
-    let read = crate::source::track::fingerprint_at(path);
+    let read = snap.read;
     // Named by the hour after the copy was complete: an object named `H`
     // holds nothing committed at or after `H`.
     let location = cold::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);

@@ -1044,13 +1044,18 @@ pub fn database_name(name: &OsStr) -> &OsStr {
 /// cannot be read): after a snapshot, what tells whether the snapshot read
 /// the files the scan had seen there.
 pub fn fingerprint_at(db: &Path) -> u64 {
-    let Ok(m) = std::fs::symlink_metadata(db) else {
-        return 0;
-    };
+    match std::fs::symlink_metadata(db) {
+        Ok(m) => fingerprint_with(db, &m),
+        Err(_) => 0,
+    }
+}
+
+/// [`fingerprint_at`] with the database file's metadata `m` taken already.
+pub fn fingerprint_with(db: &Path, m: &Metadata) -> u64 {
     let wal = std::fs::symlink_metadata(crate::source::discover::wal_path(db))
         .ok()
         .filter(|w| w.is_file());
-    fingerprint_of(&m, wal.as_ref(), i128::MAX).0
+    fingerprint_of(m, wal.as_ref(), i128::MAX).0
 }
 
 /// The fingerprint of a database and its `-wal`, and whether either was

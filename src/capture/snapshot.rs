@@ -169,7 +169,7 @@ pub struct Snapshot {
     pub times: SnapshotTimes,
     /// The fingerprint of the database's files at its path
     /// ([`crate::source::track::fingerprint_at`]), taken right before the
-    /// last checks that the path names what was read ([`still_there`]):
+    /// last checks that the path names what was read (`still_there`):
     /// what the snapshot holds, for telling it from what the scan saw.
     pub read: u64,
 }

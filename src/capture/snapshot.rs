@@ -631,7 +631,9 @@ fn capture_file(
 /// at its new path (another database's, or an application's stragglers
 /// after a rotation), and its copy was uploaded as this database's state,
 /// which it never had (the hot tier's generation starts showed it: black-box
-/// probe). One `stat` (SQLite's `SQLITE_FCNTL_HAS_MOVED`).
+/// probe). Checked with the path as given and as SQLite resolved it at the
+/// open (`SQLITE_FCNTL_HAS_MOVED`), and with the WAL ([`same_wal`]); returns
+/// the files' fingerprint for [`Snapshot::read`].
 fn still_there(source: &Connection, db: &Path) -> Result<u64> {
     #[cfg(test)]
     tests::BEFORE_CHECK.with(|h| h.borrow_mut().take().map(|f| f()));
@@ -656,7 +658,11 @@ fn still_there(source: &Connection, db: &Path) -> Result<u64> {
     let resolved = source.path().map(PathBuf::from);
     if let Some(resolved) = resolved.filter(|r| r != db) {
         use std::os::unix::fs::MetadataExt;
-        let there = std::fs::symlink_metadata(&resolved).at(&resolved)?;
+        let there = match std::fs::symlink_metadata(&resolved) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(moved()),
+            Err(e) => return Err(Error::io(&resolved, e)),
+        };
         if (here.dev(), here.ino()) != (there.dev(), there.ino()) {
             return Err(Error::invalid(
                 db.display(),

@@ -168,7 +168,7 @@ pub struct Snapshot {
     /// When the copy began and was complete (also recorded in the file).
     pub times: SnapshotTimes,
     /// The fingerprint of the database's files at its path
-    /// ([`crate::source::track::fingerprint_at`]), taken right before the
+    /// ([`crate::source::track::fingerprint_with`]), taken right before the
     /// last checks that the path names what was read (`still_there`):
     /// what the snapshot holds, for telling it from what the scan saw.
     pub read: u64,
@@ -650,19 +650,16 @@ fn still_there(source: &Connection, db: &Path) -> Result<u64> {
              (the next cycle copies the file at this path then)",
         )
     };
-    let here = match std::fs::symlink_metadata(db) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(moved()),
-        Err(e) => return Err(Error::io(db, e)),
+    // A path that names nothing now: moved away or deleted.
+    let stat = |path: &Path| match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(moved()),
+        m => m.at(path),
     };
+    let here = stat(db)?;
     let resolved = source.path().map(PathBuf::from);
     if let Some(resolved) = resolved.filter(|r| r != db) {
         use std::os::unix::fs::MetadataExt;
-        let there = match std::fs::symlink_metadata(&resolved) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(moved()),
-            Err(e) => return Err(Error::io(&resolved, e)),
-        };
+        let there = stat(&resolved)?;
         if (here.dev(), here.ino()) != (there.dev(), there.ino()) {
             return Err(Error::invalid(
                 db.display(),
@@ -1730,7 +1727,8 @@ mod tests {
         let e = capture(&db, "k", t.path()).unwrap_err().to_string();
         assert!(e.contains("its path leads to another file now"), "{e}");
         let snap = capture(&db, "k", t.path()).unwrap();
-        assert_eq!(snap.read, crate::source::track::fingerprint_at(&db));
+        let now = std::fs::symlink_metadata(&db).unwrap();
+        assert_eq!(snap.read, crate::source::track::fingerprint_with(&db, &now));
     }
 
     /// The directory of a database exchanged for another tree holding a

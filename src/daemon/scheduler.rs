@@ -1603,12 +1603,10 @@ const SNAPSHOT_BATCH: usize = 16;
 enum Captured {
     /// Nothing more to do (written already, or nothing to upload).
     Done(Snapped),
-    /// `snap` goes to the replica as `location`; `read` as in
-    /// [`Snapped::Uploaded`].
+    /// `snap` goes to the replica as `location`.
     Upload {
         snap: snapshot::Snapshot,
         location: object_store::path::Path,
-        read: u64,
     },
 }
 
@@ -1659,7 +1657,6 @@ fn snapshot_one(
             },
         }
     };
-    let read = snap.read;
     // Named by the hour after the copy was complete: an object named `H`
     // holds nothing committed at or after `H`.
     let location = cold::snapshot_path(&replica.prefix, &key, &stem, snap.times.taken);
@@ -1667,17 +1664,16 @@ fn snapshot_one(
         match replica.put_bytes_here(&location, bytes) {
             Ok(true) => {
                 uploaded(path, &location, &snap, bytes.len() as u64);
-                return Ok(Captured::Done(Snapped::Uploaded(bytes.len() as u64, read)));
+                return Ok(Captured::Done(Snapped::Uploaded(
+                    bytes.len() as u64,
+                    snap.read,
+                )));
             }
             Ok(false) => {}
             Err(e) => return Ok(Captured::Done(Snapped::StoreFailed(e))),
         }
     }
-    Ok(Captured::Upload {
-        snap,
-        location,
-        read,
-    })
+    Ok(Captured::Upload { snap, location })
 }
 
 fn uploaded(
@@ -1763,20 +1759,15 @@ async fn upload_batch(
         async move {
             match c? {
                 (_, Captured::Done(outcome)) => Ok(outcome),
-                (
-                    path,
-                    Captured::Upload {
-                        snap,
-                        location,
-                        read,
-                    },
-                ) => match snap.upload(replica, &location).await {
-                    Ok(bytes) => {
-                        uploaded(&path, &location, &snap, bytes);
-                        Ok(Snapped::Uploaded(bytes, read))
+                (path, Captured::Upload { snap, location }) => {
+                    match snap.upload(replica, &location).await {
+                        Ok(bytes) => {
+                            uploaded(&path, &location, &snap, bytes);
+                            Ok(Snapped::Uploaded(bytes, snap.read))
+                        }
+                        Err(e) => Ok(Snapped::StoreFailed(e)),
                     }
-                    Err(e) => Ok(Snapped::StoreFailed(e)),
-                },
+                }
             }
         }
     });

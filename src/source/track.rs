@@ -1040,17 +1040,9 @@ pub fn database_name(name: &OsStr) -> &OsStr {
     OsStr::from_bytes(db)
 }
 
-/// The fingerprint a scan would give the database at `db` now (0 if it
-/// cannot be read): after a snapshot, what tells whether the snapshot read
-/// the files the scan had seen there.
-pub fn fingerprint_at(db: &Path) -> u64 {
-    match std::fs::symlink_metadata(db) {
-        Ok(m) => fingerprint_with(db, &m),
-        Err(_) => 0,
-    }
-}
-
-/// [`fingerprint_at`] with the database file's metadata `m` taken already.
+/// The fingerprint a scan would give the database at `db`, whose file's
+/// metadata is `m`, with its `-wal` as it is now: after a snapshot, what
+/// tells whether the snapshot read the files the scan had seen there.
 pub fn fingerprint_with(db: &Path, m: &Metadata) -> u64 {
     let wal = std::fs::symlink_metadata(crate::source::discover::wal_path(db))
         .ok()

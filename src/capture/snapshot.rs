@@ -706,7 +706,8 @@ const WAL_HEADER: usize = 32;
 ///
 /// The `-wal` at the path is read with a descriptor of our own: SQLite
 /// locks the database file and its `-shm`, never the `-wal`, so closing it
-/// drops no lock of this process.
+/// drops no lock of this process. Opened without blocking and without
+/// following a link (`a_fifo_in_place_of_the_wal_never_blocks_the_last_check`).
 fn same_wal(source: &Connection, db: &Path) -> Result<bool> {
     let Some(ours) = VfsHandle::wal_of(source) else {
         return Ok(true);
@@ -716,7 +717,16 @@ fn same_wal(source: &Connection, db: &Path) -> Result<bool> {
     let n = usize::try_from(ours.size().at(&wal_path)?.clamp(0, WAL_HEADER as i64)).unwrap_or(0);
     ours.read_exact_at(&mut read[..n], 0).at(&wal_path)?;
     let mut there = [0u8; WAL_HEADER];
-    let m = match File::open(&wal_path) {
+    // Never blocked by a FIFO renamed there, never through a link: either
+    // reads no WAL header, and the copy is refused.
+    let opened = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(&wal_path)
+    };
+    let m = match opened {
         Ok(mut f) => read_full(&mut f, &mut there).at(&wal_path)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(Error::io(&wal_path, e)),
@@ -1729,6 +1739,41 @@ mod tests {
         let snap = capture(&db, "k", t.path()).unwrap();
         let now = std::fs::symlink_metadata(&db).unwrap();
         assert_eq!(snap.read, crate::source::track::fingerprint_with(&db, &now));
+    }
+
+    /// A FIFO put in place of the `-wal` while a snapshot reads: the last
+    /// check reads the header at the path, and a FIFO must not block it
+    /// until a writer comes (the snapshot is refused instead).
+    #[test]
+    fn a_fifo_in_place_of_the_wal_never_blocks_the_last_check() {
+        use std::os::unix::ffi::OsStrExt;
+        let t = tempfile::tempdir().unwrap();
+        let (db, app, source) = wal_only_db(t.path());
+        let wal = crate::source::discover::wal_path(&db);
+        let fifo = {
+            let (wal, aside) = (wal.clone(), t.path().join("aside"));
+            move || {
+                std::fs::rename(&wal, aside).unwrap();
+                let c = std::ffi::CString::new(wal.as_os_str().as_bytes()).unwrap();
+                // SAFETY: a valid C string.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            }
+        };
+        drop(source);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = t.path().to_path_buf();
+        std::thread::spawn(move || {
+            BEFORE_CHECK.with(|h| *h.borrow_mut() = Some(Box::new(fifo)));
+            let r = capture(&db, "k", &dir)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = tx.send(r);
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the last check blocked on a FIFO");
+        assert!(r.is_err(), "{r:?}");
+        drop(app);
     }
 
     /// The directory of a database exchanged for another tree holding a

@@ -260,6 +260,55 @@ const FAILURE_LINES_PER_CYCLE: usize = 20;
 /// up to [`FAILURE_LINES_PER_CYCLE`].
 const FAILED_NAMED: usize = 3;
 
+/// Why `replicate --once` failed, for its closing line: what was refused,
+/// failed and unreadable, by count, then the `failing` paths by name (the
+/// first [`FAILED_NAMED`] in order, then how many more), then a failed
+/// retention pass. The names are those of both the failed databases and
+/// the unreadable paths, which is how they are kept: listed under the
+/// failures alone they outnumbered them (black-box probe N22: "5
+/// database(s) failed (a, b, c and 3 more)" with one path unreadable).
+fn once_failed(r: &CycleReport, mut failing: Vec<String>, retention: Option<String>) -> String {
+    let mut parts = Vec::new();
+    if r.refused > 0 {
+        parts.push(format!(
+            "{} database(s) refused for their key (see the \"not backed up\" errors)",
+            r.refused
+        ));
+    }
+    if r.failed > 0 {
+        parts.push(format!(
+            "{} database(s) failed to snapshot or upload (see the warnings)",
+            r.failed
+        ));
+    }
+    if r.scan.errors > 0 {
+        parts.push(format!(
+            "{} path(s) could not be read (see the \"cannot read\" warnings)",
+            r.scan.errors
+        ));
+    }
+    let mut why = Vec::new();
+    if !parts.is_empty() {
+        why.push(format!(
+            "not everything was backed up: {}",
+            parts.join(", ")
+        ));
+    }
+    if r.failed + r.scan.errors > 0 && !failing.is_empty() {
+        failing.sort();
+        let more = failing.len().saturating_sub(FAILED_NAMED);
+        failing.truncate(FAILED_NAMED);
+        if more > 0 {
+            failing.push(format!("and {more} more"));
+        }
+        why.push(format!("failing: {}", failing.join(", ")));
+    }
+    if let Some(e) = retention {
+        why.push(format!("the retention pass failed: {e}"));
+    }
+    why.join("; ")
+}
+
 /// Locks one of the scheduler's tables, going on after a panic poisoned it:
 /// none of them can be left half-updated in a way that loses data (the
 /// worst case is a redundant upload, or a tier decision the next scan makes
@@ -1306,53 +1355,16 @@ impl Replicator {
             // So is a retention pass that failed: the replica keeps what it
             // should have deleted, and a cron job is the only one to tell.
             return if r.failed + r.scan.errors + r.refused > 0 || retention_failed.is_some() {
-                let mut parts = Vec::new();
-                if r.refused > 0 {
-                    parts.push(format!(
-                        "{} database(s) refused for their key (see the \"not backed up\" errors)",
-                        r.refused
-                    ));
-                }
-                if r.failed > 0 {
-                    // Named here too (probe D18: the last line, the one a
-                    // cron mail shows, named none).
-                    let mut names: Vec<String> = lock(&self.failing)
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect();
-                    names.sort();
-                    let more = names.len().saturating_sub(FAILED_NAMED);
-                    names.truncate(FAILED_NAMED);
-                    if more > 0 {
-                        names.push(format!("and {more} more"));
-                    }
-                    let listed = if names.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{}; ", names.join(", "))
-                    };
-                    parts.push(format!(
-                        "{} database(s) failed to snapshot or upload ({listed}see the warnings)",
-                        r.failed,
-                    ));
-                }
-                if r.scan.errors > 0 {
-                    parts.push(format!(
-                        "{} path(s) could not be read (see the \"cannot read\" warnings)",
-                        r.scan.errors
-                    ));
-                }
-                let mut why = Vec::new();
-                if !parts.is_empty() {
-                    why.push(format!(
-                        "not everything was backed up: {}",
-                        parts.join(", ")
-                    ));
-                }
-                if let Some(e) = retention_failed {
-                    why.push(format!("the retention pass failed: {e}"));
-                }
-                Err(Error::invalid("replicate --once", why.join("; ")))
+                // Named here too (probe D18: the last line, the one a cron
+                // mail shows, named none).
+                let failing: Vec<String> = lock(&self.failing)
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                Err(Error::invalid(
+                    "replicate --once",
+                    once_failed(&r, failing, retention_failed),
+                ))
             } else if r.scan.databases == 0 {
                 // A cron job must notice a config that backs up nothing.
                 Err(Error::invalid(
@@ -1777,6 +1789,31 @@ async fn upload_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `replicate --once`'s closing line counts the failed databases and
+    /// the unreadable paths apart, and names them together: a path that
+    /// could not be read is in both the `failing` set and `scan.errors`, so
+    /// names listed under the failures alone outnumbered them (black-box
+    /// probe N22: "5 database(s) failed (a, b, c and 3 more)").
+    #[test]
+    fn the_once_failure_line_names_as_many_paths_as_it_counts() {
+        let mut r = CycleReport {
+            failed: 5,
+            ..Default::default()
+        };
+        r.scan.errors = 1;
+        let names = (0..6).map(|i| format!("/d/{i}.db")).collect();
+        let line = once_failed(&r, names, None);
+        assert_eq!(
+            line,
+            "not everything was backed up: 5 database(s) failed to snapshot or upload (see \
+             the warnings), 1 path(s) could not be read (see the \"cannot read\" warnings); \
+             failing: /d/0.db, /d/1.db, /d/2.db, and 3 more"
+        );
+        let retention = Some("store unreachable".to_string());
+        let only = once_failed(&CycleReport::default(), vec!["/d/x.db".into()], retention);
+        assert_eq!(only, "the retention pass failed: store unreachable");
+    }
 
     /// Which snapshot failures are this host's (logged as such and counted
     /// for `/healthz` as failed uploads): a file under the staging

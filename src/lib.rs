@@ -38,9 +38,10 @@
 //!   ([`source::template`]) and the rule against two databases sharing a
 //!   key ([`source::keys`]), the compact table of tracked databases and
 //!   their fingerprints ([`source::track`]), change notifications
-//!   ([`source::watch`]), hot/cold tiering ([`source::tier`]), and reading
+//!   ([`source::watch`]), hot/cold tiering ([`source::tier`]), reading
 //!   files through SQLite's VFS, which keeps this process's locks
-//!   ([`source::vfs`]).
+//!   ([`source::vfs`]), and opening a database with its directory pinned,
+//!   so its file and side files are one directory's ([`source::pin`]).
 //! * [`capture`]: reading live databases consistently: the cold snapshot
 //!   from the file a read transaction protects, or through the SQLite
 //!   backup API, LZ4-compressed with its recorded times

@@ -21,16 +21,22 @@
 //! transaction and the file is read straight from disk, through SQLite's
 //! VFS (never through a descriptor of our own: closing it would drop every
 //! POSIX lock this process holds on the file, the hot tier's included). A
-//! database up to [`IN_MEMORY_MAX`] (file and `-wal`; almost every database
+//! database of up to [`IN_MEMORY_MAX`] in that view (almost every database
 //! of a fleet) is read into memory through the connection's handle and
 //! compressed there; a larger one is compressed while the check runs, from
 //! a second handle ([`VfsFile`]).
 //!
 //! When the view holds WAL frames (an application wrote since the last
-//! checkpoint), the backup API copies the database: a small one into an
-//! in-memory database, checked and compressed there (no temporary file is
-//! created), a larger one into a temporary file (no journal, no fsync: it
-//! is thrown away), checked and compressed into a second one.
+//! checkpoint), the backup API copies the database: a small one (file and
+//! `-wal` up to [`IN_MEMORY_MAX`]) into an in-memory database, checked and
+//! compressed there (no temporary file is created), a larger one into a
+//! temporary file (no journal, no fsync: it is thrown away), checked and
+//! compressed into a second one.
+//!
+//! The source connection opens the database inside its pinned directory
+//! ([`crate::source::pin`]): the file, `-wal` and `-shm` it reads are one
+//! directory's, whatever the path names meanwhile. The last check
+//! (`still_there`) shows that the path still leads to the file read.
 //!
 //! Every cold snapshot starts with a [`SnapshotTimes`] record in an LZ4
 //! *skippable frame* (which `lz4 -d` and every LZ4 frame decoder skip): when
@@ -66,6 +72,7 @@ use object_store::path::Path as ObjPath;
 use crate::error::IoContext;
 use crate::replica::cold::SnapshotTimes;
 use crate::replica::storage::Replica;
+use crate::source::pin::Pinned;
 use crate::source::shm::ShmClaim;
 use crate::source::vfs::{VfsFile, VfsHandle};
 use crate::{Error, Result};
@@ -186,9 +193,22 @@ impl Snapshot {
 /// `-shm` that it holds while open ([`crate::source::shm`]). Used as the
 /// [`Connection`] it derefs to.
 pub struct ReadOnly {
-    /// Declared first: closed before the claim is released.
+    /// Declared first: closed before the claim is released and the
+    /// directory unpinned.
     conn: Connection,
     _shm: ShmClaim,
+    /// Its directory ([`crate::source::pin`]), where SQLite opens its side
+    /// files by name while the connection lives.
+    dir: Pinned,
+}
+
+impl ReadOnly {
+    /// The path SQLite opened the database at, inside its pinned directory
+    /// ([`Pinned::path`]): where a second handle on the same file is
+    /// opened. Never for messages.
+    pub fn at(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 impl std::ops::Deref for ReadOnly {
@@ -199,24 +219,31 @@ impl std::ops::Deref for ReadOnly {
     }
 }
 
-/// Opens `path` read-only (no checkpoint on close, no WAL deletion).
+/// Opens `path` read-only (no checkpoint on close, no WAL deletion), with
+/// its directory pinned ([`crate::source::pin`]): its `-wal` and `-shm` are
+/// the ones beside the file opened, whatever the path names meanwhile.
 /// Only regular files (see
 /// [`crate::source::discover::check_regular_files`]), and only while this
 /// process has its `-shm` open for no other database
 /// ([`crate::source::shm`]).
 pub fn open_read_only(path: &Path) -> Result<ReadOnly> {
-    let files = crate::source::discover::check_regular_files(path)?;
+    let dir = crate::source::pin::pin(path).map_err(|e| Error::io(path, e))?;
+    let files = crate::source::discover::check_regular_files_at(path, &dir)?;
     let shm = crate::source::shm::claim(path, files)?;
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI,
-    )
-    .map_err(|e| open_failed(path, e))?;
+    let conn = dir
+        .open(
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(|e| open_failed(path, e))?;
     conn.busy_timeout(busy_wait())
         .map_err(|e| Error::sqlite(path, e))?;
-    Ok(ReadOnly { conn, _shm: shm })
+    Ok(ReadOnly {
+        conn,
+        _shm: shm,
+        dir,
+    })
 }
 
 /// The error of a failed open of the database `path`. SQLite says only
@@ -306,10 +333,10 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 ///
 /// When a read transaction sees the database file alone ([`file_only`]),
 /// the file is read directly, checked on that transaction: into memory if
-/// the file and `-wal` together fit in [`IN_MEMORY_MAX`], else compressed
-/// into a staged file in `tmp_dir`. Otherwise the backup API copies it,
-/// into an in-memory database (small) or a temporary file in `tmp_dir`,
-/// where it is checked and compressed.
+/// that version fits in [`IN_MEMORY_MAX`], else compressed into a staged
+/// file in `tmp_dir`. Otherwise the backup API copies it, into an in-memory
+/// database (file and `-wal` together up to [`IN_MEMORY_MAX`]) or a
+/// temporary file in `tmp_dir`, where it is checked and compressed.
 pub fn capture(db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
     let source = open_read_only(db)?;
     if !has_header(&source, db)? {
@@ -351,14 +378,22 @@ pub fn capture_if_sqlite(db: &Path, key: &str, tmp_dir: &Path) -> Result<Option<
 
 /// [`capture`] on `source`, a connection [`open_read_only`] on `db`.
 fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
-    let on_disk = file_len(db)? + file_len(&crate::source::discover::wal_path(db))?;
     let started = Utc::now();
     #[cfg(test)]
     tests::BEFORE_READ.with(|h| h.borrow_mut().take().map(|f| f()));
-    if on_disk <= IN_MEMORY_MAX {
-        if let Some(db_bytes) = file_only(&source, db)? {
+    if let Some(db_bytes) = file_only(&source, db)? {
+        if db_bytes <= IN_MEMORY_MAX {
             return capture_small(source, db, key, db_bytes, started);
         }
+        std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
+        return capture_file(source, db, key, db_bytes, started, tmp_dir);
+    }
+    // WAL frames in view: a copy through the backup API, in memory if the
+    // file and its `-wal` (in the pinned directory, where SQLite reads
+    // them) are small.
+    let at = source.at();
+    let on_disk = file_len(at)? + file_len(&crate::source::discover::wal_path(at))?;
+    if on_disk <= IN_MEMORY_MAX {
         let mut copy = backup_in_memory(&source, db)?;
         let read = still_there(&source, db)?;
         drop(source);
@@ -373,9 +408,6 @@ fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Resul
         return in_memory(db, key, &data, times, Copied::InMemory).map(|s| s.read(read));
     }
     std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
-    if let Some(db_bytes) = file_only(&source, db)? {
-        return capture_file(source, db, key, db_bytes, started, tmp_dir);
-    }
     let copy = NamedTempFile::with_prefix_in("copy-", tmp_dir)
         .at(tmp_dir)?
         .into_temp_path();
@@ -474,9 +506,14 @@ pub fn staged_file(tmp_dir: &Path) -> Result<NamedTempFile> {
 /// handle ([`VfsHandle::of`]).
 pub fn file_only(source: &Connection, db: &Path) -> Result<Option<u64>> {
     let sql = |e| Error::sqlite(db, e);
-    source.execute_batch("BEGIN").map_err(sql)?;
     // The first read starts the transaction (and waits out a busy writer
-    // for BUSY_TIMEOUT).
+    // for BUSY_TIMEOUT). It reads a header field only: a statement that
+    // needs the schema (these pragmas, `quick_check`) run before the
+    // transaction began would load it in a transaction of its own, one
+    // more round of locks and reads per snapshot.
+    source
+        .execute_batch("BEGIN; PRAGMA schema_version;")
+        .map_err(sql)?;
     let pages: i64 = source
         .query_row("PRAGMA page_count", [], |r| r.get(0))
         .map_err(sql)?;
@@ -576,7 +613,7 @@ fn capture_file(
         taken: Utc::now(),
     };
     let moved = |f: Option<VfsHandle>| f.is_none_or(|f| f.has_moved().unwrap_or(true));
-    let beside = VfsFile::open(db).ok().and_then(|mut f| {
+    let beside = VfsFile::open(source.at()).ok().and_then(|mut f| {
         let same = !moved(VfsHandle::of(&source))
             && !moved(f.handle().ok())
             && !moved(VfsHandle::of(&source));
@@ -631,17 +668,24 @@ fn capture_file(
 /// at its new path (another database's, or an application's stragglers
 /// after a rotation), and its copy was uploaded as this database's state,
 /// which it never had (the hot tier's generation starts showed it: black-box
-/// probe). Checked with the path as given and as SQLite resolved it at the
-/// open (`SQLITE_FCNTL_HAS_MOVED`), and with the WAL ([`same_wal`]); returns
-/// the files' fingerprint for [`Snapshot::read`].
-fn still_there(source: &Connection, db: &Path) -> Result<u64> {
+/// probe). Checked with the path as given and as SQLite opened it (in the
+/// pinned directory, [`crate::source::pin`]; `SQLITE_FCNTL_HAS_MOVED`),
+/// and with the WAL ([`same_wal`]); returns the files' fingerprint for
+/// [`Snapshot::read`].
+///
+/// The pin is what makes these checks enough: the file, `-wal` and `-shm`
+/// read are one directory's, so a directory exchanged for another tree and
+/// back during the snapshot gives a copy of one tree's database, never one
+/// tree's file with the other's WAL frames (black-box probe N21), and
+/// the path leading to that file at the end shows it is this database's.
+fn still_there(source: &ReadOnly, db: &Path) -> Result<u64> {
     #[cfg(test)]
     tests::BEFORE_CHECK.with(|h| h.borrow_mut().take().map(|f| f()));
-    // SQLite resolved the path's links when it opened the file, and its
-    // own check (`has_moved`, below) looks at that resolved path: a link
-    // above the pattern root retargeted since is invisible to it
-    // (black-box probe N21). So the path as given must lead to the file at
-    // the resolved one; the fingerprint for [`Snapshot::read`] comes from
+    // SQLite's own check (`has_moved`, below) looks at the path it opened:
+    // in the pinned directory, or with the links SQLite resolved at the
+    // open. A directory or link on the path changed since is invisible to
+    // it (black-box probe N21). So the path as given must lead to the file
+    // at the opened one; the fingerprint for [`Snapshot::read`] comes from
     // that very `stat`.
     let moved = || {
         Error::invalid(
@@ -656,21 +700,37 @@ fn still_there(source: &Connection, db: &Path) -> Result<u64> {
         m => m.at(path),
     };
     let here = stat(db)?;
-    let resolved = source.path().map(PathBuf::from);
-    if let Some(resolved) = resolved.filter(|r| r != db) {
-        use std::os::unix::fs::MetadataExt;
-        let there = stat(&resolved)?;
-        if (here.dev(), here.ino()) != (there.dev(), there.ino()) {
-            return Err(Error::invalid(
-                db.display(),
-                format!(
-                    "its path leads to another file now than the one read ({}): a link or \
-                     directory on its path changed while it was read; not uploading this copy \
-                     (the next cycle copies the database as it is then)",
-                    resolved.display()
-                ),
-            ));
+    use std::os::unix::fs::MetadataExt;
+    // The file read: in the pinned directory, one lookup relative to its
+    // descriptor; else at the path SQLite resolved, named in the message
+    // (a pinned path names a descriptor, nothing a reader can look at).
+    let (read_id, shown) = if source.dir.is_pinned() {
+        match source.dir.lstat("") {
+            Ok(e) => (Some(e.id), String::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(moved()),
+            Err(e) => return Err(Error::io(db, e)),
         }
+    } else {
+        match source.path().map(PathBuf::from).filter(|r| r != db) {
+            Some(r) => {
+                let there = stat(&r)?;
+                (
+                    Some((there.dev(), there.ino())),
+                    format!(" ({})", r.display()),
+                )
+            }
+            None => (None, String::new()),
+        }
+    };
+    if read_id.is_some_and(|id| id != (here.dev(), here.ino())) {
+        return Err(Error::invalid(
+            db.display(),
+            format!(
+                "its path leads to another file now than the one read{shown}: a link or \
+                 directory on its path changed while it was read; not uploading this copy \
+                 (the next cycle copies the database as it is then)"
+            ),
+        ));
     }
     let read = crate::source::track::fingerprint_with(db, &here);
     if connection_file(source, db)?.has_moved().at(db)? {
@@ -1777,30 +1837,20 @@ mod tests {
     }
 
     /// The directory of a database exchanged for another tree holding a
-    /// database of the same name between the snapshot's open and its read,
-    /// and exchanged back before its end: SQLite opened this tree's file and
-    /// the other tree's `-wal` and `-shm` by name, and the copy held this
-    /// file's pages with the other's frames, a state neither database had,
-    /// while the path named this file again at the last check (black-box
-    /// probe N21). Refused; the database as it is afterwards is copied.
+    /// database of the same name between the snapshot's open and its read:
+    /// SQLite opened this tree's file and, without the pin, the other
+    /// tree's `-wal` and `-shm` by name, and the copy held this file's pages
+    /// with the other's frames, a state neither database had, while the
+    /// path named this file again at the last check (black-box probe N21).
+    /// With the directory pinned the copy is this tree's database alone;
+    /// exchanged back before the end, it is uploaded, and left exchanged,
+    /// refused (the path leads to the other tree's file).
     #[test]
-    fn a_directory_exchanged_and_back_during_a_snapshot_is_not_uploaded() {
+    fn a_directory_exchanged_during_a_snapshot_gives_one_trees_copy_or_none() {
         let t = tempfile::tempdir().unwrap();
         let (data, other) = (t.path().join("data"), t.path().join("other"));
-        for (dir, tag) in [(&data, "mine"), (&other, "theirs")] {
-            std::fs::create_dir(dir).unwrap();
-            let app = Connection::open(dir.join("x.db")).unwrap();
-            app.set_db_config(
-                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-                true,
-            )
-            .unwrap();
-            app.execute_batch(&format!(
-                "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x);
-                 PRAGMA wal_checkpoint(TRUNCATE); INSERT INTO t VALUES ('{tag}');"
-            ))
-            .unwrap();
-        }
+        crate::source::pin::test_trees::tagged(&data, "mine");
+        crate::source::pin::test_trees::tagged(&other, "theirs");
         let exchange = {
             let (data, other, swap) = (data.clone(), other.clone(), t.path().join("swap"));
             move || {
@@ -1810,26 +1860,23 @@ mod tests {
             }
         };
         let back = exchange.clone();
-        BEFORE_READ.with(|h| *h.borrow_mut() = Some(Box::new(exchange)));
+        BEFORE_READ.with(|h| *h.borrow_mut() = Some(Box::new(exchange.clone())));
         BEFORE_CHECK.with(|h| *h.borrow_mut() = Some(Box::new(back)));
         let db = data.join("x.db");
-        let e = capture(&db, "k", t.path()).unwrap_err().to_string();
-        assert!(
-            e.contains("its -wal or -shm is not the one at its path"),
-            "{e}"
-        );
+        let rows = |snap: &Snapshot| {
+            let out = t.path().join("out.db");
+            let _ = std::fs::remove_file(&out);
+            restored(snap, &out);
+            crate::source::pin::test_trees::rows(&Connection::open(&out).unwrap())
+        };
         let snap = capture(&db, "k", t.path()).unwrap();
-        let out = t.path().join("out.db");
-        restored(&snap, &out);
-        let rows: Vec<String> = Connection::open(&out)
-            .unwrap()
-            .prepare("SELECT x FROM t")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(rows, ["mine"]);
+        assert_eq!(rows(&snap), ["mine"], "this tree's file and frames");
+        BEFORE_READ.with(|h| *h.borrow_mut() = Some(Box::new(exchange.clone())));
+        let e = capture(&db, "k", t.path()).unwrap_err().to_string();
+        assert!(e.contains("leads to another file now"), "{e}");
+        assert!(!e.contains("/proc/"), "no descriptor path: {e}");
+        exchange();
+        assert_eq!(rows(&capture(&db, "k", t.path()).unwrap()), ["mine"]);
     }
 
     /// A small database with frames in its WAL, renamed away with its side

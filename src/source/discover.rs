@@ -22,7 +22,6 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, Metadata};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use globset::{GlobBuilder, GlobMatcher};
@@ -64,26 +63,45 @@ pub fn shm_path(db: &Path) -> PathBuf {
 /// Returns what the checks saw of the database and its `-shm`, for
 /// [`crate::source::shm::claim`].
 pub fn check_regular_files(db: &Path) -> crate::Result<SourceFiles> {
+    check_regular_files_at(db, &crate::source::pin::Pinned::as_given(db))
+}
+
+/// [`check_regular_files`] of the database `db` with its files looked up
+/// where SQLite opens them: in its pinned directory
+/// ([`crate::source::pin`]). Errors name `db`'s files.
+pub fn check_regular_files_at(
+    db: &Path,
+    at: &crate::source::pin::Pinned,
+) -> crate::Result<SourceFiles> {
     if let Some(why) = path_too_long(db) {
         return Err(crate::Error::invalid(db.display(), why));
     }
-    let check = |path: &Path| match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => Ok(Some((m.dev(), m.ino()))),
-        Ok(m) => Err(not_regular_error(path, &m)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        // A side file whose name is longer than the file system allows
-        // cannot exist: a database named 248-251 bytes has a `-wal` but no
-        // possible `-journal`, and SQLite uses it (black-box probe: such
-        // databases were never backed up).
-        Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) && path != db => Ok(None),
-        Err(e) => Err(crate::Error::io(path, e)),
+    let check = |suffix: &str| {
+        let named = side_path(db, suffix);
+        match at.lstat(suffix) {
+            Ok(e) if e.regular => Ok(Some(e.id)),
+            // Looked at again for the words: what kind of file it is.
+            Ok(_) => Err(match fs::symlink_metadata(side_path(at.path(), suffix)) {
+                Ok(m) => not_regular_error(&named, &m),
+                Err(e) => crate::Error::io(&named, e),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // A side file whose name is longer than the file system allows
+            // cannot exist: a database named 248-251 bytes has a `-wal` but
+            // no possible `-journal`, and SQLite uses it (black-box probe:
+            // such databases were never backed up).
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) && !suffix.is_empty() => {
+                Ok(None)
+            }
+            Err(e) => Err(crate::Error::io(&named, e)),
+        }
     };
     let mut files = SourceFiles {
-        db: check(db)?,
+        db: check("")?,
         shm: None,
     };
     for suffix in AUX_SUFFIXES {
-        let seen = check(&side_path(db, suffix))?;
+        let seen = check(suffix)?;
         if suffix == "-shm" {
             files.shm = seen;
         }

@@ -7,7 +7,8 @@
 //! database for its key: one another database renders, or one `restore`
 //! would refuse ([`keys`]), the compact table of tracked
 //! databases with their change fingerprints ([`track`]), reading files
-//! through SQLite's VFS without dropping this process's locks ([`vfs`]), the
+//! through SQLite's VFS without dropping this process's locks ([`vfs`]),
+//! opening a database with its directory pinned ([`pin`]), the
 //! rule that this process opens each `-shm` for one database at a time
 //! ([`shm`]), change
 //! notifications that name the databases to re-check between scans
@@ -22,6 +23,7 @@ pub mod compat;
 pub mod config;
 pub mod discover;
 pub mod keys;
+pub mod pin;
 pub mod shm;
 pub mod template;
 pub mod tier;

@@ -1,0 +1,399 @@
+//! Opening a source database with its directory pinned: the file, its
+//! `-wal` and its `-shm` all come from one directory, whatever happens to
+//! the path while the connection is open.
+//!
+//! SQLite opens a database's file when the connection opens, and its
+//! `-wal` and `-shm` by name later, at the first read transaction, each
+//! looked up from the path again. A directory on the path exchanged for
+//! another tree holding a database of the same name between those lookups
+//! gave a snapshot of one tree's file with the other tree's WAL frames: a
+//! state neither database ever had, restored with exit 0 and a clean
+//! `integrity_check` (black-box probe N21: 35-46 of 150 snapshots mixed
+//! with directories exchanged back and forth without pause; 3-4 of 150
+//! still after the snapshot's last checks, which look the path up anew
+//! too and can be passed by an adversary flipping fast enough).
+//!
+//! So a snapshot's connection opens `/proc/<pid>/fd/<d>/<name>`, where `d`
+//! is a descriptor of the database's directory opened just before
+//! ([`pin`]): the kernel resolves `/proc/<pid>/fd/<d>` to that very
+//! directory at every lookup, so SQLite's later opens of `<name>-wal` and
+//! `<name>-shm` find the files beside the file it opened, never another
+//! tree's. What the snapshot reads is then one directory's database; its
+//! last check ([`crate::capture::snapshot`]) only has to show that the path
+//! still leads to the file read.
+//!
+//! SQLite's unix VFS would undo the pin: it resolves every link on a path
+//! it opens (one `lstat` per component, and `/proc/<pid>/fd/<d>` is a link
+//! that reads as the directory's path *now*). So these connections open
+//! through the unix VFS registered once more under another name
+//! ([`SOURCE_VFS`]) whose `xFullPathname` takes a plain absolute path as
+//! it is. Its other methods are the unix VFS's own, so files opened
+//! through either share its per-inode state (locks, the WAL-index
+//! mapping): a connection of this process closing keeps the locks of
+//! another, as [`crate::source::vfs`] requires. The pinned path is short
+//! and skips the per-component `lstat`s (11 for
+//! `/data/p/databases/d/branches/b/tenants/t.db`), which were about a
+//! sixth of the system calls of a small database's snapshot.
+//!
+//! SQLite keeps one name of a database's `-shm` per process (the first
+//! connection's, in its per-inode state), which may then be a pinned path
+//! whose descriptor is closed or reused. It uses that name once only: to
+//! delete the `-shm` when the last connection of the process closes after
+//! checkpointing the whole WAL under an exclusive lock. Litefleet's
+//! connections never do: snapshot connections are read-only, and hot
+//! streams close without checkpointing (`SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`,
+//! [`crate::capture::ship`]).
+//!
+//! Cost: one descriptor per open snapshot connection, held until the
+//! connection is closed. Where `/proc/self/fd` is not there (not Linux,
+//! no procfs), connections open the path as given, as before.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use rusqlite::{ffi, Connection, OpenFlags};
+
+/// The name of the VFS pinned connections open with: SQLite's unix VFS
+/// registered once more, its `xFullPathname` taking plain absolute paths
+/// as they are (see the module docs).
+pub const SOURCE_VFS: &CStr = c"litefleet-pinned";
+
+/// A database's path with its directory held open: [`Pinned::path`] names
+/// the database inside that directory for as long as this lives.
+#[derive(Debug)]
+pub struct Pinned {
+    /// The directory, opened with `O_PATH` (search permission is enough,
+    /// as for the path itself); `None` where pinning is not available.
+    dir: Option<OwnedFd>,
+    /// `/proc/<pid>/fd/<dir>/<name>`, or the path as given without `dir`.
+    path: PathBuf,
+    /// The database's file name, for lookups relative to `dir`.
+    name: std::ffi::OsString,
+}
+
+/// What `lstat` says of a file: its identity and whether it is a regular
+/// file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// (device, inode).
+    pub id: (u64, u64),
+    /// A regular file (not a link, FIFO, directory, socket or device).
+    pub regular: bool,
+}
+
+/// Pins the directory of `db` ([`Pinned`]): opened now, through the path as
+/// it is now. Fails with the directory's open error (`NotFound` if it is
+/// gone, as the database's own open would). Without `/proc/self/fd`, or
+/// for a path without a file name, the path is kept as it is.
+pub fn pin(db: &Path) -> io::Result<Pinned> {
+    let Some(name) = db.file_name().filter(|_| available()) else {
+        return Ok(Pinned::as_given(db));
+    };
+    let parent = match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let c = CString::new(parent.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a NUL-terminated path; the descriptor returned is ours.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    // `/proc/<pid>`, not `/proc/self`: one link less to follow at every
+    // lookup SQLite makes (the process's threads share its descriptors).
+    let mut path = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        dir.as_raw_fd()
+    ));
+    path.push(name);
+    Ok(Pinned {
+        dir: Some(dir),
+        path,
+        name: name.to_owned(),
+    })
+}
+
+impl Pinned {
+    /// `db` as given, nothing pinned: for connections that resolve their
+    /// path the stock way.
+    pub fn as_given(db: &Path) -> Pinned {
+        Pinned {
+            dir: None,
+            path: db.to_path_buf(),
+            name: Default::default(),
+        }
+    }
+
+    /// `lstat` of the database's file with `suffix` (`""`, `"-wal"`, ...):
+    /// in the pinned directory, relative to its descriptor (one lookup,
+    /// where a path through `/proc` costs several and a `procfs` lookup
+    /// each: `perf` of a cold cycle over 3,000 small databases put path
+    /// walks at 12% of its samples with them, 8.5% before the pin); at the
+    /// path as given when not pinned.
+    pub fn lstat(&self, suffix: &str) -> io::Result<Entry> {
+        let Some(dir) = &self.dir else {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            let m = std::fs::symlink_metadata(path)?;
+            use std::os::unix::fs::MetadataExt;
+            return Ok(Entry {
+                id: (m.dev(), m.ino()),
+                regular: m.file_type().is_file(),
+            });
+        };
+        let mut name = self.name.as_bytes().to_vec();
+        name.extend_from_slice(suffix.as_bytes());
+        let c = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: a valid directory descriptor, a NUL-terminated name and
+        // room for one `stat`, filled in on success.
+        let rc = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: filled in by the successful call.
+        let st = unsafe { st.assume_init() };
+        #[allow(clippy::unnecessary_cast)] // u64 on some targets, not all
+        Ok(Entry {
+            id: (st.st_dev as u64, st.st_ino as u64),
+            regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        })
+    }
+
+    /// The path to open and look the database's files up at: inside the
+    /// pinned directory. Never for messages (it names a descriptor).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the directory is pinned (else [`Pinned::path`] is the path
+    /// as given).
+    pub fn is_pinned(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// Opens a connection on the pinned path with `flags`, through
+    /// [`SOURCE_VFS`] (SQLite's default VFS when not pinned, or if it could
+    /// not be registered). The connection must be closed before `self` is
+    /// dropped: SQLite opens the side files by this path whenever it needs
+    /// them.
+    pub fn open(&self, flags: OpenFlags) -> rusqlite::Result<Connection> {
+        match source_vfs().filter(|_| self.is_pinned()) {
+            Some(vfs) => Connection::open_with_flags_and_vfs(&self.path, flags, vfs),
+            None => Connection::open_with_flags(&self.path, flags),
+        }
+    }
+}
+
+/// Whether this process can name its descriptors by path
+/// (`/proc/self/fd`), checked once.
+fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir() && source_vfs().is_some())
+}
+
+/// SQLite's unix VFS, registered once more as [`SOURCE_VFS`] with its
+/// `xFullPathname` replaced by [`full_pathname`]: `None` if it cannot be
+/// registered. Never the default VFS.
+fn source_vfs() -> Option<&'static CStr> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            // SAFETY: initializes SQLite if needed and finds its registered
+            // unix VFS; the pointer is valid for the life of the process.
+            let unix = unsafe {
+                ffi::sqlite3_initialize();
+                ffi::sqlite3_vfs_find(c"unix".as_ptr())
+            };
+            // SAFETY: a non-null pointer to SQLite's static VFS structure.
+            let Some(base) = (unsafe { unix.as_ref() }) else {
+                return false;
+            };
+            if base.xFullPathname.is_none() || UNIX_FULL_PATHNAME.set(base.xFullPathname).is_err() {
+                return false;
+            }
+            let mut ours = *base;
+            ours.pNext = std::ptr::null_mut();
+            ours.zName = SOURCE_VFS.as_ptr();
+            ours.xFullPathname = Some(full_pathname);
+            // SQLite keeps the pointer for the life of the process: leaked.
+            let ours: &'static mut ffi::sqlite3_vfs = Box::leak(Box::new(ours));
+            // SAFETY: a complete copy of the unix VFS, alive forever.
+            unsafe { ffi::sqlite3_vfs_register(ours, 0) == ffi::SQLITE_OK }
+        })
+        .then_some(SOURCE_VFS)
+}
+
+/// The signature of a VFS's `xFullPathname`.
+type FullPathname =
+    unsafe extern "C" fn(*mut ffi::sqlite3_vfs, *const c_char, c_int, *mut c_char) -> c_int;
+
+/// The unix VFS's own `xFullPathname`, for the paths [`full_pathname`]
+/// leaves to it.
+static UNIX_FULL_PATHNAME: OnceLock<Option<FullPathname>> = OnceLock::new();
+
+/// Whether `path` is absolute with no empty, `.` or `..` component: what
+/// [`full_pathname`] takes as it is.
+fn plain_absolute(path: &[u8]) -> bool {
+    path.strip_prefix(b"/").is_some_and(|rest| {
+        rest.split(|&b| b == b'/')
+            .all(|c| !matches!(c, b"" | b"." | b".."))
+    })
+}
+
+/// `xFullPathname` of [`SOURCE_VFS`]: a plain absolute path (a pinned one)
+/// as it is, any other through the unix VFS's own method.
+unsafe extern "C" fn full_pathname(
+    vfs: *mut ffi::sqlite3_vfs,
+    path: *const c_char,
+    n_out: c_int,
+    out: *mut c_char,
+) -> c_int {
+    // SAFETY: SQLite passes a NUL-terminated path and an output buffer of
+    // `n_out` bytes.
+    let bytes = unsafe { CStr::from_ptr(path) }.to_bytes_with_nul();
+    if plain_absolute(&bytes[..bytes.len() - 1]) && bytes.len() <= n_out.max(0) as usize {
+        // SAFETY: `bytes.len()` bytes fit in `out` (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr().cast(), out, bytes.len()) };
+        return ffi::SQLITE_OK;
+    }
+    match UNIX_FULL_PATHNAME.get().copied().flatten() {
+        // SAFETY: the unix VFS's own method, with SQLite's own arguments.
+        Some(unix) => unsafe { unix(vfs, path, n_out, out) },
+        None => ffi::SQLITE_CANTOPEN,
+    }
+}
+
+/// Trees of one database each, for tests of paths changing under a
+/// snapshot.
+#[cfg(test)]
+pub(crate) mod test_trees {
+    use std::path::Path;
+
+    use rusqlite::Connection;
+
+    /// A new directory `dir` with a WAL database `x.db` whose table is in
+    /// the file and whose one row, `tag`, is in the WAL only.
+    pub(crate) fn tagged(dir: &Path, tag: &str) {
+        std::fs::create_dir(dir).unwrap();
+        let app = Connection::open(dir.join("x.db")).unwrap();
+        app.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .unwrap();
+        app.execute_batch(&format!(
+            "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x);
+             PRAGMA wal_checkpoint(TRUNCATE); INSERT INTO t VALUES ('{tag}');"
+        ))
+        .unwrap();
+    }
+
+    /// The rows of such a database.
+    pub(crate) fn rows(c: &Connection) -> Vec<String> {
+        c.prepare("SELECT x FROM t")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_trees::{rows, tagged};
+    use super::*;
+
+    /// A directory exchanged for another tree after the open and before the
+    /// first read: a pinned connection reads its own directory's WAL; the
+    /// path as given, opened the stock way, reads the file it opened with
+    /// the other tree's WAL (what probe N21's mixed snapshots were made of).
+    #[test]
+    fn a_pinned_connection_reads_its_directorys_wal_whatever_the_path_names_later() {
+        let t = tempfile::tempdir().unwrap();
+        let (data, other, swap) = (
+            t.path().join("data"),
+            t.path().join("other"),
+            t.path().join("swap"),
+        );
+        tagged(&data, "mine");
+        tagged(&other, "theirs");
+        let db = data.join("x.db");
+        let exchange = || {
+            std::fs::rename(&data, &swap).unwrap();
+            std::fs::rename(&other, &data).unwrap();
+            std::fs::rename(&swap, &other).unwrap();
+        };
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY;
+        // The stock connection holds `mine`'s file and reads `theirs`' WAL
+        // (same schema, so its row).
+        let stock = Connection::open_with_flags(&db, flags).unwrap();
+        exchange();
+        assert_eq!(rows(&stock), ["theirs"], "mixed without the pin");
+        drop(stock);
+        exchange();
+        let pinned = pin(&db).unwrap();
+        assert!(pinned.is_pinned(), "/proc/self/fd is there on Linux");
+        let ours = pinned.open(flags).unwrap();
+        exchange();
+        assert_eq!(
+            rows(&ours),
+            ["mine"],
+            "file and WAL of the pinned directory"
+        );
+        drop(ours);
+        exchange();
+        let gone = pin(&t.path().join("nowhere").join("x.db")).unwrap_err();
+        assert_eq!(gone.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// Pinned paths are taken as they are; any other path still goes
+    /// through the unix VFS's own method.
+    #[test]
+    fn only_plain_absolute_paths_are_taken_as_they_are() {
+        assert!(plain_absolute(b"/proc/4242/fd/7/x.db"));
+        for p in [
+            &b"a/b.db"[..],
+            b"/a//b.db",
+            b"/a/./b.db",
+            b"/a/../b.db",
+            b"/a/",
+            b"/",
+        ] {
+            assert!(!plain_absolute(p), "{}", String::from_utf8_lossy(p));
+        }
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("x.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES ('a');")
+            .unwrap();
+        let dotted = t.path().join(".").join("x.db");
+        let pinned = pin(&dotted).unwrap();
+        let c = pinned.open(OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        assert_eq!(rows(&c), ["a"]);
+        let proc_fd = format!("/proc/{}/fd/", std::process::id());
+        assert!(c.path().unwrap().starts_with(&proc_fd));
+    }
+}

@@ -101,6 +101,7 @@ use crate::replica::pack::Part;
 use crate::replica::storage::Replica;
 use crate::source::config::MultiDb;
 use crate::source::discover::{not_regular_error, shm_path, wal_path};
+use crate::source::pin::Pinned;
 use crate::source::shm::{ShmClaim, SourceFiles};
 use crate::stats::Stats;
 use crate::{Error, Result};
@@ -300,6 +301,9 @@ pub struct Shipper {
     /// This process's claim on the `-shm` of `conn` (declared after it:
     /// released once the connection is closed).
     _shm: ShmClaim,
+    /// The database's directory, pinned while `conn` (declared before it)
+    /// lives: SQLite opens the side files there ([`crate::source::pin`]).
+    _dir: Pinned,
 }
 
 /// The database file's size, modification and change times (ns), and the
@@ -401,21 +405,31 @@ fn disable_lookaside(conn: &Connection) {
     }
 }
 
-/// Opens the stream's connection to `db`, with the claim on its `-shm`
-/// ([`crate::source::shm`]) that must outlive it.
-fn open_conn(db: &Path) -> Result<(Connection, ShmClaim)> {
+/// Opens the stream's connection to `db` inside its pinned directory
+/// ([`crate::source::pin`]), with the claim on its `-shm`
+/// ([`crate::source::shm`]) and the pin, both of which must outlive it.
+///
+/// Pinned, SQLite's file, `-wal` and `-shm` are one directory's: a
+/// directory of the path exchanged for another tree between the open and
+/// the first read gave a connection on one tree's file with the other
+/// tree's WAL, whose generation snapshots and WAL parts restored rows of
+/// both trees, exit 0 (black-box probe N22, both before and after the
+/// cold tier's pin); its checkpoints would write one tree's frames into
+/// the other's file.
+fn open_conn(db: &Path) -> Result<(Connection, ShmClaim, Pinned)> {
+    let dir = crate::source::pin::pin(db).map_err(|e| Error::io(db, e))?;
     // Only regular files: SQLite would open the `-wal` beside a link's
     // target while we read the one beside the link, and a FIFO blocks the
     // open (see `check_regular_files`).
-    let files = crate::source::discover::check_regular_files(db)?;
+    let files = crate::source::discover::check_regular_files_at(db, &dir)?;
     let shm = crate::source::shm::claim(db, files)?;
     // Read-write (a checkpoint needs it) but never create: a database deleted
     // under us must not come back as an empty file.
-    let conn = Connection::open_with_flags(
-        db,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| snapshot::open_failed(db, e))?;
+    let conn = dir
+        .open(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| snapshot::open_failed(db, e))?;
+    #[cfg(test)]
+    tests::run(&tests::AFTER_OPEN);
     // Before any statement: the first read would delete the `-wal` of an
     // emptied file (see `snapshot::has_header`).
     if !snapshot::has_header(&conn, db)? {
@@ -435,7 +449,7 @@ fn open_conn(db: &Path) -> Result<(Connection, ShmClaim)> {
     conn.busy_timeout(WRITE_LOCK_WAIT).map_err(sqlite(db))?;
     conn.pragma_update(None, "cache_size", CACHE_PAGES)
         .map_err(sqlite(db))?;
-    Ok((conn, shm))
+    Ok((conn, shm, dir))
 }
 
 /// Number of commit frames in `frames` (whole frames of `page_size` pages).
@@ -520,8 +534,18 @@ impl Shipper {
                 ),
             ));
         }
-        let ident = identity(db).at(db)?;
-        let (conn, mut shm) = open_conn(db)?;
+        let (conn, mut shm, pinned) = open_conn(db)?;
+        #[cfg(test)]
+        tests::run(&tests::AFTER_FIRST_READ);
+        // The files SQLite opened: in the pinned directory, whatever the
+        // path names now (each read compares the path's files with these).
+        let ident = pinned.lstat("").at(db)?.id;
+        if crate::source::vfs::VfsHandle::of(&conn).is_none_or(|f| f.has_moved().unwrap_or(true)) {
+            return Err(Error::invalid(
+                db.display(),
+                "was replaced or renamed while the stream opened it; tried again later",
+            ));
+        }
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(sqlite(db))?;
@@ -541,9 +565,9 @@ impl Shipper {
         // That read opened (or created) both side files; they stay open
         // while the connection is.
         let wal = wal_path(db);
-        let shm_id = identity(&shm_path(db)).ok();
-        let side = match (identity(&wal), shm_id) {
-            (Ok(w), Some(m)) => Some([w, m]),
+        let shm_id = pinned.lstat("-shm").ok().map(|e| e.id);
+        let side = match (pinned.lstat("-wal"), shm_id) {
+            (Ok(w), Some(m)) => Some([w.id, m]),
             _ => None,
         };
         // The `-shm` SQLite opened is, as far as a `stat` can tell, the one
@@ -582,6 +606,7 @@ impl Shipper {
             opened_mode,
             file_seen: None,
             _shm: shm,
+            _dir: pinned,
         })
     }
 
@@ -2198,6 +2223,15 @@ mod tests {
             const { std::cell::Cell::new(false) };
         pub(super) static FAIL_READ_AFTER_CHECKPOINT: std::cell::Cell<bool> =
             const { std::cell::Cell::new(false) };
+        /// Runs once in [`Shipper::open`], after the connection opened the
+        /// database file and before its first read (the schema, for
+        /// `cache_size`) opens the side files.
+        pub(super) static AFTER_OPEN: RefCell<Option<Box<dyn FnOnce()>>> =
+            RefCell::new(None);
+        /// Runs once in [`Shipper::open`], after the first read, before the
+        /// files' identities are taken.
+        pub(super) static AFTER_FIRST_READ: RefCell<Option<Box<dyn FnOnce()>>> =
+            RefCell::new(None);
         /// Runs once in a generation start, after its copy of the database.
         pub(super) static AFTER_START_COPY: RefCell<Option<Box<dyn FnOnce()>>> =
             RefCell::new(None);
@@ -2891,5 +2925,36 @@ mod tests {
         assert!(s.begin_generation(dir.path()).is_err());
         assert!(s.generation().is_none());
         assert!(s.snapshot.is_none() && s.meta.is_none() && !s.meta_dirty);
+    }
+
+    /// The directory of a hot database exchanged for another tree holding
+    /// a database of the same name between the stream's open and its first
+    /// read, and back before the stream took its side files' identities:
+    /// SQLite opened this tree's file and, unpinned, the other tree's
+    /// `-wal` and `-shm` by name, every later identity check at the path
+    /// passed, and the generation snapshot (and the parts after it) held
+    /// rows of both trees, restored with exit 0 (black-box probe N22). With
+    /// the directory pinned the connection reads this tree alone.
+    #[test]
+    fn a_directory_exchanged_while_a_stream_opens_gives_one_trees_generation() {
+        use crate::source::pin::test_trees::{rows, tagged};
+        let dir = tempfile::tempdir().unwrap();
+        let (data, other) = (dir.path().join("data"), dir.path().join("other"));
+        tagged(&data, "mine");
+        tagged(&other, "theirs");
+        let exchange = {
+            let (data, other, swap) = (data.clone(), other.clone(), dir.path().join("swap"));
+            move || {
+                std::fs::rename(&data, &swap).unwrap();
+                std::fs::rename(&other, &data).unwrap();
+                std::fs::rename(&swap, &other).unwrap();
+            }
+        };
+        set(&AFTER_OPEN, exchange.clone());
+        set(&AFTER_FIRST_READ, exchange);
+        let mut s = Shipper::open(&data.join("x.db"), "k").unwrap();
+        assert!(s.begin_generation(dir.path()).unwrap());
+        let snapshot = s.snapshot.as_ref().expect("a snapshot").to_path_buf();
+        assert_eq!(rows(&Connection::open(&snapshot).unwrap()), ["mine"]);
     }
 }

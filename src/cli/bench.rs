@@ -249,16 +249,19 @@ pub struct LagBench {
     pub log_objects: u64,
 }
 
-/// Open files `replicate` wants for `max_hot` hot databases: each holds 3
-/// descriptors (one connection: the database, its `-wal` and `-shm`;
-/// measured in `tests/hot_fleet.rs`) and a 4th while a sync reads its WAL
-/// or a large segment waits in it, plus 256 for the cold tier's snapshots
-/// (a few at once, each its 3 files and its pinned directory,
-/// [`crate::source::pin`]) and uploads, the store client's sockets and the
-/// rest. 1000 hot databases exceed the
+/// Open files `replicate` wants per hot database: its connection holds 4
+/// descriptors (the database, its `-wal` and `-shm`, and its pinned
+/// directory, [`crate::source::pin`]; measured in `tests/hot_fleet.rs`) and
+/// a 5th while a sync reads its WAL or a large segment waits in it.
+pub const NOFILE_PER_HOT: u64 = 5;
+
+/// Open files `replicate` wants for `max_hot` hot databases
+/// ([`NOFILE_PER_HOT`] each), plus 256 for the cold tier's snapshots (a few
+/// at once, each its 3 files and its pinned directory) and uploads, the
+/// store client's sockets and the rest. 1000 hot databases exceed the
 /// common soft limit of 1024, rarely the hard one.
 pub fn nofile_needed(max_hot: usize) -> u64 {
-    max_hot as u64 * 4 + 256
+    max_hot as u64 * NOFILE_PER_HOT + 256
 }
 
 /// The soft and hard `RLIMIT_NOFILE` of this process, unchanged.

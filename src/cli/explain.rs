@@ -616,8 +616,8 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
     // replicate raises the soft limit to the hard one: the hard one decides.
     if let Some(hard) = limits.nofile_hard.filter(|&h| h < limits.nofile_needed) {
         warnings.push(format!(
-            "open files: the hard limit {hard} is below the {} that max-hot-databases {} needs (6 per hot database + 256): raise it (`ulimit -Hn`, LimitNOFILE=) or lower multi-db.max-hot-databases",
-            limits.nofile_needed, m.max_hot_databases
+            "open files: the hard limit {hard} is below the {} that max-hot-databases {} needs ({} per hot database + 256): raise it (`ulimit -Hn`, LimitNOFILE=) or lower multi-db.max-hot-databases",
+            limits.nofile_needed, m.max_hot_databases, super::bench::NOFILE_PER_HOT
         ));
     }
     if m.watch {

@@ -305,7 +305,7 @@ fn config_errors_exit_1_and_limits_warn() {
     has(&out, "warning: open files: the hard limit");
     // With an endpoint, requests are path-style whatever the flag says.
     has(&out, "true (any endpoint is addressed path-style)");
-    has(&out, "4000000256 that max-hot-databases 1000000000 needs");
+    has(&out, "5000000256 that max-hot-databases 1000000000 needs");
     // What replicate refuses at start is a warning (probe J: --strict
     // passed them): a directory that cannot be made, replication disabled.
     std::fs::write(

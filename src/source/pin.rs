@@ -11,16 +11,20 @@
 //! `integrity_check` (black-box probe N21: 35-46 of 150 snapshots mixed
 //! with directories exchanged back and forth without pause; 3-4 of 150
 //! still after the snapshot's last checks, which look the path up anew
-//! too and can be passed by an adversary flipping fast enough).
+//! too and can be passed by an adversary flipping fast enough). Hot
+//! streams had the same gap: generation snapshots and WAL parts of both
+//! trees (probe N22c).
 //!
-//! So a snapshot's connection opens `/proc/<pid>/fd/<d>/<name>`, where `d`
+//! So a snapshot's or a stream's connection opens
+//! `/proc/<pid>/fd/<d>/<name>`, where `d`
 //! is a descriptor of the database's directory opened just before
 //! ([`pin`]): the kernel resolves `/proc/<pid>/fd/<d>` to that very
 //! directory at every lookup, so SQLite's later opens of `<name>-wal` and
 //! `<name>-shm` find the files beside the file it opened, never another
-//! tree's. What the snapshot reads is then one directory's database; its
-//! last check ([`crate::capture::snapshot`]) only has to show that the path
-//! still leads to the file read.
+//! tree's. What the connection reads is then one directory's database; a
+//! snapshot's last check ([`crate::capture::snapshot`]) and a stream's
+//! checks at each sync ([`crate::capture::ship`]) only have to show that
+//! the path still leads to the files read.
 //!
 //! SQLite's unix VFS would undo the pin: it resolves every link on a path
 //! it opens (one `lstat` per component, and `/proc/<pid>/fd/<d>` is a link
@@ -44,8 +48,9 @@
 //! streams close without checkpointing (`SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`,
 //! [`crate::capture::ship`]).
 //!
-//! Cost: one descriptor per open snapshot connection, held until the
-//! connection is closed. Where `/proc/self/fd` is not there (not Linux,
+//! Cost: one descriptor per open source connection (a snapshot's while it
+//! runs, a stream's for as long as it streams), held until the connection
+//! is closed. Where `/proc/self/fd` is not there (not Linux,
 //! no procfs), connections open the path as given, as before.
 
 use std::ffi::{c_char, c_int, CStr, CString};

@@ -413,7 +413,7 @@ fn disable_lookaside(conn: &Connection) {
 /// directory of the path exchanged for another tree between the open and
 /// the first read gave a connection on one tree's file with the other
 /// tree's WAL, whose generation snapshots and WAL parts restored rows of
-/// both trees, exit 0 (black-box probe N22, both before and after the
+/// both trees, exit 0 (black-box probe N22c, both before and after the
 /// cold tier's pin); its checkpoints would write one tree's frames into
 /// the other's file.
 fn open_conn(db: &Path) -> Result<(Connection, ShmClaim, Pinned)> {

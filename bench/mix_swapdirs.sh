@@ -83,51 +83,7 @@ trap cleanup EXIT
 trap 'exit 2' INT TERM
 
 # ---------------------------------------------------------------------------
-# Helper 1 (C): the flipper. Exchanges each pair a<->b in turn, in a loop,
-# until SIGTERM; then prints "exchanges=N errors=E".
-# ---------------------------------------------------------------------------
-cat >"$WORK/flipper.c" <<'EOF'
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#ifndef RENAME_EXCHANGE
-#define RENAME_EXCHANGE (1 << 1)
-#endif
-
-static volatile sig_atomic_t stop;
-static void on_term(int sig) { (void)sig; stop = 1; }
-
-/* usage: flipper PAUSE_US A1 B1 [A2 B2 ...] */
-int main(int argc, char **argv) {
-    if (argc < 4 || (argc - 2) % 2 != 0) {
-        fprintf(stderr, "usage: flipper PAUSE_US A1 B1 [A2 B2 ...]\n");
-        return 2;
-    }
-    long pause_us = atol(argv[1]);
-    int npairs = (argc - 2) / 2;
-    signal(SIGTERM, on_term);
-    unsigned long long n = 0, errors = 0;
-    for (int i = 0; !stop; i = (i + 1) % npairs) {
-        const char *a = argv[2 + 2 * i], *b = argv[3 + 2 * i];
-        /* raw syscall: works with any glibc */
-        if (syscall(SYS_renameat2, AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE) == 0)
-            n++;
-        else if (++errors == 1)
-            perror("renameat2(RENAME_EXCHANGE)");
-        if (pause_us > 0)
-            usleep(pause_us);
-    }
-    printf("exchanges=%llu errors=%llu\n", n, errors);
-    return 0;
-}
-EOF
-
-# ---------------------------------------------------------------------------
-# Helper 2 (python): the writer. Creates both trees, prints "ready", then
+# Helper 1 (python): the writer. Creates both trees, prints "ready", then
 # updates one row per database every 20 ms with every connection held open.
 # Killed with SIGKILL, so the 150 WAL-only rows are never checkpointed.
 # ---------------------------------------------------------------------------
@@ -168,7 +124,7 @@ while True:
 EOF
 
 # ---------------------------------------------------------------------------
-# Helper 3 (python): the classifier. Prints one line "okA=.. okB=.. mixed=..
+# Helper 2 (python): the classifier. Prints one line "okA=.. okB=.. mixed=..
 # odd=.. refused=.. uploaded=.." then one line per bad database.
 # Args: OUT_DIR NDB LISTED_KEYS_FILE
 # ---------------------------------------------------------------------------
@@ -223,7 +179,9 @@ for n in notes:
     print(n)
 EOF
 
-if ! gcc -O2 -Wall -o "$WORK/flipper" "$WORK/flipper.c"; then
+# The flipper (bench/flipper.c, shared with bench/hot_swapdirs): exchanges
+# each pair a<->b in turn until SIGTERM, then prints "exchanges=N errors=E".
+if ! gcc -O2 -Wall -o "$WORK/flipper" "$(dirname "$(realpath "$0")")/flipper.c"; then
     echo "gcc failed" >&2
     exit 2
 fi

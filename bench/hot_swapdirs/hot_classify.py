@@ -37,6 +37,24 @@ def inspect(path):
 bad = False
 bad_keys = set()
 total = dict(okA=0, okB=0, mixed=0, odd=0, failed=0, absent=0)
+def judge(path, limit):
+    """Classifies the restored database at `path`, `limit(tag)` the most rows
+    its tree had: (class, detail, tag, rows), tag and rows None unless ok."""
+    res, err = inspect(path)
+    if res is None:
+        return "mixed", err, None, None
+    ic, tags, mn, mx, n = res
+    if ic != ["ok"]:
+        return "mixed", f"integrity={ic[:3]} tags={tags}", None, None
+    if len(tags) > 1:
+        return "mixed", f"tags={tags} ids={mn}..{mx} n={n}", None, None
+    tag = next(iter(tags))
+    lim = limit(tag)
+    if not (mn == 1 and mx == n and 450 <= n <= lim):
+        return "odd", f"tag={tag} ids={mn}..{mx} n={n} limit={lim}", None, None
+    return "ok" + tag, "", tag, n
+
+
 for line in open(f"{R}/restores.txt"):
     name, rc, *ts = line.split()
     rc = int(rc)
@@ -61,24 +79,12 @@ for line in open(f"{R}/restores.txt"):
             else:
                 cls, det = "odd", "listed, not restored, no message"
         else:
-            res, err = inspect(path)
-            if res is None:
-                cls, det = "mixed", err
-            else:
-                ic, tags, mn, mx, n = res
-                if ic != ["ok"]:
-                    cls, det = "mixed", f"integrity={ic[:3]} tags={tags}"
-                elif len(tags) > 1:
-                    cls, det = "mixed", f"tags={tags} ids={mn}..{mx} n={n}"
-                else:
-                    tag = next(iter(tags))
-                    lim = final[(k, tag)] if T is None else count_at((k, tag), T + 0.25)
-                    if not (mn == 1 and mx == n and 450 <= n <= lim):
-                        cls, det = "odd", f"tag={tag} ids={mn}..{mx} n={n} limit={lim}"
-                    else:
-                        cls, det = "ok" + tag, ""
-                        ref = final[(k, tag)] if T is None else count_at((k, tag), T)
-                        lag.append(ref - n)
+            lim = (lambda tag: final[(k, tag)]) if T is None else (
+                lambda tag: count_at((k, tag), T + 0.25))
+            cls, det, tag, n = judge(path, lim)
+            if tag is not None:
+                ref = final[(k, tag)] if T is None else count_at((k, tag), T)
+                lag.append(ref - n)
         cnt[cls] += 1
         if cls in ("mixed", "odd"):
             bad = True
@@ -107,22 +113,7 @@ if os.path.exists(gpath):
             det = open(f"{R}/out_gen/{fid}.log", errors="replace").read().strip().splitlines()
             det = (det[-1] if det else "")[-300:]
         else:
-            res, err = inspect(path)
-            if res is None:
-                cls, det = "mixed", err
-            else:
-                ic, tags, mn, mx, n = res
-                if ic != ["ok"]:
-                    cls, det = "mixed", f"integrity={ic[:3]} tags={tags}"
-                elif len(tags) > 1:
-                    cls, det = "mixed", f"tags={tags} ids={mn}..{mx} n={n}"
-                else:
-                    tag = next(iter(tags))
-                    lim = count_at((k, tag), T + 0.25)
-                    if not (mn == 1 and mx == n and 450 <= n <= lim):
-                        cls, det = "odd", f"tag={tag} ids={mn}..{mx} n={n} limit={lim}"
-                    else:
-                        cls, det = "ok" + tag, ""
+            cls, det, _, _ = judge(path, lambda tag: count_at((k, tag), T + 0.25))
         g[cls] += 1
         if cls in ("mixed", "odd"):
             bad = True

@@ -48,7 +48,7 @@ trap cleanup EXIT
 trap 'exit 2' INT TERM
 now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
 
-gcc -O2 -Wall -o "$R/flipper" "$HERE/flipper.c" || exit 2
+gcc -O2 -Wall -o "$R/flipper" "$HERE/../flipper.c" || exit 2
 mkdir -p "$R/tmp" "$R/state" "$R/replica"
 {
 cat <<EOF

@@ -2942,14 +2942,8 @@ mod tests {
         let (data, other) = (dir.path().join("data"), dir.path().join("other"));
         tagged(&data, "mine");
         tagged(&other, "theirs");
-        let exchange = {
-            let (data, other, swap) = (data.clone(), other.clone(), dir.path().join("swap"));
-            move || {
-                std::fs::rename(&data, &swap).unwrap();
-                std::fs::rename(&other, &data).unwrap();
-                std::fs::rename(&swap, &other).unwrap();
-            }
-        };
+        let exchange =
+            crate::source::pin::test_trees::exchanger(&data, &other, &dir.path().join("swap"));
         set(&AFTER_OPEN, exchange.clone());
         set(&AFTER_FIRST_READ, exchange);
         let mut s = Shipper::open(&data.join("x.db"), "k").unwrap();

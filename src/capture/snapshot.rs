@@ -1851,14 +1851,8 @@ mod tests {
         let (data, other) = (t.path().join("data"), t.path().join("other"));
         crate::source::pin::test_trees::tagged(&data, "mine");
         crate::source::pin::test_trees::tagged(&other, "theirs");
-        let exchange = {
-            let (data, other, swap) = (data.clone(), other.clone(), t.path().join("swap"));
-            move || {
-                std::fs::rename(&data, &swap).unwrap();
-                std::fs::rename(&other, &data).unwrap();
-                std::fs::rename(&swap, &other).unwrap();
-            }
-        };
+        let exchange =
+            crate::source::pin::test_trees::exchanger(&data, &other, &t.path().join("swap"));
         let back = exchange.clone();
         BEFORE_READ.with(|h| *h.borrow_mut() = Some(Box::new(exchange.clone())));
         BEFORE_CHECK.with(|h| *h.borrow_mut() = Some(Box::new(back)));

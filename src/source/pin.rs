@@ -314,6 +314,17 @@ pub(crate) mod test_trees {
         .unwrap();
     }
 
+    /// Exchanges directories `a` and `b` (three renames, through `via`)
+    /// each time it is called.
+    pub(crate) fn exchanger(a: &Path, b: &Path, via: &Path) -> impl Fn() + Clone + 'static {
+        let (a, b, via) = (a.to_path_buf(), b.to_path_buf(), via.to_path_buf());
+        move || {
+            std::fs::rename(&a, &via).unwrap();
+            std::fs::rename(&b, &a).unwrap();
+            std::fs::rename(&via, &b).unwrap();
+        }
+    }
+
     /// The rows of such a database.
     pub(crate) fn rows(c: &Connection) -> Vec<String> {
         c.prepare("SELECT x FROM t")
@@ -327,7 +338,7 @@ pub(crate) mod test_trees {
 
 #[cfg(test)]
 mod tests {
-    use super::test_trees::{rows, tagged};
+    use super::test_trees::{exchanger, rows, tagged};
     use super::*;
 
     /// A directory exchanged for another tree after the open and before the
@@ -345,11 +356,7 @@ mod tests {
         tagged(&data, "mine");
         tagged(&other, "theirs");
         let db = data.join("x.db");
-        let exchange = || {
-            std::fs::rename(&data, &swap).unwrap();
-            std::fs::rename(&other, &data).unwrap();
-            std::fs::rename(&swap, &other).unwrap();
-        };
+        let exchange = exchanger(&data, &other, &swap);
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY;
         // The stock connection holds `mine`'s file and reads `theirs`' WAL
         // (same schema, so its row).

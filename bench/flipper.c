@@ -1,3 +1,9 @@
+/* flipper: exchanges directory pairs back and forth without pause, for
+ * bench/mix_swapdirs.sh and bench/hot_swapdirs/hot_swapdirs.sh.
+ * usage: flipper PAUSE_US A1 B1 [A2 B2 ...]
+ * Exchanges each pair a<->b in turn with renameat2(RENAME_EXCHANGE), in a
+ * loop, sleeping PAUSE_US between two exchanges (0: none), until SIGTERM;
+ * then prints "exchanges=N errors=E". Linux only. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <signal.h>

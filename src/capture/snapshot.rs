@@ -202,15 +202,6 @@ pub struct ReadOnly {
     dir: Pinned,
 }
 
-impl ReadOnly {
-    /// The path SQLite opened the database at, inside its pinned directory
-    /// ([`Pinned::path`]): where a second handle on the same file is
-    /// opened. Never for messages.
-    pub fn at(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
 impl std::ops::Deref for ReadOnly {
     type Target = Connection;
 
@@ -390,9 +381,13 @@ fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Resul
     }
     // WAL frames in view: a copy through the backup API, in memory if the
     // file and its `-wal` (in the pinned directory, where SQLite reads
-    // them) are small.
-    let at = source.at();
-    let on_disk = file_len(at)? + file_len(&crate::source::discover::wal_path(at))?;
+    // them: one lookup each relative to its descriptor) are small.
+    let len = |suffix: &str, named: &Path| match source.dir.lstat(suffix) {
+        Ok(e) => Ok(e.len),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io(named, e)),
+    };
+    let on_disk = len("", db)? + len("-wal", &crate::source::discover::wal_path(db))?;
     if on_disk <= IN_MEMORY_MAX {
         let mut copy = backup_in_memory(&source, db)?;
         let read = still_there(&source, db)?;
@@ -613,7 +608,8 @@ fn capture_file(
         taken: Utc::now(),
     };
     let moved = |f: Option<VfsHandle>| f.is_none_or(|f| f.has_moved().unwrap_or(true));
-    let beside = VfsFile::open(source.at()).ok().and_then(|mut f| {
+    // Opened where SQLite opened the file: in its pinned directory.
+    let beside = VfsFile::open(source.dir.path()).ok().and_then(|mut f| {
         let same = !moved(VfsHandle::of(&source))
             && !moved(f.handle().ok())
             && !moved(VfsHandle::of(&source));
@@ -753,10 +749,12 @@ const WAL_HEADER: usize = 32;
 
 /// Whether the WAL `source` reads (and the WAL-index it reads it with) are
 /// the ones at `db`'s path now. SQLite opens a database's `-wal` and `-shm`
-/// by name after the file itself, so a directory on the path exchanged for
-/// another tree holding a database of the same name, and exchanged back,
-/// within one snapshot gave one tree's file with the other's WAL frames;
-/// [`still_there`] sees the path as it was (black-box probe N21). Told by
+/// by name after the file itself: in the pinned directory
+/// ([`crate::source::pin`]), where a `-wal` renamed in or away meanwhile
+/// is another than the one at the path; unpinned (no `/proc`), a directory
+/// on the path exchanged for another tree and back within one snapshot
+/// gave one tree's file with the other's WAL frames, while
+/// [`still_there`] saw the path as it was (black-box probe N21). Told by
 /// the WAL headers, read now through SQLite's handle and at the path (the
 /// salts differ between any two WALs that did not start as copies of one
 /// another), and by the WAL-index's salts, which are the header's while the
@@ -913,15 +911,6 @@ fn damaged_copy(db: &Path, e: Error) -> Error {
         db.display(),
         format!("database is damaged, not uploading this copy ({e})"),
     )
-}
-
-/// The size of `path`, 0 if it does not exist.
-fn file_len(path: &Path) -> Result<u64> {
-    match std::fs::metadata(path) {
-        Ok(m) => Ok(m.len()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(Error::io(path, e)),
-    }
 }
 
 impl Snapshot {
@@ -1328,6 +1317,15 @@ pub(crate) mod test_db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of `path`, 0 if it does not exist.
+    fn file_len(path: &Path) -> Result<u64> {
+        match std::fs::metadata(path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
     use crate::source::vfs::writable_from_outside;
 
     thread_local! {

@@ -88,6 +88,8 @@ pub struct Entry {
     pub id: (u64, u64),
     /// A regular file (not a link, FIFO, directory, socket or device).
     pub regular: bool,
+    /// Its size in bytes.
+    pub len: u64,
 }
 
 /// Pins the directory of `db` ([`Pinned`]): opened now, through the path as
@@ -157,6 +159,7 @@ impl Pinned {
             return Ok(Entry {
                 id: (m.dev(), m.ino()),
                 regular: m.file_type().is_file(),
+                len: m.len(),
             });
         };
         let mut name = self.name.as_bytes().to_vec();
@@ -182,6 +185,7 @@ impl Pinned {
         Ok(Entry {
             id: (st.st_dev as u64, st.st_ino as u64),
             regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+            len: u64::try_from(st.st_size).unwrap_or(0),
         })
     }
 

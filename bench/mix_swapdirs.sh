@@ -29,6 +29,12 @@
 #   A key that is not in the replica is a snapshot litefleet refused (counted
 #   as "refused"; that is correct behaviour under this churn).
 #
+#   With TWIN=link, each R/db/NNN is exchanged with a symbolic link to the
+#   twin directory instead (R/lnk/NNN -> R/twin/NNN): the twin is then a
+#   tree outside the pattern's root, reached through a link below it, which
+#   litefleet never follows, so a restored ok-B database (the outside one,
+#   uploaded under the key) is a failure too ("OUTSIDE").
+#
 # Usage
 #   mix_swapdirs.sh BIN [NDB=10] [ROUNDS=25] [PAUSE_US=0]
 #     BIN       litefleet binary to test
@@ -37,6 +43,7 @@
 #     PAUSE_US  microseconds to sleep between two exchanges (0: none)
 #   Env: KEEP=1 keeps the work directory (created with mktemp -d under
 #   ${TMPDIR:-/tmp}) with every round's data and logs; otherwise it is removed.
+#   TWIN=link exchanges each directory with a link to its twin (see above).
 #
 # Output
 #   One line per round, one line per bad database, and finally
@@ -44,7 +51,8 @@
 #
 # Exit code
 #   0  no mixed or odd database in any round (the bug did not show)
-#   1  at least one MIXED or ODD database (the bug reproduced)
+#   1  at least one MIXED or ODD database, or with TWIN=link an ok-B one
+#      (the bug reproduced)
 #   2  usage or setup error
 #
 # Needs Linux (renameat2 with RENAME_EXCHANGE, kernel >= 3.15, on a file
@@ -63,6 +71,7 @@ NDB=${2:-10}
 ROUNDS=${3:-25}
 PAUSE_US=${4:-0}
 KEEP=${KEEP:-0}
+TWIN=${TWIN:-dir}
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mix_swapdirs.XXXXXX") || exit 2
 WRITER_PID=""
@@ -222,11 +231,18 @@ EOF
         exit 2
     fi
 
-    # 2. Flipper: exchange R/db/NNN <-> R/twin/NNN for every pair, in turn.
+    # 2. Flipper: exchange R/db/NNN <-> R/twin/NNN for every pair, in turn
+    # (TWIN=link: R/db/NNN <-> R/lnk/NNN, a link to R/twin/NNN).
     pairs=()
     for k in $(seq 0 $((NDB - 1))); do
         n=$(printf %03d "$k")
-        pairs+=("$R/db/$n" "$R/twin/$n")
+        if [ "$TWIN" = link ]; then
+            mkdir -p "$R/lnk"
+            ln -s "$R/twin/$n" "$R/lnk/$n"
+            pairs+=("$R/db/$n" "$R/lnk/$n")
+        else
+            pairs+=("$R/db/$n" "$R/twin/$n")
+        fi
     done
     "$WORK/flipper" "$PAUSE_US" "${pairs[@]}" >"$R/flipper.out" 2>"$R/flipper.err" &
     FLIPPER_PID=$!
@@ -259,6 +275,9 @@ EOF
     eval "$line"
     echo "round $round: replicate rc=$rep_rc restore rc=$res_rc okA=$okA okB=$okB mixed=$mixed odd=$odd refused=$refused uploaded=$uploaded $(cat "$R/flipper.out")"
     tail -n +2 "$R/classify.txt"
+    if [ "$TWIN" = link ] && [ "$okB" -gt 0 ]; then
+        echo "   OUTSIDE: $okB database(s) read through a link below the root uploaded"
+    fi
 
     T_okA=$((T_okA + okA)); T_okB=$((T_okB + okB)); T_mixed=$((T_mixed + mixed))
     T_odd=$((T_odd + odd)); T_refused=$((T_refused + refused)); T_uploaded=$((T_uploaded + uploaded))
@@ -266,5 +285,9 @@ EOF
     [ "$KEEP" = 1 ] || rm -rf "$R"
 done
 
-echo "TOTAL mixed=$T_mixed odd=$T_odd okA=$T_okA okB=$T_okB refused=$T_refused uploaded=$T_uploaded  (bin=$BIN ndb=$NDB rounds=$ROUNDS pause_us=$PAUSE_US)"
-[ $((T_mixed + T_odd)) -eq 0 ]
+echo "TOTAL mixed=$T_mixed odd=$T_odd okA=$T_okA okB=$T_okB refused=$T_refused uploaded=$T_uploaded  (bin=$BIN ndb=$NDB rounds=$ROUNDS pause_us=$PAUSE_US twin=$TWIN)"
+if [ "$TWIN" = link ]; then
+    [ $((T_mixed + T_odd + T_okB)) -eq 0 ]
+else
+    [ $((T_mixed + T_odd)) -eq 0 ]
+fi

@@ -167,7 +167,7 @@ async fn put_with_record(
     flip_taken_bit: Option<u32>,
 ) -> object_store::path::Path {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = litefleet::capture::snapshot::capture(db, "p/d/a", tmp.path()).unwrap();
+    let snap = litefleet::capture::snapshot::capture(db, None, "p/d/a", tmp.path()).unwrap();
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut snap.reader().unwrap(), &mut bytes).unwrap();
     let frame = bytes.split_off(cold::RECORD_LEN);

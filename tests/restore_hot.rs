@@ -119,7 +119,7 @@ impl Db {
     /// next one is in an hour of its own.
     async fn cold(&mut self, r: &Replica) -> (ObjPath, DateTime<Utc>) {
         let snap =
-            snapshot::capture(&self.path(), &self.key, &self.dir.path().join("tmp")).unwrap();
+            snapshot::capture(&self.path(), None, &self.key, &self.dir.path().join("tmp")).unwrap();
         let loc = self.put_cold(r, &snap).await;
         common::generations::move_clock_ahead(chrono::Duration::hours(1));
         (loc, mark().await)
@@ -1137,7 +1137,8 @@ both_backends!(
         db.cold(&r).await;
         let at = mark().await;
         db.commit(5);
-        let snap = snapshot::capture(&db.path(), &db.key, &db.dir.path().join("tmp")).unwrap();
+        let snap =
+            snapshot::capture(&db.path(), None, &db.key, &db.dir.path().join("tmp")).unwrap();
         assert!(snap.times.taken + common::generations::clock_ahead() > at);
         db.put_cold(&r, &snap).await;
         assert_eq!(rows_via(&f, &coarse, "p/d/c", Some(at)).await.unwrap(), 10);

@@ -329,7 +329,7 @@ both_backends!(unreachable_replica_exits_2, |b| async move {
 /// it), under the name the replicator would give it (replacing its object).
 async fn put_cold(r: &Replica, key: &str, db: &Path, ahead: chrono::Duration) {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = snapshot::capture(db, key, tmp.path()).unwrap();
+    let snap = snapshot::capture(db, None, key, tmp.path()).unwrap();
     let times = cold::SnapshotTimes {
         started: Utc::now() + ahead,
         taken: Utc::now() + ahead,

@@ -416,8 +416,13 @@ fn disable_lookaside(conn: &Connection) {
 /// both trees, exit 0 (black-box probe N22c, both before and after the
 /// cold tier's pin); its checkpoints would write one tree's frames into
 /// the other's file.
-fn open_conn(db: &Path) -> Result<(Connection, ShmClaim, Pinned)> {
-    let dir = crate::source::pin::pin(db).map_err(|e| Error::io(db, e))?;
+///
+/// Found below the pattern root `root`, it is opened only through real
+/// directories from there ([`crate::source::pin::pin_below`]): the check
+/// of [`Shipper::open_below`] alone left an instant before this open to a
+/// directory swapped for a link.
+fn open_conn(db: &Path, root: Option<&Path>) -> Result<(Connection, ShmClaim, Pinned)> {
+    let dir = crate::source::pin::pin_below(root, db)?;
     // Only regular files: SQLite would open the `-wal` beside a link's
     // target while we read the one beside the link, and a FIFO blocks the
     // open (see `check_regular_files`).
@@ -534,7 +539,7 @@ impl Shipper {
                 ),
             ));
         }
-        let (conn, mut shm, pinned) = open_conn(db)?;
+        let (conn, mut shm, pinned) = open_conn(db, root)?;
         #[cfg(test)]
         tests::run(&tests::AFTER_FIRST_READ);
         // The files SQLite opened: in the pinned directory, whatever the
@@ -2606,7 +2611,7 @@ mod tests {
             .expect("opened through a link")
             .to_string();
         assert!(e.contains("symbolic link"), "{e}");
-        let e = snapshot::capture(&a, "k", dir.path())
+        let e = snapshot::capture(&a, None, "k", dir.path())
             .unwrap_err()
             .to_string();
         assert!(e.contains("symbolic link"), "{e}");
@@ -2650,15 +2655,19 @@ mod tests {
     }
 
     /// A directory below the pattern root swapped for a link to a tree
-    /// outside it between the scan and the stream's start: the first open
-    /// refuses it (the scan never follows links below a root), while a root
-    /// that is itself reached through a link (`/srv -> /mnt/disk/srv`) is
-    /// fine.
+    /// outside it between the scan and the stream's start, or at the very
+    /// instant the stream opens the database's directory (after the path's
+    /// directories were checked): the open refuses it (the scan never
+    /// follows links below a root; `pin::pin_below`) and creates nothing
+    /// beside the outside database, while a root that is itself reached
+    /// through a link (`/srv -> /mnt/disk/srv`) is fine.
     #[test]
     fn a_stream_never_opens_below_a_link_under_its_pattern_root() {
+        use crate::source::pin::test_trees::{at_next_dir_open, link_in_place};
         let real = tempfile::tempdir().unwrap();
-        std::fs::create_dir(real.path().join("d")).unwrap();
-        let app = wal_db(&real.path().join("d/a.db"), 3);
+        let (d, away) = (real.path().join("d"), real.path().join("old"));
+        std::fs::create_dir(&d).unwrap();
+        let app = wal_db(&d.join("a.db"), 3);
         let top = tempfile::tempdir().unwrap();
         let root = top.path().join("root");
         std::os::unix::fs::symlink(real.path(), &root).unwrap();
@@ -2667,16 +2676,26 @@ mod tests {
         drop(s);
         let outside = tempfile::tempdir().unwrap();
         drop(wal_db(&outside.path().join("a.db"), 5));
-        let before: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
-        std::fs::rename(real.path().join("d"), real.path().join("old")).unwrap();
-        std::os::unix::fs::symlink(outside.path(), real.path().join("d")).unwrap();
-        let e = Shipper::open_below(&db, "k", Some(&root))
-            .err()
-            .expect("opened below a link")
-            .to_string();
-        assert!(e.contains("no directory of its own"), "{e}");
-        let after: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
-        assert_eq!(before.len(), after.len(), "files made beside the target");
+        let before = std::fs::read_dir(outside.path()).unwrap().count();
+        let refused = || {
+            let e = Shipper::open_below(&db, "k", Some(&root))
+                .err()
+                .expect("opened below a link")
+                .to_string();
+            assert!(e.contains("no directory of its own"), "{e}");
+            let after = std::fs::read_dir(outside.path()).unwrap().count();
+            assert_eq!(before, after, "files made beside the target");
+        };
+        link_in_place(&d, &away, outside.path());
+        refused();
+        std::fs::remove_file(&d).unwrap();
+        std::fs::rename(&away, &d).unwrap();
+        let (d2, away2, o) = (d.clone(), away.clone(), outside.path().to_path_buf());
+        at_next_dir_open(move || link_in_place(&d2, &away2, &o));
+        refused();
+        std::fs::remove_file(&d).unwrap();
+        std::fs::rename(&away, &d).unwrap();
+        assert!(Shipper::open_below(&db, "k", Some(&root)).is_ok());
         drop(app);
     }
 
@@ -2701,7 +2720,7 @@ mod tests {
             let step = s.read().unwrap();
             drop(s);
             let reopen = Shipper::open(&a2, "k").err().map(|e| e.to_string());
-            let snap = snapshot::capture(&a2, "k", &tmp)
+            let snap = snapshot::capture(&a2, None, "k", &tmp)
                 .err()
                 .map(|e| e.to_string());
             (step, reopen, snap)
@@ -2733,7 +2752,7 @@ mod tests {
         fifo(Path::new(&journal));
         let tmp = dir.path().to_path_buf();
         let e = within_seconds("a snapshot with a FIFO -journal", move || {
-            snapshot::capture(&b, "k", &tmp)
+            snapshot::capture(&b, None, "k", &tmp)
                 .err()
                 .map(|e| e.to_string())
         });
@@ -2757,7 +2776,7 @@ mod tests {
         write_in_place(&a, b"");
         let e = Shipper::open(&a, "k").err().expect("no stream").to_string();
         assert!(e.contains("SQLite's header"), "{e}");
-        let e = snapshot::capture(&a, "k", dir.path())
+        let e = snapshot::capture(&a, None, "k", dir.path())
             .unwrap_err()
             .to_string();
         assert!(e.contains("SQLite's header"), "{e}");

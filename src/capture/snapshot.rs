@@ -213,12 +213,13 @@ impl std::ops::Deref for ReadOnly {
 /// Opens `path` read-only (no checkpoint on close, no WAL deletion), with
 /// its directory pinned ([`crate::source::pin`]): its `-wal` and `-shm` are
 /// the ones beside the file opened, whatever the path names meanwhile.
-/// Only regular files (see
+/// Found below the pattern root `root`, it is opened only through real
+/// directories from there ([`crate::source::pin::pin_below`]). Only regular files (see
 /// [`crate::source::discover::check_regular_files`]), and only while this
 /// process has its `-shm` open for no other database
 /// ([`crate::source::shm`]).
-pub fn open_read_only(path: &Path) -> Result<ReadOnly> {
-    let dir = crate::source::pin::pin(path).map_err(|e| Error::io(path, e))?;
+pub fn open_read_only(path: &Path, root: Option<&Path>) -> Result<ReadOnly> {
+    let dir = crate::source::pin::pin_below(root, path)?;
     let files = crate::source::discover::check_regular_files_at(path, &dir)?;
     let shm = crate::source::shm::claim(path, files)?;
     let conn = dir
@@ -320,7 +321,9 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
     }
 }
 
-/// Takes a consistent, compressed snapshot of `db` using `tmp_dir` for staging.
+/// Takes a consistent, compressed snapshot of `db` using `tmp_dir` for
+/// staging; `db` was found below the pattern root `root`, if any
+/// ([`open_read_only`]).
 ///
 /// When a read transaction sees the database file alone ([`file_only`]),
 /// the file is read directly, checked on that transaction: into memory if
@@ -328,8 +331,8 @@ fn copy_pages(source: &Connection, src: &Path, target: &mut Connection) -> Resul
 /// file in `tmp_dir`. Otherwise the backup API copies it, into an in-memory
 /// database (file and `-wal` together up to [`IN_MEMORY_MAX`]) or a
 /// temporary file in `tmp_dir`, where it is checked and compressed.
-pub fn capture(db: &Path, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
-    let source = open_read_only(db)?;
+pub fn capture(db: &Path, root: Option<&Path>, key: &str, tmp_dir: &Path) -> Result<Snapshot> {
+    let source = open_read_only(db, root)?;
     if !has_header(&source, db)? {
         return Err(no_header(db));
     }
@@ -359,8 +362,13 @@ pub fn no_header(db: &Path) -> Error {
 /// The header is read through the snapshot's own connection (its main file,
 /// [`VfsHandle::of`]), so a new database is opened once, not once for the
 /// header and again for the snapshot.
-pub fn capture_if_sqlite(db: &Path, key: &str, tmp_dir: &Path) -> Result<Option<Snapshot>> {
-    let source = open_read_only(db)?;
+pub fn capture_if_sqlite(
+    db: &Path,
+    root: Option<&Path>,
+    key: &str,
+    tmp_dir: &Path,
+) -> Result<Option<Snapshot>> {
+    let source = open_read_only(db, root)?;
     if !has_header(&source, db)? {
         return Ok(None);
     }
@@ -1363,7 +1371,7 @@ mod tests {
                         .unwrap();
                 }))
             });
-            let e = capture(&db, "k", t.path()).unwrap_err().to_string();
+            let e = capture(&db, None, "k", t.path()).unwrap_err().to_string();
             assert!(e.contains("is empty now"), "{mode}: {e}");
         }
     }
@@ -1405,12 +1413,12 @@ mod tests {
                         .unwrap();
                 }))
             });
-            let e = capture(&a, "k", t.path()).unwrap_err().to_string();
+            let e = capture(&a, None, "k", t.path()).unwrap_err().to_string();
             assert!(
                 mode == "WAL" || e.contains("was replaced, renamed or deleted while it was copied"),
                 "{rows} {mode}: {e}"
             );
-            let snap = capture(&a, "k", t.path()).unwrap();
+            let snap = capture(&a, None, "k", t.path()).unwrap();
             assert!(snap.db_bytes > 0);
             for p in [&a, &b] {
                 for suffix in ["", "-wal", "-shm"] {
@@ -1500,7 +1508,7 @@ mod tests {
         app.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1),(2),(3);")
             .unwrap();
         assert!(std::fs::metadata(t.path().join("w.db-wal")).unwrap().len() > 0);
-        let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
+        let snap = capture(&db, None, "k", &t.path().join("tmp")).unwrap();
         // The application's WAL is untouched by our read-only connection.
         assert!(std::fs::metadata(t.path().join("w.db-wal")).unwrap().len() > 0);
         assert!(
@@ -1526,7 +1534,7 @@ mod tests {
              INSERT INTO t SELECT randomblob(4000) FROM n;",
         )
         .unwrap();
-        let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
+        let snap = capture(&db, None, "k", &t.path().join("tmp")).unwrap();
         assert!(snap.db_bytes > IN_MEMORY_MAX);
         assert_eq!(snap.copied, Copied::Direct);
         assert_eq!(snap.db_bytes, std::fs::metadata(&db).unwrap().len());
@@ -1561,7 +1569,7 @@ mod tests {
         .unwrap();
         let wal = crate::source::discover::wal_path(&db);
         assert!(file_len(&wal).unwrap() > 0);
-        let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
+        let snap = capture(&db, None, "k", &t.path().join("tmp")).unwrap();
         assert_eq!(snap.copied, Copied::TempFile, "frames not in the file yet");
         assert_eq!(restored(&snap, &t.path().join("copied.db")).1, 500);
 
@@ -1572,7 +1580,7 @@ mod tests {
             .unwrap();
         assert_eq!((busy, log), (0, done));
         assert!(file_len(&wal).unwrap() > 0, "the WAL keeps its frames");
-        let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
+        let snap = capture(&db, None, "k", &t.path().join("tmp")).unwrap();
         assert_eq!(snap.copied, Copied::Direct, "every frame is in the file");
         assert_eq!(restored(&snap, &t.path().join("direct.db")).1, 500);
     }
@@ -1631,7 +1639,7 @@ mod tests {
             });
             for i in 0..16 {
                 let floor = committed.load(Ordering::SeqCst);
-                let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
+                let snap = capture(&db, None, "k", &t.path().join("tmp")).unwrap();
                 match snap.copied {
                     Copied::Direct => direct += 1,
                     _ => copied += 1,
@@ -1679,7 +1687,7 @@ mod tests {
                 ))
                 .unwrap();
         }
-        let source = open_read_only(&db).unwrap();
+        let source = open_read_only(&db, None).unwrap();
         std::fs::rename(&other, &db).unwrap();
         let len = file_only(&source, &db).unwrap().expect("no WAL");
         let e = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap_err();
@@ -1688,7 +1696,7 @@ mod tests {
             "{e}"
         );
         // Unmoved, the file is read through a second handle beside the check.
-        let source = open_read_only(&db).unwrap();
+        let source = open_read_only(&db, None).unwrap();
         let len = file_only(&source, &db).unwrap().expect("no WAL");
         let snap = capture_file(source, &db, "k", len, Utc::now(), t.path()).unwrap();
         assert_eq!(snap.copied, Copied::Direct);
@@ -1704,7 +1712,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let (db, dst) = (t.path().join("src.db"), t.path().join("copy.db"));
         drop(test_db::indexed(&db, None));
-        let source = open_read_only(&db).unwrap();
+        let source = open_read_only(&db, None).unwrap();
         let mut target = Connection::open(&dst).unwrap();
         target.pragma_update(None, "max_page_count", 1).unwrap();
         let e = copy_full(copy_pages(&source, &db, &mut target).unwrap_err(), &dst);
@@ -1728,7 +1736,7 @@ mod tests {
             app.execute("INSERT INTO t VALUES (randomblob(100))", [])
                 .unwrap();
         }
-        let source = open_read_only(&db).unwrap();
+        let source = open_read_only(&db, None).unwrap();
         let rows: i64 = source
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
@@ -1792,9 +1800,9 @@ mod tests {
         let back = point.clone();
         BEFORE_CHECK.with(|h| *h.borrow_mut() = Some(Box::new(move || back("a"))));
         let db = link.join("x.db");
-        let e = capture(&db, "k", t.path()).unwrap_err().to_string();
+        let e = capture(&db, None, "k", t.path()).unwrap_err().to_string();
         assert!(e.contains("its path leads to another file now"), "{e}");
-        let snap = capture(&db, "k", t.path()).unwrap();
+        let snap = capture(&db, None, "k", t.path()).unwrap();
         let now = std::fs::symlink_metadata(&db).unwrap();
         assert_eq!(snap.read, crate::source::track::fingerprint_with(&db, &now));
     }
@@ -1822,7 +1830,7 @@ mod tests {
         let dir = t.path().to_path_buf();
         std::thread::spawn(move || {
             BEFORE_CHECK.with(|h| *h.borrow_mut() = Some(Box::new(fifo)));
-            let r = capture(&db, "k", &dir)
+            let r = capture(&db, None, "k", &dir)
                 .map(|_| ())
                 .map_err(|e| e.to_string());
             let _ = tx.send(r);
@@ -1861,14 +1869,48 @@ mod tests {
             restored(snap, &out);
             crate::source::pin::test_trees::rows(&Connection::open(&out).unwrap())
         };
-        let snap = capture(&db, "k", t.path()).unwrap();
+        let snap = capture(&db, None, "k", t.path()).unwrap();
         assert_eq!(rows(&snap), ["mine"], "this tree's file and frames");
         BEFORE_READ.with(|h| *h.borrow_mut() = Some(Box::new(exchange.clone())));
-        let e = capture(&db, "k", t.path()).unwrap_err().to_string();
+        let e = capture(&db, None, "k", t.path()).unwrap_err().to_string();
         assert!(e.contains("leads to another file now"), "{e}");
         assert!(!e.contains("/proc/"), "no descriptor path: {e}");
         exchange();
-        assert_eq!(rows(&capture(&db, "k", t.path()).unwrap()), ["mine"]);
+        assert_eq!(rows(&capture(&db, None, "k", t.path()).unwrap()), ["mine"]);
+    }
+
+    /// A directory below the pattern root swapped for a link to a tree
+    /// outside it at the instant the snapshot opens the database's
+    /// directory: after the check of the path's directories, as a
+    /// directory-flipping adversary can time it. The open itself refuses
+    /// the link (`pin::pin_below`); with the check and an open through the
+    /// path, the outside tree's database was copied as this one's. Put back,
+    /// the snapshot is this tree's again.
+    #[test]
+    fn a_directory_swapped_for_a_link_as_the_snapshot_opens_is_refused() {
+        use crate::source::pin::test_trees::{
+            at_next_dir_open, link_in_place, rows as rows_of, tagged,
+        };
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let (data, outside, away) = (root.join("d"), t.path().join("outside"), root.join("away"));
+        tagged(&data, "mine");
+        tagged(&outside, "theirs");
+        let db = data.join("x.db");
+        let (d, o, a) = (data.clone(), outside.clone(), away.clone());
+        at_next_dir_open(move || link_in_place(&d, &a, &o));
+        let e = capture(&db, Some(&root), "k", t.path())
+            .expect_err("copied through a link below the root")
+            .to_string();
+        assert!(e.contains("no directory of its own"), "{e}");
+        assert!(e.contains(&data.display().to_string()), "names it: {e}");
+        std::fs::remove_file(&data).unwrap();
+        std::fs::rename(&away, &data).unwrap();
+        let snap = capture(&db, Some(&root), "k", t.path()).unwrap();
+        let out = t.path().join("out.db");
+        restored(&snap, &out);
+        assert_eq!(rows_of(&Connection::open(&out).unwrap()), ["mine"]);
     }
 
     /// A small database with frames in its WAL, renamed away with its side
@@ -1944,20 +1986,20 @@ mod tests {
             c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
                 .unwrap()
         };
-        let reader = open_read_only(&a).unwrap();
+        let reader = open_read_only(&a, None).unwrap();
         assert_eq!(count(&reader), 200);
         // Another connection to the same database shares its index.
-        assert_eq!(count(&open_read_only(&a).unwrap()), 200);
+        assert_eq!(count(&open_read_only(&a, None).unwrap()), 200);
         let shm = |db: &Path| crate::source::discover::shm_path(db);
         std::fs::rename(shm(&a), shm(&b)).unwrap();
-        let e = capture(&b, "k", t.path()).unwrap_err().to_string();
+        let e = capture(&b, None, "k", t.path()).unwrap_err().to_string();
         assert!(e.contains("WAL index of") && e.contains("a.db"), "{e}");
         let e = crate::capture::ship::Shipper::open(&b, "k").err().unwrap();
         assert!(e.to_string().contains("WAL index of"), "{e}");
         assert_eq!(count(&reader), 200, "the first connection's own state");
         // Released with the connection: b is read with an index of its own.
         drop(reader);
-        let snap = capture(&b, "k", t.path()).unwrap();
+        let snap = capture(&b, None, "k", t.path()).unwrap();
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 37);
     }
 
@@ -1989,7 +2031,7 @@ mod tests {
             }
             app.execute_batch("BEGIN IMMEDIATE").unwrap();
             assert!(!writable_from_outside(&db), "wal {wal}: the lock is held");
-            let snap = capture(&db, "k", &t.path().join("tmp")).unwrap();
+            let snap = capture(&db, None, "k", &t.path().join("tmp")).unwrap();
             assert_eq!(snap.copied, Copied::Direct, "wal {wal}");
             assert!(
                 !writable_from_outside(&db),
@@ -2019,7 +2061,7 @@ mod tests {
             let f = t.path().join(format!("{name}.db"));
             std::fs::write(&f, &bytes).unwrap();
             assert!(
-                capture_if_sqlite(&f, "k", &tmp).unwrap().is_none(),
+                capture_if_sqlite(&f, None, "k", &tmp).unwrap().is_none(),
                 "{name}"
             );
             assert_eq!(std::fs::read(&f).unwrap(), bytes, "{name} untouched");
@@ -2037,13 +2079,13 @@ mod tests {
              BEGIN IMMEDIATE;",
         )
         .unwrap();
-        let snap = capture_if_sqlite(&db, "k", &tmp)
+        let snap = capture_if_sqlite(&db, None, "k", &tmp)
             .unwrap()
             .expect("a database");
         assert!(!writable_from_outside(&db), "the lock is still held");
         app.execute_batch("COMMIT").unwrap();
         assert_eq!(restored(&snap, &t.path().join("out.db")).1, 2);
-        assert!(capture_if_sqlite(&t.path().join("gone.db"), "k", &tmp).is_err());
+        assert!(capture_if_sqlite(&t.path().join("gone.db"), None, "k", &tmp).is_err());
     }
 
     /// A damaged large database read from its own file is refused by the
@@ -2055,7 +2097,7 @@ mod tests {
         let sound = test_db::indexed(&db, Some(1000));
         assert!(sound.len() as u64 > IN_MEMORY_MAX);
         std::fs::write(&db, test_db::damaged(&sound)).unwrap();
-        match capture(&db, "k", &t.path().join("tmp")) {
+        match capture(&db, None, "k", &t.path().join("tmp")) {
             Ok(s) => panic!("a damaged database was captured ({:?})", s.copied),
             Err(e) => assert!(e.to_string().contains("damaged, not uploading"), "{e}"),
         }
@@ -2096,7 +2138,7 @@ mod tests {
             .unwrap();
             // Under a regular file: no directory can be made there.
             let tmp = db.join("tmp");
-            let snap = capture(&db, "k", &tmp).unwrap();
+            let snap = capture(&db, None, "k", &tmp).unwrap();
             assert!(matches!(snap.staged, Staged::Memory(_)), "page {page}");
             assert_eq!(snap.copied, Copied::InMemory, "frames in the WAL");
             let (restored_page, rows) = restored(&snap, &t.path().join("out.db"));
@@ -2104,7 +2146,7 @@ mod tests {
             // Checkpointed (and one more row), the file alone is read.
             app.execute_batch("INSERT INTO t VALUES (3); PRAGMA wal_checkpoint(TRUNCATE);")
                 .unwrap();
-            let snap = capture(&db, "k", &tmp).unwrap();
+            let snap = capture(&db, None, "k", &tmp).unwrap();
             assert!(matches!(snap.staged, Staged::Memory(_)), "page {page}");
             assert_eq!(snap.copied, Copied::DirectInMemory, "page {page}");
             let (restored_page, rows) = restored(&snap, &t.path().join("out2.db"));
@@ -2122,7 +2164,7 @@ mod tests {
         let sound = test_db::indexed(&db, None);
         assert!(sound.len() as u64 <= IN_MEMORY_MAX);
         std::fs::write(&db, test_db::damaged(&sound)).unwrap();
-        match capture(&db, "k", &t.path().join("tmp")) {
+        match capture(&db, None, "k", &t.path().join("tmp")) {
             Ok(s) => panic!("a damaged database was captured ({} bytes)", s.db_bytes),
             Err(e) => assert!(e.to_string().contains("damaged, not uploading"), "{e}"),
         }
@@ -2158,7 +2200,7 @@ mod tests {
             std::fs::read(&db).unwrap(),
             std::fs::read(&journal).unwrap(),
         );
-        let e = capture(&db, "k", dir.path()).unwrap_err().to_string();
+        let e = capture(&db, None, "k", dir.path()).unwrap_err().to_string();
         assert!(e.contains("hot rollback journal"), "{e}");
         assert!(e.contains("crashed.db"), "{e}");
         let after = (

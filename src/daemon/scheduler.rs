@@ -1643,17 +1643,20 @@ fn snapshot_one(
     // A directory below the pattern root swapped for a link since the scan
     // (or the change notification) named this path: the scan never follows
     // links there, so neither does its snapshot (black-box probe: a
-    // database outside the root was uploaded under this key).
-    check_no_link_below(root_of(&loaded.patterns, path), path)?;
+    // database outside the root was uploaded under this key). The
+    // snapshot's open refuses it (`pin::pin_below`).
+    let root = root_of(&loaded.patterns, path);
     let snap = if !unchecked {
-        snapshot::capture(path, &key, temp_dir)?
+        snapshot::capture(path, root, &key, temp_dir)?
     } else {
-        match snapshot::capture_if_sqlite(path, &key, temp_dir) {
+        match snapshot::capture_if_sqlite(path, root, &key, temp_dir) {
             Ok(Some(snap)) => snap,
             Ok(None) => return Ok(Captured::Done(Snapped::NotADatabase)),
             // SQLite could not open or snapshot it: the header, read on its
             // own, tells a file that is gone, unreadable or foreign from a
-            // database that failed its snapshot.
+            // database that failed its snapshot; never through a link
+            // below the root (the open's refusal stands).
+            Err(failed) if check_no_link_below(root, path).is_err() => return Err(failed),
             Err(failed) => match has_sqlite_header(path) {
                 Ok(true) => return Err(failed),
                 Ok(false) => return Ok(Captured::Done(Snapped::NotADatabase)),

@@ -1116,7 +1116,7 @@ fn compare(
     }
     // Never read a file that lost SQLite's header: SQLite would delete the
     // `-wal` beside an emptied one (see `snapshot::has_header`).
-    let src = snapshot::open_read_only(source).and_then(|c| {
+    let src = snapshot::open_read_only(source, None).and_then(|c| {
         if !snapshot::has_header(&c, source)? {
             return Err(snapshot::no_header(source));
         }

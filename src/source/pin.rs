@@ -48,6 +48,13 @@
 //! streams close without checkpointing (`SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`,
 //! [`crate::capture::ship`]).
 //!
+//! The directory of a database found below its pattern root is opened
+//! from the root ([`pin_below`]) by one `openat2` that refuses every link
+//! on the way: the scan never follows links below a root, and a check of
+//! the path's directories followed by an open through the path let a
+//! directory swapped for a link to an outside tree in between the two
+//! (`bench/mix_swapdirs.sh` with `TWIN=link`).
+//!
 //! Cost: one descriptor per open source connection (a snapshot's while it
 //! runs, a stream's for as long as it streams), held until the connection
 //! is closed. Where `/proc/self/fd` is not there (not Linux,
@@ -61,6 +68,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use rusqlite::{ffi, Connection, OpenFlags};
+
+use crate::source::discover::check_no_link_below;
 
 /// The name of the VFS pinned connections open with: SQLite's unix VFS
 /// registered once more, its `xFullPathname` taking plain absolute paths
@@ -104,20 +113,119 @@ pub fn pin(db: &Path) -> io::Result<Pinned> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let c = CString::new(parent.as_os_str().as_bytes())
+    #[cfg(test)]
+    test_trees::before_dir_open();
+    Ok(pinned_at(open_path(parent, None, 0)?, name))
+}
+
+/// [`pin`] for a database found below the pattern root `root`, where the
+/// scan never follows links: the directory is opened from the root by one
+/// `openat2` that refuses every symbolic link on the way
+/// (`RESOLVE_NO_SYMLINKS`) and every way out of the root
+/// (`RESOLVE_BENEATH`). A check of the path's directories and then an open
+/// through the path (as before) left the instant between the two to a
+/// directory swapped for a link to a tree outside the root: the outside
+/// database was read as this one. The root itself may be reached through a
+/// link (`/srv -> /mnt/disk/srv`), as at the scan. A refusal names the
+/// directory in the way, as [`check_no_link_below`] does.
+///
+/// Without a root, for a database not below it or directly in it, or
+/// where nothing is pinned, the directories are checked and then the
+/// path pinned, as before; so too where `openat2` is missing (Linux
+/// before 5.6, or a seccomp filter refusing it).
+pub fn pin_below(root: Option<&Path>, db: &Path) -> crate::Result<Pinned> {
+    let below = root
+        .and_then(|r| Some((r, db.parent()?.strip_prefix(r).ok()?)))
+        .filter(|(_, rel)| !rel.as_os_str().is_empty() && available() && openat2_works());
+    let Some((root, rel)) = below else {
+        check_no_link_below(root, db)?;
+        return pin(db).map_err(|e| crate::Error::io(db, e));
+    };
+    let refused = |e: io::Error| match e.raw_os_error() {
+        // A link, a file or nothing where a directory should be (or a way
+        // out of the root): named by the walk; a walk that finds nothing
+        // wrong (put back meanwhile) names the whole path.
+        Some(libc::ELOOP | libc::ENOTDIR | libc::ENOENT | libc::EXDEV) => {
+            check_no_link_below(Some(root), db).and(Err(crate::Error::invalid(
+                db.display(),
+                format!(
+                    "a directory between {} and it was a link or gone while it was opened \
+                     (links below the pattern root are never followed); not opened",
+                    root.display()
+                ),
+            )))
+        }
+        _ => Err(crate::Error::io(db, e)),
+    };
+    let top = open_path(root, None, 0).or_else(refused)?;
+    #[cfg(test)]
+    test_trees::before_dir_open();
+    let dir = open_path(
+        rel,
+        Some(&top),
+        libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH,
+    )
+    .or_else(refused)?;
+    drop(top);
+    Ok(pinned_at(dir, db.file_name().unwrap_or_default()))
+}
+
+/// Opens the directory `path` with `O_PATH`: relative to `at` by `openat2`
+/// with `resolve` flags, else by `open`.
+fn open_path(path: &Path, at: Option<&OwnedFd>, resolve: u64) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: a NUL-terminated path; the descriptor returned is ours.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    let fd = match at {
+        None => {
+            // SAFETY: a NUL-terminated path; the descriptor returned is ours.
+            unsafe { libc::open(c.as_ptr(), flags) }
+        }
+        Some(at) => {
+            // SAFETY: plain integers, all zero is a valid value.
+            let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+            how.flags = flags as u64;
+            how.resolve = resolve;
+            // SAFETY: a valid directory descriptor, a NUL-terminated path and
+            // a complete `open_how` of the size passed.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_openat2,
+                    at.as_raw_fd(),
+                    c.as_ptr(),
+                    &how as *const libc::open_how,
+                    std::mem::size_of::<libc::open_how>(),
+                )
+            };
+            c_int::try_from(fd).unwrap_or(-1)
+        }
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` was just opened and is owned by nothing else.
-    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether this kernel has `openat2` and lets this process call it
+/// (Linux 5.6 and later, unless a seccomp filter refuses it), tried once.
+fn openat2_works() -> bool {
+    static WORKS: OnceLock<bool> = OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let root = match open_path(Path::new("/"), None, 0) {
+            Ok(fd) => fd,
+            Err(_) => return false,
+        };
+        !matches!(
+            open_path(Path::new("."), Some(&root), libc::RESOLVE_NO_SYMLINKS)
+                .map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOSYS | libc::EPERM))
+        )
+    })
+}
+
+/// The [`Pinned`] of the database `name` in the directory `dir`.
+fn pinned_at(dir: OwnedFd, name: &std::ffi::OsStr) -> Pinned {
     // `/proc/<pid>`, not `/proc/self`: one link less to follow at every
     // lookup SQLite makes (the process's threads share its descriptors).
     let mut path = PathBuf::from(format!(
@@ -126,11 +234,11 @@ pub fn pin(db: &Path) -> io::Result<Pinned> {
         dir.as_raw_fd()
     ));
     path.push(name);
-    Ok(Pinned {
+    Pinned {
         dir: Some(dir),
         path,
         name: name.to_owned(),
-    })
+    }
 }
 
 impl Pinned {
@@ -329,6 +437,31 @@ pub(crate) mod test_trees {
         }
     }
 
+    /// Renames the directory `dir` to `away` and puts a link to `target`
+    /// in its place.
+    pub(crate) fn link_in_place(dir: &Path, away: &Path, target: &Path) {
+        std::fs::rename(dir, away).unwrap();
+        std::os::unix::fs::symlink(target, dir).unwrap();
+    }
+
+    thread_local! {
+        static BEFORE_DIR_OPEN: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Runs `f` once on this thread, just before the next pin of it opens
+    /// a database's directory (for [`super::pin_below`]: after the root).
+    pub(crate) fn at_next_dir_open(f: impl FnOnce() + 'static) {
+        BEFORE_DIR_OPEN.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    /// Runs the function [`at_next_dir_open`] set, if any.
+    pub(super) fn before_dir_open() {
+        if let Some(f) = BEFORE_DIR_OPEN.with(|h| h.borrow_mut().take()) {
+            f()
+        }
+    }
+
     /// The rows of such a database.
     pub(crate) fn rows(c: &Connection) -> Vec<String> {
         c.prepare("SELECT x FROM t")
@@ -344,6 +477,42 @@ pub(crate) mod test_trees {
 mod tests {
     use super::test_trees::{exchanger, rows, tagged};
     use super::*;
+
+    /// `pin_below` opens a database's directory only through real
+    /// directories below the root, naming what is in the way otherwise; a
+    /// root reached through a link, or a database right in the root, is
+    /// fine.
+    #[test]
+    fn pin_below_opens_only_through_real_directories_below_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("real");
+        std::fs::create_dir_all(real.join("a/b")).unwrap();
+        let root = t.path().join("root");
+        std::os::unix::fs::symlink(&real, &root).unwrap();
+        let db = root.join("a/b/x.db");
+        let pinned = pin_below(Some(&root), &db).expect("a linked root is fine");
+        assert_eq!(pinned.is_pinned(), available());
+        assert!(pin_below(Some(&root), &root.join("x.db")).is_ok());
+        assert!(pin_below(None, &db).is_ok());
+        drop(pinned);
+        // `b` a link to a directory outside the root.
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        test_trees::link_in_place(&real.join("a/b"), &real.join("a/was-b"), &outside);
+        let e = pin_below(Some(&root), &db).unwrap_err().to_string();
+        let named = format!("{} is no directory of its own", root.join("a/b").display());
+        assert!(e.contains(&named), "{e}");
+        // Gone.
+        std::fs::remove_file(real.join("a/b")).unwrap();
+        let e = pin_below(Some(&root), &db).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{} is gone", root.join("a/b").display())),
+            "{e}"
+        );
+        // Not below the root: as `pin`.
+        let elsewhere = outside.join("x.db");
+        assert!(pin_below(Some(&root), &elsewhere).is_ok());
+    }
 
     /// A directory exchanged for another tree after the open and before the
     /// first read: a pinned connection reads its own directory's WAL; the

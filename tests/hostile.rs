@@ -489,6 +489,62 @@ async fn a_listing_truncated_without_a_token_fails() {
     assert!(f.s3().fault_count() >= 3, "the fault was injected");
 }
 
+/// A store whose listing repeats a key (or lists one out of byte order)
+/// is not trusted: `list`, a bulk restore and a retention pass fail naming
+/// both keys, and retention deletes nothing (black-box probe Q23: s3rver,
+/// paging over a directory walk, listed 30 keys' objects twice, and
+/// retention deleted each key's snapshot it must keep, taking the second
+/// entry for an older one). Listed in order again, everything works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_repeats_a_key_fails_and_retention_deletes_nothing() {
+    use litefleet::restore::{list, restore_bulk, BulkOptions, NoProgress};
+    let f = Fleet::new(Backend::S3).await;
+    let n = 3;
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, i + 1));
+        age(&p);
+    }
+    let rep = f.replicator();
+    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, n);
+    let replica = f.replica();
+    let objects = || common::walk_files(&f.s3().root().join(f.s3().bucket())).len();
+    let stored = objects();
+    let out = tempfile::tempdir().unwrap();
+    let bulk = BulkOptions {
+        prefix: "/".to_string(),
+        output_dir: out.path().join("all"),
+        timestamp: None,
+        concurrency: 2,
+        if_db_not_exists: false,
+        allow_older: false,
+        if_replica_exists: false,
+    };
+    f.s3().set_fault(Fault::ListRepeatingAKey);
+    let named = |e: &str| e.contains("the store listed") && e.contains("S3 lists every key once");
+    let e = list(&replica, None).await.unwrap_err().to_string();
+    assert!(named(&e), "{e}");
+    let e = restore_bulk(&replica, &bulk, &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(named(&e), "{e}");
+    // A cutoff after every snapshot: each key's newest stays, whatever the
+    // listing says; this one is not believed at all.
+    let later = chrono::Utc::now() + chrono::Duration::hours(3);
+    let e = litefleet::replica::retention::enforce(&replica, Duration::from_secs(60), later)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(named(&e), "{e}");
+    assert_eq!(objects(), stored, "retention deleted objects");
+    assert!(f.s3().fault_count() >= 3, "the fault was injected");
+    f.s3().set_fault(Fault::None);
+    assert_eq!(list(&replica, None).await.unwrap().len(), n);
+    let r = restore_bulk(&replica, &bulk, &NoProgress).await.unwrap();
+    assert_eq!((r.databases, r.restored), (n, n), "{:?}", r.failed);
+}
+
 /// The ranged read of a cold snapshot's times record (which a restore at a
 /// time, or one choosing between tiers, makes) is retried like every read:
 /// one response cut short does not fail the restore (black-box probe: one

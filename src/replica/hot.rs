@@ -704,17 +704,28 @@ fn segment_object(meta: ObjectMeta) -> Option<SegmentObject> {
 
 /// The generations of `key`, newest first (one LIST with delimiter).
 /// Directories whose names are not generation ids are ignored.
+///
+/// Found from every object below `<key>/generations/`, not from a
+/// delimiter listing's "directories": a store may name a directory there
+/// only when it holds an object directly (s3rver does), and a generation
+/// that had lost its `metadata.json` then went unseen, its segments and
+/// snapshots with it, and restores returned an older generation with exit
+/// 0 (black-box probe Q23) where the lost metadata must refuse them. One
+/// LIST request per 1,000 objects of the key's generations.
 pub async fn list_generation_ids(replica: &Replica, key: &str) -> Result<Vec<GenerationId>> {
     check_key(key)?;
-    let (dirs, _) = replica
-        .list_children(&generations_dir(&replica.prefix, key))
-        .await?;
-    let mut ids: Vec<GenerationId> = dirs
-        .iter()
-        .filter_map(|d| GenerationId::parse(d.filename()?))
-        .collect();
-    ids.sort();
-    Ok(ids)
+    let dir = generations_dir(&replica.prefix, key);
+    let mut ids = std::collections::BTreeSet::new();
+    let mut listing = replica.list_all(&dir);
+    while let Some(m) = futures::TryStreamExt::try_next(&mut listing).await? {
+        let id = m
+            .location
+            .prefix_match(&dir)
+            .and_then(|mut parts| parts.next())
+            .and_then(|part| GenerationId::parse(part.as_ref()));
+        ids.extend(id);
+    }
+    Ok(ids.into_iter().collect())
 }
 
 /// The snapshots of one generation, oldest index first.

@@ -70,6 +70,9 @@ pub enum Fault {
     /// `<NextContinuationToken>` (still `<IsTruncated>true</IsTruncated>`):
     /// a store that says the listing goes on without saying where.
     ListPagesWithoutTokens(i32),
+    /// Every ListObjectsV2 page lists its first object twice (as s3rver's
+    /// listings, paged over a directory walk, can: black-box probe Q23).
+    ListRepeatingAKey,
     /// PutObject ignores `If-None-Match` and `If-Match` (both dropped after
     /// the signature was checked) and writes anyway, as some S3-compatible
     /// stores do.
@@ -126,6 +129,8 @@ enum Action {
     CutBody,
     /// A listing page: its `NextContinuationToken` is dropped.
     DropToken,
+    /// A listing page: its first object is listed twice.
+    RepeatKey,
 }
 
 impl Shared {
@@ -154,6 +159,8 @@ impl Shared {
             Fault::ListPages(_) | Fault::IgnoreConditions | Fault::IgnoreIfMatch => Action::Serve,
             Fault::ListPagesWithoutTokens(_) if is_list => Action::DropToken,
             Fault::ListPagesWithoutTokens(_) => Action::Serve,
+            Fault::ListRepeatingAKey if is_list => Action::RepeatKey,
+            Fault::ListRepeatingAKey => Action::Serve,
             Fault::FailAfter(n) => {
                 if self.passed.fetch_add(1, Ordering::SeqCst) < n {
                     Action::Serve
@@ -224,13 +231,15 @@ impl S3Server {
                         let is_list = req.method() == hyper::Method::GET
                             && req.uri().query().is_some_and(|q| q.contains("list-type="));
                         let mut cut = false;
-                        let mut drop_token = false;
+                        // A listing page's body rewritten.
+                        let mut rewrite: Option<fn(&str) -> String> = None;
                         let is_range = req.method() == hyper::Method::GET
                             && req.headers().contains_key(hyper::header::RANGE);
                         match shared.decide(is_list, is_range) {
                             Action::Serve => {}
                             Action::CutBody => cut = true,
-                            Action::DropToken => drop_token = true,
+                            Action::DropToken => rewrite = Some(without_token),
+                            Action::RepeatKey => rewrite = Some(repeating_a_key),
                             Action::Delay(d) => tokio::time::sleep(d).await,
                             Action::Fail(status, code) => {
                                 let body = format!(
@@ -279,11 +288,11 @@ impl S3Server {
                                 let half = bytes.slice(..bytes.len() / 2);
                                 Ok(hyper::Response::from_parts(parts, cut_short(half)))
                             }
-                            Ok(r) if drop_token && r.status().is_success() => {
+                            Ok(r) if rewrite.is_some() && r.status().is_success() => {
                                 let (mut parts, mut body) = r.into_parts();
                                 let bytes = body.store_all_limited(64 << 20).await.unwrap();
                                 let text = String::from_utf8(bytes.to_vec()).unwrap();
-                                let text = without_token(&text);
+                                let text = rewrite.unwrap()(&text);
                                 if text.len() != bytes.len() {
                                     shared.faults.fetch_add(1, Ordering::SeqCst);
                                 }
@@ -410,6 +419,18 @@ impl s3s::access::S3Access for Rewrite {
             self.0.faults.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
+    }
+}
+
+/// A ListObjectsV2 response body whose first object is listed twice.
+fn repeating_a_key(xml: &str) -> String {
+    let (open, close) = ("<Contents>", "</Contents>");
+    match (xml.find(open), xml.find(close)) {
+        (Some(i), Some(j)) if i < j => {
+            let end = j + close.len();
+            format!("{}{}{}", &xml[..end], &xml[i..end], &xml[end..])
+        }
+        _ => xml.to_string(),
     }
 }
 

@@ -8,6 +8,8 @@
 //!   times.
 //! * [`CutGets`]: the next `n` GET bodies break halfway through their first
 //!   chunk with a transport error, as after a connection reset mid-download.
+//! * [`WalkedPrefixes`]: a delimiter listing names a "directory" only if
+//!   it holds an object directly, as s3rver's does (black-box probe Q23).
 //! * [`LostPuts`]: the next `n` conditional PUTs are applied, but answered
 //!   with 412 Precondition Failed, as when the response to the first attempt
 //!   is lost and the client's retry finds its own write; or applied and
@@ -38,6 +40,11 @@ pub trait Rewrite: Send + Sync + fmt::Debug + 'static {
     /// An error in place of the answer to a GET of `location`, if any.
     fn fail_get(&self, _location: &ObjPath) -> Option<object_store::Error> {
         None
+    }
+    /// Whether a delimiter listing leaves out the common prefixes that
+    /// hold no object directly.
+    fn prefixes_with_objects_only(&self) -> bool {
+        false
     }
     /// The answer to a conditional PUT that the inner store answered `r`.
     fn conditional_put(
@@ -168,7 +175,18 @@ pub struct Wrapped<R> {
     pub rewrite: Arc<R>,
 }
 
+/// See [`WalkedPrefixes`].
+#[derive(Debug)]
+pub struct Walked;
+
+impl Rewrite for Walked {
+    fn prefixes_with_objects_only(&self) -> bool {
+        true
+    }
+}
+
 pub type CoarseTimes = Wrapped<Coarse>;
+pub type WalkedPrefixes = Wrapped<Walked>;
 pub type CutGets = Wrapped<Cut>;
 pub type LostPuts = Wrapped<LostPut>;
 
@@ -266,6 +284,21 @@ impl<R: Rewrite> ObjectStore for Wrapped<R> {
         prefix: Option<&ObjPath>,
     ) -> object_store::Result<ListResult> {
         let mut r = self.inner.list_with_delimiter(prefix).await?;
+        if self.rewrite.prefixes_with_objects_only() {
+            let mut kept = Vec::new();
+            for p in r.common_prefixes {
+                if !self
+                    .inner
+                    .list_with_delimiter(Some(&p))
+                    .await?
+                    .objects
+                    .is_empty()
+                {
+                    kept.push(p);
+                }
+            }
+            r.common_prefixes = kept;
+        }
         r.objects = r
             .objects
             .into_iter()

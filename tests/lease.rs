@@ -267,6 +267,11 @@ async fn stalled_renewal_stops_writes_before_a_successor_can_write() {
     let lease = Lease::acquire_with_ttl(&r, Utc::now(), ttl).await.unwrap();
     let fence = lease.fence();
     let written_expiry = lease.expires();
+    // Writes stop a quarter of the TTL before the written expiry (the
+    // margin the README's guarantee rests on; mutation audit O23: an
+    // eighth passed every test).
+    let margin = written_expiry - fence.wall_until();
+    assert_eq!(margin.num_milliseconds(), (ttl / 4).as_millis() as i64);
     let a = r.clone().with_fence(fence.clone());
     let token = CancellationToken::new();
     let renewer = spawn_renewer(lease, token.clone());
@@ -315,6 +320,10 @@ async fn stalled_renewal_stops_writes_before_a_successor_can_write() {
         .unwrap_err();
     assert!(matches!(e, Error::LeasePaused { .. }), "{e}");
     let e = a.delete(&"a/1".into()).await.unwrap_err();
+    assert!(matches!(e, Error::LeasePaused { .. }), "{e}");
+    // Nor do retention's bulk deletes (mutation audit O23: `delete_many`
+    // without the fence passed every test).
+    let e = a.delete_many(vec!["a/1".into()]).await.unwrap_err();
     assert!(matches!(e, Error::LeasePaused { .. }), "{e}");
     assert_eq!(s3.request_count(), requests);
     assert!(r.get_bytes(&"a/3".into()).await.unwrap().is_none());

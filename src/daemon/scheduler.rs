@@ -1813,6 +1813,12 @@ mod tests {
              the warnings), 1 path(s) could not be read (see the \"cannot read\" warnings); \
              failing: /d/0.db, /d/1.db, /d/2.db, and 3 more"
         );
+        // Unreadable paths alone are named too (mutation audit O23: a
+        // condition on `failed` alone passed the case above).
+        let mut unreadable = CycleReport::default();
+        unreadable.scan.errors = 1;
+        let line = once_failed(&unreadable, vec!["/d/x.db".into()], None);
+        assert!(line.ends_with("; failing: /d/x.db"), "{line}");
         let retention = Some("store unreachable".to_string());
         let only = once_failed(&CycleReport::default(), vec!["/d/x.db".into()], retention);
         assert_eq!(only, "the retention pass failed: store unreachable");

@@ -294,6 +294,27 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), b"someone else's");
     }
 
+    /// An output that appeared after the restore began (another restore,
+    /// an application creating its database) is never replaced: the install
+    /// fails naming it, the file there is left as it was, and the restored
+    /// copy is discarded (mutation audit O23: a plain `rename` in place of
+    /// the no-replace one passed every test, and its last check too, since
+    /// the output then *is* the checked file).
+    #[test]
+    fn an_output_that_appeared_meanwhile_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let sound = snapshot::test_db::indexed(&dir.path().join("src.db"), None);
+        let out = dir.path().join("out").join("restored.db");
+        let mut staged = Staged::new(&out).unwrap();
+        staged.file.write_all(&sound).unwrap();
+        std::fs::write(&out, b"appeared").unwrap();
+        let e = staged.install("obj").unwrap_err().to_string();
+        assert!(e.contains("appeared while the restore ran"), "{e}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"appeared");
+        let left = std::fs::read_dir(out.parent().unwrap()).unwrap().count();
+        assert_eq!(left, 1, "only the file that appeared, no temp file");
+    }
+
     /// A restored file with SQLite's header but damaged pages fails
     /// `integrity_check` (which runs beside the `fsync`): nothing is
     /// installed and no temporary file is left; a sound one is installed.

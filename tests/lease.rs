@@ -69,8 +69,12 @@ both_backends!(after_release_acquire_succeeds, |b| async move {
     b2.release_at(t0() + secs(60)).await.unwrap();
     let left = Lease::current(&r).await.unwrap().unwrap();
     assert!(left.expires <= t0() + secs(60), "{left:?}");
+    // Marked as released, so the next start does not take it for a
+    // crashed holder's (black-box probe P23).
+    assert!(left.released, "{left:?}");
     let c = Lease::acquire(&r, t0() + secs(60)).await.unwrap();
     assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *c.record());
+    assert!(!c.record().released);
 });
 
 both_backends!(

@@ -414,6 +414,33 @@ async fn a_listing_cut_short_is_read_again() {
     assert!(!o2.exists());
 }
 
+/// A fleet on the in-process S3 server whose `n` databases `p/d/t<i>`
+/// (`i + 1` rows each) are all backed up.
+async fn backed_up_on_s3(n: usize) -> Fleet {
+    let f = Fleet::new(Backend::S3).await;
+    for i in 0..n {
+        let p = f.db_path("p", "d", &format!("t{i}"));
+        drop(create_db(&p, i + 1));
+        age(&p);
+    }
+    let rep = f.replicator();
+    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, n);
+    f
+}
+
+/// A bulk restore of the whole replica into `dir`.
+fn bulk_of_all(dir: &std::path::Path) -> litefleet::restore::BulkOptions {
+    litefleet::restore::BulkOptions {
+        prefix: "/".to_string(),
+        output_dir: dir.to_path_buf(),
+        timestamp: None,
+        concurrency: 2,
+        if_db_not_exists: false,
+        allow_older: false,
+        if_replica_exists: false,
+    }
+}
+
 /// A ListObjectsV2 page that says the listing is truncated but carries no
 /// continuation token fails the listing, naming it, instead of passing for
 /// its end (black-box probe N: `list`, `restore --prefix /` and `verify`
@@ -422,27 +449,12 @@ async fn a_listing_cut_short_is_read_again() {
 /// their tokens still list everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_truncated_without_a_token_fails() {
-    use litefleet::restore::{list, restore_bulk, BulkOptions, NoProgress};
-    let f = Fleet::new(Backend::S3).await;
+    use litefleet::restore::{list, restore_bulk, NoProgress};
     let n = 5;
-    for i in 0..n {
-        let p = f.db_path("p", "d", &format!("t{i}"));
-        drop(create_db(&p, i + 1));
-        age(&p);
-    }
-    let rep = f.replicator();
-    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, n);
+    let f = backed_up_on_s3(n).await;
     let replica = f.replica();
     let out = tempfile::tempdir().unwrap();
-    let bulk = |dir: &str| BulkOptions {
-        prefix: "/".to_string(),
-        output_dir: out.path().join(dir),
-        timestamp: None,
-        concurrency: 2,
-        if_db_not_exists: false,
-        allow_older: false,
-        if_replica_exists: false,
-    };
+    let bulk = |dir: &str| bulk_of_all(&out.path().join(dir));
 
     // Pages of one key, tokens intact: everything is listed and restored.
     f.s3().set_fault(Fault::ListPages(1));
@@ -497,29 +509,14 @@ async fn a_listing_truncated_without_a_token_fails() {
 /// entry for an older one). Listed in order again, everything works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_that_repeats_a_key_fails_and_retention_deletes_nothing() {
-    use litefleet::restore::{list, restore_bulk, BulkOptions, NoProgress};
-    let f = Fleet::new(Backend::S3).await;
+    use litefleet::restore::{list, restore_bulk, NoProgress};
     let n = 3;
-    for i in 0..n {
-        let p = f.db_path("p", "d", &format!("t{i}"));
-        drop(create_db(&p, i + 1));
-        age(&p);
-    }
-    let rep = f.replicator();
-    assert_eq!(rep.cycle(&CancellationToken::new()).await.uploaded, n);
+    let f = backed_up_on_s3(n).await;
     let replica = f.replica();
     let objects = || common::walk_files(&f.s3().root().join(f.s3().bucket())).len();
     let stored = objects();
     let out = tempfile::tempdir().unwrap();
-    let bulk = BulkOptions {
-        prefix: "/".to_string(),
-        output_dir: out.path().join("all"),
-        timestamp: None,
-        concurrency: 2,
-        if_db_not_exists: false,
-        allow_older: false,
-        if_replica_exists: false,
-    };
+    let bulk = bulk_of_all(&out.path().join("all"));
     f.s3().set_fault(Fault::ListRepeatingAKey);
     let named = |e: &str| e.contains("the store listed") && e.contains("S3 lists every key once");
     let e = list(&replica, None).await.unwrap_err().to_string();

@@ -37,6 +37,17 @@ def inspect(path):
 bad = False
 bad_keys = set()
 total = dict(okA=0, okB=0, mixed=0, odd=0, failed=0, absent=0)
+def tally(counts, notes, cls, key, head, detail):
+    """Counts one restore of `key` as `cls`; a mixed or odd one makes the run
+    bad, and every failure gets a note: `head`, its class, `detail`."""
+    global bad
+    counts[cls] += 1
+    if cls in ("mixed", "odd"):
+        bad = True
+        bad_keys.add(key)
+    if cls in ("mixed", "odd", "failed"):
+        notes.append(f"{head} {cls.upper()} {detail}")
+
 def judge(path, limit):
     """Classifies the restored database at `path`, `limit(tag)` the most rows
     its tree had: (class, detail, tag, rows), tag and rows None unless ok."""
@@ -85,12 +96,7 @@ for line in open(f"{R}/restores.txt"):
             if tag is not None:
                 ref = final[(k, tag)] if T is None else count_at((k, tag), T)
                 lag.append(ref - n)
-        cnt[cls] += 1
-        if cls in ("mixed", "odd"):
-            bad = True
-            bad_keys.add(key)
-        if cls in ("mixed", "odd", "failed"):
-            notes.append(f"   {name} {key} {cls.upper()} {det}")
+        tally(cnt, notes, cls, key, f"   {name} {key}", det)
     for c in cnt:
         total[c] += cnt[c]
     lagtxt = f"rows_behind(min/max)={min(lag)}/{max(lag)}" if lag else ""
@@ -114,12 +120,7 @@ if os.path.exists(gpath):
             det = (det[-1] if det else "")[-300:]
         else:
             cls, det, _, _ = judge(path, lambda tag: count_at((k, tag), T + 0.25))
-        g[cls] += 1
-        if cls in ("mixed", "odd"):
-            bad = True
-            bad_keys.add(key)
-        if cls in ("mixed", "odd", "failed"):
-            gnotes.append(f"   gen {key} {gen} {kind} T={ts} rc={rc} {cls.upper()} {det}")
+        tally(g, gnotes, cls, key, f"   gen {key} {gen} {kind} T={ts} rc={rc}", det)
     print(" GENSNAPS " + " ".join(f"{c}={v}" for c, v in g.items()))
     for n in gnotes:
         print(n)

@@ -702,8 +702,8 @@ fn segment_object(meta: ObjectMeta) -> Option<SegmentObject> {
     })
 }
 
-/// The generations of `key`, newest first (one LIST with delimiter).
-/// Directories whose names are not generation ids are ignored.
+/// The generations of `key`, newest first; names below
+/// `<key>/generations/` that are not generation ids are ignored.
 ///
 /// Found from every object below `<key>/generations/`, not from a
 /// delimiter listing's "directories": a store may name a directory there

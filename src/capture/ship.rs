@@ -525,6 +525,9 @@ impl Shipper {
         expect_dir: Option<&Path>,
     ) -> Result<Shipper> {
         crate::capture::configure_sqlite();
+        // The open below refuses a link atomically (`pin::pin_below`); this
+        // walk first names one on a reopen, where the comparison with the
+        // directory at the stream's start would otherwise report it.
         crate::source::discover::check_no_link_below(root, db)?;
         let parent = db.parent().unwrap_or(Path::new("."));
         let dir = std::fs::canonicalize(parent).at(parent)?;

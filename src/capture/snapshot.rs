@@ -1826,6 +1826,36 @@ mod tests {
         (db, app, source)
     }
 
+    /// A WAL-index (`-shm`) whose header names other salts than the WAL
+    /// read, as one of another WAL opened by name after it would: not the
+    /// same WAL, though both WAL headers agree (the last check's third
+    /// comparison; every test passed without it, mutation audit O23 M35).
+    /// The salts are rewritten in both copies of the index header in place,
+    /// while the source's read transaction keeps SQLite from reading the
+    /// index again (it would rebuild it from the WAL).
+    #[test]
+    fn a_wal_index_naming_other_salts_is_not_the_same_wal() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let (db, _app, source) = wal_only_db(t.path());
+        source
+            .execute_batch("BEGIN; SELECT count(*) FROM t;")
+            .unwrap();
+        assert!(same_wal(&source, &db).unwrap());
+        let shm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(t.path().join("r.db-shm"))
+            .unwrap();
+        // `aSalt` at 32 in each 48-byte copy of the header.
+        for at in [32, 48 + 32] {
+            let mut salt = [0u8; 8];
+            shm.read_exact_at(&mut salt, at).unwrap();
+            shm.write_all_at(&salt.map(|b| !b), at).unwrap();
+        }
+        assert!(!same_wal(&source, &db).unwrap());
+    }
+
     /// The `-wal` renamed away from under open connections (a hostile
     /// application, or a ring renaming side files): the read transaction
     /// still sees its frames, through SQLite's handle. So the file alone is

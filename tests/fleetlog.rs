@@ -18,7 +18,9 @@ use chrono::{DateTime, Utc};
 use common::fleet::{count_rows, create_db, insert_rows, Fleet};
 use litefleet::capture::fleetlog::{self, FleetLog};
 use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent};
-use litefleet::replica::hot::read_metadata;
+use litefleet::replica::cold;
+use litefleet::replica::hot::{self, read_metadata};
+use litefleet::restore::replay::restore_plan;
 use litefleet::restore::RestoreOutcome;
 use litefleet::source::config::DEFAULT_RELEASE_AFTER;
 use litefleet::stats::Stats;
@@ -554,6 +556,59 @@ impl object_store::ObjectStore for HoldFirstLogRead {
         self.inner.rename_opts(from, to, options).await
     }
 }
+
+// A cold copy newer than a generation whose metadata recorded frames
+// shipped after that copy began (as a stream's close writes it) is
+// restored only once a replay proves the generation's objects hold all
+// they recorded. A log object consolidated and deleted during that replay
+// (the stream's end consolidates its parts): the restore plans again and
+// finds the parts in the pack, where it failed ("is gone ...: plan again";
+// a daemon's drill counted a problem and uploaded the database again).
+both_backends!(
+    a_log_object_consolidated_while_a_cold_copy_is_proven_is_found_again,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
+        for round in 1..=2u64 {
+            s.commit_all(1);
+            s.until_shipped(round).await;
+        }
+        s.crash();
+        let (r, key) = (s.f.replica(), s.keys[0].clone());
+        let plan = hot::plan_latest(&r, &key, None).await.unwrap().unwrap();
+        let scratch = s.out.path().join("scratch.db");
+        let mut file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&scratch)
+            .unwrap();
+        let end = restore_plan(&r, &key, &plan, &mut file, &scratch)
+            .await
+            .unwrap()
+            .position;
+        // The cold copy, then the metadata recording everything shipped.
+        let tmp = s.out.path().join("tmp");
+        let snap = litefleet::capture::snapshot::capture(&s.paths[0], None, &key, &tmp).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut snap.reader().unwrap(), &mut bytes).unwrap();
+        let loc = cold::snapshot_path(&r.prefix, &key, "t0", snap.times.taken);
+        object_store::ObjectStoreExt::put(&r.store, &loc, bytes.into())
+            .await
+            .unwrap();
+        let gen = hot::list_generation_ids(&r, &key).await.unwrap()[0].clone();
+        let mut meta = read_metadata(&r, &key, &gen).await.unwrap().unwrap();
+        meta.last = end;
+        meta.written = Some(Utc::now());
+        hot::write_metadata(&r, &key, &meta).await.unwrap();
+        let plan = hot::plan_latest(&r, &key, None).await.unwrap().unwrap();
+        assert!(snap.times.started > plan.time(), "the cold copy is newer");
+        assert!(
+            plan.recorded_after(snap.times.started),
+            "proven by a replay"
+        );
+        assert_eq!(restore_across_a_consolidation(&s, false).await, s.rows[0]);
+    }
+);
 
 /// A restore of database 0 of `s` (whose stream is gone, its parts in the
 /// fleet log only) during which, at the first log read of the kind `index`

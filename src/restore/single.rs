@@ -299,7 +299,7 @@ pub(super) async fn restore_key(
     on_bytes: Option<OnBytes>,
 ) -> Result<Option<Restored>> {
     let at = how.at;
-    let plan = if how.hot {
+    let mut plan = if how.hot {
         match hot::plan_latest(replica, key, at).await {
             Ok(p) => p,
             Err(e) => {
@@ -316,6 +316,8 @@ pub(super) async fn restore_key(
     // with `how.allow_older`; else the restore fails naming the newest and
     // the state that would be restored instead.
     let mut damaged: Vec<(SnapshotInfo, Error)> = Vec::new();
+    // Plans made again for a cold copy's proof (see below).
+    let mut replans = 0;
     loop {
         let cold = match choose_cold(replica, &snaps, at, plan.is_some()).await {
             Ok(c) => c,
@@ -373,8 +375,20 @@ pub(super) async fn restore_key(
                 // copy began: unless its objects hold all of them (a
                 // replay proves it), the hot tier's real state is newer and
                 // something of it is missing. Never the cold copy then.
-                if let Err(e) = replays_in_full(replica, key, p, output).await {
-                    return Err(hot_failed(e, Some(c)));
+                match replays_in_full(replica, key, p, output).await {
+                    Ok(()) => {}
+                    // A fleet log object consolidated since the plan (a
+                    // stream that ended writes its metadata, then moves
+                    // its parts into a pack): plan again and choose again.
+                    Err(e) if replay::is_part_gone(&e) && replans < REPLANS => {
+                        replans += 1;
+                        plan = match hot::plan_latest(replica, key, at).await {
+                            Ok(again) => again,
+                            Err(e) => return Err(hot_failed(e, Some(c))),
+                        };
+                        continue;
+                    }
+                    Err(e) => return Err(hot_failed(e, Some(c))),
                 }
             }
         }

@@ -552,11 +552,10 @@ both_backends!(a_drill_that_finds_damage_uploads_again, |b| async move {
     .await;
     let damaged = cold_object(&r, &keys[0]).await;
     flip(&r, &damaged).await;
-    let (code, doc) = verify_json(&f, &[]);
-    assert_eq!(code, 1, "{doc}");
-    assert_eq!(result(&doc, &keys[0])["what"], "damaged object", "{doc}");
     // A drill finds the damage, the next cycle uploads the database again,
-    // and a later drill finds every key good.
+    // and a later drill finds every key good. (Not `verify` from here in
+    // between: the daemon may have uploaded again by then, and rightly;
+    // `damaged_cold_snapshot_is_a_problem_naming_the_object` is that test.)
     until("a drill finds the damage", || {
         stats.verify_last_problems.load(Ordering::SeqCst) == 1
     })

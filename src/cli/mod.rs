@@ -723,17 +723,21 @@ fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
 /// at once. SIGHUP (a closed terminal, or `kill -HUP` meant as a reload)
 /// stops gracefully too: its default action killed the daemon like a crash,
 /// leaving its lease to refuse the next start (black-box probe).
+///
+/// The handlers are installed before this returns, not in the task: a
+/// signal that came before the task first ran (the daemon already asking
+/// for its lease) had its default action, and killed the process.
 fn install_signals(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-            return;
-        };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, _ = hup.recv() => {} }
         tracing::info!(
             "shutdown requested: finishing in-flight uploads (signal again to exit now)"

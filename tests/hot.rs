@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::fleet::{count_rows, create_db, insert_rows, Fleet};
+use common::fleet::{count_rows, create_db, insert_rows, Backend, Fleet};
 use litefleet::capture::fleetlog::FleetLog;
 use litefleet::capture::ship::{self, HotContext, HotExit, ShipConfig, ShipEvent, Shipper, Step};
 use litefleet::restore::{RestoreOutcome, Tier};
@@ -87,6 +87,17 @@ fn stream_of(
         stop.clone(),
     ));
     (events, stop, task)
+}
+
+/// A fleet for tests that upload tens of MiB at once: a request timeout of
+/// 120 s rather than the fleet's 10 s. A multipart part to the in-process
+/// S3 server took longer than 10 s on a machine at load 35-40 (a debug
+/// build with a tenth of a core); the upload was abandoned and begun again
+/// from a new snapshot at every sync, and never finished (flaky-test hunt).
+async fn large_uploads(b: Backend) -> Fleet {
+    let mut f = Fleet::new(b).await;
+    f.timeout = "120s";
+    f
 }
 
 /// One streamed database.
@@ -466,7 +477,7 @@ both_backends!(
 both_backends!(
     a_transaction_too_large_for_memory_ships_from_the_wal,
     |b| async move {
-        let mut h = Hot::start(Fleet::new(b).await, 1_000_000, 10_000_000).await;
+        let mut h = Hot::start(large_uploads(b).await, 1_000_000, 10_000_000).await;
         let w = writer(&h.path);
         insert_rows(&w, 2);
         h.until_shipped(3).await;
@@ -512,7 +523,7 @@ both_backends!(
 both_backends!(
     a_generation_started_on_a_long_wal_restores_whole_between_its_parts,
     |b| async move {
-        let f = Fleet::new(b).await;
+        let f = large_uploads(b).await;
         let path = f.db_path("p", "d", "a");
         let w = create_db(&path, 0);
         w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
@@ -671,7 +682,7 @@ both_backends!(
 both_backends!(
     a_stream_behind_its_writer_catches_up_in_one_sync,
     |b| async move {
-        let f = Fleet::new(b).await;
+        let f = large_uploads(b).await;
         let path = f.db_path("p", "d", "a");
         let w = create_db(&path, 1);
         w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();

@@ -781,10 +781,14 @@ impl Replicator {
             } else {
                 // What `/stats` says during the cycle (each upload takes one
                 // off; the end of the cycle counts again): a first backup
-                // used to show 0 pending until it was over (probe F).
+                // used to show 0 pending until it was over (probe F). All
+                // that is pending, as at the cycle's end: not only what this
+                // cycle uploads, which leaves out racy databases waiting for
+                // their second upload (`/stats` said 0 for part of every
+                // cycle while they waited: flaky-test hunt).
                 self.stats
                     .pending
-                    .store(pending.len() as u64, Ordering::Relaxed);
+                    .store(t.pending_count() as u64, Ordering::Relaxed);
                 self.stats
                     .oldest_pending_unix
                     .store(t.oldest_pending().unwrap_or(0) as u64, Ordering::Relaxed);

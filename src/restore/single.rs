@@ -316,7 +316,7 @@ pub(super) async fn restore_key(
     // with `how.allow_older`; else the restore fails naming the newest and
     // the state that would be restored instead.
     let mut damaged: Vec<(SnapshotInfo, Error)> = Vec::new();
-    // Plans made again for a cold copy's proof (see below).
+    // Plans made again for this restore ([`plan_again`]).
     let mut replans = 0;
     loop {
         let cold = match choose_cold(replica, &snaps, at, plan.is_some()).await {
@@ -382,10 +382,7 @@ pub(super) async fn restore_key(
                     // its parts into a pack): plan again and choose again.
                     Err(e) if replay::is_part_gone(&e) && replans < REPLANS => {
                         replans += 1;
-                        plan = match hot::plan_latest(replica, key, at).await {
-                            Ok(again) => again,
-                            Err(e) => return Err(hot_failed(e, Some(c))),
-                        };
+                        plan = Some(plan_again(replica, key, at, e, Some(c)).await?);
                         continue;
                     }
                     Err(e) => return Err(hot_failed(e, Some(c))),
@@ -396,7 +393,6 @@ pub(super) async fn restore_key(
             None => return Ok(None),
             Some(Source::Hot(p)) => {
                 let mut p = p.clone();
-                let mut replans = 0;
                 loop {
                     let installed = with_retries(&describe_plan(&p), || {
                         install_plan(replica, key, &p, output, on_bytes.clone())
@@ -414,14 +410,8 @@ pub(super) async fn restore_key(
                         // its parts are in a pack now.
                         Err(e) if replay::is_part_gone(&e) && replans < REPLANS => {
                             replans += 1;
-                            match hot::plan_latest(replica, key, at).await {
-                                Ok(Some(again)) => {
-                                    p = again;
-                                    continue;
-                                }
-                                Ok(None) => Err(hot_failed(e, cold.as_ref())),
-                                Err(e) => Err(hot_failed(e, cold.as_ref())),
-                            }
+                            p = plan_again(replica, key, at, e, cold.as_ref()).await?;
+                            continue;
                         }
                         Err(e) => Err(hot_failed(e, cold.as_ref())),
                     };
@@ -505,6 +495,26 @@ fn hot_failed(e: Error, cold: Option<&ColdChoice>) -> Error {
             )
         }
         _ => e,
+    }
+}
+
+/// The plan made again after `gone` ([`replay::is_part_gone`]: a fleet log
+/// object consolidated since the plan was made, its parts in a pack now),
+/// for both uses of a plan: the install, and the replay that proves a
+/// newer cold copy. With no plan at all now, the restore fails with `gone`
+/// (never the cold copy instead), worded beside `cold` as [`hot_failed`]
+/// words every failure of the hot tier.
+async fn plan_again(
+    replica: &Replica,
+    key: &str,
+    at: Option<DateTime<Utc>>,
+    gone: Error,
+    cold: Option<&ColdChoice>,
+) -> Result<Plan> {
+    match hot::plan_latest(replica, key, at).await {
+        Ok(Some(again)) => Ok(again),
+        Ok(None) => Err(hot_failed(gone, cold)),
+        Err(e) => Err(hot_failed(e, cold)),
     }
 }
 

@@ -33,7 +33,10 @@
 //! is synced, once per replica and directory (a directory left unsynced by a
 //! crashed process is covered too). An object in a new key directory costs
 //! three `fsync`s (the object, its directory, the directory's parent), one
-//! in a known directory two.
+//! in a known directory two. The cold tier's small snapshots are written a
+//! batch at a time instead ([`LocalBatch`]): every staged file of the batch,
+//! then one `syncfs` of the filesystem, the renames, and a second `syncfs`
+//! for the names and directories, in the same order per object.
 //!
 //! # Write fence
 //!
@@ -348,6 +351,18 @@ static LOCAL_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// How many `file://` objects this process has `fsync`ed so far.
 pub fn local_syncs() -> u64 {
     LOCAL_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The records of what test builds synced ([`crate::durable`]), for the
+/// tests of stages above this one, which make `file://` objects durable
+/// only through a [`Replica`].
+#[cfg(test)]
+pub(crate) use crate::durable::{filesystems_synced_below, synced_below};
+
+/// Whether a plain `file://` replica writes small objects in batches on
+/// this host ([`Replica::local_batch`]).
+pub fn batches_local_writes() -> bool {
+    crate::durable::syncfs_reports_errors()
 }
 
 /// The replica: an object store and the key prefix everything lives under.
@@ -774,6 +789,19 @@ impl Replica {
         sync_parents(&path, self.local_root().as_deref(), &self.durable_dirs)?;
         LOCAL_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// A [`LocalBatch`] for this replica: small objects written here on
+    /// the calling thread and made durable together. `None` where
+    /// [`Replica::put_bytes_here`] would not write (any store but a plain
+    /// `file://` one), and where the kernel's `syncfs` cannot be trusted
+    /// with write-back errors ([`crate::durable::syncfs_reports_errors`]):
+    /// the caller writes each object on its own there.
+    pub fn local_batch(&self) -> Option<LocalBatch<'_>> {
+        (self.direct && self.local.is_some() && batches_local_writes()).then(|| LocalBatch {
+            replica: self,
+            staged: Vec::new(),
+        })
     }
 
     /// Downloads a whole object into memory; `None` if it does not exist.
@@ -1396,6 +1424,195 @@ fn sync_parents(path: &Path, root: Option<&Path>, durable: &DurableDirs) -> Resu
     Ok(())
 }
 
+/// Small objects written to a plain `file://` replica together, durable
+/// together (the cold tier's batch of small snapshots, issue 13: "make a
+/// whole cycle durable together before recording it, rather than one fsync
+/// per object").
+///
+/// [`LocalBatch::stage`] writes each object's staged file `<name>#<n>`,
+/// unsynced; [`LocalBatch::publish`] then makes them all durable with one
+/// `syncfs` per filesystem, checks the fence, renames each over its
+/// object's name and makes the names (and every directory created for
+/// them) durable with a second `syncfs`. The order is the one
+/// `write_local` keeps per object: content durable before the name, so a
+/// power cut never leaves a partial object where a complete one was; an
+/// object counts as written only after the second `syncfs`. Two `syncfs`
+/// per batch where each object made two or three `fsync`s: on ext4, 3,000
+/// small databases made ~9,000 journal commits.
+///
+/// The price: `syncfs` writes back everything dirty on the replica's
+/// filesystem, other programs' files included (the kernel would within
+/// its write-back delay, ~30 s, anyway). Dropped unpublished, the staged
+/// files are removed.
+pub struct LocalBatch<'r> {
+    replica: &'r Replica,
+    staged: Vec<StagedLocal>,
+}
+
+/// One object of a [`LocalBatch`].
+struct StagedLocal {
+    location: ObjPath,
+    /// The object's path, and its staged file's until it is renamed
+    /// (`None` once renamed or removed).
+    path: PathBuf,
+    staged: Option<PathBuf>,
+    /// The staged file, open: `syncfs` needs a descriptor on the
+    /// filesystem, and its device tells which filesystem that is.
+    file: std::fs::File,
+    dev: u64,
+    outcome: Option<Result<()>>,
+}
+
+impl Drop for StagedLocal {
+    fn drop(&mut self) {
+        if let Some(staged) = self.staged.take() {
+            let _ = std::fs::remove_file(staged);
+        }
+    }
+}
+
+impl LocalBatch<'_> {
+    /// Writes `bytes` as the staged file of the object at `location`: on
+    /// disk, not yet durable, not yet under its name. Returns its place in
+    /// [`LocalBatch::publish`]'s outcomes. Refused when the fence is closed.
+    pub fn stage(&mut self, location: &ObjPath, bytes: &[u8]) -> Result<usize> {
+        use std::os::unix::fs::MetadataExt;
+        self.fence_open(location)?;
+        let Some(path) = self.replica.local_path(location)? else {
+            return Err(Error::invalid(location, "not a file:// replica"));
+        };
+        let (mut file, staged) = create_staged(&path, create_new)?;
+        let dev = file
+            .write_all(bytes)
+            .and_then(|()| file.metadata())
+            .map(|m| m.dev());
+        let dev = match dev {
+            Ok(dev) => dev,
+            Err(e) => {
+                let _ = std::fs::remove_file(&staged);
+                return Err(Error::io(&staged, e));
+            }
+        };
+        self.staged.push(StagedLocal {
+            location: location.clone(),
+            path,
+            staged: Some(staged),
+            file,
+            dev,
+            outcome: None,
+        });
+        Ok(self.staged.len() - 1)
+    }
+
+    fn fence_open(&self, location: &ObjPath) -> Result<()> {
+        match &self.replica.fence {
+            Some(f) if !f.is_open() => Err(f.refused(location)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes every staged object durable under its name (see
+    /// [`LocalBatch`]); one outcome per [`LocalBatch::stage`] that
+    /// succeeded, in its order. An object whose outcome is an error may
+    /// be in place without being durable: it is not recorded as uploaded,
+    /// and the next upload writes it again.
+    pub fn publish(mut self) -> Vec<Result<()>> {
+        // The content, before any name.
+        self.sync_filesystems(|o| o.staged.clone().unwrap_or_default());
+        // The fence, right before the names, as `write_local_if` checks it.
+        for o in self.staged.iter_mut().filter(|o| o.outcome.is_none()) {
+            if let Some(f) = self.replica.fence.as_ref().filter(|f| !f.is_open()) {
+                o.outcome = Some(Err(f.refused(&o.location)));
+            }
+        }
+        for o in self.staged.iter_mut().filter(|o| o.outcome.is_none()) {
+            let Some(staged) = &o.staged else { continue };
+            match std::fs::rename(staged, &o.path) {
+                Ok(()) => o.staged = None,
+                Err(e) => o.outcome = Some(Err(Error::io(&o.path, e))),
+            }
+        }
+        // The names, and the directories made for them.
+        self.sync_filesystems(|o| o.path.clone());
+        let root = self.replica.local_root();
+        for o in self.staged.iter_mut().filter(|o| o.outcome.is_none()) {
+            let durable = &self.replica.durable_dirs;
+            o.outcome = Some(entries_durable(&o.path, root.as_deref(), o.dev, durable));
+        }
+        self.staged
+            .iter_mut()
+            .map(|o| {
+                let outcome = o.outcome.take().unwrap_or(Ok(()));
+                if outcome.is_ok() {
+                    LOCAL_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                outcome
+            })
+            .collect()
+    }
+
+    /// `syncfs` once per filesystem of the objects without an outcome yet,
+    /// through the first one's file (named by `named` in test records);
+    /// each object on a filesystem whose `syncfs` failed fails with it.
+    fn sync_filesystems(&mut self, named: impl Fn(&StagedLocal) -> PathBuf) {
+        let mut done: Vec<(u64, Option<std::io::Error>)> = Vec::new();
+        for i in 0..self.staged.len() {
+            let o = &self.staged[i];
+            if o.outcome.is_some() {
+                continue;
+            }
+            let failed = match done.iter().find(|(dev, _)| *dev == o.dev) {
+                Some((_, failed)) => failed.as_ref().map(copy_io_error),
+                None => {
+                    let r = crate::durable::sync_filesystem(&o.file, &named(o)).err();
+                    let copy = r.as_ref().map(copy_io_error);
+                    done.push((o.dev, r));
+                    copy
+                }
+            };
+            if let Some(e) = failed {
+                let o = &mut self.staged[i];
+                o.outcome = Some(Err(Error::io(&o.path, e)));
+            }
+        }
+    }
+}
+
+/// The same error again (`std::io::Error` is not `Clone`): one failed
+/// `syncfs` fails every object of its filesystem.
+fn copy_io_error(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// [`sync_parents`] after a `syncfs` of the filesystem `dev` made every
+/// entry on it durable: a directory whose entry lies on `dev` is known
+/// durable without an `fsync` of its own; one whose parent is on another
+/// filesystem (a mount point below the replica root) is synced as before.
+fn entries_durable(
+    path: &Path,
+    root: Option<&Path>,
+    dev: u64,
+    durable: &DurableDirs,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if root.is_none_or(|r| d == r || !d.starts_with(r)) || durable.contains(d) {
+            break;
+        }
+        let Some(parent) = d.parent() else { break };
+        if std::fs::metadata(parent).at(parent)?.dev() != dev {
+            sync_parent(d)?;
+        }
+        durable.insert(d);
+        dir = Some(parent);
+    }
+    Ok(())
+}
+
 /// Direct `file://` writes ([`write_local`], [`link_local`]) in flight at once. Each holds a
 /// blocking thread, mostly waiting in `fsync`; the filesystem's journal
 /// commits concurrent `fsync`s together, so a few in flight keep the disk
@@ -1426,12 +1643,7 @@ fn write_local(path: &Path, bytes: &[u8]) -> Result<()> {
 /// (checked once its content is synced) succeeds; else the staged file is
 /// removed and its error returned.
 fn write_local_if(path: &Path, bytes: &[u8], allowed: impl FnOnce() -> Result<()>) -> Result<()> {
-    let (mut file, staged) = create_staged(path, |staged| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(staged)
-    })?;
+    let (mut file, staged) = create_staged(path, create_new)?;
     let written = file
         .write_all(bytes)
         .and_then(|()| crate::durable::sync_file(&file, &staged));
@@ -1443,6 +1655,15 @@ fn write_local_if(path: &Path, bytes: &[u8], allowed: impl FnOnce() -> Result<()
         }
     }
     publish_staged(path, &staged, written)
+}
+
+/// Creates the staged file `staged` for writing; `AlreadyExists` when there
+/// is one (see [`create_staged`]).
+fn create_new(staged: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(staged)
 }
 
 /// Makes the complete file `file` (which nobody changes any more) the
@@ -2211,6 +2432,138 @@ mod tests {
         // A wrapped store sees every write: nothing goes around it.
         let wrapped = r.clone().with_store(r.store.clone());
         assert!(!wrapped.direct);
+    }
+
+    /// A batch of small objects is made durable together: each object's
+    /// content by a `syncfs` before any name (the staged file is what it
+    /// syncs), the names and new directories by a second one after the
+    /// renames, and only then does an object count as written. Nothing of
+    /// a batch shows in a listing before it is published, and a batch
+    /// dropped unpublished leaves nothing behind.
+    #[test]
+    fn a_local_batch_is_durable_together_content_before_names() {
+        if !crate::durable::syncfs_reports_errors() {
+            return; // objects are written one by one there (`local_batch`)
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(dir.path());
+        let syncs = local_syncs();
+        let mut batch = r.local_batch().expect("a plain file:// replica batches");
+        let names = ["k/a/one", "k/a/two", "k/b/c/three"];
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(
+                batch.stage(&ObjPath::from(*name), name.as_bytes()).unwrap(),
+                i
+            );
+            // Staged: on disk under its staged name only.
+            assert!(!dir.path().join(name).exists(), "{name} before publish");
+            assert!(dir.path().join(format!("{name}#1")).exists());
+        }
+        assert!(crate::durable::filesystems_synced_below(dir.path()).is_empty());
+        let outcomes = batch.publish();
+        assert_eq!(outcomes.len(), 3);
+        for (name, outcome) in names.iter().zip(&outcomes) {
+            assert!(outcome.is_ok(), "{name}: {outcome:?}");
+            assert_eq!(
+                std::fs::read(dir.path().join(name)).unwrap(),
+                name.as_bytes()
+            );
+            assert!(!dir.path().join(format!("{name}#1")).exists());
+        }
+        assert!(local_syncs() >= syncs + 3, "counted as written");
+        // One filesystem: synced once through the first staged file, and
+        // once through its object after the renames.
+        assert_eq!(
+            crate::durable::filesystems_synced_below(dir.path()),
+            [PathBuf::from("k/a/one#1"), PathBuf::from("k/a/one")]
+        );
+        // No `fsync` per object or per directory: the second `syncfs` made
+        // every new directory's entry durable.
+        assert!(crate::durable::synced_below(dir.path()).is_empty());
+        for d in ["k/a", "k/b/c", "k/b", "k"] {
+            assert!(r.durable_dirs.contains(&dir.path().join(d)), "{d}");
+        }
+        // Dropped unpublished: the staged files go.
+        let mut dropped = r.local_batch().unwrap();
+        dropped.stage(&ObjPath::from("k/a/four"), b"4").unwrap();
+        drop(dropped);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("k/a")).unwrap().count(),
+            2,
+            "only one and two"
+        );
+        // Any store but the plain local one sees every write itself.
+        assert!(r
+            .clone()
+            .with_store(r.store.clone())
+            .local_batch()
+            .is_none());
+    }
+
+    /// A `syncfs` that fails before the renames fails every object of its
+    /// filesystem, none of which appears (an earlier version under the
+    /// name stays); one that fails after them fails every object too
+    /// (in place, but not known durable: the next upload writes it
+    /// again). A fence closed between staging and publishing refuses the
+    /// batch and leaves nothing behind.
+    #[test]
+    fn a_local_batch_fails_whole_when_its_filesystem_or_fence_does() {
+        if !crate::durable::syncfs_reports_errors() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::for_test_dir(dir.path());
+        r.put_bytes_here(&ObjPath::from("k/a/one"), b"old").unwrap();
+        let staged = |names: &[&str]| {
+            let mut batch = r.local_batch().unwrap();
+            for name in names {
+                batch.stage(&ObjPath::from(*name), b"new").unwrap();
+            }
+            batch
+        };
+        let leftovers = || {
+            let mut found = Vec::new();
+            for d in ["k/a", "k/b"] {
+                for e in std::fs::read_dir(dir.path().join(d)).into_iter().flatten() {
+                    found.push(e.unwrap().file_name().to_string_lossy().into_owned());
+                }
+            }
+            found.sort();
+            found
+        };
+        // Before the renames (through the first staged file), then after
+        // them (through the first object): every object fails.
+        for (failing, left) in [("k/a/one#1", &["one"][..]), ("k/a/one", &["one", "two"])] {
+            let batch = staged(&["k/a/one", "k/b/two"]);
+            crate::durable::fail_sync_of(Some(&dir.path().join(failing)));
+            let outcomes = batch.publish();
+            crate::durable::fail_sync_of(None);
+            assert_eq!(outcomes.len(), 2);
+            for o in &outcomes {
+                assert!(matches!(o, Err(Error::Io { .. })), "{failing}: {o:?}");
+            }
+            // Nothing staged is left; before the renames nothing new shows.
+            assert_eq!(leftovers(), left, "{failing}");
+            if failing.ends_with("#1") {
+                assert_eq!(std::fs::read(dir.path().join("k/a/one")).unwrap(), b"old");
+            }
+        }
+        // The fence closes between staging and publishing.
+        let later = std::time::Instant::now() + Duration::from_secs(60);
+        let soon = chrono::Utc::now() + chrono::Duration::seconds(60);
+        let fence = Arc::new(Fence::new("lease", later, soon));
+        let fenced = r.clone().with_fence(fence.clone());
+        let mut batch = fenced.local_batch().unwrap();
+        batch.stage(&ObjPath::from("k/a/three"), b"3").unwrap();
+        fence.close();
+        let e = batch.stage(&ObjPath::from("k/a/four"), b"4").unwrap_err();
+        assert!(matches!(e, Error::LeaseLost { .. }), "{e:?}");
+        let outcomes = batch.publish();
+        assert!(
+            matches!(&outcomes[..], [Err(Error::LeaseLost { .. })]),
+            "{outcomes:?}"
+        );
+        assert_eq!(leftovers(), ["one", "two"]);
     }
 
     /// Every `file://` write path reaches the fsync of the object and its

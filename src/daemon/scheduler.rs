@@ -1999,10 +1999,9 @@ mod tests {
     /// uploaded only once its batch is published.
     #[tokio::test]
     async fn small_snapshots_are_made_durable_a_batch_at_a_time() {
-        if !crate::replica::storage::batches_local_writes() {
-            return; // written one by one there (`Replica::local_batch`)
-        }
-        let t = tempfile::tempdir().unwrap();
+        let Some(t) = crate::replica::storage::batch_tempdir() else {
+            return;
+        };
         let data = t.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         for i in 0..20 {

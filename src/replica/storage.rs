@@ -36,7 +36,8 @@
 //! in a known directory two. The cold tier's small snapshots are written a
 //! batch at a time instead ([`LocalBatch`]): every staged file of the batch,
 //! then one `syncfs` of the filesystem, the renames, and a second `syncfs`
-//! for the names and directories, in the same order per object.
+//! for the names and directories, in the same order per object; only on
+//! filesystems whose `syncfs` is known to do that (`BATCH_FILESYSTEMS`).
 //!
 //! # Write fence
 //!
@@ -360,9 +361,69 @@ pub fn local_syncs() -> u64 {
 pub(crate) use crate::durable::{filesystems_synced_below, synced_below};
 
 /// Whether a plain `file://` replica writes small objects in batches on
-/// this host ([`Replica::local_batch`]).
-pub fn batches_local_writes() -> bool {
+/// this host ([`Replica::local_batch`]), where its filesystem allows.
+fn batches_local_writes() -> bool {
     crate::durable::syncfs_reports_errors()
+}
+
+/// Filesystems whose `syncfs` makes every file and directory entry
+/// written on them durable and reports a failed write-back (`statfs`
+/// magic numbers, `linux/magic.h`): ext2/3/4, XFS, Btrfs, F2FS and tmpfs.
+/// Not FUSE (its `syncfs` succeeds without asking a server that does not
+/// implement it), nor network or stacked filesystems, where a batch
+/// could be recorded as uploaded without being on the server's disk: a
+/// replica there is fsynced object by object.
+const BATCH_FILESYSTEMS: [i64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994];
+
+/// The device of the `file://` replica root `dir` when small objects can
+/// be made durable there a batch at a time ([`LocalBatch`]): the kernel's
+/// `syncfs` reports errors and `dir`'s filesystem is one of
+/// [`BATCH_FILESYSTEMS`]. `None` (object by object) otherwise.
+fn batch_device(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    if !batches_local_writes() || !BATCH_FILESYSTEMS.contains(&filesystem_type(dir)?) {
+        return None;
+    }
+    std::fs::metadata(dir).ok().map(|m| m.dev())
+}
+
+/// `statfs(2)`'s `f_type` of the filesystem holding `dir`.
+#[cfg(target_os = "linux")]
+fn filesystem_type(dir: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer of the size
+    // `statfs` writes; it is read only after a successful call.
+    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: `statfs` returned 0, so it filled `st`.
+    #[allow(clippy::unnecessary_cast)] // `f_type`'s width differs by target
+    Some(unsafe { st.assume_init() }.f_type as i64)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn filesystem_type(_dir: &Path) -> Option<i64> {
+    None
+}
+
+/// For tests of [`LocalBatch`]: a temporary directory on a filesystem
+/// where a `file://` replica batches (the default temporary directory, or
+/// `/dev/shm`, tmpfs on most Linux hosts, containers included); `None`
+/// where there is none (the tests say so and check nothing).
+#[cfg(test)]
+pub(crate) fn batch_tempdir() -> Option<tempfile::TempDir> {
+    let t = tempfile::tempdir().ok()?;
+    if batch_device(t.path()).is_some() {
+        return Some(t);
+    }
+    let shm = tempfile::tempdir_in("/dev/shm").ok()?;
+    if batch_device(shm.path()).is_some() {
+        return Some(shm);
+    }
+    eprintln!("no temporary directory where file:// replicas batch: not checked");
+    None
 }
 
 /// The replica: an object store and the key prefix everything lives under.
@@ -382,6 +443,10 @@ pub struct Replica {
     /// counts requests or injects faults): whole-object PUTs are written
     /// here with `std::fs` in one blocking task (see [`write_local`]).
     direct: bool,
+    /// `file://` only: the device of the replica's root when its
+    /// filesystem makes small objects durable a batch at a time
+    /// ([`Replica::local_batch`], [`batch_device`]).
+    batch_device: Option<u64>,
 }
 
 impl std::fmt::Display for Replica {
@@ -444,6 +509,7 @@ impl Replica {
                     fence: None,
                     durable_dirs: Arc::default(),
                     direct: true,
+                    batch_device: batch_device(dir),
                 })
             }
             ReplicaUrl::S3 { bucket, prefix } => {
@@ -534,6 +600,7 @@ impl Replica {
                     fence: None,
                     durable_dirs: Arc::default(),
                     direct: false,
+                    batch_device: None,
                 })
             }
         }
@@ -794,12 +861,17 @@ impl Replica {
     /// A [`LocalBatch`] for this replica: small objects written here on
     /// the calling thread and made durable together. `None` where
     /// [`Replica::put_bytes_here`] would not write (any store but a plain
-    /// `file://` one), and where the kernel's `syncfs` cannot be trusted
-    /// with write-back errors ([`crate::durable::syncfs_reports_errors`]):
+    /// `file://` one), where the kernel's `syncfs` cannot be trusted with
+    /// write-back errors ([`crate::durable::syncfs_reports_errors`]), and
+    /// where the replica's filesystem is not one of `BATCH_FILESYSTEMS` (ext4, XFS, Btrfs, F2FS, tmpfs):
     /// the caller writes each object on its own there.
     pub fn local_batch(&self) -> Option<LocalBatch<'_>> {
-        (self.direct && self.local.is_some() && batches_local_writes()).then(|| LocalBatch {
+        let device = self
+            .batch_device
+            .filter(|_| self.direct && self.local.is_some())?;
+        Some(LocalBatch {
             replica: self,
+            device,
             staged: Vec::new(),
         })
     }
@@ -1446,6 +1518,11 @@ fn sync_parents(path: &Path, root: Option<&Path>, durable: &DurableDirs) -> Resu
 /// files are removed.
 pub struct LocalBatch<'r> {
     replica: &'r Replica,
+    /// The replica root's device: an object whose directory is on another
+    /// (a mount point below the root) is written on its own, as
+    /// [`Replica::put_bytes_here`] does, since that filesystem was not
+    /// found fit for a batch.
+    device: u64,
     staged: Vec<StagedLocal>,
 }
 
@@ -1493,13 +1570,29 @@ impl LocalBatch<'_> {
                 return Err(Error::io(&staged, e));
             }
         };
+        // On another filesystem: written durably here and now, on its own.
+        let outcome = (dev != self.device).then(|| {
+            let synced = crate::durable::sync_file(&file, &staged);
+            if synced.is_ok() {
+                if let Err(e) = self.fence_open(location) {
+                    let _ = std::fs::remove_file(&staged);
+                    return Err(e);
+                }
+            }
+            publish_staged(&path, &staged, synced)?;
+            let root = self.replica.local_root();
+            sync_parents(&path, root.as_deref(), &self.replica.durable_dirs)
+        });
+        if let Some(Err(e)) = outcome {
+            return Err(e);
+        }
         self.staged.push(StagedLocal {
             location: location.clone(),
             path,
-            staged: Some(staged),
+            staged: outcome.is_none().then_some(staged),
             file,
             dev,
-            outcome: None,
+            outcome,
         });
         Ok(self.staged.len() - 1)
     }
@@ -2442,10 +2535,7 @@ mod tests {
     /// dropped unpublished leaves nothing behind.
     #[test]
     fn a_local_batch_is_durable_together_content_before_names() {
-        if !crate::durable::syncfs_reports_errors() {
-            return; // objects are written one by one there (`local_batch`)
-        }
-        let dir = tempfile::tempdir().unwrap();
+        let Some(dir) = batch_tempdir() else { return };
         let r = Replica::for_test_dir(dir.path());
         let syncs = local_syncs();
         let mut batch = r.local_batch().expect("a plain file:// replica batches");
@@ -2508,10 +2598,7 @@ mod tests {
     /// batch and leaves nothing behind.
     #[test]
     fn a_local_batch_fails_whole_when_its_filesystem_or_fence_does() {
-        if !crate::durable::syncfs_reports_errors() {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
+        let Some(dir) = batch_tempdir() else { return };
         let r = Replica::for_test_dir(dir.path());
         r.put_bytes_here(&ObjPath::from("k/a/one"), b"old").unwrap();
         let staged = |names: &[&str]| {
@@ -2564,6 +2651,61 @@ mod tests {
             "{outcomes:?}"
         );
         assert_eq!(leftovers(), ["one", "two"]);
+    }
+
+    /// Which filesystems batch: the ones whose `syncfs` is known to sync
+    /// everything and report errors; FUSE, NFS and overlay do not.
+    #[test]
+    fn only_known_local_filesystems_make_objects_durable_a_batch_at_a_time() {
+        const FUSE: i64 = 0x6573_5546;
+        const NFS: i64 = 0x6969;
+        const OVERLAY: i64 = 0x794C_7630;
+        for other in [FUSE, NFS, OVERLAY] {
+            assert!(!BATCH_FILESYSTEMS.contains(&other), "{other:#x}");
+        }
+        assert_eq!(filesystem_type(Path::new("/nonexistent/litefleet")), None);
+        if std::path::Path::new("/proc/self").exists() {
+            // procfs (0x9fa0) is no place for a replica.
+            assert_eq!(filesystem_type(Path::new("/proc")), Some(0x9fa0));
+            assert_eq!(batch_device(Path::new("/proc")), None);
+        }
+    }
+
+    /// An object whose directory is on another filesystem than the replica
+    /// root (a mount point, here a link to `/dev/shm`) is not left to the
+    /// batch's `syncfs` of the root's filesystem: it is fsynced, with its
+    /// directory, on its own, and in place before the batch is published.
+    #[test]
+    fn a_local_batch_syncs_an_object_on_another_filesystem_on_its_own() {
+        use std::os::unix::fs::MetadataExt;
+        let Some(dir) = batch_tempdir() else { return };
+        let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        if dev(dir.path()) == dev(shm.path()) {
+            return; // the batch directory is /dev/shm itself
+        }
+        std::os::unix::fs::symlink(shm.path(), dir.path().join("k")).unwrap();
+        let r = Replica::for_test_dir(dir.path());
+        let mut batch = r.local_batch().unwrap();
+        batch.stage(&ObjPath::from("j/one"), b"1").unwrap();
+        batch.stage(&ObjPath::from("k/a/two"), b"2").unwrap();
+        assert_eq!(std::fs::read(shm.path().join("a/two")).unwrap(), b"2");
+        let synced = crate::durable::synced_below(dir.path());
+        assert!(synced.contains(&PathBuf::from("k/a/two#1")), "{synced:?}");
+        assert!(synced.contains(&PathBuf::from("k/a")), "{synced:?}");
+        assert!(
+            !dir.path().join("j/one").exists(),
+            "batched, not yet published"
+        );
+        let outcomes = batch.publish();
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        assert_eq!(std::fs::read(dir.path().join("j/one")).unwrap(), b"1");
+        assert_eq!(
+            crate::durable::filesystems_synced_below(dir.path()),
+            [PathBuf::from("j/one#1"), PathBuf::from("j/one")]
+        );
     }
 
     /// Every `file://` write path reaches the fsync of the object and its

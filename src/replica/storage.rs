@@ -37,7 +37,8 @@
 //! batch at a time instead ([`LocalBatch`]): every staged file of the batch,
 //! then one `syncfs` of the filesystem, the renames, and a second `syncfs`
 //! for the names and directories, in the same order per object; only on
-//! filesystems whose `syncfs` is known to do that (`BATCH_FILESYSTEMS`).
+//! filesystems whose `syncfs` is known to do that (`BATCH_FILESYSTEMS`),
+//! and only for four objects or more (`BATCH_SYNC_MIN`).
 //!
 //! # Write fence
 //!
@@ -1509,13 +1510,14 @@ fn sync_parents(path: &Path, root: Option<&Path>, durable: &DurableDirs) -> Resu
 /// `write_local` keeps per object: content durable before the name, so a
 /// power cut never leaves a partial object where a complete one was; an
 /// object counts as written only after the second `syncfs`. Two `syncfs`
-/// per batch where each object made two or three `fsync`s: on ext4, 3,000
-/// small databases made ~9,000 journal commits.
+/// per batch where each object made two or three `fsync`s: 3,000 small
+/// databases made 9,045 `fsync`s.
 ///
 /// The price: `syncfs` writes back everything dirty on the replica's
 /// filesystem, other programs' files included (the kernel would within
-/// its write-back delay, ~30 s, anyway). Dropped unpublished, the staged
-/// files are removed.
+/// its write-back delay, ~30 s, anyway), so a batch of fewer than
+/// `BATCH_SYNC_MIN` (4) objects is fsynced object by object instead.
+/// Dropped unpublished, the staged files are removed.
 pub struct LocalBatch<'r> {
     replica: &'r Replica,
     /// The replica root's device: an object whose directory is on another
@@ -1525,6 +1527,13 @@ pub struct LocalBatch<'r> {
     device: u64,
     staged: Vec<StagedLocal>,
 }
+
+/// The fewest objects a [`LocalBatch`] makes durable with `syncfs`; fewer
+/// are fsynced one by one. `syncfs` also writes back what other programs
+/// left dirty on the filesystem, which a cycle that changed a database or
+/// two (a fleet's steady state) need not wait for; from four objects on,
+/// the two `syncfs` replace eight or more `fsync`s.
+const BATCH_SYNC_MIN: usize = 4;
 
 /// One object of a [`LocalBatch`].
 struct StagedLocal {
@@ -1571,18 +1580,8 @@ impl LocalBatch<'_> {
             }
         };
         // On another filesystem: written durably here and now, on its own.
-        let outcome = (dev != self.device).then(|| {
-            let synced = crate::durable::sync_file(&file, &staged);
-            if synced.is_ok() {
-                if let Err(e) = self.fence_open(location) {
-                    let _ = std::fs::remove_file(&staged);
-                    return Err(e);
-                }
-            }
-            publish_staged(&path, &staged, synced)?;
-            let root = self.replica.local_root();
-            sync_parents(&path, root.as_deref(), &self.replica.durable_dirs)
-        });
+        let outcome =
+            (dev != self.device).then(|| self.publish_alone(location, &path, &staged, &file));
         if let Some(Err(e)) = outcome {
             return Err(e);
         }
@@ -1595,6 +1594,29 @@ impl LocalBatch<'_> {
             outcome,
         });
         Ok(self.staged.len() - 1)
+    }
+
+    /// Makes the staged file `staged` (open as `file`) the object at
+    /// `path` on its own, as [`Replica::put_bytes_here`] does: `fsync`,
+    /// the fence, the rename, the directories. The staged file is gone
+    /// afterwards either way.
+    fn publish_alone(
+        &self,
+        location: &ObjPath,
+        path: &Path,
+        staged: &Path,
+        file: &std::fs::File,
+    ) -> Result<()> {
+        let synced = crate::durable::sync_file(file, staged);
+        if synced.is_ok() {
+            if let Err(e) = self.fence_open(location) {
+                let _ = std::fs::remove_file(staged);
+                return Err(e);
+            }
+        }
+        publish_staged(path, staged, synced)?;
+        let root = self.replica.local_root();
+        sync_parents(path, root.as_deref(), &self.replica.durable_dirs)
     }
 
     fn fence_open(&self, location: &ObjPath) -> Result<()> {
@@ -1610,6 +1632,18 @@ impl LocalBatch<'_> {
     /// be in place without being durable: it is not recorded as uploaded,
     /// and the next upload writes it again.
     pub fn publish(mut self) -> Vec<Result<()>> {
+        let pending = self.staged.iter().filter(|o| o.outcome.is_none()).count();
+        if pending < BATCH_SYNC_MIN {
+            for i in 0..self.staged.len() {
+                let o = &self.staged[i];
+                let (None, Some(staged)) = (&o.outcome, &o.staged) else {
+                    continue;
+                };
+                let outcome = self.publish_alone(&o.location, &o.path, staged, &o.file);
+                let o = &mut self.staged[i];
+                (o.staged, o.outcome) = (None, Some(outcome));
+            }
+        }
         // The content, before any name.
         self.sync_filesystems(|o| o.staged.clone().unwrap_or_default());
         // The fence, right before the names, as `write_local_if` checks it.
@@ -2539,7 +2573,7 @@ mod tests {
         let r = Replica::for_test_dir(dir.path());
         let syncs = local_syncs();
         let mut batch = r.local_batch().expect("a plain file:// replica batches");
-        let names = ["k/a/one", "k/a/two", "k/b/c/three"];
+        let names = ["k/a/one", "k/a/two", "k/b/c/three", "k/d/four"];
         for (i, name) in names.iter().enumerate() {
             assert_eq!(
                 batch.stage(&ObjPath::from(*name), name.as_bytes()).unwrap(),
@@ -2551,7 +2585,7 @@ mod tests {
         }
         assert!(crate::durable::filesystems_synced_below(dir.path()).is_empty());
         let outcomes = batch.publish();
-        assert_eq!(outcomes.len(), 3);
+        assert_eq!(outcomes.len(), 4);
         for (name, outcome) in names.iter().zip(&outcomes) {
             assert!(outcome.is_ok(), "{name}: {outcome:?}");
             assert_eq!(
@@ -2560,7 +2594,7 @@ mod tests {
             );
             assert!(!dir.path().join(format!("{name}#1")).exists());
         }
-        assert!(local_syncs() >= syncs + 3, "counted as written");
+        assert!(local_syncs() >= syncs + 4, "counted as written");
         // One filesystem: synced once through the first staged file, and
         // once through its object after the renames.
         assert_eq!(
@@ -2570,12 +2604,30 @@ mod tests {
         // No `fsync` per object or per directory: the second `syncfs` made
         // every new directory's entry durable.
         assert!(crate::durable::synced_below(dir.path()).is_empty());
-        for d in ["k/a", "k/b/c", "k/b", "k"] {
+        for d in ["k/a", "k/b/c", "k/b", "k/d", "k"] {
             assert!(r.durable_dirs.contains(&dir.path().join(d)), "{d}");
         }
+        // Fewer than `BATCH_SYNC_MIN`: each object fsynced on its own
+        // (content before name, then its directory), no `syncfs`.
+        let mut few = r.local_batch().unwrap();
+        few.stage(&ObjPath::from("k/e/five"), b"5").unwrap();
+        assert!(few.publish().iter().all(Result::is_ok));
+        assert_eq!(std::fs::read(dir.path().join("k/e/five")).unwrap(), b"5");
+        assert_eq!(
+            crate::durable::synced_below(dir.path()),
+            [
+                PathBuf::from("k/e/five#1"),
+                PathBuf::from("k/e"),
+                PathBuf::from("k")
+            ]
+        );
+        assert_eq!(
+            crate::durable::filesystems_synced_below(dir.path()).len(),
+            2
+        );
         // Dropped unpublished: the staged files go.
         let mut dropped = r.local_batch().unwrap();
-        dropped.stage(&ObjPath::from("k/a/four"), b"4").unwrap();
+        dropped.stage(&ObjPath::from("k/a/six"), b"6").unwrap();
         drop(dropped);
         assert_eq!(
             std::fs::read_dir(dir.path().join("k/a")).unwrap().count(),
@@ -2620,12 +2672,14 @@ mod tests {
         };
         // Before the renames (through the first staged file), then after
         // them (through the first object): every object fails.
-        for (failing, left) in [("k/a/one#1", &["one"][..]), ("k/a/one", &["one", "two"])] {
-            let batch = staged(&["k/a/one", "k/b/two"]);
+        let four = ["k/a/one", "k/b/two", "k/b/three", "k/b/four"];
+        let all: &[&str] = &["four", "one", "three", "two"];
+        for (failing, left) in [("k/a/one#1", &["one"][..]), ("k/a/one", all)] {
+            let batch = staged(&four);
             crate::durable::fail_sync_of(Some(&dir.path().join(failing)));
             let outcomes = batch.publish();
             crate::durable::fail_sync_of(None);
-            assert_eq!(outcomes.len(), 2);
+            assert_eq!(outcomes.len(), 4);
             for o in &outcomes {
                 assert!(matches!(o, Err(Error::Io { .. })), "{failing}: {o:?}");
             }
@@ -2636,21 +2690,30 @@ mod tests {
             }
         }
         // The fence closes between staging and publishing.
-        let later = std::time::Instant::now() + Duration::from_secs(60);
-        let soon = chrono::Utc::now() + chrono::Duration::seconds(60);
-        let fence = Arc::new(Fence::new("lease", later, soon));
-        let fenced = r.clone().with_fence(fence.clone());
-        let mut batch = fenced.local_batch().unwrap();
-        batch.stage(&ObjPath::from("k/a/three"), b"3").unwrap();
-        fence.close();
-        let e = batch.stage(&ObjPath::from("k/a/four"), b"4").unwrap_err();
-        assert!(matches!(e, Error::LeaseLost { .. }), "{e:?}");
-        let outcomes = batch.publish();
-        assert!(
-            matches!(&outcomes[..], [Err(Error::LeaseLost { .. })]),
-            "{outcomes:?}"
-        );
-        assert_eq!(leftovers(), ["one", "two"]);
+        // Both ways to publish check it: a batch (four objects) and an
+        // object on its own.
+        for names in [
+            &["k/a/five", "k/a/six", "k/a/seven", "k/a/eight"][..],
+            &["k/a/nine"],
+        ] {
+            let later = std::time::Instant::now() + Duration::from_secs(60);
+            let soon = chrono::Utc::now() + chrono::Duration::seconds(60);
+            let fence = Arc::new(Fence::new("lease", later, soon));
+            let fenced = r.clone().with_fence(fence.clone());
+            let mut batch = fenced.local_batch().unwrap();
+            for name in names {
+                batch.stage(&ObjPath::from(*name), b"x").unwrap();
+            }
+            fence.close();
+            let e = batch.stage(&ObjPath::from("k/a/ten"), b"x").unwrap_err();
+            assert!(matches!(e, Error::LeaseLost { .. }), "{e:?}");
+            let outcomes = batch.publish();
+            assert_eq!(outcomes.len(), names.len());
+            for o in &outcomes {
+                assert!(matches!(o, Err(Error::LeaseLost { .. })), "{o:?}");
+            }
+            assert_eq!(leftovers(), all);
+        }
     }
 
     /// Which filesystems batch: the ones whose `syncfs` is known to sync
@@ -2691,6 +2754,9 @@ mod tests {
         let mut batch = r.local_batch().unwrap();
         batch.stage(&ObjPath::from("j/one"), b"1").unwrap();
         batch.stage(&ObjPath::from("k/a/two"), b"2").unwrap();
+        for more in ["j/three", "j/four", "j/five"] {
+            batch.stage(&ObjPath::from(more), b"1").unwrap();
+        }
         assert_eq!(std::fs::read(shm.path().join("a/two")).unwrap(), b"2");
         let synced = crate::durable::synced_below(dir.path());
         assert!(synced.contains(&PathBuf::from("k/a/two#1")), "{synced:?}");

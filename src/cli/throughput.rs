@@ -28,7 +28,11 @@
 //!
 //! The reference tools must be on `PATH` (`apt install lz4 sqlite3`).
 //! Everything runs warm (the files are read once before the first round):
-//! the figures compare CPU and syscall work, not the disk.
+//! the figures compare CPU and syscall work, not the disk. Every timed
+//! step starts with nothing dirty ([`settle`]), so that no side pays for
+//! writing back what another left: litefleet's `syncfs` would otherwise
+//! write back the copies and outputs the reference steps before it left
+//! in the page cache.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -222,6 +226,13 @@ fn threads() -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes back everything dirty (`sync(2)`), untimed, before a timed
+/// step (see the module docs).
+fn settle() {
+    // SAFETY: `sync` takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 /// How often the thread count is sampled during a cycle.
 const THREAD_SAMPLE: Duration = Duration::from_millis(5);
 
@@ -249,6 +260,7 @@ async fn litefleet_cycle(
             peak.saturating_sub(1)
         })
     };
+    settle();
     let start = Instant::now();
     let r = replicator.cycle(&CancellationToken::new()).await;
     let secs = start.elapsed().as_secs_f64();
@@ -364,6 +376,7 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
         peaks.push(peak as f64);
         let copy = copy(round);
         timed_sh(&format!("cp -r {} {}", sh_quote(&small), sh_quote(&copy)))?;
+        settle();
         let cpu = cpu_seconds(libc::RUSAGE_CHILDREN);
         rf.push(timed_sh(&format!(
             "find {} -name '*.db' -print0 | xargs -0 -P2 -n {LZ4_BATCH} lz4 -q -m",
@@ -371,6 +384,7 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
         ))?);
         rf_cpu.push(cpu_seconds(libc::RUSAGE_CHILDREN) - cpu);
         let (paths, out) = (small_paths.clone(), floor_out(round));
+        settle();
         let start = Instant::now();
         let cpu = tokio::task::spawn_blocking(move || consistency_floor(&paths, &out))
             .await
@@ -399,6 +413,7 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
         remove(&work)?;
         std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
         lf.push(litefleet_cycle(&large_pattern, &work, round, 1).await?.0);
+        settle();
         backup.push(timed_sh(&format!(
             "sqlite3 {} \".backup {}\" && lz4 -q -f {} {}",
             sh_quote(&large),
@@ -407,6 +422,7 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
             sh_quote(&ref_lz4)
         ))?);
         remove(&raw_lz4)?;
+        settle();
         raw.push(timed_sh(&format!(
             "lz4 -q -f {} {}",
             sh_quote(&large),
@@ -452,6 +468,7 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
             if_db_not_exists: false,
             allow_older: false,
         };
+        settle();
         let start = Instant::now();
         match crate::restore::restore(&loaded, &store, &ropts).await? {
             RestoreOutcome::Restored { .. } => {}
@@ -464,12 +481,14 @@ pub async fn snapshot_bench(opts: SnapshotBenchOptions) -> Result<SnapshotBenchR
         }
         lf.push(start.elapsed().as_secs_f64());
         remove(&ref_out)?;
+        settle();
         dec.push(timed_sh(&format!(
             "lz4 -d -q -f {} {}",
             sh_quote(&raw_lz4),
             sh_quote(&ref_out)
         ))?);
         remove(&ref_out)?;
+        settle();
         dec_check.push(timed_sh(&format!(
             "lz4 -d -q -f {} {} && sqlite3 {} 'PRAGMA integrity_check' | grep -qx ok",
             sh_quote(&raw_lz4),

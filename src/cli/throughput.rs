@@ -29,10 +29,10 @@
 //! The reference tools must be on `PATH` (`apt install lz4 sqlite3`).
 //! Everything runs warm (the files are read once before the first round):
 //! the figures compare CPU and syscall work, not the disk. Every timed
-//! step starts with nothing dirty (`settle`, an untimed `sync`), so that no side pays for
-//! writing back what another left: litefleet's `syncfs` would otherwise
-//! write back the copies and outputs the reference steps before it left
-//! in the page cache.
+//! step starts with nothing dirty (`settle`, an untimed `sync`), so that
+//! no side pays for writing back what another left: litefleet's `syncfs`
+//! would otherwise write back the copies and outputs the reference steps
+//! before it left in the page cache.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1730,12 +1730,8 @@ fn published_snapshot(
 ) -> Snapped {
     match outcome {
         Some(Ok(())) => {
-            let bytes = match &snap.staged {
-                snapshot::Staged::Memory(b) => b.len() as u64,
-                _ => snap.compressed_bytes,
-            };
-            uploaded(path, location, snap, bytes);
-            Snapped::Uploaded(bytes, snap.read)
+            uploaded(path, location, snap, snap.compressed_bytes);
+            Snapped::Uploaded(snap.compressed_bytes, snap.read)
         }
         Some(Err(e)) => Snapped::StoreFailed(e),
         None => Snapped::StoreFailed(Error::invalid(location, "staged and never published")),

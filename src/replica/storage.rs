@@ -361,12 +361,6 @@ pub fn local_syncs() -> u64 {
 #[cfg(test)]
 pub(crate) use crate::durable::{filesystems_synced_below, synced_below};
 
-/// Whether a plain `file://` replica writes small objects in batches on
-/// this host ([`Replica::local_batch`]), where its filesystem allows.
-fn batches_local_writes() -> bool {
-    crate::durable::syncfs_reports_errors()
-}
-
 /// Filesystems whose `syncfs` makes every file and directory entry
 /// written on them durable and reports a failed write-back (`statfs`
 /// magic numbers, `linux/magic.h`): ext2/3/4, XFS, Btrfs, F2FS and tmpfs.
@@ -382,7 +376,9 @@ const BATCH_FILESYSTEMS: [i64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_20
 /// [`BATCH_FILESYSTEMS`]. `None` (object by object) otherwise.
 fn batch_device(dir: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    if !batches_local_writes() || !BATCH_FILESYSTEMS.contains(&filesystem_type(dir)?) {
+    if !crate::durable::syncfs_reports_errors()
+        || !BATCH_FILESYSTEMS.contains(&filesystem_type(dir)?)
+    {
         return None;
     }
     std::fs::metadata(dir).ok().map(|m| m.dev())
@@ -1504,7 +1500,7 @@ fn sync_parents(path: &Path, root: Option<&Path>, durable: &DurableDirs) -> Resu
 ///
 /// [`LocalBatch::stage`] writes each object's staged file `<name>#<n>`,
 /// unsynced; [`LocalBatch::publish`] then makes them all durable with one
-/// `syncfs` per filesystem, checks the fence, renames each over its
+/// `syncfs` of the replica's filesystem, checks the fence, renames each over its
 /// object's name and makes the names (and every directory created for
 /// them) durable with a second `syncfs`. The order is the one
 /// `write_local` keeps per object: content durable before the name, so a
@@ -1543,9 +1539,9 @@ struct StagedLocal {
     path: PathBuf,
     staged: Option<PathBuf>,
     /// The staged file, open: `syncfs` needs a descriptor on the
-    /// filesystem, and its device tells which filesystem that is.
+    /// filesystem (the batch's `device`: an object on another was
+    /// published on its own by [`LocalBatch::stage`]).
     file: std::fs::File,
-    dev: u64,
     outcome: Option<Result<()>>,
 }
 
@@ -1590,7 +1586,6 @@ impl LocalBatch<'_> {
             path,
             staged: outcome.is_none().then_some(staged),
             file,
-            dev,
             outcome,
         });
         Ok(self.staged.len() - 1)
@@ -1607,14 +1602,7 @@ impl LocalBatch<'_> {
         staged: &Path,
         file: &std::fs::File,
     ) -> Result<()> {
-        let synced = crate::durable::sync_file(file, staged);
-        if synced.is_ok() {
-            if let Err(e) = self.fence_open(location) {
-                let _ = std::fs::remove_file(staged);
-                return Err(e);
-            }
-        }
-        publish_staged(path, staged, synced)?;
+        sync_and_publish(path, staged, file, Ok(()), || self.fence_open(location))?;
         let root = self.replica.local_root();
         sync_parents(path, root.as_deref(), &self.replica.durable_dirs)
     }
@@ -1645,7 +1633,7 @@ impl LocalBatch<'_> {
             }
         }
         // The content, before any name.
-        self.sync_filesystems(|o| o.staged.clone().unwrap_or_default());
+        self.sync_filesystem(|o| o.staged.clone().unwrap_or_default());
         // The fence, right before the names, as `write_local_if` checks it.
         for o in self.staged.iter_mut().filter(|o| o.outcome.is_none()) {
             if let Some(f) = self.replica.fence.as_ref().filter(|f| !f.is_open()) {
@@ -1660,11 +1648,16 @@ impl LocalBatch<'_> {
             }
         }
         // The names, and the directories made for them.
-        self.sync_filesystems(|o| o.path.clone());
+        self.sync_filesystem(|o| o.path.clone());
         let root = self.replica.local_root();
         for o in self.staged.iter_mut().filter(|o| o.outcome.is_none()) {
             let durable = &self.replica.durable_dirs;
-            o.outcome = Some(entries_durable(&o.path, root.as_deref(), o.dev, durable));
+            o.outcome = Some(entries_durable(
+                &o.path,
+                root.as_deref(),
+                self.device,
+                durable,
+            ));
         }
         self.staged
             .iter_mut()
@@ -1678,29 +1671,17 @@ impl LocalBatch<'_> {
             .collect()
     }
 
-    /// `syncfs` once per filesystem of the objects without an outcome yet,
-    /// through the first one's file (named by `named` in test records);
-    /// each object on a filesystem whose `syncfs` failed fails with it.
-    fn sync_filesystems(&mut self, named: impl Fn(&StagedLocal) -> PathBuf) {
-        let mut done: Vec<(u64, Option<std::io::Error>)> = Vec::new();
-        for i in 0..self.staged.len() {
-            let o = &self.staged[i];
-            if o.outcome.is_some() {
-                continue;
-            }
-            let failed = match done.iter().find(|(dev, _)| *dev == o.dev) {
-                Some((_, failed)) => failed.as_ref().map(copy_io_error),
-                None => {
-                    let r = crate::durable::sync_filesystem(&o.file, &named(o)).err();
-                    let copy = r.as_ref().map(copy_io_error);
-                    done.push((o.dev, r));
-                    copy
-                }
-            };
-            if let Some(e) = failed {
-                let o = &mut self.staged[i];
-                o.outcome = Some(Err(Error::io(&o.path, e)));
-            }
+    /// `syncfs` of the batch's filesystem through the file of the first
+    /// object without an outcome yet (named by `named` in test records);
+    /// when it fails, every object without an outcome fails with it.
+    fn sync_filesystem(&mut self, named: impl Fn(&StagedLocal) -> PathBuf) {
+        let mut pending = self.staged.iter_mut().filter(|o| o.outcome.is_none());
+        let Some(first) = pending.next() else { return };
+        let Err(e) = crate::durable::sync_filesystem(&first.file, &named(first)) else {
+            return;
+        };
+        for o in std::iter::once(first).chain(pending) {
+            o.outcome = Some(Err(Error::io(&o.path, copy_io_error(&e))));
         }
     }
 }
@@ -1771,17 +1752,29 @@ fn write_local(path: &Path, bytes: &[u8]) -> Result<()> {
 /// removed and its error returned.
 fn write_local_if(path: &Path, bytes: &[u8], allowed: impl FnOnce() -> Result<()>) -> Result<()> {
     let (mut file, staged) = create_staged(path, create_new)?;
-    let written = file
-        .write_all(bytes)
-        .and_then(|()| crate::durable::sync_file(&file, &staged));
-    if written.is_ok() {
+    let written = file.write_all(bytes);
+    sync_and_publish(path, &staged, &file, written, allowed)
+}
+
+/// The staged file `staged` (open as `file`), once `written` succeeded:
+/// synced, then renamed over `path` if `allowed` still succeeds, then its
+/// directory synced ([`publish_staged`]). The staged file is gone
+/// afterwards either way.
+fn sync_and_publish(
+    path: &Path,
+    staged: &Path,
+    file: &std::fs::File,
+    written: std::io::Result<()>,
+    allowed: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let synced = written.and_then(|()| crate::durable::sync_file(file, staged));
+    if synced.is_ok() {
         if let Err(e) = allowed() {
-            drop(file);
-            let _ = std::fs::remove_file(&staged);
+            let _ = std::fs::remove_file(staged);
             return Err(e);
         }
     }
-    publish_staged(path, &staged, written)
+    publish_staged(path, staged, synced)
 }
 
 /// Creates the staged file `staged` for writing; `AlreadyExists` when there

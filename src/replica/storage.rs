@@ -2110,6 +2110,26 @@ where
 mod tests {
     use super::*;
 
+    /// A request timed out says how much one upload request sends, the
+    /// most a slow uplink must fit in `replica.timeout`: such a request is
+    /// not retried (the timeout bounds it and its retries together), so a
+    /// part too large for the link fails the upload at every cycle.
+    #[test]
+    fn a_timed_out_request_names_what_one_upload_request_sends() {
+        use object_store::client::{HttpError, HttpErrorKind};
+        let late = HttpError::new(HttpErrorKind::Timeout, std::io::Error::other("late"));
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(late),
+        };
+        let msg = Error::store("k/x.db.lz4", e).to_string();
+        let part = format!("up to {} MiB", UPLOAD_PART >> 20);
+        assert!(
+            msg.contains(&part) && msg.contains("replica.timeout"),
+            "{msg}"
+        );
+    }
+
     /// A ListObjectsV2 page that is truncated without a continuation token
     /// is recognised (missing, empty or self-closed token); complete pages
     /// and pages with a token are not, nor are other requests.

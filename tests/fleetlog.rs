@@ -344,6 +344,65 @@ both_backends!(
     }
 );
 
+// A replica emptied while a database streams (black-box probe C26: a
+// store restarted empty, or its directory removed): the stream goes on
+// shipping into the fleet log until the replicator notices, parts of a
+// generation whose snapshot and metadata went with the rest. The next start
+// consolidates them into segments of that generation and uploads every
+// database again; that copy is later than all of them, and restores (the
+// segments of a generation with no snapshot made every restore of the key
+// fail, for good).
+both_backends!(
+    a_replica_emptied_while_streaming_restores_once_copied_again,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
+        s.round(2, 1).await;
+        let r = s.f.replica();
+        for o in s.f.objects().await {
+            r.delete(&object_store::path::Path::from(o.as_str()))
+                .await
+                .unwrap();
+        }
+        s.round(3, 2).await;
+        s.crash();
+        assert!(!s
+            .objects_ending(".pack", ".litefleet/log/")
+            .await
+            .is_empty());
+        s.f.extra_yaml.push_str("  max-hot-databases: 0\n");
+        s.f.replicator().cycle(&CancellationToken::new()).await;
+        assert!(s
+            .objects_ending(".pack", ".litefleet/log/")
+            .await
+            .is_empty());
+        assert!(!s.objects_ending(".pack", "/generations/").await.is_empty());
+        assert_eq!(s.restore(0, None).await.unwrap(), s.rows[0]);
+    }
+);
+
+// A generation whose snapshot was lost, with parts in the fleet log later
+// than the newest cold copy, held a later state than the copy: the restore
+// fails naming it, though its metadata and its consolidated parts are
+// older than the copy.
+both_backends!(
+    a_lost_generation_with_later_parts_in_the_log_is_not_passed_over,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
+        s.round(2, 1).await;
+        s.f.extra_yaml.push_str("  max-hot-databases: 0\n");
+        s.f.replicator().cycle(&CancellationToken::new()).await;
+        s.round(3, 2).await;
+        let r = s.f.replica();
+        let snapshots = s.objects_ending(".snapshot.lz4", "/generations/").await;
+        assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+        r.delete(&object_store::path::Path::from(snapshots[0].as_str()))
+            .await
+            .unwrap();
+        let e = s.restore(0, None).await.unwrap_err();
+        assert!(e.contains("it was lost"), "{e}");
+    }
+);
+
 both_backends!(a_missing_log_object_fails_the_restore, |b| async move {
     let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
     let mut marks = Vec::new();
@@ -590,7 +649,10 @@ both_backends!(
         }
         s.crash();
         let (r, key) = (s.f.replica(), s.keys[0].clone());
-        let plan = hot::plan_latest(&r, &key, None).await.unwrap().unwrap();
+        let plan = hot::plan_latest(&r, &key, None, None)
+            .await
+            .unwrap()
+            .unwrap();
         let scratch = s.out.path().join("scratch.db");
         let mut file = std::fs::File::options()
             .read(true)
@@ -616,7 +678,10 @@ both_backends!(
         meta.last = end;
         meta.written = Some(Utc::now());
         hot::write_metadata(&r, &key, &meta).await.unwrap();
-        let plan = hot::plan_latest(&r, &key, None).await.unwrap().unwrap();
+        let plan = hot::plan_latest(&r, &key, None, None)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(snap.times.started > plan.time(), "the cold copy is newer");
         assert!(
             plan.recorded_after(snap.times.started),

@@ -471,6 +471,79 @@ both_backends!(
     }
 );
 
+// A generation that lost its snapshot, but whose every object left (its
+// metadata, its segments) is older than a cold copy, gives way to that
+// copy, which holds every state they record and a later one (black-box
+// probe C26: a replica emptied while a database streamed kept the frames
+// written there after, and the key could not be restored at all, neither
+// latest nor at the --timestamp the error suggested). An object later than
+// the copy, or a damaged copy that would fall back to an older state, still
+// fails naming the generation.
+both_backends!(
+    a_lost_generation_older_than_a_cold_copy_gives_way_to_it,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        db.commit(4);
+        db.cold(&r).await;
+        db.commit(6);
+        db.gen_snapshot(&r).await;
+        db.commit(5);
+        db.ship(&r).await;
+        db.write_metadata(&r).await;
+        // Committed after, never shipped: in the copy only.
+        db.commit(3);
+        let (copy, after_copy) = db.cold(&r).await;
+        r.delete(&db.gen_snapshot_path(&r, 0)).await.unwrap();
+        let restores_the_copy = || async {
+            for at in [None, Some(after_copy)] {
+                let (tier, rows, res) = restore_at(&f, "p/d/t", at).await.unwrap();
+                assert_eq!((tier, rows), (Tier::Cold, 18), "{at:?}");
+                assert_eq!(restored_parts(&res).0, copy.to_string(), "{at:?}");
+            }
+        };
+        restores_the_copy().await;
+        let gen = format!("generation {}", db.gen);
+        let lost = |msg: &str| msg.contains(&gen) && msg.contains("it was lost");
+        // The copy damaged: the older copy (4 rows) is older than the
+        // generation's states, and never restored in their place, not even
+        // when asked for the next older state.
+        let body = r.get_bytes(&copy).await.unwrap().unwrap();
+        let mut bad = body.to_vec();
+        *bad.last_mut().unwrap() ^= 1;
+        r.put_bytes(&copy, bad).await.unwrap();
+        assert!(restore_at(&f, "p/d/t", None).await.is_err());
+        let out = tempfile::tempdir().unwrap();
+        let e = f
+            .restore_allowing_older("p/d/t", &out.path().join("out.db"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(lost(&e), "{e}");
+        r.put_bytes(&copy, body.to_vec()).await.unwrap();
+        restores_the_copy().await;
+        // Metadata written after the copy began: it may record more.
+        db.write_metadata(&r).await;
+        let e = restore_at(&f, "p/d/t", None).await.unwrap_err().to_string();
+        assert!(lost(&e), "{e}");
+        // Without metadata, its older segment alone.
+        r.delete(&hot::metadata_path(&r.prefix, "p/d/t", &db.gen))
+            .await
+            .unwrap();
+        restores_the_copy().await;
+        // A segment shipped after the copy began: the generation held a
+        // later state than the copy.
+        db.commit(2);
+        db.ship(&r).await;
+        for at in [None, Some(mark().await)] {
+            let e = restore_at(&f, "p/d/t", at).await.unwrap_err().to_string();
+            assert!(lost(&e), "{at:?}: {e}");
+            assert!(e.contains("2 WAL segment(s) of it are present"), "{e}");
+        }
+    }
+);
+
 // Another valid snapshot in place of a generation's (its older one,
 // another database's): what metadata.json recorded at the upload (size,
 // LZ4 content checksum) exposes it, instead of replaying the generation's
@@ -540,7 +613,7 @@ both_backends!(
                 meta.snapshots = db.entries.clone();
                 hot::write_metadata(&r, "p/d/t", &meta).await.unwrap();
             }
-            let plan = hot::plan_latest(&r, "p/d/t", None)
+            let plan = hot::plan_latest(&r, "p/d/t", None, None)
                 .await
                 .unwrap()
                 .expect("a plan");
@@ -1015,7 +1088,7 @@ both_backends!(
         db.commit(5);
         db.ship(&r).await;
         db.w.write_metadata(&r).await;
-        let plan = hot::plan_latest(&r, "p/d/live", None)
+        let plan = hot::plan_latest(&r, "p/d/live", None, None)
             .await
             .unwrap()
             .unwrap();

@@ -1195,15 +1195,21 @@ fn times_grow(
 /// the snapshots of generations newest first until one qualifies, and the
 /// segments of that one only. `Ok(None)` when no generation has such a
 /// snapshot; gaps visible from names are errors, not `None`.
+///
+/// `later_copy`: when the copy of a cold snapshot restorable at `at` began,
+/// if the restore has one. A generation that lost its snapshot fails the
+/// plan unless everything the replica holds of it is older than that copy
+/// (`missing_snapshot`, `LostGeneration::superseded_by`).
 pub async fn plan_latest(
     replica: &Replica,
     key: &str,
     at: Option<DateTime<Utc>>,
+    later_copy: Option<DateTime<Utc>>,
 ) -> Result<Option<Plan>> {
     for id in list_generation_ids(replica, key).await? {
         let snapshots = list_snapshots(replica, key, &id).await?;
         if !snapshots.iter().any(|s| at.is_none_or(|t| s.time <= t)) {
-            missing_snapshot(replica, key, &id, &snapshots, at).await?;
+            missing_snapshot(replica, key, &id, &snapshots, at, later_copy).await?;
             continue;
         }
         let mut tries = 0;
@@ -1287,17 +1293,30 @@ pub async fn plan_latest(
 /// history before them (retention trims it so), and no older state stands
 /// in for it. One GET, and one LIST when it has no metadata; only for
 /// generations with no snapshot at or before `at`.
+///
+/// Except when a later state stands in for all of it: a cold copy that
+/// began (`later_copy`) after everything the replica holds of a generation
+/// with no snapshot at all ([`LostGeneration::superseded_by`]) holds every
+/// state those objects recorded, and a later one; the generation is passed
+/// over then, with a warning. A replica emptied while a database streamed
+/// (black-box probe C26: its contents lost, a store restarted empty) is
+/// written on by the replicator until its lease renewal notices; the
+/// frames it wrote there belong to a generation whose snapshot went with
+/// the rest, and the next start uploads every database again. Those frames
+/// made the key unrestorable for good, the newer cold copy and the
+/// `--timestamp` the error suggested alike.
 async fn missing_snapshot(
     replica: &Replica,
     key: &str,
     id: &GenerationId,
     snapshots: &[SnapshotObject],
     at: Option<DateTime<Utc>>,
+    later_copy: Option<DateTime<Utc>>,
 ) -> Result<()> {
     let Some(oldest) = snapshots.first() else {
         return match at {
             Some(t) if t < id.created() => Ok(()),
-            _ => lost_snapshot(replica, key, id, at).await,
+            _ => lost_snapshot(replica, key, id, at, later_copy).await,
         };
     };
     match at {
@@ -1318,18 +1337,44 @@ async fn lost_snapshot(
     key: &str,
     id: &GenerationId,
     at: Option<DateTime<Utc>>,
+    later_copy: Option<DateTime<Utc>>,
 ) -> Result<()> {
-    let why = match read_metadata(replica, key, id).await? {
-        Some(m) => format!(
+    let meta = read_metadata(replica, key, id).await?;
+    // Its metadata alone proves a snapshot was uploaded; without it, its
+    // segments or its parts in the fleet log do (listed only then, or to
+    // weigh them against a later copy).
+    let lost = match (&meta, later_copy) {
+        (Some(_), None) => None,
+        _ => Some(LostGeneration::read(replica, key, id, meta.clone()).await?),
+    };
+    let why = match (&meta, &lost) {
+        (Some(m), _) => format!(
             "its metadata.json records {} snapshot(s) uploaded and the WAL shipped to {}",
             m.snapshots.len(),
             m.last
         ),
-        None => match list_segments(replica, key, id).await?.len() {
-            0 => return Ok(()),
-            n => format!("{n} WAL segment(s) of it are present"),
+        (None, Some(l)) if l.segments.is_empty() => return Ok(()),
+        (None, Some(l)) => match l.in_log {
+            0 => format!("{} WAL segment(s) of it are present", l.segments.len()),
+            n => format!(
+                "{} WAL segment(s) of it are present ({n} of them in the fleet log)",
+                l.segments.len()
+            ),
         },
+        (None, None) => unreachable!("listed whenever there is no metadata"),
     };
+    if let (Some(copy), Some(l)) = (later_copy, &lost) {
+        if l.superseded_by(copy) {
+            tracing::warn!(
+                key,
+                generation = %id,
+                copy_began = %copy.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "{why}, but no snapshot of it is in the replica; everything of it there is older \
+                 than the cold copy restored, which holds all of it"
+            );
+            return Ok(());
+        }
+    }
     Err(Error::invalid(
         format!("generation {id} of {key:?}"),
         format!(
@@ -1342,6 +1387,63 @@ async fn lost_snapshot(
             }
         ),
     ))
+}
+
+/// What the replica holds of a generation whose snapshots are all gone:
+/// its metadata, its segments and its parts in the fleet log.
+struct LostGeneration {
+    meta: Option<Metadata>,
+    segments: Vec<SegmentObject>,
+    /// How many of `segments` are parts in the fleet log.
+    in_log: usize,
+}
+
+impl LostGeneration {
+    /// Lists what is left of generation `id` beside its `meta` (read
+    /// already): the log first, as [`plan_latest`] does, and again when a
+    /// log object was consolidated before its index was read.
+    async fn read(
+        replica: &Replica,
+        key: &str,
+        id: &GenerationId,
+        meta: Option<Metadata>,
+    ) -> Result<LostGeneration> {
+        for _ in 0..=LOG_RELISTS {
+            let log = pack::list_log(replica).await?;
+            let mut segments = list_segments(replica, key, id).await?;
+            if let Some(parts) = log_segments(replica, &log, key, id).await? {
+                segments.extend(parts);
+                let segments = dedup_segments(segments);
+                // Parts of the log are read by range (`whole: false`).
+                let in_log = segments
+                    .iter()
+                    .filter(|s| s.part.as_ref().is_some_and(|p| !p.whole))
+                    .count();
+                return Ok(LostGeneration {
+                    meta,
+                    segments,
+                    in_log,
+                });
+            }
+        }
+        Err(Error::invalid(
+            format!("generation {id} of {key:?}"),
+            "the fleet log kept changing while it was read; try again",
+        ))
+    }
+
+    /// Whether a cold copy that began at `copy` holds every state these
+    /// objects record: each segment's commit time (named when its frames
+    /// were read, after they committed) and the metadata's `written` (by
+    /// then everything it records had committed) are earlier than `copy`.
+    /// Metadata of earlier versions, with no `written`, is never
+    /// superseded: nothing tells when it was written.
+    fn superseded_by(&self, copy: DateTime<Utc>) -> bool {
+        self.meta
+            .as_ref()
+            .is_none_or(|m| m.written.is_some_and(|w| w < copy))
+            && self.segments.iter().all(|s| s.time < copy)
+    }
 }
 
 /// Times [`plan_latest`] lists again when a log object it listed was

@@ -142,7 +142,7 @@ pub async fn restore_generation(
     out: &mut File,
     out_path: &Path,
 ) -> Result<RestorePoint> {
-    match plan_latest(replica, key, at).await? {
+    match plan_latest(replica, key, at, None).await? {
         Some(p) => restore_plan(replica, key, &p, out, out_path).await,
         None => Err(Error::NotFound(format!(
             "no WAL generation of {key:?} has a snapshot{} in {replica}",

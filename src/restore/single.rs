@@ -299,19 +299,41 @@ pub(super) async fn restore_key(
     on_bytes: Option<OnBytes>,
 ) -> Result<Option<Restored>> {
     let at = how.at;
+    // A generation that lost its snapshot, passed over because the newest
+    // cold copy at `at` began after everything left of it
+    // ([`hot::plan_latest`]): that copy, or a later state, is what this
+    // restore must end with; else it fails with the generation's error.
+    let mut superseded: Option<Superseded> = None;
     let mut plan = if how.hot {
-        match hot::plan_latest(replica, key, at).await {
+        match hot::plan_latest(replica, key, at, None).await {
             Ok(p) => p,
             Err(e) => {
                 // With its times record: the `--timestamp` the error suggests is
                 // when its copy was complete, not its hour name.
                 let cold = choose_cold(replica, &snaps, at, true).await.ok().flatten();
-                return Err(hot_failed(e, cold.as_ref()));
+                let Some((copy, began)) = cold
+                    .as_ref()
+                    .and_then(|c| c.times.map(|t| (c.info.location.clone(), t.started)))
+                else {
+                    return Err(hot_failed(e, cold.as_ref()));
+                };
+                match hot::plan_latest(replica, key, at, Some(began)).await {
+                    Ok(p) => {
+                        superseded = Some(Superseded {
+                            copy,
+                            began,
+                            lost: e,
+                        });
+                        p
+                    }
+                    Err(e) => return Err(hot_failed(e, cold.as_ref())),
+                }
             }
         }
     } else {
         None
     };
+    let later_copy = superseded.as_ref().map(|s| s.began);
     // Damaged cold snapshots met so far, newest first: passed over only
     // with `how.allow_older`; else the restore fails naming the newest and
     // the state that would be restored instead.
@@ -336,6 +358,9 @@ pub(super) async fn restore_key(
             Err(ChooseError::Other(e)) => return Err(e),
         };
         let source = pick(cold.as_ref(), plan.as_ref());
+        if let Some(s) = superseded.take_if(|s| !s.stands_for(source.as_ref())) {
+            return Err(hot_failed(s.lost, cold.as_ref()));
+        }
         if !damaged.is_empty() {
             let fallback = match &source {
                 None => return Err(damaged.swap_remove(0).1),
@@ -382,7 +407,7 @@ pub(super) async fn restore_key(
                     // its parts into a pack): plan again and choose again.
                     Err(e) if replay::is_part_gone(&e) && replans < REPLANS => {
                         replans += 1;
-                        plan = Some(plan_again(replica, key, at, e, Some(c)).await?);
+                        plan = Some(plan_again(replica, key, at, later_copy, e, Some(c)).await?);
                         continue;
                     }
                     Err(e) => return Err(hot_failed(e, Some(c))),
@@ -410,7 +435,7 @@ pub(super) async fn restore_key(
                         // its parts are in a pack now.
                         Err(e) if replay::is_part_gone(&e) && replans < REPLANS => {
                             replans += 1;
-                            p = plan_again(replica, key, at, e, cold.as_ref()).await?;
+                            p = plan_again(replica, key, at, later_copy, e, cold.as_ref()).await?;
                             continue;
                         }
                         Err(e) => Err(hot_failed(e, cold.as_ref())),
@@ -434,6 +459,32 @@ pub(super) async fn restore_key(
                 damaged.push((snap, e));
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A generation passed over by [`hot::plan_latest`] because the cold copy
+/// `copy`, begun at `began`, is later than everything left of it.
+struct Superseded {
+    copy: ObjPath,
+    began: DateTime<Utc>,
+    /// The generation's error, as the plan without `began` gave it.
+    lost: Error,
+}
+
+impl Superseded {
+    /// Whether the state chosen stands for the lost generation: that very
+    /// copy, another whose copy began no earlier, or a generation's plan
+    /// whose last commit is no earlier. Not an older state that a damaged
+    /// copy (`--allow-older`) would fall back to: the lost generation's
+    /// states are newer than that.
+    fn stands_for(&self, source: Option<&Source>) -> bool {
+        match source {
+            Some(Source::Cold(c)) => {
+                c.info.location == self.copy || c.times.is_some_and(|t| t.started >= self.began)
+            }
+            Some(Source::Hot(p)) => p.time() >= self.began,
+            None => false,
         }
     }
 }
@@ -508,10 +559,11 @@ async fn plan_again(
     replica: &Replica,
     key: &str,
     at: Option<DateTime<Utc>>,
+    later_copy: Option<DateTime<Utc>>,
     gone: Error,
     cold: Option<&ColdChoice>,
 ) -> Result<Plan> {
-    match hot::plan_latest(replica, key, at).await {
+    match hot::plan_latest(replica, key, at, later_copy).await {
         Ok(Some(again)) => Ok(again),
         Ok(None) => Err(hot_failed(gone, cold)),
         Err(e) => Err(hot_failed(e, cold)),

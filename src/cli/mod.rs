@@ -809,20 +809,38 @@ fn signal_name(n: libc::c_int) -> &'static str {
 }
 
 /// A restore stopped by SIGINT, SIGTERM or SIGHUP fails (see
-/// [`until_signal`]). An output already installed stays: installing is one
-/// rename.
-async fn interruptible<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    until_signal(work, &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+/// [`until_signal`]) and installs nothing from then on
+/// ([`restore::install::stop_installs`], which waits for an install under
+/// way). A single restore (`one`) whose output was installed as the signal
+/// came is complete: it ends as it would have, exit 0. A bulk restore's
+/// outputs installed before the stop stay, and the error counts them.
+async fn interruptible<T>(
+    work: impl std::future::Future<Output = Result<T>>,
+    one: bool,
+) -> Result<T> {
+    tokio::pin!(work);
+    let n = match until_signal(work.as_mut(), &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).await {
+        Ok(r) => return r,
+        Err(n) => n,
+    };
+    let installed = tokio::task::spawn_blocking(restore::install::stop_installs)
         .await
-        .unwrap_or_else(|n| {
-            Err(Error::invalid(
-                "restore",
-                format!(
-                    "stopped by {}; its temporary files are removed",
-                    signal_name(n)
-                ),
-            ))
-        })
+        .unwrap_or(0);
+    if one && installed > 0 {
+        // Only its last steps are left (the report).
+        return work.await;
+    }
+    let kept = match installed {
+        0 => "nothing was installed".to_string(),
+        n => format!("the {n} output(s) installed before the stop stay, no other is installed"),
+    };
+    Err(Error::invalid(
+        "restore",
+        format!(
+            "stopped by {}; {kept}, and its temporary files are removed",
+            signal_name(n)
+        ),
+    ))
 }
 
 /// Exits the process `limit` after `token` is cancelled (a stop was asked
@@ -1115,7 +1133,7 @@ async fn run(cli: Cli) -> Result<()> {
             let target = match (args.prefix.clone(), args.target.clone()) {
                 (Some(prefix), _) => {
                     warn_before_retention(&loaded, args.timestamp, Utc::now());
-                    return interruptible(restore_prefix(&replica, prefix, args)).await;
+                    return interruptible(restore_prefix(&replica, prefix, args), false).await;
                 }
                 (None, _) if args.concurrency.is_some() => {
                     return Err(Error::invalid(
@@ -1138,12 +1156,15 @@ async fn run(cli: Cli) -> Result<()> {
                 allow_older: args.allow_older,
             };
             let bar = progress::download_bar(&opts.target);
-            let result = interruptible(restore::restore_with_progress(
-                &loaded,
-                &replica,
-                &opts,
-                bar.as_ref().map(|(_, hook)| hook.clone()),
-            ))
+            let result = interruptible(
+                restore::restore_with_progress(
+                    &loaded,
+                    &replica,
+                    &opts,
+                    bar.as_ref().map(|(_, hook)| hook.clone()),
+                ),
+                true,
+            )
             .await;
             if let Some((bar, _)) = &bar {
                 bar.finish_and_clear();

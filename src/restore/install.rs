@@ -131,6 +131,12 @@ impl Staged {
         // Side files that appeared since the restore began would be applied
         // to the restored database on its first open.
         refuse_side_files(&output)?;
+        let turn = GATE.take().ok_or_else(|| {
+            Error::invalid(
+                output.display(),
+                "not installed: the restore was stopped (the restored copy was discarded)",
+            )
+        })?;
         let tmp = tmp.keep().map_err(|e| Error::io(&output, e.error))?;
         if let Err(e) = rename_noreplace(&tmp, &output) {
             let _ = std::fs::remove_file(&tmp);
@@ -154,8 +160,111 @@ impl Staged {
             let _ = std::fs::remove_file(&output);
             return Err(Error::io(dir, e));
         }
-        check_installed(&output, &checked)
+        check_installed(&output, &checked)?;
+        turn.installed();
+        Ok(())
     }
+}
+
+/// Installs in this process and whether a stop was asked for: the line
+/// between a restore that is stopped and one that is done. A restore
+/// stopped by a signal drops its work, but an install already under way
+/// runs in a blocking task that goes on to its end (black-box probe A26:
+/// stopped during the integrity check, a restore exited 1 "stopped" with
+/// its output installed). So the rename takes a turn here first, refused
+/// once [`stop_installs`] ran, and a stop waits for the turns taken.
+struct InstallGate {
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+struct GateState {
+    stopped: bool,
+    /// Installs past their turn and not ended yet.
+    under_way: usize,
+    /// Installs that ended with the output in place.
+    done: usize,
+}
+
+/// The process's one gate: every restore's install, and the stop of the
+/// command.
+static GATE: InstallGate = InstallGate::new();
+
+impl InstallGate {
+    const fn new() -> InstallGate {
+        InstallGate {
+            state: std::sync::Mutex::new(GateState {
+                stopped: false,
+                under_way: 0,
+                done: 0,
+            }),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A turn at renaming an output into place; `None` once stopped.
+    fn take(&self) -> Option<InstallTurn<'_>> {
+        let mut g = self.state();
+        if g.stopped {
+            return None;
+        }
+        g.under_way += 1;
+        Some(InstallTurn {
+            gate: self,
+            done: false,
+        })
+    }
+
+    /// Refuses every turn from now on, waits for the turns taken to end,
+    /// and returns how many outputs were installed in all.
+    fn stop(&self) -> usize {
+        let mut g = self.state();
+        g.stopped = true;
+        while g.under_way > 0 {
+            g = self
+                .changed
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        g.done
+    }
+}
+
+/// One install's turn at renaming its output into place.
+struct InstallTurn<'g> {
+    gate: &'g InstallGate,
+    done: bool,
+}
+
+impl InstallTurn<'_> {
+    /// The output is in place, checked and durable.
+    fn installed(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for InstallTurn<'_> {
+    fn drop(&mut self) {
+        let mut g = self.gate.state();
+        g.under_way -= 1;
+        g.done += usize::from(self.done);
+        self.gate.changed.notify_all();
+    }
+}
+
+/// Refuses every install from now on, waits for those under way to end,
+/// and returns how many outputs this process installed in all (blocking).
+/// A restore stopped by a signal calls it before it reports the stop: no
+/// output appears after that report, and one that appeared before it is
+/// counted.
+pub fn stop_installs() -> usize {
+    GATE.stop()
 }
 
 /// Creates `dir` and its missing parents, and syncs each new directory's
@@ -412,6 +521,29 @@ mod tests {
         }
         drop(staged);
         assert!(left().is_empty(), "{:?}", left());
+    }
+
+    #[test]
+    fn a_stop_waits_for_installs_under_way_and_refuses_later_ones() {
+        let gate = InstallGate::new();
+        let done = gate.take().unwrap();
+        done.installed();
+        let failed = gate.take().unwrap();
+        drop(failed);
+        let under_way = gate.take().unwrap();
+        std::thread::scope(|s| {
+            let stopping = s.spawn(|| gate.stop());
+            // The stop waits for the turn under way.
+            while !gate.state().stopped {
+                std::thread::yield_now();
+            }
+            assert!(!stopping.is_finished());
+            assert!(gate.take().is_none(), "a turn after the stop");
+            under_way.installed();
+            assert_eq!(stopping.join().unwrap(), 2);
+        });
+        assert!(gate.take().is_none());
+        assert_eq!(gate.stop(), 2);
     }
 
     #[test]

@@ -433,20 +433,30 @@ impl ColdChoice {
 /// sanity checks is [`Error::Damaged`] (see [`record`]), never `None`.
 pub async fn recorded_times(replica: &Replica, s: &SnapshotInfo) -> Result<Option<SnapshotTimes>> {
     let len = s.size.min(RECORD_LEN as u64);
+    let gone = || {
+        Error::invalid(
+            &s.location,
+            "was listed but is gone (deleted meanwhile, by retention or by hand)",
+        )
+    };
     let head = if len == 0 {
-        bytes::Bytes::new()
+        // Listed empty: read whole (there is nothing to download), so that
+        // a `file://` entry that is no regular file, which lists as 0
+        // bytes (a FIFO, a socket, a device), fails naming what it is, as
+        // its download does, rather than reading as an empty object, which
+        // is damage and let `--allow-older` pass over it (black-box probe
+        // A26).
+        replica
+            .get_small(&s.location, RECORD_LEN as u64)
+            .await?
+            .ok_or_else(gone)?
     } else {
         // Retried like every read (black-box probe: one stalled range GET
         // failed the whole restore at once).
         replica
             .get_range_bytes(&s.location, 0..len)
             .await?
-            .ok_or_else(|| {
-                Error::invalid(
-                    &s.location,
-                    "was listed but is gone (deleted meanwhile, by retention or by hand)",
-                )
-            })?
+            .ok_or_else(gone)?
     };
     record(&replica.prefix, &s.location, s.hour, &head)
 }
@@ -574,6 +584,40 @@ pub async fn choose_cold(
 mod tests {
     use super::*;
     use object_store::ObjectStoreExt;
+
+    /// An entry of a `file://` replica that is no regular file lists as 0
+    /// bytes under a snapshot's name; reading its times record (a
+    /// point-in-time restore's choice) names what it is, as its download
+    /// does, and is no damage that `--allow-older` would pass over
+    /// (black-box probe A26). A real empty object is damage.
+    #[tokio::test]
+    async fn a_snapshot_name_on_a_fifo_is_named_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open_dir(dir.path()).unwrap();
+        let loc = snapshot_path(&r.prefix, "k", "k", Utc::now());
+        std::fs::create_dir_all(dir.path().join("k")).unwrap();
+        let path = dir.path().join(loc.as_ref());
+        let c = std::ffi::CString::new(path.clone().into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let listed = snapshots(&r, "k").await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].size, 0);
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            recorded_times(&r, &listed[0]),
+        )
+        .await
+        .expect("hung")
+        .unwrap_err();
+        assert!(!matches!(e, Error::Damaged { .. }), "{e:?}");
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        r.put_bytes(&loc, Vec::new()).await.unwrap();
+        let listed = snapshots(&r, "k").await.unwrap();
+        let e = recorded_times(&r, &listed[0]).await.unwrap_err();
+        assert!(matches!(e, Error::Damaged { .. }), "{e:?}");
+    }
 
     #[test]
     fn next_hour_naming() {

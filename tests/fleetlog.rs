@@ -403,6 +403,39 @@ both_backends!(
     }
 );
 
+// A "directory" named like a log object in the fleet log (a directory of
+// a file:// replica, objects below the name on S3), here in place of the
+// newest log object, fails the restore naming it: the listing left it out,
+// and the restore went without the newest frames, exit 0 (black-box probe
+// A26).
+both_backends!(
+    a_directory_named_like_a_log_object_fails_the_restore,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
+        for round in 1..=3u64 {
+            s.round(1, round).await;
+        }
+        s.crash();
+        let log = s.objects_ending(".pack", ".litefleet/log/").await;
+        let newest = log.iter().max().unwrap();
+        let r = s.f.replica();
+        r.delete(&object_store::path::Path::from(newest.as_str()))
+            .await
+            .unwrap();
+        r.put_bytes(
+            &object_store::path::Path::from(format!("{newest}/x")),
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+        let e = s.restore(0, None).await.unwrap_err();
+        assert!(
+            e.contains(newest.as_str()) && e.contains("is a directory named like an object"),
+            "{e}"
+        );
+    }
+);
+
 both_backends!(a_missing_log_object_fails_the_restore, |b| async move {
     let mut s = Streams::start(Fleet::new(b).await, 1, Duration::from_secs(3600)).await;
     let mut marks = Vec::new();

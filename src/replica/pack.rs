@@ -48,7 +48,6 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::ObjectMeta;
 use serde::{Deserialize, Serialize};
@@ -284,19 +283,30 @@ pub fn parse_pack_name(name: &str) -> Option<(u64, u64)> {
     (parts.next().is_none() && offset >= MIN_OFFSET).then_some((index, offset))
 }
 
-/// The objects of the fleet log, oldest first (one LIST).
+/// The objects of the fleet log, oldest first (one LIST of its directory,
+/// where every log object is written). A "directory" there named like a
+/// log object (a directory in a `file://` replica, objects below such a
+/// name on S3) fails the listing: the listing would leave it out, and a
+/// restore went without the newest frames, exit 0 (black-box probe A26).
 pub async fn list_log(replica: &Replica) -> Result<Vec<ObjectMeta>> {
-    let mut v: Vec<ObjectMeta> = replica
-        .list_all(&log_dir(&replica.prefix))
-        .try_filter(|m| {
-            std::future::ready(
-                m.location
-                    .filename()
-                    .is_some_and(|f| f.ends_with(PACK_SUFFIX)),
-            )
-        })
-        .try_collect()
-        .await?;
+    let dir = log_dir(&replica.prefix);
+    let (dirs, objects) = replica.list_children(&dir).await?;
+    let is_pack = |p: &ObjPath| p.filename().is_some_and(|f| f.ends_with(PACK_SUFFIX));
+    if let Some(d) = dirs.iter().find(|d| is_pack(d)) {
+        return Err(Error::invalid(
+            d,
+            format!(
+                "{} in the fleet log: litefleet never writes one there, and a listing leaves \
+                 it out (a restore would go without the frames a log object there holds); \
+                 move or delete it",
+                crate::replica::storage::DIRECTORY_LIKE_AN_OBJECT
+            ),
+        ));
+    }
+    let mut v: Vec<ObjectMeta> = objects
+        .into_iter()
+        .filter(|m| is_pack(&m.location))
+        .collect();
     v.sort_by(|a, b| a.location.cmp(&b.location));
     Ok(v)
 }

@@ -141,6 +141,18 @@ impl Db {
         loc
     }
 
+    /// The history several tests start from: a cold snapshot of 4 rows,
+    /// then a generation whose snapshot holds 10 and whose one segment
+    /// brings it to 15. Returns a mark after the segment.
+    async fn cold_then_a_generation(&mut self, r: &Replica) -> DateTime<Utc> {
+        self.commit(4);
+        self.cold(r).await;
+        self.commit(6);
+        self.gen_snapshot(r).await;
+        self.commit(5);
+        self.ship(r).await.1
+    }
+
     fn gen_snapshot_path(&self, r: &Replica, index: u64) -> ObjPath {
         let (_, committed) = self
             .gen_snapshots
@@ -471,6 +483,44 @@ both_backends!(
     }
 );
 
+// A generation snapshot named later than it was (its time altered) leaves
+// a time between the real and the altered one where the generation seems
+// to hold nothing yet; its segment, named earlier than the snapshot, shows
+// the alteration, and a restore at that time is damage naming it, not the
+// older cold snapshot (black-box probe A26: 5 rows of 20, exit 0).
+both_backends!(
+    a_generation_snapshot_named_later_than_its_segments_is_damage,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        let after = db.cold_then_a_generation(&r).await;
+        assert_eq!(restore_at(&f, "p/d/t", Some(after)).await.unwrap().1, 15);
+        let real = db.gen_snapshot_path(&r, 0);
+        let (_, committed) = db.gen_snapshots[0];
+        let altered = hot::snapshot_path(
+            &r.prefix,
+            "p/d/t",
+            &db.gen,
+            0,
+            after + chrono::Duration::seconds(30),
+        );
+        let bytes = r.get_bytes(&real).await.unwrap().unwrap();
+        r.put_bytes(&altered, bytes).await.unwrap();
+        r.delete(&real).await.unwrap();
+        assert!(after > committed);
+        let msg = restore_at(&f, "p/d/t", Some(after))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("a time was altered"), "{msg}");
+        assert!(msg.contains(altered.as_ref()), "{msg}");
+        assert!(msg.contains("not falling back to the older cold"), "{msg}");
+        // Latest, the times do not matter.
+        assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 15);
+    }
+);
+
 // A generation that lost its snapshot, but whose every object left (its
 // metadata, its segments) is older than a cold copy, gives way to that
 // copy, which holds every state they record and a later one (black-box
@@ -485,12 +535,7 @@ both_backends!(
         let f = Fleet::new(b).await;
         let r = f.replica();
         let mut db = Db::new("p/d/t");
-        db.commit(4);
-        db.cold(&r).await;
-        db.commit(6);
-        db.gen_snapshot(&r).await;
-        db.commit(5);
-        db.ship(&r).await;
+        db.cold_then_a_generation(&r).await;
         db.write_metadata(&r).await;
         // Committed after, never shipped: in the copy only.
         db.commit(3);
@@ -709,12 +754,7 @@ both_backends!(
         let f = Fleet::new(b).await;
         let r = f.replica();
         let mut db = Db::new("p/d/t");
-        db.commit(4);
-        db.cold(&r).await;
-        db.commit(6);
-        db.gen_snapshot(&r).await;
-        db.commit(5);
-        db.ship(&r).await;
+        db.cold_then_a_generation(&r).await;
         db.commit(3);
         let (cold, _) = db.cold(&r).await;
         r.put_bytes(&cold, b"not an lz4 frame".to_vec())

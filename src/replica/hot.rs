@@ -1171,22 +1171,34 @@ fn times_grow(
                 || format!("the snapshot {}", snapshot.location),
                 |p| format!("segment {}", p.pos),
             );
-            return Err(Error::damaged(
-                format!("generation {id} of {key:?}"),
-                format!(
-                    "the commit time of segment {} ({}) is earlier than that of {before} ({}): \
-                     a time was altered (or the writer's clock went back), so a restore at a \
-                     point in time cannot tell which commits were at or before it; a latest \
-                     restore does not depend on these times",
-                    s.pos,
-                    s.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    floor.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                ),
-            ));
+            return Err(earlier_than(key, id, s, &before, floor));
         }
         prev = Some(s);
     }
     Ok(())
+}
+
+/// The damage [`times_grow`] finds: segment `s` is named with a commit
+/// time earlier than `floor`, that of `before`, which precedes it.
+fn earlier_than(
+    key: &str,
+    id: &GenerationId,
+    s: &SegmentObject,
+    before: &str,
+    floor: DateTime<Utc>,
+) -> Error {
+    Error::damaged(
+        format!("generation {id} of {key:?}"),
+        format!(
+            "the commit time of segment {} ({}) is earlier than that of {before} ({}): \
+             a time was altered (or the writer's clock went back), so a restore at a \
+             point in time cannot tell which commits were at or before it; a latest \
+             restore does not depend on these times",
+            s.pos,
+            s.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            floor.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ),
+    )
 }
 
 /// Plans a restore of `key` at `at` (`None`: the latest state) without
@@ -1199,7 +1211,7 @@ fn times_grow(
 /// `later_copy`: when the copy of a cold snapshot restorable at `at` began,
 /// if the restore has one. A generation that lost its snapshot fails the
 /// plan unless everything the replica holds of it is older than that copy
-/// (`missing_snapshot`, `LostGeneration::superseded_by`).
+/// (`missing_snapshot`, `GenerationTraces::superseded_by`).
 pub async fn plan_latest(
     replica: &Replica,
     key: &str,
@@ -1296,7 +1308,7 @@ pub async fn plan_latest(
 ///
 /// Except when a later state stands in for all of it: a cold copy that
 /// began (`later_copy`) after everything the replica holds of a generation
-/// with no snapshot at all ([`LostGeneration::superseded_by`]) holds every
+/// with no snapshot at all ([`GenerationTraces::superseded_by`]) holds every
 /// state those objects recorded, and a later one; the generation is passed
 /// over then, with a warning. A replica emptied while a database streamed
 /// (black-box probe C26: its contents lost, a store restarted empty) is
@@ -1327,6 +1339,32 @@ async fn missing_snapshot(
             t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
             oldest.location
         ))),
+        // Its first snapshot is named after `at`, so nothing of it had
+        // committed by then, unless a time was altered: commit times grow
+        // with positions from that snapshot's on ([`times_grow`]), and a
+        // segment named earlier than the snapshot shows it (black-box probe
+        // A26: a generation snapshot's name moved 30 s later, and a restore
+        // at a time in between took an older cold snapshot, exit 0). Listed
+        // only for a time between the generation's start and its first
+        // snapshot.
+        Some(t) if t >= id.created() => {
+            let traces = GenerationTraces::read(replica, key, id, None).await?;
+            match traces
+                .segments
+                .iter()
+                .filter(|s| s.time < oldest.time)
+                .min_by_key(|s| s.pos)
+            {
+                Some(s) => Err(earlier_than(
+                    key,
+                    id,
+                    s,
+                    &format!("the snapshot {}", oldest.location),
+                    oldest.time,
+                )),
+                None => Ok(()),
+            }
+        }
         _ => Ok(()),
     }
 }
@@ -1345,7 +1383,7 @@ async fn lost_snapshot(
     // weigh them against a later copy).
     let lost = match (&meta, later_copy) {
         (Some(_), None) => None,
-        _ => Some(LostGeneration::read(replica, key, id, meta.clone()).await?),
+        _ => Some(GenerationTraces::read(replica, key, id, meta.clone()).await?),
     };
     let why = match (&meta, &lost) {
         (Some(m), _) => format!(
@@ -1389,16 +1427,16 @@ async fn lost_snapshot(
     ))
 }
 
-/// What the replica holds of a generation whose snapshots are all gone:
-/// its metadata, its segments and its parts in the fleet log.
-struct LostGeneration {
+/// What the replica holds of a generation beside its snapshots: its
+/// metadata (when read), its segments and its parts in the fleet log.
+struct GenerationTraces {
     meta: Option<Metadata>,
     segments: Vec<SegmentObject>,
     /// How many of `segments` are parts in the fleet log.
     in_log: usize,
 }
 
-impl LostGeneration {
+impl GenerationTraces {
     /// Lists what is left of generation `id` beside its `meta` (read
     /// already): the log first, as [`plan_latest`] does, and again when a
     /// log object was consolidated before its index was read.
@@ -1407,7 +1445,7 @@ impl LostGeneration {
         key: &str,
         id: &GenerationId,
         meta: Option<Metadata>,
-    ) -> Result<LostGeneration> {
+    ) -> Result<GenerationTraces> {
         for _ in 0..=LOG_RELISTS {
             let log = pack::list_log(replica).await?;
             let mut segments = list_segments(replica, key, id).await?;
@@ -1419,7 +1457,7 @@ impl LostGeneration {
                     .iter()
                     .filter(|s| s.part.as_ref().is_some_and(|p| !p.whole))
                     .count();
-                return Ok(LostGeneration {
+                return Ok(GenerationTraces {
                     meta,
                     segments,
                     in_log,

@@ -64,6 +64,16 @@ fn bad_configs_are_clear_errors_not_panics() {
             "multi-db.scan-interval",
         ),
         (
+            "a scan loop that only spins",
+            good.replace("  replica:", "  scan-interval: 1ns\n  replica:"),
+            "multi-db.scan-interval: must be at least 10ms",
+        ),
+        (
+            "drills off by a zero interval",
+            good.replace("  replica:", "  verify-interval: 0s\n  replica:"),
+            "multi-db.verify-interval: must be at least 10ms: a loop run more often only keeps a core busy (leave it unset to run no drills)",
+        ),
+        (
             "zero request timeout",
             good.replace("    path:", "    timeout: 0s\n    path:"),
             "multi-db.replica.timeout: must be greater than zero",

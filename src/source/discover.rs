@@ -577,6 +577,13 @@ fn report(
         dir.pop();
     } else if md.is_file() {
         visitor.database(dir, name, md, wal);
+    } else if !md.is_dir() {
+        // A FIFO, socket or device named like a database: never opened,
+        // and said once, as a link is (black-box probe C26: no line at
+        // all). A directory that matches is a pattern's business, not news.
+        dir.push(name);
+        visitor.skipped(dir, crate::error::not_regular(md));
+        dir.pop();
     }
 }
 
@@ -799,6 +806,29 @@ pub(crate) mod tests {
         all.walk(&mut c);
         assert_eq!(c.found.len(), 1);
         assert_eq!(c.skipped, vec![t.path().join("link.db")]);
+        // A FIFO or a socket named like a database is skipped, said once;
+        // a directory is not.
+        let fifo = std::ffi::CString::new(
+            t.path()
+                .join("pipe.db")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let _socket = std::os::unix::net::UnixListener::bind(t.path().join("sock.db")).unwrap();
+        fs::create_dir(t.path().join("dir.db")).unwrap();
+        let mut c = Collect::default();
+        all.walk(&mut c);
+        c.skipped.sort();
+        assert_eq!(
+            c.skipped,
+            ["link.db", "pipe.db", "sock.db"].map(|n| t.path().join(n))
+        );
+        let mut c = Collect::default();
+        Pattern::compile("pipe.db", t.path()).unwrap().walk(&mut c);
+        assert_eq!(c.skipped, vec![t.path().join("pipe.db")]);
     }
 
     /// A link to a directory at a `*` level is skipped (named), never

@@ -1172,9 +1172,15 @@ impl Visitor for ScanVisitor<'_> {
     }
 
     fn error(&mut self, path: &Path, err: io::Error) {
-        self.report.errors += 1;
         let epoch = self.t.epoch;
-        if self.t.problems.insert(path.to_path_buf(), epoch).is_none() {
+        let before = self.t.problems.insert(path.to_path_buf(), epoch);
+        // Once per path and scan: a `**` level lists a directory twice
+        // (its files, then its subdirectories), and one unreadable
+        // directory was counted as two (black-box probe C26).
+        if before != Some(epoch) {
+            self.report.errors += 1;
+        }
+        if before.is_none() {
             tracing::warn!(path = %path.display(), error = %err, "cannot read; will retry every scan (logged once)");
         }
     }
@@ -1286,6 +1292,11 @@ mod tests {
                 assert_eq!((r.removed, r.databases), (1, 2), "{r:?}");
             }
         }
+        // A `**` level lists each directory twice (its files, then its
+        // subdirectories): one unreadable directory is one error.
+        let deep = vec![Pattern::compile("**/*.db", t.path()).unwrap()];
+        unreadable(&[&t.path().join("a")]);
+        assert_eq!(tr.scan(&deep).errors, 1);
         unreadable(&[]);
         fs::remove_file(t.path().join("a/two.db")).unwrap();
         let r = tr.scan(&pat);

@@ -277,7 +277,21 @@ pub fn create_dir_durably(dir: &Path) -> Result<()> {
         .ancestors()
         .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
         .collect();
-    std::fs::create_dir_all(dir).at(dir)?;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        // The first existing ancestor is no directory (a file where the
+        // output's directory should be): named, where the error read only
+        // "File exists" (black-box probe A26).
+        let blocking = dir
+            .ancestors()
+            .find(|d| std::fs::metadata(d).is_ok_and(|m| !m.is_dir()));
+        return Err(match blocking {
+            Some(b) => Error::invalid(
+                b.display(),
+                format!("is not a directory, so {} cannot be made", dir.display()),
+            ),
+            None => Error::io(dir, e),
+        });
+    }
     for created in missing.iter().rev() {
         let parent = created
             .parent()
@@ -544,6 +558,20 @@ mod tests {
         });
         assert!(gate.take().is_none());
         assert_eq!(gate.stop(), 2);
+    }
+
+    #[test]
+    fn a_file_where_the_output_directory_goes_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pfile");
+        std::fs::write(&file, b"x").unwrap();
+        let e = create_dir_durably(&file.join("sub"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("{}: is not a directory", file.display())),
+            "{e}"
+        );
     }
 
     #[test]

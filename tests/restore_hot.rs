@@ -521,6 +521,46 @@ both_backends!(
     }
 );
 
+// A generation snapshot named earlier than its generation began (its time
+// altered) would be taken for a time before the generation existed, and a
+// restore there gave its later state: damage naming it (black-box probe
+// A26). A latest restore does not read these times.
+both_backends!(
+    a_generation_snapshot_named_before_its_generation_is_damage,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        db.commit(4);
+        db.cold(&r).await;
+        let before = mark().await;
+        db.commit(6);
+        // A new generation, begun after `before`.
+        db.w.gen = hot::new_generation_id(common::generations::now());
+        db.gen_snapshot(&r).await;
+        assert_eq!(restore_at(&f, "p/d/t", Some(before)).await.unwrap().1, 4);
+        let real = db.gen_snapshot_path(&r, 0);
+        let altered = hot::snapshot_path(
+            &r.prefix,
+            "p/d/t",
+            &db.gen,
+            0,
+            before - chrono::Duration::seconds(1),
+        );
+        assert!(before < db.gen.created());
+        let bytes = r.get_bytes(&real).await.unwrap().unwrap();
+        r.put_bytes(&altered, bytes).await.unwrap();
+        r.delete(&real).await.unwrap();
+        let msg = restore_at(&f, "p/d/t", Some(before))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("before the generation began"), "{msg}");
+        assert!(msg.contains(altered.as_ref()), "{msg}");
+        assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().1, 10);
+    }
+);
+
 // A generation that lost its snapshot, but whose every object left (its
 // metadata, its segments) is older than a cold copy, gives way to that
 // copy, which holds every state they record and a later one (black-box

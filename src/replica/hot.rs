@@ -1220,6 +1220,9 @@ pub async fn plan_latest(
 ) -> Result<Option<Plan>> {
     for id in list_generation_ids(replica, key).await? {
         let snapshots = list_snapshots(replica, key, &id).await?;
+        if let Some(t) = at {
+            named_after_its_generation(key, &id, &snapshots, t)?;
+        }
         if !snapshots.iter().any(|s| at.is_none_or(|t| s.time <= t)) {
             missing_snapshot(replica, key, &id, &snapshots, at, later_copy).await?;
             continue;
@@ -1286,6 +1289,46 @@ pub async fn plan_latest(
             .map(Plan::without_unproven_prefix));
     }
     Ok(None)
+}
+
+/// For a restore at `at`: fails when a snapshot of generation `id` that
+/// `at` would take is named with a commit time before the generation
+/// began. A stream names its snapshots no earlier than its generation's
+/// start (`capture::ship`), so such a time was altered, and which states
+/// were at or before `at` cannot be told (black-box probe A26: a newer
+/// generation's snapshot named 30 s earlier was taken for a time before
+/// that generation existed). Snapshots named by versions that put no time
+/// in the name (their time is the store's) are not judged.
+fn named_after_its_generation(
+    key: &str,
+    id: &GenerationId,
+    snapshots: &[SnapshotObject],
+    at: DateTime<Utc>,
+) -> Result<()> {
+    let named = |s: &SnapshotObject| {
+        s.location
+            .filename()
+            .and_then(parse_snapshot_name_time)
+            .is_some_and(|(_, t)| t.is_some())
+    };
+    match snapshots
+        .iter()
+        .find(|s| s.time <= at && s.time < id.created() && named(s))
+    {
+        Some(s) => Err(Error::damaged(
+            format!("generation {id} of {key:?}"),
+            format!(
+                "its snapshot {} is named with commit time {}, before the generation began \
+                 ({}): a time was altered, so a restore at a point in time cannot tell which \
+                 states were at or before it; a latest restore does not depend on these times",
+                s.location,
+                s.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                id.created()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Fails when generation `id`, in which no snapshot at or before `at` is

@@ -1328,6 +1328,12 @@ impl Replicator {
         Ok(r)
     }
 
+    /// Where the time of the last retention pass is kept: beside the state
+    /// file, as the other records of this replica and layout are.
+    fn retention_file(&self) -> PathBuf {
+        crate::source::track::retention_file(&self.loaded.state_file())
+    }
+
     /// Runs cycles every `scan-interval` until `shutdown` (or once), with retention beside.
     pub async fn run(self: Arc<Self>, once: bool, shutdown: CancellationToken) -> Result<()> {
         let m = self.loaded.multi_db();
@@ -1345,6 +1351,7 @@ impl Replicator {
                 let pass = self.retention().await;
                 retention_failed = pass.as_ref().err().map(ToString::to_string);
                 log_retention(pass);
+                record_retention(&self.retention_file(), std::time::SystemTime::now());
             }
             tracing::info!(
                 databases = r.scan.databases,
@@ -1387,13 +1394,18 @@ impl Replicator {
             let me = self.clone();
             let token = shutdown.clone();
             let every = m.replica.retention_check_interval;
+            let file = self.retention_file();
+            let first = first_retention_in(&file, every, std::time::SystemTime::now());
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
                 tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
                         _ = token.cancelled() => break,
-                        _ = tick.tick() => log_retention(me.retention().await),
+                        _ = tick.tick() => {
+                            log_retention(me.retention().await);
+                            record_retention(&file, std::time::SystemTime::now());
+                        }
                     }
                 }
             })
@@ -1524,6 +1536,45 @@ fn host_failed(e: &Error, temp_dir: &Path) -> Option<&'static str> {
 /// file descriptor left.
 fn out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// How long this run waits for its first retention pass: what is left of
+/// `every` since the last pass of any run, recorded in `file`
+/// ([`record_retention`]). A daemon restarted more often than `every`
+/// waited a whole interval at each start and never pruned (black-box probe
+/// B26: 128 restarts in 15 minutes with a 15 s interval deleted nothing,
+/// and the replica grew to ten times its databases). With no record (a
+/// first start, or one unreadable) the count starts now and is recorded;
+/// one in the future (the clock went back) counts as none.
+fn first_retention_in(
+    file: &Path,
+    every: std::time::Duration,
+    now: std::time::SystemTime,
+) -> std::time::Duration {
+    let last = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|secs| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+    match last.and_then(|l| now.duration_since(l).ok()) {
+        Some(since) => every.saturating_sub(since),
+        None => {
+            record_retention(file, now);
+            every
+        }
+    }
+}
+
+/// Records `now` in `file` as when the last retention pass ran, passed or
+/// failed (a failing one is retried an interval later, not at every
+/// start). Best effort: without the record a start waits a whole interval,
+/// as it always did.
+fn record_retention(file: &Path, now: std::time::SystemTime) {
+    let Ok(secs) = now.duration_since(std::time::UNIX_EPOCH) else {
+        return;
+    };
+    if let Err(e) = std::fs::write(file, format!("{}\n", secs.as_secs())) {
+        tracing::debug!(file = %file.display(), error = %e, "cannot record the retention pass");
+    }
 }
 
 fn log_retention(r: Result<retention::RetentionReport>) {
@@ -1930,6 +1981,70 @@ mod tests {
             matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
             "{e:?}"
         );
+    }
+
+    /// The first retention pass of a run is due an interval after the last
+    /// pass of any run, as recorded; with no usable record, an interval
+    /// from now, recorded.
+    #[test]
+    fn the_first_retention_pass_counts_from_the_last_recorded_one() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("x.state.retention");
+        let hour = Duration::from_secs(3600);
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // None yet: the count starts now.
+        assert_eq!(first_retention_in(&file, hour, now), hour);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "1800000000\n");
+        let later = |secs| now + Duration::from_secs(secs);
+        assert_eq!(
+            first_retention_in(&file, hour, later(1000)),
+            Duration::from_secs(2600)
+        );
+        assert_eq!(first_retention_in(&file, hour, later(7200)), Duration::ZERO);
+        // A record in the future, or unreadable, is none.
+        for bad in ["1900000000", "x"] {
+            std::fs::write(&file, bad).unwrap();
+            assert_eq!(first_retention_in(&file, hour, now), hour);
+            assert_eq!(std::fs::read_to_string(&file).unwrap(), "1800000000\n");
+        }
+    }
+
+    /// A daemon started more often than `retention-check-interval` still
+    /// prunes: its first pass comes when the last recorded one is an
+    /// interval old, here at once (black-box probe B26: restarted every
+    /// few seconds, it never ran one).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overdue_retention_pass_runs_at_start() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let r = Arc::new(cold_replicator(&data, t.path(), &t.path().join("replica")));
+        let file = r.retention_file();
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        };
+        let overdue = now() - 2 * 3600;
+        std::fs::write(&file, format!("{overdue}\n")).unwrap();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(r.clone().run(false, stop.clone()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let recorded = || {
+            std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        while recorded() == Some(overdue) {
+            assert!(std::time::Instant::now() < deadline, "no retention pass");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(recorded().unwrap() >= now() - 60);
+        stop.cancel();
+        let _ = run.await.unwrap();
     }
 
     /// A cold-tier-only replicator of `data/*.db` to the `file://` replica

@@ -952,6 +952,12 @@ fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The sidecar of the state file at `path` that records when the last
+/// retention pass ran (`crate::daemon::scheduler`).
+pub fn retention_file(path: &Path) -> PathBuf {
+    sidecar(path, ".retention")
+}
+
 /// The sidecar of the state file at `path` that keeps the owners of
 /// contested keys (`crate::source::keys::Owners::save_contested`).
 pub fn contested_file(path: &Path) -> PathBuf {

@@ -561,6 +561,66 @@ both_backends!(
     }
 );
 
+// A metadata write the store applies late, after the stream wrote a newer
+// one (its answer lost to a timeout), never lands over it: every write
+// names the version it replaces (black-box probe D26: a generation start's
+// metadata, held past the timeout, replaced the one recording where WAL 0
+// ended, and every restore into WAL 1 failed). S3 only: a file:// write is
+// complete when it returns.
+#[tokio::test]
+async fn a_metadata_write_applied_late_never_lands_over_a_newer_one() {
+    use common::stores::{HeldPut, HeldPuts};
+    let f = Fleet::new(common::fleet::Backend::S3).await;
+    let r = f.replica();
+    let held = std::sync::Arc::new(HeldPuts::new(
+        r.store.clone(),
+        HeldPut::new("metadata.json", 1),
+    ));
+    let late = r.clone().with_store(held.clone());
+    let db = Db::new("p/d/t");
+    let meta = |last: u64| hot::Metadata {
+        generation: db.gen.clone(),
+        page_size: 1024,
+        created: db.gen.created(),
+        first: Position::start(0),
+        last: Position {
+            index: 0,
+            offset: last,
+        },
+        snapshots: Vec::new(),
+        wal_ends: Vec::new(),
+        logged: false,
+        wal_starts: Some(Vec::new()),
+        written: Some(common::generations::now()),
+        key: Some("p/d/t".into()),
+    };
+    let mut version = hot::MetadataVersion::Absent;
+    // The first write is held; the stream goes on and writes two newer ones.
+    hot::write_metadata_over(&late, "p/d/t", &meta(32), &mut version)
+        .await
+        .unwrap_err();
+    for last in [64, 96] {
+        hot::write_metadata_over(&late, "p/d/t", &meta(last), &mut version)
+            .await
+            .unwrap();
+    }
+    let answers = held.apply_held().await;
+    assert_eq!(answers.len(), 1);
+    assert!(answers[0].is_err(), "the late write was applied");
+    let last = || async {
+        let m = hot::read_metadata(&r, "p/d/t", &db.gen).await.unwrap();
+        m.unwrap().last.offset
+    };
+    assert_eq!(last().await, 96);
+    // A late write landing between two of ours: the next one reads the
+    // object again and writes over it.
+    hot::write_metadata(&r, "p/d/t", &meta(32)).await.unwrap();
+    hot::write_metadata_over(&late, "p/d/t", &meta(128), &mut version)
+        .await
+        .unwrap();
+    assert_eq!(last().await, 128);
+}
+
 // A generation that lost its snapshot, but whose every object left (its
 // metadata, its segments) is older than a cold copy, gives way to that
 // copy, which holds every state they record and a later one (black-box

@@ -244,6 +244,9 @@ pub struct Shipper {
     conn: Connection,
     generation: Option<GenerationId>,
     meta: Option<Metadata>,
+    /// What this stream knows of its `metadata.json` in the replica: the
+    /// condition of the next write ([`hot::MetadataVersion`]).
+    meta_version: hot::MetadataVersion,
     state: WalState,
     /// Frames read but not uploaded yet, and where they start.
     pending: Option<(Position, Segment)>,
@@ -595,6 +598,7 @@ impl Shipper {
             conn,
             generation: None,
             meta: None,
+            meta_version: hot::MetadataVersion::Absent,
             state: WalState::Awaiting { index: 0 },
             pending: None,
             lost: None,
@@ -748,6 +752,7 @@ impl Shipper {
         // Never before the id's time, so the new generation's objects do not
         // sort before the older generation's on a clock that went back.
         self.snapshot_time = now.max(id.created());
+        self.meta_version = hot::MetadataVersion::Absent;
         self.meta = Some(Metadata {
             generation: id.clone(),
             page_size,
@@ -2153,7 +2158,7 @@ async fn write_meta(ctx: &HotContext, s: &mut Shipper) -> Result<()> {
         m.last = last;
         m.written = Some(Utc::now());
         let _permit = ctx.permits.acquire().await;
-        hot::write_metadata(&ctx.replica, &s.key, m).await?;
+        hot::write_metadata_over(&ctx.replica, &s.key, m, &mut s.meta_version).await?;
     }
     s.meta_dirty = false;
     Ok(())

@@ -1667,6 +1667,81 @@ pub async fn write_metadata(replica: &Replica, key: &str, meta: &Metadata) -> Re
     replica.put_bytes(&location, json).await
 }
 
+/// What the writer of a generation's `metadata.json` knows of the object:
+/// the condition of its next write. Every write names the version it
+/// replaces, so a write the store applies late (its answer lost to a
+/// timeout, the request held up on the way) finds the object changed and
+/// is refused, instead of putting an older metadata back over a newer one
+/// (black-box probe D26: a generation start's write held past the timeout
+/// landed over the one recording where WAL 0 ended, and every restore into
+/// WAL 1 failed, for good once the daemon was killed).
+#[derive(Debug, Clone, Default)]
+pub enum MetadataVersion {
+    /// Nothing written in this generation yet: the first write creates it.
+    #[default]
+    Absent,
+    /// The version the last write made.
+    Known(object_store::UpdateVersion),
+    /// A write whose outcome is unknown: the next one reads what is there.
+    Unknown,
+}
+
+/// Writes `meta` as its generation's `metadata.json` over `version`, and
+/// records the version written (see [`MetadataVersion`]). A write refused
+/// because the object changed (a late write of ours landed) reads it and
+/// writes again, up to `METADATA_WRITES` times. On `file://` a write is
+/// complete when the call returns, so none lands late: written as any
+/// object. A store that gives no version cannot be written conditionally.
+pub async fn write_metadata_over(
+    replica: &Replica,
+    key: &str,
+    meta: &Metadata,
+    version: &mut MetadataVersion,
+) -> Result<()> {
+    check_key(key)?;
+    let location = metadata_path(&replica.prefix, key, &meta.generation);
+    let json = bytes::Bytes::from(
+        serde_json::to_vec_pretty(meta)
+            .map_err(|e| Error::invalid(&location, format!("serializing: {e}")))?,
+    );
+    if replica.local_root().is_some() {
+        return replica.put_bytes(&location, json).await;
+    }
+    for _ in 0..METADATA_WRITES {
+        // Unknown until this write's answer says otherwise.
+        let expected = match std::mem::replace(version, MetadataVersion::Unknown) {
+            MetadataVersion::Absent => None,
+            MetadataVersion::Known(v) => Some(v),
+            MetadataVersion::Unknown => replica.get_versioned(&location).await?.map(|(_, v)| v),
+        };
+        if expected
+            .as_ref()
+            .is_some_and(|v| v.e_tag.is_none() && v.version.is_none())
+        {
+            return replica.put_bytes(&location, json).await;
+        }
+        if let Some(v) = replica
+            .put_bytes_over(&location, json.clone(), expected.as_ref())
+            .await?
+        {
+            *version = MetadataVersion::Known(v);
+            return Ok(());
+        }
+    }
+    Err(Error::invalid(
+        &location,
+        format!(
+            "changed under its writer {METADATA_WRITES} times in a row: another process \
+             writes this generation's metadata"
+        ),
+    ))
+}
+
+/// Conditional writes of one `metadata.json` refused in a row before the
+/// writer gives up: each refusal is a late write of ours landing (one per
+/// write whose answer was lost), so more than a few means another writer.
+const METADATA_WRITES: usize = 4;
+
 /// Reads a generation's `metadata.json`; `None` if it was not written yet.
 pub async fn read_metadata(
     replica: &Replica,

@@ -1023,6 +1023,44 @@ impl Replica {
         }
     }
 
+    /// Writes `location` under the fence, only over version `expected`
+    /// (S3 `If-Match`), or only where nothing is (`None`: `If-None-Match:
+    /// *`): a request the store applies late, after a newer write, is
+    /// refused there. `Ok(None)`: the object is not at that version, nothing
+    /// was written. The version written has no ETag when the store gives
+    /// none. For objects a writer rewrites (a generation's metadata), on a
+    /// store other than `file://`.
+    pub async fn put_bytes_over(
+        &self,
+        location: &ObjPath,
+        bytes: Bytes,
+        expected: Option<&UpdateVersion>,
+    ) -> Result<Option<UpdateVersion>> {
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(v.clone()),
+        };
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        self.fenced(location, async {
+            match self.store.put_opts(location, bytes.into(), opts).await {
+                Ok(r) => Ok(Some(UpdateVersion {
+                    e_tag: r.e_tag,
+                    version: r.version,
+                })),
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. }
+                    | object_store::Error::NotFound { .. },
+                ) => Ok(None),
+                Err(e) => Err(Error::store(location, e)),
+            }
+        })
+        .await
+    }
+
     /// Replaces `location` only if it is still at version `expected`
     /// (S3 `If-Match`). `None`: it changed or is gone, nothing was written.
     pub async fn put_if_match(

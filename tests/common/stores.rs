@@ -15,6 +15,8 @@
 //!   is lost and the client's retry finds its own write; or applied and
 //!   answered with a timeout; and the next `n` GETs can fail, as a store
 //!   answering 503 does.
+//! * [`HeldPuts`]: the next `n` PUTs of some objects are held back and
+//!   answered with a timeout, to be applied later (a late write).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +46,10 @@ pub trait Rewrite: Send + Sync + fmt::Debug + 'static {
     /// Whether a delimiter listing leaves out the common prefixes that
     /// hold no object directly.
     fn prefixes_with_objects_only(&self) -> bool {
+        false
+    }
+    /// Whether to hold this PUT back rather than send it (see [`HeldPut`]).
+    fn hold(&self, _location: &ObjPath, _payload: &PutPayload, _opts: &PutOptions) -> bool {
         false
     }
     /// The answer to a conditional PUT that the inner store answered `r`.
@@ -101,6 +107,53 @@ impl Rewrite for LostPut {
             });
         }
         r
+    }
+}
+
+/// Holds back the next `left` PUTs of objects whose name ends in `suffix`,
+/// answering each with a timeout, as a store (or a proxy) that keeps a
+/// request past the client's timeout; [`Wrapped::apply_held`] applies them
+/// later, with the conditions they were sent with, as that store does
+/// (black-box probe D26).
+#[derive(Debug)]
+pub struct HeldPut {
+    suffix: &'static str,
+    left: AtomicU64,
+    held: std::sync::Mutex<Vec<(ObjPath, PutPayload, PutOptions)>>,
+}
+
+impl HeldPut {
+    pub fn new(suffix: &'static str, left: u64) -> HeldPut {
+        HeldPut {
+            suffix,
+            left: AtomicU64::new(left),
+            held: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl Rewrite for HeldPut {
+    fn hold(&self, location: &ObjPath, payload: &PutPayload, opts: &PutOptions) -> bool {
+        if !location.as_ref().ends_with(self.suffix) || !take_one(&self.left) {
+            return false;
+        }
+        self.held
+            .lock()
+            .unwrap()
+            .push((location.clone(), payload.clone(), opts.clone()));
+        true
+    }
+}
+
+impl Wrapped<HeldPut> {
+    /// Applies the PUTs held back, in order; the store's answers.
+    pub async fn apply_held(&self) -> Vec<object_store::Result<PutResult>> {
+        let held = std::mem::take(&mut *self.rewrite.held.lock().unwrap());
+        let mut answers = Vec::new();
+        for (location, payload, opts) in held {
+            answers.push(self.inner.put_opts(&location, payload, opts).await);
+        }
+        answers
     }
 }
 
@@ -189,6 +242,7 @@ pub type CoarseTimes = Wrapped<Coarse>;
 pub type WalkedPrefixes = Wrapped<Walked>;
 pub type CutGets = Wrapped<Cut>;
 pub type LostPuts = Wrapped<LostPut>;
+pub type HeldPuts = Wrapped<HeldPut>;
 
 impl<R: Rewrite> Wrapped<R> {
     pub fn new(inner: Arc<dyn ObjectStore>, rewrite: R) -> Wrapped<R> {
@@ -213,6 +267,13 @@ impl<R: Rewrite> ObjectStore for Wrapped<R> {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        if self.rewrite.hold(location, &payload, &opts) {
+            return Err(object_store::Error::Generic {
+                store: "test",
+                source: "held past the request timeout (injected): the store applies it later"
+                    .into(),
+            });
+        }
         let conditional = !matches!(opts.mode, object_store::PutMode::Overwrite);
         let r = self.inner.put_opts(location, payload, opts).await;
         if conditional {

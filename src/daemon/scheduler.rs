@@ -1411,7 +1411,7 @@ impl Replicator {
             })
         };
         let verify_task = match (&self.verify, m.verify_interval) {
-            (Some(job), Some(every)) if !every.is_zero() => {
+            (Some(job), Some(every)) => {
                 tracing::info!(every = ?every, sample = m.verify_sample, "restore drills scheduled");
                 let me = self.clone();
                 Some(tokio::spawn(verify_loop(

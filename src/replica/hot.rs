@@ -873,6 +873,29 @@ async fn log_segments(
         .map(|v| v.into_iter().flatten().collect()))
 }
 
+/// One listing of generation `gen`'s segments: its own objects, and its
+/// parts in the fleet log when `logged`, sorted and deduplicated. The log
+/// is listed first: a part consolidated after that is in a log object
+/// listed, or (that object gone when its index is read) `Ok(None)`, and
+/// the caller lists again.
+async fn all_segments(
+    replica: &Replica,
+    key: &str,
+    gen: &GenerationId,
+    logged: bool,
+) -> Result<Option<Vec<SegmentObject>>> {
+    let log = if logged {
+        pack::list_log(replica).await?
+    } else {
+        Vec::new()
+    };
+    let mut segments = list_segments(replica, key, gen).await?;
+    Ok(log_segments(replica, &log, key, gen).await?.map(|parts| {
+        segments.extend(parts);
+        dedup_segments(segments)
+    }))
+}
+
 /// Sorted by position, one segment per position: a part can be in a log
 /// object and in a consolidated pack at once, with the same bytes; the
 /// consolidated copy (or a segment object) is kept.
@@ -1235,16 +1258,8 @@ pub async fn plan_latest(
             // after the log was listed is in a log object listed here, or
             // (that object gone when its index is read) the listing is redone.
             let logged = meta.as_ref().is_none_or(|m| m.logged);
-            let log = if logged {
-                pack::list_log(replica).await?
-            } else {
-                Vec::new()
-            };
-            let mut segments = list_segments(replica, key, &id).await?;
-            match log_segments(replica, &log, key, &id).await? {
-                Some(parts) => {
-                    segments.extend(parts);
-                    let segments = dedup_segments(segments);
+            match all_segments(replica, key, &id, logged).await? {
+                Some(segments) => {
                     if meta.is_none() && !segments.is_empty() {
                         // The metadata is written before the first segment of
                         // every WAL (`capture::ship`), so segments without it
@@ -1420,31 +1435,35 @@ async fn lost_snapshot(
     at: Option<DateTime<Utc>>,
     later_copy: Option<DateTime<Utc>>,
 ) -> Result<()> {
-    let meta = read_metadata(replica, key, id).await?;
     // Its metadata alone proves a snapshot was uploaded; without it, its
     // segments or its parts in the fleet log do (listed only then, or to
     // weigh them against a later copy).
-    let lost = match (&meta, later_copy) {
-        (Some(_), None) => None,
-        _ => Some(GenerationTraces::read(replica, key, id, meta.clone()).await?),
+    let (why, traces) = match read_metadata(replica, key, id).await? {
+        Some(m) => {
+            let why = format!(
+                "its metadata.json records {} snapshot(s) uploaded and the WAL shipped to {}",
+                m.snapshots.len(),
+                m.last
+            );
+            let traces = match later_copy {
+                Some(_) => Some(GenerationTraces::read(replica, key, id, Some(m)).await?),
+                None => None,
+            };
+            (why, traces)
+        }
+        None => {
+            let t = GenerationTraces::read(replica, key, id, None).await?;
+            let why = match (t.segments.len(), t.in_log()) {
+                (0, _) => return Ok(()),
+                (n, 0) => format!("{n} WAL segment(s) of it are present"),
+                (n, l) => {
+                    format!("{n} WAL segment(s) of it are present ({l} of them in the fleet log)")
+                }
+            };
+            (why, Some(t))
+        }
     };
-    let why = match (&meta, &lost) {
-        (Some(m), _) => format!(
-            "its metadata.json records {} snapshot(s) uploaded and the WAL shipped to {}",
-            m.snapshots.len(),
-            m.last
-        ),
-        (None, Some(l)) if l.segments.is_empty() => return Ok(()),
-        (None, Some(l)) => match l.in_log {
-            0 => format!("{} WAL segment(s) of it are present", l.segments.len()),
-            n => format!(
-                "{} WAL segment(s) of it are present ({n} of them in the fleet log)",
-                l.segments.len()
-            ),
-        },
-        (None, None) => unreachable!("listed whenever there is no metadata"),
-    };
-    if let (Some(copy), Some(l)) = (later_copy, &lost) {
+    if let (Some(copy), Some(l)) = (later_copy, &traces) {
         if l.superseded_by(copy) {
             tracing::warn!(
                 key,
@@ -1475,11 +1494,18 @@ async fn lost_snapshot(
 struct GenerationTraces {
     meta: Option<Metadata>,
     segments: Vec<SegmentObject>,
-    /// How many of `segments` are parts in the fleet log.
-    in_log: usize,
 }
 
 impl GenerationTraces {
+    /// How many of the segments are parts in the fleet log (read by
+    /// range, `whole: false`).
+    fn in_log(&self) -> usize {
+        self.segments
+            .iter()
+            .filter(|s| s.part.as_ref().is_some_and(|p| !p.whole))
+            .count()
+    }
+
     /// Lists what is left of generation `id` beside its `meta` (read
     /// already): the log first, as [`plan_latest`] does, and again when a
     /// log object was consolidated before its index was read.
@@ -1490,21 +1516,8 @@ impl GenerationTraces {
         meta: Option<Metadata>,
     ) -> Result<GenerationTraces> {
         for _ in 0..=LOG_RELISTS {
-            let log = pack::list_log(replica).await?;
-            let mut segments = list_segments(replica, key, id).await?;
-            if let Some(parts) = log_segments(replica, &log, key, id).await? {
-                segments.extend(parts);
-                let segments = dedup_segments(segments);
-                // Parts of the log are read by range (`whole: false`).
-                let in_log = segments
-                    .iter()
-                    .filter(|s| s.part.as_ref().is_some_and(|p| !p.whole))
-                    .count();
-                return Ok(GenerationTraces {
-                    meta,
-                    segments,
-                    in_log,
-                });
+            if let Some(segments) = all_segments(replica, key, id, true).await? {
+                return Ok(GenerationTraces { meta, segments });
             }
         }
         Err(Error::invalid(
@@ -1658,13 +1671,24 @@ impl<'a> Replay<'a> {
     }
 }
 
-/// Writes (replaces) the generation's `metadata.json`.
+/// Writes (replaces) the generation's `metadata.json`, unconditionally
+/// (the stream writes through [`write_metadata_over`]).
 pub async fn write_metadata(replica: &Replica, key: &str, meta: &Metadata) -> Result<()> {
+    let (location, json) = metadata_object(replica, key, meta)?;
+    replica.put_bytes(&location, json).await
+}
+
+/// Where `meta` is written for `key`, and its bytes.
+fn metadata_object(
+    replica: &Replica,
+    key: &str,
+    meta: &Metadata,
+) -> Result<(ObjPath, bytes::Bytes)> {
     check_key(key)?;
     let location = metadata_path(&replica.prefix, key, &meta.generation);
     let json = serde_json::to_vec_pretty(meta)
         .map_err(|e| Error::invalid(&location, format!("serializing: {e}")))?;
-    replica.put_bytes(&location, json).await
+    Ok((location, json.into()))
 }
 
 /// What the writer of a generation's `metadata.json` knows of the object:
@@ -1691,19 +1715,15 @@ pub enum MetadataVersion {
 /// because the object changed (a late write of ours landed) reads it and
 /// writes again, up to `METADATA_WRITES` times. On `file://` a write is
 /// complete when the call returns, so none lands late: written as any
-/// object. A store that gives no version cannot be written conditionally.
+/// object. Conditional writes are those the replica lease stands on: a
+/// store without them holds no lease.
 pub async fn write_metadata_over(
     replica: &Replica,
     key: &str,
     meta: &Metadata,
     version: &mut MetadataVersion,
 ) -> Result<()> {
-    check_key(key)?;
-    let location = metadata_path(&replica.prefix, key, &meta.generation);
-    let json = bytes::Bytes::from(
-        serde_json::to_vec_pretty(meta)
-            .map_err(|e| Error::invalid(&location, format!("serializing: {e}")))?,
-    );
+    let (location, json) = metadata_object(replica, key, meta)?;
     if replica.local_root().is_some() {
         return replica.put_bytes(&location, json).await;
     }
@@ -1714,12 +1734,6 @@ pub async fn write_metadata_over(
             MetadataVersion::Known(v) => Some(v),
             MetadataVersion::Unknown => replica.get_versioned(&location).await?.map(|(_, v)| v),
         };
-        if expected
-            .as_ref()
-            .is_some_and(|v| v.e_tag.is_none() && v.version.is_none())
-        {
-            return replica.put_bytes(&location, json).await;
-        }
         if let Some(v) = replica
             .put_bytes_over(&location, json.clone(), expected.as_ref())
             .await?

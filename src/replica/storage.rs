@@ -1024,38 +1024,21 @@ impl Replica {
     }
 
     /// Writes `location` under the fence, only over version `expected`
-    /// (S3 `If-Match`), or only where nothing is (`None`: `If-None-Match:
-    /// *`): a request the store applies late, after a newer write, is
-    /// refused there. `Ok(None)`: the object is not at that version, nothing
-    /// was written. The version written has no ETag when the store gives
-    /// none. For objects a writer rewrites (a generation's metadata), on a
-    /// store other than `file://`.
+    /// ([`Replica::put_if_match`]), or only where nothing is (`None`:
+    /// [`Replica::put_if_absent`]): a request the store applies late, after
+    /// a newer write, is refused there. `Ok(None)`: the object is not at
+    /// that version, nothing was written. For objects a writer rewrites (a
+    /// generation's metadata); the lease's own writes are not fenced.
     pub async fn put_bytes_over(
         &self,
         location: &ObjPath,
         bytes: Bytes,
         expected: Option<&UpdateVersion>,
     ) -> Result<Option<UpdateVersion>> {
-        let mode = match expected {
-            None => PutMode::Create,
-            Some(v) => PutMode::Update(v.clone()),
-        };
-        let opts = PutOptions {
-            mode,
-            ..Default::default()
-        };
         self.fenced(location, async {
-            match self.store.put_opts(location, bytes.into(), opts).await {
-                Ok(r) => Ok(Some(UpdateVersion {
-                    e_tag: r.e_tag,
-                    version: r.version,
-                })),
-                Err(
-                    object_store::Error::AlreadyExists { .. }
-                    | object_store::Error::Precondition { .. }
-                    | object_store::Error::NotFound { .. },
-                ) => Ok(None),
-                Err(e) => Err(Error::store(location, e)),
+            match expected {
+                None => self.put_if_absent(location, bytes).await,
+                Some(v) => self.put_if_match(location, bytes, v).await,
             }
         })
         .await

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::fleet::{age, count_rows, create_db};
+use common::fleet::{age, count_rows, create_db, insert_rows};
 use common::{litefleet, stderr};
 use litefleet::daemon::scheduler::Replicator;
 use litefleet::source::config::Loaded;
@@ -142,6 +142,27 @@ async fn cold_snapshots_replicate_and_restore() {
     let out = f.work.path().join("out.db");
     for (i, t) in ["a", "b", "c"].iter().enumerate() {
         assert_eq!(f.restore(t, None, &out), Ok(10 * (i as i64 + 1)), "{t}");
+    }
+    // Uploads that replace an object of the same hour name the version
+    // they replace: the one this replicator wrote (`a`), or, after a
+    // restart that forgot it, the one a HEAD finds (`b`). An hour may
+    // begin in between; then they are new names, written as such.
+    let grow = |t: &str| {
+        let c = rusqlite::Connection::open(f.db(t)).unwrap();
+        insert_rows(&c, 5);
+        drop(c);
+        age(&f.db(t));
+    };
+    grow("a");
+    let report = r.cycle(&CancellationToken::new()).await;
+    assert_eq!((report.uploaded, report.failed), (1, 0), "{report:?}");
+    drop(r);
+    grow("b");
+    let r = Replicator::new(f.loaded()).unwrap();
+    let report = r.cycle(&CancellationToken::new()).await;
+    assert_eq!((report.uploaded, report.failed), (1, 0), "{report:?}");
+    for (t, rows) in [("a", 15), ("b", 25), ("c", 30)] {
+        assert_eq!(f.restore(t, None, &out), Ok(rows), "{t}");
     }
 }
 

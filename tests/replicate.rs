@@ -641,3 +641,102 @@ both_backends!(
         f.assert_restores(&keys, 3).await;
     }
 );
+
+/// A cold snapshot's PUT that the store applies late, after the client gave
+/// up on it and after a newer snapshot of the same hour was uploaded and
+/// recorded, is refused there: the replica keeps the newer copy. Before,
+/// the older copy landed over it, and the database restored without its
+/// last writes until the upload once more after a failed one
+/// (`Tracker::doubt`) put it back, a scan later; a write the store applied
+/// later than that stayed. S3 only: a `file://` write is complete when it
+/// returns.
+#[tokio::test]
+async fn a_snapshot_applied_late_never_lands_over_a_newer_one() {
+    use common::stores::{HeldPut, HeldPuts};
+    use litefleet::daemon::scheduler::Replicator;
+    // An hour can begin between the two uploads, which are then named
+    // apart and nothing is replaced; two hours cannot.
+    for (attempt, t) in ["acme", "bolt"].into_iter().enumerate() {
+        let f = Fleet::with_yaml(common::fleet::Backend::S3, "  max-hot-databases: 0\n").await;
+        let path = f.db_path("p1", "orders", t);
+        drop(create_db(&path, 10));
+        age(&path);
+        let held = std::sync::Arc::new(HeldPuts::new(
+            f.replica().store.clone(),
+            HeldPut::new(".db.lz4", 1),
+        ));
+        let rep =
+            Replicator::with_replica(f.loaded(), f.replica().with_store(held.clone())).unwrap();
+        let token = CancellationToken::new();
+        let r = rep.cycle(&token).await;
+        assert_eq!((r.uploaded, r.failed), (0, 1), "the upload is held: {r:?}");
+        let c = rusqlite::Connection::open(&path).unwrap();
+        insert_rows(&c, 5);
+        drop(c);
+        age(&path);
+        let r = rep.cycle(&token).await;
+        assert_eq!((r.uploaded, r.failed), (1, 0), "{r:?}");
+        let newer = f.objects().await;
+        let answers = held.apply_held().await;
+        assert_eq!(answers.len(), 1);
+        if newer.iter().any(|n| n.ends_with(".db.lz4")) && f.objects().await != newer {
+            // The held copy was named for another hour.
+            assert_eq!(attempt, 0, "two hours began during the test");
+            continue;
+        }
+        assert!(answers[0].is_err(), "the late write was applied");
+        f.assert_restores(&[Fleet::key("p1", "orders", t)], 15)
+            .await;
+        // The upload after a failed one is done once more (`Tracker::doubt`),
+        // then the database is idle.
+        assert_eq!(rep.cycle(&token).await.uploaded, 1);
+        let r = rep.cycle(&token).await;
+        assert_eq!((r.uploaded, r.scan.pending), (0, 0), "{r:?}");
+        f.assert_restores(&[Fleet::key("p1", "orders", t)], 15)
+            .await;
+        return;
+    }
+}
+
+/// The writes of one replaced object on S3 ([`Replica::put_replacing`]):
+/// the first creates it, each later one names the version the last made;
+/// a late write landing between two of ours makes the next one read the
+/// version there and write over it; a late write landing after a newer one
+/// is refused.
+#[tokio::test]
+async fn replacing_writes_name_what_they_replace() {
+    use common::stores::{HeldPut, HeldPuts};
+    let f = Fleet::new(common::fleet::Backend::S3).await;
+    let r = f.replica();
+    // Each holds the next PUT of the object; both share `r`'s memory of
+    // the versions written.
+    let holding = || {
+        let held = std::sync::Arc::new(HeldPuts::new(r.store.clone(), HeldPut::new("x.db.lz4", 1)));
+        (held.clone(), r.clone().with_store(held))
+    };
+    let loc = object_store::path::Path::from("fleet/k/x.db.lz4");
+    let body = |n: u8| bytes::Bytes::from(vec![n; 8]);
+    let now = || async { r.get_bytes(&loc).await.unwrap().unwrap() };
+    // Held, then applied before the next write: that write finds it there.
+    let (held, late) = holding();
+    late.put_replacing(&loc, body(1)).await.unwrap_err();
+    assert!(held.apply_held().await[0].is_ok());
+    late.put_replacing(&loc, body(2)).await.unwrap();
+    assert_eq!(now().await, body(2));
+    // Held, then applied after a newer write: refused.
+    let (held, late) = holding();
+    late.put_replacing(&loc, body(3)).await.unwrap_err();
+    late.put_replacing(&loc, body(4)).await.unwrap();
+    assert!(held.apply_held().await[0].is_err(), "the late write landed");
+    assert_eq!(now().await, body(4));
+    // Someone else's write in between: read and written over.
+    r.put_bytes(&loc, body(5)).await.unwrap();
+    r.put_replacing(&loc, body(6)).await.unwrap();
+    assert_eq!(now().await, body(6));
+    // The version written is remembered: the next write is one request.
+    let s3 = f.s3.as_ref().unwrap();
+    let requests = s3.request_count();
+    r.put_replacing(&loc, body(7)).await.unwrap();
+    assert_eq!(s3.request_count() - requests, 1);
+    assert_eq!(now().await, body(7));
+}

@@ -953,14 +953,16 @@ fn damaged_copy(db: &Path, e: Error) -> Error {
 
 impl Snapshot {
     /// Uploads the snapshot to `location` (one PUT, or a multipart upload
-    /// for a large staged file); returns the compressed size.
+    /// for a large staged file), replacing the object of its hour there
+    /// only if it is the one our last upload wrote
+    /// ([`Replica::put_replacing`]); returns the compressed size.
     pub async fn upload(&self, replica: &Replica, location: &ObjPath) -> Result<u64> {
         match &self.staged {
             Staged::Memory(b) => {
-                replica.put_bytes(location, b.clone()).await?;
+                replica.put_replacing(location, b.clone()).await?;
                 Ok(b.len() as u64)
             }
-            Staged::File(f) => replica.upload_file(location, f).await,
+            Staged::File(f) => replica.upload_file_replacing(location, f).await,
         }
     }
 

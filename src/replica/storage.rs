@@ -57,6 +57,11 @@
 //! Small coordination objects (the replica lease, see [`crate::replica::lease`]) need
 //! compare-and-swap: [`Replica::put_if_absent`], [`Replica::put_if_match`],
 //! [`Replica::delete_if_match`], with versions read by [`Replica::get_versioned`].
+//! Objects written again under the same name (a generation's metadata, a
+//! cold snapshot within its hour) are written over the version the last
+//! write made, so a write the store applies late is refused rather than
+//! landing over a newer one ([`Replica::put_bytes_over`],
+//! [`Replica::put_replacing`]).
 //!
 //! * **S3**: the client is built with `S3ConditionalPut::ETagMatch` (already
 //!   object_store 0.14's default; set explicitly so an `AWS_CONDITIONAL_PUT`
@@ -444,7 +449,58 @@ pub struct Replica {
     /// filesystem makes small objects durable a batch at a time
     /// ([`Replica::local_batch`], [`batch_device`]).
     batch_device: Option<u64>,
+    /// Not `file://`: the versions the last writes of objects that are
+    /// written again made ([`Replica::put_replacing`]).
+    written: Arc<WrittenVersions>,
 }
+
+/// The versions (ETags) the last writes of objects that litefleet writes
+/// again under the same name (a cold snapshot, replaced by every upload
+/// within its hour) made, so the next write can name the version it
+/// replaces ([`Replica::put_replacing`]). At most [`REMEMBERED_VERSIONS`]:
+/// when full it starts again empty. A name not remembered costs its next
+/// write one refused PUT and one HEAD, never its condition.
+#[derive(Debug, Default)]
+struct WrittenVersions(std::sync::Mutex<std::collections::HashMap<ObjPath, UpdateVersion>>);
+
+/// Versions [`WrittenVersions`] keeps, about 150 bytes each (the name and
+/// its ETag), so at most ~600 KiB: the databases of a fleet that change
+/// more than once within an hour (250 of 100,000 in the README's cost
+/// example) fit many times over, while a first backup of the whole fleet
+/// (one write per name, none replaced) only refills it.
+const REMEMBERED_VERSIONS: usize = 4096;
+
+impl WrittenVersions {
+    fn get(&self, location: &ObjPath) -> Option<UpdateVersion> {
+        lock_versions(&self.0).get(location).cloned()
+    }
+
+    fn set(&self, location: &ObjPath, version: Option<UpdateVersion>) {
+        let mut map = lock_versions(&self.0);
+        match version {
+            None => {
+                map.remove(location);
+            }
+            Some(v) => {
+                if map.len() >= REMEMBERED_VERSIONS && !map.contains_key(location) {
+                    map.clear();
+                }
+                map.insert(location.clone(), v);
+            }
+        }
+    }
+}
+
+fn lock_versions<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding it leaves a map that is still a valid memory.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes of one replaced object refused in a row before the writer gives
+/// up ([`Replica::put_replacing`]): each refusal is a late write of ours
+/// landing (one per write whose answer was lost), so more than a few means
+/// another writer.
+const REPLACING_WRITES: usize = 4;
 
 impl std::fmt::Display for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -507,6 +563,7 @@ impl Replica {
                     durable_dirs: Arc::default(),
                     direct: true,
                     batch_device: batch_device(dir),
+                    written: Arc::default(),
                 })
             }
             ReplicaUrl::S3 { bucket, prefix } => {
@@ -598,6 +655,7 @@ impl Replica {
                     durable_dirs: Arc::default(),
                     direct: false,
                     batch_device: None,
+                    written: Arc::default(),
                 })
             }
         }
@@ -702,6 +760,88 @@ impl Replica {
         w.finish().await.map_err(|e| Error::store(ctx(), e))?;
         self.sync_local(location).await?;
         Ok(sent)
+    }
+
+    /// Uploads `bytes` as an object that later writes replace under the
+    /// same name (a cold snapshot: every upload within its hour replaces
+    /// that hour's object). On S3 each such write names what it replaces:
+    /// the version the last write of ours made (`If-Match`), or no object
+    /// at all (`If-None-Match: *`). So a write the store applies late,
+    /// after the client gave up on it (its answer lost to a timeout, the
+    /// request held up on the way) and after a newer snapshot was uploaded
+    /// and recorded, is refused there, instead of putting the older copy
+    /// back over the newer one, where a database that stays idle would
+    /// keep it. A write refused because the object is not at the version
+    /// named (a late write of ours landed first, or the name is not
+    /// remembered, of the last 4,096 written) reads the version there (HEAD) and
+    /// writes again, up to 4 times in a row. The conditions are
+    /// those the replica lease stands on. On `file://` a write is complete
+    /// when it returns, so none lands late: written as
+    /// [`Replica::put_bytes`] writes.
+    pub async fn put_replacing(&self, location: &ObjPath, bytes: Bytes) -> Result<()> {
+        self.fenced(location, self.put_replacing_unfenced(location, bytes))
+            .await
+    }
+
+    async fn put_replacing_unfenced(&self, location: &ObjPath, bytes: Bytes) -> Result<()> {
+        if self.local.is_some() {
+            return self.put_whole(location, bytes).await;
+        }
+        let mut expected = self.written.get(location);
+        for _ in 0..REPLACING_WRITES {
+            let written = match &expected {
+                None => self.put_if_absent(location, bytes.clone()).await?,
+                Some(v) => self.put_if_match(location, bytes.clone(), v).await?,
+            };
+            if let Some(v) = written {
+                self.written.set(location, Some(v));
+                return Ok(());
+            }
+            expected = self.version_of(location).await?;
+        }
+        Err(Error::invalid(
+            location,
+            format!(
+                "changed under its writer {REPLACING_WRITES} times in a row: another process \
+                 writes this object"
+            ),
+        ))
+    }
+
+    /// [`Replica::upload_file`] for an object that later writes replace
+    /// under the same name ([`Replica::put_replacing`]): up to
+    /// [`UPLOAD_PART`] it is one conditional PUT. A larger one is uploaded
+    /// in parts, which object_store cannot make conditional, so its
+    /// completion can still land late (the README says so).
+    pub async fn upload_file_replacing(&self, location: &ObjPath, file: &Path) -> Result<u64> {
+        self.fenced(location, async {
+            if self.local.is_some() {
+                return self.upload_file_unfenced(location, file).await;
+            }
+            let len = tokio::fs::metadata(file).await.at(file)?.len();
+            if len <= UPLOAD_PART as u64 {
+                let bytes = tokio::fs::read(file).await.at(file)?;
+                self.put_replacing_unfenced(location, bytes.into()).await?;
+                return Ok(len);
+            }
+            // Whatever version is remembered, this upload replaces it.
+            self.written.set(location, None);
+            self.upload_file_unfenced(location, file).await
+        })
+        .await
+    }
+
+    /// The version of the object at `location` (one HEAD), for a
+    /// conditional write over it; `None` if there is none.
+    async fn version_of(&self, location: &ObjPath) -> Result<Option<UpdateVersion>> {
+        match read_retrying(|| self.store.head(location)).await {
+            Ok(m) => Ok(Some(UpdateVersion {
+                e_tag: m.e_tag,
+                version: m.version,
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store(location, e)),
+        }
     }
 
     /// For a `file://` replica, `fsync`s the object at `location` and makes
@@ -2129,6 +2269,29 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    /// The versions remembered for replaced objects stay bounded: full, the
+    /// memory starts again empty, and a name written again keeps its place.
+    #[test]
+    fn remembered_versions_are_bounded() {
+        let w = WrittenVersions::default();
+        let v = |n: usize| UpdateVersion {
+            e_tag: Some(format!("\"{n}\"")),
+            version: None,
+        };
+        let name = |n: usize| ObjPath::from(format!("k/{n}.db.lz4"));
+        for n in 0..REMEMBERED_VERSIONS {
+            w.set(&name(n), Some(v(n)));
+        }
+        w.set(&name(0), Some(v(7)));
+        assert_eq!(w.get(&name(0)), Some(v(7)));
+        assert_eq!(lock_versions(&w.0).len(), REMEMBERED_VERSIONS);
+        w.set(&name(REMEMBERED_VERSIONS), Some(v(1)));
+        assert_eq!(lock_versions(&w.0).len(), 1);
+        assert_eq!(w.get(&name(1)), None);
+        w.set(&name(REMEMBERED_VERSIONS), None);
+        assert_eq!(w.get(&name(REMEMBERED_VERSIONS)), None);
+    }
     use super::*;
 
     /// A request timed out says how much one upload request sends, the

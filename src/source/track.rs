@@ -747,7 +747,9 @@ impl Tracker {
     /// upload of the same hour's object and put the older state back
     /// (black-box probe: restore returned it with exit 0, nothing pending).
     /// The next successful upload is then recorded as "almost synced", so
-    /// the scan after it uploads once more.
+    /// the scan after it uploads once more. (On S3 a snapshot sent in one
+    /// PUT is also conditional on what it replaces, which refuses a late
+    /// write whenever it lands: the replica's `put_replacing`.)
     pub fn doubt(&mut self, id: Id) {
         self.entries[id as usize].flags |= DOUBT;
     }

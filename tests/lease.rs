@@ -585,6 +585,32 @@ async fn a_store_ignoring_conditional_writes_fails_the_check() {
     }
 }
 
+/// A store fault on one of the check's writes (a 503 after the client's
+/// own retries, a reset connection) is tried again rather than failing the
+/// start (black-box probe D26); a store that keeps failing still fails it,
+/// naming the store's error, not an ignored condition.
+#[tokio::test]
+async fn the_conditional_write_check_rides_out_a_store_fault() {
+    use std::sync::atomic::Ordering;
+    let f = Fleet::new(common::fleet::Backend::S3).await;
+    let (r, lost) = with_lost_puts(&f);
+    let mut a = Lease::acquire(&r, Utc::now()).await.unwrap();
+    // Two faults on the first write (`If-None-Match: *`), then two on the
+    // second (`If-Match`).
+    for faults in [&lost.rewrite.failing_puts, &lost.rewrite.failing_updates] {
+        faults.store(2, Ordering::SeqCst);
+        a.check_conditional_writes().await.unwrap();
+        assert_eq!(faults.load(Ordering::SeqCst), 0);
+    }
+    lost.rewrite.failing_puts.store(100, Ordering::SeqCst);
+    let e = a.check_conditional_writes().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("503 Slow Down"), "{msg}");
+    assert!(!msg.contains("ignores conditional writes"), "{msg}");
+    lost.rewrite.failing_puts.store(0, Ordering::SeqCst);
+    a.release().await.unwrap();
+}
+
 /// A `file://` replica's compare-and-swap is litefleet's own: the check
 /// sends nothing and passes.
 #[tokio::test]

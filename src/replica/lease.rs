@@ -129,7 +129,38 @@ const ACQUIRE_ATTEMPTS: usize = 3;
 /// that follows it (black-box probe M21).
 const RENEW_ATTEMPTS: usize = 3;
 
-/// What the lease object holds (JSON).
+/// Attempts of one write of the conditional-write check
+/// ([`Lease::check_conditional_writes`]) while it fails without an answer.
+const CHECK_ATTEMPTS: u32 = 3;
+/// Wait before the second attempt, doubled for the third.
+const CHECK_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Sends `write`, one write of the conditional-write check, up to
+/// [`CHECK_ATTEMPTS`] times while it fails without an answer about the
+/// object (a reset connection, a 5xx after the client's own retries): one
+/// such fault failed the start (black-box probe D26). Sending it again
+/// changes nothing the check finds: a store that honours the condition
+/// refuses every attempt, one that ignores it applies each.
+async fn check_write<F, Fut>(mut write: F) -> Result<Option<UpdateVersion>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<UpdateVersion>>>,
+{
+    let mut n = 1;
+    loop {
+        match write().await {
+            Err(Error::Store { ref source, .. })
+                if n < CHECK_ATTEMPTS && crate::replica::storage::is_transient(source) =>
+            {
+                tokio::time::sleep(CHECK_BACKOFF * 2u32.pow(n - 1)).await;
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// What the lease object holds (JSON)./// What the lease object holds (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
     /// Unique to one acquisition: `host:pid:start-nanos:counter`.
@@ -389,17 +420,14 @@ impl Lease {
             e_tag: Some(NO_SUCH_ETAG.to_string()),
             version: None,
         };
-        let ignored = if let Some(v) = self
-            .replica
-            .put_if_absent(&self.location, body.clone())
-            .await?
+        let (replica, location) = (&self.replica, &self.location);
+        let ignored = if let Some(v) =
+            check_write(|| replica.put_if_absent(location, body.clone())).await?
         {
             self.version = v;
             "a create conditional on no object existing (If-None-Match: *) replaced the existing lease"
-        } else if let Some(v) = self
-            .replica
-            .put_if_match(&self.location, body, &no_such)
-            .await?
+        } else if let Some(v) =
+            check_write(|| replica.put_if_match(location, body.clone(), &no_such)).await?
         {
             self.version = v;
             "a write conditional on an ETag the lease does not have (If-Match) was applied"

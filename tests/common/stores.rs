@@ -48,6 +48,10 @@ pub trait Rewrite: Send + Sync + fmt::Debug + 'static {
     fn prefixes_with_objects_only(&self) -> bool {
         false
     }
+    /// An error in place of sending a conditional PUT of `location`, if any.
+    fn fail_put(&self, _location: &ObjPath, _opts: &PutOptions) -> Option<object_store::Error> {
+        None
+    }
     /// Whether to hold this PUT back rather than send it (see [`HeldPut`]).
     fn hold(&self, _location: &ObjPath, _payload: &PutPayload, _opts: &PutOptions) -> bool {
         false
@@ -63,13 +67,17 @@ pub trait Rewrite: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Answers the next `left` successful conditional PUTs with 412, the next
-/// `timed_out` ones with a timeout (both applied), and fails the next
-/// `failing_gets` GETs as a store answering 503 would.
+/// `timed_out` ones with a timeout (both applied), fails the next
+/// `failing_gets` GETs as a store answering 503 would, and the next
+/// `failing_puts` conditional PUTs the same way (not applied), or only
+/// those with `If-Match` (`failing_updates`).
 #[derive(Debug, Default)]
 pub struct LostPut {
     pub left: AtomicU64,
     pub timed_out: AtomicU64,
     pub failing_gets: AtomicU64,
+    pub failing_puts: AtomicU64,
+    pub failing_updates: AtomicU64,
 }
 
 /// Takes one from `n` if it is above zero.
@@ -79,6 +87,18 @@ fn take_one(n: &AtomicU64) -> bool {
 }
 
 impl Rewrite for LostPut {
+    fn fail_put(&self, location: &ObjPath, opts: &PutOptions) -> Option<object_store::Error> {
+        let update = matches!(opts.mode, object_store::PutMode::Update(_));
+        let fail = take_one(&self.failing_puts) || (update && take_one(&self.failing_updates));
+        fail.then(|| object_store::Error::Generic {
+            store: "test",
+            source: format!(
+                "{location}: Server returned non-2xx status code: 503 Slow Down (injected)"
+            )
+            .into(),
+        })
+    }
+
     fn fail_get(&self, location: &ObjPath) -> Option<object_store::Error> {
         take_one(&self.failing_gets).then(|| object_store::Error::Generic {
             store: "test",
@@ -275,6 +295,12 @@ impl<R: Rewrite> ObjectStore for Wrapped<R> {
             });
         }
         let conditional = !matches!(opts.mode, object_store::PutMode::Overwrite);
+        if let Some(e) = conditional
+            .then(|| self.rewrite.fail_put(location, &opts))
+            .flatten()
+        {
+            return Err(e);
+        }
         let r = self.inner.put_opts(location, payload, opts).await;
         if conditional {
             self.rewrite.conditional_put(location, r)

@@ -58,6 +58,10 @@ const SCAN_INTERVAL_MS: i64 = 500;
 /// upload queued behind others).
 const MARGIN_MS: i64 = 4000;
 
+/// What a start that takes over a deleted lease waits before it writes:
+/// the harness's `lease-ttl` (6 s) less its margin (a quarter).
+const TAKEOVER_WAIT_MS: i64 = 4_500;
+
 /// How long a commit may take to reach the replica outside crash and fault
 /// windows: a scan to notice the database, a sync to ship it, and a margin.
 fn lag() -> i64 {
@@ -401,7 +405,9 @@ async fn run(backend: Backend, seed: u64) -> Tally {
                 tokio::time::sleep(rng.range_ms(0, 1000)).await;
                 rep.start().await;
                 restarts.push(now_ms());
-                windows.push((from, now_ms() + lag()));
+                // A deleted lease may have had a live holder: the restart
+                // writes nothing for `lease-ttl` less its margin.
+                windows.push((from, now_ms() + TAKEOVER_WAIT_MS + lag()));
             }
         }
     }

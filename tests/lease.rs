@@ -60,11 +60,13 @@ both_backends!(after_release_acquire_succeeds, |b| async move {
     let r = f.replica();
     let a = Lease::acquire(&r, t0()).await.unwrap();
     a.release_at(t0() + secs(5)).await.unwrap();
-    assert!(Lease::current(&r).await.unwrap().is_none());
+    let left = Lease::current(&r).await.unwrap().unwrap();
+    assert!(left.released && left.expires <= t0() + secs(5), "{left:?}");
     let b2 = Lease::acquire(&r, t0() + secs(6)).await.unwrap();
     assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *b2.record());
+    assert_eq!(b2.takeover_wait(), Duration::ZERO);
 
-    // Released close to expiry: marked expired instead of deleted, and the
+    // Released close to expiry: marked expired the same way, and the
     // next acquirer takes it over at once.
     b2.release_at(t0() + secs(60)).await.unwrap();
     let left = Lease::current(&r).await.unwrap().unwrap();
@@ -113,7 +115,7 @@ both_backends!(
         assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *b2.record());
         b2.renew_at(t0() + secs(100)).await.unwrap();
         b2.release_at(t0() + secs(101)).await.unwrap();
-        assert!(Lease::current(&r).await.unwrap().is_none());
+        assert!(Lease::current(&r).await.unwrap().unwrap().released);
     }
 );
 
@@ -211,7 +213,7 @@ both_backends!(
         let renewer = spawn_renewer(lease, token.clone());
         renewer.release().await.unwrap();
         assert!(!token.is_cancelled());
-        assert!(Lease::current(&r).await.unwrap().is_none());
+        assert!(Lease::current(&r).await.unwrap().unwrap().released);
     }
 );
 
@@ -621,3 +623,71 @@ async fn a_file_replica_passes_the_conditional_write_check() {
     a.check_conditional_writes().await.unwrap();
     a.release().await.unwrap();
 }
+
+// A lease that was deleted (on a replica where a replicator ran), or that
+// expired without being released, may have a holder that still runs: its
+// lease was deleted or edited by hand. The new holder writes nothing until
+// such a holder's fence has closed (black-box probe H27: a second
+// replicator took the deleted lease at once, the first went on uploading
+// for 4-10 s, and a restore returned the other database's rows, exit 0).
+// A new replica, and a lease released at a clean stop, need no wait.
+both_backends!(
+    a_lease_its_holder_did_not_release_is_written_under_only_after_a_wait,
+    |b| async move {
+        use litefleet::replica::identity::{self, Identity};
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let ttl = Duration::from_secs(3);
+        let fenced_for = ttl - ttl / 4;
+        let acquire = || Lease::acquire_with_ttl(&r, Utc::now(), ttl);
+        // A new replica.
+        let a = acquire().await.unwrap();
+        assert_eq!(a.takeover_wait(), Duration::ZERO);
+        a.release().await.unwrap();
+        // Released at a clean stop.
+        let a = acquire().await.unwrap();
+        assert_eq!(a.takeover_wait(), Duration::ZERO);
+        identity::write(&r, &Identity::new()).await.unwrap();
+        // Deleted by hand while its holder runs: the holder renews every
+        // ttl/3 and stops writing at once when it finds the lease changed,
+        // or when its fence runs out (ttl - margin after its last renewal).
+        let token = CancellationToken::new();
+        let fence = a.fence();
+        let renewer = spawn_renewer(a, token.clone());
+        r.store.delete(&lease_path(&r)).await.unwrap();
+        let b2 = acquire().await.unwrap();
+        assert_eq!(b2.takeover_wait(), fenced_for);
+        assert!(fence.is_open(), "the old holder has not noticed yet");
+        tokio::time::sleep(b2.takeover_wait()).await;
+        assert!(!fence.is_open(), "the old holder still writes");
+        assert!(matches!(renewer.stop().await, Err(Error::LeaseLost { .. })));
+        assert!(token.is_cancelled());
+        // Edited to look expired: the wait counts from the edit.
+        let edited = Lease::current(&r).await.unwrap().unwrap();
+        let mut old = edited.clone();
+        old.expires = t0();
+        r.store
+            .put(
+                &lease_path(&r),
+                PutPayload::from(serde_json::to_vec(&old).unwrap()),
+            )
+            .await
+            .unwrap();
+        let c = acquire().await.unwrap();
+        let wait = c.takeover_wait();
+        assert!(wait > fenced_for / 2 && wait <= fenced_for, "{wait:?}");
+        drop(b2);
+        // Expired long ago (a holder that died): no wait.
+        if let Some(root) = r.local_root() {
+            let mut dead = Lease::current(&r).await.unwrap().unwrap();
+            dead.expires = t0();
+            let path = root.join(LEASE_OBJECT);
+            std::fs::write(&path, serde_json::to_vec(&dead).unwrap()).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(std::time::SystemTime::now() - ttl * 2)
+                .unwrap();
+            let d = acquire().await.unwrap();
+            assert_eq!(d.takeover_wait(), Duration::ZERO);
+        }
+    }
+);

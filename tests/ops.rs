@@ -172,17 +172,21 @@ async fn ops_endpoint_reports_and_never_leaks_credentials() {
 /// uploads everything and every database restores with all its rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_upload_then_restart_loses_nothing() {
-    let f = Fleet::new(Backend::S3).await;
+    let mut f = Fleet::new(Backend::S3).await;
+    f.top_yaml = "    lease-ttl: 8s\n".into();
     let n = 8;
     for i in 0..n {
         drop(create_db(&f.db_path("p", "d", &format!("t{i}")), 3 + i));
     }
     f.s3().set_fault(Fault::Delay(Duration::from_millis(400)));
     let d = Daemon::start(&f, &["replicate"]);
-    // Two requests take the lease (GET, conditional PUT), one lists the
-    // fleet log an earlier run may have left; the rest are uploads.
+    // Six requests take the lease and check the start (GET, a GET of the
+    // replica's identity, conditional PUT, two refused conditional PUTs, a
+    // HEAD for an enclosing replica root), one lists the fleet log an
+    // earlier run may have left, two read and write the replica's
+    // identity; the rest are uploads.
     until("an upload on the wire", async || {
-        f.s3().request_count() >= 4
+        f.s3().request_count() >= 10
     })
     .await;
     d.signal("-KILL");
@@ -191,7 +195,7 @@ async fn sigkill_mid_upload_then_restart_loses_nothing() {
     f.s3().set_fault(Fault::None);
 
     // The dead process's lease is still valid: a restart is refused until it
-    // expires (TTL 60 s) ...
+    // expires (TTL 8 s, renewed every 2.7 s) ...
     let d = Daemon::start(&f, &["replicate", "--once"]);
     let (code, log) = d.wait().await;
     assert_eq!(code, Some(1), "{log}");
@@ -203,6 +207,16 @@ async fn sigkill_mid_upload_then_restart_loses_nothing() {
     let d = Daemon::start(&f, &["replicate", "--once"]);
     let (code, log) = d.wait().await;
     assert_eq!(code, Some(0), "{log}");
+    // A lease deleted by hand may have had a live holder: the start writes
+    // nothing until such a holder's fence has closed (`ttl - margin`).
+    let at = |what: &str| {
+        let line = log.lines().find(|l| l.contains(what)).expect(what);
+        let stamp = line.split_whitespace().next().unwrap();
+        chrono::DateTime::parse_from_rfc3339(stamp).expect(stamp)
+    };
+    let waited =
+        at("uploaded snapshot") - at("took over a replica lease its holder did not release");
+    assert!(waited >= chrono::Duration::seconds(6), "{waited:?}: {log}");
     // Staging files of the killed run were swept at start; this run's are gone.
     let staged: Vec<_> = walk_files(&f.work.path().join("tmp"));
     assert!(staged.is_empty(), "{staged:?}");

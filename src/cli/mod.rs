@@ -1043,7 +1043,21 @@ async fn run(cli: Cli) -> Result<()> {
             // /healthz says so while it is stopped).
             let fence = lease.fence();
             let replica = replica.with_fence(fence.clone());
+            let wait = lease.takeover_wait();
             let renewer = crate::replica::lease::spawn_renewer(lease, token.clone());
+            if !wait.is_zero() {
+                tracing::warn!(
+                    wait_secs = wait.as_secs(),
+                    "took over a replica lease its holder did not release (it expired, or was deleted or edited by hand): writing nothing until a holder that may still run has found it lost and stopped"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = token.cancelled() => {
+                        // Stopped, or the lease lost meanwhile (the error says so).
+                        return renewer.release().await;
+                    }
+                }
+            }
             // The endpoint outlives the loop's drain, so /healthz answers
             // while in-flight uploads finish; it stops after `run` returns.
             let ops_stop = CancellationToken::new();

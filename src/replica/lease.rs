@@ -56,16 +56,24 @@
 //!   timeout, a connection lost after sending) reads the lease back before
 //!   it fails, so a start does not leave behind a lease it took without
 //!   hearing of it.
-//! * **release** (clean shutdown): delete the lease if it is still ours and
-//!   valid for at least [`RELEASE_MARGIN`]. S3 (through object_store) has no
-//!   conditional delete, so the delete is read-compare-delete; it is safe
-//!   because nobody takes over a lease before it expires, and the margin
-//!   covers clock skew and request time. A lease closer to expiry than that is
-//!   instead marked expired with an If-Match write, which any later acquirer
-//!   takes over.
+//! * **release** (clean shutdown): mark the lease expired and released with
+//!   an If-Match write on our version, which any later acquirer takes over
+//!   at once. (It used to be deleted while valid for [`RELEASE_MARGIN`].)
+//! * **takeover wait**: a lease that was deleted (missing on a replica that
+//!   holds an identity, so a replicator ran there) or that expired without
+//!   being released may have a holder that still runs: someone deleted or
+//!   edited its lease by hand, taking it for a dead one's. Such a holder
+//!   writes until its next renewal finds the lease changed, or at most
+//!   until its fence closes, `ttl - margin` after its last renewal, which
+//!   the store applied no later than the lease object's last change. So
+//!   the new holder writes nothing before then ([`Lease::takeover_wait`];
+//!   black-box probe H27: with the lease deleted, a second replicator took
+//!   it at once, the first went on uploading for 4-10 s, and a restore
+//!   returned the other database's rows with exit 0). A lease its holder
+//!   released, and a new replica, need no wait.
 //!
 //! Expiry is wall-clock time written by the holder and read by contenders, so
-//! hosts' clocks must agree to well within [`RELEASE_MARGIN`] (NTP does).
+//! hosts' clocks must agree to well within the margin (NTP does).
 //!
 //! Backend support (object_store 0.14): S3 and S3-compatible stores do both
 //! conditional puts natively (AWS S3, MinIO, R2). `file://`'s
@@ -210,11 +218,34 @@ pub struct Lease {
     ttl: Duration,
     /// Open while the lease is held; see the module docs.
     fence: Arc<Fence>,
+    /// How long after acquiring it no write may be sent (see the module
+    /// docs: takeover wait).
+    takeover_wait: Duration,
 }
 
 /// The lease object's path under the replica prefix.
 pub fn lease_path(replica: &Replica) -> ObjPath {
     crate::replica::layout::key_path(&replica.prefix, LEASE_OBJECT)
+}
+
+/// How long from now until `fenced_for` has passed since the lease object
+/// at `location` last changed (the store's modification time: a holder's
+/// renewals that the store applied were no later), at most `fenced_for`;
+/// all of it when that time cannot be read. See the module docs (takeover
+/// wait).
+async fn since_last_change(
+    replica: &Replica,
+    location: &ObjPath,
+    fenced_for: Duration,
+) -> Duration {
+    use object_store::ObjectStoreExt;
+    match replica.store.head(location).await {
+        Ok(m) => (m.last_modified + ttl_delta(fenced_for) - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(fenced_for),
+        Err(_) => fenced_for,
+    }
 }
 
 /// The lease object as named in messages (`s3://bucket/prefix/.litefleet/lease.json`).
@@ -316,20 +347,31 @@ impl Lease {
         // probe M21: the start failed, and the lease it had written held
         // every later start off until it expired).
         let mut unanswered: Option<Error> = None;
+        // The longest a holder whose lease was deleted or edited by hand
+        // can still write (see the module docs).
+        let fenced_for = ttl.saturating_sub(margin(ttl));
+        let mut takeover_wait = Duration::ZERO;
         for _ in 0..ACQUIRE_ATTEMPTS {
             let current = match replica.get_versioned(&location).await {
                 Ok(c) => c,
                 Err(e) => return Err(unanswered.unwrap_or(e)),
             };
             let written = match current {
-                None => replica.put_if_absent(&location, body.clone()).await,
+                None => {
+                    // A replica without an identity is new (or emptied);
+                    // one that cannot be read counts as holding one.
+                    let ran_here =
+                        !matches!(crate::replica::identity::read(replica).await, Ok(None));
+                    takeover_wait = if ran_here { fenced_for } else { Duration::ZERO };
+                    replica.put_if_absent(&location, body.clone()).await
+                }
                 Some((bytes, version)) => {
                     let held = parse(replica, &bytes)?;
                     if held == record {
                         // Our own write of a moment ago, applied although
                         // its response was lost.
                         Ok(Some(version))
-                    } else if held.expires > now {
+                    } else if held.expires > now && !held.released {
                         return Err(Error::LeaseHeld {
                             object: lease_name(replica),
                             reason: format!(
@@ -338,6 +380,11 @@ impl Lease {
                             ),
                         });
                     } else {
+                        takeover_wait = if held.released {
+                            Duration::ZERO
+                        } else {
+                            since_last_change(replica, &location, fenced_for).await
+                        };
                         let took = replica
                             .put_if_match(&location, body.clone(), &version)
                             .await;
@@ -385,6 +432,7 @@ impl Lease {
                     version,
                     ttl,
                     fence,
+                    takeover_wait,
                 });
             }
             // Someone changed the lease between our read and our write: look again.
@@ -467,6 +515,14 @@ impl Lease {
     /// TTL (15 s at the default), for clock skew and request time.
     pub fn margin(&self) -> Duration {
         margin(self.ttl)
+    }
+
+    /// How long after acquiring the lease its holder must not write: a
+    /// holder whose lease was deleted or edited by hand, and which may
+    /// still run, writes no longer than that (see the module docs); zero
+    /// for a lease released at a clean stop, and on a new replica.
+    pub fn takeover_wait(&self) -> Duration {
+        self.takeover_wait
     }
 
     /// The write fence of this lease, for [`Replica::with_fence`].
@@ -570,23 +626,15 @@ impl Lease {
         self.release_at(Utc::now()).await
     }
 
-    /// Gives the lease up at `now`: deletes it if it is still ours and valid
-    /// for [`RELEASE_MARGIN`], else marks it expired (If-Match) so the next
-    /// acquirer takes it over. [`Error::LeaseLost`] if it is no longer ours
-    /// (then nothing is changed).
+    /// Gives the lease up at `now`: marks it expired and released
+    /// (If-Match on our version), so the next acquirer takes it over at
+    /// once and knows no holder is left writing ([`Lease::takeover_wait`]).
+    /// It used to be deleted while valid for [`RELEASE_MARGIN`]; a lease
+    /// that is missing now tells of a hand's deletion.
+    /// [`Error::LeaseLost`] if it is no longer ours (then nothing is
+    /// changed).
     pub async fn release_at(self, now: DateTime<Utc>) -> Result<()> {
         let name = lease_name(&self.replica);
-        if now + ttl_delta(RELEASE_MARGIN) < self.record.expires {
-            if self
-                .replica
-                .delete_if_match(&self.location, &self.version)
-                .await?
-            {
-                tracing::info!(lease = %name, "released replica lease");
-                return Ok(());
-            }
-            return Err(self.lost(now).await);
-        }
         let mut last = self.record.clone();
         last.expires = stored(now).min(self.record.expires);
         last.released = true;
@@ -596,7 +644,7 @@ impl Lease {
             .await?
         {
             Some(_) => {
-                tracing::info!(lease = %name, "released replica lease (marked expired)");
+                tracing::info!(lease = %name, "released replica lease");
                 Ok(())
             }
             None => Err(self.lost(now).await),

@@ -1292,3 +1292,49 @@ async fn a_failed_retention_pass_is_a_failure() {
     assert_eq!(stats.retention_failures.load(Relaxed), 1);
     assert_eq!(stats.retention_last_failed.load(Relaxed), 0);
 }
+
+/// A log (stderr) or a report (stdout) that cannot be written, as on a full
+/// disk, is dropped: the command ends with the exit code of what it did,
+/// never a panic's 101 (black-box probe G27: every command exited 101, a
+/// restore after installing its output).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_log_or_report_is_no_panic() {
+    let f = Fleet::new(Backend::File).await;
+    drop(create_db(&f.db_path("p", "d", "t"), 4));
+    assert_eq!(
+        f.replicator()
+            .cycle(&tokio_util::sync::CancellationToken::new())
+            .await
+            .uploaded,
+        1
+    );
+    let cfg = f.config_path();
+    let full = || {
+        std::fs::File::options()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", cfg.to_str().unwrap()];
+        all.extend_from_slice(args);
+        litefleet_command(f.work.path(), &all)
+            .stdout(full())
+            .stderr(full())
+            .status()
+            .unwrap()
+            .code()
+    };
+    let out = f.work.path().join("out.db");
+    let o = out.to_str().unwrap();
+    assert_eq!(run(&["restore", "p/d/t", "-o", o]), Some(0));
+    assert_eq!(count_rows(&out), 4);
+    let json = f.work.path().join("json.db");
+    let j = json.to_str().unwrap();
+    assert_eq!(
+        run(&["--log-format", "json", "restore", "p/d/t", "-o", j]),
+        Some(0)
+    );
+    assert_eq!(run(&["verify"]), Some(0));
+    assert_eq!(run(&["restore", "p/d/nothing", "-o", "x.db"]), Some(1));
+}

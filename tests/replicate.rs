@@ -490,12 +490,13 @@ async fn run_loop_scans_every_interval_and_stops_on_cancel() {
     let stats = rep.stats();
     let token = CancellationToken::new();
     let task = tokio::spawn(rep.clone().run(false, token.clone()));
-    // Ticks at t = 0, 15, 30 and 45 s.
+    // Ticks at t = 0, 15, 30 and 45 s, and one more scan at the stop (for
+    // what changed since the last).
     tokio::time::sleep(Duration::from_secs(46)).await;
     token.cancel();
     task.await.unwrap().unwrap();
     let scans = stats.scans.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(scans, 4);
+    assert_eq!(scans, 5);
     assert!(stats.uploads_ok.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }
 

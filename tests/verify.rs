@@ -772,6 +772,14 @@ async fn interrupted_drills_leave_no_scratch() {
     signal(&c, libc::SIGKILL);
     c.wait().unwrap();
     f.s3().set_fault(common::s3::Fault::None);
+    // The fleet was uploaded in-process, without a lease: a lease released
+    // at a clean stop spares the start the wait a deleted one costs.
+    litefleet::replica::lease::Lease::acquire(&f.replica(), Utc::now())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
     let cfg = f.config_path();
     let o = litefleet(
         f.work.path(),

@@ -15,6 +15,32 @@
 
 use std::io::{self, Write};
 
+/// A log sink that drops what it cannot write: a line that cannot be
+/// written (stderr on a full disk, or closed) is lost, where
+/// `tracing_subscriber` would report the failure with `eprintln!` on that
+/// same stderr, which panics (black-box probe G27: every command exited 101
+/// with its stderr on a full disk, a single restore after installing its
+/// output). Wraps both log formats' stderr.
+pub struct Lossy<W>(pub W);
+
+impl<W: Write> Write for Lossy<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = self.0.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
+}
+
+/// Writes `text` to stderr, dropping it if stderr cannot take it (see
+/// [`Lossy`]): for the closing `error:` line, where `eprint!` would panic.
+pub fn to_stderr(text: &str) {
+    let _ = Lossy(io::stderr()).write_all(text.as_bytes());
+}
+
 /// A writer that keeps each event on one line (see the module docs).
 pub struct OneLine<W> {
     inner: W,

@@ -256,6 +256,41 @@ both_backends!(
     }
 );
 
+// A hot database whose newest generation streams into the fleet log has
+// uploads its generation's listing does not show (parts of shared log
+// objects until the hourly consolidation): `--since` keeps it, as it keeps
+// one whose metadata was written since. An idle generation of the same age
+// is left out (black-box probe G27: `--since` checked none of 24
+// always-hot databases).
+both_backends!(
+    since_keeps_a_generation_streaming_into_the_fleet_log,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let idle = hot_db(&f, &r, "t0").await;
+        idle.w.write_metadata(&r).await;
+        let logged = hot_db(&f, &r, "t1").await;
+        logged.w.write_metadata_logged(&r, true).await;
+        let rewritten = hot_db(&f, &r, "t2").await;
+        // Everything above is more than a second old, but `t2`'s metadata.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        rewritten.w.write_metadata(&r).await;
+        let (_, doc) = verify_json(&f, &["--since", "1s"]);
+        let mut keys: Vec<&str> = doc["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["key"].as_str().unwrap())
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [logged.w.key.as_str(), rewritten.w.key.as_str()],
+            "{doc}"
+        );
+    }
+);
+
 both_backends!(
     damaged_generation_and_missing_segment_are_problems,
     |b| async move {

@@ -564,8 +564,12 @@ fn jobs(
 
 /// Keeps the jobs with an object uploaded at or after `cutoff`: a cold
 /// snapshot, a generation created since, or else an object of the key's
-/// newest generation (one LIST of it; done `concurrency` at a time). A key
-/// whose newest generation cannot be listed is kept: its check will say why.
+/// newest generation (one LIST of it; done `concurrency` at a time), or its
+/// metadata written since or saying its frames go to the fleet log: those
+/// are parts of shared log objects until the hourly consolidation, which
+/// the generation's listing does not show (black-box probe G27: `--since`
+/// checked none of 24 always-hot databases). A key whose newest generation
+/// cannot be listed or read is kept: its check will say why.
 async fn recent(
     replica: &Replica,
     jobs: Vec<Job>,
@@ -581,14 +585,21 @@ async fn recent(
                 return Some(job);
             }
             let newest = l.generations.first()?;
-            match hot::list_generation(replica, &job.key, newest).await {
+            let listed = match hot::list_generation(replica, &job.key, newest).await {
                 Ok(g) => g
                     .snapshots
                     .iter()
                     .map(|s| s.uploaded)
                     .chain(g.segments.iter().map(|s| s.uploaded))
-                    .any(|t| t >= cutoff)
-                    .then_some(job),
+                    .any(|t| t >= cutoff),
+                Err(_) => return Some(job),
+            };
+            if listed {
+                return Some(job);
+            }
+            match hot::read_metadata(replica, &job.key, newest).await {
+                Ok(Some(m)) => (m.logged || m.written.is_some_and(|w| w >= cutoff)).then_some(job),
+                Ok(None) => None,
                 Err(_) => Some(job),
             }
         })

@@ -147,6 +147,12 @@ impl GenWriter {
 
     /// Writes the generation's metadata as the shipper would now.
     pub async fn write_metadata(&self, r: &Replica) {
+        self.write_metadata_logged(r, false).await;
+    }
+
+    /// [`GenWriter::write_metadata`], saying whether its frames go to the
+    /// fleet log (`logged`).
+    pub async fn write_metadata_logged(&self, r: &Replica, logged: bool) {
         let meta = Metadata {
             generation: self.gen.clone(),
             page_size: 1024,
@@ -155,7 +161,7 @@ impl GenWriter {
             last: self.cursor.map_or(Position::start(self.index), |c| c.pos),
             snapshots: Vec::new(),
             wal_ends: self.wal_ends.clone(),
-            logged: false,
+            logged,
             wal_starts: Some(self.wal_starts.clone()),
             written: Some(now()),
             key: None,

@@ -119,10 +119,19 @@ both_backends!(
             assert_eq!(count_rows(&all.join(format!("{key}.db"))), rows, "{key}");
         }
 
-        // As of a time before any upload: nothing to restore, every database skipped.
+        // As of a time before any upload: nothing to restore, an error as a
+        // prefix without databases is (a single restore of each fails too),
+        // unless --if-replica-exists: then every database is skipped.
         let early = out.path().join("early");
         let mut o = opts("p1", &early);
         o.timestamp = Some(chrono::Utc::now() - chrono::Duration::hours(1));
+        let e = restore_bulk(&replica, &o, &NoProgress).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("none of the 10 databases under prefix \"p1\""),
+            "{e}"
+        );
+        o.if_replica_exists = true;
         let r = restore_bulk(&replica, &o, &NoProgress).await.unwrap();
         assert_eq!((r.restored, r.skipped, r.failed.len()), (0, 10, 0));
     }

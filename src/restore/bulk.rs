@@ -226,6 +226,7 @@ pub async fn restore_bulk(
     }
     super::install::create_dir_durably(&opts.output_dir)?;
     progress.started(dbs.len());
+    let mut none_at_time = 0;
     let mut done = futures::stream::iter(dbs)
         .map(|(key, listed)| restore_one(replica, opts, key, listed))
         .buffer_unordered(opts.concurrency.max(1));
@@ -237,11 +238,23 @@ pub async fn restore_bulk(
                 report.restored_hot += usize::from(tier == Tier::Hot);
                 report.bytes += bytes;
             }
-            BulkOutcome::SkippedExists | BulkOutcome::SkippedNoSnapshotAtTime => {
-                report.skipped += 1
+            BulkOutcome::SkippedExists => report.skipped += 1,
+            BulkOutcome::SkippedNoSnapshotAtTime => {
+                report.skipped += 1;
+                none_at_time += 1;
             }
             BulkOutcome::Failed(e) => report.failed.push((item.key, e)),
         }
+    }
+    // Every database skipped for want of a backup that old: nothing was
+    // restored, an error as a prefix without databases is (black-box probe
+    // G27: exit 0, where a single restore of any of them exits 1).
+    if none_at_time == report.databases && !opts.if_replica_exists {
+        let at = opts.timestamp.map(|t| t.to_rfc3339()).unwrap_or_default();
+        return Err(Error::NotFound(format!(
+            "none of the {} databases under prefix {prefix:?} in {replica} has a backup at or before {at}",
+            report.databases
+        )));
     }
     Ok(report)
 }

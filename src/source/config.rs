@@ -1097,9 +1097,12 @@ pub(crate) fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Expands `${VAR}` and `${VAR:-default}` in config text. Lines whose first
-/// non-blank character is `#` are left alone, so a commented-out line never
-/// fails on an unset variable. A value becomes exactly the string it holds
+/// Expands `${VAR}` and `${VAR:-default}` in config text. Comments are left
+/// alone (a line whose first non-blank character is `#`, and the rest of a
+/// line from a `#` that YAML reads as a comment: after a blank, outside
+/// quotes), so a commented-out line or a note after a value
+/// (`url: x  # was ${OLD_URL}`) never fails on an unset variable (black-box
+/// probe H27: every command failed on one). A value becomes exactly the string it holds
 /// (see `substitute`): escaped inside quotes, quoted where YAML would read
 /// part of it as syntax. Returns `(line, reason)` for an unset variable or a
 /// value that cannot be placed where it stands.
@@ -1117,8 +1120,9 @@ pub fn expand_env(
             out.push_str(&kept);
             continue;
         }
+        let comment = comment_start(line);
         let mut done = 0;
-        while let Some(found) = line[done..].find("${") {
+        while let Some(found) = line.get(done..comment).and_then(|l| l.find("${")) {
             let start = done + found;
             out.push_str(&line[done..start]);
             let after = &line[start + 2..];
@@ -1181,6 +1185,19 @@ fn empty_setting(line: &str, lookup: &impl Fn(&str) -> Option<String>) -> Option
     empty
         .is_empty()
         .then(|| format!("{indent}# (empty: default) {body}"))
+}
+
+/// Where the comment of `line` starts, as YAML reads it: at a `#` after a
+/// blank (or at the start), outside quotes; the line's length if none.
+fn comment_start(line: &str) -> usize {
+    let mut blank_before = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && blank_before && quoting_at(&line[..i]) == Quoting::Plain {
+            return i;
+        }
+        blank_before = c == ' ' || c == '\t';
+    }
+    line.len()
 }
 
 /// Where a `${VAR}` stands in its line, as YAML reads it.
@@ -1506,6 +1523,30 @@ multi-db:
         let (line, why) = expand_env("x: 1\na: ${NOPE}\n", env).unwrap_err();
         assert_eq!(line, 2);
         assert!(why.contains("${NOPE} is not set"), "{why}");
+        // A comment after a value is a comment too (black-box probe H27);
+        // a `#` inside quotes or without a blank before it is not one.
+        for (text, expanded) in [
+            (
+                "url: x  # was ${NOPE}\n",
+                "url: x  # was ${NOPE}\n".to_string(),
+            ),
+            (
+                "r: ${REGION} # ${NOPE}\n",
+                "r: eu-west-1 # ${NOPE}\n".to_string(),
+            ),
+            (
+                "u: \"a # ${REGION}\"\n",
+                "u: \"a # eu-west-1\"\n".to_string(),
+            ),
+            ("u: a#${REGION}\n", "u: a#eu-west-1\n".to_string()),
+            // A default holding what looks like a comment is the value's.
+            (
+                "u: ${NOPE:-a #b} # ${NOPE}\n",
+                "u: \"a #b\" # ${NOPE}\n".to_string(),
+            ),
+        ] {
+            assert_eq!(expand_env(text, env).unwrap(), expanded, "{text}");
+        }
     }
 
     /// A value becomes exactly the string it holds wherever it stands: a

@@ -1442,3 +1442,33 @@ both_backends!(stale_side_files_at_the_output_are_refused, |b| async move {
     assert!(e.contains(&stale.display().to_string()), "{e}");
     assert!(!bulk_dir.join("p/d/t.db").exists());
 });
+
+// An output that cannot be made (a file where its directory goes) is this
+// host's error, named as it is: not worded as a failure of the hot tier,
+// with advice to restore an older cold snapshot instead (black-box probe
+// G27).
+both_backends!(
+    an_output_that_cannot_be_made_is_named_not_blamed_on_the_hot_tier,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut db = Db::new("p/d/t");
+        db.cold_then_a_generation(&r).await;
+        db.write_metadata(&r).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pfile");
+        std::fs::write(&file, b"x").unwrap();
+        let e = f
+            .restore("p/d/t", &file.join("sub/out.db"), None)
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("{}: is not a directory", file.display())),
+            "{msg}"
+        );
+        assert!(!msg.contains("hot-tier"), "{msg}");
+        // The same replica restores where the output can be made.
+        assert_eq!(restore_at(&f, "p/d/t", None).await.unwrap().0, Tier::Hot);
+    }
+);

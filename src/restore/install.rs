@@ -284,10 +284,16 @@ pub fn create_dir_durably(dir: &Path) -> Result<()> {
         let blocking = dir
             .ancestors()
             .find(|d| std::fs::metadata(d).is_ok_and(|m| !m.is_dir()));
+        // An I/O error, this host's: the hot tier passes it on as it is
+        // (black-box probe G27: it was worded as a replica failure, with
+        // advice to restore an older cold snapshot).
         return Err(match blocking {
-            Some(b) => Error::invalid(
-                b.display(),
-                format!("is not a directory, so {} cannot be made", dir.display()),
+            Some(b) => Error::io(
+                b,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    format!("is not a directory, so {} cannot be made", dir.display()),
+                ),
             ),
             None => Error::io(dir, e),
         });

@@ -614,3 +614,60 @@ both_backends!(
         assert!(err.contains("no databases under prefix \"nope\""), "{err}");
     }
 );
+
+/// Writes a file at `at` when the first snapshot is read: another process
+/// installing the same output while the restore runs.
+#[derive(Debug)]
+struct Appears {
+    at: std::path::PathBuf,
+}
+
+impl common::stores::Rewrite for Appears {
+    fn get(&self, r: object_store::GetResult) -> object_store::GetResult {
+        if !self.at.exists() {
+            std::fs::create_dir_all(self.at.parent().unwrap()).unwrap();
+            std::fs::write(&self.at, b"installed by another restore").unwrap();
+        }
+        r
+    }
+}
+
+// An output that appears while its restore runs (another restore into the
+// same directory installed it first) is never replaced; with
+// --if-db-not-exists it is skipped like one that existed at the start, not
+// a failure (black-box probe G27: two such bulk restores both exited 1).
+both_backends!(
+    an_output_that_appears_meanwhile_is_skipped_if_db_not_exists,
+    |b| async move {
+        let f = fleet_of_20(b).await;
+        let out = tempfile::tempdir().unwrap();
+        for skip in [false, true] {
+            let dir = out.path().join(format!("skip-{skip}"));
+            let at = dir.join("p0/d1/t0.db");
+            let appears = Arc::new(common::stores::Wrapped::new(
+                f.replica().store.clone(),
+                Appears { at: at.clone() },
+            ));
+            let replica = f.replica().with_store(appears);
+            let mut o = opts("p0/d1/t0", &dir);
+            o.if_db_not_exists = skip;
+            let r = restore_bulk(&replica, &o, &NoProgress).await.unwrap();
+            assert_eq!(r.databases, 1);
+            if skip {
+                assert_eq!(
+                    (r.restored, r.skipped, r.failed.len()),
+                    (0, 1, 0),
+                    "{:?}",
+                    r.failed
+                );
+            } else {
+                assert_eq!((r.restored, r.skipped, r.failed.len()), (0, 0, 1));
+                assert!(r.failed[0]
+                    .1
+                    .to_string()
+                    .contains("appeared while the restore ran"));
+            }
+            assert_eq!(std::fs::read(&at).unwrap(), b"installed by another restore");
+        }
+    }
+);

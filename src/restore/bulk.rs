@@ -181,6 +181,9 @@ async fn restore_one(
                 bytes: r.bytes,
                 uploaded: r.uploaded,
             },
+            Err(e) if opts.if_db_not_exists && super::install::appeared(&e, &output) => {
+                BulkOutcome::SkippedExists
+            }
             Err(e) => BulkOutcome::Failed(e),
         }
     };

@@ -141,9 +141,12 @@ impl Staged {
         if let Err(e) = rename_noreplace(&tmp, &output) {
             let _ = std::fs::remove_file(&tmp);
             return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::invalid(
-                    output.display(),
-                    "appeared while the restore ran; not overwritten (the restored copy was discarded)",
+                Error::io(
+                    &output,
+                    std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "appeared while the restore ran; not overwritten (the restored copy was discarded)",
+                    ),
                 )
             } else {
                 Error::io(&output, e)
@@ -265,6 +268,15 @@ impl Drop for InstallTurn<'_> {
 /// counted.
 pub fn stop_installs() -> usize {
     GATE.stop()
+}
+
+/// Whether `e` says `output` appeared while its restore ran (another
+/// process installed it first): with `--if-db-not-exists` that output is
+/// one that exists, skipped like one found at the start (black-box probe
+/// G27: two such bulk restores into one directory both exited 1).
+pub fn appeared(e: &Error, output: &Path) -> bool {
+    matches!(e, Error::Io { path, source }
+        if path == output && source.kind() == std::io::ErrorKind::AlreadyExists)
 }
 
 /// Creates `dir` and its missing parents, and syncs each new directory's
@@ -439,9 +451,15 @@ mod tests {
         std::fs::write(&out, b"appeared").unwrap();
         let e = staged.install("obj").unwrap_err().to_string();
         assert!(e.contains("appeared while the restore ran"), "{e}");
+        let mut staged = Staged::new(&out.with_file_name("again.db")).unwrap();
+        staged.file.write_all(&sound).unwrap();
+        std::fs::write(out.with_file_name("again.db"), b"appeared").unwrap();
+        let e = staged.install("obj").unwrap_err();
+        assert!(appeared(&e, &out.with_file_name("again.db")), "{e:?}");
+        assert!(!appeared(&e, &out), "{e:?}");
         assert_eq!(std::fs::read(&out).unwrap(), b"appeared");
         let left = std::fs::read_dir(out.parent().unwrap()).unwrap().count();
-        assert_eq!(left, 1, "only the file that appeared, no temp file");
+        assert_eq!(left, 2, "only the files that appeared, no temp file");
     }
 
     /// A restored file with SQLite's header but damaged pages fails

@@ -204,7 +204,13 @@ pub async fn restore_with_progress(
         at,
         allow_older: opts.allow_older,
     };
-    match restore_key(replica, &key, snaps, how, &opts.output, on_bytes).await? {
+    let restored = match restore_key(replica, &key, snaps, how, &opts.output, on_bytes).await {
+        Err(e) if opts.if_db_not_exists && super::install::appeared(&e, &opts.output) => {
+            return Ok(RestoreOutcome::OutputExists)
+        }
+        r => r?,
+    };
+    match restored {
         Some(r) => Ok(RestoreOutcome::Restored {
             key,
             tier: r.tier,

@@ -58,7 +58,8 @@
 //!   hearing of it.
 //! * **release** (clean shutdown): mark the lease expired and released with
 //!   an If-Match write on our version, which any later acquirer takes over
-//!   at once. (It used to be deleted while valid for [`RELEASE_MARGIN`].)
+//!   at once. (Earlier versions deleted it while it was valid for 15 s
+//!   more.)
 //! * **takeover wait**: a lease that was deleted (missing on a replica that
 //!   holds an identity, so a replicator ran there) or that expired without
 //!   being released may have a holder that still runs: someone deleted or
@@ -114,10 +115,6 @@ pub const LEASE_OBJECT: &str = ".litefleet/lease.json";
 /// failed requests (each bounded by the replica `timeout`), short enough that
 /// a crashed replicator's successor waits at most a minute.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
-/// Release deletes the lease only if it stays valid at least this long, so a
-/// contender with a clock this far ahead cannot have taken it over between
-/// our read and our delete (see the module docs). A quarter of the default TTL.
-pub const RELEASE_MARGIN: Duration = Duration::from_secs(15);
 /// Shortest `lease-ttl`: renewal runs every third of it, and the fence
 /// margin is a quarter of it.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
@@ -179,9 +176,8 @@ pub struct LeaseRecord {
     pub acquired: DateTime<Utc>,
     #[serde(with = "crate::rfc3339")]
     pub expires: DateTime<Utc>,
-    /// Marked expired by its holder at a clean shutdown (a lease too close
-    /// to its expiry to be deleted safely, see [`Lease::release_at`]), not
-    /// left by a process that died: the next start takes it over without
+    /// Marked expired by its holder at a clean shutdown
+    /// ([`Lease::release_at`]), not left by a process that died: the next start takes it over without
     /// the warning a crash gets (black-box probe P23: a clean stop with a
     /// short `lease-ttl` was logged at the next start as a crash was).
     /// Absent in leases of earlier versions, which ignore it.
@@ -629,8 +625,8 @@ impl Lease {
     /// Gives the lease up at `now`: marks it expired and released
     /// (If-Match on our version), so the next acquirer takes it over at
     /// once and knows no holder is left writing ([`Lease::takeover_wait`]).
-    /// It used to be deleted while valid for [`RELEASE_MARGIN`]; a lease
-    /// that is missing now tells of a hand's deletion.
+    /// Earlier versions deleted it; a lease that is missing now tells of a
+    /// hand's deletion.
     /// [`Error::LeaseLost`] if it is no longer ours (then nothing is
     /// changed).
     pub async fn release_at(self, now: DateTime<Utc>) -> Result<()> {

@@ -56,7 +56,7 @@
 //!
 //! Small coordination objects (the replica lease, see [`crate::replica::lease`]) need
 //! compare-and-swap: [`Replica::put_if_absent`], [`Replica::put_if_match`],
-//! [`Replica::delete_if_match`], with versions read by [`Replica::get_versioned`].
+//! with versions read by [`Replica::get_versioned`].
 //! Objects written again under the same name (a generation's metadata, a
 //! cold snapshot within its hour) are written over the version the last
 //! write made, so a write the store applies late is refused rather than
@@ -68,10 +68,9 @@
 //!   environment variable cannot turn it off). `PutMode::Create` sends
 //!   `If-None-Match: *`, `PutMode::Update` sends `If-Match: <etag>`; the store
 //!   answers 412 when the condition fails. AWS S3 (since 2024), MinIO and R2
-//!   honour both. S3 has no conditional DELETE that object_store exposes, so
-//!   [`Replica::delete_if_match`] is read-compare-delete: not atomic, which is
-//!   why the lease only deletes a lease that is still valid for a margin (see
-//!   [`crate::replica::lease`]).
+//!   honour both. S3 has no conditional DELETE that object_store exposes,
+//!   which is why the lease is released by a conditional write that marks
+//!   it released, never deleted (see [`crate::replica::lease`]).
 //! * **file://**: `LocalFileSystem` supports `PutMode::Create` (hard link)
 //!   but returns `NotImplemented` for `PutMode::Update`. So for `file://` the
 //!   three conditional operations are done here with `std::fs` under an
@@ -1204,40 +1203,6 @@ impl Replica {
             Err(object_store::Error::Precondition { .. })
             | Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::store(location, e)),
-        }
-    }
-
-    /// Deletes `location` only if it is still at version `expected`; `false`
-    /// if it changed or is gone. Atomic for `file://`; for S3 a read, a
-    /// comparison and a delete (see the module docs).
-    pub async fn delete_if_match(
-        &self,
-        location: &ObjPath,
-        expected: &UpdateVersion,
-    ) -> Result<bool> {
-        if let Some(path) = self.local_path(location)? {
-            let expected = expected.clone();
-            return tokio::task::spawn_blocking(move || {
-                with_flock(&path, || match read_regular(&path) {
-                    Ok(b) if content_version(&b) == expected => {
-                        std::fs::remove_file(&path).at(&path)?;
-                        sync_parent(&path)?;
-                        Ok(true)
-                    }
-                    Ok(_) => Ok(false),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-                    Err(e) => Err(Error::io(&path, e)),
-                })
-            })
-            .await
-            .map_err(|e| Error::invalid(location, format!("task failed: {e}")))?;
-        }
-        match self.get_versioned(location).await? {
-            Some((_, v)) if v.e_tag.is_some() && v.e_tag == expected.e_tag => {
-                self.delete(location).await?;
-                Ok(true)
-            }
-            _ => Ok(false),
         }
     }
 

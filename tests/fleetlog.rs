@@ -235,6 +235,71 @@ both_backends!(
     }
 );
 
+/// Counts the reads of fleet log indexes: GETs of a log object's first
+/// bytes.
+#[derive(Debug, Default)]
+struct IndexReads(std::sync::atomic::AtomicU64);
+
+impl common::stores::Rewrite for IndexReads {
+    fn get(&self, r: object_store::GetResult) -> object_store::GetResult {
+        if r.meta.location.as_ref().contains(".litefleet/log/") && r.range.start == 0 {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+// A bulk restore of databases whose frames are all in the fleet log (the
+// streams crashed before consolidating) reads each log object's index once
+// when its replica keeps them (`Replica::with_memo`, as `restore --prefix`
+// and `verify` do), not once per database (black-box probe G27: 3,608 GETs
+// for one database, repeated per database); the restores are the same.
+both_backends!(a_bulk_restore_reads_each_log_index_once, |b| async move {
+    let mut s = Streams::start(Fleet::new(b).await, 4, Duration::from_secs(3600)).await;
+    for round in 1..=3u64 {
+        s.round(round as usize, round).await;
+    }
+    s.crash();
+    let log = s.objects_ending(".pack", ".litefleet/log/").await.len() as u64;
+    assert!(log > 0);
+    let mut reads = Vec::new();
+    for memo in [false, true] {
+        let counted = Arc::new(common::stores::Wrapped::new(
+            s.f.replica().store.clone(),
+            IndexReads::default(),
+        ));
+        let mut replica = s.f.replica().with_store(counted.clone());
+        if memo {
+            replica = replica.with_memo();
+        }
+        let dir = s.out.path().join(format!("bulk-{memo}"));
+        let opts = litefleet::restore::BulkOptions {
+            prefix: "p".into(),
+            output_dir: dir.clone(),
+            timestamp: None,
+            concurrency: 1,
+            if_db_not_exists: false,
+            allow_older: false,
+            if_replica_exists: false,
+        };
+        let r = litefleet::restore::restore_bulk(&replica, &opts, &litefleet::restore::NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((r.restored, r.failed.len()), (4, 0), "{:?}", r.failed);
+        for (i, key) in s.keys.iter().enumerate() {
+            assert_eq!(
+                count_rows(&dir.join(format!("{key}.db"))),
+                s.rows[i],
+                "{key}"
+            );
+        }
+        reads.push(counted.rewrite.0.load(Ordering::Relaxed));
+    }
+    // Without: every database reads every index (once or twice each).
+    assert!(reads[0] >= 4 * log, "{reads:?} for {log} log objects");
+    assert!(reads[1] <= 2 * log, "{reads:?} for {log} log objects");
+});
+
 both_backends!(
     consolidation_keeps_every_point_and_empties_the_log,
     |b| async move {

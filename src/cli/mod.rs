@@ -187,7 +187,8 @@ async fn verify_command(config: &std::path::Path, args: VerifyArgs, format: LogF
     };
     let run = async {
         let loaded = Loaded::from_file(config)?;
-        let replica = loaded.open_existing_replica()?;
+        // Many databases: each fleet log index read once.
+        let replica = loaded.open_existing_replica()?.with_memo();
         let mut opts = restore::VerifyOptions::new(&loaded, args.prefix.as_deref().unwrap_or(""));
         opts.sample = args.sample.filter(|&n| n > 0);
         opts.since = args.since;
@@ -1157,6 +1158,8 @@ async fn run(cli: Cli) -> Result<()> {
             let target = match (args.prefix.clone(), args.target.clone()) {
                 (Some(prefix), _) => {
                     warn_before_retention(&loaded, args.timestamp, Utc::now());
+                    // Many databases: each fleet log index read once.
+                    let replica = replica.with_memo();
                     return interruptible(restore_prefix(&replica, prefix, args), false).await;
                 }
                 (None, _) if args.concurrency.is_some() => {

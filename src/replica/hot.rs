@@ -845,7 +845,7 @@ async fn pack_segments(
     futures::stream::iter(metas.iter().cloned())
         .map(|meta| async move {
             Ok::<_, Error>(
-                pack::read_index(replica, &meta)
+                pack::read_index_kept(replica, &meta)
                     .await?
                     .map(|i| segments_of(&meta, &i, key, gen, whole)),
             )

@@ -212,6 +212,24 @@ pub fn decode_index(bytes: &[u8], what: &str) -> Result<PackIndex> {
     }
 }
 
+/// [`read_index`], or the index kept from an earlier read of the same
+/// object where the replica keeps them ([`Replica::with_memo`]): a pack and
+/// a fleet log object never change once written.
+pub async fn read_index_kept(
+    replica: &Replica,
+    meta: &ObjectMeta,
+) -> Result<Option<std::sync::Arc<PackIndex>>> {
+    if let Some(kept) = replica.memo_get::<PackIndex>(meta) {
+        return Ok(Some(kept));
+    }
+    let Some(index) = read_index(replica, meta).await? else {
+        return Ok(None);
+    };
+    let index = std::sync::Arc::new(index);
+    replica.memo_put(meta, index.clone(), index.parts.len().max(1));
+    Ok(Some(index))
+}
+
 /// Reads a pack's index (one range GET, two for a large index); `None` if
 /// the object is gone.
 pub async fn read_index(replica: &Replica, meta: &ObjectMeta) -> Result<Option<PackIndex>> {

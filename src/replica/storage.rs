@@ -451,6 +451,46 @@ pub struct Replica {
     /// Not `file://`: the versions the last writes of objects that are
     /// written again made ([`Replica::put_replacing`]).
     written: Arc<WrittenVersions>,
+    /// What was read from objects that never change, kept for the rest of
+    /// this run when enabled ([`Replica::with_memo`]).
+    memo: Option<Arc<Memo>>,
+}
+
+/// Values read from objects that never change once written (a fleet log
+/// object's or a pack's index), kept by object so that a run restoring
+/// many databases reads each once ([`Replica::with_memo`]). Keyed by the
+/// object's path, size and ETag as listed: an object replaced under its
+/// name is another one. At most a million in all (a value's weight
+/// is what its reader says, a pack index's parts); beyond it values are
+/// read again each time, never wrong.
+#[derive(Default)]
+pub struct Memo {
+    values: std::sync::Mutex<MemoValues>,
+}
+
+#[derive(Default)]
+struct MemoValues {
+    map: std::collections::HashMap<
+        (String, u64, Option<String>),
+        Arc<dyn std::any::Any + Send + Sync>,
+    >,
+    weight: usize,
+}
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = lock_versions(&self.values);
+        write!(f, "Memo({} values, weight {})", v.map.len(), v.weight)
+    }
+}
+
+/// How much a [`Memo`] keeps: a million pack-index parts, ~150 MB at
+/// worst (each part names its key and generation), which holds an hour of
+/// fleet log for a few hundred databases written every second.
+const MEMO_WEIGHT: usize = 1_000_000;
+
+fn memo_key(meta: &ObjectMeta) -> (String, u64, Option<String>) {
+    (meta.location.to_string(), meta.size, meta.e_tag.clone())
 }
 
 /// The versions (ETags) the last writes of objects that litefleet writes
@@ -563,6 +603,7 @@ impl Replica {
                     direct: true,
                     batch_device: batch_device(dir),
                     written: Arc::default(),
+                    memo: None,
                 })
             }
             ReplicaUrl::S3 { bucket, prefix } => {
@@ -655,6 +696,7 @@ impl Replica {
                     direct: false,
                     batch_device: None,
                     written: Arc::default(),
+                    memo: None,
                 })
             }
         }
@@ -667,6 +709,49 @@ impl Replica {
             store,
             direct: false,
             ..self
+        }
+    }
+
+    /// The same replica, keeping what is read from objects that never
+    /// change ([`Memo`]) for as long as it (or a clone) lives: for a run
+    /// that restores many databases (a bulk restore, `verify`), whose every
+    /// hot database would otherwise read the index of every fleet log object
+    /// again (black-box probe G27: 3,608 GETs for one database, repeated per
+    /// database). Not for the daemon, which would keep them.
+    pub fn with_memo(self) -> Replica {
+        Replica {
+            memo: Some(Arc::default()),
+            ..self
+        }
+    }
+
+    /// The value kept for `meta`'s object, if any ([`Replica::with_memo`]).
+    pub fn memo_get<T: std::any::Any + Send + Sync>(&self, meta: &ObjectMeta) -> Option<Arc<T>> {
+        let memo = self.memo.as_ref()?;
+        let v = lock_versions(&memo.values)
+            .map
+            .get(&memo_key(meta))?
+            .clone();
+        v.downcast::<T>().ok()
+    }
+
+    /// Keeps `value`, read from `meta`'s object, if there is a memo and room
+    /// in it for `weight` more.
+    pub fn memo_put<T: std::any::Any + Send + Sync>(
+        &self,
+        meta: &ObjectMeta,
+        value: Arc<T>,
+        weight: usize,
+    ) {
+        let Some(memo) = &self.memo else {
+            return;
+        };
+        let mut v = lock_versions(&memo.values);
+        if v.weight.saturating_add(weight) > MEMO_WEIGHT {
+            return;
+        }
+        if v.map.insert(memo_key(meta), value).is_none() {
+            v.weight += weight;
         }
     }
 

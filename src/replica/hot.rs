@@ -1711,10 +1711,10 @@ pub enum MetadataVersion {
 }
 
 /// Writes `meta` as its generation's `metadata.json` over `version`, and
-/// records the version written (see [`MetadataVersion`]). A write refused
-/// because the object changed (a late write of ours landed) reads it and
-/// writes again, up to `METADATA_WRITES` times. On `file://` a write is
-/// complete when the call returns, so none lands late: written as any
+/// records the version written (see [`MetadataVersion`]); a write refused
+/// because the object changed (a late write of ours landed) reads its
+/// version and writes again ([`Replica::put_over`]). On `file://` a write
+/// is complete when the call returns, so none lands late: written as any
 /// object. Conditional writes are those the replica lease stands on: a
 /// store without them holds no lease.
 pub async fn write_metadata_over(
@@ -1727,34 +1727,16 @@ pub async fn write_metadata_over(
     if replica.local_root().is_some() {
         return replica.put_bytes(&location, json).await;
     }
-    for _ in 0..METADATA_WRITES {
-        // Unknown until this write's answer says otherwise.
-        let expected = match std::mem::replace(version, MetadataVersion::Unknown) {
-            MetadataVersion::Absent => None,
-            MetadataVersion::Known(v) => Some(v),
-            MetadataVersion::Unknown => replica.get_versioned(&location).await?.map(|(_, v)| v),
-        };
-        if let Some(v) = replica
-            .put_bytes_over(&location, json.clone(), expected.as_ref())
-            .await?
-        {
-            *version = MetadataVersion::Known(v);
-            return Ok(());
-        }
-    }
-    Err(Error::invalid(
-        &location,
-        format!(
-            "changed under its writer {METADATA_WRITES} times in a row: another process \
-             writes this generation's metadata"
-        ),
-    ))
+    // Unknown until this write's answer says otherwise.
+    let expected = match std::mem::replace(version, MetadataVersion::Unknown) {
+        MetadataVersion::Absent => None,
+        MetadataVersion::Known(v) => Some(v),
+        MetadataVersion::Unknown => replica.version_of(&location).await?,
+    };
+    let written = replica.put_over(&location, json, expected).await?;
+    *version = MetadataVersion::Known(written);
+    Ok(())
 }
-
-/// Conditional writes of one `metadata.json` refused in a row before the
-/// writer gives up: each refusal is a late write of ours landing (one per
-/// write whose answer was lost), so more than a few means another writer.
-const METADATA_WRITES: usize = 4;
 
 /// Reads a generation's `metadata.json`; `None` if it was not written yet.
 pub async fn read_metadata(

@@ -134,35 +134,20 @@ const ACQUIRE_ATTEMPTS: usize = 3;
 /// that follows it (black-box probe M21).
 const RENEW_ATTEMPTS: usize = 3;
 
-/// Attempts of one write of the conditional-write check
-/// ([`Lease::check_conditional_writes`]) while it fails without an answer.
-const CHECK_ATTEMPTS: u32 = 3;
-/// Wait before the second attempt, doubled for the third.
-const CHECK_BACKOFF: Duration = Duration::from_millis(200);
-
-/// Sends `write`, one write of the conditional-write check, up to
-/// [`CHECK_ATTEMPTS`] times while it fails without an answer about the
-/// object (a reset connection, a 5xx after the client's own retries): one
-/// such fault failed the start (black-box probe D26). Sending it again
-/// changes nothing the check finds: a store that honours the condition
-/// refuses every attempt, one that ignores it applies each.
-async fn check_write<F, Fut>(mut write: F) -> Result<Option<UpdateVersion>>
+/// Sends `write`, one write of the conditional-write check, again while it
+/// fails without an answer about the object (a reset connection, a 5xx
+/// after the client's own retries), as reads are
+/// ([`crate::replica::storage::retrying`]): one such fault failed the start
+/// (black-box probe D26). Sending it again changes nothing the check finds:
+/// a store that honours the condition refuses every attempt, one that
+/// ignores it applies each.
+async fn check_write<F, Fut>(write: F) -> Result<Option<UpdateVersion>>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<UpdateVersion>>>,
 {
-    let mut n = 1;
-    loop {
-        match write().await {
-            Err(Error::Store { ref source, .. })
-                if n < CHECK_ATTEMPTS && crate::replica::storage::is_transient(source) =>
-            {
-                tokio::time::sleep(CHECK_BACKOFF * 2u32.pow(n - 1)).await;
-                n += 1;
-            }
-            r => return r,
-        }
-    }
+    let transient = |e: &Error| matches!(e, Error::Store { source, .. } if crate::replica::storage::is_transient(source));
+    crate::replica::storage::retrying(transient, write).await
 }
 
 /// What the lease object holds (JSON)./// What the lease object holds (JSON).

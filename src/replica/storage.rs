@@ -60,7 +60,7 @@
 //! Objects written again under the same name (a generation's metadata, a
 //! cold snapshot within its hour) are written over the version the last
 //! write made, so a write the store applies late is refused rather than
-//! landing over a newer one ([`Replica::put_bytes_over`],
+//! landing over a newer one ([`Replica::put_over`],
 //! [`Replica::put_replacing`]).
 //!
 //! * **S3**: the client is built with `S3ConditionalPut::ETagMatch` (already
@@ -479,7 +479,7 @@ struct MemoValues {
 
 impl std::fmt::Debug for Memo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v = lock_versions(&self.values);
+        let v = lock_kept(&self.values);
         write!(f, "Memo({} values, weight {})", v.map.len(), v.weight)
     }
 }
@@ -511,11 +511,11 @@ const REMEMBERED_VERSIONS: usize = 4096;
 
 impl WrittenVersions {
     fn get(&self, location: &ObjPath) -> Option<UpdateVersion> {
-        lock_versions(&self.0).get(location).cloned()
+        lock_kept(&self.0).get(location).cloned()
     }
 
     fn set(&self, location: &ObjPath, version: Option<UpdateVersion>) {
-        let mut map = lock_versions(&self.0);
+        let mut map = lock_kept(&self.0);
         match version {
             None => {
                 map.remove(location);
@@ -530,13 +530,15 @@ impl WrittenVersions {
     }
 }
 
-fn lock_versions<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding it leaves a map that is still a valid memory.
+/// Locks a [`WrittenVersions`] or [`Memo`] map, going on after a panic
+/// poisoned it: either is still a valid memory (a missing entry only costs
+/// a request).
+fn lock_kept<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Writes of one replaced object refused in a row before the writer gives
-/// up ([`Replica::put_replacing`]): each refusal is a late write of ours
+/// Writes of one rewritten object refused in a row before the writer gives
+/// up ([`Replica::put_over`]): each refusal is a late write of ours
 /// landing (one per write whose answer was lost), so more than a few means
 /// another writer.
 const REPLACING_WRITES: usize = 4;
@@ -728,10 +730,7 @@ impl Replica {
     /// The value kept for `meta`'s object, if any ([`Replica::with_memo`]).
     pub fn memo_get<T: std::any::Any + Send + Sync>(&self, meta: &ObjectMeta) -> Option<Arc<T>> {
         let memo = self.memo.as_ref()?;
-        let v = lock_versions(&memo.values)
-            .map
-            .get(&memo_key(meta))?
-            .clone();
+        let v = lock_kept(&memo.values).map.get(&memo_key(meta))?.clone();
         v.downcast::<T>().ok()
     }
 
@@ -746,7 +745,7 @@ impl Replica {
         let Some(memo) = &self.memo else {
             return;
         };
-        let mut v = lock_versions(&memo.values);
+        let mut v = lock_kept(&memo.values);
         if v.weight.saturating_add(weight) > MEMO_WEIGHT {
             return;
         }
@@ -871,25 +870,11 @@ impl Replica {
         if self.local.is_some() {
             return self.put_whole(location, bytes).await;
         }
-        let mut expected = self.written.get(location);
-        for _ in 0..REPLACING_WRITES {
-            let written = match &expected {
-                None => self.put_if_absent(location, bytes.clone()).await?,
-                Some(v) => self.put_if_match(location, bytes.clone(), v).await?,
-            };
-            if let Some(v) = written {
-                self.written.set(location, Some(v));
-                return Ok(());
-            }
-            expected = self.version_of(location).await?;
-        }
-        Err(Error::invalid(
-            location,
-            format!(
-                "changed under its writer {REPLACING_WRITES} times in a row: another process \
-                 writes this object"
-            ),
-        ))
+        let written = self
+            .put_over_unfenced(location, bytes, self.written.get(location))
+            .await?;
+        self.written.set(location, Some(written));
+        Ok(())
     }
 
     /// [`Replica::upload_file`] for an object that later writes replace
@@ -917,7 +902,7 @@ impl Replica {
 
     /// The version of the object at `location` (one HEAD), for a
     /// conditional write over it; `None` if there is none.
-    async fn version_of(&self, location: &ObjPath) -> Result<Option<UpdateVersion>> {
+    pub async fn version_of(&self, location: &ObjPath) -> Result<Option<UpdateVersion>> {
         match read_retrying(|| self.store.head(location)).await {
             Ok(m) => Ok(Some(UpdateVersion {
                 e_tag: m.e_tag,
@@ -1247,25 +1232,49 @@ impl Replica {
         }
     }
 
-    /// Writes `location` under the fence, only over version `expected`
-    /// ([`Replica::put_if_match`]), or only where nothing is (`None`:
-    /// [`Replica::put_if_absent`]): a request the store applies late, after
-    /// a newer write, is refused there. `Ok(None)`: the object is not at
-    /// that version, nothing was written. For objects a writer rewrites (a
-    /// generation's metadata); the lease's own writes are not fenced.
-    pub async fn put_bytes_over(
+    /// Writes `bytes` at `location` under the fence over version `expected`
+    /// ([`Replica::put_if_match`]), or where nothing is (`None`:
+    /// [`Replica::put_if_absent`]), and returns the version written: a
+    /// write the store applies late, after a newer one, is refused there.
+    /// A write refused because the object is not at that version (a late
+    /// write of ours landed first, or the version was not known) reads the
+    /// version there (one HEAD) and writes again, up to 4 times in a row.
+    /// For objects a writer rewrites (a generation's metadata, a cold
+    /// snapshot within its hour: [`Replica::put_replacing`]); the lease's
+    /// own writes are not fenced.
+    pub async fn put_over(
         &self,
         location: &ObjPath,
         bytes: Bytes,
-        expected: Option<&UpdateVersion>,
-    ) -> Result<Option<UpdateVersion>> {
-        self.fenced(location, async {
-            match expected {
-                None => self.put_if_absent(location, bytes).await,
-                Some(v) => self.put_if_match(location, bytes, v).await,
+        expected: Option<UpdateVersion>,
+    ) -> Result<UpdateVersion> {
+        self.fenced(location, self.put_over_unfenced(location, bytes, expected))
+            .await
+    }
+
+    async fn put_over_unfenced(
+        &self,
+        location: &ObjPath,
+        bytes: Bytes,
+        mut expected: Option<UpdateVersion>,
+    ) -> Result<UpdateVersion> {
+        for _ in 0..REPLACING_WRITES {
+            let written = match &expected {
+                None => self.put_if_absent(location, bytes.clone()).await?,
+                Some(v) => self.put_if_match(location, bytes.clone(), v).await?,
+            };
+            if let Some(v) = written {
+                return Ok(v);
             }
-        })
-        .await
+            expected = self.version_of(location).await?;
+        }
+        Err(Error::invalid(
+            location,
+            format!(
+                "changed under its writer {REPLACING_WRITES} times in a row: another process \
+                 writes this object"
+            ),
+        ))
     }
 
     /// Replaces `location` only if it is still at version `expected`
@@ -2299,16 +2308,32 @@ pub fn is_transient(e: &object_store::Error) -> bool {
 
 /// Runs the read `attempt` up to [`READ_ATTEMPTS`] times while it fails
 /// with an [`is_transient`] error; every answer about the object at once.
-async fn read_retrying<T, F, Fut>(mut attempt: F) -> object_store::Result<T>
+async fn read_retrying<T, F, Fut>(attempt: F) -> object_store::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = object_store::Result<T>>,
 {
+    retrying(is_transient, attempt).await
+}
+
+/// Runs `attempt` up to [`READ_ATTEMPTS`] times while it fails with an
+/// error `transient` calls one (no answer about the object); for a read,
+/// or a write whose repeat changes nothing (the lease's conditional-write
+/// check). Every other outcome at once.
+pub(crate) async fn retrying<T, E, F, Fut>(
+    transient: impl Fn(&E) -> bool,
+    mut attempt: F,
+) -> std::result::Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
     let mut n = 1;
     loop {
         match attempt().await {
-            Err(e) if n < READ_ATTEMPTS && is_transient(&e) => {
-                tracing::debug!(error = %e, attempt = n, "store read failed; retrying");
+            Err(e) if n < READ_ATTEMPTS && transient(&e) => {
+                tracing::debug!(error = %e, attempt = n, "store request failed; retrying");
                 tokio::time::sleep(READ_BACKOFF * 2u32.pow(n - 1)).await;
                 n += 1;
             }
@@ -2335,9 +2360,9 @@ mod tests {
         }
         w.set(&name(0), Some(v(7)));
         assert_eq!(w.get(&name(0)), Some(v(7)));
-        assert_eq!(lock_versions(&w.0).len(), REMEMBERED_VERSIONS);
+        assert_eq!(lock_kept(&w.0).len(), REMEMBERED_VERSIONS);
         w.set(&name(REMEMBERED_VERSIONS), Some(v(1)));
-        assert_eq!(lock_versions(&w.0).len(), 1);
+        assert_eq!(lock_kept(&w.0).len(), 1);
         assert_eq!(w.get(&name(1)), None);
         w.set(&name(REMEMBERED_VERSIONS), None);
         assert_eq!(w.get(&name(REMEMBERED_VERSIONS)), None);

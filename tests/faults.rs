@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::fleet::{age, create_db, Backend, Fleet};
+use common::fleet::{age, create_db, insert_rows, Backend, Fleet};
 use common::s3::Fault;
+use rusqlite::Connection;
 use tokio_util::sync::CancellationToken;
 
 /// Databases `p/d/t0` .. `p/d/t{n-1}` of `rows` rows each, last written
@@ -175,4 +176,83 @@ async fn an_upload_given_up_on_is_uploaded_once_more() {
     }
     assert_eq!(got, vec![1, 1, 0]);
     restore_all(&f, 1, 2).await;
+}
+
+/// Starts the daemon's loop on `f`, waits for its first round, writes 2
+/// rows through `c` (3 before), then stops it with the store answering
+/// `fault`: a clean stop with everything uploaded under `Fault::None`,
+/// otherwise an error containing `behind` (and with the key `key` at
+/// `rows_failed` rows, where that is known).
+async fn stop_under(
+    f: &Fleet,
+    c: &Connection,
+    fault: Fault,
+    key: &str,
+    behind: &str,
+    rows_failed: Option<i64>,
+) {
+    let rep = std::sync::Arc::new(f.replicator());
+    let mut rounds = rep.rounds();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(rep.clone().run(false, token.clone()));
+    rounds.changed().await.unwrap();
+    f.assert_restores(&[key], 3).await;
+    insert_rows(c, 2);
+    f.s3().set_fault(fault);
+    token.cancel();
+    let r = task.await.unwrap();
+    f.s3().set_fault(Fault::None);
+    if fault == Fault::None {
+        r.unwrap();
+        f.assert_restores(&[key], 5).await;
+        return;
+    }
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("stopped with the replica behind: ") && e.contains(behind),
+        "{e}"
+    );
+    if let Some(rows) = rows_failed {
+        f.assert_restores(&[key], rows).await;
+    }
+}
+
+/// A stop that leaves the replica behind its databases is an error (exit 1
+/// from `replicate`), not "shut down cleanly": here the stop pass cannot
+/// upload a database written since the last scan, because the store
+/// answers 503 (black-box probe D26: a SIGTERM while the store stalled
+/// exited 0 with its uploads abandoned). With the store answering, the
+/// same stop is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_cannot_upload_what_changed_is_an_error() {
+    for fault in [Fault::Unavailable, Fault::None] {
+        let mut f = Fleet::with_yaml(Backend::S3, "  watch: false\n").await;
+        f.scan_interval = "1h";
+        aged_databases(&f, 2, 3);
+        // Rollback journal: cold, whatever its writes (the hot tier has a
+        // test of its own below).
+        let t1 = f.db_path("p", "d", "t1");
+        let c = Connection::open(&t1).unwrap();
+        c.pragma_update(None, "journal_mode", "delete").unwrap();
+        age(&t1);
+        let behind = "1 database(s) changed since their last upload could not be snapshotted or uploaded at the stop";
+        stop_under(&f, &c, fault, "p/d/t1", behind, Some(3)).await;
+    }
+}
+
+/// The same for a hot database: a stop whose last sync cannot ship the
+/// stream's frames says so and fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_hot_stream_cannot_ship_is_an_error() {
+    for fault in [Fault::Unavailable, Fault::None] {
+        let mut f = Fleet::with_yaml(
+            Backend::S3,
+            "  watch: false\n  hot-duration: 1h\n  cold-after: 1h\n  sync-interval: 50ms\n",
+        )
+        .await;
+        f.scan_interval = "1h";
+        let c = create_db(&f.db_path("p", "d", "t0"), 3);
+        let behind = "1 hot database(s) could not ship their last WAL frames";
+        stop_under(&f, &c, fault, "p/d/t0", behind, None).await;
+    }
 }

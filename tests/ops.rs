@@ -486,12 +486,10 @@ async fn an_empty_fleet_is_unhealthy() {
     assert_eq!(code, Some(0), "{log}");
 }
 
-/// A store that stalls past the lease's local expiry pauses every replica
-/// write: `/healthz` says so (503, not "ok"), `/stats` and `/metrics` show
-/// the pause, and all three are back once the store answers and the lease
-/// is renewed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_lease_makes_the_daemon_unhealthy_until_renewed() {
+/// A daemon on S3 with one database, healthy, then its store stalled until
+/// its lease expires locally and `/healthz` says writes are paused; the
+/// store still stalls (a 30 s delay) when this returns.
+async fn daemon_with_its_lease_paused() -> (Fleet, SocketAddr, Daemon) {
     let mut f = Fleet::new(Backend::S3).await;
     let addr = free_port();
     // The shortest lease (`MIN_TTL`): its fence closes 1.5 s after the last
@@ -500,9 +498,8 @@ async fn a_stalled_lease_makes_the_daemon_unhealthy_until_renewed() {
     f.scan_interval = "500ms";
     drop(create_db(&f.db_path("p", "d", "t0"), 2));
     let d = Daemon::start(&f, &["replicate"]);
-    let ok = Some((200, "ok\n".to_string()));
     until("a healthy daemon", async || {
-        http_get(addr, "/healthz").await == ok
+        http_get(addr, "/healthz").await == Some((200, "ok\n".to_string()))
     })
     .await;
     f.s3().set_fault(Fault::Delay(Duration::from_secs(30)));
@@ -511,6 +508,17 @@ async fn a_stalled_lease_makes_the_daemon_unhealthy_until_renewed() {
             if body.contains("unhealthy: writes paused: the replica lease could not be renewed (expired locally at "))
     })
     .await;
+    (f, addr, d)
+}
+
+/// A store that stalls past the lease's local expiry pauses every replica
+/// write: `/healthz` says so (503, not "ok"), `/stats` and `/metrics` show
+/// the pause, and all three are back once the store answers and the lease
+/// is renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_lease_makes_the_daemon_unhealthy_until_renewed() {
+    let (f, addr, d) = daemon_with_its_lease_paused().await;
+    let ok = Some((200, "ok\n".to_string()));
     let (_, stats) = http_get(addr, "/stats").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert_eq!(
@@ -534,6 +542,24 @@ async fn a_stalled_lease_makes_the_daemon_unhealthy_until_renewed() {
     let (code, log) = d.wait().await;
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("writes resume"), "{log}");
+}
+
+/// A SIGTERM while the lease is paused (the store stalls) stops with exit 1
+/// and says the uploads were abandoned: the replica is behind, and a stop
+/// is "clean" only when it is not (black-box probe D26: exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_lease_is_paused_is_no_clean_stop() {
+    let (f, _, d) = daemon_with_its_lease_paused().await;
+    // Still down, but answering at once: the stop need not wait for it.
+    f.s3().set_fault(Fault::Unavailable);
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("stopped with the replica behind: replica writes were refused by the lease"),
+        "{log}"
+    );
+    assert!(!log.contains("shut down cleanly"), "{log}");
 }
 
 /// A replica that takes no data while its lease still renews (here a file

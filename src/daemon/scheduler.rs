@@ -1291,7 +1291,10 @@ impl Replicator {
     }
 
     /// Stops every streaming task and waits for their last syncs.
-    async fn stop_hot(&self) {
+    /// Returns how many streams ended with frames unshipped because their
+    /// last sync failed (the store), for the stop's exit code.
+    async fn stop_hot(&self) -> usize {
+        let mut failed = 0;
         let tasks: Vec<(Id, Running)> = {
             let mut running = lock(&self.hot.running);
             running.drain().collect()
@@ -1306,10 +1309,14 @@ impl Replicator {
             if let Ok(HotExit::Unshipped | HotExit::Released) = exit {
                 if t.find(&r.path) == Some(id) {
                     t.mark_unsynced(id, std::time::SystemTime::now());
+                    if r.progress.failing() {
+                        failed += 1;
+                    }
                 }
             }
         }
         self.save_state().await;
+        failed
     }
 
     /// Persists upload records if they changed (a failure only costs
@@ -1526,28 +1533,62 @@ impl Replicator {
             }
             self.rounds.send_modify(|n| *n += 1);
         }
-        if !self.replica.writes_refused() {
-            self.upload_changes_at_stop().await;
-        }
+        let failed = if self.replica.writes_refused() {
+            0
+        } else {
+            self.upload_changes_at_stop().await.failed
+        };
         let _ = retention_task.await;
         if let Some(t) = verify_task {
             let _ = t.await;
         }
-        self.stop_hot().await;
+        let unshipped = self.stop_hot().await;
         let log_task = lock(&self.hot.log_task).take();
         if let Some((stop, task)) = log_task {
             stop.cancel();
             let _ = task.await;
         }
-        if self.replica.writes_refused() {
-            // The fence closed (the lease could not be renewed, or was
-            // lost): uploads in flight were abandoned, not finished.
-            tracing::warn!("shut down with replica writes refused by the lease: uploads in flight were abandoned; the next start uploads what is missing");
-        } else {
-            tracing::info!("shut down cleanly: in-flight uploads finished");
-        }
-        Ok(())
+        stop_outcome(self.replica.writes_refused(), failed, unshipped)
     }
+}
+
+/// How a daemon's stop ends: "cleanly", or, when it left the replica
+/// behind its databases, an error (exit 1) saying what was left: writes
+/// the lease refused (it could not be renewed while the store stalled, or
+/// was lost), uploads of the stop pass that failed, hot streams whose last
+/// sync failed. A supervisor or an operator stopping the daemon to move a
+/// host must not read "clean" then (black-box probe D26: a SIGTERM while
+/// the store stalled exited 0 with the uploads abandoned). The next start
+/// uploads what is missing, as after a crash.
+fn stop_outcome(refused: bool, failed: usize, unshipped: usize) -> Result<()> {
+    let mut left = Vec::new();
+    if refused {
+        left.push(
+            "replica writes were refused by the lease (it could not be renewed, or was lost), so uploads in flight were abandoned"
+                .to_string(),
+        );
+    }
+    if failed > 0 {
+        left.push(format!(
+            "{failed} database(s) changed since their last upload could not be snapshotted or uploaded at the stop (see the warnings)"
+        ));
+    }
+    if unshipped > 0 {
+        left.push(format!(
+            "{unshipped} hot database(s) could not ship their last WAL frames (see the warnings)"
+        ));
+    }
+    if left.is_empty() {
+        tracing::info!("shut down cleanly: in-flight uploads finished");
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "replicate",
+        format!(
+            "stopped with the replica behind: {}; the next start uploads what is missing",
+            left.join("; ")
+        ),
+    ))
 }
 
 /// The next batch of change notifications; never, without a watcher.

@@ -427,6 +427,10 @@ both_backends!(database_without_backup_is_not_found, |b| async move {
     drop(create_db(&new, 1));
     // An old mtime is not enough (a copy keeps it): ctime says "new" too.
     common::fleet::age(&new);
+    // One whose key replicate refuses is no backup either (black-box probe
+    // G27, F8: left out of the report).
+    let refused = f.db_path("p2", "d0", "back\\slash");
+    drop(create_db(&refused, 1));
     let (code, doc) = verify_json(&f, &[]);
     assert_eq!((code, counts(&doc)), (0, (1, 1, 0, 0)), "{doc}");
 
@@ -437,7 +441,19 @@ both_backends!(database_without_backup_is_not_found, |b| async move {
         .await
         .unwrap();
     assert_eq!(report.summary.exit_code(), 1);
-    assert_eq!((report.summary.ok, report.summary.problems), (1, 1));
+    assert_eq!((report.summary.ok, report.summary.problems), (1, 2));
+    let missing = report
+        .results
+        .iter()
+        .find(|r| r.key == "p2/d0/back\\slash")
+        .unwrap();
+    assert_eq!(missing.what.as_deref(), Some("not found"));
+    let why = missing.why.as_deref().unwrap();
+    assert!(
+        why.contains("not backed up: replicate refuses the key of")
+            && why.contains(&refused.display().to_string()),
+        "{missing:?}"
+    );
     let missing = report.results.iter().find(|r| r.key == "p2/d0/t0").unwrap();
     assert_eq!(missing.what.as_deref(), Some("not found"));
     assert!(

@@ -94,7 +94,7 @@ use crate::capture::snapshot;
 use crate::capture::wal::{self, ReadOutcome, WalCursor};
 use crate::replica::cold;
 use crate::replica::hot;
-use crate::replica::layout::check_key;
+use crate::replica::layout::{check_key, check_new_key};
 use crate::replica::storage::Replica;
 use crate::source::config::Loaded;
 use crate::source::discover::Visitor;
@@ -649,7 +649,11 @@ fn local_databases(
                 || key
                     .strip_prefix(self.prefix)
                     .is_some_and(|rest| rest.starts_with('/'));
-            if under && check_key(&key).is_ok() {
+            // A key `restore` would refuse is kept: such a database is
+            // not backed up (replicate refuses it at every scan), which
+            // the drill reports rather than leaves out (black-box probe
+            // G27, F8).
+            if under {
                 let paths = self.found.entry(key).or_default();
                 if !paths.contains(&path) {
                     paths.push(path);
@@ -684,6 +688,12 @@ async fn check_one(
     let mut result = KeyResult::new(job.key.clone());
     result.sources = job.sources.clone();
     let Some(listed) = job.listed else {
+        if let Err(e) = check_new_key(&job.key) {
+            return result.failed(&Error::NotFound(format!(
+                "not backed up: replicate refuses the key of {} ({e})",
+                names(&job.sources)
+            )));
+        }
         return missing(result, &job.sources, opts.new_database_grace);
     };
     if let Some(why) = &listed.refused {
@@ -803,12 +813,17 @@ async fn drop_new(jobs: Vec<Job>, grace: Duration) -> Vec<Job> {
 
 /// A database on this host that the replica does not hold (see [`drop_new`]).
 fn missing(result: KeyResult, sources: &[PathBuf], grace: Duration) -> KeyResult {
-    let names: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
     result.failed(&Error::NotFound(format!(
         "no snapshot or WAL generation in the replica for {} (unchanged for more than {})",
-        names.join(", "),
+        names(sources),
         humantime::format_duration(grace)
     )))
+}
+
+/// `paths`, comma-separated.
+fn names(paths: &[PathBuf]) -> String {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    names.join(", ")
 }
 
 /// The state time of the cold snapshot `object`: when its copy began.

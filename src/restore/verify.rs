@@ -280,6 +280,8 @@ pub fn classify(e: &Error) -> Verdict {
                 "WAL segment(s) from",
                 "refusing to replay into WAL",
                 "overlaps the previous segment",
+                // A generation's snapshot missing (black-box probe G27, F5).
+                "is in the replica: it was lost",
             ]) {
                 Verdict::Problem(Problem::Gap)
             } else if integrity() {
@@ -291,6 +293,10 @@ pub fn classify(e: &Error) -> Verdict {
                 "invalid page size",
                 "salts",
                 "WAL header",
+                // Wrapped by the hot tier's "not falling back" (black-box
+                // probe G27, F5: both were "cannot be restored").
+                "not a valid pack",
+                "not the snapshot that was uploaded",
             ]) {
                 Verdict::Problem(Problem::Damaged)
             } else {
@@ -1449,6 +1455,27 @@ mod tests {
                 p(Damaged),
             ),
             (invalid("seg", "WAL checksum chain broken at frame 2 of 3"), p(Damaged)),
+            (
+                invalid(
+                    "hot-tier restore (WAL generation)",
+                    ".litefleet/log/x.pack: not a valid pack: index of 2831 bytes in an object of 300; not falling back",
+                ),
+                p(Damaged),
+            ),
+            (
+                invalid(
+                    "hot-tier restore (WAL generation)",
+                    "k/generations/g/snapshots/s.snapshot.lz4: its size is 342 bytes where metadata.json recorded 332 bytes at its upload: not the snapshot that was uploaded; not falling back",
+                ),
+                p(Damaged),
+            ),
+            (
+                invalid(
+                    "generation g of \"k\"",
+                    "its metadata.json records 1 snapshot(s) uploaded, but no snapshot of it is in the replica: it was lost; refusing to restore an older generation or cold snapshot in its place",
+                ),
+                p(Gap),
+            ),
             (Error::NotFound("nothing".into()), p(NotFound)),
             (invalid("k/x.lz4", "download failed 3 times, the last with: reset"), u(Transport)),
             (

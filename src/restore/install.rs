@@ -293,18 +293,24 @@ pub fn create_dir_durably(dir: &Path) -> Result<()> {
         // The first existing ancestor is no directory (a file where the
         // output's directory should be): named, where the error read only
         // "File exists" (black-box probe A26).
-        let blocking = dir
-            .ancestors()
-            .find(|d| std::fs::metadata(d).is_ok_and(|m| !m.is_dir()));
+        // A link to nothing is named too (black-box probe G27: "File
+        // exists" for a dangling link in the output tree).
+        let blocking = dir.ancestors().find_map(|d| match std::fs::metadata(d) {
+            Ok(m) if !m.is_dir() => Some((d, "is not a directory")),
+            Err(_) if std::fs::symlink_metadata(d).is_ok_and(|m| m.is_symlink()) => {
+                Some((d, "is a link to nothing (its target does not exist)"))
+            }
+            _ => None,
+        });
         // An I/O error, this host's: the hot tier passes it on as it is
         // (black-box probe G27: it was worded as a replica failure, with
         // advice to restore an older cold snapshot).
         return Err(match blocking {
-            Some(b) => Error::io(
+            Some((b, what)) => Error::io(
                 b,
                 std::io::Error::new(
                     std::io::ErrorKind::NotADirectory,
-                    format!("is not a directory, so {} cannot be made", dir.display()),
+                    format!("{what}, so {} cannot be made", dir.display()),
                 ),
             ),
             None => Error::io(dir, e),
@@ -594,6 +600,17 @@ mod tests {
             .to_string();
         assert!(
             e.starts_with(&format!("{}: is not a directory", file.display())),
+            "{e}"
+        );
+        // A link to nothing, not "File exists" (black-box probe G27).
+        let link = dir.path().join("sp ace");
+        std::os::unix::fs::symlink(dir.path().join("nonexistent"), &link).unwrap();
+        let e = create_dir_durably(&link.join("b")).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: is a link to nothing (its target does not exist), so ",
+                link.display()
+            )),
             "{e}"
         );
     }

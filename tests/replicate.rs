@@ -384,6 +384,16 @@ both_backends!(restore_flags_and_errors, |b| async move {
     assert!(e.contains("already exists"), "{e}");
     assert!(!out.path().join("nowhere.db").exists());
     std::fs::remove_file(&link).unwrap();
+    // A directory is named as one, not to be removed (black-box probe G27).
+    let e = f
+        .restore("p/d/x", out.path(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is a directory: -o names the database file to write"),
+        "{e}"
+    );
     let opts = |target: &str, out: &std::path::Path| litefleet::restore::RestoreOptions {
         target: target.into(),
         output: out.into(),

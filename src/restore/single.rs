@@ -186,9 +186,16 @@ pub async fn restore_with_progress(
 ) -> Result<RestoreOutcome> {
     let key = resolve_key(loaded, &opts.target)?;
     // A symlink (even a dangling one) is something at the path too.
-    if opts.output.symlink_metadata().is_ok() {
+    if let Ok(m) = opts.output.symlink_metadata() {
         if opts.if_db_not_exists {
             return Ok(RestoreOutcome::OutputExists);
+        }
+        // Not "remove it" for a directory (black-box probe G27: `-o out/`).
+        if m.is_dir() {
+            return Err(Error::invalid(
+                opts.output.display(),
+                "is a directory: -o names the database file to write (restore --prefix writes one per key below a directory)",
+            ));
         }
         return Err(Error::invalid(
             opts.output.display(),

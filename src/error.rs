@@ -308,14 +308,16 @@ pub fn store_hint(source: &object_store::Error) -> &'static str {
 }
 
 /// [`store_hint`] for a request that got no answer in time.
-/// An upload request carries up to one part (`UPLOAD_PART`, 10 MiB), so on
-/// a slow uplink the timeout must allow for sending that much; the message
-/// says so, since a request timed out is not retried (the timeout bounds a
-/// request and its retries together) and the upload starts again next cycle.
+/// A write gets the timeout once per part (`UPLOAD_PART`, 10 MiB) it sends,
+/// so on a slow uplink the timeout must allow for sending that much; a read
+/// gets it between any two pieces of its answer. The message says so,
+/// since a request timed out is not retried (the timeout bounds a request
+/// and its retries together) and the upload starts again next cycle.
 const TIMED_OUT: &str = "the request timed out: no answer within multi-db.replica.timeout \
                          (the store is slow or unreachable, or the timeout too short for it: \
-                         an upload request sends up to 10 MiB, which a slow uplink must fit \
-                         in the timeout): ";
+                         a write gets the timeout once per 10 MiB it sends, which a slow \
+                         uplink must fit, and a download gets it between any two pieces of \
+                         its answer): ";
 
 /// Adds the path to `std::io::Result`s.
 pub trait IoContext<T> {

@@ -427,11 +427,11 @@ async fn a_stop_against_a_hung_store_ends_at_its_timeout() {
     let cfg = f.config_path();
     let mut child = spawn_replicate(&cfg);
     // The lease is taken and the start checked (GET, a GET of the replica's
-    // identity, conditional PUT, two refused conditional PUTs, a HEAD for an
-    // enclosing replica root): from now on the store holds every request
-    // for an hour.
+    // identity, conditional PUT, two refused conditional PUTs and one
+    // applied, a HEAD for an enclosing replica root): from now on the store
+    // holds every request for an hour.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while f.s3().request_count() < 6 {
+    while f.s3().request_count() < 7 {
         assert!(Instant::now() < deadline, "no lease taken");
         assert!(child.try_wait().unwrap().is_none(), "exited early");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -543,13 +543,13 @@ async fn sigterm_finishes_in_flight_uploads() {
     let cfg = f.config_path();
     let mut child = spawn_replicate(&cfg);
     let deadline = Instant::now() + Duration::from_secs(30);
-    // Six requests take the replica lease and check the start (GET, a GET
+    // Seven requests take the replica lease and check the start (GET, a GET
     // of the replica's identity telling a new replica from a lease deleted
-    // by hand, conditional PUT, two refused conditional PUTs, a HEAD for an
-    // enclosing replica root), one lists the fleet log (what an earlier run
-    // left), two read and write the replica's identity; a tenth is an
-    // upload.
-    while f.s3().request_count() < 10 {
+    // by hand, conditional PUT, two refused conditional PUTs and one
+    // applied, a HEAD for an enclosing replica root), one lists the fleet
+    // log (what an earlier run left), two read and write the replica's
+    // identity; an eleventh is an upload.
+    while f.s3().request_count() < 11 {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();

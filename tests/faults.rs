@@ -3,8 +3,9 @@
 mod common;
 
 use common::fleet::{age, create_db, insert_rows, Backend, Fleet};
-use common::s3::Fault;
+use common::s3::{Fault, TRICKLE_PIECES};
 use rusqlite::Connection;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Databases `p/d/t0` .. `p/d/t{n-1}` of `rows` rows each, last written
@@ -255,4 +256,83 @@ async fn a_stop_whose_hot_stream_cannot_ship_is_an_error() {
         let behind = "1 hot database(s) could not ship their last WAL frames";
         stop_under(&f, &c, fault, "p/d/t0", behind, None).await;
     }
+}
+
+/// A download goes on as long as the store keeps sending: `replica.timeout`
+/// bounds the wait for each piece of an answer, not the whole answer
+/// (black-box probe K28: a 15 MB snapshot at 1.84 Mbit/s could never be
+/// restored at the default 60 s). Here every GET body comes in 8 pieces,
+/// each after the timeout's third; a store that stops sending for longer
+/// than the timeout still fails the restore, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_longer_than_the_timeout_goes_on_while_the_store_sends() {
+    let mut f = Fleet::new(Backend::S3).await;
+    f.timeout = "1s";
+    aged_databases(&f, 1, 3);
+    let r = f.replicator().cycle(&CancellationToken::new()).await;
+    assert_eq!(r.uploaded, 1);
+    f.s3().set_fault(Fault::Trickle(Duration::from_millis(330)));
+    let started = std::time::Instant::now();
+    restore_all(&f, 1, 3).await;
+    assert!(
+        started.elapsed() > Duration::from_millis(330 * u64::from(TRICKLE_PIECES)),
+        "each download took longer than the timeout"
+    );
+    f.s3()
+        .set_fault(Fault::Trickle(Duration::from_millis(1500)));
+    let out = tempfile::tempdir().unwrap();
+    let e = f
+        .restore("p/d/t0", &out.path().join("t0.db"), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("replica.timeout"), "{e}");
+}
+
+/// A write gets `replica.timeout` once per 10 MiB it sends: an 11 MiB
+/// single PUT (a fleet log object or a consolidated pack can be one)
+/// answered after 1.5 s passes with a 1 s timeout, where a small PUT
+/// answered as late fails, naming the timeout (black-box probe K28: 25 MB
+/// and 59 MB PUTs timed out on a link that fit 10 MiB in the timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_write_gets_the_timeout_once_per_10_mib() {
+    let mut f = Fleet::new(Backend::S3).await;
+    f.timeout = "1s";
+    let r = f.replica();
+    f.s3().set_fault(Fault::Delay(Duration::from_millis(1500)));
+    let large = vec![7u8; 11 << 20];
+    r.put_bytes(&"x/large".into(), large).await.unwrap();
+    let e = r
+        .put_bytes(&"x/small".into(), b"x".to_vec())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("replica.timeout"), "{e}");
+}
+
+/// A store without multi-object delete (`POST ?delete` answers 501, as
+/// LocalBucket's does; Google Cloud Storage's XML API has none): deletes
+/// go one object per request from the first refusal on, so retention and
+/// the fleet log's clean-up work there (black-box probe K28: every pass
+/// failed and the replica only grew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_multi_object_delete_gets_single_deletes() {
+    let f = Fleet::new(Backend::S3).await;
+    let r = f.replica();
+    let paths: Vec<object_store::path::Path> = (0..4)
+        .map(|i| format!("{}/x/o{i}", r.prefix).as_str().into())
+        .collect();
+    for p in &paths {
+        r.put_bytes(p, b"x".to_vec()).await.unwrap();
+    }
+    let ours = |objects: Vec<String>| objects.iter().filter(|o| o.contains("x/o")).count();
+    assert_eq!(ours(f.objects().await), 4);
+    f.s3().set_fault(Fault::NoBulkDelete);
+    r.delete_many(paths[..2].to_vec()).await.unwrap();
+    let refused = f.s3().fault_count();
+    assert!(refused >= 1, "the bulk delete was tried first");
+    r.delete_many(paths[2..].to_vec()).await.unwrap();
+    assert_eq!(f.s3().fault_count(), refused, "no bulk delete tried again");
+    f.s3().set_fault(Fault::None);
+    assert_eq!(ours(f.objects().await), 0);
 }

@@ -586,6 +586,31 @@ async fn a_store_ignoring_conditional_writes_fails_the_check() {
     }
 }
 
+/// A store that refuses every If-Match write, its own ETag's too, fails
+/// the check at start, naming that; before, it passed, and the first
+/// renewal said the lease was "changed by another writer with our owner
+/// id" (black-box probe K28).
+#[tokio::test]
+async fn a_store_refusing_its_own_etag_fails_the_check() {
+    use common::fleet::Backend;
+    use common::s3::Fault;
+    let f = Fleet::new(Backend::S3).await;
+    let r = f.replica();
+    f.s3().set_fault(Fault::RefuseIfMatch);
+    let mut a = Lease::acquire(&r, Utc::now()).await.unwrap();
+    let e = a.check_conditional_writes().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Invalid { .. }), "{msg}");
+    assert!(
+        msg.contains("refused a write conditional on the lease's own ETag (If-Match"),
+        "{msg}"
+    );
+    assert!(f.s3().fault_count() >= 2, "the refusal check and this one");
+    f.s3().set_fault(Fault::None);
+    a.check_conditional_writes().await.unwrap();
+    a.release().await.unwrap();
+}
+
 /// A store fault on one of the check's writes (a 503 after the client's
 /// own retries, a reset connection) is tried again rather than failing the
 /// start (black-box probe D26); a store that keeps failing still fails it,

@@ -180,13 +180,13 @@ async fn sigkill_mid_upload_then_restart_loses_nothing() {
     }
     f.s3().set_fault(Fault::Delay(Duration::from_millis(400)));
     let d = Daemon::start(&f, &["replicate"]);
-    // Six requests take the lease and check the start (GET, a GET of the
-    // replica's identity, conditional PUT, two refused conditional PUTs, a
-    // HEAD for an enclosing replica root), one lists the fleet log an
-    // earlier run may have left, two read and write the replica's
-    // identity; the rest are uploads.
+    // Seven requests take the lease and check the start (GET, a GET of the
+    // replica's identity, conditional PUT, two refused conditional PUTs and
+    // one applied, a HEAD for an enclosing replica root), one lists the
+    // fleet log an earlier run may have left, two read and write the
+    // replica's identity; the rest are uploads.
     until("an upload on the wire", async || {
-        f.s3().request_count() >= 10
+        f.s3().request_count() >= 11
     })
     .await;
     d.signal("-KILL");

@@ -437,9 +437,11 @@ impl Lease {
     /// and write anyway; there two replicators would both "win" the lease
     /// and upload over each other. Both writes carry the lease's own bytes,
     /// so a store that applies them changes nothing but its version, which
-    /// is kept. Two PUTs per start; `file://` replicas do their
-    /// compare-and-swap themselves and send nothing.
-    /// [`Error::Invalid`] naming the ignored condition if one was applied.
+    /// is kept. Then one write that must be applied
+    /// (`check_own_etag_matches`). Three PUTs per start; `file://`
+    /// replicas do their compare-and-swap themselves and send nothing.
+    /// [`Error::Invalid`] naming the ignored condition if one was applied,
+    /// or the refusal of our own ETag.
     pub async fn check_conditional_writes(&mut self) -> Result<()> {
         if self.replica.is_local() {
             return Ok(());
@@ -461,7 +463,7 @@ impl Lease {
             self.version = v;
             "a write conditional on an ETag the lease does not have (If-Match) was applied"
         } else {
-            return Ok(());
+            return self.check_own_etag_matches().await;
         };
         Err(Error::invalid(
             format!("replica lease {}", lease_name(&self.replica)),
@@ -469,6 +471,34 @@ impl Lease {
                 "the store ignores conditional writes: {ignored}. On this store the lease cannot keep two replicators apart, so litefleet does not replicate to it; use a store that honours If-None-Match and If-Match (AWS S3, MinIO, R2), or set `multi-db.replica.check-conditional-writes: false` if you make sure yourself that only one replicator runs"
             ),
         ))
+    }
+
+    /// The third write of [`Lease::check_conditional_writes`], one the
+    /// store must apply: our lease again, conditional on the ETag its
+    /// last write returned (If-Match), as every renewal is. A store that
+    /// cannot match its own ETags (one comparing a quoted ETag with an
+    /// unquoted one, say) passed the two refusals, and then every renewal
+    /// failed as "lost: changed by another writer with our owner id", and
+    /// the next start blamed another litefleet (black-box probe K28).
+    async fn check_own_etag_matches(&mut self) -> Result<()> {
+        let body = encode(&self.record);
+        let (replica, location, version) = (&self.replica, &self.location, &self.version);
+        if let Some(v) =
+            check_write(|| replica.put_if_match(location, body.clone(), version)).await?
+        {
+            self.version = v;
+            return Ok(());
+        }
+        match Self::current(&self.replica).await? {
+            Some(r) if r == self.record => Err(Error::invalid(
+                format!("replica lease {}", lease_name(&self.replica)),
+                "the store refused a write conditional on the lease's own ETag (If-Match with the \
+                 ETag the store returned for it), so it cannot renew the lease or update an \
+                 object safely, and litefleet does not replicate to it; use a store that honours \
+                 If-Match (AWS S3, MinIO, R2)",
+            )),
+            _ => Err(self.lost(Utc::now()).await),
+        }
     }
 
     /// What is stored in the replica's lease object now, if anything.

@@ -454,6 +454,39 @@ pub struct Replica {
     /// What was read from objects that never change, kept for the rest of
     /// this run when enabled ([`Replica::with_memo`]).
     memo: Option<Arc<Memo>>,
+    /// S3 only: the same store deleting one object per request, for a
+    /// store without multi-object delete ([`SingleDeletes`]).
+    single_deletes: Option<Arc<SingleDeletes>>,
+}
+
+/// The fallback of [`Replica::delete_many`] (and [`Replica::delete`]) for
+/// an S3-compatible store that does not implement multi-object delete
+/// (`DeleteObjects`, `POST ?delete`): object_store deletes through it even
+/// one object at a time, so on such a store (LocalBucket answers 501
+/// NotImplemented; Google Cloud Storage's XML API has no such call) every
+/// retention pass and fleet log clean-up failed and the replica only grew
+/// (black-box probe K28). The first such refusal switches this replica to
+/// one `DELETE` per object (20 at once), with one warning.
+#[derive(Debug)]
+pub struct SingleDeletes {
+    store: Arc<dyn ObjectStore>,
+    on: std::sync::atomic::AtomicBool,
+}
+
+/// Whether `e` says the store does not implement multi-object delete.
+fn bulk_delete_unsupported(e: &object_store::Error) -> bool {
+    if matches!(e, object_store::Error::NotImplemented { .. }) {
+        return true;
+    }
+    let text = format!("{e:?} {e}");
+    [
+        "NotImplemented",
+        "Not Implemented",
+        "MethodNotAllowed",
+        "Method Not Allowed",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 /// Values read from objects that never change once written (a fleet log
@@ -606,6 +639,7 @@ impl Replica {
                     batch_device: batch_device(dir),
                     written: Arc::default(),
                     memo: None,
+                    single_deletes: None,
                 })
             }
             ReplicaUrl::S3 { bucket, prefix } => {
@@ -679,12 +713,20 @@ impl Replica {
                     .with_client_options(
                         ClientOptions::new()
                             .with_allow_http(allow_http)
-                            .with_timeout(cfg.timeout)
                             .with_connect_timeout(CONNECT_TIMEOUT),
                     );
                 // Every ListObjectsV2 page checked for a truncated listing
-                // without a continuation token (see [`CheckedListings`]).
-                b = b.with_http_connector(CheckedListings::default());
+                // without a continuation token, and `replica.timeout`
+                // applied per request kind (see [`CheckedListings`]).
+                b = b.with_http_connector(CheckedListings {
+                    connector: Default::default(),
+                    timeout: cfg.timeout,
+                });
+                let singles = b
+                    .clone()
+                    .with_disable_bulk_delete(true)
+                    .build()
+                    .map_err(|e| Error::store(format!("s3://{bucket}"), e))?;
                 let store = b
                     .build()
                     .map_err(|e| Error::store(format!("s3://{bucket}"), e))?;
@@ -699,6 +741,10 @@ impl Replica {
                     batch_device: None,
                     written: Arc::default(),
                     memo: None,
+                    single_deletes: Some(Arc::new(SingleDeletes {
+                        store: Arc::new(singles),
+                        on: std::sync::atomic::AtomicBool::new(false),
+                    })),
                 })
             }
         }
@@ -1148,33 +1194,35 @@ impl Replica {
 
     /// Deletes one object.
     pub async fn delete(&self, location: &ObjPath) -> Result<()> {
-        self.durable_dirs.forget();
-        self.fenced(location, async {
-            self.store
-                .delete(location)
-                .await
-                .map_err(|e| Error::store(location, e))
-        })
-        .await
+        self.delete_many(vec![location.clone()]).await
     }
 
-    /// Deletes a batch of objects (bulk deletes where the store has them); a
-    /// missing object counts as deleted.
+    /// Deletes a batch of objects (bulk deletes where the store has them,
+    /// else one request per object: [`SingleDeletes`]); a missing object
+    /// counts as deleted.
     pub async fn delete_many(&self, paths: Vec<ObjPath>) -> Result<()> {
+        use std::sync::atomic::Ordering;
         let Some(first) = paths.first().cloned() else {
             return Ok(());
         };
         self.durable_dirs.forget();
         self.fenced(&first, async {
-            let input = futures::stream::iter(paths.into_iter().map(Ok));
-            let mut results = self.store.delete_stream(Box::pin(input));
-            while let Some(r) = futures::StreamExt::next(&mut results).await {
-                match r {
-                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(Error::store("delete", e)),
-                }
+            let singles = self.single_deletes.as_ref();
+            if singles.is_some_and(|s| s.on.load(Ordering::Relaxed)) {
+                return delete_all(&singles.unwrap().store, paths).await;
             }
-            Ok(())
+            match delete_all(&self.store, paths.clone()).await {
+                Err(Error::Store { source, .. })
+                    if singles.is_some() && bulk_delete_unsupported(&source) =>
+                {
+                    let singles = singles.unwrap();
+                    if !singles.on.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(replica = %self, error = %source, "the store does not implement multi-object delete (DeleteObjects): deleting one object per request from now on");
+                    }
+                    delete_all(&singles.store, paths).await
+                }
+                r => r,
+            }
         })
         .await
     }
@@ -2127,6 +2175,19 @@ async fn local_cas(
     .map_err(|e| Error::invalid(what, format!("task failed: {e}")))?
 }
 
+/// Deletes `paths` from `store` (see [`Replica::delete_many`]).
+async fn delete_all(store: &Arc<dyn ObjectStore>, paths: Vec<ObjPath>) -> Result<()> {
+    let input = futures::stream::iter(paths.into_iter().map(Ok));
+    let mut results = store.delete_stream(Box::pin(input));
+    while let Some(r) = futures::StreamExt::next(&mut results).await {
+        match r {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(Error::store("delete", e)),
+        }
+    }
+    Ok(())
+}
+
 /// The order check of one S3 listing. S3 lists keys in byte order, each
 /// once, and object_store pages through a listing trusting that; a store
 /// that lists in another order can skip objects at page boundaries or
@@ -2145,7 +2206,7 @@ impl ListingOrder {
     fn next(&mut self, prefix: &ObjPath, key: &str) -> Result<()> {
         if let Some(last) = self.0.as_deref().filter(|&last| key <= last) {
             return Err(Error::invalid(
-                format!("the listing of {prefix:?}"),
+                format!("the listing of {:?}", prefix.as_ref()),
                 format!(
                     "the store listed {key:?} after {last:?}: S3 lists every key once, in byte \
                      order, and a listing in any other order can skip or repeat objects, so it is \
@@ -2170,22 +2231,94 @@ impl ListingOrder {
 /// again would carry the token. Every other response, and every listing
 /// page that is complete or has its token, passes through unchanged (a
 /// listing page's body is buffered first: at most 1000 keys).
-#[derive(Debug, Default)]
-struct CheckedListings(object_store::client::ReqwestConnector);
+///
+/// It also applies `replica.timeout` ([`CheckedListings::timeout`]) by
+/// request kind, where the client's own timeout bounded every request
+/// whole, from its start to the end of its answer's body:
+/// * a read (GET, HEAD) must get its answer's head, then each further piece
+///   of its body, within the timeout (reqwest's read timeout), so a download
+///   of any size goes on while the store keeps sending: a 15 MB snapshot at
+///   1.84 Mbit/s could never be restored at the default 60 s (black-box
+///   probe K28), nor could any snapshot larger than 60 s of the link;
+/// * a write gets the timeout once per [`UPLOAD_PART`] (10 MiB) it sends,
+///   for sending it and reading the whole answer: the hot tier's fleet log
+///   objects and consolidated packs are single PUTs that can be far larger
+///   (probe K28: 25 MB and 59 MB PUTs timed out on a link that fit 10 MiB
+///   in the timeout, and the hot tier fell back to the cold one).
+#[derive(Debug)]
+struct CheckedListings {
+    connector: object_store::client::ReqwestConnector,
+    /// `replica.timeout`.
+    timeout: Duration,
+}
 
 impl object_store::client::HttpConnector for CheckedListings {
     fn connect(
         &self,
         options: &ClientOptions,
     ) -> object_store::Result<object_store::client::HttpClient> {
+        let reads = options
+            .clone()
+            .with_timeout_disabled()
+            .with_read_timeout(self.timeout);
+        let writes = options
+            .clone()
+            .with_timeout_disabled()
+            .with_read_timeout_disabled();
         Ok(object_store::client::HttpClient::new(
-            CheckedListingService(self.0.connect(options)?),
+            CheckedListingService {
+                reads: self.connector.connect(&reads)?,
+                writes: self.connector.connect(&writes)?,
+                timeout: self.timeout,
+            },
         ))
     }
 }
 
 #[derive(Debug)]
-struct CheckedListingService(object_store::client::HttpClient);
+struct CheckedListingService {
+    /// For GET and HEAD: reqwest's read timeout, no bound on the whole.
+    reads: object_store::client::HttpClient,
+    /// For every other request: bounded by [`write_allowance`] here.
+    writes: object_store::client::HttpClient,
+    timeout: Duration,
+}
+
+/// How long a write request that sends `len` bytes may take, its answer
+/// included: `timeout` once per [`UPLOAD_PART`] begun (at least once).
+fn write_allowance(timeout: Duration, len: usize) -> Duration {
+    let parts = len.div_ceil(UPLOAD_PART).max(1);
+    timeout.saturating_mul(u32::try_from(parts).unwrap_or(u32::MAX))
+}
+
+impl CheckedListingService {
+    /// Sends the write `req` and reads its whole answer within
+    /// [`write_allowance`]; a timeout error otherwise, as the client's own
+    /// (retried like it, and worded by [`crate::error`]'s hint).
+    async fn write(
+        &self,
+        req: object_store::client::HttpRequest,
+    ) -> std::result::Result<object_store::client::HttpResponse, object_store::client::HttpError>
+    {
+        use object_store::client::{HttpError, HttpErrorKind, HttpResponse};
+        let allowance = write_allowance(self.timeout, req.body().content_length());
+        let answer = async {
+            let (parts, body) = self.writes.execute(req).await?.into_parts();
+            let bytes = body.bytes().await?;
+            Ok::<_, HttpError>(HttpResponse::from_parts(parts, bytes.into()))
+        };
+        match tokio::time::timeout(allowance, answer).await {
+            Ok(r) => r,
+            Err(_) => Err(HttpError::new(
+                HttpErrorKind::Timeout,
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no complete answer within {allowance:?}"),
+                ),
+            )),
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl object_store::client::HttpService for CheckedListingService {
@@ -2194,10 +2327,13 @@ impl object_store::client::HttpService for CheckedListingService {
         req: object_store::client::HttpRequest,
     ) -> std::result::Result<object_store::client::HttpResponse, object_store::client::HttpError>
     {
+        if !matches!(*req.method(), reqwest::Method::GET | reqwest::Method::HEAD) {
+            return self.write(req).await;
+        }
         let listing = (req.method() == reqwest::Method::GET)
             .then(|| list_v2_prefix(req.uri().query().unwrap_or("")))
             .flatten();
-        let res = self.0.execute(req).await?;
+        let res = self.reads.execute(req).await?;
         let Some(prefix) = listing else {
             return Ok(res);
         };
@@ -2382,11 +2518,22 @@ mod tests {
             source: Box::new(late),
         };
         let msg = Error::store("k/x.db.lz4", e).to_string();
-        let part = format!("up to {} MiB", UPLOAD_PART >> 20);
+        let part = format!("once per {} MiB it sends", UPLOAD_PART >> 20);
         assert!(
             msg.contains(&part) && msg.contains("replica.timeout"),
             "{msg}"
         );
+    }
+
+    /// A write gets `replica.timeout` once per part it sends, at least once.
+    #[test]
+    fn a_write_gets_the_timeout_once_per_part_it_sends() {
+        let t = Duration::from_secs(60);
+        let allowed = |len| write_allowance(t, len).as_secs();
+        assert_eq!(allowed(0), 60);
+        assert_eq!(allowed(UPLOAD_PART), 60);
+        assert_eq!(allowed(UPLOAD_PART + 1), 120);
+        assert_eq!(allowed(59_200_000), 360);
     }
 
     /// A ListObjectsV2 page that is truncated without a continuation token

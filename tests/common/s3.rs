@@ -79,7 +79,20 @@ pub enum Fault {
     IgnoreConditions,
     /// PutObject ignores `If-Match` only (`If-None-Match` still answers 412).
     IgnoreIfMatch,
+    /// Multi-object delete (`POST ?delete`) answers 501 NotImplemented, as
+    /// LocalBucket's does (black-box probe K28); `DELETE` of one object works.
+    NoBulkDelete,
+    /// PutObject with `If-Match` always answers 412, its own ETag too, as a
+    /// store that compares ETags wrongly (black-box probe K28).
+    RefuseIfMatch,
+    /// Every GET of an object (not a listing) sends its body in
+    /// [`TRICKLE_PIECES`] pieces, one per this interval: a slow link that
+    /// keeps sending.
+    Trickle(Duration),
 }
+
+/// Pieces of a body under [`Fault::Trickle`].
+pub const TRICKLE_PIECES: u32 = 8;
 
 struct Shared {
     fault: Mutex<Fault>,
@@ -127,6 +140,7 @@ enum Action {
     Delay(Duration),
     Fail(u16, &'static str),
     CutBody,
+    Trickle(Duration),
     /// A listing page: its `NextContinuationToken` is dropped.
     DropToken,
     /// A listing page: its first object is listed twice.
@@ -134,7 +148,7 @@ enum Action {
 }
 
 impl Shared {
-    fn decide(&self, is_list: bool, is_range: bool) -> Action {
+    fn decide(&self, is_list: bool, is_range: bool, is_get: bool, bulk_delete: bool) -> Action {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let fault = *self.fault.lock().unwrap();
         let action = match fault {
@@ -156,11 +170,18 @@ impl Shared {
                     Action::Serve
                 }
             }
-            Fault::ListPages(_) | Fault::IgnoreConditions | Fault::IgnoreIfMatch => Action::Serve,
+            Fault::ListPages(_)
+            | Fault::IgnoreConditions
+            | Fault::IgnoreIfMatch
+            | Fault::RefuseIfMatch => Action::Serve,
             Fault::ListPagesWithoutTokens(_) if is_list => Action::DropToken,
             Fault::ListPagesWithoutTokens(_) => Action::Serve,
             Fault::ListRepeatingAKey if is_list => Action::RepeatKey,
             Fault::ListRepeatingAKey => Action::Serve,
+            Fault::Trickle(d) if is_get && !is_list => Action::Trickle(d),
+            Fault::Trickle(_) => Action::Serve,
+            Fault::NoBulkDelete if bulk_delete => Action::Fail(501, "NotImplemented"),
+            Fault::NoBulkDelete => Action::Serve,
             Fault::FailAfter(n) => {
                 if self.passed.fetch_add(1, Ordering::SeqCst) < n {
                     Action::Serve
@@ -235,9 +256,17 @@ impl S3Server {
                         let mut rewrite: Option<fn(&str) -> String> = None;
                         let is_range = req.method() == hyper::Method::GET
                             && req.headers().contains_key(hyper::header::RANGE);
-                        match shared.decide(is_list, is_range) {
+                        let is_get = req.method() == hyper::Method::GET;
+                        let bulk_delete = req.method() == hyper::Method::POST
+                            && req
+                                .uri()
+                                .query()
+                                .is_some_and(|q| q.split('&').any(|p| p == "delete" || p.starts_with("delete=")));
+                        let mut trickle = None;
+                        match shared.decide(is_list, is_range, is_get, bulk_delete) {
                             Action::Serve => {}
                             Action::CutBody => cut = true,
+                            Action::Trickle(d) => trickle = Some(d),
                             Action::DropToken => rewrite = Some(without_token),
                             Action::RepeatKey => rewrite = Some(repeating_a_key),
                             Action::Delay(d) => tokio::time::sleep(d).await,
@@ -287,6 +316,14 @@ impl S3Server {
                                 );
                                 let half = bytes.slice(..bytes.len() / 2);
                                 Ok(hyper::Response::from_parts(parts, cut_short(half)))
+                            }
+                            Ok(r) if trickle.is_some() && r.status().is_success() => {
+                                let (parts, mut body) = r.into_parts();
+                                let bytes = body.store_all_limited(64 << 20).await.unwrap();
+                                Ok(hyper::Response::from_parts(
+                                    parts,
+                                    trickled(bytes, trickle.unwrap()),
+                                ))
                             }
                             Ok(r) if rewrite.is_some() && r.status().is_success() => {
                                 let (mut parts, mut body) = r.into_parts();
@@ -413,6 +450,10 @@ impl s3s::access::S3Access for Rewrite {
                 req.input.if_match.take().is_some() | req.input.if_none_match.take().is_some()
             }
             Fault::IgnoreIfMatch => req.input.if_match.take().is_some(),
+            Fault::RefuseIfMatch if req.input.if_match.is_some() => {
+                self.0.faults.fetch_add(1, Ordering::SeqCst);
+                return Err(s3s::s3_error!(PreconditionFailed, "refused (injected)"));
+            }
             _ => false,
         };
         if ignored {
@@ -447,20 +488,6 @@ fn without_token(xml: &str) -> String {
 /// transport error: the server drops the connection mid-body, short of the
 /// length it announced.
 fn cut_short(half: bytes::Bytes) -> s3s::Body {
-    type Chunks = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<bytes::Bytes, s3s::StdError>> + Send + Sync>,
-    >;
-    struct Cut(Chunks);
-    impl futures::Stream for Cut {
-        type Item = Result<bytes::Bytes, s3s::StdError>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            self.0.as_mut().poll_next(cx)
-        }
-    }
-    impl s3s::stream::ByteStream for Cut {}
     let chunks = futures::stream::unfold(Some(half), |first| async move {
         match first {
             Some(b) => Some((Ok(b), None)),
@@ -470,5 +497,40 @@ fn cut_short(half: bytes::Bytes) -> s3s::Body {
             }
         }
     });
-    s3s::Body::from(Box::pin(Cut(Box::pin(chunks))) as s3s::stream::DynByteStream)
+    streamed(Box::pin(chunks))
+}
+
+/// `bytes` in [`TRICKLE_PIECES`] pieces, each sent `every` after the last
+/// (the first too).
+fn trickled(bytes: bytes::Bytes, every: Duration) -> s3s::Body {
+    let piece = bytes.len().div_ceil(TRICKLE_PIECES as usize).max(1);
+    let chunks = futures::stream::unfold(bytes, move |mut rest| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+        let next = rest.split_to(piece.min(rest.len()));
+        Some((Ok(next), rest))
+    });
+    streamed(Box::pin(chunks))
+}
+
+type Chunks = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<bytes::Bytes, s3s::StdError>> + Send + Sync>,
+>;
+
+/// A response body sent as `chunks` yields them.
+fn streamed(chunks: Chunks) -> s3s::Body {
+    struct Streamed(Chunks);
+    impl futures::Stream for Streamed {
+        type Item = Result<bytes::Bytes, s3s::StdError>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0.as_mut().poll_next(cx)
+        }
+    }
+    impl s3s::stream::ByteStream for Streamed {}
+    s3s::Body::from(Box::pin(Streamed(chunks)) as s3s::stream::DynByteStream)
 }

@@ -167,6 +167,26 @@ impl Error {
         true
     }
 
+    /// Whether this is a store request that got no (complete) answer
+    /// within `replica.timeout`.
+    pub fn timed_out(&self) -> bool {
+        let Error::Store { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cause {
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                || e.downcast_ref::<object_store::client::HttpError>()
+                    .is_some_and(|h| h.kind() == object_store::client::HttpErrorKind::Timeout)
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     pub fn damaged(what: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Error::Damaged {
             what: what.to_string(),

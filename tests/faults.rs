@@ -289,18 +289,19 @@ async fn a_download_longer_than_the_timeout_goes_on_while_the_store_sends() {
     assert!(e.contains("replica.timeout"), "{e}");
 }
 
-/// A write gets `replica.timeout` once per 10 MiB it sends: an 11 MiB
+/// A write gets `replica.timeout` once per 10 MiB it sends: a 21 MiB
 /// single PUT (a fleet log object or a consolidated pack can be one)
-/// answered after 1.5 s passes with a 1 s timeout, where a small PUT
-/// answered as late fails, naming the timeout (black-box probe K28: 25 MB
-/// and 59 MB PUTs timed out on a link that fit 10 MiB in the timeout).
+/// answered 2.5 s after it arrived passes with a 2 s timeout (6 s for its
+/// three parts' worth, sending included), where a small PUT answered as
+/// late fails, naming the timeout (black-box probe K28: 25 MB and 59 MB
+/// PUTs timed out on a link that fit 10 MiB in the timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_write_gets_the_timeout_once_per_10_mib() {
     let mut f = Fleet::new(Backend::S3).await;
-    f.timeout = "1s";
+    f.timeout = "2s";
     let r = f.replica();
-    f.s3().set_fault(Fault::Delay(Duration::from_millis(1500)));
-    let large = vec![7u8; 11 << 20];
+    f.s3().set_fault(Fault::Delay(Duration::from_millis(2500)));
+    let large = vec![7u8; 21 << 20];
     r.put_bytes(&"x/large".into(), large).await.unwrap();
     let e = r
         .put_bytes(&"x/small".into(), b"x".to_vec())
@@ -335,4 +336,33 @@ async fn a_store_without_multi_object_delete_gets_single_deletes() {
     assert_eq!(f.s3().fault_count(), refused, "no bulk delete tried again");
     f.s3().set_fault(Fault::None);
     assert_eq!(ours(f.objects().await), 0);
+}
+
+/// Uploads that time out halve how many go at once, down to one, and a
+/// cycle answered in time doubles it back: the timeout is per request,
+/// while the uploads in flight share one link (black-box probe K28: four
+/// 6 MB uploads on a 1 MB/s link with a 15 s timeout all timed out at
+/// every cycle, where one at a time fit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_time_out_go_fewer_at_once() {
+    let mut f = Fleet::new(Backend::S3).await;
+    f.timeout = "1s";
+    f.max_concurrent = 4;
+    aged_databases(&f, 4, 2);
+    let rep = f.replicator();
+    let token = CancellationToken::new();
+    assert_eq!(rep.upload_limit(), 4);
+    f.s3().set_fault(Fault::Delay(Duration::from_millis(1500)));
+    let mut limits = Vec::new();
+    for _ in 0..3 {
+        let r = rep.cycle(&token).await;
+        assert!(r.timed_out > 0 && r.uploaded == 0, "{r:?}");
+        limits.push(rep.upload_limit());
+    }
+    assert_eq!(limits, vec![2, 1, 1]);
+    f.s3().set_fault(Fault::None);
+    let r = rep.cycle(&token).await;
+    assert_eq!((r.uploaded, r.failed, r.timed_out), (4, 0, 0), "{r:?}");
+    assert_eq!(rep.upload_limit(), 2);
+    restore_all(&f, 4, 2).await;
 }

@@ -606,6 +606,14 @@ async fn a_store_refusing_its_own_etag_fails_the_check() {
         "{msg}"
     );
     assert!(f.s3().fault_count() >= 2, "the refusal check and this one");
+    // The next start cannot take the lease over (an If-Match write): it
+    // says why, not that another litefleet is starting.
+    let later = Utc::now() + chrono::Duration::hours(1);
+    let e = Lease::acquire(&r, later).await.unwrap_err().to_string();
+    assert!(
+        e.contains("refused a write conditional on the lease's ETag (If-Match) 3 times while the lease did not change"),
+        "{e}"
+    );
     f.s3().set_fault(Fault::None);
     a.check_conditional_writes().await.unwrap();
     a.release().await.unwrap();

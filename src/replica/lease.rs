@@ -332,6 +332,11 @@ impl Lease {
         // can still write (see the module docs).
         let fenced_for = ttl.saturating_sub(margin(ttl));
         let mut takeover_wait = Duration::ZERO;
+        // The ETags an If-Match takeover was refused on: the same one every
+        // time means the lease never changed, and the store refused its own
+        // ETag (black-box probe K28: read as "another litefleet is
+        // starting").
+        let mut refused_on: Vec<Option<String>> = Vec::new();
         for _ in 0..ACQUIRE_ATTEMPTS {
             let current = match replica.get_versioned(&location).await {
                 Ok(c) => c,
@@ -369,6 +374,9 @@ impl Lease {
                         let took = replica
                             .put_if_match(&location, body.clone(), &version)
                             .await;
+                        if matches!(took, Ok(None)) {
+                            refused_on.push(version.e_tag.clone());
+                        }
                         match took {
                             Ok(Some(_)) if held.released => tracing::info!(
                                 lease = %lease_name(replica),
@@ -420,6 +428,20 @@ impl Lease {
         }
         if let Some(e) = unanswered {
             return Err(e);
+        }
+        if refused_on.len() == ACQUIRE_ATTEMPTS
+            && refused_on[0].is_some()
+            && refused_on.iter().all(|t| *t == refused_on[0])
+        {
+            return Err(Error::invalid(
+                format!("replica lease {}", lease_name(replica)),
+                format!(
+                    "the store refused a write conditional on the lease's ETag (If-Match) \
+                     {ACQUIRE_ATTEMPTS} times while the lease did not change: it does not \
+                     honour If-Match on its own ETags, so litefleet does not replicate to it; \
+                     use a store that honours If-Match (AWS S3, MinIO, R2)"
+                ),
+            ));
         }
         Err(Error::LeaseHeld {
             object: lease_name(replica),

@@ -43,6 +43,13 @@ use crate::daemon::scheduler::Replicator;
 use crate::source::config::Loaded;
 use crate::{Error, Result};
 
+/// Uploads a cold database's change costs: at its change notification, and
+/// again at the next scan, because an upload that close to a write is racy
+/// (`source::track`'s `RACY_WINDOW`: a write in the same timestamp tick would
+/// otherwise go unseen). A database busy beyond `max-hot-databases` costs
+/// as many per scan interval (black-box probe I28 counted both: 2.00).
+pub const UPLOADS_PER_CHANGE: f64 = 2.0;
+
 /// The product description's scenario.
 pub const SCENARIO_DATABASES: u64 = 100_000;
 pub const SCENARIO_HOT: u64 = 250;
@@ -396,22 +403,23 @@ impl CostModel {
         line(
             "cold",
             format!(
-                "{} changing cold x 1 PUT per hour (next-hour snapshot names)",
+                "{} changing cold x {UPLOADS_PER_CHANGE} PUT per hour (next-hour snapshot names)",
                 load.cold_changing
             ),
             RequestRates {
-                put: load.cold_changing as f64 * hours,
+                put: load.cold_changing as f64 * hours * UPLOADS_PER_CHANGE,
                 ..RequestRates::default()
             },
         );
         line(
             "over-max-hot",
             format!(
-                "{} busy beyond max-hot-databases x 1 PUT per scan-interval {}s",
+                "{} busy beyond max-hot-databases x {UPLOADS_PER_CHANGE} PUT per scan-interval {}s",
                 load.over_max_hot, load.scan_interval_s
             ),
             RequestRates {
-                put: load.over_max_hot as f64 * t / load.scan_interval_s.max(f64::MIN_POSITIVE),
+                put: load.over_max_hot as f64 * t * UPLOADS_PER_CHANGE
+                    / load.scan_interval_s.max(f64::MIN_POSITIVE),
                 ..RequestRates::default()
             },
         );
@@ -750,12 +758,12 @@ mod tests {
     fn cold_lease_over_and_retention() {
         let m = CostModel::default();
         let bill = m.bill(&load(1000, 0, 10, 2));
-        // 10 changing cold databases: one PUT an hour each, 720 hours.
-        assert_eq!(bill.line("cold").unwrap().requests.put, 7200.0);
-        // 2 busy ones without room in the hot tier: one PUT per 15 s scan.
+        // 10 changing cold databases: two PUTs an hour each, 720 hours.
+        assert_eq!(bill.line("cold").unwrap().requests.put, 14_400.0);
+        // 2 busy ones without room in the hot tier: two PUTs per 15 s scan.
         assert_eq!(
             bill.line("over-max-hot").unwrap().requests.put,
-            2.0 * 172_800.0
+            2.0 * 2.0 * 172_800.0
         );
         // Renewed every 20 s.
         let lease = bill.line("lease").unwrap();

@@ -730,7 +730,7 @@ fn assumptions(model: &CostModel, load: &FleetLoad) -> Vec<String> {
     };
     vec![
         hot,
-        "a changing cold database changes about once an hour: one PUT per hour (every upload within an hour goes to the same next-hour name; one changing at every scan costs one PUT per scan)".into(),
+        "a changing cold database changes about once an hour: two PUTs per hour (uploaded at its change notification and again at the next scan, as an upload that close to a write is racy; every upload within an hour goes to the same next-hour name)".into(),
         format!(
             "a database busy beyond max-hot-databases is uploaded at every scan-interval ({}s)",
             load.scan_interval_s

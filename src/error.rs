@@ -173,18 +173,8 @@ impl Error {
         let Error::Store { source, .. } = self else {
             return false;
         };
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
-        while let Some(e) = cause {
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-                || e.downcast_ref::<object_store::client::HttpError>()
-                    .is_some_and(|h| h.kind() == object_store::client::HttpErrorKind::Timeout)
-            {
-                return true;
-            }
-            cause = e.source();
-        }
-        false
+        let first: &(dyn std::error::Error + 'static) = source;
+        std::iter::successors(Some(first), |e| e.source()).any(is_timeout)
     }
 
     pub fn damaged(what: impl std::fmt::Display, reason: impl Into<String>) -> Self {
@@ -307,24 +297,27 @@ pub fn store_hint(source: &object_store::Error) -> &'static str {
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
     while let Some(e) = cause {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return "connection refused (is the endpoint right and its server running?): ";
-            }
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return TIMED_OUT;
-            }
-        }
-        // The S3 client's own message for a request that got no answer in
-        // time ends at "error sending request" (black-box probe M21).
-        if e.downcast_ref::<object_store::client::HttpError>()
-            .is_some_and(|h| h.kind() == object_store::client::HttpErrorKind::Timeout)
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
         {
+            return "connection refused (is the endpoint right and its server running?): ";
+        }
+        if is_timeout(e) {
             return TIMED_OUT;
         }
         cause = e.source();
     }
     ""
+}
+
+/// Whether `e` itself (not its sources) says a request timed out: an I/O
+/// timeout, or the S3 client's own, whose message ends at "error sending
+/// request" (black-box probe M21).
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        || e.downcast_ref::<object_store::client::HttpError>()
+            .is_some_and(|h| h.kind() == object_store::client::HttpErrorKind::Timeout)
 }
 
 /// [`store_hint`] for a request that got no answer in time.

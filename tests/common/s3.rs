@@ -284,12 +284,7 @@ impl S3Server {
                         let conditional = req.method() == hyper::Method::PUT
                             && (req.headers().contains_key(hyper::header::IF_MATCH)
                                 || req.headers().contains_key(hyper::header::IF_NONE_MATCH));
-                        let deletes = req.method() == hyper::Method::DELETE
-                            || (req.method() == hyper::Method::POST
-                                && req
-                                    .uri()
-                                    .query()
-                                    .is_some_and(|q| q.split('&').any(|p| p == "delete" || p.starts_with("delete="))));
+                        let deletes = req.method() == hyper::Method::DELETE || bulk_delete;
                         let reads = matches!(
                             *req.method(),
                             hyper::Method::GET | hyper::Method::HEAD

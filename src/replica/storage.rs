@@ -465,12 +465,43 @@ pub struct Replica {
 /// one object at a time, so on such a store (LocalBucket answers 501
 /// NotImplemented; Google Cloud Storage's XML API has no such call) every
 /// retention pass and fleet log clean-up failed and the replica only grew
-/// (black-box probe K28). The first such refusal switches this replica to
-/// one `DELETE` per object (20 at once), with one warning.
-#[derive(Debug)]
+/// (black-box probe K28). The first such refusal builds a client from the
+/// replica's settings with object_store's `disable_bulk_delete` and switches
+/// this replica to it: one `DELETE` per object (20 at once), with one
+/// warning. Built only then, so that opening a replica costs one client.
 pub struct SingleDeletes {
-    store: Arc<dyn ObjectStore>,
-    on: std::sync::atomic::AtomicBool,
+    /// The replica's S3 client settings.
+    builder: AmazonS3Builder,
+    /// Set at the first refusal: every delete goes through it from then on.
+    store: std::sync::OnceLock<Arc<dyn ObjectStore>>,
+}
+
+/// Not the builder: it holds the credentials.
+impl std::fmt::Debug for SingleDeletes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SingleDeletes(switched: {})", self.store.get().is_some())
+    }
+}
+
+impl SingleDeletes {
+    /// The client deleting one object per request, built at the first call
+    /// (`why`: the refusal that called for it, for the warning).
+    fn switch(&self, replica: &Replica, why: &object_store::Error) -> Result<Arc<dyn ObjectStore>> {
+        if let Some(s) = self.store.get() {
+            return Ok(s.clone());
+        }
+        let built: Arc<dyn ObjectStore> = Arc::new(
+            self.builder
+                .clone()
+                .with_disable_bulk_delete(true)
+                .build()
+                .map_err(|e| Error::store(replica.to_string(), e))?,
+        );
+        if self.store.set(built.clone()).is_ok() {
+            tracing::warn!(replica = %replica, error = %why, "the store does not implement multi-object delete (DeleteObjects): deleting one object per request from now on");
+        }
+        Ok(built)
+    }
 }
 
 /// Whether `e` says the store does not implement multi-object delete.
@@ -717,16 +748,12 @@ impl Replica {
                     );
                 // Every ListObjectsV2 page checked for a truncated listing
                 // without a continuation token, and `replica.timeout`
-                // applied per request kind (see [`CheckedListings`]).
-                b = b.with_http_connector(CheckedListings {
+                // applied per request kind (see [`CheckedHttp`]).
+                b = b.with_http_connector(CheckedHttp {
                     connector: Default::default(),
                     timeout: cfg.timeout,
                 });
-                let singles = b
-                    .clone()
-                    .with_disable_bulk_delete(true)
-                    .build()
-                    .map_err(|e| Error::store(format!("s3://{bucket}"), e))?;
+                let singles = b.clone();
                 let store = b
                     .build()
                     .map_err(|e| Error::store(format!("s3://{bucket}"), e))?;
@@ -742,8 +769,8 @@ impl Replica {
                     written: Arc::default(),
                     memo: None,
                     single_deletes: Some(Arc::new(SingleDeletes {
-                        store: Arc::new(singles),
-                        on: std::sync::atomic::AtomicBool::new(false),
+                        builder: singles,
+                        store: std::sync::OnceLock::new(),
                     })),
                 })
             }
@@ -1201,25 +1228,20 @@ impl Replica {
     /// else one request per object: [`SingleDeletes`]); a missing object
     /// counts as deleted.
     pub async fn delete_many(&self, paths: Vec<ObjPath>) -> Result<()> {
-        use std::sync::atomic::Ordering;
         let Some(first) = paths.first().cloned() else {
             return Ok(());
         };
         self.durable_dirs.forget();
         self.fenced(&first, async {
-            let singles = self.single_deletes.as_ref();
-            if singles.is_some_and(|s| s.on.load(Ordering::Relaxed)) {
-                return delete_all(&singles.unwrap().store, paths).await;
+            let Some(singles) = self.single_deletes.as_deref() else {
+                return delete_all(&self.store, paths).await;
+            };
+            if let Some(store) = singles.store.get() {
+                return delete_all(store, paths).await;
             }
             match delete_all(&self.store, paths.clone()).await {
-                Err(Error::Store { source, .. })
-                    if singles.is_some() && bulk_delete_unsupported(&source) =>
-                {
-                    let singles = singles.unwrap();
-                    if !singles.on.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(replica = %self, error = %source, "the store does not implement multi-object delete (DeleteObjects): deleting one object per request from now on");
-                    }
-                    delete_all(&singles.store, paths).await
+                Err(Error::Store { source, .. }) if bulk_delete_unsupported(&source) => {
+                    delete_all(&singles.switch(self, &source)?, paths).await
                 }
                 r => r,
             }
@@ -2232,7 +2254,7 @@ impl ListingOrder {
 /// page that is complete or has its token, passes through unchanged (a
 /// listing page's body is buffered first: at most 1000 keys).
 ///
-/// It also applies `replica.timeout` ([`CheckedListings::timeout`]) by
+/// It also applies `replica.timeout` ([`CheckedHttp::timeout`]) by
 /// request kind, where the client's own timeout bounded every request
 /// whole, from its start to the end of its answer's body:
 /// * a read (GET, HEAD) must get its answer's head, then each further piece
@@ -2246,13 +2268,13 @@ impl ListingOrder {
 ///   (probe K28: 25 MB and 59 MB PUTs timed out on a link that fit 10 MiB
 ///   in the timeout, and the hot tier fell back to the cold one).
 #[derive(Debug)]
-struct CheckedListings {
+struct CheckedHttp {
     connector: object_store::client::ReqwestConnector,
     /// `replica.timeout`.
     timeout: Duration,
 }
 
-impl object_store::client::HttpConnector for CheckedListings {
+impl object_store::client::HttpConnector for CheckedHttp {
     fn connect(
         &self,
         options: &ClientOptions,
@@ -2265,18 +2287,16 @@ impl object_store::client::HttpConnector for CheckedListings {
             .clone()
             .with_timeout_disabled()
             .with_read_timeout_disabled();
-        Ok(object_store::client::HttpClient::new(
-            CheckedListingService {
-                reads: self.connector.connect(&reads)?,
-                writes: self.connector.connect(&writes)?,
-                timeout: self.timeout,
-            },
-        ))
+        Ok(object_store::client::HttpClient::new(CheckedHttpService {
+            reads: self.connector.connect(&reads)?,
+            writes: self.connector.connect(&writes)?,
+            timeout: self.timeout,
+        }))
     }
 }
 
 #[derive(Debug)]
-struct CheckedListingService {
+struct CheckedHttpService {
     /// For GET and HEAD: reqwest's read timeout, no bound on the whole.
     reads: object_store::client::HttpClient,
     /// For every other request: bounded by [`write_allowance`] here.
@@ -2291,7 +2311,7 @@ fn write_allowance(timeout: Duration, len: usize) -> Duration {
     timeout.saturating_mul(u32::try_from(parts).unwrap_or(u32::MAX))
 }
 
-impl CheckedListingService {
+impl CheckedHttpService {
     /// Sends the write `req` and reads its whole answer within
     /// [`write_allowance`]; a timeout error otherwise, as the client's own
     /// (retried like it, and worded by [`crate::error`]'s hint).
@@ -2321,7 +2341,7 @@ impl CheckedListingService {
 }
 
 #[async_trait::async_trait]
-impl object_store::client::HttpService for CheckedListingService {
+impl object_store::client::HttpService for CheckedHttpService {
     async fn call(
         &self,
         req: object_store::client::HttpRequest,

@@ -950,11 +950,11 @@ impl Replicator {
     /// after a cycle in which uploads timed out, half as many as that cycle
     /// had in flight (down to one), and half as many again as the limit
     /// after a cycle whose uploads all got their answer (back up to
-    /// `max-concurrent`). The
-    /// timeout is per request, but the uploads in flight share one link: on
-    /// a slow uplink every one of them timed out at every cycle, and
-    /// nothing was ever backed up, where one at a time fit (black-box probe
-    /// K28: four 6 MB uploads on a 1 MB/s link with a 15 s timeout).
+    /// `max-concurrent`). The timeout is per request, but the uploads in
+    /// flight share one link: on a slow uplink every one of them timed out
+    /// at every cycle, and nothing was ever backed up, where one at a time
+    /// fit (black-box probe K28: four 6 MB uploads on a 1 MB/s link with a
+    /// 15 s timeout).
     pub fn upload_limit(&self) -> usize {
         self.upload_limit.load(Ordering::Relaxed)
     }

@@ -150,7 +150,7 @@ where
     crate::replica::storage::retrying(transient, write).await
 }
 
-/// What the lease object holds (JSON)./// What the lease object holds (JSON).
+/// What the lease object holds (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
     /// Unique to one acquisition: `host:pid:start-nanos:counter`.
@@ -162,8 +162,8 @@ pub struct LeaseRecord {
     #[serde(with = "crate::rfc3339")]
     pub expires: DateTime<Utc>,
     /// Marked expired by its holder at a clean shutdown
-    /// ([`Lease::release_at`]), not left by a process that died: the next start takes it over without
-    /// the warning a crash gets (black-box probe P23: a clean stop with a
+    /// ([`Lease::release_at`]), not left by a process that died: the next
+    /// start takes it over without the warning a crash gets (black-box probe P23: a clean stop with a
     /// short `lease-ttl` was logged at the next start as a crash was).
     /// Absent in leases of earlier versions, which ignore it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

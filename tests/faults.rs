@@ -179,15 +179,38 @@ async fn an_upload_given_up_on_is_uploaded_once_more() {
     restore_all(&f, 1, 2).await;
 }
 
+/// Makes the replica refuse every write (`broken`), or take them again: on
+/// S3 every request answers 503; on `file://` the replica's directory is
+/// moved aside and a file put in its place.
+fn break_replica(f: &Fleet, broken: bool) {
+    if f.backend == Backend::S3 {
+        f.s3().set_fault(if broken {
+            Fault::Unavailable
+        } else {
+            Fault::None
+        });
+        return;
+    }
+    let root = f.work.path().join("replica");
+    let aside = f.work.path().join("replica.aside");
+    if broken {
+        std::fs::rename(&root, &aside).unwrap();
+        std::fs::write(&root, b"in the way").unwrap();
+    } else {
+        std::fs::remove_file(&root).unwrap();
+        std::fs::rename(&aside, &root).unwrap();
+    }
+}
+
 /// Starts the daemon's loop on `f`, waits for its first round, writes 2
-/// rows through `c` (3 before), then stops it with the store answering
-/// `fault`: a clean stop with everything uploaded under `Fault::None`,
-/// otherwise an error containing `behind` (and with the key `key` at
-/// `rows_failed` rows, where that is known).
+/// rows through `c` (3 before), then stops it, with the replica refusing
+/// writes if `broken` ([`break_replica`]): a clean stop with everything
+/// uploaded if not, otherwise an error containing `behind` (and with the
+/// key `key` at `rows_failed` rows, where that is known).
 async fn stop_under(
     f: &Fleet,
     c: &Connection,
-    fault: Fault,
+    broken: bool,
     key: &str,
     behind: &str,
     rows_failed: Option<i64>,
@@ -199,15 +222,17 @@ async fn stop_under(
     rounds.changed().await.unwrap();
     f.assert_restores(&[key], 3).await;
     insert_rows(c, 2);
-    f.s3().set_fault(fault);
+    if broken {
+        break_replica(f, true);
+    }
     token.cancel();
     let r = task.await.unwrap();
-    f.s3().set_fault(Fault::None);
-    if fault == Fault::None {
+    if !broken {
         r.unwrap();
         f.assert_restores(&[key], 5).await;
         return;
     }
+    break_replica(f, false);
     let e = r.unwrap_err().to_string();
     assert!(
         e.contains("stopped with the replica behind: ") && e.contains(behind),
@@ -221,13 +246,18 @@ async fn stop_under(
 /// A stop that leaves the replica behind its databases is an error (exit 1
 /// from `replicate`), not "shut down cleanly": here the stop pass cannot
 /// upload a database written since the last scan, because the store
-/// answers 503 (black-box probe D26: a SIGTERM while the store stalled
-/// exited 0 with its uploads abandoned). With the store answering, the
-/// same stop is clean.
+/// answers 503 or the replica's directory is gone (black-box probe D26: a
+/// SIGTERM while the store stalled exited 0 with its uploads abandoned).
+/// With the replica taking writes, the same stop is clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_that_cannot_upload_what_changed_is_an_error() {
-    for fault in [Fault::Unavailable, Fault::None] {
-        let mut f = Fleet::with_yaml(Backend::S3, "  watch: false\n").await;
+    for (backend, broken) in [
+        (Backend::S3, true),
+        (Backend::S3, false),
+        (Backend::File, true),
+        (Backend::File, false),
+    ] {
+        let mut f = Fleet::with_yaml(backend, "  watch: false\n").await;
         f.scan_interval = "1h";
         aged_databases(&f, 2, 3);
         // Rollback journal: cold, whatever its writes (the hot tier has a
@@ -237,7 +267,7 @@ async fn a_stop_that_cannot_upload_what_changed_is_an_error() {
         c.pragma_update(None, "journal_mode", "delete").unwrap();
         age(&t1);
         let behind = "1 database(s) changed since their last upload could not be snapshotted or uploaded at the stop";
-        stop_under(&f, &c, fault, "p/d/t1", behind, Some(3)).await;
+        stop_under(&f, &c, broken, "p/d/t1", behind, Some(3)).await;
     }
 }
 
@@ -245,16 +275,21 @@ async fn a_stop_that_cannot_upload_what_changed_is_an_error() {
 /// stream's frames says so and fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_whose_hot_stream_cannot_ship_is_an_error() {
-    for fault in [Fault::Unavailable, Fault::None] {
+    for (backend, broken) in [
+        (Backend::S3, true),
+        (Backend::S3, false),
+        (Backend::File, true),
+        (Backend::File, false),
+    ] {
         let mut f = Fleet::with_yaml(
-            Backend::S3,
+            backend,
             "  watch: false\n  hot-duration: 1h\n  cold-after: 1h\n  sync-interval: 50ms\n",
         )
         .await;
         f.scan_interval = "1h";
         let c = create_db(&f.db_path("p", "d", "t0"), 3);
         let behind = "1 hot database(s) could not ship their last WAL frames";
-        stop_under(&f, &c, fault, "p/d/t0", behind, None).await;
+        stop_under(&f, &c, broken, "p/d/t0", behind, None).await;
     }
 }
 

@@ -97,7 +97,7 @@ use crate::capture::work::{bounded, Work};
 use crate::capture::{snapshot, upload};
 use crate::error::IoContext;
 use crate::replica::hot::{self, GenerationId, Metadata};
-use crate::replica::pack::Part;
+use crate::replica::pack::{Part, WalOpening};
 use crate::replica::storage::Replica;
 use crate::source::config::MultiDb;
 use crate::source::discover::{not_regular_error, shm_path, wal_path};
@@ -281,7 +281,18 @@ pub struct Shipper {
     /// generation start that saw it worth keeping (see
     /// [`Shipper::begin_generation`]).
     wal_lost: bool,
+    /// `metadata.json` must be written by the end of this sync (a snapshot
+    /// was shipped, the stream stops) or before the next segment if that
+    /// starts a WAL.
     meta_dirty: bool,
+    /// The metadata records a WAL restart (where a WAL ended, the next
+    /// one's header) that the replica's `metadata.json` does not have yet.
+    /// A restore must know it before it reads the first segment of the new
+    /// WAL: through the fleet log, the part holding that segment carries it
+    /// ([`crate::replica::pack::WalOpening`]) and the metadata is written at
+    /// its next occasion; a segment object of its own needs the metadata
+    /// written first.
+    meta_behind: bool,
     /// The `-wal` and `-shm` our connection has open (device, inode), taken
     /// when it opened them: see [`Shipper::side_files_replaced`].
     side: Option<[(u64, u64); 2]>,
@@ -612,6 +623,7 @@ impl Shipper {
             cut_short: false,
             wal_lost: false,
             meta_dirty: false,
+            meta_behind: false,
             side,
             backfilled: None,
             generation_started: None,
@@ -811,6 +823,7 @@ impl Shipper {
         self.generation = None;
         self.meta = None;
         self.meta_dirty = false;
+        self.meta_behind = false;
         self.state = WalState::Awaiting { index: 0 };
     }
 
@@ -975,7 +988,7 @@ impl Shipper {
                         // Recorded before the WAL's first segment is uploaded.
                         m.record_wal_start(cur.wal_start());
                     }
-                    self.meta_dirty = true;
+                    self.meta_behind = true;
                     self.state = WalState::Reading(cur);
                 }
                 WalState::Reading(cur) => {
@@ -1046,7 +1059,7 @@ impl Shipper {
                             if let Some(m) = &mut self.meta {
                                 m.wal_ends.push(cur.pos);
                             }
-                            self.meta_dirty = true;
+                            self.meta_behind = true;
                             self.state = WalState::Awaiting {
                                 index: cur.pos.index + 1,
                             };
@@ -1530,7 +1543,7 @@ async fn log_segment(
     ls: &mut LogStream,
     key: &str,
     gen: &GenerationId,
-    pos: Position,
+    (pos, opens): (Position, Option<WalOpening>),
     committed: DateTime<Utc>,
     frames: &[u8],
 ) -> Result<()> {
@@ -1542,14 +1555,17 @@ async fn log_segment(
         }
     }
     let compressed = bytes::Bytes::from(upload::compress_segment(key, pos, frames)?);
-    let part = Part::new(
-        key,
-        gen.as_str(),
-        pos.index,
-        pos.offset,
-        committed,
-        compressed.len() as u64,
-    );
+    let part = Part {
+        opens,
+        ..Part::new(
+            key,
+            gen.as_str(),
+            pos.index,
+            pos.offset,
+            committed,
+            compressed.len() as u64,
+        )
+    };
     let seq = ls
         .log
         .append(ls.id, ls.tick, part.clone(), compressed.clone())
@@ -2058,17 +2074,26 @@ async fn upload(
         .pending
         .as_ref()
         .is_some_and(|(pos, _)| pos.offset == WAL_HEADER_SIZE);
-    if starts_wal && s.meta_dirty {
+    let through_log = ls.is_some()
+        && s.pending
+            .as_ref()
+            .is_some_and(|(_, seg)| matches!(seg, Segment::Frames(_)));
+    if starts_wal && (s.meta_dirty || (s.meta_behind && !through_log)) {
         // Where the previous WAL ended, and the header of this one, must be
         // in the replica before any segment of it: restore proves
-        // continuity from them.
+        // continuity from them. A fleet log part carries them itself
+        // (`opening`), so a WAL restart costs no metadata write there.
         write_meta(ctx, s).await?;
     }
+    let opening = match (&s.pending, &s.meta) {
+        (Some((pos, _)), Some(m)) if starts_wal && through_log => opening(m, pos.index),
+        _ => None,
+    };
     if let Some((pos, segment)) = s.take_pending() {
         let page_size = s.meta.as_ref().map_or(4096, |m| m.page_size);
         let r = match (&segment, ls.as_mut()) {
             (Segment::Frames(bytes), Some(l)) => {
-                log_segment(ctx, l, &s.key, &gen, pos, s.pending_time, bytes)
+                log_segment(ctx, l, &s.key, &gen, (pos, opening), s.pending_time, bytes)
                     .await
                     .map(|()| commit_frames(bytes, page_size))
             }
@@ -2161,7 +2186,25 @@ async fn write_meta(ctx: &HotContext, s: &mut Shipper) -> Result<()> {
         hot::write_metadata_over(&ctx.replica, &s.key, m, &mut s.meta_version).await?;
     }
     s.meta_dirty = false;
+    s.meta_behind = false;
     Ok(())
+}
+
+/// What a fleet log part starting WAL `index` records of it
+/// ([`WalOpening`]), from the stream's metadata: `None` when the metadata
+/// has no header for that WAL (it always has, once the WAL is read).
+fn opening(m: &Metadata, index: u64) -> Option<WalOpening> {
+    let start = m.wal_starts.as_ref()?.iter().find(|s| s.index == index)?;
+    let previous_end = index
+        .checked_sub(1)
+        .and_then(|prev| m.wal_ends.iter().find(|p| p.index == prev))
+        .map(|p| p.offset);
+    Some(WalOpening {
+        salt: start.salt,
+        checksum: start.checksum,
+        big_endian: start.big_endian,
+        previous_end,
+    })
 }
 
 impl Shipper {

@@ -42,9 +42,14 @@
 //!   where each finished WAL ended (`wal_ends`), which names cannot tell: it
 //!   is written before the first segment of every WAL is uploaded (the
 //!   generation's first included), so a restore that replays past the end
-//!   of a WAL can prove that WAL's last segment is present. A generation
-//!   with segments and no metadata has lost it: restore refuses it. One
-//!   with its snapshot alone restores without it.
+//!   of a WAL can prove that WAL's last segment is present. Through the
+//!   fleet log, the part holding the first frames of a later WAL carries
+//!   that WAL's header and where the previous one ended instead
+//!   ([`pack::WalOpening`]), and the metadata records them at its next
+//!   write; a restore folds them in ([`Metadata::fold_openings`]), and a
+//!   part contradicting the metadata fails it. A generation with segments
+//!   and no metadata has lost it: restore refuses it. One with its snapshot
+//!   alone restores without it.
 //!
 //! Snapshot checksum: the LZ4 frame's content checksum, which is the xxHash32
 //! of the uncompressed database and is stored in the frame's last 4 bytes
@@ -65,10 +70,12 @@
 //! * each segment's frames continue the previous segment's checksum chain
 //!   and salts within one WAL, and the first segment of each WAL continues
 //!   the header `metadata.json` recorded for it ([`WalStart`], recorded
-//!   before that segment was uploaded; metadata of earlier versions has
-//!   none, and those first frames are checked for their shape only);
-//! * replay moves from WAL `i` to WAL `i + 1` only where `metadata.json` says
-//!   WAL `i` ended; a missing or different end is an error naming the range;
+//!   before that segment was uploaded, or by the fleet log part holding it;
+//!   metadata of earlier versions has none, and those first frames are
+//!   checked for their shape only);
+//! * replay moves from WAL `i` to WAL `i + 1` only where `metadata.json` (or
+//!   the part opening WAL `i + 1`) says WAL `i` ended; a missing or
+//!   different end is an error naming the range;
 //! * a restore of the latest state (or at a time after every segment
 //!   listed) reaches at least the `last` position the metadata recorded as
 //!   shipped, read *before* the segments are listed ([`plan_latest`]), so a
@@ -456,6 +463,78 @@ impl Metadata {
             starts.push(start);
         }
     }
+
+    /// Adds what the parts among `segments` that open a WAL record of it
+    /// ([`pack::WalOpening`]: its header, where the previous WAL ended) to
+    /// what this metadata records, as if it had been written after them.
+    /// A stream writing through the fleet log records a WAL restart there
+    /// and in this metadata only at its next write. A record that
+    /// contradicts the metadata's, or another part's, fails: one of them
+    /// is not this generation's.
+    pub fn fold_openings<'a>(
+        &mut self,
+        key: &str,
+        segments: impl IntoIterator<Item = &'a SegmentObject>,
+    ) -> Result<()> {
+        let generation = self.generation.clone();
+        let what = || format!("generation {generation} of {key:?}");
+        for seg in segments {
+            let Some(o) = seg.part.as_ref().and_then(|p| p.opens) else {
+                continue;
+            };
+            let index = seg.pos.index;
+            let start = WalStart {
+                index,
+                salt: o.salt,
+                checksum: o.checksum,
+                big_endian: o.big_endian,
+            };
+            let known = self
+                .wal_starts
+                .as_ref()
+                .and_then(|v| v.iter().find(|s| s.index == index));
+            match known {
+                Some(known) if *known != start => {
+                    return Err(Error::invalid(
+                        what(),
+                        format!(
+                            "the header of WAL {index} recorded by {} differs from the one                              recorded before; refusing to restore",
+                            seg.location
+                        ),
+                    ))
+                }
+                Some(_) => {}
+                None => self.record_wal_start(start),
+            }
+            let Some(offset) = o.previous_end else {
+                continue;
+            };
+            let end = Position {
+                index: index.saturating_sub(1),
+                offset,
+            };
+            match self.wal_ends.iter().find(|p| p.index == end.index) {
+                Some(known) if *known != end => {
+                    return Err(Error::invalid(
+                        what(),
+                        format!(
+                            "{} records that WAL {} ended at {}, where {} was recorded before;                              refusing to restore",
+                            seg.location,
+                            end.index,
+                            describe(end),
+                            describe(*known)
+                        ),
+                    ))
+                }
+                Some(_) => {}
+                None => {
+                    self.wal_ends.push(end);
+                    self.wal_ends.sort();
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a segment continues a replay ([`Replay::admit`]).
@@ -489,6 +568,10 @@ pub struct PartRange {
     /// The pack holds this database's parts only (a consolidated pack): a
     /// restore downloads it whole, once, rather than each part by range.
     pub whole: bool,
+    /// The WAL this part opens, as its pack's index records it
+    /// ([`pack::WalOpening`]; folded into the metadata by
+    /// [`Metadata::fold_openings`]).
+    pub opens: Option<pack::WalOpening>,
 }
 
 /// A WAL segment found in the replica: an object of its own, or a part of
@@ -826,6 +909,7 @@ fn segments_of(
             part: Some(PartRange {
                 range: range.clone(),
                 whole,
+                opens: p.opens,
             }),
         })
         .collect()
@@ -1280,6 +1364,10 @@ pub async fn plan_latest(
                             ),
                         ));
                     }
+                    let mut meta = meta;
+                    if let Some(m) = &mut meta {
+                        m.fold_openings(key, &segments)?;
+                    }
                     break (meta, segments);
                 }
                 None if tries < LOG_RELISTS => tries += 1,
@@ -1564,7 +1652,12 @@ impl<'a> Replay<'a> {
     /// `metadata.json` (where each WAL ended and began).
     pub async fn start(replica: &Replica, key: &'a str, plan: &'a Plan) -> Result<Replay<'a>> {
         let snap = &plan.snapshot;
-        let meta = read_metadata(replica, key, &plan.generation).await?;
+        let mut meta = read_metadata(replica, key, &plan.generation).await?;
+        if let Some(m) = &mut meta {
+            // What the parts listed record of the WALs they open, which
+            // this metadata may not have yet (see `pack::WalOpening`).
+            m.fold_openings(key, plan.segments.iter().chain(&plan.late))?;
+        }
         Ok(Replay {
             key,
             plan,
@@ -1813,17 +1906,11 @@ mod tests {
     fn the_largest_metadata_we_write_is_read() {
         let id = GenerationId::parse("fffffe6b2f5c7e1f0123abcd").unwrap();
         let mut m = Metadata {
-            generation: id.clone(),
             page_size: 65536,
-            created: id.created(),
-            first: Position::start(0),
-            last: Position::start(0),
-            snapshots: Vec::new(),
-            wal_ends: Vec::new(),
-            wal_starts: Some(Vec::new()),
             logged: true,
             written: Some(id.created()),
             key: Some("k/".repeat(512)),
+            ..fresh_metadata(&id)
         };
         for i in 0..MAX_GENERATION_WALS as u64 {
             let index = u64::MAX - i;
@@ -1845,6 +1932,24 @@ mod tests {
     use super::*;
     use chrono::{Duration, TimeZone};
 
+    /// The metadata of generation `id` as a stream first writes it: no
+    /// snapshot or WAL recorded yet, 4096-byte pages, key `k`.
+    fn fresh_metadata(id: &GenerationId) -> Metadata {
+        Metadata {
+            generation: id.clone(),
+            page_size: 4096,
+            created: id.created(),
+            first: Position::start(0),
+            last: Position::start(0),
+            snapshots: Vec::new(),
+            wal_ends: Vec::new(),
+            wal_starts: Some(Vec::new()),
+            logged: false,
+            written: None,
+            key: Some("k".into()),
+        }
+    }
+
     /// Metadata names its generation and (since it holds it) its key: a
     /// generation copied or moved under another key, or renamed, is
     /// refused, naming the object (probe X: another database's generation
@@ -1855,17 +1960,8 @@ mod tests {
         let r = Replica::open_dir(dir.path()).unwrap();
         let gen = new_generation_id(t(0));
         let meta = |key: Option<&str>| Metadata {
-            generation: gen.clone(),
-            page_size: 4096,
-            created: gen.created(),
-            first: Position::start(0),
-            last: Position::start(0),
-            snapshots: Vec::new(),
-            wal_ends: Vec::new(),
-            wal_starts: Some(Vec::new()),
-            logged: false,
-            written: None,
             key: key.map(str::to_string),
+            ..fresh_metadata(&gen)
         };
         write_metadata(&r, "p/a", &meta(Some("p/a"))).await.unwrap();
         assert!(read_metadata(&r, "p/a", &gen).await.unwrap().is_some());
@@ -2022,6 +2118,63 @@ mod tests {
             size: 1,
             part: None,
         }
+    }
+
+    /// A fleet log part opening WAL `index` (WAL `index - 1` ended at
+    /// `previous_end`) is folded into the metadata as if written after it;
+    /// one contradicting the metadata, or another part, is refused.
+    #[test]
+    fn wal_openings_are_folded_into_the_metadata() {
+        let gen = GenerationId::parse("fffffe6b2f5c7e1f0123abcd").unwrap();
+        let mut m = Metadata {
+            wal_starts: Some(vec![WalStart {
+                index: 0,
+                salt: [1, 1],
+                checksum: [0, 0],
+                big_endian: false,
+            }]),
+            logged: true,
+            ..fresh_metadata(&gen)
+        };
+        let opening = |index: u64, salt: u32, previous_end: Option<u64>| SegmentObject {
+            part: Some(PartRange {
+                range: 0..1,
+                whole: false,
+                opens: Some(pack::WalOpening {
+                    salt: [salt, salt],
+                    checksum: [0, 0],
+                    big_endian: false,
+                    previous_end,
+                }),
+            }),
+            ..seg(index, FIRST_FRAME, 0)
+        };
+        m.fold_openings("k", &[seg(0, 32, 0), opening(1, 2, Some(4152))])
+            .unwrap();
+        assert_eq!(
+            m.wal_ends,
+            vec![Position {
+                index: 0,
+                offset: 4152
+            }]
+        );
+        assert_eq!(m.wal_starts.as_ref().unwrap()[1].salt, [2, 2]);
+        // The same records again change nothing.
+        let before = m.clone();
+        m.fold_openings("k", &[opening(1, 2, Some(4152))]).unwrap();
+        assert_eq!(m, before);
+        // Another header for a WAL, another end: refused, naming the part.
+        for other in [opening(1, 3, Some(4152)), opening(1, 2, Some(8272))] {
+            let e = m.clone().fold_openings("k", &[other]).unwrap_err();
+            assert!(e.to_string().contains("refusing to restore"), "{e}");
+            assert!(e.to_string().contains("w/"), "{e}");
+        }
+        // WAL 0's header as the metadata recorded it.
+        let e = m
+            .clone()
+            .fold_openings("k", &[opening(0, 9, None)])
+            .unwrap_err();
+        assert!(e.to_string().contains("header of WAL 0"), "{e}");
     }
 
     fn listing(snapshots: Vec<SnapshotObject>, segments: Vec<SegmentObject>) -> GenerationListing {

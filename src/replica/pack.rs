@@ -90,6 +90,33 @@ pub struct Part {
     pub time: u64,
     /// Bytes of the part (its LZ4 frame) in the pack.
     pub len: u64,
+    /// For the first part of a WAL after the generation's first: that WAL's
+    /// header and where the previous WAL ended ([`WalOpening`]). `None`
+    /// in packs of earlier versions, which wrote both into
+    /// `metadata.json` before such a part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opens: Option<WalOpening>,
+}
+
+/// What a stream knows when it ships the first frames of a WAL (offset 32
+/// of WAL `index`), carried by the part that holds them: the WAL's header
+/// (salts and checksum seed, which the part's first frame must continue)
+/// and where WAL `index - 1` ended. Without it the stream would have to
+/// write `metadata.json` before every such part (one PUT per hot database
+/// per WAL restart, ~3.4 an hour at one commit a second; black-box probe
+/// I28), because a restore proves continuity across WALs from those two
+/// records ([`crate::replica::hot`]). A restore reads them from the parts
+/// as from the metadata, which records them again when it is next written
+/// (at the generation's end, its next snapshot, or its stream's end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalOpening {
+    pub salt: [u32; 2],
+    pub checksum: [u32; 2],
+    pub big_endian: bool,
+    /// Where WAL `index - 1` ended (its committed end, offset in bytes):
+    /// `None` for the generation's first WAL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_end: Option<u64>,
 }
 
 impl Part {
@@ -117,6 +144,7 @@ impl Part {
             offset,
             time: commit_millis(committed),
             len,
+            opens: None,
         }
     }
 }
@@ -192,7 +220,12 @@ fn parse_head(head: &[u8], size: u64, what: &str) -> Result<Head> {
                     p.index, p.offset
                 ))
             })?;
-        if p.offset < MIN_OFFSET || p.len == 0 || check_key(&p.key).is_err() {
+        let opening_ok = p.opens.is_none_or(|o| {
+            p.offset == MIN_OFFSET
+                && o.previous_end
+                    .is_none_or(|end| p.index > 0 && end >= MIN_OFFSET)
+        });
+        if p.offset < MIN_OFFSET || p.len == 0 || !opening_ok || check_key(&p.key).is_err() {
             return Err(bad(format!(
                 "part {:?} at {}:{} is malformed",
                 p.key, p.index, p.offset
@@ -372,6 +405,31 @@ mod tests {
         assert!(decode_index(&one("ok", 32), "x").is_ok());
         assert!(decode_index(&one("..", 32), "x").is_err());
         assert!(decode_index(&one("ok", 31), "x").is_err());
+        // A WAL opening belongs on a WAL's first part, after WAL 0's end.
+        let opening = |index: u64, offset: u64, previous_end: Option<u64>| {
+            let part = Part {
+                opens: Some(WalOpening {
+                    salt: [1, 2],
+                    checksum: [3, 4],
+                    big_endian: false,
+                    previous_end,
+                }),
+                ..Part::new("ok", GEN, index, offset, now, 0)
+            };
+            decode_index(
+                &encode(vec![(part, Bytes::from_static(b"z"))]).unwrap(),
+                "x",
+            )
+        };
+        let decoded = opening(1, 32, Some(4152)).unwrap();
+        assert_eq!(
+            decoded.parts[0].0.opens.and_then(|o| o.previous_end),
+            Some(4152)
+        );
+        assert!(opening(0, 32, None).is_ok());
+        assert!(opening(1, 4152, Some(4152)).is_err());
+        assert!(opening(0, 32, Some(4152)).is_err());
+        assert!(opening(1, 32, Some(31)).is_err());
     }
 
     #[test]

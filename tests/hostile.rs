@@ -547,6 +547,51 @@ async fn a_listing_that_repeats_a_key_fails_and_retention_deletes_nothing() {
     assert_eq!((r.databases, r.restored), (n, n), "{:?}", r.failed);
 }
 
+/// A listing that holds a key outside the prefix asked for is not used:
+/// `list`, a single restore, a bulk restore and a retention pass fail
+/// naming the key, and retention deletes nothing (black-box probe N29: a
+/// store answering the listing of `pfx/` with `pfy/p1/a/...` had that
+/// other root's database restored as `p1/a`, exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_with_keys_outside_its_prefix_is_not_used() {
+    use litefleet::restore::{list, restore_bulk, NoProgress};
+    let f = backed_up_on_s3(2).await;
+    let replica = f.replica();
+    let objects = || common::walk_files(&f.s3().root().join(f.s3().bucket())).len();
+    let stored = objects();
+    let out = tempfile::tempdir().unwrap();
+    f.s3().set_fault(Fault::ListOutsidePrefix);
+    let named = |e: String| {
+        assert!(
+            e.contains("fleet~/p/d/t") && e.contains("which is not below \"fleet"),
+            "{e}"
+        );
+    };
+    named(list(&replica, None).await.unwrap_err().to_string());
+    named(
+        restore_bulk(&replica, &bulk_of_all(&out.path().join("all")), &NoProgress)
+            .await
+            .unwrap_err()
+            .to_string(),
+    );
+    named(
+        f.restore("p/d/t1", &out.path().join("one.db"), None)
+            .await
+            .unwrap_err()
+            .to_string(),
+    );
+    let later = chrono::Utc::now() + chrono::Duration::hours(3);
+    named(
+        litefleet::replica::retention::enforce(&replica, Duration::from_secs(60), later)
+            .await
+            .unwrap_err()
+            .to_string(),
+    );
+    assert_eq!(objects(), stored, "retention deleted objects");
+    f.s3().set_fault(Fault::None);
+    assert_eq!(list(&replica, None).await.unwrap().len(), 2);
+}
+
 /// The ranged read of a cold snapshot's times record (which a restore at a
 /// time, or one choosing between tiers, makes) is retried like every read:
 /// one response cut short does not fail the restore (black-box probe: one

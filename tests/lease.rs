@@ -164,6 +164,34 @@ both_backends!(corrupt_lease_object_is_a_clear_error, |b| async move {
     assert!(msg.contains("delete it"), "{msg}");
 });
 
+// A lease object larger than litefleet ever writes is refused before it is
+// read (black-box probe N29: a 5 GB one made every start abort on the
+// allocation, and a 300 MB one of valid JSON was taken as the lease).
+both_backends!(
+    an_oversized_lease_object_is_refused_unread,
+    |b| async move {
+        use litefleet::replica::lease::MAX_LEASE_BYTES;
+        let f = Fleet::new(b).await;
+        let r = f.replica();
+        let mut big = br#"{"pad":""#.to_vec();
+        big.resize(MAX_LEASE_BYTES as usize + 1 - 2, b'x');
+        big.extend_from_slice(br#""}"#);
+        r.store
+            .put(&lease_path(&r), PutPayload::from(big))
+            .await
+            .unwrap();
+        let msg = Lease::acquire(&r, t0()).await.unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!(
+                "is {} bytes, more than the {MAX_LEASE_BYTES} litefleet ever writes there",
+                MAX_LEASE_BYTES + 1
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("lease.json"), "{msg}");
+    }
+);
+
 both_backends!(
     renewer_renews_and_cancels_replication_when_taken_over,
     |b| async move {
@@ -232,7 +260,7 @@ both_backends!(storage_conditional_puts_are_honoured, |b| async move {
         .await
         .unwrap()
         .is_none());
-    let (got, v) = r.get_versioned(&loc).await.unwrap().unwrap();
+    let (got, v) = r.get_versioned(&loc, 1 << 20).await.unwrap().unwrap();
     assert_eq!((&got[..], &v.e_tag), (&b"one"[..], &v1.e_tag));
     // If-Match with the current ETag: written; with the old one: refused.
     let v2 = r
@@ -247,18 +275,18 @@ both_backends!(storage_conditional_puts_are_honoured, |b| async move {
         .unwrap()
         .is_none());
     assert_eq!(
-        &r.get_versioned(&loc).await.unwrap().unwrap().0[..],
+        &r.get_versioned(&loc, 1 << 20).await.unwrap().unwrap().0[..],
         b"three"
     );
     r.delete(&loc).await.unwrap();
-    assert!(r.get_versioned(&loc).await.unwrap().is_none());
+    assert!(r.get_versioned(&loc, 1 << 20).await.unwrap().is_none());
     // If-Match on a missing object: refused, nothing created.
     assert!(r
         .put_if_match(&loc, bytes::Bytes::from_static(b"five"), &v2)
         .await
         .unwrap()
         .is_none());
-    assert!(r.get_versioned(&loc).await.unwrap().is_none());
+    assert!(r.get_versioned(&loc, 1 << 20).await.unwrap().is_none());
 });
 
 /// A renewal stalled past the lease's local expiry: the holder stops every
@@ -434,7 +462,7 @@ async fn unanswered_lease_writes_of_ours_never_lose_the_lease() {
     // A renewal of ours applied late, then the write on its version
     // applied with its answer lost.
     let path = lease_path(&r);
-    let (_, v) = r.get_versioned(&path).await.unwrap().unwrap();
+    let (_, v) = r.get_versioned(&path, 1 << 20).await.unwrap().unwrap();
     let mut late = lease.record().clone();
     late.expires = t0() + secs(70);
     let body = bytes::Bytes::from(serde_json::to_vec(&late).unwrap());
@@ -455,7 +483,7 @@ async fn unanswered_lease_writes_of_ours_never_lose_the_lease() {
     assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
 
     // Another owner's lease is still lost, however the answers go.
-    let (_, v) = r.get_versioned(&path).await.unwrap().unwrap();
+    let (_, v) = r.get_versioned(&path, 1 << 20).await.unwrap().unwrap();
     let mut other = lease.record().clone();
     other.owner = "someone-else".to_string();
     let body = bytes::Bytes::from(serde_json::to_vec(&other).unwrap());
@@ -484,14 +512,14 @@ both_backends!(
             bytes::Bytes::from(serde_json::to_vec(&rec).unwrap())
         };
         // The late renewal lands on the version we know, as the store applies it.
-        let (_, v) = r.get_versioned(&path).await.unwrap().unwrap();
+        let (_, v) = r.get_versioned(&path, 1 << 20).await.unwrap().unwrap();
         let body = late(t0() + secs(70), &ours.owner);
         assert!(r.put_if_match(&path, body, &v).await.unwrap().is_some());
         lease.renew_at(t0() + secs(40)).await.unwrap();
         assert_eq!(lease.expires(), t0() + secs(100));
         assert_eq!(Lease::current(&r).await.unwrap().unwrap(), *lease.record());
         // Another owner's record in its place: lost.
-        let (_, v) = r.get_versioned(&path).await.unwrap().unwrap();
+        let (_, v) = r.get_versioned(&path, 1 << 20).await.unwrap().unwrap();
         let body = late(t0() + secs(200), "someone-else");
         assert!(r.put_if_match(&path, body, &v).await.unwrap().is_some());
         let e = lease.renew_at(t0() + secs(60)).await.unwrap_err();

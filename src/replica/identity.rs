@@ -129,7 +129,7 @@ pub async fn enclosing_root(replica: &Replica) -> Result<Option<EnclosingRoot>> 
             if std::fs::symlink_metadata(&path).is_ok() {
                 return Ok(Some(EnclosingRoot {
                     name: format!("file://{}", d.display()),
-                    created: crate::replica::storage::read_regular(&path)
+                    created: crate::replica::storage::read_regular(&path, MAX_IDENTITY_BYTES)
                         .ok()
                         .and_then(|b| created(&b)),
                 }));

@@ -111,6 +111,10 @@ pub const LEASE_DIR: &str = crate::replica::layout::RESERVED_DIR;
 /// its directory, and restore, list and retention ignore objects whose
 /// names are not snapshot names.
 pub const LEASE_OBJECT: &str = ".litefleet/lease.json";
+/// Largest lease object read: ours is a few hundred bytes of JSON; a larger
+/// one is refused before it is downloaded (black-box probe N29: a 5 GB one
+/// made every start abort on the allocation, and a 300 MB one was taken).
+pub const MAX_LEASE_BYTES: u64 = 64 << 10;
 /// Default lease lifetime. Long enough that a renewal every 20 s survives two
 /// failed requests (each bounded by the replica `timeout`), short enough that
 /// a crashed replicator's successor waits at most a minute.
@@ -338,7 +342,7 @@ impl Lease {
         // starting").
         let mut refused_on: Vec<Option<String>> = Vec::new();
         for _ in 0..ACQUIRE_ATTEMPTS {
-            let current = match replica.get_versioned(&location).await {
+            let current = match replica.get_versioned(&location, MAX_LEASE_BYTES).await {
                 Ok(c) => c,
                 Err(e) => return Err(unanswered.unwrap_or(e)),
             };
@@ -525,7 +529,10 @@ impl Lease {
 
     /// What is stored in the replica's lease object now, if anything.
     pub async fn current(replica: &Replica) -> Result<Option<LeaseRecord>> {
-        match replica.get_versioned(&lease_path(replica)).await? {
+        match replica
+            .get_versioned(&lease_path(replica), MAX_LEASE_BYTES)
+            .await?
+        {
             None => Ok(None),
             Some((bytes, _)) => parse(replica, &bytes).map(Some),
         }
@@ -589,7 +596,11 @@ impl Lease {
                 written = Some(v);
                 break;
             }
-            let Some((bytes, v)) = self.replica.get_versioned(&self.location).await? else {
+            let Some((bytes, v)) = self
+                .replica
+                .get_versioned(&self.location, MAX_LEASE_BYTES)
+                .await?
+            else {
                 break; // deleted: lost
             };
             match parse(&self.replica, &bytes).ok() {

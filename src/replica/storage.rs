@@ -1175,10 +1175,7 @@ impl Replica {
         .await;
         match got {
             Ok(Ok(b)) => Ok(Some(b)),
-            Ok(Err(size)) => Err(Error::invalid(
-                location,
-                format!("is {size} bytes, more than the {max} litefleet ever writes there"),
-            )),
+            Ok(Err(size)) => Err(too_large(location, size, max)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::store(location, e)),
         }
@@ -1250,13 +1247,17 @@ impl Replica {
     }
 
     /// The object's content and the version a conditional write must name,
-    /// or `None` if there is no such object.
+    /// or `None` if there is no such object. One larger than `max` bytes
+    /// (what litefleet ever writes there) is refused before it is read, as
+    /// by [`Replica::get_small`] (black-box probe N29: a 5 GB lease made
+    /// every start abort on the allocation).
     pub async fn get_versioned(
         &self,
         location: &ObjPath,
+        max: u64,
     ) -> Result<Option<(Bytes, UpdateVersion)>> {
         if let Some(path) = self.local_path(location)? {
-            return tokio::task::spawn_blocking(move || match read_regular(&path) {
+            return tokio::task::spawn_blocking(move || match read_regular(&path, max) {
                 Ok(b) => {
                     let v = content_version(&b);
                     Ok(Some((Bytes::from(b), v)))
@@ -1272,6 +1273,9 @@ impl Replica {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(Error::store(location, e)),
         };
+        if got.meta.size > max {
+            return Err(too_large(location, got.meta.size, max));
+        }
         let version = UpdateVersion {
             e_tag: got.meta.e_tag.clone(),
             version: got.meta.version.clone(),
@@ -1376,14 +1380,23 @@ impl Replica {
         self.local.is_some()
     }
 
-    /// The filesystem path of `location` for a `file://` replica.
+    /// The filesystem path of `location` for a `file://` replica, refused
+    /// when it goes through a symbolic link below the replica's root
+    /// ([`link_below`]).
     fn local_path(&self, location: &ObjPath) -> Result<Option<PathBuf>> {
         match &self.local {
             None => Ok(None),
-            Some(fs) => fs
-                .path_to_filesystem(location)
-                .map(Some)
-                .map_err(|e| Error::store(location, e)),
+            Some(fs) => {
+                let path = fs
+                    .path_to_filesystem(location)
+                    .map_err(|e| Error::store(location, e))?;
+                if let Some(root) = self.local_root() {
+                    if let Some(link) = link_below(&root, &path) {
+                        return Err(Error::invalid(link.display(), LINK_IN_REPLICA));
+                    }
+                }
+                Ok(Some(path))
+            }
         }
     }
 }
@@ -1410,10 +1423,23 @@ impl std::fmt::Display for LocalObjects {
 }
 
 impl LocalObjects {
+    /// Refuses `location` when its path goes through a symbolic link below
+    /// the root, or is one ([`link_below`]).
+    fn check_links(&self, location: &ObjPath) -> object_store::Result<()> {
+        let path = self.fs.path_to_filesystem(location)?;
+        match link_below(&self.root, &path) {
+            None => Ok(()),
+            Some(link) => Err(object_store::Error::NotSupported {
+                source: format!("{} {LINK_IN_REPLICA}", link.display()).into(),
+            }),
+        }
+    }
+
     /// Refuses `location` when something other than a regular file or a
-    /// directory is there (following links); what is missing is left to
-    /// the read, which reports it as before.
+    /// directory is there, or a link ([`LocalObjects::check_links`]); what
+    /// is missing is left to the read, which reports it as before.
     fn check_regular(&self, location: &ObjPath) -> object_store::Result<()> {
+        self.check_links(location)?;
         let path = self.fs.path_to_filesystem(location)?;
         let Ok(meta) = std::fs::metadata(&path) else {
             return Ok(());
@@ -1435,13 +1461,41 @@ impl LocalObjects {
 /// What [`Replica::list_children`] says of a link to nothing in a
 /// `file://` listing (see `hidden_entry`).
 pub const LINK_TO_NOTHING: &str = "is a link to nothing";
+/// Why a symbolic link inside a `file://` replica fails what meets it: a
+/// listing, a read, a write or a delete. litefleet never makes one there,
+/// and following one made retention delete, and uploads write, outside the
+/// replica (black-box probe N29: a link planted in one replica made its
+/// retention delete another replica's snapshots).
+pub const LINK_IN_REPLICA: &str =
+    "is a symbolic link inside the replica: litefleet never makes one \
+     there and does not follow it (retention would delete, and uploads write, wherever it \
+     points); remove it";
+
+/// The first component of `path` below `root` that is a symbolic link
+/// (`path` itself included), if any; a missing component ends the walk
+/// (nothing below it exists). `root` itself may be a link: the operator
+/// chose it.
+fn link_below(root: &Path, path: &Path) -> Option<PathBuf> {
+    let rel = path.strip_prefix(root).ok()?;
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => return Some(at),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
 /// What it says of a directory named like a cold snapshot there.
 pub const DIRECTORY_LIKE_AN_OBJECT: &str = "is a directory named like an object";
 
 /// An entry of `dir` that object_store's listing of it leaves out or shows
 /// as a directory, where litefleet would have written an object: a link to
 /// nothing, or a directory named like a cold snapshot (a key's directory
-/// may have any other name).
+/// may have any other name); or any other symbolic link
+/// ([`LINK_IN_REPLICA`]).
 /// Listed objects are what a restore chooses from, so such an entry made it
 /// take an older object for the newest, exit 0 (black-box probe). One
 /// `read_dir`; entries are typed from it, with no stat of their own but for
@@ -1453,8 +1507,11 @@ fn hidden_entry(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
             continue;
         };
         let path = entry.path();
-        if kind.is_symlink() && std::fs::metadata(&path).is_err() {
-            return Some((path, LINK_TO_NOTHING));
+        if kind.is_symlink() {
+            if std::fs::metadata(&path).is_err() {
+                return Some((path, LINK_TO_NOTHING));
+            }
+            return Some((path, LINK_IN_REPLICA));
         }
         if kind.is_dir() && entry.file_name().to_str().is_some_and(object_like) {
             return Some((path, DIRECTORY_LIKE_AN_OBJECT));
@@ -1468,17 +1525,14 @@ fn hidden_entry(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
 /// FIFO, socket or device (its walk keeps regular files only). A listing
 /// of a whole prefix (`list`, bulk restore, `verify`, retention) then
 /// missed a key, or a key's newest object, and bulk restore returned an
-/// older state or none for it, exit 0 (black-box probe). Directories are
-/// typed from `read_dir` with no stat of their own; links are followed to
-/// see what they name, and walked into when they name a directory, as
-/// object_store's walk does (else a key directory reached through a link
-/// hid its entries: probe), each directory a link names once (a link loop
-/// ends there). A directory that cannot be read is left to object_store's
-/// own walk, which reports it.
+/// older state or none for it, exit 0 (black-box probe). Also any other
+/// symbolic link ([`LINK_IN_REPLICA`]): object_store's walk follows them,
+/// and retention deleted what a link led to, outside the replica (probe
+/// N29). Directories are typed from `read_dir` with no stat of their own.
+/// A directory that cannot be read is left to object_store's own walk,
+/// which reports it.
 fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
-    use std::os::unix::fs::MetadataExt;
     let mut dirs = vec![dir.to_path_buf()];
-    let mut linked = std::collections::HashSet::new();
     while let Some(d) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
@@ -1492,13 +1546,7 @@ fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
                 dirs.push(path);
             } else if kind.is_symlink() {
                 match std::fs::metadata(&path) {
-                    Ok(m) if m.is_dir() => {
-                        if linked.insert((m.dev(), m.ino())) {
-                            dirs.push(path);
-                        }
-                    }
-                    Ok(m) if m.is_file() => {}
-                    Ok(m) => return Some((path, crate::error::not_regular(&m))),
+                    Ok(_) => return Some((path, LINK_IN_REPLICA)),
                     // Gone since the listing of its directory: not hidden.
                     Err(_) if std::fs::symlink_metadata(&path).is_err() => {}
                     Err(_) => return Some((path, LINK_TO_NOTHING)),
@@ -1515,6 +1563,11 @@ fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
 
 /// The error for an entry [`hidden_entry`] or [`hidden_below`] found.
 fn hidden_error(path: &std::path::Path, what: &str) -> object_store::Error {
+    if what == LINK_IN_REPLICA {
+        return object_store::Error::NotSupported {
+            source: format!("{} {what}", path.display()).into(),
+        };
+    }
     object_store::Error::NotSupported {
         source: format!(
             "{} {what}: litefleet never writes one there, and a listing would leave it \
@@ -1576,6 +1629,7 @@ impl ObjectStore for LocalObjects {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
+        self.check_links(location)?;
         self.fs.put_opts(location, payload, opts).await
     }
 
@@ -1584,6 +1638,7 @@ impl ObjectStore for LocalObjects {
         location: &ObjPath,
         opts: object_store::PutMultipartOptions,
     ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.check_links(location)?;
         self.fs.put_multipart_opts(location, opts).await
     }
 
@@ -1609,7 +1664,13 @@ impl ObjectStore for LocalObjects {
         &self,
         locations: futures::stream::BoxStream<'static, object_store::Result<ObjPath>>,
     ) -> futures::stream::BoxStream<'static, object_store::Result<ObjPath>> {
-        self.fs.delete_stream(locations)
+        use futures::StreamExt;
+        let this = LocalObjects {
+            fs: self.fs.clone(),
+            root: self.root.clone(),
+        };
+        let checked = locations.map(move |l| l.and_then(|l| this.check_links(&l).map(|()| l)));
+        self.fs.delete_stream(Box::pin(checked))
     }
 
     fn list(
@@ -1644,6 +1705,8 @@ impl ObjectStore for LocalObjects {
         to: &ObjPath,
         options: object_store::CopyOptions,
     ) -> object_store::Result<()> {
+        self.check_links(from)?;
+        self.check_links(to)?;
         self.fs.copy_opts(from, to, options).await
     }
 
@@ -1653,9 +1716,23 @@ impl ObjectStore for LocalObjects {
         to: &ObjPath,
         options: object_store::RenameOptions,
     ) -> object_store::Result<()> {
+        self.check_links(from)?;
+        self.check_links(to)?;
         self.fs.rename_opts(from, to, options).await
     }
 }
+
+/// An object of `size` bytes where litefleet never writes more than `max`.
+fn too_large(location: impl std::fmt::Display, size: u64, max: u64) -> Error {
+    Error::invalid(
+        location,
+        format!("is {size} bytes, more than the {max} litefleet ever writes there"),
+    )
+}
+
+/// Largest coordination object (lease, identity) a `file://`
+/// compare-and-swap reads: what litefleet writes there is under 1 KiB.
+const MAX_COORDINATION_BYTES: u64 = 64 << 10;
 
 /// S3 conditional writes need the ETag of what was written to name it next time.
 fn s3_version(location: &ObjPath, v: UpdateVersion) -> Result<UpdateVersion> {
@@ -1699,11 +1776,12 @@ const FLOCK_POLL: Duration = Duration::from_millis(5);
 /// (the lease, the identity): opened without waiting (`O_NONBLOCK`, which
 /// changes nothing for a regular file), and refused unless it is a regular
 /// file. A FIFO at `.litefleet/lease.json` held `replicate`'s start for
-/// good, SIGTERM included (black-box probe).
-pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+/// good, SIGTERM included (black-box probe). One larger than `max` bytes is
+/// refused before it is read.
+pub(crate) fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
@@ -1717,8 +1795,23 @@ pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
             ),
         ));
     }
+    if meta.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "is {} bytes, more than the {max} litefleet ever writes there",
+                meta.len()
+            ),
+        ));
+    }
     let mut b = Vec::with_capacity(meta.len() as usize);
-    f.read_to_end(&mut b)?;
+    f.take(max.saturating_add(1)).read_to_end(&mut b)?;
+    if b.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("grew past the {max} bytes litefleet ever writes there while it was read"),
+        ));
+    }
     Ok(b)
 }
 
@@ -2162,7 +2255,7 @@ async fn local_cas(
     let what = path.display().to_string();
     tokio::task::spawn_blocking(move || {
         with_flock(&path, || {
-            let current = match read_regular(&path) {
+            let current = match read_regular(&path, MAX_COORDINATION_BYTES) {
                 Ok(b) => Some(content_version(&b)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(Error::io(&path, e)),
@@ -2224,8 +2317,28 @@ async fn delete_all(store: &Arc<dyn ObjectStore>, paths: Vec<ObjPath>) -> Result
 struct ListingOrder(Option<String>);
 
 impl ListingOrder {
-    /// Takes the next key of the listing of `prefix`.
+    /// Takes the next key of the listing of `prefix`: it must lie below
+    /// `prefix`, and after the previous one.
     fn next(&mut self, prefix: &ObjPath, key: &str) -> Result<()> {
+        let root = prefix.as_ref();
+        let below = root.is_empty()
+            || key
+                .strip_prefix(root)
+                .is_some_and(|rest| rest.len() > 1 && rest.starts_with('/'));
+        if !below {
+            // Keys are the listed names less the prefix: one outside it
+            // would be taken for a key of this root (black-box probe N29:
+            // `pfy/p1/a/...` in the listing of `pfx/` was restored as
+            // `p1/a`, exit 0).
+            return Err(Error::invalid(
+                format!("the listing of {root:?}"),
+                format!(
+                    "the store listed {key:?}, which is not below {root:?}: an S3 listing holds \
+                     only keys that begin with the prefix asked for, so it is not used (the store \
+                     is not S3-compatible in its listings)"
+                ),
+            ));
+        }
         if let Some(last) = self.0.as_deref().filter(|&last| key <= last) {
             return Err(Error::invalid(
                 format!("the listing of {:?}", prefix.as_ref()),
@@ -2693,7 +2806,7 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("is a FIFO"), "{e}");
         // Read by litefleet itself (the lease's compare-and-swap).
-        let e = tokio::time::timeout(limit, r.get_versioned(&fifo))
+        let e = tokio::time::timeout(limit, r.get_versioned(&fifo, 1 << 10))
             .await
             .expect("hung")
             .unwrap_err();
@@ -2719,7 +2832,8 @@ mod tests {
     /// A link to nothing, or a directory named like an object, where
     /// objects are listed fails the listing naming it: the listing left
     /// them out, and a restore took an older object for the newest, exit 0
-    /// (black-box probe). A link to a file and other directories list.
+    /// (black-box probe). So does any other link (probe N29); other
+    /// directories list.
     #[tokio::test]
     async fn entries_a_listing_would_leave_out_fail_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -2732,7 +2846,13 @@ mod tests {
         std::fs::create_dir(key_dir.join("generations")).unwrap();
         std::os::unix::fs::symlink(key_dir.join("a-20261206-090000.db.lz4"), key_dir.join("l"))
             .unwrap();
-        assert_eq!(r.list_dir(&k).await.unwrap().len(), 2);
+        let e = r.list_dir(&k).await.unwrap_err().to_string();
+        assert!(
+            e.contains("/k/l is a symbolic link inside the replica"),
+            "{e}"
+        );
+        std::fs::remove_file(key_dir.join("l")).unwrap();
+        assert_eq!(r.list_dir(&k).await.unwrap().len(), 1);
         let newest = key_dir.join("a-20261206-100000.db.lz4");
         std::os::unix::fs::symlink(dir.path().join("gone"), &newest).unwrap();
         let e = r.list_dir(&k).await.unwrap_err().to_string();
@@ -2747,7 +2867,7 @@ mod tests {
         // A key's directory may be named like anything else.
         std::fs::remove_dir(&newest).unwrap();
         std::fs::create_dir(key_dir.join("config.json")).unwrap();
-        assert_eq!(r.list_dir(&k).await.unwrap().len(), 2);
+        assert_eq!(r.list_dir(&k).await.unwrap().len(), 1);
         std::fs::create_dir(&newest).unwrap();
         // The replica's root is checked too.
         std::fs::remove_dir(&newest).unwrap();
@@ -2768,8 +2888,8 @@ mod tests {
     /// retention read) fails, naming it, before its first object, when a
     /// FIFO or a link to nothing lies anywhere below: object_store's walk
     /// left them out, and a key, or a key's newest object, vanished from
-    /// bulk restore with exit 0 (black-box probe). Links to files and
-    /// directories list as before.
+    /// bulk restore with exit 0 (black-box probe). So does any other link
+    /// (probe N29: retention followed one and deleted outside the replica).
     #[tokio::test]
     async fn whole_prefix_listings_fail_on_what_they_would_leave_out() {
         use futures::{StreamExt, TryStreamExt};
@@ -2789,9 +2909,7 @@ mod tests {
             .await
             .unwrap();
         let deep = dir.path().join("p/a/b");
-        std::os::unix::fs::symlink(deep.join("k-20261206-090000.db.lz4"), deep.join("l")).unwrap();
-        std::os::unix::fs::symlink(dir.path().join("p/a"), dir.path().join("p/d")).unwrap();
-        assert_eq!(listed("p").await.unwrap().len(), 4);
+        assert_eq!(listed("p").await.unwrap().len(), 1);
         let newest = deep.join("k-20261206-100000.db.lz4");
         std::os::unix::fs::symlink(dir.path().join("gone"), &newest).unwrap();
         for prefix in ["p", "p/a", ""] {
@@ -2825,26 +2943,85 @@ mod tests {
             .unwrap();
         assert_eq!(listed("q").await.unwrap().len(), 1);
         std::fs::remove_file(&newest).unwrap();
-        let back = listed("p").await.unwrap();
-        assert_eq!(back.len(), 4, "{back:?}");
-        assert!(back.contains(&old.to_string()), "{back:?}");
-        // A key directory reached through a link is looked into too (as
-        // object_store's walk does), and a link loop ends the walk.
+        assert_eq!(listed("p").await.unwrap(), vec![old.to_string()]);
+        // A link to a file or a directory (a key's history elsewhere) is
+        // not walked into: it fails the listing, at any depth.
         let outside = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("p/e")).unwrap();
-        // (object_store's walk fails a loop itself; this one just ends.)
-        let ring = outside.path().join("loop");
-        std::os::unix::fs::symlink(outside.path(), &ring).unwrap();
-        assert_eq!(hidden_below(dir.path()), None);
-        std::fs::remove_file(&ring).unwrap();
-        assert_eq!(listed("p").await.unwrap().len(), 4);
-        let hidden = outside.path().join("k-20261206-100000.db.lz4");
-        std::os::unix::fs::symlink(dir.path().join("gone"), &hidden).unwrap();
-        let e = listed("p").await.unwrap_err().to_string();
-        assert!(
-            e.contains("k-20261206-100000.db.lz4 is a link to nothing"),
-            "{e}"
+        for (link, to) in [
+            (deep.join("l"), deep.join("k-20261206-090000.db.lz4")),
+            (dir.path().join("p/e"), outside.path().to_path_buf()),
+        ] {
+            std::os::unix::fs::symlink(&to, &link).unwrap();
+            for prefix in ["p", ""] {
+                let e = listed(prefix).await.unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!("{} is a symbolic link", link.display())),
+                    "{prefix}: {e}"
+                );
+            }
+            std::fs::remove_file(&link).unwrap();
+        }
+        assert_eq!(listed("p").await.unwrap(), vec![old.to_string()]);
+    }
+
+    /// Nothing goes through a symbolic link below a `file://` replica's
+    /// root: reads, writes and deletes of objects whose path holds one are
+    /// refused naming it, direct writes included, and nothing is written or
+    /// deleted where it points (black-box probe N29: a link planted in one
+    /// replica made its retention delete another replica's snapshots, and
+    /// its uploads write into the directory the link named).
+    #[tokio::test]
+    async fn nothing_goes_through_a_link_in_the_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("k-20261206-090000.db.lz4");
+        std::fs::write(&victim, b"not yours").unwrap();
+        let r = Replica::open_dir(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("p")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("p/k")).unwrap();
+        let through = ObjPath::from("p/k/k-20261206-090000.db.lz4");
+        let named = |e: Error| {
+            let e = e.to_string();
+            assert!(e.contains("/p/k"), "{e}");
+            assert!(e.contains("is a symbolic link inside the replica"), "{e}");
+        };
+        named(r.get_bytes(&through).await.unwrap_err());
+        named(r.delete_many(vec![through.clone()]).await.unwrap_err());
+        named(r.put_bytes(&through, b"x".to_vec()).await.unwrap_err());
+        let new = ObjPath::from("p/k/k-20261206-100000.db.lz4");
+        named(r.put_bytes(&new, b"x".to_vec()).await.unwrap_err());
+        named(
+            r.store
+                .put(&new, b"x".to_vec().into())
+                .await
+                .map_err(|e| Error::store(&new, e))
+                .unwrap_err(),
         );
+        named(
+            r.put_if_absent(&new, Bytes::from_static(b"x"))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"not yours");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+        // A link as the object itself.
+        std::fs::create_dir(dir.path().join("q")).unwrap();
+        let object = dir.path().join("q/k-20261206-090000.db.lz4");
+        std::os::unix::fs::symlink(&victim, &object).unwrap();
+        let e = r
+            .get_bytes(&ObjPath::from("q/k-20261206-090000.db.lz4"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a symbolic link inside the replica"), "{e}");
+        // The root may itself be a link: the operator chose it.
+        let alias = outside.path().join("alias");
+        std::os::unix::fs::symlink(dir.path(), &alias).unwrap();
+        let via = Replica::open_dir(&alias).unwrap();
+        via.put_bytes(&ObjPath::from("r/one"), b"1".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(dir.path().join("r/one")).unwrap(), b"1");
     }
 
     /// Above the object's directory (which the store syncs), each
@@ -3173,22 +3350,50 @@ mod tests {
         }
     }
 
+    /// A tmpfs mounted at a directory, unmounted when dropped; `None` where
+    /// this process may not mount (not root, no `CAP_SYS_ADMIN`).
+    struct TmpfsMount(PathBuf);
+
+    impl TmpfsMount {
+        fn at(dir: &Path) -> Option<TmpfsMount> {
+            let c = |s: &[u8]| std::ffi::CString::new(s).unwrap();
+            let target = c(dir.as_os_str().as_encoded_bytes());
+            let (fs, data) = (c(b"tmpfs"), c(b"size=1m"));
+            // SAFETY: valid NUL-terminated strings for the call's duration.
+            let rc = unsafe {
+                libc::mount(
+                    fs.as_ptr(),
+                    target.as_ptr(),
+                    fs.as_ptr(),
+                    0,
+                    data.as_ptr().cast(),
+                )
+            };
+            (rc == 0).then(|| TmpfsMount(dir.to_path_buf()))
+        }
+    }
+
+    impl Drop for TmpfsMount {
+        fn drop(&mut self) {
+            let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
     /// An object whose directory is on another filesystem than the replica
-    /// root (a mount point, here a link to `/dev/shm`) is not left to the
-    /// batch's `syncfs` of the root's filesystem: it is fsynced, with its
-    /// directory, on its own, and in place before the batch is published.
+    /// root (a mount point: a tmpfs, where this process may mount one) is
+    /// not left to the batch's `syncfs` of the root's filesystem: it is
+    /// fsynced, with its directory, on its own, and in place before the
+    /// batch is published.
     #[test]
     fn a_local_batch_syncs_an_object_on_another_filesystem_on_its_own() {
-        use std::os::unix::fs::MetadataExt;
         let Some(dir) = batch_tempdir() else { return };
-        let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        std::fs::create_dir(dir.path().join("k")).unwrap();
+        let Some(mount) = TmpfsMount::at(&dir.path().join("k")) else {
             return;
         };
-        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
-        if dev(dir.path()) == dev(shm.path()) {
-            return; // the batch directory is /dev/shm itself
-        }
-        std::os::unix::fs::symlink(shm.path(), dir.path().join("k")).unwrap();
+        let shm = &mount.0;
         let r = Replica::for_test_dir(dir.path());
         let mut batch = r.local_batch().unwrap();
         batch.stage(&ObjPath::from("j/one"), b"1").unwrap();
@@ -3196,7 +3401,7 @@ mod tests {
         for more in ["j/three", "j/four", "j/five"] {
             batch.stage(&ObjPath::from(more), b"1").unwrap();
         }
-        assert_eq!(std::fs::read(shm.path().join("a/two")).unwrap(), b"2");
+        assert_eq!(std::fs::read(shm.join("a/two")).unwrap(), b"2");
         let synced = crate::durable::synced_below(dir.path());
         assert!(synced.contains(&PathBuf::from("k/a/two#1")), "{synced:?}");
         assert!(synced.contains(&PathBuf::from("k/a")), "{synced:?}");

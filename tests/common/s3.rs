@@ -73,6 +73,12 @@ pub enum Fault {
     /// Every ListObjectsV2 page lists its first object twice (as s3rver's
     /// listings, paged over a directory walk, can: black-box probe Q23).
     ListRepeatingAKey,
+    /// Every ListObjectsV2 page lists, after its last object, that object
+    /// again under a key outside the prefix asked for (its first path
+    /// segment `fleet` becomes `fleet~`, which sorts after every key of
+    /// `fleet/`): a broken store or proxy answering with another root's
+    /// objects (black-box probe N29).
+    ListOutsidePrefix,
     /// PutObject ignores `If-None-Match` and `If-Match` (both dropped after
     /// the signature was checked) and writes anyway, as some S3-compatible
     /// stores do.
@@ -145,6 +151,8 @@ enum Action {
     DropToken,
     /// A listing page: its first object is listed twice.
     RepeatKey,
+    /// A listing page: its last object is listed again outside the prefix.
+    OutsidePrefix,
 }
 
 impl Shared {
@@ -178,6 +186,8 @@ impl Shared {
             Fault::ListPagesWithoutTokens(_) => Action::Serve,
             Fault::ListRepeatingAKey if is_list => Action::RepeatKey,
             Fault::ListRepeatingAKey => Action::Serve,
+            Fault::ListOutsidePrefix if is_list => Action::OutsidePrefix,
+            Fault::ListOutsidePrefix => Action::Serve,
             Fault::Trickle(d) if is_get && !is_list => Action::Trickle(d),
             Fault::Trickle(_) => Action::Serve,
             Fault::NoBulkDelete if bulk_delete => Action::Fail(501, "NotImplemented"),
@@ -269,6 +279,7 @@ impl S3Server {
                             Action::Trickle(d) => trickle = Some(d),
                             Action::DropToken => rewrite = Some(without_token),
                             Action::RepeatKey => rewrite = Some(repeating_a_key),
+                            Action::OutsidePrefix => rewrite = Some(outside_the_prefix),
                             Action::Delay(d) => tokio::time::sleep(d).await,
                             Action::Fail(status, code) => {
                                 let body = format!(
@@ -465,6 +476,20 @@ fn repeating_a_key(xml: &str) -> String {
         (Some(i), Some(j)) if i < j => {
             let end = j + close.len();
             format!("{}{}{}", &xml[..end], &xml[i..end], &xml[end..])
+        }
+        _ => xml.to_string(),
+    }
+}
+
+/// A ListObjectsV2 response body whose last object is listed once more,
+/// its key's first `/` made `~/` (outside the prefix, after it in order).
+fn outside_the_prefix(xml: &str) -> String {
+    let (open, close) = ("<Contents>", "</Contents>");
+    match (xml.rfind(open), xml.rfind(close)) {
+        (Some(i), Some(j)) if i < j => {
+            let end = j + close.len();
+            let moved = xml[i..end].replacen("<Key>fleet/", "<Key>fleet~/", 1);
+            format!("{}{}{}", &xml[..end], moved, &xml[end..])
         }
         _ => xml.to_string(),
     }

@@ -592,12 +592,26 @@ impl SpoolReader {
 /// start waited for them (black-box probe D26). Each is one sync's frames,
 /// so a few in memory at once are little.
 const RECOVERY_READS: usize = 8;
+/// Log objects up to this size are read whole by [`recover`]; larger ones
+/// by range, one part at a time, so a start never holds more than
+/// [`RECOVERY_READS`] of these in memory (black-box probe N29: a 5 GB log
+/// object made every start abort on its allocation). A part is at most
+/// [`crate::capture::ship::IN_MEMORY_SEGMENT_BYTES`] (32 MiB) of frames,
+/// compressed (larger segments are objects of their own), so no part is
+/// larger than this: one that is fails the recovery.
+const RECOVERY_WHOLE: u64 = 64 << 20;
 
 /// Rewrites the log objects a previous process left (it crashed before
 /// consolidating) as per-database packs, then deletes them. Run with the
 /// lease held and before any stream starts, so every log object is an
 /// orphan. Returns how many objects were recovered.
 pub async fn recover(replica: &Replica, tmp_dir: &Path) -> Result<usize> {
+    recover_reading(replica, tmp_dir, RECOVERY_WHOLE).await
+}
+
+/// [`recover`], reading log objects up to `whole` bytes whole and larger
+/// ones part by part, refusing a part larger than `whole`.
+async fn recover_reading(replica: &Replica, tmp_dir: &Path, whole: u64) -> Result<usize> {
     use futures::StreamExt;
     let log = pack::list_log(replica).await?;
     if log.is_empty() {
@@ -606,34 +620,68 @@ pub async fn recover(replica: &Replica, tmp_dir: &Path) -> Result<usize> {
     let dir = tmp_dir.join("log-recovery");
     std::fs::create_dir_all(&dir).at(&dir)?;
     let mut spools: HashMap<(String, String), Spool> = HashMap::new();
-    // Read several at once, used in the log's order.
+    let mut add = |part: &Part, bytes: &[u8]| -> Result<()> {
+        let n = spools.len();
+        let spool = spools
+            .entry((part.key.clone(), part.generation.clone()))
+            .or_insert_with(|| Spool::new(dir.join(format!("{n}.spool")), &part.key));
+        spool.add(part, bytes, 1);
+        if spool.broken {
+            return Err(Error::invalid(
+                dir.display(),
+                "cannot write the recovery spool",
+            ));
+        }
+        Ok(())
+    };
+    // Read several at once, used in the log's order; larger ones by part.
     let reads: Vec<_> = log
         .iter()
         .map(|m| {
-            let (replica, location) = (replica.clone(), m.location.clone());
+            let (replica, meta) = (replica.clone(), m.clone());
             async move {
-                let read = replica.get_bytes(&location).await;
-                (location, read)
+                let read = if meta.size <= whole {
+                    replica.get_bytes(&meta.location).await.map(|b| b.map(Some))
+                } else {
+                    Ok(Some(None))
+                };
+                (meta, read)
             }
         })
         .collect();
     let mut reads = futures::stream::iter(reads).buffered(RECOVERY_READS);
-    while let Some((location, read)) = reads.next().await {
-        let Some(bytes) = read? else {
-            continue;
-        };
-        let index = pack::decode_index(&bytes, location.as_ref())?;
-        for (part, range) in index.parts {
-            let n = spools.len();
-            let spool = spools
-                .entry((part.key.clone(), part.generation.clone()))
-                .or_insert_with(|| Spool::new(dir.join(format!("{n}.spool")), &part.key));
-            spool.add(&part, &bytes[range.start as usize..range.end as usize], 1);
-            if spool.broken {
-                return Err(Error::invalid(
-                    dir.display(),
-                    "cannot write the recovery spool",
-                ));
+    while let Some((meta, read)) = reads.next().await {
+        match read? {
+            // Gone meanwhile.
+            None => {}
+            Some(Some(bytes)) => {
+                let index = pack::decode_index(&bytes, meta.location.as_ref())?;
+                for (part, range) in index.parts {
+                    add(&part, &bytes[range.start as usize..range.end as usize])?;
+                }
+            }
+            Some(None) => {
+                let Some(index) = pack::read_index(replica, &meta).await? else {
+                    continue;
+                };
+                for (part, range) in index.parts {
+                    if range.end - range.start > whole {
+                        return Err(Error::invalid(
+                            &meta.location,
+                            format!(
+                                "holds a part of {} bytes, more than litefleet ever writes in one",
+                                range.end - range.start
+                            ),
+                        ));
+                    }
+                    let Some(bytes) = replica.get_range_bytes(&meta.location, range).await? else {
+                        return Err(Error::invalid(
+                            &meta.location,
+                            "was deleted while the start recovered it (another litefleet on this replica?)",
+                        ));
+                    };
+                    add(&part, &bytes)?;
+                }
             }
         }
     }
@@ -651,6 +699,65 @@ pub async fn recover(replica: &Replica, tmp_dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log object larger than the recovery reads whole is read by its
+    /// index and one part at a time, and recovered the same: each part in
+    /// its database's pack, the log object deleted. A part larger than
+    /// that limit (litefleet never writes one) fails the recovery naming
+    /// the object, and nothing is deleted.
+    #[tokio::test]
+    async fn a_large_log_object_is_recovered_part_by_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open_dir(&dir.path().join("replica")).unwrap();
+        let gen = "fffffe6b2f5c7e1f0123abcd";
+        let now = chrono::Utc::now();
+        let parts = vec![
+            (
+                Part::new("a", gen, 0, 32, now, 0),
+                Bytes::from(vec![1u8; 40]),
+            ),
+            (
+                Part::new("b", gen, 0, 32, now, 0),
+                Bytes::from(vec![2u8; 50]),
+            ),
+            (
+                Part::new("a", gen, 0, 72, now, 0),
+                Bytes::from(vec![3u8; 30]),
+            ),
+        ];
+        let log = pack::log_path(&r.prefix, now);
+        r.put_bytes(&log, pack::encode(parts).unwrap())
+            .await
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        // Every part is larger than 20 bytes: refused, nothing deleted.
+        let e = recover_reading(&r, tmp.path(), 20).await.unwrap_err();
+        assert!(
+            e.to_string().contains("more than litefleet ever writes"),
+            "{e}"
+        );
+        assert!(e.to_string().contains(".litefleet/log/"), "{e}");
+        assert_eq!(pack::list_log(&r).await.unwrap().len(), 1);
+        // The object (~350 bytes) is over the limit, each part under it.
+        assert_eq!(recover_reading(&r, tmp.path(), 64).await.unwrap(), 1);
+        assert!(pack::list_log(&r).await.unwrap().is_empty());
+        let gid = GenerationId::parse(gen).unwrap();
+        for (key, want) in [("a", vec![(32, 1u8), (72, 3)]), ("b", vec![(32, 2)])] {
+            let listed = r
+                .list_dir(&hot::generation_dir(&r.prefix, key, &gid).join("wal"))
+                .await
+                .unwrap();
+            assert_eq!(listed.len(), 1, "{key}: {listed:?}");
+            let bytes = r.get_bytes(&listed[0].location).await.unwrap().unwrap();
+            let index = pack::decode_index(&bytes, "pack").unwrap();
+            let got: Vec<(u64, u8)> = index
+                .parts
+                .iter()
+                .map(|(p, range)| (p.offset, bytes[range.start as usize]))
+                .collect();
+            assert_eq!(got, want, "{key}");
+        }
+    }
 
     /// A spool is read a chunk at a time, in order, each chunk at most the
     /// limit (a larger part alone), and nothing beyond the chunk is read:

@@ -96,6 +96,7 @@ use crate::capture::wal::{
 use crate::capture::work::{bounded, Work};
 use crate::capture::{snapshot, upload};
 use crate::error::IoContext;
+use crate::replica::cold;
 use crate::replica::hot::{self, GenerationId, Metadata};
 use crate::replica::pack::{Part, WalOpening};
 use crate::replica::storage::Replica;
@@ -1886,7 +1887,8 @@ async fn sync(
                 s.newest = hot::list_generation_ids(&ctx.replica, &s.key)
                     .await?
                     .into_iter()
-                    .next();
+                    .next()
+                    .filter(|g| !named_far_ahead(&s.key, g));
             }
             let tmp = ctx.temp_dir.clone();
             let started = blocking(slot, Work::Start, move |s| s.begin_generation(&tmp)).await?;
@@ -2174,6 +2176,25 @@ async fn upload(
         });
     }
     Ok(())
+}
+
+/// Whether generation `g` of `key` was named more than
+/// [`cold::FUTURE_NAME_SECS`] (12 h) after this host's clock: by a clock
+/// that ran ahead, or planted. A new generation is then named by this
+/// host's clock, not after it (with a warning): named after it, every
+/// later generation, and every commit time in it, lay in that future, and
+/// a restore at any real time silently went back to the cold tier's first
+/// snapshot (black-box probe N29: 8 rows where 177 were committed, exit 0).
+/// A restore of the latest state fails while it is the newest
+/// ([`hot::plan_latest`]), naming it.
+fn named_far_ahead(key: &str, g: &GenerationId) -> bool {
+    let ahead = g.created() - Utc::now();
+    let far = ahead > chrono::Duration::seconds(cold::FUTURE_NAME_SECS);
+    if far {
+        tracing::warn!(key, generation = %g, created = %g.created().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "the newest generation is named {} hours after this host's clock (a clock that ran ahead, or an object put there by hand): the new generation is named by this host's clock, not after it; a restore of the latest state fails until that generation is deleted", ahead.num_hours());
+    }
+    far
 }
 
 /// Writes the generation's metadata, with `last` at what was shipped.

@@ -693,6 +693,12 @@ fn check_layout(frames: &[u8], page_size: u32) -> std::result::Result<([u32; 2],
     Ok((salt, last_commit))
 }
 
+/// SQLite's largest page number (and database size in pages): 2^32 - 2
+/// (`SQLITE_MAX_PAGE_COUNT`'s upper bound). A frame naming more was not
+/// written by SQLite (black-box probe N29: page `0xffffffff` grew a restore
+/// to a 17.6 TB sparse file).
+pub const MAX_PAGE_NUMBER: u32 = 0xffff_fffe;
+
 /// [`check_layout`] for a run that may be followed by more of its segment:
 /// the last frame need not be a commit (its commit field is returned).
 fn check_run(frames: &[u8], page_size: u32) -> std::result::Result<([u32; 2], u32), String> {
@@ -714,6 +720,12 @@ fn check_run(frames: &[u8], page_size: u32) -> std::result::Result<([u32; 2], u3
         };
         if h.pgno == 0 {
             return Err(format!("frame {i}: page number 0"));
+        }
+        if h.pgno > MAX_PAGE_NUMBER || h.commit > MAX_PAGE_NUMBER {
+            return Err(format!(
+                "frame {i}: page {} or database size {} is beyond SQLite's largest page number {MAX_PAGE_NUMBER}",
+                h.pgno, h.commit
+            ));
         }
         if *salt.get_or_insert(h.salt) != h.salt {
             return Err(format!("frame {i}: salts differ from the first frame's"));

@@ -1325,7 +1325,14 @@ pub async fn plan_latest(
     at: Option<DateTime<Utc>>,
     later_copy: Option<DateTime<Utc>>,
 ) -> Result<Option<Plan>> {
-    for id in list_generation_ids(replica, key).await? {
+    for (i, id) in list_generation_ids(replica, key)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        if i == 0 && at.is_none() {
+            not_named_far_ahead(key, &id)?;
+        }
         let snapshots = list_snapshots(replica, key, &id).await?;
         if let Some(t) = at {
             named_after_its_generation(key, &id, &snapshots, t)?;
@@ -1392,6 +1399,31 @@ pub async fn plan_latest(
             .map(Plan::without_unproven_prefix));
     }
     Ok(None)
+}
+
+/// For a restore of the latest state: fails when the newest generation,
+/// `id`, was named more than [`crate::replica::cold::FUTURE_NAME_SECS`]
+/// (12 h) after this host's clock, as for a cold snapshot: named by a clock
+/// that ran ahead (or put there by hand), it sorts before every generation
+/// named since by the right time, which may hold newer states (black-box
+/// probe N29). A restore at a time passes it by.
+fn not_named_far_ahead(key: &str, id: &GenerationId) -> Result<()> {
+    let ahead = id.created() - Utc::now();
+    if ahead <= chrono::Duration::seconds(crate::replica::cold::FUTURE_NAME_SECS) {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        format!("generation {id} of {key:?}"),
+        format!(
+            "the newest generation is named {}, {} hours from now: the clock of the host that \
+             started it ran ahead (or it was put there by hand), and generations named since by \
+             the right time may hold newer states; not restoring it as the newest. Restore with \
+             --timestamp (the current time, say), or delete that generation",
+            id.created()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ahead.num_hours()
+        ),
+    ))
 }
 
 /// For a restore at `at`: fails when a snapshot of generation `id` that

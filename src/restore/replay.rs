@@ -129,6 +129,38 @@ fn db_page_size(file: &File, what: &str) -> Result<u32> {
     Ok(page_size)
 }
 
+/// Fails unless the replayed database's size (set by the last commit frame
+/// applied) is the one its header records, when the header's record is
+/// valid (its change counter, bytes 24..28, equal to bytes 92..96; SQLite
+/// keeps it so, and it is what SQLite reads the size from). A WAL commit
+/// frame's size field is covered by the frame checksums, not by anything
+/// a store cannot forge: a crafted one grew a restore to an 8.8 TB sparse
+/// file that passed `integrity_check`, exit 0 (black-box probe N29), as
+/// SQLite reads the size from the header and ignores the rest.
+fn sized_as_its_header_says(file: &File, path: &Path, page_size: u32, what: &str) -> Result<()> {
+    let mut h = [0u8; DB_HEADER_SIZE];
+    file.read_exact_at(&mut h, 0)
+        .map_err(|e| Error::io(path, e))?;
+    let be = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let (pages, counter, valid_for) = (be(28), be(24), be(92));
+    if pages == 0 || counter != valid_for {
+        return Ok(());
+    }
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let expected = u64::from(pages) * u64::from(page_size);
+    if len != expected {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "the WAL replayed leaves the database {len} bytes long, but its header records \
+                 {pages} pages of {page_size} bytes ({expected}): a commit frame's size is not \
+                 the database's; refusing to restore"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Restores `key` into `out` (opened for reading and writing; its contents
 /// are replaced) from the newest generation with a snapshot committed at or
 /// before `at` (`None`: the latest state). See the module docs for the rules.
@@ -253,7 +285,9 @@ pub async fn restore_plan(
     }
     let (pos, time, applied) = replay.finish()?;
     let path = out_path.to_path_buf();
+    let generation = format!("generation {} of {key:?}", plan.generation);
     let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
+        sized_as_its_header_says(&file, &path, page_size, &generation)?;
         file.sync_all().map_err(|e| Error::io(&path, e))?;
         file.metadata()
             .map(|m| m.len())
@@ -531,6 +565,30 @@ mod tests {
         }
     }
 
+    /// A `file://` replica in `dir` and a writer of a new WAL database
+    /// there (1024-byte pages, no automatic checkpoints, table `t`).
+    fn writer(dir: &Path) -> (Replica, Writer) {
+        let r = file_replica(&dir.join("replica"));
+        let db = dir.join("app.db");
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "page_size", 1024).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        let w = Writer {
+            db,
+            conn,
+            rows: 0,
+            index: 0,
+            cursor: None,
+            gen: new_generation_id(Utc::now()),
+            wal_ends: Vec::new(),
+            wal_starts: Vec::new(),
+        };
+        (r, w)
+    }
+
     impl Writer {
         /// The generation's metadata as the shipper writes it before a WAL's
         /// first segment, `last` at what was shipped.
@@ -627,27 +685,79 @@ mod tests {
         assert_eq!(read, &content[1000..5000]);
     }
 
+    /// A commit frame whose size field is not the database's (its
+    /// checksum recomputed, as anyone who can write to the replica can) is
+    /// refused by the replay, where it grew the restore to a sparse file of
+    /// that many pages that passed `integrity_check`, exit 0 (black-box
+    /// probe N29); so is a frame beyond SQLite's largest page number.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_frame_sized_unlike_the_database_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (r, mut w) = writer(tmp.path());
+        w.commit(10);
+        w.checkpoint_and_snapshot(&r, tmp.path(), false).await;
+        w.commit(3);
+        let wp = w.wal();
+        let f = File::open(&wp).unwrap();
+        let h = wal::read_header(&f, &wp).unwrap().unwrap();
+        let cur = WalCursor::at_start(0, &h);
+        w.wal_starts.push(cur.wal_start());
+        w.write_metadata(&r, cur.pos).await;
+        let ReadOutcome::Frames { bytes, .. } =
+            wal::read_committed(&f, &wp, &cur, u64::MAX).unwrap()
+        else {
+            panic!("continuity lost")
+        };
+        // The last frame (the commit) says so many pages, or names a page
+        // SQLite never writes; its checksum is made right again.
+        let forge = |pgno: Option<u32>, pages: u32| {
+            let mut v = bytes.to_vec();
+            let fsize = 24 + 1024;
+            let last = v.len() - fsize;
+            let prev = if last == 0 {
+                h.checksum
+            } else {
+                let p = &v[last - fsize + 16..last - fsize + 24];
+                wal::Checksum(
+                    u32::from_be_bytes([p[0], p[1], p[2], p[3]]),
+                    u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+                )
+            };
+            if let Some(n) = pgno {
+                v[last..last + 4].copy_from_slice(&n.to_be_bytes());
+            }
+            v[last + 4..last + 8].copy_from_slice(&pages.to_be_bytes());
+            let c = wal::checksum(h.order, prev, &v[last..last + 8]);
+            let c = wal::checksum(h.order, c, &v[last + 24..last + fsize]);
+            v[last + 16..last + 20].copy_from_slice(&c.0.to_be_bytes());
+            v[last + 20..last + 24].copy_from_slice(&c.1.to_be_bytes());
+            v
+        };
+        let committed = named_time(Utc::now());
+        for (frames, why) in [
+            (forge(None, 0x00ff_ffff), "its header records"),
+            (
+                forge(Some(u32::MAX), u32::MAX),
+                "beyond SQLite's largest page number",
+            ),
+        ] {
+            upload_segment(&r, "k", &w.gen, cur.pos, committed, &frames)
+                .await
+                .unwrap();
+            let e = restore_rows(&r, None, tmp.path()).await.unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        // The frames as written restore.
+        upload_segment(&r, "k", &w.gen, cur.pos, committed, &bytes)
+            .await
+            .unwrap();
+        assert_eq!(restore_rows(&r, None, tmp.path()).await.unwrap().1, 13);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn build_restore_and_detect_gaps() {
         let tmp = tempfile::tempdir().unwrap();
-        let r = file_replica(&tmp.path().join("replica"));
-        let db = tmp.path().join("app.db");
-        let conn = Connection::open(&db).unwrap();
-        conn.pragma_update(None, "page_size", 1024).unwrap();
-        conn.pragma_update(None, "journal_mode", "wal").unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-            .unwrap();
-        let mut w = Writer {
-            db,
-            conn,
-            rows: 0,
-            index: 0,
-            cursor: None,
-            gen: new_generation_id(Utc::now()),
-            wal_ends: Vec::new(),
-            wal_starts: Vec::new(),
-        };
+        let (r, mut w) = writer(tmp.path());
         w.commit(10);
         // (upload time, rows restorable at that time, snapshot index used)
         let mut points = vec![(

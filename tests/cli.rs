@@ -766,6 +766,31 @@ fn unusable_temp_and_state_dirs_fail_at_start() {
     }
 }
 
+/// A command whose runtime cannot get its threads (a process limit of one
+/// task: `prlimit --nproc=1`, as `nobody` when the tests run as root, whom the
+/// limit does not bind) exits 1 at once saying why, where tokio's panic
+/// exited 101 or hung for ever (black-box probe L29).
+#[test]
+fn a_runtime_without_threads_is_an_error_not_a_hang() {
+    let t = tempfile::tempdir().unwrap();
+    write_file_config(t.path(), &t.path().join("replica"));
+    chmod(t.path(), 0o777);
+    chmod(&t.path().join("litefleet.yml"), 0o644);
+    let bin = env!("CARGO_BIN_EXE_litefleet");
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args(["-s", "KILL", "60", "prlimit", "--nproc=1", "--", bin, "list"])
+        .current_dir(t.path());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+    }
+    let o = cmd.output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot start the runtime"), "{err}");
+}
+
 /// A database the scan cannot read was not backed up: `--once` counts it
 /// and exits 1, so a cron job can tell that not everything was saved. As
 /// root (CI) the run drops to `nobody`, for whom mode 000 really is

@@ -266,7 +266,7 @@ async fn a_stop_that_cannot_upload_what_changed_is_an_error() {
         let c = Connection::open(&t1).unwrap();
         c.pragma_update(None, "journal_mode", "delete").unwrap();
         age(&t1);
-        let behind = "1 database(s) changed since their last upload could not be snapshotted or uploaded at the stop";
+        let behind = "1 database(s) changed since their last upload could not be read, snapshotted or uploaded at the stop";
         stop_under(&f, &c, broken, "p/d/t1", behind, Some(3)).await;
     }
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::fleet::{count_rows, create_db, Backend, Fleet};
+use common::fleet::{count_rows, create_db, insert_rows, Backend, Fleet};
 use common::s3::Fault;
 use common::{chmod, walk_files};
 use object_store::ObjectStoreExt;
@@ -239,6 +239,32 @@ fn chmod_tree(dir: &std::path::Path, mode: u32) {
     }
 }
 
+/// Opens `f`'s databases, work directory and replica to everyone, so a
+/// daemon run as `nobody` ([`as_nobody`]) can use them.
+fn open_to_nobody(f: &Fleet) {
+    for dir in [f.data.path(), f.work.path()] {
+        chmod_tree(dir, 0o777);
+    }
+    std::fs::create_dir_all(f.work.path().join("replica")).unwrap();
+    chmod(&f.work.path().join("replica"), 0o777);
+}
+
+/// The wrapper that runs the daemon as `nobody` when the tests run as root
+/// (root ignores file modes); none otherwise.
+fn as_nobody() -> &'static [&'static str] {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        &[]
+    }
+}
+
 /// A database file and a directory the daemon may not read: each is logged
 /// once (not once per scan) and every other database is replicated. Root
 /// ignores permissions, so as root the daemon runs as `nobody` via `setpriv`.
@@ -253,26 +279,12 @@ async fn permission_denied_is_logged_once_and_others_continue() {
     drop(create_db(&locked_db, 1));
     let hidden = f.db_path("p", "hidden", "x");
     drop(create_db(&hidden, 1));
-    for dir in [f.data.path(), f.work.path()] {
-        chmod_tree(dir, 0o777);
-    }
-    std::fs::create_dir_all(f.work.path().join("replica")).unwrap();
-    chmod(&f.work.path().join("replica"), 0o777);
+    open_to_nobody(&f);
     chmod(&locked_db, 0o000);
     let hidden_dir = hidden.parent().unwrap().to_path_buf();
     chmod(&hidden_dir, 0o000);
 
-    let as_root = unsafe { libc::geteuid() } == 0;
-    let wrapper: &[&str] = if as_root {
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-        ]
-    } else {
-        &[]
-    };
+    let wrapper = as_nobody();
     let d = Daemon::start_with(&f, &["replicate"], wrapper);
     until("five scans", async || {
         d.log().matches("scan complete").count() >= 5
@@ -296,6 +308,44 @@ async fn permission_denied_is_logged_once_and_others_continue() {
         f.restore(&format!("p/d/t{i}"), &o, None).await.unwrap();
         assert_eq!(count_rows(&o), 2);
     }
+}
+
+/// A database written since its last upload that the stop cannot read
+/// (permission denied) leaves the replica behind: the stop exits 1 saying
+/// so, not "cleanly" (black-box probe L29: exit 0, the replica a row
+/// behind). As root the daemon runs as `nobody` via `setpriv`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_cannot_read_a_changed_database_is_an_error() {
+    let mut f = Fleet::new(Backend::File).await;
+    f.scan_interval = "100ms";
+    let db = f.db_path("p", "d", "t0");
+    drop(create_db(&db, 2));
+    open_to_nobody(&f);
+    let wrapper = as_nobody();
+    let d = Daemon::start_with(&f, &["replicate"], wrapper);
+    until("the first upload", async || {
+        d.log().contains("uploaded snapshot")
+    })
+    .await;
+    chmod(&db, 0o000);
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        insert_rows(&c, 1);
+    }
+    let scans = d.log().matches("scan complete").count();
+    until("two scans after the write", async || {
+        d.log().matches("scan complete").count() >= scans + 2
+    })
+    .await;
+    d.signal("-TERM");
+    let (code, log) = d.wait().await;
+    chmod(&db, 0o666);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("could not be read, snapshotted or uploaded at the stop"),
+        "{log}"
+    );
+    assert!(!log.contains("shut down cleanly"), "{log}");
 }
 
 /// A second replicator on the same replica root is refused, naming the

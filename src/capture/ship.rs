@@ -1773,14 +1773,20 @@ pub async fn stream_reporting(
                     close_log(&ctx, &mut ls, &mut slot).await;
                     return HotExit::Released;
                 }
+                if slot.is_none() {
+                    // No shipper left to retry with (its reopen after lost
+                    // continuity failed: the file is gone, or no longer
+                    // one it can stream; probe M29: "retrying every sync
+                    // interval" was logged for a file that had become a
+                    // rollback-journal database).
+                    tracing::info!(path = %db.display(), error = %e, "WAL streaming ended: the database goes back to the cold tier, which uploads it");
+                    close_log(&ctx, &mut ls, &mut slot).await;
+                    return HotExit::Unshipped;
+                }
                 if std::mem::replace(&mut failing, true) {
                     tracing::debug!(path = %db.display(), error = %e, "WAL sync failed again");
                 } else {
                     tracing::warn!(path = %db.display(), error = %e, "WAL sync failed; retrying every sync interval (logged once until it recovers)");
-                }
-                if slot.is_none() {
-                    close_log(&ctx, &mut ls, &mut slot).await;
-                    return HotExit::Unshipped;
                 }
             }
         }

@@ -843,18 +843,41 @@ fn wal_reads_agree(source: &Connection, ours: VfsHandle, wal_path: &Path) -> Res
 /// Runs `check` (a `quick_check` of `db`, returning its result and whatever
 /// must outlive the compression) on a thread of its own while `compress`
 /// runs here: on two cores the snapshot takes about as long as the longer
-/// of the two. A failed check discards the compressed snapshot.
+/// of the two. A failed check discards the compressed snapshot. Where the
+/// host gives no thread (a process or memory limit: `ulimit -u`,
+/// `TasksMax`, `ulimit -v`), the check runs here after the compression:
+/// `std::thread::scope`'s `spawn` panicked then, and every snapshot over
+/// 1 MiB failed as if the database were at fault, while `/healthz` said
+/// 200 (black-box probe L29).
 fn check_beside<K: Send>(
     check: impl FnOnce() -> (Result<()>, K) + Send,
     compress: impl FnOnce() -> Result<Snapshot>,
     db: &Path,
 ) -> Result<(Snapshot, K)> {
+    check_beside_on(std::thread::Builder::new(), check, compress, db)
+}
+
+/// [`check_beside`] with the check's thread made by `thread`.
+fn check_beside_on<K: Send>(
+    thread: std::thread::Builder,
+    check: impl FnOnce() -> (Result<()>, K) + Send,
+    compress: impl FnOnce() -> Result<Snapshot>,
+    db: &Path,
+) -> Result<(Snapshot, K)> {
+    let slot = std::sync::Mutex::new(Some(check));
+    let take = || slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     std::thread::scope(|s| {
-        let checking = s.spawn(check);
+        let checking = thread.spawn_scoped(s, || take().map(|c| c()));
         let snap = compress();
-        let (checked, keep) = checking
-            .join()
-            .map_err(|_| Error::invalid(db.display(), "the integrity check panicked"))?;
+        let ran = match checking {
+            Ok(h) => h
+                .join()
+                .map_err(|_| Error::invalid(db.display(), "the integrity check panicked"))?,
+            // No thread for it: it runs here.
+            Err(_) => take().map(|c| c()),
+        };
+        let (checked, keep) =
+            ran.ok_or_else(|| Error::invalid(db.display(), "the integrity check did not run"))?;
         checked.map_err(|e| damaged_copy(db, e))?;
         Ok((snap?, keep))
     })
@@ -1357,6 +1380,40 @@ pub(crate) mod test_db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the host gives no thread, the check still runs (on the
+    /// caller's thread), and its failure still discards the snapshot; a
+    /// thread that cannot be made is not the database's fault (black-box
+    /// probe L29: every snapshot over 1 MiB panicked under `ulimit -u`).
+    #[test]
+    fn the_check_runs_here_when_no_thread_can_be_made() {
+        let db = Path::new("/data/a.db");
+        // A stack no host can give: the spawn fails.
+        let no_thread = || std::thread::Builder::new().stack_size(usize::MAX);
+        let here = std::thread::current().id();
+        let compress = || Err(Error::invalid("a.db", "compressed"));
+        let failing = || {
+            (
+                Err(Error::invalid("a.db", "row 3 missing")),
+                std::thread::current().id(),
+            )
+        };
+        let e = check_beside_on(no_thread(), failing, compress, db).unwrap_err();
+        assert!(e.to_string().contains("database is damaged"), "{e}");
+        let passing = || {
+            assert_eq!(std::thread::current().id(), here, "ran on this thread");
+            (Ok(()), ())
+        };
+        let e = check_beside_on(no_thread(), passing, compress, db).unwrap_err();
+        assert!(e.to_string().contains("compressed"), "{e}");
+        // With a thread, on that thread.
+        let elsewhere = || {
+            assert_ne!(std::thread::current().id(), here);
+            (Err(Error::invalid("a.db", "row 3 missing")), ())
+        };
+        let e = check_beside(elsewhere, compress, db).unwrap_err();
+        assert!(e.to_string().contains("database is damaged"), "{e}");
+    }
 
     /// The size of `path`, 0 if it does not exist.
     fn file_len(path: &Path) -> Result<u64> {

@@ -907,11 +907,31 @@ pub fn main() -> ExitCode {
         }
     }
     let format = cli.log_format;
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // tokio's `build` panics when the host refuses its worker threads, and
+    // the unwinding from there could wait for the threads it had made, for
+    // ever (black-box probe L29: `restore`, `replicate --once` and the
+    // daemon hung after "OS can't spawn worker thread" under `ulimit -u` or
+    // `ulimit -v`). A panic while the runtime starts ends the process at
+    // once, exit 1, saying why.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        logline::to_stderr(&format!(
+            "error: cannot start the runtime: {why} (a limit on this process's threads or memory: ulimit -u, systemd TasksMax, ulimit -v?)\n"
+        ));
+        std::process::exit(1);
+    }));
+    let built = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)
-        .build()
-    {
+        .build();
+    std::panic::set_hook(hook);
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             logline::to_stderr(&format!("error: cannot start runtime: {e}\n"));

@@ -218,6 +218,12 @@ struct HotTier {
     log_task: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
     /// The fleet log an earlier run left has been consolidated (or tried).
     log_recovered: std::sync::atomic::AtomicBool,
+    /// Streams that ended on their own (could not start, lost their file,
+    /// released it) send their database here, and the daemon's loop hands
+    /// it to the cold tier at once ([`Replicator::after_stream_ended`]).
+    ended: tokio::sync::mpsc::UnboundedSender<Id>,
+    /// Its receiving end, which [`Replicator::run`] takes.
+    ended_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Id>>>,
 }
 
 /// A streaming task.
@@ -416,7 +422,10 @@ impl Replicator {
         } else {
             (None, None)
         };
+        let (ended, ended_rx) = tokio::sync::mpsc::unbounded_channel();
         let hot = HotTier {
+            ended,
+            ended_rx: Mutex::new(Some(ended_rx)),
             log_writer: Mutex::new(log_writer),
             log_task: Mutex::new(None),
             log_recovered: std::sync::atomic::AtomicBool::new(false),
@@ -664,6 +673,7 @@ impl Replicator {
     /// rest of the stop (`shutdown-timeout`; a second signal exits at once).
     async fn upload_changes_at_stop(&self) -> CycleReport {
         let scan = self.scan().await;
+        let unreadable_before = scan.errors;
         let only: HashSet<Id> = {
             let t = lock(&self.tracker);
             t.pending()
@@ -677,9 +687,14 @@ impl Replicator {
                 ..Default::default()
             };
         }
-        let report = self
+        let mut report = self
             .dispatch(scan, Some(&only), &CancellationToken::new())
             .await;
+        // A changed database the pass could not read (permission denied)
+        // was not uploaded either: the stop leaves the replica behind
+        // (black-box probe L29: "shut down cleanly", exit 0, the replica a
+        // row behind). Paths never uploaded are left to the next start.
+        report.failed += report.scan.errors.saturating_sub(unreadable_before);
         tracing::info!(
             uploaded = report.uploaded,
             failed = report.failed,
@@ -804,6 +819,33 @@ impl Replicator {
         self.dispatch(scan, Some(&only), shutdown).await
     }
 
+    /// A stream that ended on its own (it could not start, its file was
+    /// replaced by one it cannot stream, the store kept failing) left its
+    /// database's writes since its last sync unshipped: the database goes
+    /// back to the cold tier, which uploads it now, not at the next scan
+    /// (black-box probe M29: a hot database replaced by a rollback-journal
+    /// file, or one whose stream start met side files an application was
+    /// deleting, went unuploaded for up to two scan intervals, 12-21 s,
+    /// while written). Its task is reaped first; it sent its id as it
+    /// returned, so it is finished, or finishes while this yields.
+    async fn after_stream_ended(&self, id: Id, shutdown: &CancellationToken) {
+        for _ in 0..STREAM_END_YIELDS {
+            let finished = lock(&self.hot.running)
+                .get(&id)
+                .is_none_or(|r| r.task.is_finished());
+            if finished {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let scan = ScanReport {
+            databases: self.tracked(),
+            ..Default::default()
+        };
+        let only: HashSet<Id> = [id].into_iter().collect();
+        self.dispatch(scan, Some(&only), shutdown).await;
+    }
+
     /// After a scan or a re-check: retier, then upload or hand to streams
     /// what is pending (after a re-check, `only` what it found changed:
     /// failed uploads are retried at the scans), record the outcomes and
@@ -907,9 +949,9 @@ impl Replicator {
                 let mut results = results.into_iter();
                 jobs.into_iter()
                     .map(|(ticket, path, _)| {
-                        let r = results.next().unwrap_or_else(|| {
-                            Err(Error::invalid(path.display(), "upload task panicked"))
-                        });
+                        let r = results
+                            .next()
+                            .unwrap_or_else(|| Err(Error::invalid(path.display(), PANICKED)));
                         (ticket, path, r)
                     })
                     .collect()
@@ -1243,7 +1285,7 @@ impl Replicator {
                     }
                 }
                 HotExit::CannotStream(e) => {
-                    tracing::debug!(path = %r.path.display(), error = %e, "cannot stream this database; it stays cold");
+                    tracing::info!(path = %r.path.display(), error = %e, "cannot stream this database; the cold tier uploads it");
                     if same_db {
                         tiers.bar(id, now);
                         // Whatever the scans saw while it was "hot" was
@@ -1287,7 +1329,7 @@ impl Replicator {
             // The scan never follows links below this root; the stream's
             // opens check that nothing there became one since.
             let root = root_of(&self.loaded.patterns, &path).map(Path::to_path_buf);
-            let task = tokio::spawn(ship::stream_reporting(
+            let stream = ship::stream_reporting(
                 self.hot.ctx.clone(),
                 u64::from(id),
                 path.clone(),
@@ -1295,7 +1337,15 @@ impl Replicator {
                 key,
                 stop.clone(),
                 progress.clone(),
-            ));
+            );
+            let ended = self.hot.ended.clone();
+            let task = tokio::spawn(async move {
+                let exit = stream.await;
+                if !matches!(exit, HotExit::Clean) {
+                    let _ = ended.send(id);
+                }
+                exit
+            });
             running.insert(
                 id,
                 Running {
@@ -1541,12 +1591,18 @@ impl Replicator {
         let mut tick = tokio::time::interval(m.scan_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut empty_warned = false;
+        let mut ended = lock(&self.hot.ended_rx).take();
         loop {
             // A full cycle at each tick, and when notifications cannot say
-            // what changed; otherwise a re-check of what they name.
+            // what changed; otherwise a re-check of what they name, or the
+            // hand-over of a stream that ended to the cold tier.
             let full = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => true,
+                Some(id) = next_ended(&mut ended) => {
+                    self.after_stream_ended(id, &shutdown).await;
+                    false
+                }
                 batch = next_change(&mut watch) => match batch {
                     Batch::Changed(files) => {
                         self.recheck(files, &shutdown).await;
@@ -1605,6 +1661,17 @@ impl Replicator {
     }
 }
 
+/// Why a snapshot or upload task failed that panicked: a host failure for
+/// `/healthz` ([`host_failed`]), not the database's (black-box probe L29:
+/// panics of a host out of threads were "the database, not the store",
+/// and `/healthz` said 200 while nothing was uploaded).
+const PANICKED: &str = "the snapshot or upload task panicked";
+
+/// Yields [`Replicator::after_stream_ended`] waits at most for a stream
+/// task that sent its id to finish returning (one or two in practice; a
+/// task not finished by then is reaped at the next round).
+const STREAM_END_YIELDS: usize = 1000;
+
 /// How a daemon's stop ends: "cleanly", or, when it left the replica
 /// behind its databases, an error (exit 1) saying what was left: writes
 /// the lease refused (it could not be renewed while the store stalled, or
@@ -1623,7 +1690,7 @@ fn stop_outcome(refused: bool, failed: usize, unshipped: usize) -> Result<()> {
     }
     if failed > 0 {
         left.push(format!(
-            "{failed} database(s) changed since their last upload could not be snapshotted or uploaded at the stop (see the warnings)"
+            "{failed} database(s) changed since their last upload could not be read, snapshotted or uploaded at the stop (see the warnings)"
         ));
     }
     if unshipped > 0 {
@@ -1645,6 +1712,15 @@ fn stop_outcome(refused: bool, failed: usize, unshipped: usize) -> Result<()> {
 }
 
 /// The next batch of change notifications; never, without a watcher.
+/// The next database whose stream ended on its own; never, without the
+/// channel (a second `run`).
+async fn next_ended(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Id>>) -> Option<Id> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_change(watch: &mut Option<Watch>) -> Batch {
     match watch {
         Some(w) => w.next().await,
@@ -1660,6 +1736,9 @@ async fn next_change(watch: &mut Option<Watch>) -> Batch {
 /// J20: both were "the database, not the store", and `/healthz` said 200).
 fn host_failed(e: &Error, temp_dir: &Path) -> Option<&'static str> {
     match e {
+        Error::Invalid { reason, .. } if reason == PANICKED => Some(
+            "snapshot failed: its task panicked (the host refused a thread or memory, or a bug; see the panic above: not the database, not the store)",
+        ),
         Error::Io { path, .. } | Error::Sqlite { path, .. } if path.starts_with(temp_dir) => Some(
             "snapshot failed staging its copy (multi-db.temp-dir, this host's disk: not the database, not the store)",
         ),
@@ -1990,7 +2069,7 @@ async fn upload_batch(
                         let local = local.as_mut();
                         snapshot_one(&loaded, &snapper, local, path, &temp_dir, item.unchecked)
                     }))
-                    .unwrap_or_else(|_| Err(Error::invalid(path.display(), "snapshot panicked")))
+                    .unwrap_or_else(|_| Err(Error::invalid(path.display(), PANICKED)))
                 });
                 if r.is_err() {
                     budget = budget.saturating_sub(started.elapsed());
@@ -2104,6 +2183,8 @@ mod tests {
             .contains("multi-db.temp-dir"));
         let fds = Error::io("/data/a.db", os(libc::EMFILE));
         assert!(host_failed(&fds, tmp).unwrap().contains("file descriptors"));
+        let panicked = Error::invalid("/data/a.db", PANICKED);
+        assert!(host_failed(&panicked, tmp).unwrap().contains("panicked"));
         for own in [
             Error::io("/data/a.db", os(libc::EACCES)),
             Error::invalid("/data/a.db", "quick_check failed"),

@@ -799,14 +799,27 @@ impl Tracker {
     }
 
     /// Makes `id` pending again (the hot tier could not ship all of it), so
-    /// the cold tier uploads a snapshot.
+    /// the cold tier uploads a snapshot now: its record is neither the
+    /// fingerprint seen nor the "almost synced" one a racy upload leaves
+    /// (its complement), whose second upload waits until the file is no
+    /// longer racy (black-box probe M29: a database whose stream ended
+    /// while it was written every half second waited for the scan after
+    /// its writes stopped).
     pub fn mark_unsynced(&mut self, id: Id, now: SystemTime) {
         let e = &mut self.entries[id as usize];
         if e.flags & LIVE != 0 {
             if e.synced == e.seen {
                 e.pending_since = unix_secs(now);
             }
-            e.synced = !e.seen;
+            // Never `seen`, nor `!seen` (which is `-seen - 1`: it equals
+            // `seen + 1` only if `2 * seen + 2` is 0 modulo 2^64, that is
+            // for `seen` = 2^63 - 1 or 2^64 - 1, when `seen + 2` is used).
+            let next = e.seen.wrapping_add(1);
+            e.synced = if next == !e.seen {
+                e.seen.wrapping_add(2)
+            } else {
+                next
+            };
             self.state_dirty = true;
         }
     }
@@ -1545,8 +1558,9 @@ mod tests {
         assert_eq!(tr.scan_at(&pat, later()).pending, 1);
     }
 
-    #[test]
-    fn racy_upload_is_uploaded_once_more() {
+    /// A directory with one database `x.db` written just now, its pattern,
+    /// and a tracker that scanned it and uploaded it once (racy).
+    fn uploaded_while_racy() -> (tempfile::TempDir, Vec<Pattern>, Tracker, Id) {
         let t = tempfile::tempdir().unwrap();
         let pat = vec![Pattern::compile("*.db", t.path()).unwrap()];
         header_file(&t.path().join("x.db"), b"");
@@ -1556,6 +1570,12 @@ mod tests {
         let tk = tr.begin_upload(id);
         assert!(tk.racy, "file written just now must be racy");
         tr.finish_upload(tk, true);
+        (t, pat, tr, id)
+    }
+
+    #[test]
+    fn racy_upload_is_uploaded_once_more() {
+        let (_t, pat, mut tr, id) = uploaded_while_racy();
         assert_eq!(tr.scan(&pat).pending, 1);
         // Not within the window, where it would be racy again (black-box
         // probe: with a 2 s scan interval one write was uploaded 3 times).
@@ -1567,6 +1587,22 @@ mod tests {
         assert!(!tk.racy);
         tr.finish_upload(tk, true);
         assert_eq!(tr.scan(&pat).pending, 0);
+    }
+
+    /// A database the hot tier hands back ([`Tracker::mark_unsynced`]) is
+    /// pending at once, also while it is racy, where a racy upload's second
+    /// pass waits until the file is no longer racy.
+    #[test]
+    fn a_database_handed_back_is_pending_at_once_while_racy() {
+        let (_t, pat, mut tr, id) = uploaded_while_racy();
+        tr.scan(&pat);
+        assert!(tr.pending().is_empty(), "the racy second pass waits");
+        tr.mark_unsynced(id, SystemTime::now());
+        assert_eq!(tr.pending(), vec![id]);
+        let tk = tr.begin_upload(id);
+        tr.finish_upload(tk, true);
+        tr.scan(&pat);
+        assert!(tr.pending().is_empty(), "racy again: its second pass waits");
     }
 
     #[test]

@@ -778,8 +778,8 @@ fn a_runtime_without_threads_is_an_error_not_a_hang() {
     chmod(&t.path().join("litefleet.yml"), 0o644);
     let bin = env!("CARGO_BIN_EXE_litefleet");
     let mut cmd = std::process::Command::new("timeout");
-    cmd.args(["-s", "KILL", "60", "prlimit", "--nproc=1", "--", bin, "list"])
-        .current_dir(t.path());
+    let limited = ["-s", "KILL", "60", "prlimit", "--nproc=1", "--"];
+    cmd.args(limited).args([bin, "list"]).current_dir(t.path());
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         use std::os::unix::process::CommandExt;

@@ -151,12 +151,28 @@ fn process_has_open(id: FileId) -> Option<bool> {
 impl ShmClaim {
     /// Checks the claim against the `-shm` that is beside `db` now, after
     /// SQLite opened it: a claim made when there was none (SQLite created
-    /// it) is made now; one for another file than the one there now is
-    /// refused (renamed while opened: which one SQLite has is unknown).
+    /// it) is made now. One for another file than the one there now is
+    /// refused (renamed while opened: which one SQLite has is unknown),
+    /// unless no descriptor of this process has the claimed file open and
+    /// one has the file there now: then SQLite opened that one, and it is
+    /// claimed. An application that opens and closes a connection per
+    /// transaction deletes its side files at each close and makes them
+    /// anew at the next open, between our `stat` and SQLite's open
+    /// (black-box probe M29: such databases' stream starts were refused
+    /// now and then, and the database stayed cold).
     pub fn confirm(&mut self, db: &Path, files: SourceFiles) -> crate::Result<()> {
         match self.shm.map(|(shm, _)| shm) {
             claimed if claimed == files.shm => Ok(()),
             None => {
+                *self = claim(db, files)?;
+                Ok(())
+            }
+            Some(old)
+                if process_has_open(old) == Some(false)
+                    && files
+                        .shm
+                        .is_some_and(|now| process_has_open(now) == Some(true)) =>
+            {
                 *self = claim(db, files)?;
                 Ok(())
             }
@@ -216,5 +232,40 @@ mod tests {
         let b2 = claim(&t.path().join("b.db"), files(2)).unwrap();
         drop((b, b2, open));
         claim(&t.path().join("c.db"), files(3)).unwrap();
+    }
+
+    /// A `-shm` deleted and made anew between the claim's `stat` and
+    /// SQLite's open (an application closing its last connection, then
+    /// opening again) is the one SQLite has, when nothing here has the old
+    /// one open: the claim moves to it (black-box probe M29: refused). While
+    /// the old one is still open here, which one SQLite has is unknown:
+    /// refused.
+    #[test]
+    fn a_shm_made_anew_before_the_open_is_claimed() {
+        let t = tempfile::tempdir().unwrap();
+        let (db, shm) = (t.path().join("x.db"), t.path().join("x.db-shm"));
+        let id = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.dev(), m.ino())
+        };
+        std::fs::write(&shm, b"").unwrap();
+        let old = id(&shm);
+        let files = |shm| SourceFiles {
+            db: Some((u64::MAX, 7)),
+            shm: Some(shm),
+        };
+        let mut c = claim(&db, files(old)).unwrap();
+        let kept_old = std::fs::File::open(&shm).unwrap();
+        std::fs::remove_file(&shm).unwrap();
+        std::fs::write(&shm, b"").unwrap();
+        let new = id(&shm);
+        assert_ne!(old, new);
+        let sqlite_has = std::fs::File::open(&shm).unwrap();
+        let e = c.confirm(&db, files(new)).unwrap_err().to_string();
+        assert!(e.contains("was replaced while SQLite opened it"), "{e}");
+        drop(kept_old);
+        c.confirm(&db, files(new)).unwrap();
+        assert_eq!(c.shm.map(|(s, _)| s), Some(new));
+        drop((c, sqlite_has));
     }
 }

@@ -123,6 +123,10 @@ pub struct Replicator {
     /// at debug, until a save succeeds (probe J20: a full state-dir logged
     /// it at every cycle and notification, 37 lines in 10 s).
     state_save_failing: std::sync::atomic::AtomicBool,
+    /// The replica identity the upload records were checked against
+    /// ([`Replicator::check_records`]), recorded beside the state file
+    /// again whenever that record is gone ([`Replicator::save_state`]).
+    replica_id: Mutex<Option<String>>,
 }
 
 /// The counts of one restore drill, as the daemon records them.
@@ -462,6 +466,7 @@ impl Replicator {
             failing: Mutex::new(HashSet::new()),
             busy: Mutex::new(HashSet::new()),
             state_save_failing: std::sync::atomic::AtomicBool::new(false),
+            replica_id: Mutex::new(None),
             hot,
             owners: Mutex::new(owners),
         })
@@ -568,6 +573,7 @@ impl Replicator {
                 return false;
             }
         }
+        *lock(&self.replica_id) = Some(identity.id);
         true
     }
 
@@ -1428,12 +1434,25 @@ impl Replicator {
         let tracker = self.tracker.clone();
         let file = self.state_file.clone();
         let tag = self.loaded.state_tag();
+        let id = lock(&self.replica_id).clone();
         let r = tokio::task::spawn_blocking(move || {
             let mut t = lock(&tracker);
-            if t.state_dirty() {
-                t.save_state(&file, tag).map_err(|e| (file, e))
-            } else {
-                Ok(())
+            if !t.state_dirty() {
+                return Ok(());
+            }
+            t.save_state(&file, tag).map_err(|e| (file.clone(), e))?;
+            // The record of which replica these records belong to, written
+            // again if it is gone (the state directory removed while the
+            // daemon ran: black-box probe L29 saw the state file written
+            // anew without it, and the next start uploaded every database
+            // again, trusting none of the records).
+            match id {
+                Some(id)
+                    if crate::source::track::recorded_replica(&file).as_deref() != Some(&id) =>
+                {
+                    crate::source::track::record_replica(&file, &id).map_err(|e| (file, e))
+                }
+                _ => Ok(()),
             }
         })
         .await;
@@ -2270,6 +2289,16 @@ mod tests {
 
     /// A cold-tier-only replicator of `data/*.db` to the `file://` replica
     /// `replica`, its state and staging below `work`, without notifications.
+    /// Sets `db`'s mtime an hour back: not racy (see `track::RACY_WINDOW`).
+    fn written_an_hour_ago(db: &Path) {
+        std::fs::File::options()
+            .write(true)
+            .open(db)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+            .unwrap();
+    }
+
     fn cold_replicator(data: &Path, work: &Path, replica: &Path) -> Replicator {
         let yaml = format!(
             "multi-db:\n  patterns: [\"{}/*.db\"]\n  max-hot-databases: 0\n  watch: false\n  \
@@ -2325,6 +2354,41 @@ mod tests {
         assert_eq!(r.cycle(&stop).await.uploaded, 0, "and then it is synced");
     }
 
+    /// The record of which replica the state file's records belong to is
+    /// written again with them when it is gone (black-box probe L29: the
+    /// state directory removed while the daemon ran; the next start trusted
+    /// none of the records and uploaded every database again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_replica_record_comes_back_with_the_state_file() {
+        let t = tempfile::tempdir().unwrap();
+        let (data, replica) = (t.path().join("data"), t.path().join("replica"));
+        std::fs::create_dir_all(&data).unwrap();
+        let write = |i: usize, rows: usize| {
+            let db = data.join(format!("d{i}.db"));
+            let c = rusqlite::Connection::open(&db).unwrap();
+            c.execute_batch("CREATE TABLE IF NOT EXISTS t(v)").unwrap();
+            for _ in 0..rows {
+                c.execute("INSERT INTO t VALUES (randomblob(5000))", [])
+                    .unwrap();
+            }
+            written_an_hour_ago(&db);
+        };
+        for i in 0..3 {
+            write(i, 1);
+        }
+        let r = cold_replicator(&data, t.path(), &replica);
+        assert_eq!(r.cycle(&CancellationToken::new()).await.uploaded, 3);
+        // The state directory goes while the daemon runs; a change makes
+        // the next cycle save the records again, and their replica's.
+        std::fs::remove_dir_all(t.path().join("state")).unwrap();
+        write(0, 2);
+        assert_eq!(r.cycle(&CancellationToken::new()).await.uploaded, 1);
+        // The next start trusts them: nothing to upload again.
+        let again = cold_replicator(&data, t.path(), &replica);
+        let report = again.cycle(&CancellationToken::new()).await;
+        assert_eq!((report.uploaded, report.failed), (0, 0), "{report:?}");
+    }
+
     /// A cycle's small snapshots to a `file://` replica are made durable a
     /// batch at a time ([`LocalBatch`]): two `syncfs` per batch (content,
     /// then names), no `fsync` per object, and each database counts as
@@ -2342,13 +2406,7 @@ mod tests {
                 .unwrap()
                 .execute_batch(&format!("CREATE TABLE t(v); INSERT INTO t VALUES ({i});"))
                 .unwrap();
-            // Written an hour ago: not racy (see `track::RACY_WINDOW`).
-            std::fs::File::options()
-                .write(true)
-                .open(&db)
-                .unwrap()
-                .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
-                .unwrap();
+            written_an_hour_ago(&db);
         }
         let replica = t.path().join("replica");
         let r = cold_replicator(&data, t.path(), &replica);

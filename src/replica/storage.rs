@@ -659,7 +659,11 @@ impl Replica {
                 Ok(Replica {
                     store: Arc::new(LocalObjects {
                         fs: fs.clone(),
-                        root: dir.clone(),
+                        // As the store maps paths (canonical): the links
+                        // below it are found against this (a root given
+                        // through a link, `file:///srv` with `/srv` one,
+                        // left them unchecked).
+                        root: root_of(&fs).unwrap_or_else(|| dir.clone()),
                     }),
                     prefix: ObjPath::default(),
                     description: format!("file://{}", dir.display()),
@@ -1010,12 +1014,7 @@ impl Replica {
 
     /// The replica root directory of a `file://` replica.
     pub fn local_root(&self) -> Option<PathBuf> {
-        self.local
-            .as_ref()
-            // The store does not map the empty path: the root is the
-            // parent of a top-level name.
-            .and_then(|fs| fs.path_to_filesystem(&ObjPath::from("_")).ok())
-            .and_then(|p| p.parent().map(Path::to_path_buf))
+        self.local.as_deref().and_then(root_of)
     }
 
     /// On a plain `file://` replica, writes the object at `location` with
@@ -1461,6 +1460,15 @@ impl LocalObjects {
 /// What [`Replica::list_children`] says of a link to nothing in a
 /// `file://` listing (see `hidden_entry`).
 pub const LINK_TO_NOTHING: &str = "is a link to nothing";
+/// The directory `fs` maps paths below (canonical, as the store made it).
+fn root_of(fs: &LocalFileSystem) -> Option<PathBuf> {
+    // The store does not map the empty path: the root is the parent of a
+    // top-level name.
+    fs.path_to_filesystem(&ObjPath::from("_"))
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+}
+
 /// Why a symbolic link inside a `file://` replica fails what meets it: a
 /// listing, a read, a write or a delete. litefleet never makes one there,
 /// and following one made retention delete, and uploads write, outside the
@@ -1508,16 +1516,27 @@ fn hidden_entry(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
         };
         let path = entry.path();
         if kind.is_symlink() {
-            if std::fs::metadata(&path).is_err() {
-                return Some((path, LINK_TO_NOTHING));
+            if let Some(what) = what_link(&path) {
+                return Some((path, what));
             }
-            return Some((path, LINK_IN_REPLICA));
+            continue;
         }
         if kind.is_dir() && entry.file_name().to_str().is_some_and(object_like) {
             return Some((path, DIRECTORY_LIKE_AN_OBJECT));
         }
     }
     None
+}
+
+/// What a listing says of the symbolic link `path` met in a `file://`
+/// replica: a link to nothing, or any other ([`LINK_IN_REPLICA`]); `None`
+/// when it is gone since its directory was read (not hidden).
+fn what_link(path: &Path) -> Option<&'static str> {
+    match std::fs::metadata(path) {
+        Ok(_) => Some(LINK_IN_REPLICA),
+        Err(_) if std::fs::symlink_metadata(path).is_err() => None,
+        Err(_) => Some(LINK_TO_NOTHING),
+    }
 }
 
 /// The first entry below `dir`, at any depth, that object_store's
@@ -1545,11 +1564,8 @@ fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
             if kind.is_dir() {
                 dirs.push(path);
             } else if kind.is_symlink() {
-                match std::fs::metadata(&path) {
-                    Ok(_) => return Some((path, LINK_IN_REPLICA)),
-                    // Gone since the listing of its directory: not hidden.
-                    Err(_) if std::fs::symlink_metadata(&path).is_err() => {}
-                    Err(_) => return Some((path, LINK_TO_NOTHING)),
+                if let Some(what) = what_link(&path) {
+                    return Some((path, what));
                 }
             } else if !kind.is_file() {
                 if let Ok(m) = std::fs::symlink_metadata(&path) {
@@ -3022,6 +3038,17 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(std::fs::read(dir.path().join("r/one")).unwrap(), b"1");
+        // Opened through it, the links below it are refused the same, by
+        // the store's own calls too (retention's deletes).
+        named(via.delete_many(vec![through.clone()]).await.unwrap_err());
+        named(
+            via.store
+                .put(&new, b"x".to_vec().into())
+                .await
+                .map_err(|e| Error::store(&new, e))
+                .unwrap_err(),
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"not yours");
     }
 
     /// Above the object's directory (which the store syncs), each

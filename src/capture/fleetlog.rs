@@ -609,6 +609,16 @@ pub async fn recover(replica: &Replica, tmp_dir: &Path) -> Result<usize> {
     recover_reading(replica, tmp_dir, RECOVERY_WHOLE).await
 }
 
+/// A log object as [`recover_reading`] reads it.
+enum LogRead {
+    /// Deleted since it was listed.
+    Gone,
+    /// Read whole.
+    Whole(Bytes),
+    /// Too large to read whole: read by its index and part by part.
+    ByPart,
+}
+
 /// [`recover`], reading log objects up to `whole` bytes whole and larger
 /// ones part by part, refusing a part larger than `whole`.
 async fn recover_reading(replica: &Replica, tmp_dir: &Path, whole: u64) -> Result<usize> {
@@ -641,9 +651,12 @@ async fn recover_reading(replica: &Replica, tmp_dir: &Path, whole: u64) -> Resul
             let (replica, meta) = (replica.clone(), m.clone());
             async move {
                 let read = if meta.size <= whole {
-                    replica.get_bytes(&meta.location).await.map(|b| b.map(Some))
+                    replica
+                        .get_bytes(&meta.location)
+                        .await
+                        .map(|b| b.map_or(LogRead::Gone, LogRead::Whole))
                 } else {
-                    Ok(Some(None))
+                    Ok(LogRead::ByPart)
                 };
                 (meta, read)
             }
@@ -652,15 +665,14 @@ async fn recover_reading(replica: &Replica, tmp_dir: &Path, whole: u64) -> Resul
     let mut reads = futures::stream::iter(reads).buffered(RECOVERY_READS);
     while let Some((meta, read)) = reads.next().await {
         match read? {
-            // Gone meanwhile.
-            None => {}
-            Some(Some(bytes)) => {
+            LogRead::Gone => {}
+            LogRead::Whole(bytes) => {
                 let index = pack::decode_index(&bytes, meta.location.as_ref())?;
                 for (part, range) in index.parts {
                     add(&part, &bytes[range.start as usize..range.end as usize])?;
                 }
             }
-            Some(None) => {
+            LogRead::ByPart => {
                 let Some(index) = pack::read_index(replica, &meta).await? else {
                     continue;
                 };

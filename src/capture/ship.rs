@@ -2094,7 +2094,7 @@ async fn upload(
         write_meta(ctx, s).await?;
     }
     let opening = match (&s.pending, &s.meta) {
-        (Some((pos, _)), Some(m)) if starts_wal && through_log => opening(m, pos.index),
+        (Some((pos, _)), Some(m)) if starts_wal && through_log => m.opening(pos.index),
         _ => None,
     };
     if let Some((pos, segment)) = s.take_pending() {
@@ -2194,13 +2194,12 @@ async fn upload(
 /// A restore of the latest state fails while it is the newest
 /// ([`hot::plan_latest`]), naming it.
 fn named_far_ahead(key: &str, g: &GenerationId) -> bool {
-    let ahead = g.created() - Utc::now();
-    let far = ahead > chrono::Duration::seconds(cold::FUTURE_NAME_SECS);
-    if far {
-        tracing::warn!(key, generation = %g, created = %g.created().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "the newest generation is named {} hours after this host's clock (a clock that ran ahead, or an object put there by hand): the new generation is named by this host's clock, not after it; a restore of the latest state fails until that generation is deleted", ahead.num_hours());
-    }
-    far
+    let Some(ahead) = cold::named_far_ahead(g.created()) else {
+        return false;
+    };
+    tracing::warn!(key, generation = %g, created = %g.created().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "the newest generation is named {} hours after this host's clock (a clock that ran ahead, or an object put there by hand): the new generation is named by this host's clock, not after it; a restore of the latest state fails until that generation is deleted", ahead.num_hours());
+    true
 }
 
 /// Writes the generation's metadata, with `last` at what was shipped.
@@ -2215,23 +2214,6 @@ async fn write_meta(ctx: &HotContext, s: &mut Shipper) -> Result<()> {
     s.meta_dirty = false;
     s.meta_behind = false;
     Ok(())
-}
-
-/// What a fleet log part starting WAL `index` records of it
-/// ([`WalOpening`]), from the stream's metadata: `None` when the metadata
-/// has no header for that WAL (it always has, once the WAL is read).
-fn opening(m: &Metadata, index: u64) -> Option<WalOpening> {
-    let start = m.wal_starts.as_ref()?.iter().find(|s| s.index == index)?;
-    let previous_end = index
-        .checked_sub(1)
-        .and_then(|prev| m.wal_ends.iter().find(|p| p.index == prev))
-        .map(|p| p.offset);
-    Some(WalOpening {
-        salt: start.salt,
-        checksum: start.checksum,
-        big_endian: start.big_endian,
-        previous_end,
-    })
 }
 
 impl Shipper {

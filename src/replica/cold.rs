@@ -397,6 +397,14 @@ pub const HOUR_SECS: i64 = 3600;
 /// caught.
 pub const FUTURE_NAME_SECS: i64 = 12 * HOUR_SECS;
 
+/// How far `named` lies after this host's clock, when that is more than
+/// [`FUTURE_NAME_SECS`]: a name (a cold snapshot's hour, a generation's
+/// creation) given by a clock that ran ahead, or put there by hand.
+pub fn named_far_ahead(named: DateTime<Utc>) -> Option<chrono::Duration> {
+    let ahead = named - Utc::now();
+    (ahead > chrono::Duration::seconds(FUTURE_NAME_SECS)).then_some(ahead)
+}
+
 /// How far the store's clock may be behind the uploader's for a snapshot
 /// still to count as named by the right time: its name is the hour after
 /// its upload, so it is at most an hour after the date the store gives
@@ -516,8 +524,7 @@ pub async fn choose_cold(
         let Some(&s) = newest_first.first() else {
             return Ok(None);
         };
-        let ahead = s.hour - Utc::now();
-        if ahead > chrono::Duration::seconds(FUTURE_NAME_SECS) {
+        if let Some(ahead) = named_far_ahead(s.hour) {
             return Err(ChooseError::Other(Error::invalid(
                 s.location.as_ref(),
                 format!(

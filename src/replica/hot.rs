@@ -464,6 +464,37 @@ impl Metadata {
         }
     }
 
+    /// The header recorded for WAL `index`, if any.
+    pub fn wal_start(&self, index: u64) -> Option<WalStart> {
+        self.wal_starts
+            .as_ref()?
+            .iter()
+            .find(|s| s.index == index)
+            .copied()
+    }
+
+    /// Where WAL `index` ended, if that is recorded.
+    pub fn wal_end(&self, index: u64) -> Option<Position> {
+        self.wal_ends.iter().find(|p| p.index == index).copied()
+    }
+
+    /// What a fleet log part holding the first frames of WAL `index`
+    /// records of it ([`pack::WalOpening`]; read back by
+    /// [`Metadata::fold_openings`]): `None` without a header recorded for
+    /// that WAL (a stream records it once the WAL is read).
+    pub fn opening(&self, index: u64) -> Option<pack::WalOpening> {
+        let start = self.wal_start(index)?;
+        Some(pack::WalOpening {
+            salt: start.salt,
+            checksum: start.checksum,
+            big_endian: start.big_endian,
+            previous_end: index
+                .checked_sub(1)
+                .and_then(|prev| self.wal_end(prev))
+                .map(|p| p.offset),
+        })
+    }
+
     /// Adds what the parts among `segments` that open a WAL record of it
     /// ([`pack::WalOpening`]: its header, where the previous WAL ended) to
     /// what this metadata records, as if it had been written after them.
@@ -489,12 +520,8 @@ impl Metadata {
                 checksum: o.checksum,
                 big_endian: o.big_endian,
             };
-            let known = self
-                .wal_starts
-                .as_ref()
-                .and_then(|v| v.iter().find(|s| s.index == index));
-            match known {
-                Some(known) if *known != start => {
+            match self.wal_start(index) {
+                Some(known) if known != start => {
                     return Err(Error::invalid(
                         what(),
                         format!(
@@ -513,8 +540,8 @@ impl Metadata {
                 index: index.saturating_sub(1),
                 offset,
             };
-            match self.wal_ends.iter().find(|p| p.index == end.index) {
-                Some(known) if *known != end => {
+            match self.wal_end(end.index) {
+                Some(known) if known != end => {
                     return Err(Error::invalid(
                         what(),
                         format!(
@@ -522,7 +549,7 @@ impl Metadata {
                             seg.location,
                             end.index,
                             describe(end),
-                            describe(*known)
+                            describe(known)
                         ),
                     ))
                 }
@@ -639,13 +666,7 @@ impl Plan {
     /// The header the generation's metadata (as the plan read it) recorded
     /// for WAL `index`, if it did.
     pub fn wal_start(&self, index: u64) -> Option<WalStart> {
-        self.recorded
-            .as_ref()?
-            .wal_starts
-            .as_ref()?
-            .iter()
-            .find(|s| s.index == index)
-            .copied()
+        self.recorded.as_ref()?.wal_start(index)
     }
 
     /// The plan without a prefix of its snapshot's WAL that may end before
@@ -1158,18 +1179,18 @@ fn check_wal_end(key: &str, plan: &Plan, meta: Option<&Metadata>, end: Position)
             ),
         ));
     };
-    match m.wal_ends.iter().find(|p| p.index == end.index) {
-        Some(recorded) if *recorded == end => Ok(()),
+    match m.wal_end(end.index) {
+        Some(recorded) if recorded == end => Ok(()),
         Some(recorded) => Err(Error::invalid(
             what(),
             format!(
                 "WAL {} ended at {} (metadata.json), but the segments present end at {}: \
                  WAL segment(s) from {} to {} are missing; refusing to restore past a gap",
                 end.index,
-                describe(*recorded),
+                describe(recorded),
                 describe(end),
                 describe(end),
-                describe(*recorded)
+                describe(recorded)
             ),
         )),
         None => Err(Error::invalid(
@@ -1408,10 +1429,9 @@ pub async fn plan_latest(
 /// named since by the right time, which may hold newer states (black-box
 /// probe N29). A restore at a time passes it by.
 fn not_named_far_ahead(key: &str, id: &GenerationId) -> Result<()> {
-    let ahead = id.created() - Utc::now();
-    if ahead <= chrono::Duration::seconds(crate::replica::cold::FUTURE_NAME_SECS) {
+    let Some(ahead) = crate::replica::cold::named_far_ahead(id.created()) else {
         return Ok(());
-    }
+    };
     Err(Error::invalid(
         format!("generation {id} of {key:?}"),
         format!(
@@ -1709,11 +1729,11 @@ impl<'a> Replay<'a> {
         if seg.pos.offset != FIRST_FRAME {
             return Ok(Continues::SameWal);
         }
-        let Some(starts) = self.meta.as_ref().and_then(|m| m.wal_starts.as_ref()) else {
+        let Some(m) = self.meta.as_ref().filter(|m| m.wal_starts.is_some()) else {
             return Ok(Continues::WalStart(None));
         };
-        match starts.iter().find(|s| s.index == seg.pos.index) {
-            Some(s) => Ok(Continues::WalStart(Some(*s))),
+        match m.wal_start(seg.pos.index) {
+            Some(s) => Ok(Continues::WalStart(Some(s))),
             None => Err(Error::invalid(
                 format!("generation {} of {:?}", self.plan.generation, self.key),
                 format!(

@@ -136,17 +136,18 @@ fn db_page_size(file: &File, what: &str) -> Result<u32> {
 /// frame's size field is covered by the frame checksums, not by anything
 /// a store cannot forge: a crafted one grew a restore to an 8.8 TB sparse
 /// file that passed `integrity_check`, exit 0 (black-box probe N29), as
-/// SQLite reads the size from the header and ignores the rest.
-fn sized_as_its_header_says(file: &File, path: &Path, page_size: u32, what: &str) -> Result<()> {
+/// SQLite reads the size from the header and ignores the rest. Returns
+/// the size.
+fn sized_as_its_header_says(file: &File, path: &Path, page_size: u32, what: &str) -> Result<u64> {
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut h = [0u8; DB_HEADER_SIZE];
     file.read_exact_at(&mut h, 0)
         .map_err(|e| Error::io(path, e))?;
     let be = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
     let (pages, counter, valid_for) = (be(28), be(24), be(92));
     if pages == 0 || counter != valid_for {
-        return Ok(());
+        return Ok(len);
     }
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let expected = u64::from(pages) * u64::from(page_size);
     if len != expected {
         return Err(Error::invalid(
@@ -158,7 +159,7 @@ fn sized_as_its_header_says(file: &File, path: &Path, page_size: u32, what: &str
             ),
         ));
     }
-    Ok(())
+    Ok(len)
 }
 
 /// Restores `key` into `out` (opened for reading and writing; its contents
@@ -287,11 +288,9 @@ pub async fn restore_plan(
     let path = out_path.to_path_buf();
     let generation = format!("generation {} of {key:?}", plan.generation);
     let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
-        sized_as_its_header_says(&file, &path, page_size, &generation)?;
+        let len = sized_as_its_header_says(&file, &path, page_size, &generation)?;
         file.sync_all().map_err(|e| Error::io(&path, e))?;
-        file.metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io(&path, e))
+        Ok(len)
     })
     .await
     .map_err(join_error)??;

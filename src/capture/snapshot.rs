@@ -69,6 +69,7 @@ use tempfile::{NamedTempFile, TempPath};
 
 use object_store::path::Path as ObjPath;
 
+use crate::capture::work::side_by_side;
 use crate::error::IoContext;
 use crate::replica::cold::SnapshotTimes;
 use crate::replica::storage::Replica;
@@ -842,45 +843,27 @@ fn wal_reads_agree(source: &Connection, ours: VfsHandle, wal_path: &Path) -> Res
 
 /// Runs `check` (a `quick_check` of `db`, returning its result and whatever
 /// must outlive the compression) on a thread of its own while `compress`
-/// runs here: on two cores the snapshot takes about as long as the longer
-/// of the two. A failed check discards the compressed snapshot. Where the
-/// host gives no thread (a process or memory limit: `ulimit -u`,
-/// `TasksMax`, `ulimit -v`), the check runs here after the compression:
-/// `std::thread::scope`'s `spawn` panicked then, and every snapshot over
-/// 1 MiB failed as if the database were at fault, while `/healthz` said
-/// 200 (black-box probe L29).
+/// runs here ([`side_by_side`], which runs it here after the compression
+/// where the host gives no thread): on two cores the snapshot takes about
+/// as long as the longer of the two. A failed check discards the
+/// compressed snapshot.
 fn check_beside<K: Send>(
     check: impl FnOnce() -> (Result<()>, K) + Send,
     compress: impl FnOnce() -> Result<Snapshot>,
     db: &Path,
 ) -> Result<(Snapshot, K)> {
-    check_beside_on(std::thread::Builder::new(), check, compress, db)
+    checked_beside(side_by_side(check, compress), db)
 }
 
-/// [`check_beside`] with the check's thread made by `thread`.
-fn check_beside_on<K: Send>(
-    thread: std::thread::Builder,
-    check: impl FnOnce() -> (Result<()>, K) + Send,
-    compress: impl FnOnce() -> Result<Snapshot>,
+/// The outcome of [`check_beside`] from the two results.
+fn checked_beside<K>(
+    (checking, snap): (std::thread::Result<(Result<()>, K)>, Result<Snapshot>),
     db: &Path,
 ) -> Result<(Snapshot, K)> {
-    let slot = std::sync::Mutex::new(Some(check));
-    let take = || slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-    std::thread::scope(|s| {
-        let checking = thread.spawn_scoped(s, || take().map(|c| c()));
-        let snap = compress();
-        let ran = match checking {
-            Ok(h) => h
-                .join()
-                .map_err(|_| Error::invalid(db.display(), "the integrity check panicked"))?,
-            // No thread for it: it runs here.
-            Err(_) => take().map(|c| c()),
-        };
-        let (checked, keep) =
-            ran.ok_or_else(|| Error::invalid(db.display(), "the integrity check did not run"))?;
-        checked.map_err(|e| damaged_copy(db, e))?;
-        Ok((snap?, keep))
-    })
+    let (checked, keep) =
+        checking.map_err(|_| Error::invalid(db.display(), "the integrity check panicked"))?;
+    checked.map_err(|e| damaged_copy(db, e))?;
+    Ok((snap?, keep))
 }
 
 /// A small database whose read transaction sees its file alone
@@ -1387,6 +1370,7 @@ mod tests {
     /// probe L29: every snapshot over 1 MiB panicked under `ulimit -u`).
     #[test]
     fn the_check_runs_here_when_no_thread_can_be_made() {
+        use crate::capture::work::side_by_side_on;
         let db = Path::new("/data/a.db");
         // A stack no host can give: the spawn fails.
         let no_thread = || std::thread::Builder::new().stack_size(usize::MAX);
@@ -1398,13 +1382,13 @@ mod tests {
                 std::thread::current().id(),
             )
         };
-        let e = check_beside_on(no_thread(), failing, compress, db).unwrap_err();
+        let e = checked_beside(side_by_side_on(no_thread(), failing, compress), db).unwrap_err();
         assert!(e.to_string().contains("database is damaged"), "{e}");
         let passing = || {
             assert_eq!(std::thread::current().id(), here, "ran on this thread");
             (Ok(()), ())
         };
-        let e = check_beside_on(no_thread(), passing, compress, db).unwrap_err();
+        let e = checked_beside(side_by_side_on(no_thread(), passing, compress), db).unwrap_err();
         assert!(e.to_string().contains("compressed"), "{e}");
         // With a thread, on that thread.
         let elsewhere = || {

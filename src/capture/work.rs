@@ -89,3 +89,37 @@ pub async fn bounded<T: Send + 'static>(
         .await
         .map_err(|e| Error::invalid(work.name(), format!("task failed: {e}")))
 }
+
+/// Runs `there` on a thread of its own while `here` runs on this one, and
+/// returns both results (`there`'s `Err` if it panicked). Where the host
+/// gives no thread (a process or memory limit: `ulimit -u`, `TasksMax`,
+/// `ulimit -v`), `there` runs here after `here`: `std::thread::scope`'s
+/// `spawn` panicked then, and every snapshot over 1 MiB failed as if the
+/// database were at fault while `/healthz` said 200 (black-box probe L29).
+pub fn side_by_side<A: Send, B>(
+    there: impl FnOnce() -> A + Send,
+    here: impl FnOnce() -> B,
+) -> (std::thread::Result<A>, B) {
+    side_by_side_on(std::thread::Builder::new(), there, here)
+}
+
+/// [`side_by_side`] with `there`'s thread made by `thread`.
+pub(crate) fn side_by_side_on<A: Send, B>(
+    thread: std::thread::Builder,
+    there: impl FnOnce() -> A + Send,
+    here: impl FnOnce() -> B,
+) -> (std::thread::Result<A>, B) {
+    let slot = std::sync::Mutex::new(Some(there));
+    let take = || slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    std::thread::scope(|s| {
+        let spawned = thread.spawn_scoped(s, || take().map(|f| f()));
+        let b = here();
+        let a = match spawned {
+            Ok(h) => h.join(),
+            // No thread for it: it runs here.
+            Err(_) => Ok(take().map(|f| f())),
+        };
+        // `there` ran exactly once, on one side or the other.
+        (a.map(|a| a.expect("taken once")), b)
+    })
+}

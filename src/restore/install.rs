@@ -118,11 +118,10 @@ impl Staged {
         // The data is complete: the disk writes it back while the check
         // reads it from the page cache, side by side. Both must succeed
         // before anything is renamed.
-        let (synced, integrity) = std::thread::scope(|s| {
-            let syncing = s.spawn(|| crate::durable::sync_file(&file, &tmp));
-            let integrity = snapshot::integrity_check(&tmp);
-            (syncing.join(), integrity)
-        });
+        let (synced, integrity) = crate::capture::work::side_by_side(
+            || crate::durable::sync_file(&file, &tmp),
+            || snapshot::integrity_check(&tmp),
+        );
         synced
             .unwrap_or_else(|_| Err(std::io::Error::other("fsync panicked")))
             .at(&*tmp)?;

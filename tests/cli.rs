@@ -766,6 +766,17 @@ fn unusable_temp_and_state_dirs_fail_at_start() {
     }
 }
 
+/// `cmd` run as `nobody` when the tests run as root, whom file modes and
+/// process limits do not bind.
+fn as_nobody_if_root(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.uid(65534).gid(65534);
+    }
+    cmd
+}
+
 /// A command whose runtime cannot get its threads (a process limit of one
 /// task: `prlimit --nproc=1`, as `nobody` when the tests run as root, whom the
 /// limit does not bind) exits 1 at once saying why, where tokio's panic
@@ -780,12 +791,7 @@ fn a_runtime_without_threads_is_an_error_not_a_hang() {
     let mut cmd = std::process::Command::new("timeout");
     let limited = ["-s", "KILL", "60", "prlimit", "--nproc=1", "--"];
     cmd.args(limited).args([bin, "list"]).current_dir(t.path());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        use std::os::unix::process::CommandExt;
-        cmd.uid(65534).gid(65534);
-    }
-    let o = cmd.output().unwrap();
+    let o = as_nobody_if_root(&mut cmd).output().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot start the runtime"), "{err}");
@@ -797,7 +803,6 @@ fn a_runtime_without_threads_is_an_error_not_a_hang() {
 /// unreadable.
 #[test]
 fn once_with_unreadable_databases_fails() {
-    use std::os::unix::process::CommandExt;
     let t = tempfile::tempdir().unwrap();
     for i in 0..3 {
         let db = t.path().join(format!("data/x/db{i}.db"));
@@ -809,11 +814,7 @@ fn once_with_unreadable_databases_fails() {
     }
     write_file_config(t.path(), &t.path().join("replica"));
     let mut cmd = litefleet_command(t.path(), &["replicate", "--once"]);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        cmd.uid(65534).gid(65534);
-    }
-    let o = cmd.output().unwrap();
+    let o = as_nobody_if_root(&mut cmd).output().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("2 path(s) could not be read"), "{err}");

@@ -16,6 +16,12 @@
 //!   spool is written as one pack of the database's own and the stream tells
 //!   the writer ([`FleetLog::consolidated`]); a log object is deleted once
 //!   every stream with parts in it has consolidated them.
+//! * A log object holds only frames the streams kept in memory, which share
+//!   one budget ([`crate::capture::work::frames_budget`], 128 MiB): larger
+//!   backlogs ship from the WAL files as segment objects, so no tick's object
+//!   grows with the number of streams behind (after a store outage it did:
+//!   579 MB with 100 databases behind, where S3 takes at most 5 GB in one
+//!   PUT).
 //! * After a crash, log objects hold parts no running stream will
 //!   consolidate: [`recover`] rewrites them as per-database packs before the
 //!   first stream starts, then deletes them. Until then (or if that fails)

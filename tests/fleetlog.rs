@@ -68,12 +68,25 @@ impl Streams {
         consolidate_every: Duration,
         checkpoint_pages: u64,
     ) -> Streams {
+        let replica = f.replica();
+        Streams::start_on(f, n, consolidate_every, checkpoint_pages, replica).await
+    }
+
+    /// [`Streams::start_checkpointing`], the streams writing through
+    /// `replica` (the fleet's, or one wrapping its store).
+    async fn start_on(
+        f: Fleet,
+        n: usize,
+        consolidate_every: Duration,
+        checkpoint_pages: u64,
+        replica: litefleet::replica::storage::Replica,
+    ) -> Streams {
         let stats = Arc::new(Stats::default());
-        let (log, writer) = FleetLog::new(f.replica(), SYNC, stats.clone());
+        let (log, writer) = FleetLog::new(replica.clone(), SYNC, stats.clone());
         tokio::spawn(writer.run(CancellationToken::new()));
         let (tx, events) = unbounded_channel();
         let ctx = Arc::new(HotContext {
-            replica: f.replica(),
+            replica,
             temp_dir: f.work.path().join("tmp"),
             cfg: ShipConfig {
                 sync_interval: SYNC,
@@ -211,6 +224,20 @@ impl Streams {
         }
     }
 
+    /// Waits until the writer has deleted every log object (it does on
+    /// the streams' messages, which a test cannot wait on).
+    async fn until_the_log_is_empty(&self) {
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !self
+            .objects_ending(".pack", ".litefleet/log/")
+            .await
+            .is_empty()
+        {
+            assert!(std::time::Instant::now() < deadline, "log objects left");
+            tokio::time::sleep(SYNC).await;
+        }
+    }
+
     async fn objects_ending(&self, suffix: &str, within: &str) -> Vec<String> {
         self.f
             .objects()
@@ -331,15 +358,7 @@ both_backends!(
             assert!(matches!(t.await.unwrap(), HotExit::Clean));
         }
         // The writer deletes on the streams' last messages.
-        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
-        while !s
-            .objects_ending(".pack", ".litefleet/log/")
-            .await
-            .is_empty()
-        {
-            assert!(std::time::Instant::now() < deadline, "log objects left");
-            tokio::time::sleep(SYNC).await;
-        }
+        s.until_the_log_is_empty().await;
         let replica = s.f.replica();
         for i in 0..2 {
             let gens = litefleet::replica::hot::list_generation_ids(&replica, &s.keys[i])
@@ -352,6 +371,61 @@ both_backends!(
             assert!(!meta.logged);
             assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
         }
+        s.assert_marks(&marks).await;
+    }
+);
+
+/// Refuses every PUT of a consolidated pack while set.
+#[derive(Debug, Default)]
+struct RefusePacks(std::sync::atomic::AtomicBool);
+
+impl common::stores::Rewrite for RefusePacks {
+    fn hold(
+        &self,
+        location: &object_store::path::Path,
+        _payload: &object_store::PutPayload,
+        _opts: &object_store::PutOptions,
+    ) -> bool {
+        let l = location.as_ref();
+        self.0.load(Ordering::SeqCst) && l.contains("/generations/") && l.ends_with(".pack")
+    }
+}
+
+// A stream that ends while the store refuses its consolidation: its parts
+// stay in the log, where a restore reads them, and are consolidated in the
+// background once the store takes the pack, which releases the log objects
+// while the daemon runs. They used to stay until the next restart (black-box
+// probe O30: up to `log-consolidate-interval` of log objects per such end,
+// each read by every restore of the key).
+both_backends!(
+    a_consolidation_refused_at_a_streams_end_is_tried_again,
+    |b| async move {
+        let f = Fleet::new(b).await;
+        let refuse = Arc::new(common::stores::Wrapped::new(
+            f.replica().store.clone(),
+            RefusePacks::default(),
+        ));
+        let replica = f.replica().with_store(refuse.clone());
+        let mut s = Streams::start_on(f, 1, Duration::from_secs(3600), 1000, replica).await;
+        let mut marks = Vec::new();
+        for round in 1..=3u64 {
+            marks.push(s.round(1, round).await);
+        }
+        refuse.rewrite.0.store(true, Ordering::SeqCst);
+        s.stops[0].cancel();
+        let task = s.tasks.remove(0);
+        assert!(matches!(task.await.unwrap(), HotExit::Clean));
+        assert!(s.objects_ending(".pack", "/generations/").await.is_empty());
+        assert!(!s
+            .objects_ending(".pack", ".litefleet/log/")
+            .await
+            .is_empty());
+        assert_eq!(s.restore(0, None).await.unwrap(), s.rows[0]);
+        // The store takes packs again: the log empties, the daemon still up.
+        refuse.rewrite.0.store(false, Ordering::SeqCst);
+        s.until_the_log_is_empty().await;
+        assert!(!s.objects_ending(".pack", "/generations/").await.is_empty());
+        assert_eq!(s.restore(0, None).await.unwrap(), s.rows[0]);
         s.assert_marks(&marks).await;
     }
 );

@@ -395,6 +395,11 @@ impl Spool {
         }
     }
 
+    /// The database whose parts it holds.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     pub fn is_empty(&self) -> bool {
         self.parts == 0
     }

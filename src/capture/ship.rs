@@ -1583,6 +1583,62 @@ async fn consolidate(ctx: &HotContext, ls: &mut LogStream) -> Result<()> {
     Ok(())
 }
 
+/// Ticks between two tries of [`consolidate_later`], at most: its waits
+/// double from one tick up to this (about a minute at the 1 s default).
+const LATER_TICKS_MAX: u32 = 64;
+
+/// Consolidates in the background the spool of a stream that could not
+/// consolidate it itself (the store failed as the stream ended, or as its
+/// generation changed), trying again at growing intervals of fleet log
+/// ticks until it is written or the daemon stops (a restart then rewrites
+/// the log objects, see [`crate::capture::fleetlog::recover`]). The stream
+/// no longer uses `ls.id`, so the pack releases exactly the log objects
+/// holding these parts. Before, the parts were abandoned: their log
+/// objects stayed until the next restart, up to `log-consolidate-interval`
+/// of them per such end, read by every restore of the key (black-box probe
+/// O30: a store stall as a stream ended by `cold-after`).
+fn consolidate_later(ctx: &HotContext, ls: LogStream) {
+    let (replica, permits, stats) = (ctx.replica.clone(), ctx.permits.clone(), ctx.stats.clone());
+    let LogStream {
+        log,
+        id,
+        mut ticks,
+        mut spool,
+        ..
+    } = ls;
+    if spool.is_empty() || spool.is_broken() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut wait = 1;
+        loop {
+            for _ in 0..wait {
+                // The writer has stopped: the daemon is stopping.
+                if ticks.changed().await.is_err() {
+                    return;
+                }
+            }
+            let _permit = permits.acquire().await;
+            match spool.consolidate(&replica).await {
+                Ok(Some(upto)) => {
+                    stats.log_packs.fetch_add(1, Ordering::Relaxed);
+                    log.consolidated(id, upto);
+                    tracing::info!(
+                        key = spool.key(),
+                        "consolidated the fleet log parts of an ended stream"
+                    );
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot consolidate an ended stream's fleet log parts yet");
+                    wait = (wait * 2).min(LATER_TICKS_MAX);
+                }
+            }
+        }
+    });
+}
+
 /// Appends one segment to the fleet log and keeps it for consolidation.
 async fn log_segment(
     ctx: &HotContext,
@@ -1596,8 +1652,19 @@ async fn log_segment(
     if ls.spool.generation().is_some_and(|g| g != gen.as_str()) {
         // The previous generation's parts go into its own pack first.
         if let Err(e) = consolidate(ctx, ls).await {
-            tracing::warn!(key, error = %e, "cannot consolidate the previous generation's fleet log parts; they stay in the log");
-            ls.spool.abandon();
+            tracing::warn!(key, error = %e, "cannot consolidate the previous generation's fleet log parts yet; they stay in the log and are tried again in the background");
+            // The stream goes on under a new id with an empty spool: the
+            // old id's objects are released only by the old spool's pack.
+            match LogStream::open(ctx, key) {
+                Some(mut fresh) => {
+                    fresh.tick = ls.tick;
+                    fresh.ticks = ls.ticks.clone();
+                    let old = std::mem::replace(ls, fresh);
+                    old.log.unregister(old.id);
+                    consolidate_later(ctx, old);
+                }
+                None => ls.spool.abandon(),
+            }
         }
     }
     let compressed = bytes::Bytes::from(upload::compress_segment(key, pos, frames)?);
@@ -1883,12 +1950,16 @@ async fn close_log(ctx: &HotContext, ls: &mut Option<LogStream>, slot: &mut Opti
     let consolidated = match consolidate(ctx, l).await {
         Ok(()) => !l.spool.is_broken(),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot consolidate a stream's fleet log parts at its end; they stay in the log until the next restart");
-            l.spool.abandon();
+            tracing::warn!(error = %e, "cannot consolidate a stream's fleet log parts at its end; they stay in the log and are tried again in the background");
             false
         }
     };
     l.log.unregister(l.id);
+    if !consolidated {
+        if let Some(l) = ls.take() {
+            consolidate_later(ctx, l);
+        }
+    }
     if let Some(s) = slot.as_mut() {
         let done = consolidated && !s.has_unshipped();
         if done && s.meta.as_ref().is_some_and(|m| m.logged) {

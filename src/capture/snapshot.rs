@@ -1110,17 +1110,30 @@ impl StreamError {
     }
 }
 
+/// The store's error, when reading `what` failed because its download did
+/// ([`StreamError`]); else `e` back.
+pub(crate) fn store_error(
+    what: &str,
+    e: std::io::Error,
+) -> std::result::Result<Error, std::io::Error> {
+    if !e.get_ref().is_some_and(|i| i.is::<StreamError>()) {
+        return Err(e);
+    }
+    let source = e
+        .into_inner()
+        .and_then(|i| i.downcast::<StreamError>().ok())
+        .map(|s| s.0)
+        .expect("checked above");
+    Ok(Error::store(what, source))
+}
+
 /// Classifies an error reading (and decoding) `what`; see the module docs.
 fn read_error(what: &str, e: std::io::Error) -> Error {
+    let e = match store_error(what, e) {
+        Ok(store) => return store,
+        Err(e) => e,
+    };
     let inner = e.get_ref();
-    if inner.is_some_and(|i| i.is::<StreamError>()) {
-        let source = e
-            .into_inner()
-            .and_then(|i| i.downcast::<StreamError>().ok())
-            .map(|s| s.0)
-            .expect("checked above");
-        return Error::store(what, source);
-    }
     if inner.is_some_and(|i| i.is::<lz4_flex::frame::Error>())
         || e.kind() == std::io::ErrorKind::UnexpectedEof
     {

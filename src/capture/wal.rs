@@ -863,13 +863,13 @@ pub const REPLAY_CHUNK: usize = 4 << 20;
 /// the segment and its decompressed size.
 pub fn replay_segment(
     what: &str,
-    compressed: &[u8],
+    compressed: impl io::Read,
     (db, db_path): (&mut File, &Path),
     page_size: u32,
     prev: Option<ChainLink>,
     skip: u64,
 ) -> Result<(FramesInfo, u64)> {
-    use crate::capture::snapshot::{read_full, FrameInput};
+    use crate::capture::snapshot::{self, read_full, FrameEnd, FrameInput};
     if !valid_page_size(page_size) {
         return Err(Error::invalid(
             what,
@@ -878,6 +878,8 @@ pub fn replay_segment(
     }
     let invalid =
         |e: &dyn std::fmt::Display| Error::invalid(what, format!("not a valid LZ4 segment: {e}"));
+    // A download that broke is the store's failure, not the segment's.
+    let read_failed = |e: io::Error| snapshot::store_error(what, e).unwrap_or_else(|e| invalid(&e));
     let fsize = FRAME_HEADER_SIZE as usize + page_size as usize;
     let mut buf = vec![0u8; (REPLAY_CHUNK / fsize).max(1) * fsize];
     let mut dec = lz4_flex::frame::FrameDecoder::new(FrameInput::new(compressed));
@@ -885,7 +887,7 @@ pub fn replay_segment(
     let mut last: Option<FramesInfo> = None;
     let mut total = 0u64;
     loop {
-        let n = read_full(&mut dec, &mut buf).map_err(|e| invalid(&e))?;
+        let n = read_full(&mut dec, &mut buf).map_err(read_failed)?;
         if n == 0 {
             break;
         }
@@ -910,7 +912,10 @@ pub fn replay_segment(
             break;
         }
     }
-    dec.into_inner().finish().map_err(|e| invalid(&e))?;
+    dec.into_inner().finish().map_err(|e| match e {
+        FrameEnd::Read(e) => read_failed(e),
+        e => invalid(&e),
+    })?;
     let info = last.ok_or_else(|| {
         Error::invalid(
             what,
@@ -1337,7 +1342,7 @@ mod tests {
         let mut runs = fresh("runs.db");
         let (info, len) = replay_segment(
             "seg",
-            &frame,
+            &frame[..],
             (&mut runs, Path::new("runs.db")),
             1024,
             None,
@@ -1360,7 +1365,7 @@ mod tests {
         std::fs::write(&ro, &snap).unwrap();
         let e = replay_segment(
             "seg",
-            &frame,
+            &frame[..],
             (&mut File::open(&ro).unwrap(), &ro),
             1024,
             None,
@@ -1374,7 +1379,7 @@ mod tests {
         assert!(zeros.len() < 1 << 20);
         let e = replay_segment(
             "bomb",
-            &zeros,
+            &zeros[..],
             (&mut fresh("bomb.db"), Path::new("bomb.db")),
             1024,
             None,
@@ -1399,7 +1404,7 @@ mod tests {
         let open = lz4(&seg[..seg.len() - fsize]);
         let e = replay_segment(
             "open",
-            &open,
+            &open[..],
             (&mut fresh("o.db"), Path::new("o.db")),
             1024,
             None,

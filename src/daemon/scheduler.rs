@@ -1162,8 +1162,11 @@ impl Replicator {
                 }
             }
         }
-        if ok {
-            lock(&self.hot.tiers).uploaded(ticket.id);
+        if ok && lock(&self.hot.tiers).uploaded(ticket.id) {
+            // Held cold until now: its next write is re-checked, to stream
+            // at once, rather than wait for the scan as a database just
+            // uploaded for a notification does (`recheck`).
+            lock(&self.notified).remove(&ticket.id);
         }
         lock(&self.tracker).finish_upload(ticket, ok);
     }
@@ -1293,7 +1296,21 @@ impl Replicator {
                 HotExit::CannotStream(e) => {
                     tracing::info!(path = %r.path.display(), error = %e, "cannot stream this database; the cold tier uploads it");
                     if same_db {
-                        tiers.bar(id, now);
+                        if matches!(e, Error::Damaged { .. }) {
+                            // Copied again at every start: kept cold for
+                            // `cold-after`, the cold tier checks it.
+                            tiers.bar(id, now);
+                        } else {
+                            // A start refused by what the files were at
+                            // that moment (a database created again and
+                            // not written yet, side files made anew):
+                            // streams again once the cold tier uploaded
+                            // it, which it does at once. Barred for
+                            // `cold-after`, a database re-created empty
+                            // and written a second later stayed cold for
+                            // minutes while written (black-box probe O30).
+                            tiers.hold(id);
+                        }
                         // Whatever the scans saw while it was "hot" was
                         // never shipped: the cold tier uploads it.
                         tracker.mark_unsynced(id, std::time::SystemTime::now());

@@ -114,8 +114,9 @@ impl Tiers {
     }
 
     /// Takes `id` out of the hot set because its stream let go after its
-    /// syncs kept failing; it stays cold until [`Tiers::uploaded`] says the
-    /// cold tier could upload it (the store works again).
+    /// syncs kept failing, or could not start; it stays cold until
+    /// [`Tiers::uploaded`] says the cold tier could upload it (the store
+    /// works again, the file is a database it can read).
     pub fn hold(&mut self, id: Id) {
         if self.hot.remove(&id).is_some() {
             self.demotions += 1;
@@ -125,10 +126,9 @@ impl Tiers {
     }
 
     /// The cold tier uploaded `id`: a held database may stream again.
-    pub fn uploaded(&mut self, id: Id) {
-        if !self.held.is_empty() {
-            self.held.remove(&id);
-        }
+    /// Returns whether it was held.
+    pub fn uploaded(&mut self, id: Id) -> bool {
+        !self.held.is_empty() && self.held.remove(&id)
     }
 
     /// Databases held cold by [`Tiers::hold`].

@@ -942,6 +942,28 @@ fn an_endless_config_is_refused() {
 /// fails (black-box probe: killed by the signal, it left the hidden
 /// `.out.db.litefleet-XXXXXX`, 12-31 MB there). Each signal is sent once the
 /// staging file exists; a restore that finished first is tried again.
+/// A killed restore's staging file (as large as the database) is named by
+/// the next restore of that output, which nothing else mentions or removes
+/// (black-box probe Q30).
+#[test]
+fn a_restore_names_the_staging_files_a_killed_one_left() {
+    let t = tempfile::tempdir().unwrap();
+    write_file_config(t.path(), &t.path().join("replica"));
+    drop(create_db(&t.path().join("data/x/app.db"), 1));
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let left = t.path().join(".out.db.litefleet-Ab12Cd");
+    std::fs::write(&left, b"SQLite format 3\0").unwrap();
+    let o = litefleet(t.path(), &["restore", "x/app", "-o", "out.db"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("staging files of other restores") && err.contains(".out.db.litefleet-Ab12Cd"),
+        "{err}"
+    );
+    assert!(left.exists(), "named, not removed");
+}
+
 #[test]
 fn a_restore_stopped_by_a_signal_leaves_no_staging_file() {
     let t = tempfile::tempdir().unwrap();

@@ -1288,6 +1288,24 @@ const STAGING_NAME_MAX: usize = 200;
 
 /// A path next to `target` for writing it atomically: `.NAME.litefleet-XXXXXX`.
 pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
+    let (dir, prefix) = staging_prefix(target);
+    // 0666 minus the umask, as SQLite creates a database (tempfile's own
+    // default, 0600, would leave a restored database unreadable to the group
+    // that reads the original).
+    let tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(&dir)
+        .at(&dir)?;
+    let (file, path) = tmp.into_parts();
+    Ok((file, path))
+}
+
+/// Where [`temp_sibling`] stages `target`, and the start of its name:
+/// `.<name>.litefleet-`. A file name may have 255 bytes and the staging
+/// name adds 18: a target named near that limit is staged under the start
+/// of its name.
+fn staging_prefix(target: &Path) -> (PathBuf, String) {
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -1296,8 +1314,6 @@ pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // A file name may have 255 bytes and the staging name adds 18: a target
-    // named near that limit is staged under the start of its name.
     if name.len() > STAGING_NAME_MAX {
         let cut = (0..=STAGING_NAME_MAX)
             .rev()
@@ -1305,16 +1321,37 @@ pub fn temp_sibling(target: &Path) -> Result<(File, TempPath)> {
             .unwrap_or(0);
         name.truncate(cut);
     }
-    // 0666 minus the umask, as SQLite creates a database (tempfile's own
-    // default, 0600, would leave a restored database unreadable to the group
-    // that reads the original).
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}{}", crate::source::discover::STAGING_MARK))
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-        .tempfile_in(&dir)
-        .at(&dir)?;
-    let (file, path) = tmp.into_parts();
-    Ok((file, path))
+    (
+        dir,
+        format!(".{name}{}", crate::source::discover::STAGING_MARK),
+    )
+}
+
+/// Staging files of `target` ([`temp_sibling`]) in its directory, with their
+/// `-wal` and `-shm`: what restores of it left when they were killed
+/// (SIGKILL), or what restores of it running now are writing. One
+/// directory listing.
+pub fn staged_beside(target: &Path) -> Vec<PathBuf> {
+    let (dir, prefix) = staging_prefix(target);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            let rest = n.strip_prefix(&prefix).unwrap_or("");
+            let rest = ["-wal", "-shm"]
+                .iter()
+                .find_map(|s| rest.strip_suffix(s))
+                .unwrap_or(rest);
+            rest.len() == 6 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
 }
 
 /// Test databases that `quick_check` and `integrity_check` must refuse,
@@ -2389,6 +2426,26 @@ mod tests {
     /// A target whose name is near the file system's 255 bytes is staged
     /// under a name that fits (probe G: a restore of a key with a 240-byte
     /// last part failed with "File name too long" on its staging file).
+    #[test]
+    fn staging_files_beside_a_target_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("app.db");
+        assert!(staged_beside(&target).is_empty());
+        let (_, own) = temp_sibling(&target).unwrap();
+        let wal = format!("{}-wal", own.display());
+        std::fs::write(&wal, b"x").unwrap();
+        for other in [
+            "app.db",
+            ".app.db.litefleet-abc",
+            ".other.db.litefleet-a1B2c3",
+            "x.litefleet-a1B2c3",
+        ] {
+            std::fs::write(dir.path().join(other), b"x").unwrap();
+        }
+        let found = staged_beside(&target);
+        assert_eq!(found, vec![own.to_path_buf(), PathBuf::from(wal)]);
+    }
+
     #[test]
     fn a_long_target_name_has_a_staging_name_that_fits() {
         let t = tempfile::tempdir().unwrap();

@@ -1895,7 +1895,12 @@ pub async fn stream_reporting(
                     close_log(&ctx, &mut ls, &mut slot).await;
                     return HotExit::Unshipped;
                 }
-                if std::mem::replace(&mut failing, true) {
+                if last {
+                    // Nothing retries it: the database goes to the cold
+                    // tier (black-box probe O30: "retrying" was logged
+                    // for streams that had ended).
+                    tracing::warn!(path = %db.display(), error = %e, "the last WAL sync of an ending stream failed; the cold tier uploads what it did not ship");
+                } else if std::mem::replace(&mut failing, true) {
                     tracing::debug!(path = %db.display(), error = %e, "WAL sync failed again");
                 } else {
                     tracing::warn!(path = %db.display(), error = %e, "WAL sync failed; retrying every sync interval (logged once until it recovers)");

@@ -510,6 +510,34 @@ both_backends!(
     }
 );
 
+// A generation begun while the database had no WAL (its application had
+// closed it, and SQLite deleted the WAL) holds none of its first WAL's
+// frames: one transaction larger than a segment, shipped first, restores.
+// Its metadata recorded no `covers` (where in that WAL the snapshot's state
+// is), and a restore took it for a generation of an earlier version whose
+// first parts might lie under the snapshot, and refused (black-box probe
+// R30: latest and point-in-time restores after one 300 MB transaction
+// failed, exit 1, "written by an earlier version of litefleet").
+both_backends!(
+    a_generation_begun_without_a_wal_restores_a_large_first_transaction,
+    |b| async move {
+        let mut h = Hot::start(large_uploads(b).await, 1_000_000, 10_000_000).await;
+        let w = writer(&h.path);
+        w.execute_batch("BEGIN").unwrap();
+        let mib = ship::MAX_SEGMENT_BYTES / (1 << 20) + 2;
+        for _ in 0..mib {
+            w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
+                .unwrap();
+        }
+        w.execute_batch("COMMIT").unwrap();
+        let rows = 1 + mib as i64;
+        h.until_shipped(rows).await;
+        let after = h.mark().await;
+        assert_eq!(h.restored_rows(Some(after)).await, rows);
+        h.finish().await;
+    }
+);
+
 // A generation that starts while the WAL holds more committed frames than
 // one segment takes: its snapshot holds them all, and the stream ships that
 // WAL from its first frame in parts, each with a later commit time. A

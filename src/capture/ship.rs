@@ -769,7 +769,13 @@ impl Shipper {
         // `covers` are in our snapshot (a replay checks but does not apply
         // them), later ones are newer.
         let header = at_read.map(|(h, _)| h);
-        self.snapshot_covers = at_read.map(|(_, end)| end);
+        // With no WAL (no header: its application closed the database and
+        // SQLite deleted it), WAL 0 is yet to come and every frame of it is
+        // newer than the snapshot. Recorded as such: `None` is what earlier
+        // versions wrote, and a restore whose first segments are long ones
+        // (one transaction larger than a segment) refused the generation as
+        // one of theirs (black-box probe R30).
+        self.snapshot_covers = Some(at_read.map_or(WAL_HEADER_SIZE, |(_, end)| end));
         std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
         let copy = NamedTempFile::with_prefix_in("hot-", tmp_dir)
             .at(tmp_dir)?

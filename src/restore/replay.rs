@@ -282,10 +282,12 @@ pub async fn restore_plan(
         return Err(Error::invalid(
             format!("generation {} of {key:?}", plan.generation),
             format!(
-                "it was written by an earlier version of litefleet, which did not record where \
-                 in its first WAL its snapshot's state is, and the WAL it shipped up to this \
-                 time ends inside the parts that re-ship that WAL: the replay could lay older \
-                 pages over the snapshot; its snapshot's state is restored with --timestamp {}",
+                "its metadata.json does not record where in its first WAL its snapshot's state \
+                 is (it was written by a version of litefleet from before 2026-12-07, which \
+                 did not record it for every generation), and the WAL it shipped up to this \
+                 time ends inside \
+                 the parts that re-ship that WAL: the replay could lay older pages over the \
+                 snapshot; its snapshot's state is restored with --timestamp {}",
                 snap.time
                     .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
             ),

@@ -1578,15 +1578,28 @@ impl LogStream {
 /// Writes a stream's spooled parts as a pack of its own and releases their
 /// log objects.
 async fn consolidate(ctx: &HotContext, ls: &mut LogStream) -> Result<()> {
+    consolidate_with((&ctx.replica, &ctx.permits, &ctx.stats), ls)
+        .await
+        .map(|_| ())
+}
+
+/// [`consolidate`] with the context's replica, upload permits and stats
+/// (for [`consolidate_later`]'s task, which outlives the stream's borrow of
+/// the context). Whether a pack was written.
+async fn consolidate_with(
+    (replica, permits, stats): (&Replica, &Semaphore, &Stats),
+    ls: &mut LogStream,
+) -> Result<bool> {
     if ls.spool.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
-    let _permit = ctx.permits.acquire().await;
-    if let Some(upto) = ls.spool.consolidate(&ctx.replica).await? {
-        ctx.stats.log_packs.fetch_add(1, Ordering::Relaxed);
-        ls.log.consolidated(ls.id, upto);
-    }
-    Ok(())
+    let _permit = permits.acquire().await;
+    let Some(upto) = ls.spool.consolidate(replica).await? else {
+        return Ok(false);
+    };
+    stats.log_packs.fetch_add(1, Ordering::Relaxed);
+    ls.log.consolidated(ls.id, upto);
+    Ok(true)
 }
 
 /// Ticks between two tries of [`consolidate_later`], at most: its waits
@@ -1603,16 +1616,9 @@ const LATER_TICKS_MAX: u32 = 64;
 /// objects stayed until the next restart, up to `log-consolidate-interval`
 /// of them per such end, read by every restore of the key (black-box probe
 /// O30: a store stall as a stream ended by `cold-after`).
-fn consolidate_later(ctx: &HotContext, ls: LogStream) {
+fn consolidate_later(ctx: &HotContext, mut ls: LogStream) {
     let (replica, permits, stats) = (ctx.replica.clone(), ctx.permits.clone(), ctx.stats.clone());
-    let LogStream {
-        log,
-        id,
-        mut ticks,
-        mut spool,
-        ..
-    } = ls;
-    if spool.is_empty() || spool.is_broken() {
+    if ls.spool.is_empty() || ls.spool.is_broken() {
         return;
     }
     tokio::spawn(async move {
@@ -1620,22 +1626,19 @@ fn consolidate_later(ctx: &HotContext, ls: LogStream) {
         loop {
             for _ in 0..wait {
                 // The writer has stopped: the daemon is stopping.
-                if ticks.changed().await.is_err() {
+                if ls.ticks.changed().await.is_err() {
                     return;
                 }
             }
-            let _permit = permits.acquire().await;
-            match spool.consolidate(&replica).await {
-                Ok(Some(upto)) => {
-                    stats.log_packs.fetch_add(1, Ordering::Relaxed);
-                    log.consolidated(id, upto);
+            match consolidate_with((&replica, &permits, &stats), &mut ls).await {
+                Ok(true) => {
                     tracing::info!(
-                        key = spool.key(),
+                        key = ls.spool.key(),
                         "consolidated the fleet log parts of an ended stream"
                     );
                     return;
                 }
-                Ok(None) => return,
+                Ok(false) => return,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot consolidate an ended stream's fleet log parts yet");
                     wait = (wait * 2).min(LATER_TICKS_MAX);

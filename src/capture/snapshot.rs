@@ -1340,13 +1340,16 @@ pub fn staged_beside(target: &Path) -> Vec<PathBuf> {
         .filter_map(|e| e.ok())
         .filter(|e| {
             let n = e.file_name();
+            // Lossy, as the prefix is (see `staging_prefix`).
             let n = n.to_string_lossy();
-            let rest = n.strip_prefix(&prefix).unwrap_or("");
-            let rest = ["-wal", "-shm"]
+            let n = n.as_bytes();
+            let staged = [&b"-wal"[..], b"-shm"]
                 .iter()
-                .find_map(|s| rest.strip_suffix(s))
-                .unwrap_or(rest);
-            rest.len() == 6 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+                .find_map(|s| n.strip_suffix(*s))
+                .unwrap_or(n);
+            staged.starts_with(prefix.as_bytes())
+                && crate::source::discover::is_staging(staged)
+                && staged.len() == prefix.len() + 6
         })
         .map(|e| e.path())
         .collect();

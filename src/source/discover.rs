@@ -236,7 +236,9 @@ pub fn is_aux(name: &OsStr) -> bool {
     AUX_SUFFIXES.iter().any(|s| b.ends_with(s.as_bytes())) || is_staging(b)
 }
 
-fn is_staging(name: &[u8]) -> bool {
+/// A restore's staging file name: `.<name>.litefleet-` and six random
+/// characters (see [`STAGING_MARK`]).
+pub(crate) fn is_staging(name: &[u8]) -> bool {
     let mark = STAGING_MARK.as_bytes();
     name.first() == Some(&b'.')
         && name.len() >= mark.len() + 6

@@ -1363,6 +1363,19 @@ pub fn staged_beside(target: &Path) -> Vec<PathBuf> {
 pub(crate) mod test_db {
     use std::path::Path;
 
+    /// Creates at `path` a WAL-mode database of 1 KiB pages without
+    /// automatic checkpoints, with a table `t(id INTEGER PRIMARY KEY, v
+    /// TEXT)`, and returns its connection.
+    pub(crate) fn wal_1k(path: &Path) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.pragma_update(None, "page_size", 1024).unwrap();
+        c.pragma_update(None, "journal_mode", "wal").unwrap();
+        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        c
+    }
+
     /// Creates at `path` a database of 4 KiB pages holding 2000 indexed
     /// rows (with a random `blob` of that many bytes each, if given) and
     /// returns its bytes.

@@ -958,12 +958,7 @@ mod tests {
     /// A WAL-mode database with 1 KiB pages and no automatic checkpoints.
     fn wal_db(dir: &Path) -> (PathBuf, Connection) {
         let path = dir.join("t.db");
-        let c = Connection::open(&path).unwrap();
-        c.pragma_update(None, "page_size", 1024).unwrap();
-        c.pragma_update(None, "journal_mode", "wal").unwrap();
-        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
-            .unwrap();
+        let c = crate::capture::snapshot::test_db::wal_1k(&path);
         (path, c)
     }
 

@@ -634,12 +634,7 @@ mod tests {
     fn writer(dir: &Path) -> (Replica, Writer) {
         let r = file_replica(&dir.join("replica"));
         let db = dir.join("app.db");
-        let conn = Connection::open(&db).unwrap();
-        conn.pragma_update(None, "page_size", 1024).unwrap();
-        conn.pragma_update(None, "journal_mode", "wal").unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-            .unwrap();
+        let conn = crate::capture::snapshot::test_db::wal_1k(&db);
         let w = Writer {
             db,
             conn,

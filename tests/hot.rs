@@ -75,6 +75,7 @@ fn stream_of(
         cfg,
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(4)),
+        consolidation: litefleet::capture::fleetlog::consolidation_budget(),
         events: Some(tx),
         log: Some(log),
     });
@@ -1198,6 +1199,7 @@ fn plain_context(f: &Fleet, stats: Arc<Stats>) -> Arc<HotContext> {
         },
         stats,
         permits: Arc::new(Semaphore::new(4)),
+        consolidation: litefleet::capture::fleetlog::consolidation_budget(),
         events: None,
         log: None,
     })

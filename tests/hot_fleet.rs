@@ -129,6 +129,7 @@ async fn thousand_hot_databases_stay_bounded() {
         },
         stats,
         permits: Arc::new(Semaphore::new(100)),
+        consolidation: litefleet::capture::fleetlog::consolidation_budget(),
         events: Some(tx),
         log: Some(log),
     });

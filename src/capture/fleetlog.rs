@@ -37,12 +37,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path as ObjPath;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +65,31 @@ const LATE_WINDOW: Duration = Duration::from_millis(20);
 /// Largest consolidated pack: a restore holds one pack in memory at a time.
 /// 64 MiB is ~16,000 pages of 4 KiB compressed; a busier hour gets several.
 const PACK_MAX: u64 = 64 << 20;
+/// Memory a spooled part takes in a consolidation besides its bytes, as a
+/// round upper figure: its [`Part`] (key and generation strings, positions)
+/// and its handle in the chunk, and its record in the pack's JSON index
+/// (~130-200 bytes).
+const PART_MEMORY: u64 = 512;
+/// Memory the consolidations of all streams hold at once, together (one
+/// permit is one byte; see [`consolidation_budget`]): two of the largest
+/// packs. Each stream's consolidation used to hold its pack, with a joined
+/// copy, whatever the others held, up to `max-concurrent` (100) at once:
+/// streams started together consolidate together, and 11 busy ones took a
+/// daemon from 38 MB to 248 MB for the seconds of their hourly
+/// consolidation (black-box probe O30); 100 could take 12 GB.
+const CONSOLIDATION_IN_MEMORY: u64 = 2 * PACK_MAX;
+
+/// The budget of memory that consolidations share; see
+/// `CONSOLIDATION_IN_MEMORY` (128 MiB). A consolidation takes
+/// [`Spool::memory`] of it before it reads the spool: one due by the clock
+/// waits for the next tick when it finds too little free (its stream goes
+/// on syncing meanwhile), one at a stream's end waits for it.
+pub fn consolidation_budget() -> Arc<Semaphore> {
+    static BUDGET: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    BUDGET
+        .get_or_init(|| Arc::new(Semaphore::new(CONSOLIDATION_IN_MEMORY as usize)))
+        .clone()
+}
 
 enum Msg {
     Register(u64),
@@ -312,10 +337,10 @@ impl LogWriter {
             waiters.push(w.done);
         }
         let location = pack::log_path(&self.replica.prefix, chrono::Utc::now());
-        let r = match pack::encode(parts) {
-            Ok(bytes) => {
-                let n = bytes.len() as u64;
-                self.replica.put_bytes(&location, bytes).await.map(|()| n)
+        let r = match pack::encode_pieces(parts) {
+            Ok(pieces) => {
+                let n = pieces.iter().map(|b| b.len() as u64).sum();
+                self.replica.put_pieces(&location, pieces).await.map(|()| n)
             }
             Err(e) => Err(e),
         };
@@ -370,6 +395,8 @@ pub struct Spool {
     key: String,
     generation: Option<String>,
     parts: u64,
+    /// Bytes of the spooled parts.
+    bytes: u64,
     /// Newest log object sequence holding a spooled part.
     upto: u64,
     /// When the first spooled part was added.
@@ -389,6 +416,7 @@ impl Spool {
             key: key.to_string(),
             generation: None,
             parts: 0,
+            bytes: 0,
             upto: 0,
             since: None,
             broken: false,
@@ -413,6 +441,16 @@ impl Spool {
     /// The generation of the spooled parts, if any.
     pub fn generation(&self) -> Option<&str> {
         self.generation.as_deref().filter(|_| self.parts > 0)
+    }
+
+    /// Memory its consolidation holds at once, at most: one pack's worth of
+    /// parts (all of them, or [`PACK_MAX`] bytes), with what each part
+    /// takes besides its bytes. Never more than [`consolidation_budget`]
+    /// holds in all.
+    pub fn memory(&self) -> u32 {
+        let chunk = self.bytes.min(PACK_MAX);
+        let n = (chunk + self.parts * PART_MEMORY).min(CONSOLIDATION_IN_MEMORY);
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     /// Due for consolidation: holds parts older than `every`.
@@ -446,6 +484,7 @@ impl Spool {
         match r {
             Ok(()) => {
                 self.parts += 1;
+                self.bytes += bytes.len() as u64;
                 self.since.get_or_insert_with(Instant::now);
             }
             Err(e) => {
@@ -498,11 +537,13 @@ impl Spool {
                 .max()
                 .expect("non-empty");
             let location = hot::pack_path(&replica.prefix, &self.key, &gen, first, newest);
-            let bytes = pack::encode(chunk)?;
-            replica.put_bytes(&location, bytes).await?;
+            replica
+                .put_pieces(&location, pack::encode_pieces(chunk)?)
+                .await?;
         }
         let _ = std::fs::remove_file(&self.path);
         self.parts = 0;
+        self.bytes = 0;
         self.since = None;
         self.generation = None;
         Ok(Some(self.upto))
@@ -516,6 +557,7 @@ impl Spool {
         }
         let _ = std::fs::remove_file(&self.path);
         self.parts = 0;
+        self.bytes = 0;
         self.since = None;
     }
 }

@@ -1540,6 +1540,9 @@ pub struct HotContext {
     pub stats: Arc<Stats>,
     /// Shared with the cold tier's uploads: `max-concurrent` in all.
     pub permits: Arc<Semaphore>,
+    /// Memory the streams' consolidations hold at once, in bytes:
+    /// [`crate::capture::fleetlog::consolidation_budget`] in the daemon.
+    pub consolidation: Arc<Semaphore>,
     pub events: Option<tokio::sync::mpsc::UnboundedSender<ShipEvent>>,
     /// The fleet log: when set, streams sync at its ticks and append their
     /// segments to it instead of writing one object each.
@@ -1576,30 +1579,70 @@ impl LogStream {
 }
 
 /// Writes a stream's spooled parts as a pack of its own and releases their
-/// log objects.
-async fn consolidate(ctx: &HotContext, ls: &mut LogStream) -> Result<()> {
-    consolidate_with((&ctx.replica, &ctx.permits, &ctx.stats), ls)
-        .await
-        .map(|_| ())
+/// log objects, once `room` lets it take the memory it needs
+/// ([`crate::capture::fleetlog::consolidation_budget`]).
+async fn consolidate(ctx: &HotContext, ls: &mut LogStream, room: Room) -> Result<Consolidation> {
+    consolidate_with(
+        (&ctx.replica, &ctx.permits, &ctx.consolidation, &ctx.stats),
+        ls,
+        room,
+    )
+    .await
+}
+
+/// How a consolidation takes its memory from [`crate::capture::fleetlog::consolidation_budget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Waits until enough is free: at a stream's end or its generation's
+    /// change (which must not go on without it), and in the background.
+    Wait,
+    /// Only if enough is free now, else [`Consolidation::NoRoom`]: a
+    /// consolidation that is due by the clock, whose stream must not stop
+    /// syncing while others consolidate (it tries again at the next tick).
+    IfFree,
+}
+
+/// What [`consolidate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consolidation {
+    /// A pack was written; the log objects of its parts are released.
+    Written,
+    /// Nothing to write (an empty spool), or nothing may be released (a
+    /// broken one: see [`Spool::is_broken`]).
+    Nothing,
+    /// Not now: [`Room::IfFree`] found too little of the budget free.
+    NoRoom,
 }
 
 /// [`consolidate`] with the context's replica, upload permits and stats
 /// (for [`consolidate_later`]'s task, which outlives the stream's borrow of
-/// the context). Whether a pack was written.
+/// the context).
 async fn consolidate_with(
-    (replica, permits, stats): (&Replica, &Semaphore, &Stats),
+    (replica, permits, budget, stats): (&Replica, &Semaphore, &Semaphore, &Stats),
     ls: &mut LogStream,
-) -> Result<bool> {
+    room: Room,
+) -> Result<Consolidation> {
     if ls.spool.is_empty() {
-        return Ok(false);
+        return Ok(Consolidation::Nothing);
     }
+    // The memory first, then the upload slot (which cold uploads hold
+    // without waiting for memory): always in this order, so no two wait
+    // on each other.
+    let need = ls.spool.memory();
+    let _memory = match room {
+        Room::Wait => budget.acquire_many(need).await.ok(),
+        Room::IfFree => match budget.try_acquire_many(need) {
+            Ok(p) => Some(p),
+            Err(_) => return Ok(Consolidation::NoRoom),
+        },
+    };
     let _permit = permits.acquire().await;
     let Some(upto) = ls.spool.consolidate(replica).await? else {
-        return Ok(false);
+        return Ok(Consolidation::Nothing);
     };
     stats.log_packs.fetch_add(1, Ordering::Relaxed);
     ls.log.consolidated(ls.id, upto);
-    Ok(true)
+    Ok(Consolidation::Written)
 }
 
 /// Ticks between two tries of [`consolidate_later`], at most: its waits
@@ -1617,7 +1660,12 @@ const LATER_TICKS_MAX: u32 = 64;
 /// of them per such end, read by every restore of the key (black-box probe
 /// O30: a store stall as a stream ended by `cold-after`).
 fn consolidate_later(ctx: &HotContext, mut ls: LogStream) {
-    let (replica, permits, stats) = (ctx.replica.clone(), ctx.permits.clone(), ctx.stats.clone());
+    let (replica, permits, budget, stats) = (
+        ctx.replica.clone(),
+        ctx.permits.clone(),
+        ctx.consolidation.clone(),
+        ctx.stats.clone(),
+    );
     if ls.spool.is_empty() || ls.spool.is_broken() {
         return;
     }
@@ -1630,15 +1678,16 @@ fn consolidate_later(ctx: &HotContext, mut ls: LogStream) {
                     return;
                 }
             }
-            match consolidate_with((&replica, &permits, &stats), &mut ls).await {
-                Ok(true) => {
+            match consolidate_with((&replica, &permits, &budget, &stats), &mut ls, Room::Wait).await
+            {
+                Ok(Consolidation::Written) => {
                     tracing::info!(
                         key = ls.spool.key(),
                         "consolidated the fleet log parts of an ended stream"
                     );
                     return;
                 }
-                Ok(false) => return,
+                Ok(Consolidation::Nothing | Consolidation::NoRoom) => return,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot consolidate an ended stream's fleet log parts yet");
                     wait = (wait * 2).min(LATER_TICKS_MAX);
@@ -1660,7 +1709,7 @@ async fn log_segment(
 ) -> Result<()> {
     if ls.spool.generation().is_some_and(|g| g != gen.as_str()) {
         // The previous generation's parts go into its own pack first.
-        if let Err(e) = consolidate(ctx, ls).await {
+        if let Err(e) = consolidate(ctx, ls, Room::Wait).await {
             tracing::warn!(key, error = %e, "cannot consolidate the previous generation's fleet log parts yet; they stay in the log and are tried again in the background");
             // The stream goes on under a new id with an empty spool: the
             // old id's objects are released only by the old spool's pack.
@@ -1859,7 +1908,8 @@ pub async fn stream_reporting(
         }
         let r = match (r, ls.as_mut()) {
             (Ok(()), Some(l)) if l.spool.due(ctx.cfg.consolidate_every) && !last => {
-                consolidate(&ctx, l).await
+                // Without room now, the next tick tries again.
+                consolidate(&ctx, l, Room::IfFree).await.map(|_| ())
             }
             (r, _) => r,
         };
@@ -1961,8 +2011,9 @@ fn sync_wait(n: u64, now: Duration, interval: Duration) -> Duration {
 /// restore reads them, and a restart consolidates them.
 async fn close_log(ctx: &HotContext, ls: &mut Option<LogStream>, slot: &mut Option<Shipper>) {
     let Some(l) = ls.as_mut() else { return };
-    let consolidated = match consolidate(ctx, l).await {
-        Ok(()) => !l.spool.is_broken(),
+    let consolidated = match consolidate(ctx, l, Room::Wait).await {
+        Ok(Consolidation::Written | Consolidation::Nothing) => !l.spool.is_broken(),
+        Ok(Consolidation::NoRoom) => false,
         Err(e) => {
             tracing::warn!(error = %e, "cannot consolidate a stream's fleet log parts at its end; they stay in the log and are tried again in the background");
             false
@@ -2140,7 +2191,11 @@ async fn end_old_generation(
     }
     let mut logged = false;
     if let Some(l) = ls.as_mut() {
-        consolidate(ctx, l).await?;
+        if consolidate(ctx, l, Room::IfFree).await? == Consolidation::NoRoom {
+            // Other streams are consolidating: the generation goes on, and
+            // the next sync tries again.
+            return Ok(());
+        }
         // Parts it could not spool stay in the log: restore must read it.
         logged = l.spool.is_broken();
     }

@@ -442,6 +442,7 @@ pub async fn lag(opts: LagOptions) -> Result<LagBench> {
         },
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(100)),
+        consolidation: crate::capture::fleetlog::consolidation_budget(),
         events: Some(tx),
         log,
     });

@@ -446,6 +446,7 @@ impl Replicator {
                 cfg: ShipConfig::from_config(m),
                 stats: stats.clone(),
                 permits: Arc::new(Semaphore::new(m.max_concurrent)),
+                consolidation: crate::capture::fleetlog::consolidation_budget(),
                 events: None,
                 log,
             }),

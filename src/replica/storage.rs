@@ -1055,7 +1055,14 @@ impl Replica {
     /// store, written here ([`write_local`]); through the store otherwise,
     /// followed by [`Replica::sync_local`].
     async fn put_whole(&self, location: &ObjPath, bytes: Bytes) -> Result<()> {
-        let direct = bytes.clone();
+        self.put_whole_payload(location, PutPayload::from(bytes))
+            .await
+    }
+
+    /// [`Replica::put_whole`] of an object given in pieces, which are sent
+    /// (or written) one after the other, never joined in memory.
+    async fn put_whole_payload(&self, location: &ObjPath, payload: PutPayload) -> Result<()> {
+        let direct = payload.clone();
         if self
             .write_direct(location, move |path| {
                 write_local(path, &direct).map(|()| true)
@@ -1065,7 +1072,7 @@ impl Replica {
             return Ok(());
         }
         self.store
-            .put(location, PutPayload::from(bytes))
+            .put(location, payload)
             .await
             .map_err(|e| Error::store(location, e))?;
         self.sync_local(location).await
@@ -1106,6 +1113,15 @@ impl Replica {
     ) -> Result<()> {
         let bytes = bytes.into();
         self.fenced(location, self.put_whole(location, bytes)).await
+    }
+
+    /// [`Replica::put_bytes`] of an object given in pieces (a pack's index
+    /// and its parts), sent one after the other: the object is never joined
+    /// into one buffer, which would hold it twice in memory.
+    pub async fn put_pieces(&self, location: &ObjPath, pieces: Vec<Bytes>) -> Result<()> {
+        let payload: PutPayload = pieces.into_iter().collect();
+        self.fenced(location, self.put_whole_payload(location, payload))
+            .await
     }
 
     /// [`Replica::put_bytes`] on the calling thread, which may block: on a
@@ -2135,15 +2151,17 @@ fn local_write_slots() -> &'static tokio::sync::Semaphore {
 /// gone again (retention removes empty directories) before it gives up.
 const CREATE_DIR_TRIES: usize = 3;
 
-/// Writes `bytes` to the `file://` object at `path` durably and atomically,
+/// Writes `pieces` (one after the other) to the `file://` object at `path` durably and atomically,
 /// as the local store does with `fsync` on, in fewer steps: a staged file
 /// `<path>#<n>` (a name the store's listings skip), written and synced,
 /// renamed over `path`, then the directory synced. Missing directories are
 /// created; [`sync_parents`] makes their entries durable. Three `fsync`s
 /// for an object in a new directory and two in a known one, where the store
 /// and [`Replica::sync_local`] together made six and three.
-fn write_local(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_local_if(path, bytes, || Ok(()))
+fn write_local(path: &Path, pieces: &PutPayload) -> Result<()> {
+    let (mut file, staged) = create_staged(path, create_new)?;
+    let written = pieces.iter().try_for_each(|b| file.write_all(b));
+    sync_and_publish(path, &staged, &file, written, || Ok(()))
 }
 
 /// [`write_local`], renaming the object into place only if `allowed`

@@ -840,6 +840,20 @@ fn wal_reset_behind_our_back_is_lost_continuity() {
     }
 }
 
+/// Settings for [`Shipper::advance`] that checkpoint and truncate the WAL
+/// at its first frame.
+fn checkpoint_and_truncate_at_once() -> ShipConfig {
+    ShipConfig {
+        sync_interval: Duration::from_secs(1),
+        checkpoint_pages: 1,
+        truncate_pages: 1,
+        release_after: DEFAULT_RELEASE_AFTER,
+        consolidate_every: Duration::from_secs(3600),
+        snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+        catch_up_parts: ship::CATCH_UP_PARTS,
+    }
+}
+
 /// A restart we caused ourselves (our TRUNCATE, at the tip of what we
 /// shipped) continues the generation in the next WAL index, and the frames
 /// already written there are read by the same sync.
@@ -854,15 +868,7 @@ fn restart_at_the_tip_continues_in_the_next_wal() {
     insert_rows(&w, 2);
     assert_eq!(s.read().unwrap(), Step::Frames);
     assert_eq!(s.take_pending().expect("frames").0.index, 0);
-    let cfg = ShipConfig {
-        sync_interval: Duration::from_secs(1),
-        checkpoint_pages: 1,
-        truncate_pages: 1,
-        release_after: DEFAULT_RELEASE_AFTER,
-        consolidate_every: Duration::from_secs(3600),
-        snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
-        catch_up_parts: ship::CATCH_UP_PARTS,
-    };
+    let cfg = checkpoint_and_truncate_at_once();
     let report = s.advance(&cfg).unwrap().expect("a checkpoint");
     assert!(report.truncated, "{report:?}");
     insert_rows(&w, 2);
@@ -870,6 +876,93 @@ fn restart_at_the_tip_continues_in_the_next_wal() {
     let (pos, bytes) = s.take_pending().expect("frames");
     assert_eq!((pos.index, pos.offset), (1, 32));
     assert!(!bytes.is_empty());
+}
+
+/// Appends to the `-wal` of the database at `path` the frames of one more
+/// transaction of `rows` rows, without publishing them in its WAL-index:
+/// what a writer leaves that was killed between writing its frames and
+/// publishing them (or whose commit failed there). The frames continue the
+/// checksum chain and end with a commit frame, but no reader sees them,
+/// and the next writer overwrites them: that transaction never happened.
+/// Made by the same commit on a copy of the files. The WAL must end at its
+/// last published frame (never checkpointed).
+fn append_unpublished(path: &Path, rows: usize) {
+    let wal = |p: &Path| PathBuf::from(format!("{}-wal", p.display()));
+    let scratch = tempfile::tempdir().unwrap();
+    let copy = scratch.path().join("copy.db");
+    std::fs::copy(path, &copy).unwrap();
+    std::fs::copy(wal(path), wal(&copy)).unwrap();
+    let published = std::fs::metadata(wal(path)).unwrap().len();
+    let c = Connection::open(&copy).unwrap();
+    c.execute_batch("PRAGMA wal_autocheckpoint=0").unwrap();
+    insert_rows(&c, rows);
+    let grown = std::fs::read(wal(&copy)).unwrap();
+    assert!(grown.len() as u64 > published);
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(wal(path))
+        .unwrap()
+        .write_all(&grown[published as usize..])
+        .unwrap();
+}
+
+/// Frames in the WAL that its WAL-index never published are no commit and
+/// are never read: the application's next commit overwrites them and the
+/// generation goes on. The shipper used to read them as a transaction (the
+/// checksum chain holds and the last is a commit frame): point-in-time
+/// restores returned it, exit 0, and the overwrite then lost continuity
+/// (black-box probe T31, F3: writers killed in their COMMIT).
+#[test]
+fn frames_the_wal_index_never_published_are_not_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let w = create_db(&path, 3);
+    w.execute_batch("PRAGMA wal_autocheckpoint=0").unwrap();
+    let mut s = Shipper::open(&path, "k").unwrap();
+    s.begin_generation(dir.path()).unwrap();
+    s.take_pending().expect("the frames already in the WAL");
+    insert_rows(&w, 2);
+    assert_eq!(s.read().unwrap(), Step::Frames);
+    s.take_pending().expect("frames");
+    append_unpublished(&path, 40);
+    assert_eq!(count_rows(&path), 5, "the application sees no new row");
+    assert_eq!(s.read().unwrap(), Step::Idle);
+    assert!(s.take_pending().is_none());
+    insert_rows(&w, 1);
+    assert_eq!(s.read().unwrap(), Step::Frames);
+    let (_, segment) = s.take_pending().expect("the application's commit");
+    let page = 4096 + 24;
+    assert!(segment.len() < 40 * page, "{} bytes", segment.len());
+}
+
+/// The same frames, then our own checkpoint, which truncates the WAL (they
+/// go with it, never applied): the generation goes on in the next WAL. The
+/// shipper used to ship them before the checkpoint and carry on after it,
+/// so every later state restored held that transaction (black-box probe
+/// T31, F4: the latest restore after a clean stop, exit 0).
+#[test]
+fn frames_never_published_end_with_our_truncate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let w = create_db(&path, 3);
+    w.execute_batch("PRAGMA wal_autocheckpoint=0").unwrap();
+    let mut s = Shipper::open(&path, "k").unwrap();
+    s.begin_generation(dir.path()).unwrap();
+    s.take_pending().expect("the frames already in the WAL");
+    append_unpublished(&path, 40);
+    let cfg = checkpoint_and_truncate_at_once();
+    let report = s.advance(&cfg).unwrap().expect("a checkpoint");
+    assert!(report.truncated, "{report:?}");
+    assert!(
+        s.take_pending().is_none(),
+        "frames never published were read"
+    );
+    insert_rows(&w, 2);
+    assert_eq!(s.read().unwrap(), Step::Frames);
+    let (pos, _) = s.take_pending().expect("frames");
+    assert_eq!((pos.index, pos.offset), (1, 32));
+    assert_eq!(count_rows(&path), 5);
 }
 
 /// Polls `done` every 20 ms until it holds, failing after [`EVENT_TIMEOUT`].

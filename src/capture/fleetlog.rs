@@ -444,7 +444,7 @@ impl Spool {
     }
 
     /// Memory its consolidation holds at once, at most: one pack's worth of
-    /// parts (all of them, or [`PACK_MAX`] bytes), with what each part
+    /// parts (all of them, or `PACK_MAX`, 64 MiB), with what each part
     /// takes besides its bytes. Never more than [`consolidation_budget`]
     /// holds in all.
     pub fn memory(&self) -> u32 {

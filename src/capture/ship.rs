@@ -754,13 +754,13 @@ impl Shipper {
         // scan of the file then finds exactly that end; one scan before the
         // lock reads most of the WAL, so writers wait only for what was
         // committed since.
-        let before = committed_end(&self.wal, None)?;
+        let before = committed_end(&self.wal, None, None)?;
         let Some(lock) = ShmLock::wait(&self.conn, &db)? else {
             return Ok(Err("the application held SQLite's write lock".into()));
         };
         let under_lock = (|| -> Result<Option<(WalHeader, u64)>> {
             self.begin_read()?;
-            Ok(committed_end(&self.wal, before)?.map(|c| (c.1, c.0.pos.offset)))
+            Ok(committed_end(&self.wal, before, Some(&self.conn))?.map(|c| (c.1, c.0.pos.offset)))
         })();
         let released = lock.release();
         let at_read = under_lock?;
@@ -1049,8 +1049,22 @@ impl Shipper {
                             .min(IN_MEMORY_SEGMENT_BYTES),
                     );
                     let keep = room.as_ref().map_or(0, |r| r.num_permits() as u64);
-                    let outcome =
-                        wal::read_committed_within(f, &self.wal, &cur, MAX_SEGMENT_BYTES, keep)?;
+                    // Only frames SQLite has published. While the index
+                    // describes another WAL (restarted), no frame is read:
+                    // the read only checks the file's continuity (a new
+                    // header there is a restart), and leaves the tip as the
+                    // last read left it.
+                    let (published, other_wal) = match published_end(&self.conn, &cur, &self.wal)? {
+                        Published::Upto(end) => (end, false),
+                        Published::OtherWal => (cur.pos.offset, true),
+                    };
+                    let outcome = wal::read_committed_within(
+                        f,
+                        &self.wal,
+                        &cur,
+                        (MAX_SEGMENT_BYTES, published),
+                        keep,
+                    )?;
                     // The segment's commit time: taken once the read is
                     // done, so every transaction it holds had committed by
                     // then (a commit landing during the read is in it).
@@ -1063,8 +1077,10 @@ impl Shipper {
                             in_file,
                         } => {
                             // A read cut short by the size limit is not the tip.
-                            self.cut_short = committed.len() >= MAX_SEGMENT_BYTES;
-                            self.tip = !self.cut_short;
+                            if !other_wal {
+                                self.cut_short = committed.len() >= MAX_SEGMENT_BYTES;
+                                self.tip = !self.cut_short;
+                            }
                             if committed.is_empty() {
                                 return Ok(Step::Idle);
                             }
@@ -1357,6 +1373,7 @@ impl Shipper {
 fn committed_end(
     wal: &Path,
     from: Option<(WalCursor, WalHeader)>,
+    conn: Option<&Connection>,
 ) -> Result<Option<(WalCursor, WalHeader)>> {
     let Some(f) = open_wal(wal)? else {
         return Ok(None);
@@ -1365,14 +1382,23 @@ fn committed_end(
         return Ok(None);
     };
     let start = WalCursor::at_start(0, &h);
+    // With `conn` (in a read transaction), only the frames its WAL-index
+    // publishes ([`published_end`]). An index that describes another WAL
+    // (restarted, every frame of this file in the database file) bounds
+    // nothing: this file's frames are then all before the snapshot.
+    let published = match conn.map(|c| published_end(c, &start, wal)).transpose()? {
+        Some(Published::Upto(end)) => end,
+        Some(Published::OtherWal) | None => u64::MAX,
+    };
     for cur in [
-        from.map(|(c, _)| c).filter(|c| c.salt == h.salt),
+        from.map(|(c, _)| c)
+            .filter(|c| c.salt == h.salt && c.pos.offset <= published),
         Some(start),
     ]
     .into_iter()
     .flatten()
     {
-        match wal::read_committed_within(&f, wal, &cur, u64::MAX, 0)? {
+        match wal::read_committed_within(&f, wal, &cur, (u64::MAX, published), 0)? {
             ReadOutcome::Frames { next, .. } => return Ok(Some((next, h))),
             ReadOutcome::Lost(_) => continue,
         }
@@ -1380,6 +1406,58 @@ fn committed_end(
     Err(Error::invalid(
         wal.display(),
         "the WAL changed while its committed end was read",
+    ))
+}
+
+/// What the WAL-index says of the WAL a cursor reads ([`published_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Published {
+    /// Its published frames end at this byte of the file (`mxFrame`).
+    Upto(u64),
+    /// The index holds other salts: the WAL was restarted in the index
+    /// (by a RESTART or TRUNCATE checkpoint, or a writer about to write
+    /// the new header), so none of the file's frames after the ones the
+    /// database file holds is published.
+    OtherWal,
+}
+
+/// Reads of the WAL-index header [`published_end`] takes while its two
+/// copies disagree (a writer is changing it; SQLite's readers retry too)
+/// before it fails: a header is written in microseconds.
+const INDEX_READS: u32 = 64;
+
+/// Where the frames SQLite has published end in the WAL `cur` reads: the
+/// WAL-index's `mxFrame`, as `conn` (inside a read transaction) maps it.
+/// Frames after it are not committed, even where the checksum chain holds
+/// and the last is a commit frame: a writer writes its frames first and
+/// publishes them in the index after, and one killed between the two
+/// leaves frames that no reader sees and the next writer overwrites
+/// (black-box probe T31: shipped, they restored as a transaction that
+/// never happened; see [`wal::read_committed_within`]).
+fn published_end(conn: &Connection, cur: &WalCursor, wal: &Path) -> Result<Published> {
+    for attempt in 0..INDEX_READS {
+        let index = crate::source::vfs::VfsHandle::of(conn).and_then(|f| f.wal_index());
+        if let Some(i) = index {
+            // The index keeps the salts as the header's bytes, in place.
+            let ours = [cur.salt[0].to_be_bytes(), cur.salt[1].to_be_bytes()];
+            let its = [i.salt[0].to_ne_bytes(), i.salt[1].to_ne_bytes()];
+            return Ok(match ours == its {
+                true => {
+                    Published::Upto(WAL_HEADER_SIZE + u64::from(i.max_frame) * cur.frame_size())
+                }
+                false => Published::OtherWal,
+            });
+        }
+        if attempt < 8 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    Err(Error::invalid(
+        wal.display(),
+        "the header of its WAL-index (-shm) could not be read (its two copies kept disagreeing): \
+         nothing is read from the WAL until it can",
     ))
 }
 

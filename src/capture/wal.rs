@@ -379,11 +379,12 @@ fn header_of<S: Source + ?Sized>(
 /// frame read is passed to `out` (also those after the last commit, which
 /// the caller cuts off). Stops after the first commit frame at which at
 /// least `max_bytes` are committed, so a read always makes progress if any
-/// commit is there.
+/// commit is there, and before any frame that ends past `published` (see
+/// [`read_committed_within`]).
 fn scan<S: Source + ?Sized>(
     src: &S,
     cur: &WalCursor,
-    max_bytes: u64,
+    (max_bytes, published): (u64, u64),
     mut out: impl FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<Committed> {
     let fsize = cur.frame_size();
@@ -398,7 +399,7 @@ fn scan<S: Source + ?Sized>(
         frames: 0,
         db_pages: 0,
     };
-    while src.read_full(&mut buf, off)? {
+    while off.saturating_add(fsize) <= published && src.read_full(&mut buf, off)? {
         let Some(h) = FrameHeader::parse(&buf) else {
             break;
         };
@@ -476,7 +477,7 @@ fn continuity<S: Source + ?Sized>(src: &S, cur: &WalCursor) -> io::Result<Option
 fn read_from<S: Source + ?Sized>(
     src: &S,
     cur: &WalCursor,
-    max_bytes: u64,
+    (max_bytes, published): (u64, u64),
     keep_max: u64,
 ) -> io::Result<ReadOutcome> {
     if let Some(lost) = continuity(src, cur)? {
@@ -484,7 +485,7 @@ fn read_from<S: Source + ?Sized>(
     }
     let mut bytes = Vec::new();
     let mut in_file = false;
-    let committed = scan(src, cur, max_bytes, |frame| {
+    let committed = scan(src, cur, (max_bytes, published), |frame| {
         if !in_file {
             if (bytes.len() + frame.len()) as u64 > keep_max {
                 in_file = true;
@@ -504,7 +505,7 @@ fn read_from<S: Source + ?Sized>(
     if in_file && committed.len() <= keep_max {
         // Read again up to that commit only: the frames before it cannot
         // have changed, so this pass stops at the same frame.
-        return read_from(src, cur, committed.len(), keep_max);
+        return read_from(src, cur, (committed.len(), published), keep_max);
     }
     let next = WalCursor {
         pos: Position {
@@ -554,21 +555,33 @@ pub fn read_committed(
     cursor: &WalCursor,
     max_bytes: u64,
 ) -> Result<ReadOutcome> {
-    read_committed_within(file, path, cursor, max_bytes, u64::MAX)
+    read_committed_within(file, path, cursor, (max_bytes, u64::MAX), u64::MAX)
 }
 
 /// [`read_committed`] holding at most `keep_max` bytes in memory: when the
 /// committed frames are more (one large transaction), they are validated
 /// and left in the file (`in_file`, `bytes` empty), to be streamed from
-/// there by [`copy_committed`].
+/// there by [`copy_committed`]; and reading no frame that ends past byte
+/// `published` of the file.
+///
+/// `published` is where the frames SQLite has published end: the
+/// WAL-index's `mxFrame` (`u64::MAX`: no bound). A commit writes its frames
+/// to the `-wal` first, then publishes them in the WAL-index; a writer
+/// killed between the two (or whose commit failed there) leaves frames
+/// that look committed (the checksum chain holds, the last is a commit
+/// frame) but that no connection ever reads while the WAL-index lives, and
+/// that the next writer overwrites: that transaction never happened.
+/// Shipped, point-in-time restores returned it, and a checkpoint that
+/// then restarted the WAL made it part of every later state (black-box
+/// probe T31).
 pub fn read_committed_within(
     file: &File,
     path: &Path,
     cursor: &WalCursor,
-    max_bytes: u64,
+    (max_bytes, published): (u64, u64),
     keep_max: u64,
 ) -> Result<ReadOutcome> {
-    read_from(file, cursor, max_bytes, keep_max).map_err(|e| Error::io(path, e))
+    read_from(file, cursor, (max_bytes, published), keep_max).map_err(|e| Error::io(path, e))
 }
 
 /// Streams the committed frames a read left in the file (`committed`, read
@@ -587,7 +600,7 @@ pub fn copy_committed(
 ) -> Result<u64> {
     let mut commits = 0u64;
     let mut copied = 0u64;
-    let again = scan(file, cursor, committed.len(), |frame| {
+    let again = scan(file, cursor, (committed.len(), committed.end), |frame| {
         copied += frame.len() as u64;
         if copied > committed.len() {
             return Err(io::Error::other("more frames than were read"));
@@ -613,7 +626,7 @@ pub fn copy_committed(
 
 /// [`read_committed`] over the bytes of a whole WAL file.
 pub fn read_committed_bytes(wal: &[u8], cursor: &WalCursor, max_bytes: u64) -> ReadOutcome {
-    match read_from(wal, cursor, max_bytes, u64::MAX) {
+    match read_from(wal, cursor, (max_bytes, u64::MAX), u64::MAX) {
         Ok(o) => o,
         // A slice source never fails; keep the type total anyway.
         Err(e) => ReadOutcome::Lost(Lost::BadHeader {
@@ -630,7 +643,7 @@ pub fn scan_wal(wal: &[u8]) -> Result<Option<(WalHeader, Committed)>> {
     }
     let header = WalHeader::parse(wal)?;
     let cur = WalCursor::at_start(0, &header);
-    let committed = match scan(wal, &cur, u64::MAX, |_| Ok(())) {
+    let committed = match scan(wal, &cur, (u64::MAX, u64::MAX), |_| Ok(())) {
         Ok(c) => c,
         Err(e) => return Err(Error::invalid("WAL", e.to_string())),
     };
@@ -1101,7 +1114,9 @@ mod tests {
         let mut wrong = WalCursor::at_start(0, &h);
         wrong.order = ByteOrder::Little;
         assert_eq!(
-            scan(&be[..], &wrong, u64::MAX, |_| Ok(())).unwrap().frames,
+            scan(&be[..], &wrong, (u64::MAX, u64::MAX), |_| Ok(()))
+                .unwrap()
+                .frames,
             0
         );
         // verify_frames works the order out by itself.
@@ -1269,7 +1284,7 @@ mod tests {
             bytes: kept,
             next: next_too,
             in_file,
-        } = read_committed_within(&f, &wp, &cur, u64::MAX, limit).unwrap()
+        } = read_committed_within(&f, &wp, &cur, (u64::MAX, u64::MAX), limit).unwrap()
         else {
             panic!("lost");
         };
@@ -1284,8 +1299,9 @@ mod tests {
         );
         assert!(commits >= 2, "{commits}");
         // Within the limit they are returned as before.
-        let (_, again, _) =
-            frames_of(read_committed_within(&f, &wp, &cur, u64::MAX, bytes.len() as u64).unwrap());
+        let (_, again, _) = frames_of(
+            read_committed_within(&f, &wp, &cur, (u64::MAX, u64::MAX), bytes.len() as u64).unwrap(),
+        );
         assert_eq!(again, bytes);
         // A byte of a committed frame's page changed behind the read.
         let w = File::options().write(true).open(&wp).unwrap();

@@ -1081,7 +1081,7 @@ fn source_wal(db: &Path, end: &WalEnd) -> WalSays {
     if cur.wal_start() != end.start {
         return WalSays::Unknown;
     }
-    match wal::read_committed_within(&f, &path, &cur, u64::MAX, 0) {
+    match wal::read_committed_within(&f, &path, &cur, (u64::MAX, u64::MAX), 0) {
         Ok(ReadOutcome::Frames { next, .. }) => match next.pos.offset.cmp(&end.offset) {
             std::cmp::Ordering::Equal => WalSays::Same,
             std::cmp::Ordering::Greater => WalSays::Beyond,

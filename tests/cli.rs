@@ -868,6 +868,35 @@ fn missing_s3_credentials_are_named() {
     assert!(err.contains("access-key-id"), "{err}");
 }
 
+/// Credentials, a token or a region from the environment holding a control
+/// character, and an endpoint variable written `http:host`, are errors naming
+/// the variable (never its value), exit 1: each panicked the S3 client at its
+/// first request, exit 101 (black-box probe U31, F1 and F2).
+#[test]
+fn odd_s3_variables_are_named_not_a_panic() {
+    let port = closed_port();
+    let with_endpoint =
+        format!("    url: s3://bucket/x\n    endpoint: http://127.0.0.1:{port}\n    retries: 0\n");
+    let without = "    url: s3://bucket/x\n    retries: 0\n".to_string();
+    let key = ("AWS_SECRET_ACCESS_KEY", "Pa55word".to_string());
+    for (replica, name, value) in [
+        (&with_endpoint, "AWS_ACCESS_KEY_ID", "AKIA\nPa55"),
+        (&with_endpoint, "AWS_SESSION_TOKEN", "tok\nPa55"),
+        (&with_endpoint, "AWS_REGION", "us\neast-1"),
+        (&with_endpoint, "AWS_ACCESS_KEY_ID", "AKIA\u{7f}"),
+        (&without, "AWS_ENDPOINT", "http:127.0.0.1:9"),
+    ] {
+        let mut env = vec![(name, value.to_string()), key.clone()];
+        if name != "AWS_ACCESS_KEY_ID" {
+            env.push(("AWS_ACCESS_KEY_ID", "AKIDTEST".into()));
+        }
+        let (code, err) = list_s3(replica, &env);
+        assert_eq!(code, Some(1), "{name}={value:?}: {err}");
+        assert!(err.contains(name), "{name}: {err}");
+        assert!(!err.contains("Pa55") && !err.contains("panicked"), "{err}");
+    }
+}
+
 /// An endpoint where nothing listens: "connection refused" and the endpoint.
 #[test]
 fn refused_endpoint_is_named() {

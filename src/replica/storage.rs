@@ -117,6 +117,45 @@ pub const UPLOAD_PART: usize = 10 * 1024 * 1024;
 /// Parts of one multipart upload in flight at once: enough to keep a link
 /// busy for one large database without letting it hog memory.
 const MULTIPART_PARALLEL: usize = 4;
+/// Checks the variables the S3 client reads from the environment
+/// (`AmazonS3Builder::from_env`) as the config's own keys are checked
+/// ([`crate::source::config::check_credential`],
+/// [`crate::source::config::check_endpoint`]; the endpoint variables only
+/// where the config names no endpoint): a control character in a key or a
+/// token, or an endpoint written `http:host`, panicked the client at its
+/// first request, exit 101 (black-box probe U31, F1 and F2). Errors name the
+/// variable, never its value.
+fn check_s3_environment(endpoint_from_env: bool) -> Result<()> {
+    use crate::source::config::{check_credential, check_endpoint};
+    const CREDENTIALS: [&str; 6] = [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+    ];
+    for name in CREDENTIALS {
+        if let Some(v) = std::env::var_os(name) {
+            let v = v
+                .to_str()
+                .ok_or_else(|| Error::invalid(name, "is not UTF-8 (the value is not shown)"))?;
+            check_credential(v).map_err(|why| Error::invalid(name, why))?;
+        }
+    }
+    if endpoint_from_env {
+        for name in ["AWS_ENDPOINT", "AWS_ENDPOINT_URL"] {
+            if let Some(v) = std::env::var_os(name).filter(|v| !v.is_empty()) {
+                let v = v
+                    .to_str()
+                    .ok_or_else(|| Error::invalid(name, "is not UTF-8 (the value is not shown)"))?;
+                check_endpoint(v).map_err(|why| Error::invalid(name, why))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Region used when neither the config nor `AWS_REGION` names one; S3-compatible
 /// stores ignore it, and AWS redirects are not needed for path-style requests.
 pub const DEFAULT_REGION: &str = "us-east-1";
@@ -679,6 +718,7 @@ impl Replica {
             }
             ReplicaUrl::S3 { bucket, prefix } => {
                 install_tls_provider();
+                check_s3_environment(cfg.endpoint.is_none())?;
                 let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
                 let region = cfg
                     .region

@@ -870,8 +870,19 @@ impl Litestream {
                     false
                 }
             };
+            // Decoded as Litestream (Go's `url.ParseQuery`) decodes them: an
+            // endpoint inside a query is percent-encoded (black-box probe
+            // U31, F7: taken raw, it was refused, and the refusal showed
+            // the encoded credentials in it).
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+                let (k, v) = (decode(k), decode(v));
+                let (k, v) = (k.as_str(), v.as_str());
                 let native = match k {
                     "endpoint" => "endpoint",
                     "region" => "region",

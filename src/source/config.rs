@@ -586,6 +586,14 @@ impl Loaded {
         if let Some(endpoint) = &r.endpoint {
             check_endpoint(endpoint).map_err(|why| err("multi-db.replica.endpoint", why))?;
         }
+        for (key, value) in [
+            ("multi-db.replica.access-key-id", &r.access_key_id),
+            ("multi-db.replica.secret-access-key", &r.secret_access_key),
+        ] {
+            if let Some(v) = value {
+                check_credential(v.expose()).map_err(|why| err(key, why))?;
+            }
+        }
         if m.checkpoint_pages == 0 {
             return Err(err(
                 "multi-db.checkpoint-pages",
@@ -919,15 +927,48 @@ const CREDENTIALS_IN_URL: &str = "credentials do not belong in a URL (`user:pass
      multi-db.replica.access-key-id and secret-access-key (or AWS_ACCESS_KEY_ID and \
      AWS_SECRET_ACCESS_KEY)";
 
+/// Checks a credential (key id, secret key, session token) or a region
+/// taken from the environment: printable ASCII without spaces. They go into
+/// request headers (and a signature), and a control character in one (a
+/// trailing newline, say, from a key pasted out of a file) panicked the S3
+/// client at the first request, exit 101 (black-box probe U31, F1). The
+/// reason never shows the value.
+pub(crate) fn check_credential(value: &str) -> std::result::Result<(), String> {
+    match value.chars().all(|c| c.is_ascii_graphic()) {
+        true => Ok(()),
+        false => Err(
+            "holds a space, a control character (a trailing newline?) or a non-ASCII \
+             character; no key, token or region does (the value is not shown)"
+                .into(),
+        ),
+    }
+}
+
+/// An endpoint as errors show it: percent-decoded, and everything between
+/// its scheme and the last `@` before any `?` or `#` masked (`***@`), so no
+/// shape of `user:password@` shows, encoded or not, well-formed or not
+/// (black-box probe U31, F7: a percent-encoded one was shown whole).
+fn shown_endpoint(endpoint: &str) -> String {
+    let decoded = percent_encoding::percent_decode_str(endpoint)
+        .decode_utf8_lossy()
+        .into_owned();
+    let head = decoded.split(['?', '#']).next().unwrap_or_default();
+    let Some(at) = head.rfind('@') else {
+        return head.to_string();
+    };
+    let start = head.find("://").map_or(0, |i| i + 3);
+    format!("{}***{}", &head[..start.min(at)], &head[at..])
+}
+
 /// Checks an S3 `endpoint`: `http://` or `https://` with a host, and
 /// nothing a URL of a request would carry further: no credentials, no
 /// query, no fragment. Malformed endpoints used to panic the S3 client at
 /// the first request, and credentials in one were printed by `explain` and
 /// every error (black-box probe). The reason never shows the value's
 /// credentials or query.
-fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
-    let shown = redact_userinfo(endpoint);
-    let shown = shown.split(['?', '#']).next().unwrap_or_default();
+pub(crate) fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    let shown = shown_endpoint(endpoint);
+    let shown = shown.as_str();
     // The S3 client takes the text as it is (no percent-encoding, no
     // punycode), and panicked on a space or an `é` in it (probe D).
     if !endpoint.chars().all(|c| c.is_ascii_graphic()) {
@@ -951,6 +992,16 @@ fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
     }
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(format!("{shown:?}: the scheme must be http:// or https://"));
+    }
+    // The URL parser reads `http:h`, `http:/h` and `http:///h` as
+    // `http://h/`, but the S3 client takes the text as written, and
+    // panicked at the first request on each (black-box probe U31, F2).
+    let rest = &endpoint[parsed.scheme().len()..];
+    if !rest.starts_with("://") || rest[3..].starts_with('/') {
+        return Err(format!(
+            "{shown:?}: write the scheme and host as {}://host[:port]",
+            parsed.scheme()
+        ));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(format!("{shown:?} names no host"));
@@ -1813,6 +1864,25 @@ multi-db:
                 "ASCII without spaces",
             ),
             ("endpoint", "'http://é.localhost:9'", "ASCII without spaces"),
+            // Read as http://h/ by the URL parser, panicked the client
+            // (black-box probe U31, F2).
+            ("endpoint", "'http:127.0.0.1:9000'", "as http://host[:port]"),
+            ("endpoint", "'http:/h'", "as http://host[:port]"),
+            ("endpoint", "'http:///h'", "as http://host[:port]"),
+            ("endpoint", "'https:h'", "as https://host[:port]"),
+            // Percent-encoded credentials are masked too (probe U31, F7).
+            (
+                "endpoint",
+                "'http%3A%2F%2Fu%3APa55word%40127.0.0.1%3A9'",
+                "is not a URL",
+            ),
+            // A control character panicked the client (probe U31, F1).
+            ("access-key-id", "\"AKIA\\nX\"", "control character"),
+            (
+                "secret-access-key",
+                "\"Pa55word\\u0000\"",
+                "control character",
+            ),
             ("lease-ttl", "9999999999999999s", "at most 100 years"),
             ("retention", "300000000y", "at most 100 years"),
         ] {

@@ -191,8 +191,9 @@ both_backends!(clean_fleet_in_both_tiers_verifies, |b| async move {
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();
     assert!(
-        left.iter()
-            .all(|n| !n.to_string_lossy().starts_with("verify-")),
+        left.iter().all(|n| !n
+            .to_string_lossy()
+            .starts_with(litefleet::restore::verify::SCRATCH_PREFIX)),
         "{left:?}"
     );
 
@@ -740,7 +741,7 @@ fn scratch_dirs(f: &Fleet) -> Vec<std::path::PathBuf> {
                     p.file_name()
                         .unwrap()
                         .to_string_lossy()
-                        .starts_with("verify-")
+                        .starts_with(litefleet::restore::verify::SCRATCH_PREFIX)
                 })
                 .collect()
         })

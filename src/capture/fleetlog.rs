@@ -680,7 +680,7 @@ async fn recover_reading(replica: &Replica, tmp_dir: &Path, whole: u64) -> Resul
     if log.is_empty() {
         return Ok(0);
     }
-    let dir = tmp_dir.join("log-recovery");
+    let dir = tmp_dir.join(".litefleet-log-recovery");
     std::fs::create_dir_all(&dir).at(&dir)?;
     let mut spools: HashMap<(String, String), Spool> = HashMap::new();
     let mut add = |part: &Part, bytes: &[u8]| -> Result<()> {

@@ -777,7 +777,7 @@ impl Shipper {
         // one of theirs (black-box probe R30).
         self.snapshot_covers = Some(at_read.map_or(WAL_HEADER_SIZE, |(_, end)| end));
         std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
-        let copy = NamedTempFile::with_prefix_in("hot-", tmp_dir)
+        let copy = NamedTempFile::with_prefix_in(".hot.litefleet-", tmp_dir)
             .at(tmp_dir)?
             .into_temp_path();
         snapshot::backup_from(&self.conn, &db, &copy)?;
@@ -1641,7 +1641,7 @@ impl LogStream {
     fn open(ctx: &HotContext, key: &str) -> Option<LogStream> {
         let log = ctx.log.clone()?;
         let id = log.register();
-        let dir = ctx.temp_dir.join("spool");
+        let dir = ctx.temp_dir.join(".litefleet-spool");
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot create the fleet log spool directory");
         }

@@ -412,7 +412,7 @@ fn capture_open(source: ReadOnly, db: &Path, key: &str, tmp_dir: &Path) -> Resul
         return in_memory(db, key, &data, times, Copied::InMemory).map(|s| s.read(read));
     }
     std::fs::create_dir_all(tmp_dir).at(tmp_dir)?;
-    let copy = NamedTempFile::with_prefix_in("copy-", tmp_dir)
+    let copy = NamedTempFile::with_prefix_in(".copy.litefleet-", tmp_dir)
         .at(tmp_dir)?
         .into_temp_path();
     backup_from(&source, db, &copy)?;
@@ -478,7 +478,7 @@ fn stage(
 /// objects unreadable to anyone else.
 pub fn staged_file(tmp_dir: &Path) -> Result<NamedTempFile> {
     tempfile::Builder::new()
-        .prefix("snap-")
+        .prefix(".snap.litefleet-")
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(tmp_dir)
         .at(tmp_dir)

@@ -62,7 +62,7 @@
 //!
 //! # Scratch space
 //!
-//! Each drill restores into its own `verify-XXXXXX` directory under
+//! Each drill restores into its own `.litefleet-verify-XXXXXX` directory under
 //! `temp-dir` ([`Scratch`]), locked (`flock`) while the drill runs and
 //! removed when it ends, also when `litefleet verify` is stopped by SIGINT
 //! or SIGTERM. What a killed drill (SIGKILL) left is removed by the next
@@ -1198,8 +1198,19 @@ fn since_cutoff(started: DateTime<Utc>, since: Duration) -> DateTime<Utc> {
 }
 
 /// Names of drill scratch directories start with this (in `temp-dir`, or
-/// the daemon's staging directory).
-pub const SCRATCH_PREFIX: &str = "verify-";
+/// the daemon's staging directory): a name the scan never enters
+/// ([`crate::source::discover::OWN_DIR_MARK`]), since the restored
+/// databases in it would be taken for sources where a pattern reaches into
+/// `temp-dir` (black-box probe U31, F3).
+pub const SCRATCH_PREFIX: &str = ".litefleet-verify-";
+const _: () = assert!(SCRATCH_PREFIX
+    .as_bytes()
+    .split_at(crate::source::discover::OWN_DIR_MARK.len())
+    .0
+    .eq_ignore_ascii_case(crate::source::discover::OWN_DIR_MARK.as_bytes()));
+/// What scratch directories' names began with before: a killed drill's is
+/// still removed.
+const OLD_SCRATCH_PREFIX: &str = "verify-";
 
 /// The file in a scratch directory that its drill holds locked (`flock`)
 /// while it runs: a directory whose lock can be taken belongs to no running
@@ -1221,7 +1232,7 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    /// Makes `verify-XXXXXX` under `parent` and locks it. An unusable
+    /// Makes `.litefleet-verify-XXXXXX` under `parent` and locks it. An unusable
     /// `parent` is an error naming `multi-db.temp-dir`, as `replicate`'s.
     pub fn new(parent: &Path) -> Result<Scratch> {
         let named = |e: std::io::Error| {
@@ -1315,7 +1326,8 @@ pub fn remove_stale_scratch(parent: &Path) -> usize {
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if !name.to_string_lossy().starts_with(SCRATCH_PREFIX)
+        let name = name.to_string_lossy();
+        if !(name.starts_with(SCRATCH_PREFIX) || name.starts_with(OLD_SCRATCH_PREFIX))
             || !entry.file_type().is_ok_and(|t| t.is_dir())
         {
             continue;

@@ -236,6 +236,20 @@ pub fn is_aux(name: &OsStr) -> bool {
     AUX_SUFFIXES.iter().any(|s| b.ends_with(s.as_bytes())) || is_staging(b)
 }
 
+/// What begins the name of every directory litefleet makes for its own
+/// scratch work (restore drills, spools) under `temp-dir`: the scan never
+/// enters one. Its files are restored and copied databases, which a
+/// pattern reaching into `temp-dir` took for sources (black-box probe U31,
+/// F3: `**/*.db` over a config directory holding `temp-dir: tmp` uploaded
+/// every restore drill's copy under a new key, 7-13 keys and ~350 MB in
+/// 30 s, without end).
+pub const OWN_DIR_MARK: &str = ".litefleet-";
+
+/// True for a directory litefleet made for itself ([`OWN_DIR_MARK`]).
+pub fn is_own_dir(name: &OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(OWN_DIR_MARK.as_bytes())
+}
+
 /// A restore's staging file name: `.<name>.litefleet-` and six random
 /// characters (see [`STAGING_MARK`]).
 pub(crate) fn is_staging(name: &[u8]) -> bool {
@@ -462,7 +476,9 @@ impl Pattern {
                         continue;
                     };
                     match entry.file_type() {
-                        Ok(t) if t.is_dir() => dirs.push(entry.file_name()),
+                        Ok(t) if t.is_dir() && !is_own_dir(&entry.file_name()) => {
+                            dirs.push(entry.file_name())
+                        }
                         Ok(t) if t.is_symlink() => {
                             buf.push(entry.file_name());
                             if buf.is_dir() {
@@ -508,7 +524,7 @@ impl Pattern {
                         continue;
                     };
                     let name = entry.file_name();
-                    if !matcher.is_match(Path::new(&name)) {
+                    if !matcher.is_match(Path::new(&name)) || is_own_dir(&name) {
                         continue;
                     }
                     match entry.file_type() {
@@ -726,6 +742,39 @@ pub(crate) mod tests {
         fn error(&mut self, path: &Path, err: io::Error) {
             panic!("{}: {err}", path.display());
         }
+    }
+
+    /// What litefleet makes for itself in `temp-dir` is never a source,
+    /// whatever pattern reaches there: its scratch directories
+    /// (`.litefleet-*`: restore drills, spools) are not entered, and its
+    /// staged copies (`.<what>.litefleet-XXXXXX`) not taken (black-box probe
+    /// U31, F3: `**/*.db` over `temp-dir` uploaded every drill's restored
+    /// copy under a new key).
+    #[test]
+    fn litefleets_own_scratch_is_never_a_source() {
+        let t = tempfile::tempdir().unwrap();
+        let mk = |p: &str| {
+            let p = t.path().join(p);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"x").unwrap();
+        };
+        mk("app/a.db");
+        mk("tmp/.litefleet-verify-Ab12Cd/0.db");
+        mk("tmp/hot/.litefleet-spool/7-1.spool");
+        mk("tmp/hot/.hot.litefleet-Ab12Cd");
+        mk("tmp/.copy.litefleet-Zz99Yy");
+        for (pattern, want) in [("**/*.db", "app/a.db"), ("**/*", "app/a.db")] {
+            let pat = Pattern::compile(pattern, t.path()).unwrap();
+            let mut c = Collect::default();
+            pat.walk(&mut c);
+            let found: Vec<_> = c.found.iter().map(|(p, _)| p.clone()).collect();
+            assert_eq!(found, vec![t.path().join(want)], "{pattern}");
+        }
+        // One level of glob that matches the scratch directory's name.
+        let pat = Pattern::compile("tmp/*/*.db", t.path()).unwrap();
+        let mut c = Collect::default();
+        pat.walk(&mut c);
+        assert!(c.found.is_empty(), "{:?}", c.found);
     }
 
     #[test]

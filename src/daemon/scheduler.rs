@@ -58,6 +58,22 @@ use crate::source::watch::{Batch, Watch};
 use crate::stats::Stats;
 use crate::{Error, Result};
 
+/// Staged `file://` objects older than this at a start were left by a
+/// killed run ([`Replica::remove_stale_staging`]); a margin for the clock
+/// that stamps files, which lags the system clock by up to a kernel tick,
+/// so nothing this run stages is taken for one.
+const STAGING_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether an upload pass is followed by others ([`Tracker::pending`]) or
+/// is the last one (`replicate --once`, the pass at a clean stop), which
+/// also makes the second upload of racy databases
+/// ([`Tracker::pending_all`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Ongoing,
+    Last,
+}
+
 /// What one cycle did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CycleReport {
@@ -656,11 +672,21 @@ impl Replicator {
 
     /// One scan and the uploads it calls for.
     pub async fn cycle(&self, shutdown: &CancellationToken) -> CycleReport {
+        self.cycle_with(shutdown, Pass::Ongoing).await
+    }
+
+    /// [`Replicator::cycle`] as `replicate --once`'s only cycle: a racy
+    /// database's second upload is made now ([`Pass::Last`]).
+    pub async fn last_cycle(&self, shutdown: &CancellationToken) -> CycleReport {
+        self.cycle_with(shutdown, Pass::Last).await
+    }
+
+    async fn cycle_with(&self, shutdown: &CancellationToken, pass: Pass) -> CycleReport {
         if self.records_unchecked.swap(false, Ordering::AcqRel) && !self.check_records().await {
             self.records_unchecked.store(true, Ordering::Release);
         }
         let scan = self.scan().await;
-        let report = self.dispatch(scan, None, shutdown).await;
+        let report = self.dispatch_with(scan, None, shutdown, pass).await;
         if report.uploaded + report.failed >= TRIM_AFTER_UPLOADS {
             give_back_freed_memory();
         }
@@ -683,7 +709,7 @@ impl Replicator {
         let unreadable_before = scan.errors;
         let only: HashSet<Id> = {
             let t = lock(&self.tracker);
-            t.pending()
+            t.pending_all()
                 .into_iter()
                 .filter(|id| t.has_upload_record(*id))
                 .collect()
@@ -695,7 +721,7 @@ impl Replicator {
             };
         }
         let mut report = self
-            .dispatch(scan, Some(&only), &CancellationToken::new())
+            .dispatch_with(scan, Some(&only), &CancellationToken::new(), Pass::Last)
             .await;
         // A changed database the pass could not read (permission denied)
         // was not uploaded either: the stop leaves the replica behind
@@ -863,6 +889,19 @@ impl Replicator {
         only: Option<&HashSet<Id>>,
         shutdown: &CancellationToken,
     ) -> CycleReport {
+        self.dispatch_with(scan, only, shutdown, Pass::Ongoing)
+            .await
+    }
+
+    /// [`Replicator::dispatch`]; a [`Pass::Last`] uploads racy databases
+    /// again now ([`Tracker::pending_all`]).
+    async fn dispatch_with(
+        &self,
+        scan: ScanReport,
+        only: Option<&HashSet<Id>>,
+        shutdown: &CancellationToken,
+        pass: Pass,
+    ) -> CycleReport {
         let mut report = CycleReport {
             scan,
             ..Default::default()
@@ -874,7 +913,10 @@ impl Replicator {
         let pending = {
             let mut t = lock(&self.tracker);
             let mut running = lock(&self.hot.running);
-            let mut pending = t.pending();
+            let mut pending = match pass {
+                Pass::Ongoing => t.pending(),
+                Pass::Last => t.pending_all(),
+            };
             if let Some(only) = only {
                 pending.retain(|id| only.contains(id));
             } else {
@@ -1399,6 +1441,17 @@ impl Replicator {
     /// ever); then the fleet log's writer starts, if it is on.
     async fn start_log(&self) {
         if !self.hot.log_recovered.swap(true, Ordering::AcqRel) {
+            // What a killed run left half-written in a `file://` replica,
+            // in the background: a walk of the whole replica.
+            let replica = self.replica.clone();
+            let before = std::time::SystemTime::now() - STAGING_AGE;
+            tokio::task::spawn_blocking(move || match replica.remove_stale_staging(before) {
+                0 => {}
+                n => tracing::info!(
+                    files = n,
+                    "removed the staged objects a killed run left in the replica"
+                ),
+            });
             match fleetlog::recover(&self.replica, &self.hot.ctx.temp_dir).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
@@ -1535,7 +1588,7 @@ impl Replicator {
             "replicating"
         );
         if once {
-            let r = self.cycle(&shutdown).await;
+            let r = self.last_cycle(&shutdown).await;
             let mut retention_failed = None;
             if !shutdown.is_cancelled() {
                 let pass = self.retention().await;
@@ -2327,6 +2380,42 @@ mod tests {
             replica.display()
         );
         Replicator::new(Loaded::from_str(&yaml, "t.yml", work).unwrap()).unwrap()
+    }
+
+    /// A racy upload (the database written within the racy window of the
+    /// scan) is made once more: by a later cycle once the window passed,
+    /// and at once by a last pass (`replicate --once`, the pass at a clean
+    /// stop), after which no cycle would. The first upload may lack a
+    /// commit whose frames were in the `-wal` the scan saw but not yet
+    /// published when the snapshot began (black-box probe S31: a `--once`
+    /// exit 0, and a clean stop, without a commit that had returned
+    /// 30-490 ms before it began).
+    #[tokio::test]
+    async fn a_last_pass_uploads_a_racy_database_once_more() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let c = rusqlite::Connection::open(data.join("x.db")).unwrap();
+        c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(v); INSERT INTO t VALUES (1);")
+            .unwrap();
+        // Racy however slow the machine: written "in an hour".
+        for f in ["x.db", "x.db-wal"] {
+            std::fs::File::options()
+                .write(true)
+                .open(data.join(f))
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+                .unwrap();
+        }
+        let r = cold_replicator(&data, t.path(), &t.path().join("replica"));
+        let stop = CancellationToken::new();
+        assert_eq!(r.cycle(&stop).await.uploaded, 1);
+        // Within the racy window an ongoing cycle waits for it to pass.
+        assert_eq!(r.cycle(&stop).await.uploaded, 0);
+        assert_eq!(lock(&r.tracker).pending_count(), 1);
+        assert_eq!(r.last_cycle(&stop).await.uploaded, 1);
+        // The stop's pass does the same.
+        assert_eq!(r.upload_changes_at_stop().await.uploaded, 1);
     }
 
     /// A link above the pattern root retargeted between a scan and the

@@ -1057,6 +1057,48 @@ impl Replica {
         self.local.as_deref().and_then(root_of)
     }
 
+    /// On a `file://` replica: removes the files a killed writer left in
+    /// it, older than `before` (the start of this run, so that nothing of
+    /// this run's is touched): staged objects (`<object>#<n>`, written and
+    /// renamed into place by [`write_local`]) and the coordination files'
+    /// staging (`.litefleet-tmp*`). A SIGKILL during an upload left them
+    /// for good: listings skip them, so retention never saw them, and a
+    /// crash loop of 227 kills left 275 of them, 131 MB (black-box probe
+    /// S31, F3). Returns how many were removed; `0` on any other store.
+    pub fn remove_stale_staging(&self, before: std::time::SystemTime) -> usize {
+        let Some(root) = self.local_root() else {
+            return 0;
+        };
+        let mut removed = 0;
+        let mut dirs = vec![root];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                // Links are never followed (nor made) in a replica.
+                if kind.is_dir() {
+                    dirs.push(entry.path());
+                    continue;
+                }
+                if !kind.is_file() || !is_stale_staging_name(&entry.file_name()) {
+                    continue;
+                }
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < before);
+                if old && std::fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// On a plain `file://` replica, writes the object at `location` with
     /// `write` (given its path; `false` if it could not, and the caller
     /// must go through the store), in one blocking task holding one of
@@ -2297,6 +2339,20 @@ fn create_staged<T>(
     }
 }
 
+/// A name [`create_staged`] (`<object>#<n>`) or a coordination file's
+/// write (`.litefleet-tmp` and tempfile's random characters) gives a file
+/// before it is renamed into place.
+fn is_stale_staging_name(name: &std::ffi::OsStr) -> bool {
+    let b = name.as_encoded_bytes();
+    if b.starts_with(b".litefleet-tmp") {
+        return true;
+    }
+    match b.iter().rposition(|c| *c == b'#') {
+        Some(i) => i > 0 && i + 1 < b.len() && b[i + 1..].iter().all(u8::is_ascii_digit),
+        None => false,
+    }
+}
+
 /// Renames the staged file `staged`, once `written` (its content synced)
 /// succeeded, over `path`, and syncs the directory; removes `staged` on any
 /// error.
@@ -2840,6 +2896,57 @@ mod tests {
         assert!(f.is_open());
         f.close();
         assert!(!f.is_open());
+    }
+
+    /// The staged objects and coordination files a killed run left in a
+    /// `file://` replica are removed at the next start, older than it only:
+    /// a staged file of this run, and every object, stay (black-box probe
+    /// S31, F3: 275 files, 131 MB, after 227 kills, never removed).
+    #[tokio::test]
+    async fn a_killed_runs_staged_objects_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open_dir(dir.path()).unwrap();
+        let obj = ObjPath::from("k/a-20261207-190000.db.lz4");
+        r.put_bytes(&obj, b"ok".to_vec()).await.unwrap();
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        let file = |name: &str, when: Option<std::time::SystemTime>| {
+            let p = dir.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+            if let Some(t) = when {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
+        };
+        let stale = [
+            "k/a-20261207-190000.db.lz4#1",
+            "k/a-20261207-190000.db.lz4#37",
+            ".litefleet/log/0000019af0000000_00000001.pack#1",
+            ".litefleet/.litefleet-tmpAb12Cd",
+        ];
+        for name in stale {
+            file(name, Some(hour_ago));
+        }
+        file("k/a-20261207-190000.db.lz4#2", None);
+        // An old file of another shape: not litefleet's staging.
+        file("k/notes#draft", Some(hour_ago));
+        let start = std::time::SystemTime::now() - Duration::from_secs(1);
+        assert_eq!(r.remove_stale_staging(start), stale.len());
+        for name in stale {
+            assert!(!dir.path().join(name).exists(), "{name}");
+        }
+        for name in [
+            "k/a-20261207-190000.db.lz4",
+            "k/a-20261207-190000.db.lz4#2",
+            "k/notes#draft",
+        ] {
+            assert!(dir.path().join(name).exists(), "{name}");
+        }
+        assert_eq!(r.remove_stale_staging(start), 0);
     }
 
     /// A FIFO (or a socket) where an object should be is refused naming

@@ -878,6 +878,32 @@ fn restart_at_the_tip_continues_in_the_next_wal() {
     assert!(!bytes.is_empty());
 }
 
+// When a stream ends, what its read held in the `-wal` goes into the
+// database file, as the application's last close would have put it: a copy
+// of the `.db` file alone holds every commit. It used to stay in the `-wal`
+// for good after the application closed the database (black-box probe T31,
+// F1: a copy of the `.db` held none of 200 rows; deleting the leftover `-wal`
+// emptied the database).
+both_backends!(
+    a_streams_end_leaves_a_closed_database_whole_in_its_file,
+    |b| async move {
+        let mut h = Hot::start(Fleet::new(b).await, 1000, 10_000).await;
+        let w = writer(&h.path);
+        for _ in 0..5 {
+            insert_rows(&w, 4);
+        }
+        h.until_shipped(21).await;
+        drop(w);
+        let path = h.path.clone();
+        let (f, _) = h.finish().await;
+        let copy = f.work.path().join("copy.db");
+        std::fs::copy(&path, &copy).unwrap();
+        assert_eq!(count_rows(&copy), 21);
+        let wal = std::fs::metadata(format!("{}-wal", path.display())).map_or(0, |m| m.len());
+        assert_eq!(wal, 0, "the WAL is truncated");
+    }
+);
+
 /// Appends to the `-wal` of the database at `path` the frames of one more
 /// transaction of `rows` rows, without publishing them in its WAL-index:
 /// what a writer leaves that was killed between writing its frames and

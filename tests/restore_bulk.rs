@@ -209,6 +209,28 @@ both_backends!(if_db_not_exists_skips_existing_outputs, |b| async move {
     }
 });
 
+// A symbolic link planted in the output directory is never written
+// through: the keys below it fail naming it, the others restore (black-box
+// probe U31, F10: a bulk restore wrote into the link's target, exit 0).
+both_backends!(
+    a_link_in_the_output_directory_is_not_followed,
+    |b| async move {
+        let f = fleet_of_20(b).await;
+        let out = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), out.path().join("p1")).unwrap();
+        let r = restore_bulk(&f.replica(), &opts("/", out.path()), &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((r.restored, r.failed.len()), (10, 10));
+        for (key, e) in &r.failed {
+            assert!(key.starts_with("p1/"), "{key}");
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+        }
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    }
+);
+
 /// Copies a real snapshot of p0/d0/t0 to `p9/d9/t1` (fine) and to hostile
 /// names in the same directory: stems `..` and `.`, which `list` reports as
 /// keys `p9/d9/..` and `p9/d9/.`. (object_store itself refuses `.`, `..` and

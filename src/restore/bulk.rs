@@ -57,6 +57,26 @@ pub fn output_path(dir: &Path, key: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// The first directory between `dir` and `output` that is there but is no
+/// directory of its own (a symbolic link, a file): restoring through it
+/// would write outside `dir`, wherever the link leads (black-box probe U31,
+/// F10: a link planted in a shared restore directory had a bulk restore,
+/// run as root, write there, exit 0). `None` when every one is a directory
+/// or missing (made by the restore).
+fn link_inside(dir: &Path, output: &Path) -> Option<PathBuf> {
+    let rel = output.parent()?.strip_prefix(dir).ok()?;
+    let mut at = dir.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            _ => return Some(at),
+        }
+    }
+    None
+}
+
 /// What to restore in bulk and how.
 #[derive(Debug, Clone)]
 pub struct BulkOptions {
@@ -156,7 +176,16 @@ async fn restore_one(
         }
     };
     // A symlink (even a dangling one) is something at the path too.
-    let outcome = if output.symlink_metadata().is_ok() {
+    let outcome = if let Some(link) = link_inside(&opts.output_dir, &output) {
+        BulkOutcome::Failed(Error::invalid(
+            output.display(),
+            format!(
+                "{} is a symbolic link (or no directory): a bulk restore writes only below its \
+                 output directory, never through a link in it",
+                link.display()
+            ),
+        ))
+    } else if output.symlink_metadata().is_ok() {
         if opts.if_db_not_exists {
             BulkOutcome::SkippedExists
         } else {

@@ -176,6 +176,20 @@ fn bad_log_filters_are_usage_errors() {
             Some("litefleet=nope"),
             &["LITEFLEET_LOG", "\"litefleet=nope\"", "not a log filter"],
         ),
+        // A bare word that is no level named a target that matches
+        // nothing: every line, errors included, was dropped (black-box
+        // probe U31, F8).
+        (
+            Some("inof"),
+            None,
+            &["--log-level", "\"inof\"", "is no level"],
+        ),
+        (
+            None,
+            Some("warnn,litefleet=debug"),
+            &["LITEFLEET_LOG", "\"warnn\"", "is no level"],
+        ),
+        (Some(""), None, &["--log-level", "empty", "use error"]),
     ] {
         let o = run(level, env);
         let err = stderr(&o);
@@ -190,6 +204,9 @@ fn bad_log_filters_are_usage_errors() {
         (Some("litefleet=debug,info"), None),
         (None, Some("error")),
         (None, Some("litefleet=debug,info")),
+        (Some("WARN"), None),
+        // Set but empty: the default, as an empty `${VAR}` is no value.
+        (None, Some("")),
     ] {
         let o = run(level, env);
         let err = stderr(&o);

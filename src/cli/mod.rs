@@ -678,6 +678,20 @@ fn parse_timestamp(s: &str) -> std::result::Result<DateTime<Utc>, String> {
 
 /// `filter` as a tracing filter, or why it is not one.
 fn log_filter(filter: &str) -> std::result::Result<tracing_subscriber::EnvFilter, String> {
+    // A bare word that is no level is a directive for a target of that
+    // name, which matches nothing of ours: `inof` or `warnn` silenced every
+    // line, warnings and errors included (black-box probe U31, F8).
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    if let Some(word) = filter.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains(['=', '[', ':'])
+            && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d))
+    }) {
+        return Err(format!(
+            "{word:?} is no level: use error, warn, info, debug, trace or off, or a tracing \
+             filter such as litefleet=debug,info (a target takes its level after =)"
+        ));
+    }
     tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
         format!(
             "not a log filter ({e}): use error, warn, info, debug, trace or a tracing \
@@ -688,6 +702,9 @@ fn log_filter(filter: &str) -> std::result::Result<tracing_subscriber::EnvFilter
 
 /// Checks `--log-level` when the command line is parsed.
 fn parse_log_level(level: &str) -> std::result::Result<String, String> {
+    if level.trim().is_empty() {
+        return Err("empty: use error, warn, info, debug, trace or off".into());
+    }
     log_filter(level).map(|_| level.to_string())
 }
 
@@ -696,11 +713,13 @@ fn parse_log_level(level: &str) -> std::result::Result<String, String> {
 /// bad `--log-level`.
 fn log_filter_from_env(level: &str) -> std::result::Result<tracing_subscriber::EnvFilter, String> {
     let filter = match std::env::var("LITEFLEET_LOG") {
-        Ok(v) => {
+        // Set but empty (an env file's `LITEFLEET_LOG=`) is no value, as in
+        // the config's `${VAR}`: it filtered out every line (probe U31, F8).
+        Ok(v) if !v.trim().is_empty() => {
             return log_filter(&v)
                 .map_err(|why| format!("invalid value {v:?} for LITEFLEET_LOG: {why}"))
         }
-        Err(std::env::VarError::NotPresent) => match level {
+        Ok(_) | Err(std::env::VarError::NotPresent) => match level {
             // At `info`, the object store client's line per retried request
             // is noise: the request's final failure is ours to log. A full
             // filter, or `debug`/`trace`, is taken as given.

@@ -676,7 +676,7 @@ impl Replicator {
     }
 
     /// [`Replicator::cycle`] as `replicate --once`'s only cycle: a racy
-    /// database's second upload is made now ([`Pass::Last`]).
+    /// database's second upload is made now (a last pass).
     pub async fn last_cycle(&self, shutdown: &CancellationToken) -> CycleReport {
         self.cycle_with(shutdown, Pass::Last).await
     }

@@ -1060,7 +1060,7 @@ impl Replica {
     /// On a `file://` replica: removes the files a killed writer left in
     /// it, older than `before` (the start of this run, so that nothing of
     /// this run's is touched): staged objects (`<object>#<n>`, written and
-    /// renamed into place by [`write_local`]) and the coordination files'
+    /// renamed into place by `write_local`) and the coordination files'
     /// staging (`.litefleet-tmp*`). A SIGKILL during an upload left them
     /// for good: listings skip them, so retention never saw them, and a
     /// crash loop of 227 kills left 275 of them, 131 MB (black-box probe

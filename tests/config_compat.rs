@@ -110,6 +110,9 @@ fn set_aws_env() {
 }
 
 fn load(yaml: &str) -> litefleet::Result<Loaded> {
+    // Some configs here name `${AWS_ACCESS_KEY_ID}`: set whichever test
+    // runs first (run alone, a test failed on the unset variable).
+    set_aws_env();
     Loaded::from_str(yaml, "test.yml", Path::new("/etc/litefleet"))
 }
 
@@ -473,6 +476,13 @@ fn litestream_errors_name_the_key() {
                 "s3://foo/bar?endpoint=http%3A%2F%2Fu%3AZq9SEKRET%40127.0.0.1%3A9000",
             ),
             &["\"http://***@127.0.0.1:9000\"", "credentials do not belong"],
+        ),
+        (
+            // The YAML error and its line, not "unknown field `dbs`"
+            // (black-box probe U31, F4).
+            "a quote left open",
+            "dbs:\n  - path: /a.db\n    replica:\n      url: \"s3://one/a\n".into(),
+            &["(YAML)", "line"],
         ),
         (
             "unknown top-level key",

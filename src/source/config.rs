@@ -395,8 +395,18 @@ impl Loaded {
         let expanded = expand_env(text, |v| std::env::var(v).ok())
             .map_err(|(line, reason)| err(&format!("line {line}"), reason))?;
         // A document that does not parse as YAML at all is reported by the
-        // typed parse below, with its line.
-        let tree: Option<serde_yaml_ng::Value> = serde_yaml_ng::from_str(&expanded).ok();
+        // typed parse below, with its line and key; a Litestream one by the
+        // YAML parser itself, with its line: the typed parse, which knows
+        // only the native keys, stopped at `dbs` and blamed it (black-box
+        // probe U31, F4: "dbs: unknown field `dbs`" for a quote left open
+        // further down).
+        let tree: Option<serde_yaml_ng::Value> = match serde_yaml_ng::from_str(&expanded) {
+            Ok(tree) => Some(tree),
+            Err(e) if expanded.lines().any(|l| l.starts_with("dbs:")) => {
+                return Err(err("(YAML)", e.to_string()))
+            }
+            Err(_) => None,
+        };
         let translated = match &tree {
             Some(tree) => {
                 compat::translate(tree, base).map_err(|(key, reason)| err(&key, reason))?

@@ -93,6 +93,14 @@ async fn explains_matches_keys_and_collisions_without_a_request() {
     let data = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     make_fleet(data.path());
+    // A link and a FIFO matching the first pattern: told apart (black-box
+    // probe U31: the FIFO was counted as a symlink).
+    let tenants = data.path().join("p2/databases/billing/tenants");
+    std::os::unix::fs::symlink(tenants.join("t4.db"), tenants.join("t5.db")).unwrap();
+    let fifo = std::ffi::CString::new(tenants.join("t6.db").into_os_string().into_encoded_bytes())
+        .unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     std::fs::write(
         work.path().join("litefleet.yml"),
         yaml(data.path(), &s3_replica(&s3)),
@@ -117,7 +125,8 @@ async fn explains_matches_keys_and_collisions_without_a_request() {
     // Match counts per pattern (only real SQLite files) and example keys.
     has(
         &out,
-        "4 SQLite database(s), 1 matching file(s) not SQLite (skipped)",
+        "4 SQLite database(s), 1 matching file(s) not SQLite (skipped), 1 symlink(s) (not \
+         followed), 1 FIFO(s), socket(s) or device(s) (never opened)",
     );
     has(&out, "1 SQLite database(s)\n");
     let t1 = data.path().join("p1/databases/orders/tenants/t1.db");

@@ -108,6 +108,9 @@ pub struct PatternReport {
     pub not_sqlite: u64,
     /// Matching symlinks (not followed).
     pub symlinks: u64,
+    /// Matching FIFOs, sockets and devices (never opened). They were
+    /// counted as symlinks (black-box probe U31, F6).
+    pub not_regular: u64,
     /// The first [`EXAMPLES`] databases in path order, with their keys.
     pub examples: Vec<Mapping>,
 }
@@ -208,6 +211,7 @@ struct Collect {
     found: Vec<(PathBuf, Option<SystemTime>)>,
     not_sqlite: u64,
     symlinks: u64,
+    not_regular: u64,
     errors: Vec<String>,
     error_count: u64,
 }
@@ -230,8 +234,11 @@ impl Visitor for Collect {
         }
     }
 
-    fn skipped(&mut self, _: &Path, _: &str) {
-        self.symlinks += 1;
+    fn skipped(&mut self, _: &Path, reason: &str) {
+        match reason.contains("symlink") {
+            true => self.symlinks += 1,
+            false => self.not_regular += 1,
+        }
     }
 
     fn error(&mut self, path: &Path, err: io::Error) {
@@ -422,6 +429,7 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
             also_earlier,
             not_sqlite: c.not_sqlite,
             symlinks: c.symlinks,
+            not_regular: c.not_regular,
             examples: examples
                 .iter()
                 .map(|path| Mapping {
@@ -1039,6 +1047,12 @@ impl Explanation {
             }
             if p.symlinks > 0 {
                 line += &format!(", {} symlink(s) (not followed)", p.symlinks);
+            }
+            if p.not_regular > 0 {
+                line += &format!(
+                    ", {} FIFO(s), socket(s) or device(s) (never opened)",
+                    p.not_regular
+                );
             }
             writeln!(out, "{line}")?;
             if p.databases == 0 {

@@ -387,6 +387,25 @@ fn litestream_directory_scan_and_file_replica() {
     );
 }
 
+/// A `path:` names one file, whatever its name holds: glob metacharacters
+/// in it are literal (black-box probe U31, F5: `data/db[1].db` was refused as
+/// an unbound wildcard).
+#[test]
+fn litestream_paths_are_literal_file_names() {
+    for name in ["db[1].db", "q?.db", "a*b.db"] {
+        let l = load(&format!(
+            "dbs:\n  - path: /srv/{name}\n    replica:\n      url: file:///backups/x\n"
+        ))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(l.patterns.len(), 1);
+        assert_eq!(
+            l.patterns[0].literal_path(),
+            Some(Path::new("/srv").join(name)),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn litestream_errors_name_the_key() {
     let cases: &[(&str, String, &[&str])] = &[

@@ -714,7 +714,9 @@ fn db_source(entry: &Mapping, key: &str) -> Result<(String, Source, String), Fai
                 }
             }
             let path = home(&path);
-            Ok((path.clone(), Source::File(path), format!("{key}.path")))
+            // One file, whatever its name holds: not a glob.
+            let pattern = crate::source::discover::escape_glob(&path);
+            Ok((pattern, Source::File(path), format!("{key}.path")))
         }
         (None, Some(dir)) => {
             let Some(pattern) = get("pattern")? else {

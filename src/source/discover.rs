@@ -222,6 +222,50 @@ fn has_glob_meta(s: &str) -> bool {
     s.contains(['*', '?', '[', '{'])
 }
 
+/// Puts every glob metacharacter of `name` in a class of its own (`[[]`,
+/// `[*]`...), so that a pattern matches exactly that name: for a file
+/// named with such characters (Litestream's `path:` names one file;
+/// black-box probe U31, F5: `data/db[1].db` was read as a glob, and
+/// refused as an unbound wildcard).
+pub fn escape_glob(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '*' | '?' | '[' | ']' | '{' | '}' => {
+                out.push('[');
+                out.push(c);
+                out.push(']');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The one name a pattern level matches when its only metacharacters are
+/// single-character classes (`[[]`, `[*]`, as [`escape_glob`] writes
+/// them): such a level is a literal, not a wildcard. `None` otherwise.
+fn escaped_literal(level: &str) -> Option<String> {
+    let mut out = String::with_capacity(level.len());
+    let mut chars = level.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '[' => {
+                let (Some(inner), Some(']')) = (chars.next(), chars.next()) else {
+                    return None;
+                };
+                if inner == '!' || inner == '^' {
+                    return None;
+                }
+                out.push(inner);
+            }
+            '*' | '?' | '{' | '}' | ']' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
 /// What a restore's staging file adds to the target's name (see
 /// [`crate::capture::snapshot::temp_sibling`]): `.<name>.litefleet-XXXXXX`.
 pub const STAGING_MARK: &str = ".litefleet-";
@@ -296,7 +340,11 @@ impl Pattern {
                                 .into(),
                         );
                     }
-                    if has_glob_meta(s) {
+                    let literal = match has_glob_meta(s) {
+                        true => escaped_literal(s),
+                        false => Some(s.to_string()),
+                    };
+                    if literal.is_none() {
                         let matcher = GlobBuilder::new(s)
                             .literal_separator(true)
                             .build()
@@ -314,10 +362,11 @@ impl Pattern {
                             matcher,
                             affix,
                         });
-                    } else if levels.is_empty() {
-                        root.push(name);
-                    } else {
-                        levels.push(Level::Literal(name.to_os_string()));
+                    } else if let Some(lit) = literal {
+                        match levels.is_empty() {
+                            true => root.push(lit),
+                            false => levels.push(Level::Literal(lit.into())),
+                        }
                     }
                 }
             }
@@ -741,6 +790,30 @@ pub(crate) mod tests {
         }
         fn error(&mut self, path: &Path, err: io::Error) {
             panic!("{}: {err}", path.display());
+        }
+    }
+
+    /// A name with glob metacharacters, escaped, is one literal file, no
+    /// wildcard (black-box probe U31, F5: Litestream's `path:
+    /// data/db[1].db` was refused as an unbound wildcard).
+    #[test]
+    fn escaped_names_are_literal_levels() {
+        for name in ["db[1].db", "q?.db", "a*b{c}.db", "plain.db", "]x[.db"] {
+            let escaped = escape_glob(name);
+            assert_eq!(
+                escaped_literal(&escaped).as_deref(),
+                Some(name),
+                "{escaped}"
+            );
+            let pat = Pattern::compile(&format!("/data/{escaped}"), Path::new("/")).unwrap();
+            assert_eq!(pat.wildcards(), 0, "{escaped}");
+            assert_eq!(pat.literal_path(), Some(Path::new("/data").join(name)));
+        }
+        let pat = Pattern::compile("/data/[[]x[]]/*.db", Path::new("/")).unwrap();
+        assert_eq!((pat.root(), pat.wildcards()), (Path::new("/data/[x]"), 1));
+        // Real classes and wildcards stay globs.
+        for glob in ["[ab].db", "[!a].db", "x*.db", "x?.db", "{a,b}.db"] {
+            assert!(escaped_literal(glob).is_none(), "{glob}");
         }
     }
 

@@ -1433,3 +1433,30 @@ async fn an_unwritable_log_or_report_is_no_panic() {
     assert_eq!(run(&["verify"]), Some(0));
     assert_eq!(run(&["restore", "p/d/nothing", "-o", "x.db"]), Some(1));
 }
+
+/// `bench soak` with a relative `--dir` runs, restoring every database
+/// exactly: its generated config names the directory absolute (black-box
+/// probe U31, F9: `file://rel/replica` read as a remote host, exit 1).
+#[test]
+fn bench_soak_takes_a_relative_dir() {
+    let t = tempfile::tempdir().unwrap();
+    let o = litefleet(
+        t.path(),
+        &[
+            "--log-level",
+            "warn",
+            "bench",
+            "soak",
+            "--databases",
+            "1",
+            "--duration",
+            "1s",
+            "--dir",
+            "rel",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("\"restored_exactly\": 1"), "{out}");
+    assert!(t.path().join("rel/replica").is_dir());
+}

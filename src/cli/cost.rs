@@ -560,7 +560,11 @@ pub async fn cost(opts: CostOptions) -> Result<CostReport> {
     if opts.hot > opts.databases {
         return Err(Error::invalid("bench cost --hot", "more than --databases"));
     }
-    let root = opts.dir.clone();
+    // Absolute: the generated config's `file://` URL and patterns take it
+    // as written (black-box probe U31, F9: a relative `--dir` made
+    // `file://rel/replica`, a remote host, and the run refused its own
+    // config).
+    let root = std::path::absolute(&opts.dir).map_err(|e| Error::io(&opts.dir, e))?;
     let n = opts.databases;
     create_fleet(&root, n, "bench cost").await?;
     // Written an hour ago, as far as change detection can tell: no upload is

@@ -356,7 +356,11 @@ pub(crate) async fn create_fleet(root: &Path, n: usize, what: &'static str) -> R
 /// Runs a soak: creates the fleet, writes and replicates under faults for
 /// `duration`, drains, restores everything and compares row counts.
 pub async fn soak(opts: SoakOptions) -> Result<SoakReport> {
-    let root = opts.dir.clone();
+    // Absolute: the generated config's `file://` URL and patterns take it
+    // as written (black-box probe U31, F9: a relative `--dir` made
+    // `file://rel/replica`, a remote host, and the run refused its own
+    // config).
+    let root = std::path::absolute(&opts.dir).map_err(|e| Error::io(&opts.dir, e))?;
     let n = opts.databases;
     create_fleet(&root, n, "bench soak").await?;
     tracing::info!(databases = n, dir = %root.display(), "fleet ready");

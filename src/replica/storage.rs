@@ -117,16 +117,103 @@ pub const UPLOAD_PART: usize = 10 * 1024 * 1024;
 /// Parts of one multipart upload in flight at once: enough to keep a link
 /// busy for one large database without letting it hog memory.
 const MULTIPART_PARALLEL: usize = 4;
+/// Why credentials in a URL are refused (the refusal never shows them).
+pub const CREDENTIALS_IN_URL: &str =
+    "credentials do not belong in a URL (`user:password@`), where \
+     every log line and error naming the replica would show them: set \
+     multi-db.replica.access-key-id and secret-access-key (or AWS_ACCESS_KEY_ID and \
+     AWS_SECRET_ACCESS_KEY)";
+
+/// Checks a credential (key id, secret key, session token) or a region
+/// taken from the environment: printable ASCII without spaces. They go into
+/// request headers (and a signature), and a control character in one (a
+/// trailing newline, say, from a key pasted out of a file) panicked the S3
+/// client at the first request, exit 101 (black-box probe U31, F1). The
+/// reason never shows the value.
+pub fn check_credential(value: &str) -> std::result::Result<(), String> {
+    match value.chars().all(|c| c.is_ascii_graphic()) {
+        true => Ok(()),
+        false => Err(
+            "holds a space, a control character (a trailing newline?) or a non-ASCII \
+             character; no key, token or region does (the value is not shown)"
+                .into(),
+        ),
+    }
+}
+
+/// An endpoint as errors show it: percent-decoded, and everything between
+/// its scheme and the last `@` before any `?` or `#` masked (`***@`), so no
+/// shape of `user:password@` shows, encoded or not, well-formed or not
+/// (black-box probe U31, F7: a percent-encoded one was shown whole).
+fn shown_endpoint(endpoint: &str) -> String {
+    let decoded = percent_encoding::percent_decode_str(endpoint)
+        .decode_utf8_lossy()
+        .into_owned();
+    let head = decoded.split(['?', '#']).next().unwrap_or_default();
+    let Some(at) = head.rfind('@') else {
+        return head.to_string();
+    };
+    let start = head.find("://").map_or(0, |i| i + 3);
+    format!("{}***{}", &head[..start.min(at)], &head[at..])
+}
+
+/// Checks an S3 `endpoint`: `http://` or `https://` with a host, and
+/// nothing a URL of a request would carry further: no credentials, no
+/// query, no fragment. Malformed endpoints used to panic the S3 client at
+/// the first request, and credentials in one were printed by `explain` and
+/// every error (black-box probe). The reason never shows the value's
+/// credentials or query.
+pub fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    let shown = shown_endpoint(endpoint);
+    let shown = shown.as_str();
+    // The S3 client takes the text as it is (no percent-encoding, no
+    // punycode), and panicked on a space or an `é` in it (probe D).
+    if !endpoint.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "{shown:?}: an endpoint is ASCII without spaces (write an international host \
+             name in its xn-- form)"
+        ));
+    }
+    let parsed = url::Url::parse(endpoint).map_err(|e| {
+        format!("{shown:?} is not a URL ({e}); expected e.g. http://127.0.0.1:9000")
+    })?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!("{shown:?}: {CREDENTIALS_IN_URL}"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(
+            "an endpoint takes no query (`?`) or fragment (`#`) (a token in it would be shown \
+             in every error): credentials go in access-key-id and secret-access-key"
+                .into(),
+        );
+    }
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{shown:?}: the scheme must be http:// or https://"));
+    }
+    // The URL parser reads `http:h`, `http:/h` and `http:///h` as
+    // `http://h/`, but the S3 client takes the text as written, and
+    // panicked at the first request on each (black-box probe U31, F2).
+    let rest = &endpoint[parsed.scheme().len()..];
+    if !rest.starts_with("://") || rest[3..].starts_with('/') {
+        return Err(format!(
+            "{shown:?}: write the scheme and host as {}://host[:port]",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{shown:?} names no host"));
+    }
+    Ok(())
+}
+
 /// Checks the variables the S3 client reads from the environment
 /// (`AmazonS3Builder::from_env`) as the config's own keys are checked
-/// ([`crate::source::config::check_credential`],
-/// [`crate::source::config::check_endpoint`]; the endpoint variables only
+/// ([`check_credential`], [`check_endpoint`]; the endpoint variables only
 /// where the config names no endpoint): a control character in a key or a
 /// token, or an endpoint written `http:host`, panicked the client at its
 /// first request, exit 101 (black-box probe U31, F1 and F2). Errors name the
 /// variable, never its value.
 fn check_s3_environment(endpoint_from_env: bool) -> Result<()> {
-    use crate::source::config::{check_credential, check_endpoint};
     const CREDENTIALS: [&str; 6] = [
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",

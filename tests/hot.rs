@@ -1064,6 +1064,56 @@ async fn promote(f: Fleet, path: PathBuf, key: String, w: Connection) -> Promote
     }
 }
 
+// A stream ended by `cold-after` checkpoints the WAL into the database file
+// (its application closed it), and that change of the files, its own, does
+// not make the database hot again: it stays cold, in one generation, until
+// it is written. It streamed again at once, with a new generation and a
+// full snapshot, at every stream end (black-box probe V31).
+both_backends!(
+    a_streams_own_checkpoint_does_not_make_it_hot_again,
+    |b| async move {
+        use std::sync::atomic::Ordering::Relaxed;
+        let yaml = "  hot-duration: 1h\n  cold-after: 1s\n  sync-interval: 50ms\n";
+        let mut f = Fleet::with_yaml(b, yaml).await;
+        f.scan_interval = "100ms";
+        let path = f.db_path("p", "d", "a");
+        let w = create_db(&path, 1);
+        let rep = Arc::new(f.replicator());
+        let stats = rep.stats();
+        let token = CancellationToken::new();
+        let run = tokio::spawn(rep.clone().run(false, token.clone()));
+        eventually("the first cold upload", || async {
+            stats.uploads_ok.load(Relaxed) >= 1
+        })
+        .await;
+        insert_rows(&w, 5);
+        eventually("promotion", || async { stats.hot.load(Relaxed) == 1 }).await;
+        drop(w);
+        eventually("the stream's end", || async {
+            stats.hot_demotions.load(Relaxed) == 1 && stats.hot.load(Relaxed) == 0
+        })
+        .await;
+        // Every frame is in the file now.
+        eventually("the WAL checkpointed", || async {
+            std::fs::metadata(format!("{}-wal", path.display())).map_or(true, |m| m.len() == 0)
+        })
+        .await;
+        let copy = f.work.path().join("copy.db");
+        std::fs::copy(&path, &copy).unwrap();
+        assert_eq!(count_rows(&copy), 6);
+        // Scans see the checkpoint's change; none promotes it.
+        let scans = stats.scans.load(Relaxed);
+        eventually("ten scans more", || async {
+            stats.scans.load(Relaxed) >= scans + 10
+        })
+        .await;
+        assert_eq!(stats.hot_promotions.load(Relaxed), 1);
+        assert_eq!(stats.hot.load(Relaxed), 0);
+        token.cancel();
+        run.await.unwrap().unwrap();
+    }
+);
+
 // A generation named far ahead of this host's clock (a clock that ran
 // ahead, or an object put there by hand) is not followed: the stream names
 // its generations by this host's clock, so a restore at a time finds them,

@@ -1882,9 +1882,23 @@ pub struct StreamProgress {
     clean: AtomicU64,
     /// The last sync failed.
     failing: AtomicBool,
+    /// The fingerprint ([`crate::source::track::fingerprint_with`]) the
+    /// database's files had right after the checkpoint at the stream's end
+    /// ([`hand_back`]); 0 when there was none.
+    left: AtomicU64,
 }
 
 impl StreamProgress {
+    /// The fingerprint the database's files had right after our checkpoint
+    /// at the stream's end, if it ran: a change to exactly that is ours, no
+    /// write of the application's, and must not make the database hot
+    /// again (black-box probe V31: every stream ended by `cold-after`
+    /// started a new generation at once, with a full snapshot, on its own
+    /// checkpoint's change).
+    pub fn left_by_checkpoint(&self) -> Option<u64> {
+        Some(self.left.load(Ordering::Acquire)).filter(|f| *f != 0)
+    }
+
     /// True when every transaction committed before `since` (a [`stamp`]) has
     /// been uploaded.
     pub fn shipped_since(&self, since: u64) -> bool {
@@ -2020,7 +2034,7 @@ pub async fn stream_reporting(
                         "WAL syncs kept failing: releasing the database (its WAL can be checkpointed again); \
                          it goes back to the cold tier and streams in a new generation once the cold tier could upload it (the error says why the syncs failed)");
                     close_log(&ctx, &mut ls, &mut slot).await;
-                    hand_back(slot).await;
+                    hand_back(slot, &progress).await;
                     return HotExit::Released;
                 }
                 if slot.is_none() {
@@ -2054,7 +2068,7 @@ pub async fn stream_reporting(
         Some(s) if !s.has_unshipped() => HotExit::Clean,
         _ => HotExit::Unshipped,
     };
-    hand_back(slot).await;
+    hand_back(slot, &progress).await;
     exit
 }
 
@@ -2070,7 +2084,7 @@ pub async fn stream_reporting(
 /// database's next stream starts a new generation, and the cold tier
 /// uploads the file as it is then, so nothing here is shipped. A
 /// checkpoint that finds the database busy is left to its application.
-async fn hand_back(slot: Option<Shipper>) {
+async fn hand_back(slot: Option<Shipper>, progress: &StreamProgress) {
     let Some(mut s) = slot else { return };
     let r = bounded(Work::Sync, move || {
         let r = s.end_read().and_then(|()| {
@@ -2080,9 +2094,21 @@ async fn hand_back(slot: Option<Shipper>) {
                 })
                 .map_err(sqlite(&s.db))
         });
-        (r, s.db.clone())
+        // What the files are now, before our connection closes: a change
+        // to exactly this is the checkpoint's (see
+        // [`StreamProgress::left_by_checkpoint`]).
+        let left = std::fs::symlink_metadata(&s.db)
+            .ok()
+            .map(|m| crate::source::track::fingerprint_with(&s.db, &m));
+        (r, s.db.clone(), left)
     })
     .await;
+    let r = r.map(|(r, db, left)| {
+        if let (Ok(0), Some(f)) = (&r, left) {
+            progress.left.store(f.max(1), Ordering::Release);
+        }
+        (r, db)
+    });
     match r {
         Ok((Ok(0), _)) => {}
         Ok((Ok(_), db)) => {

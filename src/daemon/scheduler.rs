@@ -231,6 +231,10 @@ struct HotTier {
     /// `hot-duration`: how recently a file must have been written to stream.
     recent: std::time::Duration,
     running: Mutex<HashMap<Id, Running>>,
+    /// The fingerprints ended streams' checkpoints left their databases
+    /// with ([`StreamProgress::left_by_checkpoint`]), until a scan sees the
+    /// database change: a change to exactly that is no write.
+    left: Mutex<HashMap<Id, u64>>,
     ctx: Arc<HotContext>,
     /// The fleet log's writer, until the first cycle starts it (see
     /// [`Replicator::start_log`]), and then its task and stop token.
@@ -456,6 +460,7 @@ impl Replicator {
             })),
             recent: m.hot_duration,
             running: Mutex::new(HashMap::new()),
+            left: Mutex::new(HashMap::new()),
             ctx: Arc::new(HotContext {
                 replica: replica.clone(),
                 temp_dir: temp_dir.join("hot"),
@@ -1291,10 +1296,23 @@ impl Replicator {
         // stats per changed file).
         let recent = self.hot.recent;
         let owners = lock(&self.owners);
+        let mut left = lock(&self.hot.left);
+        // A change that is only our own checkpoint at a stream's end (the
+        // stream may not be reaped yet) is no write: the database stays
+        // cold (black-box probe V31: each stream ended by `cold-after`
+        // streamed again at once, a new generation and a full snapshot).
+        let ours = |id: Id, left: &mut HashMap<Id, u64>| {
+            let by_stream = running
+                .get(&id)
+                .and_then(|r| r.progress.left_by_checkpoint());
+            let f = left.remove(&id).or(by_stream);
+            f == Some(tracker.seen(id))
+        };
         let candidates: Vec<Id> = tracker
             .changed()
             .iter()
             .copied()
+            .filter(|&id| !ours(id, &mut left))
             .filter(|&id| !owners.is_refused(id))
             .filter(|&id| tiers.is_hot(id) || ship::stream_candidate(&tracker.path(id), recent))
             .collect();
@@ -1312,6 +1330,9 @@ impl Replicator {
             .collect();
         for id in done {
             let mut r = running.remove(&id).expect("listed above");
+            if let Some(f) = r.progress.left_by_checkpoint() {
+                left.insert(id, f);
+            }
             r.settle(&mut tracker, true);
             let same_db = tracker.find(&r.path) == Some(id);
             let exit = r

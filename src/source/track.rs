@@ -320,6 +320,11 @@ impl Tracker {
             .map(|(i, _)| i as Id)
     }
 
+    /// The fingerprint the last scan (or re-check) saw of `id`.
+    pub fn seen(&self, id: Id) -> u64 {
+        self.entries[id as usize].seen
+    }
+
     /// True when `id` was uploaded once (in this run or, per the state file,
     /// an earlier one).
     pub fn has_upload_record(&self, id: Id) -> bool {

@@ -1157,32 +1157,19 @@ impl Replica {
             return 0;
         };
         let mut removed = 0;
-        let mut dirs = vec![root];
-        while let Some(dir) = dirs.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let Ok(kind) = entry.file_type() else {
-                    continue;
-                };
-                // Links are never followed (nor made) in a replica.
-                if kind.is_dir() {
-                    dirs.push(entry.path());
-                    continue;
-                }
-                if !kind.is_file() || !is_stale_staging_name(&entry.file_name()) {
-                    continue;
-                }
-                let old = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t < before);
-                if old && std::fs::remove_file(entry.path()).is_ok() {
-                    removed += 1;
-                }
+        walk_below::<()>(&root, |entry, kind| {
+            if !kind.is_file() || !is_stale_staging_name(&entry.file_name()) {
+                return None;
             }
-        }
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < before);
+            if old && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+            None
+        });
         removed
     }
 
@@ -1736,6 +1723,28 @@ fn what_link(path: &Path) -> Option<&'static str> {
 /// A directory that cannot be read is left to object_store's own walk,
 /// which reports it.
 fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
+    walk_below(dir, |entry, kind| {
+        let path = entry.path();
+        if kind.is_symlink() {
+            what_link(&path).map(|what| (path, what))
+        } else if !kind.is_file() {
+            std::fs::symlink_metadata(&path)
+                .ok()
+                .map(|m| (path, crate::error::not_regular(&m)))
+        } else {
+            None
+        }
+    })
+}
+
+/// Walks the tree below `dir`, handing every entry that is no directory to
+/// `visit` with its type (from `read_dir`, no stat of its own), until
+/// `visit` returns something, which is returned. Directories are entered,
+/// links never followed; a directory that cannot be read is passed over.
+fn walk_below<T>(
+    dir: &std::path::Path,
+    mut visit: impl FnMut(&std::fs::DirEntry, std::fs::FileType) -> Option<T>,
+) -> Option<T> {
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -1745,17 +1754,10 @@ fn hidden_below(dir: &std::path::Path) -> Option<(PathBuf, &'static str)> {
             let Ok(kind) = entry.file_type() else {
                 continue;
             };
-            let path = entry.path();
             if kind.is_dir() {
-                dirs.push(path);
-            } else if kind.is_symlink() {
-                if let Some(what) = what_link(&path) {
-                    return Some((path, what));
-                }
-            } else if !kind.is_file() {
-                if let Ok(m) = std::fs::symlink_metadata(&path) {
-                    return Some((path, crate::error::not_regular(&m)));
-                }
+                dirs.push(entry.path());
+            } else if let Some(found) = visit(&entry, kind) {
+                return Some(found);
             }
         }
     }

@@ -1438,10 +1438,7 @@ fn published_end(conn: &Connection, cur: &WalCursor, wal: &Path) -> Result<Publi
     for attempt in 0..INDEX_READS {
         let index = crate::source::vfs::VfsHandle::of(conn).and_then(|f| f.wal_index());
         if let Some(i) = index {
-            // The index keeps the salts as the header's bytes, in place.
-            let ours = [cur.salt[0].to_be_bytes(), cur.salt[1].to_be_bytes()];
-            let its = [i.salt[0].to_ne_bytes(), i.salt[1].to_ne_bytes()];
-            return Ok(match ours == its {
+            return Ok(match i.header_salts() == cur.salt {
                 true => {
                     Published::Upto(WAL_HEADER_SIZE + u64::from(i.max_frame) * cur.frame_size())
                 }

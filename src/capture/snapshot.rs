@@ -834,8 +834,8 @@ fn wal_reads_agree(source: &Connection, ours: VfsHandle, wal_path: &Path) -> Res
     let index = VfsHandle::of(source).and_then(|f| f.wal_index());
     Ok(match index {
         Some(i) if i.max_frame > 0 && n == WAL_HEADER => {
-            let salts = [i.salt[0].to_ne_bytes(), i.salt[1].to_ne_bytes()].concat();
-            salts == read[16..24]
+            let be32 = crate::capture::wal::be32;
+            i.header_salts() == [be32(&read, 16), be32(&read, 20)]
         }
         _ => true,
     })

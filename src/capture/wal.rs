@@ -109,7 +109,7 @@ pub fn checksum(order: ByteOrder, seed: Checksum, data: &[u8]) -> Checksum {
     Checksum(s0, s1)
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 

@@ -220,6 +220,16 @@ pub struct WalIndex {
     pub salt: [u32; 2],
 }
 
+impl WalIndex {
+    /// The index's salts as a WAL header's (big-endian) fields read: the
+    /// index keeps the header's bytes in place, read here as native-order
+    /// words. A WAL is the one this index describes only where its
+    /// header's salts are these.
+    pub fn header_salts(&self) -> [u32; 2] {
+        self.salt.map(|w| u32::from_be_bytes(w.to_ne_bytes()))
+    }
+}
+
 impl VfsHandle<'_> {
     /// The WAL-index header of this connection's database file. The layout
     /// (<https://www.sqlite.org/walformat.html>, native byte order): two

@@ -283,6 +283,21 @@ fn remove_side_files(path: &Path) {
     }
 }
 
+/// Inserts `n` rows of 1 MiB of random bytes into `t`: in one transaction
+/// when `one_transaction`, else a commit each.
+fn insert_mib_rows(w: &Connection, n: u64, one_transaction: bool) {
+    if one_transaction {
+        w.execute_batch("BEGIN").unwrap();
+    }
+    for _ in 0..n {
+        w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
+            .unwrap();
+    }
+    if one_transaction {
+        w.execute_batch("COMMIT").unwrap();
+    }
+}
+
 fn writer(path: &Path) -> Connection {
     let c = Connection::open(path).unwrap();
     c.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -483,13 +498,8 @@ both_backends!(
         insert_rows(&w, 2);
         h.until_shipped(3).await;
         let before = h.mark().await;
-        w.execute_batch("BEGIN").unwrap();
         let mib = ship::IN_MEMORY_SEGMENT_BYTES / (1 << 20) + 2;
-        for _ in 0..mib {
-            w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
-                .unwrap();
-        }
-        w.execute_batch("COMMIT").unwrap();
+        insert_mib_rows(&w, mib, true);
         let rows = 3 + mib as i64;
         h.until_shipped(rows).await;
         let during = h.mark().await;
@@ -524,13 +534,8 @@ both_backends!(
     |b| async move {
         let mut h = Hot::start(large_uploads(b).await, 1_000_000, 10_000_000).await;
         let w = writer(&h.path);
-        w.execute_batch("BEGIN").unwrap();
         let mib = ship::MAX_SEGMENT_BYTES / (1 << 20) + 2;
-        for _ in 0..mib {
-            w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
-                .unwrap();
-        }
-        w.execute_batch("COMMIT").unwrap();
+        insert_mib_rows(&w, mib, true);
         let rows = 1 + mib as i64;
         h.until_shipped(rows).await;
         let after = h.mark().await;
@@ -715,10 +720,7 @@ both_backends!(
         let path = f.db_path("p", "d", "a");
         let w = create_db(&path, 1);
         w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        for _ in 0..40 {
-            w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
-                .unwrap();
-        }
+        insert_mib_rows(&w, 40, false);
         let wal = std::fs::metadata(format!("{}-wal", path.display()))
             .unwrap()
             .len();
@@ -768,10 +770,7 @@ both_backends!(the_last_sync_ships_all_that_is_behind, |b| async move {
     h.until_generation_snapshot().await;
     let w = writer(&h.path);
     w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-    for _ in 0..40 {
-        w.execute("INSERT INTO t(v) VALUES (randomblob(1048576))", [])
-            .unwrap();
-    }
+    insert_mib_rows(&w, 40, false);
     let (f, stats) = h.finish().await;
     let relaxed = std::sync::atomic::Ordering::Relaxed;
     assert!(stats.wal_segments.load(relaxed) >= 3);

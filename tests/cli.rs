@@ -274,6 +274,41 @@ fn replica_directory_that_cannot_be_created_names_the_key() {
     }
 }
 
+/// A start after a run that did not stop cleanly (its replica lease left
+/// unreleased: it was killed) removes the staged objects (`<object>#<n>`)
+/// such a run can leave in a `file://` replica; a start after a clean stop
+/// does not look for them, which was a walk of the whole replica at every
+/// start, each `replicate --once` included.
+#[test]
+fn staged_objects_are_looked_for_after_a_run_that_did_not_stop_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    one_database_backed_up(t.path(), 3);
+    let replica = t.path().join("replica");
+    let staged = replica.join("x/app.planted#7");
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let age = |p: &Path| {
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(hour_ago).unwrap();
+    };
+    std::fs::write(&staged, b"half an object").unwrap();
+    age(&staged);
+    // After the clean stop of the run above.
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(staged.exists(), "looked for after a clean stop");
+    // The lease as a killed run leaves it: unreleased, expired.
+    let lease = replica.join(".litefleet/lease.json");
+    let mut held: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&lease).unwrap()).unwrap();
+    held.as_object_mut().unwrap().remove("released");
+    held["expires"] = "2026-01-01T00:00:00Z".into();
+    std::fs::write(&lease, serde_json::to_vec(&held).unwrap()).unwrap();
+    age(&lease);
+    let o = litefleet(t.path(), &["replicate", "--once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!staged.exists(), "left after a killed run");
+}
+
 /// A config whose patterns match no database backs up nothing: `--once`
 /// (what cron runs) says so and exits 1 instead of reporting success.
 #[test]

@@ -700,13 +700,16 @@ both_backends!(
         let ttl = Duration::from_secs(3);
         let fenced_for = ttl - ttl / 4;
         let acquire = || Lease::acquire_with_ttl(&r, Utc::now(), ttl);
-        // A new replica.
+        // A new replica. `after_clean_stop`: no run before this one can
+        // have left staged objects (the start looks for them otherwise).
         let a = acquire().await.unwrap();
         assert_eq!(a.takeover_wait(), Duration::ZERO);
+        assert!(a.after_clean_stop());
         a.release().await.unwrap();
         // Released at a clean stop.
         let a = acquire().await.unwrap();
         assert_eq!(a.takeover_wait(), Duration::ZERO);
+        assert!(a.after_clean_stop());
         identity::write(&r, &Identity::new()).await.unwrap();
         // Deleted by hand while its holder runs: the holder renews every
         // ttl/3 and stops writing at once when it finds the lease changed,
@@ -717,6 +720,7 @@ both_backends!(
         r.store.delete(&lease_path(&r)).await.unwrap();
         let b2 = acquire().await.unwrap();
         assert_eq!(b2.takeover_wait(), fenced_for);
+        assert!(!b2.after_clean_stop());
         assert!(fence.is_open(), "the old holder has not noticed yet");
         tokio::time::sleep(b2.takeover_wait()).await;
         assert!(!fence.is_open(), "the old holder still writes");
@@ -734,6 +738,7 @@ both_backends!(
             .await
             .unwrap();
         let c = acquire().await.unwrap();
+        assert!(!c.after_clean_stop());
         let wait = c.takeover_wait();
         assert!(wait > fenced_for / 2 && wait <= fenced_for, "{wait:?}");
         drop(b2);
@@ -748,6 +753,7 @@ both_backends!(
                 .unwrap();
             let d = acquire().await.unwrap();
             assert_eq!(d.takeover_wait(), Duration::ZERO);
+            assert!(!d.after_clean_stop(), "a holder that died");
         }
     }
 );

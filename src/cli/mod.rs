@@ -1094,6 +1094,7 @@ async fn run(cli: Cli) -> Result<()> {
             let fence = lease.fence();
             let replica = replica.with_fence(fence.clone());
             let wait = lease.takeover_wait();
+            let after_clean_stop = lease.after_clean_stop();
             let renewer = crate::replica::lease::spawn_renewer(lease, token.clone());
             if !wait.is_zero() {
                 tracing::warn!(
@@ -1119,8 +1120,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let verify = verify_job(Arc::new(loaded.clone()), replica.unfenced());
             let started = async {
-                let replicator =
-                    Arc::new(Replicator::with_replica(loaded, replica)?.with_verify(verify));
+                let mut replicator = Replicator::with_replica(loaded, replica)?.with_verify(verify);
+                if after_clean_stop {
+                    replicator = replicator.after_clean_stop();
+                }
+                let replicator = Arc::new(replicator);
                 let ops = match addr {
                     Some(addr) => Some(
                         crate::daemon::server::serve(

@@ -75,7 +75,7 @@ enum Pass {
 }
 
 /// What one cycle did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CycleReport {
     pub scan: ScanReport,
     pub uploaded: usize,
@@ -90,6 +90,10 @@ pub struct CycleReport {
     /// Of `failed`, uploads whose request got no answer within
     /// `replica.timeout` (see [`Replicator::upload_limit`]).
     pub timed_out: usize,
+    /// The databases this cycle uploaded (4 bytes each): the stop's
+    /// accounting takes a hot database the stop pass uploaded as covered,
+    /// whatever its stream's last sync did.
+    pub uploaded_ids: Vec<Id>,
 }
 
 /// The fleet replicator.
@@ -242,6 +246,9 @@ struct HotTier {
     log_task: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
     /// The fleet log an earlier run left has been consolidated (or tried).
     log_recovered: std::sync::atomic::AtomicBool,
+    /// An earlier run may have been killed while writing: the start looks
+    /// for staged objects it left ([`Replicator::after_clean_stop`]).
+    sweep_staging: bool,
     /// Streams that ended on their own (could not start, lost their file,
     /// released it) send their database here, and the daemon's loop hands
     /// it to the cold tier at once ([`Replicator::after_stream_ended`]).
@@ -453,6 +460,7 @@ impl Replicator {
             log_writer: Mutex::new(log_writer),
             log_task: Mutex::new(None),
             log_recovered: std::sync::atomic::AtomicBool::new(false),
+            sweep_staging: true,
             tiers: Mutex::new(Tiers::new(TierConfig {
                 hot_duration: m.hot_duration,
                 max_hot: m.max_hot_databases,
@@ -498,6 +506,17 @@ impl Replicator {
     /// `--once`); without it, or with the interval unset, no drill runs.
     pub fn with_verify(mut self, job: VerifyJob) -> Replicator {
         self.verify = Some(job);
+        self
+    }
+
+    /// The run before this one stopped cleanly (its replica lease was
+    /// released: [`crate::replica::lease::Lease::after_clean_stop`]), so it
+    /// left no staged object behind: the start does not walk the whole
+    /// `file://` replica looking for them, which it did at every start,
+    /// every `replicate --once` included (the runtime waits for the walk
+    /// before the process exits).
+    pub fn after_clean_stop(mut self) -> Replicator {
+        self.hot.sweep_staging = false;
         self
     }
 
@@ -713,7 +732,14 @@ impl Replicator {
         let scan = self.scan().await;
         let unreadable_before = scan.errors;
         let only: HashSet<Id> = {
-            let t = lock(&self.tracker);
+            let mut t = lock(&self.tracker);
+            // A stream failing now hands its database to this pass: its
+            // ticket, settled here, no longer keeps the database in flight
+            // (out of `pending_all`) until the next cycle, which a stop
+            // does not have.
+            for r in lock(&self.hot.running).values_mut() {
+                r.settle(&mut t, false);
+            }
             t.pending_all()
                 .into_iter()
                 .filter(|id| t.has_upload_record(*id))
@@ -1151,6 +1177,7 @@ impl Replicator {
                     lock(&self.tracker).doubt(ticket.id);
                 }
                 report.uploaded += 1;
+                report.uploaded_ids.push(ticket.id);
                 report.bytes += bytes;
                 self.stats.upload_ok();
                 let _ =
@@ -1464,15 +1491,17 @@ impl Replicator {
         if !self.hot.log_recovered.swap(true, Ordering::AcqRel) {
             // What a killed run left half-written in a `file://` replica,
             // in the background: a walk of the whole replica.
-            let replica = self.replica.clone();
-            let before = std::time::SystemTime::now() - STAGING_AGE;
-            tokio::task::spawn_blocking(move || match replica.remove_stale_staging(before) {
-                0 => {}
-                n => tracing::info!(
-                    files = n,
-                    "removed the staged objects a killed run left in the replica"
-                ),
-            });
+            if self.hot.sweep_staging {
+                let replica = self.replica.clone();
+                let before = std::time::SystemTime::now() - STAGING_AGE;
+                tokio::task::spawn_blocking(move || match replica.remove_stale_staging(before) {
+                    0 => {}
+                    n => tracing::info!(
+                        files = n,
+                        "removed the staged objects a killed run left in the replica"
+                    ),
+                });
+            }
             match fleetlog::recover(&self.replica, &self.hot.ctx.temp_dir).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
@@ -1494,7 +1523,15 @@ impl Replicator {
     /// Stops every streaming task and waits for their last syncs.
     /// Returns how many streams ended with frames unshipped because their
     /// last sync failed (the store), for the stop's exit code.
-    async fn stop_hot(&self) -> usize {
+    ///
+    /// A stream whose last sync failed leaves its database behind, unless
+    /// the stop pass uploaded it (`uploaded`): that snapshot, begun after
+    /// the signal, holds every commit made before it. A stream whose
+    /// generation could not start (the application held SQLite's write lock
+    /// all along) leaves its database to the cold tier, whose stop pass
+    /// uploads it; the stop exited 1, "replica behind", with every commit in
+    /// the replica (black-box probe V31, F1).
+    async fn stop_hot(&self, uploaded: &HashSet<Id>) -> usize {
         let mut failed = 0;
         let tasks: Vec<(Id, Running)> = {
             let mut running = lock(&self.hot.running);
@@ -1510,7 +1547,7 @@ impl Replicator {
             if let Ok(HotExit::Unshipped | HotExit::Released) = exit {
                 if t.find(&r.path) == Some(id) {
                     t.mark_unsynced(id, std::time::SystemTime::now());
-                    if r.progress.failing() {
+                    if r.progress.failing() && !uploaded.contains(&id) {
                         failed += 1;
                     }
                 }
@@ -1753,16 +1790,17 @@ impl Replicator {
             }
             self.rounds.send_modify(|n| *n += 1);
         }
-        let failed = if self.replica.writes_refused() {
-            0
+        let (failed, uploaded) = if self.replica.writes_refused() {
+            (0, HashSet::new())
         } else {
-            self.upload_changes_at_stop().await.failed
+            let r = self.upload_changes_at_stop().await;
+            (r.failed, r.uploaded_ids.into_iter().collect())
         };
         let _ = retention_task.await;
         if let Some(t) = verify_task {
             let _ = t.await;
         }
-        let unshipped = self.stop_hot().await;
+        let unshipped = self.stop_hot(&uploaded).await;
         let log_task = lock(&self.hot.log_task).take();
         if let Some((stop, task)) = log_task {
             stop.cancel();

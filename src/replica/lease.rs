@@ -206,6 +206,8 @@ pub struct Lease {
     /// How long after acquiring it no write may be sent (see the module
     /// docs: takeover wait).
     takeover_wait: Duration,
+    /// See [`Lease::after_clean_stop`].
+    after_clean_stop: bool,
 }
 
 /// The lease object's path under the replica prefix.
@@ -336,6 +338,10 @@ impl Lease {
         // can still write (see the module docs).
         let fenced_for = ttl.saturating_sub(margin(ttl));
         let mut takeover_wait = Duration::ZERO;
+        // What the lease said of the run before ours (see
+        // `Lease::after_clean_stop`); not known when the lease we find is
+        // our own write, applied although its answer was lost.
+        let mut after_clean_stop = false;
         // The ETags an If-Match takeover was refused on: the same one every
         // time means the lease never changed, and the store refused its own
         // ETag (black-box probe K28: read as "another litefleet is
@@ -353,6 +359,7 @@ impl Lease {
                     let ran_here =
                         !matches!(crate::replica::identity::read(replica).await, Ok(None));
                     takeover_wait = if ran_here { fenced_for } else { Duration::ZERO };
+                    after_clean_stop = !ran_here;
                     replica.put_if_absent(&location, body.clone()).await
                 }
                 Some((bytes, version)) => {
@@ -370,6 +377,7 @@ impl Lease {
                             ),
                         });
                     } else {
+                        after_clean_stop = held.released;
                         takeover_wait = if held.released {
                             Duration::ZERO
                         } else {
@@ -426,6 +434,7 @@ impl Lease {
                     ttl,
                     fence,
                     takeover_wait,
+                    after_clean_stop,
                 });
             }
             // Someone changed the lease between our read and our write: look again.
@@ -563,6 +572,14 @@ impl Lease {
     /// for a lease released at a clean stop, and on a new replica.
     pub fn takeover_wait(&self) -> Duration {
         self.takeover_wait
+    }
+
+    /// The run before this one stopped cleanly: the lease it held was
+    /// released (or the replica is new, and no run came before). Otherwise
+    /// (it expired unreleased, or was deleted) that run may have been
+    /// killed while writing, and left staged objects behind.
+    pub fn after_clean_stop(&self) -> bool {
+        self.after_clean_stop
     }
 
     /// The write fence of this lease, for [`Replica::with_fence`].

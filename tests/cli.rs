@@ -143,6 +143,25 @@ fn bad_configs_are_clear_errors_not_panics() {
     assert!(stderr(&o).contains("missing.yml"), "{}", stderr(&o));
 }
 
+/// A benchmark of no databases, or of no rounds, is a usage error naming
+/// the option (black-box probe U31: `bench scan --databases 0` failed with
+/// "No such file or directory").
+#[test]
+fn bench_counts_of_zero_are_usage_errors() {
+    let t = tempfile::tempdir().unwrap();
+    for args in [
+        ["bench", "scan", "--databases", "0"],
+        ["bench", "snapshot", "--databases", "0"],
+        ["bench", "snapshot", "--repeat", "0"],
+    ] {
+        let o = litefleet(t.path(), &args);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains(&format!("'0' for '{}", args[2])), "{e}");
+        assert!(e.contains("must be at least 1"), "{e}");
+    }
+}
+
 /// An invalid log filter, in `--log-level` or `LITEFLEET_LOG`, is a usage
 /// error (exit 2, like any bad flag) naming where it came from and the
 /// value; valid levels and tracing filters get past it to the config.

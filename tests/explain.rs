@@ -331,6 +331,17 @@ fn config_errors_exit_1_and_limits_warn() {
     has(&out, "multi-db.enabled is false");
     let o = litefleet(work.path(), &["explain", "--strict"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // A lease-ttl a loaded store's stalls outlast (black-box probe S31:
+    // 2 s on moto paused writes, and clean stops exited 1).
+    let lease = |ttl: &str| {
+        let replica = format!("{s3}    lease-ttl: {ttl}\n");
+        std::fs::write(&cfg, yaml(data.path(), &replica)).unwrap();
+        explain_ok(work.path())
+    };
+    let out = lease("2s");
+    has(&out, "warning: multi-db.replica.lease-ttl 2.0s is short: the lease is renewed every 0.7s, and writes pause once no renewal has succeeded for 1.5s");
+    has(&out, "2s (renewed every 666ms)");
+    assert!(!lease("10s").contains("lease-ttl 10.0s is short"));
 }
 
 /// Keys `restore` would refuse (`k/.db` renders `k/`, `..db` renders `.`)

@@ -56,19 +56,39 @@ impl<W: Write> OneLine<W> {
 }
 
 /// Appends `c`, escaped when it could break or rewrite a line: C0 and C1
-/// control characters, DEL, and Unicode's line and paragraph separators
-/// (which some log viewers break lines at).
+/// control characters, DEL, Unicode's line and paragraph separators (which
+/// some log viewers break lines at), and the [`invisible`] characters that
+/// reorder or hide text.
 fn push_escaped(out: &mut String, c: char, ansi: bool) {
     match c {
         '\n' => out.push_str("\\n"),
         '\r' => out.push_str("\\r"),
         '\t' => out.push_str("\\t"),
         '\u{1b}' if ansi => out.push(c),
-        c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
+        c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' || invisible(c) => {
             out.push_str(&format!("\\u{{{:x}}}", c as u32));
         }
         c => out.push(c),
     }
+}
+
+/// Characters that print as nothing but change how the text around them
+/// reads: the bidirectional overrides, embeddings and isolates (U+202A to
+/// U+202E, U+2066 to U+2069) and marks (U+200E, U+200F, U+061C), which can
+/// show a key or path as another ("Trojan Source"), and the zero-width
+/// spaces, joiners and word joiners (U+200B to U+200D, U+2060 to U+2064,
+/// U+FEFF), which make two different keys look the same (black-box probe
+/// U31: `list` printed them raw).
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+    )
 }
 
 /// `text` (a key, a path) for one line of output: control characters and
@@ -165,5 +185,19 @@ mod tests {
         );
         assert_eq!(escape_line("\u{1b}[32m\n", false), "\\u{1b}[32m\n");
         assert_eq!(escape_line("päth/ünïcode ok\n", false), "päth/ünïcode ok\n");
+    }
+
+    /// A key that reverses the text after it, or differs from another only
+    /// by a zero-width space, shows its hidden characters.
+    #[test]
+    fn characters_that_reorder_or_hide_text_are_shown() {
+        assert_eq!(shown("p/\u{202e}bd.a"), "p/\\u{202e}bd.a");
+        assert_eq!(shown("p/a\u{200b}b"), "p/a\\u{200b}b");
+        assert_eq!(
+            shown("\u{2066}x\u{2069}\u{feff}"),
+            "\\u{2066}x\\u{2069}\\u{feff}"
+        );
+        // Letters of right-to-left scripts are text, not controls.
+        assert_eq!(shown("p/שלום/مرحبا"), "p/שלום/مرحبا");
     }
 }

@@ -464,7 +464,7 @@ async fn restore_prefix(replica: &Replica, prefix: String, args: RestoreArgs) ->
 pub enum BenchCommand {
     /// Rescan cost and tracking memory for a tree of tiny databases.
     Scan {
-        #[arg(long, default_value_t = 100_000)]
+        #[arg(long, default_value_t = 100_000, value_parser = at_least_one)]
         databases: usize,
         /// Tree location (reused when it already holds that many databases).
         #[arg(long)]
@@ -554,13 +554,13 @@ pub enum BenchCommand {
     /// Cold-tier snapshot and restore speed against lz4 and sqlite3, side by side.
     Snapshot {
         /// Small databases for the many-databases round.
-        #[arg(long, default_value_t = 3_000)]
+        #[arg(long, default_value_t = 3_000, value_parser = at_least_one)]
         databases: usize,
         /// Size of the one large database, in MB.
         #[arg(long, default_value_t = 256)]
         large_mb: u64,
         /// Rounds (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = at_least_one)]
         repeat: usize,
         /// Working directory (reused: the generated databases are kept); a fresh temp dir by default.
         #[arg(long)]
@@ -595,6 +595,17 @@ fn work_dir(dir: Option<PathBuf>) -> Result<(Option<tempfile::TempDir>, PathBuf)
             let path = tmp.path().to_path_buf();
             Ok((Some(tmp), path))
         }
+    }
+}
+
+/// A count that must be at least 1 (a benchmark of no databases measures
+/// nothing: `bench scan --databases 0` failed with "No such file or
+/// directory", black-box probe U31).
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 

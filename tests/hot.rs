@@ -1226,6 +1226,42 @@ both_backends!(
     }
 );
 
+// A hot database deleted under its stream is not streamed again while it
+// is gone, and the next scan stops tracking it. It stayed in the hot set:
+// each new stream found no file and ended, hundreds of times a second, and
+// the scans never dropped it (black-box probe W32: tracked for minutes).
+both_backends!(a_database_deleted_while_hot_is_dropped, |b| async move {
+    use std::sync::atomic::Ordering::Relaxed;
+    // The fleet is kept (its directories are removed when it drops).
+    let Promoted {
+        f: _fleet,
+        path,
+        w,
+        stats,
+        token,
+        run,
+        ..
+    } = promoted(b, "").await;
+    eventually("a generation", || async {
+        stats.generations.load(Relaxed) >= 1
+    })
+    .await;
+    drop(w);
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(&p);
+    }
+    eventually("the database dropped", || async {
+        stats.databases.load(Relaxed) == 0
+    })
+    .await;
+    let promotions = stats.hot_promotions.load(Relaxed);
+    assert!(promotions <= 2, "{promotions} promotions");
+    token.cancel();
+    run.await.unwrap().unwrap();
+});
+
 both_backends!(replicator_promotes_a_written_database, |b| async move {
     use std::sync::atomic::Ordering::Relaxed;
     let Promoted {

@@ -1372,6 +1372,20 @@ impl Replicator {
                 HotExit::Unshipped => {
                     if same_db {
                         tracker.mark_unsynced(id, std::time::SystemTime::now());
+                        // Deleted under its stream (or as it started): not
+                        // started again while gone. It was, at once, as it
+                        // stayed in the hot set: each new stream found no
+                        // file and ended, up to 800 times a second, and its
+                        // tickets kept it in flight, which the scans never
+                        // drop (black-box probe W32: a deleted database
+                        // tracked for minutes). Held, the cold tier tries
+                        // it (a database created there again is uploaded
+                        // and streams again) and the next scan drops it.
+                        if std::fs::symlink_metadata(&r.path)
+                            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                        {
+                            tiers.hold(id);
+                        }
                     }
                 }
                 HotExit::Released => {

@@ -383,6 +383,53 @@ both_backends!(
     }
 );
 
+// A spool that could not be written for a moment (a full temp-dir: here
+// its files are directories) is rebuilt from the log objects at the next
+// consolidation once it can be written again: the log is consolidated and
+// emptied, and every point restores. It never consolidated again, for the
+// life of the process, and its log objects piled up, one a tick (black-box
+// probe Y32).
+both_backends!(
+    a_spool_that_could_not_be_written_is_rebuilt_from_the_log,
+    |b| async move {
+        let mut s = Streams::start(Fleet::new(b).await, 2, Duration::from_millis(200)).await;
+        let mut marks = vec![s.round(1, 1).await];
+        // The streams' spools (ids 1 and 2 of this log) cannot be written.
+        let dir = s.f.work.path().join("tmp/.litefleet-spool");
+        let spools: Vec<PathBuf> = (1..=2)
+            .map(|id| dir.join(format!("{}-{id}.spool", std::process::id())))
+            .collect();
+        for p in &spools {
+            let _ = std::fs::remove_file(p);
+            std::fs::create_dir_all(p).unwrap();
+        }
+        for round in 2..=4 {
+            marks.push(s.round(1, round).await);
+        }
+        for p in &spools {
+            assert!(p.is_dir(), "no part was spooled meanwhile");
+            std::fs::remove_dir(p).unwrap();
+        }
+        let packs = s.stats.log_packs.load(Ordering::Relaxed);
+        let mut round = 4;
+        while s.stats.log_packs.load(Ordering::Relaxed) < packs + 2 {
+            assert!(round < 100, "no consolidation since the spools failed");
+            round += 1;
+            marks.push(s.round(1, round).await);
+        }
+        s.assert_marks(&marks).await;
+        s.stop.cancel();
+        for t in std::mem::take(&mut s.tasks) {
+            assert!(matches!(t.await.unwrap(), HotExit::Clean));
+        }
+        s.until_the_log_is_empty().await;
+        for i in 0..2 {
+            assert_eq!(s.restore(i, None).await.unwrap(), s.rows[i]);
+        }
+        s.assert_marks(&marks).await;
+    }
+);
+
 /// Refuses every PUT of a consolidated pack while set.
 #[derive(Debug, Default)]
 struct RefusePacks(std::sync::atomic::AtomicBool);

@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path as ObjPath;
+use object_store::ObjectMeta;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -108,6 +109,11 @@ enum Msg {
     Consolidated {
         stream: u64,
         upto: u64,
+    },
+    Held {
+        from: u64,
+        upto: u64,
+        reply: oneshot::Sender<Vec<ObjPath>>,
     },
 }
 
@@ -194,6 +200,19 @@ impl FleetLog {
     /// is in a consolidated pack now.
     pub fn consolidated(&self, stream: u64, upto: u64) {
         let _ = self.tx.send(Msg::Consolidated { stream, upto });
+    }
+
+    /// The log objects from sequence `from` to `upto` that are still kept
+    /// (each holds a part some stream has not consolidated), in order: where
+    /// a broken spool's parts are ([`Spool::rebuild`]).
+    pub async fn held(&self, from: u64, upto: u64) -> Result<Vec<ObjPath>> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Held { from, upto, reply })
+            .map_err(|_| Error::invalid("fleet log", "the log writer has stopped"))?;
+        answer
+            .await
+            .map_err(|_| Error::invalid("fleet log", "the log writer has stopped"))
     }
 }
 
@@ -312,6 +331,17 @@ impl LogWriter {
                 }
                 self.delete(&mut st.objects, free).await;
             }
+            Msg::Held { from, upto, reply } => {
+                let held = if from <= upto {
+                    st.objects
+                        .range(from..=upto)
+                        .map(|(_, (path, _))| path.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let _ = reply.send(held);
+            }
         }
     }
 
@@ -399,10 +429,14 @@ pub struct Spool {
     bytes: u64,
     /// Newest log object sequence holding a spooled part.
     upto: u64,
-    /// When the first spooled part was added.
+    /// Oldest log object sequence holding a part added since the last
+    /// consolidation (spooled or not).
+    from: Option<u64>,
+    /// When the first part since the last consolidation was added.
     since: Option<Instant>,
     /// A part is in the log but not in the spool (a local write failed):
-    /// this spool may never release log objects again.
+    /// the spool is rebuilt from the log objects before it is consolidated
+    /// ([`Spool::rebuild`]).
     broken: bool,
 }
 
@@ -418,6 +452,7 @@ impl Spool {
             parts: 0,
             bytes: 0,
             upto: 0,
+            from: None,
             since: None,
             broken: false,
         }
@@ -428,14 +463,21 @@ impl Spool {
         &self.key
     }
 
+    /// Nothing added since the last consolidation.
     pub fn is_empty(&self) -> bool {
-        self.parts == 0
+        self.from.is_none()
     }
 
-    /// A part is in the log but not here: this spool never releases log
-    /// objects again (see [`Spool::add`]).
+    /// A part is in the log but not here (see [`Spool::add`]): the spool
+    /// must be rebuilt from the log before it is consolidated.
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// The log objects that may hold its parts: sequences `from..=upto`
+    /// (see [`FleetLog::held`]).
+    pub fn span(&self) -> Option<(u64, u64)> {
+        self.from.map(|f| (f, self.upto))
     }
 
     /// The generation of the spooled parts, if any.
@@ -448,6 +490,11 @@ impl Spool {
     /// takes besides its bytes. Never more than [`consolidation_budget`]
     /// holds in all.
     pub fn memory(&self) -> u32 {
+        if self.broken {
+            // Its size is not known until it is rebuilt, which holds one
+            // log object (at most `RECOVERY_WHOLE`) at a time.
+            return u32::try_from(CONSOLIDATION_IN_MEMORY).unwrap_or(u32::MAX);
+        }
         let chunk = self.bytes.min(PACK_MAX);
         let n = (chunk + self.parts * PART_MEMORY).min(CONSOLIDATION_IN_MEMORY);
         u32::try_from(n).unwrap_or(u32::MAX)
@@ -459,14 +506,25 @@ impl Spool {
     }
 
     /// Adds a part that is durable in log object `seq`. A failure marks the
-    /// spool broken (see [`Spool::consolidate`]); the part itself stays
+    /// spool broken (see [`Spool::rebuild`]); the part itself stays
     /// shipped, in the log.
     pub fn add(&mut self, part: &Part, bytes: &[u8], seq: u64) {
         self.upto = self.upto.max(seq);
+        self.from.get_or_insert(seq);
+        self.since.get_or_insert_with(Instant::now);
+        self.generation = Some(part.generation.clone());
         if self.broken {
             return;
         }
-        self.generation = Some(part.generation.clone());
+        if let Err(e) = self.write(part, bytes) {
+            tracing::warn!(path = %self.path.display(), error = %e,
+                "cannot keep shipped WAL frames for consolidation; they stay in the fleet log, from which the spool is rebuilt at the next consolidation");
+            self.broken = true;
+        }
+    }
+
+    /// Appends one part's record to the spool file.
+    fn write(&mut self, part: &Part, bytes: &[u8]) -> Result<()> {
         let r = (|| -> Result<()> {
             let json = serde_json::to_vec(part)
                 .map_err(|e| Error::invalid("spool", format!("serializing: {e}")))?;
@@ -481,18 +539,76 @@ impl Spool {
             rec.extend_from_slice(bytes);
             f.write_all(&rec).at(&self.path)
         })();
-        match r {
-            Ok(()) => {
-                self.parts += 1;
-                self.bytes += bytes.len() as u64;
-                self.since.get_or_insert_with(Instant::now);
+        r?;
+        self.parts += 1;
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Makes a broken spool whole again from the log objects that hold its
+    /// parts (`objects`, from [`FleetLog::held`] over [`Spool::span`], in
+    /// order): its database's parts in them, read back from the store
+    /// (`RECOVERY_READS`, 8, at a time) and written to the spool file anew.
+    /// Before, a spool that once failed to write (a full temp-dir for a few
+    /// seconds) never consolidated again, so no log object it had a part in
+    /// was deleted for the rest of the process: one a second (black-box
+    /// probe Y32). A log object deleted meanwhile (by hand) is passed over:
+    /// what a restore can read is what the pack gets.
+    ///
+    /// When the spool cannot be written yet, it stays broken, and is not
+    /// tried again (nor its objects read) for another consolidation
+    /// interval ([`Spool::due`]); a store that fails a read fails the call.
+    pub async fn rebuild(&mut self, replica: &Replica, objects: Vec<ObjPath>) -> Result<()> {
+        use futures::StreamExt;
+        let _ = std::fs::remove_file(&self.path);
+        self.parts = 0;
+        self.bytes = 0;
+        // Nothing is read from the store while the spool's disk is full.
+        let mut unwritable = probe_writable(&self.path).err().map(|e| e.to_string());
+        let objects = if unwritable.is_some() {
+            Vec::new()
+        } else {
+            objects
+        };
+        let reads = objects.into_iter().map(|location| {
+            let replica = replica.clone();
+            async move {
+                let Some(meta) = replica.head(&location).await? else {
+                    return Ok(None);
+                };
+                let read = read_log_object(&replica, &meta, RECOVERY_WHOLE).await?;
+                Ok::<_, Error>(Some((meta, read)))
             }
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e,
-                    "cannot keep shipped WAL frames for consolidation; their fleet log objects are kept until the next restart");
-                self.broken = true;
+        });
+        let mut reads = futures::stream::iter(reads).buffered(RECOVERY_READS);
+        let key = self.key.clone();
+        while let Some(read) = reads.next().await {
+            let Some((meta, read)) = read? else { continue };
+            let mut add = |part: &Part, bytes: &[u8]| {
+                if part.key != key {
+                    return Ok(());
+                }
+                self.write(part, bytes)
+                    .inspect_err(|e| unwritable = Some(e.to_string()))
+            };
+            match parts_of(replica, &meta, read, RECOVERY_WHOLE, &mut add).await {
+                Ok(()) => {}
+                Err(_) if unwritable.is_some() => break,
+                Err(e) => return Err(e),
             }
         }
+        if let Some(e) = unwritable {
+            let _ = std::fs::remove_file(&self.path);
+            self.parts = 0;
+            self.bytes = 0;
+            self.since = Some(Instant::now());
+            tracing::warn!(path = %self.path.display(), error = %e,
+                "cannot rebuild a stream's consolidation spool yet; its parts stay in the fleet log, and it is tried again after log-consolidate-interval or when the stream ends");
+            return Ok(());
+        }
+        self.broken = false;
+        tracing::info!(path = %self.path.display(), parts = self.parts, "rebuilt a stream's consolidation spool from the fleet log");
+        Ok(())
     }
 
     /// Writes the spooled parts as consolidated pack(s) of their generation.
@@ -503,15 +619,11 @@ impl Spool {
         if self.broken {
             return Ok(None);
         }
-        let Some(gen) = self.generation.clone().filter(|_| self.parts > 0) else {
-            return Ok(None);
-        };
-        let gen = GenerationId::parse(&gen).ok_or_else(|| {
-            Error::invalid(
-                self.path.display(),
-                format!("spool of an invalid generation {gen:?}"),
-            )
-        })?;
+        if self.parts == 0 {
+            // Nothing spooled (a rebuilt spool whose log objects were
+            // deleted by hand): nothing to write, all to release.
+            return Ok(self.from.take().map(|_| self.upto));
+        }
         // One pack's worth in memory at a time: a busy database's hour of
         // parts can be gigabytes.
         let mut reader = SpoolReader::open(&self.path)?;
@@ -527,38 +639,62 @@ impl Spool {
             if chunk.is_empty() {
                 break;
             }
-            let first = Position {
-                index: chunk[0].0.index,
-                offset: chunk[0].0.offset,
-            };
-            let newest = chunk
-                .iter()
-                .map(|(p, _)| p.commit_time())
-                .max()
-                .expect("non-empty");
-            let location = hot::pack_path(&replica.prefix, &self.key, &gen, first, newest);
-            replica
-                .put_pieces(&location, pack::encode_pieces(chunk)?)
-                .await?;
+            // A pack per generation: a rebuilt spool can hold the parts of
+            // two (its stream started a new one while it was broken).
+            let mut chunk = chunk;
+            while !chunk.is_empty() {
+                let run = chunk
+                    .iter()
+                    .position(|(p, _)| p.generation != chunk[0].0.generation)
+                    .unwrap_or(chunk.len());
+                let rest = chunk.split_off(run);
+                self.write_pack(replica, chunk).await?;
+                chunk = rest;
+            }
         }
         let _ = std::fs::remove_file(&self.path);
         self.parts = 0;
         self.bytes = 0;
         self.since = None;
+        self.from = None;
         self.generation = None;
         Ok(Some(self.upto))
     }
 
-    /// Forgets the spooled parts without consolidating them (they stay in
-    /// the log objects, which are then never released by this spool).
+    /// Writes `parts`, all of one generation, as one pack.
+    async fn write_pack(&self, replica: &Replica, parts: Vec<(Part, Bytes)>) -> Result<()> {
+        let gen = &parts[0].0.generation;
+        let gen = GenerationId::parse(gen).ok_or_else(|| {
+            Error::invalid(
+                self.path.display(),
+                format!("spool of an invalid generation {gen:?}"),
+            )
+        })?;
+        let first = Position {
+            index: parts[0].0.index,
+            offset: parts[0].0.offset,
+        };
+        let newest = parts
+            .iter()
+            .map(|(p, _)| p.commit_time())
+            .max()
+            .expect("non-empty");
+        let location = hot::pack_path(&replica.prefix, &self.key, &gen, first, newest);
+        replica
+            .put_pieces(&location, pack::encode_pieces(parts)?)
+            .await
+    }
+
+    /// Forgets the spooled parts without consolidating them: they stay in
+    /// the log objects, from which the next consolidation rebuilds them
+    /// ([`Spool::rebuild`]).
     pub fn abandon(&mut self) {
-        if self.parts > 0 {
+        if self.from.is_some() {
             self.broken = true;
         }
         let _ = std::fs::remove_file(&self.path);
         self.parts = 0;
         self.bytes = 0;
-        self.since = None;
     }
 }
 
@@ -672,6 +808,87 @@ enum LogRead {
     ByPart,
 }
 
+/// Bytes [`probe_writable`] writes: a page, which a full filesystem
+/// refuses where it may still take an empty file.
+const PROBE_BYTES: usize = 4096;
+
+/// Whether a file can be written at `path` now: creates it, writes
+/// [`PROBE_BYTES`] and empties it again.
+fn probe_writable(path: &Path) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .at(path)?;
+    let r = f
+        .write_all(&[0u8; PROBE_BYTES])
+        .and_then(|()| f.sync_data())
+        .and_then(|()| f.set_len(0))
+        .at(path);
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+/// A log object read whole when it is at most `whole` bytes (see
+/// [`LogRead`]).
+async fn read_log_object(replica: &Replica, meta: &ObjectMeta, whole: u64) -> Result<LogRead> {
+    if meta.size > whole {
+        return Ok(LogRead::ByPart);
+    }
+    Ok(replica
+        .get_bytes(&meta.location)
+        .await?
+        .map_or(LogRead::Gone, LogRead::Whole))
+}
+
+/// Hands every part of the log object `meta`, as `read`, to `add`, in
+/// order; a large object's parts are read one at a time by range, and a
+/// part larger than `whole` (litefleet never writes one) fails.
+async fn parts_of(
+    replica: &Replica,
+    meta: &ObjectMeta,
+    read: LogRead,
+    whole: u64,
+    add: &mut impl FnMut(&Part, &[u8]) -> Result<()>,
+) -> Result<()> {
+    match read {
+        LogRead::Gone => {}
+        LogRead::Whole(bytes) => {
+            let index = pack::decode_index(&bytes, meta.location.as_ref())?;
+            for (part, range) in index.parts {
+                add(&part, &bytes[range.start as usize..range.end as usize])?;
+            }
+        }
+        LogRead::ByPart => {
+            let Some(index) = pack::read_index(replica, meta).await? else {
+                return Ok(());
+            };
+            for (part, range) in index.parts {
+                if range.end - range.start > whole {
+                    return Err(Error::invalid(
+                        &meta.location,
+                        format!(
+                            "holds a part of {} bytes, more than litefleet ever writes in one",
+                            range.end - range.start
+                        ),
+                    ));
+                }
+                let Some(bytes) = replica.get_range_bytes(&meta.location, range).await? else {
+                    return Err(Error::invalid(
+                        &meta.location,
+                        "was deleted while it was read (another litefleet on this replica?)",
+                    ));
+                };
+                add(&part, &bytes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// [`recover`], reading log objects up to `whole` bytes whole and larger
 /// ones part by part, refusing a part larger than `whole`.
 async fn recover_reading(replica: &Replica, tmp_dir: &Path, whole: u64) -> Result<usize> {
@@ -703,52 +920,14 @@ async fn recover_reading(replica: &Replica, tmp_dir: &Path, whole: u64) -> Resul
         .map(|m| {
             let (replica, meta) = (replica.clone(), m.clone());
             async move {
-                let read = if meta.size <= whole {
-                    replica
-                        .get_bytes(&meta.location)
-                        .await
-                        .map(|b| b.map_or(LogRead::Gone, LogRead::Whole))
-                } else {
-                    Ok(LogRead::ByPart)
-                };
+                let read = read_log_object(&replica, &meta, whole).await;
                 (meta, read)
             }
         })
         .collect();
     let mut reads = futures::stream::iter(reads).buffered(RECOVERY_READS);
     while let Some((meta, read)) = reads.next().await {
-        match read? {
-            LogRead::Gone => {}
-            LogRead::Whole(bytes) => {
-                let index = pack::decode_index(&bytes, meta.location.as_ref())?;
-                for (part, range) in index.parts {
-                    add(&part, &bytes[range.start as usize..range.end as usize])?;
-                }
-            }
-            LogRead::ByPart => {
-                let Some(index) = pack::read_index(replica, &meta).await? else {
-                    continue;
-                };
-                for (part, range) in index.parts {
-                    if range.end - range.start > whole {
-                        return Err(Error::invalid(
-                            &meta.location,
-                            format!(
-                                "holds a part of {} bytes, more than litefleet ever writes in one",
-                                range.end - range.start
-                            ),
-                        ));
-                    }
-                    let Some(bytes) = replica.get_range_bytes(&meta.location, range).await? else {
-                        return Err(Error::invalid(
-                            &meta.location,
-                            "was deleted while the start recovered it (another litefleet on this replica?)",
-                        ));
-                    };
-                    add(&part, &bytes)?;
-                }
-            }
-        }
+        parts_of(replica, &meta, read?, whole, &mut add).await?;
     }
     for spool in spools.values_mut() {
         spool.consolidate(replica).await?;

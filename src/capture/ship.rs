@@ -1682,11 +1682,13 @@ enum Room {
 enum Consolidation {
     /// A pack was written; the log objects of its parts are released.
     Written,
-    /// Nothing to write (an empty spool), or nothing may be released (a
-    /// broken one: see [`Spool::is_broken`]).
+    /// Nothing to write: an empty spool.
     Nothing,
     /// Not now: [`Room::IfFree`] found too little of the budget free.
     NoRoom,
+    /// The spool is broken and could not be rebuilt yet (it cannot be
+    /// written: see [`Spool::rebuild`]): its parts stay in the log.
+    Broken,
 }
 
 /// [`consolidate`] with the context's replica, upload permits and stats
@@ -1712,6 +1714,14 @@ async fn consolidate_with(
         },
     };
     let _permit = permits.acquire().await;
+    if let (true, Some((from, upto))) = (ls.spool.is_broken(), ls.spool.span()) {
+        // A part it could not spool: read its parts back from the log.
+        let held = ls.log.held(from, upto).await?;
+        ls.spool.rebuild(replica, held).await?;
+        if ls.spool.is_broken() {
+            return Ok(Consolidation::Broken);
+        }
+    }
     let Some(upto) = ls.spool.consolidate(replica).await? else {
         return Ok(Consolidation::Nothing);
     };
@@ -1741,7 +1751,7 @@ fn consolidate_later(ctx: &HotContext, mut ls: LogStream) {
         ctx.consolidation.clone(),
         ctx.stats.clone(),
     );
-    if ls.spool.is_empty() || ls.spool.is_broken() {
+    if ls.spool.is_empty() {
         return;
     }
     tokio::spawn(async move {
@@ -1763,6 +1773,9 @@ fn consolidate_later(ctx: &HotContext, mut ls: LogStream) {
                     return;
                 }
                 Ok(Consolidation::Nothing | Consolidation::NoRoom) => return,
+                Ok(Consolidation::Broken) => {
+                    wait = (wait * 2).min(LATER_TICKS_MAX);
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot consolidate an ended stream's fleet log parts yet");
                     wait = (wait * 2).min(LATER_TICKS_MAX);
@@ -2157,7 +2170,7 @@ async fn close_log(ctx: &HotContext, ls: &mut Option<LogStream>, slot: &mut Opti
     let Some(l) = ls.as_mut() else { return };
     let consolidated = match consolidate(ctx, l, Room::Wait).await {
         Ok(Consolidation::Written | Consolidation::Nothing) => !l.spool.is_broken(),
-        Ok(Consolidation::NoRoom) => false,
+        Ok(Consolidation::NoRoom | Consolidation::Broken) => false,
         Err(e) => {
             tracing::warn!(error = %e, "cannot consolidate a stream's fleet log parts at its end; they stay in the log and are tried again in the background");
             false

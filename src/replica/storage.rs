@@ -1352,6 +1352,16 @@ impl Replica {
         }
     }
 
+    /// An object's size and version; `None` if it does not exist.
+    pub async fn head(&self, location: &ObjPath) -> Result<Option<ObjectMeta>> {
+        use object_store::ObjectStoreExt;
+        match read_retrying(|| self.store.head(location)).await {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store(location, e)),
+        }
+    }
+
     /// Downloads bytes `range` of an object; `None` if it does not exist.
     pub async fn get_range_bytes(
         &self,

@@ -43,8 +43,9 @@ pub fn refuse_side_files(output: &Path) -> Result<()> {
     Err(Error::invalid(
         output.display(),
         format!(
-            "leftover {} of an earlier database exist(s) next to the output; SQLite would apply \
-             them to the restored database when it is first opened. Move or delete them first",
+            "{} exist(s) next to the output (left by an earlier database there, or made by \
+             another process meanwhile); SQLite would apply them to the restored database when \
+             it is first opened. Move or delete them first",
             names.join(", ")
         ),
     ))

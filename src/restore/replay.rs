@@ -372,7 +372,7 @@ async fn check_recorded_snapshot(replica: &Replica, plan: &Plan) -> Result<()> {
 /// Why a restore failed when a pack it planned with was gone when its
 /// parts were downloaded (see [`is_part_gone`]).
 const LOG_PART_GONE: &str =
-    "is gone (a fleet log object consolidated meanwhile, or deleted): plan again";
+    "was listed, but is gone now (a fleet log object consolidated into a pack meanwhile, or deleted by retention or by hand)";
 /// Why a restore failed when an object of its plan other than a fleet log
 /// object was gone when it was read (see [`is_part_gone`]).
 const OBJECT_GONE: &str =

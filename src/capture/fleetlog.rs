@@ -622,6 +622,8 @@ impl Spool {
         if self.parts == 0 {
             // Nothing spooled (a rebuilt spool whose log objects were
             // deleted by hand): nothing to write, all to release.
+            self.since = None;
+            self.generation = None;
             return Ok(self.from.take().map(|_| self.upto));
         }
         // One pack's worth in memory at a time: a busy database's hour of
@@ -1053,5 +1055,37 @@ mod tests {
         }
         let e = r.chunk(100).unwrap_err();
         assert!(e.to_string().contains("0.spool"), "{e}");
+    }
+
+    /// A spool holding the parts of two generations (rebuilt from the log
+    /// after its stream began a new one) is written as a pack in each.
+    #[tokio::test]
+    async fn each_generation_gets_its_own_pack() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open_dir(&dir.path().join("replica")).unwrap();
+        let mut spool = Spool::new(dir.path().join("0.spool"), "k");
+        let (old, new) = ("fffffe6b2f5c7e1f0123abcd", "fffffe6b2f5c7e200123abcd");
+        let now = chrono::Utc::now();
+        for (gen, offset) in [(old, 32), (old, 72), (new, 32)] {
+            spool.add(&Part::new("k", gen, 0, offset, now, 40), &[1u8; 40], 1);
+        }
+        assert_eq!(spool.consolidate(&r).await.unwrap(), Some(1));
+        let mut packs: Vec<(String, usize)> = Vec::new();
+        for gen in [old, new] {
+            let id = GenerationId::parse(gen).unwrap();
+            let listed = r
+                .list_all(&hot::generation_dir(&r.prefix, "k", &id))
+                .collect::<Vec<_>>()
+                .await;
+            for m in listed {
+                let m = m.unwrap();
+                let bytes = r.get_bytes(&m.location).await.unwrap().unwrap();
+                let index = pack::decode_index(&bytes, m.location.as_ref()).unwrap();
+                assert!(index.parts.iter().all(|(p, _)| p.generation == gen));
+                packs.push((gen.to_string(), index.parts.len()));
+            }
+        }
+        assert_eq!(packs, [(old.to_string(), 2), (new.to_string(), 1)]);
     }
 }

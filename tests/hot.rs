@@ -1084,36 +1084,46 @@ async fn promote(f: Fleet, path: PathBuf, key: String, w: Connection) -> Promote
 }
 
 // A hot database whose stream cannot start its generation (the application
-// holds SQLite's write lock all along) is left to the cold tier; the stop
-// pass uploads it, and that upload, begun after the stop was asked for,
-// holds every commit made before: the stop is clean. It exited 1, "1 hot
-// database(s) could not ship their last WAL frames", with every commit in
-// the replica (black-box probe V31, F1). No scan runs between the stream's
-// failure and the stop (an hour's interval; a change notification
-// promotes the database): the stop pass itself takes the database from
-// the failing stream.
+// holds SQLite's write lock all along) is left to the cold tier, and the
+// stop is clean when the cold tier holds it: every commit made before the
+// stop is in the replica. It exited 1, "1 hot database(s) could not ship
+// their last WAL frames", with every commit in the replica (black-box
+// probes V31 F1, Y32 F2). Two ways: no scan runs between the stream's
+// failure and the stop (an hour's interval; a change notification promotes
+// the database), so the stop pass itself takes the database from the
+// failing stream and uploads it; or the scans' cycles uploaded it while the
+// stream failed, and the stop pass finds nothing changed since.
 both_backends!(
-    a_stop_pass_upload_covers_a_stream_that_could_not_start,
+    a_stop_is_clean_when_the_cold_tier_holds_a_failing_stream,
     |b| async move {
         use std::sync::atomic::Ordering::Relaxed;
-        let (mut f, _, key, w) = unpromoted(b, "").await;
-        f.scan_interval = "1h";
-        let (stats, token, run) = run_until_first_upload(&f).await;
-        // Written: the change notification promotes it, and its stream's
-        // generation start finds the write lock held.
-        insert_rows(&w, 5);
-        w.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(v) VALUES ('held')")
-            .unwrap();
-        eventually("a failed generation start", || async {
-            stats.hot_errors.load(Relaxed) >= 1
-        })
-        .await;
-        assert_eq!(stats.generations.load(Relaxed), 0);
-        assert_eq!(stats.uploads_ok.load(Relaxed), 1, "no cold upload since");
-        token.cancel();
-        run.await.unwrap().expect("a clean stop");
-        w.execute_batch("ROLLBACK").unwrap();
-        f.assert_restores(&[key], 6).await;
+        for scans in ["1h", "100ms"] {
+            let (mut f, _, key, w) = unpromoted(b, "").await;
+            f.scan_interval = scans;
+            let (stats, token, run) = run_until_first_upload(&f).await;
+            // Written: the change notification (or the scan) promotes it,
+            // and its stream's generation start finds the write lock held.
+            insert_rows(&w, 5);
+            w.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(v) VALUES ('held')")
+                .unwrap();
+            eventually("a failed generation start", || async {
+                stats.hot_errors.load(Relaxed) >= 1
+            })
+            .await;
+            if scans == "1h" {
+                assert_eq!(stats.uploads_ok.load(Relaxed), 1, "no cold upload since");
+            } else {
+                eventually("the cold tier's upload", || async {
+                    stats.uploads_ok.load(Relaxed) >= 2 && stats.pending.load(Relaxed) == 0
+                })
+                .await;
+            }
+            assert_eq!(stats.generations.load(Relaxed), 0);
+            token.cancel();
+            run.await.unwrap().expect("a clean stop");
+            w.execute_batch("ROLLBACK").unwrap();
+            f.assert_restores(&[key], 6).await;
+        }
     }
 );
 

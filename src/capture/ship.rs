@@ -604,6 +604,19 @@ impl Shipper {
                 format!("journal_mode is {mode}, not wal: WAL streaming needs WAL mode; the database stays in the cold tier"),
             ));
         }
+        // A stream takes SQLite's WAL-index locks, which need the `-shm`
+        // writable: where litefleet may only read it (another user's
+        // database), every generation start failed as if the application
+        // held the write lock, every sync interval, and stops exited 1
+        // (black-box probe Y32).
+        let shm_path = {
+            let mut p = db.as_os_str().to_owned();
+            p.push("-shm");
+            PathBuf::from(p)
+        };
+        if !may_write(&shm_path) {
+            return Err(Error::invalid(shm_path.display(), SHM_NOT_WRITABLE));
+        }
         // SQLite runs a file in WAL mode whenever a `-wal` is beside it,
         // whatever its header says: a database renamed over another one
         // beside the old `-wal` keeps its rollback header (1/1) until a
@@ -1831,6 +1844,34 @@ async fn log_segment(
         .await?;
     ls.spool.add(&part, &compressed, seq);
     Ok(())
+}
+
+/// Why a database cannot stream when litefleet may not write its `-shm`
+/// (see [`cannot_write_shm`]).
+const SHM_NOT_WRITABLE: &str = "litefleet may not write it (permission denied), and a stream needs SQLite's WAL-index write lock: the database stays in the cold tier (run litefleet as a user that may write the database's side files to stream it)";
+
+/// The stream could not start because litefleet may not write the
+/// database's `-shm`: it never will until the files' permissions change,
+/// so the database is kept cold for `cold-after`, not offered again at once.
+pub fn cannot_write_shm(e: &Error) -> bool {
+    matches!(e, Error::Invalid { reason, .. } if reason == SHM_NOT_WRITABLE)
+}
+
+/// Whether this process may write `path` (`faccessat` with the effective
+/// ids; never opens it, which would drop this process's SQLite locks on
+/// it). A path that does not exist yet may be.
+fn may_write(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: a valid NUL-terminated path; no memory is handed over.
+    let rc = unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) };
+    if rc == 0 {
+        return true;
+    }
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    !matches!(errno, Some(libc::EACCES | libc::EROFS | libc::EPERM))
 }
 
 /// How a [`stream`] ended.

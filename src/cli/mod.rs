@@ -609,6 +609,21 @@ fn at_least_one(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// What limits a process's threads, for the errors of a host that refuses
+/// them.
+const THREAD_LIMITS: &str =
+    "a limit on this process's threads or memory: ulimit -u, systemd TasksMax, ulimit -v?";
+
+/// A panic's message (its payload, when it is text).
+fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let payload = info.payload();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
 /// A duration: plain seconds (`20`, `0.5`) or humantime (`20s`, `500ms`).
 fn parse_secs(s: &str) -> std::result::Result<std::time::Duration, String> {
     match s.parse::<f64>() {
@@ -945,14 +960,9 @@ pub fn main() -> ExitCode {
     // once, exit 1, saying why.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|info| {
-        let payload = info.payload();
-        let why = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
         logline::to_stderr(&format!(
-            "error: cannot start the runtime: {why} (a limit on this process's threads or memory: ulimit -u, systemd TasksMax, ulimit -v?)\n"
+            "error: cannot start the runtime: {} ({THREAD_LIMITS})\n",
+            panic_text(info)
         ));
         std::process::exit(1);
     }));
@@ -960,7 +970,24 @@ pub fn main() -> ExitCode {
         .enable_all()
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build();
-    std::panic::set_hook(hook);
+    // Later, the blocking pool grows a thread at a time, and a thread it
+    // cannot start panics where the work was handed over. In the command's
+    // own task (the main thread) that ends the command, exit 1, saying why
+    // (black-box probe Y32: `replicate --once` under `ulimit -u 3` panicked
+    // with exit 101 at its first blocking read). In the daemon's spawned
+    // tasks the panic is caught and counted as the host's failure, and the
+    // daemon goes on (see `PANICKED`).
+    std::panic::set_hook(Box::new(move |info| {
+        let why = panic_text(info);
+        let no_thread = why.contains("can't spawn") || why.starts_with("failed to spawn thread");
+        if no_thread && std::thread::current().name() == Some("main") {
+            logline::to_stderr(&format!(
+                "error: cannot start a thread: {why} ({THREAD_LIMITS})\n"
+            ));
+            std::process::exit(1);
+        }
+        hook(info)
+    }));
     let rt = match built {
         Ok(rt) => rt,
         Err(e) => {

@@ -1401,9 +1401,11 @@ impl Replicator {
                 HotExit::CannotStream(e) => {
                     tracing::info!(path = %r.path.display(), error = %e, "cannot stream this database; the cold tier uploads it");
                     if same_db {
-                        if matches!(e, Error::Damaged { .. }) {
-                            // Copied again at every start: kept cold for
-                            // `cold-after`, the cold tier checks it.
+                        if matches!(e, Error::Damaged { .. }) || ship::cannot_write_shm(&e) {
+                            // Copied again at every start (damaged), or
+                            // refused again (a `-shm` litefleet may not
+                            // write): kept cold for `cold-after`, the cold
+                            // tier uploads it.
                             tiers.bar(id, now);
                         } else {
                             // A start refused by what the files were at
@@ -1540,7 +1542,10 @@ impl Replicator {
     ///
     /// A stream whose last sync failed leaves its database behind, unless
     /// the stop pass uploaded it (`uploaded`): that snapshot, begun after
-    /// the signal, holds every commit made before it. A stream whose
+    /// the signal, holds every commit made before it; or unless the cold
+    /// tier had uploaded it as the stop's scan saw it (its stream failing
+    /// all along: black-box probe Y32, a `-shm` litefleet cannot write,
+    /// exited 1 with every commit in the replica). A stream whose
     /// generation could not start (the application held SQLite's write lock
     /// all along) leaves its database to the cold tier, whose stop pass
     /// uploads it; the stop exited 1, "replica behind", with every commit in
@@ -1560,8 +1565,10 @@ impl Replicator {
             r.settle(&mut t, true);
             if let Ok(HotExit::Unshipped | HotExit::Released) = exit {
                 if t.find(&r.path) == Some(id) {
+                    // As the stop's scan saw it: in the replica already.
+                    let covered = uploaded.contains(&id) || t.is_synced(id);
                     t.mark_unsynced(id, std::time::SystemTime::now());
-                    if r.progress.failing() && !uploaded.contains(&id) {
+                    if r.progress.failing() && !covered {
                         failed += 1;
                     }
                 }

@@ -325,6 +325,12 @@ impl Tracker {
         self.entries[id as usize].seen
     }
 
+    /// True when the replica holds `id` as the last scan saw it: uploaded
+    /// at that fingerprint (not "almost synced" after a racy upload).
+    pub fn is_synced(&self, id: Id) -> bool {
+        !Self::is_pending(&self.entries[id as usize])
+    }
+
     /// True when `id` was uploaded once (in this run or, per the state file,
     /// an earlier one).
     pub fn has_upload_record(&self, id: Id) -> bool {

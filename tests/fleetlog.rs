@@ -446,6 +446,44 @@ impl common::stores::Rewrite for RefusePacks {
     }
 }
 
+/// Refuses every PUT while set, as a read-only replica does.
+#[derive(Debug, Default)]
+struct RefuseWrites(std::sync::atomic::AtomicBool);
+
+impl common::stores::Rewrite for RefuseWrites {
+    fn hold(
+        &self,
+        _location: &object_store::path::Path,
+        _payload: &object_store::PutPayload,
+        _opts: &object_store::PutOptions,
+    ) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+// A stream whose last sync fails before it reads the WAL's newest frames
+// (the generation's metadata, written first at a stream's end, is
+// refused) has not shipped them: it ends `Unshipped`, and the stop says the
+// replica is behind. It ended `Clean`, nothing read being left unshipped,
+// and the stop exited 0 with those commits missing (black-box probe Z32,
+// a `file://` replica read-only at the stop).
+both_backends!(a_last_sync_that_fails_is_no_clean_end, |b| async move {
+    let f = Fleet::new(b).await;
+    let refuse = Arc::new(common::stores::Wrapped::new(
+        f.replica().store.clone(),
+        RefuseWrites::default(),
+    ));
+    let replica = f.replica().with_store(refuse.clone());
+    let mut s = Streams::start_on(f, 1, Duration::from_secs(3600), 1000, replica).await;
+    s.round(1, 1).await;
+    refuse.rewrite.0.store(true, Ordering::SeqCst);
+    s.commit_all(1);
+    s.stops[0].cancel();
+    let task = s.tasks.remove(0);
+    let exit = task.await.unwrap();
+    assert!(matches!(exit, HotExit::Unshipped), "{exit:?}");
+});
+
 // A stream that ends while the store refuses its consolidation: its parts
 // stay in the log, where a restore reads them, and are consolidated in the
 // background once the store takes the pack, which releases the log objects

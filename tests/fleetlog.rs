@@ -430,11 +430,24 @@ both_backends!(
     }
 );
 
-/// Refuses every PUT of a consolidated pack while set.
+/// Refuses PUTs while set: every one (a read-only replica), or with
+/// `packs`, those of consolidated packs only.
 #[derive(Debug, Default)]
-struct RefusePacks(std::sync::atomic::AtomicBool);
+struct Refuse {
+    on: std::sync::atomic::AtomicBool,
+    packs: bool,
+}
 
-impl common::stores::Rewrite for RefusePacks {
+impl Refuse {
+    fn packs() -> Refuse {
+        Refuse {
+            packs: true,
+            ..Refuse::default()
+        }
+    }
+}
+
+impl common::stores::Rewrite for Refuse {
     fn hold(
         &self,
         location: &object_store::path::Path,
@@ -442,22 +455,8 @@ impl common::stores::Rewrite for RefusePacks {
         _opts: &object_store::PutOptions,
     ) -> bool {
         let l = location.as_ref();
-        self.0.load(Ordering::SeqCst) && l.contains("/generations/") && l.ends_with(".pack")
-    }
-}
-
-/// Refuses every PUT while set, as a read-only replica does.
-#[derive(Debug, Default)]
-struct RefuseWrites(std::sync::atomic::AtomicBool);
-
-impl common::stores::Rewrite for RefuseWrites {
-    fn hold(
-        &self,
-        _location: &object_store::path::Path,
-        _payload: &object_store::PutPayload,
-        _opts: &object_store::PutOptions,
-    ) -> bool {
-        self.0.load(Ordering::SeqCst)
+        let pack = l.contains("/generations/") && l.ends_with(".pack");
+        self.on.load(Ordering::SeqCst) && (pack || !self.packs)
     }
 }
 
@@ -471,12 +470,12 @@ both_backends!(a_last_sync_that_fails_is_no_clean_end, |b| async move {
     let f = Fleet::new(b).await;
     let refuse = Arc::new(common::stores::Wrapped::new(
         f.replica().store.clone(),
-        RefuseWrites::default(),
+        Refuse::default(),
     ));
     let replica = f.replica().with_store(refuse.clone());
     let mut s = Streams::start_on(f, 1, Duration::from_secs(3600), 1000, replica).await;
     s.round(1, 1).await;
-    refuse.rewrite.0.store(true, Ordering::SeqCst);
+    refuse.rewrite.on.store(true, Ordering::SeqCst);
     s.commit_all(1);
     s.stops[0].cancel();
     let task = s.tasks.remove(0);
@@ -496,7 +495,7 @@ both_backends!(
         let f = Fleet::new(b).await;
         let refuse = Arc::new(common::stores::Wrapped::new(
             f.replica().store.clone(),
-            RefusePacks::default(),
+            Refuse::packs(),
         ));
         let replica = f.replica().with_store(refuse.clone());
         let mut s = Streams::start_on(f, 1, Duration::from_secs(3600), 1000, replica).await;
@@ -504,7 +503,7 @@ both_backends!(
         for round in 1..=3u64 {
             marks.push(s.round(1, round).await);
         }
-        refuse.rewrite.0.store(true, Ordering::SeqCst);
+        refuse.rewrite.on.store(true, Ordering::SeqCst);
         s.stops[0].cancel();
         let task = s.tasks.remove(0);
         assert!(matches!(task.await.unwrap(), HotExit::Clean));
@@ -515,7 +514,7 @@ both_backends!(
             .is_empty());
         assert_eq!(s.restore(0, None).await.unwrap(), s.rows[0]);
         // The store takes packs again: the log empties, the daemon still up.
-        refuse.rewrite.0.store(false, Ordering::SeqCst);
+        refuse.rewrite.on.store(false, Ordering::SeqCst);
         s.until_the_log_is_empty().await;
         assert!(!s.objects_ending(".pack", "/generations/").await.is_empty());
         assert_eq!(s.restore(0, None).await.unwrap(), s.rows[0]);

@@ -73,21 +73,32 @@ fn push_escaped(out: &mut String, c: char, ansi: bool) {
 }
 
 /// Characters that print as nothing but change how the text around them
-/// reads: the bidirectional overrides, embeddings and isolates (U+202A to
-/// U+202E, U+2066 to U+2069) and marks (U+200E, U+200F, U+061C), which can
-/// show a key or path as another ("Trojan Source"), and the zero-width
-/// spaces, joiners and word joiners (U+200B to U+200D, U+2060 to U+2064,
-/// U+FEFF), which make two different keys look the same (black-box probe
-/// U31: `list` printed them raw).
+/// reads: the bidirectional overrides, embeddings, isolates and marks
+/// (U+202A to U+202E, U+2066 to U+2069, U+200E, U+200F, U+061C), which can
+/// show a key or path as another ("Trojan Source"), and the rest of
+/// Unicode's default-ignorable code points (zero-width spaces and joiners,
+/// the soft hyphen, fillers, variation selectors, tag characters), which
+/// make two different keys look the same (black-box probes U31 and Z32:
+/// `list` printed them raw).
 fn invisible(c: char) -> bool {
     matches!(
         c,
-        '\u{061c}'
+        '\u{00ad}'
+            | '\u{034f}'
+            | '\u{061c}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
             | '\u{200b}'..='\u{200f}'
             | '\u{202a}'..='\u{202e}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
             | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e0fff}'
     )
 }
 
@@ -196,6 +207,10 @@ mod tests {
         assert_eq!(
             shown("\u{2066}x\u{2069}\u{feff}"),
             "\\u{2066}x\\u{2069}\\u{feff}"
+        );
+        assert_eq!(
+            shown("a\u{ad}b\u{e0041}\u{3164}\u{180e}"),
+            "a\\u{ad}b\\u{e0041}\\u{3164}\\u{180e}"
         );
         // Letters of right-to-left scripts are text, not controls.
         assert_eq!(shown("p/שלום/مرحبا"), "p/שלום/مرحبا");

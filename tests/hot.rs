@@ -1101,6 +1101,10 @@ both_backends!(
             let (mut f, _, key, w) = unpromoted(b, "").await;
             f.scan_interval = scans;
             let (stats, token, run) = run_until_first_upload(&f).await;
+            // The directory is watched after the first cycle: a write
+            // before that is seen by no notification (with an hour's scans,
+            // by nothing).
+            eventually("a watch", || async { stats.watched_dirs.load(Relaxed) > 0 }).await;
             // Written: the change notification (or the scan) promotes it,
             // and its stream's generation start finds the write lock held.
             insert_rows(&w, 5);

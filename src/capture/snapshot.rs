@@ -949,12 +949,28 @@ thread_local! {
 }
 
 /// A corrupt or truncated source copies "successfully" page by page; never
-/// let such a copy overwrite a good snapshot of the same hour.
+/// let such a copy overwrite a good snapshot of the same hour. `e` is what
+/// the check said: its findings, or SQLite's error. Only an error that
+/// says the file is corrupt or no database is damage; any other (an I/O
+/// error, a full disk, no memory) is not, and stays itself: a staged copy
+/// on a full `temp-dir` failing its check with "disk I/O error" was
+/// reported as the source database's damage (black-box probe Z32).
 fn damaged_copy(db: &Path, e: Error) -> Error {
-    Error::invalid(
-        db.display(),
-        format!("database is damaged, not uploading this copy ({e})"),
-    )
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    match &e {
+        Error::Sqlite { source, .. }
+            if !matches!(
+                source.sqlite_error_code(),
+                Some(DatabaseCorrupt | NotADatabase)
+            ) =>
+        {
+            e
+        }
+        _ => Error::invalid(
+            db.display(),
+            format!("database is damaged, not uploading this copy ({e})"),
+        ),
+    }
 }
 
 impl Snapshot {
@@ -2378,6 +2394,36 @@ mod tests {
     /// A damaged small database reads (or copies page by page) without
     /// complaint; the check refuses it, so it never replaces a good
     /// snapshot.
+    /// A check that could not run for a reason other than damage (an I/O
+    /// error reading the staged copy on a full disk) is that error, which
+    /// names the copy's path (the scheduler's "staging its copy"), not
+    /// "database is damaged"; SQLite saying the file is corrupt or no
+    /// database is damage.
+    #[test]
+    fn only_corruption_is_damage() {
+        let fail = |code| {
+            let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+            damaged_copy(Path::new("/data/a.db"), Error::sqlite("/tmp/copy", e))
+        };
+        let e = fail(rusqlite::ffi::SQLITE_IOERR);
+        assert!(
+            matches!(&e, Error::Sqlite { path, .. } if path == Path::new("/tmp/copy")),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("damaged"), "{e}");
+        assert!(matches!(
+            fail(rusqlite::ffi::SQLITE_FULL),
+            Error::Sqlite { .. }
+        ));
+        for code in [rusqlite::ffi::SQLITE_CORRUPT, rusqlite::ffi::SQLITE_NOTADB] {
+            let e = fail(code).to_string();
+            assert!(e.contains("/data/a.db") && e.contains("damaged"), "{e}");
+        }
+        let found = Error::invalid("/tmp/copy", "quick_check failed: row 3 missing");
+        let e = damaged_copy(Path::new("/data/a.db"), found).to_string();
+        assert!(e.contains("damaged") && e.contains("row 3 missing"), "{e}");
+    }
+
     #[test]
     fn a_damaged_small_database_is_refused() {
         let t = tempfile::tempdir().unwrap();

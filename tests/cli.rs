@@ -153,6 +153,7 @@ fn bench_counts_of_zero_are_usage_errors() {
         ["bench", "scan", "--databases", "0"],
         ["bench", "snapshot", "--databases", "0"],
         ["bench", "snapshot", "--repeat", "0"],
+        ["bench", "scan", "--iterations", "0"],
     ] {
         let o = litefleet(t.path(), &args);
         let e = stderr(&o);

@@ -370,14 +370,13 @@ pub fn explain(loaded: &Loaded, file: &Path, opts: ExplainOptions) -> Result<Exp
     }
 
     let ttl = m.replica.lease_ttl;
-    let secs = |d: Duration| format!("{:.1}s", d.as_secs_f64());
     if ttl < SHORT_LEASE_TTL {
         warnings.push(format!(
             "multi-db.replica.lease-ttl {} is short: the lease is renewed every {}, and writes pause once no renewal has succeeded for {} (three quarters of it), so a store that stalls that long (a loaded S3-compatible server) pauses replication, and a stop then exits 1 \"stopped with the replica behind\"; the default is {}",
-            secs(ttl),
-            secs(ttl / 3),
-            secs(ttl - ttl / 4),
-            secs(crate::replica::lease::DEFAULT_TTL)
+            dur(ttl),
+            dur(ttl / 3),
+            dur(ttl - ttl / 4),
+            dur(crate::replica::lease::DEFAULT_TTL)
         ));
     }
 

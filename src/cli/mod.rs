@@ -470,7 +470,7 @@ pub enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Timed rescans (the median is reported).
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, value_parser = at_least_one)]
         iterations: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -585,11 +585,13 @@ pub enum BenchCommand {
     },
 }
 
-/// A benchmark's working directory: `dir`, or a fresh temporary one that is
-/// removed when the returned guard drops.
+/// A benchmark's working directory: `dir`, made absolute (the configs the
+/// benchmarks write name it, and a relative `file://` URL names a host:
+/// black-box probe Z32, `bench snapshot --dir rel`), or a fresh temporary
+/// one that is removed when the returned guard drops.
 fn work_dir(dir: Option<PathBuf>) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
     match dir {
-        Some(d) => Ok((None, d)),
+        Some(d) => Ok((None, std::path::absolute(&d).map_err(|e| Error::io(&d, e))?)),
         None => {
             let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
             let path = tmp.path().to_path_buf();
